@@ -1,0 +1,856 @@
+"""The chat client: a session with no Tk, the terminal front end, and the CLI.
+
+`ChatSession` owns a UDP socket and a network thread. That thread alone owns
+the socket, the protocol state (`reliability.Connection`) and the outbox;
+the caller talks to it through a command queue and reads what happened from
+an event queue (`session.events`), so a Tk window or a terminal can drive
+it without locks. The Tk window lives in `chat_window.py`.
+
+What the session promises: every message you send gets `status` events
+(`sending`, `accepted`, `delivered` or a final `failed`), states only move
+forward, nothing you sent is given up because the network or the server
+went away (it reconnects by itself and resends), and each message you
+receive is shown once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import queue
+import random
+import secrets
+import selectors
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+from protocol import (
+    CONTROL_STREAM,
+    MIN_PREAUTH_REQUEST,
+    NO_SESSION,
+    Accept,
+    Bye,
+    Deliver,
+    Delivered,
+    ErrorCode,
+    Fail,
+    LocalProtocolError,
+    Login,
+    Logout,
+    Message,
+    MsgId,
+    Notice,
+    Packet,
+    Presence,
+    ProtocolError,
+    Receipt,
+    Refused,
+    Send,
+    Typing,
+    UnknownSession,
+    Welcome,
+    Who,
+    WhoReply,
+    check_text,
+    conversation_stream,
+    decode_header,
+    decode_message,
+    decode_packet,
+    encode_message,
+    encode_packet,
+    name_key,
+    normalize_name,
+    resume_proof,
+)
+from reliability import (
+    RTO_MAX,
+    RTO_MIN,
+    Connection,
+    PayloadAcked,
+    PayloadReceived,
+    PeerReachable,
+    PeerUnreachable,
+)
+
+log = logging.getLogger("chat_client")
+
+DEFAULT_PORT = 5555
+KEEPALIVE = 15.0  # RFC 8085 3.5: not more often than every 15 s
+KEEPALIVE_JITTER = 3.0  # upward only
+LINK_TIMEOUT = 45.0  # nothing heard for this long while pinging: reconnect
+LOGIN_TIMEOUT = 5.0  # the first login gives up after this
+LOGOUT_ACK_WAIT = 2.0
+RECONNECT_MAX = 30.0  # backoff cap between re-login attempts
+
+
+# --- events ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoggedIn:
+    user: str
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    sender: str
+    text: str
+    id: int  # the server's number for it in our mailbox
+    sent_ms: int  # when the server accepted it (wall clock, ms)
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    """A state of a message we sent: sending, accepted, delivered or failed."""
+
+    id: str  # the message id, `instance-seq`
+    state: str
+    to: str
+    text: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class PresenceChanged:
+    user: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class WhoList:
+    users: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    code: str  # an ErrorCode label
+    message: str
+    fatal: bool = False
+
+
+@dataclass(frozen=True)
+class LinkChanged:
+    """The server stopped answering (`up=False`, we keep trying) or answers again."""
+
+    up: bool
+
+
+@dataclass(frozen=True)
+class TypingNotice:
+    user: str
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str  # an ErrorCode label; `logged_out` after a clean logout
+
+
+SessionEvent = (
+    LoggedIn
+    | MessageReceived
+    | StatusChanged
+    | PresenceChanged
+    | WhoList
+    | ErrorEvent
+    | LinkChanged
+    | TypingNotice
+    | Disconnected
+)
+
+FATAL_LOGIN_ERRORS = frozenset(
+    {
+        ErrorCode.NAME_TAKEN,
+        ErrorCode.INVALID_NAME,
+        ErrorCode.BAD_PASSWORD,
+        ErrorCode.PASSWORD_REQUIRED,
+        ErrorCode.SERVER_UNREACHABLE,
+        ErrorCode.LOGGED_IN_ELSEWHERE,
+    }
+)
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """'host', 'host:port' or '[v6]:port' -> (host, port); ValueError with a reason."""
+    text = text.strip()
+    if not text:
+        raise ValueError("the server address is empty")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    try:
+        port = int(port_text) if port_text else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"{port_text!r} is not a port number") from None
+    if not 0 < port < 65536 or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, port
+
+
+# --- the session ------------------------------------------------------------
+
+
+class _Outgoing:
+    __slots__ = ("msg_id", "to", "text", "state")
+
+    def __init__(self, msg_id: MsgId, to: str, text: str) -> None:
+        self.msg_id = msg_id
+        self.to = to
+        self.text = text
+        self.state = "sending"
+
+
+class ChatSession:
+    """One user's connection to a server. Methods are safe from any thread;
+    the results come out on `events` (a `queue.Queue`)."""
+
+    def __init__(
+        self,
+        *,
+        events: queue.Queue[Any] | None = None,
+        instance_id: int | None = None,
+        rto_min: float = RTO_MIN,
+        rto_max: float = RTO_MAX,
+        login_timeout: float = LOGIN_TIMEOUT,
+        keepalive: float = KEEPALIVE,
+        link_timeout: float = LINK_TIMEOUT,
+    ) -> None:
+        self.events: queue.Queue[Any] = events if events is not None else queue.Queue()
+        self.instance_id = instance_id if instance_id is not None else secrets.randbits(64)
+        self.rto_min = rto_min
+        self.rto_max = rto_max
+        self.login_timeout = login_timeout
+        self.keepalive = keepalive
+        self.link_timeout = link_timeout
+        self.username: str | None = None
+        self.server: tuple[str, int] | None = None
+        self._lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._peer: str | None = None  # chosen by the user: connect-to or /to
+        self._reply_to: str | None = None  # who wrote last
+        self._commands: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.datagrams_sent = 0
+
+    # --- the caller's API ---------------------------------------------------
+
+    def login(
+        self, server: str | tuple[str, int], username: str, connect_to: str | None = None
+    ) -> bool:
+        """Start logging in. False (with an `ErrorEvent` and `Disconnected` on
+        `events`) if the name or address is wrong before anything is sent."""
+        try:
+            self.username = normalize_name(username)
+        except LocalProtocolError as exc:
+            self._fatal(ErrorCode.INVALID_NAME, f"invalid username: {exc}")
+            return False
+        try:
+            host, port = parse_server(server) if isinstance(server, str) else server
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        except (ValueError, OSError) as exc:
+            self._fatal(ErrorCode.SERVER_UNREACHABLE, f"server {server}: {exc}")
+            return False
+        if connect_to:
+            self.set_peer(connect_to)
+        self.server = (host, port)
+        sock = socket.socket(info[0], socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        worker = _Worker(self, sock, info[4][:2])
+        self._thread = threading.Thread(
+            target=worker.run, name=f"chat-net-{self.username}", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def set_peer(self, name: str) -> bool:
+        """Make `name` the person plain sends go to (the `/to` command)."""
+        try:
+            shown = normalize_name(name)
+        except LocalProtocolError as exc:
+            self._emit(ErrorEvent(ErrorCode.INVALID_NAME.label, f"cannot talk to {name!r}: {exc}"))
+            return False
+        with self._lock:
+            self._peer = shown
+        return True
+
+    @property
+    def peer(self) -> str | None:
+        """Who a plain send goes to: the chosen peer, else whoever wrote last."""
+        with self._lock:
+            return self._peer or self._reply_to
+
+    def send(self, text: str, to: str | None = None) -> str | None:
+        """Send `text` to `to` (default: `peer`). Returns the message id, or
+        None when it cannot be sent at all (an `ErrorEvent` says why)."""
+        target = to or self.peer
+        if not target:
+            self._emit(ErrorEvent(ErrorCode.NO_PEER.label,
+                                  "nobody to send to yet; name someone with /to NAME"))  # fmt: skip
+            return None
+        try:
+            target = normalize_name(target)
+            check_text(text)
+        except LocalProtocolError as exc:
+            code = ErrorCode.INVALID_NAME if "name" in str(exc) else ErrorCode.TOO_LONG
+            self._emit(ErrorEvent(code.label, str(exc)))
+            return None
+        with self._lock:
+            msg_id = MsgId(self.instance_id, next(self._seq))
+        self._emit(StatusChanged(msg_id.label(), "sending", target, text))
+        self._command("send", msg_id, target, text)
+        return msg_id.label()
+
+    def who(self) -> None:
+        self._command("who")
+
+    def typing(self, to: str) -> None:
+        self._command("typing", to)
+
+    def logout(self, timeout: float = 10.0) -> None:
+        """Wait (up to `timeout`) until everything sent is accepted, then log
+        out; `Disconnected('logged_out')` follows on `events`."""
+        self._command("logout", timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Log out and wait for the network thread to finish."""
+        if self._thread is None:
+            return
+        self.logout(timeout)
+        self._thread.join(timeout + LOGOUT_ACK_WAIT + 1.0)
+
+    def abort(self) -> None:
+        """Stop at once: no logout, nothing waited for (as if the process died)."""
+        self._command("abort")
+        if self._thread is not None:
+            self._thread.join(2.0)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- helpers ------------------------------------------------------------
+
+    def _command(self, *command: Any) -> None:
+        self._commands.put(command)
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _emit(self, event: SessionEvent) -> None:
+        self.events.put(event)
+
+    def _fatal(self, code: ErrorCode, message: str) -> None:
+        self._emit(ErrorEvent(code.label, message, fatal=True))
+        self._emit(Disconnected(code.label))
+
+    def _heard_from(self, sender: str) -> None:
+        with self._lock:
+            self._reply_to = sender
+
+
+class _Worker:
+    """The network thread's state: only `run()` (on that thread) touches it."""
+
+    def __init__(self, session: ChatSession, sock: socket.socket, server: tuple[str, int]) -> None:
+        self.s = session
+        self.sock = sock
+        self.server = server
+        self.conn: Connection | None = None
+        self.outbox: dict[MsgId, _Outgoing] = {}
+        self.seen: set[tuple[str, MsgId]] = set()
+        self.who_pages: list[str] = []
+        self.done = False
+        self.first_login = True
+        self.link_up = False
+        # login state
+        self.nonce = b""
+        self.login_datagram = b""
+        self.login_at = 0.0
+        self.login_interval = 0.25
+        self.login_deadline: float | None = None
+        self.old_session: tuple[bytes, bytes] | None = None  # (id, key) to resume
+        # online state
+        self.last_heard = 0.0
+        self.last_sent = 0.0
+        self.next_ping = 0.0
+        # logout state
+        self.closing_deadline: float | None = None
+        self.logout_sent_at: float | None = None
+
+    # --- the loop -----------------------------------------------------------
+
+    def run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.sock, selectors.EVENT_READ)
+        selector.register(self.s._wake_r, selectors.EVENT_READ)
+        now = time.monotonic()
+        self.start_login(now, deadline=now + self.s.login_timeout)
+        try:
+            while not self.done:
+                now = time.monotonic()
+                selector.select(max(0.0, min(self.next_deadline(now), now + 1.0) - now))
+                try:
+                    while self.s._wake_r.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                now = time.monotonic()
+                self.run_commands(now)
+                self.read_datagrams(now)
+                self.run_timers(now)
+                self.flush(now)
+        except Exception:
+            log.exception("the network thread failed")
+            self.s._fatal(ErrorCode.SERVER_ERROR, "internal error in the client; see the log")
+        finally:
+            selector.close()
+            self.sock.close()
+
+    def next_deadline(self, now: float) -> float:
+        deadlines = [now + 1.0]
+        if self.conn is None:
+            deadlines.append(self.login_at)
+        else:
+            timer = self.conn.get_timer()
+            if timer is not None:
+                deadlines.append(timer)
+            deadlines.append(self.next_ping)
+        if self.closing_deadline is not None:
+            deadlines.append(self.closing_deadline)
+        return min(deadlines)
+
+    def send_datagram(self, data: bytes, now: float) -> None:
+        try:
+            self.sock.sendto(data, self.server)
+            self.s.datagrams_sent += 1
+            self.last_sent = now
+        except OSError as exc:  # the network is down or the port refused: resend later
+            log.debug("sendto: %s", exc)
+
+    def read_datagrams(self, now: float) -> None:
+        for _ in range(256):
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP port unreachable: the server is not there
+                log.debug("recvfrom: %s", exc)
+                continue
+            try:
+                self.on_datagram(data, now)
+            except ProtocolError as exc:
+                log.debug("dropped a datagram: %s", exc)
+
+    def on_datagram(self, data: bytes, now: float) -> None:
+        header = decode_header(data)
+        if self.conn is not None and header.session_id == self.conn.session_id:
+            if self.conn.receive_datagram(data, now):
+                self.last_heard = now
+                self.collect(now)
+            return
+        packet = decode_packet(data, None)
+        for frame in packet.frames:
+            if (
+                isinstance(frame, (Welcome, Refused))
+                and self.conn is None
+                and frame.nonce == self.nonce
+            ):
+                self.on_login_reply(frame, now)
+            elif isinstance(frame, UnknownSession) and self.conn is not None:
+                if header.session_id == self.conn.session_id:
+                    log.info(
+                        "the server does not know our session (it restarted?); logging in again"
+                    )
+                    self.link_lost(now, notify=True)
+
+    # --- login --------------------------------------------------------------
+
+    def start_login(self, now: float, deadline: float | None) -> None:
+        assert self.s.username is not None
+        self.nonce = secrets.token_bytes(16)
+        resume_id, proof = NO_SESSION, bytes(16)
+        if self.old_session is not None:
+            resume_id, proof = self.old_session[0], resume_proof(self.old_session[1], self.nonce)
+        login = Login(self.s.username, self.s.instance_id, self.nonce, resume_id, proof)
+        self.login_datagram = encode_packet(
+            Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST
+        )
+        self.login_at = now
+        self.login_interval = 0.25
+        self.login_deadline = deadline
+
+    def run_login_timer(self, now: float) -> None:
+        if self.login_deadline is not None and now >= self.login_deadline:
+            host, port = self.server
+            self.s._fatal(ErrorCode.SERVER_UNREACHABLE,
+                          f"server {host}:{port} does not answer; is it running?")  # fmt: skip
+            self.done = True
+            return
+        if now >= self.login_at:
+            self.send_datagram(self.login_datagram, now)
+            cap = 2.0 if self.first_login else RECONNECT_MAX
+            self.login_at = now + self.login_interval * random.uniform(1.0, 1.5)
+            self.login_interval = min(cap, self.login_interval * 2)
+
+    def on_login_reply(self, frame: Welcome | Refused, now: float) -> None:
+        if isinstance(frame, Refused):
+            if frame.code in FATAL_LOGIN_ERRORS or self.first_login:
+                self.s._fatal(frame.code, frame.message)
+                self.done = True
+            else:  # e.g. a busy server: keep trying
+                self.s._emit(ErrorEvent(frame.code.label, frame.message))
+            return
+        self.conn = Connection(
+            frame.session_id, frame.key, now, rto_min=self.s.rto_min, rto_max=self.s.rto_max
+        )
+        self.old_session = (frame.session_id, frame.key)
+        self.last_heard = now
+        self.schedule_ping(now)
+        if self.first_login:
+            self.first_login = False
+            self.s.username = frame.username
+            self.s._emit(LoggedIn(frame.username))
+        else:
+            self.s._emit(LinkChanged(up=True))
+        self.link_up = True
+        # Resend, in order and with their ids, what the server has not accepted.
+        for out in self.outbox.values():
+            if out.state == "sending":
+                self.conn.send(encode_message(Send(out.msg_id, out.to, out.text)),
+                               conversation_stream(out.to))  # fmt: skip
+
+    def link_lost(self, now: float, *, notify: bool) -> None:
+        """The server is gone or forgot us: log in again, keeping the outbox."""
+        if self.conn is not None:
+            self.old_session = (self.conn.session_id, self.conn.key)
+        self.conn = None
+        if self.link_up and notify:
+            self.s._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label,
+                                    "the server stopped answering; reconnecting"))  # fmt: skip
+            self.s._emit(LinkChanged(up=False))
+        self.link_up = False
+        self.start_login(now, deadline=None)
+
+    # --- online ---------------------------------------------------------------
+
+    def schedule_ping(self, now: float) -> None:
+        self.next_ping = now + self.s.keepalive + random.uniform(0, KEEPALIVE_JITTER)
+
+    def run_timers(self, now: float) -> None:
+        if self.conn is None:
+            if not self.done:
+                self.run_login_timer(now)
+        else:
+            timer = self.conn.get_timer()
+            if timer is not None and timer <= now:
+                self.conn.handle_timer(now)
+                self.collect(now)
+            if self.conn is not None and now >= self.next_ping:
+                self.conn.send_ping()
+                self.schedule_ping(now)
+            if self.conn is not None and now - self.last_heard >= self.s.link_timeout:
+                self.link_lost(now, notify=True)
+        self.run_closing(now)
+
+    def flush(self, now: float) -> None:
+        if self.conn is None or self.done:
+            return
+        for datagram in self.conn.datagrams_to_send(now):
+            self.send_datagram(datagram, now)
+
+    def send_message(
+        self, message: Message, stream: int = CONTROL_STREAM, handle: object = None
+    ) -> None:
+        if self.conn is not None:
+            self.conn.send(encode_message(message), stream, handle)
+
+    def collect(self, now: float) -> None:
+        conn = self.conn
+        while conn is not None and (event := conn.next_event()) is not None:
+            if isinstance(event, PayloadReceived):
+                try:
+                    message = decode_message(event.payload)
+                except ProtocolError as exc:
+                    log.warning("dropped a message from the server: %s", exc)
+                    continue
+                self.on_message(message, now)
+                if self.conn is not conn:  # the message ended the session
+                    return
+            elif isinstance(event, PayloadAcked) and event.handle == "logout":
+                self.finish(ErrorCode.LOGGED_OUT)
+            elif isinstance(event, PeerUnreachable):
+                self.link_lost(now, notify=True)
+                return
+            elif isinstance(event, PeerReachable):
+                pass
+
+    def on_message(self, message: Message, now: float) -> None:
+        s = self.s
+        if isinstance(message, Deliver):
+            key = (name_key(message.sender), message.msg_id)
+            if key not in self.seen:
+                self.seen.add(key)
+                s._heard_from(message.sender)
+                s._emit(MessageReceived(message.sender, message.text, message.server_msg_id,
+                                        message.sent_ms))  # fmt: skip
+            self.send_message(Receipt(message.server_msg_id))
+        elif isinstance(message, Accept):
+            out = self.outbox.get(message.msg_id)
+            if out is not None and out.state == "sending":
+                out.state = "accepted"
+                s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
+        elif isinstance(message, Delivered):
+            out = self.outbox.pop(message.msg_id, None)
+            if out is not None:
+                if out.state == "sending":
+                    s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
+                s._emit(StatusChanged(out.msg_id.label(), "delivered", out.to, out.text))
+        elif isinstance(message, Fail):
+            out = self.outbox.pop(message.msg_id, None)
+            if out is not None:
+                s._emit(StatusChanged(out.msg_id.label(), "failed", out.to, out.text,
+                                      message.reason.label))  # fmt: skip
+                s._emit(ErrorEvent(message.reason.label, message.message))
+        elif isinstance(message, Presence):
+            s._emit(PresenceChanged(message.user, message.online))
+        elif isinstance(message, WhoReply):
+            self.who_pages.extend(message.users)
+            if message.next_after:
+                self.send_message(Who(message.next_after))
+            else:
+                s._emit(WhoList(tuple(self.who_pages)))
+                self.who_pages = []
+        elif isinstance(message, Notice):
+            s._emit(ErrorEvent(message.code.label, message.message))
+        elif isinstance(message, Typing):
+            s._emit(TypingNotice(message.user))
+        elif isinstance(message, Bye):
+            if message.code == ErrorCode.SERVER_SHUTDOWN:
+                s._emit(ErrorEvent(message.code.label, message.message))
+                self.link_lost(now, notify=True)
+                self.login_at = now + 0.5  # give the next server a moment to start
+            else:
+                s._fatal(message.code, message.message)
+                self.done = True
+                self.conn = None
+
+    def run_commands(self, now: float) -> None:
+        while True:
+            try:
+                command = self.s._commands.get_nowait()
+            except queue.Empty:
+                return
+            name = command[0]
+            if name == "send":
+                _, msg_id, to, text = command
+                self.outbox[msg_id] = _Outgoing(msg_id, to, text)
+                self.send_message(Send(msg_id, to, text), conversation_stream(to))
+            elif name == "who":
+                self.who_pages = []
+                self.send_message(Who())
+            elif name == "typing":
+                self.send_message(Typing(command[1]))
+            elif name == "logout":
+                if self.closing_deadline is None:
+                    self.closing_deadline = now + command[1]
+            elif name == "abort":
+                self.done = True
+
+    def run_closing(self, now: float) -> None:
+        if self.closing_deadline is None or self.done:
+            return
+        waiting = any(out.state == "sending" for out in self.outbox.values())
+        if self.conn is None:
+            if now >= self.closing_deadline:
+                self.finish(ErrorCode.LOGGED_OUT)
+            return
+        if self.logout_sent_at is None and (not waiting or now >= self.closing_deadline):
+            self.send_message(Logout(), handle="logout")
+            self.logout_sent_at = now
+            self.closing_deadline = now + LOGOUT_ACK_WAIT
+        elif self.logout_sent_at is not None and now >= self.closing_deadline:
+            self.finish(ErrorCode.LOGGED_OUT)
+
+    def finish(self, reason: ErrorCode) -> None:
+        if self.conn is not None:
+            self.flush(time.monotonic())  # the ack for anything the server sent last
+        self.s._emit(Disconnected(reason.label))
+        self.done = True
+
+
+# --- terminal front end -----------------------------------------------------
+
+
+def event_to_json(event: SessionEvent) -> dict[str, Any]:
+    """The `--json` form of an event (DESIGN.md, "Interfaces")."""
+    if isinstance(event, LoggedIn):
+        return {"event": "logged_in", "user": event.user}
+    if isinstance(event, MessageReceived):
+        return {"event": "message", "from": event.sender, "text": event.text, "id": event.id,
+                "sent_ms": event.sent_ms}  # fmt: skip
+    if isinstance(event, StatusChanged):
+        out: dict[str, Any] = {"event": "status", "id": event.id, "state": event.state}
+        if event.state == "sending":
+            out["to"] = event.to
+            out["text"] = event.text
+        if event.reason is not None:
+            out["reason"] = event.reason
+        return out
+    if isinstance(event, PresenceChanged):
+        return {"event": "presence", "user": event.user, "online": event.online}
+    if isinstance(event, WhoList):
+        return {"event": "who", "users": list(event.users)}
+    if isinstance(event, ErrorEvent):
+        return {"event": "error", "code": event.code, "message": event.message}
+    if isinstance(event, LinkChanged):
+        return {"event": "link", "state": "up" if event.up else "down"}
+    if isinstance(event, TypingNotice):
+        return {"event": "typing", "user": event.user}
+    return {"event": "disconnected", "reason": event.reason}
+
+
+def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
+    """A line for a person (and whether it belongs on stderr), or None."""
+    if isinstance(event, LoggedIn):
+        return f"logged in as {event.user}; type a message, /to NAME, /who or /quit", False
+    if isinstance(event, MessageReceived):
+        return f"{event.sender}: {event.text}", False
+    if isinstance(event, StatusChanged) and event.state == "failed":
+        return f"! not delivered to {event.to}: {event.text!r} ({event.reason})", True
+    if isinstance(event, PresenceChanged):
+        return f"* {event.user} is {'online' if event.online else 'offline'}", False
+    if isinstance(event, WhoList):
+        return "online: " + (", ".join(event.users) or "nobody"), False
+    if isinstance(event, ErrorEvent):
+        return f"error: {event.message}", True
+    if isinstance(event, LinkChanged):
+        return ("* reconnected" if event.up else "* connection lost; reconnecting..."), True
+    if isinstance(event, TypingNotice):
+        return None
+    if isinstance(event, Disconnected) and event.reason != "logged_out":
+        return f"disconnected ({event.reason})", True
+    return None
+
+
+@dataclass(frozen=True)
+class _Line:
+    text: str | None  # None: end of input
+
+
+def _read_lines(stream: IO[str], inbox: queue.Queue[Any]) -> None:
+    for line in stream:
+        inbox.put(_Line(line.rstrip("\n")))
+    inbox.put(_Line(None))
+
+
+def run_terminal(
+    session: ChatSession,
+    server: str,
+    user: str,
+    connect_to: str | None,
+    *,
+    as_json: bool,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """The line-based client; returns the exit status (0, or 2 after a fatal error)."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    inbox = session.events
+
+    def show(event: SessionEvent) -> None:
+        if as_json:
+            stdout.write(json.dumps(event_to_json(event), ensure_ascii=False) + "\n")
+            stdout.flush()
+            return
+        line = event_to_text(event)
+        if line is not None:
+            (stderr if line[1] else stdout).write(line[0] + "\n")
+            (stderr if line[1] else stdout).flush()
+
+    session.login(server, user, connect_to)
+    threading.Thread(target=_read_lines, args=(stdin, inbox), daemon=True, name="stdin").start()
+    fatal = False
+    quitting = False
+    while True:
+        item = inbox.get()
+        if isinstance(item, _Line):
+            if quitting:
+                continue
+            text = item.text
+            if text is None or text.strip() == "/quit":
+                quitting = True
+                session.logout(10.0)
+            elif text.startswith("/to "):
+                session.set_peer(text[4:].strip())
+            elif text.strip() == "/who":
+                session.who()
+            elif text.strip():
+                session.send(text)
+            continue
+        show(item)
+        if isinstance(item, ErrorEvent) and item.fatal:
+            fatal = True
+        if isinstance(item, Disconnected):
+            return 2 if fatal or item.reason != "logged_out" else 0
+
+
+# --- command line -------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chat-client", description="Chat over the UDP relay.")
+    parser.add_argument(
+        "--no-gui", action="store_true", help="use the terminal instead of a window"
+    )
+    parser.add_argument(
+        "--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT of the server"
+    )
+    parser.add_argument("--user", help="your username (terminal mode)")
+    parser.add_argument("--connect-to", default=None, help="who to talk to first (optional)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
+    parser.add_argument("--log-level", default="warning", help="logging level on stderr")
+    parser.add_argument("--rto-min", type=float, default=RTO_MIN, help=argparse.SUPPRESS)
+    parser.add_argument("--rto-max", type=float, default=RTO_MAX, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--login-timeout", type=float, default=LOGIN_TIMEOUT, help=argparse.SUPPRESS
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not args.no_gui:
+        from chat_window import run_window
+
+        return run_window(args)
+    if not args.user:
+        print("chat-client: --user NAME is required with --no-gui", file=sys.stderr)
+        return 2
+    session = ChatSession(
+        rto_min=args.rto_min, rto_max=args.rto_max, login_timeout=args.login_timeout
+    )
+    try:
+        return run_terminal(session, args.server, args.user, args.connect_to, as_json=args.json)
+    except KeyboardInterrupt:
+        session.close(2.0)
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,712 @@
+"""The chat's wire format: pure, no sockets, threads or clocks.
+
+A datagram is a fixed header (one `struct.Struct`), one or more frames, and,
+once a session exists, a 16-byte HMAC-SHA-256 tag over everything before it:
+
+    magic(4) version(1) flags(1) session_id(16) pkt_num(8) | frames... | tag(16)
+
+Each frame is `type(1) length(2) body`. Transport frames (ACK, PING, STREAM,
+the login handshake) live in this module; the chat messages themselves
+(SEND, DELIVER, RECEIPT, ...) travel inside STREAM frames and are encoded by
+`encode_message` / `decode_message`. The reliability state machine that
+drives STREAM and ACK frames lives in `reliability.py`.
+
+Errors follow h11: `ProtocolError` is the root; `RemoteProtocolError` means
+the peer sent something we refuse (decode lets nothing else out) and
+`LocalProtocolError` means our own caller asked for something impossible.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+import unicodedata
+import zlib
+from dataclasses import dataclass, fields
+from typing import ClassVar, NamedTuple
+
+# --- limits ---------------------------------------------------------------
+
+#: Largest datagram we send or accept: the QUIC minimum path MTU payload
+#: (RFC 9000 section 14), safe through VPNs and tunnels.
+MAX_DATAGRAM = 1200
+#: Largest chat message, in UTF-8 bytes; longer ones are refused before sending.
+MAX_TEXT_BYTES = 64 * 1024
+#: Pre-login requests are padded to this size so that no reply to an
+#: address that has not proved itself is larger than what it sent.
+MIN_PREAUTH_REQUEST = 256
+NAME_MIN, NAME_MAX = 1, 32
+#: Names nobody may take: they would impersonate the service itself.
+RESERVED_NAMES = frozenset({"server", "admin", "system"})
+#: At most this many users in one WHO reply page (fits one datagram).
+WHO_PAGE_MAX = 50
+
+MAGIC = b"UCHT"
+VERSION = 1
+FLAG_MAC = 0x01
+SESSION_ID_SIZE = 16
+TAG_SIZE = 16
+KEY_SIZE = 32
+NONCE_SIZE = 16
+NO_SESSION = bytes(SESSION_ID_SIZE)
+
+HEADER = struct.Struct("!4sBB16sQ")
+FRAME_HEADER = struct.Struct("!BH")
+#: Room left for frames in a datagram that carries a MAC tag.
+MAX_FRAMES_SIZE = MAX_DATAGRAM - HEADER.size - TAG_SIZE
+
+
+# --- errors ---------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """Root of every protocol error."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Our caller asked for something the protocol cannot express."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes we refuse; drop them and count."""
+
+
+class UnsupportedVersion(RemoteProtocolError):
+    """Our magic with a version we do not speak: answer with VERSION."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"unsupported protocol version {version}")
+        self.version = version
+
+
+class BadTag(RemoteProtocolError):
+    """The MAC does not verify: forged, corrupted or for another session."""
+
+
+class ErrorCode(enum.IntEnum):
+    """Stable error codes; `.label` is the JSON spelling (DESIGN.md)."""
+
+    NAME_TAKEN = 1
+    INVALID_NAME = 2
+    BAD_PASSWORD = 3
+    NO_SUCH_USER = 4
+    SERVER_UNREACHABLE = 5
+    TOO_LONG = 6
+    RATE_LIMITED = 7
+    LOGGED_IN_ELSEWHERE = 8
+    SERVER_SHUTDOWN = 9
+    USER_OFFLINE = 10
+    MAILBOX_FULL = 11
+    NO_PEER = 12
+    PASSWORD_REQUIRED = 13
+    LOGGED_OUT = 14
+    SERVER_ERROR = 15  # the server could not serve the request; try again
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# --- names ----------------------------------------------------------------
+
+_NAME_PUNCTUATION = frozenset("_-.")
+
+
+def normalize_name(name: str) -> str:
+    """The display form of a name: NFKC, or `LocalProtocolError` with the reason."""
+    if not isinstance(name, str):
+        raise LocalProtocolError("a name must be text")
+    shown = unicodedata.normalize("NFKC", name.strip())
+    if not NAME_MIN <= len(shown) <= NAME_MAX:
+        raise LocalProtocolError(
+            f"a name has {NAME_MIN} to {NAME_MAX} characters; {shown!r} has {len(shown)}"
+        )
+    for ch in shown:
+        category = unicodedata.category(ch)
+        if not (category.startswith("L") or category == "Nd" or ch in _NAME_PUNCTUATION):
+            raise LocalProtocolError(
+                f"{shown!r} contains {ch!r} (U+{ord(ch):04X}); use letters, digits, '_', '-' or '.'"
+            )
+    if name_key(shown) in RESERVED_NAMES:
+        raise LocalProtocolError(f"the name {shown!r} is reserved; pick another")
+    return shown
+
+
+def name_key(name: str) -> str:
+    """The comparison form of a name (RFC 8265 style: NFKC, casefold, NFKC)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def check_text(text: str) -> bytes:
+    """The UTF-8 of a chat message, or `LocalProtocolError` if it may not be sent."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"the message is not valid text: {exc.reason}") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise LocalProtocolError(
+            f"the message is {len(data)} bytes of UTF-8; the limit is {MAX_TEXT_BYTES}"
+        )
+    return data
+
+
+# --- field codec ----------------------------------------------------------
+#
+# Every frame and message is a frozen dataclass whose fields are listed in
+# `SPEC` with a wire type. One generic codec reads and writes them all, so a
+# new message is one class, and hypothesis can round-trip every kind.
+
+_INTS = {
+    "u8": struct.Struct("!B"),
+    "u16": struct.Struct("!H"),
+    "u32": struct.Struct("!I"),
+    "u64": struct.Struct("!Q"),
+}
+_FIXED = {"b16": 16, "b32": 32}
+
+
+class MsgId(NamedTuple):
+    """A message's end-to-end id, chosen by the sending client."""
+
+    instance_id: int
+    client_seq: int
+
+    def label(self) -> str:
+        return f"{self.instance_id:016x}-{self.client_seq}"
+
+
+def _write(kind: str, value: object, out: list[bytes]) -> None:
+    try:
+        if kind in _INTS:
+            out.append(_INTS[kind].pack(value))
+        elif kind in _FIXED:
+            assert isinstance(value, bytes) and len(value) == _FIXED[kind]
+            out.append(value)
+        elif kind == "bool":
+            out.append(b"\x01" if value else b"\x00")
+        elif kind == "str":
+            assert isinstance(value, str)
+            data = value.encode("utf-8")
+            out.append(_INTS["u16"].pack(len(data)))
+            out.append(data)
+        elif kind == "strs":
+            assert isinstance(value, tuple)
+            out.append(_INTS["u16"].pack(len(value)))
+            for item in value:
+                _write("str", item, out)
+        elif kind == "msgid":
+            assert isinstance(value, tuple)
+            out.append(struct.pack("!QQ", value[0], value[1]))
+        elif kind == "code":
+            out.append(_INTS["u8"].pack(int(value)))  # type: ignore[call-overload]
+        elif kind == "ranges":
+            assert isinstance(value, tuple)
+            out.append(_INTS["u8"].pack(len(value)))
+            for start, end in value:
+                out.append(struct.pack("!QI", start, end - start))
+        elif kind == "rest":
+            assert isinstance(value, bytes)
+            out.append(value)
+        else:  # pragma: no cover - a SPEC typo
+            raise AssertionError(kind)
+    except (struct.error, AssertionError, UnicodeEncodeError, TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"cannot encode {value!r} as {kind}: {exc}") from None
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, size: int) -> bytes:
+        end = self.pos + size
+        if end > len(self.data):
+            raise RemoteProtocolError("truncated")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def read(self, kind: str) -> object:
+        if kind in _INTS:
+            fmt = _INTS[kind]
+            return fmt.unpack(self.take(fmt.size))[0]
+        if kind in _FIXED:
+            return self.take(_FIXED[kind])
+        if kind == "bool":
+            flag = self.take(1)[0]
+            if flag > 1:
+                raise RemoteProtocolError("a flag is 0 or 1")
+            return flag == 1
+        if kind == "str":
+            (size,) = _INTS["u16"].unpack(self.take(2))
+            try:
+                return self.take(size).decode("utf-8")
+            except UnicodeDecodeError:
+                raise RemoteProtocolError("text is not UTF-8") from None
+        if kind == "strs":
+            (count,) = _INTS["u16"].unpack(self.take(2))
+            return tuple(self.read("str") for _ in range(count))
+        if kind == "msgid":
+            return MsgId(*struct.unpack("!QQ", self.take(16)))
+        if kind == "code":
+            raw = self.take(1)[0]
+            try:
+                return ErrorCode(raw)
+            except ValueError:
+                raise RemoteProtocolError(f"unknown error code {raw}") from None
+        if kind == "ranges":
+            count = self.take(1)[0]
+            ranges = []
+            for _ in range(count):
+                start, length = struct.unpack("!QI", self.take(12))
+                ranges.append((start, start + length))
+            return tuple(ranges)
+        if kind == "rest":
+            return self.take(len(self.data) - self.pos)
+        raise AssertionError(kind)  # pragma: no cover
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise RemoteProtocolError("trailing bytes")
+
+
+def _encode_fields(obj: object, spec: tuple[str, ...]) -> bytes:
+    out: list[bytes] = []
+    for f, kind in zip(fields(obj), spec, strict=True):  # type: ignore[arg-type]
+        _write(kind, getattr(obj, f.name), out)
+    return b"".join(out)
+
+
+def _decode_fields(cls: type, spec: tuple[str, ...], body: bytes) -> object:
+    reader = _Reader(body)
+    values = [reader.read(kind) for kind in spec]
+    reader.done()
+    return cls(*values)
+
+
+# --- transport frames -----------------------------------------------------
+
+
+class FrameType(enum.IntEnum):
+    PADDING = 0  # filler: pre-login requests are padded to MIN_PREAUTH_REQUEST
+    ACK = 1  # what this side has received (never acked itself)
+    PING = 2  # keepalive; ack-eliciting, never retransmitted
+    STREAM = 3  # one reliable, ordered chunk of a chat message
+    LOGIN = 4  # pre-auth: a client asks for a session
+    WELCOME = 5  # pre-auth reply: the session and its key
+    REFUSED = 6  # pre-auth reply: login refused, with a code
+    VERSION = 7  # reply to our magic with a version we do not speak
+    UNKNOWN_SESSION = 8  # reply: no such session here (the server restarted); log in again
+
+
+@dataclass(frozen=True)
+class Padding:
+    TYPE: ClassVar[FrameType] = FrameType.PADDING
+    SPEC: ClassVar[tuple[str, ...]] = ("rest",)
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Everything below `una` arrived, and so did the `ranges` [start, end)
+    above it. `largest_pkt` is the highest packet number received and
+    `delay_us` how long it waited here: together an RTT sample (RFC 9002)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.ACK
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "u32", "u64", "ranges")
+    largest_pkt: int
+    delay_us: int
+    una: int
+    ranges: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Ping:
+    TYPE: ClassVar[FrameType] = FrameType.PING
+    SPEC: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A reliable chunk. `seq` numbers chunks on this hop (dedup, acks,
+    window); `stream`/`stream_seq` order one conversation without holding up
+    the others; a message longer than a datagram is `count` fragments."""
+
+    TYPE: ClassVar[FrameType] = FrameType.STREAM
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "u32", "u32", "u8", "u8", "rest")
+    seq: int
+    stream: int
+    stream_seq: int
+    index: int
+    count: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Login:
+    """A request for a session. `nonce` names this attempt so a retransmitted
+    LOGIN gets the same WELCOME; `resume_session`/`resume_proof` (an HMAC
+    with the old key) let the same client instance replace its own session."""
+
+    TYPE: ClassVar[FrameType] = FrameType.LOGIN
+    SPEC: ClassVar[tuple[str, ...]] = ("str", "u64", "b16", "b16", "b16")
+    username: str
+    instance_id: int
+    nonce: bytes
+    resume_session: bytes = NO_SESSION
+    resume_proof: bytes = bytes(16)
+
+
+@dataclass(frozen=True)
+class Welcome:
+    TYPE: ClassVar[FrameType] = FrameType.WELCOME
+    SPEC: ClassVar[tuple[str, ...]] = ("b16", "b16", "b32", "str")
+    nonce: bytes
+    session_id: bytes
+    key: bytes
+    username: str  # the display form the server registered
+
+
+@dataclass(frozen=True)
+class Refused:
+    TYPE: ClassVar[FrameType] = FrameType.REFUSED
+    SPEC: ClassVar[tuple[str, ...]] = ("b16", "code", "str")
+    nonce: bytes
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class VersionFrame:
+    TYPE: ClassVar[FrameType] = FrameType.VERSION
+    SPEC: ClassVar[tuple[str, ...]] = ("u8",)
+    supported: int = VERSION
+
+
+@dataclass(frozen=True)
+class UnknownSession:
+    """A hint, not a proof (it carries no MAC): the client answers it only by
+    logging in again, which the real server must accept."""
+
+    TYPE: ClassVar[FrameType] = FrameType.UNKNOWN_SESSION
+    SPEC: ClassVar[tuple[str, ...]] = ()
+
+
+Frame = Padding | Ack | Ping | Stream | Login | Welcome | Refused | VersionFrame | UnknownSession
+FRAME_CLASSES: dict[int, type] = {
+    cls.TYPE: cls
+    for cls in (Padding, Ack, Ping, Stream, Login, Welcome, Refused, VersionFrame, UnknownSession)
+}
+#: Frames that may arrive without a MAC: the login exchange and its hints.
+PREAUTH_FRAMES = (Padding, Login, Welcome, Refused, VersionFrame, UnknownSession)
+
+
+def encode_frame(frame: Frame) -> bytes:
+    body = _encode_fields(frame, frame.SPEC)
+    if len(body) > 0xFFFF:
+        raise LocalProtocolError("frame too large")
+    return FRAME_HEADER.pack(frame.TYPE, len(body)) + body
+
+
+# --- packets --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Packet:
+    session_id: bytes
+    pkt_num: int
+    frames: tuple[Frame, ...]
+
+
+def mac_tag(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()[:TAG_SIZE]
+
+
+def encode_packet(packet: Packet, key: bytes | None, *, pad_to: int = 0) -> bytes:
+    """The datagram for `packet`, tagged with `key` when given, padded with a
+    PADDING frame up to `pad_to` bytes."""
+    flags = FLAG_MAC if key is not None else 0
+    try:
+        header = HEADER.pack(MAGIC, VERSION, flags, packet.session_id, packet.pkt_num)
+    except struct.error as exc:
+        raise LocalProtocolError(f"bad header field: {exc}") from None
+    if len(packet.session_id) != SESSION_ID_SIZE:
+        raise LocalProtocolError("a session id is 16 bytes")
+    body = b"".join(encode_frame(f) for f in packet.frames)
+    size = HEADER.size + len(body) + (TAG_SIZE if key is not None else 0)
+    if size < pad_to:
+        body += encode_frame(Padding(bytes(max(0, pad_to - size - FRAME_HEADER.size))))
+    data = header + body
+    if key is not None:
+        data += mac_tag(key, data)
+    if len(data) > MAX_DATAGRAM:
+        raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+    return data
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    flags: int
+    session_id: bytes
+    pkt_num: int
+
+
+def decode_header(data: bytes) -> Header:
+    """The header of a datagram; raises `UnsupportedVersion` for our magic with
+    another version and `RemoteProtocolError` for anything else not ours."""
+    if len(data) > MAX_DATAGRAM:
+        raise RemoteProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+    if len(data) < len(MAGIC) + 1 or data[: len(MAGIC)] != MAGIC:
+        raise RemoteProtocolError("not a chat datagram")
+    if data[len(MAGIC)] != VERSION:
+        raise UnsupportedVersion(data[len(MAGIC)])
+    if len(data) < HEADER.size:
+        raise RemoteProtocolError("truncated header")
+    _magic, version, flags, session_id, pkt_num = HEADER.unpack_from(data)
+    if flags & ~FLAG_MAC:
+        raise RemoteProtocolError(f"unknown flags {flags:#x}")
+    return Header(version, flags, session_id, pkt_num)
+
+
+def decode_packet(data: bytes, key: bytes | None = None) -> Packet:
+    """Decode a whole datagram. With `key`, the datagram must carry a tag that
+    verifies (checked before any frame is parsed); without, it must carry none
+    and only pre-login frames."""
+    header = decode_header(data)
+    end = len(data)
+    if key is not None:
+        if not header.flags & FLAG_MAC or end < HEADER.size + TAG_SIZE:
+            raise BadTag("missing tag")
+        end -= TAG_SIZE
+        if not hmac.compare_digest(mac_tag(key, data[:end]), data[end:]):
+            raise BadTag("tag does not verify")
+    elif header.flags & FLAG_MAC:
+        raise RemoteProtocolError("tagged datagram without a session")
+    frames: list[Frame] = []
+    pos = HEADER.size
+    while pos < end:
+        if pos + FRAME_HEADER.size > end:
+            raise RemoteProtocolError("truncated frame header")
+        ftype, size = FRAME_HEADER.unpack_from(data, pos)
+        pos += FRAME_HEADER.size
+        if pos + size > end:
+            raise RemoteProtocolError("frame longer than the datagram")
+        cls = FRAME_CLASSES.get(ftype)
+        if cls is None:
+            raise RemoteProtocolError(f"unknown frame type {ftype}")
+        if key is None and cls not in PREAUTH_FRAMES:
+            raise RemoteProtocolError(f"{cls.__name__} needs a session")
+        frame = _decode_fields(cls, cls.SPEC, data[pos : pos + size])  # type: ignore[attr-defined]
+        frames.append(frame)  # type: ignore[arg-type]
+        pos += size
+    if not frames:
+        raise RemoteProtocolError("a datagram carries at least one frame")
+    return Packet(header.session_id, header.pkt_num, tuple(frames))
+
+
+def version_reply(request_size: int) -> bytes | None:
+    """The VERSION answer to a datagram of another version, or None when even
+    that would be larger than the request (no amplification)."""
+    reply = encode_packet(Packet(NO_SESSION, 0, (VersionFrame(),)), None)
+    return reply if len(reply) <= request_size else None
+
+
+def unknown_session_reply(session_id: bytes, request_size: int) -> bytes | None:
+    """The hint for a datagram naming a session we do not have, if not larger."""
+    reply = encode_packet(Packet(session_id, 0, (UnknownSession(),)), None)
+    return reply if len(reply) <= request_size else None
+
+
+def resume_proof(old_key: bytes, nonce: bytes) -> bytes:
+    """Proof that a client holds its previous session's key (for a silent re-login)."""
+    return mac_tag(old_key, b"resume" + nonce)
+
+
+# --- chat messages (inside STREAM frames) ---------------------------------
+
+#: Stream 0 carries control messages (accepts, receipts, presence, who);
+#: each conversation rides its own stream so a gap in one never holds up
+#: another. Conversations map onto this many streams per hop; two that
+#: share one are merely ordered together.
+CONTROL_STREAM = 0
+CONVERSATION_STREAMS = 4095
+
+
+def conversation_stream(peer: str) -> int:
+    """The stream of the conversation with `peer` on one hop (never 0)."""
+    return 1 + zlib.crc32(name_key(peer).encode("utf-8")) % CONVERSATION_STREAMS
+
+
+class Kind(enum.IntEnum):
+    SEND = 1  # client -> server: a chat message for a named user
+    ACCEPT = 2  # server -> sender: the server holds the message
+    FAIL = 3  # server -> sender: definite refusal, with a reason
+    DELIVER = 4  # server -> recipient: a message from someone
+    RECEIPT = 5  # recipient -> server: handed to display/store, in order
+    DELIVERED = 6  # server -> sender: the recipient's client has it
+    WHO = 7  # client -> server: a page of who is online
+    WHO_REPLY = 8  # server -> client: that page
+    PRESENCE = 9  # server -> client: a contact came online or went offline
+    NOTICE = 10  # server -> client: a non-fatal error (rate_limited, ...)
+    LOGOUT = 11  # client -> server: end this session
+    BYE = 12  # server -> client: your session ends (shutdown, taken over)
+    TYPING = 13  # either way: someone is typing to someone
+
+
+@dataclass(frozen=True)
+class Send:
+    KIND: ClassVar[Kind] = Kind.SEND
+    SPEC: ClassVar[tuple[str, ...]] = ("msgid", "str", "str")
+    msg_id: MsgId
+    to: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Accept:
+    KIND: ClassVar[Kind] = Kind.ACCEPT
+    SPEC: ClassVar[tuple[str, ...]] = ("msgid", "u64")
+    msg_id: MsgId
+    server_msg_id: int
+
+
+@dataclass(frozen=True)
+class Fail:
+    KIND: ClassVar[Kind] = Kind.FAIL
+    SPEC: ClassVar[tuple[str, ...]] = ("msgid", "code", "str")
+    msg_id: MsgId
+    reason: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class Deliver:
+    KIND: ClassVar[Kind] = Kind.DELIVER
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "msgid", "str", "str", "u64")
+    server_msg_id: int
+    msg_id: MsgId
+    sender: str
+    text: str
+    sent_ms: int  # server's wall clock when it accepted the message
+
+
+@dataclass(frozen=True)
+class Receipt:
+    KIND: ClassVar[Kind] = Kind.RECEIPT
+    SPEC: ClassVar[tuple[str, ...]] = ("u64",)
+    server_msg_id: int
+
+
+@dataclass(frozen=True)
+class Delivered:
+    KIND: ClassVar[Kind] = Kind.DELIVERED
+    SPEC: ClassVar[tuple[str, ...]] = ("msgid", "str")
+    msg_id: MsgId
+    to: str
+
+
+@dataclass(frozen=True)
+class Who:
+    KIND: ClassVar[Kind] = Kind.WHO
+    SPEC: ClassVar[tuple[str, ...]] = ("str", "u16")
+    after: str = ""  # name key to start after; "" for the first page
+    limit: int = WHO_PAGE_MAX
+
+
+@dataclass(frozen=True)
+class WhoReply:
+    KIND: ClassVar[Kind] = Kind.WHO_REPLY
+    SPEC: ClassVar[tuple[str, ...]] = ("strs", "str")
+    users: tuple[str, ...]
+    next_after: str  # "" when this is the last page
+
+
+@dataclass(frozen=True)
+class Presence:
+    KIND: ClassVar[Kind] = Kind.PRESENCE
+    SPEC: ClassVar[tuple[str, ...]] = ("str", "bool")
+    user: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class Notice:
+    KIND: ClassVar[Kind] = Kind.NOTICE
+    SPEC: ClassVar[tuple[str, ...]] = ("code", "str")
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class Logout:
+    KIND: ClassVar[Kind] = Kind.LOGOUT
+    SPEC: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True)
+class Bye:
+    KIND: ClassVar[Kind] = Kind.BYE
+    SPEC: ClassVar[tuple[str, ...]] = ("code", "str")
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class Typing:
+    KIND: ClassVar[Kind] = Kind.TYPING
+    SPEC: ClassVar[tuple[str, ...]] = ("str",)
+    user: str  # to the server: the peer; from the server: who is typing
+
+
+Message = (
+    Send
+    | Accept
+    | Fail
+    | Deliver
+    | Receipt
+    | Delivered
+    | Who
+    | WhoReply
+    | Presence
+    | Notice
+    | Logout
+    | Bye
+    | Typing
+)
+MESSAGE_CLASSES: dict[int, type] = {
+    cls.KIND: cls
+    for cls in (
+        Send,
+        Accept,
+        Fail,
+        Deliver,
+        Receipt,
+        Delivered,
+        Who,
+        WhoReply,
+        Presence,
+        Notice,
+        Logout,
+        Bye,
+        Typing,
+    )
+}
+
+
+def encode_message(message: Message) -> bytes:
+    return bytes([message.KIND]) + _encode_fields(message, message.SPEC)
+
+
+def decode_message(data: bytes) -> Message:
+    """A chat message, or `RemoteProtocolError`."""
+    if not data:
+        raise RemoteProtocolError("empty message")
+    cls = MESSAGE_CLASSES.get(data[0])
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message kind {data[0]}")
+    return _decode_fields(cls, cls.SPEC, data[1:])  # type: ignore[attr-defined,return-value]

@@ -1,0 +1,576 @@
+"""Reliable, ordered delivery over one hop: the sans-IO state of a session.
+
+Split from `protocol.py` (which it builds on) because it is the one part of
+the protocol with state. A `Connection` is one side of one session's hop
+(client <-> server). It is shaped like aioquic's connection: the owner feeds
+it datagrams with `receive_datagram(data, now)`, asks for
+`datagrams_to_send(now)`, sleeps until `get_timer()`, calls
+`handle_timer(now)`, and drains `next_event()`. It never reads the clock,
+so the tests step time by hand.
+
+How it works, with the numbers and their sources in RELIABILITY.md:
+- every datagram gets a new `pkt_num`; a reliable chunk keeps its hop `seq`
+  across retransmissions, so RTT samples are never ambiguous (RFC 9002 4.1);
+- the receiver acks with a cumulative `una` plus up to 16 ranges, after every
+  second ack-eliciting datagram or within 25 ms (RFC 9000 13.2.2), and at
+  once for anything out of order or duplicated;
+- RTO per RFC 6298 (SRTT/RTTVAR, initial 1 s, doubling backoff, a cap); a
+  chunk is lost when 3 later packets were acked or it is 9/8 RTT older than
+  the newest acked one (RFC 9002 6.1);
+- at most `max_window` (64) chunks in flight, so the receiver never holds
+  more; a congestion window of datagrams in flight (start 16, at most 64,
+  halved on loss once per RTT, +1 per RTT, floor 4: RFC 8085 3.1);
+- replay window of 64 packet numbers, moved only after the MAC verifies
+  (RFC 4303), so a replayed or forged datagram changes nothing;
+- chunks are delivered in order per stream (one conversation), and a gap in
+  one stream never holds up another; long messages are fragments that are
+  reassembled under hard caps that never trust a declared length.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from protocol import (
+    FRAME_HEADER,
+    MAX_FRAMES_SIZE,
+    MAX_TEXT_BYTES,
+    Ack,
+    BadTag,
+    Frame,
+    LocalProtocolError,
+    Packet,
+    Ping,
+    RemoteProtocolError,
+    Stream,
+    decode_packet,
+    encode_frame,
+    encode_packet,
+)
+
+# RFC 6298 section 2: alpha, beta and K.
+RTT_ALPHA = 1 / 8
+RTT_BETA = 1 / 4
+RTT_K = 4
+INITIAL_RTO = 1.0  # RFC 6298 (2.1)
+RTO_MIN = 0.2  # KCP's 100 ms doubled: loopback tests pass 0.05
+RTO_MAX = 60.0  # RFC 6298 (2.5) allows a cap of at least 60 s
+TIMER_GRANULARITY = 0.001  # RFC 9002 kGranularity
+MAX_ACK_DELAY = 0.025  # RFC 9000 13.2.1 default max_ack_delay
+ACK_EVERY = 2  # RFC 9000 13.2.2: ack every second ack-eliciting packet
+PACKET_THRESHOLD = 3  # RFC 9002 kPacketThreshold
+TIME_THRESHOLD = 9 / 8  # RFC 9002 kTimeThreshold
+MAX_WINDOW = 64  # chunks in flight per peer (KCP 32, mosquitto 20)
+INITIAL_CWND = 16  # datagrams; QUIC starts at 10 (RFC 9002 7.2)
+MAX_CWND = 64  # datagrams in flight per peer
+MIN_CWND = 4
+REPLAY_WINDOW = 64  # RFC 4303 recommends 64
+MAX_ACK_RANGES = 16
+UNREACHABLE_AFTER = 30.0  # ENet TIMEOUT_MAXIMUM: no ack for this long
+#: Receive caps: never allocate from what a sender declares.
+MAX_FRAGMENTS = 64
+MAX_PARTIAL_MESSAGES = 4
+MAX_BUFFERED_BYTES = 256 * 1024
+MAX_STREAMS = 4096
+#: How far ahead of `una` a chunk may be: twice the sender's window.
+RECV_WINDOW = 2 * MAX_WINDOW
+
+STREAM_OVERHEAD = FRAME_HEADER.size + 18
+#: An ACK riding on data carries at most this many ranges, so that a full
+#: fragment and its ACK fit one datagram; an ACK alone carries all 16.
+DATA_ACK_RANGES = 4
+ACK_ROOM = FRAME_HEADER.size + 21 + 12 * DATA_ACK_RANGES
+#: Payload bytes per fragment: a full datagram with room for an ACK.
+CHUNK_SIZE = MAX_FRAMES_SIZE - ACK_ROOM - STREAM_OVERHEAD
+assert (MAX_TEXT_BYTES + 1024) // CHUNK_SIZE + 1 <= MAX_FRAGMENTS
+
+
+@dataclasses.dataclass(frozen=True)
+class PayloadReceived:
+    """A whole payload arrived, in order within its stream."""
+
+    stream: int
+    payload: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class PayloadAcked:
+    """The peer holds every chunk of the payload sent with this handle."""
+
+    handle: object
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerUnreachable:
+    """Nothing has been acked for UNREACHABLE_AFTER s; chunks are kept and resent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerReachable:
+    """Acks flow again after PeerUnreachable."""
+
+
+Event = PayloadReceived | PayloadAcked | PeerUnreachable | PeerReachable
+
+
+class _Chunk:
+    """A reliable chunk on its way: kept until acked, whatever happens."""
+
+    __slots__ = ("frame", "handle", "last", "pkt_num", "sent_at", "lost")
+
+    def __init__(self, frame: Stream, handle: object) -> None:
+        self.frame = frame
+        self.handle = handle  # set on the last chunk of a payload only
+        self.last = frame.index == frame.count - 1
+        self.pkt_num = -1
+        self.sent_at = 0.0
+        self.lost = False
+
+
+class Connection:
+    """One side of a session's hop. Not thread-safe: one thread owns it."""
+
+    __slots__ = (
+        "session_id",
+        "key",
+        "rto_min",
+        "rto_max",
+        "max_window",
+        "next_pkt",
+        "sent_count",
+        # sending
+        "_next_seq",
+        "_stream_seqs",
+        "_waiting",
+        "_inflight",
+        "_cwnd",
+        "_recovery_pkt",
+        "_largest_acked",
+        "_sent_times",
+        "_srtt",
+        "_rttvar",
+        "_latest_rtt",
+        "_backoff",
+        "_last_progress",
+        "_unreachable",
+        "_ping",
+        # receiving
+        "_replay_top",
+        "_replay_bits",
+        "_largest_recv",
+        "_largest_recv_at",
+        "_una",
+        "_above",
+        "_ack_due",
+        "_ack_count",
+        "_streams",
+        "_held",
+        "_partial",
+        "_buffered",
+        "_events",
+    )
+
+    def __init__(
+        self,
+        session_id: bytes,
+        key: bytes,
+        now: float,
+        *,
+        rto_min: float = RTO_MIN,
+        rto_max: float = RTO_MAX,
+        max_window: int = MAX_WINDOW,
+    ) -> None:
+        self.session_id = session_id
+        self.key = key
+        self.rto_min = rto_min
+        self.rto_max = rto_max
+        self.max_window = max_window
+        self.next_pkt = 1
+        self.sent_count = 0  # datagrams produced, for the owner's statistics
+        self._next_seq = 0
+        self._stream_seqs: dict[int, int] = {}
+        self._waiting: collections.deque[_Chunk] = collections.deque()
+        self._inflight: dict[int, _Chunk] = {}  # seq -> chunk, in seq order
+        self._cwnd = float(INITIAL_CWND)
+        self._recovery_pkt = 0
+        self._largest_acked = 0
+        self._sent_times: dict[int, float] = {}
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._latest_rtt = 0.0
+        self._backoff = 0
+        self._last_progress = now
+        self._unreachable = False
+        self._ping = False
+        self._replay_top = 0
+        self._replay_bits = 0
+        self._largest_recv = 0
+        self._largest_recv_at = now
+        self._una = 0
+        self._above: set[int] = set()
+        self._ack_due: float | None = None
+        self._ack_count = 0
+        self._streams: dict[int, int] = {}  # stream -> next stream_seq expected
+        self._held: dict[tuple[int, int], Stream] = {}  # (stream, stream_seq) -> chunk
+        self._partial: dict[int, list[bytes]] = {}
+        self._buffered = 0
+        self._events: collections.deque[Event] = collections.deque()
+
+    # --- the owner's API --------------------------------------------------
+
+    def send(self, payload: bytes, stream: int = 0, handle: object = None) -> None:
+        """Queue a payload for reliable, in-order delivery on `stream`. When
+        the peer holds all of it, `PayloadAcked(handle)` comes out (if given)."""
+        if len(payload) > MAX_TEXT_BYTES + 1024:
+            raise LocalProtocolError(f"payload of {len(payload)} bytes is too long")
+        pieces = [payload[i : i + CHUNK_SIZE] for i in range(0, len(payload), CHUNK_SIZE)] or [b""]
+        count = len(pieces)
+        for index, piece in enumerate(pieces):
+            stream_seq = self._stream_seqs.get(stream, 0)
+            self._stream_seqs[stream] = (stream_seq + 1) & 0xFFFFFFFF
+            frame = Stream(self._next_seq, stream, stream_seq, index, count, piece)
+            self._next_seq += 1
+            self._waiting.append(_Chunk(frame, handle if index == count - 1 else None))
+
+    def send_ping(self) -> None:
+        """Ask for one ack-eliciting datagram (a keepalive) on the next send."""
+        self._ping = True
+
+    @property
+    def unacked(self) -> int:
+        """Chunks queued or in flight that the peer has not acked."""
+        return len(self._waiting) + len(self._inflight)
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._inflight
+
+    @property
+    def rto(self) -> float:
+        if self._srtt is None:
+            base = INITIAL_RTO
+        else:
+            base = self._srtt + max(RTT_K * self._rttvar, 0.001) + MAX_ACK_DELAY
+        return min(self.rto_max, max(self.rto_min, base))
+
+    @property
+    def srtt(self) -> float | None:
+        return self._srtt
+
+    @property
+    def window(self) -> int:
+        return int(self._cwnd)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def receive_datagram(self, data: bytes, now: float) -> bool:
+        """Take in a datagram for this session. False (and nothing changed) if
+        it does not verify, is a replay, or breaks a limit."""
+        try:
+            packet = decode_packet(data, self.key)
+        except BadTag:
+            return False
+        except RemoteProtocolError:
+            return False
+        if packet.session_id != self.session_id:
+            return False
+        return self.receive_packet(packet, now)
+
+    def receive_packet(self, packet: Packet, now: float) -> bool:
+        """Like `receive_datagram` for a packet already decoded and verified."""
+        pkt = packet.pkt_num
+        fresh = self._replay_check(pkt)
+        eliciting = any(isinstance(f, (Stream, Ping)) for f in packet.frames)
+        if not fresh:
+            # A duplicate or a replay: change nothing, but re-ack (the first
+            # ack may have been lost).
+            if eliciting:
+                self._ack_due = now
+            return False
+        self._replay_mark(pkt)
+        if self._backoff:
+            # The peer is back: stop backing off and resend the oldest at once.
+            self._backoff = 0
+            oldest = next(iter(self._inflight.values()), None)
+            if oldest is not None:
+                oldest.lost = True
+        if pkt > self._largest_recv:
+            self._largest_recv = pkt
+            self._largest_recv_at = now
+        out_of_order = False
+        for frame in packet.frames:
+            if isinstance(frame, Ack):
+                self._on_ack(frame, now)
+            elif isinstance(frame, Stream):
+                # A chunk refused for a cap is simply not acked: resent later.
+                out_of_order |= self._on_stream(frame)
+        if eliciting:
+            self._ack_count += 1
+            if out_of_order or self._ack_count >= ACK_EVERY:
+                self._ack_due = now
+            elif self._ack_due is None:
+                self._ack_due = now + MAX_ACK_DELAY
+        return True
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        """Every datagram due now: retransmissions first, then new chunks as
+        far as the windows allow, each with the current ACK riding along."""
+        out: list[bytes] = []
+        self._admit_waiting()
+        queue = [c for c in self._inflight.values() if c.lost]
+        budget = self._packet_budget()
+        while (queue and budget > 0) or self._ack_is_due(now) or self._ping:
+            frames: list[Frame] = []
+            room = MAX_FRAMES_SIZE
+            if self._largest_recv:
+                ack = self._make_ack(now, DATA_ACK_RANGES if queue else MAX_ACK_RANGES)
+                frames.append(ack)
+                room -= len(encode_frame(ack))
+            carried: list[_Chunk] = []
+            while queue and budget > 0:
+                size = STREAM_OVERHEAD + len(queue[0].frame.data)
+                if size > room:
+                    break
+                chunk = queue.pop(0)
+                frames.append(chunk.frame)
+                carried.append(chunk)
+                room -= size
+            if carried:
+                budget -= 1
+            elif self._ping:
+                frames.append(Ping())
+            eliciting = bool(carried) or self._ping
+            self._ping = False
+            self._ack_due = None
+            self._ack_count = 0
+            pkt = self.next_pkt
+            self.next_pkt += 1
+            if eliciting:
+                self._sent_times[pkt] = now
+            for chunk in carried:
+                chunk.pkt_num = pkt
+                chunk.sent_at = now
+                chunk.lost = False
+            out.append(encode_packet(Packet(self.session_id, pkt, tuple(frames)), self.key))
+        self.sent_count += len(out)
+        return out
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` or `datagrams_to_send` must run next (None:
+        nothing pending; a time in the past: at once)."""
+        deadlines = []
+        if self._ack_due is not None:
+            deadlines.append(self._ack_due)
+        if self._ping:
+            deadlines.append(0.0)
+        oldest = self._oldest_outstanding()
+        if oldest is not None:
+            deadlines.append(oldest.sent_at + self._backed_off_rto())
+        if self._packet_budget() > 0:
+            self._admit_waiting()
+            if any(c.lost for c in self._inflight.values()):
+                deadlines.append(0.0)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        oldest = self._oldest_outstanding()
+        if oldest is not None and oldest.sent_at + self._backed_off_rto() <= now:
+            # Retransmission timeout: everything sent that long ago is lost.
+            cutoff = now - self._backed_off_rto()
+            for chunk in self._inflight.values():
+                if not chunk.lost and chunk.sent_at <= cutoff:
+                    chunk.lost = True
+            self._backoff += 1
+            self._cwnd = max(MIN_CWND, self._cwnd / 2)
+            self._recovery_pkt = self.next_pkt
+        if (
+            self._inflight
+            and not self._unreachable
+            and now - self._last_progress >= UNREACHABLE_AFTER
+        ):
+            self._unreachable = True
+            self._events.append(PeerUnreachable())
+
+    # --- receiving --------------------------------------------------------
+
+    def _replay_check(self, pkt: int) -> bool:
+        if pkt > self._replay_top:
+            return True
+        offset = self._replay_top - pkt
+        if offset >= REPLAY_WINDOW:
+            return False
+        return not (self._replay_bits >> offset) & 1
+
+    def _replay_mark(self, pkt: int) -> None:
+        if pkt > self._replay_top:
+            shift = pkt - self._replay_top
+            self._replay_bits = ((self._replay_bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            self._replay_top = pkt
+        else:
+            self._replay_bits |= 1 << (self._replay_top - pkt)
+
+    def _admit(self, frame: Stream) -> bool:
+        """Would taking this chunk keep every receive cap? A refused chunk is
+        not recorded or acked, so the sender resends it later."""
+        if frame.seq >= self._una + RECV_WINDOW:
+            return False
+        if not 1 <= frame.count <= MAX_FRAGMENTS or frame.index >= frame.count:
+            return False
+        if frame.stream not in self._streams and len(self._streams) >= MAX_STREAMS:
+            return False
+        if self._buffered + len(frame.data) > MAX_BUFFERED_BYTES:
+            return False
+        starts_partial = frame.count > 1 and frame.index == 0 and frame.stream not in self._partial
+        return not (starts_partial and len(self._partial) >= MAX_PARTIAL_MESSAGES)
+
+    def _seen(self, seq: int) -> bool:
+        return seq < self._una or seq in self._above
+
+    def _on_stream(self, frame: Stream) -> bool:
+        """Record one chunk; True if the sender should hear at once (the chunk
+        came out of order, twice, or was refused)."""
+        if self._seen(frame.seq) or not self._admit(frame):
+            return True
+        out_of_order = frame.seq != self._una
+        self._above.add(frame.seq)
+        while self._una in self._above:
+            self._above.discard(self._una)
+            self._una += 1
+        key = (frame.stream, frame.stream_seq)
+        self._held[key] = frame
+        self._buffered += len(frame.data)
+        expected = self._streams.setdefault(frame.stream, 0)
+        while (frame.stream, expected) in self._held:
+            chunk = self._held.pop((frame.stream, expected))
+            self._buffered -= len(chunk.data)
+            expected = (expected + 1) & 0xFFFFFFFF
+            self._deliver(chunk)
+        self._streams[frame.stream] = expected
+        return out_of_order
+
+    def _deliver(self, chunk: Stream) -> None:
+        if chunk.count == 1:
+            if chunk.index == 0:
+                self._events.append(PayloadReceived(chunk.stream, chunk.data))
+            return
+        parts = self._partial.setdefault(chunk.stream, [])
+        if chunk.index != len(parts):
+            # A malformed sequence of fragments: start again at the next index 0.
+            self._buffered -= sum(len(p) for p in parts)
+            del self._partial[chunk.stream]
+            if chunk.index != 0:
+                return
+            parts = self._partial.setdefault(chunk.stream, [])
+        parts.append(chunk.data)
+        self._buffered += len(chunk.data)
+        if len(parts) == chunk.count:
+            del self._partial[chunk.stream]
+            self._buffered -= sum(len(p) for p in parts)
+            self._events.append(PayloadReceived(chunk.stream, b"".join(parts)))
+
+    def _make_ack(self, now: float, max_ranges: int) -> Ack:
+        ranges: list[tuple[int, int]] = []
+        for seq in sorted(self._above):
+            if ranges and ranges[-1][1] == seq:
+                ranges[-1] = (ranges[-1][0], seq + 1)
+            elif len(ranges) < max_ranges:
+                ranges.append((seq, seq + 1))
+            else:
+                break
+        delay_us = min(0xFFFFFFFF, max(0, int((now - self._largest_recv_at) * 1e6)))
+        return Ack(self._largest_recv, delay_us, self._una, tuple((s, e) for s, e in ranges))
+
+    # --- sending ----------------------------------------------------------
+
+    def _admit_waiting(self) -> None:
+        """Move waiting chunks into flight (marked due) while the span from
+        the oldest unacked chunk stays under `max_window`: the receiver never
+        has to hold more than that."""
+        if not self._waiting:
+            return
+        base = next(iter(self._inflight)) if self._inflight else self._waiting[0].frame.seq
+        limit = base + self.max_window
+        while self._waiting and self._waiting[0].frame.seq < limit:
+            chunk = self._waiting.popleft()
+            chunk.lost = True  # due for its first transmission
+            self._inflight[chunk.frame.seq] = chunk
+
+    def _packet_budget(self) -> int:
+        """How many more datagrams with chunks the congestion window allows."""
+        flying = {c.pkt_num for c in self._inflight.values() if not c.lost}
+        return int(self._cwnd) - len(flying)
+
+    def _ack_is_due(self, now: float) -> bool:
+        return self._ack_due is not None and self._ack_due <= now
+
+    def _oldest_outstanding(self) -> _Chunk | None:
+        oldest = None
+        for chunk in self._inflight.values():
+            if not chunk.lost and (oldest is None or chunk.sent_at < oldest.sent_at):
+                oldest = chunk
+        return oldest
+
+    def _backed_off_rto(self) -> float:
+        return min(self.rto_max, self.rto * float(2 ** min(self._backoff, 30)))
+
+    def _on_ack(self, ack: Ack, now: float) -> None:
+        progressed = False
+        # RTT sample from the newest packet, if this ack is the first to cover it.
+        if ack.largest_pkt > self._largest_acked and ack.largest_pkt < self.next_pkt:
+            sent = self._sent_times.get(ack.largest_pkt)
+            self._largest_acked = ack.largest_pkt
+            if sent is not None:
+                delay = min(ack.delay_us / 1e6, MAX_ACK_DELAY)
+                sample = now - sent
+                if sample - delay >= 0.0001:
+                    sample -= delay
+                self._update_rtt(max(sample, 0.0))
+            for pkt in [p for p in self._sent_times if p <= ack.largest_pkt]:
+                del self._sent_times[pkt]
+        acked = [
+            seq
+            for seq in self._inflight
+            if seq < ack.una or any(s <= seq < e for s, e in ack.ranges)
+        ]
+        acked_pkts = set()
+        for seq in acked:
+            chunk = self._inflight.pop(seq)
+            progressed = True
+            acked_pkts.add(chunk.pkt_num)
+            if chunk.last and chunk.handle is not None:
+                self._events.append(PayloadAcked(chunk.handle))
+        # Congestion avoidance: +1 datagram per window of datagrams acked.
+        self._cwnd = min(float(MAX_CWND), self._cwnd + len(acked_pkts) / self._cwnd)
+        if progressed:
+            self._backoff = 0
+            self._last_progress = now
+            if self._unreachable:
+                self._unreachable = False
+                self._events.append(PeerReachable())
+        # Loss detection (RFC 9002 6.1): packet and time thresholds.
+        rtt = max(self._srtt or INITIAL_RTO, self._latest_rtt, TIMER_GRANULARITY)
+        lost_pkt = 0
+        for chunk in self._inflight.values():
+            if chunk.lost or chunk.pkt_num >= self._largest_acked:
+                continue
+            if (
+                chunk.pkt_num + PACKET_THRESHOLD <= self._largest_acked
+                or chunk.sent_at <= now - TIME_THRESHOLD * rtt
+            ):
+                chunk.lost = True
+                lost_pkt = max(lost_pkt, chunk.pkt_num)
+        if lost_pkt >= self._recovery_pkt and lost_pkt:
+            # One reduction per round trip (RFC 9002 7.3.2).
+            self._cwnd = max(MIN_CWND, self._cwnd / 2)
+            self._recovery_pkt = self.next_pkt
+
+    def _update_rtt(self, sample: float) -> None:
+        self._latest_rtt = sample
+        if self._srtt is None:
+            self._srtt = sample
+            self._rttvar = sample / 2
+        else:
+            self._rttvar = (1 - RTT_BETA) * self._rttvar + RTT_BETA * abs(self._srtt - sample)
+            self._srtt = (1 - RTT_ALPHA) * self._srtt + RTT_ALPHA * sample
