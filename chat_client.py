@@ -266,7 +266,7 @@ class ChatSession:
         self.server = (host, port)
         sock = socket.socket(info[0], socket.SOCK_DGRAM)
         sock.setblocking(False)
-        worker = _Worker(self, sock, info[4][:2])
+        worker = _Worker(self, sock, (str(info[4][0]), int(info[4][1])))
         self._thread = threading.Thread(
             target=worker.run, name=f"chat-net-{self.username}", daemon=True
         )
@@ -850,6 +850,58 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         session.close(2.0)
         return 0
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """`chat-demo`: a private server on a free port and two windows, alice
+    (talking to bob) and bob, side by side and logged in."""
+    parser = argparse.ArgumentParser(prog="chat-demo", description=demo_main.__doc__)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from chat_window import no_display_reason
+
+    reason = no_display_reason()
+    if reason is not None:
+        print(f"chat-demo: {reason}", file=sys.stderr)
+        return 2
+    import tkinter as tk
+
+    from chat_server import ChatServer
+    from chat_window import ChatWindow, Settings, enable_high_dpi
+
+    enable_high_dpi()
+    try:
+        root = tk.Tk(className="chat")
+    except tk.TclError as exc:
+        print(f"chat-demo: cannot open a window: {exc}", file=sys.stderr)
+        return 2
+    root.withdraw()
+    server = ChatServer(("127.0.0.1", 0))
+    threading.Thread(target=server.serve_forever, daemon=True, name="demo-server").start()
+    host, port = server.address
+    width = max(560, min(760, root.winfo_screenwidth() // 2 - 20))
+    height = max(420, min(620, root.winfo_screenheight() - 120))
+    windows: list[Any] = []
+
+    def closed(window: Any) -> None:
+        windows.remove(window)
+        if not windows:
+            root.quit()
+
+    for i, (user, peer) in enumerate((("alice", "bob"), ("bob", ""))):
+        settings = Settings(server=f"{host}:{port}", username=user,
+                            geometry=f"{width}x{height}+{10 + i * (width + 20)}+40")  # fmt: skip
+        window = ChatWindow(tk.Toplevel(root), settings, on_closed=closed)
+        window.connect_var.set(peer)
+        window.submit_login()
+        windows.append(window)
+    print(f"chat-demo: server on {host}:{port}; close both windows to stop", file=sys.stderr)
+    try:
+        root.mainloop()
+    finally:
+        server.shutdown()
+    return 0
 
 
 if __name__ == "__main__":

@@ -465,6 +465,8 @@ class Relay:
             user.contacts.add(recipient.key)
             recipient.contacts.add(user.key)
             self._send(session, Presence(recipient.name, recipient.session is not None))
+            if recipient.session is not None:
+                self._send(recipient.session, Presence(user.name, True))
 
     def _hand_over(self, recipient: _User, entry: _Entry) -> None:
         session = recipient.session

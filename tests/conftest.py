@@ -1,0 +1,141 @@
+"""Shared fixtures: a real server on an ephemeral port (in a thread or as a
+process), short loopback timers, and helpers to read session events."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chat_client import ChatSession  # noqa: E402
+from chat_server import ChatServer, ServerConfig  # noqa: E402
+
+#: Loopback timers (RELIABILITY.md: tests use 50 ms / 1 s).
+RTO_MIN, RTO_MAX = 0.05, 1.0
+
+
+class RunningServer:
+    def __init__(self, server: ChatServer, thread: threading.Thread) -> None:
+        self.server = server
+        self.thread = thread
+        self.address = server.address
+        self.relay = server.relay
+
+    @property
+    def addr_text(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+
+def start_server(config: ServerConfig | None = None) -> RunningServer:
+    config = config or ServerConfig(rto_min=RTO_MIN, rto_max=RTO_MAX)
+    server = ChatServer(("127.0.0.1", 0), config)
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="test-server")
+    thread.start()
+    return RunningServer(server, thread)
+
+
+def stop_server(running: RunningServer) -> None:
+    running.server.shutdown()
+    running.thread.join(5)
+    running.server.close()
+
+
+@pytest.fixture
+def server() -> Iterator[RunningServer]:
+    """A server in a thread of this process, on a free port."""
+    running = start_server()
+    yield running
+    stop_server(running)
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen[str], host: str, port: int) -> None:
+        self.proc = proc
+        self.host = host
+        self.port = port
+
+    @property
+    def addr_text(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def spawn_server(*extra: str, port: int = 0) -> ServerProcess:
+    """`python chat_server.py` as a real process; waits for its ready line."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "chat_server.py"), "--port", str(port),
+         "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+):(\d+)", line)
+    if not match:
+        proc.kill()
+        raise AssertionError(
+            f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+        )
+    return ServerProcess(proc, match.group(1), int(match.group(2)))
+
+
+@pytest.fixture
+def server_process() -> Iterator[ServerProcess]:
+    running = spawn_server()
+    yield running
+    if running.proc.poll() is None:
+        running.proc.terminate()
+        try:
+            running.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            running.proc.kill()
+    for stream in (running.proc.stdout, running.proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def client_command(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "chat_client.py"), "--no-gui", "--rto-min", str(RTO_MIN),
+            "--rto-max", str(RTO_MAX), *args]  # fmt: skip
+
+
+def make_session(**kwargs: Any) -> ChatSession:
+    kwargs.setdefault("rto_min", RTO_MIN)
+    kwargs.setdefault("rto_max", RTO_MAX)
+    return ChatSession(**kwargs)
+
+
+def wait_for(session_or_queue: Any, predicate: Any, timeout: float = 10.0) -> Any:
+    """The first event on the session's queue matching `predicate`; others are
+    kept in the returned list attribute `seen` of the session (for later checks)."""
+    events: queue.Queue[Any] = getattr(session_or_queue, "events", session_or_queue)
+    deadline = time.monotonic() + timeout
+    seen = getattr(session_or_queue, "seen_events", None)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out waiting; saw {seen[-10:] if seen else 'n/a'}")
+        try:
+            event = events.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if seen is not None:
+            seen.append(event)
+        if predicate(event):
+            return event
+
+
+def env_for_tests() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
