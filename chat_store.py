@@ -1,0 +1,310 @@
+"""The server's durable store: accounts, mailboxes, receipts and dedup keys
+in SQLite (WAL, `synchronous=FULL`), owned by one thread.
+
+Split from `chat_server.py` (which it serves). The server's loop never
+waits on the disk: it hands write operations to `ServerStore.submit`, the
+store thread applies them in groups (one transaction per batch, at most
+`GROUP_COMMIT_S` of gathering), and after each commit puts the callbacks of
+the committed operations on `done` and calls `notify()` so the loop runs
+them. That is how an ACCEPT waits for the disk while forwarding does not.
+
+At start-up, before the loop runs, `load()` reads everything back. The
+directory is locked so that two servers never share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger("chat_store")
+
+GROUP_COMMIT_S = 0.005  # RELIABILITY.md: group commit up to 10 ms is fine if acks wait
+DEDUP_KEEP_S = 7 * 24 * 3600  # keep dedup keys at least 7 days (RELIABILITY.md 1.3)
+ID_BLOCK = 10_000  # server_msg_ids reserved per durable write, never reused after a crash
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (
+    name_key TEXT PRIMARY KEY, name TEXT NOT NULL, salt BLOB NOT NULL,
+    iterations INTEGER NOT NULL, stored_key BLOB NOT NULL, server_key BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mailbox (
+    server_msg_id INTEGER PRIMARY KEY, recipient_key TEXT NOT NULL, sender_key TEXT NOT NULL,
+    sender TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
+    text TEXT NOT NULL, sent_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient_key, server_msg_id);
+CREATE TABLE IF NOT EXISTS dedup (
+    sender_key TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
+    server_msg_id INTEGER NOT NULL, accepted_ms INTEGER NOT NULL,
+    PRIMARY KEY (sender_key, instance_id, client_seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS notices (
+    sender_key TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
+    recipient TEXT NOT NULL, PRIMARY KEY (sender_key, instance_id, client_seq)
+) WITHOUT ROWID;
+"""
+
+
+class StoreLocked(Exception):
+    """Another server holds this data directory."""
+
+
+@dataclass
+class Account:
+    name: str
+    salt: bytes
+    iterations: int
+    stored_key: bytes
+    server_key: bytes
+
+
+@dataclass
+class StoredMessage:
+    server_msg_id: int
+    recipient_key: str
+    sender_key: str
+    sender: str
+    instance_id: int
+    client_seq: int
+    text: str
+    sent_ms: int
+
+
+@dataclass
+class Loaded:
+    secret: bytes
+    next_msg_id: int
+    accounts: dict[str, Account] = field(default_factory=dict)
+    mailbox: list[StoredMessage] = field(default_factory=list)  # in server_msg_id order
+    dedup: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    notices: list[tuple[str, int, int, str]] = field(default_factory=list)
+
+
+def default_data_dir() -> Path:
+    """The platform's user data directory for the server."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "udp-chat" / "server"
+
+
+def lock_file(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on `path` for the life of the returned file,
+    or raise `StoreLocked`."""
+    handle = open(path, "a+b")  # noqa: SIM115 - kept open: the lock lives with it
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreLocked(str(path)) from None
+    return handle
+
+
+Op = tuple[Any, ...]
+
+
+class ServerStore:
+    """SQLite behind one writer thread. `submit` from the loop; `load` once
+    before. Callbacks passed to `submit` come back on `done` after commit."""
+
+    def __init__(self, data_dir: Path, *, notify: Callable[[], None] = lambda: None) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(OSError):
+            data_dir.chmod(0o700)
+        try:
+            self._lock = lock_file(data_dir / "server.lock")
+        except StoreLocked:
+            raise StoreLocked(
+                f"another chat-server is using {data_dir}; stop it or pick another --data-dir"
+            ) from None
+        self.path = data_dir / "chat.db"
+        self.notify = notify
+        self.done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._ops: queue.SimpleQueue[tuple[Op, Callable[[], None] | None] | None] = (
+            queue.SimpleQueue()
+        )
+        self._db = self._connect()
+        self._next_block = 0
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # an ACCEPT means it is on the disk
+        db.executescript(SCHEMA)
+        return db
+
+    # --- start-up (before the loop runs; on the caller's thread) -------------
+
+    def load(self, now_ms: int) -> Loaded:
+        db = self._db
+        row = db.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
+        if row is None:
+            secret = secrets.token_bytes(32)
+            db.execute("INSERT INTO meta VALUES ('secret', ?)", (secret,))
+        else:
+            secret = bytes(row[0])
+        row = db.execute("SELECT value FROM meta WHERE key='next_block'").fetchone()
+        next_id = int(row[0]) if row is not None else 1
+        # Reserve a block durably: ids below next_block may have been used
+        # before a crash, so this run starts past them.
+        self._next_block = next_id + ID_BLOCK
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('next_block', ?)", (self._next_block,))
+        db.execute("DELETE FROM dedup WHERE accepted_ms < ?", (now_ms - DEDUP_KEEP_S * 1000,))
+        loaded = Loaded(secret, next_id)
+        for name_key, name, salt, iterations, stored, server in db.execute(
+            "SELECT name_key, name, salt, iterations, stored_key, server_key FROM accounts"
+        ):
+            loaded.accounts[name_key] = Account(name, salt, iterations, stored, server)
+        for values in db.execute(
+            "SELECT server_msg_id, recipient_key, sender_key, sender, instance_id, client_seq, "
+            "text, sent_ms FROM mailbox ORDER BY server_msg_id"
+        ):
+            loaded.mailbox.append(StoredMessage(*values))
+        for sender_key, instance_id, client_seq, server_msg_id in db.execute(
+            "SELECT sender_key, instance_id, client_seq, server_msg_id FROM dedup"
+        ):
+            loaded.dedup[(sender_key, _u64(instance_id), client_seq)] = server_msg_id
+        for sender_key, instance_id, client_seq, recipient in db.execute(
+            "SELECT sender_key, instance_id, client_seq, recipient FROM notices"
+        ):
+            loaded.notices.append((sender_key, _u64(instance_id), client_seq, recipient))
+        return loaded
+
+    def reserve_needed(self, next_msg_id: int) -> bool:
+        """True when the loop should reserve the next block of ids."""
+        return next_msg_id + ID_BLOCK // 2 >= self._next_block
+
+    # --- the writer thread ---------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="chat-store", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: Op, then: Callable[[], None] | None = None) -> None:
+        """Queue a write; `then` runs on the loop after it has committed."""
+        if op[0] == "reserve":
+            self._next_block += ID_BLOCK
+            op = ("reserve", self._next_block)
+        self._ops.put((op, then))
+
+    def close(self) -> None:
+        """Commit what is queued and stop the thread."""
+        if self._thread is not None:
+            self._ops.put(None)
+            self._thread.join(10)
+            self._thread = None
+        self._db.close()
+        self._lock.close()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._ops.get()
+            if first is None:
+                break
+            batch = [first]
+            deadline = time.monotonic() + GROUP_COMMIT_S
+            while len(batch) < 5000:
+                try:
+                    item = self._ops.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            try:
+                self._apply(batch)
+            except sqlite3.Error:
+                log.exception("store write failed; acceptances wait and clients resend")
+                continue
+            for _, then in batch:
+                if then is not None:
+                    self.done.put(then)
+            self.notify()
+
+    def _apply(self, batch: list[tuple[Op, Callable[[], None] | None]]) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for op, _ in batch:
+                kind = op[0]
+                if kind == "message":
+                    m: StoredMessage = op[1]
+                    db.execute(
+                        "INSERT OR IGNORE INTO mailbox VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (m.server_msg_id, m.recipient_key, m.sender_key, m.sender,
+                         _i64(m.instance_id), m.client_seq, m.text, m.sent_ms),
+                    )  # fmt: skip
+                    db.execute(
+                        "INSERT OR IGNORE INTO dedup VALUES (?, ?, ?, ?, ?)",
+                        (m.sender_key, _i64(m.instance_id), m.client_seq, m.server_msg_id,
+                         m.sent_ms),
+                    )  # fmt: skip
+                elif kind == "delivered":
+                    _, server_msg_id, sender_key, instance_id, client_seq, recipient = op
+                    db.execute("DELETE FROM mailbox WHERE server_msg_id=?", (server_msg_id,))
+                    db.execute(
+                        "INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?)",
+                        (sender_key, _i64(instance_id), client_seq, recipient),
+                    )
+                elif kind == "notice_done":
+                    _, sender_key, instance_id, client_seq = op
+                    db.execute(
+                        "DELETE FROM notices WHERE sender_key=? AND instance_id=? AND client_seq=?",
+                        (sender_key, _i64(instance_id), client_seq),
+                    )
+                elif kind == "account":
+                    _, key, a = op
+                    db.execute(
+                        "INSERT OR IGNORE INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (key, a.name, a.salt, a.iterations, a.stored_key, a.server_key,
+                         int(time.time() * 1000)),
+                    )  # fmt: skip
+                elif kind == "reserve":
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('next_block', ?)", (op[1],))
+                elif kind == "sync":
+                    pass  # a barrier: its callback runs once everything before it is durable
+                else:  # pragma: no cover - a programming error
+                    raise AssertionError(kind)
+            db.execute("COMMIT")
+            self.commits += 1
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def _i64(value: int) -> int:
+    """SQLite integers are signed 64-bit: store a u64 instance id as i64."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _u64(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
