@@ -16,30 +16,39 @@ receive is shown once.
 from __future__ import annotations
 
 import argparse
+import hmac
 import itertools
 import json
 import logging
+import os
 import queue
 import random
 import secrets
 import selectors
 import socket
+import sqlite3
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
+from client_store import ClientStore, store_dir
 from protocol import (
     CONTROL_STREAM,
+    FLAG_MAC,
     MIN_PREAUTH_REQUEST,
     NO_SESSION,
+    PBKDF2_MIN_ITERATIONS,
     Accept,
     Bye,
+    Challenge,
     Deliver,
     Delivered,
     ErrorCode,
     Fail,
+    Hello,
     LocalProtocolError,
     Login,
     Logout,
@@ -51,13 +60,16 @@ from protocol import (
     ProtocolError,
     Receipt,
     Refused,
+    ScramKeys,
     Send,
     Typing,
     UnknownSession,
     Welcome,
     Who,
     WhoReply,
+    auth_message,
     check_text,
+    client_proof,
     conversation_stream,
     decode_header,
     decode_message,
@@ -66,7 +78,10 @@ from protocol import (
     encode_packet,
     name_key,
     normalize_name,
-    resume_proof,
+    salted_password,
+    scram_keys,
+    server_signature,
+    session_key,
 )
 from reliability import (
     RTO_MAX,
@@ -87,6 +102,8 @@ LINK_TIMEOUT = 45.0  # nothing heard for this long while pinging: reconnect
 LOGIN_TIMEOUT = 5.0  # the first login gives up after this
 LOGOUT_ACK_WAIT = 2.0
 RECONNECT_MAX = 30.0  # backoff cap between re-login attempts
+LOGIN_STEP = 1.0  # a LOGIN unanswered for 3x this restarts from HELLO
+PBKDF2_MAX_ITERATIONS = 10_000_000  # refuse a server that asks for absurd work
 
 
 # --- events ---------------------------------------------------------------
@@ -223,9 +240,14 @@ class ChatSession:
         login_timeout: float = LOGIN_TIMEOUT,
         keepalive: float = KEEPALIVE,
         link_timeout: float = LINK_TIMEOUT,
+        persist: bool = True,
+        store_root: Path | None = None,
     ) -> None:
         self.events: queue.Queue[Any] = events if events is not None else queue.Queue()
         self.instance_id = instance_id if instance_id is not None else secrets.randbits(64)
+        self.persist = persist  # keep outbox and history on disk (client_store.py)
+        self.store_root = store_root  # default: the user's data directory
+        self.store: ClientStore | None = None
         self.rto_min = rto_min
         self.rto_max = rto_max
         self.login_timeout = login_timeout
@@ -246,27 +268,50 @@ class ChatSession:
     # --- the caller's API ---------------------------------------------------
 
     def login(
-        self, server: str | tuple[str, int], username: str, connect_to: str | None = None
+        self,
+        server: str | tuple[str, int],
+        username: str,
+        connect_to: str | None = None,
+        *,
+        password: str,
     ) -> bool:
-        """Start logging in. False (with an `ErrorEvent` and `Disconnected` on
-        `events`) if the name or address is wrong before anything is sent."""
+        """Start logging in (the first login with a new name registers it with
+        this password). False, with an `ErrorEvent` and `Disconnected` on
+        `events`, if the name, password or address is wrong before anything
+        is sent."""
         try:
             self.username = normalize_name(username)
         except LocalProtocolError as exc:
             self._fatal(ErrorCode.INVALID_NAME, f"invalid username: {exc}")
+            self.discard()
+            return False
+        if not password:
+            self._fatal(ErrorCode.PASSWORD_REQUIRED, "a password is required")
+            self.discard()
             return False
         try:
             host, port = parse_server(server) if isinstance(server, str) else server
             info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
         except (ValueError, OSError) as exc:
             self._fatal(ErrorCode.SERVER_UNREACHABLE, f"server {server}: {exc}")
+            self.discard()
             return False
         if connect_to:
             self.set_peer(connect_to)
         self.server = (host, port)
+        if self.persist:
+            try:
+                directory = store_dir(f"{host}:{port}", self.username, self.store_root)
+                self.store = ClientStore(directory, self.username)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("no local history or outbox (%s); messages live in memory", exc)
+        if self.store is not None:
+            self.instance_id = self.store.instance_id
+            with self._lock:
+                self._seq = itertools.count(self.store.next_seq)
         sock = socket.socket(info[0], socket.SOCK_DGRAM)
         sock.setblocking(False)
-        worker = _Worker(self, sock, (str(info[4][0]), int(info[4][1])))
+        worker = _Worker(self, sock, (str(info[4][0]), int(info[4][1])), password)
         self._thread = threading.Thread(
             target=worker.run, name=f"chat-net-{self.username}", daemon=True
         )
@@ -346,7 +391,13 @@ class ChatSession:
         try:
             self._wake_w.send(b"x")
         except OSError:
-            pass
+            pass  # the network thread has ended (or not started): nothing to wake
+
+    def discard(self) -> None:
+        """Release the sockets of a session that never started (or has ended)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._wake_r.close()
+            self._wake_w.close()
 
     def _emit(self, event: SessionEvent) -> None:
         self.events.put(event)
@@ -363,10 +414,17 @@ class ChatSession:
 class _Worker:
     """The network thread's state: only `run()` (on that thread) touches it."""
 
-    def __init__(self, session: ChatSession, sock: socket.socket, server: tuple[str, int]) -> None:
+    def __init__(
+        self, session: ChatSession, sock: socket.socket, server: tuple[str, int], password: str
+    ) -> None:
         self.s = session
         self.sock = sock
         self.server = server
+        self.store = session.store
+        # Kept for the re-logins of this run; the salted form is cached so
+        # a reconnect does not pay PBKDF2 again.
+        self.password = password
+        self.salted: dict[tuple[bytes, int], bytes] = {}
         self.conn: Connection | None = None
         self.outbox: dict[MsgId, _Outgoing] = {}
         self.seen: set[tuple[str, MsgId]] = set()
@@ -376,11 +434,18 @@ class _Worker:
         self.link_up = False
         # login state
         self.nonce = b""
-        self.login_datagram = b""
+        self.login_datagram = b""  # the HELLO, then the LOGIN, resent until answered
+        self.login_phase = "hello"
+        self.login_started = 0.0
         self.login_at = 0.0
         self.login_interval = 0.25
         self.login_deadline: float | None = None
-        self.old_session: tuple[bytes, bytes] | None = None  # (id, key) to resume
+        self.auth: tuple[bytes, ScramKeys] | None = None  # (auth message, keys) of this attempt
+        if self.store is not None:
+            # What an earlier run of this client sent and the server never
+            # accepted goes out again, with its original ids, after login.
+            for msg_id, to, text in self.store.pending():
+                self.outbox[msg_id] = _Outgoing(msg_id, to, text)
         # online state
         self.last_heard = 0.0
         self.last_sent = 0.0
@@ -417,6 +482,10 @@ class _Worker:
         finally:
             selector.close()
             self.sock.close()
+            if self.store is not None:
+                self.store.close()
+            self.s._wake_r.close()
+            self.s._wake_w.close()
 
     def next_deadline(self, now: float) -> float:
         deadlines = [now + 1.0]
@@ -456,40 +525,45 @@ class _Worker:
     def on_datagram(self, data: bytes, now: float) -> None:
         header = decode_header(data)
         if self.conn is not None and header.session_id == self.conn.session_id:
-            if self.conn.receive_datagram(data, now):
-                self.last_heard = now
-                self.collect(now)
-            return
+            if header.flags & FLAG_MAC:
+                if self.conn.receive_datagram(data, now):
+                    self.last_heard = now
+                    self.collect(now)
+                return
+            # No MAC: only an UNKNOWN_SESSION hint (below) can name our session.
         packet = decode_packet(data, None)
         for frame in packet.frames:
             if (
-                isinstance(frame, (Welcome, Refused))
+                isinstance(frame, (Challenge, Welcome, Refused))
                 and self.conn is None
                 and frame.nonce == self.nonce
             ):
                 self.on_login_reply(frame, now)
             elif isinstance(frame, UnknownSession) and self.conn is not None:
-                if header.session_id == self.conn.session_id:
-                    log.info(
-                        "the server does not know our session (it restarted?); logging in again"
-                    )
-                    self.link_lost(now, notify=True)
+                if header.session_id != self.conn.session_id:
+                    continue
+                if self.closing_deadline is not None:
+                    self.finish(ErrorCode.LOGGED_OUT)  # the server already let us go
+                    return
+                log.info("the server does not know our session (it restarted?); logging in again")
+                self.link_lost(now, notify=True)
 
     # --- login --------------------------------------------------------------
 
     def start_login(self, now: float, deadline: float | None) -> None:
+        """Begin a login: HELLO -> CHALLENGE -> LOGIN -> WELCOME (SCRAM)."""
         assert self.s.username is not None
         self.nonce = secrets.token_bytes(16)
-        resume_id, proof = NO_SESSION, bytes(16)
-        if self.old_session is not None:
-            resume_id, proof = self.old_session[0], resume_proof(self.old_session[1], self.nonce)
-        login = Login(self.s.username, self.s.instance_id, self.nonce, resume_id, proof)
+        hello = Hello(self.s.username, self.s.instance_id, self.nonce)
         self.login_datagram = encode_packet(
-            Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST
+            Packet(NO_SESSION, 0, (hello,)), None, pad_to=MIN_PREAUTH_REQUEST
         )
+        self.login_phase = "hello"
+        self.login_started = now
         self.login_at = now
         self.login_interval = 0.25
         self.login_deadline = deadline
+        self.auth = None
 
     def run_login_timer(self, now: float) -> None:
         if self.login_deadline is not None and now >= self.login_deadline:
@@ -498,24 +572,48 @@ class _Worker:
                           f"server {host}:{port} does not answer; is it running?")  # fmt: skip
             self.done = True
             return
+        if self.login_phase == "login" and now - self.login_started > 3 * LOGIN_STEP:
+            # The cookie may have gone stale, or the server restarted: start over.
+            self.start_login(now, self.login_deadline)
         if now >= self.login_at:
             self.send_datagram(self.login_datagram, now)
             cap = 2.0 if self.first_login else RECONNECT_MAX
             self.login_at = now + self.login_interval * random.uniform(1.0, 1.5)
             self.login_interval = min(cap, self.login_interval * 2)
 
-    def on_login_reply(self, frame: Welcome | Refused, now: float) -> None:
+    def on_login_reply(self, frame: Challenge | Welcome | Refused, now: float) -> None:
         if isinstance(frame, Refused):
+            if frame.code == ErrorCode.RATE_LIMITED:
+                # Too many failed logins: a clear error, then try again later.
+                self.s._emit(ErrorEvent(frame.code.label, frame.message))
+                self.login_phase = "wait"
+                self.login_at = now + 10.0
+                self.login_started = now
+                return
             if frame.code in FATAL_LOGIN_ERRORS or self.first_login:
                 self.s._fatal(frame.code, frame.message)
                 self.done = True
             else:  # e.g. a busy server: keep trying
                 self.s._emit(ErrorEvent(frame.code.label, frame.message))
             return
+        if isinstance(frame, Challenge):
+            if self.login_phase != "hello":
+                return  # a duplicate
+            self.send_proof(frame, now)
+            return
+        if self.auth is None or self.login_phase != "login":
+            return
+        message, keys = self.auth
+        if not hmac.compare_digest(frame.signature, server_signature(keys.server_key, message)):
+            # Someone answered who does not know our account: not our server.
+            text = "the server could not prove it knows this account; not logging in"
+            self.s._fatal(ErrorCode.SERVER_UNREACHABLE, text)
+            self.done = True
+            return
         self.conn = Connection(
-            frame.session_id, frame.key, now, rto_min=self.s.rto_min, rto_max=self.s.rto_max
-        )
-        self.old_session = (frame.session_id, frame.key)
+            frame.session_id, session_key(keys.client_key, message), now,
+            rto_min=self.s.rto_min, rto_max=self.s.rto_max,
+        )  # fmt: skip
         self.last_heard = now
         self.schedule_ping(now)
         if self.first_login:
@@ -531,10 +629,34 @@ class _Worker:
                 self.conn.send(encode_message(Send(out.msg_id, out.to, out.text)),
                                conversation_stream(out.to))  # fmt: skip
 
+    def send_proof(self, challenge: Challenge, now: float) -> None:
+        """SCRAM client-final: stretch the password (cached per salt), prove it."""
+        assert self.s.username is not None
+        if not PBKDF2_MIN_ITERATIONS <= challenge.iterations <= PBKDF2_MAX_ITERATIONS:
+            log.warning("ignoring a challenge with %d iterations", challenge.iterations)
+            return
+        cache_key = (challenge.salt, challenge.iterations)
+        salted = self.salted.get(cache_key)
+        if salted is None:
+            salted = salted_password(self.password, challenge.salt, challenge.iterations)
+            self.salted = {cache_key: salted}
+        keys = scram_keys(salted)
+        message = auth_message(self.s.username, self.s.instance_id, self.nonce, challenge.cookie,
+                               challenge.salt, challenge.iterations)  # fmt: skip
+        login = Login(self.s.username, self.s.instance_id, self.nonce, challenge.cookie,
+                      client_proof(keys, message), keys.stored_key, keys.server_key)  # fmt: skip
+        self.auth = (message, keys)
+        self.login_datagram = encode_packet(
+            Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST
+        )
+        self.login_phase = "login"
+        now = time.monotonic()  # PBKDF2 took a while
+        self.login_started = now
+        self.login_interval = 0.25
+        self.login_at = now
+
     def link_lost(self, now: float, *, notify: bool) -> None:
         """The server is gone or forgot us: log in again, keeping the outbox."""
-        if self.conn is not None:
-            self.old_session = (self.conn.session_id, self.conn.key)
         self.conn = None
         if self.link_up and notify:
             self.s._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label,
@@ -565,6 +687,10 @@ class _Worker:
         self.run_closing(now)
 
     def flush(self, now: float) -> None:
+        # Everything stored this pass hits the disk before anything it
+        # promises (a receipt) leaves: one fsync per pass.
+        if self.store is not None:
+            self.store.commit()
         if self.conn is None or self.done:
             return
         for datagram in self.conn.datagrams_to_send(now):
@@ -599,9 +725,16 @@ class _Worker:
     def on_message(self, message: Message, now: float) -> None:
         s = self.s
         if isinstance(message, Deliver):
-            key = (name_key(message.sender), message.msg_id)
-            if key not in self.seen:
+            # Stored before the receipt goes out (flush commits first); each
+            # message is shown once, however often it arrives.
+            if self.store is not None:
+                new = self.store.add_incoming(message.sender, message.msg_id, message.text,
+                                              message.sent_ms)  # fmt: skip
+            else:
+                key = (name_key(message.sender), message.msg_id)
+                new = key not in self.seen
                 self.seen.add(key)
+            if new:
                 s._heard_from(message.sender)
                 s._emit(MessageReceived(message.sender, message.text, message.server_msg_id,
                                         message.sent_ms))  # fmt: skip
@@ -610,15 +743,22 @@ class _Worker:
             out = self.outbox.get(message.msg_id)
             if out is not None and out.state == "sending":
                 out.state = "accepted"
+                self.record_state(message.msg_id, "accepted")
                 s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
         elif isinstance(message, Delivered):
             out = self.outbox.pop(message.msg_id, None)
-            if out is not None:
+            self.record_state(message.msg_id, "delivered")
+            if out is None:
+                # Accepted before a restart of this client: only the store knew it.
+                if self.store is not None:
+                    s._emit(StatusChanged(message.msg_id.label(), "delivered", message.to, ""))
+            else:
                 if out.state == "sending":
                     s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
                 s._emit(StatusChanged(out.msg_id.label(), "delivered", out.to, out.text))
         elif isinstance(message, Fail):
             out = self.outbox.pop(message.msg_id, None)
+            self.record_state(message.msg_id, "failed")
             if out is not None:
                 s._emit(StatusChanged(out.msg_id.label(), "failed", out.to, out.text,
                                       message.reason.label))  # fmt: skip
@@ -639,12 +779,18 @@ class _Worker:
         elif isinstance(message, Bye):
             if message.code == ErrorCode.SERVER_SHUTDOWN:
                 s._emit(ErrorEvent(message.code.label, message.message))
-                self.link_lost(now, notify=True)
+                if self.link_up:
+                    s._emit(LinkChanged(up=False))
+                self.link_lost(now, notify=False)
                 self.login_at = now + 0.5  # give the next server a moment to start
             else:
                 s._fatal(message.code, message.message)
                 self.done = True
                 self.conn = None
+
+    def record_state(self, msg_id: MsgId, state: str) -> None:
+        if self.store is not None:
+            self.store.set_state(msg_id, state)
 
     def run_commands(self, now: float) -> None:
         while True:
@@ -655,8 +801,17 @@ class _Worker:
             name = command[0]
             if name == "send":
                 _, msg_id, to, text = command
+                try:
+                    payload = encode_message(Send(msg_id, to, text))
+                except LocalProtocolError as exc:  # checked in send(); never kill the thread
+                    self.s._emit(StatusChanged(msg_id.label(), "failed", to, text, "too_long"))
+                    self.s._emit(ErrorEvent(ErrorCode.TOO_LONG.label, str(exc)))
+                    continue
                 self.outbox[msg_id] = _Outgoing(msg_id, to, text)
-                self.send_message(Send(msg_id, to, text), conversation_stream(to))
+                if self.store is not None:
+                    self.store.add_outgoing(msg_id, to, text)
+                if self.conn is not None:
+                    self.conn.send(payload, conversation_stream(to))
             elif name == "who":
                 self.who_pages = []
                 self.send_message(Who())
@@ -761,6 +916,7 @@ def run_terminal(
     user: str,
     connect_to: str | None,
     *,
+    password: str,
     as_json: bool,
     stdin: IO[str] | None = None,
     stdout: IO[str] | None = None,
@@ -782,7 +938,7 @@ def run_terminal(
             (stderr if line[1] else stdout).write(line[0] + "\n")
             (stderr if line[1] else stdout).flush()
 
-    session.login(server, user, connect_to)
+    session.login(server, user, connect_to, password=password)
     threading.Thread(target=_read_lines, args=(stdin, inbox), daemon=True, name="stdin").start()
     fatal = False
     quitting = False
@@ -823,6 +979,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--user", help="your username (terminal mode)")
     parser.add_argument("--connect-to", default=None, help="who to talk to first (optional)")
     parser.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
+    parser.add_argument(
+        "--password-file", type=Path, default=None, metavar="FILE",
+        help="read the password from FILE (else $CHAT_PASSWORD, else a prompt)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="warning", help="logging level on stderr")
     parser.add_argument("--rto-min", type=float, default=RTO_MIN, help=argparse.SUPPRESS)
     parser.add_argument("--rto-max", type=float, default=RTO_MAX, help=argparse.SUPPRESS)
@@ -830,6 +990,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--login-timeout", type=float, default=LOGIN_TIMEOUT, help=argparse.SUPPRESS
     )
     return parser
+
+
+def read_password(args: argparse.Namespace) -> str | None:
+    """The password from CHAT_PASSWORD, --password-file, or a prompt on a
+    terminal (never from the command line, where `ps` would show it)."""
+    if args.password_file is not None:
+        try:
+            text: str = args.password_file.read_text("utf-8")
+            return text.rstrip("\r\n")
+        except OSError as exc:
+            print(f"chat-client: cannot read {args.password_file}: {exc.strerror}", file=sys.stderr)
+            return None
+    if os.environ.get("CHAT_PASSWORD"):
+        return os.environ["CHAT_PASSWORD"]
+    if sys.stdin.isatty():
+        import getpass
+
+        try:
+            return getpass.getpass(f"password for {args.user}: ")
+        except (EOFError, KeyboardInterrupt):
+            return None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -845,8 +1027,19 @@ def main(argv: list[str] | None = None) -> int:
     session = ChatSession(
         rto_min=args.rto_min, rto_max=args.rto_max, login_timeout=args.login_timeout
     )
+    password = read_password(args)
+    if not password:
+        message = "a password is required: set CHAT_PASSWORD or use --password-file FILE"
+        if args.json:
+            print(json.dumps(event_to_json(ErrorEvent("password_required", message, True))))
+            print(json.dumps(event_to_json(Disconnected("password_required"))), flush=True)
+        else:
+            print(f"chat-client: {message}", file=sys.stderr)
+        return 2
     try:
-        return run_terminal(session, args.server, args.user, args.connect_to, as_json=args.json)
+        return run_terminal(
+            session, args.server, args.user, args.connect_to, password=password, as_json=args.json
+        )
     except KeyboardInterrupt:
         session.close(2.0)
         return 0
@@ -865,9 +1058,10 @@ def demo_main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"chat-demo: {reason}", file=sys.stderr)
         return 2
+    import tempfile
     import tkinter as tk
 
-    from chat_server import ChatServer
+    from chat_server import ChatServer, ServerConfig
     from chat_window import ChatWindow, Settings, enable_high_dpi
 
     enable_high_dpi()
@@ -877,8 +1071,11 @@ def demo_main(argv: list[str] | None = None) -> int:
         print(f"chat-demo: cannot open a window: {exc}", file=sys.stderr)
         return 2
     root.withdraw()
-    server = ChatServer(("127.0.0.1", 0))
-    threading.Thread(target=server.serve_forever, daemon=True, name="demo-server").start()
+    # Its own server, data and demo accounts: never the user's.
+    workdir = tempfile.TemporaryDirectory(prefix="chat-demo-")
+    server = ChatServer(("127.0.0.1", 0), ServerConfig(data_dir=Path(workdir.name) / "server"))
+    serving = threading.Thread(target=server.serve_forever, daemon=True, name="demo-server")
+    serving.start()
     host, port = server.address
     width = max(560, min(760, root.winfo_screenwidth() // 2 - 20))
     height = max(420, min(620, root.winfo_screenheight() - 120))
@@ -892,8 +1089,10 @@ def demo_main(argv: list[str] | None = None) -> int:
     for i, (user, peer) in enumerate((("alice", "bob"), ("bob", ""))):
         settings = Settings(server=f"{host}:{port}", username=user,
                             geometry=f"{width}x{height}+{10 + i * (width + 20)}+40")  # fmt: skip
-        window = ChatWindow(tk.Toplevel(root), settings, on_closed=closed)
+        options = {"store_root": Path(workdir.name) / "client"}
+        window = ChatWindow(tk.Toplevel(root), settings, session_options=options, on_closed=closed)
         window.connect_var.set(peer)
+        window.password_var.set(f"{user}-demo-password")
         window.submit_login()
         windows.append(window)
     print(f"chat-demo: server on {host}:{port}; close both windows to stop", file=sys.stderr)
@@ -901,6 +1100,9 @@ def demo_main(argv: list[str] | None = None) -> int:
         root.mainloop()
     finally:
         server.shutdown()
+        serving.join(5)
+        server.close()
+        workdir.cleanup()
     return 0
 
 

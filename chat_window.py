@@ -41,7 +41,8 @@ from chat_client import (
 from protocol import MAX_TEXT_BYTES, LocalProtocolError, name_key, normalize_name
 
 POLL_MS = 25  # how often the window drains the session's events
-POLL_BATCH = 300  # events handled per tick at most, so a burst never freezes the window
+POLL_BATCH = 300  # events handled per tick at most ...
+POLL_BUDGET_S = 0.015  # ... and for at most this long, so a burst never freezes the window
 TYPING_SHOWN_S = 4.0  # how long "bob is typing..." stays after the last notice
 TYPING_SEND_EVERY_S = 3.0
 LIMIT_WARN_AT = 0.8  # show the size counter from this share of the limit on
@@ -56,6 +57,7 @@ STATE_LABELS = {
     "accepted": "\u2713 on server",
     "delivered": "\u2713\u2713 delivered",
     "failed": "\u2717 failed",
+    "retried": "\u2717 failed, sent again below",
 }
 
 
@@ -171,6 +173,8 @@ class ChatWindow:
         self._last_typing_sent = 0.0
         self._closed = False
         self.lag_samples: list[float] = []  # after() lateness, seconds (for tests/bench)
+        self.busy_samples: list[float] = []  # time spent in each _poll, seconds
+        self._batch_scroll = False
         self._expected_tick = 0.0
 
         master.title("Chat")
@@ -205,27 +209,32 @@ class ChatWindow:
         )
         self.server_var = tk.StringVar(value=self.settings.server)
         self.username_var = tk.StringVar(value=self.settings.username)
+        self.password_var = tk.StringVar()
         self.connect_var = tk.StringVar()
         rows = [
             ("Server", self.server_var),
             ("Username", self.username_var),
+            ("Password", self.password_var),
             ("Connect to", self.connect_var),
         ]
         entries = []
         for i, (label, var) in enumerate(rows, start=1):
             ttk.Label(box, text=label).grid(row=i, column=0, sticky="w", padx=(0, 12), pady=4)
-            entry = ttk.Entry(box, textvariable=var, width=30)
+            entry = ttk.Entry(box, textvariable=var, width=30, show="\u2022" if var is
+                              self.password_var else "")  # fmt: skip
             entry.grid(row=i, column=1, sticky="ew", pady=4)
             entry.bind("<Return>", lambda e: self.submit_login())
             entries.append(entry)
-        self.server_entry, self.username_entry, self.connect_entry = entries
-        ttk.Label(box, text="optional: who to talk to first", style="Muted.TLabel").grid(
-            row=4, column=1, sticky="w"
-        )
+        self.server_entry, self.username_entry, self.password_entry, self.connect_entry = entries
+        ttk.Label(
+            box, text="A new name is registered with this password.", style="Muted.TLabel"
+        ).grid(row=5, column=1, sticky="w")
+        ttk.Label(box, text="Connect to is optional: who to talk to first.",
+                  style="Muted.TLabel").grid(row=6, column=1, sticky="w")  # fmt: skip
         self.login_button = ttk.Button(box, text="Login", command=self.submit_login)
-        self.login_button.grid(row=5, column=1, sticky="e", pady=(12, 4))
+        self.login_button.grid(row=7, column=1, sticky="e", pady=(12, 4))
         self.login_error = ttk.Label(box, text="", style="Error.TLabel", wraplength=360)
-        self.login_error.grid(row=6, column=0, columnspan=2, sticky="w")
+        self.login_error.grid(row=8, column=0, columnspan=2, sticky="w")
         return outer
 
     def _build_chat(self) -> ttk.Frame:
@@ -246,8 +255,9 @@ class ChatWindow:
         self.contacts.column("unread", width=32, anchor="e", stretch=False)
         self.contacts.pack(fill="both", expand=True, pady=(4, 0))
         self.contacts.bind("<<TreeviewSelect>>", self._on_contact_selected)
+        ttk.Label(left, text="New chat with:", style="Muted.TLabel").pack(anchor="w", pady=(6, 0))
         new = ttk.Frame(left)
-        new.pack(fill="x", pady=(6, 0))
+        new.pack(fill="x")
         self.new_chat_var = tk.StringVar()
         self.new_chat_entry = ttk.Entry(new, textvariable=self.new_chat_var, width=12)
         self.new_chat_entry.pack(side="left", fill="x", expand=True)
@@ -272,7 +282,9 @@ class ChatWindow:
         self.peer_label = ttk.Label(header, text="", font=("TkDefaultFont", 12, "bold"))
         self.peer_label.pack(side="left")
         self.find_var = tk.StringVar()
+        self.find_status = ttk.Label(header, text="", style="Muted.TLabel")
         self.find_entry = ttk.Entry(header, textvariable=self.find_var, width=18)
+        self.find_label = ttk.Label(header, text="Find:")
         self.find_entry.bind("<Return>", lambda e: self.find_next())
         self.find_entry.bind("<Escape>", lambda e: self._hide_find())
 
@@ -344,6 +356,13 @@ class ChatWindow:
             self.show_login_error(f"Username: {exc}")
             self.username_entry.focus_set()
             return
+        password = self.password_var.get()
+        if not password:
+            self.show_login_error(
+                "Password: type your password (a new name is registered with it)."
+            )
+            self.password_entry.focus_set()
+            return
         connect = self.connect_var.get().strip()
         if connect:
             try:
@@ -360,12 +379,14 @@ class ChatWindow:
         self.login_button.configure(state="disabled", text="Connecting\u2026")
         self.events = queue.Queue()
         self.session = ChatSession(events=self.events, **self.session_options)
-        self.session.login(server, username, self.connect_to)
+        self.session.login(server, username, self.connect_to, password=password)
 
     def show_login_error(self, text: str) -> None:
         self.login_error.configure(text=text)
 
     def _back_to_login(self, message: str) -> None:
+        if self.session is not None:
+            self.session.discard()
         self.session = None
         self.chat_frame.pack_forget()
         self.login_frame.pack(fill="both", expand=True)
@@ -381,7 +402,12 @@ class ChatWindow:
         self.lag_samples.append(max(0.0, now - self._expected_tick))
         if len(self.lag_samples) > 10_000:
             del self.lag_samples[:5000]
+        more = False
+        self._batch_scroll = False
         for _ in range(POLL_BATCH):
+            if time.monotonic() - now > POLL_BUDGET_S:
+                more = True
+                break
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
@@ -390,9 +416,17 @@ class ChatWindow:
                 self.handle_event(event)
             except tk.TclError:
                 pass  # a widget went away while closing
+        else:
+            more = True
+        if self._batch_scroll:
+            self._scroll_to_end()  # once per batch: `see` is the costly part
+        self.busy_samples.append(time.monotonic() - now)
+        if len(self.busy_samples) > 10_000:
+            del self.busy_samples[:5000]
         if not self._closed:
-            self._expected_tick = time.monotonic() + POLL_MS / 1000
-            self._poll_id = self.top.after(POLL_MS, self._poll)
+            delay = 1 if more else POLL_MS
+            self._expected_tick = time.monotonic() + delay / 1000
+            self._poll_id = self.top.after(delay, self._poll)
 
     def handle_event(self, event: SessionEvent) -> None:
         if isinstance(event, LoggedIn):
@@ -429,7 +463,7 @@ class ChatWindow:
             self.open_conversation(self.connect_to)
         else:
             self.peer_label.configure(text="Waiting for someone to write \u2014 or pick a contact")
-        self.composer.focus_set()
+        self._take_focus(self.composer)
 
     def _on_error(self, event: ErrorEvent) -> None:
         if self.username is None:
@@ -449,6 +483,8 @@ class ChatWindow:
 
     def _on_disconnected(self, reason: str) -> None:
         if self.username is None:
+            if self.session is not None:
+                self.session.discard()
             self.session = None
             return
         if reason == "logged_in_elsewhere":
@@ -461,7 +497,7 @@ class ChatWindow:
         line = Line("peer", event.sender, event.text, event.sent_ms / 1000)
         conv.lines.append(line)
         if self.current is None:
-            self.open_conversation(event.sender)
+            self.open_conversation(event.sender, focus=False)
         elif conv is self.current:
             self._render_line(line)
         if conv is not self.current or not self.focused:
@@ -511,7 +547,7 @@ class ChatWindow:
             self.contacts.insert("", "end", iid=key, text=tk_safe(name), values=("", ""))
         return conv
 
-    def open_conversation(self, name: str) -> None:
+    def open_conversation(self, name: str, *, focus: bool = True) -> None:
         conv = self.conversation(name)
         self.current = conv
         if self.session is not None:
@@ -525,7 +561,8 @@ class ChatWindow:
         if self.contacts.selection() != (key,):
             self.contacts.selection_set(key)
         self._render_all()
-        self.composer.focus_set()
+        if focus:
+            self._take_focus(self.composer)
 
     def _open_typed(self) -> None:
         name = self.new_chat_var.get().strip()
@@ -597,7 +634,8 @@ class ChatWindow:
         text.configure(state="disabled")
         if follow:
             if was_at_bottom or line.kind == "own":
-                self._scroll_to_end()
+                self._batch_scroll = True
+                self.new_marker.place_forget()
             else:
                 self.new_marker.place(relx=0.5, rely=1.0, anchor="s", y=-6)
 
@@ -641,6 +679,8 @@ class ChatWindow:
         conv.lines.append(line)
         if conv is self.current:
             self._render_line(line)
+            if self._batch_scroll:
+                self._scroll_to_end()
 
     def _scroll_to_end(self) -> None:
         self.transcript.see("end")
@@ -726,21 +766,28 @@ class ChatWindow:
         return lambda _event: self.retry(line)
 
     def retry(self, line: Line) -> None:
-        """Send a failed message again, as a new message."""
-        if self.session is not None and self.current is not None:
-            self.session.send(line.text, to=self.current.name)
+        """Send a failed message again, as a new message (once per failure)."""
+        if self.session is None or self.current is None or line.state != "failed":
+            return
+        line.state = "retried"
+        self._render_state(line)
+        self.session.send(line.text, to=self.current.name)
 
     # --- find -------------------------------------------------------------------
 
     def show_find(self) -> None:
         if self.username is None:
             return
+        self.find_status.pack(side="right", padx=(6, 0))
         self.find_entry.pack(side="right")
+        self.find_label.pack(side="right", padx=(0, 4))
         self.find_entry.focus_set()
         self.find_entry.select_range(0, "end")
 
     def _hide_find(self) -> None:
         self.find_entry.pack_forget()
+        self.find_label.pack_forget()
+        self.find_status.pack_forget()
         self.transcript.tag_remove("found", "1.0", "end")
         self.composer.focus_set()
 
@@ -755,7 +802,9 @@ class ChatWindow:
             needle, "1.0", nocase=True, stopindex="end"
         )
         if not pos:
+            self.find_status.configure(text="not found", style="Error.TLabel")
             return False
+        self.find_status.configure(text="", style="Muted.TLabel")
         end = f"{pos}+{len(needle)}c"
         text.tag_add("found", pos, end)
         text.mark_set("insert", pos)
@@ -788,9 +837,22 @@ class ChatWindow:
             self._update_title()
 
     def _on_focus_out(self, event: Any) -> None:
-        # FocusOut also fires when focus moves between our own widgets.
-        if self.top.focus_get() is None:
-            self.focused = False
+        # FocusOut also fires when focus moves between our own widgets, and
+        # with two windows in one app focus_get() names the other one's.
+        self.focused = self._has_focus()
+
+    def _has_focus(self) -> bool:
+        try:
+            widget = self.top.focus_get()
+        except (tk.TclError, KeyError):
+            return False
+        return widget is not None and widget.winfo_toplevel() is self.top
+
+    def _take_focus(self, widget: tk.Misc) -> None:
+        """Focus `widget` only if this window has the focus already: a message
+        arriving must never pull the keyboard out of another window."""
+        if self._has_focus() or self.top.focus_get() is None:
+            widget.focus_set()
 
     def close(self) -> None:
         """Log out (waiting briefly for accepts) and destroy the window."""

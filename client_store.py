@@ -56,11 +56,13 @@ def data_dir() -> Path:
     return base / "udp-chat"
 
 
-def store_dir(server: str, username: str) -> Path:
+def store_dir(server: str, username: str, root: Path | None = None) -> Path:
+    """Where one (server, username) keeps its outbox and history."""
+
     def safe(text: str) -> str:
         return re.sub(r"[^\w.-]", "_", text)
 
-    return data_dir() / "client" / safe(server) / safe(name_key(username))
+    return (root or data_dir() / "client") / safe(server) / safe(name_key(username))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ WHO_PAGE_MAX = 50
 MAGIC = b"UCHT"
 VERSION = 1
 FLAG_MAC = 0x01
+#: Datagrams without a MAC (the login exchange and its hints) end in a CRC-32
+#: instead, so a flipped bit is dropped rather than taken for a wrong password.
+CRC = struct.Struct("!I")
 SESSION_ID_SIZE = 16
 TAG_SIZE = 16
 KEY_SIZE = 32
@@ -164,7 +167,7 @@ _INTS = {
     "u32": struct.Struct("!I"),
     "u64": struct.Struct("!Q"),
 }
-_FIXED = {"b16": 16, "b32": 32}
+_FIXED = {"b8": 8, "b16": 16, "b32": 32}
 
 
 class MsgId(NamedTuple):
@@ -190,6 +193,13 @@ def _write(kind: str, value: object, out: list[bytes]) -> None:
             assert isinstance(value, str)
             data = value.encode("utf-8")
             out.append(_INTS["u16"].pack(len(data)))
+            out.append(data)
+        elif kind == "text":  # chat text: up to 64 KiB, so a u32 length
+            assert isinstance(value, str)
+            data = value.encode("utf-8")
+            if len(data) > MAX_TEXT_BYTES:
+                raise ValueError(f"text of {len(data)} bytes is over {MAX_TEXT_BYTES}")
+            out.append(_INTS["u32"].pack(len(data)))
             out.append(data)
         elif kind == "strs":
             assert isinstance(value, tuple)
@@ -247,6 +257,14 @@ class _Reader:
                 return self.take(size).decode("utf-8")
             except UnicodeDecodeError:
                 raise RemoteProtocolError("text is not UTF-8") from None
+        if kind == "text":
+            (size,) = _INTS["u32"].unpack(self.take(4))
+            if size > MAX_TEXT_BYTES:
+                raise RemoteProtocolError(f"text of {size} bytes is over the limit")
+            try:
+                return self.take(size).decode("utf-8")
+            except UnicodeDecodeError:
+                raise RemoteProtocolError("text is not UTF-8") from None
         if kind == "strs":
             (count,) = _INTS["u16"].unpack(self.take(2))
             return tuple(self.read("str") for _ in range(count))
@@ -296,11 +314,15 @@ class FrameType(enum.IntEnum):
     ACK = 1  # what this side has received (never acked itself)
     PING = 2  # keepalive; ack-eliciting, never retransmitted
     STREAM = 3  # one reliable, ordered chunk of a chat message
-    LOGIN = 4  # pre-auth: a client asks for a session
-    WELCOME = 5  # pre-auth reply: the session and its key
-    REFUSED = 6  # pre-auth reply: login refused, with a code
-    VERSION = 7  # reply to our magic with a version we do not speak
-    UNKNOWN_SESSION = 8  # reply: no such session here (the server restarted); log in again
+    HELLO = 4  # pre-auth: a client names itself and asks for a challenge
+    CHALLENGE = 5  # pre-auth reply: SCRAM salt, iterations and the stateless cookie
+    LOGIN = 6  # pre-auth: the SCRAM proof (and keys, when registering)
+    WELCOME = 7  # pre-auth reply: the session and the server's signature
+    REFUSED = 8  # pre-auth reply: login refused, with a code
+    VERSION = 9  # reply to our magic with a version we do not speak
+    UNKNOWN_SESSION = 10  # reply: no such session here (the server restarted); log in again
+    PATH_CHALLENGE = 11  # "is this really you at this address?" (RFC 9000 8.2)
+    PATH_RESPONSE = 12  # the answer, from the new address
 
 
 @dataclass(frozen=True)
@@ -347,27 +369,56 @@ class Stream:
 
 
 @dataclass(frozen=True)
-class Login:
-    """A request for a session. `nonce` names this attempt so a retransmitted
-    LOGIN gets the same WELCOME; `resume_session`/`resume_proof` (an HMAC
-    with the old key) let the same client instance replace its own session."""
+class Hello:
+    """The first datagram of a login (padded to 256 bytes). `nonce` names the
+    attempt; retransmissions repeat it."""
 
-    TYPE: ClassVar[FrameType] = FrameType.LOGIN
-    SPEC: ClassVar[tuple[str, ...]] = ("str", "u64", "b16", "b16", "b16")
+    TYPE: ClassVar[FrameType] = FrameType.HELLO
+    SPEC: ClassVar[tuple[str, ...]] = ("str", "u64", "b16")
     username: str
     instance_id: int
     nonce: bytes
-    resume_session: bytes = NO_SESSION
-    resume_proof: bytes = bytes(16)
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """SCRAM's server-first message. `cookie` is the server nonce: an HMAC of
+    the client's address and nonce under a secret that rotates every 120 s,
+    so the server keeps no state until the client proves it can receive."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CHALLENGE
+    SPEC: ClassVar[tuple[str, ...]] = ("b16", "b16", "b16", "u32")
+    nonce: bytes
+    cookie: bytes
+    salt: bytes
+    iterations: int
+
+
+@dataclass(frozen=True)
+class Login:
+    """SCRAM's client-final message (padded to 256 bytes): the proof, and the
+    keys to store if this name is new (ignored when it is not)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.LOGIN
+    SPEC: ClassVar[tuple[str, ...]] = ("str", "u64", "b16", "b16", "b32", "b32", "b32")
+    username: str
+    instance_id: int
+    nonce: bytes
+    cookie: bytes
+    proof: bytes
+    stored_key: bytes
+    server_key: bytes
 
 
 @dataclass(frozen=True)
 class Welcome:
+    """Logged in. The session key is never sent: both sides derive it."""
+
     TYPE: ClassVar[FrameType] = FrameType.WELCOME
     SPEC: ClassVar[tuple[str, ...]] = ("b16", "b16", "b32", "str")
     nonce: bytes
     session_id: bytes
-    key: bytes
+    signature: bytes  # SCRAM ServerSignature: the server knows the account
     username: str  # the display form the server registered
 
 
@@ -388,6 +439,20 @@ class VersionFrame:
 
 
 @dataclass(frozen=True)
+class PathChallenge:
+    TYPE: ClassVar[FrameType] = FrameType.PATH_CHALLENGE
+    SPEC: ClassVar[tuple[str, ...]] = ("b8",)
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PathResponse:
+    TYPE: ClassVar[FrameType] = FrameType.PATH_RESPONSE
+    SPEC: ClassVar[tuple[str, ...]] = ("b8",)
+    data: bytes
+
+
+@dataclass(frozen=True)
 class UnknownSession:
     """A hint, not a proof (it carries no MAC): the client answers it only by
     logging in again, which the real server must accept."""
@@ -396,13 +461,17 @@ class UnknownSession:
     SPEC: ClassVar[tuple[str, ...]] = ()
 
 
-Frame = Padding | Ack | Ping | Stream | Login | Welcome | Refused | VersionFrame | UnknownSession
-FRAME_CLASSES: dict[int, type] = {
-    cls.TYPE: cls
-    for cls in (Padding, Ack, Ping, Stream, Login, Welcome, Refused, VersionFrame, UnknownSession)
-}
+_FRAMES = (
+    Padding, Ack, Ping, Stream, Hello, Challenge, Login, Welcome, Refused, VersionFrame,
+    UnknownSession, PathChallenge, PathResponse,
+)  # fmt: skip
+Frame = (
+    Padding | Ack | Ping | Stream | Hello | Challenge | Login | Welcome | Refused | VersionFrame
+    | UnknownSession | PathChallenge | PathResponse
+)  # fmt: skip
+FRAME_CLASSES: dict[int, type] = {cls.TYPE: cls for cls in _FRAMES}
 #: Frames that may arrive without a MAC: the login exchange and its hints.
-PREAUTH_FRAMES = (Padding, Login, Welcome, Refused, VersionFrame, UnknownSession)
+PREAUTH_FRAMES = (Padding, Hello, Challenge, Login, Welcome, Refused, VersionFrame, UnknownSession)
 
 
 def encode_frame(frame: Frame) -> bytes:
@@ -437,12 +506,14 @@ def encode_packet(packet: Packet, key: bytes | None, *, pad_to: int = 0) -> byte
     if len(packet.session_id) != SESSION_ID_SIZE:
         raise LocalProtocolError("a session id is 16 bytes")
     body = b"".join(encode_frame(f) for f in packet.frames)
-    size = HEADER.size + len(body) + (TAG_SIZE if key is not None else 0)
+    size = HEADER.size + len(body) + (TAG_SIZE if key is not None else CRC.size)
     if size < pad_to:
         body += encode_frame(Padding(bytes(max(0, pad_to - size - FRAME_HEADER.size))))
     data = header + body
     if key is not None:
         data += mac_tag(key, data)
+    else:
+        data += CRC.pack(zlib.crc32(data))
     if len(data) > MAX_DATAGRAM:
         raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
     return data
@@ -487,6 +558,10 @@ def decode_packet(data: bytes, key: bytes | None = None) -> Packet:
             raise BadTag("tag does not verify")
     elif header.flags & FLAG_MAC:
         raise RemoteProtocolError("tagged datagram without a session")
+    else:
+        end -= CRC.size
+        if end < HEADER.size or CRC.unpack_from(data, end)[0] != zlib.crc32(data[:end]):
+            raise RemoteProtocolError("bad checksum")
     frames: list[Frame] = []
     pos = HEADER.size
     while pos < end:
@@ -520,11 +595,6 @@ def unknown_session_reply(session_id: bytes, request_size: int) -> bytes | None:
     """The hint for a datagram naming a session we do not have, if not larger."""
     reply = encode_packet(Packet(session_id, 0, (UnknownSession(),)), None)
     return reply if len(reply) <= request_size else None
-
-
-def resume_proof(old_key: bytes, nonce: bytes) -> bytes:
-    """Proof that a client holds its previous session's key (for a silent re-login)."""
-    return mac_tag(old_key, b"resume" + nonce)
 
 
 # --- chat messages (inside STREAM frames) ---------------------------------
@@ -561,7 +631,7 @@ class Kind(enum.IntEnum):
 @dataclass(frozen=True)
 class Send:
     KIND: ClassVar[Kind] = Kind.SEND
-    SPEC: ClassVar[tuple[str, ...]] = ("msgid", "str", "str")
+    SPEC: ClassVar[tuple[str, ...]] = ("msgid", "str", "text")
     msg_id: MsgId
     to: str
     text: str
@@ -587,7 +657,7 @@ class Fail:
 @dataclass(frozen=True)
 class Deliver:
     KIND: ClassVar[Kind] = Kind.DELIVER
-    SPEC: ClassVar[tuple[str, ...]] = ("u64", "msgid", "str", "str", "u64")
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "msgid", "str", "text", "u64")
     server_msg_id: int
     msg_id: MsgId
     sender: str

@@ -41,6 +41,8 @@ from protocol import (
     Frame,
     LocalProtocolError,
     Packet,
+    PathChallenge,
+    PathResponse,
     Ping,
     RemoteProtocolError,
     Stream,
@@ -111,7 +113,14 @@ class PeerReachable:
     """Acks flow again after PeerUnreachable."""
 
 
-Event = PayloadReceived | PayloadAcked | PeerUnreachable | PeerReachable
+@dataclasses.dataclass(frozen=True)
+class PathResponded:
+    """A PATH_RESPONSE arrived (the owner knows from which address)."""
+
+    data: bytes
+
+
+Event = PayloadReceived | PayloadAcked | PeerUnreachable | PeerReachable | PathResponded
 
 
 class _Chunk:
@@ -169,6 +178,7 @@ class Connection:
         "_partial",
         "_buffered",
         "_events",
+        "_path_responses",
     )
 
     def __init__(
@@ -216,6 +226,7 @@ class Connection:
         self._partial: dict[int, list[bytes]] = {}
         self._buffered = 0
         self._events: collections.deque[Event] = collections.deque()
+        self._path_responses: list[bytes] = []
 
     # --- the owner's API --------------------------------------------------
 
@@ -232,6 +243,12 @@ class Connection:
             frame = Stream(self._next_seq, stream, stream_seq, index, count, piece)
             self._next_seq += 1
             self._waiting.append(_Chunk(frame, handle if index == count - 1 else None))
+
+    def ack_now(self) -> None:
+        """Send the pending ACK on the next `datagrams_to_send`, not 25 ms later
+        (the session is about to end and will not get another chance)."""
+        if self._largest_recv:
+            self._ack_due = 0.0
 
     def send_ping(self) -> None:
         """Ask for one ack-eliciting datagram (a keepalive) on the next send."""
@@ -261,6 +278,25 @@ class Connection:
     @property
     def window(self) -> int:
         return int(self._cwnd)
+
+    def make_probe(self, frames: tuple[Frame, ...]) -> bytes:
+        """A datagram of this session with just `frames` (a PATH_CHALLENGE to a
+        new address), outside the reliability machinery."""
+        pkt = self.next_pkt
+        self.next_pkt += 1
+        self.sent_count += 1
+        return encode_packet(Packet(self.session_id, pkt, frames), self.key)
+
+    def count_new(self, packet: Packet) -> tuple[int, int]:
+        """(messages, bytes) this packet would add: chunks not seen before.
+        Fragments after the first count toward bytes only, retransmissions
+        toward neither (RELIABILITY.md rate limits)."""
+        messages = size = 0
+        for frame in packet.frames:
+            if isinstance(frame, Stream) and not self._seen(frame.seq):
+                size += len(frame.data)
+                messages += frame.index == 0
+        return messages, size
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -306,6 +342,10 @@ class Connection:
             elif isinstance(frame, Stream):
                 # A chunk refused for a cap is simply not acked: resent later.
                 out_of_order |= self._on_stream(frame)
+            elif isinstance(frame, PathChallenge):
+                self._path_responses.append(frame.data)
+            elif isinstance(frame, PathResponse):
+                self._events.append(PathResponded(frame.data))
         if eliciting:
             self._ack_count += 1
             if out_of_order or self._ack_count >= ACK_EVERY:
@@ -321,9 +361,10 @@ class Connection:
         self._admit_waiting()
         queue = [c for c in self._inflight.values() if c.lost]
         budget = self._packet_budget()
-        while (queue and budget > 0) or self._ack_is_due(now) or self._ping:
-            frames: list[Frame] = []
-            room = MAX_FRAMES_SIZE
+        while (queue and budget > 0) or self._ack_is_due(now) or self._ping or self._path_responses:
+            frames: list[Frame] = [PathResponse(d) for d in self._path_responses[:4]]
+            del self._path_responses[:4]
+            room = MAX_FRAMES_SIZE - 11 * len(frames)
             if self._largest_recv:
                 ack = self._make_ack(now, DATA_ACK_RANGES if queue else MAX_ACK_RANGES)
                 frames.append(ack)
@@ -363,7 +404,7 @@ class Connection:
         deadlines = []
         if self._ack_due is not None:
             deadlines.append(self._ack_due)
-        if self._ping:
+        if self._ping or self._path_responses:
             deadlines.append(0.0)
         oldest = self._oldest_outstanding()
         if oldest is not None:

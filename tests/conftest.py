@@ -1,5 +1,7 @@
 """Shared fixtures: a real server on an ephemeral port (in a thread or as a
-process), short loopback timers, and helpers to read session events."""
+process) with its own data directory, short loopback timers, a home of its
+own for every test (so clients never touch the real user's data), and
+helpers to read session events."""
 
 from __future__ import annotations
 
@@ -24,6 +26,34 @@ from chat_server import ChatServer, ServerConfig  # noqa: E402
 
 #: Loopback timers (RELIABILITY.md: tests use 50 ms / 1 s).
 RTO_MIN, RTO_MAX = 0.05, 1.0
+#: RFC 7677's minimum; the real default (600,000) costs each login 0.15 s+.
+TEST_ITERATIONS = 4096
+#: Every test user's password unless a test says otherwise.
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """HOME and XDG_* of this test only (child processes inherit them), and
+    the default password in CHAT_PASSWORD for terminal clients."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("CHAT_PASSWORD", PASSWORD)
+    return home
+
+
+def test_config(data_dir: Path | None, **overrides: Any) -> ServerConfig:
+    """A server configuration for loopback tests (fast timers, cheap PBKDF2)."""
+    options: dict[str, Any] = {
+        "rto_min": RTO_MIN, "rto_max": RTO_MAX, "iterations": TEST_ITERATIONS,
+        "data_dir": data_dir,
+    }  # fmt: skip
+    options.update(overrides)
+    return ServerConfig(**options)
 
 
 class RunningServer:
@@ -39,7 +69,8 @@ class RunningServer:
 
 
 def start_server(config: ServerConfig | None = None) -> RunningServer:
-    config = config or ServerConfig(rto_min=RTO_MIN, rto_max=RTO_MAX)
+    """A server thread; without a config it keeps everything in memory."""
+    config = config or test_config(None)
     server = ChatServer(("127.0.0.1", 0), config)
     thread = threading.Thread(target=server.serve_forever, daemon=True, name="test-server")
     thread.start()
@@ -53,9 +84,10 @@ def stop_server(running: RunningServer) -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[RunningServer]:
-    """A server in a thread of this process, on a free port."""
-    running = start_server()
+def server(tmp_path: Path) -> Iterator[RunningServer]:
+    """A server in a thread of this process, on a free port, with a data
+    directory (SQLite) of its own."""
+    running = start_server(test_config(tmp_path / "server-data"))
     yield running
     stop_server(running)
 
@@ -71,11 +103,12 @@ class ServerProcess:
         return f"{self.host}:{self.port}"
 
 
-def spawn_server(*extra: str, port: int = 0) -> ServerProcess:
+def spawn_server(*extra: str, data_dir: Path, port: int = 0) -> ServerProcess:
     """`python chat_server.py` as a real process; waits for its ready line."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "chat_server.py"), "--port", str(port),
-         "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning", *extra],
+         "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning",
+         "--data-dir", str(data_dir), "--pbkdf2-iterations", str(TEST_ITERATIONS), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -89,19 +122,24 @@ def spawn_server(*extra: str, port: int = 0) -> ServerProcess:
     return ServerProcess(proc, match.group(1), int(match.group(2)))
 
 
-@pytest.fixture
-def server_process() -> Iterator[ServerProcess]:
-    running = spawn_server()
-    yield running
+def stop_process(running: ServerProcess) -> None:
     if running.proc.poll() is None:
         running.proc.terminate()
         try:
             running.proc.wait(5)
         except subprocess.TimeoutExpired:
             running.proc.kill()
+            running.proc.wait(5)
     for stream in (running.proc.stdout, running.proc.stderr):
         if stream is not None:
             stream.close()
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    running = spawn_server(data_dir=tmp_path / "server-data")
+    yield running
+    stop_process(running)
 
 
 def client_command(*args: str) -> list[str]:
@@ -110,6 +148,8 @@ def client_command(*args: str) -> list[str]:
 
 
 def make_session(**kwargs: Any) -> ChatSession:
+    """A ChatSession with loopback timers; log in with
+    `session.login(addr, name, peer, password=PASSWORD)`."""
     kwargs.setdefault("rto_min", RTO_MIN)
     kwargs.setdefault("rto_max", RTO_MAX)
     return ChatSession(**kwargs)

@@ -10,7 +10,8 @@ in force, drawn from one seeded `random.Random`.
 
 Rates can change while it runs: `proxy.set(loss=0.1)` for both directions,
 `proxy.set(UP, blackhole=True)` for one. Counters per direction are in
-`proxy.stats(UP)` / `proxy.stats(DOWN)`. One thread runs the whole proxy:
+`proxy.stats(UP)` / `proxy.stats(DOWN)`; a `tap` callback sees every
+datagram as it arrives (to classify traffic). One thread runs the whole proxy:
 delayed datagrams wait on a heap and go out from the same timed loop.
 
     with LossyProxy(server.address, seed=1, loss=0.3) as proxy:
@@ -28,9 +29,13 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 Address = tuple[str, int]
+#: Called on the proxy's thread for every datagram that arrives, before any
+#: fault: (direction, client address, datagram).
+Tap = Callable[[str, Address, bytes], None]
 
 UP = "up"  # client -> server
 DOWN = "down"  # server -> client
@@ -71,9 +76,11 @@ class LossyProxy:
         *,
         seed: int = 0,
         host: str = "127.0.0.1",
+        tap: Tap | None = None,
         **rates: Any,
     ) -> None:
         self.target: Address = (target[0], target[1])
+        self.tap = tap
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._faults = {d: Faults(**rates) for d in DIRECTIONS}
@@ -136,6 +143,18 @@ class LossyProxy:
                     if not hasattr(faults, name):
                         raise TypeError(f"no fault setting {name!r}")
                     setattr(faults, name, value)
+        self._wake()
+
+    def retarget(self, target: Address) -> None:
+        """Send what clients send to another server from now on (the same
+        upstream sockets, so each client keeps its address): to the clients,
+        the server restarted and forgot them."""
+        self.target = (target[0], target[1])
+
+    def heal(self) -> None:
+        """Back to a perfect network, both ways."""
+        with self._lock:
+            self._faults = {d: Faults() for d in DIRECTIONS}
         self._wake()
 
     def faults(self, direction: str) -> Faults:
@@ -204,6 +223,8 @@ class LossyProxy:
             else:
                 flow = self._by_upstream[sock]
                 out_sock, dest = self.listener, flow.client
+            if self.tap is not None:
+                self.tap(direction, flow.client, data)
             self._schedule(data, out_sock, dest, direction, time.monotonic())
 
     def _flow_for(self, client: Address) -> _Flow:

@@ -1,0 +1,179 @@
+"""An X display for the GUI tests: the one in $DISPLAY if it works, else a
+private Xvfb on a free display number, stopped at the end of the session.
+
+Without a working display and without Xvfb the tests FAIL (a GUI that is
+never tested is not a pass): install it with `apt-get install xvfb`.
+
+`screenshot(path)` saves a PNG of the whole screen for a person to look at
+(`import -window root` from ImageMagick, else `xwd -root` + `convert`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+SCREEN = "1600x900x24"
+FIRST_DISPLAY = 90  # well above what a desktop or CI normally uses
+TRIES = 40
+START_TIMEOUT = 10.0
+INSTALL_HINT = "install Xvfb (Debian/Ubuntu: `apt-get install xvfb`)"
+
+
+def _accepts(number: int) -> bool:
+    """True if an X server listens on local display `number`."""
+    path = f"/tmp/.X11-unix/X{number}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def display_works(display: str) -> bool:
+    """True if a Tk window can open on `display` (checked in a subprocess,
+    so a broken display cannot hang or kill the test process)."""
+    env = dict(os.environ, DISPLAY=display)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", "import tkinter; tkinter.Tk().destroy()"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=15,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def _free(number: int) -> bool:
+    return not (
+        Path(f"/tmp/.X{number}-lock").exists() or Path(f"/tmp/.X11-unix/X{number}").exists()
+    )
+
+
+class Xvfb:
+    """A private Xvfb process on display `:number`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], number: int, log: Path) -> None:
+        self.proc = proc
+        self.number = number
+        self.log = log
+
+    @property
+    def display(self) -> str:
+        return f":{self.number}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.unlink(missing_ok=True)
+
+
+def start_xvfb(binary: str) -> Xvfb:
+    """Start Xvfb on the first free display number that it manages to take
+    (another process may grab a number between our check and its start)."""
+    errors: list[str] = []
+    for number in range(FIRST_DISPLAY, FIRST_DISPLAY + TRIES):
+        if not _free(number):
+            continue
+        fd, name = tempfile.mkstemp(prefix=f"xvfb-{number}-", suffix=".log")
+        log = Path(name)
+        with os.fdopen(fd, "wb") as log_file:
+            proc = subprocess.Popen(
+                [binary, f":{number}", "-screen", "0", SCREEN, "-nolisten", "tcp"],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if _accepts(number):
+                return Xvfb(proc, number, log)
+            time.sleep(0.05)
+        server = Xvfb(proc, number, log)
+        output = log.read_text("utf-8", "replace").strip().splitlines()
+        errors.append(f":{number}: {output[-1] if output else 'no output'}")
+        server.stop()
+    pytest.fail(
+        f"could not start Xvfb on any display :{FIRST_DISPLAY}..:{FIRST_DISPLAY + TRIES - 1}"
+        f" ({'; '.join(errors[-3:]) or 'all taken'})",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def display() -> Iterator[str]:
+    """The X display the GUI tests use (also set in os.environ["DISPLAY"])."""
+    current = os.environ.get("DISPLAY")
+    if current and display_works(current):
+        yield current
+        return
+    binary = shutil.which("Xvfb")
+    if binary is None:
+        why = f"DISPLAY={current!r} does not work" if current else "DISPLAY is not set"
+        pytest.fail(f"the GUI tests need an X display: {why} and Xvfb is not installed; "
+                    f"{INSTALL_HINT}", pytrace=False)  # fmt: skip
+    server = start_xvfb(binary)
+    os.environ["DISPLAY"] = server.display
+    try:
+        yield server.display
+    finally:
+        if current is None:
+            os.environ.pop("DISPLAY", None)
+        else:
+            os.environ["DISPLAY"] = current
+        server.stop()
+
+
+def screenshot(path: str | Path) -> Path | None:
+    """Save a PNG of the root window to `path` (relative paths go under
+    tests/artifacts/). Returns the path, or None (with a printed note) when
+    no screenshot tool is installed: the test itself goes on."""
+    target = Path(path)
+    if not target.is_absolute():
+        target = ARTIFACTS / target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    display = os.environ.get("DISPLAY", "")
+    if shutil.which("import"):
+        commands = [["import", "-display", display, "-window", "root", str(target)]]
+    elif shutil.which("xwd") and shutil.which("convert"):
+        raw = target.with_suffix(".xwd")
+        commands = [
+            ["xwd", "-display", display, "-root", "-silent", "-out", str(raw)],
+            ["convert", str(raw), str(target)],
+        ]
+    else:
+        print(f"screenshot {target.name} skipped: install imagemagick (or xwd + convert)")
+        return None
+    try:
+        for command in commands:
+            subprocess.run(command, check=True, timeout=30, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"screenshot {target.name} failed: {exc}")
+        return None
+    finally:
+        target.with_suffix(".xwd").unlink(missing_ok=True)
+    return target
