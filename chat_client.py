@@ -120,6 +120,7 @@ class MessageReceived:
     text: str
     id: int  # the server's number for it in our mailbox
     sent_ms: int  # when the server accepted it (wall clock, ms)
+    msg_id: str = ""  # the sender's message id, `instance-seq`
 
 
 @dataclass(frozen=True)
@@ -737,7 +738,7 @@ class _Worker:
             if new:
                 s._heard_from(message.sender)
                 s._emit(MessageReceived(message.sender, message.text, message.server_msg_id,
-                                        message.sent_ms))  # fmt: skip
+                                        message.sent_ms, message.msg_id.label()))  # fmt: skip
             self.send_message(Receipt(message.server_msg_id))
         elif isinstance(message, Accept):
             out = self.outbox.get(message.msg_id)

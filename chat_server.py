@@ -19,7 +19,6 @@ import argparse
 import bisect
 import collections
 import heapq
-import hmac
 import itertools
 import logging
 import queue
@@ -30,20 +29,23 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType as _StackFrame
 
 from chat_guard import (
-    COOKIE_PERIOD,
     BucketTable,
-    FailureWindow,
-    ReplyCache,
     TokenBucket,
-    cookie,
-    cookie_valid,
 )
-from chat_store import Account, Loaded, ServerStore, StoredMessage, StoreLocked, default_data_dir
+from chat_login import LoginDesk, Verified
+from chat_registry import Address, DropLog, Entry, Probe, ServerConfig, Session, User
+from chat_store import (
+    Account,
+    Loaded,
+    ServerStore,
+    StoredMessage,
+    StoreLocked,
+    default_data_dir,
+)
 from protocol import (
     CONTROL_STREAM,
     MAX_TEXT_BYTES,
@@ -51,11 +53,9 @@ from protocol import (
     NO_SESSION,
     PBKDF2_ITERATIONS,
     PBKDF2_MIN_ITERATIONS,
-    SALT_SIZE,
     WHO_PAGE_MAX,
     Accept,
     Bye,
-    Challenge,
     Deliver,
     Delivered,
     ErrorCode,
@@ -80,7 +80,6 @@ from protocol import (
     Welcome,
     Who,
     WhoReply,
-    auth_message,
     conversation_stream,
     decode_header,
     decode_message,
@@ -92,7 +91,6 @@ from protocol import (
     server_signature,
     session_key,
     unknown_session_reply,
-    verify_proof,
     version_reply,
 )
 from reliability import (
@@ -106,125 +104,7 @@ from reliability import (
 
 log = logging.getLogger("chat_server")
 
-Address = tuple[str, int]
 Outgoing = list[tuple[bytes, Address]]
-
-
-@dataclass
-class ServerConfig:
-    """Every limit and timer of the server, with the defaults of RELIABILITY.md.
-    The benchmark raises some of them with documented flags."""
-
-    session_timeout: float = 60.0  # silence after which a session expires
-    rto_min: float = RTO_MIN
-    rto_max: float = RTO_MAX
-    max_sessions: int = 20_000
-    mailbox_messages: int = 10_000  # per recipient
-    mailbox_bytes: int = 10 * 1024 * 1024
-    log_interval: float = 10.0  # at most one log line per reason this often
-    data_dir: Path | None = None  # None: keep everything in memory (tests of the routing)
-    iterations: int = PBKDF2_ITERATIONS  # for new accounts; the client does the work
-    preauth_rate: float = 500.0  # per source IP, datagrams/s before login ...
-    preauth_burst: float = 1000.0  # ... many users may share one NAT address
-    login_failures: int = 5  # failed logins allowed per user and per IP ...
-    login_failure_period: float = 30.0  # ... in this many seconds
-    user_msg_rate: float = 200.0  # new messages/s per user after login ...
-    user_msg_burst: float = 500.0
-    user_byte_rate: float = 1024 * 1024  # ... and bytes/s
-    user_byte_burst: float = 2 * 1024 * 1024
-
-
-class _Entry:
-    """A message accepted for a recipient and not yet receipted by their client."""
-
-    __slots__ = ("server_msg_id", "msg_id", "sender_key", "sender", "text", "sent_ms", "queued_on")
-
-    def __init__(
-        self, server_msg_id: int, msg_id: MsgId, sender_key: str, sender: str, text: str,
-        sent_ms: int,
-    ) -> None:  # fmt: skip
-        self.server_msg_id = server_msg_id
-        self.msg_id = msg_id
-        self.sender_key = sender_key
-        self.sender = sender
-        self.text = text
-        self.sent_ms = sent_ms
-        self.queued_on: bytes | None = None  # the session it was handed to
-
-
-class _User:
-    __slots__ = (
-        "name", "key", "account", "session", "mailbox", "mailbox_bytes", "notices", "contacts",
-        "msg_bucket", "byte_bucket", "limited_at",
-    )  # fmt: skip
-
-    def __init__(self, name: str, key: str, account: Account) -> None:
-        self.name = name
-        self.key = key
-        self.account = account
-        self.session: _Session | None = None
-        self.mailbox: dict[int, _Entry] = {}
-        self.mailbox_bytes = 0
-        # Receipts for messages this user sent, until their client acks them.
-        self.notices: dict[MsgId, Delivered] = {}
-        self.contacts: set[str] = set()
-        self.msg_bucket: TokenBucket | None = None  # made at the first message
-        self.byte_bucket: TokenBucket | None = None
-        self.limited_at = -1e18  # when we last told them they were rate limited
-
-
-class _Session:
-    __slots__ = (
-        "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
-        "closing", "probe",
-    )  # fmt: skip
-
-    def __init__(
-        self, session_id: bytes, user: _User, addr: Address, conn: Connection, instance_id: int,
-        now: float,
-    ) -> None:  # fmt: skip
-        self.session_id = session_id
-        self.user = user
-        self.addr = addr
-        self.conn = conn
-        self.instance_id = instance_id
-        self.last_heard = now
-        self.scheduled: float | None = None  # deadline of its live timer-heap entry
-        self.closing = False
-        self.probe: _Probe | None = None  # an address change being validated
-
-
-class _Probe:
-    """A new address a session's datagrams came from, not yet validated."""
-
-    __slots__ = ("addr", "data", "received", "sent")
-
-    def __init__(self, addr: Address) -> None:
-        self.addr = addr
-        self.data = secrets.token_bytes(8)
-        self.received = 0  # bytes from the new address
-        self.sent = 0  # bytes to it: at most 3x received (RFC 9000 8.1)
-
-
-class _DropLog:
-    """Counts dropped datagrams by reason and logs each reason at most once
-    per interval, so a flood cannot fill the disk."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.counts: collections.Counter[str] = collections.Counter()
-        self._logged: dict[str, tuple[float, int]] = {}
-
-    def __call__(self, category: str, addr: Address, now: float, detail: object = "") -> None:
-        """Count a drop under a fixed `category` (never text the sender
-        chose, which could make every line new); `detail` only goes in the log."""
-        self.counts[category] += 1
-        last, count_then = self._logged.get(category, (-1e18, 0))
-        if now - last >= self.interval:
-            since = self.counts[category] - count_then
-            log.info("dropped datagram from %s:%d: %s%s (%d since last report)", *addr, category,
-                     f" ({detail})" if detail else "", since)  # fmt: skip
-            self._logged[category] = (now, self.counts[category])
 
 
 class Relay:
@@ -240,38 +120,41 @@ class Relay:
         self.config = config or ServerConfig()
         self.store = store
         self._wall_clock = wall_clock
-        self.users: dict[str, _User] = {}
-        self.sessions: dict[bytes, _Session] = {}
+        self.users: dict[str, User] = {}
+        self.sessions: dict[bytes, Session] = {}
         self._online: list[str] = []  # sorted name keys, for paged WHO
         self._accepted: dict[tuple[str, int, int], int] = {}  # dedup: message id -> server id
         self._durable: set[int] = set()  # server ids accepted but not yet committed
-        self._dirty: dict[bytes, _Session] = {}
+        self._dirty: dict[bytes, Session] = {}
         self._timers: list[tuple[float, int, bytes]] = []
         self._tiebreak = itertools.count()
         self._out: Outgoing = []
-        self.drops = _DropLog(self.config.log_interval)
+        self.drops = DropLog(self.config.log_interval)
         self.stats: collections.Counter[str] = collections.Counter()
         cfg = self.config
         self._preauth = BucketTable(cfg.preauth_rate, cfg.preauth_burst)
-        self._failures_by_user = FailureWindow(cfg.login_failures, cfg.login_failure_period)
-        self._failures_by_ip = FailureWindow(cfg.login_failures, cfg.login_failure_period)
-        self._replies = ReplyCache()
+        self._registering: set[bytes] = set()  # LOGIN nonces whose account is being stored
         if store is not None:
             self._load(store.load(int(wall_clock() * 1000)))
         else:
             self._secret = secrets.token_bytes(32)
             self._next_msg_id = 1
+        self.desk = LoginDesk(cfg, self._secret, wall_clock, self._account_of, self.stats)
+
+    def _account_of(self, key: str) -> Account | None:
+        user = self.users.get(key)
+        return user.account if user is not None else None
 
     def _load(self, loaded: Loaded) -> None:
         self._secret = loaded.secret
         self._next_msg_id = loaded.next_msg_id
         for key, account in loaded.accounts.items():
-            self.users[key] = _User(account.name, key, account)
+            self.users[key] = User(account.name, key, account)
         for m in loaded.mailbox:
             user = self.users.get(m.recipient_key)
             if user is None:
                 continue
-            user.mailbox[m.server_msg_id] = _Entry(
+            user.mailbox[m.server_msg_id] = Entry(
                 m.server_msg_id, MsgId(m.instance_id, m.client_seq), m.sender_key, m.sender,
                 m.text, m.sent_ms,
             )  # fmt: skip
@@ -409,7 +292,7 @@ class Relay:
         self._dirty[session.session_id] = session
         self._collect(session, addr, now)
 
-    def _within_limits(self, session: _Session, packet: Packet, now: float) -> bool:
+    def _within_limits(self, session: Session, packet: Packet, now: float) -> bool:
         """Per-user message and byte budgets. Beyond them the datagram is
         dropped before it is recorded, and the user hears at most once a second."""
         messages, size = session.conn.count_new(packet)
@@ -431,20 +314,20 @@ class Relay:
             self._send(session, notice)
         return False
 
-    def _probe_path(self, session: _Session, addr: Address, size: int) -> None:
+    def _probe_path(self, session: Session, addr: Address, size: int) -> None:
         """A verified, fresh datagram from a new address: the client's NAT may
         have moved it, or someone replays from elsewhere. Ask that address to
         prove it holds the session key before any route moves (RFC 9000 9)."""
         probe = session.probe
         if probe is None or probe.addr != addr:
-            probe = session.probe = _Probe(addr)
+            probe = session.probe = Probe(addr)
         probe.received += size
         datagram = session.conn.make_probe((PathChallenge(probe.data),))
         if probe.sent + len(datagram) <= 3 * probe.received:
             probe.sent += len(datagram)
             self._out.append((datagram, addr))
 
-    def _collect(self, session: _Session, addr: Address, now: float) -> None:
+    def _collect(self, session: Session, addr: Address, now: float) -> None:
         """Act on what the session's connection has delivered or had acked."""
         conn = session.conn
         while (event := conn.next_event()) is not None:
@@ -481,20 +364,47 @@ class Relay:
             self.drops("pre-login datagram without one HELLO or LOGIN", addr, now)
             return
         frame = frames[0]
+        size = len(data)
         if isinstance(frame, Hello):
-            self._reply(self._challenge(frame, addr), len(data), addr, now)
+            self._reply(self.desk.challenge(frame, addr), size, addr, now)
             return
-        cached = self._replies.get(frame.nonce, now)
+        cached = self.desk.replies.get(frame.nonce, now)
         if cached is not None:
             # A retransmitted LOGIN (or a replay): the same answer, no new work.
-            if len(cached) <= len(data):
+            if len(cached) <= size:
                 self._out.append((cached, addr))
             return
-        if not cookie_valid(self._secret, self._wall_clock(), addr, frame.nonce,
-                            name_key(frame.username), frame.cookie):  # fmt: skip
+        if frame.nonce in self._registering:
+            return  # its account is on the way to the disk; the WELCOME follows
+        verdict = self.desk.check(frame, addr, now)
+        if verdict is None:
             self.drops("login with a stale or forged cookie", addr, now)
             return
-        self._login(frame, addr, len(data), now)
+        if isinstance(verdict, Refused):
+            datagram = self._reply(verdict, size, addr, now)
+            if datagram is not None and verdict.code != ErrorCode.RATE_LIMITED:
+                self.desk.replies.put(frame.nonce, datagram, now)
+            return
+        user = self.users.get(verdict.key)
+        if len(self.sessions) >= self.config.max_sessions and (user is None or not user.session):
+            self._reply(Refused(frame.nonce, ErrorCode.SERVER_ERROR, "the server is full; try "
+                                "later"), size, addr, now)  # fmt: skip
+            return
+        if user is None:
+            user = self.users[verdict.key] = User(verdict.name, verdict.key, verdict.account)
+            log.info("registered %s", verdict.name)
+            if self.store is not None:
+                # The WELCOME waits until the account is on the disk: a name,
+                # once given, stays bound to its password.
+                self._registering.add(frame.nonce)
+
+                def registered(user: User = user, login: Login = frame) -> None:
+                    self._registering.discard(login.nonce)
+                    self._open_session(user, login, verdict, addr, size, now)
+
+                self.store.submit(("account", verdict.key, verdict.account), registered)
+                return
+        self._open_session(user, frame, verdict, addr, size, now)
 
     def _reply(self, frame: Frame, limit: int, addr: Address, now: float) -> bytes | None:
         datagram = encode_packet(Packet(NO_SESSION, 0, (frame,)), None)
@@ -504,83 +414,8 @@ class Relay:
         self._out.append((datagram, addr))
         return datagram
 
-    def _challenge(self, hello: Hello, addr: Address) -> Challenge | Refused:
-        try:
-            key = name_key(normalize_name(hello.username))
-        except LocalProtocolError as exc:
-            return Refused(hello.nonce, ErrorCode.INVALID_NAME, _fit(str(exc)))
-        user = self.users.get(key)
-        if user is not None:
-            salt, iterations = user.account.salt, user.account.iterations
-        else:
-            # Unknown names get a salt that looks like any other and never
-            # changes, so probing cannot tell who has an account.
-            salt = hmac.new(self._secret, b"salt|" + key.encode(), "sha256").digest()[:SALT_SIZE]
-            iterations = self.config.iterations
-        period = int(self._wall_clock() // COOKIE_PERIOD)
-        value = cookie(self._secret, period, addr, hello.nonce, key)
-        return Challenge(hello.nonce, value, salt, iterations)
-
-    def _refuse(self, login: Login, code: ErrorCode, text: str, size: int, addr: Address,
-                now: float) -> None:  # fmt: skip
-        datagram = self._reply(Refused(login.nonce, code, _fit(text)), size, addr, now)
-        if datagram is not None and code != ErrorCode.RATE_LIMITED:
-            self._replies.put(login.nonce, datagram, now)
-
-    def _login(self, login: Login, addr: Address, size: int, now: float) -> None:
-        try:
-            name = normalize_name(login.username)
-        except LocalProtocolError as exc:
-            self._refuse(login, ErrorCode.INVALID_NAME, str(exc), size, addr, now)
-            return
-        key = name_key(name)
-        ip = addr[0]
-        if self._failures_by_user.blocked(key, now) or self._failures_by_ip.blocked(ip, now):
-            wait = max(self._failures_by_user.retry_after(key, now),
-                       self._failures_by_ip.retry_after(ip, now))  # fmt: skip
-            self.stats["login_throttled"] += 1
-            text = f"too many failed logins; try again in {wait:.0f} s"
-            self._refuse(login, ErrorCode.RATE_LIMITED, text, size, addr, now)
-            return
-        user = self.users.get(key)
-        if user is not None:
-            account = user.account
-        else:
-            salt = hmac.new(self._secret, b"salt|" + key.encode(), "sha256").digest()[:SALT_SIZE]
-            account = Account(name, salt, self.config.iterations, login.stored_key,
-                              login.server_key)  # fmt: skip
-        message = auth_message(name, login.instance_id, login.nonce, login.cookie, account.salt,
-                               account.iterations)  # fmt: skip
-        self.stats["password_checks"] += 1
-        client_key = verify_proof(account.stored_key, message, login.proof)
-        if client_key is None:
-            self._failures_by_user.record(key, now)
-            self._failures_by_ip.record(ip, now)
-            self.stats["login_failures"] += 1
-            log.info("failed login for %s from %s:%d", name, *addr)
-            self._refuse(login, ErrorCode.BAD_PASSWORD,
-                         f"wrong password for {name!r}", size, addr, now)  # fmt: skip
-            return
-        if len(self.sessions) >= self.config.max_sessions and (
-            user is None or user.session is None
-        ):
-            self._refuse(login, ErrorCode.SERVER_ERROR, "the server is full; try later", size,
-                         addr, now)  # fmt: skip
-            return
-        if user is None:
-            user = self.users[key] = _User(name, key, account)
-            log.info("registered %s", name)
-            if self.store is not None:
-                # The WELCOME waits until the account is on the disk: a name,
-                # once given, stays bound to its password.
-                self.store.submit(("account", key, account),
-                                  lambda: self._open_session(user, login, client_key, message,
-                                                             addr, size, now))  # fmt: skip
-                return
-        self._open_session(user, login, client_key, message, addr, size, now)
-
-    def _open_session(self, user: _User, login: Login, client_key: bytes, message: bytes,
-                      addr: Address, size: int, now: float) -> None:  # fmt: skip
+    def _open_session(self, user: User, login: Login, verdict: Verified, addr: Address, size: int,
+                      now: float) -> None:  # fmt: skip
         old = user.session
         if old is not None:
             if old.instance_id == login.instance_id:
@@ -596,20 +431,20 @@ class Relay:
                 self._end_session(old, now, quiet=True)
         session_id = secrets.token_bytes(16)
         conn = Connection(
-            session_id, session_key(client_key, message), now,
+            session_id, session_key(verdict.client_key, verdict.message), now,
             rto_min=self.config.rto_min, rto_max=self.config.rto_max,
         )  # fmt: skip
-        session = _Session(session_id, user, addr, conn, login.instance_id, now)
+        session = Session(session_id, user, addr, conn, login.instance_id, now)
         self.sessions[session_id] = session
         user.session = session
         bisect.insort(self._online, user.key)
         self.stats["logins"] += 1
         log.info("%s logged in from %s:%d", user.name, *addr)
-        signature = server_signature(user.account.server_key, message)
+        signature = server_signature(user.account.server_key, verdict.message)
         welcome = self._reply(Welcome(login.nonce, session_id, signature, user.name), size,
                               addr, now)  # fmt: skip
         if welcome is not None:
-            self._replies.put(login.nonce, welcome, now)
+            self.desk.replies.put(login.nonce, welcome, now)
         # What waited for this user: messages first, in order, then receipts.
         for entry in user.mailbox.values():
             self._hand_over(user, entry)
@@ -618,7 +453,7 @@ class Relay:
         self._announce(user, online=True)
         self._dirty[session_id] = session
 
-    def _end_session(self, session: _Session, now: float, *, quiet: bool = False) -> None:
+    def _end_session(self, session: Session, now: float, *, quiet: bool = False) -> None:
         if self.sessions.pop(session.session_id, None) is None:
             return
         self._dirty.pop(session.session_id, None)
@@ -636,7 +471,7 @@ class Relay:
 
     # --- chat ---------------------------------------------------------------
 
-    def _dispatch(self, session: _Session, message: Message, now: float) -> None:
+    def _dispatch(self, session: Session, message: Message, now: float) -> None:
         if isinstance(message, Send):
             self._on_send(session, message)
         elif isinstance(message, Receipt):
@@ -651,7 +486,7 @@ class Relay:
         else:
             self.drops("message not for the server", session.addr, now, type(message).__name__)
 
-    def _on_send(self, session: _Session, send: Send) -> None:
+    def _on_send(self, session: Session, send: Send) -> None:
         user = session.user
         dedup = (user.key, send.msg_id.instance_id, send.msg_id.client_seq)
         known = self._accepted.get(dedup)
@@ -671,29 +506,45 @@ class Relay:
             return
         size = len(send.text.encode("utf-8"))
         if size > MAX_TEXT_BYTES:
-            self._fail(session, send.msg_id, ErrorCode.TOO_LONG, f"{size} bytes is over the limit")
+            self._fail(
+                session,
+                send.msg_id,
+                ErrorCode.TOO_LONG,
+                f"{size} bytes is over the limit",
+            )
             return
         recipient = self.users.get(name_key(to_name))
         if recipient is None:
             self._fail(
-                session, send.msg_id, ErrorCode.NO_SUCH_USER, f"there is no user {to_name!r}"
+                session,
+                send.msg_id,
+                ErrorCode.NO_SUCH_USER,
+                f"there is no user {to_name!r}",
             )
             return
         if recipient.session is None and self.store is None:
-            self._fail(session, send.msg_id, ErrorCode.USER_OFFLINE, f"{recipient.name} is offline")
+            self._fail(
+                session,
+                send.msg_id,
+                ErrorCode.USER_OFFLINE,
+                f"{recipient.name} is offline",
+            )
             return
         if (
             len(recipient.mailbox) >= self.config.mailbox_messages
             or recipient.mailbox_bytes + size > self.config.mailbox_bytes
         ):
             self._fail(
-                session, send.msg_id, ErrorCode.MAILBOX_FULL, f"{recipient.name}'s mailbox is full"
+                session,
+                send.msg_id,
+                ErrorCode.MAILBOX_FULL,
+                f"{recipient.name}'s mailbox is full",
             )
             return
         server_msg_id = self._next_msg_id
         self._next_msg_id += 1
         self._accepted[dedup] = server_msg_id
-        entry = _Entry(
+        entry = Entry(
             server_msg_id, send.msg_id, user.key, user.name, send.text,
             int(self._wall_clock() * 1000),
         )  # fmt: skip
@@ -720,14 +571,14 @@ class Relay:
             if recipient.session is not None:
                 self._send(recipient.session, Presence(user.name, True))
 
-    def _accept(self, sender: _User, accept: Accept) -> None:
+    def _accept(self, sender: User, accept: Accept) -> None:
         """After the commit: tell the sender, on whatever session it has now
         (if none, its client resends and gets the same answer)."""
         self._durable.discard(accept.server_msg_id)
         if sender.session is not None:
             self._send(sender.session, accept)
 
-    def _hand_over(self, recipient: _User, entry: _Entry) -> None:
+    def _hand_over(self, recipient: User, entry: Entry) -> None:
         session = recipient.session
         if session is None or entry.queued_on == session.session_id:
             return
@@ -737,7 +588,7 @@ class Relay:
         )
         self._send(session, deliver, stream=conversation_stream(entry.sender))
 
-    def _on_receipt(self, session: _Session, receipt: Receipt) -> None:
+    def _on_receipt(self, session: Session, receipt: Receipt) -> None:
         user = session.user
         entry = user.mailbox.pop(receipt.server_msg_id, None)
         if entry is None:
@@ -754,7 +605,7 @@ class Relay:
         if sender.session is not None:
             self._send(sender.session, notice, handle=entry.msg_id)
 
-    def _on_who(self, session: _Session, who: Who) -> None:
+    def _on_who(self, session: Session, who: Who) -> None:
         limit = max(1, min(who.limit, WHO_PAGE_MAX))
         start = bisect.bisect_right(self._online, who.after) if who.after else 0
         keys = self._online[start : start + limit]
@@ -762,28 +613,28 @@ class Relay:
         names = tuple(self.users[k].name for k in keys)
         self._send(session, WhoReply(names, keys[-1] if more and keys else ""))
 
-    def _on_typing(self, session: _Session, typing: Typing) -> None:
+    def _on_typing(self, session: Session, typing: Typing) -> None:
         peer = self.users.get(name_key(typing.user))
         if peer is not None and peer.session is not None and session.user.key in peer.contacts:
             self._send(peer.session, Typing(session.user.name))
 
-    def _fail(self, session: _Session, msg_id: MsgId, code: ErrorCode, text: str) -> None:
+    def _fail(self, session: Session, msg_id: MsgId, code: ErrorCode, text: str) -> None:
         self._send(session, Fail(msg_id, code, text))
 
-    def _announce(self, user: _User, *, online: bool) -> None:
+    def _announce(self, user: User, *, online: bool) -> None:
         for key in user.contacts:
             contact = self.users.get(key)
             if contact is not None and contact.session is not None:
                 self._send(contact.session, Presence(user.name, online))
 
     def _send(
-        self, session: _Session, message: Message, *, stream: int = CONTROL_STREAM,
+        self, session: Session, message: Message, *, stream: int = CONTROL_STREAM,
         handle: object = None,
     ) -> None:  # fmt: skip
         session.conn.send(encode_message(message), stream, handle)
         self._dirty[session.session_id] = session
 
-    def _schedule(self, session: _Session, now: float) -> None:
+    def _schedule(self, session: Session, now: float) -> None:
         timer = session.conn.get_timer()
         deadline = session.last_heard + self.config.session_timeout
         if timer is not None:
@@ -791,12 +642,6 @@ class Relay:
         if session.scheduled is None or deadline < session.scheduled:
             session.scheduled = deadline
             heapq.heappush(self._timers, (deadline, next(self._tiebreak), session.session_id))
-
-
-def _fit(text: str, limit: int = 120) -> str:
-    """Shorten an error text so a pre-login reply stays smaller than its request."""
-    data = text.encode("utf-8")[:limit]
-    return data.decode("utf-8", "ignore")
 
 
 # --- the socket loop ----------------------------------------------------------
@@ -972,7 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.pbkdf2_iterations < PBKDF2_MIN_ITERATIONS:
         print(f"chat-server: --pbkdf2-iterations must be at least {PBKDF2_MIN_ITERATIONS}",

@@ -38,6 +38,7 @@ from chat_client import (
     WhoList,
     parse_server,
 )
+from client_store import read_history
 from protocol import MAX_TEXT_BYTES, LocalProtocolError, name_key, normalize_name
 
 POLL_MS = 25  # how often the window drains the session's events
@@ -131,7 +132,8 @@ class Conversation:
     lines: list[Line] = field(default_factory=list)
     unread: int = 0
     online: bool | None = None
-    by_id: dict[str, Line] = field(default_factory=dict)
+    by_id: dict[str, Line] = field(default_factory=dict)  # our messages
+    received: set[str] = field(default_factory=set)  # their message ids
 
 
 def tk_safe(text: str) -> str:
@@ -494,6 +496,9 @@ class ChatWindow:
 
     def _on_message(self, event: MessageReceived) -> None:
         conv = self.conversation(event.sender)
+        if event.msg_id and event.msg_id in conv.received:
+            return  # already shown from the stored history
+        conv.received.add(event.msg_id)
         line = Line("peer", event.sender, event.text, event.sent_ms / 1000)
         conv.lines.append(line)
         if self.current is None:
@@ -545,7 +550,23 @@ class ChatWindow:
         if conv is None:
             conv = self.conversations[key] = Conversation(name)
             self.contacts.insert("", "end", iid=key, text=tk_safe(name), values=("", ""))
+            self._load_history(conv)
         return conv
+
+    def _load_history(self, conv: Conversation) -> None:
+        """What earlier runs stored of this conversation, oldest first."""
+        store = self.session.store if self.session is not None else None
+        if store is None:
+            return
+        for item in read_history(store.path, conv.name):
+            if item.outgoing:
+                line = Line("own", self.username or "me", item.text, item.ts_ms / 1000,
+                            item.msg_id, item.state or "sending")  # fmt: skip
+                conv.by_id[item.msg_id] = line
+            else:
+                line = Line("peer", item.peer, item.text, item.ts_ms / 1000)
+                conv.received.add(item.msg_id)
+            conv.lines.append(line)
 
     def open_conversation(self, name: str, *, focus: bool = True) -> None:
         conv = self.conversation(name)

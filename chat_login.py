@@ -1,0 +1,126 @@
+"""The server's login desk: who is this client? SCRAM-SHA-256 checks behind
+a stateless cookie and failure windows, with no knowledge of sessions.
+
+Split from `chat_server.py`, which asks the desk for a CHALLENGE to each
+HELLO and a verdict on each LOGIN, then opens sessions itself. The desk
+only computes HMACs (the client did the PBKDF2 work), never sees a
+password, and compares secrets in constant time.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chat_guard import COOKIE_PERIOD, FailureWindow, ReplyCache, cookie, cookie_valid
+from chat_registry import Address, ServerConfig
+from chat_store import Account
+from protocol import (
+    SALT_SIZE,
+    Challenge,
+    ErrorCode,
+    Hello,
+    LocalProtocolError,
+    Login,
+    Refused,
+    auth_message,
+    name_key,
+    normalize_name,
+    verify_proof,
+)
+
+log = logging.getLogger("chat_server")
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A LOGIN whose proof holds: `client_key` and `message` derive the
+    session key; `new` means the name is being registered by it."""
+
+    name: str
+    key: str
+    account: Account
+    client_key: bytes
+    message: bytes
+    new: bool
+
+
+def fit(text: str, limit: int = 120) -> str:
+    """Shorten an error text so a pre-login reply stays smaller than its request."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+class LoginDesk:
+    def __init__(
+        self,
+        config: ServerConfig,
+        secret: bytes,
+        wall_clock: Callable[[], float],
+        account_of: Callable[[str], Account | None],
+        stats: collections.Counter[str],
+    ) -> None:
+        self.config = config
+        self._secret = secret
+        self._wall_clock = wall_clock
+        self._account_of = account_of
+        self.stats = stats
+        self.replies = ReplyCache()  # the answer to each recent LOGIN nonce
+        self._by_user = FailureWindow(config.login_failures, config.login_failure_period)
+        self._by_ip = FailureWindow(config.login_failures, config.login_failure_period)
+
+    def _salt_for_unknown(self, key: str) -> bytes:
+        # Unknown names get a salt that looks like any other and never
+        # changes, so probing cannot tell who has an account.
+        return hmac.new(self._secret, b"salt|" + key.encode(), "sha256").digest()[:SALT_SIZE]
+
+    def challenge(self, hello: Hello, addr: Address) -> Challenge | Refused:
+        """SCRAM server-first, with the cookie that proves the address later."""
+        try:
+            key = name_key(normalize_name(hello.username))
+        except LocalProtocolError as exc:
+            return Refused(hello.nonce, ErrorCode.INVALID_NAME, fit(str(exc)))
+        account = self._account_of(key)
+        if account is not None:
+            salt, iterations = account.salt, account.iterations
+        else:
+            salt, iterations = self._salt_for_unknown(key), self.config.iterations
+        period = int(self._wall_clock() // COOKIE_PERIOD)
+        value = cookie(self._secret, period, addr, hello.nonce, key)
+        return Challenge(hello.nonce, value, salt, iterations)
+
+    def check(self, login: Login, addr: Address, now: float) -> Verified | Refused | None:
+        """The verdict on a LOGIN: verified, refused (with the reply), or None
+        for a stale or forged cookie (dropped without a word)."""
+        try:
+            name = normalize_name(login.username)
+        except LocalProtocolError as exc:
+            return Refused(login.nonce, ErrorCode.INVALID_NAME, fit(str(exc)))
+        key = name_key(name)
+        if not cookie_valid(self._secret, self._wall_clock(), addr, login.nonce, key,
+                            login.cookie):  # fmt: skip
+            return None
+        ip = addr[0]
+        if self._by_user.blocked(key, now) or self._by_ip.blocked(ip, now):
+            wait = max(self._by_user.retry_after(key, now), self._by_ip.retry_after(ip, now))
+            self.stats["login_throttled"] += 1
+            text = f"too many failed logins; try again in {wait:.0f} s"
+            return Refused(login.nonce, ErrorCode.RATE_LIMITED, text)
+        account = self._account_of(key)
+        new = account is None
+        if account is None:
+            account = Account(name, self._salt_for_unknown(key), self.config.iterations,
+                              login.stored_key, login.server_key)  # fmt: skip
+        message = auth_message(name, login.instance_id, login.nonce, login.cookie, account.salt,
+                               account.iterations)  # fmt: skip
+        self.stats["password_checks"] += 1
+        client_key = verify_proof(account.stored_key, message, login.proof)
+        if client_key is None:
+            self._by_user.record(key, now)
+            self._by_ip.record(ip, now)
+            self.stats["login_failures"] += 1
+            log.info("failed login for %s from %s:%d", name, *addr)
+            return Refused(login.nonce, ErrorCode.BAD_PASSWORD, fit(f"wrong password for {name!r}"))
+        return Verified(account.name if not new else name, key, account, client_key, message, new)

@@ -1,0 +1,153 @@
+"""The server's registry: its configuration, and the records the relay
+keeps for users, sessions, queued messages and address probes.
+
+Split from `chat_server.py` (which owns and mutates all of these on its one
+thread) so that file can stay about routing. Records use `__slots__`:
+there may be tens of thousands of idle sessions.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from chat_guard import TokenBucket
+from chat_store import Account
+from protocol import PBKDF2_ITERATIONS, Delivered, MsgId
+from reliability import RTO_MAX, RTO_MIN, Connection
+
+log = logging.getLogger("chat_server")
+
+Address = tuple[str, int]
+
+
+@dataclass
+class ServerConfig:
+    """Every limit and timer of the server, with the defaults of RELIABILITY.md.
+    The benchmark raises some of them with documented flags."""
+
+    session_timeout: float = 60.0  # silence after which a session expires
+    rto_min: float = RTO_MIN
+    rto_max: float = RTO_MAX
+    max_sessions: int = 20_000
+    mailbox_messages: int = 10_000  # per recipient
+    mailbox_bytes: int = 10 * 1024 * 1024
+    log_interval: float = 10.0  # at most one log line per reason this often
+    data_dir: Path | None = (
+        None  # None: keep everything in memory (tests of the routing)
+    )
+    iterations: int = PBKDF2_ITERATIONS  # for new accounts; the client does the work
+    preauth_rate: float = 500.0  # per source IP, datagrams/s before login ...
+    preauth_burst: float = 1000.0  # ... many users may share one NAT address
+    login_failures: int = 5  # failed logins allowed per user and per IP ...
+    login_failure_period: float = 30.0  # ... in this many seconds
+    user_msg_rate: float = 200.0  # new messages/s per user after login ...
+    user_msg_burst: float = 500.0
+    user_byte_rate: float = 1024 * 1024  # ... and bytes/s
+    user_byte_burst: float = 2 * 1024 * 1024
+
+
+class Entry:
+    """A message accepted for a recipient and not yet receipted by their client."""
+
+    __slots__ = (
+        "server_msg_id",
+        "msg_id",
+        "sender_key",
+        "sender",
+        "text",
+        "sent_ms",
+        "queued_on",
+    )
+
+    def __init__(
+        self, server_msg_id: int, msg_id: MsgId, sender_key: str, sender: str, text: str,
+        sent_ms: int,
+    ) -> None:  # fmt: skip
+        self.server_msg_id = server_msg_id
+        self.msg_id = msg_id
+        self.sender_key = sender_key
+        self.sender = sender
+        self.text = text
+        self.sent_ms = sent_ms
+        self.queued_on: bytes | None = None  # the session it was handed to
+
+
+class User:
+    __slots__ = (
+        "name", "key", "account", "session", "mailbox", "mailbox_bytes", "notices", "contacts",
+        "msg_bucket", "byte_bucket", "limited_at",
+    )  # fmt: skip
+
+    def __init__(self, name: str, key: str, account: Account) -> None:
+        self.name = name
+        self.key = key
+        self.account = account
+        self.session: Session | None = None
+        self.mailbox: dict[int, Entry] = {}
+        self.mailbox_bytes = 0
+        # Receipts for messages this user sent, until their client acks them.
+        self.notices: dict[MsgId, Delivered] = {}
+        self.contacts: set[str] = set()
+        self.msg_bucket: TokenBucket | None = None  # made at the first message
+        self.byte_bucket: TokenBucket | None = None
+        self.limited_at = -1e18  # when we last told them they were rate limited
+
+
+class Session:
+    __slots__ = (
+        "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
+        "closing", "probe",
+    )  # fmt: skip
+
+    def __init__(
+        self, session_id: bytes, user: User, addr: Address, conn: Connection, instance_id: int,
+        now: float,
+    ) -> None:  # fmt: skip
+        self.session_id = session_id
+        self.user = user
+        self.addr = addr
+        self.conn = conn
+        self.instance_id = instance_id
+        self.last_heard = now
+        self.scheduled: float | None = None  # deadline of its live timer-heap entry
+        self.closing = False
+        self.probe: Probe | None = None  # an address change being validated
+
+
+class Probe:
+    """A new address a session's datagrams came from, not yet validated."""
+
+    __slots__ = ("addr", "data", "received", "sent")
+
+    def __init__(self, addr: Address) -> None:
+        self.addr = addr
+        self.data = secrets.token_bytes(8)
+        self.received = 0  # bytes from the new address
+        self.sent = 0  # bytes to it: at most 3x received (RFC 9000 8.1)
+
+
+class DropLog:
+    """Counts dropped datagrams by reason and logs each reason at most once
+    per interval, so a flood cannot fill the disk."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._logged: dict[str, tuple[float, int]] = {}
+
+    def __call__(
+        self, category: str, addr: Address, now: float, detail: object = ""
+    ) -> None:
+        """Count a drop under a fixed `category` (never text the sender
+        chose, which could make every line new); `detail` only goes in the log."""
+        self.counts[category] += 1
+        last, count_then = self._logged.get(category, (-1e18, 0))
+        if now - last >= self.interval:
+            since = self.counts[category] - count_then
+            log.info("dropped datagram from %s:%d: %s%s (%d since last report)", *addr, category,
+                     f" ({detail})" if detail else "", since)  # fmt: skip
+            self._logged[category] = (now, self.counts[category])
