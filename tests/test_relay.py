@@ -32,14 +32,16 @@ from chat_client import (
     StatusChanged,
     WhoList,
 )
-from chat_server import ServerConfig
 from protocol import (
+    HEADER,
     MAGIC,
     MIN_PREAUTH_REQUEST,
     NO_SESSION,
     VERSION,
     Ack,
+    Challenge,
     ErrorCode,
+    Hello,
     Login,
     Message,
     MsgId,
@@ -53,39 +55,38 @@ from protocol import (
     VersionFrame,
     Welcome,
     Who,
+    auth_message,
+    client_proof,
     conversation_stream,
     decode_packet,
     encode_message,
     encode_packet,
+    salted_password,
+    scram_keys,
+    server_signature,
+    session_key,
 )
+from reliability import Connection
 from tests.conftest import (
+    PASSWORD,
     ROOT,
     RTO_MAX,
     RTO_MIN,
+    TEST_ITERATIONS,
     RunningServer,
     ServerProcess,
     client_command,
     env_for_tests,
     make_session,
+    spawn_server,
     start_server,
+    stop_process,
     stop_server,
 )
+from tests.conftest import test_config as server_config  # not a test: no test_ name here
 from tests.lossy_proxy import LossyProxy
 
 # --- helpers: in-process sessions -------------------------------------------------
-
-
-def dispose(session: ChatSession) -> None:
-    """Close what a finished session still holds. `ChatSession` never closes
-    its wake-up socketpair (see test_closed_session_leaves_no_open_socket),
-    which under `filterwarnings = error` turns into a failure at garbage
-    collection; close it here, once the network thread is gone."""
-    if session.running:
-        session.abort()
-    for name in ("_wake_r", "_wake_w"):
-        sock = getattr(session, name, None)
-        if isinstance(sock, socket.socket):
-            sock.close()
 
 
 class Client:
@@ -104,8 +105,10 @@ class Client:
         self.logged_in = False
         self.disconnected: str | None = None
 
-    def login(self, server: tuple[str, int], connect_to: str | None = None) -> bool:
-        return self.session.login(server, self.name, connect_to)
+    def login(
+        self, server: tuple[str, int], connect_to: str | None = None, password: str = PASSWORD
+    ) -> bool:
+        return self.session.login(server, self.name, connect_to, password=password)
 
     def pump(self, timeout: float = 0.0) -> bool:
         """Take the events waiting (or the first one within `timeout`)."""
@@ -154,7 +157,8 @@ class Client:
     def close(self) -> None:
         if self.session.running:
             self.session.close(5.0)
-        dispose(self.session)
+        if self.session.running:
+            self.session.abort()
 
 
 def wait_all(
