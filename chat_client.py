@@ -353,7 +353,8 @@ class ChatSession:
             return None
         with self._lock:
             msg_id = MsgId(self.instance_id, next(self._seq))
-        self._emit(StatusChanged(msg_id.label(), "sending", target, text))
+        # `sending` is reported by the network thread once the message is in
+        # the outbox on disk, so a crash after it is seen never loses it.
         self._command("send", msg_id, target, text)
         return msg_id.label()
 
@@ -442,6 +443,7 @@ class _Worker:
         self.login_interval = 0.25
         self.login_deadline: float | None = None
         self.auth: tuple[bytes, ScramKeys] | None = None  # (auth message, keys) of this attempt
+        self.unreported: list[_Outgoing] = []  # in the outbox; `sending` due after the commit
         if self.store is not None:
             # What an earlier run of this client sent and the server never
             # accepted goes out again, with its original ids, after login.
@@ -692,6 +694,9 @@ class _Worker:
         # promises (a receipt) leaves: one fsync per pass.
         if self.store is not None:
             self.store.commit()
+        for out in self.unreported:
+            self.s._emit(StatusChanged(out.msg_id.label(), "sending", out.to, out.text))
+        self.unreported.clear()
         if self.conn is None or self.done:
             return
         for datagram in self.conn.datagrams_to_send(now):
@@ -808,7 +813,8 @@ class _Worker:
                     self.s._emit(StatusChanged(msg_id.label(), "failed", to, text, "too_long"))
                     self.s._emit(ErrorEvent(ErrorCode.TOO_LONG.label, str(exc)))
                     continue
-                self.outbox[msg_id] = _Outgoing(msg_id, to, text)
+                out = self.outbox[msg_id] = _Outgoing(msg_id, to, text)
+                self.unreported.append(out)
                 if self.store is not None:
                     self.store.add_outgoing(msg_id, to, text)
                 if self.conn is not None:
@@ -1062,7 +1068,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     import tempfile
     import tkinter as tk
 
-    from chat_server import ChatServer, ServerConfig
+    from chat_registry import ServerConfig
+    from chat_server import ChatServer
     from chat_window import ChatWindow, Settings, enable_high_dpi
 
     enable_high_dpi()

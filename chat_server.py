@@ -102,6 +102,8 @@ from reliability import (
     PayloadReceived,
 )
 
+__all__ = ["ChatServer", "Relay", "ServerConfig", "StoreLocked", "main"]
+
 log = logging.getLogger("chat_server")
 
 Outgoing = list[tuple[bytes, Address]]
