@@ -38,6 +38,7 @@ from client_store import ClientStore, store_dir
 from protocol import (
     CONTROL_STREAM,
     FLAG_MAC,
+    HELLO_SIZE,
     MIN_PREAUTH_REQUEST,
     NO_SESSION,
     PBKDF2_MIN_ITERATIONS,
@@ -50,7 +51,6 @@ from protocol import (
     Fail,
     Hello,
     LocalProtocolError,
-    Login,
     Logout,
     Message,
     MsgId,
@@ -67,9 +67,8 @@ from protocol import (
     Welcome,
     Who,
     WhoReply,
-    auth_message,
+    build_login,
     check_text,
-    client_proof,
     conversation_stream,
     decode_header,
     decode_message,
@@ -79,9 +78,8 @@ from protocol import (
     name_key,
     normalize_name,
     salted_password,
-    scram_keys,
     server_signature,
-    session_key,
+    session_keys,
 )
 from reliability import (
     RTO_MAX,
@@ -559,7 +557,7 @@ class _Worker:
         self.nonce = secrets.token_bytes(16)
         hello = Hello(self.s.username, self.s.instance_id, self.nonce)
         self.login_datagram = encode_packet(
-            Packet(NO_SESSION, 0, (hello,)), None, pad_to=MIN_PREAUTH_REQUEST
+            Packet(NO_SESSION, 0, (hello,)), None, pad_to=HELLO_SIZE
         )
         self.login_phase = "hello"
         self.login_started = now
@@ -613,8 +611,9 @@ class _Worker:
             self.s._fatal(ErrorCode.SERVER_UNREACHABLE, text)
             self.done = True
             return
+        to_server, to_client = session_keys(keys.client_key, message)
         self.conn = Connection(
-            frame.session_id, session_key(keys.client_key, message), now,
+            frame.session_id, to_server, now, peer_key=to_client,
             rto_min=self.s.rto_min, rto_max=self.s.rto_max,
         )  # fmt: skip
         self.last_heard = now
@@ -643,11 +642,13 @@ class _Worker:
         if salted is None:
             salted = salted_password(self.password, challenge.salt, challenge.iterations)
             self.salted = {cache_key: salted}
-        keys = scram_keys(salted)
-        message = auth_message(self.s.username, self.s.instance_id, self.nonce, challenge.cookie,
-                               challenge.salt, challenge.iterations)  # fmt: skip
-        login = Login(self.s.username, self.s.instance_id, self.nonce, challenge.cookie,
-                      client_proof(keys, message), keys.stored_key, keys.server_key)  # fmt: skip
+        try:
+            login, message, keys = build_login(
+                self.s.username, self.s.instance_id, self.nonce, challenge, salted
+            )
+        except ProtocolError as exc:
+            log.warning("ignoring a challenge: %s", exc)
+            return
         self.auth = (message, keys)
         self.login_datagram = encode_packet(
             Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST
@@ -1031,18 +1032,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.user:
         print("chat-client: --user NAME is required with --no-gui", file=sys.stderr)
         return 2
-    session = ChatSession(
-        rto_min=args.rto_min, rto_max=args.rto_max, login_timeout=args.login_timeout
-    )
     password = read_password(args)
     if not password:
         message = "a password is required: set CHAT_PASSWORD or use --password-file FILE"
+        if args.password_file is not None:
+            message = f"no password could be read from {args.password_file}"
         if args.json:
             print(json.dumps(event_to_json(ErrorEvent("password_required", message, True))))
             print(json.dumps(event_to_json(Disconnected("password_required"))), flush=True)
         else:
             print(f"chat-client: {message}", file=sys.stderr)
         return 2
+    session = ChatSession(
+        rto_min=args.rto_min, rto_max=args.rto_max, login_timeout=args.login_timeout
+    )
     try:
         return run_terminal(
             session, args.server, args.user, args.connect_to, password=password, as_json=args.json

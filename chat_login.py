@@ -19,6 +19,7 @@ from chat_guard import COOKIE_PERIOD, FailureWindow, ReplyCache, cookie, cookie_
 from chat_registry import Address, ServerConfig
 from chat_store import Account
 from protocol import (
+    DH_PRIVATE_BITS,
     SALT_SIZE,
     Challenge,
     ErrorCode,
@@ -27,9 +28,12 @@ from protocol import (
     Login,
     Refused,
     auth_message,
+    dh_public,
+    dh_secret,
     name_key,
     normalize_name,
     verify_proof,
+    wrap_keys,
 )
 
 log = logging.getLogger("chat_server")
@@ -70,6 +74,11 @@ class LoginDesk:
         self.replies = ReplyCache()  # the answer to each recent LOGIN nonce
         self._by_user = FailureWindow(config.login_failures, config.login_failure_period)
         self._by_ip = FailureWindow(config.login_failures, config.login_failure_period)
+        # The static half of the registration key exchange, derived from the
+        # server's persistent secret (so it survives restarts).
+        digest = hmac.new(secret, b"dh private", "sha512").digest()
+        self._dh_private = int.from_bytes(digest, "big") >> (512 - DH_PRIVATE_BITS)
+        self.dh_public = dh_public(self._dh_private)
 
     def _salt_for_unknown(self, key: str) -> bytes:
         # Unknown names get a salt that looks like any other and never
@@ -89,7 +98,7 @@ class LoginDesk:
             salt, iterations = self._salt_for_unknown(key), self.config.iterations
         period = int(self._wall_clock() // COOKIE_PERIOD)
         value = cookie(self._secret, period, addr, hello.nonce, key)
-        return Challenge(hello.nonce, value, salt, iterations)
+        return Challenge(hello.nonce, value, salt, iterations, self.dh_public)
 
     def check(self, login: Login, addr: Address, now: float) -> Verified | Refused | None:
         """The verdict on a LOGIN: verified, refused (with the reply), or None
@@ -111,8 +120,13 @@ class LoginDesk:
         account = self._account_of(key)
         new = account is None
         if account is None:
-            account = Account(name, self._salt_for_unknown(key), self.config.iterations,
-                              login.stored_key, login.server_key)  # fmt: skip
+            # Registration: unwrap the keys (the only DH work the server does).
+            salt = self._salt_for_unknown(key)
+            message = auth_message(name, login.instance_id, login.nonce, login.cookie, salt,
+                                   self.config.iterations)  # fmt: skip
+            secret = dh_secret(self._dh_private, login.dh_public)
+            keys = wrap_keys(secret, message, login.wrapped_keys) if secret else bytes(64)
+            account = Account(name, salt, self.config.iterations, keys[:32], keys[32:])
         message = auth_message(name, login.instance_id, login.nonce, login.cookie, account.salt,
                                account.iterations)  # fmt: skip
         self.stats["password_checks"] += 1

@@ -89,7 +89,7 @@ from protocol import (
     name_key,
     normalize_name,
     server_signature,
-    session_key,
+    session_keys,
     unknown_session_reply,
     version_reply,
 )
@@ -278,7 +278,7 @@ class Relay:
             self.drops("unknown session", addr, now)
             return
         try:
-            packet = decode_packet(data, session.conn.key)
+            packet = decode_packet(data, session.conn.peer_key)
         except RemoteProtocolError as exc:
             self.drops("bad tag or frame", addr, now, exc)
             return
@@ -432,8 +432,9 @@ class Relay:
                     self._out.append((datagram, old.addr))
                 self._end_session(old, now, quiet=True)
         session_id = secrets.token_bytes(16)
+        to_server, to_client = session_keys(verdict.client_key, verdict.message)
         conn = Connection(
-            session_id, session_key(verdict.client_key, verdict.message), now,
+            session_id, to_client, now, peer_key=to_server,
             rto_min=self.config.rto_min, rto_max=self.config.rto_max,
         )  # fmt: skip
         session = Session(session_id, user, addr, conn, login.instance_id, now)

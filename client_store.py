@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, peer_key TEXT NOT NULL, peer TEXT NOT NULL,
     outgoing INTEGER NOT NULL, text TEXT NOT NULL, ts_ms INTEGER NOT NULL,
     sender_key TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
-    state TEXT, UNIQUE (sender_key, instance_id, client_seq)
+    state TEXT, UNIQUE (outgoing, sender_key, instance_id, client_seq)
 );
 CREATE INDEX IF NOT EXISTS history_peer ON history (peer_key, id);
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import secrets
 import struct
 import unicodedata
 import zlib
@@ -37,6 +38,8 @@ MAX_TEXT_BYTES = 64 * 1024
 #: Pre-login requests are padded to this size so that no reply to an
 #: address that has not proved itself is larger than what it sent.
 MIN_PREAUTH_REQUEST = 256
+#: A HELLO is padded further: its CHALLENGE carries a 256-byte DH key.
+HELLO_SIZE = 400
 NAME_MIN, NAME_MAX = 1, 32
 #: Names nobody may take: they would impersonate the service itself.
 RESERVED_NAMES = frozenset({"server", "admin", "system"})
@@ -167,7 +170,7 @@ _INTS = {
     "u32": struct.Struct("!I"),
     "u64": struct.Struct("!Q"),
 }
-_FIXED = {"b8": 8, "b16": 16, "b32": 32}
+_FIXED = {"b8": 8, "b16": 16, "b32": 32, "b64": 64, "b256": 256}
 
 
 class MsgId(NamedTuple):
@@ -387,27 +390,29 @@ class Challenge:
     so the server keeps no state until the client proves it can receive."""
 
     TYPE: ClassVar[FrameType] = FrameType.CHALLENGE
-    SPEC: ClassVar[tuple[str, ...]] = ("b16", "b16", "b16", "u32")
+    SPEC: ClassVar[tuple[str, ...]] = ("b16", "b16", "b16", "u32", "b256")
     nonce: bytes
     cookie: bytes
     salt: bytes
     iterations: int
+    dh_public: bytes  # the server's static FFDHE2048 key, for wrapping registrations
 
 
 @dataclass(frozen=True)
 class Login:
-    """SCRAM's client-final message (padded to 256 bytes): the proof, and the
-    keys to store if this name is new (ignored when it is not)."""
+    """SCRAM's client-final message: the proof, and the keys to store if this
+    name is new (ignored when it is not), wrapped under a Diffie-Hellman
+    secret so that no eavesdropper ever sees them."""
 
     TYPE: ClassVar[FrameType] = FrameType.LOGIN
-    SPEC: ClassVar[tuple[str, ...]] = ("str", "u64", "b16", "b16", "b32", "b32", "b32")
+    SPEC: ClassVar[tuple[str, ...]] = ("str", "u64", "b16", "b16", "b32", "b256", "b64")
     username: str
     instance_id: int
     nonce: bytes
     cookie: bytes
     proof: bytes
-    stored_key: bytes
-    server_key: bytes
+    dh_public: bytes  # the client's ephemeral FFDHE2048 key
+    wrapped_keys: bytes  # StoredKey + ServerKey, XORed with a key stream from the DH secret
 
 
 @dataclass(frozen=True)
@@ -851,6 +856,68 @@ def verify_proof(stored_key: bytes, message: bytes, proof: bytes) -> bytes | Non
     return None
 
 
-def session_key(client_key: bytes, message: bytes) -> bytes:
-    """The per-session MAC key: known to both ends, never sent."""
-    return _hmac(client_key, b"session key|" + message)
+def session_keys(client_key: bytes, message: bytes) -> tuple[bytes, bytes]:
+    """The session's MAC keys (client->server, server->client): known to both
+    ends, never sent; one per direction so nothing can be reflected."""
+    return _hmac(client_key, b"c2s key|" + message), _hmac(client_key, b"s2c key|" + message)
+
+
+# --- registration keys under Diffie-Hellman (RFC 7919 ffdhe2048) -----------
+#
+# A new account's StoredKey and ServerKey must reach the server, but anyone
+# who saw a StoredKey and a later proof could log in as that user. So they
+# travel XORed with a key stream derived from an ephemeral-static DH secret:
+# the server's static key comes in the CHALLENGE, the client's ephemeral one
+# in the LOGIN. The server computes the secret only for names being
+# registered. (An active man in the middle at registration time is not
+# stopped: registration is trust on first use.)
+
+FFDHE2048_P = int(
+    "FFFFFFFFFFFFFFFFADF85458A2BB4A9AAFDC5620273D3CF1D8B9C583CE2D3695A9E13641146433FBCC93"
+    "9DCE249B3EF97D2FE363630C75D8F681B202AEC4617AD3DF1ED5D5FD65612433F51F5F066ED085636555"
+    "3DED1AF3B557135E7F57C935984F0C70E0E68B77E2A689DAF3EFE8721DF158A136ADE73530ACCA4F483A"
+    "797ABC0AB182B324FB61D108A94BB2C8E3FBB96ADAB760D7F4681D4F42A3DE394DF4AE56EDE76372BB19"
+    "0B07A7C8EE0A6D709E02FCE1CDF7E2ECC03404CD28342F619172FE9CE98583FF8E4F1232EEF28183C3FE"
+    "3B1B4C6FAD733BB5FCBC2EC22005C58EF1837D1683B2C6F34A26C1B2EFFA886B423861285C97FFFFFFFF"
+    "FFFFFFFF",
+    16,
+)
+DH_SIZE = 256
+DH_PRIVATE_BITS = 256  # RFC 7919 section 5.2: at least twice the security level
+
+
+def dh_public(private: int) -> bytes:
+    return pow(2, private, FFDHE2048_P).to_bytes(DH_SIZE, "big")
+
+
+def dh_secret(private: int, peer_public: bytes) -> bytes | None:
+    """The shared secret, or None for a public value outside (1, p-1)."""
+    value = int.from_bytes(peer_public, "big")
+    if not 1 < value < FFDHE2048_P - 1:
+        return None
+    return hashlib.sha256(pow(value, private, FFDHE2048_P).to_bytes(DH_SIZE, "big")).digest()
+
+
+def wrap_keys(secret: bytes, message: bytes, keys: bytes) -> bytes:
+    """XOR 64 bytes of keys with a key stream bound to this login (its own inverse)."""
+    stream = _hmac(secret, b"wrap 1|" + message) + _hmac(secret, b"wrap 2|" + message)
+    return bytes(a ^ b for a, b in zip(keys, stream, strict=True))
+
+
+def build_login(
+    username: str, instance_id: int, nonce: bytes, challenge: Challenge, salted: bytes
+) -> tuple[Login, bytes, ScramKeys]:
+    """SCRAM client-final for `challenge`, given the salted password: the
+    LOGIN frame, the auth message and the keys (for the session keys and to
+    check the server's signature). None of the DH work is reused."""
+    keys = scram_keys(salted)
+    message = auth_message(username, instance_id, nonce, challenge.cookie, challenge.salt,
+                           challenge.iterations)  # fmt: skip
+    private = secrets.randbits(DH_PRIVATE_BITS)
+    secret = dh_secret(private, challenge.dh_public)
+    if secret is None:
+        raise RemoteProtocolError("the server's Diffie-Hellman key is out of range")
+    wrapped = wrap_keys(secret, message, keys.stored_key + keys.server_key)
+    proof = client_proof(keys, message)
+    return Login(username, instance_id, nonce, challenge.cookie, proof, dh_public(private),
+                 wrapped), message, keys  # fmt: skip

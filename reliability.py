@@ -77,6 +77,8 @@ MAX_BUFFERED_BYTES = 256 * 1024
 MAX_STREAMS = 4096
 #: How far ahead of `una` a chunk may be: twice the sender's window.
 RECV_WINDOW = 2 * MAX_WINDOW
+#: Chunks held for a gap in their stream, at most (RELIABILITY.md: <= 256).
+MAX_HELD = 256
 
 STREAM_OVERHEAD = FRAME_HEADER.size + 18
 #: An ACK riding on data carries at most this many ranges, so that a full
@@ -143,6 +145,7 @@ class Connection:
     __slots__ = (
         "session_id",
         "key",
+        "peer_key",
         "rto_min",
         "rto_max",
         "max_window",
@@ -187,12 +190,16 @@ class Connection:
         key: bytes,
         now: float,
         *,
+        peer_key: bytes | None = None,
         rto_min: float = RTO_MIN,
         rto_max: float = RTO_MAX,
         max_window: int = MAX_WINDOW,
     ) -> None:
         self.session_id = session_id
-        self.key = key
+        self.key = key  # tags what we send
+        # Tags what we receive: a key per direction, so a datagram of ours
+        # reflected back at us never verifies (default: the same key).
+        self.peer_key = peer_key if peer_key is not None else key
         self.rto_min = rto_min
         self.rto_max = rto_max
         self.max_window = max_window
@@ -305,7 +312,7 @@ class Connection:
         """Take in a datagram for this session. False (and nothing changed) if
         it does not verify, is a replay, or breaks a limit."""
         try:
-            packet = decode_packet(data, self.key)
+            packet = decode_packet(data, self.peer_key)
         except BadTag:
             return False
         except RemoteProtocolError:
@@ -358,6 +365,10 @@ class Connection:
         """Every datagram due now: retransmissions first, then new chunks as
         far as the windows allow, each with the current ACK riding along."""
         out: list[bytes] = []
+        if not any(c.pkt_num >= 0 for c in self._inflight.values()):
+            # Nothing of ours was outstanding: the unreachable clock starts now,
+            # not at the last ack before an idle spell.
+            self._last_progress = now
         self._admit_waiting()
         queue = [c for c in self._inflight.values() if c.lost]
         budget = self._packet_budget()
@@ -413,6 +424,8 @@ class Connection:
             self._admit_waiting()
             if any(c.lost for c in self._inflight.values()):
                 deadlines.append(0.0)
+        if self._inflight and not self._unreachable:
+            deadlines.append(self._last_progress + UNREACHABLE_AFTER)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
@@ -463,8 +476,20 @@ class Connection:
             return False
         if self._buffered + len(frame.data) > MAX_BUFFERED_BYTES:
             return False
-        starts_partial = frame.count > 1 and frame.index == 0 and frame.stream not in self._partial
-        return not (starts_partial and len(self._partial) >= MAX_PARTIAL_MESSAGES)
+        expected = self._streams.get(frame.stream, 0)
+        ahead = (frame.stream_seq - expected) & 0xFFFFFFFF
+        if ahead >= RECV_WINDOW or (frame.stream, frame.stream_seq) in self._held:
+            return False  # beyond any honest sender's window, or a conflicting copy
+        if ahead and len(self._held) >= MAX_HELD:
+            return False
+        if frame.count > 1 and frame.index == 0 and frame.stream not in self._partial:
+            heads = sum(
+                1 for held in self._held.values()
+                if held.count > 1 and held.index == 0 and held.stream not in self._partial
+            )  # fmt: skip
+            if len(self._partial) + heads >= MAX_PARTIAL_MESSAGES:
+                return False
+        return True
 
     def _seen(self, seq: int) -> bool:
         return seq < self._una or seq in self._above
