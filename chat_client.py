@@ -25,6 +25,7 @@ import queue
 import random
 import secrets
 import selectors
+import signal
 import socket
 import sqlite3
 import sys
@@ -1107,9 +1108,20 @@ def demo_main(argv: list[str] | None = None) -> int:
         window.submit_login()
         windows.append(window)
     print(f"chat-demo: server on {host}:{port}; close both windows to stop", file=sys.stderr)
+
+    def stop(signum: int, frame: object) -> None:
+        # From a signal handler only schedule: Tk is touched on its own loop.
+        root.after(0, root.quit)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         root.mainloop()
+    except KeyboardInterrupt:
+        pass
     finally:
+        for window in list(windows):
+            window.close()  # logs out
         server.shutdown()
         serving.join(5)
         server.close()

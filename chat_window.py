@@ -177,6 +177,7 @@ class ChatWindow:
         self.lag_samples: list[float] = []  # after() lateness, seconds (for tests/bench)
         self.busy_samples: list[float] = []  # time spent in each _poll, seconds
         self._batch_scroll = False
+        self._who_asked = False
         self._expected_tick = 0.0
 
         master.title("Chat")
@@ -442,10 +443,15 @@ class ChatWindow:
             conv.online = event.online
             self._refresh_contact(conv)
         elif isinstance(event, WhoList):
-            for user in event.users:
-                if self.username is None or name_key(user) != name_key(self.username):
-                    self.conversation(user).online = True
-                    self._refresh_contact(self.conversation(user))
+            online = {name_key(user): user for user in event.users}
+            if self._who_asked:  # the person asked: list everyone online
+                self._who_asked = False
+                for key, user in online.items():
+                    if self.username is None or key != name_key(self.username):
+                        self.conversation(user)
+            for key, conv in self.conversations.items():
+                conv.online = key in online
+                self._refresh_contact(conv)
         elif isinstance(event, ErrorEvent):
             self._on_error(event)
         elif isinstance(event, LinkChanged):
@@ -464,17 +470,22 @@ class ChatWindow:
         if self.connect_to:
             self.open_conversation(self.connect_to)
         else:
-            self.peer_label.configure(text="Waiting for someone to write \u2014 or pick a contact")
+            self.peer_label.configure(text="Waiting for someone to write \u2014 or pick a contact",
+                                      style="Muted.TLabel")  # fmt: skip
+        if self.session is not None:
+            self.session.who()  # who of our contacts is online now
         self._take_focus(self.composer)
 
     def _on_error(self, event: ErrorEvent) -> None:
         if self.username is None:
             self.login_button.configure(state="normal", text="Login")
             host = self.settings.server
+            name = self.username_var.get().strip()
             messages = {
                 "server_unreachable": f"Server {host} does not answer. Is it running?",
-                "name_taken": f"{event.message}",
-                "invalid_name": f"{event.message}",
+                "bad_password": f"Wrong password for {name}. If this is not your account, "
+                "the name is taken: pick another.",
+                "rate_limited": f"{event.message[:1].upper()}{event.message[1:]}.",
             }
             self.show_login_error(messages.get(event.code, event.message))
             return
@@ -558,7 +569,7 @@ class ChatWindow:
         store = self.session.store if self.session is not None else None
         if store is None:
             return
-        for item in read_history(store.path, conv.name):
+        for item in read_history(store.path, conv.name, upto=store.history_mark):
             if item.outgoing:
                 line = Line("own", self.username or "me", item.text, item.ts_ms / 1000,
                             item.msg_id, item.state or "sending")  # fmt: skip
@@ -576,7 +587,7 @@ class ChatWindow:
         conv.unread = 0
         self._refresh_contact(conv)
         self._update_title()
-        self.peer_label.configure(text=tk_safe(conv.name))
+        self.peer_label.configure(text=tk_safe(conv.name), style="TLabel")
         self.typing_label.configure(text="")
         key = name_key(conv.name)
         if self.contacts.selection() != (key,):
@@ -836,6 +847,7 @@ class ChatWindow:
 
     def _ask_who(self) -> None:
         if self.session is not None:
+            self._who_asked = True
             self.session.who()
 
     def _save_options(self) -> None:

@@ -117,6 +117,10 @@ class ClientStore:
             row = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
             self.next_seq = int(row[0]) if row else 1
         self._in_tx = False
+        # History up to here is from earlier runs; what comes later reaches
+        # the window as events, so it must not be read back twice.
+        row = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM history").fetchone()
+        self.history_mark = int(row[0])
 
     # --- writes (network thread) ------------------------------------------
 
@@ -192,9 +196,12 @@ class ClientStore:
             self._lock.close()
 
 
-def read_history(path: Path, peer: str, limit: int = 500) -> list[HistoryLine]:
-    """The last `limit` lines of the conversation with `peer`, oldest first
-    (its own read connection, safe from any thread)."""
+def read_history(
+    path: Path, peer: str, limit: int = 500, upto: int | None = None
+) -> list[HistoryLine]:
+    """The last `limit` lines of the conversation with `peer` (stored up to
+    row `upto`, if given), oldest first. Its own read connection: safe from
+    any thread."""
     if not path.exists():
         return []
     db = sqlite3.connect(path)
@@ -202,8 +209,8 @@ def read_history(path: Path, peer: str, limit: int = 500) -> list[HistoryLine]:
         db.execute("PRAGMA busy_timeout=2000")
         rows = db.execute(
             "SELECT peer, outgoing, text, ts_ms, instance_id, client_seq, state FROM history "
-            "WHERE peer_key=? ORDER BY id DESC LIMIT ?",
-            (name_key(peer), limit),
+            "WHERE peer_key=? AND id<=? ORDER BY id DESC LIMIT ?",
+            (name_key(peer), upto if upto is not None else 2**63 - 1, limit),
         ).fetchall()
     except sqlite3.Error:
         return []

@@ -296,13 +296,14 @@ class Connection:
 
     def count_new(self, packet: Packet) -> tuple[int, int]:
         """(messages, bytes) this packet would add: chunks not seen before.
-        Fragments after the first count toward bytes only, retransmissions
-        toward neither (RELIABILITY.md rate limits)."""
+        Only first chunks on conversation streams are messages (a receipt or
+        a WHO on the control stream is not); fragments after the first count
+        toward bytes only, retransmissions toward neither (RELIABILITY.md)."""
         messages = size = 0
         for frame in packet.frames:
             if isinstance(frame, Stream) and not self._seen(frame.seq):
                 size += len(frame.data)
-                messages += frame.index == 0
+                messages += frame.index == 0 and frame.stream != 0
         return messages, size
 
     def next_event(self) -> Event | None:
