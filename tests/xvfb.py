@@ -6,11 +6,14 @@ never tested is not a pass): install it with `apt-get install xvfb`.
 
 `screenshot(path)` saves a PNG of the whole screen for a person to look at
 (`import -window root` from ImageMagick, else `xwd -root` + `convert`).
+`window_ids(title)` and `window_geometry(id)` find the top-level windows of
+any process on the display by their exact title (xdotool, else xwininfo).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -177,3 +180,41 @@ def screenshot(path: str | Path) -> Path | None:
     finally:
         target.with_suffix(".xwd").unlink(missing_ok=True)
     return target
+
+
+def _x_tool(*command: str) -> str:
+    """stdout of an X client on the current display ("" if it fails)."""
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=15, check=False,
+            env=dict(os.environ), stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout if result.returncode == 0 else ""
+
+
+def window_ids(title: str) -> list[int]:
+    """Ids of the windows on the display whose title is exactly `title`."""
+    if shutil.which("xdotool"):
+        found = _x_tool("xdotool", "search", "--name", f"^{re.escape(title)}$")
+        return [int(line) for line in found.split()]
+    if shutil.which("xwininfo"):
+        tree = _x_tool("xwininfo", "-root", "-tree")
+        quoted = f'"{title}"'
+        return [int(line.split()[0], 16) for line in tree.splitlines()
+                if quoted in line and line.split()[0].startswith("0x")]  # fmt: skip
+    pytest.fail("finding windows needs xdotool or xwininfo (apt-get install xdotool)",
+                pytrace=False)  # fmt: skip
+
+
+def window_geometry(window_id: int) -> tuple[int, int, int, int]:
+    """(x, y, width, height) of a window on the screen."""
+    info = _x_tool("xwininfo", "-id", str(window_id))
+    fields = {}
+    for key in ("Absolute upper-left X", "Absolute upper-left Y", "Width", "Height"):
+        match = re.search(rf"{key}:\s+(-?\d+)", info)
+        assert match, f"xwininfo -id {window_id}: no {key!r} in {info!r}"
+        fields[key] = int(match.group(1))
+    return (fields["Absolute upper-left X"], fields["Absolute upper-left Y"],
+            fields["Width"], fields["Height"])  # fmt: skip
