@@ -65,6 +65,7 @@ from protocol import (
     Send,
     Typing,
     UnknownSession,
+    Watch,
     Welcome,
     Who,
     WhoReply,
@@ -319,7 +320,8 @@ class ChatSession:
         return True
 
     def set_peer(self, name: str) -> bool:
-        """Make `name` the person plain sends go to (the `/to` command)."""
+        """Make `name` the person plain sends go to (the `/to` command), and
+        follow their presence."""
         try:
             shown = normalize_name(name)
         except LocalProtocolError as exc:
@@ -327,6 +329,7 @@ class ChatSession:
             return False
         with self._lock:
             self._peer = shown
+        self.watch(shown)
         return True
 
     @property
@@ -359,6 +362,10 @@ class ChatSession:
 
     def who(self) -> None:
         self._command("who")
+
+    def watch(self, name: str) -> None:
+        """Ask for `name`'s presence (now and when it changes)."""
+        self._command("watch", name)
 
     def typing(self, to: str) -> None:
         self._command("typing", to)
@@ -442,6 +449,8 @@ class _Worker:
         self.login_interval = 0.25
         self.login_deadline: float | None = None
         self.auth: tuple[bytes, ScramKeys] | None = None  # (auth message, keys) of this attempt
+        self.presence: dict[str, bool] = {}  # last reported, by name key
+        self.watched: set[str] = set()  # presence wanted; asked again after each login
         self.unreported: list[_Outgoing] = []  # in the outbox; `sending` due after the commit
         if self.store is not None:
             # What an earlier run of this client sent and the server never
@@ -626,6 +635,8 @@ class _Worker:
         else:
             self.s._emit(LinkChanged(up=True))
         self.link_up = True
+        for name in sorted(self.watched):
+            self.send_message(Watch(name))
         # Resend, in order and with their ids, what the server has not accepted.
         for out in self.outbox.values():
             if out.state == "sending":
@@ -772,7 +783,10 @@ class _Worker:
                                       message.reason.label))  # fmt: skip
                 s._emit(ErrorEvent(message.reason.label, message.message))
         elif isinstance(message, Presence):
-            s._emit(PresenceChanged(message.user, message.online))
+            key = name_key(message.user)
+            if self.presence.get(key) != message.online:  # report changes only
+                self.presence[key] = message.online
+                s._emit(PresenceChanged(message.user, message.online))
         elif isinstance(message, WhoReply):
             self.who_pages.extend(message.users)
             if message.next_after:
@@ -826,6 +840,9 @@ class _Worker:
                 self.send_message(Who())
             elif name == "typing":
                 self.send_message(Typing(command[1]))
+            elif name == "watch":
+                self.watched.add(command[1])
+                self.send_message(Watch(command[1]))
             elif name == "logout":
                 if self.closing_deadline is None:
                     self.closing_deadline = now + command[1]

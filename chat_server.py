@@ -77,6 +77,7 @@ from protocol import (
     Send,
     Typing,
     UnsupportedVersion,
+    Watch,
     Welcome,
     Who,
     WhoReply,
@@ -483,6 +484,8 @@ class Relay:
             self._on_who(session, message)
         elif isinstance(message, Typing):
             self._on_typing(session, message)
+        elif isinstance(message, Watch):
+            self._on_watch(session, message)
         elif isinstance(message, Logout):
             log.info("%s logged out", session.user.name)
             session.closing = True  # ended after this flush, which acks the LOGOUT
@@ -615,6 +618,15 @@ class Relay:
         more = start + limit < len(self._online)
         names = tuple(self.users[k].name for k in keys)
         self._send(session, WhoReply(names, keys[-1] if more and keys else ""))
+
+    def _on_watch(self, session: Session, watch: Watch) -> None:
+        """The client has a conversation open with this user: tell it when
+        they come and go, starting with now."""
+        peer = self.users.get(name_key(watch.user))
+        if peer is None or peer is session.user:
+            return
+        peer.contacts.add(session.user.key)
+        self._send(session, Presence(peer.name, peer.session is not None))
 
     def _on_typing(self, session: Session, typing: Typing) -> None:
         peer = self.users.get(name_key(typing.user))

@@ -631,6 +631,7 @@ class Kind(enum.IntEnum):
     LOGOUT = 11  # client -> server: end this session
     BYE = 12  # server -> client: your session ends (shutdown, taken over)
     TYPING = 13  # either way: someone is typing to someone
+    WATCH = 14  # client -> server: tell me when this user comes and goes
 
 
 @dataclass(frozen=True)
@@ -738,6 +739,13 @@ class Typing:
     user: str  # to the server: the peer; from the server: who is typing
 
 
+@dataclass(frozen=True)
+class Watch:
+    KIND: ClassVar[Kind] = Kind.WATCH
+    SPEC: ClassVar[tuple[str, ...]] = ("str",)
+    user: str
+
+
 Message = (
     Send
     | Accept
@@ -752,6 +760,7 @@ Message = (
     | Logout
     | Bye
     | Typing
+    | Watch
 )
 MESSAGE_CLASSES: dict[int, type] = {
     cls.KIND: cls
@@ -769,6 +778,7 @@ MESSAGE_CLASSES: dict[int, type] = {
         Logout,
         Bye,
         Typing,
+        Watch,
     )
 }
 
