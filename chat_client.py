@@ -783,9 +783,9 @@ class _Worker:
                                       message.reason.label))  # fmt: skip
                 s._emit(ErrorEvent(message.reason.label, message.message))
         elif isinstance(message, Presence):
-            key = name_key(message.user)
-            if self.presence.get(key) != message.online:  # report changes only
-                self.presence[key] = message.online
+            user_key = name_key(message.user)
+            if self.presence.get(user_key) != message.online:  # report changes only
+                self.presence[user_key] = message.online
                 s._emit(PresenceChanged(message.user, message.online))
         elif isinstance(message, WhoReply):
             self.who_pages.extend(message.users)
