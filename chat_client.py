@@ -448,7 +448,10 @@ class _Worker:
         self.login_at = 0.0
         self.login_interval = 0.25
         self.login_deadline: float | None = None
-        self.auth: tuple[bytes, ScramKeys] | None = None  # (auth message, keys) of this attempt
+        # (auth message, keys, server DH key) of this attempt
+        self.auth: tuple[bytes, ScramKeys, bytes] | None = None
+        # The server's DH key seen at the first login with this store (pinned).
+        self.pinned = self.store.server_key() if self.store is not None else None
         self.presence: dict[str, bool] = {}  # last reported, by name key
         self.watched: set[str] = set()  # presence wanted; asked again after each login
         self.unreported: list[_Outgoing] = []  # in the outbox; `sending` due after the commit
@@ -614,7 +617,7 @@ class _Worker:
             return
         if self.auth is None or self.login_phase != "login":
             return
-        message, keys = self.auth
+        message, keys, server_dh = self.auth
         if not hmac.compare_digest(frame.signature, server_signature(keys.server_key, message)):
             # Someone answered who does not know our account: not our server.
             text = "the server could not prove it knows this account; not logging in"
@@ -626,6 +629,10 @@ class _Worker:
             frame.session_id, to_server, now, peer_key=to_client,
             rto_min=self.s.rto_min, rto_max=self.s.rto_max,
         )  # fmt: skip
+        if self.pinned is None:  # trust on first use, like SSH's known_hosts
+            self.pinned = server_dh
+            if self.store is not None:
+                self.store.pin_server_key(server_dh)
         self.last_heard = now
         self.schedule_ping(now)
         if self.first_login:
@@ -649,6 +656,16 @@ class _Worker:
         if not PBKDF2_MIN_ITERATIONS <= challenge.iterations <= PBKDF2_MAX_ITERATIONS:
             log.warning("ignoring a challenge with %d iterations", challenge.iterations)
             return
+        if self.pinned is not None and challenge.dh_public != self.pinned:
+            # Not the server this account was used with here: an attacker in
+            # the middle, or a server whose data was reset. Never hand it keys.
+            host, port = self.server
+            text = (f"the server at {host}:{port} is not the one you logged in to before "
+                    "(its key changed); not logging in. If it was reset on purpose, remove "
+                    f"{self.store.directory if self.store else 'this client data'}")  # fmt: skip
+            self.s._fatal(ErrorCode.SERVER_UNREACHABLE, text)
+            self.done = True
+            return
         cache_key = (challenge.salt, challenge.iterations)
         salted = self.salted.get(cache_key)
         if salted is None:
@@ -661,7 +678,7 @@ class _Worker:
         except ProtocolError as exc:
             log.warning("ignoring a challenge: %s", exc)
             return
-        self.auth = (message, keys)
+        self.auth = (message, keys, challenge.dh_public)
         self.login_datagram = encode_packet(
             Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST
         )

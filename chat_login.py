@@ -123,12 +123,13 @@ class LoginDesk:
             # Registration: unwrap the keys (the only DH work the server does).
             salt = self._salt_for_unknown(key)
             message = auth_message(name, login.instance_id, login.nonce, login.cookie, salt,
-                                   self.config.iterations)  # fmt: skip
+                                   self.config.iterations, login.dh_public,
+                                   self.dh_public)  # fmt: skip
             secret = dh_secret(self._dh_private, login.dh_public)
             keys = wrap_keys(secret, message, login.wrapped_keys) if secret else bytes(64)
             account = Account(name, salt, self.config.iterations, keys[:32], keys[32:])
         message = auth_message(name, login.instance_id, login.nonce, login.cookie, account.salt,
-                               account.iterations)  # fmt: skip
+                               account.iterations, login.dh_public, self.dh_public)  # fmt: skip
         self.stats["password_checks"] += 1
         client_key = verify_proof(account.stored_key, message, login.proof)
         if client_key is None:

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS history (
     state TEXT, UNIQUE (outgoing, sender_key, instance_id, client_seq)
 );
 CREATE INDEX IF NOT EXISTS history_peer ON history (peer_key, id);
+CREATE TABLE IF NOT EXISTS server_key (id INTEGER PRIMARY KEY CHECK (id = 1), dh_public BLOB);
 """
 
 
@@ -187,6 +188,15 @@ class ClientStore:
             (_i64(self.instance_id),),
         ).fetchall()
         return [(MsgId(_u64(i), s), to, text) for i, s, to, text in rows]
+
+    def server_key(self) -> bytes | None:
+        """The server's key this user saw at its first login here (pinned)."""
+        row = self.db.execute("SELECT dh_public FROM server_key WHERE id=1").fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def pin_server_key(self, dh_public: bytes) -> None:
+        self.begin()
+        self.db.execute("INSERT OR IGNORE INTO server_key VALUES (1, ?)", (dh_public,))
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):

@@ -833,12 +833,13 @@ def scram_keys(salted: bytes) -> ScramKeys:
 
 def auth_message(
     username: str, instance_id: int, client_nonce: bytes, server_nonce: bytes, salt: bytes,
-    iterations: int,
+    iterations: int, client_dh: bytes = b"", server_dh: bytes = b"",
 ) -> bytes:  # fmt: skip
-    """Everything both sides saw of one login, bound into every proof."""
+    """Everything both sides saw of one login, bound into every proof and
+    signature (the DH keys too, so neither can be swapped unnoticed)."""
     return b"|".join((
         b"udp-chat-login-v1", name_key(username).encode("utf-8"), instance_id.to_bytes(8, "big"),
-        client_nonce, server_nonce, salt, iterations.to_bytes(4, "big"),
+        client_nonce, server_nonce, salt, iterations.to_bytes(4, "big"), client_dh, server_dh,
     ))  # fmt: skip
 
 
@@ -921,13 +922,14 @@ def build_login(
     LOGIN frame, the auth message and the keys (for the session keys and to
     check the server's signature). None of the DH work is reused."""
     keys = scram_keys(salted)
-    message = auth_message(username, instance_id, nonce, challenge.cookie, challenge.salt,
-                           challenge.iterations)  # fmt: skip
     private = secrets.randbits(DH_PRIVATE_BITS)
+    public = dh_public(private)
     secret = dh_secret(private, challenge.dh_public)
     if secret is None:
         raise RemoteProtocolError("the server's Diffie-Hellman key is out of range")
+    message = auth_message(username, instance_id, nonce, challenge.cookie, challenge.salt,
+                           challenge.iterations, public, challenge.dh_public)  # fmt: skip
     wrapped = wrap_keys(secret, message, keys.stored_key + keys.server_key)
     proof = client_proof(keys, message)
-    return Login(username, instance_id, nonce, challenge.cookie, proof, dh_public(private),
-                 wrapped), message, keys  # fmt: skip
+    login = Login(username, instance_id, nonce, challenge.cookie, proof, public, wrapped)
+    return login, message, keys
