@@ -15,7 +15,7 @@ datagram as it arrives (to classify traffic). One thread runs the whole proxy:
 delayed datagrams wait on a heap and go out from the same timed loop.
 
     with LossyProxy(server.address, seed=1, loss=0.3) as proxy:
-        session.login(proxy.address, "alice")
+        session.login(proxy.address, "alice", password="...")
 """
 
 from __future__ import annotations
