@@ -783,12 +783,17 @@ class _Worker:
                 s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
         elif isinstance(message, Delivered):
             out = self.outbox.pop(message.msg_id, None)
-            self.record_state(message.msg_id, "delivered")
             if out is None:
-                # Accepted before a restart of this client: only the store knew it.
-                if self.store is not None:
+                # Accepted before a restart of this client (only the store knew
+                # it), or a receipt sent again: report `delivered` once.
+                if self.store is not None and self.store.state_of(message.msg_id) not in (
+                    None,
+                    "delivered",
+                ):
+                    self.record_state(message.msg_id, "delivered")
                     s._emit(StatusChanged(message.msg_id.label(), "delivered", message.to, ""))
             else:
+                self.record_state(message.msg_id, "delivered")
                 if out.state == "sending":
                     s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
                 s._emit(StatusChanged(out.msg_id.label(), "delivered", out.to, out.text))

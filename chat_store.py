@@ -186,7 +186,9 @@ class ServerStore:
             "SELECT server_msg_id, recipient_key, sender_key, sender, instance_id, client_seq, "
             "text, sent_ms FROM mailbox ORDER BY server_msg_id"
         ):
-            loaded.mailbox.append(StoredMessage(*values))
+            message = StoredMessage(*values)
+            message.instance_id = _u64(message.instance_id)
+            loaded.mailbox.append(message)
         for sender_key, instance_id, client_seq, server_msg_id in db.execute(
             "SELECT sender_key, instance_id, client_seq, server_msg_id FROM dedup"
         ):

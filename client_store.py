@@ -154,6 +154,15 @@ class ClientStore:
              _i64(msg_id.instance_id), msg_id.client_seq),
         )  # fmt: skip
 
+    def state_of(self, msg_id: MsgId) -> str | None:
+        """The state recorded for one of our messages (None: not here)."""
+        row = self.db.execute(
+            "SELECT state FROM history WHERE outgoing=1 AND sender_key=? AND instance_id=? "
+            "AND client_seq=?",
+            (name_key(self.username), _i64(msg_id.instance_id), msg_id.client_seq),
+        ).fetchone()
+        return None if row is None else row[0]
+
     def set_state(self, msg_id: MsgId, state: str) -> None:
         """Record a later state; the outbox lets go once the server holds it."""
         self.begin()

@@ -69,7 +69,8 @@ MAX_CWND = 64  # datagrams in flight per peer
 MIN_CWND = 4
 REPLAY_WINDOW = 64  # RFC 4303 recommends 64
 MAX_ACK_RANGES = 16
-UNREACHABLE_AFTER = 30.0  # ENet TIMEOUT_MAXIMUM: no ack for this long
+UNREACHABLE_AFTER = 30.0  # ENet TIMEOUT_MAXIMUM: no ack for this long ...
+UNREACHABLE_RTOS = 10  # ... or this many timeouts in a row (KCP IKCP_DEADLINK 20)
 #: Receive caps: never allocate from what a sender declares.
 MAX_FRAGMENTS = 64
 MAX_PARTIAL_MESSAGES = 4
@@ -443,7 +444,9 @@ class Connection:
         if (
             self._inflight
             and not self._unreachable
-            and now - self._last_progress >= UNREACHABLE_AFTER
+            and (
+                now - self._last_progress >= UNREACHABLE_AFTER or self._backoff >= UNREACHABLE_RTOS
+            )
         ):
             self._unreachable = True
             self._events.append(PeerUnreachable())
