@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from chat_client import ChatSession, LoggedIn
+from chat_client import ChatSession, LoggedIn, PresenceChanged
 from chat_window import ChatWindow, Settings
 from protocol import name_key
 from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, RunningServer, make_session, wait_for
@@ -910,7 +910,11 @@ def test_closing_a_window_logs_out_promptly(gui: Gui) -> None:
     alice.close()
     took = time.monotonic() - started
     print(f"\nclosing the window took {took * 1000:.0f} ms")
-    wait_for(bob_session, lambda e: getattr(e, "user", None) == "alice" and not e.online, 5)
+    wait_for(
+        bob_session,
+        lambda e: isinstance(e, PresenceChanged) and e.user == "alice" and not e.online,
+        5,
+    )
     assert took < 1.0, f"closing the window took {took:.2f} s (its logout was never acked?)"
 
 
