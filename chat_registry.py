@@ -36,9 +36,7 @@ class ServerConfig:
     mailbox_messages: int = 10_000  # per recipient
     mailbox_bytes: int = 10 * 1024 * 1024
     log_interval: float = 10.0  # at most one log line per reason this often
-    data_dir: Path | None = (
-        None  # None: keep everything in memory (tests of the routing)
-    )
+    data_dir: Path | None = None  # None: keep everything in memory (tests of the routing)
     iterations: int = PBKDF2_ITERATIONS  # for new accounts; the client does the work
     preauth_rate: float = 500.0  # per source IP, datagrams/s before login ...
     preauth_burst: float = 1000.0  # ... many users may share one NAT address
@@ -139,9 +137,7 @@ class DropLog:
         self.counts: collections.Counter[str] = collections.Counter()
         self._logged: dict[str, tuple[float, int]] = {}
 
-    def __call__(
-        self, category: str, addr: Address, now: float, detail: object = ""
-    ) -> None:
+    def __call__(self, category: str, addr: Address, now: float, detail: object = "") -> None:
         """Count a drop under a fixed `category` (never text the sender
         chose, which could make every line new); `detail` only goes in the log."""
         self.counts[category] += 1
