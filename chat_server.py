@@ -126,8 +126,13 @@ class Relay:
         self.users: dict[str, User] = {}
         self.sessions: dict[bytes, Session] = {}
         self._online: list[str] = []  # sorted name keys, for paged WHO
-        self._accepted: dict[tuple[str, int, int], int] = {}  # dedup: message id -> server id
+        # Dedup, message id -> server id, in memory only until the message is
+        # both committed and delivered; older retries are looked up on disk
+        # (those at or below the high-water mark of their client instance).
+        self._accepted: dict[tuple[str, int, int], int] = {}
+        self._hwm: dict[tuple[str, int], int] = {}
         self._durable: set[int] = set()  # server ids accepted but not yet committed
+        self._receipted_early: set[int] = set()  # delivered before their commit
         self._dirty: dict[bytes, Session] = {}
         self._timers: list[tuple[float, int, bytes]] = []
         self._tiebreak = itertools.count()
@@ -162,7 +167,7 @@ class Relay:
                 m.text, m.sent_ms,
             )  # fmt: skip
             user.mailbox_bytes += len(m.text.encode("utf-8"))
-        self._accepted.update(loaded.dedup)
+        self._hwm.update(loaded.hwm)
         for sender_key, instance_id, client_seq, recipient in loaded.notices:
             sender = self.users.get(sender_key)
             if sender is not None:
@@ -496,12 +501,15 @@ class Relay:
         user = session.user
         dedup = (user.key, send.msg_id.instance_id, send.msg_id.client_seq)
         known = self._accepted.get(dedup)
+        if known is None and self.store is not None:
+            if send.msg_id.client_seq <= self._hwm.get((user.key, send.msg_id.instance_id), -1):
+                known = self.store.find_dedup(*dedup)  # an older retry: ask the disk
         if known is not None:
             # A retry of a message we already hold: the same answer, no second
             # copy; if it is still on its way to the disk, the answer waits too.
             accept = Accept(send.msg_id, known)
             if known in self._durable and self.store is not None:
-                self.store.submit(("sync",), lambda: self._accept(user, accept))
+                self.store.submit(("sync",), lambda: self._accept(user, accept, None))
             else:
                 self._send(session, accept)
             return
@@ -550,6 +558,8 @@ class Relay:
         server_msg_id = self._next_msg_id
         self._next_msg_id += 1
         self._accepted[dedup] = server_msg_id
+        instance = (user.key, send.msg_id.instance_id)
+        self._hwm[instance] = max(self._hwm.get(instance, -1), send.msg_id.client_seq)
         entry = Entry(
             server_msg_id, send.msg_id, user.key, user.name, send.text,
             int(self._wall_clock() * 1000),
@@ -568,7 +578,7 @@ class Relay:
                                    entry.sent_ms)  # fmt: skip
             if self.store.reserve_needed(self._next_msg_id):
                 self.store.submit(("reserve",))
-            self.store.submit(("message", stored), lambda: self._accept(user, accept))
+            self.store.submit(("message", stored), lambda: self._accept(user, accept, dedup))
         self._hand_over(recipient, entry)
         if recipient.key not in user.contacts:
             user.contacts.add(recipient.key)
@@ -577,10 +587,13 @@ class Relay:
             if recipient.session is not None:
                 self._send(recipient.session, Presence(user.name, True))
 
-    def _accept(self, sender: User, accept: Accept) -> None:
+    def _accept(self, sender: User, accept: Accept, dedup: tuple[str, int, int] | None) -> None:
         """After the commit: tell the sender, on whatever session it has now
         (if none, its client resends and gets the same answer)."""
         self._durable.discard(accept.server_msg_id)
+        if accept.server_msg_id in self._receipted_early and dedup is not None:
+            self._receipted_early.discard(accept.server_msg_id)
+            self._accepted.pop(dedup, None)  # committed and delivered: the disk remembers
         if sender.session is not None:
             self._send(sender.session, accept)
 
@@ -602,6 +615,11 @@ class Relay:
         user.mailbox_bytes -= len(entry.text.encode("utf-8"))
         notice = Delivered(entry.msg_id, user.name)
         if self.store is not None:
+            # Delivered: memory lets go of its dedup key once it is on disk too.
+            if entry.server_msg_id in self._durable:
+                self._receipted_early.add(entry.server_msg_id)
+            else:
+                self._accepted.pop((entry.sender_key, *entry.msg_id), None)
             self.store.submit(("delivered", entry.server_msg_id, entry.sender_key, *entry.msg_id,
                                user.name))  # fmt: skip
         sender = self.users.get(entry.sender_key)

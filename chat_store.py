@@ -3,8 +3,8 @@ in SQLite (WAL, `synchronous=FULL`), owned by one thread.
 
 Split from `chat_server.py` (which it serves). The server's loop never
 waits on the disk: it hands write operations to `ServerStore.submit`, the
-store thread applies them in groups (one transaction per batch, at most
-`GROUP_COMMIT_S` of gathering), and after each commit puts the callbacks of
+store thread applies them in groups (one transaction for everything
+queued while the previous commit waited for the disk), and after each commit puts the callbacks of
 the committed operations on `done` and calls `notify()` so the loop runs
 them. That is how an ACCEPT waits for the disk while forwarding does not.
 
@@ -30,7 +30,7 @@ from typing import IO, Any
 
 log = logging.getLogger("chat_store")
 
-GROUP_COMMIT_S = 0.005  # RELIABILITY.md: group commit up to 10 ms is fine if acks wait
+MAX_BATCH = 5000  # operations in one transaction at most
 DEDUP_KEEP_S = 7 * 24 * 3600  # keep dedup keys at least 7 days (RELIABILITY.md 1.3)
 ID_BLOCK = 10_000  # server_msg_ids reserved per durable write, never reused after a crash
 
@@ -90,7 +90,9 @@ class Loaded:
     next_msg_id: int
     accounts: dict[str, Account] = field(default_factory=dict)
     mailbox: list[StoredMessage] = field(default_factory=list)  # in server_msg_id order
-    dedup: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    # Highest client_seq accepted per (sender, instance): anything at or below
+    # it may be a retry, to look up with `find_dedup`.
+    hwm: dict[tuple[str, int], int] = field(default_factory=dict)
     notices: list[tuple[str, int, int, str]] = field(default_factory=list)
 
 
@@ -149,6 +151,8 @@ class ServerStore:
             queue.SimpleQueue()
         )
         self._db = self._connect()
+        # Read-only lookups from the loop thread (WAL lets them run beside the writer).
+        self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._next_block = 0
         self._thread: threading.Thread | None = None
         self.commits = 0
@@ -189,15 +193,25 @@ class ServerStore:
             message = StoredMessage(*values)
             message.instance_id = _u64(message.instance_id)
             loaded.mailbox.append(message)
-        for sender_key, instance_id, client_seq, server_msg_id in db.execute(
-            "SELECT sender_key, instance_id, client_seq, server_msg_id FROM dedup"
+        for sender_key, instance_id, client_seq in db.execute(
+            "SELECT sender_key, instance_id, MAX(client_seq) FROM dedup "
+            "GROUP BY sender_key, instance_id"
         ):
-            loaded.dedup[(sender_key, _u64(instance_id), client_seq)] = server_msg_id
+            loaded.hwm[(sender_key, _u64(instance_id))] = client_seq
         for sender_key, instance_id, client_seq, recipient in db.execute(
             "SELECT sender_key, instance_id, client_seq, recipient FROM notices"
         ):
             loaded.notices.append((sender_key, _u64(instance_id), client_seq, recipient))
         return loaded
+
+    def find_dedup(self, sender_key: str, instance_id: int, client_seq: int) -> int | None:
+        """The server_msg_id of an accepted (committed) message, for a retry
+        of one the loop no longer keeps in memory."""
+        row = self._reader.execute(
+            "SELECT server_msg_id FROM dedup WHERE sender_key=? AND instance_id=? AND client_seq=?",
+            (sender_key, _i64(instance_id), client_seq),
+        ).fetchone()
+        return None if row is None else int(row[0])
 
     def reserve_needed(self, next_msg_id: int) -> bool:
         """True when the loop should reserve the next block of ids."""
@@ -222,6 +236,7 @@ class ServerStore:
             self._ops.put(None)
             self._thread.join(10)
             self._thread = None
+        self._reader.close()
         self._db.close()
         self._lock.close()
 
@@ -231,11 +246,13 @@ class ServerStore:
             first = self._ops.get()
             if first is None:
                 break
+            # Group commit without a timer: take everything queued by now. While
+            # one commit waits for the disk the next batch gathers, so batches
+            # grow with the load and a lone message is committed at once.
             batch = [first]
-            deadline = time.monotonic() + GROUP_COMMIT_S
-            while len(batch) < 5000:
+            while len(batch) < MAX_BATCH:
                 try:
-                    item = self._ops.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._ops.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:

@@ -1,0 +1,829 @@
+"""Load clients for the benchmark, run in worker processes.
+
+They speak the real protocol with the real code: `protocol.py` for the
+SCRAM login (HELLO -> CHALLENGE -> LOGIN -> WELCOME) and the messages,
+`reliability.Connection` for acks, retransmission and packing many
+messages into one datagram, exactly like `chat_client._Worker` but without
+threads, Tk or a local store, so one process can drive many clients.
+
+Each worker is a function `run_*(spec, pipe)` started by `run.py` with
+multiprocessing. The conversation with the parent is:
+
+    worker -> ("ready", info)        logged in (untimed work done)
+    parent -> ("start", t0, stop_at) monotonic times (shared by all processes)
+    worker -> ("done", result)       or ("error", traceback) at any point
+    parent -> ("exit",)              (login workers only: keep sessions until then)
+
+Time stamps travel inside the message text ("<monotonic_ns> <seq> xxx..."):
+processes on one host share the monotonic clock, so the receiver's clock
+minus the stamp is the one-way latency.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import functools
+import hmac
+import secrets
+import selectors
+import socket
+import struct
+import time
+import traceback
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection as Pipe
+from typing import Any
+
+import protocol
+from protocol import (
+    DH_PRIVATE_BITS,
+    HELLO_SIZE,
+    MIN_PREAUTH_REQUEST,
+    NO_SESSION,
+    Accept,
+    Bye,
+    Challenge,
+    Deliver,
+    Delivered,
+    Fail,
+    Hello,
+    Kind,
+    Login,
+    Message,
+    MsgId,
+    Notice,
+    Packet,
+    ProtocolError,
+    Receipt,
+    Refused,
+    ScramKeys,
+    Send,
+    Welcome,
+    conversation_stream,
+    decode_message,
+    decode_packet,
+    encode_message,
+    encode_packet,
+    salted_password,
+    server_signature,
+    session_keys,
+)
+from reliability import Connection, PayloadReceived
+
+PASSWORD = "bench password"
+TEXT_SIZE = 64  # bytes of text per chat message (stamp, sequence, filler)
+#: Loopback timers, as in the tests (the server gets the same flags).
+RTO_MIN, RTO_MAX = 0.05, 1.0
+SOCKET_BUFFER = 4 << 20
+LOGIN_RESEND = 0.25  # first resend; doubles up to LOGIN_RESEND_MAX (as chat_client does)
+LOGIN_RESEND_MAX = 2.0
+Addr = tuple[str, int]
+
+
+def make_text(stamp_ns: int, seq: int, size: int = TEXT_SIZE) -> str:
+    return f"{stamp_ns} {seq} ".ljust(size, "x")
+
+
+def text_stamp(text: str) -> int:
+    return int(text[: text.index(" ")])
+
+
+# The hot messages, packed and parsed by hand (the same bytes as
+# protocol.encode_message; `check_codec` proves it before every run), so
+# the load generator spends its CPU on the transport, not on the codec.
+_SEND_HEAD = struct.Struct("!BQQH")  # kind, instance_id, client_seq, len(to)
+_U32 = struct.Struct("!I")
+_RECEIPT = struct.Struct("!BQ")  # kind, server_msg_id
+_DELIVER_HEAD = struct.Struct("!QQQH")  # server_msg_id, instance_id, client_seq, len(sender)
+_MSGID = struct.Struct("!QQ")
+
+
+def encode_send(instance_id: int, seq: int, to: bytes, text: str) -> bytes:
+    data = text.encode("utf-8")
+    return b"".join((_SEND_HEAD.pack(Kind.SEND, instance_id, seq, len(to)), to,
+                     _U32.pack(len(data)), data))  # fmt: skip
+
+
+def encode_receipt(server_msg_id: int) -> bytes:
+    return _RECEIPT.pack(Kind.RECEIPT, server_msg_id)
+
+
+def parse_deliver(payload: bytes) -> tuple[int, MsgId, str]:
+    """(server_msg_id, msg_id, text) of an encoded DELIVER."""
+    server_msg_id, instance_id, seq, size = _DELIVER_HEAD.unpack_from(payload, 1)
+    pos = 1 + _DELIVER_HEAD.size + size
+    (length,) = _U32.unpack_from(payload, pos)
+    text = payload[pos + 4 : pos + 4 + length].decode("utf-8")
+    return server_msg_id, MsgId(instance_id, seq), text
+
+
+def check_codec() -> None:
+    """The hand-made codec must give exactly what protocol.py gives."""
+    msg_id = MsgId(0x0123456789ABCDEF, 42)
+    text = make_text(123, 42)
+    assert encode_send(msg_id[0], 42, b"bob", text) == encode_message(Send(msg_id, "bob", text)), (
+        "encode_send differs from protocol.encode_message"
+    )
+    assert encode_receipt(7) == encode_message(Receipt(7))
+    deliver = encode_message(Deliver(9, msg_id, "alice", text, 1234))
+    assert parse_deliver(deliver) == (9, msg_id, text), "parse_deliver differs"
+    assert _MSGID.unpack_from(encode_message(Accept(msg_id, 5)), 1) == msg_id
+    assert _MSGID.unpack_from(encode_message(Delivered(msg_id, "bob")), 1) == msg_id
+
+
+def new_socket(server: Addr) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    sock.connect(server)
+    sock.setblocking(False)
+    return sock
+
+
+def cpu_seconds() -> float:
+    """CPU (user + system) of this process so far, all threads."""
+    return time.process_time()
+
+
+def wait_until(t: float) -> None:
+    while (left := t - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
+
+
+# --- login ------------------------------------------------------------------
+
+
+class Handshake:
+    """One SCRAM login in progress: HELLO -> CHALLENGE -> LOGIN -> WELCOME."""
+
+    __slots__ = (
+        "name", "sock", "password", "instance_id", "nonce", "phase", "datagram", "sent_at",
+        "salt", "iterations", "dh_public", "auth", "conn", "resends", "interval",
+    )  # fmt: skip
+
+    def __init__(self, name: str, sock: socket.socket, password: str = PASSWORD) -> None:
+        self.name = name
+        self.sock = sock
+        self.password = password
+        self.instance_id = secrets.randbits(64)
+        self.nonce = secrets.token_bytes(16)
+        self.phase = "hello"
+        hello = Hello(name, self.instance_id, self.nonce)
+        self.datagram = encode_packet(Packet(NO_SESSION, 0, (hello,)), None, pad_to=HELLO_SIZE)
+        self.sent_at = 0.0
+        self.salt = b""
+        self.iterations = 0
+        self.dh_public = b""
+        self.auth: tuple[bytes, ScramKeys] | None = None
+        self.conn: Connection | None = None
+        self.resends = 0
+        self.interval = LOGIN_RESEND
+
+    def send(self, now: float) -> None:
+        try:
+            self.sock.send(self.datagram)
+        except OSError:
+            pass  # a full buffer: resent after LOGIN_RESEND
+        self.sent_at = now
+
+    def prove(self, challenge: Challenge, salted: bytes) -> None:
+        login, message, keys = fast_login(
+            self.name, self.instance_id, self.nonce, challenge, salted
+        )
+        self.auth = (message, keys)
+        self.datagram = encode_packet(
+            Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST
+        )
+        self.phase = "login"
+
+
+#: name -> (salt, iterations, salted password): the PBKDF2 work a real client caches.
+SaltCache = dict[str, tuple[bytes, int, bytes]]
+
+
+class _OnePrivateKey:
+    """`secrets` as `build_login` sees it below: its DH private key is the
+    same for every login of this process, everything else is `secrets`."""
+
+    def __init__(self) -> None:
+        self.private = secrets.randbits(DH_PRIVATE_BITS)
+
+    def randbits(self, bits: int) -> int:
+        return self.private if bits == DH_PRIVATE_BITS else secrets.randbits(bits)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(secrets, name)
+
+
+def _cached_dh_build_login() -> Callable[..., tuple[Login, bytes, ScramKeys]]:
+    """`protocol.build_login`, the very same code, run with a DH key pair that
+    is made once per process and cached results of the two 2048-bit modular
+    exponentiations (~6 ms of client CPU per login). A real client makes a
+    fresh pair per login; a load process standing in for thousands of them
+    cannot afford to, and the server cannot tell: its work is the same. The
+    protocol module itself is not touched."""
+    namespace = dict(vars(protocol))
+    namespace["secrets"] = _OnePrivateKey()
+    namespace["dh_public"] = functools.lru_cache(maxsize=8)(protocol.dh_public)
+    namespace["dh_secret"] = functools.lru_cache(maxsize=8)(protocol.dh_secret)
+    original = protocol.build_login
+    function = types.FunctionType(original.__code__, namespace, original.__name__,
+                                  original.__defaults__, original.__closure__)  # fmt: skip
+    return function
+
+
+fast_login = _cached_dh_build_login()
+
+
+def drive_logins(
+    handshakes: list[Handshake], *, salted: SaltCache | None = None, challenge_only: bool = False,
+    window: int = 256, timeout: float = 120.0,
+) -> None:  # fmt: skip
+    """Run many handshakes at once over their sockets, at most `window` in
+    flight. With `challenge_only`, stop at the CHALLENGE (to learn salts)."""
+    salted = salted if salted is not None else {}
+    sockets = {h.sock for h in handshakes}
+    selector = selectors.DefaultSelector()
+    for sock in sockets:
+        selector.register(sock, selectors.EVENT_READ)
+    pending = collections.deque(handshakes)
+    active: dict[bytes, Handshake] = {}
+    deadline = time.monotonic() + timeout
+    last_scan = 0.0
+    try:
+        while pending or active:
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f"{len(pending) + len(active)} logins not answered in time")
+            while pending and len(active) < window:
+                h = pending.popleft()
+                active[h.nonce] = h
+                h.send(now)
+            if now - last_scan >= 0.05:
+                last_scan = now
+                for h in active.values():
+                    if now - h.sent_at >= h.interval:
+                        h.resends += 1
+                        h.interval = min(LOGIN_RESEND_MAX, 2 * h.interval)
+                        h.send(now)
+            for key, _ in selector.select(0.1):
+                ready: socket.socket = key.fileobj  # type: ignore[assignment]
+                while True:
+                    try:
+                        data = ready.recv(65535)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        continue
+                    try:
+                        packet = decode_packet(data, None)
+                    except ProtocolError:
+                        continue
+                    for frame in packet.frames:
+                        if isinstance(frame, (Challenge, Welcome, Refused)):
+                            h2 = active.get(frame.nonce)
+                            if h2 is not None:
+                                login_reply(h2, frame, active, salted, challenge_only)
+    finally:
+        selector.close()
+
+
+def login_reply(
+    h: Handshake, frame: Challenge | Welcome | Refused, active: dict[bytes, Handshake],
+    salted: SaltCache, challenge_only: bool,
+) -> None:  # fmt: skip
+    if isinstance(frame, Refused):
+        raise RuntimeError(f"login of {h.name} refused: {frame.code.label}: {frame.message}")
+    now = time.monotonic()
+    if isinstance(frame, Challenge):
+        if h.phase != "hello":
+            return
+        h.salt, h.iterations, h.dh_public = frame.salt, frame.iterations, frame.dh_public
+        if challenge_only:
+            del active[h.nonce]
+            return
+        cached = salted.get(h.name)
+        if cached is None or cached[:2] != (frame.salt, frame.iterations):
+            cached = (frame.salt, frame.iterations,
+                      salted_password(h.password, frame.salt, frame.iterations))  # fmt: skip
+            salted[h.name] = cached
+        h.prove(frame, cached[2])
+        h.interval = LOGIN_RESEND
+        h.send(now)
+        return
+    if h.phase != "login" or h.auth is None:
+        return
+    message, keys = h.auth
+    if not hmac.compare_digest(frame.signature, server_signature(keys.server_key, message)):
+        raise RuntimeError(f"the server could not prove it knows {h.name}")
+    to_server, to_client = session_keys(keys.client_key, message)
+    h.conn = Connection(frame.session_id, to_server, now, peer_key=to_client,
+                        rto_min=RTO_MIN, rto_max=RTO_MAX)  # fmt: skip
+    h.phase = "done"
+    del active[h.nonce]
+
+
+def precompute_salts(handshakes: list[Handshake]) -> SaltCache:
+    """Learn each name's salt (HELLO -> CHALLENGE) and run its PBKDF2: the
+    client's work, done before any timer starts."""
+    drive_logins(handshakes, challenge_only=True)
+    return {
+        h.name: (h.salt, h.iterations, salted_password(h.password, h.salt, h.iterations))
+        for h in handshakes
+    }
+
+
+# --- chat traffic -------------------------------------------------------------
+
+
+class Peer:
+    """A logged-in client: its socket, its Connection, and what it does with
+    the messages that arrive (in subclasses)."""
+
+    def __init__(self, name: str, sock: socket.socket, conn: Connection, instance_id: int):
+        self.name = name
+        self.sock = sock
+        self.conn = conn
+        self.instance_id = instance_id
+        self.dirty = True
+        self.timer: float | None = None
+        self.datagrams_in = 0
+        self.send_errors = 0
+        self.notices: collections.Counter[str] = collections.Counter()
+
+    def read(self) -> None:
+        conn, recv = self.conn, self.sock.recv
+        while True:
+            try:
+                data = recv(65535)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue
+            now_ns = time.monotonic_ns()
+            self.datagrams_in += 1
+            now = now_ns / 1e9
+            if conn.receive_datagram(data, now):
+                while (event := conn.next_event()) is not None:
+                    if isinstance(event, PayloadReceived):
+                        self.on_payload(event.payload, now_ns)
+            self.dirty = True
+
+    def pump(self, now: float) -> None:
+        """Run a due timer and send what is due."""
+        conn = self.conn
+        if self.timer is not None and self.timer <= now:
+            conn.handle_timer(now)
+        send = self.sock.send
+        for datagram in conn.datagrams_to_send(now):
+            try:
+                send(datagram)
+            except OSError:
+                self.send_errors += 1  # a full buffer: the protocol resends
+        self.timer = conn.get_timer()
+        self.dirty = False
+
+    def on_payload(self, payload: bytes, now_ns: int) -> None:
+        self.on_message(decode_message(payload), now_ns)
+
+    def on_message(self, message: Message, now_ns: int) -> None:
+        if isinstance(message, Notice):
+            self.notices[message.code.label] += 1
+        elif isinstance(message, Bye):
+            raise RuntimeError(f"{self.name} was told to go: {message.code.label}")
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "datagrams_in": self.datagrams_in, "datagrams_out": self.conn.sent_count,
+            "send_errors": self.send_errors, "notices": dict(self.notices),
+        }  # fmt: skip
+
+
+class Sender(Peer):
+    """Sends to one peer with at most `window` messages not yet both
+    accepted (durable on the server) and delivered (receipted)."""
+
+    def __init__(self, name: str, sock: socket.socket, conn: Connection, instance_id: int,
+                 to: str, window: int, text_size: int) -> None:  # fmt: skip
+        super().__init__(name, sock, conn, instance_id)
+        self.to = to
+        self.to_bytes = to.encode("utf-8")
+        self.stream = conversation_stream(to)
+        self.window = window
+        self.text_size = text_size
+        self.next_seq = 1
+        # client_seq -> [1 accepted | 2 delivered, send stamp in ns]
+        self.outstanding: dict[int, list[int]] = {}
+        self.accept_latencies = array.array("q")  # send -> ACCEPT (durable), ns
+        self.delivered_latencies = array.array("q")  # send -> DELIVERED (receipted), ns
+        self.sent = self.completed = self.failed = 0
+        self.accepted = self.delivered = 0
+        self.last_complete = 0.0
+
+    def fill(self, limit: int) -> None:
+        """Queue new messages while the window allows, at most `limit`."""
+        room = min(self.window - len(self.outstanding), limit)
+        if room <= 0:
+            return
+        conn, stream, instance_id, to = self.conn, self.stream, self.instance_id, self.to_bytes
+        outstanding, size = self.outstanding, self.text_size
+        for _ in range(room):
+            seq = self.next_seq
+            self.next_seq += 1
+            stamp = time.monotonic_ns()
+            conn.send(encode_send(instance_id, seq, to, make_text(stamp, seq, size)), stream)
+            outstanding[seq] = [0, stamp]
+        self.sent += room
+        self.dirty = True
+
+    def on_payload(self, payload: bytes, now_ns: int) -> None:
+        kind = payload[0]
+        if kind == Kind.ACCEPT or kind == Kind.DELIVERED:
+            instance_id, seq = _MSGID.unpack_from(payload, 1)
+            if instance_id == self.instance_id:
+                self.settle(seq, 1 if kind == Kind.ACCEPT else 2, now_ns)
+        else:
+            super().on_payload(payload, now_ns)
+
+    def settle(self, seq: int, bit: int, now_ns: int) -> None:
+        """An ACCEPT (bit 1) or DELIVERED (bit 2) for message `seq`."""
+        entry = self.outstanding.get(seq)
+        if entry is not None:
+            if entry[0] & bit:
+                return
+            if bit == 1:
+                self.accepted += 1
+                self.accept_latencies.append(now_ns - entry[1])
+            else:
+                self.delivered += 1
+                self.delivered_latencies.append(now_ns - entry[1])
+            entry[0] |= bit
+            if entry[0] == 3:
+                del self.outstanding[seq]
+                self.completed += 1
+                self.last_complete = now_ns / 1e9
+
+    def on_message(self, message: Message, now_ns: int) -> None:
+        if isinstance(message, Fail):
+            self.failed += 1
+            self.outstanding.pop(message.msg_id.client_seq, None)
+        else:
+            super().on_message(message, now_ns)
+
+    def result(self) -> dict[str, Any]:
+        out = super().result()
+        out.update(sent=self.sent, completed=self.completed, accepted=self.accepted,
+                   delivered=self.delivered, failed=self.failed,
+                   outstanding=len(self.outstanding), last_complete=self.last_complete,
+                   accept_latencies=self.accept_latencies.tobytes(),
+                   delivered_latencies=self.delivered_latencies.tobytes())  # fmt: skip
+        return out
+
+
+class Receiver(Peer):
+    """Receipts every message at once and records its one-way latency."""
+
+    def __init__(self, name: str, sock: socket.socket, conn: Connection, instance_id: int):
+        super().__init__(name, sock, conn, instance_id)
+        self.seen: set[MsgId] = set()
+        self.received = self.duplicates = self.damaged = 0
+        self.latencies = array.array("q")  # ns
+
+    def on_payload(self, payload: bytes, now_ns: int) -> None:
+        if payload[0] != Kind.DELIVER:
+            super().on_payload(payload, now_ns)
+            return
+        server_msg_id, msg_id, text = parse_deliver(payload)
+        if msg_id in self.seen:
+            self.duplicates += 1
+        else:
+            self.seen.add(msg_id)
+            self.received += 1
+            try:
+                self.latencies.append(now_ns - text_stamp(text))
+            except ValueError:
+                self.damaged += 1
+        # Receipted at once: this client keeps nothing on disk.
+        self.conn.send(encode_receipt(server_msg_id))
+        self.dirty = True
+
+    def result(self) -> dict[str, Any]:
+        out = super().result()
+        out.update(received=self.received, duplicates=self.duplicates, damaged=self.damaged,
+                   latencies=self.latencies.tobytes())  # fmt: skip
+        return out
+
+
+@dataclass
+class TrafficSpec:
+    """What one worker process drives: `senders` are (name, to) pairs; a
+    `rate` (messages/s per sender) paces them instead of sending flat out."""
+
+    server: Addr
+    senders: list[tuple[str, str]]
+    receivers: list[str]
+    window: int = 64
+    rate: float | None = None
+    text_size: int = TEXT_SIZE
+    drain_timeout: float = 20.0
+    limit: int | None = None  # messages per sender at most
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def log_in_clients(spec: TrafficSpec) -> tuple[list[Sender], list[Receiver]]:
+    """Log in every client of `spec`, each on a socket of its own (closed
+    with `close_clients`)."""
+    check_codec()
+    names = [name for name, _ in spec.senders] + list(spec.receivers)
+    handshakes = [Handshake(name, new_socket(spec.server)) for name in names]
+    try:
+        drive_logins(handshakes)  # receivers must exist before anyone writes to them
+    except BaseException:
+        for h in handshakes:
+            h.sock.close()
+        raise
+    by_name = {h.name: h for h in handshakes}
+    senders = []
+    for name, to in spec.senders:
+        h = by_name[name]
+        assert h.conn is not None
+        senders.append(Sender(name, h.sock, h.conn, h.instance_id, to, spec.window,
+                              spec.text_size))  # fmt: skip
+    receivers = []
+    for name in spec.receivers:
+        h = by_name[name]
+        assert h.conn is not None
+        receivers.append(Receiver(name, h.sock, h.conn, h.instance_id))
+    return senders, receivers
+
+
+def close_clients(peers: list[Sender] | list[Receiver]) -> None:
+    for p in peers:
+        p.sock.close()
+
+
+def run_traffic(spec: TrafficSpec, pipe: Pipe) -> None:
+    """Worker: log in every client, then send flat out (or at `rate`) from
+    t0 until stop_at, then wait until every message is accepted and delivered."""
+    senders: list[Sender] = []
+    receivers: list[Receiver] = []
+    try:
+        senders, receivers = log_in_clients(spec)
+        pipe.send(("ready", len(senders) + len(receivers)))
+        command = pipe.recv()
+        assert command[0] == "start", command
+        pipe.send(("done", traffic_loop(spec, senders, receivers, command[1], command[2])))
+    except BaseException:
+        pipe.send(("error", traceback.format_exc()))
+    finally:
+        close_clients(senders)
+        close_clients(receivers)
+        pipe.close()
+
+
+def traffic_loop(
+    spec: TrafficSpec, senders: list[Sender], receivers: list[Receiver], t0: float,
+    stop_at: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Send from t0 until stop_at (or `spec.limit` messages each), then until
+    every message is accepted and delivered; the figures of this process."""
+    peers: list[Peer] = [*senders, *receivers]
+    selector = selectors.DefaultSelector()
+    for p in peers:
+        selector.register(p.sock, selectors.EVENT_READ, p)
+    wait_until(t0)
+    cpu0 = cpu_seconds()
+    sending = True
+    drain_deadline = 0.0
+    linger_until: float | None = None
+    try:
+        while True:
+            now = time.monotonic()
+            limit = spec.limit
+            if sending and (
+                now >= stop_at or (limit is not None and all(s.sent >= limit for s in senders))
+            ):
+                sending = False
+                drain_deadline = now + spec.drain_timeout
+            if sending:
+                for s in senders:
+                    allowed = spec.window if limit is None else min(spec.window, limit - s.sent)
+                    if spec.rate is not None:
+                        allowed = min(allowed, int((now - t0) * spec.rate) + 1 - s.sent)
+                    s.fill(allowed)
+            elif linger_until is None:
+                if all(not s.outstanding for s in senders) or now >= drain_deadline:
+                    linger_until = now + 0.05  # let the last acks go out
+            elif now >= linger_until:
+                break
+            for p in peers:
+                if p.dirty or (p.timer is not None and p.timer <= now):
+                    p.pump(now)
+            timers = [p.timer for p in peers if p.timer is not None]
+            timeout = min(0.05, max(0.0, min(timers, default=now + 0.05) - now))
+            if sending and spec.rate is not None:
+                timeout = min(timeout, 0.002)
+            for key, _ in selector.select(timeout):
+                key.data.read()
+    finally:
+        selector.close()
+    cpu = cpu_seconds() - cpu0
+    return {
+        "cpu_s": cpu, "end": time.monotonic(),
+        "senders": [s.result() for s in senders],
+        "receivers": [r.result() for r in receivers],
+    }  # fmt: skip
+
+
+# --- the bare loop's load -----------------------------------------------------
+
+BARE_MSG = struct.Struct("!cQQ")  # b"M", seq, stamp_ns; then the text
+BARE_RECEIPT = struct.Struct("!cQ")  # b"R", seq
+BARE_RESEND = 0.2
+
+
+@dataclass
+class BareSpec:
+    relay: Addr
+    pairs: list[str]  # pair names
+    window: int = 64
+    text_size: int = TEXT_SIZE
+    drain_timeout: float = 10.0
+
+
+class _BarePair:
+    def __init__(self, name: str, relay: Addr) -> None:
+        self.name = name
+        self.tx = new_socket(relay)
+        self.rx = new_socket(relay)
+        self.next_seq = 1
+        self.outstanding: dict[int, float] = {}  # seq -> sent at
+        self.sent = self.completed = self.resent = 0
+        self.received = self.duplicates = 0
+        self.seen: set[int] = set()
+        self.latencies = array.array("q")
+        self.last_complete = 0.0
+
+    def join(self) -> None:
+        for sock in (self.tx, self.rx):
+            sock.send(b"J" + self.name.encode())
+        for sock in (self.tx, self.rx):
+            sock.setblocking(True)
+            sock.settimeout(5.0)
+            if sock.recv(16) != b"L":
+                raise RuntimeError("the bare relay did not link the pair")
+            sock.setblocking(False)
+
+    def close(self) -> None:
+        self.tx.close()
+        self.rx.close()
+
+
+def run_bare(spec: BareSpec, pipe: Pipe) -> None:
+    """Worker: the same load through the bare loop: each message its own
+    datagram, each one receipted by its own datagram, a window of 64."""
+    pairs: list[_BarePair] = []
+    try:
+        for name in spec.pairs:
+            pairs.append(_BarePair(name, spec.relay))
+            pairs[-1].join()
+        pipe.send(("ready", 2 * len(pairs)))
+        command = pipe.recv()
+        assert command[0] == "start", command
+        pipe.send(("done", _bare_loop(spec, pairs, command[1], command[2])))
+    except BaseException:
+        pipe.send(("error", traceback.format_exc()))
+    finally:
+        for pair in pairs:
+            pair.close()
+        pipe.close()
+
+
+def _bare_loop(spec: BareSpec, pairs: list[_BarePair], t0: float, stop_at: float) -> dict[str, Any]:
+    selector = selectors.DefaultSelector()
+    for pair in pairs:
+        selector.register(pair.tx, selectors.EVENT_READ, (pair, True))
+        selector.register(pair.rx, selectors.EVENT_READ, (pair, False))
+    filler = b"x" * spec.text_size
+    pack_msg, pack_receipt = BARE_MSG.pack, BARE_RECEIPT.pack
+    unpack_msg, unpack_receipt = BARE_MSG.unpack_from, BARE_RECEIPT.unpack_from
+    wait_until(t0)
+    cpu0 = cpu_seconds()
+    sending = True
+    drain_deadline = 0.0
+    last_scan = 0.0
+    datagrams = 0
+    try:
+        while True:
+            now = time.monotonic()
+            if sending and now >= stop_at:
+                sending = False
+                drain_deadline = now + spec.drain_timeout
+            if sending:
+                for pair in pairs:
+                    send = pair.tx.send
+                    while len(pair.outstanding) < spec.window:
+                        seq = pair.next_seq
+                        pair.next_seq += 1
+                        pair.outstanding[seq] = now
+                        send(pack_msg(b"M", seq, time.monotonic_ns()) + filler)
+                        pair.sent += 1
+                        datagrams += 1
+            elif all(not p.outstanding for p in pairs) or now >= drain_deadline:
+                break
+            if now - last_scan >= 0.05:
+                last_scan = now
+                for pair in pairs:
+                    for seq, at in pair.outstanding.items():
+                        if now - at >= BARE_RESEND:
+                            pair.outstanding[seq] = now
+                            pair.tx.send(pack_msg(b"M", seq, time.monotonic_ns()) + filler)
+                            pair.resent += 1
+            for key, _ in selector.select(0.05):
+                pair, is_tx = key.data
+                sock = pair.tx if is_tx else pair.rx
+                while True:
+                    try:
+                        data = sock.recv(65535)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        continue
+                    now_ns = time.monotonic_ns()
+                    if is_tx:
+                        (_, seq) = unpack_receipt(data)
+                        if pair.outstanding.pop(seq, None) is not None:
+                            pair.completed += 1
+                            pair.last_complete = now_ns / 1e9
+                    else:
+                        _, seq, stamp = unpack_msg(data)
+                        if seq in pair.seen:
+                            pair.duplicates += 1
+                        else:
+                            pair.seen.add(seq)
+                            pair.received += 1
+                            pair.latencies.append(now_ns - stamp)
+                        sock.send(pack_receipt(b"R", seq))
+                        datagrams += 1
+    finally:
+        selector.close()
+    cpu = cpu_seconds() - cpu0
+    return {
+        "cpu_s": cpu, "end": time.monotonic(),
+        "senders": [
+            {"sent": p.sent, "completed": p.completed, "accepted": p.completed,
+             "delivered": p.completed, "failed": 0, "outstanding": len(p.outstanding),
+             "last_complete": p.last_complete, "datagrams_out": p.sent + p.resent,
+             "resent": p.resent, "notices": {}}
+            for p in pairs
+        ],
+        "receivers": [
+            {"received": p.received, "duplicates": p.duplicates, "damaged": 0,
+             "latencies": p.latencies.tobytes(), "datagrams_out": p.received + p.duplicates}
+            for p in pairs
+        ],
+    }  # fmt: skip
+
+
+# --- many idle sessions -----------------------------------------------------------
+
+
+@dataclass
+class LoginSpec:
+    server: Addr
+    names: list[str]
+    sockets: int = 4  # sessions share a few sockets (a NAT in front of many users)
+    window: int = 64  # logins in progress at once per worker
+
+
+def run_logins(spec: LoginSpec, pipe: Pipe) -> None:
+    """Worker: learn the salts and run PBKDF2 (untimed), then at t0 log every
+    name in (the full handshake) and report. On ("again", t0, address) do it
+    once more (the parent restarted the server: existing accounts); on
+    ("exit",) stop. Sessions stay open until then."""
+    sockets = [new_socket(spec.server) for _ in range(spec.sockets)]
+    try:
+        probes = [Handshake(n, sockets[i % len(sockets)]) for i, n in enumerate(spec.names)]
+        salted = precompute_salts(probes)
+        pipe.send(("ready", len(spec.names)))
+        while (command := pipe.recv())[0] in ("start", "again"):
+            if command[0] == "again":
+                for sock in sockets:
+                    sock.connect(command[2])
+            handshakes = [Handshake(n, sockets[i % len(sockets)]) for i, n in enumerate(spec.names)]
+            wait_until(command[1])
+            cpu0 = cpu_seconds()
+            drive_logins(handshakes, salted=salted, window=spec.window)
+            end = time.monotonic()
+            done = sum(h.conn is not None for h in handshakes)
+            pipe.send(("done", {"end": end, "cpu_s": cpu_seconds() - cpu0, "logged_in": done,
+                                "resends": sum(h.resends for h in handshakes)}))  # fmt: skip
+    except BaseException:
+        pipe.send(("error", traceback.format_exc()))
+    finally:
+        for sock in sockets:
+            sock.close()
+        pipe.close()
