@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -108,6 +109,7 @@ __all__ = ["ChatServer", "Relay", "ServerConfig", "StoreLocked", "main"]
 log = logging.getLogger("chat_server")
 
 Outgoing = list[tuple[bytes, Address]]
+RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
 class Relay:
@@ -709,6 +711,10 @@ class ChatServer:
             self.close()
             raise
         self.socket.setblocking(False)
+        # A deep receive queue rides out bursts instead of dropping them
+        # (the kernel caps it at net.core.rmem_max).
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.address: Address = self.socket.getsockname()[:2]
         if self.store is not None:
             self.store.start()

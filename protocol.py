@@ -295,10 +295,20 @@ class _Reader:
             raise RemoteProtocolError("trailing bytes")
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
 def _encode_fields(obj: object, spec: tuple[str, ...]) -> bytes:
     out: list[bytes] = []
-    for f, kind in zip(fields(obj), spec, strict=True):  # type: ignore[arg-type]
-        _write(kind, getattr(obj, f.name), out)
+    for name, kind in zip(_field_names(type(obj)), spec, strict=True):
+        _write(kind, getattr(obj, name), out)
     return b"".join(out)
 
 
@@ -479,7 +489,22 @@ FRAME_CLASSES: dict[int, type] = {cls.TYPE: cls for cls in _FRAMES}
 PREAUTH_FRAMES = (Padding, Hello, Challenge, Login, Welcome, Refused, VersionFrame, UnknownSession)
 
 
+#: STREAM frames are most of the traffic: their fixed part has its own struct.
+_STREAM_FIXED = struct.Struct("!QIIBB")
+
+
 def encode_frame(frame: Frame) -> bytes:
+    if type(frame) is Stream:
+        try:
+            fixed = _STREAM_FIXED.pack(
+                frame.seq, frame.stream, frame.stream_seq, frame.index, frame.count
+            )
+        except struct.error as exc:
+            raise LocalProtocolError(f"bad STREAM field: {exc}") from None
+        size = _STREAM_FIXED.size + len(frame.data)
+        if size > 0xFFFF:
+            raise LocalProtocolError("frame too large")
+        return FRAME_HEADER.pack(FrameType.STREAM, size) + fixed + frame.data
     body = _encode_fields(frame, frame.SPEC)
     if len(body) > 0xFFFF:
         raise LocalProtocolError("frame too large")
@@ -581,8 +606,15 @@ def decode_packet(data: bytes, key: bytes | None = None) -> Packet:
             raise RemoteProtocolError(f"unknown frame type {ftype}")
         if key is None and cls not in PREAUTH_FRAMES:
             raise RemoteProtocolError(f"{cls.__name__} needs a session")
-        frame = _decode_fields(cls, cls.SPEC, data[pos : pos + size])  # type: ignore[attr-defined]
-        frames.append(frame)  # type: ignore[arg-type]
+        if ftype == FrameType.STREAM:
+            if size < _STREAM_FIXED.size:
+                raise RemoteProtocolError("truncated")
+            seq, stream, stream_seq, index, count = _STREAM_FIXED.unpack_from(data, pos)
+            start = pos + _STREAM_FIXED.size
+            frames.append(Stream(seq, stream, stream_seq, index, count, data[start : pos + size]))
+        else:
+            frame = _decode_fields(cls, cls.SPEC, data[pos : pos + size])  # type: ignore[attr-defined]
+            frames.append(frame)  # type: ignore[arg-type]
         pos += size
     if not frames:
         raise RemoteProtocolError("a datagram carries at least one frame")
