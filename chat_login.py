@@ -15,7 +15,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chat_guard import COOKIE_PERIOD, FailureWindow, ReplyCache, cookie, cookie_valid
+from chat_guard import (
+    COOKIE_PERIOD,
+    BucketTable,
+    FailureWindow,
+    ReplyCache,
+    cookie,
+    cookie_valid,
+)
 from chat_registry import Address, ServerConfig
 from chat_store import Account
 from protocol import (
@@ -74,6 +81,7 @@ class LoginDesk:
         self.replies = ReplyCache()  # the answer to each recent LOGIN nonce
         self._by_user = FailureWindow(config.login_failures, config.login_failure_period)
         self._by_ip = FailureWindow(config.login_failures, config.login_failure_period)
+        self._registrations = BucketTable(config.registration_rate, config.registration_burst)
         # The static half of the registration key exchange, derived from the
         # server's persistent secret (so it survives restarts).
         digest = hmac.new(secret, b"dh private", "sha512").digest()
@@ -119,6 +127,10 @@ class LoginDesk:
             return Refused(login.nonce, ErrorCode.RATE_LIMITED, text)
         account = self._account_of(key)
         new = account is None
+        if account is None and not self._registrations.take(ip, 1, now):
+            self.stats["registrations_throttled"] += 1
+            text = "too many new accounts from your address; try again in a few seconds"
+            return Refused(login.nonce, ErrorCode.RATE_LIMITED, text)
         if account is None:
             # Registration: unwrap the keys (the only DH work the server does).
             salt = self._salt_for_unknown(key)

@@ -42,6 +42,10 @@ class ServerConfig:
     preauth_burst: float = 1000.0  # ... many users may share one NAT address
     login_failures: int = 5  # failed logins allowed per user and per IP ...
     login_failure_period: float = 30.0  # ... in this many seconds
+    # New accounts per source IP: each costs the loop one 2048-bit modexp
+    # (~4 ms) to unwrap its keys, so a flood of new names must not stall it.
+    registration_rate: float = 10.0
+    registration_burst: float = 200.0
     user_msg_rate: float = 200.0  # new messages/s per user after login ...
     user_msg_burst: float = 500.0
     user_byte_rate: float = 1024 * 1024  # ... and bytes/s

@@ -835,6 +835,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="datagrams/s per address before login (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--registration-rate", type=float, default=10.0, metavar="N",
+        help="new accounts/s per address (default %(default)s; burst 20x)",
+    )  # fmt: skip
+    parser.add_argument(
         "--user-msg-rate", type=float, default=200.0, metavar="N",
         help="new messages/s per user (default %(default)s; burst 2.5x)",
     )  # fmt: skip
@@ -867,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         session_timeout=args.session_timeout, rto_min=args.rto_min, rto_max=args.rto_max,
         data_dir=args.data_dir or default_data_dir(), iterations=args.pbkdf2_iterations,
         preauth_rate=args.preauth_rate, preauth_burst=2 * args.preauth_rate,
+        registration_rate=args.registration_rate, registration_burst=20 * args.registration_rate,
         user_msg_rate=args.user_msg_rate, user_msg_burst=2.5 * args.user_msg_rate,
         max_sessions=args.max_sessions,
     )  # fmt: skip

@@ -68,6 +68,7 @@ def make_relay() -> Relay:
         data_dir=None, iterations=4096, rto_min=RTO_MIN, rto_max=RTO_MAX,
         preauth_rate=1e9, preauth_burst=1e9, user_msg_rate=1e9, user_msg_burst=1e9,
         user_byte_rate=1e12, user_byte_burst=1e12, max_sessions=10**6,
+        registration_rate=1e9, registration_burst=1e9,
     ))  # fmt: skip
 
 

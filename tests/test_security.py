@@ -1694,3 +1694,51 @@ def test_client_refuses_a_welcome_from_a_server_that_does_not_know_the_account(
         assert alice.disconnected == fatal[0].code
     finally:
         fake.close()
+
+
+def test_registrations_are_limited_per_address(tmp_path: Path) -> None:
+    """Each new account costs the server a 2048-bit modexp on its one loop
+    thread, so new names from one address are rate limited (a burst, then a
+    slow refill): past it a registration is refused `rate_limited` before any
+    of that work, while logins of existing accounts go on untouched."""
+    running = start_server(
+        server_config(tmp_path / "data", registration_rate=0.001, registration_burst=3)
+    )
+    sessions: list[ChatSession] = []
+    try:
+        for name in ("reg1", "reg2", "reg3"):
+            session = make_session()
+            sessions.append(session)
+            assert session.login(running.address, name, password=PASSWORD)
+            wait_for_event(session, LoggedIn)
+        extra = make_session()
+        sessions.append(extra)
+        assert extra.login(running.address, "reg4", password=PASSWORD)
+        refused = wait_for_event(extra, ErrorEvent)
+        assert refused.code == "rate_limited" and not refused.fatal, refused
+        assert "new accounts" in refused.message
+        assert running.relay.stats["registrations_throttled"] >= 1
+        assert "reg4" not in running.relay.users
+        # An existing account logs in again from the same address.
+        sessions[0].close(2.0)
+        again = make_session()
+        sessions.append(again)
+        assert again.login(running.address, "reg1", password=PASSWORD)
+        wait_for_event(again, LoggedIn)
+    finally:
+        for session in sessions:
+            session.abort()
+        stop_server(running)
+
+
+def wait_for_event(session: ChatSession, kind: type, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {kind.__name__} within {timeout} s"
+        try:
+            event = session.events.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if isinstance(event, kind):
+            return event
