@@ -102,6 +102,7 @@ LINK_TIMEOUT = 45.0  # nothing heard for this long while pinging: reconnect
 LOGIN_TIMEOUT = 5.0  # the first login gives up after this
 LOGOUT_ACK_WAIT = 2.0
 RECONNECT_MAX = 30.0  # backoff cap between re-login attempts
+RATE_LIMITED_WAIT = 10.0  # before logging in again after `rate_limited`
 LOGIN_STEP = 1.0  # a LOGIN unanswered for 3x this restarts from HELLO
 PBKDF2_MAX_ITERATIONS = 10_000_000  # refuse a server that asks for absurd work
 
@@ -589,6 +590,8 @@ class _Worker:
         if self.login_phase == "login" and now - self.login_started > 3 * LOGIN_STEP:
             # The cookie may have gone stale, or the server restarted: start over.
             self.start_login(now, self.login_deadline)
+        if now >= self.login_at and self.login_phase == "wait":
+            self.start_login(now, None)  # a fresh attempt after being told to wait
         if now >= self.login_at:
             self.send_datagram(self.login_datagram, now)
             cap = 2.0 if self.first_login else RECONNECT_MAX
@@ -598,11 +601,12 @@ class _Worker:
     def on_login_reply(self, frame: Challenge | Welcome | Refused, now: float) -> None:
         if isinstance(frame, Refused):
             if frame.code == ErrorCode.RATE_LIMITED:
-                # Too many failed logins: a clear error, then try again later.
+                # Too many failed logins (or new accounts): a clear error, then
+                # try again later. A server that answers is not unreachable.
                 self.s._emit(ErrorEvent(frame.code.label, frame.message))
                 self.login_phase = "wait"
-                self.login_at = now + 10.0
-                self.login_started = now
+                self.login_at = now + RATE_LIMITED_WAIT
+                self.login_deadline = None
                 return
             if frame.code in FATAL_LOGIN_ERRORS or self.first_login:
                 self.s._fatal(frame.code, frame.message)
@@ -877,14 +881,24 @@ class _Worker:
         waiting = any(out.state == "sending" for out in self.outbox.values())
         if self.conn is None:
             if now >= self.closing_deadline:
+                self.warn_unsent()
                 self.finish(ErrorCode.LOGGED_OUT)
             return
         if self.logout_sent_at is None and (not waiting or now >= self.closing_deadline):
+            self.warn_unsent()
             self.send_message(Logout(), handle="logout")
             self.logout_sent_at = now
             self.closing_deadline = now + LOGOUT_ACK_WAIT
         elif self.logout_sent_at is not None and now >= self.closing_deadline:
             self.finish(ErrorCode.LOGGED_OUT)
+
+    def warn_unsent(self) -> None:
+        """Logging out with messages the server has not accepted: say so."""
+        unsent = sum(out.state == "sending" for out in self.outbox.values())
+        if unsent:
+            kept = "kept in the outbox for the next login" if self.store else "not sent"
+            text = f"{unsent} message(s) not accepted by the server yet: {kept}"
+            self.s._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label, text))
 
     def finish(self, reason: ErrorCode) -> None:
         if self.conn is not None:
@@ -976,15 +990,32 @@ def run_terminal(
     stderr = stderr or sys.stderr
     inbox = session.events
 
+    closed_pipe = False
+
     def show(event: SessionEvent) -> None:
-        if as_json:
-            stdout.write(json.dumps(event_to_json(event), ensure_ascii=False) + "\n")
-            stdout.flush()
+        nonlocal closed_pipe
+        if closed_pipe:
             return
-        line = event_to_text(event)
-        if line is not None:
-            (stderr if line[1] else stdout).write(line[0] + "\n")
-            (stderr if line[1] else stdout).flush()
+        try:
+            if as_json:
+                stdout.write(json.dumps(event_to_json(event), ensure_ascii=False) + "\n")
+                stdout.flush()
+                return
+            line = event_to_text(event)
+            if line is not None:
+                (stderr if line[1] else stdout).write(line[0] + "\n")
+                (stderr if line[1] else stdout).flush()
+        except BrokenPipeError:
+            # Whoever read our output went away (`| head`): log out quietly.
+            closed_pipe = True
+            inbox.put(_Line(None))
+
+    def stop(signum: int, frame: object) -> None:
+        inbox.put(_Line(None))  # Ctrl+C or SIGTERM: log out like /quit
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
 
     session.login(server, user, connect_to, password=password)
     threading.Thread(target=_read_lines, args=(stdin, inbox), daemon=True, name="stdin").start()
@@ -1022,7 +1053,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-gui", action="store_true", help="use the terminal instead of a window"
     )
     parser.add_argument(
-        "--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT of the server"
+        "--server",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        help="HOST:PORT of the server (default %(default)s)",
     )
     parser.add_argument("--user", help="your username (terminal mode)")
     parser.add_argument("--connect-to", default=None, help="who to talk to first (optional)")
@@ -1031,7 +1064,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--password-file", type=Path, default=None, metavar="FILE",
         help="read the password from FILE (else $CHAT_PASSWORD, else a prompt)",
     )  # fmt: skip
-    parser.add_argument("--log-level", default="warning", help="logging level on stderr")
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+        help="how much to log on stderr (default %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--rto-min", type=float, default=RTO_MIN, help=argparse.SUPPRESS)
     parser.add_argument("--rto-max", type=float, default=RTO_MAX, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -1098,8 +1134,15 @@ def main(argv: list[str] | None = None) -> int:
 def demo_main(argv: list[str] | None = None) -> int:
     """`chat-demo`: a private server on a free port and two windows, alice
     (talking to bob) and bob, side by side and logged in."""
-    parser = argparse.ArgumentParser(prog="chat-demo", description=demo_main.__doc__)
-    parser.add_argument("--log-level", default="warning")
+    parser = argparse.ArgumentParser(
+        prog="chat-demo",
+        description="Start a private chat server on a free port and two windows, alice "
+        "(talking to bob) and bob, side by side and logged in.",
+    )
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+        help="how much to log on stderr (default %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from chat_window import no_display_reason

@@ -110,6 +110,8 @@ log = logging.getLogger("chat_server")
 
 Outgoing = list[tuple[bytes, Address]]
 RECEIVE_BUFFER = 4 * 1024 * 1024
+MAX_AWAITED = 10_000  # unregistered names watched, at most
+MAX_AWAITED_PER_NAME = 100
 
 
 class Relay:
@@ -143,7 +145,9 @@ class Relay:
         self.stats: collections.Counter[str] = collections.Counter()
         cfg = self.config
         self._preauth = BucketTable(cfg.preauth_rate, cfg.preauth_burst)
-        self._registering: set[bytes] = set()  # LOGIN nonces whose account is being stored
+        self._registering: set[bytes] = set()
+        # Unregistered names someone watches -> who (told when the name arrives).
+        self._awaited: dict[str, set[str]] = {}  # LOGIN nonces whose account is being stored
         if store is not None:
             self._load(store.load(int(wall_clock() * 1000)))
         else:
@@ -402,6 +406,7 @@ class Relay:
             return
         if user is None:
             user = self.users[verdict.key] = User(verdict.name, verdict.key, verdict.account)
+            user.contacts.update(self._awaited.pop(verdict.key, ()))
             log.info("registered %s", verdict.name)
             if self.store is not None:
                 # The WELCOME waits until the account is on the disk: a name,
@@ -642,8 +647,17 @@ class Relay:
     def _on_watch(self, session: Session, watch: Watch) -> None:
         """The client has a conversation open with this user: tell it when
         they come and go, starting with now."""
-        peer = self.users.get(name_key(watch.user))
-        if peer is None or peer is session.user:
+        key = name_key(watch.user)
+        peer = self.users.get(key)
+        if peer is None:
+            # Nobody has this name yet: remember who waits for it (bounded),
+            # so they hear when it is registered and logs in.
+            if len(self._awaited) < MAX_AWAITED or key in self._awaited:
+                waiting = self._awaited.setdefault(key, set())
+                if len(waiting) < MAX_AWAITED_PER_NAME:
+                    waiting.add(session.user.key)
+            return
+        if peer is session.user:
             return
         peer.contacts.add(session.user.key)
         self._send(session, Presence(peer.name, peer.session is not None))

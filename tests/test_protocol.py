@@ -107,7 +107,7 @@ MESSAGE_IDS = [cls.__name__ for cls in MESSAGE_CLASSES.values()]
 
 def packet_size(packet: Packet, key: bytes | None) -> int:
     body = sum(len(encode_frame(f)) for f in packet.frames)
-    return HEADER.size + body + (TAG_SIZE if key is not None else 0)
+    return HEADER.size + body + (TAG_SIZE if key is not None else CRC.size)
 
 
 def sample_datagram() -> bytes:

@@ -1334,3 +1334,29 @@ def test_password_file(server: RunningServer, terminals: Any, tmp_path: Path) ->
     assert proc.events and proc.events[-1]["event"] == "disconnected"
     assert str(missing) in "".join(proc.stderr)
     assert server.relay.stats["login_failures"] == 1
+
+
+def test_connect_to_someone_not_registered_yet_tells_when_they_arrive(
+    server: RunningServer,
+) -> None:
+    """The user's flow with alice first: she names bob before bob has an
+    account. She must still hear when he registers and logs in, without
+    typing anything, and then chat with him."""
+    alice = Client("alice")
+    bob = Client("bob")
+    try:
+        assert alice.login(server.address, "bob")
+        alice.wait(lambda: alice.logged_in, 10.0, "alice's login")
+        time.sleep(0.2)  # her WATCH for bob reaches the server first
+        assert bob.login(server.address)
+        bob.wait(lambda: bob.logged_in, 10.0, "bob's login")
+        alice.wait(
+            lambda: any(p.user == "bob" and p.online for p in alice.presence), 5.0, "bob online"
+        )
+        msg = alice.session.send("there you are")
+        assert msg is not None
+        alice.wait(lambda: alice.states[msg][-1:] == ["delivered"], 10.0, "delivered")
+        bob.wait(lambda: bool(bob.received), 5.0, "the message")
+        assert [(m.sender, m.text) for m in bob.received] == [("alice", "there you are")]
+    finally:
+        close_all([alice, bob])
