@@ -10,6 +10,7 @@ terminal clients on UDP sockets on 127.0.0.1. Timing figures are printed
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -24,22 +25,14 @@ import sys
 import threading
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from chat_client import (
-    ChatSession,
-    Disconnected,
-    ErrorEvent,
-    LinkChanged,
-    LoggedIn,
-    MessageReceived,
-    StatusChanged,
-)
+from chat_client import StatusChanged
 from chat_server import ChatServer
 from chat_store import StoreLocked
 from client_store import ClientStore, read_history, store_dir
@@ -70,6 +63,8 @@ from protocol import (
     session_keys,
 )
 from reliability import Connection, PayloadReceived
+from tests.clients import RecordingClient, pump_all
+from tests.clients import wait_all as wait_all_clients
 from tests.conftest import (
     PASSWORD,
     ROOT,
@@ -80,7 +75,6 @@ from tests.conftest import (
     ServerProcess,
     client_command,
     env_for_tests,
-    make_session,
     spawn_server,
     start_server,
     stop_server,
@@ -93,92 +87,22 @@ STATE_ORDER = ("sending", "accepted", "delivered")
 # --- helpers: sessions in this process ------------------------------------------------
 
 
-class Watcher:
+class Watcher(RecordingClient):
     """A `ChatSession` and everything it reported, pumped from the test's thread."""
 
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        self.name = name
-        self.session: ChatSession = make_session(**kwargs)
-        self.started = False
-        self.events: list[Any] = []
-        self.received: list[MessageReceived] = []
-        self.states: dict[str, list[str]] = defaultdict(list)
-        self.reasons: dict[str, str | None] = {}
-        self.order: dict[str, list[str]] = defaultdict(list)  # state -> ids in event order
-        self.errors: list[ErrorEvent] = []
-        self.links: list[tuple[float, bool]] = []
-        self.logins = 0
-        self.disconnected: str | None = None
+    def login(
+        self,
+        server: tuple[str, int] | str,
+        connect_to: str | None = None,
+        password: str = PASSWORD,
+    ) -> bool:
+        assert super().login(server, connect_to, password)
+        return True
 
-    def login(self, server: tuple[str, int] | str, connect_to: str | None = None) -> None:
-        self.started = True
-        assert self.session.login(server, self.name, connect_to, password=PASSWORD)
-
-    def pump(self, timeout: float = 0.0) -> bool:
-        got = False
-        while True:
-            try:
-                if timeout and not got:
-                    event = self.session.events.get(timeout=timeout)
-                else:
-                    event = self.session.events.get_nowait()
-            except queue.Empty:
-                return got
-            got = True
-            self.record(event)
-
-    def record(self, event: Any) -> None:
-        self.events.append(event)
-        if isinstance(event, MessageReceived):
-            self.received.append(event)
-        elif isinstance(event, StatusChanged):
-            self.states[event.id].append(event.state)
-            self.order[event.state].append(event.id)
-            if event.reason is not None:
-                self.reasons[event.id] = event.reason
-        elif isinstance(event, ErrorEvent):
-            self.errors.append(event)
-        elif isinstance(event, LinkChanged):
-            self.links.append((time.monotonic(), event.up))
-        elif isinstance(event, LoggedIn):
-            self.logins += 1
-        elif isinstance(event, Disconnected):
-            self.disconnected = event.reason
-
-    def wait(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"{self.name}: timed out after {timeout} s waiting for {what}; "
-                    f"last events {self.events[-8:]}"
-                )
-            self.pump(min(remaining, 0.1))
-
-    def reached(self, msg_id: str, state: str) -> bool:
-        return state in self.states.get(msg_id, [])
-
-    def texts(self) -> list[str]:
-        return [m.text for m in self.received]
-
-    def send(self, text: str, to: str | None = None) -> str:
-        msg_id = self.session.send(text, to)
-        assert msg_id is not None, f"{self.name} could not send {text!r}"
-        return msg_id
-
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Log out (waiting for acceptances up to `timeout`) and end the thread."""
-        if self.session.running:
-            self.session.close(timeout)
-        self.dispose()
+        super().close(timeout)
         self.pump()
-
-    def dispose(self) -> None:
-        if self.session.running:
-            self.session.abort()
-        if not self.started:
-            self.session.discard()
 
 
 @pytest.fixture
@@ -196,18 +120,8 @@ def watchers() -> Iterator[Callable[..., Watcher]]:
         watcher.dispose()
 
 
-def pump_all(watchers: list[Watcher], timeout: float = 0.02) -> None:
-    if not any([w.pump() for w in watchers]):
-        time.sleep(timeout)
-
-
-def wait_all(watchers: list[Watcher], condition: Callable[[], bool], timeout: float,
-             what: str) -> None:  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        pump_all(watchers)
+#: Between pumps that found nothing, sleep as long as `pump_all` does by default.
+wait_all = functools.partial(wait_all_clients, idle=0.02)
 
 
 def check_state_sequences(watcher: Watcher) -> None:

@@ -4,110 +4,36 @@ blackholes datagrams. Real sockets on 127.0.0.1, sessions in this process."""
 
 from __future__ import annotations
 
+import functools
 import logging
-import queue
 import time
 import traceback
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from chat_client import (
-    ChatSession,
-    Disconnected,
-    ErrorEvent,
-    LoggedIn,
-    MessageReceived,
-    StatusChanged,
-)
 from protocol import CONTROL_STREAM, HEADER, MAX_TEXT_BYTES, Stream, decode_header, decode_packet
-from tests.conftest import PASSWORD, RunningServer, make_session
+from tests.clients import RecordingClient, close_all, wait_all
+from tests.conftest import RunningServer
 from tests.lossy_proxy import DOWN, UP, LossyProxy
 
 #: A login over a lossy path needs more than the default 5 s now and then.
 LOGIN_TIMEOUT = 60.0
 
 
-class Peer:
+class Peer(RecordingClient):
     """A `ChatSession` behind the proxy, with what it reported."""
+
+    close_timeout = 10.0
 
     def __init__(self, name: str, **kwargs: Any) -> None:
         kwargs.setdefault("login_timeout", LOGIN_TIMEOUT)
-        self.name = name
-        self.session: ChatSession = make_session(**kwargs)
-        self.received: list[MessageReceived] = []
-        self.states: dict[str, list[str]] = defaultdict(list)
-        self.errors: list[ErrorEvent] = []
-        self.logged_in = False
-        self.disconnected: str | None = None
-        self.started = False
-
-    def pump(self, timeout: float = 0.0) -> bool:
-        got = False
-        while True:
-            try:
-                if timeout and not got:
-                    event = self.session.events.get(timeout=timeout)
-                else:
-                    event = self.session.events.get_nowait()
-            except queue.Empty:
-                return got
-            got = True
-            if isinstance(event, MessageReceived):
-                self.received.append(event)
-            elif isinstance(event, StatusChanged):
-                self.states[event.id].append(event.state)
-            elif isinstance(event, ErrorEvent):
-                self.errors.append(event)
-            elif isinstance(event, LoggedIn):
-                self.logged_in = True
-            elif isinstance(event, Disconnected):
-                self.disconnected = event.reason
-
-    def delivered(self, ids: list[str]) -> int:
-        return sum(1 for i in ids if self.states[i][-1:] == ["delivered"])
-
-    def close(self) -> None:
-        if self.session.running:
-            self.session.close(10.0)
-        if self.session.running:
-            self.session.abort()
-        if not self.started:
-            self.session.discard()  # a test that failed before this peer's login
-
-    def login(self, server: tuple[str, int], connect_to: str | None = None) -> bool:
-        self.started = True
-        return self.session.login(server, self.name, connect_to, password=PASSWORD)
+        super().__init__(name, **kwargs)
 
 
-def close_all(peers: list[Peer]) -> None:
-    """Log everyone out at once (each may wait for its logout to be acked)."""
-    for peer in peers:
-        if peer.session.running:
-            peer.session.logout(10.0)
-    for peer in peers:
-        peer.close()
-
-
-def send(peer: Peer, text: str) -> str:
-    msg_id = peer.session.send(text)
-    assert msg_id is not None
-    return msg_id
-
-
-def wait_for_all(
-    peers: list[Peer], condition: Callable[[], bool], timeout: float, what: str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        if not any([p.pump() for p in peers]):
-            time.sleep(0.01)
-        for peer in peers:
-            assert peer.disconnected is None, (peer.name, peer.disconnected, peer.errors)
+#: Every peer must stay connected while a test waits.
+wait_for_all = functools.partial(wait_all, stay_connected=True)
 
 
 class _ShortLogs(logging.Filter):
@@ -226,7 +152,7 @@ def test_logins_through_loss_and_corruption(server: RunningServer, proxy: LossyP
         wait_for_all(peers, lambda: all(p.logged_in for p in peers), 60.0, "logins through loss")
         took = time.monotonic() - started
         proxy.set(UP, corrupt=0.10)
-        ids = [(peer, send(peer, f"hello from {peer.name}")) for peer in peers]
+        ids = [(peer, peer.send(f"hello from {peer.name}")) for peer in peers]
         wait_for_all(
             peers,
             lambda: all(p.delivered([i]) == 1 for p, i in ids),
@@ -394,7 +320,7 @@ def test_too_long_message_is_refused_before_sending(pair: tuple[Peer, Peer]) -> 
     assert alice.session.datagrams_sent == before
     assert not bob.received
     # and the session is fine
-    msg_id = send(alice, "short one")
+    msg_id = alice.send("short one")
     wait_for_all([alice, bob], lambda: alice.delivered([msg_id]) == 1, 10.0, "delivery")
     assert [m.text for m in bob.received] == ["short one"]
 
@@ -410,7 +336,7 @@ def test_longest_message_through_loss(
     proxy.set(loss=0.30, duplicate=0.05, reorder=0.10)
     text = text_of_bytes(size)
     started = time.monotonic()
-    msg_id = send(alice, text)
+    msg_id = alice.send(text)
     wait_for_all(
         [alice, bob],
         lambda: bool(bob.received) and alice.delivered([msg_id]) == 1,
@@ -436,14 +362,14 @@ def test_blackhole_then_heal(
 ) -> None:
     alice, bob = pair
     texts = [f"before {i}" for i in range(5)]
-    ids = [send(alice, t) for t in texts]
+    ids = [alice.send(t) for t in texts]
     wait_for_all([alice, bob], lambda: alice.delivered(ids) == 5, 20.0, "the first messages")
 
     proxy.set(direction, blackhole=True)
     started = time.monotonic()
     during = [f"during {i}" for i in range(20)]
     for text in during:
-        ids.append(send(alice, text))
+        ids.append(alice.send(text))
         deadline = time.monotonic() + 0.2  # 20 messages over 4 s
         while time.monotonic() < deadline:
             alice.pump(0.05)

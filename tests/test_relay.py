@@ -32,12 +32,7 @@ import pytest
 from chat_client import (
     ChatSession,
     Disconnected,
-    ErrorEvent,
     LoggedIn,
-    MessageReceived,
-    PresenceChanged,
-    StatusChanged,
-    WhoList,
 )
 from protocol import (
     HEADER,
@@ -76,6 +71,7 @@ from protocol import (
     session_keys,
 )
 from reliability import Connection
+from tests.clients import RecordingClient, close_all, wait_all, wait_until
 from tests.conftest import (
     PASSWORD,
     ROOT,
@@ -96,91 +92,10 @@ from tests.lossy_proxy import LossyProxy
 # --- helpers: in-process sessions -------------------------------------------------
 
 
-class Client:
+class Client(RecordingClient):
     """A `ChatSession` plus everything it reported, sorted for the checks."""
 
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        self.name = name
-        self.session = make_session(**kwargs)
-        self.events: list[Any] = []
-        self.received: list[MessageReceived] = []
-        self.states: dict[str, list[str]] = defaultdict(list)
-        self.reasons: dict[str, str | None] = {}
-        self.errors: list[ErrorEvent] = []
-        self.presence: list[PresenceChanged] = []
-        self.who_lists: list[WhoList] = []
-        self.logged_in = False
-        self.disconnected: str | None = None
-        self.started = False
-
-    def login(
-        self, server: tuple[str, int], connect_to: str | None = None, password: str = PASSWORD
-    ) -> bool:
-        self.started = True
-        return self.session.login(server, self.name, connect_to, password=password)
-
-    def pump(self, timeout: float = 0.0) -> bool:
-        """Take the events waiting (or the first one within `timeout`)."""
-        got = False
-        while True:
-            try:
-                if timeout and not got:
-                    event = self.session.events.get(timeout=timeout)
-                else:
-                    event = self.session.events.get_nowait()
-            except queue.Empty:
-                return got
-            got = True
-            self._record(event)
-
-    def _record(self, event: Any) -> None:
-        self.events.append(event)
-        if isinstance(event, MessageReceived):
-            self.received.append(event)
-        elif isinstance(event, StatusChanged):
-            self.states[event.id].append(event.state)
-            if event.reason is not None:
-                self.reasons[event.id] = event.reason
-        elif isinstance(event, ErrorEvent):
-            self.errors.append(event)
-        elif isinstance(event, PresenceChanged):
-            self.presence.append(event)
-        elif isinstance(event, WhoList):
-            self.who_lists.append(event)
-        elif isinstance(event, LoggedIn):
-            self.logged_in = True
-        elif isinstance(event, Disconnected):
-            self.disconnected = event.reason
-
-    def wait(self, condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"{self.name}: timed out waiting for {what or condition}; "
-                    f"last events {self.events[-10:]}"
-                )
-            self.pump(min(remaining, 0.2))
-
-    def close(self) -> None:
-        if self.session.running:
-            self.session.close(5.0)
-        if self.session.running:
-            self.session.abort()
-        if not self.started:
-            self.session.discard()  # a test that failed before its login
-
-
-def wait_all(
-    clients: list[Client], condition: Callable[[], bool], timeout: float, what: str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        if not any([c.pump() for c in clients]):
-            time.sleep(0.01)
+    wait_poll = 0.2
 
 
 def logged_in(server: RunningServer, *names: str, **kwargs: Any) -> list[Client]:
@@ -189,22 +104,6 @@ def logged_in(server: RunningServer, *names: str, **kwargs: Any) -> list[Client]
         assert client.login(server.address)
     wait_all(clients, lambda: all(c.logged_in for c in clients), 30.0, "logins")
     return clients
-
-
-def close_all(clients: list[Client]) -> None:
-    for client in clients:
-        if client.session.running:
-            client.session.logout(5.0)
-    for client in clients:
-        client.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def session_names(server: RunningServer) -> set[str]:

@@ -89,6 +89,8 @@ from protocol import (
     wrap_keys,
 )
 from reliability import Connection, PayloadReceived
+from tests.clients import drain, pump_until
+from tests.clients import wait_until as wait_until_every
 from tests.conftest import (
     PASSWORD,
     ROOT,
@@ -350,16 +352,7 @@ class Peer:
         return self.session.login(server, self.name, connect_to, password=password)
 
     def pump(self, timeout: float = 0.0) -> None:
-        first = True
-        while True:
-            try:
-                if timeout and first:
-                    event = self.session.events.get(timeout=timeout)
-                else:
-                    event = self.session.events.get_nowait()
-            except queue.Empty:
-                return
-            first = False
+        for event in drain(self.session.events, timeout):
             self.events.append((time.monotonic(), event))
 
     def of(self, kind: type) -> list[Any]:
@@ -382,15 +375,16 @@ class Peer:
         return [s.state for s in self.of(StatusChanged) if s.id == msg]
 
     def wait(self, condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"{self.name}: timed out waiting for {what}; last events "
-                    f"{[e for _, e in self.events[-8:]]}"
-                )
-            self.pump(min(remaining, 0.1))
+        pump_until(
+            self.pump,
+            condition,
+            timeout,
+            0.1,
+            lambda: (
+                f"{self.name}: timed out waiting for {what}; last events "
+                f"{[e for _, e in self.events[-8:]]}"
+            ),
+        )
 
     def send(self, text: str, to: str) -> str:
         msg = self.session.send(text, to=to)
@@ -452,12 +446,8 @@ def exchange(sender: Peer, receiver: Peer, text: str, timeout: float = 10.0) -> 
     receiver.wait(lambda: text in receiver.texts, timeout, f"{text!r}")
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+#: Conditions here are polled every 10 ms.
+wait_until = functools.partial(wait_until_every, interval=0.01)
 
 
 def vm_rss_kib() -> int:
