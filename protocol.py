@@ -815,14 +815,85 @@ MESSAGE_CLASSES: dict[int, type] = {
 }
 
 
+# The messages on the server's hot path (every chat message is one SEND in,
+# one ACCEPT and one DELIVER out, one RECEIPT in, one DELIVERED out) have
+# hand-written codecs; the tests hold them to the generic one byte for byte.
+_ACCEPT = struct.Struct("!BQQQ")
+_RECEIPT = struct.Struct("!BQ")
+_DELIVER_HEAD = struct.Struct("!BQQQ")
+_MSGID = struct.Struct("!BQQ")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+
+
+def _fast_encode(message: Message) -> bytes | None:
+    kind = type(message)
+    if kind is Accept:
+        return _ACCEPT.pack(Kind.ACCEPT, *message.msg_id, message.server_msg_id)  # type: ignore[union-attr]
+    if kind is Receipt:
+        return _RECEIPT.pack(Kind.RECEIPT, message.server_msg_id)  # type: ignore[union-attr]
+    if kind is Deliver:
+        assert isinstance(message, Deliver)
+        sender = message.sender.encode("utf-8")
+        text = message.text.encode("utf-8")
+        if len(sender) > 0xFFFF or len(text) > MAX_TEXT_BYTES:
+            return None  # the generic codec says what is wrong
+        return b"".join((
+            _DELIVER_HEAD.pack(Kind.DELIVER, message.server_msg_id, *message.msg_id),
+            _U16.pack(len(sender)), sender, _U32.pack(len(text)), text,
+            _U64.pack(message.sent_ms),
+        ))  # fmt: skip
+    if kind is Delivered:
+        assert isinstance(message, Delivered)
+        to = message.to.encode("utf-8")
+        if len(to) > 0xFFFF:
+            return None
+        return _MSGID.pack(Kind.DELIVERED, *message.msg_id) + _U16.pack(len(to)) + to
+    return None
+
+
 def encode_message(message: Message) -> bytes:
+    try:
+        fast = _fast_encode(message)
+    except (struct.error, UnicodeEncodeError, TypeError):
+        fast = None  # let the generic codec raise its LocalProtocolError
+    if fast is not None:
+        return fast
     return bytes([message.KIND]) + _encode_fields(message, message.SPEC)
+
+
+def _fast_decode(data: bytes) -> Message | None:
+    """SEND and RECEIPT, the server's hot inbound messages; None: use the
+    generic codec (which also produces the errors)."""
+    kind = data[0]
+    try:
+        if kind == Kind.RECEIPT and len(data) == _RECEIPT.size:
+            return Receipt(_RECEIPT.unpack(data)[1])
+        if kind == Kind.SEND and len(data) >= _MSGID.size + 2:
+            _, instance_id, client_seq = _MSGID.unpack_from(data)
+            (size,) = _U16.unpack_from(data, _MSGID.size)
+            end = _MSGID.size + 2 + size
+            if end + 4 > len(data):
+                return None
+            to = data[_MSGID.size + 2 : end].decode("utf-8")
+            (size,) = _U32.unpack_from(data, end)
+            start = end + 4
+            if size > MAX_TEXT_BYTES or start + size != len(data):
+                return None
+            return Send(MsgId(instance_id, client_seq), to, data[start:].decode("utf-8"))
+    except (struct.error, UnicodeDecodeError):
+        return None
+    return None
 
 
 def decode_message(data: bytes) -> Message:
     """A chat message, or `RemoteProtocolError`."""
     if not data:
         raise RemoteProtocolError("empty message")
+    fast = _fast_decode(data)
+    if fast is not None:
+        return fast
     cls = MESSAGE_CLASSES.get(data[0])
     if cls is None:
         raise RemoteProtocolError(f"unknown message kind {data[0]}")

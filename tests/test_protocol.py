@@ -27,9 +27,11 @@ from protocol import (
     PREAUTH_FRAMES,
     TAG_SIZE,
     VERSION,
+    Accept,
     Ack,
     BadTag,
     Deliver,
+    Delivered,
     ErrorCode,
     Hello,
     LocalProtocolError,
@@ -38,6 +40,7 @@ from protocol import (
     Padding,
     Ping,
     Presence,
+    Receipt,
     RemoteProtocolError,
     Send,
     Stream,
@@ -520,3 +523,25 @@ def test_unknown_session_reply_is_not_larger_than_the_request() -> None:
     reply = protocol.unknown_session_reply(SESSION, 100)
     assert reply is not None and len(reply) <= 100
     assert decode_packet(reply).session_id == SESSION
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    message=st.one_of(
+        *[instances(cls, text_size=40) for cls in (Accept, Receipt, Deliver, Delivered, Send)]
+    )
+)
+def test_hot_path_codecs_match_the_generic_one(message: Any) -> None:
+    """SEND, ACCEPT, DELIVER, RECEIPT and DELIVERED have hand-written codecs
+    for speed; they must produce and accept exactly the generic bytes."""
+    try:
+        generic = bytes([message.KIND]) + protocol._encode_fields(message, message.SPEC)
+    except LocalProtocolError:
+        with pytest.raises(LocalProtocolError):
+            encode_message(message)
+        return
+    assert encode_message(message) == generic
+    assert decode_message(generic) == message
+    for cut in range(len(generic)):  # every truncation is refused, never misread
+        with pytest.raises(RemoteProtocolError):
+            decode_message(generic[:cut])
