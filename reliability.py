@@ -436,11 +436,13 @@ class Connection:
 
     def handle_timer(self, now: float) -> None:
         oldest = self._oldest_outstanding()
-        if oldest is not None and oldest.sent_at + self._backed_off_rto() <= now:
+        rto = self._backed_off_rto()
+        if oldest is not None and oldest.sent_at + rto <= now:
             # Retransmission timeout: everything sent that long ago is lost.
-            cutoff = now - self._backed_off_rto()
+            # (The same sum as the timer's: `now - rto` can round below the
+            # oldest's send time and then nothing would ever be resent.)
             for chunk in self._inflight.values():
-                if not chunk.lost and chunk.sent_at <= cutoff:
+                if not chunk.lost and chunk.sent_at + rto <= now:
                     chunk.lost = True
             self._backoff += 1
             self._cwnd = max(MIN_CWND, self._cwnd / 2)

@@ -1104,3 +1104,19 @@ def test_reliability_constants_match_the_design() -> None:
     assert reliability.MAX_PARTIAL_MESSAGES == 4
     assert reliability.MAX_BUFFERED_BYTES == 256 * 1024
     assert reliability.UNREACHABLE_AFTER == 30.0
+
+
+def test_a_timeout_always_resends_despite_float_rounding() -> None:
+    """Found by the state machine: a chunk sent at t=2.165531869262191 with
+    the RTO at its cap of 2 s. When its timer fired, `now - rto` rounded to
+    just below the send time, so the chunk was not marked lost, the backoff
+    grew (capped, so the timer stayed put) and it was never resent."""
+    machine = TwoConnections()
+    machine.send(side=0, size=0, stream=0)
+    machine.deliver_all()
+    machine.advance_time(dt=1.8430128733755788)
+    machine.deliver_all()
+    machine.advance_time(dt=0.32251899588661226)
+    machine.send(side=0, size=0, stream=0)
+    del machine.wire[0]  # lost
+    machine.teardown()  # heals the link and checks everything arrived once
