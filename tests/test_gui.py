@@ -290,7 +290,10 @@ def test_two_windows_chat_both_ways(gui: Gui) -> None:
         pytest.fail(f"bob's window does not show alice's first message: current="
                     f"{bob.current and bob.current.name}, title {bob.top.title()!r},"
                     f" transcript {bob.transcript_text()!r}")  # fmt: skip
-    assert "alice: hello bob" in alice.transcript_text()
+    # Her own window shows the line once its `sending` state has come through
+    # (reported after the outbox commit, so it may trail bob's window).
+    assert pump_until(gui.root, lambda: "alice: hello bob" in alice.transcript_text())
+    assert pump_until(gui.root, lambda: len(own_ids(alice, "bob")) == 1)
     [first] = own_ids(alice, "bob")
     assert pump_until(gui.root, lambda: alice.state_of(first) == "delivered"), alice.state_of(first)
     assert "delivered" in alice.transcript_text()
@@ -300,6 +303,7 @@ def test_two_windows_chat_both_ways(gui: Gui) -> None:
     type_text(bob.composer, "hi alice")
     press(bob.composer, "Return")
     assert pump_until(gui.root, lambda: "bob: hi alice" in alice.transcript_text())
+    assert pump_until(gui.root, lambda: len(own_ids(bob, "alice")) == 1)
     [reply] = own_ids(bob, "alice")
     assert pump_until(gui.root, lambda: bob.state_of(reply) == "delivered")
 
