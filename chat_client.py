@@ -1145,25 +1145,17 @@ def demo_main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from chat_window import no_display_reason
-
-    reason = no_display_reason()
-    if reason is not None:
-        print(f"chat-demo: {reason}", file=sys.stderr)
-        return 2
     import tempfile
     import tkinter as tk
 
+    from chat_window import ChatWindow, Settings, open_root
+
+    root = open_root("chat-demo")
+    if root is None:
+        return 2
     from chat_registry import ServerConfig
     from chat_server import ChatServer
-    from chat_window import ChatWindow, Settings, enable_high_dpi
 
-    enable_high_dpi()
-    try:
-        root = tk.Tk(className="chat")
-    except tk.TclError as exc:
-        print(f"chat-demo: cannot open a window: {exc}", file=sys.stderr)
-        return 2
     root.withdraw()
     # Its own server, data and demo accounts: never the user's.
     workdir = tempfile.TemporaryDirectory(prefix="chat-demo-")

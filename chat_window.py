@@ -928,17 +928,24 @@ def no_display_reason() -> str | None:
     return None
 
 
+def open_root(prog: str, hint: str = "") -> tk.Tk | None:
+    """The Tk root for `prog`, or None after one line on stderr saying why
+    no window can open here (`hint` says what to do instead)."""
+    reason = no_display_reason()
+    if reason is None:
+        enable_high_dpi()
+        try:
+            return tk.Tk(className="chat")
+        except tk.TclError as exc:
+            reason = f"cannot open a window: {exc}"
+    print(f"{prog}: {reason}{hint}", file=sys.stderr)
+    return None
+
+
 def run_window(args: Any) -> int:
     """`chat-client` without --no-gui: one window."""
-    reason = no_display_reason()
-    if reason is not None:
-        print(f"chat-client: {reason}; or use --no-gui", file=sys.stderr)
-        return 2
-    enable_high_dpi()
-    try:
-        root = tk.Tk(className="chat")
-    except tk.TclError as exc:
-        print(f"chat-client: cannot open a window: {exc}; or use --no-gui", file=sys.stderr)
+    root = open_root("chat-client", "; or use --no-gui")
+    if root is None:
         return 2
     settings = Settings.load()
     if getattr(args, "server", None) and args.server != f"127.0.0.1:{DEFAULT_PORT}":
