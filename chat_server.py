@@ -112,6 +112,7 @@ Outgoing = list[tuple[bytes, Address]]
 RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_AWAITED = 10_000  # unregistered names watched, at most
 MAX_AWAITED_PER_NAME = 100
+MAX_RECIPIENT_KEYS = 4096  # cleared when full
 
 
 class Relay:
@@ -138,6 +139,9 @@ class Relay:
         self._durable: set[int] = set()  # server ids accepted but not yet committed
         self._receipted_early: set[int] = set()  # delivered before their commit
         self._dirty: dict[bytes, Session] = {}
+        # A SEND's `to` as typed -> its name key: normalizing it is most of
+        # the cost of routing, and senders name the same few people.
+        self._recipient_keys: dict[str, str] = {}
         self._timers: list[tuple[float, int, bytes]] = []
         self._tiebreak = itertools.count()
         self._out: Outgoing = []
@@ -290,7 +294,7 @@ class Relay:
             self.drops("unknown session", addr, now)
             return
         try:
-            packet = decode_packet(data, session.conn.peer_key)
+            packet = decode_packet(data, session.conn.peer_key, header)
         except RemoteProtocolError as exc:
             self.drops("bad tag or frame", addr, now, exc)
             return
@@ -520,11 +524,16 @@ class Relay:
             else:
                 self._send(session, accept)
             return
-        try:
-            to_name = normalize_name(send.to)
-        except LocalProtocolError as exc:
-            self._fail(session, send.msg_id, ErrorCode.INVALID_NAME, str(exc))
-            return
+        to_key = self._recipient_keys.get(send.to)
+        if to_key is None:
+            try:
+                to_key = name_key(normalize_name(send.to))
+            except LocalProtocolError as exc:
+                self._fail(session, send.msg_id, ErrorCode.INVALID_NAME, str(exc))
+                return
+            if len(self._recipient_keys) >= MAX_RECIPIENT_KEYS:
+                self._recipient_keys.clear()
+            self._recipient_keys[send.to] = to_key
         size = len(send.text.encode("utf-8"))
         if size > MAX_TEXT_BYTES:
             self._fail(
@@ -534,13 +543,13 @@ class Relay:
                 f"{size} bytes is over the limit",
             )
             return
-        recipient = self.users.get(name_key(to_name))
+        recipient = self.users.get(to_key)
         if recipient is None:
             self._fail(
                 session,
                 send.msg_id,
                 ErrorCode.NO_SUCH_USER,
-                f"there is no user {to_name!r}",
+                f"there is no user {normalize_name(send.to)!r}",
             )
             return
         if recipient.session is None and self.store is None:
@@ -791,6 +800,8 @@ class ChatServer:
                     relay.receive(data, addr[:2], now)
                 relay.run_durable()
                 self._send_all(relay.handle_timer(now))
+                if self.store is not None:
+                    self.store.flush()  # after the sends: see ServerStore.flush
             self._send_all(relay.shutdown_notice(time.monotonic()))
         finally:
             selector.close()

@@ -147,10 +147,16 @@ class ServerStore:
         self.path = data_dir / "chat.db"
         self.notify = notify
         self.done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._ops: queue.SimpleQueue[tuple[Op, Callable[[], None] | None] | None] = (
+        # Writes queued by the loop during one pass, handed over together by
+        # `flush()`: one queue operation and one wake-up of this thread per
+        # pass, after the pass's datagrams have gone out.
+        self._pending: list[tuple[Op, Callable[[], None] | None]] = []
+        self._ops: queue.SimpleQueue[list[tuple[Op, Callable[[], None] | None]] | None] = (
             queue.SimpleQueue()
         )
         self._db = self._connect()
+        # Bound parameters per statement (SQLite's default is 32,766; older ones 999).
+        self._max_variables = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         # Read-only lookups from the loop thread (WAL lets them run beside the writer).
         self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._next_block = 0
@@ -224,14 +230,24 @@ class ServerStore:
         self._thread.start()
 
     def submit(self, op: Op, then: Callable[[], None] | None = None) -> None:
-        """Queue a write; `then` runs on the loop after it has committed."""
+        """Queue a write; `then` runs on the loop after it has committed.
+        Nothing reaches the store thread before the next `flush()`."""
         if op[0] == "reserve":
             self._next_block += ID_BLOCK
             op = ("reserve", self._next_block)
-        self._ops.put((op, then))
+        self._pending.append((op, then))
+
+    def flush(self) -> None:
+        """Hand the writes submitted since the last flush to the store thread.
+        The loop calls it once per pass, after sending: waking the writer
+        earlier would have it compete for the GIL with the sends."""
+        if self._pending:
+            self._ops.put(self._pending)
+            self._pending = []
 
     def close(self) -> None:
         """Commit what is queued and stop the thread."""
+        self.flush()
         if self._thread is not None:
             self._ops.put(None)
             self._thread.join(10)
@@ -249,18 +265,18 @@ class ServerStore:
             # Group commit without a timer: take everything queued by now. While
             # one commit waits for the disk the next batch gathers, so batches
             # grow with the load and a lone message is committed at once.
-            batch = [first]
+            batch = list(first)
             while len(batch) < MAX_BATCH:
                 try:
-                    item = self._ops.get_nowait()
+                    more = self._ops.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if more is None:
                     stopping = True
                     break
-                batch.append(item)
+                batch.extend(more)
             try:
-                self._apply(batch)
+                self._apply([op for op, _ in batch])
             except sqlite3.Error:
                 log.exception("store write failed; acceptances wait and clients resend")
                 continue
@@ -269,55 +285,105 @@ class ServerStore:
                     self.done.put(then)
             self.notify()
 
-    def _apply(self, batch: list[tuple[Op, Callable[[], None] | None]]) -> None:
+    def _apply(self, ops: list[Op]) -> None:
+        """One transaction for the batch, one `executemany` per statement.
+        Statements run kind by kind in the order the loop's operations depend
+        on each other (a message is stored before its receipt deletes it, a
+        notice before its acknowledgement drops it), so grouping keeps the
+        outcome of applying them one by one."""
+        accounts: list[tuple[Any, ...]] = []
+        messages: list[tuple[Any, ...]] = []
+        dedup: list[tuple[Any, ...]] = []
+        delivered: list[int] = []
+        notices: list[tuple[Any, ...]] = []
+        notices_done: list[tuple[Any, ...]] = []
+        reserve: int | None = None
+        for op in ops:
+            kind = op[0]
+            if kind == "message":
+                m: StoredMessage = op[1]
+                instance = _i64(m.instance_id)
+                messages.append((m.server_msg_id, m.recipient_key, m.sender_key, m.sender,
+                                 instance, m.client_seq, m.text, m.sent_ms))  # fmt: skip
+                dedup.append((m.sender_key, instance, m.client_seq, m.server_msg_id, m.sent_ms))
+            elif kind == "delivered":
+                _, server_msg_id, sender_key, instance_id, client_seq, recipient = op
+                delivered.append(server_msg_id)
+                notices.append((sender_key, _i64(instance_id), client_seq, recipient))
+            elif kind == "notice_done":
+                _, sender_key, instance_id, client_seq = op
+                notices_done.append((sender_key, _i64(instance_id), client_seq))
+            elif kind == "account":
+                _, key, a = op
+                accounts.append((key, a.name, a.salt, a.iterations, a.stored_key, a.server_key,
+                                 int(time.time() * 1000)))  # fmt: skip
+            elif kind == "reserve":
+                reserve = op[1] if reserve is None else max(reserve, op[1])
+            elif kind == "sync":
+                pass  # a barrier: its callback runs once everything before it is durable
+            else:  # pragma: no cover - a programming error
+                raise AssertionError(kind)
+        if delivered:
+            # Received before the commit: the mailbox row would be written and
+            # deleted in the same transaction; skip both (the dedup row stays).
+            gone = set(delivered)
+            if any(row[0] in gone for row in messages):
+                messages = [row for row in messages if row[0] not in gone]
         db = self._db
         db.execute("BEGIN")
         try:
-            for op, _ in batch:
-                kind = op[0]
-                if kind == "message":
-                    m: StoredMessage = op[1]
-                    db.execute(
-                        "INSERT OR IGNORE INTO mailbox VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (m.server_msg_id, m.recipient_key, m.sender_key, m.sender,
-                         _i64(m.instance_id), m.client_seq, m.text, m.sent_ms),
-                    )  # fmt: skip
-                    db.execute(
-                        "INSERT OR IGNORE INTO dedup VALUES (?, ?, ?, ?, ?)",
-                        (m.sender_key, _i64(m.instance_id), m.client_seq, m.server_msg_id,
-                         m.sent_ms),
-                    )  # fmt: skip
-                elif kind == "delivered":
-                    _, server_msg_id, sender_key, instance_id, client_seq, recipient = op
-                    db.execute("DELETE FROM mailbox WHERE server_msg_id=?", (server_msg_id,))
-                    db.execute(
-                        "INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?)",
-                        (sender_key, _i64(instance_id), client_seq, recipient),
-                    )
-                elif kind == "notice_done":
-                    _, sender_key, instance_id, client_seq = op
-                    db.execute(
-                        "DELETE FROM notices WHERE sender_key=? AND instance_id=? AND client_seq=?",
-                        (sender_key, _i64(instance_id), client_seq),
-                    )
-                elif kind == "account":
-                    _, key, a = op
-                    db.execute(
-                        "INSERT OR IGNORE INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (key, a.name, a.salt, a.iterations, a.stored_key, a.server_key,
-                         int(time.time() * 1000)),
-                    )  # fmt: skip
-                elif kind == "reserve":
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('next_block', ?)", (op[1],))
-                elif kind == "sync":
-                    pass  # a barrier: its callback runs once everything before it is durable
-                else:  # pragma: no cover - a programming error
-                    raise AssertionError(kind)
+            if reserve is not None:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('next_block', ?)", (reserve,))
+            self._insert("accounts", accounts)
+            self._insert("mailbox", messages)
+            self._insert("dedup", dedup)
+            for part in _chunks(delivered, self._max_rows(1)):
+                db.execute(f"DELETE FROM mailbox WHERE server_msg_id IN ({_marks(len(part))})",
+                           part)  # fmt: skip
+            self._insert("notices", notices)
+            # An OR of primary-key lookups (SQLite plans each as an index
+            # search); kept short because the parser nests ORs.
+            for part in _chunks(notices_done, 100):
+                where = " OR ".join(
+                    ["(sender_key=? AND instance_id=? AND client_seq=?)"] * len(part)
+                )
+                db.execute(f"DELETE FROM notices WHERE {where}", _flat(part))
             db.execute("COMMIT")
             self.commits += 1
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _max_rows(self, columns: int) -> int:
+        return max(1, min(1000, self._max_variables // columns))
+
+    def _insert(self, table: str, rows: list[tuple[Any, ...]]) -> None:
+        """`INSERT OR IGNORE` of many rows in few statements. One statement
+        per row (`executemany`) would hand the GIL back and forth with the
+        loop thread at every row, and each time the loop is busy this thread
+        waits a switch interval (5 ms) for it: commits of a few hundred rows
+        took 40 ms. A multi-row VALUES takes it once per statement."""
+        if not rows:
+            return
+        columns = len(rows[0])
+        row_marks = f"({_marks(columns)})"
+        for part in _chunks(rows, self._max_rows(columns)):
+            self._db.execute(
+                f"INSERT OR IGNORE INTO {table} VALUES {','.join([row_marks] * len(part))}",
+                _flat(part),
+            )
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def _flat(rows: list[tuple[Any, ...]]) -> list[Any]:
+    return [value for row in rows for value in row]
 
 
 def _i64(value: int) -> int:

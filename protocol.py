@@ -19,6 +19,7 @@ the peer sent something we refuse (decode lets nothing else out) and
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import secrets
@@ -140,6 +141,7 @@ def normalize_name(name: str) -> str:
     return shown
 
 
+@functools.lru_cache(maxsize=1 << 14)  # the names of a busy server's active users
 def name_key(name: str) -> str:
     """The comparison form of a name (RFC 8265 style: NFKC, casefold, NFKC)."""
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
@@ -338,6 +340,14 @@ class FrameType(enum.IntEnum):
     PATH_RESPONSE = 12  # the answer, from the new address
 
 
+# The records built for every relayed message (a dozen per message on the
+# server: Stream, Ack, Packet, Header, Send, Accept, Deliver, Receipt,
+# Delivered) are `@dataclass(unsafe_hash=True)`: value equality and a hash
+# like the frozen ones, but built in a quarter of the time (a frozen
+# dataclass sets each field through `object.__setattr__`: 1.0 us for a
+# STREAM frame, 0.3 us here). Nothing assigns to them after construction.
+
+
 @dataclass(frozen=True)
 class Padding:
     TYPE: ClassVar[FrameType] = FrameType.PADDING
@@ -345,7 +355,7 @@ class Padding:
     data: bytes = b""
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # hot: see above
 class Ack:
     """Everything below `una` arrived, and so did the `ranges` [start, end)
     above it. `largest_pkt` is the highest packet number received and
@@ -365,7 +375,7 @@ class Ping:
     SPEC: ClassVar[tuple[str, ...]] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # hot: see above
 class Stream:
     """A reliable chunk. `seq` numbers chunks on this hop (dedup, acks,
     window); `stream`/`stream_seq` order one conversation without holding up
@@ -493,7 +503,42 @@ PREAUTH_FRAMES = (Padding, Hello, Challenge, Login, Welcome, Refused, VersionFra
 _STREAM_FIXED = struct.Struct("!QIIBB")
 
 
+#: ACK frames ride in nearly every datagram: a struct for them too.
+_ACK_FIXED = struct.Struct("!QIQB")
+_ACK_RANGE = struct.Struct("!QI")
+
+
+def _fast_ack(frame: Ack) -> bytes | None:
+    """The body of an ACK frame, or None for the generic codec to refuse."""
+    try:
+        return b"".join((
+            _ACK_FIXED.pack(frame.largest_pkt, frame.delay_us, frame.una, len(frame.ranges)),
+            *(_ACK_RANGE.pack(start, end - start) for start, end in frame.ranges),
+        ))  # fmt: skip
+    except (struct.error, TypeError, ValueError):
+        return None
+
+
+def _decode_ack(body: bytes) -> Ack | None:
+    """An ACK frame's body decoded, or None for the generic codec (which
+    names what is wrong)."""
+    if len(body) < _ACK_FIXED.size:
+        return None
+    largest, delay, una, count = _ACK_FIXED.unpack_from(body)
+    if len(body) != _ACK_FIXED.size + _ACK_RANGE.size * count:
+        return None
+    ranges = []
+    for pos in range(_ACK_FIXED.size, len(body), _ACK_RANGE.size):
+        start, length = _ACK_RANGE.unpack_from(body, pos)
+        ranges.append((start, start + length))
+    return Ack(largest, delay, una, tuple(ranges))
+
+
 def encode_frame(frame: Frame) -> bytes:
+    if type(frame) is Ack:
+        body = _fast_ack(frame)
+        if body is not None:
+            return FRAME_HEADER.pack(FrameType.ACK, len(body)) + body
     if type(frame) is Stream:
         try:
             fixed = _STREAM_FIXED.pack(
@@ -514,7 +559,7 @@ def encode_frame(frame: Frame) -> bytes:
 # --- packets --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # hot: see above
 class Packet:
     session_id: bytes
     pkt_num: int
@@ -549,7 +594,7 @@ def encode_packet(packet: Packet, key: bytes | None, *, pad_to: int = 0) -> byte
     return data
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # hot: see above
 class Header:
     version: int
     flags: int
@@ -574,11 +619,13 @@ def decode_header(data: bytes) -> Header:
     return Header(version, flags, session_id, pkt_num)
 
 
-def decode_packet(data: bytes, key: bytes | None = None) -> Packet:
+def decode_packet(data: bytes, key: bytes | None = None, header: Header | None = None) -> Packet:
     """Decode a whole datagram. With `key`, the datagram must carry a tag that
     verifies (checked before any frame is parsed); without, it must carry none
-    and only pre-login frames."""
-    header = decode_header(data)
+    and only pre-login frames. `header`: `decode_header(data)`, if the caller
+    already has it."""
+    if header is None:
+        header = decode_header(data)
     end = len(data)
     if key is not None:
         if not header.flags & FLAG_MAC or end < HEADER.size + TAG_SIZE:
@@ -612,6 +659,8 @@ def decode_packet(data: bytes, key: bytes | None = None) -> Packet:
             seq, stream, stream_seq, index, count = _STREAM_FIXED.unpack_from(data, pos)
             start = pos + _STREAM_FIXED.size
             frames.append(Stream(seq, stream, stream_seq, index, count, data[start : pos + size]))
+        elif ftype == FrameType.ACK and (ack := _decode_ack(data[pos : pos + size])) is not None:
+            frames.append(ack)
         else:
             frame = _decode_fields(cls, cls.SPEC, data[pos : pos + size])  # type: ignore[attr-defined]
             frames.append(frame)  # type: ignore[arg-type]
@@ -644,6 +693,7 @@ CONTROL_STREAM = 0
 CONVERSATION_STREAMS = 4095
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def conversation_stream(peer: str) -> int:
     """The stream of the conversation with `peer` on one hop (never 0)."""
     return 1 + zlib.crc32(name_key(peer).encode("utf-8")) % CONVERSATION_STREAMS
@@ -666,7 +716,7 @@ class Kind(enum.IntEnum):
     WATCH = 14  # client -> server: tell me when this user comes and goes
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # hot: see above
 class Send:
     KIND: ClassVar[Kind] = Kind.SEND
     SPEC: ClassVar[tuple[str, ...]] = ("msgid", "str", "text")
@@ -675,7 +725,7 @@ class Send:
     text: str
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # hot: see above
 class Accept:
     KIND: ClassVar[Kind] = Kind.ACCEPT
     SPEC: ClassVar[tuple[str, ...]] = ("msgid", "u64")
@@ -692,7 +742,7 @@ class Fail:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # hot: see above
 class Deliver:
     KIND: ClassVar[Kind] = Kind.DELIVER
     SPEC: ClassVar[tuple[str, ...]] = ("u64", "msgid", "str", "text", "u64")
@@ -703,14 +753,14 @@ class Deliver:
     sent_ms: int  # server's wall clock when it accepted the message
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # hot: see above
 class Receipt:
     KIND: ClassVar[Kind] = Kind.RECEIPT
     SPEC: ClassVar[tuple[str, ...]] = ("u64",)
     server_msg_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # hot: see above
 class Delivered:
     KIND: ClassVar[Kind] = Kind.DELIVERED
     SPEC: ClassVar[tuple[str, ...]] = ("msgid", "str")

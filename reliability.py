@@ -91,7 +91,7 @@ CHUNK_SIZE = MAX_FRAMES_SIZE - ACK_ROOM - STREAM_OVERHEAD
 assert (MAX_TEXT_BYTES + 1024) // CHUNK_SIZE + 1 <= MAX_FRAGMENTS
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(unsafe_hash=True)  # built per message: see protocol.Padding
 class PayloadReceived:
     """A whole payload arrived, in order within its stream."""
 
@@ -245,16 +245,23 @@ class Connection:
         the peer holds all of it, `PayloadAcked(handle)` comes out (if given)."""
         if len(payload) > MAX_TEXT_BYTES + 1024:
             raise LocalProtocolError(f"payload of {len(payload)} bytes is too long")
-        pieces = [payload[i : i + CHUNK_SIZE] for i in range(0, len(payload), CHUNK_SIZE)] or [b""]
+        if self._waiting is None:
+            self._waiting = collections.deque()
+        stream_seq = self._stream_seqs.get(stream, 0)
+        if len(payload) <= CHUNK_SIZE:  # nearly every message: one chunk
+            self._stream_seqs[stream] = (stream_seq + 1) & 0xFFFFFFFF
+            frame = Stream(self._next_seq, stream, stream_seq, 0, 1, payload)
+            self._next_seq += 1
+            self._waiting.append(_Chunk(frame, handle))
+            return
+        pieces = [payload[i : i + CHUNK_SIZE] for i in range(0, len(payload), CHUNK_SIZE)]
         count = len(pieces)
         for index, piece in enumerate(pieces):
-            stream_seq = self._stream_seqs.get(stream, 0)
-            self._stream_seqs[stream] = (stream_seq + 1) & 0xFFFFFFFF
             frame = Stream(self._next_seq, stream, stream_seq, index, count, piece)
+            stream_seq = (stream_seq + 1) & 0xFFFFFFFF
             self._next_seq += 1
-            if self._waiting is None:
-                self._waiting = collections.deque()
             self._waiting.append(_Chunk(frame, handle if index == count - 1 else None))
+        self._stream_seqs[stream] = stream_seq
 
     def ack_now(self) -> None:
         """Send the pending ACK on the next `datagrams_to_send`, not 25 ms later
@@ -507,6 +514,27 @@ class Connection:
     def _on_stream(self, frame: Stream) -> bool:
         """Record one chunk; True if the sender should hear at once (the chunk
         came out of order, twice, or was refused)."""
+        stream = frame.stream
+        if (
+            frame.seq == self._una
+            and frame.count == 1
+            and frame.index == 0
+            and frame.stream_seq == self._streams.get(stream, -1)
+            and self._buffered + len(frame.data) <= MAX_BUFFERED_BYTES
+        ):
+            # The common case, kept short: the next chunk, a whole message,
+            # next on a stream already open. Same outcome as the general path.
+            self._una += 1
+            if self._above:
+                while self._una in self._above:
+                    self._above.discard(self._una)
+                    self._una += 1
+            expected = (frame.stream_seq + 1) & 0xFFFFFFFF
+            self._streams[stream] = expected
+            self._events.append(PayloadReceived(stream, frame.data))
+            if self._held:
+                self._release(stream, expected)
+            return False
         if self._seen(frame.seq) or not self._admit(frame):
             return True
         out_of_order = frame.seq != self._una
@@ -514,17 +542,19 @@ class Connection:
         while self._una in self._above:
             self._above.discard(self._una)
             self._una += 1
-        key = (frame.stream, frame.stream_seq)
-        self._held[key] = frame
+        self._held[(stream, frame.stream_seq)] = frame
         self._buffered += len(frame.data)
-        expected = self._streams.setdefault(frame.stream, 0)
-        while (frame.stream, expected) in self._held:
-            chunk = self._held.pop((frame.stream, expected))
+        self._release(stream, self._streams.setdefault(stream, 0))
+        return out_of_order
+
+    def _release(self, stream: int, expected: int) -> None:
+        """Deliver the held chunks of `stream` that are next in order."""
+        while (stream, expected) in self._held:
+            chunk = self._held.pop((stream, expected))
             self._buffered -= len(chunk.data)
             expected = (expected + 1) & 0xFFFFFFFF
             self._deliver(chunk)
-        self._streams[frame.stream] = expected
-        return out_of_order
+        self._streams[stream] = expected
 
     def _deliver(self, chunk: Stream) -> None:
         if chunk.count == 1:
@@ -608,13 +638,8 @@ class Connection:
                 self._update_rtt(max(sample, 0.0))
             for pkt in [p for p in self._sent_times if p <= ack.largest_pkt]:
                 del self._sent_times[pkt]
-        acked = [
-            seq
-            for seq in self._inflight
-            if seq < ack.una or any(s <= seq < e for s, e in ack.ranges)
-        ]
         acked_pkts = set()
-        for seq in acked:
+        for seq in self._acked_seqs(ack):
             chunk = self._inflight.pop(seq)
             progressed = True
             acked_pkts.add(chunk.pkt_num)
@@ -644,6 +669,28 @@ class Connection:
             # One reduction per round trip (RFC 9002 7.3.2).
             self._cwnd = max(MIN_CWND, self._cwnd / 2)
             self._recovery_pkt = self.next_pkt
+
+    def _acked_seqs(self, ack: Ack) -> list[int]:
+        """The in-flight seqs this ACK covers, in seq order, without testing
+        every chunk against every range (the flight is kept in seq order)."""
+        inflight = self._inflight
+        if not inflight:
+            return []
+        acked = []
+        for seq in inflight:
+            if seq >= ack.una:
+                break
+            acked.append(seq)
+        floor = max(ack.una, next(iter(inflight)))
+        top = self._next_seq
+        for start, end in sorted(ack.ranges):
+            start, end = max(start, floor), min(end, top)
+            if end - start > len(inflight):  # wide: look at the flight instead
+                acked.extend(s for s in inflight if start <= s < end)
+            else:
+                acked.extend(s for s in range(start, end) if s in inflight)
+            floor = max(floor, end)
+        return acked
 
     def _update_rtt(self, sample: float) -> None:
         self._latest_rtt = sample
