@@ -1225,3 +1225,54 @@ def test_delivered_is_reported_once_when_the_receipt_comes_again(
         bob.close()
     finally:
         gate.close()
+
+
+# --- 8. the store's batched writes ------------------------------------------------------------
+
+
+def test_store_batches_keep_the_outcome_of_one_by_one_writes(tmp_path: Path) -> None:
+    """The store thread applies a pass's writes grouped by kind in multi-row
+    statements. Whatever lands in one transaction, the disk must end as if
+    each write had run alone: a message receipted in its own batch leaves no
+    mailbox row but keeps its dedup key and its receipt notice, an acked
+    notice is gone, and batches larger than one statement are split."""
+    from chat_store import ServerStore, StoredMessage
+
+    def message(i: int) -> StoredMessage:
+        # u64 instance ids above 2**63 take the signed round trip too.
+        return StoredMessage(i, "bob", "alice", "Alice", 2**64 - 5, i, f"text {i}", 1000 + i)
+
+    store = ServerStore(tmp_path)
+    store.load(0)
+    store.start()
+    done: list[int] = []
+    count = 2500  # more rows than one multi-row statement takes
+    for i in range(1, count + 1):
+        store.submit(("message", message(i)), functools.partial(done.append, i))
+    for i in range(1, 1001):  # receipted before the commit: same batch
+        store.submit(("delivered", i, "alice", 2**64 - 5, i, "Bob"))
+    for i in range(1, 501):  # and their notices acked, still the same batch
+        store.submit(("notice_done", "alice", 2**64 - 5, i))
+    store.flush()
+    deadline = time.monotonic() + 30
+    while len(done) < count and time.monotonic() < deadline:
+        try:
+            store.done.get(timeout=1)()
+        except queue.Empty:
+            pass
+    assert sorted(done) == list(range(1, count + 1))
+    store.submit(("delivered", 2000, "alice", 2**64 - 5, 2000, "Bob"))  # a later batch
+    store.close()  # flushes and commits what is queued
+
+    reopened = ServerStore(tmp_path)
+    try:
+        loaded = reopened.load(0)
+        waiting = [m.server_msg_id for m in loaded.mailbox]
+        assert waiting == [i for i in range(1001, count + 1) if i != 2000]
+        assert loaded.mailbox[0] == message(1001)
+        assert loaded.hwm == {("alice", 2**64 - 5): count}
+        assert sorted(n[2] for n in loaded.notices) == [*range(501, 1001), 2000]
+        for i in (1, 700, 2000, count):  # every accepted message keeps its dedup key
+            assert reopened.find_dedup("alice", 2**64 - 5, i) == i
+    finally:
+        reopened.close()
