@@ -141,7 +141,7 @@ def normalize_name(name: str) -> str:
     return shown
 
 
-@functools.lru_cache(maxsize=1 << 14)  # the names of a busy server's active users
+@functools.lru_cache(maxsize=1 << 12)  # the names of a busy server's active users
 def name_key(name: str) -> str:
     """The comparison form of a name (RFC 8265 style: NFKC, casefold, NFKC)."""
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
@@ -693,7 +693,7 @@ CONTROL_STREAM = 0
 CONVERSATION_STREAMS = 4095
 
 
-@functools.lru_cache(maxsize=1 << 14)
+@functools.lru_cache(maxsize=1 << 12)
 def conversation_stream(peer: str) -> int:
     """The stream of the conversation with `peer` on one hop (never 0)."""
     return 1 + zlib.crc32(name_key(peer).encode("utf-8")) % CONVERSATION_STREAMS
