@@ -7,13 +7,14 @@ What it tells apart from the full benchmark:
   timers: MAC checks, decoding, acks, routing, encoding), without system
   calls, the store thread or the GIL handoffs between them;
 - memory the Relay keeps per relayed message once everything is delivered
-  (tracemalloc; anything above zero grows for as long as the server runs);
+  and committed (tracemalloc, with a real store in a temporary directory as
+  the server runs; anything above zero grows for as long as it runs);
 - memory per idle logged-in session, by allocation site.
 
 The clients are the benchmark's load clients (`loadgen.Sender`/`Receiver`)
-over an in-memory "socket". The Relay runs without a store (`data_dir`
-None), so ACCEPTs go out at once: the SQLite thread is measured by the
-full benchmark (`other_threads_cpu_us_per_msg`).
+over an in-memory "socket". For the CPU figure the Relay runs without a
+store (`data_dir` None), so ACCEPTs go out at once: the SQLite thread is
+measured by the full benchmark (`other_threads_cpu_us_per_msg`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterable
@@ -42,7 +44,8 @@ from bench.loadgen import (
     Sender,
     login_reply,
 )
-from chat_server import Relay, ServerConfig
+from chat_server import Outgoing, Relay, ServerConfig
+from chat_store import ServerStore
 from protocol import Challenge, ProtocolError, Refused, Welcome, decode_packet
 from reliability import PayloadReceived
 
@@ -63,13 +66,34 @@ class MemorySocket:
         raise BlockingIOError
 
 
-def make_relay() -> Relay:
-    return Relay(ServerConfig(
-        data_dir=None, iterations=4096, rto_min=RTO_MIN, rto_max=RTO_MAX,
+def make_relay(data_dir: Path | None = None) -> Relay:
+    """A Relay as the benchmark's server is configured; with `data_dir`, on a
+    running store there (stop it with `relay.store.close()`)."""
+    store = ServerStore(data_dir) if data_dir is not None else None
+    relay = Relay(ServerConfig(
+        data_dir=data_dir, iterations=4096, rto_min=RTO_MIN, rto_max=RTO_MAX,
         preauth_rate=1e9, preauth_burst=1e9, user_msg_rate=1e9, user_msg_burst=1e9,
         user_byte_rate=1e12, user_byte_burst=1e12, max_sessions=10**6,
         registration_rate=1e9, registration_burst=1e9,
-    ))  # fmt: skip
+    ), store=store)  # fmt: skip
+    if store is not None:
+        store.start()
+    return relay
+
+
+def settle(relay: Relay, now: float) -> Outgoing:
+    """With a store: what the loop does after a pass (hand the writes over),
+    then wait for them to commit and run their callbacks as the loop would;
+    what that sends."""
+    store = relay.store
+    if store is None:
+        return []
+    synced: list[bool] = []
+    store.submit(("sync",), lambda: synced.append(True))
+    store.flush()
+    while not synced:
+        store.done.get(timeout=30)()
+    return relay.flush(now)
 
 
 def log_in(relay: Relay, names: Iterable[str], salted: SaltCache) -> dict[str, Handshake]:
@@ -81,7 +105,8 @@ def log_in(relay: Relay, names: Iterable[str], salted: SaltCache) -> dict[str, H
         active = {h.nonce: h}
         for _ in range(2):  # HELLO -> CHALLENGE, LOGIN -> WELCOME
             relay.receive(h.datagram, addr, time.monotonic())
-            for data, _ in relay.flush(time.monotonic()):
+            now = time.monotonic()
+            for data, _ in relay.flush(now) + settle(relay, now):
                 for frame in decode_packet(data, None).frames:
                     if isinstance(frame, (Challenge, Welcome, Refused)):
                         login_reply(h, frame, active, salted, False)
@@ -140,6 +165,7 @@ def _exchange(relay: Relay, peers: list[Peer], addrs: dict[int, Addr],
             relay.receive(data, addr, now)
         out.clear()
     replies = relay.handle_timer(now)  # runs due timers, then flushes
+    replies += settle(relay, now)
     cpu = time.process_time() - start
     for data, addr in replies:
         try:
@@ -175,22 +201,25 @@ def pairs_of(
 #: (the clients here share the process and the protocol modules).
 SERVER_SIDE = [tracemalloc.Filter(True, "*chat_server.py", all_frames=True)]
 FRAMES = 12
-TRACED_MESSAGES = 100  # per pair
+TRACED_MESSAGES = 500  # per pair
 
 
 def server_diff(snapshot: tracemalloc.Snapshot, base: tracemalloc.Snapshot,
-                per: int, limit: int) -> tuple[float, list[dict[str, Any]]]:  # fmt: skip
-    """Bytes kept per unit by the server since `base`, and the top sites."""
+                per: int, limit: int) -> tuple[float, float, list[dict[str, Any]]]:  # fmt: skip
+    """Bytes and blocks kept per unit by the server since `base`, and the top
+    sites. Bytes without blocks are containers that grew (a dict's table at
+    its high-water mark), not objects kept."""
     stats = snapshot.filter_traces(SERVER_SIDE).compare_to(base.filter_traces(SERVER_SIDE),
                                                            "lineno")  # fmt: skip
     total = sum(s.size_diff for s in stats) / max(1, per)
+    blocks = sum(s.count_diff for s in stats) / max(1, per)
     sites = []
     for stat in sorted(stats, key=lambda s: -s.size_diff)[:limit]:
         frame = stat.traceback[0]
         sites.append({"site": f"{Path(frame.filename).name}:{frame.lineno}",
                       "bytes_each": stat.size_diff / per,
                       "blocks_each": stat.count_diff / per})  # fmt: skip
-    return total, sites
+    return total, blocks, sites
 
 
 def measure(messages: int, sessions: int, pairs: int, window: int = 64) -> dict[str, Any]:
@@ -204,16 +233,25 @@ def measure(messages: int, sessions: int, pairs: int, window: int = 64) -> dict[
     out["logic_us_per_msg"] = cpu / max(1, done) * 1e6
     out["lost"] = sum(s.sent for s in senders) - sum(r.received for r in receivers)
 
-    # What stays behind per message once it is delivered and receipted.
-    gc.collect()
-    tracemalloc.start(FRAMES)
-    base = tracemalloc.take_snapshot()
-    traced = min(messages, TRACED_MESSAGES)  # tracemalloc makes each one ~20x slower
-    relay_messages(relay, senders, receivers, addrs, 200 + messages + traced, window)
-    gc.collect()
-    snap = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    out["retained_b_per_msg"], out["retained_sites"] = server_diff(snap, base, traced * pairs, 5)
+    # What stays behind per message once it is delivered, receipted and
+    # committed: on a real store, as the server runs.
+    with tempfile.TemporaryDirectory() as data_dir:
+        relay = make_relay(Path(data_dir))
+        senders, receivers, addrs = pairs_of(relay, pairs, window)
+        relay_messages(relay, senders, receivers, addrs, 200, window)  # warm up
+        gc.collect()
+        tracemalloc.start(FRAMES)
+        base = tracemalloc.take_snapshot()
+        traced = min(messages, TRACED_MESSAGES)  # tracemalloc makes each one ~20x slower
+        relay_messages(relay, senders, receivers, addrs, 200 + traced, window)
+        gc.collect()
+        snap = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        assert relay.store is not None
+        relay.store.close()
+    out["retained_b_per_msg"], out["retained_blocks_per_msg"], out["retained_sites"] = server_diff(
+        snap, base, traced * pairs, 5
+    )
 
     # An idle logged-in session, by allocation site.
     relay = make_relay()
@@ -224,13 +262,13 @@ def measure(messages: int, sessions: int, pairs: int, window: int = 64) -> dict[
     log_in(relay, (f"u{i}" for i in range(sessions)), {})
     gc.collect()
     snap = tracemalloc.take_snapshot()
-    with_cache, _ = server_diff(snap, base, sessions, 0)
+    with_cache, _, _ = server_diff(snap, base, sessions, 0)
     relay.desk.replies._replies.clear()  # the login reply cache, kept 240 s
     gc.collect()
     snap = tracemalloc.take_snapshot()
     tracemalloc.stop()
     out["session_b_with_reply_cache"] = with_cache
-    out["session_b_tracemalloc"], out["session_sites"] = server_diff(snap, base, sessions, 10)
+    out["session_b_tracemalloc"], _, out["session_sites"] = server_diff(snap, base, sessions, 10)
     return out
 
 
@@ -247,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"Relay logic, no sockets, {result['pairs']} pairs, {result['messages']:,} messages: "
           f"{result['logic_us_per_msg']:.1f} us CPU/msg, lost {result['lost']}")  # fmt: skip
-    print(f"kept per relayed message after delivery: {result['retained_b_per_msg']:.0f} B")
+    print(f"kept per relayed message after delivery: {result['retained_b_per_msg']:.0f} B in "
+          f"{result['retained_blocks_per_msg']:.3f} blocks")  # fmt: skip
     for site in result["retained_sites"]:
         print(f"  {site['bytes_each']:8.1f} B  {site['blocks_each']:5.2f} blocks  {site['site']}")
     print(f"idle session ({result['sessions']:,} sessions): {result['session_b_tracemalloc']:.0f} B"

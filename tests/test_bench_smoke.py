@@ -40,7 +40,8 @@ SCALE_KEYS = {
 }  # fmt: skip
 LOGIC_KEYS = {
     "messages", "sessions", "pairs", "logic_us_per_msg", "lost", "retained_b_per_msg",
-    "retained_sites", "session_b_tracemalloc", "session_b_with_reply_cache", "session_sites",
+    "retained_blocks_per_msg", "retained_sites", "session_b_tracemalloc",
+    "session_b_with_reply_cache", "session_sites",
 }  # fmt: skip
 GUI_KEYS = {
     "status", "rate", "received", "arrival_per_s", "lag_p50_ms", "lag_p99_ms", "lag_max_ms",
@@ -146,7 +147,7 @@ def test_server_memory_does_not_grow_with_each_delivered_message(tmp_path: Path)
         sent = sum(s.sent for s in senders)
         assert sum(r.received for r in receivers) == sent
         assert sum(s.completed for s in senders) == sent
-        per_message, sites = server_diff(snapshot, base, count * len(senders), 5)
+        per_message, _, sites = server_diff(snapshot, base, count * len(senders), 5)
         print(f"server memory kept per delivered message: {per_message:.0f} B; {sites}")
         assert per_message < 64, f"{per_message:.0f} B kept per message, by site: {sites}"
     finally:
