@@ -162,9 +162,10 @@ def check_text(text: str) -> bytes:
 
 # --- field codec ----------------------------------------------------------
 #
-# Every frame and message is a frozen dataclass whose fields are listed in
-# `SPEC` with a wire type. One generic codec reads and writes them all, so a
-# new message is one class, and hypothesis can round-trip every kind.
+# Every frame and message is a dataclass (frozen, or for the hot ones see
+# above `Padding`) whose fields are listed in `SPEC` with a wire type. One
+# generic codec reads and writes them all, so a new message is one class,
+# and hypothesis can round-trip every kind.
 
 _INTS = {
     "u8": struct.Struct("!B"),
