@@ -1159,7 +1159,10 @@ def demo_main(argv: list[str] | None = None) -> int:
     root.withdraw()
     # Its own server, data and demo accounts: never the user's.
     workdir = tempfile.TemporaryDirectory(prefix="chat-demo-")
-    server = ChatServer(("127.0.0.1", 0), ServerConfig(data_dir=Path(workdir.name) / "server"))
+    # One process: the two registrations' key exchanges run on the server's loop.
+    server = ChatServer(
+        ("127.0.0.1", 0), ServerConfig(data_dir=Path(workdir.name) / "server", key_workers=0)
+    )
     serving = threading.Thread(target=server.serve_forever, daemon=True, name="demo-server")
     serving.start()
     host, port = server.address

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chat_guard import TokenBucket
@@ -42,10 +43,13 @@ class ServerConfig:
     preauth_burst: float = 1000.0  # ... many users may share one NAT address
     login_failures: int = 5  # failed logins allowed per user and per IP ...
     login_failure_period: float = 30.0  # ... in this many seconds
-    # New accounts per source IP: each costs the loop one 2048-bit modexp
-    # (~4 ms) to unwrap its keys, so a flood of new names must not stall it.
+    # New accounts per source IP: each costs one 2048-bit modexp (~4 ms) to
+    # unwrap its keys, so a flood of new names must not eat the server.
     registration_rate: float = 10.0
     registration_burst: float = 200.0
+    # Worker processes for that modexp (chat_keyx), so it never stalls the
+    # loop; 0: on the loop (the in-process demo and tests: one process).
+    key_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     user_msg_rate: float = 200.0  # new messages/s per user after login ...
     user_msg_burst: float = 500.0
     user_byte_rate: float = 1024 * 1024  # ... and bytes/s

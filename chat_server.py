@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import heapq
 import itertools
@@ -37,7 +38,8 @@ from chat_guard import (
     BucketTable,
     TokenBucket,
 )
-from chat_login import LoginDesk, Verified
+from chat_keyx import KeyExchangeWorkers
+from chat_login import LoginDesk, Unwrap, Verified
 from chat_registry import Address, DropLog, Entry, Probe, ServerConfig, Session, User
 from chat_store import (
     Account,
@@ -86,6 +88,7 @@ from protocol import (
     decode_header,
     decode_message,
     decode_packet,
+    dh_secret,
     encode_message,
     encode_packet,
     name_key,
@@ -113,6 +116,7 @@ RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_AWAITED = 10_000  # unregistered names watched, at most
 MAX_AWAITED_PER_NAME = 100
 MAX_RECIPIENT_KEYS = 4096  # cleared when full
+MAX_UNWRAPPING = 1000  # registrations waiting for the pool, at most
 
 
 class Relay:
@@ -124,6 +128,8 @@ class Relay:
         *,
         store: ServerStore | None = None,
         wall_clock: Callable[[], float] = time.time,
+        unwrapper: concurrent.futures.Executor | None = None,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config or ServerConfig()
         self.store = store
@@ -149,9 +155,16 @@ class Relay:
         self.stats: collections.Counter[str] = collections.Counter()
         cfg = self.config
         self._preauth = BucketTable(cfg.preauth_rate, cfg.preauth_burst)
+        # LOGIN nonces whose account is being unwrapped or stored.
         self._registering: set[bytes] = set()
+        # Registrations' Diffie-Hellman secrets are computed here when given
+        # (a process pool: 3.7 ms each would stall every session on the loop).
+        self._unwrapper = unwrapper
+        self._unwrapping = 0
+        self._unwrapped: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = wake
         # Unregistered names someone watches -> who (told when the name arrives).
-        self._awaited: dict[str, set[str]] = {}  # LOGIN nonces whose account is being stored
+        self._awaited: dict[str, set[str]] = {}
         if store is not None:
             self._load(store.load(int(wall_clock() * 1000)))
         else:
@@ -206,15 +219,15 @@ class Relay:
             self.drops("internal error", addr, now)
 
     def run_durable(self) -> None:
-        """Run what waited for the store to commit (ACCEPTs, registrations)."""
-        if self.store is None:
-            return
-        while True:
-            try:
-                callback = self.store.done.get_nowait()
-            except queue.Empty:
-                return
-            callback()
+        """Run what waited for the store to commit (ACCEPTs, registrations)
+        or for a registration's Diffie-Hellman secret."""
+        for done in (self.store.done if self.store is not None else None, self._unwrapped):
+            while done is not None:
+                try:
+                    callback = done.get_nowait()
+                except queue.Empty:
+                    break
+                callback()
 
     def flush(self, now: float) -> Outgoing:
         """Everything due to be sent now, as (datagram, address) pairs."""
@@ -394,10 +407,17 @@ class Relay:
             return
         if frame.nonce in self._registering:
             return  # its account is on the way to the disk; the WELCOME follows
-        verdict = self.desk.check(frame, addr, now)
+        verdict = self.desk.check(frame, addr, now, defer_dh=self._unwrapper is not None)
         if verdict is None:
             self.drops("login with a stale or forged cookie", addr, now)
-            return
+        elif isinstance(verdict, Unwrap):
+            self._unwrap(verdict, addr, size, now)
+        else:
+            self._on_verdict(frame, verdict, addr, size, now)
+
+    def _on_verdict(
+        self, frame: Login, verdict: Verified | Refused, addr: Address, size: int, now: float
+    ) -> None:
         if isinstance(verdict, Refused):
             datagram = self._reply(verdict, size, addr, now)
             if datagram is not None and verdict.code != ErrorCode.RATE_LIMITED:
@@ -424,6 +444,43 @@ class Relay:
                 self.store.submit(("account", verdict.key, verdict.account), registered)
                 return
         self._open_session(user, frame, verdict, addr, size, now)
+
+    def _unwrap(self, pending: Unwrap, addr: Address, size: int, now: float) -> None:
+        """Have the pool compute a registration's DH secret; the verdict
+        follows on the loop (`run_durable`). Retransmissions of the LOGIN
+        wait for it."""
+        login = pending.login
+        if self._unwrapping >= MAX_UNWRAPPING:
+            text = "the server is busy registering new accounts; try again in a few seconds"
+            self._reply(Refused(login.nonce, ErrorCode.RATE_LIMITED, text), size, addr, now)
+            return
+        assert self._unwrapper is not None
+        try:
+            future = self._unwrapper.submit(dh_secret, *pending.job)
+        except (RuntimeError, concurrent.futures.BrokenExecutor) as exc:  # shut down or broken
+            log.warning("registration key exchange on the loop: the pool failed (%s)", exc)
+            verdict = self.desk.finish(pending, dh_secret(*pending.job), addr, now)
+            self._on_verdict(login, verdict, addr, size, now)
+            return
+        self._registering.add(login.nonce)
+        self._unwrapping += 1
+
+        def unwrapped() -> None:  # on the loop
+            self._registering.discard(login.nonce)
+            self._unwrapping -= 1
+            try:
+                secret = future.result()
+                self.stats["key_exchanges_pooled"] += 1
+            except Exception as exc:  # a worker died: do it here rather than refuse
+                log.warning("registration key exchange on the loop: the pool failed (%s)", exc)
+                secret = dh_secret(*pending.job)
+            self._on_verdict(login, self.desk.finish(pending, secret, addr, now), addr, size, now)
+
+        def done(_: concurrent.futures.Future[bytes | None]) -> None:  # on the pool's thread
+            self._unwrapped.put(unwrapped)
+            self._wake()
+
+        future.add_done_callback(done)
 
     def _reply(self, frame: Frame, limit: int, addr: Address, now: float) -> bytes | None:
         datagram = encode_packet(Packet(NO_SESSION, 0, (frame,)), None)
@@ -725,7 +782,9 @@ class ChatServer:
                 self._wake_r.close()
                 self._wake_w.close()
                 raise
-        self.relay = Relay(config, store=self.store)
+        # Registrations' key exchanges run in worker processes (chat_keyx).
+        self._unwrapper = KeyExchangeWorkers(config.key_workers) if config.key_workers else None
+        self.relay = Relay(config, store=self.store, unwrapper=self._unwrapper, wake=self._wake)
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -753,6 +812,8 @@ class ChatServer:
 
     def close(self) -> None:
         """Close the socket and the store (committing what is queued)."""
+        if self._unwrapper is not None:
+            self._unwrapper.shutdown()
         self.socket.close()
         if self.store is not None:
             self.store.close()
@@ -868,6 +929,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="new messages/s per user (default %(default)s; burst 2.5x)",
     )  # fmt: skip
     parser.add_argument(
+        "--key-workers", type=int, default=ServerConfig().key_workers, metavar="N",
+        help="processes for the registrations' key exchange; 0: on the main loop "
+        "(default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-sessions", type=int, default=20_000, metavar="N",
         help="logged-in sessions at most (default %(default)s)",
     )  # fmt: skip
@@ -892,13 +958,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chat-server: --pbkdf2-iterations must be at least {PBKDF2_MIN_ITERATIONS}",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.key_workers < 0:
+        print("chat-server: --key-workers must be 0 or more", file=sys.stderr)
+        return 2
     config = ServerConfig(
         session_timeout=args.session_timeout, rto_min=args.rto_min, rto_max=args.rto_max,
         data_dir=args.data_dir or default_data_dir(), iterations=args.pbkdf2_iterations,
         preauth_rate=args.preauth_rate, preauth_burst=2 * args.preauth_rate,
         registration_rate=args.registration_rate, registration_burst=20 * args.registration_rate,
         user_msg_rate=args.user_msg_rate, user_msg_burst=2.5 * args.user_msg_rate,
-        max_sessions=args.max_sessions,
+        max_sessions=args.max_sessions, key_workers=args.key_workers,
     )  # fmt: skip
     try:
         server = ChatServer((args.host, args.port), config)

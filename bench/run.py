@@ -9,7 +9,8 @@ Every figure comes from real processes on 127.0.0.1: the server is
 `python chat_server.py --port 0 --data-dir TMP ...` (SQLite, WAL,
 synchronous=FULL: an ACCEPT waits for the commit), the baseline is
 `bench/bare_relay.py`, and the load comes from worker processes speaking
-the real protocol (`loadgen.py`). CPU is user+system from /proc/PID/stat,
+the real protocol (`loadgen.py`). CPU is user+system from /proc/PID/stat
+(the server's and its key-exchange workers'),
 memory is VmRSS from /proc/PID/status. The table goes to stdout and the
 same figures, per run and as medians, to bench/results/*.json.
 """
@@ -103,6 +104,29 @@ def proc_cpu(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def tree_cpu(pid: int) -> float:
+    """user + system CPU seconds of a process and of every live process under
+    it (the server's key-exchange workers are its grandchildren)."""
+    parents: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry.name}/stat") as f:
+                    parents[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    total, family = 0.0, {pid}
+    grew = True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in family and child not in family:
+                family.add(child)
+                grew = True
+    for member in family:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += proc_cpu(member)
+    return total
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of a process, by thread id (the main
     thread's id is the pid)."""
@@ -160,7 +184,7 @@ class Child:
         return self.proc.pid
 
     def cpu(self) -> float:
-        return proc_cpu(self.pid)
+        return tree_cpu(self.pid)
 
     def threads_cpu(self) -> tuple[float, float]:
         """(main thread, other threads) CPU seconds: the socket loop and the

@@ -59,6 +59,9 @@ def test_config(data_dir: Path | None, **overrides: Any) -> ServerConfig:
     options: dict[str, Any] = {
         "rto_min": RTO_MIN, "rto_max": RTO_MAX, "iterations": TEST_ITERATIONS,
         "data_dir": data_dir,
+        # In-process servers keep to one process (tests count their file
+        # descriptors and processes); tests of the worker pool ask for it.
+        "key_workers": 0,
     }  # fmt: skip
     options.update(overrides)
     return ServerConfig(**options)

@@ -14,6 +14,7 @@ and can move to a new upstream port (a NAT rebinding).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -62,6 +63,7 @@ from protocol import (
     TAG_SIZE,
     VERSION,
     Challenge,
+    ErrorCode,
     Frame,
     Hello,
     Login,
@@ -1732,3 +1734,106 @@ def wait_for_event(session: ChatSession, kind: type, timeout: float = 10.0) -> A
             continue
         if isinstance(event, kind):
             return event
+
+
+# --- registrations' key exchange off the loop -------------------------------------------------
+
+
+class HeldExecutor(concurrent.futures.Executor):
+    """Runs nothing until `release()`: registrations stay waiting for their
+    Diffie-Hellman secret as long as the test likes. `broken` makes every
+    submit fail like a dead process pool."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
+        self.held: list[
+            tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]
+        ] = []
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        if self.broken:
+            raise concurrent.futures.BrokenExecutor("a worker died")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.held.append((future, fn, args))
+        return future
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for future, fn, args in held:
+            future.set_result(fn(*args))
+
+
+def register(relay: Relay, name: str, password: str, addr: Address, now: float) -> bytes:
+    """HELLO, CHALLENGE, then the LOGIN datagram that registers `name`."""
+    nonce = secrets.token_bytes(16)
+    out = relay.handle_datagram(hello_datagram(name, 5, nonce), addr, now)
+    (challenge,) = [f for d, _ in out if isinstance(f := preauth_frame(d), Challenge)]
+    return login_datagram(name, 5, nonce, challenge, password).datagram
+
+
+def test_registrations_wait_for_their_key_exchange_off_the_loop() -> None:
+    """With a pool for the Diffie-Hellman work, a registering LOGIN gets its
+    verdict only once the secret comes back (the loop is woken for it), its
+    retransmissions cost nothing meanwhile, and when two clients register the
+    same new name at once the first verdict binds the name: the second is an
+    ordinary login to it, refused for the wrong password."""
+    pool = HeldExecutor()
+    wakes: list[bool] = []
+    relay = Relay(server_config(None), unwrapper=pool, wake=lambda: wakes.append(True))
+    now = 1000.0
+    first, second = ("192.0.2.1", 4000), ("192.0.2.2", 4000)
+    login_1 = register(relay, "carol", PASSWORD, first, now)
+    login_2 = register(relay, "carol", "another password entirely", second, now)
+    assert relay.handle_datagram(login_1, first, now) == []
+    assert relay.handle_datagram(login_1, first, now) == []  # a retransmission: no new work
+    assert relay.handle_datagram(login_2, second, now) == []
+    assert len(pool.held) == 2 and not relay.sessions and not wakes
+    assert relay.stats["password_checks"] == 0  # no verdict before the secret
+
+    pool.release()
+    assert len(wakes) == 2
+    relay.run_durable()
+    out = relay.flush(now)
+    verdicts = {to: preauth_frame(d) for d, to in out}
+    assert isinstance(verdicts[first], Welcome)
+    refused = verdicts[second]
+    assert isinstance(refused, Refused) and refused.code == ErrorCode.BAD_PASSWORD
+    assert [s.user.name for s in relay.sessions.values()] == ["carol"]
+    # The WELCOME is cached for retransmissions like any other.
+    ((again, to),) = relay.handle_datagram(login_1, first, now)
+    assert to == first and again == next(d for d, to in out if to == first)
+
+
+def test_registration_still_works_when_the_pool_is_broken() -> None:
+    """A dead pool must not lock new users out: the loop does the key
+    exchange itself (slower, but the name is registered)."""
+    relay = Relay(server_config(None), unwrapper=HeldExecutor(broken=True))
+    addr = ("192.0.2.3", 4000)
+    out = relay.handle_datagram(register(relay, "dave", PASSWORD, addr, 1000.0), addr, 1000.0)
+    assert any(isinstance(preauth_frame(d), Welcome) for d, _ in out)
+    assert [s.user.name for s in relay.sessions.values()] == ["dave"]
+
+
+def test_server_registers_through_its_process_pool(
+    tmp_path: Path, peers: Callable[..., Peer]
+) -> None:
+    """End to end: a real server hands registrations to its key-exchange
+    worker processes; three new users register, log in and chat; the
+    workers end with the server."""
+    running = start_server(server_config(tmp_path / "data", key_workers=2))
+    try:
+        a, b, c = peers("erin"), peers("frank"), peers("grace")
+        for peer in (a, b, c):
+            login_ok(peer, running.address)
+        exchange(a, b, "hello from erin")
+        exchange(c, a, "hello from grace")
+        assert running.relay.stats["key_exchanges_pooled"] == 3
+        pool = running.server._unwrapper
+        assert pool is not None
+        procs = [w.proc for w in pool._workers]
+        assert procs and all(p.poll() is None for p in procs)
+    finally:
+        stop_server(running)
+    assert all(p.poll() is not None for p in procs), "a worker outlived the server"

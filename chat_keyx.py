@@ -1,0 +1,165 @@
+"""Worker processes for the server's one expensive computation: the
+Diffie-Hellman secret that unwraps a registration's keys (a 2048-bit modular
+exponentiation, 3.7 ms of CPU holding the GIL).
+
+Split from `chat_server.py`: done on the loop thread, every registration
+would stall every session for that long, and a burst of new users would
+freeze the server. `KeyExchangeWorkers` is a `concurrent.futures.Executor`
+for `protocol.dh_secret` only, backed by a few child processes that each
+read requests on stdin and answer on stdout, one line each:
+
+    request:  <id> <private exponent, hex> <peer's public key, hex>
+    answer:   <id> <secret, hex, or "-" for an invalid public key>
+
+Why not `ProcessPoolExecutor`: its workers hold both ends of their queue,
+so they outlive a server killed with SIGKILL, and they inherit its output.
+These exit at the end of their stdin, which the kernel closes whatever
+way the server ends. Workers start on the first registration, and one that
+dies is replaced at the next; its unanswered requests fail with
+`BrokenExecutor` (the caller then does the work itself).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from protocol import dh_secret
+
+
+class _Worker:
+    def __init__(self, on_answer: Callable[[_Worker, int, bytes | None], None]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,  # line-buffered requests
+        )
+        self.pending: dict[int, concurrent.futures.Future[Any]] = {}
+        self._on_answer = on_answer
+        self._reader = threading.Thread(target=self._read, name="chat-keyx", daemon=True)
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def _read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        for line in stdout:
+            try:
+                ident, _, value = line.strip().partition(" ")
+                answer = None if value == "-" else bytes.fromhex(value)
+                self._on_answer(self, int(ident), answer)
+            except ValueError:
+                self.proc.kill()  # not our worker talking: treat it as dead
+                break
+        self._on_answer(self, -1, None)  # the end: fail what is left
+
+    def close(self) -> None:
+        stdin: IO[str] | None = self.proc.stdin
+        if stdin is not None:
+            try:
+                stdin.close()  # the worker's signal to exit
+            except OSError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class KeyExchangeWorkers(concurrent.futures.Executor):
+    """`submit(dh_secret, private, peer_public)` -> a future of its result,
+    computed in one of `workers` child processes."""
+
+    def __init__(self, workers: int) -> None:
+        self._size = max(1, workers)
+        self._workers: list[_Worker] = []
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # submit (the loop) vs answers (reader threads)
+        self._closed = False
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[[int, bytes], bytes | None], /, private: int, peer_public: bytes
+    ) -> concurrent.futures.Future[bytes | None]:
+        if fn is not dh_secret:
+            raise TypeError("KeyExchangeWorkers only computes protocol.dh_secret")
+        with self._lock:
+            dead = [w for w in self._workers if not w.alive]
+            self._workers = [w for w in self._workers if w.alive]
+        for gone in dead:  # outside the lock: closing waits for its reader, which takes it
+            gone.close()
+        future: concurrent.futures.Future[bytes | None] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit after shutdown")
+            worker = self._pick()
+            ident = next(self._ids)
+            worker.pending[ident] = future
+            try:
+                assert worker.proc.stdin is not None
+                worker.proc.stdin.write(f"{ident} {private:x} {peer_public.hex()}\n")
+            except OSError as exc:  # it died just now
+                del worker.pending[ident]
+                raise concurrent.futures.BrokenExecutor(f"key exchange worker: {exc}") from None
+        return future
+
+    def _pick(self) -> _Worker:
+        """The least busy live worker, starting one while below the size."""
+        if len(self._workers) < self._size:
+            idle = [w for w in self._workers if not w.pending]
+            if not idle:
+                try:
+                    self._workers.append(_Worker(self._answer))
+                except OSError as exc:
+                    if not self._workers:
+                        raise concurrent.futures.BrokenExecutor(str(exc)) from None
+        return min(self._workers, key=lambda w: len(w.pending))
+
+    def _answer(self, worker: _Worker, ident: int, secret: bytes | None) -> None:
+        with self._lock:
+            if ident >= 0:
+                future = worker.pending.pop(ident, None)
+                if future is not None:
+                    future.set_result(secret)
+                return
+            lost, worker.pending = worker.pending, {}
+        for future in lost.values():
+            future.set_exception(concurrent.futures.BrokenExecutor("a key exchange worker died"))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.close()  # unanswered requests fail as the reader ends
+
+
+def _serve(requests: IO[str], answers: IO[str]) -> None:
+    """The worker's loop: one answer line per request line, until EOF."""
+    for line in requests:
+        ident, private, public = line.split()
+        secret = dh_secret(int(private, 16), bytes.fromhex(public))
+        answers.write(f"{ident} {secret.hex() if secret is not None else '-'}\n")
+        answers.flush()
+
+
+if __name__ == "__main__":
+    # Ctrl-C at the server's terminal reaches the workers too: the server
+    # decides when they end (it closes their stdin).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _serve(sys.stdin, sys.stdout)
