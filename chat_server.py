@@ -362,27 +362,28 @@ class Relay:
     def _collect(self, session: Session, addr: Address, now: float) -> None:
         """Act on what the session's connection has delivered or had acked."""
         conn = session.conn
-        while (event := conn.next_event()) is not None:
-            if isinstance(event, PayloadReceived):
-                try:
-                    message = decode_message(event.payload)
-                except RemoteProtocolError as exc:
-                    self.drops("bad message", session.addr, now, exc)
-                    continue
-                self._dispatch(session, message, now)
-            elif isinstance(event, PayloadAcked) and isinstance(event.handle, MsgId):
-                # The sender's client holds the receipt: forget it.
-                if session.user.notices.pop(event.handle, None) is not None and self.store:
-                    msg_id = event.handle
-                    self.store.submit(("notice_done", session.user.key, *msg_id))
-            elif isinstance(event, PathResponded):
-                probe = session.probe
-                if probe is not None and probe.addr == addr and probe.data == event.data:
-                    log.info("session of %s moved from %s:%d to %s:%d", session.user.name,
-                             *session.addr, *addr)  # fmt: skip
-                    session.addr = addr
-                    session.probe = None
-                    conn.send_ping()  # resume at once on the new path
+        while events := conn.take_events():
+            for event in events:
+                if isinstance(event, PayloadReceived):
+                    try:
+                        message = decode_message(event.payload)
+                    except RemoteProtocolError as exc:
+                        self.drops("bad message", session.addr, now, exc)
+                        continue
+                    self._dispatch(session, message, now)
+                elif isinstance(event, PayloadAcked) and isinstance(event.handle, MsgId):
+                    # The sender's client holds the receipt: forget it.
+                    if session.user.notices.pop(event.handle, None) is not None and self.store:
+                        msg_id = event.handle
+                        self.store.submit(("notice_done", session.user.key, *msg_id))
+                elif isinstance(event, PathResponded):
+                    probe = session.probe
+                    if probe is not None and probe.addr == addr and probe.data == event.data:
+                        log.info("session of %s moved from %s:%d to %s:%d", session.user.name,
+                                 *session.addr, *addr)  # fmt: skip
+                        session.addr = addr
+                        session.probe = None
+                        conn.send_ping()  # resume at once on the new path
 
     # --- login --------------------------------------------------------------
 

@@ -321,6 +321,11 @@ class Connection:
     def next_event(self) -> Event | None:
         return self._events.pop(0) if self._events else None
 
+    def take_events(self) -> list[Event]:
+        """Every pending event at once, oldest first (`next_event` one by one)."""
+        events, self._events = self._events, []
+        return events
+
     def receive_datagram(self, data: bytes, now: float) -> bool:
         """Take in a datagram for this session. False (and nothing changed) if
         it does not verify, is a replay, or breaks a limit."""
