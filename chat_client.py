@@ -37,6 +37,7 @@ from typing import IO, Any
 
 from client_store import ClientStore, store_dir
 from protocol import (
+    BATCH_MAX,
     CONTROL_STREAM,
     FLAG_MAC,
     HELLO_SIZE,
@@ -44,10 +45,12 @@ from protocol import (
     NO_SESSION,
     PBKDF2_MIN_ITERATIONS,
     Accept,
+    Accepts,
     Bye,
     Challenge,
     Deliver,
     Delivered,
+    Delivereds,
     ErrorCode,
     Fail,
     Hello,
@@ -60,6 +63,7 @@ from protocol import (
     Presence,
     ProtocolError,
     Receipt,
+    Receipts,
     Refused,
     ScramKeys,
     Send,
@@ -437,6 +441,7 @@ class _Worker:
         self.conn: Connection | None = None
         self.outbox: dict[MsgId, _Outgoing] = {}
         self.seen: set[tuple[str, MsgId]] = set()
+        self.receipts: list[int] = []  # server_msg_ids stored this pass, receipted at the flush
         self.who_pages: list[str] = []
         self.done = False
         self.first_login = True
@@ -733,6 +738,10 @@ class _Worker:
         self.unreported.clear()
         if self.conn is None or self.done:
             return
+        receipts, self.receipts = self.receipts, []
+        for start in range(0, len(receipts), BATCH_MAX):
+            part = receipts[start : start + BATCH_MAX]
+            self.send_message(Receipt(part[0]) if len(part) == 1 else Receipts(tuple(part)))
         for datagram in self.conn.datagrams_to_send(now):
             self.send_datagram(datagram, now)
 
@@ -762,6 +771,28 @@ class _Worker:
             elif isinstance(event, PeerReachable):
                 pass
 
+    def accepted(self, msg_id: MsgId) -> None:
+        out = self.outbox.get(msg_id)
+        if out is not None and out.state == "sending":
+            out.state = "accepted"
+            self.record_state(msg_id, "accepted")
+            self.s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
+
+    def delivered(self, msg_id: MsgId, to: str) -> None:
+        s = self.s
+        out = self.outbox.pop(msg_id, None)
+        if out is None:
+            # Accepted before a restart of this client (only the store knew
+            # it), or a receipt sent again: report `delivered` once.
+            if self.store is not None and self.store.state_of(msg_id) not in (None, "delivered"):
+                self.record_state(msg_id, "delivered")
+                s._emit(StatusChanged(msg_id.label(), "delivered", to, ""))
+        else:
+            self.record_state(msg_id, "delivered")
+            if out.state == "sending":
+                s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
+            s._emit(StatusChanged(out.msg_id.label(), "delivered", out.to, out.text))
+
     def on_message(self, message: Message, now: float) -> None:
         s = self.s
         if isinstance(message, Deliver):
@@ -778,29 +809,17 @@ class _Worker:
                 s._heard_from(message.sender)
                 s._emit(MessageReceived(message.sender, message.text, message.server_msg_id,
                                         message.sent_ms, message.msg_id.label()))  # fmt: skip
-            self.send_message(Receipt(message.server_msg_id))
+            self.receipts.append(message.server_msg_id)  # sent at the flush, batched
         elif isinstance(message, Accept):
-            out = self.outbox.get(message.msg_id)
-            if out is not None and out.state == "sending":
-                out.state = "accepted"
-                self.record_state(message.msg_id, "accepted")
-                s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
+            self.accepted(message.msg_id)
+        elif isinstance(message, Accepts):
+            for msg_id, _ in message.items:
+                self.accepted(msg_id)
         elif isinstance(message, Delivered):
-            out = self.outbox.pop(message.msg_id, None)
-            if out is None:
-                # Accepted before a restart of this client (only the store knew
-                # it), or a receipt sent again: report `delivered` once.
-                if self.store is not None and self.store.state_of(message.msg_id) not in (
-                    None,
-                    "delivered",
-                ):
-                    self.record_state(message.msg_id, "delivered")
-                    s._emit(StatusChanged(message.msg_id.label(), "delivered", message.to, ""))
-            else:
-                self.record_state(message.msg_id, "delivered")
-                if out.state == "sending":
-                    s._emit(StatusChanged(out.msg_id.label(), "accepted", out.to, out.text))
-                s._emit(StatusChanged(out.msg_id.label(), "delivered", out.to, out.text))
+            self.delivered(message.msg_id, message.to)
+        elif isinstance(message, Delivereds):
+            for msg_id in message.msg_ids:
+                self.delivered(msg_id, message.to)
         elif isinstance(message, Fail):
             out = self.outbox.pop(message.msg_id, None)
             self.record_state(message.msg_id, "failed")

@@ -51,6 +51,7 @@ from chat_store import (
     default_data_dir,
 )
 from protocol import (
+    BATCH_MAX,
     CONTROL_STREAM,
     MAX_TEXT_BYTES,
     MIN_PREAUTH_REQUEST,
@@ -59,9 +60,11 @@ from protocol import (
     PBKDF2_MIN_ITERATIONS,
     WHO_PAGE_MAX,
     Accept,
+    Accepts,
     Bye,
     Deliver,
     Delivered,
+    Delivereds,
     ErrorCode,
     Fail,
     Frame,
@@ -76,6 +79,7 @@ from protocol import (
     PathChallenge,
     Presence,
     Receipt,
+    Receipts,
     Refused,
     RemoteProtocolError,
     Send,
@@ -146,6 +150,10 @@ class Relay:
         self._durable: set[int] = set()  # server ids accepted but not yet committed
         self._receipted_early: set[int] = set()  # delivered before their commit
         self._dirty: dict[bytes, Session] = {}
+        # ACCEPTs and DELIVEREDs due this pass, by session: sent at the flush,
+        # several to one session as one ACCEPTS / DELIVEREDS message.
+        self._accepts: dict[bytes, tuple[Session, list[tuple[MsgId, int]]]] = {}
+        self._delivereds: dict[bytes, tuple[Session, dict[str, list[MsgId]]]] = {}
         # A SEND's `to` as typed -> its name key: normalizing it is most of
         # the cost of routing, and senders name the same few people.
         self._recipient_keys: dict[str, str] = {}
@@ -232,6 +240,7 @@ class Relay:
 
     def flush(self, now: float) -> Outgoing:
         """Everything due to be sent now, as (datagram, address) pairs."""
+        self._send_batches()
         out, self._out = self._out, []
         dirty, self._dirty = self._dirty, {}
         for session in dirty.values():
@@ -371,11 +380,16 @@ class Relay:
                         self.drops("bad message", session.addr, now, exc)
                         continue
                     self._dispatch(session, message, now)
-                elif isinstance(event, PayloadAcked) and isinstance(event.handle, MsgId):
-                    # The sender's client holds the receipt: forget it.
-                    if session.user.notices.pop(event.handle, None) is not None and self.store:
-                        msg_id = event.handle
-                        self.store.submit(("notice_done", session.user.key, *msg_id))
+                elif isinstance(event, PayloadAcked):
+                    # The sender's client holds the receipts (DELIVERED or
+                    # DELIVEREDS): forget them.
+                    handle = event.handle
+                    done = [handle] if isinstance(handle, MsgId) else handle
+                    if isinstance(done, list):
+                        notices = session.user.notices
+                        for msg_id in done:
+                            if notices.pop(msg_id, None) is not None and self.store:
+                                self.store.submit(("notice_done", session.user.key, *msg_id))
                 elif isinstance(event, PathResponded):
                     probe = session.probe
                     if probe is not None and probe.addr == addr and probe.data == event.data:
@@ -528,7 +542,7 @@ class Relay:
         for entry in user.mailbox.values():
             self._hand_over(user, entry)
         for msg_id, notice in user.notices.items():
-            self._send(session, notice, handle=msg_id)
+            self._queue_delivered(session, msg_id, notice.to)
         self._announce(user, online=True)
         self._dirty[session_id] = session
 
@@ -554,7 +568,10 @@ class Relay:
         if isinstance(message, Send):
             self._on_send(session, message)
         elif isinstance(message, Receipt):
-            self._on_receipt(session, message)
+            self._on_receipt(session, message.server_msg_id)
+        elif isinstance(message, Receipts):
+            for server_msg_id in message.server_msg_ids:
+                self._on_receipt(session, server_msg_id)
         elif isinstance(message, Who):
             self._on_who(session, message)
         elif isinstance(message, Typing):
@@ -644,7 +661,7 @@ class Relay:
         self.stats["messages"] += 1
         accept = Accept(send.msg_id, server_msg_id)
         if self.store is None:
-            self._send(session, accept)
+            self._queue_accept(session, accept)
         else:
             # ACCEPT waits for the commit; forwarding does not.
             self._durable.add(server_msg_id)
@@ -670,7 +687,46 @@ class Relay:
             self._receipted_early.discard(accept.server_msg_id)
             self._accepted.pop(dedup, None)  # committed and delivered: the disk remembers
         if sender.session is not None:
-            self._send(sender.session, accept)
+            self._queue_accept(sender.session, accept)
+
+    def _queue_accept(self, session: Session, accept: Accept) -> None:
+        entry = self._accepts.get(session.session_id)
+        if entry is None:
+            entry = self._accepts[session.session_id] = (session, [])
+        entry[1].append((accept.msg_id, accept.server_msg_id))
+
+    def _queue_delivered(self, session: Session, msg_id: MsgId, to: str) -> None:
+        entry = self._delivereds.get(session.session_id)
+        if entry is None:
+            entry = self._delivereds[session.session_id] = (session, {})
+        entry[1].setdefault(to, []).append(msg_id)
+
+    def _send_batches(self) -> None:
+        """The pass's ACCEPTs and DELIVEREDs: one message per session (per
+        recipient for DELIVEREDs) and up to BATCH_MAX of them, instead of one
+        each. A DELIVERED is acked by its message id, a batch by the list of
+        its ids (see `_collect`). A session that ended meanwhile gets none:
+        its client resends the SEND, and receipts wait for the next login."""
+        accepts, self._accepts = self._accepts, {}
+        for session, items in accepts.values():
+            if self.sessions.get(session.session_id) is not session:
+                continue
+            if len(items) == 1:
+                self._send(session, Accept(*items[0]))
+                continue
+            for start in range(0, len(items), BATCH_MAX):
+                self._send(session, Accepts(tuple(items[start : start + BATCH_MAX])))
+        delivereds, self._delivereds = self._delivereds, {}
+        for session, by_recipient in delivereds.values():
+            if self.sessions.get(session.session_id) is not session:
+                continue
+            for to, msg_ids in by_recipient.items():
+                if len(msg_ids) == 1:
+                    self._send(session, Delivered(msg_ids[0], to), handle=msg_ids[0])
+                    continue
+                for start in range(0, len(msg_ids), BATCH_MAX):
+                    part = msg_ids[start : start + BATCH_MAX]
+                    self._send(session, Delivereds(to, tuple(part)), handle=part)
 
     def _hand_over(self, recipient: User, entry: Entry) -> None:
         session = recipient.session
@@ -682,9 +738,9 @@ class Relay:
         )
         self._send(session, deliver, stream=conversation_stream(entry.sender))
 
-    def _on_receipt(self, session: Session, receipt: Receipt) -> None:
+    def _on_receipt(self, session: Session, server_msg_id: int) -> None:
         user = session.user
-        entry = user.mailbox.pop(receipt.server_msg_id, None)
+        entry = user.mailbox.pop(server_msg_id, None)
         if entry is None:
             return  # a repeated receipt
         user.mailbox_bytes -= len(entry.text.encode("utf-8"))
@@ -702,7 +758,7 @@ class Relay:
             return
         sender.notices[entry.msg_id] = notice
         if sender.session is not None:
-            self._send(sender.session, notice, handle=entry.msg_id)
+            self._queue_delivered(sender.session, entry.msg_id, user.name)
 
     def _on_who(self, session: Session, who: Who) -> None:
         limit = max(1, min(who.limit, WHO_PAGE_MAX))

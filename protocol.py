@@ -174,6 +174,14 @@ _INTS = {
     "u64": struct.Struct("!Q"),
 }
 _FIXED = {"b8": 8, "b16": 16, "b32": 32, "b64": 64, "b256": 256}
+#: Batches of fixed-size items, a u8 count first.
+_LISTS = {
+    "accepts": struct.Struct("!QQQ"),  # msg_id, server_msg_id
+    "msgids": struct.Struct("!QQ"),
+    "u64s": struct.Struct("!Q"),
+}
+#: Items in one batch message at most: it stays one chunk of one datagram.
+BATCH_MAX = 40
 
 
 class MsgId(NamedTuple):
@@ -217,6 +225,18 @@ def _write(kind: str, value: object, out: list[bytes]) -> None:
             out.append(struct.pack("!QQ", value[0], value[1]))
         elif kind == "code":
             out.append(_INTS["u8"].pack(int(value)))  # type: ignore[call-overload]
+        elif kind in _LISTS:
+            assert isinstance(value, tuple)
+            if not 1 <= len(value) <= BATCH_MAX:
+                raise ValueError(f"a batch has 1 to {BATCH_MAX} items, not {len(value)}")
+            out.append(_INTS["u8"].pack(len(value)))
+            item = _LISTS[kind]
+            if kind == "accepts":  # (msg_id, server_msg_id) pairs
+                out.extend(item.pack(*msg_id, server_id) for msg_id, server_id in value)
+            elif kind == "msgids":
+                out.extend(item.pack(*msg_id) for msg_id in value)
+            else:
+                out.extend(item.pack(number) for number in value)
         elif kind == "ranges":
             assert isinstance(value, tuple)
             out.append(_INTS["u8"].pack(len(value)))
@@ -282,6 +302,18 @@ class _Reader:
                 return ErrorCode(raw)
             except ValueError:
                 raise RemoteProtocolError(f"unknown error code {raw}") from None
+        if kind in _LISTS:
+            count = self.take(1)[0]
+            if not 1 <= count <= BATCH_MAX:
+                raise RemoteProtocolError(f"a batch has 1 to {BATCH_MAX} items, not {count}")
+            item = _LISTS[kind]
+            body = self.take(item.size * count)
+            values = list(item.iter_unpack(body))
+            if kind == "accepts":
+                return tuple((MsgId(i, s), server_id) for i, s, server_id in values)
+            if kind == "msgids":
+                return tuple(MsgId(i, s) for i, s in values)
+            return tuple(v for (v,) in values)
         if kind == "ranges":
             count = self.take(1)[0]
             ranges = []
@@ -715,6 +747,11 @@ class Kind(enum.IntEnum):
     BYE = 12  # server -> client: your session ends (shutdown, taken over)
     TYPING = 13  # either way: someone is typing to someone
     WATCH = 14  # client -> server: tell me when this user comes and goes
+    # Batches: what one pass has for the same peer in one message instead of
+    # one each (a commit accepts hundreds of messages at once).
+    ACCEPTS = 15  # server -> sender: several ACCEPTs
+    RECEIPTS = 16  # client -> server: several RECEIPTs
+    DELIVEREDS = 17  # server -> sender: several DELIVEREDs, to one recipient
 
 
 @dataclass(unsafe_hash=True)  # hot: see above
@@ -767,6 +804,34 @@ class Delivered:
     SPEC: ClassVar[tuple[str, ...]] = ("msgid", "str")
     msg_id: MsgId
     to: str
+
+
+@dataclass(unsafe_hash=True)  # hot: see above
+class Accepts:
+    """ACCEPTs for several messages of one sender: (msg_id, server_msg_id)."""
+
+    KIND: ClassVar[Kind] = Kind.ACCEPTS
+    SPEC: ClassVar[tuple[str, ...]] = ("accepts",)
+    items: tuple[tuple[MsgId, int], ...]
+
+
+@dataclass(unsafe_hash=True)  # hot: see above
+class Receipts:
+    """RECEIPTs for several delivered messages."""
+
+    KIND: ClassVar[Kind] = Kind.RECEIPTS
+    SPEC: ClassVar[tuple[str, ...]] = ("u64s",)
+    server_msg_ids: tuple[int, ...]
+
+
+@dataclass(unsafe_hash=True)  # hot: see above
+class Delivereds:
+    """DELIVEREDs for several messages of one sender to one recipient."""
+
+    KIND: ClassVar[Kind] = Kind.DELIVEREDS
+    SPEC: ClassVar[tuple[str, ...]] = ("str", "msgids")
+    to: str
+    msg_ids: tuple[MsgId, ...]
 
 
 @dataclass(frozen=True)
@@ -836,6 +901,9 @@ Message = (
     | Deliver
     | Receipt
     | Delivered
+    | Accepts
+    | Receipts
+    | Delivereds
     | Who
     | WhoReply
     | Presence
@@ -854,6 +922,9 @@ MESSAGE_CLASSES: dict[int, type] = {
         Deliver,
         Receipt,
         Delivered,
+        Accepts,
+        Receipts,
+        Delivereds,
         Who,
         WhoReply,
         Presence,

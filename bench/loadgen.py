@@ -39,15 +39,18 @@ from typing import Any
 
 import protocol
 from protocol import (
+    BATCH_MAX,
     DH_PRIVATE_BITS,
     HELLO_SIZE,
     MIN_PREAUTH_REQUEST,
     NO_SESSION,
     Accept,
+    Accepts,
     Bye,
     Challenge,
     Deliver,
     Delivered,
+    Delivereds,
     Fail,
     Hello,
     Kind,
@@ -58,6 +61,7 @@ from protocol import (
     Packet,
     ProtocolError,
     Receipt,
+    Receipts,
     Refused,
     ScramKeys,
     Send,
@@ -99,6 +103,8 @@ _U32 = struct.Struct("!I")
 _RECEIPT = struct.Struct("!BQ")  # kind, server_msg_id
 _DELIVER_HEAD = struct.Struct("!QQQH")  # server_msg_id, instance_id, client_seq, len(sender)
 _MSGID = struct.Struct("!QQ")
+_ACCEPTS_ITEM = struct.Struct("!QQQ")  # instance_id, client_seq, server_msg_id
+_U16 = struct.Struct("!H")
 
 
 def encode_send(instance_id: int, seq: int, to: bytes, text: str) -> bytes:
@@ -109,6 +115,12 @@ def encode_send(instance_id: int, seq: int, to: bytes, text: str) -> bytes:
 
 def encode_receipt(server_msg_id: int) -> bytes:
     return _RECEIPT.pack(Kind.RECEIPT, server_msg_id)
+
+
+def encode_receipts(server_msg_ids: list[int]) -> bytes:
+    """RECEIPTS for 2..BATCH_MAX messages."""
+    return struct.pack(f"!BB{len(server_msg_ids)}Q", Kind.RECEIPTS, len(server_msg_ids),
+                       *server_msg_ids)  # fmt: skip
 
 
 def parse_deliver(payload: bytes) -> tuple[int, MsgId, str]:
@@ -128,6 +140,12 @@ def check_codec() -> None:
         "encode_send differs from protocol.encode_message"
     )
     assert encode_receipt(7) == encode_message(Receipt(7))
+    assert encode_receipts([7, 8]) == encode_message(Receipts((7, 8)))
+    accepts = encode_message(Accepts(((msg_id, 5), (MsgId(1, 2), 6))))
+    assert list(_ACCEPTS_ITEM.iter_unpack(accepts[2:])) == [(*msg_id, 5), (1, 2, 6)]
+    delivereds = encode_message(Delivereds("bob", (msg_id, MsgId(1, 2))))
+    assert _U16.unpack_from(delivereds, 1) == (3,)
+    assert list(_MSGID.iter_unpack(delivereds[7:])) == [tuple(msg_id), (1, 2)]
     deliver = encode_message(Deliver(9, msg_id, "alice", text, 1234))
     assert parse_deliver(deliver) == (9, msg_id, text), "parse_deliver differs"
     assert _MSGID.unpack_from(encode_message(Accept(msg_id, 5)), 1) == msg_id
@@ -374,6 +392,7 @@ class Peer:
 
     def pump(self, now: float) -> None:
         """Run a due timer and send what is due."""
+        self.before_send()
         conn = self.conn
         if self.timer is not None and self.timer <= now:
             conn.handle_timer(now)
@@ -385,6 +404,9 @@ class Peer:
                 self.send_errors += 1  # a full buffer: the protocol resends
         self.timer = conn.get_timer()
         self.dirty = False
+
+    def before_send(self) -> None:
+        """Queue what this pass owes (the receiver's receipts)."""
 
     def on_payload(self, payload: bytes, now_ns: int) -> None:
         self.on_message(decode_message(payload), now_ns)
@@ -445,6 +467,15 @@ class Sender(Peer):
             instance_id, seq = _MSGID.unpack_from(payload, 1)
             if instance_id == self.instance_id:
                 self.settle(seq, 1 if kind == Kind.ACCEPT else 2, now_ns)
+        elif kind == Kind.ACCEPTS:
+            for instance_id, seq, _ in _ACCEPTS_ITEM.iter_unpack(payload[2:]):
+                if instance_id == self.instance_id:
+                    self.settle(seq, 1, now_ns)
+        elif kind == Kind.DELIVEREDS:
+            (size,) = _U16.unpack_from(payload, 1)
+            for instance_id, seq in _MSGID.iter_unpack(payload[4 + size :]):
+                if instance_id == self.instance_id:
+                    self.settle(seq, 2, now_ns)
         else:
             super().on_payload(payload, now_ns)
 
@@ -489,6 +520,7 @@ class Receiver(Peer):
     def __init__(self, name: str, sock: socket.socket, conn: Connection, instance_id: int):
         super().__init__(name, sock, conn, instance_id)
         self.seen: set[MsgId] = set()
+        self.receipts: list[int] = []
         self.received = self.duplicates = self.damaged = 0
         self.latencies = array.array("q")  # ns
 
@@ -506,9 +538,15 @@ class Receiver(Peer):
                 self.latencies.append(now_ns - text_stamp(text))
             except ValueError:
                 self.damaged += 1
-        # Receipted at once: this client keeps nothing on disk.
-        self.conn.send(encode_receipt(server_msg_id))
+        # Receipted in this pass's RECEIPTS: this client keeps nothing on disk.
+        self.receipts.append(server_msg_id)
         self.dirty = True
+
+    def before_send(self) -> None:
+        receipts, self.receipts = self.receipts, []
+        for start in range(0, len(receipts), BATCH_MAX):
+            part = receipts[start : start + BATCH_MAX]
+            self.conn.send(encode_receipt(part[0]) if len(part) == 1 else encode_receipts(part))
 
     def result(self) -> dict[str, Any]:
         out = super().result()

@@ -41,6 +41,7 @@ from protocol import (
     MIN_PREAUTH_REQUEST,
     NO_SESSION,
     Accept,
+    Accepts,
     Challenge,
     Deliver,
     Hello,
@@ -775,7 +776,14 @@ class RawClient:
             self.sock.sendto(datagram, self.server)
 
     def accepts(self) -> list[Accept]:
-        return [m for m in self.messages if isinstance(m, Accept)]
+        """Every ACCEPT, those batched in an ACCEPTS too."""
+        out: list[Accept] = []
+        for m in self.messages:
+            if isinstance(m, Accept):
+                out.append(m)
+            elif isinstance(m, Accepts):
+                out.extend(Accept(msg_id, server_msg_id) for msg_id, server_msg_id in m.items)
+        return out
 
     def close(self) -> None:
         self.sock.close()

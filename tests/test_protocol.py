@@ -5,6 +5,7 @@ that keep us from amplifying traffic."""
 
 from __future__ import annotations
 
+import struct
 import unicodedata
 from typing import Any
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 import protocol
 from protocol import (
+    BATCH_MAX,
     CRC,
     FRAME_CLASSES,
     FRAME_HEADER,
@@ -90,6 +92,12 @@ def _kind_strategy(kind: str, text_size: int) -> st.SearchStrategy[Any]:
         "msgid": st.builds(MsgId, U64, U64),
         "code": st.sampled_from(ErrorCode),
         "ranges": _ranges(16),
+        # Batches: 1..BATCH_MAX items (other sizes: test_batch_sizes_outside_the_limits).
+        "accepts": st.lists(
+            st.tuples(st.builds(MsgId, U64, U64), U64), min_size=1, max_size=BATCH_MAX
+        ).map(tuple),
+        "msgids": st.lists(st.builds(MsgId, U64, U64), min_size=1, max_size=BATCH_MAX).map(tuple),
+        "u64s": st.lists(U64, min_size=1, max_size=BATCH_MAX).map(tuple),
         "rest": st.binary(max_size=4 * text_size),
     }
     return strategies[kind]
@@ -567,3 +575,20 @@ def test_ack_fast_codec_matches_the_generic_one(ack: Ack, key: bytes | None) -> 
     if key is not None:
         packet = Packet(SESSION, 9, (ack, Ping()))
         assert decode_packet(encode_packet(packet, key), key) == packet
+
+
+@pytest.mark.parametrize("size", [0, BATCH_MAX + 1, 255])
+def test_batch_sizes_outside_the_limits(size: int) -> None:
+    """A batch message carries 1..BATCH_MAX items: none is refused on the
+    way out and on the way in (a count byte can say up to 255)."""
+    msg = MsgId(1, 2)
+    for message in (
+        protocol.Accepts(tuple((msg, i) for i in range(size))),
+        protocol.Receipts(tuple(range(size))),
+        protocol.Delivereds("bob", (msg,) * size),
+    ):
+        with pytest.raises(LocalProtocolError):
+            encode_message(message)
+    body = struct.pack("!QQQ", 1, 2, 3) * size
+    with pytest.raises(RemoteProtocolError):
+        decode_message(bytes([protocol.Kind.ACCEPTS, size]) + body)

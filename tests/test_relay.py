@@ -53,6 +53,7 @@ from protocol import (
     Ping,
     ProtocolError,
     Receipt,
+    Receipts,
     Refused,
     ScramKeys,
     Send,
@@ -673,6 +674,7 @@ def _valid_datagrams(rnd: random.Random, raw: RawClient) -> list[bytes]:
     messages: list[Message] = [
         Send(MsgId(1, 1), "bob", "hello"),
         Receipt(3),
+        Receipts((3, 4, 5)),
         Who(),
         Who("m", 500),
     ]
