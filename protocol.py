@@ -48,7 +48,7 @@ RESERVED_NAMES = frozenset({"server", "admin", "system"})
 WHO_PAGE_MAX = 50
 
 MAGIC = b"UCHT"
-VERSION = 1
+VERSION = 2  # 2: the batch messages ACCEPTS, RECEIPTS, DELIVEREDS (kinds 15-17)
 FLAG_MAC = 0x01
 #: Datagrams without a MAC (the login exchange and its hints) end in a CRC-32
 #: instead, so a flipped bit is dropped rather than taken for a wrong password.
