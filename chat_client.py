@@ -738,12 +738,21 @@ class _Worker:
         self.unreported.clear()
         if self.conn is None or self.done:
             return
+        self.queue_receipts()
+        for datagram in self.conn.datagrams_to_send(now):
+            self.send_datagram(datagram, now)
+
+    def queue_receipts(self) -> None:
+        """The receipts for what this pass stored, batched, once the store
+        has committed it (a receipt promises the message is kept)."""
+        if not self.receipts or self.conn is None:
+            return
+        if self.store is not None:
+            self.store.commit()
         receipts, self.receipts = self.receipts, []
         for start in range(0, len(receipts), BATCH_MAX):
             part = receipts[start : start + BATCH_MAX]
             self.send_message(Receipt(part[0]) if len(part) == 1 else Receipts(tuple(part)))
-        for datagram in self.conn.datagrams_to_send(now):
-            self.send_datagram(datagram, now)
 
     def send_message(
         self, message: Message, stream: int = CONTROL_STREAM, handle: object = None
@@ -905,6 +914,7 @@ class _Worker:
             return
         if self.logout_sent_at is None and (not waiting or now >= self.closing_deadline):
             self.warn_unsent()
+            self.queue_receipts()  # before the LOGOUT, which ends the session
             self.send_message(Logout(), handle="logout")
             self.logout_sent_at = now
             self.closing_deadline = now + LOGOUT_ACK_WAIT

@@ -16,7 +16,9 @@ so they outlive a server killed with SIGKILL, and they inherit its output.
 These exit at the end of their stdin, which the kernel closes whatever
 way the server ends. Workers start on the first registration, and one that
 dies is replaced at the next; its unanswered requests fail with
-`BrokenExecutor` (the caller then does the work itself).
+`BrokenExecutor` (the caller then does the work itself). At most
+`MAX_PENDING` requests wait per worker, so a request line always fits in
+the pipe and `submit` never blocks the loop; beyond that it raises `Busy`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from typing import IO, Any
 
 from protocol import dh_secret
 
+#: Requests queued per worker at most (~0.1 s of work; 19 KB of the pipe's 64).
+MAX_PENDING = 32
+
+
+class Busy(Exception):
+    """Every worker has MAX_PENDING requests waiting: try again later."""
+
 
 class _Worker:
     def __init__(self, on_answer: Callable[[_Worker, int, bytes | None], None]) -> None:
@@ -44,13 +53,14 @@ class _Worker:
             bufsize=1,  # line-buffered requests
         )
         self.pending: dict[int, concurrent.futures.Future[Any]] = {}
+        self.dead = False  # its reader has ended: no answer will come
         self._on_answer = on_answer
         self._reader = threading.Thread(target=self._read, name="chat-keyx", daemon=True)
         self._reader.start()
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self.dead and self.proc.poll() is None
 
     def _read(self) -> None:
         stdout = self.proc.stdout
@@ -128,16 +138,23 @@ class KeyExchangeWorkers(concurrent.futures.Executor):
                 except OSError as exc:
                     if not self._workers:
                         raise concurrent.futures.BrokenExecutor(str(exc)) from None
-        return min(self._workers, key=lambda w: len(w.pending))
+        worker = min(self._workers, key=lambda w: len(w.pending))
+        if len(worker.pending) >= MAX_PENDING:
+            raise Busy(f"{len(self._workers)} workers with {MAX_PENDING} requests each")
+        return worker
 
     def _answer(self, worker: _Worker, ident: int, secret: bytes | None) -> None:
+        """From a reader thread. Futures are resolved outside the lock: their
+        callbacks are the caller's."""
+        lost: dict[int, concurrent.futures.Future[Any]] = {}
         with self._lock:
             if ident >= 0:
                 future = worker.pending.pop(ident, None)
-                if future is not None:
-                    future.set_result(secret)
-                return
-            lost, worker.pending = worker.pending, {}
+            else:
+                worker.dead = True  # never picked again, even if not reaped yet
+                future, lost, worker.pending = None, worker.pending, {}
+        if future is not None:
+            future.set_result(secret)
         for future in lost.values():
             future.set_exception(concurrent.futures.BrokenExecutor("a key exchange worker died"))
 

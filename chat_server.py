@@ -20,6 +20,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import gc
 import heapq
 import itertools
@@ -39,6 +40,7 @@ from chat_guard import (
     BucketTable,
     TokenBucket,
 )
+from chat_keyx import Busy as KeyExchangeBusy
 from chat_keyx import KeyExchangeWorkers
 from chat_login import LoginDesk, Unwrap, Verified
 from chat_registry import Address, DropLog, Entry, Probe, ServerConfig, Session, User
@@ -107,6 +109,7 @@ from reliability import (
     RTO_MAX,
     RTO_MIN,
     Connection,
+    Event,
     PathResponded,
     PayloadAcked,
     PayloadReceived,
@@ -121,6 +124,7 @@ RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_AWAITED = 10_000  # unregistered names watched, at most
 MAX_AWAITED_PER_NAME = 100
 MAX_RECIPIENT_KEYS = 4096  # cleared when full
+MAX_CLIENT_SEQ = 1 << 63  # SQLite stores signed 64-bit integers
 MAX_UNWRAPPING = 1000  # registrations waiting for the pool, at most
 
 
@@ -166,11 +170,13 @@ class Relay:
         self._preauth = BucketTable(cfg.preauth_rate, cfg.preauth_burst)
         # LOGIN nonces whose account is being unwrapped or stored.
         self._registering: set[bytes] = set()
+        self._unstored: set[str] = set()  # name keys registered, not yet committed
         # Registrations' Diffie-Hellman secrets are computed here when given
         # (a process pool: 3.7 ms each would stall every session on the loop).
         self._unwrapper = unwrapper
-        self._unwrapping = 0
-        self._unwrapped: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._unwrapping = 0  # registrations in the pool or its backlog
+        self._backlog: collections.deque[tuple[Unwrap, Address, int, float]] = collections.deque()
+        self._unwrapped: queue.SimpleQueue[Callable[[float], None]] = queue.SimpleQueue()
         self._wake = wake
         # Unregistered names someone watches -> who (told when the name arrives).
         self._awaited: dict[str, set[str]] = {}
@@ -227,16 +233,23 @@ class Relay:
             log.exception("bug while handling a datagram from %s:%d", *addr)
             self.drops("internal error", addr, now)
 
-    def run_durable(self) -> None:
+    def run_durable(self, now: float) -> None:
         """Run what waited for the store to commit (ACCEPTs, registrations)
         or for a registration's Diffie-Hellman secret."""
-        for done in (self.store.done if self.store is not None else None, self._unwrapped):
-            while done is not None:
-                try:
-                    callback = done.get_nowait()
-                except queue.Empty:
-                    break
-                callback()
+        while self.store is not None:
+            try:
+                callback = self.store.done.get_nowait()
+            except queue.Empty:
+                break
+            callback()
+        while True:
+            try:
+                unwrapped = self._unwrapped.get_nowait()
+            except queue.Empty:
+                break
+            unwrapped(now)
+        if self._backlog:
+            self._submit_backlog()
 
     def flush(self, now: float) -> Outgoing:
         """Everything due to be sent now, as (datagram, address) pairs."""
@@ -373,31 +386,38 @@ class Relay:
         conn = session.conn
         while events := conn.take_events():
             for event in events:
-                if isinstance(event, PayloadReceived):
-                    try:
-                        message = decode_message(event.payload)
-                    except RemoteProtocolError as exc:
-                        self.drops("bad message", session.addr, now, exc)
-                        continue
-                    self._dispatch(session, message, now)
-                elif isinstance(event, PayloadAcked):
-                    # The sender's client holds the receipts (DELIVERED or
-                    # DELIVEREDS): forget them.
-                    handle = event.handle
-                    done = [handle] if isinstance(handle, MsgId) else handle
-                    if isinstance(done, list):
-                        notices = session.user.notices
-                        for msg_id in done:
-                            if notices.pop(msg_id, None) is not None and self.store:
-                                self.store.submit(("notice_done", session.user.key, *msg_id))
-                elif isinstance(event, PathResponded):
-                    probe = session.probe
-                    if probe is not None and probe.addr == addr and probe.data == event.data:
-                        log.info("session of %s moved from %s:%d to %s:%d", session.user.name,
-                                 *session.addr, *addr)  # fmt: skip
-                        session.addr = addr
-                        session.probe = None
-                        conn.send_ping()  # resume at once on the new path
+                try:
+                    self._on_event(session, addr, event, now)
+                except Exception:  # one bad message must not take the rest of the datagram
+                    log.exception("bug while handling a message from %s", session.user.name)
+                    self.drops("internal error", session.addr, now)
+
+    def _on_event(self, session: Session, addr: Address, event: Event, now: float) -> None:
+        if isinstance(event, PayloadReceived):
+            try:
+                message = decode_message(event.payload)
+            except RemoteProtocolError as exc:
+                self.drops("bad message", session.addr, now, exc)
+                return
+            self._dispatch(session, message, now)
+        elif isinstance(event, PayloadAcked):
+            # The sender's client holds the receipts (a DELIVERED's handle is
+            # its message id, a DELIVEREDS' the list of them): forget them.
+            handle = event.handle
+            done = [handle] if isinstance(handle, MsgId) else handle
+            if isinstance(done, list):
+                notices = session.user.notices
+                for msg_id in done:
+                    if notices.pop(msg_id, None) is not None and self.store:
+                        self.store.submit(("notice_done", session.user.key, *msg_id))
+        elif isinstance(event, PathResponded):
+            probe = session.probe
+            if probe is not None and probe.addr == addr and probe.data == event.data:
+                log.info("session of %s moved from %s:%d to %s:%d", session.user.name,
+                         *session.addr, *addr)  # fmt: skip
+                session.addr = addr
+                session.probe = None
+                session.conn.send_ping()  # resume at once on the new path
 
     # --- login --------------------------------------------------------------
 
@@ -452,51 +472,83 @@ class Relay:
                 # The WELCOME waits until the account is on the disk: a name,
                 # once given, stays bound to its password.
                 self._registering.add(frame.nonce)
+                self._unstored.add(verdict.key)
 
                 def registered(user: User = user, login: Login = frame) -> None:
                     self._registering.discard(login.nonce)
+                    self._unstored.discard(user.key)
                     self._open_session(user, login, verdict, addr, size, now)
 
                 self.store.submit(("account", verdict.key, verdict.account), registered)
                 return
+        elif verdict.key in self._unstored and self.store is not None:
+            # A second login to an account still on its way to the disk (two
+            # clients registering one name at once): it waits for it too.
+            self._registering.add(frame.nonce)
+
+            def stored(user: User = user, login: Login = frame) -> None:
+                self._registering.discard(login.nonce)
+                self._open_session(user, login, verdict, addr, size, now)
+
+            self.store.submit(("sync",), stored)
+            return
         self._open_session(user, frame, verdict, addr, size, now)
 
     def _unwrap(self, pending: Unwrap, addr: Address, size: int, now: float) -> None:
         """Have the pool compute a registration's DH secret; the verdict
         follows on the loop (`run_durable`). Retransmissions of the LOGIN
-        wait for it."""
+        wait for it; beyond what the pool takes at once, registrations wait
+        in a backlog (bounded: then the client hears the server is busy)."""
         login = pending.login
         if self._unwrapping >= MAX_UNWRAPPING:
             text = "the server is busy registering new accounts; try again in a few seconds"
             self._reply(Refused(login.nonce, ErrorCode.RATE_LIMITED, text), size, addr, now)
             return
-        assert self._unwrapper is not None
-        try:
-            future = self._unwrapper.submit(dh_secret, *pending.job)
-        except (RuntimeError, concurrent.futures.BrokenExecutor) as exc:  # shut down or broken
-            log.warning("registration key exchange on the loop: the pool failed (%s)", exc)
-            verdict = self.desk.finish(pending, dh_secret(*pending.job), addr, now)
-            self._on_verdict(login, verdict, addr, size, now)
-            return
         self._registering.add(login.nonce)
         self._unwrapping += 1
+        self._backlog.append((pending, addr, size, now))
+        self._submit_backlog()
 
-        def unwrapped() -> None:  # on the loop
-            self._registering.discard(login.nonce)
-            self._unwrapping -= 1
+    def _submit_backlog(self) -> None:
+        assert self._unwrapper is not None
+        while self._backlog:
+            pending, addr, size, now = self._backlog[0]
             try:
-                secret = future.result()
-                self.stats["key_exchanges_pooled"] += 1
-            except Exception as exc:  # a worker died: do it here rather than refuse
-                log.warning("registration key exchange on the loop: the pool failed (%s)", exc)
-                secret = dh_secret(*pending.job)
-            self._on_verdict(login, self.desk.finish(pending, secret, addr, now), addr, size, now)
+                future = self._unwrapper.submit(dh_secret, *pending.job)
+            except KeyExchangeBusy:
+                return  # the next answer makes room (run_durable calls again)
+            except (RuntimeError, concurrent.futures.BrokenExecutor) as exc:  # shut down, broken
+                self._backlog.popleft()
+                self._unwrapped_one(pending, exc, addr, size, now)  # done here, on the loop
+                continue
+            self._backlog.popleft()
+            future.add_done_callback(functools.partial(self._unwrap_done, pending, addr, size))
 
-        def done(_: concurrent.futures.Future[bytes | None]) -> None:  # on the pool's thread
-            self._unwrapped.put(unwrapped)
-            self._wake()
+    def _unwrap_done(self, pending: Unwrap, addr: Address, size: int,
+                     future: concurrent.futures.Future[bytes | None]) -> None:  # fmt: skip
+        """On the pool's thread: hand the result to the loop. Only the result
+        travels on (a callback holding its future is a reference cycle, left
+        for the rare full collections: memory per registration)."""
+        try:
+            result: bytes | None | BaseException = future.result()
+        except BaseException as exc:  # a worker died: the loop does it itself
+            result = exc
+        self._unwrapped.put(functools.partial(self._unwrapped_one, pending, result, addr, size))
+        self._wake()
 
-        future.add_done_callback(done)
+    def _unwrapped_one(self, pending: Unwrap, result: bytes | None | BaseException,
+                       addr: Address, size: int, now: float) -> None:  # fmt: skip
+        """On the loop: a registration's DH secret is back (or its worker died)."""
+        login = pending.login
+        self._registering.discard(login.nonce)
+        self._unwrapping -= 1
+        if isinstance(result, BaseException):
+            log.warning("registration key exchange on the loop: the pool failed (%s)", result)
+            secret = dh_secret(*pending.job)
+        else:
+            secret = result
+            self.stats["key_exchanges_pooled"] += 1
+        self._on_verdict(login, self.desk.finish(pending, secret, addr, now), addr, size, now)
 
     def _reply(self, frame: Frame, limit: int, addr: Address, now: float) -> bytes | None:
         datagram = encode_packet(Packet(NO_SESSION, 0, (frame,)), None)
@@ -586,6 +638,11 @@ class Relay:
 
     def _on_send(self, session: Session, send: Send) -> None:
         user = session.user
+        if send.msg_id.client_seq >= MAX_CLIENT_SEQ:
+            # Clients count from 1; SQLite integers stop at 2**63 - 1.
+            self._fail(session, send.msg_id, ErrorCode.SERVER_ERROR,
+                       "message id out of range: client_seq must be below 2**63")  # fmt: skip
+            return
         dedup = (user.key, send.msg_id.instance_id, send.msg_id.client_seq)
         known = self._accepted.get(dedup)
         if known is None and self.store is not None:
@@ -917,7 +974,7 @@ class ChatServer:
                         log.debug("recvfrom: %s", exc)
                         continue
                     relay.receive(data, addr[:2], now)
-                relay.run_durable()
+                relay.run_durable(now)
                 self._send_all(relay.handle_timer(now))
                 if self.store is not None:
                     self.store.flush()  # after the sends: see ServerStore.flush

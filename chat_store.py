@@ -32,6 +32,7 @@ log = logging.getLogger("chat_store")
 
 MAX_BATCH = 5000  # operations in one transaction at most
 DEDUP_KEEP_S = 7 * 24 * 3600  # keep dedup keys at least 7 days (RELIABILITY.md 1.3)
+RETRY_S = 1.0  # between attempts at a batch whose commit failed (a full disk)
 ID_BLOCK = 10_000  # server_msg_ids reserved per durable write, never reused after a crash
 
 SCHEMA = """
@@ -275,11 +276,18 @@ class ServerStore:
                     stopping = True
                     break
                 batch.extend(more)
-            try:
-                self._apply([op for op, _ in batch])
-            except sqlite3.Error:
-                log.exception("store write failed; acceptances wait and clients resend")
-                continue
+            ops = [op for op, _ in batch]
+            while True:
+                try:
+                    self._apply(ops)
+                    break
+                except Exception:
+                    # Nothing of this batch may be reported durable (and no
+                    # later batch may commit before it, or a retried SEND's
+                    # barrier would pass): try the same batch again.
+                    log.exception("store write failed; retrying in %.0f s (acceptances wait)",
+                                  RETRY_S)  # fmt: skip
+                    time.sleep(RETRY_S)
             for _, then in batch:
                 if then is not None:
                     self.done.put(then)

@@ -44,6 +44,8 @@ from protocol import (
     Accepts,
     Challenge,
     Deliver,
+    ErrorCode,
+    Fail,
     Hello,
     Login,
     Message,
@@ -1284,3 +1286,32 @@ def test_store_batches_keep_the_outcome_of_one_by_one_writes(tmp_path: Path) -> 
             assert reopened.find_dedup("alice", 2**64 - 5, i) == i
     finally:
         reopened.close()
+
+
+def test_a_message_id_out_of_sqlite_range_is_refused_and_the_store_keeps_working(
+    runner: ServerRunner,
+) -> None:
+    """client_seq is a u64 on the wire but SQLite keeps signed 64-bit
+    integers: a SEND with client_seq >= 2**63 used to kill the store thread
+    (no commit, no ACCEPT, for anyone, from then on). It gets a FAIL now, and
+    the next message is accepted as usual."""
+    instance_id = secrets.randbits(64)
+    bob = RawClient(runner.address, "bob", secrets.randbits(64))
+    alice = RawClient(runner.address, "alice", instance_id)
+    try:
+        bob.login()
+        bob.close()
+        alice.login()
+        bad = Send(MsgId(instance_id, 2**63), "bob", "out of range")
+        good = Send(MsgId(instance_id, 1), "bob", "in range")
+        alice.send(bad, conversation_stream("bob"))
+        alice.send(good, conversation_stream("bob"))
+        alice.run_until(
+            lambda: any(isinstance(m, Fail) for m in alice.messages) and bool(alice.accepts()), 15
+        )
+    finally:
+        alice.close()
+    (fail,) = [m for m in alice.messages if isinstance(m, Fail)]
+    assert fail.msg_id == bad.msg_id and fail.reason == ErrorCode.SERVER_ERROR
+    assert [a.msg_id for a in alice.accepts()] == [good.msg_id]
+    assert "Traceback" not in "".join(runner.stderr)

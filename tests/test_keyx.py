@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from chat_keyx import KeyExchangeWorkers
+from chat_keyx import MAX_PENDING, Busy, KeyExchangeWorkers
 from protocol import DH_PRIVATE_BITS, FFDHE2048_P, dh_public, dh_secret
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_workers_do_not_outlive_their_server(ending: str) -> None:
         f"""
         import os, secrets, sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from chat_keyx import KeyExchangeWorkers
+        from chat_keyx import MAX_PENDING, Busy, KeyExchangeWorkers
         from protocol import dh_public, dh_secret
         pool = KeyExchangeWorkers(2)
         pool.submit(dh_secret, 12345, dh_public(678)).result(timeout=30)
@@ -115,3 +115,30 @@ def test_workers_do_not_outlive_their_server(ending: str) -> None:
             server.wait()
         if server.stdout is not None:
             server.stdout.close()
+
+
+def test_a_full_queue_says_busy_instead_of_blocking(workers: KeyExchangeWorkers) -> None:
+    """At most MAX_PENDING requests wait per worker, so a request never
+    waits for room in the pipe (the caller is the server's loop): with the
+    workers stopped, the next one raises Busy at once; resumed, they answer
+    everything they took."""
+    private = secrets.randbits(DH_PRIVATE_BITS)
+    peer = dh_public(secrets.randbits(DH_PRIVATE_BITS))
+    first = [workers.submit(dh_secret, private, peer) for _ in range(2)]  # one per worker
+    pids = [w.proc.pid for w in workers._workers]
+    assert len(pids) == 2
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        taken = []
+        started = time.monotonic()
+        with pytest.raises(Busy):  # after at most 2 x MAX_PENDING taken, never blocking
+            for _ in range(2 * MAX_PENDING + 1):
+                taken.append(workers.submit(dh_secret, private, peer))
+        assert time.monotonic() - started < 1.0
+        assert len(taken) >= 2 * MAX_PENDING - 2
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    expected = dh_secret(private, peer)
+    assert all(f.result(timeout=60) == expected for f in first + taken)

@@ -50,7 +50,9 @@ from chat_client import (
     MessageReceived,
     StatusChanged,
 )
+from chat_keyx import Busy as KeyExchangeBusy
 from chat_server import Relay
+from chat_store import Loaded
 from protocol import (
     CRC,
     DH_PRIVATE_BITS,
@@ -1744,8 +1746,9 @@ class HeldExecutor(concurrent.futures.Executor):
     Diffie-Hellman secret as long as the test likes. `broken` makes every
     submit fail like a dead process pool."""
 
-    def __init__(self, broken: bool = False) -> None:
+    def __init__(self, broken: bool = False, capacity: int = 1000) -> None:
         self.broken = broken
+        self.capacity = capacity  # held at once; beyond: Busy, like a full worker pool
         self.held: list[
             tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]
         ] = []
@@ -1755,6 +1758,8 @@ class HeldExecutor(concurrent.futures.Executor):
     ) -> concurrent.futures.Future[Any]:
         if self.broken:
             raise concurrent.futures.BrokenExecutor("a worker died")
+        if len(self.held) >= self.capacity:
+            raise KeyExchangeBusy("all workers busy")
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.held.append((future, fn, args))
         return future
@@ -1794,7 +1799,7 @@ def test_registrations_wait_for_their_key_exchange_off_the_loop() -> None:
 
     pool.release()
     assert len(wakes) == 2
-    relay.run_durable()
+    relay.run_durable(now)
     out = relay.flush(now)
     verdicts = {to: preauth_frame(d) for d, to in out}
     assert isinstance(verdicts[first], Welcome)
@@ -1837,3 +1842,73 @@ def test_server_registers_through_its_process_pool(
     finally:
         stop_server(running)
     assert all(p.poll() is not None for p in procs), "a worker outlived the server"
+
+
+class HeldStore:
+    """Stands in for ServerStore: keeps every write until `commit()`, then
+    hands back their callbacks in order, as the store thread would."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[tuple[Any, ...], Callable[[], None] | None]] = []
+        self.done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def load(self, now_ms: int) -> Loaded:
+        return Loaded(secrets.token_bytes(32), 1)
+
+    def submit(self, op: tuple[Any, ...], then: Callable[[], None] | None = None) -> None:
+        self.ops.append((op, then))
+
+    def reserve_needed(self, next_msg_id: int) -> bool:
+        return False
+
+    def find_dedup(self, sender_key: str, instance_id: int, client_seq: int) -> int | None:
+        return None
+
+    def commit(self) -> None:
+        ops, self.ops = self.ops, []
+        for _, then in ops:
+            if then is not None:
+                self.done.put(then)
+
+
+def test_no_welcome_for_an_account_before_it_is_on_disk() -> None:
+    """Two clients register the same new name at once: the second LOGIN
+    finds the account in memory, but its WELCOME must wait for the disk like
+    the first one's, or a crash could leave a session for a name never
+    stored (which anyone could then register with another password)."""
+    store = HeldStore()
+    relay = Relay(server_config(None), store=store)  # type: ignore[arg-type]
+    now = 1000.0
+    first, second = ("192.0.2.5", 4000), ("192.0.2.6", 4000)
+    login_1 = register(relay, "heidi", PASSWORD, first, now)
+    login_2 = register(relay, "heidi", PASSWORD, second, now)
+    before = relay.handle_datagram(login_1, first, now) + relay.handle_datagram(
+        login_2, second, now
+    )
+    assert not any(isinstance(preauth_frame(d), Welcome) for d, _ in before)
+    assert not relay.sessions
+    store.commit()  # the account is on the disk now
+    relay.run_durable(now)
+    after = relay.flush(now)
+    welcomed = {to for d, to in after if isinstance(preauth_frame(d), Welcome)}
+    assert welcomed == {first, second}
+
+
+def test_registrations_beyond_what_the_pool_takes_wait_in_a_backlog() -> None:
+    """The pool takes only so many requests at once (its pipes must never
+    block the loop): the rest wait in the server's backlog and go to the pool
+    as answers come back; nobody is refused for it."""
+    pool = HeldExecutor(capacity=1)
+    relay = Relay(server_config(None), unwrapper=pool)
+    now = 1000.0
+    addrs = [("192.0.2.7", 4000), ("192.0.2.8", 4000), ("192.0.2.9", 4000)]
+    logins = [register(relay, name, PASSWORD, a, now) for name, a in zip("ijk", addrs, strict=True)]
+    for login, addr in zip(logins, addrs, strict=True):
+        assert relay.handle_datagram(login, addr, now) == []  # no refusal, no welcome yet
+    welcomed: set[Address] = set()
+    for _ in range(3):
+        assert len(pool.held) == 1
+        pool.release()
+        relay.run_durable(now)  # the verdict, and the next one goes to the pool
+        welcomed |= {to for d, to in relay.flush(now) if isinstance(preauth_frame(d), Welcome)}
+    assert welcomed == set(addrs) and not pool.held
