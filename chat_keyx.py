@@ -129,16 +129,19 @@ class KeyExchangeWorkers(concurrent.futures.Executor):
         return future
 
     def _pick(self) -> _Worker:
-        """The least busy live worker, starting one while below the size."""
-        if len(self._workers) < self._size:
-            idle = [w for w in self._workers if not w.pending]
-            if not idle:
-                try:
-                    self._workers.append(_Worker(self._answer))
-                except OSError as exc:
-                    if not self._workers:
-                        raise concurrent.futures.BrokenExecutor(str(exc)) from None
-        worker = min(self._workers, key=lambda w: len(w.pending))
+        """The least busy live worker, starting one while below the size.
+        Never one whose reader has ended (it may not be reaped yet)."""
+        live = [w for w in self._workers if not w.dead]
+        if len(live) < self._size and not any(not w.pending for w in live):
+            try:
+                worker = _Worker(self._answer)
+            except OSError as exc:
+                if not live:
+                    raise concurrent.futures.BrokenExecutor(str(exc)) from None
+            else:
+                self._workers.append(worker)
+                live.append(worker)
+        worker = min(live, key=lambda w: len(w.pending))
         if len(worker.pending) >= MAX_PENDING:
             raise Busy(f"{len(self._workers)} workers with {MAX_PENDING} requests each")
         return worker

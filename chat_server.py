@@ -175,9 +175,10 @@ class Relay:
         # (a process pool: 3.7 ms each would stall every session on the loop).
         self._unwrapper = unwrapper
         self._unwrapping = 0  # registrations in the pool or its backlog
-        self._backlog: collections.deque[tuple[Unwrap, Address, int, float]] = collections.deque()
+        self._backlog: collections.deque[tuple[Unwrap, Address, int]] = collections.deque()
         self._unwrapped: queue.SimpleQueue[Callable[[float], None]] = queue.SimpleQueue()
         self._wake = wake
+        self._callback_now = 0.0  # `now` of the run_durable running store callbacks
         # Unregistered names someone watches -> who (told when the name arrives).
         self._awaited: dict[str, set[str]] = {}
         if store is not None:
@@ -236,20 +237,28 @@ class Relay:
     def run_durable(self, now: float) -> None:
         """Run what waited for the store to commit (ACCEPTs, registrations)
         or for a registration's Diffie-Hellman secret."""
+        self._callback_now = now  # for store callbacks, which take no arguments
         while self.store is not None:
             try:
                 callback = self.store.done.get_nowait()
             except queue.Empty:
                 break
-            callback()
+            self._run_callback(callback)
         while True:
             try:
                 unwrapped = self._unwrapped.get_nowait()
             except queue.Empty:
                 break
-            unwrapped(now)
+            self._run_callback(functools.partial(unwrapped, now))
         if self._backlog:
-            self._submit_backlog()
+            self._run_callback(functools.partial(self._submit_backlog, now))
+
+    def _run_callback(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:  # the loop must never die
+            log.exception("bug in a deferred step (after a commit or a key exchange)")
+            self.stats["callback_errors"] += 1
 
     def flush(self, now: float) -> Outgoing:
         """Everything due to be sent now, as (datagram, address) pairs."""
@@ -477,7 +486,7 @@ class Relay:
                 def registered(user: User = user, login: Login = frame) -> None:
                     self._registering.discard(login.nonce)
                     self._unstored.discard(user.key)
-                    self._open_session(user, login, verdict, addr, size, now)
+                    self._open_session(user, login, verdict, addr, size, self._callback_now)
 
                 self.store.submit(("account", verdict.key, verdict.account), registered)
                 return
@@ -488,7 +497,7 @@ class Relay:
 
             def stored(user: User = user, login: Login = frame) -> None:
                 self._registering.discard(login.nonce)
-                self._open_session(user, login, verdict, addr, size, now)
+                self._open_session(user, login, verdict, addr, size, self._callback_now)
 
             self.store.submit(("sync",), stored)
             return
@@ -506,13 +515,13 @@ class Relay:
             return
         self._registering.add(login.nonce)
         self._unwrapping += 1
-        self._backlog.append((pending, addr, size, now))
-        self._submit_backlog()
+        self._backlog.append((pending, addr, size))
+        self._submit_backlog(now)
 
-    def _submit_backlog(self) -> None:
+    def _submit_backlog(self, now: float) -> None:
         assert self._unwrapper is not None
         while self._backlog:
-            pending, addr, size, now = self._backlog[0]
+            pending, addr, size = self._backlog[0]
             try:
                 future = self._unwrapper.submit(dh_secret, *pending.job)
             except KeyExchangeBusy:

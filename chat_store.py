@@ -162,6 +162,7 @@ class ServerStore:
         self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._next_block = 0
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
         self.commits = 0
 
     def _connect(self) -> sqlite3.Connection:
@@ -250,6 +251,7 @@ class ServerStore:
         """Commit what is queued and stop the thread."""
         self.flush()
         if self._thread is not None:
+            self._closing.set()  # a batch that keeps failing is given up
             self._ops.put(None)
             self._thread.join(10)
             self._thread = None
@@ -287,7 +289,10 @@ class ServerStore:
                     # barrier would pass): try the same batch again.
                     log.exception("store write failed; retrying in %.0f s (acceptances wait)",
                                   RETRY_S)  # fmt: skip
-                    time.sleep(RETRY_S)
+                    if self._closing.wait(RETRY_S):
+                        log.error("store closed with %d writes never committed (none of "
+                                  "them was acknowledged)", len(ops))  # fmt: skip
+                        return
             for _, then in batch:
                 if then is not None:
                     self.done.put(then)

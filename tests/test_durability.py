@@ -1315,3 +1315,58 @@ def test_a_message_id_out_of_sqlite_range_is_refused_and_the_store_keeps_working
     assert fail.msg_id == bad.msg_id and fail.reason == ErrorCode.SERVER_ERROR
     assert [a.msg_id for a in alice.accepts()] == [good.msg_id]
     assert "Traceback" not in "".join(runner.stderr)
+
+
+def test_a_failed_commit_is_retried_and_given_up_only_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that fails (a full disk) is retried with the same batch, its
+    callbacks (the ACCEPTs) run only once it is on disk; a store closed while
+    its batch keeps failing stops at once instead of retrying forever."""
+    import chat_store
+    from chat_store import ServerStore, StoredMessage
+
+    monkeypatch.setattr(chat_store, "RETRY_S", 0.01)
+    store = ServerStore(tmp_path / "a")
+    store.load(0)
+    real_apply = store._apply
+    failures = [2]
+
+    def flaky_apply(ops: list[tuple[Any, ...]]) -> None:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        real_apply(ops)
+
+    monkeypatch.setattr(store, "_apply", flaky_apply)
+    store.start()
+    done: list[int] = []
+    store.submit(("message", StoredMessage(1, "bob", "alice", "Alice", 7, 1, "hi", 0)),
+                 functools.partial(done.append, 1))  # fmt: skip
+    store.flush()
+    store.done.get(timeout=10)()
+    assert done == [1] and failures == [0]
+    store.close()
+    reopened = ServerStore(tmp_path / "a")
+    try:
+        assert [m.server_msg_id for m in reopened.load(0).mailbox] == [1]
+    finally:
+        reopened.close()
+
+    broken = ServerStore(tmp_path / "b")
+    broken.load(0)
+
+    def always_fails(ops: list[tuple[Any, ...]]) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(broken, "_apply", always_fails)
+    broken.start()
+    thread = broken._thread
+    assert thread is not None
+    broken.submit(("message", StoredMessage(1, "bob", "alice", "Alice", 7, 1, "hi", 0)))
+    broken.flush()
+    time.sleep(0.1)  # failing and retrying
+    started = time.monotonic()
+    broken.close()
+    assert time.monotonic() - started < 5 and not thread.is_alive()
+    assert broken.done.empty()  # nothing was reported durable

@@ -90,7 +90,7 @@ def test_workers_do_not_outlive_their_server(ending: str) -> None:
         f"""
         import os, secrets, sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from chat_keyx import MAX_PENDING, Busy, KeyExchangeWorkers
+        from chat_keyx import KeyExchangeWorkers
         from protocol import dh_public, dh_secret
         pool = KeyExchangeWorkers(2)
         pool.submit(dh_secret, 12345, dh_public(678)).result(timeout=30)

@@ -1887,11 +1887,15 @@ def test_no_welcome_for_an_account_before_it_is_on_disk() -> None:
     )
     assert not any(isinstance(preauth_frame(d), Welcome) for d, _ in before)
     assert not relay.sessions
+    later = now + 120  # the disk was slow: longer than a session timeout
     store.commit()  # the account is on the disk now
-    relay.run_durable(now)
-    after = relay.flush(now)
+    relay.run_durable(later)
+    after = relay.flush(later)
     welcomed = {to for d, to in after if isinstance(preauth_frame(d), Welcome)}
     assert welcomed == {first, second}
+    # Sessions start at the commit, not at the LOGIN: not expired at once.
+    relay.handle_timer(later + 1)
+    assert [s.user.name for s in relay.sessions.values()] == ["heidi"]
 
 
 def test_registrations_beyond_what_the_pool_takes_wait_in_a_backlog() -> None:
