@@ -37,7 +37,6 @@ from typing import IO, Any
 
 from client_store import ClientStore, store_dir
 from protocol import (
-    BATCH_MAX,
     CONTROL_STREAM,
     FLAG_MAC,
     HELLO_SIZE,
@@ -73,6 +72,7 @@ from protocol import (
     Welcome,
     Who,
     WhoReply,
+    batches,
     build_login,
     check_text,
     conversation_stream,
@@ -750,8 +750,7 @@ class _Worker:
         if self.store is not None:
             self.store.commit()
         receipts, self.receipts = self.receipts, []
-        for start in range(0, len(receipts), BATCH_MAX):
-            part = receipts[start : start + BATCH_MAX]
+        for part in batches(receipts):
             self.send_message(Receipt(part[0]) if len(part) == 1 else Receipts(tuple(part)))
 
     def send_message(

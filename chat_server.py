@@ -53,7 +53,6 @@ from chat_store import (
     default_data_dir,
 )
 from protocol import (
-    BATCH_MAX,
     CONTROL_STREAM,
     MAX_TEXT_BYTES,
     MIN_PREAUTH_REQUEST,
@@ -91,6 +90,7 @@ from protocol import (
     Welcome,
     Who,
     WhoReply,
+    batches,
     conversation_stream,
     decode_header,
     decode_message,
@@ -780,8 +780,8 @@ class Relay:
             if len(items) == 1:
                 self._send(session, Accept(*items[0]))
                 continue
-            for start in range(0, len(items), BATCH_MAX):
-                self._send(session, Accepts(tuple(items[start : start + BATCH_MAX])))
+            for part in batches(items):
+                self._send(session, Accepts(tuple(part)))
         delivereds, self._delivereds = self._delivereds, {}
         for session, by_recipient in delivereds.values():
             if self.sessions.get(session.session_id) is not session:
@@ -790,9 +790,8 @@ class Relay:
                 if len(msg_ids) == 1:
                     self._send(session, Delivered(msg_ids[0], to), handle=msg_ids[0])
                     continue
-                for start in range(0, len(msg_ids), BATCH_MAX):
-                    part = msg_ids[start : start + BATCH_MAX]
-                    self._send(session, Delivereds(to, tuple(part)), handle=part)
+                for ids in batches(msg_ids):
+                    self._send(session, Delivereds(to, tuple(ids)), handle=ids)
 
     def _hand_over(self, recipient: User, entry: Entry) -> None:
         session = recipient.session

@@ -26,8 +26,9 @@ import secrets
 import struct
 import unicodedata
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, TypeVar
 
 # --- limits ---------------------------------------------------------------
 
@@ -174,6 +175,8 @@ _INTS = {
     "u64": struct.Struct("!Q"),
 }
 _FIXED = {"b8": 8, "b16": 16, "b32": 32, "b64": 64, "b256": 256}
+_T = TypeVar("_T")
+
 #: Batches of fixed-size items, a u8 count first.
 _LISTS = {
     "accepts": struct.Struct("!QQQ"),  # msg_id, server_msg_id
@@ -182,6 +185,12 @@ _LISTS = {
 }
 #: Items in one batch message at most: it stays one chunk of one datagram.
 BATCH_MAX = 40
+
+
+def batches(items: list[_T]) -> Iterator[list[_T]]:
+    """`items` in consecutive slices of at most BATCH_MAX, one per message."""
+    for start in range(0, len(items), BATCH_MAX):
+        yield items[start : start + BATCH_MAX]
 
 
 class MsgId(NamedTuple):

@@ -39,7 +39,6 @@ from typing import Any
 
 import protocol
 from protocol import (
-    BATCH_MAX,
     DH_PRIVATE_BITS,
     HELLO_SIZE,
     MIN_PREAUTH_REQUEST,
@@ -66,6 +65,7 @@ from protocol import (
     ScramKeys,
     Send,
     Welcome,
+    batches,
     conversation_stream,
     decode_message,
     decode_packet,
@@ -118,7 +118,7 @@ def encode_receipt(server_msg_id: int) -> bytes:
 
 
 def encode_receipts(server_msg_ids: list[int]) -> bytes:
-    """RECEIPTS for 2..BATCH_MAX messages."""
+    """RECEIPTS for 2 to protocol.BATCH_MAX messages."""
     return struct.pack(f"!BB{len(server_msg_ids)}Q", Kind.RECEIPTS, len(server_msg_ids),
                        *server_msg_ids)  # fmt: skip
 
@@ -544,8 +544,7 @@ class Receiver(Peer):
 
     def before_send(self) -> None:
         receipts, self.receipts = self.receipts, []
-        for start in range(0, len(receipts), BATCH_MAX):
-            part = receipts[start : start + BATCH_MAX]
+        for part in batches(receipts):
             self.conn.send(encode_receipt(part[0]) if len(part) == 1 else encode_receipts(part))
 
     def result(self) -> dict[str, Any]:
