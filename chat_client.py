@@ -11,11 +11,19 @@ What the session promises: every message you send gets `status` events
 forward, nothing you sent is given up because the network or the server
 went away (it reconnects by itself and resends), and each message you
 receive is shown once.
+
+Showing is the front end's part, so it tells the session: a received
+message is committed to the history, then handed on as `MessageReceived`;
+the front end shows it (terminal: printed and flushed; window: inserted)
+and calls `session.shown(event.id)`; only then is the receipt sent, which
+tells the sender `delivered`. A message committed but never shown (the
+process died in between) is handed on again, once, after the next login.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import itertools
 import json
@@ -35,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from client_store import ClientStore, store_dir
+from client_store import ClientStore, mark_shown, store_dir
 from protocol import (
     CONTROL_STREAM,
     FLAG_MAC,
@@ -109,6 +117,14 @@ RECONNECT_MAX = 30.0  # backoff cap between re-login attempts
 RATE_LIMITED_WAIT = 10.0  # before logging in again after `rate_limited`
 LOGIN_STEP = 1.0  # a LOGIN unanswered for 3x this restarts from HELLO
 PBKDF2_MAX_ITERATIONS = 10_000_000  # refuse a server that asks for absurd work
+# At logout, how long the network thread waits for the front end to show
+# what it was handed last, so those receipts leave before the LOGOUT. A live
+# front end takes milliseconds; one that is closing never will (its messages
+# stay unshown and are shown at the next start), and must not hold it long.
+SHOWN_WAIT = 1.0
+# How long the terminal waits for `shown` to be on disk before printing the
+# next message: a crash re-shows at most the one message printed last.
+SHOWN_MARK_WAIT = 2.0
 
 
 # --- events ---------------------------------------------------------------
@@ -267,6 +283,7 @@ class ChatSession:
         self._reply_to: str | None = None  # who wrote last
         self._commands: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._ended = False  # the network thread has let go of the store (under _lock)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.datagrams_sent = 0
@@ -365,6 +382,28 @@ class ChatSession:
         self._command("send", msg_id, target, text)
         return msg_id.label()
 
+    def shown(self, message_id: int, *, wait: float = 0.0) -> bool:
+        """The front end has shown the received message `message_id` (a
+        `MessageReceived.id`): record it, then send its receipt, which tells
+        the sender `delivered`. Call it after the message is on the screen
+        (printed and flushed, or inserted in a window), never before.
+
+        With `wait`, block up to that many seconds until it is recorded on
+        disk, so a crash right after re-shows at most this one message.
+        True once recorded (or with nothing to wait for)."""
+        done = threading.Event() if wait > 0 else None
+        with self._lock:
+            ended = self._ended
+            if not ended:
+                self._command("shown", message_id, done)
+        if ended:
+            # The network thread is gone (its last events are still being
+            # shown): record it here; the receipt follows at the next login.
+            if self.store is not None:
+                mark_shown(self.store.path, [message_id])
+            return True
+        return done.wait(wait) if done is not None else True
+
     def who(self) -> None:
         self._command("who")
 
@@ -376,15 +415,17 @@ class ChatSession:
         self._command("typing", to)
 
     def logout(self, timeout: float = 10.0) -> None:
-        """Wait (up to `timeout`) until everything sent is accepted, then log
-        out; `Disconnected('logged_out')` follows on `events`."""
-        self._command("logout", timeout)
+        """Wait (up to `timeout`) until everything sent is accepted (and,
+        briefly, until what was handed on is `shown`), then log out;
+        `Disconnected('logged_out')` follows on `events`."""
+        self._command("logout", timeout, True)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Log out and wait for the network thread to finish."""
+        """Log out and wait for the network thread to finish. The caller
+        shows nothing while it waits, so the logout does not wait for `shown`."""
         if self._thread is None:
             return
-        self.logout(timeout)
+        self._command("logout", timeout, False)
         self._thread.join(timeout + LOGOUT_ACK_WAIT + 1.0)
 
     def abort(self) -> None:
@@ -440,8 +481,13 @@ class _Worker:
         self.salted: dict[tuple[bytes, int], bytes] = {}
         self.conn: Connection | None = None
         self.outbox: dict[MsgId, _Outgoing] = {}
-        self.seen: set[tuple[str, MsgId]] = set()
-        self.receipts: list[int] = []  # server_msg_ids stored this pass, receipted at the flush
+        # Without a store: each received message and whether it was shown.
+        self.seen: dict[tuple[str, MsgId], bool] = {}
+        self.arrived: list[MessageReceived] = []  # stored this pass; handed on after the commit
+        # Handed on, not yet `shown`, by server_msg_id (the memory mode's key for each).
+        self.awaiting: dict[int, tuple[str, MsgId]] = {}
+        self.shown_waiters: list[threading.Event] = []  # released after the next commit
+        self.receipts: list[int] = []  # server_msg_ids shown, receipted at the flush
         self.who_pages: list[str] = []
         self.done = False
         self.first_login = True
@@ -472,6 +518,8 @@ class _Worker:
         self.next_ping = 0.0
         # logout state
         self.closing_deadline: float | None = None
+        self.closing_shown_wait = True  # wait (briefly) for `shown` before the LOGOUT
+        self.shown_deadline: float | None = None
         self.logout_sent_at: float | None = None
 
     # --- the loop -----------------------------------------------------------
@@ -502,10 +550,30 @@ class _Worker:
         finally:
             selector.close()
             self.sock.close()
+            self.let_go()
             if self.store is not None:
                 self.store.close()
             self.s._wake_r.close()
             self.s._wake_w.close()
+
+    def let_go(self) -> None:
+        """From here on `shown` records straight into the store (see
+        `ChatSession.shown`); what was asked before is recorded now."""
+        with self.s._lock:
+            self.s._ended = True
+        while True:
+            try:
+                command = self.s._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "shown":
+                self.on_shown(command[1], command[2])
+        if self.store is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.store.commit()
+        for done in self.shown_waiters:
+            done.set()
+        self.shown_waiters.clear()
 
     def next_deadline(self, now: float) -> float:
         deadlines = [now + 1.0]
@@ -518,6 +586,8 @@ class _Worker:
             deadlines.append(self.next_ping)
         if self.closing_deadline is not None:
             deadlines.append(self.closing_deadline)
+        if self.shown_deadline is not None:
+            deadlines.append(self.shown_deadline)
         return min(deadlines)
 
     def send_datagram(self, data: bytes, now: float) -> None:
@@ -648,6 +718,7 @@ class _Worker:
             self.first_login = False
             self.s.username = frame.username
             self.s._emit(LoggedIn(frame.username))
+            self.hand_on_unshown()
         else:
             self.s._emit(LinkChanged(up=True))
         self.link_up = True
@@ -658,6 +729,19 @@ class _Worker:
             if out.state == "sending":
                 self.conn.send(encode_message(Send(out.msg_id, out.to, out.text)),
                                conversation_stream(out.to))  # fmt: skip
+
+    def hand_on_unshown(self) -> None:
+        """What an earlier run committed but never showed (it died between
+        the two): handed on once, before anything new arrives. The server
+        delivers these again (they were never receipted); `add_incoming`
+        then finds them here, not shown, and leaves them to this."""
+        if self.store is None:
+            return
+        for stored in self.store.unshown():
+            self.awaiting[stored.server_msg_id] = (name_key(stored.sender), stored.msg_id)
+            self.s._heard_from(stored.sender)
+            self.s._emit(MessageReceived(stored.sender, stored.text, stored.server_msg_id,
+                                         stored.sent_ms, stored.msg_id.label()))  # fmt: skip
 
     def send_proof(self, challenge: Challenge, now: float) -> None:
         """SCRAM client-final: stretch the password (cached per salt), prove it."""
@@ -730,12 +814,20 @@ class _Worker:
 
     def flush(self, now: float) -> None:
         # Everything stored this pass hits the disk before anything it
-        # promises (a receipt) leaves: one fsync per pass.
+        # promises (a receipt) leaves, and before a received message is
+        # handed on to be shown: one fsync per pass.
         if self.store is not None:
             self.store.commit()
+        for done in self.shown_waiters:
+            done.set()
+        self.shown_waiters.clear()
         for out in self.unreported:
             self.s._emit(StatusChanged(out.msg_id.label(), "sending", out.to, out.text))
         self.unreported.clear()
+        for event in self.arrived:
+            self.s._heard_from(event.sender)
+            self.s._emit(event)
+        self.arrived.clear()
         if self.conn is None or self.done:
             return
         self.queue_receipts()
@@ -743,8 +835,8 @@ class _Worker:
             self.send_datagram(datagram, now)
 
     def queue_receipts(self) -> None:
-        """The receipts for what this pass stored, batched, once the store
-        has committed it (a receipt promises the message is kept)."""
+        """The receipts for what was shown, batched, once the store has
+        committed it (a receipt promises the message is kept and was shown)."""
         if not self.receipts or self.conn is None:
             return
         if self.store is not None:
@@ -804,20 +896,27 @@ class _Worker:
     def on_message(self, message: Message, now: float) -> None:
         s = self.s
         if isinstance(message, Deliver):
-            # Stored before the receipt goes out (flush commits first); each
+            # Committed, then handed on (at the flush), then shown by the
+            # front end, which says so (`shown`), then receipted; each
             # message is shown once, however often it arrives.
+            key = (name_key(message.sender), message.msg_id)
             if self.store is not None:
-                new = self.store.add_incoming(message.sender, message.msg_id, message.text,
-                                              message.sent_ms)  # fmt: skip
+                arrival = self.store.add_incoming(
+                    message.sender, message.msg_id, message.text, message.sent_ms,
+                    message.server_msg_id,
+                )  # fmt: skip
             else:
-                key = (name_key(message.sender), message.msg_id)
-                new = key not in self.seen
-                self.seen.add(key)
-            if new:
-                s._heard_from(message.sender)
-                s._emit(MessageReceived(message.sender, message.text, message.server_msg_id,
-                                        message.sent_ms, message.msg_id.label()))  # fmt: skip
-            self.receipts.append(message.server_msg_id)  # sent at the flush, batched
+                was_shown = self.seen.get(key)
+                arrival = "new" if was_shown is None else "shown" if was_shown else "unshown"
+                self.seen.setdefault(key, False)
+            if arrival == "new":
+                self.awaiting[message.server_msg_id] = key
+                self.arrived.append(MessageReceived(message.sender, message.text,
+                                                    message.server_msg_id, message.sent_ms,
+                                                    message.msg_id.label()))  # fmt: skip
+            elif arrival == "shown":
+                self.receipts.append(message.server_msg_id)  # its receipt was lost: again
+            # "unshown": on its way to the screen; the receipt follows `shown`.
         elif isinstance(message, Accept):
             self.accepted(message.msg_id)
         elif isinstance(message, Accepts):
@@ -863,6 +962,20 @@ class _Worker:
                 self.done = True
                 self.conn = None
 
+    def on_shown(self, server_msg_id: int, done: threading.Event | None) -> None:
+        """The front end showed a message: record it, then receipt it."""
+        key = self.awaiting.pop(server_msg_id, None)
+        if self.store is not None:
+            known = self.store.mark_shown(server_msg_id)
+        else:
+            known = key is not None
+            if key is not None:
+                self.seen[key] = True
+        if known:
+            self.receipts.append(server_msg_id)  # after the commit, at the flush
+        if done is not None:
+            self.shown_waiters.append(done)
+
     def record_state(self, msg_id: MsgId, state: str) -> None:
         if self.store is not None:
             self.store.set_state(msg_id, state)
@@ -896,9 +1009,12 @@ class _Worker:
             elif name == "watch":
                 self.watched.add(command[1])
                 self.send_message(Watch(command[1]))
+            elif name == "shown":
+                self.on_shown(command[1], command[2])
             elif name == "logout":
                 if self.closing_deadline is None:
                     self.closing_deadline = now + command[1]
+                    self.closing_shown_wait = command[2]
             elif name == "abort":
                 self.done = True
 
@@ -912,6 +1028,13 @@ class _Worker:
                 self.finish(ErrorCode.LOGGED_OUT)
             return
         if self.logout_sent_at is None and (not waiting or now >= self.closing_deadline):
+            if self.awaiting and self.closing_shown_wait:
+                # The receipts of what the front end is showing now should
+                # leave before the LOGOUT; not for long (see SHOWN_WAIT).
+                if self.shown_deadline is None:
+                    self.shown_deadline = min(now + SHOWN_WAIT, self.closing_deadline)
+                if now < self.shown_deadline:
+                    return
             self.warn_unsent()
             self.queue_receipts()  # before the LOGOUT, which ends the session
             self.send_message(Logout(), handle="logout")
@@ -1028,15 +1151,21 @@ def run_terminal(
             if as_json:
                 stdout.write(json.dumps(event_to_json(event), ensure_ascii=False) + "\n")
                 stdout.flush()
-                return
-            line = event_to_text(event)
-            if line is not None:
-                (stderr if line[1] else stdout).write(line[0] + "\n")
-                (stderr if line[1] else stdout).flush()
+            else:
+                line = event_to_text(event)
+                if line is not None:
+                    (stderr if line[1] else stdout).write(line[0] + "\n")
+                    (stderr if line[1] else stdout).flush()
         except BrokenPipeError:
             # Whoever read our output went away (`| head`): log out quietly.
+            # What was not printed stays unshown, for the next start.
             closed_pipe = True
             inbox.put(_Line(None))
+            return
+        if isinstance(event, MessageReceived):
+            # Printed and flushed: now (and only now) it may be receipted.
+            # Waiting for the record keeps a crash to one message shown again.
+            session.shown(event.id, wait=SHOWN_MARK_WAIT)
 
     def stop(signum: int, frame: object) -> None:
         inbox.put(_Line(None))  # Ctrl+C or SIGTERM: log out like /quit

@@ -508,7 +508,8 @@ class ChatWindow:
     def _on_message(self, event: MessageReceived) -> None:
         conv = self.conversation(event.sender)
         if event.msg_id and event.msg_id in conv.received:
-            return  # already shown from the stored history
+            self._shown(event)  # already shown from the stored history
+            return
         conv.received.add(event.msg_id)
         line = Line("peer", event.sender, event.text, event.sent_ms / 1000)
         conv.lines.append(line)
@@ -516,6 +517,9 @@ class ChatWindow:
             self.open_conversation(event.sender, focus=False)
         elif conv is self.current:
             self._render_line(line)
+        # Inserted (in the open transcript, or in its conversation with an
+        # unread count): now its receipt may tell the sender `delivered`.
+        self._shown(event)
         if conv is not self.current or not self.focused:
             conv.unread += 1
             self._refresh_contact(conv)
@@ -524,6 +528,10 @@ class ChatWindow:
                 self.top.bell()
         if conv is self.current:
             self.typing_label.configure(text="")
+
+    def _shown(self, event: MessageReceived) -> None:
+        if self.session is not None:
+            self.session.shown(event.id)
 
     def _on_status(self, event: StatusChanged) -> None:
         conv = self.conversation(event.to)

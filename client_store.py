@@ -3,14 +3,19 @@
 
 Split from `chat_client.py` by responsibility. The session's network thread
 is the only writer: a message goes into the outbox (committed with
-`synchronous=FULL`) before it is first sent, and an incoming message is
-committed to the history before its receipt goes out, which is what lets
-the server forget it. A window reads the history through its own
+`synchronous=FULL`) before it is first sent. An incoming message is
+committed to the history with `shown=0` before the front end sees it; the
+front end shows it and says so, the history records `shown=1`, and only then
+does its receipt go out, which is what lets the server forget it (and the
+sender see `delivered`). What a crash left committed but not shown is shown
+at the next start (`unshown`). A window reads the history through its own
 connection (`read_history`), which WAL allows beside the writer.
 
 The store is locked by the process that opened it. A second process for
 the same user gets `locked=True`: it uses a fresh instance id and leaves the
-outbox alone, so two processes never send the same message ids.
+outbox alone, so two processes never send the same message ids. A store
+that was copied or restored (its database is not the file it was created
+as) also takes a fresh instance id: see `_check_identity`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from chat_store import StoreLocked, lock_file
 from protocol import MsgId, name_key
@@ -39,11 +44,28 @@ CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, peer_key TEXT NOT NULL, peer TEXT NOT NULL,
     outgoing INTEGER NOT NULL, text TEXT NOT NULL, ts_ms INTEGER NOT NULL,
     sender_key TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
-    state TEXT, UNIQUE (outgoing, sender_key, instance_id, client_seq)
+    state TEXT, server_msg_id INTEGER, shown INTEGER NOT NULL DEFAULT 1,
+    UNIQUE (outgoing, sender_key, instance_id, client_seq)
 );
 CREATE INDEX IF NOT EXISTS history_peer ON history (peer_key, id);
 CREATE TABLE IF NOT EXISTS server_key (id INTEGER PRIMARY KEY CHECK (id = 1), dh_public BLOB);
+CREATE TABLE IF NOT EXISTS identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1), dev INTEGER NOT NULL, ino INTEGER NOT NULL,
+    path TEXT NOT NULL
+);
 """
+# Added after the first release: stores made before get them on open. Rows
+# from then were shown when they arrived (DEFAULT 1).
+HISTORY_COLUMNS = {
+    "server_msg_id": "ALTER TABLE history ADD COLUMN server_msg_id INTEGER",
+    "shown": "ALTER TABLE history ADD COLUMN shown INTEGER NOT NULL DEFAULT 1",
+}
+# After the columns exist: `mark_shown` finds a row by the server's id.
+INDEXES = "CREATE INDEX IF NOT EXISTS history_server_id ON history (server_msg_id);"
+
+#: What `add_incoming` found: a new message (show it), one stored but not
+#: shown yet (it is on its way to the screen), or one already shown.
+Arrival = Literal["new", "unshown", "shown"]
 
 
 def data_dir() -> Path:
@@ -76,6 +98,17 @@ class HistoryLine:
     state: str | None
 
 
+@dataclass(frozen=True)
+class StoredMessage:
+    """A received message committed to the history but not shown yet."""
+
+    sender: str
+    msg_id: MsgId
+    text: str
+    sent_ms: int
+    server_msg_id: int
+
+
 def _i64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
@@ -104,13 +137,19 @@ class ClientStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(history)")}
+        for name, statement in HISTORY_COLUMNS.items():
+            if name not in columns:
+                self.db.execute(statement)
+        self.db.executescript(INDEXES)
+        copied = not self.locked and self._check_identity()
         row = self.db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
-        if row is None or self.locked:
+        if row is None or self.locked or copied:
             self.instance_id = secrets.randbits(64)
             if not self.locked:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('instance_id', ?)",
-                    (_i64(self.instance_id),),
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    [("instance_id", _i64(self.instance_id)), ("next_seq", 1)],
                 )
             self.next_seq = 1
         else:
@@ -122,6 +161,35 @@ class ClientStore:
         # the window as events, so it must not be read back twice.
         row = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM history").fetchone()
         self.history_mark = int(row[0])
+
+    def _check_identity(self) -> bool:
+        """True if this database was copied or restored: it is not the file
+        (device, inode, path) it recorded when it was made. Then it takes a
+        fresh instance id, because its `next_seq` is the original's: the
+        original (or, after a restore, the run before the backup was lost)
+        goes on numbering from the same point, and the server's dedup key
+        (user, instance, seq) would take each new message here for one it
+        already holds and drop it. A fresh id is always safe; the only cost
+        of a false alarm is a new instance.
+
+        The outbox keeps its rows under their old ids: each was written
+        before the copy, so under that id the server holds either nothing
+        or this very text. Sent again, it is accepted once, or recognised as
+        the retry it is (given new ids, a message the original had already
+        sent would be delivered twice). A restore that puts back the same
+        inode at the same path (a file-system snapshot) is not seen here; the
+        server's content check on the dedup key is the net for that."""
+        stat = os.stat(self.path)
+        path = str(self.path.resolve())
+        row = self.db.execute("SELECT dev, ino, path FROM identity WHERE id=1").fetchone()
+        if row is not None and tuple(row) == (_i64(stat.st_dev), _i64(stat.st_ino), path):
+            return False
+        self.db.execute(
+            "INSERT OR REPLACE INTO identity VALUES (1, ?, ?, ?)",
+            (_i64(stat.st_dev), _i64(stat.st_ino), path),
+        )
+        # A store from before this check has no record: take it as the original.
+        return row is not None
 
     # --- writes (network thread) ------------------------------------------
 
@@ -176,25 +244,60 @@ class ClientStore:
                 (_i64(msg_id.instance_id), msg_id.client_seq),
             )
 
-    def add_incoming(self, sender: str, msg_id: MsgId, text: str, sent_ms: int) -> bool:
-        """Store a received message; False if it was already here (a duplicate)."""
+    def add_incoming(
+        self, sender: str, msg_id: MsgId, text: str, sent_ms: int, server_msg_id: int
+    ) -> Arrival:
+        """Store a received message, not shown yet; or say what became of
+        the copy already here (a retransmission, or a delivery again after
+        a crash)."""
         self.begin()
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
-            " instance_id, client_seq, state) VALUES (?, ?, 0, ?, ?, ?, ?, ?, NULL)",
+            " instance_id, client_seq, state, server_msg_id, shown)"
+            " VALUES (?, ?, 0, ?, ?, ?, ?, ?, NULL, ?, 0)",
             (name_key(sender), sender, text, sent_ms, name_key(sender),
-             _i64(msg_id.instance_id), msg_id.client_seq),
+             _i64(msg_id.instance_id), msg_id.client_seq, server_msg_id),
         )  # fmt: skip
-        return cursor.rowcount == 1
+        if cursor.rowcount == 1:
+            return "new"
+        row = self.db.execute(
+            "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=? "
+            "AND client_seq=?",
+            (name_key(sender), _i64(msg_id.instance_id), msg_id.client_seq),
+        ).fetchone()
+        return "shown" if row is not None and row[0] else "unshown"
 
-    def pending(self) -> list[tuple[MsgId, str, str]]:
-        """What this instance sent that the server has not accepted, in order."""
+    def mark_shown(self, server_msg_id: int) -> bool:
+        """Record that the front end showed this message; False if it is not here."""
+        self.begin()
+        cursor = self.db.execute(
+            "UPDATE history SET shown=1 WHERE server_msg_id=? AND outgoing=0", (server_msg_id,)
+        )
+        return cursor.rowcount > 0
+
+    def unshown(self) -> list[StoredMessage]:
+        """What was committed but never shown (the process ended between
+        the two), per conversation in the server's order. A second process
+        (`locked`) leaves these to the one that holds the store."""
         if self.locked:
             return []
         rows = self.db.execute(
-            "SELECT instance_id, client_seq, to_name, text FROM outbox WHERE instance_id=? "
-            "ORDER BY client_seq",
-            (_i64(self.instance_id),),
+            "SELECT peer, instance_id, client_seq, text, ts_ms, server_msg_id FROM history "
+            "WHERE outgoing=0 AND shown=0 ORDER BY server_msg_id, id"
+        ).fetchall()
+        return [
+            StoredMessage(peer, MsgId(_u64(i), s), text, ts, server_id)
+            for peer, i, s, text, ts, server_id in rows
+        ]
+
+    def pending(self) -> list[tuple[MsgId, str, str]]:
+        """What was sent from this store that the server has not accepted,
+        in the order it was written (after a copy, some rows carry the
+        original's instance id: see `_check_identity`)."""
+        if self.locked:
+            return []
+        rows = self.db.execute(
+            "SELECT instance_id, client_seq, to_name, text FROM outbox ORDER BY rowid"
         ).fetchall()
         return [(MsgId(_u64(i), s), to, text) for i, s, to, text in rows]
 
@@ -219,8 +322,9 @@ def read_history(
     path: Path, peer: str, limit: int = 500, upto: int | None = None
 ) -> list[HistoryLine]:
     """The last `limit` lines of the conversation with `peer` (stored up to
-    row `upto`, if given), oldest first. Its own read connection: safe from
-    any thread."""
+    row `upto`, if given), oldest first; a received message not shown yet is
+    left out (the session hands it on as an event at start). Its own read
+    connection: safe from any thread."""
     if not path.exists():
         return []
     db = sqlite3.connect(path)
@@ -228,7 +332,7 @@ def read_history(
         db.execute("PRAGMA busy_timeout=2000")
         rows = db.execute(
             "SELECT peer, outgoing, text, ts_ms, instance_id, client_seq, state FROM history "
-            "WHERE peer_key=? AND id<=? ORDER BY id DESC LIMIT ?",
+            "WHERE peer_key=? AND id<=? AND (outgoing=1 OR shown=1) ORDER BY id DESC LIMIT ?",
             (name_key(peer), upto if upto is not None else 2**63 - 1, limit),
         ).fetchall()
     except sqlite3.Error:
@@ -239,3 +343,25 @@ def read_history(
         HistoryLine(p, bool(o), t, ts, MsgId(_u64(i), s).label(), st)
         for p, o, t, ts, i, s, st in reversed(rows)
     ]
+
+
+def mark_shown(path: Path, server_msg_ids: list[int]) -> None:
+    """Record shown messages after the session's network thread (the
+    store's writer) has ended: the front end may still be printing what the
+    thread handed on last. Their receipts go out at the next login, when
+    the server delivers them again and finds them shown."""
+    if not server_msg_ids or not path.exists():
+        return
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA synchronous=FULL")
+        with contextlib.suppress(sqlite3.Error):  # at worst shown once more, at the next start
+            db.execute("BEGIN")
+            db.executemany(
+                "UPDATE history SET shown=1 WHERE server_msg_id=? AND outgoing=0",
+                [(i,) for i in server_msg_ids],
+            )
+            db.execute("COMMIT")
+    finally:
+        db.close()

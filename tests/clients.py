@@ -102,9 +102,12 @@ class RecordingClient:
         return got
 
     def record(self, event: Any) -> None:
+        """Take one event; a received message counts as shown once taken
+        (the test is the front end), which lets its receipt go."""
         self.events.append(event)
         if isinstance(event, MessageReceived):
             self.received.append(event)
+            self.session.shown(event.id)
         elif isinstance(event, StatusChanged):
             self.states[event.id].append(event.state)
             self.order[event.state].append(event.id)

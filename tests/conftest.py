@@ -29,7 +29,7 @@ if os.environ.get("CI"):
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chat_client import ChatSession  # noqa: E402
+from chat_client import ChatSession, MessageReceived  # noqa: E402
 from chat_server import ChatServer, ServerConfig  # noqa: E402
 
 #: Loopback timers (RELIABILITY.md: tests use 50 ms / 1 s).
@@ -182,6 +182,8 @@ def wait_for(session_or_queue: Any, predicate: Any, timeout: float = 10.0) -> An
             continue
         if seen is not None:
             seen.append(event)
+        if isinstance(event, MessageReceived) and isinstance(session_or_queue, ChatSession):
+            session_or_queue.shown(event.id)  # taken by the test: shown, so receipted
         if predicate(event):
             return event
 

@@ -358,6 +358,8 @@ class Peer:
     def pump(self, timeout: float = 0.0) -> None:
         for event in drain(self.session.events, timeout):
             self.events.append((time.monotonic(), event))
+            if isinstance(event, MessageReceived):
+                self.session.shown(event.id)  # taken: shown, so receipted
 
     def of(self, kind: type) -> list[Any]:
         return [e for _, e in self.events if isinstance(e, kind)]
