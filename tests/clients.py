@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import queue
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from chat_client import (
     ChatSession,
@@ -63,8 +64,14 @@ class RecordingClient:
     close_timeout = 5.0
     #: The longest a `wait()` blocks on the queue before looking at its condition again.
     wait_poll = 0.1
+    #: Every client alive: while a test waits on one, the others' events are
+    #: taken too, as each one's own front end would (a received message is
+    #: receipted only once it is taken, so a sender waiting for `delivered`
+    #: needs the recipient's events read).
+    live: ClassVar[weakref.WeakSet[RecordingClient]] = weakref.WeakSet()
 
     def __init__(self, name: str, **kwargs: Any) -> None:
+        RecordingClient.live.add(self)
         self.name = name
         self.session: ChatSession = make_session(**kwargs)
         self.started = False
@@ -126,9 +133,18 @@ class RecordingClient:
         elif isinstance(event, Disconnected):
             self.disconnected = event.reason
 
+    def pump_others(self) -> None:
+        for other in list(RecordingClient.live):
+            if other is not self:
+                other.pump()
+
     def wait(self, condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+        def pump(step: float) -> None:
+            self.pump(step)
+            self.pump_others()
+
         pump_until(
-            self.pump,
+            pump,
             condition,
             timeout,
             self.wait_poll,
