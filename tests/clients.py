@@ -73,6 +73,9 @@ class RecordingClient:
     def __init__(self, name: str, **kwargs: Any) -> None:
         RecordingClient.live.add(self)
         self.name = name
+        #: Take each received message as shown (False: a front end that dies
+        #: before it shows anything).
+        self.shows = True
         self.session: ChatSession = make_session(**kwargs)
         self.started = False
         self.events: list[Any] = []
@@ -114,7 +117,8 @@ class RecordingClient:
         self.events.append(event)
         if isinstance(event, MessageReceived):
             self.received.append(event)
-            self.session.shown(event.id)
+            if self.shows:
+                self.session.shown(event.id)
         elif isinstance(event, StatusChanged):
             self.states[event.id].append(event.state)
             self.order[event.state].append(event.id)
