@@ -392,16 +392,17 @@ class ChatSession:
         disk, so a crash right after re-shows at most this one message.
         True once recorded (or with nothing to wait for)."""
         done = threading.Event() if wait > 0 else None
-        with self._lock:
+        with self._lock:  # the thread's `let_go` takes what is queued before `_ended`
             ended = self._ended
             if not ended:
-                self._command("shown", message_id, done)
+                self._commands.put(("shown", message_id, done))
         if ended:
             # The network thread is gone (its last events are still being
             # shown): record it here; the receipt follows at the next login.
             if self.store is not None:
                 mark_shown(self.store.path, [message_id])
             return True
+        self._wake()
         return done.wait(wait) if done is not None else True
 
     def who(self) -> None:
@@ -442,6 +443,9 @@ class ChatSession:
 
     def _command(self, *command: Any) -> None:
         self._commands.put(command)
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")
         except OSError:

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from chat_client import ChatSession, LoggedIn, PresenceChanged
+from chat_client import ChatSession, LoggedIn, MessageReceived, PresenceChanged
 from chat_window import ChatWindow, Settings
 from protocol import name_key
 from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, RunningServer, make_session, wait_for
@@ -491,8 +491,9 @@ def test_first_message_from_someone_new_is_shown(gui: Gui) -> None:
     gui.login(bob, "bob")
     alice = gui.session("alice")
     alice.send("hi, first time here", to="bob")
+    # `delivered` comes once bob's window has shown it, so the window runs first.
+    shown = pump_until(gui.root, lambda: "alice: hi, first time here" in bob.transcript_text(), 10)
     wait_for(alice, lambda e: getattr(e, "state", None) == "delivered", 10)
-    shown = pump_until(gui.root, lambda: "alice: hi, first time here" in bob.transcript_text(), 3)
     conv = bob.conversations.get("alice")
     assert shown, (
         f"delivered to bob's client but not shown: current={bob.current and bob.current.name},"
@@ -909,6 +910,8 @@ def test_closing_a_window_logs_out_promptly(gui: Gui) -> None:
     gui.login(alice, "alice", "bob")
     type_text(alice.composer, "bye")
     press(alice.composer, "Return")
+    # bob's session shows what it is handed (so it receipts it) while the window runs.
+    wait_for(bob_session, lambda e: isinstance(e, MessageReceived))
     assert pump_until(gui.root, lambda: "delivered" in states(alice, "bob"))
     started = time.monotonic()
     alice.close()
