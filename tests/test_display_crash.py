@@ -155,6 +155,36 @@ def test_what_a_crash_left_unshown_is_shown_once_after_the_next_login(
         close_all([alice, first])
 
 
+def test_a_message_shown_after_the_session_ended_is_not_shown_again(
+    server: RunningServer,
+) -> None:
+    """A front end may still be showing the last events when the network
+    thread has ended: `shown` then records it in the store itself. The next
+    run does not show it again; the server's second delivery finds it
+    shown and is receipted, so alice sees `delivered` then."""
+    first = RecordingClient("bob")
+    first.shows = False
+    alice = RecordingClient("alice", persist=False)
+    try:
+        logged_in(server, first, alice)
+        msg = alice.send("last words", to="bob")
+        first.wait(lambda: len(first.received) == 1, 10.0, "the message")
+        first.session.abort()
+        assert not first.session.running
+        assert first.session.shown(first.received[0].id)
+        assert first.session.store is not None
+        assert history(first.session.store.path, "last words") == [(1, first.received[0].id)]
+
+        second = RecordingClient("bob")
+        logged_in(server, second)
+        alice.wait(lambda: alice.reached(msg, "delivered"), 10.0, "delivered at the next login")
+        in_sync(second)
+        assert second.received == []
+        second.close()
+    finally:
+        close_all([alice, first])
+
+
 # --- the kill test -----------------------------------------------------------------------
 
 
@@ -270,6 +300,11 @@ def test_killing_the_receiver_during_a_backlog_never_loses_a_shown_promise(
                      "every message delivered after the last run")  # fmt: skip
             assert last.quit() == 0
             runs.append(last.shown())
+            # A clean run leaves nothing to show again: one more run that
+            # quits at once (what it shows at start comes before it ends).
+            after = Receiver(server_proc, log)
+            assert after.quit() == 0
+            assert after.shown() == [], "shown again after a clean exit"
         check_promises()
     except BaseException:
         print(log_path.read_text()[-3000:] if log_path.exists() else "")
