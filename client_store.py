@@ -268,12 +268,22 @@ class ClientStore:
         return "shown" if row is not None and row[0] else "unshown"
 
     def mark_shown(self, server_msg_id: int) -> bool:
-        """Record that the front end showed this message; False if it is not here."""
-        self.begin()
-        cursor = self.db.execute(
-            "UPDATE history SET shown=1 WHERE server_msg_id=? AND outgoing=0", (server_msg_id,)
-        )
-        return cursor.rowcount > 0
+        """Record that the front end showed this message; False if it is not here.
+
+        Outside the pass's transaction this commits at once without an
+        fsync (`synchronous=NORMAL`: it survives the process dying, not a
+        power cut). The terminal waits for each mark before it prints the
+        next message: with an fsync per mark a backlog of 1,000 took 1.5 s
+        to print, without 0.2-0.35 s (0.06 s when nothing was marked).
+        Losing a mark only shows the message once more at the next start."""
+        sql = "UPDATE history SET shown=1 WHERE server_msg_id=? AND outgoing=0"
+        if self._in_tx:
+            return self.db.execute(sql, (server_msg_id,)).rowcount > 0
+        self.db.execute("PRAGMA synchronous=NORMAL")  # not allowed inside a transaction
+        try:
+            return self.db.execute(sql, (server_msg_id,)).rowcount > 0
+        finally:
+            self.db.execute("PRAGMA synchronous=FULL")
 
     def unshown(self) -> list[StoredMessage]:
         """What was committed but never shown (the process ended between
