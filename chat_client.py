@@ -122,7 +122,7 @@ PBKDF2_MAX_ITERATIONS = 10_000_000  # refuse a server that asks for absurd work
 # front end takes milliseconds; one that is closing never will (its messages
 # stay unshown and are shown at the next start), and must not hold it long.
 SHOWN_WAIT = 1.0
-# How long the terminal waits for `shown` to be on disk before printing the
+# How long the terminal waits for `shown` to be recorded before printing the
 # next message: a crash re-shows at most the one message printed last.
 SHOWN_MARK_WAIT = 2.0
 
@@ -388,8 +388,8 @@ class ChatSession:
         the sender `delivered`. Call it after the message is on the screen
         (printed and flushed, or inserted in a window), never before.
 
-        With `wait`, block up to that many seconds until it is recorded on
-        disk, so a crash right after re-shows at most this one message.
+        With `wait`, block up to that many seconds until it is recorded in
+        the store, so a crash right after re-shows at most this one message.
         True once recorded (or with nothing to wait for)."""
         done = threading.Event() if wait > 0 else None
         with self._lock:  # the thread's `let_go` takes what is queued before `_ended`
