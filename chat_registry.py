@@ -18,7 +18,7 @@ from pathlib import Path
 from chat_guard import TokenBucket
 from chat_store import Account
 from protocol import PBKDF2_ITERATIONS, Delivered, MsgId
-from reliability import RTO_MAX, RTO_MIN, Connection
+from reliability import MAX_BUFFERED_TOTAL, RTO_MAX, RTO_MIN, Connection
 
 log = logging.getLogger("chat_server")
 
@@ -54,6 +54,15 @@ class ServerConfig:
     user_msg_burst: float = 500.0
     user_byte_rate: float = 1024 * 1024  # ... and bytes/s
     user_byte_burst: float = 2 * 1024 * 1024
+
+    # Memory caps (RELIABILITY.md 1.4; issue 12). Past the output cap a
+    # session's input waits (acks withheld) until its client acks what it
+    # was sent; so do new messages while the process is over `max_memory`.
+    max_unacked_output: int = 256 * 1024  # bytes queued + in flight to one session
+    max_reassembly: int = MAX_BUFFERED_TOTAL  # bytes of partial messages, all sessions
+    max_memory: int = 512 * 1024 * 1024  # resident bytes of the whole server
+    typing_rate: float = 3.0  # typing notices/s per (sender, recipient) ...
+    typing_burst: float = 3.0
 
 
 class Entry:

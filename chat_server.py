@@ -25,6 +25,7 @@ import gc
 import heapq
 import itertools
 import logging
+import os
 import queue
 import secrets
 import selectors
@@ -70,6 +71,7 @@ from protocol import (
     Fail,
     Frame,
     Hello,
+    Kind,
     LocalProtocolError,
     Login,
     Logout,
@@ -84,6 +86,7 @@ from protocol import (
     Refused,
     RemoteProtocolError,
     Send,
+    Stream,
     Typing,
     UnsupportedVersion,
     Watch,
@@ -113,6 +116,7 @@ from reliability import (
     PathResponded,
     PayloadAcked,
     PayloadReceived,
+    ReceiveBudget,
 )
 
 __all__ = ["ChatServer", "Relay", "ServerConfig", "StoreLocked", "main"]
@@ -126,6 +130,13 @@ MAX_AWAITED_PER_NAME = 100
 MAX_RECIPIENT_KEYS = 4096  # cleared when full
 MAX_CLIENT_SEQ = 1 << 63  # SQLite stores signed 64-bit integers
 MAX_UNWRAPPING = 1000  # registrations waiting for the pool, at most
+#: Requests on the control stream that count as messages against the user's
+#: rate limits: each makes the server send something (RECEIPT and LOGOUT
+#: only finish what was sent).
+COUNTED_REQUESTS = frozenset({Kind.WHO, Kind.WATCH, Kind.TYPING})
+MAX_TYPING_PAIRS = 4096  # (sender, recipient) typing limiters kept, least recent evicted
+MEMORY_SAMPLE_INTERVAL = 0.5  # seconds between two reads of the resident memory
+SHORT_OF_MEMORY = "the server is short of memory; your messages wait"
 
 
 class Relay:
@@ -181,6 +192,12 @@ class Relay:
         self._callback_now = 0.0  # `now` of the run_durable running store callbacks
         # Unregistered names someone watches -> who (told when the name arrives).
         self._awaited: dict[str, set[str]] = {}
+        # Memory caps: reassembly shared by all sessions, typing notices per
+        # pair, and the loop's measure of the whole process (`set_memory`).
+        self._reassembly = ReceiveBudget(cfg.max_reassembly)
+        self._typing = BucketTable(cfg.typing_rate, cfg.typing_burst, MAX_TYPING_PAIRS)
+        self.short_of_memory = False
+        self._memory_logged = -1e18
         if store is not None:
             self._load(store.load(int(wall_clock() * 1000)))
         else:
@@ -310,6 +327,22 @@ class Relay:
     def online_count(self) -> int:
         return len(self._online)
 
+    def set_memory(self, resident: int, now: float) -> None:
+        """The loop's latest measure of the process's resident memory, in
+        bytes. While it is over `max_memory`, new messages wait (their acks
+        are withheld); acks, receipts and logouts still flow, so it drains."""
+        self.stats["resident_bytes"] = resident
+        over = resident > self.config.max_memory
+        if over == self.short_of_memory:
+            return
+        self.short_of_memory = over
+        if over and now - self._memory_logged >= self.config.log_interval:
+            self._memory_logged = now
+            log.warning("resident memory %d MiB is over --max-memory %d MiB: new messages wait "
+                        "until it falls", resident >> 20, self.config.max_memory >> 20)  # fmt: skip
+        elif not over:
+            log.info("resident memory %d MiB is under --max-memory again", resident >> 20)
+
     # --- datagrams --------------------------------------------------------
 
     def _receive(self, data: bytes, addr: Address, now: float) -> None:
@@ -343,9 +376,10 @@ class Relay:
         except RemoteProtocolError as exc:
             self.drops("bad tag or frame", addr, now, exc)
             return
-        if not self._within_limits(session, packet, now):
-            return  # not recorded, not acked: the client resends it later
-        if not session.conn.receive_packet(packet, now):
+        # Over a limit, the datagram's chunks are not recorded or acked (the
+        # client resends them later); its acks are taken all the same.
+        take = self._may_take(session, packet, now)
+        if not session.conn.receive_packet(packet, now, data=take):
             self.drops("replayed or refused", addr, now)
             self._dirty[session.session_id] = session  # it may owe a re-ack
             return
@@ -355,12 +389,40 @@ class Relay:
         self._dirty[session.session_id] = session
         self._collect(session, addr, now)
 
-    def _within_limits(self, session: Session, packet: Packet, now: float) -> bool:
-        """Per-user message and byte budgets. Beyond them the datagram is
-        dropped before it is recorded, and the user hears at most once a second."""
-        messages, size = session.conn.count_new(packet)
-        if not messages and not size:
+    def _may_take(self, session: Session, packet: Packet, now: float) -> bool:
+        """Whether to take the new chunks of this datagram: not while the
+        session's unacknowledged output is over its cap (its requests would
+        grow it), not new messages while the server is short of memory, and
+        within the user's budgets. Retransmitted chunks cost nothing."""
+        conn = session.conn
+        messages = size = 0
+        sends = False
+        for frame in packet.frames:
+            if isinstance(frame, Stream) and not conn.seen(frame.seq):
+                size += len(frame.data)
+                if frame.stream != CONTROL_STREAM:  # a SEND, or a later fragment of one
+                    sends = True
+                    messages += frame.index == 0
+                elif frame.index == 0 and frame.data and frame.data[0] in COUNTED_REQUESTS:
+                    messages += 1
+        if not size:
             return True
+        if conn.unacked_bytes >= self.config.max_unacked_output:
+            # No notice either: it would add to the very output that is over.
+            self.stats["withheld_output"] += 1
+            self.drops("output cap: input waits for acks", session.addr, now, session.user.name)
+            return False
+        if sends and self.short_of_memory:
+            self.stats["withheld_memory"] += 1
+            self.drops("short of memory: messages wait", session.addr, now, session.user.name)
+            self._tell_limited(session, SHORT_OF_MEMORY, now)
+            return False
+        return self._within_limits(session, messages, size, now)
+
+    def _within_limits(self, session: Session, messages: int, size: int, now: float) -> bool:
+        """Per-user message and byte budgets (WHO, WATCH and TYPING count as
+        messages). Beyond them the datagram's chunks are withheld, and the
+        user hears at most once a second."""
         user, cfg = session.user, self.config
         if user.msg_bucket is None or user.byte_bucket is None:
             user.msg_bucket = TokenBucket(cfg.user_msg_rate, cfg.user_msg_burst, now)
@@ -369,13 +431,15 @@ class Relay:
             return True
         self.stats["rate_limited"] += 1
         self.drops("user rate limit", session.addr, now, user.name)
+        self._tell_limited(session, "you are sending too fast; messages are delayed", now)
+        return False
+
+    def _tell_limited(self, session: Session, text: str, now: float) -> None:
+        """A RATE_LIMITED notice, at most one a second per user."""
+        user = session.user
         if now - user.limited_at >= 1.0:
             user.limited_at = now
-            notice = Notice(
-                ErrorCode.RATE_LIMITED, "you are sending too fast; messages are delayed"
-            )
-            self._send(session, notice)
-        return False
+            self._send(session, Notice(ErrorCode.RATE_LIMITED, text))
 
     def _probe_path(self, session: Session, addr: Address, size: int) -> None:
         """A verified, fresh datagram from a new address: the client's NAT may
@@ -586,7 +650,7 @@ class Relay:
         to_server, to_client = session_keys(verdict.client_key, verdict.message)
         conn = Connection(
             session_id, to_client, now, peer_key=to_server,
-            rto_min=self.config.rto_min, rto_max=self.config.rto_max,
+            rto_min=self.config.rto_min, rto_max=self.config.rto_max, budget=self._reassembly,
         )  # fmt: skip
         session = Session(session_id, user, addr, conn, login.instance_id, now)
         self.sessions[session_id] = session
@@ -610,6 +674,7 @@ class Relay:
     def _end_session(self, session: Session, now: float, *, quiet: bool = False) -> None:
         if self.sessions.pop(session.session_id, None) is None:
             return
+        session.conn.close()  # what it held for reassembly goes back to the shared budget
         self._dirty.pop(session.session_id, None)
         user = session.user
         if user.session is session:
@@ -636,7 +701,7 @@ class Relay:
         elif isinstance(message, Who):
             self._on_who(session, message)
         elif isinstance(message, Typing):
-            self._on_typing(session, message)
+            self._on_typing(session, message, now)
         elif isinstance(message, Watch):
             self._on_watch(session, message)
         elif isinstance(message, Logout):
@@ -851,10 +916,19 @@ class Relay:
         peer.contacts.add(session.user.key)
         self._send(session, Presence(peer.name, peer.session is not None))
 
-    def _on_typing(self, session: Session, typing: Typing) -> None:
+    def _on_typing(self, session: Session, typing: Typing, now: float) -> None:
         peer = self.users.get(name_key(typing.user))
-        if peer is not None and peer.session is not None and session.user.key in peer.contacts:
-            self._send(peer.session, Typing(session.user.name))
+        if peer is None or peer.session is None or session.user.key not in peer.contacts:
+            return
+        # Fire and forget (QoS 0): beyond a few a second per pair, or to a
+        # client that does not ack what it was sent, a notice is dropped.
+        if (
+            not self._typing.take(f"{session.user.key}\0{peer.key}", 1, now)
+            or peer.session.conn.unacked_bytes >= self.config.max_unacked_output
+        ):
+            self.stats["typing_dropped"] += 1
+            return
+        self._send(peer.session, Typing(session.user.name))
 
     def _fail(self, session: Session, msg_id: MsgId, code: ErrorCode, text: str) -> None:
         self._send(session, Fail(msg_id, code, text))
@@ -883,6 +957,18 @@ class Relay:
 
 
 # --- the socket loop ----------------------------------------------------------
+
+
+def resident_memory() -> int | None:
+    """This process's resident memory in bytes, from /proc/self/statm (one
+    small read). None where there is no /proc: `resource`'s ru_maxrss is the
+    peak, which never falls, so a budget on it would hold messages back for
+    good once reached; there `--max-memory` is not enforced."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class ChatServer:
@@ -925,6 +1011,10 @@ class ChatServer:
             self.store.start()
         self._stopping = False
         self._stopped = False
+        self._memory_due = 0.0  # when to read the resident memory next
+        if resident_memory() is None:
+            log.warning("cannot read this process's memory (no /proc/self/statm): "
+                        "--max-memory is not enforced")  # fmt: skip
 
     def __enter__(self) -> ChatServer:
         return self
@@ -982,6 +1072,7 @@ class ChatServer:
                         log.debug("recvfrom: %s", exc)
                         continue
                     relay.receive(data, addr[:2], now)
+                self._sample_memory(now)
                 relay.run_durable(now)
                 self._send_all(relay.handle_timer(now))
                 if self.store is not None:
@@ -990,6 +1081,16 @@ class ChatServer:
         finally:
             selector.close()
             self._stopped = True
+
+    def _sample_memory(self, now: float) -> None:
+        """Tell the relay how much memory the process holds, every
+        MEMORY_SAMPLE_INTERVAL seconds (not per datagram: it is a file read)."""
+        if now < self._memory_due:
+            return
+        self._memory_due = now + MEMORY_SAMPLE_INTERVAL
+        resident = resident_memory()
+        if resident is not None:
+            self.relay.set_memory(resident, now)
 
     def _send_all(self, out: Iterable[tuple[bytes, Address]]) -> None:
         for datagram, addr in out:
@@ -1007,6 +1108,16 @@ def _address(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError("a port is 0..65535")
     return port
+
+
+def _mebibytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of MiB")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1068,6 +1179,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rto-max", type=float, default=RTO_MAX, metavar="SECONDS",
         help="largest retransmission timeout (default %(default)s)",
     )  # fmt: skip
+    # Memory caps (issue 12).
+    parser.add_argument(
+        "--max-memory", type=_mebibytes, default=ServerConfig().max_memory >> 20, metavar="MIB",
+        help="resident memory of the whole server; past it new messages wait, unacknowledged, "
+        "until it falls (default %(default)s)",
+    )  # fmt: skip
     return parser
 
 
@@ -1092,6 +1209,7 @@ def main(argv: list[str] | None = None) -> int:
         user_msg_rate=args.user_msg_rate, user_msg_burst=2.5 * args.user_msg_rate,
         max_sessions=args.max_sessions, key_workers=args.key_workers,
     )  # fmt: skip
+    config.max_memory = args.max_memory << 20
     try:
         server = ChatServer((args.host, args.port), config)
     except StoreLocked as exc:

@@ -76,6 +76,9 @@ MAX_FRAGMENTS = 64
 MAX_PARTIAL_MESSAGES = 4
 MAX_BUFFERED_BYTES = 256 * 1024
 MAX_STREAMS = 4096
+#: Across every session of a server (a `ReceiveBudget`): 20,000 sessions at
+#: MAX_BUFFERED_BYTES each would be 5 GiB (RELIABILITY.md 1.4: 32 MiB).
+MAX_BUFFERED_TOTAL = 32 * 1024 * 1024
 #: How far ahead of `una` a chunk may be: twice the sender's window.
 RECV_WINDOW = 2 * MAX_WINDOW
 #: Chunks held for a gap in their stream, at most (RELIABILITY.md: <= 256).
@@ -126,6 +129,18 @@ class PathResponded:
 Event = PayloadReceived | PayloadAcked | PeerUnreachable | PeerReachable | PathResponded
 
 
+class ReceiveBudget:
+    """Bytes held for reassembly (out-of-order chunks and partial messages)
+    by every connection that shares this object: a server gives one to all
+    its sessions so the total is capped, not only each session's share."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int = MAX_BUFFERED_TOTAL) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class _Chunk:
     """A reliable chunk on its way: kept until acked, whatever happens."""
 
@@ -154,6 +169,7 @@ class Connection:
         "sent_count",
         # sending
         "_next_seq",
+        "_unacked_bytes",
         "_stream_seqs",
         "_waiting",
         "_inflight",
@@ -181,6 +197,7 @@ class Connection:
         "_held",
         "_partial",
         "_buffered",
+        "_budget",
         "_events",
         "_path_responses",
     )
@@ -195,6 +212,7 @@ class Connection:
         rto_min: float = RTO_MIN,
         rto_max: float = RTO_MAX,
         max_window: int = MAX_WINDOW,
+        budget: ReceiveBudget | None = None,
     ) -> None:
         self.session_id = session_id
         self.key = key  # tags what we send
@@ -207,6 +225,7 @@ class Connection:
         self.next_pkt = 1
         self.sent_count = 0  # datagrams produced, for the owner's statistics
         self._next_seq = 0
+        self._unacked_bytes = 0  # payload bytes queued or in flight, not yet acked
         self._stream_seqs: dict[int, int] = {}
         # Allocated only while in use: tens of thousands of sessions sit idle
         # (an empty deque alone is 760 bytes).
@@ -235,6 +254,7 @@ class Connection:
         self._held: dict[tuple[int, int], Stream] = {}  # (stream, stream_seq) -> chunk
         self._partial: dict[int, list[bytes]] = {}
         self._buffered = 0
+        self._budget = budget  # shared with other connections; None: this one's cap only
         self._events: list[Event] = []
         self._path_responses: list[bytes] = []
 
@@ -247,6 +267,7 @@ class Connection:
             raise LocalProtocolError(f"payload of {len(payload)} bytes is too long")
         if self._waiting is None:
             self._waiting = collections.deque()
+        self._unacked_bytes += len(payload)
         stream_seq = self._stream_seqs.get(stream, 0)
         if len(payload) <= CHUNK_SIZE:  # nearly every message: one chunk
             self._stream_seqs[stream] = (stream_seq + 1) & 0xFFFFFFFF
@@ -279,6 +300,24 @@ class Connection:
         return len(self._waiting or ()) + len(self._inflight)
 
     @property
+    def unacked_bytes(self) -> int:
+        """Payload bytes queued or in flight that the peer has not acked: what
+        a peer that never acks makes us hold (the server caps it per session)."""
+        return self._unacked_bytes
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for reassembly (out of order, or parts of a message)."""
+        return self._buffered
+
+    def close(self) -> None:
+        """The session is over: give what it held for reassembly back to the
+        shared budget (the connection is not used again)."""
+        self._hold(-self._buffered)
+        self._held.clear()
+        self._partial.clear()
+
+    @property
     def idle(self) -> bool:
         return not self._waiting and not self._inflight
 
@@ -306,17 +345,10 @@ class Connection:
         self.sent_count += 1
         return encode_packet(Packet(self.session_id, pkt, frames), self.key)
 
-    def count_new(self, packet: Packet) -> tuple[int, int]:
-        """(messages, bytes) this packet would add: chunks not seen before.
-        Only first chunks on conversation streams are messages (a receipt or
-        a WHO on the control stream is not); fragments after the first count
-        toward bytes only, retransmissions toward neither (RELIABILITY.md)."""
-        messages = size = 0
-        for frame in packet.frames:
-            if isinstance(frame, Stream) and not self._seen(frame.seq):
-                size += len(frame.data)
-                messages += frame.index == 0 and frame.stream != 0
-        return messages, size
+    def seen(self, seq: int) -> bool:
+        """Whether the chunk numbered `seq` was taken already (so a copy of it
+        adds nothing: the owner's budgets count only new chunks)."""
+        return seq < self._una or seq in self._above
 
     def next_event(self) -> Event | None:
         return self._events.pop(0) if self._events else None
@@ -339,11 +371,20 @@ class Connection:
             return False
         return self.receive_packet(packet, now)
 
-    def receive_packet(self, packet: Packet, now: float) -> bool:
-        """Like `receive_datagram` for a packet already decoded and verified."""
+    def receive_packet(self, packet: Packet, now: float, *, data: bool = True) -> bool:
+        """Like `receive_datagram` for a packet already decoded and verified.
+        With `data=False` the owner withholds the packet's chunks (it is over
+        a limit): they are neither recorded nor acked, so the peer resends
+        them later, but everything else is taken. Its ACKs above all: a peer
+        whose input waits for our output to drain must still be able to drain
+        it. No ack is sent for such a packet (acks ride on our next datagram),
+        so a withheld peer's retransmissions follow our sends, not a loop."""
         pkt = packet.pkt_num
         fresh = self._replay_check(pkt)
-        eliciting = any(isinstance(f, (Stream, Ping)) for f in packet.frames)
+        if data:
+            eliciting = any(isinstance(f, (Stream, Ping)) for f in packet.frames)
+        else:
+            eliciting = any(isinstance(f, Ping) for f in packet.frames)
         if not fresh:
             # A duplicate or a replay: change nothing, but re-ack (the first
             # ack may have been lost).
@@ -366,7 +407,8 @@ class Connection:
                 self._on_ack(frame, now)
             elif isinstance(frame, Stream):
                 # A chunk refused for a cap is simply not acked: resent later.
-                out_of_order |= self._on_stream(frame)
+                if data:
+                    out_of_order |= self._on_stream(frame)
             elif isinstance(frame, PathChallenge):
                 self._path_responses.append(frame.data)
             elif isinstance(frame, PathResponse):
@@ -504,6 +546,13 @@ class Connection:
             return False  # beyond any honest sender's window, or a conflicting copy
         if ahead and len(self._held) >= MAX_HELD:
             return False
+        budget = self._budget
+        if (
+            budget is not None
+            and (ahead or frame.count > 1)  # to be held, not delivered at once
+            and budget.used + len(frame.data) > budget.limit
+        ):
+            return False
         if frame.count > 1 and frame.index == 0 and frame.stream not in self._partial:
             heads = sum(
                 1 for held in self._held.values()
@@ -512,9 +561,6 @@ class Connection:
             if len(self._partial) + heads >= MAX_PARTIAL_MESSAGES:
                 return False
         return True
-
-    def _seen(self, seq: int) -> bool:
-        return seq < self._una or seq in self._above
 
     def _on_stream(self, frame: Stream) -> bool:
         """Record one chunk; True if the sender should hear at once (the chunk
@@ -540,7 +586,7 @@ class Connection:
             if self._held:
                 self._release(stream, expected)
             return False
-        if self._seen(frame.seq) or not self._admit(frame):
+        if self.seen(frame.seq) or not self._admit(frame):
             return True
         out_of_order = frame.seq != self._una
         self._above.add(frame.seq)
@@ -548,7 +594,7 @@ class Connection:
             self._above.discard(self._una)
             self._una += 1
         self._held[(stream, frame.stream_seq)] = frame
-        self._buffered += len(frame.data)
+        self._hold(len(frame.data))
         self._release(stream, self._streams.setdefault(stream, 0))
         return out_of_order
 
@@ -556,7 +602,7 @@ class Connection:
         """Deliver the held chunks of `stream` that are next in order."""
         while (stream, expected) in self._held:
             chunk = self._held.pop((stream, expected))
-            self._buffered -= len(chunk.data)
+            self._hold(-len(chunk.data))
             expected = (expected + 1) & 0xFFFFFFFF
             self._deliver(chunk)
         self._streams[stream] = expected
@@ -569,17 +615,24 @@ class Connection:
         parts = self._partial.setdefault(chunk.stream, [])
         if chunk.index != len(parts):
             # A malformed sequence of fragments: start again at the next index 0.
-            self._buffered -= sum(len(p) for p in parts)
+            self._hold(-sum(len(p) for p in parts))
             del self._partial[chunk.stream]
             if chunk.index != 0:
                 return
             parts = self._partial.setdefault(chunk.stream, [])
         parts.append(chunk.data)
-        self._buffered += len(chunk.data)
+        self._hold(len(chunk.data))
         if len(parts) == chunk.count:
             del self._partial[chunk.stream]
-            self._buffered -= sum(len(p) for p in parts)
+            self._hold(-sum(len(p) for p in parts))
             self._events.append(PayloadReceived(chunk.stream, b"".join(parts)))
+
+    def _hold(self, size: int) -> None:
+        """Count `size` more (or, negative, fewer) bytes held for reassembly,
+        here and in the shared budget."""
+        self._buffered += size
+        if self._budget is not None:
+            self._budget.used += size
 
     def _make_ack(self, now: float, max_ranges: int) -> Ack:
         ranges: list[tuple[int, int]] = []
@@ -646,6 +699,7 @@ class Connection:
         acked_pkts = set()
         for seq in self._acked_seqs(ack):
             chunk = self._inflight.pop(seq)
+            self._unacked_bytes -= len(chunk.frame.data)
             progressed = True
             acked_pkts.add(chunk.pkt_num)
             if chunk.last and chunk.handle is not None:
