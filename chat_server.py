@@ -327,6 +327,11 @@ class Relay:
     def online_count(self) -> int:
         return len(self._online)
 
+    @property
+    def reassembly_bytes(self) -> int:
+        """What all sessions hold for reassembly together (<= `max_reassembly`)."""
+        return self._reassembly.used
+
     def set_memory(self, resident: int, now: float) -> None:
         """The loop's latest measure of the process's resident memory, in
         bytes. While it is over `max_memory`, new messages wait (their acks

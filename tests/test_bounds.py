@@ -1,0 +1,385 @@
+"""Memory caps (issue 12, RELIABILITY.md 1.4), on the sans-IO `Relay` with a
+fake clock: a session's unacknowledged output, WHO/WATCH/TYPING against the
+rate limits, typing notices per pair, reassembly across all sessions, and the
+whole server's memory budget. Over each cap the server withholds acks and
+loses nothing: what waited is taken once the client drains. One test runs
+the real loop, for the memory sampling, and one the command line."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from chat_server import SHORT_OF_MEMORY, Relay, build_parser
+from protocol import (
+    CONTROL_STREAM,
+    MAX_FRAMES_SIZE,
+    Accept,
+    Ack,
+    Challenge,
+    Deliver,
+    ErrorCode,
+    Message,
+    MsgId,
+    Notice,
+    Packet,
+    Presence,
+    Receipt,
+    Send,
+    Stream,
+    Typing,
+    Watch,
+    Welcome,
+    Who,
+    WhoReply,
+    conversation_stream,
+    decode_message,
+    decode_packet,
+    encode_message,
+    encode_packet,
+    session_keys,
+)
+from reliability import STREAM_OVERHEAD, Connection, PayloadReceived, ReceiveBudget
+from tests.clients import wait_until
+from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, start_server, stop_server
+from tests.conftest import test_config as server_config
+from tests.test_security import hello_datagram, login_datagram, preauth_frame
+
+Address = tuple[str, int]
+STEP = 0.01  # seconds of fake time per step
+
+
+@dataclass
+class Client:
+    """One logged-in client of the in-memory world: its own Connection, and
+    every message the server sent it. With `acks` False, the ACK frames are
+    cut from everything it sends: a client that never acknowledges."""
+
+    name: str
+    addr: Address
+    conn: Connection
+    acks: bool = True
+    keep: Callable[[Stream], bool] = lambda frame: True  # which chunks leave at all
+    messages: list[Message] = field(default_factory=list)
+
+    def send(self, message: Message, stream: int = CONTROL_STREAM) -> None:
+        self.conn.send(encode_message(message), stream)
+
+    def of(self, kind: type) -> list[Any]:
+        return [m for m in self.messages if isinstance(m, kind)]
+
+
+class World:
+    """A relay with clients logged in by hand, and a fake clock."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.relay = Relay(server_config(None, **overrides))
+        self.now = 1000.0
+        self.clients: dict[str, Client] = {}
+        self._by_addr: dict[Address, Client] = {}
+        self.session_output: list[int] = []  # after every datagram: see `watch_output`
+        self.watched: bytes | None = None
+
+    def login(self, name: str) -> Client:
+        addr = (f"198.51.100.{len(self.clients) + 1}", 5000)
+        nonce = secrets.token_bytes(16)
+        out = self.relay.handle_datagram(hello_datagram(name, 9, nonce), addr, self.now)
+        (challenge,) = [f for d, _ in out if isinstance(f := preauth_frame(d), Challenge)]
+        proof = login_datagram(name, 9, nonce, challenge, PASSWORD)
+        out = self.relay.handle_datagram(proof.datagram, addr, self.now)
+        (welcome,) = [f for d, _ in out if isinstance(f := preauth_frame(d), Welcome)]
+        to_server, to_client = session_keys(proof.keys.client_key, proof.message)
+        conn = Connection(welcome.session_id, to_server, self.now, peer_key=to_client,
+                          rto_min=RTO_MIN, rto_max=RTO_MAX)  # fmt: skip
+        client = self.clients[name] = self._by_addr[addr] = Client(name, addr, conn)
+        self.step()
+        return client
+
+    def session_of(self, client: Client) -> Any:
+        return self.relay.sessions[client.conn.session_id]
+
+    def watch_output(self, client: Client) -> None:
+        """Record the relay's unacknowledged output to `client` after every
+        datagram the relay takes from anyone."""
+        self.watched = client.conn.session_id
+
+    def _to_relay(self, client: Client, data: bytes) -> None:
+        if not client.acks or client.keep is not Client.keep:
+            packet = decode_packet(data, client.conn.key)
+            frames = tuple(
+                f for f in packet.frames
+                if not (isinstance(f, Ack) and not client.acks)
+                and not (isinstance(f, Stream) and not client.keep(f))
+            )  # fmt: skip
+            if not frames:
+                return
+            data = encode_packet(Packet(packet.session_id, packet.pkt_num, frames), client.conn.key)
+        self.relay.receive(data, client.addr, self.now)
+        if self.watched is not None and self.watched in self.relay.sessions:
+            self.session_output.append(self.relay.sessions[self.watched].conn.unacked_bytes)
+
+    def _to_clients(self, out: list[tuple[bytes, Address]]) -> None:
+        for data, addr in out:
+            client = self._by_addr.get(addr)
+            if client is None or not client.conn.receive_datagram(data, self.now):
+                continue
+            for event in client.conn.take_events():
+                if isinstance(event, PayloadReceived):
+                    message = decode_message(event.payload)
+                    client.messages.append(message)
+                    if isinstance(message, Deliver):  # a client shows it, then receipts it
+                        client.send(Receipt(message.server_msg_id))
+
+    def step(self, dt: float = STEP) -> None:
+        """Every client sends what is due, the relay answers, time moves on."""
+        for client in list(self.clients.values()):
+            timer = client.conn.get_timer()
+            if timer is not None and timer <= self.now:
+                client.conn.handle_timer(self.now)
+            for data in client.conn.datagrams_to_send(self.now):
+                self._to_relay(client, data)
+        self._to_clients(self.relay.flush(self.now))
+        self._to_clients(self.relay.handle_timer(self.now))
+        self.now += dt
+
+    def run_until(self, condition: Callable[[], bool], steps: int, what: str) -> None:
+        for _ in range(steps):
+            if condition():
+                return
+            self.step()
+        assert condition(), f"not after {steps} steps: {what}"
+
+
+def replies_per_datagram(request: bytes, reply: bytes) -> int:
+    """The most reply bytes one datagram of `request`s can ask for: the
+    output cap is checked per datagram, so it can be passed by this much."""
+    return MAX_FRAMES_SIZE // (STREAM_OVERHEAD + len(request)) * len(reply)
+
+
+# --- a session's unacknowledged output --------------------------------------------
+
+
+def test_a_session_flooding_who_without_acking_cannot_grow_its_output() -> None:
+    """The issue's attack: WHO after WHO, never an ack (2.3 GiB in 15 s).
+    The relay's output to that session stays at the cap (plus the replies
+    to the one datagram that crossed it); its requests wait, and once it
+    acks, every one of them is answered: nothing was lost."""
+    cap = 8 * 1024
+    world = World(max_unacked_output=cap)
+    world.login("alice")
+    mallory = world.login("mallory")
+    mallory.acks = False
+    world.watch_output(mallory)
+    requests = 3000
+    for _ in range(requests):
+        mallory.send(Who())
+    for _ in range(300):
+        world.step()
+    reply = encode_message(WhoReply(("alice", "mallory"), ""))
+    bound = cap + replies_per_datagram(encode_message(Who()), reply)
+    assert requests * len(reply) > 4 * bound  # the old code's output, far over
+    assert max(world.session_output) <= bound
+    assert world.relay.stats["withheld_output"] > 0
+    answered = len(mallory.of(WhoReply))
+    assert answered < requests // 2, answered  # the rest wait for acks
+
+    mallory.acks = True
+    world.run_until(lambda: len(mallory.of(WhoReply)) == requests, 5000, "every WHO answered")
+    assert len(mallory.of(WhoReply)) == requests
+    assert world.session_of(mallory).conn.unacked_bytes <= bound
+
+
+def test_a_send_while_over_the_output_cap_waits_and_is_accepted_after_the_drain() -> None:
+    world = World(max_unacked_output=4 * 1024)
+    bob = world.login("bob")
+    mallory = world.login("mallory")
+    mallory.acks = False
+    for _ in range(1000):
+        mallory.send(Who())
+    world.run_until(lambda: world.relay.stats["withheld_output"] > 0, 500, "over the cap")
+    send = Send(MsgId(7, 1), "bob", "sent while over the cap")
+    mallory.send(send, conversation_stream("bob"))
+    for _ in range(200):
+        world.step()
+    assert not mallory.of(Accept) and not bob.of(Deliver)
+    assert world.relay.stats["messages"] == 0  # not taken: its chunk was not acked
+    assert world.relay.users["bob"].mailbox == {}
+
+    mallory.acks = True
+    world.run_until(lambda: bool(mallory.of(Accept)), 5000, "the ACCEPT")
+    assert [a.msg_id for a in mallory.of(Accept)] == [send.msg_id]
+    world.run_until(lambda: bool(bob.of(Deliver)), 500, "the delivery")
+    assert [d.text for d in bob.of(Deliver)] == [send.text]
+    assert len(mallory.of(WhoReply)) == 1000
+
+
+# --- rate limits ---------------------------------------------------------------------
+
+
+def test_who_and_watch_count_against_the_message_rate_limit() -> None:
+    world = World(user_msg_rate=5.0, user_msg_burst=10.0)
+    world.login("bob")
+    alice = world.login("alice")
+    for _ in range(15):  # one a datagram, all at the same instant
+        alice.send(Who())
+        world.step(dt=0.0)
+        alice.send(Watch("bob"))
+        world.step(dt=0.0)
+    replies = alice.of(WhoReply) + alice.of(Presence)
+    assert len(replies) == 10  # the burst; the old code answered all 30 at once
+    notices = alice.of(Notice)
+    assert [n.code for n in notices] == [ErrorCode.RATE_LIMITED]
+    # The rest were withheld, not dropped: they come at the refill rate.
+    world.run_until(lambda: len(alice.of(WhoReply)) == 15, 2000, "every WHO answered")
+    world.run_until(lambda: len(alice.of(Presence)) == 15, 200, "every WATCH answered")
+
+
+def test_typing_notices_are_limited_to_three_a_second_per_pair() -> None:
+    world = World()
+    alice = world.login("alice")
+    bob = world.login("bob")
+    carol = world.login("carol")
+    alice.send(Watch("bob"))  # typing goes only to those who have alice as a contact
+    alice.send(Watch("carol"))
+    world.step()
+    for burst in range(2):
+        for _ in range(20):
+            alice.send(Typing("bob"))
+            alice.send(Typing("carol"))
+        for _ in range(5):
+            world.step(dt=0.0)
+        assert len(bob.of(Typing)) == 3 * (burst + 1)  # per pair: carol's do not count
+        assert len(carol.of(Typing)) == 3 * (burst + 1)
+        world.now += 1.0
+    assert world.relay.stats["typing_dropped"] == 2 * 2 * 17
+
+
+def test_typing_notices_to_a_client_over_its_output_cap_are_dropped() -> None:
+    world = World(max_unacked_output=2 * 1024)
+    alice = world.login("alice")
+    mallory = world.login("mallory")
+    alice.send(Watch("mallory"))
+    world.step()
+    mallory.acks = False
+    for _ in range(1000):
+        mallory.send(Who())
+    world.run_until(lambda: world.relay.stats["withheld_output"] > 0, 500, "over the cap")
+    before = world.session_of(mallory).conn.unacked_bytes
+    for _ in range(50):
+        alice.send(Typing("mallory"))
+        world.step()
+        world.now += 1.0  # under the per-pair rate: only the cap drops them
+    assert world.session_of(mallory).conn.unacked_bytes == before
+    assert world.relay.stats["typing_dropped"] == 50
+
+
+# --- reassembly ----------------------------------------------------------------------
+
+
+def test_partial_messages_are_capped_in_total_across_connections() -> None:
+    """Each connection keeps its own 256 KiB; together they keep the shared
+    budget, and a chunk over it is not taken (so not acked: resent later)."""
+    budget = ReceiveBudget(64 * 1024)
+    key = b"k" * 32
+    conns = [Connection(bytes([i]) * 16, key, 0.0, budget=budget) for i in range(8)]
+    chunk = b"x" * 1000
+    taken = 0
+    for i, conn in enumerate(conns):
+        # The first 40 fragments of a message of 60, never finished.
+        frames = [Stream(n, 1, n, n, 60, chunk) for n in range(40)]
+        for n in range(0, 40, 1):
+            conn.receive_packet(Packet(conn.session_id, n + 1, (frames[n],)), 1.0)
+        taken += conn.buffered
+        assert budget.used == taken <= budget.limit, i
+    assert budget.used > budget.limit - len(chunk)
+    assert sum(c.buffered for c in conns[2:]) == 0  # refused: 64 KiB is full
+    # A session that ends gives its share back; the next is taken at once.
+    conns[0].close()
+    assert budget.used == conns[1].buffered
+    late = conns[2]
+    late.receive_packet(Packet(late.session_id, 99, (Stream(0, 1, 0, 0, 60, chunk),)), 2.0)
+    assert late.buffered == len(chunk)
+    # Whole single-chunk messages, in order, are never held: always taken.
+    late.receive_packet(Packet(late.session_id, 100, (Stream(1, 2, 0, 0, 1, b"hi"),)), 2.0)
+    assert [e for e in late.take_events() if isinstance(e, PayloadReceived)] == [
+        PayloadReceived(2, b"hi")
+    ]
+
+
+def test_the_relay_caps_reassembly_across_sessions_and_frees_it_at_logout() -> None:
+    cap = 48 * 1024
+    world = World(max_reassembly=cap)
+    world.login("bob")
+    senders = [world.login(f"sender{i}") for i in range(4)]
+    text = "y" * 40_000
+    for i, sender in enumerate(senders):
+        # Every fragment but the last one leaves: the message never completes.
+        sender.keep = lambda f: f.count == 1 or f.index < f.count - 1
+        sender.send(Send(MsgId(7, i + 1), "bob", text), conversation_stream("bob"))
+    held: list[int] = []
+    for _ in range(300):
+        world.step()
+        held.append(world.relay.reassembly_bytes)
+    assert max(held) <= cap  # the old code held 4 x 40 KB
+    assert held[-1] > cap // 2
+    holders = [s for s in senders if world.session_of(s).conn.buffered]
+    assert 1 <= len(holders) < len(senders)
+    # A logout gives its share back.
+    before = world.relay.reassembly_bytes
+    share = world.session_of(holders[0]).conn.buffered
+    world.relay._end_session(world.session_of(holders[0]), world.now)
+    assert world.relay.reassembly_bytes == before - share
+
+
+# --- the whole server's memory ---------------------------------------------------------
+
+
+def test_over_max_memory_sends_wait_and_are_accepted_once_it_falls() -> None:
+    world = World(max_memory=100 * 1024 * 1024)
+    bob = world.login("bob")
+    alice = world.login("alice")
+    world.relay.set_memory(150 * 1024 * 1024, world.now)
+    assert world.relay.short_of_memory
+    send = Send(MsgId(7, 1), "bob", "while the server is short of memory")
+    alice.send(send, conversation_stream("bob"))
+    for _ in range(50):
+        world.step()
+    alice.send(Who())  # everything but new messages still flows
+    for _ in range(50):
+        world.step()
+    assert not alice.of(Accept) and world.relay.stats["messages"] == 0
+    assert len(alice.of(WhoReply)) == 1
+    assert [n.message for n in alice.of(Notice)] == [SHORT_OF_MEMORY]  # at most once a second
+    assert world.relay.stats["withheld_memory"] > 1
+    world.relay.set_memory(90 * 1024 * 1024, world.now)
+    assert not world.relay.short_of_memory
+    world.run_until(lambda: bool(bob.of(Deliver)), 500, "the delivery")
+    assert [d.text for d in bob.of(Deliver)] == [send.text]
+    assert [a.msg_id for a in alice.of(Accept)] == [send.msg_id]
+
+
+def test_the_server_loop_samples_its_memory() -> None:
+    """The real loop reads the resident memory and tells the relay: with a
+    budget of 1 MiB, any Python process is over it."""
+    running = start_server(server_config(None, max_memory=1024 * 1024))
+    try:
+        wait_until(lambda: running.relay.short_of_memory, 5.0, "the relay to hear of memory")
+        assert running.relay.stats["resident_bytes"] > 1024 * 1024
+    finally:
+        stop_server(running)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1.5", "lots"])
+def test_max_memory_must_be_a_positive_number_of_mib(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--max-memory", value])
+    assert exited.value.code == 2
+    assert "--max-memory" in capsys.readouterr().err
+    assert build_parser().parse_args([]).max_memory == 512
+    assert build_parser().parse_args(["--max-memory", "64"]).max_memory == 64
