@@ -132,13 +132,26 @@ Event = PayloadReceived | PayloadAcked | PeerUnreachable | PeerReachable | PathR
 class ReceiveBudget:
     """Bytes held for reassembly (out-of-order chunks and partial messages)
     by every connection that shares this object: a server gives one to all
-    its sessions so the total is capped, not only each session's share."""
+    its sessions so the total is capped, not only each session's share.
 
-    __slots__ = ("limit", "used")
+    A fragmented message's first fragment reserves room for all of it, so a
+    message once started always finishes. Chunks no reservation covers (out
+    of order, or fragments that came before their first) are `loose`: they
+    may take half the budget at most, so reservations always get room again
+    as started messages finish, and nothing waits for room for ever."""
+
+    __slots__ = ("limit", "used", "loose")
 
     def __init__(self, limit: int = MAX_BUFFERED_TOTAL) -> None:
         self.limit = limit
-        self.used = 0
+        self.used = 0  # reservations plus loose chunks, <= limit
+        self.loose = 0  # <= limit // 2
+
+
+def charge_all(frame: Stream) -> int:
+    """The room a fragmented message reserves in a `ReceiveBudget`: as if
+    each of its fragments were a full frame."""
+    return frame.count * MAX_FRAMES_SIZE
 
 
 class _Chunk:
@@ -198,6 +211,8 @@ class Connection:
         "_partial",
         "_buffered",
         "_budget",
+        "_reserved",
+        "_charged",
         "_events",
         "_path_responses",
     )
@@ -255,6 +270,11 @@ class Connection:
         self._partial: dict[int, list[bytes]] = {}
         self._buffered = 0
         self._budget = budget  # shared with other connections; None: this one's cap only
+        # What this connection counts in the budget: a reservation per
+        # fragmented message, (stream, stream_seq of its first fragment) ->
+        # bytes, and the held chunks no reservation covers.
+        self._reserved: dict[tuple[int, int], int] = {}
+        self._charged: set[tuple[int, int]] = set()
         self._events: list[Event] = []
         self._path_responses: list[bytes] = []
 
@@ -311,11 +331,17 @@ class Connection:
         return self._buffered
 
     def close(self) -> None:
-        """The session is over: give what it held for reassembly back to the
-        shared budget (the connection is not used again)."""
-        self._hold(-self._buffered)
+        """The session is over: give what it counted in the shared budget
+        back (the connection is not used again)."""
+        if self._budget is not None:
+            loose = sum(len(self._held[key].data) for key in self._charged)
+            self._budget.used -= sum(self._reserved.values()) + loose
+            self._budget.loose -= loose
+        self._reserved.clear()
+        self._charged.clear()
         self._held.clear()
         self._partial.clear()
+        self._buffered = 0
 
     @property
     def idle(self) -> bool:
@@ -529,38 +555,64 @@ class Connection:
         else:
             self._replay_bits |= 1 << (self._replay_top - pkt)
 
-    def _admit(self, frame: Stream) -> bool:
-        """Would taking this chunk keep every receive cap? A refused chunk is
-        not recorded or acked, so the sender resends it later."""
+    def _admit(self, frame: Stream) -> int | None:
+        """Would taking this chunk keep every receive cap? None if not (a
+        refused chunk is not recorded or acked, so the sender resends it
+        later), else what it adds to the shared budget."""
         if frame.seq >= self._una + RECV_WINDOW:
-            return False
+            return None
         if not 1 <= frame.count <= MAX_FRAGMENTS or frame.index >= frame.count:
-            return False
+            return None
         if frame.stream not in self._streams and len(self._streams) >= MAX_STREAMS:
-            return False
+            return None
         if self._buffered + len(frame.data) > MAX_BUFFERED_BYTES:
-            return False
+            return None
         expected = self._streams.get(frame.stream, 0)
         ahead = (frame.stream_seq - expected) & 0xFFFFFFFF
         if ahead >= RECV_WINDOW or (frame.stream, frame.stream_seq) in self._held:
-            return False  # beyond any honest sender's window, or a conflicting copy
+            return None  # beyond any honest sender's window, or a conflicting copy
         if ahead and len(self._held) >= MAX_HELD:
-            return False
-        budget = self._budget
-        if (
-            budget is not None
-            and (ahead or frame.count > 1)  # to be held, not delivered at once
-            and budget.used + len(frame.data) > budget.limit
-        ):
-            return False
+            return None
         if frame.count > 1 and frame.index == 0 and frame.stream not in self._partial:
             heads = sum(
                 1 for held in self._held.values()
                 if held.count > 1 and held.index == 0 and held.stream not in self._partial
             )  # fmt: skip
             if len(self._partial) + heads >= MAX_PARTIAL_MESSAGES:
-                return False
-        return True
+                return None
+        budget = self._budget
+        if budget is None:
+            return 0
+        # The shared budget (see ReceiveBudget); what is counted is never
+        # allocated, and never more than arrived: a reservation is counted
+        # as if every fragment were a full frame.
+        if frame.count > 1 and frame.index == 0:
+            charge = charge_all(frame) - sum(len(c.data) for _, c in self._early(frame))
+            return charge if budget.used + charge <= budget.limit else None
+        if frame.count > 1 and self._reserved.get(self._head(frame)) == charge_all(frame):
+            return 0  # its message's room (the same count: a fragment cannot claim more)
+        if frame.count == 1 and not ahead:
+            return 0  # a whole message next in order: delivered at once
+        size = len(frame.data)
+        if budget.loose + size > budget.limit // 2 or budget.used + size > budget.limit:
+            return None
+        return size
+
+    def _early(self, head: Stream) -> list[tuple[tuple[int, int], Stream]]:
+        """Fragments of `head`'s message held loose because they came first."""
+        early = []
+        for index in range(1, head.count):
+            key = (head.stream, (head.stream_seq + index) & 0xFFFFFFFF)
+            if key in self._charged:
+                chunk = self._held[key]
+                if chunk.count == head.count and chunk.index == index:
+                    early.append((key, chunk))
+        return early
+
+    @staticmethod
+    def _head(frame: Stream) -> tuple[int, int]:
+        """The key of the first fragment of `frame`'s message."""
+        return frame.stream, (frame.stream_seq - frame.index) & 0xFFFFFFFF
 
     def _on_stream(self, frame: Stream) -> bool:
         """Record one chunk; True if the sender should hear at once (the chunk
@@ -586,23 +638,44 @@ class Connection:
             if self._held:
                 self._release(stream, expected)
             return False
-        if self.seen(frame.seq) or not self._admit(frame):
+        if self.seen(frame.seq):
+            return True
+        charge = self._admit(frame)
+        if charge is None:
             return True
         out_of_order = frame.seq != self._una
         self._above.add(frame.seq)
         while self._una in self._above:
             self._above.discard(self._una)
             self._una += 1
-        self._held[(stream, frame.stream_seq)] = frame
-        self._hold(len(frame.data))
+        key = (stream, frame.stream_seq)
+        self._held[key] = frame
+        self._buffered += len(frame.data)
+        budget = self._budget
+        if budget is not None and frame.count > 1 and frame.index == 0:
+            for early_key, early in self._early(frame):  # now within the reservation
+                self._charged.discard(early_key)
+                budget.loose -= len(early.data)
+            self._reserved[key] = charge_all(frame)
+            budget.used += charge
+        elif budget is not None and charge:
+            self._charged.add(key)
+            budget.loose += charge
+            budget.used += charge
         self._release(stream, self._streams.setdefault(stream, 0))
         return out_of_order
 
     def _release(self, stream: int, expected: int) -> None:
         """Deliver the held chunks of `stream` that are next in order."""
         while (stream, expected) in self._held:
-            chunk = self._held.pop((stream, expected))
-            self._hold(-len(chunk.data))
+            key = (stream, expected)
+            chunk = self._held.pop(key)
+            self._buffered -= len(chunk.data)
+            if key in self._charged:
+                self._charged.discard(key)
+                assert self._budget is not None
+                self._budget.used -= len(chunk.data)
+                self._budget.loose -= len(chunk.data)
             expected = (expected + 1) & 0xFFFFFFFF
             self._deliver(chunk)
         self._streams[stream] = expected
@@ -615,24 +688,26 @@ class Connection:
         parts = self._partial.setdefault(chunk.stream, [])
         if chunk.index != len(parts):
             # A malformed sequence of fragments: start again at the next index 0.
-            self._hold(-sum(len(p) for p in parts))
+            self._buffered -= sum(len(p) for p in parts)
             del self._partial[chunk.stream]
+            # Its parts came in stream order, so its first fragment is that far back.
+            self._unreserve(chunk.stream, chunk.stream_seq - len(parts))
             if chunk.index != 0:
                 return
             parts = self._partial.setdefault(chunk.stream, [])
         parts.append(chunk.data)
-        self._hold(len(chunk.data))
+        self._buffered += len(chunk.data)
         if len(parts) == chunk.count:
             del self._partial[chunk.stream]
-            self._hold(-sum(len(p) for p in parts))
+            self._buffered -= sum(len(p) for p in parts)
+            self._unreserve(chunk.stream, chunk.stream_seq - chunk.index)
             self._events.append(PayloadReceived(chunk.stream, b"".join(parts)))
 
-    def _hold(self, size: int) -> None:
-        """Count `size` more (or, negative, fewer) bytes held for reassembly,
-        here and in the shared budget."""
-        self._buffered += size
-        if self._budget is not None:
-            self._budget.used += size
+    def _unreserve(self, stream: int, head_seq: int) -> None:
+        """A fragmented message is complete or abandoned: free its room."""
+        size = self._reserved.pop((stream, head_seq & 0xFFFFFFFF), 0)
+        if size and self._budget is not None:
+            self._budget.used -= size
 
     def _make_ack(self, now: float, max_ranges: int) -> Ack:
         ranges: list[tuple[int, int]] = []

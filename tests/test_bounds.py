@@ -23,6 +23,7 @@ from protocol import (
     Challenge,
     Deliver,
     ErrorCode,
+    Logout,
     Message,
     MsgId,
     Notice,
@@ -43,7 +44,7 @@ from protocol import (
     encode_packet,
     session_keys,
 )
-from reliability import STREAM_OVERHEAD, Connection, PayloadReceived, ReceiveBudget
+from reliability import STREAM_OVERHEAD, Connection, PayloadReceived, ReceiveBudget, charge_all
 from tests.clients import wait_until
 from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, start_server, stop_server
 from tests.conftest import test_config as server_config
@@ -280,59 +281,94 @@ def test_typing_notices_to_a_client_over_its_output_cap_are_dropped() -> None:
 # --- reassembly ----------------------------------------------------------------------
 
 
+def fragments(count: int, stop: int, stream: int = 1, size: int = 1000) -> list[Stream]:
+    """The first `stop` fragments of a message of `count` on a new stream."""
+    return [Stream(n, stream, n, n, count, bytes([n]) * size) for n in range(stop)]
+
+
+def feed(conn: Connection, frames: list[Stream]) -> None:
+    for frame in frames:
+        conn.next_pkt += 1  # a fresh packet number each (the receive side does not care)
+        conn.receive_packet(Packet(conn.session_id, conn.next_pkt, (frame,)), 1.0)
+
+
 def test_partial_messages_are_capped_in_total_across_connections() -> None:
     """Each connection keeps its own 256 KiB; together they keep the shared
-    budget, and a chunk over it is not taken (so not acked: resent later)."""
-    budget = ReceiveBudget(64 * 1024)
+    budget. A message's first fragment reserves room for all of it, so one
+    started always finishes; what does not fit is not taken (not acked:
+    resent later), and fragments that came before their first fragment take
+    at most half the budget."""
+    room = charge_all(fragments(60, 1)[0])
+    budget = ReceiveBudget(2 * room + room // 2)
     key = b"k" * 32
     conns = [Connection(bytes([i]) * 16, key, 0.0, budget=budget) for i in range(8)]
-    chunk = b"x" * 1000
-    taken = 0
-    for i, conn in enumerate(conns):
-        # The first 40 fragments of a message of 60, never finished.
-        frames = [Stream(n, 1, n, n, 60, chunk) for n in range(40)]
-        for n in range(0, 40, 1):
-            conn.receive_packet(Packet(conn.session_id, n + 1, (frames[n],)), 1.0)
-        taken += conn.buffered
-        assert budget.used == taken <= budget.limit, i
-    assert budget.used > budget.limit - len(chunk)
-    assert sum(c.buffered for c in conns[2:]) == 0  # refused: 64 KiB is full
-    # A session that ends gives its share back; the next is taken at once.
+    for conn in conns:
+        feed(conn, fragments(60, 40))  # 40 of 60, the rest to come
+        assert sum(c.buffered for c in conns) <= budget.used <= budget.limit
+        assert budget.loose <= budget.limit // 2
+    held = [c.buffered for c in conns]
+    assert held[:2] == [40_000, 40_000] and held[3:] == [0] * 5  # the old code: all 8
+    # The third's first fragment did not fit: some of the rest wait, loose.
+    assert 0 < held[2] == budget.loose and budget.used == 2 * room + budget.loose
+    # Out-of-order chunks count while they wait: refused now.
+    feed(conns[3], [Stream(0, 5, 1, 0, 1, b"z" * 1000)])
+    assert conns[3].buffered == 0
+    # A whole message next in order is never held: always taken.
+    feed(conns[3], [Stream(0, 2, 0, 0, 1, b"hi")])
+    assert PayloadReceived(2, b"hi") in conns[3].take_events()
+    # A message started finishes even with the budget full, and frees its room.
+    feed(conns[1], [Stream(n, 1, n, n, 60, bytes([n]) * 1000) for n in range(40, 60)])
+    whole = [e for e in conns[1].take_events() if isinstance(e, PayloadReceived)]
+    assert [len(e.payload) for e in whole] == [60_000]
+    assert conns[1].buffered == 0 and budget.used == room + budget.loose
+    # The third's first fragment is taken now; its early fragments move into its room.
+    feed(conns[2], fragments(60, 1))
+    assert budget.loose == 0 and budget.used == 2 * room
+    feed(conns[2], [Stream(n, 1, n, n, 60, bytes([n]) * 1000) for n in range(1, 60)])
+    whole = [e for e in conns[2].take_events() if isinstance(e, PayloadReceived)]
+    assert [len(e.payload) for e in whole] == [60_000]
+    assert budget.used == room
+    # A session that ends gives its room back.
     conns[0].close()
-    assert budget.used == conns[1].buffered
-    late = conns[2]
-    late.receive_packet(Packet(late.session_id, 99, (Stream(0, 1, 0, 0, 60, chunk),)), 2.0)
-    assert late.buffered == len(chunk)
-    # Whole single-chunk messages, in order, are never held: always taken.
-    late.receive_packet(Packet(late.session_id, 100, (Stream(1, 2, 0, 0, 1, b"hi"),)), 2.0)
-    assert [e for e in late.take_events() if isinstance(e, PayloadReceived)] == [
-        PayloadReceived(2, b"hi")
-    ]
+    assert budget.used == 0
 
 
-def test_the_relay_caps_reassembly_across_sessions_and_frees_it_at_logout() -> None:
+def test_the_relay_caps_reassembly_across_sessions_and_every_long_message_arrives() -> None:
+    """Four 40 KB messages at once with room for one: they take turns (the
+    old code held all four; a cap without reservations could leave four
+    halves waiting for room forever)."""
     cap = 48 * 1024
     world = World(max_reassembly=cap)
-    world.login("bob")
+    bob = world.login("bob")
     senders = [world.login(f"sender{i}") for i in range(4)]
     text = "y" * 40_000
     for i, sender in enumerate(senders):
-        # Every fragment but the last one leaves: the message never completes.
-        sender.keep = lambda f: f.count == 1 or f.index < f.count - 1
         sender.send(Send(MsgId(7, i + 1), "bob", text), conversation_stream("bob"))
     held: list[int] = []
-    for _ in range(300):
+    for _ in range(3000):
         world.step()
         held.append(world.relay.reassembly_bytes)
-    assert max(held) <= cap  # the old code held 4 x 40 KB
-    assert held[-1] > cap // 2
-    holders = [s for s in senders if world.session_of(s).conn.buffered]
-    assert 1 <= len(holders) < len(senders)
-    # A logout gives its share back.
-    before = world.relay.reassembly_bytes
-    share = world.session_of(holders[0]).conn.buffered
-    world.relay._end_session(world.session_of(holders[0]), world.now)
-    assert world.relay.reassembly_bytes == before - share
+        if len(bob.of(Deliver)) == len(senders):
+            break
+    assert sorted(d.sender for d in bob.of(Deliver)) == [s.name for s in senders]
+    assert {d.text for d in bob.of(Deliver)} == {text}
+    assert 0 < max(held) <= cap
+    assert world.relay.reassembly_bytes == 0
+
+
+def test_a_session_that_ends_gives_its_reassembly_room_back() -> None:
+    world = World()
+    world.login("bob")
+    mallory = world.login("mallory")
+    # Every fragment but the last one leaves: the message never completes.
+    mallory.keep = lambda f: f.count == 1 or f.index < f.count - 1
+    mallory.send(Send(MsgId(7, 1), "bob", "y" * 40_000), conversation_stream("bob"))
+    for _ in range(100):
+        world.step()
+    assert world.relay.reassembly_bytes > 40_000
+    mallory.send(Logout())
+    world.run_until(lambda: not world.relay.sessions.get(mallory.conn.session_id), 100, "logout")
+    assert world.relay.reassembly_bytes == 0
 
 
 # --- the whole server's memory ---------------------------------------------------------
