@@ -133,7 +133,7 @@ MAX_UNWRAPPING = 1000  # registrations waiting for the pool, at most
 #: Requests on the control stream that count as messages against the user's
 #: rate limits: each makes the server send something (RECEIPT and LOGOUT
 #: only finish what was sent).
-COUNTED_REQUESTS = frozenset({Kind.WHO, Kind.WATCH, Kind.TYPING})
+COUNTED_REQUESTS = frozenset(int(kind) for kind in (Kind.WHO, Kind.WATCH, Kind.TYPING))
 MAX_TYPING_PAIRS = 4096  # (sender, recipient) typing limiters kept, least recent evicted
 MEMORY_SAMPLE_INTERVAL = 0.5  # seconds between two reads of the resident memory
 SHORT_OF_MEMORY = "the server is short of memory; your messages wait"
