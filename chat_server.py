@@ -395,12 +395,13 @@ class Relay:
         self._collect(session, addr, now)
 
     def _may_take(self, session: Session, packet: Packet, now: float) -> bool:
-        """Whether to take the new chunks of this datagram: not while the
-        session's unacknowledged output is over its cap (its requests would
-        grow it), not new messages while the server is short of memory, and
-        within the user's budgets. Retransmitted chunks cost nothing."""
+        """Whether to take the new chunks of this datagram: not requests or
+        messages while the session's unacknowledged output is over its cap
+        (their answers would grow it; receipts and a logout do not), not new
+        messages while the server is short of memory, and within the user's
+        budgets. Retransmitted chunks cost nothing."""
         conn = session.conn
-        messages = size = 0
+        messages = requests = size = 0
         sends = False
         for frame in packet.frames:
             if isinstance(frame, Stream) and not conn.seen(frame.seq):
@@ -409,10 +410,10 @@ class Relay:
                     sends = True
                     messages += frame.index == 0
                 elif frame.index == 0 and frame.data and frame.data[0] in COUNTED_REQUESTS:
-                    messages += 1
+                    requests += 1
         if not size:
             return True
-        if conn.unacked_bytes >= self.config.max_unacked_output:
+        if (sends or requests) and conn.unacked_bytes >= self.config.max_unacked_output:
             # No notice either: it would add to the very output that is over.
             self.stats["withheld_output"] += 1
             self.drops("output cap: input waits for acks", session.addr, now, session.user.name)
@@ -422,7 +423,7 @@ class Relay:
             self.drops("short of memory: messages wait", session.addr, now, session.user.name)
             self._tell_limited(session, SHORT_OF_MEMORY, now)
             return False
-        return self._within_limits(session, messages, size, now)
+        return self._within_limits(session, messages + requests, size, now)
 
     def _within_limits(self, session: Session, messages: int, size: int, now: float) -> bool:
         """Per-user message and byte budgets (WHO, WATCH and TYPING count as

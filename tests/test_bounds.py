@@ -22,6 +22,7 @@ from protocol import (
     Ack,
     Challenge,
     Deliver,
+    Delivered,
     ErrorCode,
     Logout,
     Message,
@@ -216,6 +217,27 @@ def test_a_send_while_over_the_output_cap_waits_and_is_accepted_after_the_drain(
     world.run_until(lambda: bool(bob.of(Deliver)), 500, "the delivery")
     assert [d.text for d in bob.of(Deliver)] == [send.text]
     assert len(mallory.of(WhoReply)) == 1000
+
+
+def test_receipts_and_a_logout_pass_the_output_cap() -> None:
+    """They make no output for the session (a receipt's DELIVERED goes to
+    its sender): over the cap they are still taken, so output can only
+    fall, and a client can leave (unless a request waits ahead of them:
+    the control stream is in order)."""
+    cap = 256
+    world = World(max_unacked_output=cap)
+    bob = world.login("bob")
+    mallory = world.login("mallory")
+    mallory.acks = False
+    for _ in range(30):
+        mallory.send(Who())
+    world.step()
+    assert world.session_of(mallory).conn.unacked_bytes >= cap
+    bob.send(Send(MsgId(8, 1), "mallory", "for mallory"), conversation_stream("mallory"))
+    world.run_until(lambda: bool(bob.of(Delivered)), 100, "mallory's receipt")
+    assert world.session_of(mallory).conn.unacked_bytes >= cap
+    mallory.send(Logout())
+    world.run_until(lambda: mallory.conn.session_id not in world.relay.sessions, 100, "logout")
 
 
 # --- rate limits ---------------------------------------------------------------------
