@@ -79,6 +79,8 @@ MAX_STREAMS = 4096
 #: Across every session of a server (a `ReceiveBudget`): 20,000 sessions at
 #: MAX_BUFFERED_BYTES each would be 5 GiB (RELIABILITY.md 1.4: 32 MiB).
 MAX_BUFFERED_TOTAL = 32 * 1024 * 1024
+#: The most room one message reserves in that budget (see ReceiveBudget).
+MAX_ROOM = MAX_FRAGMENTS * MAX_FRAMES_SIZE
 #: How far ahead of `una` a chunk may be: twice the sender's window.
 RECV_WINDOW = 2 * MAX_WINDOW
 #: Chunks held for a gap in their stream, at most (RELIABILITY.md: <= 256).
@@ -135,14 +137,19 @@ class ReceiveBudget:
     its sessions so the total is capped, not only each session's share.
 
     A fragmented message's first fragment reserves room for all of it, so a
-    message once started always finishes. Chunks no reservation covers (out
-    of order, or fragments that came before their first) are `loose`: they
-    may take half the budget at most, so reservations always get room again
-    as started messages finish, and nothing waits for room for ever."""
+    message once started always finishes. What waits for a gap (chunks out
+    of order that no reservation covers, and the room of a first fragment
+    that came early) is `loose`: it may take half the budget at most, so a
+    first fragment next in order always gets room again as started messages
+    finish, and nothing waits for room for ever."""
 
     __slots__ = ("limit", "used", "loose")
 
     def __init__(self, limit: int = MAX_BUFFERED_TOTAL) -> None:
+        if limit < 2 * MAX_ROOM:
+            # Half of it must hold the longest message, whatever waits loose.
+            raise ValueError(f"a reassembly budget of {limit} bytes is too small: "
+                             f"it must be at least {2 * MAX_ROOM}")  # fmt: skip
         self.limit = limit
         self.used = 0  # reservations plus loose chunks, <= limit
         self.loose = 0  # <= limit // 2
@@ -209,6 +216,7 @@ class Connection:
         "_streams",
         "_held",
         "_partial",
+        "_partial_head",
         "_buffered",
         "_budget",
         "_reserved",
@@ -268,6 +276,8 @@ class Connection:
         self._streams: dict[int, int] = {}  # stream -> next stream_seq expected
         self._held: dict[tuple[int, int], Stream] = {}  # (stream, stream_seq) -> chunk
         self._partial: dict[int, list[bytes]] = {}
+        # stream -> (stream_seq, count) of the first fragment of its partial message
+        self._partial_head: dict[int, tuple[int, int]] = {}
         self._buffered = 0
         self._budget = budget  # shared with other connections; None: this one's cap only
         # What this connection counts in the budget: a reservation per
@@ -334,13 +344,14 @@ class Connection:
         """The session is over: give what it counted in the shared budget
         back (the connection is not used again)."""
         if self._budget is not None:
-            loose = sum(len(self._held[key].data) for key in self._charged)
-            self._budget.used -= sum(self._reserved.values()) + loose
-            self._budget.loose -= loose
+            for key in list(self._charged):
+                self._loosen(key, self._held[key])
+            self._budget.used -= sum(self._reserved.values())
         self._reserved.clear()
         self._charged.clear()
         self._held.clear()
         self._partial.clear()
+        self._partial_head.clear()
         self._buffered = 0
 
     @property
@@ -574,25 +585,32 @@ class Connection:
         if ahead and len(self._held) >= MAX_HELD:
             return None
         if frame.count > 1 and frame.index == 0 and frame.stream not in self._partial:
+            # First fragments that came early wait with the partial messages;
+            # one next in order never waits for them (they may wait for it).
             heads = sum(
                 1 for held in self._held.values()
                 if held.count > 1 and held.index == 0 and held.stream not in self._partial
-            )  # fmt: skip
+            ) if ahead else 0  # fmt: skip
             if len(self._partial) + heads >= MAX_PARTIAL_MESSAGES:
                 return None
         budget = self._budget
         if budget is None:
             return 0
         # The shared budget (see ReceiveBudget); what is counted is never
-        # allocated, and never more than arrived: a reservation is counted
-        # as if every fragment were a full frame.
+        # allocated, and never less than is held: a first fragment reserves
+        # its message's room as if every fragment were a full frame.
         if frame.count > 1 and frame.index == 0:
-            charge = charge_all(frame) - sum(len(c.data) for _, c in self._early(frame))
-            return charge if budget.used + charge <= budget.limit else None
+            early = sum(len(c.data) for _, c in self._early(frame))
+            charge = charge_all(frame) - early
+            if budget.used + charge > budget.limit:
+                return None
+            if ahead and budget.loose - early + charge_all(frame) > budget.limit // 2:
+                return None  # it waits for a gap: loose
+            return charge
+        if not ahead:
+            return 0  # delivered at once (a fragment: into its message's room, or dropped)
         if frame.count > 1 and self._reserved.get(self._head(frame)) == charge_all(frame):
             return 0  # its message's room (the same count: a fragment cannot claim more)
-        if frame.count == 1 and not ahead:
-            return 0  # a whole message next in order: delivered at once
         size = len(frame.data)
         if budget.loose + size > budget.limit // 2 or budget.used + size > budget.limit:
             return None
@@ -653,11 +671,14 @@ class Connection:
         self._buffered += len(frame.data)
         budget = self._budget
         if budget is not None and frame.count > 1 and frame.index == 0:
+            room = self._reserved[key] = charge_all(frame)
+            budget.used += charge
             for early_key, early in self._early(frame):  # now within the reservation
                 self._charged.discard(early_key)
                 budget.loose -= len(early.data)
-            self._reserved[key] = charge_all(frame)
-            budget.used += charge
+            if frame.stream_seq != self._streams.get(stream, 0):
+                self._charged.add(key)  # it waits for a gap: its room is loose until then
+                budget.loose += room
         elif budget is not None and charge:
             self._charged.add(key)
             budget.loose += charge
@@ -672,10 +693,7 @@ class Connection:
             chunk = self._held.pop(key)
             self._buffered -= len(chunk.data)
             if key in self._charged:
-                self._charged.discard(key)
-                assert self._budget is not None
-                self._budget.used -= len(chunk.data)
-                self._budget.loose -= len(chunk.data)
+                self._loosen(key, chunk)
             expected = (expected + 1) & 0xFFFFFFFF
             self._deliver(chunk)
         self._streams[stream] = expected
@@ -685,29 +703,60 @@ class Connection:
             if chunk.index == 0:
                 self._events.append(PayloadReceived(chunk.stream, chunk.data))
             return
-        parts = self._partial.setdefault(chunk.stream, [])
-        if chunk.index != len(parts):
+        stream = chunk.stream
+        parts = self._partial.get(stream)
+        if parts is not None and (
+            chunk.index != len(parts) or chunk.count != self._partial_head[stream][1]
+        ):
             # A malformed sequence of fragments: start again at the next index 0.
             self._buffered -= sum(len(p) for p in parts)
-            del self._partial[chunk.stream]
-            # Its parts came in stream order, so its first fragment is that far back.
-            self._unreserve(chunk.stream, chunk.stream_seq - len(parts))
+            del self._partial[stream]
+            self._unreserve(stream, self._partial_head.pop(stream)[0])
+            parts = None
+        if parts is None:
             if chunk.index != 0:
                 return
-            parts = self._partial.setdefault(chunk.stream, [])
+            parts = self._partial[stream] = []
+            self._partial_head[stream] = (chunk.stream_seq, chunk.count)
         parts.append(chunk.data)
         self._buffered += len(chunk.data)
         if len(parts) == chunk.count:
-            del self._partial[chunk.stream]
+            del self._partial[stream]
             self._buffered -= sum(len(p) for p in parts)
-            self._unreserve(chunk.stream, chunk.stream_seq - chunk.index)
-            self._events.append(PayloadReceived(chunk.stream, b"".join(parts)))
+            self._unreserve(stream, self._partial_head.pop(stream)[0])
+            self._events.append(PayloadReceived(stream, b"".join(parts)))
+
+    def _loosen(self, key: tuple[int, int], chunk: Stream) -> None:
+        """A chunk counted loose leaves the held ones (delivered, or the
+        session ends): a first fragment keeps its room, no longer loose."""
+        self._charged.discard(key)
+        budget = self._budget
+        assert budget is not None
+        room = self._reserved.get(key)
+        if room is not None:
+            budget.loose -= room
+        else:
+            budget.used -= len(chunk.data)
+            budget.loose -= len(chunk.data)
 
     def _unreserve(self, stream: int, head_seq: int) -> None:
-        """A fragmented message is complete or abandoned: free its room."""
+        """A fragmented message is complete or abandoned: free its room.
+        Fragments of it still held (abandoned by a malformed sequence) count
+        loose from now on, so the budget never counts less than is held."""
+        budget = self._budget
         size = self._reserved.pop((stream, head_seq & 0xFFFFFFFF), 0)
-        if size and self._budget is not None:
-            self._budget.used -= size
+        if not size or budget is None:
+            return
+        budget.used -= size
+        count = size // MAX_FRAMES_SIZE
+        for index in range(1, count):
+            key = (stream, (head_seq + index) & 0xFFFFFFFF)
+            chunk = self._held.get(key)
+            if chunk is not None and key not in self._charged:
+                if chunk.count == count and chunk.index == index:
+                    self._charged.add(key)
+                    budget.used += len(chunk.data)
+                    budget.loose += len(chunk.data)
 
     def _make_ack(self, now: float, max_ranges: int) -> Ack:
         ranges: list[tuple[int, int]] = []

@@ -7,6 +7,7 @@ the real loop, for the memory sampling, and one the command line."""
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,14 @@ from protocol import (
     encode_packet,
     session_keys,
 )
-from reliability import STREAM_OVERHEAD, Connection, PayloadReceived, ReceiveBudget, charge_all
+from reliability import (
+    MAX_ROOM,
+    STREAM_OVERHEAD,
+    Connection,
+    PayloadReceived,
+    ReceiveBudget,
+    charge_all,
+)
 from tests.clients import wait_until
 from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, start_server, stop_server
 from tests.conftest import test_config as server_config
@@ -356,14 +364,14 @@ def test_partial_messages_are_capped_in_total_across_connections() -> None:
 
 
 def test_the_relay_caps_reassembly_across_sessions_and_every_long_message_arrives() -> None:
-    """Four 40 KB messages at once with room for one: they take turns (the
-    old code held all four; a cap without reservations could leave four
-    halves waiting for room forever)."""
-    cap = 48 * 1024
+    """Six 60 KB messages at once with room for two: they take turns (the
+    old code held all six; a cap without reservations could leave six
+    halves waiting for room for ever)."""
+    cap = 2 * MAX_ROOM  # the least it can be
     world = World(max_reassembly=cap)
     bob = world.login("bob")
-    senders = [world.login(f"sender{i}") for i in range(4)]
-    text = "y" * 40_000
+    senders = [world.login(f"sender{i}") for i in range(6)]
+    text = "y" * 60_000
     for i, sender in enumerate(senders):
         sender.send(Send(MsgId(7, i + 1), "bob", text), conversation_stream("bob"))
     held: list[int] = []
@@ -441,3 +449,71 @@ def test_max_memory_must_be_a_positive_number_of_mib(
     assert "--max-memory" in capsys.readouterr().err
     assert build_parser().parse_args([]).max_memory == 512
     assert build_parser().parse_args(["--max-memory", "64"]).max_memory == 64
+
+
+def sender_plan(rng: random.Random, chunks: int, malformed: float) -> list[Stream]:
+    """What a sender would send on one stream: messages of 1 to 64
+    fragments, with a `malformed` share of fragments given a wrong index or
+    count."""
+    frames: list[Stream] = []
+    while len(frames) < chunks:
+        count = rng.choice([1, 1, 2, 3, 8, 20, 64])
+        for index in range(count):
+            seq = len(frames)
+            data = bytes([seq % 256]) * rng.randrange(1, 1100)
+            if rng.random() < malformed:
+                wrong = rng.choice([1, 2, 3, 8, 20, 64])
+                frames.append(Stream(seq, 1, seq, rng.randrange(wrong), wrong, data))
+            else:
+                frames.append(Stream(seq, 1, seq, index, count, data))
+    return frames
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_reassembly_budget_never_counts_less_than_is_held(seed: int) -> None:
+    """Six senders into connections sharing a budget that holds two of the
+    longest messages: chunks mostly in order, some early, and for half the
+    seeds some malformed. The budget stays under its limit, never below
+    what is held, and comes back to zero when they close; well-formed
+    senders all get everything through (nothing waits for room for ever)."""
+    rng = random.Random(seed)
+    budget = ReceiveBudget(2 * MAX_ROOM)  # the least it can be: two of the longest messages
+    conns = [Connection(bytes([i]) * 16, b"k" * 32, 0.0, budget=budget) for i in range(6)]
+    well_formed = seed < 6
+    plans = [sender_plan(rng, 400, 0.0 if well_formed else 0.03) for _ in conns]
+
+    una = [0] * len(conns)  # the first chunk each has not taken
+    for _ in range(40_000 if well_formed else 5_000):
+        open_ = [i for i in range(len(conns)) if una[i] < len(plans[i])]
+        if not open_:
+            break
+        i = rng.choice(open_)
+        seq = una[i] + rng.choice([0, 0, 1, 3, 10, 30, 60, 100])  # many come early
+        if seq < len(plans[i]):
+            feed(conns[i], [plans[i][seq]])
+        conns[i].take_events()
+        while conns[i].seen(una[i]):
+            una[i] += 1
+        assert sum(c.buffered for c in conns) <= budget.used <= budget.limit
+    if well_formed:
+        assert una == [len(plan) for plan in plans]
+        assert budget.used == budget.loose == 0
+    for conn in conns:
+        conn.close()
+    assert budget.used == budget.loose == 0
+
+
+def test_a_first_fragment_next_in_order_is_taken_with_four_early_ones_held() -> None:
+    """Four fragmented messages whose first fragments came before the one
+    next in order (the sender's first datagram was lost): the one next in
+    order is still taken. Before, it was refused for good (at most 4
+    partial messages, counting the early ones), and the stream stalled."""
+    conn = Connection(b"s" * 16, b"k" * 32, 0.0)
+    early = [Stream(2 * n, 1, 2 * n, 0, 2, b"h") for n in range(1, 5)]
+    feed(conn, early)
+    feed(conn, [Stream(0, 1, 0, 0, 2, b"a"), Stream(1, 1, 1, 1, 2, b"b")])
+    assert PayloadReceived(1, b"ab") in conn.take_events()
+    feed(conn, [Stream(2 * n + 1, 1, 2 * n + 1, 1, 2, b"t") for n in range(1, 5)])
+    assert [e for e in conn.take_events() if isinstance(e, PayloadReceived)] == [
+        PayloadReceived(1, b"ht")
+    ] * 4
