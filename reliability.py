@@ -216,11 +216,9 @@ class Connection:
         "_streams",
         "_held",
         "_partial",
-        "_partial_head",
         "_buffered",
         "_budget",
-        "_reserved",
-        "_charged",
+        "_counted",
         "_events",
         "_path_responses",
     )
@@ -275,16 +273,16 @@ class Connection:
         self._ack_count = 0
         self._streams: dict[int, int] = {}  # stream -> next stream_seq expected
         self._held: dict[tuple[int, int], Stream] = {}  # (stream, stream_seq) -> chunk
-        self._partial: dict[int, list[bytes]] = {}
-        # stream -> (stream_seq, count) of the first fragment of its partial message
-        self._partial_head: dict[int, tuple[int, int]] = {}
+        # stream -> (stream_seq and count of its first fragment, the parts so far)
+        self._partial: dict[int, tuple[int, int, list[bytes]]] = {}
         self._buffered = 0
         self._budget = budget  # shared with other connections; None: this one's cap only
-        # What this connection counts in the budget: a reservation per
-        # fragmented message, (stream, stream_seq of its first fragment) ->
-        # bytes, and the held chunks no reservation covers.
-        self._reserved: dict[tuple[int, int], int] = {}
-        self._charged: set[tuple[int, int]] = set()
+        # What this connection counts in the budget, by held or first
+        # fragment's (stream, stream_seq): (room, loose). A first fragment
+        # has the room of its message (loose too while it waits for a gap);
+        # a chunk that no room covers, (0, its size). Made at the first use:
+        # most sessions never hold anything.
+        self._counted: dict[tuple[int, int], tuple[int, int]] | None = None
         self._events: list[Event] = []
         self._path_responses: list[bytes] = []
 
@@ -343,15 +341,13 @@ class Connection:
     def close(self) -> None:
         """The session is over: give what it counted in the shared budget
         back (the connection is not used again)."""
-        if self._budget is not None:
-            for key in list(self._charged):
-                self._loosen(key, self._held[key])
-            self._budget.used -= sum(self._reserved.values())
-        self._reserved.clear()
-        self._charged.clear()
+        if self._budget is not None and self._counted:
+            for room, loose in self._counted.values():
+                self._budget.used -= room or loose
+                self._budget.loose -= loose
+        self._counted = None
         self._held.clear()
         self._partial.clear()
-        self._partial_head.clear()
         self._buffered = 0
 
     @property
@@ -609,7 +605,7 @@ class Connection:
             return charge
         if not ahead:
             return 0  # delivered at once (a fragment: into its message's room, or dropped)
-        if frame.count > 1 and self._reserved.get(self._head(frame)) == charge_all(frame):
+        if frame.count > 1 and self._room(self._head(frame)) == charge_all(frame):
             return 0  # its message's room (the same count: a fragment cannot claim more)
         size = len(frame.data)
         if budget.loose + size > budget.limit // 2 or budget.used + size > budget.limit:
@@ -618,14 +614,21 @@ class Connection:
 
     def _early(self, head: Stream) -> list[tuple[tuple[int, int], Stream]]:
         """Fragments of `head`'s message held loose because they came first."""
+        counted = self._counted
+        if not counted:
+            return []
         early = []
         for index in range(1, head.count):
             key = (head.stream, (head.stream_seq + index) & 0xFFFFFFFF)
-            if key in self._charged:
+            if counted.get(key, (1, 0))[0] == 0:
                 chunk = self._held[key]
                 if chunk.count == head.count and chunk.index == index:
                     early.append((key, chunk))
         return early
+
+    def _room(self, key: tuple[int, int]) -> int:
+        """The room reserved for the message whose first fragment is `key`."""
+        return self._counted.get(key, (0, 0))[0] if self._counted else 0
 
     @staticmethod
     def _head(frame: Stream) -> tuple[int, int]:
@@ -670,19 +673,22 @@ class Connection:
         self._held[key] = frame
         self._buffered += len(frame.data)
         budget = self._budget
-        if budget is not None and frame.count > 1 and frame.index == 0:
-            room = self._reserved[key] = charge_all(frame)
+        if budget is not None and (charge or (frame.count > 1 and frame.index == 0)):
+            if self._counted is None:
+                self._counted = {}
             budget.used += charge
-            for early_key, early in self._early(frame):  # now within the reservation
-                self._charged.discard(early_key)
-                budget.loose -= len(early.data)
-            if frame.stream_seq != self._streams.get(stream, 0):
-                self._charged.add(key)  # it waits for a gap: its room is loose until then
-                budget.loose += room
-        elif budget is not None and charge:
-            self._charged.add(key)
-            budget.loose += charge
-            budget.used += charge
+            if frame.count > 1 and frame.index == 0:
+                for early_key, early in self._early(frame):  # now within the reservation
+                    del self._counted[early_key]
+                    budget.loose -= len(early.data)
+                room = charge_all(frame)
+                # Until the gap before it fills, its room is loose.
+                loose = room if frame.stream_seq != self._streams.get(stream, 0) else 0
+                self._counted[key] = (room, loose)
+            else:
+                self._counted[key] = (0, charge)
+                loose = charge
+            budget.loose += loose
         self._release(stream, self._streams.setdefault(stream, 0))
         return out_of_order
 
@@ -692,8 +698,8 @@ class Connection:
             key = (stream, expected)
             chunk = self._held.pop(key)
             self._buffered -= len(chunk.data)
-            if key in self._charged:
-                self._loosen(key, chunk)
+            if self._counted and key in self._counted:
+                self._unhold(key)
             expected = (expected + 1) & 0xFFFFFFFF
             self._deliver(chunk)
         self._streams[stream] = expected
@@ -704,57 +710,54 @@ class Connection:
                 self._events.append(PayloadReceived(chunk.stream, chunk.data))
             return
         stream = chunk.stream
-        parts = self._partial.get(stream)
-        if parts is not None and (
-            chunk.index != len(parts) or chunk.count != self._partial_head[stream][1]
-        ):
+        partial = self._partial.get(stream)
+        if partial is not None and (chunk.index != len(partial[2]) or chunk.count != partial[1]):
             # A malformed sequence of fragments: start again at the next index 0.
-            self._buffered -= sum(len(p) for p in parts)
+            self._buffered -= sum(len(p) for p in partial[2])
             del self._partial[stream]
-            self._unreserve(stream, self._partial_head.pop(stream)[0])
-            parts = None
-        if parts is None:
+            self._unreserve(stream, partial[0])
+            partial = None
+        if partial is None:
             if chunk.index != 0:
                 return
-            parts = self._partial[stream] = []
-            self._partial_head[stream] = (chunk.stream_seq, chunk.count)
+            partial = self._partial[stream] = (chunk.stream_seq, chunk.count, [])
+        parts = partial[2]
         parts.append(chunk.data)
         self._buffered += len(chunk.data)
         if len(parts) == chunk.count:
             del self._partial[stream]
             self._buffered -= sum(len(p) for p in parts)
-            self._unreserve(stream, self._partial_head.pop(stream)[0])
+            self._unreserve(stream, partial[0])
             self._events.append(PayloadReceived(stream, b"".join(parts)))
 
-    def _loosen(self, key: tuple[int, int], chunk: Stream) -> None:
-        """A chunk counted loose leaves the held ones (delivered, or the
-        session ends): a first fragment keeps its room, no longer loose."""
-        self._charged.discard(key)
-        budget = self._budget
-        assert budget is not None
-        room = self._reserved.get(key)
-        if room is not None:
-            budget.loose -= room
+    def _unhold(self, key: tuple[int, int]) -> None:
+        """A counted chunk leaves the held ones: a first fragment keeps its
+        room (no longer loose), any other chunk is counted no more."""
+        assert self._counted is not None and self._budget is not None
+        room, loose = self._counted[key]
+        self._budget.loose -= loose
+        if room:
+            self._counted[key] = (room, 0)
         else:
-            budget.used -= len(chunk.data)
-            budget.loose -= len(chunk.data)
+            del self._counted[key]
+            self._budget.used -= loose
 
     def _unreserve(self, stream: int, head_seq: int) -> None:
         """A fragmented message is complete or abandoned: free its room.
         Fragments of it still held (abandoned by a malformed sequence) count
         loose from now on, so the budget never counts less than is held."""
-        budget = self._budget
-        size = self._reserved.pop((stream, head_seq & 0xFFFFFFFF), 0)
-        if not size or budget is None:
+        budget, counted = self._budget, self._counted
+        if budget is None or not counted:
             return
-        budget.used -= size
-        count = size // MAX_FRAMES_SIZE
+        room = counted.pop((stream, head_seq), (0, 0))[0]
+        budget.used -= room
+        count = room // MAX_FRAMES_SIZE
         for index in range(1, count):
             key = (stream, (head_seq + index) & 0xFFFFFFFF)
             chunk = self._held.get(key)
-            if chunk is not None and key not in self._charged:
+            if chunk is not None and key not in counted:
                 if chunk.count == count and chunk.index == index:
-                    self._charged.add(key)
+                    counted[key] = (0, len(chunk.data))
                     budget.used += len(chunk.data)
                     budget.loose += len(chunk.data)
 
