@@ -60,6 +60,7 @@ from protocol import (
     Delivereds,
     ErrorCode,
     Fail,
+    Frame,
     Hello,
     LocalProtocolError,
     Logout,
@@ -74,6 +75,8 @@ from protocol import (
     Refused,
     ScramKeys,
     Send,
+    Ticket,
+    TicketFrame,
     Typing,
     UnknownSession,
     Watch,
@@ -508,6 +511,9 @@ class _Worker:
         self.auth: tuple[bytes, ScramKeys, bytes] | None = None
         # The server's DH key seen at the first login with this store (pinned).
         self.pinned = self.store.server_key() if self.store is not None else None
+        # The server's login ticket for this instance: sent with each LOGIN,
+        # it gets the owner past failures strangers cause under this name.
+        self.ticket = self.store.ticket() if self.store is not None else None
         self.presence: dict[str, bool] = {}  # last reported, by name key
         self.watched: set[str] = set()  # presence wanted; asked again after each login
         self.unreported: list[_Outgoing] = []  # in the outbox; `sending` due after the commit
@@ -776,8 +782,11 @@ class _Worker:
             log.warning("ignoring a challenge: %s", exc)
             return
         self.auth = (message, keys, challenge.dh_public)
+        frames: tuple[Frame, ...] = (login,)
+        if self.ticket is not None:
+            frames += (TicketFrame(self.ticket),)
         self.login_datagram = encode_packet(
-            Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST
+            Packet(NO_SESSION, 0, frames), None, pad_to=MIN_PREAUTH_REQUEST
         )
         self.login_phase = "login"
         now = time.monotonic()  # PBKDF2 took a while
@@ -954,6 +963,10 @@ class _Worker:
             s._emit(ErrorEvent(message.code.label, message.message))
         elif isinstance(message, Typing):
             s._emit(TypingNotice(message.user))
+        elif isinstance(message, Ticket):
+            self.ticket = message.ticket
+            if self.store is not None and not self.store.locked:  # locked: a one-off instance
+                self.store.keep_ticket(message.ticket)
         elif isinstance(message, Bye):
             if message.code == ErrorCode.SERVER_SHUTDOWN:
                 s._emit(ErrorEvent(message.code.label, message.message))

@@ -1,10 +1,14 @@
 """The server's guards against floods and guessing: token buckets, login
-failure windows, stateless cookies and the login replay cache.
+failure windows, stateless cookies, login tickets and the record of
+verified LOGINs.
 
 Split from `chat_server.py` (which uses it) so the rules can be read, and
 tested with a fake clock, on their own. Nothing here reads a clock: `now`
-is passed in. Every table is bounded, so a flood from many addresses can
-only evict old entries, never grow memory without limit.
+is passed in, and it is the monotonic clock of the loop: everything that
+expires here (cookies, the LOGIN record, failure windows) runs on it, so a
+step of the wall clock opens nothing again. Every table is bounded; the
+limiters evict old entries when full, but the LOGIN record never does (see
+`ReplyCache`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from dataclasses import dataclass
 
 COOKIE_PERIOD = 120.0  # RELIABILITY.md: the cookie secret rotates every 120 s
 COOKIE_SIZE = 16
+TICKET_SIZE = 16
+#: Verified LOGINs remembered at most (each about 350 bytes): past it the
+#: cookie key changes instead of anything being forgotten (`LoginDesk`).
+MAX_RECORDED_LOGINS = 100_000
 MAX_TRACKED = 65_536  # addresses or names tracked by one limiter
 
 
@@ -105,52 +113,87 @@ class FailureWindow:
 
 def cookie(secret: bytes, period: int, addr: tuple[str, int], nonce: bytes, name: str) -> bytes:
     """The stateless cookie (SCRAM server nonce) for one login attempt from
-    one address: only a client that receives at `addr` can echo it."""
+    one address: only a client that receives at `addr` can echo it. `period`
+    counts COOKIE_PERIODs of the monotonic clock: `secret` must then be one
+    of this process (a monotonic clock means nothing to another)."""
     message = f"{period}|{addr[0]}|{addr[1]}|{name}|".encode() + nonce
     return hmac.new(secret, message, hashlib.sha256).digest()[:COOKIE_SIZE]
 
 
 def cookie_valid(
-    secret: bytes, wall: float, addr: tuple[str, int], nonce: bytes, name: str, value: bytes
+    secret: bytes, now: float, addr: tuple[str, int], nonce: bytes, name: str, value: bytes
 ) -> bool:
-    """True if `value` is the cookie of this or the previous period."""
-    period = int(wall // COOKIE_PERIOD)
+    """True if `value` is the cookie of this or the previous period of the
+    monotonic clock `now`: a cookie verifies for at most 2 * COOKIE_PERIOD."""
+    period = int(now // COOKIE_PERIOD)
     return any(
         hmac.compare_digest(cookie(secret, p, addr, nonce, name), value)
         for p in (period, period - 1)
     )
 
 
+def login_ticket(secret: bytes, key: str, instance_id: int, stored_key: bytes) -> bytes:
+    """The login ticket of one client instance of one account: an HMAC under
+    the server's persistent secret, so the server stores none and it holds
+    across restarts. The account's StoredKey is in it, so a ticket is only
+    ever good for the keys it was given with."""
+    message = b"|".join((b"login ticket", key.encode(), instance_id.to_bytes(8, "big"), stored_key))
+    return hmac.new(secret, message, hashlib.sha256).digest()[:TICKET_SIZE]
+
+
 @dataclass
 class CachedReply:
-    datagram: bytes
+    datagram: bytes | None  # None until the verdict is known (or if it was not sent)
     expires: float
 
 
 class ReplyCache:
-    """The answer given to each login nonce for a while: a retransmitted
-    LOGIN gets the same answer and is not counted again, and a replayed one
-    cannot create a second session."""
+    """The record of verified LOGINs: every LOGIN whose cookie verified, by
+    nonce and cookie, with the answer it got, kept for as long as its cookie
+    could verify (2 * COOKIE_PERIOD). A retransmission gets the same answer
+    and is not judged again; a replay, from anywhere, can never be judged
+    again either: while it is here it gets the recorded answer, after that
+    its cookie no longer verifies.
 
-    def __init__(self, keep: float = 2 * COOKIE_PERIOD, limit: int = 100_000) -> None:
+    Only a sender that receives at its address gets a cookie, so nothing
+    without one can add here; and nothing is ever evicted early: when the
+    record is full, `reserve` says so and the desk changes its cookie key,
+    which makes every recorded cookie (and every cookie given out) worthless
+    before the record is cleared."""
+
+    def __init__(self, keep: float = 2 * COOKIE_PERIOD, limit: int = MAX_RECORDED_LOGINS) -> None:
         self.keep = keep
         self.limit = limit
         self._replies: collections.OrderedDict[bytes, CachedReply] = collections.OrderedDict()
 
-    def get(self, nonce: bytes, now: float) -> bytes | None:
+    def get(self, key: bytes, now: float) -> CachedReply | None:
         self._expire(now)
-        cached = self._replies.get(nonce)
-        return cached.datagram if cached is not None else None
+        return self._replies.get(key)
 
-    def put(self, nonce: bytes, datagram: bytes, now: float) -> None:
-        self._replies[nonce] = CachedReply(datagram, now + self.keep)
-        self._replies.move_to_end(nonce)
-        if len(self._replies) > self.limit:
-            self._replies.popitem(last=False)
+    def reserve(self, key: bytes, now: float) -> bool:
+        """Record a verified LOGIN before it is judged; False when full."""
+        self._expire(now)
+        if len(self._replies) >= self.limit:
+            return False
+        self._replies[key] = CachedReply(None, now + self.keep)
+        return True
+
+    def answer(self, key: bytes, datagram: bytes) -> None:
+        """The answer a recorded LOGIN got (nothing if it is not recorded)."""
+        cached = self._replies.get(key)
+        if cached is not None:
+            cached.datagram = datagram
+
+    def clear(self) -> None:
+        self._replies.clear()
+
+    def __len__(self) -> int:
+        return len(self._replies)
 
     def _expire(self, now: float) -> None:
+        # Entries go in as `now` grows and all keep as long: the oldest first.
         while self._replies:
-            nonce, cached = next(iter(self._replies.items()))
+            key, cached = next(iter(self._replies.items()))
             if cached.expires > now:
                 break
-            del self._replies[nonce]
+            del self._replies[key]

@@ -1,10 +1,21 @@
 """The server's login desk: who is this client? SCRAM-SHA-256 checks behind
-a stateless cookie and failure windows, with no knowledge of sessions.
+a stateless cookie, a record of verified LOGINs and failure windows, with
+no knowledge of sessions.
 
 Split from `chat_server.py`, which asks the desk for a CHALLENGE to each
 HELLO and a verdict on each LOGIN, then opens sessions itself. The desk
 only computes HMACs (the client did the PBKDF2 work), never sees a
 password, and compares secrets in constant time.
+
+The rules, in the order a LOGIN meets them:
+- no valid cookie (this process's key, the last 2 periods of the monotonic
+  clock, this address): dropped, and nothing is kept;
+- already in the record of verified LOGINs: the recorded answer, judged
+  once only, so no replay ever opens a session or ends one;
+- failures per source address, and per name unless the LOGIN carries the
+  login ticket of an earlier session of that client instance (then per
+  name and instance): strangers' wrong passwords cannot lock out the owner,
+  and guessing stays at 5 per 30 s per name and per address.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import collections
 import hmac
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +34,7 @@ from chat_guard import (
     ReplyCache,
     cookie,
     cookie_valid,
+    login_ticket,
 )
 from chat_registry import Address, ServerConfig
 from chat_store import Account
@@ -57,6 +70,15 @@ class Verified:
     client_key: bytes
     message: bytes
     new: bool
+    ticketed: bool = False  # it carried this instance's valid login ticket
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A LOGIN judged before (a retransmission or a replay): its recorded
+    answer, None while the verdict waits (a registration) or if none was sent."""
+
+    datagram: bytes | None
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,12 @@ class Unwrap:
     job: tuple[int, bytes]
 
 
+def record_key(login: Login) -> bytes:
+    """A verified LOGIN's key in the record: its nonce and its cookie (which
+    names the address and the name too)."""
+    return login.nonce + login.cookie
+
+
 def fit(text: str, limit: int = 120) -> str:
     """Shorten an error text so a pre-login reply stays smaller than its request."""
     return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
@@ -83,18 +111,22 @@ class LoginDesk:
         self,
         config: ServerConfig,
         secret: bytes,
-        wall_clock: Callable[[], float],
         account_of: Callable[[str], Account | None],
         stats: collections.Counter[str],
     ) -> None:
         self.config = config
         self._secret = secret
-        self._wall_clock = wall_clock
+        # Cookies are keyed per process, on the monotonic clock: a restart
+        # (whose record of verified LOGINs is empty) voids every cookie given
+        # before, so a LOGIN captured before it cannot be judged after it.
+        self._cookie_key = secrets.token_bytes(32)
         self._account_of = account_of
         self.stats = stats
-        self.replies = ReplyCache()  # the answer to each recent LOGIN nonce
-        self._by_user = FailureWindow(config.login_failures, config.login_failure_period)
-        self._by_ip = FailureWindow(config.login_failures, config.login_failure_period)
+        self.replies = ReplyCache()  # every verified LOGIN, with its answer
+        window = (config.login_failures, config.login_failure_period)
+        self._by_ip = FailureWindow(*window)  # per source address, for everyone
+        self._by_user = FailureWindow(*window)  # per name, for LOGINs without a ticket
+        self._by_ticket = FailureWindow(*window)  # per name and instance, with a ticket
         self._registrations = BucketTable(config.registration_rate, config.registration_burst)
         # The static half of the registration key exchange, derived from the
         # server's persistent secret (so it survives restarts).
@@ -107,7 +139,15 @@ class LoginDesk:
         # changes, so probing cannot tell who has an account.
         return hmac.new(self._secret, b"salt|" + key.encode(), "sha256").digest()[:SALT_SIZE]
 
-    def challenge(self, hello: Hello, addr: Address) -> Challenge | Refused:
+    def ticket(self, key: str, instance_id: int, account: Account) -> bytes:
+        """The login ticket for this account and client instance."""
+        return login_ticket(self._secret, key, instance_id, account.stored_key)
+
+    def answered(self, login: Login, datagram: bytes) -> None:
+        """Record the answer sent to a verified LOGIN (for its retransmissions)."""
+        self.replies.answer(record_key(login), datagram)
+
+    def challenge(self, hello: Hello, addr: Address, now: float) -> Challenge | Refused:
         """SCRAM server-first, with the cookie that proves the address later."""
         try:
             key = name_key(normalize_name(hello.username))
@@ -118,32 +158,62 @@ class LoginDesk:
             salt, iterations = account.salt, account.iterations
         else:
             salt, iterations = self._salt_for_unknown(key), self.config.iterations
-        period = int(self._wall_clock() // COOKIE_PERIOD)
-        value = cookie(self._secret, period, addr, hello.nonce, key)
+        period = int(now // COOKIE_PERIOD)
+        value = cookie(self._cookie_key, period, addr, hello.nonce, key)
         return Challenge(hello.nonce, value, salt, iterations, self.dh_public)
 
     def check(
-        self, login: Login, addr: Address, now: float, *, defer_dh: bool = False
-    ) -> Verified | Refused | Unwrap | None:
-        """The verdict on a LOGIN: verified, refused (with the reply), or None
-        for a stale or forged cookie (dropped without a word). With
-        `defer_dh`, a registration comes back as `Unwrap` instead of making
-        the loop wait for its Diffie-Hellman secret."""
+        self, login: Login, addr: Address, now: float, *, ticket: bytes | None = None,
+        defer_dh: bool = False,
+    ) -> Verified | Refused | Unwrap | Answered | None:  # fmt: skip
+        """The verdict on a LOGIN: verified, refused (with the reply), the
+        recorded answer of one judged before, or None for a stale or forged
+        cookie (dropped without a word). `ticket`: from a TICKET frame beside
+        the LOGIN. With `defer_dh`, a registration comes back as `Unwrap`
+        instead of making the loop wait for its Diffie-Hellman secret."""
         try:
             name = normalize_name(login.username)
         except LocalProtocolError as exc:
+            # No cookie is ever given for such a name: answered, not recorded.
             return Refused(login.nonce, ErrorCode.INVALID_NAME, fit(str(exc)))
         key = name_key(name)
-        if not cookie_valid(self._secret, self._wall_clock(), addr, login.nonce, key,
-                            login.cookie):  # fmt: skip
+        if not cookie_valid(self._cookie_key, now, addr, login.nonce, key, login.cookie):
             return None
+        recorded = self.replies.get(record_key(login), now)
+        if recorded is not None:
+            return Answered(recorded.datagram)
+        if not self.replies.reserve(record_key(login), now):
+            # Full (MAX_RECORDED_LOGINS verified in 2 cookie periods). Nothing
+            # may be forgotten while its cookie verifies, so the cookies go
+            # instead: a new key voids them all, and with them the record.
+            # Handshakes under way start again from HELLO; this one, already
+            # verified, is judged (and recorded afresh).
+            log.warning("the record of verified logins is full (%d): new cookie key",
+                        len(self.replies))  # fmt: skip
+            self.stats["cookie_key_changes"] += 1
+            self._cookie_key = secrets.token_bytes(32)
+            self.replies.clear()
+            self.replies.reserve(record_key(login), now)
         ip = addr[0]
-        if self._by_user.blocked(key, now) or self._by_ip.blocked(ip, now):
-            wait = max(self._by_user.retry_after(key, now), self._by_ip.retry_after(ip, now))
+        account = self._account_of(key)
+        ticketed = (
+            ticket is not None
+            and account is not None
+            and hmac.compare_digest(ticket, self.ticket(key, login.instance_id, account))
+        )
+        # The owner's ticket skips the per-name window (which anyone can
+        # fill) for one of its own, per name and instance; the per-address
+        # window applies to everyone.
+        names, name_id = (
+            (self._by_ticket, f"{key}|{login.instance_id}") if ticketed else (self._by_user, key)
+        )
+        if names.blocked(name_id, now) or self._by_ip.blocked(ip, now):
+            wait = max(names.retry_after(name_id, now), self._by_ip.retry_after(ip, now))
             self.stats["login_throttled"] += 1
             text = f"too many failed logins; try again in {wait:.0f} s"
             return Refused(login.nonce, ErrorCode.RATE_LIMITED, text)
-        account = self._account_of(key)
+        if ticketed:
+            self.stats["logins_with_ticket"] += 1
         if account is None and not self._registrations.take(ip, 1, now):
             self.stats["registrations_throttled"] += 1
             text = "too many new accounts from your address; try again in a few seconds"
@@ -158,7 +228,7 @@ class LoginDesk:
             if defer_dh:
                 return pending
             return self.finish(pending, dh_secret(*pending.job), addr, now)
-        return self._verify(login, name, key, account, False, addr, now)
+        return self._verify(login, name, key, account, False, addr, now, ticketed=ticketed)
 
     def finish(
         self, pending: Unwrap, secret: bytes | None, addr: Address, now: float
@@ -176,16 +246,20 @@ class LoginDesk:
 
     def _verify(
         self, login: Login, name: str, key: str, account: Account, new: bool, addr: Address,
-        now: float,
+        now: float, *, ticketed: bool = False,
     ) -> Verified | Refused:  # fmt: skip
         message = auth_message(name, login.instance_id, login.nonce, login.cookie, account.salt,
                                account.iterations, login.dh_public, self.dh_public)  # fmt: skip
         self.stats["password_checks"] += 1
         client_key = verify_proof(account.stored_key, message, login.proof)
         if client_key is None:
-            self._by_user.record(key, now)
+            if ticketed:
+                self._by_ticket.record(f"{key}|{login.instance_id}", now)
+            else:
+                self._by_user.record(key, now)
             self._by_ip.record(addr[0], now)
             self.stats["login_failures"] += 1
             log.info("failed login for %s from %s:%d", name, *addr)
             return Refused(login.nonce, ErrorCode.BAD_PASSWORD, fit(f"wrong password for {name!r}"))
-        return Verified(account.name if not new else name, key, account, client_key, message, new)
+        return Verified(account.name if not new else name, key, account, client_key, message, new,
+                        ticketed)  # fmt: skip

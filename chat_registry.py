@@ -54,6 +54,12 @@ class ServerConfig:
     user_msg_burst: float = 500.0
     user_byte_rate: float = 1024 * 1024  # ... and bytes/s
     user_byte_burst: float = 2 * 1024 * 1024
+    # Before login, from all addresses together (datagrams/s): a flood from
+    # many addresses passes the per-address buckets, and each HELLO costs a
+    # CHALLENGE (about 25 us). Beyond it datagrams without a live session are
+    # dropped unread; 5,000/s still logs in 2,500 clients a second.
+    preauth_total_rate: float = 5000.0
+    preauth_total_burst: float = 10_000.0
 
     # Memory caps (RELIABILITY.md 1.4; issue 12). Past the output cap a
     # session's input waits (acks withheld) until its client acks what it

@@ -43,7 +43,7 @@ from chat_guard import (
 )
 from chat_keyx import Busy as KeyExchangeBusy
 from chat_keyx import KeyExchangeWorkers
-from chat_login import LoginDesk, Unwrap, Verified
+from chat_login import Answered, LoginDesk, Unwrap, Verified
 from chat_registry import Address, DropLog, Entry, Probe, ServerConfig, Session, User
 from chat_store import (
     Account,
@@ -55,11 +55,14 @@ from chat_store import (
 )
 from protocol import (
     CONTROL_STREAM,
+    FLAG_MAC,
+    MAGIC,
     MAX_TEXT_BYTES,
     MIN_PREAUTH_REQUEST,
     NO_SESSION,
     PBKDF2_ITERATIONS,
     PBKDF2_MIN_ITERATIONS,
+    VERSION,
     WHO_PAGE_MAX,
     Accept,
     Accepts,
@@ -87,6 +90,8 @@ from protocol import (
     RemoteProtocolError,
     Send,
     Stream,
+    Ticket,
+    TicketFrame,
     Typing,
     UnsupportedVersion,
     Watch,
@@ -137,6 +142,8 @@ COUNTED_REQUESTS = frozenset(int(kind) for kind in (Kind.WHO, Kind.WATCH, Kind.T
 MAX_TYPING_PAIRS = 4096  # (sender, recipient) typing limiters kept, least recent evicted
 MEMORY_SAMPLE_INTERVAL = 0.5  # seconds between two reads of the resident memory
 SHORT_OF_MEMORY = "the server is short of memory; your messages wait"
+#: The first 6 bytes of every datagram of a session: magic, version, MAC flag.
+SESSION_PREFIX = MAGIC + bytes((VERSION, FLAG_MAC))
 
 
 class Relay:
@@ -179,6 +186,9 @@ class Relay:
         self.stats: collections.Counter[str] = collections.Counter()
         cfg = self.config
         self._preauth = BucketTable(cfg.preauth_rate, cfg.preauth_burst)
+        # Everything without a live session, from all addresses together:
+        # spoofed or many-address floods pass the per-address buckets.
+        self._preauth_total = TokenBucket(cfg.preauth_total_rate, cfg.preauth_total_burst, 0.0)
         # LOGIN nonces whose account is being unwrapped or stored.
         self._registering: set[bytes] = set()
         self._unstored: set[str] = set()  # name keys registered, not yet committed
@@ -203,7 +213,10 @@ class Relay:
         else:
             self._secret = secrets.token_bytes(32)
             self._next_msg_id = 1
-        self.desk = LoginDesk(cfg, self._secret, wall_clock, self._account_of, self.stats)
+        # The wall clock is only for timestamps people see (`sent_ms`): what
+        # expires (cookies, the login record, failure windows, sessions)
+        # runs on the `now` the loop passes in, the monotonic clock.
+        self.desk = LoginDesk(cfg, self._secret, self._account_of, self.stats)
 
     def _account_of(self, key: str) -> Account | None:
         user = self.users.get(key)
@@ -243,6 +256,12 @@ class Relay:
         """Take one datagram; replies wait for `flush` (so they can be batched)."""
         self.stats["datagrams_in"] += 1
         self.stats["bytes_in"] += len(data)
+        if not self._for_session(data) and not self._preauth_total.take(1, now):
+            # Not for a live session and over the budget for all such
+            # traffic: dropped before any parsing, HMAC or allocation, so a
+            # flood costs little.
+            self.drops("pre-login budget", addr, now)
+            return
         try:
             self._receive(data, addr, now)
         except RemoteProtocolError as exc:
@@ -250,6 +269,26 @@ class Relay:
         except Exception:  # the loop must never die on input
             log.exception("bug while handling a datagram from %s:%d", *addr)
             self.drops("internal error", addr, now)
+
+    def _for_session(self, data: bytes) -> bool:
+        """Whether a datagram looks like one of a live session's: our magic
+        and version, a MAC, and the id (bytes 6..22) of a session we have.
+        Cheap, and only a first sort: its MAC is checked later."""
+        return data[:6] == SESSION_PREFIX and data[6:22] in self.sessions
+
+    def receive_batch(self, datagrams: list[tuple[bytes, Address]], now: float) -> None:
+        """Take what the loop read in one pass: datagrams of live sessions
+        first, then the rest (pre-login, unknown sessions, garbage), which
+        the pre-login budget may drop. A pre-login flood then delays no
+        session's datagram of the same pass."""
+        later: list[tuple[bytes, Address]] = []
+        for data, addr in datagrams:
+            if self._for_session(data):
+                self.receive(data, addr, now)
+            else:
+                later.append((data, addr))
+        for data, addr in later:
+            self.receive(data, addr, now)
 
     def run_durable(self, now: float) -> None:
         """Run what waited for the store to commit (ACCEPTs, registrations)
@@ -512,19 +551,19 @@ class Relay:
         frame = frames[0]
         size = len(data)
         if isinstance(frame, Hello):
-            self._reply(self.desk.challenge(frame, addr), size, addr, now)
-            return
-        cached = self.desk.replies.get(frame.nonce, now)
-        if cached is not None:
-            # A retransmitted LOGIN (or a replay): the same answer, no new work.
-            if len(cached) <= size:
-                self._out.append((cached, addr))
+            self._reply(self.desk.challenge(frame, addr, now), size, addr, now)
             return
         if frame.nonce in self._registering:
             return  # its account is on the way to the disk; the WELCOME follows
-        verdict = self.desk.check(frame, addr, now, defer_dh=self._unwrapper is not None)
+        tickets = [f.ticket for f in packet.frames if isinstance(f, TicketFrame)]
+        verdict = self.desk.check(frame, addr, now, ticket=tickets[0] if tickets else None,
+                                  defer_dh=self._unwrapper is not None)  # fmt: skip
         if verdict is None:
             self.drops("login with a stale or forged cookie", addr, now)
+        elif isinstance(verdict, Answered):
+            # A retransmitted LOGIN (or a replay): the same answer, no new work.
+            if verdict.datagram is not None and len(verdict.datagram) <= size:
+                self._out.append((verdict.datagram, addr))
         elif isinstance(verdict, Unwrap):
             self._unwrap(verdict, addr, size, now)
         else:
@@ -534,14 +573,12 @@ class Relay:
         self, frame: Login, verdict: Verified | Refused, addr: Address, size: int, now: float
     ) -> None:
         if isinstance(verdict, Refused):
-            datagram = self._reply(verdict, size, addr, now)
-            if datagram is not None and verdict.code != ErrorCode.RATE_LIMITED:
-                self.desk.replies.put(frame.nonce, datagram, now)
+            self._answer(frame, verdict, size, addr, now)
             return
         user = self.users.get(verdict.key)
         if len(self.sessions) >= self.config.max_sessions and (user is None or not user.session):
-            self._reply(Refused(frame.nonce, ErrorCode.SERVER_ERROR, "the server is full; try "
-                                "later"), size, addr, now)  # fmt: skip
+            self._answer(frame, Refused(frame.nonce, ErrorCode.SERVER_ERROR, "the server is full; "
+                                        "try later"), size, addr, now)  # fmt: skip
             return
         if user is None:
             user = self.users[verdict.key] = User(verdict.name, verdict.key, verdict.account)
@@ -581,7 +618,7 @@ class Relay:
         login = pending.login
         if self._unwrapping >= MAX_UNWRAPPING:
             text = "the server is busy registering new accounts; try again in a few seconds"
-            self._reply(Refused(login.nonce, ErrorCode.RATE_LIMITED, text), size, addr, now)
+            self._answer(login, Refused(login.nonce, ErrorCode.RATE_LIMITED, text), size, addr, now)
             return
         self._registering.add(login.nonce)
         self._unwrapping += 1
@@ -629,6 +666,12 @@ class Relay:
             self.stats["key_exchanges_pooled"] += 1
         self._on_verdict(login, self.desk.finish(pending, secret, addr, now), addr, size, now)
 
+    def _answer(self, login: Login, frame: Frame, limit: int, addr: Address, now: float) -> None:
+        """Answer a verified LOGIN, and record the answer for its retransmissions."""
+        datagram = self._reply(frame, limit, addr, now)
+        if datagram is not None:
+            self.desk.answered(login, datagram)
+
     def _reply(self, frame: Frame, limit: int, addr: Address, now: float) -> bytes | None:
         datagram = encode_packet(Packet(NO_SESSION, 0, (frame,)), None)
         if len(datagram) > limit:  # never amplify
@@ -665,10 +708,13 @@ class Relay:
         self.stats["logins"] += 1
         log.info("%s logged in from %s:%d", user.name, *addr)
         signature = server_signature(user.account.server_key, verdict.message)
-        welcome = self._reply(Welcome(login.nonce, session_id, signature, user.name), size,
-                              addr, now)  # fmt: skip
-        if welcome is not None:
-            self.desk.replies.put(login.nonce, welcome, now)
+        self._answer(login, Welcome(login.nonce, session_id, signature, user.name), size, addr,
+                     now)  # fmt: skip
+        if not verdict.ticketed:
+            # The owner's proof for later logins (skips the per-name failure
+            # budget strangers can fill), inside the MAC'd session.
+            self._send(session, Ticket(self.desk.ticket(user.key, login.instance_id,
+                                                        user.account)))  # fmt: skip
         # What waited for this user: messages first, in order, then receipts.
         for entry in user.mailbox.values():
             self._hand_over(user, entry)
@@ -1069,6 +1115,7 @@ class ChatServer:
                 except (BlockingIOError, InterruptedError):
                     pass
                 now = time.monotonic()
+                batch: list[tuple[bytes, Address]] = []
                 for _ in range(self.READ_BATCH):
                     try:
                         data, addr = self.socket.recvfrom(65535)
@@ -1077,7 +1124,8 @@ class ChatServer:
                     except OSError as exc:  # e.g. ICMP port unreachable on some systems
                         log.debug("recvfrom: %s", exc)
                         continue
-                    relay.receive(data, addr[:2], now)
+                    batch.append((data, addr[:2]))
+                relay.receive_batch(batch, now)  # sessions' datagrams first
                 self._sample_memory(now)
                 relay.run_durable(now)
                 self._send_all(relay.handle_timer(now))
@@ -1161,6 +1209,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="datagrams/s per address before login (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--preauth-total-rate", type=float, default=ServerConfig().preauth_total_rate,
+        metavar="N", help="datagrams/s before login from all addresses together; beyond it "
+        "they are dropped unread (default %(default)s; burst 2x)",
+    )  # fmt: skip
+    parser.add_argument(
         "--registration-rate", type=float, default=10.0, metavar="N",
         help="new accounts/s per address (default %(default)s; burst 20x)",
     )  # fmt: skip
@@ -1216,6 +1269,8 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=args.max_sessions, key_workers=args.key_workers,
     )  # fmt: skip
     config.max_memory = args.max_memory << 20
+    config.preauth_total_rate = args.preauth_total_rate
+    config.preauth_total_burst = 2 * args.preauth_total_rate
     try:
         server = ChatServer((args.host, args.port), config)
     except StoreLocked as exc:

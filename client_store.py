@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS identity (
     id INTEGER PRIMARY KEY CHECK (id = 1), dev INTEGER NOT NULL, ino INTEGER NOT NULL,
     path TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS login_ticket (instance_id INTEGER PRIMARY KEY, ticket BLOB NOT NULL);
 """
 # Added after the first release: stores made before get them on open. Rows
 # from then were shown when they arrived (DEFAULT 1).
@@ -319,6 +320,19 @@ class ClientStore:
     def pin_server_key(self, dh_public: bytes) -> None:
         self.begin()
         self.db.execute("INSERT OR IGNORE INTO server_key VALUES (1, ?)", (dh_public,))
+
+    def ticket(self) -> bytes | None:
+        """The server's login ticket for this instance id, if it gave one."""
+        row = self.db.execute(
+            "SELECT ticket FROM login_ticket WHERE instance_id=?", (_i64(self.instance_id),)
+        ).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def keep_ticket(self, ticket: bytes) -> None:
+        self.begin()
+        self.db.execute(
+            "INSERT OR REPLACE INTO login_ticket VALUES (?, ?)", (_i64(self.instance_id), ticket)
+        )
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):

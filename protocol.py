@@ -380,6 +380,7 @@ class FrameType(enum.IntEnum):
     UNKNOWN_SESSION = 10  # reply: no such session here (the server restarted); log in again
     PATH_CHALLENGE = 11  # "is this really you at this address?" (RFC 9000 8.2)
     PATH_RESPONSE = 12  # the answer, from the new address
+    TICKET = 13  # pre-auth, beside a LOGIN: the login ticket of an earlier session (optional)
 
 
 # The records built for every relayed message (a dozen per message on the
@@ -478,6 +479,19 @@ class Login:
 
 
 @dataclass(frozen=True)
+class TicketFrame:
+    """Optional, in the same datagram as a LOGIN: the ticket (`Ticket`) this
+    client instance got in an earlier session, its proof that it logged in
+    before. It lets the LOGIN past the per-name failure budget that strangers'
+    wrong passwords can fill; it proves nothing else (the password is still
+    checked). Sent only to a server that gave the ticket, so it understands it."""
+
+    TYPE: ClassVar[FrameType] = FrameType.TICKET
+    SPEC: ClassVar[tuple[str, ...]] = ("b16",)
+    ticket: bytes
+
+
+@dataclass(frozen=True)
 class Welcome:
     """Logged in. The session key is never sent: both sides derive it."""
 
@@ -530,15 +544,17 @@ class UnknownSession:
 
 _FRAMES = (
     Padding, Ack, Ping, Stream, Hello, Challenge, Login, Welcome, Refused, VersionFrame,
-    UnknownSession, PathChallenge, PathResponse,
+    UnknownSession, PathChallenge, PathResponse, TicketFrame,
 )  # fmt: skip
 Frame = (
     Padding | Ack | Ping | Stream | Hello | Challenge | Login | Welcome | Refused | VersionFrame
-    | UnknownSession | PathChallenge | PathResponse
+    | UnknownSession | PathChallenge | PathResponse | TicketFrame
 )  # fmt: skip
 FRAME_CLASSES: dict[int, type] = {cls.TYPE: cls for cls in _FRAMES}
 #: Frames that may arrive without a MAC: the login exchange and its hints.
-PREAUTH_FRAMES = (Padding, Hello, Challenge, Login, Welcome, Refused, VersionFrame, UnknownSession)
+PREAUTH_FRAMES = (
+    Padding, Hello, Challenge, Login, Welcome, Refused, VersionFrame, UnknownSession, TicketFrame,
+)  # fmt: skip
 
 
 #: STREAM frames are most of the traffic: their fixed part has its own struct.
@@ -761,6 +777,7 @@ class Kind(enum.IntEnum):
     ACCEPTS = 15  # server -> sender: several ACCEPTs
     RECEIPTS = 16  # client -> server: several RECEIPTs
     DELIVEREDS = 17  # server -> sender: several DELIVEREDs, to one recipient
+    TICKET = 18  # server -> client: a login ticket for this client instance (see TicketFrame)
 
 
 @dataclass(unsafe_hash=True)  # hot: see above
@@ -903,6 +920,17 @@ class Watch:
     user: str
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """The server's login ticket for this user and client instance, sent
+    inside the session after a login that did not carry a valid one. The
+    client keeps it and sends it back (`TicketFrame`) with later LOGINs."""
+
+    KIND: ClassVar[Kind] = Kind.TICKET
+    SPEC: ClassVar[tuple[str, ...]] = ("b16",)
+    ticket: bytes
+
+
 Message = (
     Send
     | Accept
@@ -921,6 +949,7 @@ Message = (
     | Bye
     | Typing
     | Watch
+    | Ticket
 )
 MESSAGE_CLASSES: dict[int, type] = {
     cls.KIND: cls
@@ -942,6 +971,7 @@ MESSAGE_CLASSES: dict[int, type] = {
         Bye,
         Typing,
         Watch,
+        Ticket,
     )
 }
 
