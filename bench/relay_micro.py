@@ -46,7 +46,7 @@ from bench.loadgen import (
 )
 from chat_server import Outgoing, Relay, ServerConfig
 from chat_store import ServerStore
-from protocol import Challenge, ProtocolError, Refused, Welcome, decode_packet
+from protocol import FLAG_MAC, Challenge, ProtocolError, Refused, Welcome, decode_packet
 from reliability import PayloadReceived
 
 Addr = tuple[str, int]
@@ -74,7 +74,8 @@ def make_relay(data_dir: Path | None = None) -> Relay:
         data_dir=data_dir, iterations=4096, rto_min=RTO_MIN, rto_max=RTO_MAX,
         preauth_rate=1e9, preauth_burst=1e9, user_msg_rate=1e9, user_msg_burst=1e9,
         user_byte_rate=1e12, user_byte_burst=1e12, max_sessions=10**6,
-        registration_rate=1e9, registration_burst=1e9,
+        registration_rate=1e9, registration_burst=1e9, preauth_total_rate=1e9,
+        preauth_total_burst=1e9,
     ), store=store)  # fmt: skip
     if store is not None:
         store.start()
@@ -110,6 +111,10 @@ def log_in(relay: Relay, names: Iterable[str], salted: SaltCache) -> dict[str, H
             relay.receive(h.datagram, addr, time.monotonic())
             now = time.monotonic()
             for data, _ in relay.flush(now) + settle(relay, now):
+                if data[5] & FLAG_MAC:  # the new session's own: its login ticket
+                    if h.conn is not None:
+                        h.conn.receive_datagram(data, now)
+                    continue
                 for frame in decode_packet(data, None).frames:
                     if isinstance(frame, (Challenge, Welcome, Refused)):
                         login_reply(h, frame, active, salted, False)

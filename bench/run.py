@@ -229,6 +229,7 @@ def start_server(
     command = [
         sys.executable, *script, "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data),
         "--pbkdf2-iterations", str(ITERATIONS), "--preauth-rate", "1000000",
+        "--preauth-total-rate", "1000000",
         "--user-msg-rate", "1000000", "--max-sessions", "1000000", "--registration-rate", "1000000",
         "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning",
     ]  # fmt: skip
