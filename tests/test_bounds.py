@@ -106,6 +106,9 @@ class World:
         conn = Connection(welcome.session_id, to_server, self.now, peer_key=to_client,
                           rto_min=RTO_MIN, rto_max=RTO_MAX)  # fmt: skip
         client = self.clients[name] = self._by_addr[addr] = Client(name, addr, conn)
+        # What the session sent beside its WELCOME (its login ticket) is the
+        # first chunk of its control stream: without it the rest would wait.
+        self._to_clients([(d, a) for d, a in out if preauth_frame(d) is None])
         self.step()
         return client
 
