@@ -20,11 +20,13 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import gc
 import heapq
 import itertools
 import logging
+import math
 import os
 import queue
 import secrets
@@ -50,6 +52,7 @@ from chat_store import (
     Loaded,
     ServerStore,
     StoredMessage,
+    StoreError,
     StoreLocked,
     default_data_dir,
 )
@@ -124,7 +127,9 @@ from reliability import (
     ReceiveBudget,
 )
 
-__all__ = ["ChatServer", "Relay", "ServerConfig", "StoreLocked", "main"]
+__all__ = [
+    "ChatServer", "ListenError", "Relay", "ServerConfig", "StoreError", "StoreLocked", "main",
+]  # fmt: skip
 
 log = logging.getLogger("chat_server")
 
@@ -1023,6 +1028,12 @@ def resident_memory() -> int | None:
         return None
 
 
+class ListenError(OSError):
+    """The socket could not be bound to the server's address. `errno` and
+    `strerror` are the system's; `__cause__` is the original error (a
+    `socket.gaierror` when the host could not be resolved)."""
+
+
 class ChatServer:
     """A relay bound to a UDP address (port 0 picks a free one; `.address` is
     the real one). `serve_forever()` runs the loop on the calling thread until
@@ -1036,23 +1047,28 @@ class ChatServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.store: ServerStore | None = None
-        if config.data_dir is not None:
-            try:
+        self._unwrapper: KeyExchangeWorkers | None = None
+        try:
+            if config.data_dir is not None:
                 self.store = ServerStore(config.data_dir, notify=self._wake)
-            except BaseException:
-                self._wake_r.close()
-                self._wake_w.close()
-                raise
-        # Registrations' key exchanges run in worker processes (chat_keyx).
-        self._unwrapper = KeyExchangeWorkers(config.key_workers) if config.key_workers else None
-        self.relay = Relay(config, store=self.store, unwrapper=self._unwrapper, wake=self._wake)
+            # Registrations' key exchanges run in worker processes (chat_keyx).
+            if config.key_workers:
+                self._unwrapper = KeyExchangeWorkers(config.key_workers)
+            self.relay = Relay(config, store=self.store, unwrapper=self._unwrapper, wake=self._wake)
+        except BaseException:  # a StoreError from opening or loading the store
+            self._release()
+            raise
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.socket = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:  # no IPv6 here
+            self._release()
+            raise ListenError(exc.errno, exc.strerror) from exc
         try:
             self.socket.bind(address)
-        except OSError:
+        except OSError as exc:  # a gaierror too: the host was looked up here
             self.close()
-            raise
+            raise ListenError(exc.errno, exc.strerror) from exc
         self.socket.setblocking(False)
         # A deep receive queue rides out bursts instead of dropping them
         # (the kernel caps it at net.core.rmem_max).
@@ -1077,9 +1093,14 @@ class ChatServer:
 
     def close(self) -> None:
         """Close the socket and the store (committing what is queued)."""
+        self.socket.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Stop the key-exchange workers, close the store and the wake-up pair."""
         if self._unwrapper is not None:
             self._unwrapper.shutdown()
-        self.socket.close()
+            self._unwrapper = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -1158,9 +1179,12 @@ class ChatServer:
 
 
 def _address(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
     if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError("a port is 0..65535")
+        raise argparse.ArgumentTypeError(f"{port} is not a port: a port is 0..65535")
     return port
 
 
@@ -1172,6 +1196,42 @@ def _mebibytes(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number of MiB")
     return value
+
+
+def _number(text: str) -> float:
+    """A finite float: argparse's `float` takes "nan" and "inf", which would
+    make every timer or rate comparison false or true for ever."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number above 0 (a timeout, a rate)."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the least allowed, {minimum}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"  # argparse's fallback message names it
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1192,51 +1252,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="how much to log on stderr (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--session-timeout", type=float, default=60.0, metavar="SECONDS",
-        help="silence after which a session expires (default %(default)s)",
+        "--session-timeout", type=positive, default=60.0, metavar="SECONDS",
+        help="silence after which a session expires; above 0 (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--data-dir", type=Path, default=None, metavar="DIR",
         help=f"where accounts and waiting messages are kept (default {default_data_dir()})",
     )  # fmt: skip
     parser.add_argument(
-        "--pbkdf2-iterations", type=int, default=PBKDF2_ITERATIONS, metavar="N",
-        help="PBKDF2 iterations for new accounts, done by clients (default %(default)s; "
-        "tests and benchmarks lower it)",
+        "--pbkdf2-iterations", type=at_least(PBKDF2_MIN_ITERATIONS), default=PBKDF2_ITERATIONS,
+        metavar="N", help="PBKDF2 iterations for new accounts, done by clients; at least "
+        f"{PBKDF2_MIN_ITERATIONS} (default %(default)s; tests and benchmarks lower it)",
     )  # fmt: skip
     parser.add_argument(
-        "--preauth-rate", type=float, default=500.0, metavar="N",
-        help="datagrams/s per address before login (default %(default)s)",
+        "--preauth-rate", type=positive, default=500.0, metavar="N",
+        help="datagrams/s per address before login; above 0 (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--preauth-total-rate", type=float, default=ServerConfig().preauth_total_rate,
+        "--preauth-total-rate", type=positive, default=ServerConfig().preauth_total_rate,
         metavar="N", help="datagrams/s before login from all addresses together; beyond it "
-        "they are dropped unread (default %(default)s; burst 2x)",
+        "they are dropped unread; above 0 (default %(default)s; burst 2x)",
     )  # fmt: skip
     parser.add_argument(
-        "--registration-rate", type=float, default=10.0, metavar="N",
-        help="new accounts/s per address (default %(default)s; burst 20x)",
+        "--registration-rate", type=positive, default=10.0, metavar="N",
+        help="new accounts/s per address; above 0 (default %(default)s; burst 20x)",
     )  # fmt: skip
     parser.add_argument(
-        "--user-msg-rate", type=float, default=200.0, metavar="N",
-        help="new messages/s per user (default %(default)s; burst 2.5x)",
+        "--user-msg-rate", type=positive, default=200.0, metavar="N",
+        help="new messages/s per user; above 0 (default %(default)s; burst 2.5x)",
     )  # fmt: skip
     parser.add_argument(
-        "--key-workers", type=int, default=ServerConfig().key_workers, metavar="N",
+        "--key-workers", type=at_least(0), default=ServerConfig().key_workers, metavar="N",
         help="processes for the registrations' key exchange; 0: on the main loop "
         "(default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-sessions", type=int, default=20_000, metavar="N",
-        help="logged-in sessions at most (default %(default)s)",
+        "--max-sessions", type=at_least(1), default=20_000, metavar="N",
+        help="logged-in sessions at most; 1 or more (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--rto-min", type=float, default=RTO_MIN, metavar="SECONDS",
-        help="smallest retransmission timeout (default %(default)s)",
+        "--rto-min", type=positive, default=RTO_MIN, metavar="SECONDS",
+        help="smallest retransmission timeout; above 0 (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--rto-max", type=float, default=RTO_MAX, metavar="SECONDS",
-        help="largest retransmission timeout (default %(default)s)",
+        "--rto-max", type=positive, default=RTO_MAX, metavar="SECONDS",
+        help="largest retransmission timeout; at least --rto-min (default %(default)s)",
     )  # fmt: skip
     # Memory caps (issue 12).
     parser.add_argument(
@@ -1247,19 +1307,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def listen_problem(host: str, port: int, exc: ListenError) -> str:
+    """The one line saying why the server cannot listen on host:port; the
+    hint about another server only where the port is taken."""
+    if isinstance(exc.__cause__, socket.gaierror):
+        return (f"cannot resolve --host {host}: {exc.strerror}; give an address of this "
+                "machine (e.g. 127.0.0.1, or 0.0.0.0 for all)")  # fmt: skip
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"--host {host} is not an address of this machine; give one of its "
+                "addresses (e.g. 127.0.0.1, or 0.0.0.0 for all)")  # fmt: skip
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {host}:{port}: {exc.strerror}; is another server running "
+                "there? Try --port 0.")  # fmt: skip
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        return (f"permission denied for port {port} (ports below 1024 need root); "
+                "pick --port 1024 or above")  # fmt: skip
+    if exc.errno == errno.EAFNOSUPPORT:
+        return f"cannot listen on {host}: {exc.strerror} (is IPv6 off on this machine?)"
+    return f"cannot listen on {host}:{port}: {exc.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rto_max < args.rto_min:
+        parser.error(f"argument --rto-max: {args.rto_max} is below --rto-min ({args.rto_min})")
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.pbkdf2_iterations < PBKDF2_MIN_ITERATIONS:
-        print(f"chat-server: --pbkdf2-iterations must be at least {PBKDF2_MIN_ITERATIONS}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    if args.key_workers < 0:
-        print("chat-server: --key-workers must be 0 or more", file=sys.stderr)
-        return 2
     config = ServerConfig(
         session_timeout=args.session_timeout, rto_min=args.rto_min, rto_max=args.rto_max,
         data_dir=args.data_dir or default_data_dir(), iterations=args.pbkdf2_iterations,
@@ -1271,14 +1347,15 @@ def main(argv: list[str] | None = None) -> int:
     config.max_memory = args.max_memory << 20
     config.preauth_total_rate = args.preauth_total_rate
     config.preauth_total_burst = 2 * args.preauth_total_rate
+    # Every problem found at start-up is one line naming what is wrong and
+    # exit status 2 (a usage error, as argparse's own).
     try:
         server = ChatServer((args.host, args.port), config)
-    except StoreLocked as exc:
+    except StoreError as exc:  # the data directory or its database
         print(f"chat-server: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"chat-server: cannot listen on {args.host}:{args.port}: {exc.strerror}; "
-              "is another server running there? Try --port 0.", file=sys.stderr)  # fmt: skip
+    except ListenError as exc:
+        print(f"chat-server: {listen_problem(args.host, args.port, exc)}", file=sys.stderr)
         return 2
 
     def stop(signum: int, frame: _StackFrame | None) -> None:

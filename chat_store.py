@@ -9,12 +9,17 @@ the committed operations on `done` and calls `notify()` so the loop runs
 them. That is how an ACCEPT waits for the disk while forwarding does not.
 
 At start-up, before the loop runs, `load()` reads everything back. The
-directory is locked so that two servers never share it.
+directory is locked so that two servers never share it. Whatever keeps the
+store from opening (a data directory that is a file, not writable or on a
+read-only mount, a damaged or foreign chat.db, a full disk) is raised as a
+`StoreError` whose message names the path, the cause and what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import logging
 import os
 import queue
@@ -23,16 +28,20 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 log = logging.getLogger("chat_store")
 
 MAX_BATCH = 5000  # operations in one transaction at most
 DEDUP_KEEP_S = 7 * 24 * 3600  # keep dedup keys at least 7 days (RELIABILITY.md 1.3)
 RETRY_S = 1.0  # between attempts at a batch whose commit failed (a full disk)
+FAILURE_LOG_S = 10.0  # one log line per this many seconds while commits keep failing
+# Free bytes below which a failed write (that SQLite reports only as an I/O
+# error or a file it cannot open) is put down to a full disk.
+LOW_SPACE = 64 * 1024
 ID_BLOCK = 10_000  # server_msg_ids reserved per durable write, never reused after a crash
 
 SCHEMA = """
@@ -60,8 +69,107 @@ CREATE TABLE IF NOT EXISTS notices (
 """
 
 
-class StoreLocked(Exception):
+class StoreError(Exception):
+    """The data directory or its database cannot be used. The message names
+    the path and the cause and says what to do; the server prints it as its
+    one line and exits with status 2."""
+
+
+class StoreLocked(StoreError):
     """Another server holds this data directory."""
+
+
+# What went wrong with the store's files, in the words both the start-up
+# error and the log of a failing commit use.
+DISK_FULL = "disk full"
+READ_ONLY = "read-only file system"
+NOT_WRITABLE = "permission denied"
+NOT_A_DIRECTORY = "not a directory"
+NOT_A_DATABASE = "not a database"
+DAMAGED = "damaged"
+
+
+def failure_cause(exc: BaseException, directory: Path) -> tuple[str, str]:
+    """(kind, detail) of a failed operation on the store's files: kind is one
+    of the constants above or "" when it is none of them; detail is what the
+    system or SQLite said. SQLite reports some failures only as "disk I/O
+    error" or "unable to open database file", so for those the directory is
+    looked at: a read-only mount, no write permission, no space left."""
+    detail = str(exc)
+    if isinstance(exc, OSError):
+        detail = exc.strerror or detail
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DISK_FULL, detail
+        if exc.errno == errno.EROFS:
+            return READ_ONLY, detail
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return NOT_WRITABLE, detail
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+            return NOT_A_DIRECTORY, detail
+        return "", detail
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+    if code == sqlite3.SQLITE_FULL:
+        return DISK_FULL, detail
+    if code == sqlite3.SQLITE_NOTADB:
+        return NOT_A_DATABASE, detail
+    if code == sqlite3.SQLITE_CORRUPT:
+        return DAMAGED, detail
+    if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
+        return _directory_state(directory), detail
+    return "", detail
+
+
+def _directory_state(directory: Path) -> str:
+    """Why writing in `directory` may fail, as far as can be seen from outside."""
+    try:
+        stat = os.statvfs(directory)
+    except (OSError, AttributeError):  # gone, or Windows (no statvfs)
+        return ""
+    if stat.f_flag & os.ST_RDONLY:
+        return READ_ONLY
+    if not os.access(directory, os.W_OK):
+        return NOT_WRITABLE
+    if stat.f_bavail * stat.f_frsize < LOW_SPACE:
+        return DISK_FULL
+    return ""
+
+
+def start_up_message(exc: BaseException, directory: Path, path: Path) -> str:
+    """The one line saying why the store in `directory` cannot be used, after
+    `exc` while working on `path` (the directory, its lock or its database)."""
+    kind, detail = failure_cause(exc, directory)
+    if kind == DISK_FULL:
+        return f"no space left on device writing {path} (disk full); free some space"
+    if kind == READ_ONLY:
+        return (f"cannot write in {directory}: it is on a read-only file system; "
+                "mount it read-write or pick another --data-dir")  # fmt: skip
+    if kind == NOT_WRITABLE:
+        return (f"cannot write in {directory}: permission denied ({detail}); make it "
+                "writable for this user or pick another --data-dir")  # fmt: skip
+    if kind == NOT_A_DIRECTORY:
+        what = "is a file" if directory.exists() else "has a file where a directory should be"
+        return f"--data-dir {directory} {what}, not a directory; pass --data-dir a directory"
+    if kind == NOT_A_DATABASE:
+        return (f"{path} is not a chat-server database ({detail}); move it away or pick "
+                "another --data-dir")  # fmt: skip
+    if kind == DAMAGED:
+        return (f"{path} is damaged ({detail}); restore it from a backup, or move it away "
+                "to start with an empty store")  # fmt: skip
+    return f"cannot use {path}: {detail}; check it or pick another --data-dir"
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _start_up(method: _Method) -> _Method:
+    """Raise what goes wrong in a start-up step of `ServerStore` as a `StoreError`."""
+
+    @functools.wraps(method)
+    def wrapper(self: ServerStore, *args: Any, **kwargs: Any) -> Any:
+        with self._explained(self.path):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -136,16 +244,20 @@ class ServerStore:
 
     def __init__(self, data_dir: Path, *, notify: Callable[[], None] = lambda: None) -> None:
         self.data_dir = data_dir
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = data_dir / "chat.db"
+        with self._explained(data_dir):
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(OSError):
             data_dir.chmod(0o700)
         try:
-            self._lock = lock_file(data_dir / "server.lock")
+            # The first file written: a directory that is not writable, on a
+            # read-only mount or a file is found out here.
+            with self._explained(data_dir):
+                self._lock = lock_file(data_dir / "server.lock")
         except StoreLocked:
             raise StoreLocked(
                 f"another chat-server is using {data_dir}; stop it or pick another --data-dir"
             ) from None
-        self.path = data_dir / "chat.db"
         self.notify = notify
         self.done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         # Writes queued by the loop during one pass, handed over together by
@@ -155,7 +267,11 @@ class ServerStore:
         self._ops: queue.SimpleQueue[list[tuple[Op, Callable[[], None] | None]] | None] = (
             queue.SimpleQueue()
         )
-        self._db = self._connect()
+        try:
+            self._db = self._connect()
+        except BaseException:
+            self._lock.close()
+            raise
         # Bound parameters per statement (SQLite's default is 32,766; older ones 999).
         self._max_variables = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         # Read-only lookups from the loop thread (WAL lets them run beside the writer).
@@ -165,15 +281,32 @@ class ServerStore:
         self._closing = threading.Event()
         self.commits = 0
 
+    @contextlib.contextmanager
+    def _explained(self, path: Path) -> Iterator[None]:
+        """Raise a failure of the store's files as a `StoreError` that says
+        what is wrong with `path` and what to do."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(start_up_message(exc, self.data_dir, path)) from exc
+
+    @_start_up
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # an ACCEPT means it is on the disk
-        db.executescript(SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # an ACCEPT means it is on the disk
+            db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
         return db
 
     # --- start-up (before the loop runs; on the caller's thread) -------------
 
+    @_start_up
     def load(self, now_ms: int) -> Loaded:
         db = self._db
         row = db.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
@@ -279,24 +412,48 @@ class ServerStore:
                     break
                 batch.extend(more)
             ops = [op for op, _ in batch]
+            failures = 0
+            failing_since = next_log = 0.0
             while True:
                 try:
                     self._apply(ops)
                     break
-                except Exception:
+                except Exception as exc:
                     # Nothing of this batch may be reported durable (and no
                     # later batch may commit before it, or a retried SEND's
-                    # barrier would pass): try the same batch again.
-                    log.exception("store write failed; retrying in %.0f s (acceptances wait)",
-                                  RETRY_S)  # fmt: skip
+                    # barrier would pass): try the same batch again. One
+                    # line per FAILURE_LOG_S, not a traceback per attempt:
+                    # a disk stays full for hours.
+                    now = time.monotonic()
+                    if not failures:
+                        failing_since = now
+                    failures += 1
+                    if now >= next_log:
+                        next_log = now + FAILURE_LOG_S
+                        self._log_failure(exc, len(ops), now - failing_since)
                     if self._closing.wait(RETRY_S):
                         log.error("store closed with %d writes never committed (none of "
                                   "them was acknowledged)", len(ops))  # fmt: skip
                         return
+            if failures:
+                log.warning("writes to %s commit again after %.1f s and %d failed attempts",
+                            self.path, time.monotonic() - failing_since, failures)  # fmt: skip
             for _, then in batch:
                 if then is not None:
                     self.done.put(then)
             self.notify()
+
+    def _log_failure(self, exc: Exception, waiting: int, failing_for: float) -> None:
+        kind, detail = failure_cause(exc, self.data_dir)
+        if not kind and not isinstance(exc, (OSError, sqlite3.Error)):
+            # Not the disk: a bug, whose traceback is worth a line per interval.
+            log.exception("store write failed with %d writes waiting; retrying every %.0f s",
+                          waiting, RETRY_S)  # fmt: skip
+            return
+        since = f" (for {failing_for:.0f} s)" if failing_for else ""
+        log.error("cannot commit to %s%s: %s (%s); %d writes wait, none acknowledged until "
+                  "they commit; retrying every %.0f s", self.path, since, kind or "error",
+                  detail, waiting, RETRY_S)  # fmt: skip
 
     def _apply(self, ops: list[Op]) -> None:
         """One transaction for the batch, one `executemany` per statement.
@@ -364,7 +521,11 @@ class ServerStore:
             db.execute("COMMIT")
             self.commits += 1
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (it does on a full disk):
+            # a second ROLLBACK would fail and hide why the first one came.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
 
     def _max_rows(self, columns: int) -> int:
