@@ -25,6 +25,7 @@ import os
 import queue
 import secrets
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -144,11 +145,13 @@ def start_up_message(exc: BaseException, directory: Path, path: Path) -> str:
         return (f"cannot write in {directory}: it is on a read-only file system; "
                 "mount it read-write or pick another --data-dir")  # fmt: skip
     if kind == NOT_WRITABLE:
-        return (f"cannot write in {directory}: permission denied ({detail}); make it "
-                "writable for this user or pick another --data-dir")  # fmt: skip
+        return (f"cannot write in {directory}: permission denied; make it writable for this "
+                "user or pick another --data-dir")  # fmt: skip
     if kind == NOT_A_DIRECTORY:
-        what = "is a file" if directory.exists() else "has a file where a directory should be"
-        return f"--data-dir {directory} {what}, not a directory; pass --data-dir a directory"
+        if directory.exists():
+            return f"--data-dir {directory} is not a directory; pass --data-dir a directory"
+        return (f"--data-dir {directory} cannot be made: a part of its path is a file, not a "
+                "directory; pass --data-dir a directory")  # fmt: skip
     if kind == NOT_A_DATABASE:
         return (f"{path} is not a chat-server database ({detail}); move it away or pick "
                 "another --data-dir")  # fmt: skip
@@ -156,6 +159,38 @@ def start_up_message(exc: BaseException, directory: Path, path: Path) -> str:
         return (f"{path} is damaged ({detail}); restore it from a backup, or move it away "
                 "to start with an empty store")  # fmt: skip
     return f"cannot use {path}: {detail}; check it or pick another --data-dir"
+
+
+# The file header: magic, page size, change counter, page count, the counter
+# the page count is valid for (sqlite.org/fileformat.html, 1.3).
+SQLITE_HEADER = struct.Struct(">16sH6xII60xI4x")
+
+
+def _truncation(path: Path) -> str:
+    """What shows that the database file at `path` was cut short, or "".
+    SQLite itself reads a missing tail as zeros: a part page gives NULLs
+    where none can be, not an error. Looked at only when there is no
+    write-ahead log to replay: after a crash during a checkpoint, the log
+    still holds the pages a short file lacks."""
+    wal = path.with_name(path.name + "-wal")
+    try:
+        if wal.exists() and wal.stat().st_size > 0:
+            return ""
+        with open(path, "rb") as file:
+            head = file.read(SQLITE_HEADER.size)
+            size = os.fstat(file.fileno()).st_size
+    except OSError:
+        return ""  # missing or unreadable: connecting says which
+    if len(head) < SQLITE_HEADER.size or not head.startswith(b"SQLite format 3\0"):
+        return ""  # new and empty, or not SQLite at all (SQLite says so)
+    _, page_size, counter, pages, valid_for = SQLITE_HEADER.unpack(head)
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or size % page_size:
+        return f"{size} bytes is not a whole number of {page_size}-byte pages"
+    # The page count in the header is valid only when its counter matches.
+    if counter == valid_for and size < pages * page_size:
+        return f"{size} bytes is less than its {pages} pages of {page_size} bytes"
+    return ""
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -294,6 +329,12 @@ class ServerStore:
 
     @_start_up
     def _connect(self) -> sqlite3.Connection:
+        truncated = _truncation(self.path)
+        if truncated:
+            raise StoreError(
+                f"{self.path} is damaged ({truncated}: the file was cut short); restore it "
+                "from a backup, or move it away to start with an empty store"
+            )
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
