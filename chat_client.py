@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from chat_args import positive
 from client_store import ClientStore, mark_shown, store_dir
 from protocol import (
     CONTROL_STREAM,
@@ -1228,6 +1229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--server",
+        type=_server_argument,
         default=f"127.0.0.1:{DEFAULT_PORT}",
         help="HOST:PORT of the server (default %(default)s)",
     )
@@ -1242,12 +1244,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
         help="how much to log on stderr (default %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--rto-min", type=float, default=RTO_MIN, help=argparse.SUPPRESS)
-    parser.add_argument("--rto-max", type=float, default=RTO_MAX, help=argparse.SUPPRESS)
+    parser.add_argument("--rto-min", type=positive, default=RTO_MIN, help=argparse.SUPPRESS)
+    parser.add_argument("--rto-max", type=positive, default=RTO_MAX, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--login-timeout", type=float, default=LOGIN_TIMEOUT, help=argparse.SUPPRESS
+        "--login-timeout", type=positive, default=LOGIN_TIMEOUT, help=argparse.SUPPRESS
     )
     return parser
+
+
+def _server_argument(text: str) -> str:
+    """--server as typed, once `parse_server` has found it well formed."""
+    try:
+        parse_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def read_password(args: argparse.Namespace) -> str | None:
@@ -1273,7 +1284,10 @@ def read_password(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rto_max < args.rto_min:
+        parser.error(f"argument --rto-max: {args.rto_max} is below --rto-min ({args.rto_min})")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not args.no_gui:
         from chat_window import run_window

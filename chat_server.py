@@ -26,7 +26,6 @@ import gc
 import heapq
 import itertools
 import logging
-import math
 import os
 import queue
 import secrets
@@ -39,6 +38,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType as _StackFrame
 
+from chat_args import at_least, positive
 from chat_guard import (
     BucketTable,
     TokenBucket,
@@ -1196,42 +1196,6 @@ def _mebibytes(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive number of MiB")
     return value
-
-
-def _number(text: str) -> float:
-    """A finite float: argparse's `float` takes "nan" and "inf", which would
-    make every timer or rate comparison false or true for ever."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def positive(text: str) -> float:
-    """An argparse type: a finite number above 0 (a timeout, a rate)."""
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not above 0")
-    return value
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below the least allowed, {minimum}")
-        return value
-
-    parse.__name__ = f"whole number >= {minimum}"  # argparse's fallback message names it
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
