@@ -931,21 +931,31 @@ class Relay:
         if entry is None:
             return  # a repeated receipt
         user.mailbox_bytes -= len(entry.text.encode("utf-8"))
-        notice = Delivered(entry.msg_id, user.name)
         if self.store is not None:
             # Delivered: memory lets go of its dedup key once it is on disk too.
-            if entry.server_msg_id in self._durable:
+            early = entry.server_msg_id in self._durable
+            if early:
                 self._receipted_early.add(entry.server_msg_id)
             else:
                 self._accepted.pop((entry.sender_key, *entry.msg_id), None)
+            # Received before its commit (the disk is slow or full): the
+            # sender hears of it, which implies its ACCEPT, only once it is
+            # on disk, after the ACCEPT (the commits keep their order).
+            tell = functools.partial(self._delivered, entry, user.name)
             self.store.submit(("delivered", entry.server_msg_id, entry.sender_key, *entry.msg_id,
-                               user.name))  # fmt: skip
+                               user.name), tell if early else None)  # fmt: skip
+            if early:
+                return
+        self._delivered(entry, user.name)
+
+    def _delivered(self, entry: Entry, recipient: str) -> None:
+        """Tell the sender of `entry` that `recipient` has it (now or at its next login)."""
         sender = self.users.get(entry.sender_key)
         if sender is None:
             return
-        sender.notices[entry.msg_id] = notice
+        sender.notices[entry.msg_id] = Delivered(entry.msg_id, recipient)
         if sender.session is not None:
-            self._queue_delivered(sender.session, entry.msg_id, user.name)
+            self._queue_delivered(sender.session, entry.msg_id, recipient)
 
     def _on_who(self, session: Session, who: Who) -> None:
         limit = max(1, min(who.limit, WHO_PAGE_MAX))
@@ -1291,11 +1301,19 @@ def listen_problem(host: str, port: int, exc: ListenError) -> str:
     return f"cannot listen on {host}:{port}: {exc.strerror}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, each value in its range (else argparse's "error:
+    argument --x: ..." and exit status 2), including the ranges that
+    depend on another argument."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.rto_max < args.rto_min:
         parser.error(f"argument --rto-max: {args.rto_max} is below --rto-min ({args.rto_min})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

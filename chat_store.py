@@ -488,12 +488,12 @@ class ServerStore:
         kind, detail = failure_cause(exc, self.data_dir)
         if not kind and not isinstance(exc, (OSError, sqlite3.Error)):
             # Not the disk: a bug, whose traceback is worth a line per interval.
-            log.exception("store write failed with %d writes waiting; retrying every %.0f s",
+            log.exception("store write failed with %d writes waiting; retrying every %g s",
                           waiting, RETRY_S)  # fmt: skip
             return
         since = f" (for {failing_for:.0f} s)" if failing_for else ""
         log.error("cannot commit to %s%s: %s (%s); %d writes wait, none acknowledged until "
-                  "they commit; retrying every %.0f s", self.path, since, kind or "error",
+                  "they commit; retrying every %g s", self.path, since, kind or "error",
                   detail, waiting, RETRY_S)  # fmt: skip
 
     def _apply(self, ops: list[Op]) -> None:
