@@ -1054,6 +1054,19 @@ class ChatServer:
 
     def __init__(self, address: Address = ("127.0.0.1", 5555), config: ServerConfig | None = None):
         config = config or ServerConfig()
+        # The address first: a wrong --host or a taken port is found before
+        # the store is opened and read (and nothing is logged before the
+        # one line that says what is wrong).
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        try:
+            self.socket = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:  # no IPv6 here
+            raise ListenError(exc.errno, exc.strerror) from exc
+        try:
+            self.socket.bind(address)
+        except OSError as exc:  # a gaierror too: the host was looked up here
+            self.socket.close()
+            raise ListenError(exc.errno, exc.strerror) from exc
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.store: ServerStore | None = None
@@ -1066,19 +1079,8 @@ class ChatServer:
                 self._unwrapper = KeyExchangeWorkers(config.key_workers)
             self.relay = Relay(config, store=self.store, unwrapper=self._unwrapper, wake=self._wake)
         except BaseException:  # a StoreError from opening or loading the store
-            self._release()
-            raise
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        try:
-            self.socket = socket.socket(family, socket.SOCK_DGRAM)
-        except OSError as exc:  # no IPv6 here
-            self._release()
-            raise ListenError(exc.errno, exc.strerror) from exc
-        try:
-            self.socket.bind(address)
-        except OSError as exc:  # a gaierror too: the host was looked up here
             self.close()
-            raise ListenError(exc.errno, exc.strerror) from exc
+            raise
         self.socket.setblocking(False)
         # A deep receive queue rides out bursts instead of dropping them
         # (the kernel caps it at net.core.rmem_max).
@@ -1103,14 +1105,9 @@ class ChatServer:
 
     def close(self) -> None:
         """Close the socket and the store (committing what is queued)."""
-        self.socket.close()
-        self._release()
-
-    def _release(self) -> None:
-        """Stop the key-exchange workers, close the store and the wake-up pair."""
         if self._unwrapper is not None:
             self._unwrapper.shutdown()
-            self._unwrapper = None
+        self.socket.close()
         if self.store is not None:
             self.store.close()
             self.store = None
