@@ -113,6 +113,8 @@ def failure_cause(exc: BaseException, directory: Path) -> tuple[str, str]:
         return DISK_FULL, detail
     if code == sqlite3.SQLITE_NOTADB:
         return NOT_A_DATABASE, detail
+    if code == sqlite3.SQLITE_ERROR and detail.startswith(("no such column", "table ")):
+        return NOT_A_DATABASE, detail  # SQLite, but tables of another program
     if code == sqlite3.SQLITE_CORRUPT:
         return DAMAGED, detail
     if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -31,8 +33,8 @@ from typing import Any
 import pytest
 
 import chat_client
-from chat_server import parse_arguments
-from chat_store import Account, ServerStore, StoredMessage
+from chat_server import ChatServer, ListenError, parse_arguments
+from chat_store import Account, ServerStore, StoredMessage, StoreError
 from tests.clients import RecordingClient, wait_all
 from tests.conftest import (
     ROOT,
@@ -40,6 +42,9 @@ from tests.conftest import (
     env_for_tests,
     spawn_server,
     stop_process,
+)
+from tests.conftest import (
+    test_config as server_config,
 )
 
 LISTEN_HINT = "is another server running there?"
@@ -207,6 +212,33 @@ def test_random_bytes_as_chat_db(tmp_path: Path) -> None:
     line = start(data_dir=data)
     assert str(data / "chat.db") in line and "not a chat-server database" in line
     assert "move it away" in line
+
+
+def test_database_of_another_program_as_chat_db(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    other = sqlite3.connect(data / "chat.db")
+    other.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, email TEXT)")
+    other.commit()
+    other.close()
+    line = start(data_dir=data)
+    assert str(data / "chat.db") in line and "not a chat-server database" in line
+
+
+def test_in_process_server_raises_and_leaves_nothing_open(tmp_path: Path) -> None:
+    """`ChatServer` itself raises `StoreError` and `ListenError` (an
+    OSError, as before) and closes what it had opened: a socket or a
+    database left open would warn, which is an error in this suite."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "chat.db").write_bytes(os.urandom(5000))
+    with pytest.raises(StoreError, match="not a chat-server database"):
+        ChatServer(("127.0.0.1", 0), server_config(data))
+    with pytest.raises(ListenError) as raised:
+        ChatServer(("192.0.2.1", 0), server_config(tmp_path / "other"))
+    assert isinstance(raised.value, OSError) and raised.value.errno == errno.EADDRNOTAVAIL
+    assert not (tmp_path / "other").exists()  # the address is tried first
+    gc.collect()
 
 
 @pytest.mark.parametrize("cut", ["mid-page", "whole pages", "header"])
