@@ -41,7 +41,9 @@ from tests.conftest import (
     TEST_ITERATIONS,
     env_for_tests,
     spawn_server,
+    start_server,
     stop_process,
+    stop_server,
 )
 from tests.conftest import (
     test_config as server_config,
@@ -403,6 +405,12 @@ class Lines:
 
 
 def test_full_disk_while_running_withholds_acceptance_and_recovers(tmp_path: Path) -> None:
+    """A real server on a 2 MiB tmpfs, filled to the last byte while alice
+    and bob are logged in: her messages stay `sending` (bob may see them:
+    forwarding does not wait for the disk, but his receipts reach her only
+    after the commit), the server answers a WHO and a login, and says once
+    what is wrong. With space again every message is accepted, then
+    delivered, and shown once."""
     with tmpfs(tmp_path / "disk", "2m") as disk:
         data = disk / "data"
         server = spawn_server(data_dir=data)
@@ -410,10 +418,14 @@ def test_full_disk_while_running_withholds_acceptance_and_recovers(tmp_path: Pat
         log = Lines(server.proc.stderr)
         alice = RecordingClient("alice")
         bob = RecordingClient("bob")
+        carol = RecordingClient("carol")
         try:
             both = [alice, bob]
             assert alice.login(server.addr_text, "bob") and bob.login(server.addr_text, "alice")
-            wait_all(both, lambda: alice.logged_in and bob.logged_in, 15, "both logged in")
+            assert carol.login(server.addr_text)
+            wait_all([*both, carol], lambda: alice.logged_in and bob.logged_in and carol.logged_in,
+                     15, "all three logged in")  # fmt: skip
+            carol.close()  # registered: she comes back while the disk is full
             first = alice.send("before the disk filled", "bob")
             wait_all(both, lambda: alice.reached(first, "delivered"), 15, "the first delivered")
 
@@ -422,11 +434,15 @@ def test_full_disk_while_running_withholds_acceptance_and_recovers(tmp_path: Pat
             texts = [f"while the disk is full {n}" for n in range(3)]
             ids = [alice.send(text, "bob") for text in texts]
             wait_all(both, lambda: bool(log.with_("disk full")), 15, "the disk-full log line")
-            # The server keeps serving: bob's WHO is answered. Meanwhile at
-            # least one more attempt at the commit fails (one per second).
+            # The server keeps serving: bob's WHO is answered, carol logs in
+            # again. Meanwhile at least one more attempt at the commit fails
+            # (one per second).
             failing_since = time.monotonic()
             bob.session.who()
             wait_all(both, lambda: bool(bob.who_lists), 15, "the WHO reply")
+            carol = RecordingClient("carol")
+            assert carol.login(server.addr_text)
+            wait_all([carol], lambda: carol.logged_in, 15, "carol's second login")
             wait_all(both, lambda: time.monotonic() - failing_since > 1.5, 15, "a retry")
             assert not any(alice.reached(i, "accepted") for i in ids), alice.states
             assert not any(alice.reached(i, "delivered") for i in ids), alice.states
@@ -447,12 +463,59 @@ def test_full_disk_while_running_withholds_acceptance_and_recovers(tmp_path: Pat
             attempts = int(recovered[0].split(" and ")[-1].split()[0])
             assert attempts >= 2  # so the single line above stood for several
             assert not log.with_("Traceback"), log.lines
-            alice.close()
-            bob.close()
+            for client in (alice, bob, carol):
+                client.close()
         finally:
-            alice.dispose()
-            bob.dispose()
+            for client in (alice, bob, carol):
+                client.dispose()
             server.proc.terminate()
             server.proc.wait(10)
             log.join()  # before stop_process closes the stream under the reader
             stop_process(server)
+
+
+def test_receipt_before_the_commit_reaches_the_sender_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same rule without root: commits fail (as on a full disk) while
+    bob, online, receives alice's message and sends its receipt; alice sees
+    neither `accepted` nor `delivered` until the commit, then both in order."""
+    import chat_store
+
+    monkeypatch.setattr(chat_store, "RETRY_S", 0.05)
+    running = start_server(server_config(tmp_path / "data"))
+    store = running.server.store
+    assert store is not None
+    real_apply = store._apply
+    disk_full = threading.Event()
+
+    def apply(ops: list[tuple[Any, ...]]) -> None:
+        if disk_full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        real_apply(ops)
+
+    monkeypatch.setattr(store, "_apply", apply)
+    alice = RecordingClient("alice")
+    bob = RecordingClient("bob")
+    both = [alice, bob]
+    try:
+        assert alice.login(running.address, "bob") and bob.login(running.address, "alice")
+        wait_all(both, lambda: alice.logged_in and bob.logged_in, 15, "both logged in")
+        disk_full.set()
+        msg_id = alice.send("while commits fail", "bob")
+        wait_all(both, lambda: bob.texts() == ["while commits fail"], 15, "bob has it")
+        relay = running.relay
+        wait_all(both, lambda: bool(relay._receipted_early), 15, "bob's receipt at the server")
+        until = time.monotonic() + 0.3  # time for a DELIVERED sent at once to arrive
+        wait_all(both, lambda: time.monotonic() > until, 5, "a moment")
+        assert alice.states[msg_id] == ["sending"], alice.states
+        disk_full.clear()
+        wait_all(both, lambda: alice.reached(msg_id, "delivered"), 15, "delivered")
+        assert alice.states[msg_id] == ["sending", "accepted", "delivered"]
+        assert bob.texts() == ["while commits fail"]
+        alice.close()
+        bob.close()
+    finally:
+        alice.dispose()
+        bob.dispose()
+        stop_server(running)
