@@ -322,6 +322,7 @@ def test_low_port_without_root(tmp_path: Path) -> None:
         (["--pbkdf2-iterations", "4095"], "--pbkdf2-iterations"),
         (["--key-workers", "-1"], "--key-workers"),
         (["--preauth-rate", "0"], "--preauth-rate"),
+        (["--preauth-total-rate", "-5"], "--preauth-total-rate"),
         (["--registration-rate", "-1"], "--registration-rate"),
         (["--user-msg-rate", "inf"], "--user-msg-rate"),
     ],
