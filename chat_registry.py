@@ -14,10 +14,11 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from chat_guard import TokenBucket
 from chat_store import Account
-from protocol import PBKDF2_ITERATIONS, Delivered, MsgId
+from protocol import PBKDF2_ITERATIONS, MsgId
 from reliability import MAX_BUFFERED_TOTAL, RTO_MAX, RTO_MIN, Connection
 
 log = logging.getLogger("chat_server")
@@ -72,21 +73,14 @@ class ServerConfig:
 
 
 class Entry:
-    """A message accepted for a recipient and not yet receipted by their client."""
+    """A message handed to a recipient's session and not yet receipted by
+    their client (the mailbox itself is on the disk)."""
 
-    __slots__ = (
-        "server_msg_id",
-        "msg_id",
-        "sender_key",
-        "sender",
-        "text",
-        "sent_ms",
-        "queued_on",
-    )
+    __slots__ = ("server_msg_id", "msg_id", "sender_key", "sender", "text", "sent_ms", "size")
 
     def __init__(
         self, server_msg_id: int, msg_id: MsgId, sender_key: str, sender: str, text: str,
-        sent_ms: int,
+        sent_ms: int, size: int,
     ) -> None:  # fmt: skip
         self.server_msg_id = server_msg_id
         self.msg_id = msg_id
@@ -94,13 +88,37 @@ class Entry:
         self.sender = sender
         self.text = text
         self.sent_ms = sent_ms
-        self.queued_on: bytes | None = None  # the session it was handed to
+        self.size = size  # bytes of UTF-8
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Pager(Generic[K, V]):
+    """One session's view of a queue kept on the disk (its mailbox, or the
+    receipts waiting for it as a sender): what it was handed and has not
+    acknowledged yet (`items`, at most a window), how far it has read, and
+    whether more waits on the disk. Ids (server_msg_ids, receipt seqs) grow
+    in acceptance order, so "handed everything up to `cursor`" says it all."""
+
+    __slots__ = ("items", "bytes", "cursor", "behind", "missed", "reading")
+
+    def __init__(self, *, behind: bool, missed: int = -1) -> None:
+        self.items: dict[K, V] = {}
+        self.bytes = 0  # of the items' text
+        self.cursor = -(1 << 63)  # the highest id handed over in this session
+        # True: something may wait on the disk that was not handed over, so
+        # nothing new is handed before it (per-conversation order).
+        self.behind = behind
+        self.missed = missed  # the highest id known to wait, not handed over
+        self.reading = False  # a page is being read
 
 
 class User:
     __slots__ = (
-        "name", "key", "account", "session", "mailbox", "mailbox_bytes", "notices", "contacts",
-        "msg_bucket", "byte_bucket", "limited_at",
+        "name", "key", "account", "session", "mailbox_count", "mailbox_bytes", "notice_count",
+        "contacts", "msg_bucket", "byte_bucket", "limited_at",
     )  # fmt: skip
 
     def __init__(self, name: str, key: str, account: Account) -> None:
@@ -108,10 +126,11 @@ class User:
         self.key = key
         self.account = account
         self.session: Session | None = None
-        self.mailbox: dict[int, Entry] = {}
+        # Messages accepted for this user and not yet receipted (on the disk
+        # or on their way to it), for the mailbox caps without reading it.
+        self.mailbox_count = 0
         self.mailbox_bytes = 0
-        # Receipts for messages this user sent, until their client acks them.
-        self.notices: dict[MsgId, Delivered] = {}
+        self.notice_count = 0  # receipts for messages this user sent, not yet acked by them
         self.contacts: set[str] = set()
         self.msg_bucket: TokenBucket | None = None  # made at the first message
         self.byte_bucket: TokenBucket | None = None
@@ -121,7 +140,7 @@ class User:
 class Session:
     __slots__ = (
         "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
-        "closing", "probe",
+        "closing", "probe", "mail", "receipts",
     )  # fmt: skip
 
     def __init__(
@@ -137,6 +156,9 @@ class Session:
         self.scheduled: float | None = None  # deadline of its live timer-heap entry
         self.closing = False
         self.probe: Probe | None = None  # an address change being validated
+        # What it was handed from its mailbox / its queued receipts (made when used).
+        self.mail: Pager[int, Entry] | None = None
+        self.receipts: Pager[MsgId, int] | None = None  # message id -> receipt seq
 
 
 class Probe:

@@ -46,14 +46,17 @@ from chat_guard import (
 from chat_keyx import Busy as KeyExchangeBusy
 from chat_keyx import KeyExchangeWorkers
 from chat_login import Answered, LoginDesk, Unwrap, Verified
-from chat_registry import Address, DropLog, Entry, Probe, ServerConfig, Session, User
+from chat_registry import Address, DropLog, Entry, Pager, Probe, ServerConfig, Session, User
 from chat_store import (
     Account,
     Loaded,
+    NoticeRow,
+    Read,
     ServerStore,
     StoredMessage,
     StoreError,
     StoreLocked,
+    content_digest,
     default_data_dir,
 )
 from protocol import (
@@ -149,6 +152,27 @@ MEMORY_SAMPLE_INTERVAL = 0.5  # seconds between two reads of the resident memory
 SHORT_OF_MEMORY = "the server is short of memory; your messages wait"
 #: The first 6 bytes of every datagram of a session: magic, version, MAC flag.
 SESSION_PREFIX = MAGIC + bytes((VERSION, FLAG_MAC))
+# What a session is handed from its mailbox and has not receipted yet, at
+# most; the rest waits on the disk and comes a page at a time as receipts
+# make room, so RAM holds a bounded working set whatever the mailboxes hold.
+# 256 messages keep a client's reliable window (64 datagrams of several
+# messages each) fed across a receipt's round trip; 192 KiB stays under the
+# 256 KiB of unacknowledged output a session may have (RELIABILITY.md 1.4),
+# so handing a mailbox over never stalls the session's own input.
+MAILBOX_WINDOW = 256
+MAILBOX_WINDOW_BYTES = 192 * 1024
+# The next page is read once this many messages / bytes of the window are
+# free (or it is empty): fewer, larger reads than one per receipt.
+PAGE_MIN = MAILBOX_WINDOW // 4
+PAGE_MIN_BYTES = MAILBOX_WINDOW_BYTES // 4
+# Receipts (DELIVERED, ~30 bytes each) handed to a sender and not yet acked.
+NOTICE_WINDOW = 1024
+NOTICE_PAGE_MIN = NOTICE_WINDOW // 4
+MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
+DUPLICATE_ID_TEXT = (
+    "this message id was already used for another message; your client's store was "
+    "probably copied or restored"
+)
 
 
 class Relay:
@@ -169,13 +193,18 @@ class Relay:
         self.users: dict[str, User] = {}
         self.sessions: dict[bytes, Session] = {}
         self._online: list[str] = []  # sorted name keys, for paged WHO
-        # Dedup, message id -> server id, in memory only until the message is
-        # both committed and delivered; older retries are looked up on disk
-        # (those at or below the high-water mark of their client instance).
-        self._accepted: dict[tuple[str, int, int], int] = {}
+        # Dedup, message id -> (server id, recipient key, text), in memory
+        # only until the message is committed (without a store: for good);
+        # older retries are looked up on disk by the store thread (those at
+        # or below the high-water mark of their client instance).
+        self._accepted: dict[tuple[str, int, int], tuple[int, str, str]] = {}
         self._hwm: dict[tuple[str, int], int] = {}
-        self._durable: set[int] = set()  # server ids accepted but not yet committed
-        self._receipted_early: set[int] = set()  # delivered before their commit
+        # Dedup keys being looked up on the disk -> the SENDs waiting for the answer.
+        self._looking_up: dict[tuple[str, int, int], list[tuple[Send, str]]] = {}
+        # Without a store (tests of the routing), mailboxes and queued
+        # receipts are kept here instead, read through the same pages.
+        self._ram_mail: dict[str, dict[int, StoredMessage]] = {}
+        self._ram_notices: dict[str, dict[int, NoticeRow]] = {}
         self._dirty: dict[bytes, Session] = {}
         # ACCEPTs and DELIVEREDs due this pass, by session: sent at the flush,
         # several to one session as one ACCEPTS / DELIVEREDS message.
@@ -214,7 +243,7 @@ class Relay:
         self.short_of_memory = False
         self._memory_logged = -1e18
         if store is not None:
-            self._load(store.load(int(wall_clock() * 1000)))
+            self._load(store.load())
         else:
             self._secret = secrets.token_bytes(32)
             self._next_msg_id = 1
@@ -232,23 +261,18 @@ class Relay:
         self._next_msg_id = loaded.next_msg_id
         for key, account in loaded.accounts.items():
             self.users[key] = User(account.name, key, account)
-        for m in loaded.mailbox:
-            user = self.users.get(m.recipient_key)
-            if user is None:
-                continue
-            user.mailbox[m.server_msg_id] = Entry(
-                m.server_msg_id, MsgId(m.instance_id, m.client_seq), m.sender_key, m.sender,
-                m.text, m.sent_ms,
-            )  # fmt: skip
-            user.mailbox_bytes += len(m.text.encode("utf-8"))
+        messages = notices = 0
+        for key, (count, size, waiting) in loaded.summary.items():
+            user = self.users.get(key)
+            if user is not None:
+                # (never below zero, whatever an older bug may have left on the disk)
+                user.mailbox_count, user.mailbox_bytes = max(0, count), max(0, size)
+                user.notice_count = max(0, waiting)
+                messages += count
+                notices += waiting
         self._hwm.update(loaded.hwm)
-        for sender_key, instance_id, client_seq, recipient in loaded.notices:
-            sender = self.users.get(sender_key)
-            if sender is not None:
-                msg_id = MsgId(instance_id, client_seq)
-                sender.notices[msg_id] = Delivered(msg_id, recipient)
-        log.info("loaded %d accounts, %d waiting messages, %d receipts", len(loaded.accounts),
-                 len(loaded.mailbox), len(loaded.notices))  # fmt: skip
+        log.info("loaded %d accounts; %d messages and %d receipts wait on the disk",
+                 len(loaded.accounts), messages, notices)  # fmt: skip
 
     # --- the loop's API ---------------------------------------------------
 
@@ -528,11 +552,8 @@ class Relay:
             # its message id, a DELIVEREDS' the list of them): forget them.
             handle = event.handle
             done = [handle] if isinstance(handle, MsgId) else handle
-            if isinstance(done, list):
-                notices = session.user.notices
-                for msg_id in done:
-                    if notices.pop(msg_id, None) is not None and self.store:
-                        self.store.submit(("notice_done", session.user.key, *msg_id))
+            if isinstance(done, list) and session.receipts is not None:
+                self._receipts_acked(session, done)
         elif isinstance(event, PathResponded):
             probe = session.probe
             if probe is not None and probe.addr == addr and probe.data == event.data:
@@ -720,11 +741,15 @@ class Relay:
             # budget strangers can fill), inside the MAC'd session.
             self._send(session, Ticket(self.desk.ticket(user.key, login.instance_id,
                                                         user.account)))  # fmt: skip
-        # What waited for this user: messages first, in order, then receipts.
-        for entry in user.mailbox.values():
-            self._hand_over(user, entry)
-        for msg_id, notice in user.notices.items():
-            self._queue_delivered(session, msg_id, notice.to)
+        # What waited for this user, read from the disk a page at a time:
+        # messages in order, and receipts. Anything accepted before this
+        # point is older than the reads asked for here, so they find it.
+        if user.mailbox_count:
+            session.mail = Pager(behind=True, missed=self._next_msg_id - 1)
+            self._page_mail(session)
+        if user.notice_count:
+            session.receipts = Pager(behind=True, missed=self._next_msg_id - 1)
+            self._page_receipts(session)
         self._announce(user, online=True)
         self._dirty[session_id] = session
 
@@ -741,9 +766,9 @@ class Relay:
                 del self._online[index]
             if not quiet:
                 self._announce(user, online=False)
-        for entry in user.mailbox.values():
-            if entry.queued_on == session.session_id:
-                entry.queued_on = None  # handed over again at the next login
+        # What it was handed and did not acknowledge stays on the disk for
+        # the next login; the memory goes with the session.
+        session.mail = session.receipts = None
 
     # --- chat ---------------------------------------------------------------
 
@@ -774,20 +799,6 @@ class Relay:
             self._fail(session, send.msg_id, ErrorCode.SERVER_ERROR,
                        "message id out of range: client_seq must be below 2**63")  # fmt: skip
             return
-        dedup = (user.key, send.msg_id.instance_id, send.msg_id.client_seq)
-        known = self._accepted.get(dedup)
-        if known is None and self.store is not None:
-            if send.msg_id.client_seq <= self._hwm.get((user.key, send.msg_id.instance_id), -1):
-                known = self.store.find_dedup(*dedup)  # an older retry: ask the disk
-        if known is not None:
-            # A retry of a message we already hold: the same answer, no second
-            # copy; if it is still on its way to the disk, the answer waits too.
-            accept = Accept(send.msg_id, known)
-            if known in self._durable and self.store is not None:
-                self.store.submit(("sync",), lambda: self._accept(user, accept, None))
-            else:
-                self._send(session, accept)
-            return
         to_key = self._recipient_keys.get(send.to)
         if to_key is None:
             try:
@@ -798,6 +809,66 @@ class Relay:
             if len(self._recipient_keys) >= MAX_RECIPIENT_KEYS:
                 self._recipient_keys.clear()
             self._recipient_keys[send.to] = to_key
+        instance_id, client_seq = send.msg_id
+        dedup = (user.key, instance_id, client_seq)
+        if self._looking_up:
+            waiting = self._looking_up.get(dedup)
+            if waiting is not None:  # the disk is being asked about this id already
+                if len(waiting) < MAX_WAITING_RETRIES:  # beyond: the client resends at login
+                    waiting.append((send, to_key))
+                return
+        if dedup in self._accepted:
+            self._take_or_answer(session, send, to_key)
+        elif self.store is not None and client_seq <= self._hwm.get((user.key, instance_id), -1):
+            # Maybe an older retry: the store thread looks it up (the loop
+            # never waits on the disk) and the answer follows.
+            self._looking_up[dedup] = [(send, to_key)]
+            read = Read(self.store.find_dedup, *dedup)
+            self.store.submit(("read", read), functools.partial(self._dedup_found, user, read))
+        else:
+            self._take(session, send, to_key)
+
+    def _take_or_answer(self, session: Session, send: Send, to_key: str) -> None:
+        """A SEND whose id is not on the disk: a retry of one accepted and
+        not yet committed, or a new message."""
+        user = session.user
+        known = self._accepted.get((user.key, *send.msg_id))
+        if known is None:
+            self._take(session, send, to_key)
+            return
+        server_msg_id, known_to, known_text = known
+        if known_to != to_key or known_text != send.text:
+            self._fail(session, send.msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
+            return
+        # A retry of a message we already hold: the same answer, no second
+        # copy; it is still on its way to the disk, so the answer waits too.
+        accept = Accept(send.msg_id, server_msg_id)
+        if self.store is not None:
+            self.store.submit(("sync",), lambda: self._accept(user, accept, None))
+        else:
+            self._send(session, accept)
+
+    def _dedup_found(self, user: User, read: Read) -> None:
+        """The disk's answer for SENDs at or below their instance's high-water
+        mark: a retry (the same ACCEPT), a reused id (FAIL), or a new message."""
+        sends = self._looking_up.pop(read.args, [])
+        session = user.session
+        if session is None or not read.ok:
+            return  # its client resends them at its next login
+        for send, to_key in sends:
+            if read.result is None:  # below the mark but never accepted
+                self._take_or_answer(session, send, to_key)
+                continue
+            server_msg_id, digest = read.result
+            # Keys stored before digests were kept take any content, as before.
+            if digest is None or digest == content_digest(to_key, send.text):
+                self._queue_accept(session, Accept(send.msg_id, server_msg_id))
+            else:
+                self._fail(session, send.msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
+
+    def _take(self, session: Session, send: Send, to_key: str) -> None:
+        """A new message: check it, number it, store it, offer it."""
+        user = session.user
         size = len(send.text.encode("utf-8"))
         if size > MAX_TEXT_BYTES:
             self._fail(
@@ -825,7 +896,7 @@ class Relay:
             )
             return
         if (
-            len(recipient.mailbox) >= self.config.mailbox_messages
+            recipient.mailbox_count >= self.config.mailbox_messages
             or recipient.mailbox_bytes + size > self.config.mailbox_bytes
         ):
             self._fail(
@@ -837,29 +908,40 @@ class Relay:
             return
         server_msg_id = self._next_msg_id
         self._next_msg_id += 1
-        self._accepted[dedup] = server_msg_id
-        instance = (user.key, send.msg_id.instance_id)
-        self._hwm[instance] = max(self._hwm.get(instance, -1), send.msg_id.client_seq)
-        entry = Entry(
-            server_msg_id, send.msg_id, user.key, user.name, send.text,
-            int(self._wall_clock() * 1000),
-        )  # fmt: skip
-        recipient.mailbox[server_msg_id] = entry
+        store = self.store
+        if store is not None and store.reserve_needed(self._next_msg_id):
+            store.submit(("reserve",))
+        msg_id = send.msg_id
+        instance_id, client_seq = msg_id
+        dedup = (user.key, instance_id, client_seq)
+        self._accepted[dedup] = (server_msg_id, to_key, send.text)
+        instance = (user.key, instance_id)
+        if client_seq > self._hwm.get(instance, -1):
+            self._hwm[instance] = client_seq
+        stored = StoredMessage(server_msg_id, recipient.key, user.key, user.name, instance_id,
+                               client_seq, send.text, int(self._wall_clock() * 1000))  # fmt: skip
+        recipient.mailbox_count += 1
         recipient.mailbox_bytes += size
         self.stats["messages"] += 1
-        accept = Accept(send.msg_id, server_msg_id)
-        if self.store is None:
+        accept = Accept(msg_id, server_msg_id)
+        if store is None:
+            self._ram_mail.setdefault(recipient.key, {})[server_msg_id] = stored
             self._queue_accept(session, accept)
         else:
             # ACCEPT waits for the commit; forwarding does not.
-            self._durable.add(server_msg_id)
-            stored = StoredMessage(server_msg_id, recipient.key, user.key, user.name,
-                                   send.msg_id.instance_id, send.msg_id.client_seq, send.text,
-                                   entry.sent_ms)  # fmt: skip
-            if self.store.reserve_needed(self._next_msg_id):
-                self.store.submit(("reserve",))
-            self.store.submit(("message", stored), lambda: self._accept(user, accept, dedup))
-        self._hand_over(recipient, entry)
+            store.submit(("message", stored), lambda: self._accept(user, accept, dedup))
+        to = recipient.session
+        if to is not None:
+            pager = to.mail
+            if (
+                pager is not None
+                and not pager.behind
+                and len(pager.items) < MAILBOX_WINDOW
+                and pager.bytes + size <= MAILBOX_WINDOW_BYTES
+            ):
+                self._hand_over(to, pager, stored, size, msg_id)  # the usual case, in short
+            else:
+                self._offer_mail(to, stored, size, msg_id)
         if recipient.key not in user.contacts:
             user.contacts.add(recipient.key)
             recipient.contacts.add(user.key)
@@ -867,13 +949,20 @@ class Relay:
             if recipient.session is not None:
                 self._send(recipient.session, Presence(user.name, True))
 
+    def _new_id(self) -> int:
+        """The next server_msg_id (also a receipt's seq): never reused."""
+        new = self._next_msg_id
+        self._next_msg_id += 1
+        if self.store is not None and self.store.reserve_needed(self._next_msg_id):
+            self.store.submit(("reserve",))
+        return new
+
     def _accept(self, sender: User, accept: Accept, dedup: tuple[str, int, int] | None) -> None:
         """After the commit: tell the sender, on whatever session it has now
-        (if none, its client resends and gets the same answer)."""
-        self._durable.discard(accept.server_msg_id)
-        if accept.server_msg_id in self._receipted_early and dedup is not None:
-            self._receipted_early.discard(accept.server_msg_id)
-            self._accepted.pop(dedup, None)  # committed and delivered: the disk remembers
+        (if none, its client resends and gets the same answer). Committed,
+        the message's dedup key is the disk's to remember."""
+        if dedup is not None:
+            self._accepted.pop(dedup, None)
         if sender.session is not None:
             self._queue_accept(sender.session, accept)
 
@@ -915,47 +1004,216 @@ class Relay:
                 for ids in batches(msg_ids):
                     self._send(session, Delivereds(to, tuple(ids)), handle=ids)
 
-    def _hand_over(self, recipient: User, entry: Entry) -> None:
-        session = recipient.session
-        if session is None or entry.queued_on == session.session_id:
+    # --- mailboxes and receipts: on the disk, handed over a window at a time ---
+
+    def _read(self, read: Read, then: Callable[[], None]) -> None:
+        """Run `read` on the store thread (after what was submitted before
+        it), then `then` on the loop; without a store, here and now."""
+        if self.store is not None:
+            self.store.submit(("read", read), then)
+        else:
+            read.run()
+            then()
+
+    def _offer_mail(self, session: Session, m: StoredMessage, size: int, msg_id: MsgId) -> None:
+        """A message accepted for an online recipient: hand it over now if
+        nothing waits before it and the window has room; else it waits on
+        the disk for a later page."""
+        pager = session.mail
+        if pager is None:
+            pager = session.mail = Pager(behind=False)
+        if not pager.behind and (
+            not pager.items
+            or (len(pager.items) < MAILBOX_WINDOW and pager.bytes + size <= MAILBOX_WINDOW_BYTES)
+        ):
+            self._hand_over(session, pager, m, size, msg_id)
             return
-        entry.queued_on = session.session_id
-        deliver = Deliver(
-            entry.server_msg_id, entry.msg_id, entry.sender, entry.text, entry.sent_ms
-        )
-        self._send(session, deliver, stream=conversation_stream(entry.sender))
+        pager.behind = True
+        pager.missed = max(pager.missed, m.server_msg_id)
+        self._page_mail(session)
+
+    def _hand_over(
+        self, session: Session, pager: Pager[int, Entry], m: StoredMessage, size: int,
+        msg_id: MsgId,
+    ) -> None:  # fmt: skip
+        entry = Entry(m.server_msg_id, msg_id, m.sender_key, m.sender, m.text, m.sent_ms, size)
+        pager.items[m.server_msg_id] = entry
+        pager.bytes += size
+        if m.server_msg_id > pager.cursor:
+            pager.cursor = m.server_msg_id
+        deliver = Deliver(m.server_msg_id, msg_id, m.sender, m.text, m.sent_ms)
+        self._send(session, deliver, stream=conversation_stream(m.sender))
+
+    def _page_mail(self, session: Session) -> None:
+        """Read the next page of the session's mailbox if something waits
+        there and the window has room enough."""
+        pager = session.mail
+        if pager is None or not pager.behind or pager.reading:
+            return
+        free = MAILBOX_WINDOW - len(pager.items)
+        free_bytes = MAILBOX_WINDOW_BYTES - pager.bytes
+        if pager.items and (free < PAGE_MIN or free_bytes < PAGE_MIN_BYTES):
+            return
+        pager.reading = True
+        key = session.user.key
+        if self.store is not None:
+            read = Read(self.store.read_mailbox, key, pager.cursor, free, free_bytes)
+        else:
+            read = Read(self._ram_read_mailbox, key, pager.cursor, free, free_bytes)
+        upto = self._next_msg_id - 1  # everything accepted so far is older than the read
+        self._read(read, functools.partial(self._mail_paged, session, pager, read, upto))
+
+    def _mail_paged(self, session: Session, pager: Pager[int, Entry], read: Read,
+                    upto: int) -> None:  # fmt: skip
+        pager.reading = False
+        if session.mail is not pager or not read.ok:
+            return  # the session ended (the next login reads again), or the read failed
+        rows: list[StoredMessage]
+        rows, more = read.result
+        for m in rows:
+            if m.server_msg_id > pager.cursor and m.server_msg_id not in pager.items:
+                msg_id = MsgId(m.instance_id, m.client_seq)
+                self._hand_over(session, pager, m, len(m.text.encode("utf-8")), msg_id)
+        # A short page had everything accepted before the read; what was
+        # accepted since and waits too is newer than `upto`.
+        if not more and pager.missed <= max(pager.cursor, upto):
+            pager.behind = False
+        else:
+            self._page_mail(session)
+
+    def _ram_read_mailbox(
+        self, key: str, after: int, limit: int, max_bytes: int
+    ) -> tuple[list[StoredMessage], bool]:
+        rows: list[StoredMessage] = []
+        size = 0
+        for m in self._ram_mail.get(key, {}).values():  # in id order
+            if m.server_msg_id <= after:
+                continue
+            if len(rows) >= limit:
+                return rows, True
+            size += len(m.text.encode("utf-8"))
+            if rows and size > max_bytes:
+                return rows, True
+            rows.append(m)
+        return rows, False
 
     def _on_receipt(self, session: Session, server_msg_id: int) -> None:
+        pager = session.mail
+        entry = pager.items.pop(server_msg_id, None) if pager is not None else None
+        if pager is None or entry is None:
+            # A repeated receipt, or one for a message handed to an earlier
+            # session: it stays on the disk, comes again and is receipted again.
+            return
         user = session.user
-        entry = user.mailbox.pop(server_msg_id, None)
-        if entry is None:
-            return  # a repeated receipt
-        user.mailbox_bytes -= len(entry.text.encode("utf-8"))
+        pager.bytes -= entry.size
+        user.mailbox_count -= 1
+        user.mailbox_bytes -= entry.size
+        seq = self._new_id()  # the receipt's place in the sender's queue
+        sender = self.users.get(entry.sender_key)
+        if sender is not None:
+            sender.notice_count += 1
+        tell = functools.partial(self._tell_sender, entry.sender_key, entry.msg_id, user.name, seq)
         if self.store is not None:
-            # Delivered: memory lets go of its dedup key once it is on disk too.
-            early = entry.server_msg_id in self._durable
-            if early:
-                self._receipted_early.add(entry.server_msg_id)
-            else:
-                self._accepted.pop((entry.sender_key, *entry.msg_id), None)
             # Received before its commit (the disk is slow or full): the
             # sender hears of it, which implies its ACCEPT, only once it is
             # on disk, after the ACCEPT (the commits keep their order).
-            tell = functools.partial(self._delivered, entry, user.name)
+            early = (entry.sender_key, *entry.msg_id) in self._accepted
             self.store.submit(("delivered", entry.server_msg_id, entry.sender_key, *entry.msg_id,
-                               user.name), tell if early else None)  # fmt: skip
-            if early:
-                return
-        self._delivered(entry, user.name)
+                               user.name, user.key, entry.size, seq),
+                              tell if early else None)  # fmt: skip
+            if not early:
+                tell()
+        else:
+            waiting = self._ram_mail.get(user.key, {})
+            waiting.pop(entry.server_msg_id, None)
+            if not waiting:
+                self._ram_mail.pop(user.key, None)
+            self._ram_notices.setdefault(entry.sender_key, {})[seq] = (seq, *entry.msg_id,
+                                                                       user.name)  # fmt: skip
+            tell()
+        self._page_mail(session)
 
-    def _delivered(self, entry: Entry, recipient: str) -> None:
-        """Tell the sender of `entry` that `recipient` has it (now or at its next login)."""
-        sender = self.users.get(entry.sender_key)
-        if sender is None:
+    def _tell_sender(self, sender_key: str, msg_id: MsgId, to: str, seq: int) -> None:
+        """Tell the sender that `to` has its message (now, or from the disk
+        at its next login)."""
+        sender = self.users.get(sender_key)
+        if sender is not None and sender.session is not None:
+            self._offer_receipt(sender.session, msg_id, to, seq)
+
+    def _offer_receipt(self, session: Session, msg_id: MsgId, to: str, seq: int) -> None:
+        pager = session.receipts
+        if pager is None:
+            pager = session.receipts = Pager(behind=False)
+        if msg_id in pager.items:
             return
-        sender.notices[entry.msg_id] = Delivered(entry.msg_id, recipient)
-        if sender.session is not None:
-            self._queue_delivered(sender.session, entry.msg_id, recipient)
+        # A receipt told late (it waited for its message's commit) may be
+        # older than what pages have read: it would not come with one.
+        late = seq < pager.cursor
+        if late or (not pager.behind and len(pager.items) < NOTICE_WINDOW):
+            pager.items[msg_id] = seq
+            pager.cursor = max(pager.cursor, seq)
+            self._queue_delivered(session, msg_id, to)
+            return
+        pager.behind = True
+        pager.missed = max(pager.missed, seq)
+        self._page_receipts(session)
+
+    def _receipts_acked(self, session: Session, done: list[MsgId]) -> None:
+        """The sender's client holds these receipts: off the disk they go."""
+        pager = session.receipts
+        assert pager is not None
+        user = session.user
+        for msg_id in done:
+            seq = pager.items.pop(msg_id, None)
+            if seq is None:
+                continue
+            user.notice_count -= 1
+            if self.store is not None:
+                self.store.submit(("notice_done", user.key, *msg_id))
+            else:
+                waiting = self._ram_notices.get(user.key, {})
+                waiting.pop(seq, None)
+                if not waiting:
+                    self._ram_notices.pop(user.key, None)
+        self._page_receipts(session)
+
+    def _page_receipts(self, session: Session) -> None:
+        pager = session.receipts
+        if pager is None or not pager.behind or pager.reading:
+            return
+        free = NOTICE_WINDOW - len(pager.items)
+        if pager.items and free < NOTICE_PAGE_MIN:
+            return
+        pager.reading = True
+        key = session.user.key
+        if self.store is not None:
+            read = Read(self.store.read_notices, key, pager.cursor, free)
+        else:
+            read = Read(self._ram_read_notices, key, pager.cursor, free)
+        upto = self._next_msg_id - 1
+        self._read(read, functools.partial(self._receipts_paged, session, pager, read, upto))
+
+    def _receipts_paged(self, session: Session, pager: Pager[MsgId, int], read: Read,
+                        upto: int) -> None:  # fmt: skip
+        pager.reading = False
+        if session.receipts is not pager or not read.ok:
+            return
+        rows: list[NoticeRow]
+        rows, more = read.result
+        for seq, instance_id, client_seq, to in rows:
+            msg_id = MsgId(instance_id, client_seq)
+            if seq > pager.cursor and msg_id not in pager.items:
+                pager.items[msg_id] = seq
+                pager.cursor = seq
+                self._queue_delivered(session, msg_id, to)
+        if not more and pager.missed <= max(pager.cursor, upto):
+            pager.behind = False
+        else:
+            self._page_receipts(session)
+
+    def _ram_read_notices(self, key: str, after: int, limit: int) -> tuple[list[NoticeRow], bool]:
+        rows = [row for seq, row in self._ram_notices.get(key, {}).items() if seq > after]
+        return rows[:limit], len(rows) > limit
 
     def _on_who(self, session: Session, who: Who) -> None:
         limit = max(1, min(who.limit, WHO_PAGE_MAX))

@@ -8,11 +8,23 @@ queued while the previous commit waited for the disk), and after each commit put
 the committed operations on `done` and calls `notify()` so the loop runs
 them. That is how an ACCEPT waits for the disk while forwarding does not.
 
-At start-up, before the loop runs, `load()` reads everything back. The
-directory is locked so that two servers never share it. Whatever keeps the
-store from opening (a data directory that is a file, not writable or on a
-read-only mount, a damaged or foreign chat.db, a full disk) is raised as a
-`StoreError` whose message names the path, the cause and what to do.
+Mailboxes and queued receipts stay on the disk: the loop asks for them a
+page at a time with a `Read` operation, which the store thread runs after
+everything submitted before it has committed (so a page never misses a
+message the loop accepted before asking) and whose answer comes back on
+`done` like a commit's. At start-up, before the loop runs, `load()` reads
+only what is small: accounts, the secret, the id block, dedup high-water
+marks and per-user counts (`summary`, kept in the same transactions as the
+rows they count); never a mailbox. The directory is locked so that two
+servers never share it. Whatever keeps the store from opening (a data
+directory that is a file, not writable or on a read-only mount, a damaged or
+foreign chat.db, a full disk) is raised as a `StoreError` whose message
+names the path, the cause and what to do.
+
+Ages (of dedup keys) are measured in "server time": milliseconds the server
+has run, advanced by the monotonic clock and persisted with the commits (at
+most once a second), so a wall clock stepped forward cannot expire anything
+early.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import logging
 import os
 import queue
@@ -37,7 +50,11 @@ from typing import IO, Any, TypeVar
 log = logging.getLogger("chat_store")
 
 MAX_BATCH = 5000  # operations in one transaction at most
-DEDUP_KEEP_S = 7 * 24 * 3600  # keep dedup keys at least 7 days (RELIABILITY.md 1.3)
+DEDUP_KEEP_S = 7 * 24 * 3600  # keep dedup keys at least 7 days of server time (RELIABILITY.md 1.3)
+# Server time is written with a commit at most this often (a crash loses
+# less than this much of a dedup key's age: it is kept a little longer).
+TIME_SAVE_MS = 1000
+DIGEST_BYTES = 16  # of SHA-256 over recipient and text: tells a retry from a reused message id
 RETRY_S = 1.0  # between attempts at a batch whose commit failed (a full disk)
 FAILURE_LOG_S = 10.0  # one log line per this many seconds while commits keep failing
 # Free bytes below which a failed write (that SQLite reports only as an I/O
@@ -45,7 +62,7 @@ FAILURE_LOG_S = 10.0  # one log line per this many seconds while commits keep fa
 LOW_SPACE = 64 * 1024
 ID_BLOCK = 10_000  # server_msg_ids reserved per durable write, never reused after a crash
 
-SCHEMA = """
+TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (
     name_key TEXT PRIMARY KEY, name TEXT NOT NULL, salt BLOB NOT NULL,
@@ -57,17 +74,31 @@ CREATE TABLE IF NOT EXISTS mailbox (
     sender TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
     text TEXT NOT NULL, sent_ms INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient_key, server_msg_id);
 CREATE TABLE IF NOT EXISTS dedup (
     sender_key TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
     server_msg_id INTEGER NOT NULL, accepted_ms INTEGER NOT NULL,
+    digest BLOB, server_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sender_key, instance_id, client_seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS notices (
     sender_key TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
-    recipient TEXT NOT NULL, PRIMARY KEY (sender_key, instance_id, client_seq)
+    recipient TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (sender_key, instance_id, client_seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS summary (
+    user_key TEXT PRIMARY KEY, messages INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    notices INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+# After the tables (and `_migrate`, which adds the columns they use).
+INDEXES = """
+CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient_key, server_msg_id);
+CREATE INDEX IF NOT EXISTS notices_order ON notices (sender_key, seq);
+CREATE INDEX IF NOT EXISTS dedup_age ON dedup (server_ms);
+"""
+# `summary` has a row per user with messages or receipts waiting: message
+# count and UTF-8 bytes of their mailbox (for the caps), and receipts queued
+# for them as a sender. Start-up reads it instead of the mailboxes.
 
 
 class StoreError(Exception):
@@ -232,14 +263,48 @@ class StoredMessage:
 
 @dataclass
 class Loaded:
+    """What start-up reads: small, whatever the mailboxes hold."""
+
     secret: bytes
     next_msg_id: int
     accounts: dict[str, Account] = field(default_factory=dict)
-    mailbox: list[StoredMessage] = field(default_factory=list)  # in server_msg_id order
     # Highest client_seq accepted per (sender, instance): anything at or below
     # it may be a retry, to look up with `find_dedup`.
     hwm: dict[tuple[str, int], int] = field(default_factory=dict)
-    notices: list[tuple[str, int, int, str]] = field(default_factory=list)
+    # user key -> (messages waiting, their UTF-8 bytes, receipts waiting for them)
+    summary: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+
+# A notice row: (seq, instance_id, client_seq, recipient's display name).
+NoticeRow = tuple[int, int, int, str]
+
+
+class Read:
+    """A read for the loop: `call(*args)` runs on the store thread once
+    everything submitted before it has committed; `ok` and `result` are set
+    before the callback given with it to `submit` runs on the loop."""
+
+    __slots__ = ("call", "args", "ok", "result")
+
+    def __init__(self, call: Callable[..., Any], *args: Any) -> None:
+        self.call = call
+        self.args = args
+        self.ok = False  # False: not run, or it failed (logged); the loop asks again later
+        self.result: Any = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.call(*self.args)
+            self.ok = True
+        except Exception:
+            log.exception("store read failed (%s); the loop will ask again",
+                          getattr(self.call, "__name__", self.call))  # fmt: skip
+
+
+def content_digest(recipient_key: str, text: str) -> bytes:
+    """What a dedup key remembers of its message: a SEND that reuses the id
+    with another recipient or text is not a retry (a copied client profile)."""
+    return hashlib.sha256(f"{recipient_key}\0{text}".encode()).digest()[:DIGEST_BYTES]
 
 
 def default_data_dir() -> Path:
@@ -279,7 +344,10 @@ class ServerStore:
     """SQLite behind one writer thread. `submit` from the loop; `load` once
     before. Callbacks passed to `submit` come back on `done` after commit."""
 
-    def __init__(self, data_dir: Path, *, notify: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, data_dir: Path, *, notify: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.data_dir = data_dir
         self.path = data_dir / "chat.db"
         with self._explained(data_dir):
@@ -311,9 +379,12 @@ class ServerStore:
             raise
         # Bound parameters per statement (SQLite's default is 32,766; older ones 999).
         self._max_variables = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        # Read-only lookups from the loop thread (WAL lets them run beside the writer).
-        self._reader = sqlite3.connect(self.path, check_same_thread=False)
         self._next_block = 0
+        # Server time (see the module doc): what was persisted, and when this run began.
+        self._clock = clock
+        self._time_base = 0
+        self._time_start = clock()
+        self._time_saved = 0  # the server time last written to `meta`
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self.commits = 0
@@ -341,16 +412,24 @@ class ServerStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # an ACCEPT means it is on the disk
-            db.executescript(SCHEMA)
+            existed = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            db.executescript(TABLES)
+            if "mailbox" in existed:
+                _migrate(db, new_summary="summary" not in existed)
+            db.executescript(INDEXES)
         except BaseException:
             db.close()
             raise
         return db
 
+    def server_ms(self) -> int:
+        """Milliseconds this server has run, over all its runs (never jumps)."""
+        return self._time_base + int((self._clock() - self._time_start) * 1000)
+
     # --- start-up (before the loop runs; on the caller's thread) -------------
 
     @_start_up
-    def load(self, now_ms: int) -> Loaded:
+    def load(self) -> Loaded:
         db = self._db
         row = db.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
         if row is None:
@@ -364,38 +443,79 @@ class ServerStore:
         # before a crash, so this run starts past them.
         self._next_block = next_id + ID_BLOCK
         db.execute("INSERT OR REPLACE INTO meta VALUES ('next_block', ?)", (self._next_block,))
-        db.execute("DELETE FROM dedup WHERE accepted_ms < ?", (now_ms - DEDUP_KEEP_S * 1000,))
+        row = db.execute("SELECT value FROM meta WHERE key='server_ms'").fetchone()
+        self._time_base = int(row[0]) if row is not None else 0
+        self._time_start = self._clock()
+        self._time_saved = self._time_base
+        db.execute(
+            "DELETE FROM dedup WHERE server_ms < ?", (self._time_base - DEDUP_KEEP_S * 1000,)
+        )
         loaded = Loaded(secret, next_id)
         for name_key, name, salt, iterations, stored, server in db.execute(
             "SELECT name_key, name, salt, iterations, stored_key, server_key FROM accounts"
         ):
             loaded.accounts[name_key] = Account(name, salt, iterations, stored, server)
-        for values in db.execute(
-            "SELECT server_msg_id, recipient_key, sender_key, sender, instance_id, client_seq, "
-            "text, sent_ms FROM mailbox ORDER BY server_msg_id"
-        ):
-            message = StoredMessage(*values)
-            message.instance_id = _u64(message.instance_id)
-            loaded.mailbox.append(message)
         for sender_key, instance_id, client_seq in db.execute(
             "SELECT sender_key, instance_id, MAX(client_seq) FROM dedup "
             "GROUP BY sender_key, instance_id"
         ):
             loaded.hwm[(sender_key, _u64(instance_id))] = client_seq
-        for sender_key, instance_id, client_seq, recipient in db.execute(
-            "SELECT sender_key, instance_id, client_seq, recipient FROM notices"
+        for user_key, messages, size, notices in db.execute(
+            "SELECT user_key, messages, bytes, notices FROM summary"
         ):
-            loaded.notices.append((sender_key, _u64(instance_id), client_seq, recipient))
+            loaded.summary[user_key] = (messages, size, notices)
         return loaded
 
-    def find_dedup(self, sender_key: str, instance_id: int, client_seq: int) -> int | None:
-        """The server_msg_id of an accepted (committed) message, for a retry
-        of one the loop no longer keeps in memory."""
-        row = self._reader.execute(
-            "SELECT server_msg_id FROM dedup WHERE sender_key=? AND instance_id=? AND client_seq=?",
+    # --- reads: run on the store thread through `Read` (or before `start`) ---
+
+    def read_mailbox(
+        self, recipient_key: str, after: int, limit: int, max_bytes: int
+    ) -> tuple[list[StoredMessage], bool]:
+        """The recipient's next messages past server_msg_id `after`, in order:
+        at most `limit` of them and about `max_bytes` of text (always one, if
+        any waits). Also says whether more may wait."""
+        rows: list[StoredMessage] = []
+        size = 0
+        for values in self._db.execute(
+            "SELECT server_msg_id, recipient_key, sender_key, sender, instance_id, client_seq, "
+            "text, sent_ms FROM mailbox WHERE recipient_key=? AND server_msg_id>? "
+            "ORDER BY server_msg_id LIMIT ?",
+            (recipient_key, after, limit),
+        ):
+            message = StoredMessage(*values)
+            message.instance_id = _u64(message.instance_id)
+            size += len(message.text.encode("utf-8"))
+            if rows and size > max_bytes:
+                return rows, True
+            rows.append(message)
+        return rows, len(rows) >= limit
+
+    def read_notices(self, sender_key: str, after: int, limit: int) -> tuple[list[NoticeRow], bool]:
+        """Receipts queued for `sender_key` past `after` (their seq), in order."""
+        rows = [
+            (seq, _u64(instance_id), client_seq, recipient)
+            for seq, instance_id, client_seq, recipient in self._db.execute(
+                "SELECT seq, instance_id, client_seq, recipient FROM notices "
+                "WHERE sender_key=? AND seq>? ORDER BY seq LIMIT ?",
+                (sender_key, after, limit),
+            )
+        ]
+        return rows, len(rows) >= limit
+
+    def find_dedup(
+        self, sender_key: str, instance_id: int, client_seq: int
+    ) -> tuple[int, bytes | None] | None:
+        """For a SEND whose id was accepted and committed before: its
+        server_msg_id and the digest of its content (`content_digest`; None
+        for keys stored before digests were kept). None if unknown."""
+        row = self._db.execute(
+            "SELECT server_msg_id, digest FROM dedup "
+            "WHERE sender_key=? AND instance_id=? AND client_seq=?",
             (sender_key, _i64(instance_id), client_seq),
         ).fetchone()
-        return None if row is None else int(row[0])
+        if row is None:
+            return None
+        return int(row[0]), None if row[1] is None else bytes(row[1])
 
     def reserve_needed(self, next_msg_id: int) -> bool:
         """True when the loop should reserve the next block of ids."""
@@ -431,7 +551,6 @@ class ServerStore:
             self._ops.put(None)
             self._thread.join(10)
             self._thread = None
-        self._reader.close()
         self._db.close()
         self._lock.close()
 
@@ -454,10 +573,10 @@ class ServerStore:
                     stopping = True
                     break
                 batch.extend(more)
-            ops = [op for op, _ in batch]
+            ops = [op for op, _ in batch if op[0] != "read"]
             failures = 0
             failing_since = next_log = 0.0
-            while True:
+            while ops:
                 try:
                     self._apply(ops)
                     break
@@ -481,6 +600,10 @@ class ServerStore:
             if failures:
                 log.warning("writes to %s commit again after %.1f s and %d failed attempts",
                             self.path, time.monotonic() - failing_since, failures)  # fmt: skip
+            # Reads after the commit: each sees every write submitted before it.
+            for op, _ in batch:
+                if op[0] == "read":
+                    op[1].run()
             for _, then in batch:
                 if then is not None:
                     self.done.put(then)
@@ -503,14 +626,17 @@ class ServerStore:
         Statements run kind by kind in the order the loop's operations depend
         on each other (a message is stored before its receipt deletes it, a
         notice before its acknowledgement drops it), so grouping keeps the
-        outcome of applying them one by one."""
+        outcome of applying them one by one. `summary` moves with the rows."""
         accounts: list[tuple[Any, ...]] = []
         messages: list[tuple[Any, ...]] = []
         dedup: list[tuple[Any, ...]] = []
         delivered: list[int] = []
         notices: list[tuple[Any, ...]] = []
         notices_done: list[tuple[Any, ...]] = []
+        # user key -> [messages, bytes, notices] to add to its summary row
+        counts: dict[str, list[int]] = {}
         reserve: int | None = None
+        stamp = self.server_ms()
         for op in ops:
             kind = op[0]
             if kind == "message":
@@ -518,14 +644,24 @@ class ServerStore:
                 instance = _i64(m.instance_id)
                 messages.append((m.server_msg_id, m.recipient_key, m.sender_key, m.sender,
                                  instance, m.client_seq, m.text, m.sent_ms))  # fmt: skip
-                dedup.append((m.sender_key, instance, m.client_seq, m.server_msg_id, m.sent_ms))
+                dedup.append((m.sender_key, instance, m.client_seq, m.server_msg_id, m.sent_ms,
+                              content_digest(m.recipient_key, m.text), stamp))  # fmt: skip
+                count = counts.setdefault(m.recipient_key, [0, 0, 0])
+                count[0] += 1
+                count[1] += len(m.text.encode("utf-8"))
             elif kind == "delivered":
-                _, server_msg_id, sender_key, instance_id, client_seq, recipient = op
+                (_, server_msg_id, sender_key, instance_id, client_seq, recipient, recipient_key,
+                 size, seq) = op  # fmt: skip
                 delivered.append(server_msg_id)
-                notices.append((sender_key, _i64(instance_id), client_seq, recipient))
+                notices.append((sender_key, _i64(instance_id), client_seq, recipient, seq))
+                count = counts.setdefault(recipient_key, [0, 0, 0])
+                count[0] -= 1
+                count[1] -= size
+                counts.setdefault(sender_key, [0, 0, 0])[2] += 1
             elif kind == "notice_done":
                 _, sender_key, instance_id, client_seq = op
                 notices_done.append((sender_key, _i64(instance_id), client_seq))
+                counts.setdefault(sender_key, [0, 0, 0])[2] -= 1
             elif kind == "account":
                 _, key, a = op
                 accounts.append((key, a.name, a.salt, a.iterations, a.stored_key, a.server_key,
@@ -542,11 +678,14 @@ class ServerStore:
             gone = set(delivered)
             if any(row[0] in gone for row in messages):
                 messages = [row for row in messages if row[0] not in gone]
+        save_time = stamp - self._time_saved >= TIME_SAVE_MS or self._closing.is_set()
         db = self._db
         db.execute("BEGIN")
         try:
             if reserve is not None:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('next_block', ?)", (reserve,))
+            if save_time:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('server_ms', ?)", (stamp,))
             self._insert("accounts", accounts)
             self._insert("mailbox", messages)
             self._insert("dedup", dedup)
@@ -561,8 +700,11 @@ class ServerStore:
                     ["(sender_key=? AND instance_id=? AND client_seq=?)"] * len(part)
                 )
                 db.execute(f"DELETE FROM notices WHERE {where}", _flat(part))
+            self._count(counts)
             db.execute("COMMIT")
             self.commits += 1
+            if save_time:
+                self._time_saved = stamp
         except BaseException:
             # SQLite may have rolled back already (it does on a full disk):
             # a second ROLLBACK would fail and hide why the first one came.
@@ -570,6 +712,25 @@ class ServerStore:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
             raise
+
+    def _count(self, counts: dict[str, list[int]]) -> None:
+        """Add the batch's changes to `summary`; drop rows back to nothing."""
+        rows = [(key, *c) for key, c in counts.items() if any(c)]
+        for part in _chunks(rows, self._max_rows(4)):
+            self._db.execute(
+                "INSERT INTO summary VALUES "
+                + ",".join(["(?,?,?,?)"] * len(part))
+                + " ON CONFLICT (user_key) DO UPDATE SET messages=messages+excluded.messages, "
+                "bytes=bytes+excluded.bytes, notices=notices+excluded.notices",
+                _flat(part),
+            )
+        keys = [row[0] for row in rows]
+        for part in _chunks(keys, self._max_rows(1)):
+            self._db.execute(
+                f"DELETE FROM summary WHERE user_key IN ({_marks(len(part))}) "
+                "AND messages<=0 AND notices<=0",
+                part,
+            )
 
     def _max_rows(self, columns: int) -> int:
         return max(1, min(1000, self._max_variables // columns))
@@ -589,6 +750,34 @@ class ServerStore:
                 f"INSERT OR IGNORE INTO {table} VALUES {','.join([row_marks] * len(part))}",
                 _flat(part),
             )
+
+
+def _migrate(db: sqlite3.Connection, *, new_summary: bool) -> None:
+    """Bring a data directory of an earlier version up to this schema (once)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(dedup)")}
+    if "digest" not in columns:
+        # Old keys get no digest (any content counts as a retry, as before)
+        # and age from this run on.
+        db.execute("ALTER TABLE dedup ADD COLUMN digest BLOB")
+        db.execute("ALTER TABLE dedup ADD COLUMN server_ms INTEGER NOT NULL DEFAULT 0")
+    columns = {row[1] for row in db.execute("PRAGMA table_info(notices)")}
+    if "seq" not in columns:
+        db.execute("ALTER TABLE notices ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+        # Old receipts are paged by seq too: number them, below any new one.
+        keys = db.execute("SELECT sender_key, instance_id, client_seq FROM notices").fetchall()
+        db.execute("BEGIN")
+        db.executemany(
+            "UPDATE notices SET seq=? WHERE sender_key=? AND instance_id=? AND client_seq=?",
+            [(i - len(keys), *key) for i, key in enumerate(keys)],
+        )
+        db.execute("COMMIT")
+    if new_summary:
+        db.execute(
+            "INSERT INTO summary SELECT user_key, SUM(m), SUM(b), SUM(n) FROM ("
+            "SELECT recipient_key AS user_key, COUNT(*) AS m, SUM(LENGTH(CAST(text AS BLOB))) AS b,"
+            " 0 AS n FROM mailbox GROUP BY recipient_key UNION ALL "
+            "SELECT sender_key, 0, 0, COUNT(*) FROM notices GROUP BY sender_key) GROUP BY user_key"
+        )
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:

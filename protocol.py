@@ -111,6 +111,9 @@ class ErrorCode(enum.IntEnum):
     PASSWORD_REQUIRED = 13
     LOGGED_OUT = 14
     SERVER_ERROR = 15  # the server could not serve the request; try again
+    # A SEND reuses a message id the server accepted for other content: the
+    # client's store was copied or restored (a silent ACCEPT would lose it).
+    DUPLICATE_ID = 16
 
     @property
     def label(self) -> str:

@@ -220,7 +220,7 @@ def test_a_send_while_over_the_output_cap_waits_and_is_accepted_after_the_drain(
         world.step()
     assert not mallory.of(Accept) and not bob.of(Deliver)
     assert world.relay.stats["messages"] == 0  # not taken: its chunk was not acked
-    assert world.relay.users["bob"].mailbox == {}
+    assert world.relay.users["bob"].mailbox_count == 0
 
     mallory.acks = True
     world.run_until(lambda: bool(mallory.of(Accept)), 5000, "the ACCEPT")

@@ -1246,21 +1246,21 @@ def test_store_batches_keep_the_outcome_of_one_by_one_writes(tmp_path: Path) -> 
     each write had run alone: a message receipted in its own batch leaves no
     mailbox row but keeps its dedup key and its receipt notice, an acked
     notice is gone, and batches larger than one statement are split."""
-    from chat_store import ServerStore, StoredMessage
+    from chat_store import ServerStore, StoredMessage, content_digest
 
     def message(i: int) -> StoredMessage:
         # u64 instance ids above 2**63 take the signed round trip too.
         return StoredMessage(i, "bob", "alice", "Alice", 2**64 - 5, i, f"text {i}", 1000 + i)
 
     store = ServerStore(tmp_path)
-    store.load(0)
+    store.load()
     store.start()
     done: list[int] = []
     count = 2500  # more rows than one multi-row statement takes
     for i in range(1, count + 1):
         store.submit(("message", message(i)), functools.partial(done.append, i))
     for i in range(1, 1001):  # receipted before the commit: same batch
-        store.submit(("delivered", i, "alice", 2**64 - 5, i, "Bob"))
+        store.submit(("delivered", i, "alice", 2**64 - 5, i, "Bob", "bob", len(f"text {i}"), i))
     for i in range(1, 501):  # and their notices acked, still the same batch
         store.submit(("notice_done", "alice", 2**64 - 5, i))
     store.flush()
@@ -1271,19 +1271,25 @@ def test_store_batches_keep_the_outcome_of_one_by_one_writes(tmp_path: Path) -> 
         except queue.Empty:
             pass
     assert sorted(done) == list(range(1, count + 1))
-    store.submit(("delivered", 2000, "alice", 2**64 - 5, 2000, "Bob"))  # a later batch
+    store.submit(("delivered", 2000, "alice", 2**64 - 5, 2000, "Bob", "bob", 9, 2000))  # later
     store.close()  # flushes and commits what is queued
 
     reopened = ServerStore(tmp_path)
     try:
-        loaded = reopened.load(0)
-        waiting = [m.server_msg_id for m in loaded.mailbox]
-        assert waiting == [i for i in range(1001, count + 1) if i != 2000]
-        assert loaded.mailbox[0] == message(1001)
+        loaded = reopened.load()
+        mailbox, more = reopened.read_mailbox("bob", 0, count, 10**9)
+        waiting = [m.server_msg_id for m in mailbox]
+        assert waiting == [i for i in range(1001, count + 1) if i != 2000] and not more
+        assert mailbox[0] == message(1001)
         assert loaded.hwm == {("alice", 2**64 - 5): count}
-        assert sorted(n[2] for n in loaded.notices) == [*range(501, 1001), 2000]
+        notices, _ = reopened.read_notices("alice", -1, count)
+        assert sorted(n[2] for n in notices) == [*range(501, 1001), 2000]
+        # The counts start-up reads instead of the rows moved with them.
+        size = sum(len(m.text) for m in mailbox)
+        assert loaded.summary == {"bob": (len(waiting), size, 0), "alice": (0, 0, 501)}
         for i in (1, 700, 2000, count):  # every accepted message keeps its dedup key
-            assert reopened.find_dedup("alice", 2**64 - 5, i) == i
+            found = reopened.find_dedup("alice", 2**64 - 5, i)
+            assert found == (i, content_digest("bob", f"text {i}"))
     finally:
         reopened.close()
 
@@ -1328,7 +1334,7 @@ def test_a_failed_commit_is_retried_and_given_up_only_at_close(
 
     monkeypatch.setattr(chat_store, "RETRY_S", 0.01)
     store = ServerStore(tmp_path / "a")
-    store.load(0)
+    store.load()
     real_apply = store._apply
     failures = [2]
 
@@ -1349,12 +1355,13 @@ def test_a_failed_commit_is_retried_and_given_up_only_at_close(
     store.close()
     reopened = ServerStore(tmp_path / "a")
     try:
-        assert [m.server_msg_id for m in reopened.load(0).mailbox] == [1]
+        reopened.load()
+        assert [m.server_msg_id for m in reopened.read_mailbox("bob", 0, 10, 10**6)[0]] == [1]
     finally:
         reopened.close()
 
     broken = ServerStore(tmp_path / "b")
-    broken.load(0)
+    broken.load()
 
     def always_fails(ops: list[tuple[Any, ...]]) -> None:
         raise sqlite3.OperationalError("database or disk is full")

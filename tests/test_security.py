@@ -1857,7 +1857,7 @@ class HeldStore:
         self.ops: list[tuple[tuple[Any, ...], Callable[[], None] | None]] = []
         self.done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
-    def load(self, now_ms: int) -> Loaded:
+    def load(self) -> Loaded:
         return Loaded(secrets.token_bytes(32), 1)
 
     def submit(self, op: tuple[Any, ...], then: Callable[[], None] | None = None) -> None:

@@ -98,7 +98,7 @@ def a_store(data_dir: Path, accounts: int = 0) -> None:
     message to each), closed cleanly."""
     store = ServerStore(data_dir)
     try:
-        store.load(0)
+        store.load()
         store.start()
         for i in range(accounts):
             account = Account(f"user{i}", b"s" * 16, TEST_ITERATIONS, b"k" * 32, b"k" * 32)
@@ -506,7 +506,8 @@ def test_receipt_before_the_commit_reaches_the_sender_after_it(
         msg_id = alice.send("while commits fail", "bob")
         wait_all(both, lambda: bob.texts() == ["while commits fail"], 15, "bob has it")
         relay = running.relay
-        wait_all(both, lambda: bool(relay._receipted_early), 15, "bob's receipt at the server")
+        wait_all(both, lambda: relay.users["alice"].notice_count == 1, 15,
+                 "bob's receipt at the server")  # fmt: skip
         until = time.monotonic() + 0.3  # time for a DELIVERED sent at once to arrive
         wait_all(both, lambda: time.monotonic() > until, 5, "a moment")
         assert alice.states[msg_id] == ["sending"], alice.states
