@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import secrets
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -492,3 +494,18 @@ def test_a_data_directory_of_the_previous_version_is_brought_up_to_date(tmp_path
         assert store.find_dedup("alice", 7, 3) == (3, None)
     finally:
         store.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_the_memory_benchmark_runs(tmp_path: Path) -> None:
+    """bench/memory_mailbox.py, tiny, so it never rots: a real server
+    process fills offline mailboxes (every message on disk), then starts
+    over a database built in the store's schema."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.memory_mailbox", "--senders", "3", "--messages", "4",
+         "--text-size", "100", "--gib", "0.0005", "--timeout", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "on disk: 12 messages (all 12 accepted)" in done.stdout, done.stdout
+    assert "ready line after" in done.stdout
