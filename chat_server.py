@@ -216,6 +216,7 @@ class Relay:
         self._timers: list[tuple[float, int, bytes]] = []
         self._tiebreak = itertools.count()
         self._out: Outgoing = []
+        self._pulled = False  # the owner uses `datagrams_to_send` (aioquic's shape)
         self.drops = DropLog(self.config.log_interval)
         self.stats: collections.Counter[str] = collections.Counter()
         cfg = self.config
@@ -369,7 +370,9 @@ class Relay:
         return self._timers[0][0] if self._timers else None
 
     def handle_timer(self, now: float) -> Outgoing:
-        """Run every timer that is due (retransmissions, acks, expiry)."""
+        """Run every timer that is due (retransmissions, acks, expiry) and
+        return what to send; after `datagrams_to_send` has been used, that
+        returns it instead (see below)."""
         while self._timers and self._timers[0][0] <= now:
             deadline, _, session_id = heapq.heappop(self._timers)
             session = self.sessions.get(session_id)
@@ -384,6 +387,8 @@ class Relay:
             session.conn.handle_timer(now)
             self._collect(session, session.addr, now)
             self._dirty[session_id] = session
+        if self._pulled:
+            return []  # `datagrams_to_send` collects it
         return self.flush(now)
 
     def shutdown_notice(self, now: float) -> Outgoing:
@@ -415,6 +420,28 @@ class Relay:
                         "until it falls", resident >> 20, self.config.max_memory >> 20)  # fmt: skip
         elif not over:
             log.info("resident memory %d MiB is under --max-memory again", resident >> 20)
+
+    # The same loop in aioquic's shape (`QuicConnection`), as `ClientCore`
+    # has it: inputs return nothing, every datagram comes out of
+    # `datagrams_to_send`. A loop uses these four or the ones above, not
+    # both: once `datagrams_to_send` has been called, `handle_timer` leaves
+    # what it produced for it (and returns nothing), so no datagram is
+    # handed out twice or dropped.
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """Take one datagram (`receive`)."""
+        self.receive(data, addr, now)
+
+    def datagrams_to_send(self, now: float) -> Outgoing:
+        """Everything to send now, as (datagram, address) pairs: first runs
+        what the store or the key-exchange pool finished (`run_durable`)."""
+        self._pulled = True
+        self.run_durable(now)
+        return self.flush(now)
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` is next due (`next_deadline`)."""
+        return self.next_deadline()
 
     # --- datagrams --------------------------------------------------------
 

@@ -29,9 +29,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
 from chat_store import StoreLocked, lock_file
+from client_core import Arrival, StoredMessage
 from protocol import MsgId, name_key
 
 SCHEMA = """
@@ -64,9 +65,6 @@ HISTORY_COLUMNS = {
 # After the columns exist: `mark_shown` finds a row by the server's id.
 INDEXES = "CREATE INDEX IF NOT EXISTS history_server_id ON history (server_msg_id);"
 
-#: What `add_incoming` found: a new message (show it), one stored but not
-#: shown yet (it is on its way to the screen), or one already shown.
-Arrival = Literal["new", "unshown", "shown"]
 
 
 def data_dir() -> Path:
@@ -97,17 +95,6 @@ class HistoryLine:
     ts_ms: int
     msg_id: str
     state: str | None
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    """A received message committed to the history but not shown yet."""
-
-    sender: str
-    msg_id: MsgId
-    text: str
-    sent_ms: int
-    server_msg_id: int
 
 
 def _i64(value: int) -> int:
@@ -329,6 +316,8 @@ class ClientStore:
         return bytes(row[0]) if row is not None else None
 
     def keep_ticket(self, ticket: bytes) -> None:
+        if self.locked:  # a one-off instance (another process holds the store)
+            return
         self.begin()
         self.db.execute(
             "INSERT OR REPLACE INTO login_ticket VALUES (?, ?)", (_i64(self.instance_id), ticket)
