@@ -121,8 +121,6 @@ def parse_server(text: str) -> tuple[str, int]:
     return host, port
 
 
-
-
 # --- the session ------------------------------------------------------------
 
 

@@ -66,7 +66,6 @@ HISTORY_COLUMNS = {
 INDEXES = "CREATE INDEX IF NOT EXISTS history_server_id ON history (server_msg_id);"
 
 
-
 def data_dir() -> Path:
     """The user's data directory for this app (XDG, %LOCALAPPDATA%, macOS)."""
     if sys.platform == "win32":
