@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import protocol
 from protocol import (
     CONTROL_STREAM,
     FLAG_MAC,
@@ -54,6 +55,7 @@ from protocol import (
     Frame,
     Hello,
     LocalProtocolError,
+    Login,
     Logout,
     Message,
     MsgId,
@@ -75,7 +77,6 @@ from protocol import (
     Who,
     WhoReply,
     batches,
-    build_login,
     check_text,
     conversation_stream,
     decode_header,
@@ -85,7 +86,6 @@ from protocol import (
     encode_packet,
     name_key,
     normalize_name,
-    salted_password,
     server_signature,
     session_keys,
 )
@@ -426,6 +426,10 @@ def check_outgoing(text: str, to: str) -> str:
 
 
 LoginPhase = Literal["hello", "login", "wait"]
+#: `protocol.salted_password`'s shape: (password, salt, iterations) -> PBKDF2.
+SaltedPassword = Callable[[str, bytes, int], bytes]
+#: `protocol.build_login`'s shape: the LOGIN, the SCRAM auth message, the keys.
+BuildLogin = Callable[[str, int, bytes, Challenge, bytes], tuple[Login, bytes, ScramKeys]]
 
 
 class ClientCore:
@@ -436,7 +440,9 @@ class ClientCore:
     with a new name registers it. `connect_to` is the peer plain sends go to.
     `server` only names the server in messages for the user. `token_bytes`
     and `rng` are the randomness (nonces; retransmission and keepalive
-    jitter), replaceable for tests."""
+    jitter), replaceable for tests. `salted_password` and `build_login` are
+    protocol.py's; the load generator gives cached ones (one process stands
+    in for thousands of clients, whose PBKDF2 and DH work it cannot afford)."""
 
     def __init__(
         self,
@@ -453,6 +459,8 @@ class ClientCore:
         link_timeout: float = LINK_TIMEOUT,
         token_bytes: Callable[[int], bytes] = secrets.token_bytes,
         rng: random.Random | None = None,
+        salted_password: SaltedPassword = protocol.salted_password,
+        build_login: BuildLogin = protocol.build_login,
     ) -> None:
         try:
             self.username = normalize_name(username)
@@ -471,6 +479,9 @@ class ClientCore:
         self.link_timeout = link_timeout
         self._token_bytes = token_bytes
         self._rng = rng if rng is not None else random.Random()
+        self._salted_password = salted_password
+        self._build_login = build_login
+        self.login_sends = 0  # HELLO and LOGIN datagrams handed out (first sends and resends)
         # Kept for the re-logins; the salted form is cached so a reconnect
         # does not pay PBKDF2 again.
         self._password = password
@@ -554,6 +565,7 @@ class ClientCore:
                 and now >= self._login_at
             ):
                 out.append(self._login_datagram)
+                self.login_sends += 1
                 if self._login_phase == "login" and self._login_started is None:
                     self._login_started = now  # PBKDF2 may have taken a while
                 cap = FIRST_LOGIN_MAX if self.first_login else RECONNECT_MAX
@@ -623,6 +635,20 @@ class ClientCore:
         if self._staged:
             self._events.extend(self._staged)
             self._staged.clear()
+
+    @property
+    def login_phase(self) -> LoginPhase | Literal["online", "ended"]:
+        """Where the login is: `hello` (HELLO sent), `login` (LOGIN sent),
+        `wait` (told to wait), `online` (a session), or `ended`."""
+        if self.ended:
+            return "ended"
+        return "online" if self.conn is not None else self._login_phase
+
+    @property
+    def login_nonce(self) -> bytes:
+        """The nonce of the login attempt in progress: the server's replies
+        carry it (an owner with many cores on one socket routes by it)."""
+        return self._nonce
 
     # --- the owner's API: the user's actions ------------------------------------
 
@@ -871,10 +897,10 @@ class ClientCore:
         cache_key = (challenge.salt, challenge.iterations)
         salted = self._salted.get(cache_key)
         if salted is None:
-            salted = salted_password(self._password, challenge.salt, challenge.iterations)
+            salted = self._salted_password(self._password, challenge.salt, challenge.iterations)
             self._salted = {cache_key: salted}
         try:
-            login, message, keys = build_login(
+            login, message, keys = self._build_login(
                 self.username, self.instance_id, self._nonce, challenge, salted
             )
         except ProtocolError as exc:

@@ -3,8 +3,9 @@
 They speak the real protocol with the real code: `protocol.py` for the
 SCRAM login (HELLO -> CHALLENGE -> LOGIN -> WELCOME) and the messages,
 `reliability.Connection` for acks, retransmission and packing many
-messages into one datagram, exactly like `chat_client._Worker` but without
-threads, Tk or a local store, so one process can drive many clients.
+messages into one datagram, like the chat client but without threads, Tk
+or a local store, so one process can drive many clients. The login is the
+client's own: `client_core.ClientCore`, driven over shared sockets.
 
 Each worker is a function `run_*(spec, pipe)` started by `run.py` with
 multiprocessing. The conversation with the parent is:
@@ -24,7 +25,6 @@ from __future__ import annotations
 import array
 import collections
 import functools
-import hmac
 import secrets
 import selectors
 import socket
@@ -38,11 +38,9 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
 import protocol
+from client_core import ClientCore, ErrorEvent
 from protocol import (
     DH_PRIVATE_BITS,
-    HELLO_SIZE,
-    MIN_PREAUTH_REQUEST,
-    NO_SESSION,
     Accept,
     Accepts,
     Bye,
@@ -51,13 +49,11 @@ from protocol import (
     Delivered,
     Delivereds,
     Fail,
-    Hello,
     Kind,
     Login,
     Message,
     MsgId,
     Notice,
-    Packet,
     ProtocolError,
     Receipt,
     Receipts,
@@ -70,10 +66,7 @@ from protocol import (
     decode_message,
     decode_packet,
     encode_message,
-    encode_packet,
     salted_password,
-    server_signature,
-    session_keys,
 )
 from reliability import Connection, PayloadReceived
 
@@ -174,50 +167,6 @@ def wait_until(t: float) -> None:
 # --- login ------------------------------------------------------------------
 
 
-class Handshake:
-    """One SCRAM login in progress: HELLO -> CHALLENGE -> LOGIN -> WELCOME."""
-
-    __slots__ = (
-        "name", "sock", "password", "instance_id", "nonce", "phase", "datagram", "sent_at",
-        "salt", "iterations", "dh_public", "auth", "conn", "resends", "interval",
-    )  # fmt: skip
-
-    def __init__(self, name: str, sock: socket.socket, password: str = PASSWORD) -> None:
-        self.name = name
-        self.sock = sock
-        self.password = password
-        self.instance_id = secrets.randbits(64)
-        self.nonce = secrets.token_bytes(16)
-        self.phase = "hello"
-        hello = Hello(name, self.instance_id, self.nonce)
-        self.datagram = encode_packet(Packet(NO_SESSION, 0, (hello,)), None, pad_to=HELLO_SIZE)
-        self.sent_at = 0.0
-        self.salt = b""
-        self.iterations = 0
-        self.dh_public = b""
-        self.auth: tuple[bytes, ScramKeys] | None = None
-        self.conn: Connection | None = None
-        self.resends = 0
-        self.interval = LOGIN_RESEND
-
-    def send(self, now: float) -> None:
-        try:
-            self.sock.send(self.datagram)
-        except OSError:
-            pass  # a full buffer: resent after LOGIN_RESEND
-        self.sent_at = now
-
-    def prove(self, challenge: Challenge, salted: bytes) -> None:
-        login, message, keys = fast_login(
-            self.name, self.instance_id, self.nonce, challenge, salted
-        )
-        self.auth = (message, keys)
-        self.datagram = encode_packet(
-            Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST
-        )
-        self.phase = "login"
-
-
 #: name -> (salt, iterations, salted password): the PBKDF2 work a real client caches.
 SaltCache = dict[str, tuple[bytes, int, bytes]]
 
@@ -256,20 +205,87 @@ def _cached_dh_build_login() -> Callable[..., tuple[Login, bytes, ScramKeys]]:
 fast_login = _cached_dh_build_login()
 
 
+class Handshake:
+    """One client's login, run by `client_core.ClientCore` (the very login
+    the chat client runs: HELLO -> CHALLENGE -> LOGIN -> WELCOME, SCRAM),
+    over a socket that may carry many logins. The core gets this process's
+    cached PBKDF2 (`salted`) and DH (`fast_login`) work; after the WELCOME
+    its `conn` is handed to a `Peer`."""
+
+    __slots__ = ("name", "sock", "core")
+
+    def __init__(
+        self, name: str, sock: socket.socket, password: str = PASSWORD, *,
+        salted: SaltCache | None = None, timeout: float = 120.0,
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.sock = sock
+        cache = salted if salted is not None else {}
+
+        def salted_password_cached(password: str, salt: bytes, iterations: int) -> bytes:
+            hit = cache.get(name)
+            if hit is None or hit[:2] != (salt, iterations):
+                hit = cache[name] = (salt, iterations, salted_password(password, salt, iterations))
+            return hit[2]
+
+        self.core = ClientCore(
+            name, password, login_timeout=timeout, rto_min=RTO_MIN, rto_max=RTO_MAX,
+            salted_password=salted_password_cached, build_login=fast_login,
+        )  # fmt: skip
+
+    @property
+    def conn(self) -> Connection | None:
+        return self.core.conn
+
+    @property
+    def instance_id(self) -> int:
+        return self.core.instance_id
+
+    @property
+    def resends(self) -> int:
+        """HELLOs and LOGINs sent beyond the first of each."""
+        return max(0, self.core.login_sends - 2)
+
+    def flush(self, now: float) -> None:
+        for datagram in self.core.datagrams_to_send(now):
+            try:
+                self.sock.send(datagram)
+            except OSError:
+                pass  # a full buffer: the core resends
+
+    def check(self) -> None:
+        """Raise if the login was refused (or gave up)."""
+        if self.core.ended:
+            errors = [e for e in iter(self.core.next_event, None) if isinstance(e, ErrorEvent)]
+            reason = f"{errors[0].code}: {errors[0].message}" if errors else "ended"
+            raise RuntimeError(f"login of {self.name} refused: {reason}")
+
+
 def drive_logins(
-    handshakes: list[Handshake], *, salted: SaltCache | None = None, challenge_only: bool = False,
-    window: int = 256, timeout: float = 120.0,
+    handshakes: list[Handshake], *, challenge_only: bool = False, window: int = 256,
+    timeout: float = 120.0,
 ) -> None:  # fmt: skip
     """Run many handshakes at once over their sockets, at most `window` in
-    flight. With `challenge_only`, stop at the CHALLENGE (to learn salts)."""
-    salted = salted if salted is not None else {}
+    flight. With `challenge_only`, stop at the CHALLENGE (its PBKDF2 is
+    then in the handshakes' salt cache)."""
     sockets = {h.sock for h in handshakes}
     selector = selectors.DefaultSelector()
     for sock in sockets:
         selector.register(sock, selectors.EVENT_READ)
     pending = collections.deque(handshakes)
-    active: dict[bytes, Handshake] = {}
+    active: dict[bytes, Handshake] = {}  # by the nonce of the attempt in progress
     deadline = time.monotonic() + timeout
+
+    def step(h: Handshake, nonce: bytes, now: float) -> None:
+        h.check()
+        if h.core.conn is not None or (challenge_only and h.core.login_phase != "hello"):
+            del active[nonce]
+            return
+        h.flush(now)
+        if h.core.login_nonce != nonce:  # it started over from HELLO
+            del active[nonce]
+            active[h.core.login_nonce] = h
+
     last_scan = 0.0
     try:
         while pending or active:
@@ -278,15 +294,16 @@ def drive_logins(
                 raise RuntimeError(f"{len(pending) + len(active)} logins not answered in time")
             while pending and len(active) < window:
                 h = pending.popleft()
-                active[h.nonce] = h
-                h.send(now)
+                h.core.connect(now)
+                active[h.core.login_nonce] = h
+                h.flush(now)
             if now - last_scan >= 0.05:
                 last_scan = now
-                for h in active.values():
-                    if now - h.sent_at >= h.interval:
-                        h.resends += 1
-                        h.interval = min(LOGIN_RESEND_MAX, 2 * h.interval)
-                        h.send(now)
+                for nonce, h in list(active.items()):
+                    timer = h.core.get_timer()
+                    if timer is not None and timer <= now:
+                        h.core.handle_timer(now)
+                        step(h, nonce, now)
             for key, _ in selector.select(0.1):
                 ready: socket.socket = key.fileobj  # type: ignore[assignment]
                 while True:
@@ -299,59 +316,23 @@ def drive_logins(
                     try:
                         packet = decode_packet(data, None)
                     except ProtocolError:
-                        continue
+                        continue  # a session's datagram: the Peer's, not the login's
                     for frame in packet.frames:
                         if isinstance(frame, (Challenge, Welcome, Refused)):
                             h2 = active.get(frame.nonce)
                             if h2 is not None:
-                                login_reply(h2, frame, active, salted, challenge_only)
+                                now = time.monotonic()
+                                h2.core.receive_datagram(data, now)
+                                step(h2, frame.nonce, now)
+                            break
     finally:
         selector.close()
 
 
-def login_reply(
-    h: Handshake, frame: Challenge | Welcome | Refused, active: dict[bytes, Handshake],
-    salted: SaltCache, challenge_only: bool,
-) -> None:  # fmt: skip
-    if isinstance(frame, Refused):
-        raise RuntimeError(f"login of {h.name} refused: {frame.code.label}: {frame.message}")
-    now = time.monotonic()
-    if isinstance(frame, Challenge):
-        if h.phase != "hello":
-            return
-        h.salt, h.iterations, h.dh_public = frame.salt, frame.iterations, frame.dh_public
-        if challenge_only:
-            del active[h.nonce]
-            return
-        cached = salted.get(h.name)
-        if cached is None or cached[:2] != (frame.salt, frame.iterations):
-            cached = (frame.salt, frame.iterations,
-                      salted_password(h.password, frame.salt, frame.iterations))  # fmt: skip
-            salted[h.name] = cached
-        h.prove(frame, cached[2])
-        h.interval = LOGIN_RESEND
-        h.send(now)
-        return
-    if h.phase != "login" or h.auth is None:
-        return
-    message, keys = h.auth
-    if not hmac.compare_digest(frame.signature, server_signature(keys.server_key, message)):
-        raise RuntimeError(f"the server could not prove it knows {h.name}")
-    to_server, to_client = session_keys(keys.client_key, message)
-    h.conn = Connection(frame.session_id, to_server, now, peer_key=to_client,
-                        rto_min=RTO_MIN, rto_max=RTO_MAX)  # fmt: skip
-    h.phase = "done"
-    del active[h.nonce]
-
-
-def precompute_salts(handshakes: list[Handshake]) -> SaltCache:
-    """Learn each name's salt (HELLO -> CHALLENGE) and run its PBKDF2: the
-    client's work, done before any timer starts."""
+def precompute_salts(handshakes: list[Handshake]) -> None:
+    """Learn each name's salt (HELLO -> CHALLENGE) and run its PBKDF2 into
+    the handshakes' salt cache: the client's work, done before any timer starts."""
     drive_logins(handshakes, challenge_only=True)
-    return {
-        h.name: (h.salt, h.iterations, salted_password(h.password, h.salt, h.iterations))
-        for h in handshakes
-    }
 
 
 # --- chat traffic -------------------------------------------------------------
@@ -843,17 +824,20 @@ def run_logins(spec: LoginSpec, pipe: Pipe) -> None:
     ("exit",) stop. Sessions stay open until then."""
     sockets = [new_socket(spec.server) for _ in range(spec.sockets)]
     try:
-        probes = [Handshake(n, sockets[i % len(sockets)]) for i, n in enumerate(spec.names)]
-        salted = precompute_salts(probes)
+        salted: SaltCache = {}
+        probes = [Handshake(n, sockets[i % len(sockets)], salted=salted)
+                  for i, n in enumerate(spec.names)]  # fmt: skip
+        precompute_salts(probes)
         pipe.send(("ready", len(spec.names)))
         while (command := pipe.recv())[0] in ("start", "again"):
             if command[0] == "again":
                 for sock in sockets:
                     sock.connect(command[2])
-            handshakes = [Handshake(n, sockets[i % len(sockets)]) for i, n in enumerate(spec.names)]
+            handshakes = [Handshake(n, sockets[i % len(sockets)], salted=salted)
+                          for i, n in enumerate(spec.names)]  # fmt: skip
             wait_until(command[1])
             cpu0 = cpu_seconds()
-            drive_logins(handshakes, salted=salted, window=spec.window)
+            drive_logins(handshakes, window=spec.window)
             end = time.monotonic()
             done = sum(h.conn is not None for h in handshakes)
             pipe.send(("done", {"end": end, "cpu_s": cpu_seconds() - cpu0, "logged_in": done,

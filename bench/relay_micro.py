@@ -42,11 +42,10 @@ from bench.loadgen import (
     Receiver,
     SaltCache,
     Sender,
-    login_reply,
 )
 from chat_server import Outgoing, Relay, ServerConfig
 from chat_store import ServerStore
-from protocol import FLAG_MAC, Challenge, ProtocolError, Refused, Welcome, decode_packet
+from protocol import ProtocolError
 from reliability import PayloadReceived
 
 Addr = tuple[str, int]
@@ -101,23 +100,21 @@ def settle(relay: Relay, now: float) -> Outgoing:
 
 
 def log_in(relay: Relay, names: Iterable[str], salted: SaltCache) -> dict[str, Handshake]:
-    """Full SCRAM logins (registering the names), one address each."""
+    """Full SCRAM logins (registering the names), one address each: the
+    client's core and the Relay, datagram for datagram."""
     done = {}
     for i, name in enumerate(names):
         addr = (f"10.0.{i >> 16}.1", 1024 + (i & 0xFFFF) % 64000)
-        h = Handshake(name, MemorySocket())  # type: ignore[arg-type]
-        active = {h.nonce: h}
+        h = Handshake(name, MemorySocket(), salted=salted)  # type: ignore[arg-type]
+        h.core.connect(time.monotonic())
         for _ in range(2):  # HELLO -> CHALLENGE, LOGIN -> WELCOME
-            relay.receive(h.datagram, addr, time.monotonic())
+            now = time.monotonic()
+            for data in h.core.datagrams_to_send(now):
+                relay.receive(data, addr, now)
             now = time.monotonic()
             for data, _ in relay.flush(now) + settle(relay, now):
-                if data[5] & FLAG_MAC:  # the new session's own: its login ticket
-                    if h.conn is not None:
-                        h.conn.receive_datagram(data, now)
-                    continue
-                for frame in decode_packet(data, None).frames:
-                    if isinstance(frame, (Challenge, Welcome, Refused)):
-                        login_reply(h, frame, active, salted, False)
+                h.core.receive_datagram(data, now)
+            h.check()
         if h.conn is None:
             raise RuntimeError(f"{name} did not log in")
         h.sock.addr = addr  # type: ignore[attr-defined]

@@ -1,14 +1,22 @@
 """Client wrappers and event helpers for tests: `RecordingClient` (a
 `ChatSession` plus everything it reported, pumped from the test's thread),
-and helpers to drain event queues and to wait for conditions."""
+helpers to drain event queues and to wait for conditions, and the one raw
+client: `ScriptedLogin` (the client's own login, `client_core.ClientCore`,
+one datagram at a time, for tests that hold back, replay or move those
+datagrams) and `RawClient` (a plain UDP socket that sends whatever it is
+given, as another program or an attacker would, and logs in with a
+`ScriptedLogin`)."""
 
 from __future__ import annotations
 
+import functools
 import queue
+import select
+import socket
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from chat_client import (
@@ -22,7 +30,31 @@ from chat_client import (
     StatusChanged,
     WhoList,
 )
-from tests.conftest import PASSWORD, make_session
+from client_core import ClientCore, MemoryStore
+from protocol import (
+    HELLO_SIZE,
+    MIN_PREAUTH_REQUEST,
+    NO_SESSION,
+    Accept,
+    Accepts,
+    Challenge,
+    Frame,
+    Hello,
+    Login,
+    Message,
+    Packet,
+    Refused,
+    RemoteProtocolError,
+    Welcome,
+    decode_header,
+    decode_message,
+    decode_packet,
+    encode_message,
+    encode_packet,
+    salted_password,
+)
+from reliability import Connection, PayloadReceived
+from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, make_session
 
 
 def drain(events: queue.Queue[Any], timeout: float = 0.0) -> Iterator[Any]:
@@ -235,3 +267,252 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+# --- the raw client ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def cached_salted_password(password: str, salt: bytes, iterations: int) -> bytes:
+    """`protocol.salted_password`, once per (password, salt, iterations) per test process."""
+    return salted_password(password, salt, iterations)
+
+
+def preauth_frame(data: bytes) -> Frame | None:
+    """The login-exchange frame of a datagram without a MAC, if it is one."""
+    try:
+        packet = decode_packet(data, None)
+    except RemoteProtocolError:
+        return None
+    for frame in packet.frames:
+        if isinstance(frame, (Hello, Challenge, Login, Welcome, Refused)):
+            return frame
+    return None
+
+
+def preauth_datagram(frame: Frame, *, pad: bool = True) -> bytes:
+    """A pre-login datagram built by hand, padded as a client pads it: a
+    HELLO to HELLO_SIZE (its CHALLENGE carries a 256-byte DH key), the rest
+    to MIN_PREAUTH_REQUEST; `pad=False` leaves it bare."""
+    size = HELLO_SIZE if isinstance(frame, Hello) else MIN_PREAUTH_REQUEST
+    return encode_packet(Packet(NO_SESSION, 0, (frame,)), None, pad_to=size if pad else 0)
+
+
+class ScriptedLogin:
+    """One login by the client's own code (`ClientCore`), a datagram at a
+    time: `hello` is the HELLO it sent; after `take` has given it the
+    CHALLENGE, `request` is its LOGIN (not sent: the caller sends, holds
+    back or replays it); `answer` is the last reply for this login (a
+    REFUSED, the CHALLENGE, then the WELCOME); after a WELCOME `conn` is
+    the session (`conn.key` tags what the client sends)."""
+
+    def __init__(
+        self, name: str, password: str = PASSWORD, instance_id: int | None = None,
+        now: float | None = None, *, login_timeout: float = 10.0,
+    ) -> None:  # fmt: skip
+        self.core = ClientCore(
+            name, password, store=MemoryStore(instance_id), rto_min=RTO_MIN, rto_max=RTO_MAX,
+            login_timeout=login_timeout, salted_password=cached_salted_password,
+        )  # fmt: skip
+        now = time.monotonic() if now is None else now
+        self.core.connect(now)
+        (self.hello,) = self.core.datagrams_to_send(now)
+        self.nonce = self.core.login_nonce
+        self.challenge: Challenge | None = None
+        self.request = b""
+        self.answer: Frame | None = None
+
+    @property
+    def instance_id(self) -> int:
+        return self.core.instance_id
+
+    @property
+    def conn(self) -> Connection | None:
+        return self.core.conn
+
+    def take(self, replies: Iterable[bytes], now: float | None = None) -> Frame | None:
+        """Hand the server's datagrams to the core; the last reply for this
+        login among them (or the one before)."""
+        for data in replies:
+            frame = preauth_frame(data)
+            if not isinstance(frame, (Challenge, Welcome, Refused)) or frame.nonce != self.nonce:
+                continue
+            now = time.monotonic() if now is None else now
+            self.core.receive_datagram(data, now)
+            self.answer = frame
+            if isinstance(frame, Challenge) and self.challenge is None:
+                self.challenge = frame
+                out = self.core.datagrams_to_send(now)
+                self.request = out[0] if out else b""
+        return self.answer
+
+
+class RawClient:
+    """A plain UDP socket that sends whatever it is given (`send`,
+    `send_frame`), as another program (or an attacker) would; everything it
+    receives is kept. Its logins are the client's own (`ScriptedLogin`);
+    after one, `conn` carries messages built by hand (`send_message`,
+    `run_until`)."""
+
+    def __init__(self, server: tuple[str, int], host: str = "127.0.0.1") -> None:
+        self.server = server
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.address: tuple[str, int] = self.sock.getsockname()
+        self.received: list[bytes] = []
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.exchanges: list[tuple[int, int]] = []  # (request, reply) sizes of the logins
+        self.conn: Connection | None = None  # the session of the last login
+        self.messages: list[Message] = []  # what arrived on it
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, self.server)
+        self.bytes_sent += len(data)
+
+    def send_frame(self, frame: Frame, *, pad: bool = True) -> bytes:
+        """A pre-login frame built by hand (`preauth_datagram`), sent."""
+        data = preauth_datagram(frame, pad=pad)
+        self.send(data)
+        return data
+
+    def recv_one(self, timeout: float) -> bytes | None:
+        if not select.select([self.sock], [], [], max(0.0, timeout))[0]:
+            return None
+        data, _ = self.sock.recvfrom(65535)
+        self.bytes_received += len(data)
+        self.received.append(data)
+        return data
+
+    def drain(self, timeout: float = 0.0) -> list[bytes]:
+        """What arrives until nothing has come for `timeout` seconds."""
+        got: list[bytes] = []
+        while (data := self.recv_one(timeout)) is not None:
+            got.append(data)
+        return got
+
+    def silence(self, wait: float = 1.0) -> bool:
+        """True if nothing arrives within `wait` seconds."""
+        return self.recv_one(wait) is None
+
+    def wait_frame(self, nonce: bytes, timeout: float = 3.0) -> Frame | None:
+        """The first CHALLENGE/WELCOME/REFUSED for `nonce` within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while (data := self.recv_one(deadline - time.monotonic())) is not None:
+            frame = preauth_frame(data)
+            if frame is not None and getattr(frame, "nonce", None) == nonce:
+                return frame
+        return None
+
+    def hello(self, name: str, instance_id: int, nonce: bytes, timeout: float = 5.0) -> Frame:
+        """A HELLO built by hand (any name, even one the client refuses); the answer."""
+        request = self.send_frame(Hello(name, instance_id, nonce))
+        frame = preauth_frame(self._answer(request, nonce, timeout))
+        assert frame is not None
+        return frame
+
+    def _answer(self, request: bytes, nonce: bytes, timeout: float) -> bytes:
+        """The first reply for `nonce` (its size is recorded with the request's)."""
+        deadline = time.monotonic() + timeout
+        while (data := self.recv_one(deadline - time.monotonic())) is not None:
+            frame = preauth_frame(data)
+            if frame is not None and getattr(frame, "nonce", None) == nonce:
+                self.exchanges.append((len(request), len(data)))
+                return data
+        raise AssertionError(f"no answer in {timeout} s")
+
+    def prepare(
+        self, name: str, password: str = PASSWORD, instance_id: int | None = None,
+        timeout: float = 5.0,
+    ) -> ScriptedLogin:  # fmt: skip
+        """HELLO -> CHALLENGE; the login's LOGIN (`request`) is not sent."""
+        login = ScriptedLogin(name, password, instance_id)
+        self.send(login.hello)
+        login.take([self._answer(login.hello, login.nonce, timeout)])
+        return login
+
+    def login(
+        self, name: str, password: str = PASSWORD, instance_id: int | None = None,
+        timeout: float = 5.0,
+    ) -> ScriptedLogin:  # fmt: skip
+        """HELLO -> CHALLENGE -> LOGIN -> WELCOME (or REFUSED), each sent
+        once (on loopback nothing is lost; a retransmission would be one
+        more try for the server's counters); `answer` is the last reply."""
+        login = self.prepare(name, password, instance_id, timeout)
+        if login.request:
+            self.send(login.request)
+            login.take([self._answer(login.request, login.nonce, timeout)])
+        self.conn = login.conn
+        return login
+
+    def login_retrying(
+        self, name: str, password: str = PASSWORD, instance_id: int | None = None,
+        timeout: float = 10.0,
+    ) -> ScriptedLogin:  # fmt: skip
+        """A login the way the client runs it, with its retransmissions and
+        restarts (a server that is starting up answers late); must succeed."""
+        login = ScriptedLogin(name, password, instance_id, login_timeout=timeout)
+        core = login.core
+        self.send(login.hello)
+        while core.conn is None and not core.ended:
+            timer = core.get_timer()
+            data = self.recv_one(0.05 if timer is None else min(0.05, timer - time.monotonic()))
+            now = time.monotonic()
+            if data is not None:
+                core.receive_datagram(data, now)
+            core.handle_timer(now)
+            for datagram in core.datagrams_to_send(now):
+                self.send(datagram)
+        assert core.conn is not None, f"{name}: {list(iter(core.next_event, None))}"
+        self.conn = core.conn
+        return login
+
+    def send_message(self, message: Message, stream: int) -> None:
+        assert self.conn is not None
+        self.conn.send(encode_message(message), stream)
+
+    def run_until(self, condition: Callable[[], bool], timeout: float) -> None:
+        """Move the session's datagrams (keeping what arrives in `messages`)
+        until `condition()`; then send the last acks."""
+        conn = self.conn
+        assert conn is not None
+        deadline = time.monotonic() + timeout
+        while not condition():
+            now = time.monotonic()
+            if now > deadline:
+                raise AssertionError(f"timed out; last messages {self.messages[-5:]}")
+            timer = conn.get_timer()
+            if timer is not None and timer <= now:
+                conn.handle_timer(now)
+            for datagram in conn.datagrams_to_send(now):
+                self.send(datagram)
+            data = self.recv_one(0.05)
+            if data is None:
+                continue
+            header = decode_header(data)
+            if header.session_id == conn.session_id and conn.receive_datagram(data, now):
+                while (event := conn.next_event()) is not None:
+                    if isinstance(event, PayloadReceived):
+                        self.messages.append(decode_message(event.payload))
+        now = time.monotonic()
+        for datagram in conn.datagrams_to_send(now):  # the last acks
+            self.send(datagram)
+
+    def accepts(self) -> list[Accept]:
+        """Every ACCEPT, those batched in an ACCEPTS too."""
+        out: list[Accept] = []
+        for m in self.messages:
+            if isinstance(m, Accept):
+                out.append(m)
+            elif isinstance(m, Accepts):
+                out.extend(Accept(msg_id, server_msg_id) for msg_id, server_msg_id in m.items)
+        return out

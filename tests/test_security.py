@@ -34,7 +34,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +73,9 @@ from protocol import (
     PathChallenge,
     Refused,
     RemoteProtocolError,
-    ScramKeys,
     Send,
     Welcome,
     auth_message,
-    build_login,
     conversation_stream,
     decode_packet,
     dh_public,
@@ -86,14 +83,13 @@ from protocol import (
     encode_message,
     encode_packet,
     mac_tag,
-    salted_password,
     scram_keys,
     server_signature,
-    session_keys,
     wrap_keys,
 )
 from reliability import Connection, PayloadReceived
-from tests.clients import drain, pump_until
+from tests.clients import RawClient, ScriptedLogin, drain, preauth_frame, pump_until
+from tests.clients import cached_salted_password as salted
 from tests.clients import wait_until as wait_until_every
 from tests.conftest import (
     PASSWORD,
@@ -109,50 +105,7 @@ from tests.conftest import test_config as server_config
 Address = tuple[str, int]
 WRONG = "not the password"
 
-# --- helpers: datagrams and SCRAM by hand ------------------------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def salted(password: str, salt: bytes, iterations: int) -> bytes:
-    return salted_password(password, salt, iterations)
-
-
-def hello_datagram(name: str, instance_id: int, nonce: bytes) -> bytes:
-    hello = Hello(name, instance_id, nonce)
-    return encode_packet(Packet(NO_SESSION, 0, (hello,)), None, pad_to=HELLO_SIZE)
-
-
-@dataclass
-class Proof:
-    """A LOGIN answering one CHALLENGE, with what both sides derive from it."""
-
-    datagram: bytes
-    login: Login
-    message: bytes  # the SCRAM auth message
-    keys: ScramKeys
-
-
-def login_datagram(
-    name: str, instance_id: int, nonce: bytes, challenge: Challenge, password: str
-) -> Proof:
-    """The LOGIN a real client sends (protocol.build_login): the proof, and
-    StoredKey + ServerKey wrapped under a DH secret with the CHALLENGE's key."""
-    salted_ = salted(password, challenge.salt, challenge.iterations)
-    login, message, keys = build_login(name, instance_id, nonce, challenge, salted_)
-    datagram = encode_packet(Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST)
-    return Proof(datagram, login, message, keys)
-
-
-def preauth_frame(data: bytes) -> Frame | None:
-    """The login-exchange frame of a datagram without a MAC, if it is one."""
-    try:
-        packet = decode_packet(data, None)
-    except RemoteProtocolError:
-        return None
-    for frame in packet.frames:
-        if isinstance(frame, (Hello, Challenge, Login, Welcome, Refused)):
-            return frame
-    return None
+# --- helpers: datagrams ------------------------------------------------------------------
 
 
 def has_mac(data: bytes) -> bool:
@@ -167,70 +120,6 @@ def udp_socket(host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((host, 0))
     return sock
-
-
-class RawClient:
-    """A plain UDP socket that speaks the login exchange by hand, as another
-    program (or an attacker) would. Everything it receives is kept."""
-
-    def __init__(self, server: Address, host: str = "127.0.0.1") -> None:
-        self.server = server
-        self.sock = udp_socket(host)
-        self.address: Address = self.sock.getsockname()
-        self.received: list[bytes] = []
-        self.bytes_sent = 0
-        self.bytes_received = 0
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendto(data, self.server)
-        self.bytes_sent += len(data)
-
-    def recv_one(self, timeout: float) -> bytes | None:
-        if not select.select([self.sock], [], [], max(0.0, timeout))[0]:
-            return None
-        data, _ = self.sock.recvfrom(65535)
-        self.bytes_received += len(data)
-        self.received.append(data)
-        return data
-
-    def drain(self, timeout: float = 0.0) -> list[bytes]:
-        """What arrives until nothing has come for `timeout` seconds."""
-        got: list[bytes] = []
-        while (data := self.recv_one(timeout)) is not None:
-            got.append(data)
-        return got
-
-    def wait_frame(self, nonce: bytes, timeout: float = 3.0) -> Frame | None:
-        """The first CHALLENGE/WELCOME/REFUSED for `nonce` within `timeout`."""
-        deadline = time.monotonic() + timeout
-        while (data := self.recv_one(deadline - time.monotonic())) is not None:
-            frame = preauth_frame(data)
-            if frame is not None and getattr(frame, "nonce", None) == nonce:
-                return frame
-        return None
-
-    def login(
-        self, name: str, password: str, instance_id: int | None = None
-    ) -> tuple[Frame | None, Proof | None]:
-        """HELLO -> CHALLENGE -> LOGIN; the answer (WELCOME/REFUSED) and the proof."""
-        instance_id = secrets.randbits(64) if instance_id is None else instance_id
-        nonce = secrets.token_bytes(16)
-        self.send(hello_datagram(name, instance_id, nonce))
-        challenge = self.wait_frame(nonce)
-        if not isinstance(challenge, Challenge):
-            return challenge, None
-        proof = login_datagram(name, instance_id, nonce, challenge, password)
-        self.send(proof.datagram)
-        return self.wait_frame(nonce), proof
 
 
 class Recorder:
@@ -637,18 +526,17 @@ def test_replayed_login_after_the_cookie_expired_is_dropped(tmp_path: Path) -> N
     clock = [10_000.0]
     relay = Relay(server_config(tmp_path / "unused"), wall_clock=lambda: clock[0])
     addr = ("192.0.2.10", 40_000)
-    nonce = secrets.token_bytes(16)
-    out = relay.handle_datagram(hello_datagram("alice", 5, nonce), addr, clock[0])
-    (challenge,) = [f for d, _ in out if isinstance(f := preauth_frame(d), Challenge)]
-    proof = login_datagram("alice", 5, nonce, challenge, PASSWORD)
-    out = relay.handle_datagram(proof.datagram, addr, clock[0])
-    assert any(isinstance(preauth_frame(d), Welcome) for d, _ in out)
+    login = ScriptedLogin("alice", PASSWORD, 5, clock[0])
+    out = relay.handle_datagram(login.hello, addr, clock[0])
+    assert isinstance(login.take([d for d, _ in out], clock[0]), Challenge)
+    out = relay.handle_datagram(login.request, addr, clock[0])
+    assert isinstance(login.take([d for d, _ in out], clock[0]), Welcome)
     assert len(relay.sessions) == 1
     (session_id,) = relay.sessions
 
     clock[0] += 300.0  # past the reply cache (240 s) and both cookie periods
     for source in (addr, ("192.0.2.66", 40_000), ("192.0.2.10", 40_001)):
-        assert relay.handle_datagram(proof.datagram, source, clock[0]) == []
+        assert relay.handle_datagram(login.request, source, clock[0]) == []
     assert list(relay.sessions) == [session_id]
     assert relay.stats["logins"] == 1
     assert relay.drops.counts["login with a stale or forged cookie"] == 3
@@ -671,7 +559,7 @@ def forge_login(
     with RawClient(server, host=host) as attacker:
         nonce = secrets.token_bytes(16)
         instance_id = secrets.randbits(64)
-        attacker.send(hello_datagram(name, instance_id, nonce))
+        attacker.send_frame(Hello(name, instance_id, nonce))
         ch = attacker.wait_frame(nonce)
         assert isinstance(ch, Challenge), ch
         ephemeral = dh_public(secrets.randbits(DH_PRIVATE_BITS))
@@ -1080,7 +968,7 @@ def test_failed_logins_are_throttled_per_user_and_per_address(tmp_path: Path) ->
         users = ["alice"] + [f"user{i}" for i in range(20)]
         with RawClient(running.address, host="127.0.1.1") as registrar:
             for name in users:
-                answer, _ = registrar.login(name, PASSWORD)
+                answer = registrar.login(name, PASSWORD).answer
                 assert isinstance(answer, Welcome), (name, answer)
 
         def attack(sources: list[RawClient], names: list[str], count: int) -> dict[str, Any]:
@@ -1090,7 +978,7 @@ def test_failed_logins_are_throttled_per_user_and_per_address(tmp_path: Path) ->
             limited = 0
             start = time.monotonic()
             for i in range(count):
-                answer, _ = sources[i % len(sources)].login(names[i % len(names)], WRONG)
+                answer = sources[i % len(sources)].login(names[i % len(names)], WRONG).answer
                 assert isinstance(answer, Refused), answer
                 if answer.code.label == "bad_password":
                     refusals.append(time.monotonic())
@@ -1132,16 +1020,16 @@ def test_failed_logins_are_throttled_per_user_and_per_address(tmp_path: Path) ->
             per_address = attack([one], users[1:], 50)
             check(per_address, "20 users from one address")
             # during the window even the right password is turned away ...
-            answer, _ = one.login("user5", PASSWORD)
+            answer = one.login("user5", PASSWORD).answer
             assert isinstance(answer, Refused) and answer.code.label == "rate_limited"
         print(f"stats: {dict(stats)}")
         time.sleep(period + 0.1)
         # ... and after it, the right password works, from the same places
         with RawClient(running.address, host="127.0.2.1") as back:
-            answer, _ = back.login("alice", PASSWORD)
+            answer = back.login("alice", PASSWORD).answer
             assert isinstance(answer, Welcome), answer
         with RawClient(running.address, host="127.0.3.1") as back:
-            answer, _ = back.login("user5", PASSWORD)
+            answer = back.login("user5", PASSWORD).answer
             assert isinstance(answer, Welcome), answer
     finally:
         stop_server(running)
@@ -1390,15 +1278,13 @@ class FuzzWorld:
         return out
 
     def login(self, name: str, addr: Address) -> None:
-        nonce = secrets.token_bytes(16)
-        out = self.feed(hello_datagram(name, 9, nonce), addr)
-        (challenge,) = [f for d, _ in out if isinstance(f := preauth_frame(d), Challenge)]
-        proof = login_datagram(name, 9, nonce, challenge, PASSWORD)
-        out = self.feed(proof.datagram, addr)
-        (welcome,) = [f for d, _ in out if isinstance(f := preauth_frame(d), Welcome)]
-        to_server, to_client = session_keys(proof.keys.client_key, proof.message)
-        self.keys[welcome.session_id] = to_server
-        self.conns[name] = Connection(welcome.session_id, to_server, self.now, peer_key=to_client)
+        login = ScriptedLogin(name, PASSWORD, 9, self.now)
+        login.take([d for d, _ in self.feed(login.hello, addr)], self.now)
+        login.take([d for d, _ in self.feed(login.request, addr)], self.now)
+        conn = login.conn
+        assert conn is not None, login.answer
+        self.keys[conn.session_id] = conn.key
+        self.conns[name] = conn
 
     def pump(self) -> None:
         """Move datagrams between the relay and both clients until quiet."""
@@ -1777,10 +1663,10 @@ class HeldExecutor(concurrent.futures.Executor):
 
 def register(relay: Relay, name: str, password: str, addr: Address, now: float) -> bytes:
     """HELLO, CHALLENGE, then the LOGIN datagram that registers `name`."""
-    nonce = secrets.token_bytes(16)
-    out = relay.handle_datagram(hello_datagram(name, 5, nonce), addr, now)
-    (challenge,) = [f for d, _ in out if isinstance(f := preauth_frame(d), Challenge)]
-    return login_datagram(name, 5, nonce, challenge, password).datagram
+    login = ScriptedLogin(name, password, 5, now)
+    assert isinstance(login.take([d for d, _ in relay.handle_datagram(login.hello, addr, now)],
+                                 now), Challenge)  # fmt: skip
+    return login.request
 
 
 def test_registrations_wait_for_their_key_exchange_off_the_loop() -> None:
