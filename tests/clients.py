@@ -358,6 +358,7 @@ class RawClient:
         self.server = server
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
+        self.sock.settimeout(5.0)  # a test reading the socket itself never hangs
         self.address: tuple[str, int] = self.sock.getsockname()
         self.received: list[bytes] = []
         self.bytes_sent = 0

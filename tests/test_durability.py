@@ -37,42 +37,20 @@ from chat_server import ChatServer
 from chat_store import StoreLocked
 from client_store import ClientStore, read_history, store_dir
 from protocol import (
-    HELLO_SIZE,
-    MIN_PREAUTH_REQUEST,
-    NO_SESSION,
-    Accept,
-    Accepts,
-    Challenge,
     Deliver,
     ErrorCode,
     Fail,
     Hello,
-    Login,
-    Message,
     MsgId,
-    Packet,
-    Refused,
     Send,
-    Welcome,
-    build_login,
     conversation_stream,
-    decode_header,
-    decode_message,
     decode_packet,
-    encode_message,
-    encode_packet,
-    salted_password,
-    server_signature,
-    session_keys,
 )
-from reliability import Connection, PayloadReceived
-from tests.clients import RecordingClient, pump_all
+from tests.clients import RawClient, RecordingClient, pump_all
 from tests.clients import wait_all as wait_all_clients
 from tests.conftest import (
     PASSWORD,
     ROOT,
-    RTO_MAX,
-    RTO_MIN,
     TEST_ITERATIONS,
     RunningServer,
     ServerProcess,
@@ -704,112 +682,26 @@ def test_sending_event_comes_after_the_outbox_commit(
 # --- 4. the same message id 100 times, across a restart -------------------------------------
 
 
-class RawClient:
-    """A client made of the protocol's parts: SCRAM login by hand and a
-    `reliability.Connection`, on a UDP socket of its own."""
-
-    def __init__(self, server: tuple[str, int], name: str, instance_id: int) -> None:
-        self.server = server
-        self.name = name
-        self.instance_id = instance_id
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.conn: Connection | None = None
-        self.messages: list[Message] = []
-
-    def _exchange(self, frame: Hello | Login, nonce: bytes, pad: int, timeout: float = 10.0) -> Any:
-        datagram = encode_packet(Packet(NO_SESSION, 0, (frame,)), None, pad_to=pad)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.sendto(datagram, self.server)
-            resend = time.monotonic() + 0.3
-            while time.monotonic() < resend:
-                try:
-                    data = self.sock.recv(65535)
-                except TimeoutError:
-                    continue
-                for reply in decode_packet(data, None).frames:
-                    if isinstance(reply, (Challenge, Welcome, Refused)) and reply.nonce == nonce:
-                        return reply
-        raise AssertionError(f"{self.name}: no answer to {type(frame).__name__}")
-
-    def login(self) -> None:
-        nonce = secrets.token_bytes(16)
-        challenge = self._exchange(Hello(self.name, self.instance_id, nonce), nonce, HELLO_SIZE)
-        assert isinstance(challenge, Challenge), challenge
-        salted = salted_password(PASSWORD, challenge.salt, challenge.iterations)
-        login, message, keys = build_login(self.name, self.instance_id, nonce, challenge, salted)
-        welcome = self._exchange(login, nonce, MIN_PREAUTH_REQUEST)
-        assert isinstance(welcome, Welcome), welcome
-        assert welcome.signature == server_signature(keys.server_key, message)
-        to_server, to_client = session_keys(keys.client_key, message)
-        self.conn = Connection(welcome.session_id, to_server, time.monotonic(),
-                               peer_key=to_client, rto_min=RTO_MIN, rto_max=RTO_MAX)  # fmt: skip
-
-    def send(self, message: Message, stream: int) -> None:
-        assert self.conn is not None
-        self.conn.send(encode_message(message), stream)
-
-    def run_until(self, condition: Callable[[], bool], timeout: float) -> None:
-        conn = self.conn
-        assert conn is not None
-        deadline = time.monotonic() + timeout
-        while not condition():
-            now = time.monotonic()
-            if now > deadline:
-                raise AssertionError(f"{self.name}: timed out; last messages {self.messages[-5:]}")
-            timer = conn.get_timer()
-            if timer is not None and timer <= now:
-                conn.handle_timer(now)
-            for datagram in conn.datagrams_to_send(now):
-                self.sock.sendto(datagram, self.server)
-            try:
-                data = self.sock.recv(65535)
-            except TimeoutError:
-                continue
-            header = decode_header(data)
-            if header.session_id == conn.session_id and conn.receive_datagram(data, now):
-                while (event := conn.next_event()) is not None:
-                    if isinstance(event, PayloadReceived):
-                        self.messages.append(decode_message(event.payload))
-        now = time.monotonic()
-        for datagram in conn.datagrams_to_send(now):  # the last acks
-            self.sock.sendto(datagram, self.server)
-
-    def accepts(self) -> list[Accept]:
-        """Every ACCEPT, those batched in an ACCEPTS too."""
-        out: list[Accept] = []
-        for m in self.messages:
-            if isinstance(m, Accept):
-                out.append(m)
-            elif isinstance(m, Accepts):
-                out.extend(Accept(msg_id, server_msg_id) for msg_id, server_msg_id in m.items)
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_same_message_id_100_times_across_restart_is_stored_once(runner: ServerRunner) -> None:
     """One Send(msg_id) sent 100 times, the server SIGKILLed and restarted
     halfway: one row in the mailbox and one dedup key in chat.db, and every
     ACCEPT carries the same server_msg_id."""
     instance_id = secrets.randbits(64) | (1 << 63)  # high bit set: the u64 <-> i64 path too
-    bob = RawClient(runner.address, "bob", secrets.randbits(64))
-    alice = RawClient(runner.address, "alice", instance_id)
+    bob_instance = secrets.randbits(64)
+    bob = RawClient(runner.address)
+    alice = RawClient(runner.address)
     try:
-        bob.login()  # registers bob; he never comes back, so the message waits
-        bob.close()
-        alice.login()
+        bob.login_retrying("bob", PASSWORD, bob_instance)  # registers bob; he never comes
+        bob.close()  # back, so the message waits
+        alice.login_retrying("alice", PASSWORD, instance_id)
         send = Send(MsgId(instance_id, 1), "bob", "only once, however often")
         for _ in range(50):
-            alice.send(send, conversation_stream("bob"))
+            alice.send_message(send, conversation_stream("bob"))
         alice.run_until(lambda: len(alice.accepts()) >= 50, 30)
         runner.restart()
-        alice.login()  # the old session died with the server
+        alice.login_retrying("alice", PASSWORD, instance_id)  # the old session died with it
         for _ in range(50):
-            alice.send(send, conversation_stream("bob"))
+            alice.send_message(send, conversation_stream("bob"))
         alice.run_until(lambda: len(alice.accepts()) >= 100, 30)
     finally:
         alice.close()
@@ -831,9 +723,9 @@ def test_same_message_id_100_times_across_restart_is_stored_once(runner: ServerR
     assert mailbox == [(server_msg_id, "bob", send.text)]
     assert dedup == [(server_msg_id,)]
     # bob comes back (to the restarted server): the message, once.
-    bob = RawClient(runner.address, "bob", bob.instance_id)
+    bob = RawClient(runner.address)
     try:
-        bob.login()
+        bob.login_retrying("bob", PASSWORD, bob_instance)
         bob.run_until(lambda: any(isinstance(m, Deliver) for m in bob.messages), 10)
         end = time.monotonic() + 1.0
         bob.run_until(lambda: time.monotonic() > end, 5)  # anything more would come now
@@ -1302,16 +1194,16 @@ def test_a_message_id_out_of_sqlite_range_is_refused_and_the_store_keeps_working
     (no commit, no ACCEPT, for anyone, from then on). It gets a FAIL now, and
     the next message is accepted as usual."""
     instance_id = secrets.randbits(64)
-    bob = RawClient(runner.address, "bob", secrets.randbits(64))
-    alice = RawClient(runner.address, "alice", instance_id)
+    bob = RawClient(runner.address)
+    alice = RawClient(runner.address)
     try:
-        bob.login()
+        bob.login_retrying("bob", PASSWORD)
         bob.close()
-        alice.login()
+        alice.login_retrying("alice", PASSWORD, instance_id)
         bad = Send(MsgId(instance_id, 2**63), "bob", "out of range")
         good = Send(MsgId(instance_id, 1), "bob", "in range")
-        alice.send(bad, conversation_stream("bob"))
-        alice.send(good, conversation_stream("bob"))
+        alice.send_message(bad, conversation_stream("bob"))
+        alice.send_message(good, conversation_stream("bob"))
         alice.run_until(
             lambda: any(isinstance(m, Fail) for m in alice.messages) and bool(alice.accepts()), 15
         )

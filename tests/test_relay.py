@@ -23,7 +23,6 @@ import warnings
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from chat_client import (
     Disconnected,
     LoggedIn,
 )
+from client_core import ClientError
 from protocol import (
     FLAG_MAC,
     HEADER,
@@ -45,7 +45,6 @@ from protocol import (
     Ack,
     Challenge,
     ErrorCode,
-    Frame,
     Hello,
     Login,
     Message,
@@ -56,24 +55,18 @@ from protocol import (
     Receipt,
     Receipts,
     Refused,
-    ScramKeys,
     Send,
     Stream,
     UnknownSession,
     VersionFrame,
     Welcome,
     Who,
-    build_login,
     conversation_stream,
     decode_packet,
     encode_message,
     encode_packet,
-    salted_password,
-    server_signature,
-    session_keys,
 )
-from reliability import Connection
-from tests.clients import RecordingClient, close_all, wait_all, wait_until
+from tests.clients import RawClient, RecordingClient, close_all, wait_all, wait_until
 from tests.conftest import (
     PASSWORD,
     ROOT,
@@ -472,84 +465,6 @@ def test_invalid_name_terminal_exits_2(server: RunningServer, terminals: Any, na
 # --- the login exchange by hand ----------------------------------------------------------
 
 
-@dataclass
-class RawLogin:
-    """One SCRAM login done by hand: what was sent and what came back."""
-
-    answer: Frame  # WELCOME or REFUSED (or the HELLO's REFUSED)
-    challenge: Challenge | None = None
-    keys: ScramKeys | None = None
-    message: bytes = b""
-    request: bytes = b""  # the LOGIN datagram
-
-
-class RawClient:
-    """A plain UDP socket that speaks the pre-login protocol through
-    protocol.py's codec and SCRAM helpers, as another client program would."""
-
-    def __init__(self, server: tuple[str, int], host: str = "127.0.0.1") -> None:
-        self.server = server
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.settimeout(5.0)
-        self.exchanges: list[tuple[int, int]] = []  # (request, reply) sizes
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def send(self, frame: Frame, *, pad: bool = True) -> bytes:
-        """A pre-login datagram padded as a client pads it: a HELLO to
-        HELLO_SIZE (its CHALLENGE carries a 256-byte DH key), the rest to
-        MIN_PREAUTH_REQUEST; `pad=False` sends it bare."""
-        size = HELLO_SIZE if isinstance(frame, Hello) else MIN_PREAUTH_REQUEST
-        data = encode_packet(Packet(NO_SESSION, 0, (frame,)), None, pad_to=size if pad else 0)
-        self.sock.sendto(data, self.server)
-        return data
-
-    def answer(self, request: bytes) -> Frame:
-        while (reply := self.sock.recvfrom(65535)[0])[5] & FLAG_MAC:
-            pass  # a session's own datagram (its login ticket, resent until acked)
-        self.exchanges.append((len(request), len(reply)))
-        (frame,) = decode_packet(reply).frames
-        return frame
-
-    def silence(self, wait: float = 1.0) -> bool:
-        """True if nothing arrives within `wait` seconds."""
-        self.sock.settimeout(wait)
-        try:
-            self.sock.recvfrom(65535)
-        except TimeoutError:
-            return True
-        finally:
-            self.sock.settimeout(5.0)
-        return False
-
-    def hello(self, name: str, instance_id: int, nonce: bytes) -> Frame:
-        request = self.send(Hello(name, instance_id, nonce))
-        return self.answer(request)
-
-    def prepare(
-        self, name: str, password: str, instance_id: int
-    ) -> tuple[bytes, Challenge, ScramKeys, bytes]:
-        """HELLO -> CHALLENGE, then the LOGIN datagram (not sent) that answers it."""
-        nonce = secrets.token_bytes(16)
-        challenge = self.hello(name, instance_id, nonce)
-        assert isinstance(challenge, Challenge), challenge
-        assert challenge.nonce == nonce
-        salted = salted_password(password, challenge.salt, challenge.iterations)
-        login, message, keys = build_login(name, instance_id, nonce, challenge, salted)
-        request = encode_packet(Packet(NO_SESSION, 0, (login,)), None, pad_to=MIN_PREAUTH_REQUEST)
-        return request, challenge, keys, message
-
-    def login(self, name: str, password: str, instance_id: int = 7) -> RawLogin:
-        request, challenge, keys, message = self.prepare(name, password, instance_id)
-        self.sock.sendto(request, self.server)
-        return RawLogin(self.answer(request), challenge, keys, message, request)
-
-
 def test_server_refuses_invalid_name(server: RunningServer) -> None:
     """A client that skips the local check still gets invalid_name from the
     server, at its HELLO, in a reply no larger than the request."""
@@ -573,21 +488,23 @@ def test_login_by_hand_with_scram(server: RunningServer) -> None:
     used from another address get nowhere, and the live session is untouched."""
     with RawClient(server.address) as raw, RawClient(server.address) as other:
         result = raw.login("Rawuser", PASSWORD, instance_id=11)
-        welcome, keys = result.answer, result.keys
+        welcome = result.answer
         assert isinstance(welcome, Welcome), welcome
-        assert keys is not None and result.challenge is not None
+        assert result.challenge is not None
         assert result.challenge.iterations == TEST_ITERATIONS
         assert welcome.username == "Rawuser"
-        assert welcome.signature == server_signature(keys.server_key, result.message)
+        # The client's core checked the server's signature (it refuses a
+        # WELCOME that does not prove the account) and derived the keys.
+        assert result.core.login_phase == "online", list(iter(result.core.next_event, None))
         assert session_of(server, "Rawuser") == welcome.session_id
 
         # a datagram tagged with the derived client->server key is taken, and
         # acked under the server->client key
-        now = time.monotonic()
-        to_server, to_client = session_keys(keys.client_key, result.message)
-        assert to_server != to_client
-        conn = Connection(welcome.session_id, to_server, now, peer_key=to_client)
+        conn = result.conn
+        assert conn is not None and conn.session_id == welcome.session_id
+        assert conn.key != conn.peer_key
         conn.send_ping()
+        now = time.monotonic()
         for datagram in conn.datagrams_to_send(now):
             raw.sock.sendto(datagram, server.address)
         reply, _ = raw.sock.recvfrom(65535)
@@ -598,7 +515,7 @@ def test_login_by_hand_with_scram(server: RunningServer) -> None:
         assert isinstance(wrong.answer, Refused)
         assert wrong.answer.code == ErrorCode.BAD_PASSWORD
         # an unpadded HELLO gets nothing; a replayed LOGIN the same answer, no new session
-        other.send(Hello("rawuser", 12, secrets.token_bytes(16)), pad=False)
+        other.send_frame(Hello("rawuser", 12, secrets.token_bytes(16)), pad=False)
         assert other.silence(0.5)
         # nor does one padded only to MIN_PREAUTH_REQUEST: its CHALLENGE (with
         # the server's 256-byte DH key) would be larger than the request
@@ -618,7 +535,7 @@ def test_login_by_hand_with_scram(server: RunningServer) -> None:
             pass  # the session's own datagrams (its login ticket, resent)
         assert decode_packet(replayed).frames == (welcome,)
         # a cookie is only good at the address it was sent to
-        request, _, _, _ = raw.prepare("rawuser", PASSWORD, instance_id=13)
+        request = raw.prepare("rawuser", PASSWORD, instance_id=13).request
         other.sock.sendto(request, server.address)
         assert other.silence(1.0), "a LOGIN with another address's cookie was answered"
         assert server.relay.stats["logins"] == logins
@@ -667,7 +584,7 @@ def _valid_datagrams(rnd: random.Random, raw: RawClient) -> list[bytes]:
         try:
             # registers the name (its WELCOME waits for the disk, so not in the fuzz)
             registered = raw.login(name, PASSWORD, FUZZ_INSTANCE)
-        except AssertionError:  # a name the server refuses at HELLO
+        except ClientError:  # a name the client (and the server, at HELLO) refuses
             login = Login(name, FUZZ_INSTANCE, rnd.randbytes(16), rnd.randbytes(16),
                           rnd.randbytes(32), rnd.randbytes(256), rnd.randbytes(64))  # fmt: skip
             out.append(encode_packet(Packet(NO_SESSION, 0, (login,)), None, pad_to=256))
@@ -675,8 +592,8 @@ def _valid_datagrams(rnd: random.Random, raw: RawClient) -> list[bytes]:
         assert isinstance(registered.answer, Welcome), (name, registered.answer)
         sessions.append(registered.answer.session_id)
         out.append(registered.request)  # answered from the reply cache
-        request, _, _, _ = raw.prepare(name, PASSWORD, FUZZ_INSTANCE)
-        out.append(request)  # never sent: a fresh login (the account exists: synchronous)
+        # never sent: a fresh login (the account exists: synchronous)
+        out.append(raw.prepare(name, PASSWORD, FUZZ_INSTANCE).request)
     key = rnd.randbytes(32)
     messages: list[Message] = [
         Send(MsgId(1, 1), "bob", "hello"),
