@@ -26,6 +26,7 @@ holds the rules with a fake clock).
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import queue
 import secrets
@@ -43,16 +44,15 @@ if __package__ in (None, ""):  # `python bench/preauth_flood.py`
 
 from bench.run import ITERATIONS, Child, percentile, udp_drops
 from chat_client import ChatSession, ErrorEvent, LoggedIn, MessageReceived
+from client_core import ClientCore
 from protocol import (
     HELLO_SIZE,
-    MIN_PREAUTH_REQUEST,
     NO_SESSION,
     Challenge,
     Hello,
     Packet,
     Refused,
     RemoteProtocolError,
-    build_login,
     decode_packet,
     encode_packet,
     salted_password,
@@ -245,28 +245,29 @@ def guess(server: Address, seconds: float, go: EventType, out: Any) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((host, 0))
         socks.append(sock)
-    salted: dict[bytes, bytes] = {}
+    salted = functools.lru_cache(maxsize=8)(salted_password)  # one salt: bob's
     answers: dict[str, int] = {}
     go.wait()
     start = time.monotonic()
     i = 0
     while time.monotonic() - start < seconds:
         sock = socks[i % len(socks)]
-        nonce = secrets.token_bytes(16)
-        hello = Hello("bob", secrets.randbits(64), nonce)
-        sock.sendto(encode_packet(Packet(NO_SESSION, 0, (hello,)), None, pad_to=HELLO_SIZE), server)
-        challenge = _answer(sock, 2.0)
-        if isinstance(challenge, Challenge):
-            if challenge.salt not in salted:
-                salted[challenge.salt] = salted_password(WRONG, challenge.salt,
-                                                         challenge.iterations)  # fmt: skip
-            login, _, _ = build_login("bob", hello.instance_id, nonce, challenge,
-                                      salted[challenge.salt])  # fmt: skip
-            sock.sendto(encode_packet(Packet(NO_SESSION, 0, (login,)), None,
-                                      pad_to=MIN_PREAUTH_REQUEST), server)  # fmt: skip
-            answer = _answer(sock, 2.0)
-            label = answer.code.label if isinstance(answer, Refused) else type(answer).__name__
-            answers[label] = answers.get(label, 0) + 1
+        # The client's own login (a fresh instance each time), each step sent once.
+        core = ClientCore("bob", WRONG, salted_password=salted)
+        core.connect(time.monotonic())
+        for step in ("challenge", "answer"):
+            for datagram in core.datagrams_to_send(time.monotonic()):
+                sock.sendto(datagram, server)
+            reply = _answer(sock, 2.0)
+            if reply is None:
+                break
+            frame, data = reply
+            core.receive_datagram(data, time.monotonic())
+            if step == "answer":
+                label = frame.code.label if isinstance(frame, Refused) else type(frame).__name__
+                answers[label] = answers.get(label, 0) + 1
+            elif not isinstance(frame, Challenge):
+                break
         i += 1
         time.sleep(max(0.0, start + i * 0.2 - time.monotonic()))
     out.put((i, answers))
@@ -274,14 +275,16 @@ def guess(server: Address, seconds: float, go: EventType, out: Any) -> None:
         sock.close()
 
 
-def _answer(sock: socket.socket, timeout: float) -> Any:
+def _answer(sock: socket.socket, timeout: float) -> tuple[Any, bytes] | None:
+    """The first pre-login reply within `timeout`: its frame and its datagram."""
     deadline = time.monotonic() + timeout
     while select.select([sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        data = sock.recv(2048)
         try:
-            packet = decode_packet(sock.recv(2048), None)
+            packet = decode_packet(data, None)
         except RemoteProtocolError:
             continue
-        return packet.frames[0]
+        return packet.frames[0], data
     return None
 
 

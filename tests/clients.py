@@ -304,14 +304,19 @@ class ScriptedLogin:
     CHALLENGE, `request` is its LOGIN (not sent: the caller sends, holds
     back or replays it); `answer` is the last reply for this login (a
     REFUSED, the CHALLENGE, then the WELCOME); after a WELCOME `conn` is
-    the session (`conn.key` tags what the client sends)."""
+    the session (`conn.key` tags what the client sends). `take` hands the
+    core only this login's replies: what the new session sends beside its
+    WELCOME (its login ticket) is the caller's to give to `conn`."""
 
     def __init__(
         self, name: str, password: str = PASSWORD, instance_id: int | None = None,
-        now: float | None = None, *, login_timeout: float = 10.0,
+        now: float | None = None, *, login_timeout: float = 10.0, ticket: bytes | None = None,
     ) -> None:  # fmt: skip
+        store = MemoryStore(instance_id)
+        if ticket is not None:  # a login ticket from an earlier session, sent with the LOGIN
+            store.keep_ticket(ticket)
         self.core = ClientCore(
-            name, password, store=MemoryStore(instance_id), rto_min=RTO_MIN, rto_max=RTO_MAX,
+            name, password, store=store, rto_min=RTO_MIN, rto_max=RTO_MAX,
             login_timeout=login_timeout, salted_password=cached_salted_password,
         )  # fmt: skip
         now = time.monotonic() if now is None else now

@@ -8,7 +8,6 @@ the real loop, for the memory sampling, and one the command line."""
 from __future__ import annotations
 
 import random
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,6 @@ from protocol import (
     MAX_FRAMES_SIZE,
     Accept,
     Ack,
-    Challenge,
     Deliver,
     Delivered,
     ErrorCode,
@@ -44,7 +42,6 @@ from protocol import (
     decode_packet,
     encode_message,
     encode_packet,
-    session_keys,
 )
 from reliability import (
     MAX_ROOM,
@@ -54,10 +51,9 @@ from reliability import (
     ReceiveBudget,
     charge_all,
 )
-from tests.clients import wait_until
-from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, start_server, stop_server
+from tests.clients import ScriptedLogin, preauth_frame, wait_until
+from tests.conftest import PASSWORD, start_server, stop_server
 from tests.conftest import test_config as server_config
-from tests.test_security import hello_datagram, login_datagram, preauth_frame
 
 Address = tuple[str, int]
 STEP = 0.01  # seconds of fake time per step
@@ -96,15 +92,14 @@ class World:
 
     def login(self, name: str) -> Client:
         addr = (f"198.51.100.{len(self.clients) + 1}", 5000)
-        nonce = secrets.token_bytes(16)
-        out = self.relay.handle_datagram(hello_datagram(name, 9, nonce), addr, self.now)
-        (challenge,) = [f for d, _ in out if isinstance(f := preauth_frame(d), Challenge)]
-        proof = login_datagram(name, 9, nonce, challenge, PASSWORD)
-        out = self.relay.handle_datagram(proof.datagram, addr, self.now)
-        (welcome,) = [f for d, _ in out if isinstance(f := preauth_frame(d), Welcome)]
-        to_server, to_client = session_keys(proof.keys.client_key, proof.message)
-        conn = Connection(welcome.session_id, to_server, self.now, peer_key=to_client,
-                          rto_min=RTO_MIN, rto_max=RTO_MAX)  # fmt: skip
+        login = ScriptedLogin(name, PASSWORD, 9, self.now)
+        login.take(
+            [d for d, _ in self.relay.handle_datagram(login.hello, addr, self.now)], self.now
+        )
+        out = self.relay.handle_datagram(login.request, addr, self.now)
+        assert isinstance(login.take([d for d, _ in out], self.now), Welcome), login.answer
+        conn = login.conn
+        assert conn is not None
         client = self.clients[name] = self._by_addr[addr] = Client(name, addr, conn)
         # What the session sent beside its WELCOME (its login ticket) is the
         # first chunk of its control stream: without it the rest would wait.

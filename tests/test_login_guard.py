@@ -10,8 +10,6 @@ real client against a real server to prove the login ticket's wiring.
 
 from __future__ import annotations
 
-import secrets
-import socket
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -42,16 +40,14 @@ from protocol import (
     Ticket,
     TicketFrame,
     Welcome,
-    build_login,
     conversation_stream,
     decode_message,
     decode_packet,
     encode_message,
     encode_packet,
-    salted_password,
-    session_keys,
 )
 from reliability import Connection, PayloadReceived
+from tests.clients import RawClient, ScriptedLogin
 from tests.conftest import (
     PASSWORD,
     make_session,
@@ -63,14 +59,6 @@ from tests.conftest import test_config as server_config
 
 Address = tuple[str, int]
 WRONG = "not the password"
-_SALTED: dict[tuple[str, bytes, int], bytes] = {}
-
-
-def salted(password: str, salt: bytes, iterations: int) -> bytes:
-    key = (password, salt, iterations)
-    if key not in _SALTED:
-        _SALTED[key] = salted_password(password, salt, iterations)
-    return _SALTED[key]
 
 
 def preauth_frames(out: list[tuple[bytes, Address]], to: Address | None = None) -> list[Frame]:
@@ -88,6 +76,7 @@ def preauth_frames(out: list[tuple[bytes, Address]], to: Address | None = None) 
 
 
 def login_datagram(login: Login, ticket: bytes | None = None) -> bytes:
+    """A LOGIN built by hand (the junk below), with a ticket if given."""
     frames: tuple[Frame, ...] = (login,) if ticket is None else (login, TicketFrame(ticket))
     return encode_packet(Packet(NO_SESSION, 0, frames), None, pad_to=MIN_PREAUTH_REQUEST)
 
@@ -106,25 +95,15 @@ def log_in(
     relay: Relay, name: str, password: str, addr: Address, now: float, *, instance_id: int = 7,
     ticket: bytes | None = None,
 ) -> Attempt:  # fmt: skip
-    """HELLO -> CHALLENGE -> LOGIN against the relay, at `now`."""
-    nonce = secrets.token_bytes(16)
-    hello = encode_packet(
-        Packet(NO_SESSION, 0, (Hello(name, instance_id, nonce),)), None, pad_to=HELLO_SIZE
-    )
-    (challenge,) = preauth_frames(relay.handle_datagram(hello, addr, now))
-    assert isinstance(challenge, Challenge), challenge
-    login, message, keys = build_login(
-        name, instance_id, nonce, challenge, salted(password, challenge.salt, challenge.iterations)
-    )
-    datagram = login_datagram(login, ticket)
-    out = relay.handle_datagram(datagram, addr, now)
+    """HELLO -> CHALLENGE -> LOGIN against the relay, at `now`: the client's
+    own login (`ScriptedLogin`), with `ticket` as if kept from before."""
+    login = ScriptedLogin(name, password, instance_id, now, ticket=ticket)
+    login.take([d for d, _ in relay.handle_datagram(login.hello, addr, now)], now)
+    assert isinstance(login.challenge, Challenge), login.answer
+    out = relay.handle_datagram(login.request, addr, now)
     answers = preauth_frames(out, addr)
-    answer = answers[0] if answers else None
-    conn = None
-    if isinstance(answer, Welcome):
-        to_server, to_client = session_keys(keys.client_key, message)
-        conn = Connection(answer.session_id, to_server, now, peer_key=to_client)
-    return Attempt(datagram, answer, conn, out)
+    login.take([d for d, to in out if to == addr], now)
+    return Attempt(login.request, answers[0] if answers else None, login.conn, out)
 
 
 def ticket_from(attempt: Attempt, now: float) -> bytes | None:
@@ -362,20 +341,9 @@ def test_the_client_keeps_its_ticket_and_gets_past_strangers_failures(tmp_path: 
 
 
 def raw_log_in(server: Address, host: str, name: str, password: str) -> Frame | None:
-    """One login by hand over a socket bound to `host`: the answer."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        sock.settimeout(5.0)
-        nonce = secrets.token_bytes(16)
-        hello = Hello(name, secrets.randbits(64), nonce)
-        sock.sendto(encode_packet(Packet(NO_SESSION, 0, (hello,)), None, pad_to=HELLO_SIZE), server)
-        (challenge,) = preauth_frames([(sock.recv(2048), server)])
-        assert isinstance(challenge, Challenge)
-        salted_ = salted(password, challenge.salt, challenge.iterations)
-        login, _, _ = build_login(name, hello.instance_id, nonce, challenge, salted_)
-        sock.sendto(login_datagram(login), server)
-        answers = preauth_frames([(sock.recv(2048), server)])
-        return answers[0] if answers else None
+    """One login (a fresh instance) over a socket bound to `host`: the answer."""
+    with RawClient(server, host=host) as raw:
+        return raw.login(name, password).answer
 
 
 def _unacked(relay: Relay, name: str) -> bool:
@@ -404,15 +372,11 @@ def test_wall_clock_steps_reopen_no_replay_and_stretch_no_cookie() -> None:
     assert live(relay, "alice") == session and relay.stats["logins"] == 1
 
     # A cookie asked for now, a wall clock stepped back 200 s, the LOGIN 250 s later.
-    nonce = secrets.token_bytes(16)
-    hello = encode_packet(Packet(NO_SESSION, 0, (Hello("alice", 9, nonce),)), None,
-                          pad_to=HELLO_SIZE)  # fmt: skip
-    (challenge,) = preauth_frames(relay.handle_datagram(hello, home, now))
-    assert isinstance(challenge, Challenge)
-    login, _, _ = build_login("alice", 9, nonce, challenge,
-                              salted(PASSWORD, challenge.salt, challenge.iterations))  # fmt: skip
+    login = ScriptedLogin("alice", PASSWORD, 9, now)
+    login.take([d for d, _ in relay.handle_datagram(login.hello, home, now)], now)
+    assert isinstance(login.challenge, Challenge)
     wall[0] += 250.0 - 200.0
-    assert relay.handle_datagram(login_datagram(login), home, now + 250.0) == []
+    assert relay.handle_datagram(login.request, home, now + 250.0) == []
     assert live(relay, "alice") == session
 
     # The wall clock a day ahead between CHALLENGE and LOGIN: still welcome.
