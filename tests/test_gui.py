@@ -211,7 +211,16 @@ class Gui:
                     self.callback_errors.append(f"network thread of {session.username} still runs")
         self.root.update()
         self.root.destroy()
-        gc.collect()  # Tk objects in cycles go away here, on the main thread
+        # Tk objects in cycles go away here, on the main thread. The Gui itself
+        # lives on a little (pytest holds the fixture's value, the patched
+        # ChatSession.__init__ holds it until the monkeypatch is undone): let
+        # go of the windows and the root first, or they are collected later
+        # by whichever thread runs the collector (a session's network thread
+        # in the next test), where a Tk variable's __del__ fails and freeing
+        # the interpreter aborts the process.
+        self.windows.clear()
+        del self.root
+        gc.collect()
 
 
 def open_gui(server: RunningServer | None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gui]:
