@@ -31,6 +31,7 @@ from chat_client import (
     LinkChanged,
     LoggedIn,
     MessageReceived,
+    MessageState,
     PresenceChanged,
     SessionEvent,
     StatusChanged,
@@ -53,11 +54,13 @@ RECONNECTING_TEXT = (
     "(keep typing: messages are sent when it is back)"
 )
 
+# What each state of our message shows; "retried" is the window's own (a
+# failed message the user sent again).
 STATE_LABELS = {
-    "sending": "sending\u2026",
-    "accepted": "\u2713 on server",
-    "delivered": "\u2713\u2713 delivered",
-    "failed": "\u2717 failed",
+    MessageState.SENDING: "sending\u2026",
+    MessageState.ACCEPTED: "\u2713 on server",
+    MessageState.DELIVERED: "\u2713\u2713 delivered",
+    MessageState.FAILED: "\u2717 failed",
     "retried": "\u2717 failed, sent again below",
 }
 
@@ -580,7 +583,7 @@ class ChatWindow:
         for item in read_history(store.path, conv.name, upto=store.history_mark):
             if item.outgoing:
                 line = Line("own", self.username or "me", item.text, item.ts_ms / 1000,
-                            item.msg_id, item.state or "sending")  # fmt: skip
+                            item.msg_id, item.state or MessageState.SENDING)  # fmt: skip
                 conv.by_id[item.msg_id] = line
             else:
                 line = Line("peer", item.peer, item.text, item.ts_ms / 1000)
@@ -691,7 +694,7 @@ class ChatWindow:
         tag = f"sttext-{line.msg_id}"
         mark = f"st-{line.msg_id}"
         label = STATE_LABELS.get(line.state or "", line.state or "")
-        if line.state == "failed":
+        if line.state == MessageState.FAILED:
             reason = f" ({line.reason.replace('_', ' ')})" if line.reason else ""
             self.transcript.insert(mark, f"  {label}{reason} ", ("failed", tag))
             retry_tag = f"retry-{line.msg_id}"
@@ -807,7 +810,7 @@ class ChatWindow:
 
     def retry(self, line: Line) -> None:
         """Send a failed message again, as a new message (once per failure)."""
-        if self.session is None or self.current is None or line.state != "failed":
+        if self.session is None or self.current is None or line.state != MessageState.FAILED:
             return
         line.state = "retried"
         self._render_state(line)

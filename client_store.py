@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from chat_store import StoreLocked, lock_file
-from client_core import Arrival, StoredMessage
+from client_core import Arrival, MessageState, StoredMessage
 from protocol import MsgId, name_key
 
 SCHEMA = """
@@ -204,9 +204,9 @@ class ClientStore:
             )
         self.db.execute(
             "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
-            " instance_id, client_seq, state) VALUES (?, ?, 1, ?, ?, ?, ?, ?, 'sending')",
+            " instance_id, client_seq, state) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
             (name_key(to), to, text, now_ms, name_key(self.username),
-             _i64(msg_id.instance_id), msg_id.client_seq),
+             _i64(msg_id.instance_id), msg_id.client_seq, MessageState.SENDING.value),
         )  # fmt: skip
 
     def state_of(self, msg_id: MsgId) -> str | None:
@@ -223,9 +223,9 @@ class ClientStore:
         self.begin()
         self.db.execute(
             "UPDATE history SET state=? WHERE sender_key=? AND instance_id=? AND client_seq=?",
-            (state, name_key(self.username), _i64(msg_id.instance_id), msg_id.client_seq),
+            (str(state), name_key(self.username), _i64(msg_id.instance_id), msg_id.client_seq),
         )
-        if state in ("accepted", "delivered", "failed"):
+        if state != MessageState.SENDING:
             self.db.execute(
                 "DELETE FROM outbox WHERE instance_id=? AND client_seq=?",
                 (_i64(msg_id.instance_id), msg_id.client_seq),
