@@ -258,7 +258,7 @@ class ChatSession:
             store=self.store if self.store is not None else MemoryStore(self.instance_id),
             server=address, rto_min=self.rto_min, rto_max=self.rto_max,
             login_timeout=self.login_timeout, keepalive=self.keepalive,
-            link_timeout=self.link_timeout,
+            link_timeout=self.link_timeout, wait_for_shown=True,  # the front end says `shown`
         )  # fmt: skip
         sock = socket.socket(info[0], socket.SOCK_DGRAM)
         sock.setblocking(False)

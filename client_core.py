@@ -442,7 +442,15 @@ class ClientCore:
     and `rng` are the randomness (nonces; retransmission and keepalive
     jitter), replaceable for tests. `salted_password` and `build_login` are
     protocol.py's; the load generator gives cached ones (one process stands
-    in for thousands of clients, whose PBKDF2 and DH work it cannot afford)."""
+    in for thousands of clients, whose PBKDF2 and DH work it cannot afford).
+
+    Receipts: a receipt tells the sender `delivered`, so it should leave only
+    once the message is in front of the user. By default the owner's
+    `next_event()` is that moment (a received message handed out counts as
+    shown). A front end that shows messages later, on another thread, and
+    must not lose one to a crash in between (`ChatSession`: the terminal
+    prints and flushes, the window inserts) passes `wait_for_shown=True`
+    and calls `shown(id)` once it is on the screen; until then no receipt."""
 
     def __init__(
         self,
@@ -461,6 +469,7 @@ class ClientCore:
         rng: random.Random | None = None,
         salted_password: SaltedPassword = protocol.salted_password,
         build_login: BuildLogin = protocol.build_login,
+        wait_for_shown: bool = False,
     ) -> None:
         try:
             self.username = normalize_name(username)
@@ -481,6 +490,7 @@ class ClientCore:
         self._rng = rng if rng is not None else random.Random()
         self._salted_password = salted_password
         self._build_login = build_login
+        self.wait_for_shown = wait_for_shown
         self.login_sends = 0  # HELLO and LOGIN datagrams handed out (first sends and resends)
         # Kept for the re-logins; the salted form is cached so a reconnect
         # does not pay PBKDF2 again.
@@ -623,10 +633,17 @@ class ClientCore:
         self._run_closing(now)
 
     def next_event(self) -> Event | None:
-        """The next thing that happened, or None."""
+        """The next thing that happened, or None. Without `wait_for_shown`,
+        a received message handed out here counts as shown (its receipt
+        leaves with the next datagrams)."""
         if self._staged:
             self.commit()
-        return self._events.popleft() if self._events else None
+        if not self._events:
+            return None
+        event = self._events.popleft()
+        if isinstance(event, MessageReceived) and not self.wait_for_shown:
+            self.shown(event.id)
+        return event
 
     def commit(self) -> None:
         """Make what was stored durable, then release the events that

@@ -93,7 +93,9 @@ class Net:
         self.rng = random.Random(13)
 
     def add(self, name: str, password: str = "pw-of-test", **kwargs: Any) -> Client:
+        """A client whose front end reports what it shows (as ChatSession's do)."""
         kwargs.setdefault("rng", random.Random(len(self.clients)))
+        kwargs.setdefault("wait_for_shown", True)
         core = ClientCore(name, password, **kwargs)
         addr = (f"10.0.0.{len(self.clients) + 1}", 40000 + len(self.clients))
         client = self.clients[addr] = Client(core, addr)
@@ -154,17 +156,18 @@ def delivered(client: Client, msg_id: str) -> Callable[[], bool]:
 
 
 def test_issue_13_contract_to_delivered() -> None:
-    """Issue 13's contract, pumped exactly as it is written. Bob's front end
-    reports the message shown (`bob.shown`), as every front end must: the
-    receipt that tells alice `delivered` waits for that."""
+    """Issue 13's contract, pumped exactly as it is written: cores with
+    their defaults, so bob's `next_event()` is his front end's read of the
+    message (its receipt follows; `ChatSession` waits for `shown` instead)."""
     relay = Relay(ServerConfig(iterations=4096, key_workers=0))  # no data_dir: memory
     alice = ClientCore("alice", "alice-pw", connect_to="bob")
     bob = ClientCore("bob", "bob-pw")
     peers = {("10.0.0.1", 40001): alice, ("10.0.0.2", 40002): bob}
-    events: dict[str, list[Event]] = {"alice": [], "bob": []}
     now = 1000.0
     alice.connect(now)
     bob.connect(now)
+    events: dict[str, list[Event]] = {"alice": [], "bob": []}
+    cores = {"alice": alice, "bob": bob}
 
     def pump() -> bool:
         moved = False
@@ -179,34 +182,55 @@ def test_issue_13_contract_to_delivered() -> None:
             t = x.get_timer()
             if t is not None and t <= now:
                 x.handle_timer(now)
-        for name, c in (("alice", alice), ("bob", bob)):
-            while (event := c.next_event()) is not None:
-                events[name].append(event)
-                moved = True
-                if isinstance(event, MessageReceived):
-                    c.shown(event.id)  # the front end showed it
         return moved
 
-    def reached(condition: Callable[[], bool]) -> bool:
+    def pump_until(condition: Callable[[], bool], read: tuple[str, ...]) -> None:
         nonlocal now
         for _ in range(2000):
+            for name in read:
+                while (event := cores[name].next_event()) is not None:
+                    events[name].append(event)
             if condition():
-                return True
+                return
             if not pump():
                 now += 0.05
-        return False
+        raise AssertionError(f"not reached; events {events}")
 
-    assert reached(lambda: all(any(isinstance(e, LoggedIn) for e in events[n]) for n in events))
+    def logged_in(name: str) -> bool:
+        return any(e.to_json()["event"] == "logged_in" for e in events[name])
+
+    pump_until(lambda: logged_in("alice") and logged_in("bob"), ("alice", "bob"))
     msg_id = alice.send("hi bob", now)
     assert isinstance(msg_id, str)
-    delivered_json = {"event": "status", "id": msg_id, "state": "delivered"}
-    assert reached(lambda: delivered_json in [e.to_json() for e in events["alice"]])
-    messages = [e.to_json() for e in events["bob"] if isinstance(e, MessageReceived)]
-    assert len(messages) == 1
-    assert {k: messages[0][k] for k in ("event", "from", "text")} == {
+    message: list[Event] = []
+
+    def bob_has_it() -> bool:
+        pump()
+        while (event := bob.next_event()) is not None:
+            message.append(event)
+        return any(isinstance(e, MessageReceived) for e in message)
+
+    pump_until(bob_has_it, ("alice",))
+    (received,) = [e.to_json() for e in message if isinstance(e, MessageReceived)]
+    assert {k: received[k] for k in ("event", "from", "text")} == {
         "event": "message", "from": "alice", "text": "hi bob"
     }  # fmt: skip
+    delivered_json = {"event": "status", "id": msg_id, "state": "delivered"}
+    pump_until(lambda: delivered_json in [e.to_json() for e in events["alice"]], ("alice",))
     assert alice.next_event() is None and bob.next_event() is None
+
+
+def test_by_default_a_message_read_with_next_event_counts_as_shown() -> None:
+    """Without `wait_for_shown` the receipt follows `next_event()`; with it
+    (`ChatSession`'s way), only `shown(id)`."""
+    net = Net()
+    reader = net.add("bob", "bob-pw", wait_for_shown=False)
+    (alice,) = net.login("alice")
+    net.run(lambda: reader.logged_in, "bob logged in")
+    reader.shows = False  # the test's front end never calls shown(): the core does
+    msg = alice.core.send("read is shown", net.now, to="bob")
+    net.run(delivered(alice, msg), "delivered")
+    assert [m.text for m in reader.unshown] == ["read is shown"]
 
 
 def test_client_core_imports_no_io() -> None:
