@@ -687,12 +687,13 @@ class ClientCore:
 
     def send(self, text: str, now: float, to: str | None = None) -> str:
         """Send `text` to `to` (default: `peer`); its message id (the JSON
-        status id). `ClientError` (NO_PEER, INVALID_NAME, TOO_LONG) if it
-        cannot be sent at all."""
+        status id). It leaves with the next `datagrams_to_send` (after a
+        login, if there is no session now). `ClientError` (NO_PEER,
+        INVALID_NAME, TOO_LONG) if it cannot be sent at all."""
         target = to or self.peer
         if not target:
-            text_ = "nobody to send to yet; name someone with /to NAME"
-            raise ClientError(ErrorCode.NO_PEER, text_)
+            reason = "nobody to send to yet; name someone with /to NAME"
+            raise ClientError(ErrorCode.NO_PEER, reason)
         target = check_outgoing(text, target)
         msg_id = self.new_message_id()
         self.queue_message(msg_id, target, text)
