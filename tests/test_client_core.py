@@ -550,3 +550,25 @@ def test_the_login_ticket_is_kept_in_the_store_and_sent_with_the_next_login() ->
     again = net.add("bob", "bob-pw", store=store)
     net.run(lambda: again.logged_in, "logged in again")
     assert net.relay.stats["logins_with_ticket"] == 1
+
+
+def test_a_message_id_reused_for_other_content_fails_with_duplicate_id() -> None:
+    """A copied store numbering on from the same point (same instance, same
+    seq, another text): the relay refuses the second as `duplicate_id`,
+    which the core reports as that message's `failed`."""
+    net = Net()
+    (bob,) = net.login("bob")
+    original = net.add("alice", "alice-pw", store=MemoryStore(instance_id=77))
+    net.run(lambda: original.logged_in, "alice logged in")
+    first = original.core.send("the original", net.now, to="bob")
+    net.run(delivered(original, first), "the original delivered")
+    original.core.abort()
+    del net.clients[original.addr]
+    copy = net.add("alice", "alice-pw", store=MemoryStore(instance_id=77))
+    net.run(lambda: copy.logged_in, "the copy logged in")
+    second = copy.core.send("the copy's own", net.now, to="bob")
+    assert second == first  # the same id, for another text
+    net.run(lambda: MessageState.FAILED in copy.states(second), "refused")
+    assert copy.states(second) == ["sending", "failed"]
+    assert [e.reason for e in copy.of(StatusChanged) if e.state == "failed"] == ["duplicate_id"]
+    assert [m.text for m in bob.of(MessageReceived)] == ["the original"]

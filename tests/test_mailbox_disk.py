@@ -8,7 +8,6 @@ thread running) and clients made of `reliability.Connection`s, on a fake
 from __future__ import annotations
 
 import functools
-import secrets
 import sqlite3
 import subprocess
 import sys
@@ -42,12 +41,11 @@ from protocol import (
     decode_header,
     decode_message,
     encode_message,
-    session_keys,
 )
 from reliability import Connection, PayloadReceived
+from tests.clients import ScriptedLogin, preauth_frame
 from tests.conftest import PASSWORD, ROOT
 from tests.conftest import test_config as server_config
-from tests.test_security import hello_datagram, login_datagram, preauth_frame
 
 Address = tuple[str, int]
 WALL = 1_750_000_000.0  # the wall clock's reading, unless a test moves it
@@ -71,7 +69,7 @@ class World:
         self.addrs: dict[str, Address] = {}
         self.inbox: dict[str, list[Message]] = {}
         self.receipting: dict[str, bool] = {}
-        self.preauth: list[Any] = []
+        self.preauth: list[bytes] = []  # pre-login replies (CHALLENGE, WELCOME, ...)
         self.early: list[tuple[bytes, Address]] = []
         self.most_in_ram = 0  # the most entries the relay held for sessions at once
 
@@ -102,8 +100,8 @@ class World:
                     continue
                 if conn is not None and decode_header(data).session_id == conn.session_id:
                     conn.receive_datagram(data, self.now)
-                elif (frame := preauth_frame(data)) is not None:
-                    self.preauth.append(frame)
+                elif preauth_frame(data) is not None:
+                    self.preauth.append(data)
                 else:  # for a session whose WELCOME is being read
                     self.early.append((data, addr))
         return len(out)
@@ -111,16 +109,16 @@ class World:
     def login(self, name: str, instance_id: int = 9) -> None:
         addr = self.addrs.setdefault(name, ("198.51.100.1", 5000 + len(self.addrs)))
         self.conns.pop(name, None)
-        nonce = secrets.token_bytes(16)
-        self.route(self.relay.handle_datagram(hello_datagram(name, instance_id, nonce), addr,
-                                              self.now))  # fmt: skip
-        (challenge,) = [f for f in self.preauth if isinstance(f, Challenge) and f.nonce == nonce]
-        proof = login_datagram(name, instance_id, nonce, challenge, PASSWORD)
-        self.route(self.relay.handle_datagram(proof.datagram, addr, self.now))
+        login = ScriptedLogin(name, PASSWORD, instance_id, self.now)
+        seen = len(self.preauth)
+        self.route(self.relay.handle_datagram(login.hello, addr, self.now))
+        assert isinstance(login.take(self.preauth[seen:], self.now), Challenge), login.answer
+        seen = len(self.preauth)
+        self.route(self.relay.handle_datagram(login.request, addr, self.now))
         self.settle()  # a registration's WELCOME waits for the disk
-        (welcome,) = [f for f in self.preauth if isinstance(f, Welcome) and f.nonce == nonce]
-        to_server, to_client = session_keys(proof.keys.client_key, proof.message)
-        self.conns[name] = Connection(welcome.session_id, to_server, self.now, peer_key=to_client)
+        assert isinstance(login.take(self.preauth[seen:], self.now), Welcome), login.answer
+        assert login.conn is not None
+        self.conns[name] = login.conn
         early, self.early = self.early, []
         self.route(early)
         self.inbox.setdefault(name, [])
