@@ -7,7 +7,8 @@ thread alone owns the socket and the core, feeding it datagrams, commands
 and the time, sending what it hands out and passing its events on. The
 caller talks to the thread through a command queue and reads what
 happened from an event queue (`session.events`), so a Tk window or a
-terminal can drive it without locks. The Tk window lives in `chat_window.py`.
+terminal can drive it without locks. The Tk window lives in `client_window.py`
+(it is given `ChatSession` to make its sessions); `chat-demo` in `client_demo.py`.
 
 What the session promises: every message you send gets `status` events
 (`sending`, `accepted`, `delivered` or a final `failed`), states only move
@@ -44,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from chat_args import positive
 from client_core import (
     FATAL_LOGIN_ERRORS,
     KEEPALIVE,
@@ -68,6 +68,7 @@ from client_core import (
 )
 from client_core import Event as SessionEvent
 from client_store import ClientStore, mark_shown, store_dir
+from common import DEFAULT_PORT, parse_server, positive
 from protocol import ErrorCode, LocalProtocolError, MsgId, normalize_name
 from reliability import RTO_MAX, RTO_MIN
 
@@ -94,31 +95,9 @@ __all__ = [
 
 log = logging.getLogger("chat_client")
 
-DEFAULT_PORT = 5555
 # How long the terminal waits for `shown` to be recorded before printing the
 # next message: a crash re-shows at most the one message printed last.
 SHOWN_MARK_WAIT = 2.0
-
-
-def parse_server(text: str) -> tuple[str, int]:
-    """'host', 'host:port' or '[v6]:port' -> (host, port); ValueError with a reason."""
-    text = text.strip()
-    if not text:
-        raise ValueError("the server address is empty")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, ""
-    try:
-        port = int(port_text) if port_text else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"{port_text!r} is not a port number") from None
-    if not 0 < port < 65536 or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host, port
 
 
 # --- the session ------------------------------------------------------------
@@ -715,9 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --rto-max: {args.rto_max} is below --rto-min ({args.rto_min})")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not args.no_gui:
-        from chat_window import run_window
+        from client_window import run_window
 
-        return run_window(args)
+        return run_window(args, session_factory=ChatSession)
     if not args.user:
         print("chat-client: --user NAME is required with --no-gui", file=sys.stderr)
         return 2
@@ -742,81 +721,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         session.close(2.0)
         return 0
-
-
-def demo_main(argv: list[str] | None = None) -> int:
-    """`chat-demo`: a private server on a free port and two windows, alice
-    (talking to bob) and bob, side by side and logged in."""
-    parser = argparse.ArgumentParser(
-        prog="chat-demo",
-        description="Start a private chat server on a free port and two windows, alice "
-        "(talking to bob) and bob, side by side and logged in.",
-    )
-    parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-        help="how much to log on stderr (default %(default)s)",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    import tempfile
-    import tkinter as tk
-
-    from chat_window import ChatWindow, Settings, open_root
-
-    root = open_root("chat-demo")
-    if root is None:
-        return 2
-    from chat_registry import ServerConfig
-    from chat_server import ChatServer
-
-    root.withdraw()
-    # Its own server, data and demo accounts: never the user's.
-    workdir = tempfile.TemporaryDirectory(prefix="chat-demo-")
-    # One process: the two registrations' key exchanges run on the server's loop.
-    server = ChatServer(
-        ("127.0.0.1", 0), ServerConfig(data_dir=Path(workdir.name) / "server", key_workers=0)
-    )
-    serving = threading.Thread(target=server.serve_forever, daemon=True, name="demo-server")
-    serving.start()
-    host, port = server.address
-    width = max(560, min(760, root.winfo_screenwidth() // 2 - 20))
-    height = max(420, min(620, root.winfo_screenheight() - 120))
-    windows: list[Any] = []
-
-    def closed(window: Any) -> None:
-        windows.remove(window)
-        if not windows:
-            root.quit()
-
-    for i, (user, peer) in enumerate((("alice", "bob"), ("bob", ""))):
-        settings = Settings(server=f"{host}:{port}", username=user,
-                            geometry=f"{width}x{height}+{10 + i * (width + 20)}+40")  # fmt: skip
-        options = {"store_root": Path(workdir.name) / "client"}
-        window = ChatWindow(tk.Toplevel(root), settings, session_options=options, on_closed=closed)
-        window.connect_var.set(peer)
-        window.password_var.set(f"{user}-demo-password")
-        window.submit_login()
-        windows.append(window)
-    print(f"chat-demo: server on {host}:{port}; close both windows to stop", file=sys.stderr)
-
-    def stop(signum: int, frame: object) -> None:
-        # From a signal handler only schedule: Tk is touched on its own loop.
-        root.after(0, root.quit)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        root.mainloop()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for window in list(windows):
-            window.close()  # logs out
-        server.shutdown()
-        serving.join(5)
-        server.close()
-        workdir.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-COOKIE_PERIOD = 120.0  # RELIABILITY.md: the cookie secret rotates every 120 s
+COOKIE_PERIOD = 120.0  # docs/RELIABILITY.md: the cookie secret rotates every 120 s
 COOKIE_SIZE = 16
 TICKET_SIZE = 16
 #: Verified LOGINs remembered at most (each about 350 bytes): past it the

@@ -28,7 +28,7 @@ Address = tuple[str, int]
 
 @dataclass
 class ServerConfig:
-    """Every limit and timer of the server, with the defaults of RELIABILITY.md.
+    """Every limit and timer of the server, with the defaults of docs/RELIABILITY.md.
     The benchmark raises some of them with documented flags."""
 
     session_timeout: float = 60.0  # silence after which a session expires
@@ -62,7 +62,7 @@ class ServerConfig:
     preauth_total_rate: float = 5000.0
     preauth_total_burst: float = 10_000.0
 
-    # Memory caps (RELIABILITY.md 1.4; issue 12). Past the output cap a
+    # Memory caps (docs/RELIABILITY.md 1.4; issue 12). Past the output cap a
     # session's input waits (acks withheld) until its client acks what it
     # was sent; so do new messages while the process is over `max_memory`.
     max_unacked_output: int = 256 * 1024  # bytes queued + in flight to one session

@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType as _StackFrame
 
-from chat_args import at_least, positive
 from chat_guard import (
     BucketTable,
     TokenBucket,
@@ -59,6 +58,7 @@ from chat_store import (
     content_digest,
     default_data_dir,
 )
+from common import DEFAULT_PORT, at_least, positive
 from protocol import (
     CONTROL_STREAM,
     FLAG_MAC,
@@ -157,7 +157,7 @@ SESSION_PREFIX = MAGIC + bytes((VERSION, FLAG_MAC))
 # make room, so RAM holds a bounded working set whatever the mailboxes hold.
 # 256 messages keep a client's reliable window (64 datagrams of several
 # messages each) fed across a receipt's round trip; 192 KiB stays under the
-# 256 KiB of unacknowledged output a session may have (RELIABILITY.md 1.4),
+# 256 KiB of unacknowledged output a session may have (docs/RELIABILITY.md 1.4),
 # so handing a mailbox over never stalls the session's own input.
 MAILBOX_WINDOW = 256
 MAILBOX_WINDOW_BYTES = 192 * 1024
@@ -1500,7 +1500,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port",
         type=_address,
-        default=5555,
+        default=DEFAULT_PORT,
         help="UDP port; 0 picks a free one (default %(default)s)",
     )
     parser.add_argument(

@@ -39,18 +39,21 @@ import queue
 import secrets
 import sqlite3
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
+
+from common import LockHeld, data_dir, lock_file
+from common import i64 as _i64
+from common import u64 as _u64
 
 log = logging.getLogger("chat_store")
 
 MAX_BATCH = 5000  # operations in one transaction at most
-DEDUP_KEEP_S = 7 * 24 * 3600  # keep dedup keys at least 7 days of server time (RELIABILITY.md 1.3)
+DEDUP_KEEP_S = 7 * 24 * 3600  # keep dedup keys >= 7 days of server time (docs/RELIABILITY.md 1.3)
 # Server time is written with a commit at most this often (a crash loses
 # less than this much of a dedup key's age: it is kept a little longer).
 TIME_SAVE_MS = 1000
@@ -309,32 +312,7 @@ def content_digest(recipient_key: str, text: str) -> bytes:
 
 def default_data_dir() -> Path:
     """The platform's user data directory for the server."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "udp-chat" / "server"
-
-
-def lock_file(path: Path) -> IO[bytes]:
-    """Hold an exclusive lock on `path` for the life of the returned file,
-    or raise `StoreLocked`."""
-    handle = open(path, "a+b")  # noqa: SIM115 - kept open: the lock lives with it
-    try:
-        if sys.platform == "win32":
-            import msvcrt
-
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise StoreLocked(str(path)) from None
-    return handle
+    return data_dir() / "server"
 
 
 Op = tuple[Any, ...]
@@ -359,7 +337,7 @@ class ServerStore:
             # read-only mount or a file is found out here.
             with self._explained(data_dir):
                 self._lock = lock_file(data_dir / "server.lock")
-        except StoreLocked:
+        except LockHeld:
             raise StoreLocked(
                 f"another chat-server is using {data_dir}; stop it or pick another --data-dir"
             ) from None
@@ -790,12 +768,3 @@ def _marks(count: int) -> str:
 
 def _flat(rows: list[tuple[Any, ...]]) -> list[Any]:
     return [value for row in rows for value in row]
-
-
-def _i64(value: int) -> int:
-    """SQLite integers are signed 64-bit: store a u64 instance id as i64."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _u64(value: int) -> int:
-    return value + (1 << 64) if value < 0 else value

@@ -25,14 +25,13 @@ import os
 import re
 import secrets
 import sqlite3
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from chat_store import StoreLocked, lock_file
 from client_core import Arrival, MessageState, StoredMessage
+from common import LockHeld, data_dir, i64, lock_file, u64
 from protocol import MsgId, name_key
 
 SCHEMA = """
@@ -66,17 +65,6 @@ HISTORY_COLUMNS = {
 INDEXES = "CREATE INDEX IF NOT EXISTS history_server_id ON history (server_msg_id);"
 
 
-def data_dir() -> Path:
-    """The user's data directory for this app (XDG, %LOCALAPPDATA%, macOS)."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "udp-chat"
-
-
 def store_dir(server: str, username: str, root: Path | None = None) -> Path:
     """Where one (server, username) keeps its outbox and history."""
 
@@ -96,14 +84,6 @@ class HistoryLine:
     state: str | None
 
 
-def _i64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _u64(value: int) -> int:
-    return value + (1 << 64) if value < 0 else value
-
-
 class ClientStore:
     """Opened by `ChatSession.login`; written only by its network thread."""
 
@@ -116,7 +96,7 @@ class ClientStore:
         try:
             self._lock = lock_file(directory / "client.lock")
             self.locked = False
-        except StoreLocked:
+        except LockHeld:
             self._lock = None
             self.locked = True  # another process is this user here: stay out of its outbox
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -136,11 +116,11 @@ class ClientStore:
             if not self.locked:
                 self.db.executemany(
                     "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                    [("instance_id", _i64(self.instance_id)), ("next_seq", 1)],
+                    [("instance_id", i64(self.instance_id)), ("next_seq", 1)],
                 )
             self.next_seq = 1
         else:
-            self.instance_id = _u64(row[0])
+            self.instance_id = u64(row[0])
             row = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
             self.next_seq = int(row[0]) if row else 1
         self._in_tx = False
@@ -169,11 +149,11 @@ class ClientStore:
         stat = os.stat(self.path)
         path = str(self.path.resolve())
         row = self.db.execute("SELECT dev, ino, path FROM identity WHERE id=1").fetchone()
-        if row is not None and tuple(row) == (_i64(stat.st_dev), _i64(stat.st_ino), path):
+        if row is not None and tuple(row) == (i64(stat.st_dev), i64(stat.st_ino), path):
             return False
         self.db.execute(
             "INSERT OR REPLACE INTO identity VALUES (1, ?, ?, ?)",
-            (_i64(stat.st_dev), _i64(stat.st_ino), path),
+            (i64(stat.st_dev), i64(stat.st_ino), path),
         )
         # A store from before this check has no record: take it as the original.
         return row is not None
@@ -197,7 +177,7 @@ class ClientStore:
         if not self.locked:
             self.db.execute(
                 "INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?, ?)",
-                (_i64(msg_id.instance_id), msg_id.client_seq, to, text, now_ms),
+                (i64(msg_id.instance_id), msg_id.client_seq, to, text, now_ms),
             )
             self.db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (msg_id.client_seq + 1,)
@@ -206,7 +186,7 @@ class ClientStore:
             "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
             " instance_id, client_seq, state) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
             (name_key(to), to, text, now_ms, name_key(self.username),
-             _i64(msg_id.instance_id), msg_id.client_seq, MessageState.SENDING.value),
+             i64(msg_id.instance_id), msg_id.client_seq, MessageState.SENDING.value),
         )  # fmt: skip
 
     def state_of(self, msg_id: MsgId) -> str | None:
@@ -214,7 +194,7 @@ class ClientStore:
         row = self.db.execute(
             "SELECT state FROM history WHERE outgoing=1 AND sender_key=? AND instance_id=? "
             "AND client_seq=?",
-            (name_key(self.username), _i64(msg_id.instance_id), msg_id.client_seq),
+            (name_key(self.username), i64(msg_id.instance_id), msg_id.client_seq),
         ).fetchone()
         return None if row is None else row[0]
 
@@ -223,12 +203,12 @@ class ClientStore:
         self.begin()
         self.db.execute(
             "UPDATE history SET state=? WHERE sender_key=? AND instance_id=? AND client_seq=?",
-            (str(state), name_key(self.username), _i64(msg_id.instance_id), msg_id.client_seq),
+            (str(state), name_key(self.username), i64(msg_id.instance_id), msg_id.client_seq),
         )
         if state != MessageState.SENDING:
             self.db.execute(
                 "DELETE FROM outbox WHERE instance_id=? AND client_seq=?",
-                (_i64(msg_id.instance_id), msg_id.client_seq),
+                (i64(msg_id.instance_id), msg_id.client_seq),
             )
 
     def add_incoming(
@@ -243,14 +223,14 @@ class ClientStore:
             " instance_id, client_seq, state, server_msg_id, shown)"
             " VALUES (?, ?, 0, ?, ?, ?, ?, ?, NULL, ?, 0)",
             (name_key(sender), sender, text, sent_ms, name_key(sender),
-             _i64(msg_id.instance_id), msg_id.client_seq, server_msg_id),
+             i64(msg_id.instance_id), msg_id.client_seq, server_msg_id),
         )  # fmt: skip
         if cursor.rowcount == 1:
             return "new"
         row = self.db.execute(
             "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=? "
             "AND client_seq=?",
-            (name_key(sender), _i64(msg_id.instance_id), msg_id.client_seq),
+            (name_key(sender), i64(msg_id.instance_id), msg_id.client_seq),
         ).fetchone()
         return "shown" if row is not None and row[0] else "unshown"
 
@@ -283,7 +263,7 @@ class ClientStore:
             "WHERE outgoing=0 AND shown=0 ORDER BY server_msg_id, id"
         ).fetchall()
         return [
-            StoredMessage(peer, MsgId(_u64(i), s), text, ts, server_id)
+            StoredMessage(peer, MsgId(u64(i), s), text, ts, server_id)
             for peer, i, s, text, ts, server_id in rows
         ]
 
@@ -296,7 +276,7 @@ class ClientStore:
         rows = self.db.execute(
             "SELECT instance_id, client_seq, to_name, text FROM outbox ORDER BY rowid"
         ).fetchall()
-        return [(MsgId(_u64(i), s), to, text) for i, s, to, text in rows]
+        return [(MsgId(u64(i), s), to, text) for i, s, to, text in rows]
 
     def server_key(self) -> bytes | None:
         """The server's key this user saw at its first login here (pinned)."""
@@ -310,7 +290,7 @@ class ClientStore:
     def ticket(self) -> bytes | None:
         """The server's login ticket for this instance id, if it gave one."""
         row = self.db.execute(
-            "SELECT ticket FROM login_ticket WHERE instance_id=?", (_i64(self.instance_id),)
+            "SELECT ticket FROM login_ticket WHERE instance_id=?", (i64(self.instance_id),)
         ).fetchone()
         return bytes(row[0]) if row is not None else None
 
@@ -319,7 +299,7 @@ class ClientStore:
             return
         self.begin()
         self.db.execute(
-            "INSERT OR REPLACE INTO login_ticket VALUES (?, ?)", (_i64(self.instance_id), ticket)
+            "INSERT OR REPLACE INTO login_ticket VALUES (?, ?)", (i64(self.instance_id), ticket)
         )
 
     def close(self) -> None:
@@ -352,7 +332,7 @@ def read_history(
     finally:
         db.close()
     return [
-        HistoryLine(p, bool(o), t, ts, MsgId(_u64(i), s).label(), st)
+        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st)
         for p, o, t, ts, i, s, st in reversed(rows)
     ]
 

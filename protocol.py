@@ -94,7 +94,7 @@ class BadTag(RemoteProtocolError):
 
 
 class ErrorCode(enum.IntEnum):
-    """Stable error codes; `.label` is the JSON spelling (DESIGN.md)."""
+    """Stable error codes; `.label` is the JSON spelling (README, "Terminal client")."""
 
     NAME_TAKEN = 1
     INVALID_NAME = 2

@@ -8,7 +8,7 @@ it datagrams with `receive_datagram(data, now)`, asks for
 `handle_timer(now)`, and drains `next_event()`. It never reads the clock,
 so the tests step time by hand.
 
-How it works, with the numbers and their sources in RELIABILITY.md:
+How it works, with the numbers and their sources in docs/RELIABILITY.md:
 - every datagram gets a new `pkt_num`; a reliable chunk keeps its hop `seq`
   across retransmissions, so RTT samples are never ambiguous (RFC 9002 4.1);
 - the receiver acks with a cumulative `una` plus up to 16 ranges, after every
@@ -77,13 +77,13 @@ MAX_PARTIAL_MESSAGES = 4
 MAX_BUFFERED_BYTES = 256 * 1024
 MAX_STREAMS = 4096
 #: Across every session of a server (a `ReceiveBudget`): 20,000 sessions at
-#: MAX_BUFFERED_BYTES each would be 5 GiB (RELIABILITY.md 1.4: 32 MiB).
+#: MAX_BUFFERED_BYTES each would be 5 GiB (docs/RELIABILITY.md 1.4: 32 MiB).
 MAX_BUFFERED_TOTAL = 32 * 1024 * 1024
 #: The most room one message reserves in that budget (see ReceiveBudget).
 MAX_ROOM = MAX_FRAGMENTS * MAX_FRAMES_SIZE
 #: How far ahead of `una` a chunk may be: twice the sender's window.
 RECV_WINDOW = 2 * MAX_WINDOW
-#: Chunks held for a gap in their stream, at most (RELIABILITY.md: <= 256).
+#: Chunks held for a gap in their stream, at most (docs/RELIABILITY.md: <= 256).
 MAX_HELD = 256
 
 STREAM_OVERHEAD = FRAME_HEADER.size + 18

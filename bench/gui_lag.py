@@ -21,7 +21,8 @@ from pathlib import Path
 
 import bench  # noqa: F401  (puts the project root on sys.path)
 from bench.loadgen import PASSWORD, RTO_MAX, RTO_MIN
-from chat_window import ChatWindow
+from chat_client import ChatSession
+from client_window import ChatWindow
 
 LOGIN_TIMEOUT = 20.0
 
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     root = tk.Tk(className="chat-bench")
     window = ChatWindow(
-        root, session_options={"store_root": args.store, "rto_min": RTO_MIN, "rto_max": RTO_MAX}
+        root,
+        session_factory=ChatSession,
+        session_options={"store_root": args.store, "rto_min": RTO_MIN, "rto_max": RTO_MAX},
     )
     window.server_var.set(args.server)
     window.username_var.set(args.user)

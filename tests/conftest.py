@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from chat_client import ChatSession, MessageReceived  # noqa: E402
 from chat_server import ChatServer, ServerConfig  # noqa: E402
 
-#: Loopback timers (RELIABILITY.md: tests use 50 ms / 1 s).
+#: Loopback timers (docs/RELIABILITY.md: tests use 50 ms / 1 s).
 RTO_MIN, RTO_MAX = 0.05, 1.0
 #: RFC 7677's minimum; the real default (600,000) costs each login 0.15 s+.
 TEST_ITERATIONS = 4096

@@ -1,4 +1,4 @@
-"""Memory caps (issue 12, RELIABILITY.md 1.4), on the sans-IO `Relay` with a
+"""Memory caps (issue 12, docs/RELIABILITY.md 1.4), on the sans-IO `Relay` with a
 fake clock: a session's unacknowledged output, WHO/WATCH/TYPING against the
 rate limits, typing notices per pair, reassembly across all sessions, and the
 whole server's memory budget. Over each cap the server withholds acks and

@@ -641,9 +641,9 @@ def test_terminal_client_killed_mid_send_resends_its_outbox(
 def test_sending_event_comes_after_the_outbox_commit(
     tmp_path: Path, server: RunningServer, watchers: Callable[..., Watcher]
 ) -> None:
-    """DESIGN.md: the client writes a message to its outbox and fsyncs before
-    it is sent; a `sending` event seen before that commit can be lost by a
-    crash. Checked in-process: when the `sending` event is on the queue, the
+    """README, "Where data lives": the client writes a message to its outbox
+    and fsyncs before it is sent; a `sending` event seen before that commit
+    can be lost by a crash. Checked in-process: when the `sending` event is on the queue, the
     outbox (or the history, once accepted) must already hold it."""
     root = tmp_path / "clients"
     alice = watchers("alice", store_root=root)
@@ -1003,7 +1003,7 @@ def test_client_reconnects_by_itself_and_flushes_its_outbox(
 def test_silent_server_is_noticed_within_ten_rtos(
     runner: ServerRunner, watchers: Callable[..., Watcher]
 ) -> None:
-    """RELIABILITY.md (dead peer): the link is down after 30 s with data
+    """docs/RELIABILITY.md (dead peer): the link is down after 30 s with data
     outstanding and no ack, *or after 10 consecutive RTOs*. With the test
     RTO cap of 1 s, ten RTOs take under 10 s; a SIGKILLed server says
     nothing, so only that rule tells the user quickly. Afterwards the server
@@ -1025,7 +1025,7 @@ def test_silent_server_is_noticed_within_ten_rtos(
     print(f"\nlink down after kill -9: {'not within 15 s' if down is None else f'{down:.2f} s'}")
     assert down is not None, (
         "no LinkChanged(up=False) within 15 s of a silent server with a message outstanding; "
-        "RELIABILITY.md says link down after 10 consecutive RTOs (about 6.5 s with RTOs of "
+        "docs/RELIABILITY.md says link down after 10 consecutive RTOs (about 6.5 s with RTOs of "
         "0.05 s doubling to 1 s), but only the 30 s rule (UNREACHABLE_AFTER) is implemented"
     )
 
@@ -1086,9 +1086,10 @@ def test_delivered_is_reported_once_when_the_receipt_comes_again(
 ) -> None:
     """The server keeps a receipt (DELIVERED) until the sender's client acks
     it, and sends it again at the next login: at-least-once. The client must
-    then not report `delivered` a second time (DESIGN.md: each state is
-    reported once). Made certain here: alice's acks are held back, the server
-    is SIGKILLed and restarted, and alice logs in again by herself."""
+    then not report `delivered` a second time (`chat_client.py`'s promise:
+    states only move forward, each reported once). Made certain here:
+    alice's acks are held back, the server is SIGKILLed and restarted, and
+    alice logs in again by herself."""
     gate = Gate(runner.address)
     try:
         bob = watchers("bob")

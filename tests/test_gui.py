@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from chat_client import ChatSession, LoggedIn, MessageReceived, PresenceChanged
-from chat_window import ChatWindow, Settings
+from client_window import ChatWindow, Settings
 from protocol import name_key
 from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, RunningServer, make_session, wait_for
 from tests.xvfb import display, screenshot, window_geometry, window_ids  # noqa: F401
@@ -166,7 +166,10 @@ class Gui:
             server = self.server.addr_text
         settings = Settings(server=server, username=username, geometry=geometry, path=None)
         window = ChatWindow(
-            tk.Toplevel(self.root), settings, session_options={**SESSION_OPTIONS, **options}
+            tk.Toplevel(self.root),
+            settings,
+            session_factory=ChatSession,
+            session_options={**SESSION_OPTIONS, **options},
         )
         self.windows.append(window)
         assert pump_until(self.root, lambda: window.top.winfo_ismapped(), 5)
@@ -737,7 +740,7 @@ def test_escape_clears_and_up_recalls_last_sent(gui: Gui) -> None:
 def test_chat_demo_without_a_display_exits_2_with_one_line() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     result = subprocess.run(
-        [sys.executable, "-c", "import chat_client,sys; sys.exit(chat_client.demo_main([]))"],
+        [sys.executable, "-c", "import client_demo,sys; sys.exit(client_demo.main([]))"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -758,7 +761,7 @@ def test_chat_demo_without_a_display_exits_2_with_one_line() -> None:
 #: SIGINT down as ignored; this undoes that).
 DEMO_CODE = (
     "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
-    " import chat_client; sys.exit(chat_client.demo_main([]))"
+    " import client_demo; sys.exit(client_demo.main([]))"
 )
 DEMO_TITLES = ("alice - Chat", "bob - Chat")
 

@@ -421,7 +421,7 @@ def test_check_text_refuses_lone_surrogates() -> None:
 
 def test_largest_allowed_text_fits_in_send_and_deliver() -> None:
     """A message `check_text` accepts must be encodable: 64 KiB of UTF-8 is
-    allowed (DESIGN.md), so SEND and DELIVER must carry 65,536 bytes of text."""
+    allowed (README, "Limits"), so SEND and DELIVER must carry 65,536 bytes of text."""
     text = "é漢😀" * 7281 + "漢😀"
     assert check_text(text) and len(text.encode()) == MAX_TEXT_BYTES
     refused = []

@@ -908,8 +908,8 @@ def test_closed_session_leaves_no_open_socket(server: RunningServer) -> None:
 def test_flood_of_malformed_datagrams_is_logged_at_a_rate_limit(
     server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """DESIGN.md: bad input "is counted and logged at a rate limit". A flood
-    of junk must not become a flood of log lines, whatever the junk says."""
+    """Bad input is counted and logged at a rate limit: a flood of junk
+    must not become a flood of log lines, whatever the junk says."""
     caplog.set_level(logging.INFO, logger="chat_server")
     relay = server.relay
     before = relay.stats["datagrams_in"]

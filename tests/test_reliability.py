@@ -791,7 +791,7 @@ def test_memory_stays_bounded_under_a_hostile_peer(pattern: str) -> None:
                 yield Stream(n, 1 + n % 8, 1 + n // 8, 0, 1, bytes(1100))
             elif pattern == "empty-chunks-far-ahead":
                 # Zero bytes each: the byte cap never trips, so only a cap on
-                # held chunks (RELIABILITY.md: reorder buffer <= 256) helps.
+                # held chunks (docs/RELIABILITY.md: reorder buffer <= 256) helps.
                 yield Stream(n, 1 + n % 16, 1_000_000 + n, 0, 1, b"")
             elif pattern == "many-streams":
                 yield Stream(n, n, 1, 0, 1, b"")

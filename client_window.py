@@ -1,5 +1,10 @@
 """The Tk window of the chat client (split from `chat_client.py` by size).
 
+It imports nothing of `chat_client`: the window is given the class that
+makes its sessions (`session_factory`, `chat_client.ChatSession` in the
+app), and its events come from `client_core`, so the client's head can
+import the window without a cycle.
+
 Tk is touched only on the main thread: the session's network thread puts
 events on a `queue.Queue`, and `ChatWindow._poll` drains a bounded batch of
 them every `POLL_MS` with `after()`. Closing the window cancels that timer
@@ -18,14 +23,13 @@ import queue
 import sys
 import time
 import tkinter as tk
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from tkinter import ttk
-from typing import Any
+from typing import Any, Protocol
 
-from chat_client import (
-    DEFAULT_PORT,
-    ChatSession,
+from client_core import (
     Disconnected,
     ErrorEvent,
     LinkChanged,
@@ -33,13 +37,13 @@ from chat_client import (
     MessageReceived,
     MessageState,
     PresenceChanged,
-    SessionEvent,
     StatusChanged,
     TypingNotice,
     WhoList,
-    parse_server,
 )
-from client_store import read_history
+from client_core import Event as SessionEvent
+from client_store import ClientStore, read_history
+from common import DEFAULT_PORT, config_dir, parse_server
 from protocol import MAX_TEXT_BYTES, LocalProtocolError, name_key, normalize_name
 
 POLL_MS = 25  # how often the window drains the session's events
@@ -48,7 +52,6 @@ POLL_BUDGET_S = 0.015  # ... and for at most this long, so a burst never freezes
 TYPING_SHOWN_S = 4.0  # how long "bob is typing..." stays after the last notice
 TYPING_SEND_EVERY_S = 3.0
 LIMIT_WARN_AT = 0.8  # show the size counter from this share of the limit on
-APP_DIR = "udp-chat"
 RECONNECTING_TEXT = (
     "Server not answering \u2014 reconnecting\u2026 "
     "(keep typing: messages are sent when it is back)"
@@ -65,18 +68,36 @@ STATE_LABELS = {
 }
 
 
+# --- the session it drives ---------------------------------------------------
+
+
+class Session(Protocol):
+    """What the window uses of a session (`chat_client.ChatSession`), and
+    `logout`, which whoever holds `window.session` may call. The window is
+    given the class that makes them (`session_factory`), so it imports
+    nothing of `chat_client` and the client's head can import it."""
+
+    store: ClientStore | None
+
+    def login(
+        self, server: str, username: str, connect_to: str | None = None, *, password: str
+    ) -> bool: ...
+    def set_peer(self, name: str) -> bool: ...
+    def send(self, text: str, to: str | None = None) -> str | None: ...
+    def shown(self, message_id: int, *, wait: float = 0.0) -> bool: ...
+    def who(self) -> None: ...
+    def typing(self, to: str) -> None: ...
+    def logout(self, timeout: float = 10.0) -> None: ...
+    def close(self, timeout: float = 10.0) -> None: ...
+    def discard(self) -> None: ...
+
+
+#: Makes a session that puts its events on `events=`, with the window's
+#: `session_options` as further keyword arguments: `chat_client.ChatSession`.
+SessionFactory = Callable[..., Session]
+
+
 # --- settings -------------------------------------------------------------
-
-
-def config_dir() -> Path:
-    """The user's config directory for this app (XDG, %APPDATA%, macOS)."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / APP_DIR
 
 
 @dataclass
@@ -158,14 +179,16 @@ class ChatWindow:
         master: tk.Tk | tk.Toplevel,
         settings: Settings | None = None,
         *,
+        session_factory: SessionFactory,
         session_options: dict[str, Any] | None = None,
         on_closed: Any = None,
     ) -> None:
         self.top = master
         self.settings = settings or Settings()
+        self.session_factory = session_factory
         self.session_options = session_options or {}
         self.on_closed = on_closed
-        self.session: ChatSession | None = None
+        self.session: Session | None = None
         self.events: queue.Queue[Any] = queue.Queue()
         self.username: str | None = None
         self.conversations: dict[str, Conversation] = {}
@@ -384,7 +407,7 @@ class ChatWindow:
         self.show_login_error("")
         self.login_button.configure(state="disabled", text="Connecting\u2026")
         self.events = queue.Queue()
-        self.session = ChatSession(events=self.events, **self.session_options)
+        self.session = self.session_factory(events=self.events, **self.session_options)
         self.session.login(server, username, self.connect_to, password=password)
 
     def show_login_error(self, text: str) -> None:
@@ -953,15 +976,16 @@ def open_root(prog: str, hint: str = "") -> tk.Tk | None:
     return None
 
 
-def run_window(args: Any) -> int:
-    """`chat-client` without --no-gui: one window."""
+def run_window(args: Any, session_factory: SessionFactory) -> int:
+    """`chat-client` without --no-gui: one window, its sessions made by
+    `session_factory` (`chat_client.ChatSession`)."""
     root = open_root("chat-client", "; or use --no-gui")
     if root is None:
         return 2
     settings = Settings.load()
     if getattr(args, "server", None) and args.server != f"127.0.0.1:{DEFAULT_PORT}":
         settings.server = args.server
-    window = ChatWindow(root, settings)
+    window = ChatWindow(root, settings, session_factory=session_factory)
     if getattr(args, "user", None):
         window.username_var.set(args.user)
     if getattr(args, "connect_to", None):
