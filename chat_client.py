@@ -694,8 +694,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --rto-max: {args.rto_max} is below --rto-min ({args.rto_min})")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not args.no_gui:
-        from client_window import run_window
-
+        try:
+            from client_window import run_window
+        except ImportError as exc:  # Debian splits tkinter into python3-tk
+            print(f"chat-client: no window without tkinter ({exc}); install python3-tk, "
+                  "or use --no-gui", file=sys.stderr)  # fmt: skip
+            return 2
         return run_window(args, session_factory=ChatSession)
     if not args.user:
         print("chat-client: --user NAME is required with --no-gui", file=sys.stderr)

@@ -16,13 +16,15 @@ import signal
 import sys
 import tempfile
 import threading
-import tkinter as tk
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chat_client import ChatSession
 from chat_registry import ServerConfig
 from chat_server import ChatServer
-from client_window import ChatWindow, Settings, open_root
+
+if TYPE_CHECKING:
+    from client_window import ChatWindow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:  # tkinter is a package of its own on Debian (python3-tk)
+        import tkinter as tk
+
+        from client_window import ChatWindow, Settings, open_root
+    except ImportError as exc:
+        print(f"chat-demo: no window without tkinter ({exc}); install python3-tk",
+              file=sys.stderr)  # fmt: skip
+        return 2
     root = open_root("chat-demo")
     if root is None:
         return 2
