@@ -19,24 +19,38 @@ dies is replaced at the next; its unanswered requests fail with
 `BrokenExecutor` (the caller then does the work itself). At most
 `MAX_PENDING` requests wait per worker, so a request line always fits in
 the pipe and `submit` never blocks the loop; beyond that it raises `Busy`.
+
+`KeyExchanges` is what the relay talks to: it owns the pool, the backlog of
+requests the pool cannot take yet and the queue of results coming back from
+the pool's threads. The relay hands it a request and, woken, collects the
+secrets on its loop (`Relay.key_exchange_done(now)`).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import functools
 import itertools
+import logging
+import queue
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 from protocol import dh_secret
 
+log = logging.getLogger("chat_keyx")
+
 #: Requests queued per worker at most (~0.1 s of work; 19 KB of the pipe's 64).
 MAX_PENDING = 32
+#: Key exchanges in the pool or its backlog at most (beyond: the registration
+#: is refused as busy; ~4 s of work for 1 worker).
+MAX_WAITING = 1000
 
 
 class Busy(Exception):
@@ -183,3 +197,97 @@ if __name__ == "__main__":
     # decides when they end (it closes their stdin).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _serve(sys.stdin, sys.stdout)
+
+
+Job = tuple[int, bytes]  # dh_secret's arguments: private exponent, peer's public key
+T = TypeVar("T")
+
+
+class KeyExchanges(Generic[T]):
+    """Diffie-Hellman secrets for the relay, away from its loop when given a
+    pool (`KeyExchangeWorkers`). `request(job, tag)` queues one (False when
+    `MAX_WAITING` already wait: the caller says it is busy); the pool's
+    threads put results on a queue and call `wake()`; the loop collects
+    them with `completed()`, as (tag, secret) in the order they came back.
+    A request the pool cannot take yet waits in the backlog and goes to
+    the pool as results make room; one the pool fails (shut down, or its
+    worker died) is computed on the loop by `completed()`, slower but
+    never lost. Without a pool, nothing is deferred (`deferred` is False):
+    the caller computes secrets itself."""
+
+    def __init__(
+        self, pool: concurrent.futures.Executor | None, wake: Callable[[], None] = lambda: None,
+        limit: int = MAX_WAITING,
+    ) -> None:  # fmt: skip
+        self._pool = pool
+        self._wake = wake
+        self._limit = limit
+        self.waiting = 0  # requests in the pool or its backlog
+        self.pooled = 0  # secrets computed by the pool
+        self._backlog: collections.deque[tuple[Job, T]] = collections.deque()
+        self._results: queue.SimpleQueue[tuple[Job, T, bytes | None | BaseException]] = (
+            queue.SimpleQueue()
+        )
+
+    @property
+    def deferred(self) -> bool:
+        return self._pool is not None
+
+    def request(self, job: Job, tag: T) -> bool:
+        """Queue `dh_secret(*job)`; its result comes back with `tag`."""
+        if self._pool is None:
+            raise RuntimeError("no pool: compute the secret on the loop (see `deferred`)")
+        if self.waiting >= self._limit:
+            return False
+        self.waiting += 1
+        self._backlog.append((job, tag))
+        self._submit()
+        return True
+
+    def _submit(self) -> None:
+        assert self._pool is not None
+        while self._backlog:
+            job, tag = self._backlog[0]
+            try:
+                future = self._pool.submit(dh_secret, *job)
+            except Busy:
+                return  # the next result makes room (`completed` calls again)
+            except (RuntimeError, concurrent.futures.BrokenExecutor) as exc:  # shut down, broken
+                self._backlog.popleft()
+                self._results.put((job, tag, exc))  # computed on the loop by `completed`
+                continue
+            self._backlog.popleft()
+            future.add_done_callback(functools.partial(self._done, job, tag))
+
+    def _done(self, job: Job, tag: T, future: concurrent.futures.Future[bytes | None]) -> None:
+        """On the pool's thread: hand the result to the loop. Only the result
+        travels on (a callback holding its future is a reference cycle, left
+        for the rare full collections: memory per registration)."""
+        try:
+            result: bytes | None | BaseException = future.result()
+        except BaseException as exc:  # a worker died: the loop does it itself
+            result = exc
+        self._results.put((job, tag, result))
+        self._wake()
+
+    def completed(self) -> list[tuple[T, bytes | None]]:
+        """On the loop: the secrets back since the last call (computing here
+        those the pool failed), after handing the backlog what room they made."""
+        if not self.waiting:
+            return []  # the usual case, on every pass of the loop: no exception raised
+        done: list[tuple[T, bytes | None]] = []
+        while True:
+            try:
+                job, tag, result = self._results.get_nowait()
+            except queue.Empty:
+                break
+            self.waiting -= 1
+            if isinstance(result, BaseException):
+                log.warning("registration key exchange on the loop: the pool failed (%s)", result)
+                done.append((tag, dh_secret(*job)))
+            else:
+                self.pooled += 1
+                done.append((tag, result))
+        if self._backlog:
+            self._submit()
+        return done

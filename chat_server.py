@@ -1,10 +1,18 @@
 """The relay server: sessions, routing, presence, and the socket loop.
 
-`Relay` holds all of the server's state and logic with no socket: the loop
-hands it each datagram with `receive(data, addr, now)`, asks `flush(now)` for
-what to send, and sleeps until `next_deadline()`. `ChatServer` is the thin
-shell that owns the UDP socket and runs that loop on one thread, so the
-registry has exactly one owner. Message text is never looked at, only moved.
+`Relay` holds all of the server's state and logic with no socket, shaped
+like aioquic's `QuicConnection`: inputs return nothing
+(`receive_datagram(data, addr, now)`, `receive_datagrams(batch, now)`,
+`handle_timer(now)`, and the completions `store_done(now)` and
+`key_exchange_done(now)`), output comes only from `datagrams_to_send(now)`,
+and the loop sleeps until `get_timer()`. `ChatServer` is the thin shell that
+owns the UDP socket and runs that loop on one thread, so the registry has
+exactly one owner. Message text is never looked at, only moved.
+
+Behind the relay, two seams: a `MessageStore` (chat_store: SQLite, or memory
+without a data directory) takes typed operations and hands their callbacks
+back when durable; a `Router` (server_router) says where a user's session
+is. Registrations' key exchanges go to `chat_keyx.KeyExchanges`.
 
 Who is who: a user is a name (compared by `protocol.name_key`); a session is
 one login of a user from one client instance, named on the wire by its
@@ -27,7 +35,6 @@ import heapq
 import itertools
 import logging
 import os
-import queue
 import secrets
 import selectors
 import signal
@@ -42,19 +49,28 @@ from chat_guard import (
     BucketTable,
     TokenBucket,
 )
-from chat_keyx import Busy as KeyExchangeBusy
-from chat_keyx import KeyExchangeWorkers
+from chat_keyx import KeyExchanges, KeyExchangeWorkers
 from chat_login import Answered, LoginDesk, Unwrap, Verified
 from chat_registry import Address, DropLog, Entry, Pager, Probe, ServerConfig, Session, User
 from chat_store import (
     Account,
+    FindDedup,
     Loaded,
+    MarkDelivered,
+    MemoryStore,
+    MessageStore,
+    NoticeDone,
     NoticeRow,
     Read,
+    ReadMailbox,
+    ReadNotices,
     ServerStore,
+    StoreAccount,
     StoredMessage,
     StoreError,
     StoreLocked,
+    StoreMessage,
+    Sync,
     content_digest,
     default_data_dir,
 )
@@ -109,7 +125,6 @@ from protocol import (
     decode_header,
     decode_message,
     decode_packet,
-    dh_secret,
     encode_message,
     encode_packet,
     name_key,
@@ -129,6 +144,7 @@ from reliability import (
     PayloadReceived,
     ReceiveBudget,
 )
+from server_router import LocalRouter, Router
 
 __all__ = [
     "ChatServer", "ListenError", "Relay", "ServerConfig", "StoreError", "StoreLocked", "main",
@@ -142,7 +158,6 @@ MAX_AWAITED = 10_000  # unregistered names watched, at most
 MAX_AWAITED_PER_NAME = 100
 MAX_RECIPIENT_KEYS = 4096  # cleared when full
 MAX_CLIENT_SEQ = 1 << 63  # SQLite stores signed 64-bit integers
-MAX_UNWRAPPING = 1000  # registrations waiting for the pool, at most
 #: Requests on the control stream that count as messages against the user's
 #: rate limits: each makes the server send something (RECEIPT and LOGOUT
 #: only finish what was sent).
@@ -182,29 +197,29 @@ class Relay:
         self,
         config: ServerConfig | None = None,
         *,
-        store: ServerStore | None = None,
+        store: MessageStore | None = None,
+        router: Router | None = None,
         wall_clock: Callable[[], float] = time.time,
         unwrapper: concurrent.futures.Executor | None = None,
         wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config or ServerConfig()
-        self.store = store
+        # Without a data directory, a store in memory: the same operations,
+        # callbacks and pages as on the disk, so one code path serves both.
+        self.store: MessageStore = store if store is not None else MemoryStore()
+        self.router: Router = router if router is not None else LocalRouter()
         self._wall_clock = wall_clock
         self.users: dict[str, User] = {}
         self.sessions: dict[bytes, Session] = {}
         self._online: list[str] = []  # sorted name keys, for paged WHO
         # Dedup, message id -> (server id, recipient key, text), in memory
-        # only until the message is committed (without a store: for good);
-        # older retries are looked up on disk by the store thread (those at
-        # or below the high-water mark of their client instance).
+        # only until the message is committed; older retries are looked up
+        # in the store, off the loop (those at or below the high-water mark
+        # of their client instance).
         self._accepted: dict[tuple[str, int, int], tuple[int, str, str]] = {}
         self._hwm: dict[tuple[str, int], int] = {}
         # Dedup keys being looked up on the disk -> the SENDs waiting for the answer.
         self._looking_up: dict[tuple[str, int, int], list[tuple[Send, str]]] = {}
-        # Without a store (tests of the routing), mailboxes and queued
-        # receipts are kept here instead, read through the same pages.
-        self._ram_mail: dict[str, dict[int, StoredMessage]] = {}
-        self._ram_notices: dict[str, dict[int, NoticeRow]] = {}
         self._dirty: dict[bytes, Session] = {}
         # ACCEPTs and DELIVEREDs due this pass, by session: sent at the flush,
         # several to one session as one ACCEPTS / DELIVEREDS message.
@@ -216,7 +231,6 @@ class Relay:
         self._timers: list[tuple[float, int, bytes]] = []
         self._tiebreak = itertools.count()
         self._out: Outgoing = []
-        self._pulled = False  # the owner uses `datagrams_to_send` (aioquic's shape)
         self.drops = DropLog(self.config.log_interval)
         self.stats: collections.Counter[str] = collections.Counter()
         cfg = self.config
@@ -227,14 +241,13 @@ class Relay:
         # LOGIN nonces whose account is being unwrapped or stored.
         self._registering: set[bytes] = set()
         self._unstored: set[str] = set()  # name keys registered, not yet committed
-        # Registrations' Diffie-Hellman secrets are computed here when given
-        # (a process pool: 3.7 ms each would stall every session on the loop).
-        self._unwrapper = unwrapper
-        self._unwrapping = 0  # registrations in the pool or its backlog
-        self._backlog: collections.deque[tuple[Unwrap, Address, int]] = collections.deque()
-        self._unwrapped: queue.SimpleQueue[Callable[[float], None]] = queue.SimpleQueue()
-        self._wake = wake
-        self._callback_now = 0.0  # `now` of the run_durable running store callbacks
+        # Registrations' Diffie-Hellman secrets are computed in `unwrapper`
+        # when given (a process pool: 3.7 ms each would stall every session
+        # on the loop); the LOGIN waits, with its address and size.
+        self.key_exchanges: KeyExchanges[tuple[Unwrap, Address, int]] = KeyExchanges(
+            unwrapper, wake
+        )
+        self._now = 0.0  # `now` of the call being handled, for store callbacks
         # Unregistered names someone watches -> who (told when the name arrives).
         self._awaited: dict[str, set[str]] = {}
         # Memory caps: reassembly shared by all sessions, typing notices per
@@ -243,11 +256,8 @@ class Relay:
         self._typing = BucketTable(cfg.typing_rate, cfg.typing_burst, MAX_TYPING_PAIRS)
         self.short_of_memory = False
         self._memory_logged = -1e18
-        if store is not None:
-            self._load(store.load())
-        else:
-            self._secret = secrets.token_bytes(32)
-            self._next_msg_id = 1
+        self._load(self.store.load())
+        self._reserve_at = self.store.reserve_ids(self._next_msg_id)  # when to ask again
         # The wall clock is only for timestamps people see (`sent_ms`): what
         # expires (cookies, the login record, failure windows, sessions)
         # runs on the `now` the loop passes in, the monotonic clock.
@@ -277,13 +287,10 @@ class Relay:
 
     # --- the loop's API ---------------------------------------------------
 
-    def handle_datagram(self, data: bytes, addr: Address, now: float) -> Outgoing:
-        """Take one datagram and return everything to send because of it."""
-        self.receive(data, addr, now)
-        return self.flush(now)
-
-    def receive(self, data: bytes, addr: Address, now: float) -> None:
-        """Take one datagram; replies wait for `flush` (so they can be batched)."""
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """Take one datagram; what it causes waits for `datagrams_to_send`
+        (so replies to a pass's datagrams are batched)."""
+        self._now = now
         self.stats["datagrams_in"] += 1
         self.stats["bytes_in"] += len(data)
         if not self._for_session(data) and not self._preauth_total.take(1, now):
@@ -306,7 +313,7 @@ class Relay:
         Cheap, and only a first sort: its MAC is checked later."""
         return data[:6] == SESSION_PREFIX and data[6:22] in self.sessions
 
-    def receive_batch(self, datagrams: list[tuple[bytes, Address]], now: float) -> None:
+    def receive_datagrams(self, datagrams: list[tuple[bytes, Address]], now: float) -> None:
         """Take what the loop read in one pass: datagrams of live sessions
         first, then the rest (pre-login, unknown sessions, garbage), which
         the pre-login budget may drop. A pre-login flood then delays no
@@ -314,30 +321,33 @@ class Relay:
         later: list[tuple[bytes, Address]] = []
         for data, addr in datagrams:
             if self._for_session(data):
-                self.receive(data, addr, now)
+                self.receive_datagram(data, addr, now)
             else:
                 later.append((data, addr))
         for data, addr in later:
-            self.receive(data, addr, now)
+            self.receive_datagram(data, addr, now)
 
-    def run_durable(self, now: float) -> None:
-        """Run what waited for the store to commit (ACCEPTs, registrations)
-        or for a registration's Diffie-Hellman secret."""
-        self._callback_now = now  # for store callbacks, which take no arguments
-        while self.store is not None:
-            try:
-                callback = self.store.done.get_nowait()
-            except queue.Empty:
-                break
+    def handle_datagram(self, data: bytes, addr: Address, now: float) -> Outgoing:
+        """A test convenience: `receive_datagram`, then `datagrams_to_send`."""
+        self.receive_datagram(data, addr, now)
+        return self.datagrams_to_send(now)
+
+    def store_done(self, now: float) -> None:
+        """The store has completed operations: run what waited for them
+        (ACCEPTs after their commit, registrations, pages of mailboxes)."""
+        self._now = now  # store callbacks take no arguments: they read it here
+        for callback in self.store.completed():
             self._run_callback(callback)
-        while True:
-            try:
-                unwrapped = self._unwrapped.get_nowait()
-            except queue.Empty:
-                break
-            self._run_callback(functools.partial(unwrapped, now))
-        if self._backlog:
-            self._run_callback(functools.partial(self._submit_backlog, now))
+
+    def key_exchange_done(self, now: float) -> None:
+        """Registrations' Diffie-Hellman secrets are back from the pool: give
+        their verdicts."""
+        self._now = now
+        done = self.key_exchanges.completed()
+        for (pending, addr, size), secret in done:
+            self._run_callback(functools.partial(self._unwrapped, pending, secret, addr, size, now))
+        if done:
+            self.stats["key_exchanges_pooled"] = self.key_exchanges.pooled
 
     def _run_callback(self, callback: Callable[[], None]) -> None:
         try:
@@ -346,8 +356,13 @@ class Relay:
             log.exception("bug in a deferred step (after a commit or a key exchange)")
             self.stats["callback_errors"] += 1
 
-    def flush(self, now: float) -> Outgoing:
-        """Everything due to be sent now, as (datagram, address) pairs."""
+    def datagrams_to_send(self, now: float) -> Outgoing:
+        """Everything due to be sent now, as (datagram, address) pairs. Runs
+        the completions that came back meanwhile first (`store_done`,
+        `key_exchange_done`), so an owner that only pumps the four aioquic
+        methods loses none; the socket loop also calls those when woken."""
+        self.store_done(now)
+        self.key_exchange_done(now)
         self._send_batches()
         out, self._out = self._out, []
         dirty, self._dirty = self._dirty, {}
@@ -366,13 +381,13 @@ class Relay:
         self.stats["bytes_out"] += sum(len(d) for d, _ in out)
         return out
 
-    def next_deadline(self) -> float | None:
+    def get_timer(self) -> float | None:
+        """When `handle_timer` is next due (None: nothing is scheduled)."""
         return self._timers[0][0] if self._timers else None
 
-    def handle_timer(self, now: float) -> Outgoing:
-        """Run every timer that is due (retransmissions, acks, expiry) and
-        return what to send; after `datagrams_to_send` has been used, that
-        returns it instead (see below)."""
+    def handle_timer(self, now: float) -> None:
+        """Run every timer that is due (retransmissions, acks, expiry)."""
+        self._now = now
         while self._timers and self._timers[0][0] <= now:
             deadline, _, session_id = heapq.heappop(self._timers)
             session = self.sessions.get(session_id)
@@ -387,15 +402,12 @@ class Relay:
             session.conn.handle_timer(now)
             self._collect(session, session.addr, now)
             self._dirty[session_id] = session
-        if self._pulled:
-            return []  # `datagrams_to_send` collects it
-        return self.flush(now)
 
-    def shutdown_notice(self, now: float) -> Outgoing:
-        """A BYE to every session: the server is going away."""
+    def send_shutdown(self, now: float) -> None:
+        """A BYE to every session: the server is going away (then `datagrams_to_send`)."""
+        self._now = now
         for session in list(self.sessions.values()):
             self._send(session, Bye(ErrorCode.SERVER_SHUTDOWN, "the server is shutting down"))
-        return self.flush(now)
 
     def online_count(self) -> int:
         return len(self._online)
@@ -420,28 +432,6 @@ class Relay:
                         "until it falls", resident >> 20, self.config.max_memory >> 20)  # fmt: skip
         elif not over:
             log.info("resident memory %d MiB is under --max-memory again", resident >> 20)
-
-    # The same loop in aioquic's shape (`QuicConnection`), as `ClientCore`
-    # has it: inputs return nothing, every datagram comes out of
-    # `datagrams_to_send`. A loop uses these four or the ones above, not
-    # both: once `datagrams_to_send` has been called, `handle_timer` leaves
-    # what it produced for it (and returns nothing), so no datagram is
-    # handed out twice or dropped.
-
-    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
-        """Take one datagram (`receive`)."""
-        self.receive(data, addr, now)
-
-    def datagrams_to_send(self, now: float) -> Outgoing:
-        """Everything to send now, as (datagram, address) pairs: first runs
-        what the store or the key-exchange pool finished (`run_durable`)."""
-        self._pulled = True
-        self.run_durable(now)
-        return self.flush(now)
-
-    def get_timer(self) -> float | None:
-        """When `handle_timer` is next due (`next_deadline`)."""
-        return self.next_deadline()
 
     # --- datagrams --------------------------------------------------------
 
@@ -610,7 +600,7 @@ class Relay:
             return  # its account is on the way to the disk; the WELCOME follows
         tickets = [f.ticket for f in packet.frames if isinstance(f, TicketFrame)]
         verdict = self.desk.check(frame, addr, now, ticket=tickets[0] if tickets else None,
-                                  defer_dh=self._unwrapper is not None)  # fmt: skip
+                                  defer_dh=self.key_exchanges.deferred)  # fmt: skip
         if verdict is None:
             self.drops("login with a stale or forged cookie", addr, now)
         elif isinstance(verdict, Answered):
@@ -629,7 +619,9 @@ class Relay:
             self._answer(frame, verdict, size, addr, now)
             return
         user = self.users.get(verdict.key)
-        if len(self.sessions) >= self.config.max_sessions and (user is None or not user.session):
+        if len(self.sessions) >= self.config.max_sessions and (
+            user is None or not isinstance(self.router.locate(user), Session)
+        ):
             self._answer(frame, Refused(frame.nonce, ErrorCode.SERVER_ERROR, "the server is full; "
                                         "try later"), size, addr, now)  # fmt: skip
             return
@@ -637,86 +629,52 @@ class Relay:
             user = self.users[verdict.key] = User(verdict.name, verdict.key, verdict.account)
             user.contacts.update(self._awaited.pop(verdict.key, ()))
             log.info("registered %s", verdict.name)
-            if self.store is not None:
-                # The WELCOME waits until the account is on the disk: a name,
-                # once given, stays bound to its password.
-                self._registering.add(frame.nonce)
-                self._unstored.add(verdict.key)
+            # The WELCOME waits until the account is on the disk: a name,
+            # once given, stays bound to its password.
+            self._registering.add(frame.nonce)
+            self._unstored.add(verdict.key)
 
-                def registered(user: User = user, login: Login = frame) -> None:
-                    self._registering.discard(login.nonce)
-                    self._unstored.discard(user.key)
-                    self._open_session(user, login, verdict, addr, size, self._callback_now)
+            def registered(user: User = user, login: Login = frame) -> None:
+                self._registering.discard(login.nonce)
+                self._unstored.discard(user.key)
+                self._open_session(user, login, verdict, addr, size, self._now)
 
-                self.store.submit(("account", verdict.key, verdict.account), registered)
-                return
-        elif verdict.key in self._unstored and self.store is not None:
+            self.store.submit(StoreAccount(verdict.key, verdict.account), registered)
+            return
+        if verdict.key in self._unstored:
             # A second login to an account still on its way to the disk (two
             # clients registering one name at once): it waits for it too.
             self._registering.add(frame.nonce)
 
             def stored(user: User = user, login: Login = frame) -> None:
                 self._registering.discard(login.nonce)
-                self._open_session(user, login, verdict, addr, size, self._callback_now)
+                self._open_session(user, login, verdict, addr, size, self._now)
 
-            self.store.submit(("sync",), stored)
+            self.store.submit(Sync(), stored)
             return
         self._open_session(user, frame, verdict, addr, size, now)
 
     def _unwrap(self, pending: Unwrap, addr: Address, size: int, now: float) -> None:
         """Have the pool compute a registration's DH secret; the verdict
-        follows on the loop (`run_durable`). Retransmissions of the LOGIN
-        wait for it; beyond what the pool takes at once, registrations wait
-        in a backlog (bounded: then the client hears the server is busy)."""
+        follows on the loop (`key_exchange_done`). Retransmissions of the
+        LOGIN wait for it; beyond what `KeyExchanges` holds (bounded), the
+        client hears the server is busy."""
         login = pending.login
-        if self._unwrapping >= MAX_UNWRAPPING:
+        if not self.key_exchanges.request(pending.job, (pending, addr, size)):
             text = "the server is busy registering new accounts; try again in a few seconds"
             self._answer(login, Refused(login.nonce, ErrorCode.RATE_LIMITED, text), size, addr, now)
             return
         self._registering.add(login.nonce)
-        self._unwrapping += 1
-        self._backlog.append((pending, addr, size))
-        self._submit_backlog(now)
+        # A pool that is shut down or broken fails the request at once: the
+        # secret is then computed here, and the verdict given now.
+        self.key_exchange_done(now)
 
-    def _submit_backlog(self, now: float) -> None:
-        assert self._unwrapper is not None
-        while self._backlog:
-            pending, addr, size = self._backlog[0]
-            try:
-                future = self._unwrapper.submit(dh_secret, *pending.job)
-            except KeyExchangeBusy:
-                return  # the next answer makes room (run_durable calls again)
-            except (RuntimeError, concurrent.futures.BrokenExecutor) as exc:  # shut down, broken
-                self._backlog.popleft()
-                self._unwrapped_one(pending, exc, addr, size, now)  # done here, on the loop
-                continue
-            self._backlog.popleft()
-            future.add_done_callback(functools.partial(self._unwrap_done, pending, addr, size))
-
-    def _unwrap_done(self, pending: Unwrap, addr: Address, size: int,
-                     future: concurrent.futures.Future[bytes | None]) -> None:  # fmt: skip
-        """On the pool's thread: hand the result to the loop. Only the result
-        travels on (a callback holding its future is a reference cycle, left
-        for the rare full collections: memory per registration)."""
-        try:
-            result: bytes | None | BaseException = future.result()
-        except BaseException as exc:  # a worker died: the loop does it itself
-            result = exc
-        self._unwrapped.put(functools.partial(self._unwrapped_one, pending, result, addr, size))
-        self._wake()
-
-    def _unwrapped_one(self, pending: Unwrap, result: bytes | None | BaseException,
-                       addr: Address, size: int, now: float) -> None:  # fmt: skip
-        """On the loop: a registration's DH secret is back (or its worker died)."""
+    def _unwrapped(
+        self, pending: Unwrap, secret: bytes | None, addr: Address, size: int, now: float
+    ) -> None:
+        """On the loop: a registration's DH secret is back."""
         login = pending.login
         self._registering.discard(login.nonce)
-        self._unwrapping -= 1
-        if isinstance(result, BaseException):
-            log.warning("registration key exchange on the loop: the pool failed (%s)", result)
-            secret = dh_secret(*pending.job)
-        else:
-            secret = result
-            self.stats["key_exchanges_pooled"] += 1
         self._on_verdict(login, self.desk.finish(pending, secret, addr, now), addr, size, now)
 
     def _answer(self, login: Login, frame: Frame, limit: int, addr: Address, now: float) -> None:
@@ -735,8 +693,8 @@ class Relay:
 
     def _open_session(self, user: User, login: Login, verdict: Verified, addr: Address, size: int,
                       now: float) -> None:  # fmt: skip
-        old = user.session
-        if old is not None:
+        old = self.router.locate(user)
+        if isinstance(old, Session):
             if old.instance_id == login.instance_id:
                 log.info("%s logged in again from the same client; old session replaced",
                          user.name)  # fmt: skip
@@ -756,7 +714,7 @@ class Relay:
         )  # fmt: skip
         session = Session(session_id, user, addr, conn, login.instance_id, now)
         self.sessions[session_id] = session
-        user.session = session
+        self.router.bind(user, session, now)
         bisect.insort(self._online, user.key)
         self.stats["logins"] += 1
         log.info("%s logged in from %s:%d", user.name, *addr)
@@ -786,8 +744,8 @@ class Relay:
         session.conn.close()  # what it held for reassembly goes back to the shared budget
         self._dirty.pop(session.session_id, None)
         user = session.user
-        if user.session is session:
-            user.session = None
+        if self.router.locate(user) is session:
+            self.router.unbind(user, session, now)
             index = bisect.bisect_left(self._online, user.key)
             if index < len(self._online) and self._online[index] == user.key:
                 del self._online[index]
@@ -846,12 +804,12 @@ class Relay:
                 return
         if dedup in self._accepted:
             self._take_or_answer(session, send, to_key)
-        elif self.store is not None and client_seq <= self._hwm.get((user.key, instance_id), -1):
-            # Maybe an older retry: the store thread looks it up (the loop
-            # never waits on the disk) and the answer follows.
+        elif client_seq <= self._hwm.get((user.key, instance_id), -1):
+            # Maybe an older retry: the store looks it up (the loop never
+            # waits on the disk) and the answer follows.
             self._looking_up[dedup] = [(send, to_key)]
-            read = Read(self.store.find_dedup, *dedup)
-            self.store.submit(("read", read), functools.partial(self._dedup_found, user, read))
+            read = Read(FindDedup(*dedup))
+            self.store.submit(read, functools.partial(self._dedup_found, user, dedup, read))
         else:
             self._take(session, send, to_key)
 
@@ -870,17 +828,15 @@ class Relay:
         # A retry of a message we already hold: the same answer, no second
         # copy; it is still on its way to the disk, so the answer waits too.
         accept = Accept(send.msg_id, server_msg_id)
-        if self.store is not None:
-            self.store.submit(("sync",), lambda: self._accept(user, accept, None))
-        else:
-            self._send(session, accept)
+        self.store.submit(Sync(), lambda: self._accept(user, accept, None))
 
-    def _dedup_found(self, user: User, read: Read) -> None:
-        """The disk's answer for SENDs at or below their instance's high-water
-        mark: a retry (the same ACCEPT), a reused id (FAIL), or a new message."""
-        sends = self._looking_up.pop(read.args, [])
-        session = user.session
-        if session is None or not read.ok:
+    def _dedup_found(self, user: User, dedup: tuple[str, int, int], read: Read) -> None:
+        """The store's answer for SENDs at or below their instance's
+        high-water mark: a retry (the same ACCEPT), a reused id (FAIL), or a
+        new message."""
+        sends = self._looking_up.pop(dedup, [])
+        session = self.router.locate(user)
+        if not isinstance(session, Session) or not read.ok:
             return  # its client resends them at its next login
         for send, to_key in sends:
             if read.result is None:  # below the mark but never accepted
@@ -914,14 +870,6 @@ class Relay:
                 f"there is no user {normalize_name(send.to)!r}",
             )
             return
-        if recipient.session is None and self.store is None:
-            self._fail(
-                session,
-                send.msg_id,
-                ErrorCode.USER_OFFLINE,
-                f"{recipient.name} is offline",
-            )
-            return
         if (
             recipient.mailbox_count >= self.config.mailbox_messages
             or recipient.mailbox_bytes + size > self.config.mailbox_bytes
@@ -935,9 +883,8 @@ class Relay:
             return
         server_msg_id = self._next_msg_id
         self._next_msg_id += 1
-        store = self.store
-        if store is not None and store.reserve_needed(self._next_msg_id):
-            store.submit(("reserve",))
+        if self._next_msg_id >= self._reserve_at:
+            self._reserve_at = self.store.reserve_ids(self._next_msg_id)
         msg_id = send.msg_id
         instance_id, client_seq = msg_id
         dedup = (user.key, instance_id, client_seq)
@@ -951,37 +898,44 @@ class Relay:
         recipient.mailbox_bytes += size
         self.stats["messages"] += 1
         accept = Accept(msg_id, server_msg_id)
-        if store is None:
-            self._ram_mail.setdefault(recipient.key, {})[server_msg_id] = stored
-            self._queue_accept(session, accept)
-        else:
-            # ACCEPT waits for the commit; forwarding does not.
-            store.submit(("message", stored), lambda: self._accept(user, accept, dedup))
-        to = recipient.session
-        if to is not None:
-            pager = to.mail
-            if (
-                pager is not None
-                and not pager.behind
-                and len(pager.items) < MAILBOX_WINDOW
-                and pager.bytes + size <= MAILBOX_WINDOW_BYTES
-            ):
-                self._hand_over(to, pager, stored, size, msg_id)  # the usual case, in short
-            else:
-                self._offer_mail(to, stored, size, msg_id)
+        # ACCEPT waits for the commit; forwarding does not.
+        # (a partial, not a lambda: a closure would make `user` and the rest
+        # cell variables, slower at every use in this function)
+        self.store.submit(
+            StoreMessage(stored), functools.partial(self._accept, user, accept, dedup)
+        )
+        route = self.router.locate(recipient)
+        match route:
+            case Session():
+                pager = route.mail
+                if (
+                    pager is not None
+                    and not pager.behind
+                    and len(pager.items) < MAILBOX_WINDOW
+                    and pager.bytes + size <= MAILBOX_WINDOW_BYTES
+                ):
+                    self._hand_over(route, pager, stored, size, msg_id)  # the usual case, in short
+                else:
+                    self._offer_mail(route, stored, size, msg_id)
+            case str():
+                # On another node: the message waits in the store, which
+                # that node reads (the cluster's forwarding is issue 15).
+                self.stats["routed_elsewhere"] += 1
+            case None:
+                pass  # offline: it waits in the mailbox for the next login
         if recipient.key not in user.contacts:
             user.contacts.add(recipient.key)
             recipient.contacts.add(user.key)
-            self._send(session, Presence(recipient.name, recipient.session is not None))
-            if recipient.session is not None:
-                self._send(recipient.session, Presence(user.name, True))
+            self._send(session, Presence(recipient.name, route is not None))
+            if isinstance(route, Session):
+                self._send(route, Presence(user.name, True))
 
     def _new_id(self) -> int:
         """The next server_msg_id (also a receipt's seq): never reused."""
         new = self._next_msg_id
         self._next_msg_id += 1
-        if self.store is not None and self.store.reserve_needed(self._next_msg_id):
-            self.store.submit(("reserve",))
+        if self._next_msg_id >= self._reserve_at:
+            self._reserve_at = self.store.reserve_ids(self._next_msg_id)
         return new
 
     def _accept(self, sender: User, accept: Accept, dedup: tuple[str, int, int] | None) -> None:
@@ -990,8 +944,9 @@ class Relay:
         the message's dedup key is the disk's to remember."""
         if dedup is not None:
             self._accepted.pop(dedup, None)
-        if sender.session is not None:
-            self._queue_accept(sender.session, accept)
+        session = self.router.locate(sender)
+        if isinstance(session, Session):
+            self._queue_accept(session, accept)
 
     def _queue_accept(self, session: Session, accept: Accept) -> None:
         entry = self._accepts.get(session.session_id)
@@ -1033,15 +988,6 @@ class Relay:
 
     # --- mailboxes and receipts: on the disk, handed over a window at a time ---
 
-    def _read(self, read: Read, then: Callable[[], None]) -> None:
-        """Run `read` on the store thread (after what was submitted before
-        it), then `then` on the loop; without a store, here and now."""
-        if self.store is not None:
-            self.store.submit(("read", read), then)
-        else:
-            read.run()
-            then()
-
     def _offer_mail(self, session: Session, m: StoredMessage, size: int, msg_id: MsgId) -> None:
         """A message accepted for an online recipient: hand it over now if
         nothing waits before it and the window has room; else it waits on
@@ -1082,13 +1028,9 @@ class Relay:
         if pager.items and (free < PAGE_MIN or free_bytes < PAGE_MIN_BYTES):
             return
         pager.reading = True
-        key = session.user.key
-        if self.store is not None:
-            read = Read(self.store.read_mailbox, key, pager.cursor, free, free_bytes)
-        else:
-            read = Read(self._ram_read_mailbox, key, pager.cursor, free, free_bytes)
+        read = Read(ReadMailbox(session.user.key, pager.cursor, free, free_bytes))
         upto = self._next_msg_id - 1  # everything accepted so far is older than the read
-        self._read(read, functools.partial(self._mail_paged, session, pager, read, upto))
+        self.store.submit(read, functools.partial(self._mail_paged, session, pager, read, upto))
 
     def _mail_paged(self, session: Session, pager: Pager[int, Entry], read: Read,
                     upto: int) -> None:  # fmt: skip
@@ -1108,22 +1050,6 @@ class Relay:
         else:
             self._page_mail(session)
 
-    def _ram_read_mailbox(
-        self, key: str, after: int, limit: int, max_bytes: int
-    ) -> tuple[list[StoredMessage], bool]:
-        rows: list[StoredMessage] = []
-        size = 0
-        for m in self._ram_mail.get(key, {}).values():  # in id order
-            if m.server_msg_id <= after:
-                continue
-            if len(rows) >= limit:
-                return rows, True
-            size += len(m.text.encode("utf-8"))
-            if rows and size > max_bytes:
-                return rows, True
-            rows.append(m)
-        return rows, False
-
     def _on_receipt(self, session: Session, server_msg_id: int) -> None:
         pager = session.mail
         entry = pager.items.pop(server_msg_id, None) if pager is not None else None
@@ -1140,23 +1066,15 @@ class Relay:
         if sender is not None:
             sender.notice_count += 1
         tell = functools.partial(self._tell_sender, entry.sender_key, entry.msg_id, user.name, seq)
-        if self.store is not None:
-            # Received before its commit (the disk is slow or full): the
-            # sender hears of it, which implies its ACCEPT, only once it is
-            # on disk, after the ACCEPT (the commits keep their order).
-            early = (entry.sender_key, *entry.msg_id) in self._accepted
-            self.store.submit(("delivered", entry.server_msg_id, entry.sender_key, *entry.msg_id,
-                               user.name, user.key, entry.size, seq),
-                              tell if early else None)  # fmt: skip
-            if not early:
-                tell()
-        else:
-            waiting = self._ram_mail.get(user.key, {})
-            waiting.pop(entry.server_msg_id, None)
-            if not waiting:
-                self._ram_mail.pop(user.key, None)
-            self._ram_notices.setdefault(entry.sender_key, {})[seq] = (seq, *entry.msg_id,
-                                                                       user.name)  # fmt: skip
+        # Received before its commit (the disk is slow or full): the sender
+        # hears of it, which implies its ACCEPT, only once it is on disk,
+        # after the ACCEPT (the commits keep their order).
+        instance_id, client_seq = entry.msg_id
+        early = (entry.sender_key, instance_id, client_seq) in self._accepted
+        delivered = MarkDelivered(entry.server_msg_id, entry.sender_key, instance_id, client_seq,
+                                  user.name, user.key, entry.size, seq)  # fmt: skip
+        self.store.submit(delivered, tell if early else None)
+        if not early:
             tell()
         self._page_mail(session)
 
@@ -1164,8 +1082,13 @@ class Relay:
         """Tell the sender that `to` has its message (now, or from the disk
         at its next login)."""
         sender = self.users.get(sender_key)
-        if sender is not None and sender.session is not None:
-            self._offer_receipt(sender.session, msg_id, to, seq)
+        if sender is None:
+            return
+        match self.router.locate(sender):
+            case Session() as session:
+                self._offer_receipt(session, msg_id, to, seq)
+            case str() | None:
+                pass  # queued in the store: its node, or its next login, reads it
 
     def _offer_receipt(self, session: Session, msg_id: MsgId, to: str, seq: int) -> None:
         pager = session.receipts
@@ -1195,13 +1118,7 @@ class Relay:
             if seq is None:
                 continue
             user.notice_count -= 1
-            if self.store is not None:
-                self.store.submit(("notice_done", user.key, *msg_id))
-            else:
-                waiting = self._ram_notices.get(user.key, {})
-                waiting.pop(seq, None)
-                if not waiting:
-                    self._ram_notices.pop(user.key, None)
+            self.store.submit(NoticeDone(user.key, msg_id.instance_id, msg_id.client_seq))
         self._page_receipts(session)
 
     def _page_receipts(self, session: Session) -> None:
@@ -1212,13 +1129,9 @@ class Relay:
         if pager.items and free < NOTICE_PAGE_MIN:
             return
         pager.reading = True
-        key = session.user.key
-        if self.store is not None:
-            read = Read(self.store.read_notices, key, pager.cursor, free)
-        else:
-            read = Read(self._ram_read_notices, key, pager.cursor, free)
+        read = Read(ReadNotices(session.user.key, pager.cursor, free))
         upto = self._next_msg_id - 1
-        self._read(read, functools.partial(self._receipts_paged, session, pager, read, upto))
+        self.store.submit(read, functools.partial(self._receipts_paged, session, pager, read, upto))
 
     def _receipts_paged(self, session: Session, pager: Pager[MsgId, int], read: Read,
                         upto: int) -> None:  # fmt: skip
@@ -1237,10 +1150,6 @@ class Relay:
             pager.behind = False
         else:
             self._page_receipts(session)
-
-    def _ram_read_notices(self, key: str, after: int, limit: int) -> tuple[list[NoticeRow], bool]:
-        rows = [row for seq, row in self._ram_notices.get(key, {}).items() if seq > after]
-        return rows[:limit], len(rows) > limit
 
     def _on_who(self, session: Session, who: Who) -> None:
         limit = max(1, min(who.limit, WHO_PAGE_MAX))
@@ -1266,21 +1175,24 @@ class Relay:
         if peer is session.user:
             return
         peer.contacts.add(session.user.key)
-        self._send(session, Presence(peer.name, peer.session is not None))
+        self._send(session, Presence(peer.name, self.router.locate(peer) is not None))
 
     def _on_typing(self, session: Session, typing: Typing, now: float) -> None:
         peer = self.users.get(name_key(typing.user))
-        if peer is None or peer.session is None or session.user.key not in peer.contacts:
+        if peer is None or session.user.key not in peer.contacts:
             return
+        to = self.router.locate(peer)
+        if not isinstance(to, Session):
+            return  # offline, or on another node: typing notices are not forwarded
         # Fire and forget (QoS 0): beyond a few a second per pair, or to a
         # client that does not ack what it was sent, a notice is dropped.
         if (
             not self._typing.take(f"{session.user.key}\0{peer.key}", 1, now)
-            or peer.session.conn.unacked_bytes >= self.config.max_unacked_output
+            or to.conn.unacked_bytes >= self.config.max_unacked_output
         ):
             self.stats["typing_dropped"] += 1
             return
-        self._send(peer.session, Typing(session.user.name))
+        self._send(to, Typing(session.user.name))
 
     def _fail(self, session: Session, msg_id: MsgId, code: ErrorCode, text: str) -> None:
         self._send(session, Fail(msg_id, code, text))
@@ -1288,8 +1200,10 @@ class Relay:
     def _announce(self, user: User, *, online: bool) -> None:
         for key in user.contacts:
             contact = self.users.get(key)
-            if contact is not None and contact.session is not None:
-                self._send(contact.session, Presence(user.name, online))
+            if contact is not None:
+                to = self.router.locate(contact)
+                if isinstance(to, Session):
+                    self._send(to, Presence(user.name, online))
 
     def _send(
         self, session: Session, message: Message, *, stream: int = CONTROL_STREAM,
@@ -1419,7 +1333,7 @@ class ChatServer:
         try:
             while not self._stopping:
                 now = time.monotonic()
-                deadline = relay.next_deadline()
+                deadline = relay.get_timer()
                 timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
                 selector.select(timeout)
                 try:
@@ -1438,13 +1352,16 @@ class ChatServer:
                         log.debug("recvfrom: %s", exc)
                         continue
                     batch.append((data, addr[:2]))
-                relay.receive_batch(batch, now)  # sessions' datagrams first
+                relay.receive_datagrams(batch, now)  # sessions' datagrams first
                 self._sample_memory(now)
-                relay.run_durable(now)
-                self._send_all(relay.handle_timer(now))
-                if self.store is not None:
-                    self.store.flush()  # after the sends: see ServerStore.flush
-            self._send_all(relay.shutdown_notice(time.monotonic()))
+                relay.store_done(now)
+                relay.key_exchange_done(now)
+                relay.handle_timer(now)
+                self._send_all(relay.datagrams_to_send(now))
+                relay.store.flush()  # after the sends: see ServerStore.flush
+            now = time.monotonic()
+            relay.send_shutdown(now)
+            self._send_all(relay.datagrams_to_send(now))
         finally:
             selector.close()
             self._stopped = True

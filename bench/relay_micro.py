@@ -3,7 +3,7 @@
     python -m bench.relay_micro [--messages N] [--sessions N] [--pairs N]
 
 What it tells apart from the full benchmark:
-- CPU per relayed message spent in the Relay's own code (receive, flush,
+- CPU per relayed message spent in the Relay's own code (receive, send,
   timers: MAC checks, decoding, acks, routing, encoding), without system
   calls, the store thread or the GIL handoffs between them;
 - memory the Relay keeps per relayed message once everything is delivered
@@ -13,7 +13,8 @@ What it tells apart from the full benchmark:
 
 The clients are the benchmark's load clients (`loadgen.Sender`/`Receiver`)
 over an in-memory "socket". For the CPU figure the Relay runs without a
-store (`data_dir` None), so ACCEPTs go out at once: the SQLite thread is
+store on disk (`data_dir` None: its `MemoryStore` completes every operation
+at once, so ACCEPTs go out in the same pass): the SQLite thread is
 measured by the full benchmark (`other_threads_cpu_us_per_msg`).
 """
 
@@ -44,7 +45,7 @@ from bench.loadgen import (
     Sender,
 )
 from chat_server import Outgoing, Relay, ServerConfig
-from chat_store import ServerStore
+from chat_store import ServerStore, Sync
 from protocol import ProtocolError
 from reliability import PayloadReceived
 
@@ -86,17 +87,17 @@ def settle(relay: Relay, now: float) -> Outgoing:
     then wait for them to commit and run their callbacks as the loop would;
     what that sends."""
     store = relay.store
-    if store is None:
+    if not isinstance(store, ServerStore):
         return []
     synced: list[bool] = []
-    store.submit(("sync",), lambda: synced.append(True))
+    store.submit(Sync(), lambda: synced.append(True))
     store.flush()
     deadline = time.monotonic() + 30
     while not synced:
         assert time.monotonic() < deadline, "the store did not commit in 30 s"
         time.sleep(0.0002)
-        relay.run_durable(now)
-    return relay.flush(now)
+        relay.store_done(now)
+    return relay.datagrams_to_send(now)
 
 
 def log_in(relay: Relay, names: Iterable[str], salted: SaltCache) -> dict[str, Handshake]:
@@ -110,9 +111,9 @@ def log_in(relay: Relay, names: Iterable[str], salted: SaltCache) -> dict[str, H
         for _ in range(2):  # HELLO -> CHALLENGE, LOGIN -> WELCOME
             now = time.monotonic()
             for data in h.core.datagrams_to_send(now):
-                relay.receive(data, addr, now)
+                relay.receive_datagram(data, addr, now)
             now = time.monotonic()
-            for data, _ in relay.flush(now) + settle(relay, now):
+            for data, _ in relay.datagrams_to_send(now) + settle(relay, now):
                 h.core.receive_datagram(data, now)
             h.check()
         if h.conn is None:
@@ -167,9 +168,10 @@ def _exchange(relay: Relay, peers: list[Peer], addrs: dict[int, Addr],
         out: list[bytes] = p.sock.out  # type: ignore[attr-defined]
         addr = addrs[id(p)]
         for data in out:
-            relay.receive(data, addr, now)
+            relay.receive_datagram(data, addr, now)
         out.clear()
-    replies = relay.handle_timer(now)  # runs due timers, then flushes
+    relay.handle_timer(now)
+    replies = relay.datagrams_to_send(now)
     replies += settle(relay, now)
     cpu = time.process_time() - start
     for data, addr in replies:
@@ -252,7 +254,6 @@ def measure(messages: int, sessions: int, pairs: int, window: int = 64) -> dict[
         gc.collect()
         snap = tracemalloc.take_snapshot()
         tracemalloc.stop()
-        assert relay.store is not None
         relay.store.close()
     out["retained_b_per_msg"], out["retained_blocks_per_msg"], out["retained_sites"] = server_diff(
         snap, base, traced * pairs, 5

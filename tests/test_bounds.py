@@ -126,7 +126,7 @@ class World:
             if not frames:
                 return
             data = encode_packet(Packet(packet.session_id, packet.pkt_num, frames), client.conn.key)
-        self.relay.receive(data, client.addr, self.now)
+        self.relay.receive_datagram(data, client.addr, self.now)
         if self.watched is not None and self.watched in self.relay.sessions:
             self.session_output.append(self.relay.sessions[self.watched].conn.unacked_bytes)
 
@@ -150,8 +150,9 @@ class World:
                 client.conn.handle_timer(self.now)
             for data in client.conn.datagrams_to_send(self.now):
                 self._to_relay(client, data)
-        self._to_clients(self.relay.flush(self.now))
-        self._to_clients(self.relay.handle_timer(self.now))
+        self._to_clients(self.relay.datagrams_to_send(self.now))
+        self.relay.handle_timer(self.now)
+        self._to_clients(self.relay.datagrams_to_send(self.now))
         self.now += dt
 
     def run_until(self, condition: Callable[[], bool], steps: int, what: str) -> None:

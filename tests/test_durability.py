@@ -1139,7 +1139,14 @@ def test_store_batches_keep_the_outcome_of_one_by_one_writes(tmp_path: Path) -> 
     each write had run alone: a message receipted in its own batch leaves no
     mailbox row but keeps its dedup key and its receipt notice, an acked
     notice is gone, and batches larger than one statement are split."""
-    from chat_store import ServerStore, StoredMessage, content_digest
+    from chat_store import (
+        MarkDelivered,
+        NoticeDone,
+        ServerStore,
+        StoredMessage,
+        StoreMessage,
+        content_digest,
+    )
 
     def message(i: int) -> StoredMessage:
         # u64 instance ids above 2**63 take the signed round trip too.
@@ -1151,11 +1158,11 @@ def test_store_batches_keep_the_outcome_of_one_by_one_writes(tmp_path: Path) -> 
     done: list[int] = []
     count = 2500  # more rows than one multi-row statement takes
     for i in range(1, count + 1):
-        store.submit(("message", message(i)), functools.partial(done.append, i))
+        store.submit(StoreMessage(message(i)), functools.partial(done.append, i))
     for i in range(1, 1001):  # receipted before the commit: same batch
-        store.submit(("delivered", i, "alice", 2**64 - 5, i, "Bob", "bob", len(f"text {i}"), i))
+        store.submit(MarkDelivered(i, "alice", 2**64 - 5, i, "Bob", "bob", len(f"text {i}"), i))
     for i in range(1, 501):  # and their notices acked, still the same batch
-        store.submit(("notice_done", "alice", 2**64 - 5, i))
+        store.submit(NoticeDone("alice", 2**64 - 5, i))
     store.flush()
     deadline = time.monotonic() + 30
     while len(done) < count and time.monotonic() < deadline:
@@ -1164,7 +1171,7 @@ def test_store_batches_keep_the_outcome_of_one_by_one_writes(tmp_path: Path) -> 
         except queue.Empty:
             pass
     assert sorted(done) == list(range(1, count + 1))
-    store.submit(("delivered", 2000, "alice", 2**64 - 5, 2000, "Bob", "bob", 9, 2000))  # later
+    store.submit(MarkDelivered(2000, "alice", 2**64 - 5, 2000, "Bob", "bob", 9, 2000))  # later
     store.close()  # flushes and commits what is queued
 
     reopened = ServerStore(tmp_path)
@@ -1223,7 +1230,7 @@ def test_a_failed_commit_is_retried_and_given_up_only_at_close(
     callbacks (the ACCEPTs) run only once it is on disk; a store closed while
     its batch keeps failing stops at once instead of retrying forever."""
     import chat_store
-    from chat_store import ServerStore, StoredMessage
+    from chat_store import ServerStore, StoredMessage, StoreMessage, Write
 
     monkeypatch.setattr(chat_store, "RETRY_S", 0.01)
     store = ServerStore(tmp_path / "a")
@@ -1231,7 +1238,7 @@ def test_a_failed_commit_is_retried_and_given_up_only_at_close(
     real_apply = store._apply
     failures = [2]
 
-    def flaky_apply(ops: list[tuple[Any, ...]]) -> None:
+    def flaky_apply(ops: list[Write]) -> None:
         if failures[0] > 0:
             failures[0] -= 1
             raise sqlite3.OperationalError("database or disk is full")
@@ -1240,7 +1247,7 @@ def test_a_failed_commit_is_retried_and_given_up_only_at_close(
     monkeypatch.setattr(store, "_apply", flaky_apply)
     store.start()
     done: list[int] = []
-    store.submit(("message", StoredMessage(1, "bob", "alice", "Alice", 7, 1, "hi", 0)),
+    store.submit(StoreMessage(StoredMessage(1, "bob", "alice", "Alice", 7, 1, "hi", 0)),
                  functools.partial(done.append, 1))  # fmt: skip
     store.flush()
     store.done.get(timeout=10)()
@@ -1256,14 +1263,14 @@ def test_a_failed_commit_is_retried_and_given_up_only_at_close(
     broken = ServerStore(tmp_path / "b")
     broken.load()
 
-    def always_fails(ops: list[tuple[Any, ...]]) -> None:
+    def always_fails(ops: list[Write]) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(broken, "_apply", always_fails)
     broken.start()
     thread = broken._thread
     assert thread is not None
-    broken.submit(("message", StoredMessage(1, "bob", "alice", "Alice", 7, 1, "hi", 0)))
+    broken.submit(StoreMessage(StoredMessage(1, "bob", "alice", "Alice", 7, 1, "hi", 0)))
     broken.flush()
     time.sleep(0.1)  # failing and retrying
     started = time.monotonic()

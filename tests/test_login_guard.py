@@ -181,8 +181,8 @@ def test_replay_after_a_flood_of_junk_logins_leaves_the_session_untouched() -> N
     for i in range(0, len(junk), 1000):
         now += 0.1
         for data, addr in junk[i : i + 1000]:
-            relay.receive(data, addr, now)
-        relay.flush(now)
+            relay.receive_datagram(data, addr, now)
+        relay.datagrams_to_send(now)
     out = relay.handle_datagram(captured.datagram, alice_addr, now)
     answers = preauth_frames(out)
     assert all(isinstance(a, Welcome) and a.session_id == session for a in answers), answers
@@ -413,8 +413,8 @@ def test_prelogin_budget_drops_floods_while_sessions_are_all_served() -> None:
     flood = [(hello, (f"10.0.{i % 200}.1", 9000)) for i in range(5000)]
     batch = flood[:2500] + session_datagrams + flood[2500:]
     handled_before = relay.stats["datagrams_in"]
-    relay.receive_batch(batch, now)
-    out = relay.flush(now)
+    relay.receive_datagrams(batch, now)
+    out = relay.datagrams_to_send(now)
     challenges = [f for f in preauth_frames(out) if isinstance(f, Challenge)]
     assert len(challenges) <= 1000
     assert relay.drops.counts["pre-login budget"] >= 4000
@@ -442,6 +442,6 @@ def test_prelogin_total_rate_is_a_flag() -> None:
 @pytest.mark.parametrize("size", [0, 5, 21, 22, 300])
 def test_prelogin_budget_counts_every_datagram_without_a_live_session(size: int) -> None:
     relay = open_relay(preauth_total_rate=1.0, preauth_total_burst=1.0)
-    relay.receive(bytes(size), ("192.0.2.1", 1), 10.0)
-    relay.receive(bytes(size), ("192.0.2.1", 1), 10.0)
+    relay.receive_datagram(bytes(size), ("192.0.2.1", 1), 10.0)
+    relay.receive_datagram(bytes(size), ("192.0.2.1", 1), 10.0)
     assert relay.drops.counts["pre-login budget"] == 1

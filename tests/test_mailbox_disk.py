@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from chat_server import MAILBOX_WINDOW, NOTICE_WINDOW, Relay
-from chat_store import ServerStore
+from chat_store import ServerStore, Sync
 from protocol import (
     CONTROL_STREAM,
     Accept,
@@ -81,14 +81,14 @@ class World:
         the callbacks on the 'loop' (here)."""
         for _ in range(20):  # callbacks may submit more (the next page)
             marker: list[bool] = []
-            self.store.submit(("sync",), functools.partial(marker.append, True))
+            self.store.submit(Sync(), functools.partial(marker.append, True))
             self.store.flush()
             deadline = time.monotonic() + 30
             while not marker:
                 assert time.monotonic() < deadline, "the store thread did not answer"
                 time.sleep(0.0005)
-                self.relay.run_durable(self.now)
-            self.route(self.relay.flush(self.now))
+                self.relay.store_done(self.now)
+            self.route(self.relay.datagrams_to_send(self.now))
             if not self.store._pending:
                 return
 
@@ -142,7 +142,8 @@ class World:
                 for data in conn.datagrams_to_send(self.now):
                     moved += 1
                     self.route(self.relay.handle_datagram(data, self.addrs[name], self.now))
-            moved += self.route(self.relay.handle_timer(self.now))
+            self.relay.handle_timer(self.now)
+            moved += self.route(self.relay.datagrams_to_send(self.now))
             self.settle()
             for name, conn in self.conns.items():
                 receipts: list[int] = []
@@ -420,7 +421,7 @@ def test_a_wall_clock_jump_does_not_prune_dedup_keys(tmp_path: Path) -> None:
     store.load()
     store.start()
     running[0] += 8 * 24 * 3600  # the server ran for 8 days ...
-    store.submit(("sync",))
+    store.submit(Sync())
     store.close()  # ... and committed, which persists its server time
     store = ServerStore(data)
     try:

@@ -51,7 +51,7 @@ from chat_client import (
 )
 from chat_keyx import Busy as KeyExchangeBusy
 from chat_server import Relay
-from chat_store import Loaded
+from chat_store import Loaded, Op
 from protocol import (
     CRC,
     DH_PRIVATE_BITS,
@@ -1297,7 +1297,8 @@ class FuzzWorld:
                     for reply, to in self.feed(data, addrs[name]):
                         target = "alice" if to == self.alice_addr else "bob"
                         self.conns[target].receive_datagram(reply, self.now)
-            for reply, to in self.relay.handle_timer(self.now + 0.03):
+            self.relay.handle_timer(self.now + 0.03)
+            for reply, to in self.relay.datagrams_to_send(self.now + 0.03):
                 target = "alice" if to == self.alice_addr else "bob"
                 self.conns[target].receive_datagram(reply, self.now)
                 moved = True
@@ -1690,8 +1691,8 @@ def test_registrations_wait_for_their_key_exchange_off_the_loop() -> None:
 
     pool.release()
     assert len(wakes) == 2
-    relay.run_durable(now)
-    out = relay.flush(now)
+    relay.key_exchange_done(now)
+    out = relay.datagrams_to_send(now)
     verdicts = {to: f for d, to in out if (f := preauth_frame(d)) is not None}
     assert isinstance(verdicts[first], Welcome)
     refused = verdicts[second]
@@ -1736,30 +1737,35 @@ def test_server_registers_through_its_process_pool(
 
 
 class HeldStore:
-    """Stands in for ServerStore: keeps every write until `commit()`, then
-    hands back their callbacks in order, as the store thread would."""
+    """A `MessageStore` that keeps every write until `commit()`, then hands
+    back their callbacks in order, as the store thread would."""
 
     def __init__(self) -> None:
-        self.ops: list[tuple[tuple[Any, ...], Callable[[], None] | None]] = []
-        self.done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.ops: list[tuple[Op, Callable[[], None] | None]] = []
+        self.done: list[Callable[[], None]] = []
 
     def load(self) -> Loaded:
         return Loaded(secrets.token_bytes(32), 1)
 
-    def submit(self, op: tuple[Any, ...], then: Callable[[], None] | None = None) -> None:
+    def submit(self, op: Op, then: Callable[[], None] | None = None) -> None:
         self.ops.append((op, then))
 
-    def reserve_needed(self, next_msg_id: int) -> bool:
-        return False
+    def reserve_ids(self, next_msg_id: int) -> int:
+        return 1 << 63
 
-    def find_dedup(self, sender_key: str, instance_id: int, client_seq: int) -> int | None:
-        return None
+    def completed(self) -> list[Callable[[], None]]:
+        done, self.done = self.done, []
+        return done
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def commit(self) -> None:
         ops, self.ops = self.ops, []
-        for _, then in ops:
-            if then is not None:
-                self.done.put(then)
+        self.done += [then for _, then in ops if then is not None]
 
 
 def test_no_welcome_for_an_account_before_it_is_on_disk() -> None:
@@ -1768,7 +1774,7 @@ def test_no_welcome_for_an_account_before_it_is_on_disk() -> None:
     the first one's, or a crash could leave a session for a name never
     stored (which anyone could then register with another password)."""
     store = HeldStore()
-    relay = Relay(server_config(None), store=store)  # type: ignore[arg-type]
+    relay = Relay(server_config(None), store=store)
     now = 1000.0
     first, second = ("192.0.2.5", 4000), ("192.0.2.6", 4000)
     login_1 = register(relay, "heidi", PASSWORD, first, now)
@@ -1780,8 +1786,8 @@ def test_no_welcome_for_an_account_before_it_is_on_disk() -> None:
     assert not relay.sessions
     later = now + 120  # the disk was slow: longer than a session timeout
     store.commit()  # the account is on the disk now
-    relay.run_durable(later)
-    after = relay.flush(later)
+    relay.store_done(later)
+    after = relay.datagrams_to_send(later)
     welcomed = {to for d, to in after if isinstance(preauth_frame(d), Welcome)}
     assert welcomed == {first, second}
     # Sessions start at the commit, not at the LOGIN: not expired at once.
@@ -1804,6 +1810,7 @@ def test_registrations_beyond_what_the_pool_takes_wait_in_a_backlog() -> None:
     for _ in range(3):
         assert len(pool.held) == 1
         pool.release()
-        relay.run_durable(now)  # the verdict, and the next one goes to the pool
-        welcomed |= {to for d, to in relay.flush(now) if isinstance(preauth_frame(d), Welcome)}
+        relay.key_exchange_done(now)  # the verdict, and the next one goes to the pool
+        out = relay.datagrams_to_send(now)
+        welcomed |= {to for d, to in out if isinstance(preauth_frame(d), Welcome)}
     assert welcomed == set(addrs) and not pool.held

@@ -34,7 +34,15 @@ import pytest
 
 import chat_client
 from chat_server import ChatServer, ListenError, parse_arguments
-from chat_store import Account, ServerStore, StoredMessage, StoreError
+from chat_store import (
+    Account,
+    ServerStore,
+    StoreAccount,
+    StoredMessage,
+    StoreError,
+    StoreMessage,
+    Write,
+)
 from tests.clients import RecordingClient, wait_all
 from tests.conftest import (
     ROOT,
@@ -102,9 +110,9 @@ def a_store(data_dir: Path, accounts: int = 0) -> None:
         store.start()
         for i in range(accounts):
             account = Account(f"user{i}", b"s" * 16, TEST_ITERATIONS, b"k" * 32, b"k" * 32)
-            store.submit(("account", f"user{i}", account))
+            store.submit(StoreAccount(f"user{i}", account))
             message = StoredMessage(i + 1, f"user{i}", "user0", "user0", 7, i + 1, "x" * 300, 0)
-            store.submit(("message", message))
+            store.submit(StoreMessage(message))
         store.flush()
     finally:
         store.close()
@@ -490,7 +498,7 @@ def test_receipt_before_the_commit_reaches_the_sender_after_it(
     real_apply = store._apply
     disk_full = threading.Event()
 
-    def apply(ops: list[tuple[Any, ...]]) -> None:
+    def apply(ops: list[Write]) -> None:
         if disk_full.is_set():
             raise sqlite3.OperationalError("database or disk is full")
         real_apply(ops)
