@@ -9,10 +9,10 @@ and the loop sleeps until `get_timer()`. `ChatServer` is the thin shell that
 owns the UDP socket and runs that loop on one thread, so the registry has
 exactly one owner. Message text is never looked at, only moved.
 
-Behind the relay, two seams: a `MessageStore` (chat_store: SQLite, or memory
+Behind the relay, two seams: a `MessageStore` (server_store: SQLite, or memory
 without a data directory) takes typed operations and hands their callbacks
 back when durable; a `Router` (server_router) says where a user's session
-is. Registrations' key exchanges go to `chat_keyx.KeyExchanges`.
+is. Registrations' key exchanges go to `server_keyx.KeyExchanges`.
 
 Who is who: a user is a name (compared by `protocol.name_key`); a session is
 one login of a user from one client instance, named on the wire by its
@@ -45,35 +45,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType as _StackFrame
 
-from chat_guard import (
-    BucketTable,
-    TokenBucket,
-)
-from chat_keyx import KeyExchanges, KeyExchangeWorkers
-from chat_login import Answered, LoginDesk, Unwrap, Verified
-from chat_registry import Address, DropLog, Entry, Pager, Probe, ServerConfig, Session, User
-from chat_store import (
-    Account,
-    FindDedup,
-    Loaded,
-    MarkDelivered,
-    MemoryStore,
-    MessageStore,
-    NoticeDone,
-    NoticeRow,
-    Read,
-    ReadMailbox,
-    ReadNotices,
-    ServerStore,
-    StoreAccount,
-    StoredMessage,
-    StoreError,
-    StoreLocked,
-    StoreMessage,
-    Sync,
-    content_digest,
-    default_data_dir,
-)
 from common import DEFAULT_PORT, at_least, positive
 from protocol import (
     CONTROL_STREAM,
@@ -144,7 +115,36 @@ from reliability import (
     PayloadReceived,
     ReceiveBudget,
 )
+from server_guard import (
+    BucketTable,
+    TokenBucket,
+)
+from server_keyx import KeyExchanges, KeyExchangeWorkers
+from server_login import Answered, LoginDesk, Unwrap, Verified
+from server_records import Address, DropLog, Entry, Pager, Probe, ServerConfig, Session, User
 from server_router import LocalRouter, Router
+from server_store import (
+    Account,
+    FindDedup,
+    Loaded,
+    MarkDelivered,
+    MemoryStore,
+    MessageStore,
+    NoticeDone,
+    NoticeRow,
+    Read,
+    ReadMailbox,
+    ReadNotices,
+    ServerStore,
+    StoreAccount,
+    StoredMessage,
+    StoreError,
+    StoreLocked,
+    StoreMessage,
+    Sync,
+    content_digest,
+    default_data_dir,
+)
 
 __all__ = [
     "ChatServer", "ListenError", "Relay", "ServerConfig", "StoreError", "StoreLocked", "main",
@@ -1273,7 +1273,7 @@ class ChatServer:
         try:
             if config.data_dir is not None:
                 self.store = ServerStore(config.data_dir, notify=self._wake)
-            # Registrations' key exchanges run in worker processes (chat_keyx).
+            # Registrations' key exchanges run in worker processes (server_keyx).
             if config.key_workers:
                 self._unwrapper = KeyExchangeWorkers(config.key_workers)
             self.relay = Relay(config, store=self.store, unwrapper=self._unwrapper, wake=self._wake)

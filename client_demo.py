@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chat_client import ChatSession
-from chat_registry import ServerConfig
 from chat_server import ChatServer
+from server_records import ServerConfig
 
 if TYPE_CHECKING:
     from client_window import ChatWindow

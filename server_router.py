@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from chat_registry import Session, User
+from server_records import Session, User
 
 __all__ = ["LocalRouter", "NodeId", "Route", "Router"]
 

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 from bench import loadgen
-from chat_store import ServerStore, content_digest
 from protocol import CONTROL_STREAM, PBKDF2_MIN_ITERATIONS, Logout, encode_message
+from server_store import ServerStore, content_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024

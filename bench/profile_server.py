@@ -19,7 +19,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import chat_server
-import chat_store
+import server_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     del args[at : at + 2]
 
     store_profile = cProfile.Profile()
-    original_run = chat_store.ServerStore._run
+    original_run = server_store.ServerStore._run
 
-    def profiled_run(self: chat_store.ServerStore) -> None:
+    def profiled_run(self: server_store.ServerStore) -> None:
         store_profile.runcall(original_run, self)
 
-    chat_store.ServerStore._run = profiled_run  # type: ignore[method-assign]
+    server_store.ServerStore._run = profiled_run  # type: ignore[method-assign]
     loop_profile = cProfile.Profile()
     try:
         code: int = loop_profile.runcall(chat_server.main, args)

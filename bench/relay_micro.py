@@ -45,9 +45,9 @@ from bench.loadgen import (
     Sender,
 )
 from chat_server import Outgoing, Relay, ServerConfig
-from chat_store import ServerStore, Sync
 from protocol import ProtocolError
 from reliability import PayloadReceived
+from server_store import ServerStore, Sync
 
 Addr = tuple[str, int]
 

@@ -34,7 +34,6 @@ import pytest
 
 from chat_client import StatusChanged
 from chat_server import ChatServer
-from chat_store import StoreLocked
 from client_store import ClientStore, read_history, store_dir
 from protocol import (
     Deliver,
@@ -46,6 +45,7 @@ from protocol import (
     conversation_stream,
     decode_packet,
 )
+from server_store import StoreLocked
 from tests.clients import RawClient, RecordingClient, pump_all
 from tests.clients import wait_all as wait_all_clients
 from tests.conftest import (
@@ -1139,7 +1139,7 @@ def test_store_batches_keep_the_outcome_of_one_by_one_writes(tmp_path: Path) -> 
     each write had run alone: a message receipted in its own batch leaves no
     mailbox row but keeps its dedup key and its receipt notice, an acked
     notice is gone, and batches larger than one statement are split."""
-    from chat_store import (
+    from server_store import (
         MarkDelivered,
         NoticeDone,
         ServerStore,
@@ -1229,10 +1229,10 @@ def test_a_failed_commit_is_retried_and_given_up_only_at_close(
     """A commit that fails (a full disk) is retried with the same batch, its
     callbacks (the ACCEPTs) run only once it is on disk; a store closed while
     its batch keeps failing stops at once instead of retrying forever."""
-    import chat_store
-    from chat_store import ServerStore, StoredMessage, StoreMessage, Write
+    import server_store
+    from server_store import ServerStore, StoredMessage, StoreMessage, Write
 
-    monkeypatch.setattr(chat_store, "RETRY_S", 0.01)
+    monkeypatch.setattr(server_store, "RETRY_S", 0.01)
     store = ServerStore(tmp_path / "a")
     store.load()
     real_apply = store._apply

@@ -1,4 +1,4 @@
-"""The server's key-exchange worker processes (`chat_keyx`): right answers,
+"""The server's key-exchange worker processes (`server_keyx`): right answers,
 a dead worker fails only its own requests and is replaced, and no worker
 outlives its server, however the server ends."""
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from chat_keyx import MAX_PENDING, Busy, KeyExchangeWorkers
 from protocol import DH_PRIVATE_BITS, FFDHE2048_P, dh_public, dh_secret
+from server_keyx import MAX_PENDING, Busy, KeyExchangeWorkers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,7 @@ def test_workers_do_not_outlive_their_server(ending: str) -> None:
         f"""
         import os, secrets, sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from chat_keyx import KeyExchangeWorkers
+        from server_keyx import KeyExchangeWorkers
         from protocol import dh_public, dh_secret
         pool = KeyExchangeWorkers(2)
         pool.submit(dh_secret, 12345, dh_public(678)).result(timeout=30)

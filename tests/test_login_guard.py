@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from chat_client import ErrorEvent, LoggedIn
-from chat_guard import COOKIE_PERIOD
 from chat_server import Relay, build_parser
 from protocol import (
     CRC,
@@ -47,6 +46,7 @@ from protocol import (
     encode_packet,
 )
 from reliability import Connection, PayloadReceived
+from server_guard import COOKIE_PERIOD
 from tests.clients import RawClient, ScriptedLogin
 from tests.conftest import (
     PASSWORD,

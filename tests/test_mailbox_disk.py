@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from chat_server import MAILBOX_WINDOW, NOTICE_WINDOW, Relay
-from chat_store import ServerStore, Sync
 from protocol import (
     CONTROL_STREAM,
     Accept,
@@ -43,6 +42,7 @@ from protocol import (
     encode_message,
 )
 from reliability import Connection, PayloadReceived
+from server_store import ServerStore, Sync
 from tests.clients import ScriptedLogin, preauth_frame
 from tests.conftest import PASSWORD, ROOT
 from tests.conftest import test_config as server_config

@@ -16,20 +16,7 @@ from typing import Any
 
 import pytest
 
-from chat_keyx import KeyExchanges
-from chat_registry import Session, User
 from chat_server import Relay
-from chat_store import (
-    FindDedup,
-    Loaded,
-    MemoryStore,
-    MessageStore,
-    Op,
-    Read,
-    ServerStore,
-    StoreMessage,
-    Sync,
-)
 from protocol import (
     Accept,
     Accepts,
@@ -49,7 +36,20 @@ from protocol import (
     dh_public,
     dh_secret,
 )
+from server_keyx import KeyExchanges
+from server_records import Session, User
 from server_router import LocalRouter, Route
+from server_store import (
+    FindDedup,
+    Loaded,
+    MemoryStore,
+    MessageStore,
+    Op,
+    Read,
+    ServerStore,
+    StoreMessage,
+    Sync,
+)
 from tests.clients import ScriptedLogin, preauth_frame
 from tests.conftest import PASSWORD
 from tests.conftest import test_config as server_config

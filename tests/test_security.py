@@ -49,9 +49,7 @@ from chat_client import (
     MessageReceived,
     StatusChanged,
 )
-from chat_keyx import Busy as KeyExchangeBusy
 from chat_server import Relay
-from chat_store import Loaded, Op
 from protocol import (
     CRC,
     DH_PRIVATE_BITS,
@@ -88,6 +86,8 @@ from protocol import (
     wrap_keys,
 )
 from reliability import Connection, PayloadReceived
+from server_keyx import Busy as KeyExchangeBusy
+from server_store import Loaded, Op
 from tests.clients import RawClient, ScriptedLogin, drain, preauth_frame, pump_until
 from tests.clients import cached_salted_password as salted
 from tests.clients import wait_until as wait_until_every

@@ -34,7 +34,7 @@ import pytest
 
 import chat_client
 from chat_server import ChatServer, ListenError, parse_arguments
-from chat_store import (
+from server_store import (
     Account,
     ServerStore,
     StoreAccount,
@@ -489,9 +489,9 @@ def test_receipt_before_the_commit_reaches_the_sender_after_it(
     """The same rule without root: commits fail (as on a full disk) while
     bob, online, receives alice's message and sends its receipt; alice sees
     neither `accepted` nor `delivered` until the commit, then both in order."""
-    import chat_store
+    import server_store
 
-    monkeypatch.setattr(chat_store, "RETRY_S", 0.05)
+    monkeypatch.setattr(server_store, "RETRY_S", 0.05)
     running = start_server(server_config(tmp_path / "data"))
     store = running.server.store
     assert store is not None

@@ -53,7 +53,7 @@ from common import LockHeld, data_dir, lock_file
 from common import i64 as _i64
 from common import u64 as _u64
 
-log = logging.getLogger("chat_store")
+log = logging.getLogger("server_store")
 
 MAX_BATCH = 5000  # operations in one transaction at most
 DEDUP_KEEP_S = 7 * 24 * 3600  # keep dedup keys >= 7 days of server time (docs/RELIABILITY.md 1.3)

@@ -27,17 +27,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chat_guard import (
-    COOKIE_PERIOD,
-    BucketTable,
-    FailureWindow,
-    ReplyCache,
-    cookie,
-    cookie_valid,
-    login_ticket,
-)
-from chat_registry import Address, ServerConfig
-from chat_store import Account
 from protocol import (
     DH_PRIVATE_BITS,
     SALT_SIZE,
@@ -55,6 +44,17 @@ from protocol import (
     verify_proof,
     wrap_keys,
 )
+from server_guard import (
+    COOKIE_PERIOD,
+    BucketTable,
+    FailureWindow,
+    ReplyCache,
+    cookie,
+    cookie_valid,
+    login_ticket,
+)
+from server_records import Address, ServerConfig
+from server_store import Account
 
 log = logging.getLogger("chat_server")
 

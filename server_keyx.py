@@ -44,7 +44,7 @@ from typing import IO, Any, Generic, TypeVar
 
 from protocol import dh_secret
 
-log = logging.getLogger("chat_keyx")
+log = logging.getLogger("server_keyx")
 
 #: Requests queued per worker at most (~0.1 s of work; 19 KB of the pipe's 64).
 MAX_PENDING = 32

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from chat_guard import TokenBucket
-from chat_store import Account
 from protocol import PBKDF2_ITERATIONS, MsgId
 from reliability import MAX_BUFFERED_TOTAL, RTO_MAX, RTO_MIN, Connection
+from server_guard import TokenBucket
+from server_store import Account
 
 log = logging.getLogger("chat_server")
 
@@ -48,7 +48,7 @@ class ServerConfig:
     # unwrap its keys, so a flood of new names must not eat the server.
     registration_rate: float = 10.0
     registration_burst: float = 200.0
-    # Worker processes for that modexp (chat_keyx), so it never stalls the
+    # Worker processes for that modexp (server_keyx), so it never stalls the
     # loop; 0: on the loop (the in-process demo and tests: one process).
     key_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     user_msg_rate: float = 200.0  # new messages/s per user after login ...
