@@ -190,6 +190,22 @@ DUPLICATE_ID_TEXT = (
 )
 
 
+def chunk_cost(chunks: list[Stream]) -> tuple[int, int, int, bool]:
+    """What new chunks cost against a user's budgets: the messages that
+    start among them (a SEND's first fragment), the counted requests, their
+    bytes, and whether any belongs to a SEND."""
+    messages = requests = size = 0
+    sends = False
+    for frame in chunks:
+        size += len(frame.data)
+        if frame.stream != CONTROL_STREAM:  # a SEND, or a later fragment of one
+            sends = True
+            messages += frame.index == 0
+        elif frame.index == 0 and frame.data and frame.data[0] in COUNTED_REQUESTS:
+            requests += 1
+    return messages, requests, size, sends
+
+
 class Relay:
     """The server's state and logic, without a socket (see the module doc)."""
 
@@ -468,8 +484,17 @@ class Relay:
             return
         # Over a limit, the datagram's chunks are not recorded or acked (the
         # client resends them later); its acks are taken all the same.
-        take = self._may_take(session, packet, now)
-        if not session.conn.receive_packet(packet, now, data=take):
+        conn = session.conn
+        new = [f for f in packet.frames if isinstance(f, Stream) and not conn.seen(f.seq)]
+        take = self._may_take(session, new, now)
+        fresh = conn.receive_packet(packet, now, data=take)
+        if take and new:
+            # The budgets pay for the chunks the connection took, after the
+            # fact: one it refused (a receive cap) or a replayed datagram
+            # comes again and must not be paid for each time, or the budget
+            # drains with nothing taken and the sender waits for ever.
+            self._charge(session, [f for f in new if conn.seen(f.seq)])
+        if not fresh:
             self.drops("replayed or refused", addr, now)
             self._dirty[session.session_id] = session  # it may owe a re-ack
             return
@@ -479,25 +504,16 @@ class Relay:
         self._dirty[session.session_id] = session
         self._collect(session, addr, now)
 
-    def _may_take(self, session: Session, packet: Packet, now: float) -> bool:
-        """Whether to take the new chunks of this datagram: not requests or
-        messages while the session's unacknowledged output is over its cap
-        (their answers would grow it; receipts and a logout do not), not new
-        messages while the server is short of memory, and within the user's
-        budgets. Retransmitted chunks cost nothing."""
-        conn = session.conn
-        messages = requests = size = 0
-        sends = False
-        for frame in packet.frames:
-            if isinstance(frame, Stream) and not conn.seen(frame.seq):
-                size += len(frame.data)
-                if frame.stream != CONTROL_STREAM:  # a SEND, or a later fragment of one
-                    sends = True
-                    messages += frame.index == 0
-                elif frame.index == 0 and frame.data and frame.data[0] in COUNTED_REQUESTS:
-                    requests += 1
+    def _may_take(self, session: Session, new: list[Stream], now: float) -> bool:
+        """Whether to take the `new` chunks of a datagram (those not taken
+        before: a copy costs nothing): not requests or messages while the
+        session's unacknowledged output is over its cap (their answers would
+        grow it; receipts and a logout do not), not new messages while the
+        server is short of memory, and within the user's budgets."""
+        messages, requests, size, sends = chunk_cost(new)
         if not size:
             return True
+        conn = session.conn
         if (sends or requests) and conn.unacked_bytes >= self.config.max_unacked_output:
             # No notice either: it would add to the very output that is over.
             self.stats["withheld_output"] += 1
@@ -511,19 +527,31 @@ class Relay:
         return self._within_limits(session, messages + requests, size, now)
 
     def _within_limits(self, session: Session, messages: int, size: int, now: float) -> bool:
-        """Per-user message and byte budgets (WHO, WATCH and TYPING count as
-        messages). Beyond them the datagram's chunks are withheld, and the
-        user hears at most once a second."""
+        """Whether the user's message and byte budgets hold this much now
+        (WHO, WATCH and TYPING count as messages); `_charge` spends them for
+        what is then taken. Beyond them the datagram's chunks are withheld,
+        and the user hears at most once a second."""
         user, cfg = session.user, self.config
         if user.msg_bucket is None or user.byte_bucket is None:
             user.msg_bucket = TokenBucket(cfg.user_msg_rate, cfg.user_msg_burst, now)
             user.byte_bucket = TokenBucket(cfg.user_byte_rate, cfg.user_byte_burst, now)
-        if user.msg_bucket.take(messages, now) and user.byte_bucket.take(size, now):
+        # Both or neither: a message budget spent on a datagram the byte
+        # budget then withholds would be paid again by every retransmission.
+        if user.msg_bucket.ready(messages, now) and user.byte_bucket.ready(size, now):
             return True
         self.stats["rate_limited"] += 1
         self.drops("user rate limit", session.addr, now, user.name)
         self._tell_limited(session, "you are sending too fast; messages are delayed", now)
         return False
+
+    def _charge(self, session: Session, taken: list[Stream]) -> None:
+        """Spend the user's budgets on the chunks just taken (`_within_limits`
+        said they fit, at the same `now`)."""
+        messages, requests, size, _ = chunk_cost(taken)
+        user = session.user
+        if size and user.msg_bucket is not None and user.byte_bucket is not None:
+            user.msg_bucket.spend(messages + requests)
+            user.byte_bucket.spend(size)
 
     def _tell_limited(self, session: Session, text: str, now: float) -> None:
         """A RATE_LIMITED notice, at most one a second per user."""

@@ -28,7 +28,13 @@ MAX_TRACKED = 65_536  # addresses or names tracked by one limiter
 
 
 class TokenBucket:
-    """`rate` tokens a second up to `burst`; `take(n, now)` spends them if there."""
+    """`rate` tokens a second up to `burst`; `take(n, now)` spends them if there.
+
+    An amount larger than the burst is taken from a full bucket, which then
+    owes the rest (its tokens go below zero and refill before anything else
+    is taken): without that such an amount could never be taken, and what
+    asks for it would wait for ever. Over any time `t` at most
+    `burst + rate * t` plus one amount is taken, so the rate still holds."""
 
     __slots__ = ("rate", "burst", "tokens", "stamp")
 
@@ -39,13 +45,22 @@ class TokenBucket:
         self.stamp = now
 
     def take(self, amount: float, now: float) -> bool:
-        if now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-        if self.tokens >= amount:
+        if self.ready(amount, now):
             self.tokens -= amount
             return True
         return False
+
+    def ready(self, amount: float, now: float) -> bool:
+        """Whether `take(amount, now)` would succeed; spends nothing."""
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        return self.tokens >= min(amount, self.burst)
+
+    def spend(self, amount: float) -> None:
+        """Spend `amount` after `ready` said yes, or part of it: the owner
+        checks first and pays afterwards for what it actually took."""
+        self.tokens -= amount
 
 
 class BucketTable:
