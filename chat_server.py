@@ -28,6 +28,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import errno
 import functools
 import gc
@@ -1265,6 +1266,29 @@ def resident_memory() -> int | None:
         return None
 
 
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_free_memory() -> bool:
+    """Hand the free pages of the C heap back to the system (glibc's
+    `malloc_trim`); False where the C library cannot. Memory Python freed
+    stays resident otherwise, for good wherever one live block sits above
+    it: after a peak the resident memory would stay over `--max-memory`
+    and new messages wait for ever with nothing left to drain."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
 class ListenError(OSError):
     """The socket could not be bound to the server's address. `errno` and
     `strerror` are the system's; `__cause__` is the original error (a
@@ -1401,6 +1425,10 @@ class ChatServer:
             return
         self._memory_due = now + MEMORY_SAMPLE_INTERVAL
         resident = resident_memory()
+        if resident is not None and resident > self.relay.config.max_memory:
+            # Over it: what is free may still be resident; give it back first.
+            if release_free_memory():
+                resident = resident_memory()
         if resident is not None:
             self.relay.set_memory(resident, now)
 

@@ -12,7 +12,10 @@ budgets still bound the rates on average."""
 
 from __future__ import annotations
 
+import pytest
+
 from chat_guard import TokenBucket
+from chat_server import release_free_memory, resident_memory
 from protocol import (
     Accept,
     Accepts,
@@ -22,6 +25,9 @@ from protocol import (
     conversation_stream,
     encode_message,
 )
+from tests.clients import wait_until
+from tests.conftest import start_server, stop_server
+from tests.conftest import test_config as server_config
 from tests.test_bounds import Client, World
 
 
@@ -176,3 +182,30 @@ def test_a_token_bucket_takes_more_than_its_burst_when_full_and_owes_it() -> Non
     assert not bucket.ready(6, 0.5)  # 3 of 5: more than is there only from a full bucket
     assert bucket.ready(6, 1.0) and bucket.take(6, 1.0)
     assert bucket.tokens == -1.0
+
+
+@pytest.mark.skipif(resident_memory() is None or not release_free_memory(),
+                    reason="needs /proc/self/statm and glibc's malloc_trim")  # fmt: skip
+def test_after_a_peak_of_freed_memory_new_messages_are_taken_again() -> None:
+    """Memory Python frees stays resident while a live block sits above it
+    in the C heap: the old loop read that as memory in use, so after one
+    peak over `--max-memory` new messages waited for good. The loop now
+    hands the free pages back before it decides (real loop, in process)."""
+    release_free_memory()
+    base = resident_memory()
+    assert base is not None
+    running = start_server(server_config(None, max_memory=base + 64 * 1024 * 1024))
+    try:
+        # 160 MiB of blocks from the C heap, written, and among them a small
+        # one that lives on every 64: a heap that holds objects of all ages.
+        peak, pins = [], []
+        for i in range(40_000):
+            peak.append(bytes([i % 251]) * 4096)
+            if i % 64 == 63:
+                pins.append(bytes([i % 251]) * 600)
+        wait_until(lambda: running.relay.short_of_memory, 5.0, "over --max-memory")
+        del peak
+        wait_until(lambda: not running.relay.short_of_memory, 5.0, "under it again")
+        del pins
+    finally:
+        stop_server(running)
