@@ -59,10 +59,12 @@ def spent(world: World, name: str) -> float:
 def test_chunks_the_connection_refuses_cost_the_sender_nothing() -> None:
     """A gap in the sender's stream (one fragment lost again and again)
     makes the relay's connection refuse first fragments that come early
-    (it holds at most 4 partial messages), and the sender resends them on
-    every round. The old relay paid for them each time: the byte budget
-    drained with nothing taken and, its refill slow, the sender was stuck
-    for good. Now the budget pays for the bytes taken, each once."""
+    (it holds at most 4 partial messages); it acks at once, and the sender
+    resends them on every round. The old relay paid for them each time:
+    the byte budget drained with nothing taken, as fast as the rounds go,
+    which can be faster than any refill (here there is none to speak of,
+    so the sender was stuck for good). Now it pays for each byte taken,
+    once."""
     text = "x" * 4096  # 4 fragments, as bench/memory_mailbox sends them
     messages = 12
     world = World(user_byte_rate=1e-6, user_byte_burst=64 * 1024, user_msg_rate=1e6,
@@ -123,8 +125,8 @@ def test_a_replayed_withheld_datagram_costs_the_sender_nothing() -> None:
 def test_the_message_budget_is_not_spent_on_a_datagram_the_byte_budget_withholds() -> None:
     """Both budgets are asked before either pays. The old relay took a
     message token and then let the byte budget refuse: every retransmission
-    took another, and with the message budget empty when the bytes were
-    there again the sender was stuck for good."""
+    took another, so the message budget drained with nothing taken (here
+    it does not refill: the sender was stuck for good)."""
     world = World(user_msg_rate=1e-6, user_msg_burst=2.0, user_byte_rate=100.0,
                   user_byte_burst=1100.0)  # fmt: skip
     world.login("r")
@@ -139,15 +141,18 @@ def test_the_message_budget_is_not_spent_on_a_datagram_the_byte_budget_withholds
 def test_a_datagram_costing_more_than_the_burst_is_taken_from_a_full_bucket() -> None:
     """Six short messages queued at once leave in one datagram, and its
     retransmissions bundle the same six: with a message burst of 2 the old
-    relay could never take it (`--user-msg-rate 1` gives a burst of 2.5).
-    Now a full bucket takes it and owes the rest, so what comes next waits
-    until the debt is paid: the rate holds on average."""
+    relay never took that datagram (`--user-msg-rate 1` gives a burst of
+    2.5). Only the client's resend of its oldest chunk alone, on each
+    RATE_LIMITED notice, got one message through at a time. Now a full
+    bucket takes it and owes the rest, so what comes next waits until the
+    debt is paid: the rate holds on average."""
     world = World(user_msg_rate=1.0, user_msg_burst=2.0)
     world.login("r")
     s = world.login("s")
     for seq in range(1, 7):
         send(s, seq, "r", f"short {seq}")
-    world.run_until(lambda: len(accepted(s)) == 6, 500, "the six messages")
+    world.run_until(lambda: len(accepted(s)) == 6, 20, "the six messages, at once")
+    assert world.relay.stats["rate_limited"] == 0
     taken_at = world.now
     send(s, 7, "r", "after the debt")
     world.run_until(lambda: len(accepted(s)) == 7, 2_000, "the seventh message")
