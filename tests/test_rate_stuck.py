@@ -1,5 +1,5 @@
 """A sender under the per-user rate limits is delayed, never stuck for good
-(DESIGN.md: limits withhold acks, the sender's retransmission delivers
+(over a limit the server withholds acks and the sender's retransmission delivers
 later). On the sans-IO `Relay` with a fake clock (`tests.test_bounds.World`).
 
 The budgets pay for what the connection takes, after the fact: a chunk it
