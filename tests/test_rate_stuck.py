@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 
-from chat_guard import TokenBucket
 from chat_server import release_free_memory, resident_memory
 from protocol import (
     Accept,
@@ -25,6 +24,7 @@ from protocol import (
     conversation_stream,
     encode_message,
 )
+from server_guard import TokenBucket
 from tests.clients import wait_until
 from tests.conftest import start_server, stop_server
 from tests.conftest import test_config as server_config
@@ -116,7 +116,7 @@ def test_a_replayed_withheld_datagram_costs_the_sender_nothing() -> None:
     world.relay.set_memory(50 << 20, world.now)
     for _ in range(50):  # 50 copies of each: the budget holds about 70 such datagrams
         for data in captured:
-            world.relay.receive(data, s.addr, world.now)
+            world.relay.receive_datagram(data, s.addr, world.now)
     assert spent(world, "s") == 0
     world.run_until(lambda: len(accepted(s)) == 1, 500, "the message accepted")
     assert abs(spent(world, "s") - size) < 1
