@@ -26,9 +26,9 @@ import secrets
 import struct
 import unicodedata
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 # --- limits ---------------------------------------------------------------
 
@@ -70,7 +70,13 @@ MAX_FRAMES_SIZE = MAX_DATAGRAM - HEADER.size - TAG_SIZE
 
 
 class ProtocolError(Exception):
-    """Root of every protocol error."""
+    """Root of every protocol error. `code` is the `ErrorCode` to report for
+    it when one fits (`INVALID_NAME`, `TOO_LONG`), so that a caller reads
+    `exc.code` instead of guessing from the message; None otherwise."""
+
+    def __init__(self, message: str = "", *, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LocalProtocolError(ProtocolError):
@@ -128,20 +134,25 @@ _NAME_PUNCTUATION = frozenset("_-.")
 def normalize_name(name: str) -> str:
     """The display form of a name: NFKC, or `LocalProtocolError` with the reason."""
     if not isinstance(name, str):
-        raise LocalProtocolError("a name must be text")
+        raise LocalProtocolError("a name must be text", code=ErrorCode.INVALID_NAME)
     shown = unicodedata.normalize("NFKC", name.strip())
     if not NAME_MIN <= len(shown) <= NAME_MAX:
         raise LocalProtocolError(
-            f"a name has {NAME_MIN} to {NAME_MAX} characters; {shown!r} has {len(shown)}"
+            f"a name has {NAME_MIN} to {NAME_MAX} characters; {shown!r} has {len(shown)}",
+            code=ErrorCode.INVALID_NAME,
         )
     for ch in shown:
         category = unicodedata.category(ch)
         if not (category.startswith("L") or category == "Nd" or ch in _NAME_PUNCTUATION):
             raise LocalProtocolError(
-                f"{shown!r} contains {ch!r} (U+{ord(ch):04X}); use letters, digits, '_', '-' or '.'"
+                f"{shown!r} contains {ch!r} (U+{ord(ch):04X}); "
+                "use letters, digits, '_', '-' or '.'",
+                code=ErrorCode.INVALID_NAME,
             )
     if name_key(shown) in RESERVED_NAMES:
-        raise LocalProtocolError(f"the name {shown!r} is reserved; pick another")
+        raise LocalProtocolError(
+            f"the name {shown!r} is reserved; pick another", code=ErrorCode.INVALID_NAME
+        )
     return shown
 
 
@@ -159,7 +170,8 @@ def check_text(text: str) -> bytes:
         raise LocalProtocolError(f"the message is not valid text: {exc.reason}") from None
     if len(data) > MAX_TEXT_BYTES:
         raise LocalProtocolError(
-            f"the message is {len(data)} bytes of UTF-8; the limit is {MAX_TEXT_BYTES}"
+            f"the message is {len(data)} bytes of UTF-8; the limit is {MAX_TEXT_BYTES}",
+            code=ErrorCode.TOO_LONG,
         )
     return data
 
@@ -167,25 +179,18 @@ def check_text(text: str) -> bytes:
 # --- field codec ----------------------------------------------------------
 #
 # Every frame and message is a dataclass (frozen, or for the hot ones see
-# above `Padding`) whose fields are listed in `SPEC` with a wire type. One
-# generic codec reads and writes them all, so a new message is one class,
-# and hypothesis can round-trip every kind.
+# above `Padding`) whose fields are listed in `SPEC` with a wire type. At
+# import, `_compile` turns each declaration into an encoder and a decoder
+# (Python source, compiled once, like `dataclasses` builds `__init__`): the
+# fixed-size fields in a row, with the type byte in front and the length
+# prefix of the variable field that follows, are one precompiled
+# `struct.Struct`, so a record of fixed fields is one `pack` or `unpack_from`
+# call; a variable field (text, bytes, a batch) is a step or two of its own.
+# A new message is one class, hypothesis round-trips every kind, and no kind
+# needs a codec written by hand to be fast (bench/codec_micro.py).
 
-_INTS = {
-    "u8": struct.Struct("!B"),
-    "u16": struct.Struct("!H"),
-    "u32": struct.Struct("!I"),
-    "u64": struct.Struct("!Q"),
-}
-_FIXED = {"b8": 8, "b16": 16, "b32": 32, "b64": 64, "b256": 256}
 _T = TypeVar("_T")
 
-#: Batches of fixed-size items, a u8 count first.
-_LISTS = {
-    "accepts": struct.Struct("!QQQ"),  # msg_id, server_msg_id
-    "msgids": struct.Struct("!QQ"),
-    "u64s": struct.Struct("!Q"),
-}
 #: Items in one batch message at most: it stays one chunk of one datagram.
 BATCH_MAX = 40
 
@@ -206,140 +211,197 @@ class MsgId(NamedTuple):
         return f"{self.instance_id:016x}-{self.client_seq}"
 
 
-def _write(kind: str, value: object, out: list[bytes]) -> None:
-    try:
-        if kind in _INTS:
-            out.append(_INTS[kind].pack(value))
-        elif kind in _FIXED:
-            assert isinstance(value, bytes) and len(value) == _FIXED[kind]
-            out.append(value)
-        elif kind == "bool":
-            out.append(b"\x01" if value else b"\x00")
-        elif kind == "str":
-            assert isinstance(value, str)
-            data = value.encode("utf-8")
-            out.append(_INTS["u16"].pack(len(data)))
-            out.append(data)
-        elif kind == "text":  # chat text: up to 64 KiB, so a u32 length
-            assert isinstance(value, str)
-            data = value.encode("utf-8")
-            if len(data) > MAX_TEXT_BYTES:
-                raise ValueError(f"text of {len(data)} bytes is over {MAX_TEXT_BYTES}")
-            out.append(_INTS["u32"].pack(len(data)))
-            out.append(data)
-        elif kind == "strs":
-            assert isinstance(value, tuple)
-            out.append(_INTS["u16"].pack(len(value)))
-            for item in value:
-                _write("str", item, out)
-        elif kind == "msgid":
-            assert isinstance(value, tuple)
-            out.append(struct.pack("!QQ", value[0], value[1]))
-        elif kind == "code":
-            out.append(_INTS["u8"].pack(int(value)))  # type: ignore[call-overload]
-        elif kind in _LISTS:
-            assert isinstance(value, tuple)
-            if not 1 <= len(value) <= BATCH_MAX:
-                raise ValueError(f"a batch has 1 to {BATCH_MAX} items, not {len(value)}")
-            out.append(_INTS["u8"].pack(len(value)))
-            item = _LISTS[kind]
-            if kind == "accepts":  # (msg_id, server_msg_id) pairs
-                out.extend(item.pack(*msg_id, server_id) for msg_id, server_id in value)
-            elif kind == "msgids":
-                out.extend(item.pack(*msg_id) for msg_id in value)
-            else:
-                out.extend(item.pack(number) for number in value)
-        elif kind == "ranges":
-            assert isinstance(value, tuple)
-            out.append(_INTS["u8"].pack(len(value)))
-            for start, end in value:
-                out.append(struct.pack("!QI", start, end - start))
-        elif kind == "rest":
-            assert isinstance(value, bytes)
-            out.append(value)
-        else:  # pragma: no cover - a SPEC typo
-            raise AssertionError(kind)
-    except (struct.error, AssertionError, UnicodeEncodeError, TypeError, ValueError) as exc:
-        raise LocalProtocolError(f"cannot encode {value!r} as {kind}: {exc}") from None
+#: The wire types of a fixed size: their `struct` format.
+_FIXED_FORMATS = {
+    "u8": "B", "u16": "H", "u32": "I", "u64": "Q",
+    "b8": "8s", "b16": "16s", "b32": "32s", "b64": "64s", "b256": "256s",
+    "bool": "B",  # 0 or 1
+    "code": "B",  # an ErrorCode
+    "msgid": "QQ",  # instance_id, client_seq
+}  # fmt: skip
+_INT_LIMITS = {"u8": 0xFF, "u16": 0xFFFF, "u32": 0xFFFF_FFFF, "u64": 0xFFFF_FFFF_FFFF_FFFF}
+_BYTES_SIZES = {"b8": 8, "b16": 16, "b32": 32, "b64": 64, "b256": 256}
+#: The variable wire types: the format of their length or count prefix, and
+#: the most bytes (str, text) or items (the others) they hold.
+_PREFIXED = {
+    "str": ("H", 0xFFFF),  # UTF-8 with a u16 length
+    "text": ("I", MAX_TEXT_BYTES),  # chat text: up to 64 KiB, so a u32 length
+    "strs": ("H", 0xFFFF),  # a u16 count of strs
+    "ranges": ("B", 0xFF),  # (start, end) pairs, each sent as start u64, end - start u32
+    "accepts": ("B", BATCH_MAX),  # (msg_id, server_msg_id) pairs
+    "msgids": ("B", BATCH_MAX),
+    "u64s": ("B", BATCH_MAX),
+}
+#: "rest": bytes up to the end of the frame (no prefix).
+
+#: Items of the batches and ACK ranges, and the u64s of a batch by count.
+_ACCEPTS_ITEM = struct.Struct("!QQQ")
+_MSGIDS_ITEM = struct.Struct("!QQ")
+_RANGE = struct.Struct("!QI")
+_U16 = struct.Struct("!H")
+_U64S = [struct.Struct(f"!{count}Q") for count in range(BATCH_MAX + 1)]
+_ITEM_SIZES = {"ranges": _RANGE.size, "accepts": _ACCEPTS_ITEM.size,
+               "msgids": _MSGIDS_ITEM.size, "u64s": 8}  # fmt: skip
+_CODES = {int(code): code for code in ErrorCode}
+#: What a generated encoder's steps raise for a value that does not fit its
+#: declaration; `_encode_error` then says which field and why.
+_MISFITS = (
+    struct.error, TypeError, ValueError, AttributeError, IndexError, OverflowError,
+)  # fmt: skip
 
 
-class _Reader:
-    __slots__ = ("data", "pos")
+def _encode_strs(items: tuple[str, ...]) -> bytes:
+    out = []
+    for item in items:
+        data = item.encode("utf-8")
+        out.append(_U16.pack(len(data)))
+        out.append(data)
+    return b"".join(out)
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
 
-    def take(self, size: int) -> bytes:
-        end = self.pos + size
-        if end > len(self.data):
+def _decode_strs(data: bytes, pos: int, end: int, count: int) -> tuple[tuple[str, ...], int]:
+    items = []
+    for _ in range(count):
+        if pos + 2 > end:
             raise RemoteProtocolError("truncated")
-        chunk = self.data[self.pos : end]
-        self.pos = end
-        return chunk
+        (size,) = _U16.unpack_from(data, pos)
+        pos += 2
+        if pos + size > end:
+            raise RemoteProtocolError("truncated")
+        items.append(data[pos : pos + size].decode("utf-8"))
+        pos += size
+    return tuple(items), pos
 
-    def read(self, kind: str) -> object:
-        if kind in _INTS:
-            fmt = _INTS[kind]
-            return fmt.unpack(self.take(fmt.size))[0]
-        if kind in _FIXED:
-            return self.take(_FIXED[kind])
-        if kind == "bool":
-            flag = self.take(1)[0]
-            if flag > 1:
-                raise RemoteProtocolError("a flag is 0 or 1")
-            return flag == 1
-        if kind == "str":
-            (size,) = _INTS["u16"].unpack(self.take(2))
-            try:
-                return self.take(size).decode("utf-8")
-            except UnicodeDecodeError:
-                raise RemoteProtocolError("text is not UTF-8") from None
-        if kind == "text":
-            (size,) = _INTS["u32"].unpack(self.take(4))
-            if size > MAX_TEXT_BYTES:
-                raise RemoteProtocolError(f"text of {size} bytes is over the limit")
-            try:
-                return self.take(size).decode("utf-8")
-            except UnicodeDecodeError:
-                raise RemoteProtocolError("text is not UTF-8") from None
+
+def _encode_ranges(items: tuple[tuple[int, int], ...]) -> bytes:
+    return b"".join([_RANGE.pack(start, end - start) for start, end in items])
+
+
+def _decode_ranges(data: bytes, pos: int, count: int) -> tuple[tuple[int, int], ...]:
+    body = data[pos : pos + count * _RANGE.size]
+    return tuple([(start, start + length) for start, length in _RANGE.iter_unpack(body)])
+
+
+def _encode_accepts(items: tuple[tuple[MsgId, int], ...]) -> bytes:
+    return b"".join([_ACCEPTS_ITEM.pack(*msg_id, server_id) for msg_id, server_id in items])
+
+
+def _decode_accepts(data: bytes, pos: int, count: int) -> tuple[tuple[MsgId, int], ...]:
+    body = data[pos : pos + count * _ACCEPTS_ITEM.size]
+    return tuple([(MsgId(i, s), server_id) for i, s, server_id in _ACCEPTS_ITEM.iter_unpack(body)])
+
+
+def _encode_msgids(items: tuple[MsgId, ...]) -> bytes:
+    return b"".join([_MSGIDS_ITEM.pack(*msg_id) for msg_id in items])
+
+
+def _decode_msgids(data: bytes, pos: int, count: int) -> tuple[MsgId, ...]:
+    body = data[pos : pos + count * _MSGIDS_ITEM.size]
+    return tuple([MsgId(i, s) for i, s in _MSGIDS_ITEM.iter_unpack(body)])
+
+
+def _encode_u64s(items: tuple[int, ...]) -> bytes:
+    return _U64S[len(items)].pack(*items)
+
+
+def _decode_u64s(data: bytes, pos: int, count: int) -> tuple[int, ...]:
+    return _U64S[count].unpack_from(data, pos)
+
+
+# --- declared values: what fits, and the error that says what does not ----
+
+
+def _misfit(kind: str, value: object) -> tuple[str, ErrorCode | None] | None:
+    """Why `value` cannot be sent as wire type `kind` (and the error code
+    that fits, if one does), or None when it can."""
+    if kind in _INT_LIMITS:
+        if not isinstance(value, int):
+            return f"is {type(value).__name__}, not an integer", None
+        if not 0 <= value <= _INT_LIMITS[kind]:
+            return f"is {value}; a {kind} holds 0 to {_INT_LIMITS[kind]}", None
+    elif kind in _BYTES_SIZES:
+        if not isinstance(value, bytes):
+            return f"is {type(value).__name__}, not bytes", None
+        if len(value) != _BYTES_SIZES[kind]:
+            return f"is {len(value)} bytes; it must be exactly {_BYTES_SIZES[kind]}", None
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            return f"is {type(value).__name__}, not True or False", None
+    elif kind == "code":
+        if not isinstance(value, ErrorCode):
+            return f"is {_short(value)}, not an ErrorCode", None
+    elif kind == "msgid":
+        if not (isinstance(value, tuple) and len(value) == 2):
+            return f"is {_short(value)}, not a MsgId", None
+        for part in value:
+            if (why := _misfit("u64", part)) is not None:
+                return f"has a part that {why[0]}", None
+    elif kind in ("str", "text"):
+        if not isinstance(value, str):
+            return f"is {type(value).__name__}, not str", None
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            return f"is not valid text: {exc.reason}", None
+        limit = _PREFIXED[kind][1]
+        if size > limit:
+            return f"is {size} bytes of UTF-8; at most {limit} fit", ErrorCode.TOO_LONG
+    elif kind == "rest":
+        if not isinstance(value, bytes):
+            return f"is {type(value).__name__}, not bytes", None
+    elif kind in _PREFIXED:
+        return _misfit_items(kind, value)
+    else:  # pragma: no cover - a SPEC typo is caught at import, by _compile
+        raise AssertionError(kind)
+    return None
+
+
+def _misfit_items(kind: str, value: object) -> tuple[str, ErrorCode | None] | None:
+    if not isinstance(value, tuple):
+        return f"is {type(value).__name__}, not a tuple", None
+    low = 1 if kind in ("accepts", "msgids", "u64s") else 0
+    high = _PREFIXED[kind][1]
+    if not low <= len(value) <= high:
+        return f"has {len(value)} items; it holds {low} to {high}", None
+    for index, item in enumerate(value):
         if kind == "strs":
-            (count,) = _INTS["u16"].unpack(self.take(2))
-            return tuple(self.read("str") for _ in range(count))
-        if kind == "msgid":
-            return MsgId(*struct.unpack("!QQ", self.take(16)))
-        if kind == "code":
-            raw = self.take(1)[0]
-            try:
-                return ErrorCode(raw)
-            except ValueError:
-                raise RemoteProtocolError(f"unknown error code {raw}") from None
-        if kind in _LISTS:
-            count = self.take(1)[0]
-            if not 1 <= count <= BATCH_MAX:
-                raise RemoteProtocolError(f"a batch has 1 to {BATCH_MAX} items, not {count}")
-            item = _LISTS[kind]
-            body = self.take(item.size * count)
-            values = list(item.iter_unpack(body))
-            if kind == "accepts":
-                return tuple((MsgId(i, s), server_id) for i, s, server_id in values)
-            if kind == "msgids":
-                return tuple(MsgId(i, s) for i, s in values)
-            return tuple(v for (v,) in values)
-        if kind == "ranges":
-            count = self.take(1)[0]
-            ranges = []
-            for _ in range(count):
-                start, length = struct.unpack("!QI", self.take(12))
-                ranges.append((start, start + length))
-            return tuple(ranges)
-        if kind == "rest":
-            return self.take(len(self.data) - self.pos)
-        raise AssertionError(kind)  # pragma: no cover
+            why = _misfit("str", item)
+        elif kind == "u64s":
+            why = _misfit("u64", item)
+        elif kind == "msgids":
+            why = _misfit("msgid", item)
+        elif not (isinstance(item, tuple) and len(item) == 2):
+            why = f"is {_short(item)}, not a pair", None
+        elif kind == "accepts":
+            why = _misfit("msgid", item[0]) or _misfit("u64", item[1])
+        else:  # ranges: start, end
+            why = _misfit("u64", item[0])
+            if why is None and not (
+                isinstance(item[1], int) and 0 <= item[1] - item[0] <= _INT_LIMITS["u32"]
+            ):
+                why = f"is {_short(item)}; a range is (start, end), end - start a u32", None
+        if why is not None:
+            return f"has an item {index} that {why[0]}", why[1]
+    return None
 
-    def done(self) -> None:
-        if self.pos != len(self.data):
-            raise RemoteProtocolError("trailing bytes")
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _encode_error(record: object, exc: Exception) -> LocalProtocolError:
+    """The error for a record a generated encoder could not encode: which
+    field does not fit its declaration and why."""
+    cls = type(record)
+    for name, kind in zip(_field_names(cls), cls.SPEC, strict=True):  # type: ignore[attr-defined]
+        why = _misfit(kind, getattr(record, name))
+        if why is not None:
+            return LocalProtocolError(f"{cls.__name__}.{name} {why[0]}", code=why[1])
+    if hasattr(cls, "TYPE"):  # every field fits, but not in one frame together
+        return LocalProtocolError(f"a {cls.__name__} frame holds at most 65535 bytes; "
+                                  f"send less in one frame")  # fmt: skip
+    return LocalProtocolError(f"cannot encode {cls.__name__}: {exc}")  # pragma: no cover
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
@@ -352,18 +414,197 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return names
 
 
-def _encode_fields(obj: object, spec: tuple[str, ...]) -> bytes:
-    out: list[bytes] = []
-    for name, kind in zip(_field_names(type(obj)), spec, strict=True):
-        _write(kind, getattr(obj, name), out)
-    return b"".join(out)
+# --- the codec compiler -----------------------------------------------------
+
+#: A generated encoder: record -> its bytes, type and (frames) length first.
+_Encoder = Callable[[Any], bytes]
+#: A generated decoder: (data, start, end) -> the record in data[start:end]
+#: (the bytes after the type byte, or after the frame header).
+_Decoder = Callable[[bytes, int, int], Any]
 
 
-def _decode_fields(cls: type, spec: tuple[str, ...], body: bytes) -> object:
-    reader = _Reader(body)
-    values = [reader.read(kind) for kind in spec]
-    reader.done()
-    return cls(*values)
+def _compile(cls: type, tag: int, *, frame: bool) -> tuple[_Encoder, _Decoder]:
+    """The encoder and decoder of `cls` (a frame when `frame`, else a chat
+    message), generated from its SPEC."""
+    names = _field_names(cls)
+    spec: tuple[str, ...] = cls.SPEC  # type: ignore[attr-defined]
+    if len(names) != len(spec):
+        raise TypeError(f"{cls.__name__}: {len(names)} fields but {len(spec)} wire types")
+    for kind in spec:
+        if kind not in _FIXED_FORMATS and kind not in _PREFIXED and kind != "rest":
+            raise TypeError(f"{cls.__name__}: unknown wire type {kind!r}")
+    env: dict[str, Any] = {
+        "_cls": cls, "_error": _encode_error, "_MISFITS": _MISFITS, "_ErrorCode": ErrorCode,
+        "_CODES": _CODES, "_MsgId": MsgId, "_Remote": RemoteProtocolError,
+        "_decode_strs": _decode_strs, "_encode_strs": _encode_strs,
+    }  # fmt: skip
+    for kind in ("ranges", "accepts", "msgids", "u64s"):
+        env[f"_encode_{kind}"] = globals()[f"_encode_{kind}"]
+        env[f"_decode_{kind}"] = globals()[f"_decode_{kind}"]
+    encoder = _encoder_source(cls.__name__, tag, names, spec, frame, env)
+    decoder = _decoder_source(cls.__name__, names, spec, env)
+    exec(encoder + decoder, env)
+    return env[f"encode_{cls.__name__}"], env[f"decode_{cls.__name__}"]
+
+
+def _add_struct(env: dict[str, Any], fmt: str) -> tuple[str, int]:
+    name = f"_S{sum(1 for key in env if key.startswith('_S'))}"
+    env[name] = struct.Struct("!" + fmt)
+    return name, env[name].size
+
+
+def _encoder_source(
+    name: str, tag: int, names: tuple[str, ...], spec: tuple[str, ...], frame: bool,
+    env: dict[str, Any],
+) -> str:  # fmt: skip
+    steps: list[str] = []  # checks and the encoding of variable fields
+    pieces: list[str] = []  # the expressions joined into the result
+    sizes: list[str] = []  # the lengths of the variable pieces (a frame's length)
+    fmt, args = ("BH", [str(tag), "{size}"]) if frame else ("B", [str(tag)])
+    fixed = 0
+
+    def close() -> None:
+        nonlocal fmt, args, fixed
+        if args:
+            struct_name, size = _add_struct(env, fmt)
+            pieces.append(f"{struct_name}.pack({', '.join(args)})")
+            fixed += size
+        fmt, args = "", []
+
+    for i, (field, kind) in enumerate(zip(names, spec, strict=True)):
+        v = f"v{i}"
+        steps.append(f"{v} = record.{field}")
+        if kind in _BYTES_SIZES:  # struct would pad or cut a wrong length
+            steps.append(f"if len({v}) != {_BYTES_SIZES[kind]}: raise ValueError")
+        elif kind == "bool":
+            steps.append(f"if {v} is not True and {v} is not False: raise TypeError")
+        elif kind == "code":
+            steps.append(f"if {v}.__class__ is not _ErrorCode: raise TypeError")
+        if kind == "msgid":
+            steps.append(f"{v}a, {v}b = {v}")
+            fmt += "QQ"
+            args += [f"{v}a", f"{v}b"]
+        elif kind in _FIXED_FORMATS:
+            fmt += _FIXED_FORMATS[kind]
+            args.append(v)
+        elif kind == "rest":
+            steps.append(f"if not isinstance({v}, bytes): raise TypeError")
+            close()
+            pieces.append(v)
+            sizes.append(f"len({v})")
+        else:
+            prefix, limit = _PREFIXED[kind]
+            d = f"d{i}"
+            if kind in ("str", "text"):
+                steps.append(f"{d} = {v}.encode('utf-8')")
+                if kind == "text":  # the u32 prefix would take more
+                    steps.append(f"if len({d}) > {limit}: raise ValueError")
+                fmt += prefix
+                args.append(f"len({d})")
+            else:
+                low = 1 if kind in ("accepts", "msgids", "u64s") else 0
+                steps.append(f"if {v}.__class__ is not tuple or not {low} <= len({v}) <= {limit}:"
+                             f" raise ValueError")  # fmt: skip
+                steps.append(f"{d} = _encode_{kind}({v})")
+                fmt += prefix
+                args.append(f"len({v})")
+            close()
+            pieces.append(d)
+            sizes.append(f"len({d})")
+    close()
+    result = " + ".join(pieces) if len(pieces) <= 2 else f"b''.join(({', '.join(pieces)}))"
+    result = result.replace("{size}", " + ".join([str(fixed - 3), *sizes]))
+    body = "\n".join(f"        {step}" for step in steps)
+    return (
+        f"def encode_{name}(record):\n"
+        f"    try:\n{body}\n"
+        f"        return {result}\n"
+        f"    except _MISFITS as exc:\n"
+        f"        raise _error(record, exc) from None\n"
+    )
+
+
+def _decoder_source(
+    name: str, names: tuple[str, ...], spec: tuple[str, ...], env: dict[str, Any]
+) -> str:
+    lines: list[str] = []
+    values: list[str] = []  # the expressions passed to the class, in field order
+    fmt, targets, checks = "", list[str](), list[str]()
+    has_text = any(kind in ("str", "text", "strs") for kind in spec)
+    all_fixed = all(kind in _FIXED_FORMATS for kind in spec)
+
+    def close() -> None:
+        nonlocal fmt, targets, checks
+        if targets:
+            struct_name, size = _add_struct(env, fmt)
+            if all_fixed:  # one check covers truncated and trailing bytes
+                lines.append(f"if end - pos != {size}: raise _Remote('wrong size')")
+            else:
+                lines.append(f"if pos + {size} > end: raise _Remote('truncated')")
+            lines.append(f"{', '.join(targets)}, = {struct_name}.unpack_from(data, pos)")
+            if not all_fixed:
+                lines.append(f"pos += {size}")
+            lines.extend(checks)
+        fmt, targets, checks = "", [], []
+
+    for i, kind in enumerate(spec):
+        v = f"v{i}"
+        if kind == "msgid":
+            fmt += "QQ"
+            targets += [f"{v}a", f"{v}b"]
+            values.append(f"_MsgId({v}a, {v}b)")
+        elif kind == "bool":
+            fmt += "B"
+            targets.append(v)
+            checks.append(f"if {v} > 1: raise _Remote('a flag is 0 or 1')")
+            values.append(f"{v} == 1")
+        elif kind == "code":
+            fmt += "B"
+            targets.append(f"{v}n")
+            checks.append(f"{v} = _CODES.get({v}n)")
+            checks.append(f"if {v} is None: raise _Remote(f'unknown error code {{{v}n}}')")
+            values.append(v)
+        elif kind in _FIXED_FORMATS:
+            fmt += _FIXED_FORMATS[kind]
+            targets.append(v)
+            values.append(v)
+        elif kind == "rest":
+            close()
+            lines.append(f"{v} = data[pos:end]")
+            lines.append("pos = end")
+            values.append(v)
+        else:
+            prefix, limit = _PREFIXED[kind]
+            fmt += prefix
+            targets.append(f"{v}n")
+            close()
+            values.append(v)
+            if kind in ("str", "text"):
+                if kind == "text":  # never trust a declared length
+                    lines.append(f"if {v}n > {limit}: raise _Remote('text over the limit')")
+                lines.append(f"if pos + {v}n > end: raise _Remote('truncated')")
+                lines.append(f"{v} = data[pos:pos + {v}n].decode('utf-8')")
+                lines.append(f"pos += {v}n")
+            elif kind == "strs":
+                lines.append(f"{v}, pos = _decode_strs(data, pos, end, {v}n)")
+            else:
+                if kind != "ranges":
+                    refusal = f"f'a batch has 1 to {limit} items, not {{{v}n}}'"
+                    lines.append(f"if not 1 <= {v}n <= {limit}: raise _Remote({refusal})")
+                size = f"{v}n * {_ITEM_SIZES[kind]}"
+                lines.append(f"if pos + {size} > end: raise _Remote('truncated')")
+                lines.append(f"{v} = _decode_{kind}(data, pos, {v}n)")
+                lines.append(f"pos += {size}")
+    close()
+    if not spec or (not all_fixed and spec[-1] != "rest"):
+        lines.append("if pos != end: raise _Remote('trailing bytes')")
+    lines.append(f"return _cls({', '.join(values)})")
+    indent = "        " if has_text else "    "
+    body = "\n".join(indent + line for line in lines)
+    if has_text:
+        body = (f"    try:\n{body}\n    except UnicodeDecodeError:\n"
+                f"        raise _Remote('text is not UTF-8') from None")  # fmt: skip
+    return f"def decode_{name}(data, pos, end):\n{body}\n"
 
 
 # --- transport frames -----------------------------------------------------
@@ -560,61 +801,24 @@ PREAUTH_FRAMES = (
 )  # fmt: skip
 
 
-#: STREAM frames are most of the traffic: their fixed part has its own struct.
-_STREAM_FIXED = struct.Struct("!QIIBB")
-
-
-#: ACK frames ride in nearly every datagram: a struct for them too.
-_ACK_FIXED = struct.Struct("!QIQB")
-_ACK_RANGE = struct.Struct("!QI")
-
-
-def _fast_ack(frame: Ack) -> bytes | None:
-    """The body of an ACK frame, or None for the generic codec to refuse."""
-    try:
-        return b"".join((
-            _ACK_FIXED.pack(frame.largest_pkt, frame.delay_us, frame.una, len(frame.ranges)),
-            *(_ACK_RANGE.pack(start, end - start) for start, end in frame.ranges),
-        ))  # fmt: skip
-    except (struct.error, TypeError, ValueError):
-        return None
-
-
-def _decode_ack(body: bytes) -> Ack | None:
-    """An ACK frame's body decoded, or None for the generic codec (which
-    names what is wrong)."""
-    if len(body) < _ACK_FIXED.size:
-        return None
-    largest, delay, una, count = _ACK_FIXED.unpack_from(body)
-    if len(body) != _ACK_FIXED.size + _ACK_RANGE.size * count:
-        return None
-    ranges = []
-    for pos in range(_ACK_FIXED.size, len(body), _ACK_RANGE.size):
-        start, length = _ACK_RANGE.unpack_from(body, pos)
-        ranges.append((start, start + length))
-    return Ack(largest, delay, una, tuple(ranges))
+#: Each frame type's generated codec: see `_compile`.
+_FRAME_ENCODERS: dict[type, _Encoder] = {}
+#: Frame type -> (decoder, allowed without a MAC, class name).
+_FRAME_DECODERS: dict[int, tuple[_Decoder, bool, str]] = {}
+for _frame_cls in _FRAMES:
+    _encode, _decode = _compile(_frame_cls, _frame_cls.TYPE, frame=True)
+    _FRAME_ENCODERS[_frame_cls] = _encode
+    _FRAME_DECODERS[_frame_cls.TYPE] = (_decode, _frame_cls in PREAUTH_FRAMES, _frame_cls.__name__)
 
 
 def encode_frame(frame: Frame) -> bytes:
-    if type(frame) is Ack:
-        body = _fast_ack(frame)
-        if body is not None:
-            return FRAME_HEADER.pack(FrameType.ACK, len(body)) + body
-    if type(frame) is Stream:
-        try:
-            fixed = _STREAM_FIXED.pack(
-                frame.seq, frame.stream, frame.stream_seq, frame.index, frame.count
-            )
-        except struct.error as exc:
-            raise LocalProtocolError(f"bad STREAM field: {exc}") from None
-        size = _STREAM_FIXED.size + len(frame.data)
-        if size > 0xFFFF:
-            raise LocalProtocolError("frame too large")
-        return FRAME_HEADER.pack(FrameType.STREAM, size) + fixed + frame.data
-    body = _encode_fields(frame, frame.SPEC)
-    if len(body) > 0xFFFF:
-        raise LocalProtocolError("frame too large")
-    return FRAME_HEADER.pack(frame.TYPE, len(body)) + body
+    """A frame's bytes (header and body), or `LocalProtocolError` naming the
+    field that does not fit its declaration."""
+    try:
+        encode = _FRAME_ENCODERS[frame.__class__]
+    except KeyError:
+        raise LocalProtocolError(f"{type(frame).__name__} is not a frame") from None
+    return encode(frame)
 
 
 # --- packets --------------------------------------------------------------
@@ -709,22 +913,13 @@ def decode_packet(data: bytes, key: bytes | None = None, header: Header | None =
         pos += FRAME_HEADER.size
         if pos + size > end:
             raise RemoteProtocolError("frame longer than the datagram")
-        cls = FRAME_CLASSES.get(ftype)
-        if cls is None:
+        entry = _FRAME_DECODERS.get(ftype)
+        if entry is None:
             raise RemoteProtocolError(f"unknown frame type {ftype}")
-        if key is None and cls not in PREAUTH_FRAMES:
-            raise RemoteProtocolError(f"{cls.__name__} needs a session")
-        if ftype == FrameType.STREAM:
-            if size < _STREAM_FIXED.size:
-                raise RemoteProtocolError("truncated")
-            seq, stream, stream_seq, index, count = _STREAM_FIXED.unpack_from(data, pos)
-            start = pos + _STREAM_FIXED.size
-            frames.append(Stream(seq, stream, stream_seq, index, count, data[start : pos + size]))
-        elif ftype == FrameType.ACK and (ack := _decode_ack(data[pos : pos + size])) is not None:
-            frames.append(ack)
-        else:
-            frame = _decode_fields(cls, cls.SPEC, data[pos : pos + size])  # type: ignore[attr-defined]
-            frames.append(frame)  # type: ignore[arg-type]
+        decode, preauth, name = entry
+        if key is None and not preauth:
+            raise RemoteProtocolError(f"{name} needs a session")
+        frames.append(decode(data, pos, pos + size))
         pos += size
     if not frames:
         raise RemoteProtocolError("a datagram carries at least one frame")
@@ -979,89 +1174,34 @@ MESSAGE_CLASSES: dict[int, type] = {
 }
 
 
-# The messages on the server's hot path (every chat message is one SEND in,
-# one ACCEPT and one DELIVER out, one RECEIPT in, one DELIVERED out) have
-# hand-written codecs; the tests hold them to the generic one byte for byte.
-_ACCEPT = struct.Struct("!BQQQ")
-_RECEIPT = struct.Struct("!BQ")
-_DELIVER_HEAD = struct.Struct("!BQQQ")
-_MSGID = struct.Struct("!BQQ")
-_U16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
-_U64 = struct.Struct("!Q")
-
-
-def _fast_encode(message: Message) -> bytes | None:
-    kind = type(message)
-    if kind is Accept:
-        return _ACCEPT.pack(Kind.ACCEPT, *message.msg_id, message.server_msg_id)  # type: ignore[union-attr]
-    if kind is Receipt:
-        return _RECEIPT.pack(Kind.RECEIPT, message.server_msg_id)  # type: ignore[union-attr]
-    if kind is Deliver:
-        assert isinstance(message, Deliver)
-        sender = message.sender.encode("utf-8")
-        text = message.text.encode("utf-8")
-        if len(sender) > 0xFFFF or len(text) > MAX_TEXT_BYTES:
-            return None  # the generic codec says what is wrong
-        return b"".join((
-            _DELIVER_HEAD.pack(Kind.DELIVER, message.server_msg_id, *message.msg_id),
-            _U16.pack(len(sender)), sender, _U32.pack(len(text)), text,
-            _U64.pack(message.sent_ms),
-        ))  # fmt: skip
-    if kind is Delivered:
-        assert isinstance(message, Delivered)
-        to = message.to.encode("utf-8")
-        if len(to) > 0xFFFF:
-            return None
-        return _MSGID.pack(Kind.DELIVERED, *message.msg_id) + _U16.pack(len(to)) + to
-    return None
+#: Each message kind's generated codec: see `_compile`.
+_MESSAGE_ENCODERS: dict[type, _Encoder] = {}
+_MESSAGE_DECODERS: dict[int, _Decoder] = {}
+for _kind, _message_cls in MESSAGE_CLASSES.items():
+    _encode, _decode = _compile(_message_cls, _kind, frame=False)
+    _MESSAGE_ENCODERS[_message_cls] = _encode
+    _MESSAGE_DECODERS[_kind] = _decode
+del _frame_cls, _kind, _message_cls, _encode, _decode
 
 
 def encode_message(message: Message) -> bytes:
+    """A chat message's bytes (kind first), or `LocalProtocolError` naming
+    the field that does not fit its declaration."""
     try:
-        fast = _fast_encode(message)
-    except (struct.error, UnicodeEncodeError, TypeError):
-        fast = None  # let the generic codec raise its LocalProtocolError
-    if fast is not None:
-        return fast
-    return bytes([message.KIND]) + _encode_fields(message, message.SPEC)
-
-
-def _fast_decode(data: bytes) -> Message | None:
-    """SEND and RECEIPT, the server's hot inbound messages; None: use the
-    generic codec (which also produces the errors)."""
-    kind = data[0]
-    try:
-        if kind == Kind.RECEIPT and len(data) == _RECEIPT.size:
-            return Receipt(_RECEIPT.unpack(data)[1])
-        if kind == Kind.SEND and len(data) >= _MSGID.size + 2:
-            _, instance_id, client_seq = _MSGID.unpack_from(data)
-            (size,) = _U16.unpack_from(data, _MSGID.size)
-            end = _MSGID.size + 2 + size
-            if end + 4 > len(data):
-                return None
-            to = data[_MSGID.size + 2 : end].decode("utf-8")
-            (size,) = _U32.unpack_from(data, end)
-            start = end + 4
-            if size > MAX_TEXT_BYTES or start + size != len(data):
-                return None
-            return Send(MsgId(instance_id, client_seq), to, data[start:].decode("utf-8"))
-    except (struct.error, UnicodeDecodeError):
-        return None
-    return None
+        encode = _MESSAGE_ENCODERS[message.__class__]
+    except KeyError:
+        raise LocalProtocolError(f"{type(message).__name__} is not a chat message") from None
+    return encode(message)
 
 
 def decode_message(data: bytes) -> Message:
     """A chat message, or `RemoteProtocolError`."""
     if not data:
         raise RemoteProtocolError("empty message")
-    fast = _fast_decode(data)
-    if fast is not None:
-        return fast
-    cls = MESSAGE_CLASSES.get(data[0])
-    if cls is None:
+    decode = _MESSAGE_DECODERS.get(data[0])
+    if decode is None:
         raise RemoteProtocolError(f"unknown message kind {data[0]}")
-    return _decode_fields(cls, cls.SPEC, data[1:])  # type: ignore[attr-defined,return-value]
+    return decode(data, 1, len(data))  # type: ignore[no-any-return]
 
 
 # --- SCRAM-SHA-256 (RFC 5802 / RFC 7677) -----------------------------------
