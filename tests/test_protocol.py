@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import subprocess
+import sys
 import unicodedata
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -857,3 +860,137 @@ def test_every_kind_is_encoded_as_declared(cls: type, data: st.DataObject) -> No
             continue
         assert cls.SPEC[-1] == "rest"  # type: ignore[attr-defined]
         assert encode_any(decoded) == truncated
+
+
+# --- explicit errors: what does not fit its declaration is refused -------------
+
+MID = MsgId(1, 2)
+NONCE = bytes(16)
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        (Hello("alice", 7, b"12345"), "Hello.nonce"),  # struct would pad it to 16
+        (Hello("alice", 7, bytes(17)), "Hello.nonce"),  # ... or cut it
+        (Hello("alice", 7, "0123456789abcdef"), "Hello.nonce"),  # type: ignore[arg-type]
+        (Hello("alice", -1, NONCE), "Hello.instance_id"),
+        (Hello("alice", 2**64, NONCE), "Hello.instance_id"),
+        (Hello("alice", 1.5, NONCE), "Hello.instance_id"),  # type: ignore[arg-type]
+        (Hello(b"alice", 7, NONCE), "Hello.username"),  # type: ignore[arg-type]
+        (Hello("a\ud800", 7, NONCE), "Hello.username"),
+        (protocol.Challenge(NONCE, NONCE, NONCE, 2**32, bytes(256)), "Challenge.iterations"),
+        (protocol.Challenge(NONCE, NONCE, NONCE, 4096, bytes(255)), "Challenge.dh_public"),
+        (Presence("bob", 1), "Presence.online"),  # type: ignore[arg-type]
+        (Presence("x" * 70_000, True), "Presence.user"),
+        (protocol.Notice(7, "slow down"), "Notice.code"),  # type: ignore[arg-type]
+        (Send(MID, "bob", "x" * (MAX_TEXT_BYTES + 1)), "Send.text"),
+        (Send((1, 2, 3), "bob", "hi"), "Send.msg_id"),  # type: ignore[arg-type]
+        (Send(MsgId(-1, 2), "bob", "hi"), "Send.msg_id"),
+        (Send(MID, None, "hi"), "Send.to"),  # type: ignore[arg-type]
+        (protocol.WhoReply(["alice"], ""), "WhoReply.users"),  # type: ignore[arg-type]
+        (protocol.WhoReply(("alice", 5), ""), "WhoReply.users"),  # type: ignore[arg-type]
+        (Ack(1, 2**32, 1), "Ack.delay_us"),
+        (Ack(1, 1, 1, ((5, 3),)), "Ack.ranges"),  # end before start
+        (Ack(1, 1, 1, ((0, 1),) * 256), "Ack.ranges"),
+        (Stream(0, 0, 0, 0, 256, b""), "Stream.count"),
+        (Stream(0, 0, 0, 0, 1, "text"), "Stream.data"),  # type: ignore[arg-type]
+        (protocol.Receipts(()), "Receipts.server_msg_ids"),
+        (protocol.Accepts(((MID, -1),)), "Accepts.items"),
+        (protocol.Delivereds("bob", (MID,) * (BATCH_MAX + 1)), "Delivereds.msg_ids"),
+        (protocol.PathChallenge(bytes(7)), "PathChallenge.data"),
+        (Padding(bytes(70_000)), "Padding frame holds at most 65535 bytes"),
+    ],
+    ids=repr,
+)
+def test_a_value_that_does_not_fit_its_declaration_is_refused(record: Any, field: str) -> None:
+    """Never a malformed record on the wire: the error names the field."""
+    with pytest.raises(LocalProtocolError, match=field):
+        encode_any(record)
+
+
+def test_errors_carry_their_error_code() -> None:
+    """Callers read `exc.code` instead of guessing it from the message
+    (`send("hi", to="bob!")` reported too_long)."""
+    for name in ("bob!", "", "a" * 33, "server", b"bob"):
+        with pytest.raises(LocalProtocolError) as info:
+            normalize_name(name)  # type: ignore[arg-type]
+        assert info.value.code is ErrorCode.INVALID_NAME, name
+    with pytest.raises(LocalProtocolError) as info:
+        check_text("x" * (MAX_TEXT_BYTES + 1))
+    assert info.value.code is ErrorCode.TOO_LONG
+    with pytest.raises(LocalProtocolError) as info:
+        encode_message(Send(MID, "bob", "x" * (MAX_TEXT_BYTES + 1)))
+    assert info.value.code is ErrorCode.TOO_LONG
+    with pytest.raises(LocalProtocolError) as info:
+        encode_frame(Hello("alice", 7, b"12345"))
+    assert info.value.code is None  # nothing the user could do about it
+    assert RemoteProtocolError("truncated").code is None
+    assert str(LocalProtocolError("why", code=ErrorCode.NO_PEER)) == "why"
+
+
+def test_encoding_refuses_misfits_under_python_O() -> None:
+    """The checks are not `assert`s: under `python -O` a HELLO with a 5-byte
+    nonce is still refused, not sent as a malformed datagram."""
+    script = (
+        "import protocol\n"
+        "assert False, 'asserts are on'\n"  # skipped under -O: proves the flag took
+        "for make in (lambda: protocol.Hello('alice', 7, b'12345'),\n"
+        "             lambda: protocol.Presence('bob', 2),\n"
+        "             lambda: protocol.Ack(1, 1, 1, ((5, 3),))):\n"
+        "    try:\n"
+        "        protocol.encode_frame(make()) if hasattr(make(), 'TYPE')"
+        " else protocol.encode_message(make())\n"
+        "    except protocol.LocalProtocolError as exc:\n"
+        "        print('refused:', exc)\n"
+        "    else:\n"
+        "        print('ENCODED', make())\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", script],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("refused:") == 3 and "ENCODED" not in done.stdout, done.stdout
+    assert "Hello.nonce is 5 bytes" in done.stdout
+
+
+#: Values of every shape, for fields declared otherwise.
+ODD_VALUES: st.SearchStrategy[Any] = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.just("\ud800"),
+    st.binary(max_size=300),
+    st.binary(max_size=300).map(bytearray),
+    st.lists(st.integers(-1, 2**65), max_size=3).map(tuple),
+    st.lists(st.integers(0, 3), max_size=3),
+    st.tuples(st.integers(-1, 3), st.integers(-1, 3)),
+    st.lists(st.tuples(st.integers(-1, 5), st.integers(-1, 5)), max_size=3).map(tuple),
+    st.lists(st.text(max_size=3), max_size=3).map(tuple),
+    st.sampled_from(ErrorCode),
+    st.builds(MsgId, U64, U64),
+)
+
+
+@pytest.mark.parametrize("cls", [c for c in ALL_KINDS if c.SPEC], ids=repr)  # type: ignore[attr-defined]
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_encoders_raise_only_local_protocol_error(cls: type, data: st.DataObject) -> None:
+    """Any value in any field: either `LocalProtocolError`, or bytes that
+    decode to a record that encodes to the very same bytes."""
+    record = data.draw(instances(cls))
+    values = [getattr(record, f.name) for f in dataclasses.fields(record)]
+    values[data.draw(st.integers(0, len(values) - 1))] = data.draw(ODD_VALUES)
+    record = cls(*values)
+    try:
+        wire = encode_any(record)
+    except LocalProtocolError:
+        return
+    assert encode_any(decode_any(cls, wire)) == wire
