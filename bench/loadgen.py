@@ -49,7 +49,6 @@ from protocol import (
     Delivered,
     Delivereds,
     Fail,
-    Kind,
     Login,
     Message,
     MsgId,
@@ -86,63 +85,6 @@ def make_text(stamp_ns: int, seq: int, size: int = TEXT_SIZE) -> str:
 
 def text_stamp(text: str) -> int:
     return int(text[: text.index(" ")])
-
-
-# The hot messages, packed and parsed by hand (the same bytes as
-# protocol.encode_message; `check_codec` proves it before every run), so
-# the load generator spends its CPU on the transport, not on the codec.
-_SEND_HEAD = struct.Struct("!BQQH")  # kind, instance_id, client_seq, len(to)
-_U32 = struct.Struct("!I")
-_RECEIPT = struct.Struct("!BQ")  # kind, server_msg_id
-_DELIVER_HEAD = struct.Struct("!QQQH")  # server_msg_id, instance_id, client_seq, len(sender)
-_MSGID = struct.Struct("!QQ")
-_ACCEPTS_ITEM = struct.Struct("!QQQ")  # instance_id, client_seq, server_msg_id
-_U16 = struct.Struct("!H")
-
-
-def encode_send(instance_id: int, seq: int, to: bytes, text: str) -> bytes:
-    data = text.encode("utf-8")
-    return b"".join((_SEND_HEAD.pack(Kind.SEND, instance_id, seq, len(to)), to,
-                     _U32.pack(len(data)), data))  # fmt: skip
-
-
-def encode_receipt(server_msg_id: int) -> bytes:
-    return _RECEIPT.pack(Kind.RECEIPT, server_msg_id)
-
-
-def encode_receipts(server_msg_ids: list[int]) -> bytes:
-    """RECEIPTS for 2 to protocol.BATCH_MAX messages."""
-    return struct.pack(f"!BB{len(server_msg_ids)}Q", Kind.RECEIPTS, len(server_msg_ids),
-                       *server_msg_ids)  # fmt: skip
-
-
-def parse_deliver(payload: bytes) -> tuple[int, MsgId, str]:
-    """(server_msg_id, msg_id, text) of an encoded DELIVER."""
-    server_msg_id, instance_id, seq, size = _DELIVER_HEAD.unpack_from(payload, 1)
-    pos = 1 + _DELIVER_HEAD.size + size
-    (length,) = _U32.unpack_from(payload, pos)
-    text = payload[pos + 4 : pos + 4 + length].decode("utf-8")
-    return server_msg_id, MsgId(instance_id, seq), text
-
-
-def check_codec() -> None:
-    """The hand-made codec must give exactly what protocol.py gives."""
-    msg_id = MsgId(0x0123456789ABCDEF, 42)
-    text = make_text(123, 42)
-    assert encode_send(msg_id[0], 42, b"bob", text) == encode_message(Send(msg_id, "bob", text)), (
-        "encode_send differs from protocol.encode_message"
-    )
-    assert encode_receipt(7) == encode_message(Receipt(7))
-    assert encode_receipts([7, 8]) == encode_message(Receipts((7, 8)))
-    accepts = encode_message(Accepts(((msg_id, 5), (MsgId(1, 2), 6))))
-    assert list(_ACCEPTS_ITEM.iter_unpack(accepts[2:])) == [(*msg_id, 5), (1, 2, 6)]
-    delivereds = encode_message(Delivereds("bob", (msg_id, MsgId(1, 2))))
-    assert _U16.unpack_from(delivereds, 1) == (3,)
-    assert list(_MSGID.iter_unpack(delivereds[7:])) == [tuple(msg_id), (1, 2)]
-    deliver = encode_message(Deliver(9, msg_id, "alice", text, 1234))
-    assert parse_deliver(deliver) == (9, msg_id, text), "parse_deliver differs"
-    assert _MSGID.unpack_from(encode_message(Accept(msg_id, 5)), 1) == msg_id
-    assert _MSGID.unpack_from(encode_message(Delivered(msg_id, "bob")), 1) == msg_id
 
 
 def new_socket(server: Addr) -> socket.socket:
@@ -413,7 +355,6 @@ class Sender(Peer):
                  to: str, window: int, text_size: int) -> None:  # fmt: skip
         super().__init__(name, sock, conn, instance_id)
         self.to = to
-        self.to_bytes = to.encode("utf-8")
         self.stream = conversation_stream(to)
         self.window = window
         self.text_size = text_size
@@ -431,34 +372,17 @@ class Sender(Peer):
         room = min(self.window - len(self.outstanding), limit)
         if room <= 0:
             return
-        conn, stream, instance_id, to = self.conn, self.stream, self.instance_id, self.to_bytes
+        conn, stream, instance_id, to = self.conn, self.stream, self.instance_id, self.to
         outstanding, size = self.outstanding, self.text_size
         for _ in range(room):
             seq = self.next_seq
             self.next_seq += 1
             stamp = time.monotonic_ns()
-            conn.send(encode_send(instance_id, seq, to, make_text(stamp, seq, size)), stream)
+            text = make_text(stamp, seq, size)
+            conn.send(encode_message(Send(MsgId(instance_id, seq), to, text)), stream)
             outstanding[seq] = [0, stamp]
         self.sent += room
         self.dirty = True
-
-    def on_payload(self, payload: bytes, now_ns: int) -> None:
-        kind = payload[0]
-        if kind == Kind.ACCEPT or kind == Kind.DELIVERED:
-            instance_id, seq = _MSGID.unpack_from(payload, 1)
-            if instance_id == self.instance_id:
-                self.settle(seq, 1 if kind == Kind.ACCEPT else 2, now_ns)
-        elif kind == Kind.ACCEPTS:
-            for instance_id, seq, _ in _ACCEPTS_ITEM.iter_unpack(payload[2:]):
-                if instance_id == self.instance_id:
-                    self.settle(seq, 1, now_ns)
-        elif kind == Kind.DELIVEREDS:
-            (size,) = _U16.unpack_from(payload, 1)
-            for instance_id, seq in _MSGID.iter_unpack(payload[4 + size :]):
-                if instance_id == self.instance_id:
-                    self.settle(seq, 2, now_ns)
-        else:
-            super().on_payload(payload, now_ns)
 
     def settle(self, seq: int, bit: int, now_ns: int) -> None:
         """An ACCEPT (bit 1) or DELIVERED (bit 2) for message `seq`."""
@@ -479,7 +403,20 @@ class Sender(Peer):
                 self.last_complete = now_ns / 1e9
 
     def on_message(self, message: Message, now_ns: int) -> None:
-        if isinstance(message, Fail):
+        kind = type(message)
+        if kind is Accept or kind is Delivered:
+            msg_id = message.msg_id  # type: ignore[union-attr]
+            if msg_id.instance_id == self.instance_id:
+                self.settle(msg_id.client_seq, 1 if kind is Accept else 2, now_ns)
+        elif isinstance(message, Accepts):
+            for msg_id, _ in message.items:
+                if msg_id.instance_id == self.instance_id:
+                    self.settle(msg_id.client_seq, 1, now_ns)
+        elif isinstance(message, Delivereds):
+            for msg_id in message.msg_ids:
+                if msg_id.instance_id == self.instance_id:
+                    self.settle(msg_id.client_seq, 2, now_ns)
+        elif isinstance(message, Fail):
             self.failed += 1
             self.outstanding.pop(message.msg_id.client_seq, None)
         else:
@@ -505,11 +442,11 @@ class Receiver(Peer):
         self.received = self.duplicates = self.damaged = 0
         self.latencies = array.array("q")  # ns
 
-    def on_payload(self, payload: bytes, now_ns: int) -> None:
-        if payload[0] != Kind.DELIVER:
-            super().on_payload(payload, now_ns)
+    def on_message(self, message: Message, now_ns: int) -> None:
+        if not isinstance(message, Deliver):
+            super().on_message(message, now_ns)
             return
-        server_msg_id, msg_id, text = parse_deliver(payload)
+        msg_id, text = message.msg_id, message.text
         if msg_id in self.seen:
             self.duplicates += 1
         else:
@@ -520,13 +457,14 @@ class Receiver(Peer):
             except ValueError:
                 self.damaged += 1
         # Receipted in this pass's RECEIPTS: this client keeps nothing on disk.
-        self.receipts.append(server_msg_id)
+        self.receipts.append(message.server_msg_id)
         self.dirty = True
 
     def before_send(self) -> None:
         receipts, self.receipts = self.receipts, []
         for part in batches(receipts):
-            self.conn.send(encode_receipt(part[0]) if len(part) == 1 else encode_receipts(part))
+            message = Receipt(part[0]) if len(part) == 1 else Receipts(tuple(part))
+            self.conn.send(encode_message(message))
 
     def result(self) -> dict[str, Any]:
         out = super().result()
@@ -554,7 +492,6 @@ class TrafficSpec:
 def log_in_clients(spec: TrafficSpec) -> tuple[list[Sender], list[Receiver]]:
     """Log in every client of `spec`, each on a socket of its own (closed
     with `close_clients`)."""
-    check_codec()
     names = [name for name, _ in spec.senders] + list(spec.receivers)
     handshakes = [Handshake(name, new_socket(spec.server)) for name in names]
     try:
