@@ -282,22 +282,31 @@ def _decode_ranges(data: bytes, pos: int, count: int) -> tuple[tuple[int, int], 
     return tuple([(start, start + length) for start, length in _RANGE.iter_unpack(body)])
 
 
+#: `MsgId(a, b)` without the Python-level `__new__` that NamedTuple adds:
+#: half the time, and the decoders build one or more per message.
+_tuple_new = tuple.__new__
+_msgid_of = functools.partial(_tuple_new, MsgId)
+
+
 def _encode_accepts(items: tuple[tuple[MsgId, int], ...]) -> bytes:
-    return b"".join([_ACCEPTS_ITEM.pack(*msg_id, server_id) for msg_id, server_id in items])
+    pack = _ACCEPTS_ITEM.pack
+    return b"".join([pack(i, s, server_id) for (i, s), server_id in items])
 
 
 def _decode_accepts(data: bytes, pos: int, count: int) -> tuple[tuple[MsgId, int], ...]:
     body = data[pos : pos + count * _ACCEPTS_ITEM.size]
-    return tuple([(MsgId(i, s), server_id) for i, s, server_id in _ACCEPTS_ITEM.iter_unpack(body)])
+    items = _ACCEPTS_ITEM.iter_unpack(body)
+    return tuple([(_tuple_new(MsgId, (i, s)), server_id) for i, s, server_id in items])
 
 
 def _encode_msgids(items: tuple[MsgId, ...]) -> bytes:
-    return b"".join([_MSGIDS_ITEM.pack(*msg_id) for msg_id in items])
+    pack = _MSGIDS_ITEM.pack
+    return b"".join([pack(i, s) for i, s in items])
 
 
 def _decode_msgids(data: bytes, pos: int, count: int) -> tuple[MsgId, ...]:
     body = data[pos : pos + count * _MSGIDS_ITEM.size]
-    return tuple([MsgId(i, s) for i, s in _MSGIDS_ITEM.iter_unpack(body)])
+    return tuple(map(_msgid_of, _MSGIDS_ITEM.iter_unpack(body)))
 
 
 def _encode_u64s(items: tuple[int, ...]) -> bytes:
@@ -435,7 +444,7 @@ def _compile(cls: type, tag: int, *, frame: bool) -> tuple[_Encoder, _Decoder]:
             raise TypeError(f"{cls.__name__}: unknown wire type {kind!r}")
     env: dict[str, Any] = {
         "_cls": cls, "_error": _encode_error, "_MISFITS": _MISFITS, "_ErrorCode": ErrorCode,
-        "_CODES": _CODES, "_MsgId": MsgId, "_Remote": RemoteProtocolError,
+        "_CODES": _CODES, "_MsgId": MsgId, "_new": _tuple_new, "_Remote": RemoteProtocolError,
         "_decode_strs": _decode_strs, "_encode_strs": _encode_strs,
     }  # fmt: skip
     for kind in ("ranges", "accepts", "msgids", "u64s"):
@@ -552,7 +561,7 @@ def _decoder_source(
         if kind == "msgid":
             fmt += "QQ"
             targets += [f"{v}a", f"{v}b"]
-            values.append(f"_MsgId({v}a, {v}b)")
+            values.append(f"_new(_MsgId, ({v}a, {v}b))")
         elif kind == "bool":
             fmt += "B"
             targets.append(v)
@@ -845,7 +854,11 @@ def encode_packet(packet: Packet, key: bytes | None, *, pad_to: int = 0) -> byte
         raise LocalProtocolError(f"bad header field: {exc}") from None
     if len(packet.session_id) != SESSION_ID_SIZE:
         raise LocalProtocolError("a session id is 16 bytes")
-    body = b"".join(encode_frame(f) for f in packet.frames)
+    encoders = _FRAME_ENCODERS
+    try:
+        body = b"".join([encoders[f.__class__](f) for f in packet.frames])
+    except KeyError:
+        body = b"".join([encode_frame(f) for f in packet.frames])  # names the stranger
     size = HEADER.size + len(body) + (TAG_SIZE if key is not None else CRC.size)
     if size < pad_to:
         body += encode_frame(Padding(bytes(max(0, pad_to - size - FRAME_HEADER.size))))
