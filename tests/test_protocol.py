@@ -979,7 +979,10 @@ ODD_VALUES: st.SearchStrategy[Any] = st.one_of(
 )
 
 
-@pytest.mark.parametrize("cls", [c for c in ALL_KINDS if c.SPEC], ids=repr)  # type: ignore[attr-defined]
+WITH_FIELDS = [cls for cls in ALL_KINDS if cls.SPEC]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("cls", WITH_FIELDS, ids=[cls.__name__ for cls in WITH_FIELDS])
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_encoders_raise_only_local_protocol_error(cls: type, data: st.DataObject) -> None:
