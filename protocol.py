@@ -452,14 +452,18 @@ def _compile(cls: type, tag: int, *, frame: bool) -> tuple[_Encoder, _Decoder]:
         env[f"_decode_{kind}"] = globals()[f"_decode_{kind}"]
     encoder = _encoder_source(cls.__name__, tag, names, spec, frame, env)
     decoder = _decoder_source(cls.__name__, names, spec, env)
-    exec(encoder + decoder, env)
+    # Named so that a traceback or a profile says whose codec it is.
+    exec(compile(encoder + decoder, f"<protocol codec of {cls.__name__}>", "exec"), env)
     return env[f"encode_{cls.__name__}"], env[f"decode_{cls.__name__}"]
 
 
 def _add_struct(env: dict[str, Any], fmt: str) -> tuple[str, int]:
-    name = f"_S{sum(1 for key in env if key.startswith('_S'))}"
-    env[name] = struct.Struct("!" + fmt)
-    return name, env[name].size
+    """A new `struct.Struct` for the generated code: its name there, its size."""
+    structs: list[struct.Struct] = env.setdefault("_structs", [])
+    structs.append(struct.Struct("!" + fmt))
+    name = f"_S{len(structs) - 1}"
+    env[name] = structs[-1]
+    return name, structs[-1].size
 
 
 def _encoder_source(
@@ -609,10 +613,13 @@ def _decoder_source(
         lines.append("if pos != end: raise _Remote('trailing bytes')")
     lines.append(f"return _cls({', '.join(values)})")
     indent = "        " if has_text else "    "
+    # Every refusal names the record: "Send: truncated".
+    lines = [line.replace("_Remote('", f"_Remote('{name}: ") for line in lines]
+    lines = [line.replace("_Remote(f'", f"_Remote(f'{name}: ") for line in lines]
     body = "\n".join(indent + line for line in lines)
     if has_text:
         body = (f"    try:\n{body}\n    except UnicodeDecodeError:\n"
-                f"        raise _Remote('text is not UTF-8') from None")  # fmt: skip
+                f"        raise _Remote('{name}: text is not UTF-8') from None")  # fmt: skip
     return f"def decode_{name}(data, pos, end):\n{body}\n"
 
 
