@@ -144,9 +144,10 @@ class ClientError(LocalProtocolError):
     """Something the user asked for cannot be done; `code` says what to
     report (`ErrorEvent.code` is its label)."""
 
+    code: ErrorCode  # never None here (`ProtocolError.code` may be)
+
     def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
         self.message = message
 
 
