@@ -51,6 +51,7 @@ from protocol import (
     CONTROL_STREAM,
     FLAG_MAC,
     MAGIC,
+    MAX_FRAMES_SIZE,
     MAX_TEXT_BYTES,
     MIN_PREAUTH_REQUEST,
     NO_SESSION,
@@ -107,6 +108,7 @@ from protocol import (
     version_reply,
 )
 from reliability import (
+    REASSEMBLY_TIMEOUT,
     RTO_MAX,
     RTO_MIN,
     Connection,
@@ -114,6 +116,7 @@ from reliability import (
     PathResponded,
     PayloadAcked,
     PayloadReceived,
+    ReassemblyExpired,
     ReceiveBudget,
 )
 from server_guard import (
@@ -584,6 +587,8 @@ class Relay:
                 except Exception:  # one bad message must not take the rest of the datagram
                     log.exception("bug while handling a message from %s", session.user.name)
                     self.drops("internal error", session.addr, now)
+                if isinstance(event, ReassemblyExpired):
+                    return  # the session ended: what else it had goes with it
 
     def _on_event(self, session: Session, addr: Address, event: Event, now: float) -> None:
         if isinstance(event, PayloadReceived):
@@ -600,6 +605,8 @@ class Relay:
             done = [handle] if isinstance(handle, MsgId) else handle
             if isinstance(done, list) and session.receipts is not None:
                 self._receipts_acked(session, done)
+        elif isinstance(event, ReassemblyExpired):
+            self._reassembly_expired(session, now)
         elif isinstance(event, PathResponded):
             probe = session.probe
             if probe is not None and probe.addr == addr and probe.data == event.data:
@@ -608,6 +615,24 @@ class Relay:
                 session.addr = addr
                 session.probe = None
                 session.conn.send_ping()  # resume at once on the new path
+
+    def _reassembly_expired(self, session: Session, now: float) -> None:
+        """A long message the session started took no fragment for
+        REASSEMBLY_TIMEOUT s: its connection dropped it and gave its room
+        back (a sender that never finishes its messages would otherwise
+        hold the shared reassembly budget from everyone). Its fragments were
+        acked, so the client would never send them again: the session ends
+        instead, and the client is told at once (UNKNOWN_SESSION). It logs
+        in again and resends its outbox in order under the same ids (the
+        dedup makes that safe), so nothing is lost; nothing behind the
+        message on its stream was taken yet, so the order holds too."""
+        log.info("a message from %s took no fragment for %.0f s: session ended, its client "
+                 "logs in again and resends it", session.user.name, REASSEMBLY_TIMEOUT)  # fmt: skip
+        self.stats["reassembly_expired"] += 1
+        reply = unknown_session_reply(session.session_id, MAX_FRAMES_SIZE)
+        if reply is not None:
+            self._out.append((reply, session.addr))
+        self._end_session(session, now)
 
     # --- login --------------------------------------------------------------
 

@@ -96,6 +96,7 @@ from reliability import (
     PayloadAcked,
     PayloadReceived,
     PeerUnreachable,
+    ReassemblyExpired,
 )
 
 log = logging.getLogger("client_core")
@@ -978,6 +979,13 @@ class ClientCore:
                 self._finish(ErrorCode.LOGGED_OUT)
             elif isinstance(event, PeerUnreachable):
                 self._link_lost(now, notify=True)
+                return
+            elif isinstance(event, ReassemblyExpired):
+                # A long message from the server stalled for 30 s and was
+                # dropped, though acked: log in again, and the server offers
+                # what we have not receipted once more (nothing is lost).
+                log.info("a message from the server stalled; logging in again")
+                self._link_lost(now, notify=False)
                 return
 
     def _accepted(self, msg_id: MsgId) -> None:

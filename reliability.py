@@ -76,6 +76,12 @@ MAX_FRAGMENTS = 64
 MAX_PARTIAL_MESSAGES = 4
 MAX_BUFFERED_BYTES = 256 * 1024
 MAX_STREAMS = 4096
+#: A partial message that takes no new fragment for this long is dropped and
+#: its room given back (docs/RELIABILITY.md 1.1: "a 30 s reassembly
+#: timeout"). Its fragments were acked, so the sender will not resend them:
+#: the owner must make the sender send the whole message again (the server
+#: ends the session; the client logs in again and resends its outbox).
+REASSEMBLY_TIMEOUT = 30.0
 #: Across every session of a server (a `ReceiveBudget`): 20,000 sessions at
 #: MAX_BUFFERED_BYTES each would be 5 GiB (docs/RELIABILITY.md 1.4: 32 MiB).
 MAX_BUFFERED_TOTAL = 32 * 1024 * 1024
@@ -122,13 +128,25 @@ class PeerReachable:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReassemblyExpired:
+    """A partial message on `stream` took no fragment for REASSEMBLY_TIMEOUT s
+    and was dropped, though its fragments were acked: the sender must send
+    the whole message again (the owner sees to it)."""
+
+    stream: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PathResponded:
     """A PATH_RESPONSE arrived (the owner knows from which address)."""
 
     data: bytes
 
 
-Event = PayloadReceived | PayloadAcked | PeerUnreachable | PeerReachable | PathResponded
+Event = (
+    PayloadReceived | PayloadAcked | PeerUnreachable | PeerReachable | PathResponded
+    | ReassemblyExpired
+)  # fmt: skip
 
 
 class ReceiveBudget:
@@ -159,6 +177,19 @@ def charge_all(frame: Stream) -> int:
     """The room a fragmented message reserves in a `ReceiveBudget`: as if
     each of its fragments were a full frame."""
     return frame.count * MAX_FRAMES_SIZE
+
+
+class _Partial:
+    """A fragmented message being reassembled: the stream_seq and count of
+    its first fragment, the parts so far, and when it last took a fragment."""
+
+    __slots__ = ("head_seq", "count", "parts", "moved")
+
+    def __init__(self, head_seq: int, count: int, now: float) -> None:
+        self.head_seq = head_seq
+        self.count = count
+        self.parts: list[bytes] = []
+        self.moved = now
 
 
 class _Chunk:
@@ -216,6 +247,7 @@ class Connection:
         "_streams",
         "_held",
         "_partial",
+        "_now",
         "_buffered",
         "_budget",
         "_counted",
@@ -273,8 +305,8 @@ class Connection:
         self._ack_count = 0
         self._streams: dict[int, int] = {}  # stream -> next stream_seq expected
         self._held: dict[tuple[int, int], Stream] = {}  # (stream, stream_seq) -> chunk
-        # stream -> (stream_seq and count of its first fragment, the parts so far)
-        self._partial: dict[int, tuple[int, int, list[bytes]]] = {}
+        self._partial: dict[int, _Partial] = {}  # stream -> its message being reassembled
+        self._now = now  # of the datagram being taken (for `_Partial.moved`)
         self._buffered = 0
         self._budget = budget  # shared with other connections; None: this one's cap only
         # What this connection counts in the budget, by held or first
@@ -413,6 +445,7 @@ class Connection:
         it. No ack is sent for such a packet (acks ride on our next datagram),
         so a withheld peer's retransmissions follow our sends, not a loop."""
         pkt = packet.pkt_num
+        self._now = now
         fresh = self._replay_check(pkt)
         if data:
             eliciting = any(isinstance(f, (Stream, Ping)) for f in packet.frames)
@@ -519,9 +552,13 @@ class Connection:
                 deadlines.append(0.0)
         if self._inflight and not self._unreachable:
             deadlines.append(self._last_progress + UNREACHABLE_AFTER)
+        for partial in self._partial.values():
+            deadlines.append(partial.moved + REASSEMBLY_TIMEOUT)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
+        if self._partial:
+            self._expire_partials(now)
         oldest = self._oldest_outstanding()
         rto = self._backed_off_rto()
         if oldest is not None and oldest.sent_at + rto <= now:
@@ -672,6 +709,9 @@ class Connection:
         key = (stream, frame.stream_seq)
         self._held[key] = frame
         self._buffered += len(frame.data)
+        partial = self._partial.get(stream) if self._partial else None
+        if partial is not None and self._head(frame)[1] == partial.head_seq:
+            partial.moved = self._now  # a later fragment of it, held for a gap: progress
         budget = self._budget
         if budget is not None and (charge or (frame.count > 1 and frame.index == 0)):
             if self._counted is None:
@@ -711,24 +751,42 @@ class Connection:
             return
         stream = chunk.stream
         partial = self._partial.get(stream)
-        if partial is not None and (chunk.index != len(partial[2]) or chunk.count != partial[1]):
+        if partial is not None and (
+            chunk.index != len(partial.parts) or chunk.count != partial.count
+        ):
             # A malformed sequence of fragments: start again at the next index 0.
-            self._buffered -= sum(len(p) for p in partial[2])
-            del self._partial[stream]
-            self._unreserve(stream, partial[0])
+            self._drop_partial(stream, partial)
             partial = None
         if partial is None:
             if chunk.index != 0:
-                return
-            partial = self._partial[stream] = (chunk.stream_seq, chunk.count, [])
-        parts = partial[2]
+                return  # the rest of a message dropped (malformed or expired)
+            partial = self._partial[stream] = _Partial(chunk.stream_seq, chunk.count, self._now)
+        parts = partial.parts
         parts.append(chunk.data)
+        partial.moved = self._now
         self._buffered += len(chunk.data)
         if len(parts) == chunk.count:
             del self._partial[stream]
             self._buffered -= sum(len(p) for p in parts)
-            self._unreserve(stream, partial[0])
+            self._unreserve(stream, partial.head_seq)
             self._events.append(PayloadReceived(stream, b"".join(parts)))
+
+    def _drop_partial(self, stream: int, partial: _Partial) -> None:
+        """Forget a partial message and give its room back."""
+        self._buffered -= sum(len(p) for p in partial.parts)
+        del self._partial[stream]
+        self._unreserve(stream, partial.head_seq)
+
+    def _expire_partials(self, now: float) -> None:
+        """Drop the partial messages that took no fragment for
+        REASSEMBLY_TIMEOUT s (docs/RELIABILITY.md 1.1), so that a sender
+        that never finishes its messages cannot keep their room from
+        everyone else. Their fragments were acked: `ReassemblyExpired`
+        tells the owner, which makes the sender send them again whole."""
+        for stream, partial in list(self._partial.items()):
+            if partial.moved + REASSEMBLY_TIMEOUT <= now:
+                self._drop_partial(stream, partial)
+                self._events.append(ReassemblyExpired(stream))
 
     def _unhold(self, key: tuple[int, int]) -> None:
         """A counted chunk leaves the held ones: a first fragment keeps its
