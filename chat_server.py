@@ -1478,13 +1478,22 @@ def _address(text: str) -> int:
     return port
 
 
+#: The least `--max-memory` taken, in MiB: a server at rest is about 30 MiB
+#: resident (interpreter, modules, SQLite, the key-exchange pool), so below
+#: twice that every SEND would wait for good from the start.
+MIN_MAX_MEMORY = 64
+
+
 def _mebibytes(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive number of MiB")
+    if value < MIN_MAX_MEMORY:
+        raise argparse.ArgumentTypeError(
+            f"{value} MiB is too little: it must be at least {MIN_MAX_MEMORY} (MiB; a server "
+            "at rest uses about 30, and over the limit every new message waits)"
+        )
     return value
 
 
@@ -1556,7 +1565,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-memory", type=_mebibytes, default=ServerConfig().max_memory >> 20, metavar="MIB",
         help="resident memory of the whole server; past it new messages wait, unacknowledged, "
-        "until it falls (default %(default)s)",
+        f"until it falls; at least {MIN_MAX_MEMORY} (default %(default)s)",
     )  # fmt: skip
     return parser
 

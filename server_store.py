@@ -124,6 +124,7 @@ READ_ONLY = "read-only file system"
 NOT_WRITABLE = "permission denied"
 NOT_A_DIRECTORY = "not a directory"
 NOT_A_DATABASE = "not a database"
+IS_A_DIRECTORY = "is a directory"
 DAMAGED = "damaged"
 
 
@@ -144,6 +145,8 @@ def failure_cause(exc: BaseException, directory: Path) -> tuple[str, str]:
             return NOT_WRITABLE, detail
         if exc.errno in (errno.ENOTDIR, errno.EEXIST):
             return NOT_A_DIRECTORY, detail
+        if exc.errno == errno.EISDIR:
+            return IS_A_DIRECTORY, detail
         return "", detail
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
     if code == sqlite3.SQLITE_FULL:
@@ -178,6 +181,10 @@ def start_up_message(exc: BaseException, directory: Path, path: Path) -> str:
     """The one line saying why the store in `directory` cannot be used, after
     `exc` while working on `path` (the directory, its lock or its database)."""
     kind, detail = failure_cause(exc, directory)
+    if kind == IS_A_DIRECTORY or (path != directory and path.is_dir()):
+        # SQLite says only "unable to open database file" for a directory.
+        return (f"{path} is a directory, not a database file; move it away or pick another "
+                "--data-dir")  # fmt: skip
     if kind == DISK_FULL:
         return f"no space left on device writing {path} (disk full); free some space"
     if kind == READ_ONLY:
