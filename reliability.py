@@ -24,7 +24,8 @@ How it works, with the numbers and their sources in docs/RELIABILITY.md:
   (RFC 4303), so a replayed or forged datagram changes nothing;
 - chunks are delivered in order per stream (one conversation), and a gap in
   one stream never holds up another; long messages are fragments that are
-  reassembled under hard caps that never trust a declared length.
+  reassembled under hard caps that never trust a declared length, and one
+  that takes no fragment for 30 s is dropped (`ReassemblyExpired`).
 """
 
 from __future__ import annotations
