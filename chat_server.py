@@ -158,8 +158,17 @@ log = logging.getLogger("chat_server")
 
 Outgoing = list[tuple[bytes, Address]]
 RECEIVE_BUFFER = 4 * 1024 * 1024
-MAX_AWAITED = 10_000  # unregistered names watched, at most
+MAX_AWAITED = 10_000  # unregistered names watched, at most; least recently watched evicted
 MAX_AWAITED_PER_NAME = 100
+# Unregistered names one user may await at once: a client WATCHes the people
+# it has conversations open with, a handful; beyond, its oldest is forgotten.
+MAX_AWAITED_PER_WATCHER = 100
+# Users told of one user's comings and goings, at most (the oldest added is
+# forgotten first): a person keeps far fewer conversations, and each entry
+# costs a PRESENCE at every login and logout. A contact forgotten is added
+# again, presence and all, by its next message or WATCH (clients re-WATCH at
+# every login).
+MAX_CONTACTS = 1000
 MAX_RECIPIENT_KEYS = 4096  # cleared when full
 MAX_CLIENT_SEQ = 1 << 63  # SQLite stores signed 64-bit integers
 #: Requests on the control stream that count as messages against the user's
@@ -269,7 +278,10 @@ class Relay:
         )
         self._now = 0.0  # `now` of the call being handled, for store callbacks
         # Unregistered names someone watches -> who (told when the name arrives).
+        # Least recently watched first; `_awaiting` is the reverse (watcher
+        # key -> the names it awaits, oldest first), dropped with its session.
         self._awaited: dict[str, set[str]] = {}
+        self._awaiting: dict[str, dict[str, None]] = {}
         # Memory caps: reassembly shared by all sessions, typing notices per
         # pair, and the loop's measure of the whole process (`set_memory`).
         self._reassembly = ReceiveBudget(cfg.max_reassembly)
@@ -507,6 +519,8 @@ class Relay:
             self._probe_path(session, addr, len(data))
         self._dirty[session.session_id] = session
         self._collect(session, addr, now)
+        if session.presence_due:  # acks may have made room under the output cap
+            self._send_due_presence(session)
 
     def _may_take(self, session: Session, new: list[Stream], now: float) -> bool:
         """Whether to take the `new` chunks of a datagram (those not taken
@@ -602,6 +616,11 @@ class Relay:
             # The sender's client holds the receipts (a DELIVERED's handle is
             # its message id, a DELIVEREDS' the list of them): forget them.
             handle = event.handle
+            if isinstance(handle, str):  # a PRESENCE: its user's name key
+                session.presence_sent.discard(handle)
+                if session.presence_due:
+                    self._send_due_presence(session)
+                return
             done = [handle] if isinstance(handle, MsgId) else handle
             if isinstance(done, list) and session.receipts is not None:
                 self._receipts_acked(session, done)
@@ -681,7 +700,9 @@ class Relay:
             return
         if user is None:
             user = self.users[verdict.key] = User(verdict.name, verdict.key, verdict.account)
-            user.contacts.update(self._awaited.pop(verdict.key, ()))
+            for watcher in self._awaited.pop(verdict.key, ()):
+                self._awaiting.get(watcher, {}).pop(verdict.key, None)
+                self._add_contact(user, watcher)
             log.info("registered %s", verdict.name)
             # The WELCOME waits until the account is on the disk: a name,
             # once given, stays bound to its password.
@@ -805,6 +826,8 @@ class Relay:
                 del self._online[index]
             if not quiet:
                 self._announce(user, online=False)
+            # Its client WATCHes them again at its next login.
+            self._forget_awaited(user.key)
         # What it was handed and did not acknowledge stays on the disk for
         # the next login; the memory goes with the session.
         session.mail = session.receipts = None
@@ -856,9 +879,18 @@ class Relay:
                 if len(waiting) < MAX_WAITING_RETRIES:  # beyond: the client resends at login
                     waiting.append((send, to_key))
                 return
+        # The high-water marks are kept for the instance that logged in and
+        # the earlier instances it resends for (a copied profile takes a
+        # fresh instance id and resends its outbox with the old ids): an id
+        # of an instance the server keeps no mark for may still be an old
+        # retry, so the disk is asked, and no mark is made for it (the
+        # sender must not choose the keys of a map that lives in memory).
+        mark = self._hwm.get((user.key, instance_id))
         if dedup in self._accepted:
             self._take_or_answer(session, send, to_key)
-        elif client_seq <= self._hwm.get((user.key, instance_id), -1):
+        elif client_seq <= (mark if mark is not None else -1) or (
+            mark is None and instance_id != session.instance_id
+        ):
             # Maybe an older retry: the store looks it up (the loop never
             # waits on the disk) and the answer follows.
             self._looking_up[dedup] = [(send, to_key)]
@@ -944,7 +976,11 @@ class Relay:
         dedup = (user.key, instance_id, client_seq)
         self._accepted[dedup] = (server_msg_id, to_key, send.text)
         instance = (user.key, instance_id)
-        if client_seq > self._hwm.get(instance, -1):
+        mark = self._hwm.get(instance)
+        if mark is None:
+            if instance_id == session.instance_id:
+                self._hwm[instance] = client_seq
+        elif client_seq > mark:
             self._hwm[instance] = client_seq
         stored = StoredMessage(server_msg_id, recipient.key, user.key, user.name, instance_id,
                                client_seq, send.text, int(self._wall_clock() * 1000))  # fmt: skip
@@ -978,11 +1014,11 @@ class Relay:
             case None:
                 pass  # offline: it waits in the mailbox for the next login
         if recipient.key not in user.contacts:
-            user.contacts.add(recipient.key)
-            recipient.contacts.add(user.key)
-            self._send(session, Presence(recipient.name, route is not None))
+            self._add_contact(user, recipient.key)
+            self._add_contact(recipient, user.key)
+            self._tell_presence(session, recipient, route is not None)
             if isinstance(route, Session):
-                self._send(route, Presence(user.name, True))
+                self._tell_presence(route, user, True)
 
     def _new_id(self) -> int:
         """The next server_msg_id (also a receipt's seq): never reused."""
@@ -1216,20 +1252,69 @@ class Relay:
     def _on_watch(self, session: Session, watch: Watch) -> None:
         """The client has a conversation open with this user: tell it when
         they come and go, starting with now."""
-        key = name_key(watch.user)
+        try:
+            key = name_key(normalize_name(watch.user))
+        except LocalProtocolError:
+            self.stats["watch_invalid_name"] += 1  # nobody can ever have it
+            return
         peer = self.users.get(key)
         if peer is None:
-            # Nobody has this name yet: remember who waits for it (bounded),
-            # so they hear when it is registered and logs in.
-            if len(self._awaited) < MAX_AWAITED or key in self._awaited:
-                waiting = self._awaited.setdefault(key, set())
-                if len(waiting) < MAX_AWAITED_PER_NAME:
-                    waiting.add(session.user.key)
+            self._await(session.user.key, key)
             return
         if peer is session.user:
             return
-        peer.contacts.add(session.user.key)
-        self._send(session, Presence(peer.name, self.router.locate(peer) is not None))
+        self._add_contact(peer, session.user.key)
+        self._tell_presence(session, peer, self.router.locate(peer) is not None)
+
+    def _await(self, watcher: str, key: str) -> None:
+        """Remember that `watcher` waits for the unregistered name `key`, so
+        they hear when it is registered and logs in. Bounded per watcher,
+        per name and in all; the least recently watched go first, so a full
+        table never refuses a new watch (a user cannot turn the feature off
+        for everyone) and nobody can hold more than their share."""
+        mine = self._awaiting.setdefault(watcher, {})
+        mine.pop(key, None)
+        mine[key] = None
+        if len(mine) > MAX_AWAITED_PER_WATCHER:
+            oldest = next(iter(mine))
+            del mine[oldest]
+            self._unawait(watcher, oldest)
+        waiting = self._awaited.pop(key, None)  # re-inserted: now the most recent
+        if waiting is None:
+            waiting = set()
+            if len(self._awaited) >= MAX_AWAITED:
+                oldest = next(iter(self._awaited))
+                for other in self._awaited.pop(oldest):
+                    self._awaiting.get(other, {}).pop(oldest, None)
+                self.stats["awaited_evicted"] += 1
+        self._awaited[key] = waiting
+        if len(waiting) < MAX_AWAITED_PER_NAME:
+            waiting.add(watcher)
+        else:
+            mine.pop(key, None)
+
+    def _unawait(self, watcher: str, key: str) -> None:
+        waiting = self._awaited.get(key)
+        if waiting is not None:
+            waiting.discard(watcher)
+            if not waiting:
+                del self._awaited[key]
+
+    def _forget_awaited(self, watcher: str) -> None:
+        """A session ended: what its user awaited goes (its client sends the
+        WATCHes again at its next login)."""
+        for key in self._awaiting.pop(watcher, ()):
+            self._unawait(watcher, key)
+
+    def _add_contact(self, user: User, key: str) -> None:
+        """`key` hears when `user` comes and goes (at most MAX_CONTACTS: the
+        oldest added is forgotten)."""
+        contacts = user.contacts
+        contacts.pop(key, None)
+        contacts[key] = None
+        if len(contacts) > MAX_CONTACTS:
+            del contacts[next(iter(contacts))]
+            self.stats["contacts_evicted"] += 1
 
     def _on_typing(self, session: Session, typing: Typing, now: float) -> None:
         peer = self.users.get(name_key(typing.user))
@@ -1257,7 +1342,32 @@ class Relay:
             if contact is not None:
                 to = self.router.locate(contact)
                 if isinstance(to, Session):
-                    self._send(to, Presence(user.name, online))
+                    self._tell_presence(to, user, online)
+
+    def _tell_presence(self, to: Session, user: User, online: bool) -> None:
+        """Tell `to` that `user` is online or not. Presence is state: while
+        one PRESENCE of `user` is unacked, or the session's output is over
+        its cap, the latest state waits in `presence_due` (one entry per
+        user, replaced by each change) and goes once the client acks: the
+        output stays bounded and the client still ends with the last state."""
+        key = user.key
+        if key in to.presence_sent or to.conn.unacked_bytes >= self.config.max_unacked_output:
+            to.presence_due[key] = (user.name, online)
+            self.stats["presence_coalesced"] += 1
+            return
+        to.presence_due.pop(key, None)
+        to.presence_sent.add(key)
+        self._send(to, Presence(user.name, online), handle=key)
+
+    def _send_due_presence(self, session: Session) -> None:
+        """Send the presence states that waited, as far as the cap allows."""
+        due = session.presence_due
+        for key in [k for k in due if k not in session.presence_sent]:
+            if session.conn.unacked_bytes >= self.config.max_unacked_output:
+                return
+            name, online = due.pop(key)
+            session.presence_sent.add(key)
+            self._send(session, Presence(name, online), handle=key)
 
     def _send(
         self, session: Session, message: Message, *, stream: int = CONTROL_STREAM,

@@ -131,7 +131,9 @@ class User:
         self.mailbox_count = 0
         self.mailbox_bytes = 0
         self.notice_count = 0  # receipts for messages this user sent, not yet acked by them
-        self.contacts: set[str] = set()
+        # Name keys of those told when this user comes and goes, least
+        # recently used first (a dict as an ordered set; see MAX_CONTACTS).
+        self.contacts: dict[str, None] = {}
         self.msg_bucket: TokenBucket | None = None  # made at the first message
         self.byte_bucket: TokenBucket | None = None
         self.limited_at = -1e18  # when we last told them they were rate limited
@@ -140,7 +142,7 @@ class User:
 class Session:
     __slots__ = (
         "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
-        "closing", "probe", "mail", "receipts",
+        "closing", "probe", "mail", "receipts", "presence_sent", "presence_due",
     )  # fmt: skip
 
     def __init__(
@@ -159,6 +161,12 @@ class Session:
         # What it was handed from its mailbox / its queued receipts (made when used).
         self.mail: Pager[int, Entry] | None = None
         self.receipts: Pager[MsgId, int] | None = None  # message id -> receipt seq
+        # Presence is state, not a stream of events: at most one PRESENCE per
+        # user in flight to this session (name keys, until acked); a change
+        # meanwhile, or while the output is over its cap, replaces the one
+        # due (name key -> (name, online)), sent once the client acks.
+        self.presence_sent: set[str] = set()
+        self.presence_due: dict[str, tuple[str, bool]] = {}
 
 
 class Probe:
