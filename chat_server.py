@@ -243,12 +243,19 @@ class Relay:
         self._online: list[str] = []  # sorted name keys, for paged WHO
         # Dedup, message id -> (server id, recipient key, text), in memory
         # only until the message is committed; older retries are looked up
-        # in the store, off the loop (those at or below the high-water mark
-        # of their client instance).
+        # in the store, off the loop: those at or below the high-water mark
+        # of their client instance, and all of an instance without a mark.
+        # Marks are kept for live sessions' own instances only (made by their
+        # first new message, dropped with the session): a sender cannot
+        # choose the keys of this map, and start-up reads none of it.
         self._accepted: dict[tuple[str, int, int], tuple[int, str, str]] = {}
         self._hwm: dict[tuple[str, int], int] = {}
         # Dedup keys being looked up on the disk -> the SENDs waiting for the answer.
         self._looking_up: dict[tuple[str, int, int], list[tuple[Send, str]]] = {}
+        # Lookups in flight per (user, instance): while any is, that
+        # instance's later SENDs queue behind it (the store answers in
+        # order), so a new message never overtakes an earlier one.
+        self._lookups: collections.Counter[tuple[str, int]] = collections.Counter()
         self._dirty: dict[bytes, Session] = {}
         # ACCEPTs and DELIVEREDs due this pass, by session: sent at the flush,
         # several to one session as one ACCEPTS / DELIVEREDS message.
@@ -313,7 +320,6 @@ class Relay:
                 user.notice_count = max(0, waiting)
                 messages += count
                 notices += waiting
-        self._hwm.update(loaded.hwm)
         log.info("loaded %d accounts; %d messages and %d receipts wait on the disk",
                  len(loaded.accounts), messages, notices)  # fmt: skip
 
@@ -828,6 +834,8 @@ class Relay:
                 self._announce(user, online=False)
             # Its client WATCHes them again at its next login.
             self._forget_awaited(user.key)
+        # Its mark: the next session of this instance asks the disk first.
+        self._hwm.pop((user.key, session.instance_id), None)
         # What it was handed and did not acknowledge stays on the disk for
         # the next login; the memory goes with the session.
         session.mail = session.receipts = None
@@ -879,21 +887,21 @@ class Relay:
                 if len(waiting) < MAX_WAITING_RETRIES:  # beyond: the client resends at login
                     waiting.append((send, to_key))
                 return
-        # The high-water marks are kept for the instance that logged in and
-        # the earlier instances it resends for (a copied profile takes a
-        # fresh instance id and resends its outbox with the old ids): an id
-        # of an instance the server keeps no mark for may still be an old
-        # retry, so the disk is asked, and no mark is made for it (the
-        # sender must not choose the keys of a map that lives in memory).
+        # Without a mark for its instance (the session's first messages, or
+        # a copied profile's outbox resent with its old instance's ids), a
+        # SEND may be an old retry: the disk is asked.
         mark = self._hwm.get((user.key, instance_id))
         if dedup in self._accepted:
             self._take_or_answer(session, send, to_key)
-        elif client_seq <= (mark if mark is not None else -1) or (
-            mark is None and instance_id != session.instance_id
+        elif (
+            mark is None
+            or client_seq <= mark
+            or (self._lookups and (user.key, instance_id) in self._lookups)
         ):
             # Maybe an older retry: the store looks it up (the loop never
             # waits on the disk) and the answer follows.
             self._looking_up[dedup] = [(send, to_key)]
+            self._lookups[(user.key, instance_id)] += 1
             read = Read(FindDedup(*dedup))
             self.store.submit(read, functools.partial(self._dedup_found, user, dedup, read))
         else:
@@ -921,6 +929,10 @@ class Relay:
         high-water mark: a retry (the same ACCEPT), a reused id (FAIL), or a
         new message."""
         sends = self._looking_up.pop(dedup, [])
+        instance = dedup[:2]
+        self._lookups[instance] -= 1
+        if self._lookups[instance] <= 0:
+            del self._lookups[instance]
         session = self.router.locate(user)
         if not isinstance(session, Session) or not read.ok:
             return  # its client resends them at its next login
@@ -975,13 +987,10 @@ class Relay:
         instance_id, client_seq = msg_id
         dedup = (user.key, instance_id, client_seq)
         self._accepted[dedup] = (server_msg_id, to_key, send.text)
-        instance = (user.key, instance_id)
-        mark = self._hwm.get(instance)
-        if mark is None:
-            if instance_id == session.instance_id:
+        if instance_id == session.instance_id:  # no mark for other instances: see __init__
+            instance = (user.key, instance_id)
+            if client_seq > self._hwm.get(instance, -1):
                 self._hwm[instance] = client_seq
-        elif client_seq > mark:
-            self._hwm[instance] = client_seq
         stored = StoredMessage(server_msg_id, recipient.key, user.key, user.name, instance_id,
                                client_seq, send.text, int(self._wall_clock() * 1000))  # fmt: skip
         recipient.mailbox_count += 1

@@ -281,9 +281,6 @@ class Loaded:
     secret: bytes
     next_msg_id: int
     accounts: dict[str, Account] = field(default_factory=dict)
-    # Highest client_seq accepted per (sender, instance): anything at or below
-    # it may be a retry, to look up with `find_dedup`.
-    hwm: dict[tuple[str, int], int] = field(default_factory=dict)
     # user key -> (messages waiting, their UTF-8 bytes, receipts waiting for them)
     summary: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
@@ -675,11 +672,6 @@ class ServerStore:
             "SELECT name_key, name, salt, iterations, stored_key, server_key FROM accounts"
         ):
             loaded.accounts[name_key] = Account(name, salt, iterations, stored, server)
-        for sender_key, instance_id, client_seq in db.execute(
-            "SELECT sender_key, instance_id, MAX(client_seq) FROM dedup "
-            "GROUP BY sender_key, instance_id"
-        ):
-            loaded.hwm[(sender_key, _u64(instance_id))] = client_seq
         for user_key, messages, size, notices in db.execute(
             "SELECT user_key, messages, bytes, notices FROM summary"
         ):

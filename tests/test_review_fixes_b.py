@@ -19,6 +19,7 @@ from protocol import (
     Send,
     Watch,
     conversation_stream,
+    encode_message,
 )
 from tests.test_bounds import Client, World
 
@@ -78,7 +79,7 @@ def test_presence_to_a_session_that_never_acks_stays_under_the_cap_and_ends_righ
     world.login("pp0")  # one ends online
     world.step()
     session = world.session_of(victim)
-    presence = len(chat_server.encode_message(Presence("pp0", True)))
+    presence = len(encode_message(Presence("pp0", True)))
     # The old relay's output: two notices per login, all queued.
     assert 2 * rounds * len(names) * presence > 4 * cap
     assert max(world.session_output) <= cap + presence
