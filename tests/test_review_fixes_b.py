@@ -6,9 +6,12 @@ cannot be filled by a few users. In memory, on the relay of test_bounds's
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import chat_server
+from chat_server import Relay
 from protocol import (
     Accept,
     Accepts,
@@ -21,6 +24,7 @@ from protocol import (
     conversation_stream,
     encode_message,
 )
+from server_store import MemoryStore, Op, Read
 from tests.test_bounds import Client, World
 
 INSTANCE = 9  # the instance id `World.login` logs in with
@@ -139,6 +143,47 @@ def test_send_ids_of_instances_not_logged_in_make_no_marks_in_memory() -> None:
     assert accepted(mallory)[-1] == first
     world.step()
     assert len(bob.of(Deliver)) == 101
+
+
+class HeldReads(MemoryStore):
+    """A store in memory whose reads wait until `answer` (the disk's are
+    answered later, in order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Op, Any]] = []
+
+    def submit(self, op: Op, then: Any = None) -> None:
+        if isinstance(op, Read):
+            self.held.append((op, then))
+        else:
+            super().submit(op, then)
+
+    def answer(self, count: int) -> None:
+        for op, then in self.held[:count]:
+            super().submit(op, then)
+        del self.held[:count]
+
+
+def test_a_new_message_never_overtakes_one_being_looked_up() -> None:
+    """Without a mark (a session's first messages), SENDs are looked up on
+    the disk; once the first is found new it makes the mark, and a later
+    SEND must still wait behind the lookups in flight, not overtake them."""
+    world = World()
+    store = HeldReads()
+    world.relay = Relay(world.relay.config, store=store)
+    bob = world.login("bob")
+    mallory = world.login("mallory")
+    for seq in (1, 2):
+        mallory.send(Send(MsgId(INSTANCE, seq), "bob", f"m{seq}"), conversation_stream("bob"))
+    world.step()
+    assert len(store.held) == 2
+    store.answer(1)  # m1 is new: taken, and the mark is made
+    mallory.send(Send(MsgId(INSTANCE, 3), "bob", "m3"), conversation_stream("bob"))
+    world.step()
+    store.answer(len(store.held))
+    world.run_until(lambda: len(bob.of(Deliver)) == 3, 200, "all three delivered")
+    assert [d.text for d in bob.of(Deliver)] == ["m1", "m2", "m3"]
 
 
 def test_a_users_contacts_are_capped_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
