@@ -76,7 +76,7 @@ def test_presence_to_a_session_that_never_acks_stays_under_the_cap_and_ends_righ
     for name in names:
         victim.send(Watch(name))
     world.step()
-    rounds = 25
+    rounds = 15
     for _ in range(rounds):
         for name in names:
             come_and_go(world, name)
