@@ -177,6 +177,7 @@ MAX_CLIENT_SEQ = 1 << 63  # SQLite stores signed 64-bit integers
 COUNTED_REQUESTS = frozenset(int(kind) for kind in (Kind.WHO, Kind.WATCH, Kind.TYPING))
 MAX_TYPING_PAIRS = 4096  # (sender, recipient) typing limiters kept, least recent evicted
 MEMORY_SAMPLE_INTERVAL = 0.5  # seconds between two reads of the resident memory
+SHUTDOWN_COMMIT_WAIT = 2.0  # seconds a stopping server waits for its last commit
 SHORT_OF_MEMORY = "the server is short of memory; your messages wait"
 #: The first 6 bytes of every datagram of a session: magic, version, MAC flag.
 SESSION_PREFIX = MAGIC + bytes((VERSION, FLAG_MAC))
@@ -1555,12 +1556,40 @@ class ChatServer:
                 relay.handle_timer(now)
                 self._send_all(relay.datagrams_to_send(now))
                 relay.store.flush()  # after the sends: see ServerStore.flush
+            self._commit_before_leaving(selector)
             now = time.monotonic()
             relay.send_shutdown(now)
             self._send_all(relay.datagrams_to_send(now))
         finally:
             selector.close()
             self._stopped = True
+
+    def _commit_before_leaving(self, selector: selectors.BaseSelector) -> None:
+        """On the way out, before the BYE: let the store commit what the
+        loop queued (up to SHUTDOWN_COMMIT_WAIT) and send its ACCEPTs. A
+        client told BYE with a message still unaccepted keeps it and waits
+        to resend it, though the message is safe on the disk."""
+        relay = self.relay
+        committed: list[bool] = []  # its callback runs on this thread, in store_done
+        relay.store.submit(Sync(), lambda: committed.append(True))  # after all queued before
+        relay.store.flush()
+        deadline = time.monotonic() + SHUTDOWN_COMMIT_WAIT
+        while True:
+            now = time.monotonic()
+            relay.store_done(now)
+            relay.handle_timer(now)
+            self._send_all(relay.datagrams_to_send(now))
+            if committed:
+                return
+            if now >= deadline:
+                log.warning("stopping with writes not committed yet: their ACCEPTs are not sent")
+                return
+            selector.select(min(0.05, deadline - now))  # the store's notify() wakes it
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
 
     def _sample_memory(self, now: float) -> None:
         """Tell the relay how much memory the process holds, every

@@ -1082,7 +1082,9 @@ class ClientCore:
             return
         waiting = any(out.state == MessageState.SENDING for out in self.outbox.values())
         if self.conn is None:
-            if now >= self._closing_deadline:
+            # Not logged in: a login would only be for what is left to send
+            # (or to receipt); with nothing, waiting for one only delays the end.
+            if now >= self._closing_deadline or not (waiting or self.receipts):
                 self._warn_unsent()
                 self._finish(ErrorCode.LOGGED_OUT)
             return

@@ -569,3 +569,27 @@ def test_a_message_id_reused_for_other_content_fails_with_duplicate_id() -> None
     assert copy.states(second) == ["sending", "failed"]
     assert [e.reason for e in copy.of(StatusChanged) if e.state == "failed"] == ["duplicate_id"]
     assert [m.text for m in bob.of(MessageReceived)] == ["the original"]
+
+
+def test_closing_after_the_server_went_away_ends_at_once_with_nothing_to_send() -> None:
+    """Not logged in and nothing left to send or receipt: a logout has no
+    session to end and nothing to wait for, so it ends at once (it used to
+    wait out its whole timeout for a login it did not need: the 9 s teardown
+    of three test peers closed after their server). With a message still
+    unsent, it waits for the login that carries it."""
+    net = Net()
+    alice, bob = net.login("alice", "bob")
+    net.relay.shutdown_notice(net.now)
+    net.run(lambda: LinkChanged(False) in alice.events, "alice told of the shutdown")
+    alice.core.logout(net.now, timeout=10.0)
+    alice.take_events()
+    assert alice.core.ended and alice.events[-1] == Disconnected("logged_out")
+
+    net.run(lambda: LinkChanged(False) in bob.events, "bob told of the shutdown")
+    msg = bob.core.send("still to go", net.now, to="alice")
+    bob.core.logout(net.now, timeout=10.0)
+    assert not bob.core.ended  # waits for the login that sends it
+    net.run(lambda: bob.core.ended, "bob logged out")
+    bob.take_events()
+    assert bob.states(msg)[:2] == ["sending", "accepted"]
+    assert bob.events[-1] == Disconnected("logged_out")

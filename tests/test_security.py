@@ -1736,6 +1736,36 @@ def test_server_registers_through_its_process_pool(
     assert all(p.poll() is not None for p in procs), "a worker outlived the server"
 
 
+def test_a_stopping_server_sends_the_accepts_of_its_last_commit_before_its_bye(
+    tmp_path: Path, peers: Callable[..., Peer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message forwarded just before the server stops (its commit still
+    on the way to the disk) is ACCEPTed before the BYE: otherwise its
+    sender keeps it as unsent and waits for a login to resend it (closing
+    the three peers of the process-pool test waited 3 s each for that)."""
+    running = start_server(server_config(tmp_path / "data"))
+    try:
+        a, b = peers("erin"), peers("frank")
+        for peer in (a, b):
+            login_ok(peer, running.address)
+        store = running.server.store
+        assert store is not None
+        apply = store._apply
+
+        def slow_apply(ops: list[tuple[Any, ...]]) -> None:
+            time.sleep(0.3)  # a slow disk: the commit lands after the stop
+            apply(ops)
+
+        monkeypatch.setattr(store, "_apply", slow_apply)
+        msg = a.send("just before the stop", to="frank")
+        b.wait(lambda: "just before the stop" in b.texts, 10, "the message forwarded")
+    finally:
+        stop_server(running)
+    a.wait(lambda: bool(a.of(ErrorEvent)), 10, "the BYE")
+    assert a.of(ErrorEvent)[0].code == "server_shutdown"
+    assert "accepted" in a.states(msg), a.events
+
+
 class HeldStore:
     """A `MessageStore` that keeps every write until `commit()`, then hands
     back their callbacks in order, as the store thread would."""
