@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 
+import client_core
 from chat_client import ChatSession, LoggedIn, MessageReceived, PresenceChanged
-from client_window import ChatWindow, Settings
+from client_window import POLL_BATCH, ChatWindow, Settings
 from protocol import name_key
 from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, RunningServer, make_session, wait_for
 from tests.xvfb import display, screenshot, window_geometry, window_ids  # noqa: F401
@@ -63,6 +64,13 @@ def pump_until(
 
 def pump(root: tk.Misc, seconds: float) -> None:
     pump_until(root, lambda: False, seconds)
+
+
+def focus_on(root: tk.Misc, widget: tk.Misc, timeout: float = 10.0) -> bool:
+    """True once `widget` has Tk's focus: the FocusIn of a `focus_force`
+    comes back from the X server, later on a loaded machine, so a test
+    waits for it (bounded) instead of reading `focus_get()` at once."""
+    return pump_until(root, lambda: root.focus_get() is widget, timeout)
 
 
 def type_text(widget: tk.Misc, text: str) -> None:
@@ -284,14 +292,14 @@ def test_two_windows_chat_both_ways(gui: Gui) -> None:
     assert alice.top.title() == "alice - Chat"
     assert alice.chat_frame.winfo_ismapped() and not alice.login_frame.winfo_ismapped()
     assert alice.current is not None and alice.current.name == "bob"
-    assert gui.root.focus_get() is alice.composer, "composer must have the focus after login"
+    assert focus_on(gui.root, alice.composer), f"composer has no focus: {gui.root.focus_get()}"
 
     bob.username_entry.focus_force()  # the person clicks into bob's window
     pump(gui.root, 0.05)
     bob.login_button.invoke()
     assert pump_until(gui.root, lambda: bob.username is not None), bob.login_error.cget("text")
     assert bob.top.title() == "bob - Chat"
-    assert gui.root.focus_get() is bob.composer, "composer must have the focus after login"
+    assert focus_on(gui.root, bob.composer), "composer must have the focus after login"
 
     # alice writes first: typed, sent with Enter.
     type_text(alice.composer, "hello bob")
@@ -364,10 +372,10 @@ def test_unread_count_in_title_while_unfocused(gui: Gui) -> None:
     bob = gui.window()
     gui.login(bob, "bob", "alice")  # the conversation is open already
     alice_session = gui.session("alice")
-    assert gui.root.focus_get() is bob.composer
+    assert focus_on(gui.root, bob.composer)
 
     with other_application_focused():
-        assert pump_until(gui.root, lambda: not bob.focused, 5), "another app took the focus"
+        assert pump_until(gui.root, lambda: not bob.focused, 30), "another app took the focus"
         for i in range(3):
             alice_session.send(f"unread {i}", to="bob")
         assert pump_until(gui.root, lambda: "unread 2" in bob.transcript_text())
@@ -377,7 +385,7 @@ def test_unread_count_in_title_while_unfocused(gui: Gui) -> None:
         assert bob.top.title() == "(3) bob - Chat"
 
         bob.composer.focus_force()  # the person clicks back into bob's window
-        assert pump_until(gui.root, lambda: bob.top.title() == "bob - Chat", 5), bob.top.title()
+        assert pump_until(gui.root, lambda: bob.top.title() == "bob - Chat", 10), bob.top.title()
         assert bob.focused and bob.unread_total() == 0
 
 
@@ -431,7 +439,7 @@ def test_empty_password_shows_an_inline_error(gui: Gui) -> None:
     assert window.session is None, "nothing is sent without a password"
     assert window.login_frame.winfo_ismapped() and not window.chat_frame.winfo_ismapped()
     assert str(window.login_button.cget("state")) == "normal"
-    assert gui.root.focus_get() is window.password_entry, "the cursor goes to the field to fix"
+    assert focus_on(gui.root, window.password_entry), "the cursor goes to the field to fix"
     pump(gui.root, 0.1)
     screenshot("login_error_no_password.png")
 
@@ -482,14 +490,13 @@ def test_login_error_when_server_does_not_answer(gui_without_server: Gui) -> Non
     window = app.window(server=f"127.0.0.1:{port}", login_timeout=1.5)
     type_text(window.username_entry, "alice")
     type_text(window.password_entry, PASSWORD)
-    started = time.monotonic()
     window.login_button.invoke()
     assert str(window.login_button.cget("text")) != "Login", "shows it is connecting"
-    assert pump_until(app.root, lambda: window.login_error.cget("text") != "", 6)
-    waited = time.monotonic() - started
+    # Not before its login_timeout (1.5 s): a slow machine only delays the error.
+    assert not pump_until(app.root, lambda: window.login_error.cget("text") != "", 1.0)
+    assert pump_until(app.root, lambda: window.login_error.cget("text") != "", 30)
     error = str(window.login_error.cget("text"))
     assert "does not answer" in error and str(port) in error, error
-    assert 1.0 < waited < 4.0, waited
     assert window.login_frame.winfo_ismapped() and not window.chat_frame.winfo_ismapped()
     assert window.username_var.get() == "alice"
     assert str(window.login_button.cget("state")) == "normal"
@@ -531,9 +538,13 @@ def test_burst_of_1000_messages_keeps_the_loop_responsive(gui: Gui) -> None:
     expected = [time.monotonic() + 0.01]
     tick_id = [""]
 
+    shown_at_tick: list[int] = []  # how many were shown when the ticker ran
+    shown_at_idle: list[int] = []  # ... and when an idle callback ran
+
     def tick() -> None:
         now = time.monotonic()
         ticks.append(max(0.0, now - expected[0]))
+        shown_at_tick.append(received())
         expected[0] = now + 0.01
         tick_id[0] = gui.root.after(10, tick)
 
@@ -545,6 +556,7 @@ def test_burst_of_1000_messages_keeps_the_loop_responsive(gui: Gui) -> None:
 
     def idle_tick() -> None:
         idle_waits.append(time.monotonic() - idle_armed[0])
+        shown_at_idle.append(received())
         idle_id[0] = gui.root.after(10, arm_idle)
 
     def arm_idle() -> None:
@@ -588,9 +600,11 @@ def test_burst_of_1000_messages_keeps_the_loop_responsive(gui: Gui) -> None:
             f"  {name}: n={len(values)} p50 {statistics.median(values) * 1000:.1f} ms,"
             f" p99 {percentile(values, 0.99) * 1000:.1f} ms, max {max(values) * 1000:.1f} ms"
         )
-    assert max(poll_lag) < 1.0 and max(ticks) < 1.0 and max(blocked) < 1.0
-    assert max(idle_waits) < 1.0, "the window is repainted during the burst"
-    assert max(busy) < 0.5, "a poll keeps to its time budget (generously)"
+    # No figure is asserted (a loaded machine stretches them all); what is:
+    # timers and repaints ran in the middle of the burst, and it took many polls.
+    assert any(0 < n < 1000 for n in shown_at_tick), "no timer ran during the burst"
+    assert any(0 < n < 1000 for n in shown_at_idle), "the window was not repainted mid-burst"
+    assert len(busy) >= 1000 // POLL_BATCH, "a poll takes at most POLL_BATCH events"
 
     text = bob.transcript_text()
     numbers = [int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if "loader: burst" in line]
@@ -687,7 +701,7 @@ def test_ctrl_f_finds_text_in_the_transcript(gui: Gui) -> None:
     press(alice.composer, "f", control=True)
     assert alice.find_entry.winfo_ismapped(), "Ctrl+F shows the find field"
     assert alice.find_label.winfo_ismapped() and alice.find_label.cget("text") == "Find:"
-    assert gui.root.focus_get() is alice.find_entry
+    assert focus_on(gui.root, alice.find_entry)
     type_text(alice.find_entry, "needle")
     press(alice.find_entry, "Return")
     ranges = alice.transcript.tag_ranges("found")
@@ -713,7 +727,7 @@ def test_ctrl_f_finds_text_in_the_transcript(gui: Gui) -> None:
     assert not alice.find_entry.winfo_ismapped() and not alice.find_label.winfo_ismapped()
     assert not alice.find_status.winfo_ismapped()
     assert not alice.transcript.tag_ranges("found")
-    assert gui.root.focus_get() is alice.composer, "Esc goes back to the composer"
+    assert focus_on(gui.root, alice.composer), "Esc goes back to the composer"
 
 
 def test_escape_clears_and_up_recalls_last_sent(gui: Gui) -> None:
@@ -840,6 +854,10 @@ def test_chat_demo_with_a_display_opens_two_logged_in_windows(
         proc.wait(10)
         assert proc.returncode is not None
     assert processes_in_session(proc.pid) == [], "nothing left running"
+    # The X server forgets a dead client's windows when it gets to it: wait (bounded).
+    deadline = time.monotonic() + 15
+    while any(window_ids(title) for title in DEMO_TITLES) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not any(window_ids(title) for title in DEMO_TITLES), "its windows are gone"
 
 
@@ -889,7 +907,7 @@ def test_demo_windows_do_not_steal_focus_from_each_other(gui: Gui) -> None:
     press(alice.composer, "Return")
     assert pump_until(gui.root, lambda: "alice: hello" in bob.transcript_text())
     pump(gui.root, 0.1)
-    assert gui.root.focus_get() is alice.composer, (
+    assert focus_on(gui.root, alice.composer), (
         f"the person was typing in alice's window; the focus moved to {gui.root.focus_get()}"
     )
 
@@ -915,8 +933,11 @@ def test_demo_window_counts_unread_while_the_other_window_has_focus(gui: Gui) ->
     )
 
 
-def test_closing_a_window_logs_out_promptly(gui: Gui) -> None:
-    """The LOGOUT is acked at once: closing does not wait LOGOUT_ACK_WAIT."""
+def test_closing_a_window_logs_out_promptly(gui: Gui, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LOGOUT is acked at once: closing does not wait LOGOUT_ACK_WAIT
+    (made a minute here, longer than the window's close waits: a logout
+    that only the fallback ended would leave the network thread running)."""
+    monkeypatch.setattr(client_core, "LOGOUT_ACK_WAIT", 60.0)
     bob_session = gui.session("bob")
     alice = gui.window()
     gui.login(alice, "alice", "bob")
@@ -925,16 +946,17 @@ def test_closing_a_window_logs_out_promptly(gui: Gui) -> None:
     # bob's session shows what it is handed (so it receipts it) while the window runs.
     wait_for(bob_session, lambda e: isinstance(e, MessageReceived))
     assert pump_until(gui.root, lambda: "delivered" in states(alice, "bob"))
+    session = alice.session
+    assert session is not None
     started = time.monotonic()
     alice.close()
-    took = time.monotonic() - started
-    print(f"\nclosing the window took {took * 1000:.0f} ms")
+    print(f"\nclosing the window took {(time.monotonic() - started) * 1000:.0f} ms")
+    assert not session.running, "the window closed before its logout was acked"
     wait_for(
         bob_session,
         lambda e: isinstance(e, PresenceChanged) and e.user == "alice" and not e.online,
         5,
     )
-    assert took < 1.0, f"closing the window took {took:.2f} s (its logout was never acked?)"
 
 
 def test_closed_window_leaves_no_socket_open(gui: Gui) -> None:

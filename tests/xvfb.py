@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,22 +27,8 @@ import pytest
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 SCREEN = "1600x900x24"
-FIRST_DISPLAY = 90  # well above what a desktop or CI normally uses
-TRIES = 40
 START_TIMEOUT = 10.0
 INSTALL_HINT = "install Xvfb (Debian/Ubuntu: `apt-get install xvfb`)"
-
-
-def _accepts(number: int) -> bool:
-    """True if an X server listens on local display `number`."""
-    path = f"/tmp/.X11-unix/X{number}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def display_works(display: str) -> bool:
@@ -62,12 +48,6 @@ def display_works(display: str) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0
-
-
-def _free(number: int) -> bool:
-    return not (
-        Path(f"/tmp/.X{number}-lock").exists() or Path(f"/tmp/.X11-unix/X{number}").exists()
-    )
 
 
 class Xvfb:
@@ -94,47 +74,57 @@ class Xvfb:
 
 
 def start_xvfb(binary: str) -> Xvfb:
-    """Start Xvfb on the first free display number that it manages to take
-    (another process may grab a number between our check and its start)."""
-    errors: list[str] = []
-    for number in range(FIRST_DISPLAY, FIRST_DISPLAY + TRIES):
-        if not _free(number):
-            continue
-        fd, name = tempfile.mkstemp(prefix=f"xvfb-{number}-", suffix=".log")
-        log = Path(name)
+    """Start Xvfb on a display number it picks itself (`-displayfd`): two
+    test processes starting one at once each get their own. (Choosing a
+    free number here raced: the loser's Xvfb failed to start while the
+    winner's socket answered, so two workers shared a display, and the
+    loser's windows died with it.)"""
+    fd, name = tempfile.mkstemp(prefix="xvfb-", suffix=".log")
+    log = Path(name)
+    read_end, write_end = os.pipe()
+    try:
         with os.fdopen(fd, "wb") as log_file:
             proc = subprocess.Popen(
-                [binary, f":{number}", "-screen", "0", SCREEN, "-nolisten", "tcp"],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-            )
+                [binary, "-displayfd", str(write_end), "-screen", "0", SCREEN,
+                 "-nolisten", "tcp"],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                pass_fds=(write_end,),
+            )  # fmt: skip
+        os.close(write_end)
+        write_end = -1
+        answer = b""
         deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            if _accepts(number):
-                return Xvfb(proc, number, log)
-            time.sleep(0.05)
-        server = Xvfb(proc, number, log)
-        output = log.read_text("utf-8", "replace").strip().splitlines()
-        errors.append(f":{number}: {output[-1] if output else 'no output'}")
-        server.stop()
-    pytest.fail(
-        f"could not start Xvfb on any display :{FIRST_DISPLAY}..:{FIRST_DISPLAY + TRIES - 1}"
-        f" ({'; '.join(errors[-3:]) or 'all taken'})",
-        pytrace=False,
-    )
+        while not answer.endswith(b"\n") and time.monotonic() < deadline:
+            ready, _, _ = select.select([read_end], [], [], 0.1)
+            if ready:
+                chunk = os.read(read_end, 16)
+                if not chunk:
+                    break  # it exited
+                answer += chunk
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if answer.strip().isdigit():
+        return Xvfb(proc, int(answer), log)
+    server = Xvfb(proc, -1, log)
+    output = log.read_text("utf-8", "replace").strip().splitlines()
+    server.stop()
+    pytest.fail(f"could not start Xvfb: {output[-1] if output else 'no display number'}",
+                pytrace=False)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def display() -> Iterator[str]:
-    """The X display the GUI tests use (also set in os.environ["DISPLAY"])."""
+    """The X display the GUI tests use (also set in os.environ["DISPLAY"]).
+    Each pytest-xdist worker takes a private Xvfb when there is one: windows
+    of two tests running at once on one display take each other's focus."""
     current = os.environ.get("DISPLAY")
-    if current and display_works(current):
+    binary = shutil.which("Xvfb")
+    private = "PYTEST_XDIST_WORKER" in os.environ and binary is not None
+    if current and not private and display_works(current):
         yield current
         return
-    binary = shutil.which("Xvfb")
     if binary is None:
         why = f"DISPLAY={current!r} does not work" if current else "DISPLAY is not set"
         pytest.fail(f"the GUI tests need an X display: {why} and Xvfb is not installed; "
