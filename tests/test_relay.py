@@ -16,7 +16,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -77,9 +76,7 @@ from tests.conftest import (
     client_command,
     env_for_tests,
     make_session,
-    spawn_server,
     start_server,
-    stop_process,
     stop_server,
 )
 from tests.conftest import test_config as server_config  # not a test: no test_ name here
@@ -1051,38 +1048,6 @@ def test_message_to_offline_registered_user_waits_for_their_login(server: Runnin
 
 
 # --- command line: data directory and passwords ---------------------------------------------
-
-
-def test_second_server_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
-    """Two servers must never share a data directory: the second one says
-    why in one line on stderr and exits 2; the first carries on."""
-    data_dir = tmp_path / "shared-data"
-    first = spawn_server(data_dir=data_dir)
-    try:
-        started = time.monotonic()
-        second = subprocess.run(
-            [sys.executable, str(ROOT / "chat_server.py"), "--port", "0", "--data-dir",
-             str(data_dir), "--pbkdf2-iterations", str(TEST_ITERATIONS)],
-            capture_output=True, text=True, timeout=30, cwd=ROOT, env=env_for_tests(),
-        )  # fmt: skip
-        took = time.monotonic() - started
-        print(f"\nsecond server exited {second.returncode} after {took:.2f} s: {second.stderr!r}")
-        assert second.returncode == 2
-        assert "listening" not in second.stdout
-        error = second.stderr.strip()
-        assert "Traceback" not in error
-        assert str(data_dir) in error and "another chat-server" in error
-        assert len(error.splitlines()) == 1
-        # the first server still answers
-        client = Client("alice")
-        try:
-            assert client.login((first.host, first.port))
-            client.wait(lambda: client.logged_in, 10.0, "login to the first server")
-        finally:
-            client.close()
-        assert first.proc.poll() is None
-    finally:
-        stop_process(first)
 
 
 @pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
