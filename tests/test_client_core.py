@@ -579,7 +579,7 @@ def test_closing_after_the_server_went_away_ends_at_once_with_nothing_to_send() 
     unsent, it waits for the login that carries it."""
     net = Net()
     alice, bob = net.login("alice", "bob")
-    net.relay.shutdown_notice(net.now)
+    net.relay.send_shutdown(net.now)
     net.run(lambda: LinkChanged(False) in alice.events, "alice told of the shutdown")
     alice.core.logout(net.now, timeout=10.0)
     alice.take_events()

@@ -947,7 +947,7 @@ def test_closing_a_window_logs_out_promptly(gui: Gui, monkeypatch: pytest.Monkey
     wait_for(bob_session, lambda e: isinstance(e, MessageReceived))
     assert pump_until(gui.root, lambda: "delivered" in states(alice, "bob"))
     session = alice.session
-    assert session is not None
+    assert isinstance(session, ChatSession)
     started = time.monotonic()
     alice.close()
     print(f"\nclosing the window took {(time.monotonic() - started) * 1000:.0f} ms")

@@ -87,7 +87,7 @@ from protocol import (
 )
 from reliability import Connection, PayloadReceived
 from server_keyx import Busy as KeyExchangeBusy
-from server_store import Loaded, Op
+from server_store import Loaded, Op, Write
 from tests.clients import RawClient, ScriptedLogin, drain, preauth_frame, pump_until
 from tests.clients import cached_salted_password as salted
 from tests.clients import wait_until as wait_until_every
@@ -1752,7 +1752,7 @@ def test_a_stopping_server_sends_the_accepts_of_its_last_commit_before_its_bye(
         assert store is not None
         apply = store._apply
 
-        def slow_apply(ops: list[tuple[Any, ...]]) -> None:
+        def slow_apply(ops: list[Write]) -> None:
             time.sleep(0.3)  # a slow disk: the commit lands after the stop
             apply(ops)
 
