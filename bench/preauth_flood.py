@@ -178,6 +178,7 @@ def exchange(
     """alice -> bob every `interval` s for `seconds`: one-way latencies (ms)."""
     sent: dict[str, float] = {}
     got: dict[str, float] = {}
+    other: dict[str, int] = {}  # bob's other events (a disconnection, a re-login)
     start = time.monotonic()
     index = 0
     while True:
@@ -200,9 +201,12 @@ def exchange(
             bob.shown(event.id)
             if event.text in sent:
                 got.setdefault(event.text, time.monotonic())
+        else:
+            label = type(event).__name__
+            other[label] = other.get(label, 0) + 1
     latencies = sorted((got[t] - sent[t]) * 1000 for t in got)
     return {
-        "sent": len(sent), "received": len(got),
+        "sent": len(sent), "received": len(got), "other": other,
         "p50": percentile(latencies, 50) if latencies else None,
         "p99": percentile(latencies, 99) if latencies else None,
         "max": latencies[-1] if latencies else None,
@@ -210,6 +214,8 @@ def exchange(
 
 
 def show(label: str, r: dict[str, Any], extra: str = "") -> None:
+    if r["other"]:
+        extra += f"; bob's other events: {r['other']}"
     if r["p50"] is None:
         print(f"  {label:<44} nothing arrived ({r['sent']} sent){extra}")
         return
