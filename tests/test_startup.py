@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 import chat_client
-from chat_server import ChatServer, ListenError, parse_arguments
+from chat_server import ChatServer, ListenError, build_parser, parse_arguments
 from server_store import (
     Account,
     ServerStore,
@@ -529,3 +529,40 @@ def test_receipt_before_the_commit_reaches_the_sender_after_it(
         alice.dispose()
         bob.dispose()
         stop_server(running)
+
+
+# --- --max-memory below a server at rest (review F7) -------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1", "30", "63"])
+def test_max_memory_below_a_server_at_rest_is_refused(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--max-memory 1` used to start a server that held back every SEND for
+    good (it rests at about 30 MiB)."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--max-memory", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-memory" in err and "at least 64" in err
+    assert build_parser().parse_args(["--max-memory", "64"]).max_memory == 64
+
+
+# --- chat.db is a directory (review F8) --------------------------------------------------
+
+
+def test_a_chat_db_that_is_a_directory_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "chat.db").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "chat_server.py"), "--pbkdf2-iterations",
+         str(TEST_ITERATIONS), "--port", "0", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, env=env_for_tests(),
+    )  # fmt: skip
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("chat-server: ")
+    assert str(tmp_path / "chat.db") in lines[0]
+    assert "is a directory, not a database file" in lines[0]
+    assert "--data-dir" in lines[0]

@@ -1,8 +1,9 @@
-"""The issue-12 review's findings F2, F3 and F6: what a session is told of
-others' presence stays under its output cap, the relay's per-instance marks
-and contact lists do not grow with what a sender chooses, and awaited names
-cannot be filled by a few users. In memory, on the relay of test_bounds's
-`World` (fake clock, clients logged in by hand)."""
+"""Bounds on presence, contacts, watches and dedup marks (the issue-12 review's
+findings F2, F3 and F6): what a session is told of others' presence stays
+under its output cap, the relay's per-instance marks and contact lists do
+not grow with what a sender chooses, and awaited names cannot be filled by a
+few users. In memory, on the relay of test_bounds's `World` (fake clock,
+clients logged in by hand)."""
 
 from __future__ import annotations
 

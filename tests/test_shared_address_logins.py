@@ -1,4 +1,4 @@
-"""Fixes from the issue-12 review, findings F4 and F5.
+"""Logins behind a shared address (the issue-12 review, findings F4 and F5).
 
 F4: five wrong passwords from the owner's own address (a NAT, a campus)
 locked the owner out, ticket or not: the per-address failure window held
