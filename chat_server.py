@@ -624,7 +624,11 @@ class Relay:
             # its message id, a DELIVEREDS' the list of them): forget them.
             handle = event.handle
             if isinstance(handle, str):  # a PRESENCE: its user's name key
-                session.presence_sent.discard(handle)
+                sent = session.presence_sent
+                if sent is not None:
+                    sent.discard(handle)
+                    if not sent:
+                        session.presence_sent = None
                 if session.presence_due:
                     self._send_due_presence(session)
                 return
@@ -1361,22 +1365,30 @@ class Relay:
         user, replaced by each change) and goes once the client acks: the
         output stays bounded and the client still ends with the last state."""
         key = user.key
-        if key in to.presence_sent or to.conn.unacked_bytes >= self.config.max_unacked_output:
+        sent = to.presence_sent
+        if (sent is not None and key in sent) or (
+            to.conn.unacked_bytes >= self.config.max_unacked_output
+        ):
             to.presence_due[key] = (user.name, online)
             self.stats["presence_coalesced"] += 1
             return
         to.presence_due.pop(key, None)
-        to.presence_sent.add(key)
+        if sent is None:
+            sent = to.presence_sent = set()
+        sent.add(key)
         self._send(to, Presence(user.name, online), handle=key)
 
     def _send_due_presence(self, session: Session) -> None:
         """Send the presence states that waited, as far as the cap allows."""
         due = session.presence_due
-        for key in [k for k in due if k not in session.presence_sent]:
+        sent = session.presence_sent
+        for key in [k for k in due if sent is None or k not in sent]:
             if session.conn.unacked_bytes >= self.config.max_unacked_output:
                 return
             name, online = due.pop(key)
-            session.presence_sent.add(key)
+            if sent is None:
+                sent = session.presence_sent = set()
+            sent.add(key)
             self._send(session, Presence(name, online), handle=key)
 
     def _send(

@@ -301,7 +301,9 @@ class Connection:
         self._largest_recv = 0
         self._largest_recv_at = now
         self._una = 0
-        self._above: set[int] = set()
+        # Seqs taken above `_una`; made when one arrives out of order, dropped
+        # when the gap closes (an empty set alone is 216 bytes per session).
+        self._above: set[int] | None = None
         self._ack_due: float | None = None
         self._ack_count = 0
         self._streams: dict[int, int] = {}  # stream -> next stream_seq expected
@@ -414,7 +416,7 @@ class Connection:
     def seen(self, seq: int) -> bool:
         """Whether the chunk numbered `seq` was taken already (so a copy of it
         adds nothing: the owner's budgets count only new chunks)."""
-        return seq < self._una or seq in self._above
+        return seq < self._una or (self._above is not None and seq in self._above)
 
     def next_event(self) -> Event | None:
         return self._events.pop(0) if self._events else None
@@ -691,6 +693,8 @@ class Connection:
                 while self._una in self._above:
                     self._above.discard(self._una)
                     self._una += 1
+                if not self._above:
+                    self._above = None
             expected = (frame.stream_seq + 1) & 0xFFFFFFFF
             self._streams[stream] = expected
             self._events.append(PayloadReceived(stream, frame.data))
@@ -703,10 +707,15 @@ class Connection:
         if charge is None:
             return True
         out_of_order = frame.seq != self._una
-        self._above.add(frame.seq)
-        while self._una in self._above:
-            self._above.discard(self._una)
+        above = self._above
+        if above is None:
+            above = self._above = set()
+        above.add(frame.seq)
+        while self._una in above:
+            above.discard(self._una)
             self._una += 1
+        if not above:
+            self._above = None
         key = (stream, frame.stream_seq)
         self._held[key] = frame
         self._buffered += len(frame.data)
@@ -822,7 +831,7 @@ class Connection:
 
     def _make_ack(self, now: float, max_ranges: int) -> Ack:
         ranges: list[tuple[int, int]] = []
-        for seq in sorted(self._above):
+        for seq in sorted(self._above or ()):
             if ranges and ranges[-1][1] == seq:
                 ranges[-1] = (ranges[-1][0], seq + 1)
             elif len(ranges) < max_ranges:
@@ -882,6 +891,8 @@ class Connection:
                 self._update_rtt(max(sample, 0.0))
             for pkt in [p for p in self._sent_times if p <= ack.largest_pkt]:
                 del self._sent_times[pkt]
+            if not self._sent_times:
+                self._sent_times = {}  # a dict keeps its table when emptied: free it
         acked_pkts = set()
         for seq in self._acked_seqs(ack):
             chunk = self._inflight.pop(seq)
@@ -890,6 +901,10 @@ class Connection:
             acked_pkts.add(chunk.pkt_num)
             if chunk.last and chunk.handle is not None:
                 self._events.append(PayloadAcked(chunk.handle))
+        if progressed and not self._inflight:
+            # All acked (an idle session's usual state): a dict keeps its
+            # table when emptied, ~160 bytes per session; a fresh one has none.
+            self._inflight = {}
         # Congestion avoidance: +1 datagram per window of datagrams acked.
         self._cwnd = min(float(MAX_CWND), self._cwnd + len(acked_pkts) / self._cwnd)
         if progressed:

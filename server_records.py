@@ -162,10 +162,11 @@ class Session:
         self.mail: Pager[int, Entry] | None = None
         self.receipts: Pager[MsgId, int] | None = None  # message id -> receipt seq
         # Presence is state, not a stream of events: at most one PRESENCE per
-        # user in flight to this session (name keys, until acked); a change
+        # user in flight to this session (name keys, until acked; None when
+        # none is: an empty set alone is 216 bytes per session); a change
         # meanwhile, or while the output is over its cap, replaces the one
         # due (name key -> (name, online)), sent once the client acks.
-        self.presence_sent: set[str] = set()
+        self.presence_sent: set[str] | None = None
         self.presence_due: dict[str, tuple[str, bool]] = {}
 
 

@@ -46,7 +46,7 @@ from bench.loadgen import (
 )
 from chat_server import Outgoing, Relay, ServerConfig
 from protocol import ProtocolError
-from reliability import PayloadReceived
+from reliability import MAX_ACK_DELAY, PayloadReceived
 from server_store import ServerStore, Sync
 
 Addr = tuple[str, int]
@@ -120,6 +120,15 @@ def log_in(relay: Relay, names: Iterable[str], salted: SaltCache) -> dict[str, H
             raise RuntimeError(f"{name} did not log in")
         h.sock.addr = addr  # type: ignore[attr-defined]
         done[name] = h
+    # Each client acks what its session was sent (its login ticket) once its
+    # ack delay is over, as a real client does: unacked, it would stay in
+    # flight on the server and be counted as the idle session's.
+    time.sleep(MAX_ACK_DELAY)
+    now = time.monotonic()
+    for h in done.values():
+        for data in h.core.datagrams_to_send(now):
+            relay.receive_datagram(data, h.sock.addr, now)  # type: ignore[attr-defined]
+    relay.datagrams_to_send(now)
     return done
 
 
