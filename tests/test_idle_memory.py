@@ -11,8 +11,8 @@ import sys
 from protocol import Stream, Watch
 from reliability import PayloadReceived
 from tests.test_bounds import World
+from tests.test_presence_and_watch_bounds import come_and_go, last_presence
 from tests.test_reliability import Peer, acks, connection, drain
-from tests.test_review_fixes_b import come_and_go, last_presence
 
 EMPTY_DICT = sys.getsizeof({})
 
