@@ -38,7 +38,7 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
 import protocol
-from client_core import ClientCore, ErrorEvent
+from client_core import ClientCore, CoreStore, ErrorEvent
 from protocol import (
     DH_PRIVATE_BITS,
     Accept,
@@ -152,13 +152,14 @@ class Handshake:
     the chat client runs: HELLO -> CHALLENGE -> LOGIN -> WELCOME, SCRAM),
     over a socket that may carry many logins. The core gets this process's
     cached PBKDF2 (`salted`) and DH (`fast_login`) work; after the WELCOME
-    its `conn` is handed to a `Peer`."""
+    its `conn` is handed to a `Peer`. `store`: the client's (its instance
+    id and login ticket), to log in again as the same client."""
 
     __slots__ = ("name", "sock", "core")
 
     def __init__(
         self, name: str, sock: socket.socket, password: str = PASSWORD, *,
-        salted: SaltCache | None = None, timeout: float = 120.0,
+        salted: SaltCache | None = None, timeout: float = 120.0, store: CoreStore | None = None,
     ) -> None:  # fmt: skip
         self.name = name
         self.sock = sock
@@ -172,7 +173,7 @@ class Handshake:
 
         self.core = ClientCore(
             name, password, login_timeout=timeout, rto_min=RTO_MIN, rto_max=RTO_MAX,
-            salted_password=salted_password_cached, build_login=fast_login,
+            salted_password=salted_password_cached, build_login=fast_login, store=store,
         )  # fmt: skip
 
     @property
@@ -778,11 +779,14 @@ class LoginSpec:
 def run_logins(spec: LoginSpec, pipe: Pipe) -> None:
     """Worker: learn the salts and run PBKDF2 (untimed), then at t0 log every
     name in (the full handshake) and report. On ("again", t0, address) do it
-    once more (the parent restarted the server: existing accounts); on
-    ("exit",) stop. Sessions stay open until then."""
+    once more (the parent restarted the server: existing accounts), as the
+    same clients (their stores: instance ids and the login tickets the
+    first round gave them, as a real client keeps them); on ("exit",) stop.
+    Sessions stay open until then."""
     sockets = [new_socket(spec.server) for _ in range(spec.sockets)]
     try:
         salted: SaltCache = {}
+        handshakes: list[Handshake] = []
         probes = [Handshake(n, sockets[i % len(sockets)], salted=salted)
                   for i, n in enumerate(spec.names)]  # fmt: skip
         precompute_salts(probes)
@@ -791,7 +795,10 @@ def run_logins(spec: LoginSpec, pipe: Pipe) -> None:
             if command[0] == "again":
                 for sock in sockets:
                     sock.connect(command[2])
-            handshakes = [Handshake(n, sockets[i % len(sockets)], salted=salted)
+            stores: list[CoreStore | None] = [None] * len(spec.names)
+            if command[0] == "again":
+                stores = [h.core.store for h in handshakes]
+            handshakes = [Handshake(n, sockets[i % len(sockets)], salted=salted, store=stores[i])
                           for i, n in enumerate(spec.names)]  # fmt: skip
             wait_until(command[1])
             cpu0 = cpu_seconds()
