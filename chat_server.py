@@ -926,8 +926,8 @@ class Relay:
             return
         # A retry of a message we already hold: the same answer, no second
         # copy; it is still on its way to the disk, so the answer waits too.
-        accept = Accept(send.msg_id, server_msg_id)
-        self.store.submit(Sync(), lambda: self._accept(user, accept, None))
+        msg_id = send.msg_id
+        self.store.submit(Sync(), lambda: self._accept(user, msg_id, server_msg_id, None))
 
     def _dedup_found(self, user: User, dedup: tuple[str, int, int], read: Read) -> None:
         """The store's answer for SENDs at or below their instance's
@@ -948,7 +948,7 @@ class Relay:
             server_msg_id, digest = read.result
             # Keys stored before digests were kept take any content, as before.
             if digest is None or digest == content_digest(to_key, send.text):
-                self._queue_accept(session, Accept(send.msg_id, server_msg_id))
+                self._queue_accept(session, send.msg_id, server_msg_id)
             else:
                 self._fail(session, send.msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
 
@@ -1001,12 +1001,12 @@ class Relay:
         recipient.mailbox_count += 1
         recipient.mailbox_bytes += size
         self.stats["messages"] += 1
-        accept = Accept(msg_id, server_msg_id)
         # ACCEPT waits for the commit; forwarding does not.
         # (a partial, not a lambda: a closure would make `user` and the rest
         # cell variables, slower at every use in this function)
         self.store.submit(
-            StoreMessage(stored), functools.partial(self._accept, user, accept, dedup)
+            StoreMessage(stored),
+            functools.partial(self._accept, user, msg_id, server_msg_id, dedup),
         )
         route = self.router.locate(recipient)
         match route:
@@ -1042,7 +1042,9 @@ class Relay:
             self._reserve_at = self.store.reserve_ids(self._next_msg_id)
         return new
 
-    def _accept(self, sender: User, accept: Accept, dedup: tuple[str, int, int] | None) -> None:
+    def _accept(
+        self, sender: User, msg_id: MsgId, server_msg_id: int, dedup: tuple[str, int, int] | None
+    ) -> None:
         """After the commit: tell the sender, on whatever session it has now
         (if none, its client resends and gets the same answer). Committed,
         the message's dedup key is the disk's to remember."""
@@ -1050,13 +1052,15 @@ class Relay:
             self._accepted.pop(dedup, None)
         session = self.router.locate(sender)
         if isinstance(session, Session):
-            self._queue_accept(session, accept)
+            self._queue_accept(session, msg_id, server_msg_id)
 
-    def _queue_accept(self, session: Session, accept: Accept) -> None:
+    def _queue_accept(self, session: Session, msg_id: MsgId, server_msg_id: int) -> None:
+        """Queue an ACCEPT for the pass's batch (ids, not an `Accept`: one
+        object fewer per message)."""
         entry = self._accepts.get(session.session_id)
         if entry is None:
             entry = self._accepts[session.session_id] = (session, [])
-        entry[1].append((accept.msg_id, accept.server_msg_id))
+        entry[1].append((msg_id, server_msg_id))
 
     def _queue_delivered(self, session: Session, msg_id: MsgId, to: str) -> None:
         entry = self._delivereds.get(session.session_id)
@@ -1169,18 +1173,25 @@ class Relay:
         sender = self.users.get(entry.sender_key)
         if sender is not None:
             sender.notice_count += 1
-        tell = functools.partial(self._tell_sender, entry.sender_key, entry.msg_id, user.name, seq)
         # Received before its commit (the disk is slow or full): the sender
         # hears of it, which implies its ACCEPT, only once it is on disk,
-        # after the ACCEPT (the commits keep their order).
+        # after the ACCEPT (the commits keep their order). The callback is
+        # built only then: the usual receipt comes after the commit.
         instance_id, client_seq = entry.msg_id
-        early = (entry.sender_key, instance_id, client_seq) in self._accepted
         delivered = MarkDelivered(entry.server_msg_id, entry.sender_key, instance_id, client_seq,
                                   user.name, user.key, entry.size, seq)  # fmt: skip
-        self.store.submit(delivered, tell if early else None)
-        if not early:
-            tell()
-        self._page_mail(session)
+        if (entry.sender_key, instance_id, client_seq) in self._accepted:
+            self.store.submit(
+                delivered,
+                functools.partial(
+                    self._tell_sender, entry.sender_key, entry.msg_id, user.name, seq
+                ),
+            )
+        else:
+            self.store.submit(delivered)
+            self._tell_sender(entry.sender_key, entry.msg_id, user.name, seq)
+        if pager.behind:  # else `_page_mail` has nothing to read: saves a call per receipt
+            self._page_mail(session)
 
     def _tell_sender(self, sender_key: str, msg_id: MsgId, to: str, seq: int) -> None:
         """Tell the sender that `to` has its message (now, or from the disk
