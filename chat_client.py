@@ -68,7 +68,7 @@ from client_core import (
 )
 from client_core import Event as SessionEvent
 from client_store import ClientStore, mark_shown, store_dir
-from common import DEFAULT_PORT, parse_server, positive
+from common import DEFAULT_PORT, __version__, parse_server, positive
 from protocol import ErrorCode, LocalProtocolError, MsgId, normalize_name
 from reliability import RTO_MAX, RTO_MIN
 
@@ -628,6 +628,7 @@ def run_terminal(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chat-client", description="Chat over the UDP relay.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--no-gui", action="store_true", help="use the terminal instead of a window"
     )

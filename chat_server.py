@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType as _StackFrame
 
-from common import DEFAULT_PORT, at_least, positive
+from common import DEFAULT_PORT, __version__, at_least, positive
 from protocol import (
     CONTROL_STREAM,
     FLAG_MAC,
@@ -1672,6 +1672,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chat-server", description="Run the UDP chat relay server."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
     )

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from chat_client import ChatSession
 from chat_server import ChatServer
+from common import __version__
 from server_records import ServerConfig
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Start a private chat server on a free port and two windows, alice "
         "(talking to bob) and bob, side by side and logged in.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
         help="how much to log on stderr (default %(default)s)",

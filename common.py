@@ -22,6 +22,10 @@ from typing import IO
 
 APP_DIR = "udp-chat"
 DEFAULT_PORT = 5555
+#: The release, as `--version` prints it: the same as pyproject.toml's
+#: `version` (a test keeps them equal), so a run from a clone without an
+#: install says it too.
+__version__ = "0.1.0"
 
 
 # --- directories --------------------------------------------------------------
