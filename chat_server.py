@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType as _StackFrame
 
-from common import DEFAULT_PORT, __version__, at_least, positive
+from common import DEFAULT_PORT, __version__, at_least, format_address, positive
 from protocol import (
     CONTROL_STREAM,
     FLAG_MAC,
@@ -343,7 +343,7 @@ class Relay:
         except RemoteProtocolError as exc:
             self.drops("malformed", addr, now, exc)
         except Exception:  # the loop must never die on input
-            log.exception("bug while handling a datagram from %s:%d", *addr)
+            log.exception("bug while handling a datagram from %s", format_address(*addr))
             self.drops("internal error", addr, now)
 
     def _for_session(self, data: bytes) -> bool:
@@ -803,7 +803,7 @@ class Relay:
         self.router.bind(user, session, now)
         bisect.insort(self._online, user.key)
         self.stats["logins"] += 1
-        log.info("%s logged in from %s:%d", user.name, *addr)
+        log.info("%s logged in from %s", user.name, format_address(*addr))
         signature = server_signature(user.account.server_key, verdict.message)
         self._answer(login, Welcome(login.nonce, session_id, signature, user.name), size, addr,
                      now)  # fmt: skip
@@ -1752,14 +1752,14 @@ def listen_problem(host: str, port: int, exc: ListenError) -> str:
         return (f"--host {host} is not an address of this machine; give one of its "
                 "addresses (e.g. 127.0.0.1, or 0.0.0.0 for all)")  # fmt: skip
     if exc.errno == errno.EADDRINUSE:
-        return (f"cannot listen on {host}:{port}: {exc.strerror}; is another server running "
-                "there? Try --port 0.")  # fmt: skip
+        return (f"cannot listen on {format_address(host, port)}: {exc.strerror}; is another "
+                "server running there? Try --port 0.")  # fmt: skip
     if exc.errno == errno.EACCES and 0 < port < 1024:
         return (f"permission denied for port {port} (ports below 1024 need root); "
                 "pick --port 1024 or above")  # fmt: skip
     if exc.errno == errno.EAFNOSUPPORT:
         return f"cannot listen on {host}: {exc.strerror} (is IPv6 off on this machine?)"
-    return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return f"cannot listen on {format_address(host, port)}: {exc.strerror}"
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1814,7 +1814,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
     host, port = server.address
-    print(f"chat-server listening on {host}:{port}", flush=True)
+    print(f"chat-server listening on {format_address(host, port)}", flush=True)
     with server:
         server.serve_forever()
     log.info("stopped")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import protocol
+from common import format_address
 from protocol import (
     CONTROL_STREAM,
     FLAG_MAC,
@@ -767,7 +768,7 @@ class ClientCore:
         self.ended = True
 
     def _server_text(self, fallback: str) -> str:
-        return f"{self.server[0]}:{self.server[1]}" if self.server is not None else fallback
+        return format_address(*self.server) if self.server is not None else fallback
 
     def _send_message(
         self, message: Message, stream: int = CONTROL_STREAM, handle: object = None

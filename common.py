@@ -96,6 +96,12 @@ def u64(value: int) -> int:
 # --- addresses ----------------------------------------------------------------
 
 
+def format_address(host: str, port: int) -> str:
+    """host:port as a person can paste it back into `--server`: an IPv6
+    address in brackets (`[::1]:5556`), as `parse_server` reads it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_server(text: str) -> tuple[str, int]:
     """'host', 'host:port' or '[v6]:port' -> (host, port); ValueError with a reason."""
     text = text.strip()

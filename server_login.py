@@ -30,6 +30,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common import format_address
 from protocol import (
     DH_PRIVATE_BITS,
     SALT_SIZE,
@@ -279,7 +280,7 @@ class LoginDesk:
                 self._by_user.record(key, now)
             self._by_ip.record(addr[0], now)
             self.stats["login_failures"] += 1
-            log.info("failed login for %s from %s:%d", name, *addr)
+            log.info("failed login for %s from %s", name, format_address(*addr))
             return Refused(login.nonce, ErrorCode.BAD_PASSWORD, fit(f"wrong password for {name!r}"))
         return Verified(account.name if not new else name, key, account, client_key, message, new,
                         ticketed)  # fmt: skip

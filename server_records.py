@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from common import format_address
 from protocol import PBKDF2_ITERATIONS, MsgId
 from reliability import MAX_BUFFERED_TOTAL, RTO_MAX, RTO_MIN, Connection
 from server_guard import TokenBucket
@@ -198,6 +199,7 @@ class DropLog:
         last, count_then = self._logged.get(category, (-1e18, 0))
         if now - last >= self.interval:
             since = self.counts[category] - count_then
-            log.info("dropped datagram from %s:%d: %s%s (%d since last report)", *addr, category,
+            log.info("dropped datagram from %s: %s%s (%d since last report)",
+                     format_address(*addr), category,
                      f" ({detail})" if detail else "", since)  # fmt: skip
             self._logged[category] = (now, self.counts[category])

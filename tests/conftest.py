@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from chat_client import ChatSession, MessageReceived  # noqa: E402
 from chat_server import ChatServer, ServerConfig  # noqa: E402
+from common import format_address  # noqa: E402
 
 #: Loopback timers (docs/RELIABILITY.md: tests use 50 ms / 1 s).
 RTO_MIN, RTO_MAX = 0.05, 1.0
@@ -104,14 +105,17 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
 
 
 class ServerProcess:
-    def __init__(self, proc: subprocess.Popen[str], host: str, port: int) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], host: str, port: int, ready_line: str = ""
+    ) -> None:
         self.proc = proc
         self.host = host
         self.port = port
+        self.ready_line = ready_line  # what it printed once ready
 
     @property
     def addr_text(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
 
 def spawn_server(*extra: str, data_dir: Path, port: int = 0) -> ServerProcess:
@@ -124,13 +128,14 @@ def spawn_server(*extra: str, data_dir: Path, port: int = 0) -> ServerProcess:
     )  # fmt: skip
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+):(\d+)", line)
+    # host:port, or [v6]:port as a client takes it back
+    match = re.search(r"listening on (?:\[([^\]\s]+)\]|(\S+?)):(\d+)", line)
     if not match:
         proc.kill()
         raise AssertionError(
             f"server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
         )
-    return ServerProcess(proc, match.group(1), int(match.group(2)))
+    return ServerProcess(proc, match.group(1) or match.group(2), int(match.group(3)), line)
 
 
 def stop_process(running: ServerProcess) -> None:

@@ -4,6 +4,8 @@ terminal client's own `/commands`."""
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 import tomllib
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 
 import common
+from client_core import LOGIN_TIMEOUT, ClientCore
+from tests.conftest import client_command, env_for_tests, spawn_server, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +41,53 @@ def test_version_flag_prints_program_and_version(script: str, prog: str) -> None
     done = run(script, "--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{prog} {common.__version__}\n"
+
+
+def ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_format_address_brackets_ipv6_only() -> None:
+    assert common.format_address("::1", 5556) == "[::1]:5556"
+    assert common.format_address("127.0.0.1", 5555) == "127.0.0.1:5555"
+    assert common.parse_server(common.format_address("fe80::1", 7)) == ("fe80::1", 7)
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_ipv6_server_prints_a_pasteable_address_and_a_client_logs_in(tmp_path: Path) -> None:
+    running = spawn_server("--host", "::1", data_dir=tmp_path / "server-data")
+    try:
+        assert running.ready_line.startswith(f"chat-server listening on [::1]:{running.port}")
+        assert running.host == "::1"
+        assert running.addr_text == f"[::1]:{running.port}"
+        client = subprocess.Popen(
+            client_command("--server", running.addr_text, "--user", "alice", "--json"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env=env_for_tests(),
+        )  # fmt: skip
+        assert client.stdout is not None and client.stdin is not None
+        first = json.loads(client.stdout.readline() or "{}")
+        client.stdin.write("/quit\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=60)
+        assert first == {"event": "logged_in", "user": "alice"}, (first, out, err)
+        assert client.returncode == 0, err
+    finally:
+        stop_process(running)
+
+
+def test_client_names_an_ipv6_server_in_pasteable_form() -> None:
+    core = ClientCore("alice", "pw", server=("::1", 5556))
+    core.connect(0.0)
+    core.handle_timer(LOGIN_TIMEOUT + 1.0)
+    messages = []
+    while (event := core.next_event()) is not None:
+        messages.append(getattr(event, "message", ""))
+    assert any("server [::1]:5556 does not answer" in text for text in messages), messages
