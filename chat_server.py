@@ -640,8 +640,8 @@ class Relay:
         elif isinstance(event, PathResponded):
             probe = session.probe
             if probe is not None and probe.addr == addr and probe.data == event.data:
-                log.info("session of %s moved from %s:%d to %s:%d", session.user.name,
-                         *session.addr, *addr)  # fmt: skip
+                log.info("session of %s moved from %s to %s", session.user.name,
+                         format_address(*session.addr), format_address(*addr))  # fmt: skip
                 session.addr = addr
                 session.probe = None
                 session.conn.send_ping()  # resume at once on the new path
@@ -1814,7 +1814,10 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
     host, port = server.address
-    print(f"chat-server listening on {format_address(host, port)}", flush=True)
+    # The ready line starts the same way always (scripts and tests read the
+    # address from it); where the data lives follows in parentheses.
+    print(f"chat-server listening on {format_address(host, port)} (data in {config.data_dir})",
+          flush=True)  # fmt: skip
     with server:
         server.serve_forever()
     log.info("stopped")

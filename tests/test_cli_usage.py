@@ -91,3 +91,14 @@ def test_client_names_an_ipv6_server_in_pasteable_form() -> None:
     while (event := core.next_event()) is not None:
         messages.append(getattr(event, "message", ""))
     assert any("server [::1]:5556 does not answer" in text for text in messages), messages
+
+
+def test_ready_line_says_where_the_data_lives(tmp_path: Path) -> None:
+    data = tmp_path / "server-data"
+    running = spawn_server(data_dir=data)
+    try:
+        assert running.ready_line == (
+            f"chat-server listening on {running.addr_text} (data in {data})\n"
+        )
+    finally:
+        stop_process(running)
