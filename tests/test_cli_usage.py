@@ -102,3 +102,15 @@ def test_ready_line_says_where_the_data_lives(tmp_path: Path) -> None:
         )
     finally:
         stop_process(running)
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("abc", "argument --port: 'abc' is not a port number"),
+     ("70000", "argument --port: 70000 is not a port: a port is 0..65535")],
+)  # fmt: skip
+def test_bad_port_says_what_is_wrong(value: str, says: str) -> None:
+    done = run("chat_server.py", "--port", value)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == f"chat-server: error: {says}"
+    assert "_address" not in done.stderr
