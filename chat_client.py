@@ -514,7 +514,7 @@ def event_to_json(event: SessionEvent) -> dict[str, Any]:
 def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
     """A line for a person (and whether it belongs on stderr), or None."""
     if isinstance(event, LoggedIn):
-        return f"logged in as {event.user}; type a message, /to NAME, /who or /quit", False
+        return f"logged in as {event.user}; type a message, /to NAME, /who, /help or /quit", False
     if isinstance(event, MessageReceived):
         return f"{event.sender}: {event.text}", False
     if isinstance(event, StatusChanged) and event.state == MessageState.FAILED:
@@ -532,6 +532,27 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
     if isinstance(event, Disconnected) and event.reason != "logged_out":
         return f"disconnected ({event.reason})", True
     return None
+
+
+#: The terminal's commands, as `/help` lists them: (usage, what it does).
+TERMINAL_COMMANDS = (
+    ("/to NAME", "send your next messages to NAME"),
+    ("/who", "list who is online"),
+    ("/help", "list these commands"),
+    ("/quit", "wait up to 10 s until what you sent is accepted, log out and exit"),
+    ("//TEXT", "send /TEXT: a message that starts with a slash"),
+)
+
+
+def _show_help(as_json: bool, stdout: IO[str]) -> None:
+    if as_json:
+        line = json.dumps({"event": "help", "commands": [use for use, _ in TERMINAL_COMMANDS]})
+    else:
+        width = max(len(use) for use, _ in TERMINAL_COMMANDS)
+        line = "\n".join(f"{use:<{width}}  {does}" for use, does in TERMINAL_COMMANDS)
+        line = "any other line is a message to the current peer\n" + line
+    stdout.write(line + "\n")
+    stdout.flush()
 
 
 @dataclass(frozen=True)
@@ -606,13 +627,26 @@ def run_terminal(
             if quitting:
                 continue
             text = item.text
-            if text is None or text.strip() == "/quit":
+            command, _, rest = (text or "").strip().partition(" ")
+            if text is None or command == "/quit":
                 quitting = True
                 session.logout(10.0)
-            elif text.startswith("/to "):
-                session.set_peer(text[4:].strip())
-            elif text.strip() == "/who":
+            elif text.startswith("//"):  # an escaped slash: the text from the second one
+                session.send(text[1:])
+            elif command == "/to":
+                session.set_peer(rest.strip())
+            elif command == "/who":
                 session.who()
+            elif command == "/help":
+                try:
+                    _show_help(as_json, stdout)
+                except BrokenPipeError:
+                    closed_pipe = True
+                    inbox.put(_Line(None))
+            elif text.startswith("/"):
+                # Never sent as chat text: a mistyped command would reach the peer.
+                show(ErrorEvent(ErrorCode.UNKNOWN_COMMAND.label,
+                                f"unknown command {command}; /help lists them"))  # fmt: skip
             elif text.strip():
                 session.send(text)
             continue

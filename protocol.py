@@ -120,6 +120,9 @@ class ErrorCode(enum.IntEnum):
     # A SEND reuses a message id the server accepted for other content: the
     # client's store was copied or restored (a silent ACCEPT would lose it).
     DUPLICATE_ID = 16
+    # A terminal `/command` the client does not know (never on the wire: the
+    # client reports it and sends nothing).
+    UNKNOWN_COMMAND = 17
 
     @property
     def label(self) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import common
+from chat_client import TERMINAL_COMMANDS
 from client_core import LOGIN_TIMEOUT, ClientCore
 from tests.conftest import client_command, env_for_tests, spawn_server, stop_process
 
@@ -114,3 +115,46 @@ def test_bad_port_says_what_is_wrong(value: str, says: str) -> None:
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == f"chat-server: error: {says}"
     assert "_address" not in done.stderr
+
+
+def terminal_session(tmp_path: Path, lines: str, *flags: str) -> tuple[str, str]:
+    """A terminal client of a fresh server, logged in as alice (to bob);
+    `lines` typed once it is logged in, then /quit. Its stdout and stderr."""
+    running = spawn_server(data_dir=tmp_path / "server-data")
+    try:
+        client = subprocess.Popen(
+            client_command("--server", running.addr_text, "--user", "alice",
+                           "--connect-to", "bob", *flags),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env=env_for_tests(),
+        )  # fmt: skip
+        assert client.stdout is not None and client.stdin is not None
+        first = client.stdout.readline()
+        assert "logged" in first, first
+        client.stdin.write(lines + "/quit\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=60)
+        return first + out, err
+    finally:
+        stop_process(running)
+
+
+def test_help_unknown_command_and_escaped_slash_in_json(tmp_path: Path) -> None:
+    out, err = terminal_session(tmp_path, "/help\n/bogus x\n//slash text\n", "--json")
+    events = [json.loads(line) for line in out.splitlines()]
+    helps = [event for event in events if event["event"] == "help"]
+    assert helps == [{"event": "help", "commands": [use for use, _ in TERMINAL_COMMANDS]}]
+    assert {"event": "error", "code": "unknown_command",
+            "message": "unknown command /bogus; /help lists them"} in events  # fmt: skip
+    sent = [event["text"] for event in events
+            if event["event"] == "status" and event["state"] == "sending"]  # fmt: skip
+    assert sent == ["/slash text"], (events, err)  # neither /help nor /bogus went as chat
+    assert not any(event["event"] == "disconnected" and event["reason"] == "unknown_command"
+                   for event in events)  # fmt: skip
+
+
+def test_help_in_text_mode_lists_the_commands_on_stdout(tmp_path: Path) -> None:
+    out, err = terminal_session(tmp_path, "/help\n/nope\n")
+    for use, does in TERMINAL_COMMANDS:
+        assert any(line.startswith(use) and line.endswith(does) for line in out.splitlines())
+    assert "error: unknown command /nope; /help lists them" in err
