@@ -574,11 +574,14 @@ def run_terminal(
     *,
     password: str,
     as_json: bool,
+    quit_wait: float = 10.0,
     stdin: IO[str] | None = None,
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
 ) -> int:
-    """The line-based client; returns the exit status (0, or 2 after a fatal error)."""
+    """The line-based client; returns the exit status: 0 when everything sent
+    was accepted and it logged out, 2 after a fatal error (or without ever
+    logging in), 3 when messages stay in the outbox for the next login."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -621,6 +624,9 @@ def run_terminal(
     threading.Thread(target=_read_lines, args=(stdin, inbox), daemon=True, name="stdin").start()
     fatal = False
     quitting = False
+    logged_in = False
+    quit_after_login = False  # end of input before the login completed
+    unaccepted: set[str] = set()  # ids `sending`, not yet accepted or failed
     while True:
         item = inbox.get()
         if isinstance(item, _Line):
@@ -630,7 +636,12 @@ def run_terminal(
             command, _, rest = (text or "").strip().partition(" ")
             if text is None or command == "/quit":
                 quitting = True
-                session.logout(10.0)
+                if logged_in:
+                    session.logout(quit_wait)
+                else:
+                    # Ending now would end silently before the login says
+                    # whether it worked: wait for it (or its fatal error).
+                    quit_after_login = True
             elif text.startswith("//"):  # an escaped slash: the text from the second one
                 session.send(text[1:])
             elif command == "/to":
@@ -651,10 +662,21 @@ def run_terminal(
                 session.send(text)
             continue
         show(item)
+        if isinstance(item, LoggedIn) and not logged_in:
+            logged_in = True
+            if quit_after_login:
+                session.logout(quit_wait)
+        if isinstance(item, StatusChanged):
+            if item.state == MessageState.SENDING:
+                unaccepted.add(item.id)
+            else:
+                unaccepted.discard(item.id)
         if isinstance(item, ErrorEvent) and item.fatal:
             fatal = True
         if isinstance(item, Disconnected):
-            return 2 if fatal or item.reason != "logged_out" else 0
+            if fatal or item.reason != "logged_out" or not logged_in:
+                return 2
+            return 3 if unaccepted else 0
 
 
 # --- command line -------------------------------------------------------------
@@ -678,6 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--password-file", type=Path, default=None, metavar="FILE",
         help="read the password from FILE (else $CHAT_PASSWORD, else a prompt)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quit-wait", type=positive, default=10.0, metavar="SECONDS",
+        help="on /quit or end of input, wait up to SECONDS until what you sent is "
+        "accepted (default %(default)s); exit 3 if some stays in the outbox",
     )  # fmt: skip
     parser.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -755,8 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return run_terminal(
-            session, args.server, args.user, args.connect_to, password=password, as_json=args.json
-        )
+            session, args.server, args.user, args.connect_to, password=password, as_json=args.json,
+            quit_wait=args.quit_wait,
+        )  # fmt: skip
     except KeyboardInterrupt:
         session.close(2.0)
         return 0
