@@ -682,8 +682,32 @@ def run_terminal(
 # --- command line -------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are also a JSON `error` event on stdout
+    when `json_errors` is set (`--json` on the command line): a script reads
+    one format whatever went wrong."""
+
+    json_errors = False
+
+    def error(self, message: str) -> Any:  # argparse declares NoReturn
+        if self.json_errors:
+            event = ErrorEvent(ErrorCode.USAGE.label, f"{self.prog}: error: {message}", True)
+            print(json.dumps(event.to_json(), ensure_ascii=False), flush=True)
+        super().error(message)  # the human text on stderr, exit status 2
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """Whether `--json` (or an abbreviation argparse accepts) is among the options."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg.startswith("--j") and "--json".startswith(arg):
+            return True
+    return False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chat-client", description="Chat over the UDP relay.")
+    parser = _Parser(prog="chat-client", description="Chat over the UDP relay.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--no-gui", action="store_true", help="use the terminal instead of a window"
@@ -751,6 +775,8 @@ def read_password(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if isinstance(parser, _Parser):
+        parser.json_errors = _wants_json(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.rto_max < args.rto_min:
         parser.error(f"argument --rto-max: {args.rto_max} is below --rto-min ({args.rto_min})")
@@ -764,8 +790,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return run_window(args, session_factory=ChatSession)
     if not args.user:
-        print("chat-client: --user NAME is required with --no-gui", file=sys.stderr)
-        return 2
+        parser.error("--user NAME is required with --no-gui")
     password = read_password(args)
     if not password:
         message = "a password is required: set CHAT_PASSWORD or use --password-file FILE"

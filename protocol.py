@@ -123,6 +123,9 @@ class ErrorCode(enum.IntEnum):
     # A terminal `/command` the client does not know (never on the wire: the
     # client reports it and sends nothing).
     UNKNOWN_COMMAND = 17
+    # A command-line argument the client cannot use, reported as JSON with
+    # `--json` (never on the wire: the program ends before it starts).
+    USAGE = 18
 
     @property
     def label(self) -> str:

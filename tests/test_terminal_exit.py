@@ -10,6 +10,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import client_command, env_for_tests, spawn_server, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +73,34 @@ def test_messages_left_in_the_outbox_exit_3(tmp_path: Path) -> None:
     assert any(e["event"] == "status" and e["state"] == "sending" for e in events)
     assert not any(e["event"] == "status" and e["state"] == "accepted" for e in events)
     assert events[-1] == {"event": "disconnected", "reason": "logged_out"}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--json", "--rto-min", "abc"), "argument --rto-min"),
+        (("--no-gui", "--jso", "--bogus"), "unrecognized arguments: --bogus"),
+        (("--json",), "--user NAME is required with --no-gui"),
+    ],
+)
+def test_json_usage_errors_are_json_on_stdout_and_text_on_stderr(
+    args: tuple[str, ...], says: str
+) -> None:
+    done = subprocess.run(
+        client_command(*args), capture_output=True, text=True, cwd=ROOT,
+        env=env_for_tests(), timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2, done
+    [event] = events_of(done.stdout)
+    assert event["event"] == "error" and event["code"] == "usage", event
+    assert says in str(event["message"]), event
+    assert says in done.stderr and "usage: chat-client" in done.stderr
+
+
+def test_without_json_a_usage_error_prints_nothing_on_stdout() -> None:
+    done = subprocess.run(
+        client_command("--rto-min", "abc"), capture_output=True, text=True, cwd=ROOT,
+        env=env_for_tests(), timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert "argument --rto-min" in done.stderr
