@@ -511,14 +511,29 @@ def event_to_json(event: SessionEvent) -> dict[str, Any]:
     return event.to_json()
 
 
+def _brief(text: str, width: int = 30) -> str:
+    """The start of a message's text, on one line, to name it in a status line."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "\u2026"
+
+
 def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
     """A line for a person (and whether it belongs on stderr), or None."""
     if isinstance(event, LoggedIn):
         return f"logged in as {event.user}; type a message, /to NAME, /who, /help or /quit", False
     if isinstance(event, MessageReceived):
         return f"{event.sender}: {event.text}", False
-    if isinstance(event, StatusChanged) and event.state == MessageState.FAILED:
-        return f"! not delivered to {event.to}: {event.text!r} ({event.reason})", True
+    if isinstance(event, StatusChanged):
+        # One line per state change; the later ones name the message briefly
+        # (several may be under way at once).
+        about = f"to {event.to}: {_brief(event.text)}" if event.text else f"to {event.to}"
+        if event.state == MessageState.SENDING:
+            return f"-> {event.to}: {event.text}  [sending]", False
+        if event.state == MessageState.ACCEPTED:
+            return f"  \u2713 on server ({about})", False
+        if event.state == MessageState.DELIVERED:
+            return f"  \u2713\u2713 delivered ({about})", False
+        return f"  \u2717 failed ({event.reason}) ({about})", True
     if isinstance(event, PresenceChanged):
         return f"* {event.user} is {'online' if event.online else 'offline'}", False
     if isinstance(event, WhoList):
@@ -588,10 +603,19 @@ def run_terminal(
     inbox = session.events
 
     closed_pipe = False
+    # A failure comes as a `failed` status and then an `error` with the same
+    # code; in text mode the status line says it, so the error is not repeated.
+    failed_reason: str | None = None
 
     def show(event: SessionEvent) -> None:
-        nonlocal closed_pipe
+        nonlocal closed_pipe, failed_reason
         if closed_pipe:
+            return
+        repeated = isinstance(event, ErrorEvent) and not event.fatal and event.code == failed_reason
+        failed_reason = None
+        if isinstance(event, StatusChanged) and event.state == MessageState.FAILED:
+            failed_reason = event.reason
+        if repeated and not as_json:
             return
         try:
             if as_json:

@@ -1,7 +1,9 @@
-"""The terminal client's exit status, per the contract (issue 16): 0 when all
-sent was accepted and it logged out, 2 on a fatal error (a server that never
-answers included, even when input ends first), 3 when messages stay in the
-outbox for the next login. Real processes, short waits."""
+"""The terminal client as scripts and people use it (issue 16). Its exit
+status, per the contract: 0 when all sent was accepted and it logged out, 2 on
+a fatal error (a server that never answers included, even when input ends
+first), 3 when messages stay in the outbox for the next login; usage errors
+as JSON with `--json`; in text mode, each state of a message on its own
+line, and a failure printed once. Real processes, short waits."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import socket
 import subprocess
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -17,10 +20,12 @@ from tests.conftest import client_command, env_for_tests, spawn_server, stop_pro
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_client(addr: str, *flags: str, user: str = "alice") -> subprocess.Popen[str]:
+def start_client(
+    addr: str, *flags: str, user: str = "alice", json_mode: bool = True
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         client_command("--server", addr, "--user", user, "--connect-to", "bob",
-                       "--json", *flags),
+                       *(["--json"] if json_mode else []), *flags),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=ROOT, env=env_for_tests(),
     )  # fmt: skip
@@ -104,3 +109,50 @@ def test_without_json_a_usage_error_prints_nothing_on_stdout() -> None:
     )  # fmt: skip
     assert done.returncode == 2 and done.stdout == ""
     assert "argument --rto-min" in done.stderr
+
+
+def next_line(stream: IO[str]) -> str:
+    """The next line that is not a presence notice (`* bob is offline`)."""
+    while (line := stream.readline()).startswith("* "):
+        pass
+    return line
+
+
+def test_text_mode_shows_each_state_and_a_failure_once(tmp_path: Path) -> None:
+    running = spawn_server(data_dir=tmp_path / "server-data")
+    try:
+        bob = start_client(running.addr_text, user="bob")
+        assert bob.communicate("", timeout=60)[0]  # bob's account exists now
+        client = start_client(running.addr_text, json_mode=False)
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline().startswith("logged in as alice")
+        # One at a time, so the lines come in a known order.
+        client.stdin.write("hi bob\n")
+        client.stdin.flush()
+        assert next_line(client.stdout) == "-> bob: hi bob  [sending]\n"
+        assert next_line(client.stdout) == "  \u2713 on server (to bob: hi bob)\n"
+        out, err = client.communicate("/to carol\nhi carol\n", timeout=60)
+    finally:
+        stop_process(running)
+    assert client.returncode == 0, (out, err)
+    assert [line for line in out.splitlines() if not line.startswith("* ")][0] == (
+        "-> carol: hi carol  [sending]"
+    ), out
+    failures = [line for line in err.splitlines() if "carol" in line or "no_such_user" in line]
+    assert failures == ["  \u2717 failed (no_such_user) (to carol: hi carol)"], err
+
+
+def test_event_to_text_names_every_state_briefly() -> None:
+    from chat_client import event_to_text
+    from client_core import MessageState, StatusChanged
+
+    long = "a rather long message that goes on and on"
+    assert event_to_text(StatusChanged("i-1", MessageState.DELIVERED, "bob", "")) == (
+        "  \u2713\u2713 delivered (to bob)", False,
+    )  # fmt: skip
+    line, to_stderr = event_to_text(StatusChanged("i-2", MessageState.ACCEPTED, "bob", long)) or (
+        "",
+        True,
+    )
+    assert line == "  \u2713 on server (to bob: a rather long message that go\u2026)"
+    assert not to_stderr
