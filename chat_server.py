@@ -125,6 +125,15 @@ from server_guard import (
 )
 from server_keyx import KeyExchanges, KeyExchangeWorkers
 from server_login import Answered, LoginDesk, Unwrap, Verified
+from server_metrics import (
+    Family,
+    MetricsServer,
+    counter,
+    gauge,
+    histogram,
+    label_value,
+    labelled,
+)
 from server_records import Address, DropLog, Entry, Pager, Probe, ServerConfig, Session, User
 from server_router import LocalRouter, Router
 from server_store import (
@@ -198,6 +207,22 @@ PAGE_MIN_BYTES = MAILBOX_WINDOW_BYTES // 4
 NOTICE_WINDOW = 1024
 NOTICE_PAGE_MIN = NOTICE_WINDOW // 4
 MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
+#: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
+#: categories, each a fixed phrase (never text a sender chose). The metrics
+#: report every one of them, at 0 until it happens, so an alert on one can
+#: be written before it ever fires; a test keeps this list equal to the
+#: phrases the relay uses.
+DROP_REASONS = (
+    "pre-login budget", "pre-login rate limit", "user rate limit",
+    "output cap: input waits for acks", "short of memory: messages wait", "malformed",
+    "internal error", "unsupported version", "unknown session", "bad tag or frame",
+    "replayed or refused", "bad message", "unpadded pre-login datagram",
+    "pre-login datagram without one HELLO or LOGIN", "login with a stale or forged cookie",
+    "reply would be larger than the request", "message not for the server",
+)  # fmt: skip
+#: Those that are limits the server enforces: logged as warnings ("limit
+#: hit"), at most once per `ServerConfig.log_interval` each.
+LIMIT_REASONS = frozenset(DROP_REASONS[:5])
 DUPLICATE_ID_TEXT = (
     "this message id was already used for another message; your client's store was "
     "probably copied or restored"
@@ -268,7 +293,10 @@ class Relay:
         self._timers: list[tuple[float, int, bytes]] = []
         self._tiebreak = itertools.count()
         self._out: Outgoing = []
-        self.drops = DropLog(self.config.log_interval)
+        self.drops = DropLog(self.config.log_interval, LIMIT_REASONS)
+        # UTF-8 bytes of the messages taken (a plain int: one add per message,
+        # no look-up; the metrics read it).
+        self.message_bytes = 0
         self.stats: collections.Counter[str] = collections.Counter()
         cfg = self.config
         self._preauth = BucketTable(cfg.preauth_rate, cfg.preauth_burst)
@@ -296,6 +324,7 @@ class Relay:
         self._typing = BucketTable(cfg.typing_rate, cfg.typing_burst, MAX_TYPING_PAIRS)
         self.short_of_memory = False
         self._memory_logged = -1e18
+        self._full_logged = -1e18  # the last "server is full" line
         self._load(self.store.load())
         self._reserve_at = self.store.reserve_ids(self._next_msg_id)  # when to ask again
         # The wall clock is only for timestamps people see (`sent_ms`): what
@@ -706,6 +735,11 @@ class Relay:
         if len(self.sessions) >= self.config.max_sessions and (
             user is None or not isinstance(self.router.locate(user), Session)
         ):
+            self.stats["login_server_full"] += 1
+            if now - self._full_logged >= self.config.log_interval:
+                self._full_logged = now
+                log.warning("limit hit: the server is full (--max-sessions %d): logins wait",
+                            self.config.max_sessions)  # fmt: skip
             self._answer(frame, Refused(frame.nonce, ErrorCode.SERVER_ERROR, "the server is full; "
                                         "try later"), size, addr, now)  # fmt: skip
             return
@@ -715,6 +749,7 @@ class Relay:
                 self._awaiting.get(watcher, {}).pop(verdict.key, None)
                 self._add_contact(user, watcher)
             log.info("registered %s", verdict.name)
+            self.stats["registrations"] += 1
             # The WELCOME waits until the account is on the disk: a name,
             # once given, stays bound to its password.
             self._registering.add(frame.nonce)
@@ -747,6 +782,7 @@ class Relay:
         client hears the server is busy."""
         login = pending.login
         if not self.key_exchanges.request(pending.job, (pending, addr, size)):
+            self.stats["registrations_busy"] += 1
             text = "the server is busy registering new accounts; try again in a few seconds"
             self._answer(login, Refused(login.nonce, ErrorCode.RATE_LIMITED, text), size, addr, now)
             return
@@ -1001,6 +1037,7 @@ class Relay:
         recipient.mailbox_count += 1
         recipient.mailbox_bytes += size
         self.stats["messages"] += 1
+        self.message_bytes += size
         # ACCEPT waits for the commit; forwarding does not.
         # (a partial, not a lambda: a closure would make `user` and the rest
         # cell variables, slower at every use in this function)
@@ -1463,6 +1500,22 @@ class ListenError(OSError):
     `socket.gaierror` when the host could not be resolved)."""
 
 
+class MetricsListenError(ListenError):
+    """The metrics' HTTP socket could not be bound to `--metrics HOST:PORT`."""
+
+
+#: `Relay.stats` keys counting refused logins -> the `reason` label of
+#: `chat_login_failures_total`.
+LOGIN_FAILURES = (
+    ("login_failures", "bad_password"),
+    ("login_invalid_name", "invalid_name"),
+    ("login_throttled", "too_many_failures"),
+    ("registrations_throttled", "registrations_throttled"),
+    ("registrations_busy", "registrations_busy"),
+    ("login_server_full", "server_full"),
+)
+
+
 class ChatServer:
     """A relay bound to a UDP address (port 0 picks a free one; `.address` is
     the real one). `serve_forever()` runs the loop on the calling thread until
@@ -1471,8 +1524,13 @@ class ChatServer:
     #: Datagrams read per pass before flushing, so replies batch into fewer datagrams.
     READ_BATCH = 256
 
-    def __init__(self, address: Address = ("127.0.0.1", 5555), config: ServerConfig | None = None):
+    def __init__(
+        self, address: Address = ("127.0.0.1", 5555), config: ServerConfig | None = None, *,
+        metrics: Address | None = None,
+    ) -> None:  # fmt: skip
         config = config or ServerConfig()
+        self.started = time.monotonic()
+        self.started_wall = time.time()
         # The address first: a wrong --host or a taken port is found before
         # the store is opened and read (and nothing is logged before the
         # one line that says what is wrong).
@@ -1486,6 +1544,15 @@ class ChatServer:
         except OSError as exc:  # a gaierror too: the host was looked up here
             self.socket.close()
             raise ListenError(exc.errno, exc.strerror) from exc
+        self.metrics_server: MetricsServer | None = None
+        if metrics is not None:
+            # Bound here too, before the store: a taken metrics port is found
+            # at start-up, in one line, like a taken UDP port.
+            try:
+                self.metrics_server = MetricsServer(metrics, self.metrics)
+            except OSError as exc:
+                self.socket.close()
+                raise MetricsListenError(exc.errno, exc.strerror) from exc
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.store: ServerStore | None = None
@@ -1508,6 +1575,8 @@ class ChatServer:
         self.address: Address = self.socket.getsockname()[:2]
         if self.store is not None:
             self.store.start()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self._stopping = False
         self._stopped = False
         self._memory_due = 0.0  # when to read the resident memory next
@@ -1524,6 +1593,8 @@ class ChatServer:
 
     def close(self) -> None:
         """Close the socket and the store (committing what is queued)."""
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self._unwrapper is not None:
             self._unwrapper.shutdown()
         self.socket.close()
@@ -1635,6 +1706,75 @@ class ChatServer:
             except OSError as exc:  # a full buffer or an unreachable peer: the
                 log.debug("sendto %s: %s", addr, exc)  # protocol resends
 
+    @property
+    def metrics_address(self) -> Address | None:
+        """Where `/metrics` is served (the real port when 0 was asked), or None."""
+        return self.metrics_server.address if self.metrics_server is not None else None
+
+    def metrics(self) -> list[Family]:
+        """The server's metrics, gathered on the metrics thread while the loop
+        runs: it only reads (plain ints, `len` of dicts, copies of counters,
+        the store's histogram snapshot), each read atomic under the GIL, and
+        takes no lock the loop could wait for. Figures read a moment apart
+        may disagree by what happened in between, as any scrape's."""
+        relay = self.relay
+        stats = relay.stats.copy()  # one C-level copy: the loop may add keys meanwhile
+        drops = dict.fromkeys(DROP_REASONS, 0)
+        drops.update(relay.drops.counts.copy())
+        store = self.store
+        resident = resident_memory()
+        families = [
+            Family("chat_build_info", "gauge", "The running version (the value is always 1).",
+                   [({"version": __version__}, 1)]),  # fmt: skip
+            gauge("chat_uptime_seconds", "Seconds since the server started.",
+                  time.monotonic() - self.started),  # fmt: skip
+            gauge("process_start_time_seconds", "When the server started, in Unix time.",
+                  self.started_wall),  # fmt: skip
+            gauge("chat_sessions", "Logged-in sessions (users online).", len(relay.sessions)),
+            gauge("chat_max_sessions", "Sessions allowed at most (--max-sessions).",
+                  relay.config.max_sessions),  # fmt: skip
+            gauge("chat_accounts", "Accounts registered.", len(relay.users)),
+            counter("chat_logins_total", "Logins that opened a session.", stats["logins"]),
+            labelled("chat_login_failures_total", "counter",
+                     "Logins refused, by reason (bad_password: wrong password; "
+                     "too_many_failures: held back after failed ones).", "reason",
+                     [(reason, stats[key]) for key, reason in LOGIN_FAILURES]),  # fmt: skip
+            counter("chat_registrations_total", "New accounts registered.",
+                    stats["registrations"]),  # fmt: skip
+            counter("chat_messages_relayed_total", "Messages taken to relay (each stored "
+                    "durably before it is acknowledged).", stats["messages"]),  # fmt: skip
+            counter("chat_message_bytes_relayed_total", "UTF-8 bytes of the text of those "
+                    "messages.", relay.message_bytes),  # fmt: skip
+            counter("chat_datagrams_received_total", "UDP datagrams received.",
+                    stats["datagrams_in"]),  # fmt: skip
+            counter("chat_datagrams_sent_total", "UDP datagrams sent.", stats["datagrams_out"]),
+            counter("chat_received_bytes_total", "Bytes of UDP datagrams received.",
+                    stats["bytes_in"]),  # fmt: skip
+            counter("chat_sent_bytes_total", "Bytes of UDP datagrams sent.", stats["bytes_out"]),
+            labelled("chat_datagrams_dropped_total", "counter",
+                     "Datagrams dropped, by reason; for the limits (pre_login_budget, "
+                     "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_...) "
+                     "withheld unacknowledged: their clients send them again.", "reason",
+                     [(label_value(reason), count) for reason, count in drops.items()]),
+            gauge("chat_reassembly_bytes", "Bytes of long messages held for reassembly, all "
+                  "sessions together.", relay.reassembly_bytes),  # fmt: skip
+            gauge("chat_key_exchange_backlog", "Registrations waiting for their key exchange "
+                  "(in the worker pool or its backlog).", relay.key_exchanges.waiting),
+            gauge("chat_short_of_memory", "1 while resident memory is over --max-memory (new "
+                  "messages wait), else 0.", int(relay.short_of_memory)),  # fmt: skip
+            gauge("chat_max_memory_bytes", "--max-memory, in bytes.", relay.config.max_memory),
+        ]  # fmt: skip
+        if resident is not None:
+            families.append(gauge("process_resident_memory_bytes", "Resident memory of the "
+                                  "server process.", resident))  # fmt: skip
+        if store is not None:
+            families.append(gauge("chat_store_queue_depth", "Store operations submitted and "
+                                  "not yet committed.", store.queue_depth))  # fmt: skip
+            families.append(histogram("chat_store_commit_seconds", "Time of each commit of the "
+                                      "store (one per batch of operations), retries included.",
+                                      store.commit_seconds))  # fmt: skip
+        return families
+
 
 # --- command line ---------------------------------------------------------------
 
@@ -1668,10 +1808,42 @@ def _mebibytes(text: str) -> int:
     return value
 
 
+SERVER_EXAMPLES = """\
+examples:
+  chat-server                             on 127.0.0.1:5555, for this machine only
+  chat-server --host 0.0.0.0              for your LAN or the Internet (IPv4; open UDP 5555)
+  chat-server --host :: --port 6000       IPv6 (and IPv4 where the system maps it)
+  chat-server --data-dir /srv/chat        keep accounts and mailboxes in /srv/chat
+  chat-server --metrics 127.0.0.1:9555    Prometheus metrics at http://127.0.0.1:9555/metrics
+  chat-server --port 0 --log-level warning   a free port (printed), warnings only
+
+Clients connect with: chat-client --server HOST:PORT (IPv6: [2001:db8::1]:5555).
+Operating it (firewall, NAT, systemd, containers): README.md and docs/deploy/README.md.
+"""
+
+
+def _metrics_address(text: str) -> Address:
+    """--metrics HOST:PORT (an IPv6 host in brackets, `[::1]:9555`); port 0
+    picks a free one (the start-up log line says which)."""
+    example = "give HOST:PORT, e.g. 127.0.0.1:9555 or [::1]:9555"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise argparse.ArgumentTypeError(f"{text!r}: put an IPv6 address in brackets; "
+                                             f"{example}")  # fmt: skip
+    if not host or not port_text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT; {example}")
+    return host, _address(port_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chat-server", description="Run the UDP chat relay server."
-    )
+        prog="chat-server", description="Run the UDP chat relay server.",
+        epilog=SERVER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
@@ -1739,6 +1911,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="resident memory of the whole server; past it new messages wait, unacknowledged, "
         f"until it falls; at least {MIN_MAX_MEMORY} (default %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--metrics", type=_metrics_address, default=None, metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (default: off; "
+        "keep it on a private address)",
+    )  # fmt: skip
     return parser
 
 
@@ -1793,15 +1970,23 @@ def main(argv: list[str] | None = None) -> int:
     # Every problem found at start-up is one line naming what is wrong and
     # exit status 2 (a usage error, as argparse's own).
     try:
-        server = ChatServer((args.host, args.port), config)
+        server = ChatServer((args.host, args.port), config, metrics=args.metrics)
     except StoreError as exc:  # the data directory or its database
         print(f"chat-server: {exc}", file=sys.stderr)
+        return 2
+    except MetricsListenError as exc:
+        host, port = args.metrics
+        print(f"chat-server: --metrics: {listen_problem(host, port, exc)}", file=sys.stderr)
         return 2
     except ListenError as exc:
         print(f"chat-server: {listen_problem(args.host, args.port, exc)}", file=sys.stderr)
         return 2
+    stopped_by: list[str] = []
 
     def stop(signum: int, frame: _StackFrame | None) -> None:
+        # Only a flag here: logging from a signal handler can deadlock on
+        # the logging lock the interrupted code holds. The line comes later.
+        stopped_by.append(signal.Signals(signum).name)
         server.shutdown()
 
     signal.signal(signal.SIGINT, stop)
@@ -1818,10 +2003,42 @@ def main(argv: list[str] | None = None) -> int:
     # address from it); where the data lives follows in parentheses.
     print(f"chat-server listening on {format_address(host, port)} (data in {config.data_dir})",
           flush=True)  # fmt: skip
+    log.info(start_line(server, config))
     with server:
         server.serve_forever()
-    log.info("stopped")
+        online = len(server.relay.sessions)
+        log.info("stopping%s: told %d sessions the server is shutting down",
+                 f" on {stopped_by[0]}" if stopped_by else "", online)  # fmt: skip
+    log.info("stopped after %s", _duration(time.monotonic() - server.started))
     return 0
+
+
+def start_line(server: ChatServer, config: ServerConfig) -> str:
+    """The operator's first log line: what runs, where, on which data, with
+    which limits (the ones a busy server meets first)."""
+    host, port = server.address
+    metrics = server.metrics_address
+    return (
+        f"chat-server {__version__} started: UDP {format_address(host, port)}, "
+        f"data in {config.data_dir}, "
+        + (f"metrics at http://{format_address(*metrics)}/metrics; " if metrics else "no metrics; ")
+        + f"limits: {config.max_sessions} sessions, --max-memory {config.max_memory >> 20} MiB, "
+        f"{config.user_msg_rate:g} messages/s per user, "
+        f"{config.preauth_rate:g} datagrams/s per address before login "
+        f"({config.preauth_total_rate:g}/s from all), "
+        f"{config.registration_rate:g} new accounts/s per address, "
+        f"session timeout {config.session_timeout:g} s, "
+        f"{config.key_workers} key-exchange workers"
+    )
+
+
+def _duration(seconds: float) -> str:
+    """3725.2 -> '1h02m05s'; under a minute, '42.1 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 if __name__ == "__main__":

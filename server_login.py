@@ -146,11 +146,25 @@ class LoginDesk:
         self._by_user = FailureWindow(*window)  # per name, for LOGINs without a ticket
         self._by_ticket = FailureWindow(*window)  # per name and instance, with a ticket
         self._registrations = BucketTable(config.registration_rate, config.registration_burst)
+        self._failure_logged = (-1e18, 0)  # when the last failure was logged, failures then
         # The static half of the registration key exchange, derived from the
         # server's persistent secret (so it survives restarts).
         digest = hmac.new(secret, b"dh private", "sha512").digest()
         self._dh_private = int.from_bytes(digest, "big") >> (512 - DH_PRIVATE_BITS)
         self.dh_public = dh_public(self._dh_private)
+
+    def _log_failure(self, text: str, name: str, addr: Address, now: float) -> None:
+        """A failed or refused login, as a warning: the first of a burst,
+        then at most one line per `log_interval` with the count since the
+        last line, so guessing at a thousand passwords a second writes one
+        line every 10 s, not a thousand."""
+        failures = self.stats["login_failures"] + self.stats["login_throttled"]
+        last, then = self._failure_logged
+        if now - last < self.config.log_interval:
+            return
+        self._failure_logged = (now, failures)
+        log.warning(text + " (%d failed or refused logins since the last such line)", name,
+                    format_address(*addr), failures - then)  # fmt: skip
 
     def _salt_for_unknown(self, key: str) -> bytes:
         # Unknown names get a salt that looks like any other and never
@@ -193,6 +207,7 @@ class LoginDesk:
             name = normalize_name(login.username)
         except LocalProtocolError as exc:
             # No cookie is ever given for such a name: answered, not recorded.
+            self.stats["login_invalid_name"] += 1
             return Refused(login.nonce, ErrorCode.INVALID_NAME, fit(str(exc)))
         key = name_key(name)
         if not cookie_valid(self._cookie_key, now, addr, login.nonce, key, login.cookie):
@@ -231,6 +246,8 @@ class LoginDesk:
         if any(window.blocked(wid, now) for window, wid in windows):
             wait = max(window.retry_after(wid, now) for window, wid in windows)
             self.stats["login_throttled"] += 1
+            self._log_failure("login refused for %s from %s: too many failed logins",
+                              name, addr, now)  # fmt: skip
             text = f"too many failed logins; try again in {wait:.0f} s"
             return Refused(login.nonce, ErrorCode.RATE_LIMITED, text)
         if ticketed:
@@ -280,7 +297,7 @@ class LoginDesk:
                 self._by_user.record(key, now)
             self._by_ip.record(addr[0], now)
             self.stats["login_failures"] += 1
-            log.info("failed login for %s from %s", name, format_address(*addr))
+            self._log_failure("failed login for %s from %s", name, addr, now)
             return Refused(login.nonce, ErrorCode.BAD_PASSWORD, fit(f"wrong password for {name!r}"))
         return Verified(account.name if not new else name, key, account, client_key, message, new,
                         ticketed)  # fmt: skip

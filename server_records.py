@@ -185,10 +185,14 @@ class Probe:
 
 class DropLog:
     """Counts dropped datagrams by reason and logs each reason at most once
-    per interval, so a flood cannot fill the disk."""
+    per interval, so a flood cannot fill the disk. The reasons in `limits`
+    are limits the server enforces (what they hold back is sent again by
+    its client): a warning, "limit hit", for the operator's eyes; the rest
+    (garbage, stale sessions) is the internet's noise, logged as info."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, limits: frozenset[str] = frozenset()) -> None:
         self.interval = interval
+        self.limits = limits
         self.counts: collections.Counter[str] = collections.Counter()
         self._logged: dict[str, tuple[float, int]] = {}
 
@@ -199,7 +203,12 @@ class DropLog:
         last, count_then = self._logged.get(category, (-1e18, 0))
         if now - last >= self.interval:
             since = self.counts[category] - count_then
-            log.info("dropped datagram from %s: %s%s (%d since last report)",
-                     format_address(*addr), category,
-                     f" ({detail})" if detail else "", since)  # fmt: skip
+            if category in self.limits:
+                log.warning("limit hit: %s, from %s%s (%d times since last report)", category,
+                            format_address(*addr), f" ({detail})" if detail else "",
+                            since)  # fmt: skip
+            else:
+                log.info("dropped datagram from %s: %s%s (%d since last report)",
+                         format_address(*addr), category,
+                         f" ({detail})" if detail else "", since)  # fmt: skip
             self._logged[category] = (now, self.counts[category])

@@ -52,6 +52,7 @@ from typing import Any, Protocol, TypeVar
 from common import LockHeld, data_dir, lock_file
 from common import i64 as _i64
 from common import u64 as _u64
+from server_metrics import COMMIT_BUCKETS, Histogram
 
 log = logging.getLogger("server_store")
 
@@ -605,6 +606,12 @@ class ServerStore:
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self.commits = 0
+        # For the metrics (read from their thread, each written by one thread
+        # only): how long each commit took, retries included, and the
+        # operations handed to the store thread (by the loop) and done (by it).
+        self.commit_seconds = Histogram(COMMIT_BUCKETS)
+        self.handed = 0
+        self.finished = 0
 
     @contextlib.contextmanager
     def _explained(self, path: Path) -> Iterator[None]:
@@ -770,8 +777,15 @@ class ServerStore:
         The loop calls it once per pass, after sending: waking the writer
         earlier would have it compete for the GIL with the sends."""
         if self._pending:
+            self.handed += len(self._pending)
             self._ops.put(self._pending)
             self._pending = []
+
+    @property
+    def queue_depth(self) -> int:
+        """Operations submitted and not yet committed (or answered); safe
+        to read from another thread."""
+        return max(0, self.handed + len(self._pending) - self.finished)
 
     def close(self) -> None:
         """Commit what is queued and stop the thread."""
@@ -806,9 +820,11 @@ class ServerStore:
             ops = [op for op, _ in batch if not isinstance(op, Read)]
             failures = 0
             failing_since = next_log = 0.0
+            started = time.monotonic()
             while ops:
                 try:
                     self._apply(ops)
+                    self.commit_seconds.observe(time.monotonic() - started)
                     break
                 except Exception as exc:
                     # Nothing of this batch may be reported durable (and no
@@ -837,6 +853,7 @@ class ServerStore:
             for _, then in batch:
                 if then is not None:
                     self.done.put(then)
+            self.finished += len(batch)
             self.notify()
 
     def _log_failure(self, exc: Exception, waiting: int, failing_for: float) -> None:
