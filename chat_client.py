@@ -730,8 +730,29 @@ def _wants_json(argv: list[str]) -> bool:
     return False
 
 
+CLIENT_EXAMPLES = """\
+examples:
+  chat-client                                   the window, for a server on this machine
+  chat-client --server chat.example.org:5555 --user alice --connect-to bob
+                                                the window with its fields filled in
+  chat-client --server [2001:db8::1]:5555       a server's IPv6 address, in brackets
+  chat-client --no-gui --user alice --connect-to bob
+                                                the terminal: each line is a message
+  chat-client --no-gui --user bot --password-file pw.txt --json
+                                                for a script: one JSON event per line
+
+The password: $CHAT_PASSWORD, --password-file FILE, or a prompt (never an
+argument). In the terminal /help lists the commands; exit status 0 when
+everything sent was accepted, 2 after a fatal error, 3 with messages left
+in the outbox.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="chat-client", description="Chat over the UDP relay.")
+    parser = _Parser(
+        prog="chat-client", description="Chat over the UDP relay.", epilog=CLIENT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--no-gui", action="store_true", help="use the terminal instead of a window"

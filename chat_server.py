@@ -1712,68 +1712,75 @@ class ChatServer:
         return self.metrics_server.address if self.metrics_server is not None else None
 
     def metrics(self) -> list[Family]:
-        """The server's metrics, gathered on the metrics thread while the loop
-        runs: it only reads (plain ints, `len` of dicts, copies of counters,
-        the store's histogram snapshot), each read atomic under the GIL, and
-        takes no lock the loop could wait for. Figures read a moment apart
-        may disagree by what happened in between, as any scrape's."""
-        relay = self.relay
-        stats = relay.stats.copy()  # one C-level copy: the loop may add keys meanwhile
-        drops = dict.fromkeys(DROP_REASONS, 0)
-        drops.update(relay.drops.counts.copy())
-        store = self.store
-        resident = resident_memory()
-        families = [
-            Family("chat_build_info", "gauge", "The running version (the value is always 1).",
-                   [({"version": __version__}, 1)]),  # fmt: skip
-            gauge("chat_uptime_seconds", "Seconds since the server started.",
-                  time.monotonic() - self.started),  # fmt: skip
-            gauge("process_start_time_seconds", "When the server started, in Unix time.",
-                  self.started_wall),  # fmt: skip
-            gauge("chat_sessions", "Logged-in sessions (users online).", len(relay.sessions)),
-            gauge("chat_max_sessions", "Sessions allowed at most (--max-sessions).",
-                  relay.config.max_sessions),  # fmt: skip
-            gauge("chat_accounts", "Accounts registered.", len(relay.users)),
-            counter("chat_logins_total", "Logins that opened a session.", stats["logins"]),
-            labelled("chat_login_failures_total", "counter",
-                     "Logins refused, by reason (bad_password: wrong password; "
-                     "too_many_failures: held back after failed ones).", "reason",
-                     [(reason, stats[key]) for key, reason in LOGIN_FAILURES]),  # fmt: skip
-            counter("chat_registrations_total", "New accounts registered.",
-                    stats["registrations"]),  # fmt: skip
-            counter("chat_messages_relayed_total", "Messages taken to relay (each stored "
-                    "durably before it is acknowledged).", stats["messages"]),  # fmt: skip
-            counter("chat_message_bytes_relayed_total", "UTF-8 bytes of the text of those "
-                    "messages.", relay.message_bytes),  # fmt: skip
-            counter("chat_datagrams_received_total", "UDP datagrams received.",
-                    stats["datagrams_in"]),  # fmt: skip
-            counter("chat_datagrams_sent_total", "UDP datagrams sent.", stats["datagrams_out"]),
-            counter("chat_received_bytes_total", "Bytes of UDP datagrams received.",
-                    stats["bytes_in"]),  # fmt: skip
-            counter("chat_sent_bytes_total", "Bytes of UDP datagrams sent.", stats["bytes_out"]),
-            labelled("chat_datagrams_dropped_total", "counter",
-                     "Datagrams dropped, by reason; for the limits (pre_login_budget, "
-                     "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_...) "
-                     "withheld unacknowledged: their clients send them again.", "reason",
-                     [(label_value(reason), count) for reason, count in drops.items()]),
-            gauge("chat_reassembly_bytes", "Bytes of long messages held for reassembly, all "
-                  "sessions together.", relay.reassembly_bytes),  # fmt: skip
-            gauge("chat_key_exchange_backlog", "Registrations waiting for their key exchange "
-                  "(in the worker pool or its backlog).", relay.key_exchanges.waiting),
-            gauge("chat_short_of_memory", "1 while resident memory is over --max-memory (new "
-                  "messages wait), else 0.", int(relay.short_of_memory)),  # fmt: skip
-            gauge("chat_max_memory_bytes", "--max-memory, in bytes.", relay.config.max_memory),
-        ]  # fmt: skip
-        if resident is not None:
-            families.append(gauge("process_resident_memory_bytes", "Resident memory of the "
-                                  "server process.", resident))  # fmt: skip
-        if store is not None:
-            families.append(gauge("chat_store_queue_depth", "Store operations submitted and "
-                                  "not yet committed.", store.queue_depth))  # fmt: skip
-            families.append(histogram("chat_store_commit_seconds", "Time of each commit of the "
-                                      "store (one per batch of operations), retries included.",
-                                      store.commit_seconds))  # fmt: skip
-        return families
+        """The server's metrics (`gather_metrics`), on the metrics thread."""
+        return gather_metrics(self.relay, self.store, self.started, self.started_wall)
+
+
+def gather_metrics(
+    relay: Relay, store: ServerStore | None, started: float, started_wall: float
+) -> list[Family]:
+    """A relay's metrics (and its store's), gathered on the metrics thread
+    while the loop runs: it only reads (plain ints, `len` of dicts, copies
+    of counters, the store's histogram snapshot), each read atomic under the
+    GIL, and takes no lock the loop could wait for. Figures read a moment
+    apart may disagree by what happened in between, as any scrape's.
+    `started`: when the server started, on the monotonic clock; `started_wall`:
+    the same in Unix time."""
+    stats = relay.stats.copy()  # one C-level copy: the loop may add keys meanwhile
+    drops = dict.fromkeys(DROP_REASONS, 0)
+    drops.update(relay.drops.counts.copy())
+    resident = resident_memory()
+    families = [
+        Family("chat_build_info", "gauge", "The running version (the value is always 1).",
+               [({"version": __version__}, 1)]),  # fmt: skip
+        gauge("chat_uptime_seconds", "Seconds since the server started.",
+              time.monotonic() - started),  # fmt: skip
+        gauge("process_start_time_seconds", "When the server started, in Unix time.",
+              started_wall),  # fmt: skip
+        gauge("chat_sessions", "Logged-in sessions (users online).", len(relay.sessions)),
+        gauge("chat_max_sessions", "Sessions allowed at most (--max-sessions).",
+              relay.config.max_sessions),  # fmt: skip
+        gauge("chat_accounts", "Accounts registered.", len(relay.users)),
+        counter("chat_logins_total", "Logins that opened a session.", stats["logins"]),
+        labelled("chat_login_failures_total", "counter",
+                 "Logins refused, by reason (bad_password: wrong password; "
+                 "too_many_failures: held back after failed ones).", "reason",
+                 [(reason, stats[key]) for key, reason in LOGIN_FAILURES]),  # fmt: skip
+        counter("chat_registrations_total", "New accounts registered.",
+                stats["registrations"]),  # fmt: skip
+        counter("chat_messages_relayed_total", "Messages taken to relay (each stored "
+                "durably before it is acknowledged).", stats["messages"]),  # fmt: skip
+        counter("chat_message_bytes_relayed_total", "UTF-8 bytes of the text of those "
+                "messages.", relay.message_bytes),  # fmt: skip
+        counter("chat_datagrams_received_total", "UDP datagrams received.",
+                stats["datagrams_in"]),  # fmt: skip
+        counter("chat_datagrams_sent_total", "UDP datagrams sent.", stats["datagrams_out"]),
+        counter("chat_received_bytes_total", "Bytes of UDP datagrams received.",
+                stats["bytes_in"]),  # fmt: skip
+        counter("chat_sent_bytes_total", "Bytes of UDP datagrams sent.", stats["bytes_out"]),
+        labelled("chat_datagrams_dropped_total", "counter",
+                 "Datagrams dropped, by reason; for the limits (pre_login_budget, "
+                 "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_...) "
+                 "withheld unacknowledged: their clients send them again.", "reason",
+                 [(label_value(reason), count) for reason, count in drops.items()]),
+        gauge("chat_reassembly_bytes", "Bytes of long messages held for reassembly, all "
+              "sessions together.", relay.reassembly_bytes),  # fmt: skip
+        gauge("chat_key_exchange_backlog", "Registrations waiting for their key exchange "
+              "(in the worker pool or its backlog).", relay.key_exchanges.waiting),
+        gauge("chat_short_of_memory", "1 while resident memory is over --max-memory (new "
+              "messages wait), else 0.", int(relay.short_of_memory)),  # fmt: skip
+        gauge("chat_max_memory_bytes", "--max-memory, in bytes.", relay.config.max_memory),
+    ]  # fmt: skip
+    if resident is not None:
+        families.append(gauge("process_resident_memory_bytes", "Resident memory of the "
+                              "server process.", resident))  # fmt: skip
+    if store is not None:
+        families.append(gauge("chat_store_queue_depth", "Store operations submitted and "
+                              "not yet committed.", store.queue_depth))  # fmt: skip
+        families.append(histogram("chat_store_commit_seconds", "Time of each commit of the "
+                                  "store (one per batch of operations), retries included.",
+                                  store.commit_seconds))  # fmt: skip
+    return families
 
 
 # --- command line ---------------------------------------------------------------
