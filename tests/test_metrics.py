@@ -277,36 +277,40 @@ def test_a_stuck_scrape_never_holds_up_the_relay(
         return original(self)
 
     monkeypatch.setattr(ChatServer, "metrics", slow_metrics)
-    config = server_config(tmp_path / "server-data")
-    server = ChatServer(("127.0.0.1", 0), config, metrics=("127.0.0.1", 0))
+    server = ChatServer(("127.0.0.1", 0), server_config(tmp_path / "server-data"),
+                        metrics=("127.0.0.1", 0))  # fmt: skip
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    assert server.metrics_address is not None
-    base = f"http://127.0.0.1:{server.metrics_address[1]}"
-    answers: queue.Queue[tuple[int, str, str]] = queue.Queue()
-    scraper = threading.Thread(target=lambda: answers.put(get(base + "/metrics")), daemon=True)
-    scraper.start()
-    assert gathering.wait(10)
-    idle = socket.create_connection(("127.0.0.1", server.metrics_address[1]))
-    bob, alice = RecordingClient("bob"), RecordingClient("alice")
+    clients: list[RecordingClient] = []
     try:
-        assert bob.login(server.address) and alice.login(server.address, "bob")
-        for client in (bob, alice):
-            client.wait(functools.partial(getattr, client, "logged_in"), what="login")
-        sent = alice.send("while the metrics thread is stuck")
-        alice.wait(lambda: alice.delivered([sent]) == 1, what="delivered")
-        assert answers.empty()  # the scrape was stuck all along
+        assert server.metrics_address is not None
+        port = server.metrics_address[1]
+        answers: queue.Queue[tuple[int, str, str]] = queue.Queue()
+        scraper = threading.Thread(
+            target=lambda: answers.put(get(f"http://127.0.0.1:{port}/metrics")), daemon=True
+        )
+        scraper.start()
+        assert gathering.wait(10)
+        with socket.create_connection(("127.0.0.1", port)):  # says nothing
+            bob, alice = RecordingClient("bob"), RecordingClient("alice")
+            clients = [bob, alice]
+            assert bob.login(server.address) and alice.login(server.address, "bob")
+            for client in clients:
+                client.wait(functools.partial(getattr, client, "logged_in"), what="login")
+            sent = alice.send("while the metrics thread is stuck")
+            alice.wait(lambda: alice.delivered([sent]) == 1, what="delivered")
+            assert answers.empty()  # the scrape was stuck all along
+            release.set()
+        status, _, body = answers.get(timeout=10)
+        assert status == 200
+        series, _ = parse(body)
+        assert value(series, "chat_messages_relayed_total") == 1
     finally:
         release.set()
-        idle.close()
-        close_all([bob, alice])
-    status, _, body = answers.get(timeout=10)
-    assert status == 200
-    series, _ = parse(body)
-    assert value(series, "chat_messages_relayed_total") == 1
-    server.shutdown()
-    thread.join(5)
-    server.close()
+        close_all(clients)
+        server.shutdown()
+        thread.join(5)
+        server.close()
 
 
 def test_closing_the_server_stops_the_metrics() -> None:
