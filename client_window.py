@@ -12,7 +12,22 @@ and logs out.
 
 Two views share one toplevel: the login view (server, username, connect
 to) and the chat view (contacts on the left, one conversation at a time on
-the right: transcript, typing line, composer).
+the right: transcript, typing line, composer). The contact list
+(`client_contacts.ContactList`) and the transcript
+(`client_transcript.Transcript`) are widgets of their own modules.
+
+Typing anywhere in a logged-in window reaches the composer: a printable key
+pressed on any widget that is not a text field (the transcript after a
+click or a Retry, the contact list, a button) is put into the composer and
+the composer takes the focus; when the window is activated and Tk would
+give the focus to nothing (or to a field of the hidden login view), the
+composer gets it.
+
+Histories of any length: a conversation shows its last `client_store.PAGE`
+lines; scrolling to the top (or the "load earlier messages" line) reads the
+page before from the store; Find searches the whole stored history (FTS5)
+and shows the page around a hit; a conversation not on screen keeps at most
+`MAX_LINES` lines in memory (the rest stay in the store).
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from pathlib import Path
 from tkinter import ttk
 from typing import Any, Protocol
 
+from client_contacts import ContactList
 from client_core import (
     Disconnected,
     ErrorEvent,
@@ -42,30 +58,41 @@ from client_core import (
     WhoList,
 )
 from client_core import Event as SessionEvent
-from client_store import ClientStore, read_history
+from client_store import (
+    PAGE,
+    ClientStore,
+    HistoryLine,
+    read_around,
+    read_contacts,
+    read_history,
+    row_of,
+    search_history,
+)
+from client_transcript import Line, Transcript, find_in_text, tk_safe
 from common import DEFAULT_PORT, config_dir, parse_server
 from protocol import MAX_TEXT_BYTES, LocalProtocolError, name_key, normalize_name
 
+CONTROL_MASK = 0x4  # X event state bits: a key with Control or Alt is a shortcut
+ALT_MASK = 0x8
 POLL_MS = 25  # how often the window drains the session's events
 POLL_BATCH = 300  # events handled per tick at most ...
 POLL_BUDGET_S = 0.015  # ... and for at most this long, so a burst never freezes the window
 TYPING_SHOWN_S = 4.0  # how long "bob is typing..." stays after the last notice
 TYPING_SEND_EVERY_S = 3.0
 LIMIT_WARN_AT = 0.8  # show the size counter from this share of the limit on
+#: A conversation holding more lines than this in memory keeps its last
+#: PAGE (the rest stay in the store and come back on scrolling up).
+MAX_LINES = 2000
+#: Our message still `sending` this long gets a note beside its state: the
+#: first try and two retransmissions went unanswered (docs/RELIABILITY.md: the
+#: initial RTO is 1 s, doubled after each timeout: tries at 0, 1 and 3 s).
+#: The client only calls the link down after 30 s (its dead-peer rule).
+SLOW_SEND_S = 3.0
+RECONNECTED_TEXT = "Reconnected: the server answers again."
 RECONNECTING_TEXT = (
     "Server not answering \u2014 reconnecting\u2026 "
     "(keep typing: messages are sent when it is back)"
 )
-
-# What each state of our message shows; "retried" is the window's own (a
-# failed message the user sent again).
-STATE_LABELS = {
-    MessageState.SENDING: "sending\u2026",
-    MessageState.ACCEPTED: "\u2713 on server",
-    MessageState.DELIVERED: "\u2713\u2713 delivered",
-    MessageState.FAILED: "\u2717 failed",
-    "retried": "\u2717 failed, sent again below",
-}
 
 
 # --- the session it drives ---------------------------------------------------
@@ -140,32 +167,15 @@ class Settings:
 
 
 @dataclass
-class Line:
-    kind: str  # "own", "peer" or "system"
-    who: str
-    text: str
-    stamp: float
-    msg_id: str | None = None
-    state: str | None = None
-    reason: str | None = None
-
-
-@dataclass
 class Conversation:
     name: str
-    lines: list[Line] = field(default_factory=list)
+    lines: list[Line] = field(default_factory=list)  # the newest, at most MAX_LINES
     unread: int = 0
     online: bool | None = None
-    by_id: dict[str, Line] = field(default_factory=dict)  # our messages
+    by_id: dict[str, Line] = field(default_factory=dict)  # our messages in `lines`
     received: set[str] = field(default_factory=set)  # their message ids
-
-
-def tk_safe(text: str) -> str:
-    """Text Tk can show: characters outside the BMP (emoji on Tcl 8.6) become
-    U+FFFD so an old Tcl never raises on them."""
-    if tk.TkVersion >= 8.7:
-        return text
-    return "".join(ch if ord(ch) <= 0xFFFF else "\ufffd" for ch in text)
+    has_earlier: bool = False  # the store holds lines before `lines`
+    stale_notice: bool = False  # shows "stopped answering" / "shutting down" last
 
 
 # --- the window -------------------------------------------------------------
@@ -205,6 +215,10 @@ class ChatWindow:
         self._batch_scroll = False
         self._who_asked = False
         self._expected_tick = 0.0
+        # Our messages shown as `sending`: id -> (line, its conversation, since when).
+        self._sending: dict[str, tuple[Line, Conversation, float]] = {}
+        self._next_slow_check = 0.0
+        self._found: tuple[str, str] | None = None  # (needle, start index) of the shown hit
 
         master.title("Chat")
         master.geometry(self.settings.geometry)
@@ -222,6 +236,7 @@ class ChatWindow:
         self.login_frame.pack(fill="both", expand=True)
         master.bind("<FocusIn>", self._on_focus_in, add="+")
         master.bind("<FocusOut>", self._on_focus_out, add="+")
+        master.bind("<KeyPress>", self._on_key_anywhere, add="+")
         master.bind("<Control-q>", lambda e: self.close())
         self._expected_tick = time.monotonic() + POLL_MS / 1000
         self._poll_id = master.after(POLL_MS, self._poll)
@@ -255,6 +270,8 @@ class ChatWindow:
             entry.bind("<Return>", lambda e: self.submit_login())
             entries.append(entry)
         self.server_entry, self.username_entry, self.password_entry, self.connect_entry = entries
+        # A pre-filled name is replaced when typed over, not typed into.
+        self.username_entry.bind("<FocusIn>", self._select_all, add="+")
         ttk.Label(
             box, text="A new name is registered with this password.", style="Muted.TLabel"
         ).grid(row=5, column=1, sticky="w")
@@ -277,13 +294,9 @@ class ChatWindow:
 
         left = ttk.Frame(panes, padding=(8, 8, 0, 8))
         ttk.Label(left, text="Contacts", font=("TkDefaultFont", 11, "bold")).pack(anchor="w")
-        self.contacts = ttk.Treeview(left, columns=("status", "unread"), show="tree",
-                                     selectmode="browse", height=12)  # fmt: skip
-        self.contacts.column("#0", width=110, stretch=True)
-        self.contacts.column("status", width=70, anchor="w", stretch=False)
-        self.contacts.column("unread", width=32, anchor="e", stretch=False)
-        self.contacts.pack(fill="both", expand=True, pady=(4, 0))
-        self.contacts.bind("<<TreeviewSelect>>", self._on_contact_selected)
+        self.contact_list = ContactList(left, self._on_contact_selected)
+        self.contact_list.frame.pack(fill="both", expand=True)
+        self.contacts = self.contact_list.tree
         ttk.Label(left, text="New chat with:", style="Muted.TLabel").pack(anchor="w", pady=(6, 0))
         new = ttk.Frame(left)
         new.pack(fill="x")
@@ -319,32 +332,10 @@ class ChatWindow:
 
         body = ttk.Frame(right)
         body.pack(fill="both", expand=True, pady=(4, 0))
-        self.transcript = tk.Text(body, wrap="word", state="disabled", height=10, width=30,
-                                  padx=8, pady=6,
-                                  relief="flat", borderwidth=1, highlightthickness=1,
-                                  font=("TkDefaultFont", 11))  # fmt: skip
-        scroll = ttk.Scrollbar(body, orient="vertical", command=self.transcript.yview)
-        self.transcript.configure(yscrollcommand=scroll.set)
-        scroll.pack(side="right", fill="y")
-        self.transcript.pack(side="left", fill="both", expand=True)
-        # Continuation lines of a message are indented under its text.
-        self.transcript.tag_configure("own", foreground="#0b4f9c", lmargin2=48)
-        self.transcript.tag_configure("peer", foreground="#1b5e20", lmargin2=48)
-        self.transcript.tag_configure("system", foreground="#777777",
-                                      font=("TkDefaultFont", 10, "italic"))  # fmt: skip
-        self.transcript.tag_configure("stamp", foreground="#999999", font=("TkDefaultFont", 9))
-        self.transcript.tag_configure("who", font=("TkDefaultFont", 11, "bold"))
-        self.transcript.tag_configure("state", foreground="#888888", font=("TkDefaultFont", 9))
-        self.transcript.tag_configure("failed", foreground="#b00020", font=("TkDefaultFont", 9))
-        self.transcript.tag_configure("retry", foreground="#0b57d0", underline=True,
-                                      font=("TkDefaultFont", 9))  # fmt: skip
-        self.transcript.tag_configure("found", background="#ffe082")
-        self.transcript.tag_bind("retry", "<Enter>",
-                                 lambda e: self.transcript.configure(cursor="hand2"))  # fmt: skip
-        self.transcript.tag_bind("retry", "<Leave>", lambda e: self.transcript.configure(cursor=""))
-        # Read-only but selectable and copyable: block edits, not selection.
-        self.transcript.bind("<Control-c>", lambda e: None)
-        self.new_marker = ttk.Button(body, text="\u2193 new messages", command=self._scroll_to_end)
+        self.view = Transcript(body, on_retry=self.retry, on_load_earlier=self.load_earlier,
+                               on_back_to_latest=self._show_latest)  # fmt: skip
+        self.transcript = self.view.text
+        self.new_marker = self.view.new_marker
 
         self.typing_label = ttk.Label(right, text="", style="Muted.TLabel")
         self.typing_label.pack(fill="x", pady=(2, 0))
@@ -433,6 +424,7 @@ class ChatWindow:
             del self.lag_samples[:5000]
         more = False
         self._batch_scroll = False
+        self.view.new_batch()
         for _ in range(POLL_BATCH):
             if time.monotonic() - now > POLL_BUDGET_S:
                 more = True
@@ -447,8 +439,15 @@ class ChatWindow:
                 pass  # a widget went away while closing
         else:
             more = True
-        if self._batch_scroll:
-            self._scroll_to_end()  # once per batch: `see` is the costly part
+        try:
+            if self._batch_scroll:
+                self._trim_current()
+                self._scroll_to_end()  # once per batch: `see` is the costly part
+            if now >= self._next_slow_check:
+                self._next_slow_check = now + 0.5
+                self._mark_slow(now)
+        except tk.TclError:
+            pass  # closing
         self.busy_samples.append(time.monotonic() - now)
         if len(self.busy_samples) > 10_000:
             del self.busy_samples[:5000]
@@ -469,19 +468,11 @@ class ChatWindow:
             conv.online = event.online
             self._refresh_contact(conv)
         elif isinstance(event, WhoList):
-            online = {name_key(user): user for user in event.users}
-            if self._who_asked:  # the person asked: list everyone online
-                self._who_asked = False
-                for key, user in online.items():
-                    if self.username is None or key != name_key(self.username):
-                        self.conversation(user)
-            for key, conv in self.conversations.items():
-                conv.online = key in online
-                self._refresh_contact(conv)
+            self._on_who(event.users)
         elif isinstance(event, ErrorEvent):
             self._on_error(event)
         elif isinstance(event, LinkChanged):
-            self._set_banner(None if event.up else RECONNECTING_TEXT)
+            self._on_link(event.up)
         elif isinstance(event, TypingNotice):
             self._on_typing(event.user)
         elif isinstance(event, Disconnected):
@@ -492,7 +483,11 @@ class ChatWindow:
         self.login_frame.pack_forget()
         self.chat_frame.pack(fill="both", expand=True)
         self.login_button.configure(state="normal", text="Login")
+        # A window logged in without the focus (chat-demo's second) counts
+        # unread messages until it gets it.
+        self.focused = self._has_focus()
         self._update_title()
+        self._fill_contacts()
         if self.connect_to:
             self.open_conversation(self.connect_to)
         else:
@@ -501,6 +496,16 @@ class ChatWindow:
         if self.session is not None:
             self.session.who()  # who of our contacts is online now
         self._take_focus(self.composer)
+
+    def _fill_contacts(self) -> None:
+        """Everyone with stored history, the most recently active first."""
+        store = self.store
+        if store is None:
+            return
+        self.contact_list.fill(
+            [(name_key(c.name), c.name, c.last_ms / 1000)
+             for c in read_contacts(store.path)]
+        )  # fmt: skip
 
     def _on_error(self, event: ErrorEvent) -> None:
         if self.username is None:
@@ -514,11 +519,43 @@ class ChatWindow:
                 "rate_limited": f"{event.message[:1].upper()}{event.message[1:]}.",
             }
             self.show_login_error(messages.get(event.code, event.message))
+            if event.code == "bad_password":
+                # A rejected password is not left to be sent again by Enter.
+                self.password_var.set("")
+                self._take_focus(self.password_entry)
             return
-        if event.code in ("too_long", "no_peer", "invalid_name", "rate_limited"):
-            self._system(self.current, event.message)
-        elif event.code not in ("no_such_user", "user_offline", "mailbox_full"):
-            self._system(self.current, event.message)
+        if event.code in ("no_such_user", "user_offline", "mailbox_full"):
+            return
+        self._system(self.current, event.message)
+        if event.code in ("server_unreachable", "server_shutdown") and self.current is not None:
+            self.current.stale_notice = True
+
+    def _on_link(self, up: bool) -> None:
+        self._set_banner(None if up else RECONNECTING_TEXT)
+        if up:
+            # What said the server was gone is followed by the news it is back.
+            for conv in self.conversations.values():
+                if conv.stale_notice:
+                    conv.stale_notice = False
+                    self._system(conv, RECONNECTED_TEXT)
+
+    def _on_who(self, users: tuple[str, ...]) -> None:
+        online = {name_key(user): user for user in users}
+        me = name_key(self.username) if self.username else None
+        if self._who_asked:  # the person asked: list everyone online
+            self._who_asked = False
+            others = [user for key, user in online.items() if key != me]
+            for user in others:
+                self.conversation(user)
+            if not others:
+                self._system(self.current, "Nobody else is online.")
+            else:
+                shown = ", ".join(others[:20]) + (f" and {len(others) - 20} more"
+                                                  if len(others) > 20 else "")  # fmt: skip
+                self._system(self.current, f"Online: {shown}.")
+        for key, conv in self.conversations.items():
+            conv.online = key in online
+            self._refresh_contact(conv)
 
     def _on_disconnected(self, reason: str) -> None:
         if self.username is None:
@@ -537,16 +574,14 @@ class ChatWindow:
             self._shown(event)  # already shown from the stored history
             return
         conv.received.add(event.msg_id)
-        line = Line("peer", event.sender, event.text, event.sent_ms / 1000)
-        conv.lines.append(line)
+        line = Line("peer", event.sender, event.text, event.sent_ms / 1000, event.msg_id or None)
+        self._add_line(conv, line)
         if self.current is None:
             self.open_conversation(event.sender, focus=False)
-        elif conv is self.current:
-            self._render_line(line)
         # Inserted (in the open transcript, or in its conversation with an
         # unread count): now its receipt may tell the sender `delivered`.
         self._shown(event)
-        if conv is not self.current or not self.focused:
+        if conv is not self.current or not self.focused or not self.view.at_latest:
             conv.unread += 1
             self._refresh_contact(conv)
             self._update_title()
@@ -562,18 +597,31 @@ class ChatWindow:
     def _on_status(self, event: StatusChanged) -> None:
         conv = self.conversation(event.to)
         line = conv.by_id.get(event.id)
+        if event.state != MessageState.SENDING:
+            self._sending.pop(event.id, None)
         if line is None:
+            if event.state != MessageState.SENDING:
+                return  # a line trimmed from memory: the store has its state
             line = Line("own", self.username or "me", event.text, time.time(), event.id)
-            conv.by_id[event.id] = line
-            conv.lines.append(line)
             line.state = event.state
-            if conv is self.current:
-                self._render_line(line)
+            conv.by_id[event.id] = line
+            self._sending[event.id] = (line, conv, time.monotonic())
+            self._add_line(conv, line)
             return
         line.state = event.state
         line.reason = event.reason
+        if event.state != MessageState.SENDING:
+            line.slow = False
         if conv is self.current:
-            self._render_state(line)
+            self.view.render_state(line)
+
+    def _mark_slow(self, now: float) -> None:
+        """Our messages `sending` for SLOW_SEND_S get a note (not 30 s of silence)."""
+        for line, conv, since in list(self._sending.values()):
+            if not line.slow and now - since >= SLOW_SEND_S and line.state == MessageState.SENDING:
+                line.slow = True
+                if conv is self.current:
+                    self.view.render_state(line)
 
     def _on_typing(self, user: str) -> None:
         if not self.typing_var.get() or self.current is None:
@@ -589,33 +637,79 @@ class ChatWindow:
 
     # --- conversations ----------------------------------------------------------
 
-    def conversation(self, name: str) -> Conversation:
+    @property
+    def store(self) -> ClientStore | None:
+        return self.session.store if self.session is not None else None
+
+    def conversation(self, name: str, *, last: float = 0.0) -> Conversation:
         key = name_key(name)
         conv = self.conversations.get(key)
         if conv is None:
             conv = self.conversations[key] = Conversation(name)
-            self.contacts.insert("", "end", iid=key, text=tk_safe(name), values=("", ""))
+            self.contact_list.add(key, name, last)
             self._load_history(conv)
         return conv
 
+    def _line_from(self, item: HistoryLine) -> Line:
+        if item.outgoing:
+            return Line("own", self.username or "me", item.text, item.ts_ms / 1000, item.msg_id,
+                        item.state or MessageState.SENDING, row_id=item.row_id)  # fmt: skip
+        return Line("peer", item.peer, item.text, item.ts_ms / 1000, item.msg_id,
+                    row_id=item.row_id)  # fmt: skip
+
     def _load_history(self, conv: Conversation) -> None:
-        """What earlier runs stored of this conversation, oldest first."""
-        store = self.session.store if self.session is not None else None
+        """The last page earlier runs stored of this conversation, oldest first."""
+        store = self.store
         if store is None:
             return
-        for item in read_history(store.path, conv.name, upto=store.history_mark):
+        items = read_history(store.path, conv.name, PAGE, upto=store.history_mark)
+        conv.has_earlier = len(items) == PAGE
+        for item in items:
+            line = self._line_from(item)
             if item.outgoing:
-                line = Line("own", self.username or "me", item.text, item.ts_ms / 1000,
-                            item.msg_id, item.state or MessageState.SENDING)  # fmt: skip
                 conv.by_id[item.msg_id] = line
+                if line.state == MessageState.SENDING:
+                    self._sending[item.msg_id] = (line, conv, time.monotonic())
             else:
-                line = Line("peer", item.peer, item.text, item.ts_ms / 1000)
                 conv.received.add(item.msg_id)
             conv.lines.append(line)
 
+    def _add_line(self, conv: Conversation, line: Line) -> None:
+        """A new line at the end of `conv` (shown if it is open at its latest)."""
+        conv.lines.append(line)
+        self.contact_list.touch(name_key(conv.name), line.stamp)
+        if conv is self.current:
+            if self.view.at_latest:
+                if self.view.append(line):
+                    self._batch_scroll = True
+            else:
+                self.view.show_marker()
+        elif len(conv.lines) > MAX_LINES:
+            self._trim(conv)
+
+    def _trim(self, conv: Conversation) -> None:
+        """Keep the last PAGE lines of `conv` in memory; the rest are in the store."""
+        if len(conv.lines) <= PAGE:
+            return
+        for line in conv.lines[:-PAGE]:
+            if line.msg_id is not None and conv.by_id.get(line.msg_id) is line:
+                del conv.by_id[line.msg_id]
+        del conv.lines[:-PAGE]
+        conv.has_earlier = True
+
+    def _trim_current(self) -> None:
+        """The open conversation, followed at its end, keeps a bounded text."""
+        if self.current is not None and len(self.view.lines) > MAX_LINES:
+            self.view.trim_front(len(self.view.lines) - PAGE)
+            if len(self.current.lines) > PAGE:
+                self._trim(self.current)
+
     def open_conversation(self, name: str, *, focus: bool = True) -> None:
-        conv = self.conversation(name)
+        previous = self.current
+        conv = self.conversation(name, last=time.time())
         self.current = conv
+        if previous is not None and previous is not conv:
+            self._trim(previous)
         if self.session is not None:
             self.session.set_peer(conv.name)
         conv.unread = 0
@@ -623,12 +717,46 @@ class ChatWindow:
         self._update_title()
         self.peer_label.configure(text=tk_safe(conv.name), style="TLabel")
         self.typing_label.configure(text="")
-        key = name_key(conv.name)
-        if self.contacts.selection() != (key,):
-            self.contacts.selection_set(key)
-        self._render_all()
+        self.contact_list.select(name_key(conv.name))
+        self._found = None
+        self._show_latest()
         if focus:
             self._take_focus(self.composer)
+
+    def _show_latest(self) -> None:
+        """The open conversation's last page, at its end."""
+        conv = self.current
+        if conv is None:
+            self.view.show([], has_earlier=False)
+            return
+        self.view.show(conv.lines[-PAGE:], has_earlier=conv.has_earlier or len(conv.lines) > PAGE)
+
+    def _row_of(self, line: Line) -> int | None:
+        """The store's row of `line` (looked up once for a line from an event)."""
+        store = self.store
+        if line.row_id or store is None or line.msg_id is None or line.kind == "system":
+            return line.row_id or None
+        sender = self.username if line.kind == "own" else line.who
+        line.row_id = row_of(store.path, line.kind == "own", sender or "", line.msg_id) or 0
+        return line.row_id or None
+
+    def _first_row_shown(self) -> int:
+        """The store's row of the first line shown: what is before it is earlier."""
+        for line in self.view.lines:
+            row = self._row_of(line)
+            if row is not None:
+                return row
+        store = self.store
+        return (store.history_mark if store is not None else 0) + 1
+
+    def load_earlier(self) -> None:
+        """The page before the first line shown, from the store, above it."""
+        store = self.store
+        if self.current is None or store is None or not self.view.has_earlier:
+            return
+        items = read_history(store.path, self.current.name, PAGE, before=self._first_row_shown())
+        self.view.prepend([self._line_from(item) for item in items],
+                          has_earlier=len(items) == PAGE)  # fmt: skip
 
     def _open_typed(self) -> None:
         name = self.new_chat_var.get().strip()
@@ -642,17 +770,18 @@ class ChatWindow:
         self.new_chat_var.set("")
         self.open_conversation(name)
 
-    def _on_contact_selected(self, _event: object) -> None:
-        selection = self.contacts.selection()
-        if selection and (self.current is None or name_key(self.current.name) != selection[0]):
-            conv = self.conversations.get(selection[0])
+    def _on_contact_selected(self, key: str) -> None:
+        if self.current is None or name_key(self.current.name) != key:
+            conv = self.conversations.get(key)
+            entry = self.contact_list.entries.get(key)
             if conv is not None:
                 self.open_conversation(conv.name)
+            elif entry is not None:
+                self.open_conversation(entry.name)
 
     def _refresh_contact(self, conv: Conversation) -> None:
         status = {None: "", True: "\u25cf online", False: "offline"}[conv.online]
-        unread = str(conv.unread) if conv.unread else ""
-        self.contacts.item(name_key(conv.name), values=(status, unread))
+        self.contact_list.set_state(name_key(conv.name), status, conv.unread)
 
     def unread_total(self) -> int:
         return sum(c.unread for c in self.conversations.values())
@@ -667,90 +796,18 @@ class ChatWindow:
 
     # --- transcript -------------------------------------------------------------
 
-    def _at_bottom(self) -> bool:
-        return self.transcript.yview()[1] >= 0.999
-
-    def _render_all(self) -> None:
-        text = self.transcript
-        text.configure(state="normal")
-        text.delete("1.0", "end")
-        text.configure(state="disabled")
-        if self.current is not None:
-            for line in self.current.lines:
-                self._render_line(line, follow=False)
-        self._scroll_to_end()
-
-    def _render_line(self, line: Line, *, follow: bool = True) -> None:
-        text = self.transcript
-        was_at_bottom = self._at_bottom()
-        stamp = time.strftime("%H:%M", time.localtime(line.stamp))
-        text.configure(state="normal")
-        if text.index("end-1c") != "1.0":
-            text.insert("end", "\n")
-        self._insert(f"{stamp} ", ("stamp",))
-        if line.kind == "system":
-            self._insert(line.text, ("system",))
-        else:
-            self._insert(f"{line.who}: ", (line.kind, "who"))
-            self._insert(line.text, (line.kind,))
-            if line.kind == "own" and line.msg_id is not None:
-                text.mark_set(f"st-{line.msg_id}", "end-1c")
-                text.mark_gravity(f"st-{line.msg_id}", "left")
-                self._insert_state(line)
-        text.configure(state="disabled")
-        if follow:
-            if was_at_bottom or line.kind == "own":
-                self._batch_scroll = True
-                self.new_marker.place_forget()
-            else:
-                self.new_marker.place(relx=0.5, rely=1.0, anchor="s", y=-6)
-
-    def _insert(self, content: str, tags: tuple[str, ...], index: str = "end") -> None:
-        try:
-            self.transcript.insert(index, content, tags)
-        except tk.TclError:
-            self.transcript.insert(
-                index, tk_safe(content).encode("ascii", "replace").decode(), tags
-            )
-
-    def _insert_state(self, line: Line) -> None:
-        tag = f"sttext-{line.msg_id}"
-        mark = f"st-{line.msg_id}"
-        label = STATE_LABELS.get(line.state or "", line.state or "")
-        if line.state == MessageState.FAILED:
-            reason = f" ({line.reason.replace('_', ' ')})" if line.reason else ""
-            self.transcript.insert(mark, f"  {label}{reason} ", ("failed", tag))
-            retry_tag = f"retry-{line.msg_id}"
-            self.transcript.insert(f"{tag}.last", "Retry", ("retry", tag, retry_tag))
-            self.transcript.tag_bind(retry_tag, "<Button-1>", self._retry_handler(line))
-        else:
-            self.transcript.insert(mark, f"  {label}", ("state", tag))
-
-    def _render_state(self, line: Line) -> None:
-        tag = f"sttext-{line.msg_id}"
-        text = self.transcript
-        text.configure(state="normal")
-        ranges = text.tag_ranges(tag)
-        if ranges:
-            text.delete(ranges[0], ranges[-1])
-        if f"st-{line.msg_id}" in text.mark_names():
-            self._insert_state(line)
-        text.configure(state="disabled")
-
     def _system(self, conv: Conversation | None, message: str) -> None:
         line = Line("system", "", message, time.time())
         if conv is None:
             self.peer_label.configure(text=tk_safe(message))
             return
         conv.lines.append(line)
-        if conv is self.current:
-            self._render_line(line)
-            if self._batch_scroll:
+        if conv is self.current and self.view.at_latest:
+            if self.view.append(line):
                 self._scroll_to_end()
 
     def _scroll_to_end(self) -> None:
-        self.transcript.see("end")
-        self.new_marker.place_forget()
+        self.view.scroll_to_end()
 
     def state_of(self, msg_id: str) -> str | None:
         """The state shown for one of our messages (for tests and scripts)."""
@@ -761,7 +818,7 @@ class ChatWindow:
         return None
 
     def transcript_text(self) -> str:
-        return self.transcript.get("1.0", "end-1c")
+        return self.view.content()
 
     # --- composing ------------------------------------------------------------
 
@@ -828,15 +885,12 @@ class ChatWindow:
         self.composer.delete("1.0", "end")
         self._update_size()
 
-    def _retry_handler(self, line: Line) -> Any:
-        return lambda _event: self.retry(line)
-
     def retry(self, line: Line) -> None:
         """Send a failed message again, as a new message (once per failure)."""
         if self.session is None or self.current is None or line.state != MessageState.FAILED:
             return
         line.state = "retried"
-        self._render_state(line)
+        self.view.render_state(line)
         self.session.send(line.text, to=self.current.name)
 
     # --- find -------------------------------------------------------------------
@@ -855,26 +909,63 @@ class ChatWindow:
         self.find_label.pack_forget()
         self.find_status.pack_forget()
         self.transcript.tag_remove("found", "1.0", "end")
+        self._found = None
+        if not self.view.at_latest:
+            self._show_latest()
         self.composer.focus_set()
 
     def find_next(self) -> bool:
+        """Find the needle again, towards older lines: first in what is
+        shown, then in the whole stored history (the page around the hit is
+        shown), then from the latest line again. Case is folded in Python:
+        Tk's `-nocase` search crashes Tcl 8.6 on an emoji (issue 17)."""
         needle = self.find_var.get()
+        self.transcript.tag_remove("found", "1.0", "end")
+        if not needle or self.current is None:
+            return False
+        before = self._found[1] if self._found and self._found[0] == needle else None
+        self._found = None
+        if self._find_older(needle, before, ""):
+            return True
+        if before is not None or not self.view.at_latest:  # wrap round to the latest
+            if not self.view.at_latest:
+                self._show_latest()
+            if self._find_older(needle, None, "from the latest again"):
+                return True
+        self.find_status.configure(text="not found", style="Error.TLabel")
+        return False
+
+    def _find_older(self, needle: str, before: str | None, note: str) -> bool:
+        """The last hit shown above index `before` (None: anywhere), else the
+        newest one stored before the first line shown, on its page."""
         text = self.transcript
-        text.tag_remove("found", "1.0", "end")
-        if not needle:
+        hits = find_in_text(self.view.content(), needle)
+        older = [h for h in hits if before is None or text.compare(h[0], "<", before)]
+        if older:
+            return self._show_hit(needle, older[-1], note)
+        store = self.store
+        if store is None or self.current is None:
             return False
-        start = text.index("insert +1c") if text.compare("insert", "<", "end-1c") else "1.0"
-        pos = text.search(needle, start, nocase=True, stopindex="end") or text.search(
-            needle, "1.0", nocase=True, stopindex="end"
-        )
-        if not pos:
-            self.find_status.configure(text="not found", style="Error.TLabel")
+        name = self.current.name
+        row = search_history(store.path, name, needle, before=self._first_row_shown())
+        if row is None:
             return False
-        self.find_status.configure(text="", style="Muted.TLabel")
-        end = f"{pos}+{len(needle)}c"
-        text.tag_add("found", pos, end)
-        text.mark_set("insert", pos)
-        text.see(pos)
+        lines = [self._line_from(item) for item in read_around(store.path, name, row)]
+        self.view.show(lines, has_earlier=True, at_latest=False)
+        target = next((line for line in lines if line.row_id == row), None)
+        start = self.view.see_line(target) if target is not None else None
+        hits = find_in_text(self.view.content(), needle)
+        after = [h for h in hits if start is None or text.compare(h[0], ">=", start)]
+        if not (after or hits):
+            return False
+        return self._show_hit(needle, (after or hits)[0], note)
+
+    def _show_hit(self, needle: str, hit: tuple[str, str], note: str) -> bool:
+        text = self.transcript
+        text.tag_add("found", *hit)
+        text.see(hit[0])
+        self._found = (needle, hit[0])
+        self.find_status.configure(text=note, style="Muted.TLabel")
         return True
 
     # --- the rest ---------------------------------------------------------------
@@ -896,8 +987,17 @@ class ChatWindow:
             self.banner.configure(text=message)
             self.banner.pack(fill="x", side="top", before=self._banner_anchor)
 
-    def _on_focus_in(self, _event: object) -> None:
+    def _on_focus_in(self, event: Any) -> None:
         self.focused = True
+        if self.username is not None:
+            # Activated (window manager, alt-tab, `xdotool windowfocus`): Tk
+            # gives the focus to the widget that last had it in this window,
+            # to the window itself if none did, or to a field of the hidden
+            # login view (the window that was not focused at login, as in
+            # chat-demo). Then it goes to the composer, so typing lands.
+            widget = self._focus_widget()
+            if widget is None or widget is self.top or not widget.winfo_viewable():
+                self.top.after_idle(self._composer_focus_if_ours)
         if self.current is not None and self.current.unread:
             self.current.unread = 0
             self._refresh_contact(self.current)
@@ -907,6 +1007,47 @@ class ChatWindow:
         # FocusOut also fires when focus moves between our own widgets, and
         # with two windows in one app focus_get() names the other one's.
         self.focused = self._has_focus()
+
+    def _focus_widget(self) -> tk.Misc | None:
+        try:
+            return self.top.focus_get()
+        except (tk.TclError, KeyError):
+            return None
+
+    def _composer_focus_if_ours(self) -> None:
+        widget = self._focus_widget()
+        if (
+            widget is not None
+            and widget.winfo_toplevel() is self.top
+            and (widget is self.top or not widget.winfo_viewable())
+        ):
+            self.composer.focus_set()
+
+    def _on_key_anywhere(self, event: Any) -> str | None:
+        """A printable key pressed in a logged-in window outside a text field
+        (the transcript, the contact list, a button) goes to the composer."""
+        widget = event.widget
+        char = getattr(event, "char", "")
+        if (
+            self.username is None
+            or not char
+            or not char.isprintable()
+            or int(event.state) & (CONTROL_MASK | ALT_MASK)
+            or widget is self.composer
+            or isinstance(widget, (tk.Entry, ttk.Entry, ttk.Combobox, tk.Spinbox))
+            or (char == " " and isinstance(widget, (ttk.Button, ttk.Checkbutton, tk.Button)))
+        ):
+            return None
+        self.composer.focus_set()
+        self.composer.insert("insert", char)
+        self.composer.see("insert")
+        self._on_composer_key(event)
+        return "break"
+
+    def _select_all(self, event: Any) -> None:
+        widget = event.widget
+        widget.select_range(0, "end")
+        widget.icursor("end")
 
     def _has_focus(self) -> bool:
         try:
