@@ -85,6 +85,26 @@ class RedisChild:
         stats = self.client.info("commandstats")
         return sum(int(entry.get("calls", 0)) for entry in stats.values())
 
+    def key_sizes(self, sample: int = 200) -> dict[str, dict[str, float]]:
+        """Bytes per key in Redis (MEMORY USAGE, up to `sample` keys of each
+        kind: the name up to its `{user}` tag), and per entry of the hashes
+        (`chat:accounts`: per account): what the sizing in docs/CLUSTER.md
+        multiplies by the number of users and of messages."""
+        seen: dict[str, list[int]] = {}
+        for raw in self.client.scan_iter(count=1000):
+            key = raw.decode("utf-8", "replace")
+            kind = key.split("{", 1)[0].rstrip(":") if "{" in key else key
+            sizes = seen.setdefault(kind, [])
+            if len(sizes) < sample:
+                size = int(self.client.memory_usage(raw, samples=0) or 0)
+                if self.client.type(raw) == b"hash":  # per field: a hash holds many users
+                    size //= max(1, int(self.client.hlen(raw)))
+                sizes.append(size)
+        return {
+            kind: {"bytes": sum(sizes) / len(sizes), "sampled": len(sizes)}
+            for kind, sizes in sorted(seen.items())
+        }
+
     def stop(self) -> None:
         self.client.close()
         if self.proc.poll() is None:
@@ -166,6 +186,8 @@ def cluster_phase(nodes: int, pairs: int, duration: float, opts: Any, tmp: Path)
             cpu1 = [child.cpu() for child in children]
             redis_cpu1, calls1 = _proc_cpu(redis_server.proc.pid), redis_server.calls()
         version = redis_server.version
+        key_sizes = redis_server.key_sizes()
+        used_memory = int(redis_server.client.info("memory")["used_memory"])
     senders = [s for r in results for s in r["senders"]]
     receivers = [x for r in results for x in r["receivers"]]
     sent = sum(s["sent"] for s in senders)
@@ -193,6 +215,7 @@ def cluster_phase(nodes: int, pairs: int, duration: float, opts: Any, tmp: Path)
         "redis_cmds_per_msg": (calls1 - calls0) / per,
         "lat_p50_us": percentile(lat, 50), "lat_p99_us": percentile(lat, 99),
         "accept_p50_us": percentile(acc, 50), "accept_p99_us": percentile(acc, 99),
+        "redis_used_memory_b": used_memory, "redis_key_bytes": key_sizes,
     }  # fmt: skip
 
 
@@ -263,6 +286,9 @@ def run(nodes: int, opts: Any, say: Callable[[str], None]) -> int:
           f"Redis {rows[0]['redis_version']} (AOF, appendfsync always), {pairs} pairs, "
           f"{opts.duration:g} s each; load average before: {info['loadavg'][0]:.2f}")  # fmt: skip
     print(table(single, rows))
+    sizes = rows[-1]["redis_key_bytes"]
+    print("Redis bytes per key (MEMORY USAGE; per account for chat:accounts): "
+          + ", ".join(f"{kind} {entry['bytes']:.0f}" for kind, entry in sizes.items()))  # fmt: skip
     document = {"meta": info, "single": single, "cluster": rows}
     path = opts.json_out
     if path is None:
