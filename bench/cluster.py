@@ -158,12 +158,17 @@ def homes(pairs: int, nodes: int) -> dict[str, int]:
     return out
 
 
-def cluster_phase(nodes: int, pairs: int, duration: float, opts: Any, tmp: Path) -> dict[str, Any]:
-    """`pairs` senders flat out to their receivers through `nodes` nodes."""
-    from bench.run import START_DELAY, WINDOW, latencies_us, percentile, split, workers
+def cluster_phase(
+    nodes: int, pairs: int, duration: float, opts: Any, tmp: Path, *, window: int = 64,
+    where: dict[str, int] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """`pairs` senders (with `window` messages in flight each) to their
+    receivers through `nodes` nodes, the clients placed by `where` (default
+    `homes`)."""
+    from bench.run import START_DELAY, latencies_us, percentile, split, workers
 
+    where = where or homes(pairs, nodes)
     with cluster(tmp, nodes) as (redis_server, children):
-        where = homes(pairs, nodes)
         addresses = [child.address for child in children]
         groups = split([f"p{k}" for k in range(pairs)], opts.workers)
         specs = [
@@ -171,7 +176,7 @@ def cluster_phase(nodes: int, pairs: int, duration: float, opts: Any, tmp: Path)
                 addresses[0],
                 [(f"s{n}", f"r{n}") for n in g],
                 [f"r{n}" for n in g],
-                window=WINDOW,
+                window=window,
                 homes={name: addresses[where[name]] for n in g for name in (f"s{n}", f"r{n}")},
             )  # fmt: skip
             for g in groups
@@ -179,11 +184,13 @@ def cluster_phase(nodes: int, pairs: int, duration: float, opts: Any, tmp: Path)
         with workers(run_traffic, specs) as group:
             group.gather("ready", 120)
             cpu0 = [child.cpu() for child in children]
+            threads0 = [child.threads_cpu() for child in children]
             redis_cpu0, calls0 = _proc_cpu(redis_server.proc.pid), redis_server.calls()
             t0 = time.monotonic() + START_DELAY
             group.tell("start", t0, t0 + duration)
             results = group.gather("done", duration + 60)
             cpu1 = [child.cpu() for child in children]
+            threads1 = [child.threads_cpu() for child in children]
             redis_cpu1, calls1 = _proc_cpu(redis_server.proc.pid), redis_server.calls()
         version = redis_server.version
         key_sizes = redis_server.key_sizes()
@@ -197,6 +204,8 @@ def cluster_phase(nodes: int, pairs: int, duration: float, opts: Any, tmp: Path)
     end = max((s["last_complete"] for s in senders), default=0.0)
     elapsed = max(1e-9, (end if end > t0 else max(r["end"] for r in results)) - t0)
     nodes_cpu = sum(b - a for a, b in zip(cpu0, cpu1, strict=True))
+    loop_cpu = sum(b[0] - a[0] for a, b in zip(threads0, threads1, strict=True))
+    other_cpu = sum(b[1] - a[1] for a, b in zip(threads0, threads1, strict=True))
     redis_cpu = redis_cpu1 - redis_cpu0
     lat = latencies_us(receivers)
     acc = latencies_us(senders, "accept_latencies")
@@ -209,12 +218,15 @@ def cluster_phase(nodes: int, pairs: int, duration: float, opts: Any, tmp: Path)
         "failed": sum(s["failed"] for s in senders),
         "cross_node_share": cross / per,
         "nodes_cpu_us_per_msg": nodes_cpu / per * 1e6,
+        "loop_thread_cpu_us_per_msg": loop_cpu / per * 1e6,
+        "other_threads_cpu_us_per_msg": other_cpu / per * 1e6,
         "redis_cpu_us_per_msg": redis_cpu / per * 1e6,
         "cpu_us_per_msg": (nodes_cpu + redis_cpu) / per * 1e6,
         "nodes_cpu_pct": 100 * nodes_cpu / elapsed, "redis_cpu_pct": 100 * redis_cpu / elapsed,
         "redis_cmds_per_msg": (calls1 - calls0) / per,
         "lat_p50_us": percentile(lat, 50), "lat_p99_us": percentile(lat, 99),
         "accept_p50_us": percentile(acc, 50), "accept_p99_us": percentile(acc, 99),
+        "delivered_p50_us": percentile(latencies_us(senders, "delivered_latencies"), 50),
         "redis_used_memory_b": used_memory, "redis_key_bytes": key_sizes,
     }  # fmt: skip
 
@@ -226,12 +238,14 @@ def _proc_cpu(pid: int) -> float:
 
 
 def table(single: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    head = ("setup", "msgs/s", "CPU us/msg", "of it Redis", "redis cmds/msg", "cross-node",
+    head = ("setup", "msgs/s", "CPU us/msg", "loop/other/Redis", "redis cmds/msg", "cross-node",
             "lost", "dup", "p50/p99 us")  # fmt: skip
     lines = [
         (
             "single server (SQLite)", f"{single['msgs_per_s']:,.0f}",
-            f"{single['cpu_us_per_msg']:.0f}", "-", "-", "-", str(single["lost"]),
+            f"{single['cpu_us_per_msg']:.0f}",
+            f"{single['loop_thread_cpu_us_per_msg']:.0f}/"
+            f"{single['other_threads_cpu_us_per_msg']:.0f}/-", "-", "-", str(single["lost"]),
             str(single["duplicates"]), f"{single['lat_p50_us']:,.0f}/{single['lat_p99_us']:,.0f}",
         )
     ]  # fmt: skip
@@ -239,6 +253,7 @@ def table(single: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines.append((
             f"{r['nodes']} node{'s' if r['nodes'] > 1 else ''} + Redis",
             f"{r['msgs_per_s']:,.0f}", f"{r['cpu_us_per_msg']:.0f}",
+            f"{r['loop_thread_cpu_us_per_msg']:.0f}/{r['other_threads_cpu_us_per_msg']:.0f}/"
             f"{r['redis_cpu_us_per_msg']:.0f}", f"{r['redis_cmds_per_msg']:.1f}",
             f"{100 * r['cross_node_share']:.0f}%", str(r["lost"]), str(r["duplicates"]),
             f"{r['lat_p50_us']:,.0f}/{r['lat_p99_us']:,.0f}",
@@ -277,6 +292,17 @@ def run(nodes: int, opts: Any, say: Callable[[str], None]) -> int:
         for n in range(1, nodes + 1):
             say(f"{n} node(s) + Redis, {pairs} pairs")
             rows.append(cluster_phase(n, pairs, opts.duration, opts, tmp))
+        # One message in flight: what a hop through Redis, and one across
+        # nodes, adds to a message's way.
+        say("latency, 1 message in flight: single server, same node, across nodes")
+        latency = {
+            "single": traffic_phase("server", 1, opts.latency_duration, 1, opts, tmp),
+            "same_node": cluster_phase(1, 1, opts.latency_duration, opts, tmp, window=1),
+        }
+        if nodes > 1:
+            latency["across_nodes"] = cluster_phase(
+                2, 1, opts.latency_duration, opts, tmp, window=1, where={"sp0": 0, "rp0": 1}
+            )
     finally:
         if opts.keep:
             print(f"kept {tmp}", file=sys.stderr)
@@ -286,10 +312,14 @@ def run(nodes: int, opts: Any, say: Callable[[str], None]) -> int:
           f"Redis {rows[0]['redis_version']} (AOF, appendfsync always), {pairs} pairs, "
           f"{opts.duration:g} s each; load average before: {info['loadavg'][0]:.2f}")  # fmt: skip
     print(table(single, rows))
+    print("1 message in flight, p50 us: one-way / accepted / delivered: " + "; ".join(
+        f"{label.replace('_', ' ')} {r['lat_p50_us']:,.0f} / {r['accept_p50_us']:,.0f} / "
+        f"{r['delivered_p50_us']:,.0f}" for label, r in latency.items()
+    ))  # fmt: skip
     sizes = rows[-1]["redis_key_bytes"]
     print("Redis bytes per key (MEMORY USAGE; per account for chat:accounts): "
           + ", ".join(f"{kind} {entry['bytes']:.0f}" for kind, entry in sizes.items()))  # fmt: skip
-    document = {"meta": info, "single": single, "cluster": rows}
+    document = {"meta": info, "single": single, "cluster": rows, "latency": latency}
     path = opts.json_out
     if path is None:
         RESULTS.mkdir(parents=True, exist_ok=True)
