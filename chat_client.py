@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -48,6 +49,7 @@ import selectors
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -164,12 +166,15 @@ class _Abort:
 _Command = _Send | _Shown | _Who | _Watch | _Typing | _Logout | _Abort
 
 # Linux's numbers (<linux/in.h>, <linux/in6.h>); Python names neither. With
-# them an unconnected UDP socket reports an ICMP port unreachable, and its
-# error queue says for which destination.
+# them an unconnected UDP socket reports ICMP errors, and its error queue
+# says for which destination.
 _RECVERR: dict[int, tuple[int, int]] = {
     socket.AF_INET: (socket.IPPROTO_IP, 11),
     socket.AF_INET6: (socket.IPPROTO_IPV6, 25),
 }
+#: The ICMP errors that say a server is not there: its port is closed (the
+#: process died) or its host does not answer ARP/NDP.
+_SERVER_GONE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH})
 
 
 @dataclass(frozen=True)
@@ -536,11 +541,8 @@ class _Worker:
                     data, addr = sock.recvfrom(65535)
                 except (BlockingIOError, InterruptedError):
                     break
-                except (ConnectionRefusedError, ConnectionResetError) as exc:
-                    self.refused(sock, now, exc)
-                    continue
-                except OSError as exc:
-                    log.debug("recvfrom: %s", exc)
+                except OSError as exc:  # an ICMP error for something sent earlier
+                    self.icmp_error(sock, now, exc)
                     continue
                 before = self.core.login_phase
                 self.core.receive_datagram(data, now)
@@ -552,26 +554,38 @@ class _Worker:
                             self.use(index)
                             break
 
-    def refused(self, sock: socket.socket, now: float, exc: OSError) -> None:
-        """An ICMP port unreachable: if it was for the server in use (its
-        process died), the core logs in again, to the next one."""
+    def icmp_error(self, sock: socket.socket, now: float, exc: OSError) -> None:
+        """A socket call reported an ICMP error for a datagram sent earlier.
+        If it says the server in use is not there (port unreachable: its
+        process died; host unreachable), the core logs in again, to the
+        next server."""
+        log.debug("socket error: %s", exc)
         if not self.icmp:
-            log.debug("recvfrom: %s", exc)  # one server: it keeps being retried
+            return  # one server: it keeps being retried, as always
+        if sys.platform != "linux":
+            # No error queue: the error is about where we send, the server in use.
+            if isinstance(exc, (ConnectionRefusedError, ConnectionResetError)):
+                self.server_gone(now)
             return
-        gone: list[tuple[Any, ...]] = []
-        if sys.platform == "linux":
-            # IP_RECVERR: the error queue names each datagram's destination.
-            # Read it all (it holds socket memory); a late one for a server
-            # left before is not about the one in use.
-            for _ in range(256):
-                try:
-                    _data, _anc, _flags, address = sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
-                except OSError:
-                    break
-                gone.append(address)
-        if any(self.server.is_at(address) for address in gone) or not gone:
-            log.info("server %s refused: %s", format_address(*self.server.name), exc)
-            self.core.server_gone(now)
+        # IP_RECVERR queues each error with the datagram's destination and
+        # its errno (struct sock_extended_err). Read them all: they hold the
+        # socket's receive memory. One about a server left before is not
+        # about the one in use.
+        gone = False
+        for _ in range(256):
+            try:
+                _data, ancillary, _flags, address = sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except OSError:
+                break
+            for _level, _type, data in ancillary:
+                if len(data) >= 4 and struct.unpack_from("=I", data)[0] in _SERVER_GONE:
+                    gone = gone or self.server.is_at(address)
+        if gone:
+            self.server_gone(now)
+
+    def server_gone(self, now: float) -> None:
+        log.info("server %s is not there; trying the next", format_address(*self.server.name))
+        self.core.server_gone(now)
 
     def flush(self, now: float) -> None:
         # The core commits the store before it hands out anything that
@@ -590,10 +604,8 @@ class _Worker:
             try:
                 sock.sendto(datagram, server.address)
                 self.s.datagrams_sent += 1
-            except (ConnectionRefusedError, ConnectionResetError) as exc:
-                self.refused(sock, now, exc)  # an earlier datagram's ICMP, reported here
-            except OSError as exc:  # the network is down: resend later
-                log.debug("sendto: %s", exc)
+            except OSError as exc:  # the network is down, or an earlier ICMP: resend later
+                self.icmp_error(sock, now, exc)
         self.release_waiters()
         self.pass_events()
 

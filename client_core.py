@@ -773,7 +773,7 @@ class ClientCore:
 
     def server_gone(self, now: float) -> None:
         """The owner learned that the server of this session is not there
-        (an ICMP port unreachable for it: the process died, the host is up).
+        (an ICMP port unreachable for it: the process died; or host unreachable).
         Log in again at once, keeping the outbox, instead of waiting for the
         link timeout; an owner with a list of servers sends that login to
         the next one. Nothing happens while not logged in (the login's own
