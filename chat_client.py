@@ -22,12 +22,23 @@ the front end shows it (terminal: printed and flushed; window: inserted)
 and calls `session.shown(event.id)`; only then is the receipt sent, which
 tells the sender `delivered`. A message committed but never shown (the
 process died in between) is handed on again, once, after the next login.
+
+A cluster's nodes are given as a list (`--server A,B,C`; docs/CLUSTER.md).
+The core never picks a server; the network thread does (`_Worker`): the
+first HELLO goes to the first server, every later one (a retransmission
+with the core's backoff, or a new login after the link was lost) to the
+next in turn, and the server whose CHALLENGE the core took gets the rest of
+that login and the session. The outbox and the history are the list's, kept
+under its first entry (`ChatSession.login`). With more than one server a
+node whose process died is noticed at once (ICMP port unreachable, on
+Linux through IP_RECVERR) rather than after the link timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -38,6 +49,7 @@ import selectors
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -68,7 +80,15 @@ from client_core import (
 )
 from client_core import Event as SessionEvent
 from client_store import ClientStore, mark_shown, store_dir
-from common import DEFAULT_PORT, __version__, parse_server, positive
+from common import (
+    DEFAULT_PORT,
+    __version__,
+    format_address,
+    format_servers,
+    parse_server,
+    parse_servers,
+    positive,
+)
 from protocol import ErrorCode, LocalProtocolError, MsgId, normalize_name
 from reliability import RTO_MAX, RTO_MIN
 
@@ -145,6 +165,29 @@ class _Abort:
 
 _Command = _Send | _Shown | _Who | _Watch | _Typing | _Logout | _Abort
 
+# Linux's numbers (<linux/in.h>, <linux/in6.h>); Python names neither. With
+# them an unconnected UDP socket reports ICMP errors, and its error queue
+# says for which destination.
+_RECVERR: dict[int, tuple[int, int]] = {
+    socket.AF_INET: (socket.IPPROTO_IP, 11),
+    socket.AF_INET6: (socket.IPPROTO_IPV6, 25),
+}
+#: The ICMP errors that say a server is not there: its port is closed (the
+#: process died) or its host does not answer ARP/NDP.
+_SERVER_GONE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH})
+
+
+@dataclass(frozen=True)
+class _Server:
+    """One server of the list: as the user named it, and where it is."""
+
+    name: tuple[str, int]  # (host, port) as typed: in messages and events
+    address: tuple[Any, ...]  # from getaddrinfo: what sendto takes
+    family: int
+
+    def is_at(self, address: tuple[Any, ...]) -> bool:
+        return tuple(address[:2]) == tuple(self.address[:2])
+
 
 class ChatSession:
     """One user's connection to a server. Methods are safe from any thread;
@@ -175,7 +218,8 @@ class ChatSession:
         self.keepalive = keepalive
         self.link_timeout = link_timeout
         self.username: str | None = None
-        self.server: tuple[str, int] | None = None
+        self.server: tuple[str, int] | None = None  # the first of `servers`
+        self.servers: list[tuple[str, int]] = []  # as given; the list's history is the first's
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._peer: str | None = None  # chosen by the user: connect-to or /to
@@ -191,7 +235,7 @@ class ChatSession:
 
     def login(
         self,
-        server: str | tuple[str, int],
+        server: str | tuple[str, int] | list[tuple[str, int]],
         username: str,
         connect_to: str | None = None,
         *,
@@ -200,7 +244,15 @@ class ChatSession:
         """Start logging in (the first login with a new name registers it with
         this password). False, with an `ErrorEvent` and `Disconnected` on
         `events`, if the name, password or address is wrong before anything
-        is sent."""
+        is sent.
+
+        `server` is one server or a cluster's list (`"A,B"`, or a list of
+        (host, port)): the session moves to the next node by itself when
+        the one in use stops answering. The outbox and history of a list
+        are kept under its first entry (the same as with that server
+        alone), so keep the same node first to keep the same history. A
+        name that cannot be resolved is left out, with an error event; if
+        none can be, the login fails."""
         try:
             self.username = normalize_name(username)
         except LocalProtocolError as exc:
@@ -212,15 +264,34 @@ class ChatSession:
             self.discard()
             return False
         try:
-            host, port = parse_server(server) if isinstance(server, str) else server
-            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-        except (ValueError, OSError) as exc:
+            if isinstance(server, str):
+                servers = parse_servers(server)
+            else:
+                servers = [server] if isinstance(server, tuple) else list(server)
+        except ValueError as exc:
             self._fatal(ErrorCode.SERVER_UNREACHABLE, f"server {server}: {exc}")
             self.discard()
             return False
+        resolved: list[_Server] = []
+        unresolved: list[str] = []
+        for name in servers:
+            try:
+                info = socket.getaddrinfo(*name, type=socket.SOCK_DGRAM)[0]
+            except (OSError, UnicodeError) as exc:
+                unresolved.append(f"server {format_address(*name)}: {exc}")
+            else:
+                resolved.append(_Server(name, tuple(info[4]), info[0]))
+        if not resolved:
+            self._fatal(ErrorCode.SERVER_UNREACHABLE, "; ".join(unresolved))
+            self.discard()
+            return False
+        for problem in unresolved:  # the others may do; say which is left out
+            self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label,
+                                  f"{problem}; trying the other servers"))  # fmt: skip
         if connect_to:
             self.set_peer(connect_to)
-        self.server = (host, port)
+        host, port = self.server = servers[0]
+        self.servers = servers
         if self.persist:
             try:
                 directory = store_dir(f"{host}:{port}", self.username, self.store_root)
@@ -231,17 +302,15 @@ class ChatSession:
             self.instance_id = self.store.instance_id
             with self._lock:
                 self._seq = itertools.count(self.store.next_seq)
-        address = (str(info[4][0]), int(info[4][1]))
         core = ClientCore(
             self.username, password,
             store=self.store if self.store is not None else MemoryStore(self.instance_id),
-            server=address, rto_min=self.rto_min, rto_max=self.rto_max,
+            server=resolved[0].name, servers=tuple(s.name for s in resolved),
+            rto_min=self.rto_min, rto_max=self.rto_max,
             login_timeout=self.login_timeout, keepalive=self.keepalive,
             link_timeout=self.link_timeout, wait_for_shown=True,  # the front end says `shown`
         )  # fmt: skip
-        sock = socket.socket(info[0], socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        worker = _Worker(self, core, sock, address)
+        worker = _Worker(self, core, resolved)
         self._thread = threading.Thread(
             target=worker.run, name=f"chat-net-{self.username}", daemon=True
         )
@@ -375,22 +444,47 @@ class ChatSession:
 
 
 class _Worker:
-    """The network thread: the socket, the wake-up pipe and the command
-    queue around a `ClientCore`. Only `run()` (on that thread) touches it."""
+    """The network thread: the sockets (one per address family in the server
+    list), the wake-up pipe and the command queue around a `ClientCore`, and
+    the choice of server (see the module doc). Only `run()` (on that thread)
+    touches it."""
 
-    def __init__(
-        self, session: ChatSession, core: ClientCore, sock: socket.socket, server: tuple[str, int]
-    ) -> None:
+    def __init__(self, session: ChatSession, core: ClientCore, servers: list[_Server]) -> None:
         self.s = session
         self.core = core
-        self.sock = sock
-        self.server = server
+        self.servers = servers
+        self.index = 0  # the server in use: logins go there, then the session
+        self.hello_sent = False  # the next HELLO goes to the next server
+        # Where the ICMP for a dead node can be read: only worth it with
+        # somewhere else to go (with one server the connection keeps
+        # retransmitting to it, as always).
+        self.icmp = len(servers) > 1
+        self.sockets: dict[int, socket.socket] = {}
+        for server in servers:
+            if server.family not in self.sockets:
+                sock = socket.socket(server.family, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                if self.icmp and sys.platform == "linux" and server.family in _RECVERR:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(*_RECVERR[server.family], 1)
+                self.sockets[server.family] = sock
         self.shown_waiters: list[threading.Event] = []  # released after the next commit
+
+    @property
+    def server(self) -> _Server:
+        return self.servers[self.index]
+
+    def use(self, index: int) -> None:
+        if index != self.index:
+            self.index = index
+            self.core.server = self.server.name
+            log.info("trying server %s", format_address(*self.server.name))
 
     def run(self) -> None:
         core = self.core
         selector = selectors.DefaultSelector()
-        selector.register(self.sock, selectors.EVENT_READ)
+        for sock in self.sockets.values():
+            selector.register(sock, selectors.EVENT_READ)
         selector.register(self.s._wake_r, selectors.EVENT_READ)
         core.connect(time.monotonic())
         try:
@@ -416,7 +510,8 @@ class _Worker:
             self.s._fatal(ErrorCode.SERVER_ERROR, "internal error in the client; see the log")
         finally:
             selector.close()
-            self.sock.close()
+            for sock in self.sockets.values():
+                sock.close()
             self.let_go()
             if self.s.store is not None:
                 self.s.store.close()
@@ -440,26 +535,77 @@ class _Worker:
         self.release_waiters()
 
     def read_datagrams(self, now: float) -> None:
+        for sock in self.sockets.values():
+            for _ in range(256):
+                try:
+                    data, addr = sock.recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # an ICMP error for something sent earlier
+                    self.icmp_error(sock, now, exc)
+                    continue
+                before = self.core.login_phase
+                self.core.receive_datagram(data, now)
+                if before == "hello" and self.core.login_phase == "login":
+                    # The core took this server's CHALLENGE: the LOGIN (and
+                    # the session) go where it came from.
+                    for index, server in enumerate(self.servers):
+                        if server.is_at(addr):
+                            self.use(index)
+                            break
+
+    def icmp_error(self, sock: socket.socket, now: float, exc: OSError) -> None:
+        """A socket call reported an ICMP error for a datagram sent earlier.
+        If it says the server in use is not there (port unreachable: its
+        process died; host unreachable), the core logs in again, to the
+        next server."""
+        log.debug("socket error: %s", exc)
+        if not self.icmp:
+            return  # one server: it keeps being retried, as always
+        if sys.platform != "linux":
+            # No error queue: the error is about where we send, the server in use.
+            if isinstance(exc, (ConnectionRefusedError, ConnectionResetError)):
+                self.server_gone(now)
+            return
+        # IP_RECVERR queues each error with the datagram's destination and
+        # its errno (struct sock_extended_err). Read them all: they hold the
+        # socket's receive memory. One about a server left before is not
+        # about the one in use.
+        gone = False
         for _ in range(256):
             try:
-                data, _addr = self.sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # ICMP port unreachable: the server is not there
-                log.debug("recvfrom: %s", exc)
-                continue
-            self.core.receive_datagram(data, now)
+                _data, ancillary, _flags, address = sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except OSError:
+                break
+            for _level, _type, data in ancillary:
+                if len(data) >= 4 and struct.unpack_from("=I", data)[0] in _SERVER_GONE:
+                    gone = gone or self.server.is_at(address)
+        if gone:
+            self.server_gone(now)
+
+    def server_gone(self, now: float) -> None:
+        log.info("server %s is not there; trying the next", format_address(*self.server.name))
+        self.core.server_gone(now)
 
     def flush(self, now: float) -> None:
         # The core commits the store before it hands out anything that
         # promises what was stored (a receipt, a received message): one
         # fsync per pass.
-        for datagram in self.core.datagrams_to_send(now):
+        datagrams = self.core.datagrams_to_send(now)
+        if datagrams and self.core.login_phase == "hello":
+            # A HELLO (the only datagram then): the first of the session
+            # goes to the first server, every later one to the next.
+            if self.hello_sent:
+                self.use((self.index + 1) % len(self.servers))
+            self.hello_sent = True
+        server = self.server
+        sock = self.sockets[server.family]
+        for datagram in datagrams:
             try:
-                self.sock.sendto(datagram, self.server)
+                sock.sendto(datagram, server.address)
                 self.s.datagrams_sent += 1
-            except OSError as exc:  # the network is down or the port refused: resend later
-                log.debug("sendto: %s", exc)
+            except OSError as exc:  # the network is down, or an earlier ICMP: resend later
+                self.icmp_error(sock, now, exc)
         self.release_waiters()
         self.pass_events()
 
@@ -520,7 +666,9 @@ def _brief(text: str, width: int = 30) -> str:
 def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
     """A line for a person (and whether it belongs on stderr), or None."""
     if isinstance(event, LoggedIn):
-        return f"logged in as {event.user}; type a message, /to NAME, /who, /help or /quit", False
+        where = f" on {event.server}" if event.server else ""
+        return (f"logged in as {event.user}{where}; type a message, /to NAME, /who, /help "
+                "or /quit", False)  # fmt: skip
     if isinstance(event, MessageReceived):
         return f"{event.sender}: {event.text}", False
     if isinstance(event, StatusChanged):
@@ -541,7 +689,9 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
     if isinstance(event, ErrorEvent):
         return f"error: {event.message}", True
     if isinstance(event, LinkChanged):
-        return ("* reconnected" if event.up else "* connection lost; reconnecting..."), True
+        if event.up:
+            return "* reconnected" + (f" to {event.server}" if event.server else ""), True
+        return "* connection lost; reconnecting...", True
     if isinstance(event, TypingNotice):
         return None
     if isinstance(event, Disconnected) and event.reason != "logged_out":
@@ -761,7 +911,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--server",
         type=_server_argument,
         default=f"127.0.0.1:{DEFAULT_PORT}",
-        help="HOST:PORT of the server (default %(default)s)",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the server, or a cluster's nodes separated by commas: when the one in use "
+        "stops answering the client moves to the next (default %(default)s)",
     )
     parser.add_argument("--user", help="your username (terminal mode)")
     parser.add_argument("--connect-to", default=None, help="who to talk to first (optional)")
@@ -788,12 +940,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _server_argument(text: str) -> str:
-    """--server as typed, once `parse_server` has found it well formed."""
+    """--server in a normal form (`A,B`), once `parse_servers` has found
+    each entry well formed."""
     try:
-        parse_server(text)
+        return format_servers(parse_servers(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def read_password(args: argparse.Namespace) -> str | None:

@@ -159,9 +159,13 @@ class ClientError(LocalProtocolError):
 @dataclass(frozen=True)
 class LoggedIn:
     user: str
+    server: str | None = None  # HOST:PORT logged in to (None: the owner did not say)
 
     def to_json(self) -> dict[str, Any]:
-        return {"event": "logged_in", "user": self.user}
+        out = {"event": "logged_in", "user": self.user}
+        if self.server is not None:
+            out["server"] = self.server
+        return out
 
 
 @dataclass(frozen=True)
@@ -229,9 +233,13 @@ class LinkChanged:
     """The server stopped answering (`up=False`, we keep trying) or answers again."""
 
     up: bool
+    server: str | None = None  # with up: HOST:PORT logged in to (after failover, another node)
 
     def to_json(self) -> dict[str, Any]:
-        return {"event": "link", "state": "up" if self.up else "down"}
+        out = {"event": "link", "state": "up" if self.up else "down"}
+        if self.up and self.server is not None:
+            out["server"] = self.server
+        return out
 
 
 @dataclass(frozen=True)
@@ -441,7 +449,11 @@ class ClientCore:
     `username` must be a valid name (`ClientError(INVALID_NAME)` if not) and
     `password` non-empty (`ClientError(PASSWORD_REQUIRED)`); the first login
     with a new name registers it. `connect_to` is the peer plain sends go to.
-    `server` only names the server in messages for the user. `token_bytes`
+    `server` names the server in messages for the user and in `LoggedIn` and
+    `LinkChanged`; the core never chooses one. An owner given a cluster's
+    list (`chat_client`'s network thread) picks where each login datagram
+    goes, sets `server` to it, and passes the whole list as `servers`, which
+    only names them in the error when none answers. `token_bytes`
     and `rng` are the randomness (nonces; retransmission and keepalive
     jitter), replaceable for tests. `salted_password` and `build_login` are
     protocol.py's; the load generator gives cached ones (one process stands
@@ -463,6 +475,7 @@ class ClientCore:
         *,
         store: CoreStore | None = None,
         server: tuple[str, int] | None = None,
+        servers: tuple[tuple[str, int], ...] = (),
         rto_min: float = RTO_MIN,
         rto_max: float = RTO_MAX,
         login_timeout: float = LOGIN_TIMEOUT,
@@ -484,6 +497,7 @@ class ClientCore:
         self.instance_id = self.store.instance_id
         self._next_seq = self.store.next_seq
         self.server = server
+        self.servers = servers
         self.rto_min = rto_min
         self.rto_max = rto_max
         self.login_timeout = login_timeout
@@ -757,6 +771,18 @@ class ClientCore:
         """Stop at once: no logout, nothing more sent."""
         self.ended = True
 
+    def server_gone(self, now: float) -> None:
+        """The owner learned that the server of this session is not there
+        (an ICMP port unreachable for it: the process died; or host unreachable).
+        Log in again at once, keeping the outbox, instead of waiting for the
+        link timeout; an owner with a list of servers sends that login to
+        the next one. Nothing happens while not logged in (the login's own
+        retries go on)."""
+        if self.conn is None or self.ended:
+            return
+        log.info("the server %s is gone; logging in again", self._server_text("in use"))
+        self._link_lost(now, notify=True)
+
     # --- helpers ---------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
@@ -769,6 +795,9 @@ class ClientCore:
 
     def _server_text(self, fallback: str) -> str:
         return format_address(*self.server) if self.server is not None else fallback
+
+    def _server_label(self) -> str | None:
+        return format_address(*self.server) if self.server is not None else None
 
     def _send_message(
         self, message: Message, stream: int = CONTROL_STREAM, handle: object = None
@@ -822,8 +851,13 @@ class ClientCore:
 
     def _run_login_timer(self, now: float) -> None:
         if self._login_deadline is not None and now >= self._login_deadline:
-            where = f"server {self._server_text('')}" if self.server else "the server"
-            self._fatal(ErrorCode.SERVER_UNREACHABLE, f"{where} does not answer; is it running?")
+            if len(self.servers) > 1:
+                names = ", ".join(format_address(*server) for server in self.servers)
+                text = f"none of the servers {names} answers; are they running?"
+            else:
+                where = f"server {self._server_text('')}" if self.server else "the server"
+                text = f"{where} does not answer; is it running?"
+            self._fatal(ErrorCode.SERVER_UNREACHABLE, text)
             return
         if (
             self._login_phase == "login"
@@ -877,10 +911,10 @@ class ClientCore:
         if self.first_login:
             self.first_login = False
             self.username = frame.username
-            self._emit(LoggedIn(frame.username))
+            self._emit(LoggedIn(frame.username, self._server_label()))
             self._hand_on_unshown()
         else:
-            self._emit(LinkChanged(up=True))
+            self._emit(LinkChanged(up=True, server=self._server_label()))
         self.link_up = True
         for name in sorted(self.watched):
             self._send_message(Watch(name))

@@ -69,7 +69,7 @@ from client_store import (
     search_history,
 )
 from client_transcript import Line, Transcript, find_in_text, tk_safe
-from common import DEFAULT_PORT, config_dir, parse_server
+from common import DEFAULT_PORT, config_dir, format_servers, parse_servers
 from protocol import MAX_TEXT_BYTES, LocalProtocolError, name_key, normalize_name
 
 CONTROL_MASK = 0x4  # X event state bits: a key with Control or Alt is a shortcut
@@ -365,7 +365,9 @@ class ChatWindow:
             return
         server = self.server_var.get().strip() or f"127.0.0.1:{DEFAULT_PORT}"
         try:
-            parse_server(server)
+            # One server, or a cluster's nodes separated by commas: the
+            # session moves to the next when the one in use stops answering.
+            server = format_servers(parse_servers(server))
         except ValueError as exc:
             self.show_login_error(f"Server: {exc}")
             self.server_entry.focus_set()
@@ -512,8 +514,12 @@ class ChatWindow:
             self.login_button.configure(state="normal", text="Login")
             host = self.settings.server
             name = self.username_var.get().strip()
+            unreachable = f"Server {host} does not answer. Is it running?"
+            if "," in host:
+                names = host.replace(",", ", ")
+                unreachable = f"None of the servers {names} answers. Are they running?"
             messages = {
-                "server_unreachable": f"Server {host} does not answer. Is it running?",
+                "server_unreachable": unreachable,
                 "bad_password": f"Wrong password for {name}. If this is not your account, "
                 "the name is taken: pick another.",
                 "rate_limited": f"{event.message[:1].upper()}{event.message[1:]}.",

@@ -123,6 +123,39 @@ def parse_server(text: str) -> tuple[str, int]:
     return host, port
 
 
+#: How many servers a client's list may name: a cluster's nodes, not a
+#: directory; each one is resolved at login.
+MAX_SERVERS = 16
+
+
+def parse_servers(text: str) -> list[tuple[str, int]]:
+    """'A[,B...]' (each as `parse_server` reads it) -> the servers in order,
+    a repeated one kept once; ValueError naming the entry that is wrong."""
+    servers: list[tuple[str, int]] = []
+    entries = text.split(",")
+    if len(entries) > MAX_SERVERS:
+        raise ValueError(f"{len(entries)} servers listed; at most {MAX_SERVERS}")
+    for number, entry in enumerate(entries, 1):
+        if not entry.strip():
+            if len(entries) == 1:
+                raise ValueError("the server address is empty")
+            raise ValueError(f"server {number} of {len(entries)} in the list is empty")
+        try:
+            server = parse_server(entry)
+        except ValueError as exc:
+            if len(entries) == 1:
+                raise
+            raise ValueError(f"server {number} of {len(entries)}: {exc}") from None
+        if server not in servers:
+            servers.append(server)
+    return servers
+
+
+def format_servers(servers: list[tuple[str, int]]) -> str:
+    """A server list as `parse_servers` reads it back: `A,B`."""
+    return ",".join(format_address(host, port) for host, port in servers)
+
+
 # --- argparse types -------------------------------------------------------------
 # Numbers that must lie in a range are refused by the parser ("error:
 # argument --x: ...", exit status 2) instead of starting a program that

@@ -364,6 +364,7 @@ class Peer:
 
     def result(self) -> dict[str, Any]:
         return {
+            "name": self.name,
             "datagrams_in": self.datagrams_in, "datagrams_out": self.conn.sent_count,
             "send_errors": self.send_errors, "notices": dict(self.notices),
         }  # fmt: skip
@@ -509,13 +510,16 @@ class TrafficSpec:
     drain_timeout: float = 20.0
     limit: int | None = None  # messages per sender at most
     extra: dict[str, Any] = field(default_factory=dict)
+    #: A client's own server by name (a cluster's node: bench/cluster.py);
+    #: the others log in to `server`.
+    homes: dict[str, Addr] = field(default_factory=dict)
 
 
 def log_in_clients(spec: TrafficSpec) -> tuple[list[Sender], list[Receiver]]:
     """Log in every client of `spec`, each on a socket of its own (closed
     with `close_clients`)."""
     names = [name for name, _ in spec.senders] + list(spec.receivers)
-    handshakes = [Handshake(name, new_socket(spec.server)) for name in names]
+    handshakes = [Handshake(name, new_socket(spec.homes.get(name, spec.server))) for name in names]
     try:
         drive_logins(handshakes)  # receivers must exist before anyone writes to them
     except BaseException:

@@ -4,6 +4,7 @@
     python -m bench --quick          # tiny sizes, a few seconds
     python -m bench --runs 3         # repeat and quote medians
     python -m bench --profile        # the 16-pair load against a cProfiled server
+    python -m bench --cluster 2      # cluster mode: 1 and 2 nodes on Redis (bench/cluster.py)
 
 Every figure comes from real processes on 127.0.0.1: the server is
 `python chat_server.py --port 0 --data-dir TMP ...` (SQLite, WAL,
@@ -94,6 +95,7 @@ class Options:
     json_out: Path | None
     profile: bool
     keep: bool
+    cluster: int = 0  # nodes at most: the cluster benchmark instead (bench/cluster.py)
 
 
 # --- processes ------------------------------------------------------------------
@@ -869,7 +871,14 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument("--profile", action="store_true",
                         help="profile the server under the largest load instead")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--cluster", type=int, default=0, metavar="N",
+        help="instead: cluster mode with 1 to N nodes and a redis-server on this machine, "
+        "beside the single server (needs redis-server and the redis package)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.cluster < 0:
+        parser.error(f"argument --cluster: {args.cluster} nodes; give 1 or more")
     quick = bool(args.quick)
     return Options(
         quick=quick, runs=max(1, args.runs),
@@ -879,7 +888,7 @@ def parse(argv: list[str] | None) -> Options:
         gui_duration=args.gui_duration or (1.0 if quick else 5.0),
         workers=max(1, args.workers), gui=not args.no_gui,
         pairs=tuple(sorted({int(p) for p in args.pairs.split(",") if p.strip()})),
-        json_out=args.json_out, profile=args.profile, keep=args.keep,
+        json_out=args.json_out, profile=args.profile, keep=args.keep, cluster=args.cluster,
     )  # fmt: skip
 
 
@@ -890,6 +899,10 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
+    if opts.cluster:
+        from bench.cluster import run as run_cluster
+
+        return run_cluster(opts.cluster, opts, say)
     info = meta(opts)
     tmp = Path(tempfile.mkdtemp(prefix="udp-chat-bench-"))
     try:

@@ -78,7 +78,9 @@ def test_ipv6_server_prints_a_pasteable_address_and_a_client_logs_in(tmp_path: P
         client.stdin.write("/quit\n")
         client.stdin.flush()
         out, err = client.communicate(timeout=60)
-        assert first == {"event": "logged_in", "user": "alice"}, (first, out, err)
+        # The server it is on, as the user can paste it back (cluster failover).
+        expected = {"event": "logged_in", "user": "alice", "server": running.addr_text}
+        assert first == expected, (first, out, err)
         assert client.returncode == 0, err
     finally:
         stop_process(running)

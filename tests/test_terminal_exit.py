@@ -42,7 +42,8 @@ def test_all_accepted_exits_0(tmp_path: Path) -> None:
         bob = start_client(running.addr_text, user="bob")
         bob_out, bob_err = bob.communicate("", timeout=60)
         assert bob.returncode == 0, (bob_out, bob_err)
-        assert events_of(bob_out)[0] == {"event": "logged_in", "user": "bob"}
+        first = {"event": "logged_in", "user": "bob", "server": running.addr_text}
+        assert events_of(bob_out)[0] == first
         client = start_client(running.addr_text)
         out, err = client.communicate("hello\n", timeout=60)  # end of input at once
     finally:
