@@ -224,9 +224,11 @@ class Child:
 
 
 def start_server(
-    tmp: Path, label: str, profile_out: Path | None = None, data: Path | None = None
-) -> Child:
-    """A fresh server process; with a fresh data directory unless `data` is given."""
+    tmp: Path, label: str, profile_out: Path | None = None, data: Path | None = None,
+    extra: tuple[str, ...] = (),
+) -> Child:  # fmt: skip
+    """A fresh server process; with a fresh data directory unless `data` is
+    given; `extra`: more flags (bench/metrics_scrape.py: --metrics)."""
     data = data or Path(tempfile.mkdtemp(prefix=f"data-{label}-", dir=tmp))
     script = ["bench/profile_server.py", "--profile-out", str(profile_out)] if profile_out else [
         "chat_server.py"
@@ -236,7 +238,7 @@ def start_server(
         "--pbkdf2-iterations", str(ITERATIONS), "--preauth-rate", "1000000",
         "--preauth-total-rate", "1000000",
         "--user-msg-rate", "1000000", "--max-sessions", "1000000", "--registration-rate", "1000000",
-        "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning",
+        "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning", *extra,
     ]  # fmt: skip
     child = Child(command, data / "server.log")
     child.data_dir = data
@@ -332,13 +334,14 @@ def latencies_us(peers: list[dict[str, Any]], key: str = "latencies") -> list[fl
 
 def traffic_phase(
     kind: str, pairs: int, duration: float, window: int, opts: Options, tmp: Path,
-    profile_out: Path | None = None,
+    profile_out: Path | None = None, server_flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """`pairs` senders each writing flat out to their own receiver, through
-    the server ("server") or the bare loop ("bare"), for `duration` seconds."""
+    the server ("server", with `server_flags` added) or the bare loop
+    ("bare"), for `duration` seconds."""
     label = f"{kind}-{pairs}-{window}"
     if kind == "server":
-        relay = start_server(tmp, label, profile_out)
+        relay = start_server(tmp, label, profile_out, extra=server_flags)
     else:
         relay = start_bare(tmp, label)
     try:

@@ -24,6 +24,7 @@ import pytest
 
 import chat_server
 import common
+from bench.metrics_scrape import scrape_cost
 from chat_server import ChatServer
 from server_metrics import Family, Histogram, exposition, label_value
 from tests.clients import RecordingClient, close_all
@@ -417,3 +418,10 @@ def test_label_values_are_escaped_and_reasons_become_names() -> None:
     assert label_value("pre-login datagram without one HELLO or LOGIN") == (
         "pre_login_datagram_without_one_hello_or_login"
     )
+
+
+def test_the_scrape_benchmark_runs() -> None:
+    """bench/metrics_scrape.py's in-process part, tiny, so it never rots
+    (no timing is judged)."""
+    micros, size = scrape_cost(repeat=3)
+    assert micros > 0 and size > 4000
