@@ -158,7 +158,9 @@ class LoginDesk:
         then at most one line per `log_interval` with the count since the
         last line, so guessing at a thousand passwords a second writes one
         line every 10 s, not a thousand."""
-        failures = self.stats["login_failures"] + self.stats["login_throttled"]
+        stats = self.stats
+        failures = (stats["login_failures"] + stats["login_throttled"]
+                    + stats["registrations_throttled"])  # fmt: skip
         last, then = self._failure_logged
         if now - last < self.config.log_interval:
             return
@@ -254,6 +256,8 @@ class LoginDesk:
             self.stats["logins_with_ticket"] += 1
         if account is None and not self._registrations.take(ip, 1, now):
             self.stats["registrations_throttled"] += 1
+            self._log_failure("registration refused for %s from %s: too many new accounts from "
+                              "that address", name, addr, now)  # fmt: skip
             text = "too many new accounts from your address; try again in a few seconds"
             return Refused(login.nonce, ErrorCode.RATE_LIMITED, text)
         if account is None:

@@ -137,6 +137,27 @@ def test_login_failures_in_a_burst_are_a_few_warnings(caplog: pytest.LogCaptureF
     assert counted[0] == 1 and sum(counted) <= failures
 
 
+def test_new_accounts_over_the_address_limit_are_a_warning_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = open_relay(registration_rate=0.01, registration_burst=1.0)
+    caplog.set_level(logging.INFO, logger="chat_server")
+    assert isinstance(log_in(relay, "alice", PASSWORD, ("192.0.2.9", 1), 10.0).answer, Welcome)
+    for i in range(5):
+        refused = log_in(relay, f"sock{i}", PASSWORD, ("192.0.2.9", 2 + i), 11.0)
+        assert isinstance(refused.answer, Refused)
+        assert refused.answer.code == ErrorCode.RATE_LIMITED
+    lines = [r for r in caplog.records if "registration refused" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [(
+        logging.WARNING, "registration refused for sock0 from 192.0.2.9:2: too many new "
+        "accounts from that address (1 failed or refused logins since the last such line)",
+    )]  # fmt: skip
+    families = {family.name: family for family in gather_metrics(relay, None, 0.0, 0.0)}
+    reasons = {labels["reason"]: value
+               for labels, value in families["chat_login_failures_total"].samples}  # fmt: skip
+    assert reasons["registrations_throttled"] == 5
+
+
 def test_a_pre_login_flood_is_one_limit_warning_per_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
