@@ -1946,6 +1946,24 @@ def listen_problem(host: str, port: int, exc: ListenError) -> str:
     return f"cannot listen on {format_address(host, port)}: {exc.strerror}"
 
 
+def metrics_problem(host: str, port: int, exc: ListenError) -> str:
+    """The one line saying why `--metrics HOST:PORT` cannot be served."""
+    where = format_address(host, port)
+    if isinstance(exc.__cause__, socket.gaierror):
+        return (f"--metrics: cannot resolve {host}: {exc.strerror}; give an address of this "
+                "machine, e.g. 127.0.0.1:9555")  # fmt: skip
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"--metrics: {host} is not an address of this machine; give one of its "
+                "addresses, e.g. 127.0.0.1:9555")  # fmt: skip
+    if exc.errno == errno.EADDRINUSE:
+        return (f"--metrics: cannot listen on {where}: {exc.strerror}; is another program "
+                "using that port? Pick another --metrics port.")  # fmt: skip
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        return (f"--metrics: permission denied for port {port} (ports below 1024 need root); "
+                "pick a port of 1024 or above")  # fmt: skip
+    return f"--metrics: cannot serve on {where}: {exc.strerror}"
+
+
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, each value in its range (else argparse's "error:
     argument --x: ..." and exit status 2), including the ranges that
@@ -1982,8 +2000,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chat-server: {exc}", file=sys.stderr)
         return 2
     except MetricsListenError as exc:
-        host, port = args.metrics
-        print(f"chat-server: --metrics: {listen_problem(host, port, exc)}", file=sys.stderr)
+        metrics_host, metrics_port = args.metrics
+        print(f"chat-server: {metrics_problem(metrics_host, metrics_port, exc)}", file=sys.stderr)
         return 2
     except ListenError as exc:
         print(f"chat-server: {listen_problem(args.host, args.port, exc)}", file=sys.stderr)

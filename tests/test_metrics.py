@@ -357,9 +357,39 @@ def test_a_taken_metrics_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == (
         f"chat-server: --metrics: cannot listen on 127.0.0.1:{port}: Address already in use; "
-        "is another server running there? Try --port 0.\n"
+        "is another program using that port? Pick another --metrics port.\n"
     )
     assert not (tmp_path / "data").exists()  # found before the store was opened
+
+
+def test_metrics_address_takes_ipv6_in_brackets_and_port_0() -> None:
+    parse = chat_server.build_parser().parse_args
+    assert parse(["--metrics", "[::1]:9555"]).metrics == ("::1", 9555)
+    assert parse(["--metrics", "0.0.0.0:0"]).metrics == ("0.0.0.0", 0)
+    assert parse(["--metrics", "localhost:9555"]).metrics == ("localhost", 9555)
+    try:
+        server = ChatServer(("127.0.0.1", 0), server_config(None), metrics=("::1", 0))
+    except chat_server.MetricsListenError as exc:  # no IPv6 loopback here: said in one line
+        assert chat_server.metrics_problem("::1", 0, exc).startswith("--metrics: ")
+        return
+    try:
+        assert server.metrics_address is not None
+        assert scrape(f"http://[::1]:{server.metrics_address[1]}")
+    finally:
+        server.close()
+
+
+def test_metrics_host_that_is_not_here_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "chat_server.py"), "--port", "0",
+         "--data-dir", str(tmp_path / "data"), "--metrics", "192.0.2.1:9555"],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == (
+        "chat-server: --metrics: 192.0.2.1 is not an address of this machine; give one of its "
+        "addresses, e.g. 127.0.0.1:9555\n"
+    )
 
 
 def test_metrics_are_off_by_default() -> None:
