@@ -18,6 +18,7 @@ and a `_count`.
 
 from __future__ import annotations
 
+import bisect
 import http.server
 import logging
 import math
@@ -60,12 +61,7 @@ class Histogram:
         self.snapshot: tuple[tuple[int, ...], float] = (tuple(self._counts), 0.0)
 
     def observe(self, value: float) -> None:
-        index = len(self.bounds)
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                index = i
-                break
-        self._counts[index] += 1
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
         self._sum += value
         self.snapshot = (tuple(self._counts), self._sum)
 
