@@ -387,4 +387,4 @@ def test_deploy_readme_names_the_files_and_the_commands() -> None:
         "-v udp-chat-data:/data",
     ):
         assert command in text  # fmt: skip
-    assert "never built or run" in text  # no pretending: no container runtime here
+    assert "the image was never built" in text  # no pretending: no container runtime here
