@@ -575,16 +575,18 @@ class _Worker:
             self.let_go()
             if self.s.store is not None:
                 self.s.store.close()
-                if self.s.created_store and core.first_login:
+                if self.s.created_store and core.first_login and not core.outbox:
                     self.remove_profile(self.s.store.directory)
             self.s._wake_r.close()
             self.s._wake_w.close()
 
     @staticmethod
     def remove_profile(directory: Path) -> None:
-        """A profile made for a first login that failed: removed, and its
-        server's folder with it if nothing else is there, so a wrong
-        password or a mistyped server leaves no folder behind."""
+        """A profile made for a first login that failed, with nothing in its
+        outbox: removed, and its server's folder with it if nothing else is
+        there, so a wrong password or a mistyped server leaves no folder
+        behind. (Messages typed before the login ended keep theirs: the
+        outbox holds them for the next try.)"""
         shutil.rmtree(directory, ignore_errors=True)
         with contextlib.suppress(OSError):
             directory.parent.rmdir()  # only if empty

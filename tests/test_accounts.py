@@ -35,6 +35,8 @@ from client_core import (
     StatusChanged,
 )
 from protocol import ErrorCode
+from server_records import User
+from server_router import LocalRouter, Route
 from server_store import (
     Account,
     EraseAccount,
@@ -116,6 +118,57 @@ def test_change_password_keeps_the_session_and_a_new_login_needs_the_new_one() -
     # (which takes over: alice's first client is told, as for any login elsewhere)
     net.run(lambda: bool(alice.of(Disconnected)), "taken over")
     assert bob.core.conn is not None
+
+
+class StaleRouter(LocalRouter):
+    """A router that, while `stale`, says a user's session is on another
+    node (a cluster's route lagging by its TTL): a second login then opens a
+    session beside the first instead of taking it over."""
+
+    stale = False
+
+    def locate(self, user: User) -> Route:
+        return "node-b" if self.stale else super().locate(user)
+
+
+def test_the_users_other_sessions_end_when_the_password_changes() -> None:
+    net = Net()
+    router = StaleRouter()
+    net.relay = Relay(net.config, router=router, wall_clock=lambda: 1_700_000_000.0 + net.now)
+    (first,) = net.login("alice")
+    router.stale = True
+    second = net.add("alice", "alice-pw")
+    net.run(lambda: second.logged_in, "a second session beside the first")
+    router.stale = False
+    assert len([s for s in net.relay.sessions.values() if s.user.key == "alice"]) == 2
+    second.core.change_password("alice-pw", "mine now")
+    net.run(lambda: bool(second.of(PasswordChanged)), "changed")
+    net.run(lambda: bool(first.of(Disconnected)), "the other session ended")
+    (error,) = [e for e in first.of(ErrorEvent) if e.fatal]
+    assert error.code == "password_changed" and "new one" in error.message
+    assert first.of(Disconnected)[-1].reason == "password_changed"
+    assert not second.of(Disconnected)
+    assert [s.instance_id for s in net.relay.sessions.values() if s.user.key == "alice"] == [
+        second.core.instance_id
+    ]
+
+
+def test_the_users_other_sessions_end_when_the_account_is_deleted() -> None:
+    net = Net()
+    router = StaleRouter()
+    net.relay = Relay(net.config, router=router, wall_clock=lambda: 1_700_000_000.0 + net.now)
+    (first,) = net.login("alice")
+    router.stale = True
+    second = net.add("alice", "alice-pw")
+    net.run(lambda: second.logged_in, "a second session beside the first")
+    router.stale = False
+    second.core.delete_account("alice-pw")
+    net.run(lambda: bool(first.of(Disconnected)) and bool(second.of(Disconnected)), "both end")
+    assert first.of(Disconnected)[-1].reason == "account_deleted"
+    assert [e.code for e in first.of(ErrorEvent) if e.fatal] == ["account_deleted"]
+    assert second.of(AccountDeleted)
+    net.settle(2.0)
+    assert not net.relay.sessions
 
 
 def test_a_reconnect_after_the_change_uses_the_new_password() -> None:
@@ -450,3 +503,38 @@ def test_terminal_passwd_and_delete_account_read_their_lines(tmp_path: Path) -> 
         assert [e["code"] for e in events if e["event"] == "error"] == ["name_quarantined"]
     finally:
         stop_process(running)
+
+
+def test_the_terminal_reads_secrets_without_echo_from_a_terminal() -> None:
+    """On a terminal, `/passwd` and `/delete-account` ask with `getpass`
+    (here a stand-in), the new password twice; `yes` is typed as a line.
+    What they read never comes back as a chat line."""
+    import io
+    import queue
+
+    from chat_client import _Line, _read_lines, _Secrets
+
+    answers = iter(["old", "new", "new", "old", "new", "typo", "pw"])
+    prompts: list[str] = []
+
+    def ask(prompt: str) -> str:
+        prompts.append(prompt)
+        return next(answers)
+
+    inbox: queue.Queue[Any] = queue.Queue()
+    stream = io.StringIO("/passwd\n/passwd\n/delete-account\nyes\nhello\n")
+    _read_lines(stream, inbox, tty=True, ask=ask)
+    items = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    assert [type(i) for i in items] == [_Secrets, _Secrets, _Secrets, _Line, _Line]
+    assert (items[0].command, items[0].values, items[0].problem) == (
+        "/passwd",
+        ("old", "new"),
+        None,
+    )
+    assert items[1].problem is not None and "differ" in items[1].problem
+    assert (items[2].command, items[2].values) == ("/delete-account", ("pw",))
+    assert [i.text for i in items[3:]] == ["hello", None]
+    assert prompts == ["current password: ", "new password: ", "new password again: "] * 2 + [
+        "password: "
+    ]
+    assert "_Secrets" in repr(items[0]) and "old" not in repr(items[0])  # no passwords in logs

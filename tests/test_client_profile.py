@@ -119,6 +119,16 @@ def test_a_failed_first_login_leaves_no_folder(server: RunningServer) -> None:
     assert refused.code == "bad_password"
     failed.close()
     assert profiles() == [Path(addr.replace(":", "_")) / "bob"]
+    # Unless something was typed meanwhile: the outbox keeps it for the next try.
+    typed = make_session()
+    typed.login(addr, "carol", password="wrong again")
+    assert typed.send("typed while connecting", to="bob") is not None
+    refused = wait_for(typed, lambda e: getattr(e, "fatal", False))
+    assert refused.code == "bad_password"
+    typed.close()
+    kept = store_dir(addr, "carol")
+    assert kept.exists()
+    shutil.rmtree(kept)
     # A server that does not answer: no folder for it either.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
