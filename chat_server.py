@@ -1662,6 +1662,7 @@ LOGIN_FAILURES = (
     ("registrations_throttled", "registrations_throttled"),
     ("registrations_busy", "registrations_busy"),
     ("login_server_full", "server_full"),
+    ("registrations_quarantined", "name_quarantined"),
 )
 
 

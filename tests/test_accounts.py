@@ -341,6 +341,7 @@ def test_delete_account_erases_what_the_server_keeps_and_quarantines_the_name(
     # Nobody registers the name, not even after a restart of the server.
     taker = login_outcome(disk, "alice", "someone else")
     assert [e.code for e in taker.of(ErrorEvent) if e.fatal] == ["name_quarantined"]
+    assert disk.relay.stats["registrations_quarantined"] == 1  # chat_login_failures_total
     disk.restart()
     again = login_outcome(disk, "Alice", "someone else")
     (refusal,) = [e for e in again.of(ErrorEvent) if e.fatal]
