@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import getpass
 import itertools
 import json
 import logging
@@ -46,6 +47,7 @@ import os
 import queue
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import sqlite3
@@ -53,6 +55,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -63,6 +66,8 @@ from client_core import (
     LINK_TIMEOUT,
     LOGIN_TIMEOUT,
     LOGOUT_ACK_WAIT,
+    AccountDeleted,
+    Cancelled,
     ClientCore,
     ClientError,
     Disconnected,
@@ -72,6 +77,7 @@ from client_core import (
     MemoryStore,
     MessageReceived,
     MessageState,
+    PasswordChanged,
     PresenceChanged,
     StatusChanged,
     TypingNotice,
@@ -79,10 +85,11 @@ from client_core import (
     check_outgoing,
 )
 from client_core import Event as SessionEvent
-from client_store import ClientStore, mark_shown, store_dir
+from client_store import ClientStore, mark_shown, profile_dir
 from common import (
     DEFAULT_PORT,
     __version__,
+    canonical_address,
     format_address,
     format_servers,
     parse_server,
@@ -94,6 +101,8 @@ from reliability import RTO_MAX, RTO_MIN
 
 __all__ = [
     "FATAL_LOGIN_ERRORS",
+    "AccountDeleted",
+    "Cancelled",
     "ChatSession",
     "Disconnected",
     "ErrorEvent",
@@ -101,6 +110,7 @@ __all__ = [
     "LoggedIn",
     "MessageReceived",
     "MessageState",
+    "PasswordChanged",
     "PresenceChanged",
     "SessionEvent",
     "StatusChanged",
@@ -163,7 +173,26 @@ class _Abort:
     pass
 
 
-_Command = _Send | _Shown | _Who | _Watch | _Typing | _Logout | _Abort
+@dataclass(frozen=True)
+class _Cancel:
+    to: str
+
+
+@dataclass(frozen=True, repr=False)  # no repr: it holds passwords
+class _ChangePassword:
+    old: str
+    new: str
+
+
+@dataclass(frozen=True, repr=False)
+class _DeleteAccount:
+    password: str
+
+
+_Command = (
+    _Send | _Shown | _Who | _Watch | _Typing | _Logout | _Abort | _Cancel | _ChangePassword
+    | _DeleteAccount
+)  # fmt: skip
 
 # Linux's numbers (<linux/in.h>, <linux/in6.h>); Python names neither. With
 # them an unconnected UDP socket reports ICMP errors, and its error queue
@@ -230,6 +259,13 @@ class ChatSession:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.datagrams_sent = 0
+        # Made by this login (no profile of this server and user before): if
+        # the first login fails, it is removed again (nothing of a stranger's
+        # failed attempt is left behind).
+        self.created_store = False
+        # Messages still in the outbox when the network thread ended
+        # (`sending`: not accepted yet, or waiting for an account).
+        self.left_in_outbox = 0
 
     # --- the caller's API ---------------------------------------------------
 
@@ -292,9 +328,17 @@ class ChatSession:
             self.set_peer(connect_to)
         host, port = self.server = servers[0]
         self.servers = servers
+        # The first entry's address, as resolved (when it could be).
+        first = next((s for s in resolved if s.name == servers[0]), None)
+        canonical = canonical_address(*first.address[:2]) if first else f"{host}:{port}"
         if self.persist:
             try:
-                directory = store_dir(f"{host}:{port}", self.username, self.store_root)
+                # One profile per server, however its address is spelled
+                # (`localhost:5555`, `127.0.0.1:5555`): named by the address
+                # it resolves to; the user's spelling stays for display.
+                directory, self.created_store = profile_dir(
+                    canonical, f"{host}:{port}", self.username, self.store_root
+                )
                 self.store = ClientStore(directory, self.username)
             except (OSError, sqlite3.Error) as exc:
                 log.warning("no local history or outbox (%s); messages live in memory", exc)
@@ -388,6 +432,22 @@ class ChatSession:
 
     def typing(self, to: str) -> None:
         self._command(_Typing(to))
+
+    def cancel(self, to: str) -> None:
+        """Drop the messages waiting for `to`'s account (`/cancel NAME`): each
+        is `failed` with reason `cancelled`, then a `Cancelled` event."""
+        self._command(_Cancel(to))
+
+    def change_password(self, old: str, new: str) -> None:
+        """Change the password (proving the old one): `PasswordChanged`
+        follows, or an `ErrorEvent` (`bad_password`, ...). The user's other
+        sessions end; this one goes on."""
+        self._command(_ChangePassword(old, new))
+
+    def delete_account(self, password: str) -> None:
+        """Delete the account and what the server keeps for it (proving the
+        password): `AccountDeleted`, then `Disconnected('account_deleted')`."""
+        self._command(_DeleteAccount(password))
 
     def logout(self, timeout: float = 10.0) -> None:
         """Wait (up to `timeout`) until everything sent is accepted (and,
@@ -515,8 +575,21 @@ class _Worker:
             self.let_go()
             if self.s.store is not None:
                 self.s.store.close()
+                if self.s.created_store and core.first_login and not core.outbox:
+                    self.remove_profile(self.s.store.directory)
             self.s._wake_r.close()
             self.s._wake_w.close()
+
+    @staticmethod
+    def remove_profile(directory: Path) -> None:
+        """A profile made for a first login that failed, with nothing in its
+        outbox: removed, and its server's folder with it if nothing else is
+        there, so a wrong password or a mistyped server leaves no folder
+        behind. (Messages typed before the login ended keep theirs: the
+        outbox holds them for the next try.)"""
+        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            directory.parent.rmdir()  # only if empty
 
     def let_go(self) -> None:
         """From here on `shown` records straight into the store (see
@@ -618,6 +691,10 @@ class _Worker:
         while (event := self.core.next_event()) is not None:
             if isinstance(event, MessageReceived):
                 self.s._heard_from(event.sender)
+            elif isinstance(event, Disconnected):  # counted before anyone hears of the end
+                self.s.left_in_outbox = sum(
+                    out.state == MessageState.SENDING for out in self.core.outbox.values()
+                )
             self.s._emit(event)
 
     def on_shown(self, command: _Shown) -> None:
@@ -647,6 +724,22 @@ class _Worker:
                     core.logout(now, timeout, wait_shown=wait_shown)
                 case _Abort():
                     core.abort()
+                case _Cancel() | _ChangePassword() | _DeleteAccount():
+                    self.account_command(command)
+
+    def account_command(self, command: _Cancel | _ChangePassword | _DeleteAccount) -> None:
+        """A cancel or a change of the account; what cannot be done now is an
+        error event, never an exception out of the network thread."""
+        try:
+            match command:
+                case _Cancel(to):
+                    self.core.cancel(to)
+                case _ChangePassword(old, new):
+                    self.core.change_password(old, new)
+                case _DeleteAccount(password):
+                    self.core.delete_account(password)
+        except ClientError as exc:
+            self.s._emit(ErrorEvent(exc.code.label, exc.message))
 
 
 # --- terminal front end -----------------------------------------------------
@@ -694,7 +787,15 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
         return "* connection lost; reconnecting...", True
     if isinstance(event, TypingNotice):
         return None
-    if isinstance(event, Disconnected) and event.reason != "logged_out":
+    if isinstance(event, Cancelled):
+        if not event.ids:
+            return f"nothing waits for {event.to}", False
+        return f"cancelled {len(event.ids)} waiting message(s) to {event.to}", False
+    if isinstance(event, PasswordChanged):
+        return f"password of {event.user} changed; its other sessions were logged out", False
+    if isinstance(event, AccountDeleted):
+        return f"account {event.user} deleted; the server keeps nothing of it", False
+    if isinstance(event, Disconnected) and event.reason not in ("logged_out", "account_deleted"):
         return f"disconnected ({event.reason})", True
     return None
 
@@ -703,6 +804,9 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
 TERMINAL_COMMANDS = (
     ("/to NAME", "send your next messages to NAME"),
     ("/who", "list who is online"),
+    ("/cancel NAME", "drop your messages waiting for NAME to register"),
+    ("/passwd", "change your password (asks the old and the new one)"),
+    ("/delete-account", "delete your account on the server (asks the password and to confirm)"),
     ("/help", "list these commands"),
     ("/quit", "wait up to 10 s until what you sent is accepted, log out and exit"),
     ("//TEXT", "send /TEXT: a message that starts with a slash"),
@@ -725,10 +829,69 @@ class _Line:
     text: str | None  # None: end of input
 
 
-def _read_lines(stream: IO[str], inbox: queue.Queue[Any]) -> None:
-    for line in stream:
-        inbox.put(_Line(line.rstrip("\n")))
+@dataclass(frozen=True, repr=False)  # no repr: it holds passwords
+class _Secrets:
+    """What `/passwd` or `/delete-account` read from the input: the old and
+    new password, or the password and the confirmation; `problem` when they
+    cannot be used (nothing is sent then)."""
+
+    command: str
+    values: tuple[str, ...]
+    problem: str | None = None
+
+
+#: The commands whose next input is secret (read by `_read_lines`).
+SECRET_COMMANDS = ("/passwd", "/delete-account")
+
+
+def _read_lines(
+    stream: IO[str], inbox: queue.Queue[Any], *, tty: bool = False,
+    ask: Callable[[str], str] = getpass.getpass,
+) -> None:  # fmt: skip
+    """The input, a line at a time, onto `inbox`. This thread is the only
+    reader of the input, so it also reads what `/passwd` and
+    `/delete-account` ask for: from the terminal without echo (`ask`) when
+    the input is one (`tty`), else the next lines (scripts, `--json`)."""
+    lines = iter(stream)
+    for line in lines:
+        text = line.rstrip("\n")
+        if text.strip() in SECRET_COMMANDS:
+            inbox.put(_read_secrets(text.strip(), lines, tty, ask))
+        else:
+            inbox.put(_Line(text))
     inbox.put(_Line(None))
+
+
+def _read_secrets(command: str, lines: Any, tty: bool, ask: Callable[[str], str]) -> _Secrets:
+    def line(prompt: str, *, secret: bool = True) -> str | None:
+        if tty and secret:
+            try:
+                return ask(prompt)
+            except (EOFError, KeyboardInterrupt):
+                return None
+        if tty:
+            sys.stderr.write(prompt)
+            sys.stderr.flush()
+        text = next(lines, None)
+        return None if text is None else text.rstrip("\n")
+
+    if command == "/passwd":
+        old = line("current password: ")
+        new = line("new password: ")
+        again = line("new password again: ") if tty else new
+        if not old or not new:
+            return _Secrets(command, (), "a password is missing; nothing was changed")
+        if new != again:
+            return _Secrets(command, (), "the new passwords differ; nothing was changed")
+        return _Secrets(command, (old, new))
+    password = line("password: ")
+    confirm = line("delete this account and everything the server keeps for it? "
+                   "Type yes to confirm: ", secret=False)  # fmt: skip
+    if not password:
+        return _Secrets(command, (), "a password is missing; the account stays")
+    if (confirm or "").strip().lower() != "yes":
+        return _Secrets(command, (), "not confirmed (type yes); the account stays")
+    return _Secrets(command, (password,))
 
 
 def run_terminal(
@@ -795,14 +958,36 @@ def run_terminal(
         signal.signal(signal.SIGTERM, stop)
 
     session.login(server, user, connect_to, password=password)
-    threading.Thread(target=_read_lines, args=(stdin, inbox), daemon=True, name="stdin").start()
+    try:
+        tty = stdin.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    threading.Thread(target=_read_lines, args=(stdin, inbox), kwargs={"tty": tty}, daemon=True,
+                     name="stdin").start()  # fmt: skip
     fatal = False
+    deleted = False  # the user deleted the account: a clean end
+    secrets_later: list[_Secrets] = []  # typed before the login completed
     quitting = False
     logged_in = False
     quit_after_login = False  # end of input before the login completed
     unaccepted: set[str] = set()  # ids `sending`, not yet accepted or failed
     while True:
         item = inbox.get()
+        if isinstance(item, _Secrets):
+            if quitting:
+                continue
+            if not logged_in and item.problem is None:
+                secrets_later.append(item)  # they need the session: sent once it exists
+                continue
+            if item.problem is not None:
+                code = ErrorCode.CANCELLED if item.command == "/delete-account" else (
+                    ErrorCode.PASSWORD_REQUIRED)  # fmt: skip
+                show(ErrorEvent(code.label, item.problem))
+            elif item.command == "/passwd":
+                session.change_password(*item.values)
+            else:
+                session.delete_account(*item.values)
+            continue
         if isinstance(item, _Line):
             if quitting:
                 continue
@@ -822,6 +1007,8 @@ def run_terminal(
                 session.set_peer(rest.strip())
             elif command == "/who":
                 session.who()
+            elif command == "/cancel":
+                session.cancel(rest.strip())
             elif command == "/help":
                 try:
                     _show_help(as_json, stdout)
@@ -838,6 +1025,12 @@ def run_terminal(
         show(item)
         if isinstance(item, LoggedIn) and not logged_in:
             logged_in = True
+            for waiting in secrets_later:
+                if waiting.command == "/passwd":
+                    session.change_password(*waiting.values)
+                else:
+                    session.delete_account(*waiting.values)
+            secrets_later.clear()
             if quit_after_login:
                 session.logout(quit_wait)
         if isinstance(item, StatusChanged):
@@ -847,10 +1040,16 @@ def run_terminal(
                 unaccepted.discard(item.id)
         if isinstance(item, ErrorEvent) and item.fatal:
             fatal = True
+        if isinstance(item, AccountDeleted):
+            deleted = True
         if isinstance(item, Disconnected):
+            if deleted and item.reason == ErrorCode.ACCOUNT_DELETED.label:
+                return 0  # what the user asked for; its outbox has nobody to go to
             if fatal or item.reason != "logged_out" or not logged_in:
                 return 2
-            return 3 if unaccepted else 0
+            # Left in the outbox: sent in this run and never accepted, or
+            # (from an earlier run) still waiting for a name's account.
+            return 3 if unaccepted or session.left_in_outbox else 0
 
 
 # --- command line -------------------------------------------------------------

@@ -48,6 +48,8 @@ from types import FrameType as _StackFrame
 
 from common import DEFAULT_PORT, __version__, at_least, format_address, positive
 from protocol import (
+    ACCOUNT_CHANGE,
+    ACCOUNT_DELETE,
     CONTROL_STREAM,
     FLAG_MAC,
     MAGIC,
@@ -61,7 +63,10 @@ from protocol import (
     WHO_PAGE_MAX,
     Accept,
     Accepts,
+    AccountResult,
     Bye,
+    ChangePassword,
+    DeleteAccount,
     Deliver,
     Delivered,
     Delivereds,
@@ -93,6 +98,8 @@ from protocol import (
     Welcome,
     Who,
     WhoReply,
+    account_message,
+    account_wrap,
     batches,
     conversation_stream,
     decode_header,
@@ -124,7 +131,7 @@ from server_guard import (
     TokenBucket,
 )
 from server_keyx import KeyExchanges, KeyExchangeWorkers
-from server_login import Answered, LoginDesk, Unwrap, Verified
+from server_login import Answered, LoginDesk, Unwrap, Verified, valid_iterations
 from server_metrics import (
     Family,
     MetricsServer,
@@ -138,6 +145,7 @@ from server_records import Address, DropLog, Entry, Pager, Probe, ServerConfig, 
 from server_router import LocalRouter, Router
 from server_store import (
     Account,
+    EraseAccount,
     FindDedup,
     Loaded,
     MarkDelivered,
@@ -155,6 +163,7 @@ from server_store import (
     StoreLocked,
     StoreMessage,
     Sync,
+    UpdateAccount,
     content_digest,
     default_data_dir,
 )
@@ -183,7 +192,13 @@ MAX_CLIENT_SEQ = 1 << 63  # SQLite stores signed 64-bit integers
 #: Requests on the control stream that count as messages against the user's
 #: rate limits: each makes the server send something (RECEIPT and LOGOUT
 #: only finish what was sent).
-COUNTED_REQUESTS = frozenset(int(kind) for kind in (Kind.WHO, Kind.WATCH, Kind.TYPING))
+COUNTED_REQUESTS = frozenset(
+    int(kind)
+    for kind in (Kind.WHO, Kind.WATCH, Kind.TYPING, Kind.CHANGE_PASSWORD, Kind.DELETE_ACCOUNT)
+)
+#: The handle of a deleted account's last ACCOUNT_RESULT: once its client
+#: acks it, the session ends.
+ACCOUNT_GONE = "\0account deleted"
 MAX_TYPING_PAIRS = 4096  # (sender, recipient) typing limiters kept, least recent evicted
 MEMORY_SAMPLE_INTERVAL = 0.5  # seconds between two reads of the resident memory
 SHUTDOWN_COMMIT_WAIT = 2.0  # seconds a stopping server waits for its last commit
@@ -330,14 +345,26 @@ class Relay:
         # The wall clock is only for timestamps people see (`sent_ms`): what
         # expires (cookies, the login record, failure windows, sessions)
         # runs on the `now` the loop passes in, the monotonic clock.
-        self.desk = LoginDesk(cfg, self._secret, self._account_of, self.stats)
+        self.desk = LoginDesk(cfg, self._secret, self._account_of, self.stats, self._quarantined)
 
     def _account_of(self, key: str) -> Account | None:
         user = self.users.get(key)
         return user.account if user is not None else None
 
+    def _quarantined(self, key: str) -> int | None:
+        """Until when (wall clock, ms) nobody may register the name `key`
+        (its account was deleted), or None."""
+        until = self.quarantine.get(key)
+        if until is not None and until <= self._wall_clock() * 1000:
+            del self.quarantine[key]  # its row goes at the next start or registration
+            return None
+        return until
+
     def _load(self, loaded: Loaded) -> None:
         self._secret = loaded.secret
+        # Names of deleted accounts -> until when they stay unregistrable
+        # (one per deletion in the last --name-quarantine days).
+        self.quarantine: dict[str, int] = dict(loaded.quarantine)
         self._next_msg_id = loaded.next_msg_id
         for key, account in loaded.accounts.items():
             self.users[key] = User(account.name, key, account)
@@ -652,7 +679,7 @@ class Relay:
             # The sender's client holds the receipts (a DELIVERED's handle is
             # its message id, a DELIVEREDS' the list of them): forget them.
             handle = event.handle
-            if isinstance(handle, str):  # a PRESENCE: its user's name key
+            if isinstance(handle, str) and handle != ACCOUNT_GONE:  # a PRESENCE: its user's key
                 sent = session.presence_sent
                 if sent is not None:
                     sent.discard(handle)
@@ -660,6 +687,10 @@ class Relay:
                         session.presence_sent = None
                 if session.presence_due:
                     self._send_due_presence(session)
+                return
+            if handle == ACCOUNT_GONE:
+                session.closing = True  # its client knows: ended after this flush
+                self._dirty[session.session_id] = session
                 return
             done = [handle] if isinstance(handle, MsgId) else handle
             if isinstance(done, list) and session.receipts is not None:
@@ -897,6 +928,10 @@ class Relay:
             self._on_typing(session, message, now)
         elif isinstance(message, Watch):
             self._on_watch(session, message)
+        elif isinstance(message, ChangePassword):
+            self._on_change_password(session, message, now)
+        elif isinstance(message, DeleteAccount):
+            self._on_delete_account(session, message, now)
         elif isinstance(message, Logout):
             log.info("%s logged out", session.user.name)
             session.closing = True  # ended after this flush, which acks the LOGOUT
@@ -1002,12 +1037,7 @@ class Relay:
             return
         recipient = self.users.get(to_key)
         if recipient is None:
-            self._fail(
-                session,
-                send.msg_id,
-                ErrorCode.NO_SUCH_USER,
-                f"there is no user {normalize_name(send.to)!r}",
-            )
+            self._no_recipient(session, send, to_key)
             return
         if (
             recipient.mailbox_count >= self.config.mailbox_messages
@@ -1070,6 +1100,23 @@ class Relay:
             self._tell_presence(session, recipient, route is not None)
             if isinstance(route, Session):
                 self._tell_presence(route, user, True)
+
+    def _no_recipient(self, session: Session, send: Send, to_key: str) -> None:
+        """A SEND to a name with no account. Deleted lately: a final FAIL
+        (nobody may take the name yet, and whoever does later must not get
+        what was meant for the old owner). Never registered: NO_SUCH_USER,
+        which a client keeps in its outbox, and the sender awaits the name
+        (bounded: `_await`), so it hears, as a PRESENCE, when the name is
+        registered and sends it then."""
+        name = normalize_name(send.to)
+        if self._quarantined(to_key) is not None:
+            self._fail(session, send.msg_id, ErrorCode.ACCOUNT_DELETED,
+                       f"{name} deleted their account")  # fmt: skip
+            return
+        self._await(session.user.key, to_key)
+        self._fail(session, send.msg_id, ErrorCode.NO_SUCH_USER,
+                   f"there is no user {name!r} yet; the message waits in your outbox and goes "
+                   f"when {name} registers")  # fmt: skip
 
     def _new_id(self) -> int:
         """The next server_msg_id (also a receipt's seq): never reused."""
@@ -1395,6 +1442,108 @@ class Relay:
             return
         self._send(to, Typing(session.user.name))
 
+    # --- accounts: a new password, a deletion ---------------------------------
+
+    def _sessions_of(self, user: User) -> list[Session]:
+        """Every live session of `user` (one, unless the router lags: a scan
+        over all sessions, for the rare account change)."""
+        return [s for s in self.sessions.values() if s.user is user]
+
+    def _bye(self, session: Session, code: ErrorCode, text: str, now: float) -> None:
+        """End `session` with a BYE, sent once now (its client ends too)."""
+        self._send(session, Bye(code, text))
+        for datagram in session.conn.datagrams_to_send(now):
+            self._out.append((datagram, session.addr))
+        self._end_session(session, now, quiet=True)
+
+    def _prove(self, session: Session, message: bytes, proof: bytes, nonce: bytes,
+               now: float) -> bytes | None:  # fmt: skip
+        """The ClientKey behind the password asked again, or None once the
+        session was told why not (an ACCOUNT_RESULT)."""
+        user = session.user
+        if self.users.get(user.key) is not user:  # deleted meanwhile
+            return None
+        verdict = self.desk.prove(user.key, session.instance_id, user.account, message, proof,
+                                  now)  # fmt: skip
+        if isinstance(verdict, tuple):
+            log.info("%s gave a wrong password to change their account", user.name)
+            self._send(session, AccountResult(nonce, *verdict))
+            return None
+        return verdict
+
+    def _on_change_password(self, session: Session, request: ChangePassword, now: float) -> None:
+        """A new password, proved by the old one: the new verifier is stored,
+        then the session is told (with a new login ticket: the old one named
+        the old StoredKey) and the user's other sessions end."""
+        user = session.user
+        if not valid_iterations(request.iterations):
+            self._send(session, AccountResult(request.nonce, ErrorCode.SERVER_ERROR,
+                                              f"{request.iterations} PBKDF2 iterations cannot "
+                                              "be stored; nothing was changed"))  # fmt: skip
+            return
+        message = account_message(ACCOUNT_CHANGE, user.name, session.session_id, request.nonce,
+                                  request.salt, request.iterations)  # fmt: skip
+        client_key = self._prove(session, message, request.proof, request.nonce, now)
+        if client_key is None:
+            return
+        keys = account_wrap(client_key, session.conn.peer_key, message, request.wrapped_keys)
+        account = Account(user.account.name, request.salt, request.iterations, keys[:32],
+                          keys[32:])  # fmt: skip
+
+        def stored() -> None:
+            if self.users.get(user.key) is not user:
+                return  # deleted while the change was on its way to the disk
+            # Logins check the new verifier only once it is on the disk.
+            user.account = account
+            self.stats["passwords_changed"] += 1
+            log.info("%s changed their password", user.name)
+            for other in self._sessions_of(user):
+                if other is not session:
+                    text = "your password was changed elsewhere; log in with the new one"
+                    self._bye(other, ErrorCode.PASSWORD_CHANGED, text, self._now)
+            if self.sessions.get(session.session_id) is session:
+                self._send(session, AccountResult(request.nonce, ErrorCode.PASSWORD_CHANGED,
+                                                  "password changed"))  # fmt: skip
+                self._send(session, Ticket(self.desk.ticket(user.key, session.instance_id,
+                                                            account)))  # fmt: skip
+
+        self.store.submit(UpdateAccount(user.key, account), stored)
+
+    def _on_delete_account(self, session: Session, request: DeleteAccount, now: float) -> None:
+        """The account goes, proved by its password: at once from memory (no
+        message is accepted for it from here on, and its name cannot be
+        registered: quarantined), from the disk with everything kept for it;
+        then the session is told and ends once its client has the answer,
+        and the user's other sessions end."""
+        user = session.user
+        message = account_message(ACCOUNT_DELETE, user.name, session.session_id, request.nonce)
+        if self._prove(session, message, request.proof, request.nonce, now) is None:
+            return
+        until = int(self._wall_clock() * 1000 + self.config.name_quarantine * 1000)
+        del self.users[user.key]
+        index = bisect.bisect_left(self._online, user.key)  # out of WHO at once
+        if index < len(self._online) and self._online[index] == user.key:
+            del self._online[index]
+        if self.config.name_quarantine > 0:
+            self.quarantine[user.key] = until
+        self.stats["accounts_deleted"] += 1
+        log.info("%s deleted their account; the name is quarantined until %s UTC", user.name,
+                 time.strftime("%Y-%m-%d %H:%M", time.gmtime(until / 1000)))  # fmt: skip
+        for other in self._sessions_of(user):
+            if other is not session:
+                self._bye(other, ErrorCode.ACCOUNT_DELETED, "this account was deleted", now)
+        # Nothing more is handed to it; what it was handed goes with the mailbox.
+        session.mail = session.receipts = None
+        self._forget_awaited(user.key)
+
+        def erased() -> None:
+            if self.sessions.get(session.session_id) is session:
+                self._send(session, AccountResult(request.nonce, ErrorCode.ACCOUNT_DELETED,
+                                                  f"account {user.name} deleted"),
+                           handle=ACCOUNT_GONE)  # fmt: skip
+
+        self.store.submit(EraseAccount(user.key, until), erased)
+
     def _fail(self, session: Session, msg_id: MsgId, code: ErrorCode, text: str) -> None:
         self._send(session, Fail(msg_id, code, text))
 
@@ -1513,6 +1662,7 @@ LOGIN_FAILURES = (
     ("registrations_throttled", "registrations_throttled"),
     ("registrations_busy", "registrations_busy"),
     ("login_server_full", "server_full"),
+    ("registrations_quarantined", "name_quarantined"),
 )
 
 
@@ -1846,6 +1996,17 @@ def _metrics_address(text: str) -> Address:
     return host, _address(port_text)
 
 
+def _days(text: str) -> float:
+    """An argparse type: a finite number of days, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 <= value < 100 * 365:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text} days: give 0 or more (and under a century)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chat-server", description="Run the UDP chat relay server.",
@@ -1923,6 +2084,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (default: off; "
         "keep it on a private address)",
     )  # fmt: skip
+    # Accounts (issue 16).
+    parser.add_argument(
+        "--name-quarantine", type=_days, default=ServerConfig().name_quarantine / 86400,
+        metavar="DAYS", help="after an account is deleted, nobody may register its name for "
+        "this many days, so nobody inherits its conversations at once; 0: free at once "
+        "(default %(default)g)",
+    )  # fmt: skip
     return parser
 
 
@@ -1990,6 +2158,7 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=args.max_sessions, key_workers=args.key_workers,
     )  # fmt: skip
     config.max_memory = args.max_memory << 20
+    config.name_quarantine = args.name_quarantine * 86400
     config.preauth_total_rate = args.preauth_total_rate
     config.preauth_total_burst = 2 * args.preauth_total_rate
     # Every problem found at start-up is one line naming what is wrong and

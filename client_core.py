@@ -38,16 +38,22 @@ from typing import Any, Literal, Protocol
 import protocol
 from common import format_address
 from protocol import (
+    ACCOUNT_CHANGE,
+    ACCOUNT_DELETE,
     CONTROL_STREAM,
     FLAG_MAC,
     HELLO_SIZE,
     MIN_PREAUTH_REQUEST,
     NO_SESSION,
     PBKDF2_MIN_ITERATIONS,
+    SALT_SIZE,
     Accept,
     Accepts,
+    AccountResult,
     Bye,
     Challenge,
+    ChangePassword,
+    DeleteAccount,
     Deliver,
     Delivered,
     Delivereds,
@@ -77,8 +83,11 @@ from protocol import (
     Welcome,
     Who,
     WhoReply,
+    account_message,
+    account_wrap,
     batches,
     check_text,
+    client_proof,
     conversation_stream,
     decode_header,
     decode_message,
@@ -87,6 +96,7 @@ from protocol import (
     encode_packet,
     name_key,
     normalize_name,
+    scram_keys,
     server_signature,
     session_keys,
 )
@@ -130,6 +140,8 @@ FATAL_LOGIN_ERRORS = frozenset(
         ErrorCode.LOGGED_IN_ELSEWHERE,
     }
 )
+# (NAME_QUARANTINED comes only to a registration: a first login, which any
+# refusal ends.)
 
 
 class MessageState(enum.StrEnum):
@@ -258,6 +270,38 @@ class Disconnected:
         return {"event": "disconnected", "reason": self.reason}
 
 
+@dataclass(frozen=True)
+class Cancelled:
+    """`cancel(to)`: the messages to `to` that waited for its account were
+    dropped (each also `failed` with reason `cancelled`); `ids` may be empty."""
+
+    to: str
+    ids: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "cancelled", "to": self.to, "ids": list(self.ids)}
+
+
+@dataclass(frozen=True)
+class PasswordChanged:
+    """The server stored the new password; this session goes on, others ended."""
+
+    user: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "password_changed", "user": self.user}
+
+
+@dataclass(frozen=True)
+class AccountDeleted:
+    """The server erased the account; `Disconnected('account_deleted')` follows."""
+
+    user: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "account_deleted", "user": self.user}
+
+
 Event = (
     LoggedIn
     | MessageReceived
@@ -268,6 +312,9 @@ Event = (
     | LinkChanged
     | TypingNotice
     | Disconnected
+    | Cancelled
+    | PasswordChanged
+    | AccountDeleted
 )
 
 
@@ -324,6 +371,14 @@ class CoreStore(Protocol):
 
     def pending(self) -> list[tuple[MsgId, str, str]]: ...
 
+    def set_waiting(self, msg_id: MsgId, waiting: bool) -> None:
+        """Record whether an outbox message waits for its recipient's account."""
+        ...
+
+    def waiting(self) -> set[MsgId]:
+        """The outbox messages that wait for their recipient's account."""
+        ...
+
     def server_key(self) -> bytes | None: ...
 
     def pin_server_key(self, dh_public: bytes) -> None: ...
@@ -345,6 +400,7 @@ class MemoryStore:
         self.instance_id = instance_id if instance_id is not None else secrets.randbits(64)
         self.next_seq = 1
         self._outbox: dict[MsgId, tuple[str, str]] = {}  # in the order written
+        self._waiting: set[MsgId] = set()
         self._states: dict[MsgId, str] = {}
         # (sender key, msg id) -> [the message, shown?]
         self._incoming: dict[tuple[str, MsgId], tuple[StoredMessage, bool]] = {}
@@ -368,6 +424,16 @@ class MemoryStore:
             self._states[msg_id] = state
         if state != MessageState.SENDING:
             self._outbox.pop(msg_id, None)
+            self._waiting.discard(msg_id)
+
+    def set_waiting(self, msg_id: MsgId, waiting: bool) -> None:
+        if waiting and msg_id in self._outbox:
+            self._waiting.add(msg_id)
+        else:
+            self._waiting.discard(msg_id)
+
+    def waiting(self) -> set[MsgId]:
+        return set(self._waiting)
 
     def add_incoming(
         self, sender: str, msg_id: MsgId, text: str, sent_ms: int, server_msg_id: int
@@ -412,13 +478,16 @@ class MemoryStore:
 
 
 class _Outgoing:
-    __slots__ = ("msg_id", "to", "text", "state")
+    __slots__ = ("msg_id", "to", "text", "state", "waiting")
 
     def __init__(self, msg_id: MsgId, to: str, text: str) -> None:
         self.msg_id = msg_id
         self.to = to
         self.text = text
         self.state = MessageState.SENDING
+        # The server has no account of that name yet: kept, `sending`, and
+        # sent again once a PRESENCE says the name exists (see `_on_message`).
+        self.waiting = False
 
 
 def check_outgoing(text: str, to: str) -> str:
@@ -542,12 +611,31 @@ class ClientCore:
         # The server's login ticket for this instance: sent with each LOGIN,
         # it gets the owner past failures strangers cause under this name.
         self.ticket = self.store.ticket()
+        # Name keys whose waiting messages were reported (`no_such_user`,
+        # once per name until one of them goes).
+        self._reported_waiting: set[str] = set()
+        # The account request under way: (nonce, action, new password and
+        # its salted form and salt, for a change), answered by ACCOUNT_RESULT.
+        self._account_request: tuple[bytes, bytes, str, bytes, bytes] | None = None
+        # Those asked for meanwhile: (action, password, new password).
+        self._account_queue: deque[tuple[bytes, str, str]] = deque()
+        # A new password the server may have stored though its answer was
+        # lost with the link: tried once if the old one is refused.
+        self._maybe_password: tuple[str, bytes, bytes] | None = None
+        self._account_params: tuple[bytes, int] | None = None  # salt, iterations (last login)
         self.presence: dict[str, bool] = {}  # last reported, by name key
         self.watched: set[str] = set()  # presence wanted; asked again after each login
         # What an earlier run sent and the server never accepted goes out
         # again, with its original ids, after login.
+        waiting = self.store.waiting()
         for msg_id, to, text in self.store.pending():
-            self.outbox[msg_id] = _Outgoing(msg_id, to, text)
+            out = self.outbox[msg_id] = _Outgoing(msg_id, to, text)
+            if msg_id in waiting:
+                # No account then: cancellable before the login; sent again
+                # at the login all the same (the name may have one now).
+                out.waiting = True
+                self.watched.add(to)
+                self._reported_waiting.add(name_key(to))
         # online state
         self._last_heard = 0.0
         self._next_ping = 0.0
@@ -735,8 +823,132 @@ class ClientCore:
         out = self.outbox[msg_id] = _Outgoing(msg_id, to, text)
         self.store.add_outgoing(msg_id, to, text)
         self._staged.append(StatusChanged(msg_id.label(), MessageState.SENDING, out.to, out.text))
-        if self.conn is not None:
+        if self._waiting_for(to):
+            out.waiting = True  # behind the others to that name, in order
+            self.store.set_waiting(msg_id, True)
+        elif self.conn is not None:
             self.conn.send(payload, conversation_stream(to))
+
+    def _waiting_for(self, to: str) -> bool:
+        key = name_key(to)
+        return any(out.waiting and name_key(out.to) == key for out in self.outbox.values())
+
+    def cancel(self, to: str) -> list[str]:
+        """Drop the messages waiting for `to`'s account (the server refused
+        them, so it holds none): each `failed` with reason `cancelled`, then
+        `Cancelled`. Their ids (none: nothing waited for that name)."""
+        try:
+            key = name_key(normalize_name(to))
+        except LocalProtocolError as exc:
+            raise ClientError(ErrorCode.INVALID_NAME, f"cannot cancel for {to!r}: {exc}") from None
+        gone = [out for out in self.outbox.values() if out.waiting and name_key(out.to) == key]
+        for out in gone:
+            del self.outbox[out.msg_id]
+            self.store.set_state(out.msg_id, MessageState.FAILED)
+            self._staged.append(StatusChanged(out.msg_id.label(), MessageState.FAILED, out.to,
+                                              out.text, ErrorCode.CANCELLED.label))  # fmt: skip
+        self._reported_waiting.discard(key)
+        ids = tuple(out.msg_id.label() for out in gone)
+        self._staged.append(Cancelled(gone[0].to if gone else normalize_name(to), ids))
+        return list(ids)
+
+    def change_password(self, old: str, new: str) -> None:
+        """Ask the server to change the password to `new`, proving `old`;
+        `PasswordChanged` follows (or an `ErrorEvent`: `bad_password`, ...).
+        The password never crosses the wire: a SCRAM proof of `old`, and the
+        new verifier wrapped (see protocol.account_message)."""
+        if not new:
+            raise ClientError(ErrorCode.PASSWORD_REQUIRED, "the new password is empty")
+        if self._account_ready((ACCOUNT_CHANGE, old, new)):
+            self._request_change(old, new)
+
+    def _request_change(self, old: str, new: str) -> None:
+        assert self.conn is not None and self._account_params is not None
+        conn = self.conn
+        salt, iterations = self._account_params
+        nonce = self._token_bytes(16)
+        new_salt = self._token_bytes(SALT_SIZE)
+        message = account_message(ACCOUNT_CHANGE, self.username, conn.session_id, nonce,
+                                  new_salt, iterations)  # fmt: skip
+        old_keys = scram_keys(self._salted_for(old, salt, iterations))
+        new_salted = self._salted_password(new, new_salt, iterations)
+        new_keys = scram_keys(new_salted)
+        wrapped = account_wrap(old_keys.client_key, conn.key, message,
+                               new_keys.stored_key + new_keys.server_key)  # fmt: skip
+        proof = client_proof(old_keys, message)
+        self._account_request = (nonce, ACCOUNT_CHANGE, new, new_salted, new_salt)
+        self._send_message(ChangePassword(nonce, proof, new_salt, iterations, wrapped))
+
+    def delete_account(self, password: str) -> None:
+        """Ask the server to delete this account, proving `password`;
+        `AccountDeleted` and `Disconnected('account_deleted')` follow (or an
+        `ErrorEvent`: `bad_password`, ...)."""
+        if self._account_ready((ACCOUNT_DELETE, password, "")):
+            self._request_delete(password)
+
+    def _request_delete(self, password: str) -> None:
+        assert self.conn is not None and self._account_params is not None
+        conn = self.conn
+        salt, iterations = self._account_params
+        nonce = self._token_bytes(16)
+        message = account_message(ACCOUNT_DELETE, self.username, conn.session_id, nonce)
+        proof = client_proof(scram_keys(self._salted_for(password, salt, iterations)), message)
+        self._account_request = (nonce, ACCOUNT_DELETE, "", b"", b"")
+        self._send_message(DeleteAccount(nonce, proof))
+
+    def _account_ready(self, request: tuple[bytes, str, str]) -> bool:
+        """Whether `request` may go now: `ClientError` without a session;
+        False (queued) while another is under way (one at a time: each
+        answer may change the password the next one proves)."""
+        if self.conn is None or self._account_params is None:
+            raise ClientError(
+                ErrorCode.SERVER_UNREACHABLE,
+                "not connected to the server; try again once the link is up",
+            )
+        if self._account_request is not None:
+            self._account_queue.append(request)
+            return False
+        return True
+
+    def _next_account_request(self) -> None:
+        if self._account_queue and self.conn is not None and not self.ended:
+            action, first, second = self._account_queue.popleft()
+            if action == ACCOUNT_CHANGE:
+                self._request_change(first, second)
+            else:
+                self._request_delete(first)
+
+    def _salted_for(self, password: str, salt: bytes, iterations: int) -> bytes:
+        if password == self._password and (salt, iterations) in self._salted:
+            return self._salted[(salt, iterations)]  # PBKDF2 done at the login
+        return self._salted_password(password, salt, iterations)
+
+    def _on_account_result(self, result: AccountResult) -> None:
+        request = self._account_request
+        if request is None or request[0] != result.nonce:
+            return  # an answer to a request of an earlier session
+        self._account_request = None
+        _, action, new, new_salted, new_salt = request
+        if action == ACCOUNT_CHANGE and result.code == ErrorCode.PASSWORD_CHANGED:
+            self._use_password(new, new_salted, new_salt)
+            self._emit(PasswordChanged(self.username))
+        elif action == ACCOUNT_DELETE and result.code == ErrorCode.ACCOUNT_DELETED:
+            self._emit(AccountDeleted(self.username))
+            if self.conn is not None:
+                self.conn.ack_now()  # the server ends the session once it has the ack
+            self._finish(ErrorCode.ACCOUNT_DELETED)
+            return
+        else:
+            self._emit(ErrorEvent(result.code.label, result.message))
+        self._next_account_request()
+
+    def _use_password(self, password: str, salted: bytes, salt: bytes) -> None:
+        """From now on log in with `password` (reconnects need no PBKDF2)."""
+        assert self._account_params is not None
+        iterations = self._account_params[1]
+        self._password = password
+        self._salted = {(salt, iterations): salted}
+        self._account_params = (salt, iterations)
 
     def shown(self, server_msg_id: int) -> None:
         """The front end showed the received message `server_msg_id` (a
@@ -879,6 +1091,13 @@ class ClientCore:
                 self._login_at = now + RATE_LIMITED_WAIT
                 self._login_deadline = None
                 return
+            if frame.code == ErrorCode.BAD_PASSWORD and self._maybe_password is not None:
+                # The link went while a new password was on its way: the
+                # server may have stored it. Try it once.
+                self._use_password(*self._maybe_password)
+                self._maybe_password = None
+                self._start_login(now, self._login_deadline)
+                return
             if frame.code in FATAL_LOGIN_ERRORS or self.first_login:
                 self._fatal(frame.code, frame.message)
             else:  # e.g. a busy server: keep trying
@@ -919,8 +1138,13 @@ class ClientCore:
         for name in sorted(self.watched):
             self._send_message(Watch(name))
         # Resend, in order and with their ids, what the server has not accepted.
+        # Those that waited for an account too: the name may have one now
+        # (if not, the server says so again within a round trip, and they
+        # wait again, unreported: `_reported_waiting`), and a logout waits for
+        # that answer as for any message in flight.
         for out in self.outbox.values():
             if out.state == MessageState.SENDING:
+                out.waiting = False
                 self.conn.send(encode_message(Send(out.msg_id, out.to, out.text)),
                                conversation_stream(out.to))  # fmt: skip
 
@@ -962,6 +1186,7 @@ class ClientCore:
             log.warning("ignoring a challenge: %s", exc)
             return
         self._auth = (message, keys, challenge.dh_public)
+        self._account_params = (challenge.salt, challenge.iterations)
         frames: tuple[Frame, ...] = (login,)
         if self.ticket is not None:
             frames += (TicketFrame(self.ticket),)
@@ -976,6 +1201,21 @@ class ClientCore:
     def _link_lost(self, now: float, *, notify: bool) -> None:
         """The server is gone or forgot us: log in again, keeping the outbox."""
         self.conn = None
+        request, self._account_request = self._account_request, None
+        if self._account_queue:
+            self._account_queue.clear()
+            self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label, "the link was lost; the "
+                                  "changes of the account asked for were not sent"))  # fmt: skip
+        if request is not None and request[1] == ACCOUNT_DELETE:
+            # Maybe deleted, maybe not: logging in again could register the
+            # name anew. The user logs in again to find out.
+            self._fatal(ErrorCode.SERVER_UNREACHABLE, "the link was lost while the account was "
+                        "being deleted; log in again to see whether it was")  # fmt: skip
+            return
+        if request is not None:
+            self._maybe_password = (request[2], request[3], request[4])
+            self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label, "the link was lost before "
+                                  "the server answered the change of password"))  # fmt: skip
         if self.link_up and notify:
             self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label,
                                   "the server stopped answering; reconnecting"))  # fmt: skip
@@ -1073,6 +1313,8 @@ class ClientCore:
         elif isinstance(message, Delivereds):
             for msg_id in message.msg_ids:
                 self._delivered(msg_id, message.to)
+        elif isinstance(message, Fail) and message.reason == ErrorCode.NO_SUCH_USER:
+            self._no_account_yet(message)
         elif isinstance(message, Fail):
             out = self.outbox.pop(message.msg_id, None)
             self.store.set_state(message.msg_id, MessageState.FAILED)
@@ -1080,8 +1322,11 @@ class ClientCore:
                 self._emit(StatusChanged(out.msg_id.label(), MessageState.FAILED, out.to,
                                          out.text, message.reason.label))  # fmt: skip
                 self._emit(ErrorEvent(message.reason.label, message.message))
+        elif isinstance(message, AccountResult):
+            self._on_account_result(message)
         elif isinstance(message, Presence):
             user_key = name_key(message.user)
+            self._account_exists(user_key)
             if self.presence.get(user_key) != message.online:  # report changes only
                 self.presence[user_key] = message.online
                 self._emit(PresenceChanged(message.user, message.online))
@@ -1110,12 +1355,47 @@ class ClientCore:
                 self.conn = None
                 self._fatal(message.code, message.message)
 
+    def _no_account_yet(self, fail: Fail) -> None:
+        """The server has no account of that name: the message waits in the
+        outbox (still `sending`), and we watch the name; a PRESENCE comes
+        once it is registered (`_account_exists`). Reported once per name."""
+        out = self.outbox.get(fail.msg_id)
+        if out is None or out.state != MessageState.SENDING:
+            return
+        out.waiting = True
+        self.store.set_waiting(out.msg_id, True)
+        key = name_key(out.to)
+        if out.to not in self.watched:
+            self.watch(out.to)
+        if key not in self._reported_waiting:
+            self._reported_waiting.add(key)
+            self._emit(ErrorEvent(ErrorCode.NO_SUCH_USER.label, fail.message))
+
+    def _account_exists(self, key: str) -> None:
+        """A PRESENCE names only users with an account: what waited for this
+        one goes now, in order, with its ids."""
+        for out in self.outbox.values():
+            if out.waiting and name_key(out.to) == key:
+                out.waiting = False
+                self.store.set_waiting(out.msg_id, False)
+                self._reported_waiting.discard(key)
+                self._send_message(Send(out.msg_id, out.to, out.text), conversation_stream(out.to))
+
     # --- logout -----------------------------------------------------------------
 
     def _run_closing(self, now: float) -> None:
         if self._closing_deadline is None or self.ended:
             return
-        waiting = any(out.state == MessageState.SENDING for out in self.outbox.values())
+        # Messages waiting for an account are not waited for: they stay in
+        # the outbox for the next login (exit status 3).
+        waiting = (
+            self._account_request is not None
+            or bool(self._account_queue)
+            or any(
+                out.state == MessageState.SENDING and not out.waiting
+                for out in self.outbox.values()
+            )
+        )
         if self.conn is None:
             # Not logged in: a login would only be for what is left to send
             # (or to receipt); with nothing, waiting for one only delays the end.
@@ -1141,7 +1421,10 @@ class ClientCore:
 
     def _warn_unsent(self) -> None:
         """Logging out with messages the server has not accepted: say so."""
-        unsent = sum(out.state == MessageState.SENDING for out in self.outbox.values())
+        unsent = sum(
+            out.state == MessageState.SENDING and not out.waiting for out in self.outbox.values()
+        )
+        # (Those waiting for an account were reported when they began to.)
         if unsent:
             kept = "kept in the outbox for the next login" if self.store.directory else "not sent"
             text = f"{unsent} message(s) not accepted by the server yet: {kept}"

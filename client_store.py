@@ -46,7 +46,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL, to_name TEXT NOT NULL,
-    text TEXT NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (instance_id, client_seq)
+    text TEXT NOT NULL, created_ms INTEGER NOT NULL, waiting INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (instance_id, client_seq)
 );
 CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, peer_key TEXT NOT NULL, peer TEXT NOT NULL,
@@ -68,6 +69,11 @@ CREATE TABLE IF NOT EXISTS login_ticket (instance_id INTEGER PRIMARY KEY, ticket
 HISTORY_COLUMNS = {
     "server_msg_id": "ALTER TABLE history ADD COLUMN server_msg_id INTEGER",
     "shown": "ALTER TABLE history ADD COLUMN shown INTEGER NOT NULL DEFAULT 1",
+}
+# `waiting`: the server has no account of the recipient's name yet (the
+# message goes once it has); stores from before wait for nothing.
+OUTBOX_COLUMNS = {
+    "waiting": "ALTER TABLE outbox ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0",
 }
 # After the columns exist: `mark_shown` finds a row by the server's id.
 INDEXES = "CREATE INDEX IF NOT EXISTS history_server_id ON history (server_msg_id);"
@@ -125,6 +131,47 @@ def store_dir(server: str, username: str, root: Path | None = None) -> Path:
         return re.sub(r"[^\w.-]", "_", text)
 
     return (root or data_dir() / "client") / safe(server) / safe(name_key(username))
+
+
+def profile_dir(
+    server: str, spelled: str, username: str, root: Path | None = None
+) -> tuple[Path, bool]:
+    """Where one (server, username) keeps its outbox and history, and whether
+    it is new: named by `server`, the canonical form of the address the
+    client resolved (`common.canonical_address`), so `localhost:5555` and
+    `127.0.0.1:5555` share it. A profile an earlier version made under the
+    address as typed (`spelled`) is moved there, unless a process holds it
+    (then it is used where it is); the canonical one wins if both exist."""
+    directory = store_dir(server, username, root)
+    if directory.exists():
+        return directory, False
+    legacy = store_dir(spelled, username, root)
+    if legacy == directory or not legacy.exists():
+        return directory, True
+    try:
+        lock = lock_file(legacy / "client.lock")
+    except (LockHeld, OSError):
+        return legacy, False  # in use by another process: look it up there
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        legacy.rename(directory)
+    except OSError:
+        return legacy, False
+    finally:
+        lock.close()
+    with contextlib.suppress(OSError):
+        legacy.parent.rmdir()  # the old server folder, if that was its only user
+    # Moved, not copied (same file): record its new path, or it would take
+    # itself for a copy and a fresh instance id (see `_check_identity`).
+    path = directory / "client.db"
+    if path.exists():
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("UPDATE identity SET path=? WHERE id=1", (str(path.resolve()),))
+        finally:
+            db.close()
+    return directory, False
 
 
 @dataclass(frozen=True)
@@ -212,6 +259,10 @@ class ClientStore:
         for name, statement in HISTORY_COLUMNS.items():
             if name not in columns:
                 self.db.execute(statement)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(outbox)")}
+        for name, statement in OUTBOX_COLUMNS.items():
+            if name not in columns:
+                self.db.execute(statement)
         self.db.executescript(INDEXES)
         self.searchable = ensure_search_index(self.db)
         peers_made = self.db.execute(
@@ -287,7 +338,8 @@ class ClientStore:
         now_ms = int(time.time() * 1000)
         if not self.locked:
             self.db.execute(
-                "INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO outbox (instance_id, client_seq, to_name, text, created_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
                 (i64(msg_id.instance_id), msg_id.client_seq, to, text, now_ms),
             )
             self.db.execute(
@@ -388,6 +440,23 @@ class ClientStore:
             "SELECT instance_id, client_seq, to_name, text FROM outbox ORDER BY rowid"
         ).fetchall()
         return [(MsgId(u64(i), s), to, text) for i, s, to, text in rows]
+
+    def set_waiting(self, msg_id: MsgId, waiting: bool) -> None:
+        """Record whether an outbox message waits for its recipient's account."""
+        if self.locked:
+            return
+        self.begin()
+        self.db.execute(
+            "UPDATE outbox SET waiting=? WHERE instance_id=? AND client_seq=?",
+            (int(waiting), i64(msg_id.instance_id), msg_id.client_seq),
+        )
+
+    def waiting(self) -> set[MsgId]:
+        """The outbox messages that wait for their recipient's account."""
+        if self.locked:
+            return set()
+        rows = self.db.execute("SELECT instance_id, client_seq FROM outbox WHERE waiting=1")
+        return {MsgId(u64(i), s) for i, s in rows}
 
     def server_key(self) -> bytes | None:
         """The server's key this user saw at its first login here (pinned)."""

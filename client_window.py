@@ -44,14 +44,17 @@ from pathlib import Path
 from tkinter import ttk
 from typing import Any, Protocol
 
+from client_account_ui import add_account_menu, on_account_event
 from client_contacts import ContactList
 from client_core import (
+    AccountDeleted,
     Disconnected,
     ErrorEvent,
     LinkChanged,
     LoggedIn,
     MessageReceived,
     MessageState,
+    PasswordChanged,
     PresenceChanged,
     StatusChanged,
     TypingNotice,
@@ -219,6 +222,7 @@ class ChatWindow:
         self._sending: dict[str, tuple[Line, Conversation, float]] = {}
         self._next_slow_check = 0.0
         self._found: tuple[str, str] | None = None  # (needle, start index) of the shown hit
+        self._logging_in: tuple[str, str] | None = None  # (server, username) typed
 
         master.title("Chat")
         master.geometry(self.settings.geometry)
@@ -233,6 +237,7 @@ class ChatWindow:
 
         self.login_frame = self._build_login()
         self.chat_frame = self._build_chat()
+        self.account_menu = add_account_menu(self)  # client_account_ui: the account dialogs
         self.login_frame.pack(fill="both", expand=True)
         master.bind("<FocusIn>", self._on_focus_in, add="+")
         master.bind("<FocusOut>", self._on_focus_out, add="+")
@@ -394,9 +399,8 @@ class ChatWindow:
                 self.connect_entry.focus_set()
                 return
         self.connect_to = connect or None
-        self.settings.server = server
-        self.settings.username = username
-        self.settings.save()
+        # Saved as the last server and name only once the login works.
+        self._logging_in = (server, username)
         self.show_login_error("")
         self.login_button.configure(state="disabled", text="Connecting\u2026")
         self.events = queue.Queue()
@@ -479,9 +483,15 @@ class ChatWindow:
             self._on_typing(event.user)
         elif isinstance(event, Disconnected):
             self._on_disconnected(event.reason)
+        elif isinstance(event, (PasswordChanged, AccountDeleted)):
+            on_account_event(self, event)
 
     def _on_logged_in(self, user: str) -> None:
         self.username = user
+        if self._logging_in is not None:
+            self.settings.server, self.settings.username = self._logging_in
+            self._logging_in = None
+            self.settings.save()
         self.login_frame.pack_forget()
         self.chat_frame.pack(fill="both", expand=True)
         self.login_button.configure(state="normal", text="Login")
@@ -512,7 +522,8 @@ class ChatWindow:
     def _on_error(self, event: ErrorEvent) -> None:
         if self.username is None:
             self.login_button.configure(state="normal", text="Login")
-            host = self.settings.server
+            # The server typed for this login (saved only once one works).
+            host = self._logging_in[0] if self._logging_in else self.settings.server
             name = self.username_var.get().strip()
             unreachable = f"Server {host} does not answer. Is it running?"
             if "," in host:
@@ -530,7 +541,9 @@ class ChatWindow:
                 self.password_var.set("")
                 self._take_focus(self.password_entry)
             return
-        if event.code in ("no_such_user", "user_offline", "mailbox_full"):
+        # (no_such_user is shown: the message waits, the status line alone
+        # would only say "sending")
+        if event.code in ("user_offline", "mailbox_full"):
             return
         self._system(self.current, event.message)
         if event.code in ("server_unreachable", "server_shutdown") and self.current is not None:

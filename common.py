@@ -13,6 +13,7 @@ Standard library only; no sockets, threads or clocks.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import sys
@@ -100,6 +101,19 @@ def format_address(host: str, port: int) -> str:
     """host:port as a person can paste it back into `--server`: an IPv6
     address in brackets (`[::1]:5556`), as `parse_server` reads it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def canonical_address(host: str, port: int) -> str:
+    """One spelling of a resolved address, for naming what belongs to a
+    server: an IPv4-mapped IPv6 address as IPv4, IPv6 compressed and in
+    brackets (`[::1]:5555`). A host that is not an address stays as given."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return format_address(host, port)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return format_address(str(ip), port)
 
 
 def parse_server(text: str) -> tuple[str, int]:

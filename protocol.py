@@ -126,6 +126,19 @@ class ErrorCode(enum.IntEnum):
     # A command-line argument the client cannot use, reported as JSON with
     # `--json` (never on the wire: the program ends before it starts).
     USAGE = 18
+    # Accounts (issue 16): 24-27.
+    # A message waiting for a name with no account, dropped by the user
+    # (`/cancel NAME`); a `failed` reason only, never on the wire.
+    CANCELLED = 24
+    # A registration of a name whose account was deleted less than
+    # `--name-quarantine` days ago: nobody inherits a conversation at once.
+    NAME_QUARANTINED = 25
+    # The account's password was changed (the answer to a CHANGE_PASSWORD;
+    # to the user's other sessions, the BYE that ends them).
+    PASSWORD_CHANGED = 26
+    # The account was deleted (the answer to a DELETE_ACCOUNT; the BYE to the
+    # user's other sessions; the final `failed` reason of a message to it).
+    ACCOUNT_DELETED = 27
 
     @property
     def label(self) -> str:
@@ -1002,6 +1015,10 @@ class Kind(enum.IntEnum):
     RECEIPTS = 16  # client -> server: several RECEIPTs
     DELIVEREDS = 17  # server -> sender: several DELIVEREDs, to one recipient
     TICKET = 18  # server -> client: a login ticket for this client instance (see TicketFrame)
+    # Accounts (issue 16): 27-30.
+    CHANGE_PASSWORD = 27  # client -> server: proof of the old password, the new verifier
+    DELETE_ACCOUNT = 28  # client -> server: proof of the password; erase the account
+    ACCOUNT_RESULT = 29  # server -> client: how a CHANGE_PASSWORD / DELETE_ACCOUNT ended
 
 
 @dataclass(unsafe_hash=True)  # hot: see above
@@ -1155,6 +1172,47 @@ class Ticket:
     ticket: bytes
 
 
+@dataclass(frozen=True)
+class ChangePassword:
+    """Change the account's password, inside the session: a SCRAM proof of
+    the old password over `account_message` (which binds this session, the
+    nonce and the new salt and iterations), and the new StoredKey and
+    ServerKey XORed with a key stream only the old password's ClientKey and
+    the session's key give (`account_wrap`). No password crosses the wire."""
+
+    KIND: ClassVar[Kind] = Kind.CHANGE_PASSWORD
+    SPEC: ClassVar[tuple[str, ...]] = ("b16", "b32", "b16", "u32", "b64")
+    nonce: bytes  # names the request; the ACCOUNT_RESULT carries it back
+    proof: bytes
+    salt: bytes  # the new password's
+    iterations: int
+    wrapped_keys: bytes  # new StoredKey + ServerKey, wrapped
+
+
+@dataclass(frozen=True)
+class DeleteAccount:
+    """Delete the account, inside the session: a SCRAM proof of the password
+    over `account_message` (with no new salt)."""
+
+    KIND: ClassVar[Kind] = Kind.DELETE_ACCOUNT
+    SPEC: ClassVar[tuple[str, ...]] = ("b16", "b32")
+    nonce: bytes
+    proof: bytes
+
+
+@dataclass(frozen=True)
+class AccountResult:
+    """How a CHANGE_PASSWORD or DELETE_ACCOUNT ended: `PASSWORD_CHANGED` or
+    `ACCOUNT_DELETED` when done (and durable), else why not (`BAD_PASSWORD`,
+    `RATE_LIMITED`, `SERVER_ERROR`)."""
+
+    KIND: ClassVar[Kind] = Kind.ACCOUNT_RESULT
+    SPEC: ClassVar[tuple[str, ...]] = ("b16", "code", "str")
+    nonce: bytes
+    code: ErrorCode
+    message: str
+
+
 Message = (
     Send
     | Accept
@@ -1174,6 +1232,9 @@ Message = (
     | Typing
     | Watch
     | Ticket
+    | ChangePassword
+    | DeleteAccount
+    | AccountResult
 )
 MESSAGE_CLASSES: dict[int, type] = {
     cls.KIND: cls
@@ -1196,6 +1257,9 @@ MESSAGE_CLASSES: dict[int, type] = {
         Typing,
         Watch,
         Ticket,
+        ChangePassword,
+        DeleteAccount,
+        AccountResult,
     )
 }
 
@@ -1366,3 +1430,36 @@ def build_login(
     proof = client_proof(keys, message)
     login = Login(username, instance_id, nonce, challenge.cookie, proof, public, wrapped)
     return login, message, keys
+
+
+# --- account changes inside a session (issue 16) ---------------------------
+#
+# Changing the password or deleting the account asks for the password again:
+# a SCRAM proof over an auth message of its own, which binds the action, the
+# user, this session and a fresh nonce (so a proof is good for one request,
+# in one session), and for a change the new salt and iterations. The server
+# checks it against the stored verifier exactly as a login's. The new keys
+# travel wrapped under a key stream from the old ClientKey (which only the
+# password's holder and, from the proof, the server know) and the session's
+# key (which nobody watching the network has).
+
+ACCOUNT_CHANGE = b"passwd"
+ACCOUNT_DELETE = b"delete"
+
+
+def account_message(
+    action: bytes, username: str, session_id: bytes, nonce: bytes, salt: bytes = b"",
+    iterations: int = 0,
+) -> bytes:  # fmt: skip
+    """What a CHANGE_PASSWORD's or DELETE_ACCOUNT's proof signs."""
+    return b"|".join((
+        b"udp-chat-account-v1", action, name_key(username).encode("utf-8"), session_id, nonce,
+        salt, iterations.to_bytes(4, "big"),
+    ))  # fmt: skip
+
+
+def account_wrap(client_key: bytes, session_key: bytes, message: bytes, keys: bytes) -> bytes:
+    """XOR 64 bytes of new keys with a key stream from the old ClientKey and
+    the session's client-to-server key, bound to `message` (its own inverse)."""
+    secret = _hmac(client_key, b"account keys|" + session_key)
+    return wrap_keys(secret, message, keys)

@@ -27,12 +27,14 @@ import collections
 import hmac
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from common import format_address
 from protocol import (
     DH_PRIVATE_BITS,
+    PBKDF2_MIN_ITERATIONS,
     SALT_SIZE,
     Challenge,
     ErrorCode,
@@ -130,8 +132,12 @@ class LoginDesk:
         secret: bytes,
         account_of: Callable[[str], Account | None],
         stats: collections.Counter[str],
+        quarantined: Callable[[str], int | None] = lambda key: None,
     ) -> None:
         self.config = config
+        # Until when (wall clock, ms) a deleted account's name may not be
+        # registered again, or None.
+        self._quarantined = quarantined
         self._secret = secret
         # Cookies are keyed per process, on the monotonic clock: a restart
         # (whose record of verified LOGINs is empty) voids every cookie given
@@ -254,6 +260,11 @@ class LoginDesk:
             return Refused(login.nonce, ErrorCode.RATE_LIMITED, text)
         if ticketed:
             self.stats["logins_with_ticket"] += 1
+        if account is None and (until := self._quarantined(key)) is not None:
+            self.stats["registrations_quarantined"] += 1
+            day = time.strftime("%Y-%m-%d %H:%M", time.gmtime(until / 1000))
+            text = f"{name!r} belonged to a deleted account; free again after {day} UTC"
+            return Refused(login.nonce, ErrorCode.NAME_QUARANTINED, fit(text))
         if account is None and not self._registrations.take(ip, 1, now):
             self.stats["registrations_throttled"] += 1
             self._log_failure("registration refused for %s from %s: too many new accounts from "
@@ -305,3 +316,36 @@ class LoginDesk:
             return Refused(login.nonce, ErrorCode.BAD_PASSWORD, fit(f"wrong password for {name!r}"))
         return Verified(account.name if not new else name, key, account, client_key, message, new,
                         ticketed)  # fmt: skip
+
+    def prove(
+        self, key: str, instance_id: int, account: Account, message: bytes, proof: bytes,
+        now: float,
+    ) -> bytes | tuple[ErrorCode, str]:  # fmt: skip
+        """The password asked again inside a session (a change of password, a
+        deletion): the ClientKey behind a valid SCRAM `proof` of `message`
+        against the stored verifier, or the code and text of the refusal.
+        Wrong guesses count against the same window as a ticketed LOGIN of
+        that client instance (5 per 30 s): a session left open does not
+        let anyone guess the password faster than a login would."""
+        window = f"{key}|{instance_id}"
+        if self._by_ticket.blocked(window, now):
+            wait = self._by_ticket.retry_after(window, now)
+            return ErrorCode.RATE_LIMITED, f"too many wrong passwords; try again in {wait:.0f} s"
+        self.stats["password_checks"] += 1
+        client_key = verify_proof(account.stored_key, message, proof)
+        if client_key is None:
+            self._by_ticket.record(window, now)
+            self.stats["account_proof_failures"] += 1
+            return ErrorCode.BAD_PASSWORD, "wrong password; nothing was changed"
+        return client_key
+
+
+def valid_iterations(iterations: int) -> bool:
+    """Whether a new password's PBKDF2 iteration count is one to store: at
+    least RFC 7677's minimum, and not so many that a login never ends."""
+    return PBKDF2_MIN_ITERATIONS <= iterations <= MAX_ITERATIONS
+
+
+#: The most PBKDF2 iterations a changed password may ask clients for
+#: (the client refuses a CHALLENGE with more: client_core.PBKDF2_MAX_ITERATIONS).
+MAX_ITERATIONS = 10_000_000

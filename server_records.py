@@ -71,6 +71,9 @@ class ServerConfig:
     max_memory: int = 512 * 1024 * 1024  # resident bytes of the whole server
     typing_rate: float = 3.0  # typing notices/s per (sender, recipient) ...
     typing_burst: float = 3.0
+    # Seconds a deleted account's name stays unregistrable (`--name-quarantine`,
+    # in days): nobody inherits its conversations at once.
+    name_quarantine: float = 30 * 24 * 3600.0
 
 
 class Entry:

@@ -92,6 +92,7 @@ CREATE TABLE IF NOT EXISTS notices (
     recipient TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sender_key, instance_id, client_seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quarantine (name_key TEXT PRIMARY KEY, until_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS summary (
     user_key TEXT PRIMARY KEY, messages INTEGER NOT NULL, bytes INTEGER NOT NULL,
     notices INTEGER NOT NULL
@@ -103,6 +104,8 @@ CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient_key, server_m
 CREATE INDEX IF NOT EXISTS notices_order ON notices (sender_key, seq);
 CREATE INDEX IF NOT EXISTS dedup_age ON dedup (server_ms);
 """
+# `quarantine` has a row per name whose account was deleted: nobody may
+# register it before `until_ms` (wall clock; `--name-quarantine`).
 # `summary` has a row per user with messages or receipts waiting: message
 # count and UTF-8 bytes of their mailbox (for the caps), and receipts queued
 # for them as a sender. Start-up reads it instead of the mailboxes.
@@ -284,6 +287,8 @@ class Loaded:
     accounts: dict[str, Account] = field(default_factory=dict)
     # user key -> (messages waiting, their UTF-8 bytes, receipts waiting for them)
     summary: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # name key of a deleted account -> until when (wall clock, ms) nobody may register it
+    quarantine: dict[str, int] = field(default_factory=dict)
 
 
 # A notice row: (seq, instance_id, client_seq, recipient's display name).
@@ -335,6 +340,24 @@ class StoreAccount:
 
 
 @dataclass(slots=True)
+class UpdateAccount:
+    """A changed password: the account's new salt, iterations and keys."""
+
+    key: str
+    account: Account
+
+
+@dataclass(slots=True)
+class EraseAccount:
+    """A deleted account: its row, its mailbox, the receipts queued for it,
+    its dedup keys and its counts go; its name is quarantined until
+    `until_ms` (wall clock) so that nobody inherits a conversation at once."""
+
+    key: str
+    until_ms: int
+
+
+@dataclass(slots=True)
 class Reserve:
     """Server message ids below `upto` may be given out (a crash never reuses one)."""
 
@@ -377,7 +400,10 @@ class FindDedup:
     client_seq: int
 
 
-Write = StoreMessage | MarkDelivered | NoticeDone | StoreAccount | Reserve | Sync
+Write = (
+    StoreMessage | MarkDelivered | NoticeDone | StoreAccount | UpdateAccount | EraseAccount
+    | Reserve | Sync
+)  # fmt: skip
 Query = ReadMailbox | ReadNotices | FindDedup
 MailPage = tuple[list[StoredMessage], bool]
 NoticePage = tuple[list[NoticeRow], bool]
@@ -465,9 +491,19 @@ class MemoryStore:
         # Tuples of strings and ints, which the garbage collector stops
         # tracking: a dict of millions of objects would slow every collection.
         self.dedup: dict[tuple[str, int, int], tuple[int, str, str]] = {}
+        self.quarantine: dict[str, int] = {}  # name key -> until (wall clock, ms)
 
     def load(self) -> Loaded:
-        return Loaded(self.secret, 1)
+        return Loaded(self.secret, 1, quarantine=dict(self.quarantine))
+
+    def _erase(self, key: str) -> None:
+        """What the store keeps of user `key`: its mailbox, the receipts
+        queued for it, its dedup keys, its quarantine (a new owner)."""
+        self.mail.pop(key, None)
+        self.notices.pop(key, None)
+        self.quarantine.pop(key, None)
+        for dedup in [d for d in self.dedup if d[0] == key]:  # rare: a deletion
+            del self.dedup[dedup]
 
     def submit(self, op: Op, then: Then | None = None) -> None:
         # The three kinds made per message first, tested with `isinstance`
@@ -501,7 +537,16 @@ class MemoryStore:
         else:
             match op:
                 case StoreAccount(key, account):
-                    self.accounts.setdefault(key, account)
+                    if key not in self.accounts:
+                        self._erase(key)  # what a deleted account of that name left
+                        self.accounts[key] = account
+                case UpdateAccount(key, account):
+                    if key in self.accounts:
+                        self.accounts[key] = account
+                case EraseAccount(key, until_ms):
+                    self.accounts.pop(key, None)
+                    self._erase(key)
+                    self.quarantine[key] = until_ms
                 case Reserve() | Sync():
                     pass  # nothing to reserve or to wait for in memory
                 case Read():
@@ -675,6 +720,10 @@ class ServerStore:
             "DELETE FROM dedup WHERE server_ms < ?", (self._time_base - DEDUP_KEEP_S * 1000,)
         )
         loaded = Loaded(secret, next_id)
+        # (The relay ignores the quarantines that have run out, by its wall
+        # clock; a row goes when its name is registered again.)
+        for name_key, until_ms in db.execute("SELECT name_key, until_ms FROM quarantine"):
+            loaded.quarantine[name_key] = int(until_ms)
         for name_key, name, salt, iterations, stored, server in db.execute(
             "SELECT name_key, name, salt, iterations, stored_key, server_key FROM accounts"
         ):
@@ -883,6 +932,12 @@ class ServerStore:
         # user key -> [messages, bytes, notices] to add to its summary row
         counts: dict[str, list[int]] = {}
         reserve: int | None = None
+        # Account changes are rare: a new account first drops whatever a
+        # deleted one of that name left (before this batch's messages to
+        # it); a deletion goes last, after this batch's messages to it.
+        fresh: list[str] = []
+        updated: list[tuple[Any, ...]] = []
+        erased: list[tuple[str, int]] = []
         stamp = self.server_ms()
         for op in ops:
             match op:
@@ -908,8 +963,13 @@ class ServerStore:
                     notices_done.append((sender_key, _i64(instance_id), client_seq))
                     counts.setdefault(sender_key, [0, 0, 0])[2] -= 1
                 case StoreAccount(key, a):
+                    fresh.append(key)
                     accounts.append((key, a.name, a.salt, a.iterations, a.stored_key,
                                      a.server_key, int(time.time() * 1000)))  # fmt: skip
+                case UpdateAccount(key, a):
+                    updated.append((a.salt, a.iterations, a.stored_key, a.server_key, key))
+                case EraseAccount(key, until_ms):
+                    erased.append((key, until_ms))
                 case Reserve(upto):
                     reserve = upto if reserve is None else max(reserve, upto)
                 case Sync():
@@ -928,6 +988,8 @@ class ServerStore:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('next_block', ?)", (reserve,))
             if save_time:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('server_ms', ?)", (stamp,))
+            for key in fresh:
+                self._erase_rows(key)
             self._insert("accounts", accounts)
             self._insert("mailbox", messages)
             self._insert("dedup", dedup)
@@ -943,6 +1005,15 @@ class ServerStore:
                 )
                 db.execute(f"DELETE FROM notices WHERE {where}", _flat(part))
             self._count(counts)
+            db.executemany(
+                "UPDATE accounts SET salt=?, iterations=?, stored_key=?, server_key=? "
+                "WHERE name_key=?",
+                updated,
+            )
+            for key, until_ms in erased:
+                db.execute("DELETE FROM accounts WHERE name_key=?", (key,))
+                self._erase_rows(key)
+                db.execute("INSERT INTO quarantine VALUES (?, ?)", (key, until_ms))
             db.execute("COMMIT")
             self.commits += 1
             if save_time:
@@ -954,6 +1025,14 @@ class ServerStore:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
             raise
+
+    def _erase_rows(self, key: str) -> None:
+        """Everything kept for user `key` but the account: its mailbox, the
+        receipts queued for it, its dedup keys, its counts, its quarantine."""
+        for table, column in (("mailbox", "recipient_key"), ("notices", "sender_key"),
+                              ("dedup", "sender_key"), ("summary", "user_key"),
+                              ("quarantine", "name_key")):  # fmt: skip
+            self._db.execute(f"DELETE FROM {table} WHERE {column}=?", (key,))
 
     def _count(self, counts: dict[str, list[int]]) -> None:
         """Add the batch's changes to `summary`; drop rows back to nothing."""

@@ -65,6 +65,9 @@ def sample_messages() -> dict[str, Any]:
         protocol.Typing("bob"),
         protocol.Watch("bob"),
         protocol.Ticket(bytes(range(16))),
+        protocol.ChangePassword(bytes(16), bytes(32), bytes(16), 600_000, bytes(64)),
+        protocol.DeleteAccount(bytes(16), bytes(32)),
+        protocol.AccountResult(bytes(16), protocol.ErrorCode.PASSWORD_CHANGED, "password changed"),
     ]
     return {type(m).__name__: m for m in samples}
 

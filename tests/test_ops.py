@@ -208,7 +208,7 @@ def test_registrations_and_invalid_names_are_counted_in_the_metrics() -> None:
                for labels, value in families["chat_login_failures_total"].samples}  # fmt: skip
     assert reasons == {"bad_password": 0, "invalid_name": 9, "too_many_failures": 0,
                        "registrations_throttled": 0, "registrations_busy": 0,
-                       "server_full": 0}  # fmt: skip
+                       "server_full": 0, "name_quarantined": 0}  # fmt: skip
     assert families["chat_registrations_total"].samples == [({}, 2)]
     assert families["chat_logins_total"].samples == [({}, 2)]
     drops = families["chat_datagrams_dropped_total"].samples

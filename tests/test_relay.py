@@ -431,16 +431,17 @@ def test_right_password_elsewhere_takes_over(server: RunningServer, terminals: A
         close_all([first, bob, successor])
 
 
-def test_message_to_unknown_user_fails(server: RunningServer) -> None:
+def test_message_to_unknown_user_waits(server: RunningServer) -> None:
+    """Issue 16: no longer `failed`: it waits in the outbox (still
+    `sending`) for the account, with one non-fatal `no_such_user`
+    (tests/test_waiting_outbox.py has the rest)."""
     (alice,) = logged_in(server, "alice")
     try:
         msg = alice.session.send("anyone?", to="nobody")
         assert msg is not None
-        alice.wait(lambda: alice.states[msg][-1:] == ["failed"], 10.0, "failed")
-        assert alice.states[msg] == ["sending", "failed"]
-        assert alice.reasons[msg] == "no_such_user"
-        alice.wait(lambda: bool(alice.errors), 5.0, "error event")
+        alice.wait(lambda: bool(alice.errors), 10.0, "error event")
         assert alice.errors[0].code == "no_such_user" and not alice.errors[0].fatal
+        assert alice.states[msg] == ["sending"]
         # the session is fine afterwards
         alice.session.who()
         alice.wait(lambda: bool(alice.who_lists), 10.0, "who")
