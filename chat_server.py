@@ -1535,6 +1535,13 @@ class Relay:
         # Nothing more is handed to it; what it was handed goes with the mailbox.
         session.mail = session.receipts = None
         self._forget_awaited(user.key)
+        # Its contacts go too: those who heard of it stop hearing of it, and a
+        # later owner of the name does not hear of them (contacts made by a
+        # message are mutual; at most MAX_CONTACTS each).
+        for key in user.contacts:
+            contact = self.users.get(key)
+            if contact is not None:
+                contact.contacts.pop(user.key, None)
 
         def erased() -> None:
             if self.sessions.get(session.session_id) is session:

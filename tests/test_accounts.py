@@ -332,6 +332,7 @@ def test_delete_account_erases_what_the_server_keeps_and_quarantines_the_name(
     assert set(what_is_kept_of(disk, "alice").values()) == {0}
     assert disk.rows("SELECT COUNT(*) FROM quarantine WHERE name_key='alice'") == [(1,)]
     assert "alice" not in disk.relay.users
+    assert "alice" not in disk.relay.users["bob"].contacts  # bob no longer hears of her
     disk.settle(2.0)
     assert not [s for s in disk.relay.sessions.values() if s.user.key == "alice"]
     # bob's next message to her is a final failure, not a wait for a new alice.
