@@ -540,3 +540,35 @@ def test_the_terminal_reads_secrets_without_echo_from_a_terminal() -> None:
         "password: "
     ]
     assert "_Secrets" in repr(items[0]) and "old" not in repr(items[0])  # no passwords in logs
+
+
+def test_without_a_quarantine_the_name_is_free_at_once_and_inherits_nothing(
+    tmp_path: Path,
+) -> None:
+    net = DiskNet(tmp_path / "data", ServerConfig(iterations=4096, key_workers=0,
+                                                  name_quarantine=0.0))  # fmt: skip
+    try:
+        alice, bob = net.login("alice", "bob")
+        alice.shows = False
+        bob.core.send("for the first alice", net.now, to="alice")
+        net.run(lambda: bool(alice.unshown), "handed, never shown")
+        alice.core.delete_account("alice-pw")
+        net.run(lambda: bool(alice.of(AccountDeleted)), "deleted")
+        new = login_outcome(net, "alice", "a stranger")
+        assert new.logged_in
+        net.settle(5.0)
+        assert not new.of(MessageReceived)
+    finally:
+        net.store.close()
+
+
+def test_name_quarantine_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from chat_server import build_parser, parse_arguments
+
+    assert parse_arguments([]).name_quarantine == 30
+    assert parse_arguments(["--name-quarantine", "0.5"]).name_quarantine == 0.5
+    for bad in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            parse_arguments(["--name-quarantine", bad])
+        assert "argument --name-quarantine" in capsys.readouterr().err
+    assert "--name-quarantine DAYS" in build_parser().format_help()
