@@ -622,6 +622,7 @@ class ClientCore:
         # A new password the server may have stored though its answer was
         # lost with the link: tried once if the old one is refused.
         self._maybe_password: tuple[str, bytes, bytes] | None = None
+        self._tried_maybe = False  # logging in with it
         self._account_params: tuple[bytes, int] | None = None  # salt, iterations (last login)
         self.presence: dict[str, bool] = {}  # last reported, by name key
         self.watched: set[str] = set()  # presence wanted; asked again after each login
@@ -1096,6 +1097,7 @@ class ClientCore:
                 # server may have stored it. Try it once.
                 self._use_password(*self._maybe_password)
                 self._maybe_password = None
+                self._tried_maybe = True
                 self._start_login(now, self._login_deadline)
                 return
             if frame.code in FATAL_LOGIN_ERRORS or self.first_login:
@@ -1134,6 +1136,11 @@ class ClientCore:
             self._hand_on_unshown()
         else:
             self._emit(LinkChanged(up=True, server=self._server_label()))
+        if self._maybe_password is not None:
+            self._maybe_password = None  # the old password still works: it did not change
+        elif self._tried_maybe:
+            self._emit(PasswordChanged(self.username))  # it did change, answer lost or not
+        self._tried_maybe = False
         self.link_up = True
         for name in sorted(self.watched):
             self._send_message(Watch(name))

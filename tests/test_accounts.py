@@ -572,3 +572,34 @@ def test_name_quarantine_on_the_command_line(capsys: pytest.CaptureFixture[str])
             parse_arguments(["--name-quarantine", bad])
         assert "argument --name-quarantine" in capsys.readouterr().err
     assert "--name-quarantine DAYS" in build_parser().format_help()
+
+
+def test_a_change_whose_answer_was_lost_is_found_at_the_next_login() -> None:
+    """The link goes after the server stored the new password but before
+    its answer arrived: the old password is refused at the re-login, so the
+    client tries the new one, and says the password changed."""
+    net = Net()
+    (alice,) = net.login("alice")
+    before = net.relay.users["alice"].account
+    alice.core.change_password("alice-pw", "changed in the dark")
+    for datagram in alice.core.datagrams_to_send(net.now):
+        net.relay.receive_datagram(datagram, alice.addr, net.now)
+    net.cut.add(alice.addr)  # the answer is lost, and the link with it
+    net.settle(60.0)
+    assert net.relay.users["alice"].account is not before  # stored on the server
+    assert [e.code for e in alice.of(ErrorEvent)][-2:] == ["server_unreachable"] * 2
+    net.cut.clear()
+    net.run(lambda: bool(alice.of(PasswordChanged)), "the new password found")
+    assert alice.core.login_phase == "online" and not alice.of(Disconnected)
+
+
+def test_a_change_that_never_reached_the_server_keeps_the_old_password() -> None:
+    net = Net()
+    (alice,) = net.login("alice")
+    net.cut.add(alice.addr)
+    alice.core.change_password("alice-pw", "never sent")
+    net.settle(60.0)
+    net.cut.clear()
+    net.run(lambda: alice.core.login_phase == "online" and alice.core.link_up, "back")
+    assert not alice.of(PasswordChanged) and not alice.of(Disconnected)
+    assert login_outcome(net, "alice", "alice-pw").logged_in
