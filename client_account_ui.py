@@ -6,9 +6,11 @@ Kept apart from `client_window.py` (which others rework) as a small hook:
 each opening a small modal dialog that hands what was typed to the
 window's session (`ChatSession.change_password`, `.delete_account`);
 `on_account_event` shows the answers (`PasswordChanged`, `AccountDeleted`)
-in the window. The server checks the password (a SCRAM proof made by the
-session's core; the password never crosses the network), so a wrong one
-comes back as an ordinary `bad_password` error, shown as a system line.
+in the window. The same menu cancels the messages waiting for the current
+contact's account (`ChatSession.cancel`, the terminal's `/cancel NAME`).
+The server checks the password (a SCRAM proof made by the session's core;
+the password never crosses the network), so a wrong one comes back as an
+ordinary `bad_password` error, shown as a system line.
 
 It imports nothing of the window (no cycle): the window is anything with
 the few attributes `AccountWindow` lists. Tk on the main thread only, as
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from tkinter import ttk
 from typing import Any, Protocol
 
-from client_core import AccountDeleted, PasswordChanged
+from client_core import AccountDeleted, Cancelled, PasswordChanged
 
 
 class AccountWindow(Protocol):
@@ -48,13 +50,36 @@ def add_account_menu(window: AccountWindow) -> tk.Menu:
     menu = tk.Menu(bar, tearoff=False)
     menu.add_command(label="Change password\u2026", command=lambda: change_password_dialog(window))
     menu.add_command(label="Delete account\u2026", command=lambda: delete_account_dialog(window))
+    menu.add_separator()
+    menu.add_command(label="Cancel messages waiting for this contact",
+                     command=lambda: cancel_waiting(window))  # fmt: skip
     bar.add_cascade(label="Account", menu=menu)
     return menu
 
 
-def on_account_event(window: AccountWindow, event: PasswordChanged | AccountDeleted) -> None:
-    """Show the server's answer to a dialog."""
-    if isinstance(event, PasswordChanged):
+def cancel_waiting(window: AccountWindow) -> bool:
+    """Drop the messages waiting for the current contact's account (the
+    terminal's `/cancel NAME`); each shows `failed (cancelled)`. False when
+    no conversation is open."""
+    if not _logged_in(window):
+        return False
+    if window.current is None:
+        window._system(None, "Open a conversation first.")
+        return False
+    window.session.cancel(window.current.name)
+    return True
+
+
+def on_account_event(
+    window: AccountWindow, event: PasswordChanged | AccountDeleted | Cancelled
+) -> None:
+    """Show the server's answer to a dialog, or what a cancel dropped."""
+    if isinstance(event, Cancelled):
+        count = len(event.ids)
+        text = (f"Cancelled {count} message{'s' if count != 1 else ''} waiting for {event.to}."
+                if count else f"No message waits for {event.to}.")  # fmt: skip
+        window._system(window.current, text)
+    elif isinstance(event, PasswordChanged):
         window._system(window.current, "Password changed. Your other sessions were logged out.")
     else:
         window._back_to_login(f"Account {event.user} deleted; the server keeps nothing of it.")

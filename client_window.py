@@ -48,6 +48,7 @@ from client_account_ui import add_account_menu, on_account_event
 from client_contacts import ContactList
 from client_core import (
     AccountDeleted,
+    Cancelled,
     Disconnected,
     ErrorEvent,
     LinkChanged,
@@ -483,7 +484,7 @@ class ChatWindow:
             self._on_typing(event.user)
         elif isinstance(event, Disconnected):
             self._on_disconnected(event.reason)
-        elif isinstance(event, (PasswordChanged, AccountDeleted)):
+        elif isinstance(event, (PasswordChanged, AccountDeleted, Cancelled)):
             on_account_event(self, event)
 
     def _on_logged_in(self, user: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from chat_client import ChatSession, LoggedIn
-from client_account_ui import change_password_dialog, delete_account_dialog
+from client_account_ui import cancel_waiting, change_password_dialog, delete_account_dialog
 from client_store import ClientStore, profile_dir, read_history, store_dir
 from client_window import ChatWindow, Settings
 from common import canonical_address, data_dir
@@ -202,3 +202,17 @@ def test_the_window_changes_the_password_and_deletes_the_account(gui: Gui) -> No
     assert pump_until(gui.root, lambda: window.login_frame.winfo_ismapped(), 10)
     assert "deleted" in str(window.login_error.cget("text"))
     assert gui.server is not None and "alice" not in gui.server.relay.users
+
+
+def test_the_window_cancels_what_waits_for_the_current_contact(gui: Gui) -> None:  # noqa: F811
+    window = gui.window()
+    gui.login(window, "alice", "frank")  # frank has no account
+    window.composer.insert("1.0", "are you there, frank?")
+    window.send_composed()
+    assert pump_until(gui.root, lambda: "no user 'frank' yet" in window.transcript_text(), 10)
+    assert cancel_waiting(window)
+    assert pump_until(gui.root, lambda: "Cancelled 1 message waiting for frank" in
+                      window.transcript_text(), 10)  # fmt: skip
+    assert "failed (cancelled)" in window.transcript_text()
+    assert window.session is not None and window.session.store is not None
+    assert window.session.store.pending() == []
