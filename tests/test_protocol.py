@@ -61,6 +61,7 @@ from protocol import (
     normalize_name,
     version_reply,
 )
+from tests.test_groups_protocol import PINNED_GROUP_MESSAGES
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -651,6 +652,7 @@ PINNED_MESSAGES: list[tuple[Any, str]] = [
         "0e0006e5908de5898d",
     ),
     (protocol.Ticket(bytes(range(16, 32))), "12101112131415161718191a1b1c1d1e1f"),
+    *PINNED_GROUP_MESSAGES,  # the group kinds' (issue 14), pinned in their own file
 ]
 PINNED_FRAMES: list[tuple[Any, str]] = [
     (
