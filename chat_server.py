@@ -1590,6 +1590,26 @@ class Relay:
 
     def _on_group_request(self, session: Session, request: GroupRequest) -> None:
         user = session.user
+        instance = (user.key, session.instance_id)
+        if self._lookups and any(key == user.key for key, _ in self._lookups):
+            # A SEND before it waits for the disk (its dedup lookup): the
+            # request waits behind it, as the client sent them (a message,
+            # then leaving the group), and later SENDs wait behind the request.
+            self._lookups[instance] += 1
+            self.store.submit(Sync(), functools.partial(self._deferred_request, session, request))
+            return
+        self._group_request(session, request)
+
+    def _deferred_request(self, session: Session, request: GroupRequest) -> None:
+        instance = (session.user.key, session.instance_id)
+        self._lookups[instance] -= 1
+        if self._lookups[instance] <= 0:
+            del self._lookups[instance]
+        if self.sessions.get(session.session_id) is session:
+            self._group_request(session, request)
+
+    def _group_request(self, session: Session, request: GroupRequest) -> None:
+        user = session.user
         key = (user.key, session.instance_id, request.request_id)
         stream = CONTROL_STREAM
         if request.action != GroupAction.LIST:
