@@ -2686,6 +2686,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (default: off; "
         "keep it on a private address)",
     )  # fmt: skip
+    # Groups (issue 14).
+    parser.add_argument(
+        "--max-group-members", type=at_least(2), default=ServerConfig().max_group_members,
+        metavar="N", help="members of one group at most; 2 or more (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-fanout-rate", type=positive, default=ServerConfig().max_fanout_rate,
+        metavar="N", help="copies of group messages per second one user may make the server "
+        "send (a message to N members is N - 1 copies); past it their messages wait, "
+        "unacknowledged; above 0 (default %(default)s; burst 2x)",
+    )  # fmt: skip
     return parser
 
 
@@ -2735,6 +2746,9 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=args.max_sessions, key_workers=args.key_workers,
     )  # fmt: skip
     config.max_memory = args.max_memory << 20
+    config.max_group_members = args.max_group_members
+    config.max_fanout_rate = args.max_fanout_rate
+    config.max_fanout_burst = 2 * args.max_fanout_rate
     config.preauth_total_rate = args.preauth_total_rate
     config.preauth_total_burst = 2 * args.preauth_total_rate
     # Every problem found at start-up is one line naming what is wrong and

@@ -106,7 +106,7 @@ def test_group_message_bytes_are_pinned(message: Any, wire: str) -> None:
 
 
 def test_the_numbers_agreed_with_the_client_side() -> None:
-    # groups-wire.md: kinds 19-26 and codes 19-23 belong to the groups.
+    # Kinds 19-26 and codes 19-23 belong to the groups (agreed with the client side).
     assert [int(k) for k in Kind if k.name.startswith("GROUP_")] == list(range(19, 27))
     assert {c.label: int(c) for c in ErrorCode if 19 <= c <= 23} == {
         "no_such_group": 19,
