@@ -252,7 +252,8 @@ MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the 
 #: phrases the relay uses.
 DROP_REASONS = (
     "pre-login budget", "pre-login rate limit", "user rate limit",
-    "output cap: input waits for acks", "short of memory: messages wait", "malformed",
+    "output cap: input waits for acks", "short of memory: messages wait",
+    "fan-out budget: messages wait", "malformed",
     "internal error", "unsupported version", "unknown session", "bad tag or frame",
     "replayed or refused", "bad message", "unpadded pre-login datagram",
     "pre-login datagram without one HELLO or LOGIN", "login with a stale or forged cookie",
@@ -260,7 +261,7 @@ DROP_REASONS = (
 )  # fmt: skip
 #: Those that are limits the server enforces: logged as warnings ("limit
 #: hit"), at most once per `ServerConfig.log_interval` each.
-LIMIT_REASONS = frozenset(DROP_REASONS[:5])
+LIMIT_REASONS = frozenset(DROP_REASONS[:6])
 #: Answers of group requests kept in memory (loaded from the store, which
 #: keeps each client instance's latest): a request sent again is answered
 #: again, not done twice.
@@ -2523,7 +2524,8 @@ def gather_metrics(
         counter("chat_sent_bytes_total", "Bytes of UDP datagrams sent.", stats["bytes_out"]),
         labelled("chat_datagrams_dropped_total", "counter",
                  "Datagrams dropped, by reason; for the limits (pre_login_budget, "
-                 "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_...) "
+                 "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_..., "
+                 "fan_out_budget_...) "
                  "withheld unacknowledged: their clients send them again.", "reason",
                  [(label_value(reason), count) for reason, count in drops.items()]),
         gauge("chat_reassembly_bytes", "Bytes of long messages held for reassembly, all "
@@ -2533,6 +2535,11 @@ def gather_metrics(
         gauge("chat_short_of_memory", "1 while resident memory is over --max-memory (new "
               "messages wait), else 0.", int(relay.short_of_memory)),  # fmt: skip
         gauge("chat_max_memory_bytes", "--max-memory, in bytes.", relay.config.max_memory),
+        gauge("chat_groups", "Groups (issue 14) that exist.", len(relay.groups)),
+        counter("chat_group_messages_total", "Messages to groups taken (each stored once).",
+                stats["group_messages"]),  # fmt: skip
+        counter("chat_group_copies_total", "Group messages and membership changes handed to "
+                "members online (copies of the fan-out).", stats["group_copies"]),  # fmt: skip
     ]  # fmt: skip
     if resident is not None:
         families.append(gauge("process_resident_memory_bytes", "Resident memory of the "
