@@ -52,6 +52,7 @@ from protocol import (
     ACCOUNT_DELETE,
     CONTROL_STREAM,
     FLAG_MAC,
+    GROUP_PAGE_MAX,
     MAGIC,
     MAX_FRAMES_SIZE,
     MAX_TEXT_BYTES,
@@ -73,6 +74,16 @@ from protocol import (
     ErrorCode,
     Fail,
     Frame,
+    GroupAccept,
+    GroupAction,
+    GroupChange,
+    GroupDeliver,
+    GroupDelivereds,
+    GroupEvent,
+    GroupInfo,
+    GroupList,
+    GroupRequest,
+    GroupResult,
     Hello,
     Kind,
     LocalProtocolError,
@@ -107,6 +118,8 @@ from protocol import (
     decode_packet,
     encode_message,
     encode_packet,
+    group_address,
+    is_group_address,
     name_key,
     normalize_name,
     server_signature,
@@ -126,6 +139,7 @@ from reliability import (
     ReassemblyExpired,
     ReceiveBudget,
 )
+from server_groups import Group, GroupRefused, GroupTable, Member
 from server_guard import (
     BucketTable,
     TokenBucket,
@@ -141,12 +155,30 @@ from server_metrics import (
     label_value,
     labelled,
 )
-from server_records import Address, DropLog, Entry, Pager, Probe, ServerConfig, Session, User
+from server_records import (
+    Address,
+    DropLog,
+    Entry,
+    GroupEntry,
+    GroupMail,
+    Pager,
+    Probe,
+    ServerConfig,
+    Session,
+    User,
+)
 from server_router import LocalRouter, Router
 from server_store import (
     Account,
+    DropMember,
+    EndGroup,
     EraseAccount,
     FindDedup,
+    FindGroupItem,
+    GroupItem,
+    GroupNoticeDone,
+    GroupNoticeRow,
+    GroupReceipt,
     Loaded,
     MarkDelivered,
     MemoryStore,
@@ -154,12 +186,16 @@ from server_store import (
     NoticeDone,
     NoticeRow,
     Read,
+    ReadGroupLog,
+    ReadGroupNotices,
     ReadMailbox,
     ReadNotices,
+    RequestKey,
     ServerStore,
     StoreAccount,
     StoredMessage,
     StoreError,
+    StoreGroupItem,
     StoreLocked,
     StoreMessage,
     Sync,
@@ -194,8 +230,11 @@ MAX_CLIENT_SEQ = 1 << 63  # SQLite stores signed 64-bit integers
 #: only finish what was sent).
 COUNTED_REQUESTS = frozenset(
     int(kind)
-    for kind in (Kind.WHO, Kind.WATCH, Kind.TYPING, Kind.CHANGE_PASSWORD, Kind.DELETE_ACCOUNT)
-)
+    for kind in (
+        Kind.WHO, Kind.WATCH, Kind.TYPING, Kind.GROUP_REQUEST, Kind.CHANGE_PASSWORD,
+        Kind.DELETE_ACCOUNT,
+    )
+)  # fmt: skip
 #: The handle of a deleted account's last ACCOUNT_RESULT: once its client
 #: acks it, the session ends.
 ACCOUNT_GONE = "\0account deleted"
@@ -229,7 +268,8 @@ MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the 
 #: phrases the relay uses.
 DROP_REASONS = (
     "pre-login budget", "pre-login rate limit", "user rate limit",
-    "output cap: input waits for acks", "short of memory: messages wait", "malformed",
+    "output cap: input waits for acks", "short of memory: messages wait",
+    "fan-out budget: messages wait", "malformed",
     "internal error", "unsupported version", "unknown session", "bad tag or frame",
     "replayed or refused", "bad message", "unpadded pre-login datagram",
     "pre-login datagram without one HELLO or LOGIN", "login with a stale or forged cookie",
@@ -237,11 +277,25 @@ DROP_REASONS = (
 )  # fmt: skip
 #: Those that are limits the server enforces: logged as warnings ("limit
 #: hit"), at most once per `ServerConfig.log_interval` each.
-LIMIT_REASONS = frozenset(DROP_REASONS[:5])
+LIMIT_REASONS = frozenset(DROP_REASONS[:6])
+#: Answers of group requests kept in memory (loaded from the store, which
+#: keeps each client instance's latest): a request sent again is answered
+#: again, not done twice.
+MAX_GROUP_ANSWERS = 100_000
 DUPLICATE_ID_TEXT = (
     "this message id was already used for another message; your client's store was "
     "probably copied or restored"
 )
+
+
+class _GroupNotices:
+    """The handle of a GROUP_DELIVEREDS: the (message id, member key) pairs
+    it tells, dropped from the sender's queue once its client acks it."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[tuple[MsgId, str]]) -> None:
+        self.items = items
 
 
 def chunk_cost(chunks: list[Stream]) -> tuple[int, int, int, bool]:
@@ -340,6 +394,17 @@ class Relay:
         self.short_of_memory = False
         self._memory_logged = -1e18
         self._full_logged = -1e18  # the last "server is full" line
+        # Groups: the table of groups and members (server_groups), the
+        # answers of requests made, group messages taken and not committed
+        # yet (dedup key -> (group_seq, recipients)), the pass's "delivered
+        # by" receipts per session, and the senders with some queued.
+        self.groups = GroupTable(cfg.max_group_members)
+        self._group_answers: dict[RequestKey, tuple[int, str]] = {}
+        self._group_pending: dict[tuple[str, int, int], tuple[int, int]] = {}
+        self._group_delivereds: dict[
+            bytes, tuple[Session, dict[tuple[str, str, str], list[MsgId]]]
+        ] = {}
+        self._group_senders: set[str] = set()
         self._load(self.store.load())
         self._reserve_at = self.store.reserve_ids(self._next_msg_id)  # when to ask again
         # The wall clock is only for timestamps people see (`sent_ms`): what
@@ -379,6 +444,7 @@ class Relay:
                 notices += waiting
         log.info("loaded %d accounts; %d messages and %d receipts wait on the disk",
                  len(loaded.accounts), messages, notices)  # fmt: skip
+        self._load_groups(loaded)
 
     # --- the loop's API ---------------------------------------------------
 
@@ -600,6 +666,15 @@ class Relay:
             self.stats["withheld_output"] += 1
             self.drops("output cap: input waits for acks", session.addr, now, session.user.name)
             return False
+        fanout = session.user.fanout_bucket
+        if sends and fanout is not None and not fanout.ready(1, now):
+            # In debt to the fan-out budget (a group message's copies are
+            # paid when it is taken): new messages wait until it refills.
+            self.stats["withheld_fanout"] += 1
+            self.drops("fan-out budget: messages wait", session.addr, now, session.user.name)
+            self._tell_limited(session, "your group messages exceed the server's fan-out budget; "
+                               "messages are delayed", now)  # fmt: skip
+            return False
         if sends and self.short_of_memory:
             self.stats["withheld_memory"] += 1
             self.drops("short of memory: messages wait", session.addr, now, session.user.name)
@@ -691,6 +766,9 @@ class Relay:
             if handle == ACCOUNT_GONE:
                 session.closing = True  # its client knows: ended after this flush
                 self._dirty[session.session_id] = session
+                return
+            if isinstance(handle, _GroupNotices):
+                self._group_receipts_acked(session, handle)
                 return
             done = [handle] if isinstance(handle, MsgId) else handle
             if isinstance(done, list) and session.receipts is not None:
@@ -888,6 +966,7 @@ class Relay:
         if user.notice_count:
             session.receipts = Pager(behind=True, missed=self._next_msg_id - 1)
             self._page_receipts(session)
+        self._start_groups(session)
         self._announce(user, online=True)
         self._dirty[session_id] = session
 
@@ -911,6 +990,7 @@ class Relay:
         # What it was handed and did not acknowledge stays on the disk for
         # the next login; the memory goes with the session.
         session.mail = session.receipts = None
+        session.group_mail = session.group_receipts = None
 
     # --- chat ---------------------------------------------------------------
 
@@ -932,6 +1012,8 @@ class Relay:
             self._on_change_password(session, message, now)
         elif isinstance(message, DeleteAccount):
             self._on_delete_account(session, message, now)
+        elif isinstance(message, GroupRequest):
+            self._on_group_request(session, message)
         elif isinstance(message, Logout):
             log.info("%s logged out", session.user.name)
             session.closing = True  # ended after this flush, which acks the LOGOUT
@@ -948,7 +1030,10 @@ class Relay:
         to_key = self._recipient_keys.get(send.to)
         if to_key is None:
             try:
-                to_key = name_key(normalize_name(send.to))
+                if is_group_address(send.to):  # '#' and the group's key: its own namespace
+                    to_key = "#" + name_key(normalize_name(send.to[1:]))
+                else:
+                    to_key = name_key(normalize_name(send.to))
             except LocalProtocolError as exc:
                 self._fail(session, send.msg_id, ErrorCode.INVALID_NAME, str(exc))
                 return
@@ -998,6 +1083,9 @@ class Relay:
         # A retry of a message we already hold: the same answer, no second
         # copy; it is still on its way to the disk, so the answer waits too.
         msg_id = send.msg_id
+        if to_key[0] == "#":
+            self._group_accept_again(user, msg_id, server_msg_id)
+            return
         self.store.submit(Sync(), lambda: self._accept(user, msg_id, server_msg_id, None))
 
     def _dedup_found(self, user: User, dedup: tuple[str, int, int], read: Read) -> None:
@@ -1019,12 +1107,18 @@ class Relay:
             server_msg_id, digest = read.result
             # Keys stored before digests were kept take any content, as before.
             if digest is None or digest == content_digest(to_key, send.text):
-                self._queue_accept(session, send.msg_id, server_msg_id)
+                if to_key[0] == "#":
+                    self._group_accept_again(user, send.msg_id, server_msg_id)
+                else:
+                    self._queue_accept(session, send.msg_id, server_msg_id)
             else:
                 self._fail(session, send.msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
 
     def _take(self, session: Session, send: Send, to_key: str) -> None:
         """A new message: check it, number it, store it, offer it."""
+        if to_key[0] == "#":
+            self._take_group(session, send, to_key)
+            return
         user = session.user
         size = len(send.text.encode("utf-8"))
         if size > MAX_TEXT_BYTES:
@@ -1177,6 +1271,8 @@ class Relay:
                     continue
                 for ids in batches(msg_ids):
                     self._send(session, Delivereds(to, tuple(ids)), handle=ids)
+        if self._group_delivereds:
+            self._send_group_delivereds()
 
     # --- mailboxes and receipts: on the disk, handed over a window at a time ---
 
@@ -1246,8 +1342,10 @@ class Relay:
         pager = session.mail
         entry = pager.items.pop(server_msg_id, None) if pager is not None else None
         if pager is None or entry is None:
-            # A repeated receipt, or one for a message handed to an earlier
-            # session: it stays on the disk, comes again and is receipted again.
+            # A group entry's, or a repeated receipt, or one for a message
+            # handed to an earlier session: it stays on the disk, comes again
+            # and is receipted again.
+            self._on_group_receipt(session, server_msg_id)
             return
         user = session.user
         pager.bytes -= entry.size
@@ -1611,6 +1709,673 @@ class Relay:
             session.scheduled = deadline
             heapq.heappush(self._timers, (deadline, next(self._tiebreak), session.session_id))
 
+    # --- groups (issue 14; the rules and the sequence are server_groups.py's) ---
+    #
+    # An entry (a message or a membership change) takes its place in its
+    # group's sequence on the loop (`GroupTable.next_seq`), is stored once
+    # (`StoreGroupItem`), and only once that commit is durable is it handed
+    # to the members online (`_fan_out`) and the sender told (GROUP_ACCEPT,
+    # GROUP_RESULT): no member ever sees an entry a crash could renumber.
+    # Members offline, or behind, page the log from their cursor at login,
+    # like a mailbox. A member's receipt of seq k moves their cursor to k
+    # and queues "delivered by" receipts for the senders of the messages.
+
+    def _load_groups(self, loaded: Loaded) -> None:
+        for stored in loaded.groups:
+            group = Group(stored.key, stored.name, stored.owner_key, stored.seq)
+            for m in stored.members:
+                member = Member(m.key, m.name, m.joined_seq, m.rank, m.left_seq, m.cursor)
+                if m.left_seq is None:
+                    group.members[m.key] = member
+                elif not member.caught_up:
+                    group.former[m.key] = member
+            if group.members:
+                self.groups.restore(group)
+        for key, answer in loaded.group_requests.items():
+            self._remember_answer(key, answer)
+        self._group_senders.update(loaded.group_notice_senders)
+        if loaded.groups:
+            log.info("loaded %d groups", len(self.groups))
+
+    def _remember_answer(self, key: RequestKey, answer: tuple[int, str]) -> None:
+        answers = self._group_answers
+        answers[key] = answer
+        if len(answers) > MAX_GROUP_ANSWERS:
+            del answers[next(iter(answers))]
+
+    def _group_stream(self, group: Group) -> int:
+        return conversation_stream(group_address(group.name))
+
+    def _on_group_request(self, session: Session, request: GroupRequest) -> None:
+        user = session.user
+        instance = (user.key, session.instance_id)
+        if self._lookups and any(key == user.key for key, _ in self._lookups):
+            # A SEND before it waits for the disk (its dedup lookup): the
+            # request waits behind it, as the client sent them (a message,
+            # then leaving the group), and later SENDs wait behind the request.
+            self._lookups[instance] += 1
+            self.store.submit(Sync(), functools.partial(self._deferred_request, session, request))
+            return
+        self._group_request(session, request)
+
+    def _deferred_request(self, session: Session, request: GroupRequest) -> None:
+        instance = (session.user.key, session.instance_id)
+        self._lookups[instance] -= 1
+        if self._lookups[instance] <= 0:
+            del self._lookups[instance]
+        if self.sessions.get(session.session_id) is session:
+            self._group_request(session, request)
+
+    def _group_request(self, session: Session, request: GroupRequest) -> None:
+        user = session.user
+        key = (user.key, session.instance_id, request.request_id)
+        stream = CONTROL_STREAM
+        if request.action != GroupAction.LIST:
+            stream = conversation_stream(group_address(request.group.removeprefix("#")))
+        known = self._group_answers.get(key)
+        if known is not None:
+            # Asked again (a new session of the same client): the same
+            # answer, once what it changed is durable; nothing done twice.
+            code, text = known
+            self.store.submit(Sync(), functools.partial(
+                self._group_result, user, key, code, text, stream))  # fmt: skip
+            return
+        try:
+            match request.action:
+                case GroupAction.CREATE:
+                    self._group_create(session, request, key)
+                case GroupAction.ADD:
+                    self._group_add(session, request, key)
+                case GroupAction.REMOVE:
+                    self._group_remove(session, request, key)
+                case GroupAction.LEAVE:
+                    group = self.groups.member_of(request.group, user.key)
+                    self._group_leave(group, user, key)
+                case GroupAction.MEMBERS:
+                    self._group_members(session, request)
+                case GroupAction.LIST:
+                    self._group_list(session, request)
+                case _:
+                    raise GroupRefused(ErrorCode.SERVER_ERROR,
+                                       f"unknown group action {request.action}")  # fmt: skip
+        except GroupRefused as exc:
+            self.stats["group_refused"] += 1
+            self._send(session, GroupResult(request.request_id, int(exc.code), exc.message),
+                       stream=stream)  # fmt: skip
+
+    def _group_result(self, user: User, key: RequestKey, code: int, text: str,
+                      stream: int) -> None:  # fmt: skip
+        """Answer a request, to the client instance that asked (a later
+        session of it, if it logged in again meanwhile)."""
+        session = self.router.locate(user)
+        if isinstance(session, Session) and session.instance_id == key[1]:
+            self._send(session, GroupResult(key[2], code, text), stream=stream)
+
+    def _resolve(self, names: tuple[str, ...], skip: str) -> list[tuple[str, str]]:
+        """The accounts named in a request as (key, name), each once, in
+        order, without `skip` (the one asking)."""
+        self.groups.check_users(names)
+        found: dict[str, str] = {}
+        for text in names:
+            try:
+                key = name_key(normalize_name(text))
+            except LocalProtocolError as exc:
+                raise GroupRefused(ErrorCode.INVALID_NAME, str(exc)) from None
+            user = self.users.get(key)
+            if user is None:
+                raise GroupRefused(ErrorCode.NO_SUCH_USER, f"there is no user {text!r}")
+            if key != skip:
+                found.setdefault(key, user.name)
+        return list(found.items())
+
+    def _group_item(self, group: Group, seq: int, change: GroupChange, by: User,
+                    users: tuple[str, ...]) -> GroupItem:  # fmt: skip
+        return GroupItem(group.key, seq, self._new_id(), int(change), by.key, by.name, 0, 0, "",
+                         users, int(self._wall_clock() * 1000), len(group.members))  # fmt: skip
+
+    def _group_create(self, session: Session, request: GroupRequest, key: RequestKey) -> None:
+        user = session.user
+        name, group_key = self.groups.check_create(request.group)
+        others = self._resolve(request.users, user.key)
+        self.groups.check_room(1, len(others))
+        group, seq = self.groups.create(name, group_key, (user.key, user.name), others)
+        names = tuple(m.name for m in group.members.values())
+        item = self._group_item(group, seq, GroupChange.CREATED, user, names)
+        joined = tuple((m.key, m.name, m.rank) for m in group.members.values())
+        log.info("%s created group #%s with %d members", user.name, name, len(names))
+        self._store_change(group, [(item, joined, ())], key, f"created #{name}")
+
+    def _group_add(self, session: Session, request: GroupRequest, key: RequestKey) -> None:
+        user = session.user
+        group = self.groups.member_of(request.group, user.key)
+        new = [(k, n) for k, n in self._resolve(request.users, user.key)
+               if k not in group.members]  # fmt: skip
+        if not new:
+            self._send(session, GroupResult(request.request_id, 0, "already members"),
+                       stream=self._group_stream(group))  # fmt: skip
+            return
+        self.groups.check_room(len(group.members), len(new))
+        seq = self.groups.add(group, new)
+        item = self._group_item(group, seq, GroupChange.ADDED, user, tuple(n for _, n in new))
+        joined = tuple((k, n, group.members[k].rank) for k, n in new)
+        self._store_change(group, [(item, joined, ())], key, f"added to #{group.name}")
+
+    def _group_remove(self, session: Session, request: GroupRequest, key: RequestKey) -> None:
+        user = session.user
+        group = self.groups.member_of(request.group, user.key)
+        if group.owner != user.key:
+            raise GroupRefused(ErrorCode.NOT_OWNER, f"only the owner of #{group.name}, "
+                               f"{group.owner_name()}, removes members")  # fmt: skip
+        self.groups.check_users(request.users)
+        keys: list[str] = []
+        for text in request.users:
+            try:
+                member_key = name_key(normalize_name(text))
+            except LocalProtocolError as exc:
+                raise GroupRefused(ErrorCode.INVALID_NAME, str(exc)) from None
+            if member_key not in group.members:
+                raise GroupRefused(ErrorCode.NOT_A_MEMBER,
+                                   f"{text!r} is not a member of #{group.name}")  # fmt: skip
+            if member_key not in keys:
+                keys.append(member_key)
+        if user.key in keys:
+            # Removing yourself is leaving (alone; beside others, only they go).
+            keys.remove(user.key)
+            if not keys:
+                self._group_leave(group, user, key)
+                return
+        names = tuple(group.members[k].name for k in keys)
+        seq = self.groups.remove(group, keys)
+        item = self._group_item(group, seq, GroupChange.REMOVED, user, names)
+        item.recipients = len(group.members) + len(keys)  # those who see it: they too
+        changes: list[tuple[GroupItem, tuple[tuple[str, str, int], ...], tuple[str, ...]]]
+        changes = [(item, (), tuple(keys))]
+        self._store_change(group, changes, key, f"removed from #{group.name}")
+
+    def _group_leave(self, group: Group, user: User, key: RequestKey) -> None:
+        changes = self._leave_items(group, user)
+        if changes:
+            self._store_change(group, changes, key, f"left #{group.name}")
+            return
+        # The last member left: the group ends. The leaver is told (a
+        # GROUP_EVENT, outside any sequence now) and its rows go.
+        seq = self.groups.next_seq(group)
+        item = self._group_item(group, seq, GroupChange.LEFT, user, ())
+        self.groups.end(group)
+        log.info("group #%s ended: its last member left", group.name)
+        self.stats["groups_ended"] += 1
+        self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
+        stream = self._group_stream(group)
+        self.store.submit(
+            EndGroup(group.key, (key, 0, f"left #{group.name}; it has ended")),
+            functools.partial(self._group_ended, group, user, item, key, stream),
+        )
+
+    def _group_ended(self, group: Group, user: User, item: GroupItem, key: RequestKey,
+                     stream: int) -> None:  # fmt: skip
+        session = self.router.locate(user)
+        if isinstance(session, Session):
+            mail = session.group_mail
+            if mail is not None:
+                self._drop_pager(mail, group.key)
+            self._send(session, self._group_message(group, item), stream=stream)
+        self._group_result(user, key, 0, f"left #{group.name}; it has ended", stream)
+
+    def _leave_items(
+        self, group: Group, user: User
+    ) -> list[tuple[GroupItem, tuple[tuple[str, str, int], ...], tuple[str, ...]]]:
+        """`user` leaves `group`: the LEFT entry, and the OWNER entry if
+        ownership passes; [] (nothing done) if they are its last member."""
+        if len(group.members) == 1:
+            return []
+        seq, new_owner = self.groups.leave(group, user.key)
+        item = self._group_item(group, seq, GroupChange.LEFT, user, ())
+        item.recipients = len(group.members) + 1
+        changes: list[tuple[GroupItem, tuple[tuple[str, str, int], ...], tuple[str, ...]]]
+        changes = [(item, (), (user.key,))]
+        if new_owner is not None:
+            heir = group.members[new_owner]
+            seq = self.groups.next_seq(group)
+            changes.append((self._group_item(group, seq, GroupChange.OWNER, user, (heir.name,)),
+                            (), ()))  # fmt: skip
+            log.info("#%s: %s left; %s owns it now", group.name, user.name, heir.name)
+        return changes
+
+    def _store_change(
+        self, group: Group,
+        changes: list[tuple[GroupItem, tuple[tuple[str, str, int], ...], tuple[str, ...]]],
+        key: RequestKey, text: str,
+    ) -> None:  # fmt: skip
+        """Store a request's entries (the answer with the last), then hand
+        them out and answer it."""
+        self._remember_answer(key, (0, text))
+        self.stats["group_changes"] += len(changes)
+        stream = self._group_stream(group)
+        for index, (item, joined, left) in enumerate(changes):
+            last = index == len(changes) - 1
+            user = self.users[item.sender_key]
+            op = StoreGroupItem(item, group.name, group.owner, joined, left,
+                                (key, 0, text) if last else None)  # fmt: skip
+            then = functools.partial(self._change_committed, group, item, user, key, text, stream,
+                                     last)  # fmt: skip
+            self.store.submit(op, then)
+
+    def _change_committed(self, group: Group, item: GroupItem, user: User, key: RequestKey,
+                          text: str, stream: int, answer: bool) -> None:  # fmt: skip
+        self._fan_out(group, item)
+        if answer:
+            self._group_result(user, key, 0, text, stream)
+
+    def _group_members(self, session: Session, request: GroupRequest) -> None:
+        group = self.groups.member_of(request.group, session.user.key)
+        names = [m.name for m in group.members.values()]
+        pages = [names[i : i + GROUP_PAGE_MAX] for i in range(0, len(names), GROUP_PAGE_MAX)]
+        for index, page in enumerate(pages):
+            more = index < len(pages) - 1
+            self._send(
+                session,
+                GroupInfo(request.request_id, group.name, group.owner_name(), tuple(page), more),
+                stream=self._group_stream(group),
+            )
+
+    def _group_list(self, session: Session, request: GroupRequest) -> None:
+        names = [g.name for g in self.groups.user_groups(session.user.key)]
+        pages = [names[i : i + GROUP_PAGE_MAX] for i in range(0, len(names), GROUP_PAGE_MAX)]
+        for index, page in enumerate(pages or [[]]):
+            more = index < len(pages) - 1
+            self._send(session, GroupList(request.request_id, tuple(page), more))
+
+    # --- group messages -------------------------------------------------------
+
+    def _take_group(self, session: Session, send: Send, to_key: str) -> None:
+        """A new message to a group (`to_key` is '#' + the group's key)."""
+        user = session.user
+        size = len(send.text.encode("utf-8"))
+        if size > MAX_TEXT_BYTES:
+            self._fail(session, send.msg_id, ErrorCode.TOO_LONG, f"{size} bytes is over the limit")
+            return
+        group = self.groups.get(to_key[1:])
+        if group is None:
+            self._fail(session, send.msg_id, ErrorCode.NO_SUCH_GROUP,
+                       f"there is no group {send.to}")  # fmt: skip
+            return
+        if user.key not in group.members:
+            self._fail(session, send.msg_id, ErrorCode.NOT_A_MEMBER,
+                       f"you are not a member of #{group.name}")  # fmt: skip
+            return
+        msg_id = send.msg_id
+        instance_id, client_seq = msg_id
+        dedup = (user.key, instance_id, client_seq)
+        server_msg_id = self._new_id()
+        seq = self.groups.next_seq(group)
+        recipients = len(group.members) - 1
+        self._accepted[dedup] = (server_msg_id, to_key, send.text)
+        self._group_pending[dedup] = (seq, recipients)
+        if instance_id == session.instance_id:
+            instance = (user.key, instance_id)
+            if client_seq > self._hwm.get(instance, -1):
+                self._hwm[instance] = client_seq
+        # The fan-out budget: the copies are paid now; a user in debt has
+        # their next messages wait (`_may_take`).
+        bucket = user.fanout_bucket
+        if bucket is None:
+            cfg = self.config
+            bucket = user.fanout_bucket = TokenBucket(cfg.max_fanout_rate, cfg.max_fanout_burst,
+                                                      self._now)  # fmt: skip
+        bucket.ready(0, self._now)  # brings it up to date
+        bucket.spend(recipients)
+        self.stats["group_messages"] += 1
+        item = GroupItem(group.key, seq, server_msg_id, 0, user.key, user.name, instance_id,
+                         client_seq, send.text, (), int(self._wall_clock() * 1000),
+                         recipients)  # fmt: skip
+        self.store.submit(
+            StoreGroupItem(item, group.name, group.owner),
+            functools.partial(self._group_message_committed, group, item, dedup),
+        )
+
+    def _group_message_committed(self, group: Group, item: GroupItem,
+                                 dedup: tuple[str, int, int]) -> None:  # fmt: skip
+        self._accepted.pop(dedup, None)
+        self._group_pending.pop(dedup, None)
+        sender = self.users.get(item.sender_key)
+        if sender is not None:
+            session = self.router.locate(sender)
+            if isinstance(session, Session):
+                msg_id = MsgId(item.instance_id, item.client_seq)
+                self._send(session, GroupAccept(msg_id, item.server_msg_id, item.group_seq,
+                                                item.recipients))  # fmt: skip
+        self._fan_out(group, item)
+
+    def _group_accept_again(self, user: User, msg_id: MsgId, server_msg_id: int) -> None:
+        """A group message sent again after it was accepted: the same
+        GROUP_ACCEPT, its place and count read back from the log."""
+        pending = self._group_pending.get((user.key, *msg_id))
+        if pending is not None:
+            seq, recipients = pending
+            self.store.submit(Sync(), functools.partial(
+                self._send_group_accept, user, msg_id, server_msg_id, seq, recipients))  # fmt: skip
+            return
+        read = Read(FindGroupItem(server_msg_id))
+
+        def found() -> None:
+            seq, recipients = read.result if read.ok and read.result is not None else (0, 0)
+            if read.ok:  # (0, 0): its group has ended since; it was accepted all the same
+                self._send_group_accept(user, msg_id, server_msg_id, seq, recipients)
+
+        self.store.submit(read, found)
+
+    def _send_group_accept(self, user: User, msg_id: MsgId, server_msg_id: int, seq: int,
+                           recipients: int) -> None:  # fmt: skip
+        session = self.router.locate(user)
+        if isinstance(session, Session):
+            self._send(session, GroupAccept(msg_id, server_msg_id, seq, recipients))
+
+    def _group_message(self, group: Group, item: GroupItem) -> GroupDeliver | GroupEvent:
+        if item.change:
+            return GroupEvent(item.server_msg_id, item.group_seq, group.name, item.change,
+                              item.sender, item.users, item.sent_ms)  # fmt: skip
+        return GroupDeliver(item.server_msg_id, item.group_seq,
+                            MsgId(item.instance_id, item.client_seq), group.name, item.sender,
+                            item.text, item.sent_ms)  # fmt: skip
+
+    def _fan_out(self, group: Group, item: GroupItem) -> None:
+        """A committed entry to every member online it is for (one encoding
+        for all of them); the others get it from the log later."""
+        if self.groups.get(group.key) is not group:
+            return  # ended meanwhile
+        payload = encode_message(self._group_message(group, item))
+        stream = self._group_stream(group)
+        seq = item.group_seq
+        size = len(item.text.encode("utf-8")) if item.text else 0
+        copies = 0
+        for member in group.audience(seq):
+            if not item.change and member.key == item.sender_key:
+                self._pass_own(group, member, seq)
+                continue
+            user = self.users.get(member.key)
+            if user is None:
+                continue
+            route = self.router.locate(user)
+            if isinstance(route, Session):
+                copies += self._offer_group(route, group, member, item, payload, stream, size)
+        self.stats["group_copies"] += copies
+
+    def _group_pager(self, session: Session, group: Group,
+                     member: Member) -> tuple[GroupMail, Pager[int, GroupEntry]]:  # fmt: skip
+        mail = session.group_mail
+        if mail is None:
+            mail = session.group_mail = GroupMail()
+        pager = mail.pagers.get(group.key)
+        if pager is None:
+            pager = mail.pagers[group.key] = Pager(behind=False)
+            pager.cursor = member.cursor
+        return mail, pager
+
+    def _offer_group(self, session: Session, group: Group, member: Member, item: GroupItem,
+                     payload: bytes, stream: int, size: int) -> int:  # fmt: skip
+        """Hand an entry over now if nothing of the group waits before it
+        and the window has room (1); else it waits in the log (0)."""
+        mail, pager = self._group_pager(session, group, member)
+        seq = item.group_seq
+        if seq <= pager.cursor:
+            return 0  # a page has handed it already
+        if not pager.behind and seq > pager.cursor + 1 and member.cursor < seq - 1:
+            # Entries between what it had and this one are in the log.
+            pager.behind = True
+        if not pager.behind and (
+            not mail.count
+            or (mail.count < MAILBOX_WINDOW and mail.bytes + size <= MAILBOX_WINDOW_BYTES)
+        ):
+            self._hand_group(session, mail, pager, group, item, size, payload, stream)
+            return 1
+        pager.behind = True
+        pager.missed = max(pager.missed, seq)
+        self._page_group(session, group)
+        return 0
+
+    def _hand_group(self, session: Session, mail: GroupMail, pager: Pager[int, GroupEntry],
+                    group: Group, item: GroupItem, size: int, payload: bytes,
+                    stream: int) -> None:  # fmt: skip
+        msg_id = None if item.change else MsgId(item.instance_id, item.client_seq)
+        pager.items[item.group_seq] = GroupEntry(item.group_seq, item.server_msg_id,
+                                                 item.sender_key, msg_id, size)  # fmt: skip
+        pager.cursor = item.group_seq
+        mail.ids[item.server_msg_id] = (group.key, item.group_seq)
+        mail.count += 1
+        mail.bytes += size
+        session.conn.send(payload, stream)
+        self._dirty[session.session_id] = session
+
+    def _pass_own(self, group: Group, member: Member, seq: int) -> None:
+        """The sender's own message: nothing to hand them, but their cursor
+        may pass it (when they have everything before it), so that a login
+        does not read it again."""
+        if member.cursor == seq - 1:
+            member.cursor = seq
+            self.store.submit(GroupReceipt(group.key, member.key, seq))
+        user = self.users.get(member.key)
+        session = self.router.locate(user) if user is not None else None
+        if isinstance(session, Session) and session.group_mail is not None:
+            pager = session.group_mail.pagers.get(group.key)
+            if pager is not None and not pager.behind and pager.cursor == seq - 1:
+                pager.cursor = seq
+
+    def _page_group(self, session: Session, group: Group) -> None:
+        """Read the next page of a group's log for the session if it is
+        behind there and the window has room enough."""
+        mail = session.group_mail
+        pager = mail.pagers.get(group.key) if mail is not None else None
+        if mail is None or pager is None or not pager.behind or pager.reading:
+            return
+        member = group.member(session.user.key)
+        if member is None:
+            self._drop_pager(mail, group.key)
+            return
+        free = MAILBOX_WINDOW - mail.count
+        free_bytes = MAILBOX_WINDOW_BYTES - mail.bytes
+        if mail.count and (free < PAGE_MIN or free_bytes < PAGE_MIN_BYTES):
+            return
+        pager.reading = True
+        last = member.left_seq if member.left_seq is not None else group.seq
+        after = max(pager.cursor, member.cursor)
+        read = Read(ReadGroupLog(group.key, after, last, max(1, free), free_bytes))
+        upto = group.seq  # every entry numbered so far was submitted before the read
+        self.store.submit(read, functools.partial(self._group_paged, session, group, pager, read,
+                                                  upto))  # fmt: skip
+
+    def _group_paged(self, session: Session, group: Group, pager: Pager[int, GroupEntry],
+                     read: Read, upto: int) -> None:  # fmt: skip
+        pager.reading = False
+        mail = session.group_mail
+        if mail is None or mail.pagers.get(group.key) is not pager or not read.ok:
+            return  # the session ended (the next login reads again), or the read failed
+        member = group.member(session.user.key)
+        if self.groups.get(group.key) is not group or member is None:
+            self._drop_pager(mail, group.key)
+            return
+        items: list[GroupItem]
+        items, more = read.result
+        stream = self._group_stream(group)
+        for item in items:
+            if item.group_seq <= pager.cursor or not member.sees(item.group_seq):
+                continue
+            if not item.change and item.sender_key == member.key:
+                pager.cursor = item.group_seq  # passed: nothing to hand its sender
+                if not pager.items:
+                    self._pass_own(group, member, item.group_seq)
+                continue
+            size = len(item.text.encode("utf-8")) if item.text else 0
+            payload = encode_message(self._group_message(group, item))
+            self._hand_group(session, mail, pager, group, item, size, payload, stream)
+        if not more and pager.missed <= max(pager.cursor, upto):
+            pager.behind = False
+        else:
+            self._page_group(session, group)
+
+    def _drop_pager(self, mail: GroupMail, group_key: str) -> None:
+        pager = mail.pagers.pop(group_key, None)
+        if pager is None:
+            return
+        for entry in pager.items.values():
+            mail.ids.pop(entry.server_msg_id, None)
+            mail.count -= 1
+            mail.bytes -= entry.size
+
+    def _on_group_receipt(self, session: Session, server_msg_id: int) -> bool:
+        """A member's client has a group entry, and so everything of that
+        group handed before it: its cursor moves, and the senders of the
+        messages among them hear who has them. False: not a group entry."""
+        mail = session.group_mail
+        where = mail.ids.get(server_msg_id) if mail is not None else None
+        if mail is None or where is None:
+            return False
+        group_key, seq = where
+        pager = mail.pagers[group_key]
+        done: list[GroupEntry] = []
+        for entry_seq in list(pager.items):  # in seq order: handed in order
+            if entry_seq > seq:
+                break
+            entry = pager.items.pop(entry_seq)
+            mail.ids.pop(entry.server_msg_id, None)
+            mail.count -= 1
+            mail.bytes -= entry.size
+            done.append(entry)
+        group = self.groups.get(group_key)
+        member = group.member(session.user.key) if group is not None else None
+        if group is None or member is None:
+            self._drop_pager(mail, group_key)
+            return True
+        user = session.user
+        notices = []
+        for entry in done:
+            if entry.msg_id is not None and entry.sender_key != user.key:
+                notice_seq = self._new_id()
+                notices.append((entry.sender_key, entry.msg_id.instance_id,
+                                entry.msg_id.client_seq, user.key, user.name, group.name,
+                                notice_seq))  # fmt: skip
+        if seq > member.cursor:
+            member.cursor = seq
+        self.store.submit(GroupReceipt(group_key, user.key, seq, tuple(notices)))
+        for sender_key, instance_id, client_seq, _, _, _, notice_seq in notices:
+            self._tell_group_sender(sender_key, MsgId(instance_id, client_seq), user, group,
+                                    notice_seq)  # fmt: skip
+        if member.caught_up and self.groups.forget_former(group, member):
+            self.store.submit(DropMember(group_key, user.key))
+            self._drop_pager(mail, group_key)
+            return True
+        for other_key, other in list(mail.pagers.items()):  # the window has room again
+            if other.behind and not other.reading:
+                other_group = self.groups.get(other_key)
+                if other_group is not None:
+                    self._page_group(session, other_group)
+        return True
+
+    def _tell_group_sender(self, sender_key: str, msg_id: MsgId, by: User, group: Group,
+                           seq: int) -> None:  # fmt: skip
+        sender = self.users.get(sender_key)
+        if sender is None:
+            return
+        self._group_senders.add(sender_key)
+        route = self.router.locate(sender)
+        if isinstance(route, Session):
+            self._offer_group_receipt(route, msg_id, by.key, by.name, group.name, seq)
+
+    def _offer_group_receipt(self, session: Session, msg_id: MsgId, by_key: str, by: str,
+                             group: str, seq: int) -> None:  # fmt: skip
+        pager = session.group_receipts
+        if pager is None:
+            pager = session.group_receipts = Pager(behind=False)
+        key = (msg_id, by_key)
+        if key in pager.items:
+            return
+        late = seq < pager.cursor
+        if late or (not pager.behind and len(pager.items) < NOTICE_WINDOW):
+            pager.items[key] = seq
+            pager.cursor = max(pager.cursor, seq)
+            entry = self._group_delivereds.get(session.session_id)
+            if entry is None:
+                entry = self._group_delivereds[session.session_id] = (session, {})
+            entry[1].setdefault((group, by, by_key), []).append(msg_id)
+            return
+        pager.behind = True
+        pager.missed = max(pager.missed, seq)
+        self._page_group_receipts(session)
+
+    def _page_group_receipts(self, session: Session) -> None:
+        pager = session.group_receipts
+        if pager is None or not pager.behind or pager.reading:
+            return
+        free = NOTICE_WINDOW - len(pager.items)
+        if pager.items and free < NOTICE_PAGE_MIN:
+            return
+        pager.reading = True
+        read = Read(ReadGroupNotices(session.user.key, pager.cursor, max(1, free)))
+        upto = self._next_msg_id - 1
+        self.store.submit(read, functools.partial(self._group_receipts_paged, session, pager,
+                                                  read, upto))  # fmt: skip
+
+    def _group_receipts_paged(self, session: Session, pager: Pager[tuple[MsgId, str], int],
+                              read: Read, upto: int) -> None:  # fmt: skip
+        pager.reading = False
+        if session.group_receipts is not pager or not read.ok:
+            return
+        rows: list[GroupNoticeRow]
+        rows, more = read.result
+        for seq, instance_id, client_seq, group, by, by_key in rows:
+            msg_id = MsgId(instance_id, client_seq)
+            if seq > pager.cursor and (msg_id, by_key) not in pager.items:
+                pager.items[(msg_id, by_key)] = seq
+                pager.cursor = seq
+                entry = self._group_delivereds.get(session.session_id)
+                if entry is None:
+                    entry = self._group_delivereds[session.session_id] = (session, {})
+                entry[1].setdefault((group, by, by_key), []).append(msg_id)
+        if not more and pager.missed <= max(pager.cursor, upto):
+            pager.behind = False
+        else:
+            self._page_group_receipts(session)
+
+    def _group_receipts_acked(self, session: Session, done: _GroupNotices) -> None:
+        """The sender's client holds these "delivered by" receipts."""
+        pager = session.group_receipts
+        if pager is None:
+            return
+        user = session.user
+        for msg_id, by_key in done.items:
+            if pager.items.pop((msg_id, by_key), None) is None:
+                continue
+            self.store.submit(GroupNoticeDone(user.key, msg_id.instance_id, msg_id.client_seq,
+                                              by_key))  # fmt: skip
+        self._page_group_receipts(session)
+
+    def _send_group_delivereds(self) -> None:
+        """The pass's "delivered by" receipts: one GROUP_DELIVEREDS per
+        (session, group, member), up to BATCH_MAX message ids each."""
+        delivereds, self._group_delivereds = self._group_delivereds, {}
+        for session, by_member in delivereds.values():
+            if self.sessions.get(session.session_id) is not session:
+                continue
+            for (group, by, by_key), msg_ids in by_member.items():
+                for ids in batches(msg_ids):
+                    handle = _GroupNotices([(msg_id, by_key) for msg_id in ids])
+                    self._send(session, GroupDelivereds(group, by, tuple(ids)), handle=handle)
+
+    def _start_groups(self, session: Session) -> None:
+        """At login: page what waits in the user's groups since their
+        cursor, and the "delivered by" receipts queued for them."""
+        user = session.user
+        for group in self.groups.catching_up(user.key):
+            member = group.member(user.key)
+            if member is None or member.cursor >= group.seq:
+                continue
+            mail, pager = self._group_pager(session, group, member)
+            pager.behind = True
+            pager.missed = group.seq
+            self._page_group(session, group)
+        if user.key in self._group_senders:
+            session.group_receipts = Pager(behind=True, missed=self._next_msg_id - 1)
+            self._page_group_receipts(session)
+
 
 # --- the socket loop ----------------------------------------------------------
 
@@ -1917,7 +2682,8 @@ def gather_metrics(
         counter("chat_sent_bytes_total", "Bytes of UDP datagrams sent.", stats["bytes_out"]),
         labelled("chat_datagrams_dropped_total", "counter",
                  "Datagrams dropped, by reason; for the limits (pre_login_budget, "
-                 "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_...) "
+                 "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_..., "
+                 "fan_out_budget_...) "
                  "withheld unacknowledged: their clients send them again.", "reason",
                  [(label_value(reason), count) for reason, count in drops.items()]),
         gauge("chat_reassembly_bytes", "Bytes of long messages held for reassembly, all "
@@ -1927,6 +2693,11 @@ def gather_metrics(
         gauge("chat_short_of_memory", "1 while resident memory is over --max-memory (new "
               "messages wait), else 0.", int(relay.short_of_memory)),  # fmt: skip
         gauge("chat_max_memory_bytes", "--max-memory, in bytes.", relay.config.max_memory),
+        gauge("chat_groups", "Groups (issue 14) that exist.", len(relay.groups)),
+        counter("chat_group_messages_total", "Messages to groups taken (each stored once).",
+                stats["group_messages"]),  # fmt: skip
+        counter("chat_group_copies_total", "Group messages and membership changes handed to "
+                "members online (copies of the fan-out).", stats["group_copies"]),  # fmt: skip
     ]  # fmt: skip
     if resident is not None:
         families.append(gauge("process_resident_memory_bytes", "Resident memory of the "
@@ -2098,6 +2869,17 @@ def build_parser() -> argparse.ArgumentParser:
         "this many days, so nobody inherits its conversations at once; 0: free at once "
         "(default %(default)g)",
     )  # fmt: skip
+    # Groups (issue 14).
+    parser.add_argument(
+        "--max-group-members", type=at_least(2), default=ServerConfig().max_group_members,
+        metavar="N", help="members of one group at most; 2 or more (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-fanout-rate", type=positive, default=ServerConfig().max_fanout_rate,
+        metavar="N", help="copies of group messages per second one user may make the server "
+        "send (a message to N members is N - 1 copies); past it their messages wait, "
+        "unacknowledged; above 0 (default %(default)s; burst 2x)",
+    )  # fmt: skip
     return parser
 
 
@@ -2166,6 +2948,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     config.max_memory = args.max_memory << 20
     config.name_quarantine = args.name_quarantine * 86400
+    config.max_group_members = args.max_group_members
+    config.max_fanout_rate = args.max_fanout_rate
+    config.max_fanout_burst = 2 * args.max_fanout_rate
     config.preauth_total_rate = args.preauth_total_rate
     config.preauth_total_burst = 2 * args.preauth_total_rate
     # Every problem found at start-up is one line naming what is wrong and

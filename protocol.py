@@ -139,6 +139,12 @@ class ErrorCode(enum.IntEnum):
     # The account was deleted (the answer to a DELETE_ACCOUNT; the BYE to the
     # user's other sessions; the final `failed` reason of a message to it).
     ACCOUNT_DELETED = 27
+    # Groups (issue 14): see `GroupRequest` and the README's "Groups".
+    NO_SUCH_GROUP = 19  # no group of that name (it never existed or has ended)
+    NOT_A_MEMBER = 20  # the user is not a member of the group it posted to or asked about
+    GROUP_EXISTS = 21  # a group of that name exists already; pick another
+    GROUP_FULL = 22  # the group has its most members (--max-group-members)
+    NOT_OWNER = 23  # only the group's owner removes members
 
     @property
     def label(self) -> str:
@@ -1019,6 +1025,16 @@ class Kind(enum.IntEnum):
     CHANGE_PASSWORD = 27  # client -> server: proof of the old password, the new verifier
     DELETE_ACCOUNT = 28  # client -> server: proof of the password; erase the account
     ACCOUNT_RESULT = 29  # server -> client: how a CHANGE_PASSWORD / DELETE_ACCOUNT ended
+    # Groups: one sequence per group (`group_seq`) orders its messages and its
+    # membership changes alike, for every member.
+    GROUP_DELIVER = 19  # server -> member: a message to a group (receipted like a DELIVER)
+    GROUP_EVENT = 20  # server -> member: a membership change, in the group's order
+    GROUP_REQUEST = 21  # client -> server: create, add, remove, leave, members, list
+    GROUP_RESULT = 22  # server -> client: how a GROUP_REQUEST ended (0 or an ErrorCode)
+    GROUP_INFO = 23  # server -> client: a page of a group's owner and members
+    GROUP_LIST = 24  # server -> client: a page of the groups the user is in
+    GROUP_DELIVEREDS = 25  # server -> sender: one member has these group messages
+    GROUP_ACCEPT = 26  # server -> sender: a group message is stored for every member
 
 
 @dataclass(unsafe_hash=True)  # hot: see above
@@ -1213,6 +1229,166 @@ class AccountResult:
     message: str
 
 
+#: A group is written with this in front wherever a peer's name goes (`#team`),
+#: so a group and a user of the same name never collide; on the wire, in
+#: the group fields of the group messages, the name goes without it.
+GROUP_PREFIX = "#"
+#: Users named in one GROUP_REQUEST (create, add) at most: with names of up
+#: to 32 characters of 4 UTF-8 bytes each, the GROUP_EVENT that repeats them
+#: stays far inside one message (`reliability`'s 65 KiB). More are added in
+#: several requests.
+GROUP_REQUEST_USERS_MAX = 256
+#: Names in one GROUP_INFO or GROUP_LIST page at most, for the same reason:
+#: a group of 1,000 members is told in four pages.
+GROUP_PAGE_MAX = 256
+
+
+class GroupChange(enum.IntEnum):
+    """What a GROUP_EVENT reports; `.label` is its JSON spelling."""
+
+    CREATED = 1  # `by` created the group with `users` (the members, `by` first)
+    ADDED = 2  # `by` added `users`
+    REMOVED = 3  # `by` (the owner) removed `users`
+    LEFT = 4  # `by` left
+    OWNER = 5  # ownership passed to `users[0]` (the owner left)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class GroupAction(enum.IntEnum):
+    """What a GROUP_REQUEST asks for."""
+
+    CREATE = 1  # a new group named `group`, with the sender and `users` as members
+    ADD = 2  # add `users` (any member may)
+    REMOVE = 3  # remove `users` (the owner only)
+    LEAVE = 4  # the sender leaves
+    MEMBERS = 5  # answered with GROUP_INFO pages
+    LIST = 6  # answered with GROUP_LIST pages (`group` is "")
+
+
+def group_address(group: str) -> str:
+    """`team` as a peer name: `#team`."""
+    return GROUP_PREFIX + group
+
+
+def is_group_address(peer: str) -> bool:
+    """Whether a peer name (a SEND's `to`) names a group."""
+    return peer.startswith(GROUP_PREFIX)
+
+
+@dataclass(frozen=True)
+class GroupDeliver:
+    """A group message for one member. `server_msg_id` is in the same id
+    space as a DELIVER's and receipted the same way; `group_seq` is its place
+    in the group's one sequence."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_DELIVER
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "u64", "msgid", "str", "str", "text", "u64")
+    server_msg_id: int
+    group_seq: int
+    msg_id: MsgId
+    group: str  # without the '#'
+    sender: str
+    text: str
+    sent_ms: int  # server's wall clock when it accepted the message
+
+
+@dataclass(frozen=True)
+class GroupEvent:
+    """A membership change, in the group's sequence like a message and
+    receipted like one (`server_msg_id`). `change` is a `GroupChange`."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_EVENT
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "u64", "str", "u8", "str", "strs", "u64")
+    server_msg_id: int
+    group_seq: int
+    group: str
+    change: int
+    by: str
+    users: tuple[str, ...]
+    sent_ms: int
+
+
+@dataclass(frozen=True)
+class GroupRequest:
+    """A request about groups. `request_id` is new for each request of one
+    client instance; a request sent again with the same id (after a
+    re-login) is answered again and acted on once. `action` is a
+    `GroupAction`. Sent on the group's stream (LIST: the control stream)."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_REQUEST
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "u8", "str", "strs")
+    request_id: int
+    action: int
+    group: str  # without the '#'; "" for LIST
+    users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """How a GROUP_REQUEST ended: `code` 0 (done) or an `ErrorCode` number,
+    with a sentence for a person. A change that was made also arrives as a
+    GROUP_EVENT, in the group's order."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_RESULT
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "u8", "str")
+    request_id: int
+    code: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A page of the answer to MEMBERS: the owner and members in joining
+    order; `more` says further pages of this answer follow."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_INFO
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "str", "str", "strs", "bool")
+    request_id: int
+    group: str
+    owner: str
+    members: tuple[str, ...]
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class GroupList:
+    """A page of the answer to LIST: the groups the user is in."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_LIST
+    SPEC: ClassVar[tuple[str, ...]] = ("u64", "strs", "bool")
+    request_id: int
+    groups: tuple[str, ...]
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class GroupDelivereds:
+    """Member `by` of `group` has these messages of the sender on screen."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_DELIVEREDS
+    SPEC: ClassVar[tuple[str, ...]] = ("str", "str", "msgids")
+    group: str
+    by: str
+    msg_ids: tuple[MsgId, ...]
+
+
+@dataclass(frozen=True)
+class GroupAccept:
+    """Instead of an ACCEPT for a group message: it is stored for every
+    member. `recipients` counts the members other than the sender at its
+    place in the sequence (the N of "delivered 2 of N")."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_ACCEPT
+    SPEC: ClassVar[tuple[str, ...]] = ("msgid", "u64", "u64", "u32")
+    msg_id: MsgId
+    server_msg_id: int
+    group_seq: int
+    recipients: int
+
+
 Message = (
     Send
     | Accept
@@ -1235,6 +1411,14 @@ Message = (
     | ChangePassword
     | DeleteAccount
     | AccountResult
+    | GroupDeliver
+    | GroupEvent
+    | GroupRequest
+    | GroupResult
+    | GroupInfo
+    | GroupList
+    | GroupDelivereds
+    | GroupAccept
 )
 MESSAGE_CLASSES: dict[int, type] = {
     cls.KIND: cls
@@ -1260,6 +1444,14 @@ MESSAGE_CLASSES: dict[int, type] = {
         ChangePassword,
         DeleteAccount,
         AccountResult,
+        GroupDeliver,
+        GroupEvent,
+        GroupRequest,
+        GroupResult,
+        GroupInfo,
+        GroupList,
+        GroupDelivereds,
+        GroupAccept,
     )
 }
 

@@ -75,6 +75,15 @@ class ServerConfig:
     # in days): nobody inherits its conversations at once.
     name_quarantine: float = 30 * 24 * 3600.0
 
+    # Groups (issue 14). A group's members at most (Signal's hard limit),
+    # and the copies of group messages one user may make the server send a
+    # second: a message to a group of N costs N - 1 copies, and past the
+    # budget the user's new messages wait (acks withheld), like the other
+    # limits. 10,000/s carries 10 messages/s into a group of 1,000.
+    max_group_members: int = 1000
+    max_fanout_rate: float = 10_000.0
+    max_fanout_burst: float = 20_000.0
+
 
 class Entry:
     """A message handed to a recipient's session and not yet receipted by
@@ -119,10 +128,38 @@ class Pager(Generic[K, V]):
         self.reading = False  # a page is being read
 
 
+class GroupEntry:
+    """A group's entry handed to a member's session, not yet receipted."""
+
+    __slots__ = ("seq", "server_msg_id", "sender_key", "msg_id", "size")
+
+    def __init__(self, seq: int, server_msg_id: int, sender_key: str, msg_id: MsgId | None,
+                 size: int) -> None:  # fmt: skip
+        self.seq = seq
+        self.server_msg_id = server_msg_id
+        self.sender_key = sender_key
+        self.msg_id = msg_id  # a message's (its sender hears who has it); None: a change
+        self.size = size  # bytes of text
+
+
+class GroupMail:
+    """One session's view of its groups' logs (kept on the disk): a `Pager`
+    per group, keyed by group_seq, and one window over all of them, like
+    the mailbox's (`MAILBOX_WINDOW`): what was handed and not receipted."""
+
+    __slots__ = ("pagers", "ids", "count", "bytes")
+
+    def __init__(self) -> None:
+        self.pagers: dict[str, Pager[int, GroupEntry]] = {}  # group key -> its pager
+        self.ids: dict[int, tuple[str, int]] = {}  # server_msg_id -> (group key, group_seq)
+        self.count = 0  # entries handed, not receipted, over all groups
+        self.bytes = 0
+
+
 class User:
     __slots__ = (
         "name", "key", "account", "session", "mailbox_count", "mailbox_bytes", "notice_count",
-        "contacts", "msg_bucket", "byte_bucket", "limited_at",
+        "contacts", "msg_bucket", "byte_bucket", "limited_at", "fanout_bucket",
     )  # fmt: skip
 
     def __init__(self, name: str, key: str, account: Account) -> None:
@@ -141,12 +178,14 @@ class User:
         self.msg_bucket: TokenBucket | None = None  # made at the first message
         self.byte_bucket: TokenBucket | None = None
         self.limited_at = -1e18  # when we last told them they were rate limited
+        self.fanout_bucket: TokenBucket | None = None  # made at the first group message
 
 
 class Session:
     __slots__ = (
         "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
-        "closing", "probe", "mail", "receipts", "presence_sent", "presence_due",
+        "closing", "probe", "mail", "receipts", "presence_sent", "presence_due", "group_mail",
+        "group_receipts",
     )  # fmt: skip
 
     def __init__(
@@ -172,6 +211,11 @@ class Session:
         # due (name key -> (name, online)), sent once the client acks.
         self.presence_sent: set[str] | None = None
         self.presence_due: dict[str, tuple[str, bool]] = {}
+        # Groups (made when used): their entries handed to this session, and
+        # the "delivered by" receipts told to it as a sender, by (message
+        # id, member's key) -> receipt seq.
+        self.group_mail: GroupMail | None = None
+        self.group_receipts: Pager[tuple[MsgId, str], int] | None = None
 
 
 class Probe:

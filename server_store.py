@@ -97,18 +97,61 @@ CREATE TABLE IF NOT EXISTS summary (
     user_key TEXT PRIMARY KEY, messages INTEGER NOT NULL, bytes INTEGER NOT NULL,
     notices INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS groups (
+    group_key TEXT PRIMARY KEY, name TEXT NOT NULL, owner_key TEXT NOT NULL,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_members (
+    group_key TEXT NOT NULL, member_key TEXT NOT NULL, name TEXT NOT NULL,
+    joined_seq INTEGER NOT NULL, rank INTEGER NOT NULL, left_seq INTEGER,
+    cursor INTEGER NOT NULL,
+    PRIMARY KEY (group_key, member_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_log (
+    group_key TEXT NOT NULL, group_seq INTEGER NOT NULL, server_msg_id INTEGER NOT NULL,
+    change INTEGER NOT NULL, sender_key TEXT NOT NULL, sender TEXT NOT NULL,
+    instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL, text TEXT NOT NULL,
+    users TEXT NOT NULL, sent_ms INTEGER NOT NULL, recipients INTEGER NOT NULL,
+    PRIMARY KEY (group_key, group_seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_notices (
+    sender_key TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
+    by_key TEXT NOT NULL, by_name TEXT NOT NULL, group_name TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (sender_key, instance_id, client_seq, by_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_requests (
+    user_key TEXT NOT NULL, instance_id INTEGER NOT NULL, request_id INTEGER NOT NULL,
+    code INTEGER NOT NULL, message TEXT NOT NULL,
+    PRIMARY KEY (user_key, instance_id, request_id)
+) WITHOUT ROWID;
 """
 # After the tables (and `_migrate`, which adds the columns they use).
 INDEXES = """
 CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient_key, server_msg_id);
 CREATE INDEX IF NOT EXISTS notices_order ON notices (sender_key, seq);
 CREATE INDEX IF NOT EXISTS dedup_age ON dedup (server_ms);
+CREATE INDEX IF NOT EXISTS group_log_id ON group_log (server_msg_id);
+CREATE INDEX IF NOT EXISTS group_notices_order ON group_notices (sender_key, seq);
 """
 # `quarantine` has a row per name whose account was deleted: nobody may
 # register it before `until_ms` (wall clock; `--name-quarantine`).
 # `summary` has a row per user with messages or receipts waiting: message
 # count and UTF-8 bytes of their mailbox (for the caps), and receipts queued
 # for them as a sender. Start-up reads it instead of the mailboxes.
+#
+# Groups (issue 14; the rules are server_groups.py's): `groups` and
+# `group_members` are read at start-up (small: names and numbers); a member's
+# delivery state is one row, its `cursor` (the highest group_seq their client
+# receipted), never a row per member per message. `group_log` holds each
+# message and membership change once, in the group's sequence; members page
+# it from their cursor. `group_notices` queues a sender's "delivered by"
+# receipts (one per member who has a message) until the sender's client
+# acks them, as `notices` does for direct messages. `group_requests` keeps
+# the answers of a client instance's last requests, so one sent again is
+# answered again and not done twice.
+#: Answers of one client instance's group requests kept (the latest).
+GROUP_REQUESTS_KEPT = 256
 
 
 class StoreError(Exception):
@@ -289,10 +332,57 @@ class Loaded:
     summary: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     # name key of a deleted account -> until when (wall clock, ms) nobody may register it
     quarantine: dict[str, int] = field(default_factory=dict)
+    groups: list[LoadedGroup] = field(default_factory=list)
+    group_requests: dict[RequestKey, tuple[int, str]] = field(default_factory=dict)
+    group_notice_senders: set[str] = field(default_factory=set)  # with "delivered by" queued
 
 
 # A notice row: (seq, instance_id, client_seq, recipient's display name).
 NoticeRow = tuple[int, int, int, str]
+# A group notice row: (seq, instance_id, client_seq, group's name, member's
+# name, member's key): member has the sender's message in that group.
+GroupNoticeRow = tuple[int, int, int, str, str, str]
+# A group request's answer: (user key, instance id, request id) -> (code, message).
+RequestKey = tuple[str, int, int]
+
+
+@dataclass(slots=True)
+class GroupItem:
+    """One entry of a group's log, in its sequence: a message (`change` 0,
+    `text`) or a membership change (`change` a `protocol.GroupChange`,
+    `users`; `sender` is who made it)."""
+
+    group_key: str
+    group_seq: int
+    server_msg_id: int
+    change: int
+    sender_key: str
+    sender: str
+    instance_id: int  # a message's id (0, 0 for a change)
+    client_seq: int
+    text: str
+    users: tuple[str, ...]
+    sent_ms: int
+    recipients: int  # members other than the sender at this entry (a message's N)
+
+
+@dataclass(slots=True)
+class LoadedMember:
+    key: str
+    name: str
+    joined_seq: int
+    rank: int
+    left_seq: int | None
+    cursor: int
+
+
+@dataclass(slots=True)
+class LoadedGroup:
+    key: str
+    name: str
+    owner_key: str
+    seq: int
+    members: list[LoadedMember]  # current and former, in joining order
 
 
 # --- the operations: one dataclass each, what the loop asks of a store ---
@@ -400,14 +490,105 @@ class FindDedup:
     client_seq: int
 
 
+@dataclass(slots=True)
+class StoreGroupItem:
+    """Append an entry to a group's log and apply what it changes: the
+    group's seq, name and owner (the row is made by the first entry),
+    members `joined` (key, name, rank: from this entry on) and `left`
+    (their last entry is this one). A message's dedup key is kept too;
+    `request` records the answer of the request that made a change."""
+
+    item: GroupItem
+    name: str
+    owner_key: str
+    joined: tuple[tuple[str, str, int], ...] = ()
+    left: tuple[str, ...] = ()
+    request: tuple[RequestKey, int, str] | None = None
+
+
+@dataclass(slots=True)
+class EndGroup:
+    """The group's last member left: its rows go, its name is free."""
+
+    group_key: str
+    request: tuple[RequestKey, int, str] | None = None
+
+
+@dataclass(slots=True)
+class GroupReceipt:
+    """A member's client has the group's entries up to `seq` (the cursor
+    only moves forward); `notices` queues "delivered by" receipts for the
+    senders of messages among them: (sender key, instance id, client seq,
+    member's key, member's name, group's name, receipt seq)."""
+
+    group_key: str
+    member_key: str
+    seq: int
+    notices: tuple[tuple[str, int, int, str, str, str, int], ...] = ()
+
+
+@dataclass(slots=True)
+class DropMember:
+    """A former member's client has everything up to their removal."""
+
+    group_key: str
+    member_key: str
+
+
+@dataclass(slots=True)
+class GroupNoticeDone:
+    """The sender's client holds this "delivered by" receipt."""
+
+    sender_key: str
+    instance_id: int
+    client_seq: int
+    by_key: str
+
+
+@dataclass(slots=True)
+class ReadGroupLog:
+    """A group's entries with `after` < group_seq <= `last`, in order: at
+    most `limit`, about `max_bytes` of text (always one, if any).
+    Answer: (items, more)."""
+
+    group_key: str
+    after: int
+    last: int
+    limit: int
+    max_bytes: int
+
+
+@dataclass(slots=True)
+class ReadGroupNotices:
+    """ "Delivered by" receipts queued for a sender past seq `after`, at most
+    `limit`. Answer: (group notice rows, more)."""
+
+    sender_key: str
+    after: int
+    limit: int
+
+
+@dataclass(slots=True)
+class FindGroupItem:
+    """A committed group message by its server_msg_id (for a SEND sent
+    again): answer (group_seq, recipients) or None."""
+
+    server_msg_id: int
+
+
+GroupWrite = StoreGroupItem | EndGroup | GroupReceipt | DropMember | GroupNoticeDone
 Write = (
     StoreMessage | MarkDelivered | NoticeDone | StoreAccount | UpdateAccount | EraseAccount
-    | Reserve | Sync
+    | Reserve | Sync | GroupWrite
 )  # fmt: skip
-Query = ReadMailbox | ReadNotices | FindDedup
+Query = ReadMailbox | ReadNotices | FindDedup | ReadGroupLog | ReadGroupNotices | FindGroupItem
 MailPage = tuple[list[StoredMessage], bool]
 NoticePage = tuple[list[NoticeRow], bool]
 DedupFound = tuple[int, bytes | None] | None
+GroupPage = tuple[list[GroupItem], bool]
+GroupNoticePage = tuple[list[GroupNoticeRow], bool]
+GroupItemFound = tuple[int, int] | None
+Answer = MailPage | NoticePage | DedupFound | GroupPage | GroupNoticePage | GroupItemFound
 
 
 class Read:
@@ -492,9 +673,25 @@ class MemoryStore:
         # tracking: a dict of millions of objects would slow every collection.
         self.dedup: dict[tuple[str, int, int], tuple[int, str, str]] = {}
         self.quarantine: dict[str, int] = {}  # name key -> until (wall clock, ms)
+        # Groups, as in SQLite: the group's row [name, owner, seq], its
+        # members, its log by seq, log entries by server_msg_id, queued
+        # "delivered by" receipts per sender, and the requests' answers.
+        self.groups: dict[str, list[Any]] = {}
+        self.members: dict[str, dict[str, LoadedMember]] = {}
+        self.log: dict[str, dict[int, GroupItem]] = {}
+        self.log_ids: dict[int, GroupItem] = {}
+        self.group_notices: dict[str, dict[tuple[int, int, str], GroupNoticeRow]] = {}
+        self.group_requests: dict[RequestKey, tuple[int, str]] = {}
 
     def load(self) -> Loaded:
-        return Loaded(self.secret, 1, quarantine=dict(self.quarantine))
+        loaded = Loaded(self.secret, 1, quarantine=dict(self.quarantine))
+        for key, (name, owner, seq) in self.groups.items():
+            members = sorted(self.members.get(key, {}).values(),
+                             key=lambda m: (m.joined_seq, m.rank))  # fmt: skip
+            loaded.groups.append(LoadedGroup(key, name, owner, seq, members))
+        loaded.group_requests = dict(self.group_requests)
+        loaded.group_notice_senders = set(self.group_notices)
+        return loaded
 
     def _erase(self, key: str) -> None:
         """What the store keeps of user `key`: its mailbox, the receipts
@@ -551,10 +748,69 @@ class MemoryStore:
                     pass  # nothing to reserve or to wait for in memory
                 case Read():
                     op.run(self._answer)
+                case _:
+                    self._group_write(op)
         if then is not None:
             then()
 
-    def _answer(self, query: Query) -> MailPage | NoticePage | DedupFound:
+    def _group_write(self, op: Op) -> None:
+        match op:
+            case StoreGroupItem(item, name, owner_key, joined, left, request):
+                row = self.groups.setdefault(item.group_key, [name, owner_key, 0])
+                row[1] = owner_key
+                row[2] = max(row[2], item.group_seq)
+                self.log.setdefault(item.group_key, {})[item.group_seq] = item
+                self.log_ids[item.server_msg_id] = item
+                if not item.change:
+                    to_key = GROUP_DEDUP_PREFIX + item.group_key
+                    self.dedup[(item.sender_key, item.instance_id, item.client_seq)] = (
+                        item.server_msg_id, to_key, item.text)  # fmt: skip
+                members = self.members.setdefault(item.group_key, {})
+                for key, member_name, rank in joined:
+                    members[key] = LoadedMember(key, member_name, item.group_seq, rank, None,
+                                                item.group_seq - 1)  # fmt: skip
+                for key in left:
+                    if key in members and members[key].joined_seq < item.group_seq:
+                        members[key].left_seq = item.group_seq
+                if request is not None:
+                    self._record_request(request)
+            case EndGroup(group_key, request):
+                self.groups.pop(group_key, None)
+                self.members.pop(group_key, None)
+                for item in self.log.pop(group_key, {}).values():
+                    self.log_ids.pop(item.server_msg_id, None)
+                if request is not None:
+                    self._record_request(request)
+            case GroupReceipt(group_key, member_key, seq, notices):
+                member = self.members.get(group_key, {}).get(member_key)
+                if member is not None:
+                    member.cursor = max(member.cursor, seq)
+                for sender, instance_id, client_seq, by_key, by_name, group, nseq in notices:
+                    queued = self.group_notices.setdefault(sender, {})
+                    queued.setdefault(
+                        (instance_id, client_seq, by_key),
+                        (nseq, instance_id, client_seq, group, by_name, by_key),
+                    )
+            case DropMember(group_key, member_key):
+                members = self.members.get(group_key, {})
+                if member_key in members and members[member_key].left_seq is not None:
+                    del members[member_key]
+            case GroupNoticeDone(sender, instance_id, client_seq, by_key):
+                waiting = self.group_notices.get(sender)
+                if waiting is not None:
+                    waiting.pop((instance_id, client_seq, by_key), None)
+                    if not waiting:
+                        del self.group_notices[sender]
+
+    def _record_request(self, request: tuple[RequestKey, int, str]) -> None:
+        (user_key, instance_id, request_id), code, message = request
+        self.group_requests[(user_key, instance_id, request_id)] = (code, message)
+        for key in [k for k in self.group_requests
+                    if k[:2] == (user_key, instance_id)
+                    and k[2] <= request_id - GROUP_REQUESTS_KEPT]:  # fmt: skip
+            del self.group_requests[key]
+
+    def _answer(self, query: Query) -> Answer:
         match query:
             case ReadMailbox(key, after, limit, max_bytes):
                 rows: list[StoredMessage] = []
@@ -579,6 +835,27 @@ class MemoryStore:
                     return None
                 server_msg_id, recipient_key, text = found
                 return server_msg_id, content_digest(recipient_key, text)
+            case ReadGroupLog(key, after, last, limit, max_bytes):
+                entries: list[GroupItem] = []
+                size = 0
+                for seq in sorted(self.log.get(key, {})):
+                    if not after < seq <= last:
+                        continue
+                    if len(entries) >= limit:
+                        return entries, True
+                    item = self.log[key][seq]
+                    size += len(item.text.encode("utf-8"))
+                    if entries and size > max_bytes:
+                        return entries, True
+                    entries.append(item)
+                return entries, False
+            case ReadGroupNotices(key, after, limit):
+                queued_rows = self.group_notices.get(key, {}).values()
+                pending = sorted(r for r in queued_rows if r[0] > after)
+                return pending[:limit], len(pending) > limit
+            case FindGroupItem(server_msg_id):
+                entry = self.log_ids.get(server_msg_id)
+                return None if entry is None else (entry.group_seq, entry.recipients)
 
     def reserve_ids(self, next_msg_id: int) -> int:
         return 1 << 63  # nothing survives a restart: no id can be reused after one
@@ -591,6 +868,11 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+
+#: A group message's dedup key names its group as `#` + the group's key in
+#: place of a recipient (a group and a user of the same name never meet).
+GROUP_DEDUP_PREFIX = "#"
 
 
 def content_digest(recipient_key: str, text: str) -> bytes:
@@ -732,6 +1014,25 @@ class ServerStore:
             "SELECT user_key, messages, bytes, notices FROM summary"
         ):
             loaded.summary[user_key] = (messages, size, notices)
+        groups: dict[str, LoadedGroup] = {}
+        for key, name, owner, seq in db.execute(
+            "SELECT group_key, name, owner_key, seq FROM groups"
+        ):
+            groups[key] = LoadedGroup(key, name, owner, seq, [])
+        for key, *member in db.execute(
+            "SELECT group_key, member_key, name, joined_seq, rank, left_seq, cursor "
+            "FROM group_members ORDER BY group_key, joined_seq, rank"
+        ):
+            if key in groups:
+                groups[key].members.append(LoadedMember(*member))
+        loaded.groups = list(groups.values())
+        for user_key, instance_id, request_id, code, message in db.execute(
+            "SELECT user_key, instance_id, request_id, code, message FROM group_requests"
+        ):
+            loaded.group_requests[(user_key, _u64(instance_id), _u64(request_id))] = (code, message)
+        loaded.group_notice_senders = {
+            row[0] for row in db.execute("SELECT DISTINCT sender_key FROM group_notices")
+        }
         return loaded
 
     # --- reads: run on the store thread through `Read` (or before `start`) ---
@@ -785,7 +1086,39 @@ class ServerStore:
             return None
         return int(row[0]), None if row[1] is None else bytes(row[1])
 
-    def _answer(self, query: Query) -> MailPage | NoticePage | DedupFound:
+    def read_group_log(self, query: ReadGroupLog) -> GroupPage:
+        """A group's entries in (after, last], in order, a page at a time."""
+        entries: list[GroupItem] = []
+        size = 0
+        for values in self._db.execute(
+            "SELECT group_key, group_seq, server_msg_id, change, sender_key, sender, instance_id, "
+            "client_seq, text, users, sent_ms, recipients FROM group_log "
+            "WHERE group_key=? AND group_seq>? AND group_seq<=? ORDER BY group_seq LIMIT ?",
+            (query.group_key, query.after, query.last, query.limit),
+        ):
+            key, seq, server_msg_id, change, sender_key, sender, instance, client_seq = values[:8]
+            text, users, sent_ms, recipients = values[8:]
+            item = GroupItem(key, seq, server_msg_id, change, sender_key, sender, _u64(instance),
+                             client_seq, text, tuple(users.split("\n")) if users else (), sent_ms,
+                             recipients)  # fmt: skip
+            size += len(item.text.encode("utf-8"))
+            if entries and size > query.max_bytes:
+                return entries, True
+            entries.append(item)
+        return entries, len(entries) >= query.limit
+
+    def read_group_notices(self, sender_key: str, after: int, limit: int) -> GroupNoticePage:
+        rows = [
+            (seq, _u64(instance_id), client_seq, group, by_name, by_key)
+            for seq, instance_id, client_seq, group, by_name, by_key in self._db.execute(
+                "SELECT seq, instance_id, client_seq, group_name, by_name, by_key "
+                "FROM group_notices WHERE sender_key=? AND seq>? ORDER BY seq LIMIT ?",
+                (sender_key, after, limit),
+            )
+        ]
+        return rows, len(rows) >= limit
+
+    def _answer(self, query: Query) -> Answer:
         match query:
             case ReadMailbox(key, after, limit, max_bytes):
                 return self.read_mailbox(key, after, limit, max_bytes)
@@ -793,6 +1126,16 @@ class ServerStore:
                 return self.read_notices(key, after, limit)
             case FindDedup(key, instance_id, client_seq):
                 return self.find_dedup(key, instance_id, client_seq)
+            case ReadGroupLog():
+                return self.read_group_log(query)
+            case ReadGroupNotices(key, after, limit):
+                return self.read_group_notices(key, after, limit)
+            case FindGroupItem(server_msg_id):
+                row = self._db.execute(
+                    "SELECT group_seq, recipients FROM group_log WHERE server_msg_id=?",
+                    (server_msg_id,),
+                ).fetchone()
+                return None if row is None else (int(row[0]), int(row[1]))
 
     def reserve_ids(self, next_msg_id: int) -> int:
         """Reserve the next block of ids when the loop is half-way through this one."""
@@ -939,6 +1282,7 @@ class ServerStore:
         updated: list[tuple[Any, ...]] = []
         erased: list[tuple[str, int]] = []
         stamp = self.server_ms()
+        groups = _GroupRows()
         for op in ops:
             match op:
                 case StoreMessage(m):
@@ -974,6 +1318,10 @@ class ServerStore:
                     reserve = upto if reserve is None else max(reserve, upto)
                 case Sync():
                     pass  # a barrier: its callback runs once everything before it is durable
+                case StoreGroupItem():
+                    groups.add(op, stamp, dedup)
+                case _:
+                    groups.other(op)
         if delivered:
             # Received before the commit: the mailbox row would be written and
             # deleted in the same transaction; skip both (the dedup row stays).
@@ -1014,6 +1362,8 @@ class ServerStore:
                 db.execute("DELETE FROM accounts WHERE name_key=?", (key,))
                 self._erase_rows(key)
                 db.execute("INSERT INTO quarantine VALUES (?, ?)", (key, until_ms))
+            if groups:
+                groups.write(self)
             db.execute("COMMIT")
             self.commits += 1
             if save_time:
@@ -1070,6 +1420,129 @@ class ServerStore:
             self._db.execute(
                 f"INSERT OR IGNORE INTO {table} VALUES {','.join([row_marks] * len(part))}",
                 _flat(part),
+            )
+
+
+class _GroupRows:
+    """One batch's group operations as rows, written in the batch's
+    transaction (`ServerStore._apply`), a statement per kind of row. The
+    order of the statements keeps the outcome of applying the operations
+    one by one: a group's row before its members and log, joins before
+    leaves (a leave only ends a membership older than itself), cursors
+    only grow. An `EndGroup` closes a segment: what came before it is
+    written, then the group's rows are deleted, then the rest (a name may
+    be taken again at once)."""
+
+    def __init__(self) -> None:
+        self.segments: list[_GroupSegment] = [_GroupSegment()]
+        self.any = False
+
+    def __bool__(self) -> bool:
+        return self.any
+
+    def add(self, op: StoreGroupItem, stamp: int, dedup: list[tuple[Any, ...]]) -> None:
+        self.any = True
+        self.segments[-1].add(op, stamp, dedup)
+
+    def other(self, op: Op) -> None:
+        self.any = True
+        if isinstance(op, EndGroup):
+            self.segments[-1].end = op
+            self.segments.append(_GroupSegment())
+        else:
+            self.segments[-1].other(op)
+
+    def write(self, store: ServerStore) -> None:
+        for segment in self.segments:
+            segment.write(store)
+
+
+class _GroupSegment:
+    def __init__(self) -> None:
+        self.groups: dict[str, tuple[str, str, int]] = {}  # key -> (name, owner, seq), last wins
+        self.log: list[tuple[Any, ...]] = []
+        self.joined: list[tuple[Any, ...]] = []
+        self.left: list[tuple[Any, ...]] = []
+        self.cursors: dict[tuple[str, str], int] = {}
+        self.notices: list[tuple[Any, ...]] = []
+        self.notices_done: list[tuple[Any, ...]] = []
+        self.dropped: list[tuple[str, str]] = []
+        self.requests: list[tuple[Any, ...]] = []
+        self.end: EndGroup | None = None  # written last
+
+    def add(self, op: StoreGroupItem, stamp: int, dedup: list[tuple[Any, ...]]) -> None:
+        item = op.item
+        self.groups[item.group_key] = (op.name, op.owner_key, item.group_seq)
+        instance = _i64(item.instance_id)
+        self.log.append((item.group_key, item.group_seq, item.server_msg_id, item.change,
+                         item.sender_key, item.sender, instance, item.client_seq, item.text,
+                         "\n".join(item.users), item.sent_ms, item.recipients))  # fmt: skip
+        if not item.change:
+            digest = content_digest(GROUP_DEDUP_PREFIX + item.group_key, item.text)
+            dedup.append((item.sender_key, instance, item.client_seq, item.server_msg_id,
+                          item.sent_ms, digest, stamp))  # fmt: skip
+        for key, name, rank in op.joined:
+            self.joined.append((item.group_key, key, name, item.group_seq, rank, None,
+                                item.group_seq - 1))  # fmt: skip
+        for key in op.left:
+            self.left.append((item.group_seq, item.group_key, key, item.group_seq))
+        if op.request is not None:
+            self.request(op.request)
+
+    def request(self, request: tuple[RequestKey, int, str]) -> None:
+        (user_key, instance_id, request_id), code, message = request
+        self.requests.append((user_key, _i64(instance_id), _i64(request_id), code, message))
+
+    def other(self, op: Op) -> None:
+        match op:
+            case GroupReceipt(group_key, member_key, seq, notices):
+                key = (group_key, member_key)
+                self.cursors[key] = max(seq, self.cursors.get(key, seq))
+                for sender, instance_id, client_seq, by_key, by_name, group, nseq in notices:
+                    self.notices.append((sender, _i64(instance_id), client_seq, by_key, by_name,
+                                         group, nseq))  # fmt: skip
+            case GroupNoticeDone(sender, instance_id, client_seq, by_key):
+                self.notices_done.append((sender, _i64(instance_id), client_seq, by_key))
+            case DropMember(group_key, member_key):
+                self.dropped.append((group_key, member_key))
+
+    def write(self, store: ServerStore) -> None:
+        db = store._db
+        if self.groups:
+            db.executemany(
+                "INSERT INTO groups VALUES (?,?,?,?) ON CONFLICT (group_key) DO UPDATE SET "
+                "owner_key=excluded.owner_key, seq=MAX(seq, excluded.seq)",
+                [(key, *row) for key, row in self.groups.items()],
+            )
+        store._insert("group_log", self.log)
+        if self.joined:  # one added again after a removal: a new membership
+            db.executemany("INSERT OR REPLACE INTO group_members VALUES (?,?,?,?,?,?,?)",
+                           self.joined)  # fmt: skip
+        if self.left:
+            db.executemany("UPDATE group_members SET left_seq=? WHERE group_key=? AND "
+                           "member_key=? AND joined_seq<?", self.left)  # fmt: skip
+        if self.cursors:
+            db.executemany(
+                "UPDATE group_members SET cursor=MAX(cursor, ?) WHERE group_key=? AND member_key=?",
+                [(seq, g, m) for (g, m), seq in self.cursors.items()],
+            )
+        store._insert("group_notices", self.notices)
+        if self.notices_done:
+            db.executemany("DELETE FROM group_notices WHERE sender_key=? AND instance_id=? AND "
+                           "client_seq=? AND by_key=?", self.notices_done)  # fmt: skip
+        if self.dropped:
+            db.executemany("DELETE FROM group_members WHERE group_key=? AND member_key=? AND "
+                           "left_seq IS NOT NULL", self.dropped)  # fmt: skip
+        if self.end is not None:
+            for table in ("groups", "group_members", "group_log"):
+                db.execute(f"DELETE FROM {table} WHERE group_key=?", (self.end.group_key,))
+            if self.end.request is not None:
+                self.request(self.end.request)
+        if self.requests:
+            store._insert("group_requests", self.requests)
+            db.executemany(
+                "DELETE FROM group_requests WHERE user_key=? AND instance_id=? AND request_id<=?",
+                [(u, i, r - GROUP_REQUESTS_KEPT) for u, i, r, _, _ in self.requests],
             )
 
 

@@ -68,6 +68,14 @@ def sample_messages() -> dict[str, Any]:
         protocol.ChangePassword(bytes(16), bytes(32), bytes(16), 600_000, bytes(64)),
         protocol.DeleteAccount(bytes(16), bytes(32)),
         protocol.AccountResult(bytes(16), protocol.ErrorCode.PASSWORD_CHANGED, "password changed"),
+        protocol.GroupDeliver(77, 5, MSG_ID, "team", "alice", TEXT, 1_700_000_000_000),
+        protocol.GroupEvent(78, 6, "team", protocol.GroupChange.ADDED, "alice", ("dave",), 1),
+        protocol.GroupRequest(9, protocol.GroupAction.ADD, "team", ("dave",)),
+        protocol.GroupResult(9, 0),
+        protocol.GroupInfo(10, "team", "alice", ("alice", "bob", "carol")),
+        protocol.GroupList(11, ("team", "ops")),
+        protocol.GroupDelivereds("team", "bob", tuple(protocol.MsgId(1, n) for n in range(8))),
+        protocol.GroupAccept(MSG_ID, 77, 5, 2),
     ]
     return {type(m).__name__: m for m in samples}
 

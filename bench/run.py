@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
@@ -78,6 +78,8 @@ TARGETS = {
     "login_s_10000": "<= 10 s",
     "gui_lag_p99_ms": "<= 50",
     "gui_history_ms": "<= 200 ms",
+    "copy_ratio": "<= 1/3",
+    "fanout_p99_ms": "<= 200",
 }
 
 
@@ -96,6 +98,7 @@ class Options:
     profile: bool
     keep: bool
     cluster: int = 0  # nodes at most: the cluster benchmark instead (bench/cluster.py)
+    fanout: bool = True
 
 
 # --- processes ------------------------------------------------------------------
@@ -225,7 +228,7 @@ class Child:
 
 def start_server(
     tmp: Path, label: str, profile_out: Path | None = None, data: Path | None = None,
-    extra: tuple[str, ...] = (),
+    extra: Sequence[str] = (),
 ) -> Child:  # fmt: skip
     """A fresh server process; with a fresh data directory unless `data` is
     given; `extra`: more flags (bench/metrics_scrape.py: --metrics)."""
@@ -486,6 +489,22 @@ def logic_phase(opts: Options) -> dict[str, Any]:
     return figures
 
 
+def fanout_phase(opts: Options) -> dict[str, Any]:
+    """`bench/fanout.py` (issue 14): one sender into groups of 100 and 1,000
+    members (load-generator sessions), flat out and at 10 msg/s: copies per
+    second, server CPU per copy next to a direct message's, send -> the last
+    member has it."""
+    command = [sys.executable, "-m", "bench.fanout", "--json", "--workers", str(opts.workers)]
+    if opts.quick:
+        command.append("--quick")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                            check=False)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"bench.fanout failed:\n{result.stderr[-3000:]}")
+    figures: dict[str, Any] = json.loads(result.stdout)
+    return figures
+
+
 def display_works(display: str) -> bool:
     env = dict(os.environ, DISPLAY=display)
     try:
@@ -661,6 +680,9 @@ def run_once(opts: Options, tmp: Path, say: Callable[[str], None]) -> dict[str, 
     out["scale"] = scale_phase(opts, tmp)
     say(f"gui: {GUI_RATE:g} messages/s into a ChatWindow for {opts.gui_duration:g} s")
     out["gui"] = gui_phase(opts, tmp)
+    if opts.fanout:
+        say("fanout: groups (bench/fanout.py), flat out and at 10 msg/s")
+        out["fanout"] = fanout_phase(opts)
     return out
 
 
@@ -818,7 +840,33 @@ def table(m: dict[str, Any], opts: Options) -> str:
               target=f"each {TARGETS['gui_history_ms']}", ok=worst <= 200)  # fmt: skip
     else:
         t.add("GUI lag", "", g["status"], target=f"p99 {TARGETS['gui_lag_p99_ms']}")
+    if "fanout" in m:
+        fanout_rows(t, m["fanout"])
     return t.render()
+
+
+def fanout_rows(t: Table, f: dict[str, Any]) -> None:
+    largest = max(p["members"] for p in f["phases"])
+    for p in f["phases"]:
+        mode = "flat out" if p["rate"] is None else f"{p['rate']:g} msg/s"
+        judged = p["members"] == largest
+        t.add(f"group of {p['members']:,}, {mode}: delivered copies/s", "",
+              _n(p["copies_per_s"]))  # fmt: skip
+        ratio = p["copy_to_direct_cpu"]
+        flat = p["rate"] is None
+        t.add("  server CPU us per copy (x a direct message's)", "",
+              f"{_n(p['cpu_us_per_copy'], 1)} ({ratio:.2f}x)",
+              target=TARGETS["copy_ratio"] if judged and flat else "",
+              ok=ratio <= 1 / 3 if judged and flat else None)  # fmt: skip
+        steady = p["rate"] is not None
+        t.add("  send -> last member has it p50 / p99 ms", "",
+              _pair(p["last_member_p50_ms"], p["last_member_p99_ms"]),
+              target=f"p99 {TARGETS['fanout_p99_ms']}" if judged and steady else "",
+              ok=p["last_member_p99_ms"] <= 200 if judged and steady else None)  # fmt: skip
+        t.add("  sent / delivered to every member / duplicated", "",
+              f"{p['sent']} / {p['messages_everyone_has']} / {p['duplicates']}",
+              target="all / 0", ok=p["messages_everyone_has"] == p["sent"] and
+              not p["duplicates"])  # fmt: skip
 
 
 def meta(opts: Options) -> dict[str, Any]:
@@ -870,6 +918,8 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 2),
                         help="load processes at most (default %(default)s)")  # fmt: skip
     parser.add_argument("--no-gui", action="store_true", help="skip the GUI lag phase")
+    parser.add_argument("--no-fanout", action="store_true",
+                        help="skip the group fan-out phase (bench/fanout.py)")  # fmt: skip
     parser.add_argument("--json-out", type=Path, help="write the JSON here instead")
     parser.add_argument("--profile", action="store_true",
                         help="profile the server under the largest load instead")  # fmt: skip
@@ -892,6 +942,7 @@ def parse(argv: list[str] | None) -> Options:
         workers=max(1, args.workers), gui=not args.no_gui,
         pairs=tuple(sorted({int(p) for p in args.pairs.split(",") if p.strip()})),
         json_out=args.json_out, profile=args.profile, keep=args.keep, cluster=args.cluster,
+        fanout=not args.no_fanout,
     )  # fmt: skip
 
 

@@ -55,7 +55,13 @@ TABLE_LINES = (
     "one-way latency p50 / p99 us, 16 pair(s) loaded", "memory per idle session",
     "logins (registering), seconds", "logins (existing, after a restart), seconds",
     "server logic alone", "server memory kept per relayed message", "GUI lag",
+    "group of 10, flat out: delivered copies/s", "group of 10, 10 msg/s: delivered copies/s",
 )  # fmt: skip
+FANOUT_KEYS = {
+    "members", "rate", "sent", "accepted", "completed", "recipients", "copies",
+    "copies_expected", "duplicates", "messages_everyone_has", "copies_per_s", "cpu_us_per_copy",
+    "copy_to_direct_cpu", "last_member_p50_ms", "last_member_p99_ms", "last_member_max_ms",
+}  # fmt: skip
 
 
 def test_quick_benchmark_prints_the_table_and_writes_the_json(tmp_path: Path) -> None:
@@ -104,6 +110,17 @@ def test_quick_benchmark_prints_the_table_and_writes_the_json(tmp_path: Path) ->
         logic = tree["logic"]
         assert not LOGIC_KEYS - logic.keys()
         assert logic["lost"] == 0
+        # The group fan-out phase (issue 14): every message reached every
+        # member once, and the sender heard from each of them.
+        fanout = tree["fanout"]
+        assert fanout["direct_cpu_us_per_msg"] > 0
+        assert [(p["members"], p["rate"]) for p in fanout["phases"]] == [(10, None), (10, 10.0)]
+        for phase in fanout["phases"]:
+            assert not FANOUT_KEYS - phase.keys()
+            assert phase["sent"] > 0 and phase["recipients"] == [9], phase
+            assert phase["copies"] == phase["copies_expected"] == phase["sent"] * 9, phase
+            assert phase["messages_everyone_has"] == phase["completed"] == phase["sent"]
+            assert phase["duplicates"] == 0
         gui = tree["gui"]
         assert not GUI_KEYS - gui.keys()
         assert gui["status"] == "ok" or gui["status"].startswith("skipped"), gui

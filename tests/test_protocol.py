@@ -62,6 +62,7 @@ from protocol import (
     version_reply,
 )
 from tests.test_accounts import PINNED_ACCOUNT_MESSAGES
+from tests.test_groups_protocol import PINNED_GROUP_MESSAGES
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -653,6 +654,7 @@ PINNED_MESSAGES: list[tuple[Any, str]] = [
     ),
     (protocol.Ticket(bytes(range(16, 32))), "12101112131415161718191a1b1c1d1e1f"),
     *PINNED_ACCOUNT_MESSAGES,  # the account kinds' (issue 16), pinned in their own file
+    *PINNED_GROUP_MESSAGES,  # the group kinds' (issue 14), pinned in their own file
 ]
 PINNED_FRAMES: list[tuple[Any, str]] = [
     (

@@ -1,0 +1,529 @@
+"""The group fan-out benchmark (issue 14): one sender into a group of N
+members, every member a load-generator session speaking the real protocol.
+
+    python -m bench.fanout                 # groups of 100 and 1,000, flat out and at 10 msg/s
+    python -m bench.fanout --quick         # tiny groups, a few seconds
+    python -m bench.fanout --json          # the figures as JSON on stdout (`python -m bench`)
+
+A real server process (`chat_server.py`, SQLite, the benchmark's flags from
+`bench.run.start_server`, and `--max-fanout-rate` raised so that the budget
+does not bound the flat-out phase). The members log in from worker
+processes (`loadgen.Handshake` over a few shared sockets) and receipt every
+group entry as it arrives, as a client that shows it at once would; the
+owner creates the group (256 names per request) and sends: flat out with a
+window of messages not yet delivered to every member, or at a steady rate.
+Figures per phase:
+
+- delivered copies per second (GROUP_DELIVERs that reached a member, once);
+- server CPU per delivered copy (user+system of the server process tree
+  from /proc, over the sending time), next to a direct message's in a
+  4-pair run of the throughput phase: target, a copy at most a third;
+- send -> the last member has it: per message, the latest arrival at any
+  member minus the stamp in its text (processes on one host share the
+  monotonic clock); p50 / p99 / max. Target at 10 msg/s into 1,000: p99 <= 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import selectors
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/fanout.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.loadgen import (
+    Addr,
+    Handshake,
+    SaltCache,
+    cpu_seconds,
+    drive_logins,
+    make_text,
+    new_socket,
+    text_stamp,
+    wait_until,
+)
+from bench.run import START_DELAY, Options, percentile, start_server, traffic_phase, workers
+from protocol import (
+    GROUP_REQUEST_USERS_MAX,
+    Bye,
+    GroupAccept,
+    GroupAction,
+    GroupDeliver,
+    GroupDelivereds,
+    GroupEvent,
+    GroupRequest,
+    GroupResult,
+    Message,
+    MsgId,
+    Receipt,
+    Receipts,
+    Send,
+    batches,
+    conversation_stream,
+    decode_header,
+    decode_message,
+    encode_message,
+)
+from reliability import Connection, PayloadReceived
+
+GROUP = "bench"
+STREAM = conversation_stream("#" + GROUP)
+TIMER_SCAN = 0.005  # seconds between scans of many sessions' timers
+#: The fan-out budget is raised for the benchmark: flat out, it would
+#: otherwise bound the copies per second (10,000/s by default).
+FANOUT_RATE = "1000000000"
+TARGET_COPY_RATIO = 1 / 3
+TARGET_P99_MS = 200.0
+
+
+class Session:
+    """One logged-in load client: its Connection, on a socket it may share."""
+
+    __slots__ = ("name", "sock", "conn", "instance_id", "timer", "dirty", "receipts")
+
+    def __init__(self, handshake: Handshake) -> None:
+        assert handshake.conn is not None
+        self.name = handshake.name
+        self.sock = handshake.sock
+        self.conn: Connection = handshake.conn
+        self.instance_id = handshake.instance_id
+        self.timer: float | None = None
+        self.dirty = True
+        self.receipts: list[int] = []
+
+    def flush(self, now: float) -> None:
+        if self.receipts:
+            receipts, self.receipts = self.receipts, []
+            for part in batches(receipts):
+                message = Receipt(part[0]) if len(part) == 1 else Receipts(tuple(part))
+                self.conn.send(encode_message(message))
+        if self.timer is not None and self.timer <= now:
+            self.conn.handle_timer(now)
+        for datagram in self.conn.datagrams_to_send(now):
+            try:
+                self.sock.send(datagram)
+            except OSError:
+                pass  # a full buffer: the protocol resends
+        self.timer = self.conn.get_timer()
+        self.dirty = False
+
+
+class Pump:
+    """Many sessions over a few sockets: read, demultiplex by session id,
+    hand each message to `on_message`, send what is due."""
+
+    def __init__(self, sessions: list[Session], on_message: Any, pipe: Pipe | None = None):
+        self.by_id = {s.conn.session_id: s for s in sessions}
+        self.sessions = sessions
+        self.on_message = on_message
+        self.selector = selectors.DefaultSelector()
+        for sock in {s.sock for s in sessions}:
+            self.selector.register(sock, selectors.EVENT_READ, sock)
+        if pipe is not None:
+            self.selector.register(pipe.fileno(), selectors.EVENT_READ, None)
+        self.last_scan = 0.0
+
+    def step(self, timeout: float) -> bool:
+        """One pass; True if the pipe (if any) has something to say."""
+        told = False
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                told = True
+                continue
+            sock: socket.socket = key.data
+            while True:
+                try:
+                    data = sock.recv(65535)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue
+                now_ns = time.monotonic_ns()
+                try:
+                    session = self.by_id.get(decode_header(data).session_id)
+                except Exception:
+                    continue
+                if session is None:
+                    continue
+                conn = session.conn
+                if conn.receive_datagram(data, now_ns / 1e9):
+                    while (event := conn.next_event()) is not None:
+                        if isinstance(event, PayloadReceived):
+                            self.on_message(session, decode_message(event.payload), now_ns)
+                session.dirty = True
+        now = time.monotonic()
+        scan = now - self.last_scan >= TIMER_SCAN
+        if scan:
+            self.last_scan = now
+        for session in self.sessions:
+            if session.dirty or (scan and session.timer is not None and session.timer <= now):
+                session.flush(now)
+        return told
+
+    def close(self) -> None:
+        self.selector.close()
+
+
+def log_in(
+    server: Addr, names: list[str], sockets: int
+) -> tuple[list[Session], list[socket.socket]]:
+    socks = [new_socket(server) for _ in range(max(1, min(sockets, len(names))))]
+    salted: SaltCache = {}
+    handshakes = [Handshake(n, socks[i % len(socks)], salted=salted) for i, n in enumerate(names)]
+    done: dict[str, Handshake] = {}
+    for _ in range(3):
+        drive_logins(handshakes, timeout=300)
+        done.update((h.name, h) for h in handshakes if h.conn is not None)
+        # On a loaded machine a core may give a new session up (its link
+        # timed out) and start over: those log in again, as clients do.
+        handshakes = [Handshake(h.name, h.sock, salted=salted, store=h.core.store)
+                      for h in handshakes if h.conn is None]  # fmt: skip
+        if not handshakes:
+            break
+    if handshakes:
+        raise RuntimeError(f"{len(handshakes)} of {len(names)} load clients did not log in")
+    return [Session(done[n]) for n in names], socks
+
+
+# --- the members ----------------------------------------------------------------
+
+
+@dataclass
+class MemberSpec:
+    server: Addr
+    names: list[str]
+    sockets: int = 8
+
+
+def run_members(spec: MemberSpec, pipe: Pipe) -> None:
+    """Worker: log the members in, then receipt every group entry at once and
+    record, per message, how many of them got it and when the last did,
+    until told ("stop",)."""
+    socks: list[socket.socket] = []
+    try:
+        sessions, socks = log_in(spec.server, spec.names, spec.sockets)
+        got: dict[tuple[int, int], list[int]] = {}  # msg id -> [members, latest arrival ns]
+        seen: set[tuple[str, int]] = set()
+        counts = {"received": 0, "duplicates": 0, "events": 0, "byes": 0}
+
+        def on_message(session: Session, message: Message, now_ns: int) -> None:
+            if isinstance(message, GroupDeliver):
+                session.receipts.append(message.server_msg_id)
+                key = (session.name, message.group_seq)
+                if key in seen:
+                    counts["duplicates"] += 1
+                    return
+                seen.add(key)
+                counts["received"] += 1
+                msg_key = (message.msg_id.instance_id, message.msg_id.client_seq)
+                entry = got.setdefault(msg_key, [0, 0, text_stamp(message.text)])
+                entry[0] += 1
+                entry[1] = max(entry[1], now_ns)
+            elif isinstance(message, GroupEvent):
+                session.receipts.append(message.server_msg_id)
+                counts["events"] += 1
+            elif isinstance(message, Bye):
+                counts["byes"] += 1
+
+        pump = Pump(sessions, on_message, pipe)
+        pipe.send(("ready", len(sessions)))
+        cpu0 = cpu_seconds()
+        try:
+            while True:
+                if pump.step(0.02) and pipe.poll():
+                    command = pipe.recv()
+                    if command[0] == "stop":
+                        break
+        finally:
+            pump.close()
+        stamps = array.array("q")
+        latest = array.array("q")
+        reached = array.array("q")
+        for members, last, stamp in got.values():
+            stamps.append(stamp)
+            latest.append(last)
+            reached.append(members)
+        pipe.send(("done", {
+            **counts, "cpu_s": cpu_seconds() - cpu0, "ids": json.dumps(list(got)),
+            "stamps": stamps.tobytes(), "latest": latest.tobytes(), "reached": reached.tobytes(),
+        }))  # fmt: skip
+    except BaseException:
+        pipe.send(("error", traceback.format_exc()))
+    finally:
+        for sock in socks:
+            sock.close()
+        pipe.close()
+
+
+# --- the sender (the group's owner) -------------------------------------------------
+
+
+@dataclass
+class SenderSpec:
+    server: Addr
+    members: list[str]
+    rate: float | None  # messages/s; None: flat out with `window`
+    window: int = 16
+    drain_timeout: float = 30.0
+
+
+def run_sender(spec: SenderSpec, pipe: Pipe) -> None:
+    """Worker: log the owner in, create the group (256 names a request), then
+    at ("start", t0, stop_at) send; report when everything sent is delivered
+    to every member (or the drain times out)."""
+    socks: list[socket.socket] = []
+    try:
+        (owner,), socks = log_in(spec.server, ["owner"], 1)
+        results: dict[int, int] = {}
+        accepted: dict[int, int] = {}  # client_seq -> recipients
+        delivered: dict[int, int] = {}  # client_seq -> members who have it
+        counts = {"accepted": 0, "failed": 0}
+        done_at: list[float] = []
+        members = len(spec.members)
+        open_messages: set[int] = set()  # sent, not yet delivered to every member
+
+        def on_message(session: Session, message: Message, now_ns: int) -> None:
+            if isinstance(message, GroupResult):
+                results[message.request_id] = message.code
+            elif isinstance(message, GroupAccept):
+                if message.msg_id.instance_id == session.instance_id:
+                    accepted[message.msg_id.client_seq] = message.recipients
+                    counts["accepted"] += 1
+            elif isinstance(message, GroupDelivereds):
+                for msg_id in message.msg_ids:
+                    if msg_id.instance_id == session.instance_id:
+                        count = delivered[msg_id.client_seq] = (
+                            delivered.get(msg_id.client_seq, 0) + 1
+                        )
+                        if count >= members:
+                            open_messages.discard(msg_id.client_seq)
+                done_at.append(now_ns / 1e9)
+            elif isinstance(message, GroupEvent):
+                session.receipts.append(message.server_msg_id)
+
+        pump = Pump([owner], on_message)
+        chunks = [spec.members[i : i + GROUP_REQUEST_USERS_MAX]
+                  for i in range(0, len(spec.members), GROUP_REQUEST_USERS_MAX)]  # fmt: skip
+        for request_id, chunk in enumerate(chunks, 1):
+            action = GroupAction.CREATE if request_id == 1 else GroupAction.ADD
+            owner.conn.send(encode_message(GroupRequest(request_id, action, GROUP, tuple(chunk))),
+                            STREAM)  # fmt: skip
+            owner.dirty = True
+            deadline = time.monotonic() + 60
+            while request_id not in results:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"group request {request_id} not answered")
+                pump.step(0.01)
+            if results[request_id] != 0:
+                raise RuntimeError(f"group request {request_id} refused: {results[request_id]}")
+        for _ in range(50):  # the members' receipts of the changes settle
+            pump.step(0.01)
+        pipe.send(("ready", 1))
+        command = pipe.recv()
+        assert command[0] == "start", command
+        t0, stop_at = command[1], command[2]
+        wait_until(t0)
+        cpu0 = cpu_seconds()
+        seq = 0
+        drain_deadline: float | None = None
+        while True:
+            now = time.monotonic()
+            if now < stop_at:
+                if spec.rate is not None:
+                    due = int((now - t0) * spec.rate) + 1 - seq
+                else:
+                    due = spec.window - len(open_messages)
+                for _ in range(max(0, due)):
+                    seq += 1
+                    open_messages.add(seq)
+                    text = make_text(time.monotonic_ns(), seq)
+                    send = Send(MsgId(owner.instance_id, seq), "#" + GROUP, text)
+                    owner.conn.send(encode_message(send), STREAM)
+                    owner.dirty = True
+            else:
+                if drain_deadline is None:
+                    drain_deadline = now + spec.drain_timeout
+                if not open_messages or now > drain_deadline:
+                    break
+            pump.step(0.001 if spec.rate is not None else 0.002)
+        for _ in range(20):
+            pump.step(0.005)
+        pump.close()
+        pipe.send(("done", {
+            "sent": seq, "accepted": counts["accepted"],
+            "completed": sum(1 for s in range(1, seq + 1) if delivered.get(s, 0) >= members),
+            "delivered_by": sum(delivered.values()),
+            "recipients": sorted(set(accepted.values())), "cpu_s": cpu_seconds() - cpu0,
+            "last_receipt": max(done_at, default=t0),
+        }))  # fmt: skip
+        # Stay logged in until the parent has what it needs from the members.
+        pipe.recv()
+    except BaseException:
+        pipe.send(("error", traceback.format_exc()))
+    finally:
+        for sock in socks:
+            sock.close()
+        pipe.close()
+
+
+# --- phases ---------------------------------------------------------------------------
+
+
+def fanout_phase(size: int, rate: float | None, duration: float, load_workers: int,
+                 tmp: Path) -> dict[str, Any]:  # fmt: skip
+    """A group of `size` (the owner and size - 1 members) on a fresh server."""
+    server = start_server(
+        tmp,
+        f"fanout-{size}",
+        extra=["--max-fanout-rate", FANOUT_RATE, "--max-group-members", str(size)],
+    )
+    try:
+        names = [f"m{i}" for i in range(size - 1)]
+        parts = max(1, min(load_workers, len(names) // 50 or 1))
+        groups = [names[i::parts] for i in range(parts)]
+        specs = [MemberSpec(server.address, g) for g in groups]
+        with workers(run_members, specs) as members:
+            members.gather("ready", 600)
+            sender_spec = SenderSpec(server.address, names, rate)
+            with workers(run_sender, [sender_spec]) as sender:
+                sender.gather("ready", 600)
+                cpu0 = server.cpu()
+                t0 = time.monotonic() + START_DELAY
+                sender.tell("start", t0, t0 + duration)
+                (sent,) = sender.gather("done", duration + 120)
+                time.sleep(0.2)  # the last receipts' acks
+                cpu1 = server.cpu()
+                members.tell("stop")
+                results = members.gather("done", 120)
+                sender.tell("exit")
+    finally:
+        server.stop()
+    arrivals: dict[tuple[int, int], list[int]] = {}
+    received = duplicates = 0
+    load_cpu = sent["cpu_s"]
+    for r in results:
+        received += r["received"]
+        duplicates += r["duplicates"]
+        load_cpu += r["cpu_s"]
+        stamps, latest, reached = (array.array("q") for _ in range(3))
+        stamps.frombytes(r["stamps"])
+        latest.frombytes(r["latest"])
+        reached.frombytes(r["reached"])
+        for key, stamp, last, count in zip(json.loads(r["ids"]), stamps, latest, reached,
+                                           strict=True):  # fmt: skip
+            entry = arrivals.setdefault(tuple(key), [stamp, 0, 0])
+            entry[1] = max(entry[1], last)
+            entry[2] += count
+    complete = [(last - stamp) / 1e6 for stamp, last, count in arrivals.values()
+                if count == size - 1]  # fmt: skip
+    complete.sort()
+    last_arrival = max((last for _, last, _ in arrivals.values()), default=0) / 1e9
+    elapsed = max(1e-9, max(last_arrival, sent["last_receipt"]) - t0)
+    return {
+        "members": size, "rate": rate, "duration_s": duration, "sent": sent["sent"],
+        "accepted": sent["accepted"], "completed": sent["completed"],
+        "recipients": sent["recipients"], "delivered_by_receipts": sent["delivered_by"],
+        "copies": received, "copies_expected": sent["sent"] * (size - 1),
+        "duplicates": duplicates, "messages_everyone_has": len(complete),
+        "elapsed_s": elapsed, "copies_per_s": received / elapsed,
+        "server_cpu_s": cpu1 - cpu0, "cpu_us_per_copy": (cpu1 - cpu0) / max(1, received) * 1e6,
+        "load_cpu_s": load_cpu, "load_processes": len(results) + 1,
+        "last_member_p50_ms": percentile(complete, 50),
+        "last_member_p99_ms": percentile(complete, 99),
+        "last_member_max_ms": complete[-1] if complete else 0.0,
+    }  # fmt: skip
+
+
+def direct_phase(duration: float, load_workers: int, tmp: Path) -> dict[str, Any]:
+    """A direct message's server CPU, for comparison: 4 pairs flat out."""
+    opts = Options(quick=False, runs=1, duration=duration, latency_duration=duration,
+                   sessions=0, gui_duration=0, workers=load_workers, gui=False, pairs=(4,),
+                   json_out=None, profile=False, keep=False)  # fmt: skip
+    return traffic_phase("server", 4, duration, 64, opts, tmp)
+
+
+def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
+        load_workers: int, say: Any) -> dict[str, Any]:  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="udp-chat-fanout-"))
+    out: dict[str, Any] = {"phases": []}
+    try:
+        say(f"fanout: direct messages for comparison, 4 pairs, {duration:g} s")
+        direct = direct_phase(duration, load_workers, tmp)
+        out["direct_cpu_us_per_msg"] = direct["cpu_us_per_msg"]
+        out["direct_msgs_per_s"] = direct["msgs_per_s"]
+        for size in sizes:
+            for rate in (None, steady_rate):
+                mode = "flat out" if rate is None else f"{rate:g} msg/s"
+                say(f"fanout: a group of {size}, {mode}, {duration:g} s")
+                phase = fanout_phase(size, rate, duration, load_workers, tmp)
+                phase["copy_to_direct_cpu"] = phase["cpu_us_per_copy"] / max(
+                    1e-9, out["direct_cpu_us_per_msg"]
+                )
+                out["phases"].append(phase)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def table(figures: dict[str, Any]) -> str:
+    rows = [("group, mode", "copies/s", "CPU us/copy (x direct)", "last member p50/p99/max ms",
+             "sent / everyone has / dup")]  # fmt: skip
+    for p in figures["phases"]:
+        mode = "flat out" if p["rate"] is None else f"{p['rate']:g} msg/s"
+        rows.append((
+            f"{p['members']:,} members, {mode}", f"{p['copies_per_s']:,.0f}",
+            f"{p['cpu_us_per_copy']:.1f} ({p['copy_to_direct_cpu']:.2f}x)",
+            f"{p['last_member_p50_ms']:.0f} / {p['last_member_p99_ms']:.0f} / "
+            f"{p['last_member_max_ms']:.0f}",
+            f"{p['sent']} / {p['messages_everyone_has']} / {p['duplicates']}",
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"direct message: {figures['direct_cpu_us_per_msg']:.1f} us CPU/msg "
+                 f"({figures['direct_msgs_per_s']:,.0f} msg/s, 4 pairs); targets: a copy <= "
+                 f"1/3 of it, p99 <= {TARGET_P99_MS:.0f} ms at 10 msg/s into 1,000")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fanout", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny groups, a few seconds")
+    parser.add_argument("--sizes", help="group sizes (default 100,1000; --quick 10)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds of sending per phase (default 5; --quick 0.5)")  # fmt: skip
+    parser.add_argument("--rate", type=float, default=10.0, help="the steady phase's msg/s")
+    parser.add_argument("--workers", type=int, default=2, help="member load processes at most")
+    parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in (args.sizes or ("10" if args.quick else "100,1000")).split(",")]
+    duration = args.duration or (0.5 if args.quick else 5.0)
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    figures = run(args.quick, sizes, duration, args.rate, max(1, args.workers), say)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(table(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Groups: who is in which group, who owns it, and each group's one sequence.
+
+Pure state and rules, no I/O: the relay (`chat_server.Relay`) owns a
+`GroupTable` on its loop thread, asks it whether a request may be done
+(`GroupRefused` carries the error code and a sentence for a person), makes
+the change here, and turns what changed into a typed store operation
+(`server_store.StoreGroupItem`, ...) and the members' GROUP_DELIVERs and
+GROUP_EVENTs.
+
+One sequence per group: every message and every membership change of a
+group takes the next `group_seq` from `GroupTable.next_seq`, the only place
+one is given out (a Redis store would replace it with an INCR or a stream
+id), so all members see one order. A member sees the group's entries from
+the one that added them (`Member.joined_seq`) on; a member who left or was
+removed sees up to the entry that says so (`Member.left_seq`) and nothing
+after, and is kept here as a former member only until their client has
+everything up to it. What each member has is one number, `Member.cursor`:
+the highest `group_seq` their client receipted (delivery is in order on
+the group's stream, so a receipt of seq k covers everything up to k): no
+row per member per message.
+
+Ownership passes to the longest-standing member when the owner leaves
+(members are kept in joining order); the group ends with its last member.
+"""
+
+from __future__ import annotations
+
+from protocol import (
+    GROUP_REQUEST_USERS_MAX,
+    ErrorCode,
+    LocalProtocolError,
+    name_key,
+    normalize_name,
+)
+
+__all__ = ["Group", "GroupRefused", "GroupTable", "Member", "group_name"]
+
+#: Default cap on a group's members: Signal's hard limit (issue 14).
+DEFAULT_MAX_MEMBERS = 1000
+
+
+class GroupRefused(Exception):
+    """A group request that may not be done: `code` goes to the client
+    (GROUP_RESULT or FAIL), the message says why and what to do."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Member:
+    """One member of a group (or a former one still being caught up)."""
+
+    __slots__ = ("key", "name", "joined_seq", "rank", "left_seq", "cursor")
+
+    def __init__(
+        self, key: str, name: str, joined_seq: int, rank: int, left_seq: int | None = None,
+        cursor: int | None = None,
+    ) -> None:  # fmt: skip
+        self.key = key
+        self.name = name
+        self.joined_seq = joined_seq  # the entry that added them: the first they see
+        self.rank = rank  # joining order among those added by one entry
+        self.left_seq = left_seq  # the entry that removed them (the last they see), or None
+        # The highest group_seq their client has receipted (or passed over:
+        # their own messages); below joined_seq until the first receipt.
+        self.cursor = joined_seq - 1 if cursor is None else cursor
+
+    def sees(self, seq: int) -> bool:
+        """Whether the entry `seq` is for this member."""
+        return self.joined_seq <= seq and (self.left_seq is None or seq <= self.left_seq)
+
+    @property
+    def caught_up(self) -> bool:
+        """A former member whose client has everything meant for them."""
+        return self.left_seq is not None and self.cursor >= self.left_seq
+
+
+class Group:
+    __slots__ = ("key", "name", "owner", "seq", "members", "former")
+
+    def __init__(self, key: str, name: str, owner: str, seq: int = 0) -> None:
+        self.key = key
+        self.name = name  # the display name, without '#'
+        self.owner = owner  # a member's key
+        self.seq = seq  # the last group_seq given out
+        # Current members by key, in joining order: the first is the
+        # longest-standing (it becomes owner when the owner leaves).
+        self.members: dict[str, Member] = {}
+        # Removed or left, until their client has the entry that says so.
+        self.former: dict[str, Member] = {}
+
+    def audience(self, seq: int) -> list[Member]:
+        """Everyone the entry `seq` is for: those who were members there."""
+        found = [m for m in self.members.values() if m.joined_seq <= seq]
+        found.extend(m for m in self.former.values() if m.sees(seq))
+        return found
+
+    def member(self, key: str) -> Member | None:
+        """A member or a former member still catching up."""
+        return self.members.get(key) or self.former.get(key)
+
+    def owner_name(self) -> str:
+        owner = self.members.get(self.owner)
+        return owner.name if owner is not None else ""
+
+
+def group_name(text: str) -> tuple[str, str]:
+    """(display name, key) of a group name as typed, '#' or not; the
+    user-name rules apply (`GroupRefused` with INVALID_NAME otherwise)."""
+    bare = text[1:] if text.startswith("#") else text
+    try:
+        shown = normalize_name(bare)
+    except LocalProtocolError as exc:
+        raise GroupRefused(ErrorCode.INVALID_NAME, f"group name: {exc}") from None
+    return shown, name_key(shown)
+
+
+class GroupTable:
+    """Every group of the server, and each user's groups."""
+
+    def __init__(self, max_members: int = DEFAULT_MAX_MEMBERS) -> None:
+        self.max_members = max_members
+        self.groups: dict[str, Group] = {}
+        self.of_user: dict[str, dict[str, None]] = {}  # user key -> keys of their groups
+        # user key -> keys of the groups they left and have not caught up on
+        self.former_of: dict[str, dict[str, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def get(self, key: str) -> Group | None:
+        return self.groups.get(key)
+
+    def user_groups(self, user_key: str) -> list[Group]:
+        """The groups `user_key` is a member of, oldest membership first."""
+        return [self.groups[k] for k in self.of_user.get(user_key, ())]
+
+    def next_seq(self, group: Group) -> int:
+        """The group's next `group_seq`: the one place a sequence number is
+        given out (messages and membership changes alike)."""
+        group.seq += 1
+        return group.seq
+
+    # --- loading (start-up) -----------------------------------------------------
+
+    def restore(self, group: Group) -> None:
+        """A group read back from the store, with its members and former members."""
+        self.groups[group.key] = group
+        for key in group.members:
+            self.of_user.setdefault(key, {})[group.key] = None
+        for key in group.former:
+            self.former_of.setdefault(key, {})[group.key] = None
+
+    def catching_up(self, user_key: str) -> list[Group]:
+        """The groups `user_key` is in, or left and has entries of still to get."""
+        keys = [*self.of_user.get(user_key, ()), *self.former_of.get(user_key, ())]
+        return [self.groups[k] for k in keys if k in self.groups]
+
+    # --- the rules: each raises GroupRefused, or returns what to do -------------
+
+    def member_of(self, group_text: str, user_key: str) -> Group:
+        """The group named `group_text` if `user_key` is a member of it."""
+        name, key = group_name(group_text)
+        group = self.groups.get(key)
+        if group is None:
+            raise GroupRefused(ErrorCode.NO_SUCH_GROUP, f"there is no group #{name}")
+        if user_key not in group.members:
+            raise GroupRefused(ErrorCode.NOT_A_MEMBER, f"you are not a member of #{group.name}")
+        return group
+
+    def check_users(self, users: tuple[str, ...]) -> None:
+        if len(users) > GROUP_REQUEST_USERS_MAX:
+            raise GroupRefused(ErrorCode.TOO_LONG, f"{len(users)} users in one request; at most "
+                               f"{GROUP_REQUEST_USERS_MAX}: add the rest in another")  # fmt: skip
+
+    def check_room(self, group_size: int, adding: int) -> None:
+        if group_size + adding > self.max_members:
+            raise GroupRefused(ErrorCode.GROUP_FULL, f"a group has at most {self.max_members} "
+                               f"members; this would make {group_size + adding}")  # fmt: skip
+
+    def check_create(self, group_text: str) -> tuple[str, str]:
+        name, key = group_name(group_text)
+        if key in self.groups:
+            raise GroupRefused(
+                ErrorCode.GROUP_EXISTS,
+                f"a group #{self.groups[key].name} exists; pick another name",
+            )
+        return name, key
+
+    # --- the changes ------------------------------------------------------------
+
+    def create(self, name: str, key: str, owner: tuple[str, str],
+               others: list[tuple[str, str]]) -> tuple[Group, int]:  # fmt: skip
+        """A new group of `owner` (key, name) and `others`; its first entry
+        (seq 1, CREATED) adds them all."""
+        group = self.groups[key] = Group(key, name, owner[0])
+        seq = self.next_seq(group)
+        for rank, (member_key, member_name) in enumerate([owner, *others]):
+            self._join(group, member_key, member_name, seq, rank)
+        return group, seq
+
+    def add(self, group: Group, users: list[tuple[str, str]]) -> int:
+        seq = self.next_seq(group)
+        for rank, (member_key, member_name) in enumerate(users):
+            self._join(group, member_key, member_name, seq, rank)
+        return seq
+
+    def _join(self, group: Group, key: str, name: str, seq: int, rank: int) -> None:
+        # One removed earlier and added again starts afresh from here.
+        if group.former.pop(key, None) is not None:
+            self._unindex_former(key, group.key)
+        group.members[key] = Member(key, name, seq, rank)
+        self.of_user.setdefault(key, {})[group.key] = None
+
+    def remove(self, group: Group, keys: list[str]) -> int:
+        """Remove members (the entry's seq is the last thing they see)."""
+        seq = self.next_seq(group)
+        for key in keys:
+            self._part(group, key, seq)
+        return seq
+
+    def leave(self, group: Group, key: str) -> tuple[int, str | None]:
+        """`key` leaves: (the LEFT entry's seq, the new owner's key if
+        ownership passed). The group is then empty if it had one member."""
+        seq = self.next_seq(group)
+        self._part(group, key, seq)
+        new_owner = None
+        if group.owner == key and group.members:
+            new_owner = group.owner = next(iter(group.members))
+        return seq, new_owner
+
+    def _part(self, group: Group, key: str, seq: int) -> None:
+        member = group.members.pop(key)
+        member.left_seq = seq
+        if not member.caught_up:
+            group.former[key] = member
+            self.former_of.setdefault(key, {})[group.key] = None
+        mine = self.of_user.get(key)
+        if mine is not None:
+            mine.pop(group.key, None)
+            if not mine:
+                del self.of_user[key]
+
+    def end(self, group: Group) -> None:
+        """The group's last member left: it is gone, and its name is free
+        (what former members had still to get goes with it)."""
+        self.groups.pop(group.key, None)
+        for key in list(group.members):
+            self._part(group, key, group.seq)
+        for key in group.former:
+            self._unindex_former(key, group.key)
+        group.former.clear()
+
+    def _unindex_former(self, user_key: str, group_key: str) -> None:
+        mine = self.former_of.get(user_key)
+        if mine is not None:
+            mine.pop(group_key, None)
+            if not mine:
+                del self.former_of[user_key]
+
+    def forget_former(self, group: Group, member: Member) -> bool:
+        """Drop a former member who has caught up; True if dropped."""
+        if member.caught_up and group.former.get(member.key) is member:
+            del group.former[member.key]
+            self._unindex_former(member.key, group.key)
+            return True
+        return False
