@@ -1197,8 +1197,8 @@ class ClientCore:
             for out in self.outbox.values() if out.state == MessageState.SENDING
         ]  # fmt: skip
         again.extend(self._unanswered_requests())
-        for _, message, peer in sorted(again, key=lambda item: item[0]):
-            self.conn.send(encode_message(message),
+        for _, resent, peer in sorted(again, key=lambda item: item[0]):
+            self.conn.send(encode_message(resent),
                            conversation_stream(peer) if peer else CONTROL_STREAM)  # fmt: skip
 
     def _hand_on_unshown(self) -> None:
@@ -1209,8 +1209,10 @@ class ClientCore:
         for stored in self.store.unshown():
             self.awaiting.add(stored.server_msg_id)
             if stored.change is not None and stored.group is not None:
-                self._emit(GroupChanged(stored.group, stored.change, stored.sender, stored.users,
-                                        stored.server_msg_id, stored.sent_ms, stored.group_seq))  # fmt: skip
+                change = GroupChanged(stored.group, stored.change, stored.sender, stored.users,
+                                      stored.server_msg_id, stored.sent_ms,
+                                      stored.group_seq)  # fmt: skip
+                self._emit(change)
                 continue
             received = MessageReceived(stored.sender, stored.text, stored.server_msg_id,
                                        stored.sent_ms, stored.msg_id.label(), stored.group,
@@ -1427,7 +1429,8 @@ class ClientCore:
                 message.server_msg_id, message.group_seq,
             )  # fmt: skip
             event = GroupChanged(message.group, change, message.by, message.users,
-                                 message.server_msg_id, message.sent_ms, message.group_seq)  # fmt: skip
+                                 message.server_msg_id, message.sent_ms,
+                                 message.group_seq)  # fmt: skip
             self._arrived(arrival, event)
         elif isinstance(message, GroupAccept):
             self._group_accepted(message)
@@ -1444,7 +1447,8 @@ class ClientCore:
                 code = ErrorCode(message.code)
             except ValueError:
                 code = ErrorCode.SERVER_ERROR
-            self._emit(ErrorEvent(code.label, message.message or f"#{entry[1].group}: {code.label}"))
+            text = message.message or f"#{entry[1].group}: {code.label}"
+            self._emit(ErrorEvent(code.label, text))
         elif isinstance(message, GroupInfo):
             if message.request_id not in self.group_requests:
                 return  # an answer sent again

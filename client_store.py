@@ -29,6 +29,7 @@ as) also takes a fresh instance id: see `_check_identity`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -38,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from client_core import Arrival, MessageState, StoredMessage
+from client_core import Arrival, GroupChanged, MessageState, StoredMessage
 from common import LockHeld, data_dir, i64, lock_file, u64
-from protocol import MsgId, name_key
+from protocol import MsgId, group_address, name_key
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -62,12 +63,28 @@ CREATE TABLE IF NOT EXISTS identity (
     path TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS login_ticket (instance_id INTEGER PRIMARY KEY, ticket BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS group_receipts (
+    instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL, by_key TEXT NOT NULL,
+    by_name TEXT NOT NULL, PRIMARY KEY (instance_id, client_seq, by_key)
+);
 """
 # Added after the first release: stores made before get them on open. Rows
 # from then were shown when they arrived (DEFAULT 1).
 HISTORY_COLUMNS = {
     "server_msg_id": "ALTER TABLE history ADD COLUMN server_msg_id INTEGER",
     "shown": "ALTER TABLE history ADD COLUMN shown INTEGER NOT NULL DEFAULT 1",
+    # Groups (issue 14). A group's rows have `peer` '#team' and `grp` 'team';
+    # `grp_seq` is the row's place in the group's one order. A membership
+    # change is a row of its own (`grp_change`, `grp_users` as JSON, `text`
+    # in words), keyed by the server's id (`instance_id` 0, `client_seq` the
+    # server's id). Our group messages get `grp_recipients` (the N of
+    # "delivered 2 of N") when accepted; who has them is `group_receipts`.
+    "grp": "ALTER TABLE history ADD COLUMN grp TEXT",
+    "grp_seq": "ALTER TABLE history ADD COLUMN grp_seq INTEGER",
+    "grp_sender": "ALTER TABLE history ADD COLUMN grp_sender TEXT",
+    "grp_change": "ALTER TABLE history ADD COLUMN grp_change TEXT",
+    "grp_users": "ALTER TABLE history ADD COLUMN grp_users TEXT",
+    "grp_recipients": "ALTER TABLE history ADD COLUMN grp_recipients INTEGER",
 }
 # After the columns exist: `mark_shown` finds a row by the server's id.
 INDEXES = "CREATE INDEX IF NOT EXISTS history_server_id ON history (server_msg_id);"
@@ -235,6 +252,8 @@ class ClientStore:
             row = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
             self.next_seq = int(row[0]) if row else 1
         self._in_tx = False
+        row = self.db.execute("SELECT value FROM meta WHERE key='next_request'").fetchone()
+        self._next_request = int(row[0]) if row is not None and not self.locked else 1
         # History up to here is from earlier runs; what comes later reaches
         # the window as events, so it must not be read back twice.
         row = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM history").fetchone()
@@ -370,13 +389,15 @@ class ClientStore:
         if self.locked:
             return []
         rows = self.db.execute(
-            "SELECT peer, instance_id, client_seq, text, ts_ms, server_msg_id FROM history "
-            "WHERE outgoing=0 AND shown=0 ORDER BY server_msg_id, id"
+            "SELECT peer, instance_id, client_seq, text, ts_ms, server_msg_id, grp, grp_seq,"
+            " grp_sender, grp_change, grp_users FROM history"
+            " WHERE outgoing=0 AND shown=0 ORDER BY server_msg_id, id"
         ).fetchall()
         return [
-            StoredMessage(peer, MsgId(u64(i), s), text, ts, server_id)
-            for peer, i, s, text, ts, server_id in rows
-        ]
+            StoredMessage(peer if group is None else sender, MsgId(u64(i), s), text, ts,
+                          server_id, group, seq or 0, change, tuple(json.loads(users or "[]")))
+            for peer, i, s, text, ts, server_id, group, seq, sender, change, users in rows
+        ]  # fmt: skip
 
     def pending(self) -> list[tuple[MsgId, str, str]]:
         """What was sent from this store that the server has not accepted,
@@ -412,6 +433,83 @@ class ClientStore:
         self.db.execute(
             "INSERT OR REPLACE INTO login_ticket VALUES (?, ?)", (i64(self.instance_id), ticket)
         )
+
+    # --- groups (network thread) --------------------------------------------
+
+    def add_group_message(
+        self, group: str, sender: str, msg_id: MsgId, text: str, sent_ms: int,
+        server_msg_id: int, group_seq: int,
+    ) -> Arrival:  # fmt: skip
+        """Store a group message, not shown yet (see `add_incoming`)."""
+        self.begin()
+        peer = group_address(group)
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
+            " instance_id, client_seq, state, server_msg_id, shown, grp, grp_seq, grp_sender)"
+            " VALUES (?, ?, 0, ?, ?, ?, ?, ?, NULL, ?, 0, ?, ?, ?)",
+            (name_key(peer), peer, text, sent_ms, name_key(sender), i64(msg_id.instance_id),
+             msg_id.client_seq, server_msg_id, group, group_seq, sender),
+        )  # fmt: skip
+        if cursor.rowcount == 1:
+            return "new"
+        row = self.db.execute(
+            "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=? "
+            "AND client_seq=?",
+            (name_key(sender), i64(msg_id.instance_id), msg_id.client_seq),
+        ).fetchone()
+        return "shown" if row is not None and row[0] else "unshown"
+
+    def add_group_event(
+        self, group: str, change: str, by: str, users: tuple[str, ...], sent_ms: int,
+        server_msg_id: int, group_seq: int,
+    ) -> Arrival:  # fmt: skip
+        """Store a membership change, not shown yet; its words go in `text`
+        (what a search of the history finds)."""
+        self.begin()
+        peer = group_address(group)
+        words = GroupChanged(group, change, by, users, server_msg_id, sent_ms).describe()
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
+            " instance_id, client_seq, state, server_msg_id, shown, grp, grp_seq, grp_sender,"
+            " grp_change, grp_users) VALUES (?, ?, 0, ?, ?, ?, 0, ?, NULL, ?, 0, ?, ?, ?, ?, ?)",
+            (name_key(peer), peer, words, sent_ms, name_key(by), i64(server_msg_id),
+             server_msg_id, group, group_seq, by, change, json.dumps(list(users))),
+        )  # fmt: skip
+        if cursor.rowcount == 1:
+            return "new"
+        row = self.db.execute(
+            "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=0 "
+            "AND client_seq=?",
+            (name_key(by), i64(server_msg_id)),
+        ).fetchone()
+        return "shown" if row is not None and row[0] else "unshown"
+
+    def set_recipients(self, msg_id: MsgId, recipients: int, group_seq: int) -> None:
+        self.begin()
+        self.db.execute(
+            "UPDATE history SET grp_recipients=?, grp_seq=? WHERE outgoing=1 AND sender_key=? "
+            "AND instance_id=? AND client_seq=?",
+            (recipients, group_seq, name_key(self.username), i64(msg_id.instance_id),
+             msg_id.client_seq),
+        )  # fmt: skip
+
+    def add_group_receipt(self, msg_id: MsgId, by: str) -> bool:
+        self.begin()
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO group_receipts VALUES (?, ?, ?, ?)",
+            (i64(msg_id.instance_id), msg_id.client_seq, name_key(by), by),
+        )
+        return cursor.rowcount == 1
+
+    def take_request_id(self) -> int:
+        request_id = self._next_request
+        self._next_request += 1
+        if not self.locked:  # a one-off instance numbers in memory
+            self.begin()
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('next_request', ?)", (self._next_request,)
+            )
+        return request_id
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -619,3 +717,65 @@ def mark_shown(path: Path, server_msg_ids: list[int]) -> None:
             db.execute("COMMIT")
     finally:
         db.close()
+
+
+@dataclass(frozen=True)
+class GroupLine:
+    """One line of a group's stored history: our message (`own`), a
+    member's (`peer`), or a membership change (`event`)."""
+
+    kind: str  # "own", "peer" or "event"
+    sender: str
+    text: str  # a change: in words
+    ts_ms: int
+    msg_id: str  # a message's id, `instance-seq`
+    seq: int | None  # its place in the group's order (ours: once accepted)
+    state: str | None = None  # ours: its state
+    recipients: int | None = None  # ours: the members it went to
+    delivered_by: tuple[str, ...] = ()  # ours: who has it
+    change: str | None = None  # a change: its label
+    users: tuple[str, ...] = ()
+
+
+def read_group_history(
+    path: Path, group: str, limit: int = 500, upto: int | None = None
+) -> list[GroupLine]:
+    """The last `limit` lines of group `group` (no '#'; stored up to row
+    `upto`, if given), oldest first, with what only a group has: senders,
+    membership changes, recipients and who has each of our messages. A
+    received line not shown yet is left out (see `read_history`)."""
+    if not path.exists():
+        return []
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA busy_timeout=2000")
+        rows = db.execute(
+            "SELECT outgoing, text, ts_ms, instance_id, client_seq, state, grp_seq, grp_sender,"
+            " grp_change, grp_users, grp_recipients FROM history"
+            " WHERE peer_key=? AND id<=? AND (outgoing=1 OR shown=1) ORDER BY id DESC LIMIT ?",
+            (name_key(group_address(group)), upto if upto is not None else 2**63 - 1, limit),
+        ).fetchall()
+        lines: list[GroupLine] = []
+        for out, text, ts, i, seq_no, state, seq, sender, change, users, recipients in reversed(
+            rows
+        ):
+            label = MsgId(u64(i), seq_no).label()
+            if out:
+                got = db.execute(
+                    "SELECT by_name FROM group_receipts WHERE instance_id=? AND client_seq=?"
+                    " ORDER BY rowid",
+                    (i, seq_no),
+                ).fetchall()
+                lines.append(GroupLine("own", "", text, ts, label, seq, state, recipients,
+                                       tuple(r[0] for r in got)))  # fmt: skip
+            elif change is not None:
+                named = tuple(json.loads(users or "[]"))
+                lines.append(GroupLine("event", sender or "", text, ts, label, seq,
+                                       change=change, users=named))  # fmt: skip
+            else:
+                lines.append(GroupLine("peer", sender or "", text, ts, label, seq))
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
+    return lines
