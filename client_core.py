@@ -335,7 +335,7 @@ class GroupChanged:
     def describe(self) -> str:
         """The change in words, for a person (terminal line, transcript)."""
         what = {
-            "created": f"{self.by} created {self.conversation} with {', '.join(self.users)}",
+            "created": f"{self.by} created the group with {', '.join(self.users)}",
             "added": f"{self.by} added {', '.join(self.users)}",
             "removed": f"{self.by} removed {', '.join(self.users)}",
             "left": f"{self.user} left",
