@@ -1496,8 +1496,11 @@ class ClientCore:
     def _group_delivered(self, msg_id: MsgId, group: str, by: str) -> None:
         """Member `by` has our message: one `delivered` per member, once."""
         out = self.outbox.get(msg_id)
-        if out is None and self.store.state_of(msg_id) is None:
-            return  # not ours (another instance of this user sent it)
+        if out is None and self.store.state_of(msg_id) not in (
+            MessageState.ACCEPTED,
+            MessageState.DELIVERED,
+        ):
+            return  # not ours (another instance of this user sent it), or failed: final
         if not self.store.add_group_receipt(msg_id, by):
             return  # told before (a receipt relayed again)
         self.store.set_state(msg_id, MessageState.DELIVERED)
