@@ -1,0 +1,452 @@
+"""Groups on the client's side (issue 14), in memory: `ClientCore` and its
+stores with a fake clock, against the real `Relay` (tests/test_client_core's
+`Net`).
+
+Some server behaviour a test needs exactly (a page boundary, a receipt
+relayed twice, an answer after a re-login) is pushed down the member's
+real session by `push`, as the server would send it; what the client sends
+is read where the relay takes it in (`Sent`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chat_server import Relay
+from client_core import (
+    ClientCore,
+    ClientError,
+    ErrorEvent,
+    GroupChanged,
+    GroupsListed,
+    MembersListed,
+    MemoryStore,
+    MessageReceived,
+    MessageState,
+    StatusChanged,
+    check_group_request,
+    check_outgoing,
+    normalize_peer,
+)
+from client_store import ClientStore, read_group_history
+from protocol import (
+    CONTROL_STREAM,
+    ErrorCode,
+    Fail,
+    GroupAccept,
+    GroupAction,
+    GroupDeliver,
+    GroupDelivereds,
+    GroupEvent,
+    GroupInfo,
+    GroupList,
+    GroupRequest,
+    GroupResult,
+    Message,
+    MsgId,
+    Receipt,
+    Receipts,
+    Send,
+    conversation_stream,
+    group_address,
+    is_group_address,
+)
+from tests.test_client_core import Client, Net
+
+
+class Member(Client):
+    """A client whose front end shows group changes as well as messages."""
+
+    def take_events(self) -> bool:
+        got = False
+        while (event := self.core.next_event()) is not None:
+            got = True
+            self.events.append(event)
+            if isinstance(event, MessageReceived | GroupChanged):
+                if self.shows:
+                    self.core.shown(event.id)
+                elif isinstance(event, MessageReceived):
+                    self.unshown.append(event)
+        return got
+
+
+def add(net: Net, name: str, **kwargs: Any) -> Member:
+    client = net.add(name, f"{name}-pw", **kwargs)
+    member = Member(client.core, client.addr)
+    net.clients[client.addr] = member
+    return member
+
+
+def login(net: Net, *names: str, **kwargs: Any) -> list[Member]:
+    members = [add(net, name, **kwargs) for name in names]
+    net.run(lambda: all(m.logged_in for m in members), f"{names} logged in")
+    return members
+
+
+def push(net: Net, user: str, *messages: Message) -> None:
+    """Send `messages` to `user` down the relay's session, as the server
+    would: a group's on its stream, the rest on the control stream."""
+    session = next(s for s in net.relay.sessions.values() if s.user.name == user)
+    for message in messages:
+        group = getattr(message, "group", "")
+        stream = conversation_stream(group_address(group)) if group else CONTROL_STREAM
+        if isinstance(message, GroupDelivereds | GroupAccept | GroupResult | GroupList):
+            stream = CONTROL_STREAM
+        net.relay._send(session, message, stream=stream)
+
+
+class Sent:
+    """What the relay is handed by its clients: group requests and receipts
+    (recorded, then passed on to the relay as they were), and messages to
+    groups (recorded and kept from the relay: the test answers them)."""
+
+    def __init__(self, relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.requests: list[tuple[str, GroupRequest]] = []
+        self.receipts: list[tuple[str, int]] = []
+        self.sends: list[Send] = []
+        dispatch = relay._dispatch
+
+        def recording(session: Any, message: Message, now: float) -> None:
+            if isinstance(message, Send) and is_group_address(message.to):
+                self.sends.append(message)
+                return
+            if isinstance(message, GroupRequest):
+                self.requests.append((session.user.name, message))
+            elif isinstance(message, Receipt):
+                self.receipts.append((session.user.name, message.server_msg_id))
+            elif isinstance(message, Receipts):
+                self.receipts.extend((session.user.name, i) for i in message.server_msg_ids)
+            dispatch(session, message, now)
+
+        monkeypatch.setattr(relay, "_dispatch", recording)
+
+
+@pytest.fixture
+def net() -> Net:
+    return Net()
+
+
+@pytest.fixture
+def sent(net: Net, monkeypatch: pytest.MonkeyPatch) -> Sent:
+    return Sent(net.relay, monkeypatch)
+
+
+CREATED = GroupEvent(900, 1, "team", 1, "alice", ("alice", "bob", "carol"), 1_700_000_000_000)
+
+
+# --- the JSON events of issue 14 ---------------------------------------------------
+
+
+def test_group_events_are_issue_14s_json() -> None:
+    created = GroupChanged("team", "created", "alice", ("alice", "bob", "carol"), 900, 5)
+    assert created.to_json() == {"event": "group", "group": "team", "change": "created",
+                                 "by": "alice", "members": ["alice", "bob", "carol"]}  # fmt: skip
+    added = GroupChanged("team", "added", "bob", ("dave",), 901, 5)
+    assert added.to_json() == {"event": "group", "group": "team", "change": "added",
+                               "by": "bob", "user": "dave"}  # fmt: skip
+    removed = GroupChanged("team", "removed", "alice", ("dave",), 902, 5)
+    assert removed.to_json()["change"] == "removed" and removed.to_json()["user"] == "dave"
+    left = GroupChanged("team", "left", "carol", (), 903, 5)
+    assert left.to_json() == {"event": "group", "group": "team", "change": "left",
+                              "by": "carol", "user": "carol"}  # fmt: skip
+    owner = GroupChanged("team", "owner", "alice", ("bob",), 904, 5)
+    assert owner.to_json()["user"] == "bob" and owner.describe() == "bob is the owner now"
+    assert MembersListed("team", "alice", ("alice", "bob")).to_json() == {
+        "event": "members", "group": "team", "owner": "alice", "members": ["alice", "bob"]
+    }  # fmt: skip
+    assert GroupsListed(("team", "ops")).to_json() == {"event": "groups", "groups": ["team", "ops"]}
+    message = MessageReceived("alice", "hi", 905, 6, "00-1", "team", 7)
+    assert message.to_json() == {"event": "message", "from": "alice", "group": "team",
+                                 "text": "hi", "id": 905, "sent_ms": 6}  # fmt: skip
+    direct = MessageReceived("alice", "hi", 906, 6).to_json()
+    assert direct == {"event": "message", "from": "alice", "text": "hi", "id": 906,
+                      "sent_ms": 6}  # fmt: skip
+    sending = StatusChanged("00-1", MessageState.SENDING, "#team", "hi")
+    assert sending.to_json() == {"event": "status", "id": "00-1", "state": "sending",
+                                 "to": "#team", "text": "hi", "group": "team"}  # fmt: skip
+    accepted = StatusChanged("00-1", MessageState.ACCEPTED, "#team", "hi", recipients=2)
+    assert accepted.to_json() == {"event": "status", "id": "00-1", "state": "accepted",
+                                  "group": "team", "recipients": 2}  # fmt: skip
+    delivered = StatusChanged("00-1", MessageState.DELIVERED, "#team", "hi", by="bob")
+    assert delivered.to_json() == {"event": "status", "id": "00-1", "state": "delivered",
+                                   "group": "team", "by": "bob"}  # fmt: skip
+    failed = StatusChanged("00-1", MessageState.FAILED, "#team", "hi", "not_a_member")
+    assert failed.to_json() == {"event": "status", "id": "00-1", "state": "failed",
+                                "reason": "not_a_member", "group": "team"}  # fmt: skip
+
+
+def test_group_and_user_names_are_checked_before_anything_is_sent() -> None:
+    assert normalize_peer(" #Team ") == "#Team"
+    assert normalize_peer("bob") == "bob"
+    assert check_outgoing("hi", "#team") == "#team"
+    with pytest.raises(ClientError) as bad:
+        check_outgoing("hi", "#no way")
+    assert bad.value.code == ErrorCode.INVALID_NAME
+    assert check_group_request(GroupAction.CREATE, "#team", ["Bob", "carol"]) == (
+        "team", ("Bob", "carol")
+    )  # fmt: skip
+    assert check_group_request(GroupAction.MEMBERS, "team") == ("team", ())  # '#' optional
+    assert check_group_request(GroupAction.LIST, "ignored") == ("", ())
+    for action, group, users in [
+        (GroupAction.CREATE, "#", []),
+        (GroupAction.CREATE, "#te am", []),
+        (GroupAction.ADD, "#team", ["no body"]),
+        (GroupAction.ADD, "#team", []),  # whom?
+        (GroupAction.REMOVE, "#team", []),
+    ]:
+        with pytest.raises(ClientError) as caught:
+            check_group_request(action, group, users)
+        assert caught.value.code == ErrorCode.INVALID_NAME, (action, group, users)
+    core = ClientCore("alice", "pw")
+    with pytest.raises(ClientError):
+        core.group_request(GroupAction.CREATE, "#bad name")
+    assert core.group_requests == {}  # nothing kept, nothing to send
+
+
+# --- received: committed, shown once, receipted ------------------------------------
+
+
+def test_group_lines_are_shown_once_in_order_and_receipted_only_after_shown(
+    net: Net, sent: Sent
+) -> None:
+    (bob,) = login(net, "bob")
+    bob.shows = False
+    hello = GroupDeliver(901, 2, MsgId(5, 1), "team", "alice", "hello team", 7)
+    push(net, "bob", CREATED, hello)
+    net.run(lambda: len(bob.unshown) == 1, "bob has both")
+    handed = [e for e in bob.events if isinstance(e, MessageReceived | GroupChanged)]
+    assert [e.to_json()["event"] for e in handed] == ["group", "message"]  # the group's order
+    assert handed[1].to_json() == {"event": "message", "from": "alice", "group": "team",
+                                   "text": "hello team", "id": 901, "sent_ms": 7}  # fmt: skip
+    assert bob.core.peer == "#team"  # a plain line answers the group
+    net.settle(1.0)
+    assert sent.receipts == []  # not shown, not receipted
+    push(net, "bob", hello)  # delivered again before it was shown: not handed on twice
+    net.settle(1.0)
+    assert len([e for e in bob.events if isinstance(e, MessageReceived)]) == 1
+    for event in handed:
+        bob.core.shown(event.id)
+    net.run(lambda: {i for _, i in sent.receipts} == {900, 901}, "receipted after shown")
+    push(net, "bob", hello)  # its receipt was lost: the server sends it again
+    net.run(lambda: len(sent.receipts) == 3, "receipted again, not shown again")
+    assert len([e for e in bob.events if isinstance(e, MessageReceived)]) == 1
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store_maker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    opened: list[ClientStore] = []
+
+    def make() -> MemoryStore | ClientStore:
+        if request.param == "memory":
+            if not opened_memory:
+                opened_memory.append(MemoryStore())
+            return opened_memory[0]
+        for store in opened:
+            store.close()
+        store = ClientStore(tmp_path / "bob", "bob")
+        opened.append(store)
+        return store
+
+    opened_memory: list[MemoryStore] = []
+    yield make
+    for store in opened:
+        store.close()
+
+
+def test_unshown_group_lines_are_handed_on_once_after_a_restart(
+    net: Net, sent: Sent, store_maker: Any
+) -> None:
+    """Committed but never shown (the process died in between): the next
+    run hands them on once, in the group's order, as what they were."""
+    bob = add(net, "bob", store=store_maker())
+    net.run(lambda: bob.logged_in, "bob in")
+    bob.shows = False
+    added = GroupEvent(903, 3, "team", 2, "alice", ("dave",), 9)
+    push(net, "bob", CREATED, GroupDeliver(902, 2, MsgId(5, 1), "team", "alice", "one", 8), added)
+    net.run(lambda: len([e for e in bob.events if isinstance(e, GroupChanged)]) == 2, "all 3")
+    net.settle(0.5)
+    bob.core.abort()
+    del net.clients[bob.addr]
+    bob2 = add(net, "bob", store=store_maker())
+    net.run(lambda: bob2.logged_in, "bob back")
+    net.settle(0.5)
+    again = [e for e in bob2.events if isinstance(e, MessageReceived | GroupChanged)]
+    assert [e.to_json() for e in again] == [
+        {"event": "group", "group": "team", "change": "created", "by": "alice",
+         "members": ["alice", "bob", "carol"]},
+        {"event": "message", "from": "alice", "group": "team", "text": "one", "id": 902,
+         "sent_ms": 8},
+        {"event": "group", "group": "team", "change": "added", "by": "alice", "user": "dave"},
+    ]  # fmt: skip
+    assert [e.seq for e in again] == [1, 2, 3]
+    net.run(lambda: {i for _, i in sent.receipts} == {900, 902, 903}, "receipted once shown")
+    push(net, "bob", added)  # the server offers it again: shown already, receipted only
+    net.run(lambda: len(sent.receipts) == 4, "receipted again")
+    assert len([e for e in bob2.events if isinstance(e, GroupChanged)]) == 2
+
+
+# --- sent: accepted for N members, delivered once per member -------------------------
+
+
+def test_group_message_states_one_delivered_per_member(net: Net, sent: Sent) -> None:
+    (alice,) = login(net, "alice")
+    msg = alice.core.send("hi team", net.now, to="#team")
+    msg_id = MsgId(alice.core.instance_id, 1)
+    net.settle(0.5)
+    assert msg_id.label() == msg
+    push(net, "alice", GroupAccept(msg_id, 910, 4, 2))
+    push(net, "alice", GroupDelivereds("team", "bob", (msg_id,)))
+    push(net, "alice", GroupDelivereds("team", "bob", (msg_id,)))  # relayed twice: told once
+    push(net, "alice", GroupDelivereds("team", "carol", (msg_id,)))
+    net.run(lambda: len(alice.states(msg)) == 4, "all states")
+    statuses = [e.to_json() for e in alice.of(StatusChanged) if e.id == msg]
+    assert statuses == [
+        {"event": "status", "id": msg, "state": "sending", "to": "#team", "text": "hi team",
+         "group": "team"},
+        {"event": "status", "id": msg, "state": "accepted", "group": "team", "recipients": 2},
+        {"event": "status", "id": msg, "state": "delivered", "group": "team", "by": "bob"},
+        {"event": "status", "id": msg, "state": "delivered", "group": "team", "by": "carol"},
+    ]  # fmt: skip
+    assert msg_id not in alice.core.outbox  # every member has it: nothing left to track
+    assert alice.core.store.state_of(msg_id) == MessageState.DELIVERED
+
+
+def test_a_delivered_before_accepted_reports_accepted_first_and_failed_is_final(
+    net: Net, sent: Sent
+) -> None:
+    (alice,) = login(net, "alice")
+    net.cut.add(alice.addr)  # the SENDs stay unanswered
+    first = alice.core.send("early", net.now, to="#team")
+    second = alice.core.send("refused", net.now, to="#ops")
+    net.settle(0.2)
+    net.cut.clear()
+    first_id, second_id = (MsgId(alice.core.instance_id, n) for n in (1, 2))
+    push(net, "alice", GroupDelivereds("team", "bob", (first_id,)))
+    push(net, "alice", Fail(second_id, ErrorCode.NOT_A_MEMBER, "you are not a member of #ops"))
+    net.run(lambda: MessageState.FAILED in alice.states(second), "failed")
+    net.run(lambda: MessageState.DELIVERED in alice.states(first), "delivered")
+    assert alice.states(first) == ["sending", "accepted", "delivered"]
+    push(net, "alice", GroupDelivereds("ops", "bob", (second_id,)))  # never after failed
+    net.settle(1.0)
+    assert alice.states(second) == ["sending", "failed"]
+    errors = [e.to_json() for e in alice.of(ErrorEvent)]
+    assert {"event": "error", "code": "not_a_member",
+            "message": "you are not a member of #ops"} in errors  # fmt: skip
+
+
+def test_group_receipts_after_a_restart_are_told_once_from_the_store(
+    net: Net, sent: Sent, tmp_path: Path
+) -> None:
+    store = ClientStore(tmp_path / "alice", "alice")
+    alice = add(net, "alice", store=store)
+    net.run(lambda: alice.logged_in, "in")
+    msg = alice.core.send("before the restart", net.now, to="#team")
+    msg_id = MsgId(alice.core.instance_id, 1)
+    push(net, "alice", GroupAccept(msg_id, 920, 2, 3))
+    net.run(lambda: "accepted" in alice.states(msg), "accepted")
+    alice.core.abort()
+    del net.clients[alice.addr]
+    store.close()
+    store = ClientStore(tmp_path / "alice", "alice")
+    alice2 = add(net, "alice", store=store)
+    net.run(lambda: alice2.logged_in, "back")
+    push(net, "alice", GroupDelivereds("team", "bob", (msg_id,)))
+    push(net, "alice", GroupDelivereds("team", "bob", (msg_id,)))
+    net.run(lambda: bool(alice2.states(msg)), "told")
+    net.settle(0.5)
+    assert [e.to_json() for e in alice2.of(StatusChanged)] == [
+        {"event": "status", "id": msg, "state": "delivered", "group": "team", "by": "bob"}
+    ]
+    (line,) = read_group_history(store.path, "team")
+    assert (line.kind, line.text, line.recipients, line.delivered_by, line.state) == (
+        "own", "before the restart", 3, ("bob",), "delivered"
+    )  # fmt: skip
+    store.close()
+
+
+# --- requests: resent until answered; answers in pages ------------------------------
+
+
+def test_group_requests_are_resent_after_a_relogin_until_answered(net: Net, sent: Sent) -> None:
+    (alice,) = login(net, "alice")
+    create = alice.core.group_request(GroupAction.CREATE, "#team", ["bob"])
+    net.run(lambda: len(sent.requests) == 1, "sent")
+    assert sent.requests[0][1] == GroupRequest(create, GroupAction.CREATE, "team", ("bob",))
+    push(net, "alice", GroupResult(create, 0, ""))
+    members = alice.core.group_request(GroupAction.MEMBERS, "team")
+    net.run(lambda: len(sent.requests) == 2, "sent")
+    net.run(lambda: create not in alice.core.group_requests, "the create answered")
+    # The server forgets the session (a restart): the unanswered request goes again.
+    session = next(s for s in net.relay.sessions.values() if s.user.name == "alice")
+    net.relay._end_session(session, net.now, quiet=True)
+    net.run(lambda: len(sent.requests) == 3, "resent after the re-login", limit=120)
+    assert sent.requests[2][1].request_id == members  # the same id: the server acts once
+    push(net, "alice", GroupInfo(members, "team", "alice", ("alice",), True))
+    push(net, "alice", GroupInfo(members, "team", "alice", ("bob",), False))
+    push(net, "alice", GroupInfo(members, "team", "alice", ("bob",), False))  # answered again
+    net.run(lambda: bool(alice.of(MembersListed)), "members")
+    net.settle(0.5)
+    assert [e.to_json() for e in alice.of(MembersListed)] == [
+        {"event": "members", "group": "team", "owner": "alice", "members": ["alice", "bob"]}
+    ]
+    assert alice.core.group_requests == {}
+
+
+def test_list_answers_and_errors(net: Net, sent: Sent) -> None:
+    (alice,) = login(net, "alice")
+    listing = alice.core.group_request(GroupAction.LIST)
+    exists = alice.core.group_request(GroupAction.CREATE, "team")
+    net.run(lambda: len(sent.requests) == 2, "sent")
+    push(net, "alice", GroupList(listing, ("team",), True), GroupList(listing, ("ops",), False))
+    push(net, "alice", GroupResult(exists, int(ErrorCode.GROUP_EXISTS), "#team exists"))
+    push(net, "alice", GroupResult(exists, int(ErrorCode.GROUP_EXISTS), "#team exists"))
+    net.run(lambda: bool(alice.of(GroupsListed)) and bool(alice.of(ErrorEvent)), "answers")
+    net.settle(0.5)
+    assert [e.to_json() for e in alice.of(GroupsListed)] == [
+        {"event": "groups", "groups": ["team", "ops"]}
+    ]
+    assert [e.to_json() for e in alice.of(ErrorEvent)] == [
+        {"event": "error", "code": "group_exists", "message": "#team exists"}
+    ]  # once, though answered twice
+
+
+def test_request_ids_are_never_reused_by_an_instance_across_restarts(tmp_path: Path) -> None:
+    store = ClientStore(tmp_path / "a", "alice")
+    first = [store.take_request_id() for _ in range(3)]
+    store.commit()
+    store.close()
+    store = ClientStore(tmp_path / "a", "alice")
+    assert store.take_request_id() > max(first)
+    store.close()
+
+
+def test_the_store_keeps_a_groups_history_with_its_changes(tmp_path: Path) -> None:
+    store = ClientStore(tmp_path / "bob", "bob")
+    assert store.add_group_event("team", "created", "alice", ("alice", "bob"), 5, 900, 1) == "new"
+    assert store.add_group_event("team", "created", "alice", ("alice", "bob"), 5, 900, 1) == (
+        "unshown"
+    )  # fmt: skip
+    assert store.add_group_message("team", "alice", MsgId(5, 1), "hi", 6, 901, 2) == "new"
+    store.add_outgoing(MsgId(store.instance_id, 1), "#team", "hello")
+    store.set_recipients(MsgId(store.instance_id, 1), 1, 3)
+    assert store.add_group_receipt(MsgId(store.instance_id, 1), "alice")
+    assert not store.add_group_receipt(MsgId(store.instance_id, 1), "Alice")  # the same member
+    store.commit()
+    assert read_group_history(store.path, "team") == read_group_history(store.path, "team")
+    assert [line.kind for line in read_group_history(store.path, "team")] == ["own"]  # unshown
+    assert store.mark_shown(900) and store.mark_shown(901)
+    lines = read_group_history(store.path, "team")
+    assert [(x.kind, x.sender, x.text) for x in lines] == [
+        ("event", "alice", "alice created the group with alice, bob"),
+        ("peer", "alice", "hi"),
+        ("own", "", "hello"),
+    ]
+    assert (lines[0].change, lines[0].users, lines[0].seq) == ("created", ("alice", "bob"), 1)
+    assert (lines[2].recipients, lines[2].delivered_by) == (1, ("alice",))
+    assert store.add_group_message("team", "alice", MsgId(5, 1), "hi", 6, 901, 2) == "shown"
+    assert json.loads(json.dumps([x.kind for x in lines]))  # plain data
+    store.close()
