@@ -779,16 +779,18 @@ GROUP_COMMANDS = {
 }
 
 
-def _group_command(session: ChatSession, command: str, args: list[str]) -> ErrorEvent | None:
-    """Send what a group command asks for; the error to show if it is
-    incomplete (each mistake in a name is reported by `session.group`)."""
+def _group_command(session: ChatSession, command: str, args: list[str]) -> None:
+    """Send what a group command asks for. A mistake is an `ErrorEvent` on
+    the session's events (like those `session.group` reports), so errors
+    come out in the order the lines were typed."""
     action, per_user = GROUP_COMMANDS[command]
     if action == GroupAction.LIST:
         session.group(action)
-        return None
+        return
     if not args:
         usage = next(use for use, _ in TERMINAL_COMMANDS if use.startswith(command + " "))
-        return ErrorEvent(ErrorCode.INVALID_NAME.label, f"name the group: {usage}")
+        session._emit(ErrorEvent(ErrorCode.INVALID_NAME.label, f"name the group: {usage}"))
+        return
     group, users = args[0], args[1:]
     if per_user and users:
         # One request, one change and one answer per user: `/add #team dave
@@ -797,7 +799,6 @@ def _group_command(session: ChatSession, command: str, args: list[str]) -> Error
             session.group(action, group, (user,))
     else:
         session.group(action, group, users)
-    return None
 
 
 def _show_help(as_json: bool, stdout: IO[str]) -> None:
@@ -914,9 +915,7 @@ def run_terminal(
             elif command == "/who":
                 session.who()
             elif command in GROUP_COMMANDS:
-                problem = _group_command(session, command, rest.replace(",", " ").split())
-                if problem is not None:
-                    show(problem)
+                _group_command(session, command, rest.replace(",", " ").split())
             elif command == "/help":
                 try:
                     _show_help(as_json, stdout)
