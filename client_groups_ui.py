@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 WATCH_MEMBERS_MAX = 100
 ONLINE_DOT = "\u25cf"  # ●
 OFFLINE_DOT = "\u25cb"  # ○
-PANEL_WIDTH = 170
+PANEL_WIDTH = 190
 
 
 @dataclass
@@ -207,14 +207,16 @@ class GroupsUI:
         if group is None:
             return False
         info = self.groups.get(name_key(group))
-        if info is None or not info.members:
-            status = ""
-        elif not info.member:
+        text = conv.name
+        status = ""
+        if info is not None and not info.member:
             status = "left"
-        else:
-            status = f"{len(info.members)} members"
+        elif info is not None and info.members:
+            text = f"{conv.name} ({len(info.members)})"  # the member count
+            status = "group"
         unread = str(conv.unread) if conv.unread else ""
-        self.w.contacts.item(name_key(conv.name), values=(status, unread))
+        self.w.contacts.item(name_key(conv.name), text=client_window.tk_safe(text),
+                             values=(status, unread))  # fmt: skip
         return True
 
     def state_label(self, line: Line) -> str | None:
@@ -388,10 +390,11 @@ class GroupsUI:
         for member in info.members:
             key = name_key(member)
             online = key == me or self.presence.get(key, False)
-            owner = " (owner)" if name_key(info.owner) == key else ""
-            you = " (you)" if key == me else ""
+            marks = [m for m, yes in (("you", key == me), ("owner", key == name_key(info.owner)))
+                     if yes]  # fmt: skip
             dot = ONLINE_DOT if online else OFFLINE_DOT
-            rows.append((member, f"{dot} {member}{you}{owner}", "online" if online else "offline"))
+            text = f"{dot} {member}" + (f" ({', '.join(marks)})" if marks else "")
+            rows.append((member, text, "online" if online else "offline"))
         self.panel.fill(info, rows, owner=self.is_owner())
 
 
@@ -495,6 +498,8 @@ class NewGroupDialog:
         top = self.top = tk.Toplevel(groups.w.top)
         top.title("New group")
         top.transient(groups.w.top)
+        parent = groups.w.top
+        top.geometry(f"+{parent.winfo_rootx() + 80}+{parent.winfo_rooty() + 80}")
         top.resizable(False, False)
         box = ttk.Frame(top, padding=16)
         box.pack(fill="both", expand=True)
