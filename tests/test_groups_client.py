@@ -100,9 +100,9 @@ def push(net: Net, user: str, *messages: Message) -> None:
 
 
 class Sent:
-    """What the relay is handed by its clients: group requests and receipts
-    (recorded, then passed on to the relay as they were), and messages to
-    groups (recorded and kept from the relay: the test answers them)."""
+    """What the relay is handed by its clients: receipts (recorded, then
+    passed on to the relay), group requests and messages to groups
+    (recorded and kept from the relay's groups: the test answers them)."""
 
     def __init__(self, relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
         self.requests: list[tuple[str, GroupRequest]] = []
@@ -116,7 +116,8 @@ class Sent:
                 return
             if isinstance(message, GroupRequest):
                 self.requests.append((session.user.name, message))
-            elif isinstance(message, Receipt):
+                return
+            if isinstance(message, Receipt):
                 self.receipts.append((session.user.name, message.server_msg_id))
             elif isinstance(message, Receipts):
                 self.receipts.extend((session.user.name, i) for i in message.server_msg_ids)
@@ -450,3 +451,116 @@ def test_the_store_keeps_a_groups_history_with_its_changes(tmp_path: Path) -> No
     assert store.add_group_message("team", "alice", MsgId(5, 1), "hi", 6, 901, 2) == "shown"
     assert json.loads(json.dumps([x.kind for x in lines]))  # plain data
     store.close()
+
+
+# --- against the relay's groups ---------------------------------------------------
+
+
+def timeline(member: Member, group: str = "team") -> list[tuple[int, str]]:
+    """What `member` was shown of `group`, in the order shown: (group_seq, what)."""
+    lines: list[tuple[int, str]] = []
+    for event in member.events:
+        if isinstance(event, GroupChanged) and event.group == group:
+            lines.append((event.seq, json.dumps(event.to_json(), sort_keys=True)))
+        elif isinstance(event, MessageReceived) and event.group == group:
+            lines.append((event.seq, f"message {event.sender}: {event.text}"))
+    return lines
+
+
+def test_every_member_is_shown_one_order_of_messages_and_changes(net: Net) -> None:
+    """Members see the group's messages and membership changes in one
+    order: the same lines at the same places; each only what happened
+    while they were in it; a removed member nothing after the removal."""
+    alice, bob, carol, dave = login(net, "alice", "bob", "carol", "dave")
+    alice.core.group_request(GroupAction.CREATE, "#team", ["bob", "carol"])
+    net.run(lambda: bool(carol.of(GroupChanged)), "created")
+    # Interleaved, without waiting for each other: the server orders them.
+    for n in range(3):
+        alice.core.send(f"alice {n}", net.now, to="#team")
+        bob.core.send(f"bob {n}", net.now, to="#team")
+        carol.core.send(f"carol {n}", net.now, to="#team")
+    bob.core.group_request(GroupAction.ADD, "#team", ["dave"])  # any member adds
+    net.run(lambda: any(e.change == "added" for e in alice.of(GroupChanged)), "added")
+    alice.core.send("welcome dave", net.now, to="#team")
+    net.run(lambda: any(t.endswith("welcome dave") for _, t in timeline(dave)), "dave has it")
+    alice.core.group_request(GroupAction.REMOVE, "#team", ["carol"])
+    net.run(lambda: any('"removed"' in t for _, t in timeline(carol)), "carol is told")
+    net.run(lambda: any('"removed"' in t for _, t in timeline(dave)), "dave sees the removal")
+    bob.core.send("after carol", net.now, to="#team")
+    net.run(lambda: any(t.endswith("after carol") for _, t in timeline(dave)), "sent")
+    net.settle(1.0)
+
+    everyone: dict[int, str] = {}
+    for member in (alice, bob, carol, dave):
+        seqs = [seq for seq, _ in timeline(member)]
+        assert seqs == sorted(set(seqs)), f"{member.core.username}: out of order or twice"
+        for seq, what in timeline(member):
+            assert everyone.setdefault(seq, what) == what, f"seq {seq} differs between members"
+    # The whole sequence, as it happened; each member saw all of it but its
+    # own messages, from its joining on, until its removal.
+    order = [everyone[seq] for seq in sorted(everyone)]
+    assert order[0].startswith('{"by": "alice", "change": "created"')
+    assert sum(what.startswith("message ") for what in order) == 9 + 1 + 1  # each once
+    own = {m: f"message {m.core.username}: " for m in (alice, bob, carol, dave)}
+    for member, start, end in ((alice, 0, len(order)), (bob, 0, len(order))):
+        seen = [what for _, what in timeline(member)]
+        expected = [w for w in order[start:end] if not w.startswith(own[member])]
+        assert seen == expected, member.core.username
+    carol_seen = [what for _, what in timeline(carol)]
+    removal = next(i for i, w in enumerate(order) if '"removed"' in w)
+    assert carol_seen == [w for w in order[: removal + 1] if not w.startswith(own[carol])]
+    dave_seen = [what for _, what in timeline(dave)]
+    added = next(i for i, w in enumerate(order) if '"added"' in w)
+    assert dave_seen == order[added:]  # nothing from before dave joined
+    assert not any("after carol" in w for w in carol_seen)  # nothing after the removal
+
+
+def test_group_errors_and_the_owners_hand_over(net: Net) -> None:
+    alice, bob, carol = login(net, "alice", "bob", "carol")
+    alice.core.group_request(GroupAction.CREATE, "team", ["bob"])
+    net.run(lambda: bool(bob.of(GroupChanged)), "created")
+    carol.core.group_request(GroupAction.CREATE, "team", ["bob"])  # taken
+    bob.core.group_request(GroupAction.REMOVE, "team", ["alice"])  # not the owner
+    carol.core.group_request(GroupAction.MEMBERS, "nothere")
+    refused = carol.core.send("let me in", net.now, to="#team")  # not a member
+    gone = carol.core.send("anyone?", net.now, to="#nothere")
+    net.run(lambda: len(carol.of(ErrorEvent)) >= 4 and bool(bob.of(ErrorEvent)), "errors")
+    codes = [e.code for e in carol.of(ErrorEvent)]
+    assert sorted(codes) == ["group_exists", "no_such_group", "no_such_group", "not_a_member"]
+    assert [e.code for e in bob.of(ErrorEvent)] == ["not_owner"]
+    assert carol.states(refused)[-1] == "failed" and carol.states(gone)[-1] == "failed"
+    assert not any(isinstance(e, MessageReceived) for e in bob.events)  # nothing got through
+    alice.core.group_request(GroupAction.LEAVE, "team")
+    net.run(lambda: any(e.change == "owner" for e in bob.of(GroupChanged)), "hand-over")
+    assert [e.to_json() for e in bob.of(GroupChanged)][-2:] == [
+        {"event": "group", "group": "team", "change": "left", "by": "alice", "user": "alice"},
+        {"event": "group", "group": "team", "change": "owner", "by": "alice", "user": "bob"},
+    ]
+    bob.core.group_request(GroupAction.MEMBERS, "#team")
+    net.run(lambda: bool(bob.of(MembersListed)), "members")
+    assert bob.of(MembersListed)[-1].to_json() == {
+        "event": "members", "group": "team", "owner": "bob", "members": ["bob"]
+    }  # fmt: skip
+
+
+def test_an_offline_member_catches_up_at_login_in_order(net: Net) -> None:
+    alice, bob = login(net, "alice", "bob")
+    carol = add(net, "carol")
+    net.run(lambda: carol.logged_in, "carol has an account")
+    carol.core.logout(net.now)
+    net.run(lambda: carol.core.ended, "carol offline")
+    del net.clients[carol.addr]
+    alice.core.group_request(GroupAction.CREATE, "team", ["bob", "carol"])
+    sent_ids = [alice.core.send(f"while carol is away {n}", net.now, to="#team") for n in range(5)]
+    bob.core.group_request(GroupAction.LEAVE, "team")
+    net.run(lambda: all("delivered" in alice.states(m) for m in sent_ids), "bob has them")
+    net.run(lambda: any(e.change == "left" for e in alice.of(GroupChanged)), "bob left")
+    carol2 = add(net, "carol")
+    net.run(lambda: len(timeline(carol2)) == 7, "carol caught up")
+    assert [what for _, what in timeline(carol2)][1:6] == [
+        f"message alice: while carol is away {n}" for n in range(5)
+    ]
+    assert '"left"' in timeline(carol2)[6][1]
+    net.run(lambda: all(alice.states(m).count("delivered") == 2 for m in sent_ids), "2 of 2")
+    by = {e.by for e in alice.of(StatusChanged) if e.state == "delivered"}
+    assert by == {"bob", "carol"}
