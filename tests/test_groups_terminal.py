@@ -9,8 +9,15 @@ clients is in the lower half."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import queue
 import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from chat_client import (
@@ -33,6 +40,9 @@ from chat_client import (
     run_terminal,
 )
 from protocol import GroupAction
+from tests.conftest import client_command, env_for_tests, spawn_server, stop_process
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class RecordingSession(ChatSession):
@@ -156,3 +166,150 @@ def test_group_events_in_human_text() -> None:
     ]
     not_member = ErrorEvent("not_a_member", "you are not a member of #ops")
     assert event_to_text(not_member) == ("error: you are not a member of #ops", True)
+
+
+# --- real processes: a server and four terminal clients with --json ------------------
+
+
+class Terminal:
+    """`chat-client --no-gui --json` as a process; its stdout read into
+    `events` by a thread, so a test waits for what it expects."""
+
+    def __init__(self, addr: str, user: str) -> None:
+        self.user = user
+        self.proc = subprocess.Popen(
+            client_command("--server", addr, "--user", user, "--json"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env=env_for_tests(),
+        )  # fmt: skip
+        self.events: list[dict[str, Any]] = []
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True, name=f"read-{user}").start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(json.loads(line))
+        self._lines.put(None)
+
+    def type(self, *lines: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("".join(line + "\n" for line in lines))
+        self.proc.stdin.flush()
+
+    def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> None:
+        """Until an event matching `predicate` has come (now or before)."""
+        if any(predicate(e) for e in self.events):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self._lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if event is None:
+                break
+            self.events.append(event)
+            if predicate(event):
+                return
+        raise AssertionError(f"{self.user}: not seen; events {self.events}")
+
+    def quit(self) -> int:
+        self.type("/quit")
+        code = self.proc.wait(30)
+        while (event := self._lines.get(timeout=10)) is not None:
+            self.events.append(event)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def group_view(events: list[dict[str, Any]]) -> list[str]:
+    """What a member was shown of #team, in order: changes and others' messages."""
+    view: list[str] = []
+    for event in events:
+        if event["event"] == "group" and event["group"] == "team":
+            view.append(json.dumps(event, sort_keys=True))
+        elif event["event"] == "message" and event.get("group") == "team":
+            view.append(f"{event['from']}: {event['text']}")
+    return view
+
+
+def test_three_terminals_see_the_group_in_one_order(tmp_path: Path) -> None:
+    """alice, bob and carol (and later dave) in #team, as scripts use the
+    terminal client: created, messages from all three sent at once, dave
+    added, carol removed. Every member's changes and messages are shown
+    once each and in one order: any two members saw what they both saw in
+    the same order."""
+    running = spawn_server(data_dir=tmp_path / "server-data")
+    clients: list[Terminal] = []
+    try:
+        clients = [Terminal(running.addr_text, u) for u in ("alice", "bob", "carol", "dave")]
+        alice, bob, carol, dave = clients
+        for client in clients:
+            client.wait(lambda e: e["event"] == "logged_in")
+        alice.type("/create #team bob carol")
+        created = {"event": "group", "group": "team", "change": "created", "by": "alice",
+                   "members": ["alice", "bob", "carol"]}  # fmt: skip
+        for member in (alice, bob, carol):
+            member.wait(lambda e: e == created)
+        for member in (alice, bob, carol):
+            member.type("/to #team", *(f"{member.user} says {n}" for n in range(4)))
+        carol.wait(lambda e: e.get("text") == "alice says 3")
+        bob.type("/add #team dave")
+        dave.wait(lambda e: e.get("change") == "added")
+        alice.type("/remove #team carol", "after carol left")
+        bob.wait(lambda e: e.get("text") == "after carol left")
+        dave.wait(lambda e: e.get("text") == "after carol left")
+        carol.wait(lambda e: e.get("change") == "removed")
+        bob.type("/members #team", "/groups")
+        bob.wait(lambda e: e["event"] == "groups")
+        alice.wait(lambda _: len(delivered_to(alice)) == 10)  # the last receipts came back
+        codes = [client.quit() for client in clients]
+    finally:
+        for client in clients:
+            client.kill()
+        stop_process(running)
+    assert codes == [0, 0, 0, 0], [c.events[-3:] for c in clients]
+    views = {c.user: group_view(c.events) for c in clients}
+    for user, view in views.items():
+        assert len(view) == len(set(view)), f"{user} was shown something twice: {view}"
+    for (one, a), (other, b) in itertools.combinations(views.items(), 2):
+        common = set(a) & set(b)
+        assert [x for x in a if x in common] == [x for x in b if x in common], (one, other)
+    # What each saw: all of it from joining until removal, but its own messages.
+    assert len([x for x in views["bob"] if x.startswith(("alice", "carol"))]) == 8 + 1
+    assert not any("after carol" in x for x in views["carol"])
+    assert views["carol"][-1].startswith('{"by": "alice", "change": "removed"')
+    assert views["dave"][0].startswith('{"by": "bob", "change": "added"')
+    assert views["dave"][1:] == [
+        json.dumps({"event": "group", "group": "team", "change": "removed", "by": "alice",
+                    "user": "carol"}, sort_keys=True),
+        "alice: after carol left",
+    ]  # fmt: skip
+    members = [e for e in bob.events if e["event"] == "members"]
+    assert members == [{"event": "members", "group": "team", "owner": "alice",
+                        "members": ["alice", "bob", "dave"]}]  # fmt: skip
+    assert [e for e in bob.events if e["event"] == "groups"] == [
+        {"event": "groups", "groups": ["team"]}
+    ]
+    # The senders' states: accepted for the members of the moment, one
+    # delivered per member, each naming who.
+    accepted = [e for e in alice.events if e["event"] == "status" and e["state"] == "accepted"]
+    assert [e["recipients"] for e in accepted] == [2, 2, 2, 2, 2]  # bob, carol; then bob, dave
+    assert sorted(delivered_to(alice)) == ["bob"] * 5 + ["carol"] * 4 + ["dave"]
+
+
+def delivered_to(client: Terminal) -> list[str]:
+    """Whom the client's group messages were delivered to, one per receipt."""
+    return [e["by"] for e in client.events if e["event"] == "status" and e["state"] == "delivered"]
