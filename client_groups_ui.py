@@ -42,10 +42,12 @@ from protocol import GroupAction, group_address, is_group_address, name_key
 if TYPE_CHECKING:
     from client_window import ChatWindow, Conversation, Line
 
-#: Presence is followed for this many members of each group at most: a
-#: 1,000-member group would otherwise fill the server's watch list for this
-#: session (its bound protects the server) with strangers.
-WATCH_MEMBERS_MAX = 100
+#: Presence is followed for this many members of each group at most, and
+#: this many group members in all: a WATCH counts against the user's
+#: message budget (`--user-msg-rate`, 200/s, burst 500), and a login with a
+#: few 1,000-member groups must not spend it on dots for strangers.
+WATCH_MEMBERS_MAX = 50
+WATCH_TOTAL_MAX = 200
 ONLINE_DOT = "\u25cf"  # ●
 OFFLINE_DOT = "\u25cb"  # ○
 PANEL_WIDTH = 190
@@ -273,10 +275,11 @@ class GroupsUI:
             self.panel.hide()
             return
         self.shown_group = group
-        self.info(group)
+        info = self.info(group)
         self.panel.show()
         self._refresh_panel()
-        self._ask_members(group)
+        if info.member:  # a group we left has no members to tell us about
+            self._ask_members(group)
 
     # --- actions ------------------------------------------------------------------
 
@@ -371,6 +374,8 @@ class GroupsUI:
             return
         for member in info.members[:WATCH_MEMBERS_MAX]:
             key = name_key(member)
+            if len(self.watched) >= WATCH_TOTAL_MAX:
+                return
             if key != me and key not in self.watched:
                 self.watched.add(key)
                 session.watch(member)
