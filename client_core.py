@@ -1522,7 +1522,12 @@ class ClientCore:
     def _run_closing(self, now: float) -> None:
         if self._closing_deadline is None or self.ended:
             return
-        waiting = any(out.state == MessageState.SENDING for out in self.outbox.values())
+        # Group requests not answered yet are waited for too: a LOGOUT on the
+        # control stream could overtake one on its group's stream, and a
+        # request is not kept for the next run.
+        waiting = bool(self.group_requests) or any(
+            out.state == MessageState.SENDING for out in self.outbox.values()
+        )
         if self.conn is None:
             # Not logged in: a login would only be for what is left to send
             # (or to receipt); with nothing, waiting for one only delays the end.
@@ -1552,6 +1557,10 @@ class ClientCore:
         if unsent:
             kept = "kept in the outbox for the next login" if self.store.directory else "not sent"
             text = f"{unsent} message(s) not accepted by the server yet: {kept}"
+            self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label, text))
+        if self.group_requests:
+            asked = len(self.group_requests)
+            text = f"{asked} group request(s) not answered by the server: not sent again"
             self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label, text))
 
     def _finish(self, reason: ErrorCode) -> None:

@@ -564,3 +564,29 @@ def test_an_offline_member_catches_up_at_login_in_order(net: Net) -> None:
     net.run(lambda: all(alice.states(m).count("delivered") == 2 for m in sent_ids), "2 of 2")
     by = {e.by for e in alice.of(StatusChanged) if e.state == "delivered"}
     assert by == {"bob", "carol"}
+
+
+def test_logout_waits_for_the_answers_to_group_requests(net: Net) -> None:
+    alice, bob, carol = login(net, "alice", "bob", "carol")
+    alice.core.group_request(GroupAction.CREATE, "team", ["bob"])
+    net.run(lambda: bool(bob.of(GroupChanged)), "created")
+    net.cut.add(alice.addr)
+    alice.core.group_request(GroupAction.ADD, "team", ["carol"])
+    alice.core.logout(net.now, timeout=10.0)
+    net.settle(1.0)
+    net.cut.clear()
+    net.run(lambda: alice.core.ended, "logged out")
+    assert [type(e).__name__ for e in alice.events][-2:] == ["GroupChanged", "Disconnected"]
+    assert any(e.change == "added" for e in carol.of(GroupChanged))
+
+
+def test_group_requests_never_answered_are_reported_at_logout(net: Net) -> None:
+    (alice,) = login(net, "alice")
+    net.cut.add(alice.addr)
+    alice.core.group_request(GroupAction.CREATE, "team")
+    alice.core.logout(net.now, timeout=1.0)
+    net.run(lambda: alice.core.ended, "gave up", limit=30)
+    assert [e.to_json() for e in alice.of(ErrorEvent)][-1] == {
+        "event": "error", "code": "server_unreachable",
+        "message": "1 group request(s) not answered by the server: not sent again",
+    }  # fmt: skip
