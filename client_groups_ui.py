@@ -14,17 +14,20 @@ holds small hooks that call in here.
 
 Like the rest of the window it runs on the Tk thread only; it reaches the
 network through the window's session (`group`, `watch`), whose answers come
-back as events through the window's queue.
+back as events through the window's queue. It imports nothing of
+`client_window` (which imports it: no cycle): what it uses of the window is
+`GroupWindow`, and the window hands it its `Line` class and `tk_safe`.
 """
 
 from __future__ import annotations
 
 import tkinter as tk
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from tkinter import ttk
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-import client_window
 from client_core import (
     ClientError,
     GroupChanged,
@@ -39,8 +42,72 @@ from client_core import (
 from client_store import read_group_history
 from protocol import GroupAction, group_address, is_group_address, name_key
 
-if TYPE_CHECKING:
-    from client_window import ChatWindow, Conversation, Line
+
+class LineView(Protocol):
+    """A transcript line (`client_window.Line`), as far as groups read it."""
+
+    msg_id: str | None
+    state: str | None
+
+
+class ConversationView(Protocol):
+    """A conversation of the window (`client_window.Conversation`)."""
+
+    name: str
+    unread: int
+    lines: list[Any]  # of the window's `Line`
+    by_id: dict[str, Any]
+    received: set[str]
+
+
+class StoreView(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def history_mark(self) -> int: ...
+
+
+class GroupSession(Protocol):
+    """What groups use of the window's session (`chat_client.ChatSession`)."""
+
+    @property
+    def store(self) -> StoreView | None: ...
+
+    def group(
+        self, action: GroupAction, group: str = "", users: tuple[str, ...] | list[str] = ()
+    ) -> bool: ...
+    def watch(self, name: str) -> None: ...
+    def shown(self, message_id: int, *, wait: float = 0.0) -> bool: ...
+
+
+class GroupWindow(Protocol):
+    """What groups use of the window (`client_window.ChatWindow`)."""
+
+    top: tk.Tk | tk.Toplevel
+    contacts: ttk.Treeview
+    transcript: tk.Text
+    _banner_anchor: ttk.Frame
+
+    @property
+    def session(self) -> GroupSession | None: ...
+
+    @property
+    def username(self) -> str | None: ...
+
+    @property
+    def conversations(self) -> Mapping[str, ConversationView]: ...
+
+    @property
+    def current(self) -> ConversationView | None: ...
+
+    def conversation(self, name: str) -> ConversationView: ...
+    def open_conversation(self, name: str, *, focus: bool = True) -> None: ...
+    def _render_line(self, line: Any, *, follow: bool = True) -> None: ...
+
+
+#: `client_window.Line`'s constructor: (kind, who, text, stamp, msg_id, state).
+MakeLine = Callable[..., Any]
 
 #: Presence is followed for this many members of each group at most, and
 #: this many group members in all: a WATCH counts against the user's
@@ -94,8 +161,12 @@ def delivered_label(receipts: Receipts) -> str:
 class GroupsUI:
     """The window's groups; `window` calls in through its hooks."""
 
-    def __init__(self, window: ChatWindow) -> None:
+    def __init__(
+        self, window: GroupWindow, make_line: MakeLine, tk_safe: Callable[[str], str]
+    ) -> None:
         self.w = window
+        self.make_line = make_line
+        self.tk_safe = tk_safe
         self.groups: dict[str, GroupInfo] = {}  # by name key of the bare name
         self.presence: dict[str, bool] = {}  # by user name key
         self.receipts: dict[str, Receipts] = {}  # by our message id
@@ -118,7 +189,7 @@ class GroupsUI:
             known = self.groups[key] = GroupInfo(group)
         return known
 
-    def is_group(self, conv: Conversation) -> bool:
+    def is_group(self, conv: ConversationView) -> bool:
         return is_group_address(conv.name)
 
     def knows_member(self, user: str) -> bool:
@@ -168,7 +239,7 @@ class GroupsUI:
         elif event.change == "owner":
             info.owner = event.user
         conv = self.w.conversation(event.conversation)
-        line = client_window.Line("system", "", event.describe(), event.sent_ms / 1000)
+        line = self.make_line("system", "", event.describe(), event.sent_ms / 1000)
         conv.lines.append(line)
         if conv is self.w.current:
             self.w._render_line(line)
@@ -203,7 +274,7 @@ class GroupsUI:
 
     # --- hooks: the window's pieces --------------------------------------------
 
-    def refresh_contact(self, conv: Conversation) -> bool:
+    def refresh_contact(self, conv: ConversationView) -> bool:
         """The contact line of a group: `#team`, its member count, unread."""
         group = group_of(conv.name)
         if group is None:
@@ -217,11 +288,11 @@ class GroupsUI:
             text = f"{conv.name} ({len(info.members)})"  # the member count
             status = "group"
         unread = str(conv.unread) if conv.unread else ""
-        self.w.contacts.item(name_key(conv.name), text=client_window.tk_safe(text),
+        self.w.contacts.item(name_key(conv.name), text=self.tk_safe(text),
                              values=(status, unread))  # fmt: skip
         return True
 
-    def state_label(self, line: Line) -> str | None:
+    def state_label(self, line: LineView) -> str | None:
         """The state text of our group message ("✓✓ 2 of 3"), None otherwise."""
         if line.msg_id is None or line.msg_id not in self.receipts:
             return None
@@ -232,7 +303,7 @@ class GroupsUI:
             return f"\u2713 on server \u00b7 0 of {receipts.recipients}"
         return None
 
-    def state_inserted(self, line: Line) -> None:
+    def state_inserted(self, line: LineView) -> None:
         """Our group message's state is in the transcript: names on hover."""
         if line.msg_id is None or line.msg_id not in self.receipts:
             return
@@ -241,7 +312,7 @@ class GroupsUI:
         self.w.transcript.tag_bind(tag, "<Enter>", lambda e: self.show_tooltip(msg_id, e))
         self.w.transcript.tag_bind(tag, "<Leave>", lambda e: self.hide_tooltip())
 
-    def load_history(self, conv: Conversation) -> bool:
+    def load_history(self, conv: ConversationView) -> bool:
         """A group's stored lines (messages, changes, our states); False
         for a person's conversation (the window loads it)."""
         group = group_of(conv.name)
@@ -255,19 +326,19 @@ class GroupsUI:
             stamp = item.ts_ms / 1000
             if item.kind == "own":
                 state = item.state or MessageState.SENDING
-                line = client_window.Line("own", self.w.username or "me", item.text, stamp,
+                line = self.make_line("own", self.w.username or "me", item.text, stamp,
                                           item.msg_id, state)  # fmt: skip
                 conv.by_id[item.msg_id] = line
                 self.receipts[item.msg_id] = Receipts(item.recipients, list(item.delivered_by))
             elif item.kind == "event":
-                line = client_window.Line("system", "", item.text, stamp)
+                line = self.make_line("system", "", item.text, stamp)
             else:
-                line = client_window.Line("peer", item.sender, item.text, stamp)
+                line = self.make_line("peer", item.sender, item.text, stamp)
                 conv.received.add(item.msg_id)
             conv.lines.append(line)
         return True
 
-    def opened(self, conv: Conversation) -> None:
+    def opened(self, conv: ConversationView) -> None:
         """A conversation opened: a group's shows its members panel."""
         group = group_of(conv.name)
         if group is None:
@@ -350,7 +421,7 @@ class GroupsUI:
         x = event.x_root + 12 if event is not None else self.w.top.winfo_pointerx() + 12
         y = event.y_root + 12 if event is not None else self.w.top.winfo_pointery() + 12
         top.geometry(f"+{x}+{y}")
-        ttk.Label(top, text=client_window.tk_safe(self.tooltip_text), padding=(6, 3),
+        ttk.Label(top, text=self.tk_safe(self.tooltip_text), padding=(6, 3),
                   background="#ffffe0", relief="solid", borderwidth=1).pack()  # fmt: skip
         self.tooltip = top
 
@@ -451,7 +522,7 @@ class MembersPanel:
         self.tree.delete(*self.tree.get_children())
         for user, text, tag in rows:
             iid = name_key(user)
-            self.tree.insert("", "end", iid=iid, text=client_window.tk_safe(text), tags=(tag,))
+            self.tree.insert("", "end", iid=iid, text=self.groups.tk_safe(text), tags=(tag,))
             if iid in selected:
                 self.tree.selection_add(iid)
         self.owner = owner
