@@ -329,7 +329,14 @@ class GroupsUI:
                 line = self.make_line("own", self.w.username or "me", item.text, stamp,
                                           item.msg_id, state)  # fmt: skip
                 conv.by_id[item.msg_id] = line
-                self.receipts[item.msg_id] = Receipts(item.recipients, list(item.delivered_by))
+                # A receipt told since the store's last commit is only here:
+                # keep it beside what the store has.
+                told = self.receipts.get(item.msg_id, Receipts())
+                stored = list(item.delivered_by)
+                keys = {name_key(b) for b in stored}
+                stored += [b for b in told.by if name_key(b) not in keys]
+                recipients = item.recipients if item.recipients is not None else told.recipients
+                self.receipts[item.msg_id] = Receipts(recipients, stored)
             elif item.kind == "event":
                 line = self.make_line("system", "", item.text, stamp)
             else:

@@ -181,3 +181,38 @@ def test_new_group_dialog_reports_bad_names_and_sends_nothing(gui: Gui) -> None:
     assert alice.groups.dialog is dialog, "still open, to fix the name"
     assert "#te am" not in alice.conversations
     dialog.close()
+
+
+def test_a_groups_history_comes_back_after_a_new_login(gui: Gui) -> None:
+    """The group's lines are stored: after the window is closed and alice
+    logs in again, #team is in the contact list, and opening it shows the
+    change, both messages and who has hers."""
+    bob = gui.session("bob")
+    alice = gui.window()
+    gui.login(alice, "alice")
+    assert alice.session is not None
+    alice.session.group(GroupAction.CREATE, "team", ("bob",))
+    assert pump_until(gui.root, lambda: contact_text(alice, "#team")[0] == "#team (2)")
+    alice.open_conversation("#team")
+    type_text(alice.composer, "kept for later")
+    press(alice.composer, "Return")
+    shows(bob, lambda e: isinstance(e, MessageReceived))
+    bob.send("so is this", to="#team")
+    assert pump_until(gui.root, lambda: "\u2713\u2713 1 of 1" in alice.transcript_text())
+    assert pump_until(gui.root, lambda: "bob: so is this" in alice.transcript_text())
+    pump(gui.root, 0.3)  # bob's line shown and recorded before the window closes
+    alice.close()
+    gui.windows.remove(alice)
+
+    again = gui.window()
+    gui.login(again, "alice")
+    assert pump_until(gui.root, lambda: contact_text(again, "#team")[0] == "#team (2)")
+    again.open_conversation("#team")
+    lines = again.transcript_text().splitlines()
+    assert [line[6:] for line in lines] == [
+        "alice created the group with alice, bob",
+        "alice: kept for later  \u2713\u2713 1 of 1",
+        "bob: so is this",
+    ], lines
+    (msg_id,) = [line.msg_id for line in again.conversations["#team"].lines if line.kind == "own"]
+    assert msg_id is not None and again.groups.tooltip_for(msg_id) == "delivered to bob"
