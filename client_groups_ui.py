@@ -16,7 +16,10 @@ Like the rest of the window it runs on the Tk thread only; it reaches the
 network through the window's session (`group`, `watch`), whose answers come
 back as events through the window's queue. It imports nothing of
 `client_window` (which imports it: no cycle): what it uses of the window is
-`GroupWindow`, and the window hands it its `Line` class and `tk_safe`.
+`GroupWindow`, and the window hands it its `Line` class and `tk_safe`. A
+group's stored lines come through the window's own history reading (rows
+with a sender and a change); the states of our group messages, as far as
+they are stored, through `client_store.read_group_receipts`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from client_core import (
     WhoList,
     check_group_request,
 )
-from client_store import read_group_history
+from client_store import read_group_receipts
 from protocol import GroupAction, group_address, is_group_address, name_key
 
 
@@ -81,13 +84,24 @@ class GroupSession(Protocol):
     def shown(self, message_id: int, *, wait: float = 0.0) -> bool: ...
 
 
+class ContactsView(Protocol):
+    """The window's contact list (`client_contacts.ContactList`)."""
+
+    frame: ttk.Frame
+
+    def set_state(self, key: str, status: str, unread: int) -> None: ...
+    def set_label(self, key: str, label: str | None) -> None: ...
+
+
 class GroupWindow(Protocol):
     """What groups use of the window (`client_window.ChatWindow`)."""
 
     top: tk.Tk | tk.Toplevel
-    contacts: ttk.Treeview
     transcript: tk.Text
     _banner_anchor: ttk.Frame
+
+    @property
+    def contact_list(self) -> ContactsView: ...
 
     @property
     def session(self) -> GroupSession | None: ...
@@ -101,12 +115,12 @@ class GroupWindow(Protocol):
     @property
     def current(self) -> ConversationView | None: ...
 
-    def conversation(self, name: str) -> ConversationView: ...
+    def conversation(self, name: str, *, last: float = 0.0) -> ConversationView: ...
     def open_conversation(self, name: str, *, focus: bool = True) -> None: ...
-    def _render_line(self, line: Any, *, follow: bool = True) -> None: ...
+    def _add_line(self, conv: Any, line: Any) -> None: ...
 
 
-#: `client_window.Line`'s constructor: (kind, who, text, stamp, msg_id, state).
+#: `client_transcript.Line`'s constructor: (kind, who, text, stamp, msg_id, state).
 MakeLine = Callable[..., Any]
 
 #: Presence is followed for this many members of each group at most, and
@@ -170,11 +184,12 @@ class GroupsUI:
         self.groups: dict[str, GroupInfo] = {}  # by name key of the bare name
         self.presence: dict[str, bool] = {}  # by user name key
         self.receipts: dict[str, Receipts] = {}  # by our message id
+        self._not_ours: set[str] = set()  # ids the store had no group receipts for
         self.watched: set[str] = set()
         self.tooltip: tk.Toplevel | None = None
         self.tooltip_text = ""  # what the hover shows (tests read it)
         self.dialog: NewGroupDialog | None = None
-        left = window.contacts.master
+        left = window.contact_list.frame.master
         self.new_button = ttk.Button(left, text="New group\u2026", command=self.open_dialog)
         self.new_button.pack(fill="x", pady=(6, 0))
         self.panel = MembersPanel(window._banner_anchor, self)
@@ -239,10 +254,7 @@ class GroupsUI:
         elif event.change == "owner":
             info.owner = event.user
         conv = self.w.conversation(event.conversation)
-        line = self.make_line("system", "", event.describe(), event.sent_ms / 1000)
-        conv.lines.append(line)
-        if conv is self.w.current:
-            self.w._render_line(line)
+        self.w._add_line(conv, self.make_line("system", "", event.describe(), event.sent_ms / 1000))
         # In the transcript (or its conversation's lines): now it may be receipted.
         if self.w.session is not None:
             self.w.session.shown(event.id)
@@ -280,21 +292,25 @@ class GroupsUI:
         if group is None:
             return False
         info = self.groups.get(name_key(group))
-        text = conv.name
+        label = None
         status = ""
         if info is not None and not info.member:
             status = "left"
         elif info is not None and info.members:
-            text = f"{conv.name} ({len(info.members)})"  # the member count
+            label = f"{conv.name} ({len(info.members)})"  # the member count
             status = "group"
-        unread = str(conv.unread) if conv.unread else ""
-        self.w.contacts.item(name_key(conv.name), text=self.tk_safe(text),
-                             values=(status, unread))  # fmt: skip
+        key = name_key(conv.name)
+        self.w.contact_list.set_label(key, label)
+        self.w.contact_list.set_state(key, status, conv.unread)
         return True
 
     def state_label(self, line: LineView) -> str | None:
         """The state text of our group message ("✓✓ 2 of 3"), None otherwise."""
-        if line.msg_id is None or line.msg_id not in self.receipts:
+        if line.msg_id is None:
+            return None
+        if line.msg_id not in self.receipts:
+            self._read_receipts(line.msg_id)
+        if line.msg_id not in self.receipts:
             return None
         receipts = self.receipts[line.msg_id]
         if line.state == MessageState.DELIVERED:
@@ -312,38 +328,26 @@ class GroupsUI:
         self.w.transcript.tag_bind(tag, "<Enter>", lambda e: self.show_tooltip(msg_id, e))
         self.w.transcript.tag_bind(tag, "<Leave>", lambda e: self.hide_tooltip())
 
-    def load_history(self, conv: ConversationView) -> bool:
-        """A group's stored lines (messages, changes, our states); False
-        for a person's conversation (the window loads it)."""
-        group = group_of(conv.name)
-        if group is None:
-            return False
+    def _read_receipts(self, msg_id: str) -> None:
+        """What the store has of our message `msg_id` and the others in the
+        open group (lines read from the history: the first page, earlier
+        pages, a search's), in one read."""
+        conv = self.w.current
         session = self.w.session
         store = session.store if session is not None else None
-        if store is None:
-            return True
-        for item in read_group_history(store.path, group, upto=store.history_mark):
-            stamp = item.ts_ms / 1000
-            if item.kind == "own":
-                state = item.state or MessageState.SENDING
-                line = self.make_line("own", self.w.username or "me", item.text, stamp,
-                                          item.msg_id, state)  # fmt: skip
-                conv.by_id[item.msg_id] = line
-                # A receipt told since the store's last commit is only here:
-                # keep it beside what the store has.
-                told = self.receipts.get(item.msg_id, Receipts())
-                stored = list(item.delivered_by)
-                keys = {name_key(b) for b in stored}
-                stored += [b for b in told.by if name_key(b) not in keys]
-                recipients = item.recipients if item.recipients is not None else told.recipients
-                self.receipts[item.msg_id] = Receipts(recipients, stored)
-            elif item.kind == "event":
-                line = self.make_line("system", "", item.text, stamp)
-            else:
-                line = self.make_line("peer", item.sender, item.text, stamp)
-                conv.received.add(item.msg_id)
-            conv.lines.append(line)
-        return True
+        if conv is None or group_of(conv.name) is None or store is None or not self.w.username:
+            return
+        unknown = [m for m in {msg_id, *conv.by_id}
+                   if m not in self.receipts and m not in self._not_ours]  # fmt: skip
+        if not unknown:
+            return
+        found = read_group_receipts(store.path, self.w.username, unknown)
+        for msg_id in unknown:
+            if msg_id not in found:
+                self._not_ours.add(msg_id)  # not stored yet, or not accepted: asked once
+                continue
+            recipients, stored = found[msg_id]
+            self.receipts[msg_id] = Receipts(recipients, list(stored))
 
     def opened(self, conv: ConversationView) -> None:
         """A conversation opened: a group's shows its members panel."""

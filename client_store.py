@@ -153,6 +153,8 @@ class HistoryLine:
     msg_id: str
     state: str | None
     row_id: int = 0  # its row in the store: where earlier pages and search hits start
+    sender: str | None = None  # a group's line: who sent it, or made the change
+    change: str | None = None  # a group's membership change (`text` says it in words)
 
 
 def ensure_search_index(db: sqlite3.Connection) -> bool:
@@ -520,7 +522,9 @@ class ClientStore:
 
 
 SHOWN_ROWS = "(outgoing=1 OR shown=1)"  # a received message not shown yet is the session's
-LINE_COLUMNS = "peer, outgoing, text, ts_ms, instance_id, client_seq, state, id"
+LINE_COLUMNS = (
+    "peer, outgoing, text, ts_ms, instance_id, client_seq, state, id, grp_sender, grp_change"
+)
 
 
 def _reader(path: Path) -> sqlite3.Connection | None:
@@ -534,8 +538,8 @@ def _reader(path: Path) -> sqlite3.Connection | None:
 
 def _lines(rows: list[Any]) -> list[HistoryLine]:
     return [
-        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row)
-        for p, o, t, ts, i, s, st, row in rows
+        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row, sender, change)
+        for p, o, t, ts, i, s, st, row, sender, change in rows
     ]
 
 
@@ -719,63 +723,40 @@ def mark_shown(path: Path, server_msg_ids: list[int]) -> None:
         db.close()
 
 
-@dataclass(frozen=True)
-class GroupLine:
-    """One line of a group's stored history: our message (`own`), a
-    member's (`peer`), or a membership change (`event`)."""
-
-    kind: str  # "own", "peer" or "event"
-    sender: str
-    text: str  # a change: in words
-    ts_ms: int
-    msg_id: str  # a message's id, `instance-seq`
-    seq: int | None  # its place in the group's order (ours: once accepted)
-    state: str | None = None  # ours: its state
-    recipients: int | None = None  # ours: the members it went to
-    delivered_by: tuple[str, ...] = ()  # ours: who has it
-    change: str | None = None  # a change: its label
-    users: tuple[str, ...] = ()
-
-
-def read_group_history(
-    path: Path, group: str, limit: int = 500, upto: int | None = None
-) -> list[GroupLine]:
-    """The last `limit` lines of group `group` (no '#'; stored up to row
-    `upto`, if given), oldest first, with what only a group has: senders,
-    membership changes, recipients and who has each of our messages. A
-    received line not shown yet is left out (see `read_history`)."""
-    if not path.exists():
-        return []
-    db = sqlite3.connect(path)
+def read_group_receipts(
+    path: Path, username: str, msg_ids: list[str]
+) -> dict[str, tuple[int | None, tuple[str, ...]]]:
+    """For `username`'s group messages among `msg_ids` (`instance-seq`):
+    how many members each went to (None: not accepted yet) and who has it,
+    in the order they were told. Other ids are left out."""
+    wanted: dict[tuple[int, int], str] = {}
+    for label in msg_ids:
+        try:
+            instance_hex, seq_text = label.split("-")
+            wanted[(i64(int(instance_hex, 16)), int(seq_text))] = label
+        except ValueError:
+            continue
+    db = _reader(path) if wanted else None
+    if db is None:
+        return {}
+    found: dict[str, tuple[int | None, tuple[str, ...]]] = {}
     try:
-        db.execute("PRAGMA busy_timeout=2000")
-        rows = db.execute(
-            "SELECT outgoing, text, ts_ms, instance_id, client_seq, state, grp_seq, grp_sender,"
-            " grp_change, grp_users, grp_recipients FROM history"
-            " WHERE peer_key=? AND id<=? AND (outgoing=1 OR shown=1) ORDER BY id DESC LIMIT ?",
-            (name_key(group_address(group)), upto if upto is not None else 2**63 - 1, limit),
-        ).fetchall()
-        lines: list[GroupLine] = []
-        for out, text, ts, i, seq_no, state, seq, sender, change, users, recipients in reversed(
-            rows
-        ):
-            label = MsgId(u64(i), seq_no).label()
-            if out:
-                got = db.execute(
-                    "SELECT by_name FROM group_receipts WHERE instance_id=? AND client_seq=?"
-                    " ORDER BY rowid",
-                    (i, seq_no),
-                ).fetchall()
-                lines.append(GroupLine("own", "", text, ts, label, seq, state, recipients,
-                                       tuple(r[0] for r in got)))  # fmt: skip
-            elif change is not None:
-                named = tuple(json.loads(users or "[]"))
-                lines.append(GroupLine("event", sender or "", text, ts, label, seq,
-                                       change=change, users=named))  # fmt: skip
-            else:
-                lines.append(GroupLine("peer", sender or "", text, ts, label, seq))
+        for (instance_id, seq), label in wanted.items():
+            row = db.execute(
+                "SELECT grp_recipients FROM history WHERE outgoing=1 AND sender_key=?"
+                " AND instance_id=? AND client_seq=? AND peer_key LIKE '#%'",
+                (name_key(username), instance_id, seq),
+            ).fetchone()
+            if row is None:
+                continue
+            by = db.execute(
+                "SELECT by_name FROM group_receipts WHERE instance_id=? AND client_seq=?"
+                " ORDER BY rowid",
+                (instance_id, seq),
+            ).fetchall()
+            found[label] = (row[0], tuple(r[0] for r in by))
     except sqlite3.Error:
-        return []
+        return found
     finally:
         db.close()
-    return lines
+    return found

@@ -32,7 +32,7 @@ from client_core import (
     check_outgoing,
     normalize_peer,
 )
-from client_store import ClientStore, read_group_history
+from client_store import ClientStore, read_group_receipts, read_history
 from protocol import (
     CONTROL_STREAM,
     ErrorCode,
@@ -362,10 +362,9 @@ def test_group_receipts_after_a_restart_are_told_once_from_the_store(
     assert [e.to_json() for e in alice2.of(StatusChanged)] == [
         {"event": "status", "id": msg, "state": "delivered", "group": "team", "by": "bob"}
     ]
-    (line,) = read_group_history(store.path, "team")
-    assert (line.kind, line.text, line.recipients, line.delivered_by, line.state) == (
-        "own", "before the restart", 3, ("bob",), "delivered"
-    )  # fmt: skip
+    (line,) = read_history(store.path, "#team")
+    assert (line.outgoing, line.text, line.state) == (True, "before the restart", "delivered")
+    assert read_group_receipts(store.path, "alice", [msg]) == {msg: (3, ("bob",))}
     store.close()
 
 
@@ -437,19 +436,20 @@ def test_the_store_keeps_a_groups_history_with_its_changes(tmp_path: Path) -> No
     assert store.add_group_receipt(MsgId(store.instance_id, 1), "alice")
     assert not store.add_group_receipt(MsgId(store.instance_id, 1), "Alice")  # the same member
     store.commit()
-    assert read_group_history(store.path, "team") == read_group_history(store.path, "team")
-    assert [line.kind for line in read_group_history(store.path, "team")] == ["own"]  # unshown
+    assert [line.outgoing for line in read_history(store.path, "#team")] == [True]  # unshown
     assert store.mark_shown(900) and store.mark_shown(901)
-    lines = read_group_history(store.path, "team")
-    assert [(x.kind, x.sender, x.text) for x in lines] == [
-        ("event", "alice", "alice created the group with alice, bob"),
-        ("peer", "alice", "hi"),
-        ("own", "", "hello"),
+    lines = read_history(store.path, "#Team")
+    assert [(x.outgoing, x.sender, x.change, x.text) for x in lines] == [
+        (False, "alice", "created", "alice created the group with alice, bob"),
+        (False, "alice", None, "hi"),
+        (True, None, None, "hello"),
     ]
-    assert (lines[0].change, lines[0].users, lines[0].seq) == ("created", ("alice", "bob"), 1)
-    assert (lines[2].recipients, lines[2].delivered_by) == (1, ("alice",))
+    own = lines[2].msg_id
+    assert read_group_receipts(store.path, "bob", [own, lines[1].msg_id, "x-y"]) == {
+        own: (1, ("alice",))
+    }  # only our group messages
+    assert read_history(store.path, "alice") == []  # a group's lines are the group's
     assert store.add_group_message("team", "alice", MsgId(5, 1), "hi", 6, 901, 2) == "shown"
-    assert json.loads(json.dumps([x.kind for x in lines]))  # plain data
     store.close()
 
 
