@@ -213,8 +213,13 @@ class GroupsUI:
     # --- hooks: events ----------------------------------------------------------
 
     def logged_in(self) -> None:
-        """Ask which groups we are in (each then asks for its members)."""
+        """Ask which groups we are in (each then asks for its members). A
+        new session (perhaps another user's) starts from nothing."""
         self.groups.clear()
+        self.presence.clear()
+        self.watched.clear()
+        self.receipts.clear()
+        self._not_ours.clear()
         if self.w.session is not None:
             self.w.session.group(GroupAction.LIST)
 
