@@ -221,3 +221,34 @@ def test_a_groups_history_comes_back_after_a_new_login(gui: Gui) -> None:
     ], lines
     (msg_id,) = [line.msg_id for line in again.conversations["#team"].lines if line.kind == "own"]
     assert msg_id is not None and again.groups.tooltip_for(msg_id) == "delivered to bob"
+
+
+def test_a_new_login_in_the_same_window_follows_its_own_groups(gui: Gui) -> None:
+    """Signed out (logged in elsewhere) and logged in again as someone else,
+    the window follows the new user's groups and their members' presence,
+    nothing of the last user's."""
+    bob = gui.session("bob")
+    dave = gui.session("dave")
+    gui.session("carol").close()  # carol's account
+    window = gui.window()
+    gui.login(window, "alice")
+    assert window.session is not None
+    window.session.group(GroupAction.CREATE, "team", ("bob",))
+    window.open_conversation("#team")
+    panel = window.groups.panel
+    assert pump_until(gui.root, lambda: "\u25cf bob" in panel.rows()), panel.rows()
+    gui.session("alice")  # alice logs in elsewhere: this window is signed out
+    assert pump_until(gui.root, lambda: window.username is None)
+    bob.close()  # bob goes offline meanwhile
+    gui.sessions.remove(bob)
+    window.username_var.set("")
+    window.password_var.set("")
+    gui.login(window, "carol")
+    dave.group(GroupAction.CREATE, "ops", ("bob", "carol"))
+    assert pump_until(gui.root, lambda: contact_text(window, "#ops")[0] == "#ops (3)")
+    window.open_conversation("#ops")
+    expected = ["\u25cf dave (owner)", "\u25cb bob", "\u25cf carol (you)"]
+    assert pump_until(gui.root, lambda: panel.rows() == expected), panel.rows()
+    assert "#team" not in {key for key in window.groups.groups}
+    gui.session("bob")  # back: this session follows bob's presence too
+    assert pump_until(gui.root, lambda: "\u25cf bob" in panel.rows()), panel.rows()
