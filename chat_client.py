@@ -72,8 +72,11 @@ from client_core import (
     ClientError,
     Disconnected,
     ErrorEvent,
+    GroupChanged,
+    GroupsListed,
     LinkChanged,
     LoggedIn,
+    MembersListed,
     MemoryStore,
     MessageReceived,
     MessageState,
@@ -82,7 +85,9 @@ from client_core import (
     StatusChanged,
     TypingNotice,
     WhoList,
+    check_group_request,
     check_outgoing,
+    normalize_peer,
 )
 from client_core import Event as SessionEvent
 from client_store import ClientStore, mark_shown, profile_dir
@@ -96,7 +101,14 @@ from common import (
     parse_servers,
     positive,
 )
-from protocol import ErrorCode, LocalProtocolError, MsgId, normalize_name
+from protocol import (
+    ErrorCode,
+    GroupAction,
+    LocalProtocolError,
+    MsgId,
+    is_group_address,
+    normalize_name,
+)
 from reliability import RTO_MAX, RTO_MIN
 
 __all__ = [
@@ -106,8 +118,11 @@ __all__ = [
     "ChatSession",
     "Disconnected",
     "ErrorEvent",
+    "GroupChanged",
+    "GroupsListed",
     "LinkChanged",
     "LoggedIn",
+    "MembersListed",
     "MessageReceived",
     "MessageState",
     "PasswordChanged",
@@ -189,9 +204,16 @@ class _DeleteAccount:
     password: str
 
 
+@dataclass(frozen=True)
+class _Group:
+    action: GroupAction
+    group: str
+    users: tuple[str, ...]
+
+
 _Command = (
     _Send | _Shown | _Who | _Watch | _Typing | _Logout | _Abort | _Cancel | _ChangePassword
-    | _DeleteAccount
+    | _DeleteAccount | _Group
 )  # fmt: skip
 
 # Linux's numbers (<linux/in.h>, <linux/in6.h>); Python names neither. With
@@ -365,13 +387,14 @@ class ChatSession:
         """Make `name` the person plain sends go to (the `/to` command), and
         follow their presence."""
         try:
-            shown = normalize_name(name)
+            shown = normalize_peer(name)
         except LocalProtocolError as exc:
             self._emit(ErrorEvent(ErrorCode.INVALID_NAME.label, f"cannot talk to {name!r}: {exc}"))
             return False
         with self._lock:
             self._peer = shown
-        self.watch(shown)
+        if not is_group_address(shown):  # a group (`#team`) has members, not a presence
+            self.watch(shown)
         return True
 
     @property
@@ -425,6 +448,22 @@ class ChatSession:
 
     def who(self) -> None:
         self._command(_Who())
+
+    def group(
+        self, action: GroupAction, group: str = "", users: tuple[str, ...] | list[str] = ()
+    ) -> bool:
+        """A group request (`ClientCore.group_request`): create `#group` with
+        `users`, add or remove them, leave, list its members, or list our
+        groups. The answer comes on `events` (`GroupChanged`, `MembersListed`,
+        `GroupsListed` or an `ErrorEvent`). False, with an `ErrorEvent`, for a
+        bad group or user name (nothing is sent)."""
+        try:
+            name, shown = check_group_request(action, group, users)
+        except ClientError as exc:
+            self._emit(ErrorEvent(exc.code.label, exc.message))
+            return False
+        self._command(_Group(action, name, shown))
+        return True
 
     def watch(self, name: str) -> None:
         """Ask for `name`'s presence (now and when it changes)."""
@@ -690,7 +729,7 @@ class _Worker:
     def pass_events(self) -> None:
         while (event := self.core.next_event()) is not None:
             if isinstance(event, MessageReceived):
-                self.s._heard_from(event.sender)
+                self.s._heard_from(event.conversation)  # a group message: its group
             elif isinstance(event, Disconnected):  # counted before anyone hears of the end
                 self.s.left_in_outbox = sum(
                     out.state == MessageState.SENDING for out in self.core.outbox.values()
@@ -724,6 +763,8 @@ class _Worker:
                     core.logout(now, timeout, wait_shown=wait_shown)
                 case _Abort():
                     core.abort()
+                case _Group(action, group, users):
+                    core.group_request(action, group, users)
                 case _Cancel() | _ChangePassword() | _DeleteAccount():
                     self.account_command(command)
 
@@ -763,6 +804,8 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
         return (f"logged in as {event.user}{where}; type a message, /to NAME, /who, /help "
                 "or /quit", False)  # fmt: skip
     if isinstance(event, MessageReceived):
+        if event.group is not None:
+            return f"[#{event.group}] {event.sender}: {event.text}", False
         return f"{event.sender}: {event.text}", False
     if isinstance(event, StatusChanged):
         # One line per state change; the later ones name the message briefly
@@ -771,10 +814,20 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
         if event.state == MessageState.SENDING:
             return f"-> {event.to}: {event.text}  [sending]", False
         if event.state == MessageState.ACCEPTED:
+            if event.recipients is not None:  # a group message
+                return f"  \u2713 on server for {event.recipients} member(s) ({about})", False
             return f"  \u2713 on server ({about})", False
         if event.state == MessageState.DELIVERED:
+            if event.by is not None:  # a group message: one line per member who has it
+                return f"  \u2713\u2713 delivered to {event.by} ({about})", False
             return f"  \u2713\u2713 delivered ({about})", False
         return f"  \u2717 failed ({event.reason}) ({about})", True
+    if isinstance(event, GroupChanged):
+        return f"* #{event.group}: {event.describe()}", False
+    if isinstance(event, MembersListed):
+        return f"#{event.group}: {', '.join(event.members)} (owner {event.owner})", False
+    if isinstance(event, GroupsListed):
+        return "groups: " + (", ".join(f"#{g}" for g in event.groups) or "none"), False
     if isinstance(event, PresenceChanged):
         return f"* {event.user} is {'online' if event.online else 'offline'}", False
     if isinstance(event, WhoList):
@@ -802,8 +855,14 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
 
 #: The terminal's commands, as `/help` lists them: (usage, what it does).
 TERMINAL_COMMANDS = (
-    ("/to NAME", "send your next messages to NAME"),
+    ("/to NAME", "send your next messages to NAME (a user, or a group: /to #team)"),
     ("/who", "list who is online"),
+    ("/create #GROUP NAME...", "create a group with these members (you are its owner)"),
+    ("/add #GROUP NAME...", "add members to a group you are in"),
+    ("/remove #GROUP NAME...", "remove members (the group's owner only)"),
+    ("/leave #GROUP", "leave a group"),
+    ("/members #GROUP", "list a group's owner and members"),
+    ("/groups", "list the groups you are in"),
     ("/cancel NAME", "drop your messages waiting for NAME to register"),
     ("/passwd", "change your password (asks the old and the new one)"),
     ("/delete-account", "delete your account on the server (asks the password and to confirm)"),
@@ -811,6 +870,39 @@ TERMINAL_COMMANDS = (
     ("/quit", "wait up to 10 s until what you sent is accepted, log out and exit"),
     ("//TEXT", "send /TEXT: a message that starts with a slash"),
 )
+
+
+#: The group commands: their action, and whether they take one request per user.
+GROUP_COMMANDS = {
+    "/create": (GroupAction.CREATE, False),
+    "/add": (GroupAction.ADD, True),
+    "/remove": (GroupAction.REMOVE, True),
+    "/leave": (GroupAction.LEAVE, False),
+    "/members": (GroupAction.MEMBERS, False),
+    "/groups": (GroupAction.LIST, False),
+}
+
+
+def _group_command(session: ChatSession, command: str, args: list[str]) -> None:
+    """Send what a group command asks for. A mistake is an `ErrorEvent` on
+    the session's events (like those `session.group` reports), so errors
+    come out in the order the lines were typed."""
+    action, per_user = GROUP_COMMANDS[command]
+    if action == GroupAction.LIST:
+        session.group(action)
+        return
+    if not args:
+        usage = next(use for use, _ in TERMINAL_COMMANDS if use.startswith(command + " "))
+        session._emit(ErrorEvent(ErrorCode.INVALID_NAME.label, f"name the group: {usage}"))
+        return
+    group, users = args[0], args[1:]
+    if per_user and users:
+        # One request, one change and one answer per user: `/add #team dave
+        # erin` adds dave even if erin has no account.
+        for user in users:
+            session.group(action, group, (user,))
+    else:
+        session.group(action, group, users)
 
 
 def _show_help(as_json: bool, stdout: IO[str]) -> None:
@@ -945,7 +1037,7 @@ def run_terminal(
             closed_pipe = True
             inbox.put(_Line(None))
             return
-        if isinstance(event, MessageReceived):
+        if isinstance(event, MessageReceived | GroupChanged):
             # Printed and flushed: now (and only now) it may be receipted.
             # Waiting for the record keeps a crash to one message shown again.
             session.shown(event.id, wait=SHOWN_MARK_WAIT)
@@ -1009,6 +1101,8 @@ def run_terminal(
                 session.who()
             elif command == "/cancel":
                 session.cancel(rest.strip())
+            elif command in GROUP_COMMANDS:
+                _group_command(session, command, rest.replace(",", " ").split())
             elif command == "/help":
                 try:
                     _show_help(as_json, stdout)

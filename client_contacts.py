@@ -25,6 +25,7 @@ class Entry:
     last: float  # last activity (wall clock, s): the order of the list
     status: str = ""
     unread: int = 0
+    label: str | None = None  # shown instead of the name (a group: `#team (3)`)
 
 
 class ContactList:
@@ -76,6 +77,15 @@ class ContactList:
         entry.last = last
         if self.tree.exists(key) and self.tree.prev(key) != "":  # the top one stays there
             self.tree.move(key, "", self._position(entry, moving=key))
+
+    def set_label(self, key: str, label: str | None) -> None:
+        """Show `label` for `key` instead of its name (None: the name again)."""
+        entry = self.entries.get(key)
+        if entry is None or entry.label == label:
+            return
+        entry.label = label
+        if self.tree.exists(key):
+            self.tree.item(key, text=tk_safe(label or entry.name))
 
     def set_state(self, key: str, status: str, unread: int) -> None:
         entry = self.entries.get(key)
@@ -136,7 +146,7 @@ class ContactList:
         for key in shown:
             entry = self.entries[key]
             unread = str(entry.unread) if entry.unread else ""
-            self.tree.insert("", "end", iid=key, text=tk_safe(entry.name),
+            self.tree.insert("", "end", iid=key, text=tk_safe(entry.label or entry.name),
                              values=(entry.status, unread))  # fmt: skip
         if selected is not None and self.tree.exists(selected):
             self.tree.selection_set(selected)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import itertools
 import logging
 import random
 import secrets
@@ -60,6 +61,16 @@ from protocol import (
     ErrorCode,
     Fail,
     Frame,
+    GroupAccept,
+    GroupAction,
+    GroupChange,
+    GroupDeliver,
+    GroupDelivereds,
+    GroupEvent,
+    GroupInfo,
+    GroupList,
+    GroupRequest,
+    GroupResult,
     Hello,
     LocalProtocolError,
     Login,
@@ -94,6 +105,8 @@ from protocol import (
     decode_packet,
     encode_message,
     encode_packet,
+    group_address,
+    is_group_address,
     name_key,
     normalize_name,
     scram_keys,
@@ -187,21 +200,42 @@ class MessageReceived:
     id: int  # the server's number for it in our mailbox
     sent_ms: int  # when the server accepted it (wall clock, ms)
     msg_id: str = ""  # the sender's message id, `instance-seq`
+    group: str | None = None  # a group message: the group's name (no '#')
+    seq: int = 0  # a group message: its place in the group's sequence
+
+    @property
+    def conversation(self) -> str:
+        """Where it belongs and a reply goes: the sender, or `#group`."""
+        return self.sender if self.group is None else group_address(self.group)
 
     def to_json(self) -> dict[str, Any]:
+        if self.group is not None:
+            return {"event": "message", "from": self.sender, "group": self.group,
+                    "text": self.text, "id": self.id, "sent_ms": self.sent_ms}  # fmt: skip
         return {"event": "message", "from": self.sender, "text": self.text, "id": self.id,
                 "sent_ms": self.sent_ms}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class StatusChanged:
-    """A state of a message we sent: sending, accepted, delivered or failed."""
+    """A state of a message we sent: sending, accepted, delivered or failed.
+
+    A group message (`to` is `#team`) is `delivered` once per member, each
+    naming that member (`by`); its `accepted` says how many members other
+    than us it went to (`recipients`: the N of "delivered 2 of N")."""
 
     id: str  # the message id, `instance-seq`
     state: MessageState
     to: str
     text: str
     reason: str | None = None
+    by: str | None = None  # a group message's `delivered`: the member who has it
+    recipients: int | None = None  # a group message's `accepted`: members it went to
+
+    @property
+    def group(self) -> str | None:
+        """The group's name (no '#') for a group message, else None."""
+        return self.to[1:] if is_group_address(self.to) else None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": "status", "id": self.id, "state": str(self.state)}
@@ -210,6 +244,12 @@ class StatusChanged:
             out["text"] = self.text
         if self.reason is not None:
             out["reason"] = self.reason
+        if (group := self.group) is not None:
+            out["group"] = group
+            if self.by is not None:
+                out["by"] = self.by
+            if self.recipients is not None:
+                out["recipients"] = self.recipients
         return out
 
 
@@ -302,6 +342,75 @@ class AccountDeleted:
         return {"event": "account_deleted", "user": self.user}
 
 
+@dataclass(frozen=True)
+class GroupChanged:
+    """A membership change of a group we are (or were, until this change)
+    in, in the group's one order. Committed and shown like a received
+    message: the front end calls `shown(id)`, and only then is it receipted."""
+
+    group: str  # the group's name, no '#'
+    change: str  # a `GroupChange` label: created, added, removed, left, owner
+    by: str  # who made the change (for `owner`: who left)
+    users: tuple[str, ...]  # created: the members; added/removed: who; owner: the new owner
+    id: int  # the server's number for it, like a message's
+    sent_ms: int
+    seq: int = 0  # its place in the group's sequence
+
+    @property
+    def conversation(self) -> str:
+        return group_address(self.group)
+
+    @property
+    def user(self) -> str:
+        """Whom it is about: the one added, removed, who left, the new owner."""
+        return self.users[0] if self.users else self.by
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"event": "group", "group": self.group, "change": self.change,
+                               "by": self.by}  # fmt: skip
+        if self.change == GroupChange.CREATED.label:
+            out["members"] = list(self.users)
+        else:
+            out["user"] = self.user
+            if len(self.users) > 1:
+                out["users"] = list(self.users)
+        return out
+
+    def describe(self) -> str:
+        """The change in words, for a person (terminal line, transcript)."""
+        what = {
+            "created": f"{self.by} created the group with {', '.join(self.users)}",
+            "added": f"{self.by} added {', '.join(self.users)}",
+            "removed": f"{self.by} removed {', '.join(self.users)}",
+            "left": f"{self.user} left",
+            "owner": f"{self.user} is the owner now",
+        }
+        return what.get(self.change, f"{self.by}: {self.change} {', '.join(self.users)}")
+
+
+@dataclass(frozen=True)
+class MembersListed:
+    """The answer to `/members #team`: the owner and the members in joining order."""
+
+    group: str
+    owner: str
+    members: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "members", "group": self.group, "owner": self.owner,
+                "members": list(self.members)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GroupsListed:
+    """The answer to `/groups`: the groups we are in."""
+
+    groups: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "groups", "groups": list(self.groups)}
+
+
 Event = (
     LoggedIn
     | MessageReceived
@@ -315,7 +424,19 @@ Event = (
     | Cancelled
     | PasswordChanged
     | AccountDeleted
+    | GroupChanged
+    | MembersListed
+    | GroupsListed
 )
+
+
+#: What the server sends about groups (`ClientCore._on_group_message`).
+GroupMessage = (
+    GroupDeliver | GroupEvent | GroupAccept | GroupDelivereds | GroupResult | GroupInfo | GroupList
+)
+GROUP_MESSAGES = (
+    GroupDeliver, GroupEvent, GroupAccept, GroupDelivereds, GroupResult, GroupInfo, GroupList,
+)  # fmt: skip
 
 
 # --- the store --------------------------------------------------------------
@@ -327,13 +448,19 @@ Arrival = Literal["new", "unshown", "shown"]
 
 @dataclass(frozen=True)
 class StoredMessage:
-    """A received message committed to the history but not shown yet."""
+    """A received message committed to the history but not shown yet: a
+    direct one, a group message (`group`), or a group's membership change
+    (`change`, with `sender` the one who made it)."""
 
     sender: str
     msg_id: MsgId
     text: str
     sent_ms: int
     server_msg_id: int
+    group: str | None = None
+    group_seq: int = 0
+    change: str | None = None  # a membership change: its `GroupChange` label
+    users: tuple[str, ...] = ()
 
 
 class CoreStore(Protocol):
@@ -389,6 +516,31 @@ class CoreStore(Protocol):
 
     def keep_ticket(self, ticket: bytes) -> None: ...
 
+    # Groups: a group's messages and membership changes are kept like
+    # received messages (shown once, receipted after), in the group's order.
+
+    def add_group_message(
+        self, group: str, sender: str, msg_id: MsgId, text: str, sent_ms: int,
+        server_msg_id: int, group_seq: int,
+    ) -> Arrival: ...  # fmt: skip
+
+    def add_group_event(
+        self, group: str, change: str, by: str, users: tuple[str, ...], sent_ms: int,
+        server_msg_id: int, group_seq: int,
+    ) -> Arrival: ...  # fmt: skip
+
+    def set_recipients(self, msg_id: MsgId, recipients: int, group_seq: int) -> None:
+        """One of our group messages was accepted for `recipients` members."""
+        ...
+
+    def add_group_receipt(self, msg_id: MsgId, by: str) -> bool:
+        """Member `by` has our group message; False if that was known already."""
+        ...
+
+    def take_request_id(self) -> int:
+        """A group request id never used by this instance, even before a restart."""
+        ...
+
 
 class MemoryStore:
     """A `CoreStore` in memory: for a client without a disk, and for tests.
@@ -407,6 +559,9 @@ class MemoryStore:
         self._by_server_id: dict[int, tuple[str, MsgId]] = {}
         self._server_key: bytes | None = None
         self._ticket: bytes | None = None
+        self._group_receipts: set[tuple[MsgId, str]] = set()  # (msg id, member key)
+        self.recipients: dict[MsgId, int] = {}
+        self._next_request = 1
 
     def commit(self) -> None:
         pass  # nothing to make durable
@@ -473,14 +628,54 @@ class MemoryStore:
     def keep_ticket(self, ticket: bytes) -> None:
         self._ticket = ticket
 
+    def _add(self, key: tuple[str, MsgId], message: StoredMessage) -> Arrival:
+        known = self._incoming.get(key)
+        if known is not None:
+            return "shown" if known[1] else "unshown"
+        self._incoming[key] = (message, False)
+        self._by_server_id[message.server_msg_id] = key
+        return "new"
+
+    def add_group_message(
+        self, group: str, sender: str, msg_id: MsgId, text: str, sent_ms: int,
+        server_msg_id: int, group_seq: int,
+    ) -> Arrival:  # fmt: skip
+        stored = StoredMessage(sender, msg_id, text, sent_ms, server_msg_id, group, group_seq)
+        return self._add((name_key(sender), msg_id), stored)
+
+    def add_group_event(
+        self, group: str, change: str, by: str, users: tuple[str, ...], sent_ms: int,
+        server_msg_id: int, group_seq: int,
+    ) -> Arrival:  # fmt: skip
+        # A change has no message id: the server's number names it.
+        msg_id = MsgId(0, server_msg_id)
+        stored = StoredMessage(by, msg_id, "", sent_ms, server_msg_id, group, group_seq,
+                               change, users)  # fmt: skip
+        return self._add((group_address(name_key(group)), msg_id), stored)
+
+    def set_recipients(self, msg_id: MsgId, recipients: int, group_seq: int) -> None:
+        self.recipients[msg_id] = recipients
+
+    def add_group_receipt(self, msg_id: MsgId, by: str) -> bool:
+        key = (msg_id, name_key(by))
+        if key in self._group_receipts:
+            return False
+        self._group_receipts.add(key)
+        return True
+
+    def take_request_id(self) -> int:
+        request_id = self._next_request
+        self._next_request += 1
+        return request_id
+
 
 # --- the core -----------------------------------------------------------------
 
 
 class _Outgoing:
-    __slots__ = ("msg_id", "to", "text", "state", "waiting")
+    __slots__ = ("msg_id", "to", "text", "state", "waiting", "order", "recipients", "delivered")
 
-    def __init__(self, msg_id: MsgId, to: str, text: str) -> None:
+    def __init__(self, msg_id: MsgId, to: str, text: str, order: int = 0) -> None:
         self.msg_id = msg_id
         self.to = to
         self.text = text
@@ -488,14 +683,59 @@ class _Outgoing:
         # The server has no account of that name yet: kept, `sending`, and
         # sent again once a PRESENCE says the name exists (see `_on_message`).
         self.waiting = False
+        self.order = order  # among what is resent after a login (with group requests)
+        self.recipients: int | None = None  # a group message: members it went to
+        self.delivered = 0  # a group message: members who have it
+
+
+def normalize_peer(name: str) -> str:
+    """The display form of a peer: a user's name, or a group's as `#team`
+    (`LocalProtocolError` with the reason if it is neither)."""
+    name = name.strip()
+    if is_group_address(name):
+        return group_address(normalize_name(name[1:]))
+    return normalize_name(name)
+
+
+def check_group_name(group: str) -> str:
+    """A group's name without the '#' (typed with or without it), or
+    `ClientError(INVALID_NAME)`."""
+    bare = group.strip()
+    bare = bare[1:] if is_group_address(bare) else bare
+    try:
+        return normalize_name(bare)
+    except LocalProtocolError as exc:
+        raise ClientError(ErrorCode.INVALID_NAME, f"no group can be called {group!r}: "
+                          f"{exc}; a group is named like #team") from None  # fmt: skip
+
+
+def check_group_request(
+    action: GroupAction, group: str = "", users: tuple[str, ...] | list[str] = ()
+) -> tuple[str, tuple[str, ...]]:
+    """The group's name (no '#') and the users' display names for a group
+    request, or `ClientError` saying what is wrong with them."""
+    if action == GroupAction.LIST:
+        return "", ()
+    name = check_group_name(group)
+    shown: list[str] = []
+    for user in users:
+        try:
+            shown.append(normalize_name(user))
+        except LocalProtocolError as exc:
+            raise ClientError(ErrorCode.INVALID_NAME, f"{user!r} is no user name: {exc}") from None
+    if action in (GroupAction.ADD, GroupAction.REMOVE) and not shown:
+        verb = "add" if action == GroupAction.ADD else "remove"
+        raise ClientError(ErrorCode.INVALID_NAME,
+                          f"name whom to {verb}: /{verb} #{name} NAME")  # fmt: skip
+    return name, tuple(shown)
 
 
 def check_outgoing(text: str, to: str) -> str:
-    """The recipient's display name, or `ClientError` saying why `text`
-    cannot go to `to` (the name and the text are checked apart, so each
-    gets its own code)."""
+    """The recipient's display name (`#team` for a group), or `ClientError`
+    saying why `text` cannot go to `to` (the name and the text are checked
+    apart, so each gets its own code)."""
     try:
-        target = normalize_name(to)
+        target = normalize_peer(to)
     except LocalProtocolError as exc:
         raise ClientError(ErrorCode.INVALID_NAME, f"cannot send to {to!r}: {exc}") from None
     try:
@@ -624,13 +864,19 @@ class ClientCore:
         self._maybe_password: tuple[str, bytes, bytes] | None = None
         self._tried_maybe = False  # logging in with it
         self._account_params: tuple[bytes, int] | None = None  # salt, iterations (last login)
+        # Group requests not answered yet, by request id: (order, request),
+        # sent again after each login until answered.
+        self.group_requests: dict[int, tuple[int, GroupRequest]] = {}
+        self._member_pages: dict[int, list[str]] = {}  # MEMBERS answers in pages
+        self._group_pages: dict[int, list[str]] = {}  # LIST answers in pages
         self.presence: dict[str, bool] = {}  # last reported, by name key
         self.watched: set[str] = set()  # presence wanted; asked again after each login
         # What an earlier run sent and the server never accepted goes out
         # again, with its original ids, after login.
         waiting = self.store.waiting()
+        self._order = itertools.count()  # of outbox entries and group requests
         for msg_id, to, text in self.store.pending():
-            out = self.outbox[msg_id] = _Outgoing(msg_id, to, text)
+            out = self.outbox[msg_id] = _Outgoing(msg_id, to, text, next(self._order))
             if msg_id in waiting:
                 # No account then: cancellable before the login; sent again
                 # at the login all the same (the name may have one now).
@@ -747,7 +993,7 @@ class ClientCore:
         if not self._events:
             return None
         event = self._events.popleft()
-        if isinstance(event, MessageReceived) and not self.wait_for_shown:
+        if isinstance(event, MessageReceived | GroupChanged) and not self.wait_for_shown:
             self.shown(event.id)
         return event
 
@@ -784,11 +1030,12 @@ class ClientCore:
         """Make `name` the person plain sends go to, and follow their
         presence; its display form, or `ClientError(INVALID_NAME)`."""
         try:
-            shown = normalize_name(name)
+            shown = normalize_peer(name)
         except LocalProtocolError as exc:
             raise ClientError(ErrorCode.INVALID_NAME, f"cannot talk to {name!r}: {exc}") from None
         self._peer = shown
-        self.watch(shown)
+        if not is_group_address(shown):  # a group has members, not a presence
+            self.watch(shown)
         return shown
 
     def send(self, text: str, now: float, to: str | None = None) -> str:
@@ -821,7 +1068,7 @@ class ClientCore:
             self._emit(ErrorEvent(ErrorCode.TOO_LONG.label, str(exc)))
             return
         self._next_seq = max(self._next_seq, msg_id.client_seq + 1)
-        out = self.outbox[msg_id] = _Outgoing(msg_id, to, text)
+        out = self.outbox[msg_id] = _Outgoing(msg_id, to, text, next(self._order))
         self.store.add_outgoing(msg_id, to, text)
         self._staged.append(StatusChanged(msg_id.label(), MessageState.SENDING, out.to, out.text))
         if self._waiting_for(to):
@@ -969,7 +1216,8 @@ class ClientCore:
         self._send_message(Watch(name))
 
     def typing(self, to: str) -> None:
-        self._send_message(Typing(to))
+        if not is_group_address(to):  # typing notices are between two people
+            self._send_message(Typing(to))
 
     def logout(self, now: float, timeout: float = 10.0, *, wait_shown: bool = True) -> None:
         """Wait (up to `timeout`) until everything sent is accepted (and,
@@ -995,6 +1243,29 @@ class ClientCore:
             return
         log.info("the server %s is gone; logging in again", self._server_text("in use"))
         self._link_lost(now, notify=True)
+
+    def group_request(
+        self, action: GroupAction, group: str = "", users: tuple[str, ...] | list[str] = ()
+    ) -> int:
+        """Ask the server to create a group (with `users`), add or remove
+        `users`, leave it, list its members, or list our groups; returns the
+        request id. The answer comes as events: a change as `GroupChanged`
+        (to every member, in the group's order), `MembersListed`,
+        `GroupsListed`, or an `ErrorEvent` (no_such_group, not_a_member,
+        group_exists, group_full, not_owner, no_such_user). Kept and sent
+        again after each re-login until answered (the server acts once).
+        `ClientError(INVALID_NAME)` for a bad group or user name."""
+        name, shown = check_group_request(action, group, users)
+        request = GroupRequest(self.store.take_request_id(), int(action), name, shown)
+        self.group_requests[request.request_id] = (next(self._order), request)
+        stream = CONTROL_STREAM if action == GroupAction.LIST else self._group_stream(name)
+        self._send_message(request, stream)
+        return request.request_id
+
+    @staticmethod
+    def _group_stream(group: str) -> int:
+        """One group's traffic keeps one order on the hop: its stream."""
+        return conversation_stream(group_address(group))
 
     # --- helpers ---------------------------------------------------------------
 
@@ -1144,16 +1415,22 @@ class ClientCore:
         self.link_up = True
         for name in sorted(self.watched):
             self._send_message(Watch(name))
-        # Resend, in order and with their ids, what the server has not accepted.
+        # Resend, in order and with their ids, what the server has not
+        # accepted, and the group requests it has not answered (in the order
+        # they were made: `/add #team dave` before a message to #team).
         # Those that waited for an account too: the name may have one now
         # (if not, the server says so again within a round trip, and they
         # wait again, unreported: `_reported_waiting`), and a logout waits for
         # that answer as for any message in flight.
+        again: list[tuple[int, Message, str]] = []
         for out in self.outbox.values():
             if out.state == MessageState.SENDING:
                 out.waiting = False
-                self.conn.send(encode_message(Send(out.msg_id, out.to, out.text)),
-                               conversation_stream(out.to))  # fmt: skip
+                again.append((out.order, Send(out.msg_id, out.to, out.text), out.to))
+        again.extend(self._unanswered_requests())
+        for _, resent, peer in sorted(again, key=lambda item: item[0]):
+            self.conn.send(encode_message(resent),
+                           conversation_stream(peer) if peer else CONTROL_STREAM)  # fmt: skip
 
     def _hand_on_unshown(self) -> None:
         """What an earlier run committed but never showed (it died between
@@ -1162,9 +1439,17 @@ class ClientCore:
         then finds them here, not shown, and leaves them to this."""
         for stored in self.store.unshown():
             self.awaiting.add(stored.server_msg_id)
-            self._reply_to = stored.sender
-            self._emit(MessageReceived(stored.sender, stored.text, stored.server_msg_id,
-                                       stored.sent_ms, stored.msg_id.label()))  # fmt: skip
+            if stored.change is not None and stored.group is not None:
+                change = GroupChanged(stored.group, stored.change, stored.sender, stored.users,
+                                      stored.server_msg_id, stored.sent_ms,
+                                      stored.group_seq)  # fmt: skip
+                self._emit(change)
+                continue
+            received = MessageReceived(stored.sender, stored.text, stored.server_msg_id,
+                                       stored.sent_ms, stored.msg_id.label(), stored.group,
+                                       stored.group_seq)  # fmt: skip
+            self._reply_to = received.conversation
+            self._emit(received)
 
     def _send_proof(self, challenge: Challenge, now: float) -> None:
         """SCRAM client-final: stretch the password (cached per salt), prove it."""
@@ -1293,7 +1578,9 @@ class ClientCore:
             self._emit(StatusChanged(label, MessageState.DELIVERED, out.to, out.text))
 
     def _on_message(self, message: Message, now: float) -> None:
-        if isinstance(message, Deliver):
+        if isinstance(message, GROUP_MESSAGES):
+            self._on_group_message(message)
+        elif isinstance(message, Deliver):
             # Committed, then handed on (after the commit), then shown by the
             # front end, which says so (`shown`), then receipted; each
             # message is shown once, however often it arrives.
@@ -1388,16 +1675,140 @@ class ClientCore:
                 self._reported_waiting.discard(key)
                 self._send_message(Send(out.msg_id, out.to, out.text), conversation_stream(out.to))
 
+    # --- groups -----------------------------------------------------------------
+
+    def _unanswered_requests(self) -> list[tuple[int, Message, str]]:
+        """The group requests to send again after a login: (order, request,
+        the peer whose stream it takes, "" for the control stream)."""
+        return [
+            (order, request, group_address(request.group) if request.group else "")
+            for order, request in self.group_requests.values()
+        ]
+
+    def _on_group_message(self, message: GroupMessage) -> None:
+        if isinstance(message, GroupDeliver):
+            # Like a DELIVER: committed, handed on, shown, then receipted;
+            # the hop's group stream keeps the group's order.
+            arrival = self.store.add_group_message(
+                message.group, message.sender, message.msg_id, message.text, message.sent_ms,
+                message.server_msg_id, message.group_seq,
+            )  # fmt: skip
+            received = MessageReceived(message.sender, message.text, message.server_msg_id,
+                                       message.sent_ms, message.msg_id.label(), message.group,
+                                       message.group_seq)  # fmt: skip
+            self._arrived(arrival, received)
+        elif isinstance(message, GroupEvent):
+            try:
+                change = GroupChange(message.change).label
+            except ValueError:
+                change = str(message.change)  # a newer server's change: shown as a number
+            arrival = self.store.add_group_event(
+                message.group, change, message.by, message.users, message.sent_ms,
+                message.server_msg_id, message.group_seq,
+            )  # fmt: skip
+            event = GroupChanged(message.group, change, message.by, message.users,
+                                 message.server_msg_id, message.sent_ms,
+                                 message.group_seq)  # fmt: skip
+            self._arrived(arrival, event)
+        elif isinstance(message, GroupAccept):
+            self._group_accepted(message)
+        elif isinstance(message, GroupDelivereds):
+            for msg_id in message.msg_ids:
+                self._group_delivered(msg_id, message.group, message.by)
+        elif isinstance(message, GroupResult):
+            entry = self.group_requests.pop(message.request_id, None)
+            self._member_pages.pop(message.request_id, None)
+            self._group_pages.pop(message.request_id, None)
+            if entry is None or message.code == 0:
+                return  # answered before (a re-sent request), or done: its event follows
+            try:
+                code = ErrorCode(message.code)
+            except ValueError:
+                code = ErrorCode.SERVER_ERROR
+            text = message.message or f"#{entry[1].group}: {code.label}"
+            self._emit(ErrorEvent(code.label, text))
+        elif isinstance(message, GroupInfo):
+            if message.request_id not in self.group_requests:
+                return  # an answer sent again
+            pages = self._member_pages.setdefault(message.request_id, [])
+            pages.extend(message.members)
+            if not message.more:
+                del self._member_pages[message.request_id]
+                del self.group_requests[message.request_id]
+                self._emit(MembersListed(message.group, message.owner, tuple(pages)))
+        elif isinstance(message, GroupList):
+            if message.request_id not in self.group_requests:
+                return
+            pages = self._group_pages.setdefault(message.request_id, [])
+            pages.extend(message.groups)
+            if not message.more:
+                del self._group_pages[message.request_id]
+                del self.group_requests[message.request_id]
+                self._emit(GroupsListed(tuple(pages)))
+
+    def _arrived(self, arrival: Arrival, event: MessageReceived | GroupChanged) -> None:
+        """A group message or change was stored: hand it on once (after the
+        commit), or receipt again what was shown before."""
+        if arrival == "new":
+            self.awaiting.add(event.id)
+            if isinstance(event, MessageReceived):
+                self._reply_to = event.conversation
+            self._staged.append(event)
+        elif arrival == "shown":
+            self.receipts.append(event.id)  # its receipt was lost: again
+        # "unshown": on its way to the screen; the receipt follows `shown`.
+
+    def _group_accepted(self, message: GroupAccept) -> None:
+        out = self.outbox.get(message.msg_id)
+        if out is None or out.state != MessageState.SENDING:
+            return
+        out.state = MessageState.ACCEPTED
+        out.recipients = message.recipients
+        self.store.set_state(message.msg_id, MessageState.ACCEPTED)
+        self.store.set_recipients(message.msg_id, message.recipients, message.group_seq)
+        self._emit(StatusChanged(out.msg_id.label(), MessageState.ACCEPTED, out.to, out.text,
+                                 recipients=message.recipients))  # fmt: skip
+        if out.recipients == 0:
+            self.outbox.pop(message.msg_id)  # nobody else to deliver it to
+
+    def _group_delivered(self, msg_id: MsgId, group: str, by: str) -> None:
+        """Member `by` has our message: one `delivered` per member, once."""
+        out = self.outbox.get(msg_id)
+        if out is None and self.store.state_of(msg_id) not in (
+            MessageState.ACCEPTED,
+            MessageState.DELIVERED,
+        ):
+            return  # not ours (another instance of this user sent it), or failed: final
+        if not self.store.add_group_receipt(msg_id, by):
+            return  # told before (a receipt relayed again)
+        self.store.set_state(msg_id, MessageState.DELIVERED)
+        label = msg_id.label()
+        if out is None:  # accepted before a restart of this client: only the store knew it
+            self._emit(StatusChanged(label, MessageState.DELIVERED, group_address(group), "",
+                                     by=by))  # fmt: skip
+            return
+        if out.state == MessageState.SENDING:
+            self._emit(StatusChanged(label, MessageState.ACCEPTED, out.to, out.text))
+            out.state = MessageState.ACCEPTED
+        out.delivered += 1
+        self._emit(StatusChanged(label, MessageState.DELIVERED, out.to, out.text, by=by))
+        if out.recipients is not None and out.delivered >= out.recipients:
+            self.outbox.pop(msg_id)
+
     # --- logout -----------------------------------------------------------------
 
     def _run_closing(self, now: float) -> None:
         if self._closing_deadline is None or self.ended:
             return
         # Messages waiting for an account are not waited for: they stay in
-        # the outbox for the next login (exit status 3).
+        # the outbox for the next login (exit status 3). Group requests not
+        # answered yet are waited for: a LOGOUT on the control stream could
+        # overtake one on its group's stream, and a request is not kept for
+        # the next run.
         waiting = (
             self._account_request is not None
             or bool(self._account_queue)
+            or bool(self.group_requests)
             or any(
                 out.state == MessageState.SENDING and not out.waiting
                 for out in self.outbox.values()
@@ -1435,6 +1846,10 @@ class ClientCore:
         if unsent:
             kept = "kept in the outbox for the next login" if self.store.directory else "not sent"
             text = f"{unsent} message(s) not accepted by the server yet: {kept}"
+            self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label, text))
+        if self.group_requests:
+            asked = len(self.group_requests)
+            text = f"{asked} group request(s) not answered by the server: not sent again"
             self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label, text))
 
     def _finish(self, reason: ErrorCode) -> None:

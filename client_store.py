@@ -29,6 +29,7 @@ as) also takes a fresh instance id: see `_check_identity`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -38,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from client_core import Arrival, MessageState, StoredMessage
+from client_core import Arrival, GroupChanged, MessageState, StoredMessage
 from common import LockHeld, data_dir, i64, lock_file, u64
-from protocol import MsgId, name_key
+from protocol import MsgId, group_address, name_key
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -63,12 +64,28 @@ CREATE TABLE IF NOT EXISTS identity (
     path TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS login_ticket (instance_id INTEGER PRIMARY KEY, ticket BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS group_receipts (
+    instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL, by_key TEXT NOT NULL,
+    by_name TEXT NOT NULL, PRIMARY KEY (instance_id, client_seq, by_key)
+);
 """
 # Added after the first release: stores made before get them on open. Rows
 # from then were shown when they arrived (DEFAULT 1).
 HISTORY_COLUMNS = {
     "server_msg_id": "ALTER TABLE history ADD COLUMN server_msg_id INTEGER",
     "shown": "ALTER TABLE history ADD COLUMN shown INTEGER NOT NULL DEFAULT 1",
+    # Groups (issue 14). A group's rows have `peer` '#team' and `grp` 'team';
+    # `grp_seq` is the row's place in the group's one order. A membership
+    # change is a row of its own (`grp_change`, `grp_users` as JSON, `text`
+    # in words), keyed by the server's id (`instance_id` 0, `client_seq` the
+    # server's id). Our group messages get `grp_recipients` (the N of
+    # "delivered 2 of N") when accepted; who has them is `group_receipts`.
+    "grp": "ALTER TABLE history ADD COLUMN grp TEXT",
+    "grp_seq": "ALTER TABLE history ADD COLUMN grp_seq INTEGER",
+    "grp_sender": "ALTER TABLE history ADD COLUMN grp_sender TEXT",
+    "grp_change": "ALTER TABLE history ADD COLUMN grp_change TEXT",
+    "grp_users": "ALTER TABLE history ADD COLUMN grp_users TEXT",
+    "grp_recipients": "ALTER TABLE history ADD COLUMN grp_recipients INTEGER",
 }
 # `waiting`: the server has no account of the recipient's name yet (the
 # message goes once it has); stores from before wait for nothing.
@@ -183,6 +200,8 @@ class HistoryLine:
     msg_id: str
     state: str | None
     row_id: int = 0  # its row in the store: where earlier pages and search hits start
+    sender: str | None = None  # a group's line: who sent it, or made the change
+    change: str | None = None  # a group's membership change (`text` says it in words)
 
 
 def ensure_search_index(db: sqlite3.Connection) -> bool:
@@ -286,6 +305,8 @@ class ClientStore:
             row = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
             self.next_seq = int(row[0]) if row else 1
         self._in_tx = False
+        row = self.db.execute("SELECT value FROM meta WHERE key='next_request'").fetchone()
+        self._next_request = int(row[0]) if row is not None and not self.locked else 1
         # History up to here is from earlier runs; what comes later reaches
         # the window as events, so it must not be read back twice.
         row = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM history").fetchone()
@@ -422,13 +443,15 @@ class ClientStore:
         if self.locked:
             return []
         rows = self.db.execute(
-            "SELECT peer, instance_id, client_seq, text, ts_ms, server_msg_id FROM history "
-            "WHERE outgoing=0 AND shown=0 ORDER BY server_msg_id, id"
+            "SELECT peer, instance_id, client_seq, text, ts_ms, server_msg_id, grp, grp_seq,"
+            " grp_sender, grp_change, grp_users FROM history"
+            " WHERE outgoing=0 AND shown=0 ORDER BY server_msg_id, id"
         ).fetchall()
         return [
-            StoredMessage(peer, MsgId(u64(i), s), text, ts, server_id)
-            for peer, i, s, text, ts, server_id in rows
-        ]
+            StoredMessage(peer if group is None else sender, MsgId(u64(i), s), text, ts,
+                          server_id, group, seq or 0, change, tuple(json.loads(users or "[]")))
+            for peer, i, s, text, ts, server_id, group, seq, sender, change, users in rows
+        ]  # fmt: skip
 
     def pending(self) -> list[tuple[MsgId, str, str]]:
         """What was sent from this store that the server has not accepted,
@@ -482,6 +505,83 @@ class ClientStore:
             "INSERT OR REPLACE INTO login_ticket VALUES (?, ?)", (i64(self.instance_id), ticket)
         )
 
+    # --- groups (network thread) --------------------------------------------
+
+    def add_group_message(
+        self, group: str, sender: str, msg_id: MsgId, text: str, sent_ms: int,
+        server_msg_id: int, group_seq: int,
+    ) -> Arrival:  # fmt: skip
+        """Store a group message, not shown yet (see `add_incoming`)."""
+        self.begin()
+        peer = group_address(group)
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
+            " instance_id, client_seq, state, server_msg_id, shown, grp, grp_seq, grp_sender)"
+            " VALUES (?, ?, 0, ?, ?, ?, ?, ?, NULL, ?, 0, ?, ?, ?)",
+            (name_key(peer), peer, text, sent_ms, name_key(sender), i64(msg_id.instance_id),
+             msg_id.client_seq, server_msg_id, group, group_seq, sender),
+        )  # fmt: skip
+        if cursor.rowcount == 1:
+            return "new"
+        row = self.db.execute(
+            "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=? "
+            "AND client_seq=?",
+            (name_key(sender), i64(msg_id.instance_id), msg_id.client_seq),
+        ).fetchone()
+        return "shown" if row is not None and row[0] else "unshown"
+
+    def add_group_event(
+        self, group: str, change: str, by: str, users: tuple[str, ...], sent_ms: int,
+        server_msg_id: int, group_seq: int,
+    ) -> Arrival:  # fmt: skip
+        """Store a membership change, not shown yet; its words go in `text`
+        (what a search of the history finds)."""
+        self.begin()
+        peer = group_address(group)
+        words = GroupChanged(group, change, by, users, server_msg_id, sent_ms).describe()
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
+            " instance_id, client_seq, state, server_msg_id, shown, grp, grp_seq, grp_sender,"
+            " grp_change, grp_users) VALUES (?, ?, 0, ?, ?, ?, 0, ?, NULL, ?, 0, ?, ?, ?, ?, ?)",
+            (name_key(peer), peer, words, sent_ms, name_key(by), i64(server_msg_id),
+             server_msg_id, group, group_seq, by, change, json.dumps(list(users))),
+        )  # fmt: skip
+        if cursor.rowcount == 1:
+            return "new"
+        row = self.db.execute(
+            "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=0 "
+            "AND client_seq=?",
+            (name_key(by), i64(server_msg_id)),
+        ).fetchone()
+        return "shown" if row is not None and row[0] else "unshown"
+
+    def set_recipients(self, msg_id: MsgId, recipients: int, group_seq: int) -> None:
+        self.begin()
+        self.db.execute(
+            "UPDATE history SET grp_recipients=?, grp_seq=? WHERE outgoing=1 AND sender_key=? "
+            "AND instance_id=? AND client_seq=?",
+            (recipients, group_seq, name_key(self.username), i64(msg_id.instance_id),
+             msg_id.client_seq),
+        )  # fmt: skip
+
+    def add_group_receipt(self, msg_id: MsgId, by: str) -> bool:
+        self.begin()
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO group_receipts VALUES (?, ?, ?, ?)",
+            (i64(msg_id.instance_id), msg_id.client_seq, name_key(by), by),
+        )
+        return cursor.rowcount == 1
+
+    def take_request_id(self) -> int:
+        request_id = self._next_request
+        self._next_request += 1
+        if not self.locked:  # a one-off instance numbers in memory
+            self.begin()
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('next_request', ?)", (self._next_request,)
+            )
+        return request_id
+
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.commit()
@@ -491,7 +591,9 @@ class ClientStore:
 
 
 SHOWN_ROWS = "(outgoing=1 OR shown=1)"  # a received message not shown yet is the session's
-LINE_COLUMNS = "peer, outgoing, text, ts_ms, instance_id, client_seq, state, id"
+LINE_COLUMNS = (
+    "peer, outgoing, text, ts_ms, instance_id, client_seq, state, id, grp_sender, grp_change"
+)
 
 
 def _reader(path: Path) -> sqlite3.Connection | None:
@@ -505,8 +607,8 @@ def _reader(path: Path) -> sqlite3.Connection | None:
 
 def _lines(rows: list[Any]) -> list[HistoryLine]:
     return [
-        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row)
-        for p, o, t, ts, i, s, st, row in rows
+        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row, sender, change)
+        for p, o, t, ts, i, s, st, row, sender, change in rows
     ]
 
 
@@ -688,3 +790,42 @@ def mark_shown(path: Path, server_msg_ids: list[int]) -> None:
             db.execute("COMMIT")
     finally:
         db.close()
+
+
+def read_group_receipts(
+    path: Path, username: str, msg_ids: list[str]
+) -> dict[str, tuple[int | None, tuple[str, ...]]]:
+    """For `username`'s group messages among `msg_ids` (`instance-seq`):
+    how many members each went to (None: not accepted yet) and who has it,
+    in the order they were told. Other ids are left out."""
+    wanted: dict[tuple[int, int], str] = {}
+    for label in msg_ids:
+        try:
+            instance_hex, seq_text = label.split("-")
+            wanted[(i64(int(instance_hex, 16)), int(seq_text))] = label
+        except ValueError:
+            continue
+    db = _reader(path) if wanted else None
+    if db is None:
+        return {}
+    found: dict[str, tuple[int | None, tuple[str, ...]]] = {}
+    try:
+        for (instance_id, seq), label in wanted.items():
+            row = db.execute(
+                "SELECT grp_recipients FROM history WHERE outgoing=1 AND sender_key=?"
+                " AND instance_id=? AND client_seq=? AND peer_key LIKE '#%'",
+                (name_key(username), instance_id, seq),
+            ).fetchone()
+            if row is None:
+                continue
+            by = db.execute(
+                "SELECT by_name FROM group_receipts WHERE instance_id=? AND client_seq=?"
+                " ORDER BY rowid",
+                (instance_id, seq),
+            ).fetchall()
+            found[label] = (row[0], tuple(r[0] for r in by))
+    except sqlite3.Error:
+        return found
+    finally:
+        db.close()
+    return found

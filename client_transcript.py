@@ -222,6 +222,10 @@ class Transcript:
         text.bind("<Control-c>", lambda e: None)
         self.new_marker = ttk.Button(parent, text="\u2193 new messages",
                                         command=self._marker_clicked)  # fmt: skip
+        # What a group adds to our message's state ("✓✓ 2 of 3", the names on
+        # hover: client_groups_ui.py); None leaves the usual label.
+        self.state_label: Callable[[Line], str | None] = lambda line: None
+        self.state_shown: Callable[[Line], None] = lambda line: None
         self.lines: list[Line] = []  # what is shown, oldest first
         self.has_earlier = False  # the store holds lines before the first shown
         self.at_latest = True  # ends with the conversation's newest line (else: a search hit)
@@ -438,7 +442,7 @@ class Transcript:
     def _insert_state(self, line: Line) -> None:
         tag = f"sttext-{line.msg_id}"
         mark = f"st-{line.msg_id}"
-        label = STATE_LABELS.get(line.state or "", line.state or "")
+        label = self.state_label(line) or STATE_LABELS.get(line.state or "", line.state or "")
         if line.state == MessageState.FAILED:
             reason = f" ({line.reason.replace('_', ' ')})" if line.reason else ""
             self.text.insert(mark, f"  {label}{reason} ", ("failed", tag))
@@ -449,6 +453,7 @@ class Transcript:
             if line.state == MessageState.SENDING and line.slow:
                 label += " (no answer from the server yet; kept and sent again)"
             self.text.insert(mark, f"  {label}", ("state", tag))
+            self.state_shown(line)
 
     def render_state(self, line: Line) -> None:
         tag = f"sttext-{line.msg_id}"

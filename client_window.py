@@ -44,6 +44,7 @@ from pathlib import Path
 from tkinter import ttk
 from typing import Any, Protocol
 
+import client_groups_ui
 from client_account_ui import add_account_menu, on_account_event
 from client_contacts import ContactList
 from client_core import (
@@ -51,8 +52,11 @@ from client_core import (
     Cancelled,
     Disconnected,
     ErrorEvent,
+    GroupChanged,
+    GroupsListed,
     LinkChanged,
     LoggedIn,
+    MembersListed,
     MessageReceived,
     MessageState,
     PasswordChanged,
@@ -60,6 +64,7 @@ from client_core import (
     StatusChanged,
     TypingNotice,
     WhoList,
+    normalize_peer,
 )
 from client_core import Event as SessionEvent
 from client_store import (
@@ -74,7 +79,7 @@ from client_store import (
 )
 from client_transcript import Line, Transcript, find_in_text, tk_safe
 from common import DEFAULT_PORT, config_dir, format_servers, parse_servers
-from protocol import MAX_TEXT_BYTES, LocalProtocolError, name_key, normalize_name
+from protocol import MAX_TEXT_BYTES, GroupAction, LocalProtocolError, name_key, normalize_name
 
 CONTROL_MASK = 0x4  # X event state bits: a key with Control or Alt is a shortcut
 ALT_MASK = 0x8
@@ -117,6 +122,10 @@ class Session(Protocol):
     def send(self, text: str, to: str | None = None) -> str | None: ...
     def shown(self, message_id: int, *, wait: float = 0.0) -> bool: ...
     def who(self) -> None: ...
+    def watch(self, name: str) -> None: ...
+    def group(
+        self, action: GroupAction, group: str = "", users: tuple[str, ...] | list[str] = ()
+    ) -> bool: ...
     def typing(self, to: str) -> None: ...
     def logout(self, timeout: float = 10.0) -> None: ...
     def close(self, timeout: float = 10.0) -> None: ...
@@ -239,6 +248,9 @@ class ChatWindow:
         self.login_frame = self._build_login()
         self.chat_frame = self._build_chat()
         self.account_menu = add_account_menu(self)  # client_account_ui: the account dialogs
+        self.groups = client_groups_ui.GroupsUI(self, Line, tk_safe)  # client_groups_ui.py
+        self.view.state_label = self.groups.state_label  # "✓✓ 2 of 3"
+        self.view.state_shown = self.groups.state_inserted  # the names on hover
         self.login_frame.pack(fill="both", expand=True)
         master.bind("<FocusIn>", self._on_focus_in, add="+")
         master.bind("<FocusOut>", self._on_focus_out, add="+")
@@ -470,11 +482,16 @@ class ChatWindow:
             self._on_message(event)
         elif isinstance(event, StatusChanged):
             self._on_status(event)
+        elif isinstance(event, GroupChanged | MembersListed | GroupsListed):
+            self.groups.handle(event)
         elif isinstance(event, PresenceChanged):
+            if self.groups.on_presence(event):
+                return  # a group member's dot, not a contact of ours
             conv = self.conversation(event.user)
             conv.online = event.online
             self._refresh_contact(conv)
         elif isinstance(event, WhoList):
+            self.groups.on_who(event)
             self._on_who(event.users)
         elif isinstance(event, ErrorEvent):
             self._on_error(event)
@@ -508,6 +525,7 @@ class ChatWindow:
                                       style="Muted.TLabel")  # fmt: skip
         if self.session is not None:
             self.session.who()  # who of our contacts is online now
+        self.groups.logged_in()
         self._take_focus(self.composer)
 
     def _fill_contacts(self) -> None:
@@ -589,7 +607,7 @@ class ChatWindow:
             self._back_to_login(f"Disconnected ({reason}).")
 
     def _on_message(self, event: MessageReceived) -> None:
-        conv = self.conversation(event.sender)
+        conv = self.conversation(event.conversation)  # a group message: its group's
         if event.msg_id and event.msg_id in conv.received:
             self._shown(event)  # already shown from the stored history
             return
@@ -597,7 +615,7 @@ class ChatWindow:
         line = Line("peer", event.sender, event.text, event.sent_ms / 1000, event.msg_id or None)
         self._add_line(conv, line)
         if self.current is None:
-            self.open_conversation(event.sender, focus=False)
+            self.open_conversation(conv.name, focus=False)
         # Inserted (in the open transcript, or in its conversation with an
         # unread count): now its receipt may tell the sender `delivered`.
         self._shown(event)
@@ -615,6 +633,7 @@ class ChatWindow:
             self.session.shown(event.id)
 
     def _on_status(self, event: StatusChanged) -> None:
+        self.groups.on_status(event)
         conv = self.conversation(event.to)
         line = conv.by_id.get(event.id)
         if event.state != MessageState.SENDING:
@@ -671,10 +690,12 @@ class ChatWindow:
         return conv
 
     def _line_from(self, item: HistoryLine) -> Line:
+        if item.change is not None:  # a group's membership change
+            return Line("system", "", item.text, item.ts_ms / 1000, row_id=item.row_id)
         if item.outgoing:
             return Line("own", self.username or "me", item.text, item.ts_ms / 1000, item.msg_id,
                         item.state or MessageState.SENDING, row_id=item.row_id)  # fmt: skip
-        return Line("peer", item.peer, item.text, item.ts_ms / 1000, item.msg_id,
+        return Line("peer", item.sender or item.peer, item.text, item.ts_ms / 1000, item.msg_id,
                     row_id=item.row_id)  # fmt: skip
 
     def _load_history(self, conv: Conversation) -> None:
@@ -740,6 +761,7 @@ class ChatWindow:
         self.contact_list.select(name_key(conv.name))
         self._found = None
         self._show_latest()
+        self.groups.opened(conv)
         if focus:
             self._take_focus(self.composer)
 
@@ -783,7 +805,7 @@ class ChatWindow:
         if not name:
             return
         try:
-            name = normalize_name(name)
+            name = normalize_peer(name)  # a person, or a group: #team
         except LocalProtocolError as exc:
             self._system(self.current, f"Cannot open a chat with {name!r}: {exc}")
             return
@@ -800,6 +822,8 @@ class ChatWindow:
                 self.open_conversation(entry.name)
 
     def _refresh_contact(self, conv: Conversation) -> None:
+        if self.groups.refresh_contact(conv):
+            return  # a group: its member count
         status = {None: "", True: "\u25cf online", False: "offline"}[conv.online]
         self.contact_list.set_state(name_key(conv.name), status, conv.unread)
 

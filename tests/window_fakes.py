@@ -24,6 +24,7 @@ from typing import Any
 from client_core import (
     Disconnected,
     ErrorEvent,
+    GroupsListed,
     LinkChanged,
     LoggedIn,
     MessageReceived,
@@ -34,7 +35,7 @@ from client_core import (
 from client_store import ClientStore
 from client_window import ChatWindow, Settings
 from common import i64
-from protocol import MsgId, name_key
+from protocol import GroupAction, MsgId, name_key
 
 PEER_INSTANCE = 0x1234_5678_9ABC_DEF0  # the instance id of every peer here
 WRONG_PASSWORD = "wrong password"
@@ -52,6 +53,7 @@ class FakeSession:
         self.online: list[str] = []
         self.shown_ids: list[int] = []
         self.next_server_id = 1_000_000
+        self.group_requests: list[tuple[GroupAction, str, tuple[str, ...]]] = []
 
     def login(
         self, server: str, username: str, connect_to: str | None = None, *, password: str
@@ -117,6 +119,18 @@ class FakeSession:
 
     def typing(self, to: str) -> None:
         pass
+
+    def watch(self, name: str) -> None:
+        pass
+
+    def group(
+        self, action: GroupAction, group: str = "", users: tuple[str, ...] | list[str] = ()
+    ) -> bool:
+        """No groups here: /groups is answered with none; the rest is recorded."""
+        self.group_requests.append((action, group, tuple(users)))
+        if action == GroupAction.LIST:
+            self.events.put(GroupsListed(()))
+        return True
 
     def logout(self, timeout: float = 10.0) -> None:
         self.close(timeout)

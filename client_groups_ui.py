@@ -1,0 +1,636 @@
+"""The window's groups (issue 14): what a group conversation adds to
+`client_window.ChatWindow`, kept apart so the window's own module only
+holds small hooks that call in here.
+
+- `GroupsUI`: per group its owner, members (in joining order) and the
+  members' presence, learnt from `GroupsListed`, `MembersListed` and each
+  `GroupChanged`; the contact list's line for a group (`#team`, member
+  count, unread); membership changes as muted lines in the transcript; the
+  states of our group messages ("✓✓ 2 of 3", the names on hover).
+- `MembersPanel`: beside an open group's transcript: the members with a
+  presence dot, the owner marked, Add (any member), Remove (the owner),
+  Leave.
+- `NewGroupDialog`: "New group": a name and the first members.
+
+Like the rest of the window it runs on the Tk thread only; it reaches the
+network through the window's session (`group`, `watch`), whose answers come
+back as events through the window's queue. It imports nothing of
+`client_window` (which imports it: no cycle): what it uses of the window is
+`GroupWindow`, and the window hands it its `Line` class and `tk_safe`. A
+group's stored lines come through the window's own history reading (rows
+with a sender and a change); the states of our group messages, as far as
+they are stored, through `client_store.read_group_receipts`.
+"""
+
+from __future__ import annotations
+
+import tkinter as tk
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from tkinter import ttk
+from typing import Any, Protocol
+
+from client_core import (
+    ClientError,
+    GroupChanged,
+    GroupsListed,
+    MembersListed,
+    MessageState,
+    PresenceChanged,
+    StatusChanged,
+    WhoList,
+    check_group_request,
+)
+from client_store import read_group_receipts
+from protocol import GroupAction, group_address, is_group_address, name_key
+
+
+class LineView(Protocol):
+    """A transcript line (`client_window.Line`), as far as groups read it."""
+
+    msg_id: str | None
+    state: str | None
+
+
+class ConversationView(Protocol):
+    """A conversation of the window (`client_window.Conversation`)."""
+
+    name: str
+    unread: int
+    lines: list[Any]  # of the window's `Line`
+    by_id: dict[str, Any]
+    received: set[str]
+
+
+class StoreView(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def history_mark(self) -> int: ...
+
+
+class GroupSession(Protocol):
+    """What groups use of the window's session (`chat_client.ChatSession`)."""
+
+    @property
+    def store(self) -> StoreView | None: ...
+
+    def group(
+        self, action: GroupAction, group: str = "", users: tuple[str, ...] | list[str] = ()
+    ) -> bool: ...
+    def watch(self, name: str) -> None: ...
+    def shown(self, message_id: int, *, wait: float = 0.0) -> bool: ...
+
+
+class ContactsView(Protocol):
+    """The window's contact list (`client_contacts.ContactList`)."""
+
+    frame: ttk.Frame
+
+    def set_state(self, key: str, status: str, unread: int) -> None: ...
+    def set_label(self, key: str, label: str | None) -> None: ...
+
+
+class GroupWindow(Protocol):
+    """What groups use of the window (`client_window.ChatWindow`)."""
+
+    top: tk.Tk | tk.Toplevel
+    transcript: tk.Text
+    _banner_anchor: ttk.Frame
+
+    @property
+    def contact_list(self) -> ContactsView: ...
+
+    @property
+    def session(self) -> GroupSession | None: ...
+
+    @property
+    def username(self) -> str | None: ...
+
+    @property
+    def conversations(self) -> Mapping[str, ConversationView]: ...
+
+    @property
+    def current(self) -> ConversationView | None: ...
+
+    def conversation(self, name: str, *, last: float = 0.0) -> ConversationView: ...
+    def open_conversation(self, name: str, *, focus: bool = True) -> None: ...
+    def _add_line(self, conv: Any, line: Any) -> None: ...
+
+
+#: `client_transcript.Line`'s constructor: (kind, who, text, stamp, msg_id, state).
+MakeLine = Callable[..., Any]
+
+#: Presence is followed for this many members of each group at most, and
+#: this many group members in all: a WATCH counts against the user's
+#: message budget (`--user-msg-rate`, 200/s, burst 500), and a login with a
+#: few 1,000-member groups must not spend it on dots for strangers.
+WATCH_MEMBERS_MAX = 50
+WATCH_TOTAL_MAX = 200
+ONLINE_DOT = "\u25cf"  # ●
+OFFLINE_DOT = "\u25cb"  # ○
+PANEL_WIDTH = 190
+
+
+@dataclass
+class GroupInfo:
+    """What the window knows of one group."""
+
+    name: str  # no '#'
+    owner: str = ""
+    members: list[str] = field(default_factory=list)  # in joining order
+    member: bool = True  # False once we left or were removed
+
+    def has(self, user: str) -> bool:
+        key = name_key(user)
+        return any(name_key(m) == key for m in self.members)
+
+    def drop(self, users: tuple[str, ...] | list[str]) -> None:
+        gone = {name_key(u) for u in users}
+        self.members = [m for m in self.members if name_key(m) not in gone]
+
+
+@dataclass
+class Receipts:
+    """Our group message: how many members it went to, who has it."""
+
+    recipients: int | None = None
+    by: list[str] = field(default_factory=list)
+
+
+def group_of(name: str) -> str | None:
+    """`#team` -> `team`; a user's name -> None."""
+    return name[1:] if is_group_address(name) else None
+
+
+def delivered_label(receipts: Receipts) -> str:
+    """The state text of a delivered group message: "✓✓ 2 of 3"."""
+    total = receipts.recipients
+    count = len(receipts.by)
+    return f"\u2713\u2713 {count} of {total}" if total is not None else f"\u2713\u2713 {count}"
+
+
+class GroupsUI:
+    """The window's groups; `window` calls in through its hooks."""
+
+    def __init__(
+        self, window: GroupWindow, make_line: MakeLine, tk_safe: Callable[[str], str]
+    ) -> None:
+        self.w = window
+        self.make_line = make_line
+        self.tk_safe = tk_safe
+        self.groups: dict[str, GroupInfo] = {}  # by name key of the bare name
+        self.presence: dict[str, bool] = {}  # by user name key
+        self.receipts: dict[str, Receipts] = {}  # by our message id
+        self._not_ours: set[str] = set()  # ids the store had no group receipts for
+        self.watched: set[str] = set()
+        self.tooltip: tk.Toplevel | None = None
+        self.tooltip_text = ""  # what the hover shows (tests read it)
+        self.dialog: NewGroupDialog | None = None
+        left = window.contact_list.frame.master
+        self.new_button = ttk.Button(left, text="New group\u2026", command=self.open_dialog)
+        self.new_button.pack(fill="x", pady=(6, 0))
+        self.panel = MembersPanel(window._banner_anchor, self)
+        self.shown_group: str | None = None
+
+    # --- state ----------------------------------------------------------------
+
+    def info(self, group: str) -> GroupInfo:
+        key = name_key(group)
+        known = self.groups.get(key)
+        if known is None:
+            known = self.groups[key] = GroupInfo(group)
+        return known
+
+    def is_group(self, conv: ConversationView) -> bool:
+        return is_group_address(conv.name)
+
+    def knows_member(self, user: str) -> bool:
+        return any(g.has(user) for g in self.groups.values())
+
+    # --- hooks: events ----------------------------------------------------------
+
+    def logged_in(self) -> None:
+        """Ask which groups we are in (each then asks for its members). A
+        new session (perhaps another user's) starts from nothing."""
+        self.groups.clear()
+        self.presence.clear()
+        self.watched.clear()
+        self.receipts.clear()
+        self._not_ours.clear()
+        if self.w.session is not None:
+            self.w.session.group(GroupAction.LIST)
+
+    def handle(self, event: GroupChanged | MembersListed | GroupsListed) -> None:
+        if isinstance(event, GroupsListed):
+            for group in event.groups:
+                self.info(group)
+                self.w.conversation(group_address(group))
+                self._ask_members(group)
+        elif isinstance(event, MembersListed):
+            info = self.info(event.group)
+            info.owner = event.owner
+            info.members = list(event.members)
+            info.member = self.w.username is not None and info.has(self.w.username)
+            self._watch(info)
+            self._changed(info)
+        else:
+            self._on_change(event)
+
+    def _on_change(self, event: GroupChanged) -> None:
+        info = self.info(event.group)
+        me = self.w.username or ""
+        if event.change == "created":
+            info.owner = event.by
+            info.members = list(event.users)
+            info.member = True
+        elif event.change == "added":
+            info.members.extend(u for u in event.users if not info.has(u))
+            if any(name_key(u) == name_key(me) for u in event.users):
+                info.member = True
+                self._ask_members(event.group)  # we were added: learn who is there
+        elif event.change in ("removed", "left"):
+            gone = list(event.users) if event.change == "removed" else [event.user]
+            info.drop(gone)
+            if any(name_key(u) == name_key(me) for u in gone):
+                info.member = False
+        elif event.change == "owner":
+            info.owner = event.user
+        conv = self.w.conversation(event.conversation)
+        self.w._add_line(conv, self.make_line("system", "", event.describe(), event.sent_ms / 1000))
+        # In the transcript (or its conversation's lines): now it may be receipted.
+        if self.w.session is not None:
+            self.w.session.shown(event.id)
+        self._watch(info)
+        self._changed(info)
+
+    def on_presence(self, event: PresenceChanged) -> bool:
+        """Record a member's presence; True if the user is only a group
+        member (no conversation of their own to show it in)."""
+        self.presence[name_key(event.user)] = event.online
+        self._refresh_panel()
+        return name_key(event.user) not in self.w.conversations and self.knows_member(event.user)
+
+    def on_who(self, event: WhoList) -> None:
+        online = {name_key(u) for u in event.users}
+        for key in self.watched:
+            self.presence[key] = key in online
+        self._refresh_panel()
+
+    def on_status(self, event: StatusChanged) -> None:
+        """Count our group message's recipients and who has it."""
+        if event.group is None:
+            return
+        receipts = self.receipts.setdefault(event.id, Receipts())
+        if event.recipients is not None:
+            receipts.recipients = event.recipients
+        if event.by is not None and all(name_key(b) != name_key(event.by) for b in receipts.by):
+            receipts.by.append(event.by)
+
+    # --- hooks: the window's pieces --------------------------------------------
+
+    def refresh_contact(self, conv: ConversationView) -> bool:
+        """The contact line of a group: `#team`, its member count, unread."""
+        group = group_of(conv.name)
+        if group is None:
+            return False
+        info = self.groups.get(name_key(group))
+        label = None
+        status = ""
+        if info is not None and not info.member:
+            status = "left"
+        elif info is not None and info.members:
+            label = f"{conv.name} ({len(info.members)})"  # the member count
+            status = "group"
+        key = name_key(conv.name)
+        self.w.contact_list.set_label(key, label)
+        self.w.contact_list.set_state(key, status, conv.unread)
+        return True
+
+    def state_label(self, line: LineView) -> str | None:
+        """The state text of our group message ("✓✓ 2 of 3"), None otherwise."""
+        if line.msg_id is None:
+            return None
+        if line.msg_id not in self.receipts:
+            self._read_receipts(line.msg_id)
+        if line.msg_id not in self.receipts:
+            return None
+        receipts = self.receipts[line.msg_id]
+        if line.state == MessageState.DELIVERED:
+            return delivered_label(receipts)
+        if line.state == MessageState.ACCEPTED and receipts.recipients is not None:
+            return f"\u2713 on server \u00b7 0 of {receipts.recipients}"
+        return None
+
+    def state_inserted(self, line: LineView) -> None:
+        """Our group message's state is in the transcript: names on hover."""
+        if line.msg_id is None or line.msg_id not in self.receipts:
+            return
+        tag = f"sttext-{line.msg_id}"
+        msg_id = line.msg_id
+        self.w.transcript.tag_bind(tag, "<Enter>", lambda e: self.show_tooltip(msg_id, e))
+        self.w.transcript.tag_bind(tag, "<Leave>", lambda e: self.hide_tooltip())
+
+    def _read_receipts(self, msg_id: str) -> None:
+        """What the store has of our message `msg_id` and the others in the
+        open group (lines read from the history: the first page, earlier
+        pages, a search's), in one read."""
+        conv = self.w.current
+        session = self.w.session
+        store = session.store if session is not None else None
+        if conv is None or group_of(conv.name) is None or store is None or not self.w.username:
+            return
+        unknown = [m for m in {msg_id, *conv.by_id}
+                   if m not in self.receipts and m not in self._not_ours]  # fmt: skip
+        if not unknown:
+            return
+        found = read_group_receipts(store.path, self.w.username, unknown)
+        for msg_id in unknown:
+            if msg_id not in found:
+                self._not_ours.add(msg_id)  # not stored yet, or not accepted: asked once
+                continue
+            recipients, stored = found[msg_id]
+            self.receipts[msg_id] = Receipts(recipients, list(stored))
+
+    def opened(self, conv: ConversationView) -> None:
+        """A conversation opened: a group's shows its members panel."""
+        group = group_of(conv.name)
+        if group is None:
+            self.shown_group = None
+            self.panel.hide()
+            return
+        self.shown_group = group
+        info = self.info(group)
+        self.panel.show()
+        self._refresh_panel()
+        if info.member:  # a group we left has no members to tell us about
+            self._ask_members(group)
+
+    # --- actions ------------------------------------------------------------------
+
+    def open_dialog(self) -> None:
+        if self.w.session is None:
+            return
+        if self.dialog is not None and self.dialog.top.winfo_exists():
+            self.dialog.top.lift()
+            return
+        self.dialog = NewGroupDialog(self)
+
+    def create(self, name: str, members: list[str]) -> str | None:
+        """Create `#name` with `members`; None, or what is wrong (nothing sent)."""
+        try:
+            group, users = check_group_request(GroupAction.CREATE, name, members)
+        except ClientError as exc:
+            return exc.message
+        if self.w.session is None:
+            return "not logged in"
+        self.w.session.group(GroupAction.CREATE, group, users)
+        info = self.info(group)
+        info.member = True
+        self.w.open_conversation(group_address(group))
+        return None
+
+    def add(self, users: list[str]) -> str | None:
+        return self._request(GroupAction.ADD, users)
+
+    def remove(self, users: list[str]) -> str | None:
+        return self._request(GroupAction.REMOVE, users)
+
+    def leave(self) -> str | None:
+        return self._request(GroupAction.LEAVE, [])
+
+    def _request(self, action: GroupAction, users: list[str]) -> str | None:
+        group = self.shown_group
+        if group is None or self.w.session is None:
+            return "open a group first"
+        try:
+            check_group_request(action, group, users)
+        except ClientError as exc:
+            return exc.message
+        if users:
+            for user in users:  # one change (and one answer) per user, as the terminal does
+                self.w.session.group(action, group, (user,))
+        else:
+            self.w.session.group(action, group)
+        return None
+
+    def is_owner(self) -> bool:
+        info = self.groups.get(name_key(self.shown_group or ""))
+        me = self.w.username
+        return info is not None and me is not None and name_key(info.owner) == name_key(me)
+
+    # --- hover ----------------------------------------------------------------
+
+    def tooltip_for(self, msg_id: str) -> str:
+        receipts = self.receipts.get(msg_id)
+        if receipts is None or not receipts.by:
+            return "not delivered to anyone yet"
+        return "delivered to " + ", ".join(receipts.by)
+
+    def show_tooltip(self, msg_id: str, event: tk.Event[tk.Misc] | None = None) -> None:
+        self.hide_tooltip()
+        self.tooltip_text = self.tooltip_for(msg_id)
+        top = tk.Toplevel(self.w.top)
+        top.wm_overrideredirect(True)
+        x = event.x_root + 12 if event is not None else self.w.top.winfo_pointerx() + 12
+        y = event.y_root + 12 if event is not None else self.w.top.winfo_pointery() + 12
+        top.geometry(f"+{x}+{y}")
+        ttk.Label(top, text=self.tk_safe(self.tooltip_text), padding=(6, 3),
+                  background="#ffffe0", relief="solid", borderwidth=1).pack()  # fmt: skip
+        self.tooltip = top
+
+    def hide_tooltip(self) -> None:
+        self.tooltip_text = ""
+        if self.tooltip is not None:
+            self.tooltip.destroy()
+            self.tooltip = None
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _ask_members(self, group: str) -> None:
+        if self.w.session is not None:
+            self.w.session.group(GroupAction.MEMBERS, group)
+
+    def _watch(self, info: GroupInfo) -> None:
+        """Follow the presence of the group's first members (the panel's dots)."""
+        session = self.w.session
+        me = name_key(self.w.username or "")
+        if session is None:
+            return
+        for member in info.members[:WATCH_MEMBERS_MAX]:
+            key = name_key(member)
+            if len(self.watched) >= WATCH_TOTAL_MAX:
+                return
+            if key != me and key not in self.watched:
+                self.watched.add(key)
+                session.watch(member)
+
+    def _changed(self, info: GroupInfo) -> None:
+        conv = self.w.conversations.get(name_key(group_address(info.name)))
+        if conv is not None:
+            self.refresh_contact(conv)
+        self._refresh_panel()
+
+    def _refresh_panel(self) -> None:
+        if self.shown_group is None:
+            return
+        info = self.info(self.shown_group)
+        me = name_key(self.w.username or "")
+        rows: list[tuple[str, str, str]] = []  # (user, text, tag)
+        for member in info.members:
+            key = name_key(member)
+            online = key == me or self.presence.get(key, False)
+            marks = [m for m, yes in (("you", key == me), ("owner", key == name_key(info.owner)))
+                     if yes]  # fmt: skip
+            dot = ONLINE_DOT if online else OFFLINE_DOT
+            text = f"{dot} {member}" + (f" ({', '.join(marks)})" if marks else "")
+            rows.append((member, text, "online" if online else "offline"))
+        self.panel.fill(info, rows, owner=self.is_owner())
+
+
+class MembersPanel:
+    """The members of the open group, beside its transcript."""
+
+    def __init__(self, panes: ttk.Frame, groups: GroupsUI) -> None:
+        self.groups = groups
+        frame = self.frame = ttk.Frame(panes, padding=(0, 8, 8, 8), width=PANEL_WIDTH)
+        self.title = ttk.Label(frame, text="Members", font=("TkDefaultFont", 11, "bold"))
+        self.title.pack(anchor="w")
+        self.tree = ttk.Treeview(frame, show="tree", selectmode="extended", height=10)
+        self.tree.column("#0", width=PANEL_WIDTH - 10)
+        self.tree.tag_configure("online", foreground="#1b7f2a")
+        self.tree.tag_configure("offline", foreground="#888888")
+        self.tree.pack(fill="both", expand=True, pady=(4, 0))
+        self.tree.bind("<<TreeviewSelect>>", lambda e: self._update_buttons())
+        add_row = ttk.Frame(frame)
+        add_row.pack(fill="x", pady=(6, 0))
+        self.add_var = tk.StringVar()
+        self.add_entry = ttk.Entry(add_row, textvariable=self.add_var, width=10)
+        self.add_entry.pack(side="left", fill="x", expand=True)
+        self.add_entry.bind("<Return>", lambda e: self.add())
+        self.add_button = ttk.Button(add_row, text="Add", width=5, command=self.add)
+        self.add_button.pack(side="left", padx=(4, 0))
+        self.remove_button = ttk.Button(frame, text="Remove", command=self.remove)
+        self.remove_button.pack(fill="x", pady=(4, 0))
+        self.leave_button = ttk.Button(frame, text="Leave group", command=self.leave)
+        self.leave_button.pack(fill="x", pady=(4, 0))
+        self.error = ttk.Label(frame, text="", style="Error.TLabel", wraplength=PANEL_WIDTH)
+        self.error.pack(fill="x", pady=(4, 0))
+        self.owner = False
+        self.member = True
+
+    def show(self) -> None:
+        self.error.configure(text="")
+        self.frame.grid(row=0, column=2, sticky="nse")
+
+    def hide(self) -> None:
+        self.frame.grid_remove()
+
+    def visible(self) -> bool:
+        return bool(self.frame.winfo_ismapped())
+
+    def fill(self, info: GroupInfo, rows: list[tuple[str, str, str]], *, owner: bool) -> None:
+        count = len(info.members)
+        self.title.configure(text=f"Members ({count})" if count else "Members")
+        selected = set(self.tree.selection())
+        self.tree.delete(*self.tree.get_children())
+        for user, text, tag in rows:
+            iid = name_key(user)
+            self.tree.insert("", "end", iid=iid, text=self.groups.tk_safe(text), tags=(tag,))
+            if iid in selected:
+                self.tree.selection_add(iid)
+        self.owner = owner
+        self.member = info.member
+        self._update_buttons()
+
+    def rows(self) -> list[str]:
+        """The members as shown (for tests and scripts)."""
+        return [self.tree.item(iid, "text") for iid in self.tree.get_children()]
+
+    def _update_buttons(self) -> None:
+        me = name_key(self.groups.w.username or "")
+        others = [iid for iid in self.tree.selection() if iid != me]
+        can_remove = self.member and self.owner and bool(others)
+        self.remove_button.configure(state="normal" if can_remove else "disabled")
+        self.add_button.configure(state="normal" if self.member else "disabled")
+        self.leave_button.configure(state="normal" if self.member else "disabled")
+
+    def add(self) -> None:
+        names = self.add_var.get().replace(",", " ").split()
+        if not names:
+            return
+        problem = self.groups.add(names)
+        self.error.configure(text=problem or "")
+        if problem is None:
+            self.add_var.set("")
+
+    def remove(self) -> None:
+        me = name_key(self.groups.w.username or "")
+        keys = {iid for iid in self.tree.selection() if iid != me}
+        if not keys or not self.owner:
+            return
+        # A row's iid is the member's name key; the display name is in the group's list.
+        info = self.groups.info(self.groups.shown_group or "")
+        users = [m for m in info.members if name_key(m) in keys]
+        problem = self.groups.remove(users)
+        self.error.configure(text=problem or "")
+
+    def leave(self) -> None:
+        problem = self.groups.leave()
+        self.error.configure(text=problem or "")
+
+
+class NewGroupDialog:
+    """ "New group": the group's name and its first members."""
+
+    def __init__(self, groups: GroupsUI) -> None:
+        self.groups = groups
+        top = self.top = tk.Toplevel(groups.w.top)
+        top.title("New group")
+        top.transient(groups.w.top)
+        parent = groups.w.top
+        top.geometry(f"+{parent.winfo_rootx() + 80}+{parent.winfo_rooty() + 80}")
+        top.resizable(False, False)
+        box = ttk.Frame(top, padding=16)
+        box.pack(fill="both", expand=True)
+        self.name_var = tk.StringVar()
+        self.members_var = tk.StringVar()
+        ttk.Label(box, text="Group name").grid(row=0, column=0, sticky="w", padx=(0, 12), pady=4)
+        self.name_entry = ttk.Entry(box, textvariable=self.name_var, width=28)
+        self.name_entry.grid(row=0, column=1, sticky="ew", pady=4)
+        ttk.Label(box, text="Members").grid(row=1, column=0, sticky="w", padx=(0, 12), pady=4)
+        self.members_entry = ttk.Entry(box, textvariable=self.members_var, width=28)
+        self.members_entry.grid(row=1, column=1, sticky="ew", pady=4)
+        ttk.Label(box, text="Names separated by spaces or commas; you are the owner.",
+                  style="Muted.TLabel").grid(row=2, column=1, sticky="w")  # fmt: skip
+        buttons = ttk.Frame(box)
+        buttons.grid(row=3, column=1, sticky="e", pady=(12, 0))
+        ttk.Button(buttons, text="Cancel", command=self.close).pack(side="right", padx=(6, 0))
+        self.create_button = ttk.Button(buttons, text="Create", command=self.submit)
+        self.create_button.pack(side="right")
+        self.error = ttk.Label(box, text="", style="Error.TLabel", wraplength=320)
+        self.error.grid(row=4, column=0, columnspan=2, sticky="w", pady=(6, 0))
+        for entry in (self.name_entry, self.members_entry):
+            entry.bind("<Return>", lambda e: self.submit())
+        top.bind("<Escape>", lambda e: self.close())
+        top.protocol("WM_DELETE_WINDOW", self.close)
+        self.name_entry.focus_set()
+
+    def submit(self) -> None:
+        name = self.name_var.get().strip()
+        if not name:
+            self.error.configure(text="Give the group a name, e.g. team (shown as #team).")
+            self.name_entry.focus_set()
+            return
+        members = self.members_var.get().replace(",", " ").split()
+        problem = self.groups.create(name, members)
+        if problem is not None:
+            self.error.configure(text=problem)
+            return
+        self.close()
+
+    def close(self) -> None:
+        self.top.destroy()
+        self.groups.dialog = None
