@@ -172,6 +172,13 @@ def find_folded(haystack: str, needle: str) -> list[tuple[int, int]]:
     target = fold(needle)
     if not target:
         return []
+    if haystack.isascii():  # folding keeps every position: search in C
+        flat, found = fold(haystack), []
+        start = flat.find(target)
+        while start >= 0:
+            found.append((start, start + len(target)))
+            start = flat.find(target, start + len(target))
+        return found
     folded: list[str] = []
     origin: list[int] = []
     for i, ch in enumerate(haystack):

@@ -10,11 +10,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from client_store import (
     PAGE,
     ClientStore,
     find_folded,
+    fold,
     read_around,
     read_contacts,
     read_history,
@@ -169,3 +172,15 @@ def test_odd_needles_are_text_not_query_syntax(tmp_path: Path, needle: str) -> N
     path = store_path(tmp_path)
     assert search_history(path, "bob", needle) is not None, needle
     assert search_history(path, "bob", "") is None
+
+
+@given(
+    st.text(alphabet="aAbBsS\u00df\u0130i\U0001f389 ", max_size=40),
+    st.text(alphabet="aAbsS\u00df", min_size=1, max_size=3),
+)
+def test_find_folded_maps_each_hit_back_to_its_text(haystack: str, needle: str) -> None:
+    hits = find_folded(haystack, needle)
+    assert len(hits) == fold(haystack).count(fold(needle)), "every hit, none twice"
+    for start, end in hits:
+        assert fold(needle) in fold(haystack[start:end])
+    assert hits == sorted(hits)
