@@ -128,6 +128,11 @@ CREATE TRIGGER IF NOT EXISTS history_peers_insert AFTER INSERT ON history BEGIN
     ON CONFLICT (peer_key) DO UPDATE SET peer=excluded.peer, last_id=excluded.last_id,
         last_ms=excluded.last_ms WHERE excluded.last_id > history_peers.last_id;
 END;
+CREATE TRIGGER IF NOT EXISTS history_peers_delete AFTER DELETE ON history BEGIN
+    DELETE FROM history_peers WHERE peer_key = old.peer_key;
+    INSERT INTO history_peers SELECT peer_key, peer, id, ts_ms FROM history
+    WHERE peer_key = old.peer_key ORDER BY id DESC LIMIT 1;
+END;
 """
 PEERS_FILL = """
 INSERT OR REPLACE INTO history_peers
@@ -238,6 +243,13 @@ def find_folded(haystack: str, needle: str) -> list[tuple[int, int]]:
     target = fold(needle)
     if not target:
         return []
+    if haystack.isascii():  # folding keeps every position: search in C
+        flat, found = fold(haystack), []
+        start = flat.find(target)
+        while start >= 0:
+            found.append((start, start + len(target)))
+            start = flat.find(target, start + len(target))
+        return found
     folded: list[str] = []
     origin: list[int] = []
     for i, ch in enumerate(haystack):

@@ -22,6 +22,7 @@ line, numbers kept left to right; Arabic letters still show unjoined.
 from __future__ import annotations
 
 import datetime
+import re
 import time
 import tkinter as tk
 import unicodedata
@@ -31,7 +32,7 @@ from tkinter import ttk
 from typing import Any
 
 from client_core import MessageState
-from client_store import find_folded
+from client_store import find_folded, fold
 
 #: A message longer than this shows its start and a "show more" link: a
 #: 64 KiB single line laid out in a Text took 2-7 s (measured, issue 17).
@@ -86,7 +87,10 @@ def find_in_text(content: str, needle: str) -> list[tuple[str, str]]:
     for as `display_order` shows it, so right-to-left words are found."""
     needles = {needle, display_order(needle)}
     hits: list[tuple[str, str]] = []
+    folded = {fold(n) for n in needles}
     for number, text_line in enumerate(content.split("\n"), start=1):
+        if not any(f in fold(text_line) for f in folded):
+            continue  # the usual case, in C; the character map only for a line that holds it
         spans = sorted({span for n in needles for span in find_folded(text_line, n)})
         for start, end in spans:
             col = tk_len(text_line[:start])
@@ -119,6 +123,12 @@ def _day_number(year: int, month: int, day: int) -> int:
     return datetime.date(year, month, day).toordinal()
 
 
+# Where right-to-left letters live (Hebrew to Arabic Extended, the
+# presentation forms, and their supplementary-plane blocks): a text without
+# any is returned as it is without looking at each character.
+_MAYBE_RTL = re.compile(
+    "[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc\U00010800-\U00010fff\U0001e800-\U0001efff]"
+)
 _RTL = frozenset({"R", "AL"})
 _NUMBER = frozenset({"EN", "AN"})
 _IN_NUMBER = frozenset({"CS", "ES", "ET"})  # 1,000  3.5  (between digits only)
@@ -137,6 +147,8 @@ def display_order(text: str) -> str:
 
 
 def _order_line(text: str) -> str:
+    if not _MAYBE_RTL.search(text):
+        return text
     classes = [unicodedata.bidirectional(ch) for ch in text]
     if not any(c in _RTL for c in classes):
         return text
@@ -233,6 +245,7 @@ class Transcript:
         self._serial = 0
         self._bottom_cache: bool | None = None  # at the bottom when this batch began
         self._end_pending = False  # scroll to the end once the widget has its width
+        self._open_line = False  # the text ends with a line of ours: a new one needs "\n"
         self._user_scrolled = False
         text.bind("<Configure>", self._on_configure, add="+")
         for sequence in ("<MouseWheel>", "<Button-4>"):
@@ -307,6 +320,7 @@ class Transcript:
         self._marks.clear()
         text.configure(state="normal")
         text.delete("1.0", "end")
+        self._open_line = False
         for mark in text.mark_names():
             if mark not in ("insert", "current"):
                 text.mark_unset(mark)
@@ -391,7 +405,7 @@ class Transcript:
         mark = f"ln{self._serial}"
         self._marks[id(line)] = mark
         at_end = index == "end"
-        if at_end and text.index("end-1c") != "1.0" and not text.get("end-2c") == "\n":
+        if at_end and self._open_line:
             text.insert("end", "\n")
         text.mark_set(mark, "end-1c" if at_end else index)
         text.mark_gravity(mark, "left")
@@ -404,21 +418,32 @@ class Transcript:
         else:
             parts.append((f"{line.who}: ", (line.kind, "who")))
             parts.append((display_order(shown), (line.kind,)))
-        for content, tags in parts:
-            self._insert(index if not at_end else "end", content, tags)
+        more = f"more-{self._serial}"
         if rest:
-            more = f"more-{self._serial}"
-            self._insert(index if not at_end else "end", " \u2026 ", (line.kind,))
             label = f"show more ({len(rest.encode('utf-8', 'replace')) // 1024 + 1} KiB)"
-            self._insert(index if not at_end else "end", label, ("more", more))
+            parts += [(" \u2026 ", (line.kind,)), (label, ("more", more))]
+        self._insert_parts(index, parts)  # one Tcl call for the line's pieces
+        if rest:
             text.tag_bind(more, "<Button-1>", self._more_handler(more, line.kind, rest))
         if line.kind == "own" and line.msg_id is not None:
             state_mark = f"st-{line.msg_id}"
             text.mark_set(state_mark, "end-1c" if at_end else index)
             text.mark_gravity(state_mark, "left")
             self._insert_state(line)
-        if not at_end:
+        if at_end:
+            self._open_line = True
+        else:
             text.insert(index, "\n")
+
+    def _insert_parts(self, index: str, parts: list[tuple[str, tuple[str, ...]]]) -> None:
+        flat: list[Any] = []
+        for content, tags in parts:
+            flat += [content, tags]
+        try:
+            self.text.insert(index, *flat)
+        except tk.TclError:  # a character this Tcl cannot take: piece by piece, made safe
+            for content, tags in parts:
+                self._insert(index, content, tags)
 
     def _more_handler(self, tag: str, kind: str, rest: str) -> Callable[[Any], None]:
         def expand(_event: Any) -> None:

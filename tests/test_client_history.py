@@ -10,11 +10,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from client_store import (
     PAGE,
     ClientStore,
     find_folded,
+    fold,
     read_around,
     read_contacts,
     read_history,
@@ -99,7 +102,7 @@ def test_search_finds_text_beside_emoji_and_folds_case(tmp_path: Path) -> None:
     assert find_folded("Straße", "SS") == [(4, 5)]
 
 
-def test_the_index_follows_inserts_and_deletes(tmp_path: Path) -> None:
+def test_the_index_and_the_contacts_follow_inserts_and_deletes(tmp_path: Path) -> None:
     store = ClientStore(tmp_path / "alice", "alice")
     try:
         assert store.searchable
@@ -110,8 +113,10 @@ def test_the_index_follows_inserts_and_deletes(tmp_path: Path) -> None:
         row = search_history(path, "bob", "word")
         assert row is not None
         assert row_of(path, False, "bob", MsgId(PEER_INSTANCE, 1).label()) == row
+        assert [c.name for c in read_contacts(path)] == ["bob"]
         store.db.execute("DELETE FROM history WHERE id=?", (row,))
         assert search_history(path, "bob", "word") is None
+        assert read_contacts(path) == [], "no history with bob left: not a contact"
         count = store.db.execute("SELECT COUNT(*) FROM history_fts WHERE history_fts MATCH 'word'")
         assert count.fetchone()[0] == 0, "the index forgot the deleted row"
     finally:
@@ -137,7 +142,8 @@ def test_a_store_made_before_the_index_gets_it_and_its_peers_on_open(tmp_path: P
     db.executescript(
         "DROP TRIGGER history_fts_insert; DROP TRIGGER history_fts_delete;"
         " DROP TRIGGER history_fts_update; DROP TABLE history_fts;"
-        " DROP TRIGGER history_peers_insert; DROP TABLE history_peers;"
+        " DROP TRIGGER history_peers_insert; DROP TRIGGER history_peers_delete;"
+        " DROP TABLE history_peers;"
     )
     db.executemany(
         "INSERT INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key, instance_id,"
@@ -169,3 +175,15 @@ def test_odd_needles_are_text_not_query_syntax(tmp_path: Path, needle: str) -> N
     path = store_path(tmp_path)
     assert search_history(path, "bob", needle) is not None, needle
     assert search_history(path, "bob", "") is None
+
+
+@given(
+    st.text(alphabet="aAbBsS\u00df\u0130i\U0001f389 ", max_size=40),
+    st.text(alphabet="aAbsS\u00df", min_size=1, max_size=3),
+)
+def test_find_folded_maps_each_hit_back_to_its_text(haystack: str, needle: str) -> None:
+    hits = find_folded(haystack, needle)
+    assert len(hits) == fold(haystack).count(fold(needle)), "every hit, none twice"
+    for start, end in hits:
+        assert fold(needle) in fold(haystack[start:end])
+    assert hits == sorted(hits)
