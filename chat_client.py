@@ -68,6 +68,7 @@ from client_core import (
     Disconnected,
     ErrorEvent,
     LinkChanged,
+    LinkStats,
     LoggedIn,
     MemoryStore,
     MessageReceived,
@@ -79,7 +80,7 @@ from client_core import (
     check_outgoing,
 )
 from client_core import Event as SessionEvent
-from client_store import ClientStore, mark_shown, store_dir
+from client_store import ClientStore, Timeline, mark_shown, read_timeline, store_dir
 from common import (
     DEFAULT_PORT,
     __version__,
@@ -98,6 +99,7 @@ __all__ = [
     "Disconnected",
     "ErrorEvent",
     "LinkChanged",
+    "LinkStats",
     "LoggedIn",
     "MessageReceived",
     "MessageState",
@@ -118,6 +120,8 @@ log = logging.getLogger("chat_client")
 # How long the terminal waits for `shown` to be recorded before printing the
 # next message: a crash re-shows at most the one message printed last.
 SHOWN_MARK_WAIT = 2.0
+#: `link_stats` before the network thread has published anything.
+NO_STATS = LinkStats("connecting", None, None, 0.0, 0, 0, 0, 0)
 
 
 # --- the session ------------------------------------------------------------
@@ -230,6 +234,9 @@ class ChatSession:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.datagrams_sent = 0
+        # Replaced whole by the network thread (one reference assignment),
+        # read by any thread: no lock needed.
+        self._stats = NO_STATS
 
     # --- the caller's API ---------------------------------------------------
 
@@ -409,6 +416,20 @@ class ChatSession:
         if self._thread is not None:
             self._thread.join(2.0)
 
+    def link_stats(self) -> LinkStats:
+        """The link's figures (RTT, loss, resends, in flight, outbox) as of
+        the network thread's last pass; safe from any thread, never blocks
+        (the window polls it)."""
+        return self._stats
+
+    def timeline(self, message_id: str) -> Timeline | None:
+        """When our message `message_id` (a `StatusChanged.id`) was sent,
+        accepted and delivered, and how often it went out again; None
+        without a store (or for an id not in it). Safe from any thread."""
+        if self.store is None or self.username is None:
+            return None
+        return read_timeline(self.store.path, self.username, message_id)
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -503,12 +524,17 @@ class _Worker:
                 self.read_datagrams(now)
                 core.handle_timer(now)
                 self.flush(time.monotonic())  # PBKDF2 in a login step takes a while
+                # A few microseconds: fresh after every pass, and nothing
+                # changes the figures but a pass.
+                self.s._stats = core.link_stats(now)
         except Exception:
             log.exception("the network thread failed")
             with contextlib.suppress(Exception):
                 self.pass_events()
             self.s._fatal(ErrorCode.SERVER_ERROR, "internal error in the client; see the log")
         finally:
+            with contextlib.suppress(Exception):  # the last figures (the link is down)
+                self.s._stats = core.link_stats(time.monotonic())
             selector.close()
             for sock in self.sockets.values():
                 sock.close()
@@ -703,6 +729,7 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
 TERMINAL_COMMANDS = (
     ("/to NAME", "send your next messages to NAME"),
     ("/who", "list who is online"),
+    ("/stats", "show the link to the server: RTT, loss, resends, in flight, queued"),
     ("/help", "list these commands"),
     ("/quit", "wait up to 10 s until what you sent is accepted, log out and exit"),
     ("//TEXT", "send /TEXT: a message that starts with a slash"),
@@ -822,6 +849,15 @@ def run_terminal(
                 session.set_peer(rest.strip())
             elif command == "/who":
                 session.who()
+            elif command == "/stats":
+                stats = session.link_stats()
+                try:
+                    out = json.dumps(stats.to_json()) if as_json else stats.to_text()
+                    stdout.write(out + "\n")
+                    stdout.flush()
+                except BrokenPipeError:
+                    closed_pipe = True
+                    inbox.put(_Line(None))
             elif command == "/help":
                 try:
                     _show_help(as_json, stdout)
