@@ -65,8 +65,14 @@ def summary(stats: LinkStats) -> str:
         return f"Connecting\u2026 \u00b7 {queued}"
     if stats.link == "down":
         return f"Not connected \u2014 reconnecting\u2026 \u00b7 {queued}"
-    rtt = "RTT \u2013" if stats.rtt_ms is None else f"RTT {stats.rtt_ms:.0f} ms"
-    return f"{rtt} \u00b7 loss {stats.loss_pct:.0f} % \u00b7 {queued}"
+    return f"RTT {_ms(stats.rtt_ms)} \u00b7 loss {stats.loss_pct:.0f} % \u00b7 {queued}"
+
+
+def _ms(value: float | None) -> str:
+    """An RTT for people: `12 ms`, `0.4 ms` (loopback), `–` before a sample."""
+    if value is None:
+        return "\u2013"
+    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
 
 
 def _delta(ms: int) -> str:
@@ -149,6 +155,8 @@ class HealthBar(ttk.Frame):
 
     def poll(self) -> None:
         """Take a sample now (and again in POLL_MS)."""
+        if self._after is not None:
+            self.after_cancel(self._after)
         self._after = self.after(POLL_MS, self.poll)
         stats = self.source()
         if stats is None:
@@ -192,7 +200,11 @@ class HealthPanel(tk.Toplevel):
     HEIGHT = PAD + 2 * (TITLE + CHART) + GAP + 22  # and the time axis below
 
     def __init__(self, master: tk.Misc, *, on_close: Callable[[], None]) -> None:
-        super().__init__(master, background=PALETTE.window)
+        # A border of its own: without a window manager (or with a plain one)
+        # it must not melt into the window under it.
+        edge = PALETTE.border
+        super().__init__(master, background=PALETTE.window, highlightthickness=1,
+                         highlightbackground=edge, highlightcolor=edge)  # fmt: skip
         self.title("Connection health")
         self.resizable(False, False)
         self.transient(master.winfo_toplevel())
@@ -200,7 +212,8 @@ class HealthPanel(tk.Toplevel):
         self.bind("<Escape>", lambda _e: on_close())
         frame = ttk.Frame(self, padding=PAD * 2)
         frame.pack(fill="both", expand=True)
-        self.heading = ttk.Label(frame, text="", style="Heading.TLabel")
+        ttk.Label(frame, text="Connection health", style="Heading.TLabel").pack(anchor="w")
+        self.heading = ttk.Label(frame, text="")
         self.heading.pack(anchor="w")
         self.canvas = tk.Canvas(frame, width=self.WIDTH, height=self.HEIGHT,
                                 background=PALETTE.surface, highlightthickness=1,
@@ -224,7 +237,8 @@ class HealthPanel(tk.Toplevel):
             f"Round trip: {rtt}\n"
             f"Loss over the last minute: {stats.loss_pct:.1f} % of data sent again\n"
             f"Resent since login: {stats.retransmits} of {stats.sent} pieces \u00b7 "
-            f"in flight: {stats.in_flight} \u00b7 waiting to be accepted: {stats.outbox}"
+            f"in flight: {stats.in_flight} \u00b7 waiting to be accepted: {stats.outbox}\n"
+            "Shaded red: not connected (messages wait in the outbox)"
         ))  # fmt: skip
         c = self.canvas
         c.delete("all")

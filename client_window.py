@@ -237,12 +237,12 @@ class ChatWindow:
         self.busy_samples: list[float] = []  # time spent in each _poll, seconds
         self._batch_scroll = False
         self._who_asked = False
+        self._logging_out = False  # File > Log out: back to the login view at the end
         self._expected_tick = 0.0
         # Our messages shown as `sending`: id -> (line, its conversation, since when).
         self._sending: dict[str, tuple[Line, Conversation, float]] = {}
         self._next_slow_check = 0.0
         self._found: tuple[str, str] | None = None  # (needle, start index) of the shown hit
-        self._logging_out = False  # File > Log out: back to the login view at the end
 
         master.title("Chat")
         master.geometry(self.settings.geometry)
