@@ -45,11 +45,20 @@ class ContactList:
         body.pack(fill="both", expand=True, pady=(PAD // 2, 0))
         self.tree = ContactCanvas(body, height=4, width=170)
         self.scrollbar = ttk.Scrollbar(body, orient="vertical", command=self.tree.yview)
-        self.tree.configure(yscrollcommand=self.scrollbar.set)
-        self.scrollbar.pack(side="right", fill="y")
+        self.tree.configure(yscrollcommand=self._on_scrolled)
         self.tree.pack(side="left", fill="both", expand=True)
         self.tree.bind("<<TreeviewSelect>>", self._on_selected)
         self.entries: dict[str, Entry] = {}
+
+    def _on_scrolled(self, first: float | str, last: float | str) -> None:
+        """The scrollbar shows only when there is more than fits (rows have
+        a fixed height, so showing it never changes what fits)."""
+        self.scrollbar.set(first, last)
+        needed = float(first) > 0.0 or float(last) < 1.0
+        if needed and not self.scrollbar.winfo_manager():
+            self.scrollbar.pack(side="right", fill="y", before=self.tree)
+        elif not needed and self.scrollbar.winfo_manager():
+            self.scrollbar.pack_forget()
 
     # --- contents ---------------------------------------------------------------
 

@@ -367,6 +367,7 @@ class Transcript:
         if anchor is not None:
             # Text inserted at the anchor must go before it: right gravity for now.
             text.mark_gravity(anchor, "right")
+            self._drop_day_separator(self.lines[0])  # put back below if still a new day
         text.delete("1.0", anchor or "end")  # the "load earlier" line
         self._insert_earlier_link()
         before: Line | None = None
@@ -374,9 +375,8 @@ class Transcript:
             self._insert_line(line, anchor or "end", before)
             before = line
         if anchor is not None:
+            self._rejoin(before, self.lines[0], anchor)
             text.mark_gravity(anchor, "left")
-            if before is not None:
-                self._rejoin(before, self.lines[0], anchor)
         text.configure(state="disabled")
         self.lines[:0] = lines
         if anchor is not None:
@@ -399,12 +399,12 @@ class Transcript:
         self.has_earlier = True
         self.text.configure(state="normal")
         self.text.mark_gravity(first_kept, "right")
-        day = self._day_marks.get(id(self.lines[0]))
-        self.text.delete("1.0", day or first_kept)
+        self._drop_day_separator(self.lines[0])
+        self.text.delete("1.0", first_kept)
         self._insert_earlier_link()
-        # The first line shown opens its group: its time and name show again.
-        self.text.tag_remove("hidden", first_kept, f"{first_kept} lineend")
-        self.text.tag_remove("cont", first_kept, f"{first_kept} lineend")
+        # The first line shown opens its day and its group: a separator, and
+        # its time and name show again.
+        self._rejoin(None, self.lines[0], first_kept)
         self.text.mark_gravity(first_kept, "left")
         self.text.configure(state="disabled")
 
@@ -463,25 +463,39 @@ class Transcript:
         if not at_end:
             text.insert(index, "\n")
 
-    def _rejoin(self, before: Line, first: Line, anchor: str) -> None:
-        """`first` was the first line shown and now follows `before` (loaded
-        above it): no second separator for the same day, and no second
-        header when it continues `before`'s group."""
+    def _drop_day_separator(self, line: Line) -> None:
+        day = self._day_marks.pop(id(line), None)
+        if day is not None:
+            self.text.delete(day, self._marks[id(line)])
+            self.text.mark_unset(day)
+
+    def _rejoin(self, before: Line | None, first: Line, anchor: str) -> None:
+        """`first`, at `anchor` (with right gravity), now follows `before`
+        (lines loaded above it, or None: it is the first shown): its day
+        separator if the day changed, and its time and name shown unless
+        it continues `before`'s group."""
         text = self.text
-        day = self._day_marks.get(id(first))
-        if day is not None and not new_day(before, first):
-            text.delete(day, anchor)
-            text.mark_unset(day)
-            del self._day_marks[id(first)]
+        if new_day(before, first) and id(first) not in self._day_marks:
+            self._serial += 1
+            day = self._day_marks[id(first)] = f"ds{self._serial}"
+            text.mark_set(day, anchor)
+            text.mark_gravity(day, "left")
+            self._insert(anchor, day_label(first.stamp) + "\n", ("day",))
+        end = f"{anchor} lineend"
+        who = text.tag_nextrange("who", anchor, end)
         if continues(before, first):
-            end = f"{anchor} lineend"
             for tag in ("stamp", "who"):
                 found = text.tag_nextrange(tag, anchor, end)
                 if found:
                     text.tag_add("hidden", *found)
-            who = text.tag_nextrange("who", anchor, end)
             if who:
                 text.tag_add("cont", who[1], end)
+        else:
+            text.tag_remove("hidden", anchor, end)
+            text.tag_remove("cont", anchor, end)
+            stamp = text.tag_nextrange("stamp", anchor, end)
+            if stamp:
+                text.tag_add("first", *stamp)
 
     def line_at(self, index: str) -> Line | None:
         """The line shown at `index` (e.g. `@x,y` under the pointer), if any."""

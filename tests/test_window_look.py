@@ -38,7 +38,7 @@ from client_look import (
     initials,
     new_day,
 )
-from client_transcript import Line
+from client_transcript import Line, Transcript
 from client_window import MIN_SIZE
 from common import __version__
 from tests.conftest import (
@@ -425,3 +425,40 @@ def test_palette_reaches_the_text_widgets(gui: Gui) -> None:  # noqa: F811
     assert window.transcript.cget("background") == PALETTE.surface
     assert window.composer.cget("highlightcolor") == PALETTE.accent
     assert window.send_button.cget("style") == "Accent.TButton"
+
+
+def test_day_lines_and_groups_survive_pages_loaded_above_and_trimmed(
+    display: str,  # noqa: F811
+) -> None:
+    root = tk.Tk()
+    try:
+        apply_style(root)
+        view = Transcript(root, on_retry=lambda _l: None, on_load_earlier=lambda: None,
+                          on_back_to_latest=lambda: None)  # fmt: skip
+        today = time.mktime(time.localtime()[:3] + (10, 0, 0, 0, 0, -1))
+        b1, b2 = Line("peer", "bob", "b1", today), Line("peer", "bob", "b2", today + 60)
+        view.show([b1, b2], has_earlier=True)
+        root.update()
+        assert view.content().splitlines()[1:] == ["Today", "10:00 bob: b1", "10:01 bob: b2"]
+        assert view.line_at(view.text.search("b2", "1.0")) is b2
+        assert view.line_at(view.text.search("Today", "1.0")) is None, "a day line is no message"
+
+        # The page before: yesterday's line, then one that b1 now continues.
+        a1 = Line("peer", "bob", "a1", today - 86_400)
+        a2 = Line("own", "alice", "a2", today - 600)
+        a3 = Line("peer", "bob", "a3", today - 30)
+        view.prepend([a1, a2, a3], has_earlier=False)
+        root.update()
+        text = view.content()
+        assert text.count("Today") == 1 and text.count("Yesterday") == 1, text
+        hidden = view.text.tag_names(f"{view.text.search('b1', '1.0')} -3c")
+        assert "hidden" in hidden, "b1 joins a3's group: its name is shown once"
+        assert view.line_at(view.text.search("a2", "1.0")) is a2
+
+        view.trim_front(3)  # a1, a2, a3 leave: b1 opens the day and the group again
+        root.update()
+        assert view.content().splitlines()[1:3] == ["Today", "10:00 bob: b1"]
+        assert "hidden" not in view.text.tag_names(f"{view.text.search('b1', '1.0')} -3c")
+        assert view.line_at(view.text.search("b1", "1.0")) is b1
+    finally:
+        root.destroy()
