@@ -75,6 +75,7 @@ from client_core import (
     GroupChanged,
     GroupsListed,
     LinkChanged,
+    LinkStats,
     LoggedIn,
     MembersListed,
     MemoryStore,
@@ -90,7 +91,7 @@ from client_core import (
     normalize_peer,
 )
 from client_core import Event as SessionEvent
-from client_store import ClientStore, mark_shown, profile_dir
+from client_store import ClientStore, Timeline, mark_shown, profile_dir, read_timeline
 from common import (
     DEFAULT_PORT,
     __version__,
@@ -121,6 +122,7 @@ __all__ = [
     "GroupChanged",
     "GroupsListed",
     "LinkChanged",
+    "LinkStats",
     "LoggedIn",
     "MembersListed",
     "MessageReceived",
@@ -143,6 +145,8 @@ log = logging.getLogger("chat_client")
 # How long the terminal waits for `shown` to be recorded before printing the
 # next message: a crash re-shows at most the one message printed last.
 SHOWN_MARK_WAIT = 2.0
+#: `link_stats` before the network thread has published anything.
+NO_STATS = LinkStats("connecting", None, None, 0.0, 0, 0, 0, 0)
 
 
 # --- the session ------------------------------------------------------------
@@ -288,6 +292,9 @@ class ChatSession:
         # Messages still in the outbox when the network thread ended
         # (`sending`: not accepted yet, or waiting for an account).
         self.left_in_outbox = 0
+        # Replaced whole by the network thread (one reference assignment),
+        # read by any thread: no lock needed.
+        self._stats = NO_STATS
 
     # --- the caller's API ---------------------------------------------------
 
@@ -508,6 +515,20 @@ class ChatSession:
         if self._thread is not None:
             self._thread.join(2.0)
 
+    def link_stats(self) -> LinkStats:
+        """The link's figures (RTT, loss, resends, in flight, outbox) as of
+        the network thread's last pass; safe from any thread, never blocks
+        (the window polls it)."""
+        return self._stats
+
+    def timeline(self, message_id: str) -> Timeline | None:
+        """When our message `message_id` (a `StatusChanged.id`) was sent,
+        accepted and delivered, and how often it went out again; None
+        without a store (or for an id not in it). Safe from any thread."""
+        if self.store is None or self.username is None:
+            return None
+        return read_timeline(self.store.path, self.username, message_id)
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -602,12 +623,17 @@ class _Worker:
                 self.read_datagrams(now)
                 core.handle_timer(now)
                 self.flush(time.monotonic())  # PBKDF2 in a login step takes a while
+                # A few microseconds: fresh after every pass, and nothing
+                # changes the figures but a pass.
+                self.s._stats = core.link_stats(now)
         except Exception:
             log.exception("the network thread failed")
             with contextlib.suppress(Exception):
                 self.pass_events()
             self.s._fatal(ErrorCode.SERVER_ERROR, "internal error in the client; see the log")
         finally:
+            with contextlib.suppress(Exception):  # the last figures (the link is down)
+                self.s._stats = core.link_stats(time.monotonic())
             selector.close()
             for sock in self.sockets.values():
                 sock.close()
@@ -866,6 +892,7 @@ TERMINAL_COMMANDS = (
     ("/cancel NAME", "drop your messages waiting for NAME to register"),
     ("/passwd", "change your password (asks the old and the new one)"),
     ("/delete-account", "delete your account on the server (asks the password and to confirm)"),
+    ("/stats", "show the link to the server: RTT, loss, resends, in flight, queued"),
     ("/help", "list these commands"),
     ("/quit", "wait up to 10 s until what you sent is accepted, log out and exit"),
     ("//TEXT", "send /TEXT: a message that starts with a slash"),
@@ -1103,6 +1130,15 @@ def run_terminal(
                 session.cancel(rest.strip())
             elif command in GROUP_COMMANDS:
                 _group_command(session, command, rest.replace(",", " ").split())
+            elif command == "/stats":
+                stats = session.link_stats()
+                try:
+                    out = json.dumps(stats.to_json()) if as_json else stats.to_text()
+                    stdout.write(out + "\n")
+                    stdout.flush()
+                except BrokenPipeError:
+                    closed_pipe = True
+                    inbox.put(_Line(None))
             elif command == "/help":
                 try:
                     _show_help(as_json, stdout)

@@ -6,6 +6,8 @@ At login the window fills it from the store (`client_store.read_contacts`),
 so it is the same after a restart; a message in or out moves its peer to
 the top. The filter hides what does not match (a case-insensitive piece of
 the name) without forgetting it. Its rows are keyed by `protocol.name_key`.
+The rows are drawn by `client_look.ContactCanvas` (round initials, presence,
+unread badges; only the rows in view), which answers like a Treeview.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from tkinter import ttk
 
+from client_look import PAD, ContactCanvas, add_placeholder
 from client_store import fold
 from client_transcript import tk_safe
 
@@ -29,28 +32,34 @@ class Entry:
 
 
 class ContactList:
-    """A search field over a scrolled Treeview of contacts."""
+    """A search field over a scrolled list of contacts."""
 
     def __init__(self, parent: tk.Misc, on_select: Callable[[str], None]) -> None:
         self.on_select = on_select
-        self.frame = ttk.Frame(parent)
+        self.frame = ttk.Frame(parent, style="Sidebar.TFrame")
         self.search_var = tk.StringVar()
-        self.search_entry = ttk.Entry(self.frame, textvariable=self.search_var, width=14)
-        self.search_entry.pack(fill="x", pady=(4, 0))
+        self.search_entry = ttk.Entry(self.frame, textvariable=self.search_var, width=8)
+        self.search_entry.pack(fill="x", pady=(PAD // 2, 0))
+        add_placeholder(self.search_entry, self.search_var, "Search contacts")
         self.search_var.trace_add("write", lambda *_: self._refilter())
-        body = ttk.Frame(self.frame)
-        body.pack(fill="both", expand=True, pady=(4, 0))
-        self.tree = ttk.Treeview(body, columns=("status", "unread"), show="tree",
-                                 selectmode="browse", height=12)  # fmt: skip
-        self.tree.column("#0", width=110, stretch=True)
-        self.tree.column("status", width=70, anchor="w", stretch=False)
-        self.tree.column("unread", width=32, anchor="e", stretch=False)
+        body = ttk.Frame(self.frame, style="Sidebar.TFrame")
+        body.pack(fill="both", expand=True, pady=(PAD // 2, 0))
+        self.tree = ContactCanvas(body, height=4, width=170)
         self.scrollbar = ttk.Scrollbar(body, orient="vertical", command=self.tree.yview)
-        self.tree.configure(yscrollcommand=self.scrollbar.set)
-        self.scrollbar.pack(side="right", fill="y")
+        self.tree.configure(yscrollcommand=self._on_scrolled)
         self.tree.pack(side="left", fill="both", expand=True)
         self.tree.bind("<<TreeviewSelect>>", self._on_selected)
         self.entries: dict[str, Entry] = {}
+
+    def _on_scrolled(self, first: float | str, last: float | str) -> None:
+        """The scrollbar shows only when there is more than fits (rows have
+        a fixed height, so showing it never changes what fits)."""
+        self.scrollbar.set(first, last)
+        needed = float(first) > 0.0 or float(last) < 1.0
+        if needed and not self.scrollbar.winfo_manager():
+            self.scrollbar.pack(side="right", fill="y", before=self.tree)
+        elif not needed and self.scrollbar.winfo_manager():
+            self.scrollbar.pack_forget()
 
     # --- contents ---------------------------------------------------------------
 

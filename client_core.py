@@ -119,6 +119,7 @@ from reliability import (
     Connection,
     PayloadAcked,
     PayloadReceived,
+    PayloadResent,
     PeerUnreachable,
     ReassemblyExpired,
 )
@@ -142,6 +143,11 @@ PBKDF2_MAX_ITERATIONS = 10_000_000  # refuse a server that asks for absurd work
 # milliseconds; one that is closing never will (its messages stay unshown
 # and are shown at the next start), and must not hold it long.
 SHOWN_WAIT = 1.0
+# `link_stats` reports loss over about this long (the health view's figure
+# is "now", not since login), from counts marked at most once per
+# LOSS_MARK_EVERY: 61 marks at most, whatever the traffic.
+LOSS_WINDOW = 60.0
+LOSS_MARK_EVERY = 1.0
 
 FATAL_LOGIN_ERRORS = frozenset(
     {
@@ -292,6 +298,37 @@ class LinkChanged:
         if self.up and self.server is not None:
             out["server"] = self.server
         return out
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """The link to the server as measured now (`ClientCore.link_stats`): not
+    an event, a snapshot the front end asks for (`/stats`, the window's
+    health view polls it)."""
+
+    link: Literal["up", "down", "connecting"]  # down: lost, reconnecting (or ended)
+    rtt_ms: float | None  # smoothed RTT (RFC 6298 SRTT); None before a sample
+    rttvar_ms: float | None  # its variation (RTTVAR)
+    loss_pct: float  # resent share of the data sent over the last LOSS_WINDOW s
+    retransmits: int  # data pieces sent again, since the start
+    sent: int  # data pieces sent (first sends and resends), since the start
+    in_flight: int  # pieces sent and not acked yet
+    outbox: int  # our messages the server has not accepted yet
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "stats", "link": self.link, "rtt_ms": self.rtt_ms,
+                "rttvar_ms": self.rttvar_ms, "loss_pct": self.loss_pct,
+                "retransmits": self.retransmits, "in_flight": self.in_flight,
+                "outbox": self.outbox}  # fmt: skip
+
+    def to_text(self) -> str:
+        """One line for a person (the terminal's /stats, the window's status bar)."""
+        rtt = "RTT \u2013" if self.rtt_ms is None else f"RTT {self.rtt_ms:.0f} ms"
+        if self.rttvar_ms is not None:
+            rtt += f" (\u00b1{self.rttvar_ms:.0f})"
+        return (f"link {self.link} \u00b7 {rtt} \u00b7 loss {self.loss_pct:.0f} % \u00b7 "
+                f"{self.retransmits} resent \u00b7 {self.in_flight} in flight \u00b7 "
+                f"{self.outbox} queued")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -484,6 +521,12 @@ class CoreStore(Protocol):
 
     def add_outgoing(self, msg_id: MsgId, to: str, text: str) -> None: ...
 
+    def add_resends(self, msg_id: MsgId, count: int) -> None:
+        """`count` more transmissions of one of our messages (the health view's
+        "resent N times"); its sent, accepted and delivered times the store
+        stamps itself when it records them."""
+        ...
+
     def state_of(self, msg_id: MsgId) -> str | None: ...
 
     def set_state(self, msg_id: MsgId, state: str) -> None: ...
@@ -562,9 +605,13 @@ class MemoryStore:
         self._group_receipts: set[tuple[MsgId, str]] = set()  # (msg id, member key)
         self.recipients: dict[MsgId, int] = {}
         self._next_request = 1
+        self.resends: dict[MsgId, int] = {}
 
     def commit(self) -> None:
         pass  # nothing to make durable
+
+    def add_resends(self, msg_id: MsgId, count: int) -> None:
+        self.resends[msg_id] = self.resends.get(msg_id, 0) + count
 
     def add_outgoing(self, msg_id: MsgId, to: str, text: str) -> None:
         self._outbox.setdefault(msg_id, (to, text))
@@ -673,7 +720,10 @@ class MemoryStore:
 
 
 class _Outgoing:
-    __slots__ = ("msg_id", "to", "text", "state", "waiting", "order", "recipients", "delivered")
+    __slots__ = (
+        "msg_id", "to", "text", "state", "waiting", "order", "recipients", "delivered",
+        "transmitted",
+    )  # fmt: skip
 
     def __init__(self, msg_id: MsgId, to: str, text: str, order: int = 0) -> None:
         self.msg_id = msg_id
@@ -686,6 +736,7 @@ class _Outgoing:
         self.order = order  # among what is resent after a login (with group requests)
         self.recipients: int | None = None  # a group message: members it went to
         self.delivered = 0  # a group message: members who have it
+        self.transmitted = False  # given to a connection: after a re-login it is a resend
 
 
 def normalize_peer(name: str) -> str:
@@ -892,6 +943,12 @@ class ClientCore:
         self._shown_deadline: float | None = None
         self._logout_sent_at: float | None = None
         self._final_flush = False  # the ack for what the server sent last, then stop
+        # link statistics: the counts of connections gone by (each login
+        # makes a new one), and marks (now, sent, resent) for the loss window
+        self._stats_conn: Connection | None = None
+        self._sent_before = 0
+        self._resent_before = 0
+        self._loss_marks: deque[tuple[float, int, int]] = deque()
         if connect_to:
             self.set_peer(connect_to)
 
@@ -900,6 +957,7 @@ class ClientCore:
     def connect(self, now: float) -> None:
         """Start the first login; it gives up (`server_unreachable`) after
         `login_timeout` without an answer."""
+        self._loss_marks.append((now, 0, 0))
         self._start_login(now, deadline=now + self.login_timeout)
 
     def receive_datagram(self, data: bytes, now: float) -> None:
@@ -939,6 +997,8 @@ class ClientCore:
         self._final_flush = False
         self._queue_receipts()
         out.extend(self.conn.datagrams_to_send(now))
+        if not self._loss_marks or now - self._loss_marks[-1][0] >= LOSS_MARK_EVERY:
+            self._mark_loss(now)
         return out
 
     def get_timer(self) -> float | None:
@@ -1019,6 +1079,55 @@ class ClientCore:
         carry it (an owner with many cores on one socket routes by it)."""
         return self._nonce
 
+    def link_stats(self, now: float) -> LinkStats:
+        """The link as measured now: RTT and its variation, loss over the
+        last LOSS_WINDOW s (resent pieces / pieces sent), resends since the
+        start, pieces in flight, messages not yet accepted."""
+        if not self._loss_marks or now - self._loss_marks[-1][0] >= LOSS_MARK_EVERY:
+            self._mark_loss(now)
+        sent, resent = self._link_counts()
+        _, sent0, resent0 = self._loss_marks[0]
+        loss = 100.0 * (resent - resent0) / (sent - sent0) if sent > sent0 else 0.0
+        conn = self.conn
+        srtt = conn.srtt if conn is not None else None
+        rttvar = conn.rttvar if conn is not None else None
+        link: Literal["up", "down", "connecting"]
+        if conn is not None and self.link_up and not self.ended:
+            link = "up"
+        else:
+            link = "connecting" if self.first_login and not self.ended else "down"
+        return LinkStats(
+            link=link,
+            rtt_ms=None if srtt is None else round(srtt * 1000, 1),
+            rttvar_ms=None if rttvar is None else round(rttvar * 1000, 1),
+            loss_pct=round(loss, 1),
+            retransmits=resent,
+            sent=sent,
+            in_flight=conn.in_flight if conn is not None else 0,
+            outbox=sum(out.state == MessageState.SENDING for out in self.outbox.values()),
+        )
+
+    def _link_counts(self) -> tuple[int, int]:
+        """(pieces sent, pieces resent) since the start, over every connection."""
+        conn = self.conn
+        if conn is not self._stats_conn:  # a new login: bank the old connection's counts
+            if self._stats_conn is not None:
+                self._sent_before += self._stats_conn.chunks_sent
+                self._resent_before += self._stats_conn.chunks_resent
+            self._stats_conn = conn
+        if conn is None:
+            return self._sent_before, self._resent_before
+        return self._sent_before + conn.chunks_sent, self._resent_before + conn.chunks_resent
+
+    def _mark_loss(self, now: float) -> None:
+        """Note the counts now; keep the newest mark at least LOSS_WINDOW old
+        (the window's start) and the ones after it."""
+        sent, resent = self._link_counts()
+        marks = self._loss_marks
+        marks.append((now, sent, resent))
+        while len(marks) >= 2 and marks[1][0] <= now - LOSS_WINDOW:
+            marks.popleft()
+
     # --- the owner's API: the user's actions ------------------------------------
 
     @property
@@ -1075,7 +1184,9 @@ class ClientCore:
             out.waiting = True  # behind the others to that name, in order
             self.store.set_waiting(msg_id, True)
         elif self.conn is not None:
-            self.conn.send(payload, conversation_stream(to))
+            # The id as handle: the connection names it when it resends a piece.
+            self.conn.send(payload, conversation_stream(to), msg_id)
+            out.transmitted = True
 
     def _waiting_for(self, to: str) -> bool:
         key = name_key(to)
@@ -1390,9 +1501,10 @@ class ClientCore:
             self._fatal(ErrorCode.SERVER_UNREACHABLE, text)
             return
         to_server, to_client = session_keys(keys.client_key, message)
+        self._link_counts()  # bank the last connection's counts before it is replaced
         self.conn = Connection(
             frame.session_id, to_server, now, peer_key=to_client,
-            rto_min=self.rto_min, rto_max=self.rto_max,
+            rto_min=self.rto_min, rto_max=self.rto_max, track_resends=True,
         )  # fmt: skip
         self._login_at = None
         if self.pinned is None:  # trust on first use, like SSH's known_hosts
@@ -1426,11 +1538,18 @@ class ClientCore:
         for out in self.outbox.values():
             if out.state == MessageState.SENDING:
                 out.waiting = False
+                if out.transmitted:  # it went to the last session: this is a resend
+                    self.store.add_resends(out.msg_id, 1)
+                out.transmitted = True
                 again.append((out.order, Send(out.msg_id, out.to, out.text), out.to))
         again.extend(self._unanswered_requests())
         for _, resent, peer in sorted(again, key=lambda item: item[0]):
+            # A message's id as handle: the connection names it when it
+            # resends a piece (the health view's resend count).
+            handle = resent.msg_id if isinstance(resent, Send) else None
             self.conn.send(encode_message(resent),
-                           conversation_stream(peer) if peer else CONTROL_STREAM)  # fmt: skip
+                           conversation_stream(peer) if peer else CONTROL_STREAM,
+                           handle)  # fmt: skip
 
     def _hand_on_unshown(self) -> None:
         """What an earlier run committed but never showed (it died between
@@ -1544,6 +1663,10 @@ class ClientCore:
                     return
             elif isinstance(event, PayloadAcked) and event.handle == "logout":
                 self._finish(ErrorCode.LOGGED_OUT)
+            elif isinstance(event, PayloadResent) and isinstance(event.handle, MsgId):
+                out = self.outbox.get(event.handle)
+                if out is not None:  # (gone from the outbox once delivered)
+                    self.store.add_resends(out.msg_id, 1)
             elif isinstance(event, PeerUnreachable):
                 self._link_lost(now, notify=True)
                 return

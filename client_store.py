@@ -86,6 +86,12 @@ HISTORY_COLUMNS = {
     "grp_change": "ALTER TABLE history ADD COLUMN grp_change TEXT",
     "grp_users": "ALTER TABLE history ADD COLUMN grp_users TEXT",
     "grp_recipients": "ALTER TABLE history ADD COLUMN grp_recipients INTEGER",
+    # Our messages' timeline for the window's health view (`read_timeline`):
+    # when the server accepted it, when it was delivered, how often it went
+    # out again. NULL/0 on rows from before.
+    "accepted_ms": "ALTER TABLE history ADD COLUMN accepted_ms INTEGER",
+    "delivered_ms": "ALTER TABLE history ADD COLUMN delivered_ms INTEGER",
+    "resends": "ALTER TABLE history ADD COLUMN resends INTEGER NOT NULL DEFAULT 0",
 }
 # `waiting`: the server has no account of the recipient's name yet (the
 # message goes once it has); stores from before wait for nothing.
@@ -194,6 +200,18 @@ def profile_dir(
         finally:
             db.close()
     return directory, False
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One of our messages through time (`read_timeline`): wall-clock ms,
+    None for a state not reached (or not recorded: rows from before)."""
+
+    state: str | None
+    sent_ms: int  # written to the outbox (the moment Send was pressed)
+    accepted_ms: int | None
+    delivered_ms: int | None
+    resends: int  # pieces of it sent again (lost, or their ack was)
 
 
 @dataclass(frozen=True)
@@ -395,17 +413,33 @@ class ClientStore:
         return None if row is None else row[0]
 
     def set_state(self, msg_id: MsgId, state: str) -> None:
-        """Record a later state; the outbox lets go once the server holds it."""
+        """Record a later state, stamped with the time (the health view's
+        timeline); the outbox lets go once the server holds it. `delivered`
+        without `accepted` before it stamps both (the receipt came first)."""
         self.begin()
+        now_ms = int(time.time() * 1000)
+        accepted = now_ms if state in (MessageState.ACCEPTED, MessageState.DELIVERED) else None
+        delivered = now_ms if state == MessageState.DELIVERED else None
         self.db.execute(
-            "UPDATE history SET state=? WHERE sender_key=? AND instance_id=? AND client_seq=?",
-            (str(state), name_key(self.username), i64(msg_id.instance_id), msg_id.client_seq),
-        )
+            "UPDATE history SET state=?, accepted_ms=COALESCE(accepted_ms, ?),"
+            " delivered_ms=COALESCE(delivered_ms, ?)"
+            " WHERE sender_key=? AND instance_id=? AND client_seq=?",
+            (str(state), accepted, delivered, name_key(self.username),
+             i64(msg_id.instance_id), msg_id.client_seq),
+        )  # fmt: skip
         if state != MessageState.SENDING:
             self.db.execute(
                 "DELETE FROM outbox WHERE instance_id=? AND client_seq=?",
                 (i64(msg_id.instance_id), msg_id.client_seq),
             )
+
+    def add_resends(self, msg_id: MsgId, count: int) -> None:
+        self.begin()
+        self.db.execute(
+            "UPDATE history SET resends=resends+? WHERE outgoing=1 AND sender_key=?"
+            " AND instance_id=? AND client_seq=?",
+            (count, name_key(self.username), i64(msg_id.instance_id), msg_id.client_seq),
+        )
 
     def add_incoming(
         self, sender: str, msg_id: MsgId, text: str, sent_ms: int, server_msg_id: int
@@ -780,6 +814,32 @@ def row_of(path: Path, outgoing: bool, sender: str, msg_id: str) -> int | None:
     finally:
         db.close()
     return None if row is None else int(row[0])
+
+
+def read_timeline(path: Path, username: str, msg_id: str) -> Timeline | None:
+    """The timeline of our message `msg_id` (a `StatusChanged.id`), or None
+    if it is not in the store. Its own read connection: safe from any thread
+    (the window asks on hover)."""
+    try:
+        instance, _, seq = msg_id.partition("-")
+        key = (name_key(username), i64(int(instance, 16)), int(seq))
+    except (ValueError, OverflowError):
+        return None
+    if not path.exists():
+        return None
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA busy_timeout=2000")
+        row = db.execute(
+            "SELECT state, ts_ms, accepted_ms, delivered_ms, resends FROM history"
+            " WHERE outgoing=1 AND sender_key=? AND instance_id=? AND client_seq=?",
+            key,
+        ).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    return None if row is None else Timeline(*row)
 
 
 def mark_shown(path: Path, server_msg_ids: list[int]) -> None:

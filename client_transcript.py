@@ -25,6 +25,7 @@ import datetime
 import re
 import time
 import tkinter as tk
+import tkinter.font as tkfont
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from tkinter import ttk
 from typing import Any
 
 from client_core import MessageState
+from client_look import FONTS, PAD, PALETTE, continues, day_label, new_day, style_text
 from client_store import find_folded, fold
 
 #: A message longer than this shows its start and a "show more" link: a
@@ -207,29 +209,40 @@ class Transcript:
         self.on_retry = on_retry
         self.on_load_earlier = on_load_earlier
         self.on_back_to_latest = on_back_to_latest
-        self.text = text = tk.Text(parent, wrap="word", state="disabled", height=10, width=30,
-                                   padx=8, pady=6, relief="flat", borderwidth=1,
-                                   highlightthickness=1, font=("TkDefaultFont", 11))  # fmt: skip
+        self.text = text = tk.Text(parent, wrap="word", state="disabled", height=4, width=24,
+                                   padx=PAD + 2, pady=PAD)  # fmt: skip
+        style_text(text)  # client_look's palette and fonts
         self.scrollbar = ttk.Scrollbar(parent, orient="vertical", command=self._yview)
         text.configure(yscrollcommand=self._on_scrolled)
         self.scrollbar.pack(side="right", fill="y")
         text.pack(side="left", fill="both", expand=True)
-        # Continuation lines of a message are indented under its text.
-        text.tag_configure("own", foreground="#0b4f9c", lmargin2=48)
-        text.tag_configure("peer", foreground="#1b5e20", lmargin2=48)
-        text.tag_configure("system", foreground="#777777", font=("TkDefaultFont", 10, "italic"))
-        text.tag_configure("stamp", foreground="#999999", font=("TkDefaultFont", 9))
-        text.tag_configure("who", font=("TkDefaultFont", 11, "bold"))
-        text.tag_configure("state", foreground="#888888", font=("TkDefaultFont", 9))
-        text.tag_configure("failed", foreground="#b00020", font=("TkDefaultFont", 9))
+        # Continuation lines of a message are indented under its name; a
+        # message that continues its sender's group (client_look.continues)
+        # keeps its time and name in the text, hidden, and is indented alike.
+        p = PALETTE
+        indent = tkfont.nametofont(FONTS.small, text).measure("00:00 ")
+        text.tag_configure("own", foreground=p.text, lmargin2=indent)
+        text.tag_configure("peer", foreground=p.text, lmargin2=indent)
+        text.tag_configure("cont", lmargin1=indent, lmargin2=indent)
+        text.tag_configure("first", spacing1=PAD)
+        text.tag_configure("hidden", elide=True)
+        text.tag_configure("system", foreground=p.muted, font=FONTS.small, spacing1=4,
+                           spacing3=4)  # fmt: skip
+        text.tag_configure("day", foreground=p.muted, font=FONTS.small, justify="center",
+                           spacing1=PAD, spacing3=4)  # fmt: skip
+        text.tag_configure("stamp", foreground=p.idle, font=FONTS.small)
+        text.tag_configure("who", font=FONTS.bold)
+        text.tag_configure("who-own", foreground=p.own)
+        text.tag_configure("who-peer", foreground=p.peer)
+        text.tag_configure("state", foreground=p.muted, font=FONTS.small)
+        text.tag_configure("failed", foreground=p.error, font=FONTS.small)
         for link in ("retry", "more", "earlier"):
-            text.tag_configure(link, foreground="#0b57d0", underline=True,
-                               font=("TkDefaultFont", 9))  # fmt: skip
+            text.tag_configure(link, foreground=p.accent, underline=True, font=FONTS.small)
             text.tag_bind(link, "<Enter>", lambda e: text.configure(cursor="hand2"))
             text.tag_bind(link, "<Leave>", lambda e: text.configure(cursor=""))
         text.tag_configure("earlier", justify="center", spacing3=6)
         text.tag_bind("earlier", "<Button-1>", lambda e: self.on_load_earlier())
-        text.tag_configure("found", background="#ffe082")
+        text.tag_configure("found", background=p.found)
         # Read-only but selectable and copyable: block edits, not selection.
         text.bind("<Control-c>", lambda e: None)
         self.new_marker = ttk.Button(parent, text="\u2193 new messages",
@@ -242,6 +255,8 @@ class Transcript:
         self.has_earlier = False  # the store holds lines before the first shown
         self.at_latest = True  # ends with the conversation's newest line (else: a search hit)
         self._marks: dict[int, str] = {}  # id(line) -> mark at the line's start
+        self._mark_lines: dict[str, Line] = {}  # the reverse (what is under the pointer)
+        self._day_marks: dict[int, str] = {}  # id(line) -> mark before its day separator
         self._serial = 0
         self._bottom_cache: bool | None = None  # at the bottom when this batch began
         self._end_pending = False  # scroll to the end once the widget has its width
@@ -318,6 +333,8 @@ class Transcript:
         self.has_earlier = has_earlier
         self.at_latest = at_latest
         self._marks.clear()
+        self._mark_lines.clear()
+        self._day_marks.clear()
         text.configure(state="normal")
         text.delete("1.0", "end")
         self._open_line = False
@@ -330,8 +347,10 @@ class Transcript:
         if stale:
             text.tag_delete(*stale)
         self._insert_earlier_link()
+        before: Line | None = None
         for line in self.lines:
-            self._insert_line(line, "end")
+            self._insert_line(line, "end", before)
+            before = line
         text.configure(state="disabled")
         self.new_marker.place_forget()
         self._user_scrolled = False
@@ -345,9 +364,10 @@ class Transcript:
         was at the bottom, or the line is ours); else the "↓ new messages"
         button shows once the text is laid out."""
         was_at_bottom = self.at_bottom()
+        before = self.lines[-1] if self.lines else None
         self.lines.append(line)
         self.text.configure(state="normal")
-        self._insert_line(line, "end")
+        self._insert_line(line, "end", before)
         self.text.configure(state="disabled")
         follow = was_at_bottom or line.kind == "own"
         if not follow:
@@ -365,11 +385,15 @@ class Transcript:
         if anchor is not None:
             # Text inserted at the anchor must go before it: right gravity for now.
             text.mark_gravity(anchor, "right")
+            self._drop_day_separator(self.lines[0])  # put back below if still a new day
         text.delete("1.0", anchor or "end")  # the "load earlier" line
         self._insert_earlier_link()
+        before: Line | None = None
         for line in lines:
-            self._insert_line(line, anchor or "end")
+            self._insert_line(line, anchor or "end", before)
+            before = line
         if anchor is not None:
+            self._rejoin(before, self.lines[0], anchor)
             text.mark_gravity(anchor, "left")
         text.configure(state="disabled")
         self.lines[:0] = lines
@@ -385,12 +409,20 @@ class Transcript:
             mark = self._marks.pop(id(line), None)
             if mark is not None:
                 self.text.mark_unset(mark)
+                self._mark_lines.pop(mark, None)
+            day = self._day_marks.pop(id(line), None)
+            if day is not None:
+                self.text.mark_unset(day)
         del self.lines[:count]
         self.has_earlier = True
         self.text.configure(state="normal")
         self.text.mark_gravity(first_kept, "right")
+        self._drop_day_separator(self.lines[0])
         self.text.delete("1.0", first_kept)
         self._insert_earlier_link()
+        # The first line shown opens its day and its group: a separator, and
+        # its time and name show again.
+        self._rejoin(None, self.lines[0], first_kept)
         self.text.mark_gravity(first_kept, "left")
         self.text.configure(state="disabled")
 
@@ -398,26 +430,41 @@ class Transcript:
         if self.has_earlier:
             self.text.insert("1.0", "\u2191 load earlier messages\n", ("earlier",))
 
-    def _insert_line(self, line: Line, index: str) -> None:
-        """Insert one line at `index` ("end", or the mark of the line it goes before)."""
+    def _insert_line(self, line: Line, index: str, before: Line | None = None) -> None:
+        """Insert one line at `index` ("end", or the mark of the line it goes
+        before), after `before` (the line shown above it, if any): a day
+        separator above it on a new day, its time and name hidden when it
+        continues `before`'s group."""
         text = self.text
         self._serial += 1
         mark = f"ln{self._serial}"
         self._marks[id(line)] = mark
+        self._mark_lines[mark] = line
         at_end = index == "end"
         if at_end and self._open_line:
             text.insert("end", "\n")
+        if new_day(before, line):
+            day = f"ds{self._serial}"
+            self._day_marks[id(line)] = day
+            text.mark_set(day, "end-1c" if at_end else index)
+            text.mark_gravity(day, "left")
+            self._insert(index if not at_end else "end", day_label(line.stamp) + "\n", ("day",))
         text.mark_set(mark, "end-1c" if at_end else index)
         text.mark_gravity(mark, "left")
-        parts: list[tuple[str, tuple[str, ...]]] = [(f"{format_stamp(line.stamp)} ", ("stamp",))]
+        grouped = continues(before, line)
+        head = ("hidden",) if grouped else ("first",)
+        parts: list[tuple[str, tuple[str, ...]]] = [
+            (f"{format_stamp(line.stamp)} ", ("stamp", *head))
+        ]
         shown, rest = line.text, ""
         if len(shown) > LONG_TEXT_CHARS:
             shown, rest = shown[:LONG_TEXT_CHARS], shown[LONG_TEXT_CHARS:]
         if line.kind == "system":
             parts.append((shown, ("system",)))
         else:
-            parts.append((f"{line.who}: ", (line.kind, "who")))
-            parts.append((display_order(shown), (line.kind,)))
+            who = (line.kind, "who", f"who-{line.kind}")
+            parts.append((f"{line.who}: ", (*who, "hidden") if grouped else who))
+            parts.append((display_order(shown), (line.kind, "cont") if grouped else (line.kind,)))
         more = f"more-{self._serial}"
         if rest:
             label = f"show more ({len(rest.encode('utf-8', 'replace')) // 1024 + 1} KiB)"
@@ -444,6 +491,55 @@ class Transcript:
         except tk.TclError:  # a character this Tcl cannot take: piece by piece, made safe
             for content, tags in parts:
                 self._insert(index, content, tags)
+
+    def _drop_day_separator(self, line: Line) -> None:
+        day = self._day_marks.pop(id(line), None)
+        if day is not None:
+            self.text.delete(day, self._marks[id(line)])
+            self.text.mark_unset(day)
+
+    def _rejoin(self, before: Line | None, first: Line, anchor: str) -> None:
+        """`first`, at `anchor` (with right gravity), now follows `before`
+        (lines loaded above it, or None: it is the first shown): its day
+        separator if the day changed, and its time and name shown unless
+        it continues `before`'s group."""
+        text = self.text
+        if new_day(before, first) and id(first) not in self._day_marks:
+            self._serial += 1
+            day = self._day_marks[id(first)] = f"ds{self._serial}"
+            text.mark_set(day, anchor)
+            text.mark_gravity(day, "left")
+            self._insert(anchor, day_label(first.stamp) + "\n", ("day",))
+        end = f"{anchor} lineend"
+        who = text.tag_nextrange("who", anchor, end)
+        if continues(before, first):
+            for tag in ("stamp", "who"):
+                found = text.tag_nextrange(tag, anchor, end)
+                if found:
+                    text.tag_add("hidden", *found)
+            if who:
+                text.tag_add("cont", who[1], end)
+        else:
+            text.tag_remove("hidden", anchor, end)
+            text.tag_remove("cont", anchor, end)
+            stamp = text.tag_nextrange("stamp", anchor, end)
+            if stamp:
+                text.tag_add("first", *stamp)
+
+    def line_at(self, index: str) -> Line | None:
+        """The line shown at `index` (e.g. `@x,y` under the pointer), if any."""
+        text = self.text
+        try:
+            mark: str | None = text.index(index)
+        except tk.TclError:
+            return None
+        while mark is not None:
+            mark = text.mark_previous(mark)
+            if mark is not None and mark.startswith("ds"):
+                return None  # a day separator
+            if mark is not None and mark in self._mark_lines:
+                return self._mark_lines[mark]
+        return None
 
     def _more_handler(self, tag: str, kind: str, rest: str) -> Callable[[Any], None]:
         def expand(_event: Any) -> None:

@@ -16,6 +16,10 @@ the right: transcript, typing line, composer). The contact list
 (`client_contacts.ContactList`) and the transcript
 (`client_transcript.Transcript`) are widgets of their own modules.
 
+The look (one ttk style, the login card, round initials, badges, groups,
+the menu bar) is `client_look.py`'s; the status bar with the link's health
+and its panel are `client_health.HealthBar`'s.
+
 Typing anywhere in a logged-in window reaches the composer: a printable key
 pressed on any widget that is not a text field (the transcript after a
 click or a Retry, the contact list, a button) is put into the composer and
@@ -55,6 +59,7 @@ from client_core import (
     GroupChanged,
     GroupsListed,
     LinkChanged,
+    LinkStats,
     LoggedIn,
     MembersListed,
     MessageReceived,
@@ -67,10 +72,23 @@ from client_core import (
     normalize_peer,
 )
 from client_core import Event as SessionEvent
+from client_health import HealthBar, describe
+from client_look import (
+    FONTS,
+    PAD,
+    PALETTE,
+    Avatar,
+    Tooltip,
+    add_placeholder,
+    apply_style,
+    full_time,
+    style_text,
+)
 from client_store import (
     PAGE,
     ClientStore,
     HistoryLine,
+    Timeline,
     read_around,
     read_contacts,
     read_history,
@@ -78,7 +96,7 @@ from client_store import (
     search_history,
 )
 from client_transcript import Line, Transcript, find_in_text, tk_safe
-from common import DEFAULT_PORT, config_dir, format_servers, parse_servers
+from common import DEFAULT_PORT, __version__, config_dir, format_servers, parse_servers
 from protocol import MAX_TEXT_BYTES, GroupAction, LocalProtocolError, name_key, normalize_name
 
 CONTROL_MASK = 0x4  # X event state bits: a key with Control or Alt is a shortcut
@@ -97,6 +115,9 @@ MAX_LINES = 2000
 #: initial RTO is 1 s, doubled after each timeout: tries at 0, 1 and 3 s).
 #: The client only calls the link down after 30 s (its dead-peer rule).
 SLOW_SEND_S = 3.0
+# The smallest window in which every control stays visible and usable
+# (tests/test_window_look.py checks each one at exactly this size).
+MIN_SIZE = (420, 320)
 RECONNECTED_TEXT = "Reconnected: the server answers again."
 RECONNECTING_TEXT = (
     "Server not answering \u2014 reconnecting\u2026 "
@@ -130,6 +151,8 @@ class Session(Protocol):
     def logout(self, timeout: float = 10.0) -> None: ...
     def close(self, timeout: float = 10.0) -> None: ...
     def discard(self) -> None: ...
+    def link_stats(self) -> LinkStats: ...
+    def timeline(self, message_id: str) -> Timeline | None: ...
 
 
 #: Makes a session that puts its events on `events=`, with the window's
@@ -227,6 +250,7 @@ class ChatWindow:
         self.busy_samples: list[float] = []  # time spent in each _poll, seconds
         self._batch_scroll = False
         self._who_asked = False
+        self._logging_out = False  # File > Log out: back to the login view at the end
         self._expected_tick = 0.0
         # Our messages shown as `sending`: id -> (line, its conversation, since when).
         self._sending: dict[str, tuple[Line, Conversation, float]] = {}
@@ -236,15 +260,14 @@ class ChatWindow:
 
         master.title("Chat")
         master.geometry(self.settings.geometry)
-        master.minsize(560, 380)
+        master.minsize(*MIN_SIZE)
         master.protocol("WM_DELETE_WINDOW", self.close)
-        style = ttk.Style(master)
-        if sys.platform.startswith("linux") and "clam" in style.theme_names():
-            style.theme_use("clam")  # the X11 "default" theme looks dated
-        style.configure("Error.TLabel", foreground="#b00020")
-        style.configure("Banner.TLabel", background="#fff3cd", foreground="#664d03", padding=6)
-        style.configure("Muted.TLabel", foreground="#666666")
+        apply_style(master)  # client_look: palette, fonts, the accent button
+        master.configure(background=PALETTE.window)
+        self.tooltip = Tooltip(master)
+        self.about: tk.Toplevel | None = None
 
+        self._build_menu()
         self.login_frame = self._build_login()
         self.chat_frame = self._build_chat()
         self.account_menu = add_account_menu(self)  # client_account_ui: the account dialogs
@@ -262,110 +285,157 @@ class ChatWindow:
 
     # --- building -------------------------------------------------------------
 
+    def _build_menu(self) -> None:
+        """File / Conversation / Help; the conversation's entries wait for a login."""
+        bar = tk.Menu(self.top, tearoff=False)
+        self.menu_file = tk.Menu(bar, tearoff=False)
+        self.menu_file.add_command(label="Log out", command=self.log_out)
+        self.menu_file.add_separator()
+        self.menu_file.add_command(label="Quit", accelerator="Ctrl+Q", command=self.close)
+        self.menu_conversation = tk.Menu(bar, tearoff=False)
+        self.menu_conversation.add_command(label="New chat\u2026", command=self._focus_new_chat)
+        self.menu_conversation.add_command(label="Find\u2026", accelerator="Ctrl+F",
+                                           command=self.show_find)  # fmt: skip
+        self.menu_conversation.add_command(label="Who is online", command=self._ask_who)
+        self.menu_conversation.add_command(label="Connection health",
+                                           command=lambda: self.health.toggle_panel())  # fmt: skip
+        self.menu_conversation.add_separator()
+        self.mute_var = tk.BooleanVar(value=self.settings.mute)
+        self.typing_var = tk.BooleanVar(value=self.settings.typing_indicator)
+        self.menu_conversation.add_checkbutton(label="Mute", variable=self.mute_var,
+                                               command=self._save_options)  # fmt: skip
+        self.menu_conversation.add_checkbutton(label="Typing indicator", variable=self.typing_var,
+                                               command=self._save_options)  # fmt: skip
+        self.menu_help = tk.Menu(bar, tearoff=False)
+        self.menu_help.add_command(label="Keyboard shortcuts", command=self.show_shortcuts)
+        self.menu_help.add_command(label="About", command=self.show_about)
+        bar.add_cascade(label="File", menu=self.menu_file, underline=0)
+        bar.add_cascade(label="Conversation", menu=self.menu_conversation, underline=0)
+        bar.add_cascade(label="Help", menu=self.menu_help, underline=0)
+        self.menu_bar = bar
+        self.top.configure(menu=bar)
+        self._menu_logged_in(False)
+
+    def _menu_logged_in(self, logged_in: bool) -> None:
+        """Entries that need a session are greyed out without one."""
+        state = "normal" if logged_in else "disabled"
+        self.menu_file.entryconfigure("Log out", state=state)
+        for label in ("New chat\u2026", "Find\u2026", "Who is online", "Connection health"):
+            self.menu_conversation.entryconfigure(label, state=state)
+
     def _build_login(self) -> ttk.Frame:
-        outer = ttk.Frame(self.top, padding=24)
-        box = ttk.Frame(outer)
-        box.place(relx=0.5, rely=0.45, anchor="center")
-        ttk.Label(box, text="Chat", font=("TkDefaultFont", 18, "bold")).grid(
-            row=0, column=0, columnspan=2, pady=(0, 16)
-        )
+        """A centred card: a title, a one-line hint, placeholders inside the
+        fields (no labels above them), one primary button."""
+        outer = ttk.Frame(self.top)
+        card = ttk.Frame(outer, style="Card.TFrame", padding=(PAD * 3, PAD * 2))
+        card.place(relx=0.5, rely=0.5, anchor="center")
+        card.columnconfigure(0, weight=1)
+        ttk.Label(card, text="Welcome", style="CardTitle.TLabel").grid(row=0, column=0)
+        self.login_hint = ttk.Label(card, text="Log in, or pick a new name to sign up",
+                                    style="CardMuted.TLabel")  # fmt: skip
+        self.login_hint.grid(row=1, column=0, pady=(0, PAD))
         self.server_var = tk.StringVar(value=self.settings.server)
         self.username_var = tk.StringVar(value=self.settings.username)
         self.password_var = tk.StringVar()
         self.connect_var = tk.StringVar()
         rows = [
-            ("Server", self.server_var),
+            ("Server, e.g. 127.0.0.1:5555", self.server_var),
             ("Username", self.username_var),
             ("Password", self.password_var),
-            ("Connect to", self.connect_var),
+            ("Connect to (optional)", self.connect_var),
         ]
         entries = []
-        for i, (label, var) in enumerate(rows, start=1):
-            ttk.Label(box, text=label).grid(row=i, column=0, sticky="w", padx=(0, 12), pady=4)
-            entry = ttk.Entry(box, textvariable=var, width=30, show="\u2022" if var is
+        for i, (placeholder, var) in enumerate(rows, start=2):
+            entry = ttk.Entry(card, textvariable=var, width=30, show="\u2022" if var is
                               self.password_var else "")  # fmt: skip
-            entry.grid(row=i, column=1, sticky="ew", pady=4)
+            entry.grid(row=i, column=0, sticky="ew", pady=(0, PAD // 2 + 1))
             entry.bind("<Return>", lambda e: self.submit_login())
+            add_placeholder(entry, var, placeholder)
             entries.append(entry)
         self.server_entry, self.username_entry, self.password_entry, self.connect_entry = entries
         # A pre-filled name is replaced when typed over, not typed into.
         self.username_entry.bind("<FocusIn>", self._select_all, add="+")
-        ttk.Label(
-            box, text="A new name is registered with this password.", style="Muted.TLabel"
-        ).grid(row=5, column=1, sticky="w")
-        ttk.Label(box, text="Connect to is optional: who to talk to first.",
-                  style="Muted.TLabel").grid(row=6, column=1, sticky="w")  # fmt: skip
-        self.login_button = ttk.Button(box, text="Login", command=self.submit_login)
-        self.login_button.grid(row=7, column=1, sticky="e", pady=(12, 4))
-        self.login_error = ttk.Label(box, text="", style="Error.TLabel", wraplength=360)
-        self.login_error.grid(row=8, column=0, columnspan=2, sticky="w")
+        self.login_button = ttk.Button(card, text="Login", style="Accent.TButton",
+                                       command=self.submit_login)  # fmt: skip
+        self.login_button.grid(row=6, column=0, sticky="ew", pady=(PAD // 2, 2))
+        self.login_note = ttk.Label(card, text="A new name is registered with this password.",
+                                    style="CardMuted.TLabel", font=FONTS.small)  # fmt: skip
+        self.login_note.grid(row=7, column=0)
+        self.login_error = ttk.Label(card, text="", style="CardError.TLabel", wraplength=280,
+                                     justify="center")  # fmt: skip
+        self.login_error.grid(row=8, column=0)
         return outer
 
     def _build_chat(self) -> ttk.Frame:
+        # Packing order matters at the minimum size: what is packed first
+        # keeps its room, so the buttons and the composer go in before the
+        # lists and the transcript, which give way.
         frame = ttk.Frame(self.top)
         self.banner = ttk.Label(frame, text="", style="Banner.TLabel", anchor="w")
+        self.health = HealthBar(frame, self._link_stats)
+        self.health.pack(side="bottom", fill="x")
         panes = ttk.Frame(frame)
         panes.pack(fill="both", expand=True, side="bottom")
         panes.columnconfigure(1, weight=1)
         panes.rowconfigure(0, weight=1)
         self._banner_anchor = panes
 
-        left = ttk.Frame(panes, padding=(8, 8, 0, 8))
-        ttk.Label(left, text="Contacts", font=("TkDefaultFont", 11, "bold")).pack(anchor="w")
-        self.contact_list = ContactList(left, self._on_contact_selected)
-        self.contact_list.frame.pack(fill="both", expand=True)
-        self.contacts = self.contact_list.tree
-        ttk.Label(left, text="New chat with:", style="Muted.TLabel").pack(anchor="w", pady=(6, 0))
-        new = ttk.Frame(left)
-        new.pack(fill="x")
+        left = ttk.Frame(panes, style="Sidebar.TFrame", padding=(PAD, PAD, PAD, PAD))
+        new = ttk.Frame(left, style="Sidebar.TFrame")
+        new.pack(fill="x", side="top")
         self.new_chat_var = tk.StringVar()
-        self.new_chat_entry = ttk.Entry(new, textvariable=self.new_chat_var, width=12)
+        self.new_chat_entry = ttk.Entry(new, textvariable=self.new_chat_var, width=8)
         self.new_chat_entry.pack(side="left", fill="x", expand=True)
         self.new_chat_entry.bind("<Return>", lambda e: self._open_typed())
-        ttk.Button(new, text="Chat", width=5, command=self._open_typed).pack(
-            side="left", padx=(4, 0)
-        )
-        ttk.Button(left, text="Who is online", command=self._ask_who).pack(fill="x", pady=(6, 0))
-        options = ttk.Frame(left)
-        options.pack(fill="x", pady=(6, 0))
-        self.mute_var = tk.BooleanVar(value=self.settings.mute)
-        self.typing_var = tk.BooleanVar(value=self.settings.typing_indicator)
-        ttk.Checkbutton(options, text="Mute", variable=self.mute_var,
-                        command=self._save_options).pack(anchor="w")  # fmt: skip
-        ttk.Checkbutton(options, text="Typing indicator", variable=self.typing_var,
-                        command=self._save_options).pack(anchor="w")  # fmt: skip
+        add_placeholder(self.new_chat_entry, self.new_chat_var, "New chat with\u2026")
+        self.new_chat_button = ttk.Button(new, text="+", width=2, style="Accent.TButton",
+                                          command=self._open_typed)  # fmt: skip
+        self.new_chat_button.pack(side="left", padx=(PAD // 2, 0))
+        self.who_button = ttk.Button(left, text="Who is online", style="Sidebar.TButton",
+                                     command=self._ask_who)  # fmt: skip
+        self.who_button.pack(side="bottom", fill="x", pady=(PAD // 2, 0))
+        self.contact_list = ContactList(left, self._on_contact_selected)
+        self.contact_list.frame.pack(fill="both", expand=True, pady=(PAD // 2, 0))
+        self.contacts = self.contact_list.tree
         left.grid(row=0, column=0, sticky="nsw")
+        frame.bind("<Configure>", self._on_chat_resize)
 
-        right = ttk.Frame(panes, padding=8)
+        right = ttk.Frame(panes, padding=(PAD, PAD, PAD, PAD // 2))
         header = ttk.Frame(right)
-        header.pack(fill="x")
-        self.peer_label = ttk.Label(header, text="", font=("TkDefaultFont", 12, "bold"))
+        header.pack(fill="x", side="top")
+        self.peer_avatar = Avatar(header, size=30)
+        self.peer_avatar.pack(side="left", padx=(0, PAD))
+        self.peer_label = ttk.Label(header, text="", style="Heading.TLabel")
         self.peer_label.pack(side="left")
         self.find_var = tk.StringVar()
         self.find_status = ttk.Label(header, text="", style="Muted.TLabel")
-        self.find_entry = ttk.Entry(header, textvariable=self.find_var, width=18)
+        self.find_entry = ttk.Entry(header, textvariable=self.find_var, width=14)
         self.find_label = ttk.Label(header, text="Find:")
         self.find_entry.bind("<Return>", lambda e: self.find_next())
         self.find_entry.bind("<Escape>", lambda e: self._hide_find())
 
+        self.size_label = ttk.Label(right, text="", style="Muted.TLabel", anchor="e")
+        self.size_label.pack(fill="x", side="bottom")
+        composer_row = ttk.Frame(right)
+        composer_row.pack(fill="x", side="bottom", pady=(PAD // 2, 0))
+        self.send_button = ttk.Button(composer_row, text="Send", style="Accent.TButton",
+                                      width=6, command=self.send_composed)  # fmt: skip
+        self.send_button.pack(side="right", padx=(PAD // 2 + 2, 0), anchor="s")
+        self.composer = tk.Text(composer_row, height=3, width=16, wrap="word", undo=True,
+                                padx=PAD, pady=PAD // 2)  # fmt: skip
+        style_text(self.composer, composer=True)
+        self.composer.pack(side="left", fill="x", expand=True)
+        self.typing_label = ttk.Label(right, text="", style="Muted.TLabel", font=FONTS.small)
+        self.typing_label.pack(fill="x", side="bottom", pady=(2, 0))
+
         body = ttk.Frame(right)
-        body.pack(fill="both", expand=True, pady=(4, 0))
+        body.pack(fill="both", expand=True, pady=(PAD // 2, 0))
         self.view = Transcript(body, on_retry=self.retry, on_load_earlier=self.load_earlier,
                                on_back_to_latest=self._show_latest)  # fmt: skip
         self.transcript = self.view.text
         self.new_marker = self.view.new_marker
-
-        self.typing_label = ttk.Label(right, text="", style="Muted.TLabel")
-        self.typing_label.pack(fill="x", pady=(2, 0))
-        composer_row = ttk.Frame(right)
-        composer_row.pack(fill="x", pady=(2, 0))
-        self.send_button = ttk.Button(composer_row, text="Send", command=self.send_composed)
-        self.send_button.pack(side="right", padx=(6, 0), fill="y")
-        self.composer = tk.Text(composer_row, height=3, width=20, wrap="word", undo=True,
-                                padx=6, pady=4, font=("TkDefaultFont", 11))  # fmt: skip
-        self.composer.pack(side="left", fill="x", expand=True)
-        self.size_label = ttk.Label(right, text="", style="Muted.TLabel", anchor="e")
-        self.size_label.pack(fill="x")
+        self.transcript.bind("<Motion>", self._on_transcript_motion, add="+")
+        self.transcript.bind("<Leave>", lambda _e: self.tooltip.hide(), add="+")
         self.composer.bind("<Return>", self._on_return)
         self.composer.bind("<Shift-Return>", self._on_shift_return)
         self.composer.bind("<Escape>", lambda e: self._clear_composer())
@@ -433,6 +503,9 @@ class ChatWindow:
         self.show_login_error(message)
         self.username = None
         self._update_title()
+        self.health.stop()
+        self.tooltip.hide()
+        self._menu_logged_in(False)
 
     # --- events -------------------------------------------------------------
 
@@ -517,6 +590,8 @@ class ChatWindow:
         # unread messages until it gets it.
         self.focused = self._has_focus()
         self._update_title()
+        self._menu_logged_in(True)
+        self.health.start()
         self._fill_contacts()
         if self.connect_to:
             self.open_conversation(self.connect_to)
@@ -601,7 +676,10 @@ class ChatWindow:
                 self.session.discard()
             self.session = None
             return
-        if reason == "logged_in_elsewhere":
+        if reason == "logged_out" and self._logging_out:
+            self._logging_out = False
+            self._back_to_login("You logged out.")
+        elif reason == "logged_in_elsewhere":
             self._back_to_login("You logged in from another place; this window was signed out.")
         elif reason != "logged_out":
             self._back_to_login(f"Disconnected ({reason}).")
@@ -756,7 +834,8 @@ class ChatWindow:
         conv.unread = 0
         self._refresh_contact(conv)
         self._update_title()
-        self.peer_label.configure(text=tk_safe(conv.name), style="TLabel")
+        self.peer_label.configure(text=tk_safe(conv.name), style="Heading.TLabel")
+        self.peer_avatar.show(conv.name, conv.online)
         self.typing_label.configure(text="")
         self.contact_list.select(name_key(conv.name))
         self._found = None
@@ -826,6 +905,8 @@ class ChatWindow:
             return  # a group: its member count
         status = {None: "", True: "\u25cf online", False: "offline"}[conv.online]
         self.contact_list.set_state(name_key(conv.name), status, conv.unread)
+        if conv is self.current:
+            self.peer_avatar.show(conv.name, conv.online)
 
     def unread_total(self) -> int:
         return sum(c.unread for c in self.conversations.values())
@@ -1014,6 +1095,77 @@ class ChatWindow:
 
     # --- the rest ---------------------------------------------------------------
 
+    def _on_chat_resize(self, event: Any) -> None:
+        """A narrow window gives the contact list less room, the conversation more."""
+        if event.widget is not self.chat_frame:
+            return
+        width = 120 if event.width < 600 else 170
+        if int(self.contacts.cget("width")) != width:
+            self.contacts.configure(width=width)
+
+    def _link_stats(self) -> LinkStats | None:
+        return self.session.link_stats() if self.session is not None else None
+
+    def _focus_new_chat(self) -> None:
+        self.new_chat_entry.focus_set()
+
+    def log_out(self) -> None:
+        """File > Log out: back to the login view once the session has ended."""
+        if self.session is not None and self.username is not None:
+            self._logging_out = True
+            self.session.logout(3.0)
+
+    def _on_transcript_motion(self, event: Any) -> None:
+        """Hovering a message shows its full time; ours also when the server
+        accepted it, when it was delivered, and how often it was resent."""
+        line = self.view.line_at(f"@{event.x},{event.y}")
+        if line is None or line.kind == "system":
+            self.tooltip.hide()
+            return
+        self.tooltip.schedule(self.describe_line(line), event.x_root, event.y_root)
+
+    def describe_line(self, line: Line) -> str:
+        """The hover text of a transcript line."""
+        if line.kind != "own" or line.msg_id is None:
+            return f"{line.who} \u00b7 {full_time(line.stamp)}"
+        timeline = self.session.timeline(line.msg_id) if self.session is not None else None
+        return describe(timeline, state=line.state, stamp=line.stamp, reason=line.reason)
+
+    def show_about(self) -> None:
+        """Help > About: the program, its version, where it comes from."""
+        if self.about is not None:
+            self.about.lift()
+            return
+        about = self.about = tk.Toplevel(self.top, background=PALETTE.window)
+        about.title("About Chat")
+        about.resizable(False, False)
+        about.transient(self.top)
+        card = ttk.Frame(about, padding=PAD * 3)
+        card.pack(fill="both", expand=True)
+        ttk.Label(card, text="Chat", style="Heading.TLabel").pack()
+        self.about_version = ttk.Label(card, text=f"udp-chat {__version__}")
+        self.about_version.pack(pady=(2, PAD))
+        ttk.Label(card, text="A chat over a UDP relay that never loses a message.\n"
+                  "Python standard library only.", style="Muted.TLabel",
+                  justify="center").pack()  # fmt: skip
+
+        def close() -> None:
+            about.destroy()
+            self.about = None
+
+        button = ttk.Button(card, text="Close", style="Accent.TButton", command=close)
+        button.pack(pady=(PAD, 0))
+        about.protocol("WM_DELETE_WINDOW", close)
+        about.bind("<Escape>", lambda _e: close())
+        about.bind("<Return>", lambda _e: close())
+        button.focus_set()
+
+    def show_shortcuts(self) -> None:
+        """Help > Keyboard shortcuts, as a system line in the open conversation."""
+        text = ("Enter sends \u00b7 Shift+Enter new line \u00b7 Esc clears \u00b7 Up recalls "
+                "the last message \u00b7 Ctrl+F finds \u00b7 Ctrl+Q quits")  # fmt: skip
+        self._system(self.current, text)
+
     def _ask_who(self) -> None:
         if self.session is not None:
             self._who_asked = True
@@ -1115,6 +1267,10 @@ class ChatWindow:
             self.top.after_cancel(self._poll_id)
         if self._typing_clear_id is not None:
             self.top.after_cancel(self._typing_clear_id)
+        self.health.stop()
+        self.tooltip.destroy()
+        if self.about is not None:
+            self.about.destroy()
         try:
             self.settings.geometry = self.top.geometry()
             self.settings.save()

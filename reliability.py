@@ -119,6 +119,15 @@ class PayloadAcked:
 
 
 @dataclasses.dataclass(frozen=True)
+class PayloadResent:
+    """A piece of the payload sent with this handle went out again (it was
+    lost, or its ack was). Only from a connection made with
+    `track_resends=True` (the client counts them per message)."""
+
+    handle: object
+
+
+@dataclasses.dataclass(frozen=True)
 class PeerUnreachable:
     """Nothing has been acked for UNREACHABLE_AFTER s; chunks are kept and resent."""
 
@@ -145,8 +154,8 @@ class PathResponded:
 
 
 Event = (
-    PayloadReceived | PayloadAcked | PeerUnreachable | PeerReachable | PathResponded
-    | ReassemblyExpired
+    PayloadReceived | PayloadAcked | PayloadResent | PeerUnreachable | PeerReachable
+    | PathResponded | ReassemblyExpired
 )  # fmt: skip
 
 
@@ -200,7 +209,7 @@ class _Chunk:
 
     def __init__(self, frame: Stream, handle: object) -> None:
         self.frame = frame
-        self.handle = handle  # set on the last chunk of a payload only
+        self.handle = handle  # the payload's (PayloadAcked comes from the last chunk only)
         self.last = frame.index == frame.count - 1
         self.pkt_num = -1
         self.sent_at = 0.0
@@ -219,6 +228,9 @@ class Connection:
         "max_window",
         "next_pkt",
         "sent_count",
+        "chunks_sent",
+        "chunks_resent",
+        "track_resends",
         # sending
         "_next_seq",
         "_unacked_bytes",
@@ -267,6 +279,7 @@ class Connection:
         rto_max: float = RTO_MAX,
         max_window: int = MAX_WINDOW,
         budget: ReceiveBudget | None = None,
+        track_resends: bool = False,
     ) -> None:
         self.session_id = session_id
         self.key = key  # tags what we send
@@ -278,6 +291,11 @@ class Connection:
         self.max_window = max_window
         self.next_pkt = 1
         self.sent_count = 0  # datagrams produced, for the owner's statistics
+        # Data chunks put in datagrams (first sends and resends) and resends
+        # alone: the link's loss as the sender sees it (the client's /stats).
+        self.chunks_sent = 0
+        self.chunks_resent = 0
+        self.track_resends = track_resends  # PayloadResent events (the server needs none)
         self._next_seq = 0
         self._unacked_bytes = 0  # payload bytes queued or in flight, not yet acked
         self._stream_seqs: dict[int, int] = {}
@@ -344,7 +362,9 @@ class Connection:
             frame = Stream(self._next_seq, stream, stream_seq, index, count, piece)
             stream_seq = (stream_seq + 1) & 0xFFFFFFFF
             self._next_seq += 1
-            self._waiting.append(_Chunk(frame, handle if index == count - 1 else None))
+            # Every piece carries the handle (PayloadResent names any of
+            # them); PayloadAcked comes from the last one only.
+            self._waiting.append(_Chunk(frame, handle))
         self._stream_seqs[stream] = stream_seq
 
     def ack_now(self) -> None:
@@ -400,6 +420,16 @@ class Connection:
     @property
     def srtt(self) -> float | None:
         return self._srtt
+
+    @property
+    def rttvar(self) -> float | None:
+        """RFC 6298's RTTVAR (None before the first RTT sample)."""
+        return None if self._srtt is None else self._rttvar
+
+    @property
+    def in_flight(self) -> int:
+        """Chunks sent and not acked yet (not those still waiting to go)."""
+        return sum(1 for c in self._inflight.values() if c.pkt_num >= 0)
 
     @property
     def window(self) -> int:
@@ -531,9 +561,14 @@ class Connection:
             if eliciting:
                 self._sent_times[pkt] = now
             for chunk in carried:
+                if chunk.pkt_num >= 0:  # it went out before: a resend
+                    self.chunks_resent += 1
+                    if self.track_resends and chunk.handle is not None:
+                        self._events.append(PayloadResent(chunk.handle))
                 chunk.pkt_num = pkt
                 chunk.sent_at = now
                 chunk.lost = False
+            self.chunks_sent += len(carried)
             out.append(encode_packet(Packet(self.session_id, pkt, tuple(frames)), self.key))
         self.sent_count += len(out)
         return out

@@ -26,13 +26,14 @@ from client_core import (
     ErrorEvent,
     GroupsListed,
     LinkChanged,
+    LinkStats,
     LoggedIn,
     MessageReceived,
     MessageState,
     StatusChanged,
     WhoList,
 )
-from client_store import ClientStore
+from client_store import ClientStore, Timeline, read_timeline
 from client_window import ChatWindow, Settings
 from common import i64
 from protocol import GroupAction, MsgId, name_key
@@ -142,6 +143,15 @@ class FakeSession:
 
     def discard(self) -> None:
         self.close()
+
+    def link_stats(self) -> LinkStats:
+        """The link as the status bar shows it: up, with no figures yet."""
+        return LinkStats("up", None, None, 0.0, 0, 0, 0, 0)
+
+    def timeline(self, message_id: str) -> Timeline | None:
+        if self.store is None:
+            return None
+        return read_timeline(self.store.path, self.username, message_id)
 
 
 def fill_history(
