@@ -53,7 +53,13 @@ def add_account_menu(window: AccountWindow) -> tk.Menu:
     menu.add_separator()
     menu.add_command(label="Cancel messages waiting for this contact",
                      command=lambda: cancel_waiting(window))  # fmt: skip
-    bar.add_cascade(label="Account", menu=menu)
+    # Before "Help", which stays last as people expect.
+    end = bar.index("end")
+    labels = [bar.entrycget(i, "label") for i in range(int(end) + 1)] if end is not None else []
+    if "Help" in labels:
+        bar.insert_cascade(labels.index("Help"), label="Account", menu=menu, underline=0)
+    else:
+        bar.add_cascade(label="Account", menu=menu, underline=0)
     return menu
 
 

@@ -249,7 +249,7 @@ def test_menu_bar_about_and_entries_that_wait_for_a_login(gui: Gui) -> None:  # 
     window = gui.window(LEFT)
     bar = window.menu_bar
     labels = [bar.entrycget(i, "label") for i in range(int(bar.index("end") or 0) + 1)]
-    assert labels == ["File", "Conversation", "Help"]
+    assert labels == ["File", "Conversation", "Account", "Help"]  # Account: client_account_ui
     menu = window.menu_conversation
     assert menu.entrycget("Find\u2026", "state") == "disabled", "nothing to find before login"
     window.show_about()
