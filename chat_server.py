@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType as _StackFrame
+from typing import TYPE_CHECKING
 
 from common import DEFAULT_PORT, __version__, at_least, format_address, positive
 from protocol import (
@@ -204,6 +205,9 @@ from server_store import (
     default_data_dir,
 )
 
+if TYPE_CHECKING:  # imported for real only in cluster mode: it needs the redis package
+    from server_cluster import RedisRouter, RedisStore
+
 __all__ = [
     "ChatServer", "ListenError", "Relay", "ServerConfig", "StoreError", "StoreLocked", "main",
 ]  # fmt: skip
@@ -326,8 +330,14 @@ class Relay:
         wall_clock: Callable[[], float] = time.time,
         unwrapper: concurrent.futures.Executor | None = None,
         wake: Callable[[], None] = lambda: None,
+        shared_store: bool = False,
     ) -> None:
         self.config = config or ServerConfig()
+        # A store shared by the nodes of a cluster (server_cluster): every
+        # copy of a message or receipt is handed over from it, in its order,
+        # when it says something waits (`mail_waiting`, `receipts_waiting`),
+        # never straight from the sender's session, which may be elsewhere.
+        self.shared_store = shared_store
         # Without a data directory, a store in memory: the same operations,
         # callbacks and pages as on the disk, so one code path serves both.
         self.store: MessageStore = store if store is not None else MemoryStore()
@@ -593,6 +603,100 @@ class Relay:
                         "until it falls", resident >> 20, self.config.max_memory >> 20)  # fmt: skip
         elif not over:
             log.info("resident memory %d MiB is under --max-memory again", resident >> 20)
+
+    # --- a cluster's inputs (server_cluster calls them on the loop) -------
+
+    def mail_waiting(self, key: str, server_msg_id: int, now: float) -> None:
+        """The shared store holds message `server_msg_id` for user `key`: if
+        their session is here, it is handed over in the mailbox's order
+        (pages read past what the session holds)."""
+        self._now = now
+        user = self.users.get(key)
+        session = self.router.locate(user) if user is not None else None
+        if not isinstance(session, Session):
+            return  # not here: their node, or their next login, reads it
+        pager = session.mail
+        if pager is None:
+            pager = session.mail = Pager(behind=True)
+        if server_msg_id <= pager.cursor:
+            return  # handed over already
+        pager.behind = True
+        pager.missed = max(pager.missed, server_msg_id)
+        self._page_mail(session)
+
+    def receipts_waiting(self, key: str, seq: int, now: float) -> None:
+        """The shared store queued receipt `seq` for sender `key`: if their
+        session is here, it is handed over like a page of receipts."""
+        self._now = now
+        user = self.users.get(key)
+        session = self.router.locate(user) if user is not None else None
+        if not isinstance(session, Session):
+            return
+        pager = session.receipts
+        if pager is None:
+            pager = session.receipts = Pager(behind=True)
+        if seq <= pager.cursor:
+            return
+        pager.behind = True
+        pager.missed = max(pager.missed, seq)
+        self._page_receipts(session)
+
+    def resync(self, now: float) -> None:
+        """The cluster may have missed notices (its link to the shared store
+        was down): every session here reads its mailbox and receipts again."""
+        self._now = now
+        for session in list(self.sessions.values()):
+            for pager in (session.mail, session.receipts):
+                if pager is not None:
+                    pager.behind = True
+                    pager.missed = max(pager.missed, pager.cursor + 1)
+            if session.mail is None:
+                session.mail = Pager(behind=True)
+            if session.receipts is None:
+                session.receipts = Pager(behind=True)
+            self._page_mail(session)
+            self._page_receipts(session)
+
+    def logged_in_on(self, key: str, instance_id: int, now: float) -> None:
+        """User `key` logged in on another node from client `instance_id`:
+        their session here is taken over as by a login here (a BYE
+        `logged_in_elsewhere`, or silently for the same client)."""
+        self._now = now
+        user = self.users.get(key)
+        route = self.router.locate(user) if user is not None else None
+        if isinstance(route, Session):
+            self._take_over(route, instance_id, now)
+
+    def presence_elsewhere(self, key: str, online: bool, now: float) -> None:
+        """User `key` came or went on another node: WHO lists them, and
+        their contacts here are told (as for a login here)."""
+        self._now = now
+        user = self.users.get(key)
+        if user is None or isinstance(user.session, Session):
+            return  # unknown here yet, or their session is here (it decides)
+        index = bisect.bisect_left(self._online, key)
+        listed = index < len(self._online) and self._online[index] == key
+        if online and not listed:
+            self._online.insert(index, key)
+        elif not online and listed:
+            del self._online[index]
+        self._announce(user, online=online)
+
+    def account_added(self, key: str, account: Account, now: float) -> None:
+        """An account registered on another node (or one that won a race
+        with a registration here): known here from now on."""
+        self._now = now
+        self._unstored.discard(key)
+        user = self.users.get(key)
+        if user is None:
+            user = self.users[key] = User(account.name, key, account)
+            for watcher in self._awaited.pop(key, ()):
+                self._awaiting.get(watcher, {}).pop(key, None)
+                self._add_contact(user, watcher)
+        elif user.account != account:
+            log.warning("account %s was registered on two nodes at once; the one stored first "
+                        "holds", account.name)  # fmt: skip
+            user.account = account
 
     # --- datagrams --------------------------------------------------------
 
@@ -926,17 +1030,7 @@ class Relay:
                       now: float) -> None:  # fmt: skip
         old = self.router.locate(user)
         if isinstance(old, Session):
-            if old.instance_id == login.instance_id:
-                log.info("%s logged in again from the same client; old session replaced",
-                         user.name)  # fmt: skip
-                self._end_session(old, now, quiet=True)
-            else:
-                log.info("%s logged in elsewhere; old session told and closed", user.name)
-                self._send(old, Bye(ErrorCode.LOGGED_IN_ELSEWHERE,
-                                    "you logged in from another place"))  # fmt: skip
-                for datagram in old.conn.datagrams_to_send(now):
-                    self._out.append((datagram, old.addr))
-                self._end_session(old, now, quiet=True)
+            self._take_over(old, login.instance_id, now)
         session_id = secrets.token_bytes(16)
         to_server, to_client = session_keys(verdict.client_key, verdict.message)
         conn = Connection(
@@ -960,15 +1054,31 @@ class Relay:
         # What waited for this user, read from the disk a page at a time:
         # messages in order, and receipts. Anything accepted before this
         # point is older than the reads asked for here, so they find it.
-        if user.mailbox_count:
+        # A shared store may hold what other nodes accepted: always read it.
+        if user.mailbox_count or self.shared_store:
             session.mail = Pager(behind=True, missed=self._next_msg_id - 1)
             self._page_mail(session)
-        if user.notice_count:
+        if user.notice_count or self.shared_store:
             session.receipts = Pager(behind=True, missed=self._next_msg_id - 1)
             self._page_receipts(session)
         self._start_groups(session)
         self._announce(user, online=True)
         self._dirty[session_id] = session
+
+    def _take_over(self, old: Session, instance_id: int, now: float) -> None:
+        """A new login of `old`'s user (here or on another node) by client
+        `instance_id`: the same client replaces its session silently; another
+        one ends it with a BYE `logged_in_elsewhere`."""
+        user = old.user
+        if old.instance_id == instance_id:
+            log.info("%s logged in again from the same client; old session replaced", user.name)
+            self._end_session(old, now, quiet=True)
+            return
+        log.info("%s logged in elsewhere; old session told and closed", user.name)
+        self._send(old, Bye(ErrorCode.LOGGED_IN_ELSEWHERE, "you logged in from another place"))
+        for datagram in old.conn.datagrams_to_send(now):
+            self._out.append((datagram, old.addr))
+        self._end_session(old, now, quiet=True)
 
     def _end_session(self, session: Session, now: float, *, quiet: bool = False) -> None:
         if self.sessions.pop(session.session_id, None) is None:
@@ -1171,6 +1281,12 @@ class Relay:
         )
         route = self.router.locate(recipient)
         match route:
+            case _ if self.shared_store:
+                # A cluster: the recipient's node hands it over from the
+                # shared mailbox once it is there (`mail_waiting`), in the
+                # mailbox's one order, wherever the recipient is by then.
+                if not isinstance(route, Session):
+                    self.stats["routed_elsewhere"] += 1
             case Session():
                 pager = route.mail
                 if (
@@ -1362,7 +1478,11 @@ class Relay:
         instance_id, client_seq = entry.msg_id
         delivered = MarkDelivered(entry.server_msg_id, entry.sender_key, instance_id, client_seq,
                                   user.name, user.key, entry.size, seq)  # fmt: skip
-        if (entry.sender_key, instance_id, client_seq) in self._accepted:
+        if self.shared_store:
+            # The sender's node hands the receipt over from the shared
+            # queue once it is there (`receipts_waiting`).
+            self.store.submit(delivered)
+        elif (entry.sender_key, instance_id, client_seq) in self._accepted:
             self.store.submit(
                 delivered,
                 functools.partial(
@@ -2415,6 +2535,21 @@ def release_free_memory() -> bool:
     return True
 
 
+def join_cluster(
+    url: str, node_id: str, notify: Callable[[], None]
+) -> tuple[RedisStore, RedisRouter]:
+    """The store and router of a cluster node (`server_cluster`, imported
+    only here: the single-node server needs no redis package)."""
+    try:
+        from server_cluster import open_cluster
+    except ModuleNotFoundError as exc:
+        if exc.name != "redis":
+            raise
+        raise StoreError("--cluster needs the redis package; install it with "
+                         "pip install 'udp-chat[cluster]'") from None  # fmt: skip
+    return open_cluster(url, node_id, notify)
+
+
 class ListenError(OSError):
     """The socket could not be bound to the server's address. `errno` and
     `strerror` are the system's; `__cause__` is the original error (a
@@ -2478,14 +2613,25 @@ class ChatServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.store: ServerStore | None = None
+        # Cluster mode: the node's store on Redis instead (server_cluster).
+        self.cluster_store: RedisStore | None = None
         self._unwrapper: KeyExchangeWorkers | None = None
         try:
-            if config.data_dir is not None:
+            router: RedisRouter | None = None
+            if config.cluster is not None:
+                node_id = config.node_id or format_address(*self.socket.getsockname()[:2])
+                self.cluster_store, router = join_cluster(config.cluster, node_id, self._wake)
+            elif config.data_dir is not None:
                 self.store = ServerStore(config.data_dir, notify=self._wake)
             # Registrations' key exchanges run in worker processes (server_keyx).
             if config.key_workers:
                 self._unwrapper = KeyExchangeWorkers(config.key_workers)
-            self.relay = Relay(config, store=self.store, unwrapper=self._unwrapper, wake=self._wake)
+            self.relay = Relay(
+                config, store=self.cluster_store or self.store, router=router,
+                unwrapper=self._unwrapper, wake=self._wake, shared_store=router is not None,
+            )  # fmt: skip
+            if self.cluster_store is not None and router is not None:
+                self.cluster_store.attach(self.relay, router)
         except BaseException:  # a StoreError from opening or loading the store
             self.close()
             raise
@@ -2499,6 +2645,8 @@ class ChatServer:
             self.store.start()
         if self.metrics_server is not None:
             self.metrics_server.start()
+        if self.cluster_store is not None:
+            self.cluster_store.start()
         self._stopping = False
         self._stopped = False
         self._memory_due = 0.0  # when to read the resident memory next
@@ -2523,6 +2671,9 @@ class ChatServer:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self.cluster_store is not None:
+            self.cluster_store.close()
+            self.cluster_store = None
         self._wake_r.close()
         self._wake_w.close()
 
@@ -2880,6 +3031,18 @@ def build_parser() -> argparse.ArgumentParser:
         "send (a message to N members is N - 1 copies); past it their messages wait, "
         "unacknowledged; above 0 (default %(default)s; burst 2x)",
     )  # fmt: skip
+    # Cluster mode (issue 15).
+    parser.add_argument(
+        "--cluster", default=os.environ.get("CHAT_CLUSTER_URL"),
+        metavar="redis://[USER:PASS@]HOST:PORT[/DB]",
+        help="run as a node of the cluster whose state is in this Redis (accounts, mailboxes, "
+        "routes; --data-dir is then unused); default: $CHAT_CLUSTER_URL, which keeps a "
+        "password off the command line; unset: a single server",
+    )  # fmt: skip
+    parser.add_argument(
+        "--node-id", default=None, metavar="NAME",
+        help="this node's name in the cluster (default: its listening address HOST:PORT)",
+    )  # fmt: skip
     return parser
 
 
@@ -2953,6 +3116,8 @@ def main(argv: list[str] | None = None) -> int:
     config.max_fanout_burst = 2 * args.max_fanout_rate
     config.preauth_total_rate = args.preauth_total_rate
     config.preauth_total_burst = 2 * args.preauth_total_rate
+    config.cluster = args.cluster or None
+    config.node_id = args.node_id
     # Every problem found at start-up is one line naming what is wrong and
     # exit status 2 (a usage error, as argparse's own).
     try:
@@ -2987,8 +3152,12 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.address
     # The ready line starts the same way always (scripts and tests read the
     # address from it); where the data lives follows in parentheses.
-    print(f"chat-server listening on {format_address(host, port)} (data in {config.data_dir})",
-          flush=True)  # fmt: skip
+    where = f"data in {config.data_dir}"
+    if config.cluster is not None:
+        where = f"node {config.node_id or format_address(host, port)} of the cluster at " + str(
+            getattr(server.cluster_store, "address", "")
+        )
+    print(f"chat-server listening on {format_address(host, port)} ({where})", flush=True)
     log.info(start_line(server, config))
     with server:
         server.serve_forever()
