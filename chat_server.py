@@ -682,6 +682,14 @@ class Relay:
             del self._online[index]
         self._announce(user, online=online)
 
+    def mailbox_size(self, key: str, count: int, size: int, now: float) -> None:
+        """The shared store's size of user `key`'s mailbox (messages, UTF-8
+        bytes) after a write of this node: the mailbox caps go by it (and
+        by what this node takes until its next write is applied)."""
+        user = self.users.get(key)
+        if user is not None:
+            user.mailbox_count, user.mailbox_bytes = max(0, count), max(0, size)
+
     def account_added(self, key: str, account: Account, now: float) -> None:
         """An account registered on another node (or one that won a race
         with a registration here): known here from now on."""

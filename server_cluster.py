@@ -145,25 +145,34 @@ NODE_CHANNEL = "chat:node:"
 
 # --- the scripts: each one atomic and idempotent (a batch may be applied again) ---
 
-# KEYS: dedup key, mailbox, recipient's route. ARGV: dedup value, its TTL,
-# recipient key, then the entry's fields.
+# KEYS: dedup key, mailbox, recipient's route, mailbox size. ARGV: dedup
+# value, its TTL, recipient key, UTF-8 bytes, then the entry's fields.
+# Answers the mailbox's size (messages, bytes) after it.
 STORE_MESSAGE = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
-local node = redis.call('GET', KEYS[3])
-if node then redis.call('PUBLISH', 'chat:node:' .. node, 'm\t' .. ARGV[3] .. '\t' .. id) end
-return 1
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('HINCRBY', KEYS[4], 'n', 1)
+  redis.call('HINCRBY', KEYS[4], 'b', ARGV[4])
+  local node = redis.call('GET', KEYS[3])
+  if node then redis.call('PUBLISH', 'chat:node:' .. node, 'm\t' .. ARGV[3] .. '\t' .. id) end
+end
+return redis.call('HMGET', KEYS[4], 'n', 'b')
 """
-# KEYS: recipient's mailbox, sender's receipts, their index, sender's route.
-# ARGV: entry id, index field, sender key, instance, client seq, recipient name.
+# KEYS: recipient's mailbox, sender's receipts, their index, sender's route,
+# mailbox size. ARGV: entry id, index field, sender key, instance, client
+# seq, recipient name, UTF-8 bytes. Answers the mailbox's size after it.
 MARK_DELIVERED = """
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
-local id = redis.call('XADD', KEYS[2], '*', 'i', ARGV[4], 'c', ARGV[5], 'r', ARGV[6])
-redis.call('HSET', KEYS[3], ARGV[2], id)
-local node = redis.call('GET', KEYS[4])
-if node then redis.call('PUBLISH', 'chat:node:' .. node, 'n\t' .. ARGV[3] .. '\t' .. id) end
-return 1
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[5], 'n', -1) <= 0 then redis.call('DEL', KEYS[5])
+  else redis.call('HINCRBY', KEYS[5], 'b', -ARGV[7]) end
+  if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0 then
+    local id = redis.call('XADD', KEYS[2], '*', 'i', ARGV[4], 'c', ARGV[5], 'r', ARGV[6])
+    redis.call('HSET', KEYS[3], ARGV[2], id)
+    local node = redis.call('GET', KEYS[4])
+    if node then redis.call('PUBLISH', 'chat:node:' .. node, 'n\t' .. ARGV[3] .. '\t' .. id) end
+  end
+end
+return redis.call('HMGET', KEYS[5], 'n', 'b')
 """
 # KEYS: receipts, index. ARGV: index field.
 NOTICE_DONE = """
@@ -286,6 +295,11 @@ def note_index_key(user_key: str) -> str:
     return f"chat:noteidx:{{{user_key}}}"
 
 
+def size_key(user_key: str) -> str:
+    """Hash of the mailbox's size: n (messages), b (UTF-8 bytes of their text)."""
+    return f"chat:msize:{{{user_key}}}"
+
+
 def route_key(user_key: str) -> str:
     return f"chat:route:{{{user_key}}}"
 
@@ -323,6 +337,8 @@ class ClusterEvents(Protocol):
     def presence_elsewhere(self, key: str, online: bool, now: float) -> None: ...
 
     def account_added(self, key: str, account: Account, now: float) -> None: ...
+
+    def mailbox_size(self, key: str, count: int, size: int, now: float) -> None: ...
 
 
 # --- route operations: the router's writes, in the store's one queue --------
@@ -597,25 +613,32 @@ class RedisStore:
         scripts = self._scripts
         pipe = self.client.pipeline(transaction=True)
         accounts: list[tuple[int, StoreAccount, str]] = []
+        sizes: list[tuple[int, str]] = []  # (result index, user key) of mailbox sizes
         writes = 0
         for op, _ in batch:
             match op:
                 case StoreMessage(m):
                     digest = content_digest(m.recipient_key, m.text).hex()
+                    sizes.append((writes, m.recipient_key))
                     scripts["store_message"](
                         keys=[dedup_key(m.sender_key, m.instance_id, m.client_seq),
-                              mailbox_key(m.recipient_key), route_key(m.recipient_key)],
+                              mailbox_key(m.recipient_key), route_key(m.recipient_key),
+                              size_key(m.recipient_key)],
                         args=[f"{m.server_msg_id}:{digest}", DEDUP_KEEP_S, m.recipient_key,
-                              "k", m.sender_key, "n", m.sender, "i", m.instance_id,
-                              "c", m.client_seq, "t", m.text, "ms", m.sent_ms],
+                              len(m.text.encode("utf-8")), "k", m.sender_key, "n", m.sender,
+                              "i", m.instance_id, "c", m.client_seq, "t", m.text,
+                              "ms", m.sent_ms],
                         client=pipe,
                     )  # fmt: skip
                 case MarkDelivered():
+                    sizes.append((writes, op.recipient_key))
                     scripts["mark_delivered"](
                         keys=[mailbox_key(op.recipient_key), notes_key(op.sender_key),
-                              note_index_key(op.sender_key), route_key(op.sender_key)],
+                              note_index_key(op.sender_key), route_key(op.sender_key),
+                              size_key(op.recipient_key)],
                         args=[entry_id(op.server_msg_id), f"{op.instance_id}:{op.client_seq}",
-                              op.sender_key, op.instance_id, op.client_seq, op.recipient],
+                              op.sender_key, op.instance_id, op.client_seq, op.recipient,
+                              op.size],
                         client=pipe,
                     )  # fmt: skip
                 case NoticeDone(sender_key, instance_id, client_seq):
@@ -664,6 +687,10 @@ class RedisStore:
                 callbacks.append(self._event("account_added", op.key, lost[id(op)]))
             elif then is not None:
                 callbacks.append(then)
+        # The mailbox caps go by the shared sizes, as of the last write here.
+        latest = {key: results[at] for at, key in sizes}
+        for key, (count, size) in latest.items():
+            callbacks.append(self._event("mailbox_size", key, int(count or 0), int(size or 0)))
         return callbacks
 
     def _answer(self, query: Query) -> MailPage | NoticePage | tuple[int, bytes | None] | None:
