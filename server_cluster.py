@@ -88,6 +88,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from common import format_address
 from server_records import Session, User
@@ -387,6 +389,9 @@ def _connect(address: ClusterAddress) -> Any:
         host=address.host, port=address.port, db=address.db, username=address.username,
         password=address.password, socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=CONNECT_TIMEOUT, decode_responses=True,
+        # One immediate retry (a pooled connection that Redis closed when it
+        # restarted); beyond that the store's own loop retries, and says so.
+        retry=Retry(NoBackoff(), 1),
     )  # fmt: skip
 
 
