@@ -1442,6 +1442,10 @@ class Relay:
         pager.reading = True
         read = Read(ReadMailbox(session.user.key, pager.cursor, free, free_bytes))
         upto = self._next_msg_id - 1  # everything accepted so far is older than the read
+        if self.shared_store:
+            # What the shared store said waits is there before it says so:
+            # a read that starts now finds it (or finds it receipted).
+            upto = max(upto, pager.missed)
         self.store.submit(read, functools.partial(self._mail_paged, session, pager, read, upto))
 
     def _mail_paged(self, session: Session, pager: Pager[int, Entry], read: Read,
@@ -1556,6 +1560,8 @@ class Relay:
         pager.reading = True
         read = Read(ReadNotices(session.user.key, pager.cursor, free))
         upto = self._next_msg_id - 1
+        if self.shared_store:
+            upto = max(upto, pager.missed)  # as in `_page_mail`
         self.store.submit(read, functools.partial(self._receipts_paged, session, pager, read, upto))
 
     def _receipts_paged(self, session: Session, pager: Pager[MsgId, int], read: Read,

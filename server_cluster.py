@@ -76,6 +76,8 @@ is safe.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import queue
@@ -207,15 +209,24 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 1
 """
-# KEYS: routes. ARGV: node, TTL. A route another node took is left alone; one
-# that expired while Redis was away is set again.
+# KEYS: routes. ARGV: node, TTL. A route another node took is left alone and
+# answered (that login's notice was missed: the session here ends); one that
+# expired while Redis was away is set again.
 RENEW = """
+local taken = {}
 for _, key in ipairs(KEYS) do
   local node = redis.call('GET', key)
-  if not node or node == ARGV[1] then redis.call('SET', key, ARGV[1], 'EX', ARGV[2]) end
+  if not node or node == ARGV[1] then redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
+  else taken[#taken + 1] = key end
 end
-return #KEYS
+return taken
 """
+
+
+SCRIPTS = {
+    "store_message": STORE_MESSAGE, "mark_delivered": MARK_DELIVERED, "notice_done": NOTICE_DONE,
+    "store_account": STORE_ACCOUNT, "bind": BIND, "unbind": UNBIND, "renew": RENEW,
+}  # fmt: skip
 
 
 class ClusterError(StoreError):
@@ -419,14 +430,9 @@ class RedisStore:
         except redis.RedisError as exc:
             raise ClusterError(f"cannot reach Redis at {address}: {exc}; is redis-server "
                                "running there?") from None  # fmt: skip
-        self._scripts = {
-            name: self.client.register_script(text)
-            for name, text in (
-                ("store_message", STORE_MESSAGE), ("mark_delivered", MARK_DELIVERED),
-                ("notice_done", NOTICE_DONE), ("store_account", STORE_ACCOUNT),
-                ("bind", BIND), ("unbind", UNBIND), ("renew", RENEW),
-            )
-        }  # fmt: skip
+        self._sha = {
+            name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()
+        }
         self.events: ClusterEvents | None = None
         self.router: RedisRouter | None = None
         self.done: queue.SimpleQueue[Then] = queue.SimpleQueue()
@@ -460,6 +466,7 @@ class RedisStore:
             for key, blob in client.hgetall("chat:accounts").items():
                 loaded.accounts[key] = unpack_account(blob)
             self._warn_unless_durable()
+            self._load_scripts()
         except redis.RedisError as exc:
             raise ClusterError(f"cannot read the cluster's state from Redis at {self.address}: "
                                f"{exc}") from None  # fmt: skip
@@ -589,7 +596,13 @@ class RedisStore:
             try:
                 callbacks = self._apply(batch)
                 if renew:
-                    self._renew()
+                    callbacks += self._renew()
+            except redis.exceptions.NoScriptError:
+                # Redis restarted (its script cache is empty): load them and
+                # apply the batch again (every script is idempotent).
+                with contextlib.suppress(redis.RedisError):
+                    self._load_scripts()
+                    continue
             except redis.RedisError as exc:
                 now = self.clock()
                 if self.down_since is None:
@@ -601,22 +614,31 @@ class RedisStore:
                     else:
                         log.exception("Redis at %s refused a batch; retrying every %g s",
                                       self.address, RETRY_S)  # fmt: skip
-                if self._closing.wait(RETRY_S):
-                    log.error("node stopped with %d operations not applied (none of them was "
-                              "acknowledged)", len(batch))  # fmt: skip
-                    return None
-                continue
-            if self.down_since is not None:
-                log.warning("Redis at %s is back after %.1f s: acknowledging again",
-                            self.address, self.clock() - self.down_since)  # fmt: skip
-                self.down_since = None
-            return callbacks
+            else:
+                if self.down_since is not None:
+                    log.warning("Redis at %s is back after %.1f s: acknowledging again",
+                                self.address, self.clock() - self.down_since)  # fmt: skip
+                    self.down_since = None
+                return callbacks
+            if self._closing.wait(RETRY_S):
+                log.error("node stopped with %d operations not applied (none of them was "
+                          "acknowledged)", len(batch))  # fmt: skip
+                return None
+
+    def _load_scripts(self) -> None:
+        for text in SCRIPTS.values():
+            self.client.script_load(text)
+
+    def _script(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        """Queue script `name` by its SHA1 (one round trip per batch; a
+        NOSCRIPT after a Redis restart loads them and applies the batch again)."""
+        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
 
     def _apply(self, batch: list[tuple[ClusterOp, Then | None]]) -> list[Then]:
-        """One MULTI/EXEC for the batch's writes, then its reads (which see
-        them). Returns the callbacks to run, in order."""
-        scripts = self._scripts
+        """One MULTI/EXEC for the batch's writes, then one pipeline of its
+        reads (which see them). Returns the callbacks to run, in order."""
         pipe = self.client.pipeline(transaction=True)
+        script = functools.partial(self._script, pipe)
         accounts: list[tuple[int, StoreAccount, str]] = []
         sizes: list[tuple[int, str]] = []  # (result index, user key) of mailbox sizes
         writes = 0
@@ -625,50 +647,41 @@ class RedisStore:
                 case StoreMessage(m):
                     digest = content_digest(m.recipient_key, m.text).hex()
                     sizes.append((writes, m.recipient_key))
-                    scripts["store_message"](
-                        keys=[dedup_key(m.sender_key, m.instance_id, m.client_seq),
-                              mailbox_key(m.recipient_key), route_key(m.recipient_key),
-                              size_key(m.recipient_key)],
-                        args=[f"{m.server_msg_id}:{digest}", DEDUP_KEEP_S, m.recipient_key,
-                              len(m.text.encode("utf-8")), "k", m.sender_key, "n", m.sender,
-                              "i", m.instance_id, "c", m.client_seq, "t", m.text,
-                              "ms", m.sent_ms],
-                        client=pipe,
+                    script(
+                        "store_message",
+                        [dedup_key(m.sender_key, m.instance_id, m.client_seq),
+                         mailbox_key(m.recipient_key), route_key(m.recipient_key),
+                         size_key(m.recipient_key)],
+                        [f"{m.server_msg_id}:{digest}", DEDUP_KEEP_S, m.recipient_key,
+                         len(m.text.encode("utf-8")), "k", m.sender_key, "n", m.sender,
+                         "i", m.instance_id, "c", m.client_seq, "t", m.text, "ms", m.sent_ms],
                     )  # fmt: skip
                 case MarkDelivered():
                     sizes.append((writes, op.recipient_key))
-                    scripts["mark_delivered"](
-                        keys=[mailbox_key(op.recipient_key), notes_key(op.sender_key),
-                              note_index_key(op.sender_key), route_key(op.sender_key),
-                              size_key(op.recipient_key)],
-                        args=[entry_id(op.server_msg_id), f"{op.instance_id}:{op.client_seq}",
-                              op.sender_key, op.instance_id, op.client_seq, op.recipient,
-                              op.size],
-                        client=pipe,
+                    script(
+                        "mark_delivered",
+                        [mailbox_key(op.recipient_key), notes_key(op.sender_key),
+                         note_index_key(op.sender_key), route_key(op.sender_key),
+                         size_key(op.recipient_key)],
+                        [entry_id(op.server_msg_id), f"{op.instance_id}:{op.client_seq}",
+                         op.sender_key, op.instance_id, op.client_seq, op.recipient, op.size],
                     )  # fmt: skip
                 case NoticeDone(sender_key, instance_id, client_seq):
-                    scripts["notice_done"](
-                        keys=[notes_key(sender_key), note_index_key(sender_key)],
-                        args=[f"{instance_id}:{client_seq}"], client=pipe,
-                    )  # fmt: skip
+                    script("notice_done", [notes_key(sender_key), note_index_key(sender_key)],
+                           [f"{instance_id}:{client_seq}"])  # fmt: skip
                 case StoreAccount(key, account):
                     blob = pack_account(account)
-                    scripts["store_account"](keys=["chat:accounts"], args=[key, blob],
-                                             client=pipe)  # fmt: skip
+                    script("store_account", ["chat:accounts"], [key, blob])
                     accounts.append((writes, op, blob))
                 case BindRoute(key, instance_id):
                     self._bound[key] = None
-                    scripts["bind"](keys=[route_key(key)],
-                                    args=[self.node_id, ROUTE_TTL, key, instance_id],
-                                    client=pipe)  # fmt: skip
+                    script("bind", [route_key(key)], [self.node_id, ROUTE_TTL, key, instance_id])
                 case UnbindRoute(key):
                     self._bound.pop(key, None)
-                    scripts["unbind"](keys=[route_key(key)], args=[self.node_id, key],
-                                      client=pipe)  # fmt: skip
+                    script("unbind", [route_key(key)], [self.node_id, key])
                 case Farewell():
                     for key in self._bound:
-                        scripts["unbind"](keys=[route_key(key)], args=[self.node_id, key],
-                                          client=pipe)  # fmt: skip
+                        script("unbind", [route_key(key)], [self.node_id, key])
                         writes += 1
                     self._bound.clear()
                     continue
@@ -680,11 +693,15 @@ class RedisStore:
         # stored first holds, and the relay is told instead of its callback.
         lost = {id(op): unpack_account(results[at]) for at, op, blob in accounts
                 if results[at] != blob}  # fmt: skip
-        # Reads after the writes: each sees every write submitted before it.
-        answers = [(op, self._answer(op.query)) for op, _ in batch if isinstance(op, Read)]
-        for op, answer in answers:
-            op.result = answer
-            op.ok = True
+        # Reads after the writes, each seeing every write submitted before it.
+        reads = [op for op, _ in batch if isinstance(op, Read)]
+        if reads:
+            pipe = self.client.pipeline(transaction=False)
+            for read in reads:
+                self._queue_read(pipe, read.query)
+            for read, raw in zip(reads, pipe.execute(), strict=True):
+                read.result = self._answer(read.query, raw)
+                read.ok = True
         self.batches += 1
         callbacks: list[Then] = []
         for op, then in batch:
@@ -698,15 +715,26 @@ class RedisStore:
             callbacks.append(self._event("mailbox_size", key, int(count or 0), int(size or 0)))
         return callbacks
 
-    def _answer(self, query: Query) -> MailPage | NoticePage | tuple[int, bytes | None] | None:
-        client = self.client
+    @staticmethod
+    def _queue_read(pipe: Any, query: Query) -> None:
         match query:
-            case ReadMailbox(key, after, limit, max_bytes):
+            case ReadMailbox(key, after, limit, _):
                 start = "-" if after < 0 else f"({entry_id(after)}"
+                pipe.xrange(mailbox_key(key), start, "+", count=limit)
+            case ReadNotices(key, after, limit):
+                start = "-" if after < 0 else f"({entry_id(after)}"
+                pipe.xrange(notes_key(key), start, "+", count=limit)
+            case FindDedup(key, instance_id, client_seq):
+                pipe.get(dedup_key(key, instance_id, client_seq))
+
+    @staticmethod
+    def _answer(query: Query, raw: Any) -> MailPage | NoticePage | tuple[int, bytes | None] | None:
+        """A read's answer, from what Redis said to `_queue_read`'s command."""
+        match query:
+            case ReadMailbox(key, _, limit, max_bytes):
                 rows: list[StoredMessage] = []
                 size = 0
-                entries = client.xrange(mailbox_key(key), start, "+", count=limit)
-                for entry, f in entries:
+                for entry, f in raw:
                     message = StoredMessage(
                         entry_number(entry), key, f["k"], f["n"], int(f["i"]), int(f["c"]),
                         f["t"], int(f["ms"]),
@@ -715,30 +743,33 @@ class RedisStore:
                     if rows and size > max_bytes:
                         return rows, True
                     rows.append(message)
-                return rows, len(entries) >= limit
-            case ReadNotices(key, after, limit):
-                start = "-" if after < 0 else f"({entry_id(after)}"
-                notes = client.xrange(notes_key(key), start, "+", count=limit)
-                return (
-                    [(entry_number(e), int(f["i"]), int(f["c"]), f["r"]) for e, f in notes],
-                    len(notes) >= limit,
-                )
-            case FindDedup(key, instance_id, client_seq):
-                value = client.get(dedup_key(key, instance_id, client_seq))
-                if value is None:
+                return rows, len(raw) >= limit
+            case ReadNotices(_, _, limit):
+                notes = [(entry_number(e), int(f["i"]), int(f["c"]), f["r"]) for e, f in raw]
+                return notes, len(raw) >= limit
+            case FindDedup():
+                if raw is None:
                     return None
-                server_msg_id, _, digest = str(value).partition(":")
+                server_msg_id, _, digest = str(raw).partition(":")
                 return int(server_msg_id), bytes.fromhex(digest)
 
-    def _renew(self) -> None:
-        """Keep this node's routes alive, and say the node is."""
+    def _renew(self) -> list[Then]:
+        """Keep this node's routes alive and say the node is. A route that
+        another node holds means a login there whose notice was missed (the
+        pub/sub link was down): the session here is taken over."""
         keys = [route_key(key) for key in self._bound]
         pipe = self.client.pipeline(transaction=False)
         for part in range(0, len(keys), RENEW_CHUNK):
-            self._scripts["renew"](keys=keys[part : part + RENEW_CHUNK],
-                                   args=[self.node_id, ROUTE_TTL], client=pipe)  # fmt: skip
+            self._script(pipe, "renew", keys[part : part + RENEW_CHUNK], [self.node_id, ROUTE_TTL])
         pipe.publish(BROADCAST, f"alive\t{self.node_id}")
-        pipe.execute()
+        taken = [key for answer in pipe.execute()[:-1] for key in answer]
+        callbacks: list[Then] = []
+        for route in taken:
+            user_key = route[len("chat:route:{") : -1]
+            self._bound.pop(user_key, None)
+            # Another client (an unknown instance): its BYE says logged_in_elsewhere.
+            callbacks.append(self._event("logged_in_on", user_key, -1))
+        return callbacks
 
     # --- the listener thread: pub/sub notices to the loop ---------------------
 
@@ -811,9 +842,7 @@ class RedisStore:
                 if node == self.node_id:
                     return
                 self.done.put(self._routed(key, node, None))
-            case "alive":
-                if rest == self.node_id:
-                    return
+            case "alive":  # this node's own beat too: it times the others out
                 self.done.put(self._alive(rest))
             case _:
                 log.debug("unknown cluster notice %r", kind)
@@ -901,7 +930,8 @@ class RedisRouter:
     def node_alive(self, node: NodeId, now: float) -> list[str]:
         """`node` said it is alive; answers the users of nodes silent for
         longer than a route lives, whose routes are dropped here."""
-        self.nodes_seen[node] = now
+        if node != self.node_id:
+            self.nodes_seen[node] = now
         gone = {n for n, seen in self.nodes_seen.items() if now - seen > ROUTE_TTL}
         if not gone:
             return []

@@ -9,6 +9,7 @@ Real processes, SIGKILLs and a cut link are in test_cluster_process.py."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -16,10 +17,13 @@ from typing import Any
 
 import pytest
 
+from chat_server import Relay
+from protocol import Deliver
 from server_store import (
     Account,
     FindDedup,
     MarkDelivered,
+    MemoryStore,
     NoticeDone,
     Read,
     ReadMailbox,
@@ -27,12 +31,15 @@ from server_store import (
     StoreAccount,
     StoredMessage,
     StoreMessage,
+    Sync,
     content_digest,
 )
 from tests.clients import RecordingClient, close_all, wait_all
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.conftest import test_config as server_config
 from tests.redis_fixture import RedisServer, need_redis, redis_server  # noqa: F401 (a fixture)
+from tests.test_bounds import World
+from tests.test_seams import WALL, SeamWorld, scenario
 
 
 def cluster_module() -> Any:
@@ -84,6 +91,9 @@ def test_routes_of_a_silent_node_are_dropped() -> None:
     # A keeps beating, C is silent for longer than a route lives.
     assert router.node_alive("A", sc.ROUTE_TTL + 5.0) == ["carol"]
     assert router.remote == {"alice": "A"}
+    # The node's own beat times the others out too (the last other node died).
+    assert router.node_alive("B", 3 * sc.ROUTE_TTL) == ["alice"]
+    assert router.remote == {}
 
 
 # --- RedisStore against a real Redis --------------------------------------------
@@ -425,3 +435,121 @@ def test_a_recipient_who_moves_gets_what_was_pending_exactly_once(
     finally:
         close_all([alice, moved])
         bob.dispose()
+
+
+# --- the relay on a RedisStore, with a fake clock: the seams' scenario -----------
+
+
+class ClusterWorld(SeamWorld):
+    """test_seams' world on a relay that is a cluster node: its store and
+    router on Redis, `shared_store` on. Every step hands the pass's
+    operations to the store thread, waits for them to be applied and runs
+    what came back (callbacks and the notices of Redis pub/sub)."""
+
+    def __init__(self, node: Node) -> None:
+        World.__init__(self)
+        self.node = node
+        self.store = node.store
+        self.relay = Relay(server_config(None), store=node.store, router=node.router,
+                           wall_clock=lambda: WALL, shared_store=True)  # fmt: skip
+        node.store.attach(self.relay, node.router)
+
+    def sync(self) -> None:
+        synced = threading.Event()
+        self.store.submit(Sync(), synced.set)
+        self.store.flush()
+        deadline = time.monotonic() + 10
+        while not synced.is_set():
+            assert time.monotonic() < deadline, "the store thread did not answer"
+            time.sleep(0.001)
+            self.relay.store_done(self.now)
+        time.sleep(0.005)  # a pub/sub notice published by what was applied
+        self.relay.store_done(self.now)
+
+    def settle(self) -> None:
+        for _ in range(20):
+            self.sync()
+            self._to_clients(self.relay.datagrams_to_send(self.now))
+            if not self.node.store._pending:
+                return
+
+
+def normalized(told: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
+    """A transcript with each server id replaced by its rank: accepted ids
+    among all of them, delivered ones within each recipient's mailbox (a
+    cluster numbers from its id block and from each mailbox's stream)."""
+    accepted = sorted({m[2] for messages in told.values() for m in messages if m[0] == "accept"})
+    accept_rank = {n: i for i, n in enumerate(accepted)}
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for name, messages in told.items():
+        mailbox = sorted({m[1] for m in messages if m[0] == "deliver"})
+        rank = {n: i for i, n in enumerate(mailbox)}
+        out[name] = [
+            (m[0], m[1], accept_rank[m[2]]) if m[0] == "accept"
+            else (m[0], rank[m[1]], *m[2:]) if m[0] == "deliver" else m
+            for m in messages
+        ]  # fmt: skip
+    return out
+
+
+def test_the_seams_scenario_on_a_cluster_node_tells_every_client_the_same(
+    nodes: Callable[[str], Node],
+) -> None:
+    """The relay on Redis, with its `shared_store` ways (every copy handed
+    over from the mailbox, after the store said it waits), tells every
+    client what the memory store's relay does, server ids aside."""
+    on_redis = normalized(scenario(ClusterWorld(nodes("A"))))
+    in_memory = normalized(scenario(SeamWorld(MemoryStore())))
+    for name in ("alice", "bob", "carol"):
+        for kind in ("accept", "delivered", "deliver", "fail", "presence"):
+            assert [m for m in on_redis[name] if m[0] == kind] == [
+                m for m in in_memory[name] if m[0] == kind
+            ], (name, kind)
+
+
+def test_reading_again_after_a_broken_link_reads_once(nodes: Callable[[str], Node]) -> None:
+    """`Relay.resync` (the pub/sub link came back) has each session read
+    its queues once more; with nothing new there, the reading stops (it once
+    read for ever: the pager waited for a number past its cursor)."""
+    world = ClusterWorld(nodes("A"))
+    alice, bob = world.login("alice"), world.login("bob")
+    for seq in (1, 2):
+        world.send(alice, "bob", f"hello {seq}", seq)
+    world.run_until(lambda: len([m for m in bob.messages if isinstance(m, Deliver)]) == 2, 200,
+                    "bob's messages")  # fmt: skip
+    world.relay.resync(world.now)
+    for _ in range(5):
+        world.step()
+    before = world.node.store.batches
+    for _ in range(10):
+        world.step()
+    # Each step applies its one Sync batch, and nothing more is read.
+    assert world.node.store.batches - before <= 10
+    for session in world.relay.sessions.values():
+        assert session.mail is not None and not session.mail.behind
+        assert session.receipts is not None and not session.receipts.behind
+
+
+def test_a_route_taken_while_the_notice_was_missed_ends_the_session_here(
+    nodes: Callable[[str], Node],
+) -> None:
+    sc = cluster_module()
+    a = nodes("A")
+    a.run(Sync())
+    a.store.submit_route(sc.BindRoute("alice", 5))
+    a.run(Sync())
+    a.store.client.set("chat:route:{alice}", "B", ex=sc.ROUTE_TTL)  # B's login; A missed it
+    for callback in a.store._renew():
+        callback()
+    assert a.events.of("elsewhere") == [("elsewhere", "alice", -1)]
+    assert a.store.client.get("chat:route:{alice}") == "B"  # left to B
+
+
+def test_scripts_are_loaded_again_when_redis_forgot_them(nodes: Callable[[str], Node]) -> None:
+    """A Redis restarted from its AOF has an empty script cache: the batch
+    meets NOSCRIPT, the scripts are loaded and the batch applied."""
+    a = nodes("A")
+    a.store.client.script_flush()
+    a.run(StoreMessage(message("after a flush", 1)))
+    rows, _ = a.read(ReadMailbox("bob", -1, 10, 1 << 20))
+    assert [m.text for m in rows] == ["after a flush"]
