@@ -450,8 +450,13 @@ class RedisStore:
         self.batches = 0
 
     def attach(self, events: ClusterEvents, router: RedisRouter) -> None:
+        """The relay and the router this node's notices go to. Who is on
+        the other nodes already (the router read the routes at start-up) is
+        told to the relay at its first pass, as if they logged in now."""
         self.events = events
         self.router = router
+        for key in router.remote:
+            self.done.put(self._event("presence_elsewhere", key, True))
 
     # --- start-up (before the loop runs) ------------------------------------
 
@@ -605,6 +610,11 @@ class RedisStore:
                     continue
             except redis.RedisError as exc:
                 now = self.clock()
+                if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                    # Every pooled connection may be dead alike (Redis restarted,
+                    # the link was cut): the next attempt opens fresh ones.
+                    with contextlib.suppress(Exception):
+                        self.client.connection_pool.disconnect()
                 if self.down_since is None:
                     self.down_since = now
                     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):

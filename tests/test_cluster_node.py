@@ -553,3 +553,20 @@ def test_scripts_are_loaded_again_when_redis_forgot_them(nodes: Callable[[str], 
     a.run(StoreMessage(message("after a flush", 1)))
     rows, _ = a.read(ReadMailbox("bob", -1, 10, 1 << 20))
     assert [m.text for m in rows] == ["after a flush"]
+
+
+def test_a_node_started_later_lists_the_users_of_the_others(
+    cluster: Callable[[str], RunningServer],
+) -> None:
+    a = cluster("A")
+    alice = RecordingClient("alice")
+    bob = RecordingClient("bob")
+    try:
+        login(alice, a)
+        b = cluster("B")
+        login(bob, b)
+        bob.session.who()
+        bob.wait(lambda: bool(bob.who_lists), what="WHO")
+        assert {n.lower() for n in bob.who_lists[-1].users} == {"alice", "bob"}
+    finally:
+        close_all([alice, bob])
