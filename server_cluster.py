@@ -600,8 +600,13 @@ class RedisStore:
         while True:
             try:
                 callbacks = self._apply(batch)
-                if renew:
+                if renew or self.down_since is not None:
+                    # Back after an outage: routes may have expired meanwhile,
+                    # and a message stored for a user without one woke nobody.
+                    # Renew now, then have every session read its queues.
                     callbacks += self._renew()
+                    if self.down_since is not None:
+                        callbacks.append(self._event("resync"))
             except redis.exceptions.NoScriptError:
                 # Redis restarted (its script cache is empty): load them and
                 # apply the batch again (every script is idempotent).

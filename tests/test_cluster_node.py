@@ -570,3 +570,30 @@ def test_a_node_started_later_lists_the_users_of_the_others(
         assert {n.lower() for n in bob.who_lists[-1].users} == {"alice", "bob"}
     finally:
         close_all([alice, bob])
+
+
+def test_after_an_outage_routes_are_renewed_at_once_and_queues_read_again(
+    nodes: Callable[[str], Node],
+    redis_server: RedisServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis was away longer than a route lives: its routes expired, so a
+    message stored for one of its users right after Redis came back woke
+    nobody. The node renews its routes as soon as Redis answers again (not
+    at the next beat) and has its sessions read their queues."""
+    sc = cluster_module()
+    monkeypatch.setattr(sc, "ROUTE_TTL", 1)
+    monkeypatch.setattr(sc, "ROUTE_RENEW", 3600.0)  # only the recovery renews here
+    a = nodes("A")
+    a.store.submit_route(sc.BindRoute("bob", 5))
+    a.run(Sync())
+    redis_server.kill()
+    time.sleep(1.5)
+    acked: list[bool] = []
+    a.store.submit(StoreMessage(message("during", 1)), lambda: acked.append(True))
+    a.store.flush()
+    time.sleep(0.6)
+    redis_server.start()  # the route, stored with a 1 s TTL, has expired
+    a.until(lambda: bool(acked), timeout=10, what="the batch after the outage")
+    assert a.store.client.get("chat:route:{bob}") == "A"
+    a.until(lambda: bool(a.events.of("resync")), what="the sessions told to read again")
