@@ -141,6 +141,7 @@ ROUTE_TTL = 20  # seconds a route lives unless its node renews it
 ROUTE_RENEW = 5.0  # seconds between a node's renewals of its routes (and its "alive" beat)
 RENEW_CHUNK = 500  # routes renewed per script call
 RETRY_S = 0.5  # between attempts at a batch while Redis cannot be reached
+RELAPSE_S = 5.0  # a link lost again this soon after it came back: the same outage, not logged again
 SOCKET_TIMEOUT = 5.0  # seconds a Redis command may take before the link counts as lost
 CONNECT_TIMEOUT = 2.0
 MAX_BATCH = 5000  # operations in one MULTI at most
@@ -447,6 +448,8 @@ class RedisStore:
         self._listener: threading.Thread | None = None
         self._pubsub: Any = None
         self.down_since: float | None = None  # when Redis was lost (None: it answers)
+        self._back_at = -RELAPSE_S  # when it last came back
+        self._relapse = False  # this outage began right after the last one ended
         self.batches = 0
 
     def attach(self, events: ClusterEvents, router: RedisRouter) -> None:
@@ -622,7 +625,14 @@ class RedisStore:
                         self.client.connection_pool.disconnect()
                 if self.down_since is None:
                     self.down_since = now
-                    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                    # A link that fails again right after it came back (a
+                    # flapping link, stale sockets) is the same outage: its
+                    # lines go to the debug log, not a second pair of lines.
+                    self._relapse = now < self._back_at + RELAPSE_S
+                    if self._relapse:
+                        log.debug("Redis at %s lost again right after it came back (%s)",
+                                  self.address, exc)  # fmt: skip
+                    elif isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
                         log.error("lost Redis at %s (%s): messages are not acknowledged until "
                                   "it is back; retrying every %g s", self.address, exc,
                                   RETRY_S)  # fmt: skip
@@ -631,9 +641,12 @@ class RedisStore:
                                       self.address, RETRY_S)  # fmt: skip
             else:
                 if self.down_since is not None:
-                    log.warning("Redis at %s is back after %.1f s: acknowledging again",
-                                self.address, self.clock() - self.down_since)  # fmt: skip
+                    now = self.clock()
+                    log.log(logging.DEBUG if self._relapse else logging.WARNING,
+                            "Redis at %s is back after %.1f s: acknowledging again",
+                            self.address, now - self.down_since)  # fmt: skip
                     self.down_since = None
+                    self._back_at = now
                 return callbacks
             if self._closing.wait(RETRY_S):
                 log.error("node stopped with %d operations not applied (none of them was "

@@ -597,3 +597,24 @@ def test_after_an_outage_routes_are_renewed_at_once_and_queues_read_again(
     a.until(lambda: bool(acked), timeout=10, what="the batch after the outage")
     assert a.store.client.get("chat:route:{bob}") == "A"
     a.until(lambda: bool(a.events.of("resync")), what="the sessions told to read again")
+
+
+def test_a_link_lost_again_right_after_it_came_back_is_one_outage_in_the_log(
+    nodes: Callable[[str], Node],
+    redis_server: RedisServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="server_cluster")
+    a = nodes("A")
+    acked: list[int] = []
+    for round_ in (1, 2):
+        redis_server.kill()
+        a.store.submit(StoreMessage(message(f"round {round_}", round_)),
+                       lambda r=round_: acked.append(r))  # fmt: skip
+        a.store.flush()
+        time.sleep(0.8)
+        redis_server.start()
+        a.until(lambda r=round_: r in acked, timeout=10, what=f"round {round_} acked")
+    lost = [r for r in caplog.records if "lost Redis" in r.getMessage()]
+    back = [r for r in caplog.records if "is back after" in r.getMessage()]
+    assert len(lost) == 1 and len(back) == 1, caplog.text
