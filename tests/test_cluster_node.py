@@ -8,6 +8,7 @@ Real processes, SIGKILLs and a cut link are in test_cluster_process.py."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -610,7 +611,7 @@ def test_a_link_lost_again_right_after_it_came_back_is_one_outage_in_the_log(
     for round_ in (1, 2):
         redis_server.kill()
         a.store.submit(StoreMessage(message(f"round {round_}", round_)),
-                       lambda r=round_: acked.append(r))  # fmt: skip
+                       functools.partial(acked.append, round_))  # fmt: skip
         a.store.flush()
         time.sleep(0.8)
         redis_server.start()
