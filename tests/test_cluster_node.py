@@ -615,7 +615,7 @@ def test_a_link_lost_again_right_after_it_came_back_is_one_outage_in_the_log(
         a.store.flush()
         time.sleep(0.8)
         redis_server.start()
-        a.until(lambda r=round_: r in acked, timeout=10, what=f"round {round_} acked")
+        a.until(functools.partial(acked.__contains__, round_), 10, f"round {round_} acked")
     lost = [r for r in caplog.records if "lost Redis" in r.getMessage()]
     back = [r for r in caplog.records if "is back after" in r.getMessage()]
     assert len(lost) == 1 and len(back) == 1, caplog.text
