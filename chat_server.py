@@ -3187,9 +3187,12 @@ def start_line(server: ChatServer, config: ServerConfig) -> str:
     which limits (the ones a busy server meets first)."""
     host, port = server.address
     metrics = server.metrics_address
+    where = f"data in {config.data_dir}"
+    if server.cluster_store is not None:
+        cluster = server.cluster_store
+        where = f"node {cluster.node_id} of the cluster at {cluster.address}"
     return (
-        f"chat-server {__version__} started: UDP {format_address(host, port)}, "
-        f"data in {config.data_dir}, "
+        f"chat-server {__version__} started: UDP {format_address(host, port)}, {where}, "
         + (f"metrics at http://{format_address(*metrics)}/metrics; " if metrics else "no metrics; ")
         + f"limits: {config.max_sessions} sessions, --max-memory {config.max_memory >> 20} MiB, "
         f"{config.user_msg_rate:g} messages/s per user, "

@@ -619,3 +619,14 @@ def test_a_link_lost_again_right_after_it_came_back_is_one_outage_in_the_log(
     lost = [r for r in caplog.records if "lost Redis" in r.getMessage()]
     back = [r for r in caplog.records if "is back after" in r.getMessage()]
     assert len(lost) == 1 and len(back) == 1, caplog.text
+
+
+def test_the_operators_start_line_names_the_node_and_the_cluster(
+    cluster: Callable[[str], RunningServer],
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    from chat_server import start_line
+
+    node = cluster("A")
+    line = start_line(node.server, node.relay.config)
+    assert f"node A of the cluster at {redis_server.url}, " in line and "data in" not in line
