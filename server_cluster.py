@@ -145,6 +145,7 @@ RELAPSE_S = 5.0  # a link lost again this soon after it came back: the same outa
 SOCKET_TIMEOUT = 5.0  # seconds a Redis command may take before the link counts as lost
 CONNECT_TIMEOUT = 2.0
 MAX_BATCH = 5000  # operations in one MULTI at most
+NOTICE_BATCH = 1000  # pub/sub notices handed to the loop with one wake-up at most
 BROADCAST = "chat:all"
 NODE_CHANNEL = "chat:node:"
 
@@ -825,8 +826,18 @@ class RedisStore:
                     # Notices may have been missed while the link was down.
                     self._catch_up()
                 message = pubsub.get_message(timeout=0.5)
-                if message is not None and message["type"] == "message":
-                    self._on_notice(str(message["data"]))
+                if message is None:
+                    continue
+                # Take what else has come too, and wake the loop once for all
+                # of it: under load a notice per message would be a wake-up
+                # (a system call and a loop pass) per message.
+                notices: list[str] = []
+                while message is not None and len(notices) < NOTICE_BATCH:
+                    if message["type"] == "message":
+                        notices.append(str(message["data"]))
+                    message = pubsub.get_message(timeout=0)
+                if notices:
+                    self._on_notices(notices)
             except redis.RedisError as exc:
                 log.debug("pub/sub link to Redis lost (%s); subscribing again", exc)
                 with contextlib.suppress(Exception):
@@ -845,37 +856,42 @@ class RedisStore:
         self.done.put(self._event("resync"))
         self.notify()
 
-    def _on_notice(self, data: str) -> None:
-        kind, _, rest = data.partition("\t")
-        events = self.events
-        if events is None:
-            return
+    def _on_notices(self, notices: list[str]) -> None:
+        """Hand a burst of notices to the loop. Of the "something waits"
+        notices only the newest per user and queue is kept: a page read for
+        it reads everything older as well."""
+        waiting: dict[tuple[str, str], int] = {}
+        for data in notices:
+            kind, _, rest = data.partition("\t")
+            if kind in ("m", "n"):
+                key, _, entry = rest.rpartition("\t")
+                number = entry_number(entry)
+                if number > waiting.get((kind, key), -1):
+                    waiting[(kind, key)] = number
+            else:
+                self._on_notice(kind, rest)
+        for (kind, key), number in waiting.items():
+            name = "mail_waiting" if kind == "m" else "receipts_waiting"
+            self.done.put(self._event(name, key, number))
+        self.notify()
+
+    def _on_notice(self, kind: str, rest: str) -> None:
         match kind:
-            case "m":
-                key, _, entry = rest.rpartition("\t")
-                self.done.put(self._event("mail_waiting", key, entry_number(entry)))
-            case "n":
-                key, _, entry = rest.rpartition("\t")
-                self.done.put(self._event("receipts_waiting", key, entry_number(entry)))
             case "a":
                 key, _, blob = rest.partition("\t")
                 self.done.put(self._event("account_added", key, unpack_account(blob)))
             case "on":
                 key, node, instance = rest.split("\t")
-                if node == self.node_id:
-                    return
-                self.done.put(self._routed(key, node, int(instance)))
+                if node != self.node_id:
+                    self.done.put(self._routed(key, node, int(instance)))
             case "off":
                 key, node = rest.split("\t")
-                if node == self.node_id:
-                    return
-                self.done.put(self._routed(key, node, None))
+                if node != self.node_id:
+                    self.done.put(self._routed(key, node, None))
             case "alive":  # this node's own beat too: it times the others out
                 self.done.put(self._alive(rest))
             case _:
                 log.debug("unknown cluster notice %r", kind)
-                return
-        self.notify()
 
     def _event(self, name: str, *args: Any) -> Then:
         """A call of `ClusterEvents.<name>(*args, now)` for the loop."""

@@ -630,3 +630,20 @@ def test_the_operators_start_line_names_the_node_and_the_cluster(
     node = cluster("A")
     line = start_line(node.server, node.relay.config)
     assert f"node A of the cluster at {redis_server.url}, " in line and "data in" not in line
+
+
+def test_a_burst_of_notices_wakes_the_loop_once_with_the_newest_per_queue(
+    nodes: Callable[[str], Node],
+) -> None:
+    sc = cluster_module()
+    a = nodes("A")
+    a.pump()
+    woken: list[bool] = []
+    a.store.notify = lambda: woken.append(True)
+    a.store._on_notices(["m\tbob\t5-0", "m\tbob\t7-1", "m\tbob\t6-0", "n\tbob\t9-0",
+                         "m\tcarol\t1-0", "off\tbob\tB"])  # fmt: skip
+    a.pump()
+    assert woken == [True]
+    assert a.events.of("mail") == [("mail", "bob", sc.entry_number("7-1")),
+                                   ("mail", "carol", sc.entry_number("1-0"))]  # fmt: skip
+    assert a.events.of("receipts") == [("receipts", "bob", sc.entry_number("9-0"))]
