@@ -237,6 +237,10 @@ SCRIPTS = {
 }  # fmt: skip
 
 
+#: The reads this store answers.
+READS = (ReadMailbox, ReadNotices, FindDedup)
+
+
 class ClusterError(StoreError):
     """The cluster cannot be joined at start-up (a bad URL, Redis unreachable,
     the redis package missing): one line that says what to do; the server
@@ -459,6 +463,7 @@ class RedisStore:
         self._thread: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._pubsub: Any = None
+        self._unsupported_seen: set[str] = set()
         self.down_since: float | None = None  # when Redis was lost (None: it answers)
         self._back_at = -RELAPSE_S  # when it last came back
         self._relapse = False  # this outage began right after the last one ended
@@ -681,6 +686,7 @@ class RedisStore:
         script = functools.partial(self._script, pipe)
         accounts: list[tuple[int, StoreAccount, str]] = []
         sizes: list[tuple[int, str]] = []  # (result index, user key) of mailbox sizes
+        skipped: set[int] = set()  # operations it cannot apply
         writes = 0
         for op, _ in batch:
             match op:
@@ -729,6 +735,12 @@ class RedisStore:
                     continue
                 case Reserve() | Sync() | Read():
                     continue  # ids come in one block per start; a barrier; reads below
+                case _:
+                    # An operation this store does not know (a feature built for
+                    # the single server only): never applied, so never acknowledged.
+                    self._unsupported(op)
+                    skipped.add(id(op))
+                    continue
             writes += 1
         results: list[Any] = pipe.execute() if writes else []
         # A registration that lost a race with another node's: the account
@@ -737,6 +749,10 @@ class RedisStore:
                 if results[at] != blob}  # fmt: skip
         # Reads after the writes, each seeing every write submitted before it.
         reads = [op for op, _ in batch if isinstance(op, Read)]
+        for read in reads:
+            if not isinstance(read.query, READS):
+                self._unsupported(read.query)  # left not ok: the relay asks again later
+        reads = [read for read in reads if isinstance(read.query, READS)]
         if reads:
             pipe = self.client.pipeline(transaction=False)
             for read in reads:
@@ -747,6 +763,8 @@ class RedisStore:
         self.batches += 1
         callbacks: list[Then] = []
         for op, then in batch:
+            if id(op) in skipped:
+                continue
             if isinstance(op, StoreAccount) and id(op) in lost:
                 callbacks.append(self._event("account_added", op.key, lost[id(op)]))
             elif then is not None:
@@ -757,6 +775,13 @@ class RedisStore:
             count, _, utf8 = str(size).partition(":")
             callbacks.append(self._event("mailbox_size", key, int(count), int(utf8)))
         return callbacks
+
+    def _unsupported(self, op: object) -> None:
+        kind = type(op).__name__
+        if kind not in self._unsupported_seen:
+            self._unsupported_seen.add(kind)
+            log.error("%s is not supported in cluster mode: not applied and not acknowledged "
+                      "(logged once)", kind)  # fmt: skip
 
     @staticmethod
     def _queue_read(pipe: Any, query: Query) -> None:

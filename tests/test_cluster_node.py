@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -647,3 +648,31 @@ def test_a_burst_of_notices_wakes_the_loop_once_with_the_newest_per_queue(
     assert a.events.of("mail") == [("mail", "bob", sc.entry_number("7-1")),
                                    ("mail", "carol", sc.entry_number("1-0"))]  # fmt: skip
     assert a.events.of("receipts") == [("receipts", "bob", sc.entry_number("9-0"))]
+
+
+def test_an_operation_the_store_does_not_know_is_never_acknowledged(
+    nodes: Callable[[str], Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A feature built for the single server only must not wedge a node or
+    have its writes acknowledged: the operation is left out (logged once),
+    the rest of its batch is applied, a read it cannot answer stays not ok."""
+
+    @dataclass
+    class Unknown:
+        value: int
+
+    @dataclass
+    class UnknownQuery:
+        value: int
+
+    a = nodes("A")
+    done: list[str] = []
+    a.store.submit(Unknown(1), lambda: done.append("unknown 1"))
+    a.store.submit(StoreMessage(message("kept", 1)), lambda: done.append("message"))
+    a.store.submit(Unknown(2), lambda: done.append("unknown 2"))
+    read = Read(UnknownQuery(3))  # type: ignore[arg-type]
+    a.store.submit(read, lambda: done.append("read"))
+    a.run(Sync())
+    assert done == ["message", "read"] and not read.ok
+    assert [m.text for m in a.read(ReadMailbox("bob", -1, 10, 1 << 20))[0]] == ["kept"]
+    assert caplog.text.count("Unknown is not supported in cluster mode") == 1
