@@ -682,6 +682,30 @@ class Relay:
             del self._online[index]
         self._announce(user, online=online)
 
+    def account_changed(self, key: str, account: Account, now: float) -> None:
+        """A user changed their password on another node: logins here check
+        the new verifier, and a session of theirs here ends (as the other
+        sessions of a user do when the password changes)."""
+        self._now = now
+        user = self.users.get(key)
+        if user is None:
+            return
+        user.account = account
+        for session in self._sessions_of(user):
+            text = "your password was changed elsewhere; log in with the new one"
+            self._bye(session, ErrorCode.PASSWORD_CHANGED, text, now)
+
+    def account_erased(self, key: str, until: int, now: float) -> None:
+        """A user deleted their account on another node: it goes from here
+        too (WHO, logins, registrations of the name until `until`), and a
+        session of theirs here ends with ACCOUNT_DELETED."""
+        self._now = now
+        user = self.users.get(key)
+        if user is not None:
+            self._forget_account(user, until if self.config.name_quarantine > 0 else None, now)
+        elif self.config.name_quarantine > 0:
+            self.quarantine[key] = until
+
     def mailbox_size(self, key: str, count: int, size: int, now: float) -> None:
         """The shared store's size of user `key`'s mailbox (messages, UTF-8
         bytes) after a write of this node: the mailbox caps go by it (and
@@ -702,8 +726,10 @@ class Relay:
                 self._awaiting.get(watcher, {}).pop(key, None)
                 self._add_contact(user, watcher)
         elif user.account != account:
-            log.warning("account %s was registered on two nodes at once; the one stored first "
-                        "holds", account.name)  # fmt: skip
+            # Registered on two nodes at once (the one stored first holds),
+            # or changed while this node's link to the others was down.
+            log.info("account %s as the cluster stores it replaces this node's copy",
+                     account.name)  # fmt: skip
             user.account = account
 
     # --- datagrams --------------------------------------------------------
@@ -1083,10 +1109,7 @@ class Relay:
             self._end_session(old, now, quiet=True)
             return
         log.info("%s logged in elsewhere; old session told and closed", user.name)
-        self._send(old, Bye(ErrorCode.LOGGED_IN_ELSEWHERE, "you logged in from another place"))
-        for datagram in old.conn.datagrams_to_send(now):
-            self._out.append((datagram, old.addr))
-        self._end_session(old, now, quiet=True)
+        self._bye(old, ErrorCode.LOGGED_IN_ELSEWHERE, "you logged in from another place", now)
 
     def _end_session(self, session: Session, now: float, *, quiet: bool = False) -> None:
         if self.sessions.pop(session.session_id, None) is None:
@@ -1752,28 +1775,13 @@ class Relay:
         if self._prove(session, message, request.proof, request.nonce, now) is None:
             return
         until = int(self._wall_clock() * 1000 + self.config.name_quarantine * 1000)
-        del self.users[user.key]
-        index = bisect.bisect_left(self._online, user.key)  # out of WHO at once
-        if index < len(self._online) and self._online[index] == user.key:
-            del self._online[index]
-        if self.config.name_quarantine > 0:
-            self.quarantine[user.key] = until
+        self._forget_account(user, until if self.config.name_quarantine > 0 else None, now,
+                             keep=session)  # fmt: skip
         self.stats["accounts_deleted"] += 1
         log.info("%s deleted their account; the name is quarantined until %s UTC", user.name,
                  time.strftime("%Y-%m-%d %H:%M", time.gmtime(until / 1000)))  # fmt: skip
-        for other in self._sessions_of(user):
-            if other is not session:
-                self._bye(other, ErrorCode.ACCOUNT_DELETED, "this account was deleted", now)
         # Nothing more is handed to it; what it was handed goes with the mailbox.
         session.mail = session.receipts = None
-        self._forget_awaited(user.key)
-        # Its contacts go too: those who heard of it stop hearing of it, and a
-        # later owner of the name does not hear of them (contacts made by a
-        # message are mutual; at most MAX_CONTACTS each).
-        for key in user.contacts:
-            contact = self.users.get(key)
-            if contact is not None:
-                contact.contacts.pop(user.key, None)
 
         def erased() -> None:
             if self.sessions.get(session.session_id) is session:
@@ -1782,6 +1790,29 @@ class Relay:
                            handle=ACCOUNT_GONE)  # fmt: skip
 
         self.store.submit(EraseAccount(user.key, until), erased)
+
+    def _forget_account(self, user: User, until: int | None, now: float, *,
+                        keep: Session | None = None) -> None:  # fmt: skip
+        """A deleted account goes from memory: out of WHO, its name
+        quarantined until `until` (wall clock, ms; None: free at once), its
+        sessions but `keep` (which deleted it) ended with ACCOUNT_DELETED."""
+        del self.users[user.key]
+        index = bisect.bisect_left(self._online, user.key)  # out of WHO at once
+        if index < len(self._online) and self._online[index] == user.key:
+            del self._online[index]
+        if until is not None:
+            self.quarantine[user.key] = until
+        for other in self._sessions_of(user):
+            if other is not keep:
+                self._bye(other, ErrorCode.ACCOUNT_DELETED, "this account was deleted", now)
+        self._forget_awaited(user.key)
+        # Its contacts go too: those who heard of it stop hearing of it, and a
+        # later owner of the name does not hear of them (contacts made by a
+        # message are mutual; at most MAX_CONTACTS each).
+        for key in user.contacts:
+            contact = self.users.get(key)
+            if contact is not None:
+                contact.contacts.pop(user.key, None)
 
     def _fail(self, session: Session, msg_id: MsgId, code: ErrorCode, text: str) -> None:
         self._send(session, Fail(msg_id, code, text))

@@ -61,7 +61,8 @@ node) that a move must XAUTOCLAIM; a plain read from the start of the
 mailbox is the equivalent claim, and XDEL on receipt is the XACK.
 
 Broadcasts on `chat:all`: a registration (so every node knows the account
-at once), a login ("on": the user's session on any other node is taken
+at once), a changed password ("u") and a deleted account ("x": its name
+quarantined on every node), a login ("on": the user's session on any other node is taken
 over, `logged_in_elsewhere` for another client), a logout ("off"), and each
 node's "alive" beat (a node silent for `ROUTE_TTL` is gone, and its users
 offline in the other nodes' caches).
@@ -99,6 +100,7 @@ from server_router import NodeId, Route
 from server_store import (
     DEDUP_KEEP_S,
     Account,
+    EraseAccount,
     FindDedup,
     Loaded,
     MailPage,
@@ -117,6 +119,7 @@ from server_store import (
     StoreMessage,
     Sync,
     Then,
+    UpdateAccount,
     content_digest,
 )
 
@@ -195,13 +198,35 @@ if id then
 end
 return 1
 """
-# KEYS: accounts. ARGV: name key, account. Answers the account that holds.
+# KEYS: accounts, quarantine, then the user's mailbox, its size, receipts,
+# their index. ARGV: name key, account. Answers the account that holds. A
+# new account takes nothing over from a deleted one of the same name.
 STORE_ACCOUNT = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+  redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('PUBLISH', 'chat:all', 'a\t' .. ARGV[1] .. '\t' .. ARGV[2])
   return ARGV[2]
 end
 return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+# KEYS: accounts. ARGV: name key, account (a changed password).
+UPDATE_ACCOUNT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('PUBLISH', 'chat:all', 'u\t' .. ARGV[1] .. '\t' .. ARGV[2])
+end
+return 1
+"""
+# KEYS as STORE_ACCOUNT's. ARGV: name key, quarantined until (ms). The
+# account and what is kept for it go (its dedup keys expire on their own:
+# a later owner's client has other instance ids).
+ERASE_ACCOUNT = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PUBLISH', 'chat:all', 'x\t' .. ARGV[1] .. '\t' .. ARGV[2])
+return 1
 """
 # KEYS: route. ARGV: node, TTL, name key, client instance.
 BIND = """
@@ -233,7 +258,8 @@ return taken
 
 SCRIPTS = {
     "store_message": STORE_MESSAGE, "mark_delivered": MARK_DELIVERED, "notice_done": NOTICE_DONE,
-    "store_account": STORE_ACCOUNT, "bind": BIND, "unbind": UNBIND, "renew": RENEW,
+    "store_account": STORE_ACCOUNT, "update_account": UPDATE_ACCOUNT,
+    "erase_account": ERASE_ACCOUNT, "bind": BIND, "unbind": UNBIND, "renew": RENEW,
 }  # fmt: skip
 
 
@@ -338,6 +364,12 @@ def _pack(values: list[Any]) -> str:
     return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
 
 
+def account_keys(user_key: str) -> list[str]:
+    """The keys a registration or a deletion touches (the scripts' KEYS)."""
+    return ["chat:accounts", "chat:quarantine", mailbox_key(user_key), size_key(user_key),
+            notes_key(user_key), note_index_key(user_key)]  # fmt: skip
+
+
 def pack_account(account: Account) -> str:
     return json.dumps(
         {"n": account.name, "s": account.salt.hex(), "i": account.iterations,
@@ -369,6 +401,10 @@ class ClusterEvents(Protocol):
     def account_added(self, key: str, account: Account, now: float) -> None: ...
 
     def mailbox_size(self, key: str, count: int, size: int, now: float) -> None: ...
+
+    def account_changed(self, key: str, account: Account, now: float) -> None: ...
+
+    def account_erased(self, key: str, until: int, now: float) -> None: ...
 
 
 # --- route operations: the router's writes, in the store's one queue --------
@@ -490,6 +526,8 @@ class RedisStore:
             loaded = Loaded(secret, end - ID_BLOCK + 1)
             for key, blob in client.hgetall("chat:accounts").items():
                 loaded.accounts[key] = unpack_account(blob)
+            for key, until in client.hgetall("chat:quarantine").items():
+                loaded.quarantine[key] = int(until)
             self._warn_unless_durable()
             self._load_scripts()
         except redis.RedisError as exc:
@@ -719,8 +757,12 @@ class RedisStore:
                            [f"{instance_id}:{client_seq}"])  # fmt: skip
                 case StoreAccount(key, account):
                     blob = pack_account(account)
-                    script("store_account", ["chat:accounts"], [key, blob])
+                    script("store_account", account_keys(key), [key, blob])
                     accounts.append((writes, op, blob))
+                case UpdateAccount(key, account):
+                    script("update_account", ["chat:accounts"], [key, pack_account(account)])
+                case EraseAccount(key, until_ms):
+                    script("erase_account", account_keys(key), [key, until_ms])
                 case BindRoute(key, instance_id):
                     self._bound[key] = None
                     script("bind", [route_key(key)], [self.node_id, ROUTE_TTL, key, instance_id])
@@ -893,6 +935,8 @@ class RedisStore:
         and every local session's queues read again."""
         for key, blob in self.client.hgetall("chat:accounts").items():
             self.done.put(self._event("account_added", key, unpack_account(blob)))
+        for key, until in self.client.hgetall("chat:quarantine").items():
+            self.done.put(self._event("account_erased", key, int(until)))
         self.done.put(self._event("resync"))
         self.notify()
 
@@ -920,6 +964,12 @@ class RedisStore:
             case "a":
                 key, _, blob = rest.partition("\t")
                 self.done.put(self._event("account_added", key, unpack_account(blob)))
+            case "u":
+                key, _, blob = rest.partition("\t")
+                self.done.put(self._event("account_changed", key, unpack_account(blob)))
+            case "x":
+                key, _, until = rest.partition("\t")
+                self.done.put(self._event("account_erased", key, int(until)))
             case "on":
                 key, node, instance = rest.split("\t")
                 if node != self.node_id:

@@ -23,6 +23,7 @@ from chat_server import Relay
 from protocol import Deliver
 from server_store import (
     Account,
+    EraseAccount,
     FindDedup,
     MarkDelivered,
     MemoryStore,
@@ -34,10 +35,11 @@ from server_store import (
     StoredMessage,
     StoreMessage,
     Sync,
+    UpdateAccount,
     content_digest,
 )
 from tests.clients import RecordingClient, close_all, wait_all
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.conftest import PASSWORD, RunningServer, start_server, stop_server
 from tests.conftest import test_config as server_config
 from tests.redis_fixture import RedisServer, need_redis, redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import World
@@ -127,6 +129,12 @@ class Events:
 
     def mailbox_size(self, key: str, count: int, size: int, now: float) -> None:
         self.calls.append(("size", key, count, size))
+
+    def account_changed(self, key: str, account: Account, now: float) -> None:
+        self.calls.append(("changed", key, account))
+
+    def account_erased(self, key: str, until: int, now: float) -> None:
+        self.calls.append(("erased", key, until))
 
     def of(self, kind: str) -> list[tuple[Any, ...]]:
         return [c for c in self.calls if c[0] == kind]
@@ -676,3 +684,44 @@ def test_an_operation_the_store_does_not_know_is_never_acknowledged(
     assert done == ["message", "read"] and not read.ok
     assert [m.text for m in a.read(ReadMailbox("bob", -1, 10, 1 << 20))[0]] == ["kept"]
     assert caplog.text.count("Unknown is not supported in cluster mode") == 1
+
+
+def test_a_changed_password_and_a_deleted_account_reach_every_node(
+    nodes: Callable[[str], Node],
+) -> None:
+    a, b = nodes("A"), nodes("B")
+    first = Account("Dora", b"s" * 16, 4096, b"k" * 32, b"v" * 32)
+    changed = Account("Dora", b"t" * 16, 4096, b"K" * 32, b"V" * 32)
+    a.run(StoreAccount("dora", first))
+    a.run(StoreMessage(StoredMessage(5, "dora", "bob", "Bob", 1, 1, "for dora", 0)))
+    a.run(UpdateAccount("dora", changed))
+    b.until(lambda: ("changed", "dora", changed) in b.events.calls, what="the new password")
+    assert nodes("C").loaded.accounts["dora"] == changed
+    a.run(EraseAccount("dora", 1_900_000_000_000))
+    b.until(lambda: ("erased", "dora", 1_900_000_000_000) in b.events.calls, what="deleted")
+    later = nodes("D").loaded
+    assert "dora" not in later.accounts and later.quarantine == {"dora": 1_900_000_000_000}
+    assert a.read(ReadMailbox("dora", -1, 10, 1 << 20)) == ([], False)
+    # The name registered again (after its quarantine): free, and nothing left over.
+    a.run(StoreAccount("dora", first))
+    assert nodes("E").loaded.quarantine == {}
+
+
+def test_an_account_deleted_on_one_node_is_gone_on_the_others(
+    cluster: Callable[[str], RunningServer],
+) -> None:
+    a, b = cluster("A"), cluster("B")
+    dora, bob = RecordingClient("dora"), RecordingClient("bob")
+    try:
+        login(dora, a)
+        login(bob, b, "dora")
+        assert "dora" in b.relay.users
+        dora.session.delete_account(PASSWORD)
+        dora.wait(lambda: dora.disconnected is not None, what="dora's account deleted")
+        assert dora.disconnected == "account_deleted"
+        bob.wait(lambda: "dora" not in b.relay.users, what="B forgot dora")
+        assert "dora" in b.relay.quarantine
+        msg = bob.send("anyone there?")
+        bob.wait(lambda: bool(bob.errors) or msg in bob.reasons, what="no such user")
+    finally:
+        close_all([dora, bob])
