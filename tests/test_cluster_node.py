@@ -725,3 +725,19 @@ def test_an_account_deleted_on_one_node_is_gone_on_the_others(
         bob.wait(lambda: bool(bob.errors) or msg in bob.reasons, what="no such user")
     finally:
         close_all([dora, bob])
+
+
+def test_a_message_waiting_for_an_account_goes_when_it_appears_on_another_node(
+    cluster: Callable[[str], RunningServer],
+) -> None:
+    a, b = cluster("A"), cluster("B")
+    alice, zed = RecordingClient("alice"), RecordingClient("zed")
+    try:
+        login(alice, a)
+        msg = alice.send("welcome, zed", "zed")
+        alice.wait(lambda: any(e.code == "no_such_user" for e in alice.errors), what="waits")
+        login(zed, b)
+        alice.wait(lambda: alice.reached(msg, "delivered"), timeout=20, what="delivered")
+        assert zed.texts() == ["welcome, zed"]
+    finally:
+        close_all([alice, zed])
