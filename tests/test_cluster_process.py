@@ -261,3 +261,19 @@ def test_a_node_says_where_it_is_in_its_ready_line(
 ) -> None:
     node = spawn_node(redis_server.url, "north")
     assert f"(node north of the cluster at {redis_server.url})" in node.ready_line
+
+
+def test_a_redis_with_a_password_is_joined_with_it_and_refuses_a_wrong_one(
+    tmp_path: Path, spawn_node: Callable[..., ServerProcess]
+) -> None:
+    need_redis()
+    guarded = RedisServer(tmp_path / "guarded", password="s3cret-pass")
+    guarded.start()
+    try:
+        node = spawn_node(guarded.url, "A")
+        assert "redis://:***@127.0.0.1:" in node.ready_line and "s3cret" not in node.ready_line
+        wrong = run_server("--cluster", f"redis://:nope-nope@127.0.0.1:{guarded.port}/0")
+        assert wrong.returncode == 2 and "refused the login" in wrong.stderr
+        assert "check the user and password" in wrong.stderr and "nope-nope" not in wrong.stderr
+    finally:
+        guarded.stop()
