@@ -286,6 +286,12 @@ LIMIT_REASONS = frozenset(DROP_REASONS[:6])
 #: keeps each client instance's latest): a request sent again is answered
 #: again, not done twice.
 MAX_GROUP_ANSWERS = 100_000
+# Groups keep their one order in this process (`server_groups.GroupTable`);
+# a cluster's nodes do not share it yet (docs/CLUSTER.md), so a node refuses
+# them rather than give two members two orders.
+GROUPS_NOT_IN_CLUSTER = (
+    "groups are not available in cluster mode yet; use a server without --cluster for groups"
+)
 DUPLICATE_ID_TEXT = (
     "this message id was already used for another message; your client's store was "
     "probably copied or restored"
@@ -1946,6 +1952,8 @@ class Relay:
                 self._group_result, user, key, code, text, stream))  # fmt: skip
             return
         try:
+            if self.shared_store and request.action != GroupAction.LIST:
+                raise GroupRefused(ErrorCode.SERVER_ERROR, GROUPS_NOT_IN_CLUSTER)
             match request.action:
                 case GroupAction.CREATE:
                     self._group_create(session, request, key)
@@ -2158,6 +2166,9 @@ class Relay:
         size = len(send.text.encode("utf-8"))
         if size > MAX_TEXT_BYTES:
             self._fail(session, send.msg_id, ErrorCode.TOO_LONG, f"{size} bytes is over the limit")
+            return
+        if self.shared_store:
+            self._fail(session, send.msg_id, ErrorCode.SERVER_ERROR, GROUPS_NOT_IN_CLUSTER)
             return
         group = self.groups.get(to_key[1:])
         if group is None:

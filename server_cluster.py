@@ -863,6 +863,7 @@ class RedisStore:
                     return None
                 server_msg_id, _, digest = str(raw).partition(":")
                 return int(server_msg_id), bytes.fromhex(digest)
+        return None  # not one of `READS`: never asked (`_apply` leaves it not ok)
 
     def _renew(self) -> list[Then]:
         """Keep this node's routes alive and say the node is. A route that

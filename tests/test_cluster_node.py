@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from chat_server import Relay
-from protocol import Deliver
+from protocol import Deliver, ErrorCode, Fail, GroupAction
 from server_store import (
     Account,
     EraseAccount,
@@ -43,6 +43,7 @@ from tests.conftest import PASSWORD, RunningServer, start_server, stop_server
 from tests.conftest import test_config as server_config
 from tests.redis_fixture import RedisServer, need_redis, redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import World
+from tests.test_groups_relay import GroupWorld
 from tests.test_seams import WALL, SeamWorld, scenario
 
 
@@ -741,3 +742,30 @@ def test_a_message_waiting_for_an_account_goes_when_it_appears_on_another_node(
         assert zed.texts() == ["welcome, zed"]
     finally:
         close_all([alice, zed])
+
+
+class ClusterGroupWorld(ClusterWorld, GroupWorld):
+    """A cluster node's relay (`ClusterWorld`) with test_groups_relay's
+    group requests (`GroupWorld`)."""
+
+    def __init__(self, node: Node) -> None:
+        ClusterWorld.__init__(self, node)
+        self.holding: set[str] = set()
+        self._request_ids = 0
+
+
+def test_groups_are_refused_in_cluster_mode_with_a_clear_answer(
+    nodes: Callable[[str], Node],
+) -> None:
+    """Groups keep their one order in one process: until the nodes share
+    it, a node answers group requests and group messages with a clear
+    refusal, never with a silence or a second order."""
+    world = ClusterGroupWorld(nodes("A"))
+    alice = world.login("alice")
+    world.login("bob")
+    answer = world.result(alice, world.request(alice, GroupAction.CREATE, "team", "bob"))
+    assert answer.code == ErrorCode.SERVER_ERROR and "cluster mode" in answer.message
+    world.send(alice, "#team", "hello team", 1, instance=9)
+    world.run_until(lambda: bool(alice.of(Fail)), 200, "the FAIL")
+    fail = alice.of(Fail)[0]
+    assert fail.reason == ErrorCode.SERVER_ERROR and "cluster mode" in fail.message
