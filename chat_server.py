@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType as _StackFrame
+from typing import TYPE_CHECKING
 
 from common import DEFAULT_PORT, __version__, at_least, format_address, positive
 from protocol import (
@@ -204,6 +205,9 @@ from server_store import (
     default_data_dir,
 )
 
+if TYPE_CHECKING:  # imported for real only in cluster mode: it needs the redis package
+    from server_cluster import RedisRouter, RedisStore
+
 __all__ = [
     "ChatServer", "ListenError", "Relay", "ServerConfig", "StoreError", "StoreLocked", "main",
 ]  # fmt: skip
@@ -282,6 +286,12 @@ LIMIT_REASONS = frozenset(DROP_REASONS[:6])
 #: keeps each client instance's latest): a request sent again is answered
 #: again, not done twice.
 MAX_GROUP_ANSWERS = 100_000
+# Groups keep their one order in this process (`server_groups.GroupTable`);
+# a cluster's nodes do not share it yet (docs/CLUSTER.md), so a node refuses
+# them rather than give two members two orders.
+GROUPS_NOT_IN_CLUSTER = (
+    "groups are not available in cluster mode yet; use a server without --cluster for groups"
+)
 DUPLICATE_ID_TEXT = (
     "this message id was already used for another message; your client's store was "
     "probably copied or restored"
@@ -326,8 +336,14 @@ class Relay:
         wall_clock: Callable[[], float] = time.time,
         unwrapper: concurrent.futures.Executor | None = None,
         wake: Callable[[], None] = lambda: None,
+        shared_store: bool = False,
     ) -> None:
         self.config = config or ServerConfig()
+        # A store shared by the nodes of a cluster (server_cluster): every
+        # copy of a message or receipt is handed over from it, in its order,
+        # when it says something waits (`mail_waiting`, `receipts_waiting`),
+        # never straight from the sender's session, which may be elsewhere.
+        self.shared_store = shared_store
         # Without a data directory, a store in memory: the same operations,
         # callbacks and pages as on the disk, so one code path serves both.
         self.store: MessageStore = store if store is not None else MemoryStore()
@@ -593,6 +609,134 @@ class Relay:
                         "until it falls", resident >> 20, self.config.max_memory >> 20)  # fmt: skip
         elif not over:
             log.info("resident memory %d MiB is under --max-memory again", resident >> 20)
+
+    # --- a cluster's inputs (server_cluster calls them on the loop) -------
+
+    def mail_waiting(self, key: str, server_msg_id: int, now: float) -> None:
+        """The shared store holds message `server_msg_id` for user `key`: if
+        their session is here, it is handed over in the mailbox's order
+        (pages read past what the session holds)."""
+        self._now = now
+        user = self.users.get(key)
+        session = self.router.locate(user) if user is not None else None
+        if not isinstance(session, Session):
+            return  # not here: their node, or their next login, reads it
+        pager = session.mail
+        if pager is None:
+            pager = session.mail = Pager(behind=True)
+        if server_msg_id <= pager.cursor:
+            return  # handed over already
+        pager.behind = True
+        pager.missed = max(pager.missed, server_msg_id)
+        self._page_mail(session)
+
+    def receipts_waiting(self, key: str, seq: int, now: float) -> None:
+        """The shared store queued receipt `seq` for sender `key`: if their
+        session is here, it is handed over like a page of receipts."""
+        self._now = now
+        user = self.users.get(key)
+        session = self.router.locate(user) if user is not None else None
+        if not isinstance(session, Session):
+            return
+        pager = session.receipts
+        if pager is None:
+            pager = session.receipts = Pager(behind=True)
+        if seq <= pager.cursor:
+            return
+        pager.behind = True
+        pager.missed = max(pager.missed, seq)
+        self._page_receipts(session)
+
+    def resync(self, now: float) -> None:
+        """The cluster may have missed notices (its link to the shared store
+        was down): every session here reads its mailbox and receipts again."""
+        self._now = now
+        for session in list(self.sessions.values()):
+            for pager in (session.mail, session.receipts):
+                if pager is not None:
+                    pager.behind = True
+                    pager.missed = max(pager.missed, pager.cursor + 1)
+            if session.mail is None:
+                session.mail = Pager(behind=True)
+            if session.receipts is None:
+                session.receipts = Pager(behind=True)
+            self._page_mail(session)
+            self._page_receipts(session)
+
+    def logged_in_on(self, key: str, instance_id: int, now: float) -> None:
+        """User `key` logged in on another node from client `instance_id`:
+        their session here is taken over as by a login here (a BYE
+        `logged_in_elsewhere`, or silently for the same client)."""
+        self._now = now
+        user = self.users.get(key)
+        route = self.router.locate(user) if user is not None else None
+        if isinstance(route, Session):
+            self._take_over(route, instance_id, now)
+
+    def presence_elsewhere(self, key: str, online: bool, now: float) -> None:
+        """User `key` came or went on another node: WHO lists them, and
+        their contacts here are told (as for a login here)."""
+        self._now = now
+        user = self.users.get(key)
+        if user is None or isinstance(user.session, Session):
+            return  # unknown here yet, or their session is here (it decides)
+        index = bisect.bisect_left(self._online, key)
+        listed = index < len(self._online) and self._online[index] == key
+        if online and not listed:
+            self._online.insert(index, key)
+        elif not online and listed:
+            del self._online[index]
+        self._announce(user, online=online)
+
+    def account_changed(self, key: str, account: Account, now: float) -> None:
+        """A user changed their password on another node: logins here check
+        the new verifier, and a session of theirs here ends (as the other
+        sessions of a user do when the password changes)."""
+        self._now = now
+        user = self.users.get(key)
+        if user is None:
+            return
+        user.account = account
+        for session in self._sessions_of(user):
+            text = "your password was changed elsewhere; log in with the new one"
+            self._bye(session, ErrorCode.PASSWORD_CHANGED, text, now)
+
+    def account_erased(self, key: str, until: int, now: float) -> None:
+        """A user deleted their account on another node: it goes from here
+        too (WHO, logins, registrations of the name until `until`), and a
+        session of theirs here ends with ACCOUNT_DELETED."""
+        self._now = now
+        user = self.users.get(key)
+        if user is not None:
+            self._forget_account(user, until if self.config.name_quarantine > 0 else None, now)
+        elif self.config.name_quarantine > 0:
+            self.quarantine[key] = until
+
+    def mailbox_size(self, key: str, count: int, size: int, now: float) -> None:
+        """The shared store's size of user `key`'s mailbox (messages, UTF-8
+        bytes) after a write of this node: the mailbox caps go by it (and
+        by what this node takes until its next write is applied)."""
+        user = self.users.get(key)
+        if user is not None:
+            user.mailbox_count, user.mailbox_bytes = max(0, count), max(0, size)
+
+    def account_added(self, key: str, account: Account, now: float) -> None:
+        """An account registered on another node (or one that won a race
+        with a registration here): known here from now on."""
+        self._now = now
+        self._unstored.discard(key)
+        user = self.users.get(key)
+        if user is None:
+            user = self.users[key] = User(account.name, key, account)
+            for watcher in self._awaited.pop(key, ()):
+                self._awaiting.get(watcher, {}).pop(key, None)
+                self._add_contact(user, watcher)
+        elif user.account != account:
+            # Registered on two nodes at once (the one stored first holds),
+            # or changed while this node's link to the others was down.
+            log.info("account %s as the cluster stores it replaces this node's copy",
+                     account.name)  # fmt: skip
+            user.account = account
 
     # --- datagrams --------------------------------------------------------
 
@@ -926,17 +1070,7 @@ class Relay:
                       now: float) -> None:  # fmt: skip
         old = self.router.locate(user)
         if isinstance(old, Session):
-            if old.instance_id == login.instance_id:
-                log.info("%s logged in again from the same client; old session replaced",
-                         user.name)  # fmt: skip
-                self._end_session(old, now, quiet=True)
-            else:
-                log.info("%s logged in elsewhere; old session told and closed", user.name)
-                self._send(old, Bye(ErrorCode.LOGGED_IN_ELSEWHERE,
-                                    "you logged in from another place"))  # fmt: skip
-                for datagram in old.conn.datagrams_to_send(now):
-                    self._out.append((datagram, old.addr))
-                self._end_session(old, now, quiet=True)
+            self._take_over(old, login.instance_id, now)
         session_id = secrets.token_bytes(16)
         to_server, to_client = session_keys(verdict.client_key, verdict.message)
         conn = Connection(
@@ -960,15 +1094,28 @@ class Relay:
         # What waited for this user, read from the disk a page at a time:
         # messages in order, and receipts. Anything accepted before this
         # point is older than the reads asked for here, so they find it.
-        if user.mailbox_count:
+        # A shared store may hold what other nodes accepted: always read it.
+        if user.mailbox_count or self.shared_store:
             session.mail = Pager(behind=True, missed=self._next_msg_id - 1)
             self._page_mail(session)
-        if user.notice_count:
+        if user.notice_count or self.shared_store:
             session.receipts = Pager(behind=True, missed=self._next_msg_id - 1)
             self._page_receipts(session)
         self._start_groups(session)
         self._announce(user, online=True)
         self._dirty[session_id] = session
+
+    def _take_over(self, old: Session, instance_id: int, now: float) -> None:
+        """A new login of `old`'s user (here or on another node) by client
+        `instance_id`: the same client replaces its session silently; another
+        one ends it with a BYE `logged_in_elsewhere`."""
+        user = old.user
+        if old.instance_id == instance_id:
+            log.info("%s logged in again from the same client; old session replaced", user.name)
+            self._end_session(old, now, quiet=True)
+            return
+        log.info("%s logged in elsewhere; old session told and closed", user.name)
+        self._bye(old, ErrorCode.LOGGED_IN_ELSEWHERE, "you logged in from another place", now)
 
     def _end_session(self, session: Session, now: float, *, quiet: bool = False) -> None:
         if self.sessions.pop(session.session_id, None) is None:
@@ -1171,6 +1318,12 @@ class Relay:
         )
         route = self.router.locate(recipient)
         match route:
+            case _ if self.shared_store:
+                # A cluster: the recipient's node hands it over from the
+                # shared mailbox once it is there (`mail_waiting`), in the
+                # mailbox's one order, wherever the recipient is by then.
+                if not isinstance(route, Session):
+                    self.stats["routed_elsewhere"] += 1
             case Session():
                 pager = route.mail
                 if (
@@ -1318,6 +1471,10 @@ class Relay:
         pager.reading = True
         read = Read(ReadMailbox(session.user.key, pager.cursor, free, free_bytes))
         upto = self._next_msg_id - 1  # everything accepted so far is older than the read
+        if self.shared_store:
+            # What the shared store said waits is there before it says so:
+            # a read that starts now finds it (or finds it receipted).
+            upto = max(upto, pager.missed)
         self.store.submit(read, functools.partial(self._mail_paged, session, pager, read, upto))
 
     def _mail_paged(self, session: Session, pager: Pager[int, Entry], read: Read,
@@ -1362,7 +1519,11 @@ class Relay:
         instance_id, client_seq = entry.msg_id
         delivered = MarkDelivered(entry.server_msg_id, entry.sender_key, instance_id, client_seq,
                                   user.name, user.key, entry.size, seq)  # fmt: skip
-        if (entry.sender_key, instance_id, client_seq) in self._accepted:
+        if self.shared_store:
+            # The sender's node hands the receipt over from the shared
+            # queue once it is there (`receipts_waiting`).
+            self.store.submit(delivered)
+        elif (entry.sender_key, instance_id, client_seq) in self._accepted:
             self.store.submit(
                 delivered,
                 functools.partial(
@@ -1428,6 +1589,8 @@ class Relay:
         pager.reading = True
         read = Read(ReadNotices(session.user.key, pager.cursor, free))
         upto = self._next_msg_id - 1
+        if self.shared_store:
+            upto = max(upto, pager.missed)  # as in `_page_mail`
         self.store.submit(read, functools.partial(self._receipts_paged, session, pager, read, upto))
 
     def _receipts_paged(self, session: Session, pager: Pager[MsgId, int], read: Read,
@@ -1618,28 +1781,13 @@ class Relay:
         if self._prove(session, message, request.proof, request.nonce, now) is None:
             return
         until = int(self._wall_clock() * 1000 + self.config.name_quarantine * 1000)
-        del self.users[user.key]
-        index = bisect.bisect_left(self._online, user.key)  # out of WHO at once
-        if index < len(self._online) and self._online[index] == user.key:
-            del self._online[index]
-        if self.config.name_quarantine > 0:
-            self.quarantine[user.key] = until
+        self._forget_account(user, until if self.config.name_quarantine > 0 else None, now,
+                             keep=session)  # fmt: skip
         self.stats["accounts_deleted"] += 1
         log.info("%s deleted their account; the name is quarantined until %s UTC", user.name,
                  time.strftime("%Y-%m-%d %H:%M", time.gmtime(until / 1000)))  # fmt: skip
-        for other in self._sessions_of(user):
-            if other is not session:
-                self._bye(other, ErrorCode.ACCOUNT_DELETED, "this account was deleted", now)
         # Nothing more is handed to it; what it was handed goes with the mailbox.
         session.mail = session.receipts = None
-        self._forget_awaited(user.key)
-        # Its contacts go too: those who heard of it stop hearing of it, and a
-        # later owner of the name does not hear of them (contacts made by a
-        # message are mutual; at most MAX_CONTACTS each).
-        for key in user.contacts:
-            contact = self.users.get(key)
-            if contact is not None:
-                contact.contacts.pop(user.key, None)
 
         def erased() -> None:
             if self.sessions.get(session.session_id) is session:
@@ -1648,6 +1796,29 @@ class Relay:
                            handle=ACCOUNT_GONE)  # fmt: skip
 
         self.store.submit(EraseAccount(user.key, until), erased)
+
+    def _forget_account(self, user: User, until: int | None, now: float, *,
+                        keep: Session | None = None) -> None:  # fmt: skip
+        """A deleted account goes from memory: out of WHO, its name
+        quarantined until `until` (wall clock, ms; None: free at once), its
+        sessions but `keep` (which deleted it) ended with ACCOUNT_DELETED."""
+        del self.users[user.key]
+        index = bisect.bisect_left(self._online, user.key)  # out of WHO at once
+        if index < len(self._online) and self._online[index] == user.key:
+            del self._online[index]
+        if until is not None:
+            self.quarantine[user.key] = until
+        for other in self._sessions_of(user):
+            if other is not keep:
+                self._bye(other, ErrorCode.ACCOUNT_DELETED, "this account was deleted", now)
+        self._forget_awaited(user.key)
+        # Its contacts go too: those who heard of it stop hearing of it, and a
+        # later owner of the name does not hear of them (contacts made by a
+        # message are mutual; at most MAX_CONTACTS each).
+        for key in user.contacts:
+            contact = self.users.get(key)
+            if contact is not None:
+                contact.contacts.pop(user.key, None)
 
     def _fail(self, session: Session, msg_id: MsgId, code: ErrorCode, text: str) -> None:
         self._send(session, Fail(msg_id, code, text))
@@ -1781,6 +1952,8 @@ class Relay:
                 self._group_result, user, key, code, text, stream))  # fmt: skip
             return
         try:
+            if self.shared_store and request.action != GroupAction.LIST:
+                raise GroupRefused(ErrorCode.SERVER_ERROR, GROUPS_NOT_IN_CLUSTER)
             match request.action:
                 case GroupAction.CREATE:
                     self._group_create(session, request, key)
@@ -1993,6 +2166,9 @@ class Relay:
         size = len(send.text.encode("utf-8"))
         if size > MAX_TEXT_BYTES:
             self._fail(session, send.msg_id, ErrorCode.TOO_LONG, f"{size} bytes is over the limit")
+            return
+        if self.shared_store:
+            self._fail(session, send.msg_id, ErrorCode.SERVER_ERROR, GROUPS_NOT_IN_CLUSTER)
             return
         group = self.groups.get(to_key[1:])
         if group is None:
@@ -2415,6 +2591,21 @@ def release_free_memory() -> bool:
     return True
 
 
+def join_cluster(
+    url: str, node_id: str, notify: Callable[[], None]
+) -> tuple[RedisStore, RedisRouter]:
+    """The store and router of a cluster node (`server_cluster`, imported
+    only here: the single-node server needs no redis package)."""
+    try:
+        from server_cluster import open_cluster
+    except ModuleNotFoundError as exc:
+        if exc.name != "redis":
+            raise
+        raise StoreError("--cluster needs the redis package; install it with "
+                         "pip install 'udp-chat[cluster]'") from None  # fmt: skip
+    return open_cluster(url, node_id, notify)
+
+
 class ListenError(OSError):
     """The socket could not be bound to the server's address. `errno` and
     `strerror` are the system's; `__cause__` is the original error (a
@@ -2478,14 +2669,25 @@ class ChatServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.store: ServerStore | None = None
+        # Cluster mode: the node's store on Redis instead (server_cluster).
+        self.cluster_store: RedisStore | None = None
         self._unwrapper: KeyExchangeWorkers | None = None
         try:
-            if config.data_dir is not None:
+            router: RedisRouter | None = None
+            if config.cluster is not None:
+                node_id = config.node_id or format_address(*self.socket.getsockname()[:2])
+                self.cluster_store, router = join_cluster(config.cluster, node_id, self._wake)
+            elif config.data_dir is not None:
                 self.store = ServerStore(config.data_dir, notify=self._wake)
             # Registrations' key exchanges run in worker processes (server_keyx).
             if config.key_workers:
                 self._unwrapper = KeyExchangeWorkers(config.key_workers)
-            self.relay = Relay(config, store=self.store, unwrapper=self._unwrapper, wake=self._wake)
+            self.relay = Relay(
+                config, store=self.cluster_store or self.store, router=router,
+                unwrapper=self._unwrapper, wake=self._wake, shared_store=router is not None,
+            )  # fmt: skip
+            if self.cluster_store is not None and router is not None:
+                self.cluster_store.attach(self.relay, router)
         except BaseException:  # a StoreError from opening or loading the store
             self.close()
             raise
@@ -2499,6 +2701,8 @@ class ChatServer:
             self.store.start()
         if self.metrics_server is not None:
             self.metrics_server.start()
+        if self.cluster_store is not None:
+            self.cluster_store.start()
         self._stopping = False
         self._stopped = False
         self._memory_due = 0.0  # when to read the resident memory next
@@ -2523,6 +2727,9 @@ class ChatServer:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self.cluster_store is not None:
+            self.cluster_store.close()
+            self.cluster_store = None
         self._wake_r.close()
         self._wake_w.close()
 
@@ -2880,6 +3087,18 @@ def build_parser() -> argparse.ArgumentParser:
         "send (a message to N members is N - 1 copies); past it their messages wait, "
         "unacknowledged; above 0 (default %(default)s; burst 2x)",
     )  # fmt: skip
+    # Cluster mode (issue 15).
+    parser.add_argument(
+        "--cluster", default=os.environ.get("CHAT_CLUSTER_URL"),
+        metavar="redis://[USER:PASS@]HOST:PORT[/DB]",
+        help="run as a node of the cluster whose state is in this Redis (accounts, mailboxes, "
+        "routes; --data-dir is then unused); default: $CHAT_CLUSTER_URL, which keeps a "
+        "password off the command line; unset: a single server",
+    )  # fmt: skip
+    parser.add_argument(
+        "--node-id", default=None, metavar="NAME",
+        help="this node's name in the cluster (default: its listening address HOST:PORT)",
+    )  # fmt: skip
     return parser
 
 
@@ -2953,6 +3172,8 @@ def main(argv: list[str] | None = None) -> int:
     config.max_fanout_burst = 2 * args.max_fanout_rate
     config.preauth_total_rate = args.preauth_total_rate
     config.preauth_total_burst = 2 * args.preauth_total_rate
+    config.cluster = args.cluster or None
+    config.node_id = args.node_id
     # Every problem found at start-up is one line naming what is wrong and
     # exit status 2 (a usage error, as argparse's own).
     try:
@@ -2987,8 +3208,12 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.address
     # The ready line starts the same way always (scripts and tests read the
     # address from it); where the data lives follows in parentheses.
-    print(f"chat-server listening on {format_address(host, port)} (data in {config.data_dir})",
-          flush=True)  # fmt: skip
+    where = f"data in {config.data_dir}"
+    if config.cluster is not None:
+        where = f"node {config.node_id or format_address(host, port)} of the cluster at " + str(
+            getattr(server.cluster_store, "address", "")
+        )
+    print(f"chat-server listening on {format_address(host, port)} ({where})", flush=True)
     log.info(start_line(server, config))
     with server:
         server.serve_forever()
@@ -3004,9 +3229,12 @@ def start_line(server: ChatServer, config: ServerConfig) -> str:
     which limits (the ones a busy server meets first)."""
     host, port = server.address
     metrics = server.metrics_address
+    where = f"data in {config.data_dir}"
+    if server.cluster_store is not None:
+        cluster = server.cluster_store
+        where = f"node {cluster.node_id} of the cluster at {cluster.address}"
     return (
-        f"chat-server {__version__} started: UDP {format_address(host, port)}, "
-        f"data in {config.data_dir}, "
+        f"chat-server {__version__} started: UDP {format_address(host, port)}, {where}, "
         + (f"metrics at http://{format_address(*metrics)}/metrics; " if metrics else "no metrics; ")
         + f"limits: {config.max_sessions} sessions, --max-memory {config.max_memory >> 20} MiB, "
         f"{config.user_msg_rate:g} messages/s per user, "

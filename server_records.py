@@ -84,6 +84,11 @@ class ServerConfig:
     max_fanout_rate: float = 10_000.0
     max_fanout_burst: float = 20_000.0
 
+    # Cluster mode (issue 15; server_cluster): the Redis URL of the cluster
+    # this node joins (None: one process on its own store) and its name.
+    cluster: str | None = None
+    node_id: str | None = None  # None: its listening address
+
 
 class Entry:
     """A message handed to a recipient's session and not yet receipted by

@@ -1,0 +1,1080 @@
+"""Cluster mode (issue 15): several relay nodes serve one set of users through
+one Redis, the source of truth for everything they share.
+
+`RedisStore` is a `server_store.MessageStore` on Redis, behind one thread
+like `ServerStore`: the loop submits typed operations, the thread applies
+each batch as one MULTI/EXEC pipeline (the group commit: everything queued
+while the previous batch waited for Redis), and only after EXEC returned,
+with Redis on `appendfsync always`, does an operation's callback go back to
+the loop, so an ACCEPT still means durable. `RedisRouter` is a
+`server_router.Router`: each node keeps its own sessions in memory and a
+cache of the other nodes' routes, fed by Redis pub/sub. A second thread
+listens on that pub/sub and hands what it hears to the loop as callbacks
+(`ClusterEvents`: the cluster's inputs on `chat_server.Relay`).
+
+What lives where in Redis (`{key}` is a user's name key; the braces are
+Redis Cluster hash tags, so a user's keys stay on one shard):
+
+- `chat:accounts`: hash, name key -> account (SCRAM verifiers only: salt,
+  iterations, StoredKey, ServerKey; never a password or a session key).
+- `chat:secret`: the cluster's secret (login cookies, tickets, the server's
+  Diffie-Hellman key), so a client pinned to one node's key and holding
+  one node's ticket logs in on any node.
+- `chat:next_id`: server message ids are reserved from it in blocks of
+  `ID_BLOCK` (one per node start, with INCRBY: never reused, even after a
+  crash); they name a message to its sender (ACCEPT) and in dedup keys.
+- `chat:mbox:{key}`: the user's mailbox, a Stream. Each accepted message
+  is one entry, added by the sender's node in the same script as its dedup
+  key; the entry id is the mailbox's one order, and the number made of it
+  (`entry_number`) is the `server_msg_id` the recipient sees and receipts.
+  The entry is deleted (XDEL) when the recipient's client receipts it, in
+  the same script that queues the sender's receipt, and only if it was
+  still there: a receipt repeated, or retried after a lost reply, queues
+  nothing twice.
+- `chat:notes:{key}` (Stream) and `chat:noteidx:{key}` (hash, "instance:seq"
+  -> entry id): receipts waiting for the sender, deleted when its client
+  has them (NoticeDone).
+- `chat:dedup:{key}:INSTANCE:SEQ`: a sent message's id -> its server id
+  and content digest, kept `DEDUP_KEEP_S` (SET NX EX). The mailbox entry is
+  added only if this key was new, so a retry on another node, or a batch
+  applied again after a lost reply, never stores a message twice.
+- `chat:route:{key}`: the node a user is logged in on, with a TTL of
+  `ROUTE_TTL`, renewed by that node every `ROUTE_RENEW` while the session
+  lives: a node that dies loses its users' routes within one TTL.
+
+Why a stream per user (mailbox) rather than per node: the mailbox must
+outlive the node a user happens to be on; with a stream per user, moving
+to another node moves nothing (the new node reads the same stream from its
+start: what the old node handed over and the client never receipted is
+still there, so it comes again, once, and the client shows a message id
+once), a dead node leaves no queue behind that someone must claim, and a
+Redis Cluster shards users, not nodes. The price: a node does not learn of
+new entries by blocking on one stream of its own; the script that adds an
+entry publishes a short notice (`chat:node:NODE`) to the node the
+recipient's route names at that moment, read from Redis inside the same
+script, so it is never stale. A node whose pub/sub link broke reads every
+local session's mailbox again when it is back (`ClusterEvents.resync`).
+We read with XRANGE from the session's cursor instead of a consumer group:
+the relay's pager already is the consumer's state (what was handed over
+and not receipted), and a group would keep a second copy of it (a PEL per
+node) that a move must XAUTOCLAIM; a plain read from the start of the
+mailbox is the equivalent claim, and XDEL on receipt is the XACK.
+
+Broadcasts on `chat:all`: a registration (so every node knows the account
+at once), a changed password ("u") and a deleted account ("x": its name
+quarantined on every node), a login ("on": the user's session on any other node is taken
+over, `logged_in_elsewhere` for another client), a logout ("off"), and each
+node's "alive" beat (a node silent for `ROUTE_TTL` is gone, and its users
+offline in the other nodes' caches).
+
+Losing Redis: the store thread retries the same batch every `RETRY_S`;
+nothing of it is acknowledged meanwhile (clients keep `sending` and
+retransmit), it says so in one log line, and another when Redis is back.
+Each script is idempotent, so applying a batch again after a reply was lost
+is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from common import format_address
+from server_records import Session, User
+from server_router import NodeId, Route
+from server_store import (
+    DEDUP_KEEP_S,
+    Account,
+    EraseAccount,
+    FindDedup,
+    Loaded,
+    MailPage,
+    MarkDelivered,
+    NoticeDone,
+    NoticePage,
+    Op,
+    Query,
+    Read,
+    ReadMailbox,
+    ReadNotices,
+    Reserve,
+    StoreAccount,
+    StoredMessage,
+    StoreError,
+    StoreMessage,
+    Sync,
+    Then,
+    UpdateAccount,
+    content_digest,
+)
+
+__all__ = [
+    "ClusterAddress", "ClusterError", "ClusterEvents", "RedisRouter", "RedisStore",
+    "entry_id", "entry_number", "open_cluster", "parse_cluster_url",
+]  # fmt: skip
+
+log = logging.getLogger("server_cluster")
+
+DEFAULT_REDIS_PORT = 6379
+#: Server message ids one node start reserves (INCRBY): 2**40 is 35 years at
+#: 1,000 messages a second, so a node never needs a second block; ids stay
+#: far below the mailbox numbers (`entry_number`, about 2**61), which the
+#: relay's pagers compare with them.
+ID_BLOCK = 1 << 40
+#: Bits of a stream entry id's sequence part in `entry_number`: Redis numbers
+#: entries added in the same millisecond to one stream 0, 1, 2...; a million
+#: in one millisecond to one mailbox does not happen.
+SEQ_BITS = 20
+ROUTE_TTL = 20  # seconds a route lives unless its node renews it
+ROUTE_RENEW = 5.0  # seconds between a node's renewals of its routes (and its "alive" beat)
+RENEW_CHUNK = 500  # routes renewed per script call
+RETRY_S = 0.5  # between attempts at a batch while Redis cannot be reached
+RELAPSE_S = 5.0  # a link lost again this soon after it came back: the same outage, not logged again
+SOCKET_TIMEOUT = 5.0  # seconds a Redis command may take before the link counts as lost
+CONNECT_TIMEOUT = 2.0
+MAX_BATCH = 5000  # operations in one MULTI at most
+NOTICE_BATCH = 1000  # pub/sub notices handed to the loop with one wake-up at most
+BROADCAST = "chat:all"
+NODE_CHANNEL = "chat:node:"
+
+# --- the scripts: each one atomic and idempotent (a batch may be applied again) ---
+
+# Entries are one field, `m`, holding the entry's values packed in JSON
+# (`pack_entry`): eight arguments instead of twenty per message, and encoding
+# the arguments is most of what a node spends on Redis.
+#
+# KEYS: dedup key, mailbox, recipient's route, mailbox size. ARGV: dedup
+# value, its TTL, recipient key, UTF-8 bytes, the packed entry. Answers the
+# mailbox's size after it ("messages:bytes").
+STORE_MESSAGE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  local id = redis.call('XADD', KEYS[2], '*', 'm', ARGV[5])
+  redis.call('HINCRBY', KEYS[4], 'n', 1)
+  redis.call('HINCRBY', KEYS[4], 'b', ARGV[4])
+  local node = redis.call('GET', KEYS[3])
+  if node then redis.call('PUBLISH', 'chat:node:' .. node, 'm\t' .. ARGV[3] .. '\t' .. id) end
+end
+local size = redis.call('HMGET', KEYS[4], 'n', 'b')
+return (size[1] or '0') .. ':' .. (size[2] or '0')
+"""
+# KEYS: recipient's mailbox, sender's receipts, their index, sender's route,
+# mailbox size. ARGV: entry id, index field, sender key, the packed receipt,
+# UTF-8 bytes. Answers the mailbox's size after it ("messages:bytes").
+MARK_DELIVERED = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[5], 'n', -1) <= 0 then redis.call('DEL', KEYS[5])
+  else redis.call('HINCRBY', KEYS[5], 'b', -ARGV[5]) end
+  if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0 then
+    local id = redis.call('XADD', KEYS[2], '*', 'm', ARGV[4])
+    redis.call('HSET', KEYS[3], ARGV[2], id)
+    local node = redis.call('GET', KEYS[4])
+    if node then redis.call('PUBLISH', 'chat:node:' .. node, 'n\t' .. ARGV[3] .. '\t' .. id) end
+  end
+end
+local size = redis.call('HMGET', KEYS[5], 'n', 'b')
+return (size[1] or '0') .. ':' .. (size[2] or '0')
+"""
+# KEYS: receipts, index. ARGV: index field.
+NOTICE_DONE = """
+local id = redis.call('HGET', KEYS[2], ARGV[1])
+if id then
+  redis.call('XDEL', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
+"""
+# KEYS: accounts, quarantine, then the user's mailbox, its size, receipts,
+# their index. ARGV: name key, account. Answers the account that holds. A
+# new account takes nothing over from a deleted one of the same name.
+STORE_ACCOUNT = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('PUBLISH', 'chat:all', 'a\t' .. ARGV[1] .. '\t' .. ARGV[2])
+  return ARGV[2]
+end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+# KEYS: accounts. ARGV: name key, account (a changed password).
+UPDATE_ACCOUNT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('PUBLISH', 'chat:all', 'u\t' .. ARGV[1] .. '\t' .. ARGV[2])
+end
+return 1
+"""
+# KEYS as STORE_ACCOUNT's. ARGV: name key, quarantined until (ms). The
+# account and what is kept for it go (its dedup keys expire on their own:
+# a later owner's client has other instance ids).
+ERASE_ACCOUNT = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PUBLISH', 'chat:all', 'x\t' .. ARGV[1] .. '\t' .. ARGV[2])
+return 1
+"""
+# KEYS: route. ARGV: node, TTL, name key, client instance.
+BIND = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('PUBLISH', 'chat:all', 'on\t' .. ARGV[3] .. '\t' .. ARGV[1] .. '\t' .. ARGV[4])
+return 1
+"""
+# KEYS: route. ARGV: node, name key. Only this node's own route goes.
+UNBIND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', 'chat:all', 'off\t' .. ARGV[2] .. '\t' .. ARGV[1])
+end
+return 1
+"""
+# KEYS: routes. ARGV: node, TTL. A route another node took is left alone and
+# answered (that login's notice was missed: the session here ends); one that
+# expired while Redis was away is set again.
+RENEW = """
+local taken = {}
+for _, key in ipairs(KEYS) do
+  local node = redis.call('GET', key)
+  if not node or node == ARGV[1] then redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
+  else taken[#taken + 1] = key end
+end
+return taken
+"""
+
+
+SCRIPTS = {
+    "store_message": STORE_MESSAGE, "mark_delivered": MARK_DELIVERED, "notice_done": NOTICE_DONE,
+    "store_account": STORE_ACCOUNT, "update_account": UPDATE_ACCOUNT,
+    "erase_account": ERASE_ACCOUNT, "bind": BIND, "unbind": UNBIND, "renew": RENEW,
+}  # fmt: skip
+
+
+#: The reads this store answers.
+READS = (ReadMailbox, ReadNotices, FindDedup)
+
+
+class ClusterError(StoreError):
+    """The cluster cannot be joined at start-up (a bad URL, Redis unreachable,
+    the redis package missing): one line that says what to do; the server
+    prints it and exits with status 2."""
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    """Where the cluster's Redis is, from `--cluster redis://[USER:PASS@]HOST:PORT[/DB]`."""
+
+    host: str
+    port: int
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    def __str__(self) -> str:
+        """The URL for people and logs: the password never appears."""
+        user = ""
+        if self.username or self.password:
+            user = f"{self.username or ''}{':***' if self.password else ''}@"
+        return f"redis://{user}{format_address(self.host, self.port)}/{self.db}"
+
+
+def parse_cluster_url(text: str) -> ClusterAddress:
+    """A `redis://[USER:PASS@]HOST[:PORT][/DB]` URL; a `ClusterError` that
+    says what is wrong with anything else (without echoing a password)."""
+    shown = text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        if parts.password:
+            shown = text.replace(parts.password, "***")
+        port = parts.port  # ValueError when not a number or out of range
+    except ValueError as exc:
+        raise ClusterError(f"--cluster {shown!r}: {exc}; give redis://HOST:PORT[/DB]") from None
+    if parts.scheme != "redis":
+        raise ClusterError(
+            f"--cluster {shown!r} is not a redis:// URL; give redis://HOST:PORT[/DB]"
+        )
+    if not parts.hostname:
+        raise ClusterError(f"--cluster {shown!r} names no host; give redis://HOST:PORT[/DB]")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ClusterError(
+            f"--cluster {shown!r}: database {path!r} is not a number; give redis://HOST:PORT/0"
+        )
+    if parts.query or parts.fragment:
+        raise ClusterError(f"--cluster {shown!r}: no ?options or #fragment are taken")
+    return ClusterAddress(
+        parts.hostname, port or DEFAULT_REDIS_PORT, int(path or 0),
+        urllib.parse.unquote(parts.username) if parts.username else None,
+        urllib.parse.unquote(parts.password) if parts.password else None,
+    )  # fmt: skip
+
+
+def entry_number(entry: str) -> int:
+    """A stream entry id ("ms-seq") as one integer in the stream's order: the
+    `server_msg_id` (or receipt seq) the relay and the client see."""
+    ms, _, seq = entry.partition("-")
+    return (int(ms) << SEQ_BITS) | int(seq)
+
+
+def entry_id(number: int) -> str:
+    """The stream entry id of an `entry_number`."""
+    return f"{number >> SEQ_BITS}-{number & ((1 << SEQ_BITS) - 1)}"
+
+
+def mailbox_key(user_key: str) -> str:
+    return f"chat:mbox:{{{user_key}}}"
+
+
+def notes_key(user_key: str) -> str:
+    return f"chat:notes:{{{user_key}}}"
+
+
+def note_index_key(user_key: str) -> str:
+    return f"chat:noteidx:{{{user_key}}}"
+
+
+def size_key(user_key: str) -> str:
+    """Hash of the mailbox's size: n (messages), b (UTF-8 bytes of their text)."""
+    return f"chat:msize:{{{user_key}}}"
+
+
+def route_key(user_key: str) -> str:
+    return f"chat:route:{{{user_key}}}"
+
+
+def dedup_key(sender_key: str, instance_id: int, client_seq: int) -> str:
+    return f"chat:dedup:{{{sender_key}}}:{instance_id}:{client_seq}"
+
+
+def _pack(values: list[Any]) -> str:
+    """A stream entry's values, as its one field `m`."""
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+
+
+def account_keys(user_key: str) -> list[str]:
+    """The keys a registration or a deletion touches (the scripts' KEYS)."""
+    return ["chat:accounts", "chat:quarantine", mailbox_key(user_key), size_key(user_key),
+            notes_key(user_key), note_index_key(user_key)]  # fmt: skip
+
+
+def pack_account(account: Account) -> str:
+    return json.dumps(
+        {"n": account.name, "s": account.salt.hex(), "i": account.iterations,
+         "k": account.stored_key.hex(), "v": account.server_key.hex()},
+        separators=(",", ":"),
+    )  # fmt: skip
+
+
+def unpack_account(blob: str) -> Account:
+    data = json.loads(blob)
+    return Account(data["n"], bytes.fromhex(data["s"]), int(data["i"]),
+                   bytes.fromhex(data["k"]), bytes.fromhex(data["v"]))  # fmt: skip
+
+
+class ClusterEvents(Protocol):
+    """What the cluster tells the relay (`chat_server.Relay` has these), on
+    the loop, as store callbacks."""
+
+    def mail_waiting(self, key: str, server_msg_id: int, now: float) -> None: ...
+
+    def receipts_waiting(self, key: str, seq: int, now: float) -> None: ...
+
+    def resync(self, now: float) -> None: ...
+
+    def logged_in_on(self, key: str, instance_id: int, now: float) -> None: ...
+
+    def presence_elsewhere(self, key: str, online: bool, now: float) -> None: ...
+
+    def account_added(self, key: str, account: Account, now: float) -> None: ...
+
+    def mailbox_size(self, key: str, count: int, size: int, now: float) -> None: ...
+
+    def account_changed(self, key: str, account: Account, now: float) -> None: ...
+
+    def account_erased(self, key: str, until: int, now: float) -> None: ...
+
+
+# --- route operations: the router's writes, in the store's one queue --------
+
+
+@dataclass(slots=True)
+class BindRoute:
+    """`key` is logged in on this node from client `instance_id`."""
+
+    key: str
+    instance_id: int
+
+
+@dataclass(slots=True)
+class UnbindRoute:
+    """`key`'s session here ended (its route goes, if it is still this node's)."""
+
+    key: str
+
+
+@dataclass(slots=True)
+class Farewell:
+    """The node stops: its routes go now rather than at their TTL."""
+
+
+ClusterOp = Op | BindRoute | UnbindRoute | Farewell
+
+
+def open_cluster(
+    url: str, node_id: NodeId, notify: Callable[[], None]
+) -> tuple[RedisStore, RedisRouter]:
+    """A node's store and router on the cluster at `url` (`ClusterError`
+    with the one line to print when it cannot be joined)."""
+    store = RedisStore(parse_cluster_url(url), node_id, notify=notify)
+    try:
+        router = RedisRouter(store, store.remote_routes())
+    except redis.RedisError as exc:
+        store.client.close()
+        raise ClusterError(f"cannot read the routes from Redis at {store.address}: {exc}") from None
+    return store, router
+
+
+def _connect(address: ClusterAddress) -> Any:
+    """A client that answers `str` (redis-py's types cannot say which)."""
+    return redis.Redis(
+        host=address.host, port=address.port, db=address.db, username=address.username,
+        password=address.password, socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT, decode_responses=True,
+        # One immediate retry (a pooled connection that Redis closed when it
+        # restarted); beyond that the store's own loop retries, and says so.
+        retry=Retry(NoBackoff(), 1),
+    )  # fmt: skip
+
+
+class RedisStore:
+    """A `MessageStore` on Redis for one node of a cluster (see the module
+    doc). `load` once before the loop; `start` its threads; `attach` the
+    relay and the router that its pub/sub notices feed."""
+
+    def __init__(
+        self, address: ClusterAddress, node_id: NodeId, *,
+        notify: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.address = address
+        self.node_id = node_id
+        self.notify = notify
+        self.clock = clock
+        self.client: Any = _connect(address)
+        try:
+            self.client.ping()
+        except redis.AuthenticationError as exc:
+            raise ClusterError(
+                f"Redis at {address} refused the login ({exc}); check the "
+                "user and password in --cluster or CHAT_CLUSTER_URL"
+            ) from None
+        except redis.RedisError as exc:
+            raise ClusterError(f"cannot reach Redis at {address}: {exc}; is redis-server "
+                               "running there?") from None  # fmt: skip
+        self._sha = {
+            name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()
+        }
+        self.events: ClusterEvents | None = None
+        self.router: RedisRouter | None = None
+        self.done: queue.SimpleQueue[Then] = queue.SimpleQueue()
+        self._pending: list[tuple[ClusterOp, Then | None]] = []
+        self._ops: queue.SimpleQueue[list[tuple[ClusterOp, Then | None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._bound: dict[str, None] = {}  # name keys routed here (the store thread's)
+        self._block_end = 0
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
+        self._pubsub: Any = None
+        self._unsupported_seen: set[str] = set()
+        self.down_since: float | None = None  # when Redis was lost (None: it answers)
+        self._back_at = -RELAPSE_S  # when it last came back
+        self._relapse = False  # this outage began right after the last one ended
+        self.batches = 0
+
+    def attach(self, events: ClusterEvents, router: RedisRouter) -> None:
+        """The relay and the router this node's notices go to. Who is on
+        the other nodes already (the router read the routes at start-up) is
+        told to the relay at its first pass, as if they logged in now."""
+        self.events = events
+        self.router = router
+        for key in router.remote:
+            self.done.put(self._event("presence_elsewhere", key, True))
+
+    # --- start-up (before the loop runs) ------------------------------------
+
+    def load(self) -> Loaded:
+        try:
+            client = self.client
+            client.set("chat:secret", secrets.token_hex(32), nx=True)
+            secret = bytes.fromhex(str(client.get("chat:secret")))
+            end = int(client.incrby("chat:next_id", ID_BLOCK))
+            self._block_end = end + 1
+            loaded = Loaded(secret, end - ID_BLOCK + 1)
+            for key, blob in client.hgetall("chat:accounts").items():
+                loaded.accounts[key] = unpack_account(blob)
+            for key, until in client.hgetall("chat:quarantine").items():
+                loaded.quarantine[key] = int(until)
+            self._warn_unless_durable()
+            self._load_scripts()
+        except redis.RedisError as exc:
+            raise ClusterError(f"cannot read the cluster's state from Redis at {self.address}: "
+                               f"{exc}") from None  # fmt: skip
+        log.info("node %s joined the cluster at %s: %d accounts", self.node_id, self.address,
+                 len(loaded.accounts))  # fmt: skip
+        return loaded
+
+    def remote_routes(self) -> dict[str, NodeId]:
+        """Start-up: who is logged in on the other nodes (a SCAN of the routes)."""
+        routes: dict[str, NodeId] = {}
+        keys = list(self.client.scan_iter("chat:route:*", count=1000))
+        for part in range(0, len(keys), 1000):
+            chunk = keys[part : part + 1000]
+            for key, node in zip(chunk, self.client.mget(chunk), strict=True):
+                if node is not None and node != self.node_id:
+                    routes[key[len("chat:route:{") : -1]] = node
+        return routes
+
+    def _warn_unless_durable(self) -> None:
+        """An ACCEPT means durable only with AOF and `appendfsync always`."""
+        try:
+            config = self.client.config_get("append*")
+        except redis.ResponseError:
+            return  # CONFIG is disabled (a managed Redis): it cannot be checked
+        if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
+            log.warning("Redis at %s runs with appendonly=%s appendfsync=%s: a Redis crash may "
+                        "lose accepted messages; run it with --appendonly yes --appendfsync "
+                        "always", self.address, config.get("appendonly"),
+                        config.get("appendfsync"))  # fmt: skip
+
+    def start(self) -> None:
+        """Subscribe (before any user is served, so no notice is missed) and
+        start the store and listener threads."""
+        self._pubsub = self._subscribe()
+        self._thread = threading.Thread(target=self._run, name="chat-redis", daemon=True)
+        self._thread.start()
+        self._listener = threading.Thread(target=self._listen, name="chat-redis-sub", daemon=True)
+        self._listener.start()
+
+    # --- the loop's side ------------------------------------------------------
+
+    def submit(self, op: Op, then: Then | None = None) -> None:
+        self._pending.append((op, then))
+
+    def submit_route(self, op: BindRoute | UnbindRoute) -> None:
+        """The router's writes, in order with the relay's (a login's route is
+        written before its first mailbox read, so no notice is missed)."""
+        self._pending.append((op, None))
+
+    def reserve_ids(self, next_msg_id: int) -> int:
+        # One block per start (`ID_BLOCK`): this is reached after 2**40 ids.
+        if next_msg_id >= self._block_end:
+            raise RuntimeError("this node gave out its whole block of 2**40 message ids; "
+                               "restart it to reserve another")  # fmt: skip
+        return self._block_end
+
+    def completed(self) -> list[Then]:
+        done: list[Then] = []
+        while True:
+            try:
+                done.append(self.done.get_nowait())
+            except queue.Empty:
+                return done
+
+    def flush(self) -> None:
+        if self._pending:
+            self._ops.put(self._pending)
+            self._pending = []
+
+    def close(self) -> None:
+        """Apply what is queued, remove this node's routes, stop the threads."""
+        self.flush()
+        if self._thread is not None:
+            self._ops.put([(Farewell(), None)])
+            self._closing.set()
+            self._ops.put(None)
+            self._thread.join(SOCKET_TIMEOUT + 5)
+            self._thread = None
+        if self._listener is not None:
+            self._listener.join(5)
+            self._listener = None
+        with contextlib.suppress(Exception):
+            if self._pubsub is not None:
+                self._pubsub.close()
+        self.client.close()
+
+    # --- the store thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        renew_due = self.clock() + ROUTE_RENEW
+        stopping = False
+        while not stopping:
+            try:
+                first = self._ops.get(timeout=max(0.0, renew_due - self.clock()))
+            except queue.Empty:
+                first = []
+            if first is None:
+                break
+            batch = list(first)
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.extend(more)
+            renew = self.clock() >= renew_due
+            callbacks = self._until_applied(batch, renew)
+            if callbacks is None:
+                return  # closed while Redis was away
+            if renew:
+                renew_due = self.clock() + ROUTE_RENEW
+            for then in callbacks:
+                self.done.put(then)
+            if callbacks:
+                self.notify()
+
+    def _until_applied(
+        self, batch: list[tuple[ClusterOp, Then | None]], renew: bool
+    ) -> list[Then] | None:
+        """Apply the batch, again and again while Redis cannot be reached
+        (nothing of it is acknowledged meanwhile); None if the store closed
+        first."""
+        while True:
+            try:
+                callbacks = self._apply(batch)
+                if renew or self.down_since is not None:
+                    # Back after an outage: routes may have expired meanwhile,
+                    # and a message stored for a user without one woke nobody.
+                    # Renew now, then have every session read its queues.
+                    callbacks += self._renew()
+                    if self.down_since is not None:
+                        callbacks.append(self._event("resync"))
+            except redis.exceptions.NoScriptError:
+                # Redis restarted (its script cache is empty): load them and
+                # apply the batch again (every script is idempotent).
+                with contextlib.suppress(redis.RedisError):
+                    self._load_scripts()
+                    continue
+            except redis.RedisError as exc:
+                now = self.clock()
+                if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                    # Every pooled connection may be dead alike (Redis restarted,
+                    # the link was cut): the next attempt opens fresh ones.
+                    with contextlib.suppress(Exception):
+                        self.client.connection_pool.disconnect()
+                if self.down_since is None:
+                    self.down_since = now
+                    # A link that fails again right after it came back (a
+                    # flapping link, stale sockets) is the same outage: its
+                    # lines go to the debug log, not a second pair of lines.
+                    self._relapse = now < self._back_at + RELAPSE_S
+                    if self._relapse:
+                        log.debug("Redis at %s lost again right after it came back (%s)",
+                                  self.address, exc)  # fmt: skip
+                    elif isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                        log.error("lost Redis at %s (%s): messages are not acknowledged until "
+                                  "it is back; retrying every %g s", self.address, exc,
+                                  RETRY_S)  # fmt: skip
+                    else:
+                        log.exception("Redis at %s refused a batch; retrying every %g s",
+                                      self.address, RETRY_S)  # fmt: skip
+            else:
+                if self.down_since is not None:
+                    now = self.clock()
+                    log.log(logging.DEBUG if self._relapse else logging.WARNING,
+                            "Redis at %s is back after %.1f s: acknowledging again",
+                            self.address, now - self.down_since)  # fmt: skip
+                    self.down_since = None
+                    self._back_at = now
+                return callbacks
+            if self._closing.wait(RETRY_S):
+                log.error("node stopped with %d operations not applied (none of them was "
+                          "acknowledged)", len(batch))  # fmt: skip
+                return None
+
+    def _load_scripts(self) -> None:
+        for text in SCRIPTS.values():
+            self.client.script_load(text)
+
+    def _script(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        """Queue script `name` by its SHA1 (one round trip per batch; a
+        NOSCRIPT after a Redis restart loads them and applies the batch again)."""
+        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    def _apply(self, batch: list[tuple[ClusterOp, Then | None]]) -> list[Then]:
+        """One MULTI/EXEC for the batch's writes, then one pipeline of its
+        reads (which see them). Returns the callbacks to run, in order."""
+        pipe = self.client.pipeline(transaction=True)
+        script = functools.partial(self._script, pipe)
+        accounts: list[tuple[int, StoreAccount, str]] = []
+        sizes: list[tuple[int, str]] = []  # (result index, user key) of mailbox sizes
+        skipped: set[int] = set()  # operations it cannot apply
+        writes = 0
+        for op, _ in batch:
+            match op:
+                case StoreMessage(m):
+                    digest = content_digest(m.recipient_key, m.text).hex()
+                    sizes.append((writes, m.recipient_key))
+                    script(
+                        "store_message",
+                        [dedup_key(m.sender_key, m.instance_id, m.client_seq),
+                         mailbox_key(m.recipient_key), route_key(m.recipient_key),
+                         size_key(m.recipient_key)],
+                        [f"{m.server_msg_id}:{digest}", DEDUP_KEEP_S, m.recipient_key,
+                         len(m.text.encode("utf-8")),
+                         _pack([m.sender_key, m.sender, m.instance_id, m.client_seq, m.text,
+                                m.sent_ms])],
+                    )  # fmt: skip
+                case MarkDelivered():
+                    sizes.append((writes, op.recipient_key))
+                    script(
+                        "mark_delivered",
+                        [mailbox_key(op.recipient_key), notes_key(op.sender_key),
+                         note_index_key(op.sender_key), route_key(op.sender_key),
+                         size_key(op.recipient_key)],
+                        [entry_id(op.server_msg_id), f"{op.instance_id}:{op.client_seq}",
+                         op.sender_key, _pack([op.instance_id, op.client_seq, op.recipient]),
+                         op.size],
+                    )  # fmt: skip
+                case NoticeDone(sender_key, instance_id, client_seq):
+                    script("notice_done", [notes_key(sender_key), note_index_key(sender_key)],
+                           [f"{instance_id}:{client_seq}"])  # fmt: skip
+                case StoreAccount(key, account):
+                    blob = pack_account(account)
+                    script("store_account", account_keys(key), [key, blob])
+                    accounts.append((writes, op, blob))
+                case UpdateAccount(key, account):
+                    script("update_account", ["chat:accounts"], [key, pack_account(account)])
+                case EraseAccount(key, until_ms):
+                    script("erase_account", account_keys(key), [key, until_ms])
+                case BindRoute(key, instance_id):
+                    self._bound[key] = None
+                    script("bind", [route_key(key)], [self.node_id, ROUTE_TTL, key, instance_id])
+                case UnbindRoute(key):
+                    self._bound.pop(key, None)
+                    script("unbind", [route_key(key)], [self.node_id, key])
+                case Farewell():
+                    for key in self._bound:
+                        script("unbind", [route_key(key)], [self.node_id, key])
+                        writes += 1
+                    self._bound.clear()
+                    continue
+                case Reserve() | Sync() | Read():
+                    continue  # ids come in one block per start; a barrier; reads below
+                case _:
+                    # An operation this store does not know (a feature built for
+                    # the single server only): never applied, so never acknowledged.
+                    self._unsupported(op)
+                    skipped.add(id(op))
+                    continue
+            writes += 1
+        results: list[Any] = pipe.execute() if writes else []
+        # A registration that lost a race with another node's: the account
+        # stored first holds, and the relay is told instead of its callback.
+        lost = {id(op): unpack_account(results[at]) for at, op, blob in accounts
+                if results[at] != blob}  # fmt: skip
+        # Reads after the writes, each seeing every write submitted before it.
+        reads = [op for op, _ in batch if isinstance(op, Read)]
+        for read in reads:
+            if not isinstance(read.query, READS):
+                self._unsupported(read.query)  # left not ok: the relay asks again later
+        reads = [read for read in reads if isinstance(read.query, READS)]
+        if reads:
+            pipe = self.client.pipeline(transaction=False)
+            for read in reads:
+                self._queue_read(pipe, read.query)
+            for read, raw in zip(reads, pipe.execute(), strict=True):
+                read.result = self._answer(read.query, raw)
+                read.ok = True
+        self.batches += 1
+        callbacks: list[Then] = []
+        for op, then in batch:
+            if id(op) in skipped:
+                continue
+            if isinstance(op, StoreAccount) and id(op) in lost:
+                callbacks.append(self._event("account_added", op.key, lost[id(op)]))
+            elif then is not None:
+                callbacks.append(then)
+        # The mailbox caps go by the shared sizes, as of the last write here.
+        latest = {key: results[at] for at, key in sizes}
+        for key, size in latest.items():
+            count, _, utf8 = str(size).partition(":")
+            callbacks.append(self._event("mailbox_size", key, int(count), int(utf8)))
+        return callbacks
+
+    def _unsupported(self, op: object) -> None:
+        kind = type(op).__name__
+        if kind not in self._unsupported_seen:
+            self._unsupported_seen.add(kind)
+            log.error("%s is not supported in cluster mode: not applied and not acknowledged "
+                      "(logged once)", kind)  # fmt: skip
+
+    @staticmethod
+    def _queue_read(pipe: Any, query: Query) -> None:
+        match query:
+            case ReadMailbox(key, after, limit, _):
+                start = "-" if after < 0 else f"({entry_id(after)}"
+                pipe.xrange(mailbox_key(key), start, "+", count=limit)
+            case ReadNotices(key, after, limit):
+                start = "-" if after < 0 else f"({entry_id(after)}"
+                pipe.xrange(notes_key(key), start, "+", count=limit)
+            case FindDedup(key, instance_id, client_seq):
+                pipe.get(dedup_key(key, instance_id, client_seq))
+
+    @staticmethod
+    def _answer(query: Query, raw: Any) -> MailPage | NoticePage | tuple[int, bytes | None] | None:
+        """A read's answer, from what Redis said to `_queue_read`'s command."""
+        match query:
+            case ReadMailbox(key, _, limit, max_bytes):
+                rows: list[StoredMessage] = []
+                size = 0
+                for entry, fields in raw:
+                    sender_key, sender, instance_id, client_seq, text, sent_ms = json.loads(
+                        fields["m"]
+                    )
+                    message = StoredMessage(entry_number(entry), key, sender_key, sender,
+                                            instance_id, client_seq, text, sent_ms)  # fmt: skip
+                    size += len(message.text.encode("utf-8"))
+                    if rows and size > max_bytes:
+                        return rows, True
+                    rows.append(message)
+                return rows, len(raw) >= limit
+            case ReadNotices(_, _, limit):
+                notes = [(entry_number(e), *json.loads(fields["m"])) for e, fields in raw]
+                return notes, len(raw) >= limit
+            case FindDedup():
+                if raw is None:
+                    return None
+                server_msg_id, _, digest = str(raw).partition(":")
+                return int(server_msg_id), bytes.fromhex(digest)
+        return None  # not one of `READS`: never asked (`_apply` leaves it not ok)
+
+    def _renew(self) -> list[Then]:
+        """Keep this node's routes alive and say the node is. A route that
+        another node holds means a login there whose notice was missed (the
+        pub/sub link was down): the session here is taken over."""
+        keys = [route_key(key) for key in self._bound]
+        pipe = self.client.pipeline(transaction=False)
+        for part in range(0, len(keys), RENEW_CHUNK):
+            self._script(pipe, "renew", keys[part : part + RENEW_CHUNK], [self.node_id, ROUTE_TTL])
+        pipe.publish(BROADCAST, f"alive\t{self.node_id}")
+        taken = [key for answer in pipe.execute()[:-1] for key in answer]
+        callbacks: list[Then] = []
+        for route in taken:
+            user_key = route[len("chat:route:{") : -1]
+            self._bound.pop(user_key, None)
+            # Another client (an unknown instance): its BYE says logged_in_elsewhere.
+            callbacks.append(self._event("logged_in_on", user_key, -1))
+        return callbacks
+
+    # --- the listener thread: pub/sub notices to the loop ---------------------
+
+    def _subscribe(self) -> Any:
+        pubsub: Any = self.client.pubsub()
+        pubsub.subscribe(NODE_CHANNEL + self.node_id, BROADCAST)
+        confirmed = 0
+        deadline = time.monotonic() + SOCKET_TIMEOUT
+        while confirmed < 2:
+            message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            if message is None:
+                if time.monotonic() >= deadline:
+                    raise redis.TimeoutError("no answer to SUBSCRIBE")
+                continue
+            if message["type"] == "subscribe":
+                confirmed += 1
+        return pubsub
+
+    def _listen(self) -> None:
+        pubsub = self._pubsub
+        while not self._closing.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._pubsub = self._subscribe()
+                    # Notices may have been missed while the link was down.
+                    self._catch_up()
+                message = pubsub.get_message(timeout=0.5)
+                if message is None:
+                    continue
+                # Take what else has come too, and wake the loop once for all
+                # of it: under load a notice per message would be a wake-up
+                # (a system call and a loop pass) per message.
+                notices: list[str] = []
+                while message is not None and len(notices) < NOTICE_BATCH:
+                    if message["type"] == "message":
+                        notices.append(str(message["data"]))
+                    message = pubsub.get_message(timeout=0)
+                if notices:
+                    self._on_notices(notices)
+            except redis.RedisError as exc:
+                log.debug("pub/sub link to Redis lost (%s); subscribing again", exc)
+                with contextlib.suppress(Exception):
+                    if pubsub is not None:
+                        pubsub.close()
+                pubsub = self._pubsub = None
+                self._closing.wait(RETRY_S)
+            except Exception:  # a notice we cannot read: never the end of the thread
+                log.exception("cannot handle a cluster notice")
+
+    def _catch_up(self) -> None:
+        """After the pub/sub link came back: accounts registered meanwhile,
+        and every local session's queues read again."""
+        for key, blob in self.client.hgetall("chat:accounts").items():
+            self.done.put(self._event("account_added", key, unpack_account(blob)))
+        for key, until in self.client.hgetall("chat:quarantine").items():
+            self.done.put(self._event("account_erased", key, int(until)))
+        self.done.put(self._event("resync"))
+        self.notify()
+
+    def _on_notices(self, notices: list[str]) -> None:
+        """Hand a burst of notices to the loop. Of the "something waits"
+        notices only the newest per user and queue is kept: a page read for
+        it reads everything older as well."""
+        waiting: dict[tuple[str, str], int] = {}
+        for data in notices:
+            kind, _, rest = data.partition("\t")
+            if kind in ("m", "n"):
+                key, _, entry = rest.rpartition("\t")
+                number = entry_number(entry)
+                if number > waiting.get((kind, key), -1):
+                    waiting[(kind, key)] = number
+            else:
+                self._on_notice(kind, rest)
+        for (kind, key), number in waiting.items():
+            name = "mail_waiting" if kind == "m" else "receipts_waiting"
+            self.done.put(self._event(name, key, number))
+        self.notify()
+
+    def _on_notice(self, kind: str, rest: str) -> None:
+        match kind:
+            case "a":
+                key, _, blob = rest.partition("\t")
+                self.done.put(self._event("account_added", key, unpack_account(blob)))
+            case "u":
+                key, _, blob = rest.partition("\t")
+                self.done.put(self._event("account_changed", key, unpack_account(blob)))
+            case "x":
+                key, _, until = rest.partition("\t")
+                self.done.put(self._event("account_erased", key, int(until)))
+            case "on":
+                key, node, instance = rest.split("\t")
+                if node != self.node_id:
+                    self.done.put(self._routed(key, node, int(instance)))
+            case "off":
+                key, node = rest.split("\t")
+                if node != self.node_id:
+                    self.done.put(self._routed(key, node, None))
+            case "alive":  # this node's own beat too: it times the others out
+                self.done.put(self._alive(rest))
+            case _:
+                log.debug("unknown cluster notice %r", kind)
+
+    def _event(self, name: str, *args: Any) -> Then:
+        """A call of `ClusterEvents.<name>(*args, now)` for the loop."""
+
+        def call() -> None:
+            if self.events is not None:
+                getattr(self.events, name)(*args, self.clock())
+
+        return call
+
+    def _routed(self, key: str, node: NodeId, instance_id: int | None) -> Then:
+        """A login (`instance_id` given) or logout on another node."""
+
+        def call() -> None:
+            events, router = self.events, self.router
+            if events is None or router is None:
+                return
+            now = self.clock()
+            if instance_id is not None:
+                events.logged_in_on(key, instance_id, now)  # ends a session of theirs here
+                router.remote_bound(key, node, now)
+                events.presence_elsewhere(key, True, now)
+            elif router.remote_unbound(key, node):
+                events.presence_elsewhere(key, False, now)
+
+        return call
+
+    def _alive(self, node: NodeId) -> Then:
+        def call() -> None:
+            events, router = self.events, self.router
+            if events is None or router is None:
+                return
+            now = self.clock()
+            for key in router.node_alive(node, now):
+                events.presence_elsewhere(key, False, now)
+
+        return call
+
+
+class RedisRouter:
+    """A `Router` for a cluster node: its own sessions (`User.session`) and a
+    cache of the routes to other nodes, kept by the pub/sub notices (a login
+    or logout elsewhere) and dropped with a node that has gone silent for
+    `ROUTE_TTL`. Writes go through the store's queue (`BindRoute`,
+    `UnbindRoute`); `locate` answers from memory."""
+
+    def __init__(self, store: RedisStore, remote: dict[str, NodeId] | None = None) -> None:
+        self.store = store
+        self.node_id = store.node_id
+        self.remote: dict[str, NodeId] = dict(remote or {})
+        self.nodes_seen: dict[NodeId, float] = {}
+
+    def locate(self, user: User) -> Route:
+        session = user.session
+        if session is not None:
+            return session
+        return self.remote.get(user.key)
+
+    def bind(self, user: User, session: Session, now: float) -> None:
+        user.session = session
+        self.remote.pop(user.key, None)
+        self.store.submit_route(BindRoute(user.key, session.instance_id))
+
+    def unbind(self, user: User, session: Session, now: float) -> None:
+        if user.session is session:
+            user.session = None
+            self.store.submit_route(UnbindRoute(user.key))
+
+    def remote_bound(self, key: str, node: NodeId, now: float) -> None:
+        self.remote[key] = node
+        self.nodes_seen.setdefault(node, now)
+
+    def remote_unbound(self, key: str, node: NodeId) -> bool:
+        """A logout on `node`: True if that was the route known here."""
+        if self.remote.get(key) == node:
+            del self.remote[key]
+            return True
+        return False
+
+    def node_alive(self, node: NodeId, now: float) -> list[str]:
+        """`node` said it is alive; answers the users of nodes silent for
+        longer than a route lives, whose routes are dropped here."""
+        if node != self.node_id:
+            self.nodes_seen[node] = now
+        gone = {n for n, seen in self.nodes_seen.items() if now - seen > ROUTE_TTL}
+        if not gone:
+            return []
+        for n in gone:
+            del self.nodes_seen[n]
+            log.warning("node %s has been silent for over %d s: its users count as offline",
+                        n, ROUTE_TTL)  # fmt: skip
+        keys = [key for key, n in self.remote.items() if n in gone]
+        for key in keys:
+            del self.remote[key]
+        return keys
