@@ -264,6 +264,11 @@ PAGE_MIN_BYTES = MAILBOX_WINDOW_BYTES // 4
 # Receipts (DELIVERED, ~30 bytes each) handed to a sender and not yet acked.
 NOTICE_WINDOW = 1024
 NOTICE_PAGE_MIN = NOTICE_WINDOW // 4
+# "Delivered by" receipts of group messages handed to a sender and not yet
+# acked: a message to a group of 1,000 has 999, so a window of direct
+# receipts would send a sender at 10 messages/s to the disk for them at once.
+GROUP_NOTICE_WINDOW = 8192
+GROUP_NOTICE_PAGE_MIN = GROUP_NOTICE_WINDOW // 4
 MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
@@ -2408,10 +2413,12 @@ class Relay:
         group_key, seq = where
         pager = mail.pagers[group_key]
         done: list[GroupEntry] = []
-        for entry_seq in list(pager.items):  # in seq order: handed in order
-            if entry_seq > seq:
+        items = pager.items
+        while items:  # in seq order (handed in order): the oldest first, up to `seq`
+            entry = items[next(iter(items))]
+            if entry.seq > seq:
                 break
-            entry = pager.items.pop(entry_seq)
+            del items[entry.seq]
             mail.ids.pop(entry.server_msg_id, None)
             mail.count -= 1
             mail.bytes -= entry.size
@@ -2439,11 +2446,12 @@ class Relay:
             self.store.submit(DropMember(group_key, user.key))
             self._drop_pager(mail, group_key)
             return True
-        for other_key, other in list(mail.pagers.items()):  # the window has room again
-            if other.behind and not other.reading:
-                other_group = self.groups.get(other_key)
-                if other_group is not None:
-                    self._page_group(session, other_group)
+        if pager.behind or len(mail.pagers) > 1:  # the window has room again
+            for other_key, other in list(mail.pagers.items()):
+                if other.behind and not other.reading:
+                    other_group = self.groups.get(other_key)
+                    if other_group is not None:
+                        self._page_group(session, other_group)
         return True
 
     def _tell_group_sender(self, sender_key: str, msg_id: MsgId, by: User, group: Group,
@@ -2465,7 +2473,7 @@ class Relay:
         if key in pager.items:
             return
         late = seq < pager.cursor
-        if late or (not pager.behind and len(pager.items) < NOTICE_WINDOW):
+        if late or (not pager.behind and len(pager.items) < GROUP_NOTICE_WINDOW):
             pager.items[key] = seq
             pager.cursor = max(pager.cursor, seq)
             entry = self._group_delivereds.get(session.session_id)
@@ -2481,8 +2489,8 @@ class Relay:
         pager = session.group_receipts
         if pager is None or not pager.behind or pager.reading:
             return
-        free = NOTICE_WINDOW - len(pager.items)
-        if pager.items and free < NOTICE_PAGE_MIN:
+        free = GROUP_NOTICE_WINDOW - len(pager.items)
+        if pager.items and free < GROUP_NOTICE_PAGE_MIN:
             return
         pager.reading = True
         read = Read(ReadGroupNotices(session.user.key, pager.cursor, max(1, free)))

@@ -1521,15 +1521,27 @@ class _GroupSegment:
         if self.left:
             db.executemany("UPDATE group_members SET left_seq=? WHERE group_key=? AND "
                            "member_key=? AND joined_seq<?", self.left)  # fmt: skip
-        if self.cursors:
-            db.executemany(
-                "UPDATE group_members SET cursor=MAX(cursor, ?) WHERE group_key=? AND member_key=?",
-                [(seq, g, m) for (g, m), seq in self.cursors.items()],
-            )
+        # Multi-row statements, not `executemany` (see `ServerStore._insert`:
+        # a statement per row hands the GIL to the loop at every row): a
+        # message to a group of 1,000 moves 999 cursors and queues, then
+        # drops, 999 receipts.
+        by_group: dict[str, list[tuple[str, int]]] = {}
+        for (group_key, member_key), seq in self.cursors.items():
+            by_group.setdefault(group_key, []).append((member_key, seq))
+        for group_key, moves in by_group.items():
+            for part in _chunks(moves, store._max_rows(3)):
+                cases = " ".join(["WHEN ? THEN ?"] * len(part))
+                db.execute(
+                    f"UPDATE group_members SET cursor=MAX(cursor, CASE member_key {cases} END) "
+                    f"WHERE group_key=? AND member_key IN ({_marks(len(part))})",
+                    [*_flat(part), group_key, *(member for member, _ in part)],
+                )
         store._insert("group_notices", self.notices)
-        if self.notices_done:
-            db.executemany("DELETE FROM group_notices WHERE sender_key=? AND instance_id=? AND "
-                           "client_seq=? AND by_key=?", self.notices_done)  # fmt: skip
+        for part in _chunks(self.notices_done, 100):  # an OR of primary keys, as for notices
+            where = " OR ".join(
+                ["(sender_key=? AND instance_id=? AND client_seq=? AND by_key=?)"] * len(part)
+            )
+            db.execute(f"DELETE FROM group_notices WHERE {where}", _flat(part))
         if self.dropped:
             db.executemany("DELETE FROM group_members WHERE group_key=? AND member_key=? AND "
                            "left_seq IS NOT NULL", self.dropped)  # fmt: skip

@@ -428,6 +428,7 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
             entry[2] += count
     complete = [(last - stamp) / 1e6 for stamp, last, count in arrivals.values()
                 if count == size - 1]  # fmt: skip
+    members_reached = [count for _, _, count in arrivals.values()]
     complete.sort()
     last_arrival = max((last for _, last, _ in arrivals.values()), default=0) / 1e9
     elapsed = max(1e-9, max(last_arrival, sent["last_receipt"]) - t0)
@@ -437,6 +438,9 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
         "recipients": sent["recipients"], "delivered_by_receipts": sent["delivered_by"],
         "copies": received, "copies_expected": sent["sent"] * (size - 1),
         "duplicates": duplicates, "messages_everyone_has": len(complete),
+        "members_reached_min": min(members_reached, default=0),
+        "members_reached_max": max(members_reached, default=0),
+        "events_received": sum(r["events"] for r in results),
         "elapsed_s": elapsed, "copies_per_s": received / elapsed,
         "server_cpu_s": cpu1 - cpu0, "cpu_us_per_copy": (cpu1 - cpu0) / max(1, received) * 1e6,
         "load_cpu_s": load_cpu, "load_processes": len(results) + 1,
