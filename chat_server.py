@@ -242,6 +242,9 @@ COUNTED_REQUESTS = frozenset(
 #: The handle of a deleted account's last ACCOUNT_RESULT: once its client
 #: acks it, the session ends.
 ACCOUNT_GONE = "\0account deleted"
+#: The request ids under which a deleted account leaves its groups (its
+#: client counts its own ids up from 1, so these never meet them).
+DELETION_REQUEST = (1 << 64) - 1
 MAX_TYPING_PAIRS = 4096  # (sender, recipient) typing limiters kept, least recent evicted
 MEMORY_SAMPLE_INTERVAL = 0.5  # seconds between two reads of the resident memory
 SHUTDOWN_COMMIT_WAIT = 2.0  # seconds a stopping server waits for its last commit
@@ -1786,6 +1789,7 @@ class Relay:
         if self._prove(session, message, request.proof, request.nonce, now) is None:
             return
         until = int(self._wall_clock() * 1000 + self.config.name_quarantine * 1000)
+        self._leave_all_groups(session)
         self._forget_account(user, until if self.config.name_quarantine > 0 else None, now,
                              keep=session)  # fmt: skip
         self.stats["accounts_deleted"] += 1
@@ -1801,6 +1805,22 @@ class Relay:
                            handle=ACCOUNT_GONE)  # fmt: skip
 
         self.store.submit(EraseAccount(user.key, until), erased)
+
+    def _leave_all_groups(self, session: Session) -> None:
+        """A deleted account leaves every group it is in, as by `/leave`
+        (its members see it leave, ownership passes on, a group it was the
+        last member of ends), and stops being a former member anywhere: no
+        group counts it in "delivered 2 of N", and the name's next owner
+        inherits no group and no backlog. Its requests' answers go to
+        request ids no client uses (`DELETION_REQUEST` down)."""
+        user = session.user
+        for index, group in enumerate(self.groups.user_groups(user.key)):
+            self._group_leave(
+                group, user, (user.key, session.instance_id, DELETION_REQUEST - index)
+            )
+        session.group_mail = None
+        for group in self.groups.drop_former(user.key):
+            self.store.submit(DropMember(group.key, user.key))
 
     def _forget_account(self, user: User, until: int | None, now: float, *,
                         keep: Session | None = None) -> None:  # fmt: skip

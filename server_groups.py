@@ -260,6 +260,17 @@ class GroupTable:
             if not mine:
                 del self.former_of[user_key]
 
+    def drop_former(self, user_key: str) -> list[Group]:
+        """Forget `user_key` as a former member of every group, caught up or
+        not (a deleted account: what it had still to get goes with it, and
+        the name's next owner inherits none of it); the groups it was in."""
+        dropped: list[Group] = []
+        for group_key in list(self.former_of.pop(user_key, {})):
+            group = self.groups.get(group_key)
+            if group is not None and group.former.pop(user_key, None) is not None:
+                dropped.append(group)
+        return dropped
+
     def forget_former(self, group: Group, member: Member) -> bool:
         """Drop a former member who has caught up; True if dropped."""
         if member.caught_up and group.former.get(member.key) is member:

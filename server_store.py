@@ -701,6 +701,9 @@ class MemoryStore:
         self.quarantine.pop(key, None)
         for dedup in [d for d in self.dedup if d[0] == key]:  # rare: a deletion
             del self.dedup[dedup]
+        self.group_notices.pop(key, None)
+        for request in [r for r in self.group_requests if r[0] == key]:
+            del self.group_requests[request]
 
     def submit(self, op: Op, then: Then | None = None) -> None:
         # The three kinds made per message first, tested with `isinstance`
@@ -1381,7 +1384,8 @@ class ServerStore:
         receipts queued for it, its dedup keys, its counts, its quarantine."""
         for table, column in (("mailbox", "recipient_key"), ("notices", "sender_key"),
                               ("dedup", "sender_key"), ("summary", "user_key"),
-                              ("quarantine", "name_key")):  # fmt: skip
+                              ("quarantine", "name_key"), ("group_notices", "sender_key"),
+                              ("group_requests", "user_key")):  # fmt: skip
             self._db.execute(f"DELETE FROM {table} WHERE {column}=?", (key,))
 
     def _count(self, counts: dict[str, list[int]]) -> None:
