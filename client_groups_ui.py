@@ -204,9 +204,6 @@ class GroupsUI:
             known = self.groups[key] = GroupInfo(group)
         return known
 
-    def is_group(self, conv: ConversationView) -> bool:
-        return is_group_address(conv.name)
-
     def knows_member(self, user: str) -> bool:
         return any(g.has(user) for g in self.groups.values())
 
