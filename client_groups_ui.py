@@ -6,7 +6,8 @@ holds small hooks that call in here.
   members' presence, learnt from `GroupsListed`, `MembersListed` and each
   `GroupChanged`; the contact list's line for a group (`#team`, member
   count, unread); membership changes as muted lines in the transcript; the
-  states of our group messages ("✓✓ 2 of 3", the names on hover).
+  states of our group messages ("✓✓ 2 of 3"; the window's hover over one
+  names the members who have it: `hover_text`).
 - `MembersPanel`: beside an open group's transcript: the members with a
   presence dot, the owner marked, Add (any member), Remove (the owner),
   Leave.
@@ -186,8 +187,6 @@ class GroupsUI:
         self.receipts: dict[str, Receipts] = {}  # by our message id
         self._not_ours: set[str] = set()  # ids the store had no group receipts for
         self.watched: set[str] = set()
-        self.tooltip: tk.Toplevel | None = None
-        self.tooltip_text = ""  # what the hover shows (tests read it)
         self.dialog: NewGroupDialog | None = None
         left = window.contact_list.frame.master
         self.new_button = ttk.Button(left, text="New group\u2026", command=self.open_dialog)
@@ -321,14 +320,20 @@ class GroupsUI:
             return f"\u2713 on server \u00b7 0 of {receipts.recipients}"
         return None
 
-    def state_inserted(self, line: LineView) -> None:
-        """Our group message's state is in the transcript: names on hover."""
-        if line.msg_id is None or line.msg_id not in self.receipts:
-            return
-        tag = f"sttext-{line.msg_id}"
-        msg_id = line.msg_id
-        self.w.transcript.tag_bind(tag, "<Enter>", lambda e: self.show_tooltip(msg_id, e))
-        self.w.transcript.tag_bind(tag, "<Leave>", lambda e: self.hide_tooltip())
+    def hover_text(self, line: LineView) -> str | None:
+        """What the hover over our group message adds: who has it ("✓✓ 2
+        of 3" names them), or None for any other line."""
+        if line.msg_id is None:
+            return None
+        if line.msg_id not in self.receipts:
+            self._read_receipts(line.msg_id)
+        receipts = self.receipts.get(line.msg_id)
+        if receipts is None:
+            return None
+        of = f" of {receipts.recipients}" if receipts.recipients is not None else ""
+        if not receipts.by:
+            return f"Members    none has it yet (0{of})"
+        return f"Members    {len(receipts.by)}{of} have it: {', '.join(receipts.by)}"
 
     def _read_receipts(self, msg_id: str) -> None:
         """What the store has of our message `msg_id` and the others in the
@@ -417,32 +422,6 @@ class GroupsUI:
         info = self.groups.get(name_key(self.shown_group or ""))
         me = self.w.username
         return info is not None and me is not None and name_key(info.owner) == name_key(me)
-
-    # --- hover ----------------------------------------------------------------
-
-    def tooltip_for(self, msg_id: str) -> str:
-        receipts = self.receipts.get(msg_id)
-        if receipts is None or not receipts.by:
-            return "not delivered to anyone yet"
-        return "delivered to " + ", ".join(receipts.by)
-
-    def show_tooltip(self, msg_id: str, event: tk.Event[tk.Misc] | None = None) -> None:
-        self.hide_tooltip()
-        self.tooltip_text = self.tooltip_for(msg_id)
-        top = tk.Toplevel(self.w.top)
-        top.wm_overrideredirect(True)
-        x = event.x_root + 12 if event is not None else self.w.top.winfo_pointerx() + 12
-        y = event.y_root + 12 if event is not None else self.w.top.winfo_pointery() + 12
-        top.geometry(f"+{x}+{y}")
-        ttk.Label(top, text=self.tk_safe(self.tooltip_text), padding=(6, 3),
-                  background="#ffffe0", relief="solid", borderwidth=1).pack()  # fmt: skip
-        self.tooltip = top
-
-    def hide_tooltip(self) -> None:
-        self.tooltip_text = ""
-        if self.tooltip is not None:
-            self.tooltip.destroy()
-            self.tooltip = None
 
     # --- helpers ------------------------------------------------------------------
 

@@ -235,7 +235,11 @@ def full_time(stamp: float) -> str:
 
 def initials(name: str) -> str:
     """One or two letters for a round avatar: `alice` A, `mary-jane` MJ,
-    `j.r.r` JR. A character Tk 8.6 cannot draw (outside the BMP) is `?`."""
+    `j.r.r` JR; a group `#team` (shown `#team (3)`) #T. A character Tk 8.6
+    cannot draw (outside the BMP) is `?`."""
+    if name.startswith("#"):
+        letters = "#" + (name[1:2] or "?")
+        return "".join(ch if ord(ch) <= 0xFFFF else "?" for ch in letters.upper())
     parts = [part for part in re.split(r"[-_.\s]+", name) if part]
     letters = (parts[0][0] + parts[1][0]) if len(parts) >= 2 else (name[:1] or "?")
     return "".join(ch if ord(ch) <= 0xFFFF else "?" for ch in letters.upper())

@@ -247,10 +247,9 @@ class Transcript:
         text.bind("<Control-c>", lambda e: None)
         self.new_marker = ttk.Button(parent, text="\u2193 new messages",
                                         command=self._marker_clicked)  # fmt: skip
-        # What a group adds to our message's state ("✓✓ 2 of 3", the names on
-        # hover: client_groups_ui.py); None leaves the usual label.
+        # What a group makes of our message's state ("✓✓ 2 of 3":
+        # client_groups_ui.py); None leaves the usual label.
         self.state_label: Callable[[Line], str | None] = lambda line: None
-        self.state_shown: Callable[[Line], None] = lambda line: None
         self.lines: list[Line] = []  # what is shown, oldest first
         self.has_earlier = False  # the store holds lines before the first shown
         self.at_latest = True  # ends with the conversation's newest line (else: a search hit)
@@ -574,7 +573,6 @@ class Transcript:
             if line.state == MessageState.SENDING and line.slow:
                 label += " (no answer from the server yet; kept and sent again)"
             self.text.insert(mark, f"  {label}", ("state", tag))
-            self.state_shown(line)
 
     def render_state(self, line: Line) -> None:
         tag = f"sttext-{line.msg_id}"

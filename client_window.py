@@ -273,7 +273,6 @@ class ChatWindow:
         self.account_menu = add_account_menu(self)  # client_account_ui: the account dialogs
         self.groups = client_groups_ui.GroupsUI(self, Line, tk_safe)  # client_groups_ui.py
         self.view.state_label = self.groups.state_label  # "✓✓ 2 of 3"
-        self.view.state_shown = self.groups.state_inserted  # the names on hover
         self.login_frame.pack(fill="both", expand=True)
         master.bind("<FocusIn>", self._on_focus_in, add="+")
         master.bind("<FocusOut>", self._on_focus_out, add="+")
@@ -1129,7 +1128,9 @@ class ChatWindow:
         if line.kind != "own" or line.msg_id is None:
             return f"{line.who} \u00b7 {full_time(line.stamp)}"
         timeline = self.session.timeline(line.msg_id) if self.session is not None else None
-        return describe(timeline, state=line.state, stamp=line.stamp, reason=line.reason)
+        text = describe(timeline, state=line.state, stamp=line.stamp, reason=line.reason)
+        members = self.groups.hover_text(line)  # a group message: who has it
+        return text if members is None else f"{text}\n{members}"
 
     def show_about(self) -> None:
         """Help > About: the program, its version, where it comes from."""

@@ -9,16 +9,18 @@ get. The group flow's screenshot goes to docs/screenshots/groups.png."""
 from __future__ import annotations
 
 import subprocess
+import tkinter as tk
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from chat_client import ChatSession, GroupChanged, MessageReceived
+from client_look import initials
 from client_window import ChatWindow
 from protocol import GroupAction, name_key
 from tests.conftest import RunningServer, wait_for
-from tests.test_gui import Gui, click_tag, open_gui, press, pump, pump_until, type_text
+from tests.test_gui import Gui, open_gui, press, pump, pump_until, type_text
 from tests.xvfb import display, screenshot  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +34,17 @@ def gui(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Gui]:
     yield from open_gui(server, monkeypatch)
+
+
+def hover(text: tk.Text, tag: str) -> None:
+    """Move the pointer onto the first character carrying `tag`, and leave it."""
+    first = text.tag_ranges(tag)[0]
+    text.see(first)
+    text.update()
+    bbox = text.bbox(first)
+    assert bbox is not None, f"{tag} is not visible"
+    text.event_generate("<Motion>", x=bbox[0] + 2, y=bbox[1] + bbox[3] // 2)
+    text.update()
 
 
 def window_screenshot(window: ChatWindow, target: Path) -> None:
@@ -110,9 +123,10 @@ def test_the_group_flow_in_the_window(gui: Gui) -> None:
     )
     (msg_id,) = [line.msg_id for line in alice.current.lines if line.kind == "own"]
     assert msg_id is not None
-    click_tag(alice.transcript, f"sttext-{msg_id}")  # the pointer over the state
-    assert pump_until(gui.root, lambda: alice.groups.tooltip is not None)
-    assert alice.groups.tooltip_text in ("delivered to bob, carol", "delivered to carol, bob")
+    hover(alice.transcript, f"sttext-{msg_id}")  # the pointer rests on the state
+    names = ("bob, carol", "carol, bob")
+    assert pump_until(gui.root, lambda: any(f"2 of 2 have it: {n}" in alice.tooltip.text
+                                            for n in names)), alice.tooltip.text  # fmt: skip
 
     # A member's message lands in the group's conversation.
     bob.send("hi all", to="#team")
@@ -221,8 +235,9 @@ def test_a_groups_history_comes_back_after_a_new_login(gui: Gui) -> None:
         "alice: kept for later  \u2713\u2713 1 of 1",
         "bob: so is this",
     ], lines
-    (msg_id,) = [line.msg_id for line in again.conversations["#team"].lines if line.kind == "own"]
-    assert msg_id is not None and again.groups.tooltip_for(msg_id) == "delivered to bob"
+    (own,) = [line for line in again.conversations["#team"].lines if line.kind == "own"]
+    assert again.groups.hover_text(own) == "Members    1 of 1 have it: bob"
+    assert "Members" in again.describe_line(own)  # in the window's hover over it
 
 
 def test_a_new_login_in_the_same_window_follows_its_own_groups(gui: Gui) -> None:
@@ -254,3 +269,9 @@ def test_a_new_login_in_the_same_window_follows_its_own_groups(gui: Gui) -> None
     assert "#team" not in {key for key in window.groups.groups}
     gui.session("bob")  # back: this session follows bob's presence too
     assert pump_until(gui.root, lambda: "\u25cf bob" in panel.rows()), panel.rows()
+
+
+def test_a_groups_round_avatar_says_it_is_a_group() -> None:
+    assert initials("#team (3)") == "#T"  # the contact list's label of #team
+    assert initials("#\u00e9quipe") == "#\u00c9"
+    assert (initials("team"), initials("mary-jane")) == ("T", "MJ")  # people as before
