@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -769,3 +770,18 @@ def test_groups_are_refused_in_cluster_mode_with_a_clear_answer(
     world.run_until(lambda: bool(alice.of(Fail)), 200, "the FAIL")
     fail = alice.of(Fail)[0]
     assert fail.reason == ErrorCode.SERVER_ERROR and "cluster mode" in fail.message
+
+
+def test_every_module_is_packaged() -> None:
+    """`pip install 'udp-chat[cluster]'` (not editable) installs pyproject's
+    `py-modules` only: a module missing there makes chat-server fail at
+    import on such an install (server_cluster is imported by --cluster)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = tomllib.loads((root / "pyproject.toml").read_text("utf-8"))["tool"]["setuptools"][
+        "py-modules"
+    ]
+    present = {path.stem for path in root.glob("*.py")}
+    assert present - set(listed) == set(), "add these to [tool.setuptools] py-modules"
+    assert set(listed) - present == set(), "py-modules names modules that do not exist"
