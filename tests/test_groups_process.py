@@ -28,6 +28,7 @@ from protocol import (
     MsgId,
     Receipts,
     Send,
+    batches,
     conversation_stream,
     decode_header,
     decode_message,
@@ -91,8 +92,8 @@ class Member:
                         self.messages.append(message)
                         if isinstance(message, GroupDeliver | GroupEvent):
                             receipts.append(message.server_msg_id)
-                if receipts:
-                    self.send(Receipts(tuple(receipts)))
+                for batch in batches(receipts):  # at most BATCH_MAX ids a message
+                    self.send(Receipts(tuple(batch)))
         for datagram in conn.datagrams_to_send(time.monotonic()):
             self.raw.send(datagram)
         return got
