@@ -2885,6 +2885,12 @@ def gather_metrics(
                  [(reason, stats[key]) for key, reason in LOGIN_FAILURES]),  # fmt: skip
         counter("chat_registrations_total", "New accounts registered.",
                 stats["registrations"]),  # fmt: skip
+        counter("chat_passwords_changed_total", "Passwords changed (/passwd).",
+                stats["passwords_changed"]),  # fmt: skip
+        counter("chat_accounts_deleted_total", "Accounts deleted (/delete-account).",
+                stats["accounts_deleted"]),  # fmt: skip
+        counter("chat_account_proof_failures_total", "Wrong passwords given to change a "
+                "password or delete an account.", stats["account_proof_failures"]),
         counter("chat_messages_relayed_total", "Messages taken to relay (each stored "
                 "durably before it is acknowledged).", stats["messages"]),  # fmt: skip
         counter("chat_message_bytes_relayed_total", "UTF-8 bytes of the text of those "
