@@ -2904,8 +2904,8 @@ def gather_metrics(
         labelled("chat_datagrams_dropped_total", "counter",
                  "Datagrams dropped, by reason; for the limits (pre_login_budget, "
                  "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_..., "
-                 "fan_out_budget_...) "
-                 "withheld unacknowledged: their clients send them again.", "reason",
+                 "fan_out_budget_...) withheld unacknowledged: their clients send them again.",
+                 "reason",
                  [(label_value(reason), count) for reason, count in drops.items()]),
         gauge("chat_reassembly_bytes", "Bytes of long messages held for reassembly, all "
               "sessions together.", relay.reassembly_bytes),  # fmt: skip
