@@ -2895,6 +2895,9 @@ def gather_metrics(
                 "durably before it is acknowledged).", stats["messages"]),  # fmt: skip
         counter("chat_message_bytes_relayed_total", "UTF-8 bytes of the text of those "
                 "messages.", relay.message_bytes),  # fmt: skip
+        counter("chat_messages_routed_elsewhere_total", "Of those, messages whose recipient "
+                "was on another node of the cluster (--cluster), left in the shared store for "
+                "that node.", stats["routed_elsewhere"]),  # fmt: skip
         counter("chat_datagrams_received_total", "UDP datagrams received.",
                 stats["datagrams_in"]),  # fmt: skip
         counter("chat_datagrams_sent_total", "UDP datagrams sent.", stats["datagrams_out"]),

@@ -27,9 +27,11 @@ import pytest
 import chat_client
 import chat_server
 import common
-from chat_server import gather_metrics
+from chat_server import Relay, gather_metrics
 from client_core import AccountDeleted, ErrorEvent, PasswordChanged
 from protocol import ErrorCode, Refused, Welcome
+from server_records import User
+from server_router import LocalRouter, Route
 from tests.clients import RecordingClient, close_all
 from tests.conftest import PASSWORD, ROOT, spawn_server, stop_process
 from tests.test_client_core import Net
@@ -406,3 +408,24 @@ def test_password_changes_deletions_and_wrong_passwords_for_them_are_counted() -
     assert families["chat_accounts_deleted_total"].samples == [({}, 1)]
     assert families["chat_account_proof_failures_total"].samples == [({}, 1)]
     assert families["chat_accounts"].samples == [({}, 1)]
+
+
+class ElsewhereRouter(LocalRouter):
+    """Bob's session is on another node of a cluster (a route that is a node id)."""
+
+    def locate(self, user: User) -> Route:
+        return "node-2" if user.key == "bob" else super().locate(user)
+
+
+def test_messages_to_another_node_are_counted() -> None:
+    net = Net()
+    net.relay = Relay(net.config, router=ElsewhereRouter(),
+                      wall_clock=lambda: 1_700_000_000.0 + net.now)  # fmt: skip
+    (alice,) = net.login("alice")
+    bob = net.add("bob", "bob-pw")  # an account, then gone
+    net.run(lambda: bob.logged_in, "bob registered")
+    msg = alice.core.send("to the other node", net.now, to="bob")
+    net.run(lambda: "accepted" in alice.states(msg), "accepted")
+    families = {family.name: family for family in gather_metrics(net.relay, None, 0.0, 0.0)}
+    assert families["chat_messages_routed_elsewhere_total"].samples == [({}, 1)]
+    assert families["chat_messages_relayed_total"].samples == [({}, 1)]
