@@ -2905,10 +2905,19 @@ def gather_metrics(
                  [(reason, stats[key]) for key, reason in LOGIN_FAILURES]),  # fmt: skip
         counter("chat_registrations_total", "New accounts registered.",
                 stats["registrations"]),  # fmt: skip
+        counter("chat_passwords_changed_total", "Passwords changed (/passwd).",
+                stats["passwords_changed"]),  # fmt: skip
+        counter("chat_accounts_deleted_total", "Accounts deleted (/delete-account).",
+                stats["accounts_deleted"]),  # fmt: skip
+        counter("chat_account_proof_failures_total", "Wrong passwords given to change a "
+                "password or delete an account.", stats["account_proof_failures"]),
         counter("chat_messages_relayed_total", "Messages taken to relay (each stored "
                 "durably before it is acknowledged).", stats["messages"]),  # fmt: skip
         counter("chat_message_bytes_relayed_total", "UTF-8 bytes of the text of those "
                 "messages.", relay.message_bytes),  # fmt: skip
+        counter("chat_messages_routed_elsewhere_total", "Of those, messages whose recipient "
+                "was on another node of the cluster (--cluster), left in the shared store for "
+                "that node.", stats["routed_elsewhere"]),  # fmt: skip
         counter("chat_datagrams_received_total", "UDP datagrams received.",
                 stats["datagrams_in"]),  # fmt: skip
         counter("chat_datagrams_sent_total", "UDP datagrams sent.", stats["datagrams_out"]),
@@ -2918,8 +2927,8 @@ def gather_metrics(
         labelled("chat_datagrams_dropped_total", "counter",
                  "Datagrams dropped, by reason; for the limits (pre_login_budget, "
                  "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_..., "
-                 "fan_out_budget_...) "
-                 "withheld unacknowledged: their clients send them again.", "reason",
+                 "fan_out_budget_...) withheld unacknowledged: their clients send them again.",
+                 "reason",
                  [(label_value(reason), count) for reason, count in drops.items()]),
         gauge("chat_reassembly_bytes", "Bytes of long messages held for reassembly, all "
               "sessions together.", relay.reassembly_bytes),  # fmt: skip

@@ -27,10 +27,14 @@ import pytest
 import chat_client
 import chat_server
 import common
-from chat_server import gather_metrics
+from chat_server import Relay, gather_metrics
+from client_core import AccountDeleted, ErrorEvent, PasswordChanged
 from protocol import ErrorCode, Refused, Welcome
+from server_records import User
+from server_router import LocalRouter, Route
 from tests.clients import RecordingClient, close_all
 from tests.conftest import PASSWORD, ROOT, spawn_server, stop_process
+from tests.test_client_core import Net
 from tests.test_login_guard import junk_logins, log_in, open_relay
 
 DEPLOY = ROOT / "docs" / "deploy"
@@ -388,3 +392,40 @@ def test_deploy_readme_names_the_files_and_the_commands() -> None:
     ):
         assert command in text  # fmt: skip
     assert "the image was never built" in text  # no pretending: no container runtime here
+
+
+def test_password_changes_deletions_and_wrong_passwords_for_them_are_counted() -> None:
+    net = Net()
+    alice, bob = net.login("alice", "bob")
+    bob.core.change_password("not bob's password", "whatever")
+    net.run(lambda: any(e.code == "bad_password" for e in bob.of(ErrorEvent)), "refused")
+    alice.core.change_password("alice-pw", "a new secret")
+    net.run(lambda: bool(alice.of(PasswordChanged)), "password changed")
+    bob.core.delete_account("bob-pw")
+    net.run(lambda: bool(bob.of(AccountDeleted)), "account deleted")
+    families = {family.name: family for family in gather_metrics(net.relay, None, 0.0, 0.0)}
+    assert families["chat_passwords_changed_total"].samples == [({}, 1)]
+    assert families["chat_accounts_deleted_total"].samples == [({}, 1)]
+    assert families["chat_account_proof_failures_total"].samples == [({}, 1)]
+    assert families["chat_accounts"].samples == [({}, 1)]
+
+
+class ElsewhereRouter(LocalRouter):
+    """Bob's session is on another node of a cluster (a route that is a node id)."""
+
+    def locate(self, user: User) -> Route:
+        return "node-2" if user.key == "bob" else super().locate(user)
+
+
+def test_messages_to_another_node_are_counted() -> None:
+    net = Net()
+    net.relay = Relay(net.config, router=ElsewhereRouter(),
+                      wall_clock=lambda: 1_700_000_000.0 + net.now)  # fmt: skip
+    (alice,) = net.login("alice")
+    bob = net.add("bob", "bob-pw")  # an account, then gone
+    net.run(lambda: bob.logged_in, "bob registered")
+    msg = alice.core.send("to the other node", net.now, to="bob")
+    net.run(lambda: "accepted" in alice.states(msg), "accepted")
+    families = {family.name: family for family in gather_metrics(net.relay, None, 0.0, 0.0)}
+    assert families["chat_messages_routed_elsewhere_total"].samples == [({}, 1)]
+    assert families["chat_messages_relayed_total"].samples == [({}, 1)]
