@@ -188,14 +188,19 @@ def test_find_searches_the_whole_history_and_jumps_to_the_hit(app: App) -> None:
     assert window.find_next(), "Enter again: the next older one"
     assert window.transcript.get(*window.transcript.tag_ranges("found")) == "Needle"
     assert "the old Needle from long ago" in window.transcript_text()
+    assert "load earlier messages" not in window.transcript_text(), "its page starts the history"
     assert (
         not window.view.at_latest
         and window.new_marker.winfo_ismapped()
         or app.pump_until(lambda: window.new_marker.winfo_ismapped(), 2)
     ), "a way back to the latest"
-    # While an old page is shown, a new message is counted, not lost.
+    # While an old page is shown, a new message is counted, not lost (even
+    # with the window focused, the one other reason to count it).
+    window.find_entry.focus_force()
+    assert app.pump_until(lambda: window.focused and app.root.focus_get() is window.find_entry)
+    before = window.unread_total()
     session.deliver("bob", "while reading old lines")
-    assert app.pump_until(lambda: window.unread_total() == 1)
+    assert app.pump_until(lambda: window.unread_total() == before + 1)
     assert window.find_next(), "past the oldest: from the latest again"
     assert window.find_status.cget("text") == "from the latest again"
     window.find_var.set("nowhere at all")
