@@ -93,7 +93,7 @@ def test_typing_after_clicking_retry_reaches_the_composer(app: App) -> None:
     app.pump(0.1)
     first = alice.transcript.tag_ranges(f"retry-{msg_id}")[0]
     alice.transcript.see(first)
-    app.pump(0.05)
+    assert app.pump_until(lambda: alice.transcript.bbox(first) is not None), "laid out on screen"
     x, y, _, height = alice.transcript.bbox(first) or (0, 0, 0, 0)
     click(alice.transcript, x + 3, y + height // 2)
     assert app.pump_until(lambda: alice.state_of(msg_id) == "retried"), "the click was a Retry"

@@ -245,7 +245,7 @@ def test_a_64_kib_line_at_login_is_cut_with_show_more(app: App) -> None:
     more = [t for t in window.transcript.tag_names() if t.startswith("more-")][0]
     first = window.transcript.tag_ranges(more)[0]
     window.transcript.see(first)
-    app.pump(0.05)
+    assert app.pump_until(lambda: window.transcript.bbox(first) is not None), "laid out on screen"
     x, y, _, height = window.transcript.bbox(first) or (0, 0, 0, 0)
     window.transcript.event_generate("<Motion>", x=x + 2, y=y + height // 2)
     window.transcript.event_generate("<Button-1>", x=x + 2, y=y + height // 2)
