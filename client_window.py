@@ -1075,7 +1075,9 @@ class ChatWindow:
         if row is None:
             return False
         lines = [self._line_from(item) for item in read_around(store.path, name, row)]
-        self.view.show(lines, has_earlier=True, at_latest=False)
+        # read_around gives up to PAGE // 2 lines before the hit: fewer, and there are no more.
+        earlier = sum(1 for line in lines if line.row_id < row) >= PAGE // 2
+        self.view.show(lines, has_earlier=earlier, at_latest=False)
         target = next((line for line in lines if line.row_id == row), None)
         start = self.view.see_line(target) if target is not None else None
         hits = find_in_text(self.view.content(), needle)

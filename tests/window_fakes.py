@@ -213,7 +213,7 @@ def login(window: ChatWindow, root: tk.Misc, username: str, connect_to: str = ""
     window.password_var.set("secret")
     window.connect_var.set(connect_to)
     window.submit_login()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while window.username is None and time.monotonic() < deadline:
         root.update()
         time.sleep(0.005)
