@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 from chat_client import (
+    ChatSession,
     Disconnected,
     ErrorEvent,
     LinkChanged,
@@ -427,3 +429,42 @@ def test_window_names_every_server_when_none_answers(gui_without_server: Gui) ->
     error = str(window.login_error.cget("text"))
     names = listed.replace(",", ", ")
     assert error == f"None of the servers {names} answers. Are they running?", error
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the ICMP error queue (IP_RECVERR) is Linux's")
+def test_icmp_for_a_server_left_before_is_ignored() -> None:
+    """The socket's error queue says which destination refused: a late ICMP
+    about another server of the list does not move the session; one about
+    the server in use does, once."""
+    from chat_client import _Server, _Worker
+
+    class Core:
+        server: tuple[str, int] | None = None
+        login_phase = "online"
+
+        def __init__(self) -> None:
+            self.gone: list[float] = []
+
+        def server_gone(self, now: float) -> None:
+            self.gone.append(now)
+
+    ports = [_free_port(), _free_port()]
+    servers = [_Server(("127.0.0.1", p), ("127.0.0.1", p), socket.AF_INET) for p in ports]
+    session = ChatSession(persist=False)
+    core = Core()
+    worker = _Worker(session, core, servers)  # type: ignore[arg-type]
+    sock = worker.sockets[socket.AF_INET]
+    try:
+        sock.sendto(b"x" * 64, servers[1].address)  # not the server in use
+        time.sleep(0.1)
+        worker.read_datagrams(1.0)
+        assert core.gone == []
+        sock.sendto(b"x" * 64, servers[0].address)  # the server in use
+        time.sleep(0.1)
+        worker.read_datagrams(2.0)
+        assert core.gone == [2.0]
+        worker.read_datagrams(3.0)  # the queue was drained: nothing more
+        assert core.gone == [2.0]
+    finally:
+        sock.close()
+        session.discard()
