@@ -468,3 +468,22 @@ def test_icmp_for_a_server_left_before_is_ignored() -> None:
     finally:
         sock.close()
         session.discard()
+
+
+def test_window_says_which_entry_is_left_out_and_goes_on(gui_without_server: Gui) -> None:
+    """An entry that does not resolve is named while the login goes on with
+    the others (the button still says it is connecting); when none answers,
+    the error names them all."""
+    app = gui_without_server
+    dead = _free_port()
+    window = app.window(server=f"no-such-host.invalid:5555,127.0.0.1:{dead}", login_timeout=1.5)
+    type_text(window.username_entry, "alice")
+    type_text(window.password_entry, PASSWORD)
+    window.login_button.invoke()
+    assert pump_until(app.root, lambda: window.login_error.cget("text") != "", 10)
+    error = str(window.login_error.cget("text"))
+    assert error.startswith("server no-such-host.invalid:5555: "), error
+    assert error.endswith("; trying the other servers"), error
+    assert str(window.login_button.cget("text")) != "Login", "still connecting"
+    assert pump_until(app.root, lambda: "None of" in str(window.login_error.cget("text")), 30)
+    assert str(window.login_button.cget("text")) == "Login"
