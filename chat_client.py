@@ -1215,6 +1215,9 @@ examples:
   chat-client --server chat.example.org:5555 --user alice --connect-to bob
                                                 the window with its fields filled in
   chat-client --server [2001:db8::1]:5555       a server's IPv6 address, in brackets
+  chat-client --server n1.example.org:5555,n2.example.org:5555,n3.example.org:5555
+                                                a cluster's nodes: if one stops answering,
+                                                the client moves to the next (docs/CLUSTER.md)
   chat-client --no-gui --user alice --connect-to bob
                                                 the terminal: each line is a message
   chat-client --no-gui --user bot --password-file pw.txt --json
