@@ -66,6 +66,7 @@ from client_core import (
     LINK_TIMEOUT,
     LOGIN_TIMEOUT,
     LOGOUT_ACK_WAIT,
+    TRAFFIC_PROBE,
     AccountDeleted,
     Cancelled,
     ClientCore,
@@ -379,6 +380,9 @@ class ChatSession:
             self.username, password,
             store=self.store if self.store is not None else MemoryStore(self.instance_id),
             server=resolved[0].name, servers=tuple(s.name for s in resolved),
+            # With somewhere else to go, a receiver checks its node soon
+            # after a burst (a dead one is left then, not at the keepalive).
+            probe_after=TRAFFIC_PROBE if len(resolved) > 1 else None,
             rto_min=self.rto_min, rto_max=self.rto_max,
             login_timeout=self.login_timeout, keepalive=self.keepalive,
             link_timeout=self.link_timeout, wait_for_shown=True,  # the front end says `shown`

@@ -331,6 +331,35 @@ def test_idle_client_leaves_a_killed_node_at_its_next_keepalive(
         alice.close(2.0)
 
 
+def test_receiver_leaves_a_node_killed_after_a_burst_without_waiting_for_the_keepalive(
+    twins: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """bob only receives: once his node dies nothing comes and he sends
+    nothing. With a list of servers he pings `TRAFFIC_PROBE` (2 s) after
+    the last message, meets the closed port and moves on, well before his
+    next keepalive (15-18 s, the default here)."""
+    first, second = twins
+    both = [(first.host, first.port), (second.host, second.port)]
+    alice, bob = make_session(), make_session()
+    alice.login(both, "alice", password=PASSWORD)
+    bob.login(both, "bob", password=PASSWORD)
+    try:
+        for session in (alice, bob):
+            assert wait_for(session, lambda e: isinstance(e, LoggedIn)).server == first.addr_text
+        alice.send("the last word", to="bob")
+        got = wait_for(bob, lambda e: isinstance(e, MessageReceived))
+        assert got.text == "the last word"
+        time.sleep(0.3)  # the receipt and the acks have gone: bob has nothing to send
+        _kill(first)
+        killed_at = time.monotonic()
+        up = wait_for(bob, lambda e: isinstance(e, LinkChanged) and e.up, timeout=10)
+        assert up == LinkChanged(True, second.addr_text)
+        assert time.monotonic() - killed_at < 5.0
+    finally:
+        alice.close(2.0)
+        bob.close(2.0)
+
+
 def test_first_login_skips_a_dead_server_in_the_list(
     twins: tuple[ServerProcess, ServerProcess],
 ) -> None:
