@@ -66,6 +66,7 @@ from client_core import (
     LINK_TIMEOUT,
     LOGIN_TIMEOUT,
     LOGOUT_ACK_WAIT,
+    TRAFFIC_PROBE,
     AccountDeleted,
     Cancelled,
     ClientCore,
@@ -379,6 +380,9 @@ class ChatSession:
             self.username, password,
             store=self.store if self.store is not None else MemoryStore(self.instance_id),
             server=resolved[0].name, servers=tuple(s.name for s in resolved),
+            # With somewhere else to go, a receiver checks its node soon
+            # after a burst (a dead one is left then, not at the keepalive).
+            probe_after=TRAFFIC_PROBE if len(resolved) > 1 else None,
             rto_min=self.rto_min, rto_max=self.rto_max,
             login_timeout=self.login_timeout, keepalive=self.keepalive,
             link_timeout=self.link_timeout, wait_for_shown=True,  # the front end says `shown`
@@ -1215,6 +1219,9 @@ examples:
   chat-client --server chat.example.org:5555 --user alice --connect-to bob
                                                 the window with its fields filled in
   chat-client --server [2001:db8::1]:5555       a server's IPv6 address, in brackets
+  chat-client --server n1.example.org:5555,n2.example.org:5555,n3.example.org:5555
+                                                a cluster's nodes: if one stops answering,
+                                                the client moves to the next (docs/CLUSTER.md)
   chat-client --no-gui --user alice --connect-to bob
                                                 the terminal: each line is a message
   chat-client --no-gui --user bot --password-file pw.txt --json

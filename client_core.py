@@ -129,6 +129,11 @@ log = logging.getLogger("client_core")
 KEEPALIVE = 15.0  # RFC 8085 3.5: not more often than every 15 s
 KEEPALIVE_JITTER = 3.0  # upward only
 LINK_TIMEOUT = 45.0  # nothing heard for this long while pinging: reconnect
+# With a list of servers (a cluster), one ping this long after the last
+# message the server handed us: a receiver whose node died in the middle of
+# a conversation learns it then (the ping meets the closed port), not at the
+# next keepalive. Once per lull, so it adds at most one datagram per burst.
+TRAFFIC_PROBE = 2.0
 LOGIN_TIMEOUT = 5.0  # the first login gives up after this
 LOGOUT_ACK_WAIT = 2.0
 RECONNECT_MAX = 30.0  # backoff cap between re-login attempts
@@ -836,6 +841,7 @@ class ClientCore:
         store: CoreStore | None = None,
         server: tuple[str, int] | None = None,
         servers: tuple[tuple[str, int], ...] = (),
+        probe_after: float | None = None,
         rto_min: float = RTO_MIN,
         rto_max: float = RTO_MAX,
         login_timeout: float = LOGIN_TIMEOUT,
@@ -858,6 +864,10 @@ class ClientCore:
         self._next_seq = self.store.next_seq
         self.server = server
         self.servers = servers
+        # A ping this long after the last message received (`TRAFFIC_PROBE`);
+        # None: only the keepalives.
+        self.probe_after = probe_after
+        self._probe_at: float | None = None
         self.rto_min = rto_min
         self.rto_max = rto_max
         self.login_timeout = login_timeout
@@ -1019,6 +1029,8 @@ class ClientCore:
                 deadlines.append(timer)
             deadlines.append(self._next_ping)
             deadlines.append(self._last_heard + self.link_timeout)
+            if self._probe_at is not None:
+                deadlines.append(self._probe_at)
         if self._closing_deadline is not None:
             deadlines.append(self._closing_deadline)
         if self._shown_deadline is not None:
@@ -1037,7 +1049,9 @@ class ClientCore:
             if timer is not None and timer <= now:
                 self.conn.handle_timer(now)
                 self._collect(now)
-            if self.conn is not None and now >= self._next_ping:
+            probe = self._probe_at is not None and now >= self._probe_at
+            if self.conn is not None and (now >= self._next_ping or probe):
+                self._probe_at = None
                 self.conn.send_ping()
                 self._schedule_ping(now)
             if self.conn is not None and now - self._last_heard >= self.link_timeout:
@@ -1612,6 +1626,7 @@ class ClientCore:
     def _link_lost(self, now: float, *, notify: bool) -> None:
         """The server is gone or forgot us: log in again, keeping the outbox."""
         self.conn = None
+        self._probe_at = None
         request, self._account_request = self._account_request, None
         if self._account_queue:
             self._account_queue.clear()
@@ -1661,6 +1676,8 @@ class ClientCore:
                 self._on_message(message, now)
                 if self.conn is not conn:  # the message ended the session
                     return
+                if self.probe_after is not None:
+                    self._probe_at = now + self.probe_after
             elif isinstance(event, PayloadAcked) and event.handle == "logout":
                 self._finish(ErrorCode.LOGGED_OUT)
             elif isinstance(event, PayloadResent) and isinstance(event.handle, MsgId):

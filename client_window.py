@@ -614,6 +614,11 @@ class ChatWindow:
 
     def _on_error(self, event: ErrorEvent) -> None:
         if self.username is None:
+            if event.code == "server_unreachable" and not event.fatal:
+                # A name in the server list that does not resolve: said, and
+                # the login goes on with the others.
+                self.show_login_error(event.message)
+                return
             self.login_button.configure(state="normal", text="Login")
             # The server typed for this login (saved only once one works).
             host = self._logging_in[0] if self._logging_in else self.settings.server

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 from chat_client import (
+    ChatSession,
     Disconnected,
     ErrorEvent,
     LinkChanged,
@@ -329,6 +331,35 @@ def test_idle_client_leaves_a_killed_node_at_its_next_keepalive(
         alice.close(2.0)
 
 
+def test_receiver_leaves_a_node_killed_after_a_burst_without_waiting_for_the_keepalive(
+    twins: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """bob only receives: once his node dies nothing comes and he sends
+    nothing. With a list of servers he pings `TRAFFIC_PROBE` (2 s) after
+    the last message, meets the closed port and moves on, well before his
+    next keepalive (15-18 s, the default here)."""
+    first, second = twins
+    both = [(first.host, first.port), (second.host, second.port)]
+    alice, bob = make_session(), make_session()
+    alice.login(both, "alice", password=PASSWORD)
+    bob.login(both, "bob", password=PASSWORD)
+    try:
+        for session in (alice, bob):
+            assert wait_for(session, lambda e: isinstance(e, LoggedIn)).server == first.addr_text
+        alice.send("the last word", to="bob")
+        got = wait_for(bob, lambda e: isinstance(e, MessageReceived))
+        assert got.text == "the last word"
+        time.sleep(0.3)  # the receipt and the acks have gone: bob has nothing to send
+        _kill(first)
+        killed_at = time.monotonic()
+        up = wait_for(bob, lambda e: isinstance(e, LinkChanged) and e.up, timeout=10)
+        assert up == LinkChanged(True, second.addr_text)
+        assert time.monotonic() - killed_at < 5.0
+    finally:
+        alice.close(2.0)
+        bob.close(2.0)
+
+
 def test_first_login_skips_a_dead_server_in_the_list(
     twins: tuple[ServerProcess, ServerProcess],
 ) -> None:
@@ -427,3 +458,61 @@ def test_window_names_every_server_when_none_answers(gui_without_server: Gui) ->
     error = str(window.login_error.cget("text"))
     names = listed.replace(",", ", ")
     assert error == f"None of the servers {names} answers. Are they running?", error
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the ICMP error queue (IP_RECVERR) is Linux's")
+def test_icmp_for_a_server_left_before_is_ignored() -> None:
+    """The socket's error queue says which destination refused: a late ICMP
+    about another server of the list does not move the session; one about
+    the server in use does, once."""
+    from chat_client import _Server, _Worker
+
+    class Core:
+        server: tuple[str, int] | None = None
+        login_phase = "online"
+
+        def __init__(self) -> None:
+            self.gone: list[float] = []
+
+        def server_gone(self, now: float) -> None:
+            self.gone.append(now)
+
+    ports = [_free_port(), _free_port()]
+    servers = [_Server(("127.0.0.1", p), ("127.0.0.1", p), socket.AF_INET) for p in ports]
+    session = ChatSession(persist=False)
+    core = Core()
+    worker = _Worker(session, core, servers)  # type: ignore[arg-type]
+    sock = worker.sockets[socket.AF_INET]
+    try:
+        sock.sendto(b"x" * 64, servers[1].address)  # not the server in use
+        time.sleep(0.1)
+        worker.read_datagrams(1.0)
+        assert core.gone == []
+        sock.sendto(b"x" * 64, servers[0].address)  # the server in use
+        time.sleep(0.1)
+        worker.read_datagrams(2.0)
+        assert core.gone == [2.0]
+        worker.read_datagrams(3.0)  # the queue was drained: nothing more
+        assert core.gone == [2.0]
+    finally:
+        sock.close()
+        session.discard()
+
+
+def test_window_says_which_entry_is_left_out_and_goes_on(gui_without_server: Gui) -> None:
+    """An entry that does not resolve is named while the login goes on with
+    the others (the button still says it is connecting); when none answers,
+    the error names them all."""
+    app = gui_without_server
+    dead = _free_port()
+    window = app.window(server=f"no-such-host.invalid:5555,127.0.0.1:{dead}", login_timeout=1.5)
+    type_text(window.username_entry, "alice")
+    type_text(window.password_entry, PASSWORD)
+    window.login_button.invoke()
+    assert pump_until(app.root, lambda: window.login_error.cget("text") != "", 10)
+    error = str(window.login_error.cget("text"))
+    assert error.startswith("server no-such-host.invalid:5555: "), error
+    assert error.endswith("; trying the other servers"), error
+    assert str(window.login_button.cget("text")) != "Login", "still connecting"
+    assert pump_until(app.root, lambda: "None of" in str(window.login_error.cget("text")), 30)
+    assert str(window.login_button.cget("text")) == "Login"
