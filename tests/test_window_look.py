@@ -142,6 +142,7 @@ def test_initials_and_colours_are_stable_per_person() -> None:
     assert initials("alice") == "A"
     assert initials("mary-jane") == "MJ"
     assert initials("j.r.r") == "JR"
+    assert initials("#team") == "#T", "a group"
     assert initials("\u00e9lodie") == "\u00c9"
     assert initials("\U0001f389party") == "?", "Tk 8.6 cannot draw it: a plain mark"
     assert avatar_colour("Alice") == avatar_colour("alice"), "one person, one colour"
