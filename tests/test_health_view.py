@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from chat_client import LoggedIn
+from chat_client import ChatSession, LoggedIn
 from client_core import LinkStats
 from client_health import (
     HISTORY,
@@ -170,6 +170,8 @@ def test_status_bar_and_panel_with_a_real_link_that_goes_down(
     press(window.composer, "Return")
     assert pump_until(app.root, lambda: bar.label.cget("text").endswith("1 queued"), 5)
     assert any(not sample.up for sample in bar.samples), "the outage is in the ring"
+    assert isinstance(window.session, ChatSession)
+    window.session.abort()  # no server to log out from: do not wait for one at the end
 
 
 # --- the README's screenshot ----------------------------------------------------------------
