@@ -1813,7 +1813,12 @@ class ClientCore:
                 out.waiting = False
                 self.store.set_waiting(out.msg_id, False)
                 self._reported_waiting.discard(key)
-                self._send_message(Send(out.msg_id, out.to, out.text), conversation_stream(out.to))
+                if out.transmitted:  # refused once (no account then): this is a resend
+                    self.store.add_resends(out.msg_id, 1)
+                # The id as handle, as for any message: its resent pieces are counted.
+                self._send_message(Send(out.msg_id, out.to, out.text), conversation_stream(out.to),
+                                   out.msg_id)  # fmt: skip
+                out.transmitted = self.conn is not None
 
     # --- groups -----------------------------------------------------------------
 

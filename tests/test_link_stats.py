@@ -308,3 +308,19 @@ def test_terminal_stats_json_and_text(server: RunningServer) -> None:
     assert text_client.returncode == 0, (out, err)
     assert line.startswith("link up \u00b7 RTT ") and line.rstrip().endswith("0 queued"), line
     assert "/stats" not in err, "a command, never sent as text"
+
+
+def test_a_message_that_waited_for_an_account_counts_its_second_sending() -> None:
+    net = Net()
+    (alice,) = net.login("alice")
+    msg = alice.core.send("welcome, carol", net.now, to="carol")  # no account yet: it waits
+    net.run(lambda: any(getattr(e, "code", "") == "no_such_user" for e in alice.events),
+            "told carol has no account")  # fmt: skip
+    store = alice.core.store
+    assert isinstance(store, MemoryStore)
+    assert store.resends.get(alice_id(msg), 0) == 0
+    assert alice.core.link_stats(net.now).outbox == 1, "waiting in the outbox"
+    net.login("carol")
+    net.run(delivered(alice, msg), "delivered once carol exists", limit=120)
+    assert store.resends.get(alice_id(msg), 0) >= 1, "it went out a second time"
+    assert alice.core.link_stats(net.now).outbox == 0
