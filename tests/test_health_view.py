@@ -146,7 +146,7 @@ def test_status_bar_and_panel_with_a_real_link_that_goes_down(
     assert pump_until(app.root, lambda: len(own_ids(window, "bob")) == 1)
     [msg] = own_ids(window, "bob")
     assert pump_until(app.root, lambda: window.state_of(msg) in ("accepted", "delivered"))
-    assert pump_until(app.root, lambda: bar.stats is not None and bar.stats.rtt_ms is not None, 5)
+    assert pump_until(app.root, lambda: bar.stats is not None and bar.stats.rtt_ms is not None, 10)
     words = bar.label.cget("text")
     assert re.fullmatch(r"RTT [\d.]+ ms \u00b7 loss 0 % \u00b7 0 queued", words), words
     assert bar.level == "good"
@@ -168,7 +168,7 @@ def test_status_bar_and_panel_with_a_real_link_that_goes_down(
     assert bar.label.cget("text").startswith("Not connected")
     type_text(window.composer, "kept for later")
     press(window.composer, "Return")
-    assert pump_until(app.root, lambda: bar.label.cget("text").endswith("1 queued"), 5)
+    assert pump_until(app.root, lambda: bar.label.cget("text").endswith("1 queued"), 10)
     assert any(not sample.up for sample in bar.samples), "the outage is in the ring"
     assert isinstance(window.session, ChatSession)
     window.session.abort()  # no server to log out from: do not wait for one at the end

@@ -336,7 +336,7 @@ def test_demo_windows_with_initials_badges_groups_and_hover(gui: Gui) -> None:  
     bbox = shown.bbox(grouped)
     assert bbox is not None
     shown.event_generate("<Motion>", x=bbox[0] + 4, y=bbox[1] + 4)
-    assert pump_until(gui.root, lambda: bool(bob.tooltip.shown), 3)
+    assert pump_until(gui.root, lambda: bool(bob.tooltip.shown), 10)
     assert bob.tooltip.shown.startswith("alice \u00b7 "), bob.tooltip.shown
     assert re.search(r"\d{4}, \d\d:\d\d:\d\d$", bob.tooltip.shown), "date and time to the second"
     bob.transcript.event_generate("<Leave>")
@@ -413,7 +413,7 @@ def test_failed_and_retried_message_with_its_timeline(
     bbox = shown.bbox(index)
     assert bbox is not None
     shown.event_generate("<Motion>", x=bbox[0] + 6, y=bbox[1] + 4)
-    assert pump_until(app.root, lambda: "Delivered" in alice.tooltip.shown, 3)
+    assert pump_until(app.root, lambda: "Delivered" in alice.tooltip.shown, 10)
     assert alice.tooltip.window is not None
     alice.health.poll()
     pump(app.root, 0.2)
