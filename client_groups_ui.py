@@ -100,6 +100,7 @@ class GroupWindow(Protocol):
     top: tk.Tk | tk.Toplevel
     transcript: tk.Text
     _banner_anchor: ttk.Frame
+    who_button: ttk.Button  # "New group" goes above it
 
     @property
     def contact_list(self) -> ContactsView: ...
@@ -190,7 +191,9 @@ class GroupsUI:
         self.dialog: NewGroupDialog | None = None
         left = window.contact_list.frame.master
         self.new_button = ttk.Button(left, text="New group\u2026", command=self.open_dialog)
-        self.new_button.pack(fill="x", pady=(6, 0))
+        # Above "Who is online" and packed before the list, which gives way
+        # first: the button stays at the window's minimum size.
+        self.new_button.pack(side="bottom", fill="x", pady=(6, 0), after=window.who_button)
         self.panel = MembersPanel(window._banner_anchor, self)
         self.shown_group: str | None = None
 

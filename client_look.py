@@ -252,10 +252,13 @@ def avatar_colour(name: str) -> str:
 
 
 def draw_avatar(
-    canvas: tk.Canvas, x: float, y: float, size: int, name: str, *, tags: Any = ()
-) -> None:
-    """Round coloured initials with their top left at (x, y)."""
-    canvas.create_oval(x, y, x + size, y + size, fill=avatar_colour(name), outline="", tags=tags)
+    canvas: tk.Canvas, x: float, y: float, size: int, name: str, *, tags: Any = (),
+    key: str | None = None,
+) -> None:  # fmt: skip
+    """Round coloured initials with their top left at (x, y); the colour is
+    `key`'s when given (a row labelled `#team (3)` is still `#team`)."""
+    fill = avatar_colour(key if key is not None else name)
+    canvas.create_oval(x, y, x + size, y + size, fill=fill, outline="", tags=tags)
     font = (tkfont.nametofont(FONTS.bold, canvas).actual("family"), -int(size * 0.42), "bold")
     canvas.create_text(x + size / 2, y + size / 2 + 0.5, text=initials(name), fill="#ffffff",
                        font=font, tags=tags)  # fmt: skip
@@ -565,7 +568,7 @@ class ContactCanvas(tk.Canvas):
             super().create_rectangle(4, y + 2, width - 4, y + self.ROW - 2, fill=p.selection,
                                      outline="")  # fmt: skip
         x = PAD + 2
-        draw_avatar(self, x, mid - self.AVATAR / 2, self.AVATAR, text)
+        draw_avatar(self, x, mid - self.AVATAR / 2, self.AVATAR, text, key=iid)
         online = True if "online" in status and "offline" not in status else None
         if "offline" in status:
             online = False

@@ -289,6 +289,7 @@ def test_no_control_vanishes_at_the_minimum_size(gui: Gui) -> None:  # noqa: F81
         "send": window.send_button, "composer": window.composer,
         "new chat": window.new_chat_entry, "+": window.new_chat_button,
         "who is online": window.who_button, "contacts": window.contacts,
+        "new group": window.groups.new_button,
         "transcript": window.transcript, "status bar": window.health.label,
         "avatar": window.peer_avatar,
     }  # fmt: skip
