@@ -146,6 +146,9 @@ log = logging.getLogger("chat_client")
 # How long the terminal waits for `shown` to be recorded before printing the
 # next message: a crash re-shows at most the one message printed last.
 SHOWN_MARK_WAIT = 2.0
+# How stale `ChatSession.link_stats` may be while the session runs (the
+# window polls it once a second; `/stats` is typed by a person).
+STATS_EVERY = 0.1
 #: `link_stats` before the network thread has published anything.
 NO_STATS = LinkStats("connecting", None, None, 0.0, 0, 0, 0, 0)
 
@@ -520,9 +523,10 @@ class ChatSession:
             self._thread.join(2.0)
 
     def link_stats(self) -> LinkStats:
-        """The link's figures (RTT, loss, resends, in flight, outbox) as of
-        the network thread's last pass; safe from any thread, never blocks
-        (the window polls it)."""
+        """The link's figures (RTT, loss, resends, in flight, outbox), at
+        most STATS_EVERY old while the session runs (a change of the link's
+        state at once); safe from any thread, never blocks (the window polls
+        it)."""
         return self._stats
 
     def timeline(self, message_id: str) -> Timeline | None:
@@ -593,6 +597,9 @@ class _Worker:
                         sock.setsockopt(*_RECVERR[server.family], 1)
                 self.sockets[server.family] = sock
         self.shown_waiters: list[threading.Event] = []  # released after the next commit
+        self.stats_at = float("-inf")  # when `link_stats` was last published
+        self.stats_up = False
+        self.stats_due = False  # figures changed since (the loop wakes to publish them)
 
     @property
     def server(self) -> _Server:
@@ -616,6 +623,8 @@ class _Worker:
                 now = time.monotonic()
                 timer = core.get_timer()
                 deadline = now + 1.0 if timer is None else min(timer, now + 1.0)
+                if self.stats_due:  # a pass's figures were not published yet
+                    deadline = min(deadline, self.stats_at + STATS_EVERY)
                 selector.select(max(0.0, deadline - now))
                 try:
                     while self.s._wake_r.recv(4096):
@@ -627,9 +636,14 @@ class _Worker:
                 self.read_datagrams(now)
                 core.handle_timer(now)
                 self.flush(time.monotonic())  # PBKDF2 in a login step takes a while
-                # A few microseconds: fresh after every pass, and nothing
-                # changes the figures but a pass.
-                self.s._stats = core.link_stats(now)
+                # Nothing changes the figures but a pass. At most every
+                # STATS_EVERY (counting the outbox is linear in it: a burst
+                # of thousands runs many passes), and at once when the link
+                # comes up or goes down.
+                self.stats_due = True
+                if now - self.stats_at >= STATS_EVERY or core.link_up != self.stats_up:
+                    self.stats_at, self.stats_up, self.stats_due = now, core.link_up, False
+                    self.s._stats = core.link_stats(now)
         except Exception:
             log.exception("the network thread failed")
             with contextlib.suppress(Exception):
