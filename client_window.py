@@ -271,6 +271,7 @@ class ChatWindow:
         self.login_frame = self._build_login()
         self.chat_frame = self._build_chat()
         self.account_menu = add_account_menu(self)  # client_account_ui: the account dialogs
+        self._menu_logged_in(False)
         self.groups = client_groups_ui.GroupsUI(self, Line, tk_safe)  # client_groups_ui.py
         self.view.state_label = self.groups.state_label  # "✓✓ 2 of 3"
         self.login_frame.pack(fill="both", expand=True)
@@ -321,6 +322,11 @@ class ChatWindow:
         self.menu_file.entryconfigure("Log out", state=state)
         for label in ("New chat\u2026", "Find\u2026", "Who is online", "Connection health"):
             self.menu_conversation.entryconfigure(label, state=state)
+        menu = getattr(self, "account_menu", None)  # made after the menu bar
+        if menu is not None:
+            for index in range(int(menu.index("end") or 0) + 1):
+                if menu.type(index) == "command":
+                    menu.entryconfigure(index, state=state)
 
     def _build_login(self) -> ttk.Frame:
         """A centred card: a title, a one-line hint, placeholders inside the

@@ -253,6 +253,9 @@ def test_menu_bar_about_and_entries_that_wait_for_a_login(gui: Gui) -> None:  # 
     assert labels == ["File", "Conversation", "Account", "Help"]  # Account: client_account_ui
     menu = window.menu_conversation
     assert menu.entrycget("Find\u2026", "state") == "disabled", "nothing to find before login"
+    account = window.account_menu
+    assert account.entrycget("Change password\u2026", "state") == "disabled", "no account yet"
+    assert account.entrycget("Delete account\u2026", "state") == "disabled"
     window.show_about()
     assert window.about is not None
     assert pump_until(gui.root, lambda: window.about is not None and window.about.winfo_ismapped())
@@ -266,11 +269,13 @@ def test_menu_bar_about_and_entries_that_wait_for_a_login(gui: Gui) -> None:  # 
     gui.login(window, "alice", "bob")
     assert menu.entrycget("Find\u2026", "state") == "normal"
     assert window.menu_file.entrycget("Log out", "state") == "normal"
+    assert account.entrycget("Change password\u2026", "state") == "normal"
     window.menu_conversation.invoke("Find\u2026")
     assert pump_until(gui.root, lambda: window.find_entry.winfo_ismapped())
     window.menu_file.invoke("Log out")
     assert pump_until(gui.root, lambda: window.login_frame.winfo_ismapped(), 10)
     assert menu.entrycget("Find\u2026", "state") == "disabled"
+    assert account.entrycget("Delete account\u2026", "state") == "disabled"
 
 
 def test_no_control_vanishes_at_the_minimum_size(gui: Gui) -> None:  # noqa: F811
