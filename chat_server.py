@@ -3255,8 +3255,9 @@ def main(argv: list[str] | None = None) -> int:
     with server:
         server.serve_forever()
         online = len(server.relay.sessions)
-        log.info("stopping%s: told %d sessions the server is shutting down",
-                 f" on {stopped_by[0]}" if stopped_by else "", online)  # fmt: skip
+        log.info("stopping%s: told %d session%s the server is shutting down",
+                 f" on {stopped_by[0]}" if stopped_by else "", online,
+                 "" if online == 1 else "s")  # fmt: skip
     log.info("stopped after %s", _duration(time.monotonic() - server.started))
     return 0
 

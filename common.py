@@ -132,7 +132,9 @@ def parse_server(text: str) -> tuple[str, int]:
         port = int(port_text) if port_text else DEFAULT_PORT
     except ValueError:
         raise ValueError(f"{port_text!r} is not a port number") from None
-    if not 0 < port < 65536 or not host:
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range: a port is 1 to 65535")
+    if not host:
         raise ValueError(f"{text!r} is not HOST:PORT")
     return host, port
 

@@ -72,7 +72,7 @@ def test_parse_servers_reads_a_list_in_order_once_each() -> None:
         ("a:1,,b:2", "server 2 of 3 in the list is empty"),
         ("a:1,", "server 2 of 2 in the list is empty"),
         ("a:1,b:x", "server 2 of 2: 'x' is not a port number"),
-        ("a:1,b:0", "server 2 of 2: 'b:0' is not HOST:PORT"),
+        ("a:1,b:0", "server 2 of 2: port 0 is out of range: a port is 1 to 65535"),
         (",".join(f"h{i}:1" for i in range(MAX_SERVERS + 1)), f"at most {MAX_SERVERS}"),
     ],
 )
@@ -89,7 +89,9 @@ def test_cli_refuses_a_bad_list_entry_by_number() -> None:
     assert result.returncode == 2
     event = json.loads(result.stdout.splitlines()[0])
     assert event["code"] == "usage"
-    assert "server 2 of 2: 'nohost:99999' is not HOST:PORT" in event["message"], event
+    assert "server 2 of 2: port 99999 is out of range: a port is 1 to 65535" in event["message"], (
+        event
+    )
 
 
 def test_a_list_keeps_its_history_under_its_first_entry(tmp_path: Path) -> None:
@@ -436,7 +438,7 @@ def test_window_server_field_takes_a_list_and_keeps_it(
     type_text(window.password_entry, PASSWORD)
     window.login_button.invoke()
     error = str(window.login_error.cget("text"))
-    assert error == "Server: server 2 of 2: 'nohost:99999' is not HOST:PORT", error
+    assert error == "Server: server 2 of 2: port 99999 is out of range: a port is 1 to 65535", error
     assert window.session is None
     listed = f"127.0.0.1:{dead},{server.addr_text}"
     window.server_var.set(listed.replace(",", ", "))
