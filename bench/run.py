@@ -80,6 +80,7 @@ TARGETS = {
     "gui_history_ms": "<= 200 ms",
     "copy_ratio": "<= 1/3",
     "fanout_p99_ms": "<= 200",
+    "chatlike_ratio": "<= 3x",
 }
 
 
@@ -99,6 +100,7 @@ class Options:
     keep: bool
     cluster: int = 0  # nodes at most: the cluster benchmark instead (bench/cluster.py)
     fanout: bool = True
+    chatlike: bool = True
 
 
 # --- processes ------------------------------------------------------------------
@@ -505,6 +507,21 @@ def fanout_phase(opts: Options) -> dict[str, Any]:
     return figures
 
 
+def chatlike_phase(opts: Options) -> dict[str, Any]:
+    """`bench/chatlike.py` (issue 18): pairs at 150 msg/s each beside idle
+    sessions under the server's default limits, against the bare loop with
+    the same datagrams; then idle sessions alone (keepalive CPU)."""
+    command = [sys.executable, "-m", "bench.chatlike", "--json", "--workers", str(opts.workers)]
+    if opts.quick:
+        command.append("--quick")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                            check=False)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"bench.chatlike failed:\n{result.stderr[-3000:]}")
+    figures: dict[str, Any] = json.loads(result.stdout)
+    return figures
+
+
 def display_works(display: str) -> bool:
     env = dict(os.environ, DISPLAY=display)
     try:
@@ -683,6 +700,9 @@ def run_once(opts: Options, tmp: Path, say: Callable[[str], None]) -> dict[str, 
     if opts.fanout:
         say("fanout: groups (bench/fanout.py), flat out and at 10 msg/s")
         out["fanout"] = fanout_phase(opts)
+    if opts.chatlike:
+        say("chatlike: pairs at 150 msg/s beside idle sessions; keepalives alone")
+        out["chatlike"] = chatlike_phase(opts)
     return out
 
 
@@ -842,7 +862,19 @@ def table(m: dict[str, Any], opts: Options) -> str:
         t.add("GUI lag", "", g["status"], target=f"p99 {TARGETS['gui_lag_p99_ms']}")
     if "fanout" in m:
         fanout_rows(t, m["fanout"])
+    if "chatlike" in m:
+        chatlike_rows(t, m["chatlike"])
     return t.render()
+
+
+def chatlike_rows(t: Table, c: dict[str, Any]) -> None:
+    from bench.chatlike import rows
+
+    for label, bare, server, ratio in rows(c):
+        judged = label.startswith("chat-like")
+        value = float(ratio.rstrip("x")) if judged and ratio != "-" else None
+        t.add(label, bare, server, ratio, TARGETS["chatlike_ratio"] if judged else "",
+              None if value is None else value <= 3)  # fmt: skip
 
 
 def fanout_rows(t: Table, f: dict[str, Any]) -> None:
@@ -920,6 +952,9 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument("--no-gui", action="store_true", help="skip the GUI lag phase")
     parser.add_argument("--no-fanout", action="store_true",
                         help="skip the group fan-out phase (bench/fanout.py)")  # fmt: skip
+    parser.add_argument("--no-chatlike", action="store_true",
+                        help="skip the chat-like and keepalive phases "
+                        "(bench/chatlike.py)")  # fmt: skip
     parser.add_argument("--json-out", type=Path, help="write the JSON here instead")
     parser.add_argument("--profile", action="store_true",
                         help="profile the server under the largest load instead")  # fmt: skip
@@ -942,7 +977,7 @@ def parse(argv: list[str] | None) -> Options:
         workers=max(1, args.workers), gui=not args.no_gui,
         pairs=tuple(sorted({int(p) for p in args.pairs.split(",") if p.strip()})),
         json_out=args.json_out, profile=args.profile, keep=args.keep, cluster=args.cluster,
-        fanout=not args.no_fanout,
+        fanout=not args.no_fanout, chatlike=not args.no_chatlike,
     )  # fmt: skip
 
 
