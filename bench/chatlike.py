@@ -27,16 +27,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import selectors
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 import time
 import traceback
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,6 @@ from typing import Any
 from bench import ROOT
 from bench.fanout import KEEPALIVE, MemberSpec, run_members
 from bench.loadgen import (
-    BARE_MSG,
-    BARE_RECEIPT,
     TEXT_SIZE,
     TrafficSpec,
     _BarePair,
@@ -59,7 +59,7 @@ PAIRS = (4, 64)
 RATE = 150.0
 IDLE = 1000
 KEEPALIVE_SESSIONS = 10_000
-DURATION = 5.0
+DURATION = 10.0  # the CPU clock ticks at 10 ms: 4 pairs make 6,000 messages
 #: Two keepalive rounds: the window sees every idle session's keepalive twice.
 KEEPALIVE_WINDOW = 2 * KEEPALIVE
 #: Login-only limits raised so that thousands of logins from 127.0.0.1 take
@@ -120,20 +120,37 @@ def scrape(port: int) -> dict[str, float]:
 
 @dataclass
 class PacedBareSpec:
+    """The bare loop's load: `rate` messages/s from each pair's sender, with
+    as many datagrams per message from the senders (`sender_datagrams`) and
+    from the receivers (`receiver_datagrams`) as the server received: below
+    1, several messages (receipts) share a datagram, as the protocol packs
+    them; above 1, padding datagrams (forwarded, then dropped) make up the
+    rest. Fractions are spread over messages by accumulators."""
+
     relay: tuple[str, int]
     pairs: list[str]
     rate: float
-    #: datagrams into the relay per message, as the server received them:
-    #: the message and its receipt, plus this many minus 2 padding datagrams
-    #: from the sender (an accumulator spreads a fraction over messages).
-    datagrams_per_msg: float
+    sender_datagrams: float
+    receiver_datagrams: float
     text_size: int = TEXT_SIZE
     drain_timeout: float = 5.0
 
 
+ITEM = struct.Struct("!QQ")  # seq, stamp_ns; then the text
+SEQ = struct.Struct("!Q")
+
+
+@dataclass
+class _Pace:
+    owed_tx: float = 0.0
+    owed_rx: float = 0.0
+    messages: list[bytes] = field(default_factory=list)  # not yet sent
+    receipts: list[int] = field(default_factory=list)  # not yet sent
+
+
 def run_bare_paced(spec: PacedBareSpec, pipe: Pipe) -> None:
     """Worker: each pair's sender at `rate` messages/s through the bare
-    loop, each message a datagram, receipted by a datagram, plus padding."""
+    loop, messages and receipts packed (or padded) to the server's counts."""
     pairs: list[_BarePair] = []
     try:
         for name in spec.pairs:
@@ -154,13 +171,37 @@ def run_bare_paced(spec: PacedBareSpec, pipe: Pipe) -> None:
 def _paced_loop(spec: PacedBareSpec, pairs: list[_BarePair], t0: float,
                 stop_at: float) -> dict[str, Any]:  # fmt: skip
     selector = selectors.DefaultSelector()
-    for pair in pairs:
-        selector.register(pair.tx, selectors.EVENT_READ, (pair, True))
-        selector.register(pair.rx, selectors.EVENT_READ, (pair, False))
+    paces = [_Pace() for _ in pairs]
+    for pair, pace in zip(pairs, paces, strict=True):
+        selector.register(pair.tx, selectors.EVENT_READ, (pair, pace, True))
+        selector.register(pair.rx, selectors.EVENT_READ, (pair, pace, False))
     filler = b"x" * spec.text_size
-    extra_per_msg = max(0.0, spec.datagrams_per_msg - 2)
-    owed = 0.0
     datagrams = 0
+
+    def send_messages(pair: _BarePair, pace: _Pace, force: bool) -> None:
+        nonlocal datagrams
+        if pace.messages and (force or pace.owed_tx >= 1):
+            pair.tx.send(b"M" + b"".join(pace.messages))
+            pace.messages.clear()
+            pace.owed_tx -= 1
+            datagrams += 1
+        while pace.owed_tx >= 1:
+            pair.tx.send(BARE_EXTRA)
+            pace.owed_tx -= 1
+            datagrams += 1
+
+    def send_receipts(pair: _BarePair, pace: _Pace, force: bool) -> None:
+        nonlocal datagrams
+        if pace.receipts and (force or pace.owed_rx >= 1):
+            pair.rx.send(b"R" + b"".join(SEQ.pack(seq) for seq in pace.receipts))
+            pace.receipts.clear()
+            pace.owed_rx -= 1
+            datagrams += 1
+        while pace.owed_rx >= 1:
+            pair.rx.send(BARE_EXTRA)
+            pace.owed_rx -= 1
+            datagrams += 1
+
     wait_until(t0)
     cpu0 = cpu_seconds()
     sending = True
@@ -173,23 +214,23 @@ def _paced_loop(spec: PacedBareSpec, pairs: list[_BarePair], t0: float,
                 drain_deadline = now + spec.drain_timeout
             if sending:
                 due = int((now - t0) * spec.rate) + 1
-                for pair in pairs:
+                for pair, pace in zip(pairs, paces, strict=True):
                     while pair.sent < due:
                         seq = pair.next_seq
                         pair.next_seq += 1
                         pair.outstanding[seq] = now
-                        pair.tx.send(BARE_MSG.pack(b"M", seq, time.monotonic_ns()) + filler)
+                        pace.messages.append(ITEM.pack(seq, time.monotonic_ns()) + filler)
                         pair.sent += 1
-                        datagrams += 1
-                        owed += extra_per_msg
-                        while owed >= 1:
-                            owed -= 1
-                            pair.tx.send(BARE_EXTRA)
-                            datagrams += 1
-            elif all(not p.outstanding for p in pairs) or now >= drain_deadline:
-                break
+                        pace.owed_tx += spec.sender_datagrams
+                    send_messages(pair, pace, False)
+            else:
+                for pair, pace in zip(pairs, paces, strict=True):
+                    send_messages(pair, pace, True)
+                    send_receipts(pair, pace, True)
+                if all(not p.outstanding for p in pairs) or now >= drain_deadline:
+                    break
             for key, _ in selector.select(0.002 if sending else 0.05):
-                pair, is_tx = key.data
+                pair, pace, is_tx = key.data
                 sock = pair.tx if is_tx else pair.rx
                 while True:
                     try:
@@ -201,16 +242,19 @@ def _paced_loop(spec: PacedBareSpec, pairs: list[_BarePair], t0: float,
                     if data[:1] == BARE_EXTRA:
                         continue
                     if is_tx:
-                        (_, seq) = BARE_RECEIPT.unpack_from(data)
-                        if pair.outstanding.pop(seq, None) is not None:
-                            pair.completed += 1
-                    else:
-                        _, seq, _stamp = BARE_MSG.unpack_from(data)
+                        for (seq,) in SEQ.iter_unpack(memoryview(data)[1:]):
+                            if pair.outstanding.pop(seq, None) is not None:
+                                pair.completed += 1
+                        continue
+                    step = ITEM.size + spec.text_size
+                    for offset in range(1, len(data), step):
+                        seq, _stamp = ITEM.unpack_from(data, offset)
                         if seq not in pair.seen:
                             pair.seen.add(seq)
                             pair.received += 1
-                        sock.send(BARE_RECEIPT.pack(b"R", seq))
-                        datagrams += 1
+                        pace.receipts.append(seq)
+                        pace.owed_rx += spec.receiver_datagrams
+                    send_receipts(pair, pace, False)
     finally:
         selector.close()
     return {
@@ -239,7 +283,7 @@ def chat_phase(server: Child, port: int, pairs: int, rate: float, duration: floa
     ]
     with workers(run_traffic, specs) as group:
         group.gather("ready", 300)
-        time.sleep(0.5)  # the logins' last acks and commits
+        time.sleep(min(0.5, duration / 4))  # the logins' last acks and commits
         before, cpu0, drops0 = scrape(port), server.cpu(), server.drops()
         t0 = time.monotonic() + START_DELAY
         group.tell("start", t0, t0 + duration)
@@ -262,9 +306,14 @@ def chat_phase(server: Child, port: int, pairs: int, rate: float, duration: floa
         "server_cpu_pct": (cpu1 - cpu0) / elapsed * 100,
         "datagrams_in_per_msg": d["datagrams_in"] / n,
         "datagrams_out_per_msg": d["datagrams_out"] / n,
+        # sent by the pairs' clients themselves (the server's count also has
+        # the idle sessions' keepalives): how the bare loop's share is split
+        "sender_datagrams_per_msg": sum(s["datagrams_out"] for s in senders) / n,
+        "receiver_datagrams_per_msg": sum(r["datagrams_out"] for r in receivers) / n,
         "messages_counted": d["messages"], "commits": d["commits"],
         "commits_per_s": d["commits"] / elapsed, "fsyncs_per_msg": d["commits"] / n,
-        "idle_sessions": after["sessions"] - 2 * pairs,
+        # the idle ones, these pairs' and any earlier phase's not yet expired
+        "sessions_online": after["sessions"],
         "rate_limited_notices": sum(s.get("notices", {}).get("rate_limited", 0)
                                     for s in [*senders, *receivers]),
         "socket_drops": drops,
@@ -272,12 +321,13 @@ def chat_phase(server: Child, port: int, pairs: int, rate: float, duration: floa
     }  # fmt: skip
 
 
-def bare_phase(pairs: int, rate: float, duration: float, datagrams_per_msg: float,
-               load_workers: int, tmp: Path) -> dict[str, Any]:  # fmt: skip
+def bare_phase(pairs: int, rate: float, duration: float, sender_datagrams: float,
+               receiver_datagrams: float, load_workers: int,
+               tmp: Path) -> dict[str, Any]:  # fmt: skip
     relay = start_bare(tmp, f"chatlike-{pairs}")
     try:
         names = [f"b{i}" for i in range(pairs)]
-        specs = [PacedBareSpec(relay.address, g, rate, datagrams_per_msg)
+        specs = [PacedBareSpec(relay.address, g, rate, sender_datagrams, receiver_datagrams)
                  for g in split(names, load_workers)]  # fmt: skip
         with workers(run_bare_paced, specs) as group:
             group.gather("ready", 60)
@@ -309,7 +359,7 @@ def keepalive_phase(sessions: int, window: float, load_workers: int,
         specs = [MemberSpec(server.address, g) for g in split(names, load_workers)]
         with workers(run_members, specs) as group:
             group.gather("ready", 900)
-            time.sleep(1.0)  # the last logins' commits and acks
+            time.sleep(min(1.0, window))  # the last logins' commits and acks
             before, cpu0, t0 = scrape(port), server.cpu(), time.monotonic()
             time.sleep(window)
             cpu1, after, t1 = server.cpu(), scrape(port), time.monotonic()
@@ -335,31 +385,38 @@ def keepalive_phase(sessions: int, window: float, load_workers: int,
 def run(pairs: list[int], rate: float, idle: int, duration: float, keepalive_sessions: int,
         keepalive_window: float, load_workers: int, say: Any) -> dict[str, Any]:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="udp-chat-chatlike-"))
-    out: dict[str, Any] = {"rate": rate, "idle": idle, "phases": []}
+    out: dict[str, Any] = {"rate": rate, "idle": idle, "phases": [],
+                           "loadavg_before": list(os.getloadavg())}  # fmt: skip
     try:
-        server, port = start_server(tmp, "chatlike")
-        try:
-            say(f"chatlike: {idle} idle sessions log in")
-            names = [f"i{i}" for i in range(idle)]
-            specs = [MemberSpec(server.address, g) for g in split(names, load_workers)]
-            with workers(run_members, specs) as idlers:
-                if idle:
-                    idlers.gather("ready", 900)
-                for p in pairs:
+        for p in pairs:  # each on a fresh server, with its own idle sessions
+            server, port = start_server(tmp, f"chatlike-{p}")
+            try:
+                say(f"chatlike: {idle} idle sessions log in")
+                names = [f"i{i}" for i in range(idle)]
+                specs = [MemberSpec(server.address, g) for g in split(names, load_workers)]
+                with workers(run_members, specs) as idlers:
+                    if idle:
+                        idlers.gather("ready", 900)
                     say(f"chatlike: {p} pairs at {rate:g} msg/s each beside {idle} idle, "
                         f"{duration:g} s")  # fmt: skip
                     out["phases"].append(chat_phase(server, port, p, rate, duration,
-                                                    load_workers, f"c{p}_"))  # fmt: skip
-                if idle:
-                    idlers.tell("stop")
-                    idlers.gather("done", 120)
-        finally:
-            server.stop()
+                                                    load_workers, "c"))  # fmt: skip
+                    if idle:
+                        idlers.tell("stop")
+                        idlers.gather("done", 120)
+            finally:
+                server.stop()
         for phase in out["phases"]:
             p = phase["pairs"]
             say(f"chatlike: the bare loop, {p} pairs at {rate:g} msg/s, "
                 f"{phase['datagrams_in_per_msg']:.2f} datagrams in per msg")  # fmt: skip
-            bare = bare_phase(p, rate, duration, phase["datagrams_in_per_msg"], load_workers, tmp)
+            # The server's datagrams in per message, split between the bare
+            # senders and receivers as the pairs' own clients split theirs.
+            total = phase["datagrams_in_per_msg"]
+            own = phase["sender_datagrams_per_msg"] + phase["receiver_datagrams_per_msg"]
+            share = phase["sender_datagrams_per_msg"] / own if own else 0.5
+            bare = bare_phase(p, rate, duration, total * share, total * (1 - share),
+                              load_workers, tmp)  # fmt: skip
             phase["bare"] = bare
             # None when the bare loop's CPU is below the clock's tick (--quick)
             phase["cpu_ratio"] = (phase["cpu_us_per_msg"] / bare["cpu_us_per_msg"]
@@ -367,6 +424,7 @@ def run(pairs: list[int], rate: float, idle: int, duration: float, keepalive_ses
         say(f"keepalive: {keepalive_sessions} idle sessions alone, {keepalive_window:g} s")
         out["keepalive"] = keepalive_phase(keepalive_sessions, keepalive_window, load_workers,
                                            tmp)  # fmt: skip
+        out["loadavg_after"] = list(os.getloadavg())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -442,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{KEEPALIVE_SESSIONS:,}; --quick 50)")  # fmt: skip
     parser.add_argument("--keepalive-window", type=float,
                         help=f"seconds it is measured (default {KEEPALIVE_WINDOW:g}: two "
-                        "keepalive rounds; --quick 1)")  # fmt: skip
+                        "keepalive rounds; --quick 0.3)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="load processes at most")
     parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     args = parser.parse_args(argv)
@@ -457,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = run(
         pairs, args.rate, idle, args.duration or (0.5 if q else DURATION),
         args.keepalive_sessions or (50 if q else KEEPALIVE_SESSIONS),
-        args.keepalive_window or (1.0 if q else KEEPALIVE_WINDOW), max(1, args.workers), say,
+        args.keepalive_window or (0.3 if q else KEEPALIVE_WINDOW), max(1, args.workers), say,
     )  # fmt: skip
     if args.json:
         print(json.dumps(figures))

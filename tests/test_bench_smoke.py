@@ -56,11 +56,24 @@ TABLE_LINES = (
     "logins (registering), seconds", "logins (existing, after a restart), seconds",
     "server logic alone", "server memory kept per relayed message", "GUI lag",
     "group of 10, flat out: delivered copies/s", "group of 10, 10 msg/s: delivered copies/s",
+    "chat-like: 2 pairs x 150 msg/s + 20 idle: server CPU us/msg",
+    "keepalive only, 50 idle sessions",
 )  # fmt: skip
 FANOUT_KEYS = {
     "members", "rate", "sent", "accepted", "completed", "recipients", "copies",
     "copies_expected", "duplicates", "messages_everyone_has", "copies_per_s", "cpu_us_per_copy",
     "copy_to_direct_cpu", "last_member_p50_ms", "last_member_p99_ms", "last_member_max_ms",
+}  # fmt: skip
+
+
+CHATLIKE_KEYS = {
+    "pairs", "rate", "sent", "delivered", "duplicates", "lost", "msgs_per_s", "cpu_us_per_msg",
+    "datagrams_in_per_msg", "datagrams_out_per_msg", "commits", "commits_per_s",
+    "fsyncs_per_msg", "bare", "cpu_ratio",
+}  # fmt: skip
+KEEPALIVE_KEYS = {
+    "sessions", "online", "window_s", "server_cpu_s", "cpu_us_per_session_per_min",
+    "datagrams_in_per_session_per_min", "datagrams_out_per_session_per_min",
 }  # fmt: skip
 
 
@@ -121,6 +134,21 @@ def test_quick_benchmark_prints_the_table_and_writes_the_json(tmp_path: Path) ->
             assert phase["copies"] == phase["copies_expected"] == phase["sent"] * 9, phase
             assert phase["messages_everyone_has"] == phase["completed"] == phase["sent"]
             assert phase["duplicates"] == 0
+        # The chat-like phase (issue 18): paced pairs beside idle sessions
+        # under the server's default limits, every message delivered once;
+        # the server's counters were read (each message is a datagram in at
+        # least once, and was committed); then the idle sessions alone.
+        chatlike = tree["chatlike"]
+        assert chatlike["idle"] == 20
+        (phase,) = chatlike["phases"]
+        assert not CHATLIKE_KEYS - phase.keys(), phase
+        assert phase["pairs"] == 2 and phase["sent"] > 0
+        assert phase["delivered"] == phase["sent"] and phase["duplicates"] == 0, phase
+        assert phase["datagrams_in_per_msg"] > 0 and phase["commits"] > 0, phase
+        assert phase["bare"]["delivered"] == phase["bare"]["sent"] > 0, phase
+        keepalive = chatlike["keepalive"]
+        assert not KEEPALIVE_KEYS - keepalive.keys(), keepalive
+        assert keepalive["online"] == keepalive["sessions"] == 50, keepalive
         gui = tree["gui"]
         assert not GUI_KEYS - gui.keys()
         assert gui["status"] == "ok" or gui["status"].startswith("skipped"), gui
