@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keepalive-sessions", type=int,
                         help=f"idle sessions of the keepalive phase (default "
-                        f"{KEEPALIVE_SESSIONS:,}; --quick 50)")  # fmt: skip
+                        f"{KEEPALIVE_SESSIONS:,}; --quick 20)")  # fmt: skip
     parser.add_argument("--keepalive-window", type=float,
                         help=f"seconds it is measured (default {KEEPALIVE_WINDOW:g}: two "
                         "keepalive rounds; --quick 0.3)")  # fmt: skip
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = run(
         pairs, args.rate, idle, args.duration or (0.5 if q else DURATION),
-        args.keepalive_sessions or (50 if q else KEEPALIVE_SESSIONS),
+        args.keepalive_sessions or (20 if q else KEEPALIVE_SESSIONS),
         args.keepalive_window or (0.3 if q else KEEPALIVE_WINDOW), max(1, args.workers), say,
     )  # fmt: skip
     if args.json:
