@@ -456,7 +456,7 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
         out.append(("  store commits/s; fsyncs per msg", "",
-                    f"{p['commits_per_s']:,.0f}; {p['fsyncs_per_msg']:.2f}", ""))  # fmt: skip
+                    f"{p['commits_per_s']:,.0f}; {p['fsyncs_per_msg']:.3f}", ""))  # fmt: skip
     k = figures["keepalive"]
     out.append(
         (
