@@ -36,7 +36,6 @@ import struct
 import sys
 import tempfile
 import time
-import traceback
 import urllib.request
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
@@ -50,6 +49,7 @@ from bench.loadgen import (
     TrafficSpec,
     _BarePair,
     cpu_seconds,
+    drive_bare_pairs,
     run_traffic,
     wait_until,
 )
@@ -151,21 +151,7 @@ class _Pace:
 def run_bare_paced(spec: PacedBareSpec, pipe: Pipe) -> None:
     """Worker: each pair's sender at `rate` messages/s through the bare
     loop, messages and receipts packed (or padded) to the server's counts."""
-    pairs: list[_BarePair] = []
-    try:
-        for name in spec.pairs:
-            pairs.append(_BarePair(name, spec.relay))
-            pairs[-1].join()
-        pipe.send(("ready", 2 * len(pairs)))
-        command = pipe.recv()
-        assert command[0] == "start", command
-        pipe.send(("done", _paced_loop(spec, pairs, command[1], command[2])))
-    except BaseException:
-        pipe.send(("error", traceback.format_exc()))
-    finally:
-        for pair in pairs:
-            pair.close()
-        pipe.close()
+    drive_bare_pairs(spec, pipe, _paced_loop)
 
 
 def _paced_loop(spec: PacedBareSpec, pairs: list[_BarePair], t0: float,

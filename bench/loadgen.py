@@ -35,7 +35,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import protocol
 from client_core import ClientCore, CoreStore, ErrorEvent
@@ -635,6 +635,16 @@ class BareSpec:
     drain_timeout: float = 10.0
 
 
+class _BareLoad(Protocol):
+    """What every bare-loop load names: the relay and its pairs."""
+
+    relay: Addr
+    pairs: list[str]
+
+
+_S = TypeVar("_S", bound=_BareLoad)
+
+
 class _BarePair:
     def __init__(self, name: str, relay: Addr) -> None:
         self.name = name
@@ -666,6 +676,16 @@ class _BarePair:
 def run_bare(spec: BareSpec, pipe: Pipe) -> None:
     """Worker: the same load through the bare loop: each message its own
     datagram, each one receipted by its own datagram, a window of 64."""
+    drive_bare_pairs(spec, pipe, _bare_loop)
+
+
+def drive_bare_pairs(
+    spec: _S, pipe: Pipe,
+    loop: Callable[[_S, list[_BarePair], float, float], dict[str, Any]],
+) -> None:  # fmt: skip
+    """A bare-loop worker's life: join `spec.pairs` to `spec.relay`, say
+    ready, run `loop(spec, pairs, t0, stop_at)` when told to start, send its
+    figures (or the traceback), close everything."""
     pairs: list[_BarePair] = []
     try:
         for name in spec.pairs:
@@ -674,7 +694,7 @@ def run_bare(spec: BareSpec, pipe: Pipe) -> None:
         pipe.send(("ready", 2 * len(pairs)))
         command = pipe.recv()
         assert command[0] == "start", command
-        pipe.send(("done", _bare_loop(spec, pairs, command[1], command[2])))
+        pipe.send(("done", loop(spec, pairs, command[1], command[2])))
     except BaseException:
         pipe.send(("error", traceback.format_exc()))
     finally:
