@@ -478,12 +478,18 @@ class Relay:
         self._now = now
         self.stats["datagrams_in"] += 1
         self.stats["bytes_in"] += len(data)
-        if not self._for_session(data) and not self._preauth_total.take(1, now):
-            # Not for a live session and over the budget for all such
-            # traffic: dropped before any parsing, HMAC or allocation, so a
-            # flood costs little.
-            self.drops("pre-login budget", addr, now)
-            return
+        if not self._for_session(data):
+            # Not for a live session: first within its address's allowance,
+            # then within the budget for all such traffic, both before any
+            # parsing, HMAC or allocation, so a flood costs little. In this
+            # order one flooding address spends its own allowance only and
+            # leaves the shared budget to everyone else's logins.
+            if not self._preauth.take(addr[0], 1, now):
+                self.drops("pre-login rate limit", addr, now)
+                return
+            if not self._preauth_total.take(1, now):
+                self.drops("pre-login budget", addr, now)
+                return
         try:
             self._receive(data, addr, now)
         except RemoteProtocolError as exc:
@@ -752,26 +758,22 @@ class Relay:
         try:
             header = decode_header(data)
         except UnsupportedVersion as exc:
-            if self._preauth.take(addr[0], 1, now):
-                reply = version_reply(len(data))
-                if reply is not None:
-                    self._out.append((reply, addr))
+            # (Within its address's pre-login allowance: `receive_datagram`.)
+            reply = version_reply(len(data))
+            if reply is not None:
+                self._out.append((reply, addr))
             self.drops("unsupported version", addr, now, exc)
             return
         if header.session_id == NO_SESSION:
-            if not self._preauth.take(addr[0], 1, now):
-                self.drops("pre-login rate limit", addr, now)
-                return
             self._receive_preauth(data, addr, now)
             return
         session = self.sessions.get(header.session_id)
         if session is None:
             # Most likely a client of a previous run of this server: tell it
             # to log in again (a reply smaller than the datagram, no MAC).
-            if self._preauth.take(addr[0], 1, now):
-                reply = unknown_session_reply(header.session_id, len(data))
-                if reply is not None:
-                    self._out.append((reply, addr))
+            reply = unknown_session_reply(header.session_id, len(data))
+            if reply is not None:
+                self._out.append((reply, addr))
             self.drops("unknown session", addr, now)
             return
         try:
