@@ -140,7 +140,7 @@ from reliability import (
     ReassemblyExpired,
     ReceiveBudget,
 )
-from server_groups import Group, GroupRefused, GroupTable, Member
+from server_groups import Group, GroupRefused, GroupTable, Member, group_name
 from server_guard import (
     BucketTable,
     TokenBucket,
@@ -171,6 +171,7 @@ from server_records import (
 from server_router import LocalRouter, Router
 from server_store import (
     Account,
+    ChangeGroup,
     DropMember,
     EndGroup,
     EraseAccount,
@@ -181,14 +182,18 @@ from server_store import (
     GroupNoticeRow,
     GroupReceipt,
     Loaded,
+    LoadedGroup,
     MarkDelivered,
     MemoryStore,
     MessageStore,
     NoticeDone,
     NoticeRow,
+    PostGroupMessage,
     Read,
+    ReadGroupCursors,
     ReadGroupLog,
     ReadGroupNotices,
+    ReadGroupState,
     ReadMailbox,
     ReadNotices,
     RequestKey,
@@ -294,12 +299,16 @@ LIMIT_REASONS = frozenset(DROP_REASONS[:6])
 #: keeps each client instance's latest): a request sent again is answered
 #: again, not done twice.
 MAX_GROUP_ANSWERS = 100_000
-# Groups keep their one order in this process (`server_groups.GroupTable`);
-# a cluster's nodes do not share it yet (docs/CLUSTER.md), so a node refuses
-# them rather than give two members two orders.
-GROUPS_NOT_IN_CLUSTER = (
-    "groups are not available in cluster mode yet; use a server without --cluster for groups"
-)
+# Cluster mode: a group's log is read into a node's copy a page at a time
+# (entries past what the copy has; the members' own pages are separate).
+GROUP_REPLAY_PAGE = 256
+GROUP_REPLAY_BYTES = 1 << 20
+#: The last seq a log read may reach: "everything there is".
+GROUP_LOG_END = 1 << 62
+#: Times a node plans a membership change again after another node's change
+#: came first (each time its copy has caught up): then it asks the client to
+#: send it again. Changes are rare; two in a row on one group rarer still.
+GROUP_CHANGE_ATTEMPTS = 8
 DUPLICATE_ID_TEXT = (
     "this message id was already used for another message; your client's store was "
     "probably copied or restored"
@@ -429,6 +438,14 @@ class Relay:
             bytes, tuple[Session, dict[tuple[str, str, str], list[MsgId]]]
         ] = {}
         self._group_senders: set[str] = set()
+        # Cluster mode (`shared_store`): this node's copy of each group is the
+        # shared log's prefix, read on as entries are announced. The seq each
+        # group's log is known to reach, the groups being read or loaded, and
+        # what waits for a group to reach (epoch, seq).
+        self._group_wanted: dict[str, int] = {}
+        self._group_reading: set[str] = set()
+        self._group_loading: set[str] = set()
+        self._group_waiters: dict[str, list[tuple[int, int, Callable[[], None]]]] = {}
         self._load(self.store.load())
         self._reserve_at = self.store.reserve_ids(self._next_msg_id)  # when to ask again
         # The wall clock is only for timestamps people see (`sent_ms`): what
@@ -666,7 +683,7 @@ class Relay:
         was down): every session here reads its mailbox and receipts again."""
         self._now = now
         for session in list(self.sessions.values()):
-            for pager in (session.mail, session.receipts):
+            for pager in (session.mail, session.receipts, session.group_receipts):
                 if pager is not None:
                     pager.behind = True
                     pager.missed = max(pager.missed, pager.cursor + 1)
@@ -676,6 +693,7 @@ class Relay:
                 session.receipts = Pager(behind=True)
             self._page_mail(session)
             self._page_receipts(session)
+            self._page_group_receipts(session)
 
     def logged_in_on(self, key: str, instance_id: int, now: float) -> None:
         """User `key` logged in on another node from client `instance_id`:
@@ -1920,13 +1938,7 @@ class Relay:
 
     def _load_groups(self, loaded: Loaded) -> None:
         for stored in loaded.groups:
-            group = Group(stored.key, stored.name, stored.owner_key, stored.seq)
-            for m in stored.members:
-                member = Member(m.key, m.name, m.joined_seq, m.rank, m.left_seq, m.cursor)
-                if m.left_seq is None:
-                    group.members[m.key] = member
-                elif not member.caught_up:
-                    group.former[m.key] = member
+            group = self._group_from(stored)
             if group.members:
                 self.groups.restore(group)
         for key, answer in loaded.group_requests.items():
@@ -1934,6 +1946,18 @@ class Relay:
         self._group_senders.update(loaded.group_notice_senders)
         if loaded.groups:
             log.info("loaded %d groups", len(self.groups))
+
+    @staticmethod
+    def _group_from(stored: LoadedGroup) -> Group:
+        group = Group(stored.key, stored.name, stored.owner_key, stored.seq)
+        group.epoch, group.changed = stored.epoch, stored.changed
+        for m in stored.members:
+            member = Member(m.key, m.name, m.joined_seq, m.rank, m.left_seq, m.cursor)
+            if m.left_seq is None:
+                group.members[m.key] = member
+            elif not member.caught_up:
+                group.former[m.key] = member
+        return group
 
     def _remember_answer(self, key: RequestKey, answer: tuple[int, str]) -> None:
         answers = self._group_answers
@@ -1978,9 +2002,17 @@ class Relay:
             self.store.submit(Sync(), functools.partial(
                 self._group_result, user, key, code, text, stream))  # fmt: skip
             return
+        if self.shared_store and request.action in (
+            GroupAction.CREATE,
+            GroupAction.ADD,
+            GroupAction.REMOVE,
+            GroupAction.LEAVE,
+        ):
+            # A cluster: planned here, applied by the shared store in the
+            # group's one sequence (`_cluster_change`).
+            self._cluster_change(user, session.instance_id, request, key)
+            return
         try:
-            if self.shared_store and request.action != GroupAction.LIST:
-                raise GroupRefused(ErrorCode.SERVER_ERROR, GROUPS_NOT_IN_CLUSTER)
             match request.action:
                 case GroupAction.CREATE:
                     self._group_create(session, request, key)
@@ -2093,6 +2125,10 @@ class Relay:
         self._store_change(group, changes, key, f"removed from #{group.name}")
 
     def _group_leave(self, group: Group, user: User, key: RequestKey) -> None:
+        if self.shared_store:  # (a deleted account's leaving, in a cluster)
+            request = GroupRequest(key[2], GroupAction.LEAVE, group.name, ())
+            self._cluster_change(user, key[1], request, key)
+            return
         changes = self._leave_items(group, user)
         if changes:
             self._store_change(group, changes, key, f"left #{group.name}")
@@ -2195,7 +2231,9 @@ class Relay:
             self._fail(session, send.msg_id, ErrorCode.TOO_LONG, f"{size} bytes is over the limit")
             return
         if self.shared_store:
-            self._fail(session, send.msg_id, ErrorCode.SERVER_ERROR, GROUPS_NOT_IN_CLUSTER)
+            # A cluster: the shared store numbers it, and judges whether its
+            # sender is a member (this node may not have heard of a change yet).
+            self._post_group(session, send, to_key)
             return
         group = self.groups.get(to_key[1:])
         if group is None:
@@ -2218,15 +2256,7 @@ class Relay:
             instance = (user.key, instance_id)
             if client_seq > self._hwm.get(instance, -1):
                 self._hwm[instance] = client_seq
-        # The fan-out budget: the copies are paid now; a user in debt has
-        # their next messages wait (`_may_take`).
-        bucket = user.fanout_bucket
-        if bucket is None:
-            cfg = self.config
-            bucket = user.fanout_bucket = TokenBucket(cfg.max_fanout_rate, cfg.max_fanout_burst,
-                                                      self._now)  # fmt: skip
-        bucket.ready(0, self._now)  # brings it up to date
-        bucket.spend(recipients)
+        self._spend_fanout(user, recipients)
         self.stats["group_messages"] += 1
         item = GroupItem(group.key, seq, server_msg_id, 0, user.key, user.name, instance_id,
                          client_seq, send.text, (), int(self._wall_clock() * 1000),
@@ -2262,6 +2292,8 @@ class Relay:
 
         def found() -> None:
             seq, recipients = read.result if read.ok and read.result is not None else (0, 0)
+            if self.shared_store and read.result is None:
+                return  # not stored: refused (its FAIL went to the client)
             if read.ok:  # (0, 0): its group has ended since; it was accepted all the same
                 self._send_group_accept(user, msg_id, server_msg_id, seq, recipients)
 
@@ -2292,10 +2324,15 @@ class Relay:
         size = len(item.text.encode("utf-8")) if item.text else 0
         copies = 0
         for member in group.audience(seq):
-            if not item.change and member.key == item.sender_key:
-                self._pass_own(group, member, seq)
-                continue
             user = self.users.get(member.key)
+            if not item.change and member.key == item.sender_key:
+                # (in a cluster, by the sender's node only: the others' copies
+                # of the cursor follow from the store at a login there)
+                if not self.shared_store or (
+                    user is not None and isinstance(self.router.locate(user), Session)
+                ):
+                    self._pass_own(group, member, seq)
+                continue
             if user is None:
                 continue
             route = self.router.locate(user)
@@ -2479,8 +2516,8 @@ class Relay:
     def _tell_group_sender(self, sender_key: str, msg_id: MsgId, by: User, group: Group,
                            seq: int) -> None:  # fmt: skip
         sender = self.users.get(sender_key)
-        if sender is None:
-            return
+        if sender is None or self.shared_store:
+            return  # (a cluster: the sender's node hands it over from the shared queue)
         self._group_senders.add(sender_key)
         route = self.router.locate(sender)
         if isinstance(route, Session):
@@ -2517,6 +2554,8 @@ class Relay:
         pager.reading = True
         read = Read(ReadGroupNotices(session.user.key, pager.cursor, max(1, free)))
         upto = self._next_msg_id - 1
+        if self.shared_store:
+            upto = max(upto, pager.missed)  # as in `_page_mail`
         self.store.submit(read, functools.partial(self._group_receipts_paged, session, pager,
                                                   read, upto))  # fmt: skip
 
@@ -2570,17 +2609,476 @@ class Relay:
         """At login: page what waits in the user's groups since their
         cursor, and the "delivered by" receipts queued for them."""
         user = session.user
-        for group in self.groups.catching_up(user.key):
-            member = group.member(user.key)
-            if member is None or member.cursor >= group.seq:
-                continue
-            mail, pager = self._group_pager(session, group, member)
-            pager.behind = True
-            pager.missed = group.seq
-            self._page_group(session, group)
-        if user.key in self._group_senders:
+        if self.shared_store:
+            # A cluster: the cursors as the store has them first (the user's
+            # client may have receipted on another node since this one heard).
+            keys = tuple(group.key for group in self.groups.catching_up(user.key))
+            op = ReadGroupCursors(user.key, keys)
+            self.store.submit(op, functools.partial(self._group_cursors_read, session, op))
+        else:
+            for group in self.groups.catching_up(user.key):
+                self._catch_up_member(session, group)
+        if user.key in self._group_senders or self.shared_store:
             session.group_receipts = Pager(behind=True, missed=self._next_msg_id - 1)
             self._page_group_receipts(session)
+
+    # --- groups in cluster mode (`shared_store`) ----------------------------
+    # The shared store gives every entry its seq (server_cluster: a message's
+    # script checks its sender is a member there and then; a membership
+    # change, planned here on this node's copy, is applied only if no other
+    # change came first). This node's copy of a group only ever takes the
+    # log's entries in order, whoever made them, so it is a prefix of the one
+    # log, and members on every node are handed the same sequence.
+
+    def _post_group(self, session: Session, send: Send, to_key: str) -> None:
+        """A new message to a group, numbered by the shared store."""
+        user = session.user
+        group = self.groups.get(to_key[1:])
+        instance_id, client_seq = send.msg_id
+        dedup = (user.key, instance_id, client_seq)
+        server_msg_id = self._new_id()
+        self._accepted[dedup] = (server_msg_id, to_key, send.text)
+        if instance_id == session.instance_id:
+            instance = (user.key, instance_id)
+            if client_seq > self._hwm.get(instance, -1):
+                self._hwm[instance] = client_seq
+        # The fan-out budget, by this node's count of the members (the
+        # store's may differ by a change not heard of yet).
+        self._spend_fanout(user, len(group.members) - 1 if group is not None else 0)
+        self.stats["group_messages"] += 1
+        item = GroupItem(to_key[1:], 0, server_msg_id, 0, user.key, user.name, instance_id,
+                         client_seq, send.text, (), int(self._wall_clock() * 1000), 0)  # fmt: skip
+        post = PostGroupMessage(item)
+        self.store.submit(post, functools.partial(self._group_posted, user, post, dedup, send.to))
+
+    def _spend_fanout(self, user: User, copies: int) -> None:
+        """The fan-out budget: the copies are paid now; a user in debt has
+        their next messages wait (`_may_take`)."""
+        bucket = user.fanout_bucket
+        if bucket is None:
+            cfg = self.config
+            bucket = user.fanout_bucket = TokenBucket(cfg.max_fanout_rate, cfg.max_fanout_burst,
+                                                      self._now)  # fmt: skip
+        bucket.ready(0, self._now)  # brings it up to date
+        bucket.spend(copies)
+
+    def _group_posted(self, user: User, post: PostGroupMessage, dedup: tuple[str, int, int],
+                      to: str) -> None:  # fmt: skip
+        """The store has numbered the message (or refused it: its sender was
+        not a member there)."""
+        self._accepted.pop(dedup, None)
+        item = post.item
+        msg_id = MsgId(item.instance_id, item.client_seq)
+        session = self.router.locate(user)
+        if post.refused:
+            self.stats["group_refused"] += 1
+            if isinstance(session, Session):
+                code = ErrorCode(post.refused)
+                text = {ErrorCode.NO_SUCH_GROUP: f"there is no group {to}",
+                        ErrorCode.NOT_A_MEMBER: f"you are not a member of {to}"}.get(
+                            code, DUPLICATE_ID_TEXT)  # fmt: skip
+                self._fail(session, msg_id, code, text)
+            return
+        if isinstance(session, Session):
+            self._send(session, GroupAccept(msg_id, item.server_msg_id, item.group_seq,
+                                            item.recipients))  # fmt: skip
+        self._group_arrived(item.group_key, post.epoch, [item])
+
+    def _group_arrived(self, key: str, epoch: int, items: list[GroupItem]) -> None:
+        """Entries this node had stored (in hand, numbered): made in the copy
+        at once if they are the next ones, else read from the log in turn."""
+        group = self.groups.get(key)
+        if group is not None and group.epoch == epoch and items[0].group_seq == group.seq + 1:
+            for item in items:
+                self._apply_entry(group, item)
+            self._run_group_waiters(key)
+        else:
+            self._group_behind(key, epoch, items[-1].group_seq)
+
+    def _apply_entry(self, group: Group, item: GroupItem) -> None:
+        """The log's next entry into this node's copy, then to the members here."""
+        self.groups.apply(group, group.key, group.name, item.group_seq, item.server_msg_id,
+                          item.change, item.sender_key, item.users)  # fmt: skip
+        self._fan_out(group, item)
+
+    def _group_behind(self, key: str, epoch: int, seq: int) -> None:
+        """The shared log of group `key` (the one of `epoch`) reaches `seq`:
+        bring this node's copy there (its state read afresh if it does not
+        have that group)."""
+        group = self.groups.get(key)
+        if group is None or group.epoch != epoch:
+            self._load_group(key)
+            return
+        if seq <= group.seq:
+            return
+        self._group_wanted[key] = max(self._group_wanted.get(key, 0), seq)
+        self._read_group_log(group)
+
+    def _read_group_log(self, group: Group) -> None:
+        if group.key in self._group_reading:
+            return  # the read in flight goes on when it is back
+        self._group_reading.add(group.key)
+        read = Read(ReadGroupLog(group.key, group.seq, GROUP_LOG_END, GROUP_REPLAY_PAGE,
+                                 GROUP_REPLAY_BYTES))  # fmt: skip
+        self.store.submit(read, functools.partial(self._group_log_read, group, read))
+
+    def _group_log_read(self, group: Group, read: Read) -> None:
+        self._group_reading.discard(group.key)
+        if self.groups.get(group.key) is not group or not read.ok:
+            return  # ended or replaced meanwhile; or failed: the next notice or beat reads
+        items: list[GroupItem]
+        items, more = read.result
+        for item in items:
+            if item.group_seq <= group.seq:
+                continue  # made here meanwhile (`_group_arrived`)
+            if item.group_seq != group.seq + 1:
+                self._load_group(group.key)  # not the next one: the log's state instead
+                return
+            self._apply_entry(group, item)
+        self._run_group_waiters(group.key)
+        wanted = self._group_wanted.get(group.key, 0)
+        if wanted > group.seq and (more or items):
+            self._read_group_log(group)
+        elif wanted > group.seq:
+            self._load_group(group.key)  # announced and not in the log: read its state
+        else:
+            self._group_wanted.pop(group.key, None)
+
+    def _load_group(self, key: str) -> None:
+        """Read group `key`'s state from the shared store (this node has
+        another group of that name, or none, or missed part of its log)."""
+        if key in self._group_loading:
+            return
+        self._group_loading.add(key)
+        op = ReadGroupState(key)
+        self.store.submit(op, functools.partial(self._group_loaded, op))
+
+    def _group_loaded(self, op: ReadGroupState) -> None:
+        key = op.group_key
+        self._group_loading.discard(key)
+        if not op.ok:
+            return  # the next notice or beat asks again
+        stored, cached = op.result, self.groups.get(key)
+        if stored is None:  # no such group (any more)
+            if cached is not None:
+                self._end_copy(cached)
+            self._run_group_waiters(key, gone=True)
+            return
+        if cached is not None and cached.epoch == stored.epoch:
+            self._group_behind(key, stored.epoch, stored.seq)  # the same group: read on
+            return
+        if cached is not None:
+            self._end_copy(cached)
+        group = self._group_from(stored)
+        self._group_wanted.pop(key, None)
+        if group.members:
+            self.groups.restore(group)
+            # The members here page what is theirs from the log, from their cursors.
+            for member_key in [*group.members, *group.former]:
+                user = self.users.get(member_key)
+                route = self.router.locate(user) if user is not None else None
+                if isinstance(route, Session):
+                    self._catch_up_member(route, group)
+        self._run_group_waiters(key, gone_except=stored.epoch)
+
+    def _end_copy(self, group: Group) -> None:
+        """This node's copy of a group that has ended (its members here are
+        handed nothing more of it)."""
+        if self.groups.get(group.key) is not group:
+            return
+        keys = [*group.members, *group.former]
+        self.groups.end(group)
+        self._group_wanted.pop(group.key, None)
+        for member_key in keys:
+            user = self.users.get(member_key)
+            route = self.router.locate(user) if user is not None else None
+            if isinstance(route, Session) and route.group_mail is not None:
+                self._drop_pager(route.group_mail, group.key)
+
+    def _after_group(self, key: str, epoch: int, seq: int, then: Callable[[], None]) -> None:
+        """Run `then` once this node's copy of group `key` (of `epoch`) has
+        its entries up to `seq`, or once that group is known to be gone."""
+        self._group_waiters.setdefault(key, []).append((epoch, seq, then))
+        self._run_group_waiters(key)
+
+    def _run_group_waiters(self, key: str, *, gone: bool = False,
+                           gone_except: int | None = None) -> None:  # fmt: skip
+        """Run what waits for group `key`: those whose place this node's copy
+        has reached; with `gone`, all (no such group); with `gone_except`,
+        those waiting for another group of that name (the store has that one)."""
+        waiting = self._group_waiters.get(key)
+        if not waiting:
+            return
+        group = self.groups.get(key)
+        ready: list[Callable[[], None]] = []
+        left: list[tuple[int, int, Callable[[], None]]] = []
+        for epoch, seq, then in waiting:
+            reached = group is not None and group.epoch == epoch and group.seq >= seq
+            dead = gone or (gone_except is not None and epoch != gone_except)
+            if reached or dead:
+                ready.append(then)
+            else:
+                left.append((epoch, seq, then))
+        if left:
+            self._group_waiters[key] = left
+        else:
+            del self._group_waiters[key]
+        for then in ready:
+            self._run_callback(then)
+
+    def group_waiting(self, key: str, epoch: int, seq: int, now: float) -> None:
+        """Another node (or this one) stored entries of group `key` up to `seq`."""
+        self._now = now
+        self._group_behind(key, epoch, seq)
+
+    def group_ended(self, key: str, epoch: int, now: float) -> None:
+        """The group `key` of `epoch` ended (its last member left)."""
+        self._now = now
+        group = self.groups.get(key)
+        if group is not None and group.epoch == epoch:
+            self._end_copy(group)
+        self._run_group_waiters(key, gone_except=-1)  # (no group has epoch -1)
+
+    def group_heads(self, heads: dict[str, tuple[int, int]], now: float) -> None:
+        """Every group's (epoch, last seq), read at each beat and after a
+        broken pub/sub link: what a lost notice left behind is caught up
+        here, so nothing waits for ever on one."""
+        self._now = now
+        for key, (epoch, seq) in heads.items():
+            self._group_behind(key, epoch, seq)
+        for key in [*self.groups.groups, *self._group_waiters]:
+            if key not in heads:
+                self._load_group(key)  # ended, or made since the heads were read: ask
+
+    def group_receipts_waiting(self, key: str, seq: int, now: float) -> None:
+        """The shared store queued "delivered by" receipt `seq` for sender
+        `key`: if their session is here, it is handed over from there."""
+        self._now = now
+        user = self.users.get(key)
+        session = self.router.locate(user) if user is not None else None
+        if not isinstance(session, Session):
+            return
+        pager = session.group_receipts
+        if pager is None:
+            pager = session.group_receipts = Pager(behind=True)
+        if seq <= pager.cursor:
+            return
+        pager.behind = True
+        pager.missed = max(pager.missed, seq)
+        self._page_group_receipts(session)
+
+    def _cluster_change(self, user: User, instance_id: int, request: GroupRequest,
+                        key: RequestKey, attempt: int = 0) -> None:  # fmt: skip
+        """A membership change in cluster mode: planned on this node's copy
+        (the rules' verdict, as on one server), then applied by the store
+        only if the copy was current (`ChangeGroup`)."""
+        stream = conversation_stream(group_address(request.group.removeprefix("#")))
+        try:
+            plan = self._plan_change(user, request)
+        except GroupRefused as exc:
+            self.stats["group_refused"] += 1
+            try:
+                group_key = group_name(request.group)[1]
+            except GroupRefused:
+                self._group_result(user, key, int(exc.code), exc.message, stream)
+                return
+            # Sent again to this node after another did it (its node died
+            # before answering): the answer it had, not a refusal.
+            lookup = ChangeGroup(group_key, request.group.removeprefix("#"), -1, 0, [], "",
+                                 False, (key, int(exc.code), exc.message))  # fmt: skip
+            then = functools.partial(self._group_changed, user, instance_id, request, key,
+                                     lookup, attempt, None)  # fmt: skip
+            self.store.submit(lookup, then)
+            return
+        if isinstance(plan, str):  # nothing to change
+            self._group_result(user, key, 0, plan, stream)
+            return
+        group, op, text = plan
+        op.request = (key, 0, text)
+        self.store.submit(op, functools.partial(self._group_changed, user, instance_id, request,
+                                                key, op, attempt, group))  # fmt: skip
+
+    def _plan_change(
+        self, user: User, request: GroupRequest
+    ) -> tuple[Group | None, ChangeGroup, str] | str:
+        """The entries a request makes, by the rules, on this node's copy
+        (nothing changed here yet); a str: the answer, nothing to do."""
+        wall = int(self._wall_clock() * 1000)
+
+        def entry(group_key: str, change: GroupChange, users: tuple[str, ...],
+                  recipients: int) -> GroupItem:  # fmt: skip
+            return GroupItem(group_key, 0, self._new_id(), int(change), user.key, user.name, 0, 0,
+                             "", users, wall, recipients)  # fmt: skip
+
+        entries: list[tuple[GroupItem, tuple[tuple[str, str, int], ...], tuple[str, ...]]] = []
+        if request.action == GroupAction.CREATE:
+            name, group_key = self.groups.check_create(request.group)
+            others = self._resolve(request.users, user.key)
+            self.groups.check_room(1, len(others))
+            users = (user.name, *(n for _, n in others))
+            joined = ((user.key, user.name, 0),
+                      *((k, n, rank) for rank, (k, n) in enumerate(others, 1)))  # fmt: skip
+            entries.append((entry(group_key, GroupChange.CREATED, users, len(users)), joined, ()))
+            return None, ChangeGroup(group_key, name, 0, 0, entries, user.key, False,
+                                     ((user.key, 0, 0), 0, "")), f"created #{name}"  # fmt: skip
+        group = self.groups.member_of(request.group, user.key)
+        owner, end = group.owner, False
+        if request.action == GroupAction.ADD:
+            new = [(k, n) for k, n in self._resolve(request.users, user.key)
+                   if k not in group.members]  # fmt: skip
+            if not new:
+                return "already members"
+            self.groups.check_room(len(group.members), len(new))
+            item = entry(group.key, GroupChange.ADDED, tuple(n for _, n in new),
+                         len(group.members) + len(new))  # fmt: skip
+            entries.append((item, tuple((k, n, rank) for rank, (k, n) in enumerate(new)), ()))
+            text = f"added to #{group.name}"
+        else:
+            leaving = [user.key]
+            if request.action == GroupAction.REMOVE:
+                leaving = self._removing(group, user, request)
+            if leaving == [user.key]:  # leaving (removing yourself alone is leaving)
+                text = f"left #{group.name}"
+                item = entry(group.key, GroupChange.LEFT, (), len(group.members))
+                entries.append((item, (), (user.key,)))
+                end = len(group.members) == 1
+                if end:
+                    text = f"left #{group.name}; it has ended"
+                elif group.owner == user.key:
+                    owner = next(k for k in group.members if k != user.key)
+                    heir = group.members[owner].name
+                    entries.append((entry(group.key, GroupChange.OWNER, (heir,),
+                                          len(group.members) - 1), (), ()))  # fmt: skip
+            else:
+                names = tuple(group.members[k].name for k in leaving)
+                item = entry(group.key, GroupChange.REMOVED, names, len(group.members))
+                entries.append((item, (), tuple(leaving)))
+                text = f"removed from #{group.name}"
+        op = ChangeGroup(group.key, group.name, group.epoch, group.changed, entries, owner, end,
+                         ((user.key, 0, 0), 0, ""))  # fmt: skip
+        return group, op, text
+
+    def _removing(self, group: Group, user: User, request: GroupRequest) -> list[str]:
+        """The members a REMOVE names, by the rules (only the owner removes;
+        naming yourself beside others removes only them)."""
+        if group.owner != user.key:
+            raise GroupRefused(ErrorCode.NOT_OWNER, f"only the owner of #{group.name}, "
+                               f"{group.owner_name()}, removes members")  # fmt: skip
+        self.groups.check_users(request.users)
+        keys: list[str] = []
+        for text in request.users:
+            try:
+                member_key = name_key(normalize_name(text))
+            except LocalProtocolError as exc:
+                raise GroupRefused(ErrorCode.INVALID_NAME, str(exc)) from None
+            if member_key not in group.members:
+                raise GroupRefused(ErrorCode.NOT_A_MEMBER,
+                                   f"{text!r} is not a member of #{group.name}")  # fmt: skip
+            if member_key not in keys:
+                keys.append(member_key)
+        if user.key in keys and len(keys) > 1:
+            keys.remove(user.key)
+        return keys
+
+    def _group_changed(self, user: User, instance_id: int, request: GroupRequest,
+                       key: RequestKey, op: ChangeGroup, attempt: int,
+                       group: Group | None) -> None:  # fmt: skip
+        """The store's verdict on a planned change."""
+        stream = conversation_stream(group_address(op.name))
+        if op.outcome == "done":  # asked before (on another node, or before a crash)
+            code, text = op.answer or (0, "")
+            self._remember_answer(key, (code, text))
+            self._group_result(user, key, code, text, stream)
+            return
+        if op.outcome == "none":  # refused here, and never done anywhere
+            _, code, text = op.request
+            self._group_result(user, key, code, text, stream)
+            return
+        if op.outcome == "conflict":
+            # Another change came first: catch up to the store's state, then
+            # plan again (the rules may now say no).
+            self.stats["group_conflicts"] += 1
+            if attempt + 1 >= GROUP_CHANGE_ATTEMPTS:
+                self._group_result(user, key, int(ErrorCode.SERVER_ERROR),
+                                   f"#{op.name} is changing fast; send the request again",
+                                   stream)  # fmt: skip
+                return
+            epoch, seq = op.current
+            again = functools.partial(self._cluster_change, user, instance_id, request, key,
+                                      attempt + 1)  # fmt: skip
+            if epoch == 0:
+                cached = self.groups.get(op.group_key)
+                if cached is not None:
+                    self._end_copy(cached)
+                again()
+                return
+            self._after_group(op.group_key, epoch, seq, again)
+            self._group_behind(op.group_key, epoch, seq)
+            return
+        _, code, text = op.request
+        self._remember_answer(key, (code, text))
+        self.stats["group_changes"] += len(op.entries)
+        items = [item for item, _, _ in op.entries]
+        for offset, item in enumerate(items):
+            item.group_seq = op.first_seq + offset
+        if op.end:
+            self._cluster_group_ended(user, key, op, group, text, stream)
+            return
+        epoch = op.epoch or items[0].server_msg_id
+        if op.epoch == 0 and self.groups.get(op.group_key) is None:
+            # A new group: made here from the plan in hand (its name is not in the log).
+            first = items[0]
+            made = self.groups.apply(None, op.group_key, op.name, first.group_seq,
+                                     first.server_msg_id, first.change, first.sender_key,
+                                     first.users)  # fmt: skip
+            if made is not None:
+                self._fan_out(made, first)
+                log.info("%s created group #%s with %d members", user.name, op.name,
+                         len(first.users))  # fmt: skip
+        else:
+            self._group_arrived(op.group_key, epoch, items)
+        answer = functools.partial(self._group_result, user, key, 0, text, stream)
+        self._after_group(op.group_key, epoch, items[-1].group_seq, answer)
+
+    def _cluster_group_ended(self, user: User, key: RequestKey, op: ChangeGroup,
+                             group: Group | None, text: str, stream: int) -> None:  # fmt: skip
+        """The last member left: the store has dropped the group's keys."""
+        cached = self.groups.get(op.group_key)
+        if cached is not None and cached.epoch == op.epoch:
+            self._end_copy(cached)
+        self._run_group_waiters(op.group_key, gone_except=-1)
+        log.info("group #%s ended: its last member left", op.name)
+        self.stats["groups_ended"] += 1
+        item = op.entries[0][0]
+        session = self.router.locate(user)
+        if group is not None and isinstance(session, Session):
+            self._send(session, self._group_message(group, item), stream=stream)
+        self._group_result(user, key, 0, text, stream)
+
+    def _catch_up_member(self, session: Session, group: Group) -> None:
+        """The session pages what waits for it in `group` since its cursor."""
+        member = group.member(session.user.key)
+        if member is None or member.cursor >= group.seq:
+            return
+        mail, pager = self._group_pager(session, group, member)
+        pager.behind = True
+        pager.missed = max(pager.missed, group.seq)
+        self._page_group(session, group)
+
+    def _group_cursors_read(self, session: Session, op: ReadGroupCursors) -> None:
+        """At login on a node of a cluster: the user's cursors as the store
+        has them (their client may have receipted on another node), then
+        what waits since."""
+        if self.sessions.get(session.session_id) is not session:
+            return
+        user = session.user
+        for group_key, cursor in op.result.items():
+            group = self.groups.get(group_key)
+            member = group.member(user.key) if group is not None else None
+            if member is not None and cursor > member.cursor:
+                member.cursor = cursor
+        for group in self.groups.catching_up(user.key):
+            self._catch_up_member(session, group)
 
 
 # --- the socket loop ----------------------------------------------------------

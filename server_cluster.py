@@ -60,6 +60,42 @@ and not receipted), and a group would keep a second copy of it (a PEL per
 node) that a move must XAUTOCLAIM; a plain read from the start of the
 mailbox is the equivalent claim, and XDEL on receipt is the XACK.
 
+Groups (issue 14) keep one sequence per group across the nodes. A group's
+keys share its hash tag `{#key}`: `chat:group:` (name, owner, `epoch`,
+`seq`, `changed`), `chat:gmem:` and `chat:gformer:` (members and former
+members still owed entries), `chat:gcur:` (each member's cursor: the
+highest seq their client receipted), `chat:glog:` (the log, a Stream whose
+entry ids are "SEQ-0", so the stream's order is the group's) and
+`chat:greq:` (requests' answers); `chat:groups` lists the groups. Every
+seq is given out by a script, inside Redis, never by a node:
+
+- a message (`PostGroupMessage`): the script checks its sender is a member
+  at that moment and takes the next seq (HINCRBY), with the dedup key. The
+  store, not the node, judges membership, because a node's copy may not
+  have heard of a removal made on another node a millisecond ago;
+- a membership change (`ChangeGroup`): the rules (owner, cap, who may add
+  whom, who inherits) are the relay's, the same code as on one server; a
+  node plans the change's entries on its copy of the group, and the script
+  applies them only if the group has had no membership change since the
+  one the copy has (compare-and-set on `epoch` and `changed`); otherwise
+  it answers "conflict" and the node catches up and plans again. Messages
+  do not move `changed`, so a burst of posts never makes a change retry.
+
+Why not the other way round (the node numbering, Redis checking the seq it
+expected): two nodes posting at once would conflict at every message, and
+each conflict costs a round trip and a refresh; a seq given out inside the
+script never conflicts, and a message needs no rule but membership. Why not
+every rule in Lua: the rules would exist twice, and changes are rare.
+
+Each entry stored announces itself to every node ("g KEY EPOCH SEQ" on
+`chat:all`); a node reads the log past its copy's seq and applies the
+entries in order (`server_groups.GroupTable.apply`), then hands each to its
+own members, so every node's copy is a prefix of the one log, and members
+on every node get the same sequence. `epoch` (the CREATED entry's server
+id) tells a group from an earlier one of the same name. Notices are not
+kept: at every beat (`ROUTE_RENEW`) a node reads every group's (epoch,
+seq) and catches up on what a lost notice left behind.
+
 Broadcasts on `chat:all`: a registration (so every node knows the account
 at once), a changed password ("u") and a deleted account ("x": its name
 quarantined on every node), a login ("on": the user's session on any other node is taken
@@ -95,21 +131,35 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common import format_address
+from protocol import ErrorCode
 from server_records import Session, User
 from server_router import NodeId, Route
 from server_store import (
     DEDUP_KEEP_S,
+    GROUP_DEDUP_PREFIX,
     Account,
+    Answer,
+    ChangeGroup,
+    DropMember,
     EraseAccount,
     FindDedup,
+    FindGroupItem,
+    GroupItem,
+    GroupNoticeDone,
+    GroupReceipt,
     Loaded,
-    MailPage,
+    LoadedGroup,
+    LoadedMember,
     MarkDelivered,
     NoticeDone,
-    NoticePage,
     Op,
+    PostGroupMessage,
     Query,
     Read,
+    ReadGroupCursors,
+    ReadGroupLog,
+    ReadGroupNotices,
+    ReadGroupState,
     ReadMailbox,
     ReadNotices,
     Reserve,
@@ -255,16 +305,133 @@ end
 return taken
 """
 
+# --- groups: one sequence per group, given out here (docs/CLUSTER.md) ---
+#
+# A group's keys share its hash tag `{#key}`: `chat:group:` (hash: name,
+# owner, epoch, seq, changed), `chat:gmem:` (current members: key -> [name,
+# joined_seq, rank]), `chat:gformer:` (former members still owed entries:
+# key -> [name, joined_seq, rank, left_seq]), `chat:gcur:` (key -> cursor),
+# `chat:glog:` (the log: a stream whose entry ids are "SEQ-0", so the
+# stream's order is the group's) and `chat:greq:` (requests' answers).
+# Every entry announces itself to every node: "g KEY EPOCH SEQ".
+#
+# A message. KEYS: dedup key, group, members, log, id key. ARGV: dedup value
+# ("server id:digest"), its TTL, sender key, the packed entry, group key.
+# The sender must be a member here, now: the script is the judge, so a
+# node's copy that has not heard of a removal yet cannot let one through.
+GROUP_POST = """
+local old = redis.call('GET', KEYS[1])
+if old then return {'dup', old} end
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then return {'nogroup'} end
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return {'notmember'} end
+local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+local n = redis.call('HLEN', KEYS[3]) - 1
+redis.call('XADD', KEYS[4], seq .. '-0', 'm', ARGV[4], 'n', n)
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. seq .. ':' .. n .. ':' .. epoch, 'EX', ARGV[2])
+redis.call('SET', KEYS[5], seq .. ':' .. n, 'EX', ARGV[2])
+redis.call('PUBLISH', 'chat:all', 'g\t' .. ARGV[5] .. '\t' .. epoch .. '\t' .. seq)
+return {'ok', seq .. ':' .. n .. ':' .. epoch}
+"""
+# A membership change, planned by a node on its copy of the group and
+# applied only if no other change came first (compare-and-set on the
+# group's epoch and the seq of its last change). KEYS: group, members,
+# former, cursors, log, requests, the set of groups. ARGV: group key, name,
+# epoch planned against (0: a new group), its last change, request field,
+# its answer, the entries (JSON: m packed entry, n recipients, j joined
+# [key, name, rank], l left keys), owner after, end ("1": the last member
+# left), the epoch of a new group, how long answers are kept. Epoch -1: a
+# request the node refused; only its answer, if it was done before, is
+# looked up (a request sent again to another node is answered, not refused).
+CHANGE_GROUP = """
+local done = redis.call('HGET', KEYS[6], ARGV[5])
+if done then return {'done', done} end
+if ARGV[3] == '-1' then return {'none'} end
+local g = redis.call('HMGET', KEYS[1], 'epoch', 'changed', 'seq')
+if ARGV[3] == '0' then
+  if g[1] then return {'conflict', g[1], g[3]} end
+elseif g[1] ~= ARGV[3] or g[2] ~= ARGV[4] then
+  return {'conflict', g[1] or '0', g[3] or '0'}
+end
+local seq = tonumber(g[3] or '0')
+local epoch = ARGV[3]
+redis.call('HSET', KEYS[6], ARGV[5], ARGV[6])
+redis.call('EXPIRE', KEYS[6], ARGV[11])
+if ARGV[9] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('SREM', KEYS[7], ARGV[1])
+  redis.call('PUBLISH', 'chat:all', 'ge\t' .. ARGV[1] .. '\t' .. epoch)
+  return {'ok', tostring(seq + 1)}
+end
+if epoch == '0' then
+  epoch = ARGV[10]
+  redis.call('HSET', KEYS[1], 'name', ARGV[2], 'epoch', epoch)
+  redis.call('SADD', KEYS[7], ARGV[1])
+end
+local first = seq + 1
+for _, e in ipairs(cjson.decode(ARGV[7])) do
+  seq = seq + 1
+  redis.call('XADD', KEYS[5], seq .. '-0', 'm', e.m, 'n', e.n)
+  for _, j in ipairs(e.j) do
+    redis.call('HSET', KEYS[2], j[1], cjson.encode({j[2], seq, j[3]}))
+    redis.call('HDEL', KEYS[3], j[1])
+    redis.call('HSET', KEYS[4], j[1], seq - 1)
+  end
+  for _, k in ipairs(e.l) do
+    local m = redis.call('HGET', KEYS[2], k)
+    if m then
+      local v = cjson.decode(m)
+      redis.call('HDEL', KEYS[2], k)
+      redis.call('HSET', KEYS[3], k, cjson.encode({v[1], v[2], v[3], seq}))
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'seq', seq, 'changed', seq, 'owner', ARGV[8])
+redis.call('PUBLISH', 'chat:all', 'g\t' .. ARGV[1] .. '\t' .. epoch .. '\t' .. seq)
+return {'ok', tostring(first)}
+"""
+# A member's client has the group's entries up to seq. KEYS: cursors,
+# members, former. ARGV: member key, seq. Only a member's (or a former
+# member's) cursor, and only forward.
+GROUP_CURSOR = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  local c = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+  if tonumber(ARGV[2]) > c then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+end
+return 1
+"""
+# A "delivered by" receipt for a group message's sender, queued once. KEYS:
+# the sender's group receipts, their index, the sender's route. ARGV: index
+# field, the packed receipt, sender key.
+GROUP_NOTICE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[1], id)
+  local node = redis.call('GET', KEYS[3])
+  if node then redis.call('PUBLISH', 'chat:node:' .. node, 'gn\t' .. ARGV[3] .. '\t' .. id) end
+end
+return 1
+"""
+# A former member who has everything meant for them. KEYS: former, cursors,
+# members. ARGV: member key.
+GROUP_DROP = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
+"""
 
 SCRIPTS = {
     "store_message": STORE_MESSAGE, "mark_delivered": MARK_DELIVERED, "notice_done": NOTICE_DONE,
     "store_account": STORE_ACCOUNT, "update_account": UPDATE_ACCOUNT,
     "erase_account": ERASE_ACCOUNT, "bind": BIND, "unbind": UNBIND, "renew": RENEW,
+    "group_post": GROUP_POST, "change_group": CHANGE_GROUP, "group_cursor": GROUP_CURSOR,
+    "group_notice": GROUP_NOTICE, "group_drop": GROUP_DROP,
 }  # fmt: skip
 
 
 #: The reads this store answers.
-READS = (ReadMailbox, ReadNotices, FindDedup)
+READS = (ReadMailbox, ReadNotices, FindDedup, ReadGroupLog, ReadGroupNotices, FindGroupItem)
 
 
 class ClusterError(StoreError):
@@ -359,6 +526,74 @@ def dedup_key(sender_key: str, instance_id: int, client_seq: int) -> str:
     return f"chat:dedup:{{{sender_key}}}:{instance_id}:{client_seq}"
 
 
+#: The set of every group's key (read at a node's start and at each beat).
+GROUPS_KEY = "chat:groups"
+#: The last seq a group log read may reach (`ReadGroupLog.last` for "all").
+LOG_END = 1 << 62
+
+
+def group_keys(group_key: str) -> dict[str, str]:
+    """A group's keys by role, all with the group's hash tag `{#key}`."""
+    tag = f"{{#{group_key}}}"
+    return {role: f"chat:{role}:{tag}"
+            for role in ("group", "gmem", "gformer", "gcur", "glog", "greq")}  # fmt: skip
+
+
+def group_notes_key(user_key: str) -> str:
+    """A sender's "delivered by" receipts of group messages (stream)."""
+    return f"chat:gnotes:{{{user_key}}}"
+
+
+def group_note_index_key(user_key: str) -> str:
+    return f"chat:gnoteidx:{{{user_key}}}"
+
+
+def group_message_key(server_msg_id: int) -> str:
+    """A group message's place ("seq:recipients"), for a SEND sent again."""
+    return f"chat:gmsg:{server_msg_id}"
+
+
+def log_entry_id(seq: int) -> str:
+    """The group log's stream entry id of `seq`: the stream's order is the group's."""
+    return f"{seq}-0"
+
+
+def pack_group_item(item: GroupItem) -> str:
+    return _pack([item.server_msg_id, item.change, item.sender_key, item.sender,
+                  item.instance_id, item.client_seq, item.text, list(item.users),
+                  item.sent_ms])  # fmt: skip
+
+
+def unpack_group_item(group_key: str, entry: str, fields: dict[str, str]) -> GroupItem:
+    server_msg_id, change, sender_key, sender, instance_id, client_seq, text, users, sent_ms = (
+        json.loads(fields["m"])
+    )
+    return GroupItem(group_key, int(entry.partition("-")[0]), server_msg_id, change, sender_key,
+                     sender, instance_id, client_seq, text, tuple(users), sent_ms,
+                     int(fields.get("n", 0)))  # fmt: skip
+
+
+def unpack_group(group_key: str, raw: list[dict[str, str]]) -> LoadedGroup | None:
+    """A group from HGETALL of its hash, members, former members and
+    cursors (None if it does not exist)."""
+    head, current, former, cursors = raw
+    if not head.get("epoch"):
+        return None
+    members: list[LoadedMember] = []
+    for key, blob in current.items():
+        name, joined, rank = json.loads(blob)
+        members.append(LoadedMember(key, name, joined, rank, None,
+                                    int(cursors.get(key, joined - 1))))  # fmt: skip
+    for key, blob in former.items():
+        name, joined, rank, left = json.loads(blob)
+        members.append(LoadedMember(key, name, joined, rank, left,
+                                    int(cursors.get(key, joined - 1))))  # fmt: skip
+    members.sort(key=lambda m: (m.joined_seq, m.rank))
+    seq = int(head.get("seq", 0))
+    return LoadedGroup(group_key, head.get("name", group_key), head.get("owner", ""), seq,
+                       members, int(head["epoch"]), int(head.get("changed", 0)))  # fmt: skip
+
+
 def _pack(values: list[Any]) -> str:
     """A stream entry's values, as its one field `m`."""
     return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
@@ -405,6 +640,14 @@ class ClusterEvents(Protocol):
     def account_changed(self, key: str, account: Account, now: float) -> None: ...
 
     def account_erased(self, key: str, until: int, now: float) -> None: ...
+
+    def group_waiting(self, key: str, epoch: int, seq: int, now: float) -> None: ...
+
+    def group_ended(self, key: str, epoch: int, now: float) -> None: ...
+
+    def group_heads(self, heads: dict[str, tuple[int, int]], now: float) -> None: ...
+
+    def group_receipts_waiting(self, key: str, seq: int, now: float) -> None: ...
 
 
 # --- route operations: the router's writes, in the store's one queue --------
@@ -528,6 +771,7 @@ class RedisStore:
                 loaded.accounts[key] = unpack_account(blob)
             for key, until in client.hgetall("chat:quarantine").items():
                 loaded.quarantine[key] = int(until)
+            loaded.groups = self._read_groups(sorted(client.smembers(GROUPS_KEY)))
             self._warn_unless_durable()
             self._load_scripts()
         except redis.RedisError as exc:
@@ -536,6 +780,17 @@ class RedisStore:
         log.info("node %s joined the cluster at %s: %d accounts", self.node_id, self.address,
                  len(loaded.accounts))  # fmt: skip
         return loaded
+
+    def _read_groups(self, keys: list[str]) -> list[LoadedGroup]:
+        """The groups `keys` as Redis holds them (those that still exist)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            names = group_keys(key)
+            for role in ("group", "gmem", "gformer", "gcur"):
+                pipe.hgetall(names[role])
+        raw = pipe.execute() if keys else []
+        found = [unpack_group(key, raw[4 * i : 4 * i + 4]) for i, key in enumerate(keys)]
+        return [group for group in found if group is not None]
 
     def remote_routes(self) -> dict[str, NodeId]:
         """Start-up: who is logged in on the other nodes (a SCAN of the routes)."""
@@ -725,9 +980,17 @@ class RedisStore:
         accounts: list[tuple[int, StoreAccount, str]] = []
         sizes: list[tuple[int, str]] = []  # (result index, user key) of mailbox sizes
         skipped: set[int] = set()  # operations it cannot apply
+        numbered: list[tuple[int, PostGroupMessage | ChangeGroup]] = []  # (result index, op)
         writes = 0
         for op, _ in batch:
             match op:
+                case PostGroupMessage() | ChangeGroup():
+                    numbered.append((writes, op))
+                    self._queue_group(script, op)
+                case GroupReceipt() | GroupNoticeDone() | DropMember():
+                    writes += self._queue_group(script, op) - 1
+                case ReadGroupState() | ReadGroupCursors():
+                    continue  # reads, below
                 case StoreMessage(m):
                     digest = content_digest(m.recipient_key, m.text).hex()
                     sizes.append((writes, m.recipient_key))
@@ -785,6 +1048,8 @@ class RedisStore:
                     continue
             writes += 1
         results: list[Any] = pipe.execute() if writes else []
+        for at, numbered_op in numbered:
+            self._group_outcome(numbered_op, results[at])
         # A registration that lost a race with another node's: the account
         # stored first holds, and the relay is told instead of its callback.
         lost = {id(op): unpack_account(results[at]) for at, op, blob in accounts
@@ -795,13 +1060,20 @@ class RedisStore:
             if not isinstance(read.query, READS):
                 self._unsupported(read.query)  # left not ok: the relay asks again later
         reads = [read for read in reads if isinstance(read.query, READS)]
-        if reads:
+        group_reads = [op for op, _ in batch if isinstance(op, ReadGroupState | ReadGroupCursors)]
+        if reads or group_reads:
             pipe = self.client.pipeline(transaction=False)
             for read in reads:
                 self._queue_read(pipe, read.query)
-            for read, raw in zip(reads, pipe.execute(), strict=True):
+            for group_read in group_reads:
+                self._queue_group_read(pipe, group_read)
+            answers = pipe.execute()
+            for read, raw in zip(reads, answers, strict=False):
                 read.result = self._answer(read.query, raw)
                 read.ok = True
+            at = len(reads)
+            for group_read in group_reads:
+                at = self._group_answer(group_read, answers, at)
         self.batches += 1
         callbacks: list[Then] = []
         for op, then in batch:
@@ -817,6 +1089,107 @@ class RedisStore:
             count, _, utf8 = str(size).partition(":")
             callbacks.append(self._event("mailbox_size", key, int(count), int(utf8)))
         return callbacks
+
+    # --- groups (see the scripts' comments) -------------------------------------
+
+    def _queue_group(
+        self, script: Callable[[str, list[str], list[Any]], None],
+        op: PostGroupMessage | ChangeGroup | GroupReceipt | GroupNoticeDone | DropMember,
+    ) -> int:  # fmt: skip
+        """Queue a group write's scripts; answers how many."""
+        match op:
+            case PostGroupMessage(item):
+                keys = group_keys(item.group_key)
+                digest = content_digest(GROUP_DEDUP_PREFIX + item.group_key, item.text).hex()
+                script("group_post",
+                       [dedup_key(item.sender_key, item.instance_id, item.client_seq),
+                        keys["group"], keys["gmem"], keys["glog"],
+                        group_message_key(item.server_msg_id)],
+                       [f"{item.server_msg_id}:{digest}", DEDUP_KEEP_S, item.sender_key,
+                        pack_group_item(item), item.group_key])  # fmt: skip
+            case ChangeGroup():
+                keys = group_keys(op.group_key)
+                (user_key, instance_id, request_id), code, text = op.request
+                plan = [{"m": pack_group_item(item), "n": item.recipients,
+                         "j": [list(j) for j in joined], "l": list(left)}
+                        for item, joined, left in op.entries]  # fmt: skip
+                script("change_group",
+                       [keys["group"], keys["gmem"], keys["gformer"], keys["gcur"], keys["glog"],
+                        keys["greq"], GROUPS_KEY],
+                       [op.group_key, op.name, op.epoch, op.changed,
+                        f"{user_key}:{instance_id}:{request_id}", _pack([code, text]),
+                        _pack(plan), op.owner_key, int(op.end),
+                        op.entries[0][0].server_msg_id if op.entries else 0,
+                        DEDUP_KEEP_S])  # fmt: skip
+            case GroupReceipt(group_key, member_key, seq, notices):
+                keys = group_keys(group_key)
+                script("group_cursor", [keys["gcur"], keys["gmem"], keys["gformer"]],
+                       [member_key, seq])  # fmt: skip
+                for sender, instance_id, client_seq, by_key, by_name, group, _ in notices:
+                    script("group_notice",
+                           [group_notes_key(sender), group_note_index_key(sender),
+                            route_key(sender)],
+                           [f"{instance_id}:{client_seq}:{by_key}",
+                            _pack([instance_id, client_seq, group, by_name, by_key]),
+                            sender])  # fmt: skip
+                return 1 + len(notices)
+            case GroupNoticeDone(sender, instance_id, client_seq, by_key):
+                script("notice_done", [group_notes_key(sender), group_note_index_key(sender)],
+                       [f"{instance_id}:{client_seq}:{by_key}"])  # fmt: skip
+            case DropMember(group_key, member_key):
+                keys = group_keys(group_key)
+                script("group_drop", [keys["gformer"], keys["gcur"], keys["gmem"]], [member_key])
+        return 1
+
+    @staticmethod
+    def _group_outcome(op: PostGroupMessage | ChangeGroup, raw: list[Any]) -> None:
+        """What the store said of a numbered group write, on the operation."""
+        outcome = str(raw[0])
+        if isinstance(op, PostGroupMessage):
+            if outcome in ("ok", "dup"):
+                parts = str(raw[1]).split(":")
+                if outcome == "dup":
+                    parts = parts[2:]  # after the dedup value's server id and digest
+                if len(parts) != 3:  # the id was used for a direct message
+                    op.refused = int(ErrorCode.DUPLICATE_ID)
+                    return
+                op.item.group_seq, op.item.recipients, op.epoch = map(int, parts)
+            else:
+                op.refused = int(ErrorCode.NO_SUCH_GROUP if outcome == "nogroup"
+                                 else ErrorCode.NOT_A_MEMBER)  # fmt: skip
+            return
+        op.outcome = outcome
+        if outcome == "ok":
+            op.first_seq = int(raw[1])
+        elif outcome == "conflict":
+            op.current = (int(raw[1]), int(raw[2]))
+        elif outcome == "done":
+            code, text = json.loads(raw[1])
+            op.answer = (int(code), str(text))
+
+    @staticmethod
+    def _queue_group_read(pipe: Any, op: ReadGroupState | ReadGroupCursors) -> None:
+        if isinstance(op, ReadGroupState):
+            keys = group_keys(op.group_key)
+            for role in ("group", "gmem", "gformer", "gcur"):
+                pipe.hgetall(keys[role])
+        else:
+            for key in op.group_keys:
+                pipe.hget(group_keys(key)["gcur"], op.member_key)
+
+    @staticmethod
+    def _group_answer(op: ReadGroupState | ReadGroupCursors, answers: list[Any], at: int) -> int:
+        """Fill in a group read's answer from the pipeline's, from index `at`;
+        answers the index after it."""
+        if isinstance(op, ReadGroupState):
+            op.result = unpack_group(op.group_key, answers[at : at + 4])
+            op.ok = True
+            return at + 4
+        for key, cursor in zip(op.group_keys, answers[at : at + len(op.group_keys)], strict=True):
+            if cursor is not None:
+                op.result[key] = int(cursor)
+        op.ok = True
+        return at + len(op.group_keys)
 
     def _unsupported(self, op: object) -> None:
         kind = type(op).__name__
@@ -836,9 +1209,18 @@ class RedisStore:
                 pipe.xrange(notes_key(key), start, "+", count=limit)
             case FindDedup(key, instance_id, client_seq):
                 pipe.get(dedup_key(key, instance_id, client_seq))
+            case ReadGroupLog(key, after, last, limit, _):
+                start = "-" if after < 0 else f"({log_entry_id(after)}"
+                end = "+" if last >= LOG_END else log_entry_id(last)
+                pipe.xrange(group_keys(key)["glog"], start, end, count=limit)
+            case ReadGroupNotices(key, after, limit):
+                start = "-" if after < 0 else f"({entry_id(after)}"
+                pipe.xrange(group_notes_key(key), start, "+", count=limit)
+            case FindGroupItem(server_msg_id):
+                pipe.get(group_message_key(server_msg_id))
 
     @staticmethod
-    def _answer(query: Query, raw: Any) -> MailPage | NoticePage | tuple[int, bytes | None] | None:
+    def _answer(query: Query, raw: Any) -> Answer:
         """A read's answer, from what Redis said to `_queue_read`'s command."""
         match query:
             case ReadMailbox(key, _, limit, max_bytes):
@@ -861,8 +1243,27 @@ class RedisStore:
             case FindDedup():
                 if raw is None:
                     return None
-                server_msg_id, _, digest = str(raw).partition(":")
+                # (a group message's goes on with its place: ":seq:recipients:epoch")
+                server_msg_id, digest = str(raw).split(":")[:2]
                 return int(server_msg_id), bytes.fromhex(digest)
+            case ReadGroupLog(key, _, _, limit, max_bytes):
+                items: list[GroupItem] = []
+                size = 0
+                for entry, fields in raw:
+                    item = unpack_group_item(key, entry, fields)
+                    size += len(item.text.encode("utf-8"))
+                    if items and size > max_bytes:
+                        return items, True
+                    items.append(item)
+                return items, len(raw) >= limit
+            case ReadGroupNotices(_, _, limit):
+                group_notes = [(entry_number(e), *json.loads(fields["m"])) for e, fields in raw]
+                return group_notes, len(raw) >= limit
+            case FindGroupItem():
+                if raw is None:
+                    return None
+                seq, _, recipients = str(raw).partition(":")
+                return int(seq), int(recipients)
         return None  # not one of `READS`: never asked (`_apply` leaves it not ok)
 
     def _renew(self) -> list[Then]:
@@ -875,13 +1276,26 @@ class RedisStore:
             self._script(pipe, "renew", keys[part : part + RENEW_CHUNK], [self.node_id, ROUTE_TTL])
         pipe.publish(BROADCAST, f"alive\t{self.node_id}")
         taken = [key for answer in pipe.execute()[:-1] for key in answer]
-        callbacks: list[Then] = []
+        callbacks: list[Then] = [self._event("group_heads", self._group_heads())]
         for route in taken:
             user_key = route[len("chat:route:{") : -1]
             self._bound.pop(user_key, None)
             # Another client (an unknown instance): its BYE says logged_in_elsewhere.
             callbacks.append(self._event("logged_in_on", user_key, -1))
         return callbacks
+
+    def _group_heads(self) -> dict[str, tuple[int, int]]:
+        """Every group's (epoch, last seq): a node that missed a group's
+        notices (pub/sub is not kept) catches up from here at its next beat."""
+        keys = sorted(self.client.smembers(GROUPS_KEY))
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(group_keys(key)["group"], "epoch", "seq")
+        heads: dict[str, tuple[int, int]] = {}
+        for key, (epoch, seq) in zip(keys, pipe.execute() if keys else [], strict=True):
+            if epoch is not None:
+                heads[key] = (int(epoch), int(seq or 0))
+        return heads
 
     # --- the listener thread: pub/sub notices to the loop ---------------------
 
@@ -939,6 +1353,7 @@ class RedisStore:
         for key, until in self.client.hgetall("chat:quarantine").items():
             self.done.put(self._event("account_erased", key, int(until)))
         self.done.put(self._event("resync"))
+        self.done.put(self._event("group_heads", self._group_heads()))
         self.notify()
 
     def _on_notices(self, notices: list[str]) -> None:
@@ -946,18 +1361,25 @@ class RedisStore:
         notices only the newest per user and queue is kept: a page read for
         it reads everything older as well."""
         waiting: dict[tuple[str, str], int] = {}
+        groups: dict[tuple[str, int], int] = {}  # (group key, epoch) -> the highest seq
         for data in notices:
             kind, _, rest = data.partition("\t")
-            if kind in ("m", "n"):
+            if kind in ("m", "n", "gn"):
                 key, _, entry = rest.rpartition("\t")
                 number = entry_number(entry)
                 if number > waiting.get((kind, key), -1):
                     waiting[(kind, key)] = number
+            elif kind == "g":
+                key, epoch_text, seq_text = rest.split("\t")
+                place = (key, int(epoch_text))
+                groups[place] = max(groups.get(place, 0), int(seq_text))
             else:
                 self._on_notice(kind, rest)
+        names = {"m": "mail_waiting", "n": "receipts_waiting", "gn": "group_receipts_waiting"}
         for (kind, key), number in waiting.items():
-            name = "mail_waiting" if kind == "m" else "receipts_waiting"
-            self.done.put(self._event(name, key, number))
+            self.done.put(self._event(names[kind], key, number))
+        for (key, epoch), last in groups.items():
+            self.done.put(self._event("group_waiting", key, epoch, last))
         self.notify()
 
     def _on_notice(self, kind: str, rest: str) -> None:
@@ -979,6 +1401,9 @@ class RedisStore:
                 key, node = rest.split("\t")
                 if node != self.node_id:
                     self.done.put(self._routed(key, node, None))
+            case "ge":
+                key, _, epoch = rest.partition("\t")
+                self.done.put(self._event("group_ended", key, int(epoch)))
             case "alive":  # this node's own beat too: it times the others out
                 self.done.put(self._alive(rest))
             case _:

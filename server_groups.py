@@ -28,6 +28,7 @@ from __future__ import annotations
 from protocol import (
     GROUP_REQUEST_USERS_MAX,
     ErrorCode,
+    GroupChange,
     LocalProtocolError,
     name_key,
     normalize_name,
@@ -78,13 +79,19 @@ class Member:
 
 
 class Group:
-    __slots__ = ("key", "name", "owner", "seq", "members", "former")
+    __slots__ = ("key", "name", "owner", "seq", "members", "former", "epoch", "changed")
 
     def __init__(self, key: str, name: str, owner: str, seq: int = 0) -> None:
         self.key = key
         self.name = name  # the display name, without '#'
         self.owner = owner  # a member's key
         self.seq = seq  # the last group_seq given out
+        # Cluster mode: which group of this name (the server_msg_id of its
+        # CREATED entry: a name taken again is another group) and the seq of
+        # its last membership change, against which a node's plan of a
+        # change is checked (`GroupTable.apply`, docs/CLUSTER.md).
+        self.epoch = 0
+        self.changed = 0
         # Current members by key, in joining order: the first is the
         # longest-standing (it becomes owner when the owner leaves).
         self.members: dict[str, Member] = {}
@@ -278,3 +285,40 @@ class GroupTable:
             self._unindex_former(member.key, group.key)
             return True
         return False
+
+    # --- cluster mode: entries made elsewhere, applied here in order ------------
+
+    def apply(self, group: Group | None, key: str, name: str, seq: int, server_msg_id: int,
+              change: int, by_key: str, users: tuple[str, ...]) -> Group | None:  # fmt: skip
+        """Cluster mode: entry `seq` of the group `key`, as the shared log
+        holds it, made in this node's copy (`group`: None for a CREATED
+        entry). The caller applies a group's entries in order, each once
+        (`seq` is `group.seq + 1`), so every node's copy is a prefix of the
+        one log and the rules' verdicts agree. Answers the group (None when
+        the entry does not fit: the caller reads the group's state instead)."""
+        if change == GroupChange.CREATED:
+            if group is not None or not users:
+                return None
+            group = self.groups[key] = Group(key, name, by_key)
+            group.epoch = server_msg_id
+            for rank, member_name in enumerate(users):
+                self._join(group, name_key(member_name), member_name, seq, rank)
+        elif group is None or seq != group.seq + 1:
+            return None
+        elif change == GroupChange.ADDED:
+            for rank, member_name in enumerate(users):
+                self._join(group, name_key(member_name), member_name, seq, rank)
+        elif change == GroupChange.REMOVED:
+            for member_name in users:
+                if name_key(member_name) in group.members:
+                    self._part(group, name_key(member_name), seq)
+        elif change == GroupChange.LEFT:
+            if by_key in group.members:
+                self._part(group, by_key, seq)
+        elif change == GroupChange.OWNER:
+            if users and name_key(users[0]) in group.members:
+                group.owner = name_key(users[0])
+        group.seq = seq
+        if change:
+            group.changed = seq
+        return group

@@ -383,6 +383,8 @@ class LoadedGroup:
     owner_key: str
     seq: int
     members: list[LoadedMember]  # current and former, in joining order
+    epoch: int = 0  # cluster mode: `server_groups.Group.epoch`
+    changed: int = 0  # cluster mode: `server_groups.Group.changed`
 
 
 # --- the operations: one dataclass each, what the loop asks of a store ---
@@ -576,6 +578,74 @@ class FindGroupItem:
     server_msg_id: int
 
 
+# --- cluster mode only (server_cluster.RedisStore): a group's entries are
+# numbered by the shared store, in one sequence for every node, not by the
+# node that makes them (docs/CLUSTER.md, "Groups"). Each carries its answer,
+# set by the store before the callback runs. The SQLite and memory stores
+# never get them (a relay uses them only with `shared_store`).
+
+
+@dataclass(slots=True)
+class PostGroupMessage:
+    """Append a message to its group's log if its sender is a member there
+    (the store checks), with its dedup key: the store numbers it, setting
+    `item.group_seq` and `item.recipients` (the members but the sender at
+    that place) and `epoch` (which group of that name), or `refused`
+    (NO_SUCH_GROUP or NOT_A_MEMBER)."""
+
+    item: GroupItem
+    epoch: int = 0
+    refused: int = 0
+
+
+@dataclass(slots=True)
+class ChangeGroup:
+    """A request's entries (`entries`: each with the members it adds, as
+    (key, name, rank), and those it removes), planned by a node against its
+    copy of the group: applied only if the group is still that one (`epoch`,
+    0 for a new group) with no membership change since `changed`; numbered
+    by the store from the group's next seq on. `owner_key` is the owner
+    after them; `end`: the last member left (the group's keys go). The store
+    sets `outcome`: "ok" (with `first_seq`), "conflict" (with `current`, the
+    store's (epoch, seq)) or "done" (asked before: `answer`). With `epoch`
+    -1 and no entries, only the answer is looked up: "done" or "none"."""
+
+    group_key: str
+    name: str
+    epoch: int
+    changed: int
+    entries: list[tuple[GroupItem, tuple[tuple[str, str, int], ...], tuple[str, ...]]]
+    owner_key: str
+    end: bool
+    request: tuple[RequestKey, int, str]
+    outcome: str = ""
+    first_seq: int = 0
+    current: tuple[int, int] = (0, 0)
+    answer: tuple[int, str] | None = None
+
+
+@dataclass(slots=True)
+class ReadGroupState:
+    """The group as the store holds it now (`result`: a `LoadedGroup`, or
+    None: no such group); `ok` False if it could not be read."""
+
+    group_key: str
+    result: LoadedGroup | None = None
+    ok: bool = False
+
+
+@dataclass(slots=True)
+class ReadGroupCursors:
+    """`member_key`'s cursor in each of `group_keys` (`result`: group key ->
+    cursor, for those where they are a member or a former one)."""
+
+    member_key: str
+    group_keys: tuple[str, ...]
+    result: dict[str, int] = field(default_factory=dict)
+    ok: bool = False
+
+
+ClusterGroupOp = PostGroupMessage | ChangeGroup | ReadGroupState | ReadGroupCursors
 GroupWrite = StoreGroupItem | EndGroup | GroupReceipt | DropMember | GroupNoticeDone
 Write = (
     StoreMessage | MarkDelivered | NoticeDone | StoreAccount | UpdateAccount | EraseAccount
@@ -613,7 +683,7 @@ class Read:
                           type(self.query).__name__)  # fmt: skip
 
 
-Op = Write | Read
+Op = Write | Read | ClusterGroupOp
 Then = Callable[[], None]
 
 
@@ -1212,7 +1282,7 @@ class ServerStore:
                     stopping = True
                     break
                 batch.extend(more)
-            ops = [op for op, _ in batch if not isinstance(op, Read)]
+            ops = [op for op, _ in batch if not isinstance(op, Read | ClusterGroupOp)]
             failures = 0
             failing_since = next_log = 0.0
             started = time.monotonic()
