@@ -84,6 +84,7 @@ from client_core import (
     MessageState,
     PasswordChanged,
     PresenceChanged,
+    RecipientsChanged,
     StatusChanged,
     TypingNotice,
     WhoList,
@@ -130,6 +131,7 @@ __all__ = [
     "MessageState",
     "PasswordChanged",
     "PresenceChanged",
+    "RecipientsChanged",
     "SessionEvent",
     "StatusChanged",
     "TypingNotice",
@@ -866,6 +868,9 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
                 return f"  \u2713\u2713 delivered to {event.by} ({about})", False
             return f"  \u2713\u2713 delivered ({about})", False
         return f"  \u2717 failed ({event.reason}) ({about})", True
+    if isinstance(event, RecipientsChanged):
+        return (f"  {event.gone}'s account is gone: message {event.id} now goes to "
+                f"{event.recipients} member(s)", False)  # fmt: skip
     if isinstance(event, GroupChanged):
         return f"* #{event.group}: {event.describe()}", False
     if isinstance(event, MembersListed):

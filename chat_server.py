@@ -79,10 +79,10 @@ from protocol import (
     GroupAction,
     GroupChange,
     GroupDeliver,
-    GroupDelivereds,
     GroupEvent,
     GroupInfo,
     GroupList,
+    GroupReached,
     GroupRequest,
     GroupResult,
     Hello,
@@ -162,6 +162,7 @@ from server_records import (
     Entry,
     GroupEntry,
     GroupMail,
+    GroupNotices,
     Pager,
     Probe,
     ServerConfig,
@@ -171,6 +172,7 @@ from server_records import (
 from server_router import LocalRouter, Router
 from server_store import (
     Account,
+    BuryMember,
     ChangeGroup,
     DropMember,
     EndGroup,
@@ -181,6 +183,7 @@ from server_store import (
     GroupNoticeDone,
     GroupNoticeRow,
     GroupReceipt,
+    GroupTold,
     Loaded,
     LoadedGroup,
     MarkDelivered,
@@ -193,6 +196,7 @@ from server_store import (
     ReadGroupCursors,
     ReadGroupLog,
     ReadGroupNotices,
+    ReadGroupSent,
     ReadGroupState,
     ReadMailbox,
     ReadNotices,
@@ -205,6 +209,7 @@ from server_store import (
     StoreLocked,
     StoreMessage,
     Sync,
+    TrimGroup,
     UpdateAccount,
     content_digest,
     default_data_dir,
@@ -272,11 +277,18 @@ PAGE_MIN_BYTES = MAILBOX_WINDOW_BYTES // 4
 # Receipts (DELIVERED, ~30 bytes each) handed to a sender and not yet acked.
 NOTICE_WINDOW = 1024
 NOTICE_PAGE_MIN = NOTICE_WINDOW // 4
-# "Delivered by" receipts of group messages handed to a sender and not yet
+# Cluster mode: queued "delivered by" receipts handed to a sender and not yet
 # acked: a message to a group of 1,000 has 999, so a window of direct
-# receipts would send a sender at 10 messages/s to the disk for them at once.
+# receipts would send a sender at 10 messages/s to the store for them at once.
 GROUP_NOTICE_WINDOW = 8192
 GROUP_NOTICE_PAGE_MIN = GROUP_NOTICE_WINDOW // 4
+# A sender's messages whose "delivered by" are told again from the log after
+# a login, per read: each is one GROUP_REACHED per 256 members who have it;
+# the next page is read once the sender's client acked the last one.
+GROUP_SENT_PAGE = 64
+# How often (in a group's entries) the relay works out how far its log can
+# be trimmed: that walks the members' cursors, so not at every receipt.
+GROUP_TRIM_EVERY = 64
 MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
@@ -315,14 +327,25 @@ DUPLICATE_ID_TEXT = (
 )
 
 
-class _GroupNotices:
-    """The handle of a GROUP_DELIVEREDS: the (message id, member key) pairs
-    it tells, dropped from the sender's queue once its client acks it."""
+class _SharedNotices:
+    """Cluster mode: the handle of a GROUP_REACHED told from the shared
+    store's queue: the (message id, member key) rows it tells, dropped from
+    the sender's queue once its client acks it."""
 
     __slots__ = ("items",)
 
     def __init__(self, items: list[tuple[MsgId, str]]) -> None:
         self.items = items
+
+
+class _GroupNotices:
+    """The handle of a GROUP_REACHED: the group it tells about, whose frames
+    in flight to the sender's session it counts down once acked."""
+
+    __slots__ = ("group_key",)
+
+    def __init__(self, group_key: str) -> None:
+        self.group_key = group_key
 
 
 def chunk_cost(chunks: list[Stream]) -> tuple[int, int, int, bool]:
@@ -429,15 +452,17 @@ class Relay:
         self._full_logged = -1e18  # the last "server is full" line
         # Groups: the table of groups and members (server_groups), the
         # answers of requests made, group messages taken and not committed
-        # yet (dedup key -> (group_seq, recipients)), the pass's "delivered
-        # by" receipts per session, and the senders with some queued.
+        # yet (dedup key -> (group_seq, recipients)), and the pass's
+        # "delivered by" notices: sender key -> message id -> (group, names
+        # of the members who newly have it).
         self.groups = GroupTable(cfg.max_group_members)
         self._group_answers: dict[RequestKey, tuple[int, str]] = {}
         self._group_pending: dict[tuple[str, int, int], tuple[int, int]] = {}
+        # Cluster mode keeps "delivered by" as queued receipts in the shared
+        # store (a stream per sender), told as the pass's GROUP_REACHEDs.
         self._group_delivereds: dict[
-            bytes, tuple[Session, dict[tuple[str, str, str], list[MsgId]]]
+            bytes, tuple[Session, dict[tuple[str, MsgId], list[tuple[str, str]]]]
         ] = {}
-        self._group_senders: set[str] = set()
         # Cluster mode (`shared_store`): this node's copy of each group is the
         # shared log's prefix, read on as entries are announced. The seq each
         # group's log is known to reach, the groups being read or loaded, and
@@ -446,6 +471,8 @@ class Relay:
         self._group_reading: set[str] = set()
         self._group_loading: set[str] = set()
         self._group_waiters: dict[str, list[tuple[int, int, Callable[[], None]]]] = {}
+        self._group_reached: dict[str, dict[MsgId, tuple[Group, list[str]]]] = {}
+        self._group_streams: dict[str, int] = {}  # group key -> its stream on every hop
         self._load(self.store.load())
         self._reserve_at = self.store.reserve_ids(self._next_msg_id)  # when to ask again
         # The wall clock is only for timestamps people see (`sent_ms`): what
@@ -839,9 +866,16 @@ class Relay:
             self.drops("output cap: input waits for acks", session.addr, now, session.user.name)
             return False
         fanout = session.user.fanout_bucket
-        if sends and fanout is not None and not fanout.ready(1, now):
-            # In debt to the fan-out budget (a group message's copies are
-            # paid when it is taken): new messages wait until it refills.
+        cost = self._fanout_cost(session.user, new) if sends else 0
+        if cost and fanout is None:
+            cfg = self.config
+            fanout = TokenBucket(cfg.max_fanout_rate, cfg.max_fanout_burst, now)
+            session.user.fanout_bucket = fanout
+        if sends and fanout is not None and not fanout.ready(max(1, cost), now):
+            # The fan-out budget holds every copy of the datagram's group
+            # messages, or they all wait (one datagram's acks are one):
+            # only a datagram costing more than the whole burst goes into
+            # debt, from a full bucket. In debt, any new message waits.
             self.stats["withheld_fanout"] += 1
             self.drops("fan-out budget: messages wait", session.addr, now, session.user.name)
             self._tell_limited(session, "your group messages exceed the server's fan-out budget; "
@@ -853,6 +887,22 @@ class Relay:
             self._tell_limited(session, SHORT_OF_MEMORY, now)
             return False
         return self._within_limits(session, messages + requests, size, now)
+
+    def _fanout_cost(self, user: User, new: list[Stream]) -> int:
+        """The copies of the group messages that start among `new` chunks:
+        a first chunk on one of the user's groups' streams costs that
+        group's other members (a direct message sharing the stream, one in
+        4,095, is counted as if it were the group's: it may wait, never
+        overspend)."""
+        groups = self.groups.of_user.get(user.key)
+        if not groups:
+            return 0
+        by_stream: dict[int, int] = {}
+        for group_key in groups:
+            group = self.groups.groups[group_key]
+            stream = self._group_stream(group)
+            by_stream[stream] = max(by_stream.get(stream, 0), len(group.members) - 1)
+        return sum(by_stream.get(f.stream, 0) for f in new if f.index == 0)
 
     def _within_limits(self, session: Session, messages: int, size: int, now: float) -> bool:
         """Whether the user's message and byte budgets hold this much now
@@ -940,6 +990,9 @@ class Relay:
                 self._dirty[session.session_id] = session
                 return
             if isinstance(handle, _GroupNotices):
+                self._group_reached_acked(session, handle)
+                return
+            if isinstance(handle, _SharedNotices):
                 self._group_receipts_acked(session, handle)
                 return
             done = [handle] if isinstance(handle, MsgId) else handle
@@ -1165,7 +1218,7 @@ class Relay:
         # What it was handed and did not acknowledge stays on the disk for
         # the next login; the memory goes with the session.
         session.mail = session.receipts = None
-        session.group_mail = session.group_receipts = None
+        session.group_mail = session.group_notices = session.group_receipts = None
 
     # --- chat ---------------------------------------------------------------
 
@@ -1175,7 +1228,10 @@ class Relay:
         elif isinstance(message, Receipt):
             self._on_receipt(session, message.server_msg_id)
         elif isinstance(message, Receipts):
-            for server_msg_id in message.server_msg_ids:
+            ids: Iterable[int] = message.server_msg_ids
+            if session.group_mail is not None:
+                ids = self._on_group_receipts(session, ids)
+            for server_msg_id in ids:
                 self._on_receipt(session, server_msg_id)
         elif isinstance(message, Who):
             self._on_who(session, message)
@@ -1452,6 +1508,8 @@ class Relay:
                     continue
                 for ids in batches(msg_ids):
                     self._send(session, Delivereds(to, tuple(ids)), handle=ids)
+        if self._group_reached:
+            self._send_group_reached()
         if self._group_delivereds:
             self._send_group_delivereds()
 
@@ -1839,8 +1897,20 @@ class Relay:
                 group, user, (user.key, session.instance_id, DELETION_REQUEST - index)
             )
         session.group_mail = None
-        for group in self.groups.drop_former(user.key):
-            self.store.submit(DropMember(group.key, user.key))
+        # (A cluster's shared store keeps no tombstones: its senders are not
+        # told, as before.)
+        for group, member, key in self.groups.bury(user.key, keep=not self.shared_store):
+            if not member.gone:
+                self.store.submit(DropMember(group.key, key))
+                continue
+            # Its senders are told it never will have what it had not: those
+            # online now (from their marks on), the others at their logins.
+            self.store.submit(BuryMember(group.key, key, member.key))
+            for sender_key in list(group.owed):
+                sender = self.users.get(sender_key)
+                route = self.router.locate(sender) if sender is not None else None
+                if isinstance(route, Session):
+                    self._tell_again(route, group)
 
     def _forget_account(self, user: User, until: int | None, now: float, *,
                         keep: Session | None = None) -> None:  # fmt: skip
@@ -1938,24 +2008,34 @@ class Relay:
 
     def _load_groups(self, loaded: Loaded) -> None:
         for stored in loaded.groups:
-            group = self._group_from(stored)
+            group = self._group_from(stored, keep_former=not self.shared_store)
             if group.members:
                 self.groups.restore(group)
+        for (group_key, sender_key), last in loaded.group_sent.items():
+            found = self.groups.get(group_key)
+            if found is not None:
+                told = loaded.group_told.get((sender_key, group_key), 0)
+                self.groups.restore_owed(found, sender_key, told, last)
+        for group in self.groups.groups.values():  # caught up and told: not needed
+            for member in [m for m in group.former.values() if m.caught_up]:
+                self.groups.forget_former(group, member)
         for key, answer in loaded.group_requests.items():
             self._remember_answer(key, answer)
-        self._group_senders.update(loaded.group_notice_senders)
         if loaded.groups:
             log.info("loaded %d groups", len(self.groups))
 
     @staticmethod
-    def _group_from(stored: LoadedGroup) -> Group:
+    def _group_from(stored: LoadedGroup, *, keep_former: bool = False) -> Group:
+        """A group as the store holds it. Former members who have caught up
+        are kept with `keep_former` (a single server: until every sender
+        was told what they had, `forget_former`), else left out."""
         group = Group(stored.key, stored.name, stored.owner_key, stored.seq)
         group.epoch, group.changed = stored.epoch, stored.changed
         for m in stored.members:
             member = Member(m.key, m.name, m.joined_seq, m.rank, m.left_seq, m.cursor)
             if m.left_seq is None:
                 group.members[m.key] = member
-            elif not member.caught_up:
+            elif keep_former or not member.caught_up:
                 group.former[m.key] = member
         return group
 
@@ -1966,7 +2046,10 @@ class Relay:
             del answers[next(iter(answers))]
 
     def _group_stream(self, group: Group) -> int:
-        return conversation_stream(group_address(group.name))
+        stream = self._group_streams.get(group.key)
+        if stream is None:
+            stream = self._group_streams[group.key] = conversation_stream(group_address(group.name))
+        return stream
 
     def _on_group_request(self, session: Session, request: GroupRequest) -> None:
         user = session.user
@@ -2277,6 +2360,8 @@ class Relay:
                 msg_id = MsgId(item.instance_id, item.client_seq)
                 self._send(session, GroupAccept(msg_id, item.server_msg_id, item.group_seq,
                                                 item.recipients))  # fmt: skip
+        if self.groups.get(group.key) is group:
+            self.groups.sent(group, item.sender_key, item.group_seq)
         self._fan_out(group, item)
 
     def _group_accept_again(self, user: User, msg_id: MsgId, server_msg_id: int) -> None:
@@ -2336,6 +2421,15 @@ class Relay:
             if user is None:
                 continue
             route = self.router.locate(user)
+            if not item.change and member.key == item.sender_key:
+                # The sender's own message: passed over where it was sent
+                # from; another client instance of theirs (a second device)
+                # gets it like any copy, and one logging in later from the log.
+                if not isinstance(route, Session):
+                    continue
+                if route.instance_id == item.instance_id:
+                    self._pass_own(group, member, seq)
+                    continue
             if isinstance(route, Session):
                 copies += self._offer_group(route, group, member, item, payload, stream, size)
         self.stats["group_copies"] += copies
@@ -2439,7 +2533,11 @@ class Relay:
         for item in items:
             if item.group_seq <= pager.cursor or not member.sees(item.group_seq):
                 continue
-            if not item.change and item.sender_key == member.key:
+            if (
+                not item.change
+                and item.sender_key == member.key
+                and item.instance_id == session.instance_id
+            ):
                 pager.cursor = item.group_seq  # passed: nothing to hand its sender
                 if not pager.items:
                     self._pass_own(group, member, item.group_seq)
@@ -2460,6 +2558,28 @@ class Relay:
             mail.ids.pop(entry.server_msg_id, None)
             mail.count -= 1
             mail.bytes -= entry.size
+
+    def _on_group_receipts(self, session: Session, ids: Iterable[int]) -> list[int]:
+        """A batch of receipts: of each group's entries among them only the
+        latest counts (it covers everything of the group before it), so a
+        batch moves a cursor once, not once per entry. The ids that are not
+        group entries' come back for the mailbox."""
+        mail = session.group_mail
+        assert mail is not None
+        where = mail.ids
+        others: list[int] = []
+        latest: dict[str, tuple[int, int]] = {}  # group key -> (seq, server_msg_id)
+        for server_msg_id in ids:
+            found = where.get(server_msg_id)
+            if found is None:
+                others.append(server_msg_id)
+                continue
+            group_key, seq = found
+            if seq > latest.get(group_key, (0, 0))[0]:
+                latest[group_key] = (seq, server_msg_id)
+        for _, server_msg_id in latest.values():
+            self._on_group_receipt(session, server_msg_id)
+        return others
 
     def _on_group_receipt(self, session: Session, server_msg_id: int) -> bool:
         """A member's client has a group entry, and so everything of that
@@ -2488,19 +2608,29 @@ class Relay:
             self._drop_pager(mail, group_key)
             return True
         user = session.user
-        notices = []
+        if self.shared_store:
+            self._shared_group_receipt(session, group, member, seq, done)
+            return True
+        reached = self._group_reached
         for entry in done:
-            if entry.msg_id is not None and entry.sender_key != user.key:
-                notice_seq = self._new_id()
-                notices.append((entry.sender_key, entry.msg_id.instance_id,
-                                entry.msg_id.client_seq, user.key, user.name, group.name,
-                                notice_seq))  # fmt: skip
+            msg_id = entry.msg_id
+            if msg_id is not None and entry.sender_key != user.key:
+                # The sender hears of it this pass, if online; else its next
+                # login works it out from the cursor moved here.
+                by_message = reached.get(entry.sender_key)
+                if by_message is None:
+                    by_message = reached[entry.sender_key] = {}
+                told = by_message.get(msg_id)
+                if told is None:
+                    by_message[msg_id] = (group, [user.name])
+                else:
+                    told[1].append(user.name)
         if seq > member.cursor:
             member.cursor = seq
-        self.store.submit(GroupReceipt(group_key, user.key, seq, tuple(notices)))
-        for sender_key, instance_id, client_seq, _, _, _, notice_seq in notices:
-            self._tell_group_sender(sender_key, MsgId(instance_id, client_seq), user, group,
-                                    notice_seq)  # fmt: skip
+        self.store.submit(GroupReceipt(group_key, user.key, seq))
+        if user.key in group.owed:  # a sender's own cursor often holds the low-water mark
+            self._group_told(session, group)
+        self._maybe_trim(group, user.key)
         if member.caught_up and self.groups.forget_former(group, member):
             self.store.submit(DropMember(group_key, user.key))
             self._drop_pager(mail, group_key)
@@ -2513,36 +2643,206 @@ class Relay:
                         self._page_group(session, other_group)
         return True
 
-    def _tell_group_sender(self, sender_key: str, msg_id: MsgId, by: User, group: Group,
-                           seq: int) -> None:  # fmt: skip
-        sender = self.users.get(sender_key)
-        if sender is None or self.shared_store:
-            return  # (a cluster: the sender's node hands it over from the shared queue)
-        self._group_senders.add(sender_key)
-        route = self.router.locate(sender)
-        if isinstance(route, Session):
-            self._offer_group_receipt(route, msg_id, by.key, by.name, group.name, seq)
+    def _shared_group_receipt(self, session: Session, group: Group, member: Member, seq: int,
+                              done: list[GroupEntry]) -> None:  # fmt: skip
+        """Cluster mode: the cursor moves in the shared store, which queues
+        a "delivered by" row for each sender of a message among `done` (their
+        node hands it over from there: `group_receipts_waiting`)."""
+        user = session.user
+        notices = []
+        for entry in done:
+            if entry.msg_id is not None and entry.sender_key != user.key:
+                notices.append((entry.sender_key, entry.msg_id.instance_id,
+                                entry.msg_id.client_seq, user.key, user.name, group.name,
+                                self._new_id()))  # fmt: skip
+        if seq > member.cursor:
+            member.cursor = seq
+        self.store.submit(GroupReceipt(group.key, user.key, seq, tuple(notices)))
+        mail = session.group_mail
+        if member.caught_up and self.groups.forget_former(group, member):
+            self.store.submit(DropMember(group.key, user.key))
+            if mail is not None:
+                self._drop_pager(mail, group.key)
+            return
+        if mail is not None:  # the window has room again
+            for other_key, other in list(mail.pagers.items()):
+                if other.behind and not other.reading:
+                    other_group = self.groups.get(other_key)
+                    if other_group is not None:
+                        self._page_group(session, other_group)
 
-    def _offer_group_receipt(self, session: Session, msg_id: MsgId, by_key: str, by: str,
-                             group: str, seq: int) -> None:  # fmt: skip
-        pager = session.group_receipts
-        if pager is None:
-            pager = session.group_receipts = Pager(behind=False)
-        key = (msg_id, by_key)
-        if key in pager.items:
+    def _send_group_reached(self) -> None:
+        """The pass's "delivered by" notices: one GROUP_REACHED per message
+        naming the members whose receipts came (256 names a frame), to the
+        sender's session if it has one (if not, its next login works them
+        out from the cursors)."""
+        reached, self._group_reached = self._group_reached, {}
+        for sender_key, by_message in reached.items():
+            sender = self.users.get(sender_key)
+            session = self.router.locate(sender) if sender is not None else None
+            if not isinstance(session, Session):
+                continue
+            for msg_id, (group, names) in by_message.items():
+                self._send_reached(session, group, msg_id, names)
+
+    def _send_reached(self, session: Session, group: Group, msg_id: MsgId, names: list[str],
+                      gone: list[str] | None = None) -> None:  # fmt: skip
+        """GROUP_REACHED frames of at most GROUP_PAGE_MAX names each: who
+        has the message, then who never will."""
+        notices = session.group_notices
+        if notices is None:
+            notices = session.group_notices = GroupNotices()
+        frames = [GroupReached(group.name, msg_id, tuple(names[i : i + GROUP_PAGE_MAX]))
+                  for i in range(0, len(names), GROUP_PAGE_MAX)]  # fmt: skip
+        if gone:
+            frames.extend(GroupReached(group.name, msg_id, (), tuple(gone[i : i + GROUP_PAGE_MAX]))
+                          for i in range(0, len(gone), GROUP_PAGE_MAX))  # fmt: skip
+        for frame in frames:
+            notices.inflight[group.key] = notices.inflight.get(group.key, 0) + 1
+            self._send(session, frame, handle=_GroupNotices(group.key))
+
+    def _group_reached_acked(self, session: Session, handle: _GroupNotices) -> None:
+        """The sender's client holds a GROUP_REACHED: once a group has none
+        in flight, its mark may move (or the next page of its catch-up go)."""
+        notices = session.group_notices
+        if notices is None:
             return
-        late = seq < pager.cursor
-        if late or (not pager.behind and len(pager.items) < GROUP_NOTICE_WINDOW):
-            pager.items[key] = seq
-            pager.cursor = max(pager.cursor, seq)
-            entry = self._group_delivereds.get(session.session_id)
-            if entry is None:
-                entry = self._group_delivereds[session.session_id] = (session, {})
-            entry[1].setdefault((group, by, by_key), []).append(msg_id)
+        key = handle.group_key
+        left = notices.inflight.get(key, 0) - 1
+        if left > 0:
+            notices.inflight[key] = left
             return
-        pager.behind = True
-        pager.missed = max(pager.missed, seq)
-        self._page_group_receipts(session)
+        notices.inflight.pop(key, None)
+        group = self.groups.get(key)
+        if group is None:
+            return
+        if key in notices.catching:
+            self._read_sent(session, group)
+        else:
+            self._group_told(session, group)
+
+    def _group_told(self, session: Session, group: Group) -> None:
+        """Nothing of `group` in flight to the sender's session, nothing
+        queued, no catch-up under way: its client has been told every
+        delivery up to the group's low-water mark (every receipt below it
+        made a notice, sent to this session or worked out at its login).
+        That mark is durable; a sender owed nothing more is dropped."""
+        user = session.user
+        notices = session.group_notices
+        if (
+            user.key not in group.owed
+            or (notices is not None and notices.busy(group.key))
+            or any(g is group for g, _ in self._group_reached.get(user.key, {}).values())
+        ):
+            return
+        low = group.low_water()
+        if not self.groups.told(group, user.key, low):
+            return
+        self.store.submit(GroupTold(user.key, group.key, low))
+        for member in [m for m in group.former.values() if m.caught_up]:
+            if self.groups.forget_former(group, member):
+                self.store.submit(DropMember(group.key, member.key))
+        self._maybe_trim(group, user.key)
+
+    def _maybe_trim(self, group: Group, moved: str) -> None:
+        """`moved`'s cursor or mark moved: trim the log if GROUP_TRIM_EVERY
+        entries could go and `moved` was what held it back (or that many
+        entries came since the last look): working the bound out walks the
+        members, so not at every receipt."""
+        if group.seq - group.trimmed < GROUP_TRIM_EVERY:
+            return
+        if (
+            group.trim_blocker is not None
+            and moved != group.trim_blocker
+            and group.seq - group.trim_checked < GROUP_TRIM_EVERY
+        ):
+            return
+        self._trim_group(group)
+
+    def _trim_group(self, group: Group) -> None:
+        """Delete the log's entries everyone has and every sender was told
+        of; first the marks of the senders online with nothing under way
+        move up to the low-water mark (a receipt of another's entry moves
+        it without a notice to them)."""
+        group.trim_checked = group.seq
+        for sender_key in list(group.owed):
+            sender = self.users.get(sender_key)
+            route = self.router.locate(sender) if sender is not None else None
+            if isinstance(route, Session):
+                self._group_told(route, group)
+        bound, group.trim_blocker = group.trim_bound()
+        if bound > group.trimmed:
+            group.trimmed = bound
+            self.store.submit(TrimGroup(group.key, bound))
+            self.stats["group_trims"] += 1
+
+    def _tell_again(self, session: Session, group: Group) -> None:
+        """Tell the sender's session again, from its mark on, who has its
+        messages in `group` and who never will."""
+        entry = group.owed.get(session.user.key)
+        if entry is None:
+            return
+        notices = session.group_notices
+        if notices is None:
+            notices = session.group_notices = GroupNotices()
+        notices.catching[group.key] = entry[0]
+        if group.key in notices.reading:
+            notices.again.add(group.key)  # the page under way was worked out before
+        else:
+            self._read_sent(session, group)
+
+    def _read_sent(self, session: Session, group: Group) -> None:
+        """After a login: the next page of the sender's messages in `group`
+        past its mark, to tell again who has each (its client ignores what
+        it knew)."""
+        notices = session.group_notices
+        if notices is None or group.key in notices.reading:
+            return
+        after = notices.catching.get(group.key)
+        if after is None:
+            return
+        notices.reading.add(group.key)
+        read = Read(ReadGroupSent(group.key, session.user.key, after, GROUP_SENT_PAGE))
+        self.store.submit(read, functools.partial(self._sent_paged, session, group, read))
+
+    def _sent_paged(self, session: Session, group: Group, read: Read) -> None:
+        notices = session.group_notices
+        if notices is None or self.sessions.get(session.session_id) is not session:
+            return
+        notices.reading.discard(group.key)
+        if not read.ok or self.groups.get(group.key) is not group:
+            # Left in `catching`: the mark does not move in this session; the
+            # next login reads again.
+            return
+        if group.key in notices.again:  # start over from the mark
+            notices.again.discard(group.key)
+            self._read_sent(session, group)
+            return
+        rows: list[tuple[int, int, int]]
+        rows, more = read.result
+        user_key = session.user.key
+        for seq, instance_id, client_seq in rows:
+            have: list[str] = []
+            gone: list[str] = []
+            for m in group.audience(seq):
+                if m.cursor >= seq:
+                    if m.key != user_key:
+                        have.append(m.name)
+                elif m.gone:
+                    gone.append(m.name)
+            if have or gone:
+                self._send_reached(session, group, MsgId(instance_id, client_seq), have, gone)
+        if more and rows:
+            notices.catching[group.key] = rows[-1][0]
+            if not notices.inflight.get(group.key):
+                self._read_sent(session, group)
+            return
+        del notices.catching[group.key]
+        self._group_told(session, group)
+
+    # --- cluster mode's "delivered by": rows queued in the shared store -------
+    # (a stream per sender, which any node reads), told as GROUP_REACHEDs;
+    # a single server works them out from the cursors instead (above).
 
     def _page_group_receipts(self, session: Session) -> None:
         pager = session.group_receipts
@@ -2553,9 +2853,7 @@ class Relay:
             return
         pager.reading = True
         read = Read(ReadGroupNotices(session.user.key, pager.cursor, max(1, free)))
-        upto = self._next_msg_id - 1
-        if self.shared_store:
-            upto = max(upto, pager.missed)  # as in `_page_mail`
+        upto = max(self._next_msg_id - 1, pager.missed)  # as in `_page_mail`
         self.store.submit(read, functools.partial(self._group_receipts_paged, session, pager,
                                                   read, upto))  # fmt: skip
 
@@ -2574,14 +2872,14 @@ class Relay:
                 entry = self._group_delivereds.get(session.session_id)
                 if entry is None:
                     entry = self._group_delivereds[session.session_id] = (session, {})
-                entry[1].setdefault((group, by, by_key), []).append(msg_id)
+                entry[1].setdefault((group, msg_id), []).append((by, by_key))
         if not more and pager.missed <= max(pager.cursor, upto):
             pager.behind = False
         else:
             self._page_group_receipts(session)
 
-    def _group_receipts_acked(self, session: Session, done: _GroupNotices) -> None:
-        """The sender's client holds these "delivered by" receipts."""
+    def _group_receipts_acked(self, session: Session, done: _SharedNotices) -> None:
+        """The sender's client holds these queued "delivered by" receipts."""
         pager = session.group_receipts
         if pager is None:
             return
@@ -2594,33 +2892,43 @@ class Relay:
         self._page_group_receipts(session)
 
     def _send_group_delivereds(self) -> None:
-        """The pass's "delivered by" receipts: one GROUP_DELIVEREDS per
-        (session, group, member), up to BATCH_MAX message ids each."""
+        """The pass's queued "delivered by" receipts: one GROUP_REACHED per
+        (session, message), naming up to GROUP_PAGE_MAX members."""
         delivereds, self._group_delivereds = self._group_delivereds, {}
-        for session, by_member in delivereds.values():
+        for session, by_message in delivereds.values():
             if self.sessions.get(session.session_id) is not session:
                 continue
-            for (group, by, by_key), msg_ids in by_member.items():
-                for ids in batches(msg_ids):
-                    handle = _GroupNotices([(msg_id, by_key) for msg_id in ids])
-                    self._send(session, GroupDelivereds(group, by, tuple(ids)), handle=handle)
+            for (group, msg_id), names in by_message.items():
+                for start in range(0, len(names), GROUP_PAGE_MAX):
+                    part = names[start : start + GROUP_PAGE_MAX]
+                    handle = _SharedNotices([(msg_id, by_key) for _, by_key in part])
+                    self._send(session, GroupReached(group, msg_id, tuple(n for n, _ in part)),
+                               handle=handle)  # fmt: skip
 
     def _start_groups(self, session: Session) -> None:
         """At login: page what waits in the user's groups since their
-        cursor, and the "delivered by" receipts queued for them."""
+        cursor, and tell again who has their messages past their marks."""
         user = session.user
         if self.shared_store:
             # A cluster: the cursors as the store has them first (the user's
-            # client may have receipted on another node since this one heard).
+            # client may have receipted on another node since this one heard),
+            # and the "delivered by" receipts queued for them in the store.
             keys = tuple(group.key for group in self.groups.catching_up(user.key))
             op = ReadGroupCursors(user.key, keys)
             self.store.submit(op, functools.partial(self._group_cursors_read, session, op))
-        else:
-            for group in self.groups.catching_up(user.key):
-                self._catch_up_member(session, group)
-        if user.key in self._group_senders or self.shared_store:
             session.group_receipts = Pager(behind=True, missed=self._next_msg_id - 1)
             self._page_group_receipts(session)
+            return
+        for group in self.groups.catching_up(user.key):
+            member = group.member(user.key)
+            if member is not None and not member.caught_up:
+                self._catch_up_member(session, group)
+        owed = self.groups.owed_groups(user.key)
+        if owed:
+            notices = session.group_notices = GroupNotices()
+            for group in owed:
+                notices.catching[group.key] = group.owed[user.key][0]
+                self._read_sent(session, group)
 
     # --- groups in cluster mode (`shared_store`) ----------------------------
     # The shared store gives every entry its seq (server_cluster: a message's

@@ -65,10 +65,10 @@ from protocol import (
     GroupAction,
     GroupChange,
     GroupDeliver,
-    GroupDelivereds,
     GroupEvent,
     GroupInfo,
     GroupList,
+    GroupReached,
     GroupRequest,
     GroupResult,
     Hello,
@@ -262,6 +262,22 @@ class StatusChanged:
             if self.recipients is not None:
                 out["recipients"] = self.recipients
         return out
+
+
+@dataclass(frozen=True)
+class RecipientsChanged:
+    """Member `gone` of the group will never have our message `id`: their
+    account was deleted first. The message now goes to `recipients`
+    members (its "of N"); delivered to all of them, nothing more is due."""
+
+    id: str
+    to: str
+    recipients: int
+    gone: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "recipients", "id": self.id, "group": self.to[1:],
+                "recipients": self.recipients, "gone": self.gone}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -469,15 +485,16 @@ Event = (
     | GroupChanged
     | MembersListed
     | GroupsListed
+    | RecipientsChanged
 )
 
 
 #: What the server sends about groups (`ClientCore._on_group_message`).
 GroupMessage = (
-    GroupDeliver | GroupEvent | GroupAccept | GroupDelivereds | GroupResult | GroupInfo | GroupList
+    GroupDeliver | GroupEvent | GroupAccept | GroupReached | GroupResult | GroupInfo | GroupList
 )
 GROUP_MESSAGES = (
-    GroupDeliver, GroupEvent, GroupAccept, GroupDelivereds, GroupResult, GroupInfo, GroupList,
+    GroupDeliver, GroupEvent, GroupAccept, GroupReached, GroupResult, GroupInfo, GroupList,
 )  # fmt: skip
 
 
@@ -583,6 +600,11 @@ class CoreStore(Protocol):
 
     def add_group_receipt(self, msg_id: MsgId, by: str) -> bool:
         """Member `by` has our group message; False if that was known already."""
+        ...
+
+    def count_out(self, msg_id: MsgId, by: str) -> int | None:
+        """Member `by` never will have our group message: one recipient
+        fewer; its recipients now, or None if known already (or they had it)."""
         ...
 
     def take_request_id(self) -> int:
@@ -714,6 +736,16 @@ class MemoryStore:
             return False
         self._group_receipts.add(key)
         return True
+
+    def count_out(self, msg_id: MsgId, by: str) -> int | None:
+        key = (msg_id, name_key(by))
+        gone = (msg_id, "!" + name_key(by))
+        if key in self._group_receipts or gone in self._group_receipts:
+            return None
+        self._group_receipts.add(gone)
+        recipients = max(0, self.recipients.get(msg_id, 1) - 1)
+        self.recipients[msg_id] = recipients
+        return recipients
 
     def take_request_id(self) -> int:
         request_id = self._next_request
@@ -1857,9 +1889,11 @@ class ClientCore:
             self._arrived(arrival, event)
         elif isinstance(message, GroupAccept):
             self._group_accepted(message)
-        elif isinstance(message, GroupDelivereds):
-            for msg_id in message.msg_ids:
-                self._group_delivered(msg_id, message.group, message.by)
+        elif isinstance(message, GroupReached):
+            for by in message.by:
+                self._group_delivered(message.msg_id, message.group, by)
+            for gone in message.gone:
+                self._group_gone(message.msg_id, message.group, gone)
         elif isinstance(message, GroupResult):
             entry = self.group_requests.pop(message.request_id, None)
             self._member_pages.pop(message.request_id, None)
@@ -1939,6 +1973,26 @@ class ClientCore:
         self._emit(StatusChanged(label, MessageState.DELIVERED, out.to, out.text, by=by))
         if out.recipients is not None and out.delivered >= out.recipients:
             self.outbox.pop(msg_id)
+
+    def _group_gone(self, msg_id: MsgId, group: str, gone: str) -> None:
+        """Member `gone` never will have our message (their account was
+        deleted first): the message's N counts them out, once."""
+        out = self.outbox.get(msg_id)
+        if out is None and self.store.state_of(msg_id) not in (
+            MessageState.ACCEPTED,
+            MessageState.DELIVERED,
+        ):
+            return  # not ours, or failed
+        recipients = self.store.count_out(msg_id, gone)
+        if recipients is None:
+            return  # told before
+        to = group_address(group)
+        if out is not None:
+            out.recipients = recipients
+            to = out.to
+            if out.state != MessageState.SENDING and out.delivered >= recipients:
+                self.outbox.pop(msg_id)  # every member left to have it has it
+        self._emit(RecipientsChanged(msg_id.label(), to, recipients, gone))
 
     # --- logout -----------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from client_core import (
     MembersListed,
     MessageState,
     PresenceChanged,
+    RecipientsChanged,
     StatusChanged,
     WhoList,
     check_group_request,
@@ -287,6 +288,12 @@ class GroupsUI:
             receipts.recipients = event.recipients
         if event.by is not None and all(name_key(b) != name_key(event.by) for b in receipts.by):
             receipts.by.append(event.by)
+
+    def on_recipients(self, event: RecipientsChanged) -> None:
+        """A member of ours never will have our message: "of N" goes down."""
+        receipts = self.receipts.get(event.id)
+        if receipts is not None:
+            receipts.recipients = event.recipients
 
     # --- hooks: the window's pieces --------------------------------------------
 

@@ -618,6 +618,35 @@ class ClientStore:
         )
         return cursor.rowcount == 1
 
+    def count_out(self, msg_id: MsgId, by: str) -> int | None:
+        """A member who never will have it is kept in `group_receipts` under
+        '!' and their key (no name has a '!'), and the row's N goes down."""
+        self.begin()
+        instance, seq, key = i64(msg_id.instance_id), msg_id.client_seq, name_key(by)
+        had = self.db.execute(
+            "SELECT 1 FROM group_receipts WHERE instance_id=? AND client_seq=? AND by_key=?",
+            (instance, seq, key),
+        ).fetchone()
+        if had is not None:
+            return None
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO group_receipts VALUES (?, ?, ?, ?)",
+            (instance, seq, "!" + key, by),
+        )
+        if cursor.rowcount != 1:
+            return None
+        self.db.execute(
+            "UPDATE history SET grp_recipients=MAX(0, grp_recipients-1) WHERE outgoing=1 AND "
+            "sender_key=? AND instance_id=? AND client_seq=?",
+            (name_key(self.username), instance, seq),
+        )
+        row = self.db.execute(
+            "SELECT grp_recipients FROM history WHERE outgoing=1 AND sender_key=? AND "
+            "instance_id=? AND client_seq=?",
+            (name_key(self.username), instance, seq),
+        ).fetchone()
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
     def take_request_id(self) -> int:
         request_id = self._next_request
         self._next_request += 1
@@ -892,7 +921,7 @@ def read_group_receipts(
                 continue
             by = db.execute(
                 "SELECT by_name FROM group_receipts WHERE instance_id=? AND client_seq=?"
-                " ORDER BY rowid",
+                " AND by_key NOT LIKE '!%' ORDER BY rowid",
                 (instance_id, seq),
             ).fetchall()
             found[label] = (row[0], tuple(r[0] for r in by))

@@ -66,6 +66,7 @@ from client_core import (
     MessageState,
     PasswordChanged,
     PresenceChanged,
+    RecipientsChanged,
     StatusChanged,
     TypingNotice,
     WhoList,
@@ -560,6 +561,12 @@ class ChatWindow:
             self._on_message(event)
         elif isinstance(event, StatusChanged):
             self._on_status(event)
+        elif isinstance(event, RecipientsChanged):
+            self.groups.on_recipients(event)
+            conv = self.conversation(event.to)
+            line = conv.by_id.get(event.id)
+            if line is not None and conv is self.current:
+                self.view.render_state(line)
         elif isinstance(event, GroupChanged | MembersListed | GroupsListed):
             self.groups.handle(event)
         elif isinstance(event, PresenceChanged):
@@ -701,6 +708,8 @@ class ChatWindow:
             return
         conv.received.add(event.msg_id)
         line = Line("peer", event.sender, event.text, event.sent_ms / 1000, event.msg_id or None)
+        if event.group is not None and self._mine(event.sender):
+            line = self._own_from_elsewhere(event.text, event.sent_ms, event.msg_id)
         self._add_line(conv, line)
         if self.current is None:
             self.open_conversation(conv.name, focus=False)
@@ -783,8 +792,21 @@ class ChatWindow:
         if item.outgoing:
             return Line("own", self.username or "me", item.text, item.ts_ms / 1000, item.msg_id,
                         item.state or MessageState.SENDING, row_id=item.row_id)  # fmt: skip
+        if item.sender and item.peer.startswith("#") and self._mine(item.sender):
+            line = self._own_from_elsewhere(item.text, item.ts_ms, item.msg_id)
+            line.row_id = item.row_id
+            return line
         return Line("peer", item.sender or item.peer, item.text, item.ts_ms / 1000, item.msg_id,
                     row_id=item.row_id)  # fmt: skip
+
+    def _mine(self, sender: str) -> bool:
+        return self.username is not None and name_key(sender) == name_key(self.username)
+
+    def _own_from_elsewhere(self, text: str, sent_ms: float, msg_id: str) -> Line:
+        """Our own group message sent from another client instance (another
+        device): shown as ours, accepted (the server handed it on)."""
+        return Line("own", self.username or "me", text, sent_ms / 1000, msg_id or None,
+                    MessageState.ACCEPTED)  # fmt: skip
 
     def _load_history(self, conv: Conversation) -> None:
         """The last page earlier runs stored of this conversation, oldest first."""

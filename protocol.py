@@ -1021,7 +1021,7 @@ class Kind(enum.IntEnum):
     RECEIPTS = 16  # client -> server: several RECEIPTs
     DELIVEREDS = 17  # server -> sender: several DELIVEREDs, to one recipient
     TICKET = 18  # server -> client: a login ticket for this client instance (see TicketFrame)
-    # Accounts (issue 16): 27-30.
+    # Accounts (issue 16): 27-29.
     CHANGE_PASSWORD = 27  # client -> server: proof of the old password, the new verifier
     DELETE_ACCOUNT = 28  # client -> server: proof of the password; erase the account
     ACCOUNT_RESULT = 29  # server -> client: how a CHANGE_PASSWORD / DELETE_ACCOUNT ended
@@ -1033,8 +1033,10 @@ class Kind(enum.IntEnum):
     GROUP_RESULT = 22  # server -> client: how a GROUP_REQUEST ended (0 or an ErrorCode)
     GROUP_INFO = 23  # server -> client: a page of a group's owner and members
     GROUP_LIST = 24  # server -> client: a page of the groups the user is in
-    GROUP_DELIVEREDS = 25  # server -> sender: one member has these group messages
+    # 25 was GROUP_DELIVEREDS (one member has these messages: a frame per
+    # member per pass for the sender to ack); retired for GROUP_REACHED.
     GROUP_ACCEPT = 26  # server -> sender: a group message is stored for every member
+    GROUP_REACHED = 30  # server -> sender: these members have one of its group messages
 
 
 @dataclass(unsafe_hash=True)  # hot: see above
@@ -1365,17 +1367,6 @@ class GroupList:
 
 
 @dataclass(frozen=True)
-class GroupDelivereds:
-    """Member `by` of `group` has these messages of the sender on screen."""
-
-    KIND: ClassVar[Kind] = Kind.GROUP_DELIVEREDS
-    SPEC: ClassVar[tuple[str, ...]] = ("str", "str", "msgids")
-    group: str
-    by: str
-    msg_ids: tuple[MsgId, ...]
-
-
-@dataclass(frozen=True)
 class GroupAccept:
     """Instead of an ACCEPT for a group message: it is stored for every
     member. `recipients` counts the members other than the sender at its
@@ -1387,6 +1378,23 @@ class GroupAccept:
     server_msg_id: int
     group_seq: int
     recipients: int
+
+
+@dataclass(frozen=True)
+class GroupReached:
+    """Members `by` of `group` newly have the sender's message `msg_id` on
+    screen: one frame per message per pass, naming every member whose
+    receipt came in that pass (at most `GROUP_PAGE_MAX` names a frame),
+    instead of one frame per member. Members `gone` never will: their
+    accounts were deleted first, so the message's N counts them out. Sent on
+    the control stream, after the message's GROUP_ACCEPT."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_REACHED
+    SPEC: ClassVar[tuple[str, ...]] = ("str", "msgid", "strs", "strs")
+    group: str
+    msg_id: MsgId
+    by: tuple[str, ...]
+    gone: tuple[str, ...] = ()
 
 
 Message = (
@@ -1417,8 +1425,8 @@ Message = (
     | GroupResult
     | GroupInfo
     | GroupList
-    | GroupDelivereds
     | GroupAccept
+    | GroupReached
 )
 MESSAGE_CLASSES: dict[int, type] = {
     cls.KIND: cls
@@ -1450,8 +1458,8 @@ MESSAGE_CLASSES: dict[int, type] = {
         GroupResult,
         GroupInfo,
         GroupList,
-        GroupDelivereds,
         GroupAccept,
+        GroupReached,
     )
 }
 

@@ -19,6 +19,16 @@ the highest `group_seq` their client receipted (delivery is in order on
 the group's stream, so a receipt of seq k covers everything up to k): no
 row per member per message.
 
+Nor a row per copy for the senders: who has a message follows from the
+cursors, so what a sender is owed is one number per group too,
+`Group.owed[sender] = [told, last]`: its client was told every delivery of
+its messages up to `told` (the relay moves it once those notices are acked,
+to the group's low-water mark: every member has everything below it), and
+its last message is at `last`. A sender whose `told` reached `last` is owed
+nothing and dropped from there; a login recomputes from the log what lies
+between. Entries below both the low-water mark and every owed sender's
+`told` are had by everyone and told to everyone: the log is trimmed there.
+
 Ownership passes to the longest-standing member when the owner leaves
 (members are kept in joining order); the group ends with its last member.
 """
@@ -34,10 +44,13 @@ from protocol import (
     normalize_name,
 )
 
-__all__ = ["Group", "GroupRefused", "GroupTable", "Member", "group_name"]
+__all__ = ["TOMBSTONE", "Group", "GroupRefused", "GroupTable", "Member", "group_name"]
 
 #: Default cap on a group's members: Signal's hard limit (issue 14).
 DEFAULT_MAX_MEMBERS = 1000
+#: A deleted account's former membership is kept under "!KEY!LEFT_SEQ": no
+#: user key has a '!' (the name rules), and the seq keeps two apart.
+TOMBSTONE = "!"
 
 
 class GroupRefused(Exception):
@@ -73,13 +86,22 @@ class Member:
         return self.joined_seq <= seq and (self.left_seq is None or seq <= self.left_seq)
 
     @property
+    def gone(self) -> bool:
+        """A former member whose account was deleted before they had
+        everything meant for them: kept under a tombstone key (`bury`) only
+        so that senders are told they never will."""
+        return self.key.startswith(TOMBSTONE)
+
+    @property
     def caught_up(self) -> bool:
-        """A former member whose client has everything meant for them."""
-        return self.left_seq is not None and self.cursor >= self.left_seq
+        """A former member whose client has everything meant for them (or
+        never will: gone)."""
+        return self.left_seq is not None and (self.cursor >= self.left_seq or self.gone)
 
 
 class Group:
-    __slots__ = ("key", "name", "owner", "seq", "members", "former", "epoch", "changed")
+    __slots__ = ("key", "name", "owner", "seq", "members", "former", "owed", "trimmed",
+                 "trim_checked", "trim_blocker", "epoch", "changed")  # fmt: skip
 
     def __init__(self, key: str, name: str, owner: str, seq: int = 0) -> None:
         self.key = key
@@ -95,8 +117,42 @@ class Group:
         # Current members by key, in joining order: the first is the
         # longest-standing (it becomes owner when the owner leaves).
         self.members: dict[str, Member] = {}
-        # Removed or left, until their client has the entry that says so.
+        # Removed or left, until their client has the entry that says so
+        # (and every sender was told what they had).
         self.former: dict[str, Member] = {}
+        # Senders owed "delivered by" notices: key -> [told, last] (see above).
+        self.owed: dict[str, list[int]] = {}
+        self.trimmed = 0  # log entries up to this seq are gone
+        self.trim_checked = 0  # group.seq when the trim bound was last worked out
+        self.trim_blocker: str | None = None  # whose cursor or mark held it there
+
+    def low_water(self) -> int:
+        """The highest seq every member has, and every former member still
+        to catch up (a caught-up former member has all they will get)."""
+        low = self.seq
+        for m in self.members.values():
+            if m.cursor < low:
+                low = m.cursor
+        for m in self.former.values():
+            if not m.caught_up and m.cursor < low:
+                low = m.cursor
+        return low
+
+    def trim_bound(self) -> tuple[int, str | None]:
+        """The log's entries up to here are had by everyone they are for,
+        and every sender was told: nobody reads them again; and the member
+        or sender whose place holds it there (None: nobody, it is `seq`)."""
+        bound, blocker = self.seq, None
+        for m in self.members.values():
+            if m.cursor < bound:
+                bound, blocker = m.cursor, m.key
+        for m in self.former.values():
+            if not m.caught_up and m.cursor < bound:
+                bound, blocker = m.cursor, m.key
+        for key, (told, _) in self.owed.items():
+            if told < bound:
+                bound, blocker = told, key
+        return bound, blocker
 
     def audience(self, seq: int) -> list[Member]:
         """Everyone the entry `seq` is for: those who were members there."""
@@ -133,6 +189,8 @@ class GroupTable:
         self.of_user: dict[str, dict[str, None]] = {}  # user key -> keys of their groups
         # user key -> keys of the groups they left and have not caught up on
         self.former_of: dict[str, dict[str, None]] = {}
+        # sender key -> keys of the groups where they are owed notices
+        self.owed_of: dict[str, dict[str, None]] = {}
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -157,8 +215,47 @@ class GroupTable:
         self.groups[group.key] = group
         for key in group.members:
             self.of_user.setdefault(key, {})[group.key] = None
-        for key in group.former:
-            self.former_of.setdefault(key, {})[group.key] = None
+        for key, member in group.former.items():
+            if not member.gone:
+                self.former_of.setdefault(key, {})[group.key] = None
+
+    def restore_owed(self, group: Group, sender_key: str, told: int, last: int) -> None:
+        if last > told:
+            group.owed[sender_key] = [told, last]
+            self.owed_of.setdefault(sender_key, {})[group.key] = None
+
+    def owed_groups(self, sender_key: str) -> list[Group]:
+        """The groups where `sender_key` may have deliveries not told yet."""
+        return [self.groups[k] for k in self.owed_of.get(sender_key, ()) if k in self.groups]
+
+    def sent(self, group: Group, sender_key: str, seq: int) -> None:
+        """`sender_key`'s message at `seq` was committed."""
+        entry = group.owed.get(sender_key)
+        if entry is None:
+            # Owed nothing before: everything of theirs below it was told.
+            group.owed[sender_key] = [seq - 1, seq]
+            self.owed_of.setdefault(sender_key, {})[group.key] = None
+        elif seq > entry[1]:
+            entry[1] = seq
+
+    def told(self, group: Group, sender_key: str, seq: int) -> bool:
+        """The sender's client was told every delivery up to `seq`; True if
+        that moved its mark."""
+        entry = group.owed.get(sender_key)
+        if entry is None or seq <= entry[0]:
+            return False
+        entry[0] = seq
+        if seq >= entry[1]:
+            del group.owed[sender_key]
+            self._unindex_owed(sender_key, group.key)
+        return True
+
+    def _unindex_owed(self, sender_key: str, group_key: str) -> None:
+        mine = self.owed_of.get(sender_key)
+        if mine is not None:
+            mine.pop(group_key, None)
+            if not mine:
+                del self.owed_of[sender_key]
 
     def catching_up(self, user_key: str) -> list[Group]:
         """The groups `user_key` is in, or left and has entries of still to get."""
@@ -259,6 +356,9 @@ class GroupTable:
         for key in group.former:
             self._unindex_former(key, group.key)
         group.former.clear()
+        for key in group.owed:
+            self._unindex_owed(key, group.key)
+        group.owed.clear()
 
     def _unindex_former(self, user_key: str, group_key: str) -> None:
         mine = self.former_of.get(user_key)
@@ -267,22 +367,41 @@ class GroupTable:
             if not mine:
                 del self.former_of[user_key]
 
-    def drop_former(self, user_key: str) -> list[Group]:
-        """Forget `user_key` as a former member of every group, caught up or
-        not (a deleted account: what it had still to get goes with it, and
-        the name's next owner inherits none of it); the groups it was in."""
-        dropped: list[Group] = []
+    def bury(self, user_key: str, *, keep: bool = True) -> list[tuple[Group, Member, str]]:
+        """`user_key` is no former member of any group any more (a deleted
+        account: what it had still to get goes with it, and the name's next
+        owner inherits none of it): (group, member, its old key) for each.
+        One who had everything is dropped; one who had not stays under a
+        tombstone key (`Member.gone`), for the senders to be told, until
+        they were (`forget_former`); without `keep`, dropped too."""
+        buried: list[tuple[Group, Member, str]] = []
         for group_key in list(self.former_of.pop(user_key, {})):
             group = self.groups.get(group_key)
-            if group is not None and group.former.pop(user_key, None) is not None:
-                dropped.append(group)
-        return dropped
+            member = group.former.pop(user_key, None) if group is not None else None
+            if group is None or member is None:
+                continue
+            if keep and member.cursor < (member.left_seq or 0):
+                member.key = f"{TOMBSTONE}{user_key}{TOMBSTONE}{member.left_seq}"
+                group.former[member.key] = member
+            buried.append((group, member, user_key))
+        for group_key in list(self.owed_of.pop(user_key, {})):  # nobody left to tell
+            group = self.groups.get(group_key)
+            if group is not None:
+                group.owed.pop(user_key, None)
+        return buried
 
     def forget_former(self, group: Group, member: Member) -> bool:
-        """Drop a former member who has caught up; True if dropped."""
-        if member.caught_up and group.former.get(member.key) is member:
+        """Drop a former member who has caught up, once every sender was
+        told what they had (a login recomputes that from the members);
+        True if dropped."""
+        if (
+            member.caught_up
+            and group.former.get(member.key) is member
+            and all(told >= (member.left_seq or 0) for told, _ in group.owed.values())
+        ):
             del group.former[member.key]
-            self._unindex_former(member.key, group.key)
+            if not member.gone:
+                self._unindex_former(member.key, group.key)
             return True
         return False
 

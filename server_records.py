@@ -186,11 +186,30 @@ class User:
         self.fanout_bucket: TokenBucket | None = None  # made at the first group message
 
 
+class GroupNotices:
+    """One session's "delivered by" notices as a sender, per group key: the
+    GROUP_REACHED frames in flight (not acked yet), the groups whose
+    deliveries it is being told again from the log after a login (the seq
+    the next page reads after), and the reads under way. The sender's mark
+    (`Group.owed`) moves only while a group has none of these."""
+
+    __slots__ = ("inflight", "catching", "reading", "again")
+
+    def __init__(self) -> None:
+        self.inflight: dict[str, int] = {}
+        self.catching: dict[str, int] = {}
+        self.reading: set[str] = set()
+        self.again: set[str] = set()  # a read under way is out of date: read again
+
+    def busy(self, group_key: str) -> bool:
+        return bool(self.inflight.get(group_key)) or group_key in self.catching
+
+
 class Session:
     __slots__ = (
         "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
         "closing", "probe", "mail", "receipts", "presence_sent", "presence_due", "group_mail",
-        "group_receipts",
+        "group_notices", "group_receipts",
     )  # fmt: skip
 
     def __init__(
@@ -217,9 +236,11 @@ class Session:
         self.presence_sent: set[str] | None = None
         self.presence_due: dict[str, tuple[str, bool]] = {}
         # Groups (made when used): their entries handed to this session, and
-        # the "delivered by" receipts told to it as a sender, by (message
-        # id, member's key) -> receipt seq.
+        # what it is told as a sender ("delivered by").
         self.group_mail: GroupMail | None = None
+        self.group_notices: GroupNotices | None = None
+        # Cluster mode: the "delivered by" receipts queued for it in the shared
+        # store and told to it, by (message id, member's key) -> receipt seq.
         self.group_receipts: Pager[tuple[MsgId, str], int] | None = None
 
 

@@ -114,11 +114,9 @@ CREATE TABLE IF NOT EXISTS group_log (
     users TEXT NOT NULL, sent_ms INTEGER NOT NULL, recipients INTEGER NOT NULL,
     PRIMARY KEY (group_key, group_seq)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS group_notices (
-    sender_key TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
-    by_key TEXT NOT NULL, by_name TEXT NOT NULL, group_name TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (sender_key, instance_id, client_seq, by_key)
+CREATE TABLE IF NOT EXISTS group_told (
+    sender_key TEXT NOT NULL, group_key TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (sender_key, group_key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_requests (
     user_key TEXT NOT NULL, instance_id INTEGER NOT NULL, request_id INTEGER NOT NULL,
@@ -132,7 +130,6 @@ CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient_key, server_m
 CREATE INDEX IF NOT EXISTS notices_order ON notices (sender_key, seq);
 CREATE INDEX IF NOT EXISTS dedup_age ON dedup (server_ms);
 CREATE INDEX IF NOT EXISTS group_log_id ON group_log (server_msg_id);
-CREATE INDEX IF NOT EXISTS group_notices_order ON group_notices (sender_key, seq);
 """
 # `quarantine` has a row per name whose account was deleted: nobody may
 # register it before `until_ms` (wall clock; `--name-quarantine`).
@@ -145,9 +142,12 @@ CREATE INDEX IF NOT EXISTS group_notices_order ON group_notices (sender_key, seq
 # delivery state is one row, its `cursor` (the highest group_seq their client
 # receipted), never a row per member per message. `group_log` holds each
 # message and membership change once, in the group's sequence; members page
-# it from their cursor. `group_notices` queues a sender's "delivered by"
-# receipts (one per member who has a message) until the sender's client
-# acks them, as `notices` does for direct messages. `group_requests` keeps
+# it from their cursor, and entries everyone has are trimmed (`TrimGroup`).
+# A sender's "delivered by" receipts are not rows: who has a message follows
+# from the cursors (a receipt of seq k covers everything up to k), and
+# `group_told` keeps one number per (sender, group): the sender's client was
+# told every delivery of its messages up to that seq; a login recomputes the
+# rest from the log and the cursors (`ReadGroupSent`). `group_requests` keeps
 # the answers of a client instance's last requests, so one sent again is
 # answered again and not done twice.
 #: Answers of one client instance's group requests kept (the latest).
@@ -334,13 +334,21 @@ class Loaded:
     quarantine: dict[str, int] = field(default_factory=dict)
     groups: list[LoadedGroup] = field(default_factory=list)
     group_requests: dict[RequestKey, tuple[int, str]] = field(default_factory=dict)
-    group_notice_senders: set[str] = field(default_factory=set)  # with "delivered by" queued
+    # (sender key, group key) -> the sender's client was told every delivery
+    # of its messages in the group up to this seq
+    group_told: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (group key, sender key) -> the highest seq of a message of theirs in the log
+    group_sent: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Cluster mode: senders with "delivered by" receipts queued
+    group_notice_senders: set[str] = field(default_factory=set)
 
 
 # A notice row: (seq, instance_id, client_seq, recipient's display name).
 NoticeRow = tuple[int, int, int, str]
-# A group notice row: (seq, instance_id, client_seq, group's name, member's
-# name, member's key): member has the sender's message in that group.
+# A sender's group message in the log: (group_seq, instance_id, client_seq).
+GroupSentRow = tuple[int, int, int]
+# Cluster mode: a queued "delivered by" row: (seq, instance_id, client_seq,
+# group's name, member's name, member's key): member has the sender's message.
 GroupNoticeRow = tuple[int, int, int, str, str, str]
 # A group request's answer: (user key, instance id, request id) -> (code, message).
 RequestKey = tuple[str, int, int]
@@ -519,9 +527,11 @@ class EndGroup:
 @dataclass(slots=True)
 class GroupReceipt:
     """A member's client has the group's entries up to `seq` (the cursor
-    only moves forward); `notices` queues "delivered by" receipts for the
-    senders of messages among them: (sender key, instance id, client seq,
-    member's key, member's name, group's name, receipt seq)."""
+    only moves forward). No row per message for their senders: who has a
+    message follows from the cursors. Cluster mode only: `notices` queues
+    "delivered by" receipts for the senders of the messages among them, in
+    each sender's stream, which any node reads (sender key, instance id,
+    client seq, member's key, member's name, group's name, receipt seq)."""
 
     group_key: str
     member_key: str
@@ -538,13 +548,33 @@ class DropMember:
 
 
 @dataclass(slots=True)
-class GroupNoticeDone:
-    """The sender's client holds this "delivered by" receipt."""
+class BuryMember:
+    """A deleted account's former membership, which it had not had all of,
+    is kept under `tomb_key` (a key no user has) until its senders were
+    told it never will (then `DropMember` of `tomb_key`)."""
+
+    group_key: str
+    member_key: str
+    tomb_key: str
+
+
+@dataclass(slots=True)
+class GroupTold:
+    """The sender's client was told every delivery of its messages in the
+    group up to `seq` (only moves forward)."""
 
     sender_key: str
-    instance_id: int
-    client_seq: int
-    by_key: str
+    group_key: str
+    seq: int
+
+
+@dataclass(slots=True)
+class TrimGroup:
+    """The group's log entries up to `upto` are had by everyone they are
+    for, and their senders were told: they go."""
+
+    group_key: str
+    upto: int
 
 
 @dataclass(slots=True)
@@ -561,10 +591,11 @@ class ReadGroupLog:
 
 
 @dataclass(slots=True)
-class ReadGroupNotices:
-    """ "Delivered by" receipts queued for a sender past seq `after`, at most
-    `limit`. Answer: (group notice rows, more)."""
+class ReadGroupSent:
+    """A sender's messages in a group's log past seq `after`, at most
+    `limit`, in order. Answer: (group sent rows, more)."""
 
+    group_key: str
     sender_key: str
     after: int
     limit: int
@@ -645,20 +676,51 @@ class ReadGroupCursors:
     ok: bool = False
 
 
+@dataclass(slots=True)
+class GroupNoticeDone:
+    """Cluster mode: the sender's client holds this "delivered by" receipt
+    (a queued one: `GroupReceipt.notices`)."""
+
+    sender_key: str
+    instance_id: int
+    client_seq: int
+    by_key: str
+
+
+@dataclass(slots=True)
+class ReadGroupNotices:
+    """Cluster mode: "delivered by" receipts queued for a sender past seq
+    `after`, at most `limit`. Answer: (group notice rows, more)."""
+
+    sender_key: str
+    after: int
+    limit: int
+
+
 ClusterGroupOp = PostGroupMessage | ChangeGroup | ReadGroupState | ReadGroupCursors
-GroupWrite = StoreGroupItem | EndGroup | GroupReceipt | DropMember | GroupNoticeDone
+GroupWrite = (
+    StoreGroupItem | EndGroup | GroupReceipt | DropMember | BuryMember | GroupTold | TrimGroup
+    | GroupNoticeDone
+)  # fmt: skip
 Write = (
     StoreMessage | MarkDelivered | NoticeDone | StoreAccount | UpdateAccount | EraseAccount
     | Reserve | Sync | GroupWrite
 )  # fmt: skip
-Query = ReadMailbox | ReadNotices | FindDedup | ReadGroupLog | ReadGroupNotices | FindGroupItem
+Query = (
+    ReadMailbox | ReadNotices | FindDedup | ReadGroupLog | ReadGroupSent | FindGroupItem
+    | ReadGroupNotices
+)  # fmt: skip
 MailPage = tuple[list[StoredMessage], bool]
 NoticePage = tuple[list[NoticeRow], bool]
 DedupFound = tuple[int, bytes | None] | None
 GroupPage = tuple[list[GroupItem], bool]
-GroupNoticePage = tuple[list[GroupNoticeRow], bool]
+GroupSentPage = tuple[list[GroupSentRow], bool]
 GroupItemFound = tuple[int, int] | None
-Answer = MailPage | NoticePage | DedupFound | GroupPage | GroupNoticePage | GroupItemFound
+GroupNoticePage = tuple[list[GroupNoticeRow], bool]
+Answer = (
+    MailPage | NoticePage | DedupFound | GroupPage | GroupSentPage | GroupItemFound
+    | GroupNoticePage
+)  # fmt: skip
 
 
 class Read:
@@ -744,13 +806,13 @@ class MemoryStore:
         self.dedup: dict[tuple[str, int, int], tuple[int, str, str]] = {}
         self.quarantine: dict[str, int] = {}  # name key -> until (wall clock, ms)
         # Groups, as in SQLite: the group's row [name, owner, seq], its
-        # members, its log by seq, log entries by server_msg_id, queued
-        # "delivered by" receipts per sender, and the requests' answers.
+        # members, its log by seq, log entries by server_msg_id, what each
+        # sender was told of its messages' deliveries, and the requests' answers.
         self.groups: dict[str, list[Any]] = {}
         self.members: dict[str, dict[str, LoadedMember]] = {}
         self.log: dict[str, dict[int, GroupItem]] = {}
         self.log_ids: dict[int, GroupItem] = {}
-        self.group_notices: dict[str, dict[tuple[int, int, str], GroupNoticeRow]] = {}
+        self.group_told: dict[tuple[str, str], int] = {}  # (sender key, group key) -> seq
         self.group_requests: dict[RequestKey, tuple[int, str]] = {}
 
     def load(self) -> Loaded:
@@ -760,7 +822,12 @@ class MemoryStore:
                              key=lambda m: (m.joined_seq, m.rank))  # fmt: skip
             loaded.groups.append(LoadedGroup(key, name, owner, seq, members))
         loaded.group_requests = dict(self.group_requests)
-        loaded.group_notice_senders = set(self.group_notices)
+        loaded.group_told = dict(self.group_told)
+        for key, log in self.log.items():
+            for item in log.values():
+                if not item.change:
+                    sent = (key, item.sender_key)
+                    loaded.group_sent[sent] = max(loaded.group_sent.get(sent, 0), item.group_seq)
         return loaded
 
     def _erase(self, key: str) -> None:
@@ -771,7 +838,8 @@ class MemoryStore:
         self.quarantine.pop(key, None)
         for dedup in [d for d in self.dedup if d[0] == key]:  # rare: a deletion
             del self.dedup[dedup]
-        self.group_notices.pop(key, None)
+        for told in [t for t in self.group_told if t[0] == key]:
+            del self.group_told[told]
         for request in [r for r in self.group_requests if r[0] == key]:
             del self.group_requests[request]
 
@@ -852,28 +920,33 @@ class MemoryStore:
                 self.members.pop(group_key, None)
                 for item in self.log.pop(group_key, {}).values():
                     self.log_ids.pop(item.server_msg_id, None)
+                for told in [t for t in self.group_told if t[1] == group_key]:
+                    del self.group_told[told]
                 if request is not None:
                     self._record_request(request)
-            case GroupReceipt(group_key, member_key, seq, notices):
+            case GroupReceipt(group_key, member_key, seq):
                 member = self.members.get(group_key, {}).get(member_key)
                 if member is not None:
                     member.cursor = max(member.cursor, seq)
-                for sender, instance_id, client_seq, by_key, by_name, group, nseq in notices:
-                    queued = self.group_notices.setdefault(sender, {})
-                    queued.setdefault(
-                        (instance_id, client_seq, by_key),
-                        (nseq, instance_id, client_seq, group, by_name, by_key),
-                    )
             case DropMember(group_key, member_key):
                 members = self.members.get(group_key, {})
                 if member_key in members and members[member_key].left_seq is not None:
                     del members[member_key]
-            case GroupNoticeDone(sender, instance_id, client_seq, by_key):
-                waiting = self.group_notices.get(sender)
-                if waiting is not None:
-                    waiting.pop((instance_id, client_seq, by_key), None)
-                    if not waiting:
-                        del self.group_notices[sender]
+            case BuryMember(group_key, member_key, tomb_key):
+                members = self.members.get(group_key, {})
+                found = members.get(member_key)
+                if found is not None and found.left_seq is not None:
+                    del members[member_key]
+                    found.key = tomb_key
+                    members[tomb_key] = found
+            case GroupTold(sender_key, group_key, seq):
+                if group_key in self.groups:
+                    told = (sender_key, group_key)
+                    self.group_told[told] = max(seq, self.group_told.get(told, 0))
+            case TrimGroup(group_key, upto):
+                log = self.log.get(group_key, {})
+                for seq in [s for s in log if s <= upto]:
+                    self.log_ids.pop(log.pop(seq).server_msg_id, None)
 
     def _record_request(self, request: tuple[RequestKey, int, str]) -> None:
         (user_key, instance_id, request_id), code, message = request
@@ -922,13 +995,17 @@ class MemoryStore:
                         return entries, True
                     entries.append(item)
                 return entries, False
-            case ReadGroupNotices(key, after, limit):
-                queued_rows = self.group_notices.get(key, {}).values()
-                pending = sorted(r for r in queued_rows if r[0] > after)
-                return pending[:limit], len(pending) > limit
+            case ReadGroupSent(key, sender_key, after, limit):
+                log = self.log.get(key, {})
+                sent = [(seq, log[seq].instance_id, log[seq].client_seq) for seq in sorted(log)
+                        if seq > after and not log[seq].change
+                        and log[seq].sender_key == sender_key]  # fmt: skip
+                return sent[:limit], len(sent) > limit
             case FindGroupItem(server_msg_id):
                 entry = self.log_ids.get(server_msg_id)
                 return None if entry is None else (entry.group_seq, entry.recipients)
+            case ReadGroupNotices():
+                return [], False  # cluster mode only: none are queued here
 
     def reserve_ids(self, next_msg_id: int) -> int:
         return 1 << 63  # nothing survives a restart: no id can be reused after one
@@ -1103,9 +1180,15 @@ class ServerStore:
             "SELECT user_key, instance_id, request_id, code, message FROM group_requests"
         ):
             loaded.group_requests[(user_key, _u64(instance_id), _u64(request_id))] = (code, message)
-        loaded.group_notice_senders = {
-            row[0] for row in db.execute("SELECT DISTINCT sender_key FROM group_notices")
-        }
+        for sender_key, group_key, seq in db.execute(
+            "SELECT sender_key, group_key, seq FROM group_told"
+        ):
+            loaded.group_told[(sender_key, group_key)] = seq
+        for group_key, sender_key, seq in db.execute(
+            "SELECT group_key, sender_key, MAX(group_seq) FROM group_log WHERE change=0 "
+            "GROUP BY group_key, sender_key"
+        ):
+            loaded.group_sent[(group_key, sender_key)] = seq
         return loaded
 
     # --- reads: run on the store thread through `Read` (or before `start`) ---
@@ -1180,16 +1263,18 @@ class ServerStore:
             entries.append(item)
         return entries, len(entries) >= query.limit
 
-    def read_group_notices(self, sender_key: str, after: int, limit: int) -> GroupNoticePage:
+    def read_group_sent(self, query: ReadGroupSent) -> GroupSentPage:
+        """A sender's messages in a group's log past `after` (the log is
+        trimmed, so the scan of the group's part of it is short)."""
         rows = [
-            (seq, _u64(instance_id), client_seq, group, by_name, by_key)
-            for seq, instance_id, client_seq, group, by_name, by_key in self._db.execute(
-                "SELECT seq, instance_id, client_seq, group_name, by_name, by_key "
-                "FROM group_notices WHERE sender_key=? AND seq>? ORDER BY seq LIMIT ?",
-                (sender_key, after, limit),
+            (seq, _u64(instance_id), client_seq)
+            for seq, instance_id, client_seq in self._db.execute(
+                "SELECT group_seq, instance_id, client_seq FROM group_log WHERE group_key=? "
+                "AND group_seq>? AND change=0 AND sender_key=? ORDER BY group_seq LIMIT ?",
+                (query.group_key, query.after, query.sender_key, query.limit + 1),
             )
         ]
-        return rows, len(rows) >= limit
+        return rows[: query.limit], len(rows) > query.limit
 
     def _answer(self, query: Query) -> Answer:
         match query:
@@ -1201,14 +1286,16 @@ class ServerStore:
                 return self.find_dedup(key, instance_id, client_seq)
             case ReadGroupLog():
                 return self.read_group_log(query)
-            case ReadGroupNotices(key, after, limit):
-                return self.read_group_notices(key, after, limit)
+            case ReadGroupSent():
+                return self.read_group_sent(query)
             case FindGroupItem(server_msg_id):
                 row = self._db.execute(
                     "SELECT group_seq, recipients FROM group_log WHERE server_msg_id=?",
                     (server_msg_id,),
                 ).fetchone()
                 return None if row is None else (int(row[0]), int(row[1]))
+            case ReadGroupNotices():
+                return [], False  # cluster mode only: none are queued here
 
     def reserve_ids(self, next_msg_id: int) -> int:
         """Reserve the next block of ids when the loop is half-way through this one."""
@@ -1454,7 +1541,7 @@ class ServerStore:
         receipts queued for it, its dedup keys, its counts, its quarantine."""
         for table, column in (("mailbox", "recipient_key"), ("notices", "sender_key"),
                               ("dedup", "sender_key"), ("summary", "user_key"),
-                              ("quarantine", "name_key"), ("group_notices", "sender_key"),
+                              ("quarantine", "name_key"), ("group_told", "sender_key"),
                               ("group_requests", "user_key")):  # fmt: skip
             self._db.execute(f"DELETE FROM {table} WHERE {column}=?", (key,))
 
@@ -1538,9 +1625,10 @@ class _GroupSegment:
         self.joined: list[tuple[Any, ...]] = []
         self.left: list[tuple[Any, ...]] = []
         self.cursors: dict[tuple[str, str], int] = {}
-        self.notices: list[tuple[Any, ...]] = []
-        self.notices_done: list[tuple[Any, ...]] = []
+        self.told: dict[tuple[str, str], int] = {}
+        self.trims: dict[str, int] = {}
         self.dropped: list[tuple[str, str]] = []
+        self.buried: list[tuple[str, str, str]] = []
         self.requests: list[tuple[Any, ...]] = []
         self.end: EndGroup | None = None  # written last
 
@@ -1569,16 +1657,18 @@ class _GroupSegment:
 
     def other(self, op: Op) -> None:
         match op:
-            case GroupReceipt(group_key, member_key, seq, notices):
+            case GroupReceipt(group_key, member_key, seq):
                 key = (group_key, member_key)
                 self.cursors[key] = max(seq, self.cursors.get(key, seq))
-                for sender, instance_id, client_seq, by_key, by_name, group, nseq in notices:
-                    self.notices.append((sender, _i64(instance_id), client_seq, by_key, by_name,
-                                         group, nseq))  # fmt: skip
-            case GroupNoticeDone(sender, instance_id, client_seq, by_key):
-                self.notices_done.append((sender, _i64(instance_id), client_seq, by_key))
+            case GroupTold(sender_key, group_key, seq):
+                key = (sender_key, group_key)
+                self.told[key] = max(seq, self.told.get(key, seq))
+            case TrimGroup(group_key, upto):
+                self.trims[group_key] = max(upto, self.trims.get(group_key, upto))
             case DropMember(group_key, member_key):
                 self.dropped.append((group_key, member_key))
+            case BuryMember(group_key, member_key, tomb_key):
+                self.buried.append((tomb_key, group_key, member_key))
 
     def write(self, store: ServerStore) -> None:
         db = store._db
@@ -1597,8 +1687,7 @@ class _GroupSegment:
                            "member_key=? AND joined_seq<?", self.left)  # fmt: skip
         # Multi-row statements, not `executemany` (see `ServerStore._insert`:
         # a statement per row hands the GIL to the loop at every row): a
-        # message to a group of 1,000 moves 999 cursors and queues, then
-        # drops, 999 receipts.
+        # message to a group of 1,000 moves 999 cursors.
         by_group: dict[str, list[tuple[str, int]]] = {}
         for (group_key, member_key), seq in self.cursors.items():
             by_group.setdefault(group_key, []).append((member_key, seq))
@@ -1610,17 +1699,24 @@ class _GroupSegment:
                     f"WHERE group_key=? AND member_key IN ({_marks(len(part))})",
                     [*_flat(part), group_key, *(member for member, _ in part)],
                 )
-        store._insert("group_notices", self.notices)
-        for part in _chunks(self.notices_done, 100):  # an OR of primary keys, as for notices
-            where = " OR ".join(
-                ["(sender_key=? AND instance_id=? AND client_seq=? AND by_key=?)"] * len(part)
+        if self.told:  # only for a group that exists (one ended in this batch has none)
+            db.executemany(
+                "INSERT INTO group_told SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM groups WHERE "
+                "group_key=?2) ON CONFLICT (sender_key, group_key) DO UPDATE SET "
+                "seq=MAX(seq, excluded.seq)",
+                [(sender, group, seq) for (sender, group), seq in self.told.items()],
             )
-            db.execute(f"DELETE FROM group_notices WHERE {where}", _flat(part))
+        for group_key, upto in self.trims.items():
+            db.execute("DELETE FROM group_log WHERE group_key=? AND group_seq<=?",
+                       (group_key, upto))  # fmt: skip
+        if self.buried:
+            db.executemany("UPDATE group_members SET member_key=? WHERE group_key=? AND "
+                           "member_key=? AND left_seq IS NOT NULL", self.buried)  # fmt: skip
         if self.dropped:
             db.executemany("DELETE FROM group_members WHERE group_key=? AND member_key=? AND "
                            "left_seq IS NOT NULL", self.dropped)  # fmt: skip
         if self.end is not None:
-            for table in ("groups", "group_members", "group_log"):
+            for table in ("groups", "group_members", "group_log", "group_told"):
                 db.execute(f"DELETE FROM {table} WHERE group_key=?", (self.end.group_key,))
             if self.end.request is not None:
                 self.request(self.end.request)

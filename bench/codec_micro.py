@@ -74,7 +74,7 @@ def sample_messages() -> dict[str, Any]:
         protocol.GroupResult(9, 0),
         protocol.GroupInfo(10, "team", "alice", ("alice", "bob", "carol")),
         protocol.GroupList(11, ("team", "ops")),
-        protocol.GroupDelivereds("team", "bob", tuple(protocol.MsgId(1, n) for n in range(8))),
+        protocol.GroupReached("team", protocol.MsgId(1, 8), tuple(f"m{n}" for n in range(8))),
         protocol.GroupAccept(MSG_ID, 77, 5, 2),
     ]
     return {type(m).__name__: m for m in samples}

@@ -62,8 +62,8 @@ from protocol import (
     GroupAccept,
     GroupAction,
     GroupDeliver,
-    GroupDelivereds,
     GroupEvent,
+    GroupReached,
     GroupRequest,
     GroupResult,
     Message,
@@ -331,14 +331,14 @@ def run_sender(spec: SenderSpec, pipe: Pipe) -> None:
                 if message.msg_id.instance_id == session.instance_id:
                     accepted[message.msg_id.client_seq] = message.recipients
                     counts["accepted"] += 1
-            elif isinstance(message, GroupDelivereds):
-                for msg_id in message.msg_ids:
-                    if msg_id.instance_id == session.instance_id:
-                        count = delivered[msg_id.client_seq] = (
-                            delivered.get(msg_id.client_seq, 0) + 1
-                        )
-                        if count >= members:
-                            open_messages.discard(msg_id.client_seq)
+            elif isinstance(message, GroupReached):
+                msg_id = message.msg_id
+                if msg_id.instance_id == session.instance_id:
+                    count = delivered[msg_id.client_seq] = delivered.get(
+                        msg_id.client_seq, 0
+                    ) + len(message.by)
+                    if count >= members:
+                        open_messages.discard(msg_id.client_seq)
                 done_at.append(now_ns / 1e9)
             elif isinstance(message, GroupEvent):
                 session.receipts.append(message.server_msg_id)
@@ -412,11 +412,13 @@ def run_sender(spec: SenderSpec, pipe: Pipe) -> None:
 
 
 def fanout_phase(size: int, rate: float | None, duration: float, load_workers: int,
-                 tmp: Path) -> dict[str, Any]:  # fmt: skip
-    """A group of `size` (the owner and size - 1 members) on a fresh server."""
+                 tmp: Path, profile: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """A group of `size` (the owner and size - 1 members) on a fresh server
+    (under cProfile into `profile` and `profile`.store if given)."""
     server = start_server(
         tmp,
         f"fanout-{size}",
+        profile_out=profile,
         extra=["--max-fanout-rate", FANOUT_RATE, "--max-group-members", str(size), *TIMERS],
     )
     try:
@@ -491,7 +493,7 @@ def direct_phase(duration: float, load_workers: int, tmp: Path) -> dict[str, Any
 
 
 def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
-        load_workers: int, say: Any) -> dict[str, Any]:  # fmt: skip
+        load_workers: int, say: Any, profile: Path | None = None) -> dict[str, Any]:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="udp-chat-fanout-"))
     out: dict[str, Any] = {"phases": []}
     try:
@@ -503,7 +505,11 @@ def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
             for rate in (None, steady_rate):
                 mode = "flat out" if rate is None else f"{rate:g} msg/s"
                 say(f"fanout: a group of {size}, {mode}, {duration:g} s")
-                phase = fanout_phase(size, rate, duration, load_workers, tmp)
+                out_file = None
+                if profile is not None:
+                    profile.mkdir(parents=True, exist_ok=True)
+                    out_file = profile / f"fanout-{size}-{'flat' if rate is None else rate}.prof"
+                phase = fanout_phase(size, rate, duration, load_workers, tmp, out_file)
                 phase["copy_to_direct_cpu"] = phase["cpu_us_per_copy"] / max(
                     1e-9, out["direct_cpu_us_per_msg"]
                 )
@@ -545,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=10.0, help="the steady phase's msg/s")
     parser.add_argument("--workers", type=int, default=2, help="member load processes at most")
     parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run each phase's server under cProfile, stats into DIR "
+                             "(fanout-SIZE-MODE.prof and .prof.store; CPU figures then "
+                             "include the profiler's cost)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("10" if args.quick else "100,1000")).split(",")]
     duration = args.duration or (0.5 if args.quick else 5.0)
@@ -553,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
-    figures = run(args.quick, sizes, duration, args.rate, max(1, args.workers), say)
+    figures = run(args.quick, sizes, duration, args.rate, max(1, args.workers), say, args.profile)
     if args.json:
         print(json.dumps(figures))
     else:

@@ -22,7 +22,7 @@ from protocol import (
     Fail,
     GroupAccept,
     GroupAction,
-    GroupDelivereds,
+    GroupReached,
     GroupResult,
     MsgId,
 )
@@ -162,9 +162,9 @@ def test_posts_from_two_nodes_at_once_make_one_sequence_for_members_on_both(
             seq, recipients = placed[msg_id]
             assert full[seq][1:3] == ("message", name) and recipients == 3
     # "Delivered by" reaches each sender from members on either node.
-    cluster.run_until(lambda: {m.by for m in alice.of(GroupDelivereds)} == {"bob", "carol", "dave"},
-                      300, "alice's receipts")  # fmt: skip
-    by = {(m.by, i) for m in alice.of(GroupDelivereds) for i in m.msg_ids}
+    cluster.run_until(lambda: {b for m in alice.of(GroupReached) for b in m.by}
+                      == {"bob", "carol", "dave"}, 300, "alice's receipts")  # fmt: skip
+    by = {(b, m.msg_id) for m in alice.of(GroupReached) for b in m.by}
     assert by == {(who, i) for who in ("bob", "carol", "dave") for i in sent["alice"]}
     # Every node's copy of the group is the same.
     copies = cluster.copies("team")

@@ -40,10 +40,10 @@ from protocol import (
     GroupAccept,
     GroupAction,
     GroupDeliver,
-    GroupDelivereds,
     GroupEvent,
     GroupInfo,
     GroupList,
+    GroupReached,
     GroupRequest,
     GroupResult,
     Message,
@@ -94,7 +94,7 @@ def push(net: Net, user: str, *messages: Message) -> None:
     for message in messages:
         group = getattr(message, "group", "")
         stream = conversation_stream(group_address(group)) if group else CONTROL_STREAM
-        if isinstance(message, GroupDelivereds | GroupAccept | GroupResult | GroupList):
+        if isinstance(message, GroupReached | GroupAccept | GroupResult | GroupList):
             stream = CONTROL_STREAM
         net.relay._send(session, message, stream=stream)
 
@@ -300,9 +300,9 @@ def test_group_message_states_one_delivered_per_member(net: Net, sent: Sent) -> 
     net.settle(0.5)
     assert msg_id.label() == msg
     push(net, "alice", GroupAccept(msg_id, 910, 4, 2))
-    push(net, "alice", GroupDelivereds("team", "bob", (msg_id,)))
-    push(net, "alice", GroupDelivereds("team", "bob", (msg_id,)))  # relayed twice: told once
-    push(net, "alice", GroupDelivereds("team", "carol", (msg_id,)))
+    push(net, "alice", GroupReached("team", msg_id, ("bob",)))
+    push(net, "alice", GroupReached("team", msg_id, ("bob",)))  # relayed twice: told once
+    push(net, "alice", GroupReached("team", msg_id, ("carol",)))
     net.run(lambda: len(alice.states(msg)) == 4, "all states")
     statuses = [e.to_json() for e in alice.of(StatusChanged) if e.id == msg]
     assert statuses == [
@@ -326,12 +326,12 @@ def test_a_delivered_before_accepted_reports_accepted_first_and_failed_is_final(
     net.settle(0.2)
     net.cut.clear()
     first_id, second_id = (MsgId(alice.core.instance_id, n) for n in (1, 2))
-    push(net, "alice", GroupDelivereds("team", "bob", (first_id,)))
+    push(net, "alice", GroupReached("team", first_id, ("bob",)))
     push(net, "alice", Fail(second_id, ErrorCode.NOT_A_MEMBER, "you are not a member of #ops"))
     net.run(lambda: MessageState.FAILED in alice.states(second), "failed")
     net.run(lambda: MessageState.DELIVERED in alice.states(first), "delivered")
     assert alice.states(first) == ["sending", "accepted", "delivered"]
-    push(net, "alice", GroupDelivereds("ops", "bob", (second_id,)))  # never after failed
+    push(net, "alice", GroupReached("ops", second_id, ("bob",)))  # never after failed
     net.settle(1.0)
     assert alice.states(second) == ["sending", "failed"]
     errors = [e.to_json() for e in alice.of(ErrorEvent)]
@@ -355,8 +355,8 @@ def test_group_receipts_after_a_restart_are_told_once_from_the_store(
     store = ClientStore(tmp_path / "alice", "alice")
     alice2 = add(net, "alice", store=store)
     net.run(lambda: alice2.logged_in, "back")
-    push(net, "alice", GroupDelivereds("team", "bob", (msg_id,)))
-    push(net, "alice", GroupDelivereds("team", "bob", (msg_id,)))
+    push(net, "alice", GroupReached("team", msg_id, ("bob",)))
+    push(net, "alice", GroupReached("team", msg_id, ("bob",)))
     net.run(lambda: bool(alice2.states(msg)), "told")
     net.settle(0.5)
     assert [e.to_json() for e in alice2.of(StatusChanged)] == [

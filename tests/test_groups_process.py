@@ -20,8 +20,8 @@ from protocol import (
     GroupAction,
     GroupChange,
     GroupDeliver,
-    GroupDelivereds,
     GroupEvent,
+    GroupReached,
     GroupRequest,
     GroupResult,
     Message,
@@ -177,7 +177,7 @@ def test_exactly_once_and_one_order_for_every_member_through_loss(runner: Server
             pump_until(members, everyone_has_all, 60, "every entry at every member")
 
             def all_told() -> bool:
-                return all(sum(len(d.msg_ids) for d in m.of(GroupDelivereds)) >= expected(m)
+                return all(sum(len(d.by) for d in m.of(GroupReached)) >= expected(m)
                            for m in members)  # fmt: skip
 
             def expected(m: Member) -> int:
@@ -208,7 +208,7 @@ def test_exactly_once_and_one_order_for_every_member_through_loss(runner: Server
     added = next(e for e in by_seq.values() if e[2] == "added")
     assert members[3].entries()[0] == added  # dave: nothing from before he was added
     for member in members[:3]:
-        told = [(d.by, i) for d in member.of(GroupDelivereds) for i in d.msg_ids]
+        told = [(by, d.msg_id) for d in member.of(GroupReached) for by in d.by]
         assert len(told) == len(set(told)), f"{member.name} heard a receipt twice"
         accepted = {a.msg_id: a.recipients for a in member.of(GroupAccept)}
         assert set(accepted) == set(sent[member.name])

@@ -1,4 +1,4 @@
-"""The group messages of the wire format (issue 14, kinds 19-26, codes 19-23).
+"""The group messages of the wire format (issue 14, kinds 19-26 and 30, codes 19-23).
 
 `tests/test_protocol.py` round-trips, fuzzes and holds every kind to its
 SPEC by itself (its strategies are built from each declaration); this file
@@ -16,7 +16,6 @@ import pytest
 
 import protocol
 from protocol import (
-    BATCH_MAX,
     GROUP_PAGE_MAX,
     GROUP_REQUEST_USERS_MAX,
     NAME_MAX,
@@ -25,10 +24,10 @@ from protocol import (
     GroupAction,
     GroupChange,
     GroupDeliver,
-    GroupDelivereds,
     GroupEvent,
     GroupInfo,
     GroupList,
+    GroupReached,
     GroupRequest,
     GroupResult,
     Kind,
@@ -86,15 +85,16 @@ PINNED_GROUP_MESSAGES: list[tuple[Any, str]] = [
         "18000000000000000c000200047465616d00036f707301",
     ),
     (
-        GroupDelivereds("team", "bob", (MsgId(1, 2), MsgId(3, 4))),
-        (
-            "1900047465616d0003626f6202000000000000000100000000000000020000000000000003000000000000"
-            "0004"
-        ),
-    ),
-    (
         GroupAccept(MsgId(1, 2), 77, 5, 2),
         "1a00000000000000010000000000000002000000000000004d000000000000000500000002",
+    ),
+    (
+        GroupReached("team", MsgId(1, 2), ("bob", "carol")),
+        "1e00047465616d0000000000000001000000000000000200020003626f6200056361726f6c0000",
+    ),
+    (
+        GroupReached("team", MsgId(1, 2), (), ("dave",)),
+        "1e00047465616d0000000000000001000000000000000200000001000464617665",
     ),
 ]
 
@@ -106,8 +106,9 @@ def test_group_message_bytes_are_pinned(message: Any, wire: str) -> None:
 
 
 def test_the_numbers_agreed_with_the_client_side() -> None:
-    # Kinds 19-26 and codes 19-23 belong to the groups (agreed with the client side).
-    assert [int(k) for k in Kind if k.name.startswith("GROUP_")] == list(range(19, 27))
+    # Kinds 19-26 and codes 19-23 belong to the groups (agreed with the client
+    # side); 25 (GROUP_DELIVEREDS, a frame per member) was retired for 30.
+    assert [int(k) for k in Kind if k.name.startswith("GROUP_")] == [19, 20, 21, 22, 23, 24, 26, 30]
     assert {c.label: int(c) for c in ErrorCode if 19 <= c <= 23} == {
         "no_such_group": 19,
         "not_a_member": 20,
@@ -129,25 +130,20 @@ def test_a_group_is_addressed_with_a_hash() -> None:
 
 def test_the_largest_group_messages_fit_one_message() -> None:
     """A GROUP_EVENT naming GROUP_REQUEST_USERS_MAX of the widest names, and
-    a GROUP_INFO page of GROUP_PAGE_MAX of them, are within what one
-    reliable message may carry (the server never builds one it cannot send)."""
+    a GROUP_INFO page or a GROUP_REACHED of GROUP_PAGE_MAX of them, are within
+    what one reliable message may carry (the server never builds one it
+    cannot send)."""
     users = (WIDEST_NAME,) * GROUP_REQUEST_USERS_MAX
     event = GroupEvent(2**64 - 1, 2**64 - 1, WIDEST_NAME, GroupChange.ADDED, WIDEST_NAME,
                        users, 2**64 - 1)  # fmt: skip
     page = GroupInfo(2**64 - 1, WIDEST_NAME, WIDEST_NAME, (WIDEST_NAME,) * GROUP_PAGE_MAX, True)
-    for message in (event, page, GroupList(1, (WIDEST_NAME,) * GROUP_PAGE_MAX, True)):
+    widest = (WIDEST_NAME,) * GROUP_PAGE_MAX
+    reached = GroupReached(WIDEST_NAME, MsgId(2**64 - 1, 2**64 - 1), widest)
+    for message in (event, page, GroupList(1, (WIDEST_NAME,) * GROUP_PAGE_MAX, True), reached):
         data = encode_message(message)
         assert len(data) <= protocol.MAX_TEXT_BYTES
         Connection(bytes(16), bytes(32), 0.0).send(data, 1)  # refuses what cannot go
         assert decode_message(data) == message
-
-
-def test_a_group_receipts_batch_is_bounded_like_the_others() -> None:
-    ids = tuple(MsgId(1, n) for n in range(BATCH_MAX + 1))
-    with pytest.raises(LocalProtocolError, match="msg_ids"):
-        encode_message(GroupDelivereds("team", "bob", ids))
-    with pytest.raises(LocalProtocolError, match="msg_ids"):
-        encode_message(GroupDelivereds("team", "bob", ()))
 
 
 @pytest.mark.parametrize(
