@@ -872,20 +872,53 @@ class Packet:
     frames: tuple[Frame, ...]
 
 
-def mac_tag(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()[:TAG_SIZE]
+def mac_tag(key: bytes, data: bytes | memoryview) -> bytes:
+    # `hmac.digest` is OpenSSL's one-shot HMAC: no HMAC object and no two
+    # hash copies per datagram as with `hmac.new(...).digest()`.
+    return hmac.digest(key, data, "sha256")[:TAG_SIZE]
+
+
+#: A STREAM frame's header and fixed fields (`Stream.SPEC` up to its data):
+#: `stream_frame` packs a chunk with it once, when the chunk is queued.
+STREAM_HEAD = struct.Struct("!BHQIIBB")
+
+
+def stream_frame(seq: int, stream: int, stream_seq: int, index: int, count: int,
+                 data: bytes) -> bytes:  # fmt: skip
+    """The bytes of `Stream(seq, stream, stream_seq, index, count, data)`,
+    the same as `encode_frame` gives, without building the record: the
+    sender keeps these bytes for the first send and every resend."""
+    try:
+        head = STREAM_HEAD.pack(FrameType.STREAM, STREAM_HEAD.size - FRAME_HEADER.size + len(data),
+                                seq, stream, stream_seq, index, count)  # fmt: skip
+    except struct.error as exc:
+        raise LocalProtocolError(f"Stream: {exc}") from None
+    return head + data
+
+
+def seal(session_id: bytes, pkt_num: int, body: bytes, key: bytes | None) -> bytes:
+    """The datagram for frames already encoded (`body`): header, body, and
+    the tag (with `key`) or the checksum."""
+    try:
+        header = HEADER.pack(MAGIC, VERSION, FLAG_MAC if key is not None else 0, session_id,
+                             pkt_num)  # fmt: skip
+    except struct.error as exc:
+        raise LocalProtocolError(f"bad header field: {exc}") from None
+    if len(session_id) != SESSION_ID_SIZE:
+        raise LocalProtocolError("a session id is 16 bytes")
+    data = header + body
+    if key is not None:
+        data += hmac.digest(key, data, "sha256")[:TAG_SIZE]  # `mac_tag`, inline
+    else:
+        data += CRC.pack(zlib.crc32(data))
+    if len(data) > MAX_DATAGRAM:
+        raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+    return data
 
 
 def encode_packet(packet: Packet, key: bytes | None, *, pad_to: int = 0) -> bytes:
     """The datagram for `packet`, tagged with `key` when given, padded with a
     PADDING frame up to `pad_to` bytes."""
-    flags = FLAG_MAC if key is not None else 0
-    try:
-        header = HEADER.pack(MAGIC, VERSION, flags, packet.session_id, packet.pkt_num)
-    except struct.error as exc:
-        raise LocalProtocolError(f"bad header field: {exc}") from None
-    if len(packet.session_id) != SESSION_ID_SIZE:
-        raise LocalProtocolError("a session id is 16 bytes")
     encoders = _FRAME_ENCODERS
     try:
         body = b"".join([encoders[f.__class__](f) for f in packet.frames])
@@ -894,14 +927,7 @@ def encode_packet(packet: Packet, key: bytes | None, *, pad_to: int = 0) -> byte
     size = HEADER.size + len(body) + (TAG_SIZE if key is not None else CRC.size)
     if size < pad_to:
         body += encode_frame(Padding(bytes(max(0, pad_to - size - FRAME_HEADER.size))))
-    data = header + body
-    if key is not None:
-        data += mac_tag(key, data)
-    else:
-        data += CRC.pack(zlib.crc32(data))
-    if len(data) > MAX_DATAGRAM:
-        raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
-    return data
+    return seal(packet.session_id, packet.pkt_num, body, key)
 
 
 @dataclass(unsafe_hash=True)  # hot: see above
