@@ -872,10 +872,39 @@ class Packet:
     frames: tuple[Frame, ...]
 
 
-def mac_tag(key: bytes, data: bytes | memoryview) -> bytes:
-    # `hmac.digest` is OpenSSL's one-shot HMAC: no HMAC object and no two
-    # hash copies per datagram as with `hmac.new(...).digest()`.
-    return hmac.digest(key, data, "sha256")[:TAG_SIZE]
+#: Session keys whose HMAC states `_mac_states` keeps: a busy server's
+#: active sessions (an idle one's keepalive recomputes its pair, ~1 us).
+MAC_KEYS_CACHED = 4096
+_SHA256_BLOCK = 64
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # RFC 2104's ipad, as a translation table
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+@functools.lru_cache(maxsize=MAC_KEYS_CACHED)
+def _mac_states(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """SHA-256 after the key's inner and outer pads: what HMAC hashes first
+    for every message under `key` (RFC 2104 section 4 suggests keeping it)."""
+    if len(key) > _SHA256_BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_SHA256_BLOCK, b"\0")
+    return hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD))
+
+
+def mac_tag(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA-256 of `data` under `key`, cut to TAG_SIZE bytes.
+
+    From the key's padded states (`_mac_states`), copied: 1.1 us for a full
+    datagram instead of 1.9 with `hmac.new(...)` or `hmac.digest`, which
+    set the key up again each time. And `hmac.digest` releases the GIL
+    around its OpenSSL call whatever the size: the store thread takes it,
+    and the loop waits for it back, on every datagram (hashlib releases it
+    only from 2 KiB up, more than a datagram)."""
+    inner, outer = _mac_states(key)
+    inner = inner.copy()
+    inner.update(data)
+    outer = outer.copy()
+    outer.update(inner.digest())
+    return outer.digest()[:TAG_SIZE]
 
 
 #: A STREAM frame's header and fixed fields (`Stream.SPEC` up to its data):
@@ -908,7 +937,7 @@ def seal(session_id: bytes, pkt_num: int, body: bytes, key: bytes | None) -> byt
         raise LocalProtocolError("a session id is 16 bytes")
     data = header + body
     if key is not None:
-        data += hmac.digest(key, data, "sha256")[:TAG_SIZE]  # `mac_tag`, inline
+        data += mac_tag(key, data)
     else:
         data += CRC.pack(zlib.crc32(data))
     if len(data) > MAX_DATAGRAM:
