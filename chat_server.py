@@ -348,7 +348,11 @@ class _GroupNotices:
         self.group_key = group_key
 
 
-def chunk_cost(chunks: list[Stream]) -> tuple[int, int, int, bool]:
+#: `chunk_cost`: (messages, requests, bytes, any of a SEND).
+ChunkCost = tuple[int, int, int, bool]
+
+
+def chunk_cost(chunks: list[Stream]) -> ChunkCost:
     """What new chunks cost against a user's budgets: the messages that
     start among them (a SEND's first fragment), the counted requests, their
     bytes, and whether any belongs to a SEND."""
@@ -829,15 +833,20 @@ class Relay:
         # Over a limit, the datagram's chunks are not recorded or acked (the
         # client resends them later); its acks are taken all the same.
         conn = session.conn
-        new = [f for f in packet.frames if isinstance(f, Stream) and not conn.seen(f.seq)]
-        take = self._may_take(session, new, now)
+        new = conn.unseen(packet.frames)
+        cost = chunk_cost(new)
+        take = self._may_take(session, new, cost, now)
+        taken_before = conn.chunks_taken
         fresh = conn.receive_packet(packet, now, data=take)
         if take and new:
             # The budgets pay for the chunks the connection took, after the
             # fact: one it refused (a receive cap) or a replayed datagram
             # comes again and must not be paid for each time, or the budget
-            # drains with nothing taken and the sender waits for ever.
-            self._charge(session, [f for f in new if conn.seen(f.seq)])
+            # drains with nothing taken and the sender waits for ever. It
+            # took them all, as a rule: then they cost what was reckoned.
+            if conn.chunks_taken - taken_before != len(new):
+                cost = chunk_cost([f for f in new if conn.seen(f.seq)])
+            self._charge(session, cost)
         if not fresh:
             self.drops("replayed or refused", addr, now)
             self._dirty[session.session_id] = session  # it may owe a re-ack
@@ -850,13 +859,14 @@ class Relay:
         if session.presence_due:  # acks may have made room under the output cap
             self._send_due_presence(session)
 
-    def _may_take(self, session: Session, new: list[Stream], now: float) -> bool:
-        """Whether to take the `new` chunks of a datagram (those not taken
-        before: a copy costs nothing): not requests or messages while the
-        session's unacknowledged output is over its cap (their answers would
-        grow it; receipts and a logout do not), not new messages while the
-        server is short of memory, and within the user's budgets."""
-        messages, requests, size, sends = chunk_cost(new)
+    def _may_take(self, session: Session, new: list[Stream], cost: ChunkCost, now: float) -> bool:
+        """Whether to take the new chunks of a datagram (those not taken
+        before: a copy costs nothing, `new`), which cost `cost` (`chunk_cost`): not
+        requests or messages while the session's unacknowledged output is
+        over its cap (their answers would grow it; receipts and a logout do
+        not), not new messages while the server is short of memory, and
+        within the user's budgets."""
+        messages, requests, size, sends = cost
         if not size:
             return True
         conn = session.conn
@@ -866,12 +876,12 @@ class Relay:
             self.drops("output cap: input waits for acks", session.addr, now, session.user.name)
             return False
         fanout = session.user.fanout_bucket
-        cost = self._fanout_cost(session.user, new) if sends else 0
-        if cost and fanout is None:
+        copies = self._fanout_cost(session.user, new) if sends else 0
+        if copies and fanout is None:
             cfg = self.config
             fanout = TokenBucket(cfg.max_fanout_rate, cfg.max_fanout_burst, now)
             session.user.fanout_bucket = fanout
-        if sends and fanout is not None and not fanout.ready(max(1, cost), now):
+        if sends and fanout is not None and not fanout.ready(max(1, copies), now):
             # The fan-out budget holds every copy of the datagram's group
             # messages, or they all wait (one datagram's acks are one):
             # only a datagram costing more than the whole burst goes into
@@ -922,10 +932,10 @@ class Relay:
         self._tell_limited(session, "you are sending too fast; messages are delayed", now)
         return False
 
-    def _charge(self, session: Session, taken: list[Stream]) -> None:
-        """Spend the user's budgets on the chunks just taken (`_within_limits`
-        said they fit, at the same `now`)."""
-        messages, requests, size, _ = chunk_cost(taken)
+    def _charge(self, session: Session, cost: ChunkCost) -> None:
+        """Spend the user's budgets on the chunks just taken, which cost
+        `cost` (`_within_limits` said they fit, at the same `now`)."""
+        messages, requests, size, _ = cost
         user = session.user
         if size and user.msg_bucket is not None and user.byte_bucket is not None:
             user.msg_bucket.spend(messages + requests)
@@ -957,6 +967,14 @@ class Relay:
         while events := conn.take_events():
             for event in events:
                 try:
+                    if event.__class__ is PayloadReceived:  # nearly every event: in short
+                        try:
+                            message = decode_message(event.payload)
+                        except RemoteProtocolError as exc:
+                            self.drops("bad message", session.addr, now, exc)
+                            continue
+                        self._dispatch(session, message, now)
+                        continue
                     self._on_event(session, addr, event, now)
                 except Exception:  # one bad message must not take the rest of the datagram
                     log.exception("bug while handling a message from %s", session.user.name)
@@ -965,14 +983,8 @@ class Relay:
                     return  # the session ended: what else it had goes with it
 
     def _on_event(self, session: Session, addr: Address, event: Event, now: float) -> None:
-        if isinstance(event, PayloadReceived):
-            try:
-                message = decode_message(event.payload)
-            except RemoteProtocolError as exc:
-                self.drops("bad message", session.addr, now, exc)
-                return
-            self._dispatch(session, message, now)
-        elif isinstance(event, PayloadAcked):
+        """Any event but `PayloadReceived` (`_collect` takes those itself)."""
+        if isinstance(event, PayloadAcked):
             # The sender's client holds the receipts (a DELIVERED's handle is
             # its message id, a DELIVEREDS' the list of them): forget them.
             handle = event.handle

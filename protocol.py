@@ -872,28 +872,69 @@ class Packet:
     frames: tuple[Frame, ...]
 
 
+#: Session keys whose HMAC states `_mac_states` keeps: a busy server's
+#: active sessions (an idle one's keepalive recomputes its pair, ~1 us).
+MAC_KEYS_CACHED = 4096
+_SHA256_BLOCK = 64
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # RFC 2104's ipad, as a translation table
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+@functools.lru_cache(maxsize=MAC_KEYS_CACHED)
+def _mac_states(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """SHA-256 after the key's inner and outer pads: what HMAC hashes first
+    for every message under `key` (RFC 2104 section 4 suggests keeping it)."""
+    if len(key) > _SHA256_BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_SHA256_BLOCK, b"\0")
+    return hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD))
+
+
 def mac_tag(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()[:TAG_SIZE]
+    """HMAC-SHA-256 of `data` under `key`, cut to TAG_SIZE bytes.
+
+    From the key's padded states (`_mac_states`), copied: 1.1 us for a full
+    datagram instead of 1.9 with `hmac.new(...)` or `hmac.digest`, which
+    set the key up again each time. And `hmac.digest` releases the GIL
+    around its OpenSSL call whatever the size: the store thread takes it,
+    and the loop waits for it back, on every datagram (hashlib releases it
+    only from 2 KiB up, more than a datagram)."""
+    inner, outer = _mac_states(key)
+    inner = inner.copy()
+    inner.update(data)
+    outer = outer.copy()
+    outer.update(inner.digest())
+    return outer.digest()[:TAG_SIZE]
 
 
-def encode_packet(packet: Packet, key: bytes | None, *, pad_to: int = 0) -> bytes:
-    """The datagram for `packet`, tagged with `key` when given, padded with a
-    PADDING frame up to `pad_to` bytes."""
-    flags = FLAG_MAC if key is not None else 0
+#: A STREAM frame's header and fixed fields (`Stream.SPEC` up to its data):
+#: `stream_frame` packs a chunk with it once, when the chunk is queued.
+STREAM_HEAD = struct.Struct("!BHQIIBB")
+
+
+def stream_frame(seq: int, stream: int, stream_seq: int, index: int, count: int,
+                 data: bytes) -> bytes:  # fmt: skip
+    """The bytes of `Stream(seq, stream, stream_seq, index, count, data)`,
+    the same as `encode_frame` gives, without building the record: the
+    sender keeps these bytes for the first send and every resend."""
     try:
-        header = HEADER.pack(MAGIC, VERSION, flags, packet.session_id, packet.pkt_num)
+        head = STREAM_HEAD.pack(FrameType.STREAM, STREAM_HEAD.size - FRAME_HEADER.size + len(data),
+                                seq, stream, stream_seq, index, count)  # fmt: skip
+    except struct.error as exc:
+        raise LocalProtocolError(f"Stream: {exc}") from None
+    return head + data
+
+
+def seal(session_id: bytes, pkt_num: int, body: bytes, key: bytes | None) -> bytes:
+    """The datagram for frames already encoded (`body`): header, body, and
+    the tag (with `key`) or the checksum."""
+    try:
+        header = HEADER.pack(MAGIC, VERSION, FLAG_MAC if key is not None else 0, session_id,
+                             pkt_num)  # fmt: skip
     except struct.error as exc:
         raise LocalProtocolError(f"bad header field: {exc}") from None
-    if len(packet.session_id) != SESSION_ID_SIZE:
+    if len(session_id) != SESSION_ID_SIZE:
         raise LocalProtocolError("a session id is 16 bytes")
-    encoders = _FRAME_ENCODERS
-    try:
-        body = b"".join([encoders[f.__class__](f) for f in packet.frames])
-    except KeyError:
-        body = b"".join([encode_frame(f) for f in packet.frames])  # names the stranger
-    size = HEADER.size + len(body) + (TAG_SIZE if key is not None else CRC.size)
-    if size < pad_to:
-        body += encode_frame(Padding(bytes(max(0, pad_to - size - FRAME_HEADER.size))))
     data = header + body
     if key is not None:
         data += mac_tag(key, data)
@@ -902,6 +943,20 @@ def encode_packet(packet: Packet, key: bytes | None, *, pad_to: int = 0) -> byte
     if len(data) > MAX_DATAGRAM:
         raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
     return data
+
+
+def encode_packet(packet: Packet, key: bytes | None, *, pad_to: int = 0) -> bytes:
+    """The datagram for `packet`, tagged with `key` when given, padded with a
+    PADDING frame up to `pad_to` bytes."""
+    encoders = _FRAME_ENCODERS
+    try:
+        body = b"".join([encoders[f.__class__](f) for f in packet.frames])
+    except KeyError:
+        body = b"".join([encode_frame(f) for f in packet.frames])  # names the stranger
+    size = HEADER.size + len(body) + (TAG_SIZE if key is not None else CRC.size)
+    if size < pad_to:
+        body += encode_frame(Padding(bytes(max(0, pad_to - size - FRAME_HEADER.size))))
+    return seal(packet.session_id, packet.pkt_num, body, key)
 
 
 @dataclass(unsafe_hash=True)  # hot: see above

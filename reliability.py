@@ -50,6 +50,8 @@ from protocol import (
     decode_packet,
     encode_frame,
     encode_packet,
+    seal,
+    stream_frame,
 )
 
 # RFC 6298 section 2: alpha, beta and K.
@@ -98,6 +100,7 @@ STREAM_OVERHEAD = FRAME_HEADER.size + 18
 #: fragment and its ACK fit one datagram; an ACK alone carries all 16.
 DATA_ACK_RANGES = 4
 ACK_ROOM = FRAME_HEADER.size + 21 + 12 * DATA_ACK_RANGES
+_PING = encode_frame(Ping())  # a keepalive's frame, the same bytes every time
 #: Payload bytes per fragment: a full datagram with room for an ACK.
 CHUNK_SIZE = MAX_FRAMES_SIZE - ACK_ROOM - STREAM_OVERHEAD
 assert (MAX_TEXT_BYTES + 1024) // CHUNK_SIZE + 1 <= MAX_FRAGMENTS
@@ -203,14 +206,19 @@ class _Partial:
 
 
 class _Chunk:
-    """A reliable chunk on its way: kept until acked, whatever happens."""
+    """A reliable chunk on its way: kept until acked, whatever happens. It
+    holds its STREAM frame as bytes, packed once when queued: every send
+    of it (first or again) puts the same bytes in a datagram, and no
+    `Stream` record is built on the sending side."""
 
-    __slots__ = ("frame", "handle", "last", "pkt_num", "sent_at", "lost")
+    __slots__ = ("seq", "wire", "size", "handle", "last", "pkt_num", "sent_at", "lost")
 
-    def __init__(self, frame: Stream, handle: object) -> None:
-        self.frame = frame
+    def __init__(self, seq: int, wire: bytes, size: int, handle: object, last: bool) -> None:
+        self.seq = seq
+        self.wire = wire  # the STREAM frame's bytes (`protocol.stream_frame`)
+        self.size = size  # of its payload piece
         self.handle = handle  # the payload's (PayloadAcked comes from the last chunk only)
-        self.last = frame.index == frame.count - 1
+        self.last = last
         self.pkt_num = -1
         self.sent_at = 0.0
         self.lost = False
@@ -230,6 +238,7 @@ class Connection:
         "sent_count",
         "chunks_sent",
         "chunks_resent",
+        "chunks_taken",
         "track_resends",
         # sending
         "_next_seq",
@@ -295,6 +304,9 @@ class Connection:
         # alone: the link's loss as the sender sees it (the client's /stats).
         self.chunks_sent = 0
         self.chunks_resent = 0
+        # Chunks received and recorded (new ones only): the owner compares
+        # it before and after a datagram to learn whether all were taken.
+        self.chunks_taken = 0
         self.track_resends = track_resends  # PayloadResent events (the server needs none)
         self._next_seq = 0
         self._unacked_bytes = 0  # payload bytes queued or in flight, not yet acked
@@ -350,21 +362,24 @@ class Connection:
             self._waiting = collections.deque()
         self._unacked_bytes += len(payload)
         stream_seq = self._stream_seqs.get(stream, 0)
+        seq = self._next_seq
         if len(payload) <= CHUNK_SIZE:  # nearly every message: one chunk
+            wire = stream_frame(seq, stream, stream_seq, 0, 1, payload)
             self._stream_seqs[stream] = (stream_seq + 1) & 0xFFFFFFFF
-            frame = Stream(self._next_seq, stream, stream_seq, 0, 1, payload)
-            self._next_seq += 1
-            self._waiting.append(_Chunk(frame, handle))
+            self._next_seq = seq + 1
+            self._waiting.append(_Chunk(seq, wire, len(payload), handle, True))
             return
         pieces = [payload[i : i + CHUNK_SIZE] for i in range(0, len(payload), CHUNK_SIZE)]
         count = len(pieces)
         for index, piece in enumerate(pieces):
-            frame = Stream(self._next_seq, stream, stream_seq, index, count, piece)
-            stream_seq = (stream_seq + 1) & 0xFFFFFFFF
-            self._next_seq += 1
+            wire = stream_frame(self._next_seq, stream, stream_seq, index, count, piece)
             # Every piece carries the handle (PayloadResent names any of
             # them); PayloadAcked comes from the last one only.
-            self._waiting.append(_Chunk(frame, handle))
+            self._waiting.append(
+                _Chunk(self._next_seq, wire, len(piece), handle, index == count - 1)
+            )
+            stream_seq = (stream_seq + 1) & 0xFFFFFFFF
+            self._next_seq += 1
         self._stream_seqs[stream] = stream_seq
 
     def ack_now(self) -> None:
@@ -443,6 +458,15 @@ class Connection:
         self.sent_count += 1
         return encode_packet(Packet(self.session_id, pkt, frames), self.key)
 
+    def unseen(self, frames: tuple[Frame, ...]) -> list[Stream]:
+        """The STREAM frames among `frames` whose chunks were not taken
+        before (`seen`): what a datagram would add."""
+        una, above = self._una, self._above
+        return [
+            f for f in frames
+            if isinstance(f, Stream) and f.seq >= una and (above is None or f.seq not in above)
+        ]  # fmt: skip
+
     def seen(self, seq: int) -> bool:
         """Whether the chunk numbered `seq` was taken already (so a copy of it
         adds nothing: the owner's budgets count only new chunks)."""
@@ -479,15 +503,10 @@ class Connection:
         so a withheld peer's retransmissions follow our sends, not a loop."""
         pkt = packet.pkt_num
         self._now = now
-        fresh = self._replay_check(pkt)
-        if data:
-            eliciting = any(isinstance(f, (Stream, Ping)) for f in packet.frames)
-        else:
-            eliciting = any(isinstance(f, Ping) for f in packet.frames)
-        if not fresh:
+        if not self._replay_check(pkt):
             # A duplicate or a replay: change nothing, but re-ack (the first
             # ack may have been lost).
-            if eliciting:
+            if any(isinstance(f, (Stream, Ping) if data else Ping) for f in packet.frames):
                 self._ack_due = now
             return False
         self._replay_mark(pkt)
@@ -500,14 +519,17 @@ class Connection:
         if pkt > self._largest_recv:
             self._largest_recv = pkt
             self._largest_recv_at = now
-        out_of_order = False
+        out_of_order = eliciting = False
         for frame in packet.frames:
-            if isinstance(frame, Ack):
-                self._on_ack(frame, now)
-            elif isinstance(frame, Stream):
+            if isinstance(frame, Stream):
                 # A chunk refused for a cap is simply not acked: resent later.
                 if data:
+                    eliciting = True
                     out_of_order |= self._on_stream(frame)
+            elif isinstance(frame, Ack):
+                self._on_ack(frame, now)
+            elif isinstance(frame, Ping):
+                eliciting = True
             elif isinstance(frame, PathChallenge):
                 self._path_responses.append(frame.data)
             elif isinstance(frame, PathResponse):
@@ -530,28 +552,37 @@ class Connection:
             self._last_progress = now
         self._admit_waiting()
         queue = [c for c in self._inflight.values() if c.lost]
+        queued = len(queue)
+        at = 0  # queue[at:] is still to go
         budget = self._packet_budget()
-        while (queue and budget > 0) or self._ack_is_due(now) or self._ping or self._path_responses:
-            frames: list[Frame] = [PathResponse(d) for d in self._path_responses[:4]]
+        while (
+            (at < queued and budget > 0) or self._ack_is_due(now) or self._ping
+            or self._path_responses
+        ):  # fmt: skip
+            # The frames' bytes, in the order `encode_packet` would put the
+            # records: the chunks' were packed when they were queued.
+            parts = [encode_frame(PathResponse(d)) for d in self._path_responses[:4]]
             del self._path_responses[:4]
-            room = MAX_FRAMES_SIZE - 11 * len(frames)
+            room = MAX_FRAMES_SIZE - 11 * len(parts)
             if self._largest_recv:
-                ack = self._make_ack(now, DATA_ACK_RANGES if queue else MAX_ACK_RANGES)
-                frames.append(ack)
-                room -= len(encode_frame(ack))
-            carried: list[_Chunk] = []
-            while queue and budget > 0:
-                size = STREAM_OVERHEAD + len(queue[0].frame.data)
-                if size > room:
+                ack = encode_frame(
+                    self._make_ack(now, DATA_ACK_RANGES if at < queued else MAX_ACK_RANGES)
+                )
+                parts.append(ack)
+                room -= len(ack)
+            first = at
+            while at < queued and budget > 0:
+                wire = queue[at].wire
+                if len(wire) > room:
                     break
-                chunk = queue.pop(0)
-                frames.append(chunk.frame)
-                carried.append(chunk)
-                room -= size
+                parts.append(wire)
+                room -= len(wire)
+                at += 1
+            carried = queue[first:at]
             if carried:
                 budget -= 1
             elif self._ping:
-                frames.append(Ping())
+                parts.append(_PING)
             eliciting = bool(carried) or self._ping
             self._ping = False
             self._ack_due = None
@@ -569,7 +600,7 @@ class Connection:
                 chunk.sent_at = now
                 chunk.lost = False
             self.chunks_sent += len(carried)
-            out.append(encode_packet(Packet(self.session_id, pkt, tuple(frames)), self.key))
+            out.append(seal(self.session_id, pkt, b"".join(parts), self.key))
         self.sent_count += len(out)
         return out
 
@@ -723,6 +754,7 @@ class Connection:
         ):
             # The common case, kept short: the next chunk, a whole message,
             # next on a stream already open. Same outcome as the general path.
+            self.chunks_taken += 1
             self._una += 1
             if self._above:
                 while self._una in self._above:
@@ -741,6 +773,7 @@ class Connection:
         charge = self._admit(frame)
         if charge is None:
             return True
+        self.chunks_taken += 1
         out_of_order = frame.seq != self._una
         above = self._above
         if above is None:
@@ -885,12 +918,12 @@ class Connection:
         waiting = self._waiting
         if not waiting:
             return
-        base = next(iter(self._inflight)) if self._inflight else waiting[0].frame.seq
+        base = next(iter(self._inflight)) if self._inflight else waiting[0].seq
         limit = base + self.max_window
-        while waiting and waiting[0].frame.seq < limit:
+        while waiting and waiting[0].seq < limit:
             chunk = waiting.popleft()
             chunk.lost = True  # due for its first transmission
-            self._inflight[chunk.frame.seq] = chunk
+            self._inflight[chunk.seq] = chunk
         if not waiting:
             self._waiting = None
 
@@ -931,7 +964,7 @@ class Connection:
         acked_pkts = set()
         for seq in self._acked_seqs(ack):
             chunk = self._inflight.pop(seq)
-            self._unacked_bytes -= len(chunk.frame.data)
+            self._unacked_bytes -= chunk.size
             progressed = True
             acked_pkts.add(chunk.pkt_num)
             if chunk.last and chunk.handle is not None:
