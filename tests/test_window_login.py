@@ -1,0 +1,82 @@
+"""The window's login card as a new user first meets it (the polish
+brief, item 5): every field has a visible label beside it, which stays
+when the field has the keyboard or a value (a placeholder inside the
+field vanishes then: the focused Username field used to have no name at
+all). On a real X display (Xvfb if need be), with a screenshot of the card
+as it opens, the Username field focused, in tests/artifacts/look/."""
+
+from __future__ import annotations
+
+import tkinter as tk
+from tkinter import ttk
+
+from client_window import MIN_SIZE, ChatWindow
+from tests.test_gui import (
+    LEFT,
+    Gui,
+    gui_without_server,  # noqa: F401 (a fixture)
+    pump,
+    pump_until,
+    type_text,
+)
+from tests.test_window_look import inside, shot
+from tests.xvfb import display  # noqa: F401 (a fixture)
+
+FIELDS = ("Server", "Username", "Password", "Connect to")
+
+
+def visible_labels(window: ChatWindow) -> dict[str, tk.Misc]:
+    """The texts shown on the login card outside the fields (what remains
+    of a field's name when its placeholder is hidden), by text."""
+    entries = {str(e) for e in (window.server_entry, window.username_entry,
+                                window.password_entry, window.connect_entry)}  # fmt: skip
+    found: dict[str, tk.Misc] = {}
+    todo: list[tk.Misc] = [window.login_frame]
+    while todo:
+        widget = todo.pop()
+        todo.extend(widget.winfo_children())
+        if isinstance(widget, ttk.Label) and widget.winfo_ismapped():
+            if not any(str(widget).startswith(entry + ".") for entry in entries):
+                found[str(widget.cget("text"))] = widget
+    return found
+
+
+def same_row(label: tk.Misc, entry: tk.Misc) -> bool:
+    top, bottom = entry.winfo_rooty(), entry.winfo_rooty() + entry.winfo_height()
+    middle = label.winfo_rooty() + label.winfo_height() // 2
+    return top <= middle <= bottom and label.winfo_rootx() < entry.winfo_rootx()
+
+
+def test_each_login_field_has_a_label_that_stays_when_it_has_the_focus(
+    gui_without_server: Gui,  # noqa: F811
+) -> None:
+    gui = gui_without_server
+    window = gui.window(LEFT, server="127.0.0.1:5555")
+    window.username_entry.focus_force()
+    assert pump_until(gui.root, lambda: gui.root.focus_get() is window.username_entry)
+    pump(gui.root, 0.1)
+    shot("login_focused.png", window.top)
+    labels = visible_labels(window)
+    missing = [name for name in FIELDS if name not in labels]
+    assert not missing, f"no visible label for {missing}: {sorted(labels)}"
+    fields = (window.server_entry, window.username_entry, window.password_entry,
+              window.connect_entry)  # fmt: skip
+    for name, entry in zip(FIELDS, fields, strict=True):
+        assert same_row(labels[name], entry), f"{name!r} is not beside its field"
+
+    # Typed into, the field keeps its label; a click on a label is a click in its field.
+    type_text(window.username_entry, "alice")
+    pump(gui.root, 0.05)
+    assert "Username" in visible_labels(window)
+    labels["Password"].event_generate("<Button-1>", x=2, y=2)
+    assert pump_until(gui.root, lambda: gui.root.focus_get() is window.password_entry)
+
+
+def test_the_labelled_card_fits_the_minimum_size(gui_without_server: Gui) -> None:  # noqa: F811
+    gui = gui_without_server
+    window = gui.window(f"{MIN_SIZE[0]}x{MIN_SIZE[1]}+10+40", server="127.0.0.1:5555")
+    pump(gui.root, 0.2)
+    labels = visible_labels(window)
+    hidden = [name for name in FIELDS if name not in labels or not inside(labels[name],
+                                                                          window.top)]  # fmt: skip
+    assert not hidden, f"at {MIN_SIZE}: the labels {hidden} are cut off"
