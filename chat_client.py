@@ -1308,8 +1308,9 @@ examples:
 
 The password: $CHAT_PASSWORD, --password-file FILE, or a prompt (never an
 argument). In the terminal /help lists the commands; exit status 0 when
-everything sent was accepted, 2 after a fatal error, 3 with messages left
-in the outbox.
+everything sent was accepted and the logout reached the server, 2 after a
+fatal error (or a logout no server answered), 3 with messages left in the
+outbox.
 """
 
 
