@@ -2087,7 +2087,8 @@ class ClientCore:
             names = ", ".join(format_address(*server) for server in self.servers)
             where = f"none of the servers {names} answers"
         else:
-            where = f"server {self._server_text('')} does not answer".replace("  ", " ")
+            where = (f"server {self._server_text('')} does not answer" if self.server
+                     else "the server does not answer")  # fmt: skip
         self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label,
                               f"the logout reached no server ({where}); the server ends the "
                               "session itself when it times out, and shows you online until "
