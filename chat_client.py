@@ -301,6 +301,7 @@ class ChatSession:
         # Replaced whole by the network thread (one reference assignment),
         # read by any thread: no lock needed.
         self._stats = NO_STATS
+        self._waiting_ids: frozenset[str] = frozenset()
 
     # --- the caller's API ---------------------------------------------------
 
@@ -531,6 +532,12 @@ class ChatSession:
         it)."""
         return self._stats
 
+    def waiting_ids(self) -> frozenset[str]:
+        """The ids of our messages waiting for their recipient's account
+        (`no_such_user`: kept, sent when the name registers), as of the
+        link's figures (at most STATS_EVERY old); safe from any thread."""
+        return self._waiting_ids
+
     def timeline(self, message_id: str) -> Timeline | None:
         """When our message `message_id` (a `StatusChanged.id`) was sent,
         accepted and delivered, and how often it went out again; None
@@ -646,6 +653,9 @@ class _Worker:
                 if now - self.stats_at >= STATS_EVERY or core.link_up != self.stats_up:
                     self.stats_at, self.stats_up, self.stats_due = now, core.link_up, False
                     self.s._stats = core.link_stats(now)
+                    self.s._waiting_ids = frozenset(
+                        out.msg_id.label() for out in core.outbox.values() if out.waiting
+                    )
         except Exception:
             log.exception("the network thread failed")
             with contextlib.suppress(Exception):

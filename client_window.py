@@ -153,6 +153,7 @@ class Session(Protocol):
     def close(self, timeout: float = 10.0) -> None: ...
     def discard(self) -> None: ...
     def link_stats(self) -> LinkStats: ...
+    def waiting_ids(self) -> frozenset[str]: ...
     def timeline(self, message_id: str) -> Timeline | None: ...
 
 
@@ -758,15 +759,22 @@ class ChatWindow:
         line.state = event.state
         line.reason = event.reason
         if event.state != MessageState.SENDING:
-            line.slow = False
+            line.slow = line.awaits_account = False
         if conv is self.current:
             self.view.render_state(line)
 
     def _mark_slow(self, now: float) -> None:
-        """Our messages `sending` for SLOW_SEND_S get a note (not 30 s of silence)."""
+        """Our messages `sending` for SLOW_SEND_S get a note (not 30 s of
+        silence): the server has not answered, or (the server did answer)
+        the name has no account yet and the message waits for it."""
+        waiting = self.session.waiting_ids() if self.session is not None else frozenset()
         for line, conv, since in list(self._sending.values()):
-            if not line.slow and now - since >= SLOW_SEND_S and line.state == MessageState.SENDING:
-                line.slow = True
+            if line.state != MessageState.SENDING:
+                continue
+            awaits = line.msg_id in waiting
+            slow = not awaits and (line.slow or now - since >= SLOW_SEND_S)
+            if (awaits, slow) != (line.awaits_account, line.slow):
+                line.awaits_account, line.slow = awaits, slow
                 if conv is self.current:
                     self.view.render_state(line)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,20 +37,24 @@ from client_core import (
     Cancelled,
     Disconnected,
     ErrorEvent,
+    LoggedIn,
     MemoryStore,
     MessageReceived,
     StatusChanged,
 )
 from tests.conftest import (
+    PASSWORD,
     ROOT,
     RunningServer,
     ServerProcess,
     client_command,
     env_for_tests,
+    make_session,
     spawn_server,
     start_server,
     stop_process,
     stop_server,
+    wait_for,
 )
 from tests.conftest import test_config as server_config
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401 (a fixture)
@@ -159,6 +164,31 @@ def test_the_cancels_answer_in_words() -> None:
         "cancelled 1 message(s) to dora; 1 message(s) to dora had been accepted by the server "
         "before the cancel reached it: they will be delivered"
     )
+
+
+def test_the_session_publishes_which_messages_wait_for_an_account() -> None:
+    """`ChatSession.waiting_ids` (the window's note "no account of that
+    name yet", tests/test_window_login.py), over a real server thread."""
+    running = start_server()
+    session = make_session(persist=False)
+    try:
+        session.login(running.addr_text, "alice", password=PASSWORD)
+        wait_for(session, lambda e: isinstance(e, LoggedIn))
+        waits = session.send("hello?", to="nobody")
+        wait_for(session, lambda e: isinstance(e, ErrorEvent) and e.code == "no_such_user")
+        deadline = time.monotonic() + 10
+        while waits not in session.waiting_ids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert session.waiting_ids() == {waits}
+        session.cancel("nobody")
+        wait_for(session, lambda e: isinstance(e, Cancelled))
+        deadline = time.monotonic() + 10
+        while session.waiting_ids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert session.waiting_ids() == frozenset()
+    finally:
+        session.close(3.0)
+        stop_server(running)
 
 
 # --- real terminals ---------------------------------------------------------------------

@@ -1,15 +1,21 @@
-"""The window's login card as a new user first meets it (the polish
-brief, item 5): every field has a visible label beside it, which stays
-when the field has the keyboard or a value (a placeholder inside the
-field vanishes then: the focused Username field used to have no name at
-all). On a real X display (Xvfb if need be), with a screenshot of the card
-as it opens, the Username field focused, in tests/artifacts/look/."""
+"""The window as a new user first meets it (the polish brief). The login
+card (item 5): every field has a visible label beside it, which stays when
+the field has the keyboard or a value (a placeholder inside the field
+vanishes then: the focused Username field used to have no name at all).
+And a message to a name with no account yet says it waits for that name,
+not "no answer from the server" (found running the README's flow). On a
+real X display (Xvfb if need be), with a screenshot of the card as it
+opens, the Username field focused, in tests/artifacts/look/."""
 
 from __future__ import annotations
 
 import tkinter as tk
 from tkinter import ttk
 
+import pytest
+
+import client_window
+from client_core import MessageState
 from client_window import MIN_SIZE, ChatWindow
 from tests.test_gui import (
     LEFT,
@@ -19,7 +25,9 @@ from tests.test_gui import (
     pump_until,
     type_text,
 )
+from tests.test_window_history import App, app  # noqa: F401 (a fixture)
 from tests.test_window_look import inside, shot
+from tests.window_fakes import FakeSession, login
 from tests.xvfb import display  # noqa: F401 (a fixture)
 
 FIELDS = ("Server", "Username", "Password", "Connect to")
@@ -80,3 +88,29 @@ def test_the_labelled_card_fits_the_minimum_size(gui_without_server: Gui) -> Non
     hidden = [name for name in FIELDS if name not in labels or not inside(labels[name],
                                                                           window.top)]  # fmt: skip
     assert not hidden, f"at {MIN_SIZE}: the labels {hidden} are cut off"
+
+
+def test_a_message_waiting_for_an_account_says_so_not_no_answer(
+    app: App,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server answered (no account of that name): "no answer from the
+    server yet" would be wrong. The note names the wait and the way out."""
+    monkeypatch.setattr(client_window, "SLOW_SEND_S", 0.3)
+    window = app.window()
+    session = login(window, app.root, "alice", "dave")
+    assert isinstance(session, FakeSession)
+    waits = session.send("are you there, dave?", to="dave")
+    stuck = session.send("and this one?", to="dave")
+    assert waits is not None and stuck is not None
+    session.waiting.add(waits)  # the server refused it for want of an account
+    assert app.pump_until(lambda: "no account of that name yet" in window.transcript_text(), 20)
+    assert app.pump_until(lambda: "no answer from the server yet" in window.transcript_text(), 20)
+    lines = window.transcript_text().splitlines()
+    [first] = [line for line in lines if "are you there, dave?" in line]
+    [second] = [line for line in lines if "and this one?" in line]
+    assert "no account of that name yet" in first and "no answer" not in first
+    assert "no answer from the server yet" in second
+    session.waiting.clear()  # the name registered: it goes
+    session.set_state(waits, "dave", MessageState.ACCEPTED)
+    assert app.pump_until(lambda: "no account" not in window.transcript_text())
