@@ -893,6 +893,11 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
     if isinstance(event, WhoList):
         return "online: " + (", ".join(event.users) or "nobody"), False
     if isinstance(event, ErrorEvent):
+        if event.code == ErrorCode.BAD_PASSWORD.label and event.fatal:
+            # At login the same answer means "not your account" too (the
+            # server does not say which names exist): say what to do.
+            return (f"error: {event.message}; if the name is not yours, it is taken: pick "
+                    "another", True)  # fmt: skip
         return f"error: {event.message}", True
     if isinstance(event, LinkChanged):
         if event.up:

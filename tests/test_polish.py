@@ -344,6 +344,17 @@ def test_a_login_that_fails_still_shows_what_was_typed_before_its_error(
     assert events[1]["code"] == "bad_password"
 
 
+def test_a_refused_password_in_the_terminal_says_the_name_may_be_taken() -> None:
+    """As the window does: the server does not say whether the name is
+    someone else's, so the line says what to do in either case."""
+    line = event_to_text(ErrorEvent("bad_password", "wrong password for 'bob'", fatal=True))
+    assert line == ("error: wrong password for 'bob'; if the name is not yours, it is taken: "
+                    "pick another", True)  # fmt: skip
+    # `/passwd` with a wrong old password is not about the name.
+    assert event_to_text(ErrorEvent("bad_password", "wrong password")) == (
+        "error: wrong password", True)  # fmt: skip
+
+
 # --- 6. a cluster node says where its messages are -----------------------------------
 
 
