@@ -15,7 +15,7 @@ from tkinter import ttk
 import pytest
 
 import client_window
-from client_core import MessageState
+from client_core import Disconnected, ErrorEvent, MessageState
 from client_window import MIN_SIZE, ChatWindow
 from tests.test_gui import (
     LEFT,
@@ -114,3 +114,24 @@ def test_a_message_waiting_for_an_account_says_so_not_no_answer(
     session.waiting.clear()  # the name registered: it goes
     session.set_state(waits, "dave", MessageState.ACCEPTED)
     assert app.pump_until(lambda: "no account" not in window.transcript_text())
+
+
+def test_logging_out_when_no_server_answers_says_so(
+    app: App,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """File > Log out while the server (every node) is down: the session
+    ends with `server_unreachable` (test_polish); the window is back at the
+    login and says the logout reached no server, not "Disconnected"."""
+    window = app.window()
+    session = login(window, app.root, "alice", "bob")
+
+    def logout(timeout: float = 10.0) -> None:
+        session.events.put(ErrorEvent("server_unreachable", "the logout reached no server"))
+        session.events.put(Disconnected("server_unreachable"))
+
+    monkeypatch.setattr(session, "logout", logout)
+    window.log_out()
+    assert app.pump_until(lambda: window.login_frame.winfo_ismapped())
+    text = str(window.login_error.cget("text"))
+    assert text.startswith("You logged out here, but no server answered"), text
