@@ -296,11 +296,14 @@ class ChatSession:
         # failed attempt is left behind).
         self.created_store = False
         # Messages still in the outbox when the network thread ended
-        # (`sending`: not accepted yet, or waiting for an account).
+        # (`sending`: not accepted yet, or waiting for an account), and of
+        # those, how many wait for each name's account.
         self.left_in_outbox = 0
+        self.left_waiting: dict[str, int] = {}
         # Replaced whole by the network thread (one reference assignment),
         # read by any thread: no lock needed.
         self._stats = NO_STATS
+        self._waiting_ids: frozenset[str] = frozenset()
 
     # --- the caller's API ---------------------------------------------------
 
@@ -531,6 +534,12 @@ class ChatSession:
         it)."""
         return self._stats
 
+    def waiting_ids(self) -> frozenset[str]:
+        """The ids of our messages waiting for their recipient's account
+        (`no_such_user`: kept, sent when the name registers), as of the
+        link's figures (at most STATS_EVERY old); safe from any thread."""
+        return self._waiting_ids
+
     def timeline(self, message_id: str) -> Timeline | None:
         """When our message `message_id` (a `StatusChanged.id`) was sent,
         accepted and delivered, and how often it went out again; None
@@ -646,6 +655,9 @@ class _Worker:
                 if now - self.stats_at >= STATS_EVERY or core.link_up != self.stats_up:
                     self.stats_at, self.stats_up, self.stats_due = now, core.link_up, False
                     self.s._stats = core.link_stats(now)
+                    self.s._waiting_ids = frozenset(
+                        out.msg_id.label() for out in core.outbox.values() if out.waiting
+                    )
         except Exception:
             log.exception("the network thread failed")
             with contextlib.suppress(Exception):
@@ -777,9 +789,13 @@ class _Worker:
             if isinstance(event, MessageReceived):
                 self.s._heard_from(event.conversation)  # a group message: its group
             elif isinstance(event, Disconnected):  # counted before anyone hears of the end
-                self.s.left_in_outbox = sum(
-                    out.state == MessageState.SENDING for out in self.core.outbox.values()
-                )
+                left = [o for o in self.core.outbox.values() if o.state == MessageState.SENDING]
+                self.s.left_in_outbox = len(left)
+                waiting: dict[str, int] = {}
+                for out in left:
+                    if out.waiting:
+                        waiting[out.to] = waiting.get(out.to, 0) + 1
+                self.s.left_waiting = waiting
             self.s._emit(event)
 
     def on_shown(self, command: _Shown) -> None:
@@ -882,6 +898,11 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
     if isinstance(event, WhoList):
         return "online: " + (", ".join(event.users) or "nobody"), False
     if isinstance(event, ErrorEvent):
+        if event.code == ErrorCode.BAD_PASSWORD.label and event.fatal:
+            # At login the same answer means "not your account" too (the
+            # server does not say which names exist): say what to do.
+            return (f"error: {event.message}; if the name is not yours, it is taken: pick "
+                    "another", True)  # fmt: skip
         return f"error: {event.message}", True
     if isinstance(event, LinkChanged):
         if event.up:
@@ -890,9 +911,15 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
     if isinstance(event, TypingNotice):
         return None
     if isinstance(event, Cancelled):
+        late = len(event.accepted)
+        too_late = (f"{late} message(s) to {event.to} had been accepted by the server before "
+                    "the cancel reached it: they will be delivered")  # fmt: skip
         if not event.ids:
-            return f"nothing waits for {event.to}", False
-        return f"cancelled {len(event.ids)} waiting message(s) to {event.to}", False
+            if late:
+                return f"too late to cancel: {too_late}", False
+            return f"nothing to cancel: no message to {event.to} is waiting or unsent", False
+        done = f"cancelled {len(event.ids)} message(s) to {event.to}"
+        return (f"{done}; {too_late}" if late else done), False
     if isinstance(event, PasswordChanged):
         return f"password of {event.user} changed; its other sessions were logged out", False
     if isinstance(event, AccountDeleted):
@@ -901,6 +928,13 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
         return f"disconnected ({event.reason})", True
     return None
 
+
+#: Errors about the login itself: shown at once, even before `logged_in`
+#: (what typed lines cause waits for it: see `run_terminal`).
+LOGIN_NOTICES = frozenset({
+    ErrorCode.SERVER_UNREACHABLE.label, ErrorCode.RATE_LIMITED.label,
+    ErrorCode.SERVER_ERROR.label, ErrorCode.SERVER_SHUTDOWN.label,
+})  # fmt: skip
 
 #: The terminal's commands, as `/help` lists them: (usage, what it does).
 TERMINAL_COMMANDS = (
@@ -912,7 +946,7 @@ TERMINAL_COMMANDS = (
     ("/leave #GROUP", "leave a group"),
     ("/members #GROUP", "list a group's owner and members"),
     ("/groups", "list the groups you are in"),
-    ("/cancel NAME", "drop your messages waiting for NAME to register"),
+    ("/cancel NAME", "end your messages to NAME the server has not accepted yet"),
     ("/passwd", "change your password (asks the old and the new one)"),
     ("/delete-account", "delete your account on the server (asks the password and to confirm)"),
     ("/stats", "show the link to the server: RTT, loss, resends, in flight, queued"),
@@ -1092,6 +1126,30 @@ def run_terminal(
             # Waiting for the record keeps a crash to one message shown again.
             session.shown(event.id, wait=SHOWN_MARK_WAIT)
 
+    # Until the login ends, what the typed lines cause (a message's
+    # `sending`, an answer, a mistake) is held, so `logged_in` comes first
+    # and a script can rely on that order; what is about the login itself
+    # (its errors, `disconnected`) is shown at once. A login that fails
+    # shows what was held before its fatal error.
+    held: list[SessionEvent] | None = []
+
+    def emit(event: SessionEvent) -> None:
+        nonlocal held
+        if held is None:
+            show(event)
+        elif isinstance(event, LoggedIn):
+            earlier, held = held, None
+            for shown in (event, *earlier):
+                show(shown)
+        elif isinstance(event, Disconnected) or isinstance(event, ErrorEvent) and event.fatal:
+            earlier, held = held, None
+            for shown in (*earlier, event):
+                show(shown)
+        elif isinstance(event, ErrorEvent) and event.code in LOGIN_NOTICES:
+            show(event)
+        else:
+            held.append(event)
+
     def stop(signum: int, frame: object) -> None:
         inbox.put(_Line(None))  # Ctrl+C or SIGTERM: log out like /quit
 
@@ -1124,7 +1182,7 @@ def run_terminal(
             if item.problem is not None:
                 code = ErrorCode.CANCELLED if item.command == "/delete-account" else (
                     ErrorCode.PASSWORD_REQUIRED)  # fmt: skip
-                show(ErrorEvent(code.label, item.problem))
+                emit(ErrorEvent(code.label, item.problem))
             elif item.command == "/passwd":
                 session.change_password(*item.values)
             else:
@@ -1170,12 +1228,15 @@ def run_terminal(
                     inbox.put(_Line(None))
             elif text.startswith("/"):
                 # Never sent as chat text: a mistyped command would reach the peer.
-                show(ErrorEvent(ErrorCode.UNKNOWN_COMMAND.label,
+                emit(ErrorEvent(ErrorCode.UNKNOWN_COMMAND.label,
                                 f"unknown command {command}; /help lists them"))  # fmt: skip
             elif text.strip():
                 session.send(text)
             continue
-        show(item)
+        if isinstance(item, Disconnected) and logged_in and session.left_waiting:
+            # Reported when the wait began; the end says it again, with the way out.
+            emit(ErrorEvent(ErrorCode.NO_SUCH_USER.label, _still_waiting(session.left_waiting)))
+        emit(item)
         if isinstance(item, LoggedIn) and not logged_in:
             logged_in = True
             for waiting in secrets_later:
@@ -1198,11 +1259,30 @@ def run_terminal(
         if isinstance(item, Disconnected):
             if deleted and item.reason == ErrorCode.ACCOUNT_DELETED.label:
                 return 0  # what the user asked for; its outbox has nobody to go to
-            if fatal or item.reason != "logged_out" or not logged_in:
+            if fatal or not logged_in:
                 return 2
             # Left in the outbox: sent in this run and never accepted, or
             # (from an earlier run) still waiting for a name's account.
-            return 3 if unaccepted or session.left_in_outbox else 0
+            left = bool(unaccepted or session.left_in_outbox)
+            if item.reason == "logged_out":
+                return 3 if left else 0
+            if item.reason == ErrorCode.SERVER_UNREACHABLE.label and quitting:
+                # The logout reached no server: not a clean end (2), unless
+                # messages wait in the outbox, which matters more (3).
+                return 3 if left else 2
+            return 2
+
+
+def _still_waiting(waiting: dict[str, int]) -> str:
+    """The line for messages left waiting for names' accounts at the end."""
+    kept = "kept in the outbox for the next login"
+    if len(waiting) == 1:
+        [(name, count)] = waiting.items()
+        return (f"{count} message(s) to {name} still wait for that name to register: {kept} "
+                f"(/cancel {name} drops them)")  # fmt: skip
+    names = ", ".join(f"{name}: {count}" for name, count in waiting.items())
+    return (f"{sum(waiting.values())} message(s) still wait for names with no account yet "
+            f"({names}): {kept} (/cancel NAME drops them)")  # fmt: skip
 
 
 # --- command line -------------------------------------------------------------
@@ -1248,8 +1328,9 @@ examples:
 
 The password: $CHAT_PASSWORD, --password-file FILE, or a prompt (never an
 argument). In the terminal /help lists the commands; exit status 0 when
-everything sent was accepted, 2 after a fatal error, 3 with messages left
-in the outbox.
+everything sent was accepted and the logout reached the server, 2 after a
+fatal error (or a logout no server answered), 3 with messages left in the
+outbox.
 """
 
 

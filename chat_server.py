@@ -514,8 +514,11 @@ class Relay:
                 user.notice_count = max(0, waiting)
                 messages += count
                 notices += waiting
-        log.info("loaded %d accounts; %d messages and %d receipts wait on the disk",
-                 len(loaded.accounts), messages, notices)  # fmt: skip
+        # A cluster node's store is Redis (`RedisStore` names where it is).
+        redis = getattr(self.store, "address", None)
+        log.info("loaded %d accounts; %d messages and %d receipts wait %s",
+                 len(loaded.accounts), messages, notices,
+                 "on the disk" if redis is None else f"in Redis at {redis}")  # fmt: skip
         self._load_groups(loaded)
 
     # --- the loop's API ---------------------------------------------------
@@ -4090,7 +4093,8 @@ def start_line(server: ChatServer, config: ServerConfig) -> str:
     where = f"data in {config.data_dir}"
     if server.cluster_store is not None:
         cluster = server.cluster_store
-        where = f"node {cluster.node_id} of the cluster at {cluster.address}"
+        where = (f"node {cluster.node_id} of the cluster at {cluster.address}, accounts and "
+                 "messages in Redis")  # fmt: skip
     return (
         f"chat-server {__version__} started: UDP {format_address(host, port)}, {where}, "
         + (f"metrics at http://{format_address(*metrics)}/metrics; " if metrics else "no metrics; ")

@@ -6,8 +6,9 @@ Kept apart from `client_window.py` (which others rework) as a small hook:
 each opening a small modal dialog that hands what was typed to the
 window's session (`ChatSession.change_password`, `.delete_account`);
 `on_account_event` shows the answers (`PasswordChanged`, `AccountDeleted`)
-in the window. The same menu cancels the messages waiting for the current
-contact's account (`ChatSession.cancel`, the terminal's `/cancel NAME`).
+in the window. The same menu cancels the messages to the current contact
+the server has not accepted yet, e.g. those waiting for its account
+(`ChatSession.cancel`, the terminal's `/cancel NAME`).
 The server checks the password (a SCRAM proof made by the session's core;
 the password never crosses the network), so a wrong one comes back as an
 ordinary `bad_password` error, shown as a system line.
@@ -51,7 +52,7 @@ def add_account_menu(window: AccountWindow) -> tk.Menu:
     menu.add_command(label="Change password\u2026", command=lambda: change_password_dialog(window))
     menu.add_command(label="Delete account\u2026", command=lambda: delete_account_dialog(window))
     menu.add_separator()
-    menu.add_command(label="Cancel messages waiting for this contact",
+    menu.add_command(label="Cancel unsent messages to this contact",
                      command=lambda: cancel_waiting(window))  # fmt: skip
     # Before "Help", which stays last as people expect.
     end = bar.index("end")
@@ -64,9 +65,10 @@ def add_account_menu(window: AccountWindow) -> tk.Menu:
 
 
 def cancel_waiting(window: AccountWindow) -> bool:
-    """Drop the messages waiting for the current contact's account (the
-    terminal's `/cancel NAME`); each shows `failed (cancelled)`. False when
-    no conversation is open."""
+    """End the messages to the current contact the server has not accepted
+    (the terminal's `/cancel NAME`): waiting for its account, not sent yet,
+    or in flight; each shows `failed (cancelled)`. False when no
+    conversation is open."""
     if not _logged_in(window):
         return False
     if window.current is None:
@@ -81,10 +83,16 @@ def on_account_event(
 ) -> None:
     """Show the server's answer to a dialog, or what a cancel dropped."""
     if isinstance(event, Cancelled):
-        count = len(event.ids)
-        text = (f"Cancelled {count} message{'s' if count != 1 else ''} waiting for {event.to}."
-                if count else f"No message waits for {event.to}.")  # fmt: skip
-        window._system(window.current, text)
+        count, late = len(event.ids), len(event.accepted)
+        parts: list[str] = []
+        if count:
+            parts.append(f"Cancelled {count} message{'s' if count != 1 else ''} to {event.to}.")
+        if late:  # in flight when cancelled, and accepted by the server meanwhile
+            them = "them" if late > 1 else "it"
+            parts.append(f"Too late for {late}: the server had accepted {them} before the "
+                         f"cancel reached it; {event.to} will get {them}.")  # fmt: skip
+        nothing = f"Nothing to cancel: no message to {event.to} is waiting or unsent."
+        window._system(window.current, " ".join(parts) or nothing)
     elif isinstance(event, PasswordChanged):
         window._system(window.current, "Password changed. Your other sessions were logged out.")
     else:

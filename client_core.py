@@ -370,14 +370,20 @@ class Disconnected:
 
 @dataclass(frozen=True)
 class Cancelled:
-    """`cancel(to)`: the messages to `to` that waited for its account were
-    dropped (each also `failed` with reason `cancelled`); `ids` may be empty."""
+    """`cancel(to)`: the messages to `to` it ended (each also `failed` with
+    reason `cancelled`; `ids` may be empty), and those the server had
+    accepted before the cancel reached it (`accepted`: they go on and are
+    delivered; reported `accepted` as usual)."""
 
     to: str
     ids: tuple[str, ...]
+    accepted: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"event": "cancelled", "to": self.to, "ids": list(self.ids)}
+        out: dict[str, Any] = {"event": "cancelled", "to": self.to, "ids": list(self.ids)}
+        if self.accepted:
+            out["accepted"] = list(self.accepted)
+        return out
 
 
 @dataclass(frozen=True)
@@ -759,7 +765,7 @@ class MemoryStore:
 class _Outgoing:
     __slots__ = (
         "msg_id", "to", "text", "state", "waiting", "order", "recipients", "delivered",
-        "transmitted",
+        "transmitted", "cancelling",
     )  # fmt: skip
 
     def __init__(self, msg_id: MsgId, to: str, text: str, order: int = 0) -> None:
@@ -774,6 +780,24 @@ class _Outgoing:
         self.recipients: int | None = None  # a group message: members it went to
         self.delivered = 0  # a group message: members who have it
         self.transmitted = False  # given to a connection: after a re-login it is a resend
+        # `cancel` was asked while it was in flight: the server's answer
+        # decides (refused for want of an account: ended; accepted: too late).
+        self.cancelling = False
+
+
+@dataclass
+class _CancelAnswer:
+    """A `cancel(to)` waiting for the server's answer to the messages that
+    were in flight when it was asked (`pending`); `Cancelled` once it has
+    them all."""
+
+    to: str
+    ended: list[str]
+    accepted: list[str]
+    pending: set[MsgId]
+
+    def event(self) -> Cancelled:
+        return Cancelled(self.to, tuple(self.ended), tuple(self.accepted))
 
 
 def normalize_peer(name: str) -> str:
@@ -947,6 +971,7 @@ class ClientCore:
         # Name keys whose waiting messages were reported (`no_such_user`,
         # once per name until one of them goes).
         self._reported_waiting: set[str] = set()
+        self._cancels: list[_CancelAnswer] = []  # waiting for the server's answers
         # The account request under way: (nonce, action, new password and
         # its salted form and salt, for a change), answered by ACCOUNT_RESULT.
         self._account_request: tuple[bytes, bytes, str, bytes, bytes] | None = None
@@ -985,6 +1010,10 @@ class ClientCore:
         self._shown_deadline: float | None = None
         self._logout_sent_at: float | None = None
         self._final_flush = False  # the ack for what the server sent last, then stop
+        # A server may hold a session of ours: from each WELCOME until the
+        # server lets it go (our LOGOUT acked, its BYE, or it says it has
+        # none). A logout that ends while this holds reached no server.
+        self._session_open = False
         # link statistics: the counts of connections gone by (each login
         # makes a new one), and marks (now, sent, resent) for the loss window
         self._stats_conn: Connection | None = None
@@ -1239,23 +1268,67 @@ class ClientCore:
         return any(out.waiting and name_key(out.to) == key for out in self.outbox.values())
 
     def cancel(self, to: str) -> list[str]:
-        """Drop the messages waiting for `to`'s account (the server refused
-        them, so it holds none): each `failed` with reason `cancelled`, then
-        `Cancelled`. Their ids (none: nothing waited for that name)."""
+        """End every message to `to` the server has not accepted: those
+        waiting for its account and those not sent yet at once (each
+        `failed` with reason `cancelled`); one in flight when the server
+        answers it (refused for want of an account: ended; accepted: too
+        late, and `Cancelled.accepted` says so). Then `Cancelled`. The ids
+        ended at once (none: nothing was waiting or unsent)."""
         try:
             key = name_key(normalize_name(to))
         except LocalProtocolError as exc:
             raise ClientError(ErrorCode.INVALID_NAME, f"cannot cancel for {to!r}: {exc}") from None
-        gone = [out for out in self.outbox.values() if out.waiting and name_key(out.to) == key]
-        for out in gone:
-            del self.outbox[out.msg_id]
-            self.store.set_state(out.msg_id, MessageState.FAILED)
-            self._staged.append(StatusChanged(out.msg_id.label(), MessageState.FAILED, out.to,
-                                              out.text, ErrorCode.CANCELLED.label))  # fmt: skip
+        answer = _CancelAnswer(normalize_name(to), [], [], set())
+        for out in list(self.outbox.values()):
+            if name_key(out.to) != key or out.state != MessageState.SENDING or out.cancelling:
+                continue
+            answer.to = out.to
+            if out.waiting or not out.transmitted:
+                # Refused by the server (it holds none), or never left here.
+                self._end_cancelled(out)
+                answer.ended.append(out.msg_id.label())
+            else:
+                # Out of our hands until the server answers. Marked failed in
+                # the store now, so no later run sends it again.
+                out.cancelling = True
+                self.store.set_state(out.msg_id, MessageState.FAILED)
+                answer.pending.add(out.msg_id)
         self._reported_waiting.discard(key)
-        ids = tuple(out.msg_id.label() for out in gone)
-        self._staged.append(Cancelled(gone[0].to if gone else normalize_name(to), ids))
-        return list(ids)
+        if answer.pending:
+            self._cancels.append(answer)
+        else:
+            self._staged.append(answer.event())
+        return list(answer.ended)
+
+    def _end_cancelled(self, out: _Outgoing) -> None:
+        del self.outbox[out.msg_id]
+        self.store.set_state(out.msg_id, MessageState.FAILED)
+        self._staged.append(StatusChanged(out.msg_id.label(), MessageState.FAILED, out.to,
+                                          out.text, ErrorCode.CANCELLED.label))  # fmt: skip
+
+    def _cancel_answered(self, out: _Outgoing, *, ended: bool | None) -> None:
+        """The server answered a message `cancel` left in flight: ended
+        (`_end_cancelled` was called), accepted (False), or refused for
+        another reason (None: its own `failed` says so); the cancel's answer
+        goes once it has them all."""
+        out.cancelling = False
+        for answer in self._cancels:
+            if out.msg_id in answer.pending:
+                answer.pending.discard(out.msg_id)
+                if ended is not None:
+                    (answer.ended if ended else answer.accepted).append(out.msg_id.label())
+                if not answer.pending:
+                    self._cancels.remove(answer)
+                    self._staged.append(answer.event())
+                return
+
+    def _settle_cancels(self) -> None:
+        """The session ends with cancelled messages unanswered: they are not
+        sent again (the store has them failed), so they end here."""
+        for out in [out for out in self.outbox.values() if out.cancelling]:
+            self._end_cancelled(out)
+            self._cancel_answered(out, ended=True)
+        self.commit()  # their events before the end's
 
     def change_password(self, old: str, new: str) -> None:
         """Ask the server to change the password to `new`, proving `old`;
@@ -1430,6 +1503,7 @@ class ClientCore:
         self._events.append(event)
 
     def _fatal(self, code: ErrorCode, message: str) -> None:
+        self._settle_cancels()
         self._emit(ErrorEvent(code.label, message, fatal=True))
         self._emit(Disconnected(code.label))
         self.ended = True
@@ -1468,6 +1542,7 @@ class ClientCore:
             elif isinstance(frame, UnknownSession) and self.conn is not None:
                 if header.session_id != self.conn.session_id:
                     continue
+                self._session_open = False
                 if self._closing_deadline is not None:
                     self._finish(ErrorCode.LOGGED_OUT)  # the server already let us go
                     return
@@ -1553,6 +1628,7 @@ class ClientCore:
             rto_min=self.rto_min, rto_max=self.rto_max, track_resends=True,
         )  # fmt: skip
         self._login_at = None
+        self._session_open = True
         if self.pinned is None:  # trust on first use, like SSH's known_hosts
             self.pinned = server_dh
             self.store.pin_server_key(server_dh)
@@ -1581,6 +1657,11 @@ class ClientCore:
         # wait again, unreported: `_reported_waiting`), and a logout waits for
         # that answer as for any message in flight.
         again: list[tuple[int, Message, str]] = []
+        for out in [out for out in self.outbox.values() if out.cancelling]:
+            # Cancelled while in flight and unanswered on the lost link: not
+            # sent again (it must not be delivered after a cancel).
+            self._end_cancelled(out)
+            self._cancel_answered(out, ended=True)
         for out in self.outbox.values():
             if out.state == MessageState.SENDING:
                 out.waiting = False
@@ -1733,6 +1814,8 @@ class ClientCore:
             out.state = MessageState.ACCEPTED
             self.store.set_state(msg_id, MessageState.ACCEPTED)
             self._emit(StatusChanged(out.msg_id.label(), MessageState.ACCEPTED, out.to, out.text))
+            if out.cancelling:  # the cancel came too late: it is held for its recipient
+                self._cancel_answered(out, ended=False)
 
     def _delivered(self, msg_id: MsgId, to: str) -> None:
         out = self.outbox.pop(msg_id, None)
@@ -1748,6 +1831,8 @@ class ClientCore:
             if out.state == MessageState.SENDING:
                 self._emit(StatusChanged(label, MessageState.ACCEPTED, out.to, out.text))
             self._emit(StatusChanged(label, MessageState.DELIVERED, out.to, out.text))
+            if out.cancelling:
+                self._cancel_answered(out, ended=False)
 
     def _on_message(self, message: Message, now: float) -> None:
         if isinstance(message, GROUP_MESSAGES):
@@ -1788,6 +1873,8 @@ class ClientCore:
                 self._emit(StatusChanged(out.msg_id.label(), MessageState.FAILED, out.to,
                                          out.text, message.reason.label))  # fmt: skip
                 self._emit(ErrorEvent(message.reason.label, message.message))
+                if out.cancelling:
+                    self._cancel_answered(out, ended=None)
         elif isinstance(message, AccountResult):
             self._on_account_result(message)
         elif isinstance(message, Presence):
@@ -1812,6 +1899,7 @@ class ClientCore:
             self.store.keep_ticket(message.ticket)
         elif isinstance(message, Bye):
             if message.code == ErrorCode.SERVER_SHUTDOWN:
+                self._session_open = False  # the server ended it
                 self._emit(ErrorEvent(message.code.label, message.message))
                 if self.link_up:
                     self._emit(LinkChanged(up=False))
@@ -1827,6 +1915,10 @@ class ClientCore:
         once it is registered (`_account_exists`). Reported once per name."""
         out = self.outbox.get(fail.msg_id)
         if out is None or out.state != MessageState.SENDING:
+            return
+        if out.cancelling:  # refused: the cancel ends it, it does not wait
+            self._end_cancelled(out)
+            self._cancel_answered(out, ended=True)
             return
         out.waiting = True
         self.store.set_waiting(out.msg_id, True)
@@ -2018,7 +2110,7 @@ class ClientCore:
             # (or to receipt); with nothing, waiting for one only delays the end.
             if now >= self._closing_deadline or not (waiting or self.receipts):
                 self._warn_unsent()
-                self._finish(ErrorCode.LOGGED_OUT)
+                self._end_unconfirmed()
             return
         if self._logout_sent_at is None and (not waiting or now >= self._closing_deadline):
             if self.awaiting and self._closing_shown_wait:
@@ -2034,12 +2126,34 @@ class ClientCore:
             self._logout_sent_at = now
             self._closing_deadline = now + LOGOUT_ACK_WAIT
         elif self._logout_sent_at is not None and now >= self._closing_deadline:
-            self._finish(ErrorCode.LOGGED_OUT)
+            self._end_unconfirmed()
+
+    def _end_unconfirmed(self) -> None:
+        """End a logout no server acknowledged. If a server may still hold
+        our session (the link was lost, the node died: not ended by the
+        server), say so and end with `server_unreachable`, not `logged_out`:
+        the server ends that session itself at its timeout, and until then
+        shows us online."""
+        if not self._session_open:
+            self._finish(ErrorCode.LOGGED_OUT)  # nothing to log out of
+            return
+        if len(self.servers) > 1:
+            names = ", ".join(format_address(*server) for server in self.servers)
+            where = f"none of the servers {names} answers"
+        else:
+            where = (f"server {self._server_text('')} does not answer" if self.server
+                     else "the server does not answer")  # fmt: skip
+        self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label,
+                              f"the logout reached no server ({where}); the server ends the "
+                              "session itself when it times out, and shows you online until "
+                              "then"))  # fmt: skip
+        self._finish(ErrorCode.SERVER_UNREACHABLE)
 
     def _warn_unsent(self) -> None:
         """Logging out with messages the server has not accepted: say so."""
         unsent = sum(
-            out.state == MessageState.SENDING and not out.waiting for out in self.outbox.values()
+            out.state == MessageState.SENDING and not out.waiting and not out.cancelling
+            for out in self.outbox.values()
         )
         # (Those waiting for an account were reported when they began to.)
         if unsent:
@@ -2052,6 +2166,7 @@ class ClientCore:
             self._emit(ErrorEvent(ErrorCode.SERVER_UNREACHABLE.label, text))
 
     def _finish(self, reason: ErrorCode) -> None:
+        self._settle_cancels()
         self._final_flush = self.conn is not None  # the ack for anything the server sent last
         self._emit(Disconnected(reason.label))
         self.ended = True

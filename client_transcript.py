@@ -62,6 +62,7 @@ class Line:
     reason: str | None = None
     row_id: int = 0  # its row in the store, when known (0: not read from the store)
     slow: bool = False  # ours, still `sending` after SLOW_SEND_S: say so
+    awaits_account: bool = False  # ours, `sending`: its recipient has no account yet
 
 
 # --- pure functions -------------------------------------------------------------
@@ -570,7 +571,10 @@ class Transcript:
             self.text.insert(f"{tag}.last", "Retry", ("retry", tag, retry_tag))
             self.text.tag_bind(retry_tag, "<Button-1>", lambda e: self.on_retry(line))
         else:
-            if line.state == MessageState.SENDING and line.slow:
+            if line.state == MessageState.SENDING and line.awaits_account:
+                label += (" (no account of that name yet: kept, and sent when it registers; "
+                          "Account > Cancel unsent messages drops it)")  # fmt: skip
+            elif line.state == MessageState.SENDING and line.slow:
                 label += " (no answer from the server yet; kept and sent again)"
             self.text.insert(mark, f"  {label}", ("state", tag))
 

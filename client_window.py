@@ -36,6 +36,7 @@ and shows the page around a hit; a conversation not on screen keeps at most
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -153,6 +154,7 @@ class Session(Protocol):
     def close(self, timeout: float = 10.0) -> None: ...
     def discard(self) -> None: ...
     def link_stats(self) -> LinkStats: ...
+    def waiting_ids(self) -> frozenset[str]: ...
     def timeline(self, message_id: str) -> Timeline | None: ...
 
 
@@ -330,47 +332,61 @@ class ChatWindow:
                     menu.entryconfigure(index, state=state)
 
     def _build_login(self) -> ttk.Frame:
-        """A centred card: a title, a one-line hint, placeholders inside the
-        fields (no labels above them), one primary button."""
+        """A centred card: a title, a one-line hint, a labelled field per
+        line (the label beside it stays when the field has the focus or a
+        value; the placeholder inside only gives an example), one primary
+        button. Labels beside the fields, not above: the card keeps its
+        height, so it fits the window's minimum size."""
         outer = ttk.Frame(self.top)
         card = ttk.Frame(outer, style="Card.TFrame", padding=(PAD * 3, PAD * 2))
         card.place(relx=0.5, rely=0.5, anchor="center")
-        card.columnconfigure(0, weight=1)
-        ttk.Label(card, text="Welcome", style="CardTitle.TLabel").grid(row=0, column=0)
+        card.columnconfigure(1, weight=1)
+        ttk.Label(card, text="Welcome", style="CardTitle.TLabel").grid(row=0, column=0,
+                                                                       columnspan=2)  # fmt: skip
         self.login_hint = ttk.Label(card, text="Log in, or pick a new name to sign up",
                                     style="CardMuted.TLabel")  # fmt: skip
-        self.login_hint.grid(row=1, column=0, pady=(0, PAD))
+        self.login_hint.grid(row=1, column=0, columnspan=2, pady=(0, PAD))
         self.server_var = tk.StringVar(value=self.settings.server)
         self.username_var = tk.StringVar(value=self.settings.username)
         self.password_var = tk.StringVar()
         self.connect_var = tk.StringVar()
         rows = [
-            ("Server, e.g. 127.0.0.1:5555", self.server_var),
-            ("Username", self.username_var),
-            ("Password", self.password_var),
-            ("Connect to (optional)", self.connect_var),
+            ("Server", "e.g. 127.0.0.1:5555", self.server_var),
+            ("Username", "e.g. alice", self.username_var),
+            ("Password", "new name: choose one", self.password_var),
+            ("Connect to", "optional, e.g. bob", self.connect_var),
         ]
         entries = []
-        for i, (placeholder, var) in enumerate(rows, start=2):
-            entry = ttk.Entry(card, textvariable=var, width=30, show="\u2022" if var is
+        self.login_labels: list[ttk.Label] = []
+        for i, (label, placeholder, var) in enumerate(rows, start=2):
+            entry = ttk.Entry(card, textvariable=var, width=24, show="\u2022" if var is
                               self.password_var else "")  # fmt: skip
-            entry.grid(row=i, column=0, sticky="ew", pady=(0, PAD // 2 + 1))
+            name = ttk.Label(card, text=label, style="Card.TLabel", anchor="w")
+            name.grid(row=i, column=0, sticky="w", padx=(0, PAD), pady=(0, PAD // 2 + 1))
+            # A click on the label is a click in its field.
+            name.bind("<Button-1>", functools.partial(self._focus_field, entry))
+            entry.grid(row=i, column=1, sticky="ew", pady=(0, PAD // 2 + 1))
             entry.bind("<Return>", lambda e: self.submit_login())
             add_placeholder(entry, var, placeholder)
             entries.append(entry)
+            self.login_labels.append(name)
         self.server_entry, self.username_entry, self.password_entry, self.connect_entry = entries
         # A pre-filled name is replaced when typed over, not typed into.
         self.username_entry.bind("<FocusIn>", self._select_all, add="+")
         self.login_button = ttk.Button(card, text="Login", style="Accent.TButton",
                                        command=self.submit_login)  # fmt: skip
-        self.login_button.grid(row=6, column=0, sticky="ew", pady=(PAD // 2, 2))
+        self.login_button.grid(row=6, column=0, columnspan=2, sticky="ew", pady=(PAD // 2, 2))
         self.login_note = ttk.Label(card, text="A new name is registered with this password.",
                                     style="CardMuted.TLabel", font=FONTS.small)  # fmt: skip
-        self.login_note.grid(row=7, column=0)
+        self.login_note.grid(row=7, column=0, columnspan=2)
         self.login_error = ttk.Label(card, text="", style="CardError.TLabel", wraplength=280,
                                      justify="center")  # fmt: skip
-        self.login_error.grid(row=8, column=0)
+        self.login_error.grid(row=8, column=0, columnspan=2)
         return outer
+
+    @staticmethod
+    def _focus_field(entry: ttk.Entry, _event: object = None) -> None:
+        entry.focus_set()
 
     def _build_chat(self) -> ttk.Frame:
         # Packing order matters at the minimum size: what is packed first
@@ -696,6 +712,11 @@ class ChatWindow:
         if reason == "logged_out" and self._logging_out:
             self._logging_out = False
             self._back_to_login("You logged out.")
+        elif reason == "server_unreachable" and self._logging_out:
+            # The logout reached no server (it is down, or every node of the list).
+            self._logging_out = False
+            self._back_to_login("You logged out here, but no server answered; it ends the "
+                                "session itself when it times out.")  # fmt: skip
         elif reason == "logged_in_elsewhere":
             self._back_to_login("You logged in from another place; this window was signed out.")
         elif reason != "logged_out":
@@ -747,15 +768,22 @@ class ChatWindow:
         line.state = event.state
         line.reason = event.reason
         if event.state != MessageState.SENDING:
-            line.slow = False
+            line.slow = line.awaits_account = False
         if conv is self.current:
             self.view.render_state(line)
 
     def _mark_slow(self, now: float) -> None:
-        """Our messages `sending` for SLOW_SEND_S get a note (not 30 s of silence)."""
+        """Our messages `sending` for SLOW_SEND_S get a note (not 30 s of
+        silence): the server has not answered, or (the server did answer)
+        the name has no account yet and the message waits for it."""
+        waiting = self.session.waiting_ids() if self.session is not None else frozenset()
         for line, conv, since in list(self._sending.values()):
-            if not line.slow and now - since >= SLOW_SEND_S and line.state == MessageState.SENDING:
-                line.slow = True
+            if line.state != MessageState.SENDING:
+                continue
+            awaits = line.msg_id in waiting
+            slow = not awaits and (line.slow or now - since >= SLOW_SEND_S)
+            if (awaits, slow) != (line.awaits_account, line.slow):
+                line.awaits_account, line.slow = awaits, slow
                 if conv is self.current:
                     self.view.render_state(line)
 

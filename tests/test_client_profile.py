@@ -211,7 +211,7 @@ def test_the_window_cancels_what_waits_for_the_current_contact(gui: Gui) -> None
     window.send_composed()
     assert pump_until(gui.root, lambda: "no user 'frank' yet" in window.transcript_text(), 10)
     assert cancel_waiting(window)
-    assert pump_until(gui.root, lambda: "Cancelled 1 message waiting for frank" in
+    assert pump_until(gui.root, lambda: "Cancelled 1 message to frank." in
                       window.transcript_text(), 10)  # fmt: skip
     assert "failed (cancelled)" in window.transcript_text()
     assert window.session is not None and window.session.store is not None

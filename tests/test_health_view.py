@@ -226,6 +226,9 @@ class ScriptedSession:
     def link_stats(self) -> LinkStats:
         return self.stats
 
+    def waiting_ids(self) -> frozenset[str]:
+        return frozenset()
+
     def timeline(self, message_id: str) -> Timeline | None:
         return None
 

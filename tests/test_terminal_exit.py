@@ -136,12 +136,14 @@ def test_text_mode_shows_each_state_and_a_failure_once(tmp_path: Path) -> None:
     finally:
         stop_process(running)
     # carol has no account (issue 16): the message waits in the outbox (exit
-    # status 3), and that is said once, on stderr; nothing failed.
+    # status 3), and that is said on stderr when the wait begins and once
+    # more at the end, with the way out (test_polish); nothing failed.
     assert client.returncode == 3, (out, err)
     lines = [line for line in out.splitlines() if not line.startswith("* ")]
     assert lines == ["-> carol: hi carol  [sending]"], out
     about = [line for line in err.splitlines() if "carol" in line or "no_such_user" in line]
-    assert len(about) == 1 and about[0].startswith("error: there is no user 'carol' yet"), err
+    assert len(about) == 2 and about[0].startswith("error: there is no user 'carol' yet"), err
+    assert about[1].endswith("(/cancel carol drops them)"), err
 
 
 def test_event_to_text_names_every_state_briefly() -> None:

@@ -189,7 +189,10 @@ def test_the_readme_flow_alice_writes_before_bob_ever_logged_in(tmp_path: Path) 
         assert status == 3, events
         (sending,) = [e for e in events if e["event"] == "status"]
         assert sending["state"] == "sending" and sending["to"] == "bob"
-        assert [e["code"] for e in events if e["event"] == "error"] == ["no_such_user"]
+        # Said when the wait begins, and again at the end (with `/cancel bob`).
+        errors = [e for e in events if e["event"] == "error"]
+        assert [e["code"] for e in errors] == ["no_such_user", "no_such_user"]
+        assert "/cancel bob" in errors[1]["message"]
         status, _ = terminal(running.addr_text, "bob", "")  # bob registers
         assert status == 0
         status, events = terminal(running.addr_text, "alice", "")

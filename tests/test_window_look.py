@@ -222,18 +222,20 @@ def test_login_card_has_placeholders_and_one_primary_button(gui: Gui) -> None:  
     placeholders = {str(child.cget("text")): child for entry in (
         window.server_entry, window.username_entry, window.password_entry, window.connect_entry)
         for child in entry.winfo_children()}  # fmt: skip
-    assert set(placeholders) == {"Server, e.g. 127.0.0.1:5555", "Username", "Password",
-                                 "Connect to (optional)"}  # fmt: skip
+    # Examples inside the fields; each field's name is a label beside it
+    # (tests/test_window_login.py).
+    assert set(placeholders) == {"e.g. 127.0.0.1:5555", "e.g. alice", "new name: choose one",
+                                 "optional, e.g. bob"}  # fmt: skip
     pump(gui.root, 0.1)
-    assert not placeholders["Server, e.g. 127.0.0.1:5555"].winfo_ismapped(), "it has a value"
-    assert placeholders["Password"].winfo_ismapped(), "empty: the placeholder says what goes in"
+    assert not placeholders["e.g. 127.0.0.1:5555"].winfo_ismapped(), "it has a value"
+    assert placeholders["new name: choose one"].winfo_ismapped(), "empty: an example shows"
     assert window.login_button.cget("style") == "Accent.TButton"
     assert str(window.top.cget("menu")), "a menu bar"
     shot("login.png", window.top)
 
     # A click on the placeholder is a click in the field; typing hides it and
     # the field holds only what was typed.
-    label = placeholders["Password"]
+    label = placeholders["new name: choose one"]
     window.username_entry.focus_force()  # the window has the keyboard (no window manager here)
     pump_until(gui.root, lambda: gui.root.focus_get() is window.username_entry)
     label.event_generate("<Button-1>", x=3, y=3)

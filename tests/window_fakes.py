@@ -55,6 +55,7 @@ class FakeSession:
         self.shown_ids: list[int] = []
         self.next_server_id = 1_000_000
         self.group_requests: list[tuple[GroupAction, str, tuple[str, ...]]] = []
+        self.waiting: set[str] = set()  # ids waiting for an account (`waiting_ids`)
 
     def login(
         self, server: str, username: str, connect_to: str | None = None, *, password: str
@@ -147,6 +148,9 @@ class FakeSession:
     def link_stats(self) -> LinkStats:
         """The link as the status bar shows it: up, with no figures yet."""
         return LinkStats("up", None, None, 0.0, 0, 0, 0, 0)
+
+    def waiting_ids(self) -> frozenset[str]:
+        return frozenset(self.waiting)
 
     def timeline(self, message_id: str) -> Timeline | None:
         if self.store is None:
