@@ -101,6 +101,7 @@ class Options:
     cluster: int = 0  # nodes at most: the cluster benchmark instead (bench/cluster.py)
     fanout: bool = True
     chatlike: bool = True
+    sweep: bool = True
 
 
 # --- processes ------------------------------------------------------------------
@@ -522,6 +523,21 @@ def chatlike_phase(opts: Options) -> dict[str, Any]:
     return figures
 
 
+def sweep_phase(opts: Options) -> dict[str, Any]:
+    """`bench/sweep.py` (issue 18): 16 pairs at offered loads from 150 msg/s
+    to flat out, the server and the bare loop at each: delivered msg/s and
+    CPU per message (`python -m bench.plot` draws it)."""
+    command = [sys.executable, "-m", "bench.sweep", "--json", "--workers", str(opts.workers)]
+    if opts.quick:
+        command.append("--quick")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                            check=False)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"bench.sweep failed:\n{result.stderr[-3000:]}")
+    figures: dict[str, Any] = json.loads(result.stdout)
+    return figures
+
+
 def display_works(display: str) -> bool:
     env = dict(os.environ, DISPLAY=display)
     try:
@@ -703,6 +719,9 @@ def run_once(opts: Options, tmp: Path, say: Callable[[str], None]) -> dict[str, 
     if opts.chatlike:
         say("chatlike: pairs at 150 msg/s beside idle sessions; keepalives alone")
         out["chatlike"] = chatlike_phase(opts)
+    if opts.sweep:
+        say("sweep: offered loads from light to flat out, server and bare loop (bench/sweep.py)")
+        out["sweep"] = sweep_phase(opts)
     return out
 
 
@@ -864,7 +883,16 @@ def table(m: dict[str, Any], opts: Options) -> str:
         fanout_rows(t, m["fanout"])
     if "chatlike" in m:
         chatlike_rows(t, m["chatlike"])
+    if "sweep" in m:
+        sweep_rows(t, m["sweep"])
     return t.render()
+
+
+def sweep_rows(t: Table, document: dict[str, Any]) -> None:
+    from bench.sweep import rows
+
+    for label, bare, server, ratio in rows(document):
+        t.add(label, bare, server, ratio)
 
 
 def chatlike_rows(t: Table, c: dict[str, Any]) -> None:
@@ -955,6 +983,8 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument("--no-chatlike", action="store_true",
                         help="skip the chat-like and keepalive phases "
                         "(bench/chatlike.py)")  # fmt: skip
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the load sweep (bench/sweep.py)")  # fmt: skip
     parser.add_argument("--json-out", type=Path, help="write the JSON here instead")
     parser.add_argument("--profile", action="store_true",
                         help="profile the server under the largest load instead")  # fmt: skip
@@ -977,7 +1007,7 @@ def parse(argv: list[str] | None) -> Options:
         workers=max(1, args.workers), gui=not args.no_gui,
         pairs=tuple(sorted({int(p) for p in args.pairs.split(",") if p.strip()})),
         json_out=args.json_out, profile=args.profile, keep=args.keep, cluster=args.cluster,
-        fanout=not args.no_fanout, chatlike=not args.no_chatlike,
+        fanout=not args.no_fanout, chatlike=not args.no_chatlike, sweep=not args.no_sweep,
     )  # fmt: skip
 
 
