@@ -341,7 +341,7 @@ def render(runs: Sequence[Run], title: str | None = None) -> str:
                for i, run in enumerate(runs) for kind, name, colour, shape in KINDS]  # fmt: skip
     rows = (len(entries) + per_row - 1) // per_row
     y0 = PANELS[0][3] + 68  # the legend's first row
-    height = y0 + rows * 20 + 20
+    height = y0 + rows * 20 + len(runs) * 15 + 8  # and a line of notes per file
     svg = Svg()
     svg.add(f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
             f'viewBox="0 0 {WIDTH} {height}" font-family="{FONT}" fill="{INK}">')  # fmt: skip
@@ -371,8 +371,9 @@ def render(runs: Sequence[Run], title: str | None = None) -> str:
         svg.text(x + 36, y + 4, f"{name}, {run.label}", anchor="start")
         svg.add("</g>")
     svg.add("</g>")
-    notes = "; ".join(describe(run) for run in runs)
-    svg.text(WIDTH / 2, y0 + rows * 20 + 8, notes, 11, extra=f' fill="{FAINT}" class="notes"')
+    for i, run in enumerate(runs):
+        y = y0 + rows * 20 + 4 + i * 15
+        svg.text(40, y, describe(run), 11, "start", f' fill="{FAINT}" class="notes"')
     svg.add("</svg>")
     return "\n".join(svg.parts) + "\n"
 
