@@ -336,7 +336,7 @@ def render(runs: Sequence[Run], title: str | None = None) -> str:
     panels = make_panels(runs)
     pairs = {run.meta.get("pairs") for run in runs}
     pairs_text = f", {pairs.pop()} pairs" if len(pairs) == 1 else ""
-    per_row = 4  # legend entries
+    per_row = len(KINDS)  # legend entries: a row per file
     entries = [(run, kind, name, colour, shape, i == len(runs) - 1)
                for i, run in enumerate(runs) for kind, name, colour, shape in KINDS]  # fmt: skip
     rows = (len(entries) + per_row - 1) // per_row
