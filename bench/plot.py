@@ -322,9 +322,9 @@ def describe(run: Run) -> str:
     bits = [str(m.get("date", "?"))[:16].replace("T", " ") + " UTC"]
     if m.get("commit") and m["commit"] != run.label:
         bits.insert(0, f"commit {m['commit']}")
-    if isinstance(load, list) and load:
+    if isinstance(load, list) and load and isinstance(load[0], (int, float)):
         bits.append(f"load average {load[0]:.1f}")
-    if m.get("cpus"):
+    if isinstance(m.get("cpus"), int):
         bits.append(f"{m['cpus']} CPUs")
     return f"{run.label}: " + ", ".join(bits)
 

@@ -199,6 +199,16 @@ def test_a_zero_is_left_off_a_log_scale(tmp_path: Path) -> None:
                 if e.get("class") == "point"]) == 4  # fmt: skip
 
 
+def test_what_the_notes_cannot_read_is_left_out(tmp_path: Path) -> None:
+    """The notes under the legend take what they can from a file's `meta`
+    (hand-edited, or from a later version) and leave the rest out."""
+    document = sweep_document("odd")
+    document["meta"].update(loadavg_before="high", cpus="two", commit="odd")
+    root = draw(tmp_path, document)
+    (note,) = [w for w in texts(root) if w.startswith("odd: ")]
+    assert note == "odd: 2026-12-05 18:00 UTC"
+
+
 def _without(document: dict[str, Any], *path: Any) -> dict[str, Any]:
     target: Any = document
     for step in path[:-1]:
