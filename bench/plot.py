@@ -321,7 +321,7 @@ def describe(run: Run) -> str:
     load = m.get("loadavg_before")
     bits = [str(m.get("date", "?"))[:16].replace("T", " ") + " UTC"]
     if m.get("commit") and m["commit"] != run.label:
-        bits.insert(0, f"commit {m['commit']}")
+        bits.insert(0, f"code at {m['commit']}")
     if isinstance(load, list) and load and isinstance(load[0], (int, float)):
         bits.append(f"load average {load[0]:.1f}")
     if isinstance(m.get("cpus"), int):

@@ -227,23 +227,33 @@ def sweep(pairs: int, loads: Sequence[float], duration: float, load_workers: int
     return points
 
 
-def git_label() -> str:
-    """The commit the code under test is at (with "+" if the tree has changes)."""
+#: What is not the code under test: a commit that touches only these (the
+#: benchmark itself, tests, documents) leaves the figures as they were.
+NOT_CODE = (":(exclude)bench", ":(exclude)tests", ":(exclude)docs", ":(exclude)*.md")
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                          check=True)  # fmt: skip
+    return done.stdout.strip()
+
+
+def code_commit() -> str:
+    """The last commit that changed the code under test (the server, the
+    client code the load speaks with), "+" if the tree changes it since:
+    rebasing the benchmark's own commits does not change what was measured."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=10,
-                               check=True)  # fmt: skip
+        last = _git("log", "-1", "--format=%h", "--", ".", *NOT_CODE)
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE)
     except (OSError, subprocess.SubprocessError):
-        return "unknown commit"
-    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+        return "unknown"
+    return (last or "unknown") + ("+" if dirty else "")
 
 
 def run(pairs: int, loads: Sequence[float], duration: float, load_workers: int, label: str | None,
         say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     """The sweep's JSON document: what ran, where, and the points."""
-    commit = git_label()
+    commit = code_commit()
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(), "cpus": os.cpu_count(),

@@ -184,7 +184,7 @@ def test_the_command_draws_two_sweeps_with_their_labels(
     words = texts(root)
     assert "server, before" in words and "bare loop, after" in words
     notes = [w for w in words if w.startswith("before: ")]
-    assert notes and "commit abc1234" in notes[0] and "load average 1.5" in notes[0]
+    assert notes and "code at abc1234" in notes[0] and "load average 1.5" in notes[0]
 
 
 def test_a_zero_is_left_off_a_log_scale(tmp_path: Path) -> None:
