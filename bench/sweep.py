@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -302,7 +303,7 @@ def parse_loads(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give msg/s in all as numbers separated by commas, e.g. 150,600"
         ) from None
-    if not loads or any(load <= 0 for load in loads):
+    if not loads or not all(0 < load < math.inf for load in loads):
         raise argparse.ArgumentTypeError(f"{text!r}: give one or more loads above 0 msg/s")
     return sorted(loads)
 
@@ -335,11 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         "--json", action="store_true", help="the figures as JSON on stdout instead of the table"
     )
     args = parser.parse_args(argv)
-    pairs = args.pairs or (QUICK_PAIRS if args.quick else PAIRS)
+    pairs = args.pairs if args.pairs is not None else (QUICK_PAIRS if args.quick else PAIRS)
     if pairs < 1:
         parser.error(f"argument --pairs: {pairs}; give 1 or more")
     loads = args.loads or list(QUICK_LOADS if args.quick else LOADS)
-    duration = args.duration or (QUICK_DURATION if args.quick else DURATION)
+    duration = args.duration
+    if duration is None:
+        duration = QUICK_DURATION if args.quick else DURATION
+    if not duration > 0:
+        parser.error(f"argument --duration: {duration:g} s; give more than 0 seconds")
     started = time.monotonic()
 
     def say(text: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bench import plot
+from bench import plot, sweep
 from bench.sweep import FORMAT, VERSION
 from tests.conftest import ROOT
 
@@ -287,3 +287,25 @@ def test_the_committed_figure_parses_and_the_readme_links_it() -> None:
     readme = (ROOT / "README.md").read_text("utf-8")
     performance = readme[readme.index("\n## Performance") :]
     assert "docs/bench/load.svg" in performance
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        (["--pairs", "0"], "argument --pairs: 0; give 1 or more"),
+        (["--duration", "0"], "argument --duration: 0 s; give more than 0 seconds"),
+        (["--duration", "nan"], "argument --duration: nan s"),
+        (["--loads", "150,x"], "'150,x': give msg/s in all as numbers separated by commas"),
+        (["--loads", "0,600"], "'0,600': give one or more loads above 0 msg/s"),
+        (["--loads", "inf"], "'inf': give one or more loads above 0 msg/s"),
+        (["--loads", ","], "',': give one or more loads above 0 msg/s"),
+    ],
+)
+def test_the_sweep_refuses_sizes_it_cannot_run(
+    args: list[str], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before anything starts, with what to give instead."""
+    with pytest.raises(SystemExit) as exited:
+        sweep.main(args)
+    assert exited.value.code == 2
+    assert reason in capsys.readouterr().err
