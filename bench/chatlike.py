@@ -231,6 +231,7 @@ def _paced_loop(spec: PacedBareSpec, pairs: list[_BarePair], t0: float,
                         for (seq,) in SEQ.iter_unpack(memoryview(data)[1:]):
                             if pair.outstanding.pop(seq, None) is not None:
                                 pair.completed += 1
+                                pair.last_complete = time.monotonic()
                         continue
                     step = ITEM.size + spec.text_size
                     for offset in range(1, len(data), step):
@@ -247,6 +248,7 @@ def _paced_loop(spec: PacedBareSpec, pairs: list[_BarePair], t0: float,
         "cpu_s": cpu_seconds() - cpu0, "datagrams": datagrams, "end": time.monotonic(),
         "sent": sum(p.sent for p in pairs), "received": sum(p.received for p in pairs),
         "completed": sum(p.completed for p in pairs),
+        "last_complete": max((p.last_complete for p in pairs), default=0.0),
     }  # fmt: skip
 
 

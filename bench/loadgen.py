@@ -314,6 +314,7 @@ class Peer:
         self.dirty = True
         self.timer: float | None = None
         self.datagrams_in = 0
+        self.sent_before = 0  # datagrams sent before t0: the login's last ack
         self.send_errors = 0
         self.notices: collections.Counter[str] = collections.Counter()
 
@@ -365,7 +366,8 @@ class Peer:
     def result(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "datagrams_in": self.datagrams_in, "datagrams_out": self.conn.sent_count,
+            "datagrams_in": self.datagrams_in,
+            "datagrams_out": self.conn.sent_count - self.sent_before,
             "send_errors": self.send_errors, "notices": dict(self.notices),
         }  # fmt: skip
 
@@ -577,6 +579,8 @@ def traffic_loop(
         selector.register(p.sock, selectors.EVENT_READ, p)
     wait_until(t0)
     cpu0 = cpu_seconds()
+    for p in peers:  # what each sends from now on, per message: not the login's
+        p.sent_before = p.conn.sent_count
     sending = True
     drain_deadline = 0.0
     linger_until: float | None = None

@@ -101,6 +101,7 @@ class Options:
     cluster: int = 0  # nodes at most: the cluster benchmark instead (bench/cluster.py)
     fanout: bool = True
     chatlike: bool = True
+    sweep: bool = True
 
 
 # --- processes ------------------------------------------------------------------
@@ -479,7 +480,7 @@ def _login_round(server: Child, group: Workers, command: str, label: str) -> dic
 def logic_phase(opts: Options) -> dict[str, Any]:
     """`bench/relay_micro.py` in a fresh interpreter: the Relay's own CPU per
     message and the memory it keeps per message and per idle session."""
-    messages, sessions = (300, 20) if opts.quick else (5000, 300)
+    messages, sessions = (60, 5) if opts.quick else (5000, 300)
     result = subprocess.run(
         [sys.executable, "-m", "bench.relay_micro", "--json", "--messages", str(messages),
          "--sessions", str(sessions), "--pairs", "4"],
@@ -519,6 +520,23 @@ def chatlike_phase(opts: Options) -> dict[str, Any]:
     if result.returncode != 0:
         raise RuntimeError(f"bench.chatlike failed:\n{result.stderr[-3000:]}")
     figures: dict[str, Any] = json.loads(result.stdout)
+    return figures
+
+
+def sweep_phase(opts: Options, tmp: Path) -> dict[str, Any]:
+    """`bench/sweep.py` (issue 18): 16 pairs at offered loads from 150 msg/s
+    to flat out, the server and the bare loop at each: delivered msg/s and
+    CPU per message. Its JSON is the file `python -m bench.plot` draws."""
+    out = tmp / "sweep.json"
+    command = [sys.executable, "-m", "bench.sweep", "--workers", str(opts.workers),
+               "--json-out", str(out)]  # fmt: skip
+    if opts.quick:
+        command.append("--quick")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                            check=False)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"bench.sweep failed:\n{result.stderr[-3000:]}")
+    figures: dict[str, Any] = json.loads(out.read_text("utf-8"))
     return figures
 
 
@@ -703,6 +721,9 @@ def run_once(opts: Options, tmp: Path, say: Callable[[str], None]) -> dict[str, 
     if opts.chatlike:
         say("chatlike: pairs at 150 msg/s beside idle sessions; keepalives alone")
         out["chatlike"] = chatlike_phase(opts)
+    if opts.sweep:
+        say("sweep: offered loads from light to flat out, server and bare loop (bench/sweep.py)")
+        out["sweep"] = sweep_phase(opts, tmp)
     return out
 
 
@@ -864,7 +885,16 @@ def table(m: dict[str, Any], opts: Options) -> str:
         fanout_rows(t, m["fanout"])
     if "chatlike" in m:
         chatlike_rows(t, m["chatlike"])
+    if "sweep" in m:
+        sweep_rows(t, m["sweep"])
     return t.render()
+
+
+def sweep_rows(t: Table, document: dict[str, Any]) -> None:
+    from bench.sweep import rows
+
+    for label, bare, server, ratio in rows(document):
+        t.add(label, bare, server, ratio)
 
 
 def chatlike_rows(t: Table, c: dict[str, Any]) -> None:
@@ -955,6 +985,8 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument("--no-chatlike", action="store_true",
                         help="skip the chat-like and keepalive phases "
                         "(bench/chatlike.py)")  # fmt: skip
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the load sweep (bench/sweep.py)")  # fmt: skip
     parser.add_argument("--json-out", type=Path, help="write the JSON here instead")
     parser.add_argument("--profile", action="store_true",
                         help="profile the server under the largest load instead")  # fmt: skip
@@ -977,7 +1009,7 @@ def parse(argv: list[str] | None) -> Options:
         workers=max(1, args.workers), gui=not args.no_gui,
         pairs=tuple(sorted({int(p) for p in args.pairs.split(",") if p.strip()})),
         json_out=args.json_out, profile=args.profile, keep=args.keep, cluster=args.cluster,
-        fanout=not args.no_fanout, chatlike=not args.no_chatlike,
+        fanout=not args.no_fanout, chatlike=not args.no_chatlike, sweep=not args.no_sweep,
     )  # fmt: skip
 
 
