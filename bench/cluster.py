@@ -23,6 +23,7 @@ every detail, to bench/results/cluster-*.json.
 
 from __future__ import annotations
 
+import array
 import datetime
 import json
 import os
@@ -116,7 +117,7 @@ class RedisChild:
                 self.proc.wait(5)
 
 
-def start_node(tmp: Path, label: str, redis_url: str) -> Any:
+def start_node(tmp: Path, label: str, redis_url: str, extra: tuple[str, ...] = ()) -> Any:
     """A cluster node: the benchmark's server command with `--cluster`."""
     from bench.run import ITERATIONS, Child
 
@@ -127,7 +128,7 @@ def start_node(tmp: Path, label: str, redis_url: str) -> Any:
         "--pbkdf2-iterations", str(ITERATIONS), "--preauth-rate", "1000000",
         "--preauth-total-rate", "1000000",
         "--user-msg-rate", "1000000", "--max-sessions", "1000000", "--registration-rate", "1000000",
-        "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning",
+        "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning", *extra,
     ]  # fmt: skip
     child = Child(command, data / "server.log")
     child.data_dir = data
@@ -135,12 +136,14 @@ def start_node(tmp: Path, label: str, redis_url: str) -> Any:
 
 
 @contextmanager
-def cluster(tmp: Path, nodes: int) -> Iterator[tuple[RedisChild, list[Any]]]:
+def cluster(
+    tmp: Path, nodes: int, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[RedisChild, list[Any]]]:
     redis_server = RedisChild(Path(tempfile.mkdtemp(prefix="redis-", dir=tmp)))
     started: list[Any] = []
     try:
         for i in range(nodes):
-            started.append(start_node(tmp, f"node{i}", redis_server.url))
+            started.append(start_node(tmp, f"node{i}", redis_server.url, extra))
         yield redis_server, started
     finally:
         for node in started:
@@ -231,6 +234,63 @@ def cluster_phase(
     }  # fmt: skip
 
 
+def group_phase(nodes: int, size: int, duration: float, tmp: Path) -> dict[str, Any]:
+    """A group of `size` across `nodes` nodes: its owner on node 0 sending
+    flat out (bench.fanout's sender, 16 in flight), the other members spread
+    over the nodes evenly (bench.fanout's members, receipting at once). CPU
+    per copy is every node's and Redis's."""
+    from bench.fanout import FANOUT_RATE, MemberSpec, SenderSpec, run_members, run_sender
+    from bench.run import START_DELAY, percentile, workers
+
+    extra = ("--max-fanout-rate", FANOUT_RATE, "--max-group-members", str(size))
+    with cluster(tmp, nodes, extra) as (redis_server, children):
+        addresses = [child.address for child in children]
+        names = [f"m{i}" for i in range(size - 1)]
+        specs = [MemberSpec(addresses[i], names[i::nodes]) for i in range(nodes)]
+        with workers(run_members, specs) as members:
+            members.gather("ready", 600)
+            with workers(run_sender, [SenderSpec(addresses[0], names, None)]) as sender:
+                sender.gather("ready", 600)
+                cpu0 = [child.cpu() for child in children]
+                redis_cpu0 = _proc_cpu(redis_server.proc.pid)
+                t0 = time.monotonic() + START_DELAY
+                sender.tell("start", t0, t0 + duration)
+                (sent,) = sender.gather("done", duration + 120)
+                time.sleep(0.2)  # the last receipts' acks
+                cpu1 = [child.cpu() for child in children]
+                redis_cpu1 = _proc_cpu(redis_server.proc.pid)
+                members.tell("stop")
+                results = members.gather("done", 120)
+                sender.tell("exit")
+    arrivals: dict[tuple[int, int], list[int]] = {}
+    for r in results:
+        stamps, latest, reached = (array.array("q") for _ in range(3))
+        stamps.frombytes(r["stamps"])
+        latest.frombytes(r["latest"])
+        reached.frombytes(r["reached"])
+        for key, stamp, last, count in zip(json.loads(r["ids"]), stamps, latest, reached,
+                                           strict=True):  # fmt: skip
+            entry = arrivals.setdefault(tuple(key), [stamp, 0, 0])
+            entry[1] = max(entry[1], last)
+            entry[2] += count
+    complete = sorted((last - stamp) / 1e6 for stamp, last, count in arrivals.values()
+                      if count == size - 1)  # fmt: skip
+    copies = sum(r["received"] for r in results)
+    last_arrival = max((last for _, last, _ in arrivals.values()), default=0) / 1e9
+    elapsed = max(1e-9, max(last_arrival, sent["last_receipt"]) - t0)
+    cpu = sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) + redis_cpu1 - redis_cpu0
+    return {
+        "nodes": nodes, "members": size, "duration_s": duration, "sent": sent["sent"],
+        "accepted": sent["accepted"], "completed": sent["completed"], "copies": copies,
+        "copies_expected": sent["sent"] * (size - 1),
+        "duplicates": sum(r["duplicates"] for r in results),
+        "messages_everyone_has": len(complete), "elapsed_s": elapsed,
+        "copies_per_s": copies / elapsed, "cpu_us_per_copy": cpu / max(1, copies) * 1e6,
+        "last_member_p50_ms": percentile(complete, 50),
+        "last_member_p99_ms": percentile(complete, 99),
+    }  # fmt: skip
+
+
 def _proc_cpu(pid: int) -> float:
     from bench.run import proc_cpu
 
@@ -303,6 +363,9 @@ def run(nodes: int, opts: Any, say: Callable[[str], None]) -> int:
             latency["across_nodes"] = cluster_phase(
                 2, 1, opts.latency_duration, opts, tmp, window=1, where={"sp0": 0, "rp0": 1}
             )
+        size = 10 if opts.quick else 100
+        say(f"a group of {size} over {nodes} node(s), its owner sending flat out")
+        group = group_phase(nodes, size, opts.duration, tmp)
     finally:
         if opts.keep:
             print(f"kept {tmp}", file=sys.stderr)
@@ -316,10 +379,16 @@ def run(nodes: int, opts: Any, say: Callable[[str], None]) -> int:
         f"{label.replace('_', ' ')} {r['lat_p50_us']:,.0f} / {r['accept_p50_us']:,.0f} / "
         f"{r['delivered_p50_us']:,.0f}" for label, r in latency.items()
     ))  # fmt: skip
+    print(f"a group of {group['members']} over {group['nodes']} node(s), flat out: "
+          f"{group['copies_per_s']:,.0f} copies/s, {group['cpu_us_per_copy']:.0f} us CPU per "
+          f"copy (nodes and Redis), last member p50/p99 {group['last_member_p50_ms']:.0f} / "
+          f"{group['last_member_p99_ms']:.0f} ms; sent {group['sent']}, every member has "
+          f"{group['messages_everyone_has']}, {group['duplicates']} duplicates")  # fmt: skip
     sizes = rows[-1]["redis_key_bytes"]
     print("Redis bytes per key (MEMORY USAGE; per account for chat:accounts): "
           + ", ".join(f"{kind} {entry['bytes']:.0f}" for kind, entry in sizes.items()))  # fmt: skip
-    document = {"meta": info, "single": single, "cluster": rows, "latency": latency}
+    document = {"meta": info, "single": single, "cluster": rows, "latency": latency,
+                "group": group}  # fmt: skip
     path = opts.json_out
     if path is None:
         RESULTS.mkdir(parents=True, exist_ok=True)
