@@ -1149,10 +1149,13 @@ class RedisStore:
             if outcome in ("ok", "dup"):
                 parts = str(raw[1]).split(":")
                 if outcome == "dup":
-                    parts = parts[2:]  # after the dedup value's server id and digest
-                if len(parts) != 3:  # the id was used for a direct message
-                    op.refused = int(ErrorCode.DUPLICATE_ID)
-                    return
+                    # Stored before (a batch applied again, or a SEND that reached
+                    # two nodes): the entry as it was stored, under its own id.
+                    if len(parts) != 5:  # the id was used for a direct message
+                        op.refused = int(ErrorCode.DUPLICATE_ID)
+                        return
+                    op.item.server_msg_id = int(parts[0])
+                    parts = parts[2:]
                 op.item.group_seq, op.item.recipients, op.epoch = map(int, parts)
             else:
                 op.refused = int(ErrorCode.NO_SUCH_GROUP if outcome == "nogroup"

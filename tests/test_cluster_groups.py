@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import protocol
 from chat_server import Relay
 from protocol import (
     ErrorCode,
@@ -26,10 +27,16 @@ from protocol import (
     GroupResult,
     MsgId,
 )
+from server_store import ChangeGroup, GroupItem, PostGroupMessage, ReadGroupLog
 from tests.conftest import test_config as server_config
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import Client, World
-from tests.test_cluster_node import ClusterGroupWorld, Node, cluster_module
+from tests.test_cluster_node import (  # noqa: F401 (`nodes` is a fixture)
+    ClusterGroupWorld,
+    Node,
+    cluster_module,
+    nodes,
+)
 from tests.test_groups_relay import entries, texts
 from tests.test_seams import WALL
 
@@ -356,3 +363,44 @@ def test_a_request_sent_again_to_another_node_is_answered_not_done_twice(
     # A request that was never made is refused as usual.
     refused = cluster.request(1, again, GroupAction.CREATE, "team", "bob")
     assert refused.code == ErrorCode.GROUP_EXISTS
+
+
+def test_a_group_batch_applied_twice_numbers_each_entry_once(
+    nodes: Callable[[str], Node],  # noqa: F811
+) -> None:
+    """EXEC ran but its reply was lost: the store applies the batch again.
+    A change is answered from the request's kept answer, a post from its
+    dedup key (with the seq and server id it got), and the log holds each
+    entry once. A SEND that reached a second node is numbered as the first."""
+    a = nodes("A")
+    kind = int(protocol.GroupChange.CREATED)
+    created = GroupItem("team", 0, 501, kind, "alice", "Alice", 0, 0, "", ("Alice", "Bob"), 0, 2)
+
+    def create() -> ChangeGroup:
+        return ChangeGroup("team", "team", 0, 0,
+                           [(created, (("alice", "Alice", 0), ("bob", "Bob", 1)), ())],
+                           "alice", False, (("alice", 9, 1), 0, "created #team"))  # fmt: skip
+
+    first, again = create(), create()
+    a.store._apply([(first, None)])
+    a.store._apply([(again, None)])
+    assert (first.outcome, first.first_seq) == ("ok", 1)
+    assert (again.outcome, again.answer) == ("done", (0, "created #team"))
+    posts = [PostGroupMessage(GroupItem("team", 0, server_id, 0, "bob", "Bob", 9, 1, "hi", (),
+                                        0, 0)) for server_id in (502, 502, 777)]  # fmt: skip
+    for post in posts:
+        a.store._apply([(post, None)])
+    assert [(p.item.group_seq, p.item.server_msg_id, p.item.recipients, p.epoch, p.refused)
+            for p in posts] == [(2, 502, 1, 501, 0)] * 3  # fmt: skip
+    items, more = a.read(ReadGroupLog("team", 0, 1 << 62, 10, 1 << 20))
+    assert [(i.group_seq, i.server_msg_id, i.change) for i in items] == [
+        (1, 501, int(protocol.GroupChange.CREATED)),
+        (2, 502, 0),
+    ] and not more
+    # A post from someone who is not a member, and to no group, gets no seq.
+    stranger = PostGroupMessage(GroupItem("team", 0, 503, 0, "carol", "Carol", 9, 1, "hi", (),
+                                          0, 0))  # fmt: skip
+    nowhere = PostGroupMessage(GroupItem("nope", 0, 504, 0, "bob", "Bob", 9, 2, "hi", (), 0, 0))
+    a.store._apply([(stranger, None), (nowhere, None)])
+    assert (stranger.refused, nowhere.refused) == (ErrorCode.NOT_A_MEMBER, ErrorCode.NO_SUCH_GROUP)
+    assert stranger.item.group_seq == nowhere.item.group_seq == 0
