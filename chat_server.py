@@ -3055,7 +3055,9 @@ class Relay:
             if item.group_seq <= group.seq:
                 continue  # made here meanwhile (`_group_arrived`)
             if item.group_seq != group.seq + 1:
-                self._load_group(group.key)  # not the next one: the log's state instead
+                # Not the next one (the log was trimmed past this copy): the
+                # group's state instead, and the members here page from there.
+                self._load_group(group.key, replace=True)
                 return
             self._apply_entry(group, item)
         self._run_group_waiters(group.key)
@@ -3063,20 +3065,22 @@ class Relay:
         if wanted > group.seq and (more or items):
             self._read_group_log(group)
         elif wanted > group.seq:
-            self._load_group(group.key)  # announced and not in the log: read its state
+            # Announced and not in the log: its state instead.
+            self._load_group(group.key, replace=True)
         else:
             self._group_wanted.pop(group.key, None)
 
-    def _load_group(self, key: str) -> None:
+    def _load_group(self, key: str, *, replace: bool = False) -> None:
         """Read group `key`'s state from the shared store (this node has
-        another group of that name, or none, or missed part of its log)."""
+        another group of that name, or none; with `replace`, this node's
+        copy cannot follow the log to it: it is replaced)."""
         if key in self._group_loading:
             return
         self._group_loading.add(key)
         op = ReadGroupState(key)
-        self.store.submit(op, functools.partial(self._group_loaded, op))
+        self.store.submit(op, functools.partial(self._group_loaded, op, replace))
 
-    def _group_loaded(self, op: ReadGroupState) -> None:
+    def _group_loaded(self, op: ReadGroupState, replace: bool = False) -> None:
         key = op.group_key
         self._group_loading.discard(key)
         if not op.ok:
@@ -3087,7 +3091,11 @@ class Relay:
                 self._end_copy(cached)
             self._run_group_waiters(key, gone=True)
             return
-        if cached is not None and cached.epoch == stored.epoch:
+        if (
+            cached is not None
+            and cached.epoch == stored.epoch
+            and (not replace or cached.seq >= stored.seq)
+        ):
             self._group_behind(key, stored.epoch, stored.seq)  # the same group: read on
             return
         if cached is not None:

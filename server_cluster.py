@@ -412,6 +412,24 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
 end
 return 1
 """
+# Trim a group's log below the lowest cursor of its members and former
+# members (every one of them has those entries; "delivered by" in cluster
+# mode are rows of their own, so no sender needs the log either). KEYS:
+# members, former members, cursors, log. Answers the lowest cursor.
+TRIM_GROUP = """
+local cursors = {}
+local flat = redis.call('HGETALL', KEYS[3])
+for i = 1, #flat, 2 do cursors[flat[i]] = tonumber(flat[i + 1]) end
+local low = nil
+for _, hash in ipairs({KEYS[1], KEYS[2]}) do
+  for _, key in ipairs(redis.call('HKEYS', hash)) do
+    local c = cursors[key] or 0
+    if low == nil or c < low then low = c end
+  end
+end
+if low and low > 0 then redis.call('XTRIM', KEYS[4], 'MINID', (low + 1) .. '-0') end
+return low or 0
+"""
 # A former member who has everything meant for them. KEYS: former, cursors,
 # members. ARGV: member key.
 GROUP_DROP = """
@@ -426,7 +444,7 @@ SCRIPTS = {
     "store_account": STORE_ACCOUNT, "update_account": UPDATE_ACCOUNT,
     "erase_account": ERASE_ACCOUNT, "bind": BIND, "unbind": UNBIND, "renew": RENEW,
     "group_post": GROUP_POST, "change_group": CHANGE_GROUP, "group_cursor": GROUP_CURSOR,
-    "group_notice": GROUP_NOTICE, "group_drop": GROUP_DROP,
+    "group_notice": GROUP_NOTICE, "group_drop": GROUP_DROP, "trim_group": TRIM_GROUP,
 }  # fmt: skip
 
 
@@ -1279,7 +1297,7 @@ class RedisStore:
             self._script(pipe, "renew", keys[part : part + RENEW_CHUNK], [self.node_id, ROUTE_TTL])
         pipe.publish(BROADCAST, f"alive\t{self.node_id}")
         taken = [key for answer in pipe.execute()[:-1] for key in answer]
-        callbacks: list[Then] = [self._event("group_heads", self._group_heads())]
+        callbacks: list[Then] = [self._event("group_heads", self._group_heads(trim=True))]
         for route in taken:
             user_key = route[len("chat:route:{") : -1]
             self._bound.pop(user_key, None)
@@ -1287,15 +1305,23 @@ class RedisStore:
             callbacks.append(self._event("logged_in_on", user_key, -1))
         return callbacks
 
-    def _group_heads(self) -> dict[str, tuple[int, int]]:
+    def _group_heads(self, *, trim: bool = False) -> dict[str, tuple[int, int]]:
         """Every group's (epoch, last seq): a node that missed a group's
-        notices (pub/sub is not kept) catches up from here at its next beat."""
+        notices (pub/sub is not kept) catches up from here at its next beat.
+        With `trim`, each group's log is trimmed too (`TRIM_GROUP`)."""
         keys = sorted(self.client.smembers(GROUPS_KEY))
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
-            pipe.hmget(group_keys(key)["group"], "epoch", "seq")
+            names = group_keys(key)
+            pipe.hmget(names["group"], "epoch", "seq")
+            if trim:
+                self._script(pipe, "trim_group",
+                             [names["gmem"], names["gformer"], names["gcur"], names["glog"]],
+                             [])  # fmt: skip
+        answers = pipe.execute() if keys else []
+        step = 2 if trim else 1
         heads: dict[str, tuple[int, int]] = {}
-        for key, (epoch, seq) in zip(keys, pipe.execute() if keys else [], strict=True):
+        for key, (epoch, seq) in zip(keys, answers[::step], strict=True):
             if epoch is not None:
                 heads[key] = (int(epoch), int(seq or 0))
         return heads

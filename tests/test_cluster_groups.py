@@ -404,3 +404,63 @@ def test_a_group_batch_applied_twice_numbers_each_entry_once(
     a.store._apply([(stranger, None), (nowhere, None)])
     assert (stranger.refused, nowhere.refused) == (ErrorCode.NOT_A_MEMBER, ErrorCode.NO_SUCH_GROUP)
     assert stranger.item.group_seq == nowhere.item.group_seq == 0
+
+
+def test_the_group_log_is_trimmed_in_redis_once_everyone_has_it(
+    cluster_of: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At each beat a node trims a group's log below its members' lowest
+    cursor; the group goes on as before."""
+    monkeypatch.setattr(cluster_module(), "ROUTE_RENEW", 0.2)
+    cluster = cluster_of(1)
+    alice, bob = cluster.login(0, "alice"), cluster.login(0, "bob")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob").code == 0
+    for i in range(1, 101):
+        cluster.post(0, alice, "team", f"m{i}", i)
+        if i % 10 == 0:
+            cluster.step()
+    cluster.run_until(lambda: len(texts(bob)) == 100, 300, "bob has all")
+    client = cluster.nodes[0].node.store.client
+    cluster.run_until(lambda: client.xlen("chat:glog:{#team}") < 10, 300, "the log trimmed")
+    assert client.hget("chat:group:{#team}", "seq") == "101"
+    cluster.post(0, alice, "team", "after the trim", 101)
+    cluster.run_until(lambda: texts(bob)[-1:] == ["after the trim"], 200, "a message after it")
+
+
+def test_a_node_whose_copy_fell_behind_a_trimmed_log_reads_the_groups_state(
+    cluster_of: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B heard nothing while the log moved on and was trimmed past its copy:
+    at the next notice it cannot follow the log (an entry is missing), so
+    it reads the group's state instead (it once read the log and the state
+    in turn for ever); a member who moves there is served."""
+    monkeypatch.setattr(cluster_module(), "ROUTE_RENEW", 0.2)
+    cluster = cluster_of(2)
+    alice, bob = cluster.login(0, "alice"), cluster.login(0, "bob")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob").code == 0
+    cluster.settle()
+    b = cluster.nodes[1]
+    hearing, heads = b.node.store._on_notices, b.relay.group_heads
+    monkeypatch.setattr(
+        b.node.store, "_on_notices", lambda notices: hearing([n for n in notices if n[:2] != "g\t"])
+    )
+    monkeypatch.setattr(b.relay, "group_heads", lambda found, now: None)  # fmt: skip
+    for i in range(1, 101):
+        cluster.post(0, alice, "team", f"m{i}", i)
+        if i % 10 == 0:
+            cluster.step()
+    cluster.run_until(lambda: len(texts(bob)) == 100, 300, "bob has all")
+    client = cluster.nodes[0].node.store.client
+    cluster.run_until(lambda: client.xlen("chat:glog:{#team}") < 10, 300, "the log trimmed")
+    assert b.relay.groups.groups["team"].seq == 1  # B's copy: CREATED only
+    monkeypatch.setattr(b.node.store, "_on_notices", hearing)
+    monkeypatch.setattr(b.relay, "group_heads", heads)
+    cluster.post(0, alice, "team", "after", 101)
+    cluster.run_until(lambda: b.relay.groups.groups["team"].seq == 102, 200, "B caught up")
+    cluster.run_until(lambda: texts(bob)[-1:] == ["after"], 200, "bob has it on A")
+    cluster.settle()
+    moved = b.login("bob")
+    cluster.post(0, alice, "team", "on B now", 102)
+    cluster.run_until(lambda: "on B now" in texts(moved), 200, "bob served on B")
+    cluster.settle()
+    assert texts(moved) == ["on B now"], entries(moved)
