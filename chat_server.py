@@ -2425,14 +2425,6 @@ class Relay:
         copies = 0
         for member in group.audience(seq):
             user = self.users.get(member.key)
-            if not item.change and member.key == item.sender_key:
-                # (in a cluster, by the sender's node only: the others' copies
-                # of the cursor follow from the store at a login there)
-                if not self.shared_store or (
-                    user is not None and isinstance(self.router.locate(user), Session)
-                ):
-                    self._pass_own(group, member, seq)
-                continue
             if user is None:
                 continue
             route = self.router.locate(user)

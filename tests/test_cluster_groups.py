@@ -12,6 +12,7 @@ test_cluster_groups_process.py."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +26,10 @@ from protocol import (
     GroupAction,
     GroupReached,
     GroupResult,
+    Logout,
     MsgId,
 )
-from server_store import ChangeGroup, GroupItem, PostGroupMessage, ReadGroupLog
+from server_store import ChangeGroup, GroupItem, PostGroupMessage, ReadGroupLog, ServerStore
 from tests.conftest import test_config as server_config
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import Client, World
@@ -37,7 +39,8 @@ from tests.test_cluster_node import (  # noqa: F401 (`nodes` is a fixture)
     cluster_module,
     nodes,
 )
-from tests.test_groups_relay import entries, texts
+from tests.test_groups_loose_ends import DevicesWorld
+from tests.test_groups_relay import created, entries, texts
 from tests.test_seams import WALL
 
 
@@ -464,3 +467,40 @@ def test_a_node_whose_copy_fell_behind_a_trimmed_log_reads_the_groups_state(
     cluster.run_until(lambda: "on B now" in texts(moved), 200, "bob served on B")
     cluster.settle()
     assert texts(moved) == ["on B now"], entries(moved)
+
+
+def test_an_own_message_committed_after_its_senders_logout_waits_for_another_device(
+    tmp_path: Path,
+) -> None:
+    """One server: alice posts and logs out before the post is committed;
+    her laptop (another client instance) logging in later gets it from the
+    log. The cluster's first version passed a sender's own message over
+    wherever the sender was (the merge with the second-device work kept that
+    block ahead of it): the laptop never saw it."""
+    store = ServerStore(tmp_path / "data")
+    store.start()
+    try:
+        world = DevicesWorld(store)
+        alice, bob = world.login("alice"), world.login("bob")
+        created(world, alice, "bob")
+        world.settle_all()
+        world.post(alice, "team", "seen by the phone", 1)  # (its id's mark is made here)
+        world.settle_all()
+        # The next post reaches the relay, then the logout, before the store
+        # is handed the pass's operations (`settle` does that): the post's
+        # commit comes after the session ended.
+        world.post(alice, "team", "posted, then gone", 2)
+        for message in (None, Logout()):
+            if message is not None:
+                alice.send(message)
+            for data in alice.conn.datagrams_to_send(world.now):
+                world.relay.receive_datagram(data, alice.addr, world.now)
+            world._to_clients(world.relay.datagrams_to_send(world.now))
+        assert alice.conn.session_id not in world.relay.sessions
+        world.settle_all()
+        laptop = world.login_instance("alice", 10)
+        world.run_until(lambda: bool(entries(laptop)), 300, "the laptop's catch-up")
+        assert [(e[0], e[2], e[3]) for e in entries(laptop)] == [(3, "alice", "posted, then gone")]
+        assert texts(bob) == ["seen by the phone", "posted, then gone"]
+    finally:
+        store.close()
