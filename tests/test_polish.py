@@ -328,6 +328,25 @@ def test_json_logged_in_comes_before_the_status_of_a_line_typed_during_the_login
     assert kinds.index(("status", "sending")) < kinds.index(("status", "accepted"))
 
 
+def test_json_stats_and_help_typed_during_the_login_are_answered_after_logged_in(
+    server_process: ServerProcess,
+) -> None:
+    """`/stats` and `/help` are answered by the terminal itself: typed
+    before the login completed, they used to come before `logged_in`. Now
+    in their turn after it (`/stats` with the figures of then: link up).
+    And `/to` or `/cancel` without a name says how to name someone."""
+    status, out, err = terminal(server_process.addr_text, "alice", "/stats\n/to\n/help\n")
+    events = events_of(out)
+    assert status == 0, (events, err)
+    assert [e["event"] for e in events] == ["logged_in", "stats", "error", "help", "disconnected"]
+    assert events[1]["link"] == "up"
+    assert events[2] == {
+        "event": "error",
+        "code": "invalid_name",
+        "message": "name someone: /to NAME",
+    }
+
+
 def test_a_login_that_fails_still_shows_what_was_typed_before_its_error(
     server_process: ServerProcess,
 ) -> None:
