@@ -299,6 +299,33 @@ def test_a_logout_that_reaches_no_node_is_not_logged_out(tmp_path: Path) -> None
     assert "the logout reached no server" in events[-2]["message"]
 
 
+def test_messages_left_in_the_outbox_still_exit_3_when_the_logout_reached_no_server(
+    tmp_path: Path,
+) -> None:
+    """The server stops answering with a message unaccepted: exit 3 (kept
+    for the next login) says more than 2; `disconnected` is still honest."""
+    node = spawn_server(data_dir=tmp_path / "a")
+    try:
+        client = subprocess.Popen(
+            client_command("--server", node.addr_text, "--user", "alice", "--json",
+                           "--connect-to", "alice", "--quit-wait", "0.5"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env=env_for_tests(),
+        )  # fmt: skip
+        assert client.stdout is not None
+        assert json.loads(client.stdout.readline())["event"] == "logged_in"
+        node.proc.send_signal(signal.SIGSTOP)
+        out, err = client.communicate("never accepted\n", timeout=60)
+    finally:
+        node.proc.send_signal(signal.SIGCONT)
+        stop_process(node)
+    events = events_of(out)
+    assert client.returncode == 3, (events, err)
+    assert events[-1] == {"event": "disconnected", "reason": "server_unreachable"}
+    codes = [e["code"] for e in events if e["event"] == "error"]
+    assert codes[-2:] == ["server_unreachable", "server_unreachable"], events  # unsent; logout
+
+
 def test_in_memory_a_logout_after_the_link_was_lost_reached_no_server() -> None:
     net = Net()
     (alice,) = net.login("alice")
