@@ -99,6 +99,18 @@ def test_cancel_right_after_sending_ends_the_message_in_flight() -> None:
     assert received(carol) == []
 
 
+def test_a_second_cancel_right_after_the_first_answers_after_it() -> None:
+    """The first cancel waits for the server's answer; the second finds
+    nothing new to end, and its answer (none) comes after the first's."""
+    net = Net()
+    (alice,) = net.login("alice")
+    msg = alice.core.send("hello erin", net.now, to="erin")
+    alice.core.cancel("erin")
+    alice.core.cancel("erin")
+    net.run(lambda: len(alice.of(Cancelled)) == 2, "both answers")
+    assert alice.of(Cancelled) == [Cancelled("erin", (msg,)), Cancelled("erin", ())]
+
+
 def test_a_cancel_too_late_says_the_server_had_accepted_it() -> None:
     """bob has an account (offline): the server accepts the message before
     the cancel could matter. The answer says so, honestly; it is delivered."""
