@@ -1130,8 +1130,17 @@ def run_terminal(
     # `sending`, an answer, a mistake) is held, so `logged_in` comes first
     # and a script can rely on that order; what is about the login itself
     # (its errors, `disconnected`) is shown at once. A login that fails
-    # shows what was held before its fatal error.
-    held: list[SessionEvent] | None = []
+    # shows what was held before its fatal error. `/stats` and `/help`
+    # typed meanwhile are answered then, in their turn (`/stats` with the
+    # figures of that moment).
+    held: list[SessionEvent | Callable[[], None]] | None = []
+
+    def release(items: list[SessionEvent | Callable[[], None]]) -> None:
+        for item in items:
+            if callable(item):
+                answer(item)  # (`held` is None now: at once)
+            else:
+                show(item)
 
     def emit(event: SessionEvent) -> None:
         nonlocal held
@@ -1139,16 +1148,34 @@ def run_terminal(
             show(event)
         elif isinstance(event, LoggedIn):
             earlier, held = held, None
-            for shown in (event, *earlier):
-                show(shown)
+            release([event, *earlier])
         elif isinstance(event, Disconnected) or isinstance(event, ErrorEvent) and event.fatal:
             earlier, held = held, None
-            for shown in (*earlier, event):
-                show(shown)
+            release([*earlier, event])
         elif isinstance(event, ErrorEvent) and event.code in LOGIN_NOTICES:
             show(event)
         else:
             held.append(event)
+
+    def answer(reply: Callable[[], None]) -> None:
+        """Run `reply` (it writes the answer to `/stats` or `/help`) now, or
+        once the login has ended (see `held`)."""
+        nonlocal closed_pipe
+        if held is not None:
+            held.append(reply)
+            return
+        if closed_pipe:
+            return
+        try:
+            reply()
+        except BrokenPipeError:
+            closed_pipe = True
+            inbox.put(_Line(None))
+
+    def reply_stats() -> None:
+        stats = session.link_stats()
+        stdout.write((json.dumps(stats.to_json()) if as_json else stats.to_text()) + "\n")
+        stdout.flush()
 
     def stop(signum: int, frame: object) -> None:
         inbox.put(_Line(None))  # Ctrl+C or SIGTERM: log out like /quit
@@ -1203,6 +1230,8 @@ def run_terminal(
                     quit_after_login = True
             elif text.startswith("//"):  # an escaped slash: the text from the second one
                 session.send(text[1:])
+            elif command in ("/to", "/cancel") and not rest.strip():
+                emit(ErrorEvent(ErrorCode.INVALID_NAME.label, f"name someone: {command} NAME"))
             elif command == "/to":
                 session.set_peer(rest.strip())
             elif command == "/who":
@@ -1212,20 +1241,9 @@ def run_terminal(
             elif command in GROUP_COMMANDS:
                 _group_command(session, command, rest.replace(",", " ").split())
             elif command == "/stats":
-                stats = session.link_stats()
-                try:
-                    out = json.dumps(stats.to_json()) if as_json else stats.to_text()
-                    stdout.write(out + "\n")
-                    stdout.flush()
-                except BrokenPipeError:
-                    closed_pipe = True
-                    inbox.put(_Line(None))
+                answer(reply_stats)
             elif command == "/help":
-                try:
-                    _show_help(as_json, stdout)
-                except BrokenPipeError:
-                    closed_pipe = True
-                    inbox.put(_Line(None))
+                answer(lambda: _show_help(as_json, stdout))
             elif text.startswith("/"):
                 # Never sent as chat text: a mistyped command would reach the peer.
                 emit(ErrorEvent(ErrorCode.UNKNOWN_COMMAND.label,

@@ -971,7 +971,7 @@ class ClientCore:
         # Name keys whose waiting messages were reported (`no_such_user`,
         # once per name until one of them goes).
         self._reported_waiting: set[str] = set()
-        self._cancels: list[_CancelAnswer] = []  # waiting for the server's answers
+        self._cancels: list[_CancelAnswer] = []  # asked, not answered yet (in order)
         # The account request under way: (nonce, action, new password and
         # its salted form and salt, for a change), answered by ACCOUNT_RESULT.
         self._account_request: tuple[bytes, bytes, str, bytes, bytes] | None = None
@@ -1294,10 +1294,8 @@ class ClientCore:
                 self.store.set_state(out.msg_id, MessageState.FAILED)
                 answer.pending.add(out.msg_id)
         self._reported_waiting.discard(key)
-        if answer.pending:
-            self._cancels.append(answer)
-        else:
-            self._staged.append(answer.event())
+        self._cancels.append(answer)
+        self._answer_cancels()
         return list(answer.ended)
 
     def _end_cancelled(self, out: _Outgoing) -> None:
@@ -1317,10 +1315,15 @@ class ClientCore:
                 answer.pending.discard(out.msg_id)
                 if ended is not None:
                     (answer.ended if ended else answer.accepted).append(out.msg_id.label())
-                if not answer.pending:
-                    self._cancels.remove(answer)
-                    self._staged.append(answer.event())
-                return
+                break
+        self._answer_cancels()
+
+    def _answer_cancels(self) -> None:
+        """`Cancelled` for each cancel whose messages are all answered, in
+        the order they were asked (a second `/cancel bob` right after the
+        first answers after it, though it found nothing new to end)."""
+        while self._cancels and not self._cancels[0].pending:
+            self._staged.append(self._cancels.pop(0).event())
 
     def _settle_cancels(self) -> None:
         """The session ends with cancelled messages unanswered: they are not

@@ -99,6 +99,18 @@ def test_cancel_right_after_sending_ends_the_message_in_flight() -> None:
     assert received(carol) == []
 
 
+def test_a_second_cancel_right_after_the_first_answers_after_it() -> None:
+    """The first cancel waits for the server's answer; the second finds
+    nothing new to end, and its answer (none) comes after the first's."""
+    net = Net()
+    (alice,) = net.login("alice")
+    msg = alice.core.send("hello erin", net.now, to="erin")
+    alice.core.cancel("erin")
+    alice.core.cancel("erin")
+    net.run(lambda: len(alice.of(Cancelled)) == 2, "both answers")
+    assert alice.of(Cancelled) == [Cancelled("erin", (msg,)), Cancelled("erin", ())]
+
+
 def test_a_cancel_too_late_says_the_server_had_accepted_it() -> None:
     """bob has an account (offline): the server accepts the message before
     the cancel could matter. The answer says so, honestly; it is delivered."""
@@ -299,6 +311,33 @@ def test_a_logout_that_reaches_no_node_is_not_logged_out(tmp_path: Path) -> None
     assert "the logout reached no server" in events[-2]["message"]
 
 
+def test_messages_left_in_the_outbox_still_exit_3_when_the_logout_reached_no_server(
+    tmp_path: Path,
+) -> None:
+    """The server stops answering with a message unaccepted: exit 3 (kept
+    for the next login) says more than 2; `disconnected` is still honest."""
+    node = spawn_server(data_dir=tmp_path / "a")
+    try:
+        client = subprocess.Popen(
+            client_command("--server", node.addr_text, "--user", "alice", "--json",
+                           "--connect-to", "alice", "--quit-wait", "0.5"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env=env_for_tests(),
+        )  # fmt: skip
+        assert client.stdout is not None
+        assert json.loads(client.stdout.readline())["event"] == "logged_in"
+        node.proc.send_signal(signal.SIGSTOP)
+        out, err = client.communicate("never accepted\n", timeout=60)
+    finally:
+        node.proc.send_signal(signal.SIGCONT)
+        stop_process(node)
+    events = events_of(out)
+    assert client.returncode == 3, (events, err)
+    assert events[-1] == {"event": "disconnected", "reason": "server_unreachable"}
+    codes = [e["code"] for e in events if e["event"] == "error"]
+    assert codes[-2:] == ["server_unreachable", "server_unreachable"], events  # unsent; logout
+
+
 def test_in_memory_a_logout_after_the_link_was_lost_reached_no_server() -> None:
     net = Net()
     (alice,) = net.login("alice")
@@ -326,6 +365,25 @@ def test_json_logged_in_comes_before_the_status_of_a_line_typed_during_the_login
     kinds = [(e["event"], e.get("state")) for e in events]
     assert kinds[0] == ("logged_in", None), kinds
     assert kinds.index(("status", "sending")) < kinds.index(("status", "accepted"))
+
+
+def test_json_stats_and_help_typed_during_the_login_are_answered_after_logged_in(
+    server_process: ServerProcess,
+) -> None:
+    """`/stats` and `/help` are answered by the terminal itself: typed
+    before the login completed, they used to come before `logged_in`. Now
+    in their turn after it (`/stats` with the figures of then: link up).
+    And `/to` or `/cancel` without a name says how to name someone."""
+    status, out, err = terminal(server_process.addr_text, "alice", "/stats\n/to\n/help\n")
+    events = events_of(out)
+    assert status == 0, (events, err)
+    assert [e["event"] for e in events] == ["logged_in", "stats", "error", "help", "disconnected"]
+    assert events[1]["link"] == "up"
+    assert events[2] == {
+        "event": "error",
+        "code": "invalid_name",
+        "message": "name someone: /to NAME",
+    }
 
 
 def test_a_login_that_fails_still_shows_what_was_typed_before_its_error(
