@@ -290,6 +290,15 @@ GROUP_SENT_PAGE = 64
 # be trimmed: that walks the members' cursors, so not at every receipt.
 GROUP_TRIM_EVERY = 64
 MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
+# How long the relay holds the store's next commit for the receipts of the
+# messages it has just handed to online recipients (issue 18). A receipt
+# that comes back within it joins the message's commit: no mailbox row is
+# written at all (nor deleted in a second commit, a second fsync), and the
+# DELIVERED leaves with the ACCEPT, in one datagram. On loopback a receipt
+# takes 0.2-0.5 ms; the ACCEPT waits this much more at most (docs/
+# RELIABILITY.md 1.3 allows group commits of up to 10 ms). The DELIVER
+# itself never waits (see `_take`).
+COMMIT_WAIT = 0.002
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
 #: report every one of them, at 0 until it happens, so an alert on one can
@@ -420,6 +429,11 @@ class Relay:
         # the cost of routing, and senders name the same few people.
         self._recipient_keys: dict[str, str] = {}
         self._timers: list[tuple[float, int, bytes]] = []
+        # Messages handed to online recipients since the store's last flush,
+        # whose receipts have not come yet, and until when the flush waits
+        # for them (COMMIT_WAIT).
+        self._expecting: set[int] = set()
+        self._hold_until: float | None = None
         self._tiebreak = itertools.count()
         self._out: Outgoing = []
         self.drops = DropLog(self.config.log_interval, LIMIT_REASONS)
@@ -624,8 +638,24 @@ class Relay:
         return out
 
     def get_timer(self) -> float | None:
-        """When `handle_timer` is next due (None: nothing is scheduled)."""
-        return self._timers[0][0] if self._timers else None
+        """When `handle_timer` (or `flush_store`) is next due (None: nothing
+        is scheduled)."""
+        timer = self._timers[0][0] if self._timers else None
+        hold = self._hold_until
+        if hold is not None and (timer is None or hold < timer):
+            return hold
+        return timer
+
+    def flush_store(self, now: float) -> None:
+        """End of a loop pass, after the sends: hand the store what the pass
+        submitted (`MessageStore.flush`), unless receipts of messages just
+        handed over may still join it (COMMIT_WAIT; `get_timer` says when
+        to call again)."""
+        if self._expecting and self._hold_until is not None and now < self._hold_until:
+            return
+        self._expecting.clear()
+        self._hold_until = None
+        self.store.flush()
 
     def handle_timer(self, now: float) -> None:
         """Run every timer that is due (retransmissions, acks, expiry)."""
@@ -1434,6 +1464,10 @@ class Relay:
                     self._hand_over(route, pager, stored, size, msg_id)  # the usual case, in short
                 else:
                     self._offer_mail(route, stored, size, msg_id)
+                # Its receipt may come back before the commit: wait for it a little.
+                self._expecting.add(server_msg_id)
+                if self._hold_until is None:
+                    self._hold_until = self._now + COMMIT_WAIT
             case str():
                 # On another node: the message waits in the store, which
                 # that node reads (the cluster's forwarding is issue 15).
@@ -1605,6 +1639,8 @@ class Relay:
             # and is receipted again.
             self._on_group_receipt(session, server_msg_id)
             return
+        if self._expecting:
+            self._expecting.discard(server_msg_id)
         user = session.user
         pager.bytes -= entry.size
         user.mailbox_count -= 1
@@ -3629,7 +3665,7 @@ class ChatServer:
                 relay.key_exchange_done(now)
                 relay.handle_timer(now)
                 self._send_all(relay.datagrams_to_send(now))
-                relay.store.flush()  # after the sends: see ServerStore.flush
+                relay.flush_store(now)  # after the sends: see ServerStore.flush
             self._commit_before_leaving(selector)
             now = time.monotonic()
             relay.send_shutdown(now)
@@ -3646,7 +3682,7 @@ class ChatServer:
         relay = self.relay
         committed: list[bool] = []  # its callback runs on this thread, in store_done
         relay.store.submit(Sync(), lambda: committed.append(True))  # after all queued before
-        relay.store.flush()
+        relay.flush_store(float("inf"))  # no more waiting for receipts
         deadline = time.monotonic() + SHUTDOWN_COMMIT_WAIT
         while True:
             now = time.monotonic()
