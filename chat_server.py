@@ -3642,15 +3642,23 @@ class ChatServer:
                 now = time.monotonic()
                 deadline = relay.get_timer()
                 timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
-                selector.select(timeout)
-                try:
-                    while self._wake_r.recv(4096):
+                # Only what select found ready is read: at an ordinary load a
+                # pass has one thing to do, and every read that finds
+                # nothing costs a raised BlockingIOError (issue 18).
+                readable = socket_ready = False
+                for key, _ in selector.select(timeout):
+                    if key.fileobj is self.socket:
+                        socket_ready = True
+                    else:
+                        readable = True
+                if readable:
+                    try:
+                        self._wake_r.recv(4096)  # (more than that: select says so again)
+                    except (BlockingIOError, InterruptedError):
                         pass
-                except (BlockingIOError, InterruptedError):
-                    pass
                 now = time.monotonic()
                 batch: list[tuple[bytes, Address]] = []
-                for _ in range(self.READ_BATCH):
+                for _ in range(self.READ_BATCH if socket_ready else 0):
                     try:
                         data, addr = self.socket.recvfrom(65535)
                     except (BlockingIOError, InterruptedError):
@@ -3659,10 +3667,10 @@ class ChatServer:
                         log.debug("recvfrom: %s", exc)
                         continue
                     batch.append((data, addr[:2]))
-                relay.receive_datagrams(batch, now)  # sessions' datagrams first
+                if batch:
+                    relay.receive_datagrams(batch, now)  # sessions' datagrams first
                 self._sample_memory(now)
-                relay.store_done(now)
-                relay.key_exchange_done(now)
+                # (the store's and the key exchanges' completions: in datagrams_to_send)
                 relay.handle_timer(now)
                 self._send_all(relay.datagrams_to_send(now))
                 relay.flush_store(now)  # after the sends: see ServerStore.flush

@@ -1338,6 +1338,8 @@ class ServerStore:
 
     def completed(self) -> list[Then]:
         done: list[Then] = []
+        if self.done.empty():  # most passes: no exception raised to learn it
+            return done
         while True:
             try:
                 done.append(self.done.get_nowait())
@@ -1511,12 +1513,14 @@ class ServerStore:
                     groups.add(op, stamp, dedup)
                 case _:
                     groups.other(op)
-        if delivered:
+        if delivered and messages:
             # Received before the commit: the mailbox row would be written and
             # deleted in the same transaction; skip both (the dedup row stays).
             gone = set(delivered)
-            if any(row[0] in gone for row in messages):
+            new = {row[0] for row in messages}
+            if not gone.isdisjoint(new):
                 messages = [row for row in messages if row[0] not in gone]
+                delivered = [i for i in delivered if i not in new]
         save_time = stamp - self._time_saved >= TIME_SAVE_MS or self._closing.is_set()
         db = self._db
         db.execute("BEGIN")
@@ -1542,11 +1546,12 @@ class ServerStore:
                 )
                 db.execute(f"DELETE FROM notices WHERE {where}", _flat(part))
             self._count(counts)
-            db.executemany(
-                "UPDATE accounts SET salt=?, iterations=?, stored_key=?, server_key=? "
-                "WHERE name_key=?",
-                updated,
-            )
+            if updated:
+                db.executemany(
+                    "UPDATE accounts SET salt=?, iterations=?, stored_key=?, server_key=? "
+                    "WHERE name_key=?",
+                    updated,
+                )
             for key, until_ms in erased:
                 db.execute("DELETE FROM accounts WHERE name_key=?", (key,))
                 self._erase_rows(key)
