@@ -650,7 +650,7 @@ class Relay:
         """End of a loop pass, after the sends: hand the store what the pass
         submitted (`MessageStore.flush`), unless receipts of messages just
         handed over may still join it (COMMIT_WAIT; `get_timer` says when
-        to call again)."""
+        the wait ends: `handle_timer` ends it)."""
         if self._expecting and self._hold_until is not None and now < self._hold_until:
             return
         self._expecting.clear()
@@ -658,8 +658,12 @@ class Relay:
         self.store.flush()
 
     def handle_timer(self, now: float) -> None:
-        """Run every timer that is due (retransmissions, acks, expiry)."""
+        """Run every timer that is due (retransmissions, acks, expiry, the
+        end of a commit's wait for receipts)."""
         self._now = now
+        if self._hold_until is not None and now >= self._hold_until:
+            self._expecting.clear()  # the pass's `flush_store` hands the store its batch
+            self._hold_until = None
         while self._timers and self._timers[0][0] <= now:
             deadline, _, session_id = heapq.heappop(self._timers)
             session = self.sessions.get(session_id)

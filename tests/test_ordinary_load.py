@@ -18,8 +18,23 @@ import pytest
 
 import reliability
 from chat_server import COMMIT_WAIT, Relay
-from protocol import Accept, Deliver, Message, MsgId, Receipt, decode_message, encode_message
-from reliability import Connection, PayloadReceived
+from protocol import (
+    Accept,
+    Ack,
+    Deliver,
+    Frame,
+    Message,
+    MsgId,
+    Packet,
+    Ping,
+    Receipt,
+    Stream,
+    decode_message,
+    decode_packet,
+    encode_message,
+    encode_packet,
+)
+from reliability import MAX_ACK_DELAY, Connection, PayloadReceived
 from server_store import (
     LAZY_HOLD,
     MarkDelivered,
@@ -282,3 +297,65 @@ def test_a_pass_does_no_work_per_idle_session(
     # alice and bob, a few passes each: far below one call per idle session.
     assert calls["datagrams_to_send"] <= 12
     assert calls["get_timer"] <= 12
+
+
+# --- when acks leave (reliability.Connection) ----------------------------------------
+
+SESSION = bytes(range(16))
+KEY = bytes(range(32, 64))
+
+
+def peer_packet(pkt: int, *frames: Frame) -> bytes:
+    return encode_packet(Packet(SESSION, pkt, frames), KEY)
+
+
+def acks_in(datagrams: list[bytes]) -> list[Ack]:
+    return [f for d in datagrams for f in decode_packet(d, KEY).frames if isinstance(f, Ack)]
+
+
+def chunk(seq: int, data: bytes = b"x") -> Stream:
+    return Stream(seq, 0, seq, 0, 1, data)
+
+
+def test_a_keepalive_is_acked_at_once_data_within_max_ack_delay() -> None:
+    """A PING alone is acked in the same pass (no data of ours would carry
+    the ack; waiting would only cost a second wake-up); one datagram of data
+    waits MAX_ACK_DELAY at most for something to ride on; the second is acked
+    at once (RFC 9000 13.2.2), and so is one that leaves a gap."""
+    conn = Connection(SESSION, KEY, 0.0)
+    conn.receive_datagram(peer_packet(1, Ping()), 1.0)
+    assert conn.get_timer() == 1.0
+    assert [a.largest_pkt for a in acks_in(conn.datagrams_to_send(1.0))] == [1]
+
+    conn.receive_datagram(peer_packet(2, chunk(0)), 2.0)
+    assert conn.get_timer() == pytest.approx(2.0 + MAX_ACK_DELAY)
+    assert conn.datagrams_to_send(2.0 + MAX_ACK_DELAY / 2) == []
+    assert [a.una for a in acks_in(conn.datagrams_to_send(2.0 + MAX_ACK_DELAY))] == [1]
+
+    conn.receive_datagram(peer_packet(3, chunk(1)), 3.0)
+    conn.receive_datagram(peer_packet(4, chunk(2)), 3.001)
+    assert conn.get_timer() == 3.001  # every second one: at once
+    assert [a.una for a in acks_in(conn.datagrams_to_send(3.001))] == [3]
+
+    conn.receive_datagram(peer_packet(5, chunk(5)), 4.0)  # 3 and 4 missing
+    assert conn.get_timer() == 4.0
+    (ack,) = acks_in(conn.datagrams_to_send(4.0))
+    assert ack.una == 3 and ack.ranges == ((5, 6),)
+
+
+def test_a_keepalive_costs_the_relay_one_pass(world: World) -> None:
+    """An idle session's keepalive: the relay's ACK leaves in the pass that
+    took the PING, and no timer is left for it (before, a second wake-up
+    25 ms later sent that ACK alone)."""
+    relay = world.relay
+    session = next(s for s in relay.sessions.values() if s.user.key == "bob")
+    world.now += 10
+    relay.handle_timer(world.now)
+    world.route(relay.datagrams_to_send(world.now))  # whatever was due
+    bob = world.conns["bob"]
+    bob.send_ping()
+    (ping,) = bob.datagrams_to_send(world.now)
+    relay.receive_datagram(ping, world.addrs["bob"], world.now)
+    out = relay.datagrams_to_send(world.now)
+    assert [a for d, a in out] == [world.addrs["bob"]]
+    assert session.conn.get_timer() is None  # nothing left to do for it but expire
