@@ -413,6 +413,9 @@ class Relay:
         # first new message, dropped with the session): a sender cannot
         # choose the keys of this map, and start-up reads none of it.
         self._accepted: dict[tuple[str, int, int], tuple[int, str, str]] = {}
+        # Of those, the ones receipted already: the DELIVERED to tell with
+        # the ACCEPT (message id, recipient's name, the receipt's seq).
+        self._tell_at_accept: dict[tuple[str, int, int], tuple[MsgId, str, int]] = {}
         self._hwm: dict[tuple[str, int], int] = {}
         # Dedup keys being looked up on the disk -> the SENDs waiting for the answer.
         self._looking_up: dict[tuple[str, int, int], list[tuple[Send, str]]] = {}
@@ -1521,6 +1524,10 @@ class Relay:
         session = self.router.locate(sender)
         if isinstance(session, Session):
             self._queue_accept(session, msg_id, server_msg_id)
+        if dedup is not None and self._tell_at_accept:
+            told = self._tell_at_accept.pop(dedup, None)
+            if told is not None:  # receipted before this commit: DELIVERED follows the ACCEPT
+                self._tell_sender(dedup[0], *told)
 
     def _queue_accept(self, session: Session, msg_id: MsgId, server_msg_id: int) -> None:
         """Queue an ACCEPT for the pass's batch (ids, not an `Accept`: one
@@ -1653,10 +1660,14 @@ class Relay:
         sender = self.users.get(entry.sender_key)
         if sender is not None:
             sender.notice_count += 1
-        # Received before its commit (the disk is slow or full): the sender
-        # hears of it, which implies its ACCEPT, only once it is on disk,
-        # after the ACCEPT (the commits keep their order). The callback is
-        # built only then: the usual receipt comes after the commit.
+        # The receipt's write is lazy (server_store.LAZY_HOLD): nothing waits
+        # for it. A crash that loses it hands the message over again at the
+        # next login, under the same message id (the client's dedup key),
+        # and the sender hears DELIVERED again (states only move forward).
+        # Received before its message's commit: the sender hears of it,
+        # which implies its ACCEPT, with the ACCEPT, once the message is on
+        # disk (`_accept`), in the same datagram; not after a commit of its
+        # own.
         instance_id, client_seq = entry.msg_id
         delivered = MarkDelivered(entry.server_msg_id, entry.sender_key, instance_id, client_seq,
                                   user.name, user.key, entry.size, seq)  # fmt: skip
@@ -1664,13 +1675,9 @@ class Relay:
             # The sender's node hands the receipt over from the shared
             # queue once it is there (`receipts_waiting`).
             self.store.submit(delivered)
-        elif (entry.sender_key, instance_id, client_seq) in self._accepted:
-            self.store.submit(
-                delivered,
-                functools.partial(
-                    self._tell_sender, entry.sender_key, entry.msg_id, user.name, seq
-                ),
-            )
+        elif (dedup := (entry.sender_key, instance_id, client_seq)) in self._accepted:
+            self.store.submit(delivered)
+            self._tell_at_accept[dedup] = (entry.msg_id, user.name, seq)
         else:
             self.store.submit(delivered)
             self._tell_sender(entry.sender_key, entry.msg_id, user.name, seq)

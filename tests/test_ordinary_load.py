@@ -178,6 +178,34 @@ def test_without_a_receipt_the_commit_waits_commit_wait_at_most(world: World) ->
     assert rows(world.store.data_dir, "SELECT COUNT(*) FROM mailbox") == [(1,)]
 
 
+def test_a_receipt_after_the_wait_but_before_the_commit_needs_no_commit_of_its_own(
+    world: World,
+) -> None:
+    """The receipt comes after the wait ended (the message's commit is under
+    way) but before that commit is done: DELIVERED leaves with the ACCEPT, in
+    one datagram, as soon as the message is on disk, and the receipt's own
+    write waits for the next commit something needs (it starts none)."""
+    store, relay = world.store, world.relay
+    commits = store.commits
+    got = send_one(world, "slow disk", MsgId(9, 2))
+    world.now += COMMIT_WAIT
+    relay.handle_timer(world.now)
+    relay.flush_store(world.now)  # the wait is over: the message goes to the disk
+    handed = store.handed
+    world.now += 0.0001
+    bob = world.conns["bob"]  # its receipt, taken before the commit's answer is
+    bob.send(encode_message(Receipt(got[0].server_msg_id)))
+    for data in bob.datagrams_to_send(world.now):
+        relay.receive_datagram(data, world.addrs["bob"], world.now)
+    relay.flush_store(world.now)
+    assert store.handed == handed, "the receipt's write started a commit"
+    datagrams = alice_datagrams(world)
+    assert len(datagrams) == 1
+    assert [m.msg_id for m in world.answers("alice")] == [MsgId(9, 2)]
+    assert world.delivereds("alice") == [MsgId(9, 2)]
+    assert store.commits - commits == 1
+
+
 def test_messages_within_the_wait_share_one_commit(world: World) -> None:
     """Three messages 0.2 ms apart to an online recipient, receipted as they
     come: one commit for the three (and their receipts), not six."""
