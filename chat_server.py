@@ -295,8 +295,8 @@ MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the 
 # that comes back within it joins the message's commit: no mailbox row is
 # written at all (nor deleted in a second commit, a second fsync), and the
 # DELIVERED leaves with the ACCEPT, in one datagram. On loopback a receipt
-# takes 0.2-0.5 ms; the ACCEPT waits this much more at most (docs/
-# RELIABILITY.md 1.3 allows group commits of up to 10 ms). The DELIVER
+# takes 0.2-0.5 ms; the ACCEPT waits this much more at most (the group
+# commits of docs/RELIABILITY.md 1.3 may take up to 10 ms). The DELIVER
 # itself never waits (see `_take`).
 COMMIT_WAIT = 0.002
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
@@ -3652,6 +3652,8 @@ class ChatServer:
             while not self._stopping:
                 now = time.monotonic()
                 deadline = relay.get_timer()
+                if self.store is not None and (due := self.store.flush_due) is not None:
+                    deadline = due if deadline is None else min(deadline, due)
                 timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
                 # Only what select found ready is read: at an ordinary load a
                 # pass has one thing to do, and every read that finds

@@ -77,7 +77,9 @@ ID_BLOCK = 10_000  # server_msg_ids reserved per durable write, never reused aft
 # waits), or go after LAZY_HOLD seconds at most when none comes. A lone
 # message then costs one commit, not three (message; receipt; receipt acked).
 # Only without a callback: a MarkDelivered whose DELIVERED waits for it is not.
-LAZY_HOLD = 0.5
+# At an ordinary load a commit comes every few ms; the hold only bounds how
+# long an idle server keeps them in memory (`flush_due` wakes its loop).
+LAZY_HOLD = 0.1
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -1360,6 +1362,14 @@ class ServerStore:
         self._ops.put(self._pending)
         self._pending = []
         self._urgent = False
+
+    @property
+    def flush_due(self) -> float | None:
+        """When (on the store's clock, the loop's monotonic one) `flush` will
+        hand over the lazy writes it holds, if it holds nothing else."""
+        if not self._pending or self._urgent:
+            return None
+        return self._pending_since + LAZY_HOLD
 
     @property
     def queue_depth(self) -> int:
