@@ -290,6 +290,15 @@ GROUP_SENT_PAGE = 64
 # be trimmed: that walks the members' cursors, so not at every receipt.
 GROUP_TRIM_EVERY = 64
 MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
+# How long the relay holds the store's next commit for the receipts of the
+# messages it has just handed to online recipients (issue 18). A receipt
+# that comes back within it joins the message's commit: no mailbox row is
+# written at all (nor deleted in a second commit, a second fsync), and the
+# DELIVERED leaves with the ACCEPT, in one datagram. On loopback a receipt
+# takes 0.2-0.5 ms; the ACCEPT waits this much more at most (the group
+# commits of docs/RELIABILITY.md 1.3 may take up to 10 ms). The DELIVER
+# itself never waits (see `_take`).
+COMMIT_WAIT = 0.002
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
 #: report every one of them, at 0 until it happens, so an alert on one can
@@ -404,6 +413,9 @@ class Relay:
         # first new message, dropped with the session): a sender cannot
         # choose the keys of this map, and start-up reads none of it.
         self._accepted: dict[tuple[str, int, int], tuple[int, str, str]] = {}
+        # Of those, the ones receipted already: the DELIVERED to tell with
+        # the ACCEPT (message id, recipient's name, the receipt's seq).
+        self._tell_at_accept: dict[tuple[str, int, int], tuple[MsgId, str, int]] = {}
         self._hwm: dict[tuple[str, int], int] = {}
         # Dedup keys being looked up on the disk -> the SENDs waiting for the answer.
         self._looking_up: dict[tuple[str, int, int], list[tuple[Send, str]]] = {}
@@ -420,6 +432,11 @@ class Relay:
         # the cost of routing, and senders name the same few people.
         self._recipient_keys: dict[str, str] = {}
         self._timers: list[tuple[float, int, bytes]] = []
+        # Messages handed to online recipients since the store's last flush,
+        # whose receipts have not come yet, and until when the flush waits
+        # for them (COMMIT_WAIT).
+        self._expecting: set[int] = set()
+        self._hold_until: float | None = None
         self._tiebreak = itertools.count()
         self._out: Outgoing = []
         self.drops = DropLog(self.config.log_interval, LIMIT_REASONS)
@@ -624,12 +641,32 @@ class Relay:
         return out
 
     def get_timer(self) -> float | None:
-        """When `handle_timer` is next due (None: nothing is scheduled)."""
-        return self._timers[0][0] if self._timers else None
+        """When `handle_timer` (or `flush_store`) is next due (None: nothing
+        is scheduled)."""
+        timer = self._timers[0][0] if self._timers else None
+        hold = self._hold_until
+        if hold is not None and (timer is None or hold < timer):
+            return hold
+        return timer
+
+    def flush_store(self, now: float) -> None:
+        """End of a loop pass, after the sends: hand the store what the pass
+        submitted (`MessageStore.flush`), unless receipts of messages just
+        handed over may still join it (COMMIT_WAIT; `get_timer` says when
+        the wait ends: `handle_timer` ends it)."""
+        if self._expecting and self._hold_until is not None and now < self._hold_until:
+            return
+        self._expecting.clear()
+        self._hold_until = None
+        self.store.flush()
 
     def handle_timer(self, now: float) -> None:
-        """Run every timer that is due (retransmissions, acks, expiry)."""
+        """Run every timer that is due (retransmissions, acks, expiry, the
+        end of a commit's wait for receipts)."""
         self._now = now
+        if self._hold_until is not None and now >= self._hold_until:
+            self._expecting.clear()  # the pass's `flush_store` hands the store its batch
+            self._hold_until = None
         while self._timers and self._timers[0][0] <= now:
             deadline, _, session_id = heapq.heappop(self._timers)
             session = self.sessions.get(session_id)
@@ -1434,6 +1471,10 @@ class Relay:
                     self._hand_over(route, pager, stored, size, msg_id)  # the usual case, in short
                 else:
                     self._offer_mail(route, stored, size, msg_id)
+                # Its receipt may come back before the commit: wait for it a little.
+                self._expecting.add(server_msg_id)
+                if self._hold_until is None:
+                    self._hold_until = self._now + COMMIT_WAIT
             case str():
                 # On another node: the message waits in the store, which
                 # that node reads (the cluster's forwarding is issue 15).
@@ -1483,6 +1524,10 @@ class Relay:
         session = self.router.locate(sender)
         if isinstance(session, Session):
             self._queue_accept(session, msg_id, server_msg_id)
+        if dedup is not None and self._tell_at_accept:
+            told = self._tell_at_accept.pop(dedup, None)
+            if told is not None:  # receipted before this commit: DELIVERED follows the ACCEPT
+                self._tell_sender(dedup[0], *told)
 
     def _queue_accept(self, session: Session, msg_id: MsgId, server_msg_id: int) -> None:
         """Queue an ACCEPT for the pass's batch (ids, not an `Accept`: one
@@ -1605,6 +1650,8 @@ class Relay:
             # and is receipted again.
             self._on_group_receipt(session, server_msg_id)
             return
+        if self._expecting:
+            self._expecting.discard(server_msg_id)
         user = session.user
         pager.bytes -= entry.size
         user.mailbox_count -= 1
@@ -1613,10 +1660,14 @@ class Relay:
         sender = self.users.get(entry.sender_key)
         if sender is not None:
             sender.notice_count += 1
-        # Received before its commit (the disk is slow or full): the sender
-        # hears of it, which implies its ACCEPT, only once it is on disk,
-        # after the ACCEPT (the commits keep their order). The callback is
-        # built only then: the usual receipt comes after the commit.
+        # The receipt's write is lazy (server_store.LAZY_HOLD): nothing waits
+        # for it. A crash that loses it hands the message over again at the
+        # next login, under the same message id (the client's dedup key),
+        # and the sender hears DELIVERED again (states only move forward).
+        # Received before its message's commit: the sender hears of it,
+        # which implies its ACCEPT, with the ACCEPT, once the message is on
+        # disk (`_accept`), in the same datagram; not after a commit of its
+        # own.
         instance_id, client_seq = entry.msg_id
         delivered = MarkDelivered(entry.server_msg_id, entry.sender_key, instance_id, client_seq,
                                   user.name, user.key, entry.size, seq)  # fmt: skip
@@ -1624,13 +1675,9 @@ class Relay:
             # The sender's node hands the receipt over from the shared
             # queue once it is there (`receipts_waiting`).
             self.store.submit(delivered)
-        elif (entry.sender_key, instance_id, client_seq) in self._accepted:
-            self.store.submit(
-                delivered,
-                functools.partial(
-                    self._tell_sender, entry.sender_key, entry.msg_id, user.name, seq
-                ),
-            )
+        elif (dedup := (entry.sender_key, instance_id, client_seq)) in self._accepted:
+            self.store.submit(delivered)
+            self._tell_at_accept[dedup] = (entry.msg_id, user.name, seq)
         else:
             self.store.submit(delivered)
             self._tell_sender(entry.sender_key, entry.msg_id, user.name, seq)
@@ -3605,16 +3652,26 @@ class ChatServer:
             while not self._stopping:
                 now = time.monotonic()
                 deadline = relay.get_timer()
+                if self.store is not None and (due := self.store.flush_due) is not None:
+                    deadline = due if deadline is None else min(deadline, due)
                 timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
-                selector.select(timeout)
-                try:
-                    while self._wake_r.recv(4096):
+                # Only what select found ready is read: at an ordinary load a
+                # pass has one thing to do, and every read that finds
+                # nothing costs a raised BlockingIOError (issue 18).
+                readable = socket_ready = False
+                for key, _ in selector.select(timeout):
+                    if key.fileobj is self.socket:
+                        socket_ready = True
+                    else:
+                        readable = True
+                if readable:
+                    try:
+                        self._wake_r.recv(4096)  # (more than that: select says so again)
+                    except (BlockingIOError, InterruptedError):
                         pass
-                except (BlockingIOError, InterruptedError):
-                    pass
                 now = time.monotonic()
                 batch: list[tuple[bytes, Address]] = []
-                for _ in range(self.READ_BATCH):
+                for _ in range(self.READ_BATCH if socket_ready else 0):
                     try:
                         data, addr = self.socket.recvfrom(65535)
                     except (BlockingIOError, InterruptedError):
@@ -3623,13 +3680,13 @@ class ChatServer:
                         log.debug("recvfrom: %s", exc)
                         continue
                     batch.append((data, addr[:2]))
-                relay.receive_datagrams(batch, now)  # sessions' datagrams first
+                if batch:
+                    relay.receive_datagrams(batch, now)  # sessions' datagrams first
                 self._sample_memory(now)
-                relay.store_done(now)
-                relay.key_exchange_done(now)
+                # (the store's and the key exchanges' completions: in datagrams_to_send)
                 relay.handle_timer(now)
                 self._send_all(relay.datagrams_to_send(now))
-                relay.store.flush()  # after the sends: see ServerStore.flush
+                relay.flush_store(now)  # after the sends: see ServerStore.flush
             self._commit_before_leaving(selector)
             now = time.monotonic()
             relay.send_shutdown(now)
@@ -3646,7 +3703,7 @@ class ChatServer:
         relay = self.relay
         committed: list[bool] = []  # its callback runs on this thread, in store_done
         relay.store.submit(Sync(), lambda: committed.append(True))  # after all queued before
-        relay.store.flush()
+        relay.flush_store(float("inf"))  # no more waiting for receipts
         deadline = time.monotonic() + SHUTDOWN_COMMIT_WAIT
         while True:
             now = time.monotonic()

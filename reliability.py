@@ -13,7 +13,8 @@ How it works, with the numbers and their sources in docs/RELIABILITY.md:
   across retransmissions, so RTT samples are never ambiguous (RFC 9002 4.1);
 - the receiver acks with a cumulative `una` plus up to 16 ranges, after every
   second ack-eliciting datagram or within 25 ms (RFC 9000 13.2.2), and at
-  once for anything out of order or duplicated;
+  once for anything out of order or duplicated, and for a keepalive (PING)
+  that carries no data;
 - RTO per RFC 6298 (SRTT/RTTVAR, initial 1 s, doubling backoff, a cap); a
   chunk is lost when 3 later packets were acked or it is 9/8 RTT older than
   the newest acked one (RFC 9002 6.1);
@@ -519,9 +520,10 @@ class Connection:
         if pkt > self._largest_recv:
             self._largest_recv = pkt
             self._largest_recv_at = now
-        out_of_order = eliciting = False
+        out_of_order = eliciting = chunks = False
         for frame in packet.frames:
             if isinstance(frame, Stream):
+                chunks = True
                 # A chunk refused for a cap is simply not acked: resent later.
                 if data:
                     eliciting = True
@@ -536,7 +538,11 @@ class Connection:
                 self._events.append(PathResponded(frame.data))
         if eliciting:
             self._ack_count += 1
-            if out_of_order or self._ack_count >= ACK_EVERY:
+            # A PING alone (a keepalive) is acked at once: no data of ours
+            # follows it to carry the ack, so waiting MAX_ACK_DELAY would only
+            # cost the owner a second wake-up for the same ACK (issue 18; RFC
+            # 9000 13.2.1 allows acking sooner than max_ack_delay).
+            if out_of_order or self._ack_count >= ACK_EVERY or not chunks:
                 self._ack_due = now
             elif self._ack_due is None:
                 self._ack_due = now + MAX_ACK_DELAY

@@ -68,6 +68,18 @@ FAILURE_LOG_S = 10.0  # one log line per this many seconds while commits keep fa
 # error or a file it cannot open) is put down to a full disk.
 LOW_SPACE = 64 * 1024
 ID_BLOCK = 10_000  # server_msg_ids reserved per durable write, never reused after a crash
+# Writes nothing waits for, whose loss in a crash harms nothing (issue 18):
+# a receipt taken off a mailbox, a receipt the sender's client acked. Lost,
+# the message or the receipt is handed over again at the next login and the
+# client, which dedups by message id, shows nothing twice and states move
+# only forward. So they do not start a commit (an fsync) of their own: they
+# ride on the next write something waits for (a message's, whose ACCEPT
+# waits), or go after LAZY_HOLD seconds at most when none comes. A lone
+# message then costs one commit, not three (message; receipt; receipt acked).
+# Only without a callback: a MarkDelivered whose DELIVERED waits for it is not.
+# At an ordinary load a commit comes every few ms; the hold only bounds how
+# long an idle server keeps them in memory (`flush_due` wakes its loop).
+LAZY_HOLD = 0.1
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -747,6 +759,8 @@ class Read:
 
 Op = Write | Read | ClusterGroupOp
 Then = Callable[[], None]
+#: Writes held back when nothing waits for them (see LAZY_HOLD).
+LAZY_WRITES = (MarkDelivered, NoticeDone, GroupNoticeDone)
 
 
 class MessageStore(Protocol):
@@ -1066,6 +1080,10 @@ class ServerStore:
         # `flush()`: one queue operation and one wake-up of this thread per
         # pass, after the pass's datagrams have gone out.
         self._pending: list[tuple[Op, Then | None]] = []
+        # Whether `_pending` holds anything but lazy writes (see LAZY_HOLD),
+        # and since when it has held any.
+        self._urgent = False
+        self._pending_since = 0.0
         self._ops: queue.SimpleQueue[list[tuple[Op, Then | None]] | None] = queue.SimpleQueue()
         try:
             self._db = self._connect()
@@ -1301,7 +1319,7 @@ class ServerStore:
         """Reserve the next block of ids when the loop is half-way through this one."""
         if next_msg_id + ID_BLOCK // 2 >= self._next_block:
             self._next_block += ID_BLOCK
-            self._pending.append((Reserve(self._next_block), None))
+            self.submit(Reserve(self._next_block))
         return self._next_block - ID_BLOCK // 2
 
     # --- the writer thread ---------------------------------------------------
@@ -1313,25 +1331,45 @@ class ServerStore:
     def submit(self, op: Op, then: Then | None = None) -> None:
         """Queue a write or a read; `then` runs on the loop after it has
         committed (been answered). Nothing reaches the store thread before
-        the next `flush()`."""
+        the next `flush()` that hands it over."""
+        if not self._pending:
+            self._pending_since = self._clock()
         self._pending.append((op, then))
+        if then is not None or not isinstance(op, LAZY_WRITES):
+            self._urgent = True
 
     def completed(self) -> list[Then]:
         done: list[Then] = []
+        if self.done.empty():  # most passes: no exception raised to learn it
+            return done
         while True:
             try:
                 done.append(self.done.get_nowait())
             except queue.Empty:
                 return done
 
-    def flush(self) -> None:
+    def flush(self, *, force: bool = False) -> None:
         """Hand the writes submitted since the last flush to the store thread.
         The loop calls it once per pass, after sending: waking the writer
-        earlier would have it compete for the GIL with the sends."""
-        if self._pending:
-            self.handed += len(self._pending)
-            self._ops.put(self._pending)
-            self._pending = []
+        earlier would have it compete for the GIL with the sends. Lazy
+        writes alone (LAZY_HOLD) stay until something waits for a commit,
+        or LAZY_HOLD s; `force` hands everything over."""
+        if not self._pending:
+            return
+        if not force and not self._urgent and self._clock() - self._pending_since < LAZY_HOLD:
+            return
+        self.handed += len(self._pending)
+        self._ops.put(self._pending)
+        self._pending = []
+        self._urgent = False
+
+    @property
+    def flush_due(self) -> float | None:
+        """When (on the store's clock, the loop's monotonic one) `flush` will
+        hand over the lazy writes it holds, if it holds nothing else."""
+        if not self._pending or self._urgent:
+            return None
+        return self._pending_since + LAZY_HOLD
 
     @property
     def queue_depth(self) -> int:
@@ -1341,7 +1379,7 @@ class ServerStore:
 
     def close(self) -> None:
         """Commit what is queued and stop the thread."""
-        self.flush()
+        self.flush(force=True)
         if self._thread is not None:
             self._closing.set()  # a batch that keeps failing is given up
             self._ops.put(None)
@@ -1402,11 +1440,14 @@ class ServerStore:
             for op, _ in batch:
                 if isinstance(op, Read):
                     op.run(self._answer)
+            waited = False
             for _, then in batch:
                 if then is not None:
                     self.done.put(then)
+                    waited = True
             self.finished += len(batch)
-            self.notify()
+            if waited:  # a batch of lazy writes wakes nobody: nothing waits for it
+                self.notify()
 
     def _log_failure(self, exc: Exception, waiting: int, failing_for: float) -> None:
         kind, detail = failure_cause(exc, self.data_dir)
@@ -1482,12 +1523,14 @@ class ServerStore:
                     groups.add(op, stamp, dedup)
                 case _:
                     groups.other(op)
-        if delivered:
+        if delivered and messages:
             # Received before the commit: the mailbox row would be written and
             # deleted in the same transaction; skip both (the dedup row stays).
             gone = set(delivered)
-            if any(row[0] in gone for row in messages):
+            new = {row[0] for row in messages}
+            if not gone.isdisjoint(new):
                 messages = [row for row in messages if row[0] not in gone]
+                delivered = [i for i in delivered if i not in new]
         save_time = stamp - self._time_saved >= TIME_SAVE_MS or self._closing.is_set()
         db = self._db
         db.execute("BEGIN")
@@ -1513,11 +1556,12 @@ class ServerStore:
                 )
                 db.execute(f"DELETE FROM notices WHERE {where}", _flat(part))
             self._count(counts)
-            db.executemany(
-                "UPDATE accounts SET salt=?, iterations=?, stored_key=?, server_key=? "
-                "WHERE name_key=?",
-                updated,
-            )
+            if updated:
+                db.executemany(
+                    "UPDATE accounts SET salt=?, iterations=?, stored_key=?, server_key=? "
+                    "WHERE name_key=?",
+                    updated,
+                )
             for key, until_ms in erased:
                 db.execute("DELETE FROM accounts WHERE name_key=?", (key,))
                 self._erase_rows(key)
