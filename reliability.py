@@ -551,10 +551,18 @@ class Connection:
             # not at the last ack before an idle spell.
             self._last_progress = now
         self._admit_waiting()
-        queue = [c for c in self._inflight.values() if c.lost]
+        # One pass for what is due (in seq order) and the datagrams still in
+        # flight (`_packet_budget`'s count).
+        queue: list[_Chunk] = []
+        flying = set()
+        for c in self._inflight.values():
+            if c.lost:
+                queue.append(c)
+            else:
+                flying.add(c.pkt_num)
         queued = len(queue)
         at = 0  # queue[at:] is still to go
-        budget = self._packet_budget()
+        budget = int(self._cwnd) - len(flying)
         while (
             (at < queued and budget > 0) or self._ack_is_due(now) or self._ping
             or self._path_responses
@@ -612,12 +620,25 @@ class Connection:
             deadlines.append(self._ack_due)
         if self._ping or self._path_responses:
             deadlines.append(0.0)
-        oldest = self._oldest_outstanding()
-        if oldest is not None:
-            deadlines.append(oldest.sent_at + self._backed_off_rto())
-        if self._packet_budget() > 0:
-            self._admit_waiting()
-            if any(c.lost for c in self._inflight.values()):
+        # One pass for `_oldest_outstanding`, `_packet_budget` and whether
+        # any chunk is due (this is asked after every datagram either way).
+        oldest_sent = None
+        flying = set()
+        due = False
+        for c in self._inflight.values():
+            if c.lost:
+                due = True
+            else:
+                flying.add(c.pkt_num)
+                if oldest_sent is None or c.sent_at < oldest_sent:
+                    oldest_sent = c.sent_at
+        if oldest_sent is not None:
+            deadlines.append(oldest_sent + self._backed_off_rto())
+        if int(self._cwnd) - len(flying) > 0:
+            if self._waiting:
+                self._admit_waiting()  # chunks it moves into flight are due
+                due = due or any(c.lost for c in self._inflight.values())
+            if due:
                 deadlines.append(0.0)
         if self._inflight and not self._unreachable:
             deadlines.append(self._last_progress + UNREACHABLE_AFTER)
