@@ -106,7 +106,7 @@ CHUNK_SIZE = MAX_FRAMES_SIZE - ACK_ROOM - STREAM_OVERHEAD
 assert (MAX_TEXT_BYTES + 1024) // CHUNK_SIZE + 1 <= MAX_FRAGMENTS
 
 
-@dataclasses.dataclass(unsafe_hash=True)  # built per message: see protocol.Padding
+@dataclasses.dataclass(unsafe_hash=True, slots=True)  # built per message: see protocol.Padding
 class PayloadReceived:
     """A whole payload arrived, in order within its stream."""
 
