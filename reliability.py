@@ -978,7 +978,8 @@ class Connection:
                 if sample - delay >= 0.0001:
                     sample -= delay
                 self._update_rtt(max(sample, 0.0))
-            for pkt in [p for p in self._sent_times if p <= ack.largest_pkt]:
+            newest = ack.largest_pkt
+            for pkt in [p for p in self._sent_times if p <= newest]:
                 del self._sent_times[pkt]
             if not self._sent_times:
                 self._sent_times = {}  # a dict keeps its table when emptied: free it
@@ -1005,15 +1006,18 @@ class Connection:
         # Loss detection (RFC 9002 6.1): packet and time thresholds.
         rtt = max(self._srtt or INITIAL_RTO, self._latest_rtt, TIMER_GRANULARITY)
         lost_pkt = 0
+        # (Per ack, over every chunk in flight: the bounds are worked out once.)
+        largest = self._largest_acked
+        by_count = largest - PACKET_THRESHOLD  # pkt_num + PACKET_THRESHOLD <= largest
+        by_time = now - TIME_THRESHOLD * rtt
         for chunk in self._inflight.values():
-            if chunk.lost or chunk.pkt_num >= self._largest_acked:
+            pkt = chunk.pkt_num
+            if chunk.lost or pkt >= largest:
                 continue
-            if (
-                chunk.pkt_num + PACKET_THRESHOLD <= self._largest_acked
-                or chunk.sent_at <= now - TIME_THRESHOLD * rtt
-            ):
+            if pkt <= by_count or chunk.sent_at <= by_time:
                 chunk.lost = True
-                lost_pkt = max(lost_pkt, chunk.pkt_num)
+                if pkt > lost_pkt:
+                    lost_pkt = pkt
         if lost_pkt >= self._recovery_pkt and lost_pkt:
             # One reduction per round trip (RFC 9002 7.3.2).
             self._cwnd = max(MIN_CWND, self._cwnd / 2)
