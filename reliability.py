@@ -107,7 +107,7 @@ CHUNK_SIZE = MAX_FRAMES_SIZE - ACK_ROOM - STREAM_OVERHEAD
 assert (MAX_TEXT_BYTES + 1024) // CHUNK_SIZE + 1 <= MAX_FRAGMENTS
 
 
-@dataclasses.dataclass(unsafe_hash=True)  # built per message: see protocol.Padding
+@dataclasses.dataclass(unsafe_hash=True, slots=True)  # built per message: see protocol.Padding
 class PayloadReceived:
     """A whole payload arrived, in order within its stream."""
 
@@ -557,10 +557,18 @@ class Connection:
             # not at the last ack before an idle spell.
             self._last_progress = now
         self._admit_waiting()
-        queue = [c for c in self._inflight.values() if c.lost]
+        # One pass for what is due (in seq order) and the datagrams still in
+        # flight (`_packet_budget`'s count).
+        queue: list[_Chunk] = []
+        flying = set()
+        for c in self._inflight.values():
+            if c.lost:
+                queue.append(c)
+            else:
+                flying.add(c.pkt_num)
         queued = len(queue)
         at = 0  # queue[at:] is still to go
-        budget = self._packet_budget()
+        budget = int(self._cwnd) - len(flying)
         while (
             (at < queued and budget > 0) or self._ack_is_due(now) or self._ping
             or self._path_responses
@@ -618,12 +626,25 @@ class Connection:
             deadlines.append(self._ack_due)
         if self._ping or self._path_responses:
             deadlines.append(0.0)
-        oldest = self._oldest_outstanding()
-        if oldest is not None:
-            deadlines.append(oldest.sent_at + self._backed_off_rto())
-        if self._packet_budget() > 0:
-            self._admit_waiting()
-            if any(c.lost for c in self._inflight.values()):
+        # One pass for `_oldest_outstanding`, `_packet_budget` and whether
+        # any chunk is due (this is asked after every datagram either way).
+        oldest_sent = None
+        flying = set()
+        due = False
+        for c in self._inflight.values():
+            if c.lost:
+                due = True
+            else:
+                flying.add(c.pkt_num)
+                if oldest_sent is None or c.sent_at < oldest_sent:
+                    oldest_sent = c.sent_at
+        if oldest_sent is not None:
+            deadlines.append(oldest_sent + self._backed_off_rto())
+        if int(self._cwnd) - len(flying) > 0:
+            if self._waiting:
+                self._admit_waiting()  # chunks it moves into flight are due
+                due = due or any(c.lost for c in self._inflight.values())
+            if due:
                 deadlines.append(0.0)
         if self._inflight and not self._unreachable:
             deadlines.append(self._last_progress + UNREACHABLE_AFTER)
@@ -963,7 +984,8 @@ class Connection:
                 if sample - delay >= 0.0001:
                     sample -= delay
                 self._update_rtt(max(sample, 0.0))
-            for pkt in [p for p in self._sent_times if p <= ack.largest_pkt]:
+            newest = ack.largest_pkt
+            for pkt in [p for p in self._sent_times if p <= newest]:
                 del self._sent_times[pkt]
             if not self._sent_times:
                 self._sent_times = {}  # a dict keeps its table when emptied: free it
@@ -990,15 +1012,18 @@ class Connection:
         # Loss detection (RFC 9002 6.1): packet and time thresholds.
         rtt = max(self._srtt or INITIAL_RTO, self._latest_rtt, TIMER_GRANULARITY)
         lost_pkt = 0
+        # (Per ack, over every chunk in flight: the bounds are worked out once.)
+        largest = self._largest_acked
+        by_count = largest - PACKET_THRESHOLD  # pkt_num + PACKET_THRESHOLD <= largest
+        by_time = now - TIME_THRESHOLD * rtt
         for chunk in self._inflight.values():
-            if chunk.lost or chunk.pkt_num >= self._largest_acked:
+            pkt = chunk.pkt_num
+            if chunk.lost or pkt >= largest:
                 continue
-            if (
-                chunk.pkt_num + PACKET_THRESHOLD <= self._largest_acked
-                or chunk.sent_at <= now - TIME_THRESHOLD * rtt
-            ):
+            if pkt <= by_count or chunk.sent_at <= by_time:
                 chunk.lost = True
-                lost_pkt = max(lost_pkt, chunk.pkt_num)
+                if pkt > lost_pkt:
+                    lost_pkt = pkt
         if lost_pkt >= self._recovery_pkt and lost_pkt:
             # One reduction per round trip (RFC 9002 7.3.2).
             self._cwnd = max(MIN_CWND, self._cwnd / 2)
