@@ -912,7 +912,9 @@ class Relay:
             return 0
         by_stream: dict[int, int] = {}
         for group_key in groups:
-            group = self.groups.groups[group_key]
+            group = self.groups.get(group_key)
+            if group is None:
+                continue
             stream = self._group_stream(group)
             by_stream[stream] = max(by_stream.get(stream, 0), len(group.members) - 1)
         return sum(by_stream.get(f.stream, 0) for f in new if f.index == 0)
@@ -2240,6 +2242,7 @@ class Relay:
         self.stats["groups_ended"] += 1
         self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
         stream = self._group_stream(group)
+        self._group_streams.pop(group.key, None)  # the cache holds live groups only
         self.store.submit(
             EndGroup(group.key, (key, 0, f"left #{group.name}; it has ended")),
             functools.partial(self._group_ended, group, user, item, key, stream),
@@ -3111,6 +3114,7 @@ class Relay:
             return
         keys = [*group.members, *group.former]
         self.groups.end(group)
+        self._group_streams.pop(group.key, None)
         self._group_wanted.pop(group.key, None)
         for member_key in keys:
             user = self.users.get(member_key)
