@@ -477,6 +477,7 @@ class Relay:
         self._group_waiters: dict[str, list[tuple[int, int, Callable[[], None]]]] = {}
         self._group_reached: dict[str, dict[MsgId, tuple[Group, list[str]]]] = {}
         self._group_streams: dict[str, int] = {}  # group key -> its stream on every hop
+        self._group_lows: dict[str, int] = {}  # group key -> its low-water mark, this pass
         self._load(self.store.load())
         self._reserve_at = self.store.reserve_ids(self._next_msg_id)  # when to ask again
         # The wall clock is only for timestamps people see (`sent_ms`): what
@@ -1525,6 +1526,7 @@ class Relay:
                     continue
                 for ids in batches(msg_ids):
                     self._send(session, Delivereds(to, tuple(ids)), handle=ids)
+        self._group_lows.clear()
         if self._group_reached:
             self._send_group_reached()
         if self._group_delivereds:
@@ -2635,10 +2637,15 @@ class Relay:
                     by_message[msg_id] = (group, [user.name])
                 else:
                     told[1].append(user.name)
+        before = member.cursor
         if seq > member.cursor:
             member.cursor = seq
         self.store.submit(GroupReceipt(group_key, user.key, seq))
-        if user.key in group.owed:  # a sender's own cursor often holds the low-water mark
+        owed = group.owed.get(user.key)
+        if owed is not None and before <= owed[0]:
+            # A sender's own cursor held their mark (it often does: their
+            # client passes over their own messages): it may move now.
+            self._group_lows.pop(group_key, None)
             self._group_told(session, group)
         self._maybe_trim(group, user.key)
         if member.caught_up and self.groups.forget_former(group, member):
@@ -2745,7 +2752,12 @@ class Relay:
             or any(g is group for g, _ in self._group_reached.get(user.key, {}).values())
         ):
             return
-        low = group.low_water()
+        # The low-water mark only rises (a member added starts at the end),
+        # so one worked out earlier in the pass is safe, if low: walking a
+        # thousand members at every sender's ack would cost more than a copy.
+        low = self._group_lows.get(group.key)
+        if low is None:
+            low = self._group_lows[group.key] = group.low_water()
         if not self.groups.told(group, user.key, low):
             return
         self.store.submit(GroupTold(user.key, group.key, low))
@@ -2775,6 +2787,7 @@ class Relay:
         move up to the low-water mark (a receipt of another's entry moves
         it without a notice to them)."""
         group.trim_checked = group.seq
+        self._group_lows.pop(group.key, None)
         for sender_key in list(group.owed):
             sender = self.users.get(sender_key)
             route = self.router.locate(sender) if sender is not None else None
