@@ -177,3 +177,15 @@ def test_a_sender_away_is_told_after_a_restart(tmp_path: Path) -> None:
     finally:
         store.close()
         net.store.close()
+
+
+def test_the_terminal_says_a_member_was_counted_out() -> None:
+    from chat_client import event_to_json, event_to_text
+
+    event = RecipientsChanged("9-1", "#team", 1, "carol")
+    assert event_to_text(event) == (
+        "  carol's account is gone: message 9-1 now goes to 1 member(s)",
+        False,
+    )
+    assert event_to_json(event) == {"event": "recipients", "id": "9-1", "group": "team",
+                                    "recipients": 1, "gone": "carol"}  # fmt: skip
