@@ -2434,9 +2434,12 @@ class Relay:
                 continue
             route = self.router.locate(user)
             if not item.change and member.key == item.sender_key:
-                # The sender's own message: passed over where it was sent
-                # from; another client instance of theirs (a second device)
-                # gets it like any copy, and one logging in later from the log.
+                # The sender's own message: passed over by the session that
+                # sent it (in a cluster, so by the sender's node only: the
+                # others' copies of the cursor follow from the store at a
+                # login there); another client instance of theirs (a second
+                # device) gets it like any copy, one logging in later from
+                # the log, which also keeps it while the sender is offline.
                 if not isinstance(route, Session):
                     continue
                 if route.instance_id == item.instance_id:
