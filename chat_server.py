@@ -494,6 +494,7 @@ class Relay:
         self._group_waiters: dict[str, list[tuple[int, int, Callable[[], None]]]] = {}
         self._group_reached: dict[str, dict[MsgId, tuple[Group, list[str]]]] = {}
         self._group_streams: dict[str, int] = {}  # group key -> its stream on every hop
+        self._group_lows: dict[str, int] = {}  # group key -> its low-water mark, this pass
         self._load(self.store.load())
         self._reserve_at = self.store.reserve_ids(self._next_msg_id)  # when to ask again
         # The wall clock is only for timestamps people see (`sent_ms`): what
@@ -949,7 +950,9 @@ class Relay:
             return 0
         by_stream: dict[int, int] = {}
         for group_key in groups:
-            group = self.groups.groups[group_key]
+            group = self.groups.get(group_key)
+            if group is None:
+                continue
             stream = self._group_stream(group)
             by_stream[stream] = max(by_stream.get(stream, 0), len(group.members) - 1)
         return sum(by_stream.get(f.stream, 0) for f in new if f.index == 0)
@@ -1568,6 +1571,7 @@ class Relay:
                     continue
                 for ids in batches(msg_ids):
                     self._send(session, Delivereds(to, tuple(ids)), handle=ids)
+        self._group_lows.clear()
         if self._group_reached:
             self._send_group_reached()
         if self._group_delivereds:
@@ -2287,6 +2291,7 @@ class Relay:
         self.stats["groups_ended"] += 1
         self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
         stream = self._group_stream(group)
+        self._group_streams.pop(group.key, None)  # the cache holds live groups only
         self.store.submit(
             EndGroup(group.key, (key, 0, f"left #{group.name}; it has ended")),
             functools.partial(self._group_ended, group, user, item, key, stream),
@@ -2476,9 +2481,12 @@ class Relay:
                 continue
             route = self.router.locate(user)
             if not item.change and member.key == item.sender_key:
-                # The sender's own message: passed over where it was sent
-                # from; another client instance of theirs (a second device)
-                # gets it like any copy, and one logging in later from the log.
+                # The sender's own message: passed over by the session that
+                # sent it (in a cluster, so by the sender's node only: the
+                # others' copies of the cursor follow from the store at a
+                # login there); another client instance of theirs (a second
+                # device) gets it like any copy, one logging in later from
+                # the log, which also keeps it while the sender is offline.
                 if not isinstance(route, Session):
                     continue
                 if route.instance_id == item.instance_id:
@@ -2679,10 +2687,15 @@ class Relay:
                     by_message[msg_id] = (group, [user.name])
                 else:
                     told[1].append(user.name)
+        before = member.cursor
         if seq > member.cursor:
             member.cursor = seq
         self.store.submit(GroupReceipt(group_key, user.key, seq))
-        if user.key in group.owed:  # a sender's own cursor often holds the low-water mark
+        owed = group.owed.get(user.key)
+        if owed is not None and before <= owed[0]:
+            # A sender's own cursor held their mark (it often does: their
+            # client passes over their own messages): it may move now.
+            self._group_lows.pop(group_key, None)
             self._group_told(session, group)
         self._maybe_trim(group, user.key)
         if member.caught_up and self.groups.forget_former(group, member):
@@ -2789,7 +2802,12 @@ class Relay:
             or any(g is group for g, _ in self._group_reached.get(user.key, {}).values())
         ):
             return
-        low = group.low_water()
+        # The low-water mark only rises (a member added starts at the end),
+        # so one worked out earlier in the pass is safe, if low: walking a
+        # thousand members at every sender's ack would cost more than a copy.
+        low = self._group_lows.get(group.key)
+        if low is None:
+            low = self._group_lows[group.key] = group.low_water()
         if not self.groups.told(group, user.key, low):
             return
         self.store.submit(GroupTold(user.key, group.key, low))
@@ -2819,6 +2837,7 @@ class Relay:
         move up to the low-water mark (a receipt of another's entry moves
         it without a notice to them)."""
         group.trim_checked = group.seq
+        self._group_lows.pop(group.key, None)
         for sender_key in list(group.owed):
             sender = self.users.get(sender_key)
             route = self.router.locate(sender) if sender is not None else None
@@ -3158,6 +3177,7 @@ class Relay:
             return
         keys = [*group.members, *group.former]
         self.groups.end(group)
+        self._group_streams.pop(group.key, None)
         self._group_wanted.pop(group.key, None)
         for member_key in keys:
             user = self.users.get(member_key)

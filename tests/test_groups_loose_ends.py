@@ -22,7 +22,7 @@ from server_store import MemoryStore, MessageStore, ServerStore
 from tests.clients import ScriptedLogin, preauth_frame
 from tests.conftest import PASSWORD
 from tests.test_accounts import DiskNet
-from tests.test_bounds import Client
+from tests.test_bounds import Client, World
 from tests.test_client_core import Net
 from tests.test_groups_client import Member, add, login
 from tests.test_groups_relay import GroupWorld, created, entries
@@ -94,6 +94,27 @@ def test_a_second_device_gets_its_users_own_messages_in_order(store: MessageStor
     phone = world.login("alice")
     world.settle_all()
     assert entries(phone) == []
+
+
+def test_a_second_device_online_gets_its_users_message_at_once(tmp_path: Path) -> None:
+    """alice's phone sends; before the message is committed her laptop
+    logs in (taking the session over): the laptop is handed it like a copy
+    (it was passed over for every instance)."""
+    disk = ServerStore(tmp_path / "data")
+    disk.start()
+    try:
+        world = DevicesWorld(disk)
+        alice, _ = world.login("alice"), world.login("bob")
+        created(world, alice, "bob")
+        world.settle_all()
+        world.post(alice, "team", "sent from the phone", 1)
+        World.step(world)  # the SEND reaches the relay; its commit is not waited for
+        laptop = world.login_instance("alice", 10)
+        world.settle_all()
+        assert own(laptop) == [(2, "sent from the phone")]
+        assert own(alice) == []
+    finally:
+        disk.close()
 
 
 def test_the_window_shows_its_users_message_from_elsewhere_as_its_own() -> None:
@@ -177,3 +198,15 @@ def test_a_sender_away_is_told_after_a_restart(tmp_path: Path) -> None:
     finally:
         store.close()
         net.store.close()
+
+
+def test_the_terminal_says_a_member_was_counted_out() -> None:
+    from chat_client import event_to_json, event_to_text
+
+    event = RecipientsChanged("9-1", "#team", 1, "carol")
+    assert event_to_text(event) == (
+        "  carol's account is gone: message 9-1 now goes to 1 member(s)",
+        False,
+    )
+    assert event_to_json(event) == {"event": "recipients", "id": "9-1", "group": "team",
+                                    "recipients": 1, "gone": "carol"}  # fmt: skip
