@@ -26,7 +26,8 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 
 def figures(msgs_per_s: float, cpu_us_per_msg: float, lost: int = 0) -> dict[str, Any]:
-    return {"msgs_per_s": msgs_per_s, "cpu_us_per_msg": cpu_us_per_msg, "lost": lost}
+    return {"msgs_per_s": msgs_per_s, "cpu_us_per_msg": cpu_us_per_msg, "lost": lost,
+            "duplicates": 0}  # fmt: skip
 
 
 def sweep_document(label: str, server_scale: float = 1.0) -> dict[str, Any]:
@@ -209,6 +210,64 @@ def test_what_the_notes_cannot_read_is_left_out(tmp_path: Path) -> None:
     assert note == "odd: 2026-12-05 18:00 UTC"
 
 
+def several_runs() -> dict[str, Any]:
+    """Three runs whose server CPU per message is 10, 100 and 1,000 us at
+    every point (the bare loop's the same in all): the medians are 100."""
+    runs = []
+    for cpu in (10.0, 100.0, 1000.0):
+        run = sweep_document("three")["points"]
+        for point in run:
+            point["server"]["cpu_us_per_msg"] = cpu
+        runs.append(run)
+    document = sweep_document("three")
+    document["points"] = sweep.median_points(runs)
+    document["runs"] = runs
+    document["meta"]["runs"] = 3
+    return document
+
+
+def test_several_runs_draw_their_medians_and_each_spread(tmp_path: Path) -> None:
+    root = draw(tmp_path, several_runs())
+    p = panel(root, "cpu")
+    xs, ys = tick_positions(p, "x"), tick_positions(p, "y")
+    server = series(root, "cpu")[("server", "three")]
+    bars = [g for g in server if g.get("class") == "spread"]
+    assert len(bars) == 4  # a bar at every point, from the lowest run to the highest
+    for bar in bars:
+        assert (bar.get("data-low"), bar.get("data-high")) == ("10", "1000")
+        x_value = bar.get("data-x", "")
+        upright = bar.find(f"{SVG}line")
+        assert upright is not None
+        assert float(upright.get("x1", "nan")) == pytest.approx(
+            xs["flat out" if x_value == "flat" else x_value], abs=0.1
+        )
+        assert float(upright.get("y1", "nan")) == pytest.approx(ys["10"], abs=0.1)
+        assert float(upright.get("y2", "nan")) == pytest.approx(ys["1000"], abs=0.1)
+    markers = [e for e in server if e.get("class") == "point"]
+    assert {e.get("data-y") for e in markers} == {"100"}  # the medians
+    assert all(marker_xy(e)[1] == pytest.approx(ys["100"], abs=0.1) for e in markers)
+    title = markers[0].find(f"{SVG}title")
+    assert title is not None and "(median; runs 10.0 to 1,000.0)" in (title.text or "")
+    (note,) = [w for w in texts(root) if w.startswith("three: ")]
+    assert note.endswith(", medians of 3 runs (bars: lowest to highest)"), note
+    # The bare loop's runs agree: no bar; the rate panel's runs agree too.
+    assert not [g for g in series(root, "cpu")[("bare", "three")] if g.get("class") == "spread"]
+    assert not [g for g in panel(root, "rate").iter(f"{SVG}g") if g.get("class") == "spread"]
+
+
+def test_the_median_of_runs_keeps_the_worst_loss() -> None:
+    """Several sweeps make one: the median of each figure, but a message
+    lost or duplicated in any run shows in the result."""
+    runs = [sweep_document("x")["points"] for _ in range(3)]
+    for i, run in enumerate(runs):
+        run[0]["server"].update(msgs_per_s=100.0 + 10 * i, lost=[0, 2, 0][i])
+        run[0]["bare"]["duplicates"] = [0, 0, 1][i]
+    (first, *rest) = sweep.median_points(runs)
+    assert first["offered"] == 100.0 and first["server"]["msgs_per_s"] == 110.0
+    assert first["server"]["lost"] == 2 and first["bare"]["duplicates"] == 1
+    assert rest == sweep_document("x")["points"][1:]
+
+
 def _without(document: dict[str, Any], *path: Any) -> dict[str, Any]:
     target: Any = document
     for step in path[:-1]:
@@ -239,6 +298,12 @@ BAD = {
                "points[2].server.cpu_us_per_msg is None, not a number"),
     "text-rate": (json.dumps(_with(sweep_document("x"), "fast", "points", 0, "bare",
                                    "msgs_per_s")), "points[0].bare.msgs_per_s is 'fast'"),
+    "runs-not-a-list": (json.dumps(_with(sweep_document("x"), "x", "runs")),
+                        "\"runs\" is not a list of runs' points"),
+    "runs-other-loads": (json.dumps(_with(sweep_document("x"), [sweep_document("x")["points"][1:]],
+                                          "runs")), "runs[0] has other loads than \"points\""),
+    "runs-bad-point": (json.dumps(_with(sweep_document("x"), [[{"offered": None}]], "runs")),
+                       "runs[0].points[0] has no 'server' figures"),
     "zero-load": (json.dumps(_with(sweep_document("x"), 0, "points", 0, "offered")),
                   "points[0].offered is 0"),
 }  # fmt: skip
