@@ -223,12 +223,14 @@ class Svg:
                extra: str = "", title: str = "") -> None:  # fmt: skip
         fill = "#ffffff" if hollow else colour
         paint = f'fill="{fill}" stroke="{colour}" stroke-width="1.6"'
-        inner = f"<title>{escape(title)}</title>" if title else ""
         if shape == "circle":
-            self.add(f'<circle cx="{x:.2f}" cy="{y:.2f}" r="4" {paint}{extra}>{inner}</circle>')
+            element = f'<circle cx="{x:.2f}" cy="{y:.2f}" r="4" {paint}{extra}/>'
         else:
-            self.add(f'<rect x="{x - 3.5:.2f}" y="{y - 3.5:.2f}" width="7" height="7" '
-                     f'{paint}{extra}>{inner}</rect>')  # fmt: skip
+            element = (f'<rect x="{x - 3.5:.2f}" y="{y - 3.5:.2f}" width="7" height="7" '
+                       f'{paint}{extra}/>')  # fmt: skip
+        # The tooltip is the first child of a group around the shape, not the
+        # shape's child: ImageMagick's SVG reader then skips the whole shape.
+        self.add(f"<g><title>{escape(title)}</title>{element}</g>" if title else element)
 
 
 @dataclass

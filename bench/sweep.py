@@ -12,7 +12,7 @@ delivered msg/s and CPU per message at each. `bench/plot.py` draws it
 
 Also a phase of `python -m bench` (`--no-sweep` skips it there).
 
-Each point runs on a fresh process: the server as the throughput phase
+Each point runs a fresh relay process: the server as the throughput phase
 starts it (`run.start_server`: limits raised so that no rate limit bounds
 the load, the loopback timers), then the bare loop (`bare_relay.py`). The
 load is the benchmark's own drivers: for the server `loadgen.run_traffic`

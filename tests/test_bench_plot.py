@@ -101,7 +101,7 @@ def test_the_svg_has_both_relays_of_every_file_and_labelled_axes(tmp_path: Path)
         found = series(root, key)
         assert set(found) == {(k, lab) for k in ("server", "bare") for lab in ("before", "after")}
         for g in found.values():  # three paced points joined, and the flat-out one
-            assert len([e for e in g if e.get("class") == "point"]) == 4
+            assert len([e for e in g.iter() if e.get("class") == "point"]) == 4
             assert g.find(f"{SVG}polyline") is not None
         labels = {"".join(t.itertext()) for t in panel(root, key).iter(f"{SVG}text")
                   if "axis-label" in (t.get("class") or "")}  # fmt: skip
@@ -127,8 +127,8 @@ def test_the_svg_has_both_relays_of_every_file_and_labelled_axes(tmp_path: Path)
     )
     assert before.find(f"{SVG}polyline").get("stroke-dasharray")  # type: ignore[union-attr]
     assert after.find(f"{SVG}polyline").get("stroke-dasharray") is None  # type: ignore[union-attr]
-    assert before.find(f"{SVG}circle").get("fill") == "#ffffff"  # type: ignore[union-attr]
-    assert after.find(f"{SVG}circle").get("fill") != "#ffffff"  # type: ignore[union-attr]
+    assert next(before.iter(f"{SVG}circle")).get("fill") == "#ffffff"
+    assert next(after.iter(f"{SVG}circle")).get("fill") != "#ffffff"
 
 
 def test_each_value_lands_where_the_axes_say_it_is(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_each_value_lands_where_the_axes_say_it_is(tmp_path: Path) -> None:
         assert "flat out" in xs
         checked = 0
         for g in (g for g in p.iter(f"{SVG}g") if g.get("class") == "series"):
-            for element in g:
+            for element in g.iter():
                 if element.get("class") != "point":
                     continue
                 x, y = marker_xy(element)
@@ -166,7 +166,7 @@ def test_the_line_where_delivered_equals_offered(tmp_path: Path) -> None:
     (reference,) = [e for e in p.iter(f"{SVG}line") if e.get("class") == "reference"]
     x0, y0, x1, y1 = (float(reference.get(a, "nan")) for a in ("x1", "y1", "x2", "y2"))
     server = series(root, "rate")[("server", "only")]
-    for element in server:
+    for element in server.iter():
         if element.get("class") == "point" and element.get("data-x") != "flat":
             x, y = marker_xy(element)
             assert y == pytest.approx(y0 + (x - x0) * (y1 - y0) / (x1 - x0), abs=0.1)
@@ -195,8 +195,8 @@ def test_a_zero_is_left_off_a_log_scale(tmp_path: Path) -> None:
     document["points"][0]["bare"]["cpu_us_per_msg"] = 0.0
     root = draw(tmp_path, document)
     bare = series(root, "cpu")[("bare", "only")]
-    assert len([e for e in bare if e.get("class") == "point"]) == 3
-    assert len([e for e in series(root, "rate")[("bare", "only")]
+    assert len([e for e in bare.iter() if e.get("class") == "point"]) == 3
+    assert len([e for e in series(root, "rate")[("bare", "only")].iter()
                 if e.get("class") == "point"]) == 4  # fmt: skip
 
 
@@ -243,10 +243,12 @@ def test_several_runs_draw_their_medians_and_each_spread(tmp_path: Path) -> None
         )
         assert float(upright.get("y1", "nan")) == pytest.approx(ys["10"], abs=0.1)
         assert float(upright.get("y2", "nan")) == pytest.approx(ys["1000"], abs=0.1)
-    markers = [e for e in server if e.get("class") == "point"]
+    markers = [e for e in server.iter() if e.get("class") == "point"]
     assert {e.get("data-y") for e in markers} == {"100"}  # the medians
     assert all(marker_xy(e)[1] == pytest.approx(ys["100"], abs=0.1) for e in markers)
-    title = markers[0].find(f"{SVG}title")
+    # Each marker's tooltip: the title of the group around it.
+    (holder, *_) = [g for g in server.iter(f"{SVG}g") if g.find(f"{SVG}circle") is not None]
+    title = holder.find(f"{SVG}title")
     assert title is not None and "(median; runs 10.0 to 1,000.0)" in (title.text or "")
     (note,) = [w for w in texts(root) if w.startswith("three: ")]
     assert note.endswith(", medians of 3 runs (bars: lowest to highest)"), note
@@ -346,8 +348,12 @@ def test_the_committed_figure_parses_and_the_readme_links_it() -> None:
     for key in ("rate", "cpu"):
         kinds = {kind for kind, _ in series(root, key)}
         assert kinds == {"server", "bare"}, key
-        values = [float(e.get("data-y", "nan")) for g in series(root, key).values() for e in g
-                  if e.get("class") == "point"]  # fmt: skip
+        values = [
+            float(e.get("data-y", "nan"))
+            for g in series(root, key).values()
+            for e in g.iter()
+            if e.get("class") == "point"
+        ]
         assert values and all(math.isfinite(v) and v > 0 for v in values)
     readme = (ROOT / "README.md").read_text("utf-8")
     performance = readme[readme.index("\n## Performance") :]
