@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -380,3 +381,37 @@ def test_the_sweep_refuses_sizes_it_cannot_run(
         sweep.main(args)
     assert exited.value.code == 2
     assert reason in capsys.readouterr().err
+
+
+def test_the_sweep_names_the_last_commit_of_the_code_under_test(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`meta.commit`: a commit that touches only the benchmark, the tests or
+    the documents does not change what a sweep measures, so the sweep names
+    the last one before it that changed anything else; "+" for changes to
+    the code not committed yet, "unknown" outside a git checkout."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+            cwd=tmp_path, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    monkeypatch.setattr(sweep, "ROOT", tmp_path)
+    assert sweep.code_commit() == "unknown"
+    git("init", "-q")
+    (tmp_path / "chat_server.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    code = git("rev-parse", "--short", "HEAD")
+    for path in ("bench/sweep.py", "tests/test_x.py", "docs/x.md", "README.md"):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("y\n")
+        git("add", "-A")
+        git("commit", "-qm", f"not code: {path}")
+    assert sweep.code_commit() == code
+    (tmp_path / "bench" / "sweep.py").write_text("z\n")  # uncommitted, not code
+    assert sweep.code_commit() == code
+    (tmp_path / "chat_server.py").write_text("x = 2\n")
+    assert sweep.code_commit() == code + "+"
