@@ -272,6 +272,17 @@ def median_points(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return points
 
 
+def combine(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several sweeps' documents as one of several runs (`python -m bench
+    --runs N` runs the sweep once per run): the first one's meta, the
+    medians as its points, each run's points kept."""
+    meta = dict(documents[0]["meta"], runs=len(documents))
+    meta["loadavg_after"] = documents[-1]["meta"]["loadavg_after"]
+    each = [d["points"] for d in documents]
+    return {"format": FORMAT, "version": VERSION, "meta": meta,
+            "points": median_points(each), "runs": each}  # fmt: skip
+
+
 def run(pairs: int, loads: Sequence[float], duration: float, load_workers: int, label: str | None,
         say: Callable[[str], None], runs: int = 1) -> dict[str, Any]:  # fmt: skip
     """The sweep's JSON document: what ran, where, and the points (with

@@ -271,6 +271,26 @@ def test_the_median_of_runs_keeps_the_worst_loss() -> None:
     assert rest == sweep_document("x")["points"][1:]
 
 
+def test_sweeps_of_several_benchmark_runs_combine_into_one_of_runs(tmp_path: Path) -> None:
+    """`python -m bench --runs 3` runs the sweep once per run; its median
+    document is theirs combined: medians as points, each run kept, drawn
+    with the runs' spread."""
+    documents = []
+    for cpu in (10.0, 100.0, 1000.0):
+        document = sweep_document("bench")
+        document["meta"]["loadavg_after"] = [cpu, 0.0, 0.0]
+        for point in document["points"]:
+            point["server"]["cpu_us_per_msg"] = cpu
+        documents.append(document)
+    combined = sweep.combine(documents)
+    assert combined["meta"]["runs"] == 3 and combined["meta"]["loadavg_after"][0] == 1000.0
+    assert combined["runs"] == [d["points"] for d in documents]
+    assert {p["server"]["cpu_us_per_msg"] for p in combined["points"]} == {100.0}
+    root = draw(tmp_path, combined)
+    bars = [g for g in series(root, "cpu")[("server", "bench")] if g.get("class") == "spread"]
+    assert len(bars) == 4
+
+
 def _without(document: dict[str, Any], *path: Any) -> dict[str, Any]:
     target: Any = document
     for step in path[:-1]:
