@@ -425,7 +425,7 @@ def test_the_sweep_names_the_last_commit_of_the_code_under_test(
     git("add", "-A")
     git("commit", "-qm", "code")
     code = git("rev-parse", "--short", "HEAD")
-    for path in ("bench/sweep.py", "tests/test_x.py", "docs/x.md", "README.md"):
+    for path in ("bench/sweep.py", "tests/test_x.py", "docs/notes.txt", "README.md"):
         (tmp_path / path).parent.mkdir(exist_ok=True)
         (tmp_path / path).write_text("y\n")
         git("add", "-A")
