@@ -12,8 +12,10 @@ side, offered load (msg/s in all) across, on log scales:
 each with the server and the bare loop of every file, and the flat-out
 point in a column of its own at the right (it has no offered load). A file
 is told apart by its line (the last one solid, earlier ones dashed, with
-hollow markers), a relay by its colour and marker. Each marker carries a
-`<title>` with its figures (a browser shows it on hover). Nothing is run:
+hollow markers), a relay by its colour and marker. A file of several runs
+(`--runs N`) has its medians drawn, with a bar from the lowest to the
+highest run at each point. Each marker carries a `<title>` with its
+figures (a browser shows it on hover). Nothing is run:
 a figure can be redrawn, or compared with a later run, from the files alone.
 """
 
@@ -59,6 +61,9 @@ class Point:
     msgs_per_s: float
     cpu_us_per_msg: float
     lost: int
+    #: Over several runs (`python -m bench.sweep --runs N`): the lowest and
+    #: highest msgs_per_s and cpu_us_per_msg of the runs, by panel key.
+    spread: dict[str, tuple[float, float]] | None = None
 
 
 @dataclass
@@ -97,17 +102,36 @@ def load_run(path: Path, label: str | None = None) -> Run:
         raise PlotError(f'{hint} (it needs "meta" and a non-empty "points" list); {fix}')
     try:
         points = _points(path, raw)
+        each = document.get("runs")
+        if each is not None:
+            _spread(path, points, each)
     except PlotError as e:
         raise PlotError(f"{e}; {fix}") from None
     name = label or str(meta.get("label") or path.stem)
     return Run(name, path, meta, points)
 
 
-def _points(path: Path, raw: list[Any]) -> dict[str, list[Point]]:
+def _spread(path: Path, points: dict[str, list[Point]], each: Any) -> None:
+    """Each point's lowest and highest figures over the runs it is the
+    median of (the document's "runs": one list of points per run)."""
+    if not isinstance(each, list) or not each or not all(isinstance(r, list) for r in each):
+        raise PlotError(f'{path}: "runs" is not a list of runs\' points')
+    runs = [_points(path, r, f"runs[{j}].points") for j, r in enumerate(each)]
+    for kind, series in points.items():
+        for j, run in enumerate(runs):
+            if [p.offered for p in run[kind]] != [p.offered for p in series]:
+                raise PlotError(f'{path}: runs[{j}] has other loads than "points"')
+        for i, point in enumerate(series):
+            rates = [run[kind][i].msgs_per_s for run in runs]
+            cpus = [run[kind][i].cpu_us_per_msg for run in runs]
+            point.spread = {"rate": (min(rates), max(rates)), "cpu": (min(cpus), max(cpus))}
+
+
+def _points(path: Path, raw: list[Any], name: str = "points") -> dict[str, list[Point]]:
     """A sweep's points by relay, each figure checked."""
     points: dict[str, list[Point]] = {kind: [] for kind, *_ in KINDS}
     for i, item in enumerate(raw):
-        where = f"{path}: points[{i}]"
+        where = f"{path}: {name}[{i}]"
         if not isinstance(item, dict):
             raise PlotError(f"{where} is not an object")
         offered = item.get("offered")
@@ -199,12 +223,14 @@ class Svg:
                extra: str = "", title: str = "") -> None:  # fmt: skip
         fill = "#ffffff" if hollow else colour
         paint = f'fill="{fill}" stroke="{colour}" stroke-width="1.6"'
-        inner = f"<title>{escape(title)}</title>" if title else ""
         if shape == "circle":
-            self.add(f'<circle cx="{x:.2f}" cy="{y:.2f}" r="4" {paint}{extra}>{inner}</circle>')
+            element = f'<circle cx="{x:.2f}" cy="{y:.2f}" r="4" {paint}{extra}/>'
         else:
-            self.add(f'<rect x="{x - 3.5:.2f}" y="{y - 3.5:.2f}" width="7" height="7" '
-                     f'{paint}{extra}>{inner}</rect>')  # fmt: skip
+            element = (f'<rect x="{x - 3.5:.2f}" y="{y - 3.5:.2f}" width="7" height="7" '
+                       f'{paint}{extra}/>')  # fmt: skip
+        # The tooltip is the first child of a group around the shape, not the
+        # shape's child: ImageMagick's SVG reader then skips the whole shape.
+        self.add(f"<g><title>{escape(title)}</title>{element}</g>" if title else element)
 
 
 @dataclass
@@ -228,8 +254,11 @@ def make_panels(runs: Sequence[Run]) -> list[Panel]:
     every = [p for run in runs for series in run.points.values() for p in series]
     offered = [p.offered for p in every if p.offered is not None]
     x_lo, x_hi = decade_range(offered or [100.0, 1000.0])
-    rate_lo, rate_hi = decade_range([*offered, *(p.msgs_per_s for p in every)])
-    cpu_lo, cpu_hi = decade_range([p.cpu_us_per_msg for p in every])
+    spreads = [p.spread for p in every if p.spread]  # the runs' bars fit too
+    rates = [p.msgs_per_s for p in every] + [v for s in spreads for v in s["rate"]]
+    cpus = [p.cpu_us_per_msg for p in every] + [v for s in spreads for v in s["cpu"]]
+    rate_lo, rate_hi = decade_range([*offered, *rates])
+    cpu_lo, cpu_hi = decade_range(cpus)
     panels = []
     for (key, title, y_label, lo, hi), box in zip(
         (("rate", "Delivered msg/s", "delivered msg/s", rate_lo, rate_hi),
@@ -304,10 +333,25 @@ def draw_series(svg: Svg, panel: Panel, run: Run, kind: str, name: str, colour: 
         dash = f' stroke-dasharray="{DASH}"' if dashed else ""
         svg.add(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"'
                 f"{dash}/>")  # fmt: skip
+    for p in points:  # each run's spread under the marker
+        low, high = p.spread[panel.key] if p.spread else (0.0, 0.0)
+        if low > 0 and high > low:
+            x, y0, y1 = panel.px(p), panel.y(low), panel.y(high)
+            x_value = "flat" if p.offered is None else f"{p.offered:g}"
+            svg.add(f'<g class="spread" data-x="{x_value}" '
+                    f'data-low="{low:g}" data-high="{high:g}">')  # fmt: skip
+            svg.line(x, y0, x, y1, colour, ' stroke-width="1.2"')
+            for y in (y0, y1):
+                svg.line(x - 4, y, x + 4, y, colour, ' stroke-width="1.2"')
+            svg.add("</g>")
     for p in points:
         where = "flat out" if p.offered is None else f"{p.offered:,.0f} msg/s offered"
         lost = f", {p.lost} lost" if p.lost else ""
-        title = f"{label}, {where}: {panel.value(p):,.1f} {unit}{lost}"
+        spread = ""
+        if p.spread:
+            low, high = p.spread[panel.key]
+            spread = f" (median; runs {low:,.1f} to {high:,.1f})"
+        title = f"{label}, {where}: {panel.value(p):,.1f} {unit}{spread}{lost}"
         x_value = "flat" if p.offered is None else f"{p.offered:g}"
         svg.marker(shape, panel.px(p), panel.y(panel.value(p)), colour, hollow,
                    f' class="point" data-x="{x_value}" data-y="{panel.value(p):g}"',
@@ -326,6 +370,8 @@ def describe(run: Run) -> str:
         bits.append(f"load average {load[0]:.1f}")
     if isinstance(m.get("cpus"), int):
         bits.append(f"{m['cpus']} CPUs")
+    if isinstance(m.get("runs"), int) and m["runs"] > 1:
+        bits.append(f"medians of {m['runs']} runs (bars: lowest to highest)")
     return f"{run.label}: " + ", ".join(bits)
 
 

@@ -1035,6 +1035,10 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"run {i + 1} of {opts.runs}")
             runs.append(run_once(opts, tmp, say))
         median = median_tree(runs)
+        if opts.sweep and len(runs) > 1:  # median_tree takes a list from the first run
+            from bench.sweep import combine
+
+            median["sweep"] = combine([r["sweep"] for r in runs])
         title = (f"udp-chat benchmark: {info['cpus']} CPUs, Python {info['python']}, "
                  f"{opts.runs} run(s){' (medians)' if opts.runs > 1 else ''}"
                  f"{', --quick' if opts.quick else ''}; load average before: "

@@ -8,10 +8,11 @@ delivered msg/s and CPU per message at each. `bench/plot.py` draws it
     python -m bench.sweep --json-out F.json    # and the figures for python -m bench.plot F.json
     python -m bench.sweep --quick              # 2 pairs at 40 msg/s, then flat out: a smoke run
     python -m bench.sweep --loads 300,3000 --pairs 8 --duration 5 --label mine
+    python -m bench.sweep --runs 3             # medians of 3 sweeps (the plot shows each spread)
 
 Also a phase of `python -m bench` (`--no-sweep` skips it there).
 
-Each point runs on a fresh process: the server as the throughput phase
+Each point runs a fresh relay process: the server as the throughput phase
 starts it (`run.start_server`: limits raised so that no rate limit bounds
 the load, the loopback timers), then the bare loop (`bare_relay.py`). The
 load is the benchmark's own drivers: for the server `loadgen.run_traffic`
@@ -63,6 +64,7 @@ from bench.run import (
     WINDOW,
     Child,
     latencies_us,
+    median_tree,
     percentile,
     split,
     start_bare,
@@ -251,20 +253,61 @@ def code_commit() -> str:
     return (last or "unknown") + ("+" if dirty else "")
 
 
+#: Figures where one bad run must show, not be outvoted by the median.
+WORST_OF_RUNS = ("lost", "duplicates")
+
+
+def median_points(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The points of several sweeps over the same loads, figure by figure:
+    the median of each number, the worst of the losses and duplicates."""
+    points = []
+    for i, first in enumerate(runs[0]):
+        same = [r[i] for r in runs]
+        assert all(p["offered"] == first["offered"] for p in same), "runs over other loads"
+        point: dict[str, Any] = median_tree(same)
+        for kind in ("server", "bare"):
+            for key in WORST_OF_RUNS:
+                point[kind][key] = max(p[kind][key] for p in same)
+        points.append(point)
+    return points
+
+
+def combine(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several sweeps' documents as one of several runs (`python -m bench
+    --runs N` runs the sweep once per run): the first one's meta, the
+    medians as its points, each run's points kept."""
+    meta = dict(documents[0]["meta"], runs=len(documents))
+    meta["loadavg_after"] = documents[-1]["meta"]["loadavg_after"]
+    each = [d["points"] for d in documents]
+    return {"format": FORMAT, "version": VERSION, "meta": meta,
+            "points": median_points(each), "runs": each}  # fmt: skip
+
+
 def run(pairs: int, loads: Sequence[float], duration: float, load_workers: int, label: str | None,
-        say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """The sweep's JSON document: what ran, where, and the points."""
+        say: Callable[[str], None], runs: int = 1) -> dict[str, Any]:  # fmt: skip
+    """The sweep's JSON document: what ran, where, and the points (with
+    `runs` over 1: each run's, and their medians)."""
     commit = code_commit()
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(), "cpus": os.cpu_count(),
         "loadavg_before": list(os.getloadavg()), "commit": commit, "label": label or commit,
         "pairs": pairs, "loads": list(loads), "duration_s": duration, "workers": load_workers,
-        "window": WINDOW, "command": " ".join([sys.executable, *sys.argv]),
+        "window": WINDOW, "runs": runs, "command": " ".join([sys.executable, *sys.argv]),
     }  # fmt: skip
-    points = sweep(pairs, loads, duration, load_workers, say)
+    each = []
+    for i in range(runs):
+        if runs > 1:
+            say(f"sweep: run {i + 1} of {runs}")
+        each.append(sweep(pairs, loads, duration, load_workers, say))
     meta["loadavg_after"] = list(os.getloadavg())
-    return {"format": FORMAT, "version": VERSION, "meta": meta, "points": points}
+    document = {"format": FORMAT, "version": VERSION, "meta": meta}
+    if runs == 1:
+        document["points"] = each[0]
+    else:
+        document["points"] = median_points(each)
+        document["runs"] = each
+    return document
 
 
 def ratio(server: float, bare: float) -> str:
@@ -325,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 2),
                         help="load processes at most (default %(default)s)")  # fmt: skip
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the sweep N times; the points are the medians, and the "
+                        "plot draws each run's spread (default %(default)s)")  # fmt: skip
     parser.add_argument("--label", help="the legend's name for this run (default: the commit)")
     parser.add_argument(
         "--json-out",
@@ -345,12 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         duration = QUICK_DURATION if args.quick else DURATION
     if not duration > 0:
         parser.error(f"argument --duration: {duration:g} s; give more than 0 seconds")
+    if args.runs < 1:
+        parser.error(f"argument --runs: {args.runs}; give 1 or more")
     started = time.monotonic()
 
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
-    document = run(pairs, loads, duration, max(1, args.workers), args.label, say)
+    document = run(pairs, loads, duration, max(1, args.workers), args.label, say, args.runs)
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(document, indent=1) + "\n", "utf-8")

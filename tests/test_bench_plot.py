@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 
 def figures(msgs_per_s: float, cpu_us_per_msg: float, lost: int = 0) -> dict[str, Any]:
-    return {"msgs_per_s": msgs_per_s, "cpu_us_per_msg": cpu_us_per_msg, "lost": lost}
+    return {"msgs_per_s": msgs_per_s, "cpu_us_per_msg": cpu_us_per_msg, "lost": lost,
+            "duplicates": 0}  # fmt: skip
 
 
 def sweep_document(label: str, server_scale: float = 1.0) -> dict[str, Any]:
@@ -100,7 +102,7 @@ def test_the_svg_has_both_relays_of_every_file_and_labelled_axes(tmp_path: Path)
         found = series(root, key)
         assert set(found) == {(k, lab) for k in ("server", "bare") for lab in ("before", "after")}
         for g in found.values():  # three paced points joined, and the flat-out one
-            assert len([e for e in g if e.get("class") == "point"]) == 4
+            assert len([e for e in g.iter() if e.get("class") == "point"]) == 4
             assert g.find(f"{SVG}polyline") is not None
         labels = {"".join(t.itertext()) for t in panel(root, key).iter(f"{SVG}text")
                   if "axis-label" in (t.get("class") or "")}  # fmt: skip
@@ -126,8 +128,8 @@ def test_the_svg_has_both_relays_of_every_file_and_labelled_axes(tmp_path: Path)
     )
     assert before.find(f"{SVG}polyline").get("stroke-dasharray")  # type: ignore[union-attr]
     assert after.find(f"{SVG}polyline").get("stroke-dasharray") is None  # type: ignore[union-attr]
-    assert before.find(f"{SVG}circle").get("fill") == "#ffffff"  # type: ignore[union-attr]
-    assert after.find(f"{SVG}circle").get("fill") != "#ffffff"  # type: ignore[union-attr]
+    assert next(before.iter(f"{SVG}circle")).get("fill") == "#ffffff"
+    assert next(after.iter(f"{SVG}circle")).get("fill") != "#ffffff"
 
 
 def test_each_value_lands_where_the_axes_say_it_is(tmp_path: Path) -> None:
@@ -138,7 +140,7 @@ def test_each_value_lands_where_the_axes_say_it_is(tmp_path: Path) -> None:
         assert "flat out" in xs
         checked = 0
         for g in (g for g in p.iter(f"{SVG}g") if g.get("class") == "series"):
-            for element in g:
+            for element in g.iter():
                 if element.get("class") != "point":
                     continue
                 x, y = marker_xy(element)
@@ -165,7 +167,7 @@ def test_the_line_where_delivered_equals_offered(tmp_path: Path) -> None:
     (reference,) = [e for e in p.iter(f"{SVG}line") if e.get("class") == "reference"]
     x0, y0, x1, y1 = (float(reference.get(a, "nan")) for a in ("x1", "y1", "x2", "y2"))
     server = series(root, "rate")[("server", "only")]
-    for element in server:
+    for element in server.iter():
         if element.get("class") == "point" and element.get("data-x") != "flat":
             x, y = marker_xy(element)
             assert y == pytest.approx(y0 + (x - x0) * (y1 - y0) / (x1 - x0), abs=0.1)
@@ -194,8 +196,8 @@ def test_a_zero_is_left_off_a_log_scale(tmp_path: Path) -> None:
     document["points"][0]["bare"]["cpu_us_per_msg"] = 0.0
     root = draw(tmp_path, document)
     bare = series(root, "cpu")[("bare", "only")]
-    assert len([e for e in bare if e.get("class") == "point"]) == 3
-    assert len([e for e in series(root, "rate")[("bare", "only")]
+    assert len([e for e in bare.iter() if e.get("class") == "point"]) == 3
+    assert len([e for e in series(root, "rate")[("bare", "only")].iter()
                 if e.get("class") == "point"]) == 4  # fmt: skip
 
 
@@ -207,6 +209,86 @@ def test_what_the_notes_cannot_read_is_left_out(tmp_path: Path) -> None:
     root = draw(tmp_path, document)
     (note,) = [w for w in texts(root) if w.startswith("odd: ")]
     assert note == "odd: 2026-12-05 18:00 UTC"
+
+
+def several_runs() -> dict[str, Any]:
+    """Three runs whose server CPU per message is 10, 100 and 1,000 us at
+    every point (the bare loop's the same in all): the medians are 100."""
+    runs = []
+    for cpu in (10.0, 100.0, 1000.0):
+        run = sweep_document("three")["points"]
+        for point in run:
+            point["server"]["cpu_us_per_msg"] = cpu
+        runs.append(run)
+    document = sweep_document("three")
+    document["points"] = sweep.median_points(runs)
+    document["runs"] = runs
+    document["meta"]["runs"] = 3
+    return document
+
+
+def test_several_runs_draw_their_medians_and_each_spread(tmp_path: Path) -> None:
+    root = draw(tmp_path, several_runs())
+    p = panel(root, "cpu")
+    xs, ys = tick_positions(p, "x"), tick_positions(p, "y")
+    server = series(root, "cpu")[("server", "three")]
+    bars = [g for g in server if g.get("class") == "spread"]
+    assert len(bars) == 4  # a bar at every point, from the lowest run to the highest
+    for bar in bars:
+        assert (bar.get("data-low"), bar.get("data-high")) == ("10", "1000")
+        x_value = bar.get("data-x", "")
+        upright = bar.find(f"{SVG}line")
+        assert upright is not None
+        assert float(upright.get("x1", "nan")) == pytest.approx(
+            xs["flat out" if x_value == "flat" else x_value], abs=0.1
+        )
+        assert float(upright.get("y1", "nan")) == pytest.approx(ys["10"], abs=0.1)
+        assert float(upright.get("y2", "nan")) == pytest.approx(ys["1000"], abs=0.1)
+    markers = [e for e in server.iter() if e.get("class") == "point"]
+    assert {e.get("data-y") for e in markers} == {"100"}  # the medians
+    assert all(marker_xy(e)[1] == pytest.approx(ys["100"], abs=0.1) for e in markers)
+    # Each marker's tooltip: the title of the group around it.
+    (holder, *_) = [g for g in server.iter(f"{SVG}g") if g.find(f"{SVG}circle") is not None]
+    title = holder.find(f"{SVG}title")
+    assert title is not None and "(median; runs 10.0 to 1,000.0)" in (title.text or "")
+    (note,) = [w for w in texts(root) if w.startswith("three: ")]
+    assert note.endswith(", medians of 3 runs (bars: lowest to highest)"), note
+    # The bare loop's runs agree: no bar; the rate panel's runs agree too.
+    assert not [g for g in series(root, "cpu")[("bare", "three")] if g.get("class") == "spread"]
+    assert not [g for g in panel(root, "rate").iter(f"{SVG}g") if g.get("class") == "spread"]
+
+
+def test_the_median_of_runs_keeps_the_worst_loss() -> None:
+    """Several sweeps make one: the median of each figure, but a message
+    lost or duplicated in any run shows in the result."""
+    runs = [sweep_document("x")["points"] for _ in range(3)]
+    for i, run in enumerate(runs):
+        run[0]["server"].update(msgs_per_s=100.0 + 10 * i, lost=[0, 2, 0][i])
+        run[0]["bare"]["duplicates"] = [0, 0, 1][i]
+    (first, *rest) = sweep.median_points(runs)
+    assert first["offered"] == 100.0 and first["server"]["msgs_per_s"] == 110.0
+    assert first["server"]["lost"] == 2 and first["bare"]["duplicates"] == 1
+    assert rest == sweep_document("x")["points"][1:]
+
+
+def test_sweeps_of_several_benchmark_runs_combine_into_one_of_runs(tmp_path: Path) -> None:
+    """`python -m bench --runs 3` runs the sweep once per run; its median
+    document is theirs combined: medians as points, each run kept, drawn
+    with the runs' spread."""
+    documents = []
+    for cpu in (10.0, 100.0, 1000.0):
+        document = sweep_document("bench")
+        document["meta"]["loadavg_after"] = [cpu, 0.0, 0.0]
+        for point in document["points"]:
+            point["server"]["cpu_us_per_msg"] = cpu
+        documents.append(document)
+    combined = sweep.combine(documents)
+    assert combined["meta"]["runs"] == 3 and combined["meta"]["loadavg_after"][0] == 1000.0
+    assert combined["runs"] == [d["points"] for d in documents]
+    assert {p["server"]["cpu_us_per_msg"] for p in combined["points"]} == {100.0}
+    root = draw(tmp_path, combined)
+    bars = [g for g in series(root, "cpu")[("server", "bench")] if g.get("class") == "spread"]
+    assert len(bars) == 4
 
 
 def _without(document: dict[str, Any], *path: Any) -> dict[str, Any]:
@@ -239,6 +321,12 @@ BAD = {
                "points[2].server.cpu_us_per_msg is None, not a number"),
     "text-rate": (json.dumps(_with(sweep_document("x"), "fast", "points", 0, "bare",
                                    "msgs_per_s")), "points[0].bare.msgs_per_s is 'fast'"),
+    "runs-not-a-list": (json.dumps(_with(sweep_document("x"), "x", "runs")),
+                        "\"runs\" is not a list of runs' points"),
+    "runs-other-loads": (json.dumps(_with(sweep_document("x"), [sweep_document("x")["points"][1:]],
+                                          "runs")), "runs[0] has other loads than \"points\""),
+    "runs-bad-point": (json.dumps(_with(sweep_document("x"), [[{"offered": None}]], "runs")),
+                       "runs[0].points[0] has no 'server' figures"),
     "zero-load": (json.dumps(_with(sweep_document("x"), 0, "points", 0, "offered")),
                   "points[0].offered is 0"),
 }  # fmt: skip
@@ -281,8 +369,12 @@ def test_the_committed_figure_parses_and_the_readme_links_it() -> None:
     for key in ("rate", "cpu"):
         kinds = {kind for kind, _ in series(root, key)}
         assert kinds == {"server", "bare"}, key
-        values = [float(e.get("data-y", "nan")) for g in series(root, key).values() for e in g
-                  if e.get("class") == "point"]  # fmt: skip
+        values = [
+            float(e.get("data-y", "nan"))
+            for g in series(root, key).values()
+            for e in g.iter()
+            if e.get("class") == "point"
+        ]
         assert values and all(math.isfinite(v) and v > 0 for v in values)
     readme = (ROOT / "README.md").read_text("utf-8")
     performance = readme[readme.index("\n## Performance") :]
@@ -309,3 +401,37 @@ def test_the_sweep_refuses_sizes_it_cannot_run(
         sweep.main(args)
     assert exited.value.code == 2
     assert reason in capsys.readouterr().err
+
+
+def test_the_sweep_names_the_last_commit_of_the_code_under_test(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`meta.commit`: a commit that touches only the benchmark, the tests or
+    the documents does not change what a sweep measures, so the sweep names
+    the last one before it that changed anything else; "+" for changes to
+    the code not committed yet, "unknown" outside a git checkout."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+            cwd=tmp_path, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    monkeypatch.setattr(sweep, "ROOT", tmp_path)
+    assert sweep.code_commit() == "unknown"
+    git("init", "-q")
+    (tmp_path / "chat_server.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    code = git("rev-parse", "--short", "HEAD")
+    for path in ("bench/sweep.py", "tests/test_x.py", "docs/notes.txt", "README.md"):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("y\n")
+        git("add", "-A")
+        git("commit", "-qm", f"not code: {path}")
+    assert sweep.code_commit() == code
+    (tmp_path / "bench" / "sweep.py").write_text("z\n")  # uncommitted, not code
+    assert sweep.code_commit() == code
+    (tmp_path / "chat_server.py").write_text("x = 2\n")
+    assert sweep.code_commit() == code + "+"

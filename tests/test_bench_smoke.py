@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import gc
 import json
+import queue
 import subprocess
 import sys
 import time
 import tracemalloc
+import types
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +27,10 @@ from typing import Any
 
 import pytest
 
-from bench import plot, run, sweep
+from bench import plot, preauth_flood, run, sweep
 from bench.loadgen import TrafficSpec, close_clients, log_in_clients, traffic_loop
 from bench.relay_micro import FRAMES, server_diff
+from chat_client import MessageReceived
 from tests.conftest import ROOT, start_server, stop_server
 from tests.conftest import test_config as server_config  # not a test: no test_ name here
 
@@ -215,8 +218,9 @@ def test_sweep_phase_measures_both_relays_at_each_load_and_plots(tmp_path: Path)
     assert document["format"] == sweep.FORMAT and document["version"] == sweep.VERSION
     meta = document["meta"]
     assert meta["pairs"] == 2 and meta["loads"] == [40.0] and meta["label"] == meta["commit"]
-    # The commit of the code under test: the last one outside bench/, tests/, docs/.
-    assert meta["commit"] == sweep.code_commit() != "unknown"
+    # The commit of the code under test: the last one outside bench/, tests/,
+    # docs/ ("unknown" outside a git checkout).
+    assert meta["commit"] == sweep.code_commit()
     assert [p["offered"] for p in document["points"]] == [40.0, None]
     for point in document["points"]:
         server, bare = point["server"], point["bare"]
@@ -282,6 +286,42 @@ def test_traffic_counts_the_datagrams_sent_from_t0_not_the_logins(tmp_path: Path
         close_clients(senders)
         close_clients(receivers)
         stop_server(running)
+
+
+class SlowPair:
+    """alice and bob for `preauth_flood.exchange`: what alice sends reaches
+    bob's events at once, and while alice sends (`slow` s) each look at
+    bob's events takes 30 ms (a loaded machine, where the loop comes round
+    late); then at once."""
+
+    def __init__(self, slow: float) -> None:
+        self.events: queue.Queue[MessageReceived] = queue.Queue()
+        self.shown_ids: list[int] = []
+        self.slow_until = time.monotonic() + slow
+
+    def send(self, text: str, to: str) -> None:
+        assert to == "bob"
+        self.events.put(MessageReceived("alice", text, self.events.qsize() + 1, 0))
+
+    def shown(self, message_id: int) -> None:
+        self.shown_ids.append(message_id)
+
+    def get(self, timeout: float) -> MessageReceived:
+        if time.monotonic() < self.slow_until:
+            time.sleep(0.03)
+        return self.events.get_nowait()  # queue.Empty when nothing came
+
+
+def test_the_flood_bench_pair_sends_every_message_due_on_a_slow_loop() -> None:
+    """`bench.preauth_flood.exchange` sends alice's messages on her schedule
+    however late its loop comes round: 0.3 s every 2 ms is 150 messages. It
+    sent one per round before, 10 here (and 255 of 400 in
+    tests/test_shared_address_logins.py on a machine at load average 13)."""
+    pair = SlowPair(0.3)
+    bob = types.SimpleNamespace(events=types.SimpleNamespace(get=pair.get), shown=pair.shown)
+    result = preauth_flood.exchange(pair, bob, 0.3, "t", interval=0.002)  # type: ignore[arg-type]
+    assert result["sent"] == result["received"] == 150, result
+    assert len(pair.shown_ids) == 150
 
 
 def test_server_memory_does_not_grow_with_each_delivered_message(tmp_path: Path) -> None:
