@@ -87,9 +87,9 @@ def test_one_group_order_across_three_nodes_while_one_is_killed_mid_burst(
     try:
         for name, client in clients.items():
             client.login(",".join(n.addr_text for n in orders[name]))
-        wait_all(everyone, lambda: all(x.logged_in for x in everyone), 30, "logins")
+        wait_all(everyone, lambda: all(x.logged_in for x in everyone), 90, "logins")
         alice.session.group(GroupAction.CREATE, "team", ["bob", "carol", "dave", "erin"])
-        wait_all(everyone, lambda: all(seen(x) for x in everyone), 20, "#team at every member")
+        wait_all(everyone, lambda: all(seen(x) for x in everyone), 60, "#team at every member")
         count = 40
         sent: dict[TimedClient, list[str]] = {alice: [], bob: []}
         killed_at = 0.0
@@ -98,7 +98,7 @@ def test_one_group_order_across_three_nodes_while_one_is_killed_mid_burst(
                 sent[sender].append(sender.send(f"{sender.name} {i:02}", "#team"))
             if i == count // 3:
                 # Mid-burst: some of alice's accepted and handed out, some in flight.
-                alice.wait(lambda: any(alice.reached(m, "accepted") for m in sent[alice]), 10)
+                alice.wait(lambda: any(alice.reached(m, "accepted") for m in sent[alice]), 30)
                 a.proc.send_signal(signal.SIGKILL)
                 a.proc.wait(5)
                 killed_at = time.monotonic()
@@ -114,7 +114,7 @@ def test_one_group_order_across_three_nodes_while_one_is_killed_mid_burst(
                     return False
             return all(all(s.reached(m, "accepted") for m in ids) for s, ids in sent.items())
 
-        wait_all(everyone, complete, 60, "every message at every member")
+        wait_all(everyone, complete, 90, "every message at every member")
         time.sleep(0.5)  # room for a late duplicate to show
         for client in everyone:
             client.pump()
