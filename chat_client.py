@@ -31,7 +31,9 @@ next in turn, and the server whose CHALLENGE the core took gets the rest of
 that login and the session. The outbox and the history are the list's, kept
 under its first entry (`ChatSession.login`). With more than one server a
 node whose process died is noticed at once (ICMP port unreachable, on
-Linux through IP_RECVERR) rather than after the link timeout.
+Linux through IP_RECVERR) rather than after the link timeout, and an idle
+client pings every 2-2.5 s so that it notices too: back on another node
+within 5 s (`liveness_timers`; the cost is in docs/CLUSTER.md).
 """
 
 from __future__ import annotations
