@@ -31,7 +31,9 @@ next in turn, and the server whose CHALLENGE the core took gets the rest of
 that login and the session. The outbox and the history are the list's, kept
 under its first entry (`ChatSession.login`). With more than one server a
 node whose process died is noticed at once (ICMP port unreachable, on
-Linux through IP_RECVERR) rather than after the link timeout.
+Linux through IP_RECVERR) rather than after the link timeout, and an idle
+client pings every 2-2.5 s so that it notices too: back on another node
+within 5 s (`liveness_timers`; the cost is in docs/CLUSTER.md).
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ from client_core import (
     FATAL_LOGIN_ERRORS,
     KEEPALIVE,
     LINK_TIMEOUT,
+    LIST_KEEPALIVE,
+    LIST_KEEPALIVE_JITTER,
+    LIST_LINK_TIMEOUT,
+    LIST_PING_RETRY,
     LOGIN_TIMEOUT,
     LOGOUT_ACK_WAIT,
     TRAFFIC_PROBE,
@@ -250,6 +256,30 @@ class _Server:
         return tuple(address[:2]) == tuple(self.address[:2])
 
 
+def liveness_timers(
+    listed: bool, keepalive: float | None = None, link_timeout: float | None = None
+) -> dict[str, Any]:
+    """How a `ClientCore` learns its server is gone (`keepalive` and
+    `link_timeout`: the caller's, if given). With somewhere else to go (a
+    list), a receiver checks its node soon after a burst and an idle client
+    pings every 2-2.5 s, again every 0.5 s while unanswered, and leaves
+    after 4.5 s of silence: back on another node within 5 s (client_core's
+    LIST_ constants say what that costs). With one server, the NAT
+    keepalive of 15-18 s and the 45 s link timeout."""
+    if not listed:
+        return {
+            "keepalive": KEEPALIVE if keepalive is None else keepalive,
+            "link_timeout": LINK_TIMEOUT if link_timeout is None else link_timeout,
+        }
+    return {
+        "probe_after": TRAFFIC_PROBE,
+        "keepalive": LIST_KEEPALIVE if keepalive is None else keepalive,
+        "keepalive_jitter": LIST_KEEPALIVE_JITTER,
+        "ping_retry": LIST_PING_RETRY,
+        "link_timeout": LIST_LINK_TIMEOUT if link_timeout is None else link_timeout,
+    }
+
+
 class ChatSession:
     """One user's connection to a server. Methods are safe from any thread;
     the results come out on `events` (a `queue.Queue`)."""
@@ -262,8 +292,8 @@ class ChatSession:
         rto_min: float = RTO_MIN,
         rto_max: float = RTO_MAX,
         login_timeout: float = LOGIN_TIMEOUT,
-        keepalive: float = KEEPALIVE,
-        link_timeout: float = LINK_TIMEOUT,
+        keepalive: float | None = None,
+        link_timeout: float | None = None,
         persist: bool = True,
         store_root: Path | None = None,
     ) -> None:
@@ -276,6 +306,8 @@ class ChatSession:
         self.rto_min = rto_min
         self.rto_max = rto_max
         self.login_timeout = login_timeout
+        # None: by the server list (`login`): KEEPALIVE and LINK_TIMEOUT for
+        # one server, the faster LIST_ ones for a list.
         self.keepalive = keepalive
         self.link_timeout = link_timeout
         self.username: str | None = None
@@ -388,12 +420,9 @@ class ChatSession:
             self.username, password,
             store=self.store if self.store is not None else MemoryStore(self.instance_id),
             server=resolved[0].name, servers=tuple(s.name for s in resolved),
-            # With somewhere else to go, a receiver checks its node soon
-            # after a burst (a dead one is left then, not at the keepalive).
-            probe_after=TRAFFIC_PROBE if len(resolved) > 1 else None,
-            rto_min=self.rto_min, rto_max=self.rto_max,
-            login_timeout=self.login_timeout, keepalive=self.keepalive,
-            link_timeout=self.link_timeout, wait_for_shown=True,  # the front end says `shown`
+            rto_min=self.rto_min, rto_max=self.rto_max, login_timeout=self.login_timeout,
+            wait_for_shown=True,  # the front end says `shown`
+            **liveness_timers(len(resolved) > 1, self.keepalive, self.link_timeout),
         )  # fmt: skip
         worker = _Worker(self, core, resolved)
         self._thread = threading.Thread(

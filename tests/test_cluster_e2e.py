@@ -146,7 +146,7 @@ def test_killed_node_users_move_within_5_s_nothing_lost_or_doubled(
     and receipts, or his ping `TRAFFIC_PROBE` after the last message), so
     both are on another node within 5 s (default timers), and bob and dave
     each get every message exactly once, in order. (A user idle on the
-    node notices at the next keepalive: tests/test_failover.py.)"""
+    node: tests/test_failover_idle.py.)"""
     a, b, c = nodes
     count = 60
     clients: list[Terminal] = []
