@@ -168,7 +168,10 @@ def test_an_idle_user_is_on_the_other_node_within_5_s_of_a_sigkill(
         for who, node in ((alice, a), (bob, b)):
             who.wait(lambda e: e["event"] == "logged_in", 30)
             assert who.seen()[0]["server"] == node.addr_text, who.seen()
-        time.sleep(0.5)  # alice is idle: her login's traffic is over
+        # alice is idle: her login's traffic is over, and so is the one
+        # ping `TRAFFIC_PROBE` after the last message the node handed her
+        # (which alone would find the dead node within 2 s).
+        time.sleep(TRAFFIC_PROBE + 1.0)
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait(5)
         killed_at = time.monotonic()
