@@ -3258,35 +3258,46 @@ class Relay:
         self._page_group_receipts(session)
 
     def _cluster_change(self, user: User, instance_id: int, request: GroupRequest,
-                        key: RequestKey, attempt: int = 0) -> None:  # fmt: skip
+                        key: RequestKey, attempt: int = 0,
+                        checked: bool = False) -> None:  # fmt: skip
         """A membership change in cluster mode: planned on this node's copy
         (the rules' verdict, as on one server), then applied by the store
-        only if the copy was current (`ChangeGroup`)."""
+        only if the copy was current (`ChangeGroup`). A refusal, or "nothing
+        to do", is final only once `checked`: judged on a copy that has the
+        store's state as it was after the request came (the copy may lack a
+        change still in flight from this node, or one made on another node
+        and not heard of yet: the store says, not the copy)."""
         stream = conversation_stream(group_address(request.group.removeprefix("#")))
         try:
             plan = self._plan_change(user, request)
         except GroupRefused as exc:
             self.stats["group_refused"] += 1
-            try:
-                group_key = group_name(request.group)[1]
-            except GroupRefused:
-                self._group_result(user, key, int(exc.code), exc.message, stream)
+            answer = (int(exc.code), exc.message)
+        else:
+            if not isinstance(plan, str):
+                group, op, text = plan
+                op.request = (key, 0, text)
+                then = functools.partial(self._group_changed, user, instance_id, request, key,
+                                         op, attempt, group)  # fmt: skip
+                self.store.submit(op, then)
                 return
-            # Sent again to this node after another did it (its node died
-            # before answering): the answer it had, not a refusal.
-            lookup = ChangeGroup(group_key, request.group.removeprefix("#"), -1, 0, [], "",
-                                 False, (key, int(exc.code), exc.message))  # fmt: skip
-            then = functools.partial(self._group_changed, user, instance_id, request, key,
-                                     lookup, attempt, None)  # fmt: skip
-            self.store.submit(lookup, then)
+            answer = (0, plan)  # nothing to change
+        try:
+            group_key = group_name(request.group)[1]
+        except GroupRefused:
+            checked = True  # not a group name: nothing to ask the store
+        if checked:
+            self._group_result(user, key, *answer, stream)
             return
-        if isinstance(plan, str):  # nothing to change
-            self._group_result(user, key, 0, plan, stream)
-            return
-        group, op, text = plan
-        op.request = (key, 0, text)
-        self.store.submit(op, functools.partial(self._group_changed, user, instance_id, request,
-                                                key, op, attempt, group))  # fmt: skip
+        # The store answers what it answered if the request was done before
+        # (sent again to this node after another did it, and that node died
+        # before answering), else the group's head there: this copy reaches
+        # it, and the request is planned again (`_group_changed`).
+        lookup = ChangeGroup(group_key, request.group.removeprefix("#"), -1, 0, [], "",
+                             False, (key, *answer))  # fmt: skip
+        then = functools.partial(self._group_changed, user, instance_id, request, key,
+                                 lookup, attempt, None)  # fmt: skip
+        self.store.submit(lookup, then)
 
     def _plan_change(
         self, user: User, request: GroupRequest
@@ -3380,14 +3391,15 @@ class Relay:
             self._remember_answer(key, (code, text))
             self._group_result(user, key, code, text, stream)
             return
-        if op.outcome == "none":  # refused here, and never done anywhere
-            _, code, text = op.request
-            self._group_result(user, key, code, text, stream)
-            return
-        if op.outcome == "conflict":
-            # Another change came first: catch up to the store's state, then
-            # plan again (the rules may now say no).
-            self.stats["group_conflicts"] += 1
+        if op.outcome in ("conflict", "none"):
+            # conflict: another change came first; none: refused (or nothing
+            # to do) on this copy, and never done anywhere. Either way: catch
+            # up to the store's state, then plan again (the rules may now say
+            # no; or yes, after a refusal; the verdict on a refusal planned
+            # again is final: the copy has what the store had when asked).
+            checked = op.outcome == "none"
+            if not checked:
+                self.stats["group_conflicts"] += 1
             if attempt + 1 >= GROUP_CHANGE_ATTEMPTS:
                 self._group_result(user, key, int(ErrorCode.SERVER_ERROR),
                                    f"#{op.name} is changing fast; send the request again",
@@ -3395,7 +3407,7 @@ class Relay:
                 return
             epoch, seq = op.current
             again = functools.partial(self._cluster_change, user, instance_id, request, key,
-                                      attempt + 1)  # fmt: skip
+                                      attempt + 1, checked)  # fmt: skip
             if epoch == 0:
                 cached = self.groups.get(op.group_key)
                 if cached is not None:

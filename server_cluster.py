@@ -341,13 +341,15 @@ return {'ok', seq .. ':' .. n .. ':' .. epoch}
 # its answer, the entries (JSON: m packed entry, n recipients, j joined
 # [key, name, rank], l left keys), owner after, end ("1": the last member
 # left), the epoch of a new group, how long answers are kept. Epoch -1: a
-# request the node refused; only its answer, if it was done before, is
-# looked up (a request sent again to another node is answered, not refused).
+# request the node refused (or found nothing to do for); only its answer, if
+# it was done before, is looked up (a request sent again to another node is
+# answered, not refused), else the group's epoch and seq are answered: the
+# node's copy reaches them and the request is planned again.
 CHANGE_GROUP = """
 local done = redis.call('HGET', KEYS[6], ARGV[5])
 if done then return {'done', done} end
-if ARGV[3] == '-1' then return {'none'} end
 local g = redis.call('HMGET', KEYS[1], 'epoch', 'changed', 'seq')
+if ARGV[3] == '-1' then return {'none', g[1] or '0', g[3] or '0'} end
 if ARGV[3] == '0' then
   if g[1] then return {'conflict', g[1], g[3]} end
 elseif g[1] ~= ARGV[3] or g[2] ~= ARGV[4] then
@@ -1182,7 +1184,7 @@ class RedisStore:
         op.outcome = outcome
         if outcome == "ok":
             op.first_seq = int(raw[1])
-        elif outcome == "conflict":
+        elif outcome in ("conflict", "none"):
             op.current = (int(raw[1]), int(raw[2]))
         elif outcome == "done":
             code, text = json.loads(raw[1])

@@ -651,7 +651,8 @@ class ChangeGroup:
     after them; `end`: the last member left (the group's keys go). The store
     sets `outcome`: "ok" (with `first_seq`), "conflict" (with `current`, the
     store's (epoch, seq)) or "done" (asked before: `answer`). With `epoch`
-    -1 and no entries, only the answer is looked up: "done" or "none"."""
+    -1 and no entries, only the answer is looked up: "done" or "none" (with
+    `current`: the node catches up to it and plans the request again)."""
 
     group_key: str
     name: str
