@@ -2341,7 +2341,8 @@ class Relay:
         ):
             self.groups.end(group)
             self._group_streams.pop(group.key, None)
-            self.store.submit(EndGroup(group.key))
+            if not self.shared_store:  # (a shared store's DropMember ended it there)
+                self.store.submit(EndGroup(group.key))
 
     def _group_ended(self, group: Group, user: User, item: GroupItem, key: RequestKey,
                      stream: int, old_key: str) -> None:  # fmt: skip
@@ -2777,6 +2778,7 @@ class Relay:
             self.store.submit(DropMember(group.key, user.key))
             if mail is not None:
                 self._drop_pager(mail, group.key)
+            self._end_retired(group)
             return
         if mail is not None:  # the window has room again
             for other_key, other in list(mail.pagers.items()):
@@ -3207,7 +3209,7 @@ class Relay:
             self._end_copy(cached)
         group = self._group_from(stored)
         self._group_wanted.pop(key, None)
-        if group.members:
+        if group.members or group.former:  # (a retired group: former members only)
             self.groups.restore(group)
             # The members here page what is theirs from the log, from their cursors.
             for member_key in [*group.members, *group.former]:

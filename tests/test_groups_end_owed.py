@@ -10,6 +10,7 @@ then its rows go. On memory and SQLite (also across a restart)."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from chat_server import ServerConfig
@@ -17,8 +18,10 @@ from client_core import AccountDeleted, GroupChanged
 from protocol import GroupAction
 from server_groups import is_retired
 from server_store import MessageStore, ServerStore
+from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import Client
 from tests.test_client_core import Net
+from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_groups_client import login
 from tests.test_groups_relay import GroupWorld, created, entries, store  # noqa: F401 (a fixture)
 
@@ -166,3 +169,45 @@ def test_an_owed_member_who_deletes_their_account_lets_the_retired_group_go() ->
     erin.core.delete_account("erin-pw")
     net.run(lambda: bool(erin.of(AccountDeleted)), "erin's account deleted")
     assert len(net.relay.groups) == 0
+
+
+# --- cluster mode: the same in Redis (a real redis-server) ------------------------
+
+
+def test_in_a_cluster_what_is_owed_stays_when_the_group_ends(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """The same on two nodes: the group's keys go on under the retired key
+    (same hash tag) in one script, a new #team made meanwhile on the other
+    node is another group, erin logs in on the node she was not on and gets
+    the old entries once and the new group's; then the retired keys go."""
+    cluster = cluster_of(2)
+    alice, bob, erin = cluster.login(0, "alice"), cluster.login(1, "bob"), cluster.login(1, "erin")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "erin").code == 0
+    cluster.settle()
+    cluster.nodes[1].logout(erin)
+    cluster.settle()
+    cluster.post(0, alice, "team", "before removal", 1)
+    cluster.settle()
+    assert cluster.request(0, alice, GroupAction.REMOVE, "team", "erin").code == 0
+    answer = cluster.request(0, alice, GroupAction.LEAVE, "team")
+    assert (answer.code, answer.message) == (0, "left #team; it has ended")
+    cluster.settle(20)
+    assert cluster.copies("team") == [None, None]
+    redis_client = cluster.nodes[0].node.store.client
+    [retired] = [k for k in redis_client.smembers("chat:groups") if k != "team"]
+    assert is_retired(retired)
+    assert cluster.request(1, bob, GroupAction.CREATE, "team", "erin").code == 0
+    cluster.post(1, bob, "team", "new team", 1)
+    cluster.settle(20)
+    erin = cluster.nodes[0].login("erin")
+    cluster.run_until(lambda: len(entries(erin)) >= 4, 300, "erin's four entries")
+    cluster.settle(30)
+    got = [(e[0], e[1], e[3]) for e in entries(erin)]
+    old = [(2, "message", "before removal"), (3, "removed", ("erin",))]
+    new = [(1, "created", ("bob", "erin")), (2, "message", "new team")]
+    assert len(got) == 4 and [g for g in got if g in old] == old, got
+    assert [g for g in got if g in new] == new, got
+    assert redis_client.smembers("chat:groups") == {"team"}
+    assert not redis_client.keys("chat:g*!*")  # the retired keys, every one gone
+    assert [list(w.relay.groups.groups) for w in cluster.nodes] == [["team"], ["team"]]
