@@ -140,7 +140,15 @@ from reliability import (
     ReassemblyExpired,
     ReceiveBudget,
 )
-from server_groups import Group, GroupRefused, GroupTable, Member, group_name
+from server_groups import (
+    Group,
+    GroupRefused,
+    GroupTable,
+    Member,
+    group_name,
+    is_retired,
+    retired_key,
+)
 from server_guard import (
     BucketTable,
     TokenBucket,
@@ -1966,8 +1974,11 @@ class Relay:
         # (A cluster's shared store keeps no tombstones: its senders are not
         # told, as before.)
         for group, member, key in self.groups.bury(user.key, keep=not self.shared_store):
-            if not member.gone:
+            if not member.gone or is_retired(group.key):
                 self.store.submit(DropMember(group.key, key))
+                if member.gone:  # (a retired group tells no sender: it forgets them)
+                    self.groups.forget_former(group, member)
+                self._end_retired(group)
                 continue
             # Its senders are told it never will have what it had not: those
             # online now (from their marks on), the others at their logins.
@@ -2075,16 +2086,17 @@ class Relay:
     def _load_groups(self, loaded: Loaded) -> None:
         for stored in loaded.groups:
             group = self._group_from(stored, keep_former=not self.shared_store)
-            if group.members:
+            if group.members or group.former:  # (a retired group: former members only)
                 self.groups.restore(group)
         for (group_key, sender_key), last in loaded.group_sent.items():
             found = self.groups.get(group_key)
-            if found is not None:
+            if found is not None and found.members:  # (a retired group owes senders nothing)
                 told = loaded.group_told.get((sender_key, group_key), 0)
                 self.groups.restore_owed(found, sender_key, told, last)
-        for group in self.groups.groups.values():  # caught up and told: not needed
+        for group in list(self.groups.groups.values()):  # caught up and told: not needed
             for member in [m for m in group.former.values() if m.caught_up]:
                 self.groups.forget_former(group, member)
+            self._end_retired(group)
         for key, answer in loaded.group_requests.items():
             self._remember_answer(key, answer)
         if loaded.groups:
@@ -2283,27 +2295,62 @@ class Relay:
             self._store_change(group, changes, key, f"left #{group.name}")
             return
         # The last member left: the group ends. The leaver is told (a
-        # GROUP_EVENT, outside any sequence now) and its rows go.
+        # GROUP_EVENT, outside any sequence now) and its rows go; but what a
+        # former member is still owed (removed while offline) stays, under
+        # another key, until they have it (`GroupTable.retire`).
         seq = self.groups.next_seq(group)
         item = self._group_item(group, seq, GroupChange.LEFT, user, ())
-        self.groups.end(group)
+        old_key, keep_as = group.key, ""
+        stream = self._group_stream(group)
+        if self.groups.owes(group):
+            keep_as = retired_key(group.key, item.server_msg_id)
+            self.groups.retire(group, seq, keep_as)
+            self._rekey_pagers(group, old_key)
+        else:
+            self.groups.end(group)
         log.info("group #%s ended: its last member left", group.name)
         self.stats["groups_ended"] += 1
         self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
-        stream = self._group_stream(group)
-        self._group_streams.pop(group.key, None)  # the cache holds live groups only
+        self._group_streams.pop(old_key, None)  # the cache holds live groups only
         self.store.submit(
-            EndGroup(group.key, (key, 0, f"left #{group.name}; it has ended")),
-            functools.partial(self._group_ended, group, user, item, key, stream),
+            EndGroup(old_key, (key, 0, f"left #{group.name}; it has ended"), keep_as),
+            functools.partial(self._group_ended, group, user, item, key, stream, old_key),
         )
 
+    def _rekey_pagers(self, group: Group, old_key: str) -> None:
+        """A retired group's former members online page it under its new key."""
+        for member in group.former.values():
+            user = self.users.get(member.key)
+            session = self.router.locate(user) if user is not None else None
+            mail = session.group_mail if isinstance(session, Session) else None
+            pager = mail.pagers.pop(old_key, None) if mail is not None else None
+            if mail is None or pager is None:
+                continue
+            mail.pagers[group.key] = pager
+            for entry in pager.items.values():
+                mail.ids[entry.server_msg_id] = (group.key, entry.seq)
+
+    def _end_retired(self, group: Group) -> None:
+        """A retired group whose former members have all they were owed
+        (or whose accounts were deleted) goes: its rows too."""
+        if (
+            is_retired(group.key)
+            and self.groups.get(group.key) is group
+            and not group.members
+            and not self.groups.owes(group)
+        ):
+            self.groups.end(group)
+            self._group_streams.pop(group.key, None)
+            if not self.shared_store:  # (a shared store's DropMember ended it there)
+                self.store.submit(EndGroup(group.key))
+
     def _group_ended(self, group: Group, user: User, item: GroupItem, key: RequestKey,
-                     stream: int) -> None:  # fmt: skip
+                     stream: int, old_key: str) -> None:  # fmt: skip
         session = self.router.locate(user)
         if isinstance(session, Session):
             mail = session.group_mail
             if mail is not None:
-                self._drop_pager(mail, group.key)
+                self._drop_pager(mail, old_key)
             self._send(session, self._group_message(group, item), stream=stream)
         self._group_result(user, key, 0, f"left #{group.name}; it has ended", stream)
 
@@ -2701,6 +2748,7 @@ class Relay:
         if member.caught_up and self.groups.forget_former(group, member):
             self.store.submit(DropMember(group_key, user.key))
             self._drop_pager(mail, group_key)
+            self._end_retired(group)
             return True
         if pager.behind or len(mail.pagers) > 1:  # the window has room again
             for other_key, other in list(mail.pagers.items()):
@@ -2730,6 +2778,7 @@ class Relay:
             self.store.submit(DropMember(group.key, user.key))
             if mail is not None:
                 self._drop_pager(mail, group.key)
+            self._end_retired(group)
             return
         if mail is not None:  # the window has room again
             for other_key, other in list(mail.pagers.items()):
@@ -3160,7 +3209,7 @@ class Relay:
             self._end_copy(cached)
         group = self._group_from(stored)
         self._group_wanted.pop(key, None)
-        if group.members:
+        if group.members or group.former:  # (a retired group: former members only)
             self.groups.restore(group)
             # The members here page what is theirs from the log, from their cursors.
             for member_key in [*group.members, *group.former]:
@@ -3258,35 +3307,46 @@ class Relay:
         self._page_group_receipts(session)
 
     def _cluster_change(self, user: User, instance_id: int, request: GroupRequest,
-                        key: RequestKey, attempt: int = 0) -> None:  # fmt: skip
+                        key: RequestKey, attempt: int = 0,
+                        checked: bool = False) -> None:  # fmt: skip
         """A membership change in cluster mode: planned on this node's copy
         (the rules' verdict, as on one server), then applied by the store
-        only if the copy was current (`ChangeGroup`)."""
+        only if the copy was current (`ChangeGroup`). A refusal, or "nothing
+        to do", is final only once `checked`: judged on a copy that has the
+        store's state as it was after the request came (the copy may lack a
+        change still in flight from this node, or one made on another node
+        and not heard of yet: the store says, not the copy)."""
         stream = conversation_stream(group_address(request.group.removeprefix("#")))
         try:
             plan = self._plan_change(user, request)
         except GroupRefused as exc:
             self.stats["group_refused"] += 1
-            try:
-                group_key = group_name(request.group)[1]
-            except GroupRefused:
-                self._group_result(user, key, int(exc.code), exc.message, stream)
+            answer = (int(exc.code), exc.message)
+        else:
+            if not isinstance(plan, str):
+                group, op, text = plan
+                op.request = (key, 0, text)
+                then = functools.partial(self._group_changed, user, instance_id, request, key,
+                                         op, attempt, group)  # fmt: skip
+                self.store.submit(op, then)
                 return
-            # Sent again to this node after another did it (its node died
-            # before answering): the answer it had, not a refusal.
-            lookup = ChangeGroup(group_key, request.group.removeprefix("#"), -1, 0, [], "",
-                                 False, (key, int(exc.code), exc.message))  # fmt: skip
-            then = functools.partial(self._group_changed, user, instance_id, request, key,
-                                     lookup, attempt, None)  # fmt: skip
-            self.store.submit(lookup, then)
+            answer = (0, plan)  # nothing to change
+        try:
+            group_key = group_name(request.group)[1]
+        except GroupRefused:
+            checked = True  # not a group name: nothing to ask the store
+        if checked:
+            self._group_result(user, key, *answer, stream)
             return
-        if isinstance(plan, str):  # nothing to change
-            self._group_result(user, key, 0, plan, stream)
-            return
-        group, op, text = plan
-        op.request = (key, 0, text)
-        self.store.submit(op, functools.partial(self._group_changed, user, instance_id, request,
-                                                key, op, attempt, group))  # fmt: skip
+        # The store answers what it answered if the request was done before
+        # (sent again to this node after another did it, and that node died
+        # before answering), else the group's head there: this copy reaches
+        # it, and the request is planned again (`_group_changed`).
+        lookup = ChangeGroup(group_key, request.group.removeprefix("#"), -1, 0, [], "",
+                             False, (key, *answer))  # fmt: skip
+        then = functools.partial(self._group_changed, user, instance_id, request, key,
+                                 lookup, attempt, None)  # fmt: skip
+        self.store.submit(lookup, then)
 
     def _plan_change(
         self, user: User, request: GroupRequest
@@ -3380,14 +3440,15 @@ class Relay:
             self._remember_answer(key, (code, text))
             self._group_result(user, key, code, text, stream)
             return
-        if op.outcome == "none":  # refused here, and never done anywhere
-            _, code, text = op.request
-            self._group_result(user, key, code, text, stream)
-            return
-        if op.outcome == "conflict":
-            # Another change came first: catch up to the store's state, then
-            # plan again (the rules may now say no).
-            self.stats["group_conflicts"] += 1
+        if op.outcome in ("conflict", "none"):
+            # conflict: another change came first; none: refused (or nothing
+            # to do) on this copy, and never done anywhere. Either way: catch
+            # up to the store's state, then plan again (the rules may now say
+            # no; or yes, after a refusal; the verdict on a refusal planned
+            # again is final: the copy has what the store had when asked).
+            checked = op.outcome == "none"
+            if not checked:
+                self.stats["group_conflicts"] += 1
             if attempt + 1 >= GROUP_CHANGE_ATTEMPTS:
                 self._group_result(user, key, int(ErrorCode.SERVER_ERROR),
                                    f"#{op.name} is changing fast; send the request again",
@@ -3395,7 +3456,7 @@ class Relay:
                 return
             epoch, seq = op.current
             again = functools.partial(self._cluster_change, user, instance_id, request, key,
-                                      attempt + 1)  # fmt: skip
+                                      attempt + 1, checked)  # fmt: skip
             if epoch == 0:
                 cached = self.groups.get(op.group_key)
                 if cached is not None:

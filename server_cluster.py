@@ -132,6 +132,7 @@ from redis.retry import Retry
 
 from common import format_address
 from protocol import ErrorCode
+from server_groups import TOMBSTONE, is_retired, retired_key
 from server_records import Session, User
 from server_router import NodeId, Route
 from server_store import (
@@ -340,14 +341,18 @@ return {'ok', seq .. ':' .. n .. ':' .. epoch}
 # epoch planned against (0: a new group), its last change, request field,
 # its answer, the entries (JSON: m packed entry, n recipients, j joined
 # [key, name, rank], l left keys), owner after, end ("1": the last member
-# left), the epoch of a new group, how long answers are kept. Epoch -1: a
-# request the node refused; only its answer, if it was done before, is
-# looked up (a request sent again to another node is answered, not refused).
+# left), the epoch of a new group, how long answers are kept, the key the
+# group goes on under if it ends while former members are owed entries (its
+# KEYS 8-11: group, former, cursors, log; `retired_key`). Epoch -1: a
+# request the node refused (or found nothing to do for); only its answer, if
+# it was done before, is looked up (a request sent again to another node is
+# answered, not refused), else the group's epoch and seq are answered: the
+# node's copy reaches them and the request is planned again.
 CHANGE_GROUP = """
 local done = redis.call('HGET', KEYS[6], ARGV[5])
 if done then return {'done', done} end
-if ARGV[3] == '-1' then return {'none'} end
 local g = redis.call('HMGET', KEYS[1], 'epoch', 'changed', 'seq')
+if ARGV[3] == '-1' then return {'none', g[1] or '0', g[3] or '0'} end
 if ARGV[3] == '0' then
   if g[1] then return {'conflict', g[1], g[3]} end
 elseif g[1] ~= ARGV[3] or g[2] ~= ARGV[4] then
@@ -358,9 +363,34 @@ local epoch = ARGV[3]
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[6])
 redis.call('EXPIRE', KEYS[6], ARGV[11])
 if ARGV[9] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  local owed = false
+  local former = redis.call('HGETALL', KEYS[3])
+  for i = 1, #former, 2 do
+    local c = tonumber(redis.call('HGET', KEYS[4], former[i]) or '-1')
+    if c >= cjson.decode(former[i + 1])[4] then
+      redis.call('HDEL', KEYS[3], former[i])
+      redis.call('HDEL', KEYS[4], former[i])
+    else
+      owed = true
+    end
+  end
+  if owed then
+    for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do redis.call('HDEL', KEYS[4], k) end
+    redis.call('DEL', KEYS[2])
+    redis.call('HSET', KEYS[1], 'retired', '1')
+    redis.call('RENAME', KEYS[1], KEYS[8])
+    redis.call('RENAME', KEYS[3], KEYS[9])
+    if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('RENAME', KEYS[4], KEYS[10]) end
+    if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('RENAME', KEYS[5], KEYS[11]) end
+    redis.call('SADD', KEYS[7], ARGV[12])
+  else
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  end
   redis.call('SREM', KEYS[7], ARGV[1])
   redis.call('PUBLISH', 'chat:all', 'ge\t' .. ARGV[1] .. '\t' .. epoch)
+  if owed then
+    redis.call('PUBLISH', 'chat:all', 'g\t' .. ARGV[12] .. '\t' .. epoch .. '\t' .. seq)
+  end
   return {'ok', tostring(seq + 1)}
 end
 if epoch == '0' then
@@ -431,10 +461,18 @@ if low and low > 0 then redis.call('XTRIM', KEYS[4], 'MINID', (low + 1) .. '-0')
 return low or 0
 """
 # A former member who has everything meant for them. KEYS: former, cursors,
-# members. ARGV: member key.
+# members, group, log, the set of groups. ARGV: member key, group key. A
+# retired group (one that ended while former members were owed entries)
+# goes with the last of them.
 GROUP_DROP = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
   redis.call('HDEL', KEYS[2], ARGV[1])
+end
+if redis.call('HEXISTS', KEYS[4], 'retired') == 1 and redis.call('HLEN', KEYS[1]) == 0 then
+  local epoch = redis.call('HGET', KEYS[4], 'epoch')
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('SREM', KEYS[6], ARGV[2])
+  redis.call('PUBLISH', 'chat:all', 'ge\t' .. ARGV[2] .. '\t' .. epoch)
 end
 return 1
 """
@@ -551,8 +589,13 @@ LOG_END = 1 << 62
 
 
 def group_keys(group_key: str) -> dict[str, str]:
-    """A group's keys by role, all with the group's hash tag `{#key}`."""
+    """A group's keys by role, all with the group's hash tag `{#key}`; a
+    retired group's ("!KEY!END_ID") keep the tag of the group it was, so a
+    script renames one into the other on one shard."""
     tag = f"{{#{group_key}}}"
+    if is_retired(group_key):
+        base, _, end_id = group_key[1:].partition(TOMBSTONE)
+        tag = f"{{#{base}}}{TOMBSTONE}{end_id}"
     return {role: f"chat:{role}:{tag}"
             for role in ("group", "gmem", "gformer", "gcur", "glog", "greq")}  # fmt: skip
 
@@ -1131,14 +1174,17 @@ class RedisStore:
                 plan = [{"m": pack_group_item(item), "n": item.recipients,
                          "j": [list(j) for j in joined], "l": list(left)}
                         for item, joined, left in op.entries]  # fmt: skip
+                first_id = op.entries[0][0].server_msg_id if op.entries else 0
+                retired = retired_key(op.group_key, first_id)  # (used if it ends owing)
+                kept = group_keys(retired)
                 script("change_group",
                        [keys["group"], keys["gmem"], keys["gformer"], keys["gcur"], keys["glog"],
-                        keys["greq"], GROUPS_KEY],
+                        keys["greq"], GROUPS_KEY, kept["group"], kept["gformer"], kept["gcur"],
+                        kept["glog"]],
                        [op.group_key, op.name, op.epoch, op.changed,
                         f"{user_key}:{instance_id}:{request_id}", _pack([code, text]),
-                        _pack(plan), op.owner_key, int(op.end),
-                        op.entries[0][0].server_msg_id if op.entries else 0,
-                        DEDUP_KEEP_S])  # fmt: skip
+                        _pack(plan), op.owner_key, int(op.end), first_id, DEDUP_KEEP_S,
+                        retired])  # fmt: skip
             case GroupReceipt(group_key, member_key, seq, notices):
                 keys = group_keys(group_key)
                 script("group_cursor", [keys["gcur"], keys["gmem"], keys["gformer"]],
@@ -1156,7 +1202,10 @@ class RedisStore:
                        [f"{instance_id}:{client_seq}:{by_key}"])  # fmt: skip
             case DropMember(group_key, member_key):
                 keys = group_keys(group_key)
-                script("group_drop", [keys["gformer"], keys["gcur"], keys["gmem"]], [member_key])
+                script("group_drop",
+                       [keys["gformer"], keys["gcur"], keys["gmem"], keys["group"], keys["glog"],
+                        GROUPS_KEY],
+                       [member_key, group_key])  # fmt: skip
         return 1
 
     @staticmethod
@@ -1182,7 +1231,7 @@ class RedisStore:
         op.outcome = outcome
         if outcome == "ok":
             op.first_seq = int(raw[1])
-        elif outcome == "conflict":
+        elif outcome in ("conflict", "none"):
             op.current = (int(raw[1]), int(raw[2]))
         elif outcome == "done":
             code, text = json.loads(raw[1])

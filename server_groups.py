@@ -31,6 +31,9 @@ between. Entries below both the low-water mark and every owed sender's
 
 Ownership passes to the longest-standing member when the owner leaves
 (members are kept in joining order); the group ends with its last member.
+If a former member is still owed entries then (removed while offline), the
+group goes on under another key (`retired_key`), its name free for a new
+group at once, until they have what they are owed (`GroupTable.retire`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,16 @@ from protocol import (
     normalize_name,
 )
 
-__all__ = ["TOMBSTONE", "Group", "GroupRefused", "GroupTable", "Member", "group_name"]
+__all__ = [
+    "TOMBSTONE",
+    "Group",
+    "GroupRefused",
+    "GroupTable",
+    "Member",
+    "group_name",
+    "is_retired",
+    "retired_key",
+]
 
 #: Default cap on a group's members: Signal's hard limit (issue 14).
 DEFAULT_MAX_MEMBERS = 1000
@@ -178,6 +190,18 @@ def group_name(text: str) -> tuple[str, str]:
     except LocalProtocolError as exc:
         raise GroupRefused(ErrorCode.INVALID_NAME, f"group name: {exc}") from None
     return shown, name_key(shown)
+
+
+def retired_key(group_key: str, end_id: int) -> str:
+    """The key a group that ended goes on under while former members are
+    owed entries of it (`GroupTable.retire`): no group name has a '!', and
+    `end_id` (the server id of the entry that ended it) keeps two apart, so
+    a new group of the same name never mixes with the old one's log."""
+    return f"{TOMBSTONE}{group_key}{TOMBSTONE}{end_id}"
+
+
+def is_retired(group_key: str) -> bool:
+    return group_key.startswith(TOMBSTONE)
 
 
 class GroupTable:
@@ -359,6 +383,35 @@ class GroupTable:
         for key in group.owed:
             self._unindex_owed(key, group.key)
         group.owed.clear()
+
+    def retire(self, group: Group, seq: int, tomb_key: str) -> None:
+        """The group's last member left (its LEFT entry is `seq`, handed to
+        them outside the log) while former members are still owed entries
+        of it: its name is free at once, as at `end`, and the group goes on
+        under `tomb_key` (a key no group has: see `retired_key`), with no
+        member, only until those former members have what they are owed.
+        Senders' marks go with it, as at `end` (nothing is posted to it
+        again; a sender online is still told of each delivery)."""
+        self.groups.pop(group.key, None)
+        for key in list(group.members):  # the leaver: handed the LEFT entry itself
+            group.members[key].cursor = seq
+            self._part(group, key, seq)
+        for key in group.owed:
+            self._unindex_owed(key, group.key)
+        group.owed.clear()
+        for member in [m for m in group.former.values() if m.caught_up]:
+            self.forget_former(group, member)
+        for key, member in group.former.items():
+            if not member.gone:
+                self._unindex_former(key, group.key)
+                self.former_of.setdefault(key, {})[tomb_key] = None
+        group.key = tomb_key
+        self.groups[tomb_key] = group
+
+    @staticmethod
+    def owes(group: Group) -> bool:
+        """Whether a former member of `group` is still owed entries of it."""
+        return any(not m.caught_up for m in group.former.values())
 
     def _unindex_former(self, user_key: str, group_key: str) -> None:
         mine = self.former_of.get(user_key)

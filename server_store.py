@@ -33,6 +33,7 @@ early.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -530,10 +531,16 @@ class StoreGroupItem:
 
 @dataclass(slots=True)
 class EndGroup:
-    """The group's last member left: its rows go, its name is free."""
+    """The group's last member left: its rows go, its name is free. With
+    `keep_as`, what former members are still owed stays under that key (a
+    retired group: the group's row, its former members' rows and its log;
+    not the current members', nor the senders' marks) until they have it
+    (then an `EndGroup` of `keep_as`): a group made again under the name
+    never mixes with it."""
 
     group_key: str
     request: tuple[RequestKey, int, str] | None = None
+    keep_as: str = ""
 
 
 @dataclass(slots=True)
@@ -651,7 +658,8 @@ class ChangeGroup:
     after them; `end`: the last member left (the group's keys go). The store
     sets `outcome`: "ok" (with `first_seq`), "conflict" (with `current`, the
     store's (epoch, seq)) or "done" (asked before: `answer`). With `epoch`
-    -1 and no entries, only the answer is looked up: "done" or "none"."""
+    -1 and no entries, only the answer is looked up: "done" or "none" (with
+    `current`: the node catches up to it and plans the request again)."""
 
     group_key: str
     name: str
@@ -929,13 +937,22 @@ class MemoryStore:
                         members[key].left_seq = item.group_seq
                 if request is not None:
                     self._record_request(request)
-            case EndGroup(group_key, request):
-                self.groups.pop(group_key, None)
-                self.members.pop(group_key, None)
-                for item in self.log.pop(group_key, {}).values():
+            case EndGroup(group_key, request, keep_as):
+                row = self.groups.pop(group_key, [])
+                members = self.members.pop(group_key, {})
+                log = self.log.pop(group_key, {})
+                for item in log.values():
                     self.log_ids.pop(item.server_msg_id, None)
                 for told in [t for t in self.group_told if t[1] == group_key]:
                     del self.group_told[told]
+                if keep_as and row:
+                    self.groups[keep_as] = row
+                    self.members[keep_as] = {k: m for k, m in members.items()
+                                             if m.left_seq is not None}  # fmt: skip
+                    kept = self.log[keep_as] = {}
+                    for seq, item in log.items():
+                        item = kept[seq] = dataclasses.replace(item, group_key=keep_as)
+                        self.log_ids[item.server_msg_id] = item
                 if request is not None:
                     self._record_request(request)
             case GroupReceipt(group_key, member_key, seq):
@@ -1760,8 +1777,14 @@ class _GroupSegment:
             db.executemany("DELETE FROM group_members WHERE group_key=? AND member_key=? AND "
                            "left_seq IS NOT NULL", self.dropped)  # fmt: skip
         if self.end is not None:
+            old, keep_as = self.end.group_key, self.end.keep_as
+            if keep_as:  # retired: its former members' rows and its log stay, re-keyed
+                db.execute("DELETE FROM group_members WHERE group_key=? AND left_seq IS NULL",
+                           (old,))  # fmt: skip
+                for table in ("groups", "group_members", "group_log"):
+                    db.execute(f"UPDATE {table} SET group_key=? WHERE group_key=?", (keep_as, old))
             for table in ("groups", "group_members", "group_log", "group_told"):
-                db.execute(f"DELETE FROM {table} WHERE group_key=?", (self.end.group_key,))
+                db.execute(f"DELETE FROM {table} WHERE group_key=?", (old,))
             if self.end.request is not None:
                 self.request(self.end.request)
         if self.requests:
