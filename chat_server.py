@@ -3320,7 +3320,6 @@ class Relay:
         try:
             plan = self._plan_change(user, request)
         except GroupRefused as exc:
-            self.stats["group_refused"] += 1
             answer = (int(exc.code), exc.message)
         else:
             if not isinstance(plan, str):
@@ -3336,6 +3335,8 @@ class Relay:
         except GroupRefused:
             checked = True  # not a group name: nothing to ask the store
         if checked:
+            if answer[0]:
+                self.stats["group_refused"] += 1
             self._group_result(user, key, *answer, stream)
             return
         # The store answers what it answered if the request was done before

@@ -147,3 +147,5 @@ def test_a_refusal_or_a_no_op_the_store_agrees_with_stands(
     assert answer.code == ErrorCode.NO_SUCH_GROUP
     cluster.settle(20)
     assert len(alice.of(GroupResult)) == 3 and len(bob.of(GroupResult)) == 2
+    # Each refusal counted once, where it was answered (not at each plan).
+    assert [w.relay.stats["group_refused"] for w in cluster.nodes] == [1, 2]
