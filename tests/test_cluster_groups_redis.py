@@ -163,8 +163,10 @@ def test_a_node_cut_off_from_redis_withholds_group_posts_and_recovers(
         expected = ["before the cut"] + [f"cut off {i}" for i in range(5)]
         wait_all(
             members,
-            lambda: all(alice.reached(m, "accepted") for m in cut)
-            and all(len(group_texts(x)) >= len(expected) for x in (bob, carol)),
+            lambda: (
+                all(alice.reached(m, "accepted") for m in cut)
+                and all(len(group_texts(x)) >= len(expected) for x in (bob, carol))
+            ),
             20,
             "the posts accepted and at every member after the link is back",
         )
