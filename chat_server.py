@@ -723,40 +723,36 @@ class Relay:
 
     # --- a cluster's inputs (server_cluster calls them on the loop) -------
 
+    def _session_here(self, key: str) -> Session | None:
+        """User `key`'s session if it is on this node."""
+        user = self.users.get(key)
+        session = self.router.locate(user) if user is not None else None
+        return session if isinstance(session, Session) else None
+
     def mail_waiting(self, key: str, server_msg_id: int, now: float) -> None:
         """The shared store holds message `server_msg_id` for user `key`: if
         their session is here, it is handed over in the mailbox's order
         (pages read past what the session holds)."""
         self._now = now
-        user = self.users.get(key)
-        session = self.router.locate(user) if user is not None else None
-        if not isinstance(session, Session):
+        session = self._session_here(key)
+        if session is None:
             return  # not here: their node, or their next login, reads it
-        pager = session.mail
-        if pager is None:
-            pager = session.mail = Pager(behind=True)
-        if server_msg_id <= pager.cursor:
-            return  # handed over already
-        pager.behind = True
-        pager.missed = max(pager.missed, server_msg_id)
-        self._page_mail(session)
+        if session.mail is None:
+            session.mail = Pager(behind=True)
+        if session.mail.fall_behind(server_msg_id):
+            self._page_mail(session)
 
     def receipts_waiting(self, key: str, seq: int, now: float) -> None:
         """The shared store queued receipt `seq` for sender `key`: if their
         session is here, it is handed over like a page of receipts."""
         self._now = now
-        user = self.users.get(key)
-        session = self.router.locate(user) if user is not None else None
-        if not isinstance(session, Session):
+        session = self._session_here(key)
+        if session is None:
             return
-        pager = session.receipts
-        if pager is None:
-            pager = session.receipts = Pager(behind=True)
-        if seq <= pager.cursor:
-            return
-        pager.behind = True
-        pager.missed = max(pager.missed, seq)
-        self._page_receipts(session)
+        if session.receipts is None:
+            session.receipts = Pager(behind=True)
+        if session.receipts.fall_behind(seq):
+            self._page_receipts(session)
 
     def resync(self, now: float) -> None:
         """The cluster may have missed notices (its link to the shared store
@@ -2256,27 +2252,10 @@ class Relay:
     def _group_remove(self, session: Session, request: GroupRequest, key: RequestKey) -> None:
         user = session.user
         group = self.groups.member_of(request.group, user.key)
-        if group.owner != user.key:
-            raise GroupRefused(ErrorCode.NOT_OWNER, f"only the owner of #{group.name}, "
-                               f"{group.owner_name()}, removes members")  # fmt: skip
-        self.groups.check_users(request.users)
-        keys: list[str] = []
-        for text in request.users:
-            try:
-                member_key = name_key(normalize_name(text))
-            except LocalProtocolError as exc:
-                raise GroupRefused(ErrorCode.INVALID_NAME, str(exc)) from None
-            if member_key not in group.members:
-                raise GroupRefused(ErrorCode.NOT_A_MEMBER,
-                                   f"{text!r} is not a member of #{group.name}")  # fmt: skip
-            if member_key not in keys:
-                keys.append(member_key)
-        if user.key in keys:
-            # Removing yourself is leaving (alone; beside others, only they go).
-            keys.remove(user.key)
-            if not keys:
-                self._group_leave(group, user, key)
-                return
+        keys = self._removing(group, user, request)
+        if keys == [user.key]:  # removing yourself alone is leaving
+            self._group_leave(group, user, key)
+            return
         names = tuple(group.members[k].name for k in keys)
         seq = self.groups.remove(group, keys)
         item = self._group_item(group, seq, GroupChange.REMOVED, user, names)
@@ -2320,9 +2299,8 @@ class Relay:
     def _rekey_pagers(self, group: Group, old_key: str) -> None:
         """A retired group's former members online page it under its new key."""
         for member in group.former.values():
-            user = self.users.get(member.key)
-            session = self.router.locate(user) if user is not None else None
-            mail = session.group_mail if isinstance(session, Session) else None
+            session = self._session_here(member.key)
+            mail = session.group_mail if session is not None else None
             pager = mail.pagers.pop(old_key, None) if mail is not None else None
             if mail is None or pager is None:
                 continue
@@ -2596,9 +2574,8 @@ class Relay:
         if member.cursor == seq - 1:
             member.cursor = seq
             self.store.submit(GroupReceipt(group.key, member.key, seq))
-        user = self.users.get(member.key)
-        session = self.router.locate(user) if user is not None else None
-        if isinstance(session, Session) and session.group_mail is not None:
+        session = self._session_here(member.key)
+        if session is not None and session.group_mail is not None:
             pager = session.group_mail.pagers.get(group.key)
             if pager is not None and not pager.behind and pager.cursor == seq - 1:
                 pager.cursor = seq
@@ -3293,18 +3270,13 @@ class Relay:
         """The shared store queued "delivered by" receipt `seq` for sender
         `key`: if their session is here, it is handed over from there."""
         self._now = now
-        user = self.users.get(key)
-        session = self.router.locate(user) if user is not None else None
-        if not isinstance(session, Session):
+        session = self._session_here(key)
+        if session is None:
             return
-        pager = session.group_receipts
-        if pager is None:
-            pager = session.group_receipts = Pager(behind=True)
-        if seq <= pager.cursor:
-            return
-        pager.behind = True
-        pager.missed = max(pager.missed, seq)
-        self._page_group_receipts(session)
+        if session.group_receipts is None:
+            session.group_receipts = Pager(behind=True)
+        if session.group_receipts.fall_behind(seq):
+            self._page_group_receipts(session)
 
     def _cluster_change(self, user: User, instance_id: int, request: GroupRequest,
                         key: RequestKey, attempt: int = 0,

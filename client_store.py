@@ -441,6 +441,18 @@ class ClientStore:
             (count, name_key(self.username), i64(msg_id.instance_id), msg_id.client_seq),
         )
 
+    def _arrival(self, inserted: bool, sender: str, msg_id: MsgId) -> Arrival:
+        """What became of a received message just offered to the history:
+        new, or the copy already here, shown or not."""
+        if inserted:
+            return "new"
+        row = self.db.execute(
+            "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=? "
+            "AND client_seq=?",
+            (name_key(sender), i64(msg_id.instance_id), msg_id.client_seq),
+        ).fetchone()
+        return "shown" if row is not None and row[0] else "unshown"
+
     def add_incoming(
         self, sender: str, msg_id: MsgId, text: str, sent_ms: int, server_msg_id: int
     ) -> Arrival:
@@ -455,14 +467,7 @@ class ClientStore:
             (name_key(sender), sender, text, sent_ms, name_key(sender),
              i64(msg_id.instance_id), msg_id.client_seq, server_msg_id),
         )  # fmt: skip
-        if cursor.rowcount == 1:
-            return "new"
-        row = self.db.execute(
-            "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=? "
-            "AND client_seq=?",
-            (name_key(sender), i64(msg_id.instance_id), msg_id.client_seq),
-        ).fetchone()
-        return "shown" if row is not None and row[0] else "unshown"
+        return self._arrival(cursor.rowcount == 1, sender, msg_id)
 
     def mark_shown(self, server_msg_id: int) -> bool:
         """Record that the front end showed this message; False if it is not here.
@@ -567,14 +572,7 @@ class ClientStore:
             (name_key(peer), peer, text, sent_ms, name_key(sender), i64(msg_id.instance_id),
              msg_id.client_seq, server_msg_id, group, group_seq, sender),
         )  # fmt: skip
-        if cursor.rowcount == 1:
-            return "new"
-        row = self.db.execute(
-            "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=? "
-            "AND client_seq=?",
-            (name_key(sender), i64(msg_id.instance_id), msg_id.client_seq),
-        ).fetchone()
-        return "shown" if row is not None and row[0] else "unshown"
+        return self._arrival(cursor.rowcount == 1, sender, msg_id)
 
     def add_group_event(
         self, group: str, change: str, by: str, users: tuple[str, ...], sent_ms: int,

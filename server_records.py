@@ -132,6 +132,15 @@ class Pager(Generic[K, V]):
         self.missed = missed  # the highest id known to wait, not handed over
         self.reading = False  # a page is being read
 
+    def fall_behind(self, number: int) -> bool:
+        """The queue on the disk holds `number`: unless it was handed over
+        already, the session is behind up to it. Whether it must page."""
+        if number <= self.cursor:
+            return False
+        self.behind = True
+        self.missed = max(self.missed, number)
+        return True
+
 
 class GroupEntry:
     """A group's entry handed to a member's session, not yet receipted."""
