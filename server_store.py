@@ -1406,65 +1406,73 @@ class ServerStore:
         self._lock.close()
 
     def _run(self) -> None:
+        while self._commit_next():
+            pass
+
+    def _commit_next(self) -> bool:
+        """Take the next batch, commit it, answer its reads and hand its
+        callbacks to the loop; False once the thread stops. Its locals (the
+        batch's ops, their texts and callbacks) go when it returns, not
+        when the next batch comes: an idle server keeps none of them."""
+        first = self._ops.get()
+        if first is None:
+            return False
         stopping = False
-        while not stopping:
-            first = self._ops.get()
-            if first is None:
+        # Group commit without a timer: take everything queued by now. While
+        # one commit waits for the disk the next batch gathers, so batches
+        # grow with the load and a lone message is committed at once.
+        batch = list(first)
+        while len(batch) < MAX_BATCH:
+            try:
+                more = self._ops.get_nowait()
+            except queue.Empty:
                 break
-            # Group commit without a timer: take everything queued by now. While
-            # one commit waits for the disk the next batch gathers, so batches
-            # grow with the load and a lone message is committed at once.
-            batch = list(first)
-            while len(batch) < MAX_BATCH:
-                try:
-                    more = self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stopping = True
-                    break
-                batch.extend(more)
-            ops = [op for op, _ in batch if not isinstance(op, Read | ClusterGroupOp)]
-            failures = 0
-            failing_since = next_log = 0.0
-            started = time.monotonic()
-            while ops:
-                try:
-                    self._apply(ops)
-                    self.commit_seconds.observe(time.monotonic() - started)
-                    break
-                except Exception as exc:
-                    # Nothing of this batch may be reported durable (and no
-                    # later batch may commit before it, or a retried SEND's
-                    # barrier would pass): try the same batch again. One
-                    # line per FAILURE_LOG_S, not a traceback per attempt:
-                    # a disk stays full for hours.
-                    now = time.monotonic()
-                    if not failures:
-                        failing_since = now
-                    failures += 1
-                    if now >= next_log:
-                        next_log = now + FAILURE_LOG_S
-                        self._log_failure(exc, len(ops), now - failing_since)
-                    if self._closing.wait(RETRY_S):
-                        log.error("store closed with %d writes never committed (none of "
-                                  "them was acknowledged)", len(ops))  # fmt: skip
-                        return
-            if failures:
-                log.warning("writes to %s commit again after %.1f s and %d failed attempts",
-                            self.path, time.monotonic() - failing_since, failures)  # fmt: skip
-            # Reads after the commit: each sees every write submitted before it.
-            for op, _ in batch:
-                if isinstance(op, Read):
-                    op.run(self._answer)
-            waited = False
-            for _, then in batch:
-                if then is not None:
-                    self.done.put(then)
-                    waited = True
-            self.finished += len(batch)
-            if waited:  # a batch of lazy writes wakes nobody: nothing waits for it
-                self.notify()
+            if more is None:
+                stopping = True
+                break
+            batch.extend(more)
+        ops = [op for op, _ in batch if not isinstance(op, Read | ClusterGroupOp)]
+        failures = 0
+        failing_since = next_log = 0.0
+        started = time.monotonic()
+        while ops:
+            try:
+                self._apply(ops)
+                self.commit_seconds.observe(time.monotonic() - started)
+                break
+            except Exception as exc:
+                # Nothing of this batch may be reported durable (and no
+                # later batch may commit before it, or a retried SEND's
+                # barrier would pass): try the same batch again. One
+                # line per FAILURE_LOG_S, not a traceback per attempt:
+                # a disk stays full for hours.
+                now = time.monotonic()
+                if not failures:
+                    failing_since = now
+                failures += 1
+                if now >= next_log:
+                    next_log = now + FAILURE_LOG_S
+                    self._log_failure(exc, len(ops), now - failing_since)
+                if self._closing.wait(RETRY_S):
+                    log.error("store closed with %d writes never committed (none of "
+                              "them was acknowledged)", len(ops))  # fmt: skip
+                    return False
+        if failures:
+            log.warning("writes to %s commit again after %.1f s and %d failed attempts",
+                        self.path, time.monotonic() - failing_since, failures)  # fmt: skip
+        # Reads after the commit: each sees every write submitted before it.
+        for op, _ in batch:
+            if isinstance(op, Read):
+                op.run(self._answer)
+        waited = False
+        for _, then in batch:
+            if then is not None:
+                self.done.put(then)
+                waited = True
+        self.finished += len(batch)
+        if waited:  # a batch of lazy writes wakes nobody: nothing waits for it
+            self.notify()
+        return not stopping
 
     def _log_failure(self, exc: Exception, waiting: int, failing_for: float) -> None:
         kind, detail = failure_cause(exc, self.data_dir)
