@@ -1969,11 +1969,10 @@ class Relay:
         session.group_mail = None
         # (A cluster's shared store keeps no tombstones: its senders are not
         # told, as before.)
+        owed = self.groups.owed_groups(user.key)
         for group, member, key in self.groups.bury(user.key, keep=not self.shared_store):
-            if not member.gone or is_retired(group.key):
+            if not member.gone:
                 self.store.submit(DropMember(group.key, key))
-                if member.gone:  # (a retired group tells no sender: it forgets them)
-                    self.groups.forget_former(group, member)
                 self._end_retired(group)
                 continue
             # Its senders are told it never will have what it had not: those
@@ -1984,6 +1983,9 @@ class Relay:
                 route = self.router.locate(sender) if sender is not None else None
                 if isinstance(route, Session):
                     self._tell_again(route, group)
+            self._end_retired(group)
+        for group in owed:  # nobody to tell there any more
+            self._end_retired(group)
 
     def _forget_account(self, user: User, until: int | None, now: float, *,
                         keep: Session | None = None) -> None:  # fmt: skip
@@ -2086,7 +2088,7 @@ class Relay:
                 self.groups.restore(group)
         for (group_key, sender_key), last in loaded.group_sent.items():
             found = self.groups.get(group_key)
-            if found is not None and found.members:  # (a retired group owes senders nothing)
+            if found is not None:
                 told = loaded.group_told.get((sender_key, group_key), 0)
                 self.groups.restore_owed(found, sender_key, told, last)
         for group in list(self.groups.groups.values()):  # caught up and told: not needed
@@ -2244,10 +2246,12 @@ class Relay:
                        stream=self._group_stream(group))  # fmt: skip
             return
         self.groups.check_room(len(group.members), len(new))
-        seq = self.groups.add(group, new)
+        seq, aside = self.groups.add(group, new)
         item = self._group_item(group, seq, GroupChange.ADDED, user, tuple(n for _, n in new))
         joined = tuple((k, n, group.members[k].rank) for k, n in new)
-        self._store_change(group, [(item, joined, ())], key, f"added to #{group.name}")
+        kept = tuple((m.key, m.name, m.joined_seq, m.rank, m.left_seq or 0, m.cursor)
+                     for m in aside)  # fmt: skip
+        self._store_change(group, [(item, joined, ())], key, f"added to #{group.name}", kept)
 
     def _group_remove(self, session: Session, request: GroupRequest, key: RequestKey) -> None:
         user = session.user
@@ -2275,26 +2279,32 @@ class Relay:
             return
         # The last member left: the group ends. The leaver is told (a
         # GROUP_EVENT, outside any sequence now) and its rows go; but what a
-        # former member is still owed (removed while offline) stays, under
-        # another key, until they have it (`GroupTable.retire`).
+        # former member is still owed (removed while offline), and what a
+        # sender is (who had their messages), stays, under another key,
+        # until they have it (`GroupTable.close`).
         seq = self.groups.next_seq(group)
         item = self._group_item(group, seq, GroupChange.LEFT, user, ())
-        old_key, keep_as = group.key, ""
+        old_key = group.key
         stream = self._group_stream(group)
-        if self.groups.owes(group):
-            keep_as = retired_key(group.key, item.server_msg_id)
-            self.groups.retire(group, seq, keep_as)
-            self._rekey_pagers(group, old_key)
+        keep_as = retired_key(group.key, item.server_msg_id)
+        aside = self.groups.close(group, seq, keep_as)
+        kept: tuple[tuple[str, str, int, int, int, int], ...] = ()
+        if aside is None:
+            keep_as = ""
         else:
-            self.groups.end(group)
+            kept = tuple((m.key, m.name, m.joined_seq, m.rank, m.left_seq or 0, m.cursor)
+                         for m in aside)  # fmt: skip
+            self._rekey_pagers(group, old_key)
         log.info("group #%s ended: its last member left", group.name)
         self.stats["groups_ended"] += 1
         self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
         self._group_streams.pop(old_key, None)  # the cache holds live groups only
         self.store.submit(
-            EndGroup(old_key, (key, 0, f"left #{group.name}; it has ended"), keep_as),
+            EndGroup(old_key, (key, 0, f"left #{group.name}; it has ended"), keep_as, kept),
             functools.partial(self._group_ended, group, user, item, key, stream, old_key),
         )
+        if keep_as:  # (after the rename: their reads are of the log under its new key)
+            self._rekey_notices(group, old_key)
 
     def _rekey_pagers(self, group: Group, old_key: str) -> None:
         """A retired group's former members online page it under its new key."""
@@ -2308,14 +2318,32 @@ class Relay:
             for entry in pager.items.values():
                 mail.ids[entry.server_msg_id] = (group.key, entry.seq)
 
+    def _rekey_notices(self, group: Group, old_key: str) -> None:
+        """A retired group's senders online are told again under its new
+        key, from their marks (what was in flight under the old one is
+        forgotten: the client ignores a notice it had)."""
+        for sender_key in list(group.owed):
+            session = self._session_here(sender_key)
+            if session is None:
+                continue
+            notices = session.group_notices
+            if notices is not None:
+                notices.inflight.pop(old_key, None)
+                notices.catching.pop(old_key, None)
+                notices.reading.discard(old_key)
+                notices.again.discard(old_key)
+            self._tell_again(session, group)
+
     def _end_retired(self, group: Group) -> None:
         """A retired group whose former members have all they were owed
-        (or whose accounts were deleted) goes: its rows too."""
+        (or whose accounts were deleted), and whose senders were told who
+        had their messages, goes: its rows too."""
         if (
             is_retired(group.key)
             and self.groups.get(group.key) is group
             and not group.members
             and not self.groups.owes(group)
+            and not group.owed
         ):
             self.groups.end(group)
             self._group_streams.pop(group.key, None)
@@ -2356,9 +2384,10 @@ class Relay:
         self, group: Group,
         changes: list[tuple[GroupItem, tuple[tuple[str, str, int], ...], tuple[str, ...]]],
         key: RequestKey, text: str,
+        kept: tuple[tuple[str, str, int, int, int, int], ...] = (),
     ) -> None:  # fmt: skip
         """Store a request's entries (the answer with the last), then hand
-        them out and answer it."""
+        them out and answer it. `kept`: earlier memberships kept aside (an ADDED)."""
         self._remember_answer(key, (0, text))
         self.stats["group_changes"] += len(changes)
         stream = self._group_stream(group)
@@ -2366,7 +2395,7 @@ class Relay:
             last = index == len(changes) - 1
             user = self.users[item.sender_key]
             op = StoreGroupItem(item, group.name, group.owner, joined, left,
-                                (key, 0, text) if last else None)  # fmt: skip
+                                (key, 0, text) if last else None, kept)  # fmt: skip
             then = functools.partial(self._change_committed, group, item, user, key, text, stream,
                                      last)  # fmt: skip
             self.store.submit(op, then)
@@ -2840,6 +2869,9 @@ class Relay:
         for member in [m for m in group.former.values() if m.caught_up]:
             if self.groups.forget_former(group, member):
                 self.store.submit(DropMember(group.key, member.key))
+        if is_retired(group.key):
+            self._end_retired(group)
+            return
         self._maybe_trim(group, user.key)
 
     def _maybe_trim(self, group: Group, moved: str) -> None:
@@ -2925,7 +2957,7 @@ class Relay:
             gone: list[str] = []
             for m in group.audience(seq):
                 if m.cursor >= seq:
-                    if m.key != user_key:
+                    if m.user_key != user_key:
                         have.append(m.name)
                 elif m.gone:
                     gone.append(m.name)
@@ -2936,7 +2968,7 @@ class Relay:
             if not notices.inflight.get(group.key):
                 self._read_sent(session, group)
             return
-        del notices.catching[group.key]
+        notices.catching.pop(group.key, None)
         self._group_told(session, group)
 
     # --- cluster mode's "delivered by": rows queued in the shared store -------

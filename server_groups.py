@@ -31,9 +31,10 @@ between. Entries below both the low-water mark and every owed sender's
 
 Ownership passes to the longest-standing member when the owner leaves
 (members are kept in joining order); the group ends with its last member.
-If a former member is still owed entries then (removed while offline), the
-group goes on under another key (`retired_key`), its name free for a new
-group at once, until they have what they are owed (`GroupTable.retire`).
+If a former member is still owed entries then (removed while offline), or a
+sender notices of who had their messages (away meanwhile), the group goes
+on under another key (`retired_key`), its name free for a new group at
+once, until they have what they are owed (`GroupTable.close`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,19 @@ class Member:
         everything meant for them: kept under a tombstone key (`bury`) only
         so that senders are told they never will."""
         return self.key.startswith(TOMBSTONE)
+
+    @property
+    def earlier(self) -> bool:
+        """An earlier membership of someone added again while a sender was
+        still owed notices of what they had then: kept aside under
+        "KEY!LEFT_SEQ" (`GroupTable.keep_aside`) only so that the sender is
+        told, then dropped like any former member (`forget_former`)."""
+        return TOMBSTONE in self.key and not self.gone
+
+    @property
+    def user_key(self) -> str:
+        """Whose membership this is (an earlier one's key names them first)."""
+        return self.key.partition(TOMBSTONE)[0] if self.earlier else self.key
 
     @property
     def caught_up(self) -> bool:
@@ -240,7 +254,7 @@ class GroupTable:
         for key in group.members:
             self.of_user.setdefault(key, {})[group.key] = None
         for key, member in group.former.items():
-            if not member.gone:
+            if not member.gone and not member.earlier:
                 self.former_of.setdefault(key, {})[group.key] = None
 
     def restore_owed(self, group: Group, sender_key: str, told: int, last: int) -> None:
@@ -329,18 +343,45 @@ class GroupTable:
             self._join(group, member_key, member_name, seq, rank)
         return group, seq
 
-    def add(self, group: Group, users: list[tuple[str, str]]) -> int:
+    def add(self, group: Group, users: list[tuple[str, str]]) -> tuple[int, list[Member]]:
+        """Add members: (the entry's seq, the earlier memberships of those
+        added again that are kept aside: `keep_aside`)."""
         seq = self.next_seq(group)
+        kept: list[Member] = []
         for rank, (member_key, member_name) in enumerate(users):
-            self._join(group, member_key, member_name, seq, rank)
-        return seq
+            aside = self._join(group, member_key, member_name, seq, rank)
+            if aside is not None:
+                kept.append(aside)
+        return seq, kept
 
-    def _join(self, group: Group, key: str, name: str, seq: int, rank: int) -> None:
-        # One removed earlier and added again starts afresh from here.
-        if group.former.pop(key, None) is not None:
+    def _join(self, group: Group, key: str, name: str, seq: int, rank: int) -> Member | None:
+        # One removed earlier and added again starts afresh from here; what
+        # they had of the earlier membership stays for the senders owed it.
+        aside = None
+        earlier = group.former.pop(key, None)
+        if earlier is not None:
             self._unindex_former(key, group.key)
+            aside = self.keep_aside(group, earlier)
         group.members[key] = Member(key, name, seq, rank)
         self.of_user.setdefault(key, {})[group.key] = None
+        return aside
+
+    def keep_aside(self, group: Group, member: Member) -> Member | None:
+        """A former member who is added again, or whose group ends: their
+        membership up to what their client had (`cursor`; they get no more
+        of it) kept under "KEY!LEFT_SEQ" (`Member.earlier`) while a sender
+        is owed notices of it: the sender's login works out "delivered by"
+        from it (`Group.audience`). None: nobody needs it (nothing had, or
+        every sender told)."""
+        if member.cursor < member.joined_seq or member.gone:
+            return None
+        left = min(member.left_seq or member.cursor, member.cursor)
+        if self._all_told(group, member, left):
+            return None
+        key = member.key if member.earlier else f"{member.key}{TOMBSTONE}{left}"
+        aside = Member(key, member.name, member.joined_seq, member.rank, left, member.cursor)
+        group.former[key] = aside
+        return aside
 
     def remove(self, group: Group, keys: list[str]) -> int:
         """Remove members (the entry's seq is the last thing they see)."""
@@ -384,25 +425,41 @@ class GroupTable:
             self._unindex_owed(key, group.key)
         group.owed.clear()
 
-    def retire(self, group: Group, seq: int, tomb_key: str) -> None:
+    def close(self, group: Group, seq: int, tomb_key: str) -> list[Member] | None:
         """The group's last member left (its LEFT entry is `seq`, handed to
-        them outside the log) while former members are still owed entries
-        of it: its name is free at once, as at `end`, and the group goes on
-        under `tomb_key` (a key no group has: see `retired_key`), with no
-        member, only until those former members have what they are owed.
-        Senders' marks go with it, as at `end` (nothing is posted to it
-        again; a sender online is still told of each delivery)."""
-        self.groups.pop(group.key, None)
-        for key in list(group.members):  # the leaver: handed the LEFT entry itself
-            group.members[key].cursor = seq
+        them outside the log): its name is free at once. If nobody is owed
+        anything of it, it ends (`end`; answers None); else it is retired
+        (`retire`) and the answer is the leaver's membership if it was
+        kept aside for a sender (`keep_aside`; [] if not)."""
+        aside: list[Member] = []
+        for key in list(group.members):  # the leaver: handed nothing more of it
+            member = group.members[key]
             self._part(group, key, seq)
-        for key in group.owed:
-            self._unindex_owed(key, group.key)
-        group.owed.clear()
+            if group.former.pop(key, None) is not None:
+                self._unindex_former(key, group.key)
+            kept = self.keep_aside(group, member)
+            if kept is not None:
+                aside.append(kept)
         for member in [m for m in group.former.values() if m.caught_up]:
             self.forget_former(group, member)
+        if not self.owes(group) and not (group.owed and group.former):
+            self.end(group)
+            return None
+        self.retire(group, tomb_key)
+        return aside
+
+    def retire(self, group: Group, tomb_key: str) -> None:
+        """The group's last member left (`close`) while a former member is
+        still owed entries of it, or a sender notices of who had theirs: it
+        goes on under `tomb_key` (a key no group has: see `retired_key`),
+        with no member, only until they have what they are owed (nothing is
+        posted to it again)."""
+        self.groups.pop(group.key, None)
+        for key in group.owed:
+            self._unindex_owed(key, group.key)
+            self.owed_of.setdefault(key, {})[tomb_key] = None
         for key, member in group.former.items():
-            if not member.gone:
+            if not member.gone and not member.earlier:
                 self._unindex_former(key, group.key)
                 self.former_of.setdefault(key, {})[tomb_key] = None
         group.key = tomb_key
@@ -443,6 +500,13 @@ class GroupTable:
                 group.owed.pop(user_key, None)
         return buried
 
+    @staticmethod
+    def _all_told(group: Group, member: Member, upto: int) -> bool:
+        """Whether every sender but `member` (nobody is told of their own
+        copy) was told every delivery up to `upto`."""
+        me = member.user_key
+        return all(told >= upto for key, (told, _) in group.owed.items() if key != me)
+
     def forget_former(self, group: Group, member: Member) -> bool:
         """Drop a former member who has caught up, once every sender was
         told what they had (a login recomputes that from the members);
@@ -450,10 +514,10 @@ class GroupTable:
         if (
             member.caught_up
             and group.former.get(member.key) is member
-            and all(told >= (member.left_seq or 0) for told, _ in group.owed.values())
+            and self._all_told(group, member, member.left_seq or 0)
         ):
             del group.former[member.key]
-            if not member.gone:
+            if not member.gone and not member.earlier:
                 self._unindex_former(member.key, group.key)
             return True
         return False

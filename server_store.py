@@ -519,7 +519,10 @@ class StoreGroupItem:
     group's seq, name and owner (the row is made by the first entry),
     members `joined` (key, name, rank: from this entry on) and `left`
     (their last entry is this one). A message's dedup key is kept too;
-    `request` records the answer of the request that made a change."""
+    `request` records the answer of the request that made a change. `kept`:
+    earlier memberships of members added again, kept aside under their own
+    keys (`server_groups.GroupTable.keep_aside`): rows as `LoadedMember`'s
+    fields (key, name, joined_seq, rank, left_seq, cursor)."""
 
     item: GroupItem
     name: str
@@ -527,20 +530,24 @@ class StoreGroupItem:
     joined: tuple[tuple[str, str, int], ...] = ()
     left: tuple[str, ...] = ()
     request: tuple[RequestKey, int, str] | None = None
+    kept: tuple[tuple[str, str, int, int, int, int], ...] = ()
 
 
 @dataclass(slots=True)
 class EndGroup:
     """The group's last member left: its rows go, its name is free. With
     `keep_as`, what former members are still owed stays under that key (a
-    retired group: the group's row, its former members' rows and its log;
-    not the current members', nor the senders' marks) until they have it
+    retired group: the group's row, its former members' rows, its log and
+    the senders' marks; not the current members') until they have it
     (then an `EndGroup` of `keep_as`): a group made again under the name
     never mixes with it."""
 
     group_key: str
     request: tuple[RequestKey, int, str] | None = None
     keep_as: str = ""
+    # The leaver's membership kept aside for senders owed notices of it
+    # (`StoreGroupItem.kept`'s rows), under `keep_as` with the rest.
+    kept: tuple[tuple[str, str, int, int, int, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -918,7 +925,7 @@ class MemoryStore:
 
     def _group_write(self, op: Op) -> None:
         match op:
-            case StoreGroupItem(item, name, owner_key, joined, left, request):
+            case StoreGroupItem(item, name, owner_key, joined, left, request, kept_aside):
                 row = self.groups.setdefault(item.group_key, [name, owner_key, 0])
                 row[1] = owner_key
                 row[2] = max(row[2], item.group_seq)
@@ -929,6 +936,8 @@ class MemoryStore:
                     self.dedup[(item.sender_key, item.instance_id, item.client_seq)] = (
                         item.server_msg_id, to_key, item.text)  # fmt: skip
                 members = self.members.setdefault(item.group_key, {})
+                for kept_row in kept_aside:
+                    members[kept_row[0]] = LoadedMember(*kept_row)
                 for key, member_name, rank in joined:
                     members[key] = LoadedMember(key, member_name, item.group_seq, rank, None,
                                                 item.group_seq - 1)  # fmt: skip
@@ -937,18 +946,22 @@ class MemoryStore:
                         members[key].left_seq = item.group_seq
                 if request is not None:
                     self._record_request(request)
-            case EndGroup(group_key, request, keep_as):
+            case EndGroup(group_key, request, keep_as, kept_aside):
                 row = self.groups.pop(group_key, [])
                 members = self.members.pop(group_key, {})
                 log = self.log.pop(group_key, {})
                 for item in log.values():
                     self.log_ids.pop(item.server_msg_id, None)
                 for told in [t for t in self.group_told if t[1] == group_key]:
-                    del self.group_told[told]
+                    seq = self.group_told.pop(told)
+                    if keep_as and row:
+                        self.group_told[(told[0], keep_as)] = seq
                 if keep_as and row:
                     self.groups[keep_as] = row
                     self.members[keep_as] = {k: m for k, m in members.items()
                                              if m.left_seq is not None}  # fmt: skip
+                    for kept_row in kept_aside:
+                        self.members[keep_as][kept_row[0]] = LoadedMember(*kept_row)
                     kept = self.log[keep_as] = {}
                     for seq, item in log.items():
                         item = kept[seq] = dataclasses.replace(item, group_key=keep_as)
@@ -1712,6 +1725,8 @@ class _GroupSegment:
             digest = content_digest(GROUP_DEDUP_PREFIX + item.group_key, item.text)
             dedup.append((item.sender_key, instance, item.client_seq, item.server_msg_id,
                           item.sent_ms, digest, stamp))  # fmt: skip
+        for kept in op.kept:
+            self.joined.append((item.group_key, *kept))
         for key, name, rank in op.joined:
             self.joined.append((item.group_key, key, name, item.group_seq, rank, None,
                                 item.group_seq - 1))  # fmt: skip
@@ -1786,10 +1801,12 @@ class _GroupSegment:
                            "left_seq IS NOT NULL", self.dropped)  # fmt: skip
         if self.end is not None:
             old, keep_as = self.end.group_key, self.end.keep_as
-            if keep_as:  # retired: its former members' rows and its log stay, re-keyed
+            if keep_as:  # retired: former members' rows, the log, the marks stay, re-keyed
                 db.execute("DELETE FROM group_members WHERE group_key=? AND left_seq IS NULL",
                            (old,))  # fmt: skip
-                for table in ("groups", "group_members", "group_log"):
+                db.executemany("INSERT OR REPLACE INTO group_members VALUES (?,?,?,?,?,?,?)",
+                               [(old, *row) for row in self.end.kept])  # fmt: skip
+                for table in ("groups", "group_members", "group_log", "group_told"):
                     db.execute(f"UPDATE {table} SET group_key=? WHERE group_key=?", (keep_as, old))
             for table in ("groups", "group_members", "group_log", "group_told"):
                 db.execute(f"DELETE FROM {table} WHERE group_key=?", (old,))

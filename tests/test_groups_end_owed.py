@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chat_server import ServerConfig
-from client_core import AccountDeleted, GroupChanged
-from protocol import GroupAction
+from client_core import AccountDeleted, GroupChanged, RecipientsChanged
+from protocol import GroupAction, GroupReached
 from server_groups import is_retired
 from server_store import MessageStore, ServerStore
 from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
@@ -146,6 +146,12 @@ def test_what_is_owed_after_the_end_survives_a_restart(tmp_path: Path) -> None:
         world.settle_all(60)
         assert [(e[0], e[1]) for e in entries(erin)] == [(2, "message"), (3, "removed")]
         world.settle_all(30)
+        # alice is still owed "delivered by erin": the retired group waits
+        # for her login (it dropped what senders were owed before).
+        assert sorted(is_retired(k) for k in world.relay.groups.groups) == [False, True]
+        alice = world.login("alice")
+        world.settle_all(30)
+        assert [m.by for m in alice.of(GroupReached)] == [("erin",)]
         assert list(world.relay.groups.groups) == ["team"]
     finally:
         disk.close()
@@ -168,7 +174,9 @@ def test_an_owed_member_who_deletes_their_account_lets_the_retired_group_go() ->
     assert [is_retired(k) for k in net.relay.groups.groups] == [True]
     erin.core.delete_account("erin-pw")
     net.run(lambda: bool(erin.of(AccountDeleted)), "erin's account deleted")
-    assert len(net.relay.groups) == 0
+    # alice is told erin never will have it; then the rest goes.
+    net.run(lambda: len(net.relay.groups) == 0, "the retired group gone")
+    assert [e.gone for e in alice.of(RecipientsChanged)] == ["erin"]
 
 
 # --- cluster mode: the same in Redis (a real redis-server) ------------------------
