@@ -365,6 +365,22 @@ class _GroupNotices:
         self.group_key = group_key
 
 
+class _GroupHold:
+    """Cluster mode: a session's membership request to a group whose answer
+    is not decided yet (it may be checked against the shared store, a round
+    trip or more), and what the session sent to that group after it (SENDs
+    and requests, in order), held until then: one server takes them in that
+    order, and so must the shared store's sequence (`Relay._hold_group`)."""
+
+    __slots__ = ("deciding", "queue")
+
+    def __init__(self, deciding: RequestKey) -> None:
+        self.deciding = deciding
+        self.queue: collections.deque[tuple[Session, Send | GroupRequest, str]] = (
+            collections.deque()
+        )
+
+
 #: `chunk_cost`: (messages, requests, bytes, any of a SEND).
 ChunkCost = tuple[int, int, int, bool]
 
@@ -503,6 +519,10 @@ class Relay:
         self._group_reached: dict[str, dict[MsgId, tuple[Group, list[str]]]] = {}
         self._group_streams: dict[str, int] = {}  # group key -> its stream on every hop
         self._group_lows: dict[str, int] = {}  # group key -> its low-water mark, this pass
+        # (session id, group key) -> what that session sent to the group
+        # after a request still undecided; the request's key -> its hold.
+        self._group_holds: dict[tuple[bytes, str], _GroupHold] = {}
+        self._holds_by_request: dict[RequestKey, tuple[bytes, str]] = {}
         self._load(self.store.load())
         self._reserve_at = self.store.reserve_ids(self._next_msg_id)  # when to ask again
         # The wall clock is only for timestamps people see (`sent_ms`): what
@@ -2161,16 +2181,15 @@ class Relay:
             self.store.submit(Sync(), functools.partial(
                 self._group_result, user, key, code, text, stream))  # fmt: skip
             return
-        if self.shared_store and request.action in (
-            GroupAction.CREATE,
-            GroupAction.ADD,
-            GroupAction.REMOVE,
-            GroupAction.LEAVE,
-        ):
-            # A cluster: planned here, applied by the shared store in the
-            # group's one sequence (`_cluster_change`).
-            self._cluster_change(user, session.instance_id, request, key)
-            return
+        if self.shared_store and request.action != GroupAction.LIST:
+            if self._hold_group(session, request, key):
+                return
+            if request.action in (GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE,
+                                  GroupAction.LEAVE):  # fmt: skip
+                # A cluster: planned here, applied by the shared store in the
+                # group's one sequence (`_cluster_change`).
+                self._cluster_change(user, session.instance_id, request, key)
+                return
         try:
             match request.action:
                 case GroupAction.CREATE:
@@ -2197,10 +2216,67 @@ class Relay:
     def _group_result(self, user: User, key: RequestKey, code: int, text: str,
                       stream: int) -> None:  # fmt: skip
         """Answer a request, to the client instance that asked (a later
-        session of it, if it logged in again meanwhile)."""
+        session of it, if it logged in again meanwhile); what its session
+        sent to the group after it goes on (`_hold_group`)."""
         session = self.router.locate(user)
         if isinstance(session, Session) and session.instance_id == key[1]:
             self._send(session, GroupResult(key[2], code, text), stream=stream)
+        if self._holds_by_request:
+            hold_key = self._holds_by_request.pop(key, None)
+            if hold_key is not None:
+                self._release_group(hold_key)
+
+    def _hold_group(self, session: Session, what: Send | GroupRequest, key: RequestKey | None,
+                    to_key: str = "") -> bool:  # fmt: skip
+        """Cluster mode: a membership request's verdict may take several
+        round trips to the shared store (a refusal on this node's copy is
+        checked there first), while a SEND is numbered in one; so what the
+        session sends to a group after a request to it waits until the
+        request is answered, and the shared store numbers them in the order
+        sent, as one server does. True: `what` waits (a SEND, or a request
+        behind another). A request that may change the group starts a hold.
+        Nothing waits for ever: every request is answered (`_group_result`),
+        and a session that ends drops what it held (its client sends it
+        again at its next login, to a fresh session)."""
+        if isinstance(what, Send):
+            group_key = to_key[1:]
+        else:
+            try:
+                group_key = group_name(what.group)[1]
+            except GroupRefused:
+                return False  # answered at once
+        hold_key = (session.session_id, group_key)
+        hold = self._group_holds.get(hold_key)
+        if hold is not None:
+            hold.queue.append((session, what, to_key))
+            return True
+        if key is not None and isinstance(what, GroupRequest) and what.action in (
+            GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE,
+        ):  # fmt: skip
+            self._group_holds[hold_key] = _GroupHold(key)
+            self._holds_by_request[key] = hold_key
+        return False
+
+    def _release_group(self, hold_key: tuple[bytes, str]) -> None:
+        """The request holding a session's traffic to a group was answered:
+        what waited goes on in order, until a request among it holds the
+        rest in turn."""
+        hold = self._group_holds.pop(hold_key, None)
+        if hold is None:
+            return
+        queue = hold.queue
+        while queue:
+            session, what, to_key = queue.popleft()
+            if self.sessions.get(session.session_id) is not session:
+                continue  # ended: its client sends it again at its next login
+            if isinstance(what, Send):
+                self._post_group(session, what, to_key)
+            else:
+                self._group_request(session, what)
+            again = self._group_holds.get(hold_key)
+            if again is not None:  # that request holds the rest
+                again.queue.extend(queue)
+                return
 
     def _resolve(self, names: tuple[str, ...], skip: str) -> list[tuple[str, str]]:
         """The accounts named in a request as (key, name), each once, in
@@ -3070,7 +3146,10 @@ class Relay:
     # log, and members on every node are handed the same sequence.
 
     def _post_group(self, session: Session, send: Send, to_key: str) -> None:
-        """A new message to a group, numbered by the shared store."""
+        """A new message to a group, numbered by the shared store (once a
+        request to the group sent before it is answered: `_hold_group`)."""
+        if self._group_holds and self._hold_group(session, send, None, to_key):
+            return
         user = session.user
         group = self.groups.get(to_key[1:])
         instance_id, client_seq = send.msg_id
