@@ -2483,16 +2483,49 @@ class Relay:
             self._group_result(user, key, 0, text, stream)
 
     def _group_members(self, session: Session, request: GroupRequest) -> None:
+        if self.shared_store:
+            # A cluster: from the shared store's state, not this node's copy
+            # (up to a beat behind a change made on another node).
+            op = ReadGroupState(group_name(request.group)[1])
+            self.store.submit(op, functools.partial(self._members_read, session, request, op))
+            return
         group = self.groups.member_of(request.group, session.user.key)
         names = [m.name for m in group.members.values()]
+        self._send_members(session, request, group.name, group.owner_name(), names,
+                           self._group_stream(group))  # fmt: skip
+
+    def _send_members(self, session: Session, request: GroupRequest, name: str, owner: str,
+                      names: list[str], stream: int) -> None:  # fmt: skip
         pages = [names[i : i + GROUP_PAGE_MAX] for i in range(0, len(names), GROUP_PAGE_MAX)]
         for index, page in enumerate(pages):
             more = index < len(pages) - 1
-            self._send(
-                session,
-                GroupInfo(request.request_id, group.name, group.owner_name(), tuple(page), more),
-                stream=self._group_stream(group),
-            )
+            self._send(session, GroupInfo(request.request_id, name, owner, tuple(page), more),
+                       stream=stream)  # fmt: skip
+
+    def _members_read(self, session: Session, request: GroupRequest, op: ReadGroupState) -> None:
+        """Cluster mode: `/members` answered from the group as the shared
+        store holds it (members in joining order), with one server's errors."""
+        if self.sessions.get(session.session_id) is not session:
+            return  # its client asks again at its next login
+        stored = op.result
+        name = stored.name if stored is not None else request.group.removeprefix("#")
+        stream = conversation_stream(group_address(name))
+        current = [m for m in stored.members if m.left_seq is None] if stored is not None else []
+        answer: tuple[ErrorCode, str] | None = None
+        if not op.ok:
+            answer = (ErrorCode.SERVER_ERROR,
+                      f"the cluster's store could not be read; ask for #{name}'s members again")
+        elif stored is None:
+            answer = (ErrorCode.NO_SUCH_GROUP, f"there is no group #{name}")
+        elif all(m.key != session.user.key for m in current):
+            answer = (ErrorCode.NOT_A_MEMBER, f"you are not a member of #{name}")
+        if answer is not None or stored is None:
+            code, text = answer or (ErrorCode.SERVER_ERROR, "")
+            self.stats["group_refused"] += 1
+            self._send(session, GroupResult(request.request_id, int(code), text), stream=stream)
+            return
+        owner = next((m.name for m in current if m.key == stored.owner_key), "")
+        self._send_members(session, request, stored.name, owner, [m.name for m in current], stream)
 
     def _group_list(self, session: Session, request: GroupRequest) -> None:
         names = [g.name for g in self.groups.user_groups(session.user.key)]

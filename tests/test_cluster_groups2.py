@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from protocol import GroupAccept, GroupAction, GroupResult
+from protocol import ErrorCode, GroupAccept, GroupAction, GroupInfo, GroupResult
 from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
-from tests.test_cluster_groups_fix import answers
+from tests.test_cluster_groups_fix import answers, deaf_to_group_notices
 from tests.test_groups_relay import entries
 
 
@@ -91,3 +91,31 @@ def test_a_session_that_ends_while_its_post_waits_drops_it_and_the_next_takes_it
     assert answers(alice, made, added) == [(0, "created #team"), (0, "added to #team")]
     assert [e[:2] for e in entries(erin)] == [(2, "added"), (3, "message")]
     assert [e[:2] for e in entries(bob)] == [(1, "created"), (2, "added"), (3, "message")]
+
+
+def test_members_are_answered_from_redis_not_a_stale_copy(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """Node B has not heard of carol's add nor of dave's removal (made on
+    A): /members on B answers Redis's members all the same, and dave,
+    removed, is told he is not a member, as one server would."""
+    cluster = cluster_of(2)
+    alice = cluster.login(0, "alice")
+    bob, dave = cluster.login(1, "bob"), cluster.login(1, "dave")
+    cluster.login(0, "carol")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob", "dave").code == 0
+    cluster.settle()
+    deaf_to_group_notices(cluster, 1)
+    assert cluster.request(0, alice, GroupAction.ADD, "team", "carol").code == 0
+    assert cluster.request(0, alice, GroupAction.REMOVE, "team", "dave").code == 0
+    stale = cluster.nodes[1].relay.groups.groups["team"]
+    assert list(stale.members) == ["alice", "bob", "dave"]  # B has not heard
+    b = cluster.nodes[1]
+    asked = b.request(bob, GroupAction.MEMBERS, "team")
+    cluster.run_until(lambda: any(i.request_id == asked for i in bob.of(GroupInfo)), 300,
+                      "bob's members")  # fmt: skip
+    [info] = [i for i in bob.of(GroupInfo) if i.request_id == asked]
+    assert (info.group, info.owner, info.members) == ("team", "alice", ("alice", "bob", "carol"))
+    refused = cluster.request(1, dave, GroupAction.MEMBERS, "team")
+    assert refused.code == ErrorCode.NOT_A_MEMBER
+    assert cluster.request(1, bob, GroupAction.MEMBERS, "nope").code == ErrorCode.NO_SUCH_GROUP
