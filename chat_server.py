@@ -188,8 +188,6 @@ from server_store import (
     FindDedup,
     FindGroupItem,
     GroupItem,
-    GroupNoticeDone,
-    GroupNoticeRow,
     GroupReceipt,
     GroupTold,
     Loaded,
@@ -203,7 +201,6 @@ from server_store import (
     Read,
     ReadGroupCursors,
     ReadGroupLog,
-    ReadGroupNotices,
     ReadGroupSent,
     ReadGroupState,
     ReadMailbox,
@@ -217,6 +214,7 @@ from server_store import (
     StoreLocked,
     StoreMessage,
     Sync,
+    TellReached,
     TrimGroup,
     UpdateAccount,
     content_digest,
@@ -342,17 +340,6 @@ DUPLICATE_ID_TEXT = (
     "this message id was already used for another message; your client's store was "
     "probably copied or restored"
 )
-
-
-class _SharedNotices:
-    """Cluster mode: the handle of a GROUP_REACHED told from the shared
-    store's queue: the (message id, member key) rows it tells, dropped from
-    the sender's queue once its client acks it."""
-
-    __slots__ = ("items",)
-
-    def __init__(self, items: list[tuple[MsgId, str]]) -> None:
-        self.items = items
 
 
 class _GroupNotices:
@@ -503,11 +490,6 @@ class Relay:
         self.groups = GroupTable(cfg.max_group_members)
         self._group_answers: dict[RequestKey, tuple[int, str]] = {}
         self._group_pending: dict[tuple[str, int, int], tuple[int, int]] = {}
-        # Cluster mode keeps "delivered by" as queued receipts in the shared
-        # store (a stream per sender), told as the pass's GROUP_REACHEDs.
-        self._group_delivereds: dict[
-            bytes, tuple[Session, dict[tuple[str, MsgId], list[tuple[str, str]]]]
-        ] = {}
         # Cluster mode (`shared_store`): this node's copy of each group is the
         # shared log's prefix, read on as entries are announced. The seq each
         # group's log is known to reach, the groups being read or loaded, and
@@ -779,7 +761,7 @@ class Relay:
         was down): every session here reads its mailbox and receipts again."""
         self._now = now
         for session in list(self.sessions.values()):
-            for pager in (session.mail, session.receipts, session.group_receipts):
+            for pager in (session.mail, session.receipts):
                 if pager is not None:
                     pager.behind = True
                     pager.missed = max(pager.missed, pager.cursor + 1)
@@ -789,7 +771,6 @@ class Relay:
                 session.receipts = Pager(behind=True)
             self._page_mail(session)
             self._page_receipts(session)
-            self._page_group_receipts(session)
 
     def logged_in_on(self, key: str, instance_id: int, now: float) -> None:
         """User `key` logged in on another node from client `instance_id`:
@@ -1071,9 +1052,6 @@ class Relay:
             if isinstance(handle, _GroupNotices):
                 self._group_reached_acked(session, handle)
                 return
-            if isinstance(handle, _SharedNotices):
-                self._group_receipts_acked(session, handle)
-                return
             done = [handle] if isinstance(handle, MsgId) else handle
             if isinstance(done, list) and session.receipts is not None:
                 self._receipts_acked(session, done)
@@ -1297,7 +1275,7 @@ class Relay:
         # What it was handed and did not acknowledge stays on the disk for
         # the next login; the memory goes with the session.
         session.mail = session.receipts = None
-        session.group_mail = session.group_notices = session.group_receipts = None
+        session.group_mail = session.group_notices = None
 
     # --- chat ---------------------------------------------------------------
 
@@ -1598,8 +1576,6 @@ class Relay:
         self._group_lows.clear()
         if self._group_reached:
             self._send_group_reached()
-        if self._group_delivereds:
-            self._send_group_delivereds()
 
     # --- mailboxes and receipts: on the disk, handed over a window at a time ---
 
@@ -2103,7 +2079,7 @@ class Relay:
 
     def _load_groups(self, loaded: Loaded) -> None:
         for stored in loaded.groups:
-            group = self._group_from(stored, keep_former=not self.shared_store)
+            group = self._group_from(stored)
             if group.members or group.former:  # (a retired group: former members only)
                 self.groups.restore(group)
         for (group_key, sender_key), last in loaded.group_sent.items():
@@ -2121,17 +2097,17 @@ class Relay:
             log.info("loaded %d groups", len(self.groups))
 
     @staticmethod
-    def _group_from(stored: LoadedGroup, *, keep_former: bool = False) -> Group:
+    def _group_from(stored: LoadedGroup) -> Group:
         """A group as the store holds it. Former members who have caught up
-        are kept with `keep_former` (a single server: until every sender
-        was told what they had, `forget_former`), else left out."""
+        are kept too, until every sender was told what they had
+        (`forget_former`)."""
         group = Group(stored.key, stored.name, stored.owner_key, stored.seq)
         group.epoch, group.changed = stored.epoch, stored.changed
         for m in stored.members:
             member = Member(m.key, m.name, m.joined_seq, m.rank, m.left_seq, m.cursor)
             if m.left_seq is None:
                 group.members[m.key] = member
-            elif keep_former or not member.caught_up:
+            else:
                 group.former[m.key] = member
         return group
 
@@ -2419,7 +2395,7 @@ class Relay:
             and self.groups.get(group.key) is group
             and not group.members
             and not self.groups.owes(group)
-            and not group.owed
+            and not (group.owed and group.former)  # (no former member: nobody to name)
         ):
             self.groups.end(group)
             self._group_streams.pop(group.key, None)
@@ -2513,8 +2489,10 @@ class Relay:
         current = [m for m in stored.members if m.left_seq is None] if stored is not None else []
         answer: tuple[ErrorCode, str] | None = None
         if not op.ok:
-            answer = (ErrorCode.SERVER_ERROR,
-                      f"the cluster's store could not be read; ask for #{name}'s members again")
+            answer = (
+                ErrorCode.SERVER_ERROR,
+                f"the cluster's store could not be read; ask for #{name}'s members again",
+            )
         elif stored is None:
             answer = (ErrorCode.NO_SUCH_GROUP, f"there is no group #{name}")
         elif all(m.key != session.user.key for m in current):
@@ -2832,9 +2810,6 @@ class Relay:
             self._drop_pager(mail, group_key)
             return True
         user = session.user
-        if self.shared_store:
-            self._shared_group_receipt(session, group, member, seq, done)
-            return True
         reached = self._group_reached
         for entry in done:
             msg_id = entry.msg_id
@@ -2873,35 +2848,6 @@ class Relay:
                         self._page_group(session, other_group)
         return True
 
-    def _shared_group_receipt(self, session: Session, group: Group, member: Member, seq: int,
-                              done: list[GroupEntry]) -> None:  # fmt: skip
-        """Cluster mode: the cursor moves in the shared store, which queues
-        a "delivered by" row for each sender of a message among `done` (their
-        node hands it over from there: `group_receipts_waiting`)."""
-        user = session.user
-        notices = []
-        for entry in done:
-            if entry.msg_id is not None and entry.sender_key != user.key:
-                notices.append((entry.sender_key, entry.msg_id.instance_id,
-                                entry.msg_id.client_seq, user.key, user.name, group.name,
-                                self._new_id()))  # fmt: skip
-        if seq > member.cursor:
-            member.cursor = seq
-        self.store.submit(GroupReceipt(group.key, user.key, seq, tuple(notices)))
-        mail = session.group_mail
-        if member.caught_up and self.groups.forget_former(group, member):
-            self.store.submit(DropMember(group.key, user.key))
-            if mail is not None:
-                self._drop_pager(mail, group.key)
-            self._end_retired(group)
-            return
-        if mail is not None:  # the window has room again
-            for other_key, other in list(mail.pagers.items()):
-                if other.behind and not other.reading:
-                    other_group = self.groups.get(other_key)
-                    if other_group is not None:
-                        self._page_group(session, other_group)
-
     def _send_group_reached(self) -> None:
         """The pass's "delivered by" notices: one GROUP_REACHED per message
         naming the members whose receipts came (256 names a frame), to the
@@ -2912,9 +2858,32 @@ class Relay:
             sender = self.users.get(sender_key)
             session = self.router.locate(sender) if sender is not None else None
             if not isinstance(session, Session):
+                if self.shared_store and session is not None:  # on another node
+                    self._tell_elsewhere(sender_key, by_message)
                 continue
             for msg_id, (group, names) in by_message.items():
                 self._send_reached(session, group, msg_id, names)
+
+    def _tell_elsewhere(self, sender_key: str,
+                        by_message: dict[MsgId, tuple[Group, list[str]]]) -> None:  # fmt: skip
+        """Cluster mode: the pass's "delivered by" notices for a sender
+        whose session is on another node: to that node, through the store
+        (`TellReached`), with the cursors of the members named (that node's
+        copy of the group learns how far they are: its low-water mark)."""
+        by_group: dict[str, tuple[Group, list[tuple[int, int, list[str]]]]] = {}
+        for msg_id, (group, names) in by_message.items():
+            entry = by_group.get(group.key)
+            if entry is None:
+                entry = by_group[group.key] = (group, [])
+            entry[1].append((msg_id.instance_id, msg_id.client_seq, names))
+        for group_key, (group, reached) in by_group.items():
+            cursors: dict[str, int] = {}
+            for _, _, names in reached:
+                for name in names:
+                    member = group.member(name_key(name))
+                    if member is not None:
+                        cursors[member.key] = member.cursor
+            self.store.submit(TellReached(sender_key, group_key, reached, list(cursors.items())))
 
     def _send_reached(self, session: Session, group: Group, msg_id: MsgId, names: list[str],
                       gone: list[str] | None = None) -> None:  # fmt: skip
@@ -2987,8 +2956,9 @@ class Relay:
         """`moved`'s cursor or mark moved: trim the log if GROUP_TRIM_EVERY
         entries could go and `moved` was what held it back (or that many
         entries came since the last look): working the bound out walks the
-        members, so not at every receipt."""
-        if group.seq - group.trimmed < GROUP_TRIM_EVERY:
+        members, so not at every receipt. (A cluster trims in the shared
+        store, at each beat, by every node's cursors and marks there.)"""
+        if self.shared_store or group.seq - group.trimmed < GROUP_TRIM_EVERY:
             return
         if (
             group.trim_blocker is not None
@@ -3080,95 +3050,34 @@ class Relay:
         notices.catching.pop(group.key, None)
         self._group_told(session, group)
 
-    # --- cluster mode's "delivered by": rows queued in the shared store -------
-    # (a stream per sender, which any node reads), told as GROUP_REACHEDs;
-    # a single server works them out from the cursors instead (above).
-
-    def _page_group_receipts(self, session: Session) -> None:
-        pager = session.group_receipts
-        if pager is None or not pager.behind or pager.reading:
-            return
-        free = GROUP_NOTICE_WINDOW - len(pager.items)
-        if pager.items and free < GROUP_NOTICE_PAGE_MIN:
-            return
-        pager.reading = True
-        read = Read(ReadGroupNotices(session.user.key, pager.cursor, max(1, free)))
-        upto = max(self._next_msg_id - 1, pager.missed)  # as in `_page_mail`
-        self.store.submit(read, functools.partial(self._group_receipts_paged, session, pager,
-                                                  read, upto))  # fmt: skip
-
-    def _group_receipts_paged(self, session: Session, pager: Pager[tuple[MsgId, str], int],
-                              read: Read, upto: int) -> None:  # fmt: skip
-        pager.reading = False
-        if session.group_receipts is not pager or not read.ok:
-            return
-        rows: list[GroupNoticeRow]
-        rows, more = read.result
-        for seq, instance_id, client_seq, group, by, by_key in rows:
-            msg_id = MsgId(instance_id, client_seq)
-            if seq > pager.cursor and (msg_id, by_key) not in pager.items:
-                pager.items[(msg_id, by_key)] = seq
-                pager.cursor = seq
-                entry = self._group_delivereds.get(session.session_id)
-                if entry is None:
-                    entry = self._group_delivereds[session.session_id] = (session, {})
-                entry[1].setdefault((group, msg_id), []).append((by, by_key))
-        if not more and pager.missed <= max(pager.cursor, upto):
-            pager.behind = False
-        else:
-            self._page_group_receipts(session)
-
-    def _group_receipts_acked(self, session: Session, done: _SharedNotices) -> None:
-        """The sender's client holds these queued "delivered by" receipts."""
-        pager = session.group_receipts
-        if pager is None:
-            return
-        user = session.user
-        for msg_id, by_key in done.items:
-            if pager.items.pop((msg_id, by_key), None) is None:
-                continue
-            self.store.submit(GroupNoticeDone(user.key, msg_id.instance_id, msg_id.client_seq,
-                                              by_key))  # fmt: skip
-        self._page_group_receipts(session)
-
-    def _send_group_delivereds(self) -> None:
-        """The pass's queued "delivered by" receipts: one GROUP_REACHED per
-        (session, message), naming up to GROUP_PAGE_MAX members."""
-        delivereds, self._group_delivereds = self._group_delivereds, {}
-        for session, by_message in delivereds.values():
-            if self.sessions.get(session.session_id) is not session:
-                continue
-            for (group, msg_id), names in by_message.items():
-                for start in range(0, len(names), GROUP_PAGE_MAX):
-                    part = names[start : start + GROUP_PAGE_MAX]
-                    handle = _SharedNotices([(msg_id, by_key) for _, by_key in part])
-                    self._send(session, GroupReached(group, msg_id, tuple(n for n, _ in part)),
-                               handle=handle)  # fmt: skip
-
     def _start_groups(self, session: Session) -> None:
         """At login: page what waits in the user's groups since their
         cursor, and tell again who has their messages past their marks."""
         user = session.user
         if self.shared_store:
             # A cluster: the cursors as the store has them first (the user's
-            # client may have receipted on another node since this one heard),
-            # and the "delivered by" receipts queued for them in the store.
+            # client may have receipted on another node since this one heard).
             keys = tuple(group.key for group in self.groups.catching_up(user.key))
             op = ReadGroupCursors(user.key, keys)
             self.store.submit(op, functools.partial(self._group_cursors_read, session, op))
-            session.group_receipts = Pager(behind=True, missed=self._next_msg_id - 1)
-            self._page_group_receipts(session)
-            return
-        for group in self.groups.catching_up(user.key):
-            member = group.member(user.key)
-            if member is not None and not member.caught_up:
-                self._catch_up_member(session, group)
+        else:
+            for group in self.groups.catching_up(user.key):
+                member = group.member(user.key)
+                if member is not None and not member.caught_up:
+                    self._catch_up_member(session, group)
         owed = self.groups.owed_groups(user.key)
         if owed:
             notices = session.group_notices = GroupNotices()
             for group in owed:
                 notices.catching[group.key] = group.owed[user.key][0]
-                self._read_sent(session, group)
+                if self.shared_store:
+                    # A cluster: who has what by the store's cursors (members on
+                    # other nodes receipted there), and the sender's mark there.
+                    state = ReadGroupState(group.key)
+                    self.store.submit(state, functools.partial(self._owed_refreshed, session,
+                                                               group, state))  # fmt: skip
+                else:
+                    self._read_sent(session, group)
 
     # --- groups in cluster mode (`shared_store`) ----------------------------
     # The shared store gives every entry its seq (server_cluster: a message's
@@ -3250,6 +3159,10 @@ class Relay:
         """The log's next entry into this node's copy, then to the members here."""
         self.groups.apply(group, group.key, group.name, item.group_seq, item.server_msg_id,
                           item.change, item.sender_key, item.users)  # fmt: skip
+        if not item.change and self.groups.get(group.key) is group:
+            # Every node's copy knows who is owed "delivered by" notices (its
+            # former members are kept for them: `forget_former`).
+            self.groups.sent(group, item.sender_key, item.group_seq)
         self._fan_out(group, item)
 
     def _group_behind(self, key: str, epoch: int, seq: int) -> None:
@@ -3332,6 +3245,8 @@ class Relay:
         self._group_wanted.pop(key, None)
         if group.members or group.former:  # (a retired group: former members only)
             self.groups.restore(group)
+            for sender_key, last in op.sent.items():
+                self.groups.restore_owed(group, sender_key, op.told.get(sender_key, 0), last)
             # The members here page what is theirs from the log, from their cursors.
             for member_key in [*group.members, *group.former]:
                 user = self.users.get(member_key)
@@ -3410,17 +3325,28 @@ class Relay:
             if key not in heads:
                 self._load_group(key)  # ended, or made since the heads were read: ask
 
-    def group_receipts_waiting(self, key: str, seq: int, now: float) -> None:
-        """The shared store queued "delivered by" receipt `seq` for sender
-        `key`: if their session is here, it is handed over from there."""
+    def group_reached(self, sender_key: str, group_key: str,
+                      reached: list[tuple[int, int, list[str]]], cursors: list[tuple[str, int]],
+                      now: float) -> None:  # fmt: skip
+        """Members on another node newly have these messages of a sender
+        whose session is here: told as if the receipts came here (not kept:
+        a notice lost on the way is worked out again at the sender's next
+        login, from the cursors), and this copy of the group learns their
+        cursors."""
         self._now = now
-        session = self._session_here(key)
+        group = self.groups.get(group_key)
+        if group is None:
+            return
+        for member_key, cursor in cursors:
+            member = group.member(member_key)
+            if member is not None and cursor > member.cursor:
+                member.cursor = cursor
+        self._group_lows.pop(group_key, None)
+        session = self._session_here(sender_key)
         if session is None:
             return
-        if session.group_receipts is None:
-            session.group_receipts = Pager(behind=True)
-        if session.group_receipts.fall_behind(seq):
-            self._page_group_receipts(session)
+        for instance_id, client_seq, names in reached:
+            self._send_reached(session, group, MsgId(instance_id, client_seq), names)
 
     def _cluster_change(self, user: User, instance_id: int, request: GroupRequest,
                         key: RequestKey, attempt: int = 0,
@@ -3632,6 +3558,33 @@ class Relay:
         pager.behind = True
         pager.missed = max(pager.missed, group.seq)
         self._page_group(session, group)
+
+    def _owed_refreshed(self, session: Session, group: Group, op: ReadGroupState) -> None:
+        """A sender's login on a node of a cluster: the cursors of `group`'s
+        members and the sender's mark as the store has them, then who has
+        its messages past the mark is told again (`_read_sent`)."""
+        notices = session.group_notices
+        stored = op.result
+        if (
+            notices is None or self.sessions.get(session.session_id) is not session
+            or not op.ok or stored is None or self.groups.get(group.key) is not group
+            or stored.epoch != group.epoch
+        ):  # fmt: skip
+            return  # the next login asks again
+        for m in stored.members:
+            member = group.member(m.key)
+            if member is None and m.left_seq is not None:
+                # Kept in the store for the senders (an earlier membership
+                # set aside there, or one this copy forgot): it names them.
+                self.groups.take_former(group, Member(m.key, m.name, m.joined_seq, m.rank,
+                                                      m.left_seq, m.cursor))  # fmt: skip
+            elif member is not None and m.cursor > member.cursor:
+                member.cursor = m.cursor
+        self._group_lows.pop(group.key, None)
+        told = op.told.get(session.user.key, 0)
+        if told > notices.catching.get(group.key, told):
+            notices.catching[group.key] = told
+        self._read_sent(session, group)
 
     def _group_cursors_read(self, session: Session, op: ReadGroupCursors) -> None:
         """At login on a node of a cluster: the user's cursors as the store

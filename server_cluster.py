@@ -146,8 +146,8 @@ from server_store import (
     FindDedup,
     FindGroupItem,
     GroupItem,
-    GroupNoticeDone,
     GroupReceipt,
+    GroupTold,
     Loaded,
     LoadedGroup,
     LoadedMember,
@@ -159,7 +159,7 @@ from server_store import (
     Read,
     ReadGroupCursors,
     ReadGroupLog,
-    ReadGroupNotices,
+    ReadGroupSent,
     ReadGroupState,
     ReadMailbox,
     ReadNotices,
@@ -169,6 +169,7 @@ from server_store import (
     StoreError,
     StoreMessage,
     Sync,
+    TellReached,
     Then,
     UpdateAccount,
     content_digest,
@@ -316,10 +317,12 @@ return taken
 # stream's order is the group's) and `chat:greq:` (requests' answers).
 # Every entry announces itself to every node: "g KEY EPOCH SEQ".
 #
-# A message. KEYS: dedup key, group, members, log, id key. ARGV: dedup value
-# ("server id:digest"), its TTL, sender key, the packed entry, group key.
-# The sender must be a member here, now: the script is the judge, so a
-# node's copy that has not heard of a removal yet cannot let one through.
+# A message. KEYS: dedup key, group, members, log, id key, senders' last
+# messages. ARGV: dedup value ("server id:digest"), its TTL, sender key, the
+# packed entry, group key. The sender must be a member here, now: the
+# script is the judge, so a node's copy that has not heard of a removal yet
+# cannot let one through. The entry's field `s` names its sender (a
+# sender's messages are found by it: `READ_SENT`).
 GROUP_POST = """
 local old = redis.call('GET', KEYS[1])
 if old then return {'dup', old} end
@@ -328,7 +331,8 @@ if not epoch then return {'nogroup'} end
 if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return {'notmember'} end
 local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local n = redis.call('HLEN', KEYS[3]) - 1
-redis.call('XADD', KEYS[4], seq .. '-0', 'm', ARGV[4], 'n', n)
+redis.call('XADD', KEYS[4], seq .. '-0', 'm', ARGV[4], 'n', n, 's', ARGV[3])
+redis.call('HSET', KEYS[6], ARGV[3], seq)
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. seq .. ':' .. n .. ':' .. epoch, 'EX', ARGV[2])
 redis.call('SET', KEYS[5], seq .. ':' .. n, 'EX', ARGV[2])
 redis.call('PUBLISH', 'chat:all', 'g\t' .. ARGV[5] .. '\t' .. epoch .. '\t' .. seq)
@@ -342,8 +346,11 @@ return {'ok', seq .. ':' .. n .. ':' .. epoch}
 # its answer, the entries (JSON: m packed entry, n recipients, j joined
 # [key, name, rank], l left keys), owner after, end ("1": the last member
 # left), the epoch of a new group, how long answers are kept, the key the
-# group goes on under if it ends while former members are owed entries (its
-# KEYS 8-11: group, former, cursors, log; `retired_key`). Epoch -1: a
+# group goes on under if it ends while former members are owed entries, or
+# senders "delivered by" notices (its KEYS 8-11: group, former, cursors,
+# log; `retired_key`; 14-15: its senders' marks and last messages; KEYS
+# 12-13 are the group's). The leaver is kept then as a former member up to
+# what their client had (`GroupTable.close`). Epoch -1: a
 # request the node refused (or found nothing to do for); only its answer, if
 # it was done before, is looked up (a request sent again to another node is
 # answered, not refused), else the group's epoch and seq are answered: the
@@ -363,28 +370,50 @@ local epoch = ARGV[3]
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[6])
 redis.call('EXPIRE', KEYS[6], ARGV[11])
 if ARGV[9] == '1' then
+  local senders = false
+  local sent = redis.call('HGETALL', KEYS[13])
+  for i = 1, #sent, 2 do
+    if tonumber(redis.call('HGET', KEYS[12], sent[i]) or '0') < tonumber(sent[i + 1]) then
+      senders = true
+    end
+  end
   local owed = false
   local former = redis.call('HGETALL', KEYS[3])
   for i = 1, #former, 2 do
     local c = tonumber(redis.call('HGET', KEYS[4], former[i]) or '-1')
-    if c >= cjson.decode(former[i + 1])[4] then
+    if c < cjson.decode(former[i + 1])[4] then
+      owed = true
+    elseif not senders then
       redis.call('HDEL', KEYS[3], former[i])
       redis.call('HDEL', KEYS[4], former[i])
-    else
-      owed = true
+    end
+  end
+  if senders then
+    local left = redis.call('HGETALL', KEYS[2])
+    for i = 1, #left, 2 do
+      local v = cjson.decode(left[i + 1])
+      local c = tonumber(redis.call('HGET', KEYS[4], left[i]) or '-1')
+      if c >= v[2] then
+        redis.call('HSET', KEYS[3], left[i], cjson.encode({v[1], v[2], v[3], c}))
+        owed = true
+      end
     end
   end
   if owed then
-    for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do redis.call('HDEL', KEYS[4], k) end
+    for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
+      if redis.call('HEXISTS', KEYS[3], k) == 0 then redis.call('HDEL', KEYS[4], k) end
+    end
     redis.call('DEL', KEYS[2])
     redis.call('HSET', KEYS[1], 'retired', '1')
     redis.call('RENAME', KEYS[1], KEYS[8])
     redis.call('RENAME', KEYS[3], KEYS[9])
     if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('RENAME', KEYS[4], KEYS[10]) end
     if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('RENAME', KEYS[5], KEYS[11]) end
+    if redis.call('EXISTS', KEYS[12]) == 1 then redis.call('RENAME', KEYS[12], KEYS[14]) end
+    if redis.call('EXISTS', KEYS[13]) == 1 then redis.call('RENAME', KEYS[13], KEYS[15]) end
     redis.call('SADD', KEYS[7], ARGV[12])
   else
-    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[12], KEYS[13])
   end
   redis.call('SREM', KEYS[7], ARGV[1])
   redis.call('PUBLISH', 'chat:all', 'ge\t' .. ARGV[1] .. '\t' .. epoch)
@@ -403,6 +432,25 @@ for _, e in ipairs(cjson.decode(ARGV[7])) do
   seq = seq + 1
   redis.call('XADD', KEYS[5], seq .. '-0', 'm', e.m, 'n', e.n)
   for _, j in ipairs(e.j) do
+    local earlier = redis.call('HGET', KEYS[3], j[1])
+    if earlier then
+      -- Added again: what they had of the earlier membership is kept aside
+      -- ("KEY!CURSOR") while a sender is owed notices of it (`keep_aside`).
+      local v = cjson.decode(earlier)
+      local c = tonumber(redis.call('HGET', KEYS[4], j[1]) or '-1')
+      local cut = math.min(v[4], c)
+      local owed = false
+      local sent = redis.call('HGETALL', KEYS[13])
+      for i = 1, #sent, 2 do
+        if sent[i] ~= j[1] and tonumber(redis.call('HGET', KEYS[12], sent[i]) or '0') < cut then
+          owed = true
+        end
+      end
+      if c >= v[2] and owed then
+        redis.call('HSET', KEYS[3], j[1] .. '!' .. cut, cjson.encode({v[1], v[2], v[3], cut}))
+        redis.call('HSET', KEYS[4], j[1] .. '!' .. cut, c)
+      end
+    end
     redis.call('HSET', KEYS[2], j[1], cjson.encode({j[2], seq, j[3]}))
     redis.call('HDEL', KEYS[3], j[1])
     redis.call('HSET', KEYS[4], j[1], seq - 1)
@@ -430,22 +478,71 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 or redis.call('HEXISTS', KEYS[3]
 end
 return 1
 """
-# A "delivered by" receipt for a group message's sender, queued once. KEYS:
-# the sender's group receipts, their index, the sender's route. ARGV: index
-# field, the packed receipt, sender key.
-GROUP_NOTICE = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
-  local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
-  redis.call('HSET', KEYS[2], ARGV[1], id)
-  local node = redis.call('GET', KEYS[3])
-  if node then redis.call('PUBLISH', 'chat:node:' .. node, 'gn\t' .. ARGV[3] .. '\t' .. id) end
-end
+# "Delivered by" notices for a sender on another node: to the node its
+# route names now, not kept (a lost one is worked out again at the sender's
+# next login). KEYS: the sender's route. ARGV: sender key, the notices.
+TELL_REACHED = """
+local node = redis.call('GET', KEYS[1])
+if node then redis.call('PUBLISH', 'chat:node:' .. node, 'gr\t' .. ARGV[1] .. '\t' .. ARGV[2]) end
 return 1
 """
+# A retired group (one that ended while someone was owed something of it)
+# goes with the last former member it kept. KEYS: group, members, former,
+# cursors, log, the set of groups, senders' marks, their last messages.
+# ARGV (from 2): group key.
+END_RETIRED = """
+local function end_retired()
+  if redis.call('HEXISTS', KEYS[1], 'retired') == 1 and redis.call('HLEN', KEYS[3]) == 0 then
+    local epoch = redis.call('HGET', KEYS[1], 'epoch')
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], KEYS[8])
+    redis.call('SREM', KEYS[6], ARGV[2])
+    redis.call('PUBLISH', 'chat:all', 'ge\t' .. ARGV[2] .. '\t' .. epoch)
+  end
+end
+"""
+# The sender's client was told every delivery of its messages in the group
+# up to seq; former members who have all they will get, and of whom every
+# sender was told, go then (their nodes' copies may not know the other
+# senders' marks: Redis decides). KEYS: as `END_RETIRED`. ARGV: sender
+# key, group key, seq.
+GROUP_TOLD = (
+    END_RETIRED
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local told = tonumber(redis.call('HGET', KEYS[7], ARGV[1]) or '0')
+if tonumber(ARGV[3]) <= told then return 0 end
+redis.call('HSET', KEYS[7], ARGV[1], ARGV[3])
+local marks = {}
+local sent = redis.call('HGETALL', KEYS[8])
+for i = 1, #sent, 2 do
+  local t = tonumber(redis.call('HGET', KEYS[7], sent[i]) or '0')
+  if t < tonumber(sent[i + 1]) then marks[sent[i]] = t end
+end
+local former = redis.call('HGETALL', KEYS[3])
+for i = 1, #former, 2 do
+  local k = former[i]
+  local left = cjson.decode(former[i + 1])[4]
+  if tonumber(redis.call('HGET', KEYS[4], k) or '-1') >= left or string.sub(k, 1, 1) == '!' then
+    local who = string.match(k, '^[^!]+') or k
+    local all = true
+    for sender, t in pairs(marks) do
+      if sender ~= who and t < left then all = false end
+    end
+    if all then
+      redis.call('HDEL', KEYS[3], k)
+      if redis.call('HEXISTS', KEYS[2], k) == 0 then redis.call('HDEL', KEYS[4], k) end
+    end
+  end
+end
+end_retired()
+return 1
+"""
+)
 # Trim a group's log below the lowest cursor of its members and former
-# members (every one of them has those entries; "delivered by" in cluster
-# mode are rows of their own, so no sender needs the log either). KEYS:
-# members, former members, cursors, log. Answers the lowest cursor.
+# members (every one of them has those entries) and the lowest mark of the
+# senders still owed "delivered by" notices (a sender's login reads its
+# messages past its mark). KEYS: members, former members, cursors, log,
+# senders' marks, their last messages. Answers the bound.
 TRIM_GROUP = """
 local cursors = {}
 local flat = redis.call('HGETALL', KEYS[3])
@@ -457,37 +554,59 @@ for _, hash in ipairs({KEYS[1], KEYS[2]}) do
     if low == nil or c < low then low = c end
   end
 end
+local sent = redis.call('HGETALL', KEYS[6])
+for i = 1, #sent, 2 do
+  local t = tonumber(redis.call('HGET', KEYS[5], sent[i]) or '0')
+  if t < tonumber(sent[i + 1]) and (low == nil or t < low) then low = t end
+end
 if low and low > 0 then redis.call('XTRIM', KEYS[4], 'MINID', (low + 1) .. '-0') end
 return low or 0
 """
-# A former member who has everything meant for them. KEYS: former, cursors,
-# members, group, log, the set of groups. ARGV: member key, group key. A
-# retired group (one that ended while former members were owed entries)
-# goes with the last of them.
-GROUP_DROP = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
-  redis.call('HDEL', KEYS[2], ARGV[1])
+# A sender's messages in the log past a seq, at most limit + 1 of them:
+# [[entry id, packed entry]...]. KEYS: the log. ARGV: start (exclusive
+# "(SEQ-0" or "-"), sender key, limit.
+READ_SENT = """
+local rows = {}
+local start = ARGV[1]
+local limit = tonumber(ARGV[3])
+while #rows <= limit do
+  local chunk = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 512)
+  if #chunk == 0 then break end
+  for _, e in ipairs(chunk) do
+    if e[2][6] == ARGV[2] then
+      rows[#rows + 1] = {e[1], e[2][2]}
+      if #rows > limit then break end
+    end
+  end
+  start = '(' .. chunk[#chunk][1]
 end
-if redis.call('HEXISTS', KEYS[4], 'retired') == 1 and redis.call('HLEN', KEYS[1]) == 0 then
-  local epoch = redis.call('HGET', KEYS[4], 'epoch')
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-  redis.call('SREM', KEYS[6], ARGV[2])
-  redis.call('PUBLISH', 'chat:all', 'ge\t' .. ARGV[2] .. '\t' .. epoch)
+return rows
+"""
+# A former member who has everything meant for them, and of whom every
+# sender was told. KEYS: as `END_RETIRED`. ARGV: member key, group key.
+GROUP_DROP = (
+    END_RETIRED
+    + """
+if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  redis.call('HDEL', KEYS[4], ARGV[1])
 end
+end_retired()
 return 1
 """
+)
 
 SCRIPTS = {
     "store_message": STORE_MESSAGE, "mark_delivered": MARK_DELIVERED, "notice_done": NOTICE_DONE,
     "store_account": STORE_ACCOUNT, "update_account": UPDATE_ACCOUNT,
     "erase_account": ERASE_ACCOUNT, "bind": BIND, "unbind": UNBIND, "renew": RENEW,
     "group_post": GROUP_POST, "change_group": CHANGE_GROUP, "group_cursor": GROUP_CURSOR,
-    "group_notice": GROUP_NOTICE, "group_drop": GROUP_DROP, "trim_group": TRIM_GROUP,
+    "tell_reached": TELL_REACHED, "group_told": GROUP_TOLD, "read_sent": READ_SENT,
+    "group_drop": GROUP_DROP, "trim_group": TRIM_GROUP,
 }  # fmt: skip
 
 
 #: The reads this store answers.
-READS = (ReadMailbox, ReadNotices, FindDedup, ReadGroupLog, ReadGroupNotices, FindGroupItem)
+READS = (ReadMailbox, ReadNotices, FindDedup, ReadGroupLog, ReadGroupSent, FindGroupItem)
 
 
 class ClusterError(StoreError):
@@ -597,16 +716,14 @@ def group_keys(group_key: str) -> dict[str, str]:
         base, _, end_id = group_key[1:].partition(TOMBSTONE)
         tag = f"{{#{base}}}{TOMBSTONE}{end_id}"
     return {role: f"chat:{role}:{tag}"
-            for role in ("group", "gmem", "gformer", "gcur", "glog", "greq")}  # fmt: skip
+            for role in ("group", "gmem", "gformer", "gcur", "glog", "greq", "gtold",
+                         "gsent")}  # fmt: skip
 
 
-def group_notes_key(user_key: str) -> str:
-    """A sender's "delivered by" receipts of group messages (stream)."""
-    return f"chat:gnotes:{{{user_key}}}"
-
-
-def group_note_index_key(user_key: str) -> str:
-    return f"chat:gnoteidx:{{{user_key}}}"
+def end_keys(keys: dict[str, str]) -> list[str]:
+    """A group's keys as `END_RETIRED` (and the scripts built on it) take them."""
+    return [keys["group"], keys["gmem"], keys["gformer"], keys["gcur"], keys["glog"], GROUPS_KEY,
+            keys["gtold"], keys["gsent"]]  # fmt: skip
 
 
 def group_message_key(server_msg_id: int) -> str:
@@ -632,6 +749,15 @@ def unpack_group_item(group_key: str, entry: str, fields: dict[str, str]) -> Gro
     return GroupItem(group_key, int(entry.partition("-")[0]), server_msg_id, change, sender_key,
                      sender, instance_id, client_seq, text, tuple(users), sent_ms,
                      int(fields.get("n", 0)))  # fmt: skip
+
+
+#: What a group's state is read from (HGETALL each): its hash, members,
+#: former members, cursors, senders' marks and last messages.
+GROUP_STATE_ROLES = ("group", "gmem", "gformer", "gcur", "gtold", "gsent")
+
+
+def _numbers(raw: dict[str, str]) -> dict[str, int]:
+    return {key: int(value) for key, value in raw.items()}
 
 
 def unpack_group(group_key: str, raw: list[dict[str, str]]) -> LoadedGroup | None:
@@ -708,7 +834,9 @@ class ClusterEvents(Protocol):
 
     def group_heads(self, heads: dict[str, tuple[int, int]], now: float) -> None: ...
 
-    def group_receipts_waiting(self, key: str, seq: int, now: float) -> None: ...
+    def group_reached(self, sender_key: str, group_key: str,
+                      reached: list[tuple[int, int, list[str]]], cursors: list[tuple[str, int]],
+                      now: float) -> None: ...  # fmt: skip
 
 
 # --- route operations: the router's writes, in the store's one queue --------
@@ -832,7 +960,12 @@ class RedisStore:
                 loaded.accounts[key] = unpack_account(blob)
             for key, until in client.hgetall("chat:quarantine").items():
                 loaded.quarantine[key] = int(until)
-            loaded.groups = self._read_groups(sorted(client.smembers(GROUPS_KEY)))
+            for group, told, sent in self._read_groups(sorted(client.smembers(GROUPS_KEY))):
+                loaded.groups.append(group)
+                for sender, seq in told.items():
+                    loaded.group_told[(sender, group.key)] = seq
+                for sender, seq in sent.items():
+                    loaded.group_sent[(group.key, sender)] = seq
             self._warn_unless_durable()
             self._load_scripts()
         except redis.RedisError as exc:
@@ -842,16 +975,25 @@ class RedisStore:
                  len(loaded.accounts))  # fmt: skip
         return loaded
 
-    def _read_groups(self, keys: list[str]) -> list[LoadedGroup]:
-        """The groups `keys` as Redis holds them (those that still exist)."""
+    def _read_groups(
+        self, keys: list[str]
+    ) -> list[tuple[LoadedGroup, dict[str, int], dict[str, int]]]:
+        """The groups `keys` as Redis holds them (those that still exist),
+        each with its senders' marks and last messages (sender key -> seq)."""
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             names = group_keys(key)
-            for role in ("group", "gmem", "gformer", "gcur"):
+            for role in GROUP_STATE_ROLES:
                 pipe.hgetall(names[role])
         raw = pipe.execute() if keys else []
-        found = [unpack_group(key, raw[4 * i : 4 * i + 4]) for i, key in enumerate(keys)]
-        return [group for group in found if group is not None]
+        step = len(GROUP_STATE_ROLES)
+        found = []
+        for i, key in enumerate(keys):
+            state = raw[step * i : step * (i + 1)]
+            group = unpack_group(key, state[:4])
+            if group is not None:
+                found.append((group, _numbers(state[4]), _numbers(state[5])))
+        return found
 
     def remote_routes(self) -> dict[str, NodeId]:
         """Start-up: who is logged in on the other nodes (a SCAN of the routes)."""
@@ -1048,8 +1190,8 @@ class RedisStore:
                 case PostGroupMessage() | ChangeGroup():
                     numbered.append((writes, op))
                     self._queue_group(script, op)
-                case GroupReceipt() | GroupNoticeDone() | DropMember():
-                    writes += self._queue_group(script, op) - 1
+                case GroupReceipt() | GroupTold() | DropMember() | TellReached():
+                    self._queue_group(script, op)
                 case ReadGroupState() | ReadGroupCursors():
                     continue  # reads, below
                 case StoreMessage(m):
@@ -1155,9 +1297,9 @@ class RedisStore:
 
     def _queue_group(
         self, script: Callable[[str, list[str], list[Any]], None],
-        op: PostGroupMessage | ChangeGroup | GroupReceipt | GroupNoticeDone | DropMember,
-    ) -> int:  # fmt: skip
-        """Queue a group write's scripts; answers how many."""
+        op: PostGroupMessage | ChangeGroup | GroupReceipt | GroupTold | DropMember | TellReached,
+    ) -> None:  # fmt: skip
+        """Queue a group write's script (one command in the MULTI)."""
         match op:
             case PostGroupMessage(item):
                 keys = group_keys(item.group_key)
@@ -1165,7 +1307,7 @@ class RedisStore:
                 script("group_post",
                        [dedup_key(item.sender_key, item.instance_id, item.client_seq),
                         keys["group"], keys["gmem"], keys["glog"],
-                        group_message_key(item.server_msg_id)],
+                        group_message_key(item.server_msg_id), keys["gsent"]],
                        [f"{item.server_msg_id}:{digest}", DEDUP_KEEP_S, item.sender_key,
                         pack_group_item(item), item.group_key])  # fmt: skip
             case ChangeGroup():
@@ -1180,33 +1322,23 @@ class RedisStore:
                 script("change_group",
                        [keys["group"], keys["gmem"], keys["gformer"], keys["gcur"], keys["glog"],
                         keys["greq"], GROUPS_KEY, kept["group"], kept["gformer"], kept["gcur"],
-                        kept["glog"]],
+                        kept["glog"], keys["gtold"], keys["gsent"], kept["gtold"],
+                        kept["gsent"]],
                        [op.group_key, op.name, op.epoch, op.changed,
                         f"{user_key}:{instance_id}:{request_id}", _pack([code, text]),
                         _pack(plan), op.owner_key, int(op.end), first_id, DEDUP_KEEP_S,
                         retired])  # fmt: skip
-            case GroupReceipt(group_key, member_key, seq, notices):
+            case GroupReceipt(group_key, member_key, seq):
                 keys = group_keys(group_key)
                 script("group_cursor", [keys["gcur"], keys["gmem"], keys["gformer"]],
                        [member_key, seq])  # fmt: skip
-                for sender, instance_id, client_seq, by_key, by_name, group, _ in notices:
-                    script("group_notice",
-                           [group_notes_key(sender), group_note_index_key(sender),
-                            route_key(sender)],
-                           [f"{instance_id}:{client_seq}:{by_key}",
-                            _pack([instance_id, client_seq, group, by_name, by_key]),
-                            sender])  # fmt: skip
-                return 1 + len(notices)
-            case GroupNoticeDone(sender, instance_id, client_seq, by_key):
-                script("notice_done", [group_notes_key(sender), group_note_index_key(sender)],
-                       [f"{instance_id}:{client_seq}:{by_key}"])  # fmt: skip
+            case GroupTold(sender_key, group_key, seq):
+                script("group_told", end_keys(group_keys(group_key)), [sender_key, group_key, seq])
             case DropMember(group_key, member_key):
-                keys = group_keys(group_key)
-                script("group_drop",
-                       [keys["gformer"], keys["gcur"], keys["gmem"], keys["group"], keys["glog"],
-                        GROUPS_KEY],
-                       [member_key, group_key])  # fmt: skip
-        return 1
+                script("group_drop", end_keys(group_keys(group_key)), [member_key, group_key])
+            case TellReached(sender_key, group_key, reached, cursors):
+                script("tell_reached", [route_key(sender_key)],
+                       [sender_key, _pack([group_key, reached, cursors])])  # fmt: skip
 
     @staticmethod
     def _group_outcome(op: PostGroupMessage | ChangeGroup, raw: list[Any]) -> None:
@@ -1241,7 +1373,7 @@ class RedisStore:
     def _queue_group_read(pipe: Any, op: ReadGroupState | ReadGroupCursors) -> None:
         if isinstance(op, ReadGroupState):
             keys = group_keys(op.group_key)
-            for role in ("group", "gmem", "gformer", "gcur"):
+            for role in GROUP_STATE_ROLES:
                 pipe.hgetall(keys[role])
         else:
             for key in op.group_keys:
@@ -1252,9 +1384,11 @@ class RedisStore:
         """Fill in a group read's answer from the pipeline's, from index `at`;
         answers the index after it."""
         if isinstance(op, ReadGroupState):
-            op.result = unpack_group(op.group_key, answers[at : at + 4])
+            raw = answers[at : at + len(GROUP_STATE_ROLES)]
+            op.result = unpack_group(op.group_key, raw[:4])
+            op.told, op.sent = _numbers(raw[4]), _numbers(raw[5])
             op.ok = True
-            return at + 4
+            return at + len(GROUP_STATE_ROLES)
         for key, cursor in zip(op.group_keys, answers[at : at + len(op.group_keys)], strict=True):
             if cursor is not None:
                 op.result[key] = int(cursor)
@@ -1268,8 +1402,7 @@ class RedisStore:
             log.error("%s is not supported in cluster mode: not applied and not acknowledged "
                       "(logged once)", kind)  # fmt: skip
 
-    @staticmethod
-    def _queue_read(pipe: Any, query: Query) -> None:
+    def _queue_read(self, pipe: Any, query: Query) -> None:
         match query:
             case ReadMailbox(key, after, limit, _):
                 start = "-" if after < 0 else f"({entry_id(after)}"
@@ -1283,9 +1416,10 @@ class RedisStore:
                 start = "-" if after < 0 else f"({log_entry_id(after)}"
                 end = "+" if last >= LOG_END else log_entry_id(last)
                 pipe.xrange(group_keys(key)["glog"], start, end, count=limit)
-            case ReadGroupNotices(key, after, limit):
-                start = "-" if after < 0 else f"({entry_id(after)}"
-                pipe.xrange(group_notes_key(key), start, "+", count=limit)
+            case ReadGroupSent(key, sender_key, after, limit):
+                start = "-" if after < 0 else f"({log_entry_id(after)}"
+                pipe.evalsha(self._sha["read_sent"], 1, group_keys(key)["glog"], start, sender_key,
+                             limit)  # fmt: skip
             case FindGroupItem(server_msg_id):
                 pipe.get(group_message_key(server_msg_id))
 
@@ -1326,9 +1460,13 @@ class RedisStore:
                         return items, True
                     items.append(item)
                 return items, len(raw) >= limit
-            case ReadGroupNotices(_, _, limit):
-                group_notes = [(entry_number(e), *json.loads(fields["m"])) for e, fields in raw]
-                return group_notes, len(raw) >= limit
+            case ReadGroupSent(_, _, _, limit):
+                sent: list[tuple[int, int, int]] = []
+                for entry, packed in raw:
+                    values = json.loads(packed)  # (as `pack_group_item`)
+                    sent.append((int(str(entry).partition("-")[0]), int(values[4]),
+                                 int(values[5])))  # fmt: skip
+                return sent[:limit], len(sent) > limit
             case FindGroupItem():
                 if raw is None:
                     return None
@@ -1365,8 +1503,8 @@ class RedisStore:
             pipe.hmget(names["group"], "epoch", "seq")
             if trim:
                 self._script(pipe, "trim_group",
-                             [names["gmem"], names["gformer"], names["gcur"], names["glog"]],
-                             [])  # fmt: skip
+                             [names["gmem"], names["gformer"], names["gcur"], names["glog"],
+                              names["gtold"], names["gsent"]], [])  # fmt: skip
         answers = pipe.execute() if keys else []
         step = 2 if trim else 1
         heads: dict[str, tuple[int, int]] = {}
@@ -1442,7 +1580,7 @@ class RedisStore:
         groups: dict[tuple[str, int], int] = {}  # (group key, epoch) -> the highest seq
         for data in notices:
             kind, _, rest = data.partition("\t")
-            if kind in ("m", "n", "gn"):
+            if kind in ("m", "n"):
                 key, _, entry = rest.rpartition("\t")
                 number = entry_number(entry)
                 if number > waiting.get((kind, key), -1):
@@ -1453,7 +1591,7 @@ class RedisStore:
                 groups[place] = max(groups.get(place, 0), int(seq_text))
             else:
                 self._on_notice(kind, rest)
-        names = {"m": "mail_waiting", "n": "receipts_waiting", "gn": "group_receipts_waiting"}
+        names = {"m": "mail_waiting", "n": "receipts_waiting"}
         for (kind, key), number in waiting.items():
             self.done.put(self._event(names[kind], key, number))
         for (key, epoch), last in groups.items():
@@ -1482,6 +1620,13 @@ class RedisStore:
             case "ge":
                 key, _, epoch = rest.partition("\t")
                 self.done.put(self._event("group_ended", key, int(epoch)))
+            case "gr":
+                key, _, blob = rest.partition("\t")
+                group_key, reached, cursors = json.loads(blob)
+                self.done.put(self._event(
+                    "group_reached", key, group_key,
+                    [(int(i), int(c), [str(n) for n in names]) for i, c, names in reached],
+                    [(str(k), int(seq)) for k, seq in cursors]))  # fmt: skip
             case "alive":  # this node's own beat too: it times the others out
                 self.done.put(self._alive(rest))
             case _:

@@ -257,6 +257,15 @@ class GroupTable:
             if not member.gone and not member.earlier:
                 self.former_of.setdefault(key, {})[group.key] = None
 
+    def take_former(self, group: Group, member: Member) -> None:
+        """A former member as the store has it, into a copy without one of
+        that key (cluster mode)."""
+        if member.key in group.members or member.key in group.former:
+            return
+        group.former[member.key] = member
+        if not member.gone and not member.earlier and not member.caught_up:
+            self.former_of.setdefault(member.key, {})[group.key] = None
+
     def restore_owed(self, group: Group, sender_key: str, told: int, last: int) -> None:
         if last > told:
             group.owed[sender_key] = [told, last]

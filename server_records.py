@@ -218,7 +218,7 @@ class Session:
     __slots__ = (
         "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
         "closing", "probe", "mail", "receipts", "presence_sent", "presence_due", "group_mail",
-        "group_notices", "group_receipts",
+        "group_notices",
     )  # fmt: skip
 
     def __init__(
@@ -248,9 +248,6 @@ class Session:
         # what it is told as a sender ("delivered by").
         self.group_mail: GroupMail | None = None
         self.group_notices: GroupNotices | None = None
-        # Cluster mode: the "delivered by" receipts queued for it in the shared
-        # store and told to it, by (message id, member's key) -> receipt seq.
-        self.group_receipts: Pager[tuple[MsgId, str], int] | None = None
 
 
 class Probe:

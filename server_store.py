@@ -352,17 +352,12 @@ class Loaded:
     group_told: dict[tuple[str, str], int] = field(default_factory=dict)
     # (group key, sender key) -> the highest seq of a message of theirs in the log
     group_sent: dict[tuple[str, str], int] = field(default_factory=dict)
-    # Cluster mode: senders with "delivered by" receipts queued
-    group_notice_senders: set[str] = field(default_factory=set)
 
 
 # A notice row: (seq, instance_id, client_seq, recipient's display name).
 NoticeRow = tuple[int, int, int, str]
 # A sender's group message in the log: (group_seq, instance_id, client_seq).
 GroupSentRow = tuple[int, int, int]
-# Cluster mode: a queued "delivered by" row: (seq, instance_id, client_seq,
-# group's name, member's name, member's key): member has the sender's message.
-GroupNoticeRow = tuple[int, int, int, str, str, str]
 # A group request's answer: (user key, instance id, request id) -> (code, message).
 RequestKey = tuple[str, int, int]
 
@@ -554,15 +549,11 @@ class EndGroup:
 class GroupReceipt:
     """A member's client has the group's entries up to `seq` (the cursor
     only moves forward). No row per message for their senders: who has a
-    message follows from the cursors. Cluster mode only: `notices` queues
-    "delivered by" receipts for the senders of the messages among them, in
-    each sender's stream, which any node reads (sender key, instance id,
-    client seq, member's key, member's name, group's name, receipt seq)."""
+    message follows from the cursors (in cluster mode too)."""
 
     group_key: str
     member_key: str
     seq: int
-    notices: tuple[tuple[str, int, int, str, str, str, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -685,11 +676,15 @@ class ChangeGroup:
 @dataclass(slots=True)
 class ReadGroupState:
     """The group as the store holds it now (`result`: a `LoadedGroup`, or
-    None: no such group); `ok` False if it could not be read."""
+    None: no such group), with its senders' marks (`told`: sender key ->
+    seq, `GroupTold`) and last messages (`sent`: sender key -> seq); `ok`
+    False if it could not be read."""
 
     group_key: str
     result: LoadedGroup | None = None
     ok: bool = False
+    told: dict[str, int] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -704,50 +699,38 @@ class ReadGroupCursors:
 
 
 @dataclass(slots=True)
-class GroupNoticeDone:
-    """Cluster mode: the sender's client holds this "delivered by" receipt
-    (a queued one: `GroupReceipt.notices`)."""
+class TellReached:
+    """Cluster mode: "delivered by" notices for a sender whose session is
+    on another node, handed to that node (pub/sub, not kept: what is lost
+    is worked out again at the sender's next login, from the cursors).
+    `reached`: (instance id, client seq, members' names) per message;
+    `cursors`: those members' cursors (key, seq), so that node's copy of
+    the group knows how far they are (its low-water mark)."""
 
     sender_key: str
-    instance_id: int
-    client_seq: int
-    by_key: str
+    group_key: str
+    reached: list[tuple[int, int, list[str]]]
+    cursors: list[tuple[str, int]]
 
 
-@dataclass(slots=True)
-class ReadGroupNotices:
-    """Cluster mode: "delivered by" receipts queued for a sender past seq
-    `after`, at most `limit`. Answer: (group notice rows, more)."""
-
-    sender_key: str
-    after: int
-    limit: int
-
-
-ClusterGroupOp = PostGroupMessage | ChangeGroup | ReadGroupState | ReadGroupCursors
+ClusterGroupOp = (
+    PostGroupMessage | ChangeGroup | ReadGroupState | ReadGroupCursors | TellReached
+)  # fmt: skip
 GroupWrite = (
     StoreGroupItem | EndGroup | GroupReceipt | DropMember | BuryMember | GroupTold | TrimGroup
-    | GroupNoticeDone
 )  # fmt: skip
 Write = (
     StoreMessage | MarkDelivered | NoticeDone | StoreAccount | UpdateAccount | EraseAccount
     | Reserve | Sync | GroupWrite
 )  # fmt: skip
-Query = (
-    ReadMailbox | ReadNotices | FindDedup | ReadGroupLog | ReadGroupSent | FindGroupItem
-    | ReadGroupNotices
-)  # fmt: skip
+Query = ReadMailbox | ReadNotices | FindDedup | ReadGroupLog | ReadGroupSent | FindGroupItem
 MailPage = tuple[list[StoredMessage], bool]
 NoticePage = tuple[list[NoticeRow], bool]
 DedupFound = tuple[int, bytes | None] | None
 GroupPage = tuple[list[GroupItem], bool]
 GroupSentPage = tuple[list[GroupSentRow], bool]
 GroupItemFound = tuple[int, int] | None
-GroupNoticePage = tuple[list[GroupNoticeRow], bool]
-Answer = (
-    MailPage | NoticePage | DedupFound | GroupPage | GroupSentPage | GroupItemFound
-    | GroupNoticePage
-)  # fmt: skip
+Answer = MailPage | NoticePage | DedupFound | GroupPage | GroupSentPage | GroupItemFound
 
 
 class Read:
@@ -775,7 +758,7 @@ class Read:
 Op = Write | Read | ClusterGroupOp
 Then = Callable[[], None]
 #: Writes held back when nothing waits for them (see LAZY_HOLD).
-LAZY_WRITES = (MarkDelivered, NoticeDone, GroupNoticeDone)
+LAZY_WRITES = (MarkDelivered, NoticeDone)
 
 
 class MessageStore(Protocol):
@@ -1048,8 +1031,6 @@ class MemoryStore:
             case FindGroupItem(server_msg_id):
                 entry = self.log_ids.get(server_msg_id)
                 return None if entry is None else (entry.group_seq, entry.recipients)
-            case ReadGroupNotices():
-                return [], False  # cluster mode only: none are queued here
 
     def reserve_ids(self, next_msg_id: int) -> int:
         return 1 << 63  # nothing survives a restart: no id can be reused after one
@@ -1342,8 +1323,6 @@ class ServerStore:
                     (server_msg_id,),
                 ).fetchone()
                 return None if row is None else (int(row[0]), int(row[1]))
-            case ReadGroupNotices():
-                return [], False  # cluster mode only: none are queued here
 
     def reserve_ids(self, next_msg_id: int) -> int:
         """Reserve the next block of ids when the loop is half-way through this one."""

@@ -7,13 +7,30 @@ missed it)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import Any
 
-from protocol import ErrorCode, GroupAccept, GroupAction, GroupInfo, GroupResult
+import pytest
+
+from protocol import (
+    ErrorCode,
+    GroupAccept,
+    GroupAction,
+    GroupDeliver,
+    GroupInfo,
+    GroupReached,
+    GroupResult,
+    MsgId,
+    Receipts,
+)
+from server_groups import is_retired
 from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
+from tests.test_bounds import Client
 from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_cluster_groups_fix import answers, deaf_to_group_notices
-from tests.test_groups_relay import entries
+from tests.test_cluster_node import cluster_module
+from tests.test_groups_relay import entries, texts
 
 
 def test_a_post_right_after_an_add_being_checked_comes_after_it(
@@ -119,3 +136,161 @@ def test_members_are_answered_from_redis_not_a_stale_copy(
     refused = cluster.request(1, dave, GroupAction.MEMBERS, "team")
     assert refused.code == ErrorCode.NOT_A_MEMBER
     assert cluster.request(1, bob, GroupAction.MEMBERS, "nope").code == ErrorCode.NO_SUCH_GROUP
+
+
+# --- "delivered by" from the cursors in cluster mode too (no row per copy) ------------
+
+
+def told(client: Client) -> set[tuple[str, MsgId]]:
+    return {(by, m.msg_id) for m in client.of(GroupReached) for by in m.by}
+
+
+def redis_of(cluster: Cluster) -> Any:
+    return cluster.nodes[0].node.store.client
+
+
+def test_delivered_by_keeps_no_row_per_copy_in_redis(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """Members on both nodes: alice (on A) hears who has each message, from
+    B's members through a notice to her node; Redis holds cursors and one
+    mark per sender, never a queued row per copy."""
+    cluster = cluster_of(2)
+    alice, _ = cluster.login(0, "alice"), cluster.login(0, "bob")
+    cluster.login(1, "carol"), cluster.login(1, "dave")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob", "carol", "dave").code == 0
+    ids = [cluster.post(0, alice, "team", f"m{i}", i) for i in range(1, 6)]
+    cluster.run_until(lambda: len(told(alice)) == 15, 400, "alice told of every copy")
+    cluster.settle(20)
+    assert told(alice) == {(by, i) for by in ("bob", "carol", "dave") for i in ids}
+    redis_client = redis_of(cluster)
+    assert redis_client.keys("chat:gnote*") == []  # (the old per-copy queue)
+    assert redis_client.hgetall("chat:gsent:{#team}") == {"alice": "6"}
+    assert int(redis_client.hget("chat:gtold:{#team}", "alice")) == 6  # told, durably
+
+
+def test_a_sender_away_is_told_at_login_on_another_node_from_redis_cursors(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """carol (on B) has alice's messages only after alice logged out of A;
+    alice logs in on B: told carol has each, worked out from the cursors in
+    Redis; once told, a later login hears nothing again."""
+    cluster = cluster_of(2)
+    alice, _ = cluster.login(0, "alice"), cluster.login(0, "bob")
+    carol = cluster.login(1, "carol")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob", "carol").code == 0
+    cluster.settle()
+    cluster.nodes[1].holding.add("carol")
+    ids = [cluster.post(0, alice, "team", f"m{i}", i) for i in range(1, 4)]
+    cluster.run_until(lambda: len(told(alice)) == 3 and len(texts(carol)) == 3, 300, "bob's")
+    cluster.settle()
+    cluster.nodes[0].logout(alice)
+    cluster.settle()
+    cluster.nodes[1].holding.clear()
+    carol.send(Receipts(tuple(d.server_msg_id for d in carol.of(GroupDeliver))))
+    cluster.settle(20)
+    alice = cluster.login(1, "alice")
+    cluster.run_until(lambda: {i for by, i in told(alice) if by == "carol"} == set(ids), 300,
+                      "alice told at her login")  # fmt: skip
+    cluster.settle(20)
+    assert cluster.nodes[1].relay.groups.get("team").owed == {}  # type: ignore[union-attr]
+    cluster.nodes[1].logout(alice)
+    alice = cluster.login(0, "alice")
+    cluster.settle(20)
+    assert alice.of(GroupReached) == []
+
+
+def test_redis_keeps_the_log_a_sender_is_still_owed(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Everyone has alice's messages but alice, away, was not told: the
+    beat's trim keeps them (her login reads them); once she is told, they
+    go."""
+    monkeypatch.setattr(cluster_module(), "ROUTE_RENEW", 0.2)
+    cluster = cluster_of(1)
+    alice, bob = cluster.login(0, "alice"), cluster.login(0, "bob")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob").code == 0
+    cluster.settle()
+    cluster.nodes[0].holding.add("bob")
+    for i in range(1, 21):
+        cluster.post(0, alice, "team", f"m{i}", i)
+    cluster.run_until(lambda: len(texts(bob)) == 20, 300, "bob has them")
+    cluster.nodes[0].logout(alice)
+    cluster.nodes[0].holding.clear()
+    bob.send(Receipts(tuple(d.server_msg_id for d in bob.of(GroupDeliver))))
+    redis_client = redis_of(cluster)
+    cluster.run_until(lambda: redis_client.hget("chat:gcur:{#team}", "bob") == "21", 300, "bob")
+    time.sleep(0.5)  # beats: trims
+    cluster.settle(20)
+    assert redis_client.xlen("chat:glog:{#team}") >= 20  # kept for alice
+    alice = cluster.login(0, "alice")
+    cluster.run_until(lambda: len(told(alice)) == 20, 300, "alice told")
+    cluster.run_until(lambda: redis_client.xlen("chat:glog:{#team}") < 5, 300, "the log trimmed")
+
+
+# --- items 1 and 2 of this round, in cluster mode ----------------------------------
+
+
+def test_in_a_cluster_a_member_added_again_is_still_told_as_having_it(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """As on one server: erin (on B) has alice's message while alice is
+    away; bob removes and adds erin again; alice's login tells her erin
+    has it (Redis kept erin's earlier membership aside until then)."""
+    cluster = cluster_of(2)
+    alice, bob = cluster.login(0, "alice"), cluster.login(0, "bob")
+    erin = cluster.login(1, "erin")
+    assert cluster.request(0, bob, GroupAction.CREATE, "team", "alice", "erin").code == 0
+    cluster.settle()
+    cluster.nodes[1].holding.add("erin")
+    msg = cluster.post(0, alice, "team", "for all of you", 1)
+    cluster.run_until(lambda: ("bob", msg) in told(alice) and len(texts(erin)) == 1, 300, "bob")
+    cluster.nodes[0].logout(alice)
+    cluster.nodes[1].holding.clear()
+    erin.send(Receipts(tuple(d.server_msg_id for d in erin.of(GroupDeliver))))
+    cluster.settle(20)
+    assert cluster.request(0, bob, GroupAction.REMOVE, "team", "erin").code == 0
+    cluster.settle(20)
+    assert cluster.request(0, bob, GroupAction.ADD, "team", "erin").code == 0
+    cluster.settle(20)
+    assert [k for k in redis_of(cluster).hkeys("chat:gformer:{#team}")] == ["erin!3"]
+    alice = cluster.login(1, "alice")
+    cluster.run_until(lambda: ("erin", msg) in told(alice), 300, "alice told erin has it")
+    cluster.settle(20)
+    assert redis_of(cluster).hkeys("chat:gformer:{#team}") == []  # told: it goes
+
+
+def test_in_a_cluster_a_sender_away_when_the_group_ended_is_told(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """As on one server: alice posts and leaves; erin has it after alice
+    went away, then leaves last: #team ends, retired in Redis with alice's
+    mark and erin's membership; alice's login (on the other node) tells her
+    erin has it, and the retired keys go."""
+    cluster = cluster_of(2)
+    alice, erin = cluster.login(0, "alice"), cluster.login(1, "erin")
+    bob = cluster.login(1, "bob")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob", "erin").code == 0
+    cluster.settle()
+    cluster.nodes[1].holding.add("erin")
+    msg = cluster.post(0, alice, "team", "before the end", 1)
+    cluster.run_until(lambda: ("bob", msg) in told(alice) and len(texts(erin)) == 1, 300, "bob")
+    assert cluster.request(0, alice, GroupAction.LEAVE, "team").code == 0
+    cluster.settle(20)
+    cluster.nodes[0].logout(alice)
+    assert cluster.request(1, bob, GroupAction.LEAVE, "team").code == 0
+    cluster.nodes[1].holding.clear()
+    erin.send(Receipts(tuple(d.server_msg_id for d in erin.of(GroupDeliver))))
+    cluster.settle(20)
+    answer = cluster.request(1, erin, GroupAction.LEAVE, "team")
+    assert (answer.code, answer.message) == (0, "left #team; it has ended")
+    cluster.settle(20)
+    redis_client = redis_of(cluster)
+    [retired] = [k for k in redis_client.smembers("chat:groups")]
+    assert is_retired(retired)
+    alice = cluster.login(1, "alice")
+    cluster.run_until(lambda: ("erin", msg) in told(alice), 300, "alice told erin had it")
+    cluster.settle(30)
+    assert redis_client.smembers("chat:groups") == set()
+    assert not redis_client.keys("chat:g*!*")  # the retired keys, every one gone

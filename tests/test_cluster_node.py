@@ -147,8 +147,10 @@ class Events:
     def group_heads(self, heads: dict[str, tuple[int, int]], now: float) -> None:
         self.calls.append(("heads", heads))
 
-    def group_receipts_waiting(self, key: str, seq: int, now: float) -> None:
-        self.calls.append(("group_receipts", key, seq))
+    def group_reached(self, sender_key: str, group_key: str,
+                      reached: list[tuple[int, int, list[str]]], cursors: list[tuple[str, int]],
+                      now: float) -> None:  # fmt: skip
+        self.calls.append(("group_reached", sender_key, group_key, reached, cursors))
 
     def of(self, kind: str) -> list[tuple[Any, ...]]:
         return [c for c in self.calls if c[0] == kind]
