@@ -63,11 +63,15 @@ mailbox is the equivalent claim, and XDEL on receipt is the XACK.
 Groups (issue 14) keep one sequence per group across the nodes. A group's
 keys share its hash tag `{#key}`: `chat:group:` (name, owner, `epoch`,
 `seq`, `changed`), `chat:gmem:` and `chat:gformer:` (members and former
-members still owed entries), `chat:gcur:` (each member's cursor: the
-highest seq their client receipted), `chat:glog:` (the log, a Stream whose
-entry ids are "SEQ-0", so the stream's order is the group's) and
-`chat:greq:` (requests' answers); `chat:groups` lists the groups. Every
-seq is given out by a script, inside Redis, never by a node:
+members still owed entries, or still to be named to a sender),
+`chat:gcur:` (each member's cursor: the highest seq their client
+receipted), `chat:glog:` (the log, a Stream whose entry ids are "SEQ-0",
+so the stream's order is the group's), `chat:greq:` (requests' answers)
+and `chat:gtold:` / `chat:gsent:` (per sender: up to which seq its client
+was told who has its messages, and its last message's seq: "delivered by"
+follows from the cursors, as on one server; a sender on another node is
+told through a notice, `TellReached`); `chat:groups` lists the groups.
+Every seq is given out by a script, inside Redis, never by a node:
 
 - a message (`PostGroupMessage`): the script checks its sender is a member
   at that moment and takes the next seq (HINCRBY), with the dedup key. The
