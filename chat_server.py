@@ -818,6 +818,10 @@ class Relay:
         user = self.users.get(key)
         if user is not None:
             self._forget_account(user, until if self.config.name_quarantine > 0 else None, now)
+            # This node's copies of the groups follow (the node where it was
+            # deleted told the shared store): nobody owed, former memberships
+            # under tombstones.
+            self.groups.bury(key)
         elif self.config.name_quarantine > 0:
             self.quarantine[key] = until
 
@@ -1963,10 +1967,16 @@ class Relay:
                 group, user, (user.key, session.instance_id, DELETION_REQUEST - index)
             )
         session.group_mail = None
-        # (A cluster's shared store keeps no tombstones: its senders are not
-        # told, as before.)
-        owed = self.groups.owed_groups(user.key)
-        for group, member, key in self.groups.bury(user.key, keep=not self.shared_store):
+        self._bury(user.key)
+
+    def _bury(self, user_key: str) -> None:
+        """A deleted account is no former member of any group any more: one
+        that had everything is dropped; one that had not is kept under a
+        tombstone, counted out of "of N" for the senders. (In cluster mode
+        its leaving is applied later, by the shared store: `_group_changed`
+        buries it again once this node's copy has it.)"""
+        owed = self.groups.owed_groups(user_key)
+        for group, member, key in self.groups.bury(user_key):
             if not member.gone:
                 self.store.submit(DropMember(group.key, key))
                 self._end_retired(group)
@@ -3533,6 +3543,9 @@ class Relay:
             self._group_arrived(op.group_key, epoch, items)
         answer = functools.partial(self._group_result, user, key, 0, text, stream)
         self._after_group(op.group_key, epoch, items[-1].group_seq, answer)
+        if self.users.get(user.key) is not user:  # a deleted account's leaving
+            bury = functools.partial(self._bury, user.key)
+            self._after_group(op.group_key, epoch, items[-1].group_seq, bury)
 
     def _cluster_group_ended(self, user: User, key: RequestKey, op: ChangeGroup,
                              group: Group | None, text: str, stream: int) -> None:  # fmt: skip

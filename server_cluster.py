@@ -144,6 +144,7 @@ from server_store import (
     GROUP_DEDUP_PREFIX,
     Account,
     Answer,
+    BuryMember,
     ChangeGroup,
     DropMember,
     EraseAccount,
@@ -598,6 +599,22 @@ end_retired()
 return 1
 """
 )
+# A deleted account's former membership, which it had not had all of:
+# kept under its tombstone key (`server_groups.TOMBSTONE`), counted out of
+# "of N" for the senders, until every one of them was told (`GROUP_TOLD`).
+# KEYS: former, cursors, members. ARGV: member key, tombstone key.
+BURY_MEMBER = """
+local m = redis.call('HGET', KEYS[1], ARGV[1])
+if not m then return 0 end
+local c = redis.call('HGET', KEYS[2], ARGV[1]) or '-1'
+if tonumber(c) < cjson.decode(m)[4] then
+  redis.call('HSET', KEYS[1], ARGV[2], m)
+  redis.call('HSET', KEYS[2], ARGV[2], c)
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+return 1
+"""
 
 SCRIPTS = {
     "store_message": STORE_MESSAGE, "mark_delivered": MARK_DELIVERED, "notice_done": NOTICE_DONE,
@@ -605,7 +622,7 @@ SCRIPTS = {
     "erase_account": ERASE_ACCOUNT, "bind": BIND, "unbind": UNBIND, "renew": RENEW,
     "group_post": GROUP_POST, "change_group": CHANGE_GROUP, "group_cursor": GROUP_CURSOR,
     "tell_reached": TELL_REACHED, "group_told": GROUP_TOLD, "read_sent": READ_SENT,
-    "group_drop": GROUP_DROP, "trim_group": TRIM_GROUP,
+    "group_drop": GROUP_DROP, "trim_group": TRIM_GROUP, "bury_member": BURY_MEMBER,
 }  # fmt: skip
 
 
@@ -1194,7 +1211,7 @@ class RedisStore:
                 case PostGroupMessage() | ChangeGroup():
                     numbered.append((writes, op))
                     self._queue_group(script, op)
-                case GroupReceipt() | GroupTold() | DropMember() | TellReached():
+                case GroupReceipt() | GroupTold() | DropMember() | BuryMember() | TellReached():
                     self._queue_group(script, op)
                 case ReadGroupState() | ReadGroupCursors():
                     continue  # reads, below
@@ -1301,7 +1318,8 @@ class RedisStore:
 
     def _queue_group(
         self, script: Callable[[str, list[str], list[Any]], None],
-        op: PostGroupMessage | ChangeGroup | GroupReceipt | GroupTold | DropMember | TellReached,
+        op: PostGroupMessage | ChangeGroup | GroupReceipt | GroupTold | DropMember | BuryMember
+        | TellReached,
     ) -> None:  # fmt: skip
         """Queue a group write's script (one command in the MULTI)."""
         match op:
@@ -1340,6 +1358,10 @@ class RedisStore:
                 script("group_told", end_keys(group_keys(group_key)), [sender_key, group_key, seq])
             case DropMember(group_key, member_key):
                 script("group_drop", end_keys(group_keys(group_key)), [member_key, group_key])
+            case BuryMember(group_key, member_key, tomb_key):
+                keys = group_keys(group_key)
+                script("bury_member", [keys["gformer"], keys["gcur"], keys["gmem"]],
+                       [member_key, tomb_key])  # fmt: skip
             case TellReached(sender_key, group_key, reached, cursors):
                 script("tell_reached", [route_key(sender_key)],
                        [sender_key, _pack([group_key, reached, cursors])])  # fmt: skip

@@ -486,20 +486,20 @@ class GroupTable:
             if not mine:
                 del self.former_of[user_key]
 
-    def bury(self, user_key: str, *, keep: bool = True) -> list[tuple[Group, Member, str]]:
+    def bury(self, user_key: str) -> list[tuple[Group, Member, str]]:
         """`user_key` is no former member of any group any more (a deleted
         account: what it had still to get goes with it, and the name's next
         owner inherits none of it): (group, member, its old key) for each.
         One who had everything is dropped; one who had not stays under a
         tombstone key (`Member.gone`), for the senders to be told, until
-        they were (`forget_former`); without `keep`, dropped too."""
+        they were (`forget_former`)."""
         buried: list[tuple[Group, Member, str]] = []
         for group_key in list(self.former_of.pop(user_key, {})):
             group = self.groups.get(group_key)
             member = group.former.pop(user_key, None) if group is not None else None
             if group is None or member is None:
                 continue
-            if keep and member.cursor < (member.left_seq or 0):
+            if member.cursor < (member.left_seq or 0):
                 member.key = f"{TOMBSTONE}{user_key}{TOMBSTONE}{member.left_seq}"
                 group.former[member.key] = member
             buried.append((group, member, user_key))

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from protocol import (
+    DeleteAccount,
     ErrorCode,
     GroupAccept,
     GroupAction,
@@ -294,3 +295,43 @@ def test_in_a_cluster_a_sender_away_when_the_group_ended_is_told(
     cluster.settle(30)
     assert redis_client.smembers("chat:groups") == set()
     assert not redis_client.keys("chat:g*!*")  # the retired keys, every one gone
+
+
+# --- a deleted member's tombstone is kept in Redis too -----------------------------
+
+
+def delete_account(world: Any, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`client` deletes their account on `world`'s node (the password's
+    proof is tested elsewhere: accepted here)."""
+    relay = world.relay
+    session = next(s for s in relay.sessions.values() if s.user.name == client.name)
+    monkeypatch.setattr(relay, "_prove", lambda *args: b"ok")
+    relay._on_delete_account(session, DeleteAccount(b"n" * 16, b"p" * 32), world.now)
+
+
+def test_in_a_cluster_a_member_deleted_before_having_it_is_counted_out(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """carol (on B) deletes her account without having alice's message:
+    Redis keeps her membership under a tombstone (it dropped it at once
+    before, and alice was never told), so alice's next login hears carol
+    never will; then the tombstone goes."""
+    cluster = cluster_of(2)
+    alice, _ = cluster.login(0, "alice"), cluster.login(0, "bob")
+    carol = cluster.login(1, "carol")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob", "carol").code == 0
+    cluster.settle()
+    cluster.nodes[1].holding.add("carol")
+    msg = cluster.post(0, alice, "team", "before carol goes", 1)
+    cluster.run_until(lambda: ("bob", msg) in told(alice) and len(texts(carol)) == 1, 300, "bob")
+    cluster.nodes[0].logout(alice)
+    delete_account(cluster.nodes[1], carol, monkeypatch)
+    cluster.settle(30)
+    redis_client = redis_of(cluster)
+    assert redis_client.hkeys("chat:gformer:{#team}") == ["!carol!3"]
+    alice = cluster.login(1, "alice")
+    cluster.run_until(lambda: any(m.gone for m in alice.of(GroupReached)), 300, "counted out")
+    assert [(m.msg_id, m.gone) for m in alice.of(GroupReached) if m.gone] == [(msg, ("carol",))]
+    cluster.settle(30)
+    assert redis_client.hkeys("chat:gformer:{#team}") == []
