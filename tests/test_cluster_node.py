@@ -466,6 +466,46 @@ def test_a_recipient_who_moves_gets_what_was_pending_exactly_once(
 # --- the relay on a RedisStore, with a fake clock: the seams' scenario -----------
 
 
+class NoticeFence:
+    """Waits until the node's pub/sub listener has handed the loop every
+    notice published so far. Redis sends a subscriber its channels'
+    messages in the order they were published, so a fence published on the
+    node's own channel comes after them; the listener is wrapped to take
+    the fence out and report it once the notices before it (in the same
+    burst) are on the store's `done` queue. No sleep stands in for the
+    notices: on a loaded machine the listener may take any time."""
+
+    PREFIX = "test-fence"
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.channel = cluster_module().NODE_CHANNEL + store.node_id
+        self.passed: set[str] = set()
+        self.count = 0
+        self._arrived = threading.Condition()
+        handle = store._on_notices
+
+        def on_notices(notices: list[str]) -> None:
+            fences = [n for n in notices if n.startswith(self.PREFIX)]
+            rest = [n for n in notices if not n.startswith(self.PREFIX)]
+            if rest:
+                handle(rest)
+            with self._arrived:
+                self.passed.update(fences)
+                self._arrived.notify_all()
+
+        store._on_notices = on_notices
+
+    def wait(self, timeout: float = 10.0) -> None:
+        self.count += 1
+        fence = f"{self.PREFIX}\t{self.count}"
+        self.store.client.publish(self.channel, fence)
+        with self._arrived:
+            assert self._arrived.wait_for(lambda: fence in self.passed, timeout), (
+                "the pub/sub listener did not pass the fence"
+            )
+
+
 class ClusterWorld(SeamWorld):
     """test_seams' world on a relay that is a cluster node: its store and
     router on Redis, `shared_store` on. Every step hands the pass's
@@ -479,6 +519,7 @@ class ClusterWorld(SeamWorld):
         self.relay = Relay(server_config(None), store=node.store, router=node.router,
                            wall_clock=lambda: WALL, shared_store=True)  # fmt: skip
         node.store.attach(self.relay, node.router)
+        self.fences = NoticeFence(node.store)
 
     def sync(self) -> None:
         synced = threading.Event()
@@ -489,7 +530,9 @@ class ClusterWorld(SeamWorld):
             assert time.monotonic() < deadline, "the store thread did not answer"
             time.sleep(0.001)
             self.relay.store_done(self.now)
-        time.sleep(0.005)  # a pub/sub notice published by what was applied
+        # What was applied published its notices before the Sync's callback
+        # came: a fence published now reaches the listener after them.
+        self.fences.wait()
         self.relay.store_done(self.now)
 
     def settle(self) -> None:
@@ -525,6 +568,30 @@ def test_the_seams_scenario_on_a_cluster_node_tells_every_client_the_same(
     over from the mailbox, after the store said it waits), tells every
     client what the memory store's relay does, server ids aside."""
     on_redis = normalized(scenario(ClusterWorld(nodes("A"))))
+    in_memory = normalized(scenario(SeamWorld(MemoryStore())))
+    for name in ("alice", "bob", "carol"):
+        for kind in ("accept", "delivered", "deliver", "fail", "presence"):
+            assert [m for m in on_redis[name] if m[0] == kind] == [
+                m for m in in_memory[name] if m[0] == kind
+            ], (name, kind)
+
+
+def test_the_seams_scenario_waits_for_the_notices_of_a_slow_listener(
+    nodes: Callable[[str], Node],
+) -> None:
+    """The same, with the pub/sub listener 50 ms late with every burst of
+    notices (a loaded machine): the world waits for the notices themselves
+    (`NoticeFence`), so the transcript is the same. A 5 ms sleep in their
+    place failed here, and now and then at load average 20-30."""
+    node = nodes("A")
+    handle = node.store._on_notices
+
+    def late(notices: list[str]) -> None:
+        time.sleep(0.05)
+        handle(notices)
+
+    node.store._on_notices = late
+    on_redis = normalized(scenario(ClusterWorld(node)))
     in_memory = normalized(scenario(SeamWorld(MemoryStore())))
     for name in ("alice", "bob", "carol"):
         for kind in ("accept", "delivered", "deliver", "fail", "presence"):
