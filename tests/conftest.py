@@ -5,6 +5,7 @@ helpers to read session events."""
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import re
@@ -53,6 +54,32 @@ def isolated_home(
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
     monkeypatch.setenv("CHAT_PASSWORD", PASSWORD)
     return home
+
+
+@pytest.fixture(autouse=True)
+def tk_freed_on_the_main_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For a test on the X display: no automatic garbage collection while it
+    runs, and a collection on this (the main, Tk's) thread at its end.
+
+    Tk objects often end in reference cycles (a widget and its master, a
+    callback kept on the widget), freed by whichever thread runs the
+    collector next: a server or network thread of the test. There a Tk
+    variable's __del__ calls Tcl from the wrong thread, and freeing the
+    last reference to the interpreter (a Tk root in a cycle) aborts the
+    process ("Tcl_AsyncDelete: async handler deleted by the wrong thread"):
+    an xdist worker died so, in test_health_view's real-link test, freeing
+    the root the test before it had left in a cycle."""
+    if "display" not in request.fixturenames:
+        yield
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.collect()
+        if enabled:
+            gc.enable()
 
 
 def test_config(data_dir: Path | None, **overrides: Any) -> ServerConfig:

@@ -153,10 +153,23 @@ def metrics_process(tmp_path: Path) -> Iterator[tuple[ServerProcess, str, queue.
     running = spawn_server("--metrics", "127.0.0.1:0", "--log-level", "info",
                            data_dir=tmp_path / "server-data")  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=read_lines, args=(running.proc.stderr, lines), daemon=True).start()
-    match = wait_line(lines, r"started: .* metrics at (http://\S+)/metrics;")
-    yield running, match.group(1), lines
-    stop_process(running)
+    reader = threading.Thread(target=read_lines, args=(running.proc.stderr, lines), daemon=True)
+    reader.start()
+    try:
+        match = wait_line(lines, r"started: .* metrics at (http://\S+)/metrics;")
+        yield running, match.group(1), lines
+    finally:
+        # The reader ends at the end of the process's stderr: closing the
+        # stream under it (stop_process) while it reads raised ValueError in
+        # its thread, which failed the next test on a loaded machine.
+        running.proc.terminate()
+        try:
+            running.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            running.proc.kill()
+            running.proc.wait(10)
+        reader.join(10)
+        stop_process(running)
 
 
 def test_a_real_server_counts_what_real_clients_did(
