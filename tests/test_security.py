@@ -1079,7 +1079,9 @@ def test_failed_logins_are_throttled_per_user_and_per_address(
 # --- a flood ---------------------------------------------------------------------------------
 
 FLOOD_SCRIPT = r"""
-import socket, sys, time
+import signal, socket, sys, time
+stopped = []
+signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))  # stop, and say what was sent
 host, port, rate, duration, source, pool_path = sys.argv[1:7]
 port, rate, duration = int(port), float(rate), float(duration)
 with open(pool_path, "rb") as f:
@@ -1096,7 +1098,7 @@ sent = 0
 start = time.monotonic()
 while True:
     elapsed = time.monotonic() - start
-    if elapsed >= duration:
+    if elapsed >= duration or stopped:
         break
     due = min(int(elapsed * rate), sent + 2000)
     while sent < due:
@@ -1110,29 +1112,33 @@ print(sent, time.monotonic() - start, flush=True)
 """
 
 FLOOD_RATE = 20_000.0
-FLOOD_SECONDS = 6.0
+#: alice's messages during the flood, one every 20 ms (5 s of them)
+FLOOD_MESSAGES = 250
+#: The flood stops by itself after this, if the test never stops it.
+FLOOD_CAP_SECONDS = 120.0
 
 
 def test_flood_from_one_address_does_not_stop_a_conversation(
     server: RunningServer, peers: Callable[..., Peer], tmp_path: Path
 ) -> None:
     """Another process floods the server from one address (127.0.0.2) with
-    the hostile mix at 20,000 datagrams/s for 6 s (the achieved rate is
-    printed; on this 2-core machine one sender process keeps it up, and the
-    server, alice and bob share this process's interpreter). Meanwhile alice
-    sends bob a message every 20 ms: they all arrive, most of them (at
-    least half) while the flood is still on; carol logs in during the
-    flood; the server's tables stay small and the process's memory (VmRSS)
+    the hostile mix at 20,000 datagrams/s (the achieved rate is printed; on
+    this 2-core machine one sender process keeps it up, and the server,
+    alice and bob share this process's interpreter). Meanwhile alice sends
+    bob 250 messages, one every 20 ms, and carol logs in: every message
+    arrives and carol gets in while the flood is still on (it stops only
+    then); the server's tables stay small and the process's memory (VmRSS)
     is printed before and after.
 
-    The conversation is judged against the flood itself, not a wall-clock
-    bound: this asserted p99 < 2 s before, and a busy machine stretched it
-    to 2.0-4.2 s (load average 12-30: the server then reads fewer datagrams
-    a second than the flood sends, alice's wait behind a full socket
-    buffer, and some are dropped there and sent again). A server that held
-    the conversation back until the flood stopped would deliver nothing
-    during it. The latencies (and the datagrams the server read while a
-    message waited) are printed; bench/preauth_flood.py measures them."""
+    The promise is judged against the flood, not the clock: this asserted a
+    p99 latency under 2 s before, and a busy machine stretched it to 2.0-4.2
+    s (load average 12-30: the server then reads fewer datagrams a second
+    than the flood sends, so alice's wait behind a full socket buffer and
+    some are dropped there and sent again). A deadline of a minute only
+    bounds a hang. A server that held the conversation back until the
+    flood stopped never gets through here. The latencies (and the datagrams
+    the server read while a message waited) are printed;
+    bench/preauth_flood.py measures them."""
     alice = peers("alice")
     bob = peers("bob")
     login_ok(alice, server.address)
@@ -1154,7 +1160,7 @@ def test_flood_from_one_address_does_not_stop_a_conversation(
     in_before = reads()
     flood = subprocess.Popen(
         [sys.executable, "-c", FLOOD_SCRIPT, server.address[0], str(server.address[1]),
-         str(FLOOD_RATE), str(FLOOD_SECONDS), "127.0.0.2", str(pool_path)],
+         str(FLOOD_RATE), str(FLOOD_CAP_SECONDS), "127.0.0.2", str(pool_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     sent_at: dict[str, tuple[float, int]] = {}
@@ -1163,41 +1169,32 @@ def test_flood_from_one_address_does_not_stop_a_conversation(
         # The flood is on once the server has read some of it.
         wait_until(lambda: reads() - in_before > 1000, 10.0, "the flood")
         start = time.monotonic()
-        index = 0
-        carol_started = False
-        while flood.poll() is None and time.monotonic() - start < FLOOD_SECONDS - 0.6:
+        for index in range(FLOOD_MESSAGES):
             text = f"flood {index}"
             sent_at[text] = (time.monotonic(), reads())
             alice.send(text, to="bob")
-            index += 1
-            if not carol_started and time.monotonic() - start > 1.0:
+            if index == 50:
                 assert carol.login(server.address)
-                carol_started = True
-            next_send = start + index * 0.02
+            next_send = start + (index + 1) * 0.02
             while (wait := next_send - time.monotonic()) > 0:
                 bob.pump(wait)
-        deadline = time.monotonic() + FLOOD_SECONDS + 30
-        while flood.poll() is None:  # bob takes what comes until the flood ends
-            assert time.monotonic() < deadline, "the flood process does not end"
-            bob.pump(0.02)
-        flood_end = time.monotonic()
-        out, err = flood.communicate(timeout=10)
+        bob.wait(lambda: all(t in bob.texts for t in sent_at), 60.0, "every message")
+        carol.wait(lambda: carol.logged_in, 60.0, "carol's login")
+        assert flood.poll() is None, "the flood ended before the conversation got through"
+        flood.terminate()
+        out, err = flood.communicate(timeout=30)
     finally:
         if flood.poll() is None:
             flood.kill()
             flood.communicate()
     flood_sent, flood_time = out.split()
     rate = int(flood_sent) / float(flood_time)
-    bob.wait(lambda: all(t in bob.texts for t in sent_at), 30.0, "every message")
-    carol.wait(lambda: carol.logged_in, 30.0, "carol's login")
     latencies: list[float] = []
     waited: list[int] = []  # datagrams the server read while each message waited
-    during = 0  # messages bob had before the flood ended
     for when, event in bob.events:
         if isinstance(event, MessageReceived) and event.text in sent_at:
             latencies.append(when - sent_at[event.text][0])
             waited.append(bob.meter_at[event.text] - sent_at[event.text][1])
-            during += when < flood_end
     latencies.sort()
     waited.sort()
 
@@ -1209,7 +1206,7 @@ def test_flood_from_one_address_does_not_stop_a_conversation(
     received = reads() - in_before
     print(f"\nflood: {flood_sent} datagrams in {float(flood_time):.1f} s = {rate:,.0f}/s "
           f"(asked {FLOOD_RATE:,.0f}/s); server read {received}; "
-          f"alice->bob {len(latencies)} messages, {during} during the flood, "
+          f"alice->bob {len(latencies)} messages, "
           f"p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, "
           f"p99 {p99(latencies) * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms; "
           f"datagrams read while one waited: p50 {waited[len(waited) // 2]}, "
@@ -1218,8 +1215,7 @@ def test_flood_from_one_address_does_not_stop_a_conversation(
           f"reply cache {len(relay.desk.replies._replies)}, sessions {len(relay.sessions)}; "
           f"drops {dict(relay.drops.counts)}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     assert err == "" or "Traceback" not in err, err
-    assert len(latencies) == len(sent_at)
-    assert during >= len(sent_at) / 2, f"{during} of {len(sent_at)} arrived during the flood"
+    assert len(latencies) == len(sent_at) == FLOOD_MESSAGES
     assert len(relay._preauth) <= 10
     assert len(relay.desk.replies._replies) <= 10
     assert len(relay.sessions) == 3
