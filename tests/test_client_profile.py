@@ -26,6 +26,7 @@ from client_window import ChatWindow, Settings
 from common import canonical_address, data_dir
 from protocol import MsgId
 from tests.conftest import PASSWORD, RunningServer, make_session, wait_for
+from tests.lossy_proxy import UP, LossyProxy
 from tests.test_gui import SESSION_OPTIONS, Gui, gui, pump_until  # noqa: F401
 from tests.xvfb import display  # noqa: F401
 
@@ -119,14 +120,20 @@ def test_a_failed_first_login_leaves_no_folder(server: RunningServer) -> None:
     assert refused.code == "bad_password"
     failed.close()
     assert profiles() == [Path(addr.replace(":", "_")) / "bob"]
-    # Unless something was typed meanwhile: the outbox keeps it for the next try.
-    typed = make_session()
-    typed.login(addr, "carol", password="wrong again")
-    assert typed.send("typed while connecting", to="bob") is not None
-    refused = wait_for(typed, lambda e: getattr(e, "fatal", False))
-    assert refused.code == "bad_password"
-    typed.close()
-    kept = store_dir(addr, "carol")
+    # Unless something was typed meanwhile: the outbox keeps it for the next
+    # try. The server hears nothing until it was typed (on a loaded machine
+    # the refusal could come before this thread typed, and then nothing is).
+    with LossyProxy(server.address, seed=1) as gate:
+        gate.set(UP, blackhole=True)
+        gated = f"127.0.0.1:{gate.address[1]}"
+        typed = make_session()
+        typed.login(gated, "carol", password="wrong again")
+        assert typed.send("typed while connecting", to="bob") is not None
+        gate.set(UP, blackhole=False)
+        refused = wait_for(typed, lambda e: getattr(e, "fatal", False))
+        assert refused.code == "bad_password"
+        typed.close()
+    kept = store_dir(gated, "carol")
     assert kept.exists()
     shutil.rmtree(kept)
     # A server that does not answer: no folder for it either.

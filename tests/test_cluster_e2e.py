@@ -227,7 +227,7 @@ def test_bench_cluster_quick_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "cluster.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--cluster", "2", "--quick", "--pairs", "4",
-         "--workers", "2", "--json-out", str(out)],
+         "--workers", "2", "--duration", "0.2", "--json-out", str(out)],
         capture_output=True, text=True, cwd=ROOT, env=env_for_tests(), timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
