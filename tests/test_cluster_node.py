@@ -519,7 +519,12 @@ class ClusterWorld(SeamWorld):
         self.relay = Relay(server_config(None), store=node.store, router=node.router,
                            wall_clock=lambda: WALL, shared_store=True)  # fmt: skip
         node.store.attach(self.relay, node.router)
-        self.fences = NoticeFence(node.store)
+
+    @functools.cached_property
+    def fences(self) -> NoticeFence:
+        # Made at the first sync (worlds built on this one set `node` and
+        # skip this __init__): notices before it are handled as ever.
+        return NoticeFence(self.node.store)
 
     def sync(self) -> None:
         synced = threading.Event()
