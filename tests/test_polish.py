@@ -22,14 +22,17 @@ test_client_core) for the rules, real processes for what a person sees."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import signal
 import subprocess
+import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -58,6 +61,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.conftest import test_config as server_config
+from tests.lossy_proxy import UP, LossyProxy
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401 (a fixture)
 from tests.test_client_core import Client, Net
 
@@ -217,6 +221,12 @@ def terminal(
         timeout=timeout,
     )  # fmt: skip
     return done.returncode, done.stdout, done.stderr
+
+
+def unread(pipe: IO[str]) -> int:
+    """Bytes written to `pipe` that its reader has not read yet."""
+    count = fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(count, sys.byteorder)
 
 
 def events_of(out: str) -> list[dict[str, Any]]:
@@ -394,13 +404,32 @@ def test_a_login_that_fails_still_shows_what_was_typed_before_its_error(
     addr = server_process.addr_text
     assert terminal(addr, "zoe", "")[0] == 0  # zoe registers with the tests' password
     env_pw = {"CHAT_PASSWORD": "not zoe's password"}
-    done = subprocess.run(
-        client_command("--server", addr, "--user", "zoe", "--json", "--connect-to", "yan"),
-        input="typed early\n", capture_output=True, text=True, cwd=ROOT,
-        env={**env_for_tests(), **env_pw}, timeout=60,
-    )  # fmt: skip
-    events = events_of(done.stdout)
-    assert done.returncode == 2, events
+    # The server hears nothing until the client has read the line (its input
+    # pipe is empty): on a loaded machine the refusal could come before the
+    # client read its input, and then nothing was typed during the login.
+    # (Its `status` event is held until the login's outcome: no signal.)
+    with LossyProxy((server_process.host, server_process.port), seed=1) as gate:
+        gate.set(UP, blackhole=True)
+        client = subprocess.Popen(
+            client_command("--server", f"127.0.0.1:{gate.address[1]}", "--user", "zoe",
+                           "--json", "--connect-to", "yan"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env={**env_for_tests(), **env_pw},
+        )  # fmt: skip
+        assert client.stdin is not None
+        client.stdin.write("typed early\n")
+        client.stdin.flush()
+        deadline = time.monotonic() + 30
+        while unread(client.stdin) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set(UP, blackhole=False)
+        try:
+            out, err = client.communicate(timeout=60)  # closes its input: the end of it
+        except subprocess.TimeoutExpired:
+            client.kill()
+            out, err = client.communicate()
+        events = events_of(out)
+    assert client.returncode == 2, (events, err[-2000:])
     assert [e["event"] for e in events] == ["status", "error", "disconnected"], events
     assert events[1]["code"] == "bad_password"
 
