@@ -48,6 +48,7 @@ from protocol import (
     Ping,
     RemoteProtocolError,
     Stream,
+    ack_frame,
     decode_packet,
     encode_frame,
     encode_packet,
@@ -463,10 +464,9 @@ class Connection:
         """The STREAM frames among `frames` whose chunks were not taken
         before (`seen`): what a datagram would add."""
         una, above = self._una, self._above
-        return [
-            f for f in frames
-            if isinstance(f, Stream) and f.seq >= una and (above is None or f.seq not in above)
-        ]  # fmt: skip
+        if above is None:  # nothing taken out of order: the usual case
+            return [f for f in frames if f.__class__ is Stream and f.seq >= una]
+        return [f for f in frames if f.__class__ is Stream and f.seq >= una and f.seq not in above]
 
     def seen(self, seq: int) -> bool:
         """Whether the chunk numbered `seq` was taken already (so a copy of it
@@ -521,21 +521,24 @@ class Connection:
             self._largest_recv = pkt
             self._largest_recv_at = now
         out_of_order = eliciting = chunks = False
+        on_stream = self._on_stream
         for frame in packet.frames:
-            if isinstance(frame, Stream):
+            cls = frame.__class__  # (frames are final classes: `is`, not isinstance)
+            if cls is Stream:
                 chunks = True
                 # A chunk refused for a cap is simply not acked: resent later.
                 if data:
                     eliciting = True
-                    out_of_order |= self._on_stream(frame)
-            elif isinstance(frame, Ack):
-                self._on_ack(frame, now)
-            elif isinstance(frame, Ping):
+                    if on_stream(frame):  # type: ignore[arg-type]
+                        out_of_order = True
+            elif cls is Ack:
+                self._on_ack(frame, now)  # type: ignore[arg-type]
+            elif cls is Ping:
                 eliciting = True
-            elif isinstance(frame, PathChallenge):
-                self._path_responses.append(frame.data)
-            elif isinstance(frame, PathResponse):
-                self._events.append(PathResponded(frame.data))
+            elif cls is PathChallenge:
+                self._path_responses.append(frame.data)  # type: ignore[union-attr]
+            elif cls is PathResponse:
+                self._events.append(PathResponded(frame.data))  # type: ignore[union-attr]
         if eliciting:
             self._ack_count += 1
             # A PING alone (a keepalive) is acked at once: no data of ours
@@ -552,20 +555,24 @@ class Connection:
         """Every datagram due now: retransmissions first, then new chunks as
         far as the windows allow, each with the current ACK riding along."""
         out: list[bytes] = []
-        if not any(c.pkt_num >= 0 for c in self._inflight.values()):
-            # Nothing of ours was outstanding: the unreachable clock starts now,
-            # not at the last ack before an idle spell.
-            self._last_progress = now
         self._admit_waiting()
-        # One pass for what is due (in seq order) and the datagrams still in
-        # flight (`_packet_budget`'s count).
+        # One pass for what is due (in seq order), the datagrams still in
+        # flight (`_packet_budget`'s count) and whether anything was sent
+        # before (chunks just admitted were not: their pkt_num is -1).
         queue: list[_Chunk] = []
         flying = set()
+        resends = False
         for c in self._inflight.values():
             if c.lost:
                 queue.append(c)
+                if c.pkt_num >= 0:
+                    resends = True
             else:
                 flying.add(c.pkt_num)
+        if not flying and not resends:
+            # Nothing of ours was outstanding: the unreachable clock starts now,
+            # not at the last ack before an idle spell.
+            self._last_progress = now
         queued = len(queue)
         at = 0  # queue[at:] is still to go
         budget = int(self._cwnd) - len(flying)
@@ -579,9 +586,7 @@ class Connection:
             del self._path_responses[:4]
             room = MAX_FRAMES_SIZE - 11 * len(parts)
             if self._largest_recv:
-                ack = encode_frame(
-                    self._make_ack(now, DATA_ACK_RANGES if at < queued else MAX_ACK_RANGES)
-                )
+                ack = self._ack_frame(now, DATA_ACK_RANGES if at < queued else MAX_ACK_RANGES)
                 parts.append(ack)
                 room -= len(ack)
             first = at
@@ -925,6 +930,21 @@ class Connection:
                     budget.loose += len(chunk.data)
 
     def _make_ack(self, now: float, max_ranges: int) -> Ack:
+        """What we have received, as an ACK record (`_ack_frame`'s bytes)."""
+        ranges = self._ack_ranges(max_ranges) if self._above else []
+        delay_us = min(0xFFFFFFFF, max(0, int((now - self._largest_recv_at) * 1e6)))
+        return Ack(self._largest_recv, delay_us, self._una, tuple(ranges))
+
+    def _ack_frame(self, now: float, max_ranges: int) -> bytes:
+        """The bytes of `_make_ack(now, max_ranges)`, packed without the
+        record (`protocol.ack_frame`): one for nearly every datagram."""
+        ranges = self._ack_ranges(max_ranges) if self._above else []
+        delay_us = min(0xFFFFFFFF, max(0, int((now - self._largest_recv_at) * 1e6)))
+        return ack_frame(self._largest_recv, delay_us, self._una, ranges)
+
+    def _ack_ranges(self, max_ranges: int) -> list[tuple[int, int]]:
+        """The seqs taken above `_una` as [start, end) ranges, lowest first,
+        at most `max_ranges` of them."""
         ranges: list[tuple[int, int]] = []
         for seq in sorted(self._above or ()):
             if ranges and ranges[-1][1] == seq:
@@ -933,8 +953,7 @@ class Connection:
                 ranges.append((seq, seq + 1))
             else:
                 break
-        delay_us = min(0xFFFFFFFF, max(0, int((now - self._largest_recv_at) * 1e6)))
-        return Ack(self._largest_recv, delay_us, self._una, tuple((s, e) for s, e in ranges))
+        return ranges
 
     # --- sending ----------------------------------------------------------
 
