@@ -606,14 +606,18 @@ class Connection:
         at = 0  # queue[at:] is still to go
         budget = int(self._cwnd) - len(flying)
         while (
-            (at < queued and budget > 0) or self._ack_is_due(now) or self._ping
-            or self._path_responses
+            (at < queued and budget > 0)
+            or (self._ack_due is not None and self._ack_due <= now)  # `_ack_is_due`
+            or self._ping or self._path_responses
         ):  # fmt: skip
             # The frames' bytes, in the order `encode_packet` would put the
             # records: the chunks' were packed when they were queued.
-            parts = [encode_frame(PathResponse(d)) for d in self._path_responses[:4]]
-            del self._path_responses[:4]
-            room = MAX_FRAMES_SIZE - 11 * len(parts)
+            if self._path_responses:
+                parts = [encode_frame(PathResponse(d)) for d in self._path_responses[:4]]
+                del self._path_responses[:4]
+                room = MAX_FRAMES_SIZE - 11 * len(parts)
+            else:
+                parts, room = [], MAX_FRAMES_SIZE
             if self._largest_recv:
                 ack = self._ack_frame(now, DATA_ACK_RANGES if at < queued else MAX_ACK_RANGES)
                 parts.append(ack)
