@@ -366,9 +366,6 @@ class Connection:
         size = len(payload)
         if size > MAX_TEXT_BYTES + 1024:
             raise LocalProtocolError(f"payload of {size} bytes is too long")
-        waiting = self._waiting
-        if waiting is None:
-            waiting = self._waiting = collections.deque()
         stream_seq = self._stream_seqs.get(stream, 0)
         seq = self._next_seq
         if size <= CHUNK_SIZE:  # nearly every message: one chunk
@@ -381,8 +378,23 @@ class Connection:
             self._unacked_bytes += size
             self._stream_seqs[stream] = (stream_seq + 1) & 0xFFFFFFFF
             self._next_seq = seq + 1
-            waiting.append(_Chunk(seq, head + payload, size, handle, True))
+            chunk = _Chunk(seq, head + payload, size, handle, True)
+            inflight = self._inflight
+            if self._waiting is None and (
+                not inflight or seq < next(iter(inflight)) + self.max_window
+            ):
+                # Nothing waits and the window has room: straight into flight,
+                # due, as `_admit_waiting` would move it before the next send.
+                chunk.lost = True
+                inflight[seq] = chunk
+            else:
+                if self._waiting is None:
+                    self._waiting = collections.deque()
+                self._waiting.append(chunk)
             return
+        waiting = self._waiting
+        if waiting is None:
+            waiting = self._waiting = collections.deque()
         self._unacked_bytes += size
         pieces = [payload[i : i + CHUNK_SIZE] for i in range(0, len(payload), CHUNK_SIZE)]
         count = len(pieces)

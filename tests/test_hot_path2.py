@@ -199,8 +199,8 @@ def test_a_one_chunk_message_is_packed_as_stream_frame_packs_it(
     for _ in range(before):
         conn.send(b"x", stream)
     conn.send(data, stream)
-    assert conn._waiting is not None
-    chunk = conn._waiting[-1]
+    chunk = conn._inflight[before]  # (straight into flight: the window has room)
+    assert conn._waiting is None and chunk.lost and chunk.pkt_num == -1
     assert chunk.wire == stream_frame(before, stream, before, 0, 1, data)
     assert chunk.wire == encode_frame(Stream(before, stream, before, 0, 1, data))
 
@@ -430,3 +430,27 @@ def test_the_relays_python_calls_per_message_stay_under_their_bound() -> None:
     alone = relay_calls_per_message(1)
     assert batched <= CALLS_PER_MESSAGE_BATCHED, f"{batched:.1f} calls per message, 20 at a time"
     assert alone <= CALLS_PER_MESSAGE_ALONE, f"{alone:.1f} calls per message, one at a time"
+
+
+def test_a_message_goes_straight_into_flight_only_within_the_window_and_in_order() -> None:
+    """`send` puts a one-chunk message in flight itself (no trip through the
+    waiting queue) only when nothing waits and the window has room: beyond
+    it, messages wait, and they leave in order as acks make room."""
+    conn = Connection(SESSION, KEY, 0.0, max_window=4)
+    for i in range(6):
+        conn.send(b"m%d" % i, 1)
+    assert list(conn._inflight) == [0, 1, 2, 3]
+    assert conn._waiting is not None and [c.seq for c in conn._waiting] == [4, 5]
+    assert conn.unacked == 6
+    first = conn.datagrams_to_send(0.0)
+    assert [f.seq for d in first for f in frames_of(d) if isinstance(f, Stream)] == [0, 1, 2, 3]
+    conn.receive_packet(Packet(SESSION, 1, (Ack(1, 0, 2),)), 0.01)  # 0 and 1 acked
+    conn.send(b"m6", 1)  # behind the two waiting: it waits too
+    assert [c.seq for c in conn._waiting or ()] == [4, 5, 6]
+    second = conn.datagrams_to_send(0.02)
+    assert [f.seq for d in second for f in frames_of(d) if isinstance(f, Stream)] == [4, 5]
+    assert [c.seq for c in conn._waiting or ()] == [6]
+
+
+def frames_of(datagram: bytes) -> tuple[Frame, ...]:
+    return protocol.decode_packet(datagram, KEY).frames
