@@ -544,7 +544,13 @@ class Connection:
             self._largest_recv = pkt
             self._largest_recv_at = now
         out_of_order = eliciting = chunks = False
-        streams = self._streams
+        streams, events = self._streams, self._events
+        # The in-order case below works on locals: the next seq expected,
+        # the chunks taken, and whether nothing is held (no gap anywhere) with
+        # the room left under the cap; written back before `_on_stream` and
+        # read again after it, and at the end.
+        una, taken = self._una, 0
+        room = MAX_BUFFERED_BYTES - self._buffered if not self._above and not self._held else -1
         for frame in packet.frames:
             cls = frame.__class__  # (frames are final classes: `is`, not isinstance)
             if cls is Stream:
@@ -555,23 +561,29 @@ class Connection:
                 eliciting = True
                 chunk: Stream = frame  # type: ignore[assignment]
                 if (
-                    chunk.seq == self._una
+                    chunk.seq == una
                     and chunk.count == 1
                     and chunk.index == 0
-                    and not self._above
-                    and not self._held
                     and chunk.stream_seq == streams.get(chunk.stream, -1)
-                    and self._buffered + len(chunk.data) <= MAX_BUFFERED_BYTES
+                    and len(chunk.data) <= room
                 ):
                     # Nearly every chunk: the next one, a whole message, next on
                     # a stream already open, nothing held. `_on_stream`'s first
                     # case, in line (a call less per message).
-                    self._una += 1
-                    self.chunks_taken += 1
+                    una += 1
+                    taken += 1
                     streams[chunk.stream] = (chunk.stream_seq + 1) & 0xFFFFFFFF
-                    self._events.append(PayloadReceived(chunk.stream, chunk.data))
-                elif self._on_stream(chunk):
+                    events.append(PayloadReceived(chunk.stream, chunk.data))
+                    continue
+                self._una = una
+                self.chunks_taken += taken
+                if self._on_stream(chunk):
                     out_of_order = True
+                una, taken = self._una, 0
+                if not self._above and not self._held:
+                    room = MAX_BUFFERED_BYTES - self._buffered
+                else:
+                    room = -1
             elif cls is Ack:
                 self._on_ack(frame, now)  # type: ignore[arg-type]
             elif cls is Ping:
@@ -579,7 +591,9 @@ class Connection:
             elif cls is PathChallenge:
                 self._path_responses.append(frame.data)  # type: ignore[union-attr]
             elif cls is PathResponse:
-                self._events.append(PathResponded(frame.data))  # type: ignore[union-attr]
+                events.append(PathResponded(frame.data))  # type: ignore[union-attr]
+        self._una = una
+        self.chunks_taken += taken
         if eliciting:
             self._ack_count += 1
             # A PING alone (a keepalive) is acked at once: no data of ours
