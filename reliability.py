@@ -102,6 +102,7 @@ MAX_HELD = 256
 
 STREAM_OVERHEAD = FRAME_HEADER.size + 18
 _STREAM_HEAD = STREAM_HEAD  # (`send` packs a one-chunk message's frame itself)
+_STREAM_TYPE = int(FrameType.STREAM)  # (an int: an Enum class's attribute costs ~0.2 us on 3.11)
 _STREAM_BODY = STREAM_HEAD.size - FRAME_HEADER.size  # a STREAM frame's length before its data
 #: An ACK riding on data carries at most this many ranges, so that a full
 #: fragment and its ACK fit one datagram; an ACK alone carries all 16.
@@ -371,7 +372,7 @@ class Connection:
         if size <= CHUNK_SIZE:  # nearly every message: one chunk
             # `stream_frame(seq, stream, stream_seq, 0, 1, payload)`, in line.
             try:
-                head = _STREAM_HEAD.pack(FrameType.STREAM, _STREAM_BODY + size, seq, stream,
+                head = _STREAM_HEAD.pack(_STREAM_TYPE, _STREAM_BODY + size, seq, stream,
                                          stream_seq, 0, 1)  # fmt: skip
             except struct.error as exc:
                 raise LocalProtocolError(f"Stream: {exc}") from None
