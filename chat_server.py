@@ -1030,10 +1030,7 @@ class Relay:
                         except RemoteProtocolError as exc:
                             self.drops("bad message", session.addr, now, exc)
                             continue
-                        if message.__class__ is Send:  # nearly every message: `_dispatch`'s first
-                            self._on_send(session, message)
-                        else:
-                            self._dispatch(session, message, now)
+                        self._dispatch(session, message, now)
                         continue
                     self._on_event(session, addr, event, now)
                 except Exception:  # one bad message must not take the rest of the datagram
