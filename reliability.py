@@ -989,15 +989,9 @@ class Connection:
                     budget.used += len(chunk.data)
                     budget.loose += len(chunk.data)
 
-    def _make_ack(self, now: float, max_ranges: int) -> Ack:
-        """What we have received, as an ACK record (`_ack_frame`'s bytes)."""
-        ranges = self._ack_ranges(max_ranges) if self._above else []
-        delay_us = min(0xFFFFFFFF, max(0, int((now - self._largest_recv_at) * 1e6)))
-        return Ack(self._largest_recv, delay_us, self._una, tuple(ranges))
-
     def _ack_frame(self, now: float, max_ranges: int) -> bytes:
-        """The bytes of `_make_ack(now, max_ranges)`, packed without the
-        record (`protocol.ack_frame`): one for nearly every datagram."""
+        """What we have received, as an ACK frame's bytes (`protocol.ack_frame`:
+        packed without the `Ack` record, one for nearly every datagram)."""
         ranges = self._ack_ranges(max_ranges) if self._above else []
         delay_us = min(0xFFFFFFFF, max(0, int((now - self._largest_recv_at) * 1e6)))
         return ack_frame(self._largest_recv, delay_us, self._una, ranges)
