@@ -636,19 +636,24 @@ class Relay:
         self._send_batches()
         out, self._out = self._out, []
         dirty, self._dirty = self._dirty, {}
+        sessions = self.sessions
         for session in dirty.values():
-            if self.sessions.get(session.session_id) is not session:
+            if sessions.get(session.session_id) is not session:
                 continue
             if session.closing:
                 session.conn.ack_now()  # the LOGOUT's ack goes out before the session ends
-            for datagram in session.conn.datagrams_to_send(now):
-                out.append((datagram, session.addr))
+            datagrams = session.conn.datagrams_to_send(now)
+            if datagrams:
+                addr = session.addr
+                out.extend([(datagram, addr) for datagram in datagrams])
             if session.closing:
                 self._end_session(session, now)
             else:
                 self._schedule(session, now)
-        self.stats["datagrams_out"] += len(out)
-        self.stats["bytes_out"] += sum(len(d) for d, _ in out)
+        if out:
+            stats = self.stats
+            stats["datagrams_out"] += len(out)
+            stats["bytes_out"] += sum([len(d) for d, _ in out])
         return out
 
     def get_timer(self) -> float | None:

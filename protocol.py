@@ -911,6 +911,12 @@ def mac_tag(key: bytes, data: bytes) -> bytes:
     return outer.digest()[:TAG_SIZE]
 
 
+#: The frame types the hot path packs and reads, as plain ints: on Python
+#: 3.11 every attribute read on an Enum class (`FrameType.STREAM`) goes
+#: through `EnumType.__getattr__`'s hook, ~0.2 us each, per message here.
+_STREAM_TYPE = int(FrameType.STREAM)
+_ACK_TYPE = int(FrameType.ACK)
+
 #: A STREAM frame's header and fixed fields (`Stream.SPEC` up to its data):
 #: `stream_frame` packs a chunk with it once, when the chunk is queued.
 STREAM_HEAD = struct.Struct("!BHQIIBB")
@@ -922,11 +928,29 @@ def stream_frame(seq: int, stream: int, stream_seq: int, index: int, count: int,
     the same as `encode_frame` gives, without building the record: the
     sender keeps these bytes for the first send and every resend."""
     try:
-        head = STREAM_HEAD.pack(FrameType.STREAM, STREAM_HEAD.size - FRAME_HEADER.size + len(data),
+        head = STREAM_HEAD.pack(_STREAM_TYPE, STREAM_HEAD.size - FRAME_HEADER.size + len(data),
                                 seq, stream, stream_seq, index, count)  # fmt: skip
     except struct.error as exc:
         raise LocalProtocolError(f"Stream: {exc}") from None
     return head + data
+
+
+#: An ACK frame's header, fixed fields and range count (`Ack.SPEC`): `ack_frame`.
+ACK_HEAD = struct.Struct("!BHQIQB")
+
+
+def ack_frame(largest_pkt: int, delay_us: int, una: int, ranges: list[tuple[int, int]]) -> bytes:
+    """The bytes of `Ack(largest_pkt, delay_us, una, tuple(ranges))`, the same
+    as `encode_frame` gives, without building the record: the connection
+    makes one for nearly every datagram it sends."""
+    try:
+        head = ACK_HEAD.pack(_ACK_TYPE, ACK_HEAD.size - FRAME_HEADER.size + len(ranges)
+                             * _RANGE.size, largest_pkt, delay_us, una, len(ranges))  # fmt: skip
+        if not ranges:
+            return head
+        return head + b"".join([_RANGE.pack(start, end - start) for start, end in ranges])
+    except struct.error as exc:
+        raise LocalProtocolError(f"Ack: {exc}") from None
 
 
 def seal(session_id: bytes, pkt_num: int, body: bytes, key: bytes | None) -> bytes:
@@ -1008,26 +1032,53 @@ def decode_packet(data: bytes, key: bytes | None = None, header: Header | None =
         end -= CRC.size
         if end < HEADER.size or CRC.unpack_from(data, end)[0] != zlib.crc32(data[:end]):
             raise RemoteProtocolError("bad checksum")
+    frames = _decode_frames(data, HEADER.size, end, key is not None)
+    return Packet(header.session_id, header.pkt_num, tuple(frames))
+
+
+#: A STREAM frame's fixed fields after its frame header (`Stream.SPEC` up to
+#: its data): `_decode_frames` reads them itself, nearly every frame is one.
+_STREAM_FIXED = struct.Struct("!QIIBB")
+
+
+def _decode_frames(data: bytes, pos: int, end: int, tagged: bool) -> list[Frame]:
+    """The frames in `data[pos:end]` (a datagram's body, its MAC or checksum
+    already checked; `tagged`: it had a MAC, so any frame may come).
+
+    The hot path of every datagram: a STREAM frame (nearly all of them) is
+    read here in line, the same record and the same refusals as its
+    generated decoder's (`_decoder_source`; tests/test_hot_path2.py holds
+    the two together), without a dict lookup and a call per frame."""
     frames: list[Frame] = []
-    pos = HEADER.size
+    append = frames.append
+    frame_header = FRAME_HEADER.unpack_from
+    stream_fixed = _STREAM_FIXED.unpack_from
+    decoders = _FRAME_DECODERS
+    head, fixed = FRAME_HEADER.size, _STREAM_FIXED.size
     while pos < end:
-        if pos + FRAME_HEADER.size > end:
+        if pos + head > end:
             raise RemoteProtocolError("truncated frame header")
-        ftype, size = FRAME_HEADER.unpack_from(data, pos)
-        pos += FRAME_HEADER.size
-        if pos + size > end:
+        ftype, size = frame_header(data, pos)
+        pos += head
+        stop = pos + size
+        if stop > end:
             raise RemoteProtocolError("frame longer than the datagram")
-        entry = _FRAME_DECODERS.get(ftype)
+        if ftype == _STREAM_TYPE and tagged and size >= fixed:
+            seq, stream, stream_seq, index, count = stream_fixed(data, pos)
+            append(Stream(seq, stream, stream_seq, index, count, data[pos + fixed : stop]))
+            pos = stop
+            continue
+        entry = decoders.get(ftype)
         if entry is None:
             raise RemoteProtocolError(f"unknown frame type {ftype}")
         decode, preauth, name = entry
-        if key is None and not preauth:
+        if not tagged and not preauth:
             raise RemoteProtocolError(f"{name} needs a session")
-        frames.append(decode(data, pos, pos + size))
-        pos += size
+        append(decode(data, pos, stop))
+        pos = stop
     if not frames:
         raise RemoteProtocolError("a datagram carries at least one frame")
-    return Packet(header.session_id, header.pkt_num, tuple(frames))
+    return frames
 
 
 def version_reply(request_size: int) -> bytes | None:
