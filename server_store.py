@@ -412,9 +412,22 @@ class LoadedGroup:
 
 @dataclass(slots=True)
 class StoreMessage:
-    """Keep an accepted message in its recipient's mailbox, and its dedup key."""
+    """Keep an accepted message in its recipient's mailbox, and its dedup key.
+
+    `state` and `handoff` are `ServerStore`'s: whether the store thread took
+    it (TAKEN) or the loop withdrew it first (WITHDRAWN: its recipient's
+    client receipted it before it was written, see `ServerStore.withdraw`),
+    and which hand-over (`flush`) carries it."""
 
     message: StoredMessage
+    state: int = 0
+    handoff: int = 0
+
+
+#: `StoreMessage.state`: the store thread has it (applying or applied: too
+#: late to withdraw), or the loop withdrew it (the thread skips it).
+TAKEN = 1
+WITHDRAWN = 2
 
 
 @dataclass(slots=True)
@@ -796,6 +809,10 @@ class MessageStore(Protocol):
 
     def close(self) -> None: ...
 
+    # A store may also offer `withdraw(op: StoreMessage) -> bool` (the
+    # relay looks for it): `ServerStore` does, the others apply a message
+    # at once or keep it elsewhere (Redis) and do not need to.
+
 
 class MemoryStore:
     """A `MessageStore` in RAM, for a relay without a data directory (tests
@@ -1091,10 +1108,20 @@ class ServerStore:
         # `flush()`: one queue operation and one wake-up of this thread per
         # pass, after the pass's datagrams have gone out.
         self._pending: list[tuple[Op, Then | None]] = []
-        # Whether `_pending` holds anything but lazy writes (see LAZY_HOLD),
-        # and since when it has held any.
-        self._urgent = False
+        # How many writes in `_pending` something waits for (not lazy, see
+        # LAZY_HOLD, nor withdrawn), and since when it has held any.
+        self._urgent = 0
         self._pending_since = 0.0
+        # Hand-overs so far (`flush`): a message whose `handoff` is this one
+        # is still in `_pending`. The lock orders a withdrawal against the
+        # store thread's taking of a batch (`withdraw`, `_commit_next`).
+        self._handoffs = 0
+        self._withdrawing = threading.Lock()
+        # Messages withdrawn (`withdraw`): before their hand-over, and after
+        # it (the store thread skipped them); written by the loop and by the
+        # store thread respectively, read by tests and benchmarks.
+        self.withdrawn_pending = 0
+        self.withdrawn_queued = 0
         self._ops: queue.SimpleQueue[list[tuple[Op, Then | None]] | None] = queue.SimpleQueue()
         try:
             self._db = self._connect()
@@ -1345,7 +1372,25 @@ class ServerStore:
             self._pending_since = self._clock()
         self._pending.append((op, then))
         if then is not None or not isinstance(op, LAZY_WRITES):
-            self._urgent = True
+            self._urgent += 1
+            if isinstance(op, StoreMessage):
+                op.handoff = self._handoffs
+
+    def withdraw(self, op: StoreMessage) -> bool:
+        """The loop no longer needs `op` written (submitted with a callback,
+        which then never runs): its recipient's client has the message and
+        receipted it, so its sender is told at once (`Relay._accept_early`).
+        True if it will not be written: it was still in this pass's writes,
+        or handed to the store thread but not taken yet (the thread skips
+        it); False if the thread has it (its commit and callback follow)."""
+        with self._withdrawing:
+            if op.state:
+                return False
+            op.state = WITHDRAWN
+        if op.handoff == self._handoffs:  # not handed over yet: nothing waits for it now
+            self._urgent -= 1
+            self.withdrawn_pending += 1
+        return True
 
     def completed(self) -> list[Then]:
         done: list[Then] = []
@@ -1370,7 +1415,8 @@ class ServerStore:
         self.handed += len(self._pending)
         self._ops.put(self._pending)
         self._pending = []
-        self._urgent = False
+        self._urgent = 0
+        self._handoffs += 1
 
     @property
     def flush_due(self) -> float | None:
@@ -1423,6 +1469,20 @@ class ServerStore:
                 stopping = True
                 break
             batch.extend(more)
+        # From here on no message of the batch can be withdrawn: those
+        # withdrawn before are skipped, with their callbacks.
+        skipped = 0
+        with self._withdrawing:
+            for op, _ in batch:
+                if isinstance(op, StoreMessage):
+                    if op.state:
+                        skipped += 1
+                    else:
+                        op.state = TAKEN
+        if skipped:
+            self.withdrawn_queued += skipped
+            batch = [(op, then) for op, then in batch
+                     if not isinstance(op, StoreMessage) or op.state == TAKEN]  # fmt: skip
         ops = [op for op, _ in batch if not isinstance(op, Read | ClusterGroupOp)]
         failures = 0
         failing_since = next_log = 0.0
@@ -1461,7 +1521,7 @@ class ServerStore:
             if then is not None:
                 self.done.put(then)
                 waited = True
-        self.finished += len(batch)
+        self.finished += len(batch) + skipped
         if waited:  # a batch of lazy writes wakes nobody: nothing waits for it
             self.notify()
         return not stopping
