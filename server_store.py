@@ -1117,11 +1117,12 @@ class ServerStore:
         # store thread's taking of a batch (`withdraw`, `_commit_next`).
         self._handoffs = 0
         self._withdrawing = threading.Lock()
-        # Messages withdrawn (`withdraw`): before their hand-over, and after
-        # it (the store thread skipped them); written by the loop and by the
-        # store thread respectively, read by tests and benchmarks.
+        # Messages withdrawn (`withdraw`) before their hand-over and after it
+        # (written by the loop), and those the store thread skipped (all of
+        # them, once handed over; written by it). For tests and benchmarks.
         self.withdrawn_pending = 0
         self.withdrawn_queued = 0
+        self.skipped = 0
         self._ops: queue.SimpleQueue[list[tuple[Op, Then | None]] | None] = queue.SimpleQueue()
         try:
             self._db = self._connect()
@@ -1390,6 +1391,8 @@ class ServerStore:
         if op.handoff == self._handoffs:  # not handed over yet: nothing waits for it now
             self._urgent -= 1
             self.withdrawn_pending += 1
+        else:
+            self.withdrawn_queued += 1
         return True
 
     def completed(self) -> list[Then]:
@@ -1480,7 +1483,7 @@ class ServerStore:
                     else:
                         op.state = TAKEN
         if skipped:
-            self.withdrawn_queued += skipped
+            self.skipped += skipped
             batch = [(op, then) for op, then in batch
                      if not isinstance(op, StoreMessage) or op.state == TAKEN]  # fmt: skip
         ops = [op for op, _ in batch if not isinstance(op, Read | ClusterGroupOp)]
