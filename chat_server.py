@@ -4049,6 +4049,9 @@ def gather_metrics(
                 "password or delete an account.", stats["account_proof_failures"]),
         counter("chat_messages_relayed_total", "Messages taken to relay (each stored "
                 "durably before it is acknowledged).", stats["messages"]),  # fmt: skip
+        counter("chat_messages_unwritten_total", "Of those, messages never written: the "
+                "recipient's client receipted (held) them before the server's commit.",
+                stats["messages_unwritten"]),  # fmt: skip
         counter("chat_message_bytes_relayed_total", "UTF-8 bytes of the text of those "
                 "messages.", relay.message_bytes),  # fmt: skip
         counter("chat_messages_routed_elsewhere_total", "Of those, messages whose recipient "
