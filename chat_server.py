@@ -449,6 +449,10 @@ class Relay:
         # The writes of messages handed to an online recipient and not yet
         # committed, by server id: withdrawn if their receipt comes first.
         self._unwritten: dict[int, StoreMessage] = {}
+        # Receipts told to their senders' sessions and not written yet, by
+        # sender session: written once the DELIVERED is acked (`_tell_and_hold`).
+        self._held: dict[bytes, dict[MsgId, MarkDelivered]] = {}
+        self._held_ids: set[int] = set()  # their messages' server ids (still in a mailbox)
         self._withdraw: Callable[[StoreMessage], bool] | None = None
         # Dedup keys being looked up on the disk -> the SENDs waiting for the answer.
         self._looking_up: dict[tuple[str, int, int], list[tuple[Send, str]]] = {}
@@ -1305,6 +1309,8 @@ class Relay:
         self._hwm.pop((user.key, session.instance_id), None)
         # What it was handed and did not acknowledge stays on the disk for
         # the next login; the memory goes with the session.
+        if self._held:
+            self._write_held(session)
         session.mail = session.receipts = None
         session.group_mail = session.group_notices = None
 
@@ -1681,6 +1687,11 @@ class Relay:
         rows: list[StoredMessage]
         rows, more = read.result
         for m in rows:
+            if self._held_ids and m.server_msg_id in self._held_ids:
+                # Receipted (by an earlier session), its write held until its
+                # sender acks the DELIVERED (`_tell_and_hold`): not again.
+                pager.cursor = max(pager.cursor, m.server_msg_id)
+                continue
             if m.server_msg_id > pager.cursor and m.server_msg_id not in pager.items:
                 msg_id = MsgId(m.instance_id, m.client_seq)
                 self._hand_over(session, pager, m, len(m.text.encode("utf-8")), msg_id)
@@ -1714,8 +1725,6 @@ class Relay:
                 return
         seq = self._new_id()  # the receipt's place in the sender's queue
         sender = self.users.get(entry.sender_key)
-        if sender is not None:
-            sender.notice_count += 1
         # The receipt's write is lazy (server_store.LAZY_HOLD): nothing waits
         # for it. A crash that loses it hands the message over again at the
         # next login, under the same message id (the client's dedup key),
@@ -1735,8 +1744,14 @@ class Relay:
             self.store.submit(delivered)
             self._tell_at_accept[dedup] = (entry.msg_id, user.name, seq)
         else:
-            self.store.submit(delivered)
-            self._tell_sender(entry.sender_key, entry.msg_id, user.name, seq)
+            route = None if sender is None else self.router.locate(sender)
+            if isinstance(route, Session) and self._tell_and_hold(route, delivered):
+                sender = None  # nothing queued for it (yet)
+            else:
+                self.store.submit(delivered)
+                self._tell_sender(entry.sender_key, entry.msg_id, user.name, seq)
+        if sender is not None:
+            sender.notice_count += 1
         if pager.behind:  # else `_page_mail` has nothing to read: saves a call per receipt
             self._page_mail(session)
 
@@ -1775,6 +1790,49 @@ class Relay:
         self._queue_accept(route, entry.msg_id, server_msg_id)
         self.stats["messages_unwritten"] += 1
         return True
+
+    def _tell_and_hold(self, session: Session, delivered: MarkDelivered) -> bool:
+        """A receipt of a written message whose sender's session is here and
+        takes its DELIVERED now: the receipt's write waits in memory until
+        the sender's client acks the DELIVERED, and is then written without
+        a queued receipt (`MarkDelivered.told`): no notices row to insert
+        and delete again (`_receipts_acked`). If the session ends first, it
+        is written as it would have been (`_write_held`). Lost in a crash
+        (it was never written), the mailbox still holds the message: its
+        recipient is handed it again under the same message id, dedups it
+        and receipts it again, as with any lazy write. False if the sender's
+        receipts wait on the disk (its pager is behind or full)."""
+        pager = session.receipts
+        if pager is None:
+            pager = session.receipts = Pager(behind=False)
+        msg_id = MsgId(delivered.instance_id, delivered.client_seq)
+        if pager.behind or msg_id in pager.items or len(pager.items) >= NOTICE_WINDOW:
+            return False
+        pager.items[msg_id] = delivered.seq
+        pager.cursor = max(pager.cursor, delivered.seq)
+        self._queue_delivered(session, msg_id, delivered.recipient)
+        held = self._held.get(session.session_id)
+        if held is None:
+            held = self._held[session.session_id] = {}
+        held[msg_id] = delivered
+        self._held_ids.add(delivered.server_msg_id)
+        return True
+
+    def _write_held(self, session: Session) -> None:
+        """The session ends (or its account goes) with DELIVEREDs not acked
+        whose receipts were held (`_tell_and_hold`): written now, queued for
+        the sender's next login."""
+        held = self._held.pop(session.session_id, None)
+        if held is None:
+            return
+        for delivered in held.values():
+            self.store.submit(delivered)
+            self._held_ids.discard(delivered.server_msg_id)
+        session.user.notice_count += len(held)
+        current = self.router.locate(session.user)
+        if isinstance(current, Session) and current is not session:  # taken over by another client
+            for msg_id, delivered in held.items():
+                self._offer_receipt(current, msg_id, delivered.recipient, delivered.seq)
 
     def _early_told(self, key: str, done: list[MsgId]) -> None:
         """The sender's client acked these DELIVEREDs: it will not send the
@@ -1819,12 +1877,20 @@ class Relay:
         pager = session.receipts
         assert pager is not None
         user = session.user
+        held = self._held.get(session.session_id) if self._held else None
         for msg_id in done:
             seq = pager.items.pop(msg_id, None)
             if seq is None:
                 continue
+            if held is not None and (delivered := held.pop(msg_id, None)) is not None:
+                delivered.told = True  # nothing queued, nothing to drop
+                self.store.submit(delivered)
+                self._held_ids.discard(delivered.server_msg_id)
+                continue
             user.notice_count -= 1
             self.store.submit(NoticeDone(user.key, msg_id.instance_id, msg_id.client_seq))
+        if held is not None and not held:
+            del self._held[session.session_id]
         self._page_receipts(session)
 
     def _page_receipts(self, session: Session) -> None:
@@ -2036,6 +2102,8 @@ class Relay:
         log.info("%s deleted their account; the name is quarantined until %s UTC", user.name,
                  time.strftime("%Y-%m-%d %H:%M", time.gmtime(until / 1000)))  # fmt: skip
         # Nothing more is handed to it; what it was handed goes with the mailbox.
+        if self._held:
+            self._write_held(session)  # (before the erasure, which drops their queue)
         session.mail = session.receipts = None
 
         def erased() -> None:

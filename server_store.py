@@ -433,7 +433,9 @@ WITHDRAWN = 2
 @dataclass(slots=True)
 class MarkDelivered:
     """The recipient receipted a message: out of its mailbox; the sender's
-    receipt queued under `seq` (its place in the sender's queue)."""
+    receipt queued under `seq` (its place in the sender's queue), unless
+    `told`: the sender's client has it already (it acked the DELIVERED
+    before this was written), so there is nothing to queue."""
 
     server_msg_id: int
     sender_key: str
@@ -443,6 +445,7 @@ class MarkDelivered:
     recipient_key: str
     size: int  # UTF-8 bytes of the text, off the recipient's mailbox count
     seq: int
+    told: bool = False
 
 
 @dataclass(slots=True)
@@ -890,11 +893,12 @@ class MemoryStore:
                 waiting.pop(op.server_msg_id, None)
                 if not waiting:
                     del self.mail[op.recipient_key]
-            row = (op.seq, op.instance_id, op.client_seq, op.recipient)
-            queued = self.notices.get(op.sender_key)
-            if queued is None:
-                queued = self.notices[op.sender_key] = {}
-            queued.setdefault((op.instance_id, op.client_seq), row)  # INSERT OR IGNORE
+            if not op.told:
+                row = (op.seq, op.instance_id, op.client_seq, op.recipient)
+                queued = self.notices.get(op.sender_key)
+                if queued is None:
+                    queued = self.notices[op.sender_key] = {}
+                queued.setdefault((op.instance_id, op.client_seq), row)  # INSERT OR IGNORE
         elif isinstance(op, NoticeDone):
             queued = self.notices.get(op.sender_key)
             if queued is not None:
@@ -1578,12 +1582,13 @@ class ServerStore:
                     count[1] += len(m.text.encode("utf-8"))
                 case MarkDelivered():
                     delivered.append(op.server_msg_id)
-                    notices.append((op.sender_key, _i64(op.instance_id), op.client_seq,
-                                    op.recipient, op.seq))  # fmt: skip
                     count = counts.setdefault(op.recipient_key, [0, 0, 0])
                     count[0] -= 1
                     count[1] -= op.size
-                    counts.setdefault(op.sender_key, [0, 0, 0])[2] += 1
+                    if not op.told:
+                        notices.append((op.sender_key, _i64(op.instance_id), op.client_seq,
+                                        op.recipient, op.seq))  # fmt: skip
+                        counts.setdefault(op.sender_key, [0, 0, 0])[2] += 1
                 case NoticeDone(sender_key, instance_id, client_seq):
                     notices_done.append((sender_key, _i64(instance_id), client_seq))
                     counts.setdefault(sender_key, [0, 0, 0])[2] -= 1

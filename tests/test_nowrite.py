@@ -33,6 +33,7 @@ from protocol import (
     encode_message,
 )
 from server_records import Session
+from server_store import MarkDelivered, NoticeDone
 from tests.test_durability import ServerRunner, Watcher, check_state_sequences, query, wait_all
 from tests.test_mailbox_disk import World, rows
 from tests.test_ordinary_load import (
@@ -276,6 +277,104 @@ def test_one_forgotten_costs_a_copy_under_the_same_message_id_not_a_loss(
     assert [(d.msg_id, d.text) for d in again] == [(MsgId(9, 2), "first")]
     assert again[0].server_msg_id != first[0].server_msg_id
     assert world.delivereds("alice") == [MsgId(9, 2)]
+
+
+def record_writes(world: World, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every operation the relay submits to the store from now on."""
+    ops: list[object] = []
+    submit = world.store.submit
+
+    def recording(op: Any, then: Any = None) -> None:
+        ops.append(op)
+        submit(op, then)
+
+    monkeypatch.setattr(world.store, "submit", recording)
+    return ops
+
+
+def written_and_accepted(world: World, text: str, msg_id: MsgId) -> int:
+    """A message to bob nobody receipts in time: written, accepted; its server id."""
+    got = send_one(world, text, msg_id)
+    end_the_wait(world)
+    alice_datagrams(world)
+    assert world.answers("alice")[-1] == Accept(msg_id, got[0].server_msg_id)
+    return got[0].server_msg_id
+
+
+def test_a_receipt_told_at_once_is_written_without_a_queued_receipt(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob receipts a message already written; alice is online: she is told
+    DELIVERED at once and the receipt's write waits until her client acks
+    it, then goes without a queued receipt (before: a `notices` row
+    inserted, then deleted by a `NoticeDone` after her ack, and her count
+    of receipts moved up and down)."""
+    store, relay = world.store, world.relay
+    server_msg_id = written_and_accepted(world, "on the disk", MsgId(9, 2))
+    ops = record_writes(world, monkeypatch)
+    world.now += 0.001
+    _, told = receipt_pass(world, server_msg_id)
+    assert told == [Delivered(MsgId(9, 2), "bob")]
+    assert not [op for op in ops if isinstance(op, MarkDelivered)], "written before the ack"
+    assert relay.users["alice"].notice_count == 0
+    world.pump()  # alice's client acks the DELIVERED
+    marks = [op for op in ops if isinstance(op, MarkDelivered)]
+    assert len(marks) == 1 and marks[0].told
+    assert not [op for op in ops if isinstance(op, NoticeDone)]
+    store.flush(force=True)
+    wait_for_store(store)
+    data = store.data_dir
+    assert rows(data, "SELECT COUNT(*) FROM mailbox") == [(0,)]
+    assert rows(data, "SELECT COUNT(*) FROM notices") == [(0,)]
+    assert rows(data, "SELECT COUNT(*) FROM summary") == [(0,)]
+    assert relay.users["alice"].notice_count == 0 and relay.users["bob"].mailbox_count == 0
+    assert not relay._held and not relay._held_ids
+
+
+def test_a_held_receipt_is_queued_when_the_senders_session_ends_first(world: World) -> None:
+    """Alice's session ends before her client acked the DELIVERED (she logs
+    in again from the same client): the held receipt is written as a queued
+    one, and her new session is told DELIVERED from the queue; once acked,
+    the queue is empty."""
+    store, relay = world.store, world.relay
+    server_msg_id = written_and_accepted(world, "told, not acked", MsgId(9, 2))
+    world.now += 0.001
+    receipt_pass(world, server_msg_id)
+    assert relay._held
+    world.inbox["alice"].clear()
+    world.login("alice")
+    assert world.delivereds("alice") == [MsgId(9, 2)]
+    assert not relay._held and not relay._held_ids
+    store.flush(force=True)
+    wait_for_store(store)
+    data = store.data_dir
+    assert rows(data, "SELECT COUNT(*) FROM mailbox") == [(0,)]
+    assert rows(data, "SELECT COUNT(*) FROM notices") == [(0,)]
+    assert relay.users["alice"].notice_count == 0
+
+
+def test_a_held_receipts_message_is_not_handed_to_the_recipients_next_session(
+    world: World,
+) -> None:
+    """Bob logs in again while his receipt's write is held (alice has not
+    acked her DELIVERED): the message is still in his mailbox on the disk,
+    but his new session is not handed it again, and his counts stay right."""
+    relay = world.relay
+    server_msg_id = written_and_accepted(world, "read once", MsgId(9, 2))
+    written_and_accepted(world, "not receipted yet", MsgId(9, 3))  # bob's login reads a page
+    world.now += 0.001
+    receipt_pass(world, server_msg_id)
+    assert relay._held_ids == {server_msg_id}
+    assert rows(world.store.data_dir, "SELECT COUNT(*) FROM mailbox") == [(2,)]
+    world.inbox["bob"].clear()
+    world.login("bob")
+    assert [d.msg_id for d in world.delivers("bob")] == [MsgId(9, 3)]
+    world.pump()
+    assert relay.users["bob"].mailbox_count == 0
+    world.store.flush(force=True)
+    wait_for_store(world.store)
+    assert rows(world.store.data_dir, "SELECT COUNT(*) FROM mailbox") == [(0,)]
+    assert rows(world.store.data_dir, "SELECT COUNT(*) FROM summary") == [(0,)]
 
 
 # --- real processes: kill -9 right after such answers went out -------------------------
