@@ -726,6 +726,8 @@ class Relay:
         self._now = now
         for session in list(self.sessions.values()):
             self._send(session, Bye(ErrorCode.SERVER_SHUTDOWN, "the server is shutting down"))
+            if self._held:  # written with the last commit, for the next logins
+                self._write_held(session)
 
     def online_count(self) -> int:
         return len(self._online)

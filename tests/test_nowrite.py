@@ -353,6 +353,23 @@ def test_a_held_receipt_is_queued_when_the_senders_session_ends_first(world: Wor
     assert relay.users["alice"].notice_count == 0
 
 
+def test_held_receipts_are_written_queued_when_the_server_stops(world: World) -> None:
+    """A server told to stop (SIGTERM) writes the receipts it held with its
+    last commit, queued for their senders' next logins: none is left to be
+    worked out again from the mailbox."""
+    store, relay = world.store, world.relay
+    server_msg_id = written_and_accepted(world, "held at the stop", MsgId(9, 2))
+    world.now += 0.001
+    receipt_pass(world, server_msg_id)
+    relay.send_shutdown(world.now)
+    assert not relay._held
+    store.flush(force=True)
+    wait_for_store(store)
+    data = store.data_dir
+    assert rows(data, "SELECT COUNT(*) FROM mailbox") == [(0,)]
+    assert rows(data, "SELECT client_seq FROM notices") == [(2,)]
+
+
 def test_a_held_receipts_message_is_not_handed_to_the_recipients_next_session(
     world: World,
 ) -> None:
