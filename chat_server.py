@@ -305,6 +305,20 @@ MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the 
 # commits of docs/RELIABILITY.md 1.3 may take up to 10 ms). The DELIVER
 # itself never waits (see `_take`).
 COMMIT_WAIT = 0.002
+# A message the recipient's client receipted before the server wrote it
+# (within COMMIT_WAIT, or while its batch waited for the store thread) is
+# never written (issue 18): the recipient's client holds it durably (it
+# commits a message before its receipt), so its sender is told DELIVERED
+# and ACCEPT at once, in that order on one stream, and its write is
+# withdrawn (`ServerStore.withdraw`). What answers a resend of it with the
+# same server_msg_id and the DELIVERED again is then this memory: an entry
+# per such message until its sender's client acks the DELIVERED, bounded
+# (the oldest go first) for senders that left before acking. One forgotten,
+# or lost in a crash, costs nothing but a copy: a resend is taken as a new
+# message, the recipient's client dedups it by its message id, receipts it
+# again, and the sender is told DELIVERED (docs/RELIABILITY.md 1.3).
+MAX_EARLY = 65_536
+MAX_EARLY_CHARS = 16 << 20  # of their texts (a text is kept for the duplicate_id check)
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
 #: report every one of them, at 0 until it happens, so an alert on one can
@@ -428,6 +442,18 @@ class Relay:
         # the ACCEPT (message id, recipient's name, the receipt's seq).
         self._tell_at_accept: dict[tuple[str, int, int], tuple[MsgId, str, int]] = {}
         self._hwm: dict[tuple[str, int], int] = {}
+        # Messages told DELIVERED and ACCEPT before any write (MAX_EARLY):
+        # dedup key -> (server id, recipient key, text, recipient's name).
+        self._early: dict[tuple[str, int, int], tuple[int, str, str, str]] = {}
+        self._early_chars = 0
+        # The writes of messages handed to an online recipient and not yet
+        # committed, by server id: withdrawn if their receipt comes first.
+        self._unwritten: dict[int, StoreMessage] = {}
+        # Receipts told to their senders' sessions and not written yet, by
+        # sender session: written once the DELIVERED is acked (`_tell_and_hold`).
+        self._held: dict[bytes, dict[MsgId, MarkDelivered]] = {}
+        self._held_ids: set[int] = set()  # their messages' server ids (still in a mailbox)
+        self._withdraw: Callable[[StoreMessage], bool] | None = None
         # Dedup keys being looked up on the disk -> the SENDs waiting for the answer.
         self._looking_up: dict[tuple[str, int, int], list[tuple[Send, str]]] = {}
         # Lookups in flight per (user, instance): while any is, that
@@ -506,6 +532,8 @@ class Relay:
         self._group_holds: dict[tuple[bytes, str], _GroupHold] = {}
         self._holds_by_request: dict[RequestKey, tuple[bytes, str]] = {}
         self._load(self.store.load())
+        if not shared_store:  # (a cluster hands a message over only once it is in Redis)
+            self._withdraw = getattr(self.store, "withdraw", None)
         self._reserve_at = self.store.reserve_ids(self._next_msg_id)  # when to ask again
         # The wall clock is only for timestamps people see (`sent_ms`): what
         # expires (cookies, the login record, failure windows, sessions)
@@ -703,6 +731,8 @@ class Relay:
         self._now = now
         for session in list(self.sessions.values()):
             self._send(session, Bye(ErrorCode.SERVER_SHUTDOWN, "the server is shutting down"))
+            if self._held:  # written with the last commit, for the next logins
+                self._write_held(session)
 
     def online_count(self) -> int:
         return len(self._online)
@@ -1062,8 +1092,11 @@ class Relay:
                 self._group_reached_acked(session, handle)
                 return
             done = [handle] if isinstance(handle, MsgId) else handle
-            if isinstance(done, list) and session.receipts is not None:
-                self._receipts_acked(session, done)
+            if isinstance(done, list):
+                if self._early:
+                    self._early_told(session.user.key, done)
+                if session.receipts is not None:
+                    self._receipts_acked(session, done)
         elif isinstance(event, ReassemblyExpired):
             self._reassembly_expired(session, now)
         elif isinstance(event, PathResponded):
@@ -1283,6 +1316,8 @@ class Relay:
         self._hwm.pop((user.key, session.instance_id), None)
         # What it was handed and did not acknowledge stays on the disk for
         # the next login; the memory goes with the session.
+        if self._held:
+            self._write_held(session)
         session.mail = session.receipts = None
         session.group_mail = session.group_notices = None
 
@@ -1349,7 +1384,7 @@ class Relay:
         # a copied profile's outbox resent with its old instance's ids), a
         # SEND may be an old retry: the disk is asked.
         mark = self._hwm.get((user.key, instance_id))
-        if dedup in self._accepted:
+        if dedup in self._accepted or (self._early and dedup in self._early):
             self._take_or_answer(session, send, to_key)
         elif (
             mark is None
@@ -1371,7 +1406,14 @@ class Relay:
         user = session.user
         known = self._accepted.get((user.key, *send.msg_id))
         if known is None:
-            self._take(session, send, to_key)
+            early = self._early.get((user.key, *send.msg_id)) if self._early else None
+            if early is None:
+                self._take(session, send, to_key)
+            elif early[1] != to_key or early[2] != send.text:
+                self._fail(session, send.msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
+            else:  # told before any write: the same answers again, at once
+                self._queue_delivered(session, send.msg_id, early[3])
+                self._queue_accept(session, send.msg_id, early[0])
             return
         server_msg_id, known_to, known_text = known
         if known_to != to_key or known_text != send.text:
@@ -1462,10 +1504,9 @@ class Relay:
         # ACCEPT waits for the commit; forwarding does not.
         # (a partial, not a lambda: a closure would make `user` and the rest
         # cell variables, slower at every use in this function)
-        self.store.submit(
-            StoreMessage(stored),
-            functools.partial(self._accept, user, msg_id, server_msg_id, dedup),
-        )
+        write = StoreMessage(stored)
+        accept = functools.partial(self._accept, user, msg_id, server_msg_id, dedup)
+        self.store.submit(write, accept)
         route = self.router.locate(recipient)
         match route:
             case _ if self.shared_store:
@@ -1485,7 +1526,10 @@ class Relay:
                     self._hand_over(route, pager, stored, size, msg_id)  # the usual case, in short
                 else:
                     self._offer_mail(route, stored, size, msg_id)
-                # Its receipt may come back before the commit: wait for it a little.
+                # Its receipt may come back before the commit: wait for it a
+                # little; then it needs no write at all (`_accept_early`).
+                if self._withdraw is not None:
+                    self._unwritten[server_msg_id] = write
                 self._expecting.add(server_msg_id)
                 if self._hold_until is None:
                     self._hold_until = self._now + COMMIT_WAIT
@@ -1535,6 +1579,8 @@ class Relay:
         the message's dedup key is the disk's to remember."""
         if dedup is not None:
             self._accepted.pop(dedup, None)
+            if self._unwritten:
+                self._unwritten.pop(server_msg_id, None)
         session = self.router.locate(sender)
         if isinstance(session, Session):
             self._queue_accept(session, msg_id, server_msg_id)
@@ -1562,16 +1608,11 @@ class Relay:
         recipient for DELIVEREDs) and up to BATCH_MAX of them, instead of one
         each. A DELIVERED is acked by its message id, a batch by the list of
         its ids (see `_collect`). A session that ended meanwhile gets none:
-        its client resends the SEND, and receipts wait for the next login."""
-        accepts, self._accepts = self._accepts, {}
-        for session, items in accepts.values():
-            if self.sessions.get(session.session_id) is not session:
-                continue
-            if len(items) == 1:
-                self._send(session, Accept(*items[0]))
-                continue
-            for part in batches(items):
-                self._send(session, Accepts(tuple(part)))
+        its client resends the SEND, and receipts wait for the next login.
+        DELIVEREDs go first: on the one control stream, in order, a client
+        never has the ACCEPT of a message told both in this pass without its
+        DELIVERED (`_accept_early` depends on it; a DELIVERED implies the
+        ACCEPT to a client, which reports both)."""
         delivereds, self._delivereds = self._delivereds, {}
         for session, by_recipient in delivereds.values():
             if self.sessions.get(session.session_id) is not session:
@@ -1582,6 +1623,15 @@ class Relay:
                     continue
                 for ids in batches(msg_ids):
                     self._send(session, Delivereds(to, tuple(ids)), handle=ids)
+        accepts, self._accepts = self._accepts, {}
+        for session, items in accepts.values():
+            if self.sessions.get(session.session_id) is not session:
+                continue
+            if len(items) == 1:
+                self._send(session, Accept(*items[0]))
+                continue
+            for part in batches(items):
+                self._send(session, Accepts(tuple(part)))
         self._group_lows.clear()
         if self._group_reached:
             self._send_group_reached()
@@ -1644,6 +1694,11 @@ class Relay:
         rows: list[StoredMessage]
         rows, more = read.result
         for m in rows:
+            if self._held_ids and m.server_msg_id in self._held_ids:
+                # Receipted (by an earlier session), its write held until its
+                # sender acks the DELIVERED (`_tell_and_hold`): not again.
+                pager.cursor = max(pager.cursor, m.server_msg_id)
+                continue
             if m.server_msg_id > pager.cursor and m.server_msg_id not in pager.items:
                 msg_id = MsgId(m.instance_id, m.client_seq)
                 self._hand_over(session, pager, m, len(m.text.encode("utf-8")), msg_id)
@@ -1669,10 +1724,14 @@ class Relay:
         pager.bytes -= entry.size
         user.mailbox_count -= 1
         user.mailbox_bytes -= entry.size
+        if self._unwritten:
+            write = self._unwritten.get(server_msg_id)
+            if write is not None and self._accept_early(entry, user.name, write):
+                if pager.behind:
+                    self._page_mail(session)
+                return
         seq = self._new_id()  # the receipt's place in the sender's queue
         sender = self.users.get(entry.sender_key)
-        if sender is not None:
-            sender.notice_count += 1
         # The receipt's write is lazy (server_store.LAZY_HOLD): nothing waits
         # for it. A crash that loses it hands the message over again at the
         # next login, under the same message id (the client's dedup key),
@@ -1692,10 +1751,103 @@ class Relay:
             self.store.submit(delivered)
             self._tell_at_accept[dedup] = (entry.msg_id, user.name, seq)
         else:
-            self.store.submit(delivered)
-            self._tell_sender(entry.sender_key, entry.msg_id, user.name, seq)
+            route = None if sender is None else self.router.locate(sender)
+            if isinstance(route, Session) and self._tell_and_hold(route, delivered):
+                sender = None  # nothing queued for it (yet)
+            else:
+                self.store.submit(delivered)
+                self._tell_sender(entry.sender_key, entry.msg_id, user.name, seq)
+        if sender is not None:
+            sender.notice_count += 1
         if pager.behind:  # else `_page_mail` has nothing to read: saves a call per receipt
             self._page_mail(session)
+
+    def _accept_early(self, entry: Entry, to: str, write: StoreMessage) -> bool:
+        """The recipient's client receipted a message before the server wrote
+        it: it holds the message durably (it commits before it receipts), so
+        the message needs no write (MAX_EARLY says what stands in for one).
+        If its sender's session (the client instance that sent it) is here
+        and the write can still be withdrawn, tell the sender DELIVERED, then
+        ACCEPT, now: one stream, in order, so a client that has the ACCEPT
+        has the DELIVERED (with no queued receipt on the disk, a DELIVERED
+        lost after an ACCEPT would never come again); one that has neither
+        sends the message again. Else (False) the durable path: the write
+        goes on, the receipt is queued, DELIVERED follows the ACCEPT."""
+        sender = self.users.get(entry.sender_key)
+        if sender is None:
+            return False
+        route = self.router.locate(sender)
+        if (
+            not isinstance(route, Session)
+            or route.closing
+            or route.instance_id != entry.msg_id.instance_id
+            or self._withdraw is None
+            or not self._withdraw(write)
+        ):
+            return False
+        server_msg_id = entry.server_msg_id
+        del self._unwritten[server_msg_id]
+        dedup = (entry.sender_key, *entry.msg_id)
+        _, to_key, text = self._accepted.pop(dedup)
+        self._early[dedup] = (server_msg_id, to_key, text, to)
+        self._early_chars += len(text)
+        while len(self._early) > MAX_EARLY or self._early_chars > MAX_EARLY_CHARS:
+            self._early_chars -= len(self._early.pop(next(iter(self._early)))[2])
+        self._queue_delivered(route, entry.msg_id, to)
+        self._queue_accept(route, entry.msg_id, server_msg_id)
+        self.stats["messages_unwritten"] += 1
+        return True
+
+    def _tell_and_hold(self, session: Session, delivered: MarkDelivered) -> bool:
+        """A receipt of a written message whose sender's session is here and
+        takes its DELIVERED now: the receipt's write waits in memory until
+        the sender's client acks the DELIVERED, and is then written without
+        a queued receipt (`MarkDelivered.told`): no notices row to insert
+        and delete again (`_receipts_acked`). If the session ends first, it
+        is written as it would have been (`_write_held`). Lost in a crash
+        (it was never written), the mailbox still holds the message: its
+        recipient is handed it again under the same message id, dedups it
+        and receipts it again, as with any lazy write. False if the sender's
+        receipts wait on the disk (its pager is behind or full)."""
+        pager = session.receipts
+        if pager is None:
+            pager = session.receipts = Pager(behind=False)
+        msg_id = MsgId(delivered.instance_id, delivered.client_seq)
+        if pager.behind or msg_id in pager.items or len(pager.items) >= NOTICE_WINDOW:
+            return False
+        pager.items[msg_id] = delivered.seq
+        pager.cursor = max(pager.cursor, delivered.seq)
+        self._queue_delivered(session, msg_id, delivered.recipient)
+        held = self._held.get(session.session_id)
+        if held is None:
+            held = self._held[session.session_id] = {}
+        held[msg_id] = delivered
+        self._held_ids.add(delivered.server_msg_id)
+        return True
+
+    def _write_held(self, session: Session) -> None:
+        """The session ends (or its account goes) with DELIVEREDs not acked
+        whose receipts were held (`_tell_and_hold`): written now, queued for
+        the sender's next login."""
+        held = self._held.pop(session.session_id, None)
+        if held is None:
+            return
+        for delivered in held.values():
+            self.store.submit(delivered)
+            self._held_ids.discard(delivered.server_msg_id)
+        session.user.notice_count += len(held)
+        current = self.router.locate(session.user)
+        if isinstance(current, Session) and current is not session:  # taken over by another client
+            for msg_id, delivered in held.items():
+                self._offer_receipt(current, msg_id, delivered.recipient, delivered.seq)
+
+    def _early_told(self, key: str, done: list[MsgId]) -> None:
+        """The sender's client acked these DELIVEREDs: it will not send the
+        messages again, so what stood in for their writes goes."""
+        for msg_id in done:
+            early = self._early.pop((key, *msg_id), None)
+            if early is not None:
+                self._early_chars -= len(early[2])
 
     def _tell_sender(self, sender_key: str, msg_id: MsgId, to: str, seq: int) -> None:
         """Tell the sender that `to` has its message (now, or from the disk
@@ -1732,12 +1884,20 @@ class Relay:
         pager = session.receipts
         assert pager is not None
         user = session.user
+        held = self._held.get(session.session_id) if self._held else None
         for msg_id in done:
             seq = pager.items.pop(msg_id, None)
             if seq is None:
                 continue
+            if held is not None and (delivered := held.pop(msg_id, None)) is not None:
+                delivered.told = True  # nothing queued, nothing to drop
+                self.store.submit(delivered)
+                self._held_ids.discard(delivered.server_msg_id)
+                continue
             user.notice_count -= 1
             self.store.submit(NoticeDone(user.key, msg_id.instance_id, msg_id.client_seq))
+        if held is not None and not held:
+            del self._held[session.session_id]
         self._page_receipts(session)
 
     def _page_receipts(self, session: Session) -> None:
@@ -1949,6 +2109,8 @@ class Relay:
         log.info("%s deleted their account; the name is quarantined until %s UTC", user.name,
                  time.strftime("%Y-%m-%d %H:%M", time.gmtime(until / 1000)))  # fmt: skip
         # Nothing more is handed to it; what it was handed goes with the mailbox.
+        if self._held:
+            self._write_held(session)  # (before the erasure, which drops their queue)
         session.mail = session.receipts = None
 
         def erased() -> None:
@@ -3962,6 +4124,9 @@ def gather_metrics(
                 "password or delete an account.", stats["account_proof_failures"]),
         counter("chat_messages_relayed_total", "Messages taken to relay (each stored "
                 "durably before it is acknowledged).", stats["messages"]),  # fmt: skip
+        counter("chat_messages_unwritten_total", "Of those, messages never written: the "
+                "recipient's client receipted (held) them before the server's commit.",
+                stats["messages_unwritten"]),  # fmt: skip
         counter("chat_message_bytes_relayed_total", "UTF-8 bytes of the text of those "
                 "messages.", relay.message_bytes),  # fmt: skip
         counter("chat_messages_routed_elsewhere_total", "Of those, messages whose recipient "

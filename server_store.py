@@ -412,15 +412,30 @@ class LoadedGroup:
 
 @dataclass(slots=True)
 class StoreMessage:
-    """Keep an accepted message in its recipient's mailbox, and its dedup key."""
+    """Keep an accepted message in its recipient's mailbox, and its dedup key.
+
+    `state` and `handoff` are `ServerStore`'s: whether the store thread took
+    it (TAKEN) or the loop withdrew it first (WITHDRAWN: its recipient's
+    client receipted it before it was written, see `ServerStore.withdraw`),
+    and which hand-over (`flush`) carries it."""
 
     message: StoredMessage
+    state: int = 0
+    handoff: int = 0
+
+
+#: `StoreMessage.state`: the store thread has it (applying or applied: too
+#: late to withdraw), or the loop withdrew it (the thread skips it).
+TAKEN = 1
+WITHDRAWN = 2
 
 
 @dataclass(slots=True)
 class MarkDelivered:
     """The recipient receipted a message: out of its mailbox; the sender's
-    receipt queued under `seq` (its place in the sender's queue)."""
+    receipt queued under `seq` (its place in the sender's queue), unless
+    `told`: the sender's client has it already (it acked the DELIVERED
+    before this was written), so there is nothing to queue."""
 
     server_msg_id: int
     sender_key: str
@@ -430,6 +445,7 @@ class MarkDelivered:
     recipient_key: str
     size: int  # UTF-8 bytes of the text, off the recipient's mailbox count
     seq: int
+    told: bool = False
 
 
 @dataclass(slots=True)
@@ -756,6 +772,7 @@ class Read:
 
 
 Op = Write | Read | ClusterGroupOp
+_CLUSTER_OPS = frozenset((PostGroupMessage, ChangeGroup, ReadGroupState, ReadGroupCursors))
 Then = Callable[[], None]
 #: Writes held back when nothing waits for them (see LAZY_HOLD).
 LAZY_WRITES = (MarkDelivered, NoticeDone)
@@ -795,6 +812,10 @@ class MessageStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # A store may also offer `withdraw(op: StoreMessage) -> bool` (the
+    # relay looks for it): `ServerStore` does, the others apply a message
+    # at once or keep it elsewhere (Redis) and do not need to.
 
 
 class MemoryStore:
@@ -873,11 +894,12 @@ class MemoryStore:
                 waiting.pop(op.server_msg_id, None)
                 if not waiting:
                     del self.mail[op.recipient_key]
-            row = (op.seq, op.instance_id, op.client_seq, op.recipient)
-            queued = self.notices.get(op.sender_key)
-            if queued is None:
-                queued = self.notices[op.sender_key] = {}
-            queued.setdefault((op.instance_id, op.client_seq), row)  # INSERT OR IGNORE
+            if not op.told:
+                row = (op.seq, op.instance_id, op.client_seq, op.recipient)
+                queued = self.notices.get(op.sender_key)
+                if queued is None:
+                    queued = self.notices[op.sender_key] = {}
+                queued.setdefault((op.instance_id, op.client_seq), row)  # INSERT OR IGNORE
         elif isinstance(op, NoticeDone):
             queued = self.notices.get(op.sender_key)
             if queued is not None:
@@ -1091,10 +1113,21 @@ class ServerStore:
         # `flush()`: one queue operation and one wake-up of this thread per
         # pass, after the pass's datagrams have gone out.
         self._pending: list[tuple[Op, Then | None]] = []
-        # Whether `_pending` holds anything but lazy writes (see LAZY_HOLD),
-        # and since when it has held any.
-        self._urgent = False
+        # How many writes in `_pending` something waits for (not lazy, see
+        # LAZY_HOLD, nor withdrawn), and since when it has held any.
+        self._urgent = 0
         self._pending_since = 0.0
+        # Hand-overs so far (`flush`): a message whose `handoff` is this one
+        # is still in `_pending`. The lock orders a withdrawal against the
+        # store thread's taking of a batch (`withdraw`, `_commit_next`).
+        self._handoffs = 0
+        self._withdrawing = threading.Lock()
+        # Messages withdrawn (`withdraw`) before their hand-over and after it
+        # (written by the loop), and those the store thread skipped (all of
+        # them, once handed over; written by it). For tests and benchmarks.
+        self.withdrawn_pending = 0
+        self.withdrawn_queued = 0
+        self.skipped = 0
         self._ops: queue.SimpleQueue[list[tuple[Op, Then | None]] | None] = queue.SimpleQueue()
         try:
             self._db = self._connect()
@@ -1345,7 +1378,27 @@ class ServerStore:
             self._pending_since = self._clock()
         self._pending.append((op, then))
         if then is not None or not isinstance(op, LAZY_WRITES):
-            self._urgent = True
+            self._urgent += 1
+            if isinstance(op, StoreMessage):
+                op.handoff = self._handoffs
+
+    def withdraw(self, op: StoreMessage) -> bool:
+        """The loop no longer needs `op` written (submitted with a callback,
+        which then never runs): its recipient's client has the message and
+        receipted it, so its sender is told at once (`Relay._accept_early`).
+        True if it will not be written: it was still in this pass's writes,
+        or handed to the store thread but not taken yet (the thread skips
+        it); False if the thread has it (its commit and callback follow)."""
+        with self._withdrawing:
+            if op.state:
+                return False
+            op.state = WITHDRAWN
+        if op.handoff == self._handoffs:  # not handed over yet: nothing waits for it now
+            self._urgent -= 1
+            self.withdrawn_pending += 1
+        else:
+            self.withdrawn_queued += 1
+        return True
 
     def completed(self) -> list[Then]:
         done: list[Then] = []
@@ -1370,7 +1423,8 @@ class ServerStore:
         self.handed += len(self._pending)
         self._ops.put(self._pending)
         self._pending = []
-        self._urgent = False
+        self._urgent = 0
+        self._handoffs += 1
 
     @property
     def flush_due(self) -> float | None:
@@ -1423,7 +1477,29 @@ class ServerStore:
                 stopping = True
                 break
             batch.extend(more)
-        ops = [op for op, _ in batch if not isinstance(op, Read | ClusterGroupOp)]
+        # One pass sorts the batch: the writes to apply, the reads to answer
+        # after them, the callbacks to hand back. From here on no message of
+        # the batch can be withdrawn; one withdrawn before is skipped, with
+        # its callback.
+        ops: list[Write] = []
+        reads: list[Read] = []
+        thens: list[Then] = []
+        skipped = 0
+        with self._withdrawing:
+            for op, then in batch:
+                if type(op) is StoreMessage:
+                    if op.state:
+                        skipped += 1
+                        continue
+                    op.state = TAKEN
+                    ops.append(op)
+                elif type(op) is Read:
+                    reads.append(op)
+                elif type(op) not in _CLUSTER_OPS:
+                    ops.append(op)  # type: ignore[arg-type]
+                if then is not None:
+                    thens.append(then)
+        self.skipped += skipped
         failures = 0
         failing_since = next_log = 0.0
         started = time.monotonic()
@@ -1453,16 +1529,12 @@ class ServerStore:
             log.warning("writes to %s commit again after %.1f s and %d failed attempts",
                         self.path, time.monotonic() - failing_since, failures)  # fmt: skip
         # Reads after the commit: each sees every write submitted before it.
-        for op, _ in batch:
-            if isinstance(op, Read):
-                op.run(self._answer)
-        waited = False
-        for _, then in batch:
-            if then is not None:
-                self.done.put(then)
-                waited = True
+        for read in reads:
+            read.run(self._answer)
+        for then in thens:
+            self.done.put(then)
         self.finished += len(batch)
-        if waited:  # a batch of lazy writes wakes nobody: nothing waits for it
+        if thens:  # a batch of lazy writes wakes nobody: nothing waits for it
             self.notify()
         return not stopping
 
@@ -1502,25 +1574,36 @@ class ServerStore:
         stamp = self.server_ms()
         groups = _GroupRows()
         for op in ops:
-            match op:
-                case StoreMessage(m):
-                    instance = _i64(m.instance_id)
-                    messages.append((m.server_msg_id, m.recipient_key, m.sender_key, m.sender,
-                                     instance, m.client_seq, m.text, m.sent_ms))  # fmt: skip
-                    dedup.append((m.sender_key, instance, m.client_seq, m.server_msg_id,
-                                  m.sent_ms, content_digest(m.recipient_key, m.text),
-                                  stamp))  # fmt: skip
-                    count = counts.setdefault(m.recipient_key, [0, 0, 0])
-                    count[0] += 1
-                    count[1] += len(m.text.encode("utf-8"))
-                case MarkDelivered():
-                    delivered.append(op.server_msg_id)
+            # The kinds made per message first, by their exact class: a
+            # `match` class pattern costs an isinstance and attribute reads
+            # per case tried.
+            if type(op) is StoreMessage:
+                m = op.message
+                instance = _i64(m.instance_id)
+                messages.append((m.server_msg_id, m.recipient_key, m.sender_key, m.sender,
+                                 instance, m.client_seq, m.text, m.sent_ms))  # fmt: skip
+                dedup.append((m.sender_key, instance, m.client_seq, m.server_msg_id,
+                              m.sent_ms, content_digest(m.recipient_key, m.text),
+                              stamp))  # fmt: skip
+                count = counts.get(m.recipient_key)
+                if count is None:
+                    count = counts[m.recipient_key] = [0, 0, 0]
+                count[0] += 1
+                count[1] += len(m.text.encode("utf-8"))
+                continue
+            if type(op) is MarkDelivered:
+                delivered.append(op.server_msg_id)
+                count = counts.get(op.recipient_key)
+                if count is None:
+                    count = counts[op.recipient_key] = [0, 0, 0]
+                count[0] -= 1
+                count[1] -= op.size
+                if not op.told:
                     notices.append((op.sender_key, _i64(op.instance_id), op.client_seq,
                                     op.recipient, op.seq))  # fmt: skip
-                    count = counts.setdefault(op.recipient_key, [0, 0, 0])
-                    count[0] -= 1
-                    count[1] -= op.size
                     counts.setdefault(op.sender_key, [0, 0, 0])[2] += 1
+                continue
+            match op:
                 case NoticeDone(sender_key, instance_id, client_seq):
                     notices_done.append((sender_key, _i64(instance_id), client_seq))
                     counts.setdefault(sender_key, [0, 0, 0])[2] -= 1

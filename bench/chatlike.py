@@ -98,6 +98,7 @@ COUNTERS = {
     "datagrams_out": "chat_datagrams_sent_total",
     "messages": "chat_messages_relayed_total",
     "commits": "chat_store_commit_seconds_count",
+    "unwritten": "chat_messages_unwritten_total",
     "sessions": "chat_sessions",
 }
 
@@ -283,7 +284,8 @@ def chat_phase(server: Child, port: int, pairs: int, rate: float, duration: floa
     delivered = sum(r["received"] for r in receivers)
     elapsed = max(1e-9, max(r["end"] for r in results) - t0)
     n = max(1, delivered)
-    d = {k: after[k] - before[k] for k in ("datagrams_in", "datagrams_out", "messages", "commits")}
+    counted = ("datagrams_in", "datagrams_out", "messages", "commits", "unwritten")
+    d = {k: after[k] - before[k] for k in counted}
     return {
         "pairs": pairs, "rate": rate, "duration_s": duration, "elapsed_s": elapsed,
         "sent": sent, "delivered": delivered,
@@ -300,6 +302,8 @@ def chat_phase(server: Child, port: int, pairs: int, rate: float, duration: floa
         "receiver_datagrams_per_msg": sum(r["datagrams_out"] for r in receivers) / n,
         "messages_counted": d["messages"], "commits": d["commits"],
         "commits_per_s": d["commits"] / elapsed, "fsyncs_per_msg": d["commits"] / n,
+        # receipted by their recipients' clients before any commit: never written
+        "unwritten": d["unwritten"], "unwritten_share": d["unwritten"] / n,
         # the idle ones, these pairs' and any earlier phase's not yet expired
         "sessions_online": after["sessions"],
         "rate_limited_notices": sum(s.get("notices", {}).get("rate_limited", 0)
@@ -445,6 +449,8 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         )
         out.append(("  store commits/s; fsyncs per msg", "",
                     f"{p['commits_per_s']:,.0f}; {p['fsyncs_per_msg']:.3f}", ""))  # fmt: skip
+        out.append(("  messages never written (receipted before the commit)", "",
+                    f"{100 * p['unwritten_share']:.0f} %", ""))  # fmt: skip
     k = figures["keepalive"]
     out.append(
         (

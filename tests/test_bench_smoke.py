@@ -187,15 +187,17 @@ def test_chatlike_phase_delivers_every_message_beside_idle_sessions() -> None:
     """The chat-like phase (issue 18), as `python -m bench --quick` runs it:
     paced pairs beside idle sessions under the server's default limits,
     every message delivered once; the server's counters were read (each
-    message is a datagram in at least once, and was committed); then the
-    idle sessions alone."""
+    message is a datagram in at least once, and was committed or, receipted
+    before its commit, never written: issue 18); then the idle sessions
+    alone."""
     chatlike = run.chatlike_phase(run.parse(["--quick"]))
     assert chatlike["idle"] == 20
     (phase,) = chatlike["phases"]
     assert not CHATLIKE_KEYS - phase.keys(), phase
     assert phase["pairs"] == 2 and phase["sent"] > 0
     assert phase["delivered"] == phase["sent"] and phase["duplicates"] == 0, phase
-    assert phase["datagrams_in_per_msg"] > 0 and phase["commits"] > 0, phase
+    assert phase["datagrams_in_per_msg"] > 0, phase
+    assert phase["commits"] > 0 or phase["unwritten"] > 0, phase
     assert phase["bare"]["delivered"] == phase["bare"]["sent"] > 0, phase
     keepalive = chatlike["keepalive"]
     assert not KEEPALIVE_KEYS - keepalive.keys(), keepalive

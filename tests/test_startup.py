@@ -416,10 +416,11 @@ class Lines:
 def test_full_disk_while_running_withholds_acceptance_and_recovers(tmp_path: Path) -> None:
     """A real server on a 2 MiB tmpfs, filled to the last byte while alice
     and bob are logged in: her messages stay `sending` (bob may see them:
-    forwarding does not wait for the disk, but his receipts reach her only
-    after the commit), the server answers a WHO and a login, and says once
-    what is wrong. With space again every message is accepted, then
-    delivered, and shown once."""
+    forwarding does not wait for the disk; he does not receipt them yet:
+    a message its recipient's client holds needs no write, so a receipt
+    would have it accepted at once, see tests/test_nowrite.py), the server
+    answers a WHO and a login, and says once what is wrong. With space again
+    every message is accepted, then delivered, and shown once."""
     with tmpfs(tmp_path / "disk", "2m") as disk:
         data = disk / "data"
         server = spawn_server(data_dir=data)
@@ -438,6 +439,7 @@ def test_full_disk_while_running_withholds_acceptance_and_recovers(tmp_path: Pat
             first = alice.send("before the disk filled", "bob")
             wait_all(both, lambda: alice.reached(first, "delivered"), 15, "the first delivered")
 
+            bob.shows = False  # (his front end shows nothing for now: no receipts)
             filler = disk / "filler"
             fill(filler)
             texts = [f"while the disk is full {n}" for n in range(3)]
@@ -462,6 +464,12 @@ def test_full_disk_while_running_withholds_acceptance_and_recovers(tmp_path: Pat
             assert not log.with_("Traceback")
 
             filler.unlink()
+            wait_all(both, lambda: all(alice.reached(i, "accepted") for i in ids), 15,
+                     "the messages accepted once there is space")  # fmt: skip
+            wait_all(both, lambda: len(bob.received) == 4, 15, "bob has them all")
+            bob.shows = True
+            for event in bob.received[1:]:
+                bob.session.shown(event.id)
             wait_all(both, lambda: all(alice.reached(i, "delivered") for i in ids), 15,
                      "the messages accepted and delivered once there is space")  # fmt: skip
             for msg_id in [first, *ids]:
