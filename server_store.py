@@ -1396,6 +1396,8 @@ class ServerStore:
         if op.handoff == self._handoffs:  # not handed over yet: nothing waits for it now
             self._urgent -= 1
             self.withdrawn_pending += 1
+            if self._pending[-1][0] is op:  # a lone message's: no hand-over (no wake-up) for it
+                self._pending.pop()
         else:
             self.withdrawn_queued += 1
         return True
