@@ -4205,6 +4205,14 @@ def gather_metrics(
         counter("chat_received_bytes_total", "Bytes of UDP datagrams received.",
                 stats["bytes_in"]),  # fmt: skip
         counter("chat_sent_bytes_total", "Bytes of UDP datagrams sent.", stats["bytes_out"]),
+        counter("chat_loop_passes_total", "Passes of the socket loop (each one select, "
+                "then what it found ready).", stats["loop_passes"]),  # fmt: skip
+        counter("chat_loop_wakeups_total", "Passes woken by another thread of the server "
+                "(the store's commits, key exchanges) rather than by a datagram or a "
+                "timer.", stats["loop_wakeups"]),  # fmt: skip
+        counter("chat_loop_empty_reads_total", "Reads of the UDP socket that found it "
+                "empty (the loop had read everything select reported).",
+                stats["loop_empty_reads"]),  # fmt: skip
         labelled("chat_datagrams_dropped_total", "counter",
                  "Datagrams dropped, by reason; for the limits (pre_login_budget, "
                  "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_..., "

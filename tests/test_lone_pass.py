@@ -107,6 +107,11 @@ def test_a_lone_message_costs_no_empty_read_and_a_few_passes(
         bob.wait(lambda: len(bob.received) == MESSAGES + 1, 10.0, "all shown")
         passes, wakeups = stats["loop_passes"] - passes, stats["loop_wakeups"] - wakeups
         reads, empty = sock.reads - reads, sock.empty_reads - empty
+        # The same counts in /metrics (at least: the loop goes on meanwhile).
+        exported = {f.name: f.samples[0][1] for f in running.server.metrics() if f.samples}
+        assert exported["chat_loop_passes_total"] >= passes
+        assert exported["chat_loop_wakeups_total"] >= wakeups
+        assert exported["chat_loop_empty_reads_total"] <= sock.empty_reads
     finally:
         close_all(clients)
     assert reads >= 2 * MESSAGES  # a SEND and a RECEIPT at least, each read
