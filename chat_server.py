@@ -4016,7 +4016,6 @@ class ChatServer:
         selector.register(self.socket, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
         recvfrom = self.socket.recvfrom
-        reads = 1  # datagrams to read in the next pass, at most (below)
         try:
             while not self._stopping:
                 # The store's batch is handed over last, just before the
@@ -4029,6 +4028,7 @@ class ChatServer:
                 self._sleeping = True
                 if self._woken:  # completions came while this pass ran
                     timeout = 0.0
+                before = time.monotonic()
                 ready = selector.select(timeout)
                 self._sleeping = self._woken = False
                 now = time.monotonic()
@@ -4048,6 +4048,13 @@ class ChatServer:
                             pass
                 batch: list[tuple[bytes, Address]] = []
                 if socket_ready:
+                    # A select that slept found the one datagram a light load
+                    # brings: reading on would only find the queue empty. One
+                    # that returned at once found datagrams queued while the
+                    # last pass ran: read them all in one go (up to
+                    # READ_BATCH), their replies batched. Either way select
+                    # reports what is left.
+                    reads = 1 if now - before > self.SLEPT else self.READ_BATCH
                     for _ in range(reads):
                         try:
                             data, addr = recvfrom(65535)
@@ -4058,13 +4065,6 @@ class ChatServer:
                             log.debug("recvfrom: %s", exc)
                             continue
                         batch.append((data, addr[:2]))
-                    # How many to read next time: a select that slept found
-                    # the one datagram a light load brings, and reading on
-                    # would only find the queue empty; one that returned at
-                    # once found datagrams queued while the last pass ran, so
-                    # read them all in one go (up to READ_BATCH), replies
-                    # batched. Either way select reports what is left.
-                    reads = 1 if now - before > self.SLEPT else self.READ_BATCH
                 if batch:
                     relay.receive_datagrams(batch, now)  # sessions' datagrams first
                 self._sample_memory(now)

@@ -85,10 +85,9 @@ def test_a_lone_message_costs_no_empty_read_and_a_few_passes(
 ) -> None:
     """Messages sent one at a time, each waited for (delivered) before the
     next: every datagram comes to a sleeping loop. The loop reads it and
-    stops there: before, every pass read on until the socket said
-    EAGAIN (a system call and a raised BlockingIOError per pass, two or more
-    per message). A pass per datagram in, plus the commit's completion; the
-    store's wake byte at most once per message."""
+    stops there: before, every pass read on until the socket said EAGAIN (a
+    system call and a raised BlockingIOError per pass, two or more per
+    message). The store's wake byte about once per message (its commit)."""
     running, sock = counted
     clients = [RecordingClient(name) for name in ("alice", "bob")]
     try:
@@ -115,10 +114,13 @@ def test_a_lone_message_costs_no_empty_read_and_a_few_passes(
     finally:
         close_all(clients)
     assert reads >= 2 * MESSAGES  # a SEND and a RECEIPT at least, each read
-    # Before: >= 2 per message (each read ended on an empty socket). Now
-    # only a select that returned at once reads on (a loaded machine).
-    assert empty <= MESSAGES // 2, (empty, reads)
-    assert 2 * MESSAGES <= passes <= 6 * MESSAGES, passes
+    # Before: 2 or more per message (every pass's reads ended on an empty
+    # socket). Now only a select that returned at once reads on: datagrams
+    # had queued while the loop was busy or not running (a loaded machine).
+    assert empty < MESSAGES, (empty, reads)
+    # A pass per datagram, the commit's wake-up, and timers (acks, the
+    # commit's wait): how many of those depends on the clients' timing.
+    assert 2 * MESSAGES <= passes <= 10 * MESSAGES, (passes, reads, wakeups)
     assert wakeups <= 2 * MESSAGES, wakeups
 
 
