@@ -4019,7 +4019,6 @@ class ChatServer:
         selector.register(self.socket, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
         recvfrom = self.socket.recvfrom
-        burst = 1  # datagrams to read after a select that did not sleep (below)
         try:
             while not self._stopping:
                 # The store's batch is handed over last, just before the
@@ -4056,15 +4055,12 @@ class ChatServer:
                     # them: each read that finds the socket empty is a system
                     # call and a raised BlockingIOError, and select reports
                     # whatever is left. A select that slept found the one
-                    # datagram a light load brings. One that returned at once
-                    # found datagrams queued while the loop was busy (or
-                    # preempted by the very client it had just sent to): read
-                    # as many as last time, twice as many while every read
-                    # finds one, up to READ_BATCH (at saturation a pass reads
-                    # hundreds, its replies batched).
-                    fast = now - before <= self.SLEPT
-                    reads = burst if fast else 1
-                    for _ in range(reads):
+                    # datagram a light load brings: read it alone. One that
+                    # returned at once found datagrams queued while the loop
+                    # was busy (or preempted by the client it had just sent
+                    # to): read until the socket is empty, up to READ_BATCH,
+                    # their replies batched (flat out a pass reads hundreds).
+                    for _ in range(1 if now - before > self.SLEPT else self.READ_BATCH):
                         try:
                             data, addr = recvfrom(65535)
                         except (BlockingIOError, InterruptedError):
@@ -4074,9 +4070,6 @@ class ChatServer:
                             log.debug("recvfrom: %s", exc)
                             continue
                         batch.append((data, addr[:2]))
-                    if fast:
-                        full = len(batch) >= reads
-                        burst = min(self.READ_BATCH, 2 * reads) if full else max(1, len(batch))
                 if batch:
                     relay.receive_datagrams(batch, now)  # sessions' datagrams first
                 self._sample_memory(now)
