@@ -3883,8 +3883,11 @@ class ChatServer:
     #: Datagrams read per pass before flushing, so replies batch into fewer datagrams.
     READ_BATCH = 256
     #: A `select` that took longer than this slept: the loop had caught up,
-    #: and reads one datagram in that pass (see `serve_forever`).
+    #: and reads one datagram in that pass (see `serve_forever`)...
     SLEPT = 50e-6
+    #: ...for this many passes in a row at most; then a pass reads until the
+    #: socket is empty (a select that only seemed to sleep: a wait for the GIL).
+    SINGLE_READS = 8
 
     def __init__(
         self, address: Address = ("127.0.0.1", 5555), config: ServerConfig | None = None, *,
@@ -4019,6 +4022,7 @@ class ChatServer:
         selector.register(self.socket, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
         recvfrom = self.socket.recvfrom
+        single = 0  # passes in a row that read one datagram (below)
         try:
             while not self._stopping:
                 # The store's batch is handed over last, just before the
@@ -4060,7 +4064,14 @@ class ChatServer:
                     # was busy (or preempted by the client it had just sent
                     # to): read until the socket is empty, up to READ_BATCH,
                     # their replies batched (flat out a pass reads hundreds).
-                    for _ in range(1 if now - before > self.SLEPT else self.READ_BATCH):
+                    # A select can look as if it slept when it was the GIL
+                    # the loop waited for after it (another thread of this
+                    # process ran Python): so after SINGLE_READS passes of
+                    # one read, one reads on, and while such reads find
+                    # more than one datagram, every pass does.
+                    slept = now - before > self.SLEPT
+                    reads = 1 if slept and single < self.SINGLE_READS else self.READ_BATCH
+                    for _ in range(reads):
                         try:
                             data, addr = recvfrom(65535)
                         except (BlockingIOError, InterruptedError):
@@ -4070,6 +4081,10 @@ class ChatServer:
                             log.debug("recvfrom: %s", exc)
                             continue
                         batch.append((data, addr[:2]))
+                    if reads == 1:
+                        single += 1
+                    else:
+                        single = 0 if len(batch) <= 1 else self.SINGLE_READS
                 if batch:
                     relay.receive_datagrams(batch, now)  # sessions' datagrams first
                 self._sample_memory(now)
