@@ -35,6 +35,7 @@ import gc
 import heapq
 import itertools
 import logging
+import math
 import os
 import secrets
 import selectors
@@ -263,6 +264,9 @@ ACCOUNT_GONE = "\0account deleted"
 DELETION_REQUEST = (1 << 64) - 1
 MAX_TYPING_PAIRS = 4096  # (sender, recipient) typing limiters kept, least recent evicted
 MEMORY_SAMPLE_INTERVAL = 0.5  # seconds between two reads of the resident memory
+#: Sessions' expiry checks fall on multiples of this many seconds, at most
+#: (`Relay._schedule`).
+EXPIRY_GRID = 1.0
 SHUTDOWN_COMMIT_WAIT = 2.0  # seconds a stopping server waits for its last commit
 SHORT_OF_MEMORY = "the server is short of memory; your messages wait"
 #: The first 6 bytes of every datagram of a session: magic, version, MAC flag.
@@ -721,6 +725,12 @@ class Relay:
                 log.info("session of %s expired after %.0f s of silence", session.user.name,
                          now - session.last_heard)  # fmt: skip
                 self._end_session(session, now)
+                continue
+            timer = session.conn.get_timer()
+            if timer is None or timer > now:
+                # Only its expiry was due, and it has been heard from since:
+                # nothing to send, no pass over its connection (issue 18).
+                self._schedule(session, now)
                 continue
             session.conn.handle_timer(now)
             self._collect(session, session.addr, now)
@@ -2236,7 +2246,14 @@ class Relay:
 
     def _schedule(self, session: Session, now: float) -> None:
         timer = session.conn.get_timer()
-        deadline = session.last_heard + self.config.session_timeout
+        # A session's expiry is looked at on the next multiple of the grid:
+        # the idle sessions' checks share a pass instead of waking the loop
+        # one by one (10,000 idle sessions: one pass a second, not ~170). It
+        # ends at most a grid step (EXPIRY_GRID, or a sixteenth of a shorter
+        # timeout) later than session_timeout.
+        timeout = self.config.session_timeout
+        grid = min(EXPIRY_GRID, timeout / 16)
+        deadline = math.ceil((session.last_heard + timeout) / grid) * grid
         if timer is not None:
             deadline = min(deadline, max(timer, now))
         if session.scheduled is None or deadline < session.scheduled:
@@ -3865,6 +3882,12 @@ class ChatServer:
 
     #: Datagrams read per pass before flushing, so replies batch into fewer datagrams.
     READ_BATCH = 256
+    #: A `select` that took longer than this slept: the loop had caught up,
+    #: and reads one datagram in that pass (see `serve_forever`)...
+    SLEPT = 50e-6
+    #: ...for this many passes in a row at most; then a pass reads until the
+    #: socket is empty (a select that only seemed to sleep: a wait for the GIL).
+    SINGLE_READS = 8
 
     def __init__(
         self, address: Address = ("127.0.0.1", 5555), config: ServerConfig | None = None, *,
@@ -3897,6 +3920,11 @@ class ChatServer:
                 raise MetricsListenError(exc.errno, exc.strerror) from exc
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        # `_wake`'s handshake with the loop (set before any thread that may
+        # call it starts): the loop is in, or about to enter, select; there
+        # are completions it has not looked for yet.
+        self._sleeping = True
+        self._woken = False
         self.store: ServerStore | None = None
         # Cluster mode: the node's store on Redis instead (server_cluster).
         self.cluster_store: RedisStore | None = None
@@ -3963,6 +3991,19 @@ class ChatServer:
         self._wake_w.close()
 
     def _wake(self) -> None:
+        """From another thread (the store's, the key exchanges' pool): there
+        are completions for the loop. The byte that wakes it is written only
+        while it sleeps (or is about to) in `select`; a loop that is awake
+        sees `_woken` before it sleeps again and does not wait (issue 18: a
+        write, a wake-up and a read per completion the loop would have
+        picked up anyway). Both flags are read and written under the GIL:
+        the loop sets `_sleeping` before it reads `_woken`, this sets
+        `_woken` before it reads `_sleeping`, so one of them sees the other."""
+        self._woken = True
+        if self._sleeping:
+            self._wake_now()
+
+    def _wake_now(self) -> None:
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -3972,52 +4013,85 @@ class ChatServer:
         """Ask `serve_forever` to send its shutdown notices and return. Safe
         from another thread or a signal handler."""
         self._stopping = True
-        self._wake()
+        self._wake_now()
 
     def serve_forever(self) -> None:
         relay = self.relay
+        stats = relay.stats
         selector = selectors.DefaultSelector()
         selector.register(self.socket, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
+        recvfrom = self.socket.recvfrom
+        single = 0  # passes in a row that read one datagram (below)
         try:
             while not self._stopping:
+                # The store's batch is handed over last, just before the
+                # loop sleeps: the store thread it wakes then finds the GIL
+                # free instead of waiting for it (a futex round trip and a
+                # context switch per commit, issue 18).
+                before = time.monotonic()
+                relay.flush_store(before)  # after the sends: see ServerStore.flush
+                timeout = self._timeout(before)
+                self._sleeping = True
+                if self._woken:  # completions came while this pass ran
+                    timeout = 0.0
+                before = time.monotonic()
+                ready = selector.select(timeout)
+                self._sleeping = self._woken = False
                 now = time.monotonic()
-                deadline = relay.get_timer()
-                if self.store is not None and (due := self.store.flush_due) is not None:
-                    deadline = due if deadline is None else min(deadline, due)
-                timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+                stats["loop_passes"] += 1
                 # Only what select found ready is read: at an ordinary load a
                 # pass has one thing to do, and every read that finds
-                # nothing costs a raised BlockingIOError (issue 18).
-                readable = socket_ready = False
-                for key, _ in selector.select(timeout):
+                # nothing costs a system call and a raised BlockingIOError.
+                socket_ready = False
+                for key, _ in ready:
                     if key.fileobj is self.socket:
                         socket_ready = True
                     else:
-                        readable = True
-                if readable:
-                    try:
-                        self._wake_r.recv(4096)  # (more than that: select says so again)
-                    except (BlockingIOError, InterruptedError):
-                        pass
-                now = time.monotonic()
+                        stats["loop_wakeups"] += 1
+                        try:
+                            self._wake_r.recv(4096)  # (more than that: select says so again)
+                        except (BlockingIOError, InterruptedError):
+                            pass
                 batch: list[tuple[bytes, Address]] = []
-                for _ in range(self.READ_BATCH if socket_ready else 0):
-                    try:
-                        data, addr = self.socket.recvfrom(65535)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError as exc:  # e.g. ICMP port unreachable on some systems
-                        log.debug("recvfrom: %s", exc)
-                        continue
-                    batch.append((data, addr[:2]))
+                if socket_ready:
+                    # How many datagrams to read before the pass works on
+                    # them: each read that finds the socket empty is a system
+                    # call and a raised BlockingIOError, and select reports
+                    # whatever is left. A select that slept found the one
+                    # datagram a light load brings: read it alone. One that
+                    # returned at once found datagrams queued while the loop
+                    # was busy (or preempted by the client it had just sent
+                    # to): read until the socket is empty, up to READ_BATCH,
+                    # their replies batched (flat out a pass reads hundreds).
+                    # A select can look as if it slept when it was the GIL
+                    # the loop waited for after it (another thread of this
+                    # process ran Python): so after SINGLE_READS passes of
+                    # one read, one reads on, and while such reads find
+                    # more than one datagram, every pass does.
+                    slept = now - before > self.SLEPT
+                    reads = 1 if slept and single < self.SINGLE_READS else self.READ_BATCH
+                    for _ in range(reads):
+                        try:
+                            data, addr = recvfrom(65535)
+                        except (BlockingIOError, InterruptedError):
+                            stats["loop_empty_reads"] += 1
+                            break
+                        except OSError as exc:  # e.g. ICMP port unreachable on some systems
+                            log.debug("recvfrom: %s", exc)
+                            continue
+                        batch.append((data, addr[:2]))
+                    if reads == 1:
+                        single += 1
+                    else:
+                        single = 0 if len(batch) <= 1 else self.SINGLE_READS
                 if batch:
                     relay.receive_datagrams(batch, now)  # sessions' datagrams first
                 self._sample_memory(now)
                 # (the store's and the key exchanges' completions: in datagrams_to_send)
                 relay.handle_timer(now)
                 self._send_all(relay.datagrams_to_send(now))
-                relay.flush_store(now)  # after the sends: see ServerStore.flush
+            self._sleeping = True  # from here on every completion writes its wake
             self._commit_before_leaving(selector)
             now = time.monotonic()
             relay.send_shutdown(now)
@@ -4025,6 +4099,19 @@ class ChatServer:
         finally:
             selector.close()
             self._stopped = True
+
+    def _timeout(self, now: float) -> float:
+        """How long the loop may sleep, right after `flush_store(now)`: until
+        the relay's next timer (`get_timer`: retransmissions, acks, expiry,
+        the end of a commit's wait for receipts) or the store's lazy writes
+        fall due, at most a second. Lazy writes already due that the flush
+        kept are held by the relay's wait for receipts, which ends at its own
+        timer: counting them again made the loop spin with no timeout until
+        that wait was over (up to COMMIT_WAIT, each LAZY_HOLD)."""
+        deadline = self.relay.get_timer()
+        if self.store is not None and (due := self.store.flush_due) is not None and due > now:
+            deadline = due if deadline is None else min(deadline, due)
+        return 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
 
     def _commit_before_leaving(self, selector: selectors.BaseSelector) -> None:
         """On the way out, before the BYE: let the store commit what the
@@ -4138,6 +4225,14 @@ def gather_metrics(
         counter("chat_received_bytes_total", "Bytes of UDP datagrams received.",
                 stats["bytes_in"]),  # fmt: skip
         counter("chat_sent_bytes_total", "Bytes of UDP datagrams sent.", stats["bytes_out"]),
+        counter("chat_loop_passes_total", "Passes of the socket loop (each one select, "
+                "then what it found ready).", stats["loop_passes"]),  # fmt: skip
+        counter("chat_loop_wakeups_total", "Passes woken by another thread of the server "
+                "(the store's commits, key exchanges) rather than by a datagram or a "
+                "timer.", stats["loop_wakeups"]),  # fmt: skip
+        counter("chat_loop_empty_reads_total", "Reads of the UDP socket that found it "
+                "empty (the loop had read everything select reported).",
+                stats["loop_empty_reads"]),  # fmt: skip
         labelled("chat_datagrams_dropped_total", "counter",
                  "Datagrams dropped, by reason; for the limits (pre_login_budget, "
                  "pre_login_rate_limit, user_rate_limit, output_cap_..., short_of_memory_..., "

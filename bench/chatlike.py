@@ -100,6 +100,8 @@ COUNTERS = {
     "commits": "chat_store_commit_seconds_count",
     "unwritten": "chat_messages_unwritten_total",
     "sessions": "chat_sessions",
+    "passes": "chat_loop_passes_total",
+    "wakeups": "chat_loop_wakeups_total",
 }
 
 
@@ -310,6 +312,9 @@ def chat_phase(server: Child, port: int, pairs: int, rate: float, duration: floa
                                     for s in [*senders, *receivers]),
         "socket_drops": drops,
         "load_cpu_s": sum(r["cpu_s"] for r in results),
+        # the loop's passes (a select each) and those the store thread woke
+        "passes_per_msg": (after["passes"] - before["passes"]) / n,
+        "wakeups_per_msg": (after["wakeups"] - before["wakeups"]) / n,
     }  # fmt: skip
 
 
@@ -371,6 +376,7 @@ def keepalive_phase(sessions: int, window: float, load_workers: int,
         "datagrams_out_per_session_per_min":
             (after["datagrams_out"] - before["datagrams_out"]) / per / minutes,
         "commits_per_s": (after["commits"] - before["commits"]) / (t1 - t0),
+        "passes_per_s": (after["passes"] - before["passes"]) / (t1 - t0),
     }  # fmt: skip
 
 
@@ -447,6 +453,8 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "",
             )
         )
+        out.append(("  loop passes per msg; of them woken by the store thread", "",
+                    f"{p['passes_per_msg']:.2f}; {p['wakeups_per_msg']:.2f}", ""))  # fmt: skip
         out.append(("  store commits/s; fsyncs per msg", "",
                     f"{p['commits_per_s']:,.0f}; {p['fsyncs_per_msg']:.3f}", ""))  # fmt: skip
         out.append(("  messages never written (receipted before the commit)", "",
@@ -464,6 +472,7 @@ def rows(figures: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     out.append(("  server CPU, % of a core; datagrams in / out per session per minute", "",
                 f"{k['server_cpu_pct']:.2f}; {k['datagrams_in_per_session_per_min']:.2f} / "
                 f"{k['datagrams_out_per_session_per_min']:.2f}", ""))  # fmt: skip
+    out.append(("  loop passes per second", "", f"{k['passes_per_s']:,.0f}", ""))
     return out
 
 

@@ -17,7 +17,16 @@ multiprocessing. The conversation with the parent is:
 
 Time stamps travel inside the message text ("<monotonic_ns> <seq> xxx..."):
 processes on one host share the monotonic clock, so the receiver's clock
-minus the stamp is the one-way latency.
+minus the stamp is the one-way latency. The stamp is taken when the message
+is written, before the sending client encodes it, packs it into a datagram
+and MACs that (its own ~30-60 us of Python); the bare loop's clients stamp
+right before `send`. So the sender also notes when the datagram carrying
+each message went to `send` (its "lead" over the stamp), and the receiver's
+latency minus that lead is the wire latency: from the sender's `send` to the
+receiver's `recv`, the path through the relay alone, comparable with the
+bare loop's (`wire_latencies`; exact with one message in flight; with a full
+congestion window a message that waits for room is counted from the pass
+that queued it, so the figure errs high).
 """
 
 from __future__ import annotations
@@ -343,7 +352,10 @@ class Peer:
         if self.timer is not None and self.timer <= now:
             conn.handle_timer(now)
         send = self.sock.send
-        for datagram in conn.datagrams_to_send(now):
+        datagrams = conn.datagrams_to_send(now)
+        if datagrams:
+            self.on_wire(time.monotonic_ns())
+        for datagram in datagrams:
             try:
                 send(datagram)
             except OSError:
@@ -353,6 +365,9 @@ class Peer:
 
     def before_send(self) -> None:
         """Queue what this pass owes (the receiver's receipts)."""
+
+    def on_wire(self, now_ns: int) -> None:
+        """This pass's datagrams, encoded and MACed, go to `send` now."""
 
     def on_payload(self, payload: bytes, now_ns: int) -> None:
         self.on_message(decode_message(payload), now_ns)
@@ -388,6 +403,8 @@ class Sender(Peer):
         self.outstanding: dict[int, list[int]] = {}
         self.accept_latencies = array.array("q")  # send -> ACCEPT (durable), ns
         self.delivered_latencies = array.array("q")  # send -> DELIVERED (receipted), ns
+        # leads[seq - 1]: from message seq's stamp to its datagram's `send`, ns
+        self.leads = array.array("q")
         self.sent = self.completed = self.failed = 0
         self.accepted = self.delivered = 0
         self.last_complete = 0.0
@@ -408,6 +425,12 @@ class Sender(Peer):
             outstanding[seq] = [0, stamp]
         self.sent += room
         self.dirty = True
+
+    def on_wire(self, now_ns: int) -> None:
+        outstanding, leads = self.outstanding, self.leads
+        for seq in range(len(leads) + 1, self.next_seq):  # written since the last pass
+            entry = outstanding.get(seq)
+            leads.append(now_ns - entry[1] if entry is not None else 0)
 
     def settle(self, seq: int, bit: int, now_ns: int) -> None:
         """An ACCEPT (bit 1) or DELIVERED (bit 2) for message `seq`."""
@@ -466,6 +489,8 @@ class Receiver(Peer):
         self.receipts: list[int] = []
         self.received = self.duplicates = self.damaged = 0
         self.latencies = array.array("q")  # ns
+        # (sender, client_seq, index in latencies): for `wire_latencies`
+        self.arrivals: list[tuple[str, int, int]] = []
 
     def on_message(self, message: Message, now_ns: int) -> None:
         if not isinstance(message, Deliver):
@@ -479,11 +504,23 @@ class Receiver(Peer):
             self.received += 1
             try:
                 self.latencies.append(now_ns - text_stamp(text))
+                self.arrivals.append((message.sender, msg_id.client_seq, len(self.latencies) - 1))
             except ValueError:
                 self.damaged += 1
         # Receipted in this pass's RECEIPTS: this client keeps nothing on disk.
         self.receipts.append(message.server_msg_id)
         self.dirty = True
+
+    def wire_latencies(self, leads: dict[str, array.array[int]]) -> array.array[int]:
+        """Each message's latency from its datagram's `send` (its latency
+        minus its sender's lead), for the senders in `leads`."""
+        wire = array.array("q")
+        latencies = self.latencies
+        for sender, seq, at in self.arrivals:
+            lead = leads.get(sender)
+            if lead is not None and 0 < seq <= len(lead):
+                wire.append(latencies[at] - lead[seq - 1])
+        return wire
 
     def before_send(self) -> None:
         receipts, self.receipts = self.receipts, []
@@ -616,10 +653,16 @@ def traffic_loop(
     finally:
         selector.close()
     cpu = cpu_seconds() - cpu0
+    leads = {s.name: s.leads for s in senders}
+    receivers_out = []
+    for r in receivers:
+        out = r.result()
+        out["wire_latencies"] = r.wire_latencies(leads).tobytes()
+        receivers_out.append(out)
     return {
         "cpu_s": cpu, "end": time.monotonic(),
         "senders": [s.result() for s in senders],
-        "receivers": [r.result() for r in receivers],
+        "receivers": receivers_out,
     }  # fmt: skip
 
 

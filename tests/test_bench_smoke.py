@@ -42,7 +42,7 @@ TRAFFIC_KEYS = {
     "load_cpu_pct", "load_cpu_us_per_msg", "load_workers", "lat_p50_us", "lat_p99_us",
     "lat_max_us", "accept_p50_us", "accept_p99_us", "delivered_p50_us", "delivered_p99_us",
     "datagrams_into_relay_per_msg", "relay_rss_growth_b_per_msg", "rate_limited_notices",
-    "relay_socket_drops",
+    "relay_socket_drops", "lat_wire_p50_us", "lat_wire_p99_us",
 }  # fmt: skip
 SCALE_KEYS = {
     "sessions", "logged_in", "login_s", "logins_per_s", "server_cpu_us_per_login",
@@ -67,6 +67,7 @@ TABLE_LINES = (
     "one-way latency p50 / p99 us, 16 pair(s) loaded", "memory per idle session",
     "logins (registering), seconds", "logins (existing, after a restart), seconds",
     "server logic alone", "server memory kept per relayed message", "GUI lag",
+    "1 in flight: relay CPU us/msg (a lone message)", "1 in flight: from the sender's send",
 )  # fmt: skip
 FANOUT_KEYS = {
     "members", "rate", "sent", "accepted", "completed", "recipients", "copies",
@@ -78,7 +79,7 @@ FANOUT_KEYS = {
 CHATLIKE_KEYS = {
     "pairs", "rate", "sent", "delivered", "duplicates", "lost", "msgs_per_s", "cpu_us_per_msg",
     "datagrams_in_per_msg", "datagrams_out_per_msg", "commits", "commits_per_s",
-    "fsyncs_per_msg", "bare", "cpu_ratio",
+    "fsyncs_per_msg", "bare", "cpu_ratio", "passes_per_msg", "wakeups_per_msg",
 }  # fmt: skip
 KEEPALIVE_KEYS = {
     "sessions", "online", "window_s", "server_cpu_s", "cpu_us_per_session_per_min",
