@@ -209,6 +209,7 @@ from server_store import (
     RequestKey,
     ServerStore,
     StoreAccount,
+    StoreDedup,
     StoredMessage,
     StoreError,
     StoreGroupItem,
@@ -314,15 +315,18 @@ COMMIT_WAIT = 0.002
 # never written (issue 18): the recipient's client holds it durably (it
 # commits a message before its receipt), so its sender is told DELIVERED
 # and ACCEPT at once, in that order on one stream, and its write is
-# withdrawn (`ServerStore.withdraw`). What answers a resend of it with the
-# same server_msg_id and the DELIVERED again is then this memory: an entry
-# per such message until its sender's client acks the DELIVERED, bounded
-# (the oldest go first) for senders that left before acking. One forgotten,
-# or lost in a crash, costs nothing but a copy: a resend is taken as a new
-# message, the recipient's client dedups it by its message id, receipts it
-# again, and the sender is told DELIVERED (docs/RELIABILITY.md 1.3).
+# withdrawn (`ServerStore.withdraw`). Its dedup key, content digest and
+# recipient's name are written lazily instead (`StoreDedup`, LAZY_HOLD: on
+# the next commit, or alone after 0.1 s; nobody waits for it): a resend
+# is then answered DELIVERED and ACCEPT with the same server_msg_id, a
+# reuse of its id for other content DUPLICATE_ID, in any later life of the
+# server too. Until that write commits, an entry in memory answers them
+# (dropped by the write's callback). These entries are capped for safety
+# (a store that cannot commit keeps them): past either cap a message takes
+# the written path, nothing is evicted. Only a crash within the lazy
+# window loses the key (docs/RELIABILITY.md 1.3.2).
 MAX_EARLY = 65_536
-MAX_EARLY_CHARS = 16 << 20  # of their texts (a text is kept for the duplicate_id check)
+MAX_EARLY_BYTES = 16 << 20  # of their texts' UTF-8 (a text is kept for the duplicate_id check)
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
 #: report every one of them, at 0 until it happens, so an alert on one can
@@ -446,10 +450,11 @@ class Relay:
         # the ACCEPT (message id, recipient's name, the receipt's seq).
         self._tell_at_accept: dict[tuple[str, int, int], tuple[MsgId, str, int]] = {}
         self._hwm: dict[tuple[str, int], int] = {}
-        # Messages told DELIVERED and ACCEPT before any write (MAX_EARLY):
-        # dedup key -> (server id, recipient key, text, recipient's name).
-        self._early: dict[tuple[str, int, int], tuple[int, str, str, str]] = {}
-        self._early_chars = 0
+        # Messages told DELIVERED and ACCEPT before any write whose dedup key
+        # is not committed yet (MAX_EARLY): dedup key -> (server id,
+        # recipient key, text, recipient's name, UTF-8 bytes of the text).
+        self._early: dict[tuple[str, int, int], tuple[int, str, str, str, int]] = {}
+        self._early_bytes = 0
         # The writes of messages handed to an online recipient and not yet
         # committed, by server id: withdrawn if their receipt comes first.
         self._unwritten: dict[int, StoreMessage] = {}
@@ -1103,8 +1108,6 @@ class Relay:
                 return
             done = [handle] if isinstance(handle, MsgId) else handle
             if isinstance(done, list):
-                if self._early:
-                    self._early_told(session.user.key, done)
                 if session.receipts is not None:
                     self._receipts_acked(session, done)
         elif isinstance(event, ReassemblyExpired):
@@ -1453,13 +1456,15 @@ class Relay:
             if read.result is None:  # below the mark but never accepted
                 self._take_or_answer(session, send, to_key)
                 continue
-            server_msg_id, digest = read.result
+            server_msg_id, digest, delivered_to = read.result
             # Keys stored before digests were kept take any content, as before.
             if digest is None or digest == content_digest(to_key, send.text):
                 if to_key[0] == "#":
                     self._group_accept_again(user, send.msg_id, server_msg_id)
-                else:
-                    self._queue_accept(session, send.msg_id, server_msg_id)
+                    continue
+                if delivered_to is not None:  # never written: no receipt queued either
+                    self._queue_delivered(session, send.msg_id, delivered_to)
+                self._queue_accept(session, send.msg_id, server_msg_id)
             else:
                 self._fail(session, send.msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
 
@@ -1784,7 +1789,11 @@ class Relay:
         sends the message again. Else (False) the durable path: the write
         goes on, the receipt is queued, DELIVERED follows the ACCEPT."""
         sender = self.users.get(entry.sender_key)
-        if sender is None:
+        if (
+            sender is None
+            or len(self._early) >= MAX_EARLY
+            or self._early_bytes + entry.size > MAX_EARLY_BYTES
+        ):
             return False
         route = self.router.locate(sender)
         if (
@@ -1799,10 +1808,11 @@ class Relay:
         del self._unwritten[server_msg_id]
         dedup = (entry.sender_key, *entry.msg_id)
         _, to_key, text = self._accepted.pop(dedup)
-        self._early[dedup] = (server_msg_id, to_key, text, to)
-        self._early_chars += len(text)
-        while len(self._early) > MAX_EARLY or self._early_chars > MAX_EARLY_CHARS:
-            self._early_chars -= len(self._early.pop(next(iter(self._early)))[2])
+        self._early[dedup] = (server_msg_id, to_key, text, to, entry.size)
+        self._early_bytes += entry.size
+        # The dedup key goes to the disk lazily; until it is there, the entry answers.
+        self.store.submit(StoreDedup(write.message, to),
+                          functools.partial(self._early_written, dedup))  # fmt: skip
         self._queue_delivered(route, entry.msg_id, to)
         self._queue_accept(route, entry.msg_id, server_msg_id)
         self.stats["messages_unwritten"] += 1
@@ -1851,13 +1861,12 @@ class Relay:
             for msg_id, delivered in held.items():
                 self._offer_receipt(current, msg_id, delivered.recipient, delivered.seq)
 
-    def _early_told(self, key: str, done: list[MsgId]) -> None:
-        """The sender's client acked these DELIVEREDs: it will not send the
-        messages again, so what stood in for their writes goes."""
-        for msg_id in done:
-            early = self._early.pop((key, *msg_id), None)
-            if early is not None:
-                self._early_chars -= len(early[2])
+    def _early_written(self, dedup: tuple[str, int, int]) -> None:
+        """The dedup key of a message told before any write is committed
+        (`StoreDedup`): the disk answers a resend or a reuse of its id now."""
+        early = self._early.pop(dedup, None)
+        if early is not None:
+            self._early_bytes -= early[4]
 
     def _tell_sender(self, sender_key: str, msg_id: MsgId, to: str, seq: int) -> None:
         """Tell the sender that `to` has its message (now, or from the disk

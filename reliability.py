@@ -1063,8 +1063,14 @@ class Connection:
             if not self._sent_times:
                 self._sent_times = {}  # a dict keeps its table when emptied: free it
         acked_pkts = set()
+        inflight = self._inflight
         for seq in self._acked_seqs(ack):
-            chunk = self._inflight.pop(seq)
+            chunk = inflight[seq]
+            if chunk.pkt_num < 0:
+                # Admitted but never sent (`send` puts a chunk in the flight
+                # at once): an ack cannot cover it, whatever its `una` says.
+                continue
+            del inflight[seq]
             self._unacked_bytes -= chunk.size
             progressed = True
             acked_pkts.add(chunk.pkt_num)

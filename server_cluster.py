@@ -1475,7 +1475,7 @@ class RedisStore:
                     return None
                 # (a group message's goes on with its place: ":seq:recipients:epoch")
                 server_msg_id, digest = str(raw).split(":")[:2]
-                return int(server_msg_id), bytes.fromhex(digest)
+                return int(server_msg_id), bytes.fromhex(digest), None
             case ReadGroupLog(key, _, _, limit, max_bytes):
                 items: list[GroupItem] = []
                 size = 0

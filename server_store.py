@@ -101,7 +101,7 @@ CREATE TABLE IF NOT EXISTS mailbox (
 CREATE TABLE IF NOT EXISTS dedup (
     sender_key TEXT NOT NULL, instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL,
     server_msg_id INTEGER NOT NULL, accepted_ms INTEGER NOT NULL,
-    digest BLOB, server_ms INTEGER NOT NULL DEFAULT 0,
+    digest BLOB, server_ms INTEGER NOT NULL DEFAULT 0, delivered_to TEXT,
     PRIMARY KEY (sender_key, instance_id, client_seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS notices (
@@ -428,6 +428,20 @@ class StoreMessage:
     handoff: int = 0
 
 
+@dataclass(slots=True)
+class StoreDedup:
+    """Keep the dedup key (and content digest) of a message that is never
+    written (`StoreMessage` withdrawn: its recipient's client receipted it
+    first, `chat_server.Relay._accept_early`), with the name of the
+    recipient who has it: a resend of it is answered ACCEPT with its id and
+    DELIVERED, a reuse of its id for other content DUPLICATE_ID, in any
+    later life of the server too. A lazy write (LAZY_WRITES): its sender
+    was answered already and waits for nothing."""
+
+    message: StoredMessage
+    delivered_to: str
+
+
 #: `StoreMessage.state`: the store thread has it (applying or applied: too
 #: late to withdraw), or the loop withdrew it (the thread skips it).
 TAKEN = 1
@@ -521,7 +535,9 @@ class ReadNotices:
 @dataclass(slots=True)
 class FindDedup:
     """A committed message id: answer (server_msg_id, content digest or
-    None for keys older than digests) or None when unknown."""
+    None for keys older than digests, the recipient's name if the message
+    was delivered without a write (`StoreDedup`) or None) or None when
+    unknown."""
 
     sender_key: str
     instance_id: int
@@ -740,13 +756,13 @@ GroupWrite = (
     StoreGroupItem | EndGroup | GroupReceipt | DropMember | BuryMember | GroupTold | TrimGroup
 )  # fmt: skip
 Write = (
-    StoreMessage | MarkDelivered | NoticeDone | StoreAccount | UpdateAccount | EraseAccount
-    | Reserve | Sync | GroupWrite
+    StoreMessage | StoreDedup | MarkDelivered | NoticeDone | StoreAccount | UpdateAccount
+    | EraseAccount | Reserve | Sync | GroupWrite
 )  # fmt: skip
 Query = ReadMailbox | ReadNotices | FindDedup | ReadGroupLog | ReadGroupSent | FindGroupItem
 MailPage = tuple[list[StoredMessage], bool]
 NoticePage = tuple[list[NoticeRow], bool]
-DedupFound = tuple[int, bytes | None] | None
+DedupFound = tuple[int, bytes | None, str | None] | None
 GroupPage = tuple[list[GroupItem], bool]
 GroupSentPage = tuple[list[GroupSentRow], bool]
 GroupItemFound = tuple[int, int] | None
@@ -779,7 +795,7 @@ Op = Write | Read | ClusterGroupOp
 _CLUSTER_OPS = frozenset((PostGroupMessage, ChangeGroup, ReadGroupState, ReadGroupCursors))
 Then = Callable[[], None]
 #: Writes held back when nothing waits for them (see LAZY_HOLD).
-LAZY_WRITES = (MarkDelivered, NoticeDone)
+LAZY_WRITES = (MarkDelivered, NoticeDone, StoreDedup)
 
 
 class MessageStore(Protocol):
@@ -840,7 +856,7 @@ class MemoryStore:
         # key, text): the digest is computed when looked up, which is rare.
         # Tuples of strings and ints, which the garbage collector stops
         # tracking: a dict of millions of objects would slow every collection.
-        self.dedup: dict[tuple[str, int, int], tuple[int, str, str]] = {}
+        self.dedup: dict[tuple[str, int, int], tuple[int, str, str, str | None]] = {}
         self.quarantine: dict[str, int] = {}  # name key -> until (wall clock, ms)
         # Groups, as in SQLite: the group's row [name, owner, seq], its
         # members, its log by seq, log entries by server_msg_id, what each
@@ -891,7 +907,7 @@ class MemoryStore:
                 waiting = self.mail[m.recipient_key] = {}
             waiting[m.server_msg_id] = m
             self.dedup[(m.sender_key, m.instance_id, m.client_seq)] = (
-                m.server_msg_id, m.recipient_key, m.text)  # fmt: skip
+                m.server_msg_id, m.recipient_key, m.text, None)  # fmt: skip
         elif isinstance(op, MarkDelivered):
             waiting = self.mail.get(op.recipient_key)
             if waiting is not None:
@@ -912,6 +928,9 @@ class MemoryStore:
                     del self.notices[op.sender_key]
         else:
             match op:
+                case StoreDedup(m, delivered_to):
+                    self.dedup[(m.sender_key, m.instance_id, m.client_seq)] = (
+                        m.server_msg_id, m.recipient_key, m.text, delivered_to)  # fmt: skip
                 case StoreAccount(key, account):
                     if key not in self.accounts:
                         self._erase(key)  # what a deleted account of that name left
@@ -943,7 +962,7 @@ class MemoryStore:
                 if not item.change:
                     to_key = GROUP_DEDUP_PREFIX + item.group_key
                     self.dedup[(item.sender_key, item.instance_id, item.client_seq)] = (
-                        item.server_msg_id, to_key, item.text)  # fmt: skip
+                        item.server_msg_id, to_key, item.text, None)  # fmt: skip
                 members = self.members.setdefault(item.group_key, {})
                 for kept_row in kept_aside:
                     members[kept_row[0]] = LoadedMember(*kept_row)
@@ -1032,8 +1051,8 @@ class MemoryStore:
                 found = self.dedup.get((key, instance_id, client_seq))
                 if found is None:
                     return None
-                server_msg_id, recipient_key, text = found
-                return server_msg_id, content_digest(recipient_key, text)
+                server_msg_id, recipient_key, text, delivered_to = found
+                return server_msg_id, content_digest(recipient_key, text), delivered_to
             case ReadGroupLog(key, after, last, limit, max_bytes):
                 entries: list[GroupItem] = []
                 size = 0
@@ -1293,20 +1312,20 @@ class ServerStore:
         ]
         return rows, len(rows) >= limit
 
-    def find_dedup(
-        self, sender_key: str, instance_id: int, client_seq: int
-    ) -> tuple[int, bytes | None] | None:
+    def find_dedup(self, sender_key: str, instance_id: int, client_seq: int) -> DedupFound:
         """For a SEND whose id was accepted and committed before: its
-        server_msg_id and the digest of its content (`content_digest`; None
-        for keys stored before digests were kept). None if unknown."""
+        server_msg_id, the digest of its content (`content_digest`; None
+        for keys stored before digests were kept) and the name of the
+        recipient who had it before any write (`StoreDedup`; else None).
+        None if unknown."""
         row = self._db.execute(
-            "SELECT server_msg_id, digest FROM dedup "
+            "SELECT server_msg_id, digest, delivered_to FROM dedup "
             "WHERE sender_key=? AND instance_id=? AND client_seq=?",
             (sender_key, _i64(instance_id), client_seq),
         ).fetchone()
         if row is None:
             return None
-        return int(row[0]), None if row[1] is None else bytes(row[1])
+        return int(row[0]), None if row[1] is None else bytes(row[1]), row[2]
 
     def read_group_log(self, query: ReadGroupLog) -> GroupPage:
         """A group's entries in (after, last], in order, a page at a time."""
@@ -1381,7 +1400,7 @@ class ServerStore:
         if not self._pending:
             self._pending_since = self._clock()
         self._pending.append((op, then))
-        if then is not None or not isinstance(op, LAZY_WRITES):
+        if not isinstance(op, LAZY_WRITES):  # (a lazy write's callback waits with it)
             self._urgent += 1
             if isinstance(op, StoreMessage):
                 op.handoff = self._handoffs
@@ -1590,12 +1609,18 @@ class ServerStore:
                                  instance, m.client_seq, m.text, m.sent_ms))  # fmt: skip
                 dedup.append((m.sender_key, instance, m.client_seq, m.server_msg_id,
                               m.sent_ms, content_digest(m.recipient_key, m.text),
-                              stamp))  # fmt: skip
+                              stamp, None))  # fmt: skip
                 count = counts.get(m.recipient_key)
                 if count is None:
                     count = counts[m.recipient_key] = [0, 0, 0]
                 count[0] += 1
                 count[1] += len(m.text.encode("utf-8"))
+                continue
+            if type(op) is StoreDedup:
+                m = op.message
+                dedup.append((m.sender_key, _i64(m.instance_id), m.client_seq, m.server_msg_id,
+                              m.sent_ms, content_digest(m.recipient_key, m.text), stamp,
+                              op.delivered_to))  # fmt: skip
                 continue
             if type(op) is MarkDelivered:
                 delivered.append(op.server_msg_id)
@@ -1792,7 +1817,7 @@ class _GroupSegment:
         if not item.change:
             digest = content_digest(GROUP_DEDUP_PREFIX + item.group_key, item.text)
             dedup.append((item.sender_key, instance, item.client_seq, item.server_msg_id,
-                          item.sent_ms, digest, stamp))  # fmt: skip
+                          item.sent_ms, digest, stamp, None))  # fmt: skip
         for kept in op.kept:
             self.joined.append((item.group_key, *kept))
         for key, name, rank in op.joined:
@@ -1896,6 +1921,8 @@ def _migrate(db: sqlite3.Connection, *, new_summary: bool) -> None:
         # and age from this run on.
         db.execute("ALTER TABLE dedup ADD COLUMN digest BLOB")
         db.execute("ALTER TABLE dedup ADD COLUMN server_ms INTEGER NOT NULL DEFAULT 0")
+    if "delivered_to" not in columns:  # (after the two above: columns in the table's order)
+        db.execute("ALTER TABLE dedup ADD COLUMN delivered_to TEXT")
     columns = {row[1] for row in db.execute("PRAGMA table_info(notices)")}
     if "seq" not in columns:
         db.execute("ALTER TABLE notices ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")

@@ -1222,7 +1222,7 @@ def test_store_batches_keep_the_outcome_of_one_by_one_writes(tmp_path: Path) -> 
         assert loaded.summary == {"bob": (len(waiting), size, 0), "alice": (0, 0, 501)}
         for i in (1, 700, 2000, count):  # every accepted message keeps its dedup key
             found = reopened.find_dedup("alice", 2**64 - 5, i)
-            assert found == (i, content_digest("bob", f"text {i}"))
+            assert found == (i, content_digest("bob", f"text {i}"), None)
     finally:
         reopened.close()
 

@@ -483,14 +483,14 @@ def test_a_data_directory_of_the_previous_version_is_brought_up_to_date(tmp_path
     try:
         loaded = store.load()
         assert loaded.summary == {"bob": (5, 5 * len("héllo".encode()), 3)}
-        assert store.find_dedup("alice", 7, 5) == (5, None)
+        assert store.find_dedup("alice", 7, 5) == (5, None, None)
         first, more = store.read_notices("bob", -(1 << 63), 2)
         rest, _ = store.read_notices("bob", first[-1][0], 10)
         assert [row[2] for row in first + rest] == [1, 2, 3] and more
         assert [m.server_msg_id for m in store.read_mailbox("bob", 0, 10, 10**6)[0]] == [
             *range(1, 6)
         ]
-        assert store.find_dedup("alice", 7, 3) == (3, None)
+        assert store.find_dedup("alice", 7, 3) == (3, None, None)
     finally:
         store.close()
 
