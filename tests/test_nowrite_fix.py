@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ from tests.test_nowrite import receipt_pass
 from tests.test_ordinary_load import FakeClock, send_one, wait_for_store, warm_up
 
 
-def make_world(data: Path, *, restarted: bool = False, **config: object) -> World:
+def make_world(data: Path, *, restarted: bool = False, **config: Any) -> World:
     """Alice and bob logged in; a first message sent (`warm_up`) unless this
     is a restart on the same data directory."""
     w = World(data, clock=FakeClock(), **config)
