@@ -10,6 +10,10 @@ store thread applies them in groups (one transaction for everything
 queued while the previous commit waited for the disk), and after each commit puts the callbacks of
 the committed operations on `done` and calls `notify()` so the loop runs
 them. That is how an ACCEPT waits for the disk while forwarding does not.
+A message whose recipient's client receipted it before it was written can
+be withdrawn (`ServerStore.withdraw`) until the store thread takes its
+batch: it is then never written (issue 18; the relay tells its sender at
+once, `chat_server.Relay._accept_early`).
 
 Mailboxes and queued receipts stay on the disk: the loop asks for them a
 page at a time with a `Read` operation, which the store thread runs after
@@ -1396,6 +1400,8 @@ class ServerStore:
         if op.handoff == self._handoffs:  # not handed over yet: nothing waits for it now
             self._urgent -= 1
             self.withdrawn_pending += 1
+            if self._pending[-1][0] is op:  # a lone message's: no hand-over (no wake-up) for it
+                self._pending.pop()
         else:
             self.withdrawn_queued += 1
         return True
