@@ -222,7 +222,7 @@ def test_a_message_its_receipt_and_its_dedup_key_go_through_redis(
     a = nodes("A")
     a.run(StoreMessage(message("hello", 1)))
     # The sender's id answers a retry, with the digest that tells a reused id.
-    assert a.read(FindDedup("alice", 42, 1)) == (7, content_digest("bob", "hello"))
+    assert a.read(FindDedup("alice", 42, 1)) == (7, content_digest("bob", "hello"), None)
     assert a.read(FindDedup("alice", 42, 2)) is None
     rows, more = a.read(ReadMailbox("bob", -1, 10, 1 << 20))
     assert [(m.text, m.sender, m.instance_id, m.client_seq) for m in rows] == [
