@@ -1401,7 +1401,9 @@ class ServerStore:
         if not self._pending:
             self._pending_since = self._clock()
         self._pending.append((op, then))
-        if not isinstance(op, LAZY_WRITES):  # (a lazy write's callback waits with it)
+        # A lazy write with a callback waits for a commit, but for a
+        # StoreDedup's, which only drops what stood in for it in memory.
+        if (then is not None and type(op) is not StoreDedup) or not isinstance(op, LAZY_WRITES):
             self._urgent += 1
             if isinstance(op, StoreMessage):
                 op.handoff = self._handoffs

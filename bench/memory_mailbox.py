@@ -182,10 +182,10 @@ def build_database(data_dir: Path, gib: float, recipients: int, text_size: int) 
         for _ in range(per):
             sender = f"u{recipients + r}"
             rows.append((msg_id, f"u{r}", sender, sender, 7, msg_id, text, 0))
-            dedup.append((sender, 7, msg_id, msg_id, 0, content_digest(f"u{r}", text), 0))
+            dedup.append((sender, 7, msg_id, msg_id, 0, content_digest(f"u{r}", text), 0, None))
             msg_id += 1
         db.executemany("INSERT INTO mailbox VALUES (?,?,?,?,?,?,?,?)", rows)
-        db.executemany("INSERT INTO dedup VALUES (?,?,?,?,?,?,?)", dedup)
+        db.executemany("INSERT INTO dedup VALUES (?,?,?,?,?,?,?,?)", dedup)
         db.execute("INSERT INTO summary VALUES (?,?,?,0)", (f"u{r}", per, per * text_size))
     db.execute("INSERT OR REPLACE INTO meta VALUES ('next_block', ?)", (msg_id + 1,))
     db.execute("COMMIT")
