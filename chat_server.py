@@ -327,6 +327,15 @@ COMMIT_WAIT = 0.002
 # window loses the key (docs/RELIABILITY.md 1.3.2).
 MAX_EARLY = 65_536
 MAX_EARLY_BYTES = 16 << 20  # of their texts' UTF-8 (a text is kept for the duplicate_id check)
+# A group's messages committed within this long of its last fan-out wait for
+# the end of it and go to each member together, in one datagram where they
+# fit (issue 14): the cost of a copy is mostly its member's datagram (a MAC,
+# a sendto, the receipt that comes back and its ack), so a burst of k
+# messages costs each member one datagram instead of k. A message after a
+# quiet spell goes at once; in a burst one waits this much at most (the
+# 10 msg/s target at 1,000 members allows 200 ms to the last member). Single
+# server only: a cluster node's fan-out follows the shared log's announcements.
+FANOUT_HOLD = 0.010
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
 #: report every one of them, at 0 until it happens, so an alert on one can
@@ -540,6 +549,12 @@ class Relay:
         # after a request still undecided; the request's key -> its hold.
         self._group_holds: dict[tuple[bytes, str], _GroupHold] = {}
         self._holds_by_request: dict[RequestKey, tuple[bytes, str]] = {}
+        # Group messages committed and held for their group's next fan-out
+        # (FANOUT_HOLD): group key -> (the group, its entries in order, when
+        # they go); when its last fan-out went; the earliest of those due.
+        self._fanout_held: dict[str, tuple[Group, list[GroupItem], float]] = {}
+        self._fanout_last: dict[str, float] = {}
+        self._fanout_due: float | None = None
         self._load(self.store.load())
         if not shared_store:  # (a cluster hands a message over only once it is in Redis)
             self._withdraw = getattr(self.store, "withdraw", None)
@@ -699,7 +714,10 @@ class Relay:
         timer = self._timers[0][0] if self._timers else None
         hold = self._hold_until
         if hold is not None and (timer is None or hold < timer):
-            return hold
+            timer = hold
+        fanout = self._fanout_due
+        if fanout is not None and (timer is None or fanout < timer):
+            timer = fanout
         return timer
 
     def flush_store(self, now: float) -> None:
@@ -720,6 +738,8 @@ class Relay:
         if self._hold_until is not None and now >= self._hold_until:
             self._expecting.clear()  # the pass's `flush_store` hands the store its batch
             self._hold_until = None
+        if self._fanout_due is not None and now >= self._fanout_due:
+            self._fan_out_due(now)
         while self._timers and self._timers[0][0] <= now:
             deadline, _, session_id = heapq.heappop(self._timers)
             session = self.sessions.get(session_id)
@@ -2537,6 +2557,7 @@ class Relay:
         # former member is still owed (removed while offline), and what a
         # sender is (who had their messages), stays, under another key,
         # until they have it (`GroupTable.close`).
+        self._release_fanout(group)  # its last messages first
         seq = self.groups.next_seq(group)
         item = self._group_item(group, seq, GroupChange.LEFT, user, ())
         old_key = group.key
@@ -2600,6 +2621,7 @@ class Relay:
             and not self.groups.owes(group)
             and not (group.owed and group.former)  # (no former member: nobody to name)
         ):
+            self._release_fanout(group)
             self.groups.end(group)
             self._group_streams.pop(group.key, None)
             if not self.shared_store:  # (a shared store's DropMember ended it there)
@@ -2773,7 +2795,7 @@ class Relay:
                                                 item.recipients))  # fmt: skip
         if self.groups.get(group.key) is group:
             self.groups.sent(group, item.sender_key, item.group_seq)
-        self._fan_out(group, item)
+        self._fan_out_soon(group, item)
 
     def _group_accept_again(self, user: User, msg_id: MsgId, server_msg_id: int) -> None:
         """A group message sent again after it was accepted: the same
@@ -2809,36 +2831,106 @@ class Relay:
                             MsgId(item.instance_id, item.client_seq), group.name, item.sender,
                             item.text, item.sent_ms)  # fmt: skip
 
+    def _fan_out_soon(self, group: Group, item: GroupItem) -> None:
+        """A committed message to the members online: now if the group's
+        last fan-out was FANOUT_HOLD ago or more (or in this pass), else with
+        the others committed until then, at the end of the hold
+        (`_fan_out_due`)."""
+        key = group.key
+        held = self._fanout_held.get(key)
+        if held is not None and held[0] is group:
+            held[1].append(item)
+            return
+        now = self._now
+        last = self._fanout_last.get(key)
+        # (The same pass as the last fan-out: its datagrams have not left
+        # yet, so this one joins them.)
+        if self.shared_store or last is None or now >= last + FANOUT_HOLD or now == last:
+            self._fanout_last[key] = now
+            self._fan_out(group, item)
+            return
+        due = last + FANOUT_HOLD
+        self._fanout_held[key] = (group, [item], due)
+        if self._fanout_due is None or due < self._fanout_due:
+            self._fanout_due = due
+
+    def _fan_out_due(self, now: float) -> None:
+        """The holds that have ended: their groups' messages go out."""
+        due: float | None = None
+        for key, (group, _, at) in list(self._fanout_held.items()):
+            if at <= now:
+                self._fanout_last[key] = now
+                self._run_callback(functools.partial(self._release_fanout, group))
+            elif due is None or at < due:
+                due = at
+        self._fanout_due = due
+        # One time per group that fanned out lately; the rest are stale.
+        stale = [key for key, last in self._fanout_last.items() if last + FANOUT_HOLD <= now]
+        for key in stale:
+            del self._fanout_last[key]
+
+    def _release_fanout(self, group: Group) -> None:
+        """The group's held messages go out now: before anything else of
+        it (an entry not held, its end), so every member has them in order."""
+        held = self._fanout_held.pop(group.key, None)
+        if held is not None:
+            self._hand_out(held[0], held[1])
+
     def _fan_out(self, group: Group, item: GroupItem) -> None:
-        """A committed entry to every member online it is for (one encoding
-        for all of them); the others get it from the log later."""
+        """A committed entry to every member online it is for, after the
+        group's held messages (`_fan_out_soon`)."""
+        if self._fanout_held:
+            self._release_fanout(group)
+        self._hand_out(group, [item])
+
+    def _hand_out(self, group: Group, items: list[GroupItem]) -> None:
+        """Committed entries, in the group's order, to every member online
+        each is for (one encoding of each for all of them); the others get
+        them from the log later. Several at once are a hold's messages:
+        each member's session is looked up once for all of them."""
         if self.groups.get(group.key) is not group:
             return  # ended meanwhile
-        payload = encode_message(self._group_message(group, item))
         stream = self._group_stream(group)
-        seq = item.group_seq
-        size = len(item.text.encode("utf-8")) if item.text else 0
+        # One record of each entry for every member's pager (never changed
+        # once made): per copy only the dict slots that point to it.
+        handed = [(item, self._group_entry(group, item),
+                   encode_message(self._group_message(group, item))) for item in items]  # fmt: skip
         copies = 0
-        for member in group.audience(seq):
+        # No membership change lies between held messages (a change takes
+        # them out first), so the first one's audience is everyone's; `sees`
+        # still decides per entry.
+        for member in group.audience(items[0].group_seq):
             user = self.users.get(member.key)
             if user is None:
                 continue
             route = self.router.locate(user)
-            if not item.change and member.key == item.sender_key:
-                # The sender's own message: passed over by the session that
-                # sent it (in a cluster, so by the sender's node only: the
-                # others' copies of the cursor follow from the store at a
-                # login there); another client instance of theirs (a second
-                # device) gets it like any copy, one logging in later from
-                # the log, which also keeps it while the sender is offline.
-                if not isinstance(route, Session):
+            session = route if isinstance(route, Session) else None
+            for item, entry, payload in handed:
+                seq = item.group_seq
+                if not member.sees(seq):
                     continue
-                if route.instance_id == item.instance_id:
-                    self._pass_own(group, member, seq)
-                    continue
-            if isinstance(route, Session):
-                copies += self._offer_group(route, group, member, item, payload, stream, size)
+                if not item.change and member.key == item.sender_key:
+                    # The sender's own message: passed over by the session that
+                    # sent it (in a cluster, so by the sender's node only: the
+                    # others' copies of the cursor follow from the store at a
+                    # login there); another client instance of theirs (a second
+                    # device) gets it like any copy, one logging in later from
+                    # the log, which also keeps it while the sender is offline.
+                    if session is None:
+                        continue
+                    if session.instance_id == item.instance_id:
+                        self._pass_own(group, member, seq)
+                        continue
+                if session is not None:
+                    copies += self._offer_group(session, group, member, entry, payload, stream)
         self.stats["group_copies"] += copies
+
+    @staticmethod
+    def _group_entry(group: Group, item: GroupItem) -> GroupEntry:
+        msg_id = None if item.change else MsgId(item.instance_id, item.client_seq)
+        size = len(item.text.encode("utf-8")) if item.text else 0
+        return GroupEntry(item.group_seq, item.server_msg_id, item.sender_key, msg_id, size,
+                          (group.key, item.group_seq))  # fmt: skip
 
     def _group_pager(self, session: Session, group: Group,
                      member: Member) -> tuple[GroupMail, Pager[int, GroupEntry]]:  # fmt: skip
@@ -2851,12 +2943,16 @@ class Relay:
             pager.cursor = member.cursor
         return mail, pager
 
-    def _offer_group(self, session: Session, group: Group, member: Member, item: GroupItem,
-                     payload: bytes, stream: int, size: int) -> int:  # fmt: skip
+    def _offer_group(self, session: Session, group: Group, member: Member, entry: GroupEntry,
+                     payload: bytes, stream: int) -> int:  # fmt: skip
         """Hand an entry over now if nothing of the group waits before it
         and the window has room (1); else it waits in the log (0)."""
-        mail, pager = self._group_pager(session, group, member)
-        seq = item.group_seq
+        mail = session.group_mail
+        pager = mail.pagers.get(group.key) if mail is not None else None
+        if mail is None or pager is None:
+            mail, pager = self._group_pager(session, group, member)
+        seq = entry.seq
+        size = entry.size
         if seq <= pager.cursor:
             return 0  # a page has handed it already
         if not pager.behind and seq > pager.cursor + 1 and member.cursor < seq - 1:
@@ -2866,7 +2962,7 @@ class Relay:
             not mail.count
             or (mail.count < MAILBOX_WINDOW and mail.bytes + size <= MAILBOX_WINDOW_BYTES)
         ):
-            self._hand_group(session, mail, pager, group, item, size, payload, stream)
+            self._hand_group(session, mail, pager, entry, payload, stream)
             return 1
         pager.behind = True
         pager.missed = max(pager.missed, seq)
@@ -2874,15 +2970,12 @@ class Relay:
         return 0
 
     def _hand_group(self, session: Session, mail: GroupMail, pager: Pager[int, GroupEntry],
-                    group: Group, item: GroupItem, size: int, payload: bytes,
-                    stream: int) -> None:  # fmt: skip
-        msg_id = None if item.change else MsgId(item.instance_id, item.client_seq)
-        pager.items[item.group_seq] = GroupEntry(item.group_seq, item.server_msg_id,
-                                                 item.sender_key, msg_id, size)  # fmt: skip
-        pager.cursor = item.group_seq
-        mail.ids[item.server_msg_id] = (group.key, item.group_seq)
+                    entry: GroupEntry, payload: bytes, stream: int) -> None:  # fmt: skip
+        pager.items[entry.seq] = entry
+        pager.cursor = entry.seq
+        mail.ids[entry.server_msg_id] = entry.where
         mail.count += 1
-        mail.bytes += size
+        mail.bytes += entry.size
         session.conn.send(payload, stream)
         self._dirty[session.session_id] = session
 
@@ -2947,9 +3040,8 @@ class Relay:
                 if not pager.items:
                     self._pass_own(group, member, item.group_seq)
                 continue
-            size = len(item.text.encode("utf-8")) if item.text else 0
             payload = encode_message(self._group_message(group, item))
-            self._hand_group(session, mail, pager, group, item, size, payload, stream)
+            self._hand_group(session, mail, pager, self._group_entry(group, item), payload, stream)
         if not more and pager.missed <= max(pager.cursor, upto):
             pager.behind = False
         else:
