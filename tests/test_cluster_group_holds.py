@@ -16,12 +16,20 @@ from typing import Any
 import pytest
 
 from chat_server import MAX_GROUP_HELD, MAX_GROUP_HELD_BYTES
-from protocol import MAX_DATAGRAM, GroupAccept, GroupAction, GroupResult
+from protocol import (
+    MAX_DATAGRAM,
+    GroupAccept,
+    GroupAction,
+    GroupDeliver,
+    GroupReached,
+    GroupResult,
+    Receipts,
+)
 from reliability import MAX_PARTIAL_MESSAGES, RECV_WINDOW
-from server_store import ChangeGroup
+from server_store import ChangeGroup, MemoryStore
 from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_cluster_groups import Cluster, NodeWorld, cluster_of  # noqa: F401 (a fixture)
-from tests.test_groups_relay import entries
+from tests.test_groups_relay import GroupWorld, entries
 
 Stash = list[tuple[Any, Any]]
 
@@ -195,3 +203,56 @@ def test_a_hold_ends_with_its_session_while_its_request_is_unanswered(
     cluster.settle(20)
     assert [(r.request_id, r.code) for r in alice.of(GroupResult)] == [(added, 0)]
     assert [e[:2] for e in entries(erin)] == [(2, "added"), (3, "message")]
+
+
+def test_delivered_by_told_again_at_the_next_login_as_on_one_server(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """alice was told bob has m1; erin, who has not shown it, is removed and
+    added again while alice is away, then has it: at alice's next login (on
+    the other node) she is told bob and erin, once each, exactly as one
+    server tells her (docs/CLUSTER.md: the mark is one number per sender
+    and group; the review saw bob twice against one server's client
+    events, which are deduplicated)."""
+
+    def reached(client: Any) -> list[tuple[int, str]]:
+        return [(m.msg_id.client_seq, by) for m in client.of(GroupReached) for by in m.by]
+
+    def script(world: Any, on: Callable[[int, str], Any], request: Any, settle: Any) -> Any:
+        alice, bob, erin = on(0, "alice"), on(0, "bob"), on(-1, "erin")
+        assert request(bob, GroupAction.CREATE, "alice", "erin") == 0
+        settle(10)
+        world(-1).holding.add("erin")
+        world(0).post(alice, "team", "m1", 1)
+        for _ in range(300):
+            if ("bob" in [b for _, b in reached(alice)]) and erin.of(GroupDeliver):
+                break
+            settle(1)
+        settle(40)
+        first = reached(alice)
+        world(0).logout(alice)
+        assert request(bob, GroupAction.REMOVE, "erin") == 0
+        assert request(bob, GroupAction.ADD, "erin") == 0
+        settle(20)
+        world(-1).holding.clear()
+        erin.send(Receipts(tuple(d.server_msg_id for d in erin.of(GroupDeliver))))
+        settle(20)
+        alice = on(-1, "alice")
+        settle(60)
+        return first, reached(alice)
+
+    one = GroupWorld(MemoryStore())
+    alone = script(
+        lambda _: one,
+        lambda _, name: one.login(name),
+        lambda c, action, *users: one.result(c, one.request(c, action, "team", *users)).code,
+        one.settle_all,
+    )
+    cluster = cluster_of(2)
+    together = script(
+        lambda node: cluster.nodes[node],
+        cluster.login,
+        lambda c, action, *users: cluster.request(0, c, action, "team", *users).code,
+        cluster.settle,
+    )
+    assert alone == together == ([(1, "bob")], [(1, "bob"), (1, "erin")])
