@@ -2453,7 +2453,7 @@ class Relay:
             hold[1].append((what, to_key))
             holds.count += 1
             if isinstance(what, Send):
-                holds.size += len(what.text)
+                holds.size += len(what.text.encode("utf-8"))
             return True
         if key is not None and isinstance(what, GroupRequest) and what.action in (
             GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE,
@@ -2484,7 +2484,7 @@ class Relay:
             what, to_key = queue.popleft()
             holds.count -= 1
             if isinstance(what, Send):
-                holds.size -= len(what.text)
+                holds.size -= len(what.text.encode("utf-8"))
             if isinstance(what, Send):
                 self._post_group(session, what, to_key)
             else:
