@@ -370,22 +370,6 @@ class _GroupNotices:
         self.group_key = group_key
 
 
-class _GroupHold:
-    """Cluster mode: a session's membership request to a group whose answer
-    is not decided yet (it may be checked against the shared store, a round
-    trip or more), and what the session sent to that group after it (SENDs
-    and requests, in order), held until then: one server takes them in that
-    order, and so must the shared store's sequence (`Relay._hold_group`)."""
-
-    __slots__ = ("deciding", "queue")
-
-    def __init__(self, deciding: RequestKey) -> None:
-        self.deciding = deciding
-        self.queue: collections.deque[tuple[Session, Send | GroupRequest, str]] = (
-            collections.deque()
-        )
-
-
 #: `chunk_cost`: (messages, requests, bytes, any of a SEND).
 ChunkCost = tuple[int, int, int, bool]
 
@@ -531,9 +515,13 @@ class Relay:
         self._group_reached: dict[str, dict[MsgId, tuple[Group, list[str]]]] = {}
         self._group_streams: dict[str, int] = {}  # group key -> its stream on every hop
         self._group_lows: dict[str, int] = {}  # group key -> its low-water mark, this pass
-        # (session id, group key) -> what that session sent to the group
-        # after a request still undecided; the request's key -> its hold.
-        self._group_holds: dict[tuple[bytes, str], _GroupHold] = {}
+        # Cluster mode: (session id, group key) -> what that session sent to
+        # the group (SENDs and requests, in order, with a SEND's recipient
+        # key) after a change request to it not answered yet; the request's
+        # key -> its hold (`_hold_group`).
+        self._group_holds: dict[
+            tuple[bytes, str], collections.deque[tuple[Session, Send | GroupRequest, str]]
+        ] = {}
         self._holds_by_request: dict[RequestKey, tuple[bytes, str]] = {}
         self._load(self.store.load())
         if not shared_store:  # (a cluster hands a message over only once it is in Redis)
@@ -2418,12 +2406,12 @@ class Relay:
         hold_key = (session.session_id, group_key)
         hold = self._group_holds.get(hold_key)
         if hold is not None:
-            hold.queue.append((session, what, to_key))
+            hold.append((session, what, to_key))
             return True
         if key is not None and isinstance(what, GroupRequest) and what.action in (
             GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE,
         ):  # fmt: skip
-            self._group_holds[hold_key] = _GroupHold(key)
+            self._group_holds[hold_key] = collections.deque()
             self._holds_by_request[key] = hold_key
         return False
 
@@ -2431,10 +2419,7 @@ class Relay:
         """The request holding a session's traffic to a group was answered:
         what waited goes on in order, until a request among it holds the
         rest in turn."""
-        hold = self._group_holds.pop(hold_key, None)
-        if hold is None:
-            return
-        queue = hold.queue
+        queue = self._group_holds.pop(hold_key, None)
         while queue:
             session, what, to_key = queue.popleft()
             if self.sessions.get(session.session_id) is not session:
@@ -2445,7 +2430,7 @@ class Relay:
                 self._group_request(session, what)
             again = self._group_holds.get(hold_key)
             if again is not None:  # that request holds the rest
-                again.queue.extend(queue)
+                again.extend(queue)
                 return
 
     def _resolve(self, names: tuple[str, ...], skip: str) -> list[tuple[str, str]]:

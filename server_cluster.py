@@ -517,6 +517,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local told = tonumber(redis.call('HGET', KEYS[7], ARGV[1]) or '0')
 if tonumber(ARGV[3]) <= told then return 0 end
 redis.call('HSET', KEYS[7], ARGV[1], ARGV[3])
+if redis.call('HLEN', KEYS[3]) == 0 then return 1 end
 local marks = {}
 local sent = redis.call('HGETALL', KEYS[8])
 for i = 1, #sent, 2 do

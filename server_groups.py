@@ -387,7 +387,7 @@ class GroupTable:
         left = min(member.left_seq or member.cursor, member.cursor)
         if self._all_told(group, member, left):
             return None
-        key = member.key if member.earlier else f"{member.key}{TOMBSTONE}{left}"
+        key = f"{member.key}{TOMBSTONE}{left}"
         aside = Member(key, member.name, member.joined_seq, member.rank, left, member.cursor)
         group.former[key] = aside
         return aside
