@@ -193,6 +193,7 @@ from server_store import (
     GroupTold,
     Loaded,
     LoadedGroup,
+    LoadedMember,
     MarkDelivered,
     MemoryStore,
     MessageStore,
@@ -2286,7 +2287,7 @@ class Relay:
         group = Group(stored.key, stored.name, stored.owner_key, stored.seq)
         group.epoch, group.changed = stored.epoch, stored.changed
         for m in stored.members:
-            member = Member(m.key, m.name, m.joined_seq, m.rank, m.left_seq, m.cursor)
+            member = Member(m.key, m.name, m.joined_seq, m.rank, m.left_seq, m.cursor, m.earlier)
             if m.left_seq is None:
                 group.members[m.key] = member
             else:
@@ -2477,12 +2478,12 @@ class Relay:
                        stream=self._group_stream(group))  # fmt: skip
             return
         self.groups.check_room(len(group.members), len(new))
-        seq, aside = self.groups.add(group, new)
+        seq, again = self.groups.add(group, new)
         item = self._group_item(group, seq, GroupChange.ADDED, user, tuple(n for _, n in new))
-        joined = tuple((k, n, group.members[k].rank) for k, n in new)
-        kept = tuple((m.key, m.name, m.joined_seq, m.rank, m.left_seq or 0, m.cursor)
-                     for m in aside)  # fmt: skip
-        self._store_change(group, [(item, joined, ())], key, f"added to #{group.name}", kept)
+        going_on = {m.key for m in again}
+        joined = tuple((k, n, group.members[k].rank) for k, n in new if k not in going_on)
+        rows = tuple(member_row(m) for m in again)
+        self._store_change(group, [(item, joined, ())], key, f"added to #{group.name}", rows)
 
     def _group_remove(self, session: Session, request: GroupRequest, key: RequestKey) -> None:
         user = session.user
@@ -2518,13 +2519,12 @@ class Relay:
         old_key = group.key
         stream = self._group_stream(group)
         keep_as = retired_key(group.key, item.server_msg_id)
-        aside = self.groups.close(group, seq, keep_as)
-        kept: tuple[tuple[str, str, int, int, int, int], ...] = ()
-        if aside is None:
+        leaver = self.groups.close(group, seq, keep_as)
+        kept: tuple[LoadedMember, ...] = ()
+        if leaver is None:
             keep_as = ""
         else:
-            kept = tuple((m.key, m.name, m.joined_seq, m.rank, m.left_seq or 0, m.cursor)
-                         for m in aside)  # fmt: skip
+            kept = tuple(member_row(m) for m in leaver)
             self._rekey_pagers(group, old_key)
         log.info("group #%s ended: its last member left", group.name)
         self.stats["groups_ended"] += 1
@@ -2615,10 +2615,11 @@ class Relay:
         self, group: Group,
         changes: list[tuple[GroupItem, tuple[tuple[str, str, int], ...], tuple[str, ...]]],
         key: RequestKey, text: str,
-        kept: tuple[tuple[str, str, int, int, int, int], ...] = (),
+        rows: tuple[LoadedMember, ...] = (),
     ) -> None:  # fmt: skip
         """Store a request's entries (the answer with the last), then hand
-        them out and answer it. `kept`: earlier memberships kept aside (an ADDED)."""
+        them out and answer it. `rows`: members written whole (an ADDED of
+        one who goes on from an earlier membership)."""
         self._remember_answer(key, (0, text))
         self.stats["group_changes"] += len(changes)
         stream = self._group_stream(group)
@@ -2626,7 +2627,7 @@ class Relay:
             last = index == len(changes) - 1
             user = self.users[item.sender_key]
             op = StoreGroupItem(item, group.name, group.owner, joined, left,
-                                (key, 0, text) if last else None, kept)  # fmt: skip
+                                (key, 0, text) if last else None, rows)  # fmt: skip
             then = functools.partial(self._change_committed, group, item, user, key, text, stream,
                                      last)  # fmt: skip
             self.store.submit(op, then)
@@ -3215,7 +3216,7 @@ class Relay:
             gone: list[str] = []
             for m in group.audience(seq):
                 if m.cursor >= seq:
-                    if m.user_key != user_key:
+                    if m.key != user_key:
                         have.append(m.name)
                 elif m.gone:
                     gone.append(m.name)
@@ -3756,10 +3757,10 @@ class Relay:
         for m in stored.members:
             member = group.member(m.key)
             if member is None and m.left_seq is not None:
-                # Kept in the store for the senders (an earlier membership
-                # set aside there, or one this copy forgot): it names them.
+                # Kept in the store for the senders (one this copy forgot):
+                # it names them.
                 self.groups.take_former(group, Member(m.key, m.name, m.joined_seq, m.rank,
-                                                      m.left_seq, m.cursor))  # fmt: skip
+                                                      m.left_seq, m.cursor, m.earlier))  # fmt: skip
             elif member is not None and m.cursor > member.cursor:
                 member.cursor = m.cursor
         self._group_lows.pop(group.key, None)
@@ -3785,6 +3786,12 @@ class Relay:
 
 
 # --- the socket loop ----------------------------------------------------------
+
+
+def member_row(member: Member) -> LoadedMember:
+    """A member as the store writes it whole."""
+    return LoadedMember(member.key, member.name, member.joined_seq, member.rank, member.left_seq,
+                        member.cursor, member.earlier)  # fmt: skip
 
 
 def resident_memory() -> int | None:

@@ -7,6 +7,7 @@ missed it)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -238,7 +239,7 @@ def test_in_a_cluster_a_member_added_again_is_still_told_as_having_it(
 ) -> None:
     """As on one server: erin (on B) has alice's message while alice is
     away; bob removes and adds erin again; alice's login tells her erin
-    has it (Redis kept erin's earlier membership aside until then)."""
+    has it (erin's membership goes on from the earlier one in Redis)."""
     cluster = cluster_of(2)
     alice, bob = cluster.login(0, "alice"), cluster.login(0, "bob")
     erin = cluster.login(1, "erin")
@@ -255,11 +256,37 @@ def test_in_a_cluster_a_member_added_again_is_still_told_as_having_it(
     cluster.settle(20)
     assert cluster.request(0, bob, GroupAction.ADD, "team", "erin").code == 0
     cluster.settle(20)
-    assert [k for k in redis_of(cluster).hkeys("chat:gformer:{#team}")] == ["erin!3"]
+    stored = json.loads(redis_of(cluster).hget("chat:gmem:{#team}", "erin"))
+    assert stored[1:] == [4, 0, [[1, 3]]]  # added at 4; 1-3 stay hers
     alice = cluster.login(1, "alice")
     cluster.run_until(lambda: ("erin", msg) in told(alice), 300, "alice told erin has it")
     cluster.settle(20)
-    assert redis_of(cluster).hkeys("chat:gformer:{#team}") == []  # told: it goes
+    assert redis_of(cluster).hkeys("chat:gformer:{#team}") == []
+
+
+def test_in_a_cluster_a_member_added_again_before_she_had_it_gets_it(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """erin, away, is counted in alice's message; bob removes her and adds
+    her again: she gets the message and her removal at her next login
+    (before, she started afresh at the add and never had either), then
+    the add, in order; alice is told erin has it."""
+    cluster = cluster_of(2)
+    alice, bob = cluster.login(0, "alice"), cluster.login(0, "bob")
+    erin = cluster.login(1, "erin")
+    assert cluster.request(0, bob, GroupAction.CREATE, "team", "alice", "erin").code == 0
+    cluster.settle()
+    cluster.nodes[1].logout(erin)
+    msg = cluster.post(0, alice, "team", "while erin is away", 1)
+    cluster.run_until(lambda: ("bob", msg) in told(alice), 300, "bob has it")
+    assert cluster.request(0, bob, GroupAction.REMOVE, "team", "erin").code == 0
+    assert cluster.request(0, bob, GroupAction.ADD, "team", "erin").code == 0
+    cluster.settle(20)
+    erin = cluster.login(1, "erin")
+    cluster.run_until(lambda: len(entries(erin)) >= 3, 300, "erin's entries")
+    cluster.settle(20)
+    assert [e[:2] for e in entries(erin)] == [(2, "message"), (3, "removed"), (4, "added")]
+    cluster.run_until(lambda: ("erin", msg) in told(alice), 300, "alice told erin has it")
 
 
 def test_in_a_cluster_a_sender_away_when_the_group_ended_is_told(
