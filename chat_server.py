@@ -355,6 +355,9 @@ GROUP_LOG_END = 1 << 62
 #: came first (each time its copy has caught up): then it asks the client to
 #: send it again. Changes are rare; two in a row on one group rarer still.
 GROUP_CHANGE_ATTEMPTS = 8
+#: A deleted sender's mark in the shared store: told everything (nobody is
+#: left to tell; the mark must not hold the log's trim).
+TOLD_ALL = 1 << 52
 DUPLICATE_ID_TEXT = (
     "this message id was already used for another message; your client's store was "
     "probably copied or restored"
@@ -2157,6 +2160,10 @@ class Relay:
                     self._tell_again(route, group)
             self._end_retired(group)
         for group in owed:  # nobody to tell there any more
+            if self.shared_store:
+                # (its mark in the shared store, which every node reads, and
+                # which holds its log's trim: one server's goes with the account)
+                self.store.submit(GroupTold(user_key, group.key, TOLD_ALL))
             self._end_retired(group)
 
     def _forget_account(self, user: User, until: int | None, now: float, *,
@@ -2267,7 +2274,7 @@ class Relay:
                 self.groups.restore(group)
         for (group_key, sender_key), last in loaded.group_sent.items():
             found = self.groups.get(group_key)
-            if found is not None:
+            if found is not None and sender_key in self.users:  # (a deleted one: nobody to tell)
                 told = loaded.group_told.get((sender_key, group_key), 0)
                 self.groups.restore_owed(found, sender_key, told, last)
         for group in list(self.groups.groups.values()):  # caught up and told: not needed
@@ -3426,7 +3433,8 @@ class Relay:
         if group.members or group.former:  # (a retired group: former members only)
             self.groups.restore(group)
             for sender_key, last in op.sent.items():
-                self.groups.restore_owed(group, sender_key, op.told.get(sender_key, 0), last)
+                if sender_key in self.users:  # (a deleted one: nobody to tell)
+                    self.groups.restore_owed(group, sender_key, op.told.get(sender_key, 0), last)
             # The members here page what is theirs from the log, from their cursors.
             for member_key in [*group.members, *group.former]:
                 user = self.users.get(member_key)

@@ -362,3 +362,29 @@ def test_in_a_cluster_a_member_deleted_before_having_it_is_counted_out(
     assert [(m.msg_id, m.gone) for m in alice.of(GroupReached) if m.gone] == [(msg, ("carol",))]
     cluster.settle(30)
     assert redis_client.hkeys("chat:gformer:{#team}") == []
+
+
+def test_a_deleted_senders_mark_does_not_hold_the_trim_in_redis(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """carol posts, bob has none of it yet, carol deletes her account: her
+    mark in Redis no longer holds the log (nobody is left to tell), so once
+    bob has everything the beat trims it."""
+    monkeypatch.setattr(cluster_module(), "ROUTE_RENEW", 0.2)
+    cluster = cluster_of(1)
+    alice, bob = cluster.login(0, "alice"), cluster.login(0, "bob")
+    carol = cluster.login(0, "carol")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob", "carol").code == 0
+    cluster.settle()
+    cluster.nodes[0].holding.update({"alice", "bob"})
+    for i in range(1, 21):
+        cluster.post(0, carol, "team", f"m{i}", i)
+    cluster.run_until(lambda: len(texts(bob)) == 20 and len(texts(alice)) == 20, 300, "fan-out")
+    delete_account(cluster.nodes[0], carol, monkeypatch)
+    cluster.settle(20)
+    cluster.nodes[0].holding.clear()
+    for member in (alice, bob):
+        member.send(Receipts(tuple(d.server_msg_id for d in member.of(GroupDeliver))))
+    redis_client = redis_of(cluster)
+    cluster.run_until(lambda: redis_client.xlen("chat:glog:{#team}") < 5, 300, "the log trimmed")

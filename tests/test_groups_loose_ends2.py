@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from chat_server import ServerConfig
-from client_core import GroupChanged, MessageReceived, StatusChanged
+from client_core import AccountDeleted, GroupChanged, MessageReceived, StatusChanged
 from client_store import ClientStore
 from protocol import GroupAction
 from server_groups import is_retired
@@ -245,3 +245,26 @@ def test_a_data_directory_from_before_earlier_memberships_loads(tmp_path: Path) 
         assert [(m.key, m.earlier) for m in group.members] == [("alice", ()), ("bob", ())]
     finally:
         store.close()
+
+
+def test_a_deleted_sender_is_owed_nothing_after_a_restart(tmp_path: Path) -> None:
+    """carol's messages are still in the log when she deletes her account;
+    after a restart she is not owed "delivered by" again (her mark would
+    hold the log's trim for ever: nobody is left to tell)."""
+    disk = DiskNet(tmp_path / "data", CONFIG)
+    try:
+        alice, bob, carol = login(disk, "alice", "bob", "carol")
+        alice.core.group_request(GroupAction.CREATE, "team", ("bob", "carol"))
+        disk.run(lambda: len(carol.of(GroupChanged)) == 1, "#team made")
+        bob.shows = False
+        carol.core.send("before I go", disk.now, to="#team")
+        disk.run(lambda: len(bob.unshown) == 1, "bob holds it unshown")
+        carol.core.delete_account("carol-pw")
+        disk.run(lambda: bool(carol.of(AccountDeleted)), "carol's account deleted")
+        group = disk.relay.groups.get("team")
+        assert group is not None and "carol" not in group.owed
+        disk.restart()
+        group = disk.relay.groups.get("team")
+        assert group is not None and "carol" not in group.owed
+    finally:
+        disk.store.close()
