@@ -301,6 +301,11 @@ GROUP_SENT_PAGE = 64
 # be trimmed: that walks the members' cursors, so not at every receipt.
 GROUP_TRIM_EVERY = 64
 MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
+# Cluster mode: what one session's group holds keep (`Relay._hold_group`), at
+# most: past either, its datagrams with SENDs or requests are withheld (not
+# acked: the client sends them again later) until an answer releases a hold.
+MAX_GROUP_HELD = 64
+MAX_GROUP_HELD_BYTES = 256 * 1024
 # How long the relay holds the store's next commit for the receipts of the
 # messages it has just handed to online recipients (issue 18). A receipt
 # that comes back within it joins the message's commit: no mailbox row is
@@ -341,7 +346,7 @@ FANOUT_HOLD = 0.010
 DROP_REASONS = (
     "pre-login budget", "pre-login rate limit", "user rate limit",
     "output cap: input waits for acks", "short of memory: messages wait",
-    "fan-out budget: messages wait", "malformed",
+    "fan-out budget: messages wait", "group hold: input waits for answers", "malformed",
     "internal error", "unsupported version", "unknown session", "bad tag or frame",
     "replayed or refused", "bad message", "unpadded pre-login datagram",
     "pre-login datagram without one HELLO or LOGIN", "login with a stale or forged cookie",
@@ -349,7 +354,7 @@ DROP_REASONS = (
 )  # fmt: skip
 #: Those that are limits the server enforces: logged as warnings ("limit
 #: hit"), at most once per `ServerConfig.log_interval` each.
-LIMIT_REASONS = frozenset(DROP_REASONS[:6])
+LIMIT_REASONS = frozenset(DROP_REASONS[:7])
 #: Answers of group requests kept in memory (loaded from the store, which
 #: keeps each client instance's latest): a request sent again is answered
 #: again, not done twice.
@@ -381,6 +386,22 @@ class _GroupNotices:
 
     def __init__(self, group_key: str) -> None:
         self.group_key = group_key
+
+
+class _GroupHolds:
+    """Cluster mode: what one session sent to groups after a change request
+    to each not answered yet (`Relay._hold_group`): group key -> (the
+    request's key, the SENDs and requests held behind it, in order, with a
+    SEND's recipient key); and how many they are, and their text's bytes."""
+
+    __slots__ = ("by_group", "count", "size")
+
+    def __init__(self) -> None:
+        self.by_group: dict[
+            str, tuple[RequestKey, collections.deque[tuple[Send | GroupRequest, str]]]
+        ] = {}
+        self.count = 0
+        self.size = 0
 
 
 #: `chunk_cost`: (messages, requests, bytes, any of a SEND).
@@ -528,14 +549,11 @@ class Relay:
         self._group_reached: dict[str, dict[MsgId, tuple[Group, list[str]]]] = {}
         self._group_streams: dict[str, int] = {}  # group key -> its stream on every hop
         self._group_lows: dict[str, int] = {}  # group key -> its low-water mark, this pass
-        # Cluster mode: (session id, group key) -> what that session sent to
-        # the group (SENDs and requests, in order, with a SEND's recipient
-        # key) after a change request to it not answered yet; the request's
-        # key -> its hold (`_hold_group`).
-        self._group_holds: dict[
-            tuple[bytes, str], collections.deque[tuple[Session, Send | GroupRequest, str]]
-        ] = {}
-        self._holds_by_request: dict[RequestKey, tuple[bytes, str]] = {}
+        # Cluster mode: session id -> what that session sent to groups after
+        # a change request to each not answered yet; (the request's key, its
+        # group's key) -> the session whose hold it is (`_hold_group`).
+        self._group_holds: dict[bytes, _GroupHolds] = {}
+        self._holds_by_request: dict[tuple[RequestKey, str], bytes] = {}
         # Group messages committed and held for their group's next fan-out
         # (FANOUT_HOLD): group key -> (the group, its entries in order, when
         # they go); when its last fan-out went; the earliest of those due.
@@ -982,6 +1000,17 @@ class Relay:
             self.stats["withheld_output"] += 1
             self.drops("output cap: input waits for acks", session.addr, now, session.user.name)
             return False
+        if sends and self._group_holds:
+            holds = self._group_holds.get(session.session_id)
+            if holds is not None and (
+                holds.count >= MAX_GROUP_HELD or holds.size >= MAX_GROUP_HELD_BYTES
+            ):
+                # What waits behind its requests is bounded: more of it
+                # waits with its sender until an answer releases a hold.
+                self.stats["withheld_group_hold"] += 1
+                self.drops("group hold: input waits for answers", session.addr, now,
+                           session.user.name)  # fmt: skip
+                return False
         fanout = session.user.fanout_bucket
         copies = self._fanout_cost(session.user, new) if sends else 0
         if copies and fanout is None:
@@ -1342,6 +1371,10 @@ class Relay:
             self._write_held(session)
         session.mail = session.receipts = None
         session.group_mail = session.group_notices = None
+        if self._group_holds:
+            # What it sent behind its requests: its client sends it again
+            # at its next login (the requests' answers, if any, go there).
+            self._drop_holds(session.session_id)
 
     # --- chat ---------------------------------------------------------------
 
@@ -2399,18 +2432,18 @@ class Relay:
             self._send(session, GroupResult(request.request_id, int(exc.code), exc.message),
                        stream=stream)  # fmt: skip
 
-    def _group_result(self, user: User, key: RequestKey, code: int, text: str,
-                      stream: int) -> None:  # fmt: skip
+    def _group_result(self, user: User, key: RequestKey, code: int, text: str, stream: int,
+                      group_key: str = "") -> None:  # fmt: skip
         """Answer a request, to the client instance that asked (a later
         session of it, if it logged in again meanwhile); what its session
-        sent to the group after it goes on (`_hold_group`)."""
+        sent to the group (`group_key`) after it goes on (`_hold_group`)."""
         session = self.router.locate(user)
         if isinstance(session, Session) and session.instance_id == key[1]:
             self._send(session, GroupResult(key[2], code, text), stream=stream)
         if self._holds_by_request:
-            hold_key = self._holds_by_request.pop(key, None)
-            if hold_key is not None:
-                self._release_group(hold_key)
+            session_id = self._holds_by_request.pop((key, group_key), None)
+            if session_id is not None:
+                self._release_group(session_id, group_key, key)
 
     def _hold_group(self, session: Session, what: Send | GroupRequest, key: RequestKey | None,
                     to_key: str = "") -> bool:  # fmt: skip
@@ -2421,9 +2454,12 @@ class Relay:
         request is answered, and the shared store numbers them in the order
         sent, as one server does. True: `what` waits (a SEND, or a request
         behind another). A request that may change the group starts a hold.
-        Nothing waits for ever: every request is answered (`_group_result`),
-        and a session that ends drops what it held (its client sends it
-        again at its next login, to a fresh session)."""
+        A hold ends with its request's answer (`_group_result`: every
+        request is answered, done, refused or "send it again", once the
+        store is reachable) or with its session (`_drop_holds`: its client
+        sends what was held again at its next login), whichever comes
+        first; what a session's holds keep is bounded (`MAX_GROUP_HELD`,
+        `_may_take`)."""
         if isinstance(what, Send):
             group_key = to_key[1:]
         else:
@@ -2431,35 +2467,63 @@ class Relay:
                 group_key = group_name(what.group)[1]
             except GroupRefused:
                 return False  # answered at once
-        hold_key = (session.session_id, group_key)
-        hold = self._group_holds.get(hold_key)
-        if hold is not None:
-            hold.append((session, what, to_key))
+        holds = self._group_holds.get(session.session_id)
+        hold = holds.by_group.get(group_key) if holds is not None else None
+        if holds is not None and hold is not None:
+            hold[1].append((what, to_key))
+            holds.count += 1
+            if isinstance(what, Send):
+                holds.size += len(what.text.encode("utf-8"))
             return True
         if key is not None and isinstance(what, GroupRequest) and what.action in (
             GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE,
         ):  # fmt: skip
-            self._group_holds[hold_key] = collections.deque()
-            self._holds_by_request[key] = hold_key
+            if holds is None:
+                holds = self._group_holds[session.session_id] = _GroupHolds()
+            holds.by_group[group_key] = (key, collections.deque())
+            # Keyed by the group too: a request id a client used for two
+            # groups at once must not release the other group's hold.
+            self._holds_by_request[(key, group_key)] = session.session_id
         return False
 
-    def _release_group(self, hold_key: tuple[bytes, str]) -> None:
-        """The request holding a session's traffic to a group was answered:
-        what waited goes on in order, until a request among it holds the
-        rest in turn."""
-        queue = self._group_holds.pop(hold_key, None)
+    def _release_group(self, session_id: bytes, group_key: str, key: RequestKey) -> None:
+        """The request `key` holding a session's traffic to a group was
+        answered: what waited goes on in order, until a request among it
+        holds the rest in turn."""
+        holds = self._group_holds.get(session_id)
+        hold = holds.by_group.get(group_key) if holds is not None else None
+        if holds is None or hold is None or hold[0] != key:
+            return  # ended with its session; or another request's
+        del holds.by_group[group_key]
+        queue = hold[1]
+        session = self.sessions.get(session_id)
+        if session is None:  # (its end dropped its holds: `_end_session`)
+            self._drop_holds(session_id)
+            return
         while queue:
-            session, what, to_key = queue.popleft()
-            if self.sessions.get(session.session_id) is not session:
-                continue  # ended: its client sends it again at its next login
+            what, to_key = queue.popleft()
+            holds.count -= 1
+            if isinstance(what, Send):
+                holds.size -= len(what.text.encode("utf-8"))
             if isinstance(what, Send):
                 self._post_group(session, what, to_key)
             else:
                 self._group_request(session, what)
-            again = self._group_holds.get(hold_key)
+            again = holds.by_group.get(group_key)
             if again is not None:  # that request holds the rest
-                again.extend(queue)
+                again[1].extend(queue)
                 return
+        if not holds.by_group and self._group_holds.get(session_id) is holds:
+            del self._group_holds[session_id]
+
+    def _drop_holds(self, session_id: bytes) -> None:
+        """A session ended: what its holds kept goes with it."""
+        holds = self._group_holds.pop(session_id, None)
+        if holds is None:
+            return
+        for group_key, (key, _) in holds.by_group.items():
+            if self._holds_by_request.get((key, group_key)) == session_id:
+                del self._holds_by_request[(key, group_key)]
 
     def _resolve(self, names: tuple[str, ...], skip: str) -> list[tuple[str, str]]:
         """The accounts named in a request as (key, name), each once, in
@@ -3655,11 +3719,12 @@ class Relay:
         try:
             group_key = group_name(request.group)[1]
         except GroupRefused:
+            group_key = ""
             checked = True  # not a group name: nothing to ask the store
         if checked:
             if answer[0]:
                 self.stats["group_refused"] += 1
-            self._group_result(user, key, *answer, stream)
+            self._group_result(user, key, *answer, stream, group_key)
             return
         # The store answers what it answered if the request was done before
         # (sent again to this node after another did it, and that node died
@@ -3761,7 +3826,7 @@ class Relay:
         if op.outcome == "done":  # asked before (on another node, or before a crash)
             code, text = op.answer or (0, "")
             self._remember_answer(key, (code, text))
-            self._group_result(user, key, code, text, stream)
+            self._group_result(user, key, code, text, stream, op.group_key)
             return
         if op.outcome in ("conflict", "none"):
             # conflict: another change came first; none: refused (or nothing
@@ -3775,7 +3840,7 @@ class Relay:
             if attempt + 1 >= GROUP_CHANGE_ATTEMPTS:
                 self._group_result(user, key, int(ErrorCode.SERVER_ERROR),
                                    f"#{op.name} is changing fast; send the request again",
-                                   stream)  # fmt: skip
+                                   stream, op.group_key)  # fmt: skip
                 return
             epoch, seq = op.current
             again = functools.partial(self._cluster_change, user, instance_id, request, key,
@@ -3811,7 +3876,7 @@ class Relay:
                          len(first.users))  # fmt: skip
         else:
             self._group_arrived(op.group_key, epoch, items)
-        answer = functools.partial(self._group_result, user, key, 0, text, stream)
+        answer = functools.partial(self._group_result, user, key, 0, text, stream, op.group_key)
         self._after_group(op.group_key, epoch, items[-1].group_seq, answer)
         if self.users.get(user.key) is not user:  # a deleted account's leaving
             bury = functools.partial(self._bury, user.key)
@@ -3830,7 +3895,7 @@ class Relay:
         session = self.router.locate(user)
         if group is not None and isinstance(session, Session):
             self._send(session, self._group_message(group, item), stream=stream)
-        self._group_result(user, key, 0, text, stream)
+        self._group_result(user, key, 0, text, stream, op.group_key)
 
     def _catch_up_member(self, session: Session, group: Group) -> None:
         """The session pages what waits for it in `group` since its cursor."""
