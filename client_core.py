@@ -170,6 +170,16 @@ SHOWN_WAIT = 1.0
 # LOSS_MARK_EVERY: 61 marks at most, whatever the traffic.
 LOSS_WINDOW = 60.0
 LOSS_MARK_EVERY = 1.0
+# A receipt of group entries waits this long after the datagram that brought
+# the first of them (issue 14): a group receipt covers every entry of its
+# group handed before it, so one receipt for a burst tells the server as much
+# as one per entry, and each one it is spared saves it a datagram in, its ack
+# out and a cursor move, for every member. Shorter than the connection's
+# delayed ack (reliability.MAX_ACK_DELAY, 25 ms), so the receipt leaves first
+# and carries that ack instead of following it in a second datagram. The
+# sender's "delivered" comes up to this much later; a direct message's
+# receipt never waits (the server holds a commit up to 2 ms for it).
+GROUP_RECEIPT_DELAY = 0.020
 
 FATAL_LOGIN_ERRORS = frozenset(
     {
@@ -519,6 +529,29 @@ GroupMessage = (
 GROUP_MESSAGES = (
     GroupDeliver, GroupEvent, GroupAccept, GroupReached, GroupResult, GroupInfo, GroupList,
 )  # fmt: skip
+
+
+class GroupReceipts:
+    """Receipts of group entries shown, held up to GROUP_RECEIPT_DELAY after
+    the first of them (`due`), then sent together. The load generator's
+    members hold theirs by the same rule (bench/fanout.py)."""
+
+    __slots__ = ("ids", "due")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.due: float | None = None  # when the oldest held must leave
+
+    def add(self, server_msg_id: int, arrived: float) -> None:
+        """Hold the receipt of an entry that came in a datagram at `arrived`."""
+        self.ids.append(server_msg_id)
+        if self.due is None:
+            self.due = arrived + GROUP_RECEIPT_DELAY
+
+    def take(self) -> list[int]:
+        """Everything held, which is no longer held."""
+        ids, self.ids, self.due = self.ids, [], None
+        return ids
 
 
 # --- the store --------------------------------------------------------------
@@ -970,6 +1003,10 @@ class ClientCore:
         self._staged: list[Event] = []
         self.awaiting: set[int] = set()  # handed on, not yet `shown` (server ids)
         self.receipts: list[int] = []  # server ids shown, receipted after the commit
+        # Group entries: handed on, not shown yet (server ids), and the
+        # receipts of those shown, which wait a little (GROUP_RECEIPT_DELAY).
+        self._group_unshown: set[int] = set()
+        self.group_receipts = GroupReceipts()
         self.who_pages: list[str] = []
         self.ended = False  # logged out, or gave up: nothing more happens
         self.first_login = True
@@ -1090,7 +1127,7 @@ class ClientCore:
         if self.ended and not self._final_flush:
             return out
         self._final_flush = False
-        self._queue_receipts()
+        self._queue_receipts(now)
         out.extend(self.conn.datagrams_to_send(now))
         if not self._loss_marks or now - self._loss_marks[-1][0] >= LOSS_MARK_EVERY:
             self._mark_loss(now)
@@ -1116,6 +1153,8 @@ class ClientCore:
             deadlines.append(self._last_heard + self.link_timeout)
             if self._probe_at is not None:
                 deadlines.append(self._probe_at)
+            if self.group_receipts.due is not None:
+                deadlines.append(self.group_receipts.due)
         if self._closing_deadline is not None:
             deadlines.append(self._closing_deadline)
         if self._shown_deadline is not None:
@@ -1461,7 +1500,13 @@ class ClientCore:
         `MessageReceived.id`): record it; its receipt follows the commit."""
         self.awaiting.discard(server_msg_id)
         if self.store.mark_shown(server_msg_id):
-            self.receipts.append(server_msg_id)
+            if server_msg_id in self._group_unshown:
+                self._group_unshown.discard(server_msg_id)
+                # Held from the datagram it came in (the last heard): a
+                # front end slow to show it only shortens the wait.
+                self.group_receipts.add(server_msg_id, self._last_heard)
+            else:
+                self.receipts.append(server_msg_id)
 
     def who(self) -> None:
         """Ask who is online; `WhoList` follows (all pages)."""
@@ -1713,6 +1758,8 @@ class ClientCore:
         then finds them here, not shown, and leaves them to this."""
         for stored in self.store.unshown():
             self.awaiting.add(stored.server_msg_id)
+            if stored.group is not None:
+                self._group_unshown.add(stored.server_msg_id)
             if stored.change is not None and stored.group is not None:
                 change = GroupChanged(stored.group, stored.change, stored.sender, stored.users,
                                       stored.server_msg_id, stored.sent_ms,
@@ -1802,10 +1849,19 @@ class ClientCore:
             return min(self._next_ping, self._pinged_at + self.ping_retry)
         return self._next_ping
 
-    def _queue_receipts(self) -> None:
+    def _queue_receipts(self, now: float | None = None) -> None:
         """The receipts for what was shown, batched, once the store has
-        committed it (a receipt promises the message is kept and was shown)."""
-        if not self.receipts or self.conn is None:
+        committed it (a receipt promises the message is kept and was shown).
+        Group entries' receipts wait until they are due (GROUP_RECEIPT_DELAY)
+        unless other receipts leave now, or `now` is None (the logout)."""
+        if self.conn is None:
+            return
+        held = self.group_receipts
+        if held.due is not None and (
+            now is None or now >= held.due or self.receipts or self._closing_deadline is not None
+        ):
+            self.receipts.extend(held.take())
+        if not self.receipts:
             return
         self.store.commit()
         receipts, self.receipts = self.receipts, []
@@ -2057,11 +2113,12 @@ class ClientCore:
         commit), or receipt again what was shown before."""
         if arrival == "new":
             self.awaiting.add(event.id)
+            self._group_unshown.add(event.id)
             if isinstance(event, MessageReceived):
                 self._reply_to = event.conversation
             self._staged.append(event)
         elif arrival == "shown":
-            self.receipts.append(event.id)  # its receipt was lost: again
+            self.group_receipts.add(event.id, self._last_heard)  # its receipt was lost: again
         # "unshown": on its way to the screen; the receipt follows `shown`.
 
     def _group_accepted(self, message: GroupAccept) -> None:
@@ -2143,7 +2200,9 @@ class ClientCore:
         if self.conn is None:
             # Not logged in: a login would only be for what is left to send
             # (or to receipt); with nothing, waiting for one only delays the end.
-            if now >= self._closing_deadline or not (waiting or self.receipts):
+            if now >= self._closing_deadline or not (
+                waiting or self.receipts or self.group_receipts.ids
+            ):
                 self._warn_unsent()
                 self._end_unconfirmed()
             return

@@ -8,8 +8,9 @@ members, every member a load-generator session speaking the real protocol.
 A real server process (`chat_server.py`, SQLite, the benchmark's flags from
 `bench.run.start_server`, and `--max-fanout-rate` raised so that the budget
 does not bound the flat-out phase). The members log in from worker
-processes (`loadgen.Handshake` over a few shared sockets) and receipt every
-group entry as it arrives, as a client that shows it at once would; the
+processes (`loadgen.Handshake` over a few shared sockets) and receipt the
+group entries they get as a client that shows them at once does: held up to
+`client_core.GROUP_RECEIPT_DELAY` after the first, then together; the
 owner creates the group (256 names per request) and sends: flat out with a
 window of messages not yet delivered to every member, or at a steady rate.
 Figures per phase:
@@ -18,6 +19,9 @@ Figures per phase:
 - server CPU per delivered copy (user+system of the server process tree
   from /proc, over the sending time), next to a direct message's in a
   4-pair run of the throughput phase: target, a copy at most a third;
+- the server's datagrams received and sent and its commits, per copy (from
+  its `--metrics` counters over the sending time): counts, which a loaded
+  machine does not blur as it does CPU time;
 - send -> the last member has it: per message, the latest arrival at any
   member minus the stamp in its text (processes on one host share the
   monotonic clock); p50 / p99 / max. Target at 10 msg/s into 1,000: p99 <= 200 ms.
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
@@ -55,7 +60,9 @@ from bench.loadgen import (
     text_stamp,
     wait_until,
 )
+from bench.metrics_scrape import free_tcp_port
 from bench.run import START_DELAY, Options, percentile, start_server, traffic_phase, workers
+from client_core import GroupReceipts
 from protocol import (
     GROUP_REQUEST_USERS_MAX,
     Bye,
@@ -96,13 +103,19 @@ FANOUT_RATE = "1000000000"
 #: copy would be sent twice for nothing.
 TIMERS = ["--rto-min", "0.2", "--rto-max", "60"]
 TARGET_COPY_RATIO = 1 / 3
+#: The server's counters read before and after the sending (`--metrics`).
+COUNTERS = {
+    "datagrams_in": "chat_datagrams_received_total",
+    "datagrams_out": "chat_datagrams_sent_total",
+    "commits": "chat_store_commit_seconds_count",
+}
 TARGET_P99_MS = 200.0
 
 
 class Session:
     """One logged-in load client: its Connection, on a socket it may share."""
 
-    __slots__ = ("name", "sock", "conn", "instance_id", "timer", "dirty", "receipts")
+    __slots__ = ("name", "sock", "conn", "instance_id", "timer", "dirty", "receipts", "held")
 
     def __init__(self, handshake: Handshake) -> None:
         assert handshake.conn is not None
@@ -113,8 +126,12 @@ class Session:
         self.timer: float | None = None
         self.dirty = True
         self.receipts: list[int] = []
+        self.held = GroupReceipts()  # group entries' receipts, as the client holds them
 
     def flush(self, now: float) -> None:
+        held = self.held
+        if held.due is not None and (now >= held.due or self.receipts):
+            self.receipts.extend(held.take())
         if self.receipts:
             receipts, self.receipts = self.receipts, []
             for part in batches(receipts):
@@ -128,6 +145,8 @@ class Session:
             except OSError:
                 pass  # a full buffer: the protocol resends
         self.timer = self.conn.get_timer()
+        if held.due is not None and (self.timer is None or held.due < self.timer):
+            self.timer = held.due
         self.dirty = False
 
 
@@ -250,7 +269,7 @@ def run_members(spec: MemberSpec, pipe: Pipe) -> None:
 
         def on_message(session: Session, message: Message, now_ns: int) -> None:
             if isinstance(message, GroupDeliver):
-                session.receipts.append(message.server_msg_id)
+                session.held.add(message.server_msg_id, now_ns / 1e9)
                 key = (session.name, message.group_seq)
                 if key in seen:
                     counts["duplicates"] += 1
@@ -262,7 +281,7 @@ def run_members(spec: MemberSpec, pipe: Pipe) -> None:
                 entry[0] += 1
                 entry[1] = max(entry[1], now_ns)
             elif isinstance(message, GroupEvent):
-                session.receipts.append(message.server_msg_id)
+                session.held.add(message.server_msg_id, now_ns / 1e9)
                 counts["events"] += 1
             elif isinstance(message, Bye):
                 counts["byes"] += 1
@@ -272,7 +291,7 @@ def run_members(spec: MemberSpec, pipe: Pipe) -> None:
         cpu0 = cpu_seconds()
         try:
             while True:
-                if pump.step(0.02) and pipe.poll():
+                if pump.step(TIMER_SCAN) and pipe.poll():
                     command = pipe.recv()
                     if command[0] == "stop":
                         break
@@ -411,15 +430,29 @@ def run_sender(spec: SenderSpec, pipe: Pipe) -> None:
 # --- phases ---------------------------------------------------------------------------
 
 
+def counters(port: int) -> dict[str, float]:
+    """The server's COUNTERS now (its /metrics page)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = float(value) if value and not line.startswith("#") else 0.0
+    return {key: values.get(name, 0.0) for key, name in COUNTERS.items()}
+
+
+
 def fanout_phase(size: int, rate: float | None, duration: float, load_workers: int,
                  tmp: Path, profile: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """A group of `size` (the owner and size - 1 members) on a fresh server
     (under cProfile into `profile` and `profile`.store if given)."""
+    port = free_tcp_port()
     server = start_server(
         tmp,
         f"fanout-{size}",
         profile_out=profile,
-        extra=["--max-fanout-rate", FANOUT_RATE, "--max-group-members", str(size), *TIMERS],
+        extra=["--max-fanout-rate", FANOUT_RATE, "--max-group-members", str(size), *TIMERS,
+               "--metrics", f"127.0.0.1:{port}"],  # fmt: skip
     )
     try:
         names = [f"m{i}" for i in range(size - 1)]
@@ -431,12 +464,14 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
             sender_spec = SenderSpec(server.address, names, rate)
             with workers(run_sender, [sender_spec]) as sender:
                 sender.gather("ready", 600)
+                before = counters(port)
                 cpu0 = server.cpu()
                 t0 = time.monotonic() + START_DELAY
                 sender.tell("start", t0, t0 + duration)
                 (sent,) = sender.gather("done", duration + 120)
                 time.sleep(0.2)  # the last receipts' acks
                 cpu1 = server.cpu()
+                after = counters(port)
                 members.tell("stop")
                 results = members.gather("done", 120)
                 sender.tell("exit")
@@ -477,6 +512,8 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
         "byes": sum(r["byes"] for r in results),
         "elapsed_s": elapsed, "copies_per_s": received / elapsed,
         "server_cpu_s": cpu1 - cpu0, "cpu_us_per_copy": (cpu1 - cpu0) / max(1, received) * 1e6,
+        **{f"{key}_per_copy": (after[key] - before[key]) / max(1, received) for key in COUNTERS},
+        "commits_per_message": (after["commits"] - before["commits"]) / max(1, sent["sent"]),
         "load_cpu_s": load_cpu, "load_processes": len(results) + 1,
         "last_member_p50_ms": percentile(complete, 50),
         "last_member_p99_ms": percentile(complete, 99),
@@ -534,6 +571,11 @@ def table(figures: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    for p in figures["phases"]:
+        mode = "flat out" if p["rate"] is None else f"{p['rate']:g} msg/s"
+        lines.append(f"{p['members']:,} members, {mode}: per copy {p['datagrams_in_per_copy']:.3f} "
+                     f"datagrams in, {p['datagrams_out_per_copy']:.3f} out; "
+                     f"{p['commits_per_message']:.2f} commits per message")  # fmt: skip
     lines.append(f"direct message: {figures['direct_cpu_us_per_msg']:.1f} us CPU/msg "
                  f"({figures['direct_msgs_per_s']:,.0f} msg/s, 4 pairs); targets: a copy <= "
                  f"1/3 of it, p99 <= {TARGET_P99_MS:.0f} ms at 10 msg/s into 1,000")  # fmt: skip
