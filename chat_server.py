@@ -2880,7 +2880,9 @@ class Relay:
         payload = encode_message(self._group_message(group, item))
         stream = self._group_stream(group)
         seq = item.group_seq
-        size = len(item.text.encode("utf-8")) if item.text else 0
+        # One record of the entry for every member's pager (never changed
+        # once made): per copy only the dict slots that point to it.
+        entry = self._group_entry(group, item)
         copies = 0
         for member in group.audience(seq):
             user = self.users.get(member.key)
@@ -2900,8 +2902,15 @@ class Relay:
                     self._pass_own(group, member, seq)
                     continue
             if isinstance(route, Session):
-                copies += self._offer_group(route, group, member, item, payload, stream, size)
+                copies += self._offer_group(route, group, member, entry, payload, stream)
         self.stats["group_copies"] += copies
+
+    @staticmethod
+    def _group_entry(group: Group, item: GroupItem) -> GroupEntry:
+        msg_id = None if item.change else MsgId(item.instance_id, item.client_seq)
+        size = len(item.text.encode("utf-8")) if item.text else 0
+        return GroupEntry(item.group_seq, item.server_msg_id, item.sender_key, msg_id, size,
+                          (group.key, item.group_seq))  # fmt: skip
 
     def _group_pager(self, session: Session, group: Group,
                      member: Member) -> tuple[GroupMail, Pager[int, GroupEntry]]:  # fmt: skip
@@ -2914,12 +2923,16 @@ class Relay:
             pager.cursor = member.cursor
         return mail, pager
 
-    def _offer_group(self, session: Session, group: Group, member: Member, item: GroupItem,
-                     payload: bytes, stream: int, size: int) -> int:  # fmt: skip
+    def _offer_group(self, session: Session, group: Group, member: Member, entry: GroupEntry,
+                     payload: bytes, stream: int) -> int:  # fmt: skip
         """Hand an entry over now if nothing of the group waits before it
         and the window has room (1); else it waits in the log (0)."""
-        mail, pager = self._group_pager(session, group, member)
-        seq = item.group_seq
+        mail = session.group_mail
+        pager = mail.pagers.get(group.key) if mail is not None else None
+        if mail is None or pager is None:
+            mail, pager = self._group_pager(session, group, member)
+        seq = entry.seq
+        size = entry.size
         if seq <= pager.cursor:
             return 0  # a page has handed it already
         if not pager.behind and seq > pager.cursor + 1 and member.cursor < seq - 1:
@@ -2929,7 +2942,7 @@ class Relay:
             not mail.count
             or (mail.count < MAILBOX_WINDOW and mail.bytes + size <= MAILBOX_WINDOW_BYTES)
         ):
-            self._hand_group(session, mail, pager, group, item, size, payload, stream)
+            self._hand_group(session, mail, pager, entry, payload, stream)
             return 1
         pager.behind = True
         pager.missed = max(pager.missed, seq)
@@ -2937,15 +2950,12 @@ class Relay:
         return 0
 
     def _hand_group(self, session: Session, mail: GroupMail, pager: Pager[int, GroupEntry],
-                    group: Group, item: GroupItem, size: int, payload: bytes,
-                    stream: int) -> None:  # fmt: skip
-        msg_id = None if item.change else MsgId(item.instance_id, item.client_seq)
-        pager.items[item.group_seq] = GroupEntry(item.group_seq, item.server_msg_id,
-                                                 item.sender_key, msg_id, size)  # fmt: skip
-        pager.cursor = item.group_seq
-        mail.ids[item.server_msg_id] = (group.key, item.group_seq)
+                    entry: GroupEntry, payload: bytes, stream: int) -> None:  # fmt: skip
+        pager.items[entry.seq] = entry
+        pager.cursor = entry.seq
+        mail.ids[entry.server_msg_id] = entry.where
         mail.count += 1
-        mail.bytes += size
+        mail.bytes += entry.size
         session.conn.send(payload, stream)
         self._dirty[session.session_id] = session
 
@@ -3010,9 +3020,8 @@ class Relay:
                 if not pager.items:
                     self._pass_own(group, member, item.group_seq)
                 continue
-            size = len(item.text.encode("utf-8")) if item.text else 0
             payload = encode_message(self._group_message(group, item))
-            self._hand_group(session, mail, pager, group, item, size, payload, stream)
+            self._hand_group(session, mail, pager, self._group_entry(group, item), payload, stream)
         if not more and pager.missed <= max(pager.cursor, upto):
             pager.behind = False
         else:

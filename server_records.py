@@ -143,17 +143,20 @@ class Pager(Generic[K, V]):
 
 
 class GroupEntry:
-    """A group's entry handed to a member's session, not yet receipted."""
+    """A group's entry handed to members' sessions, not yet receipted: one
+    record per entry that every member's pager shares (a fan-out makes it
+    once), so nothing in it changes once made."""
 
-    __slots__ = ("seq", "server_msg_id", "sender_key", "msg_id", "size")
+    __slots__ = ("seq", "server_msg_id", "sender_key", "msg_id", "size", "where")
 
     def __init__(self, seq: int, server_msg_id: int, sender_key: str, msg_id: MsgId | None,
-                 size: int) -> None:  # fmt: skip
+                 size: int, where: tuple[str, int]) -> None:  # fmt: skip
         self.seq = seq
         self.server_msg_id = server_msg_id
         self.sender_key = sender_key
         self.msg_id = msg_id  # a message's (its sender hears who has it); None: a change
         self.size = size  # bytes of text
+        self.where = where  # (group key, seq): `GroupMail.ids`'s value for it
 
 
 class GroupMail:

@@ -441,7 +441,6 @@ def counters(port: int) -> dict[str, float]:
     return {key: values.get(name, 0.0) for key, name in COUNTERS.items()}
 
 
-
 def fanout_phase(size: int, rate: float | None, duration: float, load_workers: int,
                  tmp: Path, profile: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """A group of `size` (the owner and size - 1 members) on a fresh server
@@ -451,8 +450,15 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
         tmp,
         f"fanout-{size}",
         profile_out=profile,
-        extra=["--max-fanout-rate", FANOUT_RATE, "--max-group-members", str(size), *TIMERS,
-               "--metrics", f"127.0.0.1:{port}"],  # fmt: skip
+        extra=[
+            "--max-fanout-rate",
+            FANOUT_RATE,
+            "--max-group-members",
+            str(size),
+            *TIMERS,
+            "--metrics",
+            f"127.0.0.1:{port}",
+        ],
     )
     try:
         names = [f"m{i}" for i in range(size - 1)]

@@ -235,10 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=320)
     parser.add_argument("--window", type=int, default=16,
                         help="messages not yet delivered to every member, at most")  # fmt: skip
-    parser.add_argument("--receipt-delay", type=float, default=GROUP_RECEIPT_DELAY,
-                        help=f"seconds a member holds a receipt (default {GROUP_RECEIPT_DELAY:g})")
-    parser.add_argument("--hold", type=float,
-                        help="the relay's FANOUT_HOLD in seconds (default: the server's own)")
+    parser.add_argument(
+        "--receipt-delay",
+        type=float,
+        default=GROUP_RECEIPT_DELAY,
+        help=f"seconds a member holds a receipt (default {GROUP_RECEIPT_DELAY:g})",
+    )
+    parser.add_argument(
+        "--hold", type=float, help="the relay's FANOUT_HOLD in seconds (default: the server's own)"
+    )
     parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     args = parser.parse_args(argv)
     if args.hold is not None:
