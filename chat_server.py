@@ -2862,47 +2862,55 @@ class Relay:
         it (an entry not held, its end), so every member has them in order."""
         held = self._fanout_held.pop(group.key, None)
         if held is not None:
-            for item in held[1]:
-                self._hand_out(held[0], item)
+            self._hand_out(held[0], held[1])
 
     def _fan_out(self, group: Group, item: GroupItem) -> None:
         """A committed entry to every member online it is for, after the
         group's held messages (`_fan_out_soon`)."""
         if self._fanout_held:
             self._release_fanout(group)
-        self._hand_out(group, item)
+        self._hand_out(group, [item])
 
-    def _hand_out(self, group: Group, item: GroupItem) -> None:
-        """A committed entry to every member online it is for (one encoding
-        for all of them); the others get it from the log later."""
+    def _hand_out(self, group: Group, items: list[GroupItem]) -> None:
+        """Committed entries, in the group's order, to every member online
+        each is for (one encoding of each for all of them); the others get
+        them from the log later. Several at once are a hold's messages:
+        each member's session is looked up once for all of them."""
         if self.groups.get(group.key) is not group:
             return  # ended meanwhile
-        payload = encode_message(self._group_message(group, item))
         stream = self._group_stream(group)
-        seq = item.group_seq
-        # One record of the entry for every member's pager (never changed
+        # One record of each entry for every member's pager (never changed
         # once made): per copy only the dict slots that point to it.
-        entry = self._group_entry(group, item)
+        handed = [(item, self._group_entry(group, item),
+                   encode_message(self._group_message(group, item))) for item in items]  # fmt: skip
         copies = 0
-        for member in group.audience(seq):
+        # No membership change lies between held messages (a change takes
+        # them out first), so the first one's audience is everyone's; `sees`
+        # still decides per entry.
+        for member in group.audience(items[0].group_seq):
             user = self.users.get(member.key)
             if user is None:
                 continue
             route = self.router.locate(user)
-            if not item.change and member.key == item.sender_key:
-                # The sender's own message: passed over by the session that
-                # sent it (in a cluster, so by the sender's node only: the
-                # others' copies of the cursor follow from the store at a
-                # login there); another client instance of theirs (a second
-                # device) gets it like any copy, one logging in later from
-                # the log, which also keeps it while the sender is offline.
-                if not isinstance(route, Session):
+            session = route if isinstance(route, Session) else None
+            for item, entry, payload in handed:
+                seq = item.group_seq
+                if not member.sees(seq):
                     continue
-                if route.instance_id == item.instance_id:
-                    self._pass_own(group, member, seq)
-                    continue
-            if isinstance(route, Session):
-                copies += self._offer_group(route, group, member, entry, payload, stream)
+                if not item.change and member.key == item.sender_key:
+                    # The sender's own message: passed over by the session that
+                    # sent it (in a cluster, so by the sender's node only: the
+                    # others' copies of the cursor follow from the store at a
+                    # login there); another client instance of theirs (a second
+                    # device) gets it like any copy, one logging in later from
+                    # the log, which also keeps it while the sender is offline.
+                    if session is None:
+                        continue
+                    if session.instance_id == item.instance_id:
+                        self._pass_own(group, member, seq)
+                        continue
+                if session is not None:
+                    copies += self._offer_group(session, group, member, entry, payload, stream)
         self.stats["group_copies"] += copies
 
     @staticmethod
