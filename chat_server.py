@@ -2824,8 +2824,9 @@ class Relay:
 
     def _fan_out_soon(self, group: Group, item: GroupItem) -> None:
         """A committed message to the members online: now if the group's
-        last fan-out was FANOUT_HOLD ago or more, else with the others
-        committed until then, at the end of the hold (`_fan_out_due`)."""
+        last fan-out was FANOUT_HOLD ago or more (or in this pass), else with
+        the others committed until then, at the end of the hold
+        (`_fan_out_due`)."""
         key = group.key
         held = self._fanout_held.get(key)
         if held is not None and held[0] is group:
@@ -2833,7 +2834,9 @@ class Relay:
             return
         now = self._now
         last = self._fanout_last.get(key)
-        if self.shared_store or last is None or now >= last + FANOUT_HOLD:
+        # (The same pass as the last fan-out: its datagrams have not left
+        # yet, so this one joins them.)
+        if self.shared_store or last is None or now >= last + FANOUT_HOLD or now == last:
             self._fanout_last[key] = now
             self._fan_out(group, item)
             return
