@@ -91,6 +91,23 @@ def test_messages_committed_within_the_hold_reach_each_member_in_one_datagram() 
         assert world.copies_per_datagram[member.name] == [1, 3], member.name
 
 
+def test_messages_committed_in_one_pass_go_together_at_once() -> None:
+    """The hold is for what comes after a fan-out, not for what comes with
+    it: messages committed in the same pass are not split (the first at
+    once, the rest at the hold's end)."""
+    world = CountingWorld()
+    alice, members = group_of(world, 4)
+    for _ in range(30):
+        world.step()
+    world.copies_per_datagram.clear()
+    for seq in (1, 2, 3):
+        world.post(alice, "team", f"m{seq}", seq)
+    world.step(STEP)
+    for member in members:
+        assert texts(member) == ["m1", "m2", "m3"]
+        assert world.copies_per_datagram[member.name] == [3], member.name
+
+
 def test_a_change_takes_the_held_messages_with_it_in_the_groups_order() -> None:
     world = CountingWorld()
     alice, members = group_of(world, 3)
