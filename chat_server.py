@@ -2851,7 +2851,7 @@ class Relay:
         for key, (group, _, at) in list(self._fanout_held.items()):
             if at <= now:
                 self._fanout_last[key] = now
-                self._release_fanout(group)
+                self._run_callback(functools.partial(self._release_fanout, group))
             elif due is None or at < due:
                 due = at
         self._fanout_due = due
