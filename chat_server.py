@@ -757,12 +757,6 @@ class Relay:
                          now - session.last_heard)  # fmt: skip
                 self._end_session(session, now)
                 continue
-            timer = session.conn.get_timer()
-            if timer is None or timer > now:
-                # Only its expiry was due, and it has been heard from since:
-                # nothing to send, no pass over its connection (issue 18).
-                self._schedule(session, now)
-                continue
             session.conn.handle_timer(now)
             self._collect(session, session.addr, now)
             self._dirty[session_id] = session
