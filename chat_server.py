@@ -35,7 +35,6 @@ import gc
 import heapq
 import itertools
 import logging
-import math
 import os
 import secrets
 import selectors
@@ -496,6 +495,8 @@ class Relay:
         # for them (COMMIT_WAIT).
         self._expecting: set[int] = set()
         self._hold_until: float | None = None
+        # Sessions' expiry checks fall on multiples of this (`_schedule`).
+        self._expiry_grid = min(EXPIRY_GRID, self.config.session_timeout / 16)
         self._tiebreak = itertools.count()
         self._out: Outgoing = []
         self.drops = DropLog(self.config.log_interval, LIMIT_REASONS)
@@ -755,12 +756,6 @@ class Relay:
                 log.info("session of %s expired after %.0f s of silence", session.user.name,
                          now - session.last_heard)  # fmt: skip
                 self._end_session(session, now)
-                continue
-            timer = session.conn.get_timer()
-            if timer is None or timer > now:
-                # Only its expiry was due, and it has been heard from since:
-                # nothing to send, no pass over its connection (issue 18).
-                self._schedule(session, now)
                 continue
             session.conn.handle_timer(now)
             self._collect(session, session.addr, now)
@@ -2300,9 +2295,8 @@ class Relay:
         # one by one (10,000 idle sessions: one pass a second, not ~170). It
         # ends at most a grid step (EXPIRY_GRID, or a sixteenth of a shorter
         # timeout) later than session_timeout.
-        timeout = self.config.session_timeout
-        grid = min(EXPIRY_GRID, timeout / 16)
-        deadline = math.ceil((session.last_heard + timeout) / grid) * grid
+        grid = self._expiry_grid
+        deadline = ((session.last_heard + self.config.session_timeout) // grid + 1) * grid
         if timer is not None:
             deadline = min(deadline, max(timer, now))
         if session.scheduled is None or deadline < session.scheduled:
