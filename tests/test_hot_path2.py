@@ -418,9 +418,9 @@ def relay_calls_per_message(batch: int, rounds: int = 4) -> float:
 
 #: Measured when they were set (issue 18, fifth session), the clients
 #: sending single RECEIPTs as `World`'s do and its in-memory store: 20
-#: messages at a time 162 calls each (the code before: 183), one at a time
-#: 792 (before: 921, with the passes its acks and timers take). The bounds
-#: are ~7-8 % above: the code before is over both.
+#: messages at a time 160 calls each (the code before: 183), one at a time
+#: 784 (before: 921, with the passes its acks and timers take). The bounds
+#: are ~7-10 % above: the code before is over both.
 CALLS_PER_MESSAGE_BATCHED = 172
 CALLS_PER_MESSAGE_ALONE = 860
 
