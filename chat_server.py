@@ -35,7 +35,6 @@ import gc
 import heapq
 import itertools
 import logging
-import math
 import os
 import secrets
 import selectors
@@ -193,6 +192,7 @@ from server_store import (
     GroupTold,
     Loaded,
     LoadedGroup,
+    LoadedMember,
     MarkDelivered,
     MemoryStore,
     MessageStore,
@@ -301,6 +301,11 @@ GROUP_SENT_PAGE = 64
 # be trimmed: that walks the members' cursors, so not at every receipt.
 GROUP_TRIM_EVERY = 64
 MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
+# Cluster mode: what one session's group holds keep (`Relay._hold_group`), at
+# most: past either, its datagrams with SENDs or requests are withheld (not
+# acked: the client sends them again later) until an answer releases a hold.
+MAX_GROUP_HELD = 64
+MAX_GROUP_HELD_BYTES = 256 * 1024
 # How long the relay holds the store's next commit for the receipts of the
 # messages it has just handed to online recipients (issue 18). A receipt
 # that comes back within it joins the message's commit: no mailbox row is
@@ -344,7 +349,7 @@ FANOUT_HOLD = 0.010
 DROP_REASONS = (
     "pre-login budget", "pre-login rate limit", "user rate limit",
     "output cap: input waits for acks", "short of memory: messages wait",
-    "fan-out budget: messages wait", "malformed",
+    "fan-out budget: messages wait", "group hold: input waits for answers", "malformed",
     "internal error", "unsupported version", "unknown session", "bad tag or frame",
     "replayed or refused", "bad message", "unpadded pre-login datagram",
     "pre-login datagram without one HELLO or LOGIN", "login with a stale or forged cookie",
@@ -352,7 +357,7 @@ DROP_REASONS = (
 )  # fmt: skip
 #: Those that are limits the server enforces: logged as warnings ("limit
 #: hit"), at most once per `ServerConfig.log_interval` each.
-LIMIT_REASONS = frozenset(DROP_REASONS[:6])
+LIMIT_REASONS = frozenset(DROP_REASONS[:7])
 #: Answers of group requests kept in memory (loaded from the store, which
 #: keeps each client instance's latest): a request sent again is answered
 #: again, not done twice.
@@ -367,6 +372,9 @@ GROUP_LOG_END = 1 << 62
 #: came first (each time its copy has caught up): then it asks the client to
 #: send it again. Changes are rare; two in a row on one group rarer still.
 GROUP_CHANGE_ATTEMPTS = 8
+#: A deleted sender's mark in the shared store: told everything (nobody is
+#: left to tell; the mark must not hold the log's trim).
+TOLD_ALL = 1 << 52
 DUPLICATE_ID_TEXT = (
     "this message id was already used for another message; your client's store was "
     "probably copied or restored"
@@ -383,20 +391,20 @@ class _GroupNotices:
         self.group_key = group_key
 
 
-class _GroupHold:
-    """Cluster mode: a session's membership request to a group whose answer
-    is not decided yet (it may be checked against the shared store, a round
-    trip or more), and what the session sent to that group after it (SENDs
-    and requests, in order), held until then: one server takes them in that
-    order, and so must the shared store's sequence (`Relay._hold_group`)."""
+class _GroupHolds:
+    """Cluster mode: what one session sent to groups after a change request
+    to each not answered yet (`Relay._hold_group`): group key -> (the
+    request's key, the SENDs and requests held behind it, in order, with a
+    SEND's recipient key); and how many they are, and their text's bytes."""
 
-    __slots__ = ("deciding", "queue")
+    __slots__ = ("by_group", "count", "size")
 
-    def __init__(self, deciding: RequestKey) -> None:
-        self.deciding = deciding
-        self.queue: collections.deque[tuple[Session, Send | GroupRequest, str]] = (
-            collections.deque()
-        )
+    def __init__(self) -> None:
+        self.by_group: dict[
+            str, tuple[RequestKey, collections.deque[tuple[Send | GroupRequest, str]]]
+        ] = {}
+        self.count = 0
+        self.size = 0
 
 
 #: `chunk_cost`: (messages, requests, bytes, any of a SEND).
@@ -492,6 +500,8 @@ class Relay:
         # for them (COMMIT_WAIT).
         self._expecting: set[int] = set()
         self._hold_until: float | None = None
+        # Sessions' expiry checks fall on multiples of this (`_schedule`).
+        self._expiry_grid = min(EXPIRY_GRID, self.config.session_timeout / 16)
         self._tiebreak = itertools.count()
         self._out: Outgoing = []
         self.drops = DropLog(self.config.log_interval, LIMIT_REASONS)
@@ -545,10 +555,11 @@ class Relay:
         self._group_reached: dict[str, dict[MsgId, tuple[Group, list[str]]]] = {}
         self._group_streams: dict[str, int] = {}  # group key -> its stream on every hop
         self._group_lows: dict[str, int] = {}  # group key -> its low-water mark, this pass
-        # (session id, group key) -> what that session sent to the group
-        # after a request still undecided; the request's key -> its hold.
-        self._group_holds: dict[tuple[bytes, str], _GroupHold] = {}
-        self._holds_by_request: dict[RequestKey, tuple[bytes, str]] = {}
+        # Cluster mode: session id -> what that session sent to groups after
+        # a change request to each not answered yet; (the request's key, its
+        # group's key) -> the session whose hold it is (`_hold_group`).
+        self._group_holds: dict[bytes, _GroupHolds] = {}
+        self._holds_by_request: dict[tuple[RequestKey, str], bytes] = {}
         # Group messages committed and held for their group's next fan-out
         # (FANOUT_HOLD): group key -> (the group, its entries in order, when
         # they go); when its last fan-out went; the earliest of those due.
@@ -750,12 +761,6 @@ class Relay:
                 log.info("session of %s expired after %.0f s of silence", session.user.name,
                          now - session.last_heard)  # fmt: skip
                 self._end_session(session, now)
-                continue
-            timer = session.conn.get_timer()
-            if timer is None or timer > now:
-                # Only its expiry was due, and it has been heard from since:
-                # nothing to send, no pass over its connection (issue 18).
-                self._schedule(session, now)
                 continue
             session.conn.handle_timer(now)
             self._collect(session, session.addr, now)
@@ -995,6 +1000,17 @@ class Relay:
             self.stats["withheld_output"] += 1
             self.drops("output cap: input waits for acks", session.addr, now, session.user.name)
             return False
+        if sends and self._group_holds:
+            holds = self._group_holds.get(session.session_id)
+            if holds is not None and (
+                holds.count >= MAX_GROUP_HELD or holds.size >= MAX_GROUP_HELD_BYTES
+            ):
+                # What waits behind its requests is bounded: more of it
+                # waits with its sender until an answer releases a hold.
+                self.stats["withheld_group_hold"] += 1
+                self.drops("group hold: input waits for answers", session.addr, now,
+                           session.user.name)  # fmt: skip
+                return False
         fanout = session.user.fanout_bucket
         copies = self._fanout_cost(session.user, new) if sends else 0
         if copies and fanout is None:
@@ -1353,6 +1369,10 @@ class Relay:
             self._write_held(session)
         session.mail = session.receipts = None
         session.group_mail = session.group_notices = None
+        if self._group_holds:
+            # What it sent behind its requests: its client sends it again
+            # at its next login (the requests' answers, if any, go there).
+            self._drop_holds(session.session_id)
 
     # --- chat ---------------------------------------------------------------
 
@@ -2197,6 +2217,10 @@ class Relay:
                     self._tell_again(route, group)
             self._end_retired(group)
         for group in owed:  # nobody to tell there any more
+            if self.shared_store:
+                # (its mark in the shared store, which every node reads, and
+                # which holds its log's trim: one server's goes with the account)
+                self.store.submit(GroupTold(user_key, group.key, TOLD_ALL))
             self._end_retired(group)
 
     def _forget_account(self, user: User, until: int | None, now: float, *,
@@ -2280,9 +2304,8 @@ class Relay:
         # one by one (10,000 idle sessions: one pass a second, not ~170). It
         # ends at most a grid step (EXPIRY_GRID, or a sixteenth of a shorter
         # timeout) later than session_timeout.
-        timeout = self.config.session_timeout
-        grid = min(EXPIRY_GRID, timeout / 16)
-        deadline = math.ceil((session.last_heard + timeout) / grid) * grid
+        grid = self._expiry_grid
+        deadline = ((session.last_heard + self.config.session_timeout) // grid + 1) * grid
         if timer is not None:
             deadline = min(deadline, max(timer, now))
         if session.scheduled is None or deadline < session.scheduled:
@@ -2307,7 +2330,7 @@ class Relay:
                 self.groups.restore(group)
         for (group_key, sender_key), last in loaded.group_sent.items():
             found = self.groups.get(group_key)
-            if found is not None:
+            if found is not None and sender_key in self.users:  # (a deleted one: nobody to tell)
                 told = loaded.group_told.get((sender_key, group_key), 0)
                 self.groups.restore_owed(found, sender_key, told, last)
         for group in list(self.groups.groups.values()):  # caught up and told: not needed
@@ -2327,7 +2350,7 @@ class Relay:
         group = Group(stored.key, stored.name, stored.owner_key, stored.seq)
         group.epoch, group.changed = stored.epoch, stored.changed
         for m in stored.members:
-            member = Member(m.key, m.name, m.joined_seq, m.rank, m.left_seq, m.cursor)
+            member = Member(m.key, m.name, m.joined_seq, m.rank, m.left_seq, m.cursor, m.earlier)
             if m.left_seq is None:
                 group.members[m.key] = member
             else:
@@ -2412,18 +2435,18 @@ class Relay:
             self._send(session, GroupResult(request.request_id, int(exc.code), exc.message),
                        stream=stream)  # fmt: skip
 
-    def _group_result(self, user: User, key: RequestKey, code: int, text: str,
-                      stream: int) -> None:  # fmt: skip
+    def _group_result(self, user: User, key: RequestKey, code: int, text: str, stream: int,
+                      group_key: str = "") -> None:  # fmt: skip
         """Answer a request, to the client instance that asked (a later
         session of it, if it logged in again meanwhile); what its session
-        sent to the group after it goes on (`_hold_group`)."""
+        sent to the group (`group_key`) after it goes on (`_hold_group`)."""
         session = self.router.locate(user)
         if isinstance(session, Session) and session.instance_id == key[1]:
             self._send(session, GroupResult(key[2], code, text), stream=stream)
         if self._holds_by_request:
-            hold_key = self._holds_by_request.pop(key, None)
-            if hold_key is not None:
-                self._release_group(hold_key)
+            session_id = self._holds_by_request.pop((key, group_key), None)
+            if session_id is not None:
+                self._release_group(session_id, group_key, key)
 
     def _hold_group(self, session: Session, what: Send | GroupRequest, key: RequestKey | None,
                     to_key: str = "") -> bool:  # fmt: skip
@@ -2434,9 +2457,12 @@ class Relay:
         request is answered, and the shared store numbers them in the order
         sent, as one server does. True: `what` waits (a SEND, or a request
         behind another). A request that may change the group starts a hold.
-        Nothing waits for ever: every request is answered (`_group_result`),
-        and a session that ends drops what it held (its client sends it
-        again at its next login, to a fresh session)."""
+        A hold ends with its request's answer (`_group_result`: every
+        request is answered, done, refused or "send it again", once the
+        store is reachable) or with its session (`_drop_holds`: its client
+        sends what was held again at its next login), whichever comes
+        first; what a session's holds keep is bounded (`MAX_GROUP_HELD`,
+        `_may_take`)."""
         if isinstance(what, Send):
             group_key = to_key[1:]
         else:
@@ -2444,38 +2470,63 @@ class Relay:
                 group_key = group_name(what.group)[1]
             except GroupRefused:
                 return False  # answered at once
-        hold_key = (session.session_id, group_key)
-        hold = self._group_holds.get(hold_key)
-        if hold is not None:
-            hold.queue.append((session, what, to_key))
+        holds = self._group_holds.get(session.session_id)
+        hold = holds.by_group.get(group_key) if holds is not None else None
+        if holds is not None and hold is not None:
+            hold[1].append((what, to_key))
+            holds.count += 1
+            if isinstance(what, Send):
+                holds.size += len(what.text.encode("utf-8"))
             return True
         if key is not None and isinstance(what, GroupRequest) and what.action in (
             GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE,
         ):  # fmt: skip
-            self._group_holds[hold_key] = _GroupHold(key)
-            self._holds_by_request[key] = hold_key
+            if holds is None:
+                holds = self._group_holds[session.session_id] = _GroupHolds()
+            holds.by_group[group_key] = (key, collections.deque())
+            # Keyed by the group too: a request id a client used for two
+            # groups at once must not release the other group's hold.
+            self._holds_by_request[(key, group_key)] = session.session_id
         return False
 
-    def _release_group(self, hold_key: tuple[bytes, str]) -> None:
-        """The request holding a session's traffic to a group was answered:
-        what waited goes on in order, until a request among it holds the
-        rest in turn."""
-        hold = self._group_holds.pop(hold_key, None)
-        if hold is None:
+    def _release_group(self, session_id: bytes, group_key: str, key: RequestKey) -> None:
+        """The request `key` holding a session's traffic to a group was
+        answered: what waited goes on in order, until a request among it
+        holds the rest in turn."""
+        holds = self._group_holds.get(session_id)
+        hold = holds.by_group.get(group_key) if holds is not None else None
+        if holds is None or hold is None or hold[0] != key:
+            return  # ended with its session; or another request's
+        del holds.by_group[group_key]
+        queue = hold[1]
+        session = self.sessions.get(session_id)
+        if session is None:  # (its end dropped its holds: `_end_session`)
+            self._drop_holds(session_id)
             return
-        queue = hold.queue
         while queue:
-            session, what, to_key = queue.popleft()
-            if self.sessions.get(session.session_id) is not session:
-                continue  # ended: its client sends it again at its next login
+            what, to_key = queue.popleft()
+            holds.count -= 1
+            if isinstance(what, Send):
+                holds.size -= len(what.text.encode("utf-8"))
             if isinstance(what, Send):
                 self._post_group(session, what, to_key)
             else:
                 self._group_request(session, what)
-            again = self._group_holds.get(hold_key)
+            again = holds.by_group.get(group_key)
             if again is not None:  # that request holds the rest
-                again.queue.extend(queue)
+                again[1].extend(queue)
                 return
+        if not holds.by_group and self._group_holds.get(session_id) is holds:
+            del self._group_holds[session_id]
+
+    def _drop_holds(self, session_id: bytes) -> None:
+        """A session ended: what its holds kept goes with it."""
+        holds = self._group_holds.pop(session_id, None)
+        if holds is None:
+            return
+        for group_key, (key, _) in holds.by_group.items():
+            if self._holds_by_request.get((key, group_key)) == session_id:
+                del self._holds_by_request[(key, group_key)]
 
     def _resolve(self, names: tuple[str, ...], skip: str) -> list[tuple[str, str]]:
         """The accounts named in a request as (key, name), each once, in
@@ -2521,12 +2572,12 @@ class Relay:
                        stream=self._group_stream(group))  # fmt: skip
             return
         self.groups.check_room(len(group.members), len(new))
-        seq, aside = self.groups.add(group, new)
+        seq, again = self.groups.add(group, new)
         item = self._group_item(group, seq, GroupChange.ADDED, user, tuple(n for _, n in new))
-        joined = tuple((k, n, group.members[k].rank) for k, n in new)
-        kept = tuple((m.key, m.name, m.joined_seq, m.rank, m.left_seq or 0, m.cursor)
-                     for m in aside)  # fmt: skip
-        self._store_change(group, [(item, joined, ())], key, f"added to #{group.name}", kept)
+        going_on = {m.key for m in again}
+        joined = tuple((k, n, group.members[k].rank) for k, n in new if k not in going_on)
+        rows = tuple(member_row(m) for m in again)
+        self._store_change(group, [(item, joined, ())], key, f"added to #{group.name}", rows)
 
     def _group_remove(self, session: Session, request: GroupRequest, key: RequestKey) -> None:
         user = session.user
@@ -2563,13 +2614,12 @@ class Relay:
         old_key = group.key
         stream = self._group_stream(group)
         keep_as = retired_key(group.key, item.server_msg_id)
-        aside = self.groups.close(group, seq, keep_as)
-        kept: tuple[tuple[str, str, int, int, int, int], ...] = ()
-        if aside is None:
+        leaver = self.groups.close(group, seq, keep_as)
+        kept: tuple[LoadedMember, ...] = ()
+        if leaver is None:
             keep_as = ""
         else:
-            kept = tuple((m.key, m.name, m.joined_seq, m.rank, m.left_seq or 0, m.cursor)
-                         for m in aside)  # fmt: skip
+            kept = tuple(member_row(m) for m in leaver)
             self._rekey_pagers(group, old_key)
         log.info("group #%s ended: its last member left", group.name)
         self.stats["groups_ended"] += 1
@@ -2661,10 +2711,11 @@ class Relay:
         self, group: Group,
         changes: list[tuple[GroupItem, tuple[tuple[str, str, int], ...], tuple[str, ...]]],
         key: RequestKey, text: str,
-        kept: tuple[tuple[str, str, int, int, int, int], ...] = (),
+        rows: tuple[LoadedMember, ...] = (),
     ) -> None:  # fmt: skip
         """Store a request's entries (the answer with the last), then hand
-        them out and answer it. `kept`: earlier memberships kept aside (an ADDED)."""
+        them out and answer it. `rows`: members written whole (an ADDED of
+        one who goes on from an earlier membership)."""
         self._remember_answer(key, (0, text))
         self.stats["group_changes"] += len(changes)
         stream = self._group_stream(group)
@@ -2672,7 +2723,7 @@ class Relay:
             last = index == len(changes) - 1
             user = self.users[item.sender_key]
             op = StoreGroupItem(item, group.name, group.owner, joined, left,
-                                (key, 0, text) if last else None, kept)  # fmt: skip
+                                (key, 0, text) if last else None, rows)  # fmt: skip
             then = functools.partial(self._change_committed, group, item, user, key, text, stream,
                                      last)  # fmt: skip
             self.store.submit(op, then)
@@ -3331,7 +3382,7 @@ class Relay:
             gone: list[str] = []
             for m in group.audience(seq):
                 if m.cursor >= seq:
-                    if m.user_key != user_key:
+                    if m.key != user_key:
                         have.append(m.name)
                 elif m.gone:
                     gone.append(m.name)
@@ -3541,7 +3592,8 @@ class Relay:
         if group.members or group.former:  # (a retired group: former members only)
             self.groups.restore(group)
             for sender_key, last in op.sent.items():
-                self.groups.restore_owed(group, sender_key, op.told.get(sender_key, 0), last)
+                if sender_key in self.users:  # (a deleted one: nobody to tell)
+                    self.groups.restore_owed(group, sender_key, op.told.get(sender_key, 0), last)
             # The members here page what is theirs from the log, from their cursors.
             for member_key in [*group.members, *group.former]:
                 user = self.users.get(member_key)
@@ -3670,11 +3722,12 @@ class Relay:
         try:
             group_key = group_name(request.group)[1]
         except GroupRefused:
+            group_key = ""
             checked = True  # not a group name: nothing to ask the store
         if checked:
             if answer[0]:
                 self.stats["group_refused"] += 1
-            self._group_result(user, key, *answer, stream)
+            self._group_result(user, key, *answer, stream, group_key)
             return
         # The store answers what it answered if the request was done before
         # (sent again to this node after another did it, and that node died
@@ -3776,7 +3829,7 @@ class Relay:
         if op.outcome == "done":  # asked before (on another node, or before a crash)
             code, text = op.answer or (0, "")
             self._remember_answer(key, (code, text))
-            self._group_result(user, key, code, text, stream)
+            self._group_result(user, key, code, text, stream, op.group_key)
             return
         if op.outcome in ("conflict", "none"):
             # conflict: another change came first; none: refused (or nothing
@@ -3790,7 +3843,7 @@ class Relay:
             if attempt + 1 >= GROUP_CHANGE_ATTEMPTS:
                 self._group_result(user, key, int(ErrorCode.SERVER_ERROR),
                                    f"#{op.name} is changing fast; send the request again",
-                                   stream)  # fmt: skip
+                                   stream, op.group_key)  # fmt: skip
                 return
             epoch, seq = op.current
             again = functools.partial(self._cluster_change, user, instance_id, request, key,
@@ -3826,7 +3879,7 @@ class Relay:
                          len(first.users))  # fmt: skip
         else:
             self._group_arrived(op.group_key, epoch, items)
-        answer = functools.partial(self._group_result, user, key, 0, text, stream)
+        answer = functools.partial(self._group_result, user, key, 0, text, stream, op.group_key)
         self._after_group(op.group_key, epoch, items[-1].group_seq, answer)
         if self.users.get(user.key) is not user:  # a deleted account's leaving
             bury = functools.partial(self._bury, user.key)
@@ -3845,7 +3898,7 @@ class Relay:
         session = self.router.locate(user)
         if group is not None and isinstance(session, Session):
             self._send(session, self._group_message(group, item), stream=stream)
-        self._group_result(user, key, 0, text, stream)
+        self._group_result(user, key, 0, text, stream, op.group_key)
 
     def _catch_up_member(self, session: Session, group: Group) -> None:
         """The session pages what waits for it in `group` since its cursor."""
@@ -3872,10 +3925,10 @@ class Relay:
         for m in stored.members:
             member = group.member(m.key)
             if member is None and m.left_seq is not None:
-                # Kept in the store for the senders (an earlier membership
-                # set aside there, or one this copy forgot): it names them.
+                # Kept in the store for the senders (one this copy forgot):
+                # it names them.
                 self.groups.take_former(group, Member(m.key, m.name, m.joined_seq, m.rank,
-                                                      m.left_seq, m.cursor))  # fmt: skip
+                                                      m.left_seq, m.cursor, m.earlier))  # fmt: skip
             elif member is not None and m.cursor > member.cursor:
                 member.cursor = m.cursor
         self._group_lows.pop(group.key, None)
@@ -3901,6 +3954,12 @@ class Relay:
 
 
 # --- the socket loop ----------------------------------------------------------
+
+
+def member_row(member: Member) -> LoadedMember:
+    """A member as the store writes it whole."""
+    return LoadedMember(member.key, member.name, member.joined_seq, member.rank, member.left_seq,
+                        member.cursor, member.earlier)  # fmt: skip
 
 
 def resident_memory() -> int | None:

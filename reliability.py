@@ -649,36 +649,36 @@ class Connection:
                 ack = self._ack_frame(now, DATA_ACK_RANGES if at < queued else MAX_ACK_RANGES)
                 parts.append(ack)
                 room -= len(ack)
+            pkt = self.next_pkt
+            self.next_pkt = pkt + 1
             first = at
             while at < queued and budget > 0:
-                wire = queue[at].wire
-                if len(wire) > room:
+                chunk = queue[at]
+                wire = chunk.wire
+                size = len(wire)
+                if size > room:
                     break
                 parts.append(wire)
-                room -= len(wire)
-                at += 1
-            carried = queue[first:at]
-            if carried:
-                budget -= 1
-            elif self._ping:
-                parts.append(_PING)
-            eliciting = bool(carried) or self._ping
-            self._ping = False
-            self._ack_due = None
-            self._ack_count = 0
-            pkt = self.next_pkt
-            self.next_pkt += 1
-            if eliciting:
-                self._sent_times[pkt] = now
-            for chunk in carried:
+                room -= size
                 if chunk.pkt_num >= 0:  # it went out before: a resend
                     self.chunks_resent += 1
                     if self.track_resends and chunk.handle is not None:
                         self._events.append(PayloadResent(chunk.handle))
-                chunk.pkt_num = pkt
+                chunk.pkt_num = pkt  # (marked sent as it is packed: one pass)
                 chunk.sent_at = now
                 chunk.lost = False
-            self.chunks_sent += len(carried)
+                at += 1
+            carried = at - first
+            if carried:
+                budget -= 1
+            elif self._ping:
+                parts.append(_PING)
+            if carried or self._ping:  # ack-eliciting: an RTT sample when acked
+                self._sent_times[pkt] = now
+            self._ping = False
+            self._ack_due = None
+            self._ack_count = 0
+            self.chunks_sent += carried
             out.append(seal(self.session_id, pkt, b"".join(parts), self.key))
         self.sent_count += len(out)
         return out

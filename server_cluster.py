@@ -398,8 +398,8 @@ if ARGV[9] == '1' then
     for i = 1, #left, 2 do
       local v = cjson.decode(left[i + 1])
       local c = tonumber(redis.call('HGET', KEYS[4], left[i]) or '-1')
-      if c >= v[2] then
-        redis.call('HSET', KEYS[3], left[i], cjson.encode({v[1], v[2], v[3], c}))
+      if c >= v[2] or v[4] then
+        redis.call('HSET', KEYS[3], left[i], cjson.encode({v[1], v[2], v[3], c, v[4]}))
         owed = true
       end
     end
@@ -437,35 +437,38 @@ for _, e in ipairs(cjson.decode(ARGV[7])) do
   seq = seq + 1
   redis.call('XADD', KEYS[5], seq .. '-0', 'm', e.m, 'n', e.n)
   for _, j in ipairs(e.j) do
+    -- Added again before they had everything of the earlier membership,
+    -- or before every sender was told what they had: it goes on (its
+    -- entries stay theirs, the cursor where it was: `GroupTable._join`).
+    local ranges = nil
     local earlier = redis.call('HGET', KEYS[3], j[1])
     if earlier then
-      -- Added again: what they had of the earlier membership is kept aside
-      -- ("KEY!CURSOR") while a sender is owed notices of it (`keep_aside`).
       local v = cjson.decode(earlier)
       local c = tonumber(redis.call('HGET', KEYS[4], j[1]) or '-1')
-      local cut = math.min(v[4], c)
-      local owed = false
-      local sent = redis.call('HGETALL', KEYS[13])
-      for i = 1, #sent, 2 do
-        if sent[i] ~= j[1] and tonumber(redis.call('HGET', KEYS[12], sent[i]) or '0') < cut then
-          owed = true
+      local on = c < v[4]
+      if not on then
+        local sent = redis.call('HGETALL', KEYS[13])
+        for i = 1, #sent, 2 do
+          if sent[i] ~= j[1] and tonumber(redis.call('HGET', KEYS[12], sent[i]) or '0') < v[4] then
+            on = true
+          end
         end
       end
-      if c >= v[2] and owed then
-        redis.call('HSET', KEYS[3], j[1] .. '!' .. cut, cjson.encode({v[1], v[2], v[3], cut}))
-        redis.call('HSET', KEYS[4], j[1] .. '!' .. cut, c)
+      if on then
+        ranges = v[5] or {}
+        ranges[#ranges + 1] = {v[2], v[4]}
       end
     end
-    redis.call('HSET', KEYS[2], j[1], cjson.encode({j[2], seq, j[3]}))
+    redis.call('HSET', KEYS[2], j[1], cjson.encode({j[2], seq, j[3], ranges}))
     redis.call('HDEL', KEYS[3], j[1])
-    redis.call('HSET', KEYS[4], j[1], seq - 1)
+    if not ranges then redis.call('HSET', KEYS[4], j[1], seq - 1) end
   end
   for _, k in ipairs(e.l) do
     local m = redis.call('HGET', KEYS[2], k)
     if m then
       local v = cjson.decode(m)
       redis.call('HDEL', KEYS[2], k)
-      redis.call('HSET', KEYS[3], k, cjson.encode({v[1], v[2], v[3], seq}))
+      redis.call('HSET', KEYS[3], k, cjson.encode({v[1], v[2], v[3], seq, v[4]}))
     end
   end
 end
@@ -517,6 +520,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local told = tonumber(redis.call('HGET', KEYS[7], ARGV[1]) or '0')
 if tonumber(ARGV[3]) <= told then return 0 end
 redis.call('HSET', KEYS[7], ARGV[1], ARGV[3])
+if redis.call('HLEN', KEYS[3]) == 0 then return 1 end
 local marks = {}
 local sent = redis.call('HGETALL', KEYS[8])
 for i = 1, #sent, 2 do
@@ -528,10 +532,9 @@ for i = 1, #former, 2 do
   local k = former[i]
   local left = cjson.decode(former[i + 1])[4]
   if tonumber(redis.call('HGET', KEYS[4], k) or '-1') >= left or string.sub(k, 1, 1) == '!' then
-    local who = string.match(k, '^[^!]+') or k
     local all = true
     for sender, t in pairs(marks) do
-      if sender ~= who and t < left then all = false end
+      if sender ~= k and t < left then all = false end
     end
     if all then
       redis.call('HDEL', KEYS[3], k)
@@ -777,6 +780,14 @@ def unpack_group_item(group_key: str, entry: str, fields: dict[str, str]) -> Gro
 GROUP_STATE_ROLES = ("group", "gmem", "gformer", "gcur", "gtold", "gsent")
 
 
+def _ranges(tail: list[Any]) -> tuple[tuple[int, int], ...]:
+    """A member's earlier memberships from the optional last element of its
+    JSON value (a list of [first, last]; absent, null or {} when none)."""
+    if not tail or not isinstance(tail[0], list):
+        return ()
+    return tuple((int(first), int(last)) for first, last in tail[0])
+
+
 def _numbers(raw: dict[str, str]) -> dict[str, int]:
     return {key: int(value) for key, value in raw.items()}
 
@@ -789,13 +800,15 @@ def unpack_group(group_key: str, raw: list[dict[str, str]]) -> LoadedGroup | Non
         return None
     members: list[LoadedMember] = []
     for key, blob in current.items():
-        name, joined, rank = json.loads(blob)
+        name, joined, rank, *earlier = json.loads(blob)  # (earlier: see `CHANGE_GROUP`)
         members.append(LoadedMember(key, name, joined, rank, None,
-                                    int(cursors.get(key, joined - 1))))  # fmt: skip
+                                    int(cursors.get(key, joined - 1)),
+                                    _ranges(earlier)))  # fmt: skip
     for key, blob in former.items():
-        name, joined, rank, left = json.loads(blob)
+        name, joined, rank, left, *earlier = json.loads(blob)
         members.append(LoadedMember(key, name, joined, rank, left,
-                                    int(cursors.get(key, joined - 1))))  # fmt: skip
+                                    int(cursors.get(key, joined - 1)),
+                                    _ranges(earlier)))  # fmt: skip
     members.sort(key=lambda m: (m.joined_seq, m.rank))
     seq = int(head.get("seq", 0))
     return LoadedGroup(group_key, head.get("name", group_key), head.get("owner", ""), seq,

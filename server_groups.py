@@ -79,11 +79,11 @@ class GroupRefused(Exception):
 class Member:
     """One member of a group (or a former one still being caught up)."""
 
-    __slots__ = ("key", "name", "joined_seq", "rank", "left_seq", "cursor")
+    __slots__ = ("key", "name", "joined_seq", "rank", "left_seq", "cursor", "earlier")
 
     def __init__(
         self, key: str, name: str, joined_seq: int, rank: int, left_seq: int | None = None,
-        cursor: int | None = None,
+        cursor: int | None = None, earlier: tuple[tuple[int, int], ...] = (),
     ) -> None:  # fmt: skip
         self.key = key
         self.name = name
@@ -93,10 +93,16 @@ class Member:
         # The highest group_seq their client has receipted (or passed over:
         # their own messages); below joined_seq until the first receipt.
         self.cursor = joined_seq - 1 if cursor is None else cursor
+        # One removed and added again before they had everything of their
+        # earlier membership, or before every sender was told what they had
+        # of it: its entries (first, last) are theirs too (`GroupTable._join`).
+        self.earlier = earlier
 
     def sees(self, seq: int) -> bool:
         """Whether the entry `seq` is for this member."""
-        return self.joined_seq <= seq and (self.left_seq is None or seq <= self.left_seq)
+        if self.joined_seq <= seq and (self.left_seq is None or seq <= self.left_seq):
+            return True
+        return any(first <= seq <= last for first, last in self.earlier)
 
     @property
     def gone(self) -> bool:
@@ -104,19 +110,6 @@ class Member:
         everything meant for them: kept under a tombstone key (`bury`) only
         so that senders are told they never will."""
         return self.key.startswith(TOMBSTONE)
-
-    @property
-    def earlier(self) -> bool:
-        """An earlier membership of someone added again while a sender was
-        still owed notices of what they had then: kept aside under
-        "KEY!LEFT_SEQ" (`GroupTable.keep_aside`) only so that the sender is
-        told, then dropped like any former member (`forget_former`)."""
-        return TOMBSTONE in self.key and not self.gone
-
-    @property
-    def user_key(self) -> str:
-        """Whose membership this is (an earlier one's key names them first)."""
-        return self.key.partition(TOMBSTONE)[0] if self.earlier else self.key
 
     @property
     def caught_up(self) -> bool:
@@ -182,7 +175,8 @@ class Group:
 
     def audience(self, seq: int) -> list[Member]:
         """Everyone the entry `seq` is for: those who were members there."""
-        found = [m for m in self.members.values() if m.joined_seq <= seq]
+        found = [m for m in self.members.values()
+                 if m.joined_seq <= seq or (m.earlier and m.sees(seq))]  # fmt: skip
         found.extend(m for m in self.former.values() if m.sees(seq))
         return found
 
@@ -254,7 +248,7 @@ class GroupTable:
         for key in group.members:
             self.of_user.setdefault(key, {})[group.key] = None
         for key, member in group.former.items():
-            if not member.gone and not member.earlier:
+            if not member.gone:
                 self.former_of.setdefault(key, {})[group.key] = None
 
     def take_former(self, group: Group, member: Member) -> None:
@@ -263,7 +257,7 @@ class GroupTable:
         if member.key in group.members or member.key in group.former:
             return
         group.former[member.key] = member
-        if not member.gone and not member.earlier and not member.caught_up:
+        if not member.gone and not member.caught_up:
             self.former_of.setdefault(member.key, {})[group.key] = None
 
     def restore_owed(self, group: Group, sender_key: str, told: int, last: int) -> None:
@@ -353,44 +347,34 @@ class GroupTable:
         return group, seq
 
     def add(self, group: Group, users: list[tuple[str, str]]) -> tuple[int, list[Member]]:
-        """Add members: (the entry's seq, the earlier memberships of those
-        added again that are kept aside: `keep_aside`)."""
+        """Add members: (the entry's seq, those added again who go on from
+        their earlier membership: `_join`)."""
         seq = self.next_seq(group)
-        kept: list[Member] = []
+        again: list[Member] = []
         for rank, (member_key, member_name) in enumerate(users):
-            aside = self._join(group, member_key, member_name, seq, rank)
-            if aside is not None:
-                kept.append(aside)
-        return seq, kept
+            member = self._join(group, member_key, member_name, seq, rank)
+            if member.earlier:
+                again.append(member)
+        return seq, again
 
-    def _join(self, group: Group, key: str, name: str, seq: int, rank: int) -> Member | None:
-        # One removed earlier and added again starts afresh from here; what
-        # they had of the earlier membership stays for the senders owed it.
-        aside = None
-        earlier = group.former.pop(key, None)
-        if earlier is not None:
+    def _join(self, group: Group, key: str, name: str, seq: int, rank: int) -> Member:
+        """`key` is a member from entry `seq` on. One removed earlier and
+        added again before their client had everything of that membership
+        (they get the rest, as if never added again), or before every
+        sender was told what they had of it, goes on from it: its entries
+        stay theirs (`Member.earlier`), their cursor where it was. Else
+        they start afresh from here."""
+        member = Member(key, name, seq, rank)
+        old = group.former.pop(key, None)
+        if old is not None:
             self._unindex_former(key, group.key)
-            aside = self.keep_aside(group, earlier)
-        group.members[key] = Member(key, name, seq, rank)
+            left = old.left_seq or 0
+            if old.cursor < left or not self._all_told(group, key, left):
+                member.cursor = old.cursor
+                member.earlier = (*old.earlier, (old.joined_seq, left))
+        group.members[key] = member
         self.of_user.setdefault(key, {})[group.key] = None
-        return aside
-
-    def keep_aside(self, group: Group, member: Member) -> Member | None:
-        """A former member who is added again, or whose group ends: their
-        membership up to what their client had (`cursor`; they get no more
-        of it) kept under "KEY!LEFT_SEQ" (`Member.earlier`) while a sender
-        is owed notices of it: the sender's login works out "delivered by"
-        from it (`Group.audience`). None: nobody needs it (nothing had, or
-        every sender told)."""
-        if member.cursor < member.joined_seq or member.gone:
-            return None
-        left = min(member.left_seq or member.cursor, member.cursor)
-        if self._all_told(group, member, left):
-            return None
-        key = member.key if member.earlier else f"{member.key}{TOMBSTONE}{left}"
-        aside = Member(key, member.name, member.joined_seq, member.rank, left, member.cursor)
-        group.former[key] = aside
-        return aside
+        return member
 
     def remove(self, group: Group, keys: list[str]) -> int:
         """Remove members (the entry's seq is the last thing they see)."""
@@ -438,24 +422,22 @@ class GroupTable:
         """The group's last member left (its LEFT entry is `seq`, handed to
         them outside the log): its name is free at once. If nobody is owed
         anything of it, it ends (`end`; answers None); else it is retired
-        (`retire`) and the answer is the leaver's membership if it was
-        kept aside for a sender (`keep_aside`; [] if not)."""
-        aside: list[Member] = []
-        for key in list(group.members):  # the leaver: handed nothing more of it
-            member = group.members[key]
-            self._part(group, key, seq)
-            if group.former.pop(key, None) is not None:
-                self._unindex_former(key, group.key)
-            kept = self.keep_aside(group, member)
-            if kept is not None:
-                aside.append(kept)
+        (`retire`) and the answer is the leaver, if kept as a former member
+        up to what their client had, for a sender to be told ([] if not)."""
+        leavers = list(group.members.values())
+        for member in leavers:  # (one) handed nothing more of it
+            self._part(group, member.key, seq)
+            member.left_seq = member.cursor
+            if member.cursor < member.joined_seq and not member.earlier:
+                group.former.pop(member.key, None)  # had nothing of it
+                self._unindex_former(member.key, group.key)
         for member in [m for m in group.former.values() if m.caught_up]:
             self.forget_former(group, member)
         if not self.owes(group) and not (group.owed and group.former):
             self.end(group)
             return None
         self.retire(group, tomb_key)
-        return aside
+        return [m for m in leavers if group.former.get(m.key) is m]
 
     def retire(self, group: Group, tomb_key: str) -> None:
         """The group's last member left (`close`) while a former member is
@@ -468,7 +450,7 @@ class GroupTable:
             self._unindex_owed(key, group.key)
             self.owed_of.setdefault(key, {})[tomb_key] = None
         for key, member in group.former.items():
-            if not member.gone and not member.earlier:
+            if not member.gone:
                 self._unindex_former(key, group.key)
                 self.former_of.setdefault(key, {})[tomb_key] = None
         group.key = tomb_key
@@ -510,11 +492,10 @@ class GroupTable:
         return buried
 
     @staticmethod
-    def _all_told(group: Group, member: Member, upto: int) -> bool:
-        """Whether every sender but `member` (nobody is told of their own
-        copy) was told every delivery up to `upto`."""
-        me = member.user_key
-        return all(told >= upto for key, (told, _) in group.owed.items() if key != me)
+    def _all_told(group: Group, member_key: str, upto: int) -> bool:
+        """Whether every sender but `member_key` (nobody is told of their
+        own copy) was told every delivery up to `upto`."""
+        return all(told >= upto for key, (told, _) in group.owed.items() if key != member_key)
 
     def forget_former(self, group: Group, member: Member) -> bool:
         """Drop a former member who has caught up, once every sender was
@@ -523,10 +504,10 @@ class GroupTable:
         if (
             member.caught_up
             and group.former.get(member.key) is member
-            and self._all_told(group, member, member.left_seq or 0)
+            and self._all_told(group, member.key, member.left_seq or 0)
         ):
             del group.former[member.key]
-            if not member.gone and not member.earlier:
+            if not member.gone:
                 self._unindex_former(member.key, group.key)
             return True
         return False

@@ -122,7 +122,7 @@ CREATE TABLE IF NOT EXISTS groups (
 CREATE TABLE IF NOT EXISTS group_members (
     group_key TEXT NOT NULL, member_key TEXT NOT NULL, name TEXT NOT NULL,
     joined_seq INTEGER NOT NULL, rank INTEGER NOT NULL, left_seq INTEGER,
-    cursor INTEGER NOT NULL,
+    cursor INTEGER NOT NULL, earlier TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (group_key, member_key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_log (
@@ -395,6 +395,8 @@ class LoadedMember:
     rank: int
     left_seq: int | None
     cursor: int
+    # (first, last) of earlier memberships still theirs (`server_groups.Member`)
+    earlier: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -552,9 +554,8 @@ class StoreGroupItem:
     members `joined` (key, name, rank: from this entry on) and `left`
     (their last entry is this one). A message's dedup key is kept too;
     `request` records the answer of the request that made a change. `kept`:
-    earlier memberships of members added again, kept aside under their own
-    keys (`server_groups.GroupTable.keep_aside`): rows as `LoadedMember`'s
-    fields (key, name, joined_seq, rank, left_seq, cursor)."""
+    members written whole (one added again who goes on from an earlier
+    membership, `server_groups.GroupTable._join`)."""
 
     item: GroupItem
     name: str
@@ -562,7 +563,7 @@ class StoreGroupItem:
     joined: tuple[tuple[str, str, int], ...] = ()
     left: tuple[str, ...] = ()
     request: tuple[RequestKey, int, str] | None = None
-    kept: tuple[tuple[str, str, int, int, int, int], ...] = ()
+    kept: tuple[LoadedMember, ...] = ()
 
 
 @dataclass(slots=True)
@@ -577,9 +578,9 @@ class EndGroup:
     group_key: str
     request: tuple[RequestKey, int, str] | None = None
     keep_as: str = ""
-    # The leaver's membership kept aside for senders owed notices of it
-    # (`StoreGroupItem.kept`'s rows), under `keep_as` with the rest.
-    kept: tuple[tuple[str, str, int, int, int, int], ...] = ()
+    # The leaver, kept as a former member for senders owed notices of what
+    # they had (`server_groups.GroupTable.close`), under `keep_as` with the rest.
+    kept: tuple[LoadedMember, ...] = ()
 
 
 @dataclass(slots=True)
@@ -954,7 +955,7 @@ class MemoryStore:
 
     def _group_write(self, op: Op) -> None:
         match op:
-            case StoreGroupItem(item, name, owner_key, joined, left, request, kept_aside):
+            case StoreGroupItem(item, name, owner_key, joined, left, request, whole_rows):
                 row = self.groups.setdefault(item.group_key, [name, owner_key, 0])
                 row[1] = owner_key
                 row[2] = max(row[2], item.group_seq)
@@ -965,8 +966,8 @@ class MemoryStore:
                     self.dedup[(item.sender_key, item.instance_id, item.client_seq)] = (
                         item.server_msg_id, to_key, item.text, None)  # fmt: skip
                 members = self.members.setdefault(item.group_key, {})
-                for kept_row in kept_aside:
-                    members[kept_row[0]] = LoadedMember(*kept_row)
+                for whole in whole_rows:
+                    members[whole.key] = dataclasses.replace(whole)
                 for key, member_name, rank in joined:
                     members[key] = LoadedMember(key, member_name, item.group_seq, rank, None,
                                                 item.group_seq - 1)  # fmt: skip
@@ -975,7 +976,7 @@ class MemoryStore:
                         members[key].left_seq = item.group_seq
                 if request is not None:
                     self._record_request(request)
-            case EndGroup(group_key, request, keep_as, kept_aside):
+            case EndGroup(group_key, request, keep_as, whole_rows):
                 row = self.groups.pop(group_key, [])
                 members = self.members.pop(group_key, {})
                 log = self.log.pop(group_key, {})
@@ -989,8 +990,8 @@ class MemoryStore:
                     self.groups[keep_as] = row
                     self.members[keep_as] = {k: m for k, m in members.items()
                                              if m.left_seq is not None}  # fmt: skip
-                    for kept_row in kept_aside:
-                        self.members[keep_as][kept_row[0]] = LoadedMember(*kept_row)
+                    for whole in whole_rows:
+                        self.members[keep_as][whole.key] = dataclasses.replace(whole)
                     kept = self.log[keep_as] = {}
                     for seq, item in log.items():
                         item = kept[seq] = dataclasses.replace(item, group_key=keep_as)
@@ -1255,12 +1256,14 @@ class ServerStore:
             "SELECT group_key, name, owner_key, seq FROM groups"
         ):
             groups[key] = LoadedGroup(key, name, owner, seq, [])
-        for key, *member in db.execute(
-            "SELECT group_key, member_key, name, joined_seq, rank, left_seq, cursor "
+        for key, member_key, name, joined, rank, left, cursor, earlier in db.execute(
+            "SELECT group_key, member_key, name, joined_seq, rank, left_seq, cursor, earlier "
             "FROM group_members ORDER BY group_key, joined_seq, rank"
         ):
             if key in groups:
-                groups[key].members.append(LoadedMember(*member))
+                member = LoadedMember(member_key, name, joined, rank, left, cursor,
+                                      unpack_ranges(earlier))  # fmt: skip
+                groups[key].members.append(member)
         loaded.groups = list(groups.values())
         for user_key, instance_id, request_id, code, message in db.execute(
             "SELECT user_key, instance_id, request_id, code, message FROM group_requests"
@@ -1821,11 +1824,11 @@ class _GroupSegment:
             digest = content_digest(GROUP_DEDUP_PREFIX + item.group_key, item.text)
             dedup.append((item.sender_key, instance, item.client_seq, item.server_msg_id,
                           item.sent_ms, digest, stamp, None))  # fmt: skip
-        for kept in op.kept:
-            self.joined.append((item.group_key, *kept))
+        for row in op.kept:
+            self.joined.append(member_values(item.group_key, row))
         for key, name, rank in op.joined:
             self.joined.append((item.group_key, key, name, item.group_seq, rank, None,
-                                item.group_seq - 1))  # fmt: skip
+                                item.group_seq - 1, ""))  # fmt: skip
         for key in op.left:
             self.left.append((item.group_seq, item.group_key, key, item.group_seq))
         if op.request is not None:
@@ -1860,7 +1863,7 @@ class _GroupSegment:
             )
         store._insert("group_log", self.log)
         if self.joined:  # one added again after a removal: a new membership
-            db.executemany("INSERT OR REPLACE INTO group_members VALUES (?,?,?,?,?,?,?)",
+            db.executemany("INSERT OR REPLACE INTO group_members VALUES (?,?,?,?,?,?,?,?)",
                            self.joined)  # fmt: skip
         if self.left:
             db.executemany("UPDATE group_members SET left_seq=? WHERE group_key=? AND "
@@ -1900,8 +1903,8 @@ class _GroupSegment:
             if keep_as:  # retired: former members' rows, the log, the marks stay, re-keyed
                 db.execute("DELETE FROM group_members WHERE group_key=? AND left_seq IS NULL",
                            (old,))  # fmt: skip
-                db.executemany("INSERT OR REPLACE INTO group_members VALUES (?,?,?,?,?,?,?)",
-                               [(old, *row) for row in self.end.kept])  # fmt: skip
+                db.executemany("INSERT OR REPLACE INTO group_members VALUES (?,?,?,?,?,?,?,?)",
+                               [member_values(old, row) for row in self.end.kept])  # fmt: skip
                 for table in ("groups", "group_members", "group_log", "group_told"):
                     db.execute(f"UPDATE {table} SET group_key=? WHERE group_key=?", (keep_as, old))
             for table in ("groups", "group_members", "group_log", "group_told"):
@@ -1916,8 +1919,30 @@ class _GroupSegment:
             )
 
 
+def pack_ranges(ranges: tuple[tuple[int, int], ...]) -> str:
+    """A member's earlier memberships as stored ("first-last,first-last")."""
+    return ",".join(f"{first}-{last}" for first, last in ranges)
+
+
+def unpack_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for part in text.split(",") if text else ():
+        first, _, last = part.partition("-")
+        ranges.append((int(first), int(last)))
+    return tuple(ranges)
+
+
+def member_values(group_key: str, row: LoadedMember) -> tuple[Any, ...]:
+    """A `group_members` row of a member written whole."""
+    return (group_key, row.key, row.name, row.joined_seq, row.rank, row.left_seq, row.cursor,
+            pack_ranges(row.earlier))  # fmt: skip
+
+
 def _migrate(db: sqlite3.Connection, *, new_summary: bool) -> None:
     """Bring a data directory of an earlier version up to this schema (once)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(group_members)")}
+    if "earlier" not in columns:
+        db.execute("ALTER TABLE group_members ADD COLUMN earlier TEXT NOT NULL DEFAULT ''")
     columns = {row[1] for row in db.execute("PRAGMA table_info(dedup)")}
     if "digest" not in columns:
         # Old keys get no digest (any content counts as a retry, as before)

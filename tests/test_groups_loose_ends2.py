@@ -4,18 +4,21 @@ too): "delivered by" is worked out from the members' cursors when its
 sender logs in, so what a member had must still be there then. Before:
 (1) a member removed and added again before her deliveries were told lost
 her earlier membership, and the sender was never told she had the message;
-(2) a group that ended dropped what its senders were owed, and a sender
-away when a member had their message was never told."""
+one added again before she had everything of it never got the rest (a
+message accepted for her, lost); (2) a group that ended dropped what its
+senders were owed, and a sender away when a member had their message was
+never told."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from chat_server import ServerConfig
-from client_core import GroupChanged, MessageReceived, StatusChanged
+from client_core import AccountDeleted, GroupChanged, MessageReceived, StatusChanged
 from client_store import ClientStore
 from protocol import GroupAction
 from server_groups import is_retired
@@ -139,6 +142,36 @@ def test_added_again_she_gets_the_new_entries_and_none_twice(
     assert got == ["for all of you", "after her return"]
 
 
+def test_a_member_added_again_before_she_had_it_gets_it_in_order(
+    net: Net, alice_store: ClientStore
+) -> None:
+    """erin, away, is counted in alice's message ("of 2"); bob removes her
+    and adds her again: at her next login she gets the message and her
+    removal, then her add, in the group's order, and alice hears erin has
+    it (before: she started afresh at the add, and never had either)."""
+    alice, bob, erin = three(net, alice_store)
+    bob.core.group_request(GroupAction.CREATE, "team", ("alice", "erin"))
+    net.run(lambda: all(len(m.of(GroupChanged)) == 1 for m in (alice, bob, erin)), "#team made")
+    away(net, erin)
+    msg = alice.core.send("while erin is away", net.now, to="#team")
+    net.run(lambda: ("delivered", "bob") in states(alice, msg), "bob has it")
+    away(net, alice)
+    bob.core.group_request(GroupAction.REMOVE, "team", ("erin",))
+    bob.core.group_request(GroupAction.ADD, "team", ("erin",))
+    net.run(lambda: len(bob.of(GroupChanged)) == 3, "erin removed and added again")
+    net.settle(1.0)
+    restart_if_disk(net)
+    erin = add(net, "erin")
+    net.run(lambda: len(erin.of(GroupChanged)) >= 2, "erin's entries")
+    net.settle(1.0)
+    alice = add(net, "alice", store=alice_store)
+    net.run(lambda: ("delivered", "erin") in states(alice, msg), "alice told erin has it")
+    got = [(e.seq, e.text) for e in erin.of(MessageReceived)]
+    assert got == [(2, "while erin is away")]
+    changes = [(e.seq, e.change) for e in erin.of(GroupChanged)]
+    assert changes[-2:] == [(3, "removed"), (4, "added")] and changes[:-2] in ([], [(1, "created")])
+
+
 def test_a_sender_away_when_the_group_ended_is_told_at_the_next_login(
     net: Net, alice_store: ClientStore
 ) -> None:
@@ -188,3 +221,50 @@ def test_a_group_that_ends_with_nothing_owed_goes_at_once(net: Net) -> None:
     net.run(lambda: net.relay.groups.get("team") is None, "#team ended")
     net.settle(2.0)
     assert len(net.relay.groups) == 0
+
+
+def test_a_data_directory_from_before_earlier_memberships_loads(tmp_path: Path) -> None:
+    """group_members had no `earlier` column: it is added at start, and the
+    members load as they were, with none."""
+    from server_store import ServerStore
+
+    data = tmp_path / "data"
+    disk = DiskNet(data, CONFIG)
+    alice, bob = login(disk, "alice", "bob")
+    alice.core.group_request(GroupAction.CREATE, "team", ("bob",))
+    disk.run(lambda: len(bob.of(GroupChanged)) == 1, "#team made")
+    disk.store.close()
+    db = sqlite3.connect(data / "chat.db")
+    db.execute("ALTER TABLE group_members DROP COLUMN earlier")
+    db.commit()
+    db.close()
+    store = ServerStore(data)
+    store.start()
+    try:
+        [group] = store.load().groups
+        assert [(m.key, m.earlier) for m in group.members] == [("alice", ()), ("bob", ())]
+    finally:
+        store.close()
+
+
+def test_a_deleted_sender_is_owed_nothing_after_a_restart(tmp_path: Path) -> None:
+    """carol's messages are still in the log when she deletes her account;
+    after a restart she is not owed "delivered by" again (her mark would
+    hold the log's trim for ever: nobody is left to tell)."""
+    disk = DiskNet(tmp_path / "data", CONFIG)
+    try:
+        alice, bob, carol = login(disk, "alice", "bob", "carol")
+        alice.core.group_request(GroupAction.CREATE, "team", ("bob", "carol"))
+        disk.run(lambda: len(carol.of(GroupChanged)) == 1, "#team made")
+        bob.shows = False
+        carol.core.send("before I go", disk.now, to="#team")
+        disk.run(lambda: len(bob.unshown) == 1, "bob holds it unshown")
+        carol.core.delete_account("carol-pw")
+        disk.run(lambda: bool(carol.of(AccountDeleted)), "carol's account deleted")
+        group = disk.relay.groups.get("team")
+        assert group is not None and "carol" not in group.owed
+        disk.restart()
+        group = disk.relay.groups.get("team")
+        assert group is not None and "carol" not in group.owed
+    finally:
+        disk.store.close()

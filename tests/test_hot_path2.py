@@ -118,7 +118,7 @@ def body_of(frames: list[Frame]) -> bytes:
     return b"".join(out)
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)  # (a wall-clock deadline fails under load)
 @given(frames=frame_lists, tagged=st.booleans())
 def test_frames_read_in_line_are_the_generated_decoders_records(
     frames: list[Frame], tagged: bool
@@ -127,7 +127,7 @@ def test_frames_read_in_line_are_the_generated_decoders_records(
     assert outcome(protocol._decode_frames, body, tagged) == outcome(reference_frames, body, tagged)
 
 
-@settings(max_examples=600)
+@settings(max_examples=600, deadline=None)  # (a wall-clock deadline fails under load)
 @given(
     frames=frame_lists,
     cut=st.integers(0, 2000),
@@ -160,7 +160,7 @@ def test_a_stream_frame_too_short_for_its_fields_is_refused_by_its_decoder() -> 
         protocol.decode_packet(datagram, KEY)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)  # (a wall-clock deadline fails under load)
 @given(
     largest=U64,
     delay=U32,
@@ -190,7 +190,7 @@ def test_ack_frame_refuses_what_does_not_fit() -> None:
         ack_frame(1, 2**32, 0, [])
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)  # (a wall-clock deadline fails under load)
 @given(stream=U32, data=st.binary(max_size=CHUNK_SIZE), before=st.integers(0, 3))
 def test_a_one_chunk_message_is_packed_as_stream_frame_packs_it(
     stream: int, data: bytes, before: int
@@ -250,7 +250,7 @@ def arrivals(draw: st.DrawFn) -> list[Stream]:
     return [*order, *copies]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)  # (a wall-clock deadline fails under load)
 @given(chunks=arrivals(), in_order_first=st.booleans())
 def test_chunks_taken_in_line_leave_what_on_stream_leaves(
     chunks: list[Stream], in_order_first: bool
@@ -418,9 +418,9 @@ def relay_calls_per_message(batch: int, rounds: int = 4) -> float:
 
 #: Measured when they were set (issue 18, fifth session), the clients
 #: sending single RECEIPTs as `World`'s do and its in-memory store: 20
-#: messages at a time 162 calls each (the code before: 183), one at a time
-#: 792 (before: 921, with the passes its acks and timers take). The bounds
-#: are ~7-8 % above: the code before is over both.
+#: messages at a time 160 calls each (the code before: 183), one at a time
+#: 784 (before: 921, with the passes its acks and timers take). The bounds
+#: are ~7-10 % above: the code before is over both.
 CALLS_PER_MESSAGE_BATCHED = 172
 CALLS_PER_MESSAGE_ALONE = 860
 

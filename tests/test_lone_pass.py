@@ -18,9 +18,7 @@ from typing import Any
 
 import pytest
 
-import reliability
-from chat_server import COMMIT_WAIT, EXPIRY_GRID, ChatServer, Relay
-from reliability import Connection
+from chat_server import COMMIT_WAIT, EXPIRY_GRID, ChatServer
 from server_store import LAZY_HOLD, NoticeDone
 from tests.clients import RecordingClient, close_all, wait_all
 from tests.conftest import RunningServer, stop_server
@@ -205,42 +203,3 @@ def test_idle_sessions_expiry_checks_share_passes() -> None:
         wakeups += 1
     # Before: one wake-up per session (40) at least.
     assert wakeups <= sessions // 3, wakeups
-
-
-def test_an_expiry_check_of_a_live_session_touches_no_connection(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A session heard from since its expiry was scheduled (its keepalives):
-    the check finds it alive and looks again later, without running its
-    connection's timers or asking it for datagrams (no pass of work per
-    idle session per check)."""
-    timeout = 30.0
-    world = World(session_timeout=timeout)
-    bob = world.login("bob")
-    for _ in range(10):
-        world.step()
-    relay: Relay = world.relay
-    session = world.session_of(bob)
-    first = session.scheduled
-    assert first is not None
-    world.now = first - 10.0
-    bob.conn.send_ping()  # a keepalive: heard from, acked at once
-    for data in bob.conn.datagrams_to_send(world.now):
-        relay.receive_datagram(data, bob.addr, world.now)
-    relay.datagrams_to_send(world.now)
-    assert session.conn.get_timer() is None
-    calls = {"datagrams_to_send": 0, "handle_timer": 0}
-    for name in calls:
-        real = getattr(Connection, name)
-
-        def counted(self: Connection, *args: object, _real: Any = real, _name: str = name) -> Any:
-            calls[_name] += 1
-            return _real(self, *args)
-
-        monkeypatch.setattr(reliability.Connection, name, counted)
-    world.now = first
-    relay.handle_timer(first)
-    assert relay.datagrams_to_send(first) == []
-    assert calls == {"datagrams_to_send": 0, "handle_timer": 0}
-    assert session.scheduled is not None and session.scheduled > first  # looked at again later
-    assert session.session_id in relay.sessions
