@@ -628,7 +628,7 @@ def gui_phase(opts: Options, tmp: Path) -> dict[str, Any]:
         )  # fmt: skip
         assert gui.stdin is not None and gui.stdout is not None
         try:
-            line = _read_line(gui, 30)
+            line = _read_line(gui, 120)  # a deadline for a hang: at load 48 it took over 30 s
             if line != "ready":
                 gui_log.flush()
                 tail = (home / "gui.log").read_text("utf-8", "replace")[-2000:]
