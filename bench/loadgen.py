@@ -548,6 +548,11 @@ class TrafficSpec:
     text_size: int = TEXT_SIZE
     drain_timeout: float = 20.0
     limit: int | None = None  # messages per sender at most
+    #: Messages per sender at least: sending goes on past `stop_at` until each
+    #: has sent this many (a busy machine slows a timed phase down, so a count
+    #: is what a check of the phase can rely on). At most `window`, so that
+    #: it never waits for completions that a stalled receiver never gives.
+    at_least: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     #: A client's own server by name (a cluster's node: bench/cluster.py);
     #: the others log in to `server`.
@@ -626,7 +631,8 @@ def traffic_loop(
             now = time.monotonic()
             limit = spec.limit
             if sending and (
-                now >= stop_at or (limit is not None and all(s.sent >= limit for s in senders))
+                (now >= stop_at and all(s.sent >= spec.at_least for s in senders))
+                or (limit is not None and all(s.sent >= limit for s in senders))
             ):
                 sending = False
                 drain_deadline = now + spec.drain_timeout
@@ -635,6 +641,8 @@ def traffic_loop(
                     allowed = spec.window if limit is None else min(spec.window, limit - s.sent)
                     if spec.rate is not None:
                         allowed = min(allowed, int((now - t0) * spec.rate) + 1 - s.sent)
+                    if now >= stop_at:  # only what `at_least` still asks for
+                        allowed = min(allowed, spec.at_least - s.sent)
                     s.fill(allowed)
             elif linger_until is None:
                 if all(not s.outstanding for s in senders) or now >= drain_deadline:

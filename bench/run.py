@@ -65,6 +65,7 @@ PAIR_COUNTS = (1, 4, 16)
 WINDOW = 64
 ITERATIONS = 4096
 GUI_RATE = 1000.0
+GUI_WINDOW = 256  # the writer's messages in flight; also the fewest it sends
 GUI_HISTORY = (100_000, 1000)  # stored messages, contacts: the window's long-history figures
 GUI_HISTORY_QUICK = (3000, 50)
 START_DELAY = 0.3  # between "start" and t0, so every worker begins together
@@ -627,13 +628,15 @@ def gui_phase(opts: Options, tmp: Path) -> dict[str, Any]:
         )  # fmt: skip
         assert gui.stdin is not None and gui.stdout is not None
         try:
-            line = _read_line(gui, 30)
+            line = _read_line(gui, 120)  # a deadline for a hang: at load 48 it took over 30 s
             if line != "ready":
                 gui_log.flush()
                 tail = (home / "gui.log").read_text("utf-8", "replace")[-2000:]
                 raise RuntimeError(f"the GUI did not log in: {line!r}\n{tail}")
-            spec = TrafficSpec(server.address, [("writer", "viewer")], [], window=256,
-                               rate=GUI_RATE)  # fmt: skip
+            # At least the first window goes, however slow the machine (the
+            # smoke test counts on it): a window that stalls is seen then.
+            spec = TrafficSpec(server.address, [("writer", "viewer")], [], window=GUI_WINDOW,
+                               rate=GUI_RATE, at_least=GUI_WINDOW)  # fmt: skip
             with workers(run_traffic, [spec]) as group:
                 group.gather("ready", 60)
                 t0 = time.monotonic() + START_DELAY

@@ -56,30 +56,60 @@ def isolated_home(
     return home
 
 
+def tk_left_in_cycles() -> list[str]:
+    """Collect here (on the calling thread) and name the Tk objects that only
+    a collection could free: roots and interpreters, variables and images in
+    reference cycles or kept only by one (a root held by its widgets' cycles:
+    a widget kept as its parent's attribute). They are freed here, on this
+    thread.
+
+    Such an object is a hazard wherever automatic collection runs: it is
+    freed by whichever thread runs the collector next, a server or network
+    thread of the process. There a Tk variable's __del__ calls Tcl from the
+    wrong thread, and freeing the last reference to an interpreter (a Tk root
+    in a cycle) aborts the process ("Tcl_AsyncDelete: async handler deleted
+    by the wrong thread"): an xdist worker died so in test_health_view's
+    real-link test, freeing the root the test before it had left in a cycle.
+    Widgets alone are not named: they hold no Tcl state of their own, and
+    reach the interpreter only through their root."""
+    import tkinter
+    from _tkinter import TkappType
+
+    hazards = (tkinter.Tk, tkinter.Variable, tkinter.Image, TkappType)
+    debug = gc.get_debug()
+    gc.set_debug(debug | gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found = [obj for obj in gc.garbage if isinstance(obj, hazards)]
+        names = sorted(f"{type(obj).__module__}.{type(obj).__qualname__}" for obj in found)
+    finally:
+        gc.set_debug(debug)
+        saved = list(gc.garbage)
+        gc.garbage.clear()
+    del found
+    del saved  # the cycles are whole again, and garbage: freed by the next collection,
+    gc.collect()  # this one, on this thread
+    return names
+
+
 @pytest.fixture(autouse=True)
 def tk_freed_on_the_main_thread(request: pytest.FixtureRequest) -> Iterator[None]:
-    """For a test on the X display: no automatic garbage collection while it
-    runs, and a collection on this (the main, Tk's) thread at its end.
-
-    Tk objects often end in reference cycles (a widget and its master, a
-    callback kept on the widget), freed by whichever thread runs the
-    collector next: a server or network thread of the test. There a Tk
-    variable's __del__ calls Tcl from the wrong thread, and freeing the
-    last reference to the interpreter (a Tk root in a cycle) aborts the
-    process ("Tcl_AsyncDelete: async handler deleted by the wrong thread"):
-    an xdist worker died so, in test_health_view's real-link test, freeing
-    the root the test before it had left in a cycle."""
+    """For a test on the X display: at its end, a collection on this (the
+    main, Tk's) thread, which fails the test if it left a Tk root, variable
+    or image in a reference cycle (`tk_left_in_cycles`): the test after it
+    would otherwise have it freed by whichever thread collects next.
+    Automatic collection stays on while a test runs, so a product cycle that
+    leaves a Tk object to a network thread's collection still breaks a test
+    (it was turned off before, which hid that bug class)."""
     if "display" not in request.fixturenames:
         yield
         return
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.collect()
-        if enabled:
-            gc.enable()
+    yield
+    left = tk_left_in_cycles()
+    assert not left, (
+        f"the test left {left} in reference cycles: break them (destroy the root, drop the "
+        "references) so that no other thread's collection frees them"
+    )
 
 
 def test_config(data_dir: Path | None, **overrides: Any) -> ServerConfig:

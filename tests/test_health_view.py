@@ -12,6 +12,7 @@ and panel against measured figures.
 
 from __future__ import annotations
 
+import gc
 import queue
 import random
 import re
@@ -111,6 +112,11 @@ def test_the_ring_keeps_the_last_minutes_only(display: str) -> None:  # noqa: F8
         assert bar.panel is None
     finally:
         root.destroy()
+    # The bar and the panel keep their widgets as attributes (and each widget
+    # its master): cycles that hold the root. Freed here, on Tk's thread, not
+    # by whichever thread collects next (the fixture would fail the test).
+    del bar, panel, root
+    gc.collect()
 
 
 # --- with a real server -------------------------------------------------------------------

@@ -4,22 +4,24 @@ another thread of the test process runs (a server thread, a session's
 network thread). There a Tk variable's __del__ calls Tcl from the wrong
 thread, and freeing the interpreter aborts the process; an xdist worker
 died so in test_health_view. `tests.conftest.tk_freed_on_the_main_thread`
-collects such cycles on the main thread at the end of each test on the
-display, and no other thread collects while one runs."""
+fails a test on the display that leaves one (`tk_left_in_cycles` names and
+frees them on the main thread), with automatic collection left on while
+the test runs, so that a product cycle of that kind can break a test."""
 
 from __future__ import annotations
 
 import gc
-import threading
 import tkinter as tk
 import weakref
 
+from tests.conftest import tk_left_in_cycles
 from tests.xvfb import display  # noqa: F401 (a fixture)
 
 
-def test_tk_objects_in_a_cycle_are_not_freed_by_another_threads_collection(
+def test_a_tk_variable_left_in_a_cycle_is_named_and_freed_on_this_thread(
     display: str,  # noqa: F811
 ) -> None:
+    assert gc.isenabled(), "automatic collection stays on during a test on the display"
     root = tk.Tk()
     root.withdraw()
     interp = root.tk  # the interpreter stays referenced here: freeing it on a thread would abort
@@ -31,17 +33,19 @@ def test_tk_objects_in_a_cycle_are_not_freed_by_another_threads_collection(
     freed = weakref.ref(variable)
     del root, variable
     assert freed() is not None, "in a cycle: only a collection frees it"
+    left = tk_left_in_cycles()
+    assert "tkinter.StringVar" in left and "tkinter.Tk" in left, left
+    assert freed() is None, "freed by that collection, here"
+    assert interp.call("info", "exists", name) in (0, "0"), "its __del__ ran: unset in Tcl"
 
-    def allocate() -> None:
-        """What a server thread does all the time: make container objects
-        that live a while, which is what starts an automatic collection."""
-        kept: list[list[int]] = [[] for _ in range(100_000)]
-        del kept
 
-    worker = threading.Thread(target=allocate, name="not-tk")
-    worker.start()
-    worker.join()
-    assert freed() is not None, "a collection on another thread freed a Tk variable"
-    gc.collect()  # here, on the main thread: Variable.__del__ unsets it in Tcl
-    assert freed() is None
-    assert interp.call("info", "exists", name) in (0, "0")
+def test_a_root_destroyed_and_dropped_leaves_nothing(display: str) -> None:  # noqa: F811
+    root = tk.Tk()
+    root.withdraw()
+    variable = tk.StringVar(root, "x")
+    label = tk.Label(root, textvariable=variable)
+    label.pack()
+    root.update()
+    root.destroy()
+    del root, variable, label
+    assert tk_left_in_cycles() == []
