@@ -1212,7 +1212,7 @@ class Relay:
     def _on_verdict(
         self, frame: Login, verdict: Verified | Refused, addr: Address, size: int, now: float,
         arrived: float | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         """Open the session of a verified LOGIN (or answer its refusal);
         `arrived`: when the LOGIN came, if its verdict waited (a registration)."""
         arrived = now if arrived is None else arrived
@@ -1282,7 +1282,7 @@ class Relay:
     def _unwrapped(
         self, pending: Unwrap, secret: bytes | None, addr: Address, size: int, now: float,
         arrived: float,
-    ) -> None:
+    ) -> None:  # fmt: skip
         """On the loop: a registration's DH secret is back (its LOGIN came at `arrived`)."""
         login = pending.login
         self._registering.discard(login.nonce)

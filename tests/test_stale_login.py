@@ -43,8 +43,9 @@ def test_an_older_attempt_done_last_does_not_replace_the_newer_session() -> None
     assert [s.session_id for s in relay.sessions.values()] == [newer.conn.session_id]
     assert relay.stats["login_stale"] == 1
     # The older attempt got no WELCOME of its own (its client has moved on).
-    assert not any(isinstance(preauth_frame(d), Welcome) and preauth_frame(d).nonce == older.nonce
-                   for d in out)  # fmt: skip
+    welcomes = [f for d in out if isinstance(f := preauth_frame(d), Welcome)]
+    assert [f.nonce for f in welcomes] == [newer.nonce]
+    assert older.nonce != newer.nonce
 
 
 def test_a_newer_attempt_done_last_still_replaces_the_older_session() -> None:
