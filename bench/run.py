@@ -627,7 +627,9 @@ def gui_phase(opts: Options, tmp: Path) -> dict[str, Any]:
         )  # fmt: skip
         assert gui.stdin is not None and gui.stdout is not None
         try:
-            line = _read_line(gui, 30)
+            # Tk's start and a registering login: at load average 40-50 on
+            # two cores 30 s was not always enough (a crash, not a figure).
+            line = _read_line(gui, 90)
             if line != "ready":
                 gui_log.flush()
                 tail = (home / "gui.log").read_text("utf-8", "replace")[-2000:]
