@@ -520,7 +520,7 @@ class Relay:
         # Registrations' Diffie-Hellman secrets are computed in `unwrapper`
         # when given (a process pool: 3.7 ms each would stall every session
         # on the loop); the LOGIN waits, with its address and size.
-        self.key_exchanges: KeyExchanges[tuple[Unwrap, Address, int]] = KeyExchanges(
+        self.key_exchanges: KeyExchanges[tuple[Unwrap, Address, int, float]] = KeyExchanges(
             unwrapper, wake
         )
         self._now = 0.0  # `now` of the call being handled, for store callbacks
@@ -677,8 +677,10 @@ class Relay:
         their verdicts."""
         self._now = now
         done = self.key_exchanges.completed()
-        for (pending, addr, size), secret in done:
-            self._run_callback(functools.partial(self._unwrapped, pending, secret, addr, size, now))
+        for (pending, addr, size, arrived), secret in done:
+            self._run_callback(
+                functools.partial(self._unwrapped, pending, secret, addr, size, now, arrived)
+            )
         if done:
             self.stats["key_exchanges_pooled"] = self.key_exchanges.pooled
 
@@ -1208,8 +1210,12 @@ class Relay:
             self._on_verdict(frame, verdict, addr, size, now)
 
     def _on_verdict(
-        self, frame: Login, verdict: Verified | Refused, addr: Address, size: int, now: float
-    ) -> None:
+        self, frame: Login, verdict: Verified | Refused, addr: Address, size: int, now: float,
+        arrived: float | None = None,
+    ) -> None:  # fmt: skip
+        """Open the session of a verified LOGIN (or answer its refusal);
+        `arrived`: when the LOGIN came, if its verdict waited (a registration)."""
+        arrived = now if arrived is None else arrived
         if isinstance(verdict, Refused):
             self._answer(frame, verdict, size, addr, now)
             return
@@ -1240,7 +1246,7 @@ class Relay:
             def registered(user: User = user, login: Login = frame) -> None:
                 self._registering.discard(login.nonce)
                 self._unstored.discard(user.key)
-                self._open_session(user, login, verdict, addr, size, self._now)
+                self._open_session(user, login, verdict, addr, size, self._now, arrived)
 
             self.store.submit(StoreAccount(verdict.key, verdict.account), registered)
             return
@@ -1251,11 +1257,11 @@ class Relay:
 
             def stored(user: User = user, login: Login = frame) -> None:
                 self._registering.discard(login.nonce)
-                self._open_session(user, login, verdict, addr, size, self._now)
+                self._open_session(user, login, verdict, addr, size, self._now, arrived)
 
             self.store.submit(Sync(), stored)
             return
-        self._open_session(user, frame, verdict, addr, size, now)
+        self._open_session(user, frame, verdict, addr, size, now, arrived)
 
     def _unwrap(self, pending: Unwrap, addr: Address, size: int, now: float) -> None:
         """Have the pool compute a registration's DH secret; the verdict
@@ -1263,7 +1269,7 @@ class Relay:
         LOGIN wait for it; beyond what `KeyExchanges` holds (bounded), the
         client hears the server is busy."""
         login = pending.login
-        if not self.key_exchanges.request(pending.job, (pending, addr, size)):
+        if not self.key_exchanges.request(pending.job, (pending, addr, size, now)):
             self.stats["registrations_busy"] += 1
             text = "the server is busy registering new accounts; try again in a few seconds"
             self._answer(login, Refused(login.nonce, ErrorCode.RATE_LIMITED, text), size, addr, now)
@@ -1274,12 +1280,14 @@ class Relay:
         self.key_exchange_done(now)
 
     def _unwrapped(
-        self, pending: Unwrap, secret: bytes | None, addr: Address, size: int, now: float
-    ) -> None:
-        """On the loop: a registration's DH secret is back."""
+        self, pending: Unwrap, secret: bytes | None, addr: Address, size: int, now: float,
+        arrived: float,
+    ) -> None:  # fmt: skip
+        """On the loop: a registration's DH secret is back (its LOGIN came at `arrived`)."""
         login = pending.login
         self._registering.discard(login.nonce)
-        self._on_verdict(login, self.desk.finish(pending, secret, addr, now), addr, size, now)
+        verdict = self.desk.finish(pending, secret, addr, now)
+        self._on_verdict(login, verdict, addr, size, now, arrived)
 
     def _answer(self, login: Login, frame: Frame, limit: int, addr: Address, now: float) -> None:
         """Answer a verified LOGIN, and record the answer for its retransmissions."""
@@ -1296,9 +1304,22 @@ class Relay:
         return datagram
 
     def _open_session(self, user: User, login: Login, verdict: Verified, addr: Address, size: int,
-                      now: float) -> None:  # fmt: skip
+                      now: float, arrived: float | None = None) -> None:  # fmt: skip
+        arrived = now if arrived is None else arrived
         old = self.router.locate(user)
         if isinstance(old, Session):
+            if old.instance_id == login.instance_id and old.login_at > arrived:
+                # A stale attempt of the client that holds `old`: it started
+                # over from HELLO (its LOGIN went unanswered for 3 s) and took
+                # the newer attempt's WELCOME, but this one's verdict came
+                # back later (the key-exchange pool returns secrets in the
+                # order they are done). Replacing `old` would leave the client
+                # on a session the server forgot and its mail on one nobody
+                # reads. No answer: the client waits for no WELCOME of it.
+                self.stats["login_stale"] += 1
+                log.info("%s: a stale login attempt of the client ignored (it is logged in "
+                         "with a newer one)", user.name)  # fmt: skip
+                return
             self._take_over(old, login.instance_id, now)
         session_id = secrets.token_bytes(16)
         to_server, to_client = session_keys(verdict.client_key, verdict.message)
@@ -1306,7 +1327,7 @@ class Relay:
             session_id, to_client, now, peer_key=to_server,
             rto_min=self.config.rto_min, rto_max=self.config.rto_max, budget=self._reassembly,
         )  # fmt: skip
-        session = Session(session_id, user, addr, conn, login.instance_id, now)
+        session = Session(session_id, user, addr, conn, login.instance_id, now, arrived)
         self.sessions[session_id] = session
         self.router.bind(user, session, now)
         bisect.insort(self._online, user.key)

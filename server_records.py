@@ -221,12 +221,12 @@ class Session:
     __slots__ = (
         "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
         "closing", "probe", "mail", "receipts", "presence_sent", "presence_due", "group_mail",
-        "group_notices",
+        "group_notices", "login_at",
     )  # fmt: skip
 
     def __init__(
         self, session_id: bytes, user: User, addr: Address, conn: Connection, instance_id: int,
-        now: float,
+        now: float, login_at: float | None = None,
     ) -> None:  # fmt: skip
         self.session_id = session_id
         self.user = user
@@ -234,6 +234,9 @@ class Session:
         self.conn = conn
         self.instance_id = instance_id
         self.last_heard = now
+        # When its LOGIN first came (a registration's waits for its secret and
+        # its commit after): which of one client's login attempts is newer.
+        self.login_at = now if login_at is None else login_at
         self.scheduled: float | None = None  # deadline of its live timer-heap entry
         self.closing = False
         self.probe: Probe | None = None  # an address change being validated
