@@ -23,7 +23,6 @@ every detail, to bench/results/cluster-*.json.
 
 from __future__ import annotations
 
-import array
 import datetime
 import json
 import os
@@ -239,7 +238,15 @@ def group_phase(nodes: int, size: int, duration: float, tmp: Path) -> dict[str, 
     flat out (bench.fanout's sender, 16 in flight), the other members spread
     over the nodes evenly (bench.fanout's members, receipting at once). CPU
     per copy is every node's and Redis's."""
-    from bench.fanout import FANOUT_RATE, MemberSpec, SenderSpec, run_members, run_sender
+    from bench.fanout import (
+        FANOUT_RATE,
+        Arrivals,
+        MemberSpec,
+        SenderSpec,
+        merge_arrivals,
+        run_members,
+        run_sender,
+    )
     from bench.run import START_DELAY, percentile, workers
 
     extra = ("--max-fanout-rate", FANOUT_RATE, "--max-group-members", str(size))
@@ -262,17 +269,9 @@ def group_phase(nodes: int, size: int, duration: float, tmp: Path) -> dict[str, 
                 members.tell("stop")
                 results = members.gather("done", 120)
                 sender.tell("exit")
-    arrivals: dict[tuple[int, int], list[int]] = {}
+    arrivals: Arrivals = {}
     for r in results:
-        stamps, latest, reached = (array.array("q") for _ in range(3))
-        stamps.frombytes(r["stamps"])
-        latest.frombytes(r["latest"])
-        reached.frombytes(r["reached"])
-        for key, stamp, last, count in zip(json.loads(r["ids"]), stamps, latest, reached,
-                                           strict=True):  # fmt: skip
-            entry = arrivals.setdefault(tuple(key), [stamp, 0, 0])
-            entry[1] = max(entry[1], last)
-            entry[2] += count
+        merge_arrivals(arrivals, r)
     complete = sorted((last - stamp) / 1e6 for stamp, last, count in arrivals.values()
                       if count == size - 1)  # fmt: skip
     copies = sum(r["received"] for r in results)

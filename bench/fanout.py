@@ -446,6 +446,23 @@ def counters(port: int) -> dict[str, float]:
     return {key: values.get(name, 0.0) for key, name in COUNTERS.items()}
 
 
+# message id -> [when it was sent (ns), when its last member had it (ns), members that have it]
+Arrivals = dict[tuple[int, int], list[int]]
+
+
+def merge_arrivals(arrivals: Arrivals, result: dict[str, Any]) -> None:
+    """Fold one member process's report (its packed arrays) into `arrivals`."""
+    stamps, latest, reached = (array.array("q") for _ in range(3))
+    stamps.frombytes(result["stamps"])
+    latest.frombytes(result["latest"])
+    reached.frombytes(result["reached"])
+    for key, stamp, last, count in zip(json.loads(result["ids"]), stamps, latest, reached,
+                                       strict=True):  # fmt: skip
+        entry = arrivals.setdefault(tuple(key), [stamp, 0, 0])
+        entry[1] = max(entry[1], last)
+        entry[2] += count
+
+
 def fanout_phase(size: int, rate: float | None, duration: float, load_workers: int,
                  tmp: Path, profile: Path | None = None,
                  window: int = WINDOW) -> dict[str, Any]:  # fmt: skip
@@ -489,22 +506,14 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
                 sender.tell("exit")
     finally:
         server.stop()
-    arrivals: dict[tuple[int, int], list[int]] = {}
+    arrivals: Arrivals = {}
     received = duplicates = 0
     load_cpu = sent["cpu_s"]
     for r in results:
         received += r["received"]
         duplicates += r["duplicates"]
         load_cpu += r["cpu_s"]
-        stamps, latest, reached = (array.array("q") for _ in range(3))
-        stamps.frombytes(r["stamps"])
-        latest.frombytes(r["latest"])
-        reached.frombytes(r["reached"])
-        for key, stamp, last, count in zip(json.loads(r["ids"]), stamps, latest, reached,
-                                           strict=True):  # fmt: skip
-            entry = arrivals.setdefault(tuple(key), [stamp, 0, 0])
-            entry[1] = max(entry[1], last)
-            entry[2] += count
+        merge_arrivals(arrivals, r)
     complete = [(last - stamp) / 1e6 for stamp, last, count in arrivals.values()
                 if count == size - 1]  # fmt: skip
     members_reached = [count for _, _, count in arrivals.values()]
