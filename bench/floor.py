@@ -70,7 +70,7 @@ if __package__ in (None, ""):
 
 import bench  # noqa: F401  (puts the project root on sys.path)
 from bench.loadgen import RTO_MAX, RTO_MIN, Peer, Receiver, SaltCache, Sender
-from bench.relay_micro import MemorySocket, deliver, log_in
+from bench.relay_micro import deliver, log_in
 from chat_server import Relay, ServerConfig
 from protocol import (
     ACK_HEAD,
@@ -230,8 +230,9 @@ class FloorRelay:
         for session in relay.sessions.values():
             conn = session.conn
             assert conn.idle, "adopt sessions with nothing in flight"
-            s = FloorSession(session.session_id, session.addr, session.user.name,
-                             session.user.key, session.instance_id, conn.key, conn.peer_key)  # fmt: skip
+            user = session.user
+            s = FloorSession(session.session_id, session.addr, user.name, user.key,
+                             session.instance_id, conn.key, conn.peer_key)  # fmt: skip
             s.replay_top, s.replay_bits = conn._replay_top, conn._replay_bits
             assert not conn._above and not conn._held
             s.una, s.streams = conn._una, dict(conn._streams)
@@ -467,9 +468,9 @@ class FloorRelay:
                 self._queue(s, ACCEPT_ONE.pack(ACCEPT_K, *accepts[0]), 0)
                 continue
             for at in range(0, len(accepts), BATCH_MAX):
-                part = accepts[at : at + BATCH_MAX]
-                self._queue(s, KIND_COUNT.pack(ACCEPTS_K, len(part))
-                            + b"".join([pack_item(*item) for item in part]), 0)  # fmt: skip
+                items = accepts[at : at + BATCH_MAX]
+                self._queue(s, KIND_COUNT.pack(ACCEPTS_K, len(items))
+                            + b"".join([pack_item(*item) for item in items]), 0)  # fmt: skip
 
     def _queue(self, s: FloorSession, payload: bytes, stream: int) -> None:
         """A one-chunk message for `s`, packed once as its STREAM frame."""
@@ -512,14 +513,15 @@ class FloorRelay:
             for i in range(nranges):
                 start, length = RANGE.unpack_from(data, pos + 21 + 12 * i)
                 for seq in range(start, start + min(length, MAX_WINDOW)):
-                    chunk = flight.pop(seq, None)
-                    if chunk is not None:
+                    hit = flight.get(seq)
+                    if hit is not None:
+                        del flight[seq]
                         acked += 1
-                        left = pkts[chunk[1]] - 1
+                        left = pkts[hit[1]] - 1
                         if left:
-                            pkts[chunk[1]] = left
+                            pkts[hit[1]] = left
                         else:
-                            del pkts[chunk[1]]
+                            del pkts[hit[1]]
         if largest > s.largest_acked:
             s.largest_acked = largest
         if acked:
@@ -1097,8 +1099,8 @@ def store_costs(batch: int = 256, reps: int = 20) -> dict[str, float]:
             ids = list(range(first, first + n))
             for at in range(0, n, 500):
                 part = ids[at : at + 500]
-                db.execute(f"DELETE FROM mailbox WHERE server_msg_id IN ({','.join('?' * len(part))})",
-                           part)  # fmt: skip
+                marks = ",".join("?" * len(part))
+                db.execute(f"DELETE FROM mailbox WHERE server_msg_id IN ({marks})", part)
             db.execute("COMMIT")
             return clock() - start
 
@@ -1171,7 +1173,8 @@ def measure(messages: int, lone: int, chatlike: int) -> dict[str, Any]:
             else:
                 in_bench = bench_bare + floor["cpu_us_per_msg"] + store_us
             out["patterns"][name] = {
-                "real": real, "floor": floor, "syscalls_floor": sys_floor, "syscalls_bare": sys_bare,
+                "real": real, "floor": floor, "syscalls_floor": sys_floor,
+                "syscalls_bare": sys_bare,
                 "floor_syscalls_us": syscalls, "bare_inproc_us": bare, "store_us": store_us,
                 "floor_total_us": total, "ratio_inproc": total / bare,
                 "floor_in_bench_us": in_bench, "bench_bare_us": bench_bare,
