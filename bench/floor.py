@@ -1207,6 +1207,80 @@ def measure(messages: int, lone: int, chatlike: int) -> dict[str, Any]:
     return out
 
 
+#: The parts of a relay's work (`parts`), by where a function lives.
+PART_OF_FILE = {"reliability.py": "transport", "chat_server.py": "relay logic",
+                "server_store.py": "store (in memory)", "server_records.py": "relay logic",
+                "server_router.py": "relay logic", "server_groups.py": "relay logic",
+                "server_guard.py": "relay logic", "floor.py": "relay logic",
+                # the rest of the codecs, and the records' generated __init__s
+                "protocol.py": "decode", "<string>": "decode"}  # fmt: skip
+PART_OF_FUNCTION = {
+    "mac_tag": "MAC", "_mac_states": "MAC", "compare_digest": "MAC", "copy": "MAC",
+    "update": "MAC", "digest": "MAC", "seal": "transport", "ack_frame": "transport",
+    "stream_frame": "transport", "decode_header": "decode", "decode_packet": "decode",
+    "_decode_frames": "decode", "decode_message": "decode", "encode_message": "encode",
+    "_on_ack": "transport", "_pack": "transport", "_queue": "transport",
+    "handle_timer": "transport", "_timer": "transport", "_resend": "transport",
+    "receive_datagram": "receive (decode, take)",
+}  # fmt: skip
+
+
+def parts(kind: str, pattern: str, messages: int) -> dict[str, float]:
+    """Where the relay's time goes, by part: cProfile on the thread clock
+    around the relay's part of each pass, each function's own time put in
+    a part (`PART_OF_FUNCTION`, else its file's `PART_OF_FILE`; the
+    generated codecs are "decode"/"encode"; builtins go with what calls
+    them most), scaled to the unprofiled CPU per message."""
+    import cProfile
+    import pstats
+
+    plain = measure_pattern(kind, pattern, messages, cold=False)["cpu_us_per_msg"]
+    pairs, window = {"saturation": (16, 64), "lone": (1, 1)}.get(pattern, (4, 64))
+    world = World(kind, pairs, window)
+    per = max(1, messages // pairs)
+    warm = min(200, per)
+    profile = cProfile.Profile(time.thread_time)
+    serve = world.serve
+
+    def profiled(inbound: list[tuple[bytes, Addr]], now: float) -> list[tuple[bytes, Addr]]:
+        profile.enable()
+        try:
+            return serve(inbound, now)
+        finally:
+            profile.disable()
+
+    def run(count: int) -> None:
+        if pattern == "saturation":
+            world.flat_out(count, window)
+        elif pattern == "lone":
+            world.one_at_a_time(count, False)
+        else:
+            world.chatlike(count, 8, False)
+
+    run(warm)
+    world.serve = profiled  # type: ignore[method-assign]
+    run(warm + per)
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    by_part: dict[str, float] = {}
+    for (filename, _, function), (_, _, own, _, callers) in stats.items():
+        name = function.strip("<>").split(" of ")[0].split("'")[-2] if "'" in function else function
+        part = PART_OF_FUNCTION.get(name)
+        if part is None and function.startswith("decode_"):
+            part = "decode"
+        if part is None and function.startswith("encode_"):
+            part = "encode"
+        if part is None and filename.startswith("<protocol codec"):
+            part = "decode" if "decode" in function else "encode"
+        if part is None:
+            part = PART_OF_FILE.get(Path(filename).name)
+        if part is None and callers:  # a builtin: with its busiest caller's part
+            (cfile, _, cfunc), _ = max(callers.items(), key=lambda item: item[1][2])
+            part = PART_OF_FUNCTION.get(cfunc) or PART_OF_FILE.get(Path(cfile).name, "other")
+        by_part[part or "other"] = by_part.get(part or "other", 0.0) + own
+    total = sum(by_part.values()) or 1.0
+    return {part: plain * own / total for part, own in sorted(by_part.items())}
+
+
 def _load() -> float | None:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -1251,10 +1325,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="flat out, in all (16 pairs)")  # fmt: skip
     parser.add_argument("--lone", type=int, default=1_000, help="one at a time")
     parser.add_argument("--chatlike", type=int, default=1_000, help="4 pairs, staggered")
+    parser.add_argument("--parts", action="store_true",
+                        help="also where each relay's time goes (cProfile, warm)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
     result = measure(args.messages, args.lone, args.chatlike)
-    print(json.dumps(result) if args.json else report(result))
+    if args.parts:
+        result["parts"] = {
+            f"{kind} {pattern}": parts(kind, pattern, count)
+            for pattern, count in (("saturation", args.messages), ("lone", args.lone))
+            for kind in ("real", "floor")
+        }  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(report(result))
+    for name, by_part in result.get("parts", {}).items():
+        print(f"{name:<18} " + ", ".join(f"{part} {us:.1f}" for part, us in by_part.items())
+              + f" (us per message, warm; {sum(by_part.values()):.1f} in all)")  # fmt: skip
     return 0
 
 
