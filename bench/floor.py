@@ -603,8 +603,14 @@ class FloorRelay:
             self._send_batches()
         dirty, self.dirty = self.dirty, {}
         out: list[tuple[bytes, Addr]] = []
+        pack = self._pack
         for s in dirty.values():
-            self._pack(s, now, out)
+            due = s.ack_due
+            if s.queue or (due is not None and due <= now):
+                pack(s, now, out)
+            elif due is not None and due < self.deadline:  # a delayed ack: its timer
+                self.timed.add(s)
+                self.deadline = due
         self.counts["datagrams_out"] += len(out)
         return out
 
@@ -639,10 +645,11 @@ class FloorRelay:
                 while at < queued:
                     chunk = queue[at]
                     wire = chunk[0]
-                    if chunk[3] >= limit or len(wire) > room:
+                    size = len(wire)
+                    if chunk[3] >= limit or size > room:
                         break
                     parts.append(wire)
-                    room -= len(wire)
+                    room -= size
                     chunk[1] = pkt
                     chunk[2] = now
                     if chunk[4]:

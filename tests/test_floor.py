@@ -81,8 +81,10 @@ def test_a_lone_message_costs_the_floor_the_real_relays_datagrams_and_passes() -
     assert real_kinds.pop("Presence") == 2
     assert floor_kinds == real_kinds
     assert real_kinds["Delivered"] == real_kinds["Accept"] == 20
-    for key in ("passes_per_msg", "datagrams_in_per_msg", "datagrams_out_per_msg"):
+    for key in ("datagrams_in_per_msg", "datagrams_out_per_msg"):
         assert floor[key] == pytest.approx(real[key], abs=0.1), key
+    # Two passes a message (its SEND, its RECEIPT), and the drain's few.
+    assert floor["passes_per_msg"] == pytest.approx(real["passes_per_msg"], abs=0.3)
 
 
 def test_the_floor_verifies_macs_and_refuses_replays() -> None:
