@@ -179,6 +179,7 @@ from server_records import (
 )
 from server_router import LocalRouter, Router
 from server_store import (
+    WITHDRAWN,
     Account,
     BuryMember,
     ChangeGroup,
@@ -479,7 +480,7 @@ class Relay:
         # sender session: written once the DELIVERED is acked (`_tell_and_hold`).
         self._held: dict[bytes, dict[MsgId, MarkDelivered]] = {}
         self._held_ids: set[int] = set()  # their messages' server ids (still in a mailbox)
-        self._withdraw: Callable[[StoreMessage], bool] | None = None
+        self._withdraw: Callable[[list[StoreMessage]], None] | None = None
         # Dedup keys being looked up on the disk -> the SENDs waiting for the answer.
         self._looking_up: dict[tuple[str, int, int], list[tuple[Send, str]]] = {}
         # Lookups in flight per (user, instance): while any is, that
@@ -1406,8 +1407,7 @@ class Relay:
             ids: Iterable[int] = message.server_msg_ids
             if session.group_mail is not None:
                 ids = self._on_group_receipts(session, ids)
-            for server_msg_id in ids:
-                self._on_receipt(session, server_msg_id)
+            self._on_receipts(session, ids)
         elif isinstance(message, Who):
             self._on_who(session, message)
         elif isinstance(message, Typing):
@@ -1786,26 +1786,141 @@ class Relay:
             self._page_mail(session)
 
     def _on_receipt(self, session: Session, server_msg_id: int) -> None:
+        self._on_receipts(session, (server_msg_id,))
+
+    def _on_receipts(self, session: Session, ids: Iterable[int]) -> None:
+        """The recipient's client has these messages (a RECEIPTS' ids, or a
+        RECEIPT's one): one pass over them (issue 18, round 3). A message
+        whose write may still be withdrawn, of a sender whose session is
+        here, may need no write at all (`_receipted_unwritten`, for the
+        batch's such messages at once); the others take the durable path
+        (`_receipt_written`). The mailbox is paged once, after the batch."""
         pager = session.mail
-        entry = pager.items.pop(server_msg_id, None) if pager is not None else None
-        if pager is None or entry is None:
-            # A group entry's, or a repeated receipt, or one for a message
-            # handed to an earlier session: it stays on the disk, comes again
-            # and is receipted again.
-            self._on_group_receipt(session, server_msg_id)
+        if pager is None:
+            # Group entries', repeated receipts, or for messages handed to an
+            # earlier session: those stay on the disk, come again and are
+            # receipted again.
+            for server_msg_id in ids:
+                self._on_group_receipt(session, server_msg_id)
             return
-        if self._expecting:
-            self._expecting.discard(server_msg_id)
+        items = pager.items
         user = session.user
-        pager.bytes -= entry.size
-        user.mailbox_count -= 1
-        user.mailbox_bytes -= entry.size
-        if self._unwritten:
-            write = self._unwritten.get(server_msg_id)
-            if write is not None and self._accept_early(entry, user.name, write):
-                if pager.behind:
-                    self._page_mail(session)
-                return
+        unwritten = self._unwritten
+        expecting = self._expecting
+        early: list[tuple[Entry, StoreMessage, Session]] | None = None
+        early_room = early_bytes = 0  # what MAX_EARLY and MAX_EARLY_BYTES leave
+        sender_key: str | None = None  # the last unwritten message's sender ...
+        route: Session | None = None  # ... and its session, if it can be told now
+        for server_msg_id in ids:
+            entry = items.pop(server_msg_id, None)
+            if entry is None:
+                self._on_group_receipt(session, server_msg_id)
+                continue
+            if expecting:
+                expecting.discard(server_msg_id)
+            size = entry.size
+            pager.bytes -= size
+            user.mailbox_count -= 1
+            user.mailbox_bytes -= size
+            write = unwritten.get(server_msg_id) if unwritten else None
+            if write is not None:
+                if entry.sender_key != sender_key:
+                    sender_key = entry.sender_key
+                    route = self._early_route(sender_key)
+                if early is None:
+                    early = []
+                    early_room = MAX_EARLY - len(self._early)
+                    early_bytes = MAX_EARLY_BYTES - self._early_bytes
+                if (
+                    route is not None
+                    and route.instance_id == entry.msg_id.instance_id
+                    and len(early) < early_room
+                    and size <= early_bytes
+                ):
+                    early.append((entry, write, route))
+                    early_bytes -= size
+                    continue
+            self._receipt_written(session, entry)
+        if early:
+            self._receipted_unwritten(session, early)
+        if pager.behind:  # else `_page_mail` has nothing to read: saves a call
+            self._page_mail(session)
+
+    def _early_route(self, sender_key: str) -> Session | None:
+        """The session of a sender here that may be told DELIVERED and ACCEPT
+        of a message never written (`_receipted_unwritten`), or None."""
+        sender = self.users.get(sender_key)
+        if sender is None or self._withdraw is None:
+            return None
+        route = self.router.locate(sender)
+        if not isinstance(route, Session) or route.closing:
+            return None
+        return route
+
+    def _receipted_unwritten(
+        self, session: Session, receipted: list[tuple[Entry, StoreMessage, Session]]
+    ) -> None:
+        """The recipient's client (of `session`) receipted these messages
+        before the server wrote them: it holds them durably (it commits
+        before it receipts), so they need no write (MAX_EARLY says what
+        stands in for one). Their senders' sessions (the client instances
+        that sent them) are here: of each message whose write can still be
+        withdrawn (`ServerStore.withdraw`, for all of them at once), the
+        sender is told DELIVERED, then ACCEPT, now: one stream, in order, so
+        a client that has the ACCEPT has the DELIVERED (with no queued
+        receipt on the disk, a DELIVERED lost after an ACCEPT would never
+        come again); one that has neither sends the message again. A write
+        the store thread has taken already takes the durable path: it goes
+        on, the receipt is queued, DELIVERED follows the ACCEPT. The dedup
+        keys go to the disk in one lazy write (`StoreDedup`), whose callback
+        drops what stood in for them in memory."""
+        assert self._withdraw is not None  # (`_early_route` found one)
+        self._withdraw([write for _, write, _ in receipted])
+        unwritten, accepted, early = self._unwritten, self._accepted, self._early
+        to = session.user.name
+        keys: list[tuple[str, int, int]] = []
+        dedups: list[tuple[StoredMessage, str]] = []
+        lists: tuple[Session, list[MsgId], list[tuple[MsgId, int]]] | None = None
+        size = 0
+        for entry, write, route in receipted:
+            if write.state != WITHDRAWN:
+                self._receipt_written(session, entry)
+                continue
+            server_msg_id = entry.server_msg_id
+            del unwritten[server_msg_id]
+            msg_id = entry.msg_id
+            dedup = (entry.sender_key, msg_id[0], msg_id[1])
+            _, to_key, text = accepted.pop(dedup)
+            early[dedup] = (server_msg_id, to_key, text, to, entry.size)
+            size += entry.size
+            keys.append(dedup)
+            dedups.append((write.message, to))
+            if lists is None or lists[0] is not route:
+                lists = self._notice_lists(route, to)
+            lists[1].append(msg_id)
+            lists[2].append((msg_id, server_msg_id))
+        if keys:
+            self._early_bytes += size
+            self.stats["messages_unwritten"] += len(keys)
+            # The dedup keys go to the disk lazily; until they are there, the entries answer.
+            self.store.submit(StoreDedup(dedups), functools.partial(self._early_written, keys))
+
+    def _notice_lists(self, session: Session, to: str
+                      ) -> tuple[Session, list[MsgId], list[tuple[MsgId, int]]]:  # fmt: skip
+        """The pass's DELIVEREDs of `to`'s receipts and its ACCEPTs, queued
+        for `session` (as `_queue_delivered` and `_queue_accept` queue them)."""
+        delivereds = self._delivereds.get(session.session_id)
+        if delivereds is None:
+            delivereds = self._delivereds[session.session_id] = (session, {})
+        accepts = self._accepts.get(session.session_id)
+        if accepts is None:
+            accepts = self._accepts[session.session_id] = (session, [])
+        return session, delivereds[1].setdefault(to, []), accepts[1]
+
+    def _receipt_written(self, session: Session, entry: Entry) -> None:
+        """A receipt of a message that is written (or will be: its write
+        was taken by the store thread), its mailbox counts taken off already."""
+        user = session.user
         seq = self._new_id()  # the receipt's place in the sender's queue
         sender = self.users.get(entry.sender_key)
         # The receipt's write is lazy (server_store.LAZY_HOLD): nothing waits
@@ -1835,49 +1950,6 @@ class Relay:
                 self._tell_sender(entry.sender_key, entry.msg_id, user.name, seq)
         if sender is not None:
             sender.notice_count += 1
-        if pager.behind:  # else `_page_mail` has nothing to read: saves a call per receipt
-            self._page_mail(session)
-
-    def _accept_early(self, entry: Entry, to: str, write: StoreMessage) -> bool:
-        """The recipient's client receipted a message before the server wrote
-        it: it holds the message durably (it commits before it receipts), so
-        the message needs no write (MAX_EARLY says what stands in for one).
-        If its sender's session (the client instance that sent it) is here
-        and the write can still be withdrawn, tell the sender DELIVERED, then
-        ACCEPT, now: one stream, in order, so a client that has the ACCEPT
-        has the DELIVERED (with no queued receipt on the disk, a DELIVERED
-        lost after an ACCEPT would never come again); one that has neither
-        sends the message again. Else (False) the durable path: the write
-        goes on, the receipt is queued, DELIVERED follows the ACCEPT."""
-        sender = self.users.get(entry.sender_key)
-        if (
-            sender is None
-            or len(self._early) >= MAX_EARLY
-            or self._early_bytes + entry.size > MAX_EARLY_BYTES
-        ):
-            return False
-        route = self.router.locate(sender)
-        if (
-            not isinstance(route, Session)
-            or route.closing
-            or route.instance_id != entry.msg_id.instance_id
-            or self._withdraw is None
-            or not self._withdraw(write)
-        ):
-            return False
-        server_msg_id = entry.server_msg_id
-        del self._unwritten[server_msg_id]
-        dedup = (entry.sender_key, *entry.msg_id)
-        _, to_key, text = self._accepted.pop(dedup)
-        self._early[dedup] = (server_msg_id, to_key, text, to, entry.size)
-        self._early_bytes += entry.size
-        # The dedup key goes to the disk lazily; until it is there, the entry answers.
-        self.store.submit(StoreDedup(write.message, to),
-                          functools.partial(self._early_written, dedup))  # fmt: skip
-        self._queue_delivered(route, entry.msg_id, to)
-        self._queue_accept(route, entry.msg_id, server_msg_id)
-        self.stats["messages_unwritten"] += 1
-        return True
 
     def _tell_and_hold(self, session: Session, delivered: MarkDelivered) -> bool:
         """A receipt of a written message whose sender's session is here and
@@ -1922,12 +1994,16 @@ class Relay:
             for msg_id, delivered in held.items():
                 self._offer_receipt(current, msg_id, delivered.recipient, delivered.seq)
 
-    def _early_written(self, dedup: tuple[str, int, int]) -> None:
-        """The dedup key of a message told before any write is committed
-        (`StoreDedup`): the disk answers a resend or a reuse of its id now."""
-        early = self._early.pop(dedup, None)
-        if early is not None:
-            self._early_bytes -= early[4]
+    def _early_written(self, keys: list[tuple[str, int, int]]) -> None:
+        """The dedup keys of messages told before any write are committed
+        (`StoreDedup`): the disk answers a resend or a reuse of their ids now."""
+        early = self._early
+        size = 0
+        for dedup in keys:
+            found = early.pop(dedup, None)
+            if found is not None:
+                size += found[4]
+        self._early_bytes -= size
 
     def _tell_sender(self, sender_key: str, msg_id: MsgId, to: str, seq: int) -> None:
         """Tell the sender that `to` has its message (now, or from the disk

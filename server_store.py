@@ -433,16 +433,17 @@ class StoreMessage:
 
 @dataclass(slots=True)
 class StoreDedup:
-    """Keep the dedup key (and content digest) of a message that is never
-    written (`StoreMessage` withdrawn: its recipient's client receipted it
-    first, `chat_server.Relay._accept_early`), with the name of the
-    recipient who has it: a resend of it is answered ACCEPT with its id and
-    DELIVERED, a reuse of its id for other content DUPLICATE_ID, in any
-    later life of the server too. A lazy write (LAZY_WRITES): its sender
-    was answered already and waits for nothing."""
+    """Keep the dedup keys (and content digests) of messages that are never
+    written (`StoreMessage` withdrawn: their recipient's client receipted
+    them first, `chat_server.Relay._receipted_unwritten`), each with the
+    name of the recipient who has it: a resend of one is answered ACCEPT
+    with its id and DELIVERED, a reuse of its id for other content
+    DUPLICATE_ID, in any later life of the server too. A lazy write
+    (LAZY_WRITES): their senders were answered already and wait for
+    nothing. One for all the messages of a batch of receipts: one operation
+    and one callback, not one per message (issue 18, round 3)."""
 
-    message: StoredMessage
-    delivered_to: str
+    items: list[tuple[StoredMessage, str]]  # (the message, the recipient's name)
 
 
 #: `StoreMessage.state`: the store thread has it (applying or applied: too
@@ -835,7 +836,7 @@ class MessageStore(Protocol):
 
     def close(self) -> None: ...
 
-    # A store may also offer `withdraw(op: StoreMessage) -> bool` (the
+    # A store may also offer `withdraw(ops: list[StoreMessage]) -> None` (the
     # relay looks for it): `ServerStore` does, the others apply a message
     # at once or keep it elsewhere (Redis) and do not need to.
 
@@ -930,9 +931,10 @@ class MemoryStore:
                     del self.notices[op.sender_key]
         else:
             match op:
-                case StoreDedup(m, delivered_to):
-                    self.dedup[(m.sender_key, m.instance_id, m.client_seq)] = (
-                        m.server_msg_id, m.recipient_key, m.text, delivered_to)  # fmt: skip
+                case StoreDedup(items):
+                    for m, delivered_to in items:
+                        self.dedup[(m.sender_key, m.instance_id, m.client_seq)] = (
+                            m.server_msg_id, m.recipient_key, m.text, delivered_to)  # fmt: skip
                 case StoreAccount(key, account):
                     if key not in self.accounts:
                         self._erase(key)  # what a deleted account of that name left
@@ -1406,30 +1408,40 @@ class ServerStore:
         self._pending.append((op, then))
         # A lazy write with a callback waits for a commit, but for a
         # StoreDedup's, which only drops what stood in for it in memory.
-        if (then is not None and type(op) is not StoreDedup) or not isinstance(op, LAZY_WRITES):
+        if (then is not None and op.__class__ is not StoreDedup) or not isinstance(op, LAZY_WRITES):
             self._urgent += 1
             if isinstance(op, StoreMessage):
                 op.handoff = self._handoffs
 
-    def withdraw(self, op: StoreMessage) -> bool:
-        """The loop no longer needs `op` written (submitted with a callback,
-        which then never runs): its recipient's client has the message and
-        receipted it, so its sender is told at once (`Relay._accept_early`).
-        True if it will not be written: it was still in this pass's writes,
+    def withdraw(self, ops: list[StoreMessage]) -> None:
+        """The loop no longer needs these written (submitted with callbacks,
+        which then never run): their recipient's client has the messages
+        and receipted them, so their senders are told at once
+        (`Relay._receipted_unwritten`). Each whose `state` is WITHDRAWN
+        after this will not be written: it was still in this pass's writes,
         or handed to the store thread but not taken yet (the thread skips
-        it); False if the thread has it (its commit and callback follow)."""
+        it); one the thread has (TAKEN) is committed, and its callback
+        follows. One lock for all of them."""
+        withdrawn: list[StoreMessage] = []
         with self._withdrawing:
-            if op.state:
-                return False
-            op.state = WITHDRAWN
-        if op.handoff == self._handoffs:  # not handed over yet: nothing waits for it now
-            self._urgent -= 1
-            self.withdrawn_pending += 1
-            if self._pending[-1][0] is op:  # a lone message's: no hand-over (no wake-up) for it
-                self._pending.pop()
-        else:
-            self.withdrawn_queued += 1
-        return True
+            for op in ops:
+                if not op.state:
+                    op.state = WITHDRAWN
+                    withdrawn.append(op)
+        handoff = self._handoffs
+        for op in withdrawn:
+            if op.handoff == handoff:  # not handed over yet: nothing waits for it now
+                self._urgent -= 1
+                self.withdrawn_pending += 1
+            else:
+                self.withdrawn_queued += 1
+        # The pass's last writes withdrawn (a lone message's): they leave the
+        # list, and with nothing else urgent no hand-over (no wake-up) is made.
+        pending = self._pending
+        while pending and (last := pending[-1][0]).__class__ is StoreMessage:
+            if last.state != WITHDRAWN or last.handoff != handoff:
+                break
+            pending.pop()
 
     def completed(self) -> list[Then]:
         done: list[Then] = []
@@ -1623,10 +1635,11 @@ class ServerStore:
                 count[1] += len(m.text.encode("utf-8"))
                 continue
             if type(op) is StoreDedup:
-                m = op.message
-                dedup.append((m.sender_key, _i64(m.instance_id), m.client_seq, m.server_msg_id,
-                              m.sent_ms, content_digest(m.recipient_key, m.text), stamp,
-                              op.delivered_to))  # fmt: skip
+                for m, delivered_to in op.items:
+                    dedup.append((m.sender_key, _i64(m.instance_id), m.client_seq,
+                                  m.server_msg_id, m.sent_ms,
+                                  content_digest(m.recipient_key, m.text), stamp,
+                                  delivered_to))  # fmt: skip
                 continue
             if type(op) is MarkDelivered:
                 delivered.append(op.server_msg_id)
