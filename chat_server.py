@@ -69,7 +69,6 @@ from protocol import (
     Bye,
     ChangePassword,
     DeleteAccount,
-    Deliver,
     Delivered,
     Delivereds,
     ErrorCode,
@@ -117,6 +116,7 @@ from protocol import (
     decode_header,
     decode_message,
     decode_packet,
+    encode_deliver,
     encode_message,
     encode_packet,
     group_address,
@@ -1472,7 +1472,7 @@ class Relay:
             read = Read(FindDedup(*dedup))
             self.store.submit(read, functools.partial(self._dedup_found, user, dedup, read))
         else:
-            self._take(session, send, to_key)
+            self._take(session, send, to_key, dedup)
 
     def _take_or_answer(self, session: Session, send: Send, to_key: str) -> None:
         """A SEND whose id is not on the disk: a retry of one accepted and
@@ -1529,13 +1529,17 @@ class Relay:
             else:
                 self._fail(session, send.msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
 
-    def _take(self, session: Session, send: Send, to_key: str) -> None:
-        """A new message: check it, number it, store it, offer it."""
+    def _take(self, session: Session, send: Send, to_key: str,
+              dedup: tuple[str, int, int] | None = None) -> None:  # fmt: skip
+        """A new message (`dedup`: its key, if the caller has it): check it,
+        number it, store it, offer it."""
         if to_key[0] == "#":
             self._take_group(session, send, to_key)
             return
         user = session.user
-        size = len(send.text.encode("utf-8"))
+        text = send.text
+        data = text.encode("utf-8")  # (its size; the DELIVER carries these bytes)
+        size = len(data)
         if size > MAX_TEXT_BYTES:
             self._fail(
                 session,
@@ -1560,19 +1564,21 @@ class Relay:
             )
             return
         server_msg_id = self._next_msg_id
-        self._next_msg_id += 1
-        if self._next_msg_id >= self._reserve_at:
-            self._reserve_at = self.store.reserve_ids(self._next_msg_id)
+        self._next_msg_id = server_msg_id + 1
+        if server_msg_id + 1 >= self._reserve_at:
+            self._reserve_at = self.store.reserve_ids(server_msg_id + 1)
         msg_id = send.msg_id
         instance_id, client_seq = msg_id
-        dedup = (user.key, instance_id, client_seq)
-        self._accepted[dedup] = (server_msg_id, to_key, send.text)
+        if dedup is None:
+            dedup = (user.key, instance_id, client_seq)
+        self._accepted[dedup] = (server_msg_id, to_key, text)
         if instance_id == session.instance_id:  # no mark for other instances: see __init__
             instance = (user.key, instance_id)
             if client_seq > self._hwm.get(instance, -1):
                 self._hwm[instance] = client_seq
-        stored = StoredMessage(server_msg_id, recipient.key, user.key, user.name, instance_id,
-                               client_seq, send.text, int(self._wall_clock() * 1000))  # fmt: skip
+        sender, sent_ms = user.name, int(self._wall_clock() * 1000)
+        stored = StoredMessage(server_msg_id, to_key, user.key, sender, instance_id, client_seq,
+                               text, sent_ms)  # fmt: skip
         recipient.mailbox_count += 1
         recipient.mailbox_bytes += size
         self.stats["messages"] += 1
@@ -1581,40 +1587,49 @@ class Relay:
         # (a partial, not a lambda: a closure would make `user` and the rest
         # cell variables, slower at every use in this function)
         write = StoreMessage(stored)
-        accept = functools.partial(self._accept, user, msg_id, server_msg_id, dedup)
-        self.store.submit(write, accept)
+        self.store.submit(
+            write, functools.partial(self._accept, user, msg_id, server_msg_id, dedup)
+        )
         route = self.router.locate(recipient)
-        match route:
-            case _ if self.shared_store:
-                # A cluster: the recipient's node hands it over from the
-                # shared mailbox once it is there (`mail_waiting`), in the
-                # mailbox's one order, wherever the recipient is by then.
-                if not isinstance(route, Session):
-                    self.stats["routed_elsewhere"] += 1
-            case Session():
-                pager = route.mail
-                if (
-                    pager is not None
-                    and not pager.behind
-                    and len(pager.items) < MAILBOX_WINDOW
-                    and pager.bytes + size <= MAILBOX_WINDOW_BYTES
-                ):
-                    self._hand_over(route, pager, stored, size, msg_id)  # the usual case, in short
-                else:
-                    self._offer_mail(route, stored, size, msg_id)
-                # Its receipt may come back before the commit: wait for it a
-                # little; then it needs no write at all (`_accept_early`).
-                if self._withdraw is not None:
-                    self._unwritten[server_msg_id] = write
-                self._expecting.add(server_msg_id)
-                if self._hold_until is None:
-                    self._hold_until = self._now + COMMIT_WAIT
-            case str():
-                # On another node: the message waits in the store, which
-                # that node reads (the cluster's forwarding is issue 15).
+        if isinstance(route, Session) and not self.shared_store:
+            pager = route.mail
+            if (
+                pager is not None
+                and not pager.behind
+                and len(pager.items) < MAILBOX_WINDOW
+                and pager.bytes + size <= MAILBOX_WINDOW_BYTES
+            ):
+                # The usual case, in short: `_hand_over` in line, its DELIVER
+                # packed from the fields (no `Deliver` record).
+                pager.items[server_msg_id] = Entry(server_msg_id, msg_id, user.key, sender, text,
+                                                   sent_ms, size)  # fmt: skip
+                pager.bytes += size
+                if server_msg_id > pager.cursor:
+                    pager.cursor = server_msg_id
+                deliver = encode_deliver(server_msg_id, instance_id, client_seq, sender, data,
+                                         sent_ms)  # fmt: skip
+                route.conn.send(deliver, conversation_stream(sender), None)
+                self._dirty[route.session_id] = route
+            else:
+                self._offer_mail(route, stored, size, msg_id)
+            # Its receipt may come back before the commit: wait for it a
+            # little; then it needs no write at all (`_receipted_unwritten`).
+            if self._withdraw is not None:
+                self._unwritten[server_msg_id] = write
+            self._expecting.add(server_msg_id)
+            if self._hold_until is None:
+                self._hold_until = self._now + COMMIT_WAIT
+        elif self.shared_store:
+            # A cluster: the recipient's node hands it over from the shared
+            # mailbox once it is there (`mail_waiting`), in the mailbox's one
+            # order, wherever the recipient is by then.
+            if not isinstance(route, Session):
                 self.stats["routed_elsewhere"] += 1
-            case None:
-                pass  # offline: it waits in the mailbox for the next login
+        elif isinstance(route, str):
+            # On another node: the message waits in the store, which that
+            # node reads (the cluster's forwarding is issue 15).
+            self.stats["routed_elsewhere"] += 1
+        # (None: offline; it waits in the mailbox for the next login)
         if recipient.key not in user.contacts:
             self._add_contact(user, recipient.key)
             self._add_contact(recipient, user.key)
@@ -1740,8 +1755,10 @@ class Relay:
         pager.bytes += size
         if m.server_msg_id > pager.cursor:
             pager.cursor = m.server_msg_id
-        deliver = Deliver(m.server_msg_id, msg_id, m.sender, m.text, m.sent_ms)
-        self._send(session, deliver, stream=conversation_stream(m.sender))
+        deliver = encode_deliver(m.server_msg_id, msg_id.instance_id, msg_id.client_seq, m.sender,
+                                 m.text.encode("utf-8"), m.sent_ms)  # fmt: skip
+        session.conn.send(deliver, conversation_stream(m.sender), None)
+        self._dirty[session.session_id] = session
 
     def _page_mail(self, session: Session) -> None:
         """Read the next page of the session's mailbox if something waits
