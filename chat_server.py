@@ -452,6 +452,9 @@ class Relay:
         # callbacks and pages as on the disk, so one code path serves both.
         self.store: MessageStore = store if store is not None else MemoryStore()
         self.router: Router = router if router is not None else LocalRouter()
+        # One node: a user's route is `User.session` (`LocalRouter.locate`),
+        # read in line on the paths every message takes.
+        self._local_routes = type(self.router) is LocalRouter
         self._wall_clock = wall_clock
         self.users: dict[str, User] = {}
         self.sessions: dict[bytes, Session] = {}
@@ -469,9 +472,10 @@ class Relay:
         self._tell_at_accept: dict[tuple[str, int, int], tuple[MsgId, str, int]] = {}
         self._hwm: dict[tuple[str, int], int] = {}
         # Messages told DELIVERED and ACCEPT before any write whose dedup key
-        # is not committed yet (MAX_EARLY): dedup key -> (server id,
-        # recipient key, text, recipient's name, UTF-8 bytes of the text).
-        self._early: dict[tuple[str, int, int], tuple[int, str, str, str, int]] = {}
+        # is not committed yet (MAX_EARLY): dedup key -> (the message, its
+        # recipient's name), the item of its `StoreDedup`; and the UTF-8
+        # bytes of their texts.
+        self._early: dict[tuple[str, int, int], tuple[StoredMessage, str]] = {}
         self._early_bytes = 0
         # The writes of messages handed to an online recipient and not yet
         # committed, by server id: withdrawn if their receipt comes first.
@@ -1402,7 +1406,7 @@ class Relay:
         if isinstance(message, Send):
             self._on_send(session, message)
         elif isinstance(message, Receipt):
-            self._on_receipt(session, message.server_msg_id)
+            self._on_receipts(session, (message.server_msg_id,))
         elif isinstance(message, Receipts):
             ids: Iterable[int] = message.server_msg_ids
             if session.group_mail is not None:
@@ -1472,7 +1476,7 @@ class Relay:
             read = Read(FindDedup(*dedup))
             self.store.submit(read, functools.partial(self._dedup_found, user, dedup, read))
         else:
-            self._take(session, send, to_key, dedup)
+            self._take(session, send, to_key, dedup, mark)
 
     def _take_or_answer(self, session: Session, send: Send, to_key: str) -> None:
         """A SEND whose id is not on the disk: a retry of one accepted and
@@ -1483,11 +1487,11 @@ class Relay:
             early = self._early.get((user.key, *send.msg_id)) if self._early else None
             if early is None:
                 self._take(session, send, to_key)
-            elif early[1] != to_key or early[2] != send.text:
+            elif early[0].recipient_key != to_key or early[0].text != send.text:
                 self._fail(session, send.msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
             else:  # told before any write: the same answers again, at once
-                self._queue_delivered(session, send.msg_id, early[3])
-                self._queue_accept(session, send.msg_id, early[0])
+                self._queue_delivered(session, send.msg_id, early[1])
+                self._queue_accept(session, send.msg_id, early[0].server_msg_id)
             return
         server_msg_id, known_to, known_text = known
         if known_to != to_key or known_text != send.text:
@@ -1529,9 +1533,12 @@ class Relay:
             else:
                 self._fail(session, send.msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
 
-    def _take(self, session: Session, send: Send, to_key: str,
-              dedup: tuple[str, int, int] | None = None) -> None:  # fmt: skip
-        """A new message (`dedup`: its key, if the caller has it): check it,
+    def _take(
+        self, session: Session, send: Send, to_key: str,
+        dedup: tuple[str, int, int] | None = None, mark: int | None = None,
+    ) -> None:  # fmt: skip
+        """A new message (`dedup`: its key, if the caller has it; `mark`: its
+        instance's high-water mark, below this message, if known): check it,
         number it, store it, offer it."""
         if to_key[0] == "#":
             self._take_group(session, send, to_key)
@@ -1573,9 +1580,10 @@ class Relay:
             dedup = (user.key, instance_id, client_seq)
         self._accepted[dedup] = (server_msg_id, to_key, text)
         if instance_id == session.instance_id:  # no mark for other instances: see __init__
-            instance = (user.key, instance_id)
-            if client_seq > self._hwm.get(instance, -1):
-                self._hwm[instance] = client_seq
+            if mark is not None:  # (below client_seq: see `_on_send`)
+                self._hwm[(user.key, instance_id)] = client_seq
+            elif client_seq > self._hwm.get((user.key, instance_id), -1):
+                self._hwm[(user.key, instance_id)] = client_seq
         sender, sent_ms = user.name, int(self._wall_clock() * 1000)
         stored = StoredMessage(server_msg_id, to_key, user.key, sender, instance_id, client_seq,
                                text, sent_ms)  # fmt: skip
@@ -1590,7 +1598,7 @@ class Relay:
         self.store.submit(
             write, functools.partial(self._accept, user, msg_id, server_msg_id, dedup)
         )
-        route = self.router.locate(recipient)
+        route = recipient.session if self._local_routes else self.router.locate(recipient)
         if isinstance(route, Session) and not self.shared_store:
             pager = route.mail
             if (
@@ -1702,7 +1710,7 @@ class Relay:
         its client resends the SEND, and receipts wait for the next login.
         DELIVEREDs go first: on the one control stream, in order, a client
         never has the ACCEPT of a message told both in this pass without its
-        DELIVERED (`_accept_early` depends on it; a DELIVERED implies the
+        DELIVERED (`_receipted_unwritten` depends on it; a DELIVERED implies the
         ACCEPT to a client, which reports both)."""
         delivereds, self._delivereds = self._delivereds, {}
         for session, by_recipient in delivereds.values():
@@ -1802,9 +1810,6 @@ class Relay:
         else:
             self._page_mail(session)
 
-    def _on_receipt(self, session: Session, server_msg_id: int) -> None:
-        self._on_receipts(session, (server_msg_id,))
-
     def _on_receipts(self, session: Session, ids: Iterable[int]) -> None:
         """The recipient's client has these messages (a RECEIPTS' ids, or a
         RECEIPT's one): one pass over them (issue 18, round 3). A message
@@ -1828,6 +1833,7 @@ class Relay:
         early_room = early_bytes = 0  # what MAX_EARLY and MAX_EARLY_BYTES leave
         sender_key: str | None = None  # the last unwritten message's sender ...
         route: Session | None = None  # ... and its session, if it can be told now
+        count = total = 0  # messages out of the mailbox, their bytes
         for server_msg_id in ids:
             entry = items.pop(server_msg_id, None)
             if entry is None:
@@ -1836,9 +1842,8 @@ class Relay:
             if expecting:
                 expecting.discard(server_msg_id)
             size = entry.size
-            pager.bytes -= size
-            user.mailbox_count -= 1
-            user.mailbox_bytes -= size
+            count += 1
+            total += size
             write = unwritten.get(server_msg_id) if unwritten else None
             if write is not None:
                 if entry.sender_key != sender_key:
@@ -1858,6 +1863,9 @@ class Relay:
                     early_bytes -= size
                     continue
             self._receipt_written(session, entry)
+        pager.bytes -= total
+        user.mailbox_count -= count
+        user.mailbox_bytes -= total
         if early:
             self._receipted_unwritten(session, early)
         if pager.behind:  # else `_page_mail` has nothing to read: saves a call
@@ -1869,7 +1877,7 @@ class Relay:
         sender = self.users.get(sender_key)
         if sender is None or self._withdraw is None:
             return None
-        route = self.router.locate(sender)
+        route = sender.session if self._local_routes else self.router.locate(sender)
         if not isinstance(route, Session) or route.closing:
             return None
         return route
@@ -1907,11 +1915,11 @@ class Relay:
             del unwritten[server_msg_id]
             msg_id = entry.msg_id
             dedup = (entry.sender_key, msg_id[0], msg_id[1])
-            _, to_key, text = accepted.pop(dedup)
-            early[dedup] = (server_msg_id, to_key, text, to, entry.size)
-            size += entry.size
+            del accepted[dedup]
+            early[dedup] = item = (write.message, to)
+            dedups.append(item)
             keys.append(dedup)
-            dedups.append((write.message, to))
+            size += entry.size
             if lists is None or lists[0] is not route:
                 lists = self._notice_lists(route, to)
             lists[1].append(msg_id)
@@ -1920,7 +1928,8 @@ class Relay:
             self._early_bytes += size
             self.stats["messages_unwritten"] += len(keys)
             # The dedup keys go to the disk lazily; until they are there, the entries answer.
-            self.store.submit(StoreDedup(dedups), functools.partial(self._early_written, keys))
+            written = functools.partial(self._early_written, keys, size)
+            self.store.submit(StoreDedup(dedups), written)
 
     def _notice_lists(self, session: Session, to: str
                       ) -> tuple[Session, list[MsgId], list[tuple[MsgId, int]]]:  # fmt: skip
@@ -2011,15 +2020,14 @@ class Relay:
             for msg_id, delivered in held.items():
                 self._offer_receipt(current, msg_id, delivered.recipient, delivered.seq)
 
-    def _early_written(self, keys: list[tuple[str, int, int]]) -> None:
-        """The dedup keys of messages told before any write are committed
-        (`StoreDedup`): the disk answers a resend or a reuse of their ids now."""
+    def _early_written(self, keys: list[tuple[str, int, int]], size: int) -> None:
+        """The dedup keys of messages told before any write, of UTF-8 texts
+        of `size` bytes together, are committed (`StoreDedup`): the disk
+        answers a resend or a reuse of their ids now. (Each key is in one
+        such write, and only its callback takes it out.)"""
         early = self._early
-        size = 0
         for dedup in keys:
-            found = early.pop(dedup, None)
-            if found is not None:
-                size += found[4]
+            del early[dedup]
         self._early_bytes -= size
 
     def _tell_sender(self, sender_key: str, msg_id: MsgId, to: str, seq: int) -> None:

@@ -13,7 +13,7 @@ them. That is how an ACCEPT waits for the disk while forwarding does not.
 A message whose recipient's client receipted it before it was written can
 be withdrawn (`ServerStore.withdraw`) until the store thread takes its
 batch: it is then never written (issue 18; the relay tells its sender at
-once, `chat_server.Relay._accept_early`), but its dedup key still is,
+once, `chat_server.Relay._receipted_unwritten`), but its dedup key still is,
 lazily (`StoreDedup`).
 
 Mailboxes and queued receipts stay on the disk: the loop asks for them a

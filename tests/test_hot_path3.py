@@ -18,6 +18,7 @@ Counts, never durations.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections.abc import Iterator
@@ -236,7 +237,7 @@ def test_withdraw_takes_a_list_marks_what_it_can_and_drops_the_last_pending(
         taken.state = TAKEN  # as the thread leaves one it took
         ops = [StoreMessage(message(i)) for i in (2, 3, 4)]
         for i, op in zip((2, 3, 4), ops, strict=True):
-            store.submit(op, lambda i=i: done.append(i))
+            store.submit(op, functools.partial(done.append, i))
         store.withdraw([ops[2], taken, ops[0]])
         assert [op.state for op in ops] == [WITHDRAWN, 0, WITHDRAWN] and taken.state == TAKEN
         assert [op for op, _ in store._pending] == ops[:2], "the last withdrawn one stays listed"
