@@ -675,7 +675,11 @@ class Relay:
         (ACCEPTs after their commit, registrations, pages of mailboxes)."""
         self._now = now  # store callbacks take no arguments: they read it here
         for callback in self.store.completed():
-            self._run_callback(callback)
+            try:  # (`_run_callback` in line: one call per ACCEPT fewer)
+                callback()
+            except Exception:  # the loop must never die
+                log.exception("bug in a deferred step (after a commit or a key exchange)")
+                self.stats["callback_errors"] += 1
 
     def key_exchange_done(self, now: float) -> None:
         """Registrations' Diffie-Hellman secrets are back from the pool: give
@@ -1680,9 +1684,13 @@ class Relay:
             self._accepted.pop(dedup, None)
             if self._unwritten:
                 self._unwritten.pop(server_msg_id, None)
-        session = self.router.locate(sender)
+        session = sender.session if self._local_routes else self.router.locate(sender)
         if isinstance(session, Session):
-            self._queue_accept(session, msg_id, server_msg_id)
+            # (`_queue_accept` in line: this runs for every message written)
+            queued = self._accepts.get(session.session_id)
+            if queued is None:
+                queued = self._accepts[session.session_id] = (session, [])
+            queued[1].append((msg_id, server_msg_id))
         if dedup is not None and self._tell_at_accept:
             told = self._tell_at_accept.pop(dedup, None)
             if told is not None:  # receipted before this commit: DELIVERED follows the ACCEPT
@@ -1947,7 +1955,10 @@ class Relay:
         """A receipt of a message that is written (or will be: its write
         was taken by the store thread), its mailbox counts taken off already."""
         user = session.user
-        seq = self._new_id()  # the receipt's place in the sender's queue
+        seq = self._next_msg_id  # the receipt's place in the sender's queue (`_new_id`)
+        self._next_msg_id = seq + 1
+        if seq + 1 >= self._reserve_at:
+            self._reserve_at = self.store.reserve_ids(seq + 1)
         sender = self.users.get(entry.sender_key)
         # The receipt's write is lazy (server_store.LAZY_HOLD): nothing waits
         # for it. A crash that loses it hands the message over again at the
@@ -1968,8 +1979,11 @@ class Relay:
             self.store.submit(delivered)
             self._tell_at_accept[dedup] = (entry.msg_id, user.name, seq)
         else:
-            route = None if sender is None else self.router.locate(sender)
-            if isinstance(route, Session) and self._tell_and_hold(route, delivered):
+            if sender is None:
+                route = None
+            else:
+                route = sender.session if self._local_routes else self.router.locate(sender)
+            if isinstance(route, Session) and self._tell_and_hold(route, delivered, entry.msg_id):
                 sender = None  # nothing queued for it (yet)
             else:
                 self.store.submit(delivered)
@@ -1977,7 +1991,7 @@ class Relay:
         if sender is not None:
             sender.notice_count += 1
 
-    def _tell_and_hold(self, session: Session, delivered: MarkDelivered) -> bool:
+    def _tell_and_hold(self, session: Session, delivered: MarkDelivered, msg_id: MsgId) -> bool:
         """A receipt of a written message whose sender's session is here and
         takes its DELIVERED now: the receipt's write waits in memory until
         the sender's client acks the DELIVERED, and is then written without
@@ -1987,15 +2001,17 @@ class Relay:
         (it was never written), the mailbox still holds the message: its
         recipient is handed it again under the same message id, dedups it
         and receipts it again, as with any lazy write. False if the sender's
-        receipts wait on the disk (its pager is behind or full)."""
+        receipts wait on the disk (its pager is behind or full). (`msg_id`:
+        the message's, which `delivered` names.)"""
         pager = session.receipts
         if pager is None:
             pager = session.receipts = Pager(behind=False)
-        msg_id = MsgId(delivered.instance_id, delivered.client_seq)
-        if pager.behind or msg_id in pager.items or len(pager.items) >= NOTICE_WINDOW:
+        items = pager.items
+        if pager.behind or msg_id in items or len(items) >= NOTICE_WINDOW:
             return False
-        pager.items[msg_id] = delivered.seq
-        pager.cursor = max(pager.cursor, delivered.seq)
+        seq = items[msg_id] = delivered.seq
+        if seq > pager.cursor:
+            pager.cursor = seq
         self._queue_delivered(session, msg_id, delivered.recipient)
         held = self._held.get(session.session_id)
         if held is None:
