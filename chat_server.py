@@ -1436,7 +1436,8 @@ class Relay:
 
     def _on_send(self, session: Session, send: Send) -> None:
         user = session.user
-        if send.msg_id.client_seq >= MAX_CLIENT_SEQ:
+        instance_id, client_seq = send.msg_id
+        if client_seq >= MAX_CLIENT_SEQ:
             # Clients count from 1; SQLite integers stop at 2**63 - 1.
             self._fail(session, send.msg_id, ErrorCode.SERVER_ERROR,
                        "message id out of range: client_seq must be below 2**63")  # fmt: skip
@@ -1454,7 +1455,6 @@ class Relay:
             if len(self._recipient_keys) >= MAX_RECIPIENT_KEYS:
                 self._recipient_keys.clear()
             self._recipient_keys[send.to] = to_key
-        instance_id, client_seq = send.msg_id
         dedup = (user.key, instance_id, client_seq)
         if self._looking_up:
             waiting = self._looking_up.get(dedup)

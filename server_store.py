@@ -1403,15 +1403,19 @@ class ServerStore:
         """Queue a write or a read; `then` runs on the loop after it has
         committed (been answered). Nothing reaches the store thread before
         the next `flush()` that hands it over."""
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             self._pending_since = self._clock()
-        self._pending.append((op, then))
+        pending.append((op, then))
+        if op.__class__ is StoreMessage:  # the usual case: one per message
+            self._urgent += 1
+            op.handoff = self._handoffs
         # A lazy write with a callback waits for a commit, but for a
         # StoreDedup's, which only drops what stood in for it in memory.
-        if (then is not None and op.__class__ is not StoreDedup) or not isinstance(op, LAZY_WRITES):
+        elif (then is not None and op.__class__ is not StoreDedup) or not isinstance(
+            op, LAZY_WRITES
+        ):
             self._urgent += 1
-            if isinstance(op, StoreMessage):
-                op.handoff = self._handoffs
 
     def withdraw(self, ops: list[StoreMessage]) -> None:
         """The loop no longer needs these written (submitted with callbacks,

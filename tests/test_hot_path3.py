@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chat_server
+import protocol
 from bench.relay_count import count
 from protocol import (
     MAX_TEXT_BYTES,
@@ -308,6 +309,60 @@ def test_encode_deliver_refuses_what_the_records_encoder_refuses(
     assert refusal(
         lambda: encode_deliver(sid, instance, seq, sender, text.encode("utf-8"), sent_ms)
     ) == refusal(lambda: encode_message(record))
+
+
+# --- ACCEPTS and DELIVEREDS packed in C ---------------------------------------
+
+
+def reference_accepts(items: Any) -> bytes:
+    """`protocol._encode_accepts` as it was: one Python step per item."""
+    return b"".join([protocol._ACCEPTS_ITEM.pack(i, s, sid) for (i, s), sid in items])
+
+
+def reference_msgids(items: Any) -> bytes:
+    return b"".join([protocol._MSGIDS_ITEM.pack(i, s) for i, s in items])
+
+
+def packed(encode: Any, items: Any) -> tuple[str, Any]:
+    try:
+        return "bytes", encode(items)
+    except protocol._MISFITS as exc:  # what the generated encoder turns into its error
+        return "refused", type(exc).__name__ in (
+            "error",
+            "TypeError",
+            "ValueError",
+            "OverflowError",
+        )
+
+
+WIDE = st.integers(-5, 2**64 + 5)
+msg_ids = st.builds(MsgId, WIDE, WIDE)
+odd = st.one_of(WIDE, st.tuples(WIDE), st.tuples(WIDE, WIDE, WIDE), st.text(max_size=2))
+
+
+@settings(max_examples=400, deadline=None)  # (a wall-clock deadline fails under load)
+@given(
+    accepts=st.lists(st.one_of(st.tuples(msg_ids, WIDE), st.tuples(msg_ids, WIDE),
+                               st.tuples(odd, WIDE), st.tuples(msg_ids, WIDE, WIDE), odd),
+                     max_size=6),
+    ids=st.lists(st.one_of(msg_ids, msg_ids, odd), max_size=6),
+)  # fmt: skip
+def test_accepts_and_msgids_pack_as_before_and_refuse_what_they_refused(
+    accepts: list[Any], ids: list[Any]
+) -> None:
+    """Byte for byte the per-item packing, and a refusal (which the record's
+    encoder turns into the error naming the field) wherever it refused."""
+    assert packed(protocol._encode_accepts, tuple(accepts)) == packed(
+        reference_accepts, tuple(accepts)
+    )
+    assert packed(protocol._encode_msgids, tuple(ids)) == packed(reference_msgids, tuple(ids))
+
+
+def test_an_accepts_that_does_not_fit_names_its_item() -> None:
+    with pytest.raises(LocalProtocolError, match="Accepts.items has an item 0 that is -3"):
+        encode_message(Accepts(((MsgId(1, 2), -3),)))
+    with pytest.raises(LocalProtocolError, match="Delivereds.msg_ids has an item 0"):
+        encode_message(Delivereds("bob", (MsgId(1, -2),)))
 
 
 # --- the Relay's work per relayed message, counted -----------------------------
