@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import chat_server
 import protocol
+from bench import relay_count
 from bench.relay_count import count
 from protocol import (
     MAX_TEXT_BYTES,
@@ -383,3 +384,14 @@ def test_the_relays_calls_and_bytecodes_per_message_stay_under_their_bounds() ->
     assert counter.unwritten == done, "the messages were expected to need no write"
     assert calls <= CALLS_PER_MESSAGE, f"{calls:.1f} Python calls per message"
     assert ops <= BYTECODES_PER_MESSAGE, f"{ops:,.0f} bytecodes per message"
+
+
+def test_relay_count_prints_its_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m bench.relay_count`: counts by function, or (`--time`) CPU."""
+    assert relay_count.main(["--messages", "20", "--pairs", "1", "--top", "3"]) == 0
+    counted = capsys.readouterr().out.splitlines()
+    assert "bytecodes and" in counted[0] and "Python calls per message" in counted[0]
+    assert len(counted) == 5 and "Relay." in "".join(counted[2:])
+    assert relay_count.main(["--messages", "20", "--pairs", "1", "--time", "--disk"]) == 0
+    timed = capsys.readouterr().out
+    assert "of the loop thread's CPU per message" in timed and "store on the disk" in timed
