@@ -97,7 +97,7 @@ from reliability import (
     PACKET_THRESHOLD,
     REPLAY_WINDOW,
 )
-from server_store import DIGEST_BYTES, INDEXES, TABLES, MemoryStore, StoreMessage
+from server_store import DIGEST_BYTES, INDEXES, TABLES, WITHDRAWN, MemoryStore, StoreMessage
 
 Addr = tuple[str, int]
 
@@ -715,11 +715,12 @@ class DeferredStore(MemoryStore):
             return
         self._pending[id(op)] = (op, then)
 
-    def withdraw(self, op: StoreMessage) -> bool:
-        if self._pending.pop(id(op), None) is None:
-            return False
-        self.withdrawn += 1
-        return True
+    def withdraw(self, ops: list[StoreMessage]) -> None:
+        """As `ServerStore.withdraw`: each still pending is WITHDRAWN."""
+        for op in ops:
+            if self._pending.pop(id(op), None) is not None:
+                op.state = WITHDRAWN
+                self.withdrawn += 1
 
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
