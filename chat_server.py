@@ -195,6 +195,7 @@ from server_store import (
     LoadedGroup,
     LoadedMember,
     MarkDelivered,
+    MarkDelivereds,
     MemoryStore,
     MessageStore,
     NoticeDone,
@@ -2012,7 +2013,11 @@ class Relay:
         seq = items[msg_id] = delivered.seq
         if seq > pager.cursor:
             pager.cursor = seq
-        self._queue_delivered(session, msg_id, delivered.recipient)
+        # (`_queue_delivered` in line: this runs for every message written)
+        queued = self._delivereds.get(session.session_id)
+        if queued is None:
+            queued = self._delivereds[session.session_id] = (session, {})
+        queued[1].setdefault(delivered.recipient, []).append(msg_id)
         held = self._held.get(session.session_id)
         if held is None:
             held = self._held[session.session_id] = {}
@@ -2082,17 +2087,21 @@ class Relay:
         assert pager is not None
         user = session.user
         held = self._held.get(session.session_id) if self._held else None
+        told: list[MarkDelivered] = []  # written in one operation (`MarkDelivereds`)
+        items = pager.items
         for msg_id in done:
-            seq = pager.items.pop(msg_id, None)
+            seq = items.pop(msg_id, None)
             if seq is None:
                 continue
             if held is not None and (delivered := held.pop(msg_id, None)) is not None:
                 delivered.told = True  # nothing queued, nothing to drop
-                self.store.submit(delivered)
+                told.append(delivered)
                 self._held_ids.discard(delivered.server_msg_id)
                 continue
             user.notice_count -= 1
             self.store.submit(NoticeDone(user.key, msg_id.instance_id, msg_id.client_seq))
+        if told:
+            self.store.submit(told[0] if len(told) == 1 else MarkDelivereds(told))
         if held is not None and not held:
             del self._held[session.session_id]
         self._page_receipts(session)

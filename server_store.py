@@ -50,7 +50,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -471,6 +471,16 @@ class MarkDelivered:
 
 
 @dataclass(slots=True)
+class MarkDelivereds:
+    """`MarkDelivered`s (each `told`) in one operation: the receipts whose
+    DELIVEREDs a sender's client acked in one datagram
+    (`chat_server.Relay._receipts_acked`), one operation for all of them
+    (issue 18, round 3). A lazy write, as each of them is."""
+
+    items: list[MarkDelivered]
+
+
+@dataclass(slots=True)
 class NoticeDone:
     """The sender's client holds this receipt: drop it from its queue."""
 
@@ -759,8 +769,8 @@ GroupWrite = (
     StoreGroupItem | EndGroup | GroupReceipt | DropMember | BuryMember | GroupTold | TrimGroup
 )  # fmt: skip
 Write = (
-    StoreMessage | StoreDedup | MarkDelivered | NoticeDone | StoreAccount | UpdateAccount
-    | EraseAccount | Reserve | Sync | GroupWrite
+    StoreMessage | StoreDedup | MarkDelivered | MarkDelivereds | NoticeDone | StoreAccount
+    | UpdateAccount | EraseAccount | Reserve | Sync | GroupWrite
 )  # fmt: skip
 Query = ReadMailbox | ReadNotices | FindDedup | ReadGroupLog | ReadGroupSent | FindGroupItem
 MailPage = tuple[list[StoredMessage], bool]
@@ -798,7 +808,7 @@ Op = Write | Read | ClusterGroupOp
 _CLUSTER_OPS = frozenset((PostGroupMessage, ChangeGroup, ReadGroupState, ReadGroupCursors))
 Then = Callable[[], None]
 #: Writes held back when nothing waits for them (see LAZY_HOLD).
-LAZY_WRITES = (MarkDelivered, NoticeDone, StoreDedup)
+LAZY_WRITES = (MarkDelivered, MarkDelivereds, NoticeDone, StoreDedup)
 
 
 class MessageStore(Protocol):
@@ -912,17 +922,10 @@ class MemoryStore:
             self.dedup[(m.sender_key, m.instance_id, m.client_seq)] = (
                 m.server_msg_id, m.recipient_key, m.text, None)  # fmt: skip
         elif isinstance(op, MarkDelivered):
-            waiting = self.mail.get(op.recipient_key)
-            if waiting is not None:
-                waiting.pop(op.server_msg_id, None)
-                if not waiting:
-                    del self.mail[op.recipient_key]
-            if not op.told:
-                row = (op.seq, op.instance_id, op.client_seq, op.recipient)
-                queued = self.notices.get(op.sender_key)
-                if queued is None:
-                    queued = self.notices[op.sender_key] = {}
-                queued.setdefault((op.instance_id, op.client_seq), row)  # INSERT OR IGNORE
+            self._mark_delivered(op)
+        elif isinstance(op, MarkDelivereds):
+            for mark in op.items:
+                self._mark_delivered(mark)
         elif isinstance(op, NoticeDone):
             queued = self.notices.get(op.sender_key)
             if queued is not None:
@@ -954,6 +957,19 @@ class MemoryStore:
                     self._group_write(op)
         if then is not None:
             then()
+
+    def _mark_delivered(self, op: MarkDelivered) -> None:
+        waiting = self.mail.get(op.recipient_key)
+        if waiting is not None:
+            waiting.pop(op.server_msg_id, None)
+            if not waiting:
+                del self.mail[op.recipient_key]
+        if not op.told:
+            row = (op.seq, op.instance_id, op.client_seq, op.recipient)
+            queued = self.notices.get(op.sender_key)
+            if queued is None:
+                queued = self.notices[op.sender_key] = {}
+            queued.setdefault((op.instance_id, op.client_seq), row)  # INSERT OR IGNORE
 
     def _group_write(self, op: Op) -> None:
         match op:
@@ -1645,17 +1661,21 @@ class ServerStore:
                                   content_digest(m.recipient_key, m.text), stamp,
                                   delivered_to))  # fmt: skip
                 continue
-            if type(op) is MarkDelivered:
-                delivered.append(op.server_msg_id)
-                count = counts.get(op.recipient_key)
-                if count is None:
-                    count = counts[op.recipient_key] = [0, 0, 0]
-                count[0] -= 1
-                count[1] -= op.size
-                if not op.told:
-                    notices.append((op.sender_key, _i64(op.instance_id), op.client_seq,
-                                    op.recipient, op.seq))  # fmt: skip
-                    counts.setdefault(op.sender_key, [0, 0, 0])[2] += 1
+            if type(op) is MarkDelivered or type(op) is MarkDelivereds:
+                marks: Iterable[MarkDelivered] = (
+                    op.items if isinstance(op, MarkDelivereds) else (op,)
+                )
+                for mark in marks:
+                    delivered.append(mark.server_msg_id)
+                    count = counts.get(mark.recipient_key)
+                    if count is None:
+                        count = counts[mark.recipient_key] = [0, 0, 0]
+                    count[0] -= 1
+                    count[1] -= mark.size
+                    if not mark.told:
+                        notices.append((mark.sender_key, _i64(mark.instance_id),
+                                        mark.client_seq, mark.recipient, mark.seq))  # fmt: skip
+                        counts.setdefault(mark.sender_key, [0, 0, 0])[2] += 1
                 continue
             match op:
                 case NoticeDone(sender_key, instance_id, client_seq):

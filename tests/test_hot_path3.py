@@ -51,6 +51,8 @@ from server_store import (
     TAKEN,
     WITHDRAWN,
     FindDedup,
+    MarkDelivered,
+    MarkDelivereds,
     MemoryStore,
     Read,
     ServerStore,
@@ -59,7 +61,7 @@ from server_store import (
     StoreMessage,
 )
 from tests.test_mailbox_disk import World, rows
-from tests.test_nowrite import end_the_wait, hold_the_store_thread
+from tests.test_nowrite import end_the_wait, hold_the_store_thread, record_writes
 from tests.test_ordinary_load import FakeClock, alice_datagrams, drain, wait_for_store
 
 
@@ -218,6 +220,51 @@ def test_past_max_early_the_rest_of_a_batch_is_written(
                       "AND client_seq > 1 ORDER BY client_seq") == [
         (2, "bob"), (3, "bob"), (4, None), (5, None),
     ]  # fmt: skip
+
+
+def test_receipts_of_written_messages_acked_together_are_one_write(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three messages written and accepted; bob receipts them in one
+    RECEIPTS; alice is told DELIVERED at once (their writes held) and her
+    client acks the three in one datagram: one `MarkDelivereds` of the
+    three, each `told` (no queued receipt), not three operations; the
+    mailbox rows go, nothing is queued for her, the counts are back at 0."""
+    store, relay = world.store, world.relay
+    ids = [send(world, "alice", seq) for seq in (2, 3, 4)]
+    end_the_wait(world)
+    alice_datagrams(world)
+    assert sorted(told(world.inbox["alice"])) == [("accept", 2), ("accept", 3), ("accept", 4)]
+    ops = record_writes(world, monkeypatch)
+    world.now += 0.001
+    got = receipts_pass(world, ids)
+    assert told(got["alice"]) == [("delivered", 2), ("delivered", 3), ("delivered", 4)]
+    assert not [op for op in ops if isinstance(op, (MarkDelivered, MarkDelivereds))]
+    world.pump()  # alice's client acks the DELIVEREDs
+    marks = [op for op in ops if isinstance(op, (MarkDelivered, MarkDelivereds))]
+    assert len(marks) == 1 and isinstance(marks[0], MarkDelivereds)
+    assert [m.client_seq for m in marks[0].items] == [2, 3, 4]
+    assert all(m.told for m in marks[0].items)
+    store.flush(force=True)
+    wait_for_store(store)
+    data = store.data_dir
+    assert rows(data, "SELECT COUNT(*) FROM mailbox") == [(0,)]
+    assert rows(data, "SELECT COUNT(*) FROM notices") == [(0,)]
+    assert rows(data, "SELECT COUNT(*) FROM summary") == [(0,)]
+    assert relay.users["alice"].notice_count == 0 and relay.users["bob"].mailbox_count == 0
+    assert not relay._held and not relay._held_ids
+
+
+def test_mark_delivereds_in_memory_is_each_mark_delivered() -> None:
+    """The memory store applies a `MarkDelivereds` as its items one by one."""
+    store = MemoryStore()
+    for i in (1, 2, 3):
+        store.submit(StoreMessage(message(i)))
+    marks = [MarkDelivered(i, "alice", 9, i, "Bob", "bob", 6, 100 + i) for i in (1, 2, 3)]
+    marks[0].told = marks[1].told = True
+    store.submit(MarkDelivereds(marks))
+    assert "bob" not in store.mail
+    assert store.notices == {"alice": {(9, 3): (103, 9, 3, "Bob")}}
 
 
 def message(i: int) -> StoredMessage:
