@@ -53,6 +53,7 @@ from protocol import (
     ACCOUNT_DELETE,
     CONTROL_STREAM,
     FLAG_MAC,
+    GROUP_BATCH_ENTRY_OVERHEAD,
     GROUP_PAGE_MAX,
     MAGIC,
     MAX_FRAMES_SIZE,
@@ -120,6 +121,7 @@ from protocol import (
     encode_message,
     encode_packet,
     group_address,
+    group_batch,
     is_group_address,
     name_key,
     normalize_name,
@@ -129,6 +131,7 @@ from protocol import (
     version_reply,
 )
 from reliability import (
+    CHUNK_SIZE,
     REASSEMBLY_TIMEOUT,
     RTO_MAX,
     RTO_MIN,
@@ -343,6 +346,11 @@ MAX_EARLY_BYTES = 16 << 20  # of their texts' UTF-8 (a text is kept for the dupl
 # 10 msg/s target at 1,000 members allows 200 ms to the last member). Single
 # server only: a cluster node's fan-out follows the shared log's announcements.
 FANOUT_HOLD = 0.010
+# The entries a pass hands one member of a group (a hold's messages, a page
+# of the log) go in GROUP_BATCHes of at most this many bytes (issue 14): one
+# chunk each, so a burst costs the member one `send`, one chunk and one ack
+# instead of one per entry. An entry too big for it goes alone, as ever.
+GROUP_BATCH_BYTES = CHUNK_SIZE
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
 #: report every one of them, at 0 until it happens, so an alert on one can
@@ -708,6 +716,8 @@ class Relay:
         methods loses none; the socket loop also calls those when woken."""
         self.store_done(now)
         self.key_exchange_done(now)
+        if self._fanout_due is not None and now >= self._fanout_due:
+            self._fan_out_due(now)  # what the pass committed to groups (`_fan_out_soon`)
         self._send_batches()
         out, self._out = self._out, []
         dirty, self._dirty = self._dirty, {}
@@ -3030,24 +3040,28 @@ class Relay:
                             item.text, item.sent_ms)  # fmt: skip
 
     def _fan_out_soon(self, group: Group, item: GroupItem) -> None:
-        """A committed message to the members online: now if the group's
-        last fan-out was FANOUT_HOLD ago or more (or in this pass), else with
-        the others committed until then, at the end of the hold
-        (`_fan_out_due`)."""
+        """A committed message to the members online: at the end of this
+        pass (`datagrams_to_send`), with the others the pass commits to the
+        group, if its last fan-out was FANOUT_HOLD ago or more (or in this
+        pass), else with the others committed until then, at the end of the
+        hold (`_fan_out_due`). Each member gets them together, in GROUP_BATCHes
+        (`_group_payloads`)."""
         key = group.key
         held = self._fanout_held.get(key)
         if held is not None and held[0] is group:
             held[1].append(item)
             return
+        if self.shared_store:
+            self._fan_out(group, item)
+            return
         now = self._now
         last = self._fanout_last.get(key)
         # (The same pass as the last fan-out: its datagrams have not left
-        # yet, so this one joins them.)
-        if self.shared_store or last is None or now >= last + FANOUT_HOLD or now == last:
-            self._fanout_last[key] = now
-            self._fan_out(group, item)
-            return
-        due = last + FANOUT_HOLD
+        # yet, so this one goes with this pass too.)
+        if last is None or now >= last + FANOUT_HOLD or now == last:
+            due = now
+        else:
+            due = last + FANOUT_HOLD
         self._fanout_held[key] = (group, [item], due)
         if self._fanout_due is None or due < self._fanout_due:
             self._fanout_due = due
@@ -3094,6 +3108,9 @@ class Relay:
         handed = [(item, self._group_entry(group, item),
                    encode_message(self._group_message(group, item))) for item in items]  # fmt: skip
         copies = 0
+        # What most members are handed is the same (all of `handed`): its
+        # batches are joined once (key: the indexes handed).
+        joined: dict[tuple[int, ...], list[bytes]] = {}
         # No membership change lies between held messages (a change takes
         # them out first), so the first one's audience is everyone's; `sees`
         # still decides per entry.
@@ -3103,7 +3120,8 @@ class Relay:
                 continue
             route = self.router.locate(user)
             session = route if isinstance(route, Session) else None
-            for item, entry, payload in handed:
+            took: list[int] = []
+            for index, (item, entry, _) in enumerate(handed):
                 seq = item.group_seq
                 if not member.sees(seq):
                     continue
@@ -3119,8 +3137,15 @@ class Relay:
                     if session.instance_id == item.instance_id:
                         self._pass_own(group, member, seq)
                         continue
-                if session is not None:
-                    copies += self._offer_group(session, group, member, entry, payload, stream)
+                if session is not None and self._offer_group(session, group, member, entry):
+                    took.append(index)
+            if took and session is not None:
+                key = tuple(took)
+                payloads = joined.get(key)
+                if payloads is None:
+                    payloads = joined[key] = self._group_payloads([handed[i][2] for i in took])
+                self._send_group(session, payloads, stream)
+                copies += len(took)
         self.stats["group_copies"] += copies
 
     @staticmethod
@@ -3141,10 +3166,11 @@ class Relay:
             pager.cursor = member.cursor
         return mail, pager
 
-    def _offer_group(self, session: Session, group: Group, member: Member, entry: GroupEntry,
-                     payload: bytes, stream: int) -> int:  # fmt: skip
-        """Hand an entry over now if nothing of the group waits before it
-        and the window has room (1); else it waits in the log (0)."""
+    def _offer_group(self, session: Session, group: Group, member: Member,
+                     entry: GroupEntry) -> bool:  # fmt: skip
+        """Take an entry into the session's window now if nothing of the
+        group waits before it and the window has room (True: the caller
+        sends it, `_send_group`); else it waits in the log (False)."""
         mail = session.group_mail
         pager = mail.pagers.get(group.key) if mail is not None else None
         if mail is None or pager is None:
@@ -3152,7 +3178,7 @@ class Relay:
         seq = entry.seq
         size = entry.size
         if seq <= pager.cursor:
-            return 0  # a page has handed it already
+            return False  # a page has handed it already
         if not pager.behind and seq > pager.cursor + 1 and member.cursor < seq - 1:
             # Entries between what it had and this one are in the log.
             pager.behind = True
@@ -3160,21 +3186,47 @@ class Relay:
             not mail.count
             or (mail.count < MAILBOX_WINDOW and mail.bytes + size <= MAILBOX_WINDOW_BYTES)
         ):
-            self._hand_group(session, mail, pager, entry, payload, stream)
-            return 1
+            self._hand_group(mail, pager, entry)
+            return True
         pager.behind = True
         pager.missed = max(pager.missed, seq)
         self._page_group(session, group)
-        return 0
+        return False
 
-    def _hand_group(self, session: Session, mail: GroupMail, pager: Pager[int, GroupEntry],
-                    entry: GroupEntry, payload: bytes, stream: int) -> None:  # fmt: skip
+    @staticmethod
+    def _hand_group(mail: GroupMail, pager: Pager[int, GroupEntry], entry: GroupEntry) -> None:
+        """An entry into the session's window (the caller sends it)."""
         pager.items[entry.seq] = entry
         pager.cursor = entry.seq
         mail.ids[entry.server_msg_id] = entry.where
         mail.count += 1
         mail.bytes += entry.size
-        session.conn.send(payload, stream)
+
+    @staticmethod
+    def _group_payloads(payloads: list[bytes]) -> list[bytes]:
+        """Entries handed to a member together, in order, as the payloads
+        that carry them: consecutive ones joined in GROUP_BATCHes of at most
+        GROUP_BATCH_BYTES, one that fits in none of them alone as it is."""
+        if len(payloads) == 1:
+            return payloads
+        out: list[bytes] = []
+        batch: list[bytes] = []
+        size = 3  # the batch's kind and count
+        for payload in payloads:
+            cost = len(payload) + GROUP_BATCH_ENTRY_OVERHEAD
+            if batch and size + cost > GROUP_BATCH_BYTES:
+                out.append(batch[0] if len(batch) == 1 else group_batch(batch))
+                batch, size = [], 3
+            batch.append(payload)
+            size += cost
+        out.append(batch[0] if len(batch) == 1 else group_batch(batch))
+        return out
+
+    def _send_group(self, session: Session, payloads: list[bytes], stream: int) -> None:
+        """`_group_payloads`' output to the session, on the group's stream."""
+        send = session.conn.send
+        for payload in payloads:
+            send(payload, stream)
         self._dirty[session.session_id] = session
 
     def _pass_own(self, group: Group, member: Member, seq: int) -> None:
@@ -3226,6 +3278,7 @@ class Relay:
         items: list[GroupItem]
         items, more = read.result
         stream = self._group_stream(group)
+        payloads: list[bytes] = []
         for item in items:
             if item.group_seq <= pager.cursor or not member.sees(item.group_seq):
                 continue
@@ -3238,8 +3291,10 @@ class Relay:
                 if not pager.items:
                     self._pass_own(group, member, item.group_seq)
                 continue
-            payload = encode_message(self._group_message(group, item))
-            self._hand_group(session, mail, pager, self._group_entry(group, item), payload, stream)
+            payloads.append(encode_message(self._group_message(group, item)))
+            self._hand_group(mail, pager, self._group_entry(group, item))
+        if payloads:
+            self._send_group(session, self._group_payloads(payloads), stream)
         if not more and pager.missed <= max(pager.cursor, upto):
             pager.behind = False
         else:

@@ -63,6 +63,7 @@ from protocol import (
     Frame,
     GroupAccept,
     GroupAction,
+    GroupBatch,
     GroupChange,
     GroupDeliver,
     GroupEvent,
@@ -524,10 +525,12 @@ Event = (
 
 #: What the server sends about groups (`ClientCore._on_group_message`).
 GroupMessage = (
-    GroupDeliver | GroupEvent | GroupAccept | GroupReached | GroupResult | GroupInfo | GroupList
-)
+    GroupDeliver | GroupEvent | GroupBatch | GroupAccept | GroupReached | GroupResult | GroupInfo
+    | GroupList
+)  # fmt: skip
 GROUP_MESSAGES = (
-    GroupDeliver, GroupEvent, GroupAccept, GroupReached, GroupResult, GroupInfo, GroupList,
+    GroupDeliver, GroupEvent, GroupBatch, GroupAccept, GroupReached, GroupResult, GroupInfo,
+    GroupList,
 )  # fmt: skip
 
 
@@ -2046,7 +2049,12 @@ class ClientCore:
         ]
 
     def _on_group_message(self, message: GroupMessage) -> None:
-        if isinstance(message, GroupDeliver):
+        if isinstance(message, GroupBatch):
+            # Several entries of one group in one payload: each exactly as
+            # if it had come alone, in turn (its receipt by the same rule).
+            for entry in message.entries:
+                self._on_group_message(entry)
+        elif isinstance(message, GroupDeliver):
             # Like a DELIVER: committed, handed on, shown, then receipted;
             # the hop's group stream keeps the group's order.
             arrival = self.store.add_group_message(

@@ -26,7 +26,7 @@ import secrets
 import struct
 import unicodedata
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from itertools import starmap
 from typing import Any, ClassVar, NamedTuple, TypeVar
@@ -257,6 +257,7 @@ _PREFIXED = {
     "accepts": ("B", BATCH_MAX),  # (msg_id, server_msg_id) pairs
     "msgids": ("B", BATCH_MAX),
     "u64s": ("B", BATCH_MAX),
+    "entries": ("H", 0xFFFF),  # a GROUP_BATCH's entries: see `GroupBatch`
 }
 #: "rest": bytes up to the end of the frame (no prefix).
 
@@ -339,6 +340,46 @@ def _decode_msgids(data: bytes, pos: int, count: int) -> tuple[MsgId, ...]:
     return tuple(map(_msgid_of, _MSGIDS_ITEM.iter_unpack(body)))
 
 
+_U32 = struct.Struct("!I")
+#: The message kinds a GROUP_BATCH carries (`GroupBatch`): numbers, since
+#: the classes come later in the module.
+_ENTRY_KINDS = (19, 20)  # Kind.GROUP_DELIVER, Kind.GROUP_EVENT
+
+
+def _encode_entries(items: tuple[Any, ...]) -> bytes:
+    """A GROUP_BATCH's entries: each a u32 length and the entry's own
+    message bytes (kind first), as `group_batch` joins them."""
+    out = []
+    for item in items:
+        if item.KIND not in _ENTRY_KINDS:
+            raise TypeError
+        data = _MESSAGE_ENCODERS[item.__class__](item)
+        out.append(_U32.pack(len(data)))
+        out.append(data)
+    body = b"".join(out)
+    if len(body) + 3 > GROUP_BATCH_MAX_BYTES:
+        raise ValueError
+    return body
+
+
+def _decode_entries(data: bytes, pos: int, end: int, count: int) -> tuple[tuple[Any, ...], int]:
+    items = []
+    for _ in range(count):
+        if pos + 4 > end:
+            raise RemoteProtocolError("GroupBatch: truncated")
+        (size,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if size < 1 or pos + size > end:
+            raise RemoteProtocolError("GroupBatch: truncated")
+        kind = data[pos]
+        if kind not in _ENTRY_KINDS:
+            raise RemoteProtocolError(f"GroupBatch: an entry of kind {kind}; it carries only "
+                                      f"GROUP_DELIVER and GROUP_EVENT")  # fmt: skip
+        items.append(_MESSAGE_DECODERS[kind](data, pos + 1, pos + size))
+        pos += size
+    return tuple(items), pos
+
+
 def _encode_u64s(items: tuple[int, ...]) -> bytes:
     return _U64S[len(items)].pack(*items)
 
@@ -398,10 +439,12 @@ def _misfit(kind: str, value: object) -> tuple[str, ErrorCode | None] | None:
 def _misfit_items(kind: str, value: object) -> tuple[str, ErrorCode | None] | None:
     if not isinstance(value, tuple):
         return f"is {type(value).__name__}, not a tuple", None
-    low = 1 if kind in ("accepts", "msgids", "u64s") else 0
+    low = 1 if kind in ("accepts", "msgids", "u64s", "entries") else 0
     high = _PREFIXED[kind][1]
     if not low <= len(value) <= high:
         return f"has {len(value)} items; it holds {low} to {high}", None
+    if kind == "entries":
+        return _misfit_entries(value)
     for index, item in enumerate(value):
         if kind == "strs":
             why = _misfit("str", item)
@@ -421,6 +464,23 @@ def _misfit_items(kind: str, value: object) -> tuple[str, ErrorCode | None] | No
                 why = f"is {_short(item)}; a range is (start, end), end - start a u32", None
         if why is not None:
             return f"has an item {index} that {why[0]}", why[1]
+    return None
+
+
+def _misfit_entries(value: tuple[Any, ...]) -> tuple[str, ErrorCode | None] | None:
+    size = 3
+    for index, item in enumerate(value):
+        if getattr(item, "KIND", None) not in _ENTRY_KINDS:
+            return (
+                f"has an item {index} that is {_short(item)}, not a GroupDeliver or GroupEvent",
+                None,
+            )
+        try:
+            size += 4 + len(encode_message(item))
+        except LocalProtocolError as exc:
+            return f"has an item {index} that does not fit: {exc}", exc.code
+    if size > GROUP_BATCH_MAX_BYTES:
+        return f"is {size} bytes; a GROUP_BATCH holds at most {GROUP_BATCH_MAX_BYTES}", None
     return None
 
 
@@ -477,7 +537,7 @@ def _compile(cls: type, tag: int, *, frame: bool) -> tuple[_Encoder, _Decoder]:
         "_CODES": _CODES, "_MsgId": MsgId, "_new": _tuple_new, "_Remote": RemoteProtocolError,
         "_decode_strs": _decode_strs, "_encode_strs": _encode_strs,
     }  # fmt: skip
-    for kind in ("ranges", "accepts", "msgids", "u64s"):
+    for kind in ("ranges", "accepts", "msgids", "u64s", "entries"):
         env[f"_encode_{kind}"] = globals()[f"_encode_{kind}"]
         env[f"_decode_{kind}"] = globals()[f"_decode_{kind}"]
     encoder = _encoder_source(cls.__name__, tag, names, spec, frame, env)
@@ -545,7 +605,7 @@ def _encoder_source(
                 fmt += prefix
                 args.append(f"len({d})")
             else:
-                low = 1 if kind in ("accepts", "msgids", "u64s") else 0
+                low = 1 if kind in ("accepts", "msgids", "u64s", "entries") else 0
                 steps.append(f"if {v}.__class__ is not tuple or not {low} <= len({v}) <= {limit}:"
                              f" raise ValueError")  # fmt: skip
                 steps.append(f"{d} = _encode_{kind}({v})")
@@ -630,6 +690,9 @@ def _decoder_source(
                 lines.append(f"pos += {v}n")
             elif kind == "strs":
                 lines.append(f"{v}, pos = _decode_strs(data, pos, end, {v}n)")
+            elif kind == "entries":
+                lines.append(f"if {v}n < 1: raise _Remote('a batch has at least 1 entry')")
+                lines.append(f"{v}, pos = _decode_entries(data, pos, end, {v}n)")
             else:
                 if kind != "ranges":
                     refusal = f"f'a batch has 1 to {limit} items, not {{{v}n}}'"
@@ -1152,6 +1215,7 @@ class Kind(enum.IntEnum):
     # member per pass for the sender to ack); retired for GROUP_REACHED.
     GROUP_ACCEPT = 26  # server -> sender: a group message is stored for every member
     GROUP_REACHED = 30  # server -> sender: these members have one of its group messages
+    GROUP_BATCH = 31  # server -> member: several GROUP_DELIVERs / GROUP_EVENTs in one payload
 
 
 @dataclass(unsafe_hash=True, slots=True)  # hot: see above
@@ -1512,6 +1576,42 @@ class GroupReached:
     gone: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class GroupBatch:
+    """Several group entries for one member in one payload (issue 14): the
+    GROUP_DELIVERs and GROUP_EVENTs a pass hands a member of one group, in
+    the group's order, so that a burst costs each member one chunk, one
+    ack and one datagram where it fits. A client handles it exactly as its
+    entries one by one, in turn (each receipted by its `server_msg_id`).
+    Each entry is a u32 length and the entry's own message bytes; the whole
+    stays within one message (GROUP_BATCH_MAX_BYTES). The server joins
+    entries it has encoded once for every member (`group_batch`)."""
+
+    KIND: ClassVar[Kind] = Kind.GROUP_BATCH
+    SPEC: ClassVar[tuple[str, ...]] = ("entries",)
+    entries: tuple[GroupDeliver | GroupEvent, ...]
+
+
+def group_batch(payloads: Sequence[bytes]) -> bytes:
+    """The GROUP_BATCH of entries already encoded (`encode_message` of each
+    GROUP_DELIVER or GROUP_EVENT), the same bytes as `encode_message` of
+    their `GroupBatch`; the caller keeps it within GROUP_BATCH_MAX_BYTES."""
+    pack = _U32.pack
+    parts = [_GROUP_BATCH_HEAD.pack(Kind.GROUP_BATCH, len(payloads))]
+    for payload in payloads:
+        parts.append(pack(len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+_GROUP_BATCH_HEAD = struct.Struct("!BH")
+#: Bytes per entry in a GROUP_BATCH besides the entry's own (its length).
+GROUP_BATCH_ENTRY_OVERHEAD = _U32.size
+#: A GROUP_BATCH's bytes at most: what one message may be (the longest text
+#: with its fields; `reliability.Connection.send` refuses more).
+GROUP_BATCH_MAX_BYTES = MAX_TEXT_BYTES + 1024
+
+
 Message = (
     Send
     | Accept
@@ -1542,6 +1642,7 @@ Message = (
     | GroupList
     | GroupAccept
     | GroupReached
+    | GroupBatch
 )
 MESSAGE_CLASSES: dict[int, type] = {
     cls.KIND: cls
@@ -1575,6 +1676,7 @@ MESSAGE_CLASSES: dict[int, type] = {
         GroupList,
         GroupAccept,
         GroupReached,
+        GroupBatch,
     )
 }
 

@@ -68,6 +68,7 @@ from protocol import (
     Bye,
     GroupAccept,
     GroupAction,
+    GroupBatch,
     GroupDeliver,
     GroupEvent,
     GroupReached,
@@ -84,7 +85,7 @@ from protocol import (
     decode_message,
     encode_message,
 )
-from reliability import Connection, PayloadReceived
+from reliability import MAX_WINDOW, Connection, PayloadReceived
 
 GROUP = "bench"
 STREAM = conversation_stream("#" + GROUP)
@@ -273,7 +274,10 @@ def run_members(spec: MemberSpec, pipe: Pipe) -> None:
         counts = {"received": 0, "duplicates": 0, "events": 0, "byes": 0}
 
         def on_message(session: Session, message: Message, now_ns: int) -> None:
-            if isinstance(message, GroupDeliver):
+            if isinstance(message, GroupBatch):  # its entries, each as if alone
+                for entry in message.entries:
+                    on_message(session, entry, now_ns)
+            elif isinstance(message, GroupDeliver):
                 session.held.add(message.server_msg_id, now_ns / 1e9)
                 key = (session.name, message.group_seq)
                 if key in seen:
@@ -329,7 +333,7 @@ class SenderSpec:
     server: Addr
     members: list[str]
     rate: float | None  # messages/s; None: flat out with `window`
-    window: int = WINDOW
+    window: int | None = WINDOW
     drain_timeout: float = 30.0
 
 
@@ -397,6 +401,11 @@ def run_sender(spec: SenderSpec, pipe: Pipe) -> None:
             if now < stop_at:
                 if spec.rate is not None:
                     due = int((now - t0) * spec.rate) + 1 - seq
+                elif spec.window is None:
+                    # The client's rule: every message goes to the Connection
+                    # at once; it keeps MAX_WINDOW chunks in flight and queues
+                    # the rest, so it is never short of something to send.
+                    due = 2 * MAX_WINDOW - owner.conn.unacked
                 else:
                     due = spec.window - len(open_messages)
                 for _ in range(max(0, due)):
@@ -465,7 +474,8 @@ def merge_arrivals(arrivals: Arrivals, result: dict[str, Any]) -> None:
 
 def fanout_phase(size: int, rate: float | None, duration: float, load_workers: int,
                  tmp: Path, profile: Path | None = None,
-                 window: int = WINDOW) -> dict[str, Any]:  # fmt: skip
+                 window: int | None = WINDOW,
+                 fanout_rate: str = FANOUT_RATE) -> dict[str, Any]:  # fmt: skip
     """A group of `size` (the owner and size - 1 members) on a fresh server
     (under cProfile into `profile` and `profile`.store if given)."""
     port = free_tcp_port()
@@ -475,7 +485,7 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
         profile_out=profile,
         extra=[
             "--max-fanout-rate",
-            FANOUT_RATE,
+            fanout_rate,
             "--max-group-members",
             str(size),
             *TIMERS,
@@ -553,7 +563,7 @@ def direct_phase(duration: float, load_workers: int, tmp: Path) -> dict[str, Any
 
 def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
         load_workers: int, say: Any, profile: Path | None = None,
-        window: int = WINDOW) -> dict[str, Any]:  # fmt: skip
+        window: int | None = WINDOW, fanout_rate: str = FANOUT_RATE) -> dict[str, Any]:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="udp-chat-fanout-"))
     out: dict[str, Any] = {"phases": []}
     try:
@@ -569,7 +579,9 @@ def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
                 if profile is not None:
                     profile.mkdir(parents=True, exist_ok=True)
                     out_file = profile / f"fanout-{size}-{'flat' if rate is None else rate}.prof"
-                phase = fanout_phase(size, rate, duration, load_workers, tmp, out_file, window)
+                phase = fanout_phase(
+                    size, rate, duration, load_workers, tmp, out_file, window, fanout_rate
+                )
                 phase["copy_to_direct_cpu"] = phase["cpu_us_per_copy"] / max(
                     1e-9, out["direct_cpu_us_per_msg"]
                 )
@@ -605,6 +617,11 @@ def table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def window_arg(value: str) -> int | None:
+    """`--window`: a number of messages, or "client" (None: the client's rule)."""
+    return None if value == "client" else int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.fanout", description=__doc__.split("\n")[0]
@@ -615,9 +632,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of sending per phase (default 5; --quick 0.5)")  # fmt: skip
     parser.add_argument("--rate", type=float, default=10.0, help="the steady phase's msg/s")
     parser.add_argument("--workers", type=int, default=2, help="member load processes at most")
-    parser.add_argument("--window", type=int, default=WINDOW,
+    parser.add_argument("--window", type=window_arg, default=WINDOW,
                         help=f"flat out: messages not yet delivered to every member, at most "
                              f"(default {WINDOW})")  # fmt: skip
+    parser.add_argument("--fanout-rate", default=FANOUT_RATE, help="the server's --max-fanout-rate")
     parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run each phase's server under cProfile, stats into DIR "
@@ -632,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     figures = run(args.quick, sizes, duration, args.rate, max(1, args.workers), say, args.profile,
-                  args.window)  # fmt: skip
+                  args.window, args.fanout_rate)  # fmt: skip
     if args.json:
         print(json.dumps(figures))
     else:

@@ -63,6 +63,10 @@ try:
     from client_core import GROUP_RECEIPT_DELAY
 except ImportError:  # a checkout before lazy group receipts
     GROUP_RECEIPT_DELAY = 0.0
+try:
+    from protocol import GroupBatch
+except ImportError:  # a checkout before GROUP_BATCH (kind 31)
+    GroupBatch = None  # type: ignore[assignment,misc]
 
 GROUP = "micro"
 STREAM = conversation_stream("#" + GROUP)
@@ -99,7 +103,10 @@ class Member:
                 self.on_message(decode_message(event.payload), now)
 
     def on_message(self, message: Message, now: float) -> None:
-        if isinstance(message, GroupDeliver | GroupEvent):
+        if GroupBatch is not None and isinstance(message, GroupBatch):
+            for entry in message.entries:  # each as if it came alone
+                self.on_message(entry, now)
+        elif isinstance(message, GroupDeliver | GroupEvent):
             if isinstance(message, GroupDeliver):
                 self.got.append(message.group_seq)
             self.held.append(message.server_msg_id)
