@@ -1604,6 +1604,14 @@ def group_batch(payloads: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def unbatch(message: Message) -> tuple[Message, ...]:
+    """What a receiver handles in turn: a GROUP_BATCH's entries, any other
+    message alone."""
+    if isinstance(message, GroupBatch):
+        return message.entries
+    return (message,)
+
+
 _GROUP_BATCH_HEAD = struct.Struct("!BH")
 #: Bytes per entry in a GROUP_BATCH besides the entry's own (its length).
 GROUP_BATCH_ENTRY_OVERHEAD = _U32.size

@@ -76,6 +76,14 @@ def sample_messages() -> dict[str, Any]:
         protocol.GroupList(11, ("team", "ops")),
         protocol.GroupReached("team", protocol.MsgId(1, 8), tuple(f"m{n}" for n in range(8))),
         protocol.GroupAccept(MSG_ID, 77, 5, 2),
+        protocol.GroupBatch(
+            tuple(
+                protocol.GroupDeliver(
+                    77 + n, 5 + n, MSG_ID, "team", "alice", TEXT, 1_700_000_000_000
+                )
+                for n in range(4)
+            )
+        ),  # fmt: skip
     ]
     return {type(m).__name__: m for m in samples}
 

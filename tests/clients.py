@@ -52,6 +52,7 @@ from protocol import (
     encode_message,
     encode_packet,
     salted_password,
+    unbatch,
 )
 from reliability import Connection, PayloadReceived
 from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, make_session
@@ -508,7 +509,7 @@ class RawClient:
             if header.session_id == conn.session_id and conn.receive_datagram(data, now):
                 while (event := conn.next_event()) is not None:
                     if isinstance(event, PayloadReceived):
-                        self.messages.append(decode_message(event.payload))
+                        self.messages.extend(unbatch(decode_message(event.payload)))
         now = time.monotonic()
         for datagram in conn.datagrams_to_send(now):  # the last acks
             self.send(datagram)

@@ -42,6 +42,7 @@ from protocol import (
     decode_packet,
     encode_message,
     encode_packet,
+    unbatch,
 )
 from reliability import (
     MAX_ROOM,
@@ -137,10 +138,10 @@ class World:
                 continue
             for event in client.conn.take_events():
                 if isinstance(event, PayloadReceived):
-                    message = decode_message(event.payload)
-                    client.messages.append(message)
-                    if isinstance(message, Deliver):  # a client shows it, then receipts it
-                        client.send(Receipt(message.server_msg_id))
+                    for message in unbatch(decode_message(event.payload)):
+                        client.messages.append(message)
+                        if isinstance(message, Deliver):  # a client shows it, then receipts it
+                            client.send(Receipt(message.server_msg_id))
 
     def step(self, dt: float = STEP) -> None:
         """Every client sends what is due, the relay answers, time moves on."""

@@ -33,6 +33,7 @@ from protocol import (
     batches,
     decode_header,
     decode_message,
+    unbatch,
 )
 from reliability import MAX_ACK_DELAY, PayloadReceived
 from server_store import MemoryStore
@@ -290,10 +291,10 @@ class LazyMember(Member):
             if conn.receive_datagram(data, now):
                 while (event := conn.next_event()) is not None:
                     if isinstance(event, PayloadReceived):
-                        message = decode_message(event.payload)
-                        self.messages.append(message)
-                        if isinstance(message, GroupDeliver | GroupEvent):
-                            self.held.add(message.server_msg_id, now)
+                        for message in unbatch(decode_message(event.payload)):
+                            self.messages.append(message)
+                            if isinstance(message, GroupDeliver | GroupEvent):
+                                self.held.add(message.server_msg_id, now)
         if self.held.due is not None and time.monotonic() >= self.held.due:
             for batch in batches(self.held.take()):
                 self.receipt_messages += 1

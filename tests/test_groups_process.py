@@ -32,6 +32,7 @@ from protocol import (
     conversation_stream,
     decode_header,
     decode_message,
+    unbatch,
 )
 from reliability import PayloadReceived
 from tests.clients import RawClient
@@ -88,10 +89,10 @@ class Member:
                 receipts = []
                 while (event := conn.next_event()) is not None:
                     if isinstance(event, PayloadReceived):
-                        message = decode_message(event.payload)
-                        self.messages.append(message)
-                        if isinstance(message, GroupDeliver | GroupEvent):
-                            receipts.append(message.server_msg_id)
+                        for message in unbatch(decode_message(event.payload)):
+                            self.messages.append(message)
+                            if isinstance(message, GroupDeliver | GroupEvent):
+                                receipts.append(message.server_msg_id)
                 for batch in batches(receipts):  # at most BATCH_MAX ids a message
                     self.send(Receipts(tuple(batch)))
         for datagram in conn.datagrams_to_send(time.monotonic()):

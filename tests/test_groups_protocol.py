@@ -22,6 +22,7 @@ from protocol import (
     ErrorCode,
     GroupAccept,
     GroupAction,
+    GroupBatch,
     GroupChange,
     GroupDeliver,
     GroupEvent,
@@ -96,6 +97,19 @@ PINNED_GROUP_MESSAGES: list[tuple[Any, str]] = [
         GroupReached("team", MsgId(1, 2), (), ("dave",)),
         "1e00047465616d0000000000000001000000000000000200000001000464617665",
     ),
+    (
+        GroupBatch(
+            (
+                GroupDeliver(77, 5, MSG, "team", "alice", "hi", 1_700_000_000_000),
+                GroupEvent(78, 6, "team", GroupChange.ADDED, "alice", ("dave",), 1_700_000_000_000),
+            )
+        ),  # fmt: skip
+        (
+            "1f00020000003c13000000000000004d00000000000000050123456789abcdef000000000000002a0004"
+            "7465616d0005616c6963650000000268690000018bcfe568000000002f14000000000000004e00000000"
+            "0000000600047465616d020005616c69636500010004646176650000018bcfe56800"
+        ),
+    ),
 ]
 
 
@@ -107,8 +121,11 @@ def test_group_message_bytes_are_pinned(message: Any, wire: str) -> None:
 
 def test_the_numbers_agreed_with_the_client_side() -> None:
     # Kinds 19-26 and codes 19-23 belong to the groups (agreed with the client
-    # side); 25 (GROUP_DELIVEREDS, a frame per member) was retired for 30.
-    assert [int(k) for k in Kind if k.name.startswith("GROUP_")] == [19, 20, 21, 22, 23, 24, 26, 30]
+    # side); 25 (GROUP_DELIVEREDS, a frame per member) was retired for 30; 31
+    # (GROUP_BATCH, several entries for one member in one payload) was set aside.
+    assert [int(k) for k in Kind if k.name.startswith("GROUP_")] == [
+        19, 20, 21, 22, 23, 24, 26, 30, 31,
+    ]  # fmt: skip
     assert {c.label: int(c) for c in ErrorCode if 19 <= c <= 23} == {
         "no_such_group": 19,
         "not_a_member": 20,

@@ -34,6 +34,7 @@ from protocol import (
     Receipt,
     conversation_stream,
     decode_message,
+    unbatch,
 )
 from reliability import PayloadReceived
 from server_records import User
@@ -59,13 +60,13 @@ class GroupWorld(SeamWorld):
                 continue
             for event in client.conn.take_events():
                 if isinstance(event, PayloadReceived):
-                    message = decode_message(event.payload)
-                    client.messages.append(message)
-                    if (
-                        isinstance(message, Deliver | GroupDeliver | GroupEvent)
-                        and client.name not in self.holding
-                    ):
-                        client.send(Receipt(message.server_msg_id))
+                    for message in unbatch(decode_message(event.payload)):
+                        client.messages.append(message)
+                        if (
+                            isinstance(message, Deliver | GroupDeliver | GroupEvent)
+                            and client.name not in self.holding
+                        ):
+                            client.send(Receipt(message.server_msg_id))
 
     def request(self, client: Client, action: GroupAction, group: str,
                 *users: str) -> int:  # fmt: skip

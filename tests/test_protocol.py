@@ -37,6 +37,8 @@ from protocol import (
     BadTag,
     Deliver,
     ErrorCode,
+    GroupDeliver,
+    GroupEvent,
     Hello,
     LocalProtocolError,
     MsgId,
@@ -101,6 +103,12 @@ def _kind_strategy(kind: str, text_size: int) -> st.SearchStrategy[Any]:
         ).map(tuple),
         "msgids": st.lists(st.builds(MsgId, U64, U64), min_size=1, max_size=BATCH_MAX).map(tuple),
         "u64s": st.lists(U64, min_size=1, max_size=BATCH_MAX).map(tuple),
+        # A GROUP_BATCH's entries (tests/test_fanout_chunk.py has more).
+        "entries": st.lists(
+            st.deferred(lambda: instances(GroupDeliver) | instances(GroupEvent)),
+            min_size=1,
+            max_size=4,
+        ).map(tuple),
         "rest": st.binary(max_size=4 * text_size),
     }
     return strategies[kind]
@@ -809,6 +817,11 @@ def declared_field(kind: str, value: Any) -> bytes:
         return bytes([len(value)]) + b"".join(struct.pack("!QQ", *m) for m in value)
     if kind == "u64s":
         return bytes([len(value)]) + b"".join(struct.pack("!Q", n) for n in value)
+    if kind == "entries":
+        entries = [encode_message(entry) for entry in value]
+        return struct.pack("!H", len(value)) + b"".join(
+            struct.pack("!I", len(e)) + e for e in entries
+        )
     assert kind == "rest", kind
     return bytes(value)
 
