@@ -2052,8 +2052,8 @@ class ClientCore:
         if isinstance(message, GroupBatch):
             # Several entries of one group in one payload: each exactly as
             # if it had come alone, in turn (its receipt by the same rule).
-            for entry in message.entries:
-                self._on_group_message(entry)
+            for part in message.entries:
+                self._on_group_message(part)
         elif isinstance(message, GroupDeliver):
             # Like a DELIVER: committed, handed on, shown, then receipted;
             # the hop's group stream keeps the group's order.
