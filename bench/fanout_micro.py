@@ -1,7 +1,7 @@
 """The group fan-out alone: `chat_server.Relay` in-process, one sender flat
 out into a group of N members, no sockets, a virtual clock.
 
-    python -m bench.fanout_micro [--members N] [--messages N] [--window N]
+    python -m bench.fanout_micro [--members N] [--messages N] [--window N|client]
                                  [--receipt-delay S]
 
 What it tells apart from `python -m bench.fanout` (real processes, whose
@@ -57,7 +57,7 @@ from protocol import (
     decode_message,
     encode_message,
 )
-from reliability import Connection, PayloadReceived
+from reliability import MAX_WINDOW, Connection, PayloadReceived
 
 try:
     from client_core import GROUP_RECEIPT_DELAY
@@ -171,7 +171,7 @@ class World:
             self.by_addr[addr].take(data, now)
 
 
-def measure(members: int, messages: int, window: int, delay: float) -> dict[str, Any]:
+def measure(members: int, messages: int, window: int | None, delay: float) -> dict[str, Any]:
     relay = make_relay()
     # The fan-out budget would bound the copies per second (as in bench.fanout).
     relay.config.max_fanout_rate = relay.config.max_fanout_burst = 1e12
@@ -211,7 +211,11 @@ def measure(members: int, messages: int, window: int, delay: float) -> dict[str,
         for seq in list(open_messages):
             if owner.reached.get(seq, 0) >= len(rest):
                 open_messages.discard(seq)
-        while sent < messages and len(open_messages) < window:
+        while sent < messages and (
+            len(open_messages) < window
+            if window
+            else owner.conn.unacked < 2 * MAX_WINDOW  # the client's rule (bench.fanout)
+        ):
             sent += 1
             open_messages.add(sent)
             text = make_text(time.monotonic_ns(), sent)
@@ -240,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])  # fmt: skip
     parser.add_argument("--members", type=int, default=1000, help="the group's size, owner too")
     parser.add_argument("--messages", type=int, default=320)
-    parser.add_argument("--window", type=int, default=16,
-                        help="messages not yet delivered to every member, at most")  # fmt: skip
+    parser.add_argument("--window", type=lambda v: None if v == "client" else int(v), default=16,
+                        metavar="N|client",
+                        help="messages not yet delivered to every member, at most, or 'client': "
+                             "the chat client's rule, as bench.fanout's default")  # fmt: skip
     parser.add_argument(
         "--receipt-delay",
         type=float,
