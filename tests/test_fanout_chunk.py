@@ -10,6 +10,9 @@ after her removal, the window's bounds."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +25,7 @@ from client_core import GroupChanged, MessageReceived
 from protocol import (
     GROUP_BATCH_MAX_BYTES,
     MAX_TEXT_BYTES,
+    GroupAccept,
     GroupAction,
     GroupBatch,
     GroupChange,
@@ -31,7 +35,10 @@ from protocol import (
     Message,
     MsgId,
     Receipt,
+    Receipts,
     RemoteProtocolError,
+    batches,
+    decode_header,
     decode_message,
     encode_message,
     group_batch,
@@ -39,10 +46,13 @@ from protocol import (
 )
 from reliability import CHUNK_SIZE, PayloadReceived
 from server_store import MemoryStore
+from tests.lossy_proxy import LossyProxy
 from tests.test_client_core import Net
+from tests.test_durability import ServerRunner
 from tests.test_fanout_batch import ReceiptsSeen, pump_for
 from tests.test_groups_client import login, push
 from tests.test_groups_cost import group_of
+from tests.test_groups_process import Member, create_team, pump_until
 from tests.test_groups_relay import GroupWorld, entries, texts
 
 # --- the wire form -----------------------------------------------------------------
@@ -325,3 +335,108 @@ def test_an_entry_of_a_batch_seen_before_is_receipted_again_not_shown_twice(
     shown = [e.id for e in bob.events if isinstance(e, MessageReceived)]
     assert shown == [901, 902]
     assert sorted(i for ids in seen.of("bob") for i in ids) == [901, 901, 902]
+
+
+# --- real processes: batches through loss and a kill -9 ------------------------------------
+
+
+class BatchCountingMember(Member):
+    """A raw member (receipting every entry at once) that counts the group
+    payloads it got: batches, and entries alone."""
+
+    def __init__(self, name: str, server: tuple[str, int]) -> None:
+        super().__init__(name, server)
+        self.batches = 0
+        self.alone = 0
+
+    def pump(self) -> bool:
+        conn = self.raw.conn
+        assert conn is not None
+        now = time.monotonic()
+        timer = conn.get_timer()
+        if timer is not None and timer <= now:
+            conn.handle_timer(now)
+        got = False
+        while (data := self.raw.recv_one(0)) is not None:
+            got = True
+            if decode_header(data).session_id != conn.session_id:
+                continue
+            if conn.receive_datagram(data, now):
+                receipts = []
+                while (event := conn.next_event()) is not None:
+                    if not isinstance(event, PayloadReceived):
+                        continue
+                    payload = decode_message(event.payload)
+                    if isinstance(payload, GroupBatch):
+                        self.batches += 1
+                    elif isinstance(payload, GroupDeliver | GroupEvent):
+                        self.alone += 1
+                    for message in unbatch(payload):
+                        self.messages.append(message)
+                        if isinstance(message, GroupDeliver | GroupEvent):
+                            receipts.append(message.server_msg_id)
+                for part in batches(receipts):
+                    self.send(Receipts(tuple(part)))
+        for datagram in conn.datagrams_to_send(time.monotonic()):
+            self.raw.send(datagram)
+        return got
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[ServerRunner]:
+    server = ServerRunner(tmp_path / "server-data")
+    server.start()
+    yield server
+    server.close()
+
+
+def test_through_loss_and_a_kill_every_member_gets_each_entry_once_in_batches(
+    runner: ServerRunner,
+) -> None:
+    """Through 10 % loss, duplication and reordering, alice posts bursts
+    while carol is online and bob is away; once carol has them the server is
+    killed with SIGKILL and started again; bob logs in and catches up from
+    the log. Both get every entry once, in the group's order, bob's in
+    batches."""
+    with LossyProxy(runner.address, seed=7, loss=0.1, duplicate=0.05, reorder=0.1) as proxy:
+        members: list[Member] = [BatchCountingMember(n, proxy.address)
+                                 for n in ("alice", "bob", "carol")]  # fmt: skip
+        alice, bob, carol = members
+        try:
+            create_team(members)
+            bob.close()
+            online: list[Member] = [alice, carol]
+            posted = []
+            for burst in range(8):
+                posted += [alice.post(f"m{burst}.{n}") for n in range(10)]
+                for _ in range(3):
+                    for member in online:
+                        member.pump()
+                    time.sleep(0.002)
+            want = [f"m{burst}.{n}" for burst in range(8) for n in range(10)]
+            pump_until(online, lambda: len(alice.of(GroupAccept)) == len(posted)
+                       and len(carol.of(GroupDeliver)) >= len(want), 60,
+                       "accepts, carol's copies")  # fmt: skip
+            for _ in range(30):  # carol's last receipts
+                for member in online:
+                    member.pump()
+                time.sleep(0.005)
+            runner.restart()  # (the old sessions end with it: only bob is pumped now)
+            bob = BatchCountingMember("bob", proxy.address)
+            members = [alice, bob, carol]
+            pump_until([bob], lambda: len(bob.of(GroupDeliver)) >= len(want), 60,
+                       "bob's catching up")  # fmt: skip
+            for _ in range(30):
+                bob.pump()
+                time.sleep(0.005)
+        finally:
+            for member in members:
+                member.close()
+    assert proxy.stats("up")["dropped"] > 0 and proxy.stats("down")["dropped"] > 0
+    for member in (bob, carol):
+        assert [d.text for d in member.of(GroupDeliver)] == want, member.name
+        seqs = [e[0] for e in member.entries()]
+        assert seqs == sorted(set(seqs)), f"{member.name}: out of order or twice"
+    assert isinstance(bob, BatchCountingMember)
+    # bob's catching up came in pages, batched (a chunk holds about a dozen).
+    assert bob.batches > 0 and bob.batches + bob.alone < len(want), (bob.batches, bob.alone)
