@@ -311,6 +311,9 @@ MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the 
 # acked: the client sends them again later) until an answer releases a hold.
 MAX_GROUP_HELD = 64
 MAX_GROUP_HELD_BYTES = 256 * 1024
+# The request key of a hold that waits for the fan-out budget, not for an
+# answer (`Relay._wait_for_budget`): no user key is empty.
+BUDGET_HOLD: RequestKey = ("", 0, 0)
 # How long the relay holds the store's next commit for the receipts of the
 # messages it has just handed to online recipients (issue 18). A receipt
 # that comes back within it joins the message's commit: no mailbox row is
@@ -402,8 +405,11 @@ class _GroupNotices:
 
 
 class _GroupHolds:
-    """Cluster mode: what one session sent to groups after a change request
-    to each not answered yet (`Relay._hold_group`): group key -> (the
+    """What one session sent to groups and the relay keeps back, in order:
+    in cluster mode what came after a change request to each not answered
+    yet (`Relay._hold_group`); in both modes a group message its user's
+    fan-out budget cannot pay for yet, and what came after it to that group
+    (`Relay._wait_for_budget`, the key BUDGET_HOLD). Group key -> (the
     request's key, the SENDs and requests held behind it, in order, with a
     SEND's recipient key); and how many they are, and their text's bytes."""
 
@@ -574,6 +580,10 @@ class Relay:
         # group's key) -> the session whose hold it is (`_hold_group`).
         self._group_holds: dict[bytes, _GroupHolds] = {}
         self._holds_by_request: dict[tuple[RequestKey, str], bytes] = {}
+        # Sessions with group messages waiting for the fan-out budget
+        # (`_wait_for_budget`) -> when it can pay the first; the earliest.
+        self._budget_waits: dict[bytes, float] = {}
+        self._budget_due: float | None = None
         # Group messages committed and held for their group's next fan-out
         # (FANOUT_HOLD): group key -> (the group, its entries in order, when
         # they go); when its last fan-out went; the earliest of those due.
@@ -751,6 +761,9 @@ class Relay:
         fanout = self._fanout_due
         if fanout is not None and (timer is None or fanout < timer):
             timer = fanout
+        budget = self._budget_due
+        if budget is not None and (timer is None or budget < timer):
+            timer = budget
         return timer
 
     def flush_store(self, now: float) -> None:
@@ -773,6 +786,8 @@ class Relay:
             self._hold_until = None
         if self._fanout_due is not None and now >= self._fanout_due:
             self._fan_out_due(now)
+        if self._budget_due is not None and now >= self._budget_due:
+            self._budget_paid(now)
         while self._timers and self._timers[0][0] <= now:
             deadline, _, session_id = heapq.heappop(self._timers)
             session = self.sessions.get(session_id)
@@ -2560,11 +2575,14 @@ class Relay:
             self.store.submit(Sync(), functools.partial(
                 self._group_result, user, key, code, text, stream))  # fmt: skip
             return
-        if self.shared_store and request.action != GroupAction.LIST:
+        if request.action != GroupAction.LIST and (self.shared_store or self._group_holds):
+            # (Behind a hold of the session on its group: one server holds
+            # only for the fan-out budget, `_wait_for_budget`.)
             if self._hold_group(session, request, key):
                 return
-            if request.action in (GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE,
-                                  GroupAction.LEAVE):  # fmt: skip
+            if self.shared_store and request.action in (
+                GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE,
+            ):  # fmt: skip
                 # A cluster: planned here, applied by the shared store in the
                 # group's one sequence (`_cluster_change`).
                 self._cluster_change(user, session.instance_id, request, key)
@@ -2635,8 +2653,9 @@ class Relay:
             if isinstance(what, Send):
                 holds.size += len(what.text.encode("utf-8"))
             return True
-        if key is not None and isinstance(what, GroupRequest) and what.action in (
-            GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE,
+        if self.shared_store and key is not None and isinstance(what, GroupRequest) and (
+            what.action in (GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE,
+                            GroupAction.LEAVE)
         ):  # fmt: skip
             if holds is None:
                 holds = self._group_holds[session.session_id] = _GroupHolds()
@@ -2666,7 +2685,7 @@ class Relay:
             if isinstance(what, Send):
                 holds.size -= len(what.text.encode("utf-8"))
             if isinstance(what, Send):
-                self._post_group(session, what, to_key)
+                self._take_group(session, what, to_key)
             else:
                 self._group_request(session, what)
             again = holds.by_group.get(group_key)
@@ -2678,6 +2697,7 @@ class Relay:
 
     def _drop_holds(self, session_id: bytes) -> None:
         """A session ended: what its holds kept goes with it."""
+        self._budget_waits.pop(session_id, None)
         holds = self._group_holds.pop(session_id, None)
         if holds is None:
             return
@@ -2959,6 +2979,8 @@ class Relay:
             # sender is a member (this node may not have heard of a change yet).
             self._post_group(session, send, to_key)
             return
+        if self._group_holds and self._hold_group(session, send, None, to_key):
+            return  # behind another of its messages waiting for the fan-out budget
         group = self.groups.get(to_key[1:])
         if group is None:
             self._fail(session, send.msg_id, ErrorCode.NO_SUCH_GROUP,
@@ -2968,12 +2990,15 @@ class Relay:
             self._fail(session, send.msg_id, ErrorCode.NOT_A_MEMBER,
                        f"you are not a member of #{group.name}")  # fmt: skip
             return
+        recipients = len(group.members) - 1
+        if not self._fanout_affords(user, recipients):
+            self._wait_for_budget(session, send, to_key, recipients)
+            return
         msg_id = send.msg_id
         instance_id, client_seq = msg_id
         dedup = (user.key, instance_id, client_seq)
         server_msg_id = self._new_id()
         seq = self.groups.next_seq(group)
-        recipients = len(group.members) - 1
         self._accepted[dedup] = (server_msg_id, to_key, send.text)
         self._group_pending[dedup] = (seq, recipients)
         if instance_id == session.instance_id:
@@ -3642,6 +3667,12 @@ class Relay:
             return
         user = session.user
         group = self.groups.get(to_key[1:])
+        # The fan-out budget, by this node's count of the members (the
+        # store's may differ by a change not heard of yet).
+        copies = len(group.members) - 1 if group is not None else 0
+        if not self._fanout_affords(user, copies):
+            self._wait_for_budget(session, send, to_key, copies)
+            return
         instance_id, client_seq = send.msg_id
         dedup = (user.key, instance_id, client_seq)
         server_msg_id = self._new_id()
@@ -3650,25 +3681,80 @@ class Relay:
             instance = (user.key, instance_id)
             if client_seq > self._hwm.get(instance, -1):
                 self._hwm[instance] = client_seq
-        # The fan-out budget, by this node's count of the members (the
-        # store's may differ by a change not heard of yet).
-        self._spend_fanout(user, len(group.members) - 1 if group is not None else 0)
+        self._spend_fanout(user, copies)
         self.stats["group_messages"] += 1
         item = GroupItem(to_key[1:], 0, server_msg_id, 0, user.key, user.name, instance_id,
                          client_seq, send.text, (), int(self._wall_clock() * 1000), 0)  # fmt: skip
         post = PostGroupMessage(item)
         self.store.submit(post, functools.partial(self._group_posted, user, post, dedup, send.to))
 
-    def _spend_fanout(self, user: User, copies: int) -> None:
-        """The fan-out budget: the copies are paid now; a user in debt has
-        their next messages wait (`_may_take`)."""
+    def _fanout_bucket(self, user: User) -> TokenBucket:
         bucket = user.fanout_bucket
         if bucket is None:
             cfg = self.config
             bucket = user.fanout_bucket = TokenBucket(cfg.max_fanout_rate, cfg.max_fanout_burst,
                                                       self._now)  # fmt: skip
+        return bucket
+
+    def _fanout_affords(self, user: User, copies: int) -> bool:
+        """Whether the user's fan-out budget pays for a message of `copies`
+        now (one costing more than the whole burst: from a full bucket).
+        `_may_take` asked before the datagram was taken; a message may have
+        waited since (behind a request, a lookup on the disk) or cost more
+        than was reckoned then (a group made or grown in the same datagram),
+        so it is asked again where the message is numbered."""
+        return not copies or self._fanout_bucket(user).ready(copies, self._now)
+
+    def _spend_fanout(self, user: User, copies: int) -> None:
+        """The fan-out budget: the copies are paid now (`_fanout_affords`
+        said they may be); a user in debt has their next messages wait
+        (`_may_take`)."""
+        bucket = self._fanout_bucket(user)
         bucket.ready(0, self._now)  # brings it up to date
         bucket.spend(copies)
+
+    def _wait_for_budget(self, session: Session, send: Send, to_key: str, copies: int) -> None:
+        """A group message taken (its datagram acked) that the fan-out budget
+        cannot pay for yet: it waits in the session's holds, and what the
+        session sends to its group after it waits behind it (`_hold_group`),
+        until the budget can (`_budget_paid`), so that no sender makes the
+        server emit more copies a second than the budget, whatever waited
+        where. Bounded like the other holds (`MAX_GROUP_HELD`, `_may_take`);
+        if the session ends first, its client sends it again at its next
+        login (it was never accepted)."""
+        group_key = to_key[1:]
+        holds = self._group_holds.get(session.session_id)
+        if holds is None:
+            holds = self._group_holds[session.session_id] = _GroupHolds()
+        holds.by_group[group_key] = (BUDGET_HOLD, collections.deque([(send, to_key)]))
+        holds.count += 1
+        holds.size += len(send.text.encode("utf-8"))
+        self.stats["held_fanout"] += 1
+        bucket = self._fanout_bucket(session.user)
+        short = min(copies, bucket.burst) - bucket.tokens
+        at = self._now + max(0.0, short) / bucket.rate
+        sid = session.session_id
+        self._budget_waits[sid] = min(at, self._budget_waits.get(sid, at))
+        if self._budget_due is None or at < self._budget_due:
+            self._budget_due = at
+
+    def _budget_paid(self, now: float) -> None:
+        """The fan-out budget of sessions whose group messages wait for it
+        can pay for the first of them: they go on, in order (one the budget
+        still cannot pay waits again, with what is behind it)."""
+        for sid, at in list(self._budget_waits.items()):
+            if at > now:
+                continue
+            del self._budget_waits[sid]
+            holds = self._group_holds.get(sid)
+            if holds is None:
+                continue
+            for group_key, (key, _) in list(holds.by_group.items()):
+                if key == BUDGET_HOLD:
+                    self._run_callback(
+                        functools.partial(self._release_group, sid, group_key, BUDGET_HOLD)
+                    )
+        self._budget_due = min(self._budget_waits.values(), default=None)
 
     def _group_posted(self, user: User, post: PostGroupMessage, dedup: tuple[str, int, int],
                       to: str) -> None:  # fmt: skip

@@ -1,0 +1,108 @@
+"""Groups' loose ends, third round (issue 14), on the sans-IO relay with a
+fake clock: the fan-out budget holds for group messages that waited or
+cost more than their datagram was reckoned at (a group made or grown in
+the same datagram, a message behind a request or a lookup on the disk):
+a message is numbered only once the budget can pay for its copies, and
+what the sender sends to that group after it waits behind it, so one
+sender never makes the server emit more copies than `burst + rate * t`;
+nothing taken is dropped, every member has every message once, in order.
+Cluster mode (messages held behind /create) is in test_cluster_groups3.py;
+the client's "delivered by" across a restart, with real processes, below."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol import GroupAccept, GroupAction
+from server_store import MemoryStore
+from tests.test_bounds import Client
+from tests.test_groups_relay import GroupWorld, entries, texts
+
+STEP = 0.02
+
+
+def copies_within_budget(world: GroupWorld, members: list[Client], rate: float, burst: float,
+                         expected: int, steps: int) -> None:  # fmt: skip
+    """Step until every member has `expected` messages, checking after each
+    step that the copies handed out so far are within the budget."""
+    start = world.now
+    for _ in range(steps):
+        got = sum(len(texts(m)) for m in members)
+        elapsed = world.now - start
+        assert got <= burst + rate * elapsed, (elapsed, got)
+        if all(len(texts(m)) == expected for m in members):
+            return
+        world.step(STEP)
+    raise AssertionError(f"not every member had {expected} messages")
+
+
+def test_posts_in_the_datagram_that_makes_the_group_pay_the_fan_out_budget() -> None:
+    """/create #team with nine members and 20 posts, sent together: the
+    datagram was reckoned before the group existed (no copies), and the old
+    relay then numbered every post in it at once, far past the burst (the
+    debt only made later messages wait). Now each waits for the budget."""
+    rate, burst = 100.0, 30.0
+    world = GroupWorld(MemoryStore(), max_fanout_rate=rate, max_fanout_burst=burst)
+    alice = world.login("alice")
+    names = [f"m{n}" for n in range(9)]
+    members = [world.login(n) for n in names]
+    world.settle_all()
+    world.request(alice, GroupAction.CREATE, "team", *names)
+    for i in range(20):
+        world.post(alice, "team", f"p{i:02d}", i + 1)
+    copies_within_budget(world, members, rate, burst, 20, 400)
+    assert world.relay.stats["held_fanout"] > 0
+    for member in members:
+        assert texts(member) == [f"p{i:02d}" for i in range(20)]
+    world.settle_all()
+    assert [a.msg_id.client_seq for a in alice.of(GroupAccept)] == list(range(1, 21))
+    assert world.relay._group_holds == {} and world.relay._budget_waits == {}
+
+
+def test_a_request_after_a_post_waiting_for_the_budget_waits_behind_it() -> None:
+    """alice posts a burst, then removes erin: the posts past the budget
+    wait for it, and the removal waits behind them (erin has every post
+    sent before it, then her removal, as the client sent them)."""
+    rate, burst = 50.0, 10.0
+    world = GroupWorld(MemoryStore(), max_fanout_rate=rate, max_fanout_burst=burst)
+    alice, bob, erin = world.login("alice"), world.login("bob"), world.login("erin")
+    assert world.result(alice, world.request(alice, GroupAction.CREATE, "team", "bob",
+                                             "erin")).code == 0  # fmt: skip
+    world.settle_all()
+    for i in range(12):
+        world.post(alice, "team", f"p{i:02d}", i + 1)
+    removed = world.request(alice, GroupAction.REMOVE, "team", "erin")
+    copies_within_budget(world, [bob], rate, burst, 12, 400)
+    assert world.result(alice, removed).code == 0
+    world.settle_all()
+    got = entries(erin)
+    assert [e[1] for e in got] == ["created"] + ["message"] * 12 + ["removed"], got
+    assert [e[0] for e in got] == list(range(1, 15))
+    assert world.relay.stats["held_fanout"] > 0
+
+
+def test_a_session_that_ends_while_its_post_waits_for_the_budget_loses_nothing() -> None:
+    """The waiting posts go with the session (never accepted: the client
+    sends them again at its next login), and the wait's timer with them."""
+    rate, burst = 20.0, 4.0
+    world = GroupWorld(MemoryStore(), max_fanout_rate=rate, max_fanout_burst=burst)
+    alice, bob = world.login("alice"), world.login("bob")
+    erin = world.login("erin")
+    assert world.result(alice, world.request(alice, GroupAction.CREATE, "team", "bob",
+                                             "erin")).code == 0  # fmt: skip
+    world.settle_all()
+    for i in range(8):
+        world.post(alice, "team", f"p{i}", i + 1)
+    world.step(0.001)
+    world.step(0.001)
+    relay: Any = world.relay
+    assert relay._budget_waits and relay._group_holds
+    accepted = [a.msg_id.client_seq for a in alice.of(GroupAccept)]
+    assert 0 < len(accepted) < 8
+    world.logout(alice)
+    assert relay._budget_waits == {} and relay._group_holds == {}
+    alice = world.login("alice")
+    for i in range(len(accepted), 8):  # what was not accepted, sent again
+        world.post(alice, "team", f"p{i}", i + 1)
+    world.run_until(lambda: len(texts(erin)) == 8, 400, "every post")
+    assert texts(bob) == texts(erin) == [f"p{i}" for i in range(8)]
