@@ -584,6 +584,10 @@ class Relay:
         # (`_wait_for_budget`) -> when it can pay the first; the earliest.
         self._budget_waits: dict[bytes, float] = {}
         self._budget_due: float | None = None
+        # Cluster mode: accounts deleted on another node while this node's
+        # copies of some of their groups still had them as members -> those
+        # groups: their LEFT entries bury them here too (`_bury_copy`).
+        self._erased_members: dict[str, set[str]] = {}
         # Group messages committed and held for their group's next fan-out
         # (FANOUT_HOLD): group key -> (the group, its entries in order, when
         # they go); when its last fan-out went; the earliest of those due.
@@ -932,8 +936,13 @@ class Relay:
             self._forget_account(user, until if self.config.name_quarantine > 0 else None, now)
             # This node's copies of the groups follow (the node where it was
             # deleted told the shared store): nobody owed, former memberships
-            # under tombstones.
-            self.groups.bury(key)
+            # under tombstones, and the senders here told at once. Where the
+            # copy has not yet taken its leaving from the log, that entry
+            # buries it when it comes (`_apply_entry`).
+            member_of = list(self.groups.of_user.get(key, ()))
+            if member_of:
+                self._erased_members[key] = set(member_of)
+            self._bury_copy(key)
         elif self.config.name_quarantine > 0:
             self.quarantine[key] = until
 
@@ -3798,6 +3807,30 @@ class Relay:
             # former members are kept for them: `forget_former`).
             self.groups.sent(group, item.sender_key, item.group_seq)
         self._fan_out(group, item)
+        if item.change == GroupChange.LEFT and self._erased_members:
+            pending = self._erased_members.get(item.sender_key)
+            if pending is not None and group.key in pending:
+                # A deleted account's leaving (deleted on another node).
+                pending.discard(group.key)
+                if not pending:
+                    del self._erased_members[item.sender_key]
+                self._bury_copy(item.sender_key)
+
+    def _bury_copy(self, user_key: str) -> None:
+        """Cluster mode: an account deleted on another node, in this node's
+        copies of its groups: a former member that had everything is
+        dropped, one that had not goes under a tombstone (the node where it
+        was deleted keeps that in the shared store: `_bury`), and the
+        senders with a session here are told at once that it never will
+        have what it had not (before, only at their next login)."""
+        for group, member, _ in self.groups.bury(user_key):
+            if not member.gone:
+                continue
+            for sender_key in list(group.owed):
+                sender = self.users.get(sender_key)
+                route = self.router.locate(sender) if sender is not None else None
+                if isinstance(route, Session):
+                    self._tell_again(route, group)
 
     def _group_behind(self, key: str, epoch: int, seq: int) -> None:
         """The shared log of group `key` (the one of `epoch`) reaches `seq`:
@@ -3897,6 +3930,11 @@ class Relay:
             return
         keys = [*group.members, *group.former]
         self.groups.end(group)
+        for erased in [k for k in keys if k in self._erased_members]:
+            pending = self._erased_members[erased]
+            pending.discard(group.key)
+            if not pending:
+                del self._erased_members[erased]
         self._group_streams.pop(group.key, None)
         self._group_wanted.pop(group.key, None)
         for member_key in keys:
