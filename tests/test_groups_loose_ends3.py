@@ -11,12 +11,18 @@ the client's "delivered by" across a restart, with real processes, below."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from protocol import GroupAccept, GroupAction
 from server_store import MemoryStore
+from tests.conftest import spawn_server, stop_process
 from tests.test_bounds import Client
 from tests.test_groups_relay import GroupWorld, entries, texts
+from tests.test_groups_terminal import Terminal
 
 STEP = 0.02
 
@@ -106,3 +112,61 @@ def test_a_session_that_ends_while_its_post_waits_for_the_budget_loses_nothing()
         world.post(alice, "team", f"p{i}", i + 1)
     world.run_until(lambda: len(texts(erin)) == 8, 400, "every post")
     assert texts(bob) == texts(erin) == [f"p{i}" for i in range(8)]
+
+
+# --- "delivered by" across a restart of the sender's client (real processes) --------
+
+
+def delivered(client: Terminal) -> list[tuple[str, str]]:
+    return [(e["id"], e["by"]) for e in client.events
+            if e["event"] == "status" and e["state"] == "delivered"]  # fmt: skip
+
+
+@pytest.mark.parametrize("end", ["quit", "kill -9"])
+def test_no_delivered_event_twice_for_a_member_across_a_restart_of_the_client(
+    tmp_path: Path, end: str
+) -> None:
+    """alice's message to #team reaches bob, not erin (away). alice's client
+    ends (/quit, or SIGKILL right after it printed "delivered by bob") and
+    starts again: the server tells her again that bob has it (the mark it
+    keeps is one number per sender and group, at the group's low-water
+    mark, which erin holds: no row per copy), and the client says nothing
+    of it, since it keeps who has each message with the message, committed
+    before the event is printed. Then erin has it: one "delivered by erin",
+    and no `delivered` event for a member twice across the two runs."""
+    running = spawn_server(data_dir=tmp_path / "server-data")
+    clients: list[Terminal] = []
+    try:
+        erin = Terminal(running.addr_text, "erin")
+        clients.append(erin)
+        erin.wait(lambda e: e["event"] == "logged_in")
+        assert erin.quit() == 0
+        alice, bob = Terminal(running.addr_text, "alice"), Terminal(running.addr_text, "bob")
+        clients += [alice, bob]
+        for client in (alice, bob):
+            client.wait(lambda e: e["event"] == "logged_in")
+        alice.type("/create #team bob erin")
+        bob.wait(lambda e: e.get("change") == "created")
+        alice.type("/to #team", "hello both")
+        alice.wait(lambda e: e.get("state") == "delivered" and e.get("by") == "bob")
+        first = delivered(alice)
+        if end == "quit":
+            assert alice.quit() == 0
+        else:
+            alice.kill()
+        again = Terminal(running.addr_text, "alice")
+        clients.append(again)
+        again.wait(lambda e: e["event"] == "logged_in")
+        erin = Terminal(running.addr_text, "erin")
+        clients.append(erin)
+        erin.wait(lambda e: e.get("text") == "hello both")
+        again.wait(lambda e: e.get("state") == "delivered" and e.get("by") == "erin")
+        time.sleep(0.5)  # anything later would be a duplicate: none comes
+        assert again.quit() == 0
+    finally:
+        for client in clients:
+            client.kill()
+        stop_process(running)
+    (msg,) = {i for i, _ in first}
+    assert first == [(msg, "bob")]
+    assert delivered(again) == [(msg, "erin")], again.events
