@@ -314,6 +314,8 @@ MAX_GROUP_HELD_BYTES = 256 * 1024
 # The request key of a hold that waits for the fan-out budget, not for an
 # answer (`Relay._wait_for_budget`): no user key is empty.
 BUDGET_HOLD: RequestKey = ("", 0, 0)
+# The group requests that make entries (copies for every member).
+CHANGE_ACTIONS = (GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE)
 # How long the relay holds the store's next commit for the receipts of the
 # messages it has just handed to online recipients (issue 18). A receipt
 # that comes back within it joins the message's commit: no mailbox row is
@@ -2584,6 +2586,14 @@ class Relay:
             self.store.submit(Sync(), functools.partial(
                 self._group_result, user, key, code, text, stream))  # fmt: skip
             return
+        if request.action in CHANGE_ACTIONS and not self._holding(session, request.group):
+            # A change's entries are copies too, one for each member: they
+            # wait for the fan-out budget like messages (what is behind a
+            # hold asks when it goes on).
+            copies = self._change_cost(user, request)
+            if not self._fanout_affords(user, copies):
+                self._wait_for_budget(session, request, group_name(request.group)[1], copies)
+                return
         if request.action != GroupAction.LIST and (self.shared_store or self._group_holds):
             # (Behind a hold of the session on its group: one server holds
             # only for the fan-out budget, `_wait_for_budget`.)
@@ -2618,6 +2628,36 @@ class Relay:
             self.stats["group_refused"] += 1
             self._send(session, GroupResult(request.request_id, int(exc.code), exc.message),
                        stream=stream)  # fmt: skip
+
+    def _holding(self, session: Session, group_text: str) -> bool:
+        """Whether the session's traffic to the group `group_text` names is
+        held (False too for a name no group may have: refused at once)."""
+        holds = self._group_holds.get(session.session_id) if self._group_holds else None
+        if holds is None:
+            return False
+        try:
+            return group_name(group_text)[1] in holds.by_group
+        except GroupRefused:
+            return False
+
+    def _change_cost(self, user: User, request: GroupRequest) -> int:
+        """The copies a membership request's entries would make, as far as
+        this node's copy tells (each entry goes to every member it is for,
+        the one asking too): paid for when they are made (`_store_change`,
+        `_group_changed`), by what they cost then. A request refused costs
+        nothing; a group this node has not yet heard of counts as none."""
+        try:
+            group_key = group_name(request.group)[1]
+        except GroupRefused:
+            return 0
+        if request.action == GroupAction.CREATE:
+            return 0 if group_key in self.groups.groups else 1 + len(request.users)
+        group = self.groups.get(group_key)
+        if group is None or user.key not in group.members:
+            return 0
+        if request.action == GroupAction.ADD:
+            return len(group.members) + len(request.users)
+        return len(group.members)  # REMOVE, LEAVE
 
     def _group_result(self, user: User, key: RequestKey, code: int, text: str, stream: int,
                       group_key: str = "") -> None:  # fmt: skip
@@ -2904,6 +2944,9 @@ class Relay:
         one who goes on from an earlier membership)."""
         self._remember_answer(key, (0, text))
         self.stats["group_changes"] += len(changes)
+        requester = self.users.get(key[0])
+        if requester is not None:  # (the copies: `_change_cost`)
+            self._spend_fanout(requester, sum(item.recipients for item, _, _ in changes))
         stream = self._group_stream(group)
         for index, (item, joined, left) in enumerate(changes):
             last = index == len(changes) - 1
@@ -3001,7 +3044,7 @@ class Relay:
             return
         recipients = len(group.members) - 1
         if not self._fanout_affords(user, recipients):
-            self._wait_for_budget(session, send, to_key, recipients)
+            self._wait_for_budget(session, send, to_key[1:], recipients)
             return
         msg_id = send.msg_id
         instance_id, client_seq = msg_id
@@ -3680,7 +3723,7 @@ class Relay:
         # store's may differ by a change not heard of yet).
         copies = len(group.members) - 1 if group is not None else 0
         if not self._fanout_affords(user, copies):
-            self._wait_for_budget(session, send, to_key, copies)
+            self._wait_for_budget(session, send, to_key[1:], copies)
             return
         instance_id, client_seq = send.msg_id
         dedup = (user.key, instance_id, client_seq)
@@ -3722,22 +3765,25 @@ class Relay:
         bucket.ready(0, self._now)  # brings it up to date
         bucket.spend(copies)
 
-    def _wait_for_budget(self, session: Session, send: Send, to_key: str, copies: int) -> None:
-        """A group message taken (its datagram acked) that the fan-out budget
-        cannot pay for yet: it waits in the session's holds, and what the
-        session sends to its group after it waits behind it (`_hold_group`),
-        until the budget can (`_budget_paid`), so that no sender makes the
-        server emit more copies a second than the budget, whatever waited
-        where. Bounded like the other holds (`MAX_GROUP_HELD`, `_may_take`);
-        if the session ends first, its client sends it again at its next
-        login (it was never accepted)."""
-        group_key = to_key[1:]
+    def _wait_for_budget(self, session: Session, what: Send | GroupRequest, group_key: str,
+                         copies: int) -> None:  # fmt: skip
+        """A group message or membership request taken (its datagram acked)
+        that the fan-out budget cannot pay for yet: it waits in the
+        session's holds, and what the session sends to its group after it
+        waits behind it (`_hold_group`), until the budget can
+        (`_budget_paid`), so that no sender makes the server emit more
+        copies a second than the budget, whatever waited where. Bounded like
+        the other holds (`MAX_GROUP_HELD`, `_may_take`); if the session ends
+        first, its client sends it again at its next login (it was never
+        accepted or answered)."""
         holds = self._group_holds.get(session.session_id)
         if holds is None:
             holds = self._group_holds[session.session_id] = _GroupHolds()
-        holds.by_group[group_key] = (BUDGET_HOLD, collections.deque([(send, to_key)]))
+        to_key = "#" + group_key if isinstance(what, Send) else ""
+        holds.by_group[group_key] = (BUDGET_HOLD, collections.deque([(what, to_key)]))
         holds.count += 1
-        holds.size += len(send.text.encode("utf-8"))
+        if isinstance(what, Send):
+            holds.size += len(what.text.encode("utf-8"))
         self.stats["held_fanout"] += 1
         bucket = self._fanout_bucket(session.user)
         short = min(copies, bucket.burst) - bucket.tokens
@@ -4187,6 +4233,7 @@ class Relay:
         self._remember_answer(key, (code, text))
         self.stats["group_changes"] += len(op.entries)
         items = [item for item, _, _ in op.entries]
+        self._spend_fanout(user, sum(item.recipients for item in items))  # (`_change_cost`)
         for offset, item in enumerate(items):
             item.group_seq = op.first_seq + offset
         if op.end:

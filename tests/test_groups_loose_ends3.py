@@ -114,6 +114,42 @@ def test_a_session_that_ends_while_its_post_waits_for_the_budget_loses_nothing()
     assert texts(bob) == texts(erin) == [f"p{i}" for i in range(8)]
 
 
+def test_membership_changes_pay_the_fan_out_budget_too() -> None:
+    """The owner of a group of ten removes and adds dave 20 times in a
+    burst: each change is an entry handed to every member, ten copies, and
+    the old relay paid none of them to the budget (only the message rate
+    held them: 200 requests a second, 2,000 copies). Now each change waits
+    for the budget like a message, in order: every member sees them all,
+    in one order, and dave ends a member."""
+    rate, burst = 100.0, 30.0
+    world = GroupWorld(MemoryStore(), max_fanout_rate=rate, max_fanout_burst=burst)
+    alice = world.login("alice")
+    names = [f"m{n}" for n in range(8)]
+    members = [world.login(n) for n in names]
+    dave = world.login("dave")
+    world.settle_all()
+    world.request(alice, GroupAction.CREATE, "team", *names, "dave")
+    world.run_until(lambda: len(entries(dave)) == 1, 200, "dave in #team")
+    for _ in range(60):  # the budget is full again
+        world.step(STEP)
+    start, before = world.now, sum(len(entries(m)) for m in members)
+    for _ in range(20):
+        world.request(alice, GroupAction.REMOVE, "team", "dave")
+        world.request(alice, GroupAction.ADD, "team", "dave")
+    for _ in range(800):
+        got = sum(len(entries(m)) for m in members) - before
+        assert got <= burst + rate * (world.now - start), (world.now - start, got)
+        if got == 8 * 40:
+            break
+        world.step(STEP)
+    changes = [[e[1] for e in entries(m)] for m in members]
+    assert changes == [["created"] + ["removed", "added"] * 20] * 8
+    assert [e[0] for e in entries(members[0])] == list(range(1, 42))
+    assert world.relay.stats["held_fanout"] > 0
+    group = world.relay.groups.get("team")
+    assert group is not None and "dave" in group.members
+
+
 # --- "delivered by" across a restart of the sender's client (real processes) --------
 
 
