@@ -16,7 +16,7 @@ from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_cluster_group_holds import keep_changes_back, let_through
 from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_cluster_groups2 import delete_account, told
-from tests.test_groups_relay import texts
+from tests.test_groups_relay import entries, texts
 
 
 def test_posts_held_behind_a_create_pay_the_fan_out_budget_before_they_go_on(
@@ -54,6 +54,38 @@ def test_posts_held_behind_a_create_pay_the_fan_out_budget_before_they_go_on(
     assert a.relay.stats["held_fanout"] > 0
     cluster.settle(10)
     assert a.relay._group_holds == {} and a.relay._budget_waits == {}
+
+
+def test_membership_changes_pay_the_fan_out_budget_in_a_cluster_too(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """The owner removes and adds dave ten times in a burst: each change is
+    a copy for every member; they wait for the budget, in order, and are
+    paid when Redis has applied them."""
+    rate, burst = 100.0, 20.0
+    cluster = cluster_of(1, max_fanout_rate=rate, max_fanout_burst=burst)
+    a = cluster.nodes[0]
+    a.node.store.clock = lambda: a.now
+    alice = cluster.login(0, "alice")
+    names = [f"m{n}" for n in range(5)]
+    members = [cluster.login(0, n) for n in names]
+    cluster.login(0, "dave")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", *names, "dave").code == 0
+    cluster.settle(50)  # the budget is full again
+    start, before = a.now, sum(len(entries(m)) for m in members)
+    for _ in range(10):
+        a.request(alice, GroupAction.REMOVE, "team", "dave")
+        a.request(alice, GroupAction.ADD, "team", "dave")
+    for _ in range(600):
+        got = sum(len(entries(m)) for m in members) - before
+        assert got <= burst + rate * (a.now - start), (a.now - start, got)
+        if got == 5 * 20:
+            break
+        cluster.step()
+    assert [[e[1] for e in entries(m)] for m in members] == [
+        ["created"] + ["removed", "added"] * 10
+    ] * 5
+    assert a.relay.stats["held_fanout"] > 0
 
 
 @pytest.mark.parametrize("heard", ["erased first", "left first"])
