@@ -571,6 +571,9 @@ class Relay:
         # group's log is known to reach, the groups being read or loaded, and
         # what waits for a group to reach (epoch, seq).
         self._group_wanted: dict[str, int] = {}
+        # Groups whose state is being read: the (epoch, seq) the latest
+        # notice heard meanwhile says their log reaches.
+        self._group_load_wanted: dict[str, tuple[int, int]] = {}
         self._group_reading: set[str] = set()
         self._group_loading: set[str] = set()
         self._group_waiters: dict[str, list[tuple[int, int, Callable[[], None]]]] = {}
@@ -3884,6 +3887,13 @@ class Relay:
         have that group)."""
         group = self.groups.get(key)
         if group is None or group.epoch != epoch:
+            # Remembered: a notice that comes while the state is being read
+            # may name an entry stored after that read (`_group_loaded`
+            # reads the log on to it; before, it waited for the next entry
+            # or the beat, up to ROUTE_RENEW).
+            want = self._group_load_wanted.get(key)
+            if want is None or want[0] != epoch or want[1] < seq:
+                self._group_load_wanted[key] = (epoch, seq)
             self._load_group(key)
             return
         if seq <= group.seq:
@@ -3940,17 +3950,21 @@ class Relay:
         if not op.ok:
             return  # the next notice or beat asks again
         stored, cached = op.result, self.groups.get(key)
+        want = self._group_load_wanted.pop(key, None)
         if stored is None:  # no such group (any more)
             if cached is not None:
                 self._end_copy(cached)
             self._run_group_waiters(key, gone=True)
             return
+        # Where a notice heard during the read says this group's log reaches
+        # (one of another epoch is of an older group: the state is newer).
+        reach = max(stored.seq, want[1]) if want is not None and want[0] == stored.epoch else 0
         if (
             cached is not None
             and cached.epoch == stored.epoch
             and (not replace or cached.seq >= stored.seq)
         ):
-            self._group_behind(key, stored.epoch, stored.seq)  # the same group: read on
+            self._group_behind(key, stored.epoch, max(stored.seq, reach))  # the same group: read on
             return
         if cached is not None:
             self._end_copy(cached)
@@ -3968,6 +3982,8 @@ class Relay:
                 if isinstance(route, Session):
                     self._catch_up_member(route, group)
         self._run_group_waiters(key, gone_except=stored.epoch)
+        if reach > group.seq and self.groups.get(key) is group:
+            self._group_behind(key, group.epoch, reach)  # stored after the read: read on
 
     def _end_copy(self, group: Group) -> None:
         """This node's copy of a group that has ended (its members here are
