@@ -116,6 +116,7 @@ from protocol import (
     LocalProtocolError,
     MsgId,
     is_group_address,
+    name_key,
     normalize_name,
 )
 from reliability import RTO_MAX, RTO_MIN
@@ -1010,12 +1011,27 @@ def _group_command(session: ChatSession, command: str, args: list[str]) -> None:
         return
     group, users = args[0], args[1:]
     if per_user and users:
+        if action == GroupAction.REMOVE and len(users) > 1 and session.username:
+            # Naming yourself beside others removes only them (the server's
+            # rule for one request; sent one by one, "remove alice" alone
+            # would be alice leaving, and the group would pass on).
+            me = name_key(session.username)
+            users = [u for u in users if _name_key_or_self(u) != me] or users[:1]
         # One request, one change and one answer per user: `/add #team dave
         # erin` adds dave even if erin has no account.
         for user in users:
             session.group(action, group, (user,))
     else:
         session.group(action, group, users)
+
+
+def _name_key_or_self(text: str) -> str:
+    """The name key of a name as typed (the text itself if it is no valid
+    name: the server refuses it)."""
+    try:
+        return name_key(normalize_name(text))
+    except LocalProtocolError:
+        return text
 
 
 def _show_help(as_json: bool, stdout: IO[str]) -> None:

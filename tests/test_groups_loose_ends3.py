@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
+from chat_client import _Group
 from protocol import GroupAccept, GroupAction
 from server_store import MemoryStore
 from tests.conftest import spawn_server, stop_process
 from tests.test_bounds import Client
 from tests.test_groups_relay import GroupWorld, entries, texts
-from tests.test_groups_terminal import Terminal
+from tests.test_groups_terminal import Terminal, terminal
 
 STEP = 0.02
 
@@ -206,3 +207,21 @@ def test_no_delivered_event_twice_for_a_member_across_a_restart_of_the_client(
     (msg,) = {i for i, _ in first}
     assert first == [(msg, "bob")]
     assert delivered(again) == [(msg, "erin")], again.events
+
+
+# --- the terminal: /remove naming yourself beside others (audit14 A1) ---------------
+
+
+def test_remove_naming_yourself_beside_others_removes_only_them() -> None:
+    """`/remove #team alice carol` typed by the owner alice: one request per
+    name made "remove alice" alone a leave (the server's rule), so alice
+    left, bob owned the group and carol stayed. Now alice's own name is
+    left out when others are named, as the server does for one request;
+    named alone it is still leaving."""
+    session, events, _ = terminal("/remove #team Alice carol\n/remove #team alice\n")
+    groups = [c for c in session.commands if isinstance(c, _Group)]
+    assert groups == [
+        _Group(GroupAction.REMOVE, "team", ("carol",)),
+        _Group(GroupAction.REMOVE, "team", ("alice",)),
+    ]
+    assert not [e for e in events if e["event"] == "error"]
