@@ -81,6 +81,7 @@ from client_core import (
     ErrorEvent,
     GroupChanged,
     GroupsListed,
+    GroupUnchanged,
     LinkChanged,
     LinkStats,
     LoggedIn,
@@ -130,6 +131,7 @@ __all__ = [
     "ErrorEvent",
     "GroupChanged",
     "GroupsListed",
+    "GroupUnchanged",
     "LinkChanged",
     "LinkStats",
     "LoggedIn",
@@ -923,6 +925,8 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
         return f"#{event.group}: {', '.join(event.members)} (owner {event.owner})", False
     if isinstance(event, GroupsListed):
         return "groups: " + (", ".join(f"#{g}" for g in event.groups) or "none"), False
+    if isinstance(event, GroupUnchanged):
+        return f"* #{event.group}: {', '.join(event.users)}: {event.message}", False
     if isinstance(event, PresenceChanged):
         return f"* {event.user} is {'online' if event.online else 'offline'}", False
     if isinstance(event, WhoList):

@@ -51,6 +51,7 @@ from common import DEFAULT_PORT, __version__, at_least, format_address, positive
 from protocol import (
     ACCOUNT_CHANGE,
     ACCOUNT_DELETE,
+    ALREADY_MEMBERS,
     CONTROL_STREAM,
     FLAG_MAC,
     GROUP_BATCH_ENTRY_OVERHEAD,
@@ -2797,7 +2798,7 @@ class Relay:
         new = [(k, n) for k, n in self._resolve(request.users, user.key)
                if k not in group.members]  # fmt: skip
         if not new:
-            self._send(session, GroupResult(request.request_id, 0, "already members"),
+            self._send(session, GroupResult(request.request_id, 0, ALREADY_MEMBERS),
                        stream=self._group_stream(group))  # fmt: skip
             return
         self.groups.check_room(len(group.members), len(new))
@@ -4156,7 +4157,7 @@ class Relay:
             new = [(k, n) for k, n in self._resolve(request.users, user.key)
                    if k not in group.members]  # fmt: skip
             if not new:
-                return "already members"
+                return ALREADY_MEMBERS
             self.groups.check_room(len(group.members), len(new))
             item = entry(group.key, GroupChange.ADDED, tuple(n for _, n in new),
                          len(group.members) + len(new))  # fmt: skip

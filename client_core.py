@@ -41,6 +41,7 @@ from common import format_address
 from protocol import (
     ACCOUNT_CHANGE,
     ACCOUNT_DELETE,
+    ALREADY_MEMBERS,
     CONTROL_STREAM,
     FLAG_MAC,
     HELLO_SIZE,
@@ -494,6 +495,21 @@ class MembersListed:
 
 
 @dataclass(frozen=True)
+class GroupUnchanged:
+    """The answer to a request that changed nothing (`/add #team carol`
+    when carol is a member already): no `GroupChanged` follows, so a script
+    waiting for an answer to each request gets this one."""
+
+    group: str
+    users: tuple[str, ...]
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "unchanged", "group": self.group, "users": list(self.users),
+                "message": self.message}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class GroupsListed:
     """The answer to `/groups`: the groups we are in."""
 
@@ -519,6 +535,7 @@ Event = (
     | GroupChanged
     | MembersListed
     | GroupsListed
+    | GroupUnchanged
     | RecipientsChanged
 )
 
@@ -2089,8 +2106,13 @@ class ClientCore:
             entry = self.group_requests.pop(message.request_id, None)
             self._member_pages.pop(message.request_id, None)
             self._group_pages.pop(message.request_id, None)
-            if entry is None or message.code == 0:
-                return  # answered before (a re-sent request), or done: its event follows
+            if entry is None:
+                return  # answered before (a re-sent request)
+            if message.code == 0:
+                if message.message == ALREADY_MEMBERS:  # no event follows: this is the answer
+                    request = entry[1]
+                    self._emit(GroupUnchanged(request.group, request.users, message.message))
+                return  # done: its event follows
             try:
                 code = ErrorCode(message.code)
             except ValueError:

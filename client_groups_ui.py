@@ -25,6 +25,7 @@ they are stored, through `client_store.read_group_receipts`.
 
 from __future__ import annotations
 
+import time
 import tkinter as tk
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from client_core import (
     ClientError,
     GroupChanged,
     GroupsListed,
+    GroupUnchanged,
     MembersListed,
     MessageState,
     PresenceChanged,
@@ -223,8 +225,16 @@ class GroupsUI:
         if self.w.session is not None:
             self.w.session.group(GroupAction.LIST)
 
-    def handle(self, event: GroupChanged | MembersListed | GroupsListed) -> None:
-        if isinstance(event, GroupsListed):
+    def handle(self, event: GroupChanged | MembersListed | GroupsListed | GroupUnchanged) -> None:
+        if isinstance(event, GroupUnchanged):
+            # The answer to an Add that changed nothing: said in the group's
+            # transcript (before, nothing was: the field just emptied).
+            names = ", ".join(event.users)
+            verb = "is" if len(event.users) == 1 else "are"
+            conv = self.w.conversation(group_address(event.group))
+            text = f"{names} {verb} a member of #{event.group} already"
+            self.w._add_line(conv, self.make_line("system", "", text, time.time()))
+        elif isinstance(event, GroupsListed):
             for group in event.groups:
                 self.info(group)
                 self.w.conversation(group_address(group))

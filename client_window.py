@@ -59,6 +59,7 @@ from client_core import (
     ErrorEvent,
     GroupChanged,
     GroupsListed,
+    GroupUnchanged,
     LinkChanged,
     LinkStats,
     LoggedIn,
@@ -583,7 +584,7 @@ class ChatWindow:
             line = conv.by_id.get(event.id)
             if line is not None and conv is self.current:
                 self.view.render_state(line)
-        elif isinstance(event, GroupChanged | MembersListed | GroupsListed):
+        elif isinstance(event, GroupChanged | MembersListed | GroupsListed | GroupUnchanged):
             self.groups.handle(event)
         elif isinstance(event, PresenceChanged):
             if self.groups.on_presence(event):

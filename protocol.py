@@ -1507,11 +1507,17 @@ class GroupRequest:
     users: tuple[str, ...] = ()
 
 
+#: A GROUP_RESULT's text, code 0, for an add that changed nothing (everyone
+#: named is a member already): no GROUP_EVENT follows it.
+ALREADY_MEMBERS = "already members"
+
+
 @dataclass(frozen=True)
 class GroupResult:
     """How a GROUP_REQUEST ended: `code` 0 (done) or an `ErrorCode` number,
     with a sentence for a person. A change that was made also arrives as a
-    GROUP_EVENT, in the group's order."""
+    GROUP_EVENT, in the group's order; one that changed nothing says so
+    (`ALREADY_MEMBERS`)."""
 
     KIND: ClassVar[Kind] = Kind.GROUP_RESULT
     SPEC: ClassVar[tuple[str, ...]] = ("u64", "u8", "str")

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from chat_client import _Group
+from chat_client import _Group, event_to_text
+from chat_server import ServerConfig
+from client_core import GroupChanged, GroupUnchanged
+from client_groups_ui import GroupsUI
 from protocol import GroupAccept, GroupAction
 from server_store import MemoryStore
 from tests.conftest import spawn_server, stop_process
 from tests.test_bounds import Client
+from tests.test_client_core import Net
+from tests.test_groups_client import login
 from tests.test_groups_relay import GroupWorld, entries, texts
 from tests.test_groups_terminal import Terminal, terminal
 
@@ -225,3 +231,41 @@ def test_remove_naming_yourself_beside_others_removes_only_them() -> None:
         _Group(GroupAction.REMOVE, "team", ("alice",)),
     ]
     assert not [e for e in events if e["event"] == "error"]
+
+
+# --- an add that changes nothing is answered (audit14 A2) ---------------------------
+
+
+@pytest.mark.parametrize("how", ["terminal", "window"])
+def test_an_add_of_a_member_already_there_is_answered(how: str) -> None:
+    """bob adds carol, a member already: the server answers code 0
+    "already members", and the client dropped every code-0 answer
+    ("its event follows"; none does here): a script waiting for an answer
+    to each request waited for ever, the window showed nothing. Now it is
+    an `unchanged` event (a line in the group's transcript in the window);
+    a done add still answers with its `group` event alone."""
+    net = Net(ServerConfig(iterations=4096, key_workers=0))
+    alice, bob, _ = login(net, "alice", "bob", "carol")
+    login(net, "dave")
+    alice.core.group_request(GroupAction.CREATE, "team", ("bob", "carol"))
+    net.run(lambda: bool(bob.of(GroupChanged)), "bob in #team")
+    bob.core.group_request(GroupAction.ADD, "team", ("carol",))
+    bob.core.group_request(GroupAction.ADD, "team", ("dave",))
+    net.run(lambda: len(bob.of(GroupChanged)) == 2, "dave added")
+    net.settle(0.5)
+    (unchanged,) = bob.of(GroupUnchanged)
+    assert unchanged.to_json() == {"event": "unchanged", "group": "team", "users": ["carol"],
+                                   "message": "already members"}  # fmt: skip
+    assert event_to_text(unchanged) == ("* #team: carol: already members", False)
+    assert [e.change for e in bob.of(GroupChanged)] == ["created", "added"]
+    if how == "window":
+        lines: list[tuple[str, str]] = []
+        window = SimpleNamespace(
+            conversation=lambda name: name,
+            _add_line=lambda conv, line: lines.append((conv, line)),
+        )
+        ui = GroupsUI.__new__(GroupsUI)
+        ui.w = window
+        ui.make_line = lambda kind, who, text, stamp: text
+        ui.handle(unchanged)
+        assert lines == [("#team", "carol is a member of #team already")]
