@@ -4979,9 +4979,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--max-fanout-rate", type=positive, default=ServerConfig().max_fanout_rate,
-        metavar="N", help="copies of group messages per second one user may make the server "
-        "send (a message to N members is N - 1 copies); past it their messages wait, "
-        "unacknowledged; above 0 (default %(default)s; burst 2x)",
+        metavar="N", help="copies of group messages and membership changes per second one "
+        "user may make the server send (a message to N members is N - 1 copies, a change one "
+        "per member it is for); past it their messages and requests wait; above 0 (default "
+        "%(default)s; burst 2x)",
     )  # fmt: skip
     # Cluster mode (issue 15).
     parser.add_argument(
@@ -5136,6 +5137,8 @@ def start_line(server: ChatServer, config: ServerConfig) -> str:
         + (f"metrics at http://{format_address(*metrics)}/metrics; " if metrics else "no metrics; ")
         + f"limits: {config.max_sessions} sessions, --max-memory {config.max_memory >> 20} MiB, "
         f"{config.user_msg_rate:g} messages/s per user, "
+        f"--max-fanout-rate {config.max_fanout_rate:g} group copies/s per user, "
+        f"--max-group-members {config.max_group_members}, "
         f"{config.preauth_rate:g} datagrams/s per address before login "
         f"({config.preauth_total_rate:g}/s from all), "
         f"{config.registration_rate:g} new accounts/s per address, "

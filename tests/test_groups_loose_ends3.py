@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from chat_client import _Group, event_to_text
-from chat_server import ServerConfig
+from chat_server import ServerConfig, start_line
 from client_core import GroupChanged, GroupUnchanged
 from client_groups_ui import GroupsUI
 from protocol import GroupAccept, GroupAction
@@ -269,3 +269,14 @@ def test_an_add_of_a_member_already_there_is_answered(how: str) -> None:
         ui.make_line = lambda kind, who, text, stamp: text
         ui.handle(unchanged)
         assert lines == [("#team", "carol is a member of #team already")]
+
+
+def test_the_start_line_names_the_group_limits() -> None:
+    """An operator reads the limits in force from the first log line; the
+    groups' were missing (audit14 A6: a server run with --max-fanout-rate 4
+    said nothing of it)."""
+    config = ServerConfig(max_fanout_rate=4.0, max_group_members=50)
+    server = SimpleNamespace(address=("127.0.0.1", 5555), metrics_address=None,
+                             cluster_store=None)  # fmt: skip
+    line = start_line(server, config)  # type: ignore[arg-type]
+    assert "--max-fanout-rate 4 group copies/s per user, --max-group-members 50, " in line
