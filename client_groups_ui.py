@@ -93,6 +93,9 @@ class ContactsView(Protocol):
 
     frame: ttk.Frame
 
+    @property
+    def entries(self) -> Mapping[str, Any]: ...  # by name key, each with its `name`
+
     def set_state(self, key: str, status: str, unread: int) -> None: ...
     def set_label(self, key: str, label: str | None) -> None: ...
 
@@ -199,6 +202,11 @@ class GroupsUI:
         self.new_button.pack(side="bottom", fill="x", pady=(6, 0), after=window.who_button)
         self.panel = MembersPanel(window._banner_anchor, self)
         self.shown_group: str | None = None
+        # Whether this session's GROUP_LIST has come: until it has, a group
+        # conversation from the history may be one we left; and the groups
+        # this session saw a change of, or made (the list may be older).
+        self.listed = False
+        self.changed_here: set[str] = set()
 
     # --- state ----------------------------------------------------------------
 
@@ -222,6 +230,8 @@ class GroupsUI:
         self.watched.clear()
         self.receipts.clear()
         self._not_ours.clear()
+        self.listed = False
+        self.changed_here.clear()
         if self.w.session is not None:
             self.w.session.group(GroupAction.LIST)
 
@@ -230,15 +240,35 @@ class GroupsUI:
             # The answer to an Add that changed nothing: said in the group's
             # transcript (before, nothing was: the field just emptied).
             names = ", ".join(event.users)
-            verb = "is" if len(event.users) == 1 else "are"
+            are = "is a member" if len(event.users) == 1 else "are members"
             conv = self.w.conversation(group_address(event.group))
-            text = f"{names} {verb} a member of #{event.group} already"
+            text = f"{names} {are} of #{event.group} already"
             self.w._add_line(conv, self.make_line("system", "", text, time.time()))
         elif isinstance(event, GroupsListed):
+            self.listed = True
+            listed = {name_key(g) for g in event.groups}
             for group in event.groups:
-                self.info(group)
+                self.info(group).member = True
                 self.w.conversation(group_address(group))
                 self._ask_members(group)
+            # A group conversation of the history that the server does not
+            # list is one we left or were removed from (before, it was taken
+            # for one we are in after a restart: Add and Leave enabled, and
+            # each opening asked for its members and showed the refusal).
+            shown = [e.name for e in self.w.contact_list.entries.values()]
+            for name in {*shown, *(c.name for c in self.w.conversations.values())}:
+                former = group_of(name)
+                if (
+                    former is None
+                    or name_key(former) in listed
+                    or name_key(former) in self.changed_here
+                ):
+                    continue
+                info = self.info(former)
+                info.member = False
+                self._changed(info)
+                if name_key(name) not in self.w.conversations:  # (a line of the list only)
+                    self.w.contact_list.set_state(name_key(name), "left", 0)
         elif isinstance(event, MembersListed):
             info = self.info(event.group)
             info.owner = event.owner
@@ -251,6 +281,7 @@ class GroupsUI:
 
     def _on_change(self, event: GroupChanged) -> None:
         info = self.info(event.group)
+        self.changed_here.add(name_key(event.group))
         me = self.w.username or ""
         if event.change == "created":
             info.owner = event.by
@@ -313,17 +344,29 @@ class GroupsUI:
         if group is None:
             return False
         info = self.groups.get(name_key(group))
-        label = None
         status = ""
         if info is not None and not info.member:
             status = "left"
         elif info is not None and info.members:
-            label = f"{conv.name} ({len(info.members)})"  # the member count
-            status = "group"
+            # The member count on the line under the name, which an unread
+            # badge does not shorten as it does the name (before, "#team
+            # (3)" lost its count to the badge: the name was cut first).
+            count = len(info.members)
+            status = f"group \u00b7 {count} member{'s' if count != 1 else ''}"
         key = name_key(conv.name)
-        self.w.contact_list.set_label(key, label)
+        self.w.contact_list.set_label(key, None)  # (the name: `#team`)
         self.w.contact_list.set_state(key, status, conv.unread)
         return True
+
+    def refusal(self, conv: ConversationView | None) -> str | None:
+        """Why nothing can be sent to `conv` (a group we left or were
+        removed from), or None: the composer keeps the text, and a failed
+        message is not retried (it could only fail again)."""
+        group = group_of(conv.name) if conv is not None else None
+        info = self.groups.get(name_key(group)) if group is not None else None
+        if info is None or info.member:
+            return None
+        return f"You are not a member of #{info.name} any more: nothing is sent to it."
 
     def state_label(self, line: LineView) -> str | None:
         """The state text of our group message ("✓✓ 2 of 3"), None otherwise."""
@@ -387,7 +430,9 @@ class GroupsUI:
         info = self.info(group)
         self.panel.show()
         self._refresh_panel()
-        if info.member:  # a group we left has no members to tell us about
+        # A group we left has no members to tell us about; before the
+        # session's list came, we may have left it.
+        if info.member and self.listed:
             self._ask_members(group)
 
     # --- actions ------------------------------------------------------------------
@@ -411,6 +456,7 @@ class GroupsUI:
         self.w.session.group(GroupAction.CREATE, group, users)
         info = self.info(group)
         info.member = True
+        self.changed_here.add(name_key(group))
         self.w.open_conversation(group_address(group))
         return None
 

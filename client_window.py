@@ -1065,6 +1065,9 @@ class ChatWindow:
         if len(text.encode("utf-8", "replace")) > MAX_TEXT_BYTES:
             self._update_size()
             return
+        if (refused := self.groups.refusal(self.current)) is not None:
+            self._system(self.current, refused)
+            return
         if self.session.send(text, to=self.current.name) is None:
             return
         self.history.append(text)
@@ -1074,6 +1077,9 @@ class ChatWindow:
     def retry(self, line: Line) -> None:
         """Send a failed message again, as a new message (once per failure)."""
         if self.session is None or self.current is None or line.state != MessageState.FAILED:
+            return
+        if (refused := self.groups.refusal(self.current)) is not None:
+            self._system(self.current, refused)
             return
         line.state = "retried"
         self.view.render_state(line)

@@ -20,7 +20,7 @@ import pytest
 
 from chat_client import _Group, event_to_text
 from chat_server import ServerConfig, start_line
-from client_core import GroupChanged, GroupUnchanged
+from client_core import GroupChanged, GroupUnchanged, MessageReceived
 from client_groups_ui import GroupsUI
 from protocol import GroupAccept, GroupAction
 from server_store import MemoryStore
@@ -28,8 +28,11 @@ from tests.conftest import spawn_server, stop_process
 from tests.test_bounds import Client
 from tests.test_client_core import Net
 from tests.test_groups_client import login
+from tests.test_groups_gui import contact_text, gui  # noqa: F401 (a fixture)
 from tests.test_groups_relay import GroupWorld, entries, texts
 from tests.test_groups_terminal import Terminal, terminal
+from tests.test_gui import Gui, press, pump, pump_until, type_text
+from tests.xvfb import display  # noqa: F401 (a fixture)
 
 STEP = 0.02
 
@@ -280,3 +283,53 @@ def test_the_start_line_names_the_group_limits() -> None:
                              cluster_store=None)  # fmt: skip
     line = start_line(server, config)  # type: ignore[arg-type]
     assert "--max-fanout-rate 4 group copies/s per user, --max-group-members 50, " in line
+
+
+# --- the window (audit14 A3, A4, A7), on a real X display against a real server ------
+
+
+def test_a_left_group_stays_left_after_the_window_restarts_and_takes_no_messages(
+    gui: Gui,  # noqa: F811
+) -> None:
+    """alice leaves #team and her window restarts: the group of her history
+    that the server no longer lists is shown `left`, its Add and Leave are
+    disabled and opening it asks nothing (before: taken for a group she is
+    in, Add and Leave enabled, and each opening put "you are not a member of
+    #team" into the transcript). A line typed there is not sent (before it
+    failed with a Retry that could only fail again); it stays in the
+    composer."""
+    bob = gui.session("bob")
+    window = gui.window()
+    gui.login(window, "alice")
+    assert window.session is not None
+    window.session.group(GroupAction.CREATE, "team", ("bob",))
+    window.open_conversation("#team")
+    assert pump_until(gui.root, lambda: contact_text(window, "#team")[1][:1] == [
+        "group \u00b7 2 members"]), contact_text(window, "#team")  # fmt: skip
+    # The count on the line under the name: an unread badge cannot cut it.
+    assert contact_text(window, "#team")[0] == "#team"
+    window.groups.panel.leave_button.invoke()
+    assert pump_until(gui.root, lambda: "alice left" in window.transcript_text())
+    window.close()
+    gui.windows.remove(window)
+    window = gui.window()
+    gui.login(window, "alice")
+    assert pump_until(gui.root, lambda: window.groups.listed)
+    assert pump_until(gui.root, lambda: contact_text(window, "#team")[1][:1] == ["left"]), (
+        contact_text(window, "#team")
+    )
+    window.open_conversation("#team")
+    panel = window.groups.panel
+    pump(gui.root, 0.5)
+    assert str(panel.add_button.cget("state")) == "disabled"
+    assert str(panel.leave_button.cget("state")) == "disabled"
+    assert "not a member" not in window.transcript_text()
+    type_text(window.composer, "anyone there?")
+    press(window.composer, "Return")
+    assert pump_until(gui.root, lambda: "nothing is sent to it" in window.transcript_text())
+    assert "anyone there?" in window.composed()
+    pump(gui.root, 0.5)
+    got = []
+    while not bob.events.empty():
+        got.append(bob.events.get_nowait())
+    assert not [e for e in got if isinstance(e, MessageReceived)], got
