@@ -145,6 +145,7 @@ from reliability import (
     ReceiveBudget,
 )
 from server_groups import (
+    TOMBSTONE,
     Group,
     GroupRefused,
     GroupTable,
@@ -3334,6 +3335,8 @@ class Relay:
         if member is None:
             self._drop_pager(mail, group.key)
             return
+        if self.groups.former_of and self.groups.owed_before(group, session.user.key):
+            return  # an ended group of its name first (`_on_group_receipt` goes on here)
         free = MAILBOX_WINDOW - mail.count
         free_bytes = MAILBOX_WINDOW_BYTES - mail.bytes
         if mail.count and (free < PAGE_MIN or free_bytes < PAGE_MIN_BYTES):
@@ -3457,6 +3460,12 @@ class Relay:
         if seq > member.cursor:
             member.cursor = seq
         self.store.submit(GroupReceipt(group_key, user.key, seq))
+        if member.caught_up and is_retired(group_key):
+            # What was owed of a group that ended is had: a new group of
+            # its name, held back until now (`_page_group`), goes on.
+            live = self.groups.get(group_key[1:].rsplit(TOMBSTONE, 1)[0])
+            if live is not None:
+                self._catch_up_member(session, live)
         owed = group.owed.get(user.key)
         if owed is not None and before <= owed[0]:
             # A sender's own cursor held their mark (it often does: their

@@ -299,9 +299,27 @@ class GroupTable:
                 del self.owed_of[sender_key]
 
     def catching_up(self, user_key: str) -> list[Group]:
-        """The groups `user_key` is in, or left and has entries of still to get."""
-        keys = [*self.of_user.get(user_key, ()), *self.former_of.get(user_key, ())]
+        """The groups `user_key` left and has entries of still to get, then
+        those they are in: what they are owed of a group that ended comes
+        before anything of a new group of the same name (`owed_before`)."""
+        keys = [*self.former_of.get(user_key, ()), *self.of_user.get(user_key, ())]
         return [self.groups[k] for k in keys if k in self.groups]
+
+    def owed_before(self, group: Group, user_key: str) -> Group | None:
+        """A group of `group`'s name that ended (retired) while `user_key`
+        was owed entries of it, and still is: its entries reach them first
+        (the two share a name, so a client's stream for it: a new group's
+        creation must not come before the old one's "you were removed")."""
+        if is_retired(group.key):
+            return None
+        prefix = f"{TOMBSTONE}{group.key}{TOMBSTONE}"
+        for key in self.former_of.get(user_key, ()):
+            if key.startswith(prefix):
+                old = self.groups.get(key)
+                member = old.former.get(user_key) if old is not None else None
+                if old is not None and member is not None and not member.caught_up:
+                    return old
+        return None
 
     # --- the rules: each raises GroupRefused, or returns what to do -------------
 

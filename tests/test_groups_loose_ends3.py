@@ -333,3 +333,37 @@ def test_a_left_group_stays_left_after_the_window_restarts_and_takes_no_messages
     while not bob.events.empty():
         got.append(bob.events.get_nowait())
     assert not [e for e in got if isinstance(e, MessageReceived)], got
+
+
+# --- an ended group's rest before a new group of its name (audit14 G1) ----------------
+
+
+def test_what_an_ended_group_owes_comes_before_a_new_group_of_its_name() -> None:
+    """carol, away, is removed from #team; then #team ends (its last members
+    leave) while she is owed its rest, and dave makes a new #team with her
+    and posts. At her login she got the new group's creation and message
+    first, then the old group's message and "alice removed carol", all on
+    one name: told she was removed from the group she is in. Now the old
+    group's rest comes first, then the new group's."""
+    world = GroupWorld(MemoryStore())
+    alice, bob, carol = world.login("alice"), world.login("bob"), world.login("carol")
+    dave = world.login("dave")
+    assert world.result(alice, world.request(alice, GroupAction.CREATE, "team", "bob",
+                                             "carol")).code == 0  # fmt: skip
+    world.settle_all()
+    world.logout(carol)
+    world.post(alice, "team", "old 1", 1)
+    world.settle_all()
+    assert world.result(alice, world.request(alice, GroupAction.REMOVE, "team", "carol")).code == 0
+    assert world.result(alice, world.request(alice, GroupAction.LEAVE, "team")).code == 0
+    assert world.result(bob, world.request(bob, GroupAction.LEAVE, "team")).code == 0
+    world.settle_all()
+    assert world.result(dave, world.request(dave, GroupAction.CREATE, "team", "carol")).code == 0
+    world.post(dave, "team", "new 1", 1)
+    world.settle_all()
+    carol = world.login("carol")
+    world.run_until(lambda: len(entries(carol)) == 4, 300, "carol's four entries")
+    world.settle_all()
+    got = [(e[1], e[2]) for e in entries(carol)]
+    assert got == [("message", "alice"), ("removed", "alice"), ("created", "dave"),
+                   ("message", "dave")], got  # fmt: skip
