@@ -2975,10 +2975,31 @@ class Relay:
             op = ReadGroupState(group_name(request.group)[1])
             self.store.submit(op, functools.partial(self._members_read, session, request, op))
             return
-        group = self.groups.member_of(request.group, session.user.key)
+        # Judged now, in the group's order; answered once what the store
+        # has before it is committed, so after the events of the changes
+        # before it (a `/create` then `/members`: `created` first).
+        try:
+            group = self.groups.member_of(request.group, session.user.key)
+        except GroupRefused as exc:
+            self.stats["group_refused"] += 1
+            stream = conversation_stream(group_address(request.group.removeprefix("#")))
+            refusal = GroupResult(request.request_id, int(exc.code), exc.message)
+            self.store.submit(Sync(), functools.partial(self._answer_live, session, refusal,
+                                                        stream))  # fmt: skip
+            return
         names = [m.name for m in group.members.values()]
-        self._send_members(session, request, group.name, group.owner_name(), names,
-                           self._group_stream(group))  # fmt: skip
+        self.store.submit(Sync(), functools.partial(
+            self._send_members_live, session, request, group.name, group.owner_name(), names,
+            self._group_stream(group)))  # fmt: skip
+
+    def _answer_live(self, session: Session, answer: GroupResult, stream: int) -> None:
+        if self.sessions.get(session.session_id) is session:
+            self._send(session, answer, stream=stream)
+
+    def _send_members_live(self, session: Session, request: GroupRequest, name: str, owner: str,
+                           names: list[str], stream: int) -> None:  # fmt: skip
+        if self.sessions.get(session.session_id) is session:
+            self._send_members(session, request, name, owner, names, stream)
 
     def _send_members(self, session: Session, request: GroupRequest, name: str, owner: str,
                       names: list[str], stream: int) -> None:  # fmt: skip

@@ -22,8 +22,8 @@ from chat_client import _Group, event_to_text
 from chat_server import ServerConfig, start_line
 from client_core import GroupChanged, GroupUnchanged, MessageReceived
 from client_groups_ui import GroupsUI
-from protocol import GroupAccept, GroupAction
-from server_store import MemoryStore
+from protocol import GroupAccept, GroupAction, GroupEvent, GroupInfo
+from server_store import MemoryStore, ServerStore
 from tests.conftest import spawn_server, stop_process
 from tests.test_bounds import Client
 from tests.test_client_core import Net
@@ -367,3 +367,24 @@ def test_what_an_ended_group_owes_comes_before_a_new_group_of_its_name() -> None
     got = [(e[1], e[2]) for e in entries(carol)]
     assert got == [("message", "alice"), ("removed", "alice"), ("created", "dave"),
                    ("message", "dave")], got  # fmt: skip
+
+
+def test_a_members_answer_comes_after_the_change_before_it(tmp_path: Path) -> None:
+    """/create #quick bob then /members #quick, sent together: the members
+    were answered from memory at once, before the `created` event (which
+    waits for the commit): a script saw the members of a group it had not
+    heard of (audit14 T1). Now the answer follows the commit too."""
+    store = ServerStore(tmp_path / "data")
+    store.start()
+    try:
+        world = GroupWorld(store)
+        alice, _ = world.login("alice"), world.login("bob")
+        world.request(alice, GroupAction.CREATE, "quick", "bob")
+        asked = world.request(alice, GroupAction.MEMBERS, "quick")
+        world.run_until(lambda: bool(alice.of(GroupInfo)), 300, "the members")
+        world.settle_all()
+    finally:
+        store.close()
+    kinds = [type(m).__name__ for m in alice.messages if isinstance(m, GroupEvent | GroupInfo)]
+    assert kinds == ["GroupEvent", "GroupInfo"], kinds
+    assert alice.of(GroupInfo)[0].request_id == asked
