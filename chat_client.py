@@ -980,7 +980,7 @@ TERMINAL_COMMANDS = (
     ("/leave #GROUP", "leave a group"),
     ("/members #GROUP", "list a group's owner and members"),
     ("/groups", "list the groups you are in"),
-    ("/cancel NAME", "end your messages to NAME the server has not accepted yet"),
+    ("/cancel NAME", "end your messages to NAME (or #group) the server has not accepted yet"),
     ("/passwd", "change your password (asks the old and the new one)"),
     ("/delete-account", "delete your account on the server (asks the password and to confirm)"),
     ("/stats", "show the link to the server: RTT, loss, resends, in flight, queued"),

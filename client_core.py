@@ -1359,10 +1359,11 @@ class ClientCore:
         late, and `Cancelled.accepted` says so). Then `Cancelled`. The ids
         ended at once (none: nothing was waiting or unsent)."""
         try:
-            key = name_key(normalize_name(to))
+            peer = normalize_peer(to)  # a person, or a group (`#team`)
         except LocalProtocolError as exc:
             raise ClientError(ErrorCode.INVALID_NAME, f"cannot cancel for {to!r}: {exc}") from None
-        answer = _CancelAnswer(normalize_name(to), [], [], set())
+        key = name_key(peer)
+        answer = _CancelAnswer(peer, [], [], set())
         for out in list(self.outbox.values()):
             if name_key(out.to) != key or out.state != MessageState.SENDING or out.cancelling:
                 continue
@@ -2161,6 +2162,8 @@ class ClientCore:
         self.store.set_recipients(message.msg_id, message.recipients, message.group_seq)
         self._emit(StatusChanged(out.msg_id.label(), MessageState.ACCEPTED, out.to, out.text,
                                  recipients=message.recipients))  # fmt: skip
+        if out.cancelling:  # the cancel came too late: it is stored for every member
+            self._cancel_answered(out, ended=False)
         if out.recipients == 0:
             self.outbox.pop(message.msg_id)  # nobody else to deliver it to
 
@@ -2183,6 +2186,8 @@ class ClientCore:
         if out.state == MessageState.SENDING:
             self._emit(StatusChanged(label, MessageState.ACCEPTED, out.to, out.text))
             out.state = MessageState.ACCEPTED
+            if out.cancelling:
+                self._cancel_answered(out, ended=False)
         out.delivered += 1
         self._emit(StatusChanged(label, MessageState.DELIVERED, out.to, out.text, by=by))
         if out.recipients is not None and out.delivered >= out.recipients:

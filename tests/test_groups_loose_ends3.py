@@ -20,14 +20,14 @@ import pytest
 
 from chat_client import _Group, event_to_text
 from chat_server import ServerConfig, start_line
-from client_core import GroupChanged, GroupUnchanged, MessageReceived
+from client_core import Cancelled, GroupChanged, GroupUnchanged, MessageReceived, StatusChanged
 from client_groups_ui import GroupsUI
 from protocol import GroupAccept, GroupAction, GroupEvent, GroupInfo
 from server_store import MemoryStore, ServerStore
 from tests.conftest import spawn_server, stop_process
 from tests.test_bounds import Client
 from tests.test_client_core import Net
-from tests.test_groups_client import login
+from tests.test_groups_client import add, login
 from tests.test_groups_gui import contact_text, gui  # noqa: F401 (a fixture)
 from tests.test_groups_relay import GroupWorld, entries, texts
 from tests.test_groups_terminal import Terminal, terminal
@@ -388,3 +388,28 @@ def test_a_members_answer_comes_after_the_change_before_it(tmp_path: Path) -> No
     kinds = [type(m).__name__ for m in alice.messages if isinstance(m, GroupEvent | GroupInfo)]
     assert kinds == ["GroupEvent", "GroupInfo"], kinds
     assert alice.of(GroupInfo)[0].request_id == asked
+
+
+# --- /cancel #team (audit14 T4) -------------------------------------------------------
+
+
+def test_cancel_takes_a_group_and_ends_what_has_not_left() -> None:
+    """`/cancel #team` was refused ("'#team' contains '#'"), so messages
+    queued for a group could not be withdrawn. Now what has not left ends
+    at once; one in flight the server accepts is answered "too late"."""
+    net = Net(ServerConfig(iterations=4096, key_workers=0))
+    alice, bob = login(net, "alice", "bob")
+    alice.core.group_request(GroupAction.CREATE, "team", ("bob",))
+    net.run(lambda: bool(bob.of(GroupChanged)), "bob in #team")
+    late = alice.core.send("in flight", net.now, to="#team")
+    assert alice.core.cancel("#Team") == []  # it has left: the server answers
+    net.run(lambda: bool(alice.of(Cancelled)), "the cancel's answer")
+    assert alice.of(Cancelled) == [Cancelled("#team", (), (late,))]
+    alice.core.abort()
+    alice = add(net, "alice")  # a new client instance, not logged in yet
+    queued = alice.core.send("never goes", net.now, to="#team")
+    assert alice.core.cancel("#team") == [queued]
+    net.run(lambda: alice.logged_in, "alice back")
+    net.settle(2.0)
+    assert [e.state for e in alice.of(StatusChanged) if e.id == queued] == ["sending", "failed"]
+    assert [m.text for m in bob.of(MessageReceived)] == ["in flight"]
