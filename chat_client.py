@@ -917,7 +917,10 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
             return f"  \u2713\u2713 delivered ({about})", False
         return f"  \u2717 failed ({event.reason}) ({about})", True
     if isinstance(event, RecipientsChanged):
-        return (f"  {event.gone}'s account is gone: message {event.id} now goes to "
+        # Named as the other status lines name a message (the id when its
+        # text is not at hand: accepted before a restart of this client).
+        about = f"({event.to}: {_brief(event.text)})" if event.text else f"message {event.id}"
+        return (f"  {event.gone}'s account is gone: {about} now goes to "
                 f"{event.recipients} member(s)", False)  # fmt: skip
     if isinstance(event, GroupChanged):
         return f"* #{event.group}: {event.describe()}", False

@@ -303,6 +303,7 @@ class RecipientsChanged:
     to: str
     recipients: int
     gone: str
+    text: str = ""  # the message's, to name it for a person ("" if not known here)
 
     def to_json(self) -> dict[str, Any]:
         return {"event": "recipients", "id": self.id, "group": self.to[1:],
@@ -2206,12 +2207,13 @@ class ClientCore:
         if recipients is None:
             return  # told before
         to = group_address(group)
+        text = ""
         if out is not None:
             out.recipients = recipients
-            to = out.to
+            to, text = out.to, out.text
             if out.state != MessageState.SENDING and out.delivered >= recipients:
                 self.outbox.pop(msg_id)  # every member left to have it has it
-        self._emit(RecipientsChanged(msg_id.label(), to, recipients, gone))
+        self._emit(RecipientsChanged(msg_id.label(), to, recipients, gone, text))
 
     # --- logout -----------------------------------------------------------------
 

@@ -20,7 +20,14 @@ import pytest
 
 from chat_client import _Group, event_to_text
 from chat_server import ServerConfig, start_line
-from client_core import Cancelled, GroupChanged, GroupUnchanged, MessageReceived, StatusChanged
+from client_core import (
+    Cancelled,
+    GroupChanged,
+    GroupUnchanged,
+    MessageReceived,
+    RecipientsChanged,
+    StatusChanged,
+)
 from client_groups_ui import GroupsUI
 from protocol import GroupAccept, GroupAction, GroupEvent, GroupInfo
 from server_store import MemoryStore, ServerStore
@@ -413,3 +420,15 @@ def test_cancel_takes_a_group_and_ends_what_has_not_left() -> None:
     net.settle(2.0)
     assert [e.state for e in alice.of(StatusChanged) if e.id == queued] == ["sending", "failed"]
     assert [m.text for m in bob.of(MessageReceived)] == ["in flight"]
+
+
+def test_the_account_gone_line_names_the_message_by_its_text() -> None:
+    """Without --json the line named the message by its opaque id (audit14
+    H1); the other status lines name it by its text, and so does this one
+    when the client has it (the id when it does not: after a restart)."""
+    event = RecipientsChanged("9-1", "#team", 1, "carol", "hello all of you, this is a long one")
+    assert event_to_text(event) == (
+        "  carol's account is gone: (#team: hello all of you, this is a l\u2026) now goes to "
+        "1 member(s)", False)  # fmt: skip
+    assert event.to_json() == {"event": "recipients", "id": "9-1", "group": "team",
+                               "recipients": 1, "gone": "carol"}  # fmt: skip
