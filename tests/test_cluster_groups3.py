@@ -176,3 +176,34 @@ def test_an_entry_announced_while_a_node_reads_the_groups_state_is_not_late(
     b.relay.group_waiting("team", group.epoch, 2, b.now)  # while the state's answer waits
     held.pop()()
     cluster.run_until(lambda: texts(bob) == ["first in #team"], 50, "bob has it at once")
+
+
+def test_what_an_ended_group_owes_comes_first_in_a_cluster_too(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """audit14 G1 on a node: carol, away, removed from #team, which then
+    ends while she is owed its rest; dave makes a new #team with her. At
+    her login the old group's rest comes before the new group's entries
+    (before: the new group's creation first, then "alice removed carol")."""
+    cluster = cluster_of(1)
+    a = cluster.nodes[0]
+    alice, bob = cluster.login(0, "alice"), cluster.login(0, "bob")
+    carol, dave = cluster.login(0, "carol"), cluster.login(0, "dave")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob", "carol").code == 0
+    cluster.settle()
+    a.logout(carol)
+    cluster.post(0, alice, "team", "old 1", 1)
+    cluster.settle()
+    assert cluster.request(0, alice, GroupAction.REMOVE, "team", "carol").code == 0
+    assert cluster.request(0, alice, GroupAction.LEAVE, "team").code == 0
+    assert cluster.request(0, bob, GroupAction.LEAVE, "team").code == 0
+    cluster.settle()
+    assert cluster.request(0, dave, GroupAction.CREATE, "team", "carol").code == 0
+    cluster.post(0, dave, "team", "new 1", 1)
+    cluster.settle()
+    carol = cluster.login(0, "carol")
+    cluster.run_until(lambda: len(entries(carol)) == 4, 300, "carol's four entries")
+    cluster.settle()
+    got = [(e[1], e[2]) for e in entries(carol)]
+    assert got == [("message", "alice"), ("removed", "alice"), ("created", "dave"),
+                   ("message", "dave")], got  # fmt: skip
