@@ -1084,7 +1084,7 @@ def _decode_frames(data: bytes, pos: int, end: int, tagged: bool) -> list[Frame]
             append(Stream(seq, stream, stream_seq, index, count, data[pos + fixed : stop]))
             pos = stop
             continue
-        if ftype == _ACK_TYPE and size == _ACK_FIXED.size:
+        if ftype == _ACK_TYPE and tagged and size == _ACK_FIXED.size:
             # An ACK with no ranges (nearly every one) in line too; one with
             # ranges, or any refusal, is its decoder's.
             largest_pkt, delay_us, una, ranges = _ACK_FIXED.unpack_from(data, pos)
