@@ -1041,6 +1041,7 @@ def decode_packet(data: bytes, key: bytes | None = None, header: Header | None =
 _STREAM_FIXED = struct.Struct("!QIIBB")
 #: An ACK frame's fixed fields and its range count (`Ack.SPEC`), likewise.
 _ACK_FIXED = struct.Struct("!QIQB")
+assert (FRAME_HEADER.size, _STREAM_FIXED.size, _ACK_FIXED.size) == (3, 18, 21)  # (`_decode_frames`)
 
 
 def decode_tagged(data: bytes, key: bytes) -> Packet:
@@ -1065,40 +1066,38 @@ def _decode_frames(data: bytes, pos: int, end: int, tagged: bool) -> list[Frame]
     read here in line, the same record and the same refusals as its
     generated decoder's (`_decoder_source`; tests/test_hot_path2.py holds
     the two together), without a dict lookup and a call per frame."""
+    # (Globals, not locals bound at the top: a datagram has one to three
+    # frames, and the binding cost more than it saved; issue 18.)
     frames: list[Frame] = []
-    append = frames.append
-    frame_header = FRAME_HEADER.unpack_from
-    stream_fixed = _STREAM_FIXED.unpack_from
-    decoders = _FRAME_DECODERS
-    head, fixed = FRAME_HEADER.size, _STREAM_FIXED.size
     while pos < end:
-        if pos + head > end:
+        if pos + 3 > end:  # FRAME_HEADER.size
             raise RemoteProtocolError("truncated frame header")
-        ftype, size = frame_header(data, pos)
-        pos += head
+        ftype, size = FRAME_HEADER.unpack_from(data, pos)
+        pos += 3
         stop = pos + size
         if stop > end:
             raise RemoteProtocolError("frame longer than the datagram")
-        if ftype == _STREAM_TYPE and tagged and size >= fixed:
-            seq, stream, stream_seq, index, count = stream_fixed(data, pos)
-            append(Stream(seq, stream, stream_seq, index, count, data[pos + fixed : stop]))
-            pos = stop
-            continue
-        if ftype == _ACK_TYPE and tagged and size == _ACK_FIXED.size:
-            # An ACK with no ranges (nearly every one) in line too; one with
-            # ranges, or any refusal, is its decoder's.
-            largest_pkt, delay_us, una, ranges = _ACK_FIXED.unpack_from(data, pos)
-            if not ranges:
-                append(Ack(largest_pkt, delay_us, una, ()))
+        if tagged:
+            if ftype == _STREAM_TYPE and size >= 18:  # _STREAM_FIXED.size
+                seq, stream, stream_seq, index, count = _STREAM_FIXED.unpack_from(data, pos)
+                frames.append(Stream(seq, stream, stream_seq, index, count, data[pos + 18 : stop]))
                 pos = stop
                 continue
-        entry = decoders.get(ftype)
+            if ftype == _ACK_TYPE and size == 21:  # _ACK_FIXED.size
+                # An ACK with no ranges (nearly every one) in line too; one
+                # with ranges, or any refusal, is its decoder's.
+                largest_pkt, delay_us, una, ranges = _ACK_FIXED.unpack_from(data, pos)
+                if not ranges:
+                    frames.append(Ack(largest_pkt, delay_us, una, ()))
+                    pos = stop
+                    continue
+        entry = _FRAME_DECODERS.get(ftype)
         if entry is None:
             raise RemoteProtocolError(f"unknown frame type {ftype}")
         decode, preauth, name = entry
         if not tagged and not preauth:
             raise RemoteProtocolError(f"{name} needs a session")
-        append(decode(data, pos, stop))
+        frames.append(decode(data, pos, stop))
         pos = stop
     if not frames:
         raise RemoteProtocolError("a datagram carries at least one frame")

@@ -37,10 +37,15 @@ import struct
 
 from protocol import (
     ACK_HEAD,
+    FLAG_MAC,
     FRAME_HEADER,
+    HEADER,
+    MAGIC,
     MAX_FRAMES_SIZE,
     MAX_TEXT_BYTES,
+    SESSION_ID_SIZE,
     STREAM_HEAD,
+    VERSION,
     Ack,
     BadTag,
     Frame,
@@ -56,7 +61,7 @@ from protocol import (
     decode_packet,
     encode_frame,
     encode_packet,
-    seal,
+    mac_tag,
     stream_frame,
 )
 
@@ -108,6 +113,7 @@ _STREAM_TYPE = int(FrameType.STREAM)  # (an int: an Enum class's attribute costs
 _STREAM_BODY = STREAM_HEAD.size - FRAME_HEADER.size  # a STREAM frame's length before its data
 #: An ACK frame with no ranges, packed in line (`protocol.ack_frame`'s bytes).
 _ACK_HEAD = ACK_HEAD
+_HEADER = HEADER
 _ACK_TYPE = int(FrameType.ACK)
 _ACK_BODY = ACK_HEAD.size - FRAME_HEADER.size
 #: An ACK riding on data carries at most this many ranges, so that a full
@@ -304,6 +310,8 @@ class Connection:
         budget: ReceiveBudget | None = None,
         track_resends: bool = False,
     ) -> None:
+        if len(session_id) != SESSION_ID_SIZE:
+            raise LocalProtocolError("a session id is 16 bytes")
         self.session_id = session_id
         self.key = key  # tags what we send
         # Tags what we receive: a key per direction, so a datagram of ours
@@ -726,7 +734,11 @@ class Connection:
             self._ack_due = None
             self._ack_count = 0
             self.chunks_sent += carried
-            out.append(seal(self.session_id, pkt, b"".join(parts), self.key))
+            # `seal(self.session_id, pkt, body, self.key)`, in line: the
+            # session id's size was checked once (`__init__`) and the body
+            # fits by construction (`room`).
+            data = _HEADER.pack(MAGIC, VERSION, FLAG_MAC, self.session_id, pkt) + b"".join(parts)
+            out.append(data + mac_tag(self.key, data))
         self.sent_count += len(out)
         return out
 
