@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import random
+import socket
 import sys
 import threading
 import time
@@ -27,9 +28,13 @@ from typing import Any
 
 import pytest
 
+import chat_server
 from chat_server import ChatServer
 from protocol import (
+    HEADER,
+    MAX_DATAGRAM,
     MAX_FRAMES_SIZE,
+    TAG_SIZE,
     Ack,
     Deliver,
     MsgId,
@@ -43,6 +48,7 @@ from protocol import (
     decode_packet,
     encode_frame,
     encode_packet,
+    mac_tag,
     seal,
 )
 from reliability import (
@@ -371,7 +377,6 @@ class OldConnection(Connection):
             self._recovery_pkt = self.next_pkt
 
 
-
 # --- the same datagrams, timers and events as the code before ---------------------
 
 SESSION = bytes(range(16))
@@ -619,3 +624,128 @@ def wait_for(condition: Any, what: str, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
         time.sleep(0.0005)
+
+
+# --- a live session's datagrams, sorted straight to it --------------------------
+
+
+def crafted(world: World, client: Client) -> dict[str, bytes]:
+    """Datagrams naming `client`'s session, one of each kind the sorting
+    in `Relay.receive_datagrams` meets (fresh packet numbers)."""
+    conn = client.conn
+    key, sid = conn.key, conn.session_id
+
+    def tagged(pkt: int, body: bytes) -> bytes:
+        head = HEADER.pack(b"UCHT", 2, 1, sid, pkt)
+        return head + body + mac_tag(key, head + body)
+
+    good = seal(sid, 10_000, encode_frame(Ping()), key)
+    return {
+        "good": good,
+        "bad tag": good[:-1] + bytes([good[-1] ^ 1]),
+        "no tag": HEADER.pack(b"UCHT", 2, 1, sid, 10_001),  # the header alone
+        "truncated header": HEADER.pack(b"UCHT", 2, 1, sid, 10_002)[:26],
+        "tag short by one": tagged(10_003, b"")[:-1],
+        "too long": tagged(10_004, encode_frame(Ping()) + bytes(MAX_DATAGRAM)),
+        "unknown frame": tagged(10_005, bytes([200, 0, 0])),
+        "no frame": tagged(10_006, b""),
+        "frame past the end": tagged(10_007, bytes([3, 0, 50]) + bytes(10)),
+        "bad ack": tagged(10_008, bytes([1, 0, 21]) + bytes(20) + b"\x01"),
+    }
+
+
+EXPECTED = {
+    "good": None,
+    "bad tag": "bad tag or frame",
+    "no tag": "bad tag or frame",
+    "truncated header": "malformed",
+    "tag short by one": "bad tag or frame",
+    "too long": "malformed",
+    "unknown frame": "bad tag or frame",
+    "no frame": "bad tag or frame",
+    "frame past the end": "bad tag or frame",
+    "bad ack": "bad tag or frame",
+}
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["receive_datagrams", "receive_datagram"])
+def test_a_sessions_datagrams_are_judged_as_by_the_general_path(batched: bool) -> None:
+    """Each kind gets the drop reason the general path (`_receive`:
+    `decode_header`, then `decode_packet`) gives it, whichever entry the
+    loop uses, and a good one is taken once (its copy is a replay)."""
+    world = World()
+    alice = world.login("alice")
+    relay = world.relay
+    datagrams = crafted(world, alice)
+    assert len(datagrams["too long"]) > MAX_DATAGRAM
+    assert HEADER.size <= len(datagrams["no tag"]) < HEADER.size + TAG_SIZE
+    for kind, data in datagrams.items():
+        before = relay.drops.counts.copy()
+        if batched:
+            relay.receive_datagrams([(data, alice.addr)], world.now)
+        else:
+            relay.receive_datagram(data, alice.addr, world.now)
+        new = relay.drops.counts - before
+        expected = EXPECTED[kind]
+        assert new == (collections.Counter({expected: 1}) if expected else {}), kind
+    session = world.session_of(alice)
+    assert session.last_heard == world.now
+    before = relay.drops.counts.copy()
+    relay.receive_datagrams([(datagrams["good"], alice.addr)], world.now)
+    assert relay.drops.counts - before == {"replayed or refused": 1}
+
+
+def test_a_batch_takes_its_sessions_datagrams_and_answers_strangers() -> None:
+    """Beside a live session's datagram sorted straight to it, a datagram
+    with a session's prefix and an id the server does not know is answered
+    as before (UNKNOWN_SESSION: log in again), and the counters count both."""
+    world = World()
+    alice = world.login("alice")
+    relay = world.relay
+    ping = seal(alice.conn.session_id, 20_000, encode_frame(Ping()), alice.conn.key)
+    stranger = seal(bytes(15) + b"\x01", 1, encode_frame(Ping()), bytes(32))
+    heard = world.session_of(alice).last_heard
+    world.now += 1.0
+    datagrams_in, bytes_in = relay.stats["datagrams_in"], relay.stats["bytes_in"]
+    relay.receive_datagrams([(stranger, ("203.0.113.9", 1)), (ping, alice.addr)], world.now)
+    assert world.session_of(alice).last_heard == world.now != heard
+    assert relay.drops.counts["unknown session"] == 1
+    out = relay.datagrams_to_send(world.now)
+    assert [a for _, a in out].count(("203.0.113.9", 1)) == 1  # the hint to log in again
+    assert relay.stats["datagrams_in"] - datagrams_in == 2
+    assert relay.stats["bytes_in"] - bytes_in == len(ping) + len(stranger)
+
+
+# --- the loop's sleep -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("poll", [True, False], ids=["poll", "select"])
+def test_the_loops_wait_reports_what_is_readable(
+    poll: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_waiter`: nothing ready within a zero timeout; the server's socket
+    when a datagram waits; the wake socket when it was written; both at
+    once. Without `select.poll` (Windows), `select.select` does the same."""
+    if not poll:
+        monkeypatch.delattr(chat_server.select, "poll", raising=False)
+    server_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wake_r, wake_w = socket.socketpair()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        server_sock.bind(("127.0.0.1", 0))
+        server_sock.setblocking(False)
+        wait = chat_server._waiter(server_sock.fileno(), wake_r.fileno())
+        assert wait(0.0) == []
+        sender.sendto(b"x", server_sock.getsockname())
+        assert [fd for fd, _ in wait(2000.0)] == [server_sock.fileno()]
+        wake_w.send(b"x")
+        assert sorted(fd for fd, _ in wait(2000.0)) == sorted(
+            [server_sock.fileno(), wake_r.fileno()]
+        )
+        server_sock.recvfrom(100)
+        assert [fd for fd, _ in wait(2000.0)] == [wake_r.fileno()]
+        wake_r.recv(10)
+        assert wait(1.0) == []  # (a millisecond: rounded up, never busy)
+    finally:
+        for s in (server_sock, wake_r, wake_w, sender):
+            s.close()
