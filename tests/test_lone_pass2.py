@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import random
+import select
 import socket
 import sys
 import threading
@@ -727,7 +728,7 @@ def test_the_loops_wait_reports_what_is_readable(
     when a datagram waits; the wake socket when it was written; both at
     once. Without `select.poll` (Windows), `select.select` does the same."""
     if not poll:
-        monkeypatch.delattr(chat_server.select, "poll", raising=False)
+        monkeypatch.delattr(select, "poll", raising=False)
     server_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     wake_r, wake_w = socket.socketpair()
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
