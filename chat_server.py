@@ -801,7 +801,19 @@ class Relay:
                          now - session.last_heard)  # fmt: skip
                 self._end_session(session, now)
                 continue
-            session.conn.handle_timer(now)
+            conn = session.conn
+            timer = conn.get_timer()
+            if timer is None or timer > now:
+                # Nothing of the connection's is due: the entry was set for
+                # what has happened since (a delayed ack that rode on data,
+                # the RTO of chunks acked since: one such entry per lone
+                # message, issue 18), or for the session's expiry check. Its
+                # timers would do nothing and `datagrams_to_send` would send
+                # nothing (both go by the deadlines `get_timer` gives): set
+                # the next entry, no more.
+                self._schedule(session, now)
+                continue
+            conn.handle_timer(now)
             self._collect(session, session.addr, now)
             self._dirty[session_id] = session
 

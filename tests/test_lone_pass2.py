@@ -750,3 +750,80 @@ def test_the_loops_wait_reports_what_is_readable(
     finally:
         for s in (server_sock, wake_r, wake_w, sender):
             s.close()
+
+
+# --- timers that have nothing left to do ----------------------------------------
+
+
+def test_a_timer_entry_with_nothing_due_runs_no_connection_timers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A receipt's ack is delayed (RFC 9000: MAX_ACK_DELAY): an entry in the
+    relay's timer heap for the session. When the next message's DELIVER
+    carried that ack before the delay was over, the entry comes up with
+    nothing of the connection's due: the relay sets the next entry and runs
+    none of its timers, events or sends (the code before ran them all, for
+    nothing: once per message at a chat-like pace). The ack that is due
+    still goes at its time, and a DELIVER never acked is sent again at its
+    RTO, as before."""
+    world = World()
+    bob = world.login("bob")
+    alice = world.login("alice")
+    relay = world.relay
+    instance = world.session_of(alice).instance_id
+    runs: list[str] = []
+    names = {world.session_of(c).session_id: c.name for c in (alice, bob)}
+    handle_timer = Connection.handle_timer
+
+    def counted(conn: Connection, now: float) -> None:
+        runs.append(names.get(conn.session_id, "?"))
+        handle_timer(conn, now)
+
+    monkeypatch.setattr(Connection, "handle_timer", counted)
+
+    def one_pass(client: Client) -> list[tuple[bytes, Any]]:
+        datagrams = [(d, client.addr) for d in client.conn.datagrams_to_send(world.now)]
+        relay.receive_datagrams(datagrams, world.now)
+        relay.handle_timer(world.now)
+        out = relay.datagrams_to_send(world.now)
+        relay.flush_store(world.now)
+        return out
+
+    def message(n: int) -> None:
+        alice.send(Send(MsgId(instance, n), "bob", f"message {n}"), conversation_stream("bob"))
+        world._to_clients(one_pass(alice))  # the SEND in, its DELIVER (and ACCEPT) out
+        world._to_clients(one_pass(bob))  # the RECEIPT in (its ack delayed), the DELIVERED out
+
+    bob_session = world.session_of(bob)
+    message(1)
+    first = world.now
+    assert bob_session.scheduled == pytest.approx(first + MAX_ACK_DELAY)
+    world.now += 0.001
+    message(2)  # its DELIVER carries the first RECEIPT's ack; the second's waits
+    assert bob_session.conn.get_timer() == pytest.approx(world.now + MAX_ACK_DELAY)
+    world.now = first + MAX_ACK_DELAY + 0.0001
+    relay.handle_timer(world.now)  # the first entry comes up: nothing due
+    assert runs == []
+    assert relay.datagrams_to_send(world.now) == []
+    assert bob_session.scheduled == pytest.approx(first + 0.001 + MAX_ACK_DELAY)
+    world.now = first + 0.001 + MAX_ACK_DELAY
+    relay.handle_timer(world.now)  # the second RECEIPT's ack: due
+    assert runs == ["bob"]
+    (ack,) = [d for d, a in relay.datagrams_to_send(world.now) if a == bob.addr]
+    bob_key = bob_session.conn.key
+    assert [f.__class__ for f in decode_packet(ack, bob_key).frames] == [Ack]
+
+    # A DELIVER bob never acks is sent again at its RTO.
+    alice.send(Send(MsgId(instance, 3), "bob", "again"), conversation_stream("bob"))
+    sent = [d for d, a in one_pass(alice) if a == bob.addr]
+    assert len(sent) == 1
+    world.now += bob_session.conn.rto + 0.001
+    relay.handle_timer(world.now)
+    assert runs.count("bob") == 2
+    again = [d for d, a in relay.datagrams_to_send(world.now) if a == bob.addr]
+
+    def chunks(datagrams: list[bytes]) -> list[int]:
+        return [f.seq for d in datagrams for f in decode_packet(d, bob_key).frames
+                if isinstance(f, Stream)]  # fmt: skip
+
+    assert chunks(again) == chunks(sent) != []
