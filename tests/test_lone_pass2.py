@@ -827,3 +827,58 @@ def test_a_timer_entry_with_nothing_due_runs_no_connection_timers(
                 if isinstance(f, Stream)]  # fmt: skip
 
     assert chunks(again) == chunks(sent) != []
+
+
+def test_a_pass_that_did_not_sleep_looks_before_it_reads_again() -> None:
+    """A pass whose select returned at once, or the SINGLE_READS-th pass in
+    a row that read one datagram, reads until the socket is empty (flat out,
+    its datagrams batch); but before its second read it looks (`poll` with
+    no timeout): with one datagram queued, as when a lone message's reply
+    comes while the loop finishes a pass, no read finds the socket empty.
+    The code before read again and raised BlockingIOError (~1.8 times per
+    lone message in the benchmark). Here one datagram at a time comes while
+    the loop is held (so each pass reads one): every SINGLE_READS-th pass
+    reads on, and finds no second datagram."""
+    from tests.test_lone_pass import CountingSocket
+
+    server = ChatServer(("127.0.0.1", 0), server_config(None))
+    counting = CountingSocket(server.socket)
+    server.socket = counting  # type: ignore[assignment]
+    stats = server.relay.stats
+    hold_at: list[int] = []  # hold the pass after this many datagrams were taken
+    held = threading.Event()
+    release = threading.Event()
+    timeout = server._timeout
+
+    def held_timeout(now: float) -> float:
+        if hold_at and stats["datagrams_in"] >= hold_at[0]:
+            hold_at.clear()
+            held.set()
+            release.wait(10)
+        return timeout(now)
+
+    server._timeout = held_timeout  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="test-server")
+    thread.start()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rounds = ChatServer.SINGLE_READS
+        for _ in range(rounds):
+            taken = stats["datagrams_in"]
+            held.clear()
+            release.clear()
+            hold_at.append(taken + 1)
+            sender.sendto(b"\x00", server.address)  # wakes the loop; the pass after waits
+            assert held.wait(10)
+            sender.sendto(b"\x00", server.address)  # queued while it waits
+            release.set()
+            wait_for(lambda t=taken: stats["datagrams_in"] == t + 2 and server._sleeping, "read")
+        # 2 * SINGLE_READS passes that each found one datagram: at least one
+        # of them read on (the code before: and found nothing).
+        assert (counting.reads, counting.empty_reads) == (2 * rounds, 0)
+    finally:
+        release.set()
+        sender.close()
+        server.shutdown()
+        thread.join(5)
+        server.close()
