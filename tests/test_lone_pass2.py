@@ -882,3 +882,16 @@ def test_a_pass_that_did_not_sleep_looks_before_it_reads_again() -> None:
         server.shutdown()
         thread.join(5)
         server.close()
+
+
+def test_the_lone_calls_benchmark_counts_the_loops_thread() -> None:
+    """`python -m bench.lone_calls` (the figures of bench/README.md's
+    sixth-session section) runs: a few lone messages through a real loop,
+    counted on its thread only."""
+    from bench.lone_calls import measure
+
+    figures, counts = measure(5, "calls")
+    assert figures["messages"] == 5
+    assert figures["datagrams_in_per_msg"] >= 2 and figures["passes_per_msg"] >= 1
+    assert figures["per_msg"] == sum(counts.values()) / 5 > 0
+    assert any(key.startswith("receive_datagrams (chat_server.py") for key in counts)
