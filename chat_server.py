@@ -35,9 +35,10 @@ import gc
 import heapq
 import itertools
 import logging
+import math
 import os
 import secrets
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -56,13 +57,16 @@ from protocol import (
     FLAG_MAC,
     GROUP_BATCH_ENTRY_OVERHEAD,
     GROUP_PAGE_MAX,
+    HEADER,
     MAGIC,
+    MAX_DATAGRAM,
     MAX_FRAMES_SIZE,
     MAX_TEXT_BYTES,
     MIN_PREAUTH_REQUEST,
     NO_SESSION,
     PBKDF2_ITERATIONS,
     PBKDF2_MIN_ITERATIONS,
+    TAG_SIZE,
     VERSION,
     WHO_PAGE_MAX,
     Accept,
@@ -118,6 +122,7 @@ from protocol import (
     decode_header,
     decode_message,
     decode_packet,
+    decode_tagged,
     encode_deliver,
     encode_message,
     encode_packet,
@@ -279,6 +284,8 @@ SHUTDOWN_COMMIT_WAIT = 2.0  # seconds a stopping server waits for its last commi
 SHORT_OF_MEMORY = "the server is short of memory; your messages wait"
 #: The first 6 bytes of every datagram of a session: magic, version, MAC flag.
 SESSION_PREFIX = MAGIC + bytes((VERSION, FLAG_MAC))
+#: The smallest datagram a session's can be: its header and its MAC tag.
+_TAGGED_MIN = HEADER.size + TAG_SIZE
 # What a session is handed from its mailbox and has not receipted yet, at
 # most; the rest waits on the disk and comes a page at a time as receipts
 # make room, so RAM holds a bounded working set whatever the mailboxes hold.
@@ -429,6 +436,7 @@ class _GroupHolds:
 
 #: `chunk_cost`: (messages, requests, bytes, any of a SEND).
 ChunkCost = tuple[int, int, int, bool]
+_NO_COST: ChunkCost = (0, 0, 0, False)
 
 
 def chunk_cost(chunks: list[Stream]) -> ChunkCost:
@@ -686,9 +694,32 @@ class Relay:
         first, then the rest (pre-login, unknown sessions, garbage), which
         the pre-login budget may drop. A pre-login flood then delays no
         session's datagram of the same pass."""
+        self._now = now
+        stats, sessions = self.stats, self.sessions
         later: list[tuple[bytes, Address]] = []
         for data, addr in datagrams:
-            if self._for_session(data):
+            # `_for_session`, and then `receive_datagram` without asking it
+            # again: a live session's datagram of a plausible size goes
+            # straight to its session (no `Header` record, `decode_tagged`).
+            if data[:6] == SESSION_PREFIX and (session := sessions.get(data[6:22])) is not None:
+                size = len(data)
+                if _TAGGED_MIN <= size <= MAX_DATAGRAM:
+                    stats["datagrams_in"] += 1
+                    stats["bytes_in"] += size
+                    try:
+                        try:
+                            packet = decode_tagged(data, session.conn.peer_key)
+                        except RemoteProtocolError as exc:
+                            self.drops("bad tag or frame", addr, now, exc)
+                            continue
+                        self._receive_packet(session, packet, data, addr, now)
+                    except RemoteProtocolError as exc:
+                        self.drops("malformed", addr, now, exc)
+                    except Exception:  # the loop must never die on input
+                        log.exception("bug while handling a datagram from %s",
+                                      format_address(*addr))  # fmt: skip
+                        self.drops("internal error", addr, now)
+                    continue
                 self.receive_datagram(data, addr, now)
             else:
                 later.append((data, addr))
@@ -736,13 +767,16 @@ class Relay:
         `key_exchange_done`), so an owner that only pumps the four aioquic
         methods loses none; the socket loop also calls those when woken."""
         self.store_done(now)
-        self.key_exchange_done(now)
+        if self.key_exchanges.waiting:  # (`key_exchange_done` when it has something)
+            self.key_exchange_done(now)
         if self._fanout_due is not None and now >= self._fanout_due:
             self._fan_out_due(now)  # what the pass committed to groups (`_fan_out_soon`)
         self._send_batches()
         out, self._out = self._out, []
+        size = sum([len(d) for d, _ in out]) if out else 0
         dirty, self._dirty = self._dirty, {}
         sessions = self.sessions
+        append = out.append
         for session in dirty.values():
             if sessions.get(session.session_id) is not session:
                 continue
@@ -751,7 +785,9 @@ class Relay:
             datagrams = session.conn.datagrams_to_send(now)
             if datagrams:
                 addr = session.addr
-                out.extend([(datagram, addr) for datagram in datagrams])
+                for datagram in datagrams:
+                    append((datagram, addr))
+                    size += len(datagram)
             if session.closing:
                 self._end_session(session, now)
             else:
@@ -759,7 +795,7 @@ class Relay:
         if out:
             stats = self.stats
             stats["datagrams_out"] += len(out)
-            stats["bytes_out"] += sum([len(d) for d, _ in out])
+            stats["bytes_out"] += size
         return out
 
     def get_timer(self) -> float | None:
@@ -782,9 +818,10 @@ class Relay:
         submitted (`MessageStore.flush`), unless receipts of messages just
         handed over may still join it (COMMIT_WAIT; `get_timer` says when
         the wait ends: `handle_timer` ends it)."""
-        if self._expecting and self._hold_until is not None and now < self._hold_until:
-            return
-        self._expecting.clear()
+        if self._expecting:
+            if self._hold_until is not None and now < self._hold_until:
+                return
+            self._expecting.clear()
         self._hold_until = None
         self.store.flush()
 
@@ -810,7 +847,19 @@ class Relay:
                          now - session.last_heard)  # fmt: skip
                 self._end_session(session, now)
                 continue
-            session.conn.handle_timer(now)
+            conn = session.conn
+            timer = conn.get_timer()
+            if timer is None or timer > now:
+                # Nothing of the connection's is due: the entry was set for
+                # what has happened since (a delayed ack that rode on data,
+                # the RTO of chunks acked since: one such entry per lone
+                # message, issue 18), or for the session's expiry check. Its
+                # timers would do nothing and `datagrams_to_send` would send
+                # nothing (both go by the deadlines `get_timer` gives): set
+                # the next entry, no more.
+                self._schedule(session, now)
+                continue
+            conn.handle_timer(now)
             self._collect(session, session.addr, now)
             self._dirty[session_id] = session
 
@@ -1008,12 +1057,22 @@ class Relay:
         except RemoteProtocolError as exc:
             self.drops("bad tag or frame", addr, now, exc)
             return
+        self._receive_packet(session, packet, data, addr, now)
+
+    def _receive_packet(
+        self, session: Session, packet: Packet, data: bytes, addr: Address, now: float
+    ) -> None:
+        """A datagram of `session` (`data`), verified and decoded (`packet`)."""
         # Over a limit, the datagram's chunks are not recorded or acked (the
         # client resends them later); its acks are taken all the same.
         conn = session.conn
         new = conn.unseen(packet.frames)
-        cost = chunk_cost(new)
-        take = self._may_take(session, new, cost, now)
+        if not new:  # acks, pings, copies: nothing to pay for or withhold
+            take = True
+            cost: ChunkCost = _NO_COST
+        else:
+            cost = chunk_cost(new)
+            take = self._may_take(session, new, cost, now)
         taken_before = conn.chunks_taken
         fresh = conn.receive_packet(packet, now, data=take)
         if take and new:
@@ -2494,8 +2553,8 @@ class Relay:
         # timeout) later than session_timeout.
         grid = self._expiry_grid
         deadline = ((session.last_heard + self.config.session_timeout) // grid + 1) * grid
-        if timer is not None:
-            deadline = min(deadline, max(timer, now))
+        if timer is not None and timer < deadline:  # min(deadline, max(timer, now))
+            deadline = timer if timer > now else now
         if session.scheduled is None or deadline < session.scheduled:
             session.scheduled = deadline
             heapq.heappush(self._timers, (deadline, next(self._tiebreak), session.session_id))
@@ -4455,6 +4514,28 @@ LOGIN_FAILURES = (
 )
 
 
+def _waiter(*fds: int) -> Callable[[float], list[tuple[int, int]]]:
+    """The loop's sleep: wait up to `timeout` milliseconds for any of `fds`
+    (the server's socket, the wake socket) to be readable; (file
+    descriptor, events) for the ready ones. `select.poll`'s own `poll` where
+    there is one: a system call and one C call a pass (`selectors` adds ~8
+    Python calls to each, issue 18); `select.select` elsewhere (Windows).
+    Timeouts round up to the millisecond either way, as `selectors`' did, so
+    the loop never wakes before a deadline to find nothing due."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return poller.poll
+    watched = list(fds)
+
+    def select_wait(timeout: float) -> list[tuple[int, int]]:
+        ready, _, _ = select.select(watched, [], [], math.ceil(timeout) / 1000)
+        return [(fd, 1) for fd in ready]
+
+    return select_wait
+
+
 class ChatServer:
     """A relay bound to a UDP address (port 0 picks a free one; `.address` is
     the real one). `serve_forever()` runs the loop on the calling thread until
@@ -4598,25 +4679,27 @@ class ChatServer:
     def serve_forever(self) -> None:
         relay = self.relay
         stats = relay.stats
-        selector = selectors.DefaultSelector()
-        selector.register(self.socket, selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
+        sock_fd = self.socket.fileno()
+        wait = _waiter(sock_fd, self._wake_r.fileno())
+        more = _waiter(sock_fd)  # (with a zero timeout: is another datagram there?)
         recvfrom = self.socket.recvfrom
+        sendto = self.socket.sendto
         single = 0  # passes in a row that read one datagram (below)
         try:
             while not self._stopping:
                 # The store's batch is handed over last, just before the
                 # loop sleeps: the store thread it wakes then finds the GIL
                 # free instead of waiting for it (a futex round trip and a
-                # context switch per commit, issue 18).
+                # context switch per commit, issue 18). One clock reading
+                # serves the flush, the timeout and the measure of the sleep
+                # (they take a few microseconds).
                 before = time.monotonic()
                 relay.flush_store(before)  # after the sends: see ServerStore.flush
                 timeout = self._timeout(before)
                 self._sleeping = True
                 if self._woken:  # completions came while this pass ran
                     timeout = 0.0
-                before = time.monotonic()
-                ready = selector.select(timeout)
+                ready = wait(timeout * 1000.0)  # (in milliseconds)
                 self._sleeping = self._woken = False
                 now = time.monotonic()
                 stats["loop_passes"] += 1
@@ -4624,8 +4707,8 @@ class ChatServer:
                 # pass has one thing to do, and every read that finds
                 # nothing costs a system call and a raised BlockingIOError.
                 socket_ready = False
-                for key, _ in ready:
-                    if key.fileobj is self.socket:
+                for fd, _ in ready:
+                    if fd == sock_fd:
                         socket_ready = True
                     else:
                         stats["loop_wakeups"] += 1
@@ -4649,9 +4732,16 @@ class ChatServer:
                     # process ran Python): so after SINGLE_READS passes of
                     # one read, one reads on, and while such reads find
                     # more than one datagram, every pass does.
+                    # Before the second read, one look: a lone datagram's
+                    # pass often did not sleep (the reply to what it had just
+                    # sent came while it finished), and a read that finds
+                    # nothing costs a raised BlockingIOError besides its
+                    # system call (issue 18: ~1.8 of them per lone message).
                     slept = now - before > self.SLEPT
                     reads = 1 if slept and single < self.SINGLE_READS else self.READ_BATCH
-                    for _ in range(reads):
+                    for i in range(reads):
+                        if i == 1 and not more(0.0):
+                            break
                         try:
                             data, addr = recvfrom(65535)
                         except (BlockingIOError, InterruptedError):
@@ -4667,17 +4757,21 @@ class ChatServer:
                         single = 0 if len(batch) <= 1 else self.SINGLE_READS
                 if batch:
                     relay.receive_datagrams(batch, now)  # sessions' datagrams first
-                self._sample_memory(now)
+                if now >= self._memory_due:
+                    self._sample_memory(now)
                 # (the store's and the key exchanges' completions: in datagrams_to_send)
                 relay.handle_timer(now)
-                self._send_all(relay.datagrams_to_send(now))
+                for datagram, addr in relay.datagrams_to_send(now):  # `_send_all`, in line
+                    try:
+                        sendto(datagram, addr)
+                    except OSError as exc:  # a full buffer or an unreachable peer: the
+                        log.debug("sendto %s: %s", addr, exc)  # protocol resends
             self._sleeping = True  # from here on every completion writes its wake
-            self._commit_before_leaving(selector)
+            self._commit_before_leaving(wait)
             now = time.monotonic()
             relay.send_shutdown(now)
             self._send_all(relay.datagrams_to_send(now))
         finally:
-            selector.close()
             self._stopped = True
 
     def _timeout(self, now: float) -> float:
@@ -4690,10 +4784,14 @@ class ChatServer:
         that wait was over (up to COMMIT_WAIT, each LAZY_HOLD)."""
         deadline = self.relay.get_timer()
         if self.store is not None and (due := self.store.flush_due) is not None and due > now:
-            deadline = due if deadline is None else min(deadline, due)
-        return 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            if deadline is None or due < deadline:
+                deadline = due
+        if deadline is None:
+            return 1.0
+        timeout = deadline - now  # (in [0, 1]: min and max written out, once a pass)
+        return 1.0 if timeout > 1.0 else timeout if timeout > 0.0 else 0.0
 
-    def _commit_before_leaving(self, selector: selectors.BaseSelector) -> None:
+    def _commit_before_leaving(self, wait: Callable[[float], list[tuple[int, int]]]) -> None:
         """On the way out, before the BYE: let the store commit what the
         loop queued (up to SHUTDOWN_COMMIT_WAIT) and send its ACCEPTs. A
         client told BYE with a message still unaccepted keeps it and waits
@@ -4713,7 +4811,7 @@ class ChatServer:
             if now >= deadline:
                 log.warning("stopping with writes not committed yet: their ACCEPTs are not sent")
                 return
-            selector.select(min(0.05, deadline - now))  # the store's notify() wakes it
+            wait(min(50.0, (deadline - now) * 1000.0))  # the store's notify() wakes it
             try:
                 while self._wake_r.recv(4096):
                     pass

@@ -36,10 +36,16 @@ import dataclasses
 import struct
 
 from protocol import (
+    ACK_HEAD,
+    FLAG_MAC,
     FRAME_HEADER,
+    HEADER,
+    MAGIC,
     MAX_FRAMES_SIZE,
     MAX_TEXT_BYTES,
+    SESSION_ID_SIZE,
     STREAM_HEAD,
+    VERSION,
     Ack,
     BadTag,
     Frame,
@@ -55,7 +61,7 @@ from protocol import (
     decode_packet,
     encode_frame,
     encode_packet,
-    seal,
+    mac_tag,
     stream_frame,
 )
 
@@ -76,6 +82,7 @@ INITIAL_CWND = 16  # datagrams; QUIC starts at 10 (RFC 9002 7.2)
 MAX_CWND = 64  # datagrams in flight per peer
 MIN_CWND = 4
 REPLAY_WINDOW = 64  # RFC 4303 recommends 64
+_REPLAY_MASK = (1 << REPLAY_WINDOW) - 1
 MAX_ACK_RANGES = 16
 UNREACHABLE_AFTER = 30.0  # ENet TIMEOUT_MAXIMUM: no ack for this long ...
 UNREACHABLE_RTOS = 10  # ... or this many timeouts in a row (KCP IKCP_DEADLINK 20)
@@ -104,6 +111,11 @@ STREAM_OVERHEAD = FRAME_HEADER.size + 18
 _STREAM_HEAD = STREAM_HEAD  # (`send` packs a one-chunk message's frame itself)
 _STREAM_TYPE = int(FrameType.STREAM)  # (an int: an Enum class's attribute costs ~0.2 us on 3.11)
 _STREAM_BODY = STREAM_HEAD.size - FRAME_HEADER.size  # a STREAM frame's length before its data
+#: An ACK frame with no ranges, packed in line (`protocol.ack_frame`'s bytes).
+_ACK_HEAD = ACK_HEAD
+_HEADER = HEADER
+_ACK_TYPE = int(FrameType.ACK)
+_ACK_BODY = ACK_HEAD.size - FRAME_HEADER.size
 #: An ACK riding on data carries at most this many ranges, so that a full
 #: fragment and its ACK fit one datagram; an ACK alone carries all 16.
 DATA_ACK_RANGES = 4
@@ -298,6 +310,8 @@ class Connection:
         budget: ReceiveBudget | None = None,
         track_resends: bool = False,
     ) -> None:
+        if len(session_id) != SESSION_ID_SIZE:
+            raise LocalProtocolError("a session id is 16 bytes")
         self.session_id = session_id
         self.key = key  # tags what we send
         # Tags what we receive: a key per direction, so a datagram of ours
@@ -452,11 +466,17 @@ class Connection:
 
     @property
     def rto(self) -> float:
-        if self._srtt is None:
+        # min(rto_max, max(rto_min, srtt + max(K * rttvar, G) + max_ack_delay)),
+        # written out: this is asked for every timer a session sets.
+        srtt = self._srtt
+        if srtt is None:
             base = INITIAL_RTO
         else:
-            base = self._srtt + max(RTT_K * self._rttvar, 0.001) + MAX_ACK_DELAY
-        return min(self.rto_max, max(self.rto_min, base))
+            spread = RTT_K * self._rttvar
+            base = srtt + (spread if spread > 0.001 else 0.001) + MAX_ACK_DELAY
+        if base < self.rto_min:
+            base = self.rto_min
+        return self.rto_max if base > self.rto_max else base
 
     @property
     def srtt(self) -> float | None:
@@ -528,13 +548,24 @@ class Connection:
         so a withheld peer's retransmissions follow our sends, not a loop."""
         pkt = packet.pkt_num
         self._now = now
-        if not self._replay_check(pkt):
-            # A duplicate or a replay: change nothing, but re-ack (the first
-            # ack may have been lost).
-            if any(isinstance(f, (Stream, Ping) if data else Ping) for f in packet.frames):
-                self._ack_due = now
-            return False
-        self._replay_mark(pkt)
+        # `_replay_check` and `_replay_mark`, in line (every datagram).
+        top = self._replay_top
+        if pkt > top:
+            shift = pkt - top
+            if shift >= REPLAY_WINDOW:
+                self._replay_bits = 1
+            else:
+                self._replay_bits = ((self._replay_bits << shift) | 1) & _REPLAY_MASK
+            self._replay_top = pkt
+        else:
+            offset = top - pkt
+            if offset >= REPLAY_WINDOW or (self._replay_bits >> offset) & 1:
+                # A duplicate or a replay: change nothing, but re-ack (the
+                # first ack may have been lost).
+                if any(isinstance(f, (Stream, Ping) if data else Ping) for f in packet.frames):
+                    self._ack_due = now
+                return False
+            self._replay_bits |= 1 << offset
         if self._backoff:
             # The peer is back: stop backing off and resend the oldest at once.
             self._backoff = 0
@@ -610,28 +641,41 @@ class Connection:
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """Every datagram due now: retransmissions first, then new chunks as
         far as the windows allow, each with the current ACK riding along."""
+        if self._waiting:
+            self._admit_waiting()
+        inflight = self._inflight
+        if not inflight:
+            # Nothing of ours is outstanding: the unreachable clock starts now,
+            # not at the last ack before an idle spell.
+            self._last_progress = now
+            ack_due = self._ack_due
+            if (ack_due is None or ack_due > now) and not self._ping and not self._path_responses:
+                # Nothing due: most calls when traffic is light (the side
+                # that only took a datagram, its ack delayed), at the cost
+                # of a few tests instead of the walk below (issue 18).
+                return []
         out: list[bytes] = []
-        self._admit_waiting()
-        # One pass for what is due (in seq order), the datagrams still in
-        # flight (`_packet_budget`'s count) and whether anything was sent
-        # before (chunks just admitted were not: their pkt_num is -1).
+        # One pass for what is due (in seq order), whether any chunk is
+        # outstanding (sent, not lost) and whether anything was sent before
+        # (chunks just admitted were not: their pkt_num is -1).
         queue: list[_Chunk] = []
-        flying = set()
-        resends = False
-        for c in self._inflight.values():
+        outstanding = resends = False
+        for c in inflight.values():
             if c.lost:
                 queue.append(c)
                 if c.pkt_num >= 0:
                     resends = True
             else:
-                flying.add(c.pkt_num)
-        if not flying and not resends:
-            # Nothing of ours was outstanding: the unreachable clock starts now,
-            # not at the last ack before an idle spell.
-            self._last_progress = now
+                outstanding = True
+        if not outstanding and not resends:
+            self._last_progress = now  # (as above)
         queued = len(queue)
         at = 0  # queue[at:] is still to go
-        budget = int(self._cwnd) - len(flying)
+        # The congestion window's room: datagrams with chunks in flight
+        # (`_packet_budget`), counted only when there is something to send.
+        budget = int(self._cwnd)
+        if queued and outstanding:
+            budget -= len({c.pkt_num for c in inflight.values() if not c.lost})
         while (
             (at < queued and budget > 0)
             or (self._ack_due is not None and self._ack_due <= now)  # `_ack_is_due`
@@ -646,7 +690,18 @@ class Connection:
             else:
                 parts, room = [], MAX_FRAMES_SIZE
             if self._largest_recv:
-                ack = self._ack_frame(now, DATA_ACK_RANGES if at < queued else MAX_ACK_RANGES)
+                if self._above:
+                    ack = self._ack_frame(now, DATA_ACK_RANGES if at < queued else MAX_ACK_RANGES)
+                else:
+                    # `_ack_frame` with no ranges (nothing taken out of
+                    # order: nearly always), in line.
+                    delay_us = int((now - self._largest_recv_at) * 1e6)
+                    if delay_us < 0:
+                        delay_us = 0
+                    elif delay_us > 0xFFFFFFFF:
+                        delay_us = 0xFFFFFFFF
+                    ack = _ACK_HEAD.pack(_ACK_TYPE, _ACK_BODY, self._largest_recv, delay_us,
+                                         self._una, 0)  # fmt: skip
                 parts.append(ack)
                 room -= len(ack)
             pkt = self.next_pkt
@@ -679,43 +734,59 @@ class Connection:
             self._ack_due = None
             self._ack_count = 0
             self.chunks_sent += carried
-            out.append(seal(self.session_id, pkt, b"".join(parts), self.key))
+            # `seal(self.session_id, pkt, body, self.key)`, in line: the
+            # session id's size was checked once (`__init__`) and the body
+            # fits by construction (`room`).
+            data = _HEADER.pack(MAGIC, VERSION, FLAG_MAC, self.session_id, pkt) + b"".join(parts)
+            out.append(data + mac_tag(self.key, data))
         self.sent_count += len(out)
         return out
 
     def get_timer(self) -> float | None:
         """When `handle_timer` or `datagrams_to_send` must run next (None:
         nothing pending; a time in the past: at once)."""
-        deadlines = []
-        if self._ack_due is not None:
-            deadlines.append(self._ack_due)
+        inflight = self._inflight
         if self._ping or self._path_responses:
-            deadlines.append(0.0)
-        # One pass for `_oldest_outstanding`, `_packet_budget` and whether
-        # any chunk is due (this is asked after every datagram either way).
+            return 0.0  # at once: nothing is earlier
+        timer = self._ack_due
+        if not inflight and not self._waiting and not self._partial:
+            return timer  # nothing of ours on its way: the delayed ack, if any
+        # One pass for `_oldest_outstanding` and whether any chunk is due
+        # (this is asked after every datagram either way).
         oldest_sent = None
-        flying = set()
-        due = False
-        for c in self._inflight.values():
+        due = outstanding = False
+        for c in inflight.values():
             if c.lost:
                 due = True
             else:
-                flying.add(c.pkt_num)
+                outstanding = True
                 if oldest_sent is None or c.sent_at < oldest_sent:
                     oldest_sent = c.sent_at
         if oldest_sent is not None:
-            deadlines.append(oldest_sent + self._backed_off_rto())
-        if int(self._cwnd) - len(flying) > 0:
-            if self._waiting:
-                self._admit_waiting()  # chunks it moves into flight are due
-                due = due or any(c.lost for c in self._inflight.values())
-            if due:
-                deadlines.append(0.0)
+            deadline = oldest_sent + self._backed_off_rto()
+            if timer is None or deadline < timer:
+                timer = deadline
+        if due or self._waiting:
+            # Due chunks go (the timer is now) only if the congestion window
+            # has room (`_packet_budget`).
+            budget = int(self._cwnd)
+            if outstanding:
+                budget -= len({c.pkt_num for c in inflight.values() if not c.lost})
+            if budget > 0:
+                if self._waiting:
+                    self._admit_waiting()  # chunks it moves into flight are due
+                    due = due or any(c.lost for c in self._inflight.values())
+                if due:
+                    return 0.0
         if self._inflight and not self._unreachable:
-            deadlines.append(self._last_progress + UNREACHABLE_AFTER)
+            deadline = self._last_progress + UNREACHABLE_AFTER
+            if timer is None or deadline < timer:
+                timer = deadline
         for partial in self._partial.values():
-            deadlines.append(partial.moved + REASSEMBLY_TIMEOUT)
-        return min(deadlines) if deadlines else None
+            deadline = partial.moved + REASSEMBLY_TIMEOUT
+            if timer is None or deadline < timer:
+                timer = deadline
+        return timer
 
     def handle_timer(self, now: float) -> None:
         if self._partial:
@@ -755,7 +826,10 @@ class Connection:
     def _replay_mark(self, pkt: int) -> None:
         if pkt > self._replay_top:
             shift = pkt - self._replay_top
-            self._replay_bits = ((self._replay_bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            if shift >= REPLAY_WINDOW:
+                self._replay_bits = 1
+            else:
+                self._replay_bits = ((self._replay_bits << shift) | 1) & _REPLAY_MASK
             self._replay_top = pkt
         else:
             self._replay_bits |= 1 << (self._replay_top - pkt)
@@ -1043,51 +1117,83 @@ class Connection:
         return oldest
 
     def _backed_off_rto(self) -> float:
+        if not self._backoff:
+            return self.rto  # (never above rto_max)
         return min(self.rto_max, self.rto * float(2 ** min(self._backoff, 30)))
 
     def _on_ack(self, ack: Ack, now: float) -> None:
         progressed = False
         # RTT sample from the newest packet, if this ack is the first to cover it.
-        if ack.largest_pkt > self._largest_acked and ack.largest_pkt < self.next_pkt:
-            sent = self._sent_times.get(ack.largest_pkt)
-            self._largest_acked = ack.largest_pkt
+        newest = ack.largest_pkt
+        if newest > self._largest_acked and newest < self.next_pkt:
+            sent_times = self._sent_times
+            sent = sent_times.get(newest)
+            self._largest_acked = newest
             if sent is not None:
-                delay = min(ack.delay_us / 1e6, MAX_ACK_DELAY)
+                delay = ack.delay_us / 1e6
+                if delay > MAX_ACK_DELAY:
+                    delay = MAX_ACK_DELAY
                 sample = now - sent
                 if sample - delay >= 0.0001:
                     sample -= delay
-                self._update_rtt(max(sample, 0.0))
-            newest = ack.largest_pkt
-            for pkt in [p for p in self._sent_times if p <= newest]:
-                del self._sent_times[pkt]
-            if not self._sent_times:
-                self._sent_times = {}  # a dict keeps its table when emptied: free it
-        acked_pkts = set()
+                self._update_rtt(sample if sample > 0.0 else 0.0)
+            if newest < self.next_pkt - 1:
+                for pkt in [p for p in sent_times if p <= newest]:
+                    del sent_times[pkt]
+                if not sent_times:
+                    self._sent_times = {}  # a dict keeps its table when emptied: free it
+            elif sent_times:
+                self._sent_times = {}  # it covers every packet sent (a lone message's ack)
         inflight = self._inflight
-        for seq in self._acked_seqs(ack):
-            chunk = inflight[seq]
-            if chunk.pkt_num < 0:
-                # Admitted but never sent (`send` puts a chunk in the flight
-                # at once): an ack cannot cover it, whatever its `una` says.
-                continue
-            del inflight[seq]
-            self._unacked_bytes -= chunk.size
-            progressed = True
-            acked_pkts.add(chunk.pkt_num)
-            if chunk.last and chunk.handle is not None:
-                self._events.append(PayloadAcked(chunk.handle))
-        if progressed and not self._inflight:
-            # All acked (an idle session's usual state): a dict keeps its
-            # table when emptied, ~160 bytes per session; a fresh one has none.
-            self._inflight = {}
-        # Congestion avoidance: +1 datagram per window of datagrams acked.
-        self._cwnd = min(float(MAX_CWND), self._cwnd + len(acked_pkts) / self._cwnd)
+        acked_pkts = 0  # datagrams newly acked, for the congestion window
+        if inflight:
+            if ack.ranges:
+                seqs = self._acked_seqs(ack)
+            else:  # `_acked_seqs` when the ack has no ranges: nearly always
+                una = ack.una
+                seqs = []
+                for seq in inflight:
+                    if seq >= una:
+                        break
+                    seqs.append(seq)
+            first_pkt = -1
+            pkts: set[int] | None = None  # made when a second datagram shows up
+            for seq in seqs:
+                chunk = inflight[seq]
+                pkt = chunk.pkt_num
+                if pkt < 0:
+                    # Admitted but never sent (`send` puts a chunk in the flight
+                    # at once): an ack cannot cover it, whatever its `una` says.
+                    continue
+                del inflight[seq]
+                self._unacked_bytes -= chunk.size
+                progressed = True
+                if not acked_pkts:
+                    first_pkt, acked_pkts = pkt, 1
+                elif pkt != first_pkt:
+                    if pkts is None:
+                        pkts = {first_pkt}
+                    if pkt not in pkts:
+                        pkts.add(pkt)
+                        acked_pkts += 1
+                if chunk.last and chunk.handle is not None:
+                    self._events.append(PayloadAcked(chunk.handle))
+            if progressed and not inflight:
+                # All acked (an idle session's usual state): a dict keeps its
+                # table when emptied, ~160 bytes per session; a fresh one has none.
+                self._inflight = inflight = {}
+        if acked_pkts:
+            # Congestion avoidance: +1 datagram per window of datagrams acked.
+            cwnd = self._cwnd + acked_pkts / self._cwnd
+            self._cwnd = cwnd if cwnd < MAX_CWND else float(MAX_CWND)
         if progressed:
             self._backoff = 0
             self._last_progress = now
             if self._unreachable:
                 self._unreachable = False
                 self._events.append(PeerReachable())
+        if not inflight:
+            return  # nothing left that could be lost
         # Loss detection (RFC 9002 6.1): packet and time thresholds.
         rtt = max(self._srtt or INITIAL_RTO, self._latest_rtt, TIMER_GRANULARITY)
         lost_pkt = 0
@@ -1095,7 +1201,7 @@ class Connection:
         largest = self._largest_acked
         by_count = largest - PACKET_THRESHOLD  # pkt_num + PACKET_THRESHOLD <= largest
         by_time = now - TIME_THRESHOLD * rtt
-        for chunk in self._inflight.values():
+        for chunk in inflight.values():
             pkt = chunk.pkt_num
             if chunk.lost or pkt >= largest:
                 continue

@@ -52,10 +52,12 @@ class TokenBucket:
 
     def ready(self, amount: float, now: float) -> bool:
         """Whether `take(amount, now)` would succeed; spends nothing."""
+        # (min() written out: a session's every datagram with data asks two buckets)
         if now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            tokens = self.tokens + (now - self.stamp) * self.rate
+            self.tokens = tokens if tokens < self.burst else self.burst
             self.stamp = now
-        return self.tokens >= min(amount, self.burst)
+        return self.tokens >= (amount if amount < self.burst else self.burst)
 
     def spend(self, amount: float) -> None:
         """Spend `amount` after `ready` said yes, or part of it: the owner
