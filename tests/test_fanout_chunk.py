@@ -121,6 +121,35 @@ def test_the_encoder_refuses_a_batch_over_one_message_or_of_other_kinds() -> Non
         encode_message(GroupBatch(()))
 
 
+@given(st.lists(delivers | events, min_size=1, max_size=60),
+       st.lists(st.integers(0, 3000), min_size=60, max_size=60))  # fmt: skip
+def test_the_relay_joins_entries_in_order_into_batches_of_one_chunk_at_most(
+    items: list[Any], pads: list[int]
+) -> None:
+    """`Relay._group_payloads`: the entries in order, each exactly once; a
+    batch at most GROUP_BATCH_BYTES; only an entry that fits no batch alone
+    is over it; never two entries alone in a row that would fit one batch."""
+    items = [  # some of them long
+        i if not isinstance(i, GroupDeliver) or not pad else
+        GroupDeliver(i.server_msg_id, i.group_seq, i.msg_id, i.group, i.sender, "x" * pad,
+                     i.sent_ms)
+        for i, pad in zip(items, pads, strict=False)
+    ]  # fmt: skip
+    encoded = [encode_message(i) for i in items]
+    out = chat_server.Relay._group_payloads(encoded)
+    assert [e for p in out for e in unbatch(decode_message(p))] == items
+    for payload in out:
+        if decode_message(payload).__class__ is GroupBatch:
+            assert len(payload) <= GROUP_BATCH_BYTES
+        else:
+            assert payload in encoded
+    for first, second in zip(out, out[1:], strict=False):  # two alone: they did not fit one
+        if first in encoded and second in encoded:
+            assert 3 + len(first) + len(second) + 8 > GROUP_BATCH_BYTES
+    if len(items) == 1:
+        assert out == encoded
+
+
 # --- the relay: one chunk per member per burst ----------------------------------------
 
 
