@@ -573,7 +573,7 @@ class Relay:
         # yet (dedup key -> (group_seq, recipients)), and the pass's
         # "delivered by" notices: sender key -> message id -> (group, names
         # of the members who newly have it).
-        self.groups = GroupTable(cfg.max_group_members)
+        self.groups = GroupTable(cfg.max_group_members, cfg.max_user_groups)
         self._group_answers: dict[RequestKey, tuple[int, str]] = {}
         self._group_pending: dict[tuple[str, int, int], tuple[int, int]] = {}
         # Cluster mode (`shared_store`): this node's copy of each group is the
@@ -2845,6 +2845,7 @@ class Relay:
         name, group_key = self.groups.check_create(request.group)
         others = self._resolve(request.users, user.key)
         self.groups.check_room(1, len(others))
+        self.groups.check_memberships([(user.key, user.name), *others])
         group, seq = self.groups.create(name, group_key, (user.key, user.name), others)
         names = tuple(m.name for m in group.members.values())
         item = self._group_item(group, seq, GroupChange.CREATED, user, names)
@@ -2862,6 +2863,7 @@ class Relay:
                        stream=self._group_stream(group))  # fmt: skip
             return
         self.groups.check_room(len(group.members), len(new))
+        self.groups.check_memberships(new)
         seq, again = self.groups.add(group, new)
         item = self._group_item(group, seq, GroupChange.ADDED, user, tuple(n for _, n in new))
         going_on = {m.key for m in again}
@@ -4234,6 +4236,7 @@ class Relay:
             name, group_key = self.groups.check_create(request.group)
             others = self._resolve(request.users, user.key)
             self.groups.check_room(1, len(others))
+            self.groups.check_memberships([(user.key, user.name), *others])
             users = (user.name, *(n for _, n in others))
             joined = ((user.key, user.name, 0),
                       *((k, n, rank) for rank, (k, n) in enumerate(others, 1)))  # fmt: skip
@@ -4248,6 +4251,7 @@ class Relay:
             if not new:
                 return ALREADY_MEMBERS
             self.groups.check_room(len(group.members), len(new))
+            self.groups.check_memberships(new)
             item = entry(group.key, GroupChange.ADDED, tuple(n for _, n in new),
                          len(group.members) + len(new))  # fmt: skip
             entries.append((item, tuple((k, n, rank) for rank, (k, n) in enumerate(new)), ()))
@@ -5106,6 +5110,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N", help="members of one group at most; 2 or more (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--max-user-groups", type=at_least(1), default=ServerConfig().max_user_groups,
+        metavar="N", help="groups one user may be in at most (a create or add past it is "
+        "refused: group_full); 1 or more (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-fanout-rate", type=positive, default=ServerConfig().max_fanout_rate,
         metavar="N", help="copies of group messages and membership changes per second one "
         "user may make the server send (a message to N members is N - 1 copies, a change one "
@@ -5193,6 +5202,7 @@ def main(argv: list[str] | None = None) -> int:
     config.max_memory = args.max_memory << 20
     config.name_quarantine = args.name_quarantine * 86400
     config.max_group_members = args.max_group_members
+    config.max_user_groups = args.max_user_groups
     config.max_fanout_rate = args.max_fanout_rate
     config.max_fanout_burst = 2 * args.max_fanout_rate
     config.preauth_total_rate = args.preauth_total_rate
@@ -5267,6 +5277,7 @@ def start_line(server: ChatServer, config: ServerConfig) -> str:
         f"{config.user_msg_rate:g} messages/s per user, "
         f"--max-fanout-rate {config.max_fanout_rate:g} group copies/s per user, "
         f"--max-group-members {config.max_group_members}, "
+        f"--max-user-groups {config.max_user_groups}, "
         f"{config.preauth_rate:g} datagrams/s per address before login "
         f"({config.preauth_total_rate:g}/s from all), "
         f"{config.registration_rate:g} new accounts/s per address, "

@@ -61,6 +61,8 @@ __all__ = [
 
 #: Default cap on a group's members: Signal's hard limit (issue 14).
 DEFAULT_MAX_MEMBERS = 1000
+#: Default cap on the groups one user is in (`GroupTable.check_memberships`).
+DEFAULT_MAX_USER_GROUPS = 5000
 #: A deleted account's former membership is kept under "!KEY!LEFT_SEQ": no
 #: user key has a '!' (the name rules), and the seq keeps two apart.
 TOMBSTONE = "!"
@@ -215,8 +217,10 @@ def is_retired(group_key: str) -> bool:
 class GroupTable:
     """Every group of the server, and each user's groups."""
 
-    def __init__(self, max_members: int = DEFAULT_MAX_MEMBERS) -> None:
+    def __init__(self, max_members: int = DEFAULT_MAX_MEMBERS,
+                 max_user_groups: int = DEFAULT_MAX_USER_GROUPS) -> None:  # fmt: skip
         self.max_members = max_members
+        self.max_user_groups = max_user_groups
         self.groups: dict[str, Group] = {}
         self.of_user: dict[str, dict[str, None]] = {}  # user key -> keys of their groups
         # user key -> keys of the groups they left and have not caught up on
@@ -342,6 +346,16 @@ class GroupTable:
         if group_size + adding > self.max_members:
             raise GroupRefused(ErrorCode.GROUP_FULL, f"a group has at most {self.max_members} "
                                f"members; this would make {group_size + adding}")  # fmt: skip
+
+    def check_memberships(self, users: list[tuple[str, str]]) -> None:
+        """Refuse (GROUP_FULL) a create or add that would put a user, (key,
+        name), in more than `max_user_groups` groups: every group lives in
+        the server's memory, so how many one user makes or is put in is
+        bounded (audit14 L3)."""
+        for key, name in users:
+            if len(self.of_user.get(key, ())) >= self.max_user_groups:
+                raise GroupRefused(ErrorCode.GROUP_FULL, f"{name} is in {self.max_user_groups} "
+                                   "groups, the most one user may be in")  # fmt: skip
 
     def check_create(self, group_text: str) -> tuple[str, str]:
         name, key = group_name(group_text)

@@ -81,6 +81,10 @@ class ServerConfig:
     # budget the user's new messages wait (acks withheld), like the other
     # limits. 10,000/s carries 10 messages/s into a group of 1,000.
     max_group_members: int = 1000
+    # The groups one user may be a member of: each costs the server memory
+    # for as long as it lives (every group is kept in memory, and read at
+    # start), and nothing else bounds how many a user makes, or is put in.
+    max_user_groups: int = 5000
     max_fanout_rate: float = 10_000.0
     max_fanout_burst: float = 20_000.0
 

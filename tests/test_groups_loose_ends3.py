@@ -29,11 +29,13 @@ from client_core import (
     StatusChanged,
 )
 from client_groups_ui import GroupsUI
-from protocol import GroupAccept, GroupAction, GroupEvent, GroupInfo
+from protocol import ErrorCode, GroupAccept, GroupAction, GroupEvent, GroupInfo, GroupResult
 from server_store import MemoryStore, ServerStore
 from tests.conftest import spawn_server, stop_process
+from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import Client
 from tests.test_client_core import Net
+from tests.test_cluster_groups import cluster_of  # noqa: F401 (a fixture)
 from tests.test_groups_client import add, login
 from tests.test_groups_gui import contact_text, gui  # noqa: F401 (a fixture)
 from tests.test_groups_relay import GroupWorld, entries, texts
@@ -432,3 +434,47 @@ def test_the_account_gone_line_names_the_message_by_its_text() -> None:
         "1 member(s)", False)  # fmt: skip
     assert event.to_json() == {"event": "recipients", "id": "9-1", "group": "team",
                                "recipients": 1, "gone": "carol"}  # fmt: skip
+
+
+# --- the groups one user may be in (audit14 L3) -----------------------------------------
+
+
+@pytest.mark.parametrize("store", ["memory", "cluster"])
+def test_the_groups_one_user_may_be_in_are_bounded(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    """A user made groups without end at the message rate (9,922 in the
+    audit, past --max-memory: every group lives in memory). Now a create
+    or add that would put anyone in more than --max-user-groups groups is
+    refused (`group_full`, naming them); leaving one makes room."""
+    if store == "cluster":
+        cluster = request.getfixturevalue("cluster_of")(1, max_user_groups=2)
+        world = cluster.nodes[0]
+        settle = cluster.settle
+    else:
+        world = GroupWorld(MemoryStore(), max_user_groups=2)
+        settle = world.settle_all
+    alice, _, carol = world.login("alice"), world.login("bob"), world.login("carol")
+    settle()
+
+    def answer(client: Client, action: GroupAction, group: str, *users: str) -> tuple[int, str]:
+        request_id = world.request(client, action, group, *users)
+        for _ in range(400):
+            found = [r for r in client.of(GroupResult) if r.request_id == request_id]
+            if found:
+                return found[-1].code, found[-1].message
+            settle(1)
+        raise AssertionError(f"no answer to {action} {group}")
+
+    assert answer(alice, GroupAction.CREATE, "g1", "bob")[0] == 0
+    assert answer(alice, GroupAction.CREATE, "g2")[0] == 0
+    assert answer(alice, GroupAction.CREATE, "g3") == (
+        int(ErrorCode.GROUP_FULL),
+        "alice is in 2 groups, the most one user may be in",
+    )
+    assert answer(carol, GroupAction.CREATE, "c1", "bob")[0] == 0
+    refused = answer(carol, GroupAction.CREATE, "c2", "bob")
+    assert refused == (int(ErrorCode.GROUP_FULL),
+                       "bob is in 2 groups, the most one user may be in")  # fmt: skip
+    assert answer(alice, GroupAction.LEAVE, "g2")[0] == 0
+    assert answer(alice, GroupAction.CREATE, "g3")[0] == 0
