@@ -4694,15 +4694,17 @@ class ChatServer:
                 # The store's batch is handed over last, just before the
                 # loop sleeps: the store thread it wakes then finds the GIL
                 # free instead of waiting for it (a futex round trip and a
-                # context switch per commit, issue 18). One clock reading
-                # serves the flush, the timeout and the measure of the sleep
-                # (they take a few microseconds).
+                # context switch per commit, issue 18).
                 before = time.monotonic()
                 relay.flush_store(before)  # after the sends: see ServerStore.flush
                 timeout = self._timeout(before)
                 self._sleeping = True
                 if self._woken:  # completions came while this pass ran
                     timeout = 0.0
+                # The sleep is measured from here: time lost to a thread
+                # that took the GIL during the flush is not a sleep (it
+                # would make the pass read one datagram: SINGLE_READS).
+                before = time.monotonic()
                 ready = wait(timeout * 1000.0)  # (in milliseconds)
                 self._sleeping = self._woken = False
                 now = time.monotonic()

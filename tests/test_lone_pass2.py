@@ -615,7 +615,7 @@ def test_an_empty_pass_of_the_loop_makes_few_calls() -> None:
         server.shutdown()
         thread.join(5)
         server.close()
-    # Measured when it was set: 17.3 (the code before: 30.3). At most one
+    # Measured when it was set: 18.3 (the code before: 30.3). At most one
     # memory sample (MEMORY_SAMPLE_INTERVAL) falls among them.
     assert calls / passes <= 22, f"{calls / passes:.1f} calls per empty pass"
 
@@ -837,8 +837,8 @@ def test_a_pass_that_did_not_sleep_looks_before_it_reads_again() -> None:
     comes while the loop finishes a pass, no read finds the socket empty.
     The code before read again and raised BlockingIOError (~1.8 times per
     lone message in the benchmark). Here one datagram at a time comes while
-    the loop is held (so each pass reads one): every SINGLE_READS-th pass
-    reads on, and finds no second datagram."""
+    the loop is held before its select (which then returns at once): the
+    pass reads on, and finds no second datagram."""
     from tests.test_lone_pass import CountingSocket
 
     server = ChatServer(("127.0.0.1", 0), server_config(None))
