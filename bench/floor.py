@@ -55,7 +55,9 @@ import argparse
 import hashlib
 import hmac
 import json
+import multiprocessing
 import os
+import selectors
 import socket
 import sqlite3
 import struct
@@ -571,6 +573,25 @@ class FloorRelay:
             if at < self.deadline:
                 self.deadline = at
 
+    def next_timer(self) -> float:
+        """When a pass is next due: now if datagrams are owed, else the
+        earliest delayed ack or retransmission timeout (the timers' own
+        deadline, not a cached one that an ack riding on data made stale)."""
+        if self.dirty or self.batch:
+            return 0.0
+        deadline = float("inf")
+        for s in self.timed:
+            due = s.ack_due
+            if due is not None and due < deadline:
+                deadline = due
+            if s.flight:
+                rto = min(self.rto_max, s.rto * (1 << min(s.backoff, 30)))
+                at = next(iter(s.flight.values()))[2] + rto
+                if at < deadline:
+                    deadline = at
+        self.deadline = deadline
+        return deadline
+
     def handle_timer(self, now: float) -> None:
         """Delayed acks due and retransmission timeouts (RFC 6298: all in
         flight resent, the timeout doubled)."""
@@ -818,8 +839,8 @@ class World:
         self.now = max(time.monotonic(), max(p.conn.get_timer() or 0.0 for p in self.peers))
 
     def timer(self) -> float | None:
-        if self.floor is not None:  # (datagrams it owes are due at once)
-            return 0.0 if self.floor.dirty or self.floor.batch else self.floor.deadline
+        if self.floor is not None:
+            return self.floor.next_timer()
         return self.relay.get_timer()
 
     def serve(self, inbound: list[tuple[bytes, Addr]], now: float) -> list[tuple[bytes, Addr]]:
@@ -1215,6 +1236,226 @@ def measure(messages: int, lone: int, chatlike: int) -> dict[str, Any]:
     return out
 
 
+# --- live: each relay in its own process, on real sockets, at real rates -------------
+
+
+def _relay_child(serve: Serve, timer: Callable[[], float | None], sock: socket.socket,
+                 control: Any) -> None:  # fmt: skip
+    """A forked relay process's loop, as the server's: select until a
+    datagram or the relay's timer, read what is there, serve, send. A byte
+    on `control` asks for its counters (CPU, passes, datagrams); b"q" ends it."""
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ, False)
+    selector.register(control, selectors.EVENT_READ, True)
+    sock.setblocking(False)
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+    passes = datagrams_in = datagrams_out = 0
+    while True:
+        due = timer()
+        timeout = 1.0
+        if due is not None and due != float("inf"):
+            timeout = min(1.0, max(0.0, due - time.monotonic()))
+        for key, _ in selector.select(timeout):
+            if key.data:  # the control pipe
+                if control.recv_bytes() == b"q":
+                    return
+                control.send((time.process_time(), passes, datagrams_in, datagrams_out))
+        inbound: list[tuple[bytes, Addr]] = []
+        while len(inbound) < 256:
+            try:
+                inbound.append(recvfrom(65535))
+            except BlockingIOError:
+                break
+        now = time.monotonic()
+        if not inbound and (due is None or due > now):
+            continue
+        out = serve(inbound, now)
+        for data, addr in out:
+            sendto(data, addr)
+        passes += 1
+        datagrams_in += len(inbound)
+        datagrams_out += len(out)
+
+
+def _bare_child(sock: socket.socket, control: Any) -> None:
+    """The bare loop (bench/bare_relay.py's), pairs known in advance: a
+    datagram from an address in `peer` goes to its pair; b"M" from anyone
+    else asks for the counters (on `control`), b"Q" ends it."""
+    peer: dict[Addr, Addr] = control.recv()
+    lookup, recvfrom, sendto = peer.get, sock.recvfrom, sock.sendto
+    sock.setblocking(True)
+    forwarded = 0
+    while True:
+        data, addr = recvfrom(65535)
+        to = lookup(addr)
+        if to is not None:
+            sendto(data, to)
+            forwarded += 1
+        elif data == b"M":
+            control.send((time.process_time(), forwarded, forwarded, forwarded))
+        elif data == b"Q":
+            return
+
+
+def _fork(child: Callable[[Any], None]) -> tuple[int, Any]:
+    parent_end, child_end = multiprocessing.Pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        code = 0
+        try:
+            parent_end.close()
+            child(child_end)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    child_end.close()
+    return pid, parent_end
+
+
+def live(kind: str, pattern: str, duration: float, rate: float = 150.0) -> dict[str, Any]:
+    """`kind` ("real", "floor" or "bare") in a forked process of its own on
+    a loopback socket, the clients in this one at real rates: "lone" (1 pair,
+    the next message as soon as the last is accepted and delivered) or
+    "chatlike" (4 pairs at `rate` msg/s each, staggered). The relay's CPU
+    per message completed in `duration` s, after a second's warm-up."""
+    pairs = 1 if pattern == "lone" else 4
+    world = World("real" if kind == "bare" else kind, pairs, 64)
+    relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    relay_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    relay_sock.bind(("127.0.0.1", 0))
+    relay_addr = relay_sock.getsockname()
+    moved: dict[Addr, Addr] = {}
+    for p in world.peers:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.connect(relay_addr)
+        sock.setblocking(False)
+        moved[world.addrs[id(p)]] = sock.getsockname()
+        p.sock = sock
+    if world.floor is not None:
+        for fs in world.floor.sessions.values():
+            fs.addr = moved[fs.addr]
+    for session in world.relay.sessions.values():
+        session.addr = moved[session.addr]
+    pairs_of = {moved[world.addrs[id(s)]]: moved[world.addrs[id(r)]]
+                for s, r in zip(world.senders, world.receivers, strict=True)}  # fmt: skip
+    if kind == "bare":
+        pid, control = _fork(lambda c: _bare_child(relay_sock, c))
+        control.send({**pairs_of, **{r: s for s, r in pairs_of.items()}})
+        poke = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+        def counters() -> tuple[float, int, int, int]:
+            poke.sendto(b"M", relay_addr)
+            return control.recv()  # type: ignore[no-any-return]
+
+        def stop() -> None:
+            poke.sendto(b"Q", relay_addr)
+
+    else:
+        pid, control = _fork(lambda c: _relay_child(world.serve, world.timer, relay_sock, c))
+
+        def counters() -> tuple[float, int, int, int]:
+            control.send_bytes(b"m")
+            return control.recv()  # type: ignore[no-any-return]
+
+        def stop() -> None:
+            control.send_bytes(b"q")
+
+    try:
+        done = _drive(world, kind == "bare", pattern, duration, rate, counters)
+    finally:
+        stop()
+        os.waitpid(pid, 0)
+        relay_sock.close()
+        for p in world.peers:
+            p.sock.close()
+    return {"relay": kind, "pattern": pattern, **done}
+
+
+BARE_MSG = struct.Struct("!cQ")
+
+
+def _drive(world: World, bare: bool, pattern: str, duration: float, rate: float,
+           counters: Callable[[], tuple[float, int, int, int]]) -> dict[str, Any]:  # fmt: skip
+    """The clients' loop: paced sends, reads, pumps; counters before and
+    after the measured window."""
+    selector = selectors.DefaultSelector()
+    for p in world.peers:
+        selector.register(p.sock, selectors.EVENT_READ, p)
+    senders, n = world.senders, len(world.senders)
+    start = time.monotonic()
+    mark_at, end_at = start + 1.0, start + 1.0 + duration
+    next_send = [start + i / (rate * n) for i in range(n)]
+    bare_out: list[set[int]] = [set() for _ in senders]
+    bare_done = [0] * n
+    bare_seq = [0] * n
+    filler = b"x" * 64
+    before: tuple[float, int, int, int] | None = None
+    done_before = 0
+    after: tuple[float, int, int, int] | None = None
+    done_after = 0
+
+    def completed() -> int:
+        return sum(bare_done) if bare else world.completed()
+
+    while True:
+        now = time.monotonic()
+        if before is None and now >= mark_at:
+            before, done_before = counters(), completed()
+        if now >= end_at:
+            after, done_after = counters(), completed()
+            break
+        for i, s in enumerate(senders):
+            if pattern == "lone":
+                idle = not bare_out[i] if bare else not s.outstanding
+                if not idle:
+                    continue
+            elif now < next_send[i]:
+                continue
+            next_send[i] += 1 / rate
+            if bare:
+                bare_seq[i] += 1
+                bare_out[i].add(bare_seq[i])
+                s.sock.send(BARE_MSG.pack(b"M", bare_seq[i]) + filler)
+            else:
+                s.fill(1)
+        if not bare:
+            for p in world.peers:
+                if p.dirty or (p.timer is not None and p.timer <= now):
+                    p.pump(now)
+        wake = min(next_send) if pattern != "lone" else now + 0.01
+        if not bare:
+            timers = [p.timer for p in world.peers if p.timer is not None]
+            if timers:
+                wake = min(wake, min(timers))
+        for key, _ in selector.select(max(0.0, min(wake, end_at) - time.monotonic())):
+            p = key.data
+            if not bare:
+                p.read()
+                continue
+            i = senders.index(p) if p in senders else world.receivers.index(p)
+            while True:
+                try:
+                    data = p.sock.recv(65535)
+                except BlockingIOError:
+                    break
+                kind, seq = BARE_MSG.unpack_from(data)
+                if kind == b"M":  # the receiver's copy: its receipt
+                    p.sock.send(BARE_MSG.pack(b"R", seq))
+                elif seq in bare_out[i]:
+                    bare_out[i].discard(seq)
+                    bare_done[i] += 1
+    assert before is not None and after is not None
+    messages = max(1, done_after - done_before)
+    cpu, passes, d_in, d_out = (a - b for a, b in zip(after, before, strict=True))
+    return {
+        "messages": messages, "cpu_us_per_msg": cpu / messages * 1e6,
+        "passes_per_msg": passes / messages, "datagrams_in_per_msg": d_in / messages,
+        "datagrams_out_per_msg": d_out / messages, "msgs_per_s": messages / duration,
+    }  # fmt: skip
+
+
 #: The parts of a relay's work (`parts`), by where a function lives.
 PART_OF_FILE = {"reliability.py": "transport", "chat_server.py": "relay logic",
                 "server_store.py": "store (in memory)", "server_records.py": "relay logic",
@@ -1335,9 +1576,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chatlike", type=int, default=1_000, help="4 pairs, staggered")
     parser.add_argument("--parts", action="store_true",
                         help="also where each relay's time goes (cProfile, warm)")  # fmt: skip
+    parser.add_argument("--live", type=float, default=5.0, metavar="SECONDS",
+                        help="each relay in a process of its own on real sockets, lone and "
+                        "chat-like, for this long each (0: not)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
     result = measure(args.messages, args.lone, args.chatlike)
+    if args.live > 0:
+        result["live"] = [live(kind, pattern, args.live) for pattern in ("lone", "chatlike")
+                          for kind in ("bare", "floor", "real")]  # fmt: skip
     if args.parts:
         result["parts"] = {
             f"{kind} {pattern}": parts(kind, pattern, count)
@@ -1348,6 +1595,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     print(report(result))
+    if result.get("live"):
+        print("live (each relay forked on its own loopback socket; the real Relay on a store "
+              "without I/O):")  # fmt: skip
+        for run in result["live"]:
+            print(f"  {run['pattern']:<9}{run['relay']:<6}{run['cpu_us_per_msg']:>8.1f} us/msg "
+                  f"{run['msgs_per_s']:>8.0f} msg/s  passes {run['passes_per_msg']:.2f}  "
+                  f"datagrams in/out {run['datagrams_in_per_msg']:.2f}/"
+                  f"{run['datagrams_out_per_msg']:.2f}")  # fmt: skip
     for name, by_part in result.get("parts", {}).items():
         print(f"{name:<18} " + ", ".join(f"{part} {us:.1f}" for part, us in by_part.items())
               + f" (us per message, warm; {sum(by_part.values()):.1f} in all)")  # fmt: skip

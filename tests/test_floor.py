@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench.floor import DeferredStore, FloorRelay, World, store_costs, syscall_costs
+from bench.floor import DeferredStore, FloorRelay, World, live, store_costs, syscall_costs
 from protocol import MsgId, Send, encode_message
 
 Kinds = collections.Counter[str]
@@ -212,3 +212,13 @@ def test_the_side_measurements_give_figures() -> None:
     assert set(store) == {"dedup_row_us", "written_us", "commit_us", "log_row_us", "log_commit_us"}
     assert store["commit_us"] > 0  # (per row, a small batch's figures are noise)
     assert FloorRelay.store is None
+
+
+def test_the_floor_relays_on_real_sockets_in_a_process_of_its_own() -> None:
+    run = live("floor", "lone", 0.3)
+    assert run["messages"] > 10
+    # A lone message: its SEND and its RECEIPT in, the DELIVER and the
+    # DELIVERED + ACCEPT out, each datagram a pass of its own.
+    assert run["datagrams_in_per_msg"] == pytest.approx(2.0, abs=0.1)
+    assert run["datagrams_out_per_msg"] == pytest.approx(2.0, abs=0.1)
+    assert run["cpu_us_per_msg"] > 0
