@@ -1,6 +1,7 @@
 """The floor: the least Python any relay of this wire protocol must run (issue 18).
 
-    python -m bench.floor [--messages N] [--lone N] [--chatlike N] [--json]
+    python -m bench.floor [--messages N] [--lone N] [--chatlike N] [--parts]
+                          [--live SECONDS] [--json]
 
 Issue 18 sets the server's targets against a bare loop (recvfrom/sendto of
 the same datagrams, no logic). Whether they can be met by any stdlib-only
@@ -47,6 +48,10 @@ The CPU is `time.process_time` around the relay's part of each pass only.
 Beside it, in the same run: the system calls of a relay per datagram
 (`recvfrom` + `sendto` on loopback, warm and cold), and the store's floor
 (SQLite with the real schema: a dedup row, a written message, a commit).
+`--parts`: where each relay's time goes, by part (cProfile). `--live`: the
+bare loop, the floor and the real Relay each forked into a process of its
+own on a loopback socket, driven by the same clients at real rates (lone;
+4 pairs at 150 msg/s), the relay process's CPU per message.
 """
 
 from __future__ import annotations
