@@ -50,8 +50,9 @@ Beside it, in the same run: the system calls of a relay per datagram
 (SQLite with the real schema: a dedup row, a written message, a commit).
 `--parts`: where each relay's time goes, by part (cProfile). `--live`: the
 bare loop, the floor and the real Relay each forked into a process of its
-own on a loopback socket, driven by the same clients at real rates (lone;
-4 pairs at 150 msg/s), the relay process's CPU per message.
+own on a loopback socket, driven by the same clients at real rates (16
+pairs flat out; lone; 4 pairs at 150 msg/s), the relay process's CPU per
+message.
 """
 
 from __future__ import annotations
@@ -1320,11 +1321,13 @@ def _fork(child: Callable[[Any], None]) -> tuple[int, Any]:
 
 def live(kind: str, pattern: str, duration: float, rate: float = 150.0) -> dict[str, Any]:
     """`kind` ("real", "floor" or "bare") in a forked process of its own on
-    a loopback socket, the clients in this one at real rates: "lone" (1 pair,
-    the next message as soon as the last is accepted and delivered) or
-    "chatlike" (4 pairs at `rate` msg/s each, staggered). The relay's CPU
-    per message completed in `duration` s, after a second's warm-up."""
-    pairs = 1 if pattern == "lone" else 4
+    a loopback socket, the clients in this one at real rates: "saturation"
+    (16 pairs, 64 messages in flight each: as fast as this one process of
+    clients goes), "lone" (1 pair, the next message as soon as the last is
+    accepted and delivered) or "chatlike" (4 pairs at `rate` msg/s each,
+    staggered). The relay's CPU per message completed in `duration` s,
+    after a second's warm-up."""
+    pairs = {"lone": 1, "saturation": 16}.get(pattern, 4)
     world = World("real" if kind == "bare" else kind, pairs, 64)
     relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     relay_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -1379,6 +1382,8 @@ def live(kind: str, pattern: str, duration: float, rate: float = 150.0) -> dict[
 
 
 BARE_MSG = struct.Struct("!cQ")
+#: Messages in flight per sender flat out, as the benchmark's.
+SATURATION_WINDOW = 64
 
 
 def _drive(world: World, bare: bool, pattern: str, duration: float, rate: float,
@@ -1412,7 +1417,12 @@ def _drive(world: World, bare: bool, pattern: str, duration: float, rate: float,
             after, done_after = counters(), completed()
             break
         for i, s in enumerate(senders):
-            if pattern == "lone":
+            count = 1
+            if pattern == "saturation":  # a window of 64 not yet accepted and delivered
+                count = SATURATION_WINDOW - (len(bare_out[i]) if bare else len(s.outstanding))
+                if count <= 0:
+                    continue
+            elif pattern == "lone":
                 idle = not bare_out[i] if bare else not s.outstanding
                 if not idle:
                     continue
@@ -1420,16 +1430,20 @@ def _drive(world: World, bare: bool, pattern: str, duration: float, rate: float,
                 continue
             next_send[i] += 1 / rate
             if bare:
-                bare_seq[i] += 1
-                bare_out[i].add(bare_seq[i])
-                s.sock.send(BARE_MSG.pack(b"M", bare_seq[i]) + filler)
+                for _ in range(count):
+                    bare_seq[i] += 1
+                    bare_out[i].add(bare_seq[i])
+                    try:
+                        s.sock.send(BARE_MSG.pack(b"M", bare_seq[i]) + filler)
+                    except OSError:  # a full buffer: resent below
+                        break
             else:
-                s.fill(1)
+                s.fill(count)
         if not bare:
             for p in world.peers:
                 if p.dirty or (p.timer is not None and p.timer <= now):
                     p.pump(now)
-        wake = min(next_send) if pattern != "lone" else now + 0.01
+        wake = min(next_send) if pattern == "chatlike" else now + 0.01
         if not bare:
             timers = [p.timer for p in world.peers if p.timer is not None]
             if timers:
@@ -1588,7 +1602,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = measure(args.messages, args.lone, args.chatlike)
     if args.live > 0:
-        result["live"] = [live(kind, pattern, args.live) for pattern in ("lone", "chatlike")
+        result["live"] = [live(kind, pattern, args.live)
+                          for pattern in ("saturation", "lone", "chatlike")
                           for kind in ("bare", "floor", "real")]  # fmt: skip
     if args.parts:
         result["parts"] = {
