@@ -1354,17 +1354,23 @@ def live(kind: str, pattern: str, duration: float, rate: float = 150.0) -> dict[
         poke = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
         def counters() -> tuple[float, int, int, int]:
-            poke.sendto(b"M", relay_addr)
-            return control.recv()  # type: ignore[no-any-return]
+            for _ in range(10):  # (a datagram: asked again if it is lost)
+                poke.sendto(b"M", relay_addr)
+                if control.poll(1.0):
+                    return control.recv()  # type: ignore[no-any-return]
+            raise RuntimeError("the bare loop's process does not answer")
 
         def stop() -> None:
-            poke.sendto(b"Q", relay_addr)
+            for _ in range(3):  # (the first ends it; the others, if it is lost)
+                poke.sendto(b"Q", relay_addr)
 
     else:
         pid, control = _fork(lambda c: _relay_child(world.serve, world.timer, relay_sock, c))
 
         def counters() -> tuple[float, int, int, int]:
             control.send_bytes(b"m")
+            if not control.poll(10.0):
+                raise RuntimeError(f"the {kind} relay's process does not answer")
             return control.recv()  # type: ignore[no-any-return]
 
         def stop() -> None:
@@ -1373,7 +1379,10 @@ def live(kind: str, pattern: str, duration: float, rate: float = 150.0) -> dict[
     try:
         done = _drive(world, kind == "bare", pattern, duration, rate, counters)
     finally:
-        stop()
+        try:
+            stop()
+        except OSError:
+            pass  # it ended already
         os.waitpid(pid, 0)
         relay_sock.close()
         for p in world.peers:
