@@ -1348,10 +1348,10 @@ def live(kind: str, pattern: str, duration: float, rate: float = 150.0) -> dict[
         session.addr = moved[session.addr]
     pairs_of = {moved[world.addrs[id(s)]]: moved[world.addrs[id(r)]]
                 for s, r in zip(world.senders, world.receivers, strict=True)}  # fmt: skip
+    poke = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # (the bare loop's control)
     if kind == "bare":
         pid, control = _fork(lambda c: _bare_child(relay_sock, c))
         control.send({**pairs_of, **{r: s for s, r in pairs_of.items()}})
-        poke = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
         def counters() -> tuple[float, int, int, int]:
             for _ in range(10):  # (a datagram: asked again if it is lost)
@@ -1384,6 +1384,8 @@ def live(kind: str, pattern: str, duration: float, rate: float = 150.0) -> dict[
         except OSError:
             pass  # it ended already
         os.waitpid(pid, 0)
+        control.close()
+        poke.close()
         relay_sock.close()
         for p in world.peers:
             p.sock.close()
