@@ -1630,7 +1630,7 @@ def main(argv: list[str] | None = None) -> int:
         print("live (each relay forked on its own loopback socket; the real Relay on a store "
               "without I/O):")  # fmt: skip
         for run in result["live"]:
-            print(f"  {run['pattern']:<9}{run['relay']:<6}{run['cpu_us_per_msg']:>8.1f} us/msg "
+            print(f"  {run['pattern']:<11}{run['relay']:<6}{run['cpu_us_per_msg']:>8.1f} us/msg "
                   f"{run['msgs_per_s']:>8.0f} msg/s  passes {run['passes_per_msg']:.2f}  "
                   f"datagrams in/out {run['datagrams_in_per_msg']:.2f}/"
                   f"{run['datagrams_out_per_msg']:.2f}")  # fmt: skip
