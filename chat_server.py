@@ -245,6 +245,8 @@ __all__ = [
 log = logging.getLogger("chat_server")
 
 Outgoing = list[tuple[bytes, Address]]
+#: A NamedTuple (`Entry`) made without its Python-level `__new__`.
+_new_tuple = tuple.__new__
 RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_AWAITED = 10_000  # unregistered names watched, at most; least recently watched evicted
 MAX_AWAITED_PER_NAME = 100
@@ -1714,8 +1716,9 @@ class Relay:
             ):
                 # The usual case, in short: `_hand_over` in line, its DELIVER
                 # packed from the fields (no `Deliver` record).
-                pager.items[server_msg_id] = Entry(server_msg_id, msg_id, user.key, sender, text,
-                                                   sent_ms, size)  # fmt: skip
+                pager.items[server_msg_id] = _new_tuple(
+                    Entry, (server_msg_id, msg_id, user.key, sender, text, sent_ms, size)
+                )
                 pager.bytes += size
                 if server_msg_id > pager.cursor:
                     pager.cursor = server_msg_id
@@ -1867,7 +1870,8 @@ class Relay:
         self, session: Session, pager: Pager[int, Entry], m: StoredMessage, size: int,
         msg_id: MsgId,
     ) -> None:  # fmt: skip
-        entry = Entry(m.server_msg_id, msg_id, m.sender_key, m.sender, m.text, m.sent_ms, size)
+        entry = _new_tuple(Entry, (m.server_msg_id, msg_id, m.sender_key, m.sender, m.text,
+                                   m.sent_ms, size))  # fmt: skip
         pager.items[m.server_msg_id] = entry
         pager.bytes += size
         if m.server_msg_id > pager.cursor:

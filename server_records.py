@@ -14,7 +14,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from common import format_address
 from protocol import PBKDF2_ITERATIONS, MsgId
@@ -94,23 +94,19 @@ class ServerConfig:
     node_id: str | None = None  # None: its listening address
 
 
-class Entry:
+class Entry(NamedTuple):
     """A message handed to a recipient's session and not yet receipted by
-    their client (the mailbox itself is on the disk)."""
+    their client (the mailbox itself is on the disk). A tuple: the relay
+    makes one per message, with `tuple.__new__` (no Python-level `__init__`
+    or `__new__` call: issue 18, round 3), and nothing changes it once made."""
 
-    __slots__ = ("server_msg_id", "msg_id", "sender_key", "sender", "text", "sent_ms", "size")
-
-    def __init__(
-        self, server_msg_id: int, msg_id: MsgId, sender_key: str, sender: str, text: str,
-        sent_ms: int, size: int,
-    ) -> None:  # fmt: skip
-        self.server_msg_id = server_msg_id
-        self.msg_id = msg_id
-        self.sender_key = sender_key
-        self.sender = sender
-        self.text = text
-        self.sent_ms = sent_ms
-        self.size = size  # bytes of UTF-8
+    server_msg_id: int
+    msg_id: MsgId
+    sender_key: str
+    sender: str
+    text: str
+    sent_ms: int
+    size: int  # bytes of UTF-8
 
 
 K = TypeVar("K")

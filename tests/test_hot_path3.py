@@ -19,6 +19,7 @@ Counts, never durations.
 from __future__ import annotations
 
 import functools
+import random
 import tempfile
 import time
 from collections.abc import Iterator
@@ -267,6 +268,104 @@ def test_mark_delivereds_in_memory_is_each_mark_delivered() -> None:
     assert store.notices == {"alice": {(9, 3): (103, 9, 3, "Bob")}}
 
 
+def settle_senders(world: World) -> None:
+    """The store thread's commits done, their callbacks run, what they send
+    read by alice and carol."""
+    wait_for_store(world.store)
+    world.relay.store_done(world.now)
+    world.route(world.relay.datagrams_to_send(world.now))
+    for name in ("alice", "carol"):
+        drain(world, name)
+
+
+def tick(world: World) -> None:
+    """30 ms on: every client sends what is due (its acks), one pass."""
+    world.now += 0.03
+    relay = world.relay
+    for name, conn in world.conns.items():
+        for data in conn.datagrams_to_send(world.now):
+            relay.receive_datagram(data, world.addrs[name], world.now)
+    relay.handle_timer(world.now)
+    world.route(relay.datagrams_to_send(world.now))
+    relay.flush_store(world.now)
+    for name in ("alice", "carol"):
+        drain(world, name)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_any_mix_of_batches_waits_and_commits_tells_each_message_once(
+    world: World, seed: int
+) -> None:
+    """Alice and carol send bursts; at random the relay's wait ends (the
+    writes go to the store thread), commits come back, and bob receipts a
+    prefix of what he holds in one RECEIPTS (before or after the commits,
+    some never written, some written, some in the same batch). In the end
+    each sender was told ACCEPT and DELIVERED exactly once per message, the
+    disk has every dedup key and no mailbox row or queued receipt, and the
+    relay holds nothing for them."""
+    rng = random.Random(seed)
+    store, relay = world.store, world.relay
+    sent: dict[str, list[int]] = {"alice": [], "carol": []}
+    holding: list[int] = []  # server ids bob has and has not receipted
+
+    def bob_got() -> None:
+        holding.extend(m.server_msg_id for m in drain(world, "bob") if isinstance(m, Deliver))
+
+    for _ in range(10):
+        for _ in range(rng.randint(0, 4)):
+            name = rng.choice(("alice", "carol"))
+            seq = len(sent[name]) + 2
+            world.send(name, "bob", f"{name} {seq}", MsgId(9, seq))
+            sent[name].append(seq)
+            for data in world.conns[name].datagrams_to_send(world.now):
+                relay.receive_datagram(data, world.addrs[name], world.now)
+            world.route(relay.datagrams_to_send(world.now))
+            relay.flush_store(world.now)
+            bob_got()
+        if rng.random() < 0.4:
+            end_the_wait(world)
+        if rng.random() < 0.3:
+            settle_senders(world)
+        if holding and rng.random() < 0.7:
+            cut = rng.randint(1, len(holding))
+            world.now += 0.0003
+            receipts_pass(world, holding[:cut])
+            del holding[:cut]
+            bob_got()
+        if rng.random() < 0.3:
+            tick(world)
+            bob_got()
+    for _ in range(20):  # the rest, until bob has had everything
+        tick(world)
+        bob_got()
+        if holding:
+            receipts_pass(world, holding)
+            holding.clear()
+    end_the_wait(world)
+    world.pump()
+    for name, seqs in sent.items():
+        said = told(world.inbox[name])
+        assert sorted(seq for kind, seq in said if kind == "accept") == seqs, name
+        assert sorted(seq for kind, seq in said if kind == "delivered") == seqs, name
+    store.flush(force=True)
+    wait_for_store(store)
+    relay.store_done(world.now)
+    assert not relay._early and relay._early_bytes == 0
+    assert not relay._unwritten and not relay._accepted and not relay._tell_at_accept
+    assert not relay._held and not relay._held_ids
+    where = store.data_dir
+    assert rows(where, "SELECT COUNT(*) FROM mailbox") == [(0,)]
+    # (A queued receipt may be left for a sender's next login when timing
+    # has it written before its DELIVERED was acked: the code before does
+    # the same, and a client dedups it. Not this test's business.)
+    assert rows(where, "SELECT COUNT(*) FROM dedup WHERE client_seq > 1") == [
+        (len(sent["alice"]) + len(sent["carol"]),)
+    ]
+    assert relay.users["bob"].mailbox_count == 0 and relay.users["bob"].mailbox_bytes == 0
+    # Both paths were taken (the seeds give 7-19 never written of 15-32).
+    assert 0 < relay.stats["messages_unwritten"] < len(sent["alice"]) + len(sent["carol"])
+
+
 def message(i: int) -> StoredMessage:
     return StoredMessage(i, "bob", "alice", "Alice", 9, i, f"text {i}", 1000 + i)
 
@@ -416,11 +515,11 @@ def test_an_accepts_that_does_not_fit_names_its_item() -> None:
 # --- the Relay's work per relayed message, counted -----------------------------
 
 #: Measured when set (issue 18, sixth session; `python -m bench.relay_count
-#: --disk --pairs 2 --window 32 --messages 150`, the same figures every
+#: --disk --pairs 2 --window 32 --messages 150`, the same figures run after
 #: run): the code before 40.9 calls and 2,191 bytecodes per message; after,
-#: 25.0 and 1,888. The bounds sit between: the code before is over both.
-CALLS_PER_MESSAGE = 28
-BYTECODES_PER_MESSAGE = 2_050
+#: 22.8 and 1,771. The bounds are ~10 % above: the code before is over both.
+CALLS_PER_MESSAGE = 25
+BYTECODES_PER_MESSAGE = 1_950
 
 
 def test_the_relays_calls_and_bytecodes_per_message_stay_under_their_bounds() -> None:
