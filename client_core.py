@@ -271,6 +271,7 @@ class StatusChanged:
     reason: str | None = None
     by: str | None = None  # a group message's `delivered`: the member who has it
     recipients: int | None = None  # a group message's `accepted`: members it went to
+    seq: int = 0  # a group message's `accepted`: its place in the group's sequence
 
     @property
     def group(self) -> str | None:
@@ -2162,7 +2163,8 @@ class ClientCore:
         self.store.set_state(message.msg_id, MessageState.ACCEPTED)
         self.store.set_recipients(message.msg_id, message.recipients, message.group_seq)
         self._emit(StatusChanged(out.msg_id.label(), MessageState.ACCEPTED, out.to, out.text,
-                                 recipients=message.recipients))  # fmt: skip
+                                 recipients=message.recipients,
+                                 seq=message.group_seq))  # fmt: skip
         if out.cancelling:  # the cancel came too late: it is stored for every member
             self._cancel_answered(out, ended=False)
         if out.recipients == 0:

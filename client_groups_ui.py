@@ -300,7 +300,9 @@ class GroupsUI:
         elif event.change == "owner":
             info.owner = event.user
         conv = self.w.conversation(event.conversation)
-        self.w._add_line(conv, self.make_line("system", "", event.describe(), event.sent_ms / 1000))
+        line = self.make_line("system", "", event.describe(), event.sent_ms / 1000)
+        line.seq = event.seq
+        self.w._add_line(conv, line)
         # In the transcript (or its conversation's lines): now it may be receipted.
         if self.w.session is not None:
             self.w.session.shown(event.id)

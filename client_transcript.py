@@ -63,9 +63,21 @@ class Line:
     row_id: int = 0  # its row in the store, when known (0: not read from the store)
     slow: bool = False  # ours, still `sending` after SLOW_SEND_S: say so
     awaits_account: bool = False  # ours, `sending`: its recipient has no account yet
+    seq: int = 0  # a group's line: its place in the group's order (0: ours, not accepted yet)
 
 
 # --- pure functions -------------------------------------------------------------
+
+
+def move_down(lines: list[Line], line: Line, ahead: int) -> bool:
+    """Move `line` (found by identity) below the `ahead` lines after it;
+    False if it is not in `lines`."""
+    index = next((i for i, other in enumerate(lines) if other is line), None)
+    if index is None:
+        return False
+    del lines[index]
+    lines.insert(index + ahead, line)
+    return True
 
 
 def tk_safe(text: str) -> str:
@@ -373,6 +385,18 @@ class Transcript:
         if not follow:
             self.text.after_idle(self.show_marker)
         return follow
+
+    def move_down(self, line: Line, ahead: int) -> None:
+        """Our group message goes below the `ahead` lines shown after it
+        (the server numbered them first): drawn again, the view kept where
+        it was (at the end if it was there)."""
+        was_at_bottom = self.at_bottom()
+        top = self.text.yview()[0]
+        if not move_down(self.lines, line, ahead):
+            return
+        self.show(self.lines, has_earlier=self.has_earlier, at_latest=self.at_latest)
+        if not was_at_bottom:
+            self.text.yview_moveto(top)
 
     def prepend(self, lines: list[Line], *, has_earlier: bool) -> None:
         """Earlier lines above the shown ones; the view stays on what the

@@ -92,13 +92,14 @@ from client_store import (
     ClientStore,
     HistoryLine,
     Timeline,
+    goes_before,
     read_around,
     read_contacts,
     read_history,
     row_of,
     search_history,
 )
-from client_transcript import Line, Transcript, find_in_text, tk_safe
+from client_transcript import Line, Transcript, find_in_text, move_down, tk_safe
 from common import DEFAULT_PORT, __version__, config_dir, format_servers, parse_servers
 from protocol import MAX_TEXT_BYTES, GroupAction, LocalProtocolError, name_key, normalize_name
 
@@ -732,6 +733,7 @@ class ChatWindow:
         line = Line("peer", event.sender, event.text, event.sent_ms / 1000, event.msg_id or None)
         if event.group is not None and self._mine(event.sender):
             line = self._own_from_elsewhere(event.text, event.sent_ms, event.msg_id)
+        line.seq = event.seq
         self._add_line(conv, line)
         if self.current is None:
             self.open_conversation(conv.name, focus=False)
@@ -772,6 +774,27 @@ class ChatWindow:
             line.slow = line.awaits_account = False
         if conv is self.current:
             self.view.render_state(line)
+        if event.seq > 0 and event.group is not None and not line.seq:
+            line.seq = event.seq
+            self._place_in_group(conv, line)
+
+    def _place_in_group(self, conv: Conversation, line: Line) -> None:
+        """Our group message, shown where it was typed while `sending`, now
+        numbered by the server: below the lines after it that the server
+        numbered first (the store moves its row alike: every member reads
+        the group in one order)."""
+        index = next((i for i, other in enumerate(conv.lines) if other is line), None)
+        if index is None:
+            return
+        later = conv.lines[index + 1 :]
+        ahead = goes_before(line.seq, [other.seq for other in later])
+        if ahead == 0:
+            return
+        for moved in [line, *later[ahead:]]:
+            moved.row_id = 0  # stored again under a new row: looked up when needed
+        move_down(conv.lines, line, ahead)
+        if conv is self.current:
+            self.view.move_down(line, ahead)
 
     def _mark_slow(self, now: float) -> None:
         """Our messages `sending` for SLOW_SEND_S get a note (not 30 s of
@@ -816,6 +839,11 @@ class ChatWindow:
         return conv
 
     def _line_from(self, item: HistoryLine) -> Line:
+        line = self._line_of(item)
+        line.seq = item.seq
+        return line
+
+    def _line_of(self, item: HistoryLine) -> Line:
         if item.change is not None:  # a group's membership change
             return Line("system", "", item.text, item.ts_ms / 1000, row_id=item.row_id)
         if item.outgoing:
