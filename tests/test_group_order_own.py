@@ -15,7 +15,8 @@ from pathlib import Path
 from client_core import StatusChanged
 from client_store import ClientStore, goes_before, read_history
 from protocol import GroupAccept, GroupDeliver, GroupEvent, MsgId
-from tests.test_groups_client import Net, Sent, add, net, push, sent  # noqa: F401
+from tests.test_client_core import Net
+from tests.test_groups_client import Sent, add, net, push, sent  # noqa: F401
 
 T0 = 1_700_000_000_000
 CREATED = GroupEvent(900, 1, "team", 1, "bob", ("bob", "alice", "carol"), T0)
