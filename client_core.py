@@ -333,6 +333,10 @@ class ErrorEvent:
     code: str  # an ErrorCode label
     message: str
     fatal: bool = False
+    # A refused group request: its group (no '#') and action, so a front end
+    # can say it where it belongs (not in the JSON: `message` names the group).
+    group: str | None = None
+    action: GroupAction | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"event": "error", "code": self.code, "message": self.message}
@@ -2120,8 +2124,10 @@ class ClientCore:
                 code = ErrorCode(message.code)
             except ValueError:
                 code = ErrorCode.SERVER_ERROR
-            text = message.message or f"#{entry[1].group}: {code.label}"
-            self._emit(ErrorEvent(code.label, text))
+            request = entry[1]
+            text = message.message or f"#{request.group}: {code.label}"
+            self._emit(ErrorEvent(code.label, text, group=request.group or None,
+                                  action=GroupAction(request.action)))  # fmt: skip
         elif isinstance(message, GroupInfo):
             if message.request_id not in self.group_requests:
                 return  # an answer sent again

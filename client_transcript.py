@@ -53,7 +53,7 @@ STATE_LABELS = {
 
 @dataclass
 class Line:
-    kind: str  # "own", "peer" or "system"
+    kind: str  # "own", "peer", "system" or "error" (a refusal: a system line in red)
     who: str
     text: str
     stamp: float
@@ -241,6 +241,7 @@ class Transcript:
         text.tag_configure("hidden", elide=True)
         text.tag_configure("system", foreground=p.muted, font=FONTS.small, spacing1=4,
                            spacing3=4)  # fmt: skip
+        text.tag_configure("error-line", foreground=p.error)
         text.tag_configure("day", foreground=p.muted, font=FONTS.small, justify="center",
                            spacing1=PAD, spacing3=4)  # fmt: skip
         text.tag_configure("stamp", foreground=p.idle, font=FONTS.small)
@@ -485,6 +486,8 @@ class Transcript:
             shown, rest = shown[:LONG_TEXT_CHARS], shown[LONG_TEXT_CHARS:]
         if line.kind == "system":
             parts.append((shown, ("system",)))
+        elif line.kind == "error":
+            parts.append((shown, ("system", "error-line")))
         else:
             who = (line.kind, "who", f"who-{line.kind}")
             parts.append((f"{line.who}: ", (*who, "hidden") if grouped else who))
@@ -573,7 +576,9 @@ class Transcript:
             self.text.configure(state="normal")
             start = self.text.index(f"{ranges[0]} -3c")  # the " … " before the link
             self.text.delete(start, ranges[-1])
-            self._insert(start, display_order(rest) if kind != "system" else rest, (kind,))
+            self._insert(
+                start, display_order(rest) if kind not in ("system", "error") else rest, (kind,)
+            )
             self.text.configure(state="disabled")
 
         return expand

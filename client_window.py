@@ -110,6 +110,7 @@ POLL_BATCH = 300  # events handled per tick at most ...
 POLL_BUDGET_S = 0.015  # ... and for at most this long, so a burst never freezes the window
 TYPING_SHOWN_S = 4.0  # how long "bob is typing..." stays after the last notice
 TYPING_SEND_EVERY_S = 3.0
+RATE_NOTE_EVERY_S = 60.0  # "sending too fast" is said at most this often
 LIMIT_WARN_AT = 0.8  # show the size counter from this share of the limit on
 #: A conversation holding more lines than this in memory keeps its last
 #: PAGE (the rest stay in the store and come back on scrolling up).
@@ -259,6 +260,7 @@ class ChatWindow:
         self._expected_tick = 0.0
         # Our messages shown as `sending`: id -> (line, its conversation, since when).
         self._sending: dict[str, tuple[Line, Conversation, float]] = {}
+        self._rate_noted = float("-inf")  # when "sending too fast" was last said
         self._next_slow_check = 0.0
         self._found: tuple[str, str] | None = None  # (needle, start index) of the shown hit
         self._logging_in: tuple[str, str] | None = None  # (server, username) typed
@@ -674,6 +676,15 @@ class ChatWindow:
         # would only say "sending")
         if event.code in ("user_offline", "mailbox_full"):
             return
+        if self.groups.on_error(event):
+            return  # a group request's refusal: said where it belongs
+        if event.code == "rate_limited":
+            # Said once a minute, not a line a second in whatever is open
+            # (audit14 A11: ~60 of them scrolled the person's message away).
+            now = time.monotonic()
+            if now - self._rate_noted < RATE_NOTE_EVERY_S:
+                return
+            self._rate_noted = now
         self._system(self.current, event.message)
         if event.code in ("server_unreachable", "server_shutdown") and self.current is not None:
             self.current.stale_notice = True
@@ -702,6 +713,8 @@ class ChatWindow:
                                                   if len(others) > 20 else "")  # fmt: skip
                 self._system(self.current, f"Online: {shown}.")
         for key, conv in self.conversations.items():
+            if conv.name.startswith("#"):
+                continue  # a group has no presence (its members have: the panel)
             conv.online = key in online
             self._refresh_contact(conv)
 
@@ -1010,8 +1023,11 @@ class ChatWindow:
 
     # --- transcript -------------------------------------------------------------
 
-    def _system(self, conv: Conversation | None, message: str) -> None:
-        line = Line("system", "", message, time.time())
+    def _system(self, conv: Conversation | None, message: str, kind: str = "system") -> None:
+        """A line of the window's own in `conv` (`kind` "error": a refusal,
+        drawn in the error colour, unlike a membership change); with no
+        conversation open, in the header."""
+        line = Line(kind, "", message, time.time())
         if conv is None:
             self.peer_label.configure(text=tk_safe(message))
             return

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from chat_client import ChatSession, LoggedIn, MessageReceived, StatusChanged
-from client_window import ChatWindow
 from protocol import GroupAction, name_key
 from tests.conftest import (
     PASSWORD,
@@ -22,8 +21,8 @@ from tests.conftest import (
     stop_process,
     wait_for,
 )
-from tests.test_gui import Gui, open_gui, press, pump, pump_until, type_text
 from tests.test_groups_gui import window_screenshot
+from tests.test_gui import Gui, open_gui, press, pump, pump_until, type_text
 from tests.xvfb import display  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
