@@ -66,6 +66,7 @@ class ConversationView(Protocol):
     lines: list[Any]  # of the window's `Line`
     by_id: dict[str, Any]
     received: set[str]
+    online: bool | None  # a person's presence as the contact list shows it (None: unknown)
 
 
 class StoreView(Protocol):
@@ -588,6 +589,9 @@ class GroupsUI:
             key = name_key(member)
             online = key == me or self.presence.get(key, False)
             known = online or key in self.presence or key in self.watched
+            contact = self.w.conversations.get(key)
+            if not known and contact is not None and contact.online is not None:
+                online, known = contact.online, True  # as the contact list shows them
             marks = [m for m, yes in (("you", key == me), ("owner", key == name_key(info.owner)))
                      if yes]  # fmt: skip
             dot = ONLINE_DOT if online else OFFLINE_DOT if known else UNKNOWN_DOT

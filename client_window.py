@@ -679,6 +679,7 @@ class ChatWindow:
         if self.groups.on_error(event):
             return  # a group request's refusal: said where it belongs
         if event.code == "rate_limited":
+            self.health.held_back()  # what is sent again now is not network loss (H2)
             # Said once a minute, not a line a second in whatever is open
             # (audit14 A11: ~60 of them scrolled the person's message away).
             now = time.monotonic()
