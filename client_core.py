@@ -271,6 +271,7 @@ class StatusChanged:
     reason: str | None = None
     by: str | None = None  # a group message's `delivered`: the member who has it
     recipients: int | None = None  # a group message's `accepted`: members it went to
+    seq: int = 0  # a group message's `accepted`: its place in the group's sequence
 
     @property
     def group(self) -> str | None:
@@ -332,6 +333,10 @@ class ErrorEvent:
     code: str  # an ErrorCode label
     message: str
     fatal: bool = False
+    # A refused group request: its group (no '#') and action, so a front end
+    # can say it where it belongs (not in the JSON: `message` names the group).
+    group: str | None = None
+    action: GroupAction | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"event": "error", "code": self.code, "message": self.message}
@@ -2119,8 +2124,10 @@ class ClientCore:
                 code = ErrorCode(message.code)
             except ValueError:
                 code = ErrorCode.SERVER_ERROR
-            text = message.message or f"#{entry[1].group}: {code.label}"
-            self._emit(ErrorEvent(code.label, text))
+            request = entry[1]
+            text = message.message or f"#{request.group}: {code.label}"
+            self._emit(ErrorEvent(code.label, text, group=request.group or None,
+                                  action=GroupAction(request.action)))  # fmt: skip
         elif isinstance(message, GroupInfo):
             if message.request_id not in self.group_requests:
                 return  # an answer sent again
@@ -2162,7 +2169,8 @@ class ClientCore:
         self.store.set_state(message.msg_id, MessageState.ACCEPTED)
         self.store.set_recipients(message.msg_id, message.recipients, message.group_seq)
         self._emit(StatusChanged(out.msg_id.label(), MessageState.ACCEPTED, out.to, out.text,
-                                 recipients=message.recipients))  # fmt: skip
+                                 recipients=message.recipients,
+                                 seq=message.group_seq))  # fmt: skip
         if out.cancelling:  # the cancel came too late: it is stored for every member
             self._cancel_answered(out, ended=False)
         if out.recipients == 0:

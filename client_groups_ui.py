@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from client_core import (
     ClientError,
+    ErrorEvent,
     GroupChanged,
     GroupsListed,
     GroupUnchanged,
@@ -65,6 +66,7 @@ class ConversationView(Protocol):
     lines: list[Any]  # of the window's `Line`
     by_id: dict[str, Any]
     received: set[str]
+    online: bool | None  # a person's presence as the contact list shows it (None: unknown)
 
 
 class StoreView(Protocol):
@@ -126,6 +128,7 @@ class GroupWindow(Protocol):
     def conversation(self, name: str, *, last: float = 0.0) -> ConversationView: ...
     def open_conversation(self, name: str, *, focus: bool = True) -> None: ...
     def _add_line(self, conv: Any, line: Any) -> None: ...
+    def _system(self, conv: Any, message: str, kind: str = "system") -> None: ...
 
 
 #: `client_transcript.Line`'s constructor: (kind, who, text, stamp, msg_id, state).
@@ -139,6 +142,12 @@ WATCH_MEMBERS_MAX = 50
 WATCH_TOTAL_MAX = 200
 ONLINE_DOT = "\u25cf"  # ●
 OFFLINE_DOT = "\u25cb"  # ○
+#: At login the members of this many groups (the open one, the most
+#: recently active) are asked for; any other group's when it is opened.
+MEMBERS_AT_LOGIN = 20
+#: A member whose presence is not followed (past the caps above): not
+#: known, so not drawn offline (audit14 A9: 11 of 60 online members were).
+UNKNOWN_DOT = "\u25cc"  # ◌
 PANEL_WIDTH = 190
 
 
@@ -207,6 +216,15 @@ class GroupsUI:
         # this session saw a change of, or made (the list may be older).
         self.listed = False
         self.changed_here: set[str] = set()
+        # Groups whose members this session asked for (once each, when first
+        # opened: asking every group at login spent the user's own message
+        # budget, audit14 A11); change events keep them current after.
+        self.asked: set[str] = set()
+        # "New group…" requests sent, not answered yet: name key -> (the name
+        # and members typed). The conversation opens once it is created; a
+        # refusal opens the dialog again with them and the reason (audit14
+        # A5, A8: before, a phantom group showed the error as a change).
+        self.creating: dict[str, tuple[str, list[str]]] = {}
 
     # --- state ----------------------------------------------------------------
 
@@ -232,6 +250,8 @@ class GroupsUI:
         self._not_ours.clear()
         self.listed = False
         self.changed_here.clear()
+        self.asked.clear()
+        self.creating.clear()
         if self.w.session is not None:
             self.w.session.group(GroupAction.LIST)
 
@@ -250,6 +270,16 @@ class GroupsUI:
             for group in event.groups:
                 self.info(group).member = True
                 self.w.conversation(group_address(group))
+            # Members (the count on the contact line, the panel) of the open
+            # group and the most recently active few; the rest when opened.
+            # Asking every group at login spent the user's own message budget:
+            # in 10,000 groups her message waited a minute (audit14 A11).
+            entries = self.w.contact_list.entries
+            recent = sorted(event.groups, key=lambda g: -getattr(
+                entries.get(name_key(group_address(g))), "last", 0.0))  # fmt: skip
+            if self.shown_group is not None and name_key(self.shown_group) in listed:
+                recent.insert(0, self.shown_group)
+            for group in recent[:MEMBERS_AT_LOGIN]:
                 self._ask_members(group)
             # A group conversation of the history that the server does not
             # list is one we left or were removed from (before, it was taken
@@ -291,7 +321,11 @@ class GroupsUI:
             info.members.extend(u for u in event.users if not info.has(u))
             if any(name_key(u) == name_key(me) for u in event.users):
                 info.member = True
-                self._ask_members(event.group)  # we were added: learn who is there
+                self.asked.discard(name_key(event.group))  # learn who is there when opened
+                if self.shown_group is not None and name_key(self.shown_group) == name_key(
+                    event.group
+                ):
+                    self._ask_members(event.group)
         elif event.change in ("removed", "left"):
             gone = list(event.users) if event.change == "removed" else [event.user]
             info.drop(gone)
@@ -300,7 +334,12 @@ class GroupsUI:
         elif event.change == "owner":
             info.owner = event.user
         conv = self.w.conversation(event.conversation)
-        self.w._add_line(conv, self.make_line("system", "", event.describe(), event.sent_ms / 1000))
+        line = self.make_line("system", "", event.describe(), event.sent_ms / 1000)
+        line.seq = event.seq
+        self.w._add_line(conv, line)
+        if event.change == "created" and name_key(event.by) == name_key(me):
+            if self.creating.pop(name_key(event.group), None) is not None:
+                self.w.open_conversation(event.conversation)  # the group we asked for
         # In the transcript (or its conversation's lines): now it may be receipted.
         if self.w.session is not None:
             self.w.session.shown(event.id)
@@ -427,7 +466,12 @@ class GroupsUI:
             self.panel.hide()
             return
         self.shown_group = group
+        known = name_key(group) in self.groups
         info = self.info(group)
+        if self.listed and not known:
+            # Not in the session's list, nothing of it came since ("New chat
+            # with #typo"): not ours, no live panel (audit14 A8).
+            info.member = False
         self.panel.show()
         self._refresh_panel()
         # A group we left has no members to tell us about; before the
@@ -446,7 +490,8 @@ class GroupsUI:
         self.dialog = NewGroupDialog(self)
 
     def create(self, name: str, members: list[str]) -> str | None:
-        """Create `#name` with `members`; None, or what is wrong (nothing sent)."""
+        """Ask for `#name` with `members`; None, or what is wrong (nothing
+        sent). Its conversation opens once the server created it."""
         try:
             group, users = check_group_request(GroupAction.CREATE, name, members)
         except ClientError as exc:
@@ -454,11 +499,27 @@ class GroupsUI:
         if self.w.session is None:
             return "not logged in"
         self.w.session.group(GroupAction.CREATE, group, users)
-        info = self.info(group)
-        info.member = True
-        self.changed_here.add(name_key(group))
-        self.w.open_conversation(group_address(group))
+        self.creating[name_key(group)] = (name, members)
         return None
+
+    def on_error(self, event: ErrorEvent) -> bool:
+        """A refused group request, said where it belongs: a "New group…"
+        in its dialog again (with what was typed), any other in its group's
+        conversation as an error line; False for any other error."""
+        if event.group is None:
+            return False
+        key = name_key(event.group)
+        typed = self.creating.pop(key, None) if event.action == GroupAction.CREATE else None
+        if typed is not None:
+            self.open_dialog()
+            if self.dialog is not None:
+                self.dialog.refused(*typed, event.message)
+            return True
+        conv = self.w.conversations.get(name_key(group_address(event.group)))
+        if conv is None:
+            return False
+        self.w._system(conv, event.message, "error")
+        return True
 
     def add(self, users: list[str]) -> str | None:
         return self._request(GroupAction.ADD, users)
@@ -492,7 +553,10 @@ class GroupsUI:
     # --- helpers ------------------------------------------------------------------
 
     def _ask_members(self, group: str) -> None:
-        if self.w.session is not None:
+        """Ask the server who is in `group`, once a session (see `asked`)."""
+        key = name_key(group)
+        if self.w.session is not None and key not in self.asked:
+            self.asked.add(key)
             self.w.session.group(GroupAction.MEMBERS, group)
 
     def _watch(self, info: GroupInfo) -> None:
@@ -524,11 +588,16 @@ class GroupsUI:
         for member in info.members:
             key = name_key(member)
             online = key == me or self.presence.get(key, False)
+            known = online or key in self.presence or key in self.watched
+            contact = self.w.conversations.get(key)
+            if not known and contact is not None and contact.online is not None:
+                online, known = contact.online, True  # as the contact list shows them
             marks = [m for m, yes in (("you", key == me), ("owner", key == name_key(info.owner)))
                      if yes]  # fmt: skip
-            dot = ONLINE_DOT if online else OFFLINE_DOT
+            dot = ONLINE_DOT if online else OFFLINE_DOT if known else UNKNOWN_DOT
             text = f"{dot} {member}" + (f" ({', '.join(marks)})" if marks else "")
-            rows.append((member, text, "online" if online else "offline"))
+            tag = "online" if online else "offline" if known else "unknown"
+            rows.append((member, text, tag))
         self.panel.fill(info, rows, owner=self.is_owner())
 
 
@@ -544,6 +613,7 @@ class MembersPanel:
         self.tree.column("#0", width=PANEL_WIDTH - 10)
         self.tree.tag_configure("online", foreground="#1b7f2a")
         self.tree.tag_configure("offline", foreground="#888888")
+        self.tree.tag_configure("unknown", foreground="#888888")
         self.tree.pack(fill="both", expand=True, pady=(4, 0))
         self.tree.bind("<<TreeviewSelect>>", lambda e: self._update_buttons())
         add_row = ttk.Frame(frame)
@@ -672,6 +742,14 @@ class NewGroupDialog:
             self.error.configure(text=problem)
             return
         self.close()
+
+    def refused(self, name: str, members: list[str], reason: str) -> None:
+        """The server refused the group typed here: shown again, with why."""
+        self.name_var.set(name)
+        self.members_var.set(", ".join(members))
+        self.error.configure(text=reason)
+        self.name_entry.focus_set()
+        self.name_entry.select_range(0, "end")
 
     def close(self) -> None:
         self.top.destroy()

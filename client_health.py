@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from tkinter import ttk
 from typing import Literal
 
-from client_core import LinkStats
+from client_core import LOSS_WINDOW, LinkStats
 from client_look import FONTS, PAD, PALETTE, full_time
 from client_store import Timeline
 
@@ -32,6 +32,13 @@ HISTORY = 300  # ... five minutes of them in the ring
 # hide 1-2 %); 400 ms is ITU-T G.114's limit for interactive use.
 LOSS_FAIR_PCT = 2.0
 RTT_FAIR_MS = 400.0
+
+#: What the status bar says while the server withholds acks (a sending
+#: limit: the user's rate, the groups' fan-out budget): data is sent again,
+#: and none of it is lost. Said for LOSS_WINDOW after the server's last
+#: notice: the resent share counts over that window.
+HELD_TEXT = "server delays your messages (sending limit)"
+HELD_S = LOSS_WINDOW
 
 Level = Literal["good", "fair", "bad", "idle"]
 LEVEL_COLOURS: dict[Level, str] = {
@@ -47,24 +54,32 @@ class Sample:
     up: bool
 
 
-def level(stats: LinkStats) -> Level:
-    """The dot's colour: green, amber (slow or lossy), red (down), grey (connecting)."""
+def level(stats: LinkStats, held: bool = False) -> Level:
+    """The dot's colour: green, amber (slow or lossy), red (down), grey
+    (connecting). While the server `held` our data back (its sending limits
+    withhold acks: what we send again meanwhile is not lost), what was sent
+    again does not make it amber."""
     if stats.link == "connecting":
         return "idle"
     if stats.link == "down":
         return "bad"
-    if stats.loss_pct >= LOSS_FAIR_PCT or (stats.rtt_ms or 0.0) >= RTT_FAIR_MS:
+    lossy = stats.loss_pct >= LOSS_FAIR_PCT and not held
+    if lossy or (stats.rtt_ms or 0.0) >= RTT_FAIR_MS:
         return "fair"
     return "good"
 
 
-def summary(stats: LinkStats) -> str:
-    """The status bar's words: "RTT 12 ms · loss 0 % · 0 queued"."""
+def summary(stats: LinkStats, held: bool = False) -> str:
+    """The status bar's words: "RTT 12 ms · loss 0 % · 0 queued"; while the
+    server holds our messages back (`held`), that instead of a loss (audit14
+    H2: its withheld acks read "loss 54 %" on a loopback link)."""
     queued = f"{stats.outbox} queued"
     if stats.link == "connecting":
         return f"Connecting\u2026 \u00b7 {queued}"
     if stats.link == "down":
         return f"Not connected \u2014 reconnecting\u2026 \u00b7 {queued}"
+    if held and stats.loss_pct > 0:
+        return f"RTT {_ms(stats.rtt_ms)} \u00b7 {HELD_TEXT} \u00b7 {queued}"
     return f"RTT {_ms(stats.rtt_ms)} \u00b7 loss {stats.loss_pct:.0f} % \u00b7 {queued}"
 
 
@@ -128,6 +143,7 @@ class HealthBar(ttk.Frame):
         self.samples: deque[Sample] = deque(maxlen=HISTORY)
         self.stats: LinkStats | None = None
         self.panel: HealthPanel | None = None
+        self._held_at = float("-inf")  # when the server last said it holds data back
         self._after: str | None = None
         self.dot = tk.Canvas(self, width=12, height=12, highlightthickness=0, borderwidth=0,
                              background=PALETTE.sidebar, cursor="hand2")  # fmt: skip
@@ -141,7 +157,19 @@ class HealthBar(ttk.Frame):
 
     @property
     def level(self) -> Level:
-        return "idle" if self.stats is None else level(self.stats)
+        return "idle" if self.stats is None else level(self.stats, self.held)
+
+    @property
+    def held(self) -> bool:
+        """The server said it holds our data back, within the loss window."""
+        return self.clock() - self._held_at < HELD_S
+
+    def held_back(self) -> None:
+        """The server said it withholds acks (`rate_limited`): what is sent
+        again now is not loss (see `summary`)."""
+        self._held_at = self.clock()
+        if self.stats is not None:
+            self.label.configure(text=summary(self.stats, True))
 
     def start(self) -> None:
         if self._after is None:
@@ -163,11 +191,12 @@ class HealthBar(ttk.Frame):
             return
         self.stats = stats
         self.samples.append(Sample(self.clock(), stats.rtt_ms, stats.loss_pct, stats.link == "up"))
-        self.label.configure(text=summary(stats))
+        held = self.held
+        self.label.configure(text=summary(stats, held))
         self.dot.delete("all")
-        self.dot.create_oval(1, 1, 11, 11, fill=LEVEL_COLOURS[level(stats)], outline="")
+        self.dot.create_oval(1, 1, 11, 11, fill=LEVEL_COLOURS[level(stats, held)], outline="")
         if self.panel is not None:
-            self.panel.draw(self.samples, stats)
+            self.panel.draw(self.samples, stats, held)
 
     def toggle_panel(self) -> None:
         if self.panel is None:
@@ -179,7 +208,7 @@ class HealthBar(ttk.Frame):
         if self.panel is None:
             self.panel = HealthPanel(self.winfo_toplevel(), on_close=self.close_panel)
             if self.stats is not None:
-                self.panel.draw(self.samples, self.stats)
+                self.panel.draw(self.samples, self.stats, self.held)
         return self.panel
 
     def close_panel(self) -> None:
@@ -229,13 +258,15 @@ class HealthPanel(tk.Toplevel):
         y = master.winfo_rooty() + 40
         self.geometry(f"+{x}+{y}")
 
-    def draw(self, samples: deque[Sample], stats: LinkStats) -> None:
-        self.heading.configure(text=summary(stats))
+    def draw(self, samples: deque[Sample], stats: LinkStats, held: bool = False) -> None:
+        self.heading.configure(text=summary(stats, held))
+        why = (" \u2014 the server held messages back (a sending limit):"
+               " sent again, not lost") if held else ""  # fmt: skip
         rttvar = "" if stats.rttvar_ms is None else f" (\u00b1{stats.rttvar_ms:.0f} ms)"
         rtt = "not measured yet" if stats.rtt_ms is None else f"{stats.rtt_ms:.1f} ms{rttvar}"
         self.details.configure(text=(
             f"Round trip: {rtt}\n"
-            f"Loss over the last minute: {stats.loss_pct:.1f} % of data sent again\n"
+            f"Loss over the last minute: {stats.loss_pct:.1f} % of data sent again{why}\n"
             f"Resent since login: {stats.retransmits} of {stats.sent} pieces \u00b7 "
             f"in flight: {stats.in_flight} \u00b7 waiting to be accepted: {stats.outbox}\n"
             "Shaded red: not connected (messages wait in the outbox)"

@@ -213,10 +213,10 @@ def new_day(before: Stamped | None, line: Stamped) -> bool:
 
 def continues(before: Stamped | None, line: Stamped) -> bool:
     """Whether `line` joins the group of `before`: same sender, same day,
-    less than GROUP_GAP_S later (system lines never group)."""
+    less than GROUP_GAP_S later (system and error lines never group)."""
     return (
         before is not None
-        and line.kind != "system"
+        and line.kind not in ("system", "error")
         and before.kind == line.kind
         and before.who == line.who
         and 0 <= line.stamp - before.stamp < GROUP_GAP_S
@@ -305,6 +305,8 @@ class Avatar(tk.Canvas):
         self.delete("all")
         if name:
             draw_avatar(self, 1, 1, self.diameter, name)
+            if name.startswith("#"):
+                return  # a group has no presence (audit14 A10: the last contact's dot stayed)
             draw_presence(self, self.diameter - 3, self.diameter - 3, online,
                           ring=str(self.cget("background")))  # fmt: skip
 

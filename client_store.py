@@ -225,6 +225,19 @@ class HistoryLine:
     row_id: int = 0  # its row in the store: where earlier pages and search hits start
     sender: str | None = None  # a group's line: who sent it, or made the change
     change: str | None = None  # a group's membership change (`text` says it in words)
+    seq: int = 0  # a group's line: its place in the group's order (0: ours, not accepted yet)
+
+
+def goes_before(seq: int, later: list[int]) -> int:
+    """How many of the lines after our group message (their group seqs,
+    oldest first; 0 for one not numbered yet: ours still `sending`) go
+    before it now that the server put it at `seq`: up to and with the last
+    one numbered below it. 0: it stays where it is."""
+    ahead = 0
+    for index, other in enumerate(later):
+        if 0 < other < seq:
+            ahead = index + 1
+    return ahead
 
 
 def ensure_search_index(db: sqlite3.Connection) -> bool:
@@ -600,13 +613,53 @@ class ClientStore:
         return "shown" if row is not None and row[0] else "unshown"
 
     def set_recipients(self, msg_id: MsgId, recipients: int, group_seq: int) -> None:
+        """Our group message was accepted at `group_seq`: its "of N", and its
+        row moves to its place in the group's order (`_place_in_group`)."""
         self.begin()
+        key = (name_key(self.username), i64(msg_id.instance_id), msg_id.client_seq)
         self.db.execute(
             "UPDATE history SET grp_recipients=?, grp_seq=? WHERE outgoing=1 AND sender_key=? "
             "AND instance_id=? AND client_seq=?",
-            (recipients, group_seq, name_key(self.username), i64(msg_id.instance_id),
-             msg_id.client_seq),
-        )  # fmt: skip
+            (recipients, group_seq, *key),
+        )
+        row = self.db.execute(
+            "SELECT id, peer_key FROM history WHERE outgoing=1 AND sender_key=? AND instance_id=?"
+            " AND client_seq=?",
+            key,
+        ).fetchone()
+        if row is not None and group_seq > 0:
+            self._place_in_group(int(row[0]), str(row[1]), group_seq)
+
+    def _place_in_group(self, row_id: int, peer_key: str, seq: int) -> None:
+        """Our row `row_id` was stored where it was typed; the server put it
+        at `seq`. Lines stored after it with a lower seq (others' messages
+        and changes the server numbered first, which came while ours was on
+        its way) go before it: the row, and the rows that follow it in the
+        group's order, are stored again at the end (new ids, the same
+        content), so every reading of the history (`ORDER BY id`, pages,
+        search) has the group's one order. Only rows stored since ours are
+        looked at: they came while it was in flight, of the group it was
+        accepted in (an older group of the name ended before it)."""
+        later = self.db.execute(
+            "SELECT id, grp_seq FROM history WHERE peer_key=? AND id>? ORDER BY id",
+            (peer_key, row_id),
+        ).fetchall()
+        ahead = goes_before(seq, [int(s or 0) for _, s in later])
+        if ahead == 0:
+            return
+        columns = self._history_columns()
+        names = ", ".join(columns)
+        for moved in [row_id] + [int(r) for r, _ in later[ahead:]]:
+            values = self.db.execute(f"SELECT {names} FROM history WHERE id=?", (moved,)).fetchone()
+            self.db.execute("DELETE FROM history WHERE id=?", (moved,))
+            marks = ", ".join("?" * len(columns))
+            self.db.execute(f"INSERT INTO history ({names}) VALUES ({marks})", values)
+
+    def _history_columns(self) -> list[str]:
+        """The history table's columns but its id (those of stores from
+        before included: see HISTORY_COLUMNS)."""
+        rows = self.db.execute("PRAGMA table_info(history)").fetchall()
+        return [str(r[1]) for r in rows if r[1] != "id"]
 
     def add_group_receipt(self, msg_id: MsgId, by: str) -> bool:
         self.begin()
@@ -665,7 +718,8 @@ class ClientStore:
 
 SHOWN_ROWS = "(outgoing=1 OR shown=1)"  # a received message not shown yet is the session's
 LINE_COLUMNS = (
-    "peer, outgoing, text, ts_ms, instance_id, client_seq, state, id, grp_sender, grp_change"
+    "peer, outgoing, text, ts_ms, instance_id, client_seq, state, id, grp_sender, grp_change,"
+    " grp_seq"
 )
 
 
@@ -680,8 +734,8 @@ def _reader(path: Path) -> sqlite3.Connection | None:
 
 def _lines(rows: list[Any]) -> list[HistoryLine]:
     return [
-        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row, sender, change)
-        for p, o, t, ts, i, s, st, row, sender, change in rows
+        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row, sender, change, seq or 0)
+        for p, o, t, ts, i, s, st, row, sender, change, seq in rows
     ]
 
 

@@ -53,7 +53,7 @@ STATE_LABELS = {
 
 @dataclass
 class Line:
-    kind: str  # "own", "peer" or "system"
+    kind: str  # "own", "peer", "system" or "error" (a refusal: a system line in red)
     who: str
     text: str
     stamp: float
@@ -63,9 +63,21 @@ class Line:
     row_id: int = 0  # its row in the store, when known (0: not read from the store)
     slow: bool = False  # ours, still `sending` after SLOW_SEND_S: say so
     awaits_account: bool = False  # ours, `sending`: its recipient has no account yet
+    seq: int = 0  # a group's line: its place in the group's order (0: ours, not accepted yet)
 
 
 # --- pure functions -------------------------------------------------------------
+
+
+def move_down(lines: list[Line], line: Line, ahead: int) -> bool:
+    """Move `line` (found by identity) below the `ahead` lines after it;
+    False if it is not in `lines`."""
+    index = next((i for i, other in enumerate(lines) if other is line), None)
+    if index is None:
+        return False
+    del lines[index]
+    lines.insert(index + ahead, line)
+    return True
 
 
 def tk_safe(text: str) -> str:
@@ -229,6 +241,7 @@ class Transcript:
         text.tag_configure("hidden", elide=True)
         text.tag_configure("system", foreground=p.muted, font=FONTS.small, spacing1=4,
                            spacing3=4)  # fmt: skip
+        text.tag_configure("error-line", foreground=p.error)
         text.tag_configure("day", foreground=p.muted, font=FONTS.small, justify="center",
                            spacing1=PAD, spacing3=4)  # fmt: skip
         text.tag_configure("stamp", foreground=p.idle, font=FONTS.small)
@@ -374,6 +387,18 @@ class Transcript:
             self.text.after_idle(self.show_marker)
         return follow
 
+    def move_down(self, line: Line, ahead: int) -> None:
+        """Our group message goes below the `ahead` lines shown after it
+        (the server numbered them first): drawn again, the view kept where
+        it was (at the end if it was there)."""
+        was_at_bottom = self.at_bottom()
+        top = self.text.yview()[0]
+        if not move_down(self.lines, line, ahead):
+            return
+        self.show(self.lines, has_earlier=self.has_earlier, at_latest=self.at_latest)
+        if not was_at_bottom:
+            self.text.yview_moveto(top)
+
     def prepend(self, lines: list[Line], *, has_earlier: bool) -> None:
         """Earlier lines above the shown ones; the view stays on what the
         person was reading."""
@@ -461,6 +486,8 @@ class Transcript:
             shown, rest = shown[:LONG_TEXT_CHARS], shown[LONG_TEXT_CHARS:]
         if line.kind == "system":
             parts.append((shown, ("system",)))
+        elif line.kind == "error":
+            parts.append((shown, ("system", "error-line")))
         else:
             who = (line.kind, "who", f"who-{line.kind}")
             parts.append((f"{line.who}: ", (*who, "hidden") if grouped else who))
@@ -549,7 +576,9 @@ class Transcript:
             self.text.configure(state="normal")
             start = self.text.index(f"{ranges[0]} -3c")  # the " … " before the link
             self.text.delete(start, ranges[-1])
-            self._insert(start, display_order(rest) if kind != "system" else rest, (kind,))
+            self._insert(
+                start, display_order(rest) if kind not in ("system", "error") else rest, (kind,)
+            )
             self.text.configure(state="disabled")
 
         return expand

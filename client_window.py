@@ -92,13 +92,14 @@ from client_store import (
     ClientStore,
     HistoryLine,
     Timeline,
+    goes_before,
     read_around,
     read_contacts,
     read_history,
     row_of,
     search_history,
 )
-from client_transcript import Line, Transcript, find_in_text, tk_safe
+from client_transcript import Line, Transcript, find_in_text, move_down, tk_safe
 from common import DEFAULT_PORT, __version__, config_dir, format_servers, parse_servers
 from protocol import MAX_TEXT_BYTES, GroupAction, LocalProtocolError, name_key, normalize_name
 
@@ -109,6 +110,7 @@ POLL_BATCH = 300  # events handled per tick at most ...
 POLL_BUDGET_S = 0.015  # ... and for at most this long, so a burst never freezes the window
 TYPING_SHOWN_S = 4.0  # how long "bob is typing..." stays after the last notice
 TYPING_SEND_EVERY_S = 3.0
+RATE_NOTE_EVERY_S = 60.0  # "sending too fast" is said at most this often
 LIMIT_WARN_AT = 0.8  # show the size counter from this share of the limit on
 #: A conversation holding more lines than this in memory keeps its last
 #: PAGE (the rest stay in the store and come back on scrolling up).
@@ -258,6 +260,7 @@ class ChatWindow:
         self._expected_tick = 0.0
         # Our messages shown as `sending`: id -> (line, its conversation, since when).
         self._sending: dict[str, tuple[Line, Conversation, float]] = {}
+        self._rate_noted = float("-inf")  # when "sending too fast" was last said
         self._next_slow_check = 0.0
         self._found: tuple[str, str] | None = None  # (needle, start index) of the shown hit
         self._logging_in: tuple[str, str] | None = None  # (server, username) typed
@@ -673,6 +676,16 @@ class ChatWindow:
         # would only say "sending")
         if event.code in ("user_offline", "mailbox_full"):
             return
+        if self.groups.on_error(event):
+            return  # a group request's refusal: said where it belongs
+        if event.code == "rate_limited":
+            self.health.held_back()  # what is sent again now is not network loss (H2)
+            # Said once a minute, not a line a second in whatever is open
+            # (audit14 A11: ~60 of them scrolled the person's message away).
+            now = time.monotonic()
+            if now - self._rate_noted < RATE_NOTE_EVERY_S:
+                return
+            self._rate_noted = now
         self._system(self.current, event.message)
         if event.code in ("server_unreachable", "server_shutdown") and self.current is not None:
             self.current.stale_notice = True
@@ -701,6 +714,8 @@ class ChatWindow:
                                                   if len(others) > 20 else "")  # fmt: skip
                 self._system(self.current, f"Online: {shown}.")
         for key, conv in self.conversations.items():
+            if conv.name.startswith("#"):
+                continue  # a group has no presence (its members have: the panel)
             conv.online = key in online
             self._refresh_contact(conv)
 
@@ -732,6 +747,7 @@ class ChatWindow:
         line = Line("peer", event.sender, event.text, event.sent_ms / 1000, event.msg_id or None)
         if event.group is not None and self._mine(event.sender):
             line = self._own_from_elsewhere(event.text, event.sent_ms, event.msg_id)
+        line.seq = event.seq
         self._add_line(conv, line)
         if self.current is None:
             self.open_conversation(conv.name, focus=False)
@@ -772,6 +788,27 @@ class ChatWindow:
             line.slow = line.awaits_account = False
         if conv is self.current:
             self.view.render_state(line)
+        if event.seq > 0 and event.group is not None and not line.seq:
+            line.seq = event.seq
+            self._place_in_group(conv, line)
+
+    def _place_in_group(self, conv: Conversation, line: Line) -> None:
+        """Our group message, shown where it was typed while `sending`, now
+        numbered by the server: below the lines after it that the server
+        numbered first (the store moves its row alike: every member reads
+        the group in one order)."""
+        index = next((i for i, other in enumerate(conv.lines) if other is line), None)
+        if index is None:
+            return
+        later = conv.lines[index + 1 :]
+        ahead = goes_before(line.seq, [other.seq for other in later])
+        if ahead == 0:
+            return
+        for moved in [line, *later[ahead:]]:
+            moved.row_id = 0  # stored again under a new row: looked up when needed
+        move_down(conv.lines, line, ahead)
+        if conv is self.current:
+            self.view.move_down(line, ahead)
 
     def _mark_slow(self, now: float) -> None:
         """Our messages `sending` for SLOW_SEND_S get a note (not 30 s of
@@ -816,6 +853,11 @@ class ChatWindow:
         return conv
 
     def _line_from(self, item: HistoryLine) -> Line:
+        line = self._line_of(item)
+        line.seq = item.seq
+        return line
+
+    def _line_of(self, item: HistoryLine) -> Line:
         if item.change is not None:  # a group's membership change
             return Line("system", "", item.text, item.ts_ms / 1000, row_id=item.row_id)
         if item.outgoing:
@@ -982,8 +1024,11 @@ class ChatWindow:
 
     # --- transcript -------------------------------------------------------------
 
-    def _system(self, conv: Conversation | None, message: str) -> None:
-        line = Line("system", "", message, time.time())
+    def _system(self, conv: Conversation | None, message: str, kind: str = "system") -> None:
+        """A line of the window's own in `conv` (`kind` "error": a refusal,
+        drawn in the error colour, unlike a membership change); with no
+        conversation open, in the header."""
+        line = Line(kind, "", message, time.time())
         if conv is None:
             self.peer_label.configure(text=tk_safe(message))
             return
