@@ -95,16 +95,24 @@ def test_workers_do_not_outlive_their_server(ending: str) -> None:
         pool = KeyExchangeWorkers(2)
         pool.submit(dh_secret, 12345, dh_public(678)).result(timeout=30)
         print(pool._workers[0].proc.pid, flush=True)
+        sys.stdin.readline()  # the test has seen the worker alive
         if {ending!r} == "exit":
             os._exit(0)  # no shutdown() either
         time.sleep(60)
         """
     )
-    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
-        assert server.stdout is not None
+        assert server.stdout is not None and server.stdin is not None
         worker_pid = int(server.stdout.readline())
+        # The server waits for our word before it ends: under load an exit
+        # right after the print could take the worker with it before this
+        # check (as it should), and the test read that as a worker never there.
         assert alive(worker_pid)
+        server.stdin.write("go\n")
+        server.stdin.flush()
         if ending == "sigkill":
             server.send_signal(signal.SIGKILL)
         server.wait(30)
@@ -115,6 +123,8 @@ def test_workers_do_not_outlive_their_server(ending: str) -> None:
             server.wait()
         if server.stdout is not None:
             server.stdout.close()
+        if server.stdin is not None:
+            server.stdin.close()
 
 
 def test_a_full_queue_says_busy_instead_of_blocking(workers: KeyExchangeWorkers) -> None:
