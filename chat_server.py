@@ -436,6 +436,21 @@ class _GroupHolds:
         self.size = 0
 
 
+_SEND_KIND = bytes((Kind.SEND,))  # a SEND's first chunk starts with it
+_GROUP_REQUEST_KIND = bytes((Kind.GROUP_REQUEST,))
+
+
+def _requests_only(chunks: list[Stream]) -> bool:
+    """Whether the chunks off the control stream are all whole membership
+    requests (first chunks of GROUP_REQUESTs): no message of a group, so
+    nothing for the fan-out budget at admission (`Relay._may_take`). A
+    later fragment counts as a message's: it may wait, never overspend."""
+    return all(
+        f.stream == CONTROL_STREAM or (f.index == 0 and f.data[:1] == _GROUP_REQUEST_KIND)
+        for f in chunks
+    )
+
+
 #: `chunk_cost`: (messages, requests, bytes, any of a SEND).
 ChunkCost = tuple[int, int, int, bool]
 _NO_COST: ChunkCost = (0, 0, 0, False)
@@ -1131,11 +1146,17 @@ class Relay:
             cfg = self.config
             fanout = TokenBucket(cfg.max_fanout_rate, cfg.max_fanout_burst, now)
             session.user.fanout_bucket = fanout
-        if sends and fanout is not None and not fanout.ready(max(1, copies), now):
+        if (
+            sends and fanout is not None and not fanout.ready(max(1, copies), now)
+            and not _requests_only(new)
+        ):  # fmt: skip
             # The fan-out budget holds every copy of the datagram's group
             # messages, or they all wait (one datagram's acks are one):
             # only a datagram costing more than the whole burst goes into
             # debt, from a full bucket. In debt, any new message waits.
+            # Membership requests alone do not: what their entries cost is
+            # known only where they are numbered, and paid there
+            # (`_change_cost`; one that changes nothing costs nothing).
             self.stats["withheld_fanout"] += 1
             self.drops("fan-out budget: messages wait", session.addr, now, session.user.name)
             self._tell_limited(session, "your group messages exceed the server's fan-out budget; "
@@ -1150,10 +1171,11 @@ class Relay:
 
     def _fanout_cost(self, user: User, new: list[Stream]) -> int:
         """The copies of the group messages that start among `new` chunks:
-        a first chunk on one of the user's groups' streams costs that
+        a SEND's first chunk on one of the user's groups' streams costs that
         group's other members (a direct message sharing the stream, one in
         4,095, is counted as if it were the group's: it may wait, never
-        overspend)."""
+        overspend). A membership request on the stream is no message: its
+        entries are reckoned where it is numbered (`_change_cost`)."""
         groups = self.groups.of_user.get(user.key)
         if not groups:
             return 0
@@ -1164,7 +1186,8 @@ class Relay:
                 continue
             stream = self._group_stream(group)
             by_stream[stream] = max(by_stream.get(stream, 0), len(group.members) - 1)
-        return sum(by_stream.get(f.stream, 0) for f in new if f.index == 0)
+        return sum(by_stream.get(f.stream, 0) for f in new
+                   if f.index == 0 and f.data[:1] == _SEND_KIND)  # fmt: skip
 
     def _within_limits(self, session: Session, messages: int, size: int, now: float) -> bool:
         """Whether the user's message and byte budgets hold this much now
@@ -2724,7 +2747,15 @@ class Relay:
         if group is None or user.key not in group.members:
             return 0
         if request.action == GroupAction.ADD:
-            return len(group.members) + len(request.users)
+            # Only names not yet members join (an add of members alone is
+            # answered "already members" and makes no entry at all).
+            joining = 0
+            for text in request.users:
+                try:
+                    joining += name_key(normalize_name(text)) not in group.members
+                except LocalProtocolError:
+                    return 0  # refused (`_resolve`): nothing made
+            return len(group.members) + joining if joining else 0
         return len(group.members)  # REMOVE, LEAVE
 
     def _group_result(self, user: User, key: RequestKey, code: int, text: str, stream: int,

@@ -50,7 +50,9 @@ RESERVED_NAMES = frozenset({"server", "admin", "system"})
 WHO_PAGE_MAX = 50
 
 MAGIC = b"UCHT"
-VERSION = 2  # 2: the batch messages ACCEPTS, RECEIPTS, DELIVEREDS (kinds 15-17)
+#: 2: the batch messages ACCEPTS, RECEIPTS, DELIVEREDS (kinds 15-17);
+#: 3: GROUP_BATCH (kind 31), which a client of version 2 could not read.
+VERSION = 3
 FLAG_MAC = 0x01
 #: Datagrams without a MAC (the login exchange and its hints) end in a CRC-32
 #: instead, so a flipped bit is dropped rather than taken for a wrong password.

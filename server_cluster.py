@@ -157,6 +157,7 @@ from server_store import (
     LoadedGroup,
     LoadedMember,
     MarkDelivered,
+    MarkDelivereds,
     NoticeDone,
     Op,
     PostGroupMessage,
@@ -231,12 +232,13 @@ return (size[1] or '0') .. ':' .. (size[2] or '0')
 """
 # KEYS: recipient's mailbox, sender's receipts, their index, sender's route,
 # mailbox size. ARGV: entry id, index field, sender key, the packed receipt,
-# UTF-8 bytes. Answers the mailbox's size after it ("messages:bytes").
+# UTF-8 bytes, "1" when the sender's client was told already (`told`: no
+# receipt to queue). Answers the mailbox's size after it ("messages:bytes").
 MARK_DELIVERED = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
   if redis.call('HINCRBY', KEYS[5], 'n', -1) <= 0 then redis.call('DEL', KEYS[5])
   else redis.call('HINCRBY', KEYS[5], 'b', -ARGV[5]) end
-  if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0 then
+  if ARGV[6] ~= '1' and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 0 then
     local id = redis.call('XADD', KEYS[2], '*', 'm', ARGV[4])
     redis.call('HSET', KEYS[3], ARGV[2], id)
     local node = redis.call('GET', KEYS[4])
@@ -1243,15 +1245,13 @@ class RedisStore:
                     )  # fmt: skip
                 case MarkDelivered():
                     sizes.append((writes, op.recipient_key))
-                    script(
-                        "mark_delivered",
-                        [mailbox_key(op.recipient_key), notes_key(op.sender_key),
-                         note_index_key(op.sender_key), route_key(op.sender_key),
-                         size_key(op.recipient_key)],
-                        [entry_id(op.server_msg_id), f"{op.instance_id}:{op.client_seq}",
-                         op.sender_key, _pack([op.instance_id, op.client_seq, op.recipient]),
-                         op.size],
-                    )  # fmt: skip
+                    self._queue_mark(script, op)
+                case MarkDelivereds(items):
+                    for mark in items:  # one script each, in the same MULTI
+                        sizes.append((writes, mark.recipient_key))
+                        self._queue_mark(script, mark)
+                        writes += 1
+                    continue
                 case NoticeDone(sender_key, instance_id, client_seq):
                     script("notice_done", [notes_key(sender_key), note_index_key(sender_key)],
                            [f"{instance_id}:{client_seq}"])  # fmt: skip
@@ -1326,6 +1326,21 @@ class RedisStore:
             count, _, utf8 = str(size).partition(":")
             callbacks.append(self._event("mailbox_size", key, int(count), int(utf8)))
         return callbacks
+
+    @staticmethod
+    def _queue_mark(script: Callable[[str, list[str], list[Any]], None],
+                    op: MarkDelivered) -> None:  # fmt: skip
+        """Queue a receipt's script: the message out of its recipient's
+        mailbox, its sender's receipt queued unless `told`."""
+        script(
+            "mark_delivered",
+            [mailbox_key(op.recipient_key), notes_key(op.sender_key),
+             note_index_key(op.sender_key), route_key(op.sender_key),
+             size_key(op.recipient_key)],
+            [entry_id(op.server_msg_id), f"{op.instance_id}:{op.client_seq}",
+             op.sender_key, _pack([op.instance_id, op.client_seq, op.recipient]),
+             op.size, "1" if op.told else "0"],
+        )  # fmt: skip
 
     # --- groups (see the scripts' comments) -------------------------------------
 

@@ -849,6 +849,21 @@ class MessageStore(Protocol):
     # A store may also offer `withdraw(ops: list[StoreMessage]) -> None` (the
     # relay looks for it): `ServerStore` does, the others apply a message
     # at once or keep it elsewhere (Redis) and do not need to.
+    #
+    # Which operations a store must apply: every one the relay may submit to
+    # it. An operation a store does not know is never applied and never
+    # acknowledged (`server_cluster.RedisStore._unsupported` logs it once),
+    # so its callback never runs: a new operation the relay submits goes
+    # into every store that can meet it, in the same change. Every store:
+    # `StoreMessage`, `MarkDelivered`, `MarkDelivereds` (its items, in one
+    # transaction with the rest of the batch), `NoticeDone`, `StoreAccount`,
+    # `UpdateAccount`, `EraseAccount`, `Reserve`, `Sync`, `GroupReceipt`,
+    # `GroupTold`, `DropMember`, `BuryMember` and `Read` of every `Query`.
+    # A store of one server only (`Relay.shared_store` False: the relay
+    # numbers groups itself): `StoreDedup` (if it offers `withdraw`),
+    # `StoreGroupItem`, `EndGroup`, `TrimGroup`. A shared store only:
+    # `PostGroupMessage`, `ChangeGroup`, `ReadGroupState`,
+    # `ReadGroupCursors`, `TellReached`.
 
 
 class MemoryStore:

@@ -33,9 +33,11 @@ import chat_server
 from chat_server import ChatServer
 from protocol import (
     HEADER,
+    MAGIC,
     MAX_DATAGRAM,
     MAX_FRAMES_SIZE,
     TAG_SIZE,
+    VERSION,
     Ack,
     Deliver,
     MsgId,
@@ -637,15 +639,15 @@ def crafted(world: World, client: Client) -> dict[str, bytes]:
     key, sid = conn.key, conn.session_id
 
     def tagged(pkt: int, body: bytes) -> bytes:
-        head = HEADER.pack(b"UCHT", 2, 1, sid, pkt)
+        head = HEADER.pack(MAGIC, VERSION, 1, sid, pkt)
         return head + body + mac_tag(key, head + body)
 
     good = seal(sid, 10_000, encode_frame(Ping()), key)
     return {
         "good": good,
         "bad tag": good[:-1] + bytes([good[-1] ^ 1]),
-        "no tag": HEADER.pack(b"UCHT", 2, 1, sid, 10_001),  # the header alone
-        "truncated header": HEADER.pack(b"UCHT", 2, 1, sid, 10_002)[:26],
+        "no tag": HEADER.pack(MAGIC, VERSION, 1, sid, 10_001),  # the header alone
+        "truncated header": HEADER.pack(MAGIC, VERSION, 1, sid, 10_002)[:26],
         "tag short by one": tagged(10_003, b"")[:-1],
         "too long": tagged(10_004, encode_frame(Ping()) + bytes(MAX_DATAGRAM)),
         "unknown frame": tagged(10_005, bytes([200, 0, 0])),

@@ -751,7 +751,7 @@ PINNED_FRAMES: list[tuple[Any, str]] = [
     ),
     (
         protocol.VersionFrame(),
-        "09000102",
+        "09000103",
     ),
     (
         protocol.UnknownSession(),
