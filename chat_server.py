@@ -317,9 +317,9 @@ GROUP_SENT_PAGE = 64
 # be trimmed: that walks the members' cursors, so not at every receipt.
 GROUP_TRIM_EVERY = 64
 MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
-# Cluster mode: what one session's group holds keep (`Relay._hold_group`), at
-# most: past either, its datagrams with SENDs or requests are withheld (not
-# acked: the client sends them again later) until an answer releases a hold.
+# What one session's group holds keep (`Relay._hold_group`, `_wait_for_budget`),
+# at most: past either, its datagrams with SENDs or requests (on any stream) are
+# withheld (not acked: the client sends them again later) until a hold is released.
 MAX_GROUP_HELD = 64
 MAX_GROUP_HELD_BYTES = 256 * 1024
 # The request key of a hold that waits for the fan-out budget, not for an
@@ -424,7 +424,7 @@ class _GroupHolds:
     fan-out budget cannot pay for yet, and what came after it to that group
     (`Relay._wait_for_budget`, the key BUDGET_HOLD). Group key -> (the
     request's key, the SENDs and requests held behind it, in order, with a
-    SEND's recipient key); and how many they are, and their text's bytes."""
+    SEND's recipient key); and how many they are, and their bytes (`held_size`)."""
 
     __slots__ = ("by_group", "count", "size")
 
@@ -439,6 +439,14 @@ class _GroupHolds:
 #: `chunk_cost`: (messages, requests, bytes, any of a SEND).
 ChunkCost = tuple[int, int, int, bool]
 _NO_COST: ChunkCost = (0, 0, 0, False)
+
+
+def held_size(what: Send | GroupRequest) -> int:
+    """The bytes a SEND or a membership request keeps in a session's group
+    holds (`MAX_GROUP_HELD_BYTES`): its text, or its group's and users' names."""
+    if isinstance(what, Send):
+        return len(what.text.encode("utf-8"))
+    return len(what.group.encode("utf-8")) + sum(len(u.encode("utf-8")) for u in what.users)
 
 
 def chunk_cost(chunks: list[Stream]) -> ChunkCost:
@@ -1114,13 +1122,15 @@ class Relay:
             self.stats["withheld_output"] += 1
             self.drops("output cap: input waits for acks", session.addr, now, session.user.name)
             return False
-        if sends and self._group_holds:
+        if (sends or requests) and self._group_holds:
             holds = self._group_holds.get(session.session_id)
             if holds is not None and (
                 holds.count >= MAX_GROUP_HELD or holds.size >= MAX_GROUP_HELD_BYTES
             ):
                 # What waits behind its requests is bounded: more of it
-                # waits with its sender until an answer releases a hold.
+                # waits with its sender until an answer releases a hold,
+                # whatever stream it comes on (a membership request may
+                # come on the control stream and be held all the same).
                 self.stats["withheld_group_hold"] += 1
                 self.drops("group hold: input waits for answers", session.addr, now,
                            session.user.name)  # fmt: skip
@@ -2767,8 +2777,7 @@ class Relay:
         if holds is not None and hold is not None:
             hold[1].append((what, to_key))
             holds.count += 1
-            if isinstance(what, Send):
-                holds.size += len(what.text.encode("utf-8"))
+            holds.size += held_size(what)
             return True
         if self.shared_store and key is not None and isinstance(what, GroupRequest) and (
             what.action in (GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE,
@@ -2799,8 +2808,7 @@ class Relay:
         while queue:
             what, to_key = queue.popleft()
             holds.count -= 1
-            if isinstance(what, Send):
-                holds.size -= len(what.text.encode("utf-8"))
+            holds.size -= held_size(what)
             if isinstance(what, Send):
                 self._take_group(session, what, to_key)
             else:
@@ -3881,8 +3889,7 @@ class Relay:
         to_key = "#" + group_key if isinstance(what, Send) else ""
         holds.by_group[group_key] = (BUDGET_HOLD, collections.deque([(what, to_key)]))
         holds.count += 1
-        if isinstance(what, Send):
-            holds.size += len(what.text.encode("utf-8"))
+        holds.size += held_size(what)
         self.stats["held_fanout"] += 1
         bucket = self._fanout_bucket(session.user)
         short = min(copies, bucket.burst) - bucket.tokens

@@ -1,0 +1,72 @@
+"""The group holds of one server, fixed after a review (review3's findings
+1-3): what a session's holds keep is bounded whatever stream its requests
+come on, a SEND repeating the id of one held for the fan-out budget gets
+the answers it would once that is numbered (never a second copy), and a
+SEND on the control stream is refused (the budgets reckon a SEND by its
+conversation's stream). In memory, with a fake clock."""
+
+from __future__ import annotations
+
+from chat_server import MAX_GROUP_HELD
+from protocol import (
+    CONTROL_STREAM,
+    GroupAction,
+    GroupRequest,
+    GroupResult,
+)
+from server_store import MemoryStore
+from tests.test_groups_relay import GroupWorld
+
+
+def test_membership_requests_on_the_control_stream_are_held_to_the_bound() -> None:
+    """A client sending its membership changes on the control stream (not
+    the group's) while they wait for the fan-out budget: the session's
+    holds stay within MAX_GROUP_HELD (give or take one datagram), the rest
+    is withheld (not acked), and every request is answered in the end."""
+    world = GroupWorld(MemoryStore(), max_fanout_rate=300.0, max_fanout_burst=40.0,
+                       user_msg_rate=1000.0, user_msg_burst=2500.0)  # fmt: skip
+    alice = world.login("alice")
+    names = [f"m{n}" for n in range(30)]
+    for name in names:
+        world.login(name)
+    world.login("dave")
+    created = world.request(alice, GroupAction.CREATE, "team", *names)
+    assert world.result(alice, created).code == 0
+    world.settle_all()
+    ids = []
+    for i in range(100):  # add and remove dave in turn: each a change of ~31 copies
+        world._request_ids += 1
+        ids.append(world._request_ids)
+        action = GroupAction.ADD if i % 2 == 0 else GroupAction.REMOVE
+        alice.send(GroupRequest(world._request_ids, action, "team", ("dave",)), CONTROL_STREAM)
+    held = []
+    sid = alice.conn.session_id
+
+    def all_answered() -> bool:
+        holds = world.relay._group_holds.get(sid)
+        held.append(holds.count if holds is not None else 0)
+        return {r.request_id for r in alice.of(GroupResult)} >= set(ids)
+
+    world.run_until(all_answered, 3000, "every request answered")
+    assert max(held) > MAX_GROUP_HELD // 2  # they did wait
+    assert max(held) <= MAX_GROUP_HELD + 32  # one datagram's worth past the bound, at most
+    assert world.relay.stats["withheld_group_hold"] > 0
+    answers = {r.request_id: r.code for r in alice.of(GroupResult)}
+    assert all(answers[i] == 0 for i in ids)
+
+
+def test_a_held_membership_request_counts_its_bytes() -> None:
+    """A request held behind the fan-out budget counts toward
+    MAX_GROUP_HELD_BYTES like a SEND's text (it counted nothing)."""
+    world = GroupWorld(MemoryStore(), max_fanout_rate=1.0, max_fanout_burst=10.0)
+    alice = world.login("alice")
+    names = [f"m{n}" for n in range(9)]
+    for name in names:
+        world.login(name)
+    world.login("dave")
+    world.request(alice, GroupAction.CREATE, "team", *names)
+    world.request(alice, GroupAction.ADD, "team", "dave")  # same datagram: waits
+    world.settle_all()
+    holds = world.relay._group_holds[alice.conn.session_id]
+    assert holds.count == 1
+    assert holds.size == len("team") + len("dave")
