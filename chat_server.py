@@ -2810,7 +2810,10 @@ class Relay:
             holds.count -= 1
             holds.size -= held_size(what)
             if isinstance(what, Send):
-                self._take_group(session, what, to_key)
+                if to_key:
+                    self._take_group(session, what, to_key, released=True)
+                else:  # a repeat of a SEND before it (`_held_repeat`): answered as one
+                    self._on_send(session, what)
             else:
                 self._group_request(session, what)
             again = holds.by_group.get(group_key)
@@ -2819,6 +2822,31 @@ class Relay:
                 return
         if not holds.by_group and self._group_holds.get(session_id) is holds:
             del self._group_holds[session_id]
+
+    def _held_repeat(self, session: Session, send: Send, to_key: str) -> bool:
+        """Whether `send` repeats the id of a SEND the session's holds keep
+        (`_on_send` found it in neither `_accepted` nor the disk: the first
+        is not numbered yet). It gets what it would once the first is: the
+        same text to the same group waits behind it (the key "" marks it a
+        repeat) and is answered as one when released (`_release_group`:
+        the same GROUP_ACCEPT, nothing numbered twice); another text or
+        group is refused DUPLICATE_ID, as it would be then. True: handled."""
+        holds = self._group_holds.get(session.session_id)
+        if holds is None:
+            return False
+        msg_id = send.msg_id
+        for group_key, (_, queue) in holds.by_group.items():
+            for what, _key in queue:
+                if not isinstance(what, Send) or what.msg_id != msg_id:
+                    continue
+                if group_key != to_key[1:] or what.text != send.text:
+                    self._fail(session, msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
+                    return True
+                queue.append((send, ""))
+                holds.count += 1
+                holds.size += held_size(send)
+                return True
+        return False
 
     def _drop_holds(self, session_id: bytes) -> None:
         """A session ended: what its holds kept goes with it."""
@@ -3118,12 +3146,16 @@ class Relay:
 
     # --- group messages -------------------------------------------------------
 
-    def _take_group(self, session: Session, send: Send, to_key: str) -> None:
-        """A new message to a group (`to_key` is '#' + the group's key)."""
+    def _take_group(self, session: Session, send: Send, to_key: str, *,
+                    released: bool = False) -> None:  # fmt: skip
+        """A new message to a group (`to_key` is '#' + the group's key);
+        `released`: one that waited in the session's holds and goes on."""
         user = session.user
         size = len(send.text.encode("utf-8"))
         if size > MAX_TEXT_BYTES:
             self._fail(session, send.msg_id, ErrorCode.TOO_LONG, f"{size} bytes is over the limit")
+            return
+        if self._group_holds and not released and self._held_repeat(session, send, to_key):
             return
         if self.shared_store:
             # A cluster: the shared store numbers it, and judges whether its

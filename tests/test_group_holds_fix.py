@@ -10,12 +10,17 @@ from __future__ import annotations
 from chat_server import MAX_GROUP_HELD
 from protocol import (
     CONTROL_STREAM,
+    ErrorCode,
+    Fail,
+    GroupAccept,
     GroupAction,
     GroupRequest,
     GroupResult,
+    MsgId,
 )
 from server_store import MemoryStore
-from tests.test_groups_relay import GroupWorld
+from tests.test_bounds import Client
+from tests.test_groups_relay import GroupWorld, texts
 
 
 def test_membership_requests_on_the_control_stream_are_held_to_the_bound() -> None:
@@ -70,3 +75,41 @@ def test_a_held_membership_request_counts_its_bytes() -> None:
     holds = world.relay._group_holds[alice.conn.session_id]
     assert holds.count == 1
     assert holds.size == len("team") + len("dave")
+
+
+def _held_posts(text: str) -> tuple[GroupWorld, Client, list[Client]]:
+    """alice makes #team of 9 and posts p0..p5 in the same datagram (they
+    wait for the fan-out budget), then the id of p5 again with `text`."""
+    world = GroupWorld(MemoryStore(), max_fanout_rate=100.0, max_fanout_burst=30.0)
+    alice = world.login("alice")
+    names = [f"m{n}" for n in range(9)]
+    members = [world.login(name) for name in names]
+    world.settle_all()
+    world.request(alice, GroupAction.CREATE, "team", *names)
+    for i in range(6):
+        world.post(alice, "team", f"p{i}", i + 1)
+    world.post(alice, "team", text, 6)
+    for _ in range(100):
+        world.step(0.02)
+    return world, alice, members
+
+
+def test_a_send_repeating_a_held_one_is_accepted_once() -> None:
+    """The same id and text again while the first waits for the budget:
+    one copy to each member, the same GROUP_ACCEPT twice (as without holds)."""
+    world, alice, members = _held_posts("p5")
+    assert world.relay.stats["held_fanout"] > 0  # the posts did wait
+    for member in members:
+        assert texts(member) == ["p0", "p1", "p2", "p3", "p4", "p5"]
+    accepts = [a.server_msg_id for a in alice.of(GroupAccept) if a.msg_id == MsgId(9, 6)]
+    assert len(accepts) == 2 and accepts[0] == accepts[1]
+
+
+def test_a_send_reusing_a_held_id_with_other_text_is_a_duplicate() -> None:
+    world, alice, members = _held_posts("not p5")
+    for member in members:
+        assert texts(member) == ["p0", "p1", "p2", "p3", "p4", "p5"]
+    fails = [f.reason for f in alice.of(Fail) if f.msg_id == MsgId(9, 6)]
+    assert fails == [ErrorCode.DUPLICATE_ID]
+    accepts = [a for a in alice.of(GroupAccept) if a.msg_id == MsgId(9, 6)]
+    assert len(accepts) == 1
