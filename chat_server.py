@@ -1235,6 +1235,15 @@ class Relay:
                         except RemoteProtocolError as exc:
                             self.drops("bad message", session.addr, now, exc)
                             continue
+                        if event.stream == CONTROL_STREAM and message.__class__ is Send:
+                            # A SEND belongs on its conversation's stream (the
+                            # client sends it there; DESIGN: a stream is one
+                            # conversation): the budgets reckon its cost by
+                            # stream (`chunk_cost`, `_may_take`), so one on
+                            # the control stream would pass them unpaid.
+                            self.drops("bad message", session.addr, now,
+                                       "a SEND on the control stream")  # fmt: skip
+                            continue
                         self._dispatch(session, message, now)
                         continue
                     self._on_event(session, addr, event, now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from chat_server import MAX_GROUP_HELD
 from protocol import (
     CONTROL_STREAM,
+    Deliver,
     ErrorCode,
     Fail,
     GroupAccept,
@@ -17,6 +18,8 @@ from protocol import (
     GroupRequest,
     GroupResult,
     MsgId,
+    Send,
+    conversation_stream,
 )
 from server_store import MemoryStore
 from tests.test_bounds import Client
@@ -113,3 +116,29 @@ def test_a_send_reusing_a_held_id_with_other_text_is_a_duplicate() -> None:
     assert fails == [ErrorCode.DUPLICATE_ID]
     accepts = [a for a in alice.of(GroupAccept) if a.msg_id == MsgId(9, 6)]
     assert len(accepts) == 1
+
+
+def test_a_send_on_the_control_stream_is_refused_and_the_session_goes_on() -> None:
+    """A SEND must come on its conversation's stream (the budgets reckon it
+    by its stream): one on the control stream is dropped and counted, to a
+    user or a group alike, and the session's next message is delivered."""
+    world = GroupWorld(MemoryStore(), user_msg_rate=20.0, user_msg_burst=50.0)
+    alice = world.login("alice")
+    bob = world.login("bob")
+    names = [f"m{n}" for n in range(3)]
+    members = [world.login(name) for name in names]
+    assert world.result(alice, world.request(alice, GroupAction.CREATE, "team", *names)).code == 0
+    world.settle_all()
+    before = world.relay.drops.counts.get("bad message", 0)
+    for i in range(100):
+        alice.send(Send(MsgId(9, i + 1), "bob", f"d{i}"), CONTROL_STREAM)
+        alice.send(Send(MsgId(9, 1000 + i), "#team", f"g{i}"), CONTROL_STREAM)
+    world.settle_all()
+    assert bob.of(Deliver) == []
+    assert all(texts(m) == [] for m in members)
+    assert world.relay.drops.counts.get("bad message", 0) - before == 200
+    alice.send(Send(MsgId(9, 5000), "bob", "on its stream"), conversation_stream("bob"))
+    world.post(alice, "team", "on the group's", 5001)
+    world.settle_all()
+    assert [d.text for d in bob.of(Deliver)] == ["on its stream"]
+    assert all(texts(m) == ["on the group's"] for m in members)
