@@ -317,9 +317,9 @@ GROUP_SENT_PAGE = 64
 # be trimmed: that walks the members' cursors, so not at every receipt.
 GROUP_TRIM_EVERY = 64
 MAX_WAITING_RETRIES = 64  # SENDs of one id waiting for its dedup lookup on the disk
-# Cluster mode: what one session's group holds keep (`Relay._hold_group`), at
-# most: past either, its datagrams with SENDs or requests are withheld (not
-# acked: the client sends them again later) until an answer releases a hold.
+# What one session's group holds keep (`Relay._hold_group`, `_wait_for_budget`),
+# at most: past either, its datagrams with SENDs or requests (on any stream) are
+# withheld (not acked: the client sends them again later) until a hold is released.
 MAX_GROUP_HELD = 64
 MAX_GROUP_HELD_BYTES = 256 * 1024
 # The request key of a hold that waits for the fan-out budget, not for an
@@ -424,7 +424,7 @@ class _GroupHolds:
     fan-out budget cannot pay for yet, and what came after it to that group
     (`Relay._wait_for_budget`, the key BUDGET_HOLD). Group key -> (the
     request's key, the SENDs and requests held behind it, in order, with a
-    SEND's recipient key); and how many they are, and their text's bytes."""
+    SEND's recipient key); and how many they are, and their bytes (`held_size`)."""
 
     __slots__ = ("by_group", "count", "size")
 
@@ -454,6 +454,14 @@ def _requests_only(chunks: list[Stream]) -> bool:
 #: `chunk_cost`: (messages, requests, bytes, any of a SEND).
 ChunkCost = tuple[int, int, int, bool]
 _NO_COST: ChunkCost = (0, 0, 0, False)
+
+
+def held_size(what: Send | GroupRequest) -> int:
+    """The bytes a SEND or a membership request keeps in a session's group
+    holds (`MAX_GROUP_HELD_BYTES`): its text, or its group's and users' names."""
+    if isinstance(what, Send):
+        return len(what.text.encode("utf-8"))
+    return len(what.group.encode("utf-8")) + sum(len(u.encode("utf-8")) for u in what.users)
 
 
 def chunk_cost(chunks: list[Stream]) -> ChunkCost:
@@ -1129,13 +1137,15 @@ class Relay:
             self.stats["withheld_output"] += 1
             self.drops("output cap: input waits for acks", session.addr, now, session.user.name)
             return False
-        if sends and self._group_holds:
+        if (sends or requests) and self._group_holds:
             holds = self._group_holds.get(session.session_id)
             if holds is not None and (
                 holds.count >= MAX_GROUP_HELD or holds.size >= MAX_GROUP_HELD_BYTES
             ):
                 # What waits behind its requests is bounded: more of it
-                # waits with its sender until an answer releases a hold.
+                # waits with its sender until an answer releases a hold,
+                # whatever stream it comes on (a membership request may
+                # come on the control stream and be held all the same).
                 self.stats["withheld_group_hold"] += 1
                 self.drops("group hold: input waits for answers", session.addr, now,
                            session.user.name)  # fmt: skip
@@ -1247,6 +1257,15 @@ class Relay:
                             message = decode_message(event.payload)
                         except RemoteProtocolError as exc:
                             self.drops("bad message", session.addr, now, exc)
+                            continue
+                        if event.stream == CONTROL_STREAM and message.__class__ is Send:
+                            # A SEND belongs on its conversation's stream (the
+                            # client sends it there; DESIGN: a stream is one
+                            # conversation): the budgets reckon its cost by
+                            # stream (`chunk_cost`, `_may_take`), so one on
+                            # the control stream would pass them unpaid.
+                            self.drops("bad message", session.addr, now,
+                                       "a SEND on the control stream")  # fmt: skip
                             continue
                         self._dispatch(session, message, now)
                         continue
@@ -2798,8 +2817,7 @@ class Relay:
         if holds is not None and hold is not None:
             hold[1].append((what, to_key))
             holds.count += 1
-            if isinstance(what, Send):
-                holds.size += len(what.text.encode("utf-8"))
+            holds.size += held_size(what)
             return True
         if self.shared_store and key is not None and isinstance(what, GroupRequest) and (
             what.action in (GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE,
@@ -2830,10 +2848,12 @@ class Relay:
         while queue:
             what, to_key = queue.popleft()
             holds.count -= 1
+            holds.size -= held_size(what)
             if isinstance(what, Send):
-                holds.size -= len(what.text.encode("utf-8"))
-            if isinstance(what, Send):
-                self._take_group(session, what, to_key)
+                if to_key:
+                    self._take_group(session, what, to_key, released=True)
+                else:  # a repeat of a SEND before it (`_held_repeat`): answered as one
+                    self._on_send(session, what)
             else:
                 self._group_request(session, what)
             again = holds.by_group.get(group_key)
@@ -2842,6 +2862,31 @@ class Relay:
                 return
         if not holds.by_group and self._group_holds.get(session_id) is holds:
             del self._group_holds[session_id]
+
+    def _held_repeat(self, session: Session, send: Send, to_key: str) -> bool:
+        """Whether `send` repeats the id of a SEND the session's holds keep
+        (`_on_send` found it in neither `_accepted` nor the disk: the first
+        is not numbered yet). It gets what it would once the first is: the
+        same text to the same group waits behind it (the key "" marks it a
+        repeat) and is answered as one when released (`_release_group`:
+        the same GROUP_ACCEPT, nothing numbered twice); another text or
+        group is refused DUPLICATE_ID, as it would be then. True: handled."""
+        holds = self._group_holds.get(session.session_id)
+        if holds is None:
+            return False
+        msg_id = send.msg_id
+        for group_key, (_, queue) in holds.by_group.items():
+            for what, _key in queue:
+                if not isinstance(what, Send) or what.msg_id != msg_id:
+                    continue
+                if group_key != to_key[1:] or what.text != send.text:
+                    self._fail(session, msg_id, ErrorCode.DUPLICATE_ID, DUPLICATE_ID_TEXT)
+                    return True
+                queue.append((send, ""))
+                holds.count += 1
+                holds.size += held_size(send)
+                return True
+        return False
 
     def _drop_holds(self, session_id: bytes) -> None:
         """A session ended: what its holds kept goes with it."""
@@ -3141,12 +3186,16 @@ class Relay:
 
     # --- group messages -------------------------------------------------------
 
-    def _take_group(self, session: Session, send: Send, to_key: str) -> None:
-        """A new message to a group (`to_key` is '#' + the group's key)."""
+    def _take_group(self, session: Session, send: Send, to_key: str, *,
+                    released: bool = False) -> None:  # fmt: skip
+        """A new message to a group (`to_key` is '#' + the group's key);
+        `released`: one that waited in the session's holds and goes on."""
         user = session.user
         size = len(send.text.encode("utf-8"))
         if size > MAX_TEXT_BYTES:
             self._fail(session, send.msg_id, ErrorCode.TOO_LONG, f"{size} bytes is over the limit")
+            return
+        if self._group_holds and not released and self._held_repeat(session, send, to_key):
             return
         if self.shared_store:
             # A cluster: the shared store numbers it, and judges whether its
@@ -3912,8 +3961,7 @@ class Relay:
         to_key = "#" + group_key if isinstance(what, Send) else ""
         holds.by_group[group_key] = (BUDGET_HOLD, collections.deque([(what, to_key)]))
         holds.count += 1
-        if isinstance(what, Send):
-            holds.size += len(what.text.encode("utf-8"))
+        holds.size += held_size(what)
         self.stats["held_fanout"] += 1
         bucket = self._fanout_bucket(session.user)
         short = min(copies, bucket.burst) - bucket.tokens
