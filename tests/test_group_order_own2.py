@@ -7,9 +7,9 @@ member on the group's stream later: at the end of the pass, after the
 fan-out hold, or once the member's window has room. So another's entry
 numbered just before ours can come after our GROUP_ACCEPT: it goes above
 our messages numbered after it, in the store (pages, search and a restart
-read the group's order) as in the window (tests/test_gui_groups3.py has
-the window's side). In memory: the real `Relay` and `ClientCore` with a
-real `ClientStore` (tests/test_client_core's `Net`)."""
+read the group's order) as in the window. In memory: the real `Relay`
+and `ClientCore` with a real `ClientStore` (tests/test_client_core's
+`Net`); the window's side last, under Xvfb against a real server process."""
 
 from __future__ import annotations
 
@@ -22,9 +22,15 @@ import chat_server
 from client_core import GroupChanged, MessageReceived, StatusChanged
 from client_store import ClientStore, goes_above, read_history, search_history
 from client_transcript import Line, move_down
-from protocol import GroupAction, MsgId
+from protocol import GroupAction, MsgId, name_key
+from tests.conftest import RunningServer, wait_for
 from tests.test_client_core import Net
 from tests.test_groups_client import Member, add, login
+from tests.test_groups_gui import window_screenshot
+from tests.test_gui import Gui, open_gui, press, pump, pump_until, type_text
+from tests.xvfb import display  # noqa: F401
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 T0 = 1_700_000_000_000
 
@@ -178,3 +184,56 @@ def test_an_entry_after_ours_or_after_anothers_stays_last(store: ClientStore) ->
     ]  # fmt: skip
     ids = [line.row_id for line in lines]
     assert ids == sorted(ids)
+
+
+# --- the window (Xvfb, a real server process) ---------------------------------------
+
+
+@pytest.fixture
+def gui(display: str, server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gui]:  # noqa: F811
+    yield from open_gui(server, monkeypatch)
+
+
+def test_the_window_puts_a_late_entry_above_our_accepted_message(
+    gui: Gui, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's message, numbered before alice's, reaches her window after
+    alice's `accepted` (held back at the window's input, as the group's
+    stream holds it when the fan-out hold or the window delays it): it is
+    drawn above her message, in the conversation's lines as on the screen,
+    as every member has the group."""
+    bob = gui.session("bob")
+    alice = gui.window()
+    gui.login(alice, "alice")
+    bob.group(GroupAction.CREATE, "ord", ("alice",))
+    assert pump_until(gui.root, lambda: name_key("#ord") in alice.conversations)
+    alice.open_conversation("#ord")
+    assert pump_until(gui.root, lambda: "bob created the group" in alice.transcript_text())
+    held: list[MessageReceived] = []
+    on_message = alice._on_message
+
+    def late(event: MessageReceived) -> None:
+        if event.text == "B late":
+            held.append(event)  # reaches the window after alice's accept
+        else:
+            on_message(event)
+
+    monkeypatch.setattr(alice, "_on_message", late)
+    bob.send("B late", to="#ord")
+    wait_for(bob, lambda e: isinstance(e, StatusChanged) and e.state == "accepted")
+    assert pump_until(gui.root, lambda: bool(held)), "bob's message reached alice's core"
+    type_text(alice.composer, "A mine")
+    press(alice.composer, "Return")
+    conv = alice.current
+    assert conv is not None and conv.name == "#ord"
+    assert pump_until(gui.root, lambda: any(line.kind == "own" for line in conv.lines))
+    own = next(line for line in conv.lines if line.kind == "own")
+    assert pump_until(gui.root, lambda: own.seq > 0), "alice's message accepted"
+    assert held[0].seq < own.seq, "bob's was numbered first"
+    assert alice.transcript_text().index("A mine") > 0
+    on_message(held[0])
+    pump(gui.root, 0.2)
+    assert [line.text for line in conv.lines][-2:] == ["B late", "A mine"]
+    shown = alice.transcript_text()
+    assert shown.index("B late") < shown.index("A mine"), shown
+    window_screenshot(alice, ARTIFACTS / "group-order-late-entry.png")
