@@ -35,6 +35,7 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -238,6 +239,22 @@ def goes_before(seq: int, later: list[int]) -> int:
         if 0 < other < seq:
             ahead = index + 1
     return ahead
+
+
+def goes_above(seq: int, earlier: Iterable[tuple[bool, int]]) -> int:
+    """How many of the lines before a group's entry just come (newest first:
+    whether each is ours, and its group seq, 0 for ours not numbered yet)
+    go after it, numbered `seq`: our messages the server numbered after it
+    (it accepted them before this entry reached us) and the lines after the
+    first of them. Only the run of our own lines at the end is looked at:
+    another's line, or ours numbered before it, ends it. 0: it stays last."""
+    behind = 0
+    for index, (ours, other) in enumerate(earlier):
+        if not ours or 0 < other < seq:
+            break
+        if other > seq:
+            behind = index + 1
+    return behind
 
 
 def ensure_search_index(db: sqlite3.Connection) -> bool:
@@ -585,6 +602,8 @@ class ClientStore:
             (name_key(peer), peer, text, sent_ms, name_key(sender), i64(msg_id.instance_id),
              msg_id.client_seq, server_msg_id, group, group_seq, sender),
         )  # fmt: skip
+        if cursor.rowcount == 1 and cursor.lastrowid is not None:
+            self._place_arrival(cursor.lastrowid, name_key(peer), group_seq)
         return self._arrival(cursor.rowcount == 1, sender, msg_id)
 
     def add_group_event(
@@ -604,6 +623,8 @@ class ClientStore:
              server_msg_id, group, group_seq, by, change, json.dumps(list(users))),
         )  # fmt: skip
         if cursor.rowcount == 1:
+            if cursor.lastrowid is not None:
+                self._place_arrival(cursor.lastrowid, name_key(peer), group_seq)
             return "new"
         row = self.db.execute(
             "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=0 "
@@ -647,12 +668,42 @@ class ClientStore:
         ahead = goes_before(seq, [int(s or 0) for _, s in later])
         if ahead == 0:
             return
+        self._store_again([row_id] + [int(r) for r, _ in later[ahead:]])
+
+    def _place_arrival(self, row_id: int, peer_key: str, seq: int) -> None:
+        """A group's entry just stored at the end as `row_id` (numbered
+        `seq`) may have been numbered before messages of ours the server
+        has accepted already (GROUP_ACCEPT and the group's stream are not
+        ordered with each other; the fan-out hold and the window hold an
+        entry back, our accept never): it goes above them. The rows from
+        the first of ours numbered after it to the end are stored again
+        after it (new ids, the same content; `_place_in_group`'s way).
+        Only the run of our own rows at the end is read (`goes_above`)."""
+        rows = self.db.execute(
+            "SELECT id, outgoing, grp_seq FROM history WHERE peer_key=? AND id<? ORDER BY id DESC",
+            (peer_key, row_id),
+        )
+        read: list[int] = []
+
+        def earlier() -> Iterator[tuple[bool, int]]:
+            for other, outgoing, other_seq in rows:  # read only as far as needed
+                read.append(int(other))
+                yield bool(outgoing), int(other_seq or 0)
+
+        behind = goes_above(seq, earlier())
+        rows.close()
+        if behind:
+            self._store_again(read[:behind][::-1])
+
+    def _store_again(self, row_ids: list[int]) -> None:
+        """The rows `row_ids` stored again at the end, in this order (new
+        ids, the same content): how a row moves down the history."""
         columns = self._history_columns()
         names = ", ".join(columns)
-        for moved in [row_id] + [int(r) for r, _ in later[ahead:]]:
+        marks = ", ".join("?" * len(columns))
+        for moved in row_ids:
             values = self.db.execute(f"SELECT {names} FROM history WHERE id=?", (moved,)).fetchone()
             self.db.execute("DELETE FROM history WHERE id=?", (moved,))
-            marks = ", ".join("?" * len(columns))
             self.db.execute(f"INSERT INTO history ({names}) VALUES ({marks})", values)
 
     def _history_columns(self) -> list[str]:

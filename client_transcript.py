@@ -70,13 +70,14 @@ class Line:
 
 
 def move_down(lines: list[Line], line: Line, ahead: int) -> bool:
-    """Move `line` (found by identity) below the `ahead` lines after it;
-    False if it is not in `lines`."""
+    """Move `line` (found by identity) below the `ahead` lines after it
+    (a negative `ahead`: above the -ahead lines before it); False if it is
+    not in `lines`."""
     index = next((i for i, other in enumerate(lines) if other is line), None)
     if index is None:
         return False
     del lines[index]
-    lines.insert(index + ahead, line)
+    lines.insert(max(0, index + ahead), line)
     return True
 
 
@@ -389,8 +390,9 @@ class Transcript:
 
     def move_down(self, line: Line, ahead: int) -> None:
         """Our group message goes below the `ahead` lines shown after it
-        (the server numbered them first): drawn again, the view kept where
-        it was (at the end if it was there)."""
+        (the server numbered them first), or a group's entry above the
+        -`ahead` of ours before it (numbered after it): drawn again, the
+        view kept where it was (at the end if it was there)."""
         was_at_bottom = self.at_bottom()
         top = self.text.yview()[0]
         if not move_down(self.lines, line, ahead):

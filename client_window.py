@@ -92,6 +92,7 @@ from client_store import (
     ClientStore,
     HistoryLine,
     Timeline,
+    goes_above,
     goes_before,
     read_around,
     read_contacts,
@@ -897,17 +898,36 @@ class ChatWindow:
             conv.lines.append(line)
 
     def _add_line(self, conv: Conversation, line: Line) -> None:
-        """A new line at the end of `conv` (shown if it is open at its latest)."""
+        """A new line at the end of `conv` (shown if it is open at its
+        latest); a group's entry above our messages numbered after it
+        (`_place_arrival`)."""
         conv.lines.append(line)
+        behind = self._place_arrival(conv, line) if line.seq else 0
         self.contact_list.touch(name_key(conv.name), line.stamp)
         if conv is self.current:
             if self.view.at_latest:
                 if self.view.append(line):
                     self._batch_scroll = True
+                if behind:
+                    self.view.move_down(line, -behind)
             else:
                 self.view.show_marker()
         elif len(conv.lines) > MAX_LINES:
             self._trim(conv)
+
+    def _place_arrival(self, conv: Conversation, line: Line) -> int:
+        """A group's entry (`line`, just added last) that the server
+        numbered before messages of ours it has accepted already (their
+        GROUP_ACCEPT came first: the fan-out hold, the window) goes above
+        them, as the store puts its row (`goes_above`). How many lines it
+        went above."""
+        earlier = conv.lines[-2::-1]
+        behind = goes_above(line.seq, ((other.kind == "own", other.seq) for other in earlier))
+        if behind:
+            for moved in earlier[:behind]:
+                moved.row_id = 0  # stored again under a new row: looked up when needed
+            move_down(conv.lines, line, -behind)
+        return behind
 
     def _trim(self, conv: Conversation) -> None:
         """Keep the last PAGE lines of `conv` in memory; the rest are in the store."""
