@@ -78,8 +78,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench  # noqa: F401  (puts the project root on sys.path)
-from bench.loadgen import RTO_MAX, RTO_MIN, Peer, Receiver, SaltCache, Sender
-from bench.relay_micro import deliver, log_in
+from bench.loadgen import RTO_MAX, RTO_MIN, Peer
+from bench.relay_micro import deliver, pairs_of
 from chat_server import Relay, ServerConfig
 from protocol import (
     ACK_HEAD,
@@ -778,28 +778,6 @@ def make_real_relay() -> tuple[Relay, DeferredStore]:
     return relay, store
 
 
-def clients(relay: Relay, pairs: int, window: int
-            ) -> tuple[list[Sender], list[Receiver], dict[int, Addr]]:  # fmt: skip
-    """Real logins of `pairs` senders and receivers (as relay_micro.pairs_of)."""
-    salted: SaltCache = {}
-    names = [f"s{i}" for i in range(pairs)] + [f"r{i}" for i in range(pairs)]
-    logged = log_in(relay, names, salted)
-    addrs: dict[int, Addr] = {}
-    senders, receivers = [], []
-    for i in range(pairs):
-        h = logged[f"s{i}"]
-        assert h.conn is not None
-        s = Sender(h.name, h.sock, h.conn, h.instance_id, f"r{i}", window, 64)
-        addrs[id(s)] = h.sock.addr  # type: ignore[attr-defined]
-        senders.append(s)
-        h = logged[f"r{i}"]
-        assert h.conn is not None
-        r = Receiver(h.name, h.sock, h.conn, h.instance_id)
-        addrs[id(r)] = h.sock.addr  # type: ignore[attr-defined]
-        receivers.append(r)
-    return senders, receivers, addrs
-
-
 #: Virtual time per pass, as in bench.relay_micro.
 STEP = 0.0002
 #: Touched before every pass of a cold pattern: twice this machine's L2.
@@ -823,7 +801,7 @@ class World:
     def __init__(self, kind: str, pairs: int, window: int) -> None:
         self.kind = kind
         relay, store = make_real_relay()
-        self.senders, self.receivers, self.addrs = clients(relay, pairs, window)
+        self.senders, self.receivers, self.addrs = pairs_of(relay, pairs, window)
         self.peers: list[Peer] = [*self.senders, *self.receivers]
         self.by_addr = {self.addrs[id(p)]: p for p in self.peers}
         self.relay, self.store = relay, store
