@@ -2619,6 +2619,7 @@ class Relay:
     def _load_groups(self, loaded: Loaded) -> None:
         for stored in loaded.groups:
             group = self._group_from(stored)
+            GroupTable.count_from(group, stored.sizes)
             if group.members or group.former:  # (a retired group: former members only)
                 self.groups.restore(group)
         for (group_key, sender_key), last in loaded.group_sent.items():
@@ -3213,6 +3214,12 @@ class Relay:
             self._fail(session, send.msg_id, ErrorCode.NOT_A_MEMBER,
                        f"you are not a member of #{group.name}")  # fmt: skip
             return
+        count, waiting = group.backlog()
+        if count >= self.config.mailbox_messages or waiting + size > self.config.mailbox_bytes:
+            full = self._backlog_full(group, size)
+            if full:
+                self._fail(session, send.msg_id, ErrorCode.MAILBOX_FULL, full)
+                return
         recipients = len(group.members) - 1
         if not self._fanout_affords(user, recipients):
             self._wait_for_budget(session, send, to_key[1:], recipients)
@@ -3221,7 +3228,7 @@ class Relay:
         instance_id, client_seq = msg_id
         dedup = (user.key, instance_id, client_seq)
         server_msg_id = self._new_id()
-        seq = self.groups.next_seq(group)
+        seq = self.groups.next_seq(group, size)
         self._accepted[dedup] = (server_msg_id, to_key, send.text)
         self._group_pending[dedup] = (seq, recipients)
         if instance_id == session.instance_id:
@@ -3237,6 +3244,32 @@ class Relay:
             StoreGroupItem(item, group.name, group.owner),
             functools.partial(self._group_message_committed, group, item, dedup),
         )
+
+    def _backlog_full(self, group: Group, size: int) -> str:
+        """Whether a message of `size` bytes would take what waits in
+        `group`'s log for its member furthest behind over the limits of a
+        mailbox (audit14 L2: nothing bounded a group's log before): the
+        FAIL's text naming that member, or "" if it fits. The running
+        totals count from the lowest cursor as last worked out, never above
+        the real one; it is worked out again (a walk of the members) only if
+        the member who had it is gone or has moved since, so posts refused
+        in a row cost a dict lookup each. The same limits as a direct
+        mailbox, not a pair of their own: what waits in a group for one
+        member is, for them, one more mailbox (and it is read and paged like
+        one); a member who cannot take more holds up the group until they
+        read, leave or are removed (membership changes are always taken, so
+        the owner can remove them)."""
+        holder = group.members.get(group.low_key) if group.low_key is not None else None
+        if holder is None or holder.cursor != group.low:
+            group.lowest_member()
+            holder = group.members.get(group.low_key) if group.low_key is not None else None
+        count, waiting = group.backlog()
+        cfg = self.config
+        if count < cfg.mailbox_messages and waiting + size <= cfg.mailbox_bytes:
+            return ""
+        who = holder.name if holder is not None else f"#{group.name}"
+        return (f"#{group.name}: {who}'s backlog is full ({count} entries, {waiting} bytes wait "
+                f"for {who}); it empties as {who} reads, or leaves, or is removed by the owner")
 
     def _group_message_committed(self, group: Group, item: GroupItem,
                                  dedup: tuple[str, int, int]) -> None:  # fmt: skip
@@ -3784,10 +3817,18 @@ class Relay:
             route = self.router.locate(sender) if sender is not None else None
             if isinstance(route, Session):
                 self._group_told(route, group)
-        bound, group.trim_blocker = group.trim_bound()
+        bound, group.trim_blocker, first, last = group.trim_plan()
         if bound > group.trimmed:
-            group.trimmed = bound
+            self.groups.trim(group, bound)
             self.store.submit(TrimGroup(group.key, bound))
+            self.stats["group_trims"] += 1
+        first = max(first, bound + 1)
+        if first <= last:
+            # What former members and senders are still owed lies below
+            # `first`; the current members have everything up to `last`:
+            # nobody reads what lies between again (`Group.trim_plan`).
+            group.holed = last
+            self.store.submit(TrimGroup(group.key, last, first))
             self.stats["group_trims"] += 1
 
     def _tell_again(self, session: Session, group: Group) -> None:

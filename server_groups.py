@@ -29,6 +29,17 @@ nothing and dropped from there; a login recomputes from the log what lies
 between. Entries below both the low-water mark and every owed sender's
 `told` are had by everyone and told to everyone: the log is trimmed there.
 
+What waits in the log for a member is bounded like a mailbox (audit14 L2):
+the entries past the lowest current member's cursor, and their bytes, are
+counted from running totals (`Group.ends`, one cumulative byte count per
+entry past the trim, and `Group.low`), and a message over the limits is
+refused naming that member (`Group.backlog`, `Relay._backlog_full`). A
+former member still owed entries (removed while offline), or a sender still
+owed notices, holds only what is theirs: (cursor, left_seq] or (told, last]
+stays in the log, and what lies between those and the lowest current
+member's cursor, which nobody needs, is cut out of it (`Group.trim_plan`: a
+hole), so removing the member who holds a group back lets it go on.
+
 Ownership passes to the longest-standing member when the owner leaves
 (members are kept in joining order); the group ends with its last member.
 If a former member is still owed entries then (removed while offline), or a
@@ -38,6 +49,8 @@ once, until they have what they are owed (`GroupTable.close`).
 """
 
 from __future__ import annotations
+
+from array import array
 
 from protocol import (
     GROUP_REQUEST_USERS_MAX,
@@ -122,7 +135,8 @@ class Member:
 
 class Group:
     __slots__ = ("key", "name", "owner", "seq", "members", "former", "owed", "trimmed",
-                 "trim_checked", "trim_blocker", "epoch", "changed")  # fmt: skip
+                 "trim_checked", "trim_blocker", "epoch", "changed", "ends", "low", "low_key",
+                 "holed")  # fmt: skip
 
     def __init__(self, key: str, name: str, owner: str, seq: int = 0) -> None:
         self.key = key
@@ -146,6 +160,21 @@ class Group:
         self.trimmed = 0  # log entries up to this seq are gone
         self.trim_checked = 0  # group.seq when the trim bound was last worked out
         self.trim_blocker: str | None = None  # whose cursor or mark held it there
+        # One server: the bytes of the log's text up to each seq from
+        # `trimmed` on (ends[i] covers trimmed + 1 .. trimmed + i; ends[0] is
+        # 0), appended to by `GroupTable.next_seq`, cut by `GroupTable.trim`:
+        # the backlog's bytes past any seq in two reads, never a walk of the
+        # log. 8 bytes an entry, and there are at most `mailbox_messages`
+        # past the lowest member. (A cluster counts in Redis instead.)
+        self.ends = array("Q", [0])
+        # The lowest current member's cursor as last worked out, and whose
+        # (`lowest_member`): never above the real one (cursors only move up,
+        # a member leaving only raises it, one joining comes in at the end;
+        # one added again who goes on from an earlier cursor lowers it:
+        # `GroupTable._join`), so a backlog counted from it is never short.
+        self.low = 0
+        self.low_key: str | None = None
+        self.holed = 0  # the last seq cut out of the log by a hole (`trim_plan`)
 
     def low_water(self) -> int:
         """The highest seq every member has, and every former member still
@@ -174,6 +203,44 @@ class Group:
             if told < bound:
                 bound, blocker = told, key
         return bound, blocker
+
+    def lowest_member(self) -> tuple[int, str | None]:
+        """The lowest cursor of a current member, and whose (None: no member
+        is behind, it is `seq`); kept as `low`, `low_key`."""
+        low, key = self.seq, None
+        for m in self.members.values():
+            if m.cursor < low:
+                low, key = m.cursor, m.key
+        self.low, self.low_key = low, key
+        return low, key
+
+    def backlog(self) -> tuple[int, int]:
+        """(entries, UTF-8 bytes of their text) in the log past `low`: what
+        waits for the member furthest behind, from the running totals."""
+        low = self.low if self.low > self.trimmed else self.trimmed
+        ends = self.ends
+        at = low - self.trimmed
+        return self.seq - low, ends[-1] - ends[at] if at < len(ends) else 0
+
+    def trim_plan(self) -> tuple[int, str | None, int, int]:
+        """(bound, blocker, first, last): `trim_bound`, and a hole of the
+        log, first..last (none if first > last), that nobody needs: past
+        the entries still owed to each former member behind the current
+        members (up to their `left_seq`) and to each sender still owed
+        notices (up to their last message: `_read_sent` reads only theirs),
+        up to the lowest current member's cursor (each of them has it).
+        Works out `low` too."""
+        bound, blocker = self.trim_bound()
+        low, _ = self.lowest_member()
+        tail = max(bound, self.holed)
+        for m in self.former.values():
+            left = m.left_seq or 0
+            if not m.caught_up and m.cursor < low and left > tail:
+                tail = left
+        for told, last in self.owed.values():
+            if told < low and last > tail:
+                tail = last
+        return bound, blocker, tail + 1, low
 
     def audience(self, seq: int) -> list[Member]:
         """Everyone the entry `seq` is for: those who were members there."""
@@ -238,11 +305,44 @@ class GroupTable:
         """The groups `user_key` is a member of, oldest membership first."""
         return [self.groups[k] for k in self.of_user.get(user_key, ())]
 
-    def next_seq(self, group: Group) -> int:
+    def next_seq(self, group: Group, size: int = 0) -> int:
         """The group's next `group_seq`: the one place a sequence number is
-        given out (messages and membership changes alike)."""
+        given out (messages and membership changes alike); `size`: the
+        UTF-8 bytes of a message's text, added to the running totals (a
+        membership change counts as an entry of none)."""
         group.seq += 1
+        ends = group.ends
+        ends.append(ends[-1] + size)
         return group.seq
+
+    @staticmethod
+    def trim(group: Group, bound: int) -> None:
+        """The log's entries up to `bound` are gone: so are their totals."""
+        if bound <= group.trimmed:
+            return
+        del group.ends[: min(bound - group.trimmed, len(group.ends) - 1)]
+        group.trimmed = bound
+
+    @staticmethod
+    def count_from(group: Group, sizes: list[tuple[int, int]]) -> None:
+        """The running totals of a group read back from the store, from its
+        log's (seq, bytes) in order (start-up: never kept, so they never
+        drift from the log; a kill -9 loses nothing of them)."""
+        group.trimmed = sizes[0][0] - 1 if sizes else group.seq
+        ends = array("Q", [0])
+        total, at = 0, group.trimmed
+        for seq, size in sizes:
+            while at < seq - 1:  # cut out (a hole): nothing there
+                ends.append(total)
+                at += 1
+            total += size
+            ends.append(total)
+            at = seq
+        while at < group.seq:  # (a last member's LEFT, never in the log)
+            ends.append(total)
+            at += 1
+        group.ends = ends
+        group.lowest_member()
 
     # --- loading (start-up) -----------------------------------------------------
 
@@ -406,6 +506,8 @@ class GroupTable:
                 member.earlier = (*old.earlier, (old.joined_seq, left))
         group.members[key] = member
         self.of_user.setdefault(key, {})[group.key] = None
+        if member.cursor < group.low:
+            group.low, group.low_key = member.cursor, key
         return member
 
     def remove(self, group: Group, keys: list[str]) -> int:

@@ -408,6 +408,9 @@ class LoadedGroup:
     members: list[LoadedMember]  # current and former, in joining order
     epoch: int = 0  # cluster mode: `server_groups.Group.epoch`
     changed: int = 0  # cluster mode: `server_groups.Group.changed`
+    # One server: (group_seq, UTF-8 bytes of its text) of each entry the log
+    # holds, in order, for the backlog's running totals (`Group.ends`).
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 # --- the operations: one dataclass each, what the loop asks of a store ---
@@ -637,10 +640,13 @@ class GroupTold:
 @dataclass(slots=True)
 class TrimGroup:
     """The group's log entries up to `upto` are had by everyone they are
-    for, and their senders were told: they go."""
+    for, and their senders were told: they go. With `first`, only those
+    from `first` on (a hole: what lies below it is still owed to a former
+    member or a sender, what lies in it to nobody; `Relay._trim_group`)."""
 
     group_key: str
     upto: int
+    first: int = 0
 
 
 @dataclass(slots=True)
@@ -901,7 +907,9 @@ class MemoryStore:
         for key, (name, owner, seq) in self.groups.items():
             members = sorted(self.members.get(key, {}).values(),
                              key=lambda m: (m.joined_seq, m.rank))  # fmt: skip
-            loaded.groups.append(LoadedGroup(key, name, owner, seq, members))
+            sizes = [(s, len(item.text.encode("utf-8")))
+                     for s, item in sorted(self.log.get(key, {}).items())]  # fmt: skip
+            loaded.groups.append(LoadedGroup(key, name, owner, seq, members, sizes=sizes))
         loaded.group_requests = dict(self.group_requests)
         loaded.group_told = dict(self.group_told)
         for key, log in self.log.items():
@@ -1050,9 +1058,9 @@ class MemoryStore:
                 if group_key in self.groups:
                     told = (sender_key, group_key)
                     self.group_told[told] = max(seq, self.group_told.get(told, 0))
-            case TrimGroup(group_key, upto):
+            case TrimGroup(group_key, upto, first):
                 log = self.log.get(group_key, {})
-                for seq in [s for s in log if s <= upto]:
+                for seq in [s for s in log if first <= s <= upto]:
                     self.log_ids.pop(log.pop(seq).server_msg_id, None)
 
     def _record_request(self, request: tuple[RequestKey, int, str]) -> None:
@@ -1297,6 +1305,14 @@ class ServerStore:
                 member = LoadedMember(member_key, name, joined, rank, left, cursor,
                                       unpack_ranges(earlier))  # fmt: skip
                 groups[key].members.append(member)
+        # The entries' sizes, for the backlog's running totals (the log is
+        # bounded by them: at most `mailbox_messages` past the lowest member).
+        for key, seq, size in db.execute(
+            "SELECT group_key, group_seq, length(CAST(text AS BLOB)) FROM group_log "
+            "ORDER BY group_key, group_seq"
+        ):
+            if key in groups:
+                groups[key].sizes.append((seq, size))
         loaded.groups = list(groups.values())
         for user_key, instance_id, request_id, code, message in db.execute(
             "SELECT user_key, instance_id, request_id, code, message FROM group_requests"
@@ -1860,6 +1876,7 @@ class _GroupSegment:
         self.cursors: dict[tuple[str, str], int] = {}
         self.told: dict[tuple[str, str], int] = {}
         self.trims: dict[str, int] = {}
+        self.holes: list[tuple[str, int, int]] = []  # (group key, first, upto)
         self.dropped: list[tuple[str, str]] = []
         self.buried: list[tuple[str, str, str]] = []
         self.requests: list[tuple[Any, ...]] = []
@@ -1898,8 +1915,11 @@ class _GroupSegment:
             case GroupTold(sender_key, group_key, seq):
                 key = (sender_key, group_key)
                 self.told[key] = max(seq, self.told.get(key, seq))
-            case TrimGroup(group_key, upto):
-                self.trims[group_key] = max(upto, self.trims.get(group_key, upto))
+            case TrimGroup(group_key, upto, first):
+                if first:
+                    self.holes.append((group_key, first, upto))
+                else:
+                    self.trims[group_key] = max(upto, self.trims.get(group_key, upto))
             case DropMember(group_key, member_key):
                 self.dropped.append((group_key, member_key))
             case BuryMember(group_key, member_key, tomb_key):
@@ -1944,6 +1964,9 @@ class _GroupSegment:
         for group_key, upto in self.trims.items():
             db.execute("DELETE FROM group_log WHERE group_key=? AND group_seq<=?",
                        (group_key, upto))  # fmt: skip
+        if self.holes:
+            db.executemany("DELETE FROM group_log WHERE group_key=? AND group_seq BETWEEN ? AND ?",
+                           self.holes)  # fmt: skip
         if self.buried:
             db.executemany("UPDATE group_members SET member_key=? WHERE group_key=? AND "
                            "member_key=? AND left_seq IS NOT NULL", self.buried)  # fmt: skip
