@@ -3812,12 +3812,14 @@ class Relay:
         it without a notice to them)."""
         group.trim_checked = group.seq
         self._group_lows.pop(group.key, None)
+        online: set[str] = set()
         for sender_key in list(group.owed):
             sender = self.users.get(sender_key)
             route = self.router.locate(sender) if sender is not None else None
             if isinstance(route, Session):
                 self._group_told(route, group)
-        bound, group.trim_blocker, first, last = group.trim_plan()
+                online.add(sender_key)
+        bound, group.trim_blocker, first, last = group.trim_plan(online)
         if bound > group.trimmed:
             self.groups.trim(group, bound)
             self.store.submit(TrimGroup(group.key, bound))

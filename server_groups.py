@@ -51,6 +51,7 @@ once, until they have what they are owed (`GroupTable.close`).
 from __future__ import annotations
 
 from array import array
+from collections.abc import Container
 
 from protocol import (
     GROUP_REQUEST_USERS_MAX,
@@ -222,13 +223,20 @@ class Group:
         at = low - self.trimmed
         return self.seq - low, ends[-1] - ends[at] if at < len(ends) else 0
 
-    def trim_plan(self) -> tuple[int, str | None, int, int]:
+    def trim_plan(self, online: Container[str] = ()) -> tuple[int, str | None, int, int]:
         """(bound, blocker, first, last): `trim_bound`, and a hole of the
         log, first..last (none if first > last), that nobody needs: past
         the entries still owed to each former member behind the current
         members (up to their `left_seq`) and to each sender still owed
-        notices (up to their last message: `_read_sent` reads only theirs),
-        up to the lowest current member's cursor (each of them has it).
+        notices (up to their last message: a login reads only theirs,
+        `Relay._read_sent`), up to the lowest current member's cursor (each
+        of them has it). A sender in `online` is told each delivery as it
+        is made, and every delivery of an entry below that cursor is made
+        (those behind it do not see it): their mark stays, held by a former
+        member, but they need no entry of the hole. (Only if their session
+        ended before it acked such a notice, in flight as the hole was cut,
+        would their next login not tell it again: the message shows the
+        deliveries told before. A sender offline holds what is theirs.)
         Works out `low` too."""
         bound, blocker = self.trim_bound()
         low, _ = self.lowest_member()
@@ -237,8 +245,8 @@ class Group:
             left = m.left_seq or 0
             if not m.caught_up and m.cursor < low and left > tail:
                 tail = left
-        for told, last in self.owed.values():
-            if told < low and last > tail:
+        for key, (told, last) in self.owed.items():
+            if told < low and last > tail and key not in online:
                 tail = last
         return bound, blocker, tail + 1, low
 

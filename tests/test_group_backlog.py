@@ -1,0 +1,192 @@
+"""What waits in a group's log for its member furthest behind is bounded like
+a mailbox (issue 14, audit finding L2): a message that would take it past
+the mailbox limits (`mailbox_messages`, `mailbox_bytes`) fails
+`mailbox_full` naming that member, and nothing accepted before it is lost;
+membership changes still go in, and removing the member lets the group go
+on (the entries still owed to them stay, the ones after their removal are
+cut out of the log). On the sans-IO relay with a fake clock (each store, and
+a restart on a real SQLite file), in a cluster through a real redis-server,
+and through the terminal client's `--json` events."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chat_server import GROUP_TRIM_EVERY
+from protocol import ErrorCode, Fail, GroupAccept, GroupAction
+from server_store import MemoryStore, MessageStore, ServerStore
+from tests.test_bounds import Client
+from tests.test_groups_relay import GroupWorld, created, entries, texts
+from tests.test_groups_trim import log_seqs
+
+CAP = 5  # mailbox_messages in these tests
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    disk = ServerStore(tmp_path / "data")
+    disk.start()
+    try:
+        yield disk
+    finally:
+        disk.close()
+
+
+def fails(client: Client) -> list[Fail]:
+    found: list[Fail] = client.of(Fail)
+    return found
+
+
+def accepted(client: Client) -> int:
+    return len(client.of(GroupAccept))
+
+
+def post(world: GroupWorld, client: Client, texts_: list[str], start: int) -> None:
+    for n, text in enumerate(texts_, start):
+        world.post(client, "team", text, n)
+        world.settle_all(10)
+    world.settle_all()
+
+
+def offline_carol(store: MessageStore, **config: int) -> tuple[GroupWorld, Client, Client]:
+    """alice, bob and carol in #team; carol logged out (she had its CREATED)."""
+    world = GroupWorld(store, **config)
+    alice, bob, carol = world.login("alice"), world.login("bob"), world.login("carol")
+    created(world, alice, "bob", "carol")
+    world.settle_all()
+    world.logout(carol)
+    return world, alice, bob
+
+
+def test_a_post_over_the_cap_fails_naming_the_member_and_nothing_before_it_is_lost(
+    store: MessageStore,
+) -> None:
+    world, alice, bob = offline_carol(store, mailbox_messages=CAP)
+    post(world, alice, [f"m{n}" for n in range(1, CAP + 1)], 1)
+    assert accepted(alice) == CAP and not fails(alice)
+    post(world, alice, ["one too many"], CAP + 1)
+    (fail,) = fails(alice)
+    assert fail.reason == ErrorCode.MAILBOX_FULL and fail.msg_id.client_seq == CAP + 1
+    assert "carol" in fail.message and "#team" in fail.message, fail.message
+    assert accepted(alice) == CAP
+    # bob is not held back by carol: he had every accepted message.
+    assert texts(bob) == [f"m{n}" for n in range(1, CAP + 1)]
+    carol = world.login("carol")
+    world.run_until(lambda: len(texts(carol)) == CAP, 500, "carol's catch-up")
+    world.settle_all()
+    # Each once, in the group's order, and nothing of the failed one.
+    assert [e[0] for e in entries(carol)] == list(range(2, CAP + 2))
+    assert texts(carol) == [f"m{n}" for n in range(1, CAP + 1)]
+    post(world, alice, ["she has read"], CAP + 2)
+    assert accepted(alice) == CAP + 1 and len(fails(alice)) == 1
+    world.run_until(lambda: texts(carol)[-1:] == ["she has read"], 200, "the next one")
+
+
+def test_membership_changes_go_in_over_the_cap_and_removing_the_member_frees_it(
+    store: MessageStore,
+) -> None:
+    world, alice, bob = offline_carol(store, mailbox_messages=CAP)
+    dave = world.login("dave")
+    post(world, alice, [f"m{n}" for n in range(1, CAP + 1)], 1)
+    post(world, alice, ["refused"], CAP + 1)
+    assert [f.reason for f in fails(alice)] == [ErrorCode.MAILBOX_FULL]
+    # Over the cap, the owner can still add and remove members.
+    assert world.result(alice, world.request(alice, GroupAction.ADD, "team", "dave")).code == 0
+    post(world, bob, ["still full"], 1)
+    assert [f.reason for f in fails(bob)] == [ErrorCode.MAILBOX_FULL]
+    assert world.result(alice, world.request(alice, GroupAction.REMOVE, "team", "carol")).code == 0
+    post(world, bob, ["carol is out"], 2)
+    assert accepted(bob) == 1 and len(fails(bob)) == 1
+    world.run_until(lambda: texts(dave) == ["carol is out"], 200, "dave's copy")
+    # carol still gets everything up to her removal, once, in order.
+    carol = world.login("carol")
+    world.run_until(lambda: any(e[1] == "removed" for e in entries(carol)), 500, "her removal")
+    world.settle_all()
+    assert [e[1] for e in entries(carol)] == ["message"] * CAP + ["added", "removed"]
+    assert texts(carol) == [f"m{n}" for n in range(1, CAP + 1)]
+
+
+def test_the_bytes_are_capped_as_well_as_the_count(store: MessageStore) -> None:
+    world, alice, _ = offline_carol(store, mailbox_bytes=100)
+    post(world, alice, ["x" * 40, "é" * 20], 1)  # 40 + 40 bytes of UTF-8
+    assert accepted(alice) == 2 and not fails(alice)
+    post(world, alice, ["y" * 21], 3)  # 80 + 21 > 100
+    (fail,) = fails(alice)
+    assert fail.reason == ErrorCode.MAILBOX_FULL and "carol" in fail.message
+    post(world, alice, ["z" * 20], 4)  # 80 + 20 fits
+    assert accepted(alice) == 3 and len(fails(alice)) == 1
+
+
+def test_a_removed_member_keeps_only_what_is_theirs_in_the_log(store: MessageStore) -> None:
+    """carol, offline, is removed: the entries up to her removal stay for
+    her; those after it, which every member has, are cut out of the log
+    (it was kept whole from her cursor on, for ever, before)."""
+    world, alice, bob = offline_carol(store)
+    post(world, alice, ["a1", "a2", "a3"], 1)
+    assert world.result(alice, world.request(alice, GroupAction.REMOVE, "team", "carol")).code == 0
+    removal = 5  # CREATED, three messages, REMOVED
+    count = 2 * GROUP_TRIM_EVERY
+    for n in range(4, 4 + count):
+        world.post(alice, "team", f"t{n}", n)
+        if n % 8 == 0:
+            world.step()
+    world.run_until(lambda: len(texts(bob)) == 3 + count, 1000, "bob's copies")
+    world.settle_all()
+    kept = log_seqs(store)
+    assert kept[: removal - 1] == list(range(2, removal + 1))  # what carol is owed
+    assert len(kept) - (removal - 1) < GROUP_TRIM_EVERY, kept  # not the rest
+    group = world.relay.groups.get("team")
+    assert group is not None and group.backlog()[0] < GROUP_TRIM_EVERY
+    carol = world.login("carol")
+    world.run_until(lambda: any(e[1] == "removed" for e in entries(carol)), 500, "her removal")
+    world.settle_all()
+    assert [e[0] for e in entries(carol)] == list(range(2, removal + 1))
+    world.settle_all()
+    assert len(log_seqs(store)) < GROUP_TRIM_EVERY
+
+
+def log_totals(path: Path, after: int) -> tuple[int, int]:
+    with sqlite3.connect(path) as db:
+        count, size = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(length(CAST(text AS BLOB))), 0) FROM group_log "
+            "WHERE group_key='team' AND group_seq>?",
+            (after,),
+        ).fetchone()
+    return int(count), int(size)
+
+
+def test_the_running_totals_after_a_restart_are_the_logs(tmp_path: Path) -> None:
+    """Rebuilt from the SQLite file at start (kept nowhere else, so a kill
+    -9 cannot make them drift): the same numbers as the log's rows, and the
+    cap holds across the restart."""
+    disk = ServerStore(tmp_path / "data")
+    disk.start()
+    try:
+        world, alice, _ = offline_carol(disk, mailbox_messages=CAP)
+        post(world, alice, ["ü" * n for n in range(1, CAP + 1)], 1)
+        group = world.relay.groups.get("team")
+        assert group is not None
+        before = group.backlog()
+        assert before == (CAP, sum(2 * n for n in range(1, CAP + 1)))
+    finally:
+        disk.close()
+    disk = ServerStore(tmp_path / "data")
+    disk.start()
+    try:
+        world = GroupWorld(disk, mailbox_messages=CAP)
+        group = world.relay.groups.get("team")
+        assert group is not None
+        assert group.backlog() == before == log_totals(disk.path, group.low)
+        assert group.ends[-1] - group.ends[0] == log_totals(disk.path, group.trimmed)[1]
+        alice = world.login("alice")
+        post(world, alice, ["after the restart"], CAP + 1)
+        assert [f.reason for f in fails(alice)] == [ErrorCode.MAILBOX_FULL]
+    finally:
+        disk.close()
