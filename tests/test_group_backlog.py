@@ -20,8 +20,8 @@ from chat_server import GROUP_TRIM_EVERY
 from protocol import ErrorCode, Fail, GroupAccept, GroupAction
 from server_store import MemoryStore, MessageStore, ServerStore
 from tests.test_bounds import Client
-from tests.test_groups_relay import GroupWorld, created, entries, texts
-from tests.test_groups_trim import log_seqs
+from tests.test_groups_relay import GroupWorld, created, entries, texts, told_by
+from tests.test_groups_trim import log_seqs, receipt_all
 
 CAP = 5  # mailbox_messages in these tests
 
@@ -190,3 +190,39 @@ def test_the_running_totals_after_a_restart_are_the_logs(tmp_path: Path) -> None
         assert [f.reason for f in fails(alice)] == [ErrorCode.MAILBOX_FULL]
     finally:
         disk.close()
+
+
+def test_a_sender_offline_keeps_its_messages_through_a_hole(store: MessageStore) -> None:
+    """alice posts, removes carol (offline, she has none of it), leaves and
+    logs out before bob has her messages: the hole cut past what carol and
+    alice are owed as former members spares alice's messages (her mark is
+    held by carol): her next login is told who had each of them."""
+    world, alice, bob = offline_carol(store)
+    world.holding.add("bob")
+    post(world, alice, ["a1", "a2", "a3"], 1)
+    assert world.result(alice, world.request(alice, GroupAction.REMOVE, "team", "carol")).code == 0
+    world.holding.add("alice")  # (she logs out before her LEFT reaches her client)
+    assert world.result(alice, world.request(alice, GroupAction.LEAVE, "team")).code == 0
+    world.logout(alice)
+    world.holding.discard("alice")
+    world.holding.clear()
+    receipt_all(bob)
+    world.settle_all()
+    world.login("dave")  # (a member who receipts: a receipt is what looks at the trim)
+    assert world.result(bob, world.request(bob, GroupAction.ADD, "team", "dave")).code == 0
+    count = 2 * GROUP_TRIM_EVERY
+    for n in range(1, count + 1):
+        world.post(bob, "team", f"b{n}", n)
+        if n % 8 == 0:
+            world.step()
+    world.settle_all()
+    world.run_until(lambda: accepted(bob) == count, 1000, "bob's posts")
+    world.settle_all()
+    kept = log_seqs(store)
+    # alice's messages, carol's removal and alice's leaving.
+    assert kept[:5] == [2, 3, 4, 5, 6]
+    assert len(kept) < 5 + GROUP_TRIM_EVERY, kept  # the rest was cut out
+    alice = world.login("alice")
+    world.run_until(lambda: len(told_by(alice)) >= 3, 1000, "alice told")
+    world.settle_all()
+    assert [by for by, _ in told_by(alice)] == ["bob"] * 3
