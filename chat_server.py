@@ -3268,8 +3268,10 @@ class Relay:
         if count < cfg.mailbox_messages and waiting + size <= cfg.mailbox_bytes:
             return ""
         who = holder.name if holder is not None else f"#{group.name}"
-        return (f"#{group.name}: {who}'s backlog is full ({count} entries, {waiting} bytes wait "
-                f"for {who}); it empties as {who} reads, or leaves, or is removed by the owner")
+        return (
+            f"#{group.name}: {who}'s backlog is full ({count} entries, {waiting} bytes wait "
+            f"for {who}); it empties as {who} reads, or leaves, or is removed by the owner"
+        )
 
     def _group_message_committed(self, group: Group, item: GroupItem,
                                  dedup: tuple[str, int, int]) -> None:  # fmt: skip
