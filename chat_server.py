@@ -155,6 +155,7 @@ from server_groups import (
     GroupRefused,
     GroupTable,
     Member,
+    backlog_full_text,
     group_name,
     is_retired,
     retired_key,
@@ -3267,11 +3268,8 @@ class Relay:
         cfg = self.config
         if count < cfg.mailbox_messages and waiting + size <= cfg.mailbox_bytes:
             return ""
-        who = holder.name if holder is not None else f"#{group.name}"
-        return (
-            f"#{group.name}: {who}'s backlog is full ({count} entries, {waiting} bytes wait "
-            f"for {who}); it empties as {who} reads, or leaves, or is removed by the owner"
-        )
+        return backlog_full_text(group.name, holder.name if holder is not None else "", count,
+                                 waiting)  # fmt: skip
 
     def _group_message_committed(self, group: Group, item: GroupItem,
                                  dedup: tuple[str, int, int]) -> None:  # fmt: skip
@@ -3961,7 +3959,8 @@ class Relay:
         self.stats["group_messages"] += 1
         item = GroupItem(to_key[1:], 0, server_msg_id, 0, user.key, user.name, instance_id,
                          client_seq, send.text, (), int(self._wall_clock() * 1000), 0)  # fmt: skip
-        post = PostGroupMessage(item)
+        cfg = self.config  # (the shared store judges the backlog: `GROUP_POST`)
+        post = PostGroupMessage(item, cfg.mailbox_messages, cfg.mailbox_bytes)
         self.store.submit(post, functools.partial(self._group_posted, user, post, dedup, send.to))
 
     def _fanout_bucket(self, user: User) -> TokenBucket:
@@ -4046,9 +4045,14 @@ class Relay:
             self.stats["group_refused"] += 1
             if isinstance(session, Session):
                 code = ErrorCode(post.refused)
-                text = {ErrorCode.NO_SUCH_GROUP: f"there is no group {to}",
-                        ErrorCode.NOT_A_MEMBER: f"you are not a member of {to}"}.get(
-                            code, DUPLICATE_ID_TEXT)  # fmt: skip
+                if code == ErrorCode.MAILBOX_FULL:
+                    holder = self.users.get(post.held_by)
+                    who = holder.name if holder is not None else post.held_by
+                    text = backlog_full_text(to.removeprefix("#"), who, *post.backlog)
+                else:
+                    text = {ErrorCode.NO_SUCH_GROUP: f"there is no group {to}",
+                            ErrorCode.NOT_A_MEMBER: f"you are not a member of {to}"}.get(
+                                code, DUPLICATE_ID_TEXT)  # fmt: skip
                 self._fail(session, msg_id, code, text)
             return
         if isinstance(session, Session):

@@ -194,6 +194,8 @@ DEFAULT_REDIS_PORT = 6379
 #: far below the mailbox numbers (`entry_number`, about 2**61), which the
 #: relay's pagers compare with them.
 ID_BLOCK = 1 << 40
+#: A group post's limits when its operation sets none (`PostGroupMessage`).
+UNBOUNDED = 1 << 50
 #: Bits of a stream entry id's sequence part in `entry_number`: Redis numbers
 #: entries added in the same millisecond to one stream 0, 1, 2...; a million
 #: in one millisecond to one mailbox does not happen.
@@ -325,20 +327,51 @@ return taken
 # Every entry announces itself to every node: "g KEY EPOCH SEQ".
 #
 # A message. KEYS: dedup key, group, members, log, id key, senders' last
-# messages. ARGV: dedup value ("server id:digest"), its TTL, sender key, the
-# packed entry, group key. The sender must be a member here, now: the
+# messages, cursors. ARGV: dedup value ("server id:digest"), its TTL, sender
+# key, the packed entry, group key, the text's UTF-8 bytes, the mailbox
+# limits (messages, bytes). The sender must be a member here, now: the
 # script is the judge, so a node's copy that has not heard of a removal yet
 # cannot let one through. The entry's field `s` names its sender (a
-# sender's messages are found by it: `READ_SENT`).
+# sender's messages are found by it: `READ_SENT`), `p` the bytes of the
+# group's text before it (the group's `bytes` is the running total, so the
+# bytes past any entry are two reads). What waits for the member furthest
+# behind is bounded like a mailbox (audit14 L2): over the limits the
+# message is refused ('full', that member's key, "entries:bytes"). The
+# members' cursors are walked only when the whole log is over them.
 GROUP_POST = """
+local function bytes_before(start)
+  local e = redis.call('XRANGE', KEYS[4], start, '+', 'COUNT', 1)
+  if #e == 0 then return nil end
+  local f = e[1][2]
+  for i = 1, #f, 2 do
+    if f[i] == 'p' then return tonumber(f[i + 1]) end
+  end
+  return 0
+end
 local old = redis.call('GET', KEYS[1])
 if old then return {'dup', old} end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then return {'nogroup'} end
 if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return {'notmember'} end
+local total = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0')
+local size, most, most_bytes = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local logged = total - (bytes_before('-') or total)
+if redis.call('XLEN', KEYS[4]) >= most or logged + size > most_bytes then
+  local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
+  local low, who = last, ''
+  for _, key in ipairs(redis.call('HKEYS', KEYS[3])) do
+    local c = tonumber(redis.call('HGET', KEYS[7], key) or '0')
+    if c < low then low, who = c, key end
+  end
+  local waiting = total - (bytes_before((low + 1) .. '-0') or total)
+  if last - low >= most or waiting + size > most_bytes then
+    return {'full', who, (last - low) .. ':' .. waiting}
+  end
+end
 local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local n = redis.call('HLEN', KEYS[3]) - 1
-redis.call('XADD', KEYS[4], seq .. '-0', 'm', ARGV[4], 'n', n, 's', ARGV[3])
+redis.call('XADD', KEYS[4], seq .. '-0', 'm', ARGV[4], 'n', n, 's', ARGV[3], 'p', total)
+redis.call('HSET', KEYS[2], 'bytes', total + size)
 redis.call('HSET', KEYS[6], ARGV[3], seq)
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. seq .. ':' .. n .. ':' .. epoch, 'EX', ARGV[2])
 redis.call('SET', KEYS[5], seq .. ':' .. n, 'EX', ARGV[2])
@@ -435,9 +468,11 @@ if epoch == '0' then
   redis.call('SADD', KEYS[7], ARGV[1])
 end
 local first = seq + 1
+local total = redis.call('HGET', KEYS[1], 'bytes') or '0'
 for _, e in ipairs(cjson.decode(ARGV[7])) do
   seq = seq + 1
-  redis.call('XADD', KEYS[5], seq .. '-0', 'm', e.m, 'n', e.n)
+  -- (no text: `p` as `GROUP_POST`'s; `s` empty: no sender's message)
+  redis.call('XADD', KEYS[5], seq .. '-0', 'm', e.m, 'n', e.n, 's', '', 'p', total)
   for _, j in ipairs(e.j) do
     -- Added again before they had everything of the earlier membership,
     -- or before every sender was told what they had: it goes on (its
@@ -1357,9 +1392,10 @@ class RedisStore:
                 script("group_post",
                        [dedup_key(item.sender_key, item.instance_id, item.client_seq),
                         keys["group"], keys["gmem"], keys["glog"],
-                        group_message_key(item.server_msg_id), keys["gsent"]],
+                        group_message_key(item.server_msg_id), keys["gsent"], keys["gcur"]],
                        [f"{item.server_msg_id}:{digest}", DEDUP_KEEP_S, item.sender_key,
-                        pack_group_item(item), item.group_key])  # fmt: skip
+                        pack_group_item(item), item.group_key, len(item.text.encode("utf-8")),
+                        op.max_entries or UNBOUNDED, op.max_bytes or UNBOUNDED])  # fmt: skip
             case ChangeGroup():
                 keys = group_keys(op.group_key)
                 (user_key, instance_id, request_id), code, text = op.request
@@ -1410,6 +1446,10 @@ class RedisStore:
                     op.item.server_msg_id = int(parts[0])
                     parts = parts[2:]
                 op.item.group_seq, op.item.recipients, op.epoch = map(int, parts)
+            elif outcome == "full":
+                op.refused = int(ErrorCode.MAILBOX_FULL)
+                count, waiting = str(raw[2]).split(":")
+                op.held_by, op.backlog = str(raw[1]), (int(count), int(waiting))
             else:
                 op.refused = int(ErrorCode.NO_SUCH_GROUP if outcome == "nogroup"
                                  else ErrorCode.NOT_A_MEMBER)  # fmt: skip

@@ -64,6 +64,7 @@ from protocol import (
 
 __all__ = [
     "TOMBSTONE",
+    "backlog_full_text",
     "Group",
     "GroupRefused",
     "GroupTable",
@@ -275,6 +276,17 @@ def group_name(text: str) -> tuple[str, str]:
     except LocalProtocolError as exc:
         raise GroupRefused(ErrorCode.INVALID_NAME, f"group name: {exc}") from None
     return shown, name_key(shown)
+
+
+def backlog_full_text(group: str, who: str, count: int, waiting: int) -> str:
+    """The text of a message refused MAILBOX_FULL because what waits in the
+    group's log for `who`, its member furthest behind, is at the limits."""
+    if not who:
+        return f"#{group}'s backlog is full"
+    return (
+        f"#{group}: {who}'s backlog is full ({count} entries, {waiting} bytes wait for {who}); "
+        f"it empties as {who} reads, or leaves, or is removed by the owner"
+    )
 
 
 def retired_key(group_key: str, end_id: int) -> str:

@@ -694,11 +694,17 @@ class PostGroupMessage:
     (the store checks), with its dedup key: the store numbers it, setting
     `item.group_seq` and `item.recipients` (the members but the sender at
     that place) and `epoch` (which group of that name), or `refused`
-    (NO_SUCH_GROUP or NOT_A_MEMBER)."""
+    (NO_SUCH_GROUP, NOT_A_MEMBER, or MAILBOX_FULL: what waits for the
+    member furthest behind, `held_by`, would pass `max_entries` or
+    `max_bytes`; `backlog`: the entries and bytes waiting for them)."""
 
     item: GroupItem
+    max_entries: int = 0
+    max_bytes: int = 0
     epoch: int = 0
     refused: int = 0
+    held_by: str = ""
+    backlog: tuple[int, int] = (0, 0)
 
 
 @dataclass(slots=True)

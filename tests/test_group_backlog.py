@@ -11,7 +11,7 @@ and through the terminal client's `--json` events."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,9 @@ import pytest
 from chat_server import GROUP_TRIM_EVERY
 from protocol import ErrorCode, Fail, GroupAccept, GroupAction
 from server_store import MemoryStore, MessageStore, ServerStore
+from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import Client
+from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_groups_relay import GroupWorld, created, entries, texts, told_by
 from tests.test_groups_trim import log_seqs, receipt_all
 
@@ -226,3 +228,46 @@ def test_a_sender_offline_keeps_its_messages_through_a_hole(store: MessageStore)
     world.run_until(lambda: len(told_by(alice)) >= 3, 1000, "alice told")
     world.settle_all()
     assert [by for by, _ in told_by(alice)] == ["bob"] * 3
+
+
+# --- a cluster: the shared store's post script judges it -----------------------
+
+
+def test_in_a_cluster_a_post_over_the_cap_fails_on_any_node(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """carol (on B) has stopped reading: alice's posts from A and bob's from
+    B past the cap fail `mailbox_full` naming her, atomically in Redis (a
+    node's copy has nothing to do with it); what was accepted reaches bob;
+    once the owner removes carol, posts go in again."""
+    cluster = cluster_of(2, mailbox_messages=CAP, mailbox_bytes=1000)
+    alice, bob = cluster.login(0, "alice"), cluster.login(1, "bob")
+    cluster.login(1, "carol")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob", "carol").code == 0
+    cluster.settle()
+    cluster.nodes[1].holding.add("carol")
+    for n in range(1, CAP + 1):
+        cluster.post(0, alice, "team", f"m{n}", n)
+        cluster.settle(3)
+    cluster.run_until(lambda: accepted(alice) == CAP, 300, "alice's accepts")
+    cluster.post(0, alice, "team", "from A", CAP + 1)
+    cluster.post(1, bob, "team", "from B", 1)
+    cluster.run_until(lambda: bool(fails(alice)) and bool(fails(bob)), 300, "the refusals")
+    for client in (alice, bob):
+        (fail,) = fails(client)
+        assert fail.reason == ErrorCode.MAILBOX_FULL and "carol" in fail.message, fail
+    assert texts(bob) == [f"m{n}" for n in range(1, CAP + 1)]
+    client = cluster.nodes[0].node.store.client
+    assert client.hget("chat:group:{#team}", "seq") == str(CAP + 1)  # nothing numbered
+    assert cluster.request(0, alice, GroupAction.REMOVE, "team", "carol").code == 0
+    # The bytes too: with carol gone, 991 bytes fit the 1,000; 10 more, sent
+    # with it (before anyone can have it), do not.
+    cluster.post(1, bob, "team", "x" * 991, 2)
+    cluster.post(1, bob, "team", "y" * 10, 3)
+    cluster.run_until(lambda: len(fails(bob)) == 2, 300, "the second refusal")
+    assert fails(bob)[1].reason == ErrorCode.MAILBOX_FULL and fails(bob)[1].msg_id.client_seq == 3
+    cluster.run_until(lambda: texts(alice) == ["x" * 991], 300, "alice has the long one")
+    cluster.settle()
+    cluster.post(1, bob, "team", "carol is out", 4)
+    cluster.run_until(lambda: texts(alice)[-1:] == ["carol is out"], 300, "the post after")
+    assert len(fails(bob)) == 2 and accepted(bob) == 2
