@@ -3217,7 +3217,7 @@ class Relay:
             return
         count, waiting = group.backlog()
         if count >= self.config.mailbox_messages or waiting + size > self.config.mailbox_bytes:
-            full = self._backlog_full(group, size)
+            full = self._backlog_full(group, size, user.key)
             if full:
                 self._fail(session, send.msg_id, ErrorCode.MAILBOX_FULL, full)
                 return
@@ -3246,7 +3246,7 @@ class Relay:
             functools.partial(self._group_message_committed, group, item, dedup),
         )
 
-    def _backlog_full(self, group: Group, size: int) -> str:
+    def _backlog_full(self, group: Group, size: int, sender_key: str) -> str:
         """Whether a message of `size` bytes would take what waits in
         `group`'s log for its member furthest behind over the limits of a
         mailbox (audit14 L2: nothing bounded a group's log before): the
@@ -3259,7 +3259,9 @@ class Relay:
         member is, for them, one more mailbox (and it is read and paged like
         one); a member who cannot take more holds up the group until they
         read, leave or are removed (membership changes are always taken, so
-        the owner can remove them)."""
+        the owner can remove them). Of members equally far behind, one
+        other than the sender is named (the sender's own client is likely
+        only a moment behind)."""
         holder = group.members.get(group.low_key) if group.low_key is not None else None
         if holder is None or holder.cursor != group.low:
             group.lowest_member()
@@ -3268,6 +3270,10 @@ class Relay:
         cfg = self.config
         if count < cfg.mailbox_messages and waiting + size <= cfg.mailbox_bytes:
             return ""
+        if holder is not None and holder.key == sender_key:
+            low = holder.cursor
+            others = (m for m in group.members.values() if m.cursor == low and m.key != sender_key)
+            holder = next(others, holder)
         return backlog_full_text(group.name, holder.name if holder is not None else "", count,
                                  waiting)  # fmt: skip
 

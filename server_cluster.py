@@ -336,8 +336,9 @@ return taken
 # group's text before it (the group's `bytes` is the running total, so the
 # bytes past any entry are two reads). What waits for the member furthest
 # behind is bounded like a mailbox (audit14 L2): over the limits the
-# message is refused ('full', that member's key, "entries:bytes"). The
-# members' cursors are walked only when the whole log is over them.
+# message is refused ('full', that member's key, "entries:bytes"; of
+# members equally far behind, one other than the sender). The members'
+# cursors are walked only when the whole log is over the limits.
 GROUP_POST = """
 local function bytes_before(start)
   local e = redis.call('XRANGE', KEYS[4], start, '+', 'COUNT', 1)
@@ -361,7 +362,7 @@ if redis.call('XLEN', KEYS[4]) >= most or logged + size > most_bytes then
   local low, who = last, ''
   for _, key in ipairs(redis.call('HKEYS', KEYS[3])) do
     local c = tonumber(redis.call('HGET', KEYS[7], key) or '0')
-    if c < low then low, who = c, key end
+    if c < low or (c == low and who == ARGV[3]) then low, who = c, key end
   end
   local waiting = total - (bytes_before((low + 1) .. '-0') or total)
   if last - low >= most or waiting + size > most_bytes then

@@ -19,10 +19,13 @@ import pytest
 from chat_server import GROUP_TRIM_EVERY
 from protocol import ErrorCode, Fail, GroupAccept, GroupAction
 from server_store import MemoryStore, MessageStore, ServerStore
+from tests.conftest import start_server, stop_server
+from tests.conftest import test_config as server_config
 from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import Client
 from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_groups_relay import GroupWorld, created, entries, texts, told_by
+from tests.test_groups_terminal import Terminal
 from tests.test_groups_trim import log_seqs, receipt_all
 
 CAP = 5  # mailbox_messages in these tests
@@ -271,3 +274,46 @@ def test_in_a_cluster_a_post_over_the_cap_fails_on_any_node(
     cluster.post(1, bob, "team", "carol is out", 4)
     cluster.run_until(lambda: texts(alice)[-1:] == ["carol is out"], 300, "the post after")
     assert len(fails(bob)) == 2 and accepted(bob) == 2
+
+
+# --- the terminal client, a real process ------------------------------------------
+
+
+def test_the_terminal_client_shows_the_failed_group_message(tmp_path: Path) -> None:
+    """`chat_client.py --json`: the message past the cap is `failed` with
+    reason `mailbox_full`, and the error event names who holds it back;
+    the ones before it are accepted."""
+    running = start_server(server_config(tmp_path / "server-data", mailbox_messages=3))
+    clients: list[Terminal] = []
+    try:
+        carol = Terminal(running.addr_text, "carol")  # an account, then away
+        clients.append(carol)
+        carol.wait(lambda e: e["event"] == "logged_in")
+        assert carol.quit() == 0
+        alice, bob = Terminal(running.addr_text, "alice"), Terminal(running.addr_text, "bob")
+        clients += [alice, bob]
+        for client in (alice, bob):
+            client.wait(lambda e: e["event"] == "logged_in")
+        alice.type("/create #team bob carol")
+        bob.wait(lambda e: e.get("change") == "created")
+        # carol has not had the CREATED either: 1 + 2 entries wait for her.
+        alice.type("/to #team", "one", "two", "three")
+        alice.wait(lambda e: e["event"] == "status" and e["state"] == "failed")
+        sent = {e["text"]: e["id"] for e in alice.events if e.get("state") == "sending"}
+        bob.wait(lambda e: e.get("text") == "two")
+        alice.wait(lambda e: e["event"] == "status" and e["state"] == "accepted"
+                   and e["id"] == sent["two"])  # fmt: skip
+        assert alice.quit() == 0 and bob.quit() == 0
+    finally:
+        for client in clients:
+            client.kill()
+        stop_server(running)
+    states = {e["id"]: e["state"] for e in alice.events
+              if e["event"] == "status" and e["state"] in ("accepted", "failed")}  # fmt: skip
+    assert [states[sent[text]] for text in ("one", "two", "three")] == [
+        "accepted", "accepted", "failed"]  # fmt: skip
+    (failed,) = [e for e in alice.events if e["event"] == "status" and e["state"] == "failed"]
+    assert failed["reason"] == "mailbox_full" and failed.get("group") == "team", failed
+    (error,) = [e for e in alice.events if e["event"] == "error"]
+    assert error["code"] == "mailbox_full" and error["message"].startswith("#team: carol's")
+    assert [e["text"] for e in bob.events if e["event"] == "message"] == ["one", "two"]
