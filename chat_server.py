@@ -3259,9 +3259,7 @@ class Relay:
         member is, for them, one more mailbox (and it is read and paged like
         one); a member who cannot take more holds up the group until they
         read, leave or are removed (membership changes are always taken, so
-        the owner can remove them). Of members equally far behind, one
-        other than the sender is named (the sender's own client is likely
-        only a moment behind)."""
+        the owner can remove them)."""
         holder = group.members.get(group.low_key) if group.low_key is not None else None
         if holder is None or holder.cursor != group.low:
             group.lowest_member()
@@ -3270,10 +3268,13 @@ class Relay:
         cfg = self.config
         if count < cfg.mailbox_messages and waiting + size <= cfg.mailbox_bytes:
             return ""
-        if holder is not None and holder.key == sender_key:
+        if holder is not None:
+            # Of members equally far behind, one offline (the others are
+            # likely only a receipt behind), else one other than the sender.
             low = holder.cursor
-            others = (m for m in group.members.values() if m.cursor == low and m.key != sender_key)
-            holder = next(others, holder)
+            behind = [m for m in group.members.values() if m.cursor == low]
+            holder = next((m for m in behind if self._session_here(m.key) is None),
+                          next((m for m in behind if m.key != sender_key), holder))  # fmt: skip
         return backlog_full_text(group.name, holder.name if holder is not None else "", count,
                                  waiting)  # fmt: skip
 
