@@ -1,0 +1,264 @@
+"""A group's name made again: each life of the group its own run of rows
+(issue 14: every member sees the group's messages and changes in one order).
+
+A group ends when its last member leaves; anyone may then create one of the
+same name, numbered from 1 again. The client keeps a group's rows by name,
+so a member whose client missed the old life's end (her removal while she
+was offline reaches her first, as the server sends it; a copied profile, or
+another device that took it, never gets it) holds rows of two lives with
+one name and overlapping numbers. Each life is a run of its own
+(`grp_life`): the old one's rows stay above in the order they had, the new
+one's start below them, and nothing is moved, lost or shown twice.
+
+In memory: the real `Relay` and `ClientCore` with a real `ClientStore` on a
+SQLite file (tests/test_client_core's `Net`)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client_core import GroupChanged, MessageReceived, StatusChanged
+from client_store import ClientStore, read_history
+from protocol import GroupAction, MsgId
+from tests.test_client_core import Net
+from tests.test_groups_client import Member, add, login
+
+T0 = 1_700_000_000_000
+
+
+OPENED: list[ClientStore] = []
+
+
+@pytest.fixture(autouse=True)
+def close_stores() -> Iterator[None]:
+    """Every store a test opened is closed at its end, passed or failed."""
+    yield
+    while OPENED:
+        OPENED.pop().close()
+
+
+def open_store(directory: Path) -> ClientStore:
+    store = ClientStore(directory, "alice")
+    OPENED.append(store)
+    return store
+
+
+def rows(store: ClientStore) -> list[tuple[str, int, int]]:
+    """The group's rows in the store's order: (text, life, seq)."""
+    found = store.db.execute(
+        "SELECT text, grp_life, grp_seq FROM history WHERE peer_key='#team' ORDER BY id"
+    ).fetchall()
+    return [(str(text), int(life or 0), int(seq or 0)) for text, life, seq in found]
+
+
+def assert_runs(store: ClientStore) -> None:
+    """Lives in order, each in its seq order; the window's reading alike."""
+    places = [(life, seq) for _, life, seq in rows(store)]
+    assert places == sorted(places), rows(store)
+    lines = read_history(store.path, "#team")
+    assert [(line.life, line.seq) for line in lines] == sorted((x.life, x.seq) for x in lines)
+
+
+def accepted_at(member: Member, msg_id: str) -> int:
+    return next((e.seq for e in member.of(StatusChanged)
+                 if e.id == msg_id and e.state == "accepted"), 0)  # fmt: skip
+
+
+def offline(net: Net, member: Member, store: ClientStore) -> None:
+    member.core.logout(net.now)
+    net.run(lambda: member.core.ended, f"{member.core.username} offline")
+    del net.clients[member.addr]
+    store.close()
+
+
+def old_life(net: Net, tmp_path: Path) -> tuple[Member, Member, Member, ClientStore]:
+    """bob makes #team with alice and carol; alice posts three messages
+    (seqs 2-4: her own rows end the group's history), then goes offline."""
+    bob, carol = login(net, "bob", "carol")
+    store = open_store(tmp_path / "alice")
+    alice = add(net, "alice", store=store)
+    net.run(lambda: alice.logged_in, "alice logged in")
+    bob.core.group_request(GroupAction.CREATE, "team", ("alice", "carol"))
+    net.run(lambda: bool(alice.of(GroupChanged)), "alice told of #team")
+    sent = [alice.core.send(f"A{n} old", net.now, to="#team") for n in (1, 2, 3)]
+    net.run(lambda: all(accepted_at(alice, m) for m in sent), "accepted")
+    assert [accepted_at(alice, m) for m in sent] == [2, 3, 4]
+    net.run(lambda: len(carol.of(MessageReceived)) == 3, "carol has them")
+    net.settle(0.5)
+    offline(net, alice, store)
+    return alice, bob, carol, store
+
+
+def end_group(net: Net, *members: Member) -> None:
+    for member in members:
+        member.core.group_request(GroupAction.LEAVE, "team")
+        net.run(lambda m=member: any(e.change == "left" and e.by == m.core.username  # type: ignore[misc]
+                                     for e in m.of(GroupChanged)), "left")  # fmt: skip
+
+
+OLD = [
+    ("bob created the group with bob, alice, carol", 0, 1),
+    ("A1 old", 0, 2),
+    ("A2 old", 0, 3),
+    ("A3 old", 0, 4),
+]
+
+
+def copied_profile(tmp_path: Path) -> Path:
+    """alice's profile as it was when she went offline, copied elsewhere."""
+    shutil.copytree(tmp_path / "alice", tmp_path / "alice-copy")
+    (tmp_path / "alice-copy" / "client.lock").unlink(missing_ok=True)
+    return tmp_path / "alice-copy"
+
+
+def test_a_copied_profile_that_missed_the_end_gets_the_group_made_again(tmp_path: Path) -> None:
+    """alice's profile is copied; from the original she leaves #team, bob
+    and carol leave (it ends) and bob makes #team again with alice. The
+    copy logs in: it gets the new group's CREATED (seq 1) and messages,
+    below the old life's rows, which keep their order (before, her own
+    old rows moved below the new group's first entry)."""
+    net = Net()
+    _, bob, carol, _ = old_life(net, tmp_path)
+    copy = copied_profile(tmp_path)
+    original = open_store(tmp_path / "alice")
+    alice = add(net, "alice", store=original)
+    net.run(lambda: alice.logged_in, "the original back")
+    end_group(net, alice, carol, bob)
+    offline(net, alice, original)
+    bob.core.group_request(GroupAction.CREATE, "team", ("alice", "carol"))
+    net.run(lambda: bool([e for e in carol.of(GroupChanged) if e.change == "created"][1:]), "new")
+    bob.core.send("B2 new", net.now, to="#team")
+    net.run(lambda: carol.of(MessageReceived)[-1].text == "B2 new", "B2")
+    store = open_store(copy)
+    again = add(net, "alice", store=store)
+    net.run(lambda: any(e.text == "B2 new" for e in again.of(MessageReceived)), "the copy has it")
+    net.settle(0.5)
+    assert rows(store) == OLD + [
+        ("bob created the group with bob, alice, carol", 1, 1),
+        ("B2 new", 1, 2),
+    ]
+    assert_runs(store)
+    lives = {(e.life, e.seq) for e in again.events if isinstance(e, MessageReceived | GroupChanged)}
+    assert lives == {(1, 1), (1, 2)}, "the events say which life"
+    mine = again.core.send("A4 new", net.now, to="#team")
+    net.run(lambda: accepted_at(again, mine) == 3, "accepted in the new life")
+    net.settle(0.5)
+    assert rows(store)[-1] == ("A4 new", 1, 3)
+    assert_runs(store)
+    offline(net, again, store)
+
+
+def test_a_copy_that_missed_the_new_lifes_start_gets_its_middle(tmp_path: Path) -> None:
+    """As above, but the original had the new group's first entries: the
+    copy gets seqs 2 and 3 of the new life, which the old life has too
+    (alice's own rows): they are another life's, not entries held back
+    before hers, and go below (before, A2 and A3 moved below them)."""
+    net = Net()
+    _, bob, carol, _ = old_life(net, tmp_path)
+    copy = copied_profile(tmp_path)
+    original = open_store(tmp_path / "alice")
+    alice = add(net, "alice", store=original)
+    net.run(lambda: alice.logged_in, "the original back")
+    end_group(net, alice, carol, bob)
+    bob.core.group_request(GroupAction.CREATE, "team", ("alice", "carol"))
+    net.run(lambda: any(e.change == "created" for e in alice.of(GroupChanged)), "new")
+    net.settle(0.5)
+    offline(net, alice, original)
+    bob.core.send("B2 new", net.now, to="#team")
+    carol.core.send("C3 new", net.now, to="#team")
+    net.run(lambda: len([e for e in bob.of(MessageReceived) if e.text == "C3 new"]) == 1, "C3")
+    store = open_store(copy)
+    again = add(net, "alice", store=store)
+    net.run(lambda: any(e.text == "C3 new" for e in again.of(MessageReceived)), "the copy has it")
+    net.settle(0.5)
+    assert rows(store) == OLD + [("B2 new", 1, 2), ("C3 new", 1, 3)]
+    assert_runs(store)
+    offline(net, again, store)
+
+
+def test_a_copy_added_to_the_group_made_again(tmp_path: Path) -> None:
+    """The new #team is made without alice; bob adds her later (seq 3): an
+    `added` of herself while her copy thinks she is in is a new life."""
+    net = Net()
+    _, bob, carol, _ = old_life(net, tmp_path)
+    copy = copied_profile(tmp_path)
+    original = open_store(tmp_path / "alice")
+    alice = add(net, "alice", store=original)
+    net.run(lambda: alice.logged_in, "the original back")
+    end_group(net, alice, carol, bob)
+    offline(net, alice, original)
+    bob.core.group_request(GroupAction.CREATE, "team", ("carol",))
+    bob.core.send("B2 new", net.now, to="#team")
+    bob.core.group_request(GroupAction.ADD, "team", ("alice",))
+    net.run(lambda: any(e.change == "added" for e in carol.of(GroupChanged)), "added")
+    store = open_store(copy)
+    again = add(net, "alice", store=store)
+    net.run(lambda: any(e.change == "added" for e in again.of(GroupChanged)), "the copy added")
+    net.settle(0.5)
+    assert rows(store) == OLD + [("bob added alice", 1, 3)]
+    assert_runs(store)
+    offline(net, again, store)
+
+
+def test_removed_while_offline_then_added_to_the_group_made_again(tmp_path: Path) -> None:
+    """alice, offline, is removed; the group ends and bob makes it again
+    and adds her. At login she gets the old life's removal first, then the
+    new life from her adding on. A message she typed while offline (her
+    client did not know) is accepted in the new group: it goes at its place
+    there, below the removal. Then a restart, and more of the new life."""
+    net = Net()
+    _, bob, carol, store = old_life(net, tmp_path)
+    bob.core.group_request(GroupAction.REMOVE, "team", ("alice",))
+    net.run(lambda: any(e.change == "removed" for e in carol.of(GroupChanged)), "removed")
+    end_group(net, carol, bob)
+    bob.core.group_request(GroupAction.CREATE, "team", ("carol",))
+    bob.core.send("B2 new", net.now, to="#team")
+    bob.core.group_request(GroupAction.ADD, "team", ("alice",))
+    net.run(lambda: any(e.change == "added" for e in carol.of(GroupChanged)), "added")
+    store = open_store(tmp_path / "alice")
+    alice = add(net, "alice", store=store)
+    typed = alice.core.send("A typed offline", net.now, to="#team")  # before the login
+    net.run(lambda: accepted_at(alice, typed) > 0, "accepted")
+    net.run(lambda: any(e.change == "added" for e in alice.of(GroupChanged)), "added")
+    net.settle(0.5)
+    assert accepted_at(alice, typed) == 4, "in the new group, after bob's adding her"
+    got = rows(store)
+    assert got[:4] == OLD, got
+    assert got[4] == ("bob removed alice", 0, 5)
+    assert got[5:] == [("bob added alice", 1, 3), ("A typed offline", 1, 4)], got
+    assert_runs(store)
+    offline(net, alice, store)
+    store = open_store(tmp_path / "alice")  # a restart in between
+    alice = add(net, "alice", store=store)
+    net.run(lambda: alice.logged_in, "back")
+    bob.core.send("B5 new", net.now, to="#team")
+    net.run(lambda: any(e.text == "B5 new" for e in alice.of(MessageReceived)), "B5")
+    net.settle(0.5)
+    assert rows(store)[-1] == ("B5 new", 1, 5)
+    assert_runs(store)
+    offline(net, alice, store)
+
+
+def test_a_stream_entry_numbered_before_ours_stays_in_our_life(tmp_path: Path) -> None:
+    """What is not another life: an entry of the same life held back past
+    our accepted message (test_group_order_own2) still goes above it, and
+    seqs that only grow stay one life."""
+    store = open_store(tmp_path / "alice")
+    try:
+        store.add_group_event("team", "created", "bob", ("bob", "alice"), T0, 900, 1)
+        mine = MsgId(store.instance_id, 1)
+        store.add_outgoing(mine, "#team", "mine at 3")
+        store.set_recipients(mine, 1, 3)
+        store.add_group_message("team", "bob", MsgId(77, 2), "bob's at 2", T0 + 2, 902, 2)
+        store.add_group_message("team", "bob", MsgId(77, 4), "bob's at 4", T0 + 4, 904, 4)
+        store.commit()
+        assert rows(store) == [
+            ("bob created the group with bob, alice", 0, 1), ("bob's at 2", 0, 2),
+            ("mine at 3", 0, 3), ("bob's at 4", 0, 4),
+        ]  # fmt: skip
+    finally:
+        store.close()
