@@ -233,6 +233,18 @@ class LoggedIn:
         return out
 
 
+def group_place_json(out: dict[str, Any], seq: int, life: int) -> dict[str, Any]:
+    """A group event's place in the group's order, for a script (`--json`):
+    `seq`, and `life` from the second group of the name on (a group that
+    ended and was made again is numbered from 1 again; its entries come
+    after the older one's: order by `life`, then `seq`)."""
+    if seq > 0:
+        out["seq"] = seq
+        if life > 0:
+            out["life"] = life
+    return out
+
+
 @dataclass(frozen=True)
 class MessageReceived:
     sender: str
@@ -242,6 +254,7 @@ class MessageReceived:
     msg_id: str = ""  # the sender's message id, `instance-seq`
     group: str | None = None  # a group message: the group's name (no '#')
     seq: int = 0  # a group message: its place in the group's sequence
+    life: int = 0  # a group message: which group of the name (`client_store.group_place`)
 
     @property
     def conversation(self) -> str:
@@ -250,8 +263,9 @@ class MessageReceived:
 
     def to_json(self) -> dict[str, Any]:
         if self.group is not None:
-            return {"event": "message", "from": self.sender, "group": self.group,
-                    "text": self.text, "id": self.id, "sent_ms": self.sent_ms}  # fmt: skip
+            out = {"event": "message", "from": self.sender, "group": self.group,
+                   "text": self.text, "id": self.id, "sent_ms": self.sent_ms}  # fmt: skip
+            return group_place_json(out, self.seq, self.life)
         return {"event": "message", "from": self.sender, "text": self.text, "id": self.id,
                 "sent_ms": self.sent_ms}  # fmt: skip
 
@@ -272,6 +286,7 @@ class StatusChanged:
     by: str | None = None  # a group message's `delivered`: the member who has it
     recipients: int | None = None  # a group message's `accepted`: members it went to
     seq: int = 0  # a group message's `accepted`: its place in the group's sequence
+    life: int = 0  # a group message's `accepted`: which group of the name it went to
 
     @property
     def group(self) -> str | None:
@@ -291,6 +306,8 @@ class StatusChanged:
                 out["by"] = self.by
             if self.recipients is not None:
                 out["recipients"] = self.recipients
+            if self.state == MessageState.ACCEPTED:
+                group_place_json(out, self.seq, self.life)
         return out
 
 
@@ -454,6 +471,7 @@ class GroupChanged:
     id: int  # the server's number for it, like a message's
     sent_ms: int
     seq: int = 0  # its place in the group's sequence
+    life: int = 0  # which group of the name (`client_store.group_place`)
 
     @property
     def conversation(self) -> str:
@@ -473,7 +491,7 @@ class GroupChanged:
             out["user"] = self.user
             if len(self.users) > 1:
                 out["users"] = list(self.users)
-        return out
+        return group_place_json(out, self.seq, self.life)
 
     def describe(self) -> str:
         """The change in words, for a person (terminal line, transcript)."""
@@ -602,6 +620,7 @@ class StoredMessage:
     group_seq: int = 0
     change: str | None = None  # a membership change: its `GroupChange` label
     users: tuple[str, ...] = ()
+    life: int = 0  # a group's: which group of the name (`client_store.group_place`)
 
 
 class CoreStore(Protocol):
@@ -665,6 +684,12 @@ class CoreStore(Protocol):
 
     # Groups: a group's messages and membership changes are kept like
     # received messages (shown once, receipted after), in the group's order.
+    # A group that ended and was made again under its name is another life
+    # of it (numbered from 1 again): `last_life` is the life the entry
+    # stored last, or our message accepted last, went in (0 without a
+    # history to tell them apart).
+
+    last_life: int
 
     def add_group_message(
         self, group: str, sender: str, msg_id: MsgId, text: str, sent_ms: int,
@@ -715,6 +740,7 @@ class MemoryStore:
         self.recipients: dict[MsgId, int] = {}
         self._next_request = 1
         self.resends: dict[MsgId, int] = {}
+        self.last_life = 0  # (no history: every group's entries one life)
 
     def commit(self) -> None:
         pass  # nothing to make durable
@@ -1790,12 +1816,12 @@ class ClientCore:
             if stored.change is not None and stored.group is not None:
                 change = GroupChanged(stored.group, stored.change, stored.sender, stored.users,
                                       stored.server_msg_id, stored.sent_ms,
-                                      stored.group_seq)  # fmt: skip
+                                      stored.group_seq, stored.life)  # fmt: skip
                 self._emit(change)
                 continue
             received = MessageReceived(stored.sender, stored.text, stored.server_msg_id,
                                        stored.sent_ms, stored.msg_id.label(), stored.group,
-                                       stored.group_seq)  # fmt: skip
+                                       stored.group_seq, stored.life)  # fmt: skip
             self._reply_to = received.conversation
             self._emit(received)
 
@@ -2087,7 +2113,7 @@ class ClientCore:
             )  # fmt: skip
             received = MessageReceived(message.sender, message.text, message.server_msg_id,
                                        message.sent_ms, message.msg_id.label(), message.group,
-                                       message.group_seq)  # fmt: skip
+                                       message.group_seq, self.store.last_life)  # fmt: skip
             self._arrived(arrival, received)
         elif isinstance(message, GroupEvent):
             try:
@@ -2100,7 +2126,7 @@ class ClientCore:
             )  # fmt: skip
             event = GroupChanged(message.group, change, message.by, message.users,
                                  message.server_msg_id, message.sent_ms,
-                                 message.group_seq)  # fmt: skip
+                                 message.group_seq, self.store.last_life)  # fmt: skip
             self._arrived(arrival, event)
         elif isinstance(message, GroupAccept):
             self._group_accepted(message)
@@ -2169,8 +2195,8 @@ class ClientCore:
         self.store.set_state(message.msg_id, MessageState.ACCEPTED)
         self.store.set_recipients(message.msg_id, message.recipients, message.group_seq)
         self._emit(StatusChanged(out.msg_id.label(), MessageState.ACCEPTED, out.to, out.text,
-                                 recipients=message.recipients,
-                                 seq=message.group_seq))  # fmt: skip
+                                 recipients=message.recipients, seq=message.group_seq,
+                                 life=self.store.last_life))  # fmt: skip
         if out.cancelling:  # the cancel came too late: it is stored for every member
             self._cancel_answered(out, ended=False)
         if out.recipients == 0:

@@ -42,7 +42,7 @@ from typing import IO, Any
 
 from client_core import Arrival, GroupChanged, MessageState, StoredMessage
 from common import LockHeld, data_dir, i64, lock_file, u64
-from protocol import MsgId, group_address, name_key
+from protocol import MsgId, group_address, is_group_address, name_key
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -65,6 +65,11 @@ CREATE TABLE IF NOT EXISTS identity (
     path TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS login_ticket (instance_id INTEGER PRIMARY KEY, ticket BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS group_lives (
+    peer_key TEXT NOT NULL, life INTEGER NOT NULL, received INTEGER NOT NULL,
+    last_received INTEGER NOT NULL, joined_seq INTEGER, exit_seq INTEGER,
+    PRIMARY KEY (peer_key, life)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_receipts (
     instance_id INTEGER NOT NULL, client_seq INTEGER NOT NULL, by_key TEXT NOT NULL,
     by_name TEXT NOT NULL, PRIMARY KEY (instance_id, client_seq, by_key)
@@ -87,6 +92,9 @@ HISTORY_COLUMNS = {
     "grp_change": "ALTER TABLE history ADD COLUMN grp_change TEXT",
     "grp_users": "ALTER TABLE history ADD COLUMN grp_users TEXT",
     "grp_recipients": "ALTER TABLE history ADD COLUMN grp_recipients INTEGER",
+    # Which life of the group's name the row is of (see `group_place`): 0
+    # for the first this store saw, rows from before included.
+    "grp_life": "ALTER TABLE history ADD COLUMN grp_life INTEGER NOT NULL DEFAULT 0",
     # Our messages' timeline for the window's health view (`read_timeline`):
     # when the server accepted it, when it was delivered, how often it went
     # out again. NULL/0 on rows from before.
@@ -99,8 +107,13 @@ HISTORY_COLUMNS = {
 OUTBOX_COLUMNS = {
     "waiting": "ALTER TABLE outbox ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0",
 }
-# After the columns exist: `mark_shown` finds a row by the server's id.
-INDEXES = "CREATE INDEX IF NOT EXISTS history_server_id ON history (server_msg_id);"
+# After the columns exist: `mark_shown` finds a row by the server's id, and
+# `_taken` whether a life of a group has a row at a seq.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS history_server_id ON history (server_msg_id);
+CREATE INDEX IF NOT EXISTS history_group_place ON history (peer_key, grp_life, grp_seq)
+WHERE grp_seq > 0;
+"""
 # The search index over every stored text (an external-content FTS5 table:
 # the text is kept once, in `history`). The triggers keep it in step; a
 # store from before it gets it built on open (`rebuild`).
@@ -227,13 +240,24 @@ class HistoryLine:
     sender: str | None = None  # a group's line: who sent it, or made the change
     change: str | None = None  # a group's membership change (`text` says it in words)
     seq: int = 0  # a group's line: its place in the group's order (0: ours, not accepted yet)
+    life: int = 0  # a group's line: which group of the name (`group_place`)
+
+
+def group_place(life: int, seq: int) -> int:
+    """A group line's place across the lives of its name, for `goes_before`
+    and `goes_above`: a group that ended and was made again (anyone may
+    create the name then) numbers from 1 again, so a client that holds rows
+    of both orders them by life first (the later life below), then by seq.
+    0 for ours not numbered yet (`sending`)."""
+    return (life << 64) | seq if seq > 0 else 0
 
 
 def goes_before(seq: int, later: list[int]) -> int:
     """How many of the lines after our group message (their group seqs,
     oldest first; 0 for one not numbered yet: ours still `sending`) go
     before it now that the server put it at `seq`: up to and with the last
-    one numbered below it. 0: it stays where it is."""
+    one numbered below it. 0: it stays where it is. (Across lives, `seq`
+    and `later` are `group_place`s.)"""
     ahead = 0
     for index, other in enumerate(later):
         if 0 < other < seq:
@@ -333,6 +357,9 @@ class ClientStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
+        lives_made = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name='group_lives'"
+        ).fetchone()
         self.db.executescript(SCHEMA)
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(history)")}
         for name, statement in HISTORY_COLUMNS.items():
@@ -350,6 +377,11 @@ class ClientStore:
         self.db.executescript(PEERS_TABLE)
         if peers_made is None:
             self.db.execute(PEERS_FILL)
+        if lives_made is None:
+            self._fill_lives()
+        # The life of a group the entry stored or the message accepted last
+        # went in (`group_place`); the core hands it on in the event.
+        self.last_life = 0
         copied = not self.locked and self._check_identity()
         row = self.db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
         if row is None or self.locked or copied:
@@ -417,6 +449,9 @@ class ClientStore:
     def add_outgoing(self, msg_id: MsgId, to: str, text: str) -> None:
         self.begin()
         now_ms = int(time.time() * 1000)
+        # A group message is typed into the group's latest life (where it is
+        # accepted may be a later one: `_accept_life`).
+        life = self._latest_life(name_key(to)) if is_group_address(to) else 0
         if not self.locked:
             self.db.execute(
                 "INSERT OR IGNORE INTO outbox (instance_id, client_seq, to_name, text, created_ms)"
@@ -428,9 +463,9 @@ class ClientStore:
             )
         self.db.execute(
             "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
-            " instance_id, client_seq, state) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
+            " instance_id, client_seq, state, grp_life) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
             (name_key(to), to, text, now_ms, name_key(self.username),
-             i64(msg_id.instance_id), msg_id.client_seq, MessageState.SENDING.value),
+             i64(msg_id.instance_id), msg_id.client_seq, MessageState.SENDING.value, life),
         )  # fmt: skip
 
     def state_of(self, msg_id: MsgId) -> str | None:
@@ -525,13 +560,14 @@ class ClientStore:
             return []
         rows = self.db.execute(
             "SELECT peer, instance_id, client_seq, text, ts_ms, server_msg_id, grp, grp_seq,"
-            " grp_sender, grp_change, grp_users FROM history"
+            " grp_sender, grp_change, grp_users, grp_life FROM history"
             " WHERE outgoing=0 AND shown=0 ORDER BY server_msg_id, id"
         ).fetchall()
         return [
             StoredMessage(peer if group is None else sender, MsgId(u64(i), s), text, ts,
-                          server_id, group, seq or 0, change, tuple(json.loads(users or "[]")))
-            for peer, i, s, text, ts, server_id, group, seq, sender, change, users in rows
+                          server_id, group, seq or 0, change, tuple(json.loads(users or "[]")),
+                          life)
+            for peer, i, s, text, ts, server_id, group, seq, sender, change, users, life in rows
         ]  # fmt: skip
 
     def pending(self) -> list[tuple[MsgId, str, str]]:
@@ -592,18 +628,22 @@ class ClientStore:
         self, group: str, sender: str, msg_id: MsgId, text: str, sent_ms: int,
         server_msg_id: int, group_seq: int,
     ) -> Arrival:  # fmt: skip
-        """Store a group message, not shown yet (see `add_incoming`)."""
+        """Store a group message, not shown yet (see `add_incoming`), in
+        the life of the group it is of (`_arrival_life`, `last_life`)."""
         self.begin()
         peer = group_address(group)
+        peer_key = name_key(peer)
+        life = self.last_life = self._arrival_life(peer_key, group_seq, None, sender, ())
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
-            " instance_id, client_seq, state, server_msg_id, shown, grp, grp_seq, grp_sender)"
-            " VALUES (?, ?, 0, ?, ?, ?, ?, ?, NULL, ?, 0, ?, ?, ?)",
-            (name_key(peer), peer, text, sent_ms, name_key(sender), i64(msg_id.instance_id),
-             msg_id.client_seq, server_msg_id, group, group_seq, sender),
+            " instance_id, client_seq, state, server_msg_id, shown, grp, grp_seq, grp_sender,"
+            " grp_life) VALUES (?, ?, 0, ?, ?, ?, ?, ?, NULL, ?, 0, ?, ?, ?, ?)",
+            (peer_key, peer, text, sent_ms, name_key(sender), i64(msg_id.instance_id),
+             msg_id.client_seq, server_msg_id, group, group_seq, sender, life),
         )  # fmt: skip
         if cursor.rowcount == 1 and cursor.lastrowid is not None:
-            self._place_arrival(cursor.lastrowid, name_key(peer), group_seq)
+            self._note_entry(peer_key, life, group_seq, None, sender, ())
+            self._place_arrival(cursor.lastrowid, peer_key, group_place(life, group_seq))
         return self._arrival(cursor.rowcount == 1, sender, msg_id)
 
     def add_group_event(
@@ -614,17 +654,21 @@ class ClientStore:
         (what a search of the history finds)."""
         self.begin()
         peer = group_address(group)
+        peer_key = name_key(peer)
         words = GroupChanged(group, change, by, users, server_msg_id, sent_ms).describe()
+        life = self.last_life = self._arrival_life(peer_key, group_seq, change, by, users)
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO history (peer_key, peer, outgoing, text, ts_ms, sender_key,"
             " instance_id, client_seq, state, server_msg_id, shown, grp, grp_seq, grp_sender,"
-            " grp_change, grp_users) VALUES (?, ?, 0, ?, ?, ?, 0, ?, NULL, ?, 0, ?, ?, ?, ?, ?)",
-            (name_key(peer), peer, words, sent_ms, name_key(by), i64(server_msg_id),
-             server_msg_id, group, group_seq, by, change, json.dumps(list(users))),
+            " grp_change, grp_users, grp_life)"
+            " VALUES (?, ?, 0, ?, ?, ?, 0, ?, NULL, ?, 0, ?, ?, ?, ?, ?, ?)",
+            (peer_key, peer, words, sent_ms, name_key(by), i64(server_msg_id),
+             server_msg_id, group, group_seq, by, change, json.dumps(list(users)), life),
         )  # fmt: skip
         if cursor.rowcount == 1:
+            self._note_entry(peer_key, life, group_seq, change, by, users)
             if cursor.lastrowid is not None:
-                self._place_arrival(cursor.lastrowid, name_key(peer), group_seq)
+                self._place_arrival(cursor.lastrowid, peer_key, group_place(life, group_seq))
             return "new"
         row = self.db.execute(
             "SELECT shown FROM history WHERE outgoing=0 AND sender_key=? AND instance_id=0 "
@@ -635,21 +679,174 @@ class ClientStore:
 
     def set_recipients(self, msg_id: MsgId, recipients: int, group_seq: int) -> None:
         """Our group message was accepted at `group_seq`: its "of N", and its
-        row moves to its place in the group's order (`_place_in_group`)."""
+        row moves to its place in the group's order (`_place_in_group`), in
+        the life of the group it was accepted in (`_accept_life`, `last_life`)."""
         self.begin()
         key = (name_key(self.username), i64(msg_id.instance_id), msg_id.client_seq)
-        self.db.execute(
-            "UPDATE history SET grp_recipients=?, grp_seq=? WHERE outgoing=1 AND sender_key=? "
-            "AND instance_id=? AND client_seq=?",
-            (recipients, group_seq, *key),
-        )
         row = self.db.execute(
-            "SELECT id, peer_key FROM history WHERE outgoing=1 AND sender_key=? AND instance_id=?"
-            " AND client_seq=?",
+            "SELECT id, peer_key, grp_life FROM history WHERE outgoing=1 AND sender_key=?"
+            " AND instance_id=? AND client_seq=?",
             key,
         ).fetchone()
-        if row is not None and group_seq > 0:
-            self._place_in_group(int(row[0]), str(row[1]), group_seq)
+        self.last_life = 0
+        if row is None or group_seq <= 0:
+            self.db.execute(
+                "UPDATE history SET grp_recipients=?, grp_seq=? WHERE outgoing=1 AND sender_key=?"
+                " AND instance_id=? AND client_seq=?",
+                (recipients, group_seq, *key),
+            )
+            return
+        row_id, peer_key = int(row[0]), str(row[1])
+        life = self.last_life = self._accept_life(peer_key, int(row[2] or 0), group_seq)
+        self.db.execute(
+            "UPDATE history SET grp_recipients=?, grp_seq=?, grp_life=? WHERE id=?",
+            (recipients, group_seq, life, row_id),
+        )
+        self._place_in_group(row_id, peer_key, group_place(life, group_seq))
+
+    # --- the lives of a group's name ----------------------------------------------
+    #
+    # A group ends with its last member; anyone may then create one of the
+    # same name, numbered from 1 again, and the wire does not say which
+    # group an entry is of. What the client knows (`group_lives`: a row per
+    # life of each group it has rows of): a group's entries reach it in
+    # their order (the group's stream; a removed member's rest of an old
+    # group before anything of a new one), each seq once in a life; a group
+    # begins with its CREATED; a member's part of it ends with the entry that
+    # removes her or says she left, and begins with the one that adds her.
+    # So an entry is of a new life when it is a CREATED, when it comes after
+    # her ending, when it adds her while she is in, or when its seq is one
+    # the life has (at or below the last entry that came, or one of her own
+    # messages'). A new life is a run of rows below the old one, which keeps
+    # its order (`group_place`).
+
+    def _latest_life(self, peer_key: str) -> int:
+        row = self.db.execute(
+            "SELECT MAX(life) FROM group_lives WHERE peer_key=?", (peer_key,)
+        ).fetchone()
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
+    def _life(self, peer_key: str, life: int) -> tuple[bool, int, int | None, int | None] | None:
+        """(whether an entry of it came, the last entry's seq, the seq that
+        added us, the seq that ended our part in it) of one life, or None."""
+        row = self.db.execute(
+            "SELECT received, last_received, joined_seq, exit_seq FROM group_lives"
+            " WHERE peer_key=? AND life=?",
+            (peer_key, life),
+        ).fetchone()
+        return None if row is None else (bool(row[0]), int(row[1]), row[2], row[3])
+
+    def _taken(self, peer_key: str, life: int, seq: int) -> bool:
+        """Whether a row of the life is numbered `seq` (seqs are one a life)."""
+        row = self.db.execute(
+            "SELECT 1 FROM history WHERE peer_key=? AND grp_life=? AND grp_seq=? AND grp_seq > 0"
+            " LIMIT 1",
+            (peer_key, life, seq),
+        ).fetchone()
+        return row is not None
+
+    def _about_me(self, change: str | None, by: str, users: tuple[str, ...]) -> str | None:
+        """"in" for an entry that makes us a member, "out" for one that ends it."""
+        me = name_key(self.username)
+        named = {name_key(u) for u in users}
+        if change in ("created", "added") and me in named:
+            return "in"
+        if (change == "removed" and me in named) or (
+            change == "left" and name_key(users[0] if users else by) == me
+        ):
+            return "out"
+        return None
+
+    def _fits(self, peer_key: str, life: int, seq: int, change: str | None, by: str,
+              users: tuple[str, ...]) -> bool:  # fmt: skip
+        """Whether a group entry just come, numbered `seq`, can be of `life`."""
+        state = self._life(peer_key, life)
+        if state is None or not state[0]:
+            return True  # nothing came of it yet: ours only, or nothing
+        _, last, _, exit_seq = state
+        return not (
+            change == "created"
+            or exit_seq is not None
+            or self._about_me(change, by, users) == "in"
+            or seq <= last
+            or self._taken(peer_key, life, seq)
+        )
+
+    def _arrival_life(self, peer_key: str, seq: int, change: str | None, by: str,
+                      users: tuple[str, ...]) -> int:  # fmt: skip
+        """The life of a group entry just come: the latest, or a new one
+        after it. A latest life of our messages only (accepted in a group
+        this client had no entry of yet: `_accept_life`) is looked through:
+        the entry may be the rest of the life before it."""
+        latest = self._latest_life(peer_key)
+        state = self._life(peer_key, latest)
+        if state is not None and not state[0] and latest > 0:
+            if self._fits(peer_key, latest - 1, seq, change, by, users):
+                return latest - 1
+            return latest
+        if self._fits(peer_key, latest, seq, change, by, users):
+            return latest
+        return latest + 1
+
+    def _note_entry(self, peer_key: str, life: int, seq: int, change: str | None, by: str,
+                    users: tuple[str, ...]) -> None:  # fmt: skip
+        """An entry of `life` was stored: what the life now knows of us."""
+        self.db.execute(
+            "INSERT INTO group_lives VALUES (?, ?, 1, ?, NULL, NULL) ON CONFLICT (peer_key, life)"
+            " DO UPDATE SET received=1, last_received=MAX(last_received, excluded.last_received)",
+            (peer_key, life, seq),
+        )
+        about = self._about_me(change, by, users)
+        if about == "in":
+            self.db.execute(
+                "UPDATE group_lives SET joined_seq=COALESCE(joined_seq, ?), exit_seq=NULL"
+                " WHERE peer_key=? AND life=?",
+                (seq, peer_key, life),
+            )
+        elif about == "out":
+            self.db.execute(
+                "UPDATE group_lives SET exit_seq=? WHERE peer_key=? AND life=?",
+                (seq, peer_key, life),
+            )
+
+    def _accept_life(self, peer_key: str, typed_in: int, seq: int) -> int:
+        """The life our message, typed into life `typed_in`, was accepted
+        in at `seq`: the latest it fits (the seq free there, after our
+        joining and before our leaving it), else a new life of its own (the
+        server has a group of the name this client got nothing of yet; the
+        entries that come next may be of it: `_arrival_life`)."""
+        latest = self._latest_life(peer_key)
+        for life in range(latest, typed_in - 1, -1):
+            state = self._life(peer_key, life)
+            joined, exit_seq = (state[2], state[3]) if state is not None else (None, None)
+            if (
+                not self._taken(peer_key, life, seq)
+                and (exit_seq is None or seq < exit_seq)
+                and (joined is None or seq > joined)
+            ):
+                return life
+        self.db.execute(
+            "INSERT OR IGNORE INTO group_lives VALUES (?, ?, 0, 0, NULL, NULL)",
+            (peer_key, latest + 1),
+        )
+        return latest + 1
+
+    def _fill_lives(self) -> None:
+        """A store from before lives were told apart: each group's rows are
+        one life (0), as they were read, and what they say of us."""
+        self.db.execute("BEGIN")
+        self.db.execute(
+            "INSERT OR IGNORE INTO group_lives SELECT peer_key, 0, 1, MAX(grp_seq), NULL, NULL"
+            " FROM history WHERE outgoing=0 AND grp IS NOT NULL AND grp_seq > 0 GROUP BY peer_key"
+        )
+        rows = self.db.execute(
+            "SELECT peer_key, grp_seq, grp_change, grp_sender, grp_users FROM history"
+            " WHERE outgoing=0 AND grp_change IS NOT NULL AND grp_seq > 0 ORDER BY id"
+        ).fetchall()
+        for peer_key, seq, change, by, users in rows:
+            self._note_entry(str(peer_key), 0, int(seq), change, str(by or ""),
+                             tuple(json.loads(users or "[]")))  # fmt: skip
+        self.db.execute("COMMIT")
 
     def _place_in_group(self, row_id: int, peer_key: str, seq: int) -> None:
         """Our row `row_id` was stored where it was typed; the server put it
@@ -659,16 +856,16 @@ class ClientStore:
         group's order, are stored again at the end (new ids, the same
         content), so every reading of the history (`ORDER BY id`, pages,
         search) has the group's one order. Only rows stored since ours are
-        looked at: they came while it was in flight, of the group it was
-        accepted in (an older group of the name ended before it)."""
+        looked at: they came while it was in flight. `seq` and theirs are
+        `group_place`s: a row of an older life of the name goes before it."""
         later = self.db.execute(
-            "SELECT id, grp_seq FROM history WHERE peer_key=? AND id>? ORDER BY id",
+            "SELECT id, grp_life, grp_seq FROM history WHERE peer_key=? AND id>? ORDER BY id",
             (peer_key, row_id),
         ).fetchall()
-        ahead = goes_before(seq, [int(s or 0) for _, s in later])
+        ahead = goes_before(seq, [group_place(int(lf or 0), int(s or 0)) for _, lf, s in later])
         if ahead == 0:
             return
-        self._store_again([row_id] + [int(r) for r, _ in later[ahead:]])
+        self._store_again([row_id] + [int(r) for r, _, _ in later[ahead:]])
 
     def _place_arrival(self, row_id: int, peer_key: str, seq: int) -> None:
         """A group's entry just stored at the end as `row_id` (numbered
@@ -678,17 +875,19 @@ class ClientStore:
         entry back, our accept never): it goes above them. The rows from
         the first of ours numbered after it to the end are stored again
         after it (new ids, the same content; `_place_in_group`'s way).
-        Only the run of our own rows at the end is read (`goes_above`)."""
+        Only the run of our own rows at the end is read (`goes_above`);
+        `seq` and theirs are `group_place`s (ours of an older life end it)."""
         rows = self.db.execute(
-            "SELECT id, outgoing, grp_seq FROM history WHERE peer_key=? AND id<? ORDER BY id DESC",
+            "SELECT id, outgoing, grp_life, grp_seq FROM history WHERE peer_key=? AND id<?"
+            " ORDER BY id DESC",
             (peer_key, row_id),
         )
         read: list[int] = []
 
         def earlier() -> Iterator[tuple[bool, int]]:
-            for other, outgoing, other_seq in rows:  # read only as far as needed
+            for other, outgoing, life, other_seq in rows:  # read only as far as needed
                 read.append(int(other))
-                yield bool(outgoing), int(other_seq or 0)
+                yield bool(outgoing), group_place(int(life or 0), int(other_seq or 0))
 
         behind = goes_above(seq, earlier())
         rows.close()
@@ -770,7 +969,7 @@ class ClientStore:
 SHOWN_ROWS = "(outgoing=1 OR shown=1)"  # a received message not shown yet is the session's
 LINE_COLUMNS = (
     "peer, outgoing, text, ts_ms, instance_id, client_seq, state, id, grp_sender, grp_change,"
-    " grp_seq"
+    " grp_seq, grp_life"
 )
 
 
@@ -785,8 +984,9 @@ def _reader(path: Path) -> sqlite3.Connection | None:
 
 def _lines(rows: list[Any]) -> list[HistoryLine]:
     return [
-        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row, sender, change, seq or 0)
-        for p, o, t, ts, i, s, st, row, sender, change, seq in rows
+        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row, sender, change, seq or 0,
+                    life or 0)
+        for p, o, t, ts, i, s, st, row, sender, change, seq, life in rows
     ]
 
 

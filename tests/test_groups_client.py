@@ -162,7 +162,7 @@ def test_group_events_are_issue_14s_json() -> None:
     assert GroupsListed(("team", "ops")).to_json() == {"event": "groups", "groups": ["team", "ops"]}
     message = MessageReceived("alice", "hi", 905, 6, "00-1", "team", 7)
     assert message.to_json() == {"event": "message", "from": "alice", "group": "team",
-                                 "text": "hi", "id": 905, "sent_ms": 6}  # fmt: skip
+                                 "text": "hi", "id": 905, "sent_ms": 6, "seq": 7}  # fmt: skip
     direct = MessageReceived("alice", "hi", 906, 6).to_json()
     assert direct == {"event": "message", "from": "alice", "text": "hi", "id": 906,
                       "sent_ms": 6}  # fmt: skip
@@ -222,7 +222,8 @@ def test_group_lines_are_shown_once_in_order_and_receipted_only_after_shown(
     handed = [e for e in bob.events if isinstance(e, MessageReceived | GroupChanged)]
     assert [e.to_json()["event"] for e in handed] == ["group", "message"]  # the group's order
     assert handed[1].to_json() == {"event": "message", "from": "alice", "group": "team",
-                                   "text": "hello team", "id": 901, "sent_ms": 7}  # fmt: skip
+                                   "text": "hello team", "id": 901, "sent_ms": 7,
+                                   "seq": 2}  # fmt: skip
     assert bob.core.peer == "#team"  # a plain line answers the group
     net.settle(1.0)
     assert sent.receipts == []  # not shown, not receipted
@@ -278,10 +279,11 @@ def test_unshown_group_lines_are_handed_on_once_after_a_restart(
     again = [e for e in bob2.events if isinstance(e, MessageReceived | GroupChanged)]
     assert [e.to_json() for e in again] == [
         {"event": "group", "group": "team", "change": "created", "by": "alice",
-         "members": ["alice", "bob", "carol"]},
+         "members": ["alice", "bob", "carol"], "seq": 1},
         {"event": "message", "from": "alice", "group": "team", "text": "one", "id": 902,
-         "sent_ms": 8},
-        {"event": "group", "group": "team", "change": "added", "by": "alice", "user": "dave"},
+         "sent_ms": 8, "seq": 2},
+        {"event": "group", "group": "team", "change": "added", "by": "alice", "user": "dave",
+         "seq": 3},
     ]  # fmt: skip
     assert [e.seq for e in again] == [1, 2, 3]
     net.run(lambda: {i for _, i in sent.receipts} == {900, 902, 903}, "receipted once shown")
@@ -308,7 +310,8 @@ def test_group_message_states_one_delivered_per_member(net: Net, sent: Sent) -> 
     assert statuses == [
         {"event": "status", "id": msg, "state": "sending", "to": "#team", "text": "hi team",
          "group": "team"},
-        {"event": "status", "id": msg, "state": "accepted", "group": "team", "recipients": 2},
+        {"event": "status", "id": msg, "state": "accepted", "group": "team", "recipients": 2,
+         "seq": 4},
         {"event": "status", "id": msg, "state": "delivered", "group": "team", "by": "bob"},
         {"event": "status", "id": msg, "state": "delivered", "group": "team", "by": "carol"},
     ]  # fmt: skip
@@ -533,8 +536,10 @@ def test_group_errors_and_the_owners_hand_over(net: Net) -> None:
     alice.core.group_request(GroupAction.LEAVE, "team")
     net.run(lambda: any(e.change == "owner" for e in bob.of(GroupChanged)), "hand-over")
     assert [e.to_json() for e in bob.of(GroupChanged)][-2:] == [
-        {"event": "group", "group": "team", "change": "left", "by": "alice", "user": "alice"},
-        {"event": "group", "group": "team", "change": "owner", "by": "alice", "user": "bob"},
+        {"event": "group", "group": "team", "change": "left", "by": "alice", "user": "alice",
+         "seq": 2},
+        {"event": "group", "group": "team", "change": "owner", "by": "alice", "user": "bob",
+         "seq": 3},
     ]
     bob.core.group_request(GroupAction.MEMBERS, "#team")
     net.run(lambda: bool(bob.of(MembersListed)), "members")
