@@ -335,7 +335,7 @@ class GroupsUI:
             info.owner = event.user
         conv = self.w.conversation(event.conversation)
         line = self.make_line("system", "", event.describe(), event.sent_ms / 1000)
-        line.seq = event.seq
+        line.seq, line.life = event.seq, event.life
         self.w._add_line(conv, line)
         if event.change == "created" and name_key(event.by) == name_key(me):
             if self.creating.pop(name_key(event.group), None) is not None:

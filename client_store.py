@@ -746,7 +746,7 @@ class ClientStore:
         return row is not None
 
     def _about_me(self, change: str | None, by: str, users: tuple[str, ...]) -> str | None:
-        """"in" for an entry that makes us a member, "out" for one that ends it."""
+        """Whether an entry makes us a member ("in") or ends it ("out")."""
         me = name_key(self.username)
         named = {name_key(u) for u in users}
         if change in ("created", "added") and me in named:
@@ -984,10 +984,10 @@ def _reader(path: Path) -> sqlite3.Connection | None:
 
 def _lines(rows: list[Any]) -> list[HistoryLine]:
     return [
-        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row, sender, change, seq or 0,
-                    life or 0)
+        HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row, sender, change,
+                    seq or 0, life or 0)
         for p, o, t, ts, i, s, st, row, sender, change, seq, life in rows
-    ]
+    ]  # fmt: skip
 
 
 def read_history(

@@ -34,7 +34,7 @@ from typing import Any
 
 from client_core import MessageState
 from client_look import FONTS, PAD, PALETTE, continues, day_label, new_day, style_text
-from client_store import find_folded, fold
+from client_store import find_folded, fold, group_place
 
 #: A message longer than this shows its start and a "show more" link: a
 #: 64 KiB single line laid out in a Text took 2-7 s (measured, issue 17).
@@ -64,6 +64,12 @@ class Line:
     slow: bool = False  # ours, still `sending` after SLOW_SEND_S: say so
     awaits_account: bool = False  # ours, `sending`: its recipient has no account yet
     seq: int = 0  # a group's line: its place in the group's order (0: ours, not accepted yet)
+    life: int = 0  # a group's line: which group of the name (`client_store.group_place`)
+
+    @property
+    def place(self) -> int:
+        """Its place across the lives of its group's name (0: not numbered)."""
+        return group_place(self.life, self.seq)
 
 
 # --- pure functions -------------------------------------------------------------

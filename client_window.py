@@ -748,7 +748,7 @@ class ChatWindow:
         line = Line("peer", event.sender, event.text, event.sent_ms / 1000, event.msg_id or None)
         if event.group is not None and self._mine(event.sender):
             line = self._own_from_elsewhere(event.text, event.sent_ms, event.msg_id)
-        line.seq = event.seq
+        line.seq, line.life = event.seq, event.life
         self._add_line(conv, line)
         if self.current is None:
             self.open_conversation(conv.name, focus=False)
@@ -790,19 +790,19 @@ class ChatWindow:
         if conv is self.current:
             self.view.render_state(line)
         if event.seq > 0 and event.group is not None and not line.seq:
-            line.seq = event.seq
+            line.seq, line.life = event.seq, event.life
             self._place_in_group(conv, line)
 
     def _place_in_group(self, conv: Conversation, line: Line) -> None:
         """Our group message, shown where it was typed while `sending`, now
         numbered by the server: below the lines after it that the server
-        numbered first (the store moves its row alike: every member reads
-        the group in one order)."""
+        numbered first, and those of an older group of the name (the store
+        moves its row alike: every member reads the group in one order)."""
         index = next((i for i, other in enumerate(conv.lines) if other is line), None)
         if index is None:
             return
         later = conv.lines[index + 1 :]
-        ahead = goes_before(line.seq, [other.seq for other in later])
+        ahead = goes_before(line.place, [other.place for other in later])
         if ahead == 0:
             return
         for moved in [line, *later[ahead:]]:
@@ -855,7 +855,7 @@ class ChatWindow:
 
     def _line_from(self, item: HistoryLine) -> Line:
         line = self._line_of(item)
-        line.seq = item.seq
+        line.seq, line.life = item.seq, item.life
         return line
 
     def _line_of(self, item: HistoryLine) -> Line:
@@ -922,7 +922,7 @@ class ChatWindow:
         them, as the store puts its row (`goes_above`). How many lines it
         went above."""
         earlier = conv.lines[-2::-1]
-        behind = goes_above(line.seq, ((other.kind == "own", other.seq) for other in earlier))
+        behind = goes_above(line.place, ((other.kind == "own", other.place) for other in earlier))
         if behind:
             for moved in earlier[:behind]:
                 moved.row_id = 0  # stored again under a new row: looked up when needed

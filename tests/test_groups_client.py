@@ -540,7 +540,7 @@ def test_group_errors_and_the_owners_hand_over(net: Net) -> None:
          "seq": 2},
         {"event": "group", "group": "team", "change": "owner", "by": "alice", "user": "bob",
          "seq": 3},
-    ]
+    ]  # fmt: skip
     bob.core.group_request(GroupAction.MEMBERS, "#team")
     net.run(lambda: bool(bob.of(MembersListed)), "members")
     assert bob.of(MembersListed)[-1].to_json() == {
