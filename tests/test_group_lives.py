@@ -262,3 +262,80 @@ def test_a_stream_entry_numbered_before_ours_stays_in_our_life(tmp_path: Path) -
         ]  # fmt: skip
     finally:
         store.close()
+
+
+def old_rows(store: ClientStore) -> None:
+    """The store's first life of #team: created (1), bob's at 2, ours at 3."""
+    store.add_group_event("team", "created", "bob", ("bob", "alice"), T0, 900, 1)
+    store.add_group_message("team", "bob", MsgId(77, 1), "bob's at 2", T0 + 2, 902, 2)
+    mine = MsgId(store.instance_id, 1)
+    store.add_outgoing(mine, "#team", "ours at 3")
+    store.set_recipients(mine, 1, 3)
+
+
+def test_ours_accepted_in_the_new_group_before_the_old_ones_rest(tmp_path: Path) -> None:
+    """alice typed while away (her client thinks she is in); meanwhile she
+    was removed (seq 5), the group ended and was made again with her. The
+    new group accepts her message at seq 2 before her client has any of
+    its entries, or the old group's removal: 2 is taken in the old life,
+    so it is a life of its own; the old removal then goes to the old life
+    (above it) and the new group's CREATED joins the new one (above ours)."""
+    store = open_store(tmp_path / "alice")
+    old_rows(store)
+    typed = MsgId(store.instance_id, 2)
+    store.add_outgoing(typed, "#team", "typed while away")
+    store.set_recipients(typed, 1, 2)
+    assert store.last_life == 1
+    store.add_group_message("team", "bob", MsgId(77, 2), "bob's at 4", T0 + 4, 904, 4)
+    assert store.last_life == 0, "the old group's rest"
+    store.add_group_event("team", "removed", "bob", ("alice",), T0 + 5, 905, 5)
+    assert store.last_life == 0
+    store.add_group_event("team", "created", "bob", ("bob", "alice"), T0 + 6, 906, 1)
+    assert store.last_life == 1, "the new group, with ours"
+    store.add_group_message("team", "bob", MsgId(77, 3), "bob's new 3", T0 + 7, 907, 3)
+    store.commit()
+    assert rows(store) == [
+        ("bob created the group with bob, alice", 0, 1), ("bob's at 2", 0, 2),
+        ("ours at 3", 0, 3), ("bob's at 4", 0, 4), ("bob removed alice", 0, 5),
+        ("bob created the group with bob, alice", 1, 1), ("typed while away", 1, 2),
+        ("bob's new 3", 1, 3),
+    ]  # fmt: skip
+    assert_runs(store)
+
+
+def test_ours_accepted_after_the_old_removal_came(tmp_path: Path) -> None:
+    """The same with the removal first: she is out of the old life, so her
+    message (seq 2) is of a later one, below the removal; the new group's
+    CREATED then goes above it."""
+    store = open_store(tmp_path / "alice")
+    old_rows(store)
+    typed = MsgId(store.instance_id, 2)
+    store.add_outgoing(typed, "#team", "typed while away")
+    store.add_group_event("team", "removed", "bob", ("alice",), T0 + 5, 905, 4)
+    store.set_recipients(typed, 1, 2)
+    store.add_group_event("team", "created", "bob", ("bob", "alice"), T0 + 6, 906, 1)
+    store.commit()
+    assert rows(store) == [
+        ("bob created the group with bob, alice", 0, 1), ("bob's at 2", 0, 2),
+        ("ours at 3", 0, 3), ("bob removed alice", 0, 4),
+        ("bob created the group with bob, alice", 1, 1), ("typed while away", 1, 2),
+    ]  # fmt: skip
+    assert_runs(store)
+
+
+def test_a_store_from_before_lives_knows_who_left(tmp_path: Path) -> None:
+    """A store made before `group_lives` (its rows all of one life) learns
+    on open what its rows say: alice left #team, so the next entry of the
+    name is of a new life; rows and their ids stay as they were."""
+    store = open_store(tmp_path / "alice")
+    old_rows(store)
+    store.add_group_event("team", "left", "alice", (), T0 + 5, 905, 4)
+    store.commit()
+    store.db.execute("DROP TABLE group_lives")
+    store.close()
+    OPENED.remove(store)
+    before = rows(again := open_store(tmp_path / "alice"))
+    again.add_group_message("team", "bob", MsgId(77, 9), "bob's new 2", T0 + 9, 909, 2)
+    again.commit()
+    assert rows(again) == before + [("bob's new 2", 1, 2)]
+    assert_runs(again)
