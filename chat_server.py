@@ -215,6 +215,7 @@ from server_store import (
     Read,
     ReadGroupCursors,
     ReadGroupLog,
+    ReadGroupMark,
     ReadGroupSent,
     ReadGroupState,
     ReadMailbox,
@@ -2923,12 +2924,48 @@ class Relay:
                          users, int(self._wall_clock() * 1000), len(group.members))  # fmt: skip
 
     def _group_create(self, session: Session, request: GroupRequest, key: RequestKey) -> None:
+        """Checked here; made once the store has said where the name's seqs
+        go on (`ReadGroupMark`: a group of the name may have ended). What
+        the session sends meanwhile waits behind it (`_lookups`), as after
+        a SEND that waits for the disk."""
+        user = session.user
+        group_key = self.groups.check_create(request.group)[1]
+        others = self._resolve(request.users, user.key)
+        self.groups.check_room(1, len(others))
+        self.groups.check_memberships([(user.key, user.name), *others])
+        instance = (user.key, session.instance_id)
+        self._lookups[instance] += 1
+        read = Read(ReadGroupMark(group_key))
+        self.store.submit(read, functools.partial(self._group_mark_read, session, request, key,
+                                                  read))  # fmt: skip
+
+    def _group_mark_read(self, session: Session, request: GroupRequest, key: RequestKey,
+                         read: Read) -> None:  # fmt: skip
+        instance = (session.user.key, session.instance_id)
+        self._lookups[instance] -= 1
+        if self._lookups[instance] <= 0:
+            del self._lookups[instance]
+        if self.sessions.get(session.session_id) is not session:
+            return  # the session ended: its client asks again at its next login
+        stream = conversation_stream(group_address(request.group.removeprefix("#")))
+        try:
+            if not read.ok:
+                raise GroupRefused(ErrorCode.SERVER_ERROR, "the server could not read its "
+                                   "store; send the request again")  # fmt: skip
+            self._make_group(session, request, key, int(read.result))
+        except GroupRefused as exc:  # (checked again: another may have taken the name)
+            self.stats["group_refused"] += 1
+            self._send(session, GroupResult(request.request_id, int(exc.code), exc.message),
+                       stream=stream)  # fmt: skip
+
+    def _make_group(self, session: Session, request: GroupRequest, key: RequestKey,
+                    after: int) -> None:  # fmt: skip
         user = session.user
         name, group_key = self.groups.check_create(request.group)
         others = self._resolve(request.users, user.key)
         self.groups.check_room(1, len(others))
         self.groups.check_memberships([(user.key, user.name), *others])
-        group, seq = self.groups.create(name, group_key, (user.key, user.name), others)
+        group, seq = self.groups.create(name, group_key, (user.key, user.name), others, after)
         names = tuple(m.name for m in group.members.values())
         item = self._group_item(group, seq, GroupChange.CREATED, user, names)
         joined = tuple((m.key, m.name, m.rank) for m in group.members.values())
@@ -3000,7 +3037,7 @@ class Relay:
         self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
         self._group_streams.pop(old_key, None)  # the cache holds live groups only
         self.store.submit(
-            EndGroup(old_key, (key, 0, f"left #{group.name}; it has ended"), keep_as, kept),
+            EndGroup(old_key, (key, 0, f"left #{group.name}; it has ended"), keep_as, kept, seq),
             functools.partial(self._group_ended, group, user, item, key, stream, old_key),
         )
         if keep_as:  # (after the rename: their reads are of the log under its new key)

@@ -71,6 +71,10 @@ and `chat:gtold:` / `chat:gsent:` (per sender: up to which seq its client
 was told who has its messages, and its last message's seq: "delivered by"
 follows from the cursors, as on one server; a sender on another node is
 told through a notice, `TellReached`); `chat:groups` lists the groups.
+`chat:gmark:` outlives the group: the last seq a group of the name had
+when it ended, where one made again under the name goes on (a name's seqs
+only grow, so a member's client never takes one group's entry for the
+other's; the SQLite store's `group_names`).
 Every seq is given out by a script, inside Redis, never by a node:
 
 - a message (`PostGroupMessage`): the script checks its sender is a member
@@ -390,8 +394,10 @@ return {'ok', seq .. ':' .. n .. ':' .. epoch}
 # group goes on under if it ends while former members are owed entries, or
 # senders "delivered by" notices (its KEYS 8-11: group, former, cursors,
 # log; `retired_key`; 14-15: its senders' marks and last messages; KEYS
-# 12-13 are the group's). The leaver is kept then as a former member up to
-# what their client had (`GroupTable.close`). Epoch -1: a
+# 12-13 are the group's; 16: the name's mark, `chat:gmark:`, read by a new
+# group for its first seq and set when the group ends). The leaver is kept
+# then as a former member up to what their client had
+# (`GroupTable.close`). Epoch -1: a
 # request the node refused (or found nothing to do for); only its answer, if
 # it was done before, is looked up (a request sent again to another node is
 # answered, not refused), else the group's epoch and seq are answered: the
@@ -407,6 +413,7 @@ elseif g[1] ~= ARGV[3] or g[2] ~= ARGV[4] then
   return {'conflict', g[1] or '0', g[3] or '0'}
 end
 local seq = tonumber(g[3] or '0')
+if ARGV[3] == '0' then seq = tonumber(redis.call('GET', KEYS[16]) or '0') end
 local epoch = ARGV[3]
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[6])
 redis.call('EXPIRE', KEYS[6], ARGV[11])
@@ -457,6 +464,7 @@ if ARGV[9] == '1' then
     redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[12], KEYS[13])
   end
   redis.call('SREM', KEYS[7], ARGV[1])
+  redis.call('SET', KEYS[16], seq + 1)
   redis.call('PUBLISH', 'chat:all', 'ge\t' .. ARGV[1] .. '\t' .. epoch)
   if owed then
     redis.call('PUBLISH', 'chat:all', 'g\t' .. ARGV[12] .. '\t' .. epoch .. '\t' .. seq)
@@ -779,7 +787,7 @@ def group_keys(group_key: str) -> dict[str, str]:
         tag = f"{{#{base}}}{TOMBSTONE}{end_id}"
     return {role: f"chat:{role}:{tag}"
             for role in ("group", "gmem", "gformer", "gcur", "glog", "greq", "gtold",
-                         "gsent")}  # fmt: skip
+                         "gsent", "gmark")}  # fmt: skip
 
 
 def end_keys(keys: dict[str, str]) -> list[str]:
@@ -1410,7 +1418,7 @@ class RedisStore:
                        [keys["group"], keys["gmem"], keys["gformer"], keys["gcur"], keys["glog"],
                         keys["greq"], GROUPS_KEY, kept["group"], kept["gformer"], kept["gcur"],
                         kept["glog"], keys["gtold"], keys["gsent"], kept["gtold"],
-                        kept["gsent"]],
+                        kept["gsent"], keys["gmark"]],
                        [op.group_key, op.name, op.epoch, op.changed,
                         f"{user_key}:{instance_id}:{request_id}", _pack([code, text]),
                         _pack(plan), op.owner_key, int(op.end), first_id, DEDUP_KEEP_S,

@@ -489,10 +489,13 @@ class GroupTable:
     # --- the changes ------------------------------------------------------------
 
     def create(self, name: str, key: str, owner: tuple[str, str],
-               others: list[tuple[str, str]]) -> tuple[Group, int]:  # fmt: skip
+               others: list[tuple[str, str]], after: int = 0) -> tuple[Group, int]:  # fmt: skip
         """A new group of `owner` (key, name) and `others`; its first entry
-        (seq 1, CREATED) adds them all."""
-        group = self.groups[key] = Group(key, name, owner[0])
+        (CREATED, seq `after` + 1) adds them all. `after` is the last seq a
+        group of the name had before (one ended, and its name is taken
+        again): a name's seqs only grow, so a member's client that holds
+        entries of both never takes one for the other's."""
+        group = self.groups[key] = Group(key, name, owner[0], after)
         seq = self.next_seq(group)
         for rank, (member_key, member_name) in enumerate([owner, *others]):
             self._join(group, member_key, member_name, seq, rank)

@@ -136,6 +136,9 @@ CREATE TABLE IF NOT EXISTS group_told (
     sender_key TEXT NOT NULL, group_key TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (sender_key, group_key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_names (
+    group_key TEXT PRIMARY KEY, last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_requests (
     user_key TEXT NOT NULL, instance_id INTEGER NOT NULL, request_id INTEGER NOT NULL,
     code INTEGER NOT NULL, message TEXT NOT NULL,
@@ -595,6 +598,10 @@ class EndGroup:
     # The leaver, kept as a former member for senders owed notices of what
     # they had (`server_groups.GroupTable.close`), under `keep_as` with the rest.
     kept: tuple[LoadedMember, ...] = ()
+    # The name's last seq (the LEFT that ended it; 0: a retired group's
+    # end, which frees no name): a group made again under the name goes on
+    # from there (`ReadGroupMark`), so a name's seqs only grow.
+    last_seq: int = 0
 
 
 @dataclass(slots=True)
@@ -671,6 +678,16 @@ class ReadGroupSent:
     sender_key: str
     after: int
     limit: int
+
+
+@dataclass(slots=True)
+class ReadGroupMark:
+    """The last seq a group of this name had before (0: none ended): where a
+    group made again under it goes on (`EndGroup.last_seq`). One server
+    only (a cluster's script keeps the mark in the shared store).
+    Answer: int."""
+
+    group_key: str
 
 
 @dataclass(slots=True)
@@ -784,14 +801,17 @@ Write = (
     StoreMessage | StoreDedup | MarkDelivered | MarkDelivereds | NoticeDone | StoreAccount
     | UpdateAccount | EraseAccount | Reserve | Sync | GroupWrite
 )  # fmt: skip
-Query = ReadMailbox | ReadNotices | FindDedup | ReadGroupLog | ReadGroupSent | FindGroupItem
+Query = (
+    ReadMailbox | ReadNotices | FindDedup | ReadGroupLog | ReadGroupSent | FindGroupItem
+    | ReadGroupMark
+)  # fmt: skip
 MailPage = tuple[list[StoredMessage], bool]
 NoticePage = tuple[list[NoticeRow], bool]
 DedupFound = tuple[int, bytes | None, str | None] | None
 GroupPage = tuple[list[GroupItem], bool]
 GroupSentPage = tuple[list[GroupSentRow], bool]
 GroupItemFound = tuple[int, int] | None
-Answer = MailPage | NoticePage | DedupFound | GroupPage | GroupSentPage | GroupItemFound
+Answer = MailPage | NoticePage | DedupFound | GroupPage | GroupSentPage | GroupItemFound | int
 
 
 class Read:
@@ -870,10 +890,11 @@ class MessageStore(Protocol):
     # `StoreMessage`, `MarkDelivered`, `MarkDelivereds` (its items, in one
     # transaction with the rest of the batch), `NoticeDone`, `StoreAccount`,
     # `UpdateAccount`, `EraseAccount`, `Reserve`, `Sync`, `GroupReceipt`,
-    # `GroupTold`, `DropMember`, `BuryMember` and `Read` of every `Query`.
-    # A store of one server only (`Relay.shared_store` False: the relay
-    # numbers groups itself): `StoreDedup` (if it offers `withdraw`),
-    # `StoreGroupItem`, `EndGroup`, `TrimGroup`. A shared store only:
+    # `GroupTold`, `DropMember`, `BuryMember` and `Read` of every `Query`
+    # but `ReadGroupMark`. A store of one server only (`Relay.shared_store`
+    # False: the relay numbers groups itself): `StoreDedup` (if it offers
+    # `withdraw`), `StoreGroupItem`, `EndGroup`, `TrimGroup`, `Read` of
+    # `ReadGroupMark`. A shared store only:
     # `PostGroupMessage`, `ChangeGroup`, `ReadGroupState`,
     # `ReadGroupCursors`, `TellReached`.
 
@@ -907,6 +928,7 @@ class MemoryStore:
         self.log_ids: dict[int, GroupItem] = {}
         self.group_told: dict[tuple[str, str], int] = {}  # (sender key, group key) -> seq
         self.group_requests: dict[RequestKey, tuple[int, str]] = {}
+        self.group_marks: dict[str, int] = {}  # name key -> last seq of its ended groups
 
     def load(self) -> Loaded:
         loaded = Loaded(self.secret, 1, quarantine=dict(self.quarantine))
@@ -1023,7 +1045,9 @@ class MemoryStore:
                         members[key].left_seq = item.group_seq
                 if request is not None:
                     self._record_request(request)
-            case EndGroup(group_key, request, keep_as, whole_rows):
+            case EndGroup(group_key, request, keep_as, whole_rows, last_seq):
+                if last_seq:
+                    self.group_marks[group_key] = max(last_seq, self.group_marks.get(group_key, 0))
                 row = self.groups.pop(group_key, [])
                 members = self.members.pop(group_key, {})
                 log = self.log.pop(group_key, {})
@@ -1102,6 +1126,8 @@ class MemoryStore:
                     return None
                 server_msg_id, recipient_key, text, delivered_to = found
                 return server_msg_id, content_digest(recipient_key, text), delivered_to
+            case ReadGroupMark(key):
+                return self.group_marks.get(key, 0)
             case ReadGroupLog(key, after, last, limit, max_bytes):
                 entries: list[GroupItem] = []
                 size = 0
@@ -1438,6 +1464,11 @@ class ServerStore:
                     (server_msg_id,),
                 ).fetchone()
                 return None if row is None else (int(row[0]), int(row[1]))
+            case ReadGroupMark(key):
+                row = self._db.execute(
+                    "SELECT last_seq FROM group_names WHERE group_key=?", (key,)
+                ).fetchone()
+                return 0 if row is None else int(row[0])
 
     def reserve_ids(self, next_msg_id: int) -> int:
         """Reserve the next block of ids when the loop is half-way through this one."""
@@ -1990,6 +2021,12 @@ class _GroupSegment:
                     db.execute(f"UPDATE {table} SET group_key=? WHERE group_key=?", (keep_as, old))
             for table in ("groups", "group_members", "group_log", "group_told"):
                 db.execute(f"DELETE FROM {table} WHERE group_key=?", (old,))
+            if self.end.last_seq:  # the name's mark, for a group made again under it
+                db.execute(
+                    "INSERT INTO group_names VALUES (?, ?) ON CONFLICT (group_key) DO UPDATE"
+                    " SET last_seq=MAX(last_seq, excluded.last_seq)",
+                    (old, self.end.last_seq),
+                )
             if self.end.request is not None:
                 self.request(self.end.request)
         if self.requests:

@@ -342,7 +342,9 @@ def test_a_group_ended_and_made_again_is_a_new_group_on_every_node(
     cluster.run_until(lambda: texts(bob) == ["new"], 200, "the new group's message")
     cluster.settle()
     copies = cluster.copies("team")
-    assert copies[0] == copies[1] == (2, "bob", ["bob", "alice"])
+    # Its seqs go on after the old group's last (bob's LEFT, 5, after alice's
+    # LEFT and OWNER): 6 and 7.
+    assert copies[0] == copies[1] == (7, "bob", ["bob", "alice"])
     epochs = {w.relay.groups.groups["team"].epoch for w in cluster.nodes}
     assert len(epochs) == 1
 

@@ -137,26 +137,29 @@ def test_a_copied_profile_that_missed_the_end_gets_the_group_made_again(tmp_path
     again = add(net, "alice", store=store)
     net.run(lambda: any(e.text == "B2 new" for e in again.of(MessageReceived)), "the copy has it")
     net.settle(0.5)
+    # The old group's seqs ended at 7 (the three LEFTs); the new one's go on.
     assert rows(store) == OLD + [
-        ("bob created the group with bob, alice, carol", 1, 1),
-        ("B2 new", 1, 2),
+        ("bob created the group with bob, alice, carol", 1, 8),
+        ("B2 new", 1, 9),
     ]
     assert_runs(store)
     lives = {(e.life, e.seq) for e in again.events if isinstance(e, MessageReceived | GroupChanged)}
-    assert lives == {(1, 1), (1, 2)}, "the events say which life"
+    assert lives == {(1, 8), (1, 9)}, "the events say which life"
     mine = again.core.send("A4 new", net.now, to="#team")
-    net.run(lambda: accepted_at(again, mine) == 3, "accepted in the new life")
+    net.run(lambda: accepted_at(again, mine) == 10, "accepted in the new life")
     net.settle(0.5)
-    assert rows(store)[-1] == ("A4 new", 1, 3)
+    assert rows(store)[-1] == ("A4 new", 1, 10)
     assert_runs(store)
     offline(net, again, store)
 
 
 def test_a_copy_that_missed_the_new_lifes_start_gets_its_middle(tmp_path: Path) -> None:
     """As above, but the original had the new group's first entries: the
-    copy gets seqs 2 and 3 of the new life, which the old life has too
-    (alice's own rows): they are another life's, not entries held back
-    before hers, and go below (before, A2 and A3 moved below them)."""
+    copy gets two entries of the new group and nothing that says it is
+    another group. Their seqs go on after the old group's (before, they
+    were 2 and 3, and A2 and A3 moved below them), so they go below: the
+    client needs not know they are of another group (store-level tests
+    below: what it does with a server that numbers from 1 again)."""
     net = Net()
     _, bob, carol, _ = old_life(net, tmp_path)
     copy = copied_profile(tmp_path)
@@ -175,14 +178,14 @@ def test_a_copy_that_missed_the_new_lifes_start_gets_its_middle(tmp_path: Path) 
     again = add(net, "alice", store=store)
     net.run(lambda: any(e.text == "C3 new" for e in again.of(MessageReceived)), "the copy has it")
     net.settle(0.5)
-    assert rows(store) == OLD + [("B2 new", 1, 2), ("C3 new", 1, 3)]
+    assert rows(store) == OLD + [("B2 new", 0, 9), ("C3 new", 0, 10)]
     assert_runs(store)
     offline(net, again, store)
 
 
 def test_a_copy_added_to_the_group_made_again(tmp_path: Path) -> None:
-    """The new #team is made without alice; bob adds her later (seq 3): an
-    `added` of herself while her copy thinks she is in is a new life."""
+    """The new #team is made without alice; bob adds her later: an `added`
+    of herself while her copy thinks she is in is a new life."""
     net = Net()
     _, bob, carol, _ = old_life(net, tmp_path)
     copy = copied_profile(tmp_path)
@@ -199,7 +202,7 @@ def test_a_copy_added_to_the_group_made_again(tmp_path: Path) -> None:
     again = add(net, "alice", store=store)
     net.run(lambda: any(e.change == "added" for e in again.of(GroupChanged)), "the copy added")
     net.settle(0.5)
-    assert rows(store) == OLD + [("bob added alice", 1, 3)]
+    assert rows(store) == OLD + [("bob added alice", 1, 10)]
     assert_runs(store)
     offline(net, again, store)
 
@@ -225,11 +228,11 @@ def test_removed_while_offline_then_added_to_the_group_made_again(tmp_path: Path
     net.run(lambda: accepted_at(alice, typed) > 0, "accepted")
     net.run(lambda: any(e.change == "added" for e in alice.of(GroupChanged)), "added")
     net.settle(0.5)
-    assert accepted_at(alice, typed) == 4, "in the new group, after bob's adding her"
+    assert accepted_at(alice, typed) == 11, "in the new group, after bob's adding her"
     got = rows(store)
     assert got[:4] == OLD, got
     assert got[4] == ("bob removed alice", 0, 5)
-    assert got[5:] == [("bob added alice", 1, 3), ("A typed offline", 1, 4)], got
+    assert got[5:] == [("bob added alice", 1, 10), ("A typed offline", 1, 11)], got
     assert_runs(store)
     offline(net, alice, store)
     store = open_store(tmp_path / "alice")  # a restart in between
@@ -238,7 +241,7 @@ def test_removed_while_offline_then_added_to_the_group_made_again(tmp_path: Path
     bob.core.send("B5 new", net.now, to="#team")
     net.run(lambda: any(e.text == "B5 new" for e in alice.of(MessageReceived)), "B5")
     net.settle(0.5)
-    assert rows(store)[-1] == ("B5 new", 1, 5)
+    assert rows(store)[-1] == ("B5 new", 1, 12)
     assert_runs(store)
     offline(net, alice, store)
 

@@ -322,10 +322,11 @@ def test_a_group_ends_with_its_last_member_and_its_name_is_free(store: MessageSt
     assert answer.code == 0 and "ended" in answer.message
     assert world.relay.groups.get("team") is None
     assert entries(alice)[-1][1:] == ("left", "alice", ())
-    # A new group of the same name starts afresh: nothing of the old one.
+    # A new group of the same name starts afresh: nothing of the old one;
+    # its seqs go on after the old one's last (alice's LEFT, 4).
     created(world, bob, "alice")
     world.settle_all()
-    assert entries(bob)[-1] == (1, "created", "bob", ("bob", "alice"))
+    assert entries(bob)[-1] == (5, "created", "bob", ("bob", "alice"))
     assert texts(alice).count("bye") == 1
 
 
