@@ -233,15 +233,13 @@ class LoggedIn:
         return out
 
 
-def group_place_json(out: dict[str, Any], seq: int, life: int) -> dict[str, Any]:
+def group_place_json(out: dict[str, Any], seq: int) -> dict[str, Any]:
     """A group event's place in the group's order, for a script (`--json`):
-    `seq`, and `life` from the second group of the name on (a group that
-    ended and was made again is numbered from 1 again; its entries come
-    after the older one's: order by `life`, then `seq`)."""
+    its `seq`. A name's seqs only grow, across groups of the name too (one
+    made again after the last ended goes on from it), so `seq` alone
+    orders everything of a name."""
     if seq > 0:
         out["seq"] = seq
-        if life > 0:
-            out["life"] = life
     return out
 
 
@@ -265,7 +263,7 @@ class MessageReceived:
         if self.group is not None:
             out = {"event": "message", "from": self.sender, "group": self.group,
                    "text": self.text, "id": self.id, "sent_ms": self.sent_ms}  # fmt: skip
-            return group_place_json(out, self.seq, self.life)
+            return group_place_json(out, self.seq)
         return {"event": "message", "from": self.sender, "text": self.text, "id": self.id,
                 "sent_ms": self.sent_ms}  # fmt: skip
 
@@ -307,7 +305,7 @@ class StatusChanged:
             if self.recipients is not None:
                 out["recipients"] = self.recipients
             if self.state == MessageState.ACCEPTED:
-                group_place_json(out, self.seq, self.life)
+                group_place_json(out, self.seq)
         return out
 
 
@@ -491,7 +489,7 @@ class GroupChanged:
             out["user"] = self.user
             if len(self.users) > 1:
                 out["users"] = list(self.users)
-        return group_place_json(out, self.seq, self.life)
+        return group_place_json(out, self.seq)
 
     def describe(self) -> str:
         """The change in words, for a person (terminal line, transcript)."""

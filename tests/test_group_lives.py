@@ -2,22 +2,31 @@
 (issue 14: every member sees the group's messages and changes in one order).
 
 A group ends when its last member leaves; anyone may then create one of the
-same name, numbered from 1 again. The client keeps a group's rows by name,
-so a member whose client missed the old life's end (her removal while she
-was offline reaches her first, as the server sends it; a copied profile, or
-another device that took it, never gets it) holds rows of two lives with
-one name and overlapping numbers. Each life is a run of its own
-(`grp_life`): the old one's rows stay above in the order they had, the new
-one's start below them, and nothing is moved, lost or shown twice.
+same name. The client keeps a group's rows by name, so a member whose client
+missed the old life's end (her removal while she was offline reaches her
+first, as the server sends it; a copied profile, or another device that
+took it, never gets it) holds rows of two lives under one name. The server
+numbers the new group on from the old one's last seq (one server: the
+store's `group_names`; a cluster: `chat:gmark:`), so seq alone orders both,
+for the client and for a `--json` script, across a kill -9 between the end
+and the new group. The client also keeps each life a run of its own
+(`grp_life`: a CREATED, her own ending, her being added while in, or a seq
+the life has already starts a new one), which is what orders a history
+from a server that numbered a group made again from 1 (the store-level
+tests): the old rows stay above in the order they had, the new life's
+start below them, and nothing is moved, lost or shown twice.
 
 In memory: the real `Relay` and `ClientCore` with a real `ClientStore` on a
-SQLite file (tests/test_client_core's `Net`)."""
+SQLite file (tests/test_client_core's `Net`); then a server process killed
+with SIGKILL and terminal clients with `--json`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +34,9 @@ from client_core import GroupChanged, MessageReceived, StatusChanged
 from client_store import ClientStore, read_history
 from protocol import GroupAction, MsgId
 from tests.test_client_core import Net
+from tests.test_durability import ServerRunner
 from tests.test_groups_client import Member, add, login
+from tests.test_groups_terminal import Terminal
 
 T0 = 1_700_000_000_000
 
@@ -342,3 +353,55 @@ def test_a_store_from_before_lives_knows_who_left(tmp_path: Path) -> None:
     again.commit()
     assert rows(again) == before + [("bob's new 2", 1, 2)]
     assert_runs(again)
+
+
+# --- real processes: the name's seqs across a kill -9, as a script sees them ---------
+
+
+def group_events(client: Terminal) -> list[dict[str, Any]]:
+    return [e for e in client.events
+            if e.get("group") == "team" and e["event"] in ("group", "message")]  # fmt: skip
+
+
+def test_a_script_sees_one_rising_seq_across_a_kill_between_the_end_and_the_new_group(
+    tmp_path: Path,
+) -> None:
+    """alice and bob as `--json` scripts: #team, a message, both leave (it
+    ends); the server is killed with SIGKILL and started again on its data;
+    bob makes #team again and posts. Every group event carries `seq`, and
+    each client's run of them only rises: the new group's `created` goes on
+    after the old one's last entry (the name's mark was durable before the
+    LEFT that ended it was told)."""
+    runner = ServerRunner(tmp_path / "server-data")
+    runner.start()
+    clients: list[Terminal] = []
+    try:
+        addr = f"127.0.0.1:{runner.port}"
+        clients = [Terminal(addr, "alice"), Terminal(addr, "bob")]
+        alice, bob = clients
+        for client in clients:
+            client.wait(lambda e: e["event"] == "logged_in")
+        alice.type("/create #team bob", "/to #team", "old group")
+        bob.wait(lambda e: e.get("text") == "old group")
+        bob.type("/leave #team")
+        alice.wait(lambda e: e.get("change") == "left" and e["by"] == "bob")
+        alice.type("/leave #team")
+        alice.wait(lambda e: e.get("change") == "left" and e["by"] == "alice")
+        runner.restart()
+        bob.type("/create #team alice", "/to #team", "new group")
+        alice.wait(lambda e: e.get("text") == "new group")
+        alice.type("/to #team", "alice again")
+        bob.wait(lambda e: e.get("text") == "alice again")
+        alice.wait(lambda e: e.get("state") == "accepted" and e.get("seq") == 7)
+    finally:
+        for client in clients:
+            client.kill()
+        runner.close()
+    seen = [(e["seq"], e.get("change") or e.get("text")) for e in group_events(alice)]
+    assert seen == [(1, "created"), (3, "left"), (4, "left"), (5, "created"), (6, "new group")]
+    assert [(e["seq"], e.get("change") or e.get("text")) for e in group_events(bob)] == [
+        (1, "created"), (2, "old group"), (3, "left"), (5, "created"), (7, "alice again"),
+    ]  # fmt: skip
+    accepted = [e["seq"] for e in alice.events if e.get("state") == "accepted"]
+    assert accepted == [2, 7], "her own messages' places: the rest of the one order"
+    assert all("life" not in e for e in group_events(alice)), json.dumps(alice.events)
