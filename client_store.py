@@ -228,6 +228,17 @@ class Timeline:
     resends: int  # pieces of it sent again (lost, or their ack was)
 
 
+@dataclass(slots=True)
+class _Life:
+    """One life of a group's name as this store knows it (`group_lives`)."""
+
+    received: bool  # an entry of it came (else: only our messages are of it)
+    last: int  # the seq of the last entry that came (they come in order)
+    joined: int | None  # the entry that added us, if one came
+    exit: int | None  # the entry that removed us or said we left, if one came
+    ours: set[int] | None = None  # our messages' seqs above `last` (`_ours_above`)
+
+
 @dataclass(frozen=True)
 class HistoryLine:
     peer: str
@@ -377,6 +388,7 @@ class ClientStore:
         self.db.executescript(PEERS_TABLE)
         if peers_made is None:
             self.db.execute(PEERS_FILL)
+        self._lives: dict[str, dict[int, _Life]] = {}  # by group (peer key): `_lives_of`
         if lives_made is None:
             self._fill_lives()
         # The life of a group the entry stored or the message accepted last
@@ -720,21 +732,24 @@ class ClientStore:
     # messages'). A new life is a run of rows below the old one, which keeps
     # its order (`group_place`).
 
-    def _latest_life(self, peer_key: str) -> int:
-        row = self.db.execute(
-            "SELECT MAX(life) FROM group_lives WHERE peer_key=?", (peer_key,)
-        ).fetchone()
-        return int(row[0]) if row is not None and row[0] is not None else 0
+    def _lives_of(self, peer_key: str) -> dict[int, _Life]:
+        """A group's lives as `group_lives` has them, read once and kept in
+        step (this store is their only writer)."""
+        lives = self._lives.get(peer_key)
+        if lives is None:
+            rows = self.db.execute(
+                "SELECT life, received, last_received, joined_seq, exit_seq FROM group_lives"
+                " WHERE peer_key=?",
+                (peer_key,),
+            ).fetchall()
+            lives = self._lives[peer_key] = {
+                int(life): _Life(bool(received), int(last), joined, exit_seq)
+                for life, received, last, joined, exit_seq in rows
+            }
+        return lives
 
-    def _life(self, peer_key: str, life: int) -> tuple[bool, int, int | None, int | None] | None:
-        """(whether an entry of it came, the last entry's seq, the seq that
-        added us, the seq that ended our part in it) of one life, or None."""
-        row = self.db.execute(
-            "SELECT received, last_received, joined_seq, exit_seq FROM group_lives"
-            " WHERE peer_key=? AND life=?",
-            (peer_key, life),
-        ).fetchone()
-        return None if row is None else (bool(row[0]), int(row[1]), row[2], row[3])
+    def _latest_life(self, peer_key: str) -> int:
+        return max(self._lives_of(peer_key), default=0)
 
     def _taken(self, peer_key: str, life: int, seq: int) -> bool:
         """Whether a row of the life is numbered `seq` (seqs are one a life)."""
@@ -745,13 +760,26 @@ class ClientStore:
         ).fetchone()
         return row is not None
 
+    def _ours_above(self, peer_key: str, life: int, state: _Life) -> set[int]:
+        """The seqs of our messages in the life numbered after its last
+        entry that came (the only rows above it), read once and kept."""
+        if state.ours is None:
+            rows = self.db.execute(
+                "SELECT grp_seq FROM history WHERE peer_key=? AND grp_life=? AND grp_seq > ?"
+                " AND outgoing=1",
+                (peer_key, life, state.last),
+            ).fetchall()
+            state.ours = {int(seq) for (seq,) in rows}
+        return state.ours
+
     def _about_me(self, change: str | None, by: str, users: tuple[str, ...]) -> str | None:
         """Whether an entry makes us a member ("in") or ends it ("out")."""
+        if change is None:
+            return None
         me = name_key(self.username)
-        named = {name_key(u) for u in users}
-        if change in ("created", "added") and me in named:
+        if change in ("created", "added") and any(name_key(u) == me for u in users):
             return "in"
-        if (change == "removed" and me in named) or (
+        if (change == "removed" and any(name_key(u) == me for u in users)) or (
             change == "left" and name_key(users[0] if users else by) == me
         ):
             return "out"
@@ -760,16 +788,15 @@ class ClientStore:
     def _fits(self, peer_key: str, life: int, seq: int, change: str | None, by: str,
               users: tuple[str, ...]) -> bool:  # fmt: skip
         """Whether a group entry just come, numbered `seq`, can be of `life`."""
-        state = self._life(peer_key, life)
-        if state is None or not state[0]:
+        state = self._lives_of(peer_key).get(life)
+        if state is None or not state.received:
             return True  # nothing came of it yet: ours only, or nothing
-        _, last, _, exit_seq = state
         return not (
             change == "created"
-            or exit_seq is not None
+            or state.exit is not None
+            or seq <= state.last
             or self._about_me(change, by, users) == "in"
-            or seq <= last
-            or self._taken(peer_key, life, seq)
+            or seq in self._ours_above(peer_key, life, state)
         )
 
     def _arrival_life(self, peer_key: str, seq: int, change: str | None, by: str,
@@ -778,9 +805,10 @@ class ClientStore:
         after it. A latest life of our messages only (accepted in a group
         this client had no entry of yet: `_accept_life`) is looked through:
         the entry may be the rest of the life before it."""
-        latest = self._latest_life(peer_key)
-        state = self._life(peer_key, latest)
-        if state is not None and not state[0] and latest > 0:
+        lives = self._lives_of(peer_key)
+        latest = max(lives, default=0)
+        state = lives.get(latest)
+        if state is not None and not state.received and latest > 0:
             if self._fits(peer_key, latest - 1, seq, change, by, users):
                 return latest - 1
             return latest
@@ -791,23 +819,25 @@ class ClientStore:
     def _note_entry(self, peer_key: str, life: int, seq: int, change: str | None, by: str,
                     users: tuple[str, ...]) -> None:  # fmt: skip
         """An entry of `life` was stored: what the life now knows of us."""
-        self.db.execute(
-            "INSERT INTO group_lives VALUES (?, ?, 1, ?, NULL, NULL) ON CONFLICT (peer_key, life)"
-            " DO UPDATE SET received=1, last_received=MAX(last_received, excluded.last_received)",
-            (peer_key, life, seq),
-        )
+        lives = self._lives_of(peer_key)
+        state = lives.get(life)
+        if state is None:
+            state = lives[life] = _Life(True, seq, None, None)
+        state.received = True
+        if seq > state.last:
+            state.last = seq
+            if state.ours:
+                state.ours = {s for s in state.ours if s > seq}
         about = self._about_me(change, by, users)
         if about == "in":
-            self.db.execute(
-                "UPDATE group_lives SET joined_seq=COALESCE(joined_seq, ?), exit_seq=NULL"
-                " WHERE peer_key=? AND life=?",
-                (seq, peer_key, life),
-            )
+            state.joined = seq if state.joined is None else state.joined
+            state.exit = None
         elif about == "out":
-            self.db.execute(
-                "UPDATE group_lives SET exit_seq=? WHERE peer_key=? AND life=?",
-                (seq, peer_key, life),
-            )
+            state.exit = seq
+        self.db.execute(
+            "INSERT OR REPLACE INTO group_lives VALUES (?, ?, 1, ?, ?, ?)",
+            (peer_key, life, state.last, state.joined, state.exit),
+        )
 
     def _accept_life(self, peer_key: str, typed_in: int, seq: int) -> int:
         """The life our message, typed into life `typed_in`, was accepted
@@ -815,16 +845,19 @@ class ClientStore:
         joining and before our leaving it), else a new life of its own (the
         server has a group of the name this client got nothing of yet; the
         entries that come next may be of it: `_arrival_life`)."""
-        latest = self._latest_life(peer_key)
+        lives = self._lives_of(peer_key)
+        latest = max(lives, default=0)
         for life in range(latest, typed_in - 1, -1):
-            state = self._life(peer_key, life)
-            joined, exit_seq = (state[2], state[3]) if state is not None else (None, None)
+            state = lives.get(life)
             if (
-                not self._taken(peer_key, life, seq)
-                and (exit_seq is None or seq < exit_seq)
-                and (joined is None or seq > joined)
+                (state is None or state.exit is None or seq < state.exit)
+                and (state is None or state.joined is None or seq > state.joined)
+                and not self._taken(peer_key, life, seq)
             ):
+                if state is not None and state.ours is not None and seq > state.last:
+                    state.ours.add(seq)
                 return life
+        lives[latest + 1] = _Life(False, 0, None, None, {seq})
         self.db.execute(
             "INSERT OR IGNORE INTO group_lives VALUES (?, ?, 0, 0, NULL, NULL)",
             (peer_key, latest + 1),
@@ -847,6 +880,7 @@ class ClientStore:
             self._note_entry(str(peer_key), 0, int(seq), change, str(by or ""),
                              tuple(json.loads(users or "[]")))  # fmt: skip
         self.db.execute("COMMIT")
+        self._lives.clear()
 
     def _place_in_group(self, row_id: int, peer_key: str, seq: int) -> None:
         """Our row `row_id` was stored where it was typed; the server put it

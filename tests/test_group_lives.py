@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,18 @@ import pytest
 
 from client_core import GroupChanged, MessageReceived, StatusChanged
 from client_store import ClientStore, read_history
-from protocol import GroupAction, MsgId
+from protocol import GroupAction, MsgId, name_key
+from tests.clients import RecordingClient, close_all, wait_all
+from tests.conftest import RunningServer, ServerProcess
+from tests.redis_fixture import RedisServer, redis_server  # noqa: F401 (a fixture)
 from tests.test_client_core import Net
+from tests.test_cluster_groups_process import seen
+from tests.test_cluster_process import spawn_node  # noqa: F401 (a fixture)
 from tests.test_durability import ServerRunner
 from tests.test_groups_client import Member, add, login
 from tests.test_groups_terminal import Terminal
+from tests.test_gui import Gui, open_gui, press, pump, pump_until, type_text
+from tests.xvfb import display  # noqa: F401
 
 T0 = 1_700_000_000_000
 
@@ -405,3 +413,78 @@ def test_a_script_sees_one_rising_seq_across_a_kill_between_the_end_and_the_new_
     accepted = [e["seq"] for e in alice.events if e.get("state") == "accepted"]
     assert accepted == [2, 7], "her own messages' places: the rest of the one order"
     assert all("life" not in e for e in group_events(alice)), json.dumps(alice.events)
+
+
+def test_in_a_cluster_the_names_seqs_go_on_across_a_redis_kill(
+    redis_server: RedisServer,  # noqa: F811
+    spawn_node: Callable[..., ServerProcess],  # noqa: F811
+) -> None:
+    """Two nodes on a real redis-server: alice (node A) makes #team with bob
+    (node B); both leave, it ends; redis-server is SIGKILLed and started
+    again on its AOF; bob makes #team again from B. The new group's
+    CREATED goes on after the old one's last seq (the mark the script set
+    when it ended, `chat:gmark:`), at both members."""
+    a, b = spawn_node(redis_server.url, "A"), spawn_node(redis_server.url, "B")
+    alice, bob = RecordingClient("alice"), RecordingClient("bob")
+    members = [alice, bob]
+    try:
+        alice.login((a.host, a.port))
+        bob.login((b.host, b.port))
+        wait_all(members, lambda: all(x.logged_in for x in members), 20, "logins")
+        alice.session.group(GroupAction.CREATE, "team", ["bob"])
+        wait_all(members, lambda: all(seen(x) for x in members), 30, "#team at both")
+        bob.session.group(GroupAction.LEAVE, "team")
+        wait_all(members, lambda: len(seen(alice)) == 2, 30, "bob's leaving at alice")
+        alice.session.group(GroupAction.LEAVE, "team")
+        wait_all(members, lambda: len(seen(alice)) == 3, 30, "alice's: the end")
+        redis_server.kill()
+        redis_server.start()  # the same port and directory: its AOF is read back
+        bob.session.group(GroupAction.CREATE, "team", ["alice"])
+        wait_all(members, lambda: len(seen(alice)) == 4 and len(seen(bob)) == 3, 45,
+                 "the new #team at both")  # fmt: skip
+    finally:
+        close_all(members)
+    assert [e[:2] for e in seen(alice)] == [(1, "created"), (2, "left"), (3, "left"),
+                                            (4, "created")]  # fmt: skip
+    assert [e[:2] for e in seen(bob)] == [(1, "created"), (2, "left"), (4, "created")]
+
+
+# --- the window (Xvfb, a server in a thread) ----------------------------------------
+
+
+@pytest.fixture
+def gui(display: str, server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gui]:  # noqa: F811
+    yield from open_gui(server, monkeypatch)
+
+
+def test_the_window_puts_a_new_life_below_our_old_messages(gui: Gui) -> None:
+    """alice's window has #ord with her accepted message (seq 2); then the
+    entries of a group of the name made again reach it as an older server
+    numbered them, from 1 (handed to the window as the core hands them,
+    with their life): the new group's line and message go below hers, on
+    the screen as in the conversation's lines (before, the new CREATED went
+    above her message: seq 1 < 2)."""
+    bob = gui.session("bob")
+    alice = gui.window()
+    gui.login(alice, "alice")
+    bob.group(GroupAction.CREATE, "ord", ("alice",))
+    assert pump_until(gui.root, lambda: name_key("#ord") in alice.conversations)
+    alice.open_conversation("#ord")
+    assert pump_until(gui.root, lambda: "bob created the group" in alice.transcript_text())
+    type_text(alice.composer, "A old")
+    press(alice.composer, "Return")
+    conv = alice.current
+    assert conv is not None and conv.name == "#ord"
+    assert pump_until(gui.root, lambda: any(line.kind == "own" for line in conv.lines))
+    own = next(line for line in conv.lines if line.kind == "own")
+    assert pump_until(gui.root, lambda: own.seq > 0), "alice's message accepted"
+    assert (own.life, own.seq) == (0, 2)
+    now_ms = int(time.time() * 1000)
+    alice.handle_event(GroupChanged("ord", "created", "bob", ("bob", "alice", "carol"),
+                                    1 << 40, now_ms, 1, 1))  # fmt: skip
+    alice.handle_event(MessageReceived("bob", "B new", (1 << 40) + 1, now_ms, "ab-1", "ord", 2, 1))
+    pump(gui.root, 0.2)
+    texts = [line.text for line in conv.lines]
+    assert texts[-3:] == ["A old", "bob created the group with bob, alice, carol", "B new"], texts
+    shown = alice.transcript_text()
+    assert shown.index("A old") < shown.index("with bob, alice, carol") < shown.index("B new")
