@@ -100,6 +100,7 @@ from protocol import (
     Notice,
     Packet,
     PathChallenge,
+    Ping,
     Presence,
     Receipt,
     Receipts,
@@ -451,6 +452,28 @@ def _requests_only(chunks: list[Stream]) -> bool:
         f.stream == CONTROL_STREAM or (f.index == 0 and f.data[:1] == _GROUP_REQUEST_KIND)
         for f in chunks
     )
+
+
+_RECEIPT_KINDS = (bytes((Kind.RECEIPT,)), bytes((Kind.RECEIPTS,)))
+
+
+def _receipts_only(frames: tuple[Frame, ...]) -> bool:
+    """Whether a datagram's chunks are all receipts, whole (RECEIPT or
+    RECEIPTS, one chunk each), with no keepalive: the datagram the client
+    marks `lazy_ack` (client_core `_queue_receipts`), whose ack the server
+    may hold up to `reliability.RECEIPT_ACK_DELAY` for a datagram of its
+    own to carry it (issue 14: at a steady rate a member's receipt is
+    otherwise acked by a datagram of its own, a third per group copy)."""
+    found = False
+    for f in frames:
+        cls = f.__class__
+        if cls is Stream:
+            if f.count != 1 or f.data[:1] not in _RECEIPT_KINDS:  # type: ignore[union-attr]
+                return False
+            found = True
+        elif cls is Ping:
+            return False
+    return found
 
 
 #: `chunk_cost`: (messages, requests, bytes, any of a SEND).
@@ -1101,7 +1124,9 @@ class Relay:
             cost = chunk_cost(new)
             take = self._may_take(session, new, cost, now)
         taken_before = conn.chunks_taken
-        fresh = conn.receive_packet(packet, now, data=take)
+        fresh = conn.receive_packet(
+            packet, now, data=take, lazy_ack=bool(new) and _receipts_only(packet.frames)
+        )
         if take and new:
             # The budgets pay for the chunks the connection took, after the
             # fact: one it refused (a receive cap) or a replayed datagram

@@ -1639,10 +1639,15 @@ class ClientCore:
         return format_address(*self.server) if self.server is not None else None
 
     def _send_message(
-        self, message: Message, stream: int = CONTROL_STREAM, handle: object = None
+        self,
+        message: Message,
+        stream: int = CONTROL_STREAM,
+        handle: object = None,
+        *,
+        lazy_ack: bool = False,
     ) -> None:
         if self.conn is not None:
-            self.conn.send(encode_message(message), stream, handle)
+            self.conn.send(encode_message(message), stream, handle, lazy_ack=lazy_ack)
 
     # --- datagrams -----------------------------------------------------------
 
@@ -1917,7 +1922,12 @@ class ClientCore:
         self.store.commit()
         receipts, self.receipts = self.receipts, []
         for part in batches(receipts):
-            self._send_message(Receipt(part[0]) if len(part) == 1 else Receipts(tuple(part)))
+            # The server acks a datagram of receipts alone with its next
+            # datagram to us, or within reliability.RECEIPT_ACK_DELAY: no
+            # ack of its own for each (issue 14; the connection's timers
+            # for them wait that much longer, so the wait is not a loss).
+            message = Receipt(part[0]) if len(part) == 1 else Receipts(tuple(part))
+            self._send_message(message, lazy_ack=True)
 
     def _collect(self, now: float) -> None:
         conn = self.conn

@@ -74,6 +74,24 @@ RTO_MIN = 0.2  # KCP's 100 ms doubled: loopback tests pass 0.05
 RTO_MAX = 60.0  # RFC 6298 (2.5) allows a cap of at least 60 s
 TIMER_GRANULARITY = 0.001  # RFC 9002 kGranularity
 MAX_ACK_DELAY = 0.025  # RFC 9000 13.2.1 default max_ack_delay
+# A datagram whose chunks are all receipts (the sender marks them: `send(...,
+# lazy_ack=True)`; the server knows them by their kind) needs no ack of its
+# own at once: its peer's next datagram carries the ack (the next group copy
+# or direct message, 100 ms later at a steady 10 msg/s), or it goes alone
+# after this long. The server promises it (chat_server._receipts_only), and
+# the sender's PTO for such a datagram counts it in place of MAX_ACK_DELAY
+# (as RFC 9002 6.2.1 counts max_ack_delay), and takes an ack delay up to it
+# off its RTT sample. It is draft-ietf-quic-ack-frequency's "Requested Max
+# Ack Delay" fixed for one kind of datagram instead of negotiated per
+# connection: that draft lets a sender ask its peer to delay acks longer
+# than max_ack_delay and says the sender "MUST use" the delay it asked for
+# in its PTO. Over the 100 ms of the steady rate (with room for a late
+# sender or pass); under RTO_MIN less a LAN round trip, so that a client
+# of before this change, whose PTO does not count it, still gets the ack
+# before its RTO floor runs out on paths under ~50 ms of round trip. What
+# it costs: a receipt lost with nothing after it to show the gap is sent
+# again 125 ms later than before (docs/RELIABILITY.md).
+RECEIPT_ACK_DELAY = 0.15
 ACK_EVERY = 2  # RFC 9000 13.2.2: ack every second ack-eliciting packet
 PACKET_THRESHOLD = 3  # RFC 9002 kPacketThreshold
 TIME_THRESHOLD = 9 / 8  # RFC 9002 kTimeThreshold
@@ -231,9 +249,13 @@ class _Chunk:
     of it (first or again) puts the same bytes in a datagram, and no
     `Stream` record is built on the sending side."""
 
-    __slots__ = ("seq", "wire", "size", "handle", "last", "pkt_num", "sent_at", "lost")
+    __slots__ = (
+        "seq", "wire", "size", "handle", "last", "pkt_num", "sent_at", "lost", "lazy", "late",
+    )  # fmt: skip
 
-    def __init__(self, seq: int, wire: bytes, size: int, handle: object, last: bool) -> None:
+    def __init__(
+        self, seq: int, wire: bytes, size: int, handle: object, last: bool, lazy: bool = False
+    ) -> None:
         self.seq = seq
         self.wire = wire  # the STREAM frame's bytes (`protocol.stream_frame`)
         self.size = size  # of its payload piece
@@ -242,6 +264,8 @@ class _Chunk:
         self.pkt_num = -1
         self.sent_at = 0.0
         self.lost = False
+        self.lazy = lazy  # a receipt: a datagram of nothing else may be acked late
+        self.late = False  # its last send was in such a datagram (RECEIPT_ACK_DELAY)
 
 
 class Connection:
@@ -270,6 +294,7 @@ class Connection:
         "_recovery_pkt",
         "_largest_acked",
         "_sent_times",
+        "_late_pkts",
         "_srtt",
         "_rttvar",
         "_latest_rtt",
@@ -341,6 +366,9 @@ class Connection:
         self._recovery_pkt = 0
         self._largest_acked = 0
         self._sent_times: dict[int, float] = {}
+        # Of `_sent_times`, the datagrams of receipts alone (acked up to
+        # RECEIPT_ACK_DELAY late); None while there are none (most sessions).
+        self._late_pkts: set[int] | None = None
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._latest_rtt = 0.0
@@ -375,9 +403,14 @@ class Connection:
 
     # --- the owner's API --------------------------------------------------
 
-    def send(self, payload: bytes, stream: int = 0, handle: object = None) -> None:
+    def send(
+        self, payload: bytes, stream: int = 0, handle: object = None, *, lazy_ack: bool = False
+    ) -> None:
         """Queue a payload for reliable, in-order delivery on `stream`. When
-        the peer holds all of it, `PayloadAcked(handle)` comes out (if given)."""
+        the peer holds all of it, `PayloadAcked(handle)` comes out (if given).
+        `lazy_ack`: the payload is a receipt (one chunk), which the peer may
+        ack up to RECEIPT_ACK_DELAY late when a datagram carries nothing
+        else: its retransmission timer waits that much longer."""
         size = len(payload)
         if size > MAX_TEXT_BYTES + 1024:
             raise LocalProtocolError(f"payload of {size} bytes is too long")
@@ -393,7 +426,7 @@ class Connection:
             self._unacked_bytes += size
             self._stream_seqs[stream] = (stream_seq + 1) & 0xFFFFFFFF
             self._next_seq = seq + 1
-            chunk = _Chunk(seq, head + payload, size, handle, True)
+            chunk = _Chunk(seq, head + payload, size, handle, True, lazy_ack)
             inflight = self._inflight
             if self._waiting is None and (
                 not inflight or seq < next(iter(inflight)) + self.max_window
@@ -538,14 +571,20 @@ class Connection:
             return False
         return self.receive_packet(packet, now)
 
-    def receive_packet(self, packet: Packet, now: float, *, data: bool = True) -> bool:
+    def receive_packet(
+        self, packet: Packet, now: float, *, data: bool = True, lazy_ack: bool = False
+    ) -> bool:
         """Like `receive_datagram` for a packet already decoded and verified.
         With `data=False` the owner withholds the packet's chunks (it is over
         a limit): they are neither recorded nor acked, so the peer resends
         them later, but everything else is taken. Its ACKs above all: a peer
         whose input waits for our output to drain must still be able to drain
         it. No ack is sent for such a packet (acks ride on our next datagram),
-        so a withheld peer's retransmissions follow our sends, not a loop."""
+        so a withheld peer's retransmissions follow our sends, not a loop.
+        With `lazy_ack` (the owner found its chunks all receipts) the ack may
+        wait RECEIPT_ACK_DELAY for a datagram of ours to ride on, not
+        MAX_ACK_DELAY; a chunk out of order or a second ack-eliciting
+        datagram still has it sent at once."""
         pkt = packet.pkt_num
         self._now = now
         # `_replay_check` and `_replay_mark`, in line (every datagram).
@@ -635,7 +674,7 @@ class Connection:
             if out_of_order or self._ack_count >= ACK_EVERY or not chunks:
                 self._ack_due = now
             elif self._ack_due is None:
-                self._ack_due = now + MAX_ACK_DELAY
+                self._ack_due = now + (RECEIPT_ACK_DELAY if lazy_ack else MAX_ACK_DELAY)
         return True
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
@@ -707,6 +746,7 @@ class Connection:
             pkt = self.next_pkt
             self.next_pkt = pkt + 1
             first = at
+            lazy = True  # every chunk packed a receipt (the peer may ack it late)
             while at < queued and budget > 0:
                 chunk = queue[at]
                 wire = chunk.wire
@@ -722,10 +762,21 @@ class Connection:
                 chunk.pkt_num = pkt  # (marked sent as it is packed: one pass)
                 chunk.sent_at = now
                 chunk.lost = False
+                chunk.late = False
+                if not chunk.lazy:
+                    lazy = False
                 at += 1
             carried = at - first
             if carried:
                 budget -= 1
+                if lazy:
+                    # Receipts alone: the peer acks them with its next
+                    # datagram or within RECEIPT_ACK_DELAY (see there).
+                    for chunk in queue[first:at]:
+                        chunk.late = True
+                    if self._late_pkts is None:
+                        self._late_pkts = set()
+                    self._late_pkts.add(pkt)
             elif self._ping:
                 parts.append(_PING)
             if carried or self._ping:  # ack-eliciting: an RTT sample when acked
@@ -751,19 +802,27 @@ class Connection:
         timer = self._ack_due
         if not inflight and not self._waiting and not self._partial:
             return timer  # nothing of ours on its way: the delayed ack, if any
-        # One pass for `_oldest_outstanding` and whether any chunk is due
-        # (this is asked after every datagram either way).
-        oldest_sent = None
+        # One pass for the oldest chunk outstanding (and the oldest of those
+        # sent in datagrams of receipts alone, which have a later timer) and
+        # whether any chunk is due (this is asked after every datagram).
+        oldest_sent = oldest_late = None
         due = outstanding = False
         for c in inflight.values():
             if c.lost:
                 due = True
             else:
                 outstanding = True
-                if oldest_sent is None or c.sent_at < oldest_sent:
+                if c.late:  # acked up to RECEIPT_ACK_DELAY late: a timer of its own
+                    if oldest_late is None or c.sent_at < oldest_late:
+                        oldest_late = c.sent_at
+                elif oldest_sent is None or c.sent_at < oldest_sent:
                     oldest_sent = c.sent_at
         if oldest_sent is not None:
             deadline = oldest_sent + self._backed_off_rto()
+            if timer is None or deadline < timer:
+                timer = deadline
+        if oldest_late is not None:
+            deadline = oldest_late + self._backed_off_rto(late=True)
             if timer is None or deadline < timer:
                 timer = deadline
         if due or self._waiting:
@@ -791,14 +850,17 @@ class Connection:
     def handle_timer(self, now: float) -> None:
         if self._partial:
             self._expire_partials(now)
-        oldest = self._oldest_outstanding()
         rto = self._backed_off_rto()
-        if oldest is not None and oldest.sent_at + rto <= now:
+        late_rto = self._backed_off_rto(late=True)
+        if any(
+            not c.lost and c.sent_at + (late_rto if c.late else rto) <= now
+            for c in self._inflight.values()
+        ):
             # Retransmission timeout: everything sent that long ago is lost.
             # (The same sum as the timer's: `now - rto` can round below the
             # oldest's send time and then nothing would ever be resent.)
             for chunk in self._inflight.values():
-                if not chunk.lost and chunk.sent_at + rto <= now:
+                if not chunk.lost and chunk.sent_at + (late_rto if chunk.late else rto) <= now:
                     chunk.lost = True
             self._backoff += 1
             self._cwnd = max(MIN_CWND, self._cwnd / 2)
@@ -1109,17 +1171,21 @@ class Connection:
     def _ack_is_due(self, now: float) -> bool:
         return self._ack_due is not None and self._ack_due <= now
 
-    def _oldest_outstanding(self) -> _Chunk | None:
-        oldest = None
-        for chunk in self._inflight.values():
-            if not chunk.lost and (oldest is None or chunk.sent_at < oldest.sent_at):
-                oldest = chunk
-        return oldest
-
-    def _backed_off_rto(self) -> float:
+    def _backed_off_rto(self, late: bool = False) -> float:
+        """The RTO with the backoff; `late`: for chunks of a datagram of
+        receipts alone, which the peer may ack RECEIPT_ACK_DELAY late instead
+        of MAX_ACK_DELAY: the difference added (RFC 9002 6.2.1 counts the
+        peer's max_ack_delay in the PTO), on top of the floor, so that such
+        an ack has the same slack as any other (a pass of the peer's loop
+        that comes late, a test's clock that moves in steps)."""
+        rto = self.rto
+        if late:
+            rto += RECEIPT_ACK_DELAY - MAX_ACK_DELAY
+            if rto > self.rto_max:
+                rto = self.rto_max
         if not self._backoff:
-            return self.rto  # (never above rto_max)
-        return min(self.rto_max, self.rto * float(2 ** min(self._backoff, 30)))
+            return rto  # (never above rto_max)
+        return min(self.rto_max, rto * float(2 ** min(self._backoff, 30)))
 
     def _on_ack(self, ack: Ack, now: float) -> None:
         progressed = False
@@ -1131,8 +1197,14 @@ class Connection:
             self._largest_acked = newest
             if sent is not None:
                 delay = ack.delay_us / 1e6
-                if delay > MAX_ACK_DELAY:
-                    delay = MAX_ACK_DELAY
+                # The peer may hold the ack of receipts alone longer: up to
+                # what it promised for that datagram (RFC 9002 5.3).
+                cap = MAX_ACK_DELAY
+                late = self._late_pkts
+                if late is not None and newest in late:
+                    cap = RECEIPT_ACK_DELAY
+                if delay > cap:
+                    delay = cap
                 sample = now - sent
                 if sample - delay >= 0.0001:
                     sample -= delay
@@ -1142,8 +1214,15 @@ class Connection:
                     del sent_times[pkt]
                 if not sent_times:
                     self._sent_times = {}  # a dict keeps its table when emptied: free it
-            elif sent_times:
-                self._sent_times = {}  # it covers every packet sent (a lone message's ack)
+                late = self._late_pkts
+                if late is not None:
+                    late.difference_update([p for p in late if p <= newest])
+                    if not late:
+                        self._late_pkts = None
+            else:
+                if sent_times:
+                    self._sent_times = {}  # it covers every packet sent (a lone message's ack)
+                self._late_pkts = None
         inflight = self._inflight
         acked_pkts = 0  # datagrams newly acked, for the congestion window
         if inflight:

@@ -30,6 +30,7 @@ from protocol import (
     Packet,
     Presence,
     Receipt,
+    Receipts,
     Send,
     Stream,
     Typing,
@@ -74,7 +75,10 @@ class Client:
     messages: list[Message] = field(default_factory=list)
 
     def send(self, message: Message, stream: int = CONTROL_STREAM) -> None:
-        self.conn.send(encode_message(message), stream)
+        # Receipts as the chat client sends them (`ClientCore._queue_receipts`):
+        # the server may ack a datagram of them alone late (RECEIPT_ACK_DELAY).
+        lazy = isinstance(message, Receipt | Receipts)
+        self.conn.send(encode_message(message), stream, lazy_ack=lazy)
 
     def of(self, kind: type) -> list[Any]:
         return [m for m in self.messages if isinstance(m, kind)]
