@@ -58,15 +58,26 @@ from bench.loadgen import (
     Addr,
     Handshake,
     SaltCache,
+    TrafficSpec,
     cpu_seconds,
     drive_logins,
     make_text,
     new_socket,
+    run_traffic,
+    send_receipts,
     text_stamp,
     wait_until,
 )
 from bench.metrics_scrape import free_tcp_port
-from bench.run import START_DELAY, Options, percentile, start_server, traffic_phase, workers
+from bench.run import (
+    START_DELAY,
+    Options,
+    percentile,
+    split,
+    start_server,
+    traffic_phase,
+    workers,
+)
 from client_core import GroupReceipts
 from protocol import (
     GROUP_REQUEST_USERS_MAX,
@@ -80,10 +91,7 @@ from protocol import (
     GroupResult,
     Message,
     MsgId,
-    Receipt,
-    Receipts,
     Send,
-    batches,
     conversation_stream,
     decode_header,
     decode_message,
@@ -131,6 +139,10 @@ COUNTERS = {
     "commits": "chat_store_commit_seconds_count",
 }
 TARGET_P99_MS = 200.0
+#: The steady phase's reference (`direct_steady_phase`): this many pairs, each
+#: a direct message at the steady rate, about as many messages a second as
+#: the copies into 100 members.
+DIRECT_PAIRS = 100
 
 
 class Session:
@@ -155,9 +167,7 @@ class Session:
             self.receipts.extend(held.take())
         if self.receipts:
             receipts, self.receipts = self.receipts, []
-            for part in batches(receipts):
-                message = Receipt(part[0]) if len(part) == 1 else Receipts(tuple(part))
-                self.conn.send(encode_message(message))
+            send_receipts(self.conn, receipts)
         if self.timer is not None and self.timer <= now:
             self.conn.handle_timer(now)
         for datagram in self.conn.datagrams_to_send(now):
@@ -580,18 +590,67 @@ def direct_phase(duration: float, load_workers: int, tmp: Path) -> dict[str, Any
     return traffic_phase("server", 4, duration, 64, opts, tmp)
 
 
+def direct_steady_phase(pairs: int, rate: float, duration: float, load_workers: int,
+                        tmp: Path) -> dict[str, Any]:  # fmt: skip
+    """The fair reference for a copy at a steady rate: a direct message at
+    the same rate per recipient. `pairs` senders each write `rate` msg/s to
+    a receiver of their own (loadgen's, which receipt at once, as the chat
+    client does a direct message), on a server with the group phases' flags
+    (TIMERS, --metrics); server CPU and datagrams in and out per message
+    over the sending time, as for a copy."""
+    port = free_tcp_port()
+    server = start_server(tmp, f"direct-{pairs}-{rate:g}",
+                          extra=[*TIMERS, "--metrics", f"127.0.0.1:{port}"])  # fmt: skip
+    try:
+        names = [f"d{i}" for i in range(pairs)]
+        specs = [TrafficSpec(server.address, [(f"s{n}", f"r{n}") for n in group],
+                             [f"r{n}" for n in group], rate=rate, drain_timeout=30.0)
+                 for group in split(names, load_workers)]  # fmt: skip
+        with workers(run_traffic, specs) as load:
+            load.gather("ready", 600)
+            before = counters(port)
+            cpu0 = server.cpu()
+            t0 = time.monotonic() + START_DELAY
+            load.tell("start", t0, t0 + duration)
+            results = load.gather("done", duration + 120)
+            time.sleep(0.2)  # the last receipts' acks (as the group phases)
+            cpu1 = server.cpu()
+            after = counters(port)
+    finally:
+        server.stop()
+    senders = [x for r in results for x in r["senders"]]
+    receivers = [x for r in results for x in r["receivers"]]
+    completed = sum(x["completed"] for x in senders)
+    return {
+        "pairs": pairs, "rate": rate, "duration_s": duration,
+        "sent": sum(x["sent"] for x in senders), "completed": completed,
+        "received": sum(x["received"] for x in receivers),
+        "duplicates": sum(x["duplicates"] for x in receivers),
+        "server_cpu_s": cpu1 - cpu0,
+        "cpu_us_per_msg": (cpu1 - cpu0) / max(1, completed) * 1e6,
+        **{f"{key}_per_msg": (after[key] - before[key]) / max(1, completed) for key in COUNTERS},
+    }  # fmt: skip
+
+
 def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
         load_workers: int, say: Any, profile: Path | None = None,
-        window: int | None = None, fanout_rate: str = FANOUT_RATE) -> dict[str, Any]:  # fmt: skip
+        window: int | None = None, fanout_rate: str = FANOUT_RATE,
+        direct_pairs: int = DIRECT_PAIRS, modes: str = "both") -> dict[str, Any]:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="udp-chat-fanout-"))
     out: dict[str, Any] = {"phases": []}
+    rates = {"both": (None, steady_rate), "flat": (None,), "steady": (steady_rate,)}[modes]
     try:
         say(f"fanout: direct messages for comparison, 4 pairs, {duration:g} s")
         direct = direct_phase(duration, load_workers, tmp)
         out["direct_cpu_us_per_msg"] = direct["cpu_us_per_msg"]
         out["direct_msgs_per_s"] = direct["msgs_per_s"]
+        if steady_rate in rates:
+            say(f"fanout: direct messages at the steady rate for comparison, {direct_pairs} "
+                f"pairs at {steady_rate:g} msg/s each, {duration:g} s")  # fmt: skip
+            out["direct_steady"] = direct_steady_phase(direct_pairs, steady_rate, duration,
+                                                       load_workers, tmp)  # fmt: skip
         for size in sizes:
-            for rate in (None, steady_rate):
+            for rate in rates:
                 mode = "flat out" if rate is None else f"{rate:g} msg/s"
                 say(f"fanout: a group of {size}, {mode}, {duration:g} s")
                 out_file = None
@@ -604,6 +663,10 @@ def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
                 phase["copy_to_direct_cpu"] = phase["cpu_us_per_copy"] / max(
                     1e-9, out["direct_cpu_us_per_msg"]
                 )
+                if rate is not None:  # and next to a direct message at the same rate
+                    phase["copy_to_direct_steady_cpu"] = phase["cpu_us_per_copy"] / max(
+                        1e-9, out["direct_steady"]["cpu_us_per_msg"]
+                    )
                 out["phases"].append(phase)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -640,6 +703,21 @@ def table(figures: dict[str, Any]) -> str:
     lines.append(f"direct message: {figures['direct_cpu_us_per_msg']:.1f} us CPU/msg "
                  f"({figures['direct_msgs_per_s']:,.0f} msg/s, 4 pairs); targets: a copy <= "
                  f"1/3 of it, p99 <= {TARGET_P99_MS:.0f} ms at 10 msg/s into 1,000")  # fmt: skip
+    steady = figures.get("direct_steady")
+    if steady is not None:
+        lines.append(
+            f"direct message at {steady['rate']:g} msg/s per recipient ({steady['pairs']} "
+            f"pairs): {steady['cpu_us_per_msg']:.1f} us CPU/msg, "
+            f"{steady['datagrams_in_per_msg']:.3f} datagrams in, "
+            f"{steady['datagrams_out_per_msg']:.3f} out per message "
+            f"({steady['completed']} of {steady['sent']} completed)"
+        )
+        for p in figures["phases"]:
+            if p["rate"] is not None:
+                lines.append(f"{p['members']:,} members, {mode_label(p)}: a copy is "
+                             f"{p['copy_to_direct_steady_cpu']:.2f}x a direct message at the "
+                             f"same rate, {p['copy_to_direct_cpu']:.2f}x one flat out "
+                             f"(target <= {TARGET_COPY_RATIO:.2f}x)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -666,6 +744,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fanout-rate", default=FANOUT_RATE, metavar="COPIES",
                         help=f"the server's --max-fanout-rate (default {FANOUT_RATE}: out of "
                              f"the way; the server's own default is 10000)")  # fmt: skip
+    parser.add_argument("--direct-pairs", type=int, metavar="N",
+                        help=f"the steady phase's reference: N pairs, each a direct message "
+                             f"at --rate (default {DIRECT_PAIRS}; --quick 2)")  # fmt: skip
+    parser.add_argument(
+        "--modes",
+        choices=("both", "flat", "steady"),
+        default="both",
+        help="the group phases to run: flat out, at --rate, or both (default)",
+    )
     parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run each phase's server under cProfile, stats into DIR "
@@ -679,8 +766,9 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
+    direct_pairs = args.direct_pairs or (2 if args.quick else DIRECT_PAIRS)
     figures = run(args.quick, sizes, duration, args.rate, max(1, args.workers), say, args.profile,
-                  args.window, args.fanout_rate)  # fmt: skip
+                  args.window, args.fanout_rate, direct_pairs, args.modes)  # fmt: skip
     if args.json:
         print(json.dumps(figures))
     else:
