@@ -81,16 +81,18 @@ MAX_ACK_DELAY = 0.025  # RFC 9000 13.2.1 default max_ack_delay
 # after this long. The server promises it (chat_server._receipts_only), and
 # the sender's PTO for such a datagram counts it in place of MAX_ACK_DELAY
 # (as RFC 9002 6.2.1 counts max_ack_delay), and takes an ack delay up to it
-# off its RTT sample. It is draft-ietf-quic-ack-frequency's "Requested Max
-# Ack Delay" fixed for one kind of datagram instead of negotiated per
-# connection: that draft lets a sender ask its peer to delay acks longer
-# than max_ack_delay and says the sender "MUST use" the delay it asked for
-# in its PTO. Over the 100 ms of the steady rate (with room for a late
-# sender or pass); under RTO_MIN less a LAN round trip, so that a client
-# of before this change, whose PTO does not count it, still gets the ack
-# before its RTO floor runs out on paths under ~50 ms of round trip. What
-# it costs: a receipt lost with nothing after it to show the gap is sent
-# again 125 ms later than before (docs/RELIABILITY.md).
+# off its RTT sample. The precedent is draft-ietf-quic-ack-frequency: a
+# sender's ACK_FREQUENCY frame asks its peer to hold acks up to a "Requested
+# Max Ack Delay" longer than max_ack_delay, and the sender then counts that
+# delay in its PTO ("Computation of Probe Timeout Period"); here the delay
+# is fixed, and applies to one kind of datagram, so nothing is negotiated
+# and the bytes on the wire do not change. Over the 100 ms of the steady
+# rate (with room for a late sender or pass); under RTO_MIN less a LAN
+# round trip, so that a client of before this change, whose PTO does not
+# count it, still gets the ack before its RTO floor runs out on paths under
+# ~50 ms of round trip. What it costs: a receipt lost with nothing after it
+# to show the gap is sent again 125 ms later than before
+# (docs/RELIABILITY.md).
 RECEIPT_ACK_DELAY = 0.15
 ACK_EVERY = 2  # RFC 9000 13.2.2: ack every second ack-eliciting packet
 PACKET_THRESHOLD = 3  # RFC 9002 kPacketThreshold
