@@ -533,12 +533,12 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
             with workers(run_sender, [sender_spec]) as sender:
                 sender.gather("ready", 600)
                 before = counters(port)
-                cpu0 = server.cpu()
+                cpu0, split0 = server.cpu(), server.threads_cpu()
                 t0 = time.monotonic() + START_DELAY
                 sender.tell("start", t0, t0 + duration)
                 (sent,) = sender.gather("done", duration + drain + 90)
                 time.sleep(0.2)  # the last receipts' acks
-                cpu1 = server.cpu()
+                cpu1, split1 = server.cpu(), server.threads_cpu()
                 after = counters(port)
                 members.tell("stop")
                 results = members.gather("done", 120)
@@ -573,6 +573,9 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
         "byes": sum(r["byes"] for r in results),
         "elapsed_s": elapsed, "copies_per_s": received / elapsed,
         "server_cpu_s": cpu1 - cpu0, "cpu_us_per_copy": (cpu1 - cpu0) / max(1, received) * 1e6,
+        # The socket loop's share and the other threads' (the store's commits).
+        "loop_cpu_us_per_copy": (split1[0] - split0[0]) / max(1, received) * 1e6,
+        "other_threads_cpu_us_per_copy": (split1[1] - split0[1]) / max(1, received) * 1e6,
         **{f"{key}_per_copy": (after[key] - before[key]) / max(1, received) for key in COUNTERS},
         "commits_per_message": (after["commits"] - before["commits"]) / max(1, sent["sent"]),
         "load_cpu_s": load_cpu, "load_processes": len(results) + 1,
@@ -609,12 +612,12 @@ def direct_steady_phase(pairs: int, rate: float, duration: float, load_workers: 
         with workers(run_traffic, specs) as load:
             load.gather("ready", 600)
             before = counters(port)
-            cpu0 = server.cpu()
+            cpu0, split0 = server.cpu(), server.threads_cpu()
             t0 = time.monotonic() + START_DELAY
             load.tell("start", t0, t0 + duration)
             results = load.gather("done", duration + 120)
             time.sleep(0.2)  # the last receipts' acks (as the group phases)
-            cpu1 = server.cpu()
+            cpu1, split1 = server.cpu(), server.threads_cpu()
             after = counters(port)
     finally:
         server.stop()
@@ -628,6 +631,8 @@ def direct_steady_phase(pairs: int, rate: float, duration: float, load_workers: 
         "duplicates": sum(x["duplicates"] for x in receivers),
         "server_cpu_s": cpu1 - cpu0,
         "cpu_us_per_msg": (cpu1 - cpu0) / max(1, completed) * 1e6,
+        "loop_cpu_us_per_msg": (split1[0] - split0[0]) / max(1, completed) * 1e6,
+        "other_threads_cpu_us_per_msg": (split1[1] - split0[1]) / max(1, completed) * 1e6,
         **{f"{key}_per_msg": (after[key] - before[key]) / max(1, completed) for key in COUNTERS},
     }  # fmt: skip
 
@@ -709,7 +714,10 @@ def table(figures: dict[str, Any]) -> str:
             f"direct message at {steady['rate']:g} msg/s per recipient ({steady['pairs']} "
             f"pairs): {steady['cpu_us_per_msg']:.1f} us CPU/msg, "
             f"{steady['datagrams_in_per_msg']:.3f} datagrams in, "
-            f"{steady['datagrams_out_per_msg']:.3f} out per message "
+            f"{steady['datagrams_out_per_msg']:.3f} out per message, "
+            f"{steady['commits_per_msg']:.3f} commits; loop / other threads "
+            f"{steady['loop_cpu_us_per_msg']:.1f} / "
+            f"{steady['other_threads_cpu_us_per_msg']:.1f} us "
             f"({steady['completed']} of {steady['sent']} completed)"
         )
         for p in figures["phases"]:
@@ -717,7 +725,9 @@ def table(figures: dict[str, Any]) -> str:
                 lines.append(f"{p['members']:,} members, {mode_label(p)}: a copy is "
                              f"{p['copy_to_direct_steady_cpu']:.2f}x a direct message at the "
                              f"same rate, {p['copy_to_direct_cpu']:.2f}x one flat out "
-                             f"(target <= {TARGET_COPY_RATIO:.2f}x)")  # fmt: skip
+                             f"(target <= {TARGET_COPY_RATIO:.2f}x); loop / other threads "
+                             f"{p.get('loop_cpu_us_per_copy', 0):.1f} / "
+                             f"{p.get('other_threads_cpu_us_per_copy', 0):.1f} us")  # fmt: skip
     return "\n".join(lines)
 
 
