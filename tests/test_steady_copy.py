@@ -57,13 +57,14 @@ from reliability import (
     Connection,
     PayloadReceived,
 )
-from server_store import MemoryStore
+from server_store import LAZY_HOLD, GroupReceipt, MemoryStore, ServerStore, Sync
 from tests.clients import RecordingClient, close_all, wait_all
 from tests.conftest import ServerProcess, spawn_server, stop_process
 from tests.lossy_proxy import DOWN, LossyProxy
 from tests.test_client_core import Net
 from tests.test_groups_cost import group_of
 from tests.test_groups_relay import GroupWorld
+from tests.test_ordinary_load import FakeClock, wait_for_store
 
 SID = bytes(range(16))
 KEY = b"k" * 32
@@ -319,6 +320,38 @@ def test_at_a_steady_rate_no_ack_goes_alone_to_a_member_but_the_last() -> None:
         assert sent_to[member.name].count(True) == 10, sent_to[member.name]
         assert sent_to[member.name].count(False) == 1, sent_to[member.name]
         assert member.conn.unacked == 0 and member.conn.chunks_resent == 0
+
+
+def test_a_members_cursor_move_rides_on_the_next_commit_or_goes_after_the_hold(
+    tmp_path: Path,
+) -> None:
+    """The members' receipts of one message come over several passes; each
+    pass's cursor moves (GroupReceipt) committed alone (4.5 commits per
+    message into 100 members at 10 msg/s). Nothing waits for them and a
+    lost one only hands entries again, which the client dedups: they are
+    lazy writes now, riding on the next commit or going after LAZY_HOLD."""
+    clock = FakeClock()
+    store = ServerStore(tmp_path / "data", clock=clock)
+    store.load()
+    store.start()
+    try:
+        store.submit(GroupReceipt("team", "bob", 3))
+        store.flush()
+        store.submit(GroupReceipt("team", "carol", 3))
+        store.flush()
+        assert store.handed == 0  # held: nothing waits for them
+        clock.now += LAZY_HOLD + 0.001
+        store.flush()
+        assert store.handed == 2  # both, in one batch
+        wait_for_store(store)
+        assert store.commits == 1
+        # A write something waits for takes the held ones along, in order.
+        store.submit(GroupReceipt("team", "bob", 4))
+        store.submit(Sync(), lambda: None)
+        store.flush()
+        assert store.handed == 4
+    finally:
+        store.close()
 
 
 # --- the chat client ---------------------------------------------------------------------
