@@ -484,7 +484,8 @@ def test_a_group_at_a_steady_rate_through_loss_gets_everything_once_and_few_lone
         assert [e.text for e in member.received if e.group == "team"] == want, member.name
     # Without loss: 20 copies to each of three members (60 datagrams with
     # data, some with alice's accepts and "delivered"s besides) and, the
-    # code before, about one ack alone per copy; now a handful at most
-    # (the last copies', a sender late by more than the wait).
+    # code before, about one ack alone per copy (60); now a few (the last
+    # copies', keepalives', a pass or a sender late by more than the wait
+    # on a loaded machine: 3-19 seen at load averages 5-31).
     assert quiet["data"] >= 60, quiet
-    assert quiet["acks"] <= 15, quiet
+    assert quiet["acks"] <= 30, quiet
