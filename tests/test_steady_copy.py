@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 import chat_server
-from client_core import MessageReceived
+from client_core import MessageReceived, StatusChanged
 from protocol import (
     FRAME_HEADER,
     HEADER,
@@ -62,6 +62,7 @@ from tests.clients import RecordingClient, close_all, wait_all
 from tests.conftest import ServerProcess, spawn_server, stop_process
 from tests.lossy_proxy import DOWN, LossyProxy
 from tests.test_client_core import Net
+from tests.test_durability import ServerRunner
 from tests.test_groups_cost import group_of
 from tests.test_groups_relay import GroupWorld
 from tests.test_ordinary_load import FakeClock, wait_for_store
@@ -489,3 +490,44 @@ def test_a_group_at_a_steady_rate_through_loss_gets_everything_once_and_few_lone
     # on a loaded machine: 3-19 seen at load averages 5-31).
     assert quiet["data"] >= 60, quiet
     assert quiet["acks"] <= 30, quiet
+
+
+def test_cursor_moves_lost_in_a_kill_are_handed_again_and_shown_once(tmp_path: Path) -> None:
+    """The members' cursor moves are lazy writes: alice posts ten messages,
+    and the server is SIGKILLed the moment she has heard `delivered` from
+    both members for all of them (the last moves still held). Started again
+    on its data, it hands bob and carol what their cursors on the disk do
+    not cover; their clients show each message once, alice hears each
+    member's `delivered` once per message, and the group goes on."""
+    runner = ServerRunner(tmp_path / "server-data")
+    runner.start()
+    clients = {n: RecordingClient(n) for n in ("alice", "bob", "carol")}
+    everyone = list(clients.values())
+    alice, bob, carol = everyone
+    try:
+        for client in everyone:
+            client.login(runner.address)
+        wait_all(everyone, lambda: all(c.logged_in for c in everyone), 60, "logins")
+        alice.session.group(GroupAction.CREATE, "team", ["bob", "carol"])
+        wait_all(everyone, lambda: all(any(getattr(e, "group", None) == "team"
+                                           for e in c.events) for c in (bob, carol)),
+                 30, "#team at every member")  # fmt: skip
+        sent = [alice.send(f"before {n}", "#team") for n in range(10)]
+        wait_all(everyone, lambda: all(alice.states.get(i, []).count("delivered") >= 2
+                                       for i in sent), 30, "delivered by both")  # fmt: skip
+        runner.restart()  # the clients log in again by themselves
+        sent.append(alice.send("after", "#team"))
+        wait_all(everyone, lambda: alice.states.get(sent[-1], []).count("delivered") >= 2, 60,
+                 "the message after the restart delivered")  # fmt: skip
+        time.sleep(0.5)  # room for a late duplicate to show
+        for client in everyone:
+            client.pump()
+    finally:
+        close_all(everyone)
+        runner.close()
+    want = [f"before {n}" for n in range(10)] + ["after"]
+    for member in (bob, carol):
+        assert [e.text for e in member.received if e.group == "team"] == want, member.name
+    told = [(e.id, e.by) for e in alice.events
+            if isinstance(e, StatusChanged) and e.state == "delivered"]  # fmt: skip
+    assert sorted(told) == sorted({(i, m) for i in sent for m in ("bob", "carol")})
