@@ -3589,13 +3589,13 @@ class Relay:
         if shared is not None and shared[0] is group:
             shared[1].append((session, pager))
             return
-        self._group_reads[key] = (group, [(session, pager)])
+        reading = self._group_reads[key] = (group, [(session, pager)])
         # A whole window's worth (each pager takes what its own window
         # has room for), up to the last entry numbered: every entry
         # numbered so far was submitted before the read.
         upto = group.seq
         read = Read(ReadGroupLog(group.key, after, upto, MAILBOX_WINDOW, MAILBOX_WINDOW_BYTES))
-        self.store.submit(read, functools.partial(self._group_read, group, key, read, upto))
+        self.store.submit(read, functools.partial(self._group_read, key, reading, read, upto))
 
     def _page_cached(self, session: Session, group: Group, member: Member, mail: GroupMail,
                      pager: Pager[int, GroupEntry]) -> bool:  # fmt: skip
@@ -3684,12 +3684,14 @@ class Relay:
             return True
         return False  # the store has what comes next
 
-    def _group_read(self, group: Group, key: tuple[str, int], read: Read, upto: int) -> None:
+    def _group_read(self, key: tuple[str, int],
+                    waiting: tuple[Group, list[tuple[Session, Pager[int, GroupEntry]]]],
+                    read: Read, upto: int) -> None:  # fmt: skip
         """A page of the group's log read from the store: encoded once (and
         cached), then handed to every pager that waited for it."""
-        waiting = self._group_reads.pop(key, None)
-        if waiting is None:
-            return
+        if self._group_reads.get(key) is waiting:
+            del self._group_reads[key]
+        group = waiting[0]
         page: list[tuple[GroupItem, GroupEntry, bytes]] = []
         more = False
         if read.ok and self.groups.get(group.key) is group:

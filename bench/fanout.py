@@ -582,7 +582,8 @@ def direct_phase(duration: float, load_workers: int, tmp: Path) -> dict[str, Any
 
 def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
         load_workers: int, say: Any, profile: Path | None = None,
-        window: int | None = None, fanout_rate: str = FANOUT_RATE) -> dict[str, Any]:  # fmt: skip
+        window: int | None = None, fanout_rate: str = FANOUT_RATE,
+        modes: tuple[str, ...] = ("flat", "steady")) -> dict[str, Any]:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="udp-chat-fanout-"))
     out: dict[str, Any] = {"phases": []}
     try:
@@ -591,7 +592,10 @@ def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
         out["direct_cpu_us_per_msg"] = direct["cpu_us_per_msg"]
         out["direct_msgs_per_s"] = direct["msgs_per_s"]
         for size in sizes:
-            for rate in (None, steady_rate):
+            rates: list[float | None] = [None] if "flat" in modes else []
+            if "steady" in modes:
+                rates.append(steady_rate)
+            for rate in rates:
                 mode = "flat out" if rate is None else f"{rate:g} msg/s"
                 say(f"fanout: a group of {size}, {mode}, {duration:g} s")
                 out_file = None
@@ -666,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fanout-rate", default=FANOUT_RATE, metavar="COPIES",
                         help=f"the server's --max-fanout-rate (default {FANOUT_RATE}: out of "
                              f"the way; the server's own default is 10000)")  # fmt: skip
+    parser.add_argument("--modes", default="flat,steady", metavar="flat,steady",
+                        help="the phases per group size: flat out, at the steady rate, or both "
+                             "(the default)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run each phase's server under cProfile, stats into DIR "
@@ -674,13 +681,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("10" if args.quick else "100,1000")).split(",")]
     duration = args.duration or (0.5 if args.quick else 5.0)
+    modes = tuple(args.modes.split(","))
+    if not modes or not set(modes) <= {"flat", "steady"}:
+        parser.error("--modes takes flat, steady or flat,steady")
     started = time.monotonic()
 
     def say(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     figures = run(args.quick, sizes, duration, args.rate, max(1, args.workers), say, args.profile,
-                  args.window, args.fanout_rate)  # fmt: skip
+                  args.window, args.fanout_rate, modes)  # fmt: skip
     if args.json:
         print(json.dumps(figures))
     else:
