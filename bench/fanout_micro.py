@@ -2,7 +2,7 @@
 out into a group of N members, no sockets, a virtual clock.
 
     python -m bench.fanout_micro [--members N] [--messages N] [--window N|client]
-                                 [--receipt-delay S]
+                                 [--receipt-delay S] [--member-lag S] [--count-encodings]
 
 What it tells apart from `python -m bench.fanout` (real processes, whose
 figures a loaded machine blurs):
@@ -20,6 +20,12 @@ however long a pass takes, so timers (delayed acks, receipt holds, the
 relay's fan-out hold) run as on an idle machine, not as on this one; it
 also moves by the Relay's CPU time of each pass (a busy server sends later). It runs
 against any checkout of the server: the receipt rule is written out here.
+
+By the client's rule (`--window client`) the relay's datagrams reach the
+members `--member-lag` late (default 1 ms per member: the busy load
+processes of `bench.fanout`), so their windows fill and they read the
+group's log in pages, as there; it prints the reads of the log the relay
+made (and with `--count-encodings` the group entries it encoded per copy).
 """
 
 from __future__ import annotations
