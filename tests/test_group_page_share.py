@@ -30,6 +30,7 @@ from protocol import (
     Stream,
     decode_message,
     encode_message,
+    group_batch,
     unbatch,
 )
 from reliability import PayloadReceived
@@ -119,7 +120,7 @@ def log_reads(store: MessageStore) -> list[ReadGroupLog]:
 def count_work(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """The group entries the relay encodes and the GROUP_BATCHes it joins."""
     counts = {"encoded": 0, "joined": 0}
-    encode, join = chat_server.encode_message, chat_server.group_batch
+    encode, join = encode_message, group_batch
 
     def encoding(message: Any) -> bytes:
         if isinstance(message, GroupDeliver | GroupEvent):
@@ -326,10 +327,10 @@ def test_the_cache_evicts_the_oldest_past_either_cap_and_tells_groups_apart() ->
     assert cache.get(team, "team", 15) is None and cache.get(team, "team", 16) is not None
     # A new group of the same name is another group: not served the old entries.
     assert cache.get(Owner(), "team", 20) is None
-    assert cache.run(Owner(), "team", 20, 1061, 4, chat_server.group_batch) is None
+    assert cache.run(Owner(), "team", 20, 1061, 4, group_batch) is None
     # Runs: joined once, the same object after; as `Relay._group_payloads` would.
-    run = cache.run(team, "team", 16, 1061, 4, chat_server.group_batch)
-    assert run is not None and cache.run(team, "team", 16, 1061, 4, chat_server.group_batch) is run
+    run = cache.run(team, "team", 16, 1061, 4, group_batch)
+    assert run is not None and cache.run(team, "team", 16, 1061, 4, group_batch) is run
     payloads = [cache.get(team, "team", s)[1] for s in range(16, 26)]  # type: ignore[index]
     assert [run.payload] == chat_server.Relay._group_payloads(payloads)
     assert run.next == 26 and run.senders == frozenset({"alice"})
@@ -338,5 +339,5 @@ def test_the_cache_evicts_the_oldest_past_either_cap_and_tells_groups_apart() ->
     for seq in range(1, 30):
         small.add(team, "team", *entry(seq))
         assert small.bytes <= small.max_bytes
-    assert small.run(team, "team", 29, 1061, 4, chat_server.group_batch) is not None
+    assert small.run(team, "team", 29, 1061, 4, group_batch) is not None
     assert small.bytes <= small.max_bytes and len(small.entries) < 5
