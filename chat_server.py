@@ -183,6 +183,7 @@ from server_records import (
     GroupEntry,
     GroupMail,
     GroupNotices,
+    GroupPages,
     Pager,
     Probe,
     ServerConfig,
@@ -370,6 +371,16 @@ FANOUT_HOLD = 0.010
 # chunk each, so a burst costs the member one `send`, one chunk and one ack
 # instead of one per entry. An entry too big for it goes alone, as ever.
 GROUP_BATCH_BYTES = CHUNK_SIZE
+# Members behind read the group's log in pages; members at the same place
+# share the work (issue 14, seventh session): one store read of a page
+# serves every pager at its place, and a cache of the groups' recent
+# entries (filled by the fan-out and by those reads; `GroupPages`) gives
+# each entry one `GroupEntry` and one encoding, and each run of entries one
+# joined GROUP_BATCH, for every member who pages through it. Bounded over
+# all groups, the oldest going first: this many entries (and as many runs),
+# and this many bytes of their payloads (200 bytes more each for the records).
+GROUP_PAGE_CACHE_ENTRIES = 65_536
+GROUP_PAGE_CACHE_BYTES = 32 << 20
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
 #: report every one of them, at 0 until it happens, so an alert on one can
@@ -659,6 +670,14 @@ class Relay:
         self._fanout_held: dict[str, tuple[Group, list[GroupItem], float]] = {}
         self._fanout_last: dict[str, float] = {}
         self._fanout_due: float | None = None
+        # The groups' recent entries encoded once for every member reading
+        # the log in pages (GROUP_PAGE_CACHE_*), and the store reads of a
+        # group's log under way: (group key, after) -> the group, and the
+        # sessions (with their pagers) the read is for.
+        self._group_pages = GroupPages(GROUP_PAGE_CACHE_ENTRIES, GROUP_PAGE_CACHE_BYTES)
+        self._group_reads: dict[
+            tuple[str, int], tuple[Group, list[tuple[Session, Pager[int, GroupEntry]]]]
+        ] = {}
         self._load(self.store.load())
         if not shared_store:  # (a cluster hands a message over only once it is in Redis)
             self._withdraw = getattr(self.store, "withdraw", None)
@@ -3457,6 +3476,10 @@ class Relay:
         # once made): per copy only the dict slots that point to it.
         handed = [(item, self._group_entry(group, item),
                    encode_message(self._group_message(group, item))) for item in items]  # fmt: skip
+        # The same records for the members behind, who page through them next.
+        cache = self._group_pages
+        for _, entry, payload in handed:
+            cache.add(group, group.key, entry, payload)
         copies = 0
         # What most members are handed is the same (all of `handed`): its
         # batches are joined once (key: the indexes handed).
@@ -3471,6 +3494,7 @@ class Relay:
             route = self.router.locate(user)
             session = route if isinstance(route, Session) else None
             took: list[int] = []
+            refused = False
             for index, (item, entry, _) in enumerate(handed):
                 seq = item.group_seq
                 if not member.sees(seq):
@@ -3487,8 +3511,11 @@ class Relay:
                     if session.instance_id == item.instance_id:
                         self._pass_own(group, member, seq)
                         continue
-                if session is not None and self._offer_group(session, group, member, entry):
-                    took.append(index)
+                if session is not None:
+                    if self._offer_group(session, group, member, entry):
+                        took.append(index)
+                    else:
+                        refused = True
             if took and session is not None:
                 key = tuple(took)
                 payloads = joined.get(key)
@@ -3496,6 +3523,10 @@ class Relay:
                     payloads = joined[key] = self._group_payloads([handed[i][2] for i in took])
                 self._send_group(session, payloads, stream)
                 copies += len(took)
+            if refused and session is not None:
+                # After what it took (order on the stream): a page of what
+                # waits, from the cache at once if it has it.
+                self._page_group(session, group)
         self.stats["group_copies"] += copies
 
     @staticmethod
@@ -3520,7 +3551,8 @@ class Relay:
                      entry: GroupEntry) -> bool:  # fmt: skip
         """Take an entry into the session's window now if nothing of the
         group waits before it and the window has room (True: the caller
-        sends it, `_send_group`); else it waits in the log (False)."""
+        sends it, `_send_group`); else it waits in the log (False: the
+        caller pages, `_page_group`, once it has sent what the member took)."""
         mail = session.group_mail
         pager = mail.pagers.get(group.key) if mail is not None else None
         if mail is None or pager is None:
@@ -3540,8 +3572,7 @@ class Relay:
             return True
         pager.behind = True
         pager.missed = max(pager.missed, seq)
-        self._page_group(session, group)
-        return False
+        return False  # (`_hand_out` pages it after what the member took)
 
     @staticmethod
     def _hand_group(mail: GroupMail, pager: Pager[int, GroupEntry], entry: GroupEntry) -> None:
@@ -3593,8 +3624,10 @@ class Relay:
                 pager.cursor = seq
 
     def _page_group(self, session: Session, group: Group) -> None:
-        """Read the next page of a group's log for the session if it is
-        behind there and the window has room enough."""
+        """Hand the session the next page of a group's log if it is behind
+        there and the window has room enough: from the cache of the group's
+        recent entries (`_page_cached`) where it has them, else from one
+        store read shared with every other pager at the same place."""
         mail = session.group_mail
         pager = mail.pagers.get(group.key) if mail is not None else None
         if mail is None or pager is None or not pager.behind or pager.reading:
@@ -3609,44 +3642,185 @@ class Relay:
         free_bytes = MAILBOX_WINDOW_BYTES - mail.bytes
         if mail.count and (free < PAGE_MIN or free_bytes < PAGE_MIN_BYTES):
             return
+        if self._page_cached(session, group, member, mail, pager):
+            return
         pager.reading = True
-        last = member.left_seq if member.left_seq is not None else group.seq
         after = max(pager.cursor, member.cursor)
-        read = Read(ReadGroupLog(group.key, after, last, max(1, free), free_bytes))
-        upto = group.seq  # every entry numbered so far was submitted before the read
-        self.store.submit(read, functools.partial(self._group_paged, session, group, pager, read,
-                                                  upto))  # fmt: skip
+        key = (group.key, after)
+        shared = self._group_reads.get(key)
+        if shared is not None and shared[0] is group:
+            shared[1].append((session, pager))
+            return
+        reading = self._group_reads[key] = (group, [(session, pager)])
+        # A whole window's worth (each pager takes what its own window
+        # has room for), up to the last entry numbered: every entry
+        # numbered so far was submitted before the read.
+        upto = group.seq
+        read = Read(ReadGroupLog(group.key, after, upto, MAILBOX_WINDOW, MAILBOX_WINDOW_BYTES))
+        self.store.submit(read, functools.partial(self._group_read, key, reading, read, upto))
+
+    def _page_cached(self, session: Session, group: Group, member: Member, mail: GroupMail,
+                     pager: Pager[int, GroupEntry]) -> bool:  # fmt: skip
+        """A page from the cache of the group's recent entries: whole runs
+        (one joined payload for every member at their start) while they fit
+        the window and hold nothing the member must not get or is passed
+        over; entry by entry where not. False: what the session needs next
+        is not cached (the caller reads the store)."""
+        cache = self._group_pages
+        key = group.key
+        user_key = session.user.key
+        last = member.left_seq if member.left_seq is not None else group.seq
+        seq = max(pager.cursor, member.cursor) + 1
+        room = MAILBOX_WINDOW - mail.count
+        room_bytes = MAILBOX_WINDOW_BYTES - mail.bytes
+        handed = 0
+        out: list[bytes] = []  # the payloads, in order
+        single: list[bytes] = []  # entries handed one by one, joined before the next run
+        hand = self._hand_group
+        cached = True
+        while seq <= last and room > 0:
+            run = cache.run(group, key, seq, GROUP_BATCH_BYTES, GROUP_BATCH_ENTRY_OVERHEAD,
+                            group_batch)  # fmt: skip
+            if run is None:
+                cached = False
+                break
+            entries = run.entries
+            if (
+                len(entries) <= room
+                and run.size <= room_bytes
+                and user_key not in run.senders
+                and member.joined_seq <= seq
+                and (member.left_seq is None or run.next - 1 <= member.left_seq)
+            ):
+                if single:
+                    out.extend(self._group_payloads(single))
+                    single = []
+                for entry in entries:
+                    hand(mail, pager, entry)
+                out.append(run.payload)
+                count = len(entries)
+                handed += count
+                room -= count
+                room_bytes -= run.size
+                seq = run.next
+                continue
+            # The run's first entry alone.
+            entry = entries[0]
+            if not member.sees(seq):
+                seq += 1
+                continue
+            msg_id = entry.msg_id
+            if (
+                msg_id is not None
+                and entry.sender_key == user_key
+                and msg_id.instance_id == session.instance_id
+            ):
+                pager.cursor = seq  # passed: nothing to hand its sender
+                if not pager.items:
+                    self._pass_own(group, member, seq)
+                seq += 1
+                continue
+            if handed and entry.size > room_bytes:
+                room = 0  # full (the first of a page goes whatever its size, as from the store)
+                break
+            found = cache.get(group, key, seq)
+            assert found is not None  # (the run's first entry)
+            hand(mail, pager, entry)
+            single.append(found[1])
+            handed += 1
+            room -= 1
+            room_bytes -= entry.size
+            seq += 1
+        if single:
+            out.extend(self._group_payloads(single))
+        if out:
+            self._send_group(session, out, self._group_stream(group))
+            cache.stats["served"] += handed
+        if cached and seq <= last:
+            return True  # the window is full: more when receipts make room
+        if seq > last or seq > pager.missed:
+            # Everything numbered is handed (what is not committed yet is
+            # not cached), or nothing it was refused waits at `seq` or past
+            # it: the rest comes live from the fan-out.
+            pager.behind = False
+            return True
+        return False  # the store has what comes next
+
+    def _group_read(self, key: tuple[str, int],
+                    waiting: tuple[Group, list[tuple[Session, Pager[int, GroupEntry]]]],
+                    read: Read, upto: int) -> None:  # fmt: skip
+        """A page of the group's log read from the store: encoded once (and
+        cached), then handed to every pager that waited for it."""
+        if self._group_reads.get(key) is waiting:
+            del self._group_reads[key]
+        group = waiting[0]
+        page: list[tuple[GroupItem, GroupEntry, bytes]] = []
+        more = False
+        if read.ok and self.groups.get(group.key) is group:
+            items: list[GroupItem]
+            items, more = read.result
+            cache = self._group_pages
+            for item in items:
+                found = cache.get(group, group.key, item.group_seq)
+                if found is None:
+                    entry = self._group_entry(group, item)
+                    payload = encode_message(self._group_message(group, item))
+                    cache.add(group, group.key, entry, payload)
+                else:
+                    entry, payload = found
+                page.append((item, entry, payload))
+        joined: dict[tuple[int, ...], list[bytes]] = {}
+        for session, pager in waiting[1]:
+            paged = functools.partial(self._group_paged, session, group, pager, read.ok, page,
+                                      more, upto, joined)  # fmt: skip
+            self._run_callback(paged)
 
     def _group_paged(self, session: Session, group: Group, pager: Pager[int, GroupEntry],
-                     read: Read, upto: int) -> None:  # fmt: skip
+                     ok: bool, page: list[tuple[GroupItem, GroupEntry, bytes]], more: bool,
+                     upto: int, joined: dict[tuple[int, ...], list[bytes]]) -> None:  # fmt: skip
+        """A page read from the store, to one of the sessions it was read
+        for: what its window has room for (the payloads of the same entries
+        joined once for all of them, `joined`)."""
         pager.reading = False
         mail = session.group_mail
-        if mail is None or mail.pagers.get(group.key) is not pager or not read.ok:
+        if mail is None or mail.pagers.get(group.key) is not pager or not ok:
             return  # the session ended (the next login reads again), or the read failed
         member = group.member(session.user.key)
         if self.groups.get(group.key) is not group or member is None:
             self._drop_pager(mail, group.key)
             return
-        items: list[GroupItem]
-        items, more = read.result
-        stream = self._group_stream(group)
-        payloads: list[bytes] = []
-        for item in items:
-            if item.group_seq <= pager.cursor or not member.sees(item.group_seq):
+        room = MAILBOX_WINDOW - mail.count
+        room_bytes = MAILBOX_WINDOW_BYTES - mail.bytes
+        took: list[int] = []
+        full = False
+        for index, (item, entry, _) in enumerate(page):
+            seq = item.group_seq
+            if seq <= pager.cursor or not member.sees(seq):
                 continue
             if (
                 not item.change
                 and item.sender_key == member.key
                 and item.instance_id == session.instance_id
             ):
-                pager.cursor = item.group_seq  # passed: nothing to hand its sender
+                pager.cursor = seq  # passed: nothing to hand its sender
                 if not pager.items:
-                    self._pass_own(group, member, item.group_seq)
+                    self._pass_own(group, member, seq)
                 continue
-            payloads.append(encode_message(self._group_message(group, item)))
-            self._hand_group(mail, pager, self._group_entry(group, item))
-        if payloads:
-            self._send_group(session, self._group_payloads(payloads), stream)
+            if room <= 0 or (took and entry.size > room_bytes):
+                full = True
+                break
+            self._hand_group(mail, pager, entry)
+            took.append(index)
+            room -= 1
+            room_bytes -= entry.size
+        if took:
+            key = tuple(took)
+            payloads = joined.get(key)
+            if payloads is None:
+                payloads = joined[key] = self._group_payloads([page[i][2] for i in took])
+            self._send_group(session, payloads, self._group_stream(group))
+        if full:
+            return  # more when receipts make room
         if not more and pager.missed <= max(pager.cursor, upto):
             pager.behind = False
         else:

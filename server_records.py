@@ -12,6 +12,7 @@ import collections
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, NamedTuple, TypeVar
@@ -157,6 +158,138 @@ class GroupEntry:
         self.msg_id = msg_id  # a message's (its sender hears who has it); None: a change
         self.size = size  # bytes of text
         self.where = where  # (group key, seq): `GroupMail.ids`'s value for it
+
+
+class PageRun:
+    """Consecutive entries of a group's log as one payload (a GROUP_BATCH of
+    at most a chunk, or an entry alone), joined once for every member who
+    pages through them from `entries[0]` (`GroupPages`). Never changed once
+    made."""
+
+    __slots__ = ("group", "entries", "payload", "next", "size", "senders")
+
+    def __init__(self, group: object, entries: tuple[GroupEntry, ...], payload: bytes,
+                 senders: frozenset[str]) -> None:  # fmt: skip
+        self.group = group  # the `server_groups.Group` whose log this is
+        self.entries = entries
+        self.payload = payload
+        self.next = entries[-1].seq + 1  # where the next run starts
+        self.size = sum(entry.size for entry in entries)  # bytes of text
+        self.senders = senders  # keys of the senders of its messages (not changes)
+
+
+class GroupPages:
+    """The groups' recent log entries, each encoded once, and the runs
+    joined from them, shared by every member who reads a group's log in
+    pages (`Relay._page_group`): members at the same place cost one store
+    read, one `GroupEntry` and one encoding of each entry and one joined
+    payload per run, not one each. Filled by the live fan-out (what members
+    behind will page next) and by the store reads. Bounded over all groups
+    (`max_entries` entries and as many runs, `max_bytes` of both counted
+    with `RECORD_BYTES` each): the oldest go first. Keyed by (group key,
+    seq); a value names its group, so a new group of an old name never
+    gets the old one's entries."""
+
+    #: What a cached record costs besides its payload (the tuple or run,
+    #: the `GroupEntry`, the dict slot), counted against `max_bytes`.
+    RECORD_BYTES = 200
+
+    __slots__ = ("max_entries", "max_bytes", "entries", "runs", "bytes", "runs_bytes", "stats")
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        # (group key, seq) -> (group, its entry, its encoded GROUP_DELIVER or GROUP_EVENT)
+        self.entries: dict[tuple[str, int], tuple[object, GroupEntry, bytes]] = {}
+        self.runs: dict[tuple[str, int], PageRun] = {}  # (group key, first seq) -> run
+        self.bytes = 0  # of both, `RECORD_BYTES` each included
+        self.runs_bytes = 0
+        # Counters (the relay's metrics): entries added, runs joined, and the
+        # entries pagers took from the cache.
+        self.stats = {"added": 0, "joined": 0, "served": 0}
+
+    def get(self, group: object, group_key: str, seq: int) -> tuple[GroupEntry, bytes] | None:
+        """The group's entry `seq` and its payload, if cached."""
+        found = self.entries.get((group_key, seq))
+        if found is None or found[0] is not group:
+            return None
+        return found[1], found[2]
+
+    def add(self, group: object, group_key: str, entry: GroupEntry, payload: bytes) -> None:
+        """A committed entry of the group, encoded (its place taken already:
+        nothing)."""
+        key = (group_key, entry.seq)
+        old = self.entries.get(key)
+        if old is not None:
+            if old[0] is group:
+                return
+            self._drop_entry(key)
+        self.entries[key] = (group, entry, payload)
+        self.bytes += len(payload) + self.RECORD_BYTES
+        self.stats["added"] += 1
+        self._evict()
+
+    def run(self, group: object, group_key: str, seq: int, batch_bytes: int,
+            overhead: int, join: Callable[[list[bytes]], bytes]) -> PageRun | None:  # fmt: skip
+        """The run of the group's cached entries from `seq`: made once (as
+        `Relay._group_payloads` would join them: at most `batch_bytes`, each
+        entry `overhead` more, one too big alone), then the same for every
+        member. None: `seq` is not cached."""
+        key = (group_key, seq)
+        run = self.runs.get(key)
+        if run is not None and run.group is group:
+            return run
+        first = self.entries.get(key)
+        if first is None or first[0] is not group:
+            return None
+        entries = [first[1]]
+        payloads = [first[2]]
+        size = 3 + len(first[2]) + overhead  # the batch's kind and count, then the entry
+        if size <= batch_bytes:
+            while True:
+                found = self.entries.get((group_key, seq + len(entries)))
+                if found is None or found[0] is not group:
+                    break
+                cost = len(found[2]) + overhead
+                if size + cost > batch_bytes:
+                    break
+                size += cost
+                entries.append(found[1])
+                payloads.append(found[2])
+        payload = payloads[0] if len(payloads) == 1 else join(payloads)
+        senders = frozenset(e.sender_key for e in entries if e.msg_id is not None)
+        if run is not None:
+            self._drop_run(key)
+        run = self.runs[key] = PageRun(group, tuple(entries), payload, senders)
+        cost = len(payload) + self.RECORD_BYTES
+        self.bytes += cost
+        self.runs_bytes += cost
+        self.stats["joined"] += 1
+        self._evict()
+        return run
+
+    def _drop_entry(self, key: tuple[str, int]) -> None:
+        _, _, payload = self.entries.pop(key)
+        self.bytes -= len(payload) + self.RECORD_BYTES
+
+    def _drop_run(self, key: tuple[str, int]) -> None:
+        run = self.runs.pop(key)
+        cost = len(run.payload) + self.RECORD_BYTES
+        self.bytes -= cost
+        self.runs_bytes -= cost
+
+    def _evict(self) -> None:
+        """The oldest records go while over a cap: runs while they hold more
+        than the entries, else entries."""
+        while self.bytes > self.max_bytes or len(self.entries) > self.max_entries:
+            if self.runs and self.runs_bytes * 2 >= self.bytes:
+                self._drop_run(next(iter(self.runs)))
+            elif self.entries:
+                self._drop_entry(next(iter(self.entries)))
+            else:
+                break
+        while len(self.runs) > self.max_entries:
+            self._drop_run(next(iter(self.runs)))
 
 
 class GroupMail:

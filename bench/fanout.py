@@ -82,6 +82,7 @@ from client_core import GroupReceipts
 from protocol import (
     GROUP_REQUEST_USERS_MAX,
     Bye,
+    Fail,
     GroupAccept,
     GroupAction,
     GroupDeliver,
@@ -376,6 +377,7 @@ def run_sender(spec: SenderSpec, pipe: Pipe) -> None:
         done_at: list[float] = []
         members = len(spec.members)
         open_messages: set[int] = set()  # sent, not yet delivered to every member
+        refused: dict[str, int] = {}  # FAILs by reason
 
         def on_message(session: Session, message: Message, now_ns: int) -> None:
             if isinstance(message, GroupResult):
@@ -395,6 +397,12 @@ def run_sender(spec: SenderSpec, pipe: Pipe) -> None:
                 done_at.append(now_ns / 1e9)
             elif isinstance(message, GroupEvent):
                 session.receipts.append(message.server_msg_id)
+            elif isinstance(message, Fail) and message.msg_id.instance_id == session.instance_id:
+                # Refused (the group's backlog past its limits, `mailbox_full`:
+                # members far behind): counted, not waited for.
+                refused[message.reason.name.lower()] = refused.get(
+                    message.reason.name.lower(), 0) + 1  # fmt: skip
+                open_messages.discard(message.msg_id.client_seq)
 
         pump = Pump([owner], on_message)
         chunks = [spec.members[i : i + GROUP_REQUEST_USERS_MAX]
@@ -453,7 +461,7 @@ def run_sender(spec: SenderSpec, pipe: Pipe) -> None:
             pump.step(0.005)
         pump.close()
         pipe.send(("done", {
-            "sent": seq, "accepted": counts["accepted"],
+            "sent": seq, "accepted": counts["accepted"], "refused": refused,
             "completed": sum(1 for s in range(1, seq + 1) if delivered.get(s, 0) >= members),
             "delivered_by": sum(delivered.values()),
             "recipients": sorted(set(accepted.values())), "cpu_s": cpu_seconds() - cpu0,
@@ -563,6 +571,7 @@ def fanout_phase(size: int, rate: float | None, duration: float, load_workers: i
         "members": size, "rate": rate, "window": window, "duration_s": duration,
         "sent": sent["sent"],
         "accepted": sent["accepted"], "completed": sent["completed"],
+        "refused": sent.get("refused", {}),
         "recipients": sent["recipients"], "delivered_by_receipts": sent["delivered_by"],
         "copies": received, "copies_expected": sent["sent"] * (size - 1),
         "duplicates": duplicates, "messages_everyone_has": len(complete),
@@ -705,6 +714,10 @@ def table(figures: dict[str, Any]) -> str:
         lines.append(f"{p['members']:,} members, {mode}: per copy {p['datagrams_in_per_copy']:.3f} "
                      f"datagrams in, {p['datagrams_out_per_copy']:.3f} out; "
                      f"{p['commits_per_message']:.2f} commits per message")  # fmt: skip
+    for p in figures["phases"]:
+        if p.get("refused"):
+            why = ", ".join(f"{n} {k}" for k, n in sorted(p["refused"].items()))
+            lines.append(f"{p['members']:,} members, {mode_label(p)}: refused (FAIL) {why}")
     lines.append(f"direct message: {figures['direct_cpu_us_per_msg']:.1f} us CPU/msg "
                  f"({figures['direct_msgs_per_s']:,.0f} msg/s, 4 pairs); targets: a copy <= "
                  f"1/3 of it, p99 <= {TARGET_P99_MS:.0f} ms at 10 msg/s into 1,000")  # fmt: skip
@@ -771,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("10" if args.quick else "100,1000")).split(",")]
     duration = args.duration or (0.5 if args.quick else 5.0)
+    modes = tuple(args.modes.split(","))
+    if not modes or not set(modes) <= {"flat", "steady"}:
+        parser.error("--modes takes flat, steady or flat,steady")
     started = time.monotonic()
 
     def say(text: str) -> None:

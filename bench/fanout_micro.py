@@ -2,7 +2,7 @@
 out into a group of N members, no sockets, a virtual clock.
 
     python -m bench.fanout_micro [--members N] [--messages N] [--window N|client]
-                                 [--receipt-delay S]
+                                 [--receipt-delay S] [--member-lag S] [--count-encodings]
 
 What it tells apart from `python -m bench.fanout` (real processes, whose
 figures a loaded machine blurs):
@@ -20,11 +20,18 @@ however long a pass takes, so timers (delayed acks, receipt holds, the
 relay's fan-out hold) run as on an idle machine, not as on this one; it
 also moves by the Relay's CPU time of each pass (a busy server sends later). It runs
 against any checkout of the server: the receipt rule is written out here.
+
+By the client's rule (`--window client`) the relay's datagrams reach the
+members `--member-lag` late (default 1 ms per member: the busy load
+processes of `bench.fanout`), so their windows fill and they read the
+group's log in pages, as there; it prints the reads of the log the relay
+made (and with `--count-encodings` the group entries it encoded per copy).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -58,6 +65,7 @@ from protocol import (
     encode_message,
 )
 from reliability import MAX_WINDOW, Connection, PayloadReceived
+from server_store import Read, ReadGroupLog
 
 try:
     from client_core import GROUP_RECEIPT_DELAY
@@ -72,6 +80,12 @@ GROUP = "micro"
 STREAM = conversation_stream("#" + GROUP)
 #: Virtual time per pass: every party's clock moves this much per pass.
 STEP = 0.0005
+#: `--member-lag`'s default with `--window client`, per member: the members'
+#: load processes in `bench.fanout` are busy (a few processes work through
+#: every member's datagrams, on a machine the server shares), so receipts
+#: come late, windows fill and members read the group's log in pages, as
+#: there; without a lag the members here answer at once and never do.
+CLIENT_LAG_PER_MEMBER = 0.001
 Addr = tuple[str, int]
 
 
@@ -134,7 +148,7 @@ class Member:
 
 
 class World:
-    def __init__(self, relay: Relay, members: list[Member]) -> None:
+    def __init__(self, relay: Relay, members: list[Member], lag: float = 0.0) -> None:
         self.relay = relay
         self.members = members
         self.by_addr = {m.addr: m for m in members}
@@ -142,11 +156,19 @@ class World:
         self.cpu = 0.0
         self.datagrams_in = 0
         self.datagrams_out = 0
+        self.lag = lag
+        # The relay's datagrams on their way to the members: (due, addr, data).
+        self.wire: collections.deque[tuple[float, Addr, bytes]] = collections.deque()
+        self.prompt: Addr | None = None  # the sender's: no lag (its own process)
 
     def step(self) -> None:
         self.now += STEP
         now = self.now
         relay = self.relay
+        wire = self.wire
+        while wire and wire[0][0] <= now:
+            _, addr, data = wire.popleft()
+            self.by_addr[addr].take(data, now)
         for m in self.members:
             if m.dirty or (m.timer is not None and m.timer <= now):
                 m.flush(now)
@@ -167,11 +189,21 @@ class World:
         # that much later, and what the members send meanwhile waits.
         self.now += busy
         self.datagrams_out += len(out)
+        if self.lag:
+            due = now + self.lag
+            prompt = self.prompt
+            for data, addr in out:
+                if addr == prompt:
+                    self.by_addr[addr].take(data, now)
+                else:
+                    wire.append((due, addr, data))
+            return
         for data, addr in out:
             self.by_addr[addr].take(data, now)
 
 
-def measure(members: int, messages: int, window: int | None, delay: float) -> dict[str, Any]:
+def measure(members: int, messages: int, window: int | None, delay: float,
+            lag: float = 0.0, count_encodings: bool = False) -> dict[str, Any]:  # fmt: skip
     relay = make_relay()
     # The fan-out budget would bound the copies per second (as in bench.fanout).
     relay.config.max_fanout_rate = relay.config.max_fanout_burst = 1e12
@@ -203,6 +235,24 @@ def measure(members: int, messages: int, window: int | None, delay: float) -> di
         world.step()
     world.cpu = 0.0
     world.datagrams_in = world.datagrams_out = 0
+    world.lag = lag
+    world.prompt = owner.addr
+    start = world.now
+    # The reads of the group's log (members paging), counted on their way
+    # to the store (a few per member: too few to weigh on the figures).
+    log_reads = 0
+    submit = relay.store.submit
+
+    def counted(op: Any, then: Any = None) -> Any:
+        nonlocal log_reads
+        if isinstance(op, Read) and isinstance(op.query, ReadGroupLog):
+            log_reads += 1
+        return submit(op, then) if then is not None else submit(op)
+
+    relay.store.submit = counted  # type: ignore[method-assign]
+    encoded = [0]
+    if count_encodings:
+        setattr(chat_server, "encode_message", counting_encoder(encoded))  # noqa: B010
     copies0 = sum(len(m.got) for m in rest)
     sent = 0
     open_messages: set[int] = set()
@@ -225,18 +275,36 @@ def measure(members: int, messages: int, window: int | None, delay: float) -> di
         world.step()
         passes += 1
         assert passes < 2_000_000, "the messages did not all arrive"
-    for _ in range(200):  # the last receipts and acks
+    for _ in range(200 + int(lag / STEP)):  # the last receipts and acks
         world.step()
+    relay.store.submit = submit  # type: ignore[method-assign]
+    setattr(chat_server, "encode_message", encode_message)  # noqa: B010
     copies = sum(len(m.got) for m in rest) - copies0
     in_order = all(m.got == sorted(set(m.got)) for m in rest)
     return {
         "members": members, "messages": messages, "window": window, "receipt_delay": delay,
+        "member_lag": lag,
         "copies": copies, "copies_expected": messages * len(rest), "in_order": in_order,
         "relay_us_per_copy": world.cpu / max(1, copies) * 1e6,
         "datagrams_in_per_copy": world.datagrams_in / max(1, copies),
         "datagrams_out_per_copy": world.datagrams_out / max(1, copies),
-        "virtual_s": passes * STEP,
+        "virtual_s": world.now - start,
+        "log_reads": log_reads, "log_reads_per_member": log_reads / max(1, len(rest)),
+        "entries_encoded_per_copy": encoded[0] / max(1, copies) if count_encodings else None,
     }  # fmt: skip
+
+
+def counting_encoder(count: list[int]) -> Any:
+    """`encode_message` for the relay, counting the group entries it
+    encodes (`--count-encodings`: a call more per encoding, so the CPU
+    figure is then a little higher)."""
+
+    def encode(message: Message) -> bytes:
+        if isinstance(message, GroupDeliver | GroupEvent):
+            count[0] += 1
+        return encode_message(message)
+
+    return encode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,21 +325,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hold", type=float, help="the relay's FANOUT_HOLD in seconds (default: the server's own)"
     )
+    parser.add_argument(
+        "--member-lag",
+        type=float,
+        help="seconds the relay's datagrams take to reach a member (its busy load process; "
+        f"default {CLIENT_LAG_PER_MEMBER * 1000:g} ms per member with --window client, so that "
+        "members fall behind and page, as in bench.fanout; else 0)",
+    )
+    parser.add_argument(
+        "--count-encodings",
+        action="store_true",
+        help="count the group entries the relay encodes (a call more each)",
+    )
     parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     args = parser.parse_args(argv)
+    lag = args.member_lag
+    if lag is None:
+        lag = CLIENT_LAG_PER_MEMBER * args.members if args.window is None else 0.0
     if args.hold is not None:
         chat_server.FANOUT_HOLD = args.hold
-    result = measure(args.members, args.messages, args.window, args.receipt_delay)
+    result = measure(args.members, args.messages, args.window, args.receipt_delay, lag,
+                     args.count_encodings)  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{result['members']:,} members, {result['messages']} messages, window "
-          f"{result['window']}, receipts held {result['receipt_delay'] * 1000:g} ms: "
+          f"{result['window']}, receipts held {result['receipt_delay'] * 1000:g} ms, "
+          f"member lag {result['member_lag'] * 1000:g} ms: "
           f"{result['relay_us_per_copy']:.2f} us of Relay CPU per copy; per copy "
           f"{result['datagrams_in_per_copy']:.3f} datagrams in, "
           f"{result['datagrams_out_per_copy']:.3f} out; {result['copies']:,} of "
           f"{result['copies_expected']:,} copies, in order: {result['in_order']}; "
-          f"{result['virtual_s']:.2f} s virtual")  # fmt: skip
+          f"{result['virtual_s']:.2f} s virtual; {result['log_reads']:,} reads of the "
+          f"group's log ({result['log_reads_per_member']:.1f} per member)"
+          + (f", {result['entries_encoded_per_copy']:.3f} entries encoded per copy"
+             if result["entries_encoded_per_copy"] is not None else ""))  # fmt: skip
     return 0
 
 
