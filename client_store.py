@@ -449,7 +449,12 @@ class ClientStore:
 
     def begin(self) -> None:
         if not self._in_tx:
-            self.db.execute("BEGIN")
+            # IMMEDIATE: the write lock now, waited for (busy_timeout) while
+            # another session of this user holds it. A deferred transaction
+            # that reads before it writes is refused its write at once,
+            # unwaited ("database is locked"), if that other session
+            # committed in between (tests/test_store_two_writers.py).
+            self.db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
 
     def commit(self) -> None:

@@ -88,11 +88,12 @@ KEEPALIVE_KEYS = {
 
 
 #: The main run's sizes: the tiniest that still fill every figure (two pair
-#: counts, one of them 16 so that the judged rows are drawn; the phases that
-#: run as their own modules are smoke-tested one by one below, in parallel).
+#: counts, one of them 16 so that the judged rows are drawn; the GUI phase
+#: sends its first window however short its time; the phases that run as
+#: their own modules are smoke-tested one by one below, in parallel).
 MAIN_ARGS = (
-    "--quick", "--pairs", "1,16", "--duration", "0.2", "--sessions", "20", "--no-fanout",
-    "--no-chatlike", "--no-sweep",
+    "--quick", "--pairs", "1,16", "--duration", "0.2", "--sessions", "20", "--gui-duration",
+    "0.3", "--no-fanout", "--no-chatlike", "--no-sweep",
 )  # fmt: skip
 
 

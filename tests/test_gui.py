@@ -33,11 +33,21 @@ import client_core
 from chat_client import ChatSession, LoggedIn, MessageReceived, PresenceChanged
 from client_window import POLL_BATCH, ChatWindow, Settings
 from protocol import name_key
-from tests.conftest import PASSWORD, RTO_MAX, RTO_MIN, RunningServer, make_session, wait_for
+from tests.conftest import (
+    LOGIN_TIMEOUT,
+    PASSWORD,
+    RTO_MAX,
+    RTO_MIN,
+    RunningServer,
+    make_session,
+    wait_for,
+)
 from tests.xvfb import display, screenshot, window_geometry, window_ids  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-SESSION_OPTIONS: dict[str, Any] = {"rto_min": RTO_MIN, "rto_max": RTO_MAX}
+SESSION_OPTIONS: dict[str, Any] = {
+    "rto_min": RTO_MIN, "rto_max": RTO_MAX, "login_timeout": LOGIN_TIMEOUT,
+}  # fmt: skip
 LEFT = "780x560+10+40"
 RIGHT = "780x560+810+40"
 #: Characters whose keysym is not the character itself.

@@ -87,13 +87,18 @@ def check_in_order(bob: Peer, texts: list[str], sender: str = "alice") -> None:
     assert len({m.id for m in bob.received}) == len(texts)
 
 
-def test_two_thousand_messages_through_heavy_loss(
+def test_five_hundred_messages_through_heavy_loss(
     proxy: LossyProxy, pair: tuple[Peer, Peer]
 ) -> None:
+    """500 messages at 30% loss, with duplicates, reordering and corruption
+    both ways: each arrives once, in order, and ends delivered. (2,000 with
+    1% corruption before: the count proves nothing more, every fault is
+    still seen on each path, asserted below; corruption at 5% so that a few
+    hundred datagrams a way still meet it.)"""
     alice, bob = pair
-    proxy.set(loss=0.30, duplicate=0.05, reorder=0.10, corrupt=0.01)
-    count = 2000
-    # mostly short, some a few hundred bytes, every 50th two fragments long
+    proxy.set(loss=0.30, duplicate=0.05, reorder=0.10, corrupt=0.05)
+    count = 500
+    # mostly short, some a few hundred bytes, every 50th two fragments long (10 of them)
     texts = [
         f"message {i:04d} from alice: " + ("ü" * 700 if i % 50 == 49 else "x" * (i % 9 * 37))
         for i in range(count)
@@ -108,7 +113,7 @@ def test_two_thousand_messages_through_heavy_loss(
         [alice, bob],
         lambda: len(bob.received) >= count and alice.delivered(ids) == count,
         240.0,
-        "2,000 messages through 30% loss",
+        "500 messages through 30% loss",
     )
     elapsed = time.monotonic() - started
     time.sleep(0.5)  # any late duplicate would show up now
@@ -116,14 +121,18 @@ def test_two_thousand_messages_through_heavy_loss(
     alice.pump()
     up, down = proxy.stats(UP), proxy.stats(DOWN)
     print(
-        f"\n2,000 messages at 30% loss: {elapsed:.1f} s; proxy up {up}, down {down}; "
+        f"\n500 messages at 30% loss: {elapsed:.1f} s; proxy up {up}, down {down}; "
         f"alice sent {alice.session.datagrams_sent} datagrams, bob {bob.session.datagrams_sent}"
     )
     check_in_order(bob, texts)
     for msg_id in ids:
         assert alice.states[msg_id] == ["sending", "accepted", "delivered"], msg_id
-    assert up["dropped"] > 0 and up["duplicated"] > 0 and up["reordered"] > 0
-    assert up["corrupted"] > 0 and down["corrupted"] > 0
+    for way in (up, down):
+        assert way["dropped"] > 0 and way["duplicated"] > 0 and way["reordered"] > 0, way
+        assert way["corrupted"] > 0, way
+    # The losses were made good by alice's retransmissions (her link's
+    # figures are at most STATS_EVERY old: 0.5 s passed above).
+    assert alice.session.link_stats().retransmits > 0, alice.session.link_stats()
     assert not [e for e in alice.errors + bob.errors if e.code != "rate_limited"]
 
 

@@ -112,8 +112,12 @@ def test_a_real_server_logs_start_limits_failures_and_stop(tmp_path: Path) -> No
     while not lines.empty():
         rest.append(lines.get())
     text = "".join(rest)
-    assert "INFO chat_server: stopping on SIGTERM: told 0 sessions the server is shutting down" \
-        in text  # fmt: skip
+    # carol logged out before; at load average 38 her logout's ack wait ran
+    # out before the server had it, and she was still there to be told.
+    assert re.search(
+        r"INFO chat_server: stopping on SIGTERM: told (0 sessions|1 session) the server is "
+        r"shutting down\n", text
+    ), text  # fmt: skip
     assert re.search(r"INFO chat_server: stopped after \d+\.\d s\n", text), text
     # One line per limit per interval: the 30 or so pre-login datagrams
     # dropped were all in the one line above.

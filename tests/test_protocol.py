@@ -6,6 +6,7 @@ that keep us from amplifying traffic."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 import subprocess
 import sys
@@ -114,6 +115,7 @@ def _kind_strategy(kind: str, text_size: int) -> st.SearchStrategy[Any]:
     return strategies[kind]
 
 
+@functools.cache  # made once per kind: building the strategies was most of the tests' CPU
 def instances(cls: type, text_size: int = 24) -> st.SearchStrategy[Any]:
     """Any instance of a frame or message class, built from its SPEC, so a new
     kind is covered without touching this file."""

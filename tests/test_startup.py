@@ -43,7 +43,7 @@ from server_store import (
     StoreMessage,
     Write,
 )
-from tests.clients import RecordingClient, wait_all
+from tests.clients import RecordingClient, wait_all, wait_until
 from tests.conftest import (
     ROOT,
     TEST_ITERATIONS,
@@ -475,6 +475,9 @@ def test_full_disk_while_running_withholds_acceptance_and_recovers(tmp_path: Pat
             for msg_id in [first, *ids]:
                 assert alice.states[msg_id] == ["sending", "accepted", "delivered"], alice.states
             assert bob.texts() == ["before the disk filled", *texts]  # each shown once
+            # The line is written before the acks go, but read by the log's
+            # thread: at load average 38 it came after the checks above.
+            wait_until(lambda: bool(log.with_("commit again")), 15, "the recovery's line")
             recovered = log.with_("commit again")
             assert len(recovered) == 1 and str(data) in recovered[0], log.lines
             attempts = int(recovered[0].split(" and ")[-1].split()[0])
