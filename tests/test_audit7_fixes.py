@@ -8,8 +8,7 @@ style checks below)."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from chat_client import _Group
 from chat_server import ServerConfig
 from client_core import (
     Event,
@@ -21,6 +20,7 @@ from client_core import (
 from protocol import GroupAction
 from tests.test_client_core import Net
 from tests.test_groups_client import login
+from tests.test_groups_terminal import terminal
 
 # --- N1: the client's events in arrival order -------------------------------------
 
@@ -54,3 +54,24 @@ def test_answers_behind_a_staged_group_event_keep_their_order() -> None:
             "the answers")  # fmt: skip
     got = [k for k in kinds(alice.events) if k != MessageState.DELIVERED]
     assert got == ["sending", "group created", "MembersListed", "accepted"], got
+
+
+# --- N5: the terminal's group commands want the `#` ------------------------------
+
+
+def test_group_commands_without_the_hash_are_refused() -> None:
+    """`/create team2 bob` made a group the user then reached only as
+    #team2 (`/to team2` talks to a person), and /members, /leave, /add,
+    /remove took a bare name the same way (audit7 N5). Now each is an
+    `invalid_name` error saying how a group is written; nothing is sent."""
+    session, events, _ = terminal(
+        "/create team2 bob\n/add team2 dave\n/remove team2 dave\n/leave team2\n"
+        "/members team2\n/members #team2\n"
+    )
+    groups = [c for c in session.commands if isinstance(c, _Group)]
+    assert groups == [_Group(GroupAction.MEMBERS, "team2", ())]  # only the one with '#'
+    errors = [e for e in events if e["event"] == "error"]
+    assert [e["code"] for e in errors] == ["invalid_name"] * 5, errors
+    for error in errors:
+        assert "a group is written like #team" in error["message"], error
+    assert errors[0]["message"].endswith("(/create #team2 NAME...)"), errors[0]
