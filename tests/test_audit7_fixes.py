@@ -9,7 +9,7 @@ style checks below)."""
 from __future__ import annotations
 
 from chat_client import _Group
-from chat_server import ServerConfig
+from chat_server import ServerConfig, chunk_cost
 from client_core import (
     Event,
     GroupChanged,
@@ -17,7 +17,19 @@ from client_core import (
     MessageState,
     StatusChanged,
 )
-from protocol import GroupAction
+from protocol import (
+    CONTROL_STREAM,
+    GroupAction,
+    GroupEvent,
+    GroupList,
+    GroupRequest,
+    GroupResult,
+    Stream,
+    conversation_stream,
+    encode_message,
+    name_key,
+)
+from tests.test_bounds import World
 from tests.test_client_core import Net
 from tests.test_groups_client import login
 from tests.test_groups_terminal import terminal
@@ -75,3 +87,47 @@ def test_group_commands_without_the_hash_are_refused() -> None:
     for error in errors:
         assert "a group is written like #team" in error["message"], error
     assert errors[0]["message"].endswith("(/create #team2 NAME...)"), errors[0]
+
+
+# --- N4: a membership change on the control stream is a send -----------------------
+
+
+def test_a_change_on_the_control_stream_waits_while_short_of_memory() -> None:
+    """A CREATE on its group's stream waits while the server is short of
+    memory; the same request on the control stream was taken (a counted
+    request, which the memory check never sees), so a modified client
+    made groups past `--max-memory` (audit7 N4). Now it waits the same,
+    and is taken once memory falls; a LIST there is answered all along."""
+    world = World(max_memory=100 * 1024 * 1024)
+    alice = world.login("alice")
+    world.relay.set_memory(150 * 1024 * 1024, world.now)
+    alice.send(GroupRequest(1, GroupAction.LIST, "", ()), CONTROL_STREAM)
+    world.run_until(lambda: bool(alice.of(GroupList)), 100, "the list")
+    alice.send(GroupRequest(2, GroupAction.CREATE, "viastream", ()),
+               conversation_stream("#viastream"))  # fmt: skip
+    alice.send(GroupRequest(3, GroupAction.CREATE, "viacontrol", ()), CONTROL_STREAM)
+    for _ in range(200):
+        world.step()
+    assert alice.of(GroupResult) == [] and alice.of(GroupEvent) == []
+    assert world.relay.groups.get(name_key("viacontrol")) is None
+    assert world.relay.stats["withheld_memory"] > 1
+    world.relay.set_memory(90 * 1024 * 1024, world.now)
+    world.run_until(lambda: len(alice.of(GroupEvent)) == 2, 500, "both groups made")
+    assert sorted(e.group for e in alice.of(GroupEvent)) == ["viacontrol", "viastream"]
+
+
+def test_chunk_cost_counts_a_change_on_the_control_stream_as_a_send() -> None:
+    """What each group request on the control stream costs: the changes
+    (create, add, remove, leave) a message and a send; members and list a
+    counted request, as before."""
+
+    def cost(action: GroupAction) -> tuple[int, int, bool]:
+        data = encode_message(GroupRequest(1, int(action), "" if action == GroupAction.LIST
+                                           else "team", ("bob",)))  # fmt: skip
+        messages, requests, _, sends = chunk_cost([Stream(1, CONTROL_STREAM, 0, 0, 1, data)])
+        return messages, requests, sends
+
+    for action in (GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE):
+        assert cost(action) == (1, 0, True), action
+    for action in (GroupAction.MEMBERS, GroupAction.LIST):
+        assert cost(action) == (0, 1, False), action
