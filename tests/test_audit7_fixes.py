@@ -8,6 +8,8 @@ style checks below)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from chat_client import _Group
 from chat_server import ServerConfig, chunk_cost
 from client_core import (
@@ -33,6 +35,8 @@ from tests.test_bounds import World
 from tests.test_client_core import Net
 from tests.test_groups_client import login
 from tests.test_groups_terminal import terminal
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # --- N1: the client's events in arrival order -------------------------------------
 
@@ -131,3 +135,40 @@ def test_chunk_cost_counts_a_change_on_the_control_stream_as_a_send() -> None:
         assert cost(action) == (1, 0, True), action
     for action in (GroupAction.MEMBERS, GroupAction.LIST):
         assert cost(action) == (0, 1, False), action
+
+
+# --- N3, N7: what the README promises -----------------------------------------------
+
+
+def readme() -> str:
+    return " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+
+
+def test_readme_says_a_crashed_terminal_may_print_its_last_message_again() -> None:
+    """The terminal prints a message, then records it shown; killed between
+    the two, it prints it again at its next start (same `id`), which the
+    README's "never shown twice" denied (audit7 N3). Every such promise
+    now names the exception."""
+    text = readme()
+    assert "**After a crash of the client.**" in text
+    assert (
+        "prints the last message(s) it printed again at its next start, with the same `id`" in text
+    )
+    for promise in ("never shown twice", "nothing is shown twice"):
+        at = [i for i in range(len(text)) if text.startswith(promise, i)]
+        assert at, promise
+        for i in at:
+            after = text[i : i + 200]
+            assert "crash" in after or "killed" in after, after
+
+
+def test_readme_agrees_with_itself_on_a_second_device() -> None:
+    """The terminal section said your own group message from another device
+    always arrives as a `message` from you; the server section that a device
+    logging in later does not read it (audit7 N7). Both now say: only a
+    device that was behind gets it; one session per user at a time."""
+    text = readme()
+    assert "arrives as a `message` from you." not in text
+    assert "only if this one had not read everything before it" in text
+    assert "a user has one session at a time" in text
+    assert "(one that was behind, or was online, has it)" not in text
