@@ -8,7 +8,9 @@ style checks below)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from chat_client import _Group
 from chat_server import ServerConfig, chunk_cost
@@ -21,6 +23,7 @@ from client_core import (
 )
 from protocol import (
     CONTROL_STREAM,
+    ErrorCode,
     GroupAction,
     GroupEvent,
     GroupList,
@@ -31,8 +34,12 @@ from protocol import (
     encode_message,
     name_key,
 )
-from tests.test_bounds import World
+from server_cluster import USER_GROUPS_COUNTED_KEY, USER_GROUPS_KEY
+from server_store import ChangeGroup
+from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
+from tests.test_bounds import Client, World
 from tests.test_client_core import Net
+from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_groups_client import login
 from tests.test_groups_terminal import terminal
 
@@ -172,3 +179,116 @@ def test_readme_agrees_with_itself_on_a_second_device() -> None:
     assert "only if this one had not read everything before it" in text
     assert "a user has one session at a time" in text
     assert "(one that was behind, or was online, has it)" not in text
+
+
+# --- N2: --max-user-groups holds for cluster changes in flight together --------------
+
+
+def answers(cluster: Cluster, asked: list[tuple[int, Client, int]]) -> list[tuple[int, str]]:
+    """The answers (code, text) to requests `asked` as (node, client, id)."""
+
+    def of(client: Client, request_id: int) -> list[GroupResult]:
+        return [r for r in client.of(GroupResult) if r.request_id == request_id]
+
+    cluster.run_until(lambda: all(of(c, r) for _, c, r in asked), 400, "the answers")
+    return [(of(c, r)[-1].code, of(c, r)[-1].message) for _, c, r in asked]
+
+
+def groups_of(cluster: Cluster, user: str) -> list[list[str]]:
+    """The groups `user` is a member of, as each node's copy has them."""
+    return [sorted(world.relay.groups.of_user.get(user, ())) for world in cluster.nodes]
+
+
+def test_one_user_s_burst_of_creates_stops_at_the_cap(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """alice, cap 2, sends three creates back to back: each was planned on
+    the node's copy before the store applied the first, so all passed the
+    check (audit7 N2: ten of ten made). Now the node counts what it has
+    planned, and the store what it applied: two made, the third refused."""
+    cluster = cluster_of(2, max_user_groups=2)
+    alice = cluster.login(0, "alice")
+    world = cluster.nodes[0]
+    planned: list[str] = []  # the changes the node handed the store to apply
+    submit = world.relay.store.submit
+
+    def recording(op: Any, *args: Any) -> None:
+        if isinstance(op, ChangeGroup) and op.entries:
+            planned.append(op.name)
+        submit(op, *args)
+
+    world.relay.store.submit = recording  # type: ignore[method-assign,assignment]
+    asked = [(0, alice, world.request(alice, GroupAction.CREATE, f"s{i}")) for i in range(3)]
+    got = answers(cluster, asked)
+    assert [code for code, _ in got] == [0, 0, int(ErrorCode.GROUP_FULL)], got
+    assert got[2][1] == "alice is in 2 groups, the most one user may be in"
+    assert planned == ["s0", "s1"]  # the node counted the two in flight: s2 never left it
+    cluster.settle()
+    assert groups_of(cluster, "alice") == [["s0", "s1"]] * 2
+
+
+def test_creates_on_two_nodes_at_once_put_a_user_in_no_more_than_the_cap(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """Three users on two nodes each create a group with carol (cap 2, in
+    no group yet), all sent before any store answer: the nodes' copies
+    cannot see each other's plans, so carol ended in every group (audit7
+    N2: five with a cap of 2). Now the store's script counts her groups
+    where it applies a change: two made, the rest `group_full` naming her;
+    her leaving one makes room for the next."""
+    cluster = cluster_of(2, max_user_groups=2)
+    carol = cluster.login(1, "carol")
+    makers = [cluster.login(0, "alice"), cluster.login(1, "bob"), cluster.login(0, "dave")]
+    nodes = [0, 1, 0]
+    asked = [(n, c, cluster.nodes[n].request(c, GroupAction.CREATE, f"g{i}", "carol"))
+             for i, (n, c) in enumerate(zip(nodes, makers, strict=True))]  # fmt: skip
+    got = answers(cluster, asked)
+    made = [f"g{i}" for i, (code, _) in enumerate(got) if code == 0]
+    assert len(made) == 2, got
+    for code, text in got:
+        assert code == 0 or (code, text) == (
+            int(ErrorCode.GROUP_FULL),
+            "carol is in 2 groups, the most one user may be in",
+        ), got
+    cluster.settle()
+    assert groups_of(cluster, "carol") == [made] * 2
+    redis = cluster.nodes[0].node.store.client
+    assert redis.hget(USER_GROUPS_KEY, "carol") == "2"
+    # Leaving one makes room, on either node; an add past the cap is refused too.
+    assert cluster.request(1, carol, GroupAction.LEAVE, made[0]).code == 0
+    assert redis.hget(USER_GROUPS_KEY, "carol") == "1"
+    refused = [i for i, (code, _) in enumerate(got) if code != 0][0]
+    maker = makers[refused]
+    assert cluster.request(nodes[refused], maker, GroupAction.CREATE, "again").code == 0
+    assert cluster.request(nodes[refused], maker, GroupAction.ADD, "again", "carol").code == 0
+    assert cluster.request(0, makers[0] if refused else makers[1], GroupAction.CREATE, "more",
+                           "carol").code == int(ErrorCode.GROUP_FULL)  # fmt: skip
+
+
+def test_the_store_counts_groups_made_before_it_kept_counts(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """A cluster whose groups were made before the store counted each
+    user's groups: the first node to start counts them from the members
+    (once), so the cap holds for them and leaving never counts below zero;
+    a group that ends with its last member counts out too."""
+    first = cluster_of(1)
+    alice, _ = first.login(0, "alice"), first.login(0, "bob")
+    assert first.request(0, alice, GroupAction.CREATE, "g1", "bob").code == 0
+    assert first.request(0, alice, GroupAction.CREATE, "g2").code == 0
+    redis = first.nodes[0].node.store.client
+    assert redis.hgetall(USER_GROUPS_KEY) == {"alice": "2", "bob": "1"}
+    redis.delete(USER_GROUPS_KEY, USER_GROUPS_COUNTED_KEY)  # as before this change
+    later = cluster_of(1, max_user_groups=2)  # a node starting now counts them
+    assert redis.hgetall(USER_GROUPS_KEY) == {"alice": "2", "bob": "1"}
+    alice_there = later.login(0, "alice")
+    later.nodes[0]._request_ids = 100  # (the same client instance id: new request ids)
+    refused = later.request(0, alice_there, GroupAction.CREATE, "g3")
+    assert (refused.code, refused.message) == (
+        int(ErrorCode.GROUP_FULL), "alice is in 2 groups, the most one user may be in"
+    )  # fmt: skip
+    assert later.request(0, alice_there, GroupAction.LEAVE, "g2").code == 0  # g2 ends
+    assert redis.hgetall(USER_GROUPS_KEY) == {"alice": "1", "bob": "1"}
+    redis.delete(USER_GROUPS_KEY)
+    cluster_of(1)  # counted once: a later start leaves the counts alone
+    assert redis.hgetall(USER_GROUPS_KEY) == {}
