@@ -5323,7 +5323,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-user-groups", type=at_least(1), default=ServerConfig().max_user_groups,
         metavar="N", help="groups one user may be in at most (a create or add past it is "
-        "refused: group_full); 1 or more (default %(default)s)",
+        "refused: group_full; in a cluster counted in Redis, so give every node the same N); "
+        "1 or more (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--max-fanout-rate", type=positive, default=ServerConfig().max_fanout_rate,
