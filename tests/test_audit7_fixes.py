@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chat_client import _Group
+from chat_client import ChatSession, _Group
 from chat_server import ServerConfig, chunk_cost
 from client_core import (
     Event,
@@ -21,6 +21,7 @@ from client_core import (
     MessageState,
     StatusChanged,
 )
+from client_groups_ui import GroupInfo, leave_question
 from protocol import (
     CONTROL_STREAM,
     ErrorCode,
@@ -36,14 +37,28 @@ from protocol import (
 )
 from server_cluster import USER_GROUPS_COUNTED_KEY, USER_GROUPS_KEY
 from server_store import ChangeGroup
+from tests.conftest import wait_for
 from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import Client, World
 from tests.test_client_core import Net
 from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_groups_client import login
+from tests.test_groups_gui import window_screenshot
 from tests.test_groups_terminal import terminal
+from tests.test_gui import Gui, gui, press, pump, pump_until  # noqa: F401 (a fixture)
+from tests.xvfb import display  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def drain(session: ChatSession) -> list[Any]:
+    """The events waiting on `session`'s queue."""
+    got = []
+    while not session.events.empty():
+        got.append(session.events.get_nowait())
+    return got
+
 
 # --- N1: the client's events in arrival order -------------------------------------
 
@@ -292,3 +307,69 @@ def test_the_store_counts_groups_made_before_it_kept_counts(
     redis.delete(USER_GROUPS_KEY)
     cluster_of(1)  # counted once: a later start leaves the counts alone
     assert redis.hgetall(USER_GROUPS_KEY) == {}
+
+
+# --- N6: the window asks before leaving a group ---------------------------------------
+
+
+def test_leave_group_in_the_window_asks_first_and_names_the_next_owner(
+    gui: Gui,  # noqa: F811
+) -> None:
+    """ "Leave group", under Remove, acted at once: a slip took the owner out
+    for good, ownership passed on (audit7 N6). Now it asks "Leave #newg?",
+    naming who becomes owner; Escape or Cancel keeps you in (nothing sent),
+    Leave leaves. A member who does not own it is told only how to get back;
+    the last member that the group ends."""
+    bob = gui.session("bob")
+    gui.session("carol")
+    window = gui.window()
+    gui.login(window, "alice")
+    assert window.session is not None
+    window.session.group(GroupAction.CREATE, "newg", ("bob", "carol"))
+    window.open_conversation("#newg")
+    panel = window.groups.panel
+    assert pump_until(gui.root, lambda: len(panel.rows()) == 3), panel.rows()
+
+    panel.leave_button.invoke()
+    dialog = panel.confirm
+    assert dialog is not None and dialog.top.winfo_exists()
+    assert dialog.text == ("Leave #newg? You are its owner: ownership passes to bob. Only a "
+                           "member can add you back, and not as its owner.")  # fmt: skip
+    panel.leave_button.invoke()  # a second click: the same question, not another
+    assert panel.confirm is dialog
+    window_screenshot(window, ARTIFACTS / "leave-group-confirm.png")
+    dialog.cancel_button.focus_force()
+    dialog.cancel_button.update()
+    dialog.cancel_button.event_generate("<KeyPress>", keysym="Escape")  # (it closes at once)
+    gui.root.update()
+    assert panel.confirm is None and not dialog.top.winfo_exists()
+    panel.leave_button.invoke()
+    again = panel.confirm
+    assert again is not None
+    again.cancel_button.invoke()
+    pump(gui.root, 1.0)
+    assert "alice left" not in window.transcript_text()
+    assert str(panel.leave_button.cget("state")) == "normal"
+    assert not [e for e in drain(bob) if isinstance(e, GroupChanged) and e.change == "left"]
+
+    panel.leave_button.invoke()
+    confirm = panel.confirm
+    assert confirm is not None
+    confirm.leave_button.invoke()
+    assert panel.confirm is None
+    assert pump_until(gui.root, lambda: "alice left" in window.transcript_text())
+    wait_for(bob, lambda e: isinstance(e, GroupChanged) and e.change == "owner"
+             and e.users == ("bob",))  # fmt: skip
+    assert str(panel.leave_button.cget("state")) == "disabled"
+
+
+def test_the_leave_question_for_a_member_and_for_the_last_one() -> None:
+    member = GroupInfo("team", "bob", ["bob", "alice", "carol"])
+    assert leave_question("team", member, "alice") == (
+        "Leave #team? Only a member can add you back."
+    )
+    last = GroupInfo("solo", "alice", ["alice"])
+    assert (
+        leave_question("solo", last, "Alice")
+        == "Leave #solo? You are its last member: the group ends."
+    )
