@@ -1017,6 +1017,14 @@ def _group_command(session: ChatSession, command: str, args: list[str]) -> None:
         session._emit(ErrorEvent(ErrorCode.INVALID_NAME.label, f"name the group: {usage}"))
         return
     group, users = args[0], args[1:]
+    if not is_group_address(group):
+        # `/create team2 bob` made a group the user then reaches only as
+        # #team2 (`/to team2` is a person): the `#` says which is meant.
+        usage = next(use for use, _ in TERMINAL_COMMANDS if use.startswith(command + " "))
+        session._emit(ErrorEvent(ErrorCode.INVALID_NAME.label,
+                                 f"{group!r} is no group: a group is written like #team "
+                                 f"({usage.replace('#GROUP', '#' + group)})"))  # fmt: skip
+        return
     if per_user and users:
         if action == GroupAction.REMOVE and len(users) > 1 and session.username:
             # Naming yourself beside others removes only them (the server's

@@ -452,6 +452,12 @@ class _GroupHolds:
 
 _SEND_KIND = bytes((Kind.SEND,))  # a SEND's first chunk starts with it
 _GROUP_REQUEST_KIND = bytes((Kind.GROUP_REQUEST,))
+#: A GROUP_REQUEST's action byte (after its kind and u64 request id) for
+#: the actions that make entries in a group's log (`chunk_cost`).
+_ENTRY_ACTIONS = frozenset(
+    bytes((action,))
+    for action in (GroupAction.CREATE, GroupAction.ADD, GroupAction.REMOVE, GroupAction.LEAVE)
+)
 
 
 def _requests_only(chunks: list[Stream]) -> bool:
@@ -512,7 +518,14 @@ def chunk_cost(chunks: list[Stream]) -> ChunkCost:
             sends = True
             messages += frame.index == 0
         elif frame.index == 0 and frame.data and frame.data[0] in COUNTED_REQUESTS:
-            requests += 1
+            if frame.data[:1] == _GROUP_REQUEST_KIND and frame.data[9:10] in _ENTRY_ACTIONS:
+                # A membership change sent on the control stream (our client
+                # sends it on its group's) makes entries all the same: it is
+                # the send it would be there, so the memory check sees it.
+                sends = True
+                messages += 1
+            else:
+                requests += 1
     return messages, requests, size, sends
 
 
@@ -664,6 +677,11 @@ class Relay:
         # copies of some of their groups still had them as members -> those
         # groups: their LEFT entries bury them here too (`_bury_copy`).
         self._erased_members: dict[str, set[str]] = {}
+        # Cluster mode: user key -> the creates and adds planned here that
+        # would put them in a group, not answered by the store yet: they
+        # count against `--max-user-groups` here (the store counts exactly,
+        # for every node: `ChangeGroup.max_user_groups`; audit7 N2).
+        self._joining: dict[str, int] = {}
         # Group messages committed and held for their group's next fan-out
         # (FANOUT_HOLD): group key -> (the group, its entries in order, when
         # they go); when its last fan-out went; the earliest of those due.
@@ -4569,6 +4587,10 @@ class Relay:
             if not isinstance(plan, str):
                 group, op, text = plan
                 op.request = (key, 0, text)
+                op.max_user_groups = self.groups.max_user_groups
+                for _, joined, _ in op.entries:
+                    for member_key, _, _ in joined:
+                        self._joining[member_key] = self._joining.get(member_key, 0) + 1
                 then = functools.partial(self._group_changed, user, instance_id, request, key,
                                          op, attempt, group)  # fmt: skip
                 self.store.submit(op, then)
@@ -4611,7 +4633,7 @@ class Relay:
             name, group_key = self.groups.check_create(request.group)
             others = self._resolve(request.users, user.key)
             self.groups.check_room(1, len(others))
-            self.groups.check_memberships([(user.key, user.name), *others])
+            self.groups.check_memberships([(user.key, user.name), *others], self._joining)
             users = (user.name, *(n for _, n in others))
             joined = ((user.key, user.name, 0),
                       *((k, n, rank) for rank, (k, n) in enumerate(others, 1)))  # fmt: skip
@@ -4626,7 +4648,7 @@ class Relay:
             if not new:
                 return ALREADY_MEMBERS
             self.groups.check_room(len(group.members), len(new))
-            self.groups.check_memberships(new)
+            self.groups.check_memberships(new, self._joining)
             item = entry(group.key, GroupChange.ADDED, tuple(n for _, n in new),
                          len(group.members) + len(new))  # fmt: skip
             entries.append((item, tuple((k, n, rank) for rank, (k, n) in enumerate(new)), ()))
@@ -4683,6 +4705,17 @@ class Relay:
                        group: Group | None) -> None:  # fmt: skip
         """The store's verdict on a planned change."""
         stream = conversation_stream(group_address(op.name))
+        for _, joined, _ in op.entries:  # answered: no longer planned (`_joining`)
+            for member_key, _, _ in joined:
+                left = self._joining.pop(member_key, 0) - 1
+                if left > 0:
+                    self._joining[member_key] = left
+        if op.outcome == "full":  # the store counted the user's groups: final
+            self.stats["group_refused"] += 1
+            self._group_result(user, key, int(ErrorCode.GROUP_FULL),
+                               f"{op.full} is in {op.max_user_groups} groups, the most one "
+                               "user may be in", stream, op.group_key)  # fmt: skip
+            return
         if op.outcome == "done":  # asked before (on another node, or before a crash)
             code, text = op.answer or (0, "")
             self._remember_answer(key, (code, text))
@@ -5489,7 +5522,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-user-groups", type=at_least(1), default=ServerConfig().max_user_groups,
         metavar="N", help="groups one user may be in at most (a create or add past it is "
-        "refused: group_full); 1 or more (default %(default)s)",
+        "refused: group_full; in a cluster counted in Redis, so give every node the same N); "
+        "1 or more (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--max-fanout-rate", type=positive, default=ServerConfig().max_fanout_rate,

@@ -1624,7 +1624,13 @@ class ClientCore:
     # --- helpers ---------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
-        self._events.append(event)
+        # Behind anything staged (a group change or message waiting for the
+        # commit): events leave in the order they happened, so a `members`
+        # answer or an `accepted` never overtakes the `created` before it.
+        if self._staged:
+            self._staged.append(event)
+        else:
+            self._events.append(event)
 
     def _fatal(self, code: ErrorCode, message: str) -> None:
         self._settle_cancels()

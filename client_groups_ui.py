@@ -10,8 +10,9 @@ holds small hooks that call in here.
   names the members who have it: `hover_text`).
 - `MembersPanel`: beside an open group's transcript: the members with a
   presence dot, the owner marked, Add (any member), Remove (the owner),
-  Leave.
+  Leave (once `LeaveDialog` confirms it).
 - `NewGroupDialog`: "New group": a name and the first members.
+- `LeaveDialog`: "Leave #team?", naming who becomes owner if it is ours.
 
 Like the rest of the window it runs on the Tk thread only; it reaches the
 network through the window's session (`group`, `watch`), whose answers come
@@ -632,6 +633,7 @@ class MembersPanel:
         self.error.pack(fill="x", pady=(4, 0))
         self.owner = False
         self.member = True
+        self.confirm: LeaveDialog | None = None
 
     def show(self) -> None:
         self.error.configure(text="")
@@ -690,6 +692,20 @@ class MembersPanel:
         self.error.configure(text=problem or "")
 
     def leave(self) -> None:
+        """Ask first: "Leave group" sits under Remove, and a slip is not
+        undone (only a member adds you back, never as owner; audit7 N6)."""
+        if self.confirm is not None and self.confirm.top.winfo_exists():
+            self.confirm.top.lift()
+            return
+        group = self.groups.shown_group
+        if group is None:
+            self.error.configure(text="open a group first")
+            return
+        self.confirm = LeaveDialog(self, group, self.groups.info(group))
+
+    def confirmed(self) -> None:
+        """The leaving was confirmed (`LeaveDialog`): ask the server."""
+        self.confirm = None
         problem = self.groups.leave()
         self.error.configure(text=problem or "")
 
@@ -754,3 +770,56 @@ class NewGroupDialog:
     def close(self) -> None:
         self.top.destroy()
         self.groups.dialog = None
+
+
+class LeaveDialog:
+    """ "Leave #team?": what leaving does, then Leave or Cancel (Escape).
+    The owner is told who becomes owner (the longest-standing member, as
+    the server picks), the last member that the group ends."""
+
+    def __init__(self, panel: MembersPanel, group: str, info: GroupInfo) -> None:
+        self.panel = panel
+        parent = panel.groups.w.top
+        top = self.top = tk.Toplevel(parent)
+        top.title("Leave group")
+        top.transient(parent)
+        top.geometry(f"+{parent.winfo_rootx() + 80}+{parent.winfo_rooty() + 80}")
+        top.resizable(False, False)
+        box = ttk.Frame(top, padding=16)
+        box.pack(fill="both", expand=True)
+        self.text = leave_question(group, info, panel.groups.w.username or "")
+        ttk.Label(box, text=panel.groups.tk_safe(self.text), wraplength=320).grid(
+            row=0, column=0, sticky="w"
+        )
+        buttons = ttk.Frame(box)
+        buttons.grid(row=1, column=0, sticky="e", pady=(12, 0))
+        self.cancel_button = ttk.Button(buttons, text="Cancel", command=self.close)
+        self.cancel_button.pack(side="right", padx=(6, 0))
+        self.leave_button = ttk.Button(buttons, text="Leave", command=self.submit)
+        self.leave_button.pack(side="right")
+        top.bind("<Escape>", lambda e: self.close())
+        top.protocol("WM_DELETE_WINDOW", self.close)
+        self.cancel_button.focus_set()  # Return on a slip keeps you in
+
+    def submit(self) -> None:
+        self.top.destroy()
+        self.panel.confirmed()
+
+    def close(self) -> None:
+        self.top.destroy()
+        self.panel.confirm = None
+
+
+def leave_question(group: str, info: GroupInfo, me: str) -> str:
+    """What "Leave group" asks: for the owner, who becomes owner (the
+    longest-standing other member: the first in joining order), or that the
+    group ends with its last member."""
+    key = name_key(me)
+    others = [m for m in info.members if name_key(m) != key]
+    question = f"Leave #{group}?"
+    if not others and info.members:
+        return f"{question} You are its last member: the group ends."
+    if info.owner and name_key(info.owner) == key and others:
+        return (f"{question} You are its owner: ownership passes to {others[0]}. Only a member "
+                "can add you back, and not as its owner.")  # fmt: skip
+    return f"{question} Only a member can add you back."

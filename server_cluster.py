@@ -402,6 +402,11 @@ return {'ok', seq .. ':' .. n .. ':' .. epoch}
 # it was done before, is looked up (a request sent again to another node is
 # answered, not refused), else the group's epoch and seq are answered: the
 # node's copy reaches them and the request is planned again.
+# KEYS[17]: every user's count of groups (`USER_GROUPS_KEY`), changed here
+# with the members; ARGV[13]: the most groups one user may be in: a change
+# that would put someone past it is refused ("full", with their name), so
+# the cap holds for changes planned on any node at the same time, which a
+# node's copy cannot see (`--max-user-groups`; audit7 N2).
 CHANGE_GROUP = """
 local done = redis.call('HGET', KEYS[6], ARGV[5])
 if done then return {'done', done} end
@@ -412,12 +417,28 @@ if ARGV[3] == '0' then
 elseif g[1] ~= ARGV[3] or g[2] ~= ARGV[4] then
   return {'conflict', g[1] or '0', g[3] or '0'}
 end
+local plan = cjson.decode(ARGV[7])
+local cap = tonumber(ARGV[13])
+local joining = {}
+for _, e in ipairs(cap > 0 and plan or {}) do
+  for _, j in ipairs(e.j) do
+    if not joining[j[1]] and redis.call('HEXISTS', KEYS[2], j[1]) == 0 then
+      joining[j[1]] = true
+      if tonumber(redis.call('HGET', KEYS[17], j[1]) or '0') >= cap then
+        return {'full', j[2]}
+      end
+    end
+  end
+end
 local seq = tonumber(g[3] or '0')
 if ARGV[3] == '0' then seq = tonumber(redis.call('GET', KEYS[16]) or '0') end
 local epoch = ARGV[3]
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[6])
 redis.call('EXPIRE', KEYS[6], ARGV[11])
 if ARGV[9] == '1' then
+  for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
+    if redis.call('HINCRBY', KEYS[17], k, -1) <= 0 then redis.call('HDEL', KEYS[17], k) end
+  end
   local senders = false
   local sent = redis.call('HGETALL', KEYS[13])
   for i = 1, #sent, 2 do
@@ -478,7 +499,7 @@ if epoch == '0' then
 end
 local first = seq + 1
 local total = redis.call('HGET', KEYS[1], 'bytes') or '0'
-for _, e in ipairs(cjson.decode(ARGV[7])) do
+for _, e in ipairs(plan) do
   seq = seq + 1
   -- (no text: `p` as `GROUP_POST`'s; `s` empty: no sender's message)
   redis.call('XADD', KEYS[5], seq .. '-0', 'm', e.m, 'n', e.n, 's', '', 'p', total)
@@ -505,7 +526,9 @@ for _, e in ipairs(cjson.decode(ARGV[7])) do
         ranges[#ranges + 1] = {v[2], v[4]}
       end
     end
-    redis.call('HSET', KEYS[2], j[1], cjson.encode({j[2], seq, j[3], ranges}))
+    if redis.call('HSET', KEYS[2], j[1], cjson.encode({j[2], seq, j[3], ranges})) == 1 then
+      redis.call('HINCRBY', KEYS[17], j[1], 1)
+    end
     redis.call('HDEL', KEYS[3], j[1])
     if not ranges then redis.call('HSET', KEYS[4], j[1], seq - 1) end
   end
@@ -514,6 +537,7 @@ for _, e in ipairs(cjson.decode(ARGV[7])) do
     if m then
       local v = cjson.decode(m)
       redis.call('HDEL', KEYS[2], k)
+      if redis.call('HINCRBY', KEYS[17], k, -1) <= 0 then redis.call('HDEL', KEYS[17], k) end
       redis.call('HSET', KEYS[3], k, cjson.encode({v[1], v[2], v[3], seq, v[4]}))
     end
   end
@@ -665,6 +689,23 @@ if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then redis.call('HDEL', KEYS[2],
 return 1
 """
 
+# Count every user's groups from the members (once per Redis: groups made
+# before the counts were kept would otherwise count for nothing, and their
+# leaving below zero). KEYS: the counts, the "counted" mark, the set of
+# groups. ARGV: the prefix of a group's members' key (`group_keys`).
+# (Run once at a node's start, touching every group: one Redis, not a
+# Redis Cluster; see docs/CLUSTER.md.)
+COUNT_USER_GROUPS = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('DEL', KEYS[1])
+for _, g in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local members = ARGV[1] .. '{#' .. g .. '}'
+  for _, k in ipairs(redis.call('HKEYS', members)) do redis.call('HINCRBY', KEYS[1], k, 1) end
+end
+redis.call('SET', KEYS[2], '1')
+return 1
+"""
+
 SCRIPTS = {
     "store_message": STORE_MESSAGE, "mark_delivered": MARK_DELIVERED, "notice_done": NOTICE_DONE,
     "store_account": STORE_ACCOUNT, "update_account": UPDATE_ACCOUNT,
@@ -773,6 +814,12 @@ def dedup_key(sender_key: str, instance_id: int, client_seq: int) -> str:
 
 #: The set of every group's key (read at a node's start and at each beat).
 GROUPS_KEY = "chat:groups"
+#: How many groups each user is in (user key -> count; `CHANGE_GROUP`
+#: keeps it with the members, and refuses a change past the cap by it).
+USER_GROUPS_KEY = "chat:ugroups"
+#: Set once `USER_GROUPS_KEY` was counted from the groups' members (a
+#: cluster whose groups were made before it was kept: `COUNT_USER_GROUPS`).
+USER_GROUPS_COUNTED_KEY = "chat:ugroups:counted"
 #: The last seq a group log read may reach (`ReadGroupLog.last` for "all").
 LOG_END = 1 << 62
 
@@ -1040,6 +1087,9 @@ class RedisStore:
                 loaded.accounts[key] = unpack_account(blob)
             for key, until in client.hgetall("chat:quarantine").items():
                 loaded.quarantine[key] = int(until)
+            members = group_keys("")["gmem"].removesuffix("{#}")  # (the prefix of every group's)
+            client.eval(COUNT_USER_GROUPS, 3, USER_GROUPS_KEY, USER_GROUPS_COUNTED_KEY,
+                        GROUPS_KEY, members)  # fmt: skip
             for group, told, sent in self._read_groups(sorted(client.smembers(GROUPS_KEY))):
                 loaded.groups.append(group)
                 for sender, seq in told.items():
@@ -1418,11 +1468,11 @@ class RedisStore:
                        [keys["group"], keys["gmem"], keys["gformer"], keys["gcur"], keys["glog"],
                         keys["greq"], GROUPS_KEY, kept["group"], kept["gformer"], kept["gcur"],
                         kept["glog"], keys["gtold"], keys["gsent"], kept["gtold"],
-                        kept["gsent"], keys["gmark"]],
+                        kept["gsent"], keys["gmark"], USER_GROUPS_KEY],
                        [op.group_key, op.name, op.epoch, op.changed,
                         f"{user_key}:{instance_id}:{request_id}", _pack([code, text]),
                         _pack(plan), op.owner_key, int(op.end), first_id, DEDUP_KEEP_S,
-                        retired])  # fmt: skip
+                        retired, op.max_user_groups])  # fmt: skip
             case GroupReceipt(group_key, member_key, seq):
                 keys = group_keys(group_key)
                 script("group_cursor", [keys["gcur"], keys["gmem"], keys["gformer"]],
@@ -1466,6 +1516,8 @@ class RedisStore:
         op.outcome = outcome
         if outcome == "ok":
             op.first_seq = int(raw[1])
+        elif outcome == "full":
+            op.full = str(raw[1])
         elif outcome in ("conflict", "none"):
             op.current = (int(raw[1]), int(raw[2]))
         elif outcome == "done":

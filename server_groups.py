@@ -467,13 +467,16 @@ class GroupTable:
             raise GroupRefused(ErrorCode.GROUP_FULL, f"a group has at most {self.max_members} "
                                f"members; this would make {group_size + adding}")  # fmt: skip
 
-    def check_memberships(self, users: list[tuple[str, str]]) -> None:
+    def check_memberships(self, users: list[tuple[str, str]],
+                          planned: dict[str, int] | None = None) -> None:  # fmt: skip
         """Refuse (GROUP_FULL) a create or add that would put a user, (key,
         name), in more than `max_user_groups` groups: every group lives in
         the server's memory, so how many one user makes or is put in is
-        bounded (audit14 L3)."""
+        bounded (audit14 L3). `planned`: key -> groups they are being put
+        in by changes not applied yet (a cluster node's, in flight)."""
         for key, name in users:
-            if len(self.of_user.get(key, ())) >= self.max_user_groups:
+            ahead = planned.get(key, 0) if planned else 0
+            if len(self.of_user.get(key, ())) + ahead >= self.max_user_groups:
                 raise GroupRefused(ErrorCode.GROUP_FULL, f"{name} is in {self.max_user_groups} "
                                    "groups, the most one user may be in")  # fmt: skip
 

@@ -741,7 +741,9 @@ class ChangeGroup:
     by the store from the group's next seq on. `owner_key` is the owner
     after them; `end`: the last member left (the group's keys go). The store
     sets `outcome`: "ok" (with `first_seq`), "conflict" (with `current`, the
-    store's (epoch, seq)) or "done" (asked before: `answer`). With `epoch`
+    store's (epoch, seq)) or "done" (asked before: `answer`), or "full"
+    (`full`: the name of a user it would put in more than `max_user_groups`
+    groups, counted by the store; 0: not checked there). With `epoch`
     -1 and no entries, only the answer is looked up: "done" or "none" (with
     `current`: the node catches up to it and plans the request again)."""
 
@@ -757,6 +759,8 @@ class ChangeGroup:
     first_seq: int = 0
     current: tuple[int, int] = (0, 0)
     answer: tuple[int, str] | None = None
+    max_user_groups: int = 0
+    full: str = ""
 
 
 @dataclass(slots=True)

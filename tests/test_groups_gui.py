@@ -199,6 +199,8 @@ def test_only_the_owner_may_remove_and_leaving_hands_over(gui: Gui) -> None:
     assert "alice left" in bob_window.transcript_text()
     assert pump_until(gui.root, lambda: panel.rows() == ["\u25cf bob (you, owner)"])
     panel.leave_button.invoke()
+    assert panel.confirm is not None  # "Leave #team?" (audit7 N6)
+    panel.confirm.leave_button.invoke()
     assert pump_until(gui.root, lambda: "bob left" in bob_window.transcript_text())
     assert pump_until(gui.root, lambda: contact_text(bob_window, "#team")[1][0] == "left")
     assert str(panel.add_button.cget("state")) == "disabled"

@@ -318,6 +318,9 @@ def test_a_left_group_stays_left_after_the_window_restarts_and_takes_no_messages
     # The count on the line under the name: an unread badge cannot cut it.
     assert contact_text(window, "#team")[0] == "#team"
     window.groups.panel.leave_button.invoke()
+    confirm = window.groups.panel.confirm
+    assert confirm is not None  # "Leave #team?" (audit7 N6)
+    confirm.leave_button.invoke()
     assert pump_until(gui.root, lambda: "alice left" in window.transcript_text())
     window.close()
     gui.windows.remove(window)

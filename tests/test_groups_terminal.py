@@ -89,7 +89,7 @@ def terminal(lines: str, *, as_json: bool = True) -> tuple[RecordingSession, lis
 
 def test_group_commands_become_group_requests() -> None:
     session, events, _ = terminal(
-        "/create #team bob, carol\n/add #team dave erin\n/remove #team dave\n/members team\n"
+        "/create #team bob, carol\n/add #team dave erin\n/remove #team dave\n/members #team\n"
         "/groups\n/leave #team\n"
     )
     groups = [c for c in session.commands if isinstance(c, _Group)]
