@@ -47,6 +47,7 @@ from client_core import (
     WhoList,
     check_group_request,
 )
+from client_look import name_list
 from client_store import read_group_receipts
 from protocol import GroupAction, group_address, is_group_address, name_key
 
@@ -259,7 +260,7 @@ class GroupsUI:
         if isinstance(event, GroupUnchanged):
             # The answer to an Add that changed nothing: said in the group's
             # transcript (before, nothing was: the field just emptied).
-            names = ", ".join(event.users)
+            names = name_list(event.users)
             are = "is a member" if len(event.users) == 1 else "are members"
             conv = self.w.conversation(group_address(event.group))
             text = f"{names} {are} of #{event.group} already"
@@ -435,7 +436,9 @@ class GroupsUI:
         of = f" of {receipts.recipients}" if receipts.recipients is not None else ""
         if not receipts.by:
             return f"Members    none has it yet (0{of})"
-        return f"Members    {len(receipts.by)}{of} have it: {', '.join(receipts.by)}"
+        # The first few names: a line naming 1,000 members killed the window
+        # (audit7 N9); the tooltip wraps and clips whatever it gets too.
+        return f"Members    {len(receipts.by)}{of} have it: {name_list(receipts.by)}"
 
     def _read_receipts(self, msg_id: str) -> None:
         """What the store has of our message `msg_id` and the others in the
