@@ -17,6 +17,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,14 +73,14 @@ TOOLTIPS = textwrap.dedent(
 )
 
 
-def run_tooltips(display: str, names: list[str]) -> dict[str, object]:  # noqa: F811
+def run_tooltips(display: str, names: list[str]) -> dict[str, Any]:  # noqa: F811
     env = dict(os.environ, DISPLAY=display, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-c", TOOLTIPS, json.dumps(names)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, f"the process died ({proc.returncode}):\n{proc.stderr[-2000:]}"
-    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -89,7 +90,7 @@ def test_the_hover_over_a_message_to_1000_members_fits_on_the_screen(
     """audit7 N9: "✓✓ 1000 of 1000" named every member in one unwrapped
     line; X refused a pixmap that wide and the window died at the hover."""
     out = run_tooltips(display, LONG_NAMES)
-    screen_w, screen_h = out["screen"]  # type: ignore[misc]
+    screen_w, screen_h = out["screen"]
     hover = out["hover"]
     assert isinstance(hover, str)
     assert f"1000 of 1000 have it: {name_list(LONG_NAMES)}" in hover
@@ -102,8 +103,8 @@ def test_the_hover_over_a_message_to_1000_members_fits_on_the_screen(
         x, y = shown["at"]
         assert 0 <= x and x + width <= screen_w, (case, shown["at"], shown["req"])
         assert 0 <= y and y + height <= screen_h, (case, shown["at"], shown["req"])
-    assert out["window"]["shown"] == hover  # type: ignore[index]
-    assert str(out["one word"]["shown"]).endswith("\u2026")  # type: ignore[index]
+    assert out["window"]["shown"] == hover
+    assert str(out["one word"]["shown"]).endswith("\u2026")
 
 
 def test_a_list_of_names_names_the_first_few_and_counts_the_rest() -> None:
