@@ -166,3 +166,13 @@ def test_a_users_groups_read_back_at_start_are_indexed() -> None:
     stream = conversation_stream("#team")
     assert table.on_stream("alice", stream) == ["team"] == table.on_stream("bob", stream)
     assert table.on_stream("carol", stream) == [] and table.on_stream("alice", stream + 1) == []
+
+
+def test_the_bench_of_a_user_in_many_groups_runs_and_loses_nothing() -> None:
+    """bench/user_groups.py, tiny: its three figures, no message lost."""
+    from bench.user_groups import measure
+
+    out = measure(messages=20, groups=300)
+    assert out["lost"] == 0
+    for key in ("us_per_msg_in_no_group", "us_per_msg_in_groups", "us_per_msg_in_groups_old_walk"):
+        assert out[key] > 0
