@@ -160,6 +160,11 @@ class GroupInfo:
     owner: str = ""
     members: list[str] = field(default_factory=list)  # in joining order
     member: bool = True  # False once we left or were removed
+    # `members` is all of them (a creation or a /members answer, kept up by
+    # the changes since); not when we were added to a group whose members we
+    # had not been told: then they are the ones added with us, and no count
+    # is shown until the group's list comes (audit7 N10: "145 members" of 402).
+    complete: bool = False
 
     def has(self, user: str) -> bool:
         key = name_key(user)
@@ -304,6 +309,7 @@ class GroupsUI:
             info = self.info(event.group)
             info.owner = event.owner
             info.members = list(event.members)
+            info.complete = True
             info.member = self.w.username is not None and info.has(self.w.username)
             self._watch(info)
             self._changed(info)
@@ -318,9 +324,13 @@ class GroupsUI:
             info.owner = event.by
             info.members = list(event.users)
             info.member = True
+            info.complete = True
         elif event.change == "added":
             info.members.extend(u for u in event.users if not info.has(u))
             if any(name_key(u) == name_key(me) for u in event.users):
+                # What happened while we were out (or before we were in) was
+                # not ours to see: the list is whole again at its answer.
+                info.complete = info.complete and info.member
                 info.member = True
                 self.asked.discard(name_key(event.group))  # learn who is there when opened
                 if self.shown_group is not None and name_key(self.shown_group) == name_key(
@@ -387,7 +397,7 @@ class GroupsUI:
         status = ""
         if info is not None and not info.member:
             status = "left"
-        elif info is not None and info.members:
+        elif info is not None and info.members and info.complete:
             # The member count on the line under the name, which an unread
             # badge does not shorten as it does the name (before, "#team
             # (3)" lost its count to the badge: the name was cut first).
@@ -397,6 +407,24 @@ class GroupsUI:
         self.w.contact_list.set_label(key, None)  # (the name: `#team`)
         self.w.contact_list.set_state(key, status, conv.unread)
         return True
+
+    def not_ours(self, name: str) -> str | None:
+        """Why "New chat with…" does not open `name`: a group this session's
+        list does not have, that no change or conversation of ours knows
+        (before, `#zzz` left a contact that said "You are not a member of
+        #zzz any more": audit7 N8); None for anything else. The session's
+        list says which groups we are in; which of the others exist is not
+        ours to know, so the line says neither."""
+        group = group_of(name)
+        if group is None or not self.listed:
+            return None  # a person, or too early to tell: it opens
+        key = name_key(group)
+        info = self.groups.get(key)
+        if (info is not None and info.member) or key in self.creating:
+            return None
+        if name_key(name) in self.w.conversations or name_key(name) in self.w.contact_list.entries:
+            return None  # one we were in: its history opens
+        return f"There is no group #{group} you are in."
 
     def refusal(self, conv: ConversationView | None) -> str | None:
         """Why nothing can be sent to `conv` (a group we left or were
@@ -647,7 +675,7 @@ class MembersPanel:
         return bool(self.frame.winfo_ismapped())
 
     def fill(self, info: GroupInfo, rows: list[tuple[str, str, str]], *, owner: bool) -> None:
-        count = len(info.members)
+        count = len(info.members) if info.complete else 0
         self.title.configure(text=f"Members ({count})" if count else "Members")
         selected = set(self.tree.selection())
         self.tree.delete(*self.tree.get_children())
@@ -723,7 +751,9 @@ class NewGroupDialog:
         buttons = ttk.Frame(box)
         buttons.grid(row=3, column=1, sticky="e", pady=(12, 0))
         ttk.Button(buttons, text="Cancel", command=self.close).pack(side="right", padx=(6, 0))
-        self.create_button = ttk.Button(buttons, text="Create", command=self.submit)
+        # The dialog's one primary action: the accent (audit7 N12).
+        self.create_button = ttk.Button(buttons, text="Create", style="Accent.TButton",
+                                        command=self.submit)  # fmt: skip
         self.create_button.pack(side="right")
         self.error = ttk.Label(box, text="", style="Error.TLabel", wraplength=320)
         self.error.grid(row=4, column=0, columnspan=2, sticky="w", pady=(6, 0))

@@ -1012,6 +1012,10 @@ class ChatWindow:
         except LocalProtocolError as exc:
             self._system(self.current, f"Cannot open a chat with {name!r}: {exc}")
             return
+        refused = self.groups.not_ours(name)
+        if refused is not None:  # no conversation, no contact: the name stays to correct
+            self._system(self.current, refused, "error")
+            return
         self.new_chat_var.set("")
         self.open_conversation(name)
 
@@ -1223,7 +1227,7 @@ class ChatWindow:
     def _show_hit(self, needle: str, hit: tuple[str, str], note: str) -> bool:
         text = self.transcript
         text.tag_add("found", *hit)
-        text.see(hit[0])
+        self.view.see(hit[0])
         self._found = (needle, hit[0])
         self.find_status.configure(text=note, style="Muted.TLabel")
         return True

@@ -15,15 +15,21 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from chat_client import GroupChanged
 from client_look import NAMES_SHOWN, name_list
 from client_transcript import Line
-from tests.test_gui import Gui, open_gui, pump
+from client_window import ChatWindow
+from protocol import GroupAction, name_key
+from tests.conftest import RunningServer, wait_for
+from tests.test_groups_gui import members_shown
+from tests.test_gui import Gui, open_gui, press, pump, pump_until
 from tests.xvfb import display  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,3 +137,109 @@ def test_an_add_that_changed_nothing_names_the_first_few_members(app: Gui) -> No
     text = conv.lines[-1].text
     assert text.startswith(name_list(LONG_NAMES)) and text.endswith("are members of #big already")
     assert isinstance(conv.lines[-1], Line)
+
+
+# --- N8, N10, N11, N12: a window logged in to a real server ---------------------------
+
+
+@pytest.fixture
+def gui(display: str, server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gui]:  # noqa: F811
+    yield from open_gui(server, monkeypatch)
+
+
+def logged_in(gui: Gui, name: str) -> ChatWindow:
+    window = gui.window()
+    gui.login(window, name)
+    assert pump_until(gui.root, lambda: window.groups.listed, 10), "the session's group list"
+    return window
+
+
+def test_new_chat_with_a_group_we_are_not_in_says_so_and_leaves_no_contact(gui: Gui) -> None:
+    """audit7 N8: `#zzz` opened an empty group conversation whose contact
+    stayed, and a line typed to it was refused as "not a member of #zzz any
+    more" (alice never was; there is no such group)."""
+    bob = gui.session("bob")
+    gui.session("carol")
+    bob.group(GroupAction.CREATE, "theirs", ("carol",))  # exists; alice is not in it
+    wait_for(bob, lambda e: isinstance(e, GroupChanged) and e.group == "theirs")
+    alice = logged_in(gui, "alice")
+    alice.open_conversation("bob")
+    for typed in ("#zzz", "#theirs"):
+        alice.new_chat_var.set(typed)  # (type_text has no keysym for '#')
+        press(alice.new_chat_entry, "Return")
+        pump(gui.root, 0.2)
+        group = typed[1:]
+        assert f"There is no group #{group} you are in." in alice.transcript_text()
+        assert name_key(typed) not in alice.conversations
+        assert name_key(typed) not in alice.contact_list.entries
+        assert alice.current is not None and alice.current.name == "bob"
+        assert alice.new_chat_var.get() == typed, "what was typed stays, to correct it"
+        alice.new_chat_var.set("")
+    # A group alice is in opens as before.
+    bob.group(GroupAction.CREATE, "ours", ("alice",))
+    assert pump_until(gui.root, lambda: name_key("#ours") in alice.conversations)
+    alice.new_chat_var.set("#ours")
+    press(alice.new_chat_entry, "Return")
+    assert pump_until(gui.root, lambda: alice.current is not None
+                      and alice.current.name == "#ours")  # fmt: skip
+    assert "There is no group #ours" not in alice.transcript_text()
+
+
+def test_added_to_a_group_the_contact_line_shows_the_groups_count_not_the_changes(
+    gui: Gui,
+) -> None:
+    """audit7 N10: added by an ADD of 145 to a group of 402, the contact
+    line said "145 members" until the group was opened."""
+    bob = gui.session("bob")
+    others = [f"m{n}" for n in range(5)]
+    for name in [*others, "x1", "x2"]:
+        gui.session(name)
+    bob.group(GroupAction.CREATE, "big", tuple(others))  # bob and 5: 6 members
+    wait_for(bob, lambda e: isinstance(e, GroupChanged) and e.group == "big")
+    alice = logged_in(gui, "alice")
+    bob.group(GroupAction.ADD, "big", ("alice", "x1", "x2"))  # 9 members; the change names 3
+    assert pump_until(gui.root, lambda: name_key("#big") in alice.contact_list.entries)
+    pump(gui.root, 0.3)
+    assert members_shown(alice, "#big") is None, "no count until the group's is known"
+    alice.open_conversation("#big")  # asks for its members, as opening does
+    assert pump_until(gui.root, lambda: members_shown(alice, "#big") == 9), members_shown(
+        alice, "#big"
+    )
+    assert alice.groups.panel.title.cget("text") == "Members (9)"
+
+
+def test_opening_a_group_shows_its_newest_line_below_a_long_membership_line(gui: Gui) -> None:
+    """audit7 N11: the members panel, shown after the lines were scrolled
+    to the end, narrows the transcript; its wrapped lines pushed the newest
+    line out of view."""
+    alice = logged_in(gui, "alice")
+    now = time.time()
+    for name in ("bob", "#big"):
+        conv = alice.conversation(name)
+        conv.lines.extend(Line("peer", "bob", f"message {i}", now - 1000 + i) for i in range(40))
+        names = ", ".join(f"member{n:03d}" for n in range(145))
+        conv.lines.append(Line("system", "", f"owner added {names}", now - 500))
+        conv.lines.append(Line("own", "alice", "hello big group", now - 100))
+    text = alice.view.text
+    for name in ("bob", "#big", "bob", "#big"):
+        alice.open_conversation(name)
+        pump(gui.root, 0.4)
+        assert text.yview()[1] >= 0.999, (name, text.yview())
+        assert text.bbox("end-2c") is not None, f"{name}: the newest line is in view"
+    # Scrolled up by the person, a resize leaves the view where they put it.
+    alice.view._yview("moveto", 0.0)  # as the scrollbar does
+    pump(gui.root, 0.1)
+    alice.groups.panel.hide()  # the transcript widens
+    pump(gui.root, 0.4)
+    assert text.yview()[0] <= 0.01, text.yview()
+
+
+def test_the_new_group_dialogs_create_is_the_accent_button(gui: Gui) -> None:
+    """audit7 N12: the look guide's one accent button per view."""
+    alice = logged_in(gui, "alice")
+    alice.groups.new_button.invoke()
+    assert pump_until(gui.root, lambda: alice.groups.dialog is not None)
+    dialog = alice.groups.dialog
+    assert dialog is not None
+    assert str(dialog.create_button.cget("style")) == "Accent.TButton"
+    dialog.close()
