@@ -15,7 +15,7 @@ person types them), the Relay's CPU per message:
   datagram with a message walked all its sender's groups.
 
 Audit7 N13 measured the old way on a real server at load ~20: 1,000 ->
-5,033 us per direct message after 5,000 `/create`s (/work/audit7/a16.py).
+5,033 us per direct message after 5,000 `/create`s (its scenario a16).
 bench/README.md, "A user in many groups".
 """
 
