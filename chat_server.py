@@ -1250,18 +1250,21 @@ class Relay:
         4,095, is counted as if it were the group's: it may wait, never
         overspend). A membership request on the stream is no message: its
         entries are reckoned where it is numbered (`_change_cost`)."""
-        groups = self.groups.of_user.get(user.key)
-        if not groups:
+        # Only the streams in the datagram are looked up (`GroupTable.on_stream`):
+        # walking all the user's groups cost 4 ms a message in 5,000 (audit7 N13).
+        if user.key not in self.groups.streams_of:
             return 0
-        by_stream: dict[int, int] = {}
-        for group_key in groups:
-            group = self.groups.get(group_key)
-            if group is None:
+        copies = 0
+        for f in new:
+            if f.index != 0 or f.data[:1] != _SEND_KIND:
                 continue
-            stream = self._group_stream(group)
-            by_stream[stream] = max(by_stream.get(stream, 0), len(group.members) - 1)
-        return sum(by_stream.get(f.stream, 0) for f in new
-                   if f.index == 0 and f.data[:1] == _SEND_KIND)  # fmt: skip
+            most = 0
+            for group_key in self.groups.on_stream(user.key, f.stream):
+                group = self.groups.get(group_key)
+                if group is not None:
+                    most = max(most, len(group.members) - 1)
+            copies += most
+        return copies
 
     def _within_limits(self, session: Session, messages: int, size: int, now: float) -> bool:
         """Whether the user's message and byte budgets hold this much now

@@ -48,6 +48,7 @@ from client_core import (
     WhoList,
     check_group_request,
 )
+from client_look import name_list
 from client_store import read_group_receipts
 from protocol import GroupAction, group_address, is_group_address, name_key
 
@@ -160,6 +161,11 @@ class GroupInfo:
     owner: str = ""
     members: list[str] = field(default_factory=list)  # in joining order
     member: bool = True  # False once we left or were removed
+    # `members` is all of them (a creation or a /members answer, kept up by
+    # the changes since); not when we were added to a group whose members we
+    # had not been told: then they are the ones added with us, and no count
+    # is shown until the group's list comes (audit7 N10: "145 members" of 402).
+    complete: bool = False
 
     def has(self, user: str) -> bool:
         key = name_key(user)
@@ -260,7 +266,7 @@ class GroupsUI:
         if isinstance(event, GroupUnchanged):
             # The answer to an Add that changed nothing: said in the group's
             # transcript (before, nothing was: the field just emptied).
-            names = ", ".join(event.users)
+            names = name_list(event.users)
             are = "is a member" if len(event.users) == 1 else "are members"
             conv = self.w.conversation(group_address(event.group))
             text = f"{names} {are} of #{event.group} already"
@@ -304,6 +310,7 @@ class GroupsUI:
             info = self.info(event.group)
             info.owner = event.owner
             info.members = list(event.members)
+            info.complete = True
             info.member = self.w.username is not None and info.has(self.w.username)
             self._watch(info)
             self._changed(info)
@@ -318,9 +325,13 @@ class GroupsUI:
             info.owner = event.by
             info.members = list(event.users)
             info.member = True
+            info.complete = True
         elif event.change == "added":
             info.members.extend(u for u in event.users if not info.has(u))
             if any(name_key(u) == name_key(me) for u in event.users):
+                # What happened while we were out (or before we were in) was
+                # not ours to see: the list is whole again at its answer.
+                info.complete = info.complete and info.member
                 info.member = True
                 self.asked.discard(name_key(event.group))  # learn who is there when opened
                 if self.shown_group is not None and name_key(self.shown_group) == name_key(
@@ -387,7 +398,7 @@ class GroupsUI:
         status = ""
         if info is not None and not info.member:
             status = "left"
-        elif info is not None and info.members:
+        elif info is not None and info.members and info.complete:
             # The member count on the line under the name, which an unread
             # badge does not shorten as it does the name (before, "#team
             # (3)" lost its count to the badge: the name was cut first).
@@ -397,6 +408,24 @@ class GroupsUI:
         self.w.contact_list.set_label(key, None)  # (the name: `#team`)
         self.w.contact_list.set_state(key, status, conv.unread)
         return True
+
+    def not_ours(self, name: str) -> str | None:
+        """Why "New chat with…" does not open `name`: a group this session's
+        list does not have, that no change or conversation of ours knows
+        (before, `#zzz` left a contact that said "You are not a member of
+        #zzz any more": audit7 N8); None for anything else. The session's
+        list says which groups we are in; which of the others exist is not
+        ours to know, so the line says neither."""
+        group = group_of(name)
+        if group is None or not self.listed:
+            return None  # a person, or too early to tell: it opens
+        key = name_key(group)
+        info = self.groups.get(key)
+        if (info is not None and info.member) or key in self.creating:
+            return None
+        if name_key(name) in self.w.conversations or name_key(name) in self.w.contact_list.entries:
+            return None  # one we were in: its history opens
+        return f"There is no group #{group} you are in."
 
     def refusal(self, conv: ConversationView | None) -> str | None:
         """Why nothing can be sent to `conv` (a group we left or were
@@ -436,7 +465,9 @@ class GroupsUI:
         of = f" of {receipts.recipients}" if receipts.recipients is not None else ""
         if not receipts.by:
             return f"Members    none has it yet (0{of})"
-        return f"Members    {len(receipts.by)}{of} have it: {', '.join(receipts.by)}"
+        # The first few names: a line naming 1,000 members killed the window
+        # (audit7 N9); the tooltip wraps and clips whatever it gets too.
+        return f"Members    {len(receipts.by)}{of} have it: {name_list(receipts.by)}"
 
     def _read_receipts(self, msg_id: str) -> None:
         """What the store has of our message `msg_id` and the others in the
@@ -646,7 +677,7 @@ class MembersPanel:
         return bool(self.frame.winfo_ismapped())
 
     def fill(self, info: GroupInfo, rows: list[tuple[str, str, str]], *, owner: bool) -> None:
-        count = len(info.members)
+        count = len(info.members) if info.complete else 0
         self.title.configure(text=f"Members ({count})" if count else "Members")
         selected = set(self.tree.selection())
         self.tree.delete(*self.tree.get_children())
@@ -736,7 +767,9 @@ class NewGroupDialog:
         buttons = ttk.Frame(box)
         buttons.grid(row=3, column=1, sticky="e", pady=(12, 0))
         ttk.Button(buttons, text="Cancel", command=self.close).pack(side="right", padx=(6, 0))
-        self.create_button = ttk.Button(buttons, text="Create", command=self.submit)
+        # The dialog's one primary action: the accent (audit7 N12).
+        self.create_button = ttk.Button(buttons, text="Create", style="Accent.TButton",
+                                        command=self.submit)  # fmt: skip
         self.create_button.pack(side="right")
         self.error = ttk.Label(box, text="", style="Error.TLabel", wraplength=320)
         self.error.grid(row=4, column=0, columnspan=2, sticky="w", pady=(6, 0))

@@ -23,6 +23,7 @@ import time
 import tkinter as tk
 import tkinter.font as tkfont
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from tkinter import ttk
 from typing import Any, Literal, Protocol
@@ -338,11 +339,41 @@ def add_placeholder(entry: ttk.Entry, variable: tk.StringVar, text: str) -> ttk.
     return label
 
 
+def clip_text(text: str, limit: int) -> str:
+    """`text`, or its first `limit` characters and "…" if it is longer."""
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "\u2026"
+
+
+#: Past this many names a list shown in one label or line names the first
+#: ones and says how many more ("a, b and 381 more"): a group has up to
+#: 1,000 members, and one label naming them all was ~45,000 px wide, past
+#: what X makes a pixmap of: the window died at the hover (audit7 N9).
+NAMES_SHOWN = 20
+
+
+def name_list(names: Sequence[str], limit: int = NAMES_SHOWN) -> str:
+    """`names` joined with commas; past `limit` of them, the first `limit`
+    and "and N more"."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+
+
 class Tooltip:
     """A small borderless window near the pointer, shown after a short
-    hover; `show(text, x_root, y_root)` / `hide()` are the whole interface."""
+    hover; `show(text, x_root, y_root)` / `hide()` are the whole interface.
+
+    Whatever the text, the tooltip fits on the screen: it wraps at `WRAP`
+    pixels (or the screen's width, if narrower), keeps at most `MAX_CHARS`
+    of the text and, if it is still taller than the screen, less; and it is
+    placed so that none of it is off the screen. A label one line of a
+    thousand names wide made X refuse its pixmap, which ends the process
+    (audit7 N9)."""
 
     DELAY_MS = 350
+    WRAP = 420  # pixels: about 60 characters of the tooltip's font
+    MAX_CHARS = 2000
+    OFFSET = (14, 18)  # from the pointer, so the pointer does not cover it
 
     def __init__(self, master: tk.Misc) -> None:
         self.master = master
@@ -369,8 +400,23 @@ class Tooltip:
             self.label.pack()
         assert self.label is not None
         self.text = text
-        self.label.configure(text=text)
-        self.window.wm_geometry(f"+{x_root + 14}+{y_root + 18}")
+        screen_w = self.window.winfo_screenwidth()
+        screen_h = self.window.winfo_screenheight()
+        # The label's padding and border are outside the wrap length.
+        wrap = max(40, min(self.WRAP, screen_w - 4 * PAD))
+        shown = clip_text(text, self.MAX_CHARS)
+        # A label asks for its size as it is configured: no idle pass needed
+        # (one here would map the new window where it stands, before it moves).
+        self.label.configure(text=shown, wraplength=wrap)
+        while self.label.winfo_reqheight() > screen_h and len(shown) > 1:
+            shown = clip_text(shown, len(shown) // 2)  # still too tall: less of it
+            self.label.configure(text=shown)
+        width, height = self.label.winfo_reqwidth(), self.label.winfo_reqheight()
+        x = min(x_root + self.OFFSET[0], screen_w - width)
+        y = y_root + self.OFFSET[1]
+        if y + height > screen_h:  # no room below the pointer: above it
+            y = y_root - height - self.OFFSET[1] // 2
+        self.window.wm_geometry(f"+{max(0, x)}+{max(0, min(y, screen_h - height))}")
         self.window.deiconify()
         self.window.lift()
 

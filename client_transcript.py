@@ -280,6 +280,13 @@ class Transcript:
         self._serial = 0
         self._bottom_cache: bool | None = None  # at the bottom when this batch began
         self._end_pending = False  # scroll to the end once the widget has its width
+        # Scrolled to the end and not scrolled away by the person since: a
+        # resize keeps the end in view. Opening a group shows its members
+        # panel after its lines are shown and scrolled to the end: the
+        # narrower text wraps to more lines, and the newest fell out of view
+        # (audit7 N11). (Not the scroll callback's fractions: while Tk
+        # measures wrapped lines they are estimates, short of the end.)
+        self._following = False
         self._open_line = False  # the text ends with a line of ours: a new one needs "\n"
         self._user_scrolled = False
         text.bind("<Configure>", self._on_configure, add="+")
@@ -302,6 +309,7 @@ class Transcript:
         if not self.at_latest:
             self.on_back_to_latest()
             return
+        self._following = True
         if self.text.winfo_width() <= 1:
             self._end_pending = True  # see _on_configure
         else:
@@ -310,17 +318,24 @@ class Transcript:
         self._bottom_cache = None
 
     def _on_configure(self, _event: object) -> None:
-        if self._end_pending and self.text.winfo_width() > 1:
+        if (self._end_pending or self._following) and self.text.winfo_width() > 1:
             self._end_pending = False
             self.text.see("end")
 
     def _yview(self, *args: Any) -> None:
         self._user_scrolled = True
+        self._following = False
         self.text.yview(*args)
 
     def _on_wheel_up(self, event: Any) -> None:
         if getattr(event, "num", 0) == 4 or getattr(event, "delta", 0) > 0:
             self._user_scrolled = True
+            self._following = False
+
+    def see(self, index: str) -> None:
+        """Scroll to `index` (a find's hit): a resize no longer goes to the end."""
+        self._following = False
+        self.text.see(index)
 
     def _on_scrolled(self, first: float | str, last: float | str) -> None:
         self.scrollbar.set(first, last)
@@ -374,6 +389,7 @@ class Transcript:
         text.configure(state="disabled")
         self.new_marker.place_forget()
         self._user_scrolled = False
+        self._following = False
         if at_latest:
             self.scroll_to_end()
         else:
@@ -405,6 +421,7 @@ class Transcript:
             return
         self.show(self.lines, has_earlier=self.has_earlier, at_latest=self.at_latest)
         if not was_at_bottom:
+            self._following = False
             self.text.yview_moveto(top)
 
     def prepend(self, lines: list[Line], *, has_earlier: bool) -> None:
@@ -414,6 +431,7 @@ class Transcript:
         anchor = self._marks.get(id(self.lines[0])) if self.lines else None
         self.has_earlier = has_earlier
         text.mark_set("view-top", "@0,0")  # below the insertions: it stays on its line
+        self._following = False
         text.configure(state="normal")
         if anchor is not None:
             # Text inserted at the anchor must go before it: right gravity for now.
@@ -631,7 +649,7 @@ class Transcript:
         mark = self._marks.get(id(line))
         if mark is None:
             return None
-        self.text.see(mark)
+        self.see(mark)
         return self.text.index(mark)
 
     def content(self) -> str:

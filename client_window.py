@@ -84,7 +84,9 @@ from client_look import (
     Tooltip,
     add_placeholder,
     apply_style,
+    clip_text,
     full_time,
+    name_list,
     style_text,
 )
 from client_store import (
@@ -113,6 +115,7 @@ TYPING_SHOWN_S = 4.0  # how long "bob is typing..." stays after the last notice
 TYPING_SEND_EVERY_S = 3.0
 RATE_NOTE_EVERY_S = 60.0  # "sending too fast" is said at most this often
 LIMIT_WARN_AT = 0.8  # show the size counter from this share of the limit on
+HEADER_CHARS = 160  # a message shown in the header (no conversation open) at most
 #: A conversation holding more lines than this in memory keeps its last
 #: PAGE (the rest stay in the store and come back on scrolling up).
 MAX_LINES = 2000
@@ -711,9 +714,7 @@ class ChatWindow:
             if not others:
                 self._system(self.current, "Nobody else is online.")
             else:
-                shown = ", ".join(others[:20]) + (f" and {len(others) - 20} more"
-                                                  if len(others) > 20 else "")  # fmt: skip
-                self._system(self.current, f"Online: {shown}.")
+                self._system(self.current, f"Online: {name_list(others)}.")
         for key, conv in self.conversations.items():
             if conv.name.startswith("#"):
                 continue  # a group has no presence (its members have: the panel)
@@ -1011,6 +1012,10 @@ class ChatWindow:
         except LocalProtocolError as exc:
             self._system(self.current, f"Cannot open a chat with {name!r}: {exc}")
             return
+        refused = self.groups.not_ours(name)
+        if refused is not None:  # no conversation, no contact: the name stays to correct
+            self._system(self.current, refused, "error")
+            return
         self.new_chat_var.set("")
         self.open_conversation(name)
 
@@ -1049,8 +1054,8 @@ class ChatWindow:
         drawn in the error colour, unlike a membership change); with no
         conversation open, in the header."""
         line = Line(kind, "", message, time.time())
-        if conv is None:
-            self.peer_label.configure(text=tk_safe(message))
+        if conv is None:  # one line of the header: a long message is clipped
+            self.peer_label.configure(text=tk_safe(clip_text(message, HEADER_CHARS)))
             return
         conv.lines.append(line)
         if conv is self.current and self.view.at_latest:
@@ -1222,7 +1227,7 @@ class ChatWindow:
     def _show_hit(self, needle: str, hit: tuple[str, str], note: str) -> bool:
         text = self.transcript
         text.tag_add("found", *hit)
-        text.see(hit[0])
+        self.view.see(hit[0])
         self._found = (needle, hit[0])
         self.find_status.configure(text=note, style="Muted.TLabel")
         return True
