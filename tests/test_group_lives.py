@@ -488,3 +488,8 @@ def test_the_window_puts_a_new_life_below_our_old_messages(gui: Gui) -> None:
     assert texts[-3:] == ["A old", "bob created the group with bob, alice, carol", "B new"], texts
     shown = alice.transcript_text()
     assert shown.index("A old") < shown.index("with bob, alice, carol") < shown.index("B new")
+    assert own.msg_id is not None
+    assert alice.groups.state_label(own) in (
+        "\u2713 on server \u00b7 0 of 1",
+        "\u2713\u2713 1 of 1",
+    ), "its N: its own group's"
