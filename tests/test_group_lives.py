@@ -493,3 +493,36 @@ def test_the_window_puts_a_new_life_below_our_old_messages(gui: Gui) -> None:
         "\u2713 on server \u00b7 0 of 1",
         "\u2713\u2713 1 of 1",
     ), "its N: its own group's"
+
+
+def test_a_script_orders_by_seq_what_the_terminal_prints_out_of_order(tmp_path: Path) -> None:
+    """What a `--json` script sees when our `accepted` comes before another
+    member's entry numbered before ours (test_group_order_own2): both
+    events carry `seq`, the message's lower; ordered by it, the script's
+    transcript is every other member's order."""
+    net = Net()
+    bob, carol = login(net, "bob", "carol")
+    store = open_store(tmp_path / "alice")
+    alice = add(net, "alice", store=store)
+    net.run(lambda: alice.logged_in, "alice logged in")
+    bob.core.group_request(GroupAction.CREATE, "team", ("alice", "carol"))
+    net.run(lambda: bool(alice.of(GroupChanged)), "alice told of #team")
+    bob.core.send("B1 from bob", net.now, to="#team")
+    a1 = alice.core.send("A1 from alice", net.now, to="#team")
+    net.run(lambda: bool(alice.of(MessageReceived)) and accepted_at(alice, a1) > 0, "both")
+    net.run(lambda: len(carol.of(MessageReceived)) == 2, "carol has both")
+    events = alice.json()
+    sent = {e["id"]: e["text"] for e in events if e.get("state") == "sending"}
+    printed = [
+        e for e in events if e.get("group") == "team"
+        and (e["event"] in ("group", "message") or e.get("state") == "accepted")
+    ]  # fmt: skip
+    assert [(e["event"], e["seq"]) for e in printed] == [("group", 1), ("status", 3),
+                                                        ("message", 2)], printed  # fmt: skip
+
+    def what(event: dict[str, Any]) -> str:
+        return str(event.get("change") or event.get("text") or sent[event["id"]])
+
+    transcript = [what(e) for e in sorted(printed, key=lambda e: e["seq"])]
+    carols = ["created"] + [e.text for e in sorted(carol.of(MessageReceived), key=lambda e: e.seq)]
+    assert transcript == carols == ["created", "B1 from bob", "A1 from alice"]
