@@ -4085,9 +4085,9 @@ class Relay:
                 online.add(sender_key)
         bound, group.trim_blocker, first, last = group.trim_plan(online)
         if bound > group.trimmed:
-            self.groups.trim(group, bound)
             self.store.submit(TrimGroup(group.key, bound))
             self.stats["group_trims"] += 1
+        self.groups.trim(group, bound, last)
         first = max(first, bound + 1)
         if first <= last:
             # What former members and senders are still owed lies below

@@ -139,8 +139,8 @@ class Member:
 
 class Group:
     __slots__ = ("key", "name", "owner", "seq", "members", "former", "owed", "trimmed",
-                 "trim_checked", "trim_blocker", "epoch", "changed", "ends", "low", "low_key",
-                 "holed")  # fmt: skip
+                 "trim_checked", "trim_blocker", "epoch", "changed", "ends", "counted", "low",
+                 "low_key", "holed")  # fmt: skip
 
     def __init__(self, key: str, name: str, owner: str, seq: int = 0) -> None:
         self.key = key
@@ -165,12 +165,14 @@ class Group:
         self.trim_checked = 0  # group.seq when the trim bound was last worked out
         self.trim_blocker: str | None = None  # whose cursor or mark held it there
         # One server: the bytes of the log's text up to each seq from
-        # `trimmed` on (ends[i] covers trimmed + 1 .. trimmed + i; ends[0] is
-        # 0), appended to by `GroupTable.next_seq`, cut by `GroupTable.trim`:
-        # the backlog's bytes past any seq in two reads, never a walk of the
-        # log. 8 bytes an entry, and there are at most `mailbox_messages`
-        # past the lowest member. (A cluster counts in Redis instead.)
+        # `counted` on (ends[i] - ends[0] covers counted + 1 .. counted + i),
+        # appended to by `GroupTable.next_seq`, cut by `GroupTable.trim` up
+        # to the lowest current member's cursor (nothing below it is asked
+        # for): the backlog's bytes past any seq in two reads, never a walk
+        # of the log. 8 bytes an entry, and there are at most
+        # `mailbox_messages` past that cursor. (A cluster counts in Redis.)
         self.ends = array("Q", [0])
+        self.counted = 0
         # The lowest current member's cursor as last worked out, and whose
         # (`lowest_member`): never above the real one (cursors only move up,
         # a member leaving only raises it, one joining comes in at the end;
@@ -221,9 +223,9 @@ class Group:
     def backlog(self) -> tuple[int, int]:
         """(entries, UTF-8 bytes of their text) in the log past `low`: what
         waits for the member furthest behind, from the running totals."""
-        low = self.low if self.low > self.trimmed else self.trimmed
+        low = self.low if self.low > self.counted else self.counted
         ends = self.ends
-        at = low - self.trimmed
+        at = low - self.counted
         return self.seq - low, ends[-1] - ends[at] if at < len(ends) else 0
 
     def trim_plan(self, online: Container[str] = ()) -> tuple[int, str | None, int, int]:
@@ -368,19 +370,24 @@ class GroupTable:
         return group.seq
 
     @staticmethod
-    def trim(group: Group, bound: int) -> None:
-        """The log's entries up to `bound` are gone: so are their totals."""
-        if bound <= group.trimmed:
-            return
-        del group.ends[: min(bound - group.trimmed, len(group.ends) - 1)]
-        group.trimmed = bound
+    def trim(group: Group, bound: int, low: int) -> None:
+        """The log's entries up to `bound` are gone, and every current
+        member has those up to `low` (`Group.trim_plan`): the totals of
+        both go. (One added again who goes on from an earlier place below
+        it is counted from here: what they had still to get of their
+        earlier membership was counted when it was made.)"""
+        group.trimmed = max(group.trimmed, bound)
+        base = max(bound, low)
+        if base > group.counted:
+            del group.ends[: min(base - group.counted, len(group.ends) - 1)]
+            group.counted = base
 
     @staticmethod
     def count_from(group: Group, sizes: list[tuple[int, int]]) -> None:
         """The running totals of a group read back from the store, from its
         log's (seq, bytes) in order (start-up: never kept, so they never
         drift from the log; a kill -9 loses nothing of them)."""
-        group.trimmed = sizes[0][0] - 1 if sizes else group.seq
+        group.trimmed = group.counted = sizes[0][0] - 1 if sizes else group.seq
         ends = array("Q", [0])
         total, at = 0, group.trimmed
         for seq, size in sizes:

@@ -149,6 +149,7 @@ def test_a_removed_member_keeps_only_what_is_theirs_in_the_log(store: MessageSto
     assert len(kept) - (removal - 1) < GROUP_TRIM_EVERY, kept  # not the rest
     group = world.relay.groups.get("team")
     assert group is not None and group.backlog()[0] < GROUP_TRIM_EVERY
+    assert len(group.ends) <= GROUP_TRIM_EVERY + 1  # the totals in memory too
     carol = world.login("carol")
     world.run_until(lambda: any(e[1] == "removed" for e in entries(carol)), 500, "her removal")
     world.settle_all()
