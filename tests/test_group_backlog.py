@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from chat_server import GROUP_TRIM_EVERY
-from protocol import ErrorCode, Fail, GroupAccept, GroupAction
+from protocol import ErrorCode, Fail, GroupAccept, GroupAction, name_key
 from server_store import MemoryStore, MessageStore, ServerStore
 from tests.conftest import start_server, stop_server
 from tests.conftest import test_config as server_config
@@ -27,6 +27,8 @@ from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixtu
 from tests.test_groups_relay import GroupWorld, created, entries, texts, told_by
 from tests.test_groups_terminal import Terminal
 from tests.test_groups_trim import log_seqs, receipt_all
+from tests.test_gui import LEFT, Gui, open_gui, own_ids, press, pump_until, type_text
+from tests.xvfb import display  # noqa: F401 (a fixture)
 
 CAP = 5  # mailbox_messages in these tests
 
@@ -318,3 +320,47 @@ def test_the_terminal_client_shows_the_failed_group_message(tmp_path: Path) -> N
     (error,) = [e for e in alice.events if e["event"] == "error"]
     assert error["code"] == "mailbox_full" and error["message"].startswith("#team: carol's")
     assert [e["text"] for e in bob.events if e["event"] == "message"] == ["one", "two"]
+
+
+# --- the window ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_backlog_gui(
+    display: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Gui]:
+    """Windows on a server whose mailboxes (and so groups' backlogs) hold three."""
+    running = start_server(server_config(tmp_path / "server-data", mailbox_messages=3))
+    try:
+        yield from open_gui(running, monkeypatch)
+    finally:
+        stop_server(running)
+
+
+def test_the_window_shows_a_failed_group_message_like_a_failed_direct_one(
+    small_backlog_gui: Gui,
+) -> None:
+    app = small_backlog_gui
+    carol = app.session("carol")  # an account; she goes away
+    carol.close(3.0)
+    app.sessions.remove(carol)
+    alice = app.window(LEFT)
+    app.login(alice, "alice")
+    bob = app.session("bob")
+    bob.group(GroupAction.CREATE, "team", ("alice", "carol"))
+    assert pump_until(app.root, lambda: name_key("#team") in alice.conversations)
+    alice.open_conversation("#team")
+    for text in ("one", "two", "three"):  # carol has not had the CREATED: 1 + 2
+        type_text(alice.composer, text)
+        press(alice.composer, "Return")
+    assert pump_until(app.root, lambda: len(own_ids(alice, "#team")) == 3)
+    first, second, third = own_ids(alice, "#team")
+    assert pump_until(app.root, lambda: alice.state_of(third) == "failed"), "backlog full"
+    assert pump_until(app.root, lambda: alice.state_of(second) in ("accepted", "delivered"))
+    assert alice.state_of(first) in ("accepted", "delivered")
+    line = alice.conversations[name_key("#team")].by_id[third]
+    described = alice.describe_line(line)
+    assert "Failed     mailbox full" in described and "Delivered" not in described, described
+    assert "(mailbox full)" in alice.transcript_text()
