@@ -3370,7 +3370,9 @@ class Relay:
         cfg = self.config
         if count < cfg.mailbox_messages and waiting + size <= cfg.mailbox_bytes:
             return ""
-        if holder is not None:
+        if holder is not None and (
+            holder.key == sender_key or self._session_here(holder.key) is not None
+        ):
             # Of members equally far behind, one offline (the others are
             # likely only a receipt behind), else one other than the sender.
             low = holder.cursor
