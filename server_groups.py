@@ -161,7 +161,9 @@ class Group:
         self.former: dict[str, Member] = {}
         # Senders owed "delivered by" notices: key -> [told, last] (see above).
         self.owed: dict[str, list[int]] = {}
-        self.trimmed = 0  # log entries up to this seq are gone
+        # Log entries up to this seq are gone (a group made again under a
+        # name numbers on from the old one's last seq: none of its log).
+        self.trimmed = seq
         self.trim_checked = 0  # group.seq when the trim bound was last worked out
         self.trim_blocker: str | None = None  # whose cursor or mark held it there
         # One server: the bytes of the log's text up to each seq from
@@ -172,13 +174,13 @@ class Group:
         # of the log. 8 bytes an entry, and there are at most
         # `mailbox_messages` past that cursor. (A cluster counts in Redis.)
         self.ends = array("Q", [0])
-        self.counted = 0
+        self.counted = seq
         # The lowest current member's cursor as last worked out, and whose
         # (`lowest_member`): never above the real one (cursors only move up,
         # a member leaving only raises it, one joining comes in at the end;
         # one added again who goes on from an earlier cursor lowers it:
         # `GroupTable._join`), so a backlog counted from it is never short.
-        self.low = 0
+        self.low = seq
         self.low_key: str | None = None
         self.holed = 0  # the last seq cut out of the log by a hole (`trim_plan`)
 

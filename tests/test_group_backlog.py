@@ -364,3 +364,28 @@ def test_the_window_shows_a_failed_group_message_like_a_failed_direct_one(
     described = alice.describe_line(line)
     assert "Failed     mailbox full" in described and "Delivered" not in described, described
     assert "(mailbox full)" in alice.transcript_text()
+
+
+def test_a_group_made_again_under_its_name_is_counted_from_its_own_first_entry(
+    store: MessageStore,
+) -> None:
+    """A name's seqs go on across its lives (a group made again numbers on
+    from the old one's last): the new group's totals start at its CREATED,
+    not at seq 0 (the old life's entries are no backlog of the new one)."""
+    world = GroupWorld(store, mailbox_messages=CAP, mailbox_bytes=100)
+    alice, bob = world.login("alice"), world.login("bob")
+    created(world, alice, "bob")
+    post(world, alice, [f"old {n}" for n in range(1, 2 * CAP)], 1)
+    for client in (bob, alice):
+        assert world.result(client, world.request(client, GroupAction.LEAVE, "team")).code == 0
+    world.settle_all()
+    world.logout(world.login("carol"))  # an account, away
+    created(world, alice, "bob", "carol")
+    world.settle_all()
+    group = world.relay.groups.get("team")
+    assert group is not None and group.seq > 2 * CAP  # it numbers on
+    post(world, alice, ["é" * 10] * (CAP - 1), 100)  # the CREATED and these wait for carol
+    assert group.backlog() == (CAP, 20 * (CAP - 1)) and not fails(alice)
+    post(world, alice, ["one more"], 200)
+    (fail,) = fails(alice)
+    assert fail.reason == ErrorCode.MAILBOX_FULL and "carol" in fail.message
