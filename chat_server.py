@@ -3627,10 +3627,15 @@ class Relay:
         return out
 
     def _send_group(self, session: Session, payloads: list[bytes], stream: int) -> None:
-        """`_group_payloads`' output to the session, on the group's stream."""
+        """`_group_payloads`' output to the session, on the group's stream,
+        with `lazy_ack`: a member may ack a datagram of group entries alone
+        up to `reliability.RECEIPT_ACK_DELAY` late, so that its ack rides on
+        its receipts (client_core `GROUP_RECEIPT_HOLD`; issue 14), and our
+        timers for such a datagram wait that much longer. A client from
+        before acks at MAX_ACK_DELAY, as ever: it is only allowed more."""
         send = session.conn.send
         for payload in payloads:
-            send(payload, stream)
+            send(payload, stream, lazy_ack=True)
         self._dirty[session.session_id] = session
 
     def _pass_own(self, group: Group, member: Member, seq: int) -> None:

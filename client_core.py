@@ -74,6 +74,7 @@ from protocol import (
     GroupRequest,
     GroupResult,
     Hello,
+    Kind,
     LocalProtocolError,
     Login,
     Logout,
@@ -81,6 +82,7 @@ from protocol import (
     MsgId,
     Notice,
     Packet,
+    Ping,
     Presence,
     ProtocolError,
     Receipt,
@@ -88,6 +90,7 @@ from protocol import (
     Refused,
     ScramKeys,
     Send,
+    Stream,
     Ticket,
     TicketFrame,
     Typing,
@@ -182,6 +185,47 @@ LOSS_MARK_EVERY = 1.0
 # sender's "delivered" comes up to this much later; a direct message's
 # receipt never waits (the server holds a commit up to 2 ms for it).
 GROUP_RECEIPT_DELAY = 0.020
+# At a steady rate a member's receipt need not leave at GROUP_RECEIPT_DELAY
+# (issue 14): the server sends group entries with `lazy_ack` (chat_server
+# `_send_group`), so the member may hold its ack of a datagram of group
+# entries alone up to reliability.RECEIPT_ACK_DELAY (`group_entries_only`),
+# and holds the receipts up to this long after the first of them, or until
+# that ack leaves (the second such datagram has it sent: ACK_EVERY), when
+# they ride on it. At 10 msg/s the ack and receipts of two copies leave in
+# one datagram: about 1.5 datagrams a copy instead of 2. Under
+# RECEIPT_ACK_DELAY, so the receipts leave first and carry the ack. A
+# flat-out group is not held up: receipts leave with an ack once the oldest
+# has waited GROUP_RECEIPT_DELAY (as often as before), and at once when
+# GROUP_RECEIPT_BATCH are held. The sender's "delivered" comes up to this
+# much later at a steady rate.
+GROUP_RECEIPT_HOLD = 0.120
+# A quarter of the server's window of group entries per session
+# (chat_server.MAILBOX_WINDOW, 256): receipts this many leave at once, so a
+# member never holds back what the server needs to hand it more.
+GROUP_RECEIPT_BATCH = 64
+
+_GROUP_ENTRY_KINDS = frozenset(
+    int(k) for k in (Kind.GROUP_DELIVER, Kind.GROUP_EVENT, Kind.GROUP_BATCH)
+)
+
+
+def group_entries_only(frames: tuple[Frame, ...]) -> bool:
+    """Whether a datagram's chunks are all group entries, whole
+    (GROUP_DELIVER, GROUP_EVENT or GROUP_BATCH, one chunk each), with no
+    keepalive: what the server sends with `lazy_ack` (chat_server
+    `_send_group`), whose ack may wait up to reliability.RECEIPT_ACK_DELAY
+    for the receipts to carry it (GROUP_RECEIPT_HOLD). Anything else in it
+    (a direct DELIVER, an answer) keeps the prompt ack."""
+    found = False
+    for f in frames:
+        if isinstance(f, Stream):
+            if f.count != 1 or not f.data or f.data[0] not in _GROUP_ENTRY_KINDS:
+                return False
+            found = True
+        elif isinstance(f, Ping):
+            return False
+    return found
+
 
 FATAL_LOGIN_ERRORS = frozenset(
     {
@@ -574,21 +618,35 @@ GROUP_MESSAGES = (
 
 
 class GroupReceipts:
-    """Receipts of group entries shown, held up to GROUP_RECEIPT_DELAY after
-    the first of them (`due`), then sent together. The load generator's
-    members hold theirs by the same rule (bench/fanout.py)."""
+    """Receipts of group entries shown, held up to GROUP_RECEIPT_HOLD after
+    the first of them (`due`), or until an ack leaves with which they may
+    go (`ready`), then sent together. The load generator's members hold
+    theirs by the same rule (bench/fanout.py)."""
 
-    __slots__ = ("ids", "due")
+    __slots__ = ("ids", "due", "first")
 
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.due: float | None = None  # when the oldest held must leave
+        self.first = 0.0  # when the oldest held arrived
 
     def add(self, server_msg_id: int, arrived: float) -> None:
         """Hold the receipt of an entry that came in a datagram at `arrived`."""
         self.ids.append(server_msg_id)
         if self.due is None:
-            self.due = arrived + GROUP_RECEIPT_DELAY
+            self.first = arrived
+            self.due = arrived + GROUP_RECEIPT_HOLD
+
+    def ready(self, now: float, ack_due: float | None) -> bool:
+        """Whether what is held leaves now: it is due, or GROUP_RECEIPT_BATCH
+        are held, or the connection's ack (`ack_due`) leaves now and the
+        oldest has waited GROUP_RECEIPT_DELAY (the receipts ride on it)."""
+        due = self.due
+        return due is not None and (
+            now >= due
+            or len(self.ids) >= GROUP_RECEIPT_BATCH
+            or (ack_due is not None and ack_due <= now and now >= self.first + GROUP_RECEIPT_DELAY)
+        )
 
     def take(self) -> list[int]:
         """Everything held, which is no longer held."""
@@ -1054,7 +1112,7 @@ class ClientCore:
         self.awaiting: set[int] = set()  # handed on, not yet `shown` (server ids)
         self.receipts: list[int] = []  # server ids shown, receipted after the commit
         # Group entries: handed on, not shown yet (server ids), and the
-        # receipts of those shown, which wait a little (GROUP_RECEIPT_DELAY).
+        # receipts of those shown, which wait a little (`GroupReceipts.ready`).
         self._group_unshown: set[int] = set()
         self.group_receipts = GroupReceipts()
         self.who_pages: list[str] = []
@@ -1661,7 +1719,7 @@ class ClientCore:
         header = decode_header(data)
         if self.conn is not None and header.session_id == self.conn.session_id:
             if header.flags & FLAG_MAC:
-                if self.conn.receive_datagram(data, now):
+                if self.conn.receive_datagram(data, now, group_entries_only):
                     self._last_heard = now
                     self._collect(now)
                 return
@@ -1914,13 +1972,17 @@ class ClientCore:
     def _queue_receipts(self, now: float | None = None) -> None:
         """The receipts for what was shown, batched, once the store has
         committed it (a receipt promises the message is kept and was shown).
-        Group entries' receipts wait until they are due (GROUP_RECEIPT_DELAY)
-        unless other receipts leave now, or `now` is None (the logout)."""
+        Group entries' receipts wait until they are ready (`GroupReceipts.ready`:
+        due, enough of them, or an ack to ride on) unless other receipts leave
+        now, or `now` is None (the logout)."""
         if self.conn is None:
             return
         held = self.group_receipts
         if held.due is not None and (
-            now is None or now >= held.due or self.receipts or self._closing_deadline is not None
+            now is None
+            or held.ready(now, self.conn.ack_due)
+            or self.receipts
+            or self._closing_deadline is not None
         ):
             self.receipts.extend(held.take())
         if not self.receipts:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import struct
+from collections.abc import Callable
 
 from protocol import (
     ACK_HEAD,
@@ -410,9 +411,10 @@ class Connection:
     ) -> None:
         """Queue a payload for reliable, in-order delivery on `stream`. When
         the peer holds all of it, `PayloadAcked(handle)` comes out (if given).
-        `lazy_ack`: the payload is a receipt (one chunk), which the peer may
-        ack up to RECEIPT_ACK_DELAY late when a datagram carries nothing
-        else: its retransmission timer waits that much longer."""
+        `lazy_ack`: the payload is a receipt or a group entry (one chunk),
+        which the peer may ack up to RECEIPT_ACK_DELAY late when a datagram
+        carries nothing else: its retransmission timer waits that much
+        longer."""
         size = len(payload)
         if size > MAX_TEXT_BYTES + 1024:
             raise LocalProtocolError(f"payload of {size} bytes is too long")
@@ -456,6 +458,12 @@ class Connection:
             stream_seq = (stream_seq + 1) & 0xFFFFFFFF
             self._next_seq += 1
         self._stream_seqs[stream] = stream_seq
+
+    @property
+    def ack_due(self) -> float | None:
+        """When the delayed ack we owe leaves (None: none owed): the client
+        sends its held group receipts with it (client_core `GroupReceipts`)."""
+        return self._ack_due
 
     def ack_now(self) -> None:
         """Send the pending ACK on the next `datagrams_to_send`, not 25 ms later
@@ -560,9 +568,17 @@ class Connection:
         events, self._events = self._events, []
         return events
 
-    def receive_datagram(self, data: bytes, now: float) -> bool:
+    def receive_datagram(
+        self,
+        data: bytes,
+        now: float,
+        lazy_ack: Callable[[tuple[Frame, ...]], bool] | None = None,
+    ) -> bool:
         """Take in a datagram for this session. False (and nothing changed) if
-        it does not verify, is a replay, or breaks a limit."""
+        it does not verify, is a replay, or breaks a limit. `lazy_ack`, if
+        given, is asked whether the datagram's frames may be acked late
+        (`receive_packet`'s `lazy_ack`): the client asks it of datagrams of
+        group entries alone (client_core `group_entries_only`)."""
         try:
             packet = decode_packet(data, self.peer_key)
         except BadTag:
@@ -571,6 +587,8 @@ class Connection:
             return False
         if packet.session_id != self.session_id:
             return False
+        if lazy_ack is not None:
+            return self.receive_packet(packet, now, lazy_ack=lazy_ack(packet.frames))
         return self.receive_packet(packet, now)
 
     def receive_packet(
@@ -583,7 +601,8 @@ class Connection:
         whose input waits for our output to drain must still be able to drain
         it. No ack is sent for such a packet (acks ride on our next datagram),
         so a withheld peer's retransmissions follow our sends, not a loop.
-        With `lazy_ack` (the owner found its chunks all receipts) the ack may
+        With `lazy_ack` (the owner found its chunks all receipts, or, at a
+        client, all group entries: the kinds its peer sends lazily) the ack may
         wait RECEIPT_ACK_DELAY for a datagram of ours to ride on, not
         MAX_ACK_DELAY; a chunk out of order or a second ack-eliciting
         datagram still has it sent at once."""

@@ -78,7 +78,7 @@ from bench.run import (
     traffic_phase,
     workers,
 )
-from client_core import GroupReceipts
+from client_core import GroupReceipts, group_entries_only
 from protocol import (
     GROUP_REQUEST_USERS_MAX,
     Bye,
@@ -164,7 +164,7 @@ class Session:
 
     def flush(self, now: float) -> None:
         held = self.held
-        if held.due is not None and (now >= held.due or self.receipts):
+        if held.due is not None and (held.ready(now, self.conn.ack_due) or self.receipts):
             self.receipts.extend(held.take())
         if self.receipts:
             receipts, self.receipts = self.receipts, []
@@ -221,7 +221,7 @@ class Pump:
                 if session is None:
                     continue
                 conn = session.conn
-                if conn.receive_datagram(data, now_ns / 1e9):
+                if conn.receive_datagram(data, now_ns / 1e9, group_entries_only):
                     while (event := conn.next_event()) is not None:
                         if isinstance(event, PayloadReceived):
                             self.on_message(session, decode_message(event.payload), now_ns)
