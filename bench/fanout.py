@@ -9,8 +9,9 @@ A real server process (`chat_server.py`, SQLite, the benchmark's flags from
 `bench.run.start_server`, and `--max-fanout-rate` raised so that the budget
 does not bound the flat-out phase). The members log in from worker
 processes (`loadgen.Handshake` over a few shared sockets) and receipt the
-group entries they get as a client that shows them at once does: held up to
-`client_core.GROUP_RECEIPT_DELAY` after the first, then together; the
+group entries they get as a client that shows them at once does (its ack
+of a datagram of group entries alone held as the client holds it), the
+receipts held by `client_core.GroupReceipts.ready`, then together; the
 owner creates the group (256 names per request) and sends at a steady rate,
 or flat out by the chat client's rule (`--window client`, the default: every
 message to its Connection at once, which keeps `reliability.MAX_WINDOW`

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import chat_server
 from chat_server import GROUP_BATCH_BYTES, MAILBOX_WINDOW
-from client_core import GroupChanged, MessageReceived
+from client_core import GROUP_RECEIPT_HOLD, GroupChanged, MessageReceived
 from protocol import (
     GROUP_BATCH_MAX_BYTES,
     MAX_TEXT_BYTES,
@@ -334,7 +334,7 @@ def seen_by_client(net: Net, monkeypatch: pytest.MonkeyPatch,
     (bob,) = login(net, "bob")
     net.settle(1.0)
     push(net, "bob", *payloads)
-    pump_for(net, 0.1)
+    pump_for(net, GROUP_RECEIPT_HOLD + 0.01)  # the receipts' longest hold
     shown = [(type(e).__name__, e.id) for e in bob.events
              if isinstance(e, MessageReceived | GroupChanged)]  # fmt: skip
     return shown, seen.of("bob")
