@@ -4089,7 +4089,18 @@ class Relay:
             route = self.router.locate(sender) if sender is not None else None
             if isinstance(route, Session):
                 self._group_told(route, group)
-                online.add(sender_key)
+                # Exempt from the hole only with no notice of the group
+                # unacked (or a catch-up under way): a session that stopped
+                # hearing us lives until its timeout, and her next login
+                # reads what she was not told from the log (review7 F3); so
+                # she holds to her last message like a sender offline.
+                # (Notices queued in this pass are not counted: a sender
+                # posting steadily always has some, and the hole would never
+                # be cut; they go out at the end of the step, and only a
+                # session ended before it acks them loses one of them.)
+                notices = route.group_notices
+                if notices is None or not notices.busy(group.key):
+                    online.add(sender_key)
         bound, group.trim_blocker, first, last = group.trim_plan(online)
         if bound > group.trimmed:
             self.store.submit(TrimGroup(group.key, bound))

@@ -237,14 +237,14 @@ class Group:
         members (up to their `left_seq`) and to each sender still owed
         notices (up to their last message: a login reads only theirs,
         `Relay._read_sent`), up to the lowest current member's cursor (each
-        of them has it). A sender in `online` is told each delivery as it
-        is made, and every delivery of an entry below that cursor is made
-        (those behind it do not see it): their mark stays, held by a former
-        member, but they need no entry of the hole. (Only if their session
-        ended before it acked such a notice, in flight as the hole was cut,
-        would their next login not tell it again: the message shows the
-        deliveries told before. A sender offline holds what is theirs.)
-        Works out `low` too."""
+        of them has it). A sender in `online` (the caller names only those
+        with no notice of the group unacked or being worked out at a login)
+        was told every delivery made, and every delivery of an entry below
+        that cursor is made (those behind it do not see it): their mark
+        stays, held by a former member, but they need no entry of the hole.
+        A sender offline, or online with notices under way (a session that
+        stopped hearing us lives until its timeout), holds what is theirs:
+        their next login tells it again from the log. Works out `low` too."""
         bound, blocker = self.trim_bound()
         low, _ = self.lowest_member()
         tail = max(bound, self.holed)

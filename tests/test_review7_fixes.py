@@ -6,10 +6,14 @@ the page cache counts what it holds (F4)."""
 
 from __future__ import annotations
 
-from protocol import ErrorCode, GroupAction
+from typing import Any
+
+from chat_server import GROUP_TRIM_EVERY
+from protocol import ErrorCode, GroupAccept, GroupAction
 from server_store import MemoryStore
-from tests.test_group_backlog import accepted, fails, post
-from tests.test_groups_relay import GroupWorld, created
+from tests.test_group_backlog import accepted, fails, offline_carol, post
+from tests.test_groups_relay import Client, GroupWorld, created, texts, told_by
+from tests.test_groups_trim import log_seqs
 
 
 def test_a_group_made_again_counts_its_backlogs_bytes() -> None:
@@ -32,3 +36,49 @@ def test_a_group_made_again_counts_its_backlogs_bytes() -> None:
     post(world, alice, ["x" * 40, "y" * 40, "z" * 40, "w" * 40], 100)
     assert group.backlog() == (2, 80)
     assert [f.reason for f in fails(alice)] == [ErrorCode.MAILBOX_FULL] * 2, accepted(alice)
+
+
+def deaf_alice_posts(store: MemoryStore) -> tuple[GroupWorld, Client, int]:
+    """carol removed while offline (she holds the trim); alice's client
+    stops hearing the server (her session lives on) while her posts reach
+    bob, who reads them all: holes are cut past carol's removal."""
+    world, alice, bob = offline_carol(store)
+    assert world.result(alice, world.request(alice, GroupAction.REMOVE, "team", "carol")).code == 0
+    world.settle_all()
+    original = world._to_clients
+
+    def to_clients(out: list[tuple[bytes, Any]]) -> None:
+        original([(d, a) for d, a in out if a != alice.addr])
+
+    world._to_clients = to_clients  # type: ignore[method-assign]
+    for n in range(1, 3 * GROUP_TRIM_EVERY + 1):
+        world.post(alice, "team", f"a{n}", n)
+        if n % 8 == 0:
+            world.step()
+    world.settle_all(500)
+    had = len(texts(bob))  # as many as her window lets out unacked
+    assert had >= GROUP_TRIM_EVERY
+    world.clients.pop("alice", None)  # her client is gone, never told
+    return world, world.login("alice"), had
+
+
+def test_a_sender_online_but_unreachable_is_told_everything_at_her_next_login() -> None:
+    """F3: the hole held to her last message (her notices were unacked), so
+    her next login tells her bob had every one."""
+    store = MemoryStore()
+    world, alice, had = deaf_alice_posts(store)
+    world.settle_all(300)
+    told = {m for by, m in told_by(alice) if by == "bob"}
+    assert len(told) == had
+
+
+def test_her_resent_send_is_answered_with_its_seq() -> None:
+    """F3: her client never had the GROUP_ACCEPT of a1 and sends it again:
+    the answer names its seq (3), not "its group has ended"."""
+    store = MemoryStore()
+    world, alice, _ = deaf_alice_posts(store)
+    assert 3 in log_seqs(store)  # a1 (seq 3) was not cut out
+    world.post(alice, "team", "a1", 1)
+    world.settle_all(100)
+    accepts = [a for a in alice.of(GroupAccept) if a.msg_id.client_seq == 1]
+    assert accepts and accepts[0].group_seq == 3, accepts
