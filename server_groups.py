@@ -388,14 +388,21 @@ class GroupTable:
     def count_from(group: Group, sizes: list[tuple[int, int]]) -> None:
         """The running totals of a group read back from the store, from its
         log's (seq, bytes) in order (start-up: never kept, so they never
-        drift from the log; a kill -9 loses nothing of them)."""
-        group.trimmed = group.counted = sizes[0][0] - 1 if sizes else group.seq
+        drift from the log; a kill -9 loses nothing of them). They start
+        after the log's last hole, as `trim` leaves them (review7 F2): what
+        lies below it is only what former members and senders are owed (a
+        hole ends at the lowest current member's cursor), never a current
+        member's backlog, and a slot for each seq cut out would grow them
+        by every entry while a former member holds the trim."""
+        group.trimmed = sizes[0][0] - 1 if sizes else group.seq
+        start = 0
+        for i in range(1, len(sizes)):
+            if sizes[i][0] > sizes[i - 1][0] + 1:  # a hole ends before it
+                start = i
+        group.counted = at = sizes[start][0] - 1 if sizes else group.seq
         ends = array("Q", [0])
-        total, at = 0, group.trimmed
-        for seq, size in sizes:
-            while at < seq - 1:  # cut out (a hole): nothing there
-                ends.append(total)
-                at += 1
+        total = 0
+        for seq, size in sizes[start:]:
             total += size
             ends.append(total)
             at = seq

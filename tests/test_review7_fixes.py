@@ -10,9 +10,11 @@ from typing import Any
 
 from chat_server import GROUP_TRIM_EVERY
 from protocol import ErrorCode, GroupAccept, GroupAction
+from server_groups import Group, GroupTable
 from server_store import MemoryStore
+from tests.test_bounds import Client
 from tests.test_group_backlog import accepted, fails, offline_carol, post
-from tests.test_groups_relay import Client, GroupWorld, created, texts, told_by
+from tests.test_groups_relay import GroupWorld, created, texts, told_by
 from tests.test_groups_trim import log_seqs
 
 
@@ -82,3 +84,42 @@ def test_her_resent_send_is_answered_with_its_seq() -> None:
     world.settle_all(100)
     accepts = [a for a in alice.of(GroupAccept) if a.msg_id.client_seq == 1]
     assert accepts and accepts[0].group_seq == 3, accepts
+
+
+def test_the_running_totals_stay_bounded_while_a_former_member_holds_the_trim() -> None:
+    """F2: carol, removed while offline after one message, holds the trim;
+    the holes keep the log bounded, and the totals (`Group.ends`) are cut
+    at each hole too, so they do not grow by an entry per post."""
+    store = MemoryStore()
+    world, alice, bob = offline_carol(store)
+    world.post(alice, "team", "a1", 1)
+    world.settle_all()
+    assert world.result(alice, world.request(alice, GroupAction.REMOVE, "team", "carol")).code == 0
+    count = 20 * GROUP_TRIM_EVERY
+    for n in range(2, 2 + count):
+        world.post(alice, "team", f"t{n}", n)
+        if n % 8 == 0:
+            world.step()
+    world.run_until(lambda: len(texts(bob)) == 1 + count, 5000, "bob's copies")
+    world.settle_all()
+    group = world.relay.groups.get("team")
+    assert group is not None
+    assert group.trimmed <= 2  # carol holds it
+    assert len(log_seqs(store)) < 2 * GROUP_TRIM_EVERY  # the log is bounded (holes)
+    assert len(group.ends) < 2 * GROUP_TRIM_EVERY, len(group.ends)
+    assert group.counted + len(group.ends) - 1 == group.seq
+    group.lowest_member()
+    assert group.backlog() == (0, 0)  # bob has everything
+
+
+def test_the_totals_read_back_start_after_the_last_hole() -> None:
+    """F2: at start-up the totals are counted from the log past its last
+    hole: what lies below is owed to former members and senders only."""
+    group = Group("team", "team", "alice", 60)
+    GroupTable.count_from(group, [(2, 5), (3, 7), (40, 1), (41, 0), (58, 2), (59, 3)])
+    assert group.trimmed == 1 and group.counted == 57
+    assert list(group.ends) == [0, 2, 5, 5]  # 58, 59 and 60 (not in the log)
+    group.low = 57
+    assert group.backlog() == (3, 5)
+    group.low = 10  # (below the hole: counted from its end)
+    assert group.backlog() == (3, 5)
