@@ -6,11 +6,22 @@ the page cache counts what it holds (F4)."""
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
-from chat_server import GROUP_TRIM_EVERY
-from protocol import ErrorCode, GroupAccept, GroupAction
+from chat_server import GROUP_BATCH_BYTES, GROUP_TRIM_EVERY
+from protocol import (
+    GROUP_BATCH_ENTRY_OVERHEAD,
+    ErrorCode,
+    GroupAccept,
+    GroupAction,
+    GroupDeliver,
+    MsgId,
+    encode_message,
+    group_batch,
+)
 from server_groups import Group, GroupTable
+from server_records import GroupEntry, GroupPages
 from server_store import MemoryStore
 from tests.test_bounds import Client
 from tests.test_group_backlog import accepted, fails, offline_carol, post
@@ -123,3 +134,32 @@ def test_the_totals_read_back_start_after_the_last_hole() -> None:
     assert group.backlog() == (3, 5)
     group.low = 10  # (below the hole: counted from its end)
     assert group.backlog() == (3, 5)
+
+
+def test_the_page_cache_holds_no_more_than_its_cap() -> None:
+    """F4: tiny messages, a run made at every place (members behind at
+    different seqs): a run keeps its entries alive after the cache let
+    them go, so it counts each of them; what the cache holds (traced) stays
+    under its cap (it was ~1.8x when a run counted as one record)."""
+    cap = 256 << 10
+    cache = GroupPages(65_536, cap)
+    group = object()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for seq in range(1, 4001):
+            deliver = GroupDeliver(10**9 + seq, seq, MsgId(9, seq), "team", "alice", "k", 0)
+            entry = GroupEntry(seq, 10**9 + seq, "alice", MsgId(9, seq), 1, ("team", seq))
+            cache.add(group, "team", entry, encode_message(deliver))
+            if seq > 50:
+                cache.run(group, "team", seq - 50, GROUP_BATCH_BYTES, GROUP_BATCH_ENTRY_OVERHEAD,
+                          group_batch)  # fmt: skip
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert cache.runs and cache.bytes <= cap
+    assert held <= cap, (held, cap)
+    counted = sum(len(p) + GroupPages.RECORD_BYTES for _, _, p in cache.entries.values())
+    counted += sum(GroupPages.run_cost(run) for run in cache.runs.values())
+    assert cache.bytes == counted
+    assert all(GroupPages.run_cost(r) > GroupPages.RECORD_BYTES * 2 for r in cache.runs.values())
