@@ -888,7 +888,17 @@ class Relay:
     def get_timer(self) -> float | None:
         """When `handle_timer` (or `flush_store`) is next due (None: nothing
         is scheduled)."""
-        timer = self._timers[0][0] if self._timers else None
+        timers = self._timers
+        sessions = self.sessions
+        while timers:
+            # An entry whose session ended or moved its deadline would wake
+            # the loop for nothing (`handle_timer` skips it): drop it here.
+            deadline, _, session_id = timers[0]
+            session = sessions.get(session_id)
+            if session is not None and session.scheduled == deadline:
+                break
+            heapq.heappop(timers)
+        timer = timers[0][0] if timers else None
         hold = self._hold_until
         if hold is not None and (timer is None or hold < timer):
             timer = hold
