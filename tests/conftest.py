@@ -56,6 +56,7 @@ if sys.dont_write_bytecode:
 from chat_client import ChatSession, MessageReceived  # noqa: E402
 from chat_server import ChatServer, ServerConfig  # noqa: E402
 from common import format_address  # noqa: E402
+from server_store import MemoryStore, MessageStore, ServerStore  # noqa: E402
 
 #: Loopback timers (docs/RELIABILITY.md: tests use 50 ms / 1 s).
 RTO_MIN, RTO_MAX = 0.05, 1.0
@@ -205,6 +206,21 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
     running = start_server(test_config(tmp_path / "server-data"))
     yield running
     stop_server(running)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
+    """Each implementation of the store seam in turn: the same relay
+    scenarios run on `MemoryStore` and on SQLite (`ServerStore`)."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    disk = ServerStore(tmp_path / "data")
+    disk.start()
+    try:
+        yield disk
+    finally:
+        disk.close()
 
 
 class ServerProcess:

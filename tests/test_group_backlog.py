@@ -18,7 +18,7 @@ import pytest
 
 from chat_server import GROUP_TRIM_EVERY
 from protocol import ErrorCode, Fail, GroupAccept, GroupAction, name_key
-from server_store import MemoryStore, MessageStore, ServerStore
+from server_store import MessageStore, ServerStore
 from tests.conftest import start_server, stop_server
 from tests.conftest import test_config as server_config
 from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
@@ -31,19 +31,6 @@ from tests.test_gui import LEFT, Gui, open_gui, own_ids, press, pump_until, type
 from tests.xvfb import display  # noqa: F401 (a fixture)
 
 CAP = 5  # mailbox_messages in these tests
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    disk = ServerStore(tmp_path / "data")
-    disk.start()
-    try:
-        yield disk
-    finally:
-        disk.close()
 
 
 def fails(client: Client) -> list[Fail]:

@@ -10,8 +10,6 @@ or after she was removed, a session's window, the cache's caps."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,7 +33,7 @@ from protocol import (
 )
 from reliability import PayloadReceived
 from server_records import GroupEntry, GroupPages
-from server_store import MemoryStore, MessageStore, Read, ReadGroupLog, ServerStore
+from server_store import MessageStore, Read, ReadGroupLog
 from tests.test_bounds import Client
 from tests.test_groups_relay import GroupWorld, created, entries, texts
 
@@ -88,19 +86,6 @@ class PageWorld(GroupWorld):
             got = [m for m in client.messages if isinstance(m, GroupDeliver | GroupEvent)]
             if got:
                 client.send(Receipt(got[-1].server_msg_id))
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    disk = ServerStore(tmp_path / "data")
-    disk.start()
-    try:
-        yield disk
-    finally:
-        disk.close()
 
 
 def log_reads(store: MessageStore) -> list[ReadGroupLog]:

@@ -11,7 +11,6 @@ for every copy of a datagram's messages before taking them."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +18,9 @@ import pytest
 
 import server_store
 from protocol import GroupAccept, GroupDeliver, GroupReached, MsgId, Receipt, Receipts
-from server_store import GroupReceipt, MemoryStore, MessageStore, ServerStore
+from server_store import GroupReceipt, MessageStore, ServerStore
 from tests.test_bounds import Client
 from tests.test_groups_relay import GroupWorld, created, texts
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    disk = ServerStore(tmp_path / "data")
-    disk.start()
-    try:
-        yield disk
-    finally:
-        disk.close()
 
 
 def told_by(client: Client) -> list[tuple[str, MsgId]]:

@@ -23,7 +23,7 @@ from tests.test_bounds import Client
 from tests.test_client_core import Net
 from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_groups_client import login
-from tests.test_groups_relay import GroupWorld, created, entries, store  # noqa: F401 (a fixture)
+from tests.test_groups_relay import GroupWorld, created, entries
 
 
 def removed_then_ended(world: GroupWorld) -> Client:

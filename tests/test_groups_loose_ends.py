@@ -8,17 +8,14 @@ clients' real cores."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from chat_server import ServerConfig
 from client_core import AccountDeleted, GroupChanged, RecipientsChanged, StatusChanged
 from client_store import ClientStore, read_group_receipts
 from protocol import GroupAction, GroupDeliver, MsgId, Welcome
-from server_store import MemoryStore, MessageStore, ServerStore
+from server_store import MessageStore, ServerStore
 from tests.clients import ScriptedLogin, preauth_frame
 from tests.conftest import PASSWORD
 from tests.test_accounts import DiskNet
@@ -26,19 +23,6 @@ from tests.test_bounds import Client, World
 from tests.test_client_core import Net
 from tests.test_groups_client import Member, add, login
 from tests.test_groups_relay import GroupWorld, created, entries
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    disk = ServerStore(tmp_path / "data")
-    disk.start()
-    try:
-        yield disk
-    finally:
-        disk.close()
 
 
 class DevicesWorld(GroupWorld):

@@ -8,11 +8,8 @@ sender, requests sent again, and a restart of the relay on the same data."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from chat_server import MAILBOX_WINDOW, Relay
 from protocol import (
@@ -38,7 +35,7 @@ from protocol import (
 )
 from reliability import PayloadReceived
 from server_records import User
-from server_store import MemoryStore, MessageStore, ServerStore
+from server_store import MessageStore, ServerStore
 from tests.conftest import test_config as server_config
 from tests.test_bounds import Client
 from tests.test_seams import WALL, SeamWorld
@@ -94,19 +91,6 @@ class GroupWorld(SeamWorld):
     def settle_all(self, steps: int = 30) -> None:
         for _ in range(steps):
             self.step()
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    disk = ServerStore(tmp_path / "data")
-    disk.start()
-    try:
-        yield disk
-    finally:
-        disk.close()
 
 
 def told_by(client: Client) -> list[tuple[str, MsgId]]:

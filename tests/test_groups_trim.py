@@ -8,10 +8,6 @@ relay with a fake clock, on each store."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from chat_server import GROUP_TRIM_EVERY
 from protocol import GroupAccept, GroupAction, GroupDeliver, GroupEvent, GroupReached, Receipt
@@ -20,19 +16,6 @@ from tests.test_bounds import Client
 from tests.test_groups_relay import GroupWorld, created, entries, texts
 
 MESSAGES = GROUP_TRIM_EVERY + 10
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    disk = ServerStore(tmp_path / "data")
-    disk.start()
-    try:
-        yield disk
-    finally:
-        disk.close()
 
 
 def log_seqs(store: MessageStore, group: str = "team") -> list[int]:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from chat_server import Relay
 from protocol import (
@@ -119,20 +117,6 @@ class SeamWorld(World):
         msg_id = MsgId(instance, seq)
         client.send(Send(msg_id, to, text), conversation_stream(to))
         return msg_id
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
-    """The same relay scenarios on each implementation of the store seam."""
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    disk = ServerStore(tmp_path / "data")
-    disk.start()
-    try:
-        yield disk
-    finally:
-        disk.close()
 
 
 def flat(messages: list[Message]) -> list[tuple[Any, ...]]:
