@@ -915,6 +915,11 @@ def event_to_text(event: SessionEvent) -> tuple[str, bool] | None:
             if event.by is not None:  # a group message: one line per member who has it
                 return f"  \u2713\u2713 delivered to {event.by} ({about})", False
             return f"  \u2713\u2713 delivered ({about})", False
+        if (backlog := event.backlog) is not None:
+            # A group held back by one member: whom, and what frees it (the
+            # `error` after it, not repeated here, says the same in the
+            # server's words).
+            return f"  \u2717 failed ({event.reason}) ({about}): {backlog.explained}", True
         return f"  \u2717 failed ({event.reason}) ({about})", True
     if isinstance(event, RecipientsChanged):
         # Named as the other status lines name a message (the id when its

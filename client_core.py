@@ -29,6 +29,7 @@ import hmac
 import itertools
 import logging
 import random
+import re
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -329,11 +330,21 @@ class StatusChanged:
     recipients: int | None = None  # a group message's `accepted`: members it went to
     seq: int = 0  # a group message's `accepted`: its place in the group's sequence
     life: int = 0  # a group message's `accepted`: which group of the name it went to
+    # A `failed` the server decided: its words (the `error` event that follows
+    # carries them too; not in this event's JSON). "" for the client's own.
+    detail: str = ""
 
     @property
     def group(self) -> str | None:
         """The group's name (no '#') for a group message, else None."""
         return self.to[1:] if is_group_address(self.to) else None
+
+    @property
+    def backlog(self) -> BacklogFull | None:
+        """A group message refused `mailbox_full`: who holds the group back."""
+        if self.reason != ErrorCode.MAILBOX_FULL.label:
+            return None
+        return BacklogFull.parse(self.detail)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": "status", "id": self.id, "state": str(self.state)}
@@ -351,6 +362,61 @@ class StatusChanged:
             if self.state == MessageState.ACCEPTED:
                 group_place_json(out, self.seq)
         return out
+
+
+#: The server's words for a group message refused `mailbox_full`
+#: (`server_groups.backlog_full_text`). A name has no space, colon or
+#: apostrophe (`protocol.normalize_name`), so the holder is read back exactly.
+_BACKLOG_FULL = re.compile(
+    r"#(?P<group>[^\s:]+): (?P<holder>[^\s:']+)'s backlog is full "
+    r"\((?P<entries>\d+) entries, (?P<size>\d+) bytes wait for (?P=holder)\)"
+)
+
+
+def size_text(size: int) -> str:
+    """A size for people: `812 bytes`, `40 KiB`, `10.0 MiB`."""
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024 * 1024:
+        return f"{size // 1024} KiB"
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+@dataclass(frozen=True)
+class BacklogFull:
+    """Why a group message was refused `mailbox_full`: what waits in the
+    group for `holder`, its member furthest behind, is at the mailbox
+    limits, and nothing more goes in until that member reads, leaves or is
+    removed. The wire carries the reason's code and the server's text
+    only, so the front ends read the member's name from the text (the
+    person needs the name to know whom to ask, or whom to remove)."""
+
+    group: str  # no '#'
+    holder: str
+    entries: int  # what waits for the holder
+    size: int  # bytes of it
+
+    @classmethod
+    def parse(cls, text: str) -> BacklogFull | None:
+        """The reason in the server's words, or None for any other text
+        (a direct recipient's mailbox, a server that named nobody)."""
+        found = _BACKLOG_FULL.search(text)
+        if found is None:
+            return None
+        return cls(found["group"], found["holder"], int(found["entries"]), int(found["size"]))
+
+    @property
+    def short(self) -> str:
+        """The reason in a few words, for the failed message's line."""
+        return f"{self.holder}'s backlog is full"
+
+    @property
+    def explained(self) -> str:
+        """The reason with what frees the group, for a hover or a terminal."""
+        who = self.holder
+        return (f"{self.entries:,} messages ({size_text(self.size)}) wait for {who}, the "
+                f"member furthest behind; it empties as {who} reads, leaves or is removed by "
+                "the owner")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -2091,7 +2157,8 @@ class ClientCore:
             self.store.set_state(message.msg_id, MessageState.FAILED)
             if out is not None:
                 self._emit(StatusChanged(out.msg_id.label(), MessageState.FAILED, out.to,
-                                         out.text, message.reason.label))  # fmt: skip
+                                         out.text, message.reason.label,
+                                         detail=message.message))  # fmt: skip
                 self._emit(ErrorEvent(message.reason.label, message.message))
                 if out.cancelling:
                     self._cancel_answered(out, ended=None)

@@ -464,6 +464,8 @@ class GroupsUI:
             return None
         of = f" of {receipts.recipients}" if receipts.recipients is not None else ""
         if not receipts.by:
+            if line.state in (MessageState.FAILED, "retried"):
+                return None  # refused: no member will have it (not "none has it yet")
             return f"Members    none has it yet (0{of})"
         # The first few names: a line naming 1,000 members killed the window
         # (audit7 N9); the tooltip wraps and clips whatever it gets too.
@@ -641,6 +643,9 @@ class MembersPanel:
         frame = self.frame = ttk.Frame(panes, padding=(0, 8, 8, 8), width=PANEL_WIDTH)
         self.title = ttk.Label(frame, text="Members", font=("TkDefaultFont", 11, "bold"))
         self.title.pack(anchor="w")
+        # A group we are not in any more says so (before, an empty list and
+        # greyed buttons, with nothing said until a message was refused).
+        self.note = ttk.Label(frame, text="", style="Muted.TLabel", wraplength=PANEL_WIDTH - 10)
         self.tree = ttk.Treeview(frame, show="tree", selectmode="extended", height=10)
         self.tree.column("#0", width=PANEL_WIDTH - 10)
         self.tree.tag_configure("online", foreground="#1b7f2a")
@@ -688,6 +693,11 @@ class MembersPanel:
                 self.tree.selection_add(iid)
         self.owner = owner
         self.member = info.member
+        if info.member:
+            self.note.pack_forget()
+        else:
+            self.note.configure(text=f"You are not a member of #{info.name} any more.")
+            self.note.pack(anchor="w", fill="x", pady=(4, 0), before=self.tree)
         self._update_buttons()
 
     def rows(self) -> list[str]:

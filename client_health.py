@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from tkinter import ttk
 from typing import Literal
 
-from client_core import LOSS_WINDOW, LinkStats
+from client_core import LOSS_WINDOW, BacklogFull, LinkStats
 from client_look import FONTS, PAD, PALETTE, full_time
 from client_store import Timeline
 
@@ -99,10 +99,12 @@ def _delta(ms: int) -> str:
 
 
 def describe(timeline: Timeline | None, *, state: str | None, stamp: float,
-             reason: str | None = None) -> str:  # fmt: skip
+             reason: str | None = None, detail: str = "") -> str:  # fmt: skip
     """The hover text of one of our messages: when it was sent, accepted,
     delivered, and how often it was resent. Without a stored timeline
-    (no store), what the window knows: when it was sent and its state."""
+    (no store), what the window knows: when it was sent and its state.
+    A failure says why; a group held back by one member (`detail`, the
+    server's words), whom, how much waits, and what frees the group."""
     if timeline is None:
         lines = [f"Sent       {full_time(stamp)}"]
         if state:
@@ -119,7 +121,11 @@ def describe(timeline: Timeline | None, *, state: str | None, stamp: float,
     elif timeline.state == "accepted":
         lines.append("Delivered  not yet (the server holds it)")
     if timeline.state == "failed" or state in ("failed", "retried"):
-        lines.append(f"Failed     {(reason or 'refused').replace('_', ' ')}")
+        backlog = BacklogFull.parse(detail) if reason == "mailbox_full" else None
+        if backlog is not None:
+            lines.append(f"Failed     mailbox full: {backlog.explained}")
+        else:
+            lines.append(f"Failed     {(reason or 'refused').replace('_', ' ')}")
     times = timeline.resends
     lines.append("Resent     never" if not times else
                  f"Resent     {times} time{'s' if times != 1 else ''}")  # fmt: skip

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from tkinter import ttk
 from typing import Any
 
-from client_core import MessageState
+from client_core import BacklogFull, MessageState
 from client_look import FONTS, PAD, PALETTE, continues, day_label, new_day, style_text
 from client_store import find_folded, fold, group_place
 
@@ -60,6 +60,7 @@ class Line:
     msg_id: str | None = None  # ours: our id; theirs: the sender's (both `instance-seq`)
     state: str | None = None
     reason: str | None = None
+    detail: str = ""  # ours, failed: the server's words for why (`StatusChanged.detail`)
     row_id: int = 0  # its row in the store, when known (0: not read from the store)
     slow: bool = False  # ours, still `sending` after SLOW_SEND_S: say so
     awaits_account: bool = False  # ours, `sending`: its recipient has no account yet
@@ -73,6 +74,15 @@ class Line:
 
 
 # --- pure functions -------------------------------------------------------------
+
+
+def failure_reason(reason: str, detail: str = "") -> str:
+    """What our failed message's line says after "✗ failed": its reason
+    for people (`mailbox full`), and for a group that one member holds
+    back, whom (`carol's backlog is full`: the person can ask carol to
+    read, or remove her; "mailbox full" alone said neither)."""
+    backlog = BacklogFull.parse(detail) if reason == "mailbox_full" else None
+    return backlog.short if backlog is not None else reason.replace("_", " ")
 
 
 def move_down(lines: list[Line], line: Line, ahead: int) -> bool:
@@ -620,7 +630,7 @@ class Transcript:
         mark = f"st-{line.msg_id}"
         label = self.state_label(line) or STATE_LABELS.get(line.state or "", line.state or "")
         if line.state == MessageState.FAILED:
-            reason = f" ({line.reason.replace('_', ' ')})" if line.reason else ""
+            reason = f" ({failure_reason(line.reason, line.detail)})" if line.reason else ""
             self.text.insert(mark, f"  {label}{reason} ", ("failed", tag))
             retry_tag = f"retry-{line.msg_id}"
             self.text.insert(f"{tag}.last", "Retry", ("retry", tag, retry_tag))

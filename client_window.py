@@ -290,6 +290,7 @@ class ChatWindow:
         master.bind("<FocusOut>", self._on_focus_out, add="+")
         master.bind("<KeyPress>", self._on_key_anywhere, add="+")
         master.bind("<Control-q>", lambda e: self.close())
+        master.bind_class("TEntry", "<Control-a>", self._select_all_entry)
         self._expected_tick = time.monotonic() + POLL_MS / 1000
         self._poll_id = master.after(POLL_MS, self._poll)
         self.username_entry.focus_set()
@@ -466,10 +467,16 @@ class ChatWindow:
         self.new_marker = self.view.new_marker
         self.transcript.bind("<Motion>", self._on_transcript_motion, add="+")
         self.transcript.bind("<Leave>", lambda _e: self.tooltip.hide(), add="+")
+        # A click (on Retry, show more, a link) changes what is under the
+        # pointer: a hover left standing covered the line it sent again.
+        self.transcript.bind("<ButtonPress>", lambda _e: self.tooltip.hide(), add="+")
         self.composer.bind("<Return>", self._on_return)
         self.composer.bind("<Shift-Return>", self._on_shift_return)
         self.composer.bind("<Escape>", lambda e: self._clear_composer())
         self.composer.bind("<Up>", self._on_up)
+        # Ctrl+A selects everything, as in other desktop programs (Tk's own
+        # binding moves to the line's start; its select-all is Ctrl+/).
+        self.composer.bind("<Control-a>", self._select_all_text)
         self.composer.bind("<KeyRelease>", self._on_composer_key)
         self.top.bind("<Control-f>", lambda e: self.show_find())
         right.grid(row=0, column=1, sticky="nsew")
@@ -786,6 +793,7 @@ class ChatWindow:
             return
         line.state = event.state
         line.reason = event.reason
+        line.detail = event.detail
         if event.state != MessageState.SENDING:
             line.slow = line.awaits_account = False
         if conv is self.current:
@@ -1130,7 +1138,9 @@ class ChatWindow:
         if not text.strip() or self.session is None:
             return
         if self.current is None:
-            self._system(None, "Pick a contact or type a name under the list to start a chat.")
+            # (The field is above the list: "under the list" sent people looking.)
+            self._system(None, "Pick a contact, or type a name in \u201cNew chat with\u2026\u201d "
+                               "first.")  # fmt: skip
             return
         if len(text.encode("utf-8", "replace")) > MAX_TEXT_BYTES:
             self._update_size()
@@ -1268,7 +1278,8 @@ class ChatWindow:
         if line.kind != "own" or line.msg_id is None:
             return f"{line.who} \u00b7 {full_time(line.stamp)}"
         timeline = self.session.timeline(line.msg_id) if self.session is not None else None
-        text = describe(timeline, state=line.state, stamp=line.stamp, reason=line.reason)
+        text = describe(timeline, state=line.state, stamp=line.stamp, reason=line.reason,
+                        detail=line.detail)  # fmt: skip
         members = self.groups.hover_text(line)  # a group message: who has it
         return text if members is None else f"{text}\n{members}"
 
@@ -1385,6 +1396,18 @@ class ChatWindow:
         widget = event.widget
         widget.select_range(0, "end")
         widget.icursor("end")
+
+    def _select_all_entry(self, event: Any) -> str:
+        """Ctrl+A in a field: all of it selected, so typing replaces it (Tk
+        moved to the start, and what was typed went before the old text:
+        `127.0.0.1:5588127.0.0.1:5555`)."""
+        self._select_all(event)
+        return "break"
+
+    def _select_all_text(self, _event: Any) -> str:
+        self.composer.tag_add("sel", "1.0", "end-1c")
+        self.composer.mark_set("insert", "end-1c")
+        return "break"
 
     def _has_focus(self) -> bool:
         try:

@@ -136,7 +136,22 @@ def parse_server(text: str) -> tuple[str, int]:
         raise ValueError(f"port {port} is out of range: a port is 1 to 65535")
     if not host:
         raise ValueError(f"{text!r} is not HOST:PORT")
+    if ":" in host and not _is_ipv6(host):
+        # A name has no colon: two addresses typed into one field
+        # ("127.0.0.1:5588127.0.0.1:5555") were tried as an IPv6 host and
+        # "did not answer", which sent the person looking for the server.
+        raise ValueError(f"{text!r} is not HOST:PORT (an IPv6 address goes in brackets: "
+                         "[::1]:5555)")  # fmt: skip
     return host, port
+
+
+def _is_ipv6(host: str) -> bool:
+    """An IPv6 address, with or without a zone (`fe80::1%eth0`)."""
+    try:
+        ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 #: How many servers a client's list may name: a cluster's nodes, not a

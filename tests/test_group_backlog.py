@@ -350,7 +350,7 @@ def test_the_window_shows_a_failed_group_message_like_a_failed_direct_one(
     line = alice.conversations[name_key("#team")].by_id[third]
     described = alice.describe_line(line)
     assert "Failed     mailbox full" in described and "Delivered" not in described, described
-    assert "(mailbox full)" in alice.transcript_text()
+    assert "(carol's backlog is full)" in alice.transcript_text()  # who (session 8, fresh)
 
 
 def test_a_group_made_again_under_its_name_is_counted_from_its_own_first_entry(

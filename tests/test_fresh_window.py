@@ -1,0 +1,131 @@
+"""What a new user's first hour found in the window (session 8, "fresh"),
+on a real X display: a group message refused because one member holds the
+group back names that member in its line and its hover (it said "(mailbox
+full)" alone, and the hover "Members none has it yet (0)"); a click on
+Retry hides the hover that covered the line it sent again; a group we left
+says so in its members panel (an empty list and greyed buttons said
+nothing); with nothing open, the hint points at "New chat with…" where it
+is (it said "under the list"); Ctrl+A selects a field's text (Tk moved to
+its start, so typing over a pre-filled Server field gave
+`127.0.0.1:5588127.0.0.1:5555`) and the composer's.
+
+The group flow runs against a real server whose mailboxes (and so groups'
+backlogs) hold three, as tests/test_group_backlog.py's window test does;
+its screenshot goes to tests/artifacts/fresh_mailbox_full.png."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client_window import ChatWindow
+from protocol import GroupAction, name_key
+from tests.conftest import start_server, stop_server
+from tests.conftest import test_config as server_config
+from tests.test_groups_gui import hover, window_screenshot
+from tests.test_gui import LEFT, Gui, click_tag, open_gui, own_ids, press, pump_until, type_text
+from tests.xvfb import display  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "tests" / "artifacts" / "fresh_mailbox_full.png"
+
+
+@pytest.fixture
+def small_backlog_gui(
+    display: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Gui]:
+    """Windows on a server whose mailboxes (and so groups' backlogs) hold three."""
+    running = start_server(server_config(tmp_path / "server-data", mailbox_messages=3))
+    try:
+        yield from open_gui(running, monkeypatch)
+    finally:
+        stop_server(running)
+
+
+@pytest.fixture
+def gui_alone(display: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gui]:  # noqa: F811
+    yield from open_gui(None, monkeypatch)
+
+
+def send(window: ChatWindow, text: str) -> None:
+    type_text(window.composer, text)
+    press(window.composer, "Return")
+
+
+def test_a_group_held_back_by_one_member_names_her_and_a_group_we_left_says_so(
+    small_backlog_gui: Gui,
+) -> None:
+    app = small_backlog_gui
+    carol = app.session("carol")  # an account; she goes away
+    carol.close(3.0)
+    app.sessions.remove(carol)
+    alice = app.window(LEFT)
+    app.login(alice, "alice")
+
+    # Nothing open: the hint says where to type a name.
+    send(alice, "hello?")
+    hint = str(alice.peer_label.cget("text"))
+    assert "New chat with\u2026" in hint and "under the list" not in hint, hint
+    assert alice.composed() == "hello?", "the text stays in the composer"
+    press(alice.composer, "a", control=True)
+    assert alice.composer.tag_ranges("sel"), "Ctrl+A selects the composer's text"
+    assert alice.composer.get("sel.first", "sel.last") == "hello?"
+    press(alice.composer, "Escape")
+
+    bob = app.session("bob")
+    bob.group(GroupAction.CREATE, "team", ("alice", "carol"))
+    assert pump_until(app.root, lambda: name_key("#team") in alice.conversations)
+    alice.open_conversation("#team")
+    for text in ("one", "two", "three"):  # carol has not had the CREATED: 1 + 2
+        send(alice, text)
+    assert pump_until(app.root, lambda: len(own_ids(alice, "#team")) == 3)
+    third = own_ids(alice, "#team")[2]
+    assert pump_until(app.root, lambda: alice.state_of(third) == "failed"), "backlog full"
+
+    # The line names carol; its hover says how much waits and what frees it.
+    shown = alice.transcript_text()
+    assert "\u2717 failed (carol's backlog is full)" in shown, shown
+    line = alice.conversations[name_key("#team")].by_id[third]
+    described = alice.describe_line(line)
+    assert "Failed     mailbox full: 3 messages" in described, described
+    assert "wait for carol, the member furthest behind" in described, described
+    assert "removed by the owner" in described and "none has it yet" not in described, described
+    hover(alice.transcript, f"sttext-{third}")
+    assert pump_until(app.root, lambda: "wait for carol" in alice.tooltip.shown), "no hover"
+    window_screenshot(alice, SCREENSHOT)
+
+    # Retry under the pointer: the hover goes (it covered the line sent again).
+    click_tag(alice.transcript, f"retry-{third}")
+    assert alice.tooltip.shown == ""
+    assert pump_until(app.root, lambda: len(own_ids(alice, "#team")) == 4), "sent again"
+
+    # alice leaves: the panel says she is not a member, not just nothing.
+    panel = alice.groups.panel
+    assert not panel.note.winfo_ismapped()
+    panel.confirmed()  # (Leave group, confirmed)
+    assert pump_until(app.root, lambda: panel.note.winfo_ismapped()), "no word in the panel"
+    assert panel.note.cget("text") == "You are not a member of #team any more."
+    assert str(panel.leave_button.cget("state")) == "disabled"
+
+
+def test_ctrl_a_selects_what_a_login_field_holds_so_typing_replaces_it(gui_alone: Gui) -> None:
+    window = gui_alone.window(LEFT, server="127.0.0.1:5555")
+    entry = window.server_entry
+    press(entry, "End")
+    press(entry, "a", control=True)
+    assert entry.selection_present() and entry.index("sel.first") == 0
+    assert entry.index("sel.last") == len("127.0.0.1:5555")
+    type_text(entry, "127.0.0.1:5588")
+    assert window.server_var.get() == "127.0.0.1:5588"
+    # Two addresses run together are refused as such, not tried as an IPv6 host.
+    entry.insert("end", "127.0.0.1:5555")
+    type_text(window.username_entry, "alice")
+    type_text(window.password_entry, "secret")
+    window.login_button.invoke()
+    error = str(window.login_error.cget("text"))
+    assert "is not HOST:PORT" in error and "does not answer" not in error, error
+    assert window.session is None
