@@ -1245,10 +1245,12 @@ class ChatWindow:
     # --- the rest ---------------------------------------------------------------
 
     def _on_chat_resize(self, event: Any) -> None:
-        """A narrow window gives the contact list less room, the conversation more."""
+        """A narrow window gives the contact list less room, the conversation more.
+        From 760 px on it is wide enough for "group · 12 members" and the whole
+        "New chat with…" placeholder (at 170 both were cut at the default size)."""
         if event.widget is not self.chat_frame:
             return
-        width = 120 if event.width < 600 else 170
+        width = 120 if event.width < 600 else 170 if event.width < 760 else 200
         if int(self.contacts.cget("width")) != width:
             self.contacts.configure(width=width)
 

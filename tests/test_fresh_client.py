@@ -110,8 +110,9 @@ def test_the_windows_words_for_the_failed_line_and_its_hover() -> None:
     timeline = Timeline("failed", 1_700_000_000_000, None, None, 0)
     hover = describe(timeline, state="failed", stamp=1_700_000_000.0, reason="mailbox_full",
                      detail=CAROL_HOLDS)  # fmt: skip
-    assert ("Failed     mailbox full: 268 messages (10.0 MiB) wait for carol, the member "
-            "furthest behind; it empties as carol reads") in hover  # fmt: skip
+    assert ("Failed     mailbox full: carol's backlog is full\n"
+            "Waiting    268 messages (10.0 MiB) for carol, furthest behind\n"
+            "Empties    as carol reads, leaves or is removed by the owner\n") in hover  # fmt: skip
     plain = describe(timeline, state="failed", stamp=1_700_000_000.0, reason="mailbox_full")
     assert "Failed     mailbox full\n" in plain
 

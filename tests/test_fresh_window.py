@@ -5,7 +5,8 @@ full)" alone, and the hover "Members none has it yet (0)"); a click on
 Retry hides the hover that covered the line it sent again; a group we left
 says so in its members panel (an empty list and greyed buttons said
 nothing); with nothing open, the hint points at "New chat with…" where it
-is (it said "under the list"); Ctrl+A selects a field's text (Tk moved to
+is (it said "under the list"); the contact list has room for a group's
+member count at the default size; Ctrl+A selects a field's text (Tk moved to
 its start, so typing over a pre-filled Server field gave
 `127.0.0.1:5588127.0.0.1:5555`) and the composer's.
 
@@ -91,11 +92,17 @@ def test_a_group_held_back_by_one_member_names_her_and_a_group_we_left_says_so(
     assert "\u2717 failed (carol's backlog is full)" in shown, shown
     line = alice.conversations[name_key("#team")].by_id[third]
     described = alice.describe_line(line)
-    assert "Failed     mailbox full: 3 messages" in described, described
-    assert "wait for carol, the member furthest behind" in described, described
+    assert "Failed     mailbox full: carol's backlog is full\n" in described, described
+    assert "Waiting    3 messages (6 bytes) for carol, furthest behind\n" in described
     assert "removed by the owner" in described and "none has it yet" not in described, described
+    # At the default size the contact line has room for its member count
+    # (it read "group · 3 mem…", and the field above it "New chat with..").
+    alice.top.update()
+    drawn = [str(alice.contacts.itemcget(item, "text")) for item in alice.contacts.find_all()
+             if alice.contacts.type(item) == "text"]  # fmt: skip
+    assert "group \u00b7 3 members" in drawn, drawn
     hover(alice.transcript, f"sttext-{third}")
-    assert pump_until(app.root, lambda: "wait for carol" in alice.tooltip.shown), "no hover"
+    assert pump_until(app.root, lambda: "for carol" in alice.tooltip.shown), "no hover"
     window_screenshot(alice, SCREENSHOT)
 
     # Retry under the pointer: the hover goes (it covered the line sent again).
