@@ -98,8 +98,10 @@ def test_a_group_held_back_by_one_member_names_her_and_a_group_we_left_says_so(
     # At the default size the contact line has room for its member count
     # (it read "group · 3 mem…", and the field above it "New chat with..").
     alice.top.update()
-    drawn = [str(alice.contacts.itemcget(item, "text")) for item in alice.contacts.find_all()
-             if alice.contacts.type(item) == "text"]  # fmt: skip
+    canvas, path = alice.contacts, str(alice.contacts)
+    items = [item for item in canvas.find_withtag("all")
+             if str(canvas.tk.call(path, "type", item)) == "text"]  # fmt: skip
+    drawn = [str(canvas.tk.call(path, "itemcget", item, "-text")) for item in items]
     assert "group \u00b7 3 members" in drawn, drawn
     hover(alice.transcript, f"sttext-{third}")
     assert pump_until(app.root, lambda: "for carol" in alice.tooltip.shown), "no hover"
