@@ -1435,7 +1435,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stops answering the client moves to the next (default %(default)s)",
     )
     parser.add_argument("--user", help="your username (terminal mode)")
-    parser.add_argument("--connect-to", default=None, help="who to talk to first (optional)")
+    parser.add_argument("--connect-to", default=None, metavar="NAME",
+                        help="who to talk to first: a user, or a group you are in (#team); "
+                        "optional")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
     parser.add_argument(
         "--password-file", type=Path, default=None, metavar="FILE",

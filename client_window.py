@@ -513,7 +513,9 @@ class ChatWindow:
         connect = self.connect_var.get().strip()
         if connect:
             try:
-                connect = normalize_name(connect)
+                # A person, or a group (`#team`), as `--connect-to` takes in
+                # the terminal (the window refused `#team` as a name).
+                connect = normalize_peer(connect)
             except LocalProtocolError as exc:
                 self.show_login_error(f"Connect to: {exc}")
                 self.connect_entry.focus_set()

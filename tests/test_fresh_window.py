@@ -6,7 +6,8 @@ Retry hides the hover that covered the line it sent again; a group we left
 says so in its members panel (an empty list and greyed buttons said
 nothing); with nothing open, the hint points at "New chat with…" where it
 is (it said "under the list"); the contact list has room for a group's
-member count at the default size; Ctrl+A selects a field's text (Tk moved to
+member count at the default size; Connect to takes a group (`#team`) as
+`--connect-to` does; Ctrl+A selects a field's text (Tk moved to
 its start, so typing over a pre-filled Server field gave
 `127.0.0.1:5588127.0.0.1:5555`) and the composer's.
 
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from chat_client import GroupChanged
 from client_window import ChatWindow
 from protocol import GroupAction, name_key
-from tests.conftest import start_server, stop_server
+from tests.conftest import RunningServer, start_server, stop_server, wait_for
 from tests.conftest import test_config as server_config
 from tests.test_groups_gui import hover, window_screenshot
 from tests.test_gui import LEFT, Gui, click_tag, open_gui, own_ids, press, pump_until, type_text
@@ -138,3 +140,25 @@ def test_ctrl_a_selects_what_a_login_field_holds_so_typing_replaces_it(gui_alone
     error = str(window.login_error.cget("text"))
     assert "is not HOST:PORT" in error and "does not answer" not in error, error
     assert window.session is None
+
+
+@pytest.fixture
+def gui(display: str, server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gui]:  # noqa: F811
+    yield from open_gui(server, monkeypatch)
+
+
+def test_connect_to_takes_a_group_as_the_terminals_connect_to_does(gui: Gui) -> None:
+    """The login's Connect to refused `#team` ("Connect to: ... not a valid
+    name") while `chat-client --no-gui --connect-to '#team'` opened it."""
+    alice = gui.session("alice")
+    account = gui.session("bob")  # an account; away while the group is made
+    account.close(3.0)
+    gui.sessions.remove(account)
+    alice.group(GroupAction.CREATE, "team", ("bob",))
+    assert wait_for(alice, lambda e: isinstance(e, GroupChanged))
+    bob = gui.window(LEFT)
+    bob.connect_var.set("#team")  # (type_text has no keysym for '#')
+    gui.login(bob, "bob")
+    assert bob.current is not None and bob.current.name == "#team"
+    assert pump_until(gui.root, lambda: "created the group" in bob.transcript_text())
+    assert bob.groups.panel.visible()
