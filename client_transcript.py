@@ -646,6 +646,10 @@ class Transcript:
     def render_state(self, line: Line) -> None:
         tag = f"sttext-{line.msg_id}"
         text = self.text
+        # The reason and Retry of a failure may wrap the last line below the
+        # view: kept in view if the view was at the end (asked of a failure
+        # only: a yview lays the text out, too dear for every receipt).
+        follow = line.state == MessageState.FAILED and self.at_latest and self.at_bottom()
         text.configure(state="normal")
         ranges = text.tag_ranges(tag)
         if ranges:
@@ -653,6 +657,9 @@ class Transcript:
         if f"st-{line.msg_id}" in text.mark_names():
             self._insert_state(line)
         text.configure(state="disabled")
+        if follow:
+            text.see("end")
+            self._bottom_cache = None
 
     def see_line(self, line: Line) -> str | None:
         """Scroll to `line`; its start index, or None if it is not shown."""

@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from chat_client import GroupChanged
+from client_transcript import Line
 from client_window import ChatWindow
 from protocol import GroupAction, name_key
+from server_groups import backlog_full_text
 from tests.conftest import RunningServer, start_server, stop_server, wait_for
 from tests.conftest import test_config as server_config
 from tests.test_groups_gui import hover, window_screenshot
@@ -162,3 +164,27 @@ def test_connect_to_takes_a_group_as_the_terminals_connect_to_does(gui: Gui) -> 
     assert bob.current is not None and bob.current.name == "#team"
     assert pump_until(gui.root, lambda: "created the group" in bob.transcript_text())
     assert bob.groups.panel.visible()
+
+
+def test_a_failure_that_wraps_the_last_line_keeps_its_retry_in_view(gui_alone: Gui) -> None:
+    """The view at the end (scrolled there by the person), our last message
+    fails: its reason and Retry wrap onto a line below the view, and
+    nothing said so (seen with "(dave's backlog is full)")."""
+    window = gui_alone.window("780x400+10+40", server="127.0.0.1:5555")
+    view = window.view
+    window.chat_frame.pack(fill="both", expand=True)  # (no login: the view alone)
+    window.login_frame.pack_forget()
+    lines = [Line("peer", "carol", f"line {n}", 1_700_000_000.0 + n) for n in range(30)]
+    text = "the last one, long enough to reach the right edge of the view so that what follows"
+    mine = Line("own", "alice", text, 1_700_000_100.0, "m-1", "sending")
+    view.show([*lines, mine], has_earlier=False)
+    window.top.update()
+    view._yview("moveto", 1.0)  # the person's own scroll to the end (not "following")
+    window.top.update()
+    assert view.text.yview()[1] >= 0.999
+    mine.state, mine.reason = "failed", "mailbox_full"
+    mine.detail = backlog_full_text("team", "dave", 268, 10_485_758)
+    view.render_state(mine)
+    window.top.update()
+    retry = view.text.tag_ranges("retry-m-1")
+    assert view.text.bbox(retry[0]) is not None, "Retry is below the view"
