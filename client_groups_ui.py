@@ -151,6 +151,8 @@ MEMBERS_AT_LOGIN = 20
 #: known, so not drawn offline (audit14 A9: 11 of 60 online members were).
 UNKNOWN_DOT = "\u25cc"  # ◌
 PANEL_WIDTH = 190
+#: The members panel shows beside the transcript from this window width on.
+PANEL_ROOM = 640
 
 
 @dataclass
@@ -651,10 +653,8 @@ class MembersPanel:
         self.tree.tag_configure("online", foreground="#1b7f2a")
         self.tree.tag_configure("offline", foreground="#888888")
         self.tree.tag_configure("unknown", foreground="#888888")
-        self.tree.pack(fill="both", expand=True, pady=(4, 0))
         self.tree.bind("<<TreeviewSelect>>", lambda e: self._update_buttons())
         add_row = ttk.Frame(frame)
-        add_row.pack(fill="x", pady=(6, 0))
         self.add_var = tk.StringVar()
         self.add_entry = ttk.Entry(add_row, textvariable=self.add_var, width=10)
         self.add_entry.pack(side="left", fill="x", expand=True)
@@ -662,21 +662,43 @@ class MembersPanel:
         self.add_button = ttk.Button(add_row, text="Add", width=5, command=self.add)
         self.add_button.pack(side="left", padx=(4, 0))
         self.remove_button = ttk.Button(frame, text="Remove", command=self.remove)
-        self.remove_button.pack(fill="x", pady=(4, 0))
         self.leave_button = ttk.Button(frame, text="Leave group", command=self.leave)
-        self.leave_button.pack(fill="x", pady=(4, 0))
         self.error = ttk.Label(frame, text="", style="Error.TLabel", wraplength=PANEL_WIDTH)
-        self.error.pack(fill="x", pady=(4, 0))
+        # The buttons from the bottom up, before the list: in a short window
+        # the list gets shorter (Remove and Leave group were cut off first).
+        self.error.pack(side="bottom", fill="x", pady=(4, 0))
+        self.leave_button.pack(side="bottom", fill="x", pady=(4, 0))
+        self.remove_button.pack(side="bottom", fill="x", pady=(4, 0))
+        add_row.pack(side="bottom", fill="x", pady=(6, 0))
+        self.tree.pack(fill="both", expand=True, pady=(4, 0))
         self.owner = False
         self.member = True
         self.confirm: LeaveDialog | None = None
+        self.wanted = False  # a group is open
+        self.room = True  # the window is wide enough for it beside the transcript
 
     def show(self) -> None:
         self.error.configure(text="")
-        self.frame.grid(row=0, column=2, sticky="nse")
+        self.wanted = True
+        self._place()
 
     def hide(self) -> None:
-        self.frame.grid_remove()
+        self.wanted = False
+        self._place()
+
+    def set_room(self, room: bool) -> None:
+        """The window is (or is no longer) wide enough for the panel: below
+        PANEL_ROOM px it goes, so that the transcript, the composer and Send
+        keep their room (at 420 px they were a sliver and "Se")."""
+        if room != self.room:
+            self.room = room
+            self._place()
+
+    def _place(self) -> None:
+        if self.wanted and self.room:
+            self.frame.grid(row=0, column=2, sticky="nse")
+        else:
+            self.frame.grid_remove()
 
     def visible(self) -> bool:
         return bool(self.frame.winfo_ismapped())

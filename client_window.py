@@ -1255,6 +1255,7 @@ class ChatWindow:
         width = 120 if event.width < 600 else 170 if event.width < 760 else 200
         if int(self.contacts.cget("width")) != width:
             self.contacts.configure(width=width)
+        self.groups.panel.set_room(event.width >= client_groups_ui.PANEL_ROOM)
 
     def _link_stats(self) -> LinkStats | None:
         return self.session.link_stats() if self.session is not None else None

@@ -24,13 +24,24 @@ import pytest
 
 from chat_client import GroupChanged
 from client_transcript import Line
-from client_window import ChatWindow
+from client_window import MIN_SIZE, ChatWindow
 from protocol import GroupAction, name_key
 from server_groups import backlog_full_text
 from tests.conftest import RunningServer, start_server, stop_server, wait_for
 from tests.conftest import test_config as server_config
 from tests.test_groups_gui import hover, window_screenshot
-from tests.test_gui import LEFT, Gui, click_tag, open_gui, own_ids, press, pump_until, type_text
+from tests.test_gui import (
+    LEFT,
+    Gui,
+    click_tag,
+    open_gui,
+    own_ids,
+    press,
+    pump,
+    pump_until,
+    type_text,
+)
+from tests.test_window_look import canvas_texts, inside
 from tests.xvfb import display  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,10 +113,7 @@ def test_a_group_held_back_by_one_member_names_her_and_a_group_we_left_says_so(
     # At the default size the contact line has room for its member count
     # (it read "group · 3 mem…", and the field above it "New chat with..").
     alice.top.update()
-    canvas, path = alice.contacts, str(alice.contacts)
-    items = [item for item in canvas.find_withtag("all")
-             if str(canvas.tk.call(path, "type", item)) == "text"]  # fmt: skip
-    drawn = [str(canvas.tk.call(path, "itemcget", item, "-text")) for item in items]
+    drawn = canvas_texts(alice.contacts)
     assert "group \u00b7 3 members" in drawn, drawn
     hover(alice.transcript, f"sttext-{third}")
     assert pump_until(app.root, lambda: "for carol" in alice.tooltip.shown), "no hover"
@@ -188,3 +196,35 @@ def test_a_failure_that_wraps_the_last_line_keeps_its_retry_in_view(gui_alone: G
     window.top.update()
     retry = view.text.tag_ranges("retry-m-1")
     assert view.text.bbox(retry[0]) is not None, "Retry is below the view"
+
+
+def test_a_group_open_in_a_small_window_keeps_the_composer_and_the_panels_buttons(
+    gui: Gui,
+) -> None:
+    """At 420x320 with a group open the members panel took the room: the
+    transcript was a sliver, the composer gone, Send cut to "Se"; at
+    780x360 the panel's Remove and Leave group were cut off below."""
+    alice = gui.session("alice")
+    account = gui.session("bob")
+    account.close(3.0)
+    gui.sessions.remove(account)
+    alice.group(GroupAction.CREATE, "team", ("bob",))
+    assert wait_for(alice, lambda e: isinstance(e, GroupChanged))
+    bob = gui.window(f"{MIN_SIZE[0]}x{MIN_SIZE[1]}+10+40")
+    bob.connect_var.set("#team")
+    gui.login(bob, "bob")
+    assert bob.current is not None and bob.current.name == "#team"
+    pump(gui.root, 0.3)
+    controls = {"send": bob.send_button, "composer": bob.composer, "transcript": bob.transcript}
+    hidden = [name for name, widget in controls.items() if not inside(widget, bob.top)]
+    assert not hidden, f"at {MIN_SIZE} with a group open: {hidden} cut off or hidden"
+    assert bob.view.text.winfo_width() > 150, "the transcript is a sliver"
+    assert not bob.groups.panel.visible(), "no room for the members panel"
+    bob.top.geometry("780x360")
+    assert pump_until(gui.root, lambda: bob.groups.panel.visible()), "room again: shown"
+    pump(gui.root, 0.3)
+    panel = bob.groups.panel
+    buttons = {"add": panel.add_button, "remove": panel.remove_button,
+               "leave": panel.leave_button, "send": bob.send_button}  # fmt: skip
+    hidden = [name for name, widget in buttons.items() if not inside(widget, bob.top)]
+    assert not hidden, f"at 780x360: {hidden} cut off"
