@@ -776,6 +776,11 @@ class CoreStore(Protocol):
 
     def set_state(self, msg_id: MsgId, state: str) -> None: ...
 
+    def set_failure(self, msg_id: MsgId, reason: str, detail: str) -> None:
+        """Why one of our messages failed (its reason's code, and the
+        server's words for a refusal): for its line after a restart."""
+        ...
+
     def add_incoming(
         self, sender: str, msg_id: MsgId, text: str, sent_ms: int, server_msg_id: int
     ) -> Arrival: ...
@@ -877,6 +882,9 @@ class MemoryStore:
 
     def state_of(self, msg_id: MsgId) -> str | None:
         return self._states.get(msg_id)
+
+    def set_failure(self, msg_id: MsgId, reason: str, detail: str) -> None:
+        pass  # nothing outlives the process here: the event said it
 
     def set_state(self, msg_id: MsgId, state: str) -> None:
         if msg_id in self._states:
@@ -1540,6 +1548,7 @@ class ClientCore:
     def _end_cancelled(self, out: _Outgoing) -> None:
         del self.outbox[out.msg_id]
         self.store.set_state(out.msg_id, MessageState.FAILED)
+        self.store.set_failure(out.msg_id, ErrorCode.CANCELLED.label, "")
         self._staged.append(StatusChanged(out.msg_id.label(), MessageState.FAILED, out.to,
                                           out.text, ErrorCode.CANCELLED.label))  # fmt: skip
 
@@ -2155,6 +2164,7 @@ class ClientCore:
         elif isinstance(message, Fail):
             out = self.outbox.pop(message.msg_id, None)
             self.store.set_state(message.msg_id, MessageState.FAILED)
+            self.store.set_failure(message.msg_id, message.reason.label, message.message)
             if out is not None:
                 self._emit(StatusChanged(out.msg_id.label(), MessageState.FAILED, out.to,
                                          out.text, message.reason.label,

@@ -101,6 +101,11 @@ HISTORY_COLUMNS = {
     "accepted_ms": "ALTER TABLE history ADD COLUMN accepted_ms INTEGER",
     "delivered_ms": "ALTER TABLE history ADD COLUMN delivered_ms INTEGER",
     "resends": "ALTER TABLE history ADD COLUMN resends INTEGER NOT NULL DEFAULT 0",
+    # Why our message failed (`set_failure`): its reason's code and the
+    # server's words, so a failed line says why after a restart too ("✗
+    # failed" alone before). NULL on rows from before, and for other states.
+    "fail_reason": "ALTER TABLE history ADD COLUMN fail_reason TEXT",
+    "fail_detail": "ALTER TABLE history ADD COLUMN fail_detail TEXT",
 }
 # `waiting`: the server has no account of the recipient's name yet (the
 # message goes once it has); stores from before wait for nothing.
@@ -252,6 +257,8 @@ class HistoryLine:
     change: str | None = None  # a group's membership change (`text` says it in words)
     seq: int = 0  # a group's line: its place in the group's order (0: ours, not accepted yet)
     life: int = 0  # a group's line: which group of the name (`group_place`)
+    reason: str | None = None  # ours, failed: its reason's code (None: not recorded)
+    detail: str = ""  # ours, failed: the server's words for why
 
 
 def group_place(life: int, seq: int) -> int:
@@ -514,6 +521,17 @@ class ClientStore:
                 "DELETE FROM outbox WHERE instance_id=? AND client_seq=?",
                 (i64(msg_id.instance_id), msg_id.client_seq),
             )
+
+    def set_failure(self, msg_id: MsgId, reason: str, detail: str) -> None:
+        """Why our message failed (with its `failed` state): kept for the
+        line's words and hover after a restart."""
+        self.begin()
+        self.db.execute(
+            "UPDATE history SET fail_reason=?, fail_detail=?"
+            " WHERE sender_key=? AND instance_id=? AND client_seq=?",
+            (reason, detail, name_key(self.username), i64(msg_id.instance_id),
+             msg_id.client_seq),
+        )  # fmt: skip
 
     def add_resends(self, msg_id: MsgId, count: int) -> None:
         self.begin()
@@ -1008,7 +1026,7 @@ class ClientStore:
 SHOWN_ROWS = "(outgoing=1 OR shown=1)"  # a received message not shown yet is the session's
 LINE_COLUMNS = (
     "peer, outgoing, text, ts_ms, instance_id, client_seq, state, id, grp_sender, grp_change,"
-    " grp_seq, grp_life"
+    " grp_seq, grp_life, fail_reason, fail_detail"
 )
 
 
@@ -1024,8 +1042,8 @@ def _reader(path: Path) -> sqlite3.Connection | None:
 def _lines(rows: list[Any]) -> list[HistoryLine]:
     return [
         HistoryLine(p, bool(o), t, ts, MsgId(u64(i), s).label(), st, row, sender, change,
-                    seq or 0, life or 0)
-        for p, o, t, ts, i, s, st, row, sender, change, seq, life in rows
+                    seq or 0, life or 0, why, detail or "")
+        for p, o, t, ts, i, s, st, row, sender, change, seq, life, why, detail in rows
     ]  # fmt: skip
 
 

@@ -874,7 +874,8 @@ class ChatWindow:
             return Line("system", "", item.text, item.ts_ms / 1000, row_id=item.row_id)
         if item.outgoing:
             return Line("own", self.username or "me", item.text, item.ts_ms / 1000, item.msg_id,
-                        item.state or MessageState.SENDING, row_id=item.row_id)  # fmt: skip
+                        item.state or MessageState.SENDING, item.reason, item.detail,
+                        row_id=item.row_id)  # fmt: skip
         if item.sender and item.peer.startswith("#") and self._mine(item.sender):
             line = self._own_from_elsewhere(item.text, item.ts_ms, item.msg_id)
             line.row_id = item.row_id

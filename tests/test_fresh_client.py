@@ -11,6 +11,8 @@ ends use."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from chat_client import event_to_text
@@ -26,13 +28,13 @@ from client_core import (
     size_text,
 )
 from client_health import describe
-from client_store import Timeline
+from client_store import ClientStore, Timeline, read_history
 from client_transcript import failure_reason
 from common import parse_server, parse_servers
 from protocol import GroupAction
 from server_groups import backlog_full_text
 from tests.test_client_core import Net
-from tests.test_groups_client import login
+from tests.test_groups_client import add, login
 
 CAROL_HOLDS = backlog_full_text("team", "carol", 268, 10_485_758)
 
@@ -60,13 +62,19 @@ def test_sizes_read_for_people() -> None:
         "0 bytes", "1023 bytes", "1 KiB", "40 KiB", "10.0 MiB"]  # fmt: skip
 
 
-def test_a_group_message_refused_mailbox_full_carries_who_holds_the_group_back() -> None:
+def test_a_group_message_refused_mailbox_full_carries_who_holds_the_group_back(
+    tmp_path: Path,
+) -> None:
     """On the relay: carol never shows (so never receipts) what she gets;
     past the cap alice's post fails `mailbox_full`, and its `failed` event
     says why in the server's words: whom (before, only the `error` after
-    it did, and the window drops that error)."""
+    it did, and the window drops that error). alice's store keeps why, for
+    the line after a restart (it said "✗ failed" alone then)."""
     net = Net(ServerConfig(iterations=4096, key_workers=0, mailbox_messages=3))
-    alice, bob, carol = login(net, "alice", "bob", "carol")
+    store = ClientStore(tmp_path / "alice", "alice")
+    alice = add(net, "alice", store=store)
+    bob, carol = login(net, "bob", "carol")
+    net.run(lambda: alice.logged_in, "alice logged in")
     carol.shows = False
     alice.core.group_request(GroupAction.CREATE, "team", ("bob", "carol"))
     net.run(lambda: bool(carol.of(GroupChanged)), "carol has the group's creation")
@@ -86,6 +94,16 @@ def test_a_group_message_refused_mailbox_full_carries_who_holds_the_group_back()
     with pytest.raises(ClientError):
         alice.core.send("x" * 70_000, net.now, to="#team")
     assert [e.text for e in bob.of(MessageReceived)] == ["m0", "m1"]
+    store.commit()
+    store.close()
+    kept = ClientStore(tmp_path / "alice", "alice")  # the next run's
+    try:
+        (line,) = [h for h in read_history(kept.path, "#team") if h.msg_id == ids[-1]]
+    finally:
+        kept.close()
+    assert (line.state, line.reason, line.detail) == ("failed", "mailbox_full", failed.detail)
+    assert [h.reason for h in read_history(kept.path, "#team") if h.msg_id in ids[:2]] == [
+        None, None]  # fmt: skip
 
 
 def test_the_terminals_line_names_the_member_and_what_frees_the_group() -> None:

@@ -132,6 +132,16 @@ def test_a_group_held_back_by_one_member_names_her_and_a_group_we_left_says_so(
     assert panel.note.cget("text") == "You are not a member of #team any more."
     assert str(panel.leave_button.cget("state")) == "disabled"
 
+    # The next run (a new window, its lines read from the store): the failed
+    # lines still say why (they said "✗ failed" alone).
+    alice.log_out()
+    assert pump_until(app.root, lambda: alice.login_frame.winfo_ismapped(), 10)
+    again = app.window(LEFT)
+    app.login(again, "alice")
+    again.open_conversation("#team")
+    shown = again.transcript_text()
+    assert shown.count("\u2717 failed (carol's backlog is full)") == 2, shown
+
 
 def test_ctrl_a_selects_what_a_login_field_holds_so_typing_replaces_it(gui_alone: Gui) -> None:
     window = gui_alone.window(LEFT, server="127.0.0.1:5555")
