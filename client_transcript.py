@@ -265,10 +265,13 @@ class Transcript:
         text.tag_configure("who", font=FONTS.bold)
         text.tag_configure("who-own", foreground=p.own)
         text.tag_configure("who-peer", foreground=p.peer)
-        text.tag_configure("state", foreground=p.muted, font=FONTS.small)
-        text.tag_configure("failed", foreground=p.error, font=FONTS.small)
+        # A state that wraps ("✗ failed (carol's backlog is full) Retry")
+        # goes on under the message's text, not under its time.
+        text.tag_configure("state", foreground=p.muted, font=FONTS.small, lmargin2=indent)
+        text.tag_configure("failed", foreground=p.error, font=FONTS.small, lmargin2=indent)
         for link in ("retry", "more", "earlier"):
-            text.tag_configure(link, foreground=p.accent, underline=True, font=FONTS.small)
+            text.tag_configure(link, foreground=p.accent, underline=True, font=FONTS.small,
+                               lmargin2=indent)  # fmt: skip
             text.tag_bind(link, "<Enter>", lambda e: text.configure(cursor="hand2"))
             text.tag_bind(link, "<Leave>", lambda e: text.configure(cursor=""))
         text.tag_configure("earlier", justify="center", spacing3=6)

@@ -206,6 +206,12 @@ def test_a_failure_that_wraps_the_last_line_keeps_its_retry_in_view(gui_alone: G
     window.top.update()
     retry = view.text.tag_ranges("retry-m-1")
     assert view.text.bbox(retry[0]) is not None, "Retry is below the view"
+    # A state that wraps goes on under the message's text, not under its
+    # time: its tags carry the message's indent (they had none).
+    indent = str(view.text.tag_cget("own", "lmargin2"))
+    assert indent not in ("", "0")
+    for tag in ("failed", "state", "retry"):
+        assert str(view.text.tag_cget(tag, "lmargin2")) == indent, tag
 
 
 def test_a_group_open_in_a_small_window_keeps_the_composer_and_the_panels_buttons(
