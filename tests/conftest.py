@@ -89,6 +89,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -seconds.get(item.nodeid, 0.0))  # stable: the rest keep order
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection built (every test module, hypothesis, tkinter, the
+    project's modules: ~100,000 objects that live as long as the process)
+    is moved out of the collector's sight (`gc.freeze`): otherwise every
+    full collection walks all of it again, ~0.06 s each, and the suite
+    runs hundreds of them (each GUI test's `tk_left_in_cycles` runs two,
+    the interpreter more on its own). What a test creates is still
+    collected and still seen by `tk_left_in_cycles`."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
@@ -237,8 +249,20 @@ class ServerProcess:
         return format_address(self.host, self.port)
 
 
-def spawn_server(*extra: str, data_dir: Path, port: int = 0) -> ServerProcess:
-    """`python chat_server.py` as a real process; waits for its ready line."""
+def spawn_server(
+    *extra: str, data_dir: Path, port: int = 0, key_workers: int | None = 0
+) -> ServerProcess:
+    """`python chat_server.py` as a real process; waits for its ready line.
+
+    `key_workers` is its `--key-workers` (None: the server's default). 0 by
+    default: registrations' key exchanges on its loop, since a worker is one
+    more Python process to start (~0.1 s of CPU) for every server that
+    registers a user, a hundred servers in the suite. test_relay's
+    `test_terminal_flow_end_to_end` runs with the default workers and checks
+    they ran; test_security's `test_server_registers_through_its_process_pool`
+    and tests/test_keyx.py test the pool itself."""
+    if key_workers is not None and "--key-workers" not in extra:
+        extra = ("--key-workers", str(key_workers), *extra)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "chat_server.py"), "--port", str(port),
          "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning",
