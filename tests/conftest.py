@@ -73,11 +73,36 @@ LOGIN_TIMEOUT = 30.0
 
 #: The slowest tests, measured (see the file's head).
 SLOW_TESTS = ROOT / "tests" / "slow_tests.txt"
+#: pytest-xdist workers unless `-n` says otherwise. Six on a 2-core machine:
+#: many tests wait on real processes' timers (retransmissions, kill -9 and
+#: restart), so waiting overlaps; measured on 2 cores: 126 s with 4 workers,
+#: 106 s with 6, 108 s with 8.
+WORKERS = 6
+#: Tests handed to a worker at a time unless `--maxschedchunk` says
+#: otherwise: two, in the order `pytest_collection_modifyitems` sets (the
+#: slowest first); by default xdist deals out chunks of ~50 consecutive tests
+#: at the start, which would give one worker all the slow ones.
+SCHEDULE_CHUNK = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """`WORKERS` workers, `SCHEDULE_CHUNK` tests at a time, when pytest-xdist
+    is loaded and the command line does not choose: here rather than in
+    pyproject's addopts, where they broke `-p no:xdist` (its options unknown
+    then). Runs before xdist's own hook reads them (a conftest's hook runs
+    before a plugin's of the same priority)."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return  # (a worker must not start workers of its own: that is a fork bomb)
+    if config.option.numprocesses is None:
+        config.option.numprocesses = WORKERS
+    if config.option.maxschedchunk is None:
+        config.option.maxschedchunk = SCHEDULE_CHUNK
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slowest tests first (tests/slow_tests.txt), the others after them
-    in their usual order: with pyproject's `--maxschedchunk 2` xdist hands
+    in their usual order: with `--maxschedchunk 2` (`SCHEDULE_CHUNK`) xdist hands
     them out two at a time as workers come free, so the long ones overlap at
     the start and the run ends on short ones. Every worker sorts the same
     collection by the same file, so their orders agree (xdist checks)."""
