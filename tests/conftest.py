@@ -73,11 +73,36 @@ LOGIN_TIMEOUT = 30.0
 
 #: The slowest tests, measured (see the file's head).
 SLOW_TESTS = ROOT / "tests" / "slow_tests.txt"
+#: pytest-xdist workers unless `-n` says otherwise. Six on a 2-core machine:
+#: many tests wait on real processes' timers (retransmissions, kill -9 and
+#: restart), so waiting overlaps; measured on 2 cores: 126 s with 4 workers,
+#: 106 s with 6, 108 s with 8.
+WORKERS = 6
+#: Tests handed to a worker at a time unless `--maxschedchunk` says
+#: otherwise: two, in the order `pytest_collection_modifyitems` sets (the
+#: slowest first); by default xdist deals out chunks of ~50 consecutive tests
+#: at the start, which would give one worker all the slow ones.
+SCHEDULE_CHUNK = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """`WORKERS` workers, `SCHEDULE_CHUNK` tests at a time, when pytest-xdist
+    is loaded and the command line does not choose: here rather than in
+    pyproject's addopts, where they broke `-p no:xdist` (its options unknown
+    then). Runs before xdist's own hook reads them (a conftest's hook runs
+    before a plugin's of the same priority)."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return  # (a worker must not start workers of its own: that is a fork bomb)
+    if config.option.numprocesses is None:
+        config.option.numprocesses = WORKERS
+    if config.option.maxschedchunk is None:
+        config.option.maxschedchunk = SCHEDULE_CHUNK
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slowest tests first (tests/slow_tests.txt), the others after them
-    in their usual order: with pyproject's `--maxschedchunk 2` xdist hands
+    in their usual order: with `--maxschedchunk 2` (`SCHEDULE_CHUNK`) xdist hands
     them out two at a time as workers come free, so the long ones overlap at
     the start and the run ends on short ones. Every worker sorts the same
     collection by the same file, so their orders agree (xdist checks)."""
@@ -87,6 +112,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             taken, node_id = line.split(None, 1)
             seconds[node_id] = float(taken)
     items.sort(key=lambda item: -seconds.get(item.nodeid, 0.0))  # stable: the rest keep order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection built (every test module, hypothesis, tkinter, the
+    project's modules: ~100,000 objects that live as long as the process)
+    is moved out of the collector's sight (`gc.freeze`): otherwise every
+    full collection walks all of it again, ~0.06 s each, and the suite
+    runs hundreds of them (each GUI test's `tk_left_in_cycles` runs two,
+    the interpreter more on its own). What a test creates is still
+    collected and still seen by `tk_left_in_cycles`."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)
@@ -237,8 +274,20 @@ class ServerProcess:
         return format_address(self.host, self.port)
 
 
-def spawn_server(*extra: str, data_dir: Path, port: int = 0) -> ServerProcess:
-    """`python chat_server.py` as a real process; waits for its ready line."""
+def spawn_server(
+    *extra: str, data_dir: Path, port: int = 0, key_workers: int | None = 0
+) -> ServerProcess:
+    """`python chat_server.py` as a real process; waits for its ready line.
+
+    `key_workers` is its `--key-workers` (None: the server's default). 0 by
+    default: registrations' key exchanges on its loop, since a worker is one
+    more Python process to start (~0.1 s of CPU) for every server that
+    registers a user, a hundred servers in the suite. test_relay's
+    `test_terminal_flow_end_to_end` runs with the default workers and checks
+    they ran; test_security's `test_server_registers_through_its_process_pool`
+    and tests/test_keyx.py test the pool itself."""
+    if key_workers is not None and "--key-workers" not in extra:
+        extra = ("--key-workers", str(key_workers), *extra)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "chat_server.py"), "--port", str(port),
          "--rto-min", str(RTO_MIN), "--rto-max", str(RTO_MAX), "--log-level", "warning",

@@ -76,7 +76,9 @@ from tests.conftest import (
     client_command,
     env_for_tests,
     make_session,
+    spawn_server,
     start_server,
+    stop_process,
     stop_server,
 )
 from tests.conftest import test_config as server_config  # not a test: no test_ name here
@@ -241,12 +243,40 @@ def terminals() -> Any:
 # --- the user's flow -----------------------------------------------------------------
 
 
-def test_terminal_flow_end_to_end(server_process: ServerProcess, terminals: Any) -> None:
+def key_workers_of(pid: int) -> list[int]:
+    """The pids of the key-exchange workers (`server_keyx.py`) among the
+    children of process `pid`."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            if any(part.endswith(b"server_keyx.py") for part in command):
+                found.append(int(child))
+    return found
+
+
+def test_terminal_flow_end_to_end(tmp_path: Path, terminals: Any) -> None:
+    """The user's flow between two terminal clients and a real server
+    process at its default `--key-workers` (the suite's other server
+    processes run without workers): the two registrations went through the
+    key-exchange workers, child processes of the server."""
+    server_process = spawn_server(data_dir=tmp_path / "server-data", key_workers=None)
+    try:
+        terminal_flow(server_process, terminals)
+    finally:
+        stop_process(server_process)
+
+
+def terminal_flow(server_process: ServerProcess, terminals: Any) -> None:
     addr = server_process.addr_text
     alice = terminals("--server", addr, "--user", "alice", "--connect-to", "bob")
     bob = terminals("--server", addr, "--user", "bob")
     alice.expect_event("logged_in", user="alice")
     bob.expect_event("logged_in", user="bob")
+    assert key_workers_of(server_process.proc.pid), "no key-exchange worker started"
 
     # alice -> bob (bob has never written to anyone: connect-to names the peer)
     alice.write("hello bob, ça va? 👋")

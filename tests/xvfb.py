@@ -114,31 +114,51 @@ def start_xvfb(binary: str) -> Xvfb:
                 pytrace=False)  # fmt: skip
 
 
+class _Shared:
+    """The process's private Xvfb, shared by every module's `display`: each
+    test module imports the fixture, which makes it a fixture of its own
+    per module (session-scoped, but one instance per module), and each
+    started an Xvfb before, kept to the end of the session: six or seven a
+    worker, each started for a few tests. The last user stops it."""
+
+    server: Xvfb | None = None
+    users = 0
+    previous: str | None = None  # $DISPLAY before it
+
+
 @pytest.fixture(scope="session")
 def display() -> Iterator[str]:
     """The X display the GUI tests use (also set in os.environ["DISPLAY"]).
     Each pytest-xdist worker takes a private Xvfb when there is one: windows
-    of two tests running at once on one display take each other's focus."""
-    current = os.environ.get("DISPLAY")
-    binary = shutil.which("Xvfb")
-    private = "PYTEST_XDIST_WORKER" in os.environ and binary is not None
-    if current and not private and display_works(current):
-        yield current
-        return
-    if binary is None:
-        why = f"DISPLAY={current!r} does not work" if current else "DISPLAY is not set"
-        pytest.fail(f"the GUI tests need an X display: {why} and Xvfb is not installed; "
-                    f"{INSTALL_HINT}", pytrace=False)  # fmt: skip
-    server = start_xvfb(binary)
-    os.environ["DISPLAY"] = server.display
+    of two tests running at once on one display take each other's focus.
+    One Xvfb a process, whichever test modules use it (`_Shared`)."""
+    if _Shared.server is None:
+        current = os.environ.get("DISPLAY")
+        binary = shutil.which("Xvfb")
+        private = "PYTEST_XDIST_WORKER" in os.environ and binary is not None
+        if current and not private and display_works(current):
+            yield current
+            return
+        if binary is None:
+            why = f"DISPLAY={current!r} does not work" if current else "DISPLAY is not set"
+            pytest.fail(f"the GUI tests need an X display: {why} and Xvfb is not installed; "
+                        f"{INSTALL_HINT}", pytrace=False)  # fmt: skip
+        _Shared.server = start_xvfb(binary)
+        _Shared.previous = current
+        os.environ["DISPLAY"] = _Shared.server.display
+    server = _Shared.server
+    _Shared.users += 1
     try:
         yield server.display
     finally:
-        if current is None:
-            os.environ.pop("DISPLAY", None)
-        else:
-            os.environ["DISPLAY"] = current
-        server.stop()
+        _Shared.users -= 1
+        if _Shared.users == 0:
+            if _Shared.previous is None:
+                os.environ.pop("DISPLAY", None)
+            else:
+                os.environ["DISPLAY"] = _Shared.previous
+            _Shared.server = None
+            server.stop()
 
 
 def screenshot(path: str | Path) -> Path | None:
