@@ -891,13 +891,22 @@ class Relay:
         timers = self._timers
         sessions = self.sessions
         while timers:
-            # An entry whose session ended or moved its deadline would wake
-            # the loop for nothing (`handle_timer` skips it): drop it here.
+            # An entry whose session ended or moved its deadline earlier
+            # would wake the loop for nothing (`handle_timer` skips it): drop
+            # it here. A live one whose session's deadline moved later (the
+            # chunks it was set for were acked, the ack it was set for rode
+            # on data: `_schedule`) is moved there, and the loop sleeps on.
             deadline, _, session_id = timers[0]
             session = sessions.get(session_id)
-            if session is not None and session.scheduled == deadline:
+            if session is None or session.scheduled != deadline:
+                heapq.heappop(timers)
+                continue
+            later = session.deadline
+            if later is None or later <= deadline:
                 break
-            heapq.heappop(timers)
+            session.scheduled = later
+            heapq.heapreplace(timers, (later, next(self._tiebreak), session_id))
+            self.stats["timers_moved"] += 1
         timer = timers[0][0] if timers else None
         hold = self._hold_until
         if hold is not None and (timer is None or hold < timer):
@@ -933,11 +942,21 @@ class Relay:
             self._fan_out_due(now)
         if self._budget_due is not None and now >= self._budget_due:
             self._budget_paid(now)
-        while self._timers and self._timers[0][0] <= now:
-            deadline, _, session_id = heapq.heappop(self._timers)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, _, session_id = heapq.heappop(timers)
             session = self.sessions.get(session_id)
             if session is None or session.scheduled != deadline:
                 continue  # stale entry; the live one is elsewhere in the heap
+            later = session.deadline
+            if later is not None and later > now:
+                # Its deadline moved later since the entry was set (as in
+                # `get_timer`; here for an entry that came due in a pass woken
+                # by something else): move it there, nothing to look at.
+                session.scheduled = later
+                heapq.heappush(timers, (later, next(self._tiebreak), session_id))
+                self.stats["timers_moved"] += 1
+                continue
             session.scheduled = None
             if now - session.last_heard >= self.config.session_timeout:
                 log.info("session of %s expired after %.0f s of silence", session.user.name,
@@ -947,15 +966,16 @@ class Relay:
             conn = session.conn
             timer = conn.get_timer()
             if timer is None or timer > now:
-                # Nothing of the connection's is due: the entry was set for
-                # what has happened since (a delayed ack that rode on data,
-                # the RTO of chunks acked since: one such entry per lone
-                # message, issue 18), or for the session's expiry check. Its
-                # timers would do nothing and `datagrams_to_send` would send
-                # nothing (both go by the deadlines `get_timer` gives): set
-                # the next entry, no more.
+                # Nothing of the connection's is due after all: its deadline
+                # moved later by a path that did not pass `_schedule` (none is
+                # known; every change to a connection marks its session dirty
+                # and `datagrams_to_send` schedules it), or the expiry check
+                # found the session heard since. Set the next entry, no more
+                # (`tests/test_timer_wakeups.py` counts these: `timers_idle`).
+                self.stats["timers_idle"] += 1
                 self._schedule(session, now)
                 continue
+            self.stats["timers_run"] += 1
             conn.handle_timer(now)
             self._collect(session, session.addr, now)
             self._dirty[session_id] = session
@@ -2678,6 +2698,14 @@ class Relay:
         deadline = ((session.last_heard + self.config.session_timeout) // grid + 1) * grid
         if timer is not None and timer < deadline:  # min(deadline, max(timer, now))
             deadline = timer if timer > now else now
+        # The session's deadline moves in place; the heap gets an entry only
+        # when it moves earlier than the live one (issue 18: a push per move
+        # would grow the heap by an entry per datagram). A live entry left
+        # earlier than the deadline (its chunks acked since, its delayed ack
+        # gone out on data: about one per copy at a steady rate into a
+        # group, issue 14) is moved to the deadline when it reaches the
+        # heap's front (`get_timer`, `handle_timer`): it never wakes the loop.
+        session.deadline = deadline
         if session.scheduled is None or deadline < session.scheduled:
             session.scheduled = deadline
             heapq.heappush(self._timers, (deadline, next(self._tiebreak), session.session_id))
@@ -5148,6 +5176,8 @@ class ChatServer:
                 self._sleeping = self._woken = False
                 now = time.monotonic()
                 stats["loop_passes"] += 1
+                if not ready:
+                    stats["loop_timeouts"] += 1  # woken by its timeout: a timer (or the second)
                 # Only what select found ready is read: at an ordinary load a
                 # pass has one thing to do, and every read that finds
                 # nothing costs a system call and a raised BlockingIOError.
@@ -5353,6 +5383,15 @@ def gather_metrics(
         counter("chat_loop_wakeups_total", "Passes woken by another thread of the server "
                 "(the store's commits, key exchanges) rather than by a datagram or a "
                 "timer.", stats["loop_wakeups"]),  # fmt: skip
+        counter("chat_loop_timeouts_total", "Passes woken by their timeout (a timer came "
+                "due, or a second went by) rather than by a datagram or another thread.",
+                stats["loop_timeouts"]),  # fmt: skip
+        labelled("chat_session_timers_total", "counter",
+                 "Sessions' timer-heap entries that came due, by outcome (ran: its "
+                 "retransmissions, acks or expiry were due; idle: nothing was; moved: its "
+                 "deadline had moved later and the entry went there without a look).",
+                 "outcome", [("ran", stats["timers_run"]), ("idle", stats["timers_idle"]),
+                             ("moved", stats["timers_moved"])]),  # fmt: skip
         counter("chat_loop_empty_reads_total", "Reads of the UDP socket that found it "
                 "empty (the loop had read everything select reported).",
                 stats["loop_empty_reads"]),  # fmt: skip
