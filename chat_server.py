@@ -600,7 +600,16 @@ class Relay:
         # A SEND's `to` as typed -> its name key: normalizing it is most of
         # the cost of routing, and senders name the same few people.
         self._recipient_keys: dict[str, str] = {}
+        # Sessions' connection timers (retransmissions, delayed acks): an
+        # entry per session, at most one live (`Session.scheduled`), moved in
+        # place (`_schedule`).
         self._timers: list[tuple[float, int, bytes]] = []
+        # Sessions by the step of the expiry grid on which their expiry is
+        # looked at (`_schedule`), and those steps in a heap, each once: a
+        # step's dict stays until it comes due (they are never more than
+        # session_timeout / grid + 2), so a step is never pushed twice.
+        self._expiries: dict[int, dict[bytes, Session]] = {}
+        self._expiry_steps: list[int] = []
         # Messages handed to online recipients since the store's last flush,
         # whose receipts have not come yet, and until when the flush waits
         # for them (COMMIT_WAIT).
@@ -895,19 +904,28 @@ class Relay:
             # would wake the loop for nothing (`handle_timer` skips it): drop
             # it here. A live one whose session's deadline moved later (the
             # chunks it was set for were acked, the ack it was set for rode
-            # on data: `_schedule`) is moved there, and the loop sleeps on.
+            # on data: `_schedule`) is moved there, or dropped if nothing is
+            # left to time, and the loop sleeps on.
             deadline, _, session_id = timers[0]
             session = sessions.get(session_id)
             if session is None or session.scheduled != deadline:
                 heapq.heappop(timers)
                 continue
             later = session.deadline
-            if later is None or later <= deadline:
+            if later is not None and later <= deadline:
                 break
-            session.scheduled = later
-            heapq.heapreplace(timers, (later, next(self._tiebreak), session_id))
             self.stats["timers_moved"] += 1
+            session.scheduled = later
+            if later is None:
+                heapq.heappop(timers)
+            else:
+                heapq.heapreplace(timers, (later, next(self._tiebreak), session_id))
         timer = timers[0][0] if timers else None
+        steps = self._expiry_steps
+        if steps:
+            expiry = steps[0] * self._expiry_grid
+            if timer is None or expiry < timer:
+                timer = expiry
         hold = self._hold_until
         if hold is not None and (timer is None or hold < timer):
             timer = hold
@@ -942,36 +960,35 @@ class Relay:
             self._fan_out_due(now)
         if self._budget_due is not None and now >= self._budget_due:
             self._budget_paid(now)
+        steps = self._expiry_steps
+        if steps and steps[0] * self._expiry_grid <= now:
+            self._expire(now)
         timers = self._timers
+        sessions = self.sessions
         while timers and timers[0][0] <= now:
             deadline, _, session_id = heapq.heappop(timers)
-            session = self.sessions.get(session_id)
+            session = sessions.get(session_id)
             if session is None or session.scheduled != deadline:
                 continue  # stale entry; the live one is elsewhere in the heap
             later = session.deadline
-            if later is not None and later > now:
+            if later is None or later > now:
                 # Its deadline moved later since the entry was set (as in
                 # `get_timer`; here for an entry that came due in a pass woken
                 # by something else): move it there, nothing to look at.
-                session.scheduled = later
-                heapq.heappush(timers, (later, next(self._tiebreak), session_id))
                 self.stats["timers_moved"] += 1
+                session.scheduled = later
+                if later is not None:
+                    heapq.heappush(timers, (later, next(self._tiebreak), session_id))
                 continue
             session.scheduled = None
-            if now - session.last_heard >= self.config.session_timeout:
-                log.info("session of %s expired after %.0f s of silence", session.user.name,
-                         now - session.last_heard)  # fmt: skip
-                self._end_session(session, now)
-                continue
             conn = session.conn
             timer = conn.get_timer()
             if timer is None or timer > now:
                 # Nothing of the connection's is due after all: its deadline
                 # moved later by a path that did not pass `_schedule` (none is
-                # known; every change to a connection marks its session dirty
-                # and `datagrams_to_send` schedules it), or the expiry check
-                # found the session heard since. Set the next entry, no more
-                # (`tests/test_timer_wakeups.py` counts these: `timers_idle`).
+                # known: every change to a connection marks its session dirty
+                # and `datagrams_to_send` schedules it). Set the next entry, no
+                # more (`tests/test_timer_wakeups.py` counts these: `timers_idle`).
                 self.stats["timers_idle"] += 1
                 self._schedule(session, now)
                 continue
@@ -979,6 +996,26 @@ class Relay:
             conn.handle_timer(now)
             self._collect(session, session.addr, now)
             self._dirty[session_id] = session
+
+    def _expire(self, now: float) -> None:
+        """End the sessions whose step of the expiry grid has come (`_schedule`
+        moves a session to a later step whenever it is heard)."""
+        steps, grid, sessions = self._expiry_steps, self._expiry_grid, self.sessions
+        timeout = self.config.session_timeout
+        while steps and steps[0] * grid <= now:
+            step = heapq.heappop(steps)
+            for session_id, session in list(self._expiries.pop(step, {}).items()):
+                session.expiry_step = None
+                if sessions.get(session_id) is not session:
+                    continue
+                if int((session.last_heard + timeout) // grid) + 1 > step:
+                    # Heard since by a path that did not schedule it (none is
+                    # known): to its step.
+                    self._schedule(session, now)
+                    continue
+                log.info("session of %s expired after %.0f s of silence", session.user.name,
+                         now - session.last_heard)  # fmt: skip
+                self._end_session(session, now)
 
     def send_shutdown(self, now: float) -> None:
         """A BYE to every session: the server is going away (then `datagrams_to_send`)."""
@@ -1623,6 +1660,11 @@ class Relay:
             return
         session.conn.close()  # what it held for reassembly goes back to the shared budget
         self._dirty.pop(session.session_id, None)
+        if session.expiry_step is not None:
+            slot = self._expiries.get(session.expiry_step)
+            if slot is not None:
+                slot.pop(session.session_id, None)
+            session.expiry_step = None
         user = session.user
         if self.router.locate(user) is session:
             self.router.unbind(user, session, now)
@@ -2688,27 +2730,45 @@ class Relay:
         self._dirty[session.session_id] = session
 
     def _schedule(self, session: Session, now: float) -> None:
-        timer = session.conn.get_timer()
+        """Set when the session's timers are next looked at: its expiry, and
+        its connection's deadline (docs/RELIABILITY.md, "The server's timers")."""
         # A session's expiry is looked at on the next multiple of the grid:
         # the idle sessions' checks share a pass instead of waking the loop
         # one by one (10,000 idle sessions: one pass a second, not ~170). It
         # ends at most a grid step (EXPIRY_GRID, or a sixteenth of a shorter
-        # timeout) later than session_timeout.
-        grid = self._expiry_grid
-        deadline = ((session.last_heard + self.config.session_timeout) // grid + 1) * grid
-        if timer is not None and timer < deadline:  # min(deadline, max(timer, now))
-            deadline = timer if timer > now else now
-        # The session's deadline moves in place; the heap gets an entry only
-        # when it moves earlier than the live one (issue 18: a push per move
-        # would grow the heap by an entry per datagram). A live entry left
-        # earlier than the deadline (its chunks acked since, its delayed ack
-        # gone out on data: about one per copy at a steady rate into a
+        # timeout) later than session_timeout. Its step moves (a dict entry,
+        # no heap entry) when a datagram heard moves it past a grid line.
+        step = int((session.last_heard + self.config.session_timeout) // self._expiry_grid) + 1
+        if step != session.expiry_step:
+            expiries = self._expiries
+            if session.expiry_step is not None:
+                expiries[session.expiry_step].pop(session.session_id, None)
+            slot = expiries.get(step)
+            if slot is None:
+                slot = expiries[step] = {}
+                heapq.heappush(self._expiry_steps, step)
+            slot[session.session_id] = session
+            session.expiry_step = step
+        # The connection's deadline moves in place: the heap gets an entry
+        # only when it moves earlier than the live one (issue 18: a push per
+        # move would grow the heap by an entry per datagram). A live entry
+        # left earlier than the deadline (its chunks acked since, its delayed
+        # ack gone out on data: about one per copy at a steady rate into a
         # group, issue 14) is moved to the deadline when it reaches the
-        # heap's front (`get_timer`, `handle_timer`): it never wakes the loop.
-        session.deadline = deadline
-        if session.scheduled is None or deadline < session.scheduled:
-            session.scheduled = deadline
-            heapq.heappush(self._timers, (deadline, next(self._tiebreak), session.session_id))
+        # heap's front (`get_timer`, `handle_timer`), or dropped if there is
+        # none: it never wakes the loop. So the entries left behind by an
+        # earlier move are all a connection's deadlines (a retransmission
+        # timeout away at most, as a rule), never an expiry a minute away.
+        timer = session.conn.get_timer()
+        if timer is None:
+            session.deadline = None
+            return
+        if timer < now:
+            timer = now
+        session.deadline = timer
+        if session.scheduled is None or timer < session.scheduled:
+            session.scheduled = timer
+            heapq.heappush(self._timers, (timer, next(self._tiebreak), session.session_id))
 
     # --- groups (issue 14; the rules and the sequence are server_groups.py's) ---
     #

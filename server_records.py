@@ -365,8 +365,8 @@ class GroupNotices:
 class Session:
     __slots__ = (
         "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
-        "deadline", "closing", "probe", "mail", "receipts", "presence_sent", "presence_due", "group_mail",
-        "group_notices", "login_at",
+        "deadline", "expiry_step", "closing", "probe", "mail", "receipts", "presence_sent",
+        "presence_due", "group_mail", "group_notices", "login_at",
     )  # fmt: skip
 
     def __init__(
@@ -383,10 +383,11 @@ class Session:
         # its commit after): which of one client's login attempts is newer.
         self.login_at = now if login_at is None else login_at
         self.scheduled: float | None = None  # deadline of its live timer-heap entry
-        # When its timers next need a look, as `Relay._schedule` last found:
-        # never before `scheduled`. A later one moves the live entry there
-        # when it comes up, without a wake-up (`Relay.get_timer`).
+        # Its connection's next deadline, as `Relay._schedule` last found it
+        # (None: none): never before `scheduled`. A later one moves the live
+        # entry there when it comes up, without a wake-up (`Relay.get_timer`).
         self.deadline: float | None = None
+        self.expiry_step: int | None = None  # the expiry grid's step it sits in
         self.closing = False
         self.probe: Probe | None = None  # an address change being validated
         # What it was handed from its mailbox / its queued receipts (made when used).
