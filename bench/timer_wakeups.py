@@ -155,7 +155,7 @@ class SteadyLoop:
         relay = self.relay
         self.passes += 1
         woken_by_timer = not batch
-        steps = getattr(relay, "_expiry_steps", None)  # (a checkout before: in `_timers`)
+        steps: list[int] = getattr(relay, "_expiry_steps", [])  # (a checkout before: `_timers`)
         session_entry = (bool(relay._timers) and relay._timers[0][0] <= now) or (
             bool(steps) and steps[0] * relay._expiry_grid <= now
         )
