@@ -5448,7 +5448,7 @@ def gather_metrics(
                 stats["loop_timeouts"]),  # fmt: skip
         labelled("chat_session_timers_total", "counter",
                  "Sessions' timer-heap entries that came due, by outcome (ran: its "
-                 "retransmissions, acks or expiry were due; idle: nothing was; moved: its "
+                 "retransmissions or acks were due; idle: nothing was; moved: its "
                  "deadline had moved later and the entry went there without a look).",
                  "outcome", [("ran", stats["timers_run"]), ("idle", stats["timers_idle"]),
                              ("moved", stats["timers_moved"])]),  # fmt: skip
