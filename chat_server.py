@@ -604,11 +604,12 @@ class Relay:
         # entry per session, at most one live (`Session.scheduled`), moved in
         # place (`_schedule`).
         self._timers: list[tuple[float, int, bytes]] = []
-        # Sessions by the step of the expiry grid on which their expiry is
-        # looked at (`_schedule`), and those steps in a heap, each once: a
-        # step's dict stays until it comes due (they are never more than
-        # session_timeout / grid + 2), so a step is never pushed twice.
-        self._expiries: dict[int, dict[bytes, Session]] = {}
+        # Sessions (their ids) by the step of the expiry grid on which their
+        # expiry is looked at (`_expire`), each in one, and those steps in a
+        # heap, each once: a step's set stays until it comes due (they are
+        # never more than session_timeout / grid + 2), so a step is never
+        # pushed twice.
+        self._expiries: dict[int, set[bytes]] = {}
         self._expiry_steps: list[int] = []
         # Messages handed to online recipients since the store's last flush,
         # whose receipts have not come yet, and until when the flush waits
@@ -998,24 +999,40 @@ class Relay:
             self._dirty[session_id] = session
 
     def _expire(self, now: float) -> None:
-        """End the sessions whose step of the expiry grid has come (`_schedule`
-        moves a session to a later step whenever it is heard)."""
+        """Look at the sessions whose step of the expiry grid has come: end
+        those not heard since they were put there, move the others to the
+        step their last datagram sets (`_place_expiry`). A session heard all
+        the time is so moved once a session_timeout, not per datagram."""
         steps, grid, sessions = self._expiry_steps, self._expiry_grid, self.sessions
         timeout = self.config.session_timeout
         while steps and steps[0] * grid <= now:
             step = heapq.heappop(steps)
-            for session_id, session in list(self._expiries.pop(step, {}).items()):
-                session.expiry_step = None
-                if sessions.get(session_id) is not session:
-                    continue
+            for session_id in self._expiries.pop(step, ()):
+                session = sessions.get(session_id)
+                if session is None:
+                    continue  # it ended meanwhile
                 if int((session.last_heard + timeout) // grid) + 1 > step:
-                    # Heard since by a path that did not schedule it (none is
-                    # known): to its step.
-                    self._schedule(session, now)
+                    self._place_expiry(session)
                     continue
                 log.info("session of %s expired after %.0f s of silence", session.user.name,
                          now - session.last_heard)  # fmt: skip
                 self._end_session(session, now)
+
+    def _place_expiry(self, session: Session) -> None:
+        """Put the session in the step of the expiry grid its last datagram
+        sets: the next multiple of the grid after last_heard + session_timeout.
+        The idle sessions' checks share a pass instead of waking the loop one
+        by one (10,000 idle sessions: one pass a second, not ~170); a session
+        ends at most a grid step (EXPIRY_GRID, or a sixteenth of a shorter
+        timeout) later than session_timeout."""
+        grid = self._expiry_grid
+        step = int((session.last_heard + self.config.session_timeout) // grid) + 1
+        slot = self._expiries.get(step)
+        if slot is None:
+            slot = self._expiries[step] = set()
+            heapq.heappush(self._expiry_steps, step)
+        slot.add(session.session_id)
+        session.expiry_placed = True
 
     def send_shutdown(self, now: float) -> None:
         """A BYE to every session: the server is going away (then `datagrams_to_send`)."""
@@ -1660,11 +1677,6 @@ class Relay:
             return
         session.conn.close()  # what it held for reassembly goes back to the shared budget
         self._dirty.pop(session.session_id, None)
-        if session.expiry_step is not None:
-            slot = self._expiries.get(session.expiry_step)
-            if slot is not None:
-                slot.pop(session.session_id, None)
-            session.expiry_step = None
         user = session.user
         if self.router.locate(user) is session:
             self.router.unbind(user, session, now)
@@ -2731,24 +2743,11 @@ class Relay:
 
     def _schedule(self, session: Session, now: float) -> None:
         """Set when the session's timers are next looked at: its expiry, and
-        its connection's deadline (docs/RELIABILITY.md, "The server's timers")."""
-        # A session's expiry is looked at on the next multiple of the grid:
-        # the idle sessions' checks share a pass instead of waking the loop
-        # one by one (10,000 idle sessions: one pass a second, not ~170). It
-        # ends at most a grid step (EXPIRY_GRID, or a sixteenth of a shorter
-        # timeout) later than session_timeout. Its step moves (a dict entry,
-        # no heap entry) when a datagram heard moves it past a grid line.
-        step = int((session.last_heard + self.config.session_timeout) // self._expiry_grid) + 1
-        if step != session.expiry_step:
-            expiries = self._expiries
-            if session.expiry_step is not None:
-                expiries[session.expiry_step].pop(session.session_id, None)
-            slot = expiries.get(step)
-            if slot is None:
-                slot = expiries[step] = {}
-                heapq.heappush(self._expiry_steps, step)
-            slot[session.session_id] = session
-            session.expiry_step = step
+        its connection's deadline (docs/RELIABILITY.md, "Server timers")."""
+        # Its expiry: a step of the expiry grid, set once here, then by
+        # `_expire` when that step comes (no heap entry, nothing per datagram).
+        if not session.expiry_placed:
+            self._place_expiry(session)
         # The connection's deadline moves in place: the heap gets an entry
         # only when it moves earlier than the live one (issue 18: a push per
         # move would grow the heap by an entry per datagram). A live entry
