@@ -1001,8 +1001,9 @@ class Relay:
     def _expire(self, now: float) -> None:
         """Look at the sessions whose step of the expiry grid has come: end
         those not heard since they were put there, move the others to the
-        step their last datagram sets (`_place_expiry`). A session heard all
-        the time is so moved once a session_timeout, not per datagram."""
+        step their last datagram sets (`_place_expiry`; a session is first
+        placed when it opens). A session heard all the time is so moved once
+        a session_timeout, not per datagram: no heap entry, no work per datagram."""
         steps, grid, sessions = self._expiry_steps, self._expiry_grid, self.sessions
         timeout = self.config.session_timeout
         while steps and steps[0] * grid <= now:
@@ -1032,7 +1033,6 @@ class Relay:
             slot = self._expiries[step] = set()
             heapq.heappush(self._expiry_steps, step)
         slot.add(session.session_id)
-        session.expiry_placed = True
 
     def send_shutdown(self, now: float) -> None:
         """A BYE to every session: the server is going away (then `datagrams_to_send`)."""
@@ -1634,6 +1634,7 @@ class Relay:
         )  # fmt: skip
         session = Session(session_id, user, addr, conn, login.instance_id, now, arrived)
         self.sessions[session_id] = session
+        self._place_expiry(session)
         self.router.bind(user, session, now)
         bisect.insort(self._online, user.key)
         self.stats["logins"] += 1
@@ -2742,12 +2743,8 @@ class Relay:
         self._dirty[session.session_id] = session
 
     def _schedule(self, session: Session, now: float) -> None:
-        """Set when the session's timers are next looked at: its expiry, and
-        its connection's deadline (docs/RELIABILITY.md, "Server timers")."""
-        # Its expiry: a step of the expiry grid, set once here, then by
-        # `_expire` when that step comes (no heap entry, nothing per datagram).
-        if not session.expiry_placed:
-            self._place_expiry(session)
+        """Set when the session's connection timers are next looked at (its
+        expiry is `_expire`'s: docs/RELIABILITY.md, "Server timers")."""
         # The connection's deadline moves in place: the heap gets an entry
         # only when it moves earlier than the live one (issue 18: a push per
         # move would grow the heap by an entry per datagram). A live entry

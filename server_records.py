@@ -365,7 +365,7 @@ class GroupNotices:
 class Session:
     __slots__ = (
         "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
-        "deadline", "expiry_placed", "closing", "probe", "mail", "receipts", "presence_sent",
+        "deadline", "closing", "probe", "mail", "receipts", "presence_sent",
         "presence_due", "group_mail", "group_notices", "login_at",
     )  # fmt: skip
 
@@ -387,7 +387,6 @@ class Session:
         # (None: none): never before `scheduled`. A later one moves the live
         # entry there when it comes up, without a wake-up (`Relay.get_timer`).
         self.deadline: float | None = None
-        self.expiry_placed = False  # in a step of the expiry grid (`Relay._place_expiry`)
         self.closing = False
         self.probe: Probe | None = None  # an address change being validated
         # What it was handed from its mailbox / its queued receipts (made when used).

@@ -21,10 +21,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from bench.timer_wakeups import Party, SteadyLoop
+from protocol import Welcome
 from reliability import Connection
 from server_store import MemoryStore
+from tests.conftest import PASSWORD
 from tests.test_bounds import World
 from tests.test_groups_relay import GroupWorld
+from tests.test_login_guard import live, log_in, open_relay, ticket_from
 
 #: bench.fanout's server timers (`TIMERS`): the steady phase's.
 RTO_MIN, RTO_MAX = 0.2, 60.0
@@ -268,3 +271,29 @@ def test_a_session_gone_silent_still_expires_on_its_grid_step() -> None:
     assert {s.user.name for s in relay.sessions.values()} == {"alice", "m1", "m2", "m3"}
     for member in loop.members[1:]:
         assert len(set(member.got)) == 70
+
+
+def test_a_session_whose_client_vanishes_after_a_ticketed_welcome_still_expires() -> None:
+    """A login with a ticket sends the new session nothing but its WELCOME
+    (outside the session). Its expiry is set when it opens (`_place_expiry`),
+    not by a pass that touched it: a client that vanished right after the
+    WELCOME (crashed, its network gone) still has its session ended."""
+    relay = open_relay(session_timeout=4.0)
+    now = 1000.0
+    home = ("198.51.100.5", 7000)
+    ticket = ticket_from(log_in(relay, "bob", PASSWORD, home, now), now)
+    assert ticket is not None
+    now += 0.5
+    again = log_in(relay, "bob", PASSWORD, home, now, ticket=ticket)
+    assert isinstance(again.answer, Welcome), again.answer
+    session = live(relay, "bob")
+    assert session is not None
+    for _ in range(100):  # the loop sleeps until get_timer, handles what is due
+        timer = relay.get_timer()
+        if timer is None or session not in relay.sessions:
+            break
+        now = max(now, timer)
+        relay.handle_timer(now)
+        relay.datagrams_to_send(now)
+    assert session not in relay.sessions
+    assert 1000.5 + 4.0 <= now <= 1000.5 + 4.0 + relay._expiry_grid
