@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from bench.timer_wakeups import Party, SteadyLoop
-from protocol import Welcome
+from protocol import Deliver, MsgId, Send, Welcome, conversation_stream
 from reliability import Connection
 from server_store import MemoryStore
 from tests.conftest import PASSWORD
@@ -297,3 +297,24 @@ def test_a_session_whose_client_vanishes_after_a_ticketed_welcome_still_expires(
         relay.datagrams_to_send(now)
     assert session not in relay.sessions
     assert 1000.5 + 4.0 <= now <= 1000.5 + 4.0 + relay._expiry_grid
+
+
+def test_sessions_idle_between_messages_leave_no_entries_a_minute_away() -> None:
+    """alice writes to bob every half second: between two messages both
+    sessions have nothing in flight and no ack owed. The code before then
+    set an entry for the expiry check, a minute away, and the next message's
+    retransmission timer left it behind in the heap: an entry per message
+    per session, for a minute (a session_timeout). Now the expiry checks
+    are not in the heap and an entry with nothing left to time is dropped:
+    the heap holds a few entries per session."""
+    world = World(rto_min=RTO_MIN)
+    alice, bob = world.login("alice"), world.login("bob")
+    instance = world.session_of(alice).instance_id
+    most = 0
+    for n in range(1, 41):  # 20 s
+        alice.send(Send(MsgId(instance, n), "bob", f"message {n}"), conversation_stream("bob"))
+        for _ in range(50):
+            world.step()
+            most = max(most, len(world.relay._timers))
+    assert len([m for m in bob.messages if isinstance(m, Deliver)]) == 40
+    assert most <= 3 * len(world.relay.sessions), most
