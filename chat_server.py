@@ -605,11 +605,12 @@ class Relay:
         # place (`_schedule`).
         self._timers: list[tuple[float, int, bytes]] = []
         # Sessions (their ids) by the step of the expiry grid on which their
-        # expiry is looked at (`_expire`), each in one, and those steps in a
-        # heap, each once: a step's set stays until it comes due (they are
-        # never more than session_timeout / grid + 2), so a step is never
-        # pushed twice.
-        self._expiries: dict[int, set[bytes]] = {}
+        # expiry is looked at (`_expire`), each in one (a list: a session
+        # that ends is skipped when its step comes, not looked for), and
+        # those steps in a heap, each once: a step's list stays until it
+        # comes due (they are never more than session_timeout / grid + 2), so
+        # a step is never pushed twice.
+        self._expiries: dict[int, list[bytes]] = {}
         self._expiry_steps: list[int] = []
         # Messages handed to online recipients since the store's last flush,
         # whose receipts have not come yet, and until when the flush waits
@@ -1030,9 +1031,9 @@ class Relay:
         step = int((session.last_heard + self.config.session_timeout) // grid) + 1
         slot = self._expiries.get(step)
         if slot is None:
-            slot = self._expiries[step] = set()
+            slot = self._expiries[step] = []
             heapq.heappush(self._expiry_steps, step)
-        slot.add(session.session_id)
+        slot.append(session.session_id)
 
     def send_shutdown(self, now: float) -> None:
         """A BYE to every session: the server is going away (then `datagrams_to_send`)."""
