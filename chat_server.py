@@ -600,7 +600,18 @@ class Relay:
         # A SEND's `to` as typed -> its name key: normalizing it is most of
         # the cost of routing, and senders name the same few people.
         self._recipient_keys: dict[str, str] = {}
+        # Sessions' connection timers (retransmissions, delayed acks): an
+        # entry per session, at most one live (`Session.scheduled`), moved in
+        # place (`_schedule`).
         self._timers: list[tuple[float, int, bytes]] = []
+        # Sessions (their ids) by the step of the expiry grid on which their
+        # expiry is looked at (`_expire`), each in one (a list: a session
+        # that ends is skipped when its step comes, not looked for), and
+        # those steps in a heap, each once: a step's list stays until it
+        # comes due (they are never more than session_timeout / grid + 2), so
+        # a step is never pushed twice.
+        self._expiries: dict[int, list[bytes]] = {}
+        self._expiry_steps: list[int] = []
         # Messages handed to online recipients since the store's last flush,
         # whose receipts have not come yet, and until when the flush waits
         # for them (COMMIT_WAIT).
@@ -891,14 +902,32 @@ class Relay:
         timers = self._timers
         sessions = self.sessions
         while timers:
-            # An entry whose session ended or moved its deadline would wake
-            # the loop for nothing (`handle_timer` skips it): drop it here.
+            # An entry whose session ended or moved its deadline earlier
+            # would wake the loop for nothing (`handle_timer` skips it): drop
+            # it here. A live one whose session's deadline moved later (the
+            # chunks it was set for were acked, the ack it was set for rode
+            # on data: `_schedule`) is moved there, or dropped if nothing is
+            # left to time, and the loop sleeps on.
             deadline, _, session_id = timers[0]
             session = sessions.get(session_id)
-            if session is not None and session.scheduled == deadline:
+            if session is None or session.scheduled != deadline:
+                heapq.heappop(timers)
+                continue
+            later = session.deadline
+            if later is not None and later <= deadline:
                 break
-            heapq.heappop(timers)
+            self.stats["timers_moved"] += 1
+            session.scheduled = later
+            if later is None:
+                heapq.heappop(timers)
+            else:
+                heapq.heapreplace(timers, (later, next(self._tiebreak), session_id))
         timer = timers[0][0] if timers else None
+        steps = self._expiry_steps
+        if steps:
+            expiry = steps[0] * self._expiry_grid
+            if timer is None or expiry < timer:
+                timer = expiry
         hold = self._hold_until
         if hold is not None and (timer is None or hold < timer):
             timer = hold
@@ -933,32 +962,78 @@ class Relay:
             self._fan_out_due(now)
         if self._budget_due is not None and now >= self._budget_due:
             self._budget_paid(now)
-        while self._timers and self._timers[0][0] <= now:
-            deadline, _, session_id = heapq.heappop(self._timers)
-            session = self.sessions.get(session_id)
+        steps = self._expiry_steps
+        if steps and steps[0] * self._expiry_grid <= now:
+            self._expire(now)
+        timers = self._timers
+        sessions = self.sessions
+        while timers and timers[0][0] <= now:
+            deadline, _, session_id = heapq.heappop(timers)
+            session = sessions.get(session_id)
             if session is None or session.scheduled != deadline:
                 continue  # stale entry; the live one is elsewhere in the heap
-            session.scheduled = None
-            if now - session.last_heard >= self.config.session_timeout:
-                log.info("session of %s expired after %.0f s of silence", session.user.name,
-                         now - session.last_heard)  # fmt: skip
-                self._end_session(session, now)
+            later = session.deadline
+            if later is None or later > now:
+                # Its deadline moved later since the entry was set (as in
+                # `get_timer`; here for an entry that came due in a pass woken
+                # by something else): move it there, nothing to look at.
+                self.stats["timers_moved"] += 1
+                session.scheduled = later
+                if later is not None:
+                    heapq.heappush(timers, (later, next(self._tiebreak), session_id))
                 continue
+            session.scheduled = None
             conn = session.conn
             timer = conn.get_timer()
             if timer is None or timer > now:
-                # Nothing of the connection's is due: the entry was set for
-                # what has happened since (a delayed ack that rode on data,
-                # the RTO of chunks acked since: one such entry per lone
-                # message, issue 18), or for the session's expiry check. Its
-                # timers would do nothing and `datagrams_to_send` would send
-                # nothing (both go by the deadlines `get_timer` gives): set
-                # the next entry, no more.
+                # Nothing of the connection's is due after all: its deadline
+                # moved later by a path that did not pass `_schedule` (none is
+                # known: every change to a connection marks its session dirty
+                # and `datagrams_to_send` schedules it). Set the next entry, no
+                # more (`tests/test_timer_wakeups.py` counts these: `timers_idle`).
+                self.stats["timers_idle"] += 1
                 self._schedule(session, now)
                 continue
+            self.stats["timers_run"] += 1
             conn.handle_timer(now)
             self._collect(session, session.addr, now)
             self._dirty[session_id] = session
+
+    def _expire(self, now: float) -> None:
+        """Look at the sessions whose step of the expiry grid has come: end
+        those not heard since they were put there, move the others to the
+        step their last datagram sets (`_place_expiry`; a session is first
+        placed when it opens). A session heard all the time is so moved once
+        a session_timeout, not per datagram: no heap entry, no work per datagram."""
+        steps, grid, sessions = self._expiry_steps, self._expiry_grid, self.sessions
+        timeout = self.config.session_timeout
+        while steps and steps[0] * grid <= now:
+            step = heapq.heappop(steps)
+            for session_id in self._expiries.pop(step, ()):
+                session = sessions.get(session_id)
+                if session is None:
+                    continue  # it ended meanwhile
+                if int((session.last_heard + timeout) // grid) + 1 > step:
+                    self._place_expiry(session)
+                    continue
+                log.info("session of %s expired after %.0f s of silence", session.user.name,
+                         now - session.last_heard)  # fmt: skip
+                self._end_session(session, now)
+
+    def _place_expiry(self, session: Session) -> None:
+        """Put the session in the step of the expiry grid its last datagram
+        sets: the next multiple of the grid after last_heard + session_timeout.
+        The idle sessions' checks share a pass instead of waking the loop one
+        by one (10,000 idle sessions: one pass a second, not ~170); a session
+        ends at most a grid step (EXPIRY_GRID, or a sixteenth of a shorter
+        timeout) later than session_timeout."""
+        grid = self._expiry_grid
+        step = int((session.last_heard + self.config.session_timeout) // grid) + 1
+        slot = self._expiries.get(step)
+        if slot is None:
+            slot = self._expiries[step] = []
+            heapq.heappush(self._expiry_steps, step)
+        slot.append(session.session_id)
 
     def send_shutdown(self, now: float) -> None:
         """A BYE to every session: the server is going away (then `datagrams_to_send`)."""
@@ -1560,6 +1635,7 @@ class Relay:
         )  # fmt: skip
         session = Session(session_id, user, addr, conn, login.instance_id, now, arrived)
         self.sessions[session_id] = session
+        self._place_expiry(session)
         self.router.bind(user, session, now)
         bisect.insort(self._online, user.key)
         self.stats["logins"] += 1
@@ -2668,19 +2744,28 @@ class Relay:
         self._dirty[session.session_id] = session
 
     def _schedule(self, session: Session, now: float) -> None:
+        """Set when the session's connection timers are next looked at (its
+        expiry is `_expire`'s: docs/RELIABILITY.md, "Server timers")."""
+        # The connection's deadline moves in place: the heap gets an entry
+        # only when it moves earlier than the live one (issue 18: a push per
+        # move would grow the heap by an entry per datagram). A live entry
+        # left earlier than the deadline (its chunks acked since, its delayed
+        # ack gone out on data: about one per copy at a steady rate into a
+        # group, issue 14) is moved to the deadline when it reaches the
+        # heap's front (`get_timer`, `handle_timer`), or dropped if there is
+        # none: it never wakes the loop. So the entries left behind by an
+        # earlier move are all a connection's deadlines (a retransmission
+        # timeout away at most, as a rule), never an expiry a minute away.
         timer = session.conn.get_timer()
-        # A session's expiry is looked at on the next multiple of the grid:
-        # the idle sessions' checks share a pass instead of waking the loop
-        # one by one (10,000 idle sessions: one pass a second, not ~170). It
-        # ends at most a grid step (EXPIRY_GRID, or a sixteenth of a shorter
-        # timeout) later than session_timeout.
-        grid = self._expiry_grid
-        deadline = ((session.last_heard + self.config.session_timeout) // grid + 1) * grid
-        if timer is not None and timer < deadline:  # min(deadline, max(timer, now))
-            deadline = timer if timer > now else now
-        if session.scheduled is None or deadline < session.scheduled:
-            session.scheduled = deadline
-            heapq.heappush(self._timers, (deadline, next(self._tiebreak), session.session_id))
+        if timer is None:
+            session.deadline = None
+            return
+        if timer < now:
+            timer = now
+        session.deadline = timer
+        if session.scheduled is None or timer < session.scheduled:
+            session.scheduled = timer
+            heapq.heappush(self._timers, (timer, next(self._tiebreak), session.session_id))
 
     # --- groups (issue 14; the rules and the sequence are server_groups.py's) ---
     #
@@ -5148,6 +5233,8 @@ class ChatServer:
                 self._sleeping = self._woken = False
                 now = time.monotonic()
                 stats["loop_passes"] += 1
+                if not ready:
+                    stats["loop_timeouts"] += 1  # woken by its timeout: a timer (or the second)
                 # Only what select found ready is read: at an ordinary load a
                 # pass has one thing to do, and every read that finds
                 # nothing costs a system call and a raised BlockingIOError.
@@ -5353,6 +5440,15 @@ def gather_metrics(
         counter("chat_loop_wakeups_total", "Passes woken by another thread of the server "
                 "(the store's commits, key exchanges) rather than by a datagram or a "
                 "timer.", stats["loop_wakeups"]),  # fmt: skip
+        counter("chat_loop_timeouts_total", "Passes woken by their timeout (a timer came "
+                "due, or a second went by) rather than by a datagram or another thread.",
+                stats["loop_timeouts"]),  # fmt: skip
+        labelled("chat_session_timers_total", "counter",
+                 "Sessions' timer-heap entries that came due, by outcome (ran: its "
+                 "retransmissions or acks were due; idle: nothing was; moved: its "
+                 "deadline had moved later and the entry went there without a look).",
+                 "outcome", [("ran", stats["timers_run"]), ("idle", stats["timers_idle"]),
+                             ("moved", stats["timers_moved"])]),  # fmt: skip
         counter("chat_loop_empty_reads_total", "Reads of the UDP socket that found it "
                 "empty (the loop had read everything select reported).",
                 stats["loop_empty_reads"]),  # fmt: skip

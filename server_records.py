@@ -365,8 +365,8 @@ class GroupNotices:
 class Session:
     __slots__ = (
         "session_id", "user", "addr", "conn", "instance_id", "last_heard", "scheduled",
-        "closing", "probe", "mail", "receipts", "presence_sent", "presence_due", "group_mail",
-        "group_notices", "login_at",
+        "deadline", "closing", "probe", "mail", "receipts", "presence_sent",
+        "presence_due", "group_mail", "group_notices", "login_at",
     )  # fmt: skip
 
     def __init__(
@@ -383,6 +383,10 @@ class Session:
         # its commit after): which of one client's login attempts is newer.
         self.login_at = now if login_at is None else login_at
         self.scheduled: float | None = None  # deadline of its live timer-heap entry
+        # Its connection's next deadline, as `Relay._schedule` last found it
+        # (None: none): never before `scheduled`. A later one moves the live
+        # entry there when it comes up, without a wake-up (`Relay.get_timer`).
+        self.deadline: float | None = None
         self.closing = False
         self.probe: Probe | None = None  # an address change being validated
         # What it was handed from its mailbox / its queued receipts (made when used).

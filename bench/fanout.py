@@ -139,6 +139,11 @@ COUNTERS = {
     "datagrams_in": "chat_datagrams_received_total",
     "datagrams_out": "chat_datagrams_sent_total",
     "commits": "chat_store_commit_seconds_count",
+    # The loop's passes and those its timeout woke, and the sessions' timers
+    # that came due with nothing to do (0 from a server before these counters).
+    "loop_passes": "chat_loop_passes_total",
+    "loop_timeouts": "chat_loop_timeouts_total",
+    "timers_idle": 'chat_session_timers_total{outcome="idle"}',
 }
 TARGET_P99_MS = 200.0
 #: The steady phase's reference (`direct_steady_phase`): this many pairs, each
@@ -716,6 +721,13 @@ def table(figures: dict[str, Any]) -> str:
                      f"datagrams in, {p['datagrams_out_per_copy']:.3f} out; "
                      f"{p['commits_per_message']:.2f} commits per message")  # fmt: skip
     for p in figures["phases"]:
+        if p.get("loop_passes_per_copy"):
+            lines.append(f"{p['members']:,} members, {mode_label(p)}: per copy "
+                         f"{p['loop_passes_per_copy']:.3f} loop passes, "
+                         f"{p.get('loop_timeouts_per_copy', 0):.3f} woken by a timer, "
+                         f"{p.get('timers_idle_per_copy', 0):.3f} session timers with nothing "
+                         f"due")  # fmt: skip
+    for p in figures["phases"]:
         if p.get("refused"):
             why = ", ".join(f"{n} {k}" for k, n in sorted(p["refused"].items()))
             lines.append(f"{p['members']:,} members, {mode_label(p)}: refused (FAIL) {why}")
@@ -734,6 +746,12 @@ def table(figures: dict[str, Any]) -> str:
             f"{steady['other_threads_cpu_us_per_msg']:.1f} us "
             f"({steady['completed']} of {steady['sent']} completed)"
         )
+        if steady.get("loop_passes_per_msg"):
+            lines.append(f"direct message at {steady['rate']:g} msg/s: per message "
+                         f"{steady['loop_passes_per_msg']:.3f} loop passes, "
+                         f"{steady.get('loop_timeouts_per_msg', 0):.3f} woken by a timer, "
+                         f"{steady.get('timers_idle_per_msg', 0):.3f} session timers with "
+                         f"nothing due")  # fmt: skip
         for p in figures["phases"]:
             if p["rate"] is not None:
                 lines.append(f"{p['members']:,} members, {mode_label(p)}: a copy is "
