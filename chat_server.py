@@ -139,6 +139,7 @@ from protocol import (
 )
 from reliability import (
     CHUNK_SIZE,
+    GROUP_ACK_DELAY,
     REASSEMBLY_TIMEOUT,
     RTO_MAX,
     RTO_MIN,
@@ -1632,6 +1633,7 @@ class Relay:
         conn = Connection(
             session_id, to_client, now, peer_key=to_server,
             rto_min=self.config.rto_min, rto_max=self.config.rto_max, budget=self._reassembly,
+            peer_late_ack=GROUP_ACK_DELAY,  # its lazy chunks are group entries (`_send_group`)
         )  # fmt: skip
         session = Session(session_id, user, addr, conn, login.instance_id, now, arrived)
         self.sessions[session_id] = session
@@ -3724,10 +3726,12 @@ class Relay:
     def _send_group(self, session: Session, payloads: list[bytes], stream: int) -> None:
         """`_group_payloads`' output to the session, on the group's stream,
         with `lazy_ack`: a member may ack a datagram of group entries alone
-        up to `reliability.RECEIPT_ACK_DELAY` late, so that its ack rides on
-        its receipts (client_core `GROUP_RECEIPT_HOLD`; issue 14), and our
-        timers for such a datagram wait that much longer. A client from
-        before acks at MAX_ACK_DELAY, as ever: it is only allowed more."""
+        up to `reliability.GROUP_ACK_DELAY` late (or at the third such
+        datagram), so that its ack rides on its receipts (client_core
+        `GROUP_RECEIPT_HOLD`; issue 14), and our timers for such a datagram
+        wait that much longer (the session's `peer_late_ack`). Clients from
+        before ack at RECEIPT_ACK_DELAY or MAX_ACK_DELAY: they are only
+        allowed more."""
         send = session.conn.send
         for payload in payloads:
             send(payload, stream, lazy_ack=True)

@@ -120,6 +120,7 @@ from protocol import (
     session_keys,
 )
 from reliability import (
+    GROUP_ENTRIES_LATE,
     RTO_MAX,
     RTO_MIN,
     Connection,
@@ -189,17 +190,18 @@ GROUP_RECEIPT_DELAY = 0.020
 # At a steady rate a member's receipt need not leave at GROUP_RECEIPT_DELAY
 # (issue 14): the server sends group entries with `lazy_ack` (chat_server
 # `_send_group`), so the member may hold its ack of a datagram of group
-# entries alone up to reliability.RECEIPT_ACK_DELAY (`group_entries_only`),
-# and holds the receipts up to this long after the first of them, or until
-# that ack leaves (the second such datagram has it sent: ACK_EVERY), when
-# they ride on it. At 10 msg/s the ack and receipts of two copies leave in
-# one datagram: about 1.5 datagrams a copy instead of 2. Under
-# RECEIPT_ACK_DELAY, so the receipts leave first and carry the ack. A
+# entries alone up to reliability.GROUP_ACK_DELAY (`group_entries_only`,
+# GROUP_ENTRIES_LATE), and holds the receipts up to this long after the
+# first of them, or until that ack leaves (the third such datagram has it
+# sent: GROUP_ACK_EVERY), when they ride on it. At 10 msg/s the ack and
+# receipts of three copies leave in one datagram: about 1.36 datagrams a
+# copy (120 ms and two copies before, 1.53; 2 before that). Under
+# GROUP_ACK_DELAY, so the receipts leave first and carry the ack. A
 # flat-out group is not held up: receipts leave with an ack once the oldest
 # has waited GROUP_RECEIPT_DELAY (as often as before), and at once when
 # GROUP_RECEIPT_BATCH are held. The sender's "delivered" comes up to this
-# much later at a steady rate.
-GROUP_RECEIPT_HOLD = 0.120
+# much later at a steady rate (docs/RELIABILITY.md, "Group entry ack delay").
+GROUP_RECEIPT_HOLD = 0.220
 # A quarter of the server's window of group entries per session
 # (chat_server.MAILBOX_WINDOW, 256): receipts this many leave at once, so a
 # member never holds back what the server needs to hand it more.
@@ -214,7 +216,7 @@ def group_entries_only(frames: tuple[Frame, ...]) -> bool:
     """Whether a datagram's chunks are all group entries, whole
     (GROUP_DELIVER, GROUP_EVENT or GROUP_BATCH, one chunk each), with no
     keepalive: what the server sends with `lazy_ack` (chat_server
-    `_send_group`), whose ack may wait up to reliability.RECEIPT_ACK_DELAY
+    `_send_group`), whose ack may wait up to reliability.GROUP_ACK_DELAY
     for the receipts to carry it (GROUP_RECEIPT_HOLD). Anything else in it
     (a direct DELIVER, an answer) keeps the prompt ack."""
     found = False
@@ -1794,7 +1796,7 @@ class ClientCore:
         header = decode_header(data)
         if self.conn is not None and header.session_id == self.conn.session_id:
             if header.flags & FLAG_MAC:
-                if self.conn.receive_datagram(data, now, group_entries_only):
+                if self.conn.receive_datagram(data, now, group_entries_only, GROUP_ENTRIES_LATE):
                     self._last_heard = now
                     self._collect(now)
                 return

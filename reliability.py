@@ -35,6 +35,7 @@ import collections
 import dataclasses
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
 from protocol import (
     ACK_HEAD,
@@ -96,6 +97,38 @@ MAX_ACK_DELAY = 0.025  # RFC 9000 13.2.1 default max_ack_delay
 # (docs/RELIABILITY.md).
 RECEIPT_ACK_DELAY = 0.15
 ACK_EVERY = 2  # RFC 9000 13.2.2: ack every second ack-eliciting packet
+# A datagram of group entries alone (the server sends them with `lazy_ack`;
+# the member's client knows them: client_core `group_entries_only`) may be
+# acked this late, and has its ack sent at once only at the third such
+# datagram (GROUP_ACK_EVERY), not the second: at a steady 10 msg/s the
+# member's ack and receipts (held up to client_core.GROUP_RECEIPT_HOLD, just
+# under this) then cover three copies a datagram, not two (issue 14, lean:
+# about 0.36 datagrams in per copy instead of 0.53). The server's PTO for
+# such datagrams counts it (`Connection(peer_late_ack=...)`), as the
+# ack-frequency draft's sender counts its Requested Max Ack Delay, and so
+# does its RTT sample. Over two intervals of the steady rate (with room for
+# a late copy); what it costs: a member's "delivered by" up to ~220 ms after
+# the copy came (was ~120), a copy lost with nothing after it to show the
+# gap resent 100 ms later than before (docs/RELIABILITY.md, "Group entry ack
+# delay"). Receipts keep RECEIPT_ACK_DELAY and ACK_EVERY.
+GROUP_ACK_DELAY = 0.25
+GROUP_ACK_EVERY = 3
+
+
+class LateAck(NamedTuple):
+    """How late the ack of a datagram marked `lazy_ack` may go (what its
+    peer counts in its PTO): within `delay`, or at once at the `every`-th
+    ack-eliciting datagram not acked yet (the ack-frequency draft's
+    Requested Max Ack Delay and Ack-Eliciting Threshold, fixed per kind of
+    datagram, so nothing is negotiated)."""
+
+    delay: float
+    every: int
+
+
+#: Receipts alone (at the server) and group entries alone (at a member's client).
+RECEIPTS_LATE = LateAck(RECEIPT_ACK_DELAY, ACK_EVERY)
+GROUP_ENTRIES_LATE = LateAck(GROUP_ACK_DELAY, GROUP_ACK_EVERY)
 PACKET_THRESHOLD = 3  # RFC 9002 kPacketThreshold
 TIME_THRESHOLD = 9 / 8  # RFC 9002 kTimeThreshold
 MAX_WINDOW = 64  # chunks in flight per peer (KCP 32, mosquitto 20)
@@ -268,7 +301,7 @@ class _Chunk:
         self.sent_at = 0.0
         self.lost = False
         self.lazy = lazy  # a receipt: a datagram of nothing else may be acked late
-        self.late = False  # its last send was in such a datagram (RECEIPT_ACK_DELAY)
+        self.late = False  # its last send was in such a datagram (`peer_late_ack`)
 
 
 class Connection:
@@ -298,6 +331,7 @@ class Connection:
         "_largest_acked",
         "_sent_times",
         "_late_pkts",
+        "_peer_late_ack",
         "_srtt",
         "_rttvar",
         "_latest_rtt",
@@ -337,6 +371,7 @@ class Connection:
         max_window: int = MAX_WINDOW,
         budget: ReceiveBudget | None = None,
         track_resends: bool = False,
+        peer_late_ack: float = RECEIPT_ACK_DELAY,
     ) -> None:
         if len(session_id) != SESSION_ID_SIZE:
             raise LocalProtocolError("a session id is 16 bytes")
@@ -372,6 +407,10 @@ class Connection:
         # Of `_sent_times`, the datagrams of receipts alone (acked up to
         # RECEIPT_ACK_DELAY late); None while there are none (most sessions).
         self._late_pkts: set[int] | None = None
+        # How late the peer may ack those (`send(..., lazy_ack=True)`): the
+        # server's peers hold their acks of group entries GROUP_ACK_DELAY,
+        # the clients' hold theirs of receipts RECEIPT_ACK_DELAY.
+        self._peer_late_ack = peer_late_ack
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._latest_rtt = 0.0
@@ -412,9 +451,9 @@ class Connection:
         """Queue a payload for reliable, in-order delivery on `stream`. When
         the peer holds all of it, `PayloadAcked(handle)` comes out (if given).
         `lazy_ack`: the payload is a receipt or a group entry (one chunk),
-        which the peer may ack up to RECEIPT_ACK_DELAY late when a datagram
-        carries nothing else: its retransmission timer waits that much
-        longer."""
+        which the peer may ack up to `peer_late_ack` late (RECEIPT_ACK_DELAY
+        or GROUP_ACK_DELAY) when a datagram carries nothing else: its
+        retransmission timer waits that much longer."""
         size = len(payload)
         if size > MAX_TEXT_BYTES + 1024:
             raise LocalProtocolError(f"payload of {size} bytes is too long")
@@ -573,12 +612,14 @@ class Connection:
         data: bytes,
         now: float,
         lazy_ack: Callable[[tuple[Frame, ...]], bool] | None = None,
+        late: LateAck = RECEIPTS_LATE,
     ) -> bool:
         """Take in a datagram for this session. False (and nothing changed) if
         it does not verify, is a replay, or breaks a limit. `lazy_ack`, if
-        given, is asked whether the datagram's frames may be acked late
+        given, is asked whether the datagram's frames may be acked `late`
         (`receive_packet`'s `lazy_ack`): the client asks it of datagrams of
-        group entries alone (client_core `group_entries_only`)."""
+        group entries alone (client_core `group_entries_only`, with
+        GROUP_ENTRIES_LATE)."""
         try:
             packet = decode_packet(data, self.peer_key)
         except BadTag:
@@ -588,11 +629,17 @@ class Connection:
         if packet.session_id != self.session_id:
             return False
         if lazy_ack is not None:
-            return self.receive_packet(packet, now, lazy_ack=lazy_ack(packet.frames))
+            return self.receive_packet(packet, now, lazy_ack=lazy_ack(packet.frames), late=late)
         return self.receive_packet(packet, now)
 
     def receive_packet(
-        self, packet: Packet, now: float, *, data: bool = True, lazy_ack: bool = False
+        self,
+        packet: Packet,
+        now: float,
+        *,
+        data: bool = True,
+        lazy_ack: bool = False,
+        late: LateAck = RECEIPTS_LATE,
     ) -> bool:
         """Like `receive_datagram` for a packet already decoded and verified.
         With `data=False` the owner withholds the packet's chunks (it is over
@@ -603,9 +650,10 @@ class Connection:
         so a withheld peer's retransmissions follow our sends, not a loop.
         With `lazy_ack` (the owner found its chunks all receipts, or, at a
         client, all group entries: the kinds its peer sends lazily) the ack may
-        wait RECEIPT_ACK_DELAY for a datagram of ours to ride on, not
-        MAX_ACK_DELAY; a chunk out of order or a second ack-eliciting
-        datagram still has it sent at once."""
+        wait `late.delay` for a datagram of ours to ride on, not
+        MAX_ACK_DELAY; a chunk out of order or the `late.every`-th
+        ack-eliciting datagram (ACK_EVERY after one not lazy) still has it
+        sent at once."""
         pkt = packet.pkt_num
         self._now = now
         # `_replay_check` and `_replay_mark`, in line (every datagram).
@@ -692,10 +740,14 @@ class Connection:
             # follows it to carry the ack, so waiting MAX_ACK_DELAY would only
             # cost the owner a second wake-up for the same ACK (issue 18; RFC
             # 9000 13.2.1 allows acking sooner than max_ack_delay).
-            if out_of_order or self._ack_count >= ACK_EVERY or not chunks:
+            if (
+                out_of_order
+                or not chunks
+                or self._ack_count >= (late.every if lazy_ack else ACK_EVERY)
+            ):
                 self._ack_due = now
             elif self._ack_due is None:
-                self._ack_due = now + (RECEIPT_ACK_DELAY if lazy_ack else MAX_ACK_DELAY)
+                self._ack_due = now + (late.delay if lazy_ack else MAX_ACK_DELAY)
         return True
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
@@ -791,8 +843,8 @@ class Connection:
             if carried:
                 budget -= 1
                 if lazy:
-                    # Receipts alone: the peer acks them with its next
-                    # datagram or within RECEIPT_ACK_DELAY (see there).
+                    # Receipts (or group entries) alone: the peer acks them
+                    # with its next datagram or within `peer_late_ack`.
                     for chunk in queue[first:at]:
                         chunk.late = True
                     if self._late_pkts is None:
@@ -1194,14 +1246,15 @@ class Connection:
 
     def _backed_off_rto(self, late: bool = False) -> float:
         """The RTO with the backoff; `late`: for chunks of a datagram of
-        receipts alone, which the peer may ack RECEIPT_ACK_DELAY late instead
-        of MAX_ACK_DELAY: the difference added (RFC 9002 6.2.1 counts the
-        peer's max_ack_delay in the PTO), on top of the floor, so that such
-        an ack has the same slack as any other (a pass of the peer's loop
-        that comes late, a test's clock that moves in steps)."""
+        receipts (or group entries) alone, which the peer may ack
+        `peer_late_ack` late instead of MAX_ACK_DELAY: the difference added
+        (RFC 9002 6.2.1 counts the peer's max_ack_delay in the PTO), on top
+        of the floor, so that such an ack has the same slack as any other (a
+        pass of the peer's loop that comes late, a test's clock that moves
+        in steps)."""
         rto = self.rto
         if late:
-            rto += RECEIPT_ACK_DELAY - MAX_ACK_DELAY
+            rto += self._peer_late_ack - MAX_ACK_DELAY
             if rto > self.rto_max:
                 rto = self.rto_max
         if not self._backoff:
@@ -1223,7 +1276,7 @@ class Connection:
                 cap = MAX_ACK_DELAY
                 late = self._late_pkts
                 if late is not None and newest in late:
-                    cap = RECEIPT_ACK_DELAY
+                    cap = self._peer_late_ack
                 if delay > cap:
                     delay = cap
                 sample = now - sent

@@ -101,6 +101,13 @@ from protocol import (
 )
 from reliability import MAX_WINDOW, Connection, PayloadReceived
 
+try:  # (how late a member acks group entries, as the chat client: a checkout before has one rule)
+    from reliability import GROUP_ENTRIES_LATE, LateAck
+
+    GROUP_LATE: tuple[LateAck, ...] = (GROUP_ENTRIES_LATE,)
+except ImportError:
+    GROUP_LATE = ()
+
 try:
     from protocol import GroupBatch
 except ImportError:  # a checkout before GROUP_BATCH (kind 31): this file runs there too
@@ -227,7 +234,7 @@ class Pump:
                 if session is None:
                     continue
                 conn = session.conn
-                if conn.receive_datagram(data, now_ns / 1e9, group_entries_only):
+                if conn.receive_datagram(data, now_ns / 1e9, group_entries_only, *GROUP_LATE):
                     while (event := conn.next_event()) is not None:
                         if isinstance(event, PayloadReceived):
                             self.on_message(session, decode_message(event.payload), now_ns)
@@ -609,15 +616,16 @@ def direct_phase(duration: float, load_workers: int, tmp: Path) -> dict[str, Any
 
 
 def direct_steady_phase(pairs: int, rate: float, duration: float, load_workers: int,
-                        tmp: Path) -> dict[str, Any]:  # fmt: skip
+                        tmp: Path, profile: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """The fair reference for a copy at a steady rate: a direct message at
     the same rate per recipient. `pairs` senders each write `rate` msg/s to
     a receiver of their own (loadgen's, which receipt at once, as the chat
     client does a direct message), on a server with the group phases' flags
     (TIMERS, --metrics); server CPU and datagrams in and out per message
-    over the sending time, as for a copy."""
+    over the sending time, as for a copy (under cProfile into `profile` and
+    `profile`.store if given, as `fanout_phase`)."""
     port = free_tcp_port()
-    server = start_server(tmp, f"direct-{pairs}-{rate:g}",
+    server = start_server(tmp, f"direct-{pairs}-{rate:g}", profile,
                           extra=[*TIMERS, "--metrics", f"127.0.0.1:{port}"])  # fmt: skip
     try:
         names = [f"d{i}" for i in range(pairs)]
@@ -667,8 +675,12 @@ def run(quick: bool, sizes: list[int], duration: float, steady_rate: float,
         if steady_rate in rates:
             say(f"fanout: direct messages at the steady rate for comparison, {direct_pairs} "
                 f"pairs at {steady_rate:g} msg/s each, {duration:g} s")  # fmt: skip
+            direct_file = None
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+                direct_file = profile / f"direct-{direct_pairs}-{steady_rate:g}.prof"
             out["direct_steady"] = direct_steady_phase(direct_pairs, steady_rate, duration,
-                                                       load_workers, tmp)  # fmt: skip
+                                                       load_workers, tmp, direct_file)  # fmt: skip
         for size in sizes:
             for rate in rates:
                 mode = "flat out" if rate is None else f"{rate:g} msg/s"
@@ -798,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="run each phase's server under cProfile, stats into DIR "
-                             "(fanout-SIZE-MODE.prof and .prof.store; CPU figures then "
+                             "(fanout-SIZE-MODE.prof and .prof.store, the steady reference's "
+                             "direct-PAIRS-RATE.prof; CPU figures then "
                              "include the profiler's cost)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("10" if args.quick else "100,1000")).split(",")]

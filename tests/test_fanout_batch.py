@@ -41,7 +41,7 @@ from protocol import (
     decode_message,
     unbatch,
 )
-from reliability import MAX_ACK_DELAY, RECEIPT_ACK_DELAY, PayloadReceived
+from reliability import GROUP_ACK_DELAY, MAX_ACK_DELAY, PayloadReceived
 from server_store import MemoryStore
 from tests.lossy_proxy import LossyProxy
 from tests.test_client_core import Net
@@ -219,7 +219,7 @@ def test_a_member_receipts_a_burst_of_group_entries_once(
     shown = [e.id for e in bob.events if isinstance(e, MessageReceived)]
     assert shown == [901, 902, 903, 904, 905]
     assert seen.of("bob") == [], "held: the receipt waits for the rest of the burst"
-    # The last datagram's ack may wait (entries alone: RECEIPT_ACK_DELAY),
+    # The last datagram's ack may wait (entries alone: GROUP_ACK_DELAY),
     # so the receipts wait their longest hold, then carry it.
     pump_for(net, GROUP_RECEIPT_HOLD + 0.002)
     # One receipt message for the five (the old client sent one per pass).
@@ -233,9 +233,10 @@ def test_the_held_receipt_leaves_before_the_connections_delayed_ack() -> None:
     datagram of its own: before the 25 ms ack once it has waited
     GROUP_RECEIPT_DELAY, and at the latest before the late ack a datagram
     of group entries alone may have (RECEIPT_ACK_DELAY; steady2 changed
-    this test from a hold of GROUP_RECEIPT_DELAY)."""
+    this test from a hold of GROUP_RECEIPT_DELAY; GROUP_ACK_DELAY since
+    lean, tests/test_steady_lean.py)."""
     assert GROUP_RECEIPT_DELAY < MAX_ACK_DELAY
-    assert GROUP_RECEIPT_HOLD < RECEIPT_ACK_DELAY
+    assert GROUP_RECEIPT_HOLD < GROUP_ACK_DELAY
     held = GroupReceipts()
     held.add(901, 10.0)
     held.add(902, 10.015)  # a later entry does not put the receipt off

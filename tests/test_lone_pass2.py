@@ -66,12 +66,14 @@ from reliability import (
     PACKET_THRESHOLD,
     REASSEMBLY_TIMEOUT,
     RECEIPT_ACK_DELAY,
+    RECEIPTS_LATE,
     REPLAY_WINDOW,
     RTT_K,
     TIME_THRESHOLD,
     TIMER_GRANULARITY,
     UNREACHABLE_AFTER,
     Connection,
+    LateAck,
     PathResponded,
     PayloadAcked,
     PayloadReceived,
@@ -100,7 +102,13 @@ class OldConnection(Connection):
         return min(self.rto_max, max(self.rto_min, base))
 
     def receive_packet(
-        self, packet: Packet, now: float, *, data: bool = True, lazy_ack: bool = False
+        self,
+        packet: Packet,
+        now: float,
+        *,
+        data: bool = True,
+        lazy_ack: bool = False,
+        late: LateAck = RECEIPTS_LATE,
     ) -> bool:
         """Like `receive_datagram` for a packet already decoded and verified.
         With `data=False` the owner withholds the packet's chunks (it is over
@@ -109,7 +117,8 @@ class OldConnection(Connection):
         whose input waits for our output to drain must still be able to drain
         it. No ack is sent for such a packet (acks ride on our next datagram),
         so a withheld peer's retransmissions follow our sends, not a loop.
-        (`lazy_ack` is the later code's signature: nothing here passes it.)"""
+        (`lazy_ack` and `late` are the later code's signature: nothing here
+        passes them.)"""
         assert not lazy_ack
         pkt = packet.pkt_num
         self._now = now
