@@ -2572,7 +2572,8 @@ class Relay:
         its leaving is applied later, by the shared store: `_group_changed`
         buries it again once this node's copy has it.)"""
         owed = self.groups.owed_groups(user_key)
-        for group, member, key in self.groups.bury(user_key):
+        buried = self.groups.bury(user_key)
+        for group, member, key in buried:
             if not member.gone:
                 self.store.submit(DropMember(group.key, key))
                 self._end_retired(group)
@@ -2592,6 +2593,8 @@ class Relay:
                 # which holds its log's trim: one server's goes with the account)
                 self.store.submit(GroupTold(user_key, group.key, TOLD_ALL))
             self._end_retired(group)
+        for group in [*(g for g, _, _ in buried), *owed]:
+            self._trim_now(group)  # (what was held for it goes)
 
     def _forget_account(self, user: User, until: int | None, now: float, *,
                         keep: Session | None = None) -> None:  # fmt: skip
@@ -2708,6 +2711,9 @@ class Relay:
             for member in [m for m in group.former.values() if m.caught_up]:
                 self.groups.forget_former(group, member)
             self._end_retired(group)
+            # What a receipt's trim had not taken yet (a group nobody
+            # receipts in would keep it), and what those dropped held.
+            self._trim_now(group)
         for key, answer in loaded.group_requests.items():
             self._remember_answer(key, answer)
         if loaded.groups:
@@ -3117,6 +3123,7 @@ class Relay:
         )
         if keep_as:  # (after the rename: their reads are of the log under its new key)
             self._rekey_notices(group, old_key)
+            self._trim_now(group)  # only what its former members and senders are owed stays
 
     def _rekey_pagers(self, group: Group, old_key: str) -> None:
         """A retired group's former members online page it under its new key."""
@@ -3220,6 +3227,8 @@ class Relay:
     def _change_committed(self, group: Group, item: GroupItem, user: User, key: RequestKey,
                           text: str, stream: int, answer: bool) -> None:  # fmt: skip
         self._fan_out(group, item)
+        if item.change in (GroupChange.REMOVED, GroupChange.LEFT):
+            self._trim_now(group)  # (the lowest place may have moved)
         if answer:
             self._group_result(user, key, 0, text, stream)
 
@@ -4060,13 +4069,24 @@ class Relay:
         if low is None:
             low = self._group_lows[group.key] = group.low_water()
         if not self.groups.told(group, user.key, low):
+            if self.shared_store:
+                # (held by another's place, often a former member's: she may
+                # still be exempt from the log's hole up to here)
+                self._maybe_trim(group, user.key)
             return
         self.store.submit(GroupTold(user.key, group.key, low))
+        dropped = False
         for member in [m for m in group.former.values() if m.caught_up]:
             if self.groups.forget_former(group, member):
                 self.store.submit(DropMember(group.key, member.key))
+                dropped = True
         if is_retired(group.key):
             self._end_retired(group)
+            if dropped:
+                self._trim_now(group)
+            return
+        if dropped:
+            self._trim_now(group)  # (a former member no longer holds the trim)
             return
         self._maybe_trim(group, user.key)
 
@@ -4075,8 +4095,11 @@ class Relay:
         entries could go and `moved` was what held it back (or that many
         entries came since the last look): working the bound out walks the
         members, so not at every receipt. (A cluster trims in the shared
-        store, at each beat, by every node's cursors and marks there.)"""
-        if self.shared_store or group.seq - group.trimmed < GROUP_TRIM_EVERY:
+        store, by every node's cursors and marks there: `_share_trim`.)"""
+        if self.shared_store:
+            self._share_trim(group)
+            return
+        if group.seq - group.trimmed < GROUP_TRIM_EVERY:
             return
         if (
             group.trim_blocker is not None
@@ -4085,6 +4108,50 @@ class Relay:
         ):
             return
         self._trim_group(group)
+
+    def _trim_now(self, group: Group) -> None:
+        """One server: what the log holds for someone may have shrunk
+        without a receipt (a member removed or gone, the group's end, a
+        former member dropped or buried, the start): trim it now, however
+        few entries could go (a receipt's trim waits for GROUP_TRIM_EVERY,
+        and a group nobody receipts in any more would keep them for good).
+        These are rare, so the walk of the members is too."""
+        if (
+            not self.shared_store
+            and self.groups.get(group.key) is group
+            and group.seq > group.trimmed
+        ):
+            checked = group.trim_checked
+            self._trim_group(group)
+            group.trim_checked = checked  # (the receipts' own cadence goes on as it was)
+
+    def _share_trim(self, group: Group) -> None:
+        """Cluster mode, every GROUP_TRIM_EVERY entries of `group`: trim its
+        log in the shared store (`TRIM_GROUP`; every node also does at its
+        beat), naming the senders here with nothing of it in flight or
+        queued: their clients were told every delivery up to where this
+        copy's current members have everything, so the log's hole may take
+        their messages up to there (review7 F3: on one server,
+        `_trim_group`'s `online`; here the shared store keeps each sender's
+        mark, as her node last named it, for every node's trim)."""
+        if group.seq - group.trim_checked < GROUP_TRIM_EVERY:
+            return
+        group.trim_checked = group.seq
+        low = -1
+        exempt: list[tuple[str, int]] = []
+        for sender_key in group.owed:
+            session = self._session_here(sender_key)
+            if session is None:
+                continue
+            notices = session.group_notices
+            if (notices is not None and notices.busy(group.key)) or any(
+                g is group for g, _ in self._group_reached.get(sender_key, {}).values()
+            ):
+                continue
+            if low < 0:
+                low = group.lowest_member()[0]
+            exempt.append((sender_key, low))
+        self.store.submit(TrimGroup(group.key, 0, 0, tuple(exempt)))
 
     def _trim_group(self, group: Group) -> None:
         """Delete the log's entries everyone has and every sender was told
