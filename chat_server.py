@@ -3101,6 +3101,10 @@ class Relay:
         # sender is (who had their messages), stays, under another key,
         # until they have it (`GroupTable.close`).
         self._release_fanout(group)  # its last messages first
+        # Trimmed first, while its last member is one (their place bounds
+        # the hole) and their notices are told under its key: once it has
+        # ended, only what its former members and senders are owed stays.
+        self._trim_now(group)
         seq = self.groups.next_seq(group)
         item = self._group_item(group, seq, GroupChange.LEFT, user, ())
         old_key = group.key
@@ -3123,7 +3127,6 @@ class Relay:
         )
         if keep_as:  # (after the rename: their reads are of the log under its new key)
             self._rekey_notices(group, old_key)
-            self._trim_now(group)  # only what its former members and senders are owed stays
 
     def _rekey_pagers(self, group: Group, old_key: str) -> None:
         """A retired group's former members online page it under its new key."""
@@ -4069,9 +4072,9 @@ class Relay:
         if low is None:
             low = self._group_lows[group.key] = group.low_water()
         if not self.groups.told(group, user.key, low):
+            # (held by another's place, often a former member's: she may
+            # still be exempt from the log's hole up to here)
             if self.shared_store:
-                # (held by another's place, often a former member's: she may
-                # still be exempt from the log's hole up to here)
                 self._maybe_trim(group, user.key)
             return
         self.store.submit(GroupTold(user.key, group.key, low))
