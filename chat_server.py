@@ -4128,33 +4128,42 @@ class Relay:
             self._trim_group(group)
             group.trim_checked = checked  # (the receipts' own cadence goes on as it was)
 
-    def _share_trim(self, group: Group) -> None:
-        """Cluster mode, every GROUP_TRIM_EVERY entries of `group`: trim its
-        log in the shared store (`TRIM_GROUP`; every node also does at its
-        beat), naming the senders here with nothing of it in flight or
-        queued: their clients were told every delivery up to where this
-        copy's current members have everything, so the log's hole may take
-        their messages up to there (review7 F3: on one server,
-        `_trim_group`'s `online`; here the shared store keeps each sender's
-        mark, as her node last named it, for every node's trim)."""
-        if group.seq - group.trim_checked < GROUP_TRIM_EVERY:
+    def _share_trim(self, group: Group, *, at_once: bool = False) -> None:
+        """Cluster mode: the senders here with nothing of `group` in flight or
+        queued were told every delivery of their messages up to where this
+        copy's current members have everything: the shared store is told
+        (`TrimGroup.exempt`), and trims the log, whose hole may take their
+        messages up to there (review7 F3: one server's `_trim_group` has
+        `online`; here the store keeps each sender's mark, as her node last
+        named it, for every node's trim, and every node trims at its beat).
+        Worked out every GROUP_TRIM_EVERY entries (it walks the members),
+        or `at_once`: a member removed or gone, or a beat (`group_heads`)."""
+        if group.seq - group.trim_checked < GROUP_TRIM_EVERY and not at_once:
             return
         group.trim_checked = group.seq
-        low = -1
-        exempt: list[tuple[str, int]] = []
-        for sender_key in group.owed:
-            session = self._session_here(sender_key)
-            if session is None:
-                continue
-            notices = session.group_notices
-            if (notices is not None and notices.busy(group.key)) or any(
-                g is group for g, _ in self._group_reached.get(sender_key, {}).values()
-            ):
-                continue
-            if low < 0:
-                low = group.lowest_member()[0]
-            exempt.append((sender_key, low))
-        self.store.submit(TrimGroup(group.key, 0, 0, tuple(exempt)))
+        quiet = [key for key in group.owed if self._quiet_sender(key, group)]
+        if not quiet:
+            return
+        marks = group.exempt
+        low = group.lowest_member()[0]
+        exempt = tuple((key, low) for key in quiet if marks.get(key, -1) < low)
+        if not exempt:
+            return
+        for key in [key for key in marks if key not in group.owed]:
+            del marks[key]  # (owed nothing more here)
+        marks.update(exempt)
+        self.store.submit(TrimGroup(group.key, 0, 0, exempt))
+
+    def _quiet_sender(self, sender_key: str, group: Group) -> bool:
+        """Whether `sender_key` has a session here with nothing of `group`
+        in flight to it, being worked out, or queued (`_share_trim`)."""
+        session = self._session_here(sender_key)
+        if session is None:
+            return False
+        notices = session.group_notices
+        if notices is not None and notices.busy(group.key):
+            return False
+        return not any(g is group for g, _ in self._group_reached.get(sender_key, {}).values())
 
     def _trim_group(self, group: Group) -> None:
         """Delete the log's entries everyone has and every sender was told
@@ -4442,6 +4451,8 @@ class Relay:
             # former members are kept for them: `forget_former`).
             self.groups.sent(group, item.sender_key, item.group_seq)
         self._fan_out(group, item)
+        if item.change in (GroupChange.REMOVED, GroupChange.LEFT):
+            self._share_trim(group, at_once=True)  # (the lowest place may have moved)
         if item.change == GroupChange.LEFT and self._erased_members:
             pending = self._erased_members.get(item.sender_key)
             if pending is not None and group.key in pending:
@@ -4645,6 +4656,13 @@ class Relay:
         for key in [*self.groups.groups, *self._group_waiters]:
             if key not in heads:
                 self._load_group(key)  # ended, or made since the heads were read: ask
+        for group in list(self.groups.groups.values()):
+            # A sender here who went quiet (a burst's end) may let the log's
+            # hole take her last messages (not only every GROUP_TRIM_EVERY).
+            marks = group.exempt
+            if group.owed and any(marks.get(key, -1) < group.seq and self._quiet_sender(key, group)
+                                  for key in group.owed):  # fmt: skip
+                self._share_trim(group, at_once=True)
 
     def group_reached(self, sender_key: str, group_key: str,
                       reached: list[tuple[int, int, list[str]]], cursors: list[tuple[str, int]],

@@ -335,17 +335,19 @@ return taken
 # Every entry announces itself to every node: "g KEY EPOCH SEQ".
 #
 # A message. KEYS: dedup key, group, members, log, id key, senders' last
-# messages, cursors. ARGV: dedup value ("server id:digest"), its TTL, sender
-# key, the packed entry, group key, the text's UTF-8 bytes, the mailbox
-# limits (messages, bytes). The sender must be a member here, now: the
-# script is the judge, so a node's copy that has not heard of a removal yet
-# cannot let one through. The entry's field `s` names its sender (a
-# sender's messages are found by it: `READ_SENT`), `p` the bytes of the
-# group's text before it (the group's `bytes` is the running total, so the
-# bytes past any entry are two reads). What waits for the member furthest
-# behind is bounded like a mailbox (audit14 L2): over the limits the
-# message is refused ('full', that member's key, "entries:bytes"; of
-# members equally far behind, one other than the sender). The log's bytes
+# messages, cursors, senders' marks (a sender owed nothing before is told of
+# everything below her message: her mark goes there, as on one server, so
+# that it never holds the log's trim at 0). ARGV: dedup value ("server
+# id:digest"), its TTL, sender key, the packed entry, group key, the text's
+# UTF-8 bytes, the mailbox limits (messages, bytes). The sender must be a
+# member here, now: the script is the judge, so a node's copy that has not
+# heard of a removal yet cannot let one through. The entry's field `s` names
+# its sender (a sender's messages are found by it: `READ_SENT`), `p` the
+# bytes of the group's text before it (the group's `bytes` is the running
+# total, so the bytes past any entry are two reads). What waits for the
+# member furthest behind is bounded like a mailbox (audit14 L2): over the
+# limits the message is refused ('full', that member's key, "entries:bytes";
+# of members equally far behind, one other than the sender). The log's bytes
 # are the running total less the first entry's `p` and the bytes of the
 # holes cut past it (`hbytes`, kept by `TRIM_GROUP`). Only when the log is
 # over the limits is the member furthest behind looked for, and then from
@@ -354,8 +356,8 @@ return taken
 # and `lowkey` (whose it was): the members' cursors are walked only when
 # that bound says "over" and is not exact any more (its member moved or
 # left, or is the sender), never at every post (review7 F6: a removed
-# member's entries kept the log over the limits, and each post walked
-# 1,000 members' cursors, ~2,000 calls with Redis blocked).
+# member's entries kept the log over the limits, and each post walked 1,000
+# members' cursors, ~2,000 calls with Redis blocked).
 GROUP_POST = """
 local function bytes_before(start)
   local e = redis.call('XRANGE', KEYS[4], start, '+', 'COUNT', 1)
@@ -402,6 +404,11 @@ local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local n = redis.call('HLEN', KEYS[3]) - 1
 redis.call('XADD', KEYS[4], seq .. '-0', 'm', ARGV[4], 'n', n, 's', ARGV[3], 'p', total)
 redis.call('HSET', KEYS[2], 'bytes', total + size)
+local prior = redis.call('HGET', KEYS[6], ARGV[3])
+local told = tonumber(redis.call('HGET', KEYS[8], ARGV[3]) or '0')
+if (not prior or told >= tonumber(prior)) and told < seq - 1 then
+  redis.call('HSET', KEYS[8], ARGV[3], seq - 1)  -- (owed nothing before: `GroupTable.sent`)
+end
 redis.call('HSET', KEYS[6], ARGV[3], seq)
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. seq .. ':' .. n .. ':' .. epoch, 'EX', ARGV[2])
 redis.call('SET', KEYS[5], seq .. ':' .. n, 'EX', ARGV[2])
@@ -669,7 +676,7 @@ return 1
 # ARGV: sender key, mark, ... (the caller's senders exempt so far: `h:`
 # marks, raised only). Answers {bound, first, last} (first > last: no hole).
 TRIM_GROUP = """
-local g = redis.call('HMGET', KEYS[7], 'seq', 'holed', 'bytes', 'holes')
+local g = redis.call('HMGET', KEYS[7], 'seq', 'holed', 'bytes', 'holes', 'hbytes')
 if not g[1] then return {0, 1, 0} end
 local seq, holed, total = tonumber(g[1]), tonumber(g[2] or '0'), tonumber(g[3] or '0')
 for i = 1, #ARGV, 2 do
@@ -723,7 +730,7 @@ while moved do  -- a sender not exempt up to the hole holds it past her last mes
 end
 local stop = math.min(low, tail + HOLE_MAX)
 for _, o in ipairs(owed) do  -- one exempt past its start: up to her mark
-  if o[1] > tail and o[2] < stop then stop = o[2] end
+  if o[1] > tail and o[2] < o[1] and o[2] < stop then stop = o[2] end
 end
 local first = tail + 1
 local function p_at(s)
@@ -768,7 +775,10 @@ for _, h in ipairs(holes) do
     hbytes = hbytes + h[3]
   end
 end
-redis.call('HSET', KEYS[7], 'holes', table.concat(text, ';'), 'hbytes', hbytes)
+text = table.concat(text, ';')
+if text ~= (g[4] or '') or hbytes ~= tonumber(g[5] or '0') then  -- (no write for nothing)
+  redis.call('HSET', KEYS[7], 'holes', text, 'hbytes', hbytes)
+end
 return {bound, first, stop}
 """.replace("HOLE_MAX", str(HOLE_MAX))
 # A sender's messages in the log past a seq, at most limit + 1 of them:
@@ -1598,7 +1608,8 @@ class RedisStore:
                 script("group_post",
                        [dedup_key(item.sender_key, item.instance_id, item.client_seq),
                         keys["group"], keys["gmem"], keys["glog"],
-                        group_message_key(item.server_msg_id), keys["gsent"], keys["gcur"]],
+                        group_message_key(item.server_msg_id), keys["gsent"], keys["gcur"],
+                        keys["gtold"]],
                        [f"{item.server_msg_id}:{digest}", DEDUP_KEEP_S, item.sender_key,
                         pack_group_item(item), item.group_key, len(item.text.encode("utf-8")),
                         op.max_entries or UNBOUNDED, op.max_bytes or UNBOUNDED])  # fmt: skip
