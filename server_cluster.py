@@ -699,8 +699,11 @@ local former = redis.call('HGETALL', KEYS[2])
 for i = 1, #former, 2 do
   local left = cjson.decode(former[i + 1])[4]
   local c = cursors[former[i]] or -1
-  if c < left and string.sub(former[i], 1, 1) ~= '!' then
-    if c < bound then bound = c end
+  local gone = string.sub(former[i], 1, 1) == '!'
+  if c < left then
+    if c < bound and not gone then bound = c end
+    -- (a deleted account's: kept until every sender was told it never will
+    -- have these, which a login tells from the log, whatever her mark says)
     if c < low then lefts[#lefts + 1] = left end
   end
 end
