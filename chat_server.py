@@ -2650,7 +2650,8 @@ class Relay:
         its leaving is applied later, by the shared store: `_group_changed`
         buries it again once this node's copy has it.)"""
         owed = self.groups.owed_groups(user_key)
-        for group, member, key in self.groups.bury(user_key):
+        buried = self.groups.bury(user_key)
+        for group, member, key in buried:
             if not member.gone:
                 self.store.submit(DropMember(group.key, key))
                 self._end_retired(group)
@@ -2670,6 +2671,8 @@ class Relay:
                 # which holds its log's trim: one server's goes with the account)
                 self.store.submit(GroupTold(user_key, group.key, TOLD_ALL))
             self._end_retired(group)
+        for group in [*(g for g, _, _ in buried), *owed]:
+            self._trim_now(group)  # (what was held for it goes)
 
     def _forget_account(self, user: User, until: int | None, now: float, *,
                         keep: Session | None = None) -> None:  # fmt: skip
@@ -2795,6 +2798,9 @@ class Relay:
             for member in [m for m in group.former.values() if m.caught_up]:
                 self.groups.forget_former(group, member)
             self._end_retired(group)
+            # What a receipt's trim had not taken yet (a group nobody
+            # receipts in would keep it), and what those dropped held.
+            self._trim_now(group)
         for key, answer in loaded.group_requests.items():
             self._remember_answer(key, answer)
         if loaded.groups:
@@ -3182,6 +3188,10 @@ class Relay:
         # sender is (who had their messages), stays, under another key,
         # until they have it (`GroupTable.close`).
         self._release_fanout(group)  # its last messages first
+        # Trimmed first, while its last member is one (their place bounds
+        # the hole) and their notices are told under its key: once it has
+        # ended, only what its former members and senders are owed stays.
+        self._trim_now(group)
         seq = self.groups.next_seq(group)
         item = self._group_item(group, seq, GroupChange.LEFT, user, ())
         old_key = group.key
@@ -3307,6 +3317,8 @@ class Relay:
     def _change_committed(self, group: Group, item: GroupItem, user: User, key: RequestKey,
                           text: str, stream: int, answer: bool) -> None:  # fmt: skip
         self._fan_out(group, item)
+        if item.change in (GroupChange.REMOVED, GroupChange.LEFT):
+            self._trim_now(group)  # (the lowest place may have moved)
         if answer:
             self._group_result(user, key, 0, text, stream)
 
@@ -4149,13 +4161,24 @@ class Relay:
         if low is None:
             low = self._group_lows[group.key] = group.low_water()
         if not self.groups.told(group, user.key, low):
+            # (held by another's place, often a former member's: she may
+            # still be exempt from the log's hole up to here)
+            if self.shared_store:
+                self._maybe_trim(group, user.key)
             return
         self.store.submit(GroupTold(user.key, group.key, low))
+        dropped = False
         for member in [m for m in group.former.values() if m.caught_up]:
             if self.groups.forget_former(group, member):
                 self.store.submit(DropMember(group.key, member.key))
+                dropped = True
         if is_retired(group.key):
             self._end_retired(group)
+            if dropped:
+                self._trim_now(group)
+            return
+        if dropped:
+            self._trim_now(group)  # (a former member no longer holds the trim)
             return
         self._maybe_trim(group, user.key)
 
@@ -4164,8 +4187,11 @@ class Relay:
         entries could go and `moved` was what held it back (or that many
         entries came since the last look): working the bound out walks the
         members, so not at every receipt. (A cluster trims in the shared
-        store, at each beat, by every node's cursors and marks there.)"""
-        if self.shared_store or group.seq - group.trimmed < GROUP_TRIM_EVERY:
+        store, by every node's cursors and marks there: `_share_trim`.)"""
+        if self.shared_store:
+            self._share_trim(group)
+            return
+        if group.seq - group.trimmed < GROUP_TRIM_EVERY:
             return
         if (
             group.trim_blocker is not None
@@ -4174,6 +4200,59 @@ class Relay:
         ):
             return
         self._trim_group(group)
+
+    def _trim_now(self, group: Group) -> None:
+        """One server: what the log holds for someone may have shrunk
+        without a receipt (a member removed or gone, the group's end, a
+        former member dropped or buried, the start): trim it now, however
+        few entries could go (a receipt's trim waits for GROUP_TRIM_EVERY,
+        and a group nobody receipts in any more would keep them for good).
+        These are rare, so the walk of the members is too."""
+        if (
+            not self.shared_store
+            and self.groups.get(group.key) is group
+            and group.seq > group.trimmed
+        ):
+            checked = group.trim_checked
+            self._trim_group(group)
+            group.trim_checked = checked  # (the receipts' own cadence goes on as it was)
+
+    def _share_trim(self, group: Group, *, at_once: bool = False) -> None:
+        """Cluster mode: the senders here with nothing of `group` in flight or
+        queued were told every delivery of their messages up to where this
+        copy's current members have everything: the shared store is told
+        (`TrimGroup.exempt`), and trims the log, whose hole may take their
+        messages up to there (review7 F3: one server's `_trim_group` has
+        `online`; here the store keeps each sender's mark, as her node last
+        named it, for every node's trim, and every node trims at its beat).
+        Worked out every GROUP_TRIM_EVERY entries (it walks the members),
+        or `at_once`: a member removed or gone, or a beat (`group_heads`)."""
+        if group.seq - group.trim_checked < GROUP_TRIM_EVERY and not at_once:
+            return
+        group.trim_checked = group.seq
+        quiet = [key for key in group.owed if self._quiet_sender(key, group)]
+        if not quiet:
+            return
+        marks = group.exempt
+        low = group.lowest_member()[0]
+        exempt = tuple((key, low) for key in quiet if marks.get(key, -1) < low)
+        if not exempt:
+            return
+        for key in [key for key in marks if key not in group.owed]:
+            del marks[key]  # (owed nothing more here)
+        marks.update(exempt)
+        self.store.submit(TrimGroup(group.key, 0, 0, exempt))
+
+    def _quiet_sender(self, sender_key: str, group: Group) -> bool:
+        """Whether `sender_key` has a session here with nothing of `group`
+        in flight to it, being worked out, or queued (`_share_trim`)."""
+        session = self._session_here(sender_key)
+        if session is None:
+            return False
+        notices = session.group_notices
+        if notices is not None and notices.busy(group.key):
+            return False
+        return not any(g is group for g, _ in self._group_reached.get(sender_key, {}).values())
 
     def _trim_group(self, group: Group) -> None:
         """Delete the log's entries everyone has and every sender was told
@@ -4461,6 +4540,8 @@ class Relay:
             # former members are kept for them: `forget_former`).
             self.groups.sent(group, item.sender_key, item.group_seq)
         self._fan_out(group, item)
+        if item.change in (GroupChange.REMOVED, GroupChange.LEFT):
+            self._share_trim(group, at_once=True)  # (the lowest place may have moved)
         if item.change == GroupChange.LEFT and self._erased_members:
             pending = self._erased_members.get(item.sender_key)
             if pending is not None and group.key in pending:
@@ -4664,6 +4745,13 @@ class Relay:
         for key in [*self.groups.groups, *self._group_waiters]:
             if key not in heads:
                 self._load_group(key)  # ended, or made since the heads were read: ask
+        for group in list(self.groups.groups.values()):
+            # A sender here who went quiet (a burst's end) may let the log's
+            # hole take her last messages (not only every GROUP_TRIM_EVERY).
+            marks = group.exempt
+            if group.owed and any(marks.get(key, -1) < group.seq and self._quiet_sender(key, group)
+                                  for key in group.owed):  # fmt: skip
+                self._share_trim(group, at_once=True)
 
     def group_reached(self, sender_key: str, group_key: str,
                       reached: list[tuple[int, int, list[str]]], cursors: list[tuple[str, int]],

@@ -181,6 +181,7 @@ from server_store import (
     Sync,
     TellReached,
     Then,
+    TrimGroup,
     UpdateAccount,
     content_digest,
 )
@@ -212,6 +213,9 @@ RELAPSE_S = 5.0  # a link lost again this soon after it came back: the same outa
 SOCKET_TIMEOUT = 5.0  # seconds a Redis command may take before the link counts as lost
 CONNECT_TIMEOUT = 2.0
 MAX_BATCH = 5000  # operations in one MULTI at most
+# Entries one `TRIM_GROUP` call cuts out of a log at most (the next goes on):
+# a hole grown long before it could be cut never blocks Redis for long.
+HOLE_MAX = 10_000
 NOTICE_BATCH = 1000  # pub/sub notices handed to the loop with one wake-up at most
 BROADCAST = "chat:all"
 NODE_CHANNEL = "chat:node:"
@@ -331,18 +335,29 @@ return taken
 # Every entry announces itself to every node: "g KEY EPOCH SEQ".
 #
 # A message. KEYS: dedup key, group, members, log, id key, senders' last
-# messages, cursors. ARGV: dedup value ("server id:digest"), its TTL, sender
-# key, the packed entry, group key, the text's UTF-8 bytes, the mailbox
-# limits (messages, bytes). The sender must be a member here, now: the
-# script is the judge, so a node's copy that has not heard of a removal yet
-# cannot let one through. The entry's field `s` names its sender (a
-# sender's messages are found by it: `READ_SENT`), `p` the bytes of the
-# group's text before it (the group's `bytes` is the running total, so the
-# bytes past any entry are two reads). What waits for the member furthest
-# behind is bounded like a mailbox (audit14 L2): over the limits the
-# message is refused ('full', that member's key, "entries:bytes"; of
-# members equally far behind, one other than the sender). The members'
-# cursors are walked only when the whole log is over the limits.
+# messages, cursors, senders' marks (a sender owed nothing before is told of
+# everything below her message: her mark goes there, as on one server, so
+# that it never holds the log's trim at 0). ARGV: dedup value ("server
+# id:digest"), its TTL, sender key, the packed entry, group key, the text's
+# UTF-8 bytes, the mailbox limits (messages, bytes). The sender must be a
+# member here, now: the script is the judge, so a node's copy that has not
+# heard of a removal yet cannot let one through. The entry's field `s` names
+# its sender (a sender's messages are found by it: `READ_SENT`), `p` the
+# bytes of the group's text before it (the group's `bytes` is the running
+# total, so the bytes past any entry are two reads). What waits for the
+# member furthest behind is bounded like a mailbox (audit14 L2): over the
+# limits the message is refused ('full', that member's key, "entries:bytes";
+# of members equally far behind, one other than the sender). The log's bytes
+# are the running total less the first entry's `p` and the bytes of the
+# holes cut past it (`hbytes`, kept by `TRIM_GROUP`). Only when the log is
+# over the limits is the member furthest behind looked for, and then from
+# the group's `low` (a cursor no current member is below: cursors only move
+# up, a member added starts at the end, and a membership change drops it)
+# and `lowkey` (whose it was): the members' cursors are walked only when
+# that bound says "over" and is not exact any more (its member moved or
+# left, or is the sender), never at every post (review7 F6: a removed
+# member's entries kept the log over the limits, and each post walked 1,000
+# members' cursors, ~2,000 calls with Redis blocked).
 GROUP_POST = """
 local function bytes_before(start)
   local e = redis.call('XRANGE', KEYS[4], start, '+', 'COUNT', 1)
@@ -355,21 +370,33 @@ local function bytes_before(start)
 end
 local old = redis.call('GET', KEYS[1])
 if old then return {'dup', old} end
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
+local g = redis.call('HMGET', KEYS[2], 'epoch', 'bytes', 'hbytes', 'seq', 'low', 'lowkey')
+local epoch = g[1]
 if not epoch then return {'nogroup'} end
 if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return {'notmember'} end
-local total = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0')
+local total = tonumber(g[2] or '0')
 local size, most, most_bytes = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local logged = total - (bytes_before('-') or total)
+local logged = total - (bytes_before('-') or total) - tonumber(g[3] or '0')
 if redis.call('XLEN', KEYS[4]) >= most or logged + size > most_bytes then
-  local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
-  local low, who = last, ''
-  for _, key in ipairs(redis.call('HKEYS', KEYS[3])) do
-    local c = tonumber(redis.call('HGET', KEYS[7], key) or '0')
-    if c < low or (c == low and who == ARGV[3]) then low, who = c, key end
+  local last = tonumber(g[4] or '0')
+  local function over(low)
+    local waiting = total - (bytes_before((low + 1) .. '-0') or total)
+    return last - low >= most or waiting + size > most_bytes, waiting
   end
-  local waiting = total - (bytes_before((low + 1) .. '-0') or total)
-  if last - low >= most or waiting + size > most_bytes then
+  local low, who = tonumber(g[5] or '-1'), g[6] or ''
+  local full, waiting = false, 0
+  if low >= 0 then full, waiting = over(low) end
+  if low < 0 or (full and not (who ~= ARGV[3] and redis.call('HEXISTS', KEYS[3], who) == 1
+                               and tonumber(redis.call('HGET', KEYS[7], who) or '-1') == low)) then
+    low, who = last, ''
+    for _, key in ipairs(redis.call('HKEYS', KEYS[3])) do
+      local c = tonumber(redis.call('HGET', KEYS[7], key) or '0')
+      if c < low or (c == low and who == ARGV[3]) then low, who = c, key end
+    end
+    redis.call('HSET', KEYS[2], 'low', low, 'lowkey', who)
+    full, waiting = over(low)
+  end
+  if full then
     return {'full', who, (last - low) .. ':' .. waiting}
   end
 end
@@ -377,6 +404,11 @@ local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local n = redis.call('HLEN', KEYS[3]) - 1
 redis.call('XADD', KEYS[4], seq .. '-0', 'm', ARGV[4], 'n', n, 's', ARGV[3], 'p', total)
 redis.call('HSET', KEYS[2], 'bytes', total + size)
+local prior = redis.call('HGET', KEYS[6], ARGV[3])
+local told = tonumber(redis.call('HGET', KEYS[8], ARGV[3]) or '0')
+if (not prior or told >= tonumber(prior)) and told < seq - 1 then
+  redis.call('HSET', KEYS[8], ARGV[3], seq - 1)  -- (owed nothing before: `GroupTable.sent`)
+end
 redis.call('HSET', KEYS[6], ARGV[3], seq)
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. seq .. ':' .. n .. ':' .. epoch, 'EX', ARGV[2])
 redis.call('SET', KEYS[5], seq .. ':' .. n, 'EX', ARGV[2])
@@ -543,6 +575,7 @@ for _, e in ipairs(plan) do
   end
 end
 redis.call('HSET', KEYS[1], 'seq', seq, 'changed', seq, 'owner', ARGV[8])
+redis.call('HDEL', KEYS[1], 'low', 'lowkey')  -- (one added again may be further behind)
 redis.call('PUBLISH', 'chat:all', 'g\t' .. ARGV[1] .. '\t' .. epoch .. '\t' .. seq)
 return {'ok', tostring(first)}
 """
@@ -616,30 +649,141 @@ end_retired()
 return 1
 """
 )
-# Trim a group's log below the lowest cursor of its members and former
-# members (every one of them has those entries) and the lowest mark of the
-# senders still owed "delivered by" notices (a sender's login reads its
-# messages past its mark). KEYS: members, former members, cursors, log,
-# senders' marks, their last messages. Answers the bound.
+# Trim a group's log, as one server does (`Group.trim_plan`,
+# `Relay._trim_group`): below the lowest cursor of its members and of its
+# former members still owed entries, and the lowest mark of the senders
+# still owed "delivered by" notices (a sender's login reads its messages
+# past its mark), with XTRIM; and a hole, with XDEL: what lies past the
+# entries still owed to each former member behind the current members (up
+# to their left_seq) and to each sender still owed notices, up to the
+# lowest current member's cursor (each of them has it), is needed by
+# nobody. A sender is exempt from the hole up to her `h:` mark in the
+# senders' marks (`chat:gtold:`, a field no sender key has, since no name
+# has a ':'): her node set it, with nothing of the group in flight to her
+# session and nothing queued (review7 F3: one that stopped hearing us keeps
+# hers), to where its copy's current members had everything: every
+# delivery of her messages up to there was made and told to her client,
+# and stays told (it only moves up). Past it she holds the hole to her
+# last message, as a sender offline does on one server.
+# The group's `holed` is the last seq cut out by a hole (none is cut twice),
+# `holes` the holes past the log's first entry ("first:last:bytes;...",
+# runs merged) and `hbytes` their bytes, which `GROUP_POST` takes off the
+# log's bytes; a hole's bytes are two reads of `p` (every seq in it is in
+# the log: past the trimmed prefix and the last hole). At most `HOLE_MAX`
+# entries are cut a call (the next call goes on). Atomic like every script:
+# a node killed meanwhile leaves it done or not done. KEYS: members, former
+# members, cursors, log, senders' marks, their last messages, the group.
+# ARGV: sender key, mark, ... (the caller's senders exempt so far: `h:`
+# marks, raised only). Answers {bound, first, last} (first > last: no hole).
 TRIM_GROUP = """
+local g = redis.call('HMGET', KEYS[7], 'seq', 'holed', 'bytes', 'holes', 'hbytes')
+if not g[1] then return {0, 1, 0} end
+local seq, holed, total = tonumber(g[1]), tonumber(g[2] or '0'), tonumber(g[3] or '0')
+for i = 1, #ARGV, 2 do
+  local field = 'h:' .. ARGV[i]
+  if tonumber(ARGV[i + 1]) > tonumber(redis.call('HGET', KEYS[5], field) or '-1') then
+    redis.call('HSET', KEYS[5], field, ARGV[i + 1])
+  end
+end
 local cursors = {}
 local flat = redis.call('HGETALL', KEYS[3])
 for i = 1, #flat, 2 do cursors[flat[i]] = tonumber(flat[i + 1]) end
-local low = nil
-for _, hash in ipairs({KEYS[1], KEYS[2]}) do
-  for _, key in ipairs(redis.call('HKEYS', hash)) do
-    local c = cursors[key] or 0
-    if low == nil or c < low then low = c end
+local low = seq
+for _, key in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local c = cursors[key] or 0
+  if c < low then low = c end
+end
+local bound = low
+local lefts = {}
+local former = redis.call('HGETALL', KEYS[2])
+for i = 1, #former, 2 do
+  local left = cjson.decode(former[i + 1])[4]
+  local c = cursors[former[i]] or -1
+  local gone = string.sub(former[i], 1, 1) == '!'
+  if c < left then
+    if c < bound and not gone then bound = c end
+    -- (a deleted account's: kept until every sender was told it never will
+    -- have these, which a login tells from the log, whatever her mark says)
+    if c < low then lefts[#lefts + 1] = left end
   end
 end
+local owed = {}
 local sent = redis.call('HGETALL', KEYS[6])
 for i = 1, #sent, 2 do
   local t = tonumber(redis.call('HGET', KEYS[5], sent[i]) or '0')
-  if t < tonumber(sent[i + 1]) and (low == nil or t < low) then low = t end
+  local last = tonumber(sent[i + 1])
+  if t < last then
+    if t < bound then bound = t end
+    if t < low then
+      owed[#owed + 1] = {last, tonumber(redis.call('HGET', KEYS[5], 'h:' .. sent[i]) or '-1')}
+    end
+  end
 end
-if low and low > 0 then redis.call('XTRIM', KEYS[4], 'MINID', (low + 1) .. '-0') end
-return low or 0
-"""
+if bound > 0 then redis.call('XTRIM', KEYS[4], 'MINID', (bound + 1) .. '-0') end
+local tail = math.max(bound, holed)
+for _, left in ipairs(lefts) do
+  if left > tail then tail = left end
+end
+local moved = true
+while moved do  -- a sender not exempt up to the hole holds it past her last message
+  moved = false
+  for _, o in ipairs(owed) do
+    if o[1] > tail and o[2] <= tail then tail, moved = o[1], true end
+  end
+end
+local stop = math.min(low, tail + HOLE_MAX)
+for _, o in ipairs(owed) do  -- one exempt past its start: up to her mark
+  if o[1] > tail and o[2] < o[1] and o[2] < stop then stop = o[2] end
+end
+local first = tail + 1
+local function p_at(s)
+  if s > seq then return total end
+  local e = redis.call('XRANGE', KEYS[4], s .. '-0', '+', 'COUNT', 1)
+  if #e == 0 then return total end
+  local f = e[1][2]
+  for i = 1, #f, 2 do
+    if f[i] == 'p' then return tonumber(f[i + 1]) end
+  end
+  return total
+end
+local holes = {}
+for a, b, n in string.gmatch(g[4] or '', '(%d+):(%d+):(%d+)') do
+  holes[#holes + 1] = {tonumber(a), tonumber(b), tonumber(n)}
+end
+if first <= stop then
+  local cut = p_at(stop + 1) - p_at(first)
+  local ids = {}
+  for s = first, stop do
+    ids[#ids + 1] = s .. '-0'
+    if #ids == 512 then
+      redis.call('XDEL', KEYS[4], unpack(ids))
+      ids = {}
+    end
+  end
+  if #ids > 0 then redis.call('XDEL', KEYS[4], unpack(ids)) end
+  local h = holes[#holes]
+  if h and h[2] + 1 == first then
+    h[2], h[3] = stop, h[3] + cut
+  else
+    holes[#holes + 1] = {first, stop, cut}
+  end
+  redis.call('HSET', KEYS[7], 'holed', stop)
+end
+local head = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)
+local from = #head > 0 and tonumber(string.match(head[1][1], '^(%d+)')) or seq + 1
+local text, hbytes = {}, 0
+for _, h in ipairs(holes) do
+  if h[1] > from then  -- (a hole holds no entry: it is all before the first or all after)
+    text[#text + 1] = h[1] .. ':' .. h[2] .. ':' .. h[3]
+    hbytes = hbytes + h[3]
+  end
+end
+text = table.concat(text, ';')
+if text ~= (g[4] or '') or hbytes ~= tonumber(g[5] or '0') then  -- (no write for nothing)
+  redis.call('HSET', KEYS[7], 'holes', text, 'hbytes', hbytes)
+end
+return {bound, first, stop}
+""".replace("HOLE_MAX", str(HOLE_MAX))
 # A sender's messages in the log past a seq, at most limit + 1 of them:
 # [[entry id, packed entry]...]. KEYS: the log. ARGV: start (exclusive
 # "(SEQ-0" or "-"), sender key, limit.
@@ -843,6 +987,12 @@ def end_keys(keys: dict[str, str]) -> list[str]:
             keys["gtold"], keys["gsent"]]  # fmt: skip
 
 
+def trim_keys(keys: dict[str, str]) -> list[str]:
+    """A group's keys as `TRIM_GROUP` takes them."""
+    return [keys["gmem"], keys["gformer"], keys["gcur"], keys["glog"], keys["gtold"],
+            keys["gsent"], keys["group"]]  # fmt: skip
+
+
 def group_message_key(server_msg_id: int) -> str:
     """A group message's place ("seq:recipients"), for a SEND sent again."""
     return f"chat:gmsg:{server_msg_id}"
@@ -883,6 +1033,12 @@ def _ranges(tail: list[Any]) -> tuple[tuple[int, int], ...]:
 
 def _numbers(raw: dict[str, str]) -> dict[str, int]:
     return {key: int(value) for key, value in raw.items()}
+
+
+def _marks(raw: dict[str, str]) -> dict[str, int]:
+    """The senders' marks (`chat:gtold:`) without the holes' `h:` marks
+    (`TRIM_GROUP`): no sender key has a ':'."""
+    return {key: int(value) for key, value in raw.items() if ":" not in key}
 
 
 def unpack_group(group_key: str, raw: list[dict[str, str]]) -> LoadedGroup | None:
@@ -1122,7 +1278,7 @@ class RedisStore:
             state = raw[step * i : step * (i + 1)]
             group = unpack_group(key, state[:4])
             if group is not None:
-                found.append((group, _numbers(state[4]), _numbers(state[5])))
+                found.append((group, _marks(state[4]), _numbers(state[5])))
         return found
 
     def remote_routes(self) -> dict[str, NodeId]:
@@ -1322,6 +1478,10 @@ class RedisStore:
                     self._queue_group(script, op)
                 case GroupReceipt() | GroupTold() | DropMember() | BuryMember() | TellReached():
                     self._queue_group(script, op)
+                case TrimGroup(group_key, _, _, exempt):
+                    # (the upto and first of one server's are worked out in Redis)
+                    script("trim_group", trim_keys(group_keys(group_key)),
+                           [value for pair in exempt for value in pair])  # fmt: skip
                 case ReadGroupState() | ReadGroupCursors():
                     continue  # reads, below
                 case StoreMessage(m):
@@ -1451,7 +1611,8 @@ class RedisStore:
                 script("group_post",
                        [dedup_key(item.sender_key, item.instance_id, item.client_seq),
                         keys["group"], keys["gmem"], keys["glog"],
-                        group_message_key(item.server_msg_id), keys["gsent"], keys["gcur"]],
+                        group_message_key(item.server_msg_id), keys["gsent"], keys["gcur"],
+                        keys["gtold"]],
                        [f"{item.server_msg_id}:{digest}", DEDUP_KEEP_S, item.sender_key,
                         pack_group_item(item), item.group_key, len(item.text.encode("utf-8")),
                         op.max_entries or UNBOUNDED, op.max_bytes or UNBOUNDED])  # fmt: skip
@@ -1541,7 +1702,7 @@ class RedisStore:
         if isinstance(op, ReadGroupState):
             raw = answers[at : at + len(GROUP_STATE_ROLES)]
             op.result = unpack_group(op.group_key, raw[:4])
-            op.told, op.sent = _numbers(raw[4]), _numbers(raw[5])
+            op.told, op.sent = _marks(raw[4]), _numbers(raw[5])
             op.ok = True
             return at + len(GROUP_STATE_ROLES)
         for key, cursor in zip(op.group_keys, answers[at : at + len(op.group_keys)], strict=True):
@@ -1657,9 +1818,7 @@ class RedisStore:
             names = group_keys(key)
             pipe.hmget(names["group"], "epoch", "seq")
             if trim:
-                self._script(pipe, "trim_group",
-                             [names["gmem"], names["gformer"], names["gcur"], names["glog"],
-                              names["gtold"], names["gsent"]], [])  # fmt: skip
+                self._script(pipe, "trim_group", trim_keys(names), [])
         answers = pipe.execute() if keys else []
         step = 2 if trim else 1
         heads: dict[str, tuple[int, int]] = {}

@@ -140,7 +140,7 @@ class Member:
 class Group:
     __slots__ = ("key", "name", "owner", "seq", "members", "former", "owed", "trimmed",
                  "trim_checked", "trim_blocker", "epoch", "changed", "ends", "counted", "low",
-                 "low_key", "holed")  # fmt: skip
+                 "low_key", "holed", "exempt")  # fmt: skip
 
     def __init__(self, key: str, name: str, owner: str, seq: int = 0) -> None:
         self.key = key
@@ -183,6 +183,9 @@ class Group:
         self.low = seq
         self.low_key: str | None = None
         self.holed = 0  # the last seq cut out of the log by a hole (`trim_plan`)
+        # Cluster mode: sender key -> up to where this node last told the
+        # shared store her messages may go in a hole (`Relay._share_trim`).
+        self.exempt: dict[str, int] = {}
 
     def low_water(self) -> int:
         """The highest seq every member has, and every former member still

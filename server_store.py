@@ -664,11 +664,15 @@ class TrimGroup:
     """The group's log entries up to `upto` are had by everyone they are
     for, and their senders were told: they go. With `first`, only those
     from `first` on (a hole: what lies below it is still owed to a former
-    member or a sender, what lies in it to nobody; `Relay._trim_group`)."""
+    member or a sender, what lies in it to nobody; `Relay._trim_group`).
+    Cluster mode works both out in Redis (`server_cluster.TRIM_GROUP`);
+    `exempt` are (sender key, seq) of senders on the node who were told
+    every delivery of their messages up to seq: a hole may take those."""
 
     group_key: str
     upto: int
     first: int = 0
+    exempt: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(slots=True)
