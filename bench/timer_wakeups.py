@@ -87,6 +87,7 @@ class Party:
         self.dirty = False
         self.latency = LATENCY  # each way
         self.got: list[int] = []  # group seqs of the messages, as they came
+        self.arrived: dict[str, float] = {}  # text -> when it came
         self.results: dict[int, int] = {}
 
     def take(self, data: bytes, now: float) -> None:
@@ -102,6 +103,7 @@ class Party:
         if isinstance(message, GroupDeliver | GroupEvent):
             if isinstance(message, GroupDeliver):
                 self.got.append(message.group_seq)
+                self.arrived.setdefault(message.text, now)
             self.held.add(message.server_msg_id, now)
         elif isinstance(message, GroupResult):
             self.results[message.request_id] = message.code
@@ -149,6 +151,7 @@ class SteadyLoop:
         self.session_timer_passes = 0  # of those, for a session's heap entry
         self.idle_passes = 0  # of those, nothing sent and no session ended
         self.most_entries = 0  # the relay's timer heap at its largest
+        self.posted: dict[str, float] = {}  # text -> when the owner posted it
         self.relay_cpu = 0.0
 
     def _relay_pass(self, batch: list[tuple[bytes, Addr]], now: float) -> None:
@@ -229,7 +232,9 @@ class SteadyLoop:
     def post(self, now: float) -> None:
         owner = self.owner
         self._seq = getattr(self, "_seq", 0) + 1
-        send = Send(MsgId(owner.instance_id, self._seq), "#" + GROUP, f"steady {self._seq}")
+        text = f"steady {self._seq}"
+        self.posted[text] = now
+        send = Send(MsgId(owner.instance_id, self._seq), "#" + GROUP, text)
         owner.conn.send(encode_message(send), STREAM)
         owner.dirty = True
 
@@ -274,6 +279,11 @@ class SteadyLoop:
             self.step(posts)
         self.settle(1.0)
         copies = sum(len(m.got) for m in self.members) - copies0
+        # Post -> the last member has it, per message (virtual ms).
+        last = sorted(
+            (max(m.arrived.get(text, float("inf")) for m in self.members) - at) * 1000
+            for text, at in self.posted.items()
+        )
         stats = self.relay.stats
         per = 1 / max(1, copies)
         return {
@@ -289,6 +299,8 @@ class SteadyLoop:
             "heap_entries": len(self.relay._timers), "most_entries": self.most_entries,
             "sessions": len(self.relay.sessions),
             "relay_us_per_copy": self.relay_cpu * per * 1e6,
+            "last_member_p50_ms": last[len(last) // 2] if last else 0.0,
+            "last_member_max_ms": last[-1] if last else 0.0,
         }  # fmt: skip
 
 
@@ -335,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         f"ran {r['timers_run_per_copy']:.3f}, idle {r['timers_idle_per_copy']:.3f}, moved "
         f"{r['timers_moved_per_copy']:.3f}; {r['relay_us_per_copy']:.1f} us of Relay CPU "
         f"per copy; timer heap {r['heap_entries']} entries for {r['sessions']} sessions at the "
-        f"end, {r['most_entries']} at most"
+        f"end, {r['most_entries']} at most; post -> last member p50 / max "
+        f"{r['last_member_p50_ms']:.1f} / {r['last_member_max_ms']:.1f} ms (virtual)"
     )
     return 0
 
