@@ -142,7 +142,7 @@ def test_every_name_in_the_architecture_document_exists() -> None:
 
 
 def test_the_name_check_catches_a_rename() -> None:
-    index = Index(project_sources())
+    index = Index(sorted(ROOT.glob("*.py")))  # the names below are the modules': half the reading
     assert index.problem("Relay.receive_datagrams") is None
     assert index.problem("Relay.receive_datagramz") == "Relay has no receive_datagramz"
     assert index.problem("server_store.MemoryStore") is None

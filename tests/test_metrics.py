@@ -262,14 +262,16 @@ def test_failed_logins_are_counted_by_reason(
     assert value(series, "chat_logins_total") == 1
 
 
-@pytest.mark.parametrize("path", ["/", "/metric", "/metrics/", "/metrics/x", "/favicon.ico"])
 def test_anything_but_metrics_is_not_found(
-    metrics_process: tuple[ServerProcess, str, queue.Queue[str]], path: str
+    metrics_process: tuple[ServerProcess, str, queue.Queue[str]],
 ) -> None:
+    """Each path of one server process (a test per path before: a server
+    process each for the same facet)."""
     _, base, _ = metrics_process
-    status, _, body = get(base + path)
-    assert status == 404
-    assert "/metrics" in body
+    for path in ["/", "/metric", "/metrics/", "/metrics/x", "/favicon.ico"]:
+        status, _, body = get(base + path)
+        assert status == 404, path
+        assert "/metrics" in body, path
 
 
 def test_head_answers_without_a_body_and_post_is_refused(
@@ -352,13 +354,16 @@ def test_closing_the_server_stops_the_metrics() -> None:
      ("::1:9555", "put an IPv6 address in brackets"), ("host:abc", "'abc' is not a port number"),
      ("host:70000", "70000 is not a port")],
 )  # fmt: skip
-def test_bad_metrics_address_says_what_is_wrong(value: str, says: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "chat_server.py"), "--metrics", value],
-        capture_output=True, text=True, cwd=ROOT, timeout=30,
-    )  # fmt: skip
-    assert done.returncode == 2
-    last = done.stderr.splitlines()[-1]
+def test_bad_metrics_address_says_what_is_wrong(
+    value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server's own command line parser, in this process: a real
+    `chat_server.py` turns its errors into exit status 2 and the last line
+    of stderr (test_cli_usage's `test_bad_port_says_what_is_wrong`)."""
+    with pytest.raises(SystemExit) as exited:
+        chat_server.parse_arguments(["--metrics", value])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith("chat-server: error: argument --metrics: "), last
     assert says in last
 
