@@ -15,6 +15,8 @@ on the sans-IO relay with a fake clock:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 import protocol
@@ -31,6 +33,8 @@ from protocol import (
 )
 from server_groups import backlog_full_text
 from server_store import MemoryStore
+from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
+from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_groups_relay import GroupWorld, texts
 
 LONG = "x" * 100_000
@@ -183,3 +187,25 @@ def test_the_backlog_text_says_its_size_for_people_and_the_client_reads_it() -> 
     old = ("#team: carol's backlog is full (268 entries, 10485758 bytes wait for carol); it "
            "empties as carol reads, or leaves, or is removed by the owner")  # fmt: skip
     assert BacklogFull.parse(old) == BacklogFull("team", "carol", 268, "10.0 MiB")
+
+
+def test_a_cluster_node_says_the_backlog_the_same_way(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """Cluster mode: Redis's script names the member and counts what waits;
+    the node words it with the same function (`Relay._group_posted`), so
+    the size is for people there too, and the client reads it back."""
+    cluster = cluster_of(2, mailbox_messages=3)
+    alice, bob = cluster.login(0, "alice"), cluster.login(1, "bob")
+    assert cluster.request(0, alice, GroupAction.CREATE, "team", "bob").code == 0
+    cluster.settle(20)  # bob has the creation, receipted
+    cluster.nodes[1].holding.add("bob")  # bob's client shows nothing more
+    for n in range(4):
+        cluster.post(0, alice, "team", f"{n}" * 2_048, n + 1)
+    cluster.run_until(lambda: bool(alice.of(Fail)), 300, "the fourth refused")
+    (fail,) = alice.of(Fail)
+    assert fail.reason == ErrorCode.MAILBOX_FULL
+    assert fail.message == backlog_full_text("team", "bob", 3, 3 * 2_048), fail.message
+    assert "(3 entries, 6 KiB wait for bob)" in fail.message
+    assert BacklogFull.parse(fail.message) == BacklogFull("team", "bob", 3, "6 KiB")
+    cluster.run_until(lambda: len(texts(bob)) == 3, 300, "bob has the three taken")
