@@ -382,6 +382,10 @@ GROUP_BATCH_BYTES = CHUNK_SIZE
 # and this many bytes of their payloads (200 bytes more each for the records).
 GROUP_PAGE_CACHE_ENTRIES = 65_536
 GROUP_PAGE_CACHE_BYTES = 32 << 20
+#: The RATE_LIMITED notice to a sender whose group messages wait for the
+#: fan-out budget, withheld before they are taken or held after (`Relay._may_take`,
+#: `Relay._wait_for_budget`).
+FANOUT_LIMITED = "your group messages exceed the server's fan-out budget; messages are delayed"
 #: Why the relay drops (or, for the limits, withholds) a datagram: `DropLog`'s
 #: categories, each a fixed phrase (never text a sender chose). The metrics
 #: report every one of them, at 0 until it happens, so an alert on one can
@@ -1319,8 +1323,7 @@ class Relay:
             # (`_change_cost`; one that changes nothing costs nothing).
             self.stats["withheld_fanout"] += 1
             self.drops("fan-out budget: messages wait", session.addr, now, session.user.name)
-            self._tell_limited(session, "your group messages exceed the server's fan-out budget; "
-                               "messages are delayed", now)  # fmt: skip
+            self._tell_limited(session, FANOUT_LIMITED, now)
             return False
         if sends and self.short_of_memory:
             self.stats["withheld_memory"] += 1
@@ -3482,14 +3485,26 @@ class Relay:
         if holder is not None and (
             holder.key == sender_key or self._session_here(holder.key) is not None
         ):
-            # Of members equally far behind, one offline (the others are
-            # likely only a receipt behind), else one other than the sender.
+            # Of members equally far behind (only when refusing: a walk), one
+            # offline, else the one whose client has gone longest without a
+            # receipt (the others are likely only a held receipt behind:
+            # fresh8 1), and not the sender unless nobody else is.
             low = holder.cursor
-            behind = [m for m in group.members.values() if m.cursor == low]
-            holder = next((m for m in behind if self._session_here(m.key) is None),
-                          next((m for m in behind if m.key != sender_key), holder))  # fmt: skip
+            behind = [m for m in group.members.values() if m.cursor == low and m.key != sender_key]
+            if behind:
+                holder = min(behind, key=self._receipted_at)
         return backlog_full_text(group.name, holder.name if holder is not None else "", count,
                                  waiting)  # fmt: skip
+
+    def _receipted_at(self, member: Member) -> float:
+        """When `member`'s client here last receipted a group entry: -1 if
+        they are not online here (they hold a group back the most surely),
+        0 if never."""
+        session = self._session_here(member.key)
+        if session is None:
+            return -1.0
+        mail = session.group_mail
+        return mail.receipted_at if mail is not None else 0.0
 
     def _group_message_committed(self, group: Group, item: GroupItem,
                                  dedup: tuple[str, int, int]) -> None:  # fmt: skip
@@ -4005,6 +4020,7 @@ class Relay:
         if mail is None or where is None:
             return False
         group_key, seq = where
+        mail.receipted_at = self._now
         pager = mail.pagers[group_key]
         done: list[GroupEntry] = []
         items = pager.items
@@ -4467,6 +4483,12 @@ class Relay:
         holds.count += 1
         holds.size += held_size(what)
         self.stats["held_fanout"] += 1
+        # Its sender hears why its lines stay "sending" (the same notice as
+        # a datagram withheld for the budget, `_may_take`): a message that
+        # still cannot be paid for when released waits here again, so the
+        # notice comes again while the hold lasts, at most once a second
+        # (`_tell_limited`; audit8 P8).
+        self._tell_limited(session, FANOUT_LIMITED, self._now)
         bucket = self._fanout_bucket(session.user)
         short = min(copies, bucket.burst) - bucket.tokens
         at = self._now + max(0.0, short) / bucket.rate

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import protocol
-from common import format_address
+from common import format_address, size_text
 from protocol import (
     ACCOUNT_CHANGE,
     ACCOUNT_DELETE,
@@ -115,6 +115,7 @@ from protocol import (
     is_group_address,
     name_key,
     normalize_name,
+    quote_name,
     scram_keys,
     server_signature,
     session_keys,
@@ -369,19 +370,13 @@ class StatusChanged:
 #: The server's words for a group message refused `mailbox_full`
 #: (`server_groups.backlog_full_text`). A name has no space, colon or
 #: apostrophe (`protocol.normalize_name`), so the holder is read back exactly.
+#: The size is as a person reads it (`common.size_text`); a server before
+#: session 8 said it in bytes (`10485758 bytes`), read the same.
 _BACKLOG_FULL = re.compile(
     r"#(?P<group>[^\s:]+): (?P<holder>[^\s:']+)'s backlog is full "
-    r"\((?P<entries>\d+) entries, (?P<size>\d+) bytes wait for (?P=holder)\)"
+    r"\((?P<entries>\d+) entries, (?P<size>\d+ bytes|\d+ KiB|\d+\.\d MiB) "
+    r"wait for (?P=holder)\)"
 )
-
-
-def size_text(size: int) -> str:
-    """A size for people: `812 bytes`, `40 KiB`, `10.0 MiB`."""
-    if size < 1024:
-        return f"{size} bytes"
-    if size < 1024 * 1024:
-        return f"{size // 1024} KiB"
-    return f"{size / (1024 * 1024):.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -396,7 +391,7 @@ class BacklogFull:
     group: str  # no '#'
     holder: str
     entries: int  # what waits for the holder
-    size: int  # bytes of it
+    size: str  # its size as the server said it, for people (`10.0 MiB`)
 
     @classmethod
     def parse(cls, text: str) -> BacklogFull | None:
@@ -405,7 +400,10 @@ class BacklogFull:
         found = _BACKLOG_FULL.search(text)
         if found is None:
             return None
-        return cls(found["group"], found["holder"], int(found["entries"]), int(found["size"]))
+        size = found["size"]
+        if size.endswith(" bytes"):  # an older server's count: said as the newer say it
+            size = size_text(int(size.removesuffix(" bytes")))
+        return cls(found["group"], found["holder"], int(found["entries"]), size)
 
     @property
     def short(self) -> str:
@@ -416,7 +414,7 @@ class BacklogFull:
     def explained(self) -> str:
         """The reason with what frees the group, for a hover or a terminal."""
         who = self.holder
-        return (f"{self.entries:,} messages ({size_text(self.size)}) wait for {who}, the "
+        return (f"{self.entries:,} messages ({self.size}) wait for {who}, the "
                 f"member furthest behind; it empties as {who} reads, leaves or is removed by "
                 "the owner")  # fmt: skip
 
@@ -1051,7 +1049,7 @@ def check_group_name(group: str) -> str:
     try:
         return normalize_name(bare)
     except LocalProtocolError as exc:
-        raise ClientError(ErrorCode.INVALID_NAME, f"no group can be called {group!r}: "
+        raise ClientError(ErrorCode.INVALID_NAME, f"no group can be called {quote_name(group)}: "
                           f"{exc}; a group is named like #team") from None  # fmt: skip
 
 
@@ -1068,7 +1066,9 @@ def check_group_request(
         try:
             shown.append(normalize_name(user))
         except LocalProtocolError as exc:
-            raise ClientError(ErrorCode.INVALID_NAME, f"{user!r} is no user name: {exc}") from None
+            raise ClientError(
+                ErrorCode.INVALID_NAME, f"{quote_name(user)} is no user name: {exc}"
+            ) from None
     if action in (GroupAction.ADD, GroupAction.REMOVE) and not shown:
         verb = "add" if action == GroupAction.ADD else "remove"
         raise ClientError(ErrorCode.INVALID_NAME,

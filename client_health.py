@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from tkinter import ttk
 from typing import Literal
 
-from client_core import LOSS_WINDOW, BacklogFull, LinkStats, size_text
+from client_core import LOSS_WINDOW, BacklogFull, LinkStats
 from client_look import FONTS, PAD, PALETTE, full_time
 from client_store import Timeline
 
@@ -126,7 +126,7 @@ def describe(timeline: Timeline | None, *, state: str | None, stamp: float,
             # Three short rows, not one that wraps under the labels.
             who = backlog.holder
             lines += [f"Failed     mailbox full: {backlog.short}",
-                      f"Waiting    {backlog.entries:,} messages ({size_text(backlog.size)}) "
+                      f"Waiting    {backlog.entries:,} messages ({backlog.size}) "
                       f"for {who}, furthest behind",
                       f"Empties    as {who} reads, leaves or is removed by the owner"]  # fmt: skip
         else:

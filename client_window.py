@@ -222,6 +222,9 @@ class Conversation:
     received: set[str] = field(default_factory=set)  # their message ids
     has_earlier: bool = False  # the store holds lines before `lines`
     stale_notice: bool = False  # shows "stopped answering" / "shutting down" last
+    # What was typed in the composer and not sent when another conversation
+    # was opened: back in the composer when this one is opened again.
+    draft: str = ""
 
 
 # --- the window -------------------------------------------------------------
@@ -964,6 +967,7 @@ class ChatWindow:
         self.current = conv
         if previous is not None and previous is not conv:
             self._trim(previous)
+            self._swap_draft(previous, conv)
         if self.session is not None:
             self.session.set_peer(conv.name)
         conv.unread = 0
@@ -978,6 +982,21 @@ class ChatWindow:
         self.groups.opened(conv)
         if focus:
             self._take_focus(self.composer)
+
+    def _swap_draft(self, previous: Conversation, conv: Conversation) -> None:
+        """A draft per conversation (as Gajim and Signal keep): what is in
+        the composer stays with the conversation it was typed in, and
+        `conv`'s comes back, so a line never follows the window to another
+        conversation (audit8 P4: a line refused in a group just left went
+        to the group New group opened next). Text typed with nothing open
+        goes to the first conversation opened (`open_conversation`)."""
+        previous.draft = self.composed()
+        self.composer.delete("1.0", "end")
+        if conv.draft:
+            self.composer.insert("1.0", conv.draft)
+            conv.draft = ""
+        self.composer.edit_reset()  # Undo never brings back another's text
+        self._update_size()
 
     def _show_latest(self) -> None:
         """The open conversation's last page, at its end."""

@@ -29,6 +29,19 @@ DEFAULT_PORT = 5555
 __version__ = "0.1.0"
 
 
+# --- words for people -----------------------------------------------------------
+
+
+def size_text(size: int) -> str:
+    """A size for people: `812 bytes`, `40 KiB`, `10.0 MiB` (the server's
+    words for a group held back, the client's lines and hovers)."""
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024 * 1024:
+        return f"{size // 1024} KiB"
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
 # --- directories --------------------------------------------------------------
 
 

@@ -159,21 +159,35 @@ class ErrorCode(enum.IntEnum):
 _NAME_PUNCTUATION = frozenset("_-.")
 
 
+#: Characters of a bad name quoted in its error at most: a name of 100,000
+#: characters is told by its start and its length, not echoed whole.
+QUOTE_MAX = 40
+
+
+def quote_name(text: str) -> str:
+    """`text` quoted for an error: whole if short, else its first
+    `QUOTE_MAX` characters and how long it is (`'xxx…' (100000 characters)`)."""
+    if len(text) <= QUOTE_MAX:
+        return repr(text)
+    return f"{text[:QUOTE_MAX] + '…'!r} ({len(text)} characters)"
+
+
 def normalize_name(name: str) -> str:
     """The display form of a name: NFKC, or `LocalProtocolError` with the reason."""
     if not isinstance(name, str):
         raise LocalProtocolError("a name must be text", code=ErrorCode.INVALID_NAME)
     shown = unicodedata.normalize("NFKC", name.strip())
     if not NAME_MIN <= len(shown) <= NAME_MAX:
+        quoted = repr(shown) if len(shown) <= QUOTE_MAX else f"{shown[:QUOTE_MAX] + '…'!r}"
         raise LocalProtocolError(
-            f"a name has {NAME_MIN} to {NAME_MAX} characters; {shown!r} has {len(shown)}",
+            f"a name has {NAME_MIN} to {NAME_MAX} characters; {quoted} has {len(shown)}",
             code=ErrorCode.INVALID_NAME,
         )
     for ch in shown:
         category = unicodedata.category(ch)
         if not (category.startswith("L") or category == "Nd" or ch in _NAME_PUNCTUATION):
             raise LocalProtocolError(
-                f"{shown!r} contains {ch!r} (U+{ord(ch):04X}); "
+                f"{quote_name(shown)} contains {ch!r} (U+{ord(ch):04X}); "
                 "use letters, digits, '_', '-' or '.'",
                 code=ErrorCode.INVALID_NAME,
             )

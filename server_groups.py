@@ -53,6 +53,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Container
 
+from common import size_text
 from protocol import (
     GROUP_REQUEST_USERS_MAX,
     ErrorCode,
@@ -289,12 +290,14 @@ def group_name(text: str) -> tuple[str, str]:
 
 def backlog_full_text(group: str, who: str, count: int, waiting: int) -> str:
     """The text of a message refused MAILBOX_FULL because what waits in the
-    group's log for `who`, its member furthest behind, is at the limits."""
+    group's log for `who`, its member furthest behind, is at the limits.
+    The client reads it back (`client_core.BacklogFull.parse`): change both
+    together. The size is said as a person reads it (`10.0 MiB`, fresh8 3)."""
     if not who:
         return f"#{group}'s backlog is full"
     return (
-        f"#{group}: {who}'s backlog is full ({count} entries, {waiting} bytes wait for {who}); "
-        f"it empties as {who} reads, or leaves, or is removed by the owner"
+        f"#{group}: {who}'s backlog is full ({count} entries, {size_text(waiting)} wait for "
+        f"{who}); it empties as {who} reads, or leaves, or is removed by the owner"
     )
 
 
@@ -510,9 +513,16 @@ class GroupTable:
         return group
 
     def check_users(self, users: tuple[str, ...]) -> None:
+        """Refuse (TOO_LONG) a request naming more users than one request
+        may; a name given several times (any case) counts once, as it is
+        acted on once (`bob bob ...` x 300 names one user). Keyed only when
+        over the count, so an ordinary request pays nothing."""
         if len(users) > GROUP_REQUEST_USERS_MAX:
-            raise GroupRefused(ErrorCode.TOO_LONG, f"{len(users)} users in one request; at most "
-                               f"{GROUP_REQUEST_USERS_MAX}: add the rest in another")  # fmt: skip
+            count = len({name_key(text.strip()) for text in users})
+            if count > GROUP_REQUEST_USERS_MAX:
+                most = GROUP_REQUEST_USERS_MAX
+                raise GroupRefused(ErrorCode.TOO_LONG, f"{count} users in one request; at most "
+                                   f"{most}: add the rest in another")  # fmt: skip
 
     def check_room(self, group_size: int, adding: int) -> None:
         if group_size + adding > self.max_members:

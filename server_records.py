@@ -309,13 +309,18 @@ class GroupMail:
     per group, keyed by group_seq, and one window over all of them, like
     the mailbox's (`MAILBOX_WINDOW`): what was handed and not receipted."""
 
-    __slots__ = ("pagers", "ids", "count", "bytes")
+    __slots__ = ("pagers", "ids", "count", "bytes", "receipted_at")
 
     def __init__(self) -> None:
         self.pagers: dict[str, Pager[int, GroupEntry]] = {}  # group key -> its pager
         self.ids: dict[int, tuple[str, int]] = {}  # server_msg_id -> (group key, group_seq)
         self.count = 0  # entries handed, not receipted, over all groups
         self.bytes = 0
+        # When the client last receipted a group entry (0: never): of members
+        # equally far behind, the one longest without a receipt is named as
+        # holding a group back (`Relay._backlog_full`), not one whose client
+        # merely holds its receipts a moment (GROUP_RECEIPT_HOLD).
+        self.receipted_at = 0.0
 
 
 class User:

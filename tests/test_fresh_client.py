@@ -25,12 +25,11 @@ from client_core import (
     MessageReceived,
     MessageState,
     StatusChanged,
-    size_text,
 )
 from client_health import describe
 from client_store import ClientStore, Timeline, read_history
 from client_transcript import failure_reason
-from common import parse_server, parse_servers
+from common import parse_server, parse_servers, size_text
 from protocol import GroupAction
 from server_groups import backlog_full_text
 from tests.test_client_core import Net
@@ -41,7 +40,7 @@ CAROL_HOLDS = backlog_full_text("team", "carol", 268, 10_485_758)
 
 def test_who_holds_a_group_back_is_read_from_the_servers_words() -> None:
     backlog = BacklogFull.parse(CAROL_HOLDS)
-    assert backlog == BacklogFull("team", "carol", 268, 10_485_758)
+    assert backlog == BacklogFull("team", "carol", 268, "10.0 MiB")
     assert backlog.short == "carol's backlog is full"
     assert backlog.explained == (
         "268 messages (10.0 MiB) wait for carol, the member furthest behind; it empties as "
@@ -49,7 +48,7 @@ def test_who_holds_a_group_back_is_read_from_the_servers_words() -> None:
     )
     # Any name the rules allow: letters of any script, digits, `_`, `-`, `.`.
     odd = BacklogFull.parse(backlog_full_text("Équipe_2", "zoë.k-1", 3, 12))
-    assert odd == BacklogFull("Équipe_2", "zoë.k-1", 3, 12)
+    assert odd == BacklogFull("Équipe_2", "zoë.k-1", 3, "12 bytes")
     # Anything else is not read as a group held back: a person's mailbox,
     # a server that named nobody, other reasons' words.
     for text in ("bob's mailbox is full", backlog_full_text("team", "", 3, 12),
