@@ -215,7 +215,7 @@ CONNECT_TIMEOUT = 2.0
 MAX_BATCH = 5000  # operations in one MULTI at most
 # Entries one `TRIM_GROUP` call cuts out of a log at most (the next goes on):
 # a hole grown long before it could be cut never blocks Redis for long.
-HOLE_MAX = 10_000
+HOLE_MAX = 2_000
 NOTICE_BATCH = 1000  # pub/sub notices handed to the loop with one wake-up at most
 BROADCAST = "chat:all"
 NODE_CHANNEL = "chat:node:"
@@ -357,7 +357,7 @@ return taken
 # that bound says "over" and is not exact any more (its member moved or
 # left, or is the sender), never at every post (review7 F6: a removed
 # member's entries kept the log over the limits, and each post walked 1,000
-# members' cursors, ~2,000 calls with Redis blocked).
+# members' cursors, ~1,000 calls with Redis blocked).
 GROUP_POST = """
 local function bytes_before(start)
   local e = redis.call('XRANGE', KEYS[4], start, '+', 'COUNT', 1)
@@ -665,20 +665,23 @@ return 1
 # delivery of her messages up to there was made and told to her client,
 # and stays told (it only moves up). Past it she holds the hole to her
 # last message, as a sender offline does on one server.
-# The group's `holed` is the last seq cut out by a hole (none is cut twice),
-# `holes` the holes past the log's first entry ("first:last:bytes;...",
-# runs merged) and `hbytes` their bytes, which `GROUP_POST` takes off the
-# log's bytes; a hole's bytes are two reads of `p` (every seq in it is in
-# the log: past the trimmed prefix and the last hole). At most `HOLE_MAX`
+# The group's `holes` are those cut past the trimmed prefix, in order
+# ("first:last:bytes;...", runs merged): the hole is worked out whole each
+# time, and only what they do not cover is cut (what a sender held while
+# her notices were under way, which a later hole went past, goes once she
+# is exempt up to it); `hbytes` is the bytes of those past the log's first
+# entry, which `GROUP_POST` takes off the log's bytes. A run's bytes are
+# two reads of `p` (every seq in it is still in the log; the bytes before a
+# hole's first seq are the `p` after it less its bytes). At most `HOLE_MAX`
 # entries are cut a call (the next call goes on). Atomic like every script:
 # a node killed meanwhile leaves it done or not done. KEYS: members, former
 # members, cursors, log, senders' marks, their last messages, the group.
 # ARGV: sender key, mark, ... (the caller's senders exempt so far: `h:`
 # marks, raised only). Answers {bound, first, last} (first > last: no hole).
 TRIM_GROUP = """
-local g = redis.call('HMGET', KEYS[7], 'seq', 'holed', 'bytes', 'holes', 'hbytes')
+local g = redis.call('HMGET', KEYS[7], 'seq', 'bytes', 'holes', 'hbytes')
 if not g[1] then return {0, 1, 0} end
-local seq, holed, total = tonumber(g[1]), tonumber(g[2] or '0'), tonumber(g[3] or '0')
+local seq, total = tonumber(g[1]), tonumber(g[2] or '0')
 for i = 1, #ARGV, 2 do
   local field = 'h:' .. ARGV[i]
   if tonumber(ARGV[i + 1]) > tonumber(redis.call('HGET', KEYS[5], field) or '-1') then
@@ -720,7 +723,7 @@ for i = 1, #sent, 2 do
   end
 end
 if bound > 0 then redis.call('XTRIM', KEYS[4], 'MINID', (bound + 1) .. '-0') end
-local tail = math.max(bound, holed)
+local tail = bound
 for _, left in ipairs(lefts) do
   if left > tail then tail = left end
 end
@@ -731,12 +734,12 @@ while moved do  -- a sender not exempt up to the hole holds it past her last mes
     if o[1] > tail and o[2] <= tail then tail, moved = o[1], true end
   end
 end
-local stop = math.min(low, tail + HOLE_MAX)
+local stop = low
 for _, o in ipairs(owed) do  -- one exempt past its start: up to her mark
   if o[1] > tail and o[2] < o[1] and o[2] < stop then stop = o[2] end
 end
 local first = tail + 1
-local function p_at(s)
+local function p_at(s)  -- the `p` of the first entry from seq s on
   if s > seq then return total end
   local e = redis.call('XRANGE', KEYS[4], s .. '-0', '+', 'COUNT', 1)
   if #e == 0 then return total end
@@ -746,14 +749,21 @@ local function p_at(s)
   end
   return total
 end
-local holes = {}
-for a, b, n in string.gmatch(g[4] or '', '(%d+):(%d+):(%d+)') do
-  holes[#holes + 1] = {tonumber(a), tonumber(b), tonumber(n)}
+local holes = {}  -- those cut before, past the prefix trimmed: in order, apart
+for a, b, n in string.gmatch(g[3] or '', '(%d+):(%d+):(%d+)') do
+  if tonumber(b) > bound then holes[#holes + 1] = {tonumber(a), tonumber(b), tonumber(n)} end
 end
-if first <= stop then
-  local cut = p_at(stop + 1) - p_at(first)
+local budget, cuts = HOLE_MAX, {}
+local function cut(a, b, after)  -- a..b all in the log; `after`: the bytes before b + 1
+  if a > b or budget <= 0 then return end
+  if b - a + 1 > budget then
+    b = a + budget - 1
+    after = p_at(b + 1)
+  end
+  budget = budget - (b - a + 1)
+  cuts[#cuts + 1] = {a, b, after - p_at(a)}
   local ids = {}
-  for s = first, stop do
+  for s = a, b do
     ids[#ids + 1] = s .. '-0'
     if #ids == 512 then
       redis.call('XDEL', KEYS[4], unpack(ids))
@@ -761,25 +771,40 @@ if first <= stop then
     end
   end
   if #ids > 0 then redis.call('XDEL', KEYS[4], unpack(ids)) end
-  local h = holes[#holes]
-  if h and h[2] + 1 == first then
-    h[2], h[3] = stop, h[3] + cut
-  else
-    holes[#holes + 1] = {first, stop, cut}
+end
+-- The hole is first..stop less what earlier holes took (what a sender held
+-- then, past which a hole went on, goes once she is exempt up to it). The
+-- bytes before a hole's first seq are the `p` after it less its bytes.
+local s = first
+for _, h in ipairs(holes) do
+  if h[1] > stop + 1 then break end
+  if h[2] >= s then
+    if h[1] > s then cut(s, math.min(h[1] - 1, stop), p_at(h[2] + 1) - h[3]) end
+    s = h[2] + 1
   end
-  redis.call('HSET', KEYS[7], 'holed', stop)
+end
+if s <= stop then cut(s, stop, p_at(stop + 1)) end
+for _, c in ipairs(cuts) do holes[#holes + 1] = c end
+table.sort(holes, function(x, y) return x[1] < y[1] end)
+local runs = {}
+for _, h in ipairs(holes) do
+  local r = runs[#runs]
+  if r and r[2] + 1 >= h[1] then
+    if h[2] > r[2] then r[2] = h[2] end
+    r[3] = r[3] + h[3]
+  else
+    runs[#runs + 1] = {h[1], h[2], h[3]}
+  end
 end
 local head = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)
 local from = #head > 0 and tonumber(string.match(head[1][1], '^(%d+)')) or seq + 1
 local text, hbytes = {}, 0
-for _, h in ipairs(holes) do
-  if h[1] > from then  -- (a hole holds no entry: it is all before the first or all after)
-    text[#text + 1] = h[1] .. ':' .. h[2] .. ':' .. h[3]
-    hbytes = hbytes + h[3]
-  end
+for _, h in ipairs(runs) do
+  text[#text + 1] = h[1] .. ':' .. h[2] .. ':' .. h[3]
+  if h[1] > from then hbytes = hbytes + h[3] end  -- (a hole is all before it or all after)
 end
 text = table.concat(text, ';')
-if text ~= (g[4] or '') or hbytes ~= tonumber(g[5] or '0') then  -- (no write for nothing)
+if text ~= (g[3] or '') or hbytes ~= tonumber(g[4] or '0') then  -- (no write for nothing)
   redis.call('HSET', KEYS[7], 'holes', text, 'hbytes', hbytes)
 end
 return {bound, first, stop}

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from chat_server import GROUP_TRIM_EVERY
-from protocol import GroupAction
+from protocol import ErrorCode, GroupAction
 from server_store import MemoryStore, MessageStore, ServerStore
 from tests.test_bounds import Client
-from tests.test_group_backlog import accepted, offline_carol
+from tests.test_group_backlog import accepted, fails, offline_carol
 from tests.test_groups_relay import GroupWorld, created, entries, texts, told_by
 from tests.test_groups_trim import log_seqs
 
@@ -194,3 +194,34 @@ def test_f3_a_hole_takes_a_quiet_senders_messages_and_spares_a_deaf_ones() -> No
     erin = world.login("erin")
     world.run_until(lambda: len({m for by, m in told_by(erin) if by == "bob"}) == len(had),
                     1000, "erin told bob had each")  # fmt: skip
+
+
+def test_the_member_who_holds_the_group_back_leaving_frees_it(store: MessageStore) -> None:
+    """One server as a cluster (tests/test_cluster_holes.py; so it was here
+    before): carol stops reading; past the cap alice's posts fail naming
+    her; she leaves (her client still shows nothing): posts go in again,
+    and what comes after her leaving is cut out of the log while she still
+    is owed hers."""
+    cap = 5
+    world = GroupWorld(store, mailbox_messages=cap)
+    alice, bob, carol = world.login("alice"), world.login("bob"), world.login("carol")
+    created(world, alice, "bob", "carol")
+    world.settle_all()
+    world.holding.add("carol")
+    for n in range(1, cap + 2):
+        world.post(alice, "team", f"a{n}", n)
+        world.settle_all(5)
+    (fail,) = fails(alice)
+    assert fail.reason == ErrorCode.MAILBOX_FULL and "carol" in fail.message
+    assert world.result(carol, world.request(carol, GroupAction.LEAVE, "team")).code == 0
+    world.settle_all()
+    left = cap + 2  # CREATED, the messages, LEFT
+    count = GROUP_TRIM_EVERY + 8
+    for n in range(100, 100 + count):
+        world.post(alice, "team", f"a{n}", n)
+        world.settle_all(2)
+    world.run_until(lambda: len(texts(bob)) == cap + count, 2000, "bob has them")
+    assert len(fails(alice)) == 1
+    kept = log_seqs(store)
+    assert kept[: cap + 1] == list(range(2, left + 1)), kept  # carol's
+    assert len(kept) < cap + 1 + GROUP_TRIM_EVERY, kept
