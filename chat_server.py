@@ -3182,11 +3182,15 @@ class Relay:
         if changes:
             self._store_change(group, changes, key, f"left #{group.name}")
             return
-        # The last member left: the group ends. The leaver is told (a
-        # GROUP_EVENT, outside any sequence now) and its rows go; but what a
-        # former member is still owed (removed while offline), and what a
-        # sender is (who had their messages), stays, under another key,
-        # until they have it (`GroupTable.close`).
+        # The last member left: the group ends, its name free at once. The
+        # leaver is told (a GROUP_EVENT) and its rows go; but what a former
+        # member is still owed (removed while offline), and what a sender
+        # is (who had their messages), stays, under another key, until they
+        # have it (`GroupTable.close`). So does what the leaver is owed, if
+        # their client had not everything before their LEFT (committed and
+        # not yet handed, in flight, its receipt held back: audit8 P1): as
+        # any leaver, they get it, then their LEFT, in the group's order,
+        # from the log; else the LEFT is handed outside it.
         self._release_fanout(group)  # its last messages first
         # Trimmed first, while its last member is one (their place bounds
         # the hole) and their notices are told under its key: once it has
@@ -3195,22 +3199,28 @@ class Relay:
         seq = self.groups.next_seq(group)
         item = self._group_item(group, seq, GroupChange.LEFT, user, ())
         old_key = group.key
+        owner = group.owner
         stream = self._group_stream(group)
         keep_as = retired_key(group.key, item.server_msg_id)
         leaver = self.groups.close(group, seq, keep_as)
         kept: tuple[LoadedMember, ...] = ()
+        logged: StoreGroupItem | None = None
         if leaver is None:
             keep_as = ""
         else:
             kept = tuple(member_row(m) for m in leaver)
+            if any(m.left_seq == seq for m in leaver):
+                logged = StoreGroupItem(item, group.name, owner, (), (user.key,))
             self._rekey_pagers(group, old_key)
         log.info("group #%s ended: its last member left", group.name)
         self.stats["groups_ended"] += 1
         self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
         self._group_streams.pop(old_key, None)  # the cache holds live groups only
         self.store.submit(
-            EndGroup(old_key, (key, 0, f"left #{group.name}; it has ended"), keep_as, kept, seq),
-            functools.partial(self._group_ended, group, user, item, key, stream, old_key),
+            EndGroup(old_key, (key, 0, f"left #{group.name}; it has ended"), keep_as, kept, seq,
+                     logged),  # fmt: skip
+            functools.partial(self._group_ended, group, user, item, key, stream, old_key,
+                              logged is not None),  # fmt: skip
         )
         if keep_as:  # (after the rename: their reads are of the log under its new key)
             self._rekey_notices(group, old_key)
@@ -3261,13 +3271,19 @@ class Relay:
                 self.store.submit(EndGroup(group.key))
 
     def _group_ended(self, group: Group, user: User, item: GroupItem, key: RequestKey,
-                     stream: int, old_key: str) -> None:  # fmt: skip
-        session = self.router.locate(user)
-        if isinstance(session, Session):
-            mail = session.group_mail
-            if mail is not None:
-                self._drop_pager(mail, old_key)
-            self._send(session, self._group_message(group, item), stream=stream)
+                     stream: int, old_key: str, logged: bool) -> None:  # fmt: skip
+        """The group's end is stored: its last member is handed their LEFT,
+        from the retired group's log in its order if `logged` (after what
+        they were owed before it), else outside it, and answered."""
+        if logged:
+            self._fan_out(group, item)
+        else:
+            session = self.router.locate(user)
+            if isinstance(session, Session):
+                mail = session.group_mail
+                if mail is not None:
+                    self._drop_pager(mail, old_key)
+                self._send(session, self._group_message(group, item), stream=stream)
         self._group_result(user, key, 0, f"left #{group.name}; it has ended", stream)
 
     def _leave_items(

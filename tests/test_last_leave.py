@@ -1,0 +1,228 @@
+"""The last member's leaving hands them what they were owed before it
+(issue 14, audit8 P1): the group's last member is treated like any leaver,
+owed every entry up to and including their LEFT, in the group's order.
+Before, `GroupTable.close` kept them only up to what their client had
+receipted: an entry committed and not yet handed, in flight, or whose
+receipt the client held back (GROUP_RECEIPT_HOLD) was neither handed nor
+owed, so a message accepted for them ("recipients 1") never reached them,
+the changes before their LEFT were skipped, and its sender never heard
+"delivered by". Now the group is retired (its name free at once) until
+they have their LEFT, then ends; a kill -9 between the leaving and the
+hand-over loses nothing; the same in cluster mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from protocol import GroupAccept, GroupAction, MsgId
+from server_groups import is_retired
+from server_store import MessageStore, ServerStore
+from tests.test_groups_relay import GroupWorld, created, entries, told_by
+
+
+def two_leave_at_once(world: GroupWorld) -> tuple[MsgId, int, int]:
+    """bob posts "bye" to #team (bob, carol), then leaves, and carol leaves
+    in the same pass: her leaving comes before bob's entries are committed
+    and handed to her. Answers (bye's id, bob's request, carol's)."""
+    bob, carol = world.clients["bob"], world.clients["carol"]
+    msg_id = world.post(bob, "team", "bye", 1)
+    bob_leaves = world.request(bob, GroupAction.LEAVE, "team")
+    carol_leaves = world.request(carol, GroupAction.LEAVE, "team")
+    return msg_id, bob_leaves, carol_leaves
+
+
+def held_then_left(world: GroupWorld) -> None:
+    """bob posts "bye" to #team and leaves; carol's client (in `holding`)
+    receipts none of it; carol leaves, the last member."""
+    bob, carol = world.clients["bob"], world.clients["carol"]
+    world.post(bob, "team", "bye", 1)
+    assert world.result(bob, world.request(bob, GroupAction.LEAVE, "team")).code == 0
+    assert world.result(carol, world.request(carol, GroupAction.LEAVE, "team")).code == 0
+
+
+def test_the_last_leaver_gets_what_was_committed_before_her_leaving(store: MessageStore) -> None:
+    """audit8 P1, repro A: bob posts and leaves, carol leaves in the same
+    pass (which of the two is numbered last depends on the store: on disk,
+    bob's message waits for its duplicate check and his leaving behind it).
+    The last leaver gets every entry before their LEFT, then it, in order,
+    as the other gets everything up to theirs; bob hears "delivered by
+    carol"; then the retired group goes."""
+    world = GroupWorld(store)
+    bob, carol = world.login("bob"), world.login("carol")
+    created(world, bob, "carol")
+    world.settle_all()
+    msg_id, bob_leaves, carol_leaves = two_leave_at_once(world)
+    answers = [world.result(bob, bob_leaves), world.result(carol, carol_leaves)]
+    assert [a.code for a in answers] == [0, 0]
+    last, first = (carol, bob) if answers[1].message.endswith("it has ended") else (bob, carol)
+    assert world.relay.groups.get("team") is None  # the name is free at once
+    world.run_until(lambda: any(e[1:3] == ("left", last.name) for e in entries(last)), 200,
+                    "the last leaver's LEFT")  # fmt: skip
+    world.settle_all(60)
+    by_seq = {e[0]: e for c in (bob, carol) for e in entries(c)}
+    [accept] = bob.of(GroupAccept)
+    by_seq.setdefault(accept.group_seq, (accept.group_seq, "message", "bob", "bye"))
+    end = max(by_seq)
+    assert sorted(by_seq) == list(range(1, end + 1))  # nothing lost between
+    assert by_seq[end][1:3] == ("left", last.name)
+    for client in (bob, carol):  # each: a run from 1 to their LEFT, their own message passed
+        got = [e for e in entries(client)]
+        upto = next(e[0] for e in got if e[1:3] == ("left", client.name))
+        assert got == [by_seq[s] for s in range(1, upto + 1)
+                       if by_seq[s][1:3] != ("message", client.name)], client.name  # fmt: skip
+    had = [e for e in entries(carol) if e[1] == "message"]  # (none if she left before it)
+    assert told_by(bob) == [("carol", msg_id) for _ in had]
+    assert len(world.relay.groups) == 0  # had and told: the retired group is gone
+    # A login later brings nothing twice.
+    last.messages.clear()
+    world.logout(last)
+    last = world.login(last.name)
+    world.settle_all(30)
+    assert entries(last) == []
+
+
+def test_a_held_receipt_still_tells_the_sender(store: MessageStore) -> None:
+    """The message was handed to carol and her client holds its receipt
+    (here: shows nothing) when she leaves last: her receipt of her LEFT
+    covers it, and bob, who left before, hears "delivered by carol"."""
+    world = GroupWorld(store)
+    bob, carol = world.login("bob"), world.login("carol")
+    created(world, bob, "carol")
+    world.settle_all()
+    world.holding.add("carol")
+    msg_id = world.post(bob, "team", "bye", 1)
+    world.run_until(lambda: len(entries(carol)) == 2, 200, "bye handed to carol")
+    assert world.result(bob, world.request(bob, GroupAction.LEAVE, "team")).code == 0
+    world.run_until(lambda: len(entries(carol)) == 4, 200, "bob's leaving handed to carol")
+    world.holding.discard("carol")
+    assert world.result(carol, world.request(carol, GroupAction.LEAVE, "team")).code == 0
+    world.run_until(lambda: bool(told_by(bob)), 200, "bob told who has bye")
+    world.settle_all()
+    assert told_by(bob) == [("carol", msg_id)]
+    assert [e[0] for e in entries(carol)] == [1, 2, 3, 4, 5]
+    assert len(world.relay.groups) == 0
+
+
+def test_two_leaving_last_together_each_get_every_change(store: MessageStore) -> None:
+    """audit8 P1, repro B: alice leaves; bob and carol leave together (in
+    one pass: carol's leaving is numbered before bob's entries are stored).
+    bob gets everything up to his LEFT; carol, whose client receipts none
+    of it and goes offline, gets at her next login bob's leaving, her
+    ownership and her LEFT, none skipped (before, she was owed nothing)."""
+    world = GroupWorld(store)
+    alice, bob, carol = world.login("alice"), world.login("bob"), world.login("carol")
+    created(world, alice, "bob", "carol")
+    world.settle_all()
+    assert world.result(alice, world.request(alice, GroupAction.LEAVE, "team")).code == 0
+    world.settle_all()
+    world.holding.add("carol")
+    bob_leaves = world.request(bob, GroupAction.LEAVE, "team")
+    carol_leaves = world.request(carol, GroupAction.LEAVE, "team")
+    assert world.result(bob, bob_leaves).code == 0
+    assert world.result(carol, carol_leaves).message == "left #team; it has ended"
+    world.settle_all()
+    assert [(e[0], e[1], e[2]) for e in entries(bob)] == [
+        (1, "created", "alice"), (2, "left", "alice"), (3, "owner", "alice"), (4, "left", "bob"),
+    ]  # fmt: skip
+    world.logout(carol)
+    world.holding.discard("carol")
+    carol = world.login("carol")
+    world.settle_all(60)
+    assert [(e[0], e[1], e[2]) for e in entries(carol)] == [
+        (4, "left", "bob"), (5, "owner", "bob"), (6, "left", "carol"),
+    ]  # fmt: skip
+    world.settle_all(30)
+    assert len(world.relay.groups) == 0
+
+
+def test_the_last_leaver_logging_in_with_a_backlog_leaves_at_once(store: MessageStore) -> None:
+    """audit8 P1, repro C: carol offline is owed alice's messages; alice
+    leaves; carol logs in and leaves at once, before her receipts come:
+    she still gets every message, then her LEFT, and alice hears
+    "delivered by carol" for each."""
+    world = GroupWorld(store)
+    alice, carol = world.login("alice"), world.login("carol")
+    created(world, alice, "carol")
+    world.settle_all()
+    world.logout(carol)
+    ids = [world.post(alice, "team", f"L{i}", i + 1) for i in range(5)]
+    world.settle_all()
+    assert world.result(alice, world.request(alice, GroupAction.LEAVE, "team")).code == 0
+    world.settle_all()
+    world.holding.add("carol")
+    carol = world.login("carol")
+    leaving = world.request(carol, GroupAction.LEAVE, "team")
+    world.holding.discard("carol")
+    assert world.result(carol, leaving).code == 0
+    world.run_until(lambda: any(e[1:3] == ("left", "carol") for e in entries(carol)), 200,
+                    "carol's LEFT")  # fmt: skip
+    world.run_until(lambda: len(told_by(alice)) == 5, 200, "alice told of each")
+    world.settle_all()
+    got = [e for e in entries(carol) if e[0] > 1]
+    assert [(e[0], e[1], e[3]) for e in got] == [
+        *((i + 2, "message", f"L{i}") for i in range(5)),
+        (7, "left", ()), (8, "owner", ("carol",)), (9, "left", ()),
+    ]  # fmt: skip
+    assert sorted(told_by(alice)) == sorted(("carol", i) for i in ids)
+    assert len(world.relay.groups) == 0
+
+
+def test_a_group_made_again_while_the_last_leaver_is_owed(store: MessageStore) -> None:
+    """The name is free at once: #team made again (carol in it) while the
+    old one is retired and owed to carol; she gets the old one's entries up
+    to her LEFT, then the new one's from its creation, the seqs going on."""
+    world = GroupWorld(store)
+    bob, carol = world.login("bob"), world.login("carol")
+    created(world, bob, "carol")
+    world.settle_all()
+    world.holding.add("carol")  # her client shows nothing, so receipts nothing
+    held_then_left(world)
+    world.settle_all()
+    assert [is_retired(k) for k in world.relay.groups.groups] == [True]
+    created(world, bob, "carol")
+    world.settle_all()
+    world.holding.discard("carol")
+    carol.messages.clear()
+    world.logout(carol)
+    carol = world.login("carol")
+    world.settle_all(60)
+    assert [(e[0], e[1]) for e in entries(carol)] == [
+        (2, "message"), (3, "left"), (4, "owner"), (5, "left"), (6, "created"),
+    ]  # fmt: skip
+    world.settle_all(30)
+    assert list(world.relay.groups.groups) == ["team"]
+
+
+def test_a_restart_between_the_leaving_and_the_hand_over(tmp_path: Path) -> None:
+    """The group's end is stored with the LEFT in its log (one write): the
+    relay restarted before carol had them, she gets the rest at her next
+    login, then her LEFT."""
+    disk = ServerStore(tmp_path / "data")
+    disk.start()
+    world = GroupWorld(disk)
+    bob, carol = world.login("bob"), world.login("carol")
+    created(world, bob, "carol")
+    world.settle_all()
+    world.holding.add("carol")
+    held_then_left(world)
+    world.settle_all()
+    disk.close()
+    disk = ServerStore(tmp_path / "data")
+    disk.start()
+    try:
+        world = GroupWorld(disk)
+        assert [is_retired(k) for k in world.relay.groups.groups] == [True]
+        carol = world.login("carol")
+        world.settle_all(60)
+        assert [(e[0], e[1], e[2]) for e in entries(carol)] == [
+            (2, "message", "bob"), (3, "left", "bob"), (4, "owner", "bob"), (5, "left", "carol"),
+        ]  # fmt: skip
+        world.settle_all(30)
+        # bob is still owed "delivered by carol": the retired group waits for his login.
+        assert [is_retired(k) for k in world.relay.groups.groups] == [True]
+        bob = world.login("bob")
+        world.settle_all(30)
+        assert told_by(bob) == [("carol", MsgId(9, 1))]
+        assert len(world.relay.groups) == 0
+    finally:
+        disk.close()
