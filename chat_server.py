@@ -3216,12 +3216,10 @@ class Relay:
         self.stats["groups_ended"] += 1
         self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
         self._group_streams.pop(old_key, None)  # the cache holds live groups only
-        self.store.submit(
-            EndGroup(old_key, (key, 0, f"left #{group.name}; it has ended"), keep_as, kept, seq,
-                     logged),  # fmt: skip
-            functools.partial(self._group_ended, group, user, item, key, stream, old_key,
-                              logged is not None),  # fmt: skip
-        )
+        answer = (key, 0, f"left #{group.name}; it has ended")
+        ended = functools.partial(self._group_ended, group, user, item, key, stream, old_key,
+                                  logged is not None)  # fmt: skip
+        self.store.submit(EndGroup(old_key, answer, keep_as, kept, seq, logged), ended)
         if keep_as:  # (after the rename: their reads are of the log under its new key)
             self._rekey_notices(group, old_key)
 

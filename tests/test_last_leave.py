@@ -14,9 +14,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protocol import GroupAccept, GroupAction, MsgId
+from protocol import (
+    CONTROL_STREAM,
+    GroupAccept,
+    GroupAction,
+    GroupReached,
+    GroupResult,
+    Message,
+    MsgId,
+    Receipts,
+)
 from server_groups import is_retired
 from server_store import MessageStore, ServerStore
+from tests.test_durability import ServerRunner
+from tests.test_groups_process import Member, create_team, pump_until
 from tests.test_groups_relay import GroupWorld, created, entries, told_by
 
 
@@ -226,3 +237,58 @@ def test_a_restart_between_the_leaving_and_the_hand_over(tmp_path: Path) -> None
         assert len(world.relay.groups) == 0
     finally:
         disk.close()
+
+
+# --- real processes: a kill -9 between the leaving and the hand-over -------------
+
+
+class Holder(Member):
+    """A member whose client receipts nothing (its front end shows nothing
+    yet: a receipt held back)."""
+
+    def send(self, message: Message, stream: int = CONTROL_STREAM) -> None:
+        if not isinstance(message, Receipts):
+            super().send(message, stream)
+
+
+def test_a_kill_between_the_leaving_and_the_hand_over_loses_nothing(tmp_path: Path) -> None:
+    """bob posts and leaves; carol, whose client receipts none of it,
+    leaves last ("it has ended"); the server is killed with SIGKILL and
+    started again: at her next login carol gets everything from the group's
+    creation (bob's message, his leaving, her ownership) to her LEFT, once,
+    in order; bob, logging in again,
+    hears "delivered by carol"."""
+    runner = ServerRunner(tmp_path / "server-data")
+    runner.start()
+    bob = Member("bob", runner.address)
+    carol: Member = Holder("carol", runner.address)
+    members = [bob, carol]
+    try:
+        create_team(members)
+        msg_id = bob.post("bye")
+        request = bob.request(GroupAction.LEAVE)
+        pump_until(members, lambda: any(r.request_id == request for r in bob.of(GroupResult)),
+                   20, "bob's leaving")  # fmt: skip
+        request = carol.request(GroupAction.LEAVE)
+        pump_until(members, lambda: any(r.request_id == request for r in carol.of(GroupResult)),
+                   20, "carol's leaving")  # fmt: skip
+        assert carol.of(GroupResult)[-1].message == "left #team; it has ended"
+        runner.restart()
+        for member in members:
+            member.close()
+        carol = Member("carol", runner.address)
+        members = [carol]
+        pump_until(members, lambda: any(e[2:4] == ("left", "carol") for e in carol.entries()),
+                   20, "carol's LEFT")  # fmt: skip
+        bob = Member("bob", runner.address)
+        members = [bob, carol]
+        pump_until(members, lambda: bool(bob.of(GroupReached)), 20, "bob told")
+        assert [(e[0], e[2], e[3]) for e in carol.entries()] == [
+            (1, "created", "bob"), (2, "message", "bob"), (3, "left", "bob"), (4, "owner", "bob"),
+            (5, "left", "carol"),
+        ]  # fmt: skip
+        assert [(m.msg_id, m.by) for m in bob.of(GroupReached)] == [(msg_id, ("carol",))]
+    finally:
+        for member in members:
+            member.close()
+        runner.close()
