@@ -5000,7 +5000,12 @@ class Relay:
 
     def _cluster_group_ended(self, user: User, key: RequestKey, op: ChangeGroup,
                              group: Group | None, text: str, stream: int) -> None:  # fmt: skip
-        """The last member left: the store has dropped the group's keys."""
+        """The last member left: the store has dropped the group's keys (or
+        retired them). Their LEFT is handed outside the log, or, if the
+        store logged it (`ChangeGroup.logged`: their client had not every
+        entry before it), from the retired group's log after what they are
+        owed before it, as every node's copy of that group has it (read
+        here at once: the leaver's node need not wait for its notice)."""
         cached = self.groups.get(op.group_key)
         if cached is not None and cached.epoch == op.epoch:
             self._end_copy(cached)
@@ -5009,7 +5014,9 @@ class Relay:
         self.stats["groups_ended"] += 1
         item = op.entries[0][0]
         session = self.router.locate(user)
-        if group is not None and isinstance(session, Session):
+        if op.logged:
+            self._load_group(retired_key(op.group_key, item.server_msg_id))
+        elif group is not None and isinstance(session, Session):
             self._send(session, self._group_message(group, item), stream=stream)
         self._group_result(user, key, 0, text, stream, op.group_key)
 

@@ -778,6 +778,10 @@ class ChangeGroup:
     answer: tuple[int, str] | None = None
     max_user_groups: int = 0
     full: str = ""
+    # With `end`: the last member's LEFT went into the log of the group
+    # retired under its tombstone key (their client had not everything
+    # before it: owed up to it, like any leaver's; audit8 P1).
+    logged: bool = False
 
 
 @dataclass(slots=True)

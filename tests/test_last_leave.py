@@ -12,6 +12,7 @@ hand-over loses nothing; the same in cluster mode."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from protocol import (
@@ -26,6 +27,8 @@ from protocol import (
 )
 from server_groups import is_retired
 from server_store import MessageStore, ServerStore
+from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
+from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
 from tests.test_durability import ServerRunner
 from tests.test_groups_process import Member, create_team, pump_until
 from tests.test_groups_relay import GroupWorld, created, entries, told_by
@@ -292,3 +295,40 @@ def test_a_kill_between_the_leaving_and_the_hand_over_loses_nothing(tmp_path: Pa
         for member in members:
             member.close()
         runner.close()
+
+
+# --- cluster mode: the same in Redis (a real redis-server) ------------------------
+
+
+def test_in_a_cluster_the_last_leaver_gets_the_rest_and_the_sender_is_told(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+) -> None:
+    """bob on one node posts "bye" and leaves; carol on the other, whose
+    client has receipted none of it (its receipts held), leaves last: the
+    store logs her LEFT and retires the group; she is handed what she had
+    not receipted and her LEFT, her receipt tells bob "delivered by carol",
+    and then every key of the retired group goes."""
+    cluster = cluster_of(2)
+    bob, carol = cluster.login(0, "bob"), cluster.login(1, "carol")
+    assert cluster.request(0, bob, GroupAction.CREATE, "team", "carol").code == 0
+    cluster.settle()
+    cluster.nodes[1].holding.add("carol")
+    msg_id = cluster.post(0, bob, "team", "bye", 1)
+    assert cluster.request(0, bob, GroupAction.LEAVE, "team").code == 0
+    cluster.run_until(lambda: len(entries(carol)) == 4, 300, "bye and bob's leaving at carol")
+    cluster.nodes[1].holding.discard("carol")  # (nothing more comes before her leaving)
+    answer = cluster.request(1, carol, GroupAction.LEAVE, "team")
+    assert (answer.code, answer.message) == (0, "left #team; it has ended")
+    cluster.run_until(lambda: any(e[1:3] == ("left", "carol") for e in entries(carol)), 300,
+                      "carol's LEFT")  # fmt: skip
+    cluster.run_until(lambda: bool(told_by(bob)), 300, "bob told")
+    cluster.settle(30)
+    assert told_by(bob) == [("carol", msg_id)]
+    got = sorted({(e[0], e[1], e[2]) for e in entries(carol)})  # (what was handed twice, once)
+    assert got == [(1, "created", "bob"), (2, "message", "bob"), (3, "left", "bob"),
+                   (4, "owner", "bob"), (5, "left", "carol")]  # fmt: skip
+    assert [e[0] for e in entries(carol)][-1] == 5  # her LEFT last
+    redis_client = cluster.nodes[0].node.store.client
+    assert not redis_client.smembers("chat:groups")
+    assert not redis_client.keys("chat:g*!*")  # the retired keys, every one gone
+    assert [list(w.relay.groups.groups) for w in cluster.nodes] == [[], []]
