@@ -5015,7 +5015,13 @@ class Relay:
         item = op.entries[0][0]
         session = self.router.locate(user)
         if op.logged:
-            self._load_group(retired_key(op.group_key, item.server_msg_id))
+            retired = retired_key(op.group_key, item.server_msg_id)
+            self._load_group(retired)
+            if self.users.get(user.key) is not user:
+                # A deleted account's leaving: it never will have what it
+                # is owed; buried once this node's copy has it (`_bury`).
+                bury = functools.partial(self._bury, user.key)
+                self._after_group(retired, op.epoch, op.first_seq, bury)
         elif group is not None and isinstance(session, Session):
             self._send(session, self._group_message(group, item), stream=stream)
         self._group_result(user, key, 0, text, stream, op.group_key)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from protocol import (
     CONTROL_STREAM,
     GroupAccept,
@@ -29,6 +31,7 @@ from server_groups import is_retired
 from server_store import MessageStore, ServerStore
 from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
+from tests.test_cluster_groups2 import delete_account
 from tests.test_durability import ServerRunner
 from tests.test_groups_process import Member, create_team, pump_until
 from tests.test_groups_relay import GroupWorld, created, entries, told_by
@@ -332,3 +335,33 @@ def test_in_a_cluster_the_last_leaver_gets_the_rest_and_the_sender_is_told(
     assert not redis_client.smembers("chat:groups")
     assert not redis_client.keys("chat:g*!*")  # the retired keys, every one gone
     assert [list(w.relay.groups.groups) for w in cluster.nodes] == [[], []]
+
+
+def test_in_a_cluster_a_last_leaver_who_deletes_their_account_holds_nothing(
+    cluster_of: Callable[..., Cluster],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """carol, the last member, owed bob's message (her client receipted
+    none of it), deletes her account: she leaves, the group is retired with
+    her owed, then buried (she never will have it): bob, logging in again,
+    hears so, and every key of the retired group goes."""
+    cluster = cluster_of(2)
+    bob, carol = cluster.login(0, "bob"), cluster.login(1, "carol")
+    assert cluster.request(0, bob, GroupAction.CREATE, "team", "carol").code == 0
+    cluster.settle()
+    cluster.nodes[1].holding.add("carol")
+    msg_id = cluster.post(0, bob, "team", "bye", 1)
+    assert cluster.request(0, bob, GroupAction.LEAVE, "team").code == 0
+    cluster.run_until(lambda: len(entries(carol)) == 4, 300, "bye and bob's leaving at carol")
+    cluster.nodes[0].logout(bob)
+    delete_account(cluster.nodes[1], carol, monkeypatch)
+    cluster.settle(30)
+    redis_client = cluster.nodes[0].node.store.client
+    [retired] = redis_client.smembers("chat:groups")
+    assert is_retired(retired)
+    bob = cluster.login(0, "bob")
+    cluster.run_until(lambda: any(m.gone for m in bob.of(GroupReached)), 300, "counted out")
+    assert [(m.msg_id, m.gone) for m in bob.of(GroupReached) if m.gone] == [(msg_id, ("carol",))]
+    cluster.settle(30)
+    assert not redis_client.smembers("chat:groups")
+    assert not redis_client.keys("chat:g*!*")
