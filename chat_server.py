@@ -5006,16 +5006,24 @@ class Relay:
         entry before it), from the retired group's log after what they are
         owed before it, as every node's copy of that group has it (read
         here at once: the leaver's node need not wait for its notice)."""
+        item = op.entries[0][0]
+        session = self.router.locate(user)
+        retired = retired_key(op.group_key, item.server_msg_id)
+        mail = session.group_mail if isinstance(session, Session) else None
+        if op.logged and mail is not None and op.group_key in mail.pagers:
+            # What was handed to them of it goes on under the retired key:
+            # its receipts count there, and the retired group's copy pages
+            # on after it (not all again from the store's cursor).
+            pager = mail.pagers[retired] = mail.pagers.pop(op.group_key)
+            for entry in pager.items.values():
+                mail.ids[entry.server_msg_id] = (retired, entry.seq)
         cached = self.groups.get(op.group_key)
         if cached is not None and cached.epoch == op.epoch:
             self._end_copy(cached)
         self._run_group_waiters(op.group_key, gone_except=-1)
         log.info("group #%s ended: its last member left", op.name)
         self.stats["groups_ended"] += 1
-        item = op.entries[0][0]
-        session = self.router.locate(user)
         if op.logged:
-            retired = retired_key(op.group_key, item.server_msg_id)
             self._load_group(retired)
             if self.users.get(user.key) is not user:
                 # A deleted account's leaving: it never will have what it
