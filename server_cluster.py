@@ -215,7 +215,7 @@ CONNECT_TIMEOUT = 2.0
 MAX_BATCH = 5000  # operations in one MULTI at most
 # Entries one `TRIM_GROUP` call cuts out of a log at most (the next goes on):
 # a hole grown long before it could be cut never blocks Redis for long.
-HOLE_MAX = 10_000
+HOLE_MAX = 2_000
 NOTICE_BATCH = 1000  # pub/sub notices handed to the loop with one wake-up at most
 BROADCAST = "chat:all"
 NODE_CHANNEL = "chat:node:"
@@ -357,7 +357,7 @@ return taken
 # that bound says "over" and is not exact any more (its member moved or
 # left, or is the sender), never at every post (review7 F6: a removed
 # member's entries kept the log over the limits, and each post walked 1,000
-# members' cursors, ~2,000 calls with Redis blocked).
+# members' cursors, ~1,000 calls with Redis blocked).
 GROUP_POST = """
 local function bytes_before(start)
   local e = redis.call('XRANGE', KEYS[4], start, '+', 'COUNT', 1)
