@@ -245,6 +245,32 @@ def test_a_restart_between_the_leaving_and_the_hand_over(tmp_path: Path) -> None
         disk.close()
 
 
+def test_a_last_leaver_who_deletes_their_account_holds_nothing(
+    store: MessageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """carol, the last member, owed bob's message (her client receipted
+    none of it), deletes her account: she leaves, the group is retired with
+    her owed, and buried at once (she never will have it): bob, logging in
+    again, hears so, and then the retired group goes."""
+    world = GroupWorld(store)
+    bob, carol = world.login("bob"), world.login("carol")
+    created(world, bob, "carol")
+    world.settle_all()
+    world.holding.add("carol")
+    msg_id = world.post(bob, "team", "bye", 1)
+    assert world.result(bob, world.request(bob, GroupAction.LEAVE, "team")).code == 0
+    world.run_until(lambda: len(entries(carol)) == 4, 200, "bye and bob's leaving at carol")
+    world.logout(bob)
+    delete_account(world, carol, monkeypatch)
+    world.settle_all()
+    assert [is_retired(k) for k in world.relay.groups.groups] == [True]
+    bob = world.login("bob")
+    world.run_until(lambda: any(m.gone for m in bob.of(GroupReached)), 200, "counted out")
+    assert [(m.msg_id, m.gone) for m in bob.of(GroupReached) if m.gone] == [(msg_id, ("carol",))]
+    world.settle_all()
+    assert len(world.relay.groups) == 0
+
+
 # --- real processes: a kill -9 between the leaving and the hand-over -------------
 
 
