@@ -3185,11 +3185,15 @@ class Relay:
         if changes:
             self._store_change(group, changes, key, f"left #{group.name}")
             return
-        # The last member left: the group ends. The leaver is told (a
-        # GROUP_EVENT, outside any sequence now) and its rows go; but what a
-        # former member is still owed (removed while offline), and what a
-        # sender is (who had their messages), stays, under another key,
-        # until they have it (`GroupTable.close`).
+        # The last member left: the group ends, its name free at once. The
+        # leaver is told (a GROUP_EVENT) and its rows go; but what a former
+        # member is still owed (removed while offline), and what a sender
+        # is (who had their messages), stays, under another key, until they
+        # have it (`GroupTable.close`). So does what the leaver is owed, if
+        # their client had not everything before their LEFT (committed and
+        # not yet handed, in flight, its receipt held back: audit8 P1): as
+        # any leaver, they get it, then their LEFT, in the group's order,
+        # from the log; else the LEFT is handed outside it.
         self._release_fanout(group)  # its last messages first
         # Trimmed first, while its last member is one (their place bounds
         # the hole) and their notices are told under its key: once it has
@@ -3198,23 +3202,27 @@ class Relay:
         seq = self.groups.next_seq(group)
         item = self._group_item(group, seq, GroupChange.LEFT, user, ())
         old_key = group.key
+        owner = group.owner
         stream = self._group_stream(group)
         keep_as = retired_key(group.key, item.server_msg_id)
         leaver = self.groups.close(group, seq, keep_as)
         kept: tuple[LoadedMember, ...] = ()
+        logged: StoreGroupItem | None = None
         if leaver is None:
             keep_as = ""
         else:
             kept = tuple(member_row(m) for m in leaver)
+            if any(m.left_seq == seq for m in leaver):
+                logged = StoreGroupItem(item, group.name, owner, (), (user.key,))
             self._rekey_pagers(group, old_key)
         log.info("group #%s ended: its last member left", group.name)
         self.stats["groups_ended"] += 1
         self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
         self._group_streams.pop(old_key, None)  # the cache holds live groups only
-        self.store.submit(
-            EndGroup(old_key, (key, 0, f"left #{group.name}; it has ended"), keep_as, kept, seq),
-            functools.partial(self._group_ended, group, user, item, key, stream, old_key),
-        )
+        answer = (key, 0, f"left #{group.name}; it has ended")
+        ended = functools.partial(self._group_ended, group, user, item, key, stream, old_key,
+                                  logged is not None)  # fmt: skip
+        self.store.submit(EndGroup(old_key, answer, keep_as, kept, seq, logged), ended)
         if keep_as:  # (after the rename: their reads are of the log under its new key)
             self._rekey_notices(group, old_key)
 
@@ -3264,13 +3272,19 @@ class Relay:
                 self.store.submit(EndGroup(group.key))
 
     def _group_ended(self, group: Group, user: User, item: GroupItem, key: RequestKey,
-                     stream: int, old_key: str) -> None:  # fmt: skip
-        session = self.router.locate(user)
-        if isinstance(session, Session):
-            mail = session.group_mail
-            if mail is not None:
-                self._drop_pager(mail, old_key)
-            self._send(session, self._group_message(group, item), stream=stream)
+                     stream: int, old_key: str, logged: bool) -> None:  # fmt: skip
+        """The group's end is stored: its last member is handed their LEFT,
+        from the retired group's log in its order if `logged` (after what
+        they were owed before it), else outside it, and answered."""
+        if logged:
+            self._fan_out(group, item)
+        else:
+            session = self.router.locate(user)
+            if isinstance(session, Session):
+                mail = session.group_mail
+                if mail is not None:
+                    self._drop_pager(mail, old_key)
+                self._send(session, self._group_message(group, item), stream=stream)
         self._group_result(user, key, 0, f"left #{group.name}; it has ended", stream)
 
     def _leave_items(
@@ -5008,16 +5022,37 @@ class Relay:
 
     def _cluster_group_ended(self, user: User, key: RequestKey, op: ChangeGroup,
                              group: Group | None, text: str, stream: int) -> None:  # fmt: skip
-        """The last member left: the store has dropped the group's keys."""
+        """The last member left: the store has dropped the group's keys (or
+        retired them). Their LEFT is handed outside the log, or, if the
+        store logged it (`ChangeGroup.logged`: their client had not every
+        entry before it), from the retired group's log after what they are
+        owed before it, as every node's copy of that group has it (read
+        here at once: the leaver's node need not wait for its notice)."""
+        item = op.entries[0][0]
+        session = self.router.locate(user)
+        retired = retired_key(op.group_key, item.server_msg_id)
+        mail = session.group_mail if isinstance(session, Session) else None
+        if op.logged and mail is not None and op.group_key in mail.pagers:
+            # What was handed to them of it goes on under the retired key:
+            # its receipts count there, and the retired group's copy pages
+            # on after it (not all again from the store's cursor).
+            pager = mail.pagers[retired] = mail.pagers.pop(op.group_key)
+            for entry in pager.items.values():
+                mail.ids[entry.server_msg_id] = (retired, entry.seq)
         cached = self.groups.get(op.group_key)
         if cached is not None and cached.epoch == op.epoch:
             self._end_copy(cached)
         self._run_group_waiters(op.group_key, gone_except=-1)
         log.info("group #%s ended: its last member left", op.name)
         self.stats["groups_ended"] += 1
-        item = op.entries[0][0]
-        session = self.router.locate(user)
-        if group is not None and isinstance(session, Session):
+        if op.logged:
+            self._load_group(retired)
+            if self.users.get(user.key) is not user:
+                # A deleted account's leaving: it never will have what it
+                # is owed; buried once this node's copy has it (`_bury`).
+                bury = functools.partial(self._bury, user.key)
+                self._after_group(retired, op.epoch, op.first_seq, bury)
+        elif group is not None and isinstance(session, Session):
             self._send(session, self._group_message(group, item), stream=stream)
         self._group_result(user, key, 0, text, stream, op.group_key)
 

@@ -428,8 +428,10 @@ return {'ok', seq .. ':' .. n .. ':' .. epoch}
 # log; `retired_key`; 14-15: its senders' marks and last messages; KEYS
 # 12-13 are the group's; 16: the name's mark, `chat:gmark:`, read by a new
 # group for its first seq and set when the group ends). The leaver is kept
-# then as a former member up to what their client had
-# (`GroupTable.close`). Epoch -1: a
+# then as a former member: owed up to their LEFT, which goes into the log,
+# if their client had not everything before it, else up to what it had,
+# for the senders (`GroupTable.close`; answered "ok", the LEFT's seq, and
+# "1" if it was logged). Epoch -1: a
 # request the node refused (or found nothing to do for); only its answer, if
 # it was done before, is looked up (a request sent again to another node is
 # answered, not refused), else the group's epoch and seq are answered: the
@@ -489,16 +491,27 @@ if ARGV[9] == '1' then
       redis.call('HDEL', KEYS[4], former[i])
     end
   end
-  if senders then
-    local left = redis.call('HGETALL', KEYS[2])
-    for i = 1, #left, 2 do
-      local v = cjson.decode(left[i + 1])
-      local c = tonumber(redis.call('HGET', KEYS[4], left[i]) or '-1')
-      if c >= v[2] or v[4] then
-        redis.call('HSET', KEYS[3], left[i], cjson.encode({v[1], v[2], v[3], c, v[4]}))
-        owed = true
-      end
+  local logged = false
+  local left = redis.call('HGETALL', KEYS[2])
+  for i = 1, #left, 2 do
+    local v = cjson.decode(left[i + 1])
+    local c = tonumber(redis.call('HGET', KEYS[4], left[i]) or '-1')
+    if c < seq then
+      -- Their client had not everything before their LEFT: owed up to it,
+      -- like any leaver's (audit8 P1); the LEFT goes into the log.
+      redis.call('HSET', KEYS[3], left[i], cjson.encode({v[1], v[2], v[3], seq + 1, v[4]}))
+      owed = true
+      logged = true
+    elseif senders and (c >= v[2] or v[4]) then
+      redis.call('HSET', KEYS[3], left[i], cjson.encode({v[1], v[2], v[3], c, v[4]}))
+      owed = true
     end
+  end
+  if logged then
+    local total = redis.call('HGET', KEYS[1], 'bytes') or '0'
+    redis.call('XADD', KEYS[5], (seq + 1) .. '-0', 'm', plan[1].m, 'n', plan[1].n, 's', '',
+               'p', total)
+    redis.call('HSET', KEYS[1], 'seq', seq + 1)
   end
   if owed then
     for _, k in ipairs(redis.call('HKEYS', KEYS[2])) do
@@ -520,9 +533,10 @@ if ARGV[9] == '1' then
   redis.call('SET', KEYS[16], seq + 1)
   redis.call('PUBLISH', 'chat:all', 'ge\t' .. ARGV[1] .. '\t' .. epoch)
   if owed then
-    redis.call('PUBLISH', 'chat:all', 'g\t' .. ARGV[12] .. '\t' .. epoch .. '\t' .. seq)
+    local last = logged and seq + 1 or seq
+    redis.call('PUBLISH', 'chat:all', 'g\t' .. ARGV[12] .. '\t' .. epoch .. '\t' .. last)
   end
-  return {'ok', tostring(seq + 1)}
+  return {'ok', tostring(seq + 1), logged and '1' or '0'}
 end
 if epoch == '0' then
   epoch = ARGV[10]
@@ -1702,6 +1716,7 @@ class RedisStore:
         op.outcome = outcome
         if outcome == "ok":
             op.first_seq = int(raw[1])
+            op.logged = len(raw) > 2 and str(raw[2]) == "1"
         elif outcome == "full":
             op.full = str(raw[1])
         elif outcome in ("conflict", "none"):

@@ -42,8 +42,10 @@ hole), so removing the member who holds a group back lets it go on.
 
 Ownership passes to the longest-standing member when the owner leaves
 (members are kept in joining order); the group ends with its last member.
-If a former member is still owed entries then (removed while offline), or a
-sender notices of who had their messages (away meanwhile), the group goes
+If a former member is still owed entries then (removed while offline; or
+the last member themselves, whose client had not yet everything before
+their leaving: owed up to their LEFT, like any leaver), or a sender
+notices of who had their messages (away meanwhile), the group goes
 on under another key (`retired_key`), its name free for a new group at
 once, until they have what they are owed (`GroupTable.close`).
 """
@@ -412,7 +414,7 @@ class GroupTable:
             total += size
             ends.append(total)
             at = seq
-        while at < group.seq:  # (a last member's LEFT, never in the log)
+        while at < group.seq:  # (a last member's LEFT handed outside the log)
             ends.append(total)
             at += 1
         group.ends = ends
@@ -643,18 +645,23 @@ class GroupTable:
         group.owed.clear()
 
     def close(self, group: Group, seq: int, tomb_key: str) -> list[Member] | None:
-        """The group's last member left (its LEFT entry is `seq`, handed to
-        them outside the log): its name is free at once. If nobody is owed
-        anything of it, it ends (`end`; answers None); else it is retired
-        (`retire`) and the answer is the leaver, if kept as a former member
-        up to what their client had, for a sender to be told ([] if not)."""
+        """The group's last member left (its LEFT entry is `seq`): its name
+        is free at once. A leaver whose client had every entry before it is
+        handed the LEFT outside the log, and kept as a former member up to
+        what their client had; one whose client had not (an entry committed
+        and not yet handed, in flight, or its receipt held back by the
+        client) is like any leaver (audit8 P1): owed everything up to and
+        including their LEFT (`Member.left_seq` is `seq`; the LEFT is then
+        in the log, `Relay._group_leave`), in the group's order. If nobody
+        is owed anything of it, it ends (`end`; answers None); else it is
+        retired (`retire`) and the answer is the leaver, if kept as a
+        former member, for what they are owed or for a sender to be told
+        ([] if not)."""
         leavers = list(group.members.values())
-        for member in leavers:  # (one) handed nothing more of it
+        for member in leavers:  # (one)
             self._part(group, member.key, seq)
-            member.left_seq = member.cursor
-            if member.cursor < member.joined_seq and not member.earlier:
-                group.former.pop(member.key, None)  # had nothing of it
-                self._unindex_former(member.key, group.key)
+            if member.cursor >= seq - 1:  # had everything before it: handed it outside the log
+                member.left_seq = member.cursor
         for member in [m for m in group.former.values() if m.caught_up]:
             self.forget_former(group, member)
         if not self.owes(group) and not (group.owed and group.former):

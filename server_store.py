@@ -617,6 +617,12 @@ class EndGroup:
     # end, which frees no name): a group made again under the name goes on
     # from there (`ReadGroupMark`), so a name's seqs only grow.
     last_seq: int = 0
+    # The last member's LEFT, when it is owed to them like any leaver's
+    # (their client had not everything before it: audit8 P1): appended to
+    # the log, and their row ended there, in the same write as the rest,
+    # before the rows go under `keep_as` (a kill -9 between the two would
+    # leave a group of no member under its name).
+    left: StoreGroupItem | None = None
 
 
 @dataclass(slots=True)
@@ -772,6 +778,10 @@ class ChangeGroup:
     answer: tuple[int, str] | None = None
     max_user_groups: int = 0
     full: str = ""
+    # With `end`: the last member's LEFT went into the log of the group
+    # retired under its tombstone key (their client had not everything
+    # before it: owed up to it, like any leaver's; audit8 P1).
+    logged: bool = False
 
 
 @dataclass(slots=True)
@@ -1068,7 +1078,9 @@ class MemoryStore:
                         members[key].left_seq = item.group_seq
                 if request is not None:
                     self._record_request(request)
-            case EndGroup(group_key, request, keep_as, whole_rows, last_seq):
+            case EndGroup(group_key, request, keep_as, whole_rows, last_seq, left):
+                if left is not None:
+                    self._group_write(left)
                 if last_seq:
                     self.group_marks[group_key] = max(last_seq, self.group_marks.get(group_key, 0))
                 row = self.groups.pop(group_key, [])
@@ -1786,6 +1798,9 @@ class ServerStore:
                     pass  # a barrier: its callback runs once everything before it is durable
                 case StoreGroupItem():
                     groups.add(op, stamp, dedup)
+                case EndGroup(left=StoreGroupItem() as left):  # (its LEFT first, `EndGroup.left`)
+                    groups.add(left, stamp, dedup)
+                    groups.other(op)
                 case _:
                     groups.other(op)
         if delivered and messages:

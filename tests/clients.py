@@ -23,6 +23,7 @@ from chat_client import (
     ChatSession,
     Disconnected,
     ErrorEvent,
+    GroupChanged,
     LinkChanged,
     LoggedIn,
     MessageReceived,
@@ -151,6 +152,9 @@ class RecordingClient:
         if isinstance(event, MessageReceived):
             self.received.append(event)
             if self.shows:
+                self.session.shown(event.id)
+        elif isinstance(event, GroupChanged):
+            if self.shows:  # (as the terminal and the window do: a change is receipted too)
                 self.session.shown(event.id)
         elif isinstance(event, StatusChanged):
             self.states[event.id].append(event.state)
