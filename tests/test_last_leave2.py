@@ -14,19 +14,24 @@ another key, until their client has it; then the retired group goes."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from client_core import GroupChanged, LinkChanged
-from protocol import GroupAction, GroupRequest, GroupResult, conversation_stream
+from protocol import GroupAction, GroupRequest, GroupResult, Message, conversation_stream
 from server_groups import is_retired
 from server_store import MessageStore
+from tests.clients import RawClient
+from tests.lossy_proxy import DOWN, LossyProxy
 from tests.redis_fixture import redis_server  # noqa: F401 (a fixture)
 from tests.test_bounds import Client
 from tests.test_client_core import Net
 from tests.test_cluster_groups import Cluster, cluster_of  # noqa: F401 (a fixture)
+from tests.test_durability import ServerRunner
 from tests.test_groups_client import login
+from tests.test_groups_process import TEAM, Member, create_team, pump_until
 from tests.test_groups_relay import GroupWorld, created, entries
 
 ENDED = (0, "left #team; it has ended")
@@ -179,3 +184,64 @@ def test_the_client_shows_the_left_after_the_reconnection(monkeypatch: pytest.Mo
     assert (left["group"], left["by"]) == ("solo", "alice")
     assert leave not in alice.core.group_requests  # answered
     assert len(net.relay.groups) == 0  # shown, receipted: nothing kept
+
+
+# --- real processes: a server -> client blackhole (tests/lossy_proxy.py) ------------
+
+
+class SameInstance(Member):
+    """A member logging in again with an instance id it had (its client
+    restarted, or its link came back: its requests are sent again)."""
+
+    def __init__(self, name: str, server: tuple[str, int], instance_id: int) -> None:
+        self.name = name
+        self.raw = RawClient(server)
+        self.login = self.raw.login_retrying(name, instance_id=instance_id, timeout=30.0)
+        self.messages: list[Message] = []
+        self.next_seq = 0
+        self.next_request = 0
+
+
+def test_through_a_blackhole_the_last_leavers_left_comes_after_the_relogin(
+    tmp_path: Path,
+) -> None:
+    """audit8 P7's repro, real processes: carol, alone in #team, leaves while
+    the proxy drops everything the server sends her; bob, direct, sees the
+    name free (the server did it). Her client logs in again (the same
+    instance) once the link heals and sends the request again: answered
+    "it has ended", and her `left` follows."""
+    runner = ServerRunner(tmp_path / "server-data")
+    runner.start()
+    with LossyProxy(runner.address, seed=7) as proxy:
+        carol = Member("carol", proxy.address)
+        bob = Member("bob", runner.address)
+        members = [carol, bob]
+        try:
+            create_team([carol])
+            proxy.set(DOWN, blackhole=True)
+            leave = carol.request(GroupAction.LEAVE)
+
+            def name_free() -> bool:
+                asked = bob.request(GroupAction.CREATE)
+                pump_until(members, lambda: any(r.request_id == asked for r in bob.of(GroupResult)),
+                           10, "bob's answer")  # fmt: skip
+                answers: list[GroupResult] = bob.of(GroupResult)
+                return answers[-1].code == 0
+
+            pump_until(members, name_free, 10, "carol's leaving done (#team free)")
+            assert not [e for e in carol.entries() if e[2] == "left"]
+            proxy.set(DOWN, blackhole=False)
+            carol.close()
+            carol = SameInstance("carol", proxy.address, carol.instance_id)
+            members = [carol, bob]
+            carol.send(again(leave), TEAM)
+            pump_until(members, lambda: any(e[2] == "left" for e in carol.entries()), 10,
+                       "carol's left")  # fmt: skip
+            pump_until(members, lambda: any(r.request_id == leave for r in carol.of(GroupResult)),
+                       10, "the answer")  # fmt: skip
+            assert [(e[0], e[2], e[3]) for e in carol.entries()] == [(2, "left", "carol")]
+            assert {(r.code, r.message) for r in carol.of(GroupResult)} == {ENDED}
+        finally:
+            for member in members:
+                member.close()
+            runner.close()
