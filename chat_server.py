@@ -3189,11 +3189,13 @@ class Relay:
         # leaver is told (a GROUP_EVENT) and its rows go; but what a former
         # member is still owed (removed while offline), and what a sender
         # is (who had their messages), stays, under another key, until they
-        # have it (`GroupTable.close`). So does what the leaver is owed, if
-        # their client had not everything before their LEFT (committed and
-        # not yet handed, in flight, its receipt held back: audit8 P1): as
-        # any leaver, they get it, then their LEFT, in the group's order,
-        # from the log; else the LEFT is handed outside it.
+        # have it (`GroupTable.close`). So does what the leaver is owed: as
+        # any leaver, they get what their client had not (committed and not
+        # yet handed, in flight, its receipt held back: audit8 P1), then
+        # their LEFT, in the group's order, from the log, kept until their
+        # client has it: handed once outside it, a dropped link lost it for
+        # good (audit8 P7: the request sent again is answered code 0, and
+        # no event followed).
         self._release_fanout(group)  # its last messages first
         # Trimmed first, while its last member is one (their place bounds
         # the hole) and their notices are told under its key: once it has
@@ -5023,11 +5025,12 @@ class Relay:
     def _cluster_group_ended(self, user: User, key: RequestKey, op: ChangeGroup,
                              group: Group | None, text: str, stream: int) -> None:  # fmt: skip
         """The last member left: the store has dropped the group's keys (or
-        retired them). Their LEFT is handed outside the log, or, if the
-        store logged it (`ChangeGroup.logged`: their client had not every
-        entry before it), from the retired group's log after what they are
-        owed before it, as every node's copy of that group has it (read
-        here at once: the leaver's node need not wait for its notice)."""
+        retired them). Their LEFT, which the store logs (`ChangeGroup.logged`;
+        `CHANGE_GROUP` always does since audit8 P7: a LEFT handed outside
+        the log was lost with the link), comes from the retired group's log
+        after what they are owed before it, as every node's copy of that
+        group has it (read here at once: the leaver's node need not wait
+        for its notice)."""
         item = op.entries[0][0]
         session = self.router.locate(user)
         retired = retired_key(op.group_key, item.server_msg_id)

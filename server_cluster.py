@@ -428,10 +428,10 @@ return {'ok', seq .. ':' .. n .. ':' .. epoch}
 # log; `retired_key`; 14-15: its senders' marks and last messages; KEYS
 # 12-13 are the group's; 16: the name's mark, `chat:gmark:`, read by a new
 # group for its first seq and set when the group ends). The leaver is kept
-# then as a former member: owed up to their LEFT, which goes into the log,
-# if their client had not everything before it, else up to what it had,
-# for the senders (`GroupTable.close`; answered "ok", the LEFT's seq, and
-# "1" if it was logged). Epoch -1: a
+# then as a former member: owed up to their LEFT, which goes into the log
+# (whatever their client had, and however its link behaves: audit8 P1, P7),
+# until their client has it (`GroupTable.close`; answered "ok", the LEFT's
+# seq, and "1": it was logged). Epoch -1: a
 # request the node refused (or found nothing to do for); only its answer, if
 # it was done before, is looked up (a request sent again to another node is
 # answered, not refused), else the group's epoch and seq are answered: the
@@ -495,17 +495,11 @@ if ARGV[9] == '1' then
   local left = redis.call('HGETALL', KEYS[2])
   for i = 1, #left, 2 do
     local v = cjson.decode(left[i + 1])
-    local c = tonumber(redis.call('HGET', KEYS[4], left[i]) or '-1')
-    if c < seq then
-      -- Their client had not everything before their LEFT: owed up to it,
-      -- like any leaver's (audit8 P1); the LEFT goes into the log.
-      redis.call('HSET', KEYS[3], left[i], cjson.encode({v[1], v[2], v[3], seq + 1, v[4]}))
-      owed = true
-      logged = true
-    elseif senders and (c >= v[2] or v[4]) then
-      redis.call('HSET', KEYS[3], left[i], cjson.encode({v[1], v[2], v[3], c, v[4]}))
-      owed = true
-    end
+    -- Owed up to their LEFT, like any leaver (audit8 P1, P7): the LEFT
+    -- goes into the log, kept until their client has it.
+    redis.call('HSET', KEYS[3], left[i], cjson.encode({v[1], v[2], v[3], seq + 1, v[4]}))
+    owed = true
+    logged = true
   end
   if logged then
     local total = redis.call('HGET', KEYS[1], 'bytes') or '0'

@@ -414,7 +414,7 @@ class GroupTable:
             total += size
             ends.append(total)
             at = seq
-        while at < group.seq:  # (a last member's LEFT handed outside the log)
+        while at < group.seq:  # (a seq not in the log)
             ends.append(total)
             at += 1
         group.ends = ends
@@ -646,22 +646,19 @@ class GroupTable:
 
     def close(self, group: Group, seq: int, tomb_key: str) -> list[Member] | None:
         """The group's last member left (its LEFT entry is `seq`): its name
-        is free at once. A leaver whose client had every entry before it is
-        handed the LEFT outside the log, and kept as a former member up to
-        what their client had; one whose client had not (an entry committed
-        and not yet handed, in flight, or its receipt held back by the
-        client) is like any leaver (audit8 P1): owed everything up to and
-        including their LEFT (`Member.left_seq` is `seq`; the LEFT is then
-        in the log, `Relay._group_leave`), in the group's order. If nobody
-        is owed anything of it, it ends (`end`; answers None); else it is
-        retired (`retire`) and the answer is the leaver, if kept as a
-        former member, for what they are owed or for a sender to be told
-        ([] if not)."""
+        is free at once. The leaver is like any leaver (audit8 P1, P7):
+        owed everything up to and including their LEFT (`Member.left_seq`
+        is `seq`; the LEFT is in the log, `Relay._group_leave`), in the
+        group's order, whatever their client had (an entry committed and not
+        yet handed, in flight, or its receipt held back), and however the
+        link behaves (a LEFT handed once outside the log was lost with it).
+        If nobody is owed anything of it, it ends (`end`; answers None);
+        else it is retired (`retire`) and the answer is the leaver, if kept
+        as a former member, for what they are owed or for a sender to be
+        told ([] if not)."""
         leavers = list(group.members.values())
-        for member in leavers:  # (one)
+        for member in leavers:  # (one): owed up to their LEFT, `seq`
             self._part(group, member.key, seq)
-            if member.cursor >= seq - 1:  # had everything before it: handed it outside the log
-                member.left_seq = member.cursor
         for member in [m for m in group.former.values() if m.caught_up]:
             self.forget_former(group, member)
         if not self.owes(group) and not (group.owed and group.former):
