@@ -764,6 +764,11 @@ class DeferredStore(MemoryStore):
         done, self._done = self._done, []
         return done
 
+    @property
+    def has_completed(self) -> bool:
+        """Whether callbacks wait for the loop: the store thread's wake-up."""
+        return bool(self._done)
+
 
 def make_real_relay() -> tuple[Relay, DeferredStore]:
     """A Relay as `bench.relay_micro.make_relay` configures it, on a DeferredStore."""
@@ -848,8 +853,11 @@ class World:
 
     def step(self, cold: bool, dt: float = STEP) -> None:
         """One pass: clients send what is due, the relay takes it (timed) and
-        answers, clients read. A pass with nothing read and no relay timer
-        due is not run (the server would sleep in select)."""
+        answers, clients read. A pass with nothing read, no relay timer due
+        and no commit's callbacks waiting is not run (the server would sleep
+        in select; the store thread wakes it when a commit is done: without
+        that, the callbacks waited for a timer entry that came due with
+        nothing to do, which the relay no longer wakes for)."""
         self.now += dt
         now = self.now
         for p in self.peers:
@@ -865,7 +873,7 @@ class World:
                     inbound.append((data, addr))
             out.clear()
         timer = self.timer()
-        if not inbound and (timer is None or timer > now):
+        if not inbound and (timer is None or timer > now) and not self.store.has_completed:
             return
         if cold:
             touch()
