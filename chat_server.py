@@ -877,24 +877,33 @@ class Relay:
         self._send_batches()
         out, self._out = self._out, []
         size = sum([len(d) for d, _ in out]) if out else 0
-        dirty, self._dirty = self._dirty, {}
         sessions = self.sessions
         append = out.append
-        for session in dirty.values():
-            if sessions.get(session.session_id) is not session:
-                continue
-            if session.closing:
-                session.conn.ack_now()  # the LOGOUT's ack goes out before the session ends
-            datagrams = session.conn.datagrams_to_send(now)
-            if datagrams:
-                addr = session.addr
-                for datagram in datagrams:
-                    append((datagram, addr))
-                    size += len(datagram)
-            if session.closing:
-                self._end_session(session, now)
-            else:
-                self._schedule(session, now)
+        # What the walk itself sends (a session that ends tells its watchers
+        # it went offline) goes in this pass too: nothing waits for whatever
+        # wakes the loop next, which may be a keepalive away now that timers
+        # with nothing due no longer wake it (tests/test_pass_leaves_nothing.py).
+        while self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            for session in dirty.values():
+                if sessions.get(session.session_id) is not session:
+                    continue
+                if session.closing:
+                    session.conn.ack_now()  # the LOGOUT's ack goes out before the session ends
+                datagrams = session.conn.datagrams_to_send(now)
+                if datagrams:
+                    addr = session.addr
+                    for datagram in datagrams:
+                        append((datagram, addr))
+                        size += len(datagram)
+                if session.closing:
+                    self._end_session(session, now)
+                else:
+                    self._schedule(session, now)
+        if self._out:  # (raw datagrams the walk made: answers before a session's)
+            more, self._out = self._out, []
+            out += more
+            size += sum([len(d) for d, _ in more])
         if out:
             stats = self.stats
             stats["datagrams_out"] += len(out)
