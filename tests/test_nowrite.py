@@ -405,13 +405,26 @@ def test_kill9_after_unwritten_accepts_loses_nothing_and_shows_nothing_twice(
     written; their dedup keys are, lazily, if the kill came late enough),
     and yet: every message shown exactly once at bob, in order, and all of
     alice's states end `delivered`, each reached once, in order."""
-    runner = ServerRunner(tmp_path / "server-data")
+    # Whether a message takes the path without a write depends on the
+    # timing of the kill (on a loaded machine the lazy writes may all have
+    # gone by then): what is promised is checked in every round; a round
+    # only counts as proof of the path if it took it, so up to three go.
+    for round_no in range(3):
+        if _kill9_round(tmp_path / f"server-data{round_no}", watchers, round_no):
+            return
+    raise AssertionError("no message took the path without a write in three rounds")
+
+
+def _kill9_round(data_dir: Path, watchers: Callable[..., Watcher], round_no: int) -> int:
+    """One round of the test above; returns how many messages told DELIVERED
+    before the kill were never written (all else is asserted here)."""
+    runner = ServerRunner(data_dir)
     runner.start()
     try:
-        alice = watchers("alice", keepalive=1.0)
-        bob = watchers("bob", keepalive=1.0)
+        alice = watchers(f"alice{round_no}", keepalive=1.0)
+        bob = watchers(f"bob{round_no}", keepalive=1.0)
         bob.login(runner.address)
-        alice.login(runner.address, "bob")
+        alice.login(runner.address, f"bob{round_no}")
         wait_all([alice, bob], lambda: alice.logins == bob.logins == 1, 30, "two logins")
         sent: list[tuple[str, str]] = []
 
@@ -454,6 +467,6 @@ def test_kill9_after_unwritten_accepts_loses_nothing_and_shows_nothing_twice(
         never_written = [i for i in told if int(i.rsplit("-", 1)[-1]) not in stored]
         print(f"\n{len(told)} delivered before the kill, {len(never_written)} of them never "
               f"written; {len(sent)} sent in all")  # fmt: skip
-        assert never_written, "no message took the path without a write"
+        return len(never_written)
     finally:
         runner.close()
