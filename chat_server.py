@@ -3217,25 +3217,19 @@ class Relay:
         stream = self._group_stream(group)
         keep_as = retired_key(group.key, item.server_msg_id)
         leaver = self.groups.close(group, seq, keep_as)
-        kept: tuple[LoadedMember, ...] = ()
-        logged: StoreGroupItem | None = None
-        if leaver is None:
-            keep_as = ""
-        else:
-            kept = tuple(member_row(m) for m in leaver)
-            if any(m.left_seq == seq for m in leaver):
-                logged = StoreGroupItem(item, group.name, owner, (), (user.key,))
-            self._rekey_pagers(group, old_key)
+        assert leaver is not None  # (the leaver is owed their LEFT: it is retired)
+        kept = tuple(member_row(m) for m in leaver)
+        logged = StoreGroupItem(item, group.name, owner, (), (user.key,))
+        self._rekey_pagers(group, old_key)
         log.info("group #%s ended: its last member left", group.name)
         self.stats["groups_ended"] += 1
         self._remember_answer(key, (0, f"left #{group.name}; it has ended"))
         self._group_streams.pop(old_key, None)  # the cache holds live groups only
         answer = (key, 0, f"left #{group.name}; it has ended")
-        ended = functools.partial(self._group_ended, group, user, item, key, stream, old_key,
-                                  logged is not None)  # fmt: skip
+        ended = functools.partial(self._group_ended, group, user, item, key, stream)
         self.store.submit(EndGroup(old_key, answer, keep_as, kept, seq, logged), ended)
-        if keep_as:  # (after the rename: their reads are of the log under its new key)
-            self._rekey_notices(group, old_key)
+        # (after the rename: their reads are of the log under its new key)
+        self._rekey_notices(group, old_key)
 
     def _rekey_pagers(self, group: Group, old_key: str) -> None:
         """A retired group's former members online page it under its new key."""
@@ -3283,19 +3277,11 @@ class Relay:
                 self.store.submit(EndGroup(group.key))
 
     def _group_ended(self, group: Group, user: User, item: GroupItem, key: RequestKey,
-                     stream: int, old_key: str, logged: bool) -> None:  # fmt: skip
-        """The group's end is stored: its last member is handed their LEFT,
-        from the retired group's log in its order if `logged` (after what
-        they were owed before it), else outside it, and answered."""
-        if logged:
-            self._fan_out(group, item)
-        else:
-            session = self.router.locate(user)
-            if isinstance(session, Session):
-                mail = session.group_mail
-                if mail is not None:
-                    self._drop_pager(mail, old_key)
-                self._send(session, self._group_message(group, item), stream=stream)
+                     stream: int) -> None:  # fmt: skip
+        """The group's end is stored: its last member is handed their LEFT
+        from the retired group's log, in its order (after what they were
+        owed before it), and answered."""
+        self._fan_out(group, item)
         self._group_result(user, key, 0, f"left #{group.name}; it has ended", stream)
 
     def _leave_items(
@@ -5010,7 +4996,7 @@ class Relay:
         for offset, item in enumerate(items):
             item.group_seq = op.first_seq + offset
         if op.end:
-            self._cluster_group_ended(user, key, op, group, text, stream)
+            self._cluster_group_ended(user, key, op, text, stream)
             return
         epoch = op.epoch or items[0].server_msg_id
         if op.epoch == 0 and self.groups.get(op.group_key) is None:
@@ -5031,15 +5017,14 @@ class Relay:
             bury = functools.partial(self._bury, user.key)
             self._after_group(op.group_key, epoch, items[-1].group_seq, bury)
 
-    def _cluster_group_ended(self, user: User, key: RequestKey, op: ChangeGroup,
-                             group: Group | None, text: str, stream: int) -> None:  # fmt: skip
-        """The last member left: the store has dropped the group's keys (or
-        retired them). Their LEFT, which the store logs (`ChangeGroup.logged`;
-        `CHANGE_GROUP` always does since audit8 P7: a LEFT handed outside
-        the log was lost with the link), comes from the retired group's log
-        after what they are owed before it, as every node's copy of that
-        group has it (read here at once: the leaver's node need not wait
-        for its notice)."""
+    def _cluster_group_ended(self, user: User, key: RequestKey, op: ChangeGroup, text: str,
+                             stream: int) -> None:  # fmt: skip
+        """The last member left: the store has retired the group's keys.
+        Their LEFT, which the store logs (`ChangeGroup.logged`; `CHANGE_GROUP`
+        always does since audit8 P7: a LEFT handed outside the log was lost
+        with the link), comes from the retired group's log after what they
+        are owed before it, as every node's copy of that group has it (read
+        here at once: the leaver's node need not wait for its notice)."""
         item = op.entries[0][0]
         session = self.router.locate(user)
         retired = retired_key(op.group_key, item.server_msg_id)
@@ -5064,8 +5049,6 @@ class Relay:
                 # is owed; buried once this node's copy has it (`_bury`).
                 bury = functools.partial(self._bury, user.key)
                 self._after_group(retired, op.epoch, op.first_seq, bury)
-        elif group is not None and isinstance(session, Session):
-            self._send(session, self._group_message(group, item), stream=stream)
         self._group_result(user, key, 0, text, stream, op.group_key)
 
     def _catch_up_member(self, session: Session, group: Group) -> None:

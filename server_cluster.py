@@ -520,8 +520,6 @@ if ARGV[9] == '1' then
     if redis.call('EXISTS', KEYS[12]) == 1 then redis.call('RENAME', KEYS[12], KEYS[14]) end
     if redis.call('EXISTS', KEYS[13]) == 1 then redis.call('RENAME', KEYS[13], KEYS[15]) end
     redis.call('SADD', KEYS[7], ARGV[12])
-  else
-    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[12], KEYS[13])
   end
   redis.call('SREM', KEYS[7], ARGV[1])
   redis.call('SET', KEYS[16], seq + 1)

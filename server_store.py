@@ -617,8 +617,8 @@ class EndGroup:
     # end, which frees no name): a group made again under the name goes on
     # from there (`ReadGroupMark`), so a name's seqs only grow.
     last_seq: int = 0
-    # The last member's LEFT, when it is owed to them like any leaver's
-    # (their client had not everything before it: audit8 P1): appended to
+    # The last member's LEFT, owed to them like any leaver's (audit8 P1,
+    # P7; `Relay._group_leave` always gives it): appended to
     # the log, and their row ended there, in the same write as the rest,
     # before the rows go under `keep_as` (a kill -9 between the two would
     # leave a group of no member under its name).
@@ -779,8 +779,8 @@ class ChangeGroup:
     max_user_groups: int = 0
     full: str = ""
     # With `end`: the last member's LEFT went into the log of the group
-    # retired under its tombstone key (their client had not everything
-    # before it: owed up to it, like any leaver's; audit8 P1).
+    # retired under its tombstone key (owed up to it, like any leaver's,
+    # until their client has it; `CHANGE_GROUP` always logs it: audit8 P1, P7).
     logged: bool = False
 
 
