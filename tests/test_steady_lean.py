@@ -39,7 +39,6 @@ from typing import Any
 
 import pytest
 
-import chat_server
 from client_core import (
     GROUP_RECEIPT_HOLD,
     MessageReceived,
@@ -47,7 +46,7 @@ from client_core import (
     StatusChanged,
     group_entries_only,
 )
-from protocol import GroupAction, Receipt, decode_packet, encode_message
+from protocol import GroupAction, Receipt, encode_message
 from reliability import (
     ACK_EVERY,
     GROUP_ACK_DELAY,
@@ -58,13 +57,12 @@ from reliability import (
     RECEIPTS_LATE,
     Connection,
     LateAck,
-    PayloadReceived,
 )
 from server_store import LAZY_HOLD, GroupReceipt, GroupTold, ServerStore, TrimGroup
 from tests.test_client_core import Net
-from tests.test_fanout_batch import entry
 from tests.test_groups_client import login
 from tests.test_ordinary_load import FakeClock, wait_for_store
+from tests.test_steady_copy2 import copy, received, server_takes, warm
 
 SID = bytes(range(16))
 KEY = b"k" * 32
@@ -85,35 +83,6 @@ def member_takes(member: Connection, datagram: bytes, now: float,
     if late is None:
         return member.receive_datagram(datagram, now)
     return member.receive_datagram(datagram, now, group_entries_only, late)
-
-
-def server_takes(server: Connection, datagram: bytes, now: float) -> bool:
-    """The server takes a member's datagram by the relay's rule."""
-    packet = decode_packet(datagram, KEY)
-    return server.receive_packet(packet, now, lazy_ack=chat_server._receipts_only(packet.frames))
-
-
-def warm(member: Connection, server: Connection, now: float) -> float:
-    """A round trip each way, so both sides have an RTT sample of ~1 ms."""
-    member.send(b"hello", 0)
-    (d,) = member.datagrams_to_send(now)
-    server_takes(server, d, now + 0.0005)
-    server.send(b"welcome", 0)
-    (back,) = server.datagrams_to_send(now + 0.0005)
-    member.receive_datagram(back, now + 0.001)
-    (ack,) = member.datagrams_to_send(now + 0.001 + MAX_ACK_DELAY)
-    server.receive_datagram(ack, now + 0.0015 + MAX_ACK_DELAY)
-    member.take_events()
-    server.take_events()
-    return now + 0.1
-
-
-def copy(seq: int = 1) -> bytes:
-    return encode_message(entry(seq))
-
-
-def received(conn: Connection) -> list[bytes]:
-    return [e.payload for e in conn.take_events() if isinstance(e, PayloadReceived)]
 
 
 def hold_through(member: Connection, server: Connection, start: float, until: float) -> None:
